@@ -1,0 +1,124 @@
+"""Thin autograd-aware wrappers around torch.distributed collectives.
+
+Every function takes an explicit ``group`` (``None`` means the world group). Without an
+initialised process group they act as a world of one rank, so the same code runs in a
+single process, in CPU tests on gloo, and on NCCL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def group_rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def _backend(group: dist.ProcessGroup | None) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def gather_row_counts(num_rows: int, dim: int, device: torch.device, group=None) -> list[int]:
+    """All-gather each rank's (rows, dim); raises the same ValueError on every rank if dims differ.
+
+    Costs one all-gather of two int64 per rank; callers that know the sizes skip it.
+    """
+    world = group_world_size(group)
+    if world == 1:
+        return [num_rows]
+    mine = torch.tensor([num_rows, dim], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    rows_dims = [tuple(t.tolist()) for t in everyone]
+    dims = {d for _, d in rows_dims}
+    if len(dims) != 1:
+        raise ValueError(f"all_gather: ranks disagree on the feature width: (rows, dim) per rank = {rows_dims}")
+    return [r for r, _ in rows_dims]
+
+
+def _gather_rows(local: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order; ranks may hold different row counts."""
+    local = local.contiguous()
+    largest = max(sizes)
+    if all(s == largest for s in sizes) and _backend(group) == "nccl":
+        out = local.new_empty((largest * len(sizes), *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local, group=group)
+        return out
+    # Pad to the largest block so every rank sends the same shape, then drop the padding.
+    if local.shape[0] < largest:
+        pad = local.new_zeros((largest - local.shape[0], *local.shape[1:]))
+        local = torch.cat([local, pad])
+    blocks = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(blocks, local, group=group)
+    return torch.cat([block[:size] for block, size in zip(blocks, sizes)])
+
+
+def _sum_own_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int, group) -> torch.Tensor:
+    """Sum over ranks of the gradient rows belonging to this rank's samples (a reduce-scatter)."""
+    grad = grad.contiguous()
+    start = sum(sizes[:rank])
+    if len(set(sizes)) == 1 and _backend(group) == "nccl":
+        out = grad.new_empty((sizes[rank], *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=group)
+        return out
+    # gloo has no reduce-scatter: an all-reduce moves world_size times the bytes but is exact.
+    total = grad.clone()
+    dist.all_reduce(total, group=group)
+    return total[start : start + sizes[rank]]
+
+
+class _AllGatherFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: tuple[int, ...], group):
+        ctx.sizes, ctx.group = sizes, group
+        ctx.rank = group_rank(group)
+        return _gather_rows(local, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad_global: torch.Tensor):
+        return _sum_own_rows(grad_global, ctx.sizes, ctx.rank, ctx.group), None, None
+
+
+def all_gather_features(
+    local: torch.Tensor, group: dist.ProcessGroup | None = None, *, sizes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Gather per-rank features (b_r x D) into the global batch (sum b_r x D), in rank order.
+
+    Backward is a reduce-scatter: each rank receives the sum over ranks of the gradient
+    rows of its own samples. Per-rank batches may differ in size; pass ``sizes`` when they
+    are known to skip the all-gather of row counts.
+    """
+    if local.dim() != 2:
+        raise ValueError(f"all_gather_features expects a 2-D (batch x dim) tensor, got shape {tuple(local.shape)}")
+    if group_world_size(group) == 1:
+        return local
+    if sizes is None:
+        sizes = gather_row_counts(local.shape[0], local.shape[1], local.device, group)
+    elif sizes[group_rank(group)] != local.shape[0]:
+        raise ValueError(f"sizes[{group_rank(group)}] = {sizes[group_rank(group)]} but this rank holds {local.shape[0]} rows")
+    return _AllGatherFeatures.apply(local, tuple(int(s) for s in sizes), group)
+
+
+def all_gather_labels(
+    local: torch.Tensor, group: dist.ProcessGroup | None = None, *, sizes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Gather per-rank labels (b_r,) into the global labels, in rank order. No gradient."""
+    if local.dim() != 1:
+        raise ValueError(f"all_gather_labels expects a 1-D tensor, got shape {tuple(local.shape)}")
+    if group_world_size(group) == 1:
+        return local
+    if sizes is None:
+        sizes = gather_row_counts(local.shape[0], 1, local.device, group)
+    with torch.no_grad():
+        return _gather_rows(local.detach(), sizes, group)

@@ -1,0 +1,188 @@
+"""ShardedClassifier: the class-sharded fully-connected head as an nn.Module."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hydrahead.data.procedural import counter_normal, counter_uniform
+from hydrahead.distributed.collectives import (
+    all_gather_features,
+    all_gather_labels,
+    gather_row_counts,
+    group_rank,
+    group_world_size,
+)
+from hydrahead.distributed.sharding import shard_range
+from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
+
+INIT_KINDS = ("normal", "uniform")
+_INIT_STREAM = 1000  # counter-hash stream reserved for head weights (data streams are small ints)
+_INIT_BLOCK_ROWS = 1 << 16  # rows initialised per pass: bounds the temporary hash tensors
+
+
+@torch.no_grad()
+def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, init: str = "normal", std: float = 0.01) -> None:
+    """Fill ``weight`` (rows = classes ``class_start ..``) from (seed, class id) alone.
+
+    Row c is the same whichever rank owns it and however many ranks there are, and only
+    one block of rows exists in a temporary at a time, so a 100M-class head is initialised
+    without the full matrix anywhere. ``normal``: N(0, std^2); ``uniform``: U(-a, a) with
+    the same standard deviation (a = std * sqrt(3)).
+    """
+    if init not in INIT_KINDS:
+        raise ValueError(f"init must be one of {INIT_KINDS}, got {init!r}")
+    num_rows, dim = weight.shape
+    for start in range(0, num_rows, _INIT_BLOCK_ROWS):
+        stop = min(start + _INIT_BLOCK_ROWS, num_rows)
+        class_ids = torch.arange(class_start + start, class_start + stop, device=weight.device)
+        if init == "normal":
+            block = counter_normal(seed, _INIT_STREAM, class_ids, dim).mul_(std)
+        else:
+            entry_ids = class_ids[:, None] * dim + torch.arange(dim, device=weight.device)
+            block = counter_uniform(seed, _INIT_STREAM, entry_ids).mul_(2.0).sub_(1.0).mul_(std * 3.0**0.5)
+        weight[start:stop].copy_(block)
+
+
+class ShardedClassifier(nn.Module):
+    """Owns this rank's weight shard (C_r x D), its class range and the process group.
+
+    ``forward(local_features, local_labels)`` gathers the global batch itself and returns
+    the global-mean cross-entropy (the same scalar on every rank); ``predict`` returns an
+    exact top-k over all shards with global class ids.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+        init: str = "normal",
+        init_std: float = 0.01,
+        margin_type: str = "none",
+        scale: float = 1.0,
+        margin: float = 0.0,
+        ignore_index: int = -100,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if margin_type not in MARGIN_TYPES:
+            raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+        self.group = group
+        self.world_size, self.rank = group_world_size(group), group_rank(group)
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
+        self.seed, self.init, self.init_std = seed, init, init_std
+        self.margin_type, self.scale, self.margin = margin_type, scale, margin
+        self.ignore_index, self.chunk_size = ignore_index, chunk_size
+        self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    @property
+    def num_local_classes(self) -> int:
+        return self.class_stop - self.class_start
+
+    def reset_parameters(self) -> None:
+        init_class_weights(self.weight, self.class_start, seed=self.seed, init=self.init, std=self.init_std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, classes=[{self.class_start}, {self.class_stop}), "
+            f"embed_dim={self.embed_dim}, margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}"
+        )
+
+    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of an already-gathered global batch (features identical on every rank)."""
+        return sharded_cross_entropy(
+            global_features, self.weight, global_labels, self.class_start,
+            group=self.group, num_classes=self.num_classes, scale=self.scale, margin=self.margin,
+            margin_type=self.margin_type, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+        )
+
+    def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor, *, sizes=None) -> torch.Tensor:
+        """Gather features (autograd) and labels over the group, then the sharded loss.
+
+        ``sizes``: per-rank batch sizes when known (skips one small all-gather).
+        """
+        if local_features.dim() != 2 or local_labels.dim() != 1 or local_features.shape[0] != local_labels.shape[0]:
+            raise ValueError(
+                f"expected features (b x D) and labels (b,), got {tuple(local_features.shape)} and {tuple(local_labels.shape)}"
+            )
+        if sizes is None and self.world_size > 1:
+            sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
+        global_features = all_gather_features(local_features, self.group, sizes=sizes)
+        global_labels = all_gather_labels(local_labels, self.group, sizes=sizes)
+        return self.loss(global_features, global_labels)
+
+    @torch.no_grad()
+    def predict(self, local_features: torch.Tensor, k: int = 1, *, sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k classes of each local sample over all shards.
+
+        Returns (scores, class_ids), each (b x k), best first; scores are the logits without
+        margin (``scale * f.w``, or ``scale * cos`` for the margin heads). Each rank takes a
+        local top-k chunk by chunk, the candidates are all-gathered, and each rank merges
+        the rows of its own samples.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
+            raise ValueError(f"k must be an int in [1, num_classes={self.num_classes}], got {k!r}")
+        if sizes is None and self.world_size > 1:
+            sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
+        features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
+        problem = _ShardProblem(
+            features, self.weight.detach(), None, self.class_start, self.scale, 0.0, self.margin_type, self.ignore_index, self.chunk_size
+        )
+        scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)
+        ids = torch.empty((features.shape[0], 0), dtype=torch.long, device=features.device)
+        for start, stop, no_rows, no_cols in problem.chunks():
+            w_op, _, _ = problem.chunk_weight(start, stop)
+            chunk_scores, _ = problem.logits(w_op, no_rows, no_cols)
+            chunk_ids = torch.arange(self.class_start + start, self.class_start + stop, device=features.device)
+            scores = torch.cat([scores, chunk_scores], dim=1)
+            ids = torch.cat([ids, chunk_ids.expand(features.shape[0], -1)], dim=1)
+            scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+            ids = ids.gather(1, order)
+        if self.world_size > 1:
+            # Pad to k so every rank sends the same shape; -inf never wins the merge.
+            missing = k - scores.shape[1]
+            scores = torch.cat([scores, scores.new_full((scores.shape[0], missing), float("-inf"))], dim=1)
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), -1)], dim=1)
+            all_scores = [torch.empty_like(scores) for _ in range(self.world_size)]
+            all_ids = [torch.empty_like(ids) for _ in range(self.world_size)]
+            dist.all_gather(all_scores, scores.contiguous(), group=self.group)
+            dist.all_gather(all_ids, ids.contiguous(), group=self.group)
+            start = sum(sizes[: self.rank])
+            rows = slice(start, start + sizes[self.rank])
+            scores = torch.cat([s[rows] for s in all_scores], dim=1)
+            ids = torch.cat([i[rows] for i in all_ids], dim=1)
+            scores, order = scores.topk(k, dim=1)
+            ids = ids.gather(1, order)
+        return scores, ids
+
+    # The shard layout travels with the weights so a checkpoint can be re-split by class range.
+    def get_extra_state(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "class_start": self.class_start,
+            "class_stop": self.class_stop,
+            "embed_dim": self.embed_dim,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("num_classes") != self.num_classes or state.get("embed_dim") != self.embed_dim:
+            raise ValueError(
+                f"head state is for num_classes={state.get('num_classes')}, embed_dim={state.get('embed_dim')}; "
+                f"this head has num_classes={self.num_classes}, embed_dim={self.embed_dim}"
+            )
+        if (state.get("class_start"), state.get("class_stop")) != (self.class_start, self.class_stop):
+            raise ValueError(
+                f"head state holds classes [{state.get('class_start')}, {state.get('class_stop')}) but this rank owns "
+                f"[{self.class_start}, {self.class_stop}): re-shard it by class range (hydrahead.train.checkpoint) "
+                "instead of loading it directly"
+            )

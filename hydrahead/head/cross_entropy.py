@@ -1,0 +1,393 @@
+"""Exact softmax cross-entropy over classes sharded across the ranks of a process group.
+
+Every rank holds the whole global batch of features (G x D) and a contiguous shard of the
+class weights (C_r x D). The loss equals single-device ``F.cross_entropy`` over all C
+classes; each rank only ever holds one chunk of logits (G x chunk_size).
+
+Per step the ranks exchange two collectives of G floats:
+  1. all-reduce MAX of the per-sample local maxima,
+  2. all-reduce SUM of (rescaled sum of exp, target logit) per sample.
+The backward needs no collective: with the global log-sum-exp saved, each rank forms
+softmax - onehot for its own classes chunk by chunk.
+
+The math (normalisation, margins, online log-sum-exp) lives in small pure functions; the
+collectives sit in ``_merge_across_shards``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from hydrahead.distributed.collectives import group_world_size
+
+MARGIN_TYPES = ("none", "cosface", "arcface")
+DEFAULT_CHUNK_SIZE = 32768
+_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+
+# Problems only one rank can see (its own weight shard) travel as a code inside the MAX
+# all-reduce, so every rank raises instead of the healthy ones hanging in a collective.
+_LOCAL_ERRORS = {
+    1: "a rank's weight_shard is not a 2-D floating tensor with the features' width",
+    2: "a rank's class range [class_start, class_start + C_r) lies outside [0, num_classes)",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Pure math
+# ----------------------------------------------------------------------------------------
+
+
+def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows divided by max(||row||, eps), and that divisor (as ``F.normalize``)."""
+    norm = x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    return x / norm, norm
+
+
+def normalize_rows_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``x / max(||x||, eps)`` given the forward's unit rows and divisor."""
+    radial = (unit * grad_unit).sum(dim=1, keepdim=True)
+    clamped = norm <= _NORM_EPS  # below eps the divisor is a constant, so no radial term
+    return (grad_unit - torch.where(clamped, 0.0, radial) * unit) / norm
+
+
+def target_margin(cos: torch.Tensor, margin_type: str, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The margin-adjusted target cosine phi(cos) and its derivative d phi / d cos."""
+    if margin_type == "cosface":
+        return cos - margin, torch.ones_like(cos)
+    if margin_type == "arcface":
+        cos_m, sin_m = math.cos(margin), math.sin(margin)
+        sin_theta = (1.0 - cos * cos).clamp_min(0.0).sqrt()
+        phi = cos * cos_m - sin_theta * sin_m
+        dphi = cos_m + sin_m * cos / sin_theta.clamp_min(1e-30)
+        # theta + m > pi (cos < cos(pi - m)): cos(theta + m) would turn back up, so use
+        # the usual monotone continuation cos - m * sin(m).
+        beyond = cos < -cos_m
+        return torch.where(beyond, cos - margin * sin_m, phi), torch.where(beyond, 1.0, dphi)
+    return cos, torch.ones_like(cos)
+
+
+def merge_logsumexp(
+    running_max: torch.Tensor, running_sum: torch.Tensor, chunk_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one chunk's per-row log-sum-exp into a running (max, sum of exp(x - max)).
+
+    Keeping (max, sum) rather than a single lse lets the ranks merge with one MAX and one
+    SUM all-reduce.
+    """
+    new_max = torch.maximum(running_max, chunk_lse)
+    new_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(chunk_lse - new_max)
+    return new_max, new_sum
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with the result in ``out_dtype``; half-precision operands keep fp32 accumulators."""
+    if a.dtype == out_dtype:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (RuntimeError, TypeError):
+            pass
+    return (a @ b).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Per-shard pieces shared by forward and backward
+# ----------------------------------------------------------------------------------------
+
+
+class _ShardProblem:
+    """Everything derived once per call: dtypes, operands, where the target logits sit.
+
+    The logit scale is folded into the feature operand (G x D) so that no pass over the
+    (G x chunk) logits is spent on it.
+    """
+
+    def __init__(self, features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size):
+        """``labels=None`` builds a problem without targets (plain scoring, as in predict)."""
+        self.scale, self.margin, self.margin_type = scale, margin, margin_type
+        self.normalize = margin_type != "none"
+        self.mm_dtype = torch.promote_types(features.dtype, weight_shard.dtype)
+        self.compute_dtype = torch.float64 if self.mm_dtype == torch.float64 else torch.float32
+        self.num_local = weight_shard.shape[0]
+        self.weight = weight_shard
+        self.chunk_size = chunk_size
+        if self.normalize:
+            self.feat_unit, self.feat_norm = normalize_rows(features.to(self.compute_dtype))
+            self.feat_op = (self.feat_unit * scale).to(self.mm_dtype)
+        else:
+            self.feat_op = (features.to(self.compute_dtype) * scale).to(self.mm_dtype)
+        if labels is None:
+            labels = torch.full((features.shape[0],), ignore_index, dtype=torch.long, device=features.device)
+        self.valid = labels != ignore_index
+        local = labels - class_start
+        self.owned = self.valid & (local >= 0) & (local < self.num_local)
+        # Owned targets sorted by class, cut into per-chunk runs with a single host sync.
+        rows = torch.nonzero(self.owned).squeeze(1)
+        local = local[rows]
+        order = torch.argsort(local)
+        self.target_rows, self.target_cols = rows[order], local[order]
+        bounds = torch.arange(0, self.num_local + chunk_size, chunk_size, device=features.device).clamp_max(self.num_local)
+        self.target_bounds = torch.searchsorted(self.target_cols, bounds).tolist()
+
+    def chunks(self):
+        """(start, stop, target rows, target columns within the chunk) for each class chunk."""
+        for index, start in enumerate(range(0, self.num_local, self.chunk_size)):
+            stop = min(start + self.chunk_size, self.num_local)
+            lo, hi = self.target_bounds[index], self.target_bounds[index + 1]
+            yield start, stop, self.target_rows[lo:hi], self.target_cols[lo:hi] - start
+
+    def chunk_weight(self, start: int, stop: int):
+        """The chunk's weight operand, plus (unit rows, norms) when logits are cosines."""
+        w = self.weight[start:stop]
+        if not self.normalize:
+            return w.to(self.mm_dtype), None, None
+        unit, norm = normalize_rows(w.to(self.compute_dtype))
+        return unit.to(self.mm_dtype), unit, norm
+
+    def logits(self, w_op: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """Chunk logits (G x c) with the target margin applied; returns (logits, d phi/d cos at targets)."""
+        logits = _matmul(self.feat_op, w_op.t(), self.compute_dtype)
+        dphi = None
+        if self.normalize and rows.numel():
+            phi, dphi = target_margin(logits[rows, cols] / self.scale, self.margin_type, self.margin)
+            logits[rows, cols] = phi * self.scale
+        return logits, dphi
+
+
+def _merge_across_shards(running_max, running_sum, target_logit, owned_count, local_error, group):
+    """Global log-sum-exp and target logit per sample, with two collectives of ~G floats.
+
+    The local error code rides on the MAX all-reduce and the owned-label count on the SUM
+    all-reduce, so input checks add no collective of their own.
+    """
+    if group_world_size(group) == 1:
+        lse = running_max + torch.log(running_sum)
+        return lse, target_logit, owned_count, local_error
+    num_rows = running_max.shape[0]
+    error = running_max.new_full((1,), float(local_error))
+    maxima = torch.cat([running_max, error])
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    global_max, error = maxima[:num_rows], maxima[num_rows]
+    safe_max = torch.where(torch.isfinite(global_max), global_max, 0.0)
+    sums = torch.cat([running_sum * torch.exp(running_max - safe_max), target_logit, owned_count.reshape(1)])
+    dist.all_reduce(sums, group=group)
+    lse = safe_max + torch.log(sums[:num_rows])
+    return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+
+
+def _check_global_inputs(features, labels, scale, margin, margin_type, chunk_size):
+    """Checks on inputs that are identical on every rank: every rank raises the same error."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(f"features must be a 2-D floating tensor (G x D), got {_describe(features)}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor of class ids, got {_describe(labels)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows")
+    if labels.device != features.device:
+        raise ValueError(f"labels are on {labels.device} but features on {features.device}")
+    if margin_type not in MARGIN_TYPES:
+        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    if margin_type == "none" and margin != 0:
+        raise ValueError(f"margin={margin} needs margin_type 'cosface' or 'arcface' (got 'none')")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _local_error_code(features, weight_shard, class_start, num_classes) -> int:
+    """Problems with this rank's own shard, reported through the collectives (see _LOCAL_ERRORS)."""
+    if (
+        not isinstance(weight_shard, torch.Tensor)
+        or weight_shard.dim() != 2
+        or not weight_shard.is_floating_point()
+        or weight_shard.shape[0] == 0
+        or weight_shard.shape[1] != features.shape[1]
+        or weight_shard.device != features.device
+    ):
+        return 1
+    if class_start < 0 or (num_classes is not None and class_start + weight_shard.shape[0] > num_classes):
+        return 2
+    return 0
+
+
+def _check_label_range(labels, ignore_index, num_classes):
+    """With num_classes known, an out-of-range label is found locally (costs one host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"label {int(labels[first])} at position {first} is outside [0, {num_classes}) "
+            f"(and is not ignore_index={ignore_index}); {int(bad.sum())} such labels in the batch"
+        )
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+# ----------------------------------------------------------------------------------------
+# The autograd function
+# ----------------------------------------------------------------------------------------
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, chunk_size):
+        local_error = _local_error_code(features, weight_shard, class_start, num_classes)
+        num_rows = features.shape[0]
+        compute_dtype = torch.float64 if torch.float64 in (features.dtype, getattr(weight_shard, "dtype", None)) else torch.float32
+        running_max = torch.full((num_rows,), -math.inf, dtype=compute_dtype, device=features.device)
+        running_sum = torch.zeros_like(running_max)
+        target_logit = torch.zeros_like(running_max)
+        owned_count = torch.zeros((), dtype=compute_dtype, device=features.device)
+        valid = labels != ignore_index
+
+        if local_error == 0:
+            problem = _ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+            for start, stop, rows, cols in problem.chunks():
+                w_op, _, _ = problem.chunk_weight(start, stop)
+                logits, _ = problem.logits(w_op, rows, cols)
+                target_logit[rows] = logits[rows, cols]
+                running_max, running_sum = merge_logsumexp(running_max, running_sum, torch.logsumexp(logits, dim=1))
+                del logits
+            owned_count = problem.owned.sum().to(compute_dtype)
+
+        lse, target_logit, owned_total, error = _merge_across_shards(
+            running_max, running_sum, target_logit, owned_count, local_error, group
+        )
+        # One host read for every check that needed the collectives.
+        num_valid = int(valid.sum())
+        error, owned_total = int(error), int(round(float(owned_total)))
+        if error:
+            raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
+        if owned_total != num_valid:
+            unowned = num_valid - owned_total
+            raise ValueError(
+                f"{unowned} label(s) of the batch belong to no shard: labels must lie in [0, num_classes) "
+                f"or equal ignore_index={ignore_index}; "
+                f"labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
+            )
+
+        per_sample = torch.where(valid, lse - target_logit, 0.0)
+        loss = per_sample.sum() / max(num_valid, 1)
+
+        ctx.save_for_backward(features, weight_shard, labels, lse)
+        ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        features, weight_shard, labels, lse = ctx.saved_tensors
+        class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid = ctx.args
+        need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        problem = _ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+        compute = problem.compute_dtype
+
+        # d loss / d logit = (softmax - onehot) * grad / num_valid on valid rows. Ignored rows
+        # get lse = +inf, so their softmax is exactly 0 without a masking pass; the scalar
+        # factor is applied to the small matmul outputs, not to the G x chunk matrix.
+        lse = torch.where(problem.valid, lse, math.inf)
+        factor = grad_loss.to(compute) / max(num_valid, 1)
+        grad_feat_op = torch.zeros(features.shape, dtype=compute, device=features.device) if need_features else None
+        grad_weight = torch.empty_like(weight_shard) if need_weight else None
+
+        for start, stop, rows, cols in problem.chunks():
+            w_op, w_unit, w_norm = problem.chunk_weight(start, stop)
+            logits, dphi = problem.logits(w_op, rows, cols)
+            probs = torch.exp_(logits.sub_(lse[:, None]))
+            probs[rows, cols] -= 1.0
+            if dphi is not None:  # d logit / d (feat_op . w) is phi'(cos) at the targets, 1 elsewhere
+                probs[rows, cols] *= dphi
+            probs_op = probs.to(problem.mm_dtype)
+            if need_features:
+                grad_feat_op += _matmul(probs_op, w_op, compute)
+            if need_weight:
+                grad_w = _matmul(probs_op.t(), problem.feat_op, compute).mul_(factor)
+                if problem.normalize:
+                    grad_w = normalize_rows_backward(grad_w, w_unit, w_norm)
+                grad_weight[start:stop] = grad_w.to(weight_shard.dtype)
+            del logits, probs, probs_op
+
+        grad_features = None
+        if need_features:
+            grad_feat_op.mul_(factor * scale)  # feat_op = scale * features (or unit features)
+            if problem.normalize:
+                grad_feat_op = normalize_rows_backward(grad_feat_op, problem.feat_unit, problem.feat_norm)
+            grad_features = grad_feat_op.to(features.dtype)
+        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def sharded_cross_entropy(
+    features: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    class_start: int,
+    *,
+    group: dist.ProcessGroup | None = None,
+    num_classes: int | None = None,
+    scale: float = 1.0,
+    margin: float = 0.0,
+    margin_type: str = "none",
+    ignore_index: int = -100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Mean softmax cross-entropy over all classes of a class-sharded head.
+
+    Args:
+        features: the global batch (G x D), identical on every rank of ``group``.
+        weight_shard: this rank's class weights (C_r x D) for classes
+            ``[class_start, class_start + C_r)``.
+        labels: global class ids (G,), integer, in ``[0, C)`` or ``ignore_index``.
+        class_start: first class id of this rank's shard.
+        group: process group over which the classes are sharded (``None``: world; without
+            an initialised process group, a single shard).
+        num_classes: total C. When given, labels are range-checked locally.
+        scale, margin, margin_type: ``"none"``: logits ``scale * f @ w``; ``"cosface"``:
+            rows of f and w are L2-normalised and the target logit is ``scale * (cos - m)``;
+            ``"arcface"``: target ``scale * cos(theta + m)``, or ``scale * (cos - m sin m)``
+            where ``theta + m > pi``.
+        ignore_index: label value whose rows contribute neither loss nor gradient.
+        chunk_size: classes per chunk; peak extra memory is O(G x chunk_size).
+
+    Returns the same scalar on every rank: the mean over non-ignored samples (0 when every
+    sample is ignored). ``weight_shard.grad`` equals the matching rows of the single-device
+    gradient; ``features.grad`` is this rank's partial sum, which the feature all-gather's
+    backward adds up over ranks. Half-precision inputs keep logits, softmax statistics and
+    the feature gradient in fp32; float64 stays float64.
+
+    Cost of the input checks: shapes and dtypes are checked on metadata (free). A rank-local
+    problem with ``weight_shard`` or ``class_start`` rides as one extra float on the MAX
+    all-reduce, and the count of owned labels as one extra float on the SUM all-reduce, so
+    every rank raises the same ``ValueError`` and none hangs; reading those values back costs
+    one host-device synchronisation per call, plus one more for the local range check when
+    ``num_classes`` is given.
+    """
+    _check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
+    labels = labels.long()
+    if num_classes is not None:
+        _check_label_range(labels, ignore_index, num_classes)
+    with _autocast_off(features.device.type):
+        return _ShardedCrossEntropy.apply(
+            features, weight_shard, labels, int(class_start), group, num_classes,
+            float(scale), float(margin), margin_type, int(ignore_index), int(chunk_size),
+        )
