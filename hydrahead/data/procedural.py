@@ -1,0 +1,368 @@
+"""Procedural classification data, generated from (seed, global sample index) alone.
+
+Every value is a pure function of the seed and an index, computed by a counter-based hash
+in plain int64 torch ops. Hence every rank, world size and resumed run sees the same
+stream; nothing is stored per class, so 100M classes cost no memory; and the same code
+runs on the GPU, so generating a batch never limits a benchmark.
+
+What the data looks like:
+- the class of a sample is Zipf-distributed over popularity ranks, and ranks map to class
+  ids through a bijection that spreads popular classes over the whole id range (so every
+  contiguous head shard gets its share of them);
+- classes come in families of ``family_size`` consecutive ids whose latent vectors are
+  near-duplicates: hard negatives for the classifier;
+- the feature of a sample is a fixed random nonlinear rendering of its class latent, plus
+  Gaussian noise.
+
+Integer hashing is bit-identical on CPU and CUDA; the float transforms after it (log, cos,
+tanh, matmul) agree to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ProceduralFeatures",
+    "counter_hash",
+    "counter_normal",
+    "counter_uniform",
+    "zipf_ranks",
+]
+
+_MASK64 = (1 << 64) - 1
+# splitmix64 constants (Steele, Lea and Flood 2014).
+_GAMMA = 0x9E3779B97F4A7C15
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+
+# Stream ids: each random quantity draws from its own stream, so they are independent.
+_LABEL, _NOISE, _CENTER, _OFFSET, _RENDER, _PERMUTE = range(6)
+
+# The eval split reads sample ids with bit 62 set, train ones below 2**62: the two splits
+# can never share a sample. (Bit 63 is left alone so sample ids stay non-negative.)
+_MAX_INDEX = 1 << 62
+_SPLIT_OFFSET = {"train": 0, "eval": _MAX_INDEX}
+
+# Render matrix entries are N(0, RENDER_SCALE^2); with unit latents every pre-activation
+# is then N(0, RENDER_SCALE^2): tanh is clearly nonlinear there without saturating.
+_RENDER_SCALE = 1.5
+# Zipf ranks drawn from an exact table, before the continuous tail takes over.
+_ZIPF_EXACT_RANKS = 32
+# Class ids are multiplied by a stride < num_classes in int64: keep the product < 2**62.
+_MAX_CLASSES = 1 << 31
+
+
+def _signed(value: int) -> int:
+    """A uint64 held in a Python int, as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _mix64_int(z: int) -> int:
+    """splitmix64 finaliser on Python ints (used for keys and as the test reference)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+    return z ^ (z >> 31)
+
+
+_GAMMA_S, _MUL1_S, _MUL2_S = _signed(_GAMMA), _signed(_MUL1), _signed(_MUL2)
+
+
+def _shr(x: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it logical.
+    shifted = torch.bitwise_right_shift(x, bits, out=out)
+    return shifted.bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on an int64 tensor, in place (multiplication wraps mod 2**64).
+
+    A bijection of 64-bit values. In place with one scratch buffer: fresh allocations
+    cost more than the arithmetic here.
+    """
+    scratch = torch.empty_like(x)
+    for bits, multiplier in ((30, _MUL1_S), (27, _MUL2_S), (31, None)):
+        x.bitwise_xor_(_shr(x, bits, out=scratch))
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
+
+
+def _stream_keys(seed: int, stream: int) -> tuple[int, int]:
+    """Two 64-bit keys (as int64) for one (seed, stream) pair."""
+    k1 = _mix64_int(_mix64_int(seed) + (2 * stream + 1) * _GAMMA)
+    k2 = _mix64_int(k1 + _GAMMA)
+    return _signed(k1), _signed(k2)
+
+
+def counter_hash(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash (int64) of each element of ``index`` under (seed, stream).
+
+    Two keyed rounds rather than one: with a single ``mix(index + key)``, two seeds would
+    give the same stream shifted by ``key2 - key1``.
+    """
+    k1, k2 = _stream_keys(seed, stream)
+    h = _mix64(index.long() + k1)
+    return _mix64(h.bitwise_xor_(k2))
+
+
+def counter_uniform(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform float64 in the open interval (0, 1), one per element of ``index``."""
+    return _uniform52(counter_hash(seed, stream, index))
+
+
+def _uniform52(h: torch.Tensor) -> torch.Tensor:
+    # 52 bits: v + 0.5 is then exact in float64, so u is never 0 nor 1.
+    return (_shr(h, 12).double() + 0.5) * 2.0**-52
+
+
+def counter_normal(seed: int, stream: int, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Standard normal float32 vectors: shape ``index.shape + (dim,)``.
+
+    Components ``j`` and ``j + ceil(dim / 2)`` come from the hash of (index, j).
+    """
+    return _normals(counter_hash(seed, stream, index), dim)
+
+
+def _normals(base: torch.Tensor, dim: int) -> torch.Tensor:
+    # One 64-bit hash per pair of components, then Box-Muller: the pair's top 24 bits
+    # give the radius, the next 24 the angle (24-bit uniforms are exact in float32).
+    # u >= 2**-25 truncates the tails beyond 5.9 sigma, which is harmless here.
+    pairs = (dim + 1) // 2
+    counter = torch.arange(pairs, device=base.device, dtype=torch.int64).mul_(_GAMMA_S)
+    h = _mix64(base.unsqueeze(-1) + counter)
+    radius = _shr(h, 40).float().add_(0.5).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
+    angle = h.bitwise_right_shift_(16).bitwise_and_(0xFFFFFF).float()
+    angle.mul_(2.0 * math.pi * 2.0**-24)
+    # Component j is the cosine of pair j for j < pairs, the sine of pair j - pairs after.
+    z = torch.cat((torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)), dim=-1)
+    return z[..., :dim]
+
+
+@functools.lru_cache(maxsize=32)
+def _zipf_tables(
+    num_classes: int, exponent: float, device: torch.device
+) -> tuple[torch.Tensor, float, float]:
+    """Cumulative weights of the exact head ranks, the head's mass and the tail's mass.
+
+    Cached so that drawing labels on a GPU neither copies the table nor syncs each batch.
+    """
+    head = min(num_classes, _ZIPF_EXACT_RANKS)
+    head_cdf = np.cumsum(np.arange(1, head + 1, dtype=np.float64) ** -exponent)
+    # Mass of x^-s over [head + 0.5, C + 0.5); zero when the table holds every rank.
+    lo, log_span, t = head + 0.5, math.log((num_classes + 0.5) / (head + 0.5)), 1.0 - exponent
+    if abs(t) < 1e-12:
+        tail_mass = log_span
+    else:
+        tail_mass = lo**t * math.expm1(t * log_span) / t
+    return torch.tensor(head_cdf, device=device), float(head_cdf[-1]), tail_mass
+
+
+def zipf_ranks(u: torch.Tensor, num_classes: int, exponent: float) -> torch.Tensor:
+    """Map uniforms in (0, 1) to 0-based popularity ranks: P(rank k - 1) ~ k^-exponent.
+
+    The first ``_ZIPF_EXACT_RANKS`` ranks carry exactly the Zipf weights k^-s (a lookup
+    in a table of that size). The tail inverts in closed form the CDF of the continuous
+    density x^-s on [head + 0.5, C + 0.5) and rounds to the nearest rank, so rank k gets
+    the integral over [k - 0.5, k + 0.5): k^-s to within s(s+1) / (24 k^2) (midpoint
+    rule), under 0.1% past the head. ``exponent`` 0 is uniform; the log1p/expm1 form stays
+    accurate near exponent 1, and 1 itself takes the log form.
+    """
+    u = u.double()
+    head_cdf, head_mass, tail_mass = _zipf_tables(num_classes, exponent, u.device)
+    head = head_cdf.numel()
+    lo, log_span, t = head + 0.5, math.log((num_classes + 0.5) / (head + 0.5)), 1.0 - exponent
+
+    v = u * (head_mass + tail_mass)
+    head_rank = torch.searchsorted(head_cdf, v, right=True).clamp_(max=head - 1)
+    if num_classes == head:
+        return head_rank
+
+    # Fraction w of the way through the tail's mass, then the inverse CDF of x^-s.
+    w = ((v - head_mass) / tail_mass).clamp_(0.0, 1.0)
+    if abs(t) < 1e-12:
+        x = torch.exp(w * log_span)
+    else:
+        x = torch.exp(torch.log1p(w * math.expm1(t * log_span)) / t)
+    # Round x to the nearest rank, head + 1..C (the clamp catches rounding at the top).
+    tail_rank = torch.floor(x.mul_(lo).add_(0.5)).clamp_(head + 1, num_classes).long() - 1
+    return torch.where(v < head_mass, head_rank, tail_rank)
+
+
+def _tanh_gain(scale: float) -> float:
+    """1 / RMS of tanh(scale * z), z ~ N(0, 1): makes the rendered signal unit-RMS."""
+    z, w = np.polynomial.hermite_e.hermegauss(80)
+    mean_square = float(np.sum(w * np.tanh(scale * z) ** 2) / np.sum(w))
+    return 1.0 / math.sqrt(mean_square)
+
+
+def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def _check_index_tensor(name: str, value: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D integer tensor")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+
+
+class ProceduralFeatures:
+    """Feature vectors and labels of a synthetic C-class problem, by global sample index.
+
+    ``labels(i)``, ``features(i)`` and ``batch(i)`` depend only on the constructor
+    arguments and the sample indices ``i`` (int64, in [0, 2**62)), never on call order
+    or batch composition (features at most up to the rounding of the matmul). ``split="eval"`` gives held-out samples: the same classes and
+    class distribution, drawn from a disjoint range of sample ids.
+
+    Class ``c`` belongs to family ``c // family_size``; its latent is
+    ``normalise(center(family) + family_spread * offset(c))`` with hashed standard normal
+    ``center`` and ``offset``, so a family's classes are near-duplicates (cosine about
+    ``1 / (1 + family_spread**2)``). A sample's feature is
+    ``tanh(A @ latent) * gain + noise * n`` with a fixed hashed matrix ``A``
+    (feature_dim x latent_dim), ``gain`` making the first term unit-RMS per coordinate,
+    and ``n`` standard normal per sample.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        *,
+        seed: int = 0,
+        family_size: int = 4,
+        family_spread: float = 0.3,
+        noise: float = 0.5,
+        zipf_exponent: float = 1.0,
+        split: str = "train",
+        latent_dim: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        _check_int("num_classes", num_classes, 1, _MAX_CLASSES)
+        _check_int("feature_dim", feature_dim, 1)
+        _check_int("seed", seed, -(1 << 63), _MASK64)
+        _check_int("family_size", family_size, 1)
+        _check_float("family_spread", family_spread)
+        _check_float("noise", noise)
+        _check_float("zipf_exponent", zipf_exponent)
+        if split not in _SPLIT_OFFSET:
+            raise ValueError(f"split must be one of {tuple(_SPLIT_OFFSET)}, got {split!r}")
+        latent_dim = feature_dim if latent_dim is None else latent_dim
+        _check_int("latent_dim", latent_dim, 1)
+
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.latent_dim = latent_dim
+        self.seed = seed
+        self.family_size = family_size
+        self.family_spread = float(family_spread)
+        self.noise = float(noise)
+        self.zipf_exponent = float(zipf_exponent)
+        self.split = split
+        self.device = torch.device("cpu" if device is None else device)
+
+        # Rank -> class id: c = (stride * rank + offset) mod C, a bijection as
+        # gcd(stride, C) = 1. A stride near C / golden ratio (Fibonacci hashing) spreads
+        # consecutive ranks evenly over [0, C), so popular classes land on every shard.
+        stride = max(1, round(num_classes * (math.sqrt(5) - 1) / 2))
+        while math.gcd(stride, num_classes) != 1:
+            stride += 1
+        self._stride = stride % num_classes
+        self._offset = _mix64_int(_stream_keys(seed, _PERMUTE)[0]) % num_classes
+
+        # The only stored parameters; they do not grow with num_classes.
+        rows = torch.arange(feature_dim, device=self.device)
+        self._render = counter_normal(seed, _RENDER, rows, latent_dim).mul_(_RENDER_SCALE)
+        self._gain = _tanh_gain(_RENDER_SCALE)
+
+    # -- public API -------------------------------------------------------------------
+
+    def labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Class id (int64, in [0, num_classes)) of each sample index."""
+        return self._labels(self._sample_ids(indices))
+
+    def features(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (len(indices) x feature_dim, float32) of each sample index.
+
+        ``labels``, when given, must be ``self.labels(indices)``; passing them only
+        saves recomputing them.
+        """
+        ids = self._sample_ids(indices)
+        if labels is None:
+            labels = self._labels(ids)
+        else:
+            labels = self._check_class_ids("labels", labels)
+            if labels.shape != ids.shape:
+                raise ValueError(
+                    f"labels must have the shape of indices {tuple(ids.shape)}, "
+                    f"got {tuple(labels.shape)}"
+                )
+        return self._features(ids, labels)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of the sample indices, on ``self.device``."""
+        ids = self._sample_ids(indices)
+        labels = self._labels(ids)
+        return self._features(ids, labels), labels
+
+    def class_latents(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Unit-norm latent vectors (len(class_ids) x latent_dim) of the given classes."""
+        return self._latents(self._check_class_ids("class_ids", class_ids))
+
+    def render(self, latents: torch.Tensor) -> torch.Tensor:
+        """The noise-free feature of a latent: ``tanh(A @ latent) * gain``."""
+        return torch.tanh(latents @ self._render.T).mul_(self._gain)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _sample_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        _check_index_tensor("indices", indices)
+        return indices.to(self.device, torch.int64) + _SPLIT_OFFSET[self.split]
+
+    def _check_class_ids(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        _check_index_tensor(name, ids)
+        ids = ids.to(self.device, torch.int64)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_classes):
+            raise ValueError(f"{name} must lie in [0, {self.num_classes})")
+        return ids
+
+    def _labels(self, ids: torch.Tensor) -> torch.Tensor:
+        u = _uniform52(counter_hash(self.seed, _LABEL, ids))
+        ranks = zipf_ranks(u, self.num_classes, self.zipf_exponent)
+        # stride, rank < 2**31, so the product cannot overflow int64.
+        return ranks.mul_(self._stride).add_(self._offset).remainder_(self.num_classes)
+
+    def _latents(self, class_ids: torch.Tensor) -> torch.Tensor:
+        center = counter_normal(self.seed, _CENTER, class_ids // self.family_size, self.latent_dim)
+        offset = counter_normal(self.seed, _OFFSET, class_ids, self.latent_dim)
+        return F.normalize(center.add_(offset, alpha=self.family_spread), dim=-1)
+
+    def _features(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if ids.device.type == "cpu":
+            # Zipf batches repeat classes: render each distinct class once. Not on GPUs,
+            # where torch.unique would block the host on every batch.
+            classes, inverse = torch.unique(labels, return_inverse=True)
+            x = self.render(self._latents(classes))[inverse]
+        else:
+            x = self.render(self._latents(labels))
+        if self.noise > 0:
+            x.add_(counter_normal(self.seed, _NOISE, ids, self.feature_dim), alpha=self.noise)
+        return x
