@@ -1,0 +1,561 @@
+"""Typed run configuration: dataclasses, a YAML file and dotted command-line overrides.
+
+A run is configured by an optional YAML file whose nested mappings mirror the sections
+below, followed by `key=value` overrides such as `head.num_classes=1000000`. Every value
+is checked against the field's type (and its choices, where it has them); unknown keys
+are errors that suggest the closest valid key. The resolved config is saved in the run
+folder with `save_config` and loads back unchanged.
+"""
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import operator
+import os
+import types
+import typing
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value, key or combination of values that cannot be used."""
+
+
+def _key(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A config key: its default, a one-line description and optionally its allowed values."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list):
+        # A mutable default needs a factory so instances do not share one list.
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+BACKBONES = ("mlp", "resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
+IMAGE_DATA_KINDS = ("procedural_images", "image_folder")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _key("runs/default", "run folder: checkpoints, logs and the resolved config.yaml")
+    seed: int = _key(0, "base random seed (data, initialisation)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _key(200, "total optimizer steps; the LR schedule spans them")
+    stop_after: int | None = _key(
+        None,
+        "end this invocation after that many total steps, checkpointing there; schedule unchanged",
+    )
+    global_batch: int = _key(256, "samples per step over all ranks")
+    eval_every: int = _key(100, "steps between evaluations (0 disables)")
+    eval_samples: int = _key(2048, "held-out samples per evaluation")
+    grad_clip: float = _key(
+        0.0, "max global L2 norm of backbone gradients (0 disables; the head is excluded)"
+    )
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _key("mlp", "backbone network producing the embeddings", BACKBONES)
+    embed_dim: int = _key(128, "embedding width D fed to the classifier head")
+    input_dim: int = _key(64, "width of feature inputs for the mlp")
+    hidden_dim: int = _key(256, "width of the mlp's hidden layers")
+    depth: int = _key(2, "number of hidden layers of the mlp")
+    compile: bool = _key(False, "wrap the backbone in torch.compile")
+    channels_last: bool = _key(True, "channels-last memory format for convolutional backbones")
+    autocast: str = _key(
+        "auto", "mixed precision: auto uses bf16 autocast on GPU only", ("auto", "bf16", "none")
+    )
+    sync_batchnorm: bool = _key(False, "synchronise BatchNorm statistics across ranks")
+
+
+@dataclass
+class HeadConfig:
+    num_classes: int = _key(10000, "number of classes C, sharded over the ranks")
+    impl: str = _key("reference", "implementation of the sharded softmax loss", ("reference",))
+    margin_type: str = _key(
+        "none", "margin applied to the target logit", ("none", "cosface", "arcface")
+    )
+    scale: float = _key(1.0, "logit scale s")
+    margin: float = _key(0.0, "margin m (cosface: subtracted cosine; arcface: added angle)")
+    lr: float | None = _key(None, "head learning rate (null: optim.lr)")
+    momentum: float = _key(0.9, "SGD momentum of the head weights")
+    weight_decay: float = _key(0.0, "weight decay of the head weights")
+    chunk_size: int = _key(32768, "classes per chunk of the reference loss (extra memory ~ G x chunk fp32)")
+    init: str = _key("normal", "initial distribution of the head weights", ("normal", "uniform"))
+    init_std: float = _key(0.01, "standard deviation of the initial head weights")
+
+
+@dataclass
+class DataConfig:
+    kind: str = _key(
+        "procedural_features",
+        "data source",
+        ("procedural_features", "procedural_images", "image_folder", "features"),
+    )
+    path: str | None = _key(None, "dataset location for image_folder/features")
+    feature_dim: int = _key(64, "input width of procedural features")
+    image_size: int = _key(32, "side length of input images in pixels")
+    family_size: int = _key(4, "classes per family of near-duplicates")
+    family_spread: float = _key(
+        0.3, "how far classes of one family sit from their centre, relative to families"
+    )
+    noise: float = _key(0.5, "per-sample noise around the class centre")
+    zipf_exponent: float = _key(1.0, "exponent of the Zipf class frequencies (0: uniform)")
+    num_workers: int = _key(0, "DataLoader worker processes per rank")
+
+
+@dataclass
+class OptimConfig:
+    backbone: str = _key("sgd", "optimizer of the backbone", ("sgd", "adamw", "lars", "lamb"))
+    lr: float = _key(0.1, "peak learning rate (after warmup)")
+    momentum: float = _key(0.9, "momentum for sgd and lars")
+    weight_decay: float = _key(1e-4, "weight decay of the backbone")
+    betas: list[float] = _key([0.9, 0.999], "Adam betas for adamw and lamb")
+    eps: float = _key(1e-8, "Adam epsilon for adamw and lamb")
+    trust_coefficient: float = _key(0.001, "LARS trust coefficient")
+    warmup_steps: int = _key(0, "steps of linear warmup from 0 to the peak learning rate")
+    schedule: str = _key(
+        "cosine", "learning-rate decay after warmup", ("cosine", "poly", "constant")
+    )
+    poly_power: float = _key(2.0, "power of the poly schedule")
+    min_lr_ratio: float = _key(0.0, "final learning rate as a fraction of the peak")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _key(100, "steps between checkpoints (0: only at the end or at stop_after)")
+    keep: int = _key(2, "number of newest checkpoints kept")
+
+
+@dataclass
+class LogConfig:
+    every: int = _key(10, "steps between metric log lines")
+    tensorboard: bool = _key(False, "also write TensorBoard scalars to the run folder")
+    progress: bool = _key(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class DistConfig:
+    backend: str = _key(
+        "auto",
+        "torch.distributed backend (auto: nccl on GPU, gloo on CPU)",
+        ("auto", "nccl", "gloo"),
+    )
+    timeout_s: int = _key(600, "timeout of collective operations in seconds")
+
+
+@dataclass
+class Config:
+    run: RunConfig = _section(RunConfig, "run folder and seed")
+    train: TrainConfig = _section(TrainConfig, "steps, batch size and evaluation")
+    model: ModelConfig = _section(ModelConfig, "backbone")
+    head: HeadConfig = _section(HeadConfig, "sharded classifier head and its loss")
+    data: DataConfig = _section(DataConfig, "dataset")
+    optim: OptimConfig = _section(OptimConfig, "optimizers and learning-rate schedule")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpointing")
+    log: LogConfig = _section(LogConfig, "metrics and progress")
+    dist: DistConfig = _section(DistConfig, "process groups")
+
+    @property
+    def head_lr(self) -> float:
+        """Learning rate of the head: head.lr when set, else optim.lr."""
+        return self.head.lr if self.head.lr is not None else self.optim.lr
+
+
+# ---------------------------------------------------------------------------------------
+# Field introspection
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolves the annotations whether or not they were written as strings.
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every non-section field, in declaration order."""
+    out = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out.extend(_leaves(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((prefix + f.name, f, tp))
+    return out
+
+
+@functools.cache
+def _valid_keys() -> tuple[str, ...]:
+    sections = [f.name for f in dataclasses.fields(Config)]
+    return tuple(sections + [key for key, _, _ in _leaves()])
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "None"
+    return tp.__name__
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in YAML or an override."""
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    except yaml.YAMLError:  # not representable in YAML, e.g. a tuple set from Python
+        return repr(value)
+    return text.strip().removesuffix("\n...")
+
+
+# ---------------------------------------------------------------------------------------
+# Value checking
+
+
+def _quoted(value: Any) -> str:
+    """A value for an error message; strings quoted so that `'3'` and `3` differ."""
+    return repr(value) if isinstance(value, str) else _show(value)
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not fit a type; the caller reports it with the key."""
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` converted to type `tp`, or _Mismatch. Conversions are deliberately narrow."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (elem,) = typing.get_args(tp)
+        return [_convert(v, elem) for v in value]
+    # bool is a subclass of int, so it is excluded explicitly in both directions.
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config field type {tp!r}")
+    raise _Mismatch
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field, tp: Any, where: str = "") -> Any:
+    """`value` converted for the field at `key`; ConfigError naming the key if it does not fit."""
+    try:
+        converted = _convert(value, tp)
+    except _Mismatch:
+        hint = ""
+        if str in (tp, *typing.get_args(tp)) and isinstance(value, (bool, int, float)):
+            hint = "; quote it to give a string"
+        raise ConfigError(
+            f"{where}{key}: expected {_type_name(tp)}, got {_quoted(value)} "
+            f"({type(value).__name__}){hint}"
+        ) from None
+    choices = f.metadata.get("choices")
+    if choices and converted not in choices:
+        close = difflib.get_close_matches(str(converted), choices, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"{where}{key}: must be one of {', '.join(choices)}; got {_quoted(converted)}{hint}"
+        )
+    return converted
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"{where}unknown config key {key!r}{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    """Set the dotted `key` of `cfg` in place; a mapping given for a section sets its keys."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for depth, name in enumerate(parts):
+        prefix = ".".join(parts[: depth + 1])
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if name not in fields:
+            raise _unknown_key(key, where)
+        tp = _type_hints(type(obj))[name]
+        last = depth == len(parts) - 1
+        if _is_section(tp):
+            if not last:
+                obj = getattr(obj, name)
+                continue
+            if value is None:  # a YAML section with every key commented out
+                return
+            if not isinstance(value, dict):
+                example = dataclasses.fields(tp)[0].name
+                raise ConfigError(
+                    f"{where}{key} is a section, not a value; set its keys "
+                    f"(e.g. {key}.{example}=...), got {_show(value)}"
+                )
+            for sub, sub_value in value.items():
+                _set(cfg, f"{key}.{sub}", sub_value, where)
+            return
+        if not last:
+            raise ConfigError(
+                f"{where}{prefix} is a value of type {_type_name(tp)}, not a section; "
+                f"cannot set {key!r}"
+            )
+        setattr(obj, name, _check_value(key, value, fields[name], tp, where))
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+
+def config_from_dict(d: dict[str, Any] | None, *, where: str = "") -> Config:
+    """A Config with the defaults updated from nested mapping `d` (partial mappings are fine)."""
+    cfg = Config()
+    if d is None:
+        return cfg
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}the config must be a mapping of sections, got {_show(d)}")
+    for key, value in d.items():
+        _set(cfg, str(key), value, where)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain dict of `cfg`, keys in dataclass order."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A copy of `cfg` with `key=value` overrides applied in order (later ones win).
+
+    Each value is read as a YAML scalar or list: `false`, `3`, `1e-3`, `null`, `[0.9,0.95]`.
+    """
+    if isinstance(overrides, str):
+        # A bare string would otherwise be iterated character by character.
+        overrides = [overrides]
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        where = f"override {text!r}: "
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(
+                f"{where}expected key=value (e.g. head.num_classes=1000), found no '='"
+            )
+        if not key:
+            raise ConfigError(f"{where}the key before '=' is empty")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}cannot parse the value as YAML: {e}") from None
+        _set(cfg, key, value, where)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """The defaults, updated from the YAML file at `path` (if any), then from `overrides`."""
+    cfg = Config()
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        cfg = config_from_dict(data, where=f"{path}: ")
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML (keys in dataclass order); `load_config(path)` gives it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    # Write then rename, so a crash never leaves a half-written config in the run folder.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def describe_config() -> str:
+    """Help text: every dotted key with its type, default and description."""
+    rows = []
+    for key, f, tp in _leaves():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help = f.metadata["help"]
+        if f.metadata.get("choices"):
+            help += f" (one of: {', '.join(f.metadata['choices'])})"
+        rows.append((key, _type_name(tp), _show(default), help))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        "Config keys: set them in a YAML file (nested by section) or as key=value overrides.",
+        "",
+        f"  {'key':<{widths[0]}}  {'type':<{widths[1]}}  {'default':<{widths[2]}}  description",
+    ]
+    section = None
+    for key, type_name, default, help in rows:
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append("")
+        lines.append(
+            f"  {key:<{widths[0]}}  {type_name:<{widths[1]}}  {default:<{widths[2]}}  {help}"
+        )
+    return "\n".join(lines)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check types, choices and cross-field constraints; one ConfigError lists every problem."""
+    if world_size is not None and (
+        not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1
+    ):
+        raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
+
+    problems: list[str] = []
+
+    # Values set from Python bypass the checks done when loading, so repeat them here.
+    for key, f, tp in _leaves():
+        try:
+            _check_value(key, operator.attrgetter(key)(cfg), f, tp)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    t, m, h, d, o = cfg.train, cfg.model, cfg.head, cfg.data, cfg.optim
+
+    need(bool(cfg.run.dir), "run.dir must not be empty")
+
+    need(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    need(
+        t.stop_after is None or 1 <= t.stop_after <= t.steps,
+        f"train.stop_after must be null or in [1, train.steps={t.steps}], got {t.stop_after}",
+    )
+    need(t.global_batch > 0, f"train.global_batch must be > 0, got {t.global_batch}")
+    if world_size is not None:
+        need(
+            t.global_batch % world_size == 0,
+            f"train.global_batch={t.global_batch} is not divisible by the world size "
+            f"{world_size} (each rank takes global_batch / world_size samples)",
+        )
+    need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    need(
+        t.eval_every == 0 or t.eval_samples >= 1,
+        f"train.eval_samples must be >= 1 when train.eval_every > 0, got {t.eval_samples}",
+    )
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+
+    for name in ("embed_dim", "input_dim", "hidden_dim"):
+        need(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
+    need(m.depth >= 0, f"model.depth must be >= 0, got {m.depth}")
+    need(
+        m.backbone == "mlp" or d.kind in IMAGE_DATA_KINDS,
+        f"model.backbone={m.backbone} needs image data; data.kind={d.kind} gives feature "
+        f"vectors (use one of {', '.join(IMAGE_DATA_KINDS)})",
+    )
+    need(
+        not (m.backbone == "mlp" and d.kind == "procedural_features")
+        or m.input_dim == d.feature_dim,
+        f"model.input_dim={m.input_dim} must equal data.feature_dim={d.feature_dim} "
+        "for the mlp on procedural_features",
+    )
+
+    need(h.num_classes >= 1, f"head.num_classes must be >= 1, got {h.num_classes}")
+    if world_size is not None:
+        need(
+            h.num_classes >= world_size,
+            f"head.num_classes={h.num_classes} is smaller than the world size {world_size}; "
+            "every rank needs at least one class",
+        )
+    need(h.scale > 0, f"head.scale must be > 0, got {h.scale}")
+    need(h.margin >= 0, f"head.margin must be >= 0, got {h.margin}")
+    need(h.lr is None or h.lr > 0, f"head.lr must be null or > 0, got {h.lr}")
+    need(0 <= h.momentum < 1, f"head.momentum must be in [0, 1), got {h.momentum}")
+    need(h.weight_decay >= 0, f"head.weight_decay must be >= 0, got {h.weight_decay}")
+    need(h.chunk_size >= 1, f"head.chunk_size must be >= 1, got {h.chunk_size}")
+    need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
+
+    need(
+        d.kind not in ("image_folder", "features") or bool(d.path),
+        f"data.path is required for data.kind={d.kind}",
+    )
+    for name in ("feature_dim", "image_size", "family_size"):
+        need(getattr(d, name) >= 1, f"data.{name} must be >= 1, got {getattr(d, name)}")
+    for name in ("family_spread", "noise", "zipf_exponent"):
+        need(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {_show(o.betas)}",
+    )
+    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    need(o.trust_coefficient > 0, f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
+    need(
+        0 <= o.warmup_steps <= t.steps,
+        f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}",
+    )
+    need(o.poly_power > 0, f"optim.poly_power must be > 0, got {o.poly_power}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+
+    need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    need(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
+    need(cfg.dist.timeout_s >= 1, f"dist.timeout_s must be >= 1, got {cfg.dist.timeout_s}")
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+    # Options that are valid but would be silently ignored.
+    if h.margin_type == "none" and h.margin != 0:
+        warnings.warn(f"head.margin={h.margin} is ignored because head.margin_type=none")
+    if d.path is not None and d.kind.startswith("procedural"):
+        warnings.warn(f"data.path is ignored for data.kind={d.kind}")
