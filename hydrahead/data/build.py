@@ -1,0 +1,173 @@
+"""From the config to batches: one entry point for every data kind.
+
+A dataset here is anything with ``num_classes`` and ``input_kind`` ("features" or
+"images") and a method ``batch(indices) -> (inputs, labels)`` that is a pure function of
+(seed, global sample index). ``batches`` turns one into this rank's stream of per-step
+batches, starting at any step, so a resumed or re-sharded run reads exactly the samples
+an uninterrupted one would.
+
+Datasets read from disk may also load in DataLoader worker processes: they then define
+``__getitem__(global_index) -> (raw input, label)``, decoded one sample per call in a
+worker, and ``finish_batch(raw inputs) -> inputs``, applied once the collated batch is on
+the device. Both paths give the same batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from hydrahead.config import Config
+from hydrahead.data.feature_files import FeatureFiles
+from hydrahead.data.folder import ImageFolder
+from hydrahead.data.images import ProceduralImages
+from hydrahead.data.procedural import ProceduralFeatures
+from hydrahead.data.sampler import eval_indices, rank_indices
+
+SPLITS = ("train", "eval")
+
+
+def build_dataset(cfg: Config, split: str = "train", device: torch.device | str | None = None):
+    """The dataset named by ``cfg.data.kind`` for ``split`` ("train" or "eval").
+
+    Procedural kinds generate on ``device``; file-backed kinds return CPU tensors, which
+    ``batches`` moves to the device.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data = cfg.data
+    procedural = dict(
+        seed=cfg.run.seed, family_size=data.family_size, family_spread=data.family_spread,
+        noise=data.noise, zipf_exponent=data.zipf_exponent, split=split, device=device,
+    )
+    if data.kind == "procedural_features":
+        return ProceduralFeatures(cfg.head.num_classes, data.feature_dim, **procedural)
+    if data.kind == "procedural_images":
+        return ProceduralImages(cfg.head.num_classes, data.image_size, **procedural)
+    if data.kind in ("image_folder", "features"):
+        if not data.path:
+            raise ValueError(f"data.path is required for data.kind={data.kind}")
+        if not Path(data.path).exists():
+            raise ValueError(f"data.path={data.path!r} does not exist")
+    if data.kind == "image_folder":
+        return ImageFolder(
+            data.path, image_size=data.image_size, split=split, seed=cfg.run.seed,
+            num_classes=cfg.head.num_classes,
+        )
+    if data.kind == "features":
+        return FeatureFiles(
+            data.path, num_classes=cfg.head.num_classes, input_dim=cfg.model.input_dim,
+            split=split, seed=cfg.run.seed,
+        )
+    raise ValueError(f"data.kind={data.kind!r} is not available")
+
+
+def _uses_workers(dataset, num_workers: int) -> bool:
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers == 0:
+        return False
+    if not hasattr(dataset, "finish_batch"):
+        warnings.warn(
+            f"data.num_workers={num_workers} is ignored: {type(dataset).__name__} is "
+            "generated in-process",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _worker_loader(dataset, index_lists: Iterable[list[int]], num_workers: int, device, persistent: bool):
+    """A DataLoader that decodes each list of global indices as one batch, in order."""
+    return DataLoader(
+        dataset,
+        batch_sampler=index_lists,
+        num_workers=num_workers,
+        pin_memory=device is not None and torch.device(device).type == "cuda",
+        persistent_workers=persistent,
+        # Its own generator: creating the workers must not draw from the global RNG
+        # (the samples themselves use no worker RNG).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class _StepIndices:
+    """This rank's global sample indices for steps start_step, start_step + 1, ... (endless)."""
+
+    def __init__(self, start_step: int, global_batch: int, rank: int, world_size: int):
+        rank_indices(start_step * global_batch, global_batch, rank, world_size)  # checks args
+        self.start_step, self.global_batch = start_step, global_batch
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            cursor = step * self.global_batch
+            yield rank_indices(cursor, self.global_batch, self.rank, self.world_size).tolist()
+            step += 1
+
+
+def batches(
+    dataset,
+    *,
+    start_step: int,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    device=None,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (inputs, labels) for steps start_step, start_step + 1, ... (endless).
+
+    With ``num_workers > 0`` a dataset that supports it (``finish_batch``) is decoded in
+    that many persistent DataLoader workers, into pinned memory when ``device`` is CUDA.
+    """
+    if _uses_workers(dataset, num_workers):
+        steps = _StepIndices(start_step, global_batch, rank, world_size)
+        loader = _worker_loader(dataset, steps, num_workers, device, persistent=True)
+        for raw, labels in loader:
+            inputs = raw.to(device, non_blocking=True)
+            yield dataset.finish_batch(inputs), labels.to(device, non_blocking=True)
+        return
+    step = start_step
+    while True:
+        indices = rank_indices(step * global_batch, global_batch, rank, world_size)
+        inputs, labels = dataset.batch(indices)
+        yield inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        step += 1
+
+
+def eval_batches(
+    dataset,
+    *,
+    num_samples: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device=None,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the first ``num_samples`` held-out samples, in batches.
+
+    Every rank yields the same number of batches (some possibly empty), because the
+    evaluation's collectives need every rank at each of them.
+    """
+    indices = eval_indices(num_samples, rank, world_size)
+    largest_share = -(-num_samples // world_size)
+    chunks = [indices[start : start + batch_size] for start in range(0, max(largest_share, 1), batch_size)]
+    if _uses_workers(dataset, num_workers):
+        # Only the trailing chunks can be empty; they are made in-process below.
+        full = [chunk.tolist() for chunk in chunks if chunk.numel()]
+        if full:
+            loader = _worker_loader(dataset, full, num_workers, device, persistent=False)
+            for raw, labels in loader:
+                inputs = raw.to(device, non_blocking=True)
+                yield dataset.finish_batch(inputs), labels.to(device, non_blocking=True)
+        chunks = chunks[len(full):]
+    for chunk in chunks:
+        inputs, labels = dataset.batch(chunk)
+        yield inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)

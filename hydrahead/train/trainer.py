@@ -1,0 +1,291 @@
+"""The training loop: a DDP backbone feeding the class-sharded head.
+
+One step, on every rank:
+    inputs_r --backbone (DDP)--> f_r --all-gather--> F (G x D), labels Y
+    head loss over this rank's classes (one MAX + one SUM all-reduce of G floats)
+    head backward: weight grad (local) and dF (partial) --reduce-scatter--> df_r
+    backbone backward from df_r; DDP all-reduces the backbone gradients (a SUM, see below)
+    backbone optimizer (sgd/adamw/lars/lamb); head SGD on its own shard
+
+Gradient bookkeeping: the loss is the mean over the global batch, and the gather's
+backward already hands each rank the full gradient of that loss for its own samples. The
+backbone gradient of the global loss is therefore the *sum* over ranks of the per-rank
+gradients, so DDP's communication hook sums instead of averaging. A 1-rank and a 2-rank run
+of the same global batch then compute the same gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hydrahead.config import Config, config_to_dict, save_config, validate
+from hydrahead.data.build import batches, build_dataset, eval_batches
+from hydrahead.data.procedural import counter_hash
+from hydrahead.data.sampler import local_batch_size
+from hydrahead.distributed.collectives import all_gather_features, all_gather_labels
+from hydrahead.distributed.setup import DistEnv
+from hydrahead.head import ShardedClassifier
+from hydrahead.models import build_backbone
+from hydrahead.optim import build_optimizer, lr_multiplier
+from hydrahead.train import checkpoint as ckpt
+from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
+
+# Config keys a checkpoint fixes: resuming with another value is refused.
+FIXED_ON_RESUME = ("head.num_classes", "model.embed_dim", "model.backbone", "train.global_batch")
+_RNG_STREAM = 2000
+
+
+def _sum_allreduce_hook(group, bucket):
+    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size).
+
+    Unannotated on purpose: DDP compares the annotations with its own classes, and this
+    module's postponed annotations would be strings.
+    """
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _lookup(cfg_dict: dict, dotted: str):
+    section, key = dotted.split(".")
+    return cfg_dict[section][key]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        validate(cfg, world_size=env.world_size)
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run.dir)
+        self.device = env.device
+        self.local_batch = local_batch_size(cfg.train.global_batch, env.world_size)
+        self.autocast_dtype = torch.bfloat16 if cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and self.device.type == "cuda") else None
+
+        # Same seed on every rank and at every world size: identical replicas from the start.
+        torch.manual_seed(cfg.run.seed)
+        backbone = build_backbone(
+            cfg.model.backbone, cfg.model.embed_dim, input_dim=cfg.model.input_dim, hidden_dim=cfg.model.hidden_dim,
+            depth=cfg.model.depth, image_size=cfg.data.image_size,
+        ).to(self.device)
+        if cfg.model.sync_batchnorm and self.device.type == "cuda":
+            backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=env.data_group)
+        self.memory_format = torch.channels_last if (cfg.model.channels_last and backbone.input_kind == "images" and self.device.type == "cuda") else torch.contiguous_format
+        backbone = backbone.to(memory_format=self.memory_format)
+        self.backbone_module = backbone
+        self.backbone = DDP(
+            backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            process_group=env.data_group,
+        )
+        self.backbone.register_comm_hook(env.data_group, _sum_allreduce_hook)
+        self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
+
+        self.head = ShardedClassifier(
+            cfg.head.num_classes, cfg.model.embed_dim, group=env.head_group, seed=cfg.run.seed, init=cfg.head.init,
+            init_std=cfg.head.init_std, margin_type=cfg.head.margin_type, scale=cfg.head.scale, margin=cfg.head.margin,
+            chunk_size=cfg.head.chunk_size, device=self.device,
+        )
+
+        o = cfg.optim
+        self.backbone_optim = build_optimizer(
+            o.backbone, backbone, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+            betas=tuple(o.betas), eps=o.eps, trust_coefficient=o.trust_coefficient,
+        )
+        # The head's SGD: torch.optim.SGD semantics (decay added to the gradient, momentum, no
+        # dampening, no Nesterov). The momentum buffer exists from the start so that it can be
+        # checkpointed by class range before the first step; a zero buffer gives the same first
+        # step as SGD's lazily created one.
+        self.head_optim = torch.optim.SGD([self.head.weight], lr=cfg.head_lr, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay)
+        if cfg.head.momentum > 0:
+            self.head_optim.state[self.head.weight]["momentum_buffer"] = torch.zeros_like(self.head.weight)
+        self.base_lrs = [g["lr"] for g in self.backbone_optim.param_groups]
+
+        data_device = self.device  # procedural data is generated where it is consumed
+        self.train_data = build_dataset(cfg, "train", device=data_device)
+        self.eval_data = build_dataset(cfg, "eval", device=data_device) if cfg.train.eval_every > 0 else None
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        """The DCP state dict: backbone and its optimizer (replicated), head rows (sharded by class)."""
+        model_state, optim_state = get_state_dict(self.backbone, self.backbone_optim)
+        head_rows = {"weight": self.head.weight.data}
+        if "momentum_buffer" in self.head_optim.state[self.head.weight]:
+            head_rows["momentum"] = self.head_optim.state[self.head.weight]["momentum_buffer"]
+        head = {
+            name: ckpt.class_rows(rows, self.head.class_start, self.head.num_classes, self.env.rank)
+            for name, rows in head_rows.items()
+        }
+        return {"backbone": model_state, "backbone_optim": optim_state, "head": head}
+
+    def _meta(self) -> dict:
+        cfg = self.cfg
+        return {
+            "cursor": self.step * cfg.train.global_batch,
+            "world_size": self.env.world_size,
+            "num_classes": cfg.head.num_classes,
+            "embed_dim": cfg.model.embed_dim,
+            "backbone": cfg.model.backbone,
+            "config": config_to_dict(cfg),
+            "rng": "derived from (run.seed, step, rank) at every step",
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.env, self.run_dir, self.step, self._state(), self._meta(), keep=self.cfg.checkpoint.keep)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of run.dir, if any; True when one was loaded."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        meta = ckpt.read_meta(path)
+        now = config_to_dict(self.cfg)
+        for key in FIXED_ON_RESUME:
+            saved = _lookup(meta["config"], key)
+            if saved != _lookup(now, key):
+                raise ValueError(f"checkpoint {path} was written with {key}={saved!r}, this run has {_lookup(now, key)!r}; use a new run.dir or the same {key}")
+        state = self._state()
+        ckpt.load_checkpoint(self.env, path, state)
+        set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
+        self.step = int(meta["step"])
+        if meta["cursor"] != self.step * self.cfg.train.global_batch:
+            raise ValueError(f"checkpoint {path}: data cursor {meta['cursor']} does not match step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------------------------
+    # Steps
+    # ------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _set_learning_rates(self) -> float:
+        o = self.cfg.optim
+        mult = lr_multiplier(self.step, self.cfg.train.steps, o.warmup_steps, o.schedule, poly_power=o.poly_power, min_lr_ratio=o.min_lr_ratio)
+        for group, base in zip(self.backbone_optim.param_groups, self.base_lrs):
+            group["lr"] = base * mult
+        self.head_optim.param_groups[0]["lr"] = self.cfg.head_lr * mult
+        return o.lr * mult
+
+    def _seed_step(self) -> None:
+        # RNG state is a function of (seed, step, rank): any resume, at any world size, replays it.
+        key = torch.tensor([self.step * 65536 + self.env.rank])
+        torch.manual_seed(int(counter_hash(self.cfg.run.seed, _RNG_STREAM, key)) & (2**63 - 1))
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool) -> tuple[torch.Tensor, float]:
+        """One optimizer step on this rank's share of the global batch; returns (loss, head ms)."""
+        self.backbone.train()
+        sizes = [self.local_batch] * self.env.world_size
+        with self._autocast():
+            local_features = self.forward_backbone(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
+        global_features = all_gather_features(local_features, self.env.head_group, sizes=sizes)
+        global_labels = all_gather_labels(labels, self.env.head_group, sizes=sizes)
+
+        # The head runs on a detached copy so its time can be measured alone and its
+        # gradient handed to the backbone afterwards.
+        head_input = global_features.detach().requires_grad_()
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        loss = self.head.loss(head_input, global_labels)
+        loss.backward()
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        head_ms = (time.perf_counter() - start) * 1e3
+
+        global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
+        self.backbone_optim.step()
+        self.head_optim.step()
+        self.backbone_optim.zero_grad(set_to_none=True)
+        self.head_optim.zero_grad(set_to_none=True)
+        return loss.detach(), head_ms
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1, top-5 and loss on the first train.eval_samples held-out samples."""
+        self.backbone.eval()
+        cfg = self.cfg
+        k = min(5, cfg.head.num_classes)
+        correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct5 = torch.zeros_like(correct1)
+        loss_sum, total = 0.0, 0
+        for inputs, labels in eval_batches(self.eval_data, num_samples=cfg.train.eval_samples, batch_size=self.local_batch, rank=self.env.rank, world_size=self.env.world_size, device=self.device):
+            with self._autocast():
+                features = self.backbone_module(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
+            features = features.float()
+            loss = self.head(features, labels)  # the same global-batch mean on every rank
+            _, ids = self.head.predict(features, k=k)
+            correct1 += (ids[:, 0] == labels).sum()
+            correct5 += (ids == labels[:, None]).any(dim=1).sum()
+            batch_total = torch.tensor([labels.shape[0]], device=self.device)
+            dist.all_reduce(batch_total, group=self.env.data_group)
+            loss_sum += float(loss) * int(batch_total)
+            total += int(batch_total)
+        counts = torch.stack([correct1, correct5])
+        dist.all_reduce(counts, group=self.env.data_group)
+        return {"eval_loss": loss_sum / total, "eval_top1": float(counts[0]) / total, "eval_top5": float(counts[1]) / total}
+
+    # ------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Run (or continue) training to train.stop_after or train.steps; returns the last step."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        env.barrier()
+        resumed = self.resume()
+        end = cfg.train.stop_after or cfg.train.steps
+        logger = MetricsLogger(self.run_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=self.step, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
+        try:
+            logger.message(
+                f"hydrahead: {env.world_size} rank(s) on {env.backend}, {cfg.model.backbone} backbone, "
+                f"{cfg.head.num_classes:,} classes ({self.head.num_local_classes:,} on rank 0), global batch {cfg.train.global_batch}"
+                + (f"; resumed at step {self.step}" if resumed else "")
+            )
+            if self.step >= end:
+                logger.message(f"nothing to do: step {self.step} already reached {end}")
+                return self.step
+            data = batches(self.train_data, start_step=self.step, global_batch=cfg.train.global_batch, rank=env.rank, world_size=env.world_size, device=self.device)
+            pending_losses, interval_start, saved_at = [], time.perf_counter(), None
+            while self.step < end:
+                lr = self._set_learning_rates()
+                self._seed_step()
+                inputs, labels = next(data)
+                log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
+                loss, head_ms = self.train_step(inputs, labels, timed=log_now)
+                self.step += 1
+                pending_losses.append(loss)
+                logger.advance()
+                if log_now:
+                    elapsed = time.perf_counter() - interval_start
+                    losses = torch.stack(pending_losses).tolist()
+                    logger.log_train(self.step, {
+                        "loss": losses[-1], "lr": lr, "head_lr": self.head_optim.param_groups[0]["lr"],
+                        "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": head_ms,
+                        "peak_mem_mib": peak_memory_mib(self.device),
+                    })
+                    pending_losses, interval_start = [], time.perf_counter()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    logger.log_eval(self.step, self.evaluate())
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
+                    path = self.save()
+                    saved_at = self.step
+                    logger.message(f"saved checkpoint {path}")
+            assert saved_at == self.step
+            return self.step
+        finally:
+            logger.close()

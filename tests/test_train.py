@@ -1,0 +1,117 @@
+"""The trainer through the real launcher: torchrun on gloo, resume, world-size independence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "train.steps=12", "train.global_batch=48", "train.eval_every=6", "train.eval_samples=96",
+    "model.embed_dim=32", "model.hidden_dim=64", "model.input_dim=16", "data.feature_dim=16",
+    "head.num_classes=101", "head.chunk_size=16", "head.margin_type=cosface", "head.scale=8", "data.noise=0.1",
+    "head.margin=0.1", "head.lr=0.5", "optim.lr=0.2", "optim.warmup_steps=2", "checkpoint.every=4",
+    "checkpoint.keep=2", "log.every=1", "log.progress=false",
+]
+
+
+def launch(run_dir: Path, nproc: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py under torchrun with ``nproc`` gloo ranks."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "two_ranks"
+    launch(run_dir, 2)
+    return run_dir
+
+
+def test_torchrun_two_ranks_trains_and_writes_its_run_folder(two_rank_run):
+    rows = [json.loads(line) for line in (two_rank_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for row in train:
+        assert {"step", "loss", "lr", "samples_per_s", "head_ms", "peak_mem_mib"} <= row.keys()
+    first, last = [r["loss"] for r in train[:3]], [r["loss"] for r in train[-3:]]
+    assert sum(last) / 3 < sum(first) / 3 - 1.0, f"loss should fall visibly: {first} ... {last}"
+    assert [r["step"] for r in evals] == [6, 12]
+    for row in evals:
+        assert "loss" not in row and {"eval_top1", "eval_top5", "eval_loss"} <= row.keys()
+        assert 0.0 <= row["eval_top1"] <= row["eval_top5"] <= 1.0
+    assert (two_rank_run / "config.yaml").is_file()
+    assert "num_classes: 101" in (two_rank_run / "config.yaml").read_text()
+    # every 4 steps, keep the newest 2
+    assert [step for step, _ in complete_checkpoints(two_rank_run)] == [8, 12]
+
+
+def test_stop_after_then_rerun_gives_identical_losses(two_rank_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    launch(run_dir, 2, "train.stop_after=6")
+    assert max(train_losses(run_dir)) == 6 and latest_checkpoint(run_dir).name == "step-6"
+    launch(run_dir, 2)  # the same command without stop_after continues from step 6
+    assert train_losses(run_dir) == train_losses(two_rank_run)
+
+
+def test_one_rank_matches_two_ranks(two_rank_run, tmp_path):
+    run_dir = tmp_path / "one_rank"
+    launch(run_dir, 1)
+    one, two = train_losses(run_dir), train_losses(two_rank_run)
+    assert one.keys() == two.keys()
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-5), f"step {step}"
+
+
+def test_resume_on_three_ranks_from_a_two_rank_checkpoint(two_rank_run, tmp_path):
+    run_dir = tmp_path / "resharded"
+    launch(run_dir, 2, "train.stop_after=6")
+    launch(run_dir, 3)  # 101 classes: 51/50 per rank before, 34/34/33 after
+    resumed, uninterrupted = train_losses(run_dir), train_losses(two_rank_run)
+    for step in range(7, 13):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5), f"step {step}"
+
+
+def test_resume_refuses_a_different_model_shape(two_rank_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(two_rank_run, run_dir)
+    proc = launch(run_dir, 1, "head.num_classes=102", check=False)
+    assert proc.returncode != 0
+    assert "head.num_classes=101" in proc.stderr + proc.stdout
+
+
+def test_interrupted_and_damaged_checkpoints_are_skipped(two_rank_run, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(two_rank_run, run_dir)
+    root = run_dir / "checkpoints"
+    # a save that a kill interrupted: never named step-N, so never a candidate
+    shutil.copytree(root / "step-12", root / ".step-16.partial")
+    # the newest complete-looking folder has a truncated data file
+    data_file = next((root / "step-12").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="step-12.*truncated"):
+        assert latest_checkpoint(run_dir).name == "step-8"
+    # and the trainer resumes from step 8, reproducing the same losses
+    launch(run_dir, 2)
+    assert train_losses(run_dir) == train_losses(two_rank_run)
