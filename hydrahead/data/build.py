@@ -15,7 +15,7 @@ the device. Both paths give the same batches.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,18 +81,31 @@ def _uses_workers(dataset, num_workers: int) -> bool:
     return True
 
 
-def _worker_loader(dataset, index_lists: Iterable[list[int]], num_workers: int, device, persistent: bool):
-    """A DataLoader that decodes each list of global indices as one batch, in order."""
-    return DataLoader(
+def _from_workers(dataset, index_lists, num_workers: int, device, *, persistent: bool):
+    """Batches of ``index_lists`` decoded by a DataLoader's workers, finished on ``device``."""
+    loader = DataLoader(
         dataset,
         batch_sampler=index_lists,
         num_workers=num_workers,
         pin_memory=device is not None and torch.device(device).type == "cuda",
         persistent_workers=persistent,
-        # Its own generator: creating the workers must not draw from the global RNG
+        # Its own generator: starting the workers must not draw from the global RNG
         # (the samples themselves use no worker RNG).
         generator=torch.Generator().manual_seed(0),
     )
+    iterator = iter(loader)
+    try:
+        for raw, labels in iterator:
+            inputs = dataset.finish_batch(raw.to(device, non_blocking=True))
+            yield inputs, labels.to(device, non_blocking=True)
+    finally:
+        # Stop the workers as soon as the stream ends, fails or is dropped. Left to the
+        # garbage collector (an error's traceback keeps the iterator in a reference
+        # cycle), the queues can be finalised first and each worker's exit then waits
+        # out a 5 s timeout.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class _StepIndices:
@@ -128,10 +141,7 @@ def batches(
     """
     if _uses_workers(dataset, num_workers):
         steps = _StepIndices(start_step, global_batch, rank, world_size)
-        loader = _worker_loader(dataset, steps, num_workers, device, persistent=True)
-        for raw, labels in loader:
-            inputs = raw.to(device, non_blocking=True)
-            yield dataset.finish_batch(inputs), labels.to(device, non_blocking=True)
+        yield from _from_workers(dataset, steps, num_workers, device, persistent=True)
         return
     step = start_step
     while True:
@@ -158,15 +168,13 @@ def eval_batches(
     """
     indices = eval_indices(num_samples, rank, world_size)
     largest_share = -(-num_samples // world_size)
-    chunks = [indices[start : start + batch_size] for start in range(0, max(largest_share, 1), batch_size)]
+    starts = range(0, max(largest_share, 1), batch_size)
+    chunks = [indices[start : start + batch_size] for start in starts]
     if _uses_workers(dataset, num_workers):
         # Only the trailing chunks can be empty; they are made in-process below.
         full = [chunk.tolist() for chunk in chunks if chunk.numel()]
         if full:
-            loader = _worker_loader(dataset, full, num_workers, device, persistent=False)
-            for raw, labels in loader:
-                inputs = raw.to(device, non_blocking=True)
-                yield dataset.finish_batch(inputs), labels.to(device, non_blocking=True)
+            yield from _from_workers(dataset, full, num_workers, device, persistent=False)
         chunks = chunks[len(full):]
     for chunk in chunks:
         inputs, labels = dataset.batch(chunk)

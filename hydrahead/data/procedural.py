@@ -242,6 +242,8 @@ class ProceduralFeatures:
     and ``n`` standard normal per sample.
     """
 
+    input_kind = "features"
+
     def __init__(
         self,
         num_classes: int,
