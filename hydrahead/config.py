@@ -65,6 +65,13 @@ class TrainConfig:
     grad_clip: float = _key(
         0.0, "max global L2 norm of backbone gradients (0 disables; the head is excluded)"
     )
+    nonfinite: str = _key(
+        "stop",
+        "a NaN/inf loss or gradient on any rank: stop (exit with an error, no new checkpoint) "
+        "or skip (drop the whole step)",
+        ("stop", "skip"),
+    )
+    max_skipped: int = _key(3, "with nonfinite=skip: stop after this many skipped steps in a row")
 
 
 @dataclass
@@ -116,6 +123,12 @@ class DataConfig:
     noise: float = _key(0.5, "per-sample noise around the class centre")
     zipf_exponent: float = _key(1.0, "exponent of the Zipf class frequencies (0: uniform)")
     num_workers: int = _key(0, "DataLoader worker processes per rank")
+    on_bad_sample: str = _key(
+        "error",
+        "an unreadable or corrupt sample: error (stop, naming the file) or skip (substitute "
+        "the next good sample, counted in the log)",
+        ("error", "skip"),
+    )
 
 
 @dataclass
@@ -529,6 +542,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for name in ("family_spread", "noise", "zipf_exponent"):
         need(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(t.max_skipped >= 1, f"train.max_skipped must be >= 1, got {t.max_skipped}")
 
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")

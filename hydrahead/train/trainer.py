@@ -17,6 +17,8 @@ of the same global batch then compute the same gradients.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -35,7 +37,10 @@ from hydrahead.head import ShardedClassifier
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.train import checkpoint as ckpt
+from hydrahead.train.faults import NonFiniteError, PreemptionWatcher, fault_plan_from_env, first_attempt
 from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
+
+PREEMPTED_MARKER = "PREEMPTED"
 
 # Config keys a checkpoint fixes: resuming with another value is refused.
 FIXED_ON_RESUME = ("head.num_classes", "model.embed_dim", "model.backbone", "train.global_batch")
@@ -50,6 +55,14 @@ def _sum_allreduce_hook(group, bucket):
     """
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _total_norm(parameters) -> torch.Tensor:
+    """L2 norm over all gradients: finite exactly when every gradient entry is."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _lookup(cfg_dict: dict, dotted: str):
@@ -108,6 +121,8 @@ class Trainer:
         self.train_data = build_dataset(cfg, "train", device=data_device)
         self.eval_data = build_dataset(cfg, "eval", device=data_device) if cfg.train.eval_every > 0 else None
         self.step = 0
+        self.skipped_total, self.skipped_in_a_row = 0, 0
+        self.faults = fault_plan_from_env()
 
     # ------------------------------------------------------------------------------------
     # State
@@ -181,12 +196,22 @@ class Trainer:
         key = torch.tensor([self.step * 65536 + self.env.rank])
         torch.manual_seed(int(counter_hash(self.cfg.run.seed, _RNG_STREAM, key)) & (2**63 - 1))
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool) -> tuple[torch.Tensor, float]:
-        """One optimizer step on this rank's share of the global batch; returns (loss, head ms)."""
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool, preempt_requested: bool = False) -> dict:
+        """One optimizer step on this rank's share of the global batch.
+
+        Returns ``loss``, ``head_ms``, ``nonfinite`` (where a NaN/inf appeared, "" if
+        nowhere) and ``preempt`` (whether any rank has been asked to stop). Parameters
+        change only when every rank saw finite values: the loss is the same number on
+        every rank, so it is judged without a collective, before any backward pass; the
+        gradients are judged in one small all-reduce that also carries the preemption flag.
+        """
         self.backbone.train()
+        step = self.step + 1  # the step being taken, as logged
         sizes = [self.local_batch] * self.env.world_size
         with self._autocast():
             local_features = self.forward_backbone(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
+        if self.faults.fires("nan_loss", step, self.env.rank):
+            local_features = local_features * float("nan")
         global_features = all_gather_features(local_features, self.env.head_group, sizes=sizes)
         global_labels = all_gather_labels(labels, self.env.head_group, sizes=sizes)
 
@@ -197,19 +222,46 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         loss = self.head.loss(head_input, global_labels)
-        loss.backward()
+        loss_finite = bool(torch.isfinite(loss))
+        if loss_finite:
+            loss.backward()
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
 
-        global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
-        self.backbone_optim.step()
-        self.head_optim.step()
+        flags = torch.zeros(3, device=self.device)  # [preempt, backbone grads bad, head grads bad]
+        flags[0] = float(preempt_requested)
+        if loss_finite:
+            global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
+            if self.faults.fires("nan_grad", step, self.env.rank):
+                self.head.weight.grad[0, 0] = float("nan")
+            flags[1] = ~torch.isfinite(_total_norm(self.backbone_module.parameters()))
+            flags[2] = ~torch.isfinite(self.head.weight.grad.sum())
+        dist.all_reduce(flags, group=self.env.data_group)
+        preempt, bad_backbone, bad_head = (int(v) for v in flags.tolist())
+        nonfinite = "loss" if not loss_finite else ", ".join(
+            f"{what} gradients on {count} rank(s)" for what, count in (("backbone", bad_backbone), ("head", bad_head)) if count
+        )
+        if not nonfinite:
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
+            self.backbone_optim.step()
+            self.head_optim.step()
         self.backbone_optim.zero_grad(set_to_none=True)
         self.head_optim.zero_grad(set_to_none=True)
-        return loss.detach(), head_ms
+        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0}
+
+    def _handle_nonfinite(self, where: str, logger: MetricsLogger) -> None:
+        """Apply train.nonfinite to a step whose loss or gradients were not finite (all ranks agree)."""
+        message = f"step {self.step}: non-finite {where}"
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteError(f"{message}; stopping (train.nonfinite=stop). No checkpoint was written for this step; "
+                                 f"the newest one in {ckpt.checkpoint_root(self.run_dir)} is intact")
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        logger.message(f"{message}; step skipped ({self.skipped_in_a_row} in a row, {self.skipped_total} in all)")
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped:
+            raise NonFiniteError(f"{message}; {self.skipped_in_a_row} steps in a row skipped, the limit train.max_skipped={self.cfg.train.max_skipped}")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -220,7 +272,7 @@ class Trainer:
         correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
         correct5 = torch.zeros_like(correct1)
         loss_sum, total = 0.0, 0
-        for inputs, labels in eval_batches(self.eval_data, num_samples=cfg.train.eval_samples, batch_size=self.local_batch, rank=self.env.rank, world_size=self.env.world_size, device=self.device):
+        for inputs, labels in eval_batches(self.eval_data, num_samples=cfg.train.eval_samples, batch_size=self.local_batch, rank=self.env.rank, world_size=self.env.world_size, device=self.device, num_workers=cfg.data.num_workers):
             with self._autocast():
                 features = self.backbone_module(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
             features = features.float()
@@ -248,7 +300,10 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         env.barrier()
         resumed = self.resume()
+        if env.is_main:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this invocation is the requeued one
         end = cfg.train.stop_after or cfg.train.steps
+        watcher = PreemptionWatcher()
         logger = MetricsLogger(self.run_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=self.step, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
         try:
             logger.message(
@@ -259,26 +314,40 @@ class Trainer:
             if self.step >= end:
                 logger.message(f"nothing to do: step {self.step} already reached {end}")
                 return self.step
-            data = batches(self.train_data, start_step=self.step, global_batch=cfg.train.global_batch, rank=env.rank, world_size=env.world_size, device=self.device)
+            data = batches(self.train_data, start_step=self.step, global_batch=cfg.train.global_batch, rank=env.rank, world_size=env.world_size, device=self.device, num_workers=cfg.data.num_workers)
             pending_losses, interval_start, saved_at = [], time.perf_counter(), None
             while self.step < end:
                 lr = self._set_learning_rates()
                 self._seed_step()
                 inputs, labels = next(data)
+                if self.faults.fires("kill", self.step + 1, env.rank) and first_attempt():
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.faults.sleep_s:
+                    time.sleep(self.faults.sleep_s)
                 log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
-                loss, head_ms = self.train_step(inputs, labels, timed=log_now)
+                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested)
                 self.step += 1
-                pending_losses.append(loss)
                 logger.advance()
-                if log_now:
+                if result["nonfinite"]:
+                    self._handle_nonfinite(result["nonfinite"], logger)
+                else:
+                    self.skipped_in_a_row = 0
+                    pending_losses.append(result["loss"])
+                if log_now and pending_losses:
                     elapsed = time.perf_counter() - interval_start
                     losses = torch.stack(pending_losses).tolist()
                     logger.log_train(self.step, {
                         "loss": losses[-1], "lr": lr, "head_lr": self.head_optim.param_groups[0]["lr"],
-                        "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": head_ms,
-                        "peak_mem_mib": peak_memory_mib(self.device),
+                        "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
+                        "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
                     })
                     pending_losses, interval_start = [], time.perf_counter()
+                if result["preempt"]:
+                    path = self.save()
+                    if env.is_main:
+                        (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step}\n")
+                    logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
+                    return self.step
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     logger.log_eval(self.step, self.evaluate())
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
@@ -288,4 +357,5 @@ class Trainer:
             assert saved_at == self.step
             return self.step
         finally:
+            watcher.close()
             logger.close()
