@@ -115,3 +115,29 @@ def test_interrupted_and_damaged_checkpoints_are_skipped(two_rank_run, tmp_path)
     # and the trainer resumes from step 8, reproducing the same losses
     launch(run_dir, 2)
     assert train_losses(run_dir) == train_losses(two_rank_run)
+
+
+def test_resnet18_on_procedural_images_two_ranks(tmp_path):
+    run_dir = tmp_path / "resnet18"
+    launch(
+        run_dir, 2, "model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32",
+        "train.global_batch=8", "train.steps=3", "train.eval_every=3", "train.eval_samples=16", "checkpoint.every=0",
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
+    assert any("eval_top1" in r for r in rows)
+    assert latest_checkpoint(run_dir).name == "step-3"
+
+
+def test_tensorboard_scalars_match_metrics_file(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "tb"
+    launch(run_dir, 1, "log.tensorboard=true", "train.steps=4", "train.eval_every=4")
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert logged.keys() == train_losses(run_dir).keys()
+    for step, value in train_losses(run_dir).items():
+        assert logged[step] == pytest.approx(value, rel=1e-6)
+    assert [e.step for e in events.Scalars("eval_top1")] == [4]
