@@ -68,7 +68,13 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+            # Under torchrun the store can outlive a failed attempt and still hold the dead
+            # workers' addresses; a per-attempt namespace keeps a restarted group from
+            # dialling them.
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"hydrahead/attempt-{attempt}/", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                     device_id=device if backend == "nccl" else None)
         else:  # plain `python launch/train.py`: a world of one, no rendezvous needed
             if world_size != 1:
