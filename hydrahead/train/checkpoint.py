@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from hydrahead.distributed.setup import DistEnv
+from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
 CHECKPOINTS = "checkpoints"
 META_FILE = "meta.json"
@@ -93,7 +94,7 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"{META_FILE} is unreadable ({exc})"
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = SafeFileSystemReader(str(path)).read_metadata()  # refuses code in the pickled index
     except Exception as exc:  # any parse failure means the index is damaged
         return f".metadata is unreadable ({type(exc).__name__}: {exc})"
     needed: dict[str, int] = {}
@@ -177,7 +178,11 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load_checkpoint(env: DistEnv, path: Path, state: dict) -> None:
-    """Load ``path`` into ``state`` in place (collective); sharded head tensors are re-split as needed."""
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), process_group=env.data_group)
+    """Load ``path`` into ``state`` in place (collective); sharded head tensors are re-split as needed.
+
+    The reader and planner deserialise nothing that could run code: the index through an
+    allow-list unpickler, non-tensor items with ``weights_only=True``.
+    """
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), process_group=env.data_group)
     if dist.is_initialized():
         env.barrier()

@@ -1,0 +1,1 @@
+"""Command-line tools that work on run folders and checkpoints (``python -m hydrahead.tools.NAME``)."""
