@@ -9,13 +9,18 @@ an uninterrupted one would.
 Datasets read from disk may also load in DataLoader worker processes: they then define
 ``__getitem__(global_index) -> (raw input, label)``, decoded one sample per call in a
 worker, and ``finish_batch(raw inputs) -> inputs``, applied once the collated batch is on
-the device. Both paths give the same batches.
+the device. Both paths give the same batches. ``__getitem__`` may return a third
+element, an int: the number of bad samples substituted for that one (``ImageFolder``
+with ``data.on_bad_sample=skip``); in-process, such datasets keep a running
+``bad_samples_skipped`` counter instead. ``batches`` and ``eval_batches`` return a
+``BatchStream``, which yields ``(inputs, labels)`` and sums those counts in its
+``bad_samples_skipped`` attribute.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -56,7 +61,7 @@ def build_dataset(cfg: Config, split: str = "train", device: torch.device | str 
     if data.kind == "image_folder":
         return ImageFolder(
             data.path, image_size=data.image_size, split=split, seed=cfg.run.seed,
-            num_classes=cfg.head.num_classes,
+            num_classes=cfg.head.num_classes, on_bad_sample=data.on_bad_sample,
         )
     if data.kind == "features":
         return FeatureFiles(
@@ -64,6 +69,55 @@ def build_dataset(cfg: Config, split: str = "train", device: torch.device | str 
             split=split, seed=cfg.run.seed,
         )
     raise ValueError(f"data.kind={data.kind!r} is not available")
+
+
+class _Tally:
+    """The counters a stream's generator updates (kept apart from ``BatchStream``, so the
+    generator holds no reference to its stream and is closed as soon as it is dropped)."""
+
+    __slots__ = ("bad_samples_skipped",)
+
+    def __init__(self):
+        self.bad_samples_skipped = 0
+
+
+class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
+    """This rank's stream of ``(inputs, labels)`` batches, from ``batches``/``eval_batches``.
+
+    Iterate it (or call ``next``) as any iterator of ``(inputs, labels)``. Attribute:
+
+    ``bad_samples_skipped`` (int): how many samples of the batches yielded so far were
+    substituted because their own file could not be decoded (``data.on_bad_sample=skip``;
+    always 0 otherwise). It counts this rank's samples only, whether decoded in-process
+    or in DataLoader workers; sum it over the ranks for the global figure.
+
+    ``close()`` stops the stream (and its DataLoader workers, if any) at once.
+    """
+
+    def __init__(self, make: Callable[[_Tally], Iterator[tuple[torch.Tensor, torch.Tensor]]]):
+        self._tally = _Tally()
+        self._batches = make(self._tally)
+
+    @property
+    def bad_samples_skipped(self) -> int:
+        return self._tally.bad_samples_skipped
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        self._batches.close()
+
+
+def _in_process(dataset, indices: torch.Tensor, device, tally: _Tally):
+    """``dataset.batch(indices)`` on ``device``, its substitutions added to ``tally``."""
+    before = getattr(dataset, "bad_samples_skipped", 0)
+    inputs, labels = dataset.batch(indices)
+    tally.bad_samples_skipped += getattr(dataset, "bad_samples_skipped", 0) - before
+    return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def _uses_workers(dataset, num_workers: int) -> bool:
@@ -81,8 +135,13 @@ def _uses_workers(dataset, num_workers: int) -> bool:
     return True
 
 
-def _from_workers(dataset, index_lists, num_workers: int, device, *, persistent: bool):
-    """Batches of ``index_lists`` decoded by a DataLoader's workers, finished on ``device``."""
+def _from_workers(
+    dataset, index_lists, num_workers: int, device, tally: _Tally, *, persistent: bool
+):
+    """Batches of ``index_lists`` decoded by a DataLoader's workers, finished on ``device``.
+
+    A third collated element (per-sample substitution counts) is summed into ``tally``.
+    """
     loader = DataLoader(
         dataset,
         batch_sampler=index_lists,
@@ -95,8 +154,10 @@ def _from_workers(dataset, index_lists, num_workers: int, device, *, persistent:
     )
     iterator = iter(loader)
     try:
-        for raw, labels in iterator:
+        for raw, labels, *counts in iterator:
             inputs = dataset.finish_batch(raw.to(device, non_blocking=True))
+            if counts:
+                tally.bad_samples_skipped += int(counts[0].sum())
             yield inputs, labels.to(device, non_blocking=True)
     finally:
         # Stop the workers as soon as the stream ends, fails or is dropped. Left to the
@@ -133,21 +194,30 @@ def batches(
     world_size: int,
     device=None,
     num_workers: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> BatchStream:
     """This rank's (inputs, labels) for steps start_step, start_step + 1, ... (endless).
 
     With ``num_workers > 0`` a dataset that supports it (``finish_batch``) is decoded in
     that many persistent DataLoader workers, into pinned memory when ``device`` is CUDA.
+    The returned ``BatchStream`` also counts the bad samples substituted so far:
+    ``stream.bad_samples_skipped``.
     """
+    return BatchStream(
+        lambda tally: _train_batches(
+            dataset, start_step, global_batch, rank, world_size, device, num_workers, tally
+        )
+    )
+
+
+def _train_batches(dataset, start_step, global_batch, rank, world_size, device, num_workers, tally):
     if _uses_workers(dataset, num_workers):
         steps = _StepIndices(start_step, global_batch, rank, world_size)
-        yield from _from_workers(dataset, steps, num_workers, device, persistent=True)
+        yield from _from_workers(dataset, steps, num_workers, device, tally, persistent=True)
         return
     step = start_step
     while True:
         indices = rank_indices(step * global_batch, global_batch, rank, world_size)
-        inputs, labels = dataset.batch(indices)
-        yield inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        yield _in_process(dataset, indices, device, tally)
         step += 1
 
 
@@ -160,12 +230,21 @@ def eval_batches(
     world_size: int,
     device=None,
     num_workers: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> BatchStream:
     """This rank's share of the first ``num_samples`` held-out samples, in batches.
 
     Every rank yields the same number of batches (some possibly empty), because the
-    evaluation's collectives need every rank at each of them.
+    evaluation's collectives need every rank at each of them. The returned
+    ``BatchStream`` counts substituted bad samples in ``bad_samples_skipped``.
     """
+    return BatchStream(
+        lambda tally: _eval_batches(
+            dataset, num_samples, batch_size, rank, world_size, device, num_workers, tally
+        )
+    )
+
+
+def _eval_batches(dataset, num_samples, batch_size, rank, world_size, device, num_workers, tally):
     indices = eval_indices(num_samples, rank, world_size)
     largest_share = -(-num_samples // world_size)
     starts = range(0, max(largest_share, 1), batch_size)
@@ -174,8 +253,7 @@ def eval_batches(
         # Only the trailing chunks can be empty; they are made in-process below.
         full = [chunk.tolist() for chunk in chunks if chunk.numel()]
         if full:
-            yield from _from_workers(dataset, full, num_workers, device, persistent=False)
+            yield from _from_workers(dataset, full, num_workers, device, tally, persistent=False)
         chunks = chunks[len(full):]
     for chunk in chunks:
-        inputs, labels = dataset.batch(chunk)
-        yield inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        yield _in_process(dataset, chunk, device, tally)

@@ -16,6 +16,16 @@ split reads the files in order (``i % N``) with a deterministic resize and centr
 Decoding runs either in-process (``batch``) or one sample per call in DataLoader workers
 (``__getitem__``, which returns uint8 pixels; ``finish_batch`` normalises them after they
 reach the device, which moves 4x fewer bytes than float32).
+
+Bad files (``on_bad_sample``). A file that cannot be read or decoded raises
+``BadImageError`` naming it (``"error"``, the default). With ``"skip"``, sample ``i``
+whose file is bad reads instead the file at the next position of the same epoch's order
+(``i % N + 1``, ``+ 2``, ..., wrapping), the first one that decodes, with its label; its
+augmentation stays seeded by (seed, i). The substitute is thus again a pure function of
+(seed, i), so resuming and re-sharding still read the same pixels. Each substituted
+sample is counted: ``bad_samples_skipped`` in-process, and the third element of
+``__getitem__``'s answer in workers. After ``max_bad_in_a_row`` undecodable files in a
+row (or all N files, when fewer) the sample fails with a ``BadImageError`` instead.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import torch
 
 from hydrahead.data.procedural import _check_index_tensor, counter_hash
 
-__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "EpochOrder", "ImageFolder"]
+__all__ = ["IMAGE_EXTENSIONS", "ON_BAD_SAMPLE", "BadImageError", "EpochOrder", "ImageFolder"]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"
@@ -49,6 +59,8 @@ _CROP_SCALE = (0.08, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
 
 SPLITS = ("train", "eval")
+# What to do with a file that cannot be decoded (module doc).
+ON_BAD_SAMPLE = ("error", "skip")
 
 
 class BadImageError(ValueError):
@@ -158,7 +170,12 @@ class ImageFolder:
     """A class-per-folder image dataset, read by global sample index (module doc).
 
     ``num_classes`` (when given) must equal the number of class folders. Decoding
-    failures raise ``BadImageError`` naming the file.
+    failures raise ``BadImageError`` naming the file, or with ``on_bad_sample="skip"``
+    are replaced by the next decodable file of the epoch order (module doc).
+
+    ``bad_samples_skipped`` counts the samples substituted by this object's ``batch``
+    calls (worker processes count in their own copies and report through
+    ``__getitem__``; ``hydrahead.data.batches`` sums both per stream).
     """
 
     input_kind = "images"
@@ -171,7 +188,15 @@ class ImageFolder:
         split: str = "train",
         seed: int = 0,
         num_classes: int | None = None,
+        on_bad_sample: str = "error",
+        max_bad_in_a_row: int = 64,
     ):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(
+                f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}"
+            )
+        if max_bad_in_a_row < 1:
+            raise ValueError(f"max_bad_in_a_row must be >= 1, got {max_bad_in_a_row}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         train_folder, folder = split_folder(path, split)
@@ -212,6 +237,11 @@ class ImageFolder:
         self._files = np.array(files)
         self._labels = np.array(labels, dtype=np.int64)
         self.order = EpochOrder(len(files), seed, shuffle=split == "train")
+        self.on_bad_sample = on_bad_sample
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self.bad_samples_skipped = 0
+        # Under "skip": item -> its decoding error, so a bad file is tried once per process.
+        self._bad_items: dict[int, str] = {}
 
     @property
     def num_items(self) -> int:
@@ -223,16 +253,25 @@ class ImageFolder:
         return self.root / os.fsdecode(self._files[item])
 
     def items(self, indices: torch.Tensor) -> torch.Tensor:
-        """Item (file number) read for each global sample index."""
+        """Item (file number) of each global sample index in the epoch order.
+
+        This is the file read unless it is bad and ``on_bad_sample="skip"`` substitutes.
+        """
         return self.order.items(indices)
 
     # -- reading ----------------------------------------------------------------------
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        """Sample ``index``: (uint8 3 x S x S pixels, label). Called in DataLoader workers."""
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Sample ``index``: (uint8 3 x S x S pixels, label, substituted). For DataLoader workers.
+
+        ``substituted`` is 1 when the sample's own file was bad and another one was read
+        in its place (``on_bad_sample="skip"``), else 0; the collated batch sums it.
+        """
         indices = torch.tensor([index], dtype=torch.int64)
         item = int(self.order.items(indices)[0])
-        return self._load(item, _sample_seeds(self.seed, indices)[0]), int(self._labels[item])
+        seed = _sample_seeds(self.seed, indices)[0]
+        pixels, item, substituted = self._read(index, item, seed)
+        return pixels, int(self._labels[item]), substituted
 
     def finish_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (B x 3 x S x S, any device) -> float32, normalised by ImageNet stats."""
@@ -242,21 +281,72 @@ class ImageFolder:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)``: normalised float32 B x 3 x S x S and int64 B, on the CPU."""
         items = self.order.items(indices)
-        seeds = _sample_seeds(self.seed, indices.cpu().long())
+        indices = indices.cpu().long()
+        seeds = _sample_seeds(self.seed, indices)
         size = self.image_size
         pixels = torch.empty(len(seeds), 3, size, size, dtype=torch.uint8)
-        for row, (item, seed) in enumerate(zip(items.tolist(), seeds)):
-            pixels[row] = self._load(item, seed)
-        return self.finish_batch(pixels), torch.from_numpy(self._labels[items.numpy()])
+        read = items.clone()
+        substituted = 0
+        for row, (index, item, seed) in enumerate(zip(indices.tolist(), items.tolist(), seeds)):
+            pixels[row], read[row], skipped = self._read(index, item, seed)
+            substituted += skipped
+        self.bad_samples_skipped += substituted
+        return self.finish_batch(pixels), torch.from_numpy(self._labels[read.numpy()])
+
+    def _read(self, index: int, item: int, seed: int) -> tuple[torch.Tensor, int, int]:
+        """(pixels, item read, 1 if substituted else 0) of sample ``index``, whose item is ``item``.
+
+        Under "skip" a bad item is replaced by the first decodable one at the next
+        positions of the same epoch's order, wrapping (module doc).
+        """
+        try:
+            return self._load(item, seed), item, 0
+        except BadImageError:
+            if self.on_bad_sample == "error":
+                raise
+        n = self.num_items
+        limit = min(n, self.max_bad_in_a_row)
+        epoch, position = divmod(index, n)
+        following = epoch * n + (position + torch.arange(1, limit)) % n
+        last = item
+        for candidate in self.order.items(following).tolist():
+            try:
+                return self._load(candidate, seed), candidate, 1
+            except BadImageError:
+                last = candidate
+        if limit == n:
+            what = f"none of the {n} image files under {str(self.root)!r} can be decoded"
+        else:
+            what = (
+                f"{limit} files in a row (max_bad_in_a_row) cannot be decoded, from "
+                f"{str(self.file(item))!r}"
+            )
+        raise BadImageError(
+            f"on_bad_sample=skip found no readable substitute for sample {index}: {what}; "
+            f"last tried: {self._bad_items[last]}"
+        )
 
     def _load(self, item: int, seed: int) -> torch.Tensor:
-        image = self._decode(self.file(item))
+        image = self._decode_item(item)
         if self.split == "train":
             image = self._augment(image, random.Random(seed))
         else:
             image = self._centre_crop(image)
         # np.array copies: PIL's buffer is read-only and torch wants a writable one.
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def _decode_item(self, item: int):
+        """Item ``item``'s RGB image; under "skip" a known-bad item fails without a retry."""
+        if self.on_bad_sample == "error":
+            return self._decode(self.file(item))
+        known = self._bad_items.get(item)
+        if known is not None:
+            raise BadImageError(known)
+        try:
+            return self._decode(self.file(item))
+        except BadImageError as e:
+            self._bad_items[item] = str(e)
+            raise
 
     @staticmethod
     def _decode(path: Path):
