@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "train.steps=12", "train.global_batch=48", "train.eval_every=6", "train.eval_samples=96",
-    "model.embed_dim=32", "model.hidden_dim=64", "model.input_dim=16", "data.feature_dim=16",
-    "head.num_classes=101", "head.chunk_size=16", "head.margin_type=cosface", "head.scale=8", "data.noise=0.1",
-    "head.margin=0.1", "head.lr=0.5", "optim.lr=0.2", "optim.warmup_steps=2", "checkpoint.every=4",
-    "checkpoint.keep=2", "log.every=1", "log.progress=false",
-]
-
-
-def launch(run_dir: Path, nproc: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py under torchrun with ``nproc`` gloo ranks."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+from launcher import launch, train_losses
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -42,8 +43,19 @@ from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
 
 PREEMPTED_MARKER = "PREEMPTED"
 
-# Config keys a checkpoint fixes: resuming with another value is refused.
-FIXED_ON_RESUME = ("head.num_classes", "model.embed_dim", "model.backbone", "train.global_batch")
+# What a resume may change (docs/reliability.md). Keys that shape the saved tensors or the
+# data stream are refused; keys that only steer this invocation are taken silently; any
+# other change is taken with a warning, since it alters the training being continued.
+REJECTED_ON_RESUME = (
+    "run.seed", "train.global_batch", "model.backbone", "model.embed_dim", "model.input_dim", "model.hidden_dim",
+    "model.depth", "head.num_classes", "data.kind", "data.feature_dim", "data.image_size", "data.family_size",
+    "data.family_spread", "data.noise", "data.zipf_exponent", "optim.backbone",
+)
+ACCEPTED_ON_RESUME = (
+    "run.dir", "train.steps", "train.stop_after", "train.eval_every", "train.eval_samples", "train.nonfinite",
+    "train.max_skipped", "model.compile", "data.path", "data.num_workers", "data.on_bad_sample",
+    "checkpoint.*", "log.*", "dist.*",
+)
 _RNG_STREAM = 2000
 
 
@@ -65,9 +77,26 @@ def _total_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _lookup(cfg_dict: dict, dotted: str):
-    section, key = dotted.split(".")
-    return cfg_dict[section][key]
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts: {key: (saved, current)}."""
+    return {
+        f"{section}.{key}": (saved.get(section, {}).get(key), value)
+        for section, values in current.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    }
+
+
+def check_resume_changes(saved: dict, current: dict, checkpoint: Path) -> list[str]:
+    """Raise for a refused change; return warnings for changes that are taken but alter training."""
+    changes = config_changes(saved, current)
+    refused = [key for key in changes if key in REJECTED_ON_RESUME]
+    if refused:
+        details = "; ".join(f"{key}={changes[key][0]!r} there, {changes[key][1]!r} now" for key in refused)
+        raise ValueError(f"cannot resume {checkpoint}: {details}. These keys fix the saved model or the data stream; "
+                         "use a new run.dir, or the checkpoint's values")
+    silent = {key for key in changes if key in ACCEPTED_ON_RESUME or f"{key.split('.')[0]}.*" in ACCEPTED_ON_RESUME}
+    return [f"resuming with {key} changed from {old!r} to {new!r}" for key, (old, new) in changes.items() if key not in silent]
 
 
 class Trainer:
@@ -161,11 +190,9 @@ class Trainer:
         if path is None:
             return False
         meta = ckpt.read_meta(path)
-        now = config_to_dict(self.cfg)
-        for key in FIXED_ON_RESUME:
-            saved = _lookup(meta["config"], key)
-            if saved != _lookup(now, key):
-                raise ValueError(f"checkpoint {path} was written with {key}={saved!r}, this run has {_lookup(now, key)!r}; use a new run.dir or the same {key}")
+        for notice in check_resume_changes(meta["config"], config_to_dict(self.cfg), path):
+            if self.env.is_main:
+                print(f"warning: {notice}", file=sys.stderr, flush=True)
         state = self._state()
         ckpt.load_checkpoint(self.env, path, state)
         set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
@@ -250,6 +277,11 @@ class Trainer:
         self.backbone_optim.zero_grad(set_to_none=True)
         self.head_optim.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0}
+
+    def _sum_over_ranks(self, value: int) -> int:
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total, group=self.env.data_group)
+        return int(total)
 
     def _handle_nonfinite(self, where: str, logger: MetricsLogger) -> None:
         """Apply train.nonfinite to a step whose loss or gradients were not finite (all ranks agree)."""
@@ -336,17 +368,21 @@ class Trainer:
                 if log_now and pending_losses:
                     elapsed = time.perf_counter() - interval_start
                     losses = torch.stack(pending_losses).tolist()
-                    logger.log_train(self.step, {
+                    row = {
                         "loss": losses[-1], "lr": lr, "head_lr": self.head_optim.param_groups[0]["lr"],
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
-                    })
+                    }
+                    if cfg.data.on_bad_sample == "skip":
+                        row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
+                    logger.log_train(self.step, row)
                     pending_losses, interval_start = [], time.perf_counter()
                 if result["preempt"]:
                     path = self.save()
                     if env.is_main:
                         (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step}\n")
                     logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
+                    print(f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0", file=sys.stderr, flush=True)
                     return self.step
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     logger.log_eval(self.step, self.evaluate())

@@ -1,0 +1,207 @@
+"""Kills, preemption, world-size changes, non-finite values and bad input, through torchrun."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
+from launcher import REPO, command, environment, launch, metrics, train_losses
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-rank run: every other scenario must reproduce its losses."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "reference"
+    launch(run_dir, 2)
+    return run_dir
+
+
+def assert_same_losses(run_dir, reference, steps, exact=False):
+    got, want = train_losses(run_dir), train_losses(reference)
+    for step in steps:
+        if exact:
+            assert got[step] == want[step], f"step {step}: {got[step]} != {want[step]}"
+        else:
+            assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), f"step {step}"
+
+
+# ----------------------------------------------------------------------------------------
+# World-size changes
+# ----------------------------------------------------------------------------------------
+
+
+def test_three_ranks_to_one_rank(reference_run, tmp_path):
+    run_dir = tmp_path / "three_to_one"
+    launch(run_dir, 3, "train.stop_after=6")  # 101 classes as 34/34/33
+    launch(run_dir, 1)  # all 101 on one rank, momentum included
+    assert_same_losses(run_dir, reference_run, range(1, 13))
+
+
+def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
+    run_dir = tmp_path / "changes"
+    launch(run_dir, 2, "train.stop_after=4")
+    for refused in ("model.embed_dim=64", "model.depth=3", "run.seed=3", "train.global_batch=96"):
+        proc = launch(run_dir, 2, refused, check=False)
+        assert proc.returncode != 0, refused
+        key = refused.split("=")[0]
+        assert f"cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
+    assert latest_checkpoint(run_dir).name == "step-4", "a refused resume must not write a checkpoint"
+    # more steps, another world size and other logging are accepted; the schedule follows train.steps
+    launch(run_dir, 3, "train.stop_after=8", "log.every=2", "checkpoint.every=2")
+    assert latest_checkpoint(run_dir).name == "step-8"
+    proc = launch(run_dir, 1, "optim.lr=0.1", "train.stop_after=9")
+    assert "resuming with optim.lr changed from 0.2 to 0.1" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Preemption and crashes
+# ----------------------------------------------------------------------------------------
+
+
+def test_sigterm_to_torchrun_saves_and_rerun_finishes_identically(reference_run, tmp_path):
+    run_dir = tmp_path / "preempted"
+    cmd = command(run_dir, 2)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environment("sleep=0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a few steps are logged
+        if (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    marker = run_dir / "PREEMPTED"
+    assert marker.is_file(), stderr[-3000:]
+    stopped_at = int(marker.read_text().split()[1])
+    assert 3 <= stopped_at < 12
+    for rank in (0, 1):
+        assert f"rank {rank}: preempted after step {stopped_at}, checkpoint saved, exiting 0" in stderr
+    assert latest_checkpoint(run_dir).name == f"step-{stopped_at}"
+    launch(run_dir, 2)  # the requeued job: the same command
+    assert not marker.exists()
+    assert_same_losses(run_dir, reference_run, range(1, 13), exact=True)
+
+
+def test_sigkill_of_one_rank_is_restarted_and_resumes(reference_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = launch(run_dir, 2, faults="kill@7:1", torchrun_args=["--max-restarts=1"])
+    assert "resumed at step 4" in proc.stdout + proc.stderr  # the newest complete checkpoint
+    assert_same_losses(run_dir, reference_run, range(1, 13), exact=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite values
+# ----------------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_every_rank_without_a_new_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan_stop"
+    proc = launch(run_dir, 2, "train.nonfinite=stop", check=False, faults="nan_loss@6:1", timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: hydrahead.train.faults.NonFiniteError: step 6: non-finite loss" in proc.stderr
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [4]
+    assert max(train_losses(run_dir)) == 5
+
+
+def test_nan_gradient_and_loss_are_skipped_under_skip(reference_run, tmp_path):
+    run_dir = tmp_path / "nan_skip"
+    launch(run_dir, 2, "train.nonfinite=skip", faults="nan_grad@6:1,nan_loss@7", timeout=120)
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert rows[-1]["skipped_steps"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert_same_losses(run_dir, reference_run, range(1, 6), exact=True)  # identical until the fault
+
+
+def test_too_many_skipped_steps_in_a_row_stop(tmp_path):
+    run_dir = tmp_path / "nan_limit"
+    proc = launch(run_dir, 2, "train.nonfinite=skip", "train.max_skipped=2", check=False, faults="nan_loss@5,nan_loss@6", timeout=120)
+    assert proc.returncode != 0
+    assert "2 steps in a row skipped" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: a clear error naming the thing, and nothing written
+# ----------------------------------------------------------------------------------------
+
+
+def _feature_files(folder, bad_label_at=None):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(folder / "features.npy", rng.standard_normal((200, 16)).astype(np.float32))
+    labels = rng.integers(0, 101, 200)
+    if bad_label_at is not None:
+        labels[bad_label_at] = 101
+    np.save(folder / "labels.npy", labels)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name,overrides,message",
+    [
+        ("batch not divisible", ["train.global_batch=47"], "train.global_batch"),
+        ("missing data folder", ["data.kind=features", "data.path=/nonexistent/hydrahead-data"], "/nonexistent/hydrahead-data"),
+        ("label out of range", ["data.kind=features"], "index 37"),
+        ("unknown key", ["head.num_clases=5"], "head.num_classes"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, name, overrides, message):
+    run_dir = tmp_path / "run"
+    if name == "label out of range":
+        overrides = [*overrides, f"data.path={_feature_files(tmp_path / 'feats', bad_label_at=37)}"]
+    proc = launch(run_dir, 2, *overrides, check=False, timeout=120)
+    assert proc.returncode != 0, name
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not run_dir.exists(), f"{name}: the run folder must not be created"
+
+
+def test_checkpoint_of_another_embed_dim_is_refused(reference_run, tmp_path):
+    run_dir = tmp_path / "other_dim"
+    launch(run_dir, 1, "train.stop_after=4")
+    proc = launch(run_dir, 1, "model.embed_dim=16", check=False)
+    assert proc.returncode != 0 and "model.embed_dim=32 there, 16 now" in proc.stderr
+
+
+def test_training_writes_nothing_outside_the_run_folder(tmp_path):
+    workdir, run_dir = tmp_path / "cwd", tmp_path / "elsewhere" / "run"
+    workdir.mkdir()
+    launch(run_dir, 2, "train.steps=4", "train.eval_every=2", "log.tensorboard=true", cwd=workdir)
+    assert list(workdir.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["run"]
+
+
+def _image_folder(root, corrupt: bool):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        (root / f"class{label}").mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
+    if corrupt:
+        (root / "class2" / "broken.png").write_bytes(b"definitely not a png")
+    return root
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_corrupt_image_errors_or_is_skipped_and_counted(tmp_path, policy):
+    data = _image_folder(tmp_path / "images", corrupt=True)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "model.backbone=resnet18", "data.kind=image_folder", f"data.path={data}", "data.image_size=16",
+        "head.num_classes=4", "train.global_batch=8", "train.steps=4", "train.eval_every=0", f"data.on_bad_sample={policy}",
+    ]
+    proc = launch(run_dir, 2, *overrides, check=False, timeout=180)
+    if policy == "error":
+        assert proc.returncode != 0 and "broken.png" in proc.stderr
+        assert not (run_dir / "checkpoints").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # 13 files, 32 samples: two whole epochs meet the broken file, the third part may
+        counts = [row["bad_samples_skipped"] for row in metrics(run_dir) if "loss" in row]
+        assert counts == sorted(counts) and 2 <= counts[-1] <= 3, counts
