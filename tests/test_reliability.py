@@ -45,12 +45,14 @@ def test_three_ranks_to_one_rank(reference_run, tmp_path):
 def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
     run_dir = tmp_path / "changes"
     launch(run_dir, 2, "train.stop_after=4")
+    config_before = (run_dir / "config.yaml").read_text()
     for refused in ("model.embed_dim=64", "model.depth=3", "run.seed=3", "train.global_batch=96"):
         proc = launch(run_dir, 2, refused, check=False)
         assert proc.returncode != 0, refused
         key = refused.split("=")[0]
         assert f"cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
     assert latest_checkpoint(run_dir).name == "step-4", "a refused resume must not write a checkpoint"
+    assert (run_dir / "config.yaml").read_text() == config_before, "nor rewrite the run's config"
     # more steps, another world size and other logging are accepted; the schedule follows train.steps
     launch(run_dir, 3, "train.stop_after=8", "log.every=2", "checkpoint.every=2")
     assert latest_checkpoint(run_dir).name == "step-8"

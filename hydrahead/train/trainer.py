@@ -327,13 +327,12 @@ class Trainer:
     def train(self) -> int:
         """Run (or continue) training to train.stop_after or train.steps; returns the last step."""
         cfg, env = self.cfg, self.env
+        resumed = self.resume()  # first: a refused resume must leave the run folder untouched
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        env.barrier()
-        resumed = self.resume()
-        if env.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this invocation is the requeued one
+        env.barrier()
         end = cfg.train.stop_after or cfg.train.steps
         watcher = PreemptionWatcher()
         logger = MetricsLogger(self.run_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=self.step, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
