@@ -1,0 +1,43 @@
+"""The trainer on NCCL: 1 vs 2 GPUs, resume across GPU counts, and a killed rank restarted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launcher import launch, train_losses
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+NCCL = ["dist.backend=nccl", "model.autocast=none"]  # fp32 backbone: trajectories comparable across layouts
+
+
+def assert_close_losses(run_dir, reference, steps):
+    got, want = train_losses(run_dir), train_losses(reference)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def two_gpu_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("nccl") / "two"
+    launch(run_dir, 2, *NCCL)
+    return run_dir
+
+
+def test_one_gpu_matches_two_gpus(two_gpu_run, tmp_path):
+    launch(tmp_path / "one", 1, *NCCL)
+    assert_close_losses(tmp_path / "one", two_gpu_run, range(1, 13))
+
+
+def test_two_gpu_checkpoint_resumes_on_one_gpu(two_gpu_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    launch(run_dir, 2, *NCCL, "train.stop_after=6")
+    launch(run_dir, 1, *NCCL)
+    assert_close_losses(run_dir, two_gpu_run, range(1, 13))
+
+
+def test_killed_rank_is_restarted_and_resumes(two_gpu_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = launch(run_dir, 2, *NCCL, faults="kill@7:1", torchrun_args=["--max-restarts=1"], timeout=400)
+    assert "resumed at step 4" in proc.stdout + proc.stderr
+    assert_close_losses(run_dir, two_gpu_run, range(1, 13))
