@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +68,19 @@ def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (torchrun's workers), read from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def test_sigterm_to_torchrun_saves_and_rerun_finishes_identically(reference_run, tmp_path):
     run_dir = tmp_path / "preempted"
     cmd = command(run_dir, 2)
@@ -74,7 +90,15 @@ def test_sigterm_to_torchrun_saves_and_rerun_finishes_identically(reference_run,
         if (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    # As Slurm's scancel --signal=TERM does: torchrun and every worker get SIGTERM, and then
+    # all of them once more while the workers are finishing the step or saving.
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    for _ in range(2):
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
     _, stderr = proc.communicate(timeout=120)
     marker = run_dir / "PREEMPTED"
     assert marker.is_file(), stderr[-3000:]

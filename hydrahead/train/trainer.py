@@ -336,6 +336,7 @@ class Trainer:
         end = cfg.train.stop_after or cfg.train.steps
         watcher = PreemptionWatcher()
         logger = MetricsLogger(self.run_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=self.step, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
+        data = None
         try:
             logger.message(
                 f"hydrahead: {env.world_size} rank(s) on {env.backend}, {cfg.model.backbone} backbone, "
@@ -392,5 +393,7 @@ class Trainer:
             assert saved_at == self.step
             return self.step
         finally:
+            if data is not None:
+                data.close()  # stop loader workers on every exit path
             watcher.close()
             logger.close()
