@@ -16,7 +16,7 @@ from hydrahead.data import (
     rank_indices,
     zipf_ranks,
 )
-from hydrahead.data.procedural import _mix64, _mix64_int, _signed
+from hydrahead.counter_rng import _mix64, _mix64_int, _signed
 
 
 def _assert_same_batch(a, b):

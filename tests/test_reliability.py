@@ -53,7 +53,7 @@ def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
         proc = launch(run_dir, 2, refused, check=False)
         assert proc.returncode != 0, refused
         key = refused.split("=")[0]
-        assert f"cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
+        assert "cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
     assert latest_checkpoint(run_dir).name == "step-4", "a refused resume must not write a checkpoint"
     assert (run_dir / "config.yaml").read_text() == config_before, "nor rewrite the run's config"
     # more steps, another world size and other logging are accepted; the schedule follows train.steps

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hydrahead.data.procedural import _check_index_tensor, counter_hash
+from hydrahead.counter_rng import counter_hash
+from hydrahead.data.procedural import _check_index_tensor
 
 __all__ = ["IMAGE_EXTENSIONS", "ON_BAD_SAMPLE", "BadImageError", "EpochOrder", "ImageFolder"]
 

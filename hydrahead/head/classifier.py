@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hydrahead.data.procedural import counter_normal, counter_uniform
+from hydrahead.counter_rng import counter_normal, counter_uniform
 from hydrahead.distributed.collectives import (
     all_gather_features,
     all_gather_labels,

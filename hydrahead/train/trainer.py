@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.data.build import batches, build_dataset, eval_batches
-from hydrahead.data.procedural import counter_hash
+from hydrahead.counter_rng import counter_hash
 from hydrahead.data.sampler import local_batch_size
 from hydrahead.distributed.collectives import all_gather_features, all_gather_labels
 from hydrahead.distributed.setup import DistEnv
