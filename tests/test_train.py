@@ -111,3 +111,12 @@ def test_tensorboard_scalars_match_metrics_file(tmp_path):
     for step, value in train_losses(run_dir).items():
         assert logged[step] == pytest.approx(value, rel=1e-6)
     assert [e.step for e in events.Scalars("eval_top1")] == [4]
+
+
+def test_compiled_backbone_trains_like_eager(tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    short = ["train.steps=3", "train.eval_every=0"]
+    launch(eager, 1, *short)
+    launch(compiled, 1, *short, "model.compile=true")
+    for step, loss in train_losses(eager).items():
+        assert train_losses(compiled)[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
