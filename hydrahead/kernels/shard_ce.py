@@ -1,0 +1,244 @@
+"""Fused Triton kernels for one shard of the softmax cross-entropy, with the head's SGD update.
+
+Two kernels, 8·G·D·C_r FLOPs in all (the floor when logits are never stored):
+
+forward (sample-stationary, like flash attention; grid = sample blocks x class splits)
+    per sample: running max m, sum of exp l, target logit, and A = sum_c exp(z_c - m) w_c.
+    Logits live only in registers. After the cross-shard LSE merge (torch collectives),
+    the feature gradient is immediate: dF = s/n (exp(m - lse) A - w_target), so the
+    backward never touches dF again. 4·G·D·C_r FLOPs (logits, then p @ W).
+
+weight backward + update (weight-stationary; grid = class blocks)
+    each program owns BLOCK_C whole rows of W, loops over all samples, recomputes the
+    logits, forms P = softmax - onehot and accumulates its rows of dW in registers, then
+    applies torch.optim.SGD's step to those rows in place (weight decay added to the
+    gradient, momentum buffer, no dampening, no Nesterov). No C_r x D gradient exists.
+    A second mode writes dW instead (tests, and users with their own optimizer).
+    4·G·D·C_r FLOPs (logits again, then P^T @ F).
+
+Row offsets are 64-bit, so shards past 2^31 elements (25M x 512) index correctly.
+Cosine logits (CosFace) normalise the weight rows inside the kernels from per-class
+inverse norms computed once per call; ArcFace stays on the reference path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass
+class SGDUpdate:
+    """The head's SGD step, applied inside the backward (torch.optim.SGD semantics)."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    momentum_buffer: torch.Tensor | None = None  # like the weight (fp32 or bf16); needed when momentum > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    F, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT, A_OUT,
+    G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
+    COSINE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    t = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    c_lo = split * classes_per_split
+    c_hi = tl.minimum(c_lo + classes_per_split, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < c_hi
+        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
+        if COSINE:
+            inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
+            z = z * inv[None, :]
+        z = z * scale
+        is_target = label[:, None] == cols[None, :]
+        z = tl.where(is_target, z - target_shift, z)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        t += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if COSINE:
+            p = p * inv[None, :]  # sum_c p_c w_c / ||w_c||
+        acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PRECISION)
+        m = m_new
+
+    out = split * G + rows
+    tl.store(M_OUT + out, m, mask=row_ok)
+    tl.store(L_OUT + out, l, mask=row_ok)
+    tl.store(T_OUT + out, t, mask=row_ok)
+    tl.store(A_OUT + out[:, None].to(tl.int64) * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _weight_kernel(
+    F, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW,
+    G, C, D, stride_f, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay, filter_below,
+    COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, FILTER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    tile = cols[:, None].to(tl.int64) * stride_w + dims[None, :]
+    tile_ok = col_ok[:, None] & dim_ok[None, :]
+    w = tl.load(W + tile, mask=tile_ok, other=0.0)
+    if COSINE:
+        inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
+
+    grad = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        row_ok = rows < G
+        f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # +inf: ignored rows get p = 0
+        label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+        z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
+        if COSINE:
+            z = z * inv[None, :]
+        z = z * scale
+        is_target = label[:, None] == cols[None, :]
+        z = tl.where(is_target, z - target_shift, z)
+        p = tl.exp(z - lse[:, None])
+        p = tl.where(is_target, p - 1.0, p)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if FILTER:
+            if tl.max(tl.abs(p)) >= filter_below:
+                grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
+        else:
+            grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
+
+    grad = grad * grad_scale  # d loss / d (w, or w / ||w|| for cosine logits)
+    w32 = w.to(tl.float32)
+    if COSINE:
+        w_unit = w32 * inv[:, None]
+        radial = tl.sum(w_unit * grad, axis=1)
+        grad = (grad - w_unit * radial[:, None]) * inv[:, None]
+    if UPDATE:
+        step = grad + weight_decay * w32
+        if HAS_BUF:
+            buf = tl.load(BUF + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            buf = momentum * buf + step
+            tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
+            step = buf
+        tl.store(W + tile, (w32 - lr * step).to(W.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _blocks(dim: int, device: torch.device) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(dim))
+    if device.type != "cuda":  # the interpreter: small tiles keep tests quick
+        return 16, 16, block_d
+    return 64, 64, block_d
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 operands would otherwise run as tf32 on the tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_programs_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool):
+    """Local (max, sum of exp, target logit, A = sum exp(z - max) w) per sample over this shard.
+
+    Classes are split across programs so that small batches still fill the GPU; the
+    splits are merged here with the same log-sum-exp algebra the ranks use.
+    """
+    num_rows, dim = feat_op.shape
+    num_classes = weight.shape[0]
+    block_g, block_c, block_d = _blocks(dim, feat_op.device)
+    row_blocks = triton.cdiv(num_rows, block_g)
+    splits = max(1, min(triton.cdiv(num_classes, block_c), triton.cdiv(_num_programs_target(feat_op.device), row_blocks)))
+    per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
+    splits = triton.cdiv(num_classes, per_split)
+    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
+    partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feat_op.device)
+    _forward_kernel[(row_blocks, splits)](
+        feat_op, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
+        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
+        COSINE=cosine, PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
+    )
+    split_max, split_sum, split_target = stats
+    row_max = split_max.amax(dim=0)
+    rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)
+    row_sum = (split_sum * rescale).sum(dim=0)
+    accumulated = torch.einsum("sg,sgd->gd", rescale, partial)
+    return row_max, row_sum, split_target.sum(dim=0), accumulated
+
+
+def shard_weight_backward(
+    feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
+    grad_scale: float, update: SGDUpdate | None, grad_filter: float = 0.0,
+) -> torch.Tensor | None:
+    """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW."""
+    num_rows, dim = feat_op.shape
+    num_classes = weight.shape[0]
+    block_g, block_c, block_d = _blocks(dim, feat_op.device)
+    has_buf = update is not None and update.momentum != 0
+    if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
+        raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
+    if has_buf and update.momentum_buffer.stride() != weight.stride():
+        raise ValueError("momentum_buffer must have the weight shard's layout")
+    grad_weight = None if update is not None else torch.empty_like(weight)
+    _weight_kernel[(triton.cdiv(num_classes, block_c),)](
+        feat_op, weight, inv_norm if cosine else weight, local_label, lse,
+        update.momentum_buffer if has_buf else weight, grad_weight if grad_weight is not None else weight,
+        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, target_shift, grad_scale,
+        update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
+        grad_filter,
+        COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf, FILTER=grad_filter > 0,
+        PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
+    )
+    return grad_weight
+
+
+def inverse_row_norms(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """1 / max(||w_c||, eps) per class, in fp32 (as F.normalize divides)."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).clamp_min(eps).reciprocal()
+
+
+def target_shift_for(margin_type: str, scale: float, margin: float) -> float:
+    """How much the target logit is lowered: s*m for CosFace, nothing otherwise."""
+    return scale * margin if margin_type == "cosface" else 0.0
+
+
+__all__ = ["SGDUpdate", "inverse_row_norms", "shard_forward", "shard_weight_backward", "target_shift_for"]

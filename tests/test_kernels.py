@@ -1,0 +1,127 @@
+"""Fused shard kernels against the torch reference (on CPU through Triton's interpreter, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from hydrahead.distributed.sharding import shard_range
+from hydrahead.head import sharded_cross_entropy
+from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+
+# Sizes that are not multiples of the interpreter's 16-wide tiles.
+BATCH, DIM, NUM_CLASSES = 37, 24, 101
+MARGINS = {"none": (2.0, 0.0), "cosface": (16.0, 0.3)}
+
+
+def make_inputs(seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(BATCH, DIM, generator=gen)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.3
+    labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+    labels[::5] = -100
+    return features.to(dtype), weight.to(dtype), labels
+
+
+def reference_step(features, weight, labels, margin_type, momentum_buffer, *, lr, momentum, weight_decay):
+    """float64: loss, dF, dW by the torch reference, then torch.optim.SGD's step applied to dW."""
+    scale, margin = MARGINS[margin_type]
+    f = features.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    loss = sharded_cross_entropy(f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type)
+    loss.backward()
+    w_new = w.detach().clone()
+    buf = momentum_buffer.double().clone()
+    optimizer = torch.optim.SGD([w_new], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    w_new.grad = w.grad
+    if momentum:
+        optimizer.state[w_new]["momentum_buffer"] = buf
+    optimizer.step()
+    return loss.detach(), f.grad, w.grad, w_new, buf
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_loss_and_gradients_equal_the_reference(margin_type):
+    features, weight, labels = make_inputs(1)
+    scale, margin = MARGINS[margin_type]
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, num_classes=NUM_CLASSES, scale=scale, margin=margin, margin_type=margin_type)
+    loss.backward()
+    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+    assert rel_err(w.grad, ref_wgrad) < 1e-5
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0)])
+def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, weight_decay):
+    features, weight, labels = make_inputs(2)
+    scale, margin = MARGINS[margin_type]
+    buffer = torch.randn_like(weight) * 0.01  # a momentum buffer from earlier steps
+    ref_loss, ref_fgrad, _, ref_w, ref_buf = reference_step(features, weight, labels, margin_type, buffer, lr=0.5, momentum=momentum, weight_decay=weight_decay)
+
+    w = weight.clone()
+    buf = buffer.clone()
+    f = features.clone().requires_grad_()
+    update = SGDUpdate(lr=0.5, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf if momentum else None)
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update)
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+    assert rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, not just the weights"
+    if momentum:
+        assert rel_err(buf, ref_buf) < 1e-5
+    assert w.grad is None
+
+
+def test_incoming_gradient_scales_both_outputs():
+    features, weight, labels = make_inputs(3)
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    (triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0]) * -2.5).backward()
+    _, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, "none", torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    assert rel_err(f.grad, -2.5 * ref_fgrad) < 1e-5 and rel_err(w.grad, -2.5 * ref_wgrad) < 1e-5
+
+
+def test_grad_filter_bounds():
+    features, weight, labels = make_inputs(4)
+    grads = {}
+    for threshold in (0.0, 1e-30, 1.0):
+        w = weight.clone().requires_grad_()
+        triton_sharded_cross_entropy(features, w, labels, 0, grad_filter=threshold).backward()
+        grads[threshold] = w.grad
+    assert torch.equal(grads[1e-30], grads[0.0])  # nothing is that small: every tile runs
+    assert float(grads[1.0].abs().max()) == 0.0  # |softmax - onehot| < 1 everywhere: every tile skipped
+
+
+def test_arcface_is_refused_with_a_pointer_to_the_reference():
+    features, weight, labels = make_inputs(5)
+    with pytest.raises(ValueError, match="head.impl=reference"):
+        triton_sharded_cross_entropy(features, weight, labels, 0, scale=16.0, margin=0.3, margin_type="arcface")
+
+
+def _sharded_worker(rank, world_size, margin_type):
+    features, weight, labels = make_inputs(6)
+    start, stop = shard_range(NUM_CLASSES, world_size, rank)
+    scale, margin = MARGINS[margin_type]
+    f = features.clone().requires_grad_()
+    w = weight[start:stop].clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type)
+    loss.backward()
+    return loss.detach(), f.grad, w.grad
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_three_shards_merge_like_one_device(margin_type):
+    results = run_ranks(_sharded_worker, 3, margin_type)
+    features, weight, labels = make_inputs(6)
+    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    for loss, _, _ in results:
+        assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(sum(r[1] for r in results), ref_fgrad) < 1e-5
+    assert rel_err(torch.cat([r[2] for r in results]), ref_wgrad) < 1e-5
