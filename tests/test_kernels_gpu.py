@@ -65,8 +65,11 @@ def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
     )
     loss.backward()
     assert rel_err(buf, ref_buf) < 2e-2
-    # bf16 weights move by a rounded step; the step itself must match to bf16 resolution of w
-    assert rel_err(w.double() - w64, ref_delta) < 0.1
+    # bf16 weights take the fp32 step rounded to nearest: most steps are below bf16's
+    # resolution at |w| (that is what stochastic rounding is for), so compare with the
+    # float64 result rounded the same way.
+    expected = (w64 + ref_delta).bfloat16()
+    assert float((w == expected).float().mean()) > 0.99
     assert float((w.double() - (w64 + ref_delta)).abs().max()) <= float(w64.abs().max()) * 2**-7
 
 

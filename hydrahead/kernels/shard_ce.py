@@ -23,6 +23,7 @@ inverse norms computed once per call; ArcFace stays on the reference path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -159,11 +160,21 @@ def _weight_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _blocks(dim: int, device: torch.device) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(dim))
-    if device.type != "cuda":  # the interpreter: small tiles keep tests quick
-        return 16, 16, block_d
-    return 64, 64, block_d
+# Tile shapes per kernel: (BLOCK_G, BLOCK_C, num_warps, num_stages). Both kernels hold a
+# 64 x D fp32 accumulator in registers and a 64 x D bf16 tile resident in shared memory,
+# so at D = 512 two pipeline stages are what fits in an H100's 227 KB.
+_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 64, 8, 2)}
+_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1)}  # the interpreter: small is quick
+
+
+def _tiles(kernel: str, dim: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_G, BLOCK_C, BLOCK_D, num_warps, num_stages); HYDRAHEAD_TILES=kernel:g,c,w,s;... overrides."""
+    table = dict(_GPU_TILES if device.type == "cuda" else _CPU_TILES)
+    for item in filter(None, os.environ.get("HYDRAHEAD_TILES", "").split(";")):
+        name, _, values = item.partition(":")
+        table[name] = tuple(int(v) for v in values.split(","))
+    block_g, block_c, warps, stages = table[kernel]
+    return block_g, block_c, max(16, triton.next_power_of_2(dim)), warps, stages
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -185,7 +196,7 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     """
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d = _blocks(dim, feat_op.device)
+    block_g, block_c, block_d, warps, stages = _tiles("forward", dim, feat_op.device)
     row_blocks = triton.cdiv(num_rows, block_g)
     splits = max(1, min(triton.cdiv(num_classes, block_c), triton.cdiv(_num_programs_target(feat_op.device), row_blocks)))
     per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
@@ -196,6 +207,7 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
         feat_op, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
         num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
         COSINE=cosine, PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages,
     )
     split_max, split_sum, split_target = stats
     row_max = split_max.amax(dim=0)
@@ -212,7 +224,7 @@ def shard_weight_backward(
     """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW."""
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d = _blocks(dim, feat_op.device)
+    block_g, block_c, block_d, warps, stages = _tiles("weight", dim, feat_op.device)
     has_buf = update is not None and update.momentum != 0
     if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
         raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
@@ -227,6 +239,7 @@ def shard_weight_backward(
         grad_filter,
         COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf, FILTER=grad_filter > 0,
         PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages,
     )
     return grad_weight
 
