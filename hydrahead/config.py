@@ -92,7 +92,19 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     num_classes: int = _key(10000, "number of classes C, sharded over the ranks")
-    impl: str = _key("reference", "implementation of the sharded softmax loss", ("reference",))
+    impl: str = _key(
+        "auto",
+        "sharded softmax loss: triton (fused kernels, head SGD inside the backward), reference "
+        "(chunked torch), auto (triton on CUDA, reference on CPU)",
+        ("auto", "triton", "reference"),
+    )
+    dtype: str = _key(
+        "auto", "head weight dtype (auto: bfloat16 with triton, float32 with reference)", ("auto", "float32", "bfloat16")
+    )
+    momentum_dtype: str = _key("float32", "dtype of the head's momentum buffer", ("float32", "bfloat16"))
+    grad_filter: float = _key(
+        0.0, "triton: skip backward tiles whose |softmax - onehot| is below this everywhere (0: exact)"
+    )
     margin_type: str = _key(
         "none", "margin applied to the target logit", ("none", "cosface", "arcface")
     )
@@ -182,6 +194,22 @@ class Config:
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpointing")
     log: LogConfig = _section(LogConfig, "metrics and progress")
     dist: DistConfig = _section(DistConfig, "process groups")
+
+    @property
+    def head_impl(self) -> str:
+        """head.impl with auto resolved: triton on CUDA, reference elsewhere."""
+        import torch
+
+        if self.head.impl != "auto":
+            return self.head.impl
+        return "triton" if torch.cuda.is_available() and self.head.margin_type != "arcface" else "reference"
+
+    @property
+    def head_dtype(self) -> str:
+        """head.dtype with auto resolved: bfloat16 for the fused kernels, float32 for the reference."""
+        if self.head.dtype != "auto":
+            return self.head.dtype
+        return "bfloat16" if self.head_impl == "triton" else "float32"
 
     @property
     def head_lr(self) -> float:
@@ -531,6 +559,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(0 <= h.momentum < 1, f"head.momentum must be in [0, 1), got {h.momentum}")
     need(h.weight_decay >= 0, f"head.weight_decay must be >= 0, got {h.weight_decay}")
     need(h.chunk_size >= 1, f"head.chunk_size must be >= 1, got {h.chunk_size}")
+    need(h.grad_filter >= 0, f"head.grad_filter must be >= 0, got {h.grad_filter}")
+    need(
+        h.impl == "reference" or h.margin_type != "arcface",
+        f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
+    )
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
 
     need(

@@ -120,3 +120,13 @@ def test_compiled_backbone_trains_like_eager(tmp_path):
     launch(compiled, 1, *short, "model.compile=true")
     for step, loss in train_losses(eager).items():
         assert train_losses(compiled)[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+
+
+def test_triton_head_follows_the_reference_curve(two_rank_run, tmp_path):
+    """head.impl=triton (fused update in the backward; the interpreter on CPU) vs reference."""
+    run_dir = tmp_path / "triton"
+    launch(run_dir, 2, "head.impl=triton", "head.dtype=float32")
+    fused, reference = train_losses(run_dir), train_losses(two_rank_run)
+    assert fused.keys() == reference.keys()
+    for step in fused:
+        assert fused[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"

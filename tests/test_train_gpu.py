@@ -8,7 +8,7 @@ import torch
 from launcher import launch, train_losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
-NCCL = ["dist.backend=nccl", "model.autocast=none"]  # fp32 backbone: trajectories comparable across layouts
+NCCL = ["dist.backend=nccl", "model.autocast=none", "head.impl=reference"]  # fp32 throughout: comparable across layouts
 
 
 def assert_close_losses(run_dir, reference, steps):
@@ -41,3 +41,13 @@ def test_killed_rank_is_restarted_and_resumes(two_gpu_run, tmp_path):
     proc = launch(run_dir, 2, *NCCL, faults="kill@7:1", torchrun_args=["--max-restarts=1"], timeout=400)
     assert "resumed at step 4" in proc.stdout + proc.stderr
     assert_close_losses(run_dir, two_gpu_run, range(1, 13))
+
+
+def test_triton_head_follows_the_reference_curve(tmp_path):
+    """Two GPUs: the fused bf16 head (update inside the backward) against the fp32 reference."""
+    reference, fused = tmp_path / "reference", tmp_path / "triton"
+    launch(reference, 2, *NCCL, "head.impl=reference")
+    launch(fused, 2, *NCCL, "head.impl=triton")  # bf16 weights by default
+    want, got = train_losses(reference), train_losses(fused)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=3e-2), f"step {step}"

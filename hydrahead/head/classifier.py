@@ -18,6 +18,7 @@ from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
 
 INIT_KINDS = ("normal", "uniform")
+IMPLS = ("reference", "triton")
 _INIT_STREAM = 1000  # counter-hash stream reserved for head weights (data streams are small ints)
 _INIT_BLOCK_ROWS = 1 << 16  # rows initialised per pass: bounds the temporary hash tensors
 
@@ -46,11 +47,17 @@ def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, ini
 
 
 class ShardedClassifier(nn.Module):
-    """Owns this rank's weight shard (C_r x D), its class range and the process group.
+    """Owns this rank's weight shard (C_r x D), its class range, the process group, and its SGD.
 
     ``forward(local_features, local_labels)`` gathers the global batch itself and returns
     the global-mean cross-entropy (the same scalar on every rank); ``predict`` returns an
     exact top-k over all shards with global class ids.
+
+    The head trains itself with torch.optim.SGD's rule (weight decay added to the gradient,
+    momentum buffer, no dampening, no Nesterov) at the LR given by ``set_lr`` each step:
+    with ``impl="triton"`` the step happens inside the loss's backward and no weight
+    gradient exists; with ``impl="reference"`` ``finish_step()`` applies it from ``.grad``.
+    Either way, exactly one update per backward of the loss.
     """
 
     def __init__(
@@ -69,8 +76,15 @@ class ShardedClassifier(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        impl: str = "reference",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum_dtype: torch.dtype = torch.float32,
+        grad_filter: float = 0.0,
     ):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if margin_type not in MARGIN_TYPES:
@@ -83,6 +97,10 @@ class ShardedClassifier(nn.Module):
         self.margin_type, self.scale, self.margin = margin_type, scale, margin
         self.ignore_index, self.chunk_size = ignore_index, chunk_size
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
+        self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
+        self.lr = 0.0
+        # Per-class optimizer state, checkpointed by class range like the weight.
+        self.momentum_buffer = torch.zeros_like(self.weight, dtype=momentum_dtype) if momentum else None
         self.reset_parameters()
 
     @property
@@ -98,8 +116,42 @@ class ShardedClassifier(nn.Module):
             f"embed_dim={self.embed_dim}, margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}"
         )
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next update (the trainer's schedule, step by step)."""
+        self.lr = float(lr)
+
+    def _apply(self, fn, recurse=True):
+        # keep the momentum buffer on the weight's device (it is not a registered buffer, so
+        # that module state dicts stay as they were; checkpoints store it explicitly)
+        super()._apply(fn, recurse)
+        if self.momentum_buffer is not None and self.momentum_buffer.device != self.weight.device:
+            self.momentum_buffer = self.momentum_buffer.to(self.weight.device)
+        return self
+
+    @torch.no_grad()
+    def finish_step(self, *, skip: bool = False) -> None:
+        """End a training step: apply the SGD update from ``.grad`` (reference impl), or
+        nothing (triton: it already happened in the backward). ``skip`` drops the gradient."""
+        grad, self.weight.grad = self.weight.grad, None
+        if skip or grad is None:
+            return
+        step = grad.add(self.weight, alpha=self.weight_decay) if self.weight_decay else grad
+        if self.momentum_buffer is not None:
+            self.momentum_buffer.mul_(self.momentum).add_(step)
+            step = self.momentum_buffer
+        self.weight.add_(step.to(self.weight.dtype), alpha=-self.lr)
+
     def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of an already-gathered global batch (features identical on every rank)."""
+        if self.impl == "triton":
+            from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+
+            update = SGDUpdate(self.lr, self.momentum, self.weight_decay, self.momentum_buffer)
+            return triton_sharded_cross_entropy(
+                global_features, self.weight, global_labels, self.class_start,
+                group=self.group, num_classes=self.num_classes, scale=self.scale, margin=self.margin,
+                margin_type=self.margin_type, ignore_index=self.ignore_index, update=update, grad_filter=self.grad_filter,
+            )
         return sharded_cross_entropy(
             global_features, self.weight, global_labels, self.class_start,
             group=self.group, num_classes=self.num_classes, scale=self.scale, margin=self.margin,

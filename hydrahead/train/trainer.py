@@ -126,10 +126,15 @@ class Trainer:
         self.backbone.register_comm_hook(env.data_group, _sum_allreduce_hook)
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
+        # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
+        # no torch optimizer and outside gradient clipping. With head.impl=triton its update
+        # runs inside the loss's backward.
         self.head = ShardedClassifier(
             cfg.head.num_classes, cfg.model.embed_dim, group=env.head_group, seed=cfg.run.seed, init=cfg.head.init,
             init_std=cfg.head.init_std, margin_type=cfg.head.margin_type, scale=cfg.head.scale, margin=cfg.head.margin,
-            chunk_size=cfg.head.chunk_size, device=self.device,
+            chunk_size=cfg.head.chunk_size, device=self.device, dtype=getattr(torch, cfg.head_dtype),
+            impl=cfg.head_impl, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay,
+            momentum_dtype=getattr(torch, cfg.head.momentum_dtype), grad_filter=cfg.head.grad_filter,
         )
 
         o = cfg.optim
@@ -137,13 +142,6 @@ class Trainer:
             o.backbone, backbone, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
             betas=tuple(o.betas), eps=o.eps, trust_coefficient=o.trust_coefficient,
         )
-        # The head's SGD: torch.optim.SGD semantics (decay added to the gradient, momentum, no
-        # dampening, no Nesterov). The momentum buffer exists from the start so that it can be
-        # checkpointed by class range before the first step; a zero buffer gives the same first
-        # step as SGD's lazily created one.
-        self.head_optim = torch.optim.SGD([self.head.weight], lr=cfg.head_lr, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay)
-        if cfg.head.momentum > 0:
-            self.head_optim.state[self.head.weight]["momentum_buffer"] = torch.zeros_like(self.head.weight)
         self.base_lrs = [g["lr"] for g in self.backbone_optim.param_groups]
 
         data_device = self.device  # procedural data is generated where it is consumed
@@ -161,8 +159,8 @@ class Trainer:
         """The DCP state dict: backbone and its optimizer (replicated), head rows (sharded by class)."""
         model_state, optim_state = get_state_dict(self.backbone, self.backbone_optim)
         head_rows = {"weight": self.head.weight.data}
-        if "momentum_buffer" in self.head_optim.state[self.head.weight]:
-            head_rows["momentum"] = self.head_optim.state[self.head.weight]["momentum_buffer"]
+        if self.head.momentum_buffer is not None:
+            head_rows["momentum"] = self.head.momentum_buffer
         head = {
             name: ckpt.class_rows(rows, self.head.class_start, self.head.num_classes, self.env.rank)
             for name, rows in head_rows.items()
@@ -215,7 +213,7 @@ class Trainer:
         mult = lr_multiplier(self.step, self.cfg.train.steps, o.warmup_steps, o.schedule, poly_power=o.poly_power, min_lr_ratio=o.min_lr_ratio)
         for group, base in zip(self.backbone_optim.param_groups, self.base_lrs):
             group["lr"] = base * mult
-        self.head_optim.param_groups[0]["lr"] = self.cfg.head_lr * mult
+        self.head.set_lr(self.cfg.head_lr * mult)
         return o.lr * mult
 
     def _seed_step(self) -> None:
@@ -260,10 +258,12 @@ class Trainer:
         flags[0] = float(preempt_requested)
         if loss_finite:
             global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
-            if self.faults.fires("nan_grad", step, self.env.rank):
-                self.head.weight.grad[0, 0] = float("nan")
+            head_grad = self.head.weight.grad  # None with head.impl=triton: updated in the backward
+            if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
+                head_grad[0, 0] = float("nan")
             flags[1] = ~torch.isfinite(_total_norm(self.backbone_module.parameters()))
-            flags[2] = ~torch.isfinite(self.head.weight.grad.sum())
+            if head_grad is not None:
+                flags[2] = ~torch.isfinite(head_grad.sum())
         dist.all_reduce(flags, group=self.env.data_group)
         preempt, bad_backbone, bad_head = (int(v) for v in flags.tolist())
         nonfinite = "loss" if not loss_finite else ", ".join(
@@ -273,9 +273,8 @@ class Trainer:
             if self.cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
             self.backbone_optim.step()
-            self.head_optim.step()
+        self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
-        self.head_optim.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0}
 
     def _sum_over_ranks(self, value: int) -> int:
@@ -369,7 +368,7 @@ class Trainer:
                     elapsed = time.perf_counter() - interval_start
                     losses = torch.stack(pending_losses).tolist()
                     row = {
-                        "loss": losses[-1], "lr": lr, "head_lr": self.head_optim.param_groups[0]["lr"],
+                        "loss": losses[-1], "lr": lr, "head_lr": self.head.lr,
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
                     }
