@@ -59,8 +59,9 @@ def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
     w = weight.cuda().clone()
     buf = buffer.to(buffer_dtype).clone()
     scale, margin = MARGINS["cosface"]
+    f = features.cuda().requires_grad_()  # the backward, where the update happens, needs a graph
     loss = triton_sharded_cross_entropy(
-        features.cuda(), w, labels.cuda(), 0, scale=scale, margin=margin, margin_type="cosface",
+        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type="cosface",
         update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
     )
     loss.backward()
