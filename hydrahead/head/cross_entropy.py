@@ -179,6 +179,25 @@ def _merge_across_shards(running_max, running_sum, target_logit, owned_count, lo
     return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
 
 
+def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index):
+    """Raise what the collectives revealed (the same on every rank), else (mean loss, valid count).
+
+    One host read covers every check that needed the collectives.
+    """
+    num_valid = int(valid.sum())
+    error, owned_total = int(error), int(round(float(owned_total)))
+    if error:
+        raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
+    if owned_total != num_valid:
+        raise ValueError(
+            f"{num_valid - owned_total} label(s) of the batch belong to no shard: labels must lie in "
+            f"[0, num_classes) or equal ignore_index={ignore_index}; "
+            f"labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
+        )
+    loss = torch.where(valid, lse - target_logit, 0.0).sum() / max(num_valid, 1)
+    return loss, num_valid
+
+
 # ----------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------
@@ -271,21 +290,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         lse, target_logit, owned_total, error = _merge_across_shards(
             running_max, running_sum, target_logit, owned_count, local_error, group
         )
-        # One host read for every check that needed the collectives.
-        num_valid = int(valid.sum())
-        error, owned_total = int(error), int(round(float(owned_total)))
-        if error:
-            raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
-        if owned_total != num_valid:
-            unowned = num_valid - owned_total
-            raise ValueError(
-                f"{unowned} label(s) of the batch belong to no shard: labels must lie in [0, num_classes) "
-                f"or equal ignore_index={ignore_index}; "
-                f"labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
-            )
-
-        per_sample = torch.where(valid, lse - target_logit, 0.0)
-        loss = per_sample.sum() / max(num_valid, 1)
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index)
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
         ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from hydrahead.head.cross_entropy import (
-    _LOCAL_ERRORS,
     _check_global_inputs,
     _check_label_range,
     _local_error_code,
     _merge_across_shards,
+    mean_loss_after_merge,
     normalize_rows,
     normalize_rows_backward,
 )
@@ -63,16 +63,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         lse, target_logit, owned_total, error = _merge_across_shards(
             running_max, running_sum, target_logit, owned_count, local_error, group
         )
-        num_valid = int(valid.sum())
-        error, owned_total = int(error), int(round(float(owned_total)))
-        if error:
-            raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
-        if owned_total != num_valid:
-            raise ValueError(
-                f"{num_valid - owned_total} label(s) of the batch belong to no shard: labels must lie in "
-                f"[0, num_classes) or equal ignore_index={ignore_index}"
-            )
-        loss = torch.where(valid, lse - target_logit, 0.0).sum() / max(num_valid, 1)
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index)
 
         # dF for an incoming gradient of 1: s/n (sum_c softmax_c w_c - w_target) on valid rows.
         softmax_weighted = accumulated * torch.exp(running_max - lse)[:, None]
