@@ -125,3 +125,19 @@ def test_three_shards_merge_like_one_device(margin_type):
         assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(sum(r[1] for r in results), ref_fgrad) < 1e-5
     assert rel_err(torch.cat([r[2] for r in results]), ref_wgrad) < 1e-5
+
+
+def test_class_splits_merge_like_one_pass():
+    """A small batch spreads the classes over several programs (splits), merged afterwards."""
+    from hydrahead.kernels.shard_ce import shard_forward
+
+    gen = torch.Generator().manual_seed(7)
+    features, weight = torch.randn(10, DIM, generator=gen), torch.randn(NUM_CLASSES, DIM, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (10,), generator=gen)
+    row_max, row_sum, target, accumulated = shard_forward(features, weight, None, labels, scale=2.0, target_shift=0.0, cosine=False)
+    logits = 2.0 * features.double() @ weight.double().t()
+    assert torch.allclose(row_max.double(), logits.amax(dim=1), rtol=1e-6)
+    assert torch.allclose((row_max.double() + row_sum.double().log()), torch.logsumexp(logits, dim=1), rtol=1e-6)
+    assert torch.allclose(target.double(), logits.gather(1, labels[:, None]).squeeze(1), rtol=1e-5)
+    expected = torch.exp(logits - logits.amax(dim=1, keepdim=True)) @ weight.double()
+    assert rel_err(accumulated, expected) < 1e-5

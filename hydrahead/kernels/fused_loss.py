@@ -40,7 +40,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         running_max = torch.full((num_rows,), float("-inf"), device=device)
         running_sum = torch.zeros(num_rows, device=device)
         target_logit = torch.zeros(num_rows, device=device)
-        accumulated = torch.zeros(num_rows, features.shape[1], device=device)
+        accumulated = None  # set by the kernel; a rank with bad inputs raises before it is needed
         owned_count = torch.zeros((), device=device)
         if local_error == 0:
             weight_shard = weight_shard.detach()
@@ -66,13 +66,14 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index)
 
         # dF for an incoming gradient of 1: s/n (sum_c softmax_c w_c - w_target) on valid rows.
-        softmax_weighted = accumulated * torch.exp(running_max - lse)[:, None]
+        # (in place in the forward's G x D buffer: no further G x D temporaries)
+        grad_feat_op = accumulated.mul_(torch.exp(running_max - lse)[:, None])
         rows = torch.nonzero(owned).squeeze(1)
         target_rows = weight_shard[local[rows]].float()
         if cosine:
             target_rows = target_rows * inv_norm[local[rows], None]
-        softmax_weighted[rows] -= target_rows
-        grad_feat_op = softmax_weighted * torch.where(valid, scale / max(num_valid, 1), 0.0)[:, None]
+        grad_feat_op[rows] -= target_rows
+        grad_feat_op.mul_(torch.where(valid, scale / max(num_valid, 1), 0.0)[:, None])
         grad_features = normalize_rows_backward(grad_feat_op, feat_unit, feat_norm) if cosine else grad_feat_op
 
         ctx.grad_features = grad_features
