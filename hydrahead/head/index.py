@@ -1,0 +1,557 @@
+"""Maximum-inner-product search over one shard's class weight rows.
+
+The active-class selection ("KNN softmax") asks, per sample, for the K classes of its
+shard whose weight rows score highest against the sample's feature. Every backend here
+answers that behind one small interface (``ClassIndex``): ``build`` from the shard's
+weights (C_r x D), ``search`` with a batch of queries (B x D), get back
+``(scores, rows)``, both (B, k), best first, rows being LOCAL row numbers 0..C_r-1.
+
+Backends:
+  * ``faiss``     - FAISS flat / IVF / HNSW inner-product index; a GPU index when
+                    ``faiss.StandardGpuResources`` exists and the index lives on CUDA.
+  * ``torch``     - exact chunked search in torch (the reference, any device).
+  * ``torch_ivf`` - inverted lists from a seeded k-means in torch; candidates are
+                    re-scored with the CURRENT weights, so a stale index only costs recall.
+  * ``auto``      - picks one of the above at build time and logs the choice.
+
+Every index is a plain inner-product index. For cosine similarity the caller normalises
+both the queries and the weights it builds from (and re-scores with).
+
+When an index finds fewer than k rows (IVF probing lists that hold fewer rows than k),
+the missing slots hold row -1 with score -inf, at the end of each row of results; callers
+filter ``rows >= 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger("hydrahead.index")
+
+INDEX_KINDS = ("auto", "faiss", "torch", "torch_ivf")
+FAISS_TYPES = ("flat", "ivf", "hnsw")
+METRICS = ("ip",)
+DEFAULT_CHUNK_SIZE = 32768  # weight rows per matmul in the exact search
+DEFAULT_GATHER_ROWS = 65536  # candidate rows gathered per pass in torch_ivf
+DEFAULT_NPROBE = 32
+EXACT_MAX_ROWS = 2**20  # `auto` without FAISS: exact search up to this many rows
+_TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
+_FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
+
+
+class ClassIndex(Protocol):
+    """Inner-product search over a shard's class weight rows."""
+
+    name: str
+
+    def build(self, weight: torch.Tensor) -> None:
+        """Index ``weight`` (C_r, D), any float dtype and device; copies what it needs."""
+
+    def search(
+        self, queries: torch.Tensor, k: int, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scores float32, rows int64), both (B, k) best first, on the queries' device.
+
+        k is clamped to C_r. ``weight``, if given, holds the current weights (same shape as
+        at build time); scores are then computed with them.
+        """
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions: the exact reference and the recall metric
+# ----------------------------------------------------------------------------------------
+
+
+def exact_topk(
+    queries: torch.Tensor, weight: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``queries @ weight.T`` without forming all B x C_r scores.
+
+    Weight rows are scored ``chunk_size`` at a time and merged into a running top-k, so
+    memory is O(B x chunk_size). Scores are computed in the wider of the inputs' dtype and
+    float32 (float64 inputs stay float64, so this can serve as an exact reference); rows
+    are int64, on the queries' device. k is clamped to C_r.
+    """
+    _check_k(k)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if queries.dim() != 2 or weight.dim() != 2 or queries.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"queries (B, D) and weight (C_r, D) must share D, got {tuple(queries.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    num_rows = weight.shape[0]
+    if num_rows == 0:
+        raise ValueError("weight has no rows")
+    k = min(k, num_rows)
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, weight.dtype), torch.float32)
+    q = queries.to(dtype)
+    best_scores = best_rows = None
+    for start in range(0, num_rows, chunk_size):
+        chunk = weight[start : start + chunk_size].to(device=q.device, dtype=dtype)
+        scores, rows = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+        rows += start
+        if best_scores is not None:
+            # Merge with the best so far: top-k of the union of two top-k lists.
+            scores = torch.cat([best_scores, scores], dim=1)
+            rows = torch.cat([best_rows, rows], dim=1)
+            scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+            rows = rows.gather(1, pos)
+        best_scores, best_rows = scores, rows
+    return best_scores, best_rows
+
+
+def recall_at_k(found_rows: torch.Tensor, exact_rows: torch.Tensor) -> float:
+    """Fraction of the exact top-k rows (B, k) that appear in the found rows (B, k')."""
+    if found_rows.shape[0] != exact_rows.shape[0]:
+        raise ValueError(
+            f"found_rows and exact_rows must have the same number of queries, got "
+            f"{found_rows.shape[0]} and {exact_rows.shape[0]}"
+        )
+    if exact_rows.numel() == 0:
+        return 1.0
+    found = found_rows.to(exact_rows.device)
+    # (B, k, 1) == (B, 1, k'): is each exact row anywhere in its query's found rows?
+    hits = (exact_rows.unsqueeze(2) == found.unsqueeze(1)).any(dim=2)
+    return hits.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------
+# Shared checks and result handling
+# ----------------------------------------------------------------------------------------
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
+def _pad_results(
+    scores: torch.Tensor, rows: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (B, k') results to (B, k) with score -inf / row -1 (k' <= k)."""
+    missing = k - scores.shape[1]
+    if missing > 0:
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], missing), -math.inf)], 1)
+        rows = torch.cat([rows, rows.new_full((rows.shape[0], missing), -1)], 1)
+    return scores, rows
+
+
+def _score_rows(queries: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float32 scores of each query against its own rows (B, M); rows -1 score -inf."""
+    valid = rows >= 0
+    gathered = weight[rows.clamp(min=0).to(weight.device)].to(queries.device, torch.float32)
+    scores = torch.bmm(gathered, queries.unsqueeze(2)).squeeze(2)
+    return scores.masked_fill(~valid, -math.inf)
+
+
+class _IndexBase:
+    """Shape bookkeeping and validation shared by the backends."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.num_rows: int | None = None
+        self.dim: int | None = None
+
+    def _check_build(self, weight: torch.Tensor) -> None:
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(
+                f"weight must be a 2-D float tensor (C_r, D), got {tuple(weight.shape)} {weight.dtype}"
+            )
+        if weight.shape[0] == 0:
+            raise ValueError("weight has no rows: cannot build an index over an empty shard")
+        self.num_rows, self.dim = weight.shape
+
+    def _check_search(self, queries: torch.Tensor, k: int, weight: torch.Tensor | None) -> int:
+        """Validate a search call; return k clamped to C_r."""
+        if self.num_rows is None:
+            raise RuntimeError(f"{self.name} index: search() called before build()")
+        _check_k(k)
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.name} index: queries must be (B, {self.dim}) as the weights it was "
+                f"built from, got {tuple(queries.shape)}"
+            )
+        if weight is not None and tuple(weight.shape) != (self.num_rows, self.dim):
+            raise ValueError(
+                f"{self.name} index: current weight must be ({self.num_rows}, {self.dim}) as "
+                f"at build time, got {tuple(weight.shape)}"
+            )
+        return min(k, self.num_rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Torch backends
+# ----------------------------------------------------------------------------------------
+
+
+class TorchExactIndex(_IndexBase):
+    """Exact chunked search in torch on any device (see ``exact_topk``)."""
+
+    name = "torch"
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, device: torch.device | str | None = None):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.device = torch.device(device) if device is not None else None
+        self._weight: torch.Tensor | None = None
+
+    def build(self, weight: torch.Tensor) -> None:
+        self._check_build(weight)
+        # A private copy in the weights' own dtype: chunks are widened to float32 when scored.
+        self._weight = weight.detach().to(self.device or weight.device, copy=True)
+
+    def search(self, queries, k, weight=None):
+        k = self._check_search(queries, k, weight)
+        # Exact search is as cheap with the current weights as with the copy: prefer them.
+        source = weight.detach() if weight is not None else self._weight
+        q = queries.detach().to(source.device, torch.float32)
+        scores, rows = exact_topk(q, source, k, self.chunk_size)
+        return scores.float().to(queries.device), rows.to(queries.device)
+
+
+def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Index of the L2-nearest centroid for each row of x, in chunks of rows."""
+    sq_norms = (centroids * centroids).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = x[start : start + chunk_size].float()
+        # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c): ||x||^2 is the same for every c.
+        out[start : start + chunk_size] = (sq_norms - 2 * chunk @ centroids.T).argmin(1)
+    return out
+
+
+def kmeans(
+    x: torch.Tensor, num_clusters: int, num_iters: int = 10, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Lloyd's k-means (L2), seeded; returns float32 centroids (num_clusters, D) on x's device.
+
+    Initial centroids are distinct rows of x; a cluster that empties keeps its centroid.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randperm(x.shape[0], generator=gen)[:num_clusters].to(x.device)
+    centroids = x[start].float()
+    for _ in range(num_iters):
+        assign = _nearest_centroid(x, centroids, chunk_size)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x.float())
+        counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids
+
+
+class TorchIVFIndex(_IndexBase):
+    """Inverted-file index in torch whose candidates are re-scored with the current weights.
+
+    Build: k-means (L2, on the weights or a seeded sample of them) into ``nlist``
+    centroids; every row goes to the list of its nearest centroid. Lists are stored padded,
+    as an (nlist, max_list_len) table of row numbers with -1 padding, so a search is a few
+    batched gathers: probe the ``nprobe`` centroids of highest inner product with the query,
+    take all rows of those lists, score them with the weights given to ``search`` (or the
+    build-time copy) and keep the top-k. Lists of unequal length cost padding memory
+    (nlist x longest list).
+    """
+
+    name = "torch_ivf"
+
+    def __init__(
+        self,
+        nlist: int | None = None,
+        nprobe: int = DEFAULT_NPROBE,
+        num_iters: int = 10,
+        seed: int = 0,
+        chunk_size: int = DEFAULT_GATHER_ROWS,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.nlist_request, self.nprobe, self.num_iters, self.seed = nlist, nprobe, num_iters, seed
+        self.chunk_size = chunk_size
+        self.device = torch.device(device) if device is not None else None
+        self.nlist: int | None = None
+        self._weight = self._centroids = self._table = None
+
+    def build(self, weight: torch.Tensor) -> None:
+        self._check_build(weight)
+        device = self.device or weight.device
+        self._weight = weight.detach().to(device, copy=True)
+        self.nlist = _resolve_nlist(self.nlist_request, self.num_rows)
+        # Train on a seeded sample: k-means quality saturates long before all of 100M rows.
+        num_train = min(self.num_rows, _TRAIN_ROWS_PER_LIST * self.nlist)
+        sample = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed))[:num_train]
+        train = self._weight[sample.to(device)]
+        self._centroids = kmeans(train, self.nlist, self.num_iters, self.seed, DEFAULT_CHUNK_SIZE)
+        assign = _nearest_centroid(self._weight, self._centroids, DEFAULT_CHUNK_SIZE)
+        self._table = _padded_lists(assign, self.nlist)
+
+    def search(self, queries, k, weight=None):
+        k = self._check_search(queries, k, weight)
+        source = weight.detach() if weight is not None else self._weight
+        q = queries.detach().to(self._centroids.device, torch.float32)
+        nprobe = min(self.nprobe, self.nlist)
+        probes = (q @ self._centroids.T).topk(nprobe, dim=1).indices
+        candidates = self._table[probes].reshape(q.shape[0], -1)  # (B, nprobe * max_list_len)
+        num_candidates = candidates.shape[1]
+        # Queries in blocks so that at most ~chunk_size candidate rows are gathered at once.
+        block = max(1, self.chunk_size // num_candidates)
+        out_scores, out_rows = [], []
+        for start in range(0, q.shape[0], block):
+            cand = candidates[start : start + block]
+            scores = _score_rows(q[start : start + block], source, cand)
+            scores, pos = scores.topk(min(k, num_candidates), dim=1)
+            rows = cand.gather(1, pos).masked_fill(scores == -math.inf, -1)
+            out_scores.append(scores)
+            out_rows.append(rows)
+        scores, rows = _pad_results(torch.cat(out_scores), torch.cat(out_rows), k)
+        return scores.to(queries.device), rows.to(queries.device)
+
+
+def default_nlist(num_rows: int) -> int:
+    """~4 sqrt(C_r) inverted lists, clamped to [1, C_r]."""
+    return max(1, min(num_rows, round(4 * math.sqrt(num_rows))))
+
+
+def _resolve_nlist(nlist: int | None, num_rows: int) -> int:
+    return default_nlist(num_rows) if nlist is None else min(nlist, num_rows)
+
+
+def _padded_lists(assign: torch.Tensor, nlist: int) -> torch.Tensor:
+    """(nlist, max_list_len) table: row numbers of each list, padded with -1."""
+    counts = torch.bincount(assign, minlength=nlist)
+    order = torch.argsort(assign, stable=True)  # rows grouped by list, ascending within one
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(assign.shape[0], device=assign.device) - starts[assign[order]]
+    table = torch.full((nlist, int(counts.max())), -1, dtype=torch.long, device=assign.device)
+    table[assign[order], slot] = order
+    return table
+
+
+# ----------------------------------------------------------------------------------------
+# FAISS backend
+# ----------------------------------------------------------------------------------------
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(f"the faiss index backend needs FAISS: {_FAISS_INSTALL_HINT}") from err
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        _import_faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def faiss_gpu_available() -> bool:
+    return faiss_available() and hasattr(_import_faiss(), "StandardGpuResources")
+
+
+def _to_numpy_f32(x: torch.Tensor):
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+class FaissIndex(_IndexBase):
+    """FAISS inner-product index: flat (exact), IVF or HNSW.
+
+    Runs on a GPU when the index device is CUDA and this FAISS has GPU support
+    (``faiss.StandardGpuResources``); HNSW has no GPU version and stays on the CPU.
+    Vectors cross to FAISS as contiguous float32 numpy arrays; results come back as torch
+    tensors on the queries' device. FAISS's "no result" (-1) keeps row -1, with score -inf.
+    If ``search`` gets the current weights, the found rows are re-scored with them and
+    re-sorted.
+    """
+
+    def __init__(
+        self,
+        faiss_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = DEFAULT_NPROBE,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 64,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if faiss_type not in FAISS_TYPES:
+            raise ValueError(f"faiss_type must be one of {FAISS_TYPES}, got {faiss_type!r}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.faiss = _import_faiss()  # fail at construction, not at the first rebuild
+        self.faiss_type, self.nlist_request, self.nprobe = faiss_type, nlist, nprobe
+        self.hnsw_m, self.hnsw_ef_search, self.seed = hnsw_m, hnsw_ef_search, seed
+        self.device = torch.device(device) if device is not None else None
+        self.name = f"faiss_{faiss_type}"
+        self.on_gpu = False
+        self._index = self._quantizer = self._gpu_resources = None
+
+    def build(self, weight: torch.Tensor) -> None:
+        self._check_build(weight)
+        faiss = self.faiss
+        device = self.device or weight.device
+        w = _to_numpy_f32(weight)
+        dim = self.dim
+        if self.faiss_type == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif self.faiss_type == "ivf":
+            nlist = _resolve_nlist(self.nlist_request, self.num_rows)
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = self.seed
+            index.cp.max_points_per_centroid = _TRAIN_ROWS_PER_LIST  # FAISS samples the rest
+            index.train(w)
+            index.nprobe = min(self.nprobe, nlist)
+            self._quantizer = quantizer  # the IVF index does not own it: keep it alive
+        else:
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.add(w)
+        self.on_gpu = device.type == "cuda" and self.faiss_type != "hnsw" and hasattr(faiss, "StandardGpuResources")
+        if device.type == "cuda" and not self.on_gpu:
+            logger.info("%s index runs on the CPU (no FAISS GPU support for it here)", self.name)
+        if self.on_gpu:
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, device.index or 0, index)
+        self._index = index
+
+    def search(self, queries, k, weight=None):
+        k = self._check_search(queries, k, weight)
+        if self.faiss_type == "hnsw":
+            self._index.hnsw.efSearch = max(self.hnsw_ef_search, k)  # fewer than k is useless
+        scores_np, rows_np = self._index.search(_to_numpy_f32(queries), k)
+        rows = torch.from_numpy(rows_np).to(queries.device, torch.long)
+        if weight is not None:
+            q = queries.detach().to(weight.device, torch.float32)
+            scores = _score_rows(q, weight.detach(), rows.to(weight.device))
+            scores, pos = scores.sort(dim=1, descending=True)
+            rows = rows.gather(1, pos.to(rows.device))
+        else:
+            scores = torch.from_numpy(scores_np)
+        scores = scores.to(queries.device, torch.float32).masked_fill(rows < 0, -math.inf)
+        return scores, rows
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing a backend
+# ----------------------------------------------------------------------------------------
+
+
+class AutoIndex(_IndexBase):
+    """Picks a backend when it sees the weights (their device and C_r), and logs it.
+
+    On CUDA: FAISS on the GPU if this FAISS has GPU support, else the torch backends
+    (copying every step's queries to a CPU index would cost more than searching on the GPU).
+    On the CPU: FAISS if importable, else torch. Torch means exact search up to
+    ``exact_max_rows`` rows, IVF above. The choice is logged when it changes.
+    """
+
+    name = "auto"
+
+    def __init__(self, exact_max_rows: int = EXACT_MAX_ROWS, **options):
+        super().__init__()
+        self.exact_max_rows = exact_max_rows
+        self.options = options
+        self.backend: ClassIndex | None = None
+
+    def _choose(self, weight: torch.Tensor) -> str:
+        device = torch.device(self.options.get("device") or weight.device)
+        if faiss_available() and (device.type != "cuda" or faiss_gpu_available()):
+            return "faiss"
+        return "torch" if weight.shape[0] <= self.exact_max_rows else "torch_ivf"
+
+    def build(self, weight: torch.Tensor) -> None:
+        self._check_build(weight)
+        kind = self._choose(weight)
+        if self.backend is None or _kind_of(self.backend) != kind:
+            self.backend = _make_backend(kind, **self.options)
+            logger.info(
+                "index backend: %s for %d x %d weights on %s", self.backend.name, self.num_rows, self.dim,
+                self.options.get("device") or weight.device,
+            )
+        self.backend.build(weight)
+        self.name = f"auto:{self.backend.name}"
+
+    def search(self, queries, k, weight=None):
+        if self.backend is None:
+            raise RuntimeError("auto index: search() called before build()")
+        return self.backend.search(queries, k, weight)
+
+
+def _kind_of(index: ClassIndex) -> str:
+    return "faiss" if isinstance(index, FaissIndex) else index.name
+
+
+def _make_backend(
+    kind: str,
+    *,
+    faiss_type: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = DEFAULT_NPROBE,
+    hnsw_m: int = 32,
+    hnsw_ef_search: int = 64,
+    chunk_size: int | None = None,
+    num_iters: int = 10,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> ClassIndex:
+    if kind == "faiss":
+        return FaissIndex(faiss_type, nlist, nprobe, hnsw_m, hnsw_ef_search, seed, device)
+    if kind == "torch":
+        return TorchExactIndex(chunk_size or DEFAULT_CHUNK_SIZE, device)
+    return TorchIVFIndex(nlist, nprobe, num_iters, seed, chunk_size or DEFAULT_GATHER_ROWS, device)
+
+
+def make_index(
+    kind: str = "auto",
+    *,
+    metric: str = "ip",
+    faiss_type: str = "flat",
+    nlist: int | None = None,
+    nprobe: int = DEFAULT_NPROBE,
+    hnsw_m: int = 32,
+    hnsw_ef_search: int = 64,
+    chunk_size: int | None = None,
+    num_iters: int = 10,
+    seed: int = 0,
+    exact_max_rows: int = EXACT_MAX_ROWS,
+    device: torch.device | str | None = None,
+) -> ClassIndex:
+    """Make an (unbuilt) class index.
+
+    kind: "auto", "faiss", "torch" (exact) or "torch_ivf". metric: only "ip"; for cosine,
+    normalise queries and weights before calling. faiss_type: "flat", "ivf" or "hnsw".
+    nlist defaults to ~4 sqrt(C_r); nprobe is clamped to nlist. chunk_size: weight rows
+    per matmul (torch) or candidate rows gathered per pass (torch_ivf). device: where the
+    index lives; defaults to the device of the weights it is built from.
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if metric not in METRICS:
+        raise ValueError(
+            f"index metric must be one of {METRICS}, got {metric!r}; for cosine similarity "
+            "pass normalised queries and weights to an inner-product index"
+        )
+    if faiss_type not in FAISS_TYPES:
+        raise ValueError(f"faiss_type must be one of {FAISS_TYPES}, got {faiss_type!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    options = dict(
+        faiss_type=faiss_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, hnsw_ef_search=hnsw_ef_search,
+        chunk_size=chunk_size, num_iters=num_iters, seed=seed, device=device,
+    )
+    if kind == "auto":
+        return AutoIndex(exact_max_rows, **options)
+    return _make_backend(kind, **options)

@@ -1,0 +1,248 @@
+"""Active-class selection: which rows of its shard a rank scores in one step.
+
+Pure tensor functions, no process groups. Each returns the sorted, unique LOCAL rows
+(``class id - class_start``) of the shard ``[class_start, class_stop)`` that the loss will
+run over; ``remap_labels`` then turns the labels into positions within those rows.
+
+- ``random_active``: Partial FC. Every positive of the global batch owned by the shard,
+  plus random negatives.
+- ``knn_active``: the nearest-neighbour rows of each sample, plus the positives,
+  optionally filled with random negatives up to the budget.
+
+Random negatives come from a priority per class, a counter hash of (seed, step, global
+class id): a class's priority is the same whichever rank owns it, so no random state is
+stored or communicated. Two rules use it:
+
+- a fractional budget ``p`` (a float) picks negative ``c`` iff ``u(c) < p``, with ``u``
+  the priority as a uniform in (0, 1). Membership depends only on (seed, step, c, p), so
+  the chosen global classes are exactly the same for every world size; the count per
+  shard is random, about ``positives + p * (C_r - positives)``.
+- an integer budget ``b`` per shard takes the ``b - positives`` non-positive classes of
+  the shard with the lowest priorities: exactly ``b`` rows, but the set depends on how
+  the classes are split.
+
+Both rules order classes the same way (lowest ``u`` first), and priorities of distinct
+classes never tie (the hash is a bijection of the class id), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hydrahead.counter_rng import counter_hash, counter_uniform
+
+__all__ = ["knn_active", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
+
+_SELECT_STREAM = 3000  # counter-hash stream reserved for class selection (head init is 1000)
+_CHUNK = 1 << 18  # class ids hashed per pass: bounds the temporaries for a 25M-class shard
+_SIGN_BIT = -(1 << 63)
+
+
+def resolve_budget(budget: int | float, shard_size: int) -> int:
+    """Active classes per shard as a count: an int >= 1 is a count, a float in (0, 1] a
+    fraction of the shard (rounded up). Clamped to ``shard_size``."""
+    _check_int("shard_size", shard_size, minimum=1)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int or a float, got {type(budget).__name__}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:  # also rejects NaN
+            raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
+        return min(shard_size, max(1, math.ceil(budget * shard_size)))
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    return min(shard_size, budget)
+
+
+def owned_positives(
+    labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int = -100
+) -> torch.Tensor:
+    """Sorted unique local rows of the labels that fall in ``[class_start, class_stop)``."""
+    _check_labels(labels)
+    _check_range(class_start, class_stop)
+    owned = labels[(labels != ignore_index) & (labels >= class_start) & (labels < class_stop)]
+    return torch.unique(owned.long() - class_start, sorted=True)
+
+
+def random_active(
+    labels: torch.Tensor,
+    class_start: int,
+    class_stop: int,
+    budget: int | float,
+    *,
+    seed: int,
+    step: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Owned positives plus random negatives, as sorted unique local rows.
+
+    ``budget`` as an int: exactly ``min(budget, C_r)`` rows, the negatives being the
+    lowest-priority non-positive classes of the shard. As a float in (0, 1]: every
+    negative whose priority is below ``budget`` (world-size independent, see the module
+    docstring). Positives are always kept, even when they alone exceed the budget, so the
+    returned count can exceed it.
+    """
+    _check_step(seed, step)
+    positives = owned_positives(labels, class_start, class_stop, ignore_index)
+    shard_size = class_stop - class_start
+    resolve_budget(budget, shard_size)  # validates
+    key = _step_key(seed, step)
+    if isinstance(budget, float):
+        chosen = _below_threshold(key, class_start, class_stop, budget, labels.device)
+        return torch.unique(torch.cat((positives, chosen)), sorted=True)
+    num_negatives = min(budget, shard_size) - positives.numel()
+    return _fill_lowest(positives, num_negatives, key, class_start, class_stop)
+
+
+def knn_active(
+    neighbour_rows: torch.Tensor,
+    labels: torch.Tensor,
+    class_start: int,
+    class_stop: int,
+    budget: int | float | None = None,
+    *,
+    seed: int,
+    step: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Union of the neighbours' local rows and the owned positives, as sorted unique rows.
+
+    ``neighbour_rows`` is (B, k) local rows from the shard's index, -1 where the index
+    found fewer than k. With a ``budget``, a union smaller than ``resolve_budget(budget)``
+    is filled with the lowest-priority remaining classes; a larger union is kept whole,
+    so the returned count (what the caller logs) can exceed the budget.
+    """
+    _check_step(seed, step)
+    positives = owned_positives(labels, class_start, class_stop, ignore_index)
+    shard_size = class_stop - class_start
+    if neighbour_rows.dim() != 2 or neighbour_rows.dtype not in _INT_DTYPES:
+        raise ValueError(
+            f"neighbour_rows must be a 2-D integer tensor (batch, k), got shape "
+            f"{tuple(neighbour_rows.shape)} and dtype {neighbour_rows.dtype}"
+        )
+    neighbours = neighbour_rows.reshape(-1).long()
+    neighbours = neighbours[neighbours != -1]  # -1: the index returned fewer than k
+    if neighbours.numel() and (neighbours.min() < 0 or neighbours.max() >= shard_size):
+        raise ValueError(f"neighbour_rows must be local rows in [0, {shard_size}) or -1")
+    union = torch.unique(torch.cat((neighbours, positives.to(neighbours.device))), sorted=True)
+    if budget is None:
+        return union
+    num_fill = resolve_budget(budget, shard_size) - union.numel()
+    return _fill_lowest(union, num_fill, _step_key(seed, step), class_start, class_stop)
+
+
+def remap_labels(
+    labels: torch.Tensor,
+    active_rows: torch.Tensor,
+    class_start: int,
+    class_stop: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Each owned label's position in ``active_rows`` (sorted local rows); -1 elsewhere.
+
+    Raises ValueError if an owned label is missing from ``active_rows``: its loss would
+    otherwise be silently wrong.
+    """
+    _check_labels(labels)
+    _check_range(class_start, class_stop)
+    if active_rows.dim() != 1 or active_rows.dtype not in _INT_DTYPES:
+        raise ValueError(f"active_rows must be a 1-D integer tensor, got shape {tuple(active_rows.shape)}")
+    active_rows = active_rows.long()
+    if active_rows.numel() > 1 and not bool((active_rows[1:] > active_rows[:-1]).all()):
+        raise ValueError("active_rows must be sorted and unique")
+    owned = (labels != ignore_index) & (labels >= class_start) & (labels < class_stop)
+    local = labels[owned].long() - class_start
+    positions = torch.searchsorted(active_rows, local)
+    if active_rows.numel():
+        found = active_rows[positions.clamp(max=active_rows.numel() - 1)] == local
+    else:
+        found = torch.zeros_like(local, dtype=torch.bool)
+    if not bool(found.all()):
+        missing = (local[~found] + class_start).unique()[:8].tolist()
+        raise ValueError(f"owned labels missing from active_rows (class ids, first 8): {missing}")
+    remapped = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+    remapped[owned] = positions
+    return remapped
+
+
+# --- priorities ---------------------------------------------------------------------
+
+
+def _step_key(seed: int, step: int) -> int:
+    """A seed for this step's priorities: folding the step into the seed keeps class ids as
+    the hash index, so no (step, class) packing can overflow int64."""
+    h = counter_hash(seed, _SELECT_STREAM, torch.tensor([step], dtype=torch.int64))
+    return int(h.item())
+
+
+def _below_threshold(key: int, class_start: int, class_stop: int, fraction: float, device) -> torch.Tensor:
+    """Local rows whose priority, as a uniform in (0, 1), is below ``fraction``."""
+    chosen = []
+    for start in range(class_start, class_stop, _CHUNK):
+        ids = torch.arange(start, min(start + _CHUNK, class_stop), device=device)
+        chosen.append(ids[counter_uniform(key, _SELECT_STREAM, ids) < fraction] - class_start)
+    return torch.cat(chosen)
+
+
+def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, class_stop: int) -> torch.Tensor:
+    """``rows`` (sorted unique local rows) plus the ``count`` lowest-priority others, sorted.
+
+    Streams over the shard in chunks keeping a running top-``count``: memory is
+    O(chunk + count), whatever the shard size.
+    """
+    shard_size = class_stop - class_start
+    count = min(count, shard_size - rows.numel())
+    if count <= 0:
+        return rows
+    if count == shard_size - rows.numel():
+        return torch.arange(shard_size, device=rows.device)
+    # Chunks at least as long as the running top-count keep the total topk work O(C_r).
+    chunk = max(_CHUNK, count)
+    best_rows = torch.empty(0, dtype=torch.long, device=rows.device)
+    best_keys = torch.empty(0, dtype=torch.long, device=rows.device)
+    for start in range(0, shard_size, chunk):
+        stop = min(start + chunk, shard_size)
+        local = torch.arange(start, stop, device=rows.device)
+        keep = torch.ones(stop - start, dtype=torch.bool, device=rows.device)
+        lo, hi = torch.searchsorted(rows, torch.tensor([start, stop], device=rows.device)).tolist()
+        keep[rows[lo:hi] - start] = False  # already active: not a candidate
+        local = local[keep]
+        # Flipping the sign bit makes signed order the hash's unsigned order, which is the
+        # order of counter_uniform: the integer rule extends the threshold rule.
+        keys = counter_hash(key, _SELECT_STREAM, local + class_start).bitwise_xor_(_SIGN_BIT)
+        cand_rows, cand_keys = torch.cat((best_rows, local)), torch.cat((best_keys, keys))
+        if cand_keys.numel() > count:
+            cand_keys, index = torch.topk(cand_keys, count, largest=False, sorted=False)
+            cand_rows = cand_rows[index]
+        best_rows, best_keys = cand_rows, cand_keys
+    return torch.sort(torch.cat((rows, best_rows))).values
+
+
+# --- validation ---------------------------------------------------------------------
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_range(class_start: int, class_stop: int) -> None:
+    _check_int("class_start", class_start, minimum=0)
+    _check_int("class_stop", class_stop, minimum=class_start + 1)
+
+
+def _check_labels(labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype not in _INT_DTYPES:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else None
+        dtype = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a 1-D integer tensor, got shape {shape} and dtype {dtype}")
+
+
+def _check_step(seed: int, step: int) -> None:
+    _check_int("seed", seed, minimum=-(1 << 63))
+    _check_int("step", step, minimum=0)

@@ -1,0 +1,217 @@
+"""Class index backends against exact search, on the CPU (FAISS is a test dependency)."""
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from hydrahead.head import index as index_mod
+from hydrahead.head.index import exact_topk, make_index, recall_at_k
+
+NUM_ROWS, DIM, NUM_QUERIES, K = 20_000, 32, 200, 10
+
+# kind, options, least recall@K on random data against exact search
+BACKENDS = [
+    ("torch", {}, 1.0),
+    ("torch_ivf", dict(nlist=64, nprobe=32), 0.9),
+    ("faiss", dict(faiss_type="flat"), 1.0),
+    ("faiss", dict(faiss_type="ivf", nlist=64, nprobe=32), 0.9),
+    ("faiss", dict(faiss_type="hnsw", hnsw_m=16), 0.9),
+]
+BACKEND_IDS = ["torch", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen)
+    queries = torch.randn(NUM_QUERIES, DIM, generator=gen)
+    return weight, queries, exact_topk(queries, weight, K)
+
+
+def scores_of(queries, weight, rows):
+    """Inner products of each query with its own rows (rows >= 0)."""
+    return torch.einsum("bd,bkd->bk", queries.double(), weight.double()[rows]).float()
+
+
+# ---------------------------------------------------------------- exact reference, recall
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_exact_topk_matches_full_topk(k):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(1000, 24, generator=gen, dtype=torch.float64)
+    queries = torch.randn(13, 24, generator=gen, dtype=torch.float64)
+    # 1000 rows in chunks of 128: a partial last chunk, and k=300 spans several chunks.
+    scores, rows = exact_topk(queries, weight, k, chunk_size=128)
+    want_scores, want_rows = (queries @ weight.T).topk(k, dim=1)
+    assert scores.dtype == torch.float64 and rows.dtype == torch.int64
+    torch.testing.assert_close(scores, want_scores)
+    assert torch.equal(rows, want_rows)
+
+
+def test_exact_topk_clamps_k():
+    weight, queries = torch.randn(5, 4), torch.randn(3, 4)
+    scores, rows = exact_topk(queries, weight, 50, chunk_size=2)
+    assert scores.shape == rows.shape == (3, 5)
+    assert torch.equal(rows.sort(dim=1).values, torch.arange(5).expand(3, 5))
+
+
+def test_recall_at_k():
+    exact = torch.tensor([[0, 1], [2, 3]])
+    assert recall_at_k(torch.tensor([[1, 0], [3, 2]]), exact) == 1.0
+    assert recall_at_k(torch.tensor([[1, 9], [-1, -1]]), exact) == 0.25
+    assert recall_at_k(torch.tensor([[5, 6, 0], [7, 8, 9]]), exact) == 0.25
+
+
+# ---------------------------------------------------------------- backends vs exact search
+
+
+@pytest.mark.parametrize("kind,options,min_recall", BACKENDS, ids=BACKEND_IDS)
+def test_backend_recall_and_scores(data, kind, options, min_recall):
+    weight, queries, (_, exact_rows) = data
+    index = make_index(kind, **options)
+    index.build(weight)
+    scores, rows = index.search(queries, K)
+    assert scores.shape == rows.shape == (NUM_QUERIES, K)
+    assert scores.dtype == torch.float32 and rows.dtype == torch.int64
+    assert recall_at_k(rows, exact_rows) >= min_recall
+    if min_recall == 1.0:
+        assert torch.equal(rows, exact_rows)
+    assert (rows >= 0).all()
+    torch.testing.assert_close(scores, scores_of(queries, weight, rows), rtol=1e-4, atol=1e-4)
+    assert (scores[:, :-1] >= scores[:, 1:]).all(), "results must be best first"
+
+
+@pytest.mark.parametrize("kind,options,min_recall", BACKENDS, ids=BACKEND_IDS)
+def test_backend_clamps_k(kind, options, min_recall):
+    weight, queries = torch.randn(50, 8), torch.randn(4, 8)
+    if "nlist" in options:
+        options = {**options, "nlist": 4}  # 4 lists, all probed: every row is a candidate
+    index = make_index(kind, **options)
+    index.build(weight)
+    scores, rows = index.search(queries, 100)
+    assert scores.shape == rows.shape == (4, 50)
+    if min_recall == 1.0:
+        assert torch.equal(rows.sort(dim=1).values, torch.arange(50).expand(4, 50))
+
+
+def test_torch_ivf_rescores_with_current_weights(data):
+    weight, queries, _ = data
+    index = make_index("torch_ivf", nlist=64, nprobe=4)
+    index.build(weight)
+    _, old_rows = index.search(queries[:1], K)
+    # Turn the current 10th-best candidate of query 0 into its best match by far.
+    current = weight.clone()
+    target = old_rows[0, -1].item()
+    current[target] = 100 * queries[0]
+    scores, rows = index.search(queries, K, weight=current)
+    assert rows[0, 0].item() == target
+    torch.testing.assert_close(scores, scores_of(queries, current, rows), rtol=1e-4, atol=1e-3)
+    # Without current weights it scores with its own build-time copy, not the caller's tensor.
+    weight_before = weight.clone()
+    weight.mul_(-1)
+    try:
+        scores, rows = index.search(queries, K)
+    finally:
+        weight.mul_(-1)
+    assert rows[0, 0].item() != target
+    torch.testing.assert_close(scores, scores_of(queries, weight_before, rows), rtol=1e-4, atol=1e-4)
+
+
+def test_faiss_rescores_with_current_weights(data):
+    weight, queries, _ = data
+    index = make_index("faiss", faiss_type="flat")
+    index.build(weight)
+    _, old_rows = index.search(queries, K)
+    current = weight.clone()
+    current[old_rows[:, -1]] *= 3  # lift each query's 10th best above the others
+    scores, rows = index.search(queries, K, weight=current)
+    torch.testing.assert_close(scores, scores_of(queries, current, rows), rtol=1e-4, atol=1e-4)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    assert not torch.equal(rows, old_rows)
+
+
+@pytest.mark.parametrize("kind", ["faiss", "torch_ivf"])
+def test_missing_results_are_minus_one_with_minus_inf(kind):
+    gen = torch.Generator().manual_seed(2)
+    weight, queries = torch.randn(200, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    # 50 lists of ~4 rows, one probed: far fewer candidates than k.
+    index = make_index(kind, faiss_type="ivf", nlist=50, nprobe=1)
+    index.build(weight)
+    scores, rows = index.search(queries, 30)
+    assert scores.shape == rows.shape == (16, 30)
+    missing = rows < 0
+    assert missing.any() and (rows >= -1).all()
+    assert torch.equal(missing, scores == -math.inf)
+    # Missing slots only trail the found ones.
+    assert (missing[:, :-1] <= missing[:, 1:]).all()
+    found = scores_of(queries, weight, rows.clamp(min=0))
+    torch.testing.assert_close(scores[~missing], found[~missing], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- auto and errors
+
+
+def test_auto_picks_faiss_and_logs(data, caplog):
+    weight, queries, (_, exact_rows) = data
+    index = make_index("auto")
+    with caplog.at_level(logging.INFO, logger="hydrahead.index"):
+        index.build(weight)
+    assert "faiss_flat" in caplog.text
+    assert index.name == "auto:faiss_flat"
+    _, rows = index.search(queries, K)
+    assert recall_at_k(rows, exact_rows) == 1.0
+
+
+@pytest.mark.parametrize("num_rows,expected", [(300, "torch"), (3000, "torch_ivf")])
+def test_auto_without_faiss_picks_torch_by_size(monkeypatch, caplog, num_rows, expected):
+    monkeypatch.setattr(index_mod, "faiss_available", lambda: False)
+    weight, queries = torch.randn(num_rows, 8), torch.randn(5, 8)
+    index = make_index("auto", exact_max_rows=1000)
+    with caplog.at_level(logging.INFO, logger="hydrahead.index"):
+        index.build(weight)
+    assert f"index backend: {expected} " in caplog.text
+    assert index.name == f"auto:{expected}"
+    scores, rows = index.search(queries, 3)
+    assert rows.shape == (5, 3) and (rows >= 0).all()
+    torch.testing.assert_close(scores, scores_of(queries, weight, rows), rtol=1e-4, atol=1e-4)
+
+
+def test_missing_faiss_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    with pytest.raises(ImportError, match=r"hydrahead\[faiss-cpu\]"):
+        make_index("faiss")
+
+
+@pytest.mark.parametrize("kind", ["auto", "faiss", "torch", "torch_ivf"])
+def test_search_errors(kind):
+    index = make_index(kind)
+    with pytest.raises(RuntimeError, match="before build"):
+        index.search(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match="2-D"):
+        index.build(torch.randn(10))
+    index.build(torch.randn(40, 8))
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(torch.randn(2, 8), 0)
+    with pytest.raises(ValueError, match=r"queries must be \(B, 8\)"):
+        index.search(torch.randn(2, 9), 3)
+    with pytest.raises(ValueError, match="current weight"):
+        index.search(torch.randn(2, 8), 3, weight=torch.randn(41, 8))
+
+
+def test_make_index_rejects_bad_options():
+    with pytest.raises(ValueError, match="index kind"):
+        make_index("annoy")
+    with pytest.raises(ValueError, match="metric"):
+        make_index("torch", metric="cosine")
+    with pytest.raises(ValueError, match="faiss_type"):
+        make_index("faiss", faiss_type="pq")
+    with pytest.raises(ValueError, match="nprobe"):
+        make_index("torch_ivf", nprobe=0)
+    with pytest.raises(ValueError, match="k must be"):
+        exact_topk(torch.randn(2, 4), torch.randn(5, 4), 0)
+    with pytest.raises(ValueError, match="share D"):
+        exact_topk(torch.randn(2, 4), torch.randn(5, 3), 1)
