@@ -24,16 +24,14 @@ import math
 
 import torch
 
+from hydrahead.checks import check_int
+from hydrahead.counter_rng import counter_hash, counter_normal, counter_uniform
 from hydrahead.data.procedural import (
     _SPLIT_OFFSET,
     ProceduralFeatures,
     _check_float,
     _check_index_tensor,
-    _check_int,
     _tanh_gain,
-    counter_hash,
-    counter_normal,
-    counter_uniform,
 )
 
 __all__ = ["ProceduralImages"]
@@ -115,8 +113,8 @@ class ProceduralImages:
         max_shift: float = 0.125,
         device: torch.device | str | None = None,
     ):
-        _check_int("image_size", image_size, 1)
-        _check_int("num_components", num_components, 1)
+        check_int("image_size", image_size, 1)
+        check_int("num_components", num_components, 1)
         _check_float("noise", noise)
         _check_float("max_frequency", max_frequency)
         _check_float("max_shift", max_shift)

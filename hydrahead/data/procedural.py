@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hydrahead.checks import check_int
 from hydrahead.counter_rng import (
     _MASK64,
     _mix64_int,
@@ -119,14 +120,6 @@ def _tanh_gain(scale: float) -> float:
     return 1.0 / math.sqrt(mean_square)
 
 
-def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
 def _check_float(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
@@ -174,17 +167,17 @@ class ProceduralFeatures:
         latent_dim: int | None = None,
         device: torch.device | str | None = None,
     ):
-        _check_int("num_classes", num_classes, 1, _MAX_CLASSES)
-        _check_int("feature_dim", feature_dim, 1)
-        _check_int("seed", seed, -(1 << 63), _MASK64)
-        _check_int("family_size", family_size, 1)
+        check_int("num_classes", num_classes, 1, _MAX_CLASSES)
+        check_int("feature_dim", feature_dim, 1)
+        check_int("seed", seed, -(1 << 63), _MASK64)
+        check_int("family_size", family_size, 1)
         _check_float("family_spread", family_spread)
         _check_float("noise", noise)
         _check_float("zipf_exponent", zipf_exponent)
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"split must be one of {tuple(_SPLIT_OFFSET)}, got {split!r}")
         latent_dim = feature_dim if latent_dim is None else latent_dim
-        _check_int("latent_dim", latent_dim, 1)
+        check_int("latent_dim", latent_dim, 1)
 
         self.num_classes = num_classes
         self.feature_dim = feature_dim

@@ -13,27 +13,22 @@ from typing import Any
 
 import torch
 
+from hydrahead.checks import check_int
+
 __all__ = ["GlobalCursor", "eval_indices", "local_batch_size", "rank_indices"]
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_rank(rank: int, world_size: int) -> None:
-    _check_int("world_size", world_size, 1)
-    _check_int("rank", rank, 0)
+    check_int("world_size", world_size, 1)
+    check_int("rank", rank, 0)
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
     """Samples per rank: ``global_batch / world_size``, which must divide evenly."""
-    _check_int("global_batch", global_batch, 1)
-    _check_int("world_size", world_size, 1)
+    check_int("global_batch", global_batch, 1)
+    check_int("world_size", world_size, 1)
     if global_batch % world_size:
         raise ValueError(
             f"global_batch ({global_batch}) must be divisible by world_size ({world_size})"
@@ -54,7 +49,7 @@ def rank_indices(
     ``cursor`` is the global index of the batch's first sample; with a constant global
     batch, step ``s`` starts at ``s * global_batch``.
     """
-    _check_int("cursor", cursor, 0)
+    check_int("cursor", cursor, 0)
     _check_rank(rank, world_size)
     local = local_batch_size(global_batch, world_size)
     start = cursor + rank * local
@@ -74,7 +69,7 @@ def eval_indices(
     sample more (as with class shards), and a rank may get none when
     ``num_samples < world_size``. Metrics must therefore be summed over ranks, not averaged.
     """
-    _check_int("num_samples", num_samples, 0)
+    check_int("num_samples", num_samples, 0)
     _check_rank(rank, world_size)
     base, extra = divmod(num_samples, world_size)
     start = rank * base + min(rank, extra)
@@ -90,7 +85,7 @@ class GlobalCursor:
     """
 
     def __init__(self, cursor: int = 0):
-        _check_int("cursor", cursor, 0)
+        check_int("cursor", cursor, 0)
         self.cursor = cursor
 
     def next_indices(
@@ -117,7 +112,7 @@ class GlobalCursor:
         if isinstance(cursor, torch.Tensor) and cursor.numel() == 1:
             if not cursor.dtype.is_floating_point:
                 cursor = int(cursor.item())
-        _check_int("cursor", cursor, 0)
+        check_int("cursor", cursor, 0)
         self.cursor = cursor
 
     def __repr__(self) -> str:

@@ -7,18 +7,13 @@ the layout ever needs to be communicated.
 
 from __future__ import annotations
 
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+from hydrahead.checks import check_int
 
 
 def shard_sizes(num_classes: int, world_size: int) -> list[int]:
     """Number of classes owned by each rank, in rank order."""
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("world_size", world_size)
+    check_int("num_classes", num_classes, 1)
+    check_int("world_size", world_size, 1)
     if num_classes < world_size:
         raise ValueError(
             f"num_classes ({num_classes}) must be at least world_size ({world_size}): "

@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from hydrahead.checks import check_int
 from hydrahead.counter_rng import counter_hash, counter_uniform
 
 __all__ = ["knn_active", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
@@ -43,7 +44,7 @@ _SIGN_BIT = -(1 << 63)
 def resolve_budget(budget: int | float, shard_size: int) -> int:
     """Active classes per shard as a count: an int >= 1 is a count, a float in (0, 1] a
     fraction of the shard (rounded up). Clamped to ``shard_size``."""
-    _check_int("shard_size", shard_size, minimum=1)
+    check_int("shard_size", shard_size, minimum=1)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"budget must be an int or a float, got {type(budget).__name__}")
     if isinstance(budget, float):
@@ -224,16 +225,9 @@ def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, cla
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_range(class_start: int, class_stop: int) -> None:
-    _check_int("class_start", class_start, minimum=0)
-    _check_int("class_stop", class_stop, minimum=class_start + 1)
+    check_int("class_start", class_start, minimum=0)
+    check_int("class_stop", class_stop, minimum=class_start + 1)
 
 
 def _check_labels(labels: torch.Tensor) -> None:
@@ -244,5 +238,5 @@ def _check_labels(labels: torch.Tensor) -> None:
 
 
 def _check_step(seed: int, step: int) -> None:
-    _check_int("seed", seed, minimum=-(1 << 63))
-    _check_int("step", step, minimum=0)
+    check_int("seed", seed, minimum=-(1 << 63))
+    check_int("step", step, minimum=0)
