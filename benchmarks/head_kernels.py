@@ -10,7 +10,9 @@ momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
 ``--momentum-dtype``), so every method does the same work:
 
   ours             hydrahead.kernels.triton_sharded_cross_entropy, SGD fused into the backward
-  ours-filtered    the same, skipping backward tiles with |softmax - onehot| < --grad-filter
+  ours-filtered    hydrahead's filtered path: entries with |softmax - onehot| < --grad-filter
+                   dropped; the LSE pass, one recompute listing the kept entries, a sparse
+                   update (4·G·D·C_r FLOPs)
   ours-dw          the same kernels returning dW, then the SGD step in torch
   cce              cut_cross_entropy.linear_cross_entropy (its default gradient filter) + SGD
   cce-nofilter     the same with filter_eps=None (exact) + SGD

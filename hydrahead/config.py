@@ -103,7 +103,7 @@ class HeadConfig:
     )
     momentum_dtype: str = _key("float32", "dtype of the head's momentum buffer", ("float32", "bfloat16"))
     grad_filter: float = _key(
-        0.0, "triton: skip backward tiles whose |softmax - onehot| is below this everywhere (0: exact)"
+        0.0, "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)"
     )
     margin_type: str = _key(
         "none", "margin applied to the target logit", ("none", "cosface", "arcface")
@@ -560,6 +560,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(h.weight_decay >= 0, f"head.weight_decay must be >= 0, got {h.weight_decay}")
     need(h.chunk_size >= 1, f"head.chunk_size must be >= 1, got {h.chunk_size}")
     need(h.grad_filter >= 0, f"head.grad_filter must be >= 0, got {h.grad_filter}")
+    need(
+        h.grad_filter == 0 or cfg.head_impl == "triton",
+        f"head.grad_filter={h.grad_filter} needs the fused kernels (head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
+    )
     need(
         h.impl == "reference" or h.margin_type != "arcface",
         f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",

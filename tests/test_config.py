@@ -261,6 +261,8 @@ def test_validate_global_batch_divisible_by_world_size():
         (["model.backbone=resnet18"], None, "model.backbone"),
         (["model.input_dim=32"], None, "model.input_dim"),
         (["optim.betas=[0.9]"], None, "optim.betas"),
+        (["head.grad_filter=-1"], None, "head.grad_filter"),
+        (["head.impl=reference", "head.grad_filter=1e-4"], None, "head.grad_filter"),
     ],
 )
 def test_validate_rejects_bad_values(overrides, world_size, key):

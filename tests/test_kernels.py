@@ -88,15 +88,107 @@ def test_incoming_gradient_scales_both_outputs():
     assert rel_err(f.grad, -2.5 * ref_fgrad) < 1e-5 and rel_err(w.grad, -2.5 * ref_wgrad) < 1e-5
 
 
-def test_grad_filter_bounds():
+def masked_reference(features, weight, labels, margin_type, threshold):
+    """float64 loss, dF, dW with every entry |softmax - onehot| < threshold set to zero."""
+    scale, margin = MARGINS[margin_type]
+    f = features.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    valid = labels != -100
+    rows = torch.nonzero(valid).squeeze(1)
+    if margin_type == "cosface":
+        z = scale * torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(w, dim=1).t()
+        z = z.index_put((rows, labels[rows]), z[rows, labels[rows]] - scale * margin)
+    else:
+        z = scale * f @ w.t()
+    onehot = torch.zeros_like(z)
+    onehot[rows, labels[rows]] = 1.0
+    lse = torch.logsumexp(z, dim=1)
+    loss = (lse - (z * onehot).sum(dim=1))[valid].mean()
+    p = (torch.softmax(z, dim=1) - onehot).detach()
+    p = torch.where((p.abs() >= threshold) & valid[:, None], p, 0.0)
+    (p * z).sum().div(len(rows)).backward()  # d/dz = the kept entries / n
+    return loss.detach(), f.grad, w.grad, p
+
+
+def threshold_in_a_gap(features, weight, labels, margin_type, quantile):
+    """A threshold whose nearest |P| entries are >= 1% away (so fp32 and fp64 keep the same entries)."""
+    *_, p = masked_reference(features, weight, labels, margin_type, 0.0)
+    values = torch.sort(p.abs()[p != 0]).values
+    gaps = values[1:] / values[:-1]
+    candidates = torch.nonzero(gaps > 1.01).squeeze(1)
+    pick = candidates[torch.argmin((candidates.double() / len(values) - quantile).abs())]
+    return float((values[pick] * values[pick + 1]).sqrt())
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_filter_drops_exactly_the_small_entries(margin_type):
+    features, weight, labels = make_inputs(4)
+    scale, margin = MARGINS[margin_type]
+    threshold = threshold_in_a_gap(features, weight, labels, margin_type, quantile=0.7)
+    ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(features, weight, labels, margin_type, threshold)
+    assert 0.05 < float((kept != 0).double().mean()) < 0.6  # the filter really drops entries here
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, grad_filter=threshold)
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+    assert rel_err(w.grad, ref_wgrad) < 1e-5
+
+
+@pytest.mark.parametrize("momentum,weight_decay,buffer_dtype", [(0.9, 5e-4, torch.float32), (0.0, 1e-3, None)])
+def test_filtered_update_equals_masked_gradient_then_sgd(momentum, weight_decay, buffer_dtype):
+    features, weight, labels = make_inputs(8)
+    threshold = threshold_in_a_gap(features, weight, labels, "none", quantile=0.8)
+    _, ref_fgrad, ref_wgrad, _ = masked_reference(features, weight, labels, "none", threshold)
+    buffer = torch.randn_like(weight) * 0.01
+    ref_w, ref_buf = weight.double().clone(), buffer.double().clone()
+    optimizer = torch.optim.SGD([ref_w], lr=0.5, momentum=momentum, weight_decay=weight_decay)
+    ref_w.grad = ref_wgrad
+    if momentum:
+        optimizer.state[ref_w]["momentum_buffer"] = ref_buf
+    optimizer.step()
+
+    w, buf = weight.clone(), buffer.clone()
+    f = features.clone().requires_grad_()
+    update = SGDUpdate(lr=0.5, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf if momentum else None)
+    triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0], update=update, grad_filter=threshold).backward()
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+    assert rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, every row (decay touches all)"
+    if momentum:
+        assert rel_err(buf, ref_buf) < 1e-5
+
+
+def test_filter_bounds():
     features, weight, labels = make_inputs(4)
     grads = {}
     for threshold in (0.0, 1e-30, 1.0):
-        w = weight.clone().requires_grad_()
-        triton_sharded_cross_entropy(features, w, labels, 0, grad_filter=threshold).backward()
-        grads[threshold] = w.grad
-    assert torch.equal(grads[1e-30], grads[0.0])  # nothing is that small: every tile runs
-    assert float(grads[1.0].abs().max()) == 0.0  # |softmax - onehot| < 1 everywhere: every tile skipped
+        f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=threshold).backward()
+        grads[threshold] = f.grad, w.grad
+    for exact, tiny in zip(grads[0.0], grads[1e-30]):
+        assert rel_err(tiny, exact) < 1e-5  # nothing is that small: the filtered path keeps every entry
+    assert float(grads[1.0][0].abs().max()) == 0.0 and float(grads[1.0][1].abs().max()) == 0.0  # |P| < 1 everywhere
+
+
+def test_filter_list_overflow_retries_then_falls_back_to_exact(monkeypatch):
+    from hydrahead.kernels import filtered
+
+    features, weight, labels = make_inputs(9)
+    threshold = 1e-30  # every entry qualifies: 30 valid rows x 101 classes
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=threshold).backward()
+    expected = f.grad, w.grad
+
+    monkeypatch.setattr(filtered, "initial_capacity", lambda rows: 7)  # too small: counted, then a second pass
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=threshold).backward()
+    assert rel_err(f.grad, expected[0]) < 1e-6 and rel_err(w.grad, expected[1]) < 1e-6
+
+    monkeypatch.setenv("HYDRAHEAD_FILTER_MAX_ENTRIES", "100")  # beyond the limit: the exact kernels run
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning, match="exact kernels"):
+        triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=threshold).backward()
+    assert rel_err(f.grad, expected[0]) < 1e-5 and rel_err(w.grad, expected[1]) < 1e-5
 
 
 def test_arcface_is_refused_with_a_pointer_to_the_reference():
@@ -105,13 +197,13 @@ def test_arcface_is_refused_with_a_pointer_to_the_reference():
         triton_sharded_cross_entropy(features, weight, labels, 0, scale=16.0, margin=0.3, margin_type="arcface")
 
 
-def _sharded_worker(rank, world_size, margin_type):
+def _sharded_worker(rank, world_size, margin_type, grad_filter=0.0):
     features, weight, labels = make_inputs(6)
     start, stop = shard_range(NUM_CLASSES, world_size, rank)
     scale, margin = MARGINS[margin_type]
     f = features.clone().requires_grad_()
     w = weight[start:stop].clone().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type)
+    loss = triton_sharded_cross_entropy(f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter)
     loss.backward()
     return loss.detach(), f.grad, w.grad
 
@@ -121,6 +213,17 @@ def test_three_shards_merge_like_one_device(margin_type):
     results = run_ranks(_sharded_worker, 3, margin_type)
     features, weight, labels = make_inputs(6)
     ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    for loss, _, _ in results:
+        assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(sum(r[1] for r in results), ref_fgrad) < 1e-5
+    assert rel_err(torch.cat([r[2] for r in results]), ref_wgrad) < 1e-5
+
+
+def test_three_filtered_shards_drop_what_one_device_drops():
+    features, weight, labels = make_inputs(6)
+    threshold = threshold_in_a_gap(features, weight, labels, "cosface", quantile=0.6)
+    ref_loss, ref_fgrad, ref_wgrad, _ = masked_reference(features, weight, labels, "cosface", threshold)
+    results = run_ranks(_sharded_worker, 3, "cosface", threshold)
     for loss, _, _ in results:
         assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(sum(r[1] for r in results), ref_fgrad) < 1e-5

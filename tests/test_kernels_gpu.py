@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
-from test_kernels import rel_err
+from test_kernels import MARGINS as CPU_MARGINS
+from test_kernels import masked_reference, rel_err
 
 pytestmark = pytest.mark.gpu
 MARGINS = {"none": (1.0, 0.0), "cosface": (32.0, 0.3)}
@@ -74,8 +75,30 @@ def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
     assert float((w.double() - (w64 + ref_delta)).abs().max()) <= float(w64.abs().max()) * 2**-7
 
 
-def test_large_shard_indexes_past_two_to_the_31():
-    """4.3M classes x 512 = 2.2e9 elements: row offsets must be 64-bit."""
+@pytest.mark.parametrize("threshold", [2.0**-12, 1e-4])
+def test_bf16_filtered_step_follows_the_float64_masked_step(threshold):
+    """The filtered path against float64 with the same entries dropped (entries at the threshold may flip)."""
+    features, weight, labels = inputs(16)
+    scale, margin = CPU_MARGINS["cosface"]
+    ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(features.cuda(), weight.cuda(), labels.cuda(), "cosface", threshold)
+    assert 0 < float((kept != 0).double().mean()) < 0.01
+    lr, momentum, weight_decay = 0.5, 0.9, 5e-4
+    w, buf = weight.cuda().clone(), torch.zeros(weight.shape, device="cuda")
+    f = features.cuda().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type="cosface", grad_filter=threshold,
+        update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
+    )
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 5e-3 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 2e-2
+    ref_buf = ref_wgrad + weight_decay * weight.cuda().double()  # a zero buffer: the first step sets it
+    assert rel_err(buf, ref_buf) < 2e-2
+
+
+@pytest.mark.parametrize("grad_filter", [0.0, 2.0**-12])
+def test_large_shard_indexes_past_two_to_the_31(grad_filter):
+    """4.3M classes x 512 = 2.2e9 elements: row offsets must be 64-bit (exact and filtered kernels)."""
     num_classes, dim = 4_300_000, 512
     gen = torch.Generator(device="cuda").manual_seed(15)
     weight = (torch.randn(num_classes, dim, device="cuda", generator=gen) * 0.05).bfloat16()
@@ -83,7 +106,7 @@ def test_large_shard_indexes_past_two_to_the_31():
     labels = torch.tensor([num_classes - 1 - i for i in range(64)], device="cuda")  # rows past 2^31 / D
     f = features.clone().requires_grad_()
     w = weight.requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels, 0)
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=grad_filter)
     loss.backward()
     z = (features.float() @ weight.detach().float().t())
     ref = torch.nn.functional.cross_entropy(z, labels)

@@ -100,8 +100,8 @@ def _forward_kernel(
 @triton.jit
 def _weight_kernel(
     F, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW,
-    G, C, D, stride_f, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay, filter_below,
-    COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, FILTER: tl.constexpr, PRECISION: tl.constexpr,
+    G, C, D, stride_f, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay,
+    COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -131,11 +131,7 @@ def _weight_kernel(
         p = tl.exp(z - lse[:, None])
         p = tl.where(is_target, p - 1.0, p)
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        if FILTER:
-            if tl.max(tl.abs(p)) >= filter_below:
-                grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
-        else:
-            grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
+        grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
 
     grad = grad * grad_scale  # d loss / d (w, or w / ||w|| for cosine logits)
     w32 = w.to(tl.float32)
@@ -225,7 +221,7 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
 
 def shard_weight_backward(
     feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
-    grad_scale: float, update: SGDUpdate | None, grad_filter: float = 0.0,
+    grad_scale: float, update: SGDUpdate | None,
 ) -> torch.Tensor | None:
     """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW."""
     num_rows, dim = feat_op.shape
@@ -242,8 +238,7 @@ def shard_weight_backward(
         update.momentum_buffer if has_buf else weight, grad_weight if grad_weight is not None else weight,
         num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, target_shift, grad_scale,
         update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
-        grad_filter,
-        COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf, FILTER=grad_filter > 0,
+        COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf,
         PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )

@@ -1,0 +1,404 @@
+"""The filtered head step: entries of softmax - onehot below a threshold are dropped.
+
+With ``grad_filter = tau > 0`` every (sample, class) entry P = softmax - onehot with
+|P| < tau counts as zero in both dF and dW (a tile of one entry, so the result does not
+depend on tile shapes). At 1M+ classes a peaked softmax keeps about one entry per sample
+(its target) and a flat one keeps nearly none, so the backward's products collapse to a
+gather and a scatter. The work is two logit passes, 4·G·D·C_r FLOPs, each shaped like a
+plain GEMM (a BLOCK_G x BLOCK_C fp32 tile, the D loop streamed), not the 8·G·D·C_r of
+the exact step:
+
+forward   ``_lse_kernel``: per sample (max, sum of exp, target logit) over the shard; no
+          D-wide accumulator, so 128 x 128 tiles and 3-4 pipeline stages fit.
+backward  ``_flag_kernel``: recompute the logits and list the tiles holding any logit
+          >= lse + ln(tau) (that is p >= tau); ``_extract_kernel`` recomputes just those
+          tiles and writes their entries (sample, class, logit). Targets are known from the forward
+          (p_t = exp(t - lse)) and added in torch.
+          dF and dW come from the list by gather / index_add (chunked: bounded memory).
+          ``_sgd_kernel`` then applies torch.optim.SGD's step to every row in one
+          memory-bound pass (weight decay and momentum touch all rows), adding the sparse
+          gradient to the rows that have one, with a single rounding per element.
+
+If a step keeps more entries than ``max_entries`` (a threshold far below the softmax's
+scale), that step falls back to the exact kernels with a warning: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from hydrahead.kernels.shard_ce import SGDUpdate, _num_programs_target, _precision
+
+# Tiles: (BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages); HYDRAHEAD_FILTER_TILES=g,c,k,w,s overrides.
+_GPU_TILES = (256, 128, 64, 8, 3)
+_CPU_TILES = (16, 16, 16, 4, 1)
+_SGD_ROWS = 16  # rows of W per program of the update pass
+_GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp32 temporaries)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w,
+                    EVEN_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Iteration ``it`` of the flattened (class tile, D slice) loop: the two bf16 slices to multiply.
+
+    One flat loop instead of a D loop nested in a class loop keeps the load pipeline full
+    across class tiles (a nested loop drains and refills it at every tile).
+    """
+    tile = it // k_tiles
+    dims = (it - tile * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = c_lo + tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < c_hi
+    if EVEN_K:
+        f_mask = row_ok[:, None]
+        w_mask = col_ok[:, None]
+    else:
+        f_mask = row_ok[:, None] & (dims < D)[None, :]
+        w_mask = col_ok[:, None] & (dims < D)[None, :]
+    f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=f_mask, other=0.0)
+    w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0)  # 64-bit: C_r x D may pass 2^31
+    return f, w
+
+
+@triton.jit
+def _program_range(G, C, D, classes_per_split, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's row block and class split (axis 0 fastest: neighbours share W tiles in L2)."""
+    pid_g = tl.program_id(0)
+    rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    c_lo = tl.program_id(1) * classes_per_split
+    return pid_g, rows, rows < G, c_lo, tl.minimum(c_lo + classes_per_split, C), tl.cdiv(D, BLOCK_K)
+
+
+@triton.jit
+def _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C: tl.constexpr):
+    c0 = c_lo + (it // k_tiles) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return c0, cols, cols < c_hi
+
+
+@triton.jit
+def _lse_kernel(
+    F, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT,
+    G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
+    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Logits are kept in log2 units (z * log2 e) so each exp is one exp2. The per-tile work
+    # that is rarely needed (a target in the tile, a tile past the split's end) sits behind
+    # scalar branches: the common tile costs a scale, a max, an exp2 and a sum per entry.
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    m2 = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    t2 = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
+        f, w = _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
+        if it % k_tiles == k_tiles - 1:  # the tile's logits are complete: fold them in
+            c0, cols, col_ok = _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C)
+            if COSINE:
+                z2 = acc * (tl.load(INV_NORM + cols, mask=col_ok, other=0.0) * (scale * LOG2E))[None, :]
+            else:
+                z2 = acc * (scale * LOG2E)
+            if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
+                is_target = label[:, None] == cols[None, :]
+                z2 = tl.where(is_target, z2 - target_shift * LOG2E, z2)
+                t2 += tl.sum(tl.where(is_target, z2, 0.0), axis=1)
+            if c0 + BLOCK_C > c_hi:
+                z2 = tl.where(col_ok[None, :], z2, float("-inf"))
+            m2_new = tl.maximum(m2, tl.max(z2, axis=1))
+            l = l * tl.exp2(m2 - m2_new) + tl.sum(tl.exp2(z2 - m2_new[:, None]), axis=1)
+            m2 = m2_new
+            acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    out = tl.program_id(1) * G + rows
+    tl.store(M_OUT + out, m2 / LOG2E, mask=row_ok)
+    tl.store(L_OUT + out, l, mask=row_ok)
+    tl.store(T_OUT + out, t2 / LOG2E, mask=row_ok)
+
+
+@triton.jit
+def _flag_kernel(
+    F, W, INV_NORM, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START,
+    G, C, D, stride_f, stride_w, classes_per_split, scale, tile_capacity,
+    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """List the (row block, class tile) pairs holding any logit >= cut (targets included).
+
+    The common tile costs a subtract and a max per entry; the rare hit writes two scalars.
+    Writing the entries themselves here would need the whole tile re-laid out through
+    shared memory, which does not fit beside the load pipeline: ``_extract_kernel`` does it.
+    """
+    pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
+    cut = tl.load(CUT + rows, mask=row_ok, other=float("inf")) / scale  # on the raw dot (scale > 0); +inf: ignored rows
+    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
+        f, w = _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
+        if it % k_tiles == k_tiles - 1:
+            c0, cols, col_ok = _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C)
+            if COSINE:
+                acc = acc * tl.load(INV_NORM + cols, mask=col_ok, other=0.0)[None, :]
+            if tl.max(acc - cut[:, None]) >= 0:
+                index = tl.atomic_add(TILE_COUNT, 1)
+                if index < tile_capacity:  # past capacity: only counted (the caller retries)
+                    tl.store(TILE_ROW_BLOCK + index, pid_g)
+                    tl.store(TILE_START + index, c0)
+            acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+
+
+@triton.jit
+def _extract_kernel(
+    F, W, INV_NORM, LOCAL_LABEL, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START, COUNT, OUT_ROW, OUT_COL, OUT_LOGIT,
+    G, C, D, stride_f, stride_w, scale, tile_capacity, capacity,
+    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One flagged tile per program: recompute it and append its non-target entries >= cut.
+
+    The grid is the tile list's capacity, so no host sync sits between the two kernels;
+    programs past the flagged count return at once.
+    """
+    pid = tl.program_id(0)
+    if pid >= tl.minimum(tl.load(TILE_COUNT), tile_capacity):
+        return
+    pid_g = tl.load(TILE_ROW_BLOCK + pid)
+    c0 = tl.load(TILE_START + pid)
+    rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    cut = tl.load(CUT + rows, mask=row_ok, other=float("inf")) / scale
+    k_tiles = tl.cdiv(D, BLOCK_K)
+    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for it in range(0, k_tiles):  # tiles never straddle a split (splits are whole tiles), so C bounds them
+        f, w = _operand_slices(F, W, rows, row_ok, c0, C, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
+    _, cols, col_ok = _tile_columns(c0, C, 0, k_tiles, BLOCK_C)
+    if COSINE:
+        acc = acc * tl.load(INV_NORM + cols, mask=col_ok, other=0.0)[None, :]
+    keep = (acc >= cut[:, None]) & (label[:, None] != cols[None, :]) & col_ok[None, :]
+    slot = tl.atomic_add(COUNT + tl.zeros_like(cols)[None, :] + tl.zeros_like(rows)[:, None], 1, mask=keep)
+    store = keep & (slot < capacity)  # past capacity: only counted (the caller retries)
+    tl.store(OUT_ROW + slot, rows[:, None] + tl.zeros_like(slot), mask=store)
+    tl.store(OUT_COL + slot, cols[None, :] + tl.zeros_like(slot), mask=store)
+    tl.store(OUT_LOGIT + slot, acc * scale, mask=store)
+
+
+@triton.jit
+def _sgd_kernel(
+    W, BUF, TOUCHED, TOUCHED_GRAD, BOUNDS,
+    C, D, stride_w, lr, momentum, weight_decay,
+    HAS_BUF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < C
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    tile = rows[:, None].to(tl.int64) * stride_w + dims[None, :]
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    w32 = tl.load(W + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    step = weight_decay * w32
+    lo = tl.load(BOUNDS + pid)
+    hi = tl.load(BOUNDS + pid + 1)
+    for j in range(lo, hi):  # the touched rows of this block (usually none or one)
+        row = tl.load(TOUCHED + j)
+        grad = tl.load(TOUCHED_GRAD + tl.cast(j, tl.int64) * D + dims, mask=dim_ok, other=0.0)
+        step += tl.where(rows[:, None] == row, grad[None, :], 0.0)
+    if HAS_BUF:
+        buf = momentum * tl.load(BUF + tile, mask=tile_ok, other=0.0).to(tl.float32) + step
+        tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
+        step = buf
+    tl.store(W + tile, (w32 - lr * step).to(W.dtype.element_ty), mask=tile_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
+    override = os.environ.get("HYDRAHEAD_FILTER_TILES")
+    if override:
+        return tuple(int(v) for v in override.split(","))
+    return _GPU_TILES if device.type == "cuda" else _CPU_TILES
+
+
+def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, device: torch.device):
+    """(row blocks, class splits, classes per split): a few waves of programs, splits on tile edges."""
+    row_blocks = triton.cdiv(num_rows, block_g)
+    waves = int(os.environ.get("HYDRAHEAD_FILTER_WAVES", 4))
+    wanted = max(1, waves * _num_programs_target(device) // row_blocks)
+    splits = max(1, min(triton.cdiv(num_classes, block_c), wanted))
+    per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
+    return row_blocks, triton.cdiv(num_classes, per_split), per_split
+
+
+def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool):
+    """Local (max, sum of exp, target logit) per sample over this shard: 2·G·D·C_r FLOPs."""
+    num_rows, dim = feat_op.shape
+    num_classes = weight.shape[0]
+    block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
+    row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
+    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
+    _lse_kernel[(row_blocks, splits)](
+        feat_op, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2],
+        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
+        COSINE=cosine, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
+    )
+    split_max, split_sum, split_target = stats
+    row_max = split_max.amax(dim=0)
+    rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)
+    return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0)
+
+
+def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float, cosine: bool, capacity: int):
+    """Every non-target (sample, class, logit) with logit >= cut[sample].
+
+    Returns ((rows, cols, logits) as int64, int64, fp32 tensors, count), or (None, count)
+    when more than ``max_entries`` qualify. Two kernels: one pass over the whole shard
+    lists the tiles with any hit, a second recomputes just those tiles and writes their
+    entries. A list that overflows its ``capacity`` is redone once with the size counted.
+    """
+    num_rows, dim = feat_op.shape
+    num_classes = weight.shape[0]
+    block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
+    row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
+    device = feat_op.device
+    limit = max_entries(num_rows)
+    common = dict(COSINE=cosine, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0,
+                  BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps)
+    inv = inv_norm if cosine else weight
+
+    def flag(tile_capacity):
+        count = torch.zeros(1, dtype=torch.int32, device=device)
+        tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
+        _flag_kernel[(row_blocks, splits)](
+            feat_op, weight, inv, cut, count, tiles[0], tiles[1],
+            num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, tile_capacity,
+            num_stages=stages, **common,
+        )
+        return count, tiles
+
+    def extract(tile_count, tiles, entry_capacity):
+        count = torch.zeros(1, dtype=torch.int32, device=device)
+        out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
+        logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
+        _extract_kernel[(tiles.shape[1],)](
+            feat_op, weight, inv, local_label, cut, tile_count, tiles[0], tiles[1], count, out[0], out[1], logits,
+            num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, tiles.shape[1], entry_capacity,
+            num_stages=2, **common,
+        )
+        return count, out, logits
+
+    tile_count, tiles = flag(capacity)  # a peaked softmax flags about one tile per sample (its target's)
+    count, out, logits = extract(tile_count, tiles, capacity)
+    num_tiles, found = torch.cat([tile_count, count]).tolist()  # the one host sync of a step
+    if num_tiles > capacity:  # the extraction saw only part of the tiles: list them all, then extract again
+        if num_tiles > num_rows + limit:  # each flagged tile beyond the targets' holds a kept entry
+            return None, num_tiles
+        tile_count, tiles = flag(num_tiles)
+        count, out, logits = extract(tile_count, tiles, capacity)
+        found = int(count.item())
+    if found > capacity:
+        if found > limit:
+            return None, found
+        count, out, logits = extract(tile_count, tiles, found)
+    return (out[0, :found].long(), out[1, :found].long(), logits[:found]), found
+
+
+def max_entries(num_rows: int) -> int:
+    """Kept entries a step may hold before falling back to the exact kernels (12 bytes each)."""
+    return int(os.environ.get("HYDRAHEAD_FILTER_MAX_ENTRIES", 64 * num_rows + 65536))
+
+
+def initial_capacity(num_rows: int) -> int:
+    return 4 * num_rows + 4096
+
+
+def sparse_gradients(feat_op, weight, inv_norm, entries, *, grad_scale: float, cosine: bool, num_rows: int):
+    """dF (fp32, G x D) and (touched classes sorted, their fp32 gradient rows) from a list of P entries.
+
+    ``entries`` = (rows, cols, values) with values already P = softmax - onehot; both
+    gradients are scaled by ``grad_scale``. Cosine logits: dW is taken through the row
+    normalisation of W (the same projection as the exact weight kernel).
+    """
+    rows, cols, values = entries
+    values = values * grad_scale
+    dim = feat_op.shape[1]
+    grad_feat = torch.zeros(num_rows, dim, dtype=torch.float32, device=feat_op.device)
+    touched, slot = torch.unique(cols, sorted=True, return_inverse=True)
+    touched_grad = torch.zeros(touched.numel(), dim, dtype=torch.float32, device=feat_op.device)
+    for lo in range(0, rows.numel(), _GATHER_ENTRIES):
+        r, c, v, s = (x[lo : lo + _GATHER_ENTRIES] for x in (rows, cols, values, slot))
+        w_rows = weight[c].float()
+        if cosine:
+            w_rows *= inv_norm[c, None]
+        grad_feat.index_add_(0, r, w_rows.mul_(v[:, None]))
+        touched_grad.index_add_(0, s, feat_op[r].float().mul_(v[:, None]))
+    if cosine and touched.numel():
+        inv = inv_norm[touched, None]
+        w_unit = weight[touched].float() * inv
+        radial = (w_unit * touched_grad).sum(dim=1, keepdim=True)
+        touched_grad = (touched_grad - w_unit * radial) * inv
+    return grad_feat, touched, touched_grad
+
+
+def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
+    """torch.optim.SGD's step on every row of ``weight``, with the sparse gradient on ``touched``."""
+    num_classes, dim = weight.shape
+    has_buf = update.momentum != 0
+    if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
+        raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
+    if has_buf and update.momentum_buffer.stride() != weight.stride():
+        raise ValueError("momentum_buffer must have the weight shard's layout")
+    if touched.numel() == 0:  # no row has a gradient: a one-entry stand-in keeps the pointers valid
+        touched = torch.full((1,), -1, dtype=torch.int64, device=weight.device)
+        touched_grad = torch.zeros(1, dim, dtype=torch.float32, device=weight.device)
+    blocks = triton.cdiv(num_classes, _SGD_ROWS)
+    edges = torch.arange(0, blocks + 1, device=weight.device, dtype=torch.int64) * _SGD_ROWS
+    bounds = torch.searchsorted(touched, edges).to(torch.int32)
+    _sgd_kernel[(blocks,)](
+        weight, update.momentum_buffer if has_buf else weight, touched, touched_grad.contiguous(), bounds,
+        num_classes, dim, weight.stride(0), update.lr, update.momentum, update.weight_decay,
+        HAS_BUF=has_buf, BLOCK_R=_SGD_ROWS, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4,
+    )
+
+
+def kept_target_entries(owned_rows, owned_cols, target_logit, lse, grad_filter: float):
+    """The target entries P = p_t - 1 whose |P| passes the filter (p_t from the forward)."""
+    values = torch.exp(target_logit[owned_rows] - lse[owned_rows]) - 1.0
+    keep = values.abs() >= grad_filter
+    return owned_rows[keep], owned_cols[keep], values[keep]
+
+
+def warn_fallback(found: int, limit: int, grad_filter: float) -> None:
+    warnings.warn(
+        f"head.grad_filter={grad_filter:g} kept {found} softmax entries this step (more than {limit}); "
+        "this step ran the exact kernels instead. A larger threshold keeps the filtered path.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+__all__ = [
+    "apply_sgd",
+    "initial_capacity",
+    "kept_target_entries",
+    "select_entries",
+    "shard_lse",
+    "sparse_gradients",
+]
