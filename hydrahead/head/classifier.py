@@ -46,6 +46,16 @@ def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, ini
         weight[start:stop].copy_(block)
 
 
+@torch.no_grad()
+def _sgd_step_(weight, grad, buffer, lr, momentum, weight_decay) -> None:
+    """torch.optim.SGD's step in place (weight decay added to the gradient, no dampening)."""
+    step = grad.add(weight, alpha=weight_decay) if weight_decay else grad
+    if buffer is not None:
+        buffer.mul_(momentum).add_(step)
+        step = buffer
+    weight.add_(step.to(weight.dtype), alpha=-lr)
+
+
 class ShardedClassifier(nn.Module):
     """Owns this rank's weight shard (C_r x D), its class range, the process group, and its SGD.
 
@@ -99,6 +109,7 @@ class ShardedClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
         self.lr = 0.0
+        self._active = None  # (rows, weight copy, momentum copy) of a loss over active rows, until finish_step
         # Per-class optimizer state, checkpointed by class range like the weight.
         self.momentum_buffer = torch.zeros_like(self.weight, dtype=momentum_dtype) if momentum else None
         self.reset_parameters()
@@ -131,30 +142,74 @@ class ShardedClassifier(nn.Module):
     @torch.no_grad()
     def finish_step(self, *, skip: bool = False) -> None:
         """End a training step: apply the SGD update from ``.grad`` (reference impl), or
-        nothing (triton: it already happened in the backward). ``skip`` drops the gradient."""
+        nothing (triton: it already happened in the backward). ``skip`` drops the gradient.
+
+        After a loss over ``active_rows`` only those rows move: their weights and momentum
+        take the SGD step; every other row keeps its weight and its momentum unchanged
+        (no decay, no momentum step), as if it had not been part of this step.
+        """
         grad, self.weight.grad = self.weight.grad, None
+        active, self._active = self._active, None
+        if active is not None:
+            rows, sub_weight, sub_buffer = active
+            if skip:
+                return
+            if self.impl == "reference":
+                if sub_weight.grad is None:
+                    return
+                _sgd_step_(sub_weight.data, sub_weight.grad, sub_buffer, self.lr, self.momentum, self.weight_decay)
+            self.weight.data[rows] = sub_weight.detach()  # triton: the backward already stepped the copies
+            if sub_buffer is not None:
+                self.momentum_buffer[rows] = sub_buffer
+            return
         if skip or grad is None:
             return
-        step = grad.add(self.weight, alpha=self.weight_decay) if self.weight_decay else grad
-        if self.momentum_buffer is not None:
-            self.momentum_buffer.mul_(self.momentum).add_(step)
-            step = self.momentum_buffer
-        self.weight.add_(step.to(self.weight.dtype), alpha=-self.lr)
+        _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
 
-    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of an already-gathered global batch (features identical on every rank)."""
+    def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor):
+        """Copies of the active rows (weight, momentum) and the labels in their frame."""
+        from hydrahead.head.selection import remap_labels
+
+        if self._active is not None:
+            raise RuntimeError("one loss over active rows per step: call finish_step() before the next loss")
+        active_rows = active_rows.to(device=self.weight.device, dtype=torch.long)
+        positions = remap_labels(global_labels, active_rows, self.class_start, self.class_stop, self.ignore_index)
+        # Owned labels become positions in the active rows; the others stay valid but unowned.
+        labels = torch.where(
+            global_labels == self.ignore_index, global_labels,
+            torch.where(positions >= 0, positions, active_rows.numel()),
+        )
+        sub_weight = self.weight.detach()[active_rows]
+        sub_buffer = self.momentum_buffer[active_rows] if self.momentum_buffer is not None else None
+        self._active = (active_rows, sub_weight, sub_buffer)
+        return sub_weight, sub_buffer, labels
+
+    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of an already-gathered global batch (features identical on every rank).
+
+        ``active_rows`` (sorted local rows of this shard, holding every owned label of the
+        batch): the softmax runs over the union of the ranks' active rows only, and the
+        next ``finish_step`` updates only those rows.
+        """
+        weight, buffer, labels = self.weight, self.momentum_buffer, global_labels
+        class_start, num_classes = self.class_start, self.num_classes
+        if active_rows is not None:
+            weight, buffer, labels = self._active_problem(global_labels, active_rows)
+            class_start, num_classes = 0, None  # each rank in its own frame: rows [0, n_active)
+            if self.impl == "reference":
+                weight.requires_grad_()
         if self.impl == "triton":
             from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
-            update = SGDUpdate(self.lr, self.momentum, self.weight_decay, self.momentum_buffer)
+            update = SGDUpdate(self.lr, self.momentum, self.weight_decay, buffer)
             return triton_sharded_cross_entropy(
-                global_features, self.weight, global_labels, self.class_start,
-                group=self.group, num_classes=self.num_classes, scale=self.scale, margin=self.margin,
+                global_features, weight, labels, class_start,
+                group=self.group, num_classes=num_classes, scale=self.scale, margin=self.margin,
                 margin_type=self.margin_type, ignore_index=self.ignore_index, update=update, grad_filter=self.grad_filter,
             )
         return sharded_cross_entropy(
-            global_features, self.weight, global_labels, self.class_start,
-            group=self.group, num_classes=self.num_classes, scale=self.scale, margin=self.margin,
+            global_features, weight, labels, class_start,
+            group=self.group, num_classes=num_classes, scale=self.scale, margin=self.margin,
             margin_type=self.margin_type, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
         )
 
