@@ -32,11 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.shard_ce import SGDUpdate, _num_programs_target, _precision
+from hydrahead.kernels.shard_ce import SGDUpdate, _num_programs_target, _precision, tile_config
 
-# Tiles: (BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages); HYDRAHEAD_FILTER_TILES=g,c,k,w,s overrides.
-_GPU_TILES = (256, 128, 64, 8, 3)
-_CPU_TILES = (16, 16, 16, 4, 1)
 _SGD_ROWS = 16  # rows of W per program of the update pass
 _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp32 temporaries)
 
@@ -230,17 +227,17 @@ def _sgd_kernel(
 
 
 def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
-    override = os.environ.get("HYDRAHEAD_FILTER_TILES")
-    if override:
-        return tuple(int(v) for v in override.split(","))
-    return _GPU_TILES if device.type == "cuda" else _CPU_TILES
+    """(BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages); HYDRAHEAD_TILES=filtered:g,c,k,w,s overrides."""
+    return tile_config("filtered", device)
 
 
 def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, device: torch.device):
-    """(row blocks, class splits, classes per split): a few waves of programs, splits on tile edges."""
+    """(row blocks, class splits, classes per split): about 4 waves of programs, splits on tile edges.
+
+    (1, 2 or 4 waves measured within 0.5 ms of each other at 1M classes.)
+    """
     row_blocks = triton.cdiv(num_rows, block_g)
-    waves = int(os.environ.get("HYDRAHEAD_FILTER_WAVES", 4))
-    wanted = max(1, waves * _num_programs_target(device) // row_blocks)
+    wanted = max(1, 4 * _num_programs_target(device) // row_blocks)
     splits = max(1, min(triton.cdiv(num_classes, block_c), wanted))
     per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
     return row_blocks, triton.cdiv(num_classes, per_split), per_split

@@ -161,17 +161,24 @@ def _weight_kernel(
 # memory, so at D = 512 two pipeline stages are what fits in 227 KB. Measured on an H200
 # at G=4096, D=512, C_r=1M (docs/kernels.md): the weight kernel takes 29.7 ms with 32-class
 # blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8 warps.
-_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 32, 4, 2)}
-_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1)}  # the interpreter: small is quick
+# The filtered kernels (hydrahead.kernels.filtered) stream D: (BLOCK_G, BLOCK_C, BLOCK_K,
+# num_warps, num_stages), 256 x 128 x 64 measured best there.
+_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 32, 4, 2), "filtered": (256, 128, 64, 8, 3)}
+_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1), "filtered": (16, 16, 16, 4, 1)}  # the interpreter: small is quick
 
 
-def _tiles(kernel: str, dim: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_G, BLOCK_C, BLOCK_D, num_warps, num_stages); HYDRAHEAD_TILES=kernel:g,c,w,s;... overrides."""
+def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
+    """The tile tuple of ``kernel`` on ``device``; HYDRAHEAD_TILES=kernel:v,v,...;... overrides."""
     table = dict(_GPU_TILES if device.type == "cuda" else _CPU_TILES)
     for item in filter(None, os.environ.get("HYDRAHEAD_TILES", "").split(";")):
         name, _, values = item.partition(":")
         table[name] = tuple(int(v) for v in values.split(","))
-    block_g, block_c, warps, stages = table[kernel]
+    return table[kernel]
+
+
+def _tiles(kernel: str, dim: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_G, BLOCK_C, BLOCK_D, num_warps, num_stages) of an exact kernel: whole-D tiles."""
+    block_g, block_c, warps, stages = tile_config(kernel, device)
     return block_g, block_c, max(16, triton.next_power_of_2(dim)), warps, stages
 
 
