@@ -105,6 +105,35 @@ class HeadConfig:
     grad_filter: float = _key(
         0.0, "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)"
     )
+    selection: str = _key(
+        "full",
+        "classes each shard scores per step: full (all), random (positives + random negatives up to "
+        "head.budget, Partial FC), knn (positives + each sample's head.knn_k nearest rows from an index)",
+        ("full", "random", "knn"),
+    )
+    budget: int | float | None = _key(
+        None,
+        "active classes per shard per step: an int count, or a float fraction of the shard (world-size "
+        "independent for random); knn fills up to it with random classes (null: no fill)",
+    )
+    knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
+    rebuild_every: int = _key(100, "knn: steps between index rebuilds from the current weights")
+    index_retrain_every: int = _key(
+        10, "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last"
+    )
+    index: str = _key(
+        "auto", "knn index backend (auto: FAISS if it can serve the device, else torch)", ("auto", "faiss", "torch")
+    )
+    index_type: str = _key(
+        "auto", "knn index structure (auto: flat up to 2^20 rows per shard, ivf above; hnsw is FAISS only)",
+        ("auto", "flat", "ivf", "hnsw"),
+    )
+    index_nlist: int | None = _key(None, "knn ivf: inverted lists per shard (null: ~4 sqrt(C_r))")
+    index_nprobe: int = _key(8, "knn ivf: lists probed per sample")
+    index_deterministic: bool = _key(
+        False, "knn: rebuild inside the step that starts it and checkpoint the index, so a resumed run equals an uninterrupted one"
+    )
+    recall_every: int = _key(100, "knn: steps between knn_recall measurements against exact search (0: never)")
     margin_type: str = _key(
         "none", "margin applied to the target logit", ("none", "cosface", "arcface")
     )
@@ -569,6 +598,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
     )
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
+    if h.budget is not None:
+        need(
+            (isinstance(h.budget, int) and h.budget >= 1) or (isinstance(h.budget, float) and 0 < h.budget <= 1),
+            f"head.budget must be null, an int >= 1 or a fraction in (0, 1], got {h.budget}",
+        )
+    need(h.selection != "random" or h.budget is not None, "head.selection=random needs head.budget (a count per shard or a fraction)")
+    need(h.knn_k >= 1, f"head.knn_k must be >= 1, got {h.knn_k}")
+    need(h.rebuild_every >= 1, f"head.rebuild_every must be >= 1, got {h.rebuild_every}")
+    need(h.index_retrain_every >= 1, f"head.index_retrain_every must be >= 1, got {h.index_retrain_every}")
+    need(h.index_nlist is None or h.index_nlist >= 1, f"head.index_nlist must be null or >= 1, got {h.index_nlist}")
+    need(h.index_nprobe >= 1, f"head.index_nprobe must be >= 1, got {h.index_nprobe}")
+    need(h.recall_every >= 0, f"head.recall_every must be >= 0, got {h.recall_every}")
+    need(
+        not (h.index == "torch" and h.index_type == "hnsw"),
+        "head.index_type=hnsw needs head.index=faiss (the torch backend has flat and ivf)",
+    )
+    need(
+        not (h.index_deterministic and (h.index == "faiss" or h.index_type == "hnsw")),
+        "head.index_deterministic=true saves the index in checkpoints, which the torch backend does: "
+        f"use head.index=torch or auto (got head.index={h.index}, head.index_type={h.index_type})",
+    )
 
     need(
         d.kind not in ("image_folder", "features") or bool(d.path),
@@ -606,6 +656,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
     # Options that are valid but would be silently ignored.
+    if h.selection != "knn" and (h.index_deterministic or h.index_nlist is not None):
+        warnings.warn(f"head.index_* keys are ignored because head.selection={h.selection}")
+    if h.selection == "full" and h.budget is not None:
+        warnings.warn("head.budget is ignored because head.selection=full")
     if h.margin_type == "none" and h.margin != 0:
         warnings.warn(f"head.margin={h.margin} is ignored because head.margin_type=none")
     if d.path is not None and d.kind.startswith("procedural"):

@@ -166,6 +166,14 @@ class ShardedClassifier(nn.Module):
             return
         _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
 
+    @property
+    def pending_grad(self) -> torch.Tensor | None:
+        """The weight gradient the next ``finish_step`` applies (reference impl): the full
+        shard's, or the active rows' after a loss over ``active_rows``; None with triton."""
+        if self._active is not None:
+            return self._active[1].grad
+        return self.weight.grad
+
     def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
         from hydrahead.head.selection import remap_labels

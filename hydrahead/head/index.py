@@ -24,6 +24,7 @@ filter ``rows >= 0``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Protocol
@@ -40,6 +41,7 @@ DEFAULT_GATHER_ROWS = 65536  # candidate rows gathered per pass in torch_ivf
 DEFAULT_NPROBE = 32
 EXACT_MAX_ROWS = 2**20  # `auto` without FAISS: exact search up to this many rows
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
+_TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
 
@@ -67,14 +69,15 @@ class ClassIndex(Protocol):
 
 
 def exact_topk(
-    queries: torch.Tensor, weight: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+    queries: torch.Tensor, weight: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *, cosine: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ weight.T`` without forming all B x C_r scores.
 
     Weight rows are scored ``chunk_size`` at a time and merged into a running top-k, so
     memory is O(B x chunk_size). Scores are computed in the wider of the inputs' dtype and
     float32 (float64 inputs stay float64, so this can serve as an exact reference); rows
-    are int64, on the queries' device. k is clamped to C_r.
+    are int64, on the queries' device. k is clamped to C_r. ``cosine``: each weight row is
+    divided by its L2 norm as it is scored (queries are taken as given).
     """
     _check_k(k)
     if chunk_size < 1:
@@ -93,6 +96,8 @@ def exact_topk(
     best_scores = best_rows = None
     for start in range(0, num_rows, chunk_size):
         chunk = weight[start : start + chunk_size].to(device=q.device, dtype=dtype)
+        if cosine:
+            chunk = torch.nn.functional.normalize(chunk, dim=1)
         scores, rows = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
         rows += start
         if best_scores is not None:
@@ -141,10 +146,12 @@ def _pad_results(
     return scores, rows
 
 
-def _score_rows(queries: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _score_rows(queries: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cosine: bool = False) -> torch.Tensor:
     """float32 scores of each query against its own rows (B, M); rows -1 score -inf."""
     valid = rows >= 0
     gathered = weight[rows.clamp(min=0).to(weight.device)].to(queries.device, torch.float32)
+    if cosine:
+        gathered = torch.nn.functional.normalize(gathered, dim=2)
     scores = torch.bmm(gathered, queries.unsqueeze(2)).squeeze(2)
     return scores.masked_fill(~valid, -math.inf)
 
@@ -153,6 +160,8 @@ class _IndexBase:
     """Shape bookkeeping and validation shared by the backends."""
 
     name = "base"
+    # True when searches read only the current weights passed in (nothing to go stale).
+    searches_current_weights = False
 
     def __init__(self) -> None:
         self.num_rows: int | None = None
@@ -191,38 +200,78 @@ class _IndexBase:
 
 
 class TorchExactIndex(_IndexBase):
-    """Exact chunked search in torch on any device (see ``exact_topk``)."""
+    """Exact chunked search in torch on any device (see ``exact_topk``).
+
+    With ``copy_weights=False`` nothing is stored: every search must pass the current
+    weights and searches them directly, so the results are never stale.
+    """
 
     name = "torch"
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, device: torch.device | str | None = None):
+    def __init__(
+        self, chunk_size: int = DEFAULT_CHUNK_SIZE, device: torch.device | str | None = None, *,
+        cosine: bool = False, copy_weights: bool = True,
+    ):
         super().__init__()
-        self.chunk_size = chunk_size
+        self.chunk_size, self.cosine, self.copy_weights = chunk_size, cosine, copy_weights
         self.device = torch.device(device) if device is not None else None
         self._weight: torch.Tensor | None = None
 
+    @property
+    def searches_current_weights(self) -> bool:
+        return not self.copy_weights
+
     def build(self, weight: torch.Tensor) -> None:
         self._check_build(weight)
-        # A private copy in the weights' own dtype: chunks are widened to float32 when scored.
-        self._weight = weight.detach().to(self.device or weight.device, copy=True)
+        if self.copy_weights:
+            # A private copy in the weights' own dtype: chunks are widened to float32 when scored.
+            self._weight = weight.detach().to(self.device or weight.device, copy=True)
 
     def search(self, queries, k, weight=None):
         k = self._check_search(queries, k, weight)
+        if weight is None and not self.copy_weights:
+            raise ValueError("torch index built with copy_weights=False: search() needs the current weights")
         # Exact search is as cheap with the current weights as with the copy: prefer them.
         source = weight.detach() if weight is not None else self._weight
         q = queries.detach().to(source.device, torch.float32)
-        scores, rows = exact_topk(q, source, k, self.chunk_size)
+        scores, rows = exact_topk(q, source, k, self.chunk_size, cosine=self.cosine)
         return scores.float().to(queries.device), rows.to(queries.device)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Nothing to save without a copy (the search reads the current weights)."""
+        if self.copy_weights:
+            raise RuntimeError("a torch index holding a weight copy is not saved; build it again instead")
+        return {}
 
-def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Index of the L2-nearest centroid for each row of x, in chunks of rows."""
-    sq_norms = (centroids * centroids).sum(1)
+    def load_state_dict(self, state: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        self.build(weight)
+
+
+def _nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, chunk_size: int, cosine: bool = False, metric: str = "l2"
+) -> torch.Tensor:
+    """Index of each row's centroid, in chunks of rows: the L2-nearest (k-means) or the one
+    of highest inner product (``metric="ip"``: how an IVF index files rows and probes).
+
+    L2: argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2), ||x||^2 being the same for every
+    c. On a GPU the products run in bfloat16 with a bf16 result: at 25M rows x 8,192
+    centroids they are 2 x 10^14 FLOPs, and a near-tie between two centroids only decides
+    which of two neighbouring lists a row joins. On the CPU they stay float32. ``cosine``
+    normalises the rows first.
+    """
+    compute = torch.bfloat16 if x.is_cuda else torch.float32
+    c = centroids.to(compute)
+    half_sq_norms = (0.5 * (centroids * centroids).sum(1)).to(compute)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
-        chunk = x[start : start + chunk_size].float()
-        # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c): ||x||^2 is the same for every c.
-        out[start : start + chunk_size] = (sq_norms - 2 * chunk @ centroids.T).argmin(1)
+        chunk = x[start : start + chunk_size]
+        if cosine:
+            chunk = torch.nn.functional.normalize(chunk.float(), dim=1)
+        if metric == "ip":
+            scores = chunk.to(compute) @ c.T
+        else:
+            scores = torch.addmm(half_sq_norms, chunk.to(compute), c.T, beta=-1)
+        out[start : start + chunk_size] = scores.argmax(1)
     return out
 
 
@@ -232,6 +281,8 @@ def kmeans(
     """Lloyd's k-means (L2), seeded; returns float32 centroids (num_clusters, D) on x's device.
 
     Initial centroids are distinct rows of x; a cluster that empties keeps its centroid.
+    The sums are exact in order on the CPU; on a GPU ``index_add_`` adds with atomics, so
+    the last bits of a centroid can differ between two builds from the same rows.
     """
     gen = torch.Generator().manual_seed(seed)
     start = torch.randperm(x.shape[0], generator=gen)[:num_clusters].to(x.device)
@@ -247,13 +298,15 @@ def kmeans(
 class TorchIVFIndex(_IndexBase):
     """Inverted-file index in torch whose candidates are re-scored with the current weights.
 
-    Build: k-means (L2, on the weights or a seeded sample of them) into ``nlist``
-    centroids; every row goes to the list of its nearest centroid. Lists are stored padded,
-    as an (nlist, max_list_len) table of row numbers with -1 padding, so a search is a few
-    batched gathers: probe the ``nprobe`` centroids of highest inner product with the query,
-    take all rows of those lists, score them with the weights given to ``search`` (or the
-    build-time copy) and keep the top-k. Lists of unequal length cost padding memory
-    (nlist x longest list).
+    Build: k-means (L2, on a seeded sample of the rows) into ``nlist`` centroids; every
+    row goes to the list of its nearest centroid. Lists are stored padded, as an
+    (nlist, max_list_len) table of row numbers with -1 padding. A search probes the
+    ``nprobe`` centroids of highest inner product with each query, scores the rows of those
+    lists with the weights given to ``search`` (or the build-time copy) and keeps the
+    top-k. On a GPU the scoring is one kernel that reads each probed list once for all the
+    queries probing it (``hydrahead.kernels.ivf_scores``); elsewhere rows are gathered per
+    query. The index itself is the centroids and the list of each row (``state_dict``).
+    With ``cosine`` rows are normalised for clustering and scoring.
     """
 
     name = "torch_ivf"
@@ -266,6 +319,9 @@ class TorchIVFIndex(_IndexBase):
         seed: int = 0,
         chunk_size: int = DEFAULT_GATHER_ROWS,
         device: torch.device | str | None = None,
+        *,
+        cosine: bool = False,
+        copy_weights: bool = True,
     ):
         super().__init__()
         if nlist is not None and nlist < 1:
@@ -273,30 +329,111 @@ class TorchIVFIndex(_IndexBase):
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
         self.nlist_request, self.nprobe, self.num_iters, self.seed = nlist, nprobe, num_iters, seed
-        self.chunk_size = chunk_size
+        self.chunk_size, self.cosine, self.copy_weights = chunk_size, cosine, copy_weights
         self.device = torch.device(device) if device is not None else None
         self.nlist: int | None = None
-        self._weight = self._centroids = self._table = None
+        self._weight = self._centroids = self._assign = self._table = None
 
     def build(self, weight: torch.Tensor) -> None:
         self._check_build(weight)
         device = self.device or weight.device
-        self._weight = weight.detach().to(device, copy=True)
+        source = weight.detach()
+        if self.copy_weights:
+            self._weight = source = source.to(device, copy=True)
         self.nlist = _resolve_nlist(self.nlist_request, self.num_rows)
         # Train on a seeded sample: k-means quality saturates long before all of 100M rows.
-        num_train = min(self.num_rows, _TRAIN_ROWS_PER_LIST * self.nlist)
+        num_train = min(self.num_rows, _TORCH_TRAIN_ROWS_PER_LIST * self.nlist)
         sample = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed))[:num_train]
-        train = self._weight[sample.to(device)]
-        self._centroids = kmeans(train, self.nlist, self.num_iters, self.seed, DEFAULT_CHUNK_SIZE)
-        assign = _nearest_centroid(self._weight, self._centroids, DEFAULT_CHUNK_SIZE)
+        train = source[sample.to(source.device)].to(device, torch.float32)
+        if self.cosine:
+            train = torch.nn.functional.normalize(train, dim=1)
+        centroids = kmeans(train, self.nlist, self.num_iters, self.seed, DEFAULT_CHUNK_SIZE)
+        # Rows are filed by inner product, the rule the search probes with.
+        assign = _nearest_centroid(source, centroids.to(source.device), DEFAULT_CHUNK_SIZE, self.cosine, "ip")
+        self._set_lists(centroids, assign.to(device))
+
+    def reassigned(self, weight: torch.Tensor, rows: torch.Tensor) -> "TorchIVFIndex":
+        """A new index with the same centroids and ``rows`` filed again from ``weight``.
+
+        Rows not given keep their lists. When they are the only rows whose weights changed
+        since this index was built, the result equals a rebuild with these centroids, for
+        the cost of the changed rows alone.
+        """
+        if self._centroids is None:
+            raise RuntimeError("torch_ivf index: reassigned() called before build()")
+        if tuple(weight.shape) != (self.num_rows, self.dim):
+            raise ValueError(f"torch_ivf index: weight must be ({self.num_rows}, {self.dim}), got {tuple(weight.shape)}")
+        new = copy.copy(self)
+        assign = self._assign.clone()
+        rows = rows.to(weight.device, torch.long)
+        centroids = self._centroids.to(weight.device)
+        for start in range(0, rows.numel(), DEFAULT_CHUNK_SIZE):
+            chunk = rows[start : start + DEFAULT_CHUNK_SIZE]
+            lists = _nearest_centroid(weight.detach()[chunk], centroids, DEFAULT_CHUNK_SIZE, self.cosine, "ip")
+            assign[chunk.to(assign.device)] = lists.to(assign.device)
+        if self.copy_weights:
+            new._weight = weight.detach().to(self._weight.device, copy=True)
+        new._set_lists(self._centroids, assign)
+        return new
+
+    def _set_lists(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
+        self._centroids, self._assign = centroids, assign
         self._table = _padded_lists(assign, self.nlist)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The index as tensors: ``centroids`` (nlist, D) and ``assign`` (C_r,), each row's list."""
+        if self._centroids is None:
+            raise RuntimeError("torch_ivf index: state_dict() called before build()")
+        return {"centroids": self._centroids, "assign": self._assign}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        """Restore a saved index over ``weight``'s shape (no k-means, no assignment)."""
+        self._check_build(weight)
+        centroids, assign = state["centroids"], state["assign"]
+        if centroids.dim() != 2 or centroids.shape[1] != self.dim or tuple(assign.shape) != (self.num_rows,):
+            raise ValueError(
+                f"torch_ivf state does not fit {self.num_rows} x {self.dim} weights: centroids "
+                f"{tuple(centroids.shape)}, assign {tuple(assign.shape)}"
+            )
+        if assign.numel() and (int(assign.min()) < 0 or int(assign.max()) >= centroids.shape[0]):
+            raise ValueError(
+                f"torch_ivf state: list ids must be in [0, {centroids.shape[0]}), got "
+                f"[{int(assign.min())}, {int(assign.max())}]"
+            )
+        device = self.device or weight.device
+        if self.copy_weights:
+            self._weight = weight.detach().to(device, copy=True)
+        self.nlist = centroids.shape[0]
+        self._set_lists(centroids.to(device, torch.float32), assign.to(device, torch.long))
 
     def search(self, queries, k, weight=None):
         k = self._check_search(queries, k, weight)
+        if weight is None and not self.copy_weights:
+            raise ValueError("torch_ivf index built with copy_weights=False: search() needs the current weights")
         source = weight.detach() if weight is not None else self._weight
         q = queries.detach().to(self._centroids.device, torch.float32)
         nprobe = min(self.nprobe, self.nlist)
         probes = (q @ self._centroids.T).topk(nprobe, dim=1).indices
+        if source.is_cuda:
+            scores, rows = self._search_lists(q, k, source, probes)
+        else:
+            scores, rows = self._search_gathered(q, k, source, probes)
+        scores, rows = _pad_results(scores, rows, k)
+        return scores.to(queries.device), rows.to(queries.device)
+
+    def _search_lists(self, q, k, source, probes):
+        """GPU: one kernel scores each probed list against all its queries; then a top-k."""
+        from hydrahead.kernels.ivf_scores import probed_list_scores
+
+        max_len = self._table.shape[1]
+        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine)
+        scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+        lists = probes.gather(1, torch.div(pos, max_len, rounding_mode="floor"))
+        rows = self._table[lists, pos % max_len].masked_fill(scores == -math.inf, -1)
+        return scores, rows
+
+    def _search_gathered(self, q, k, source, probes):
+        """Any device: gather each query's candidate rows and score them, in blocks."""
         candidates = self._table[probes].reshape(q.shape[0], -1)  # (B, nprobe * max_list_len)
         num_candidates = candidates.shape[1]
         # Queries in blocks so that at most ~chunk_size candidate rows are gathered at once.
@@ -304,13 +441,12 @@ class TorchIVFIndex(_IndexBase):
         out_scores, out_rows = [], []
         for start in range(0, q.shape[0], block):
             cand = candidates[start : start + block]
-            scores = _score_rows(q[start : start + block], source, cand)
+            scores = _score_rows(q[start : start + block], source, cand, self.cosine)
             scores, pos = scores.topk(min(k, num_candidates), dim=1)
             rows = cand.gather(1, pos).masked_fill(scores == -math.inf, -1)
             out_scores.append(scores)
             out_rows.append(rows)
-        scores, rows = _pad_results(torch.cat(out_scores), torch.cat(out_rows), k)
-        return scores.to(queries.device), rows.to(queries.device)
+        return torch.cat(out_scores), torch.cat(out_rows)
 
 
 def default_nlist(num_rows: int) -> int:
@@ -382,8 +518,11 @@ class FaissIndex(_IndexBase):
         hnsw_ef_search: int = 64,
         seed: int = 0,
         device: torch.device | str | None = None,
+        *,
+        cosine: bool = False,
     ):
         super().__init__()
+        self.cosine = cosine
         if faiss_type not in FAISS_TYPES:
             raise ValueError(f"faiss_type must be one of {FAISS_TYPES}, got {faiss_type!r}")
         if nlist is not None and nlist < 1:
@@ -403,6 +542,8 @@ class FaissIndex(_IndexBase):
         faiss = self.faiss
         device = self.device or weight.device
         w = _to_numpy_f32(weight)
+        if self.cosine:
+            faiss.normalize_L2(w)  # in place, on FAISS's own float32 copy
         dim = self.dim
         if self.faiss_type == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -412,6 +553,7 @@ class FaissIndex(_IndexBase):
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = self.seed
             index.cp.max_points_per_centroid = _TRAIN_ROWS_PER_LIST  # FAISS samples the rest
+            index.cp.min_points_per_centroid = 1  # small shards get few rows per list by design: no warning
             index.train(w)
             index.nprobe = min(self.nprobe, nlist)
             self._quantizer = quantizer  # the IVF index does not own it: keep it alive
@@ -435,7 +577,7 @@ class FaissIndex(_IndexBase):
         rows = torch.from_numpy(rows_np).to(queries.device, torch.long)
         if weight is not None:
             q = queries.detach().to(weight.device, torch.float32)
-            scores = _score_rows(q, weight.detach(), rows.to(weight.device))
+            scores = _score_rows(q, weight.detach(), rows.to(weight.device), self.cosine)
             scores, pos = scores.sort(dim=1, descending=True)
             rows = rows.gather(1, pos.to(rows.device))
         else:
@@ -484,6 +626,10 @@ class AutoIndex(_IndexBase):
         self.backend.build(weight)
         self.name = f"auto:{self.backend.name}"
 
+    @property
+    def searches_current_weights(self) -> bool:
+        return self.backend is not None and self.backend.searches_current_weights
+
     def search(self, queries, k, weight=None):
         if self.backend is None:
             raise RuntimeError("auto index: search() called before build()")
@@ -506,12 +652,16 @@ def _make_backend(
     num_iters: int = 10,
     seed: int = 0,
     device: torch.device | str | None = None,
+    cosine: bool = False,
+    copy_weights: bool = True,
 ) -> ClassIndex:
     if kind == "faiss":
-        return FaissIndex(faiss_type, nlist, nprobe, hnsw_m, hnsw_ef_search, seed, device)
+        return FaissIndex(faiss_type, nlist, nprobe, hnsw_m, hnsw_ef_search, seed, device, cosine=cosine)
     if kind == "torch":
-        return TorchExactIndex(chunk_size or DEFAULT_CHUNK_SIZE, device)
-    return TorchIVFIndex(nlist, nprobe, num_iters, seed, chunk_size or DEFAULT_GATHER_ROWS, device)
+        return TorchExactIndex(chunk_size or DEFAULT_CHUNK_SIZE, device, cosine=cosine, copy_weights=copy_weights)
+    return TorchIVFIndex(
+        nlist, nprobe, num_iters, seed, chunk_size or DEFAULT_GATHER_ROWS, device, cosine=cosine, copy_weights=copy_weights
+    )
 
 
 def make_index(
@@ -528,6 +678,8 @@ def make_index(
     seed: int = 0,
     exact_max_rows: int = EXACT_MAX_ROWS,
     device: torch.device | str | None = None,
+    cosine: bool = False,
+    copy_weights: bool = True,
 ) -> ClassIndex:
     """Make an (unbuilt) class index.
 
@@ -535,7 +687,10 @@ def make_index(
     normalise queries and weights before calling. faiss_type: "flat", "ivf" or "hnsw".
     nlist defaults to ~4 sqrt(C_r); nprobe is clamped to nlist. chunk_size: weight rows
     per matmul (torch) or candidate rows gathered per pass (torch_ivf). device: where the
-    index lives; defaults to the device of the weights it is built from.
+    index lives; defaults to the device of the weights it is built from. cosine: rows are
+    normalised when indexed and scored (queries must be normalised by the caller).
+    copy_weights=False: the torch backends keep no copy of the weights (a 25M x 512 shard
+    is 25 GB), so every search must pass the current ones; FAISS keeps its own always.
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
@@ -550,7 +705,7 @@ def make_index(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     options = dict(
         faiss_type=faiss_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, hnsw_ef_search=hnsw_ef_search,
-        chunk_size=chunk_size, num_iters=num_iters, seed=seed, device=device,
+        chunk_size=chunk_size, num_iters=num_iters, seed=seed, device=device, cosine=cosine, copy_weights=copy_weights,
     )
     if kind == "auto":
         return AutoIndex(exact_max_rows, **options)

@@ -37,7 +37,8 @@ from hydrahead.counter_rng import counter_hash, counter_uniform
 __all__ = ["knn_active", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
 
 _SELECT_STREAM = 3000  # counter-hash stream reserved for class selection (head init is 1000)
-_CHUNK = 1 << 18  # class ids hashed per pass: bounds the temporaries for a 25M-class shard
+_CHUNK = 1 << 18  # class ids hashed per pass on the CPU: bounds the temporaries for a 25M-class shard
+_CUDA_CHUNK = 1 << 22  # on a GPU: ~100 MB of temporaries, few enough passes that launches do not dominate
 _SIGN_BIT = -(1 << 63)
 
 
@@ -180,8 +181,9 @@ def _step_key(seed: int, step: int) -> int:
 def _below_threshold(key: int, class_start: int, class_stop: int, fraction: float, device) -> torch.Tensor:
     """Local rows whose priority, as a uniform in (0, 1), is below ``fraction``."""
     chosen = []
-    for start in range(class_start, class_stop, _CHUNK):
-        ids = torch.arange(start, min(start + _CHUNK, class_stop), device=device)
+    step = _chunk(device)
+    for start in range(class_start, class_stop, step):
+        ids = torch.arange(start, min(start + step, class_stop), device=device)
         chosen.append(ids[counter_uniform(key, _SELECT_STREAM, ids) < fraction] - class_start)
     return torch.cat(chosen)
 
@@ -199,7 +201,7 @@ def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, cla
     if count == shard_size - rows.numel():
         return torch.arange(shard_size, device=rows.device)
     # Chunks at least as long as the running top-count keep the total topk work O(C_r).
-    chunk = max(_CHUNK, count)
+    chunk = max(_chunk(rows.device), count)
     best_rows = torch.empty(0, dtype=torch.long, device=rows.device)
     best_keys = torch.empty(0, dtype=torch.long, device=rows.device)
     for start in range(0, shard_size, chunk):
@@ -218,6 +220,10 @@ def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, cla
             cand_rows = cand_rows[index]
         best_rows, best_keys = cand_rows, cand_keys
     return torch.sort(torch.cat((rows, best_rows))).values
+
+
+def _chunk(device) -> int:
+    return _CUDA_CHUNK if torch.device(device).type == "cuda" else _CHUNK
 
 
 # --- validation ---------------------------------------------------------------------

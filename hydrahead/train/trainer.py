@@ -17,6 +17,7 @@ of the same global batch then compute the same gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from hydrahead.data.sampler import local_batch_size
 from hydrahead.distributed.collectives import all_gather_features, all_gather_labels
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.head import ShardedClassifier
+from hydrahead.head.active import ActiveClassSelector
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.train import checkpoint as ckpt
@@ -137,6 +139,14 @@ class Trainer:
             momentum_dtype=getattr(torch, cfg.head.momentum_dtype), grad_filter=cfg.head.grad_filter,
         )
 
+        h = cfg.head
+        self.selector = ActiveClassSelector(
+            h.selection, self.head.class_start, self.head.class_stop, budget=h.budget, knn_k=h.knn_k,
+            rebuild_every=h.rebuild_every, retrain_every=h.index_retrain_every, index=h.index, index_type=h.index_type, nlist=h.index_nlist,
+            nprobe=h.index_nprobe, deterministic=h.index_deterministic, cosine=h.margin_type != "none",
+            seed=cfg.run.seed, recall_every=h.recall_every, ignore_index=self.head.ignore_index, device=self.device,
+        )
+
         o = cfg.optim
         self.backbone_optim = build_optimizer(
             o.backbone, backbone, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
@@ -180,7 +190,34 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.env, self.run_dir, self.step, self._state(), self._meta(), keep=self.cfg.checkpoint.keep)
+        state, meta = self._state(), self._meta()
+        if self.selector.saves_index:
+            # Per-rank keys: an index belongs to one shard and is reloaded only at the same world size.
+            state["head_index"] = {f"rank{self.env.rank}": self.selector.index_state()}
+            meta["head_index_world_size"] = self.env.world_size
+            meta["head_index"] = self.selector.index_signature
+        return ckpt.save_checkpoint(self.env, self.run_dir, self.step, state, meta, keep=self.cfg.checkpoint.keep)
+
+    def _resume_index(self, path: Path, meta: dict) -> None:
+        """Deterministic knn: load this shard's saved index, or say why it is rebuilt instead."""
+        if not self.selector.saves_index:
+            return
+        saved, signature = meta.get("head_index_world_size"), meta.get("head_index")
+        if saved != self.env.world_size or signature != self.selector.index_signature:
+            if self.env.is_main:
+                if saved is None:
+                    why = "holds no index"
+                elif saved != self.env.world_size:
+                    why = f"was saved by {saved} ranks, not {self.env.world_size}"
+                else:
+                    why = f"holds an index {signature}, not {self.selector.index_signature}"
+                print(f"warning: checkpoint {path} {why}: the knn index is rebuilt at the next step, so this run "
+                      "will not select exactly what an uninterrupted one would", file=sys.stderr, flush=True)
+            return
+        key = f"rank{self.env.rank}"
+        state = {"head_index": {key: self.selector.empty_index_state(self.cfg.model.embed_dim)}}
+        ckpt.load_checkpoint(self.env, path, state)
+        self.selector.load_index_state(state["head_index"][key], self.head.weight)
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of run.dir, if any; True when one was loaded."""
@@ -194,6 +231,7 @@ class Trainer:
         state = self._state()
         ckpt.load_checkpoint(self.env, path, state)
         set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
+        self._resume_index(path, meta)
         self.step = int(meta["step"])
         if meta["cursor"] != self.step * self.cfg.train.global_batch:
             raise ValueError(f"checkpoint {path}: data cursor {meta['cursor']} does not match step {self.step}")
@@ -246,7 +284,8 @@ class Trainer:
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        loss = self.head.loss(head_input, global_labels)
+        active_rows = self.selector.select(step, head_input, global_labels, self.head.weight)
+        loss = self.head.loss(head_input, global_labels, active_rows)
         loss_finite = bool(torch.isfinite(loss))
         if loss_finite:
             loss.backward()
@@ -258,7 +297,7 @@ class Trainer:
         flags[0] = float(preempt_requested)
         if loss_finite:
             global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
-            head_grad = self.head.weight.grad  # None with head.impl=triton: updated in the backward
+            head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
             if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
                 head_grad[0, 0] = float("nan")
             flags[1] = ~torch.isfinite(_total_norm(self.backbone_module.parameters()))
@@ -276,6 +315,17 @@ class Trainer:
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0}
+
+    def _selection_metrics(self) -> dict:
+        """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
+        if self.cfg.head.selection == "full":
+            return {}
+        names = ("active_classes", "knn_recall", "index_build_s", "index_age")
+        last = self.selector.last
+        values = torch.tensor([math.nan if last[n] is None else float(last[n]) for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=self.env.head_group)
+        means = (values / self.env.world_size).tolist()
+        return {name: value for name, value in zip(names, means) if not math.isnan(value)}
 
     def _sum_over_ranks(self, value: int) -> int:
         total = torch.tensor([value], dtype=torch.int64, device=self.device)
@@ -372,6 +422,7 @@ class Trainer:
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
                     }
+                    row.update(self._selection_metrics())
                     if cfg.data.on_bad_sample == "skip":
                         row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
                     logger.log_train(self.step, row)
@@ -395,4 +446,5 @@ class Trainer:
             if data is not None:
                 data.close()  # stop loader workers on every exit path
             watcher.close()
+            self.selector.close()
             logger.close()

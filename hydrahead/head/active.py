@@ -1,0 +1,354 @@
+"""Which rows of its shard a rank's head scores in one step, and the index behind ``knn``.
+
+``ActiveClassSelector.select(step, features, labels, weight)`` returns the sorted local
+rows of the shard that the loss and the update run over (``None`` for ``full``):
+
+- ``random``: Partial FC: the owned positives of the global batch plus random negatives
+  up to the budget (``selection.random_active``: keyed by (seed, step, class id)).
+- ``knn``: the ``knn_k`` rows of highest score for each sample of the global batch,
+  found in an index over the shard's weights, plus the owned positives, filled with
+  random negatives up to the budget when one is set (``selection.knn_active``). Scores
+  are cosines for the margin heads (normalised features and rows), inner products
+  otherwise. Candidates are always scored with the current weights; only the choice of
+  candidates (the index's lists) can be stale.
+
+Index rebuilds (``knn``): the first step builds synchronously; after that a rebuild from
+the current weights starts at every step that is a multiple of ``rebuild_every``. With
+the torch IVF index a rebuild files again only the rows updated since the previous one
+(the others have not moved, so their lists are what a full rebuild with the same
+centroids would give), and every ``retrain_every``-th rebuild runs k-means anew and files
+every row: at 25M rows that is ~2 s, against ~0.1 s for a rebuild in between.
+
+- Background (default): the build runs in a worker thread (on its own CUDA stream on a
+  GPU) while training goes on, and replaces the index at the first step after it ends.
+  It reads the live weights, so rows updated while it runs may be clustered from either
+  version. The index is at most ``2 * rebuild_every`` steps old: a step that would use an
+  older one waits for the pending build.
+- Deterministic (``deterministic=True``): the build runs in the step that starts it,
+  from that step's weights, and serves from that step on. The index's state (centroids,
+  the list of every row, the rows updated since the last build) goes into checkpoints, so
+  a resumed run selects what the uninterrupted one did: exactly on the CPU; on a GPU the
+  k-means sums add with atomics, so a later k-means run can differ in its last bits.
+
+Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
+fraction of the exact top-k rows that the index found, measured every ``recall_every``
+steps on ``recall_queries`` samples), ``index_build_s`` (the newest build) and
+``index_age`` (steps since the weights the index was built from).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hydrahead.head import index as class_index
+from hydrahead.head.selection import knn_active, random_active, resolve_budget
+
+logger = logging.getLogger("hydrahead.active")
+
+SELECTIONS = ("full", "random", "knn")
+_SELECTOR_STATE = ("built_step", "rebuilds", "dirty")  # saved beside the index's own tensors
+INDEX_BACKENDS = ("auto", "faiss", "torch")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+
+
+@dataclass
+class _Built:
+    """An index and the weights it reflects: ``step`` = updates the weights had when read."""
+
+    index: class_index.ClassIndex
+    step: int
+    seconds: float
+
+
+def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch.device, deterministic: bool) -> tuple[str, str]:
+    """(make_index kind, faiss type) for the ``head.index`` / ``head.index_type`` pair.
+
+    ``auto`` backend: FAISS when it is importable and can serve this device (a GPU needs
+    faiss-gpu; copying each step's queries to a CPU index costs more than the torch search
+    on the GPU) and the index need not be saved; torch otherwise. ``auto`` type: exact up
+    to ``EXACT_MAX_ROWS`` rows, IVF above.
+    """
+    if backend not in INDEX_BACKENDS:
+        raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {backend!r}")
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+    if backend == "auto" and index_type == "hnsw":
+        backend = "faiss"  # only FAISS has it
+    elif backend == "auto":
+        usable = class_index.faiss_available() and (device.type != "cuda" or class_index.faiss_gpu_available())
+        backend = "faiss" if usable and not deterministic else "torch"
+    if index_type == "auto":
+        index_type = "flat" if num_rows <= class_index.EXACT_MAX_ROWS else "ivf"
+    if backend == "torch" and index_type == "hnsw":
+        raise ValueError("index_type=hnsw needs the faiss backend (the torch backend has flat and ivf)")
+    if backend == "faiss" and deterministic:
+        raise ValueError("a deterministic index is saved in checkpoints: use the torch backend (FAISS indexes hold a copy of every row)")
+    if backend == "faiss":
+        return "faiss", index_type
+    return ("torch" if index_type == "flat" else "torch_ivf"), "flat"
+
+
+class ActiveClassSelector:
+    """Per-step active rows of one shard ``[class_start, class_stop)``; owns the ``knn`` index."""
+
+    def __init__(
+        self,
+        selection: str,
+        class_start: int,
+        class_stop: int,
+        *,
+        budget: int | float | None = None,
+        knn_k: int = 16,
+        rebuild_every: int = 100,
+        retrain_every: int = 10,
+        index: str = "auto",
+        index_type: str = "auto",
+        nlist: int | None = None,
+        nprobe: int = class_index.DEFAULT_NPROBE,
+        deterministic: bool = False,
+        cosine: bool = False,
+        seed: int = 0,
+        recall_every: int = 100,
+        recall_queries: int = 64,
+        ignore_index: int = -100,
+        device: torch.device | str = "cpu",
+    ):
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if selection == "random" and budget is None:
+            raise ValueError("selection=random needs a budget (active classes per shard, or a fraction)")
+        self.shard_size = class_stop - class_start
+        if budget is not None:
+            resolve_budget(budget, self.shard_size)  # validates
+        for name, value, minimum in (("knn_k", knn_k, 1), ("rebuild_every", rebuild_every, 1), ("retrain_every", retrain_every, 1),
+                                     ("recall_every", recall_every, 0), ("recall_queries", recall_queries, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        self.selection, self.class_start, self.class_stop = selection, class_start, class_stop
+        self.budget, self.knn_k = budget, min(knn_k, self.shard_size)
+        self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
+        self.deterministic, self.cosine = deterministic, cosine
+        self.seed, self.ignore_index = seed, ignore_index
+        self.recall_every, self.recall_queries = recall_every, recall_queries
+        self.device = torch.device(device)
+        self.index_kind, self.faiss_type = None, None
+        self._index_options = dict(nlist=nlist, nprobe=nprobe, seed=seed, cosine=cosine, copy_weights=False)
+        if selection == "knn":
+            self.index_kind, self.faiss_type = resolve_index(
+                index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
+            )
+            logger.info("knn index: %s%s over %d rows (%s)", self.index_kind,
+                        f" ({self.faiss_type})" if self.index_kind == "faiss" else "", self.shard_size,
+                        "deterministic rebuilds" if deterministic else "background rebuilds")
+        # torch IVF: rows updated since the newest build began (only they need filing again).
+        self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if self.index_kind == "torch_ivf" else None
+        self._rebuilds = 0  # rebuilds since k-means last ran
+        self._current: _Built | None = None
+        self._pending: concurrent.futures.Future | None = None
+        self._worker = None
+        self._stream = None
+        self.last = {"active_classes": None, "knn_recall": None, "index_build_s": None, "index_age": None}
+
+    # ------------------------------------------------------------------------------------
+    # Selection
+    # ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def select(self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local active rows for optimizer step ``step`` (1-based), or None for ``full``.
+
+        ``features`` (G, D) and ``labels`` (G,) are the global batch, the same on every
+        rank; ``weight`` is this shard's current weight (C_r, D).
+        """
+        if self.selection == "full":
+            self.last["active_classes"] = self.shard_size
+            return None
+        if self.selection == "random":
+            rows = random_active(labels, self.class_start, self.class_stop, self.budget, seed=self.seed, step=step,
+                                 ignore_index=self.ignore_index)
+        else:
+            index = self._index_for(step, weight)
+            queries = features.detach().float()
+            if self.cosine:
+                queries = torch.nn.functional.normalize(queries, dim=1)
+            _, neighbours = index.search(queries, self.knn_k, weight.detach())
+            if self.recall_every and step % self.recall_every == 0:
+                self._measure_recall(queries, neighbours, weight)
+            rows = knn_active(neighbours, labels, self.class_start, self.class_stop, self.budget, seed=self.seed,
+                              step=step, ignore_index=self.ignore_index)
+            if self._dirty is not None:
+                self._dirty[rows] = True  # this step updates them
+        self.last["active_classes"] = rows.numel()
+        return rows
+
+    def _measure_recall(self, queries: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor) -> None:
+        sample = slice(0, min(self.recall_queries, queries.shape[0]))
+        _, exact = class_index.exact_topk(queries[sample], weight.detach(), self.knn_k, cosine=self.cosine)
+        self.last["knn_recall"] = class_index.recall_at_k(neighbours[sample], exact)
+
+    # ------------------------------------------------------------------------------------
+    # The index and its rebuilds
+    # ------------------------------------------------------------------------------------
+
+    def _new_index(self) -> class_index.ClassIndex:
+        return class_index.make_index(self.index_kind, faiss_type=self.faiss_type, device=self.device, **self._index_options)
+
+    def _plan_build(self) -> tuple[class_index.ClassIndex | None, torch.Tensor | None]:
+        """(index to update, rows to file again), or (None, None) for a full build.
+
+        Taken when a build starts, on the training thread: the rows marked dirty so far are
+        handed to the build and the marks start afresh. Every ``retrain_every``-th rebuild
+        (and the first) runs k-means again and files every row.
+        """
+        if self._dirty is None or self._current is None or self._rebuilds + 1 >= self.retrain_every:
+            self._rebuilds = 0
+            if self._dirty is not None:
+                self._dirty.zero_()
+            return None, None
+        self._rebuilds += 1
+        rows = self._dirty.nonzero().squeeze(1)
+        self._dirty.zero_()
+        return self._current.index, rows
+
+    def _build(self, weight: torch.Tensor, step: int, previous=None, rows=None) -> _Built:
+        start = time.perf_counter()
+        if previous is None:
+            index = self._new_index()
+            index.build(weight.detach())
+        else:
+            index = previous.reassigned(weight.detach(), rows)
+        if weight.is_cuda:
+            # The build's stream (the side stream in the worker): once this returns, its
+            # kernels are done and any stream may read the index.
+            torch.cuda.current_stream(weight.device).synchronize()
+        return _Built(index, step, time.perf_counter() - start)
+
+    def _build_now(self, weight: torch.Tensor, step: int) -> _Built:
+        return self._build(weight, step, *self._plan_build())
+
+    def _build_on_side_stream(self, weight: torch.Tensor, step: int, weights_ready, previous, rows) -> _Built:
+        """Worker thread: wait for the step's weights, build on a stream of its own."""
+        if not weight.is_cuda:
+            return self._build(weight, step, previous, rows)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(weights_ready)
+            return self._build(weight, step, previous, rows)
+
+    def _start_background_build(self, weight: torch.Tensor, step: int) -> None:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-index")
+            if weight.is_cuda:
+                self._stream = torch.cuda.Stream(weight.device)
+        weights_ready = None
+        if weight.is_cuda:
+            weights_ready = torch.cuda.Event()
+            weights_ready.record(torch.cuda.current_stream(weight.device))
+        previous, rows = self._plan_build()
+        self._pending = self._worker.submit(self._build_on_side_stream, weight, step, weights_ready, previous, rows)
+
+    def _install(self, built: _Built, weight: torch.Tensor) -> None:
+        if weight.is_cuda and built.index is not None:
+            # Tensors made on the side stream are now read on this one: keep the allocator from
+            # reusing their memory for the side stream while this stream may still read them.
+            main = torch.cuda.current_stream(weight.device)
+            for tensor in _tensors_of(built.index):
+                if tensor.is_cuda:
+                    tensor.record_stream(main)
+        self._current = built
+        self.last["index_build_s"] = built.seconds
+
+    def _harvest(self, weight: torch.Tensor, wait: bool) -> None:
+        if self._pending is None or not (wait or self._pending.done()):
+            return
+        built, self._pending = self._pending.result(), None  # re-raises a failed build here
+        self._install(built, weight)
+
+    def _index_for(self, step: int, weight: torch.Tensor) -> class_index.ClassIndex:
+        updates = step - 1  # the weights have had this many updates when step `step` starts
+        rebuild_now = step % self.rebuild_every == 0
+        if self._current is None:
+            self._install(self._build_now(weight, updates), weight)
+        elif self.deterministic:
+            if rebuild_now and self._current.step != updates:
+                self._install(self._build_now(weight, updates), weight)
+        else:
+            self._harvest(weight, wait=False)
+            if updates - self._current.step > 2 * self.rebuild_every:
+                if self._pending is None:
+                    self._start_background_build(weight, updates)
+                self._harvest(weight, wait=True)  # bounded age: this step waits
+            if rebuild_now and self._pending is None and self._current.step != updates:
+                self._start_background_build(weight, updates)
+        index = self._current.index
+        self.last["index_age"] = 0 if index.searches_current_weights else updates - self._current.step
+        return index
+
+    # ------------------------------------------------------------------------------------
+    # Checkpoints and shutdown
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def index_signature(self) -> dict:
+        """What a saved index must match to be loaded: its backend, lists and metric."""
+        return {"kind": self.index_kind, "nlist": self._index_options["nlist"], "cosine": self.cosine,
+                "retrain_every": self.retrain_every}
+
+    @property
+    def saves_index(self) -> bool:
+        """Whether checkpoints carry the index (deterministic knn with a built index)."""
+        return self.selection == "knn" and self.deterministic
+
+    def index_state(self) -> dict:
+        """The current index as tensors plus ``built_step`` (deterministic knn only)."""
+        if not self.saves_index or self._current is None:
+            return {}
+        state = {**self._current.index.state_dict(), "built_step": torch.tensor(self._current.step),
+                 "rebuilds": torch.tensor(self._rebuilds)}
+        if self._dirty is not None:
+            state["dirty"] = self._dirty
+        return state
+
+    def empty_index_state(self, dim: int) -> dict:
+        """Tensors shaped like ``index_state()`` of this shard, for a checkpoint load to fill."""
+        if not self.saves_index:
+            return {}
+        state = {"built_step": torch.tensor(0), "rebuilds": torch.tensor(0)}
+        if self.index_kind == "torch_ivf":
+            state["dirty"] = torch.empty(self.shard_size, dtype=torch.bool, device=self.device)
+            nlist = class_index._resolve_nlist(self._index_options["nlist"], self.shard_size)
+            state["centroids"] = torch.empty(nlist, dim, device=self.device)
+            state["assign"] = torch.empty(self.shard_size, dtype=torch.long, device=self.device)
+        return state
+
+    def load_index_state(self, state: dict, weight: torch.Tensor) -> None:
+        """Install a saved index (as from ``index_state``) over this shard's weights."""
+        if not self.saves_index:
+            return
+        index = self._new_index()
+        index.load_state_dict({k: v for k, v in state.items() if k not in _SELECTOR_STATE}, weight.detach())
+        self._current = _Built(index, int(state["built_step"]), 0.0)
+        self._rebuilds = int(state["rebuilds"])
+        if self._dirty is not None:
+            self._dirty.copy_(state["dirty"])
+
+    def close(self) -> None:
+        """Wait for a pending build and stop the worker thread."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker, self._pending = None, None
+
+
+def _tensors_of(index) -> list[torch.Tensor]:
+    """Tensors an index holds (an ``auto`` index: its backend's)."""
+    found = []
+    for value in vars(index).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, class_index._IndexBase):
+            found.extend(_tensors_of(value))
+    return found
