@@ -4,142 +4,41 @@
     python benchmarks/grad_filter_accuracy.py --filters 0,2.44e-4,1e-6 head.num_classes=100000
     python benchmarks/grad_filter_accuracy.py --dry-run                    # CPU: a tiny run of each
 
-Each run is ``launch/train.py`` under torchrun (``--gpus`` processes) with head.impl=triton
-and one (filter, seed); the rows record the last held-out top-1/top-5/loss, the last
-training loss, and the head's median time per step. The table gives the mean and spread
-over seeds per filter. Rows go to ``<name>.rows.jsonl`` as they finish (re-running skips
-those already there); results in ``benchmarks/results/<name>.json``.
+Every run uses head.impl=triton with one head.grad_filter value (0: exact); see
+``benchmarks/accuracy_runs.py`` for what each row records. The table gives the mean and
+spread over seeds per filter.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, write_results  # noqa: E402
-from hydrahead.config import load_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-DRY_RUN = [
-    "train.steps=6", "train.global_batch=32", "train.eval_every=6", "train.eval_samples=64",
-    "model.embed_dim=16", "model.hidden_dim=32", "model.input_dim=16", "data.feature_dim=16",
-    "head.num_classes=300", "head.dtype=float32", "optim.warmup_steps=2", "log.progress=false", "checkpoint.every=0",
-]
+from benchmarks.accuracy_runs import add_arguments, run_study  # noqa: E402
 
 
-def run_one(args, grad_filter: float, seed: int, run_dir: Path) -> dict:
-    overrides = [
-        f"run.dir={run_dir}", f"run.seed={seed}", "head.impl=triton", f"head.grad_filter={grad_filter!r}",
-        "log.progress=false", *(DRY_RUN if args.dry_run else []), *args.overrides,
-    ]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-        str(REPO / "launch" / "train.py"), "--config", args.config, *overrides,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if args.dry_run:
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
-        return {"note": f"exit {done.returncode}: {' | '.join(tail)[:300]}"}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_top1" in r]
-    head_ms = [r["head_ms"] for r in train[len(train) // 5 :] if r.get("head_ms") is not None]  # past warm-up
-    return {
-        "train_loss": train[-1]["loss"] if train else None,
-        "eval_top1": evals[-1]["eval_top1"] if evals else None,
-        "eval_top5": evals[-1]["eval_top5"] if evals else None,
-        "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "head_ms": statistics.median(head_ms) if head_ms else None,
-        "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
-        "steps": train[-1]["step"] if train else 0,
-    }
+def method_name(grad_filter: float) -> str:
+    return "hydrahead-triton exact" if grad_filter == 0 else f"hydrahead-triton filtered {grad_filter:.3g}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml", help="training config the runs start from")
     parser.add_argument("--filters", default="0,0.000244140625", help="comma-separated head.grad_filter values (0: exact)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run.seed values")
-    parser.add_argument("--gpus", type=int, default=1, help="processes per run (GPUs; CPU ranks with --dry-run)")
-    parser.add_argument("--name", default="grad_filter_accuracy", help="results file name (without .json)")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed to one run")
-    parser.add_argument("--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    add_arguments(parser, name="grad_filter_accuracy")
     args = parser.parse_args(argv)
     filters = [float(v) for v in args.filters.split(",")]
-    seeds = [int(v) for v in args.seeds.split(",")]
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("head.impl=triton needs a CUDA device (or --dry-run)")
     if any(f < 0 for f in filters):
         parser.error("--filters must be >= 0")
-
-    cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
-    G, D, C = cfg.train.global_batch, cfg.model.embed_dim, cfg.head.num_classes
-    tflops = bf16_matmul_tflops() if torch.cuda.is_available() else None
-    floor_ms = 8 * G * D * (C / args.gpus) / (tflops * 1e12) * 1e3 if tflops else None
-
-    out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows_file = out_dir / f"{args.name}.rows.jsonl"
-    records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
-    for grad_filter in filters:
-        for seed in seeds:
-            if any(r["grad_filter"] == grad_filter and r["seed"] == seed and r["shape"] == shape and not r.get("note") for r in records):
-                continue
-            print(f"== head.grad_filter={grad_filter:g} seed {seed}", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                result = run_one(args, grad_filter, seed, Path(tmp) / "run")
-            method = "hydrahead-triton exact" if grad_filter == 0 else f"hydrahead-triton filtered {grad_filter:.3g}"
-            ms = result.get("head_ms")
-            row = {
-                "method": method, "shape": shape, "grad_filter": grad_filter, "seed": seed, "ms": ms,
-                "floor_ms": floor_ms, "ratio": ms / floor_ms if ms and floor_ms else None, **result,
-            }
-            print(json.dumps(row), flush=True)
-            records.append(row)
-            with rows_file.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    rows = [r for r in records if r["shape"] == shape and not r.get("note")]
-    failed = [r for r in records if r["shape"] == shape and r.get("note")]
-    summary = []
-    for grad_filter in filters:
-        group = [r for r in rows if r["grad_filter"] == grad_filter and r.get("eval_top1") is not None]
-        if not group:
-            continue
-        top1 = [r["eval_top1"] for r in group]
-        summary.append({
-            "method": group[0]["method"], "seeds": len(group), "eval_top1_mean": statistics.mean(top1),
-            "eval_top1_spread": max(top1) - min(top1), "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
-            "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
-            "head_ms_median": statistics.median(r["ms"] for r in group if r["ms"] is not None) if any(r["ms"] for r in group) else None,
-        })
-    payload = {
-        **environment(), "benchmark": args.name, "config": args.config, "overrides": args.overrides,
-        "matmul_tflops_bf16": tflops, "floor": "8*G*D*C_r of the head per step at the bf16 matmul rate measured in this run",
-        "what": "training runs with head.impl=triton, exact against head.grad_filter; last held-out eval of each run",
-        "summary": summary, "rows": rows,
-    }
-    path = write_results(args.name, payload)
-    print(f"\nwrote {path}")
-    for r in failed:
-        print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
-    if not summary:
-        sys.exit("no run finished")
-    print_table(summary, ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "train_loss_mean", "head_ms_median"])
+    variants = {method_name(f): ["head.impl=triton", f"head.grad_filter={f!r}"] for f in filters}
+    by_method = {method_name(f): f for f in filters}
+    run_study(args, variants, what="training runs with head.impl=triton, exact against head.grad_filter; last held-out eval of each run",
+              extra_fields=lambda method: {"grad_filter": by_method[method]})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Accuracy studies: the same training run under several variants and seeds, summarised.
+
+A variant is a name and the config overrides that make it. Each (variant, seed) run is
+``launch/train.py`` under torchrun (``--gpus`` processes) in a temporary run folder; its
+row records the last held-out top-1/top-5/loss, the last training loss, the head's median
+time per step, the mean active classes per shard where the run logs them, and the peak
+memory. Rows go to ``<name>.rows.jsonl`` as they finish (a re-run skips those already
+there); the summary (mean and spread over seeds per variant) and the rows go to
+``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, write_results  # noqa: E402
+from hydrahead.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DRY_RUN = [
+    "train.steps=6", "train.global_batch=32", "train.eval_every=6", "train.eval_samples=64",
+    "model.embed_dim=16", "model.hidden_dim=32", "model.input_dim=16", "data.feature_dim=16",
+    "head.num_classes=300", "head.dtype=float32", "optim.warmup_steps=2", "log.progress=false", "checkpoint.every=0",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, name: str) -> None:
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="training config the runs start from")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run.seed values")
+    parser.add_argument("--gpus", type=int, default=1, help="processes per run (GPUs; CPU ranks with --dry-run)")
+    parser.add_argument("--name", default=name, help="results file name (without .json)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed to one run")
+    parser.add_argument("--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dict:
+    overrides = [
+        f"run.dir={run_dir}", f"run.seed={seed}", "log.progress=false",
+        *(DRY_RUN if args.dry_run else []), *args.overrides, *variant_overrides,
+    ]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+        str(REPO / "launch" / "train.py"), "--config", args.config, *overrides,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+        return {"note": f"exit {done.returncode}: {' | '.join(tail)[:300]}"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_top1" in r]
+    settled = train[len(train) // 5 :]  # past warm-up and compilation
+    head_ms = [r["head_ms"] for r in settled if r.get("head_ms") is not None]
+    active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
+    recall = [r["knn_recall"] for r in settled if r.get("knn_recall") is not None]
+    return {
+        "train_loss": train[-1]["loss"] if train else None,
+        "eval_top1": evals[-1]["eval_top1"] if evals else None,
+        "eval_top5": evals[-1]["eval_top5"] if evals else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "head_ms": statistics.median(head_ms) if head_ms else None,
+        "active_classes": statistics.mean(active) if active else None,
+        "knn_recall": statistics.mean(recall) if recall else None,
+        "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
+        "steps": train[-1]["step"] if train else 0,
+    }
+
+
+def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=lambda variant: {}) -> None:
+    """Run every (variant, seed) not yet in the rows file; write the JSON; print the summary."""
+    seeds = [int(v) for v in args.seeds.split(",")]
+    cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
+    G, D, C = cfg.train.global_batch, cfg.model.embed_dim, cfg.head.num_classes
+    tflops = bf16_matmul_tflops() if torch.cuda.is_available() else None
+    floor_ms = 8 * G * D * (C / args.gpus) / (tflops * 1e12) * 1e3 if tflops else None
+
+    out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_file = out_dir / f"{args.name}.rows.jsonl"
+    records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
+    for method, variant_overrides in variants.items():
+        for seed in seeds:
+            if any(r["method"] == method and r["seed"] == seed and r["shape"] == shape and not r.get("note") for r in records):
+                continue
+            print(f"== {method} seed {seed}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
+            ms = result.get("head_ms")
+            row = {
+                "method": method, "shape": shape, **extra_fields(method), "overrides": variant_overrides, "seed": seed,
+                "ms": ms, "floor_ms": floor_ms, "ratio": ms / floor_ms if ms and floor_ms else None, **result,
+            }
+            print(json.dumps(row), flush=True)
+            records.append(row)
+            with rows_file.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    rows = [r for r in records if r["shape"] == shape and not r.get("note")]
+    failed = [r for r in records if r["shape"] == shape and r.get("note")]
+    summary = []
+    for method in variants:
+        group = [r for r in rows if r["method"] == method and r.get("eval_top1") is not None]
+        if not group:
+            continue
+        top1 = [r["eval_top1"] for r in group]
+        active = [r["active_classes"] for r in group if r.get("active_classes") is not None]
+        recall = [r["knn_recall"] for r in group if r.get("knn_recall") is not None]
+        times = [r["ms"] for r in group if r["ms"] is not None]
+        summary.append({
+            "method": method, "seeds": len(group), "eval_top1_mean": statistics.mean(top1),
+            "eval_top1_spread": max(top1) - min(top1), "eval_top1_stdev": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
+            "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
+            "active_classes_mean": statistics.mean(active) if active else None,
+            "knn_recall_mean": statistics.mean(recall) if recall else None,
+            "head_ms_median": statistics.median(times) if times else None,
+        })
+    payload = {
+        **environment(), "benchmark": args.name, "config": args.config, "overrides": args.overrides,
+        "eval_samples": cfg.train.eval_samples, "matmul_tflops_bf16": tflops,
+        "floor": "8*G*D*C_r of the full head per step at the bf16 matmul rate measured in this run",
+        "what": what, "summary": summary, "rows": rows,
+    }
+    path = write_results(args.name, payload)
+    print(f"\nwrote {path}")
+    for r in failed:
+        print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
+    if not summary:
+        sys.exit("no run finished")
+    print_table(summary, ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "active_classes_mean",
+                          "knn_recall_mean", "head_ms_median"])

@@ -1,0 +1,265 @@
+"""Head step time with active-class selection against the full softmax, on one shard.
+
+    python benchmarks/knn_speed.py                          # 25M classes per GPU (100M over 4), H200
+    python benchmarks/knn_speed.py --classes 4194304 --index-configs 2048:8
+    HYDRAHEAD_RESULTS_DIR=/tmp/r python benchmarks/knn_speed.py --dry-run   # CPU, tiny shard
+
+One rank's head: ``ShardedClassifier`` with the fused kernels (bf16 weights, fp32 momentum,
+cosface s=16 m=0.1, lr 0.1, momentum 0.9), rows in families of --family-size
+near-duplicates (as the procedural data), a global batch of G samples with features near
+their class's weight row (cosine ~0.7, as in a trained model), every step = selection +
+loss + backward + SGD update of the rows that take part.
+
+  hydrahead-full            every row, exact kernels (8·G·D·C_r FLOPs)
+  hydrahead-full-filtered   every row, head.grad_filter=2**-12 (4·G·D·C_r FLOPs)
+  hydrahead-random          Partial FC: positives + random rows, as many as knn's mean
+  hydrahead-knn nlist:nprobe  IVF index over the shard (torch backend: per-list scoring
+                            kernel), knn_k rows per sample + positives
+
+For knn the step is timed without a rebuild. Rebuilds are timed on their own: a full one
+(k-means on a sample, every row filed, lists built: ``retrain_s``) every
+--retrain-every rebuilds, and in between one that files again the rows updated since the
+last (``refile_s``, timed on rebuild_every x active random rows: the most R steps can
+touch). ``ms`` = step + (retrain_s + (retrain_every - 1) refile_s) / (retrain_every x
+rebuild_every). ``bg_ms`` is the wall time per step over 2·rebuild_every steps on fresh
+batches with rebuilds running in the background on their own stream (the real schedule,
+builds overlapping training on the same GPU). ``knn_recall`` is measured
+against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
+measured in this run; for knn this leaves out the search, so its ratio shows what the
+selection costs on top of the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, median, print_table, write_results  # noqa: E402
+from hydrahead.head import ShardedClassifier  # noqa: E402
+from hydrahead.head.active import ActiveClassSelector  # noqa: E402
+
+GRAD_FILTER = 2.0**-12
+
+
+@torch.no_grad()
+def family_weights_(weight: torch.Tensor, family_size: int, spread: float, seed: int, chunk: int = 1 << 20) -> None:
+    """Rows in families of near-duplicates, as in the procedural data: centre + spread * noise."""
+    gen = torch.Generator(device=weight.device).manual_seed(seed)
+    chunk -= chunk % family_size
+    std = 0.01
+    for start in range(0, weight.shape[0], chunk):
+        rows = min(chunk, weight.shape[0] - start)
+        centres = torch.randn(-(-rows // family_size), weight.shape[1], generator=gen, device=weight.device) * std
+        block = centres.repeat_interleave(family_size, 0)[:rows]
+        block += torch.randn(block.shape, generator=gen, device=weight.device) * (std * spread)
+        weight[start : start + rows].copy_(block)
+
+
+def make_batch(head: ShardedClassifier, batch: int, seed: int, noise: float):
+    """Labels uniform over the shard; features = unit class row + noise (cosine ~ 1/sqrt(1 + noise^2))."""
+    gen = torch.Generator(device=head.weight.device).manual_seed(seed)
+    labels = torch.randint(0, head.num_local_classes, (batch,), generator=gen, device=head.weight.device)
+    rows = torch.nn.functional.normalize(head.weight.detach()[labels].float(), dim=1)
+    noise_part = torch.randn(rows.shape, generator=gen, device=rows.device) * (noise / math.sqrt(rows.shape[1]))
+    return (rows + noise_part).contiguous(), labels
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, reps: int) -> float:
+    if device.type == "cuda":
+        return median(cuda_time_ms(fn, warmup=2, reps=reps))
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return median(times[1:])
+
+
+def peak_extra_mib(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=25_000_000, help="classes in the shard (C_r)")
+    parser.add_argument("--dim", type=int, default=512, help="embedding width D")
+    parser.add_argument("--batch", type=int, default=1024, help="global batch G")
+    parser.add_argument("--knn-k", type=int, default=16, help="neighbours per sample (head.knn_k)")
+    parser.add_argument("--index-configs", default="8192:4,8192:8", help="comma-separated nlist:nprobe of the IVF index")
+    parser.add_argument("--rebuild-every", type=int, default=100, help="steps between index rebuilds (head.rebuild_every)")
+    parser.add_argument("--retrain-every", type=int, default=10, help="rebuilds per k-means run (head.index_retrain_every)")
+    parser.add_argument("--noise", type=float, default=1.0, help="feature noise relative to the unit class row")
+    parser.add_argument("--family-size", type=int, default=4, help="classes per family of near-duplicate rows (1: independent rows)")
+    parser.add_argument("--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods")
+    parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.classes, args.dim, args.batch, args.reps, args.rebuild_every = 3000, 32, 48, 2, 4
+        args.index_configs = "16:4"
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --dry-run)")
+    methods = args.methods.split(",")
+    unknown = set(methods) - {"full", "full-filtered", "random", "knn"}
+    if unknown:
+        parser.error(f"unknown methods: {sorted(unknown)}")
+    index_configs = [tuple(int(v) for v in item.split(":")) for item in args.index_configs.split(",")]
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    tflops = bf16_matmul_tflops() if device.type == "cuda" else None
+    G, D, C = args.batch, args.dim, args.classes
+    print(f"shard {C:,} x {D}, batch {G}, {dtype}; matmul {tflops or 0:.0f} TFLOP/s", flush=True)
+
+    head = ShardedClassifier(
+        C, D, seed=0, init_std=0.01, margin_type="cosface", scale=16.0, margin=0.1, dtype=dtype, device=device,
+        impl="triton", momentum=0.9, weight_decay=0.0,
+    )
+    head.set_lr(0.1)
+    if args.family_size > 1:
+        family_weights_(head.weight.data, args.family_size, args.family_spread, seed=2)
+    features, labels = make_batch(head, G, seed=1, noise=args.noise)
+    floor = (lambda rows: 8 * G * D * rows / (tflops * 1e12) * 1e3) if tflops else (lambda rows: None)
+    shape = f"G={G} D={D} C_r={C}"
+    rows_out = []
+
+    def record(method, ms, rows_scored, peak, **extra):
+        floor_ms = floor(rows_scored)
+        row = {"method": method, "shape": shape, "ms": ms, "floor_ms": floor_ms,
+               "ratio": ms / floor_ms if floor_ms else None, "peak_mib": peak, "rows_scored": rows_scored, **extra}
+        rows_out.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+    def step(active_rows=None):
+        loss = head.loss(features.requires_grad_(), labels, active_rows)
+        loss.backward()
+        head.finish_step()
+        features.grad = None
+
+    for variant in ("full", "full-filtered"):
+        if variant not in methods:
+            continue
+        head.grad_filter = GRAD_FILTER if variant == "full-filtered" else 0.0
+        peak = peak_extra_mib(step, device)
+        record(f"hydrahead-{variant}", time_ms(step, device, args.reps), C, peak)
+    head.grad_filter = 0.0
+
+    knn_rows = []
+    if "knn" in methods:
+        for nlist, nprobe in index_configs:
+            selector = ActiveClassSelector(
+                "knn", 0, C, knn_k=args.knn_k, rebuild_every=args.rebuild_every, index="torch", index_type="ivf",
+                retrain_every=args.retrain_every, nlist=nlist, nprobe=nprobe, cosine=True, recall_every=0, device=device,
+            )
+            built = selector._build(head.weight, 0)  # timed alone: k-means, every row filed, lists
+            retrain_s = built.seconds
+            built = selector._build(head.weight, 0)
+            retrain_s = min(retrain_s, built.seconds)
+            selector._install(built, head.weight)
+            counter = {"step": 1}
+
+            def knn_step():
+                rows = selector.select(counter["step"], features, labels, head.weight)
+                step(rows)
+
+            # Steps 1.. within one rebuild period: no rebuild starts while timing.
+            peak = peak_extra_mib(knn_step, device)
+            ms = time_ms(knn_step, device, args.reps)
+            active = selector.last["active_classes"]
+            queries = torch.nn.functional.normalize(features.detach().float(), dim=1)
+            _, found = selector._current.index.search(queries, args.knn_k, head.weight.detach())
+            selector._measure_recall(queries, found, head.weight)
+            recall = selector.last["knn_recall"]
+
+            # A rebuild between k-means runs files again the rows updated since the last one:
+            # at most rebuild_every steps' active rows (fewer where steps overlap).
+            dirty = torch.randperm(C, device=device)[: min(C, args.rebuild_every * active)]
+            synchronize(device)
+            start = time.perf_counter()
+            selector._current.index.reassigned(head.weight, dirty)
+            synchronize(device)
+            refile_s = time.perf_counter() - start
+
+            if args.profile and device.type == "cuda":
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        knn_step()
+                    synchronize(device)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+            # The real schedule, fresh batches: 2 * rebuild_every steps with background rebuilds.
+            synchronize(device)
+            start = time.perf_counter()
+            for s in range(1, 2 * args.rebuild_every + 1):
+                counter["step"] = s
+                features, labels = make_batch(head, G, seed=100 + s, noise=args.noise)
+                knn_step()
+            synchronize(device)
+            bg_ms = (time.perf_counter() - start) * 1e3 / (2 * args.rebuild_every)
+            selector.close()
+            cycle = args.retrain_every * args.rebuild_every  # steps per k-means run
+            build_ms_per_step = (retrain_s + (args.retrain_every - 1) * refile_s) * 1e3 / cycle
+            record(f"hydrahead-knn {nlist}:{nprobe}", ms + build_ms_per_step, active, peak, step_ms=ms,
+                   retrain_s=retrain_s, refile_s=refile_s, refiled_rows=dirty.numel(), build_ms_per_step=build_ms_per_step,
+                   bg_ms=bg_ms, knn_recall=recall, active_classes=active, nlist=nlist, nprobe=nprobe,
+                   rebuild_every=args.rebuild_every, retrain_every=args.retrain_every, knn_k=args.knn_k)
+            knn_rows.append(active)
+            del selector, built
+
+    if "random" in methods:
+        budget = round(median(knn_rows)) if knn_rows else max(1, C // 1000)
+        selector = ActiveClassSelector("random", 0, C, budget=budget, device=device)
+        counter = {"step": 1}
+
+        def random_step():
+            counter["step"] += 1
+            step(selector.select(counter["step"], features, labels, head.weight))
+
+        peak = peak_extra_mib(random_step, device)
+        record("hydrahead-random", time_ms(random_step, device, args.reps), budget, peak, active_classes=budget)
+
+    full = {r["method"]: r["ms"] for r in rows_out}
+    for row in rows_out:
+        if "hydrahead-full" in full:
+            row["speedup_vs_full"] = full["hydrahead-full"] / row["ms"]
+        if "hydrahead-full-filtered" in full:
+            row["speedup_vs_filtered"] = full["hydrahead-full-filtered"] / row["ms"]
+    payload = {
+        **environment(), "benchmark": args.name, "matmul_tflops_bf16": tflops,
+        "floor": "8*G*D*(rows scored) at the bf16 matmul rate measured in this run (search not counted)",
+        "settings": {"classes": C, "dim": D, "batch": G, "knn_k": args.knn_k, "rebuild_every": args.rebuild_every,
+                     "retrain_every": args.retrain_every, "noise": args.noise, "family_size": args.family_size, "family_spread": args.family_spread, "reps": args.reps, "dtype": str(dtype), "margin": "cosface s=16 m=0.1",
+                     "momentum_dtype": "float32"},
+        "rows": rows_out,
+    }
+    path = write_results(args.name, payload)
+    print(f"\nwrote {path}")
+    print_table(rows_out, ["method", "ms", "step_ms", "retrain_s", "refile_s", "bg_ms", "knn_recall", "active_classes", "ratio",
+                           "peak_mib", "speedup_vs_full", "speedup_vs_filtered"])
+
+
+if __name__ == "__main__":
+    main()
