@@ -116,6 +116,12 @@ class HeadConfig:
         "active classes per shard per step: an int count, or a float fraction of the shard (world-size "
         "independent for random); knn fills up to it with random classes (null: no fill)",
     )
+    inactive_rows: str = _key(
+        "continue",
+        "random/knn: rows outside a step's active set take full SGD's zero-gradient step (continue: momentum and "
+        "weight decay go on, applied lazily) or keep weight and momentum unchanged (frozen, Partial FC's rule)",
+        ("continue", "frozen"),
+    )
     knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
     rebuild_every: int = _key(100, "knn: steps between index rebuilds from the current weights")
     index_retrain_every: int = _key(

@@ -114,3 +114,102 @@ def test_bad_active_rows_fail_clearly():
         head.loss(features, labels, positives)
     head.finish_step(skip=True)  # a skipped step leaves every row as it was
     assert torch.equal(head.weight, make_head("reference", torch.float64).weight)
+
+
+def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12, seed=4):
+    """The head over random active sets for ``steps`` steps, beside torch.optim.SGD on a dense
+    copy whose gradient is zero outside the active rows (float64; LR changes every step)."""
+    from hydrahead.head import sharded_cross_entropy
+
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, init_std=0.5, dtype=dtype, impl=impl, momentum=momentum,
+                             weight_decay=weight_decay, momentum_dtype=dtype, inactive_rows=inactive_rows)
+    dense = head.weight.detach().double().clone().requires_grad_()
+    optimizer = torch.optim.SGD([dense], lr=LR, momentum=momentum, weight_decay=weight_decay)
+    never = 7  # rows 0..7 are never active: only the deferred steps move them
+    for step in range(steps):
+        lr = LR * (1 + step % 3) / 3
+        head.set_lr(lr)
+        optimizer.param_groups[0]["lr"] = lr
+        features = torch.randn(BATCH, DIM, generator=gen, dtype=torch.float64)
+        labels = torch.randint(8, NUM_CLASSES, (BATCH,), generator=gen)
+        rows = torch.unique(torch.cat([labels, torch.randint(8, NUM_CLASSES, (10,), generator=gen)]))
+        loss = head.loss(features.to(dtype).requires_grad_(), labels, rows)
+        loss.backward()
+        head.finish_step()
+        reference = sharded_cross_entropy(features, dense[rows], torch.searchsorted(rows, labels), 0)
+        optimizer.zero_grad()
+        reference.backward()
+        if inactive_rows == "frozen":  # only the active rows take the step
+            kept = dense.detach().clone()
+            state = optimizer.state[dense]
+            kept_buffer = state["momentum_buffer"].clone() if "momentum_buffer" in state else torch.zeros_like(kept)
+        optimizer.step()
+        if inactive_rows == "frozen":
+            inactive = torch.ones(NUM_CLASSES, dtype=torch.bool)
+            inactive[rows] = False
+            with torch.no_grad():
+                dense[inactive] = kept[inactive]
+                if momentum:
+                    optimizer.state[dense]["momentum_buffer"][inactive] = kept_buffer[inactive]
+        assert float(loss) == pytest.approx(float(reference), rel=1e-12 if impl == "reference" else 1e-5)
+    if inactive_rows == "continue":
+        assert head._deferred.owing and int(head._deferred.row_updates[never]) == 0  # row 7 still owes every step
+    head.settle()
+    buffer = optimizer.state[dense]["momentum_buffer"] if momentum else None
+    return head, dense.detach(), buffer
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 1e-2), (0.9, 1e-2)])
+def test_inactive_rows_continue_as_full_sgd_with_zero_gradients(momentum, weight_decay):
+    head, weight, buffer = _sgd_over_active_rows("reference", "continue", momentum, weight_decay)
+    assert torch.allclose(head.weight.detach(), weight, rtol=0, atol=1e-12)
+    if momentum:
+        assert torch.allclose(head.momentum_buffer, buffer, rtol=0, atol=1e-12)
+    assert not head._deferred.owing
+
+
+def test_inactive_rows_continue_with_the_fused_kernels():
+    head, weight, buffer = _sgd_over_active_rows("triton", "continue", 0.9, 1e-2, steps=4)
+    assert torch.allclose(head.weight.detach().double(), weight, rtol=0, atol=1e-5)
+    assert torch.allclose(head.momentum_buffer.double(), buffer, rtol=0, atol=1e-5)
+
+
+def test_frozen_rows_keep_weight_and_momentum():
+    head, weight, buffer = _sgd_over_active_rows("reference", "frozen", 0.9, 1e-2)
+    assert head._deferred is None
+    assert torch.allclose(head.weight.detach(), weight, rtol=0, atol=1e-12)
+    assert torch.allclose(head.momentum_buffer, buffer, rtol=0, atol=1e-12)
+
+
+def test_deferred_steps_are_settled_within_max_lag():
+    head = make_head("reference", torch.float64)
+    head.momentum_buffer.normal_()
+    rows = labels = torch.arange(10, 20)
+    for step in range(5):
+        head.loss(torch.randn(10, DIM, dtype=torch.float64), labels, rows).backward()
+        if step == 0:
+            head._deferred.max_lag = 3  # settle at the latest every 3 steps
+        head.finish_step()
+        assert head._deferred.updates - head._deferred.oldest < 3
+
+
+@pytest.mark.parametrize("settle_by", ["predict", "full loss"])
+def test_full_loss_and_predict_settle_first(settle_by):
+    head = make_head("reference", torch.float64)
+    head.momentum_buffer = torch.randn_like(head.momentum_buffer, dtype=torch.float64)
+    w0, b0 = head.weight.detach()[50].clone(), head.momentum_buffer[50].clone()
+    rows = torch.tensor([1, 2, 3, 4])
+    head.loss(torch.randn(4, DIM, dtype=torch.float64), rows, rows).backward()
+    head.finish_step()
+    assert torch.equal(head.weight.detach()[50], w0) and head._deferred.owing  # owed, not yet applied
+    if settle_by == "predict":
+        head.predict(torch.randn(2, DIM, dtype=torch.float64))
+    else:
+        head.loss(torch.randn(2, DIM, dtype=torch.float64), torch.tensor([0, 1]))
+    # One zero-gradient SGD step: b = mu b0 + wd w0, w = w0 - lr b.
+    b1 = MOMENTUM * b0 + WEIGHT_DECAY * w0
+    assert torch.allclose(head.momentum_buffer[50], b1, rtol=0, atol=1e-14)
+    assert torch.allclose(head.weight.detach()[50], w0 - LR * b1, rtol=0, atol=1e-14)
+    assert not head._deferred.owing

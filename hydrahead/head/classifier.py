@@ -16,9 +16,11 @@ from hydrahead.distributed.collectives import (
 )
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
+from hydrahead.optim.deferred_sgd import DeferredSGD
 
 INIT_KINDS = ("normal", "uniform")
 IMPLS = ("reference", "triton")
+INACTIVE_ROWS = ("continue", "frozen")
 _INIT_STREAM = 1000  # counter-hash stream reserved for head weights (data streams are small ints)
 _INIT_BLOCK_ROWS = 1 << 16  # rows initialised per pass: bounds the temporary hash tensors
 
@@ -91,10 +93,13 @@ class ShardedClassifier(nn.Module):
         weight_decay: float = 0.0,
         momentum_dtype: torch.dtype = torch.float32,
         grad_filter: float = 0.0,
+        inactive_rows: str = "continue",
     ):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if inactive_rows not in INACTIVE_ROWS:
+            raise ValueError(f"inactive_rows must be one of {INACTIVE_ROWS}, got {inactive_rows!r}")
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if margin_type not in MARGIN_TYPES:
@@ -110,6 +115,8 @@ class ShardedClassifier(nn.Module):
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
         self.lr = 0.0
         self._active = None  # (rows, weight copy, momentum copy) of a loss over active rows, until finish_step
+        self.inactive_rows = inactive_rows
+        self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         # Per-class optimizer state, checkpointed by class range like the weight.
         self.momentum_buffer = torch.zeros_like(self.weight, dtype=momentum_dtype) if momentum else None
         self.reset_parameters()
@@ -142,11 +149,15 @@ class ShardedClassifier(nn.Module):
     @torch.no_grad()
     def finish_step(self, *, skip: bool = False) -> None:
         """End a training step: apply the SGD update from ``.grad`` (reference impl), or
-        nothing (triton: it already happened in the backward). ``skip`` drops the gradient.
+        nothing (triton: it already happened in the backward). ``skip`` drops the step.
 
-        After a loss over ``active_rows`` only those rows move: their weights and momentum
-        take the SGD step; every other row keeps its weight and its momentum unchanged
-        (no decay, no momentum step), as if it had not been part of this step.
+        After a loss over ``active_rows`` those rows take the SGD step with their
+        gradients. The other rows, with ``inactive_rows="continue"`` (the default), take
+        the step of a zero gradient, as full SGD would: momentum keeps moving them and
+        weight decay shrinks them. That step is deferred (``DeferredSGD``) and paid when a
+        row is next active, or for all rows at ``settle()``, which the full loss, ``predict``
+        and checkpoints call. With ``"frozen"`` (Partial FC's rule) the other rows keep
+        weight and momentum as they were, as if the step had not happened for them.
         """
         grad, self.weight.grad = self.weight.grad, None
         active, self._active = self._active, None
@@ -161,10 +172,28 @@ class ShardedClassifier(nn.Module):
             self.weight.data[rows] = sub_weight.detach()  # triton: the backward already stepped the copies
             if sub_buffer is not None:
                 self.momentum_buffer[rows] = sub_buffer
+            self._record_step(rows)
             return
-        if skip or grad is None:
+        if skip or (grad is None and self.impl == "reference"):
             return
-        _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
+        if grad is not None:
+            _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
+        self._record_step(None)
+
+    def _record_step(self, rows: torch.Tensor | None) -> None:
+        if self._deferred is None:
+            return
+        self._deferred.record_step(self.lr, rows)
+        if self._deferred.must_settle:
+            self.settle()
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Apply every row's deferred steps (``inactive_rows="continue"``): afterwards the
+        weights and momentum are exactly those of full SGD with zero gradients outside the
+        active rows. A no-op when nothing is owed."""
+        if self._deferred is not None:
+            self._deferred.settle_(self.weight.data, self.momentum_buffer)
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
@@ -189,6 +218,12 @@ class ShardedClassifier(nn.Module):
         )
         sub_weight = self.weight.detach()[active_rows]
         sub_buffer = self.momentum_buffer[active_rows] if self.momentum_buffer is not None else None
+        if self.inactive_rows == "continue" and (self.momentum or self.weight_decay):
+            if self._deferred is None:
+                self._deferred = DeferredSGD(
+                    self.num_local_classes, momentum=self.momentum, weight_decay=self.weight_decay, device=self.weight.device
+                )
+            self._deferred.catch_up_(active_rows, sub_weight, sub_buffer)  # the steps they sat out
         self._active = (active_rows, sub_weight, sub_buffer)
         return sub_weight, sub_buffer, labels
 
@@ -201,7 +236,9 @@ class ShardedClassifier(nn.Module):
         """
         weight, buffer, labels = self.weight, self.momentum_buffer, global_labels
         class_start, num_classes = self.class_start, self.num_classes
-        if active_rows is not None:
+        if active_rows is None:
+            self.settle()  # every row takes part: none may lag
+        else:
             weight, buffer, labels = self._active_problem(global_labels, active_rows)
             class_start, num_classes = 0, None  # each rank in its own frame: rows [0, n_active)
             if self.impl == "reference":
@@ -247,6 +284,7 @@ class ShardedClassifier(nn.Module):
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, num_classes={self.num_classes}], got {k!r}")
+        self.settle()
         if sizes is None and self.world_size > 1:
             sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
         features = all_gather_features(local_features.detach(), self.group, sizes=sizes)

@@ -2,7 +2,7 @@
 
 One step, on every rank:
     inputs_r --backbone (DDP)--> f_r --all-gather--> F (G x D), labels Y
-    head loss over this rank's classes (one MAX + one SUM all-reduce of G floats)
+    head loss over this rank's classes, all or the step's active rows (head.selection; one MAX + one SUM all-reduce of G floats)
     head backward: weight grad (local) and dF (partial) --reduce-scatter--> df_r
     backbone backward from df_r; DDP all-reduces the backbone gradients (a SUM, see below)
     backbone optimizer (sgd/adamw/lars/lamb); head SGD on its own shard
@@ -137,6 +137,7 @@ class Trainer:
             chunk_size=cfg.head.chunk_size, device=self.device, dtype=getattr(torch, cfg.head_dtype),
             impl=cfg.head_impl, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay,
             momentum_dtype=getattr(torch, cfg.head.momentum_dtype), grad_filter=cfg.head.grad_filter,
+            inactive_rows=cfg.head.inactive_rows,
         )
 
         h = cfg.head
@@ -190,6 +191,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.head.settle()  # checkpoints hold every row's exact weights, no deferred steps
         state, meta = self._state(), self._meta()
         if self.selector.saves_index:
             # Per-rank keys: an index belongs to one shard and is reloaded only at the same world size.

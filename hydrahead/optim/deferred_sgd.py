@@ -1,0 +1,102 @@
+"""The SGD steps that rows outside a step's active set are owed, applied when next read.
+
+With active-class selection a step computes gradients for a few rows of the shard. Full
+SGD would still move every other row: a zero gradient plus weight decay goes into the
+momentum buffer, and the buffer into the weight. For one row those zero-gradient steps are
+a linear map of (weight, buffer), the same for every row and every element:
+
+    b_j = mu b_{j-1} + wd w_{j-1}          [w_j]   [1 - lr_j wd   -lr_j mu] [w_{j-1}]
+    w_j = w_{j-1} - lr_j b_j          =>   [b_j] = [wd             mu     ] [b_{j-1}]
+
+so a row that sat out n steps owes the product of the last n such 2x2 matrices. This keeps
+them in a table (lag -> product, float64) that each applied step extends by one matrix,
+and the update count at which each row was last current. A row's debt is paid when it is
+next active (``catch_up``, before the loss reads it) or when every row must be exact
+(``settle``: evaluation, checkpoints, and at the latest every ``max_lag`` steps, which
+bounds the table). The result is torch.optim.SGD's trajectory for a gradient that is
+zero outside the active rows, up to the rounding of applying a product instead of its
+factors one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DeferredSGD"]
+
+_SETTLE_ROWS = 1 << 18  # rows settled per pass: bounds the float32 temporaries
+
+
+class DeferredSGD:
+    """Zero-gradient SGD steps owed by the rows of one shard (C_r rows)."""
+
+    def __init__(self, num_rows: int, *, momentum: float, weight_decay: float, device, max_lag: int = 4096):
+        if max_lag < 1:
+            raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+        self.momentum, self.weight_decay, self.max_lag = momentum, weight_decay, max_lag
+        self.updates = 0  # applied steps so far
+        self.row_updates = torch.zeros(num_rows, dtype=torch.int32, device=device)  # when each row was last current
+        self.oldest = 0  # every row is current at least as of this step
+        self.table = torch.eye(2, dtype=torch.float64).repeat(max_lag + 1, 1, 1)  # table[n]: product of the last n
+
+    @property
+    def owing(self) -> bool:
+        """Whether any row lags behind the applied steps."""
+        return self.oldest < self.updates
+
+    @property
+    def must_settle(self) -> bool:
+        return self.updates - self.oldest >= self.max_lag
+
+    def record_step(self, lr: float, active_rows: torch.Tensor | None) -> None:
+        """One applied step at ``lr``: ``active_rows`` took it for real (None: every row did)."""
+        step = torch.tensor(
+            [[1.0 - lr * self.weight_decay, -lr * self.momentum], [self.weight_decay, self.momentum]], dtype=torch.float64
+        )
+        self.table = torch.cat((self.table[:1], step @ self.table[:-1]))
+        self.updates += 1
+        if active_rows is None:
+            self.row_updates.fill_(self.updates)
+            self.oldest = self.updates
+        else:
+            self.row_updates[active_rows.to(self.row_updates.device)] = self.updates
+
+    def _apply(self, rows, weight: torch.Tensor, buffer: torch.Tensor | None):
+        """(weight, buffer) of ``rows`` (an index or a slice) after the maps they owe, in
+        float32 (float64 for float64 rows)."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        lag = (self.updates - self.row_updates[rows]).long()
+        maps = self.table.to(self.row_updates.device)[lag].to(dtype)
+        w = weight.to(dtype)
+        if buffer is None:  # no momentum: the buffer is 0 between steps, only the decay of w remains
+            return maps[:, 0, 0, None] * w, None
+        b = buffer.to(dtype)
+        return (maps[:, 0, 0, None] * w + maps[:, 0, 1, None] * b), (maps[:, 1, 0, None] * w + maps[:, 1, 1, None] * b)
+
+    @torch.no_grad()
+    def catch_up_(self, rows: torch.Tensor, weight_rows: torch.Tensor, buffer_rows: torch.Tensor | None) -> None:
+        """Pay the debt of ``rows`` on their copies ``weight_rows`` / ``buffer_rows`` in place.
+
+        The caller writes the copies back after the step and ``record_step`` marks the rows
+        current, so the debt is not paid twice.
+        """
+        if not self.owing or rows.numel() == 0:
+            return
+        w, b = self._apply(rows, weight_rows, buffer_rows)
+        weight_rows.copy_(w)
+        if buffer_rows is not None:
+            buffer_rows.copy_(b)
+
+    @torch.no_grad()
+    def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None) -> None:
+        """Pay every row's debt in place; afterwards all rows are current."""
+        if not self.owing:
+            return
+        for start in range(0, weight.shape[0], _SETTLE_ROWS):
+            rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
+            w, b = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])
+            weight[rows] = w.to(weight.dtype)
+            if buffer is not None:
+                buffer[rows] = b.to(buffer.dtype)
+        self.row_updates.fill_(self.updates)
+        self.oldest = self.updates
