@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,8 +112,28 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
 
     rows = [r for r in records if r["shape"] == shape and not r.get("note")]
     failed = [r for r in records if r["shape"] == shape and r.get("note")]
+    summary = summarize(rows, list(variants))
+    payload = {
+        **environment(), "benchmark": args.name, "config": args.config, "overrides": args.overrides,
+        "eval_samples": cfg.train.eval_samples, "matmul_tflops_bf16": tflops,
+        "floor": "8*G*D*C_r of the full head per step at the bf16 matmul rate measured in this run",
+        "what": what, "summary": summary, "rows": rows,
+    }
+    path = write_results(args.name, payload)
+    plot_study(payload, path.with_suffix(".png"))
+    print(f"\nwrote {path}")
+    for r in failed:
+        print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
+    if not summary:
+        sys.exit("no run finished")
+    print_table(summary, ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "active_classes_mean",
+                          "knn_recall_mean", "head_ms_median"])
+
+
+def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
+    """Mean and spread over seeds per method: ``first`` in its order, then any other method of the rows."""
     summary = []
-    for method in variants:
+    for method in dict.fromkeys([*first, *(r["method"] for r in rows)]):
         group = [r for r in rows if r["method"] == method and r.get("eval_top1") is not None]
         if not group:
             continue
@@ -130,17 +150,39 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
             "knn_recall_mean": statistics.mean(recall) if recall else None,
             "head_ms_median": statistics.median(times) if times else None,
         })
-    payload = {
-        **environment(), "benchmark": args.name, "config": args.config, "overrides": args.overrides,
-        "eval_samples": cfg.train.eval_samples, "matmul_tflops_bf16": tflops,
-        "floor": "8*G*D*C_r of the full head per step at the bf16 matmul rate measured in this run",
-        "what": what, "summary": summary, "rows": rows,
-    }
-    path = write_results(args.name, payload)
-    print(f"\nwrote {path}")
-    for r in failed:
-        print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
-    if not summary:
-        sys.exit("no run finished")
-    print_table(summary, ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "active_classes_mean",
-                          "knn_recall_mean", "head_ms_median"])
+    return summary
+
+
+def plot_study(payload: dict, png: Path) -> None:
+    """Held-out top-1 per variant: the mean over seeds as a bar, each seed as a dot."""
+    plt = pyplot()
+    if plt is None or not payload["summary"]:
+        return
+    methods = [row["method"] for row in payload["summary"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods) + 2), 4.5))
+    for i, row in enumerate(payload["summary"]):
+        ax.bar(i, 100 * row["eval_top1_mean"], color="tab:blue" if "full" in row["method"] else "tab:orange", alpha=0.6)
+        seeds = [100 * r["eval_top1"] for r in payload["rows"] if r["method"] == row["method"] and r.get("eval_top1") is not None]
+        ax.plot([i] * len(seeds), seeds, "k.", markersize=6)
+    means = [100 * row["eval_top1_mean"] for row in payload["summary"]]
+    spread = max(means) - min(means)
+    ax.set_ylim(min(means) - max(1.0, spread), max(means) + max(1.0, spread))
+    ax.set_xticks(range(len(methods)), [m.removeprefix("hydrahead-") for m in methods], fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
+    shape = payload["rows"][0]["shape"] if payload["rows"] else ""
+    ax.set_title(f"{payload['benchmark']}: {shape}\n{payload['device']}, bars: mean over seeds, dots: seeds", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    # Summarise and plot a study again from its JSON: python benchmarks/accuracy_runs.py benchmarks/results/<name>.json
+    for name in sys.argv[1:]:
+        path = Path(name)
+        payload = json.loads(path.read_text())
+        payload["summary"] = summarize(payload["rows"], [r["method"] for r in payload["summary"]])
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        plot_study(payload, path.with_suffix(".png"))
+        print_table(payload["summary"], ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "knn_recall_mean"])

@@ -65,6 +65,7 @@ from benchmarks.common import (  # noqa: E402
     environment,
     median,
     print_table,
+    pyplot,
     write_results,
 )
 
@@ -413,13 +414,8 @@ def child_options(args) -> list[str]:
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     """Grouped bars: time / floor per method, one group per (shape, kind), log scale."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     groups = list(dict.fromkeys((r["shape"], r["kind"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))

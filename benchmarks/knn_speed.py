@@ -32,6 +32,7 @@ selection costs on top of the loss.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, median, print_table, write_results  # noqa: E402
+from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, median, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.head import ShardedClassifier  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
 
@@ -96,6 +97,35 @@ def peak_extra_mib(fn, device) -> float | None:
     fn()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def plot(payload: dict, png: Path) -> None:
+    """Head step time per method (log scale); knn split into its step and amortised rebuilds."""
+    plt = pyplot()
+    if plt is None:
+        return
+    rows = payload["rows"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.8))
+    for i, row in enumerate(rows):
+        step_ms = row.get("step_ms", row["ms"])
+        ax.barh(i, step_ms, color="tab:blue")
+        if "build_ms_per_step" in row:
+            ax.barh(i, row["build_ms_per_step"], left=step_ms, color="tab:orange")
+        label = f"{row['ms']:.1f} ms"
+        if row.get("speedup_vs_full"):
+            label += f"  ({row['speedup_vs_full']:.0f}x faster than full)" if row["speedup_vs_full"] > 1.01 else ""
+        ax.text(row["ms"] * 1.1, i, label, va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), [r["method"].removeprefix("hydrahead-") for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(right=max(r["ms"] for r in rows) * 8)
+    ax.set_xlabel("ms per head step (blue: step, orange: index rebuilds amortised)")
+    s = payload["settings"]
+    ax.set_title(f"{payload['device']}: one shard, C_r={s['classes']:,}, D={s['dim']}, G={s['batch']}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -256,10 +286,14 @@ def main(argv=None) -> None:
         "rows": rows_out,
     }
     path = write_results(args.name, payload)
+    plot(payload, path.with_suffix(".png"))
     print(f"\nwrote {path}")
     print_table(rows_out, ["method", "ms", "step_ms", "retrain_s", "refile_s", "bg_ms", "knn_recall", "active_classes", "ratio",
                            "peak_mib", "speedup_vs_full", "speedup_vs_filtered"])
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # re-plot a results JSON
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]).with_suffix(".png"))
+    else:
+        main()

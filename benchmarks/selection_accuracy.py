@@ -12,7 +12,9 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
                               + positives, filled with random rows up to head.budget
   hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget
 
-The knn index is the torch backend (--index-type, ivf by default: approximate, rebuilt in
+Rows outside a step's active set follow --inactive-rows (head.inactive_rows): continue
+(full SGD's zero-gradient step, momentum goes on) or frozen (Partial FC's rule); a frozen
+variant's name ends in "frozen". The knn index is the torch backend (--index-type, ivf by default: approximate, rebuilt in
 the background every --rebuild-every steps), as it runs on a GPU without faiss-gpu.
 Held-out top-1 is over all classes (the exact sharded top-k), whatever the selection.
 """
@@ -33,19 +35,21 @@ def main(argv=None) -> None:
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
     parser.add_argument("--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index")
     parser.add_argument("--rebuild-every", type=int, default=100, help="head.rebuild_every")
+    parser.add_argument("--inactive-rows", default="continue", choices=("continue", "frozen"), help="head.inactive_rows of knn and random")
     parser.add_argument("--methods", default="full,knn,random", help="comma-separated subset of full, knn, random")
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
         parser.error("--budget must be a fraction in (0, 1]")
-    common = [f"head.budget={args.budget!r}"]
+    common = [f"head.budget={args.budget!r}", f"head.inactive_rows={args.inactive_rows}"]
+    frozen = " frozen" if args.inactive_rows == "frozen" else ""
     variants = {
         "hydrahead-full": ["head.selection=full"],
-        f"hydrahead-knn {args.budget:g} {args.index_type} k={args.knn_k} R={args.rebuild_every}": [
+        f"hydrahead-knn {args.budget:g} {args.index_type} k={args.knn_k} R={args.rebuild_every}{frozen}": [
             "head.selection=knn", *common, f"head.knn_k={args.knn_k}", "head.index=torch",
             f"head.index_type={args.index_type}", f"head.rebuild_every={args.rebuild_every}",
         ],
-        f"hydrahead-random {args.budget:g}": ["head.selection=random", *common],
+        f"hydrahead-random {args.budget:g}{frozen}": ["head.selection=random", *common],
     }
     wanted = args.methods.split(",")
     variants = {name: v for name, v in variants.items() if name.split()[0].removeprefix("hydrahead-") in wanted}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 from hydrahead.models import build_backbone  # noqa: E402
 
@@ -102,12 +102,8 @@ def main(argv=None) -> None:
         "rows": rows,
     }
     path = write_results(args.name, payload)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in sorted({r["method"] for r in rows}):
             pts = [(r["gpus"], r["samples_per_s"]) for r in rows if r["method"] == method]
@@ -119,8 +115,7 @@ def main(argv=None) -> None:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path.with_suffix(".png"), dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+        plt.close(fig)
     print(f"\nbf16 matmul {tflops:.0f} TFLOP/s; wrote {path}")
     print_table(rows, ["method", "gpus", "ms", "samples_per_s", "ratio", "peak_mib"])
 
