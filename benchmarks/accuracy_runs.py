@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 DRY_RUN = [
     "train.steps=6", "train.global_batch=32", "train.eval_every=6", "train.eval_samples=64",
     "model.embed_dim=16", "model.hidden_dim=32", "model.input_dim=16", "data.feature_dim=16",
-    "head.num_classes=300", "head.dtype=float32", "optim.warmup_steps=2", "log.progress=false", "checkpoint.every=0",
+    "head.num_classes=300", "head.weight_dtype=fp32", "optim.warmup_steps=2", "log.progress=false", "checkpoint.every=0",
 ]
 
 

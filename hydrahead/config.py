@@ -98,10 +98,19 @@ class HeadConfig:
         "(chunked torch), auto (triton on CUDA, reference on CPU)",
         ("auto", "triton", "reference"),
     )
-    dtype: str = _key(
-        "auto", "head weight dtype (auto: bfloat16 with triton, float32 with reference)", ("auto", "float32", "bfloat16")
+    weight_dtype: str = _key(
+        "auto",
+        "head weight storage, no fp32 master copy (auto: bf16 with triton, fp32 with reference; fp8_e4m3 runs on reference)",
+        ("auto", "fp32", "bf16", "fp8_e4m3"),
     )
-    momentum_dtype: str = _key("float32", "dtype of the head's momentum buffer", ("float32", "bfloat16"))
+    momentum_dtype: str = _key("fp32", "the head's momentum buffer (none: no buffer, needs head.momentum=0)", ("none", "bf16", "fp32"))
+    rounding: str = _key(
+        "nearest",
+        "how head updates are rounded into the stored weights: nearest, or stochastic (unbiased, keyed by seed, step, class, dim)",
+        ("nearest", "stochastic"),
+    )
+    kahan: bool = _key(False, "Kahan compensation buffer for the stored head weights (on/off, true/false)")
+    kahan_dtype: str = _key("bf16", "dtype of the Kahan compensation buffer", ("bf16", "e5m2"))
     grad_filter: float = _key(
         0.0, "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)"
     )
@@ -240,16 +249,34 @@ class Config:
         return "triton" if torch.cuda.is_available() and self.head.margin_type != "arcface" else "reference"
 
     @property
-    def head_dtype(self) -> str:
-        """head.dtype with auto resolved: bfloat16 for the fused kernels, float32 for the reference."""
-        if self.head.dtype != "auto":
-            return self.head.dtype
-        return "bfloat16" if self.head_impl == "triton" else "float32"
+    def head_weight_dtype(self):
+        """head.weight_dtype as a torch dtype, auto resolved: bf16 for the fused kernels, fp32 for the reference."""
+        name = self.head.weight_dtype
+        if name == "auto":
+            name = "bf16" if self.head_impl == "triton" else "fp32"
+        return torch_dtype(name)
+
+    @property
+    def head_momentum_dtype(self):
+        """The momentum buffer's torch dtype (None: no buffer)."""
+        return None if self.head.momentum_dtype == "none" else torch_dtype(self.head.momentum_dtype)
+
+    @property
+    def head_kahan_dtype(self):
+        """The Kahan buffer's torch dtype, or None with head.kahan=off."""
+        return torch_dtype(self.head.kahan_dtype) if self.head.kahan else None
 
     @property
     def head_lr(self) -> float:
         """Learning rate of the head: head.lr when set, else optim.lr."""
         return self.head.lr if self.head.lr is not None else self.optim.lr
+
+
+def torch_dtype(name: str):
+    """A config dtype name (fp32, bf16, fp8_e4m3, e5m2) as a torch dtype; torch is imported only here."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[name]
 
 
 # ---------------------------------------------------------------------------------------
@@ -604,6 +631,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
     )
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
+    low_precision = h.weight_dtype == "fp8_e4m3" or h.rounding == "stochastic" or h.kahan
+    need(
+        not low_precision or cfg.head_impl == "reference",
+        f"head.weight_dtype={h.weight_dtype}, head.rounding={h.rounding}, head.kahan={'on' if h.kahan else 'off'} run on head.impl=reference "
+        f"(the fused kernels store bf16 rounded to nearest); head.impl={h.impl} runs {cfg.head_impl}",
+    )
+    need(
+        h.momentum_dtype != "none" or h.momentum == 0,
+        f"head.momentum_dtype=none keeps no momentum buffer: set head.momentum=0 (got {h.momentum})",
+    )
     if h.budget is not None:
         need(
             (isinstance(h.budget, int) and h.budget >= 1) or (isinstance(h.budget, float) and 0 < h.budget <= 1),

@@ -125,7 +125,7 @@ def test_compiled_backbone_trains_like_eager(tmp_path):
 def test_triton_head_follows_the_reference_curve(two_rank_run, tmp_path):
     """head.impl=triton (fused update in the backward; the interpreter on CPU) vs reference."""
     run_dir = tmp_path / "triton"
-    launch(run_dir, 2, "head.impl=triton", "head.dtype=float32")
+    launch(run_dir, 2, "head.impl=triton", "head.weight_dtype=fp32")
     fused, reference = train_losses(run_dir), train_losses(two_rank_run)
     assert fused.keys() == reference.keys()
     for step in fused:

@@ -17,6 +17,7 @@ from hydrahead.distributed.collectives import (
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
+from hydrahead.optim.low_precision import LowPrecisionUpdate, round_to_storage
 
 INIT_KINDS = ("normal", "uniform")
 IMPLS = ("reference", "triton")
@@ -94,6 +95,8 @@ class ShardedClassifier(nn.Module):
         momentum_dtype: torch.dtype = torch.float32,
         grad_filter: float = 0.0,
         inactive_rows: str = "continue",
+        rounding: str = "nearest",
+        kahan_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if impl not in IMPLS:
@@ -114,11 +117,20 @@ class ShardedClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
         self.lr = 0.0
+        self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
+        self.rounding = LowPrecisionUpdate(rounding, seed=seed).rounding  # validates
+        if (dtype not in (torch.float32, torch.float64) or rounding != "nearest" or kahan_dtype is not None) and impl != "reference":
+            raise ValueError(
+                f"weights stored as {dtype} with {rounding} rounding{' and Kahan compensation' if kahan_dtype else ''} "
+                "are trained by impl='reference' (the fused kernels store bf16 rounded to nearest)"
+            )
         self._active = None  # (rows, weight copy, momentum copy) of a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         # Per-class optimizer state, checkpointed by class range like the weight.
         self.momentum_buffer = torch.zeros_like(self.weight, dtype=momentum_dtype) if momentum else None
+        # Kahan compensation of the stored weights: what the last rounding of each element lost.
+        self.compensation = torch.zeros_like(self.weight, dtype=kahan_dtype) if kahan_dtype is not None else None
         self.reset_parameters()
 
     @property
@@ -133,6 +145,18 @@ class ShardedClassifier(nn.Module):
             f"num_classes={self.num_classes}, classes=[{self.class_start}, {self.class_stop}), "
             f"embed_dim={self.embed_dim}, margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}"
         )
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether updates are computed on float32 copies and rounded into the stored weights
+        (any storage but float32/float64, stochastic rounding, or Kahan compensation)."""
+        return (self.weight.dtype not in (torch.float32, torch.float64) and self.impl == "reference") or (
+            self.rounding != "nearest" or self.compensation is not None
+        )
+
+    def set_step(self, step: int) -> None:
+        """The optimizer step about to be taken (keys the stochastic rounding of its update)."""
+        self.step = int(step)
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next update (the trainer's schedule, step by step)."""
@@ -169,16 +193,27 @@ class ShardedClassifier(nn.Module):
                 if sub_weight.grad is None:
                     return
                 _sgd_step_(sub_weight.data, sub_weight.grad, sub_buffer, self.lr, self.momentum, self.weight_decay)
-            self.weight.data[rows] = sub_weight.detach()  # triton: the backward already stepped the copies
+            self._store_rows(rows, sub_weight.detach())  # triton: the backward already stepped the copies
             if sub_buffer is not None:
                 self.momentum_buffer[rows] = sub_buffer
-            self._record_step(rows)
+            self._record_step(None if rows.numel() == self.num_local_classes else rows)
             return
         if skip or (grad is None and self.impl == "reference"):
             return
         if grad is not None:
             _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
         self._record_step(None)
+
+    def _store_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write updated rows back: as they are, or rounded into a low-precision store."""
+        if not self.low_precision:
+            self.weight.data[rows] = values
+            return
+        how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step)
+        compensation = self.compensation[rows] if self.compensation is not None else None
+        self.weight.data[rows] = round_to_storage(values, self.weight.dtype, rows + self.class_start, how, compensation)
+        if compensation is not None:
+            self.compensation[rows] = compensation
 
     def _record_step(self, rows: torch.Tensor | None) -> None:
         if self._deferred is None:
@@ -217,6 +252,8 @@ class ShardedClassifier(nn.Module):
             torch.where(positions >= 0, positions, active_rows.numel()),
         )
         sub_weight = self.weight.detach()[active_rows]
+        if self.low_precision:
+            sub_weight = sub_weight.float()  # the step runs in float32; _store_rows rounds it back
         sub_buffer = self.momentum_buffer[active_rows] if self.momentum_buffer is not None else None
         if self.inactive_rows == "continue" and (self.momentum or self.weight_decay):
             if self._deferred is None:
@@ -238,7 +275,10 @@ class ShardedClassifier(nn.Module):
         class_start, num_classes = self.class_start, self.num_classes
         if active_rows is None:
             self.settle()  # every row takes part: none may lag
-        else:
+            if self.low_precision and torch.is_grad_enabled():
+                # A float32 copy of every row takes the step; _store_rows rounds it back.
+                active_rows = torch.arange(self.num_local_classes, device=self.weight.device)
+        if active_rows is not None:
             weight, buffer, labels = self._active_problem(global_labels, active_rows)
             class_start, num_classes = 0, None  # each rank in its own frame: rows [0, n_active)
             if self.impl == "reference":

@@ -99,6 +99,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
 # ----------------------------------------------------------------------------------------
 
 
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 class _ShardProblem:
     """Everything derived once per call: dtypes, operands, where the target logits sit.
 
@@ -110,7 +113,9 @@ class _ShardProblem:
         """``labels=None`` builds a problem without targets (plain scoring, as in predict)."""
         self.scale, self.margin, self.margin_type = scale, margin, margin_type
         self.normalize = margin_type != "none"
-        self.mm_dtype = torch.promote_types(features.dtype, weight_shard.dtype)
+        # float8 storage is read as bfloat16 (the reference's emulation of fp8 weights).
+        stored = torch.bfloat16 if weight_shard.dtype in _FLOAT8 else weight_shard.dtype
+        self.mm_dtype = torch.promote_types(features.dtype, stored)
         self.compute_dtype = torch.float64 if self.mm_dtype == torch.float64 else torch.float32
         self.num_local = weight_shard.shape[0]
         self.weight = weight_shard

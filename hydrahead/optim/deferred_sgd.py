@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from hydrahead.optim.low_precision import FORMATS, round_nearest
+
 __all__ = ["DeferredSGD"]
 
 _SETTLE_ROWS = 1 << 18  # rows settled per pass: bounds the float32 temporaries
@@ -64,7 +66,7 @@ class DeferredSGD:
     def _apply(self, rows, weight: torch.Tensor, buffer: torch.Tensor | None):
         """(weight, buffer) of ``rows`` (an index or a slice) after the maps they owe, in
         float32 (float64 for float64 rows)."""
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         lag = (self.updates - self.row_updates[rows]).long()
         maps = self.table.to(self.row_updates.device)[lag].to(dtype)
         w = weight.to(dtype)
@@ -95,7 +97,7 @@ class DeferredSGD:
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
             w, b = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])
-            weight[rows] = w.to(weight.dtype)
+            weight[rows] = round_nearest(w, weight.dtype) if weight.dtype in FORMATS else w.to(weight.dtype)
             if buffer is not None:
                 buffer[rows] = b.to(buffer.dtype)
         self.row_updates.fill_(self.updates)

@@ -134,10 +134,10 @@ class Trainer:
         self.head = ShardedClassifier(
             cfg.head.num_classes, cfg.model.embed_dim, group=env.head_group, seed=cfg.run.seed, init=cfg.head.init,
             init_std=cfg.head.init_std, margin_type=cfg.head.margin_type, scale=cfg.head.scale, margin=cfg.head.margin,
-            chunk_size=cfg.head.chunk_size, device=self.device, dtype=getattr(torch, cfg.head_dtype),
+            chunk_size=cfg.head.chunk_size, device=self.device, dtype=cfg.head_weight_dtype,
             impl=cfg.head_impl, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay,
-            momentum_dtype=getattr(torch, cfg.head.momentum_dtype), grad_filter=cfg.head.grad_filter,
-            inactive_rows=cfg.head.inactive_rows,
+            momentum_dtype=cfg.head_momentum_dtype or torch.float32, grad_filter=cfg.head.grad_filter,
+            inactive_rows=cfg.head.inactive_rows, rounding=cfg.head.rounding, kahan_dtype=cfg.head_kahan_dtype,
         )
 
         h = cfg.head
@@ -172,6 +172,8 @@ class Trainer:
         head_rows = {"weight": self.head.weight.data}
         if self.head.momentum_buffer is not None:
             head_rows["momentum"] = self.head.momentum_buffer
+        if self.head.compensation is not None:
+            head_rows["compensation"] = self.head.compensation
         head = {
             name: ckpt.class_rows(rows, self.head.class_start, self.head.num_classes, self.env.rank)
             for name, rows in head_rows.items()
@@ -254,6 +256,7 @@ class Trainer:
         for group, base in zip(self.backbone_optim.param_groups, self.base_lrs):
             group["lr"] = base * mult
         self.head.set_lr(self.cfg.head_lr * mult)
+        self.head.set_step(self.step + 1)
         return o.lr * mult
 
     def _seed_step(self) -> None:

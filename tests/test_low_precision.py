@@ -1,0 +1,163 @@
+"""Low-precision head storage: stochastic rounding, Kahan compensation, fp8 weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hydrahead.config import ConfigError, load_config, validate
+from hydrahead.head import ShardedClassifier
+from hydrahead.optim.low_precision import (
+    LowPrecisionUpdate,
+    round_nearest,
+    round_to_storage,
+    rounding_uniforms,
+    stochastic_round,
+)
+from launcher import launch, train_losses
+
+DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def representable(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of ``dtype``, sorted, as float64 (from all bit patterns)."""
+    bits = 8 if dtype.itemsize == 1 else 16
+    patterns = torch.arange(2**bits, dtype=torch.int32).to(torch.uint8 if bits == 8 else torch.int16)
+    values = patterns.view(dtype).double()
+    return torch.unique(values[torch.isfinite(values)])
+
+
+def sample_values(dtype, count, seed):
+    """Values across the format's range: normals, subnormals, both signs, some exact ones."""
+    gen = torch.Generator().manual_seed(seed)
+    top = math.log2(torch.finfo(dtype).max) - 1
+    low = math.log2(torch.finfo(dtype).smallest_normal) - 3
+    magnitude = torch.exp2(torch.rand(count, generator=gen, dtype=torch.float64) * (top - low) + low)
+    sign = torch.where(torch.rand(count, generator=gen) < 0.5, -1.0, 1.0).double()
+    values = sign * magnitude
+    values[:8] = representable(dtype)[torch.randint(0, len(representable(dtype)), (8,), generator=gen)]
+    return values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_rounding_returns_a_neighbour(dtype):
+    grid = representable(dtype)
+    x = sample_values(dtype, 4000, seed=1)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rounded = stochastic_round(x, dtype, u).double()
+    below = grid[(torch.searchsorted(grid, x, right=True) - 1).clamp(min=0)]
+    above = grid[torch.searchsorted(grid, x).clamp(max=len(grid) - 1)]
+    assert bool(((rounded == below) | (rounded == above)).all())
+    exact = torch.isin(x, grid)
+    assert torch.equal(rounded[exact], x[exact])  # representable values never move
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_rounding_is_unbiased(dtype):
+    x = sample_values(dtype, 64, seed=3)
+    draws = 20000
+    uniforms = rounding_uniforms(7, 1, torch.arange(draws), x.numel())  # counter draws, as in training
+    rounded = stochastic_round(x.expand(draws, -1), dtype, uniforms).double()
+    grid = representable(dtype)
+    below = grid[(torch.searchsorted(grid, x, right=True) - 1).clamp(min=0)]
+    above = grid[torch.searchsorted(grid, x).clamp(max=len(grid) - 1)]
+    spread = (above - below).clamp(min=1e-300)
+    # Each draw is one of two values: its standard deviation is at most half their gap.
+    error = (rounded.mean(0) - x).abs() / (spread / 2 / math.sqrt(draws))
+    assert float(error.max()) < 5.0
+    # Round-to-nearest is biased for these values: the test can tell the two apart.
+    nearest = round_nearest(x, dtype).double()
+    assert float(((nearest - x).abs() / (spread / 2 / math.sqrt(draws))).max()) > 5.0
+
+
+def test_rounding_saturates_and_keeps_nan():
+    x = torch.tensor([1e6, -1e6, float("nan")], dtype=torch.float64)
+    u = torch.full_like(x, 0.5)
+    out = stochastic_round(x, torch.float8_e4m3fn, u).double()
+    assert out[:2].tolist() == [448.0, -448.0] and math.isnan(out[2])
+    assert round_nearest(x[:2], torch.float8_e4m3fn).double().tolist() == [448.0, -448.0]
+
+
+def test_rounding_draws_depend_on_class_not_position():
+    ids = torch.arange(100, 160)
+    full = rounding_uniforms(5, 3, ids, 8)
+    part = rounding_uniforms(5, 3, ids[20:40], 8)  # as a rank owning classes 120..139 would draw
+    assert torch.equal(full[20:40], part)
+    assert not torch.equal(full, rounding_uniforms(5, 4, ids, 8))  # fresh draws every step
+    assert float(full.min()) > 0 and float(full.max()) < 1
+
+
+def test_small_updates_stall_with_nearest_but_not_with_stochastic_or_kahan():
+    """bf16 weights at 1.0 take 2,000 updates of +2e-3 (about half an ulp: 2^-8 = 3.9e-3)."""
+    steps, delta, dim = 2000, 2e-3, 256
+    ids = torch.arange(4)
+    results = {}
+    for name, rounding, kahan in (("nearest", "nearest", False), ("stochastic", "stochastic", False),
+                                  ("kahan", "nearest", True)):
+        weight = torch.ones(4, dim, dtype=torch.bfloat16)
+        compensation = torch.zeros(4, dim, dtype=torch.bfloat16) if kahan else None
+        for step in range(steps):
+            how = LowPrecisionUpdate(rounding, seed=0, step=step)
+            weight = round_to_storage(weight.double() + delta, torch.bfloat16, ids, how, compensation)
+        results[name] = weight.double().mean().item()
+    target = 1.0 + steps * delta
+    assert results["nearest"] == 1.0  # every update rounds away
+    assert abs(results["stochastic"] - target) < 0.02 * target
+    assert abs(results["kahan"] - target) < 0.005 * target
+
+
+def _train_head(dtype, rounding, kahan_dtype, steps=50, seed=1):
+    torch.manual_seed(0)
+    num_classes, dim, batch = 300, 16, 64
+    head = ShardedClassifier(num_classes, dim, dtype=dtype, momentum=0.9, rounding=rounding, kahan_dtype=kahan_dtype,
+                             margin_type="cosface", scale=8.0, margin=0.1, init_std=0.1, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=gen)
+    for step in range(steps):
+        head.set_step(step + 1)
+        head.set_lr(0.02)
+        labels = torch.randint(0, num_classes, (batch,), generator=gen)
+        features = centres[labels] + 0.5 * torch.randn(batch, dim, generator=gen)
+        head.loss(features, labels).backward()
+        head.finish_step()
+    labels = torch.randint(0, num_classes, (4000,), generator=gen)
+    features = centres[labels] + 0.5 * torch.randn(4000, dim, generator=gen)
+    with torch.no_grad():
+        loss = float(head.loss(features, labels))
+    return head, loss
+
+
+def test_fp8_head_learns_with_stochastic_rounding_or_kahan_and_lags_without():
+    _, full = _train_head(torch.float32, "nearest", None)
+    _, nearest = _train_head(torch.float8_e4m3fn, "nearest", None)
+    head, stochastic = _train_head(torch.float8_e4m3fn, "stochastic", None)
+    _, kahan = _train_head(torch.float8_e4m3fn, "nearest", torch.bfloat16)
+    assert head.weight.dtype == torch.float8_e4m3fn
+    assert nearest > full + 0.05  # round-to-nearest fp8 loses updates
+    assert stochastic < nearest and kahan < nearest
+    assert abs(kahan - full) < 0.05
+
+
+def test_low_precision_needs_the_reference_impl():
+    with pytest.raises(ValueError, match="impl='reference'"):
+        ShardedClassifier(10, 4, dtype=torch.float8_e4m3fn, impl="triton")
+    with pytest.raises(ConfigError, match="head.impl=reference"):
+        validate(load_config(None, ["head.weight_dtype=fp8_e4m3", "head.impl=triton"]))
+    with pytest.raises(ConfigError, match="head.momentum=0"):
+        validate(load_config(None, ["head.momentum_dtype=none"]))
+    with pytest.raises(ValueError, match="rounding"):
+        LowPrecisionUpdate("up")
+
+
+def test_fp8_run_with_kahan_resumes_exactly(tmp_path):
+    """The Kahan buffer is checkpointed: a stopped and resumed run equals an uninterrupted one."""
+    options = ("head.impl=reference", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic", "head.kahan=on")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch(straight, 2, *options)
+    launch(stopped, 2, *options, "train.stop_after=7")
+    launch(stopped, 2, *options)
+    want, got = train_losses(straight), train_losses(stopped)
+    assert sorted(got) == sorted(want)
+    assert all(got[step] == pytest.approx(want[step], rel=1e-6) for step in want)
