@@ -68,6 +68,8 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
     recall = [r["knn_recall"] for r in settled if r.get("knn_recall") is not None]
     return {
+        "loss_curve": [[r["step"], r["loss"]] for r in train],
+        "eval_curve": [[r["step"], r["eval_top1"]] for r in evals],
         "train_loss": train[-1]["loss"] if train else None,
         "eval_top1": evals[-1]["eval_top1"] if evals else None,
         "eval_top5": evals[-1]["eval_top5"] if evals else None,
@@ -121,6 +123,7 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
     }
     path = write_results(args.name, payload)
     plot_study(payload, path.with_suffix(".png"))
+    plot_curves(payload, path.with_name(f"{path.stem}_curves.png"))
     print(f"\nwrote {path}")
     for r in failed:
         print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
@@ -151,6 +154,32 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
             "head_ms_median": statistics.median(times) if times else None,
         })
     return summary
+
+
+def plot_curves(payload: dict, png: Path) -> None:
+    """Training loss and held-out top-1 against steps, one colour per variant, one line per seed."""
+    plt = pyplot()
+    rows = [r for r in payload["rows"] if r.get("loss_curve")]
+    if plt is None or not rows:
+        return
+    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    for r in rows:
+        label = r["method"].removeprefix("hydrahead-") if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None
+        loss_ax.plot(*zip(*r["loss_curve"]), color=colours[r["method"]], alpha=0.7, linewidth=1, label=label)
+        if r.get("eval_curve"):
+            top1_ax.plot(*zip(*[(s, 100 * v) for s, v in r["eval_curve"]]), marker="o", color=colours[r["method"]], alpha=0.7)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss")
+    top1_ax.set_xlabel("step")
+    top1_ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
+    loss_ax.legend(fontsize=7)
+    for ax in (loss_ax, top1_ax):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{payload['benchmark']}: {rows[0]['shape']}, {payload['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def plot_study(payload: dict, png: Path) -> None:
