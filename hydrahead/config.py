@@ -109,6 +109,9 @@ class HeadConfig:
         "how head updates are rounded into the stored weights: nearest, or stochastic (unbiased, keyed by seed, step, class, dim)",
         ("nearest", "stochastic"),
     )
+    unit_scaling: bool = _key(
+        False, "head weights initialised at unit variance (head.init_std ignored) and plain logits multiplied by 1/sqrt(D) besides head.scale"
+    )
     kahan: bool = _key(False, "Kahan compensation buffer for the stored head weights (on/off, true/false)")
     kahan_dtype: str = _key("bf16", "dtype of the Kahan compensation buffer", ("bf16", "e5m2"))
     grad_filter: float = _key(

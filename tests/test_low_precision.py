@@ -161,3 +161,25 @@ def test_fp8_run_with_kahan_resumes_exactly(tmp_path):
     want, got = train_losses(straight), train_losses(stopped)
     assert sorted(got) == sorted(want)
     assert all(got[step] == pytest.approx(want[step], rel=1e-6) for step in want)
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_unit_scaling_gives_the_same_logits_from_unit_variance_rows(margin_type):
+    dim = 64
+    scaled = ShardedClassifier(500, dim, seed=4, unit_scaling=True, margin_type=margin_type, scale=4.0, dtype=torch.float64)
+    plain = ShardedClassifier(500, dim, seed=4, init_std=dim**-0.5, margin_type=margin_type, scale=4.0, dtype=torch.float64)
+    assert abs(float(scaled.weight.std()) - 1.0) < 0.02
+    assert torch.allclose(scaled.weight / dim**0.5, plain.weight, rtol=1e-12, atol=0)
+    features = torch.randn(32, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 500, (32,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert float(scaled.loss(features, labels)) == pytest.approx(float(plain.loss(features, labels)), rel=1e-12)
+        assert torch.equal(scaled.predict(features, k=3)[1], plain.predict(features, k=3)[1])
+
+
+def test_unit_scaled_fp8_rows_sit_in_the_normal_range():
+    """At init_std 0.01 most e4m3 rows are subnormal (below 2^-6, spacing 2^-9); at unit variance almost none."""
+    small = ShardedClassifier(2000, 64, dtype=torch.float8_e4m3fn, impl="reference")
+    unit = ShardedClassifier(2000, 64, dtype=torch.float8_e4m3fn, impl="reference", unit_scaling=True)
+    subnormal = lambda w: float((w.float().abs() < 2.0**-6).float().mean())  # noqa: E731
+    assert subnormal(small.weight) > 0.5 and subnormal(unit.weight) < 0.05

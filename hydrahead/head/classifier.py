@@ -97,6 +97,7 @@ class ShardedClassifier(nn.Module):
         inactive_rows: str = "continue",
         rounding: str = "nearest",
         kahan_dtype: torch.dtype | None = None,
+        unit_scaling: bool = False,
     ):
         super().__init__()
         if impl not in IMPLS:
@@ -111,8 +112,13 @@ class ShardedClassifier(nn.Module):
         self.world_size, self.rank = group_world_size(group), group_rank(group)
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
-        self.seed, self.init, self.init_std = seed, init, init_std
+        # Unit scaling: rows at unit variance (they use a low-precision format's range, not
+        # its subnormals), and the 1/sqrt(D) that keeps logits O(1) moves into the logit scale.
+        self.unit_scaling = unit_scaling
+        self.seed, self.init, self.init_std = seed, init, 1.0 if unit_scaling else init_std
         self.margin_type, self.scale, self.margin = margin_type, scale, margin
+        # Cosine logits do not depend on the rows' scale: only the plain inner product is rescaled.
+        self.logit_scale = scale / embed_dim**0.5 if unit_scaling and margin_type == "none" else scale
         self.ignore_index, self.chunk_size = ignore_index, chunk_size
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
@@ -289,12 +295,12 @@ class ShardedClassifier(nn.Module):
             update = SGDUpdate(self.lr, self.momentum, self.weight_decay, buffer)
             return triton_sharded_cross_entropy(
                 global_features, weight, labels, class_start,
-                group=self.group, num_classes=num_classes, scale=self.scale, margin=self.margin,
+                group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
                 margin_type=self.margin_type, ignore_index=self.ignore_index, update=update, grad_filter=self.grad_filter,
             )
         return sharded_cross_entropy(
             global_features, weight, labels, class_start,
-            group=self.group, num_classes=num_classes, scale=self.scale, margin=self.margin,
+            group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
             margin_type=self.margin_type, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
         )
 
@@ -329,7 +335,7 @@ class ShardedClassifier(nn.Module):
             sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
         features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
         problem = _ShardProblem(
-            features, self.weight.detach(), None, self.class_start, self.scale, 0.0, self.margin_type, self.ignore_index, self.chunk_size
+            features, self.weight.detach(), None, self.class_start, self.logit_scale, 0.0, self.margin_type, self.ignore_index, self.chunk_size
         )
         scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)
         ids = torch.empty((features.shape[0], 0), dtype=torch.long, device=features.device)

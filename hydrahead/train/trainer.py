@@ -138,6 +138,7 @@ class Trainer:
             impl=cfg.head_impl, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay,
             momentum_dtype=cfg.head_momentum_dtype or torch.float32, grad_filter=cfg.head.grad_filter,
             inactive_rows=cfg.head.inactive_rows, rounding=cfg.head.rounding, kahan_dtype=cfg.head_kahan_dtype,
+            unit_scaling=cfg.head.unit_scaling,
         )
 
         h = cfg.head
