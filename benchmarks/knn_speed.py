@@ -50,11 +50,11 @@ GRAD_FILTER = 2.0**-12
 
 
 @torch.no_grad()
-def family_weights_(weight: torch.Tensor, family_size: int, spread: float, seed: int, chunk: int = 1 << 20) -> None:
+def family_weights_(weight: torch.Tensor, family_size: int, spread: float, seed: int, std: float = 0.01,
+                    chunk: int = 1 << 20) -> None:
     """Rows in families of near-duplicates, as in the procedural data: centre + spread * noise."""
     gen = torch.Generator(device=weight.device).manual_seed(seed)
     chunk -= chunk % family_size
-    std = 0.01
     for start in range(0, weight.shape[0], chunk):
         rows = min(chunk, weight.shape[0] - start)
         centres = torch.randn(-(-rows // family_size), weight.shape[1], generator=gen, device=weight.device) * std
@@ -142,6 +142,9 @@ def main(argv=None) -> None:
     parser.add_argument("--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp8_e4m3"),
+                        help="head weights: bf16 (fused kernels) or fp8_e4m3 (reference impl, stochastic rounding, unit scaling)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument("--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods")
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
@@ -164,13 +167,16 @@ def main(argv=None) -> None:
     G, D, C = args.batch, args.dim, args.classes
     print(f"shard {C:,} x {D}, batch {G}, {dtype}; matmul {tflops or 0:.0f} TFLOP/s", flush=True)
 
+    if args.weight_dtype == "fp8_e4m3":
+        dtype = torch.float8_e4m3fn
     head = ShardedClassifier(
         C, D, seed=0, init_std=0.01, margin_type="cosface", scale=16.0, margin=0.1, dtype=dtype, device=device,
-        impl="triton", momentum=0.9, weight_decay=0.0,
+        impl="reference" if args.weight_dtype == "fp8_e4m3" else "triton", momentum=args.momentum, weight_decay=0.0,
+        rounding="stochastic" if args.weight_dtype == "fp8_e4m3" else "nearest", unit_scaling=args.weight_dtype == "fp8_e4m3",
     )
     head.set_lr(0.1)
     if args.family_size > 1:
-        family_weights_(head.weight.data, args.family_size, args.family_spread, seed=2)
+        family_weights_(head.weight.data, args.family_size, args.family_spread, seed=2, std=head.init_std)
     features, labels = make_batch(head, G, seed=1, noise=args.noise)
     floor = (lambda rows: 8 * G * D * rows / (tflops * 1e12) * 1e3) if tflops else (lambda rows: None)
     shape = f"G={G} D={D} C_r={C}"
@@ -282,7 +288,7 @@ def main(argv=None) -> None:
         "floor": "8*G*D*(rows scored) at the bf16 matmul rate measured in this run (search not counted)",
         "settings": {"classes": C, "dim": D, "batch": G, "knn_k": args.knn_k, "rebuild_every": args.rebuild_every,
                      "retrain_every": args.retrain_every, "noise": args.noise, "family_size": args.family_size, "family_spread": args.family_spread, "reps": args.reps, "dtype": str(dtype), "margin": "cosface s=16 m=0.1",
-                     "momentum_dtype": "float32"},
+                     "momentum_dtype": "float32" if args.momentum else "none", "weight_dtype": args.weight_dtype},
         "rows": rows_out,
     }
     path = write_results(args.name, payload)

@@ -91,7 +91,7 @@ def exact_topk(
     if num_rows == 0:
         raise ValueError("weight has no rows")
     k = min(k, num_rows)
-    dtype = torch.promote_types(torch.promote_types(queries.dtype, weight.dtype), torch.float32)
+    dtype = torch.float64 if torch.float64 in (queries.dtype, weight.dtype) else torch.float32
     q = queries.to(dtype)
     best_scores = best_rows = None
     for start in range(0, num_rows, chunk_size):

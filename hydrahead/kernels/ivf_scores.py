@@ -34,7 +34,7 @@ _BLOCK_D = 64
 def _probed_scores_kernel(
     W, Q, TABLE, PAIR_PTR, PAIR_QUERY, PAIR_SLOT, OUT,
     D, max_len, out_width, stride_w, stride_q, stride_table,
-    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     lst = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -66,6 +66,8 @@ def _probed_scores_kernel(
                 d_ok = dims < D
                 w = tl.load(W + safe_rows[:, None] * stride_w + dims[None, :],
                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:  # fp8 rows: multiply in bf16, queries keep their precision
+                    w = w.to(tl.bfloat16)
                 q = tl.load(Q + queries[:, None] * stride_q + dims[None, :],
                             mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
                 acc = tl.dot(w, tl.trans(q.to(w.dtype)), acc)
@@ -97,7 +99,7 @@ def probed_list_scores(
     """(B, nprobe * max_list_len) float32 scores of every query against its probed lists' rows.
 
     ``weight`` (C_r, D) and ``queries`` (B, D) on one device (queries are cast to the
-    weight's dtype for the products); ``table`` (nlist, max_list_len) row numbers with -1
+    weight's dtype for the products, to bfloat16 for fp8 rows); ``table`` (nlist, max_list_len) row numbers with -1
     padding; ``probes`` (B, nprobe) list ids. Entries of padding rows are -inf.
     """
     if weight.dim() != 2 or queries.dim() != 2 or weight.shape[1] != queries.shape[1]:
@@ -115,6 +117,6 @@ def probed_list_scores(
     _probed_scores_kernel[grid](
         weight, queries, table, pair_ptr, pair_query, pair_slot, out,
         weight.shape[1], max_len, out.shape[1], weight.stride(0), queries.stride(0), table.stride(0),
-        NORMALIZE=normalize, BLOCK_R=_BLOCK_ROWS, BLOCK_Q=_BLOCK_QUERIES, BLOCK_D=_BLOCK_D,
+        NORMALIZE=normalize, UPCAST=weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2), BLOCK_R=_BLOCK_ROWS, BLOCK_Q=_BLOCK_QUERIES, BLOCK_D=_BLOCK_D,
     )
     return out
