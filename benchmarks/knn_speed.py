@@ -190,6 +190,7 @@ def main(argv=None) -> None:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
     def step(active_rows=None):
+        head.set_step(head.step + 1)  # fresh stochastic-rounding draws each step
         loss = head.loss(features.requires_grad_(), labels, active_rows)
         loss.backward()
         head.finish_step()

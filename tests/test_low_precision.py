@@ -183,3 +183,49 @@ def test_unit_scaled_fp8_rows_sit_in_the_normal_range():
     unit = ShardedClassifier(2000, 64, dtype=torch.float8_e4m3fn, impl="reference", unit_scaling=True)
     subnormal = lambda w: float((w.float().abs() < 2.0**-6).float().mean())  # noqa: E731
     assert subnormal(small.weight) > 0.5 and subnormal(unit.weight) < 0.05
+
+
+def test_fused_kernels_accept_their_default_bf16_storage():
+    head = ShardedClassifier(100, 8, impl="triton", dtype=torch.bfloat16)
+    assert not head.low_precision
+    cfg = load_config(None, ["head.impl=triton"])
+    validate(cfg)
+    assert cfg.head_weight_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype, rounding, kahan", [
+    (torch.float8_e4m3fn, "stochastic", None), (torch.float8_e4m3fn, "nearest", torch.bfloat16),
+    (torch.bfloat16, "stochastic", None),
+])
+def test_settling_every_step_keeps_small_deferred_decay(dtype, rounding, kahan):
+    """Inactive rows decay by (1 - lr wd) per step; settled every step, each settle is below
+    half an ulp, so it must go through stochastic rounding or compensation, not to nearest."""
+    lr, weight_decay, steps = 0.5, 0.01, 40
+    head = ShardedClassifier(64, 32, dtype=dtype, rounding=rounding, kahan_dtype=kahan, weight_decay=weight_decay,
+                             unit_scaling=True, seed=3)
+    start = head.weight.detach().float().clone()
+    for step in range(steps):
+        head.set_step(step + 1)
+        head.set_lr(lr)
+        head.loss(torch.randn(4, 32), torch.zeros(4, dtype=torch.long), torch.tensor([0])).backward()
+        head.finish_step()
+        head.settle()
+    kept = (head.weight.detach().float()[1:] * start[1:]).sum() / (start[1:] * start[1:]).sum()
+    assert float(kept) == pytest.approx((1 - lr * weight_decay) ** steps, abs=0.01)
+    assert head.settles == steps
+
+
+def test_a_settle_makes_the_next_ivf_rebuild_file_every_row():
+    from hydrahead.head.active import ActiveClassSelector
+
+    selector = ActiveClassSelector("knn", 0, 400, knn_k=4, index="torch", index_type="ivf", nlist=8, rebuild_every=4,
+                                   retrain_every=100, deterministic=True)
+    weight = torch.randn(400, 16)
+    labels = torch.randint(0, 400, (8,))
+    selector.select(1, torch.randn(8, 16), labels, weight)  # the first build
+    selector.select(2, torch.randn(8, 16), labels, weight)
+    assert not bool(selector._dirty.all())  # only the active rows are marked
+    selector.select(3, torch.randn(8, 16), labels, weight, rows_moved=1)  # the head settled: every row moved
+    assert bool(selector._dirty.all())
+    selector.select(4, torch.randn(8, 16), labels, weight, rows_moved=1)  # a rebuild files them all
+    assert selector._current.step == 3 and not bool(selector._dirty.all())

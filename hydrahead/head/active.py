@@ -9,8 +9,10 @@ rows of the shard that the loss and the update run over (``None`` for ``full``):
   found in an index over the shard's weights, plus the owned positives, filled with
   random negatives up to the budget when one is set (``selection.knn_active``). Scores
   are cosines for the margin heads (normalised features and rows), inner products
-  otherwise. Candidates are always scored with the current weights; only the choice of
-  candidates (the index's lists) can be stale.
+  otherwise. Candidates are always scored with the stored weights as they are now; only
+  the choice of candidates (the index's lists) can be stale. (With
+  ``inactive_rows=continue`` a row that sat out steps is scored before it pays its
+  deferred momentum and decay: the search sees where it was last written.)
 
 Index rebuilds (``knn``): the first step builds synchronously; after that a rebuild from
 the current weights starts at every step that is a multiple of ``rebuild_every``. With
@@ -148,6 +150,7 @@ class ActiveClassSelector:
         # torch IVF: rows updated since the newest build began (only they need filing again).
         self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if self.index_kind == "torch_ivf" else None
         self._rebuilds = 0  # rebuilds since k-means last ran
+        self._rows_moved = 0
         self._current: _Built | None = None
         self._pending: concurrent.futures.Future | None = None
         self._worker = None
@@ -159,12 +162,18 @@ class ActiveClassSelector:
     # ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def select(self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    def select(self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+               rows_moved: int = 0) -> torch.Tensor | None:
         """Sorted local active rows for optimizer step ``step`` (1-based), or None for ``full``.
 
         ``features`` (G, D) and ``labels`` (G,) are the global batch, the same on every
-        rank; ``weight`` is this shard's current weight (C_r, D).
+        rank; ``weight`` is this shard's stored weight (C_r, D). ``rows_moved`` counts the
+        times every row was moved outside an active set (the head's ``settles``): when it
+        changes, the next IVF rebuild files every row again.
         """
+        if rows_moved != self._rows_moved and self._dirty is not None:
+            self._dirty.fill_(True)
+        self._rows_moved = rows_moved
         if self.selection == "full":
             self.last["active_classes"] = self.shard_size
             return None

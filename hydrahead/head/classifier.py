@@ -125,7 +125,8 @@ class ShardedClassifier(nn.Module):
         self.lr = 0.0
         self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
         self.rounding = LowPrecisionUpdate(rounding, seed=seed).rounding  # validates
-        if (dtype not in (torch.float32, torch.float64) or rounding != "nearest" or kahan_dtype is not None) and impl != "reference":
+        fused_ok = dtype in (torch.float32, torch.float64, torch.bfloat16) and rounding == "nearest" and kahan_dtype is None
+        if impl != "reference" and not fused_ok:
             raise ValueError(
                 f"weights stored as {dtype} with {rounding} rounding{' and Kahan compensation' if kahan_dtype else ''} "
                 "are trained by impl='reference' (the fused kernels store bf16 rounded to nearest)"
@@ -133,6 +134,7 @@ class ShardedClassifier(nn.Module):
         self._active = None  # (rows, weight copy, momentum copy) of a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
+        self.settles = 0  # how many times settle() moved rows (an index over the rows must file them again)
         # Per-class optimizer state, checkpointed by class range like the weight.
         self.momentum_buffer = torch.zeros_like(self.weight, dtype=momentum_dtype) if momentum else None
         # Kahan compensation of the stored weights: what the last rounding of each element lost.
@@ -210,12 +212,13 @@ class ShardedClassifier(nn.Module):
             _sgd_step_(self.weight.data, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
         self._record_step(None)
 
-    def _store_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Write updated rows back: as they are, or rounded into a low-precision store."""
+    def _store_rows(self, rows: torch.Tensor, values: torch.Tensor, salt: int = 0) -> None:
+        """Write updated rows back: as they are, or rounded into a low-precision store
+        (``salt`` 1: independent draws for a second rounding in the same step)."""
         if not self.low_precision:
             self.weight.data[rows] = values
             return
-        how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step)
+        how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step, salt=salt)
         compensation = self.compensation[rows] if self.compensation is not None else None
         self.weight.data[rows] = round_to_storage(values, self.weight.dtype, rows + self.class_start, how, compensation)
         if compensation is not None:
@@ -231,10 +234,14 @@ class ShardedClassifier(nn.Module):
     @torch.no_grad()
     def settle(self) -> None:
         """Apply every row's deferred steps (``inactive_rows="continue"``): afterwards the
-        weights and momentum are exactly those of full SGD with zero gradients outside the
-        active rows. A no-op when nothing is owed."""
-        if self._deferred is not None:
-            self._deferred.settle_(self.weight.data, self.momentum_buffer)
+        weights and momentum are those of full SGD with zero gradients outside the active
+        rows (float32/float64 storage: up to rounding; low-precision storage: rounded into
+        it as ``rounding`` and ``compensation`` say, with draws of their own). A no-op when
+        nothing is owed."""
+        if self._deferred is not None and self._deferred.owing:
+            write = (lambda rows, values: self._store_rows(rows, values, salt=1)) if self.low_precision else None
+            self._deferred.settle_(self.weight.data, self.momentum_buffer, write)
+            self.settles += 1
 
     @property
     def pending_grad(self) -> torch.Tensor | None:

@@ -12,7 +12,10 @@ probed at least once, each read once.
 Output: ``out[q, slot * max_list_len + i]`` is the score of the i-th row of the list that
 query ``q`` probed in position ``slot``; padding (row -1) and unwritten entries stay -inf.
 With ``normalize`` the scores are cosines: each row is divided by its L2 norm (queries
-are expected normalised already).
+are expected normalised already). Precision: the products run in the rows' dtype (bf16
+for bf16 and fp8 rows; fp32 rows go through TF32, tl.dot's default) with fp32
+accumulation, enough to rank candidates that are re-scored nowhere else. Limits: a list
+of more than 65,535 x 64 rows exceeds the launch grid.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _probed_scores_kernel(
     first = tl.load(PAIR_PTR + lst)
     last = tl.load(PAIR_PTR + lst + 1)
     slots = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = tl.load(TABLE + lst * stride_table + slots, mask=slots < max_len, other=-1)
+    rows = tl.load(TABLE + lst.to(tl.int64) * stride_table + slots, mask=slots < max_len, other=-1)
     row_ok = rows >= 0
     # A list nobody probed, or a block that is all padding: nothing to do.
     if (last > first) & (tl.max(row_ok.to(tl.int32), axis=0) > 0):
@@ -66,7 +69,7 @@ def _probed_scores_kernel(
                 d_ok = dims < D
                 w = tl.load(W + safe_rows[:, None] * stride_w + dims[None, :],
                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:  # fp8 rows: multiply in bf16, queries keep their precision
+                if UPCAST:  # fp8 rows: multiply in bf16 (queries are rounded to bf16 too)
                     w = w.to(tl.bfloat16)
                 q = tl.load(Q + queries[:, None] * stride_q + dims[None, :],
                             mask=pair_ok[:, None] & d_ok[None, :], other=0.0)

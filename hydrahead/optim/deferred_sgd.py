@@ -90,14 +90,21 @@ class DeferredSGD:
             buffer_rows.copy_(b)
 
     @torch.no_grad()
-    def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None) -> None:
-        """Pay every row's debt in place; afterwards all rows are current."""
+    def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None, write_rows=None) -> None:
+        """Pay every row's debt in place; afterwards all rows are current.
+
+        ``write_rows(rows, values)``, if given, stores the new weights of ``rows`` (a range
+        of row numbers) itself: a low-precision store rounds them its own way.
+        """
         if not self.owing:
             return
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
             w, b = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])
-            weight[rows] = round_nearest(w, weight.dtype) if weight.dtype in FORMATS else w.to(weight.dtype)
+            if write_rows is not None:
+                write_rows(torch.arange(rows.start, rows.stop, device=weight.device), w)
+            else:
+                weight[rows] = round_nearest(w, weight.dtype) if weight.dtype in FORMATS else w.to(weight.dtype)
             if buffer is not None:
                 buffer[rows] = b.to(buffer.dtype)
         self.row_updates.fill_(self.updates)

@@ -86,13 +86,14 @@ def round_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.double().clamp(-fmt.max_value, fmt.max_value).to(dtype)
 
 
-def rounding_uniforms(seed: int, step: int, class_ids: torch.Tensor, dim: int) -> torch.Tensor:
+def rounding_uniforms(seed: int, step: int, class_ids: torch.Tensor, dim: int, salt: int = 0) -> torch.Tensor:
     """(len(class_ids), dim) float64 uniforms in (0, 1) from (seed, step, class id, dim).
 
     The step is folded into the key, the (class, dim) pair is the counter: a class's draws
-    are the same whichever rank owns it.
+    are the same whichever rank owns it. ``salt`` (0 or 1) gives a second, independent set
+    for the same step, for a second rounding of the same rows in one step.
     """
-    key = int(counter_hash(seed, _ROUNDING_STREAM, torch.tensor([step], dtype=torch.int64)).item())
+    key = int(counter_hash(seed, _ROUNDING_STREAM, torch.tensor([2 * step + salt], dtype=torch.int64)).item())
     index = class_ids.long()[:, None] * dim + torch.arange(dim, device=class_ids.device)
     return counter_uniform(key, _ROUNDING_STREAM, index)
 
@@ -107,6 +108,7 @@ class LowPrecisionUpdate:
     rounding: str = "nearest"
     seed: int = 0
     step: int = 0
+    salt: int = 0  # 1: the draws of a second rounding in the same step (settling deferred steps)
 
     def __post_init__(self):
         if self.rounding not in ("nearest", "stochastic"):
@@ -130,7 +132,7 @@ def round_to_storage(
     if dtype == torch.float64:
         stored = exact
     elif how.rounding == "stochastic":
-        stored = stochastic_round(exact, dtype, rounding_uniforms(how.seed, how.step, class_ids, exact.shape[1]))
+        stored = stochastic_round(exact, dtype, rounding_uniforms(how.seed, how.step, class_ids, exact.shape[1], how.salt))
     else:
         stored = round_nearest(exact, dtype)
     if compensation is not None:

@@ -290,7 +290,7 @@ class Trainer:
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        active_rows = self.selector.select(step, head_input, global_labels, self.head.weight)
+        active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
         loss = self.head.loss(head_input, global_labels, active_rows)
         loss_finite = bool(torch.isfinite(loss))
         if loss_finite:
