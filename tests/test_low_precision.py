@@ -149,6 +149,8 @@ def test_low_precision_needs_the_reference_impl():
         validate(load_config(None, ["head.momentum_dtype=none"]))
     with pytest.raises(ValueError, match="rounding"):
         LowPrecisionUpdate("up")
+    with pytest.raises(ValueError, match="rounding"):
+        ShardedClassifier(10, 4, rounding="up")
 
 
 def test_fp8_run_with_kahan_resumes_exactly(tmp_path):

@@ -70,9 +70,8 @@ class _Built:
 def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch.device, deterministic: bool) -> tuple[str, str]:
     """(make_index kind, faiss type) for the ``head.index`` / ``head.index_type`` pair.
 
-    ``auto`` backend: FAISS when it is importable and can serve this device (a GPU needs
-    faiss-gpu; copying each step's queries to a CPU index costs more than the torch search
-    on the GPU) and the index need not be saved; torch otherwise. ``auto`` type: exact up
+    ``auto`` backend: FAISS when it can serve this device (``index.faiss_serves``) and the
+    index need not be saved; torch otherwise. ``auto`` type: exact up
     to ``EXACT_MAX_ROWS`` rows, IVF above.
     """
     if backend not in INDEX_BACKENDS:
@@ -82,8 +81,7 @@ def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch
     if backend == "auto" and index_type == "hnsw":
         backend = "faiss"  # only FAISS has it
     elif backend == "auto":
-        usable = class_index.faiss_available() and (device.type != "cuda" or class_index.faiss_gpu_available())
-        backend = "faiss" if usable and not deterministic else "torch"
+        backend = "faiss" if class_index.faiss_serves(device) and not deterministic else "torch"
     if index_type == "auto":
         index_type = "flat" if num_rows <= class_index.EXACT_MAX_ROWS else "ivf"
     if backend == "torch" and index_type == "hnsw":

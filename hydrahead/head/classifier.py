@@ -17,7 +17,7 @@ from hydrahead.distributed.collectives import (
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
-from hydrahead.optim.low_precision import LowPrecisionUpdate, round_to_storage
+from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage
 
 INIT_KINDS = ("normal", "uniform")
 IMPLS = ("reference", "triton")
@@ -124,7 +124,8 @@ class ShardedClassifier(nn.Module):
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
         self.lr = 0.0
         self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
-        self.rounding = LowPrecisionUpdate(rounding, seed=seed).rounding  # validates
+        check_rounding(rounding)
+        self.rounding = rounding
         fused_ok = dtype in (torch.float32, torch.float64, torch.bfloat16) and rounding == "nearest" and kahan_dtype is None
         if impl != "reference" and not fused_ok:
             raise ValueError(

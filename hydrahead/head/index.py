@@ -494,6 +494,12 @@ def faiss_gpu_available() -> bool:
     return faiss_available() and hasattr(_import_faiss(), "StandardGpuResources")
 
 
+def faiss_serves(device: torch.device) -> bool:
+    """Whether FAISS can index weights on ``device``: importable, with GPU support for a GPU
+    (copying each step's queries to a CPU index costs more than the torch search there)."""
+    return faiss_available() and (device.type != "cuda" or faiss_gpu_available())
+
+
 def _to_numpy_f32(x: torch.Tensor):
     return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
@@ -609,8 +615,7 @@ class AutoIndex(_IndexBase):
         self.backend: ClassIndex | None = None
 
     def _choose(self, weight: torch.Tensor) -> str:
-        device = torch.device(self.options.get("device") or weight.device)
-        if faiss_available() and (device.type != "cuda" or faiss_gpu_available()):
+        if faiss_serves(torch.device(self.options.get("device") or weight.device)):
             return "faiss"
         return "torch" if weight.shape[0] <= self.exact_max_rows else "torch_ivf"
 

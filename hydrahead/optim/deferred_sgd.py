@@ -39,7 +39,8 @@ class DeferredSGD:
         self.updates = 0  # applied steps so far
         self.row_updates = torch.zeros(num_rows, dtype=torch.int32, device=device)  # when each row was last current
         self.oldest = 0  # every row is current at least as of this step
-        self.table = torch.eye(2, dtype=torch.float64).repeat(max_lag + 1, 1, 1)  # table[n]: product of the last n
+        # table[n]: product of the last n maps, kept where the rows are (read at every catch-up)
+        self.table = torch.eye(2, dtype=torch.float64, device=device).repeat(max_lag + 1, 1, 1)
 
     @property
     def owing(self) -> bool:
@@ -53,7 +54,8 @@ class DeferredSGD:
     def record_step(self, lr: float, active_rows: torch.Tensor | None) -> None:
         """One applied step at ``lr``: ``active_rows`` took it for real (None: every row did)."""
         step = torch.tensor(
-            [[1.0 - lr * self.weight_decay, -lr * self.momentum], [self.weight_decay, self.momentum]], dtype=torch.float64
+            [[1.0 - lr * self.weight_decay, -lr * self.momentum], [self.weight_decay, self.momentum]],
+            dtype=torch.float64, device=self.table.device,
         )
         self.table = torch.cat((self.table[:1], step @ self.table[:-1]))
         self.updates += 1
@@ -68,7 +70,7 @@ class DeferredSGD:
         float32 (float64 for float64 rows)."""
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         lag = (self.updates - self.row_updates[rows]).long()
-        maps = self.table.to(self.row_updates.device)[lag].to(dtype)
+        maps = self.table[lag].to(dtype)
         w = weight.to(dtype)
         if buffer is None:  # no momentum: the buffer is 0 between steps, only the decay of w remains
             return maps[:, 0, 0, None] * w, None

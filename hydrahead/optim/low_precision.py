@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _ROUNDING_STREAM = 4000  # counter-hash stream reserved for stochastic rounding
+ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,12 @@ class LowPrecisionUpdate:
     salt: int = 0  # 1: the draws of a second rounding in the same step (settling deferred steps)
 
     def __post_init__(self):
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
+        check_rounding(self.rounding)
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
 @torch.no_grad()
