@@ -157,3 +157,103 @@ def test_gpu_ivf_search_agrees_with_the_gathered_search():
     # The kernel's fp32 products go through TF32 tensor cores: only near-ties may swap.
     assert (rows == ref_rows).float().mean() > 0.95
     assert torch.allclose(scores, ref_scores, atol=5e-3)
+
+
+# ---- FP8 weights: the kernels against the emulation of their arithmetic, and against float64
+
+
+def fp8_problem(seed, margin_type, batch=512, dim=512, num_classes=20_001):
+    from hydrahead.head.cross_entropy import normalize_rows
+    from hydrahead.kernels.shard_ce import feature_operand, inverse_row_norms
+
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, dim, generator=gen).cuda()
+    weight = torch.randn(num_classes, dim, generator=gen).cuda().to(torch.float8_e4m3fn)  # unit variance
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).cuda()
+    labels[::7] = -1
+    cosine = margin_type == "cosface"
+    if cosine:
+        features, _ = normalize_rows(features)
+    scale = 32.0 if cosine else 1.0 / dim**0.5
+    options = dict(scale=scale, target_shift=scale * 0.3 if cosine else 0.0)
+    return feature_operand(features, weight.dtype), weight, inverse_row_norms(weight) if cosine else None, labels, options
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_fp8_kernels_follow_the_emulation_of_their_arithmetic(margin_type):
+    from fp8_emulation import emulate_forward, emulate_weight_gradient
+    from hydrahead.kernels.shard_ce import shard_forward, shard_weight_backward
+
+    op, weight, inv_norm, labels, options = fp8_problem(21, margin_type)
+    cosine = inv_norm is not None
+    got = shard_forward(op, weight, inv_norm, labels, cosine=cosine, **options)
+    want = emulate_forward(op, weight, inv_norm, labels, **options)
+    # Differences: float32 summation order, the tensor cores' fast accumulation inside one
+    # 512-deep logit product, and the e5m2 roundings those flip.
+    for name, g, w in zip(("max", "sum", "target", "A"), got, want):
+        assert rel_err(g, w) < 5e-3, name
+    lse = (got[0] + torch.log(got[1])).contiguous()
+    grad = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=1e-2, update=None, **options)
+    assert rel_err(grad, emulate_weight_gradient(op, weight, inv_norm, labels, lse, grad_scale=1e-2, **options)) < 5e-3
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fp8_fused_update_follows_the_emulation(rounding):
+    from fp8_emulation import emulate_update, emulate_weight_gradient
+    from hydrahead.kernels.shard_ce import shard_forward, shard_weight_backward
+
+    op, weight, _, labels, options = fp8_problem(22, "none")
+    row_max, row_sum, _, _ = shard_forward(op, weight, None, labels, cosine=False, **options)
+    lse = (row_max + torch.log(row_sum)).contiguous()
+    grad = emulate_weight_gradient(op, weight, None, labels, lse, grad_scale=1.0, **options)
+    buffer = torch.zeros(weight.shape, device="cuda", dtype=torch.bfloat16)
+    compensation = torch.zeros(weight.shape, device="cuda", dtype=torch.bfloat16)
+    hyper = dict(lr=3.0, momentum=0.9, weight_decay=5e-4)
+    want, _, _ = emulate_update(weight, grad, buffer=buffer.clone(), rounding=rounding, seed=2, step=9,
+                                class_ids=torch.arange(weight.shape[0], device="cuda") + 7, compensation=compensation.clone(), **hyper)
+    w = weight.clone()
+    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=2, step=9, class_ids=7, compensation=compensation, **hyper)
+    shard_weight_backward(op, w, None, labels, lse, cosine=False, grad_scale=1.0, update=update, **options)
+    moved = (w.float() != weight.float()).float().mean()
+    assert float(moved) > 0.05
+    assert float((w.float() != want.float()).float().mean()) < 0.01 * float(moved)
+
+
+def test_fp8_step_follows_float64_within_fp8_error():
+    from hydrahead.head import sharded_cross_entropy
+
+    op, weight, _, labels, options = fp8_problem(23, "none")
+    features = op.values.float() * op.row_scale[:, None]  # what the kernels see
+    f = features.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, weight, labels.clamp(min=0), 0, scale=options["scale"])
+    loss.backward()
+    f64 = features.double().requires_grad_()
+    ref = sharded_cross_entropy(f64, weight.double(), labels.clamp(min=0), 0, scale=options["scale"], chunk_size=8192)
+    ref.backward()
+    assert abs(float(loss) - float(ref)) < 1e-3 * float(ref)
+    assert rel_err(f.grad, f64.grad) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dtype):
+    """The fused update with weights at 1.0 and a constant step far below half their ulp."""
+    from hydrahead.kernels.shard_ce import shard_weight_backward
+
+    rows, dim = 4096, 128
+    features = torch.zeros(8, dim, device="cuda", dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+    labels = torch.full((8,), -1, device="cuda")
+    lse = torch.full((8,), float("inf"), device="cuda")  # no gradient: weight decay alone moves them
+    from hydrahead.kernels.shard_ce import feature_operand
+
+    op = feature_operand(features, dtype)
+    step = 1e-2 * (2.0**-3 if dtype == torch.float8_e4m3fn else 2.0**-7)  # 1% of the ulp at 1.0
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        w = torch.ones(rows, dim, device="cuda").to(dtype)
+        for t in range(50):
+            update = SGDUpdate(lr=1.0, weight_decay=-step, rounding=rounding, seed=0, step=t)  # w += step each time
+            shard_weight_backward(op, w, None, labels, lse, scale=1.0, target_shift=0.0, cosine=False, grad_scale=1.0, update=update)
+        moved[rounding] = float(w.float().mean()) - 1.0
+    assert moved["nearest"] == 0.0
+    expected = 50 * step
+    assert abs(moved["stochastic"] - expected) < 0.05 * expected

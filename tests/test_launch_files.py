@@ -62,7 +62,7 @@ def test_config_header_says_how_to_launch(path):
 
 def test_class_counts_are_what_the_names_say():
     expected = {"resnet50_1m.yaml": 1_000_000, "vit_base_10m.yaml": 10_000_000, "resnet50_100m.yaml": 100_000_000,
-                "resnet50_100m_fp8.yaml": 100_000_000}
+                "resnet50_100m_fp8.yaml": 100_000_000, "head_only_100m_fp8.yaml": 100_000_000}
     for name, num_classes in expected.items():
         cfg = load_config(ROOT / "configs" / name)
         assert type(cfg.head.num_classes) is int and cfg.head.num_classes == num_classes

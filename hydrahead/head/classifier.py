@@ -126,13 +126,11 @@ class ShardedClassifier(nn.Module):
         self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
         check_rounding(rounding)
         self.rounding = rounding
-        fused_ok = dtype in (torch.float32, torch.float64, torch.bfloat16) and rounding == "nearest" and kahan_dtype is None
-        if impl != "reference" and not fused_ok:
-            raise ValueError(
-                f"weights stored as {dtype} with {rounding} rounding{' and Kahan compensation' if kahan_dtype else ''} "
-                "are trained by impl='reference' (the fused kernels store bf16 rounded to nearest)"
-            )
-        self._active = None  # (rows, weight copy, momentum copy) of a loss over active rows, until finish_step
+        if impl != "reference" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float8_e4m3fn):
+            raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
+        if impl != "reference" and dtype == torch.float8_e4m3fn and grad_filter > 0:
+            raise ValueError("grad_filter runs on bf16 or fp32 weights; fp8 weights take the exact kernels (grad_filter=0)")
+        self._active = None  # (rows, weight, momentum, compensation copies) of a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         self.settles = 0  # how many times settle() moved rows (an index over the rows must file them again)
@@ -157,11 +155,15 @@ class ShardedClassifier(nn.Module):
 
     @property
     def low_precision(self) -> bool:
-        """Whether updates are computed on float32 copies and rounded into the stored weights
-        (any storage but float32/float64, stochastic rounding, or Kahan compensation)."""
-        return (self.weight.dtype not in (torch.float32, torch.float64) and self.impl == "reference") or (
-            self.rounding != "nearest" or self.compensation is not None
-        )
+        """Whether updates are rounded into the stored weights (any storage but float32/float64,
+        stochastic rounding, or Kahan compensation). The reference impl computes them on
+        float32 copies and rounds those; the fused kernels round inside the update."""
+        return self.weight.dtype not in (torch.float32, torch.float64) or self.rounding != "nearest" or self.compensation is not None
+
+    @property
+    def _steps_copies(self) -> bool:
+        """The reference impl's low-precision path: float32 copies take the step, then are rounded back."""
+        return self.low_precision and self.impl == "reference"
 
     def set_step(self, step: int) -> None:
         """The optimizer step about to be taken (keys the stochastic rounding of its update)."""
@@ -195,14 +197,18 @@ class ShardedClassifier(nn.Module):
         grad, self.weight.grad = self.weight.grad, None
         active, self._active = self._active, None
         if active is not None:
-            rows, sub_weight, sub_buffer = active
+            rows, sub_weight, sub_buffer, sub_compensation = active
             if skip:
                 return
             if self.impl == "reference":
                 if sub_weight.grad is None:
                     return
                 _sgd_step_(sub_weight.data, sub_weight.grad, sub_buffer, self.lr, self.momentum, self.weight_decay)
-            self._store_rows(rows, sub_weight.detach())  # triton: the backward already stepped the copies
+                self._store_rows(rows, sub_weight.detach())
+            else:  # the backward already stepped the copies and rounded them into the storage format
+                self.weight.data[rows] = sub_weight
+                if sub_compensation is not None:
+                    self.compensation[rows] = sub_compensation
             if sub_buffer is not None:
                 self.momentum_buffer[rows] = sub_buffer
             self._record_step(None if rows.numel() == self.num_local_classes else rows)
@@ -265,17 +271,27 @@ class ShardedClassifier(nn.Module):
             global_labels == self.ignore_index, global_labels,
             torch.where(positions >= 0, positions, active_rows.numel()),
         )
-        sub_weight = self.weight.detach()[active_rows]
-        if self.low_precision:
-            sub_weight = sub_weight.float()  # the step runs in float32; _store_rows rounds it back
+        stored = self.weight.detach()[active_rows]
+        # Low precision: steps run on float32 copies (the reference impl rounds them back in
+        # finish_step; for the fused kernels the deferred steps are rounded back here, with
+        # the second draws of this step, and the kernel rounds its own update).
+        sub_weight = stored.float() if self.low_precision else stored
         sub_buffer = self.momentum_buffer[active_rows] if self.momentum_buffer is not None else None
+        sub_compensation = self.compensation[active_rows] if self.compensation is not None else None
+        caught_up = False
         if self.inactive_rows == "continue" and (self.momentum or self.weight_decay):
             if self._deferred is None:
                 self._deferred = DeferredSGD(
                     self.num_local_classes, momentum=self.momentum, weight_decay=self.weight_decay, device=self.weight.device
                 )
-            self._deferred.catch_up_(active_rows, sub_weight, sub_buffer)  # the steps they sat out
-        self._active = (active_rows, sub_weight, sub_buffer)
+            caught_up = self._deferred.catch_up_(active_rows, sub_weight, sub_buffer)  # the steps they sat out
+        if self.low_precision and self.impl != "reference":
+            if caught_up:
+                how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step, salt=1)
+                sub_weight = round_to_storage(sub_weight, self.weight.dtype, active_rows + self.class_start, how, sub_compensation)
+            else:
+                sub_weight = stored
+        self._active = (active_rows, sub_weight, sub_buffer, sub_compensation)
         return sub_weight, sub_buffer, labels
 
     def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,7 +305,7 @@ class ShardedClassifier(nn.Module):
         class_start, num_classes = self.class_start, self.num_classes
         if active_rows is None:
             self.settle()  # every row takes part: none may lag
-            if self.low_precision and torch.is_grad_enabled():
+            if self._steps_copies and torch.is_grad_enabled():
                 # A float32 copy of every row takes the step; _store_rows rounds it back.
                 active_rows = torch.arange(self.num_local_classes, device=self.weight.device)
         if active_rows is not None:
@@ -300,7 +316,13 @@ class ShardedClassifier(nn.Module):
         if self.impl == "triton":
             from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
-            update = SGDUpdate(self.lr, self.momentum, self.weight_decay, buffer)
+            class_ids, compensation = self.class_start, self.compensation
+            if self._active is not None:
+                class_ids, compensation = self._active[0] + self.class_start, self._active[3]
+            update = SGDUpdate(
+                self.lr, self.momentum, self.weight_decay, buffer, rounding=self.rounding, seed=self.seed,
+                step=self.step, class_ids=class_ids, compensation=compensation,
+            )
             return triton_sharded_cross_entropy(
                 global_features, weight, labels, class_start,
                 group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,

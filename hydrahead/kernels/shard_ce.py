@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hydrahead.optim.low_precision import FORMATS, rounding_keys
+
 
 @dataclass
 class SGDUpdate:
@@ -39,6 +41,13 @@ class SGDUpdate:
     momentum: float = 0.0
     weight_decay: float = 0.0
     momentum_buffer: torch.Tensor | None = None  # like the weight (fp32 or bf16); needed when momentum > 0
+    # How the new weights are written back (low-precision storage, hydrahead.optim.low_precision):
+    rounding: str = "nearest"  # or "stochastic": draws keyed by (seed, step, salt, global class id, dim)
+    seed: int = 0
+    step: int = 0
+    salt: int = 0
+    class_ids: torch.Tensor | int = 0  # the rows' global class ids, or the first row's (then consecutive)
+    compensation: torch.Tensor | None = None  # Kahan buffer shaped like the weight (bf16 or e5m2), updated in place
 
 
 # ----------------------------------------------------------------------------------------
@@ -48,9 +57,9 @@ class SGDUpdate:
 
 @triton.jit
 def _forward_kernel(
-    F, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT, A_OUT,
+    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT, A_OUT,
     G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
-    COSINE: tl.constexpr, PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EXACT_CAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
@@ -61,6 +70,8 @@ def _forward_kernel(
     dim_ok = dims < D
     f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    if FP8:  # f holds e4m3 rows, each to be multiplied by its scale
+        f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -73,6 +84,8 @@ def _forward_kernel(
         col_ok = cols < c_hi
         w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
+        if FP8:
+            z = z * f_scale[:, None]
         if COSINE:
             inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
             z = z * inv[None, :]
@@ -87,8 +100,18 @@ def _forward_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         if COSINE:
             p = p * inv[None, :]  # sum_c p_c w_c / ||w_c||
-        acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PRECISION)
+        if FP8:
+            # A in bf16: FP8 tensor cores take K-major operands only, and an fp8 W tile is
+            # D-major here (Triton's transposing path measured 3.7x slower than this one).
+            if EXACT_CAST:  # the interpreter's bf16 is unreliable: bf16-rounded values in float32, same products
+                p16 = _onto_grid(p, 0, 0, 0, 0, False, True, 7, -126, 3.3895313892515355e38)
+                acc = acc * alpha[:, None] + tl.dot(p16, w.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), w.to(tl.bfloat16))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PRECISION)
         m = m_new
+
 
     out = split * G + rows
     tl.store(M_OUT + out, m, mask=row_ok)
@@ -98,10 +121,66 @@ def _forward_kernel(
 
 
 @triton.jit
+def _mix32(x):
+    # the integer finaliser of hydrahead.optim.low_precision.rounding_uniforms, on uint32
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _grid_spacing(x, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """(spacing, 1 / spacing) of a format's grid around each x: powers of two, float32 normals."""
+    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, MIN_EXP)
+    e = tl.maximum(e - MANT_BITS, -126)  # finer spacings (tiny bf16 subnormals) are not needed
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _onto_grid(x, ids, dims, key1, key2, STOCHASTIC: tl.constexpr, NEAREST: tl.constexpr,
+               MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr):
+    """x (float32) rounded onto a storage grid in float32 arithmetic, exactly, then saturated.
+
+    STOCHASTIC: up or down with the draws of rounding_uniforms (keyed by class id and dim).
+    NEAREST: ties to even, as the hardware conversion does (used under the interpreter,
+    whose float8 conversion loses the carry when rounding up into the next binade).
+    Otherwise x is left for the conversion to round.
+    """
+    if STOCHASTIC:
+        row_hash = _mix32(ids.to(tl.uint32) ^ key1)
+        h = _mix32((row_hash[:, None] + dims[None, :].to(tl.uint32) * 0x9E3779B9) ^ key2)
+        u = ((h >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+        spacing, inverse = _grid_spacing(x, MANT_BITS, MIN_EXP)
+        t = x * inverse  # exact: a power of two
+        below = tl.floor(t)
+        x = (below + tl.where(t - below >= 1.0 - u, 1.0, 0.0)) * spacing
+    elif NEAREST:
+        spacing, inverse = _grid_spacing(x, MANT_BITS, MIN_EXP)
+        t = x * inverse
+        r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
+        x = r * spacing
+    return tl.where(x > MAX_VALUE, MAX_VALUE, tl.where(x < -MAX_VALUE, -MAX_VALUE, x))
+
+
+@triton.jit
+def _to_e5m2(x, EXACT_CAST: tl.constexpr):
+    if EXACT_CAST:
+        x = _onto_grid(x, 0, 0, 0, 0, False, True, 2, -14, 57344.0)
+    return x.to(tl.float8e5)
+
+
+@triton.jit
 def _weight_kernel(
-    F, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW,
-    G, C, D, stride_f, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay,
+    F, FT, F_SCALE, P_SCALE, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW, COMP, CLASS_IDS,
+    G, C, D, stride_f, stride_ft, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay,
+    first_class, key1, key2,
     COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, PRECISION: tl.constexpr,
+    FP8: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COMP: tl.constexpr, HAS_IDS: tl.constexpr,
+    MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr, COMP_MIN_EXP: tl.constexpr, EXACT_CAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,6 +193,8 @@ def _weight_kernel(
     w = tl.load(W + tile, mask=tile_ok, other=0.0)
     if COSINE:
         inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
+    if FP8:
+        p_scale = tl.load(P_SCALE)
 
     grad = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for g0 in range(0, G, BLOCK_G):
@@ -123,6 +204,9 @@ def _weight_kernel(
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # +inf: ignored rows get p = 0
         label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
         z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
+        if FP8:
+            f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
+            z = z * f_scale[:, None]
         if COSINE:
             z = z * inv[None, :]
         z = z * scale
@@ -131,8 +215,17 @@ def _weight_kernel(
         p = tl.exp(z - lse[:, None])
         p = tl.where(is_target, p - 1.0, p)
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
+        if FP8:
+            # P^T F with F's row scales folded into P (they sit on the summed axis), P in e5m2;
+            # F^T's tile is K-major, as FP8 tensor cores want their operands.
+            ft = tl.load(FT + dims[:, None].to(tl.int64) * stride_ft + rows[None, :], mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
+            p8 = _to_e5m2(p * (f_scale * p_scale)[:, None], EXACT_CAST)
+            grad = tl.dot(tl.trans(p8), tl.trans(ft), grad)
+        else:
+            grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
 
+    if FP8:
+        grad = grad / p_scale
     grad = grad * grad_scale  # d loss / d (w, or w / ||w|| for cosine logits)
     w32 = w.to(tl.float32)
     if COSINE:
@@ -146,7 +239,21 @@ def _weight_kernel(
             buf = momentum * buf + step
             tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
             step = buf
-        tl.store(W + tile, (w32 - lr * step).to(W.dtype.element_ty), mask=tile_ok)
+        new = w32 - lr * step
+        if HAS_COMP:  # Kahan: what earlier roundings lost joins this update
+            new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_IDS:
+            ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0)
+        else:
+            ids = first_class + cols
+        stored = _onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
+                            STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE)
+        stored = stored.to(W.dtype.element_ty)
+        tl.store(W + tile, stored, mask=tile_ok)
+        if HAS_COMP:
+            lost = new - stored.to(tl.float32)
+            lost = _onto_grid(lost, ids, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+            tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
     else:
         tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
 
@@ -163,8 +270,10 @@ def _weight_kernel(
 # blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8 warps.
 # The filtered kernels (hydrahead.kernels.filtered) stream D: (BLOCK_G, BLOCK_C, BLOCK_K,
 # num_warps, num_stages), 256 x 128 x 64 measured best there.
-_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 32, 4, 2), "filtered": (256, 128, 64, 8, 3)}
-_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1), "filtered": (16, 16, 16, 4, 1)}  # the interpreter: small is quick
+# The fp8 weight kernel (its tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8
+# warps against 79.6 ms at 64 x 32 with 4 (H200, G=4096, C_r=1M).
+_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 32, 4, 2), "weight_fp8": (64, 64, 8, 2), "filtered": (256, 128, 64, 8, 3)}
+_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1), "weight_fp8": (16, 16, 4, 1), "filtered": (16, 16, 16, 4, 1)}  # the interpreter: small is quick
 
 
 def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
@@ -194,26 +303,83 @@ def _num_programs_target(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+FP8 = torch.float8_e4m3fn
+# Triton's interpreter (3.9) loses the carry when a float8 conversion rounds up into the next
+# binade (1.97 -> 1.0 in e4m3); interpreted kernels round onto the grid first, exactly as the
+# hardware conversion does, so the conversion itself has nothing left to round.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_E5M2_TOP = 15  # operands of the softmax side are scaled so their largest magnitude is at most 2^15 (e5m2 max 57,344)
+
+
+@dataclass
+class FeatureOperand:
+    """The features as the kernels read them: in the weights' dtype, or, next to fp8 weights,
+    e4m3 rows with one float32 scale each (f = row_scale * values) and the transposed copy
+    that the weight kernel's FP8 P^T F reads (FP8 tensor cores take K-major operands only)."""
+
+    values: torch.Tensor
+    row_scale: torch.Tensor | None = None
+    transposed: torch.Tensor | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.row_scale is not None
+
+
+def feature_operand(features: torch.Tensor, weight_dtype: torch.dtype) -> FeatureOperand:
+    """``features`` prepared for weights of ``weight_dtype`` (e4m3 rows scaled to reach 448)."""
+    if weight_dtype != FP8:
+        return FeatureOperand(features.to(weight_dtype).contiguous())
+    amax = features.detach().abs().amax(dim=1).float()
+    row_scale = torch.where(amax > 0, amax / 448.0, 1.0).contiguous()
+    values = (features.float() / row_scale[:, None]).to(FP8).contiguous()
+    return FeatureOperand(values, row_scale, values.t().contiguous())
+
+
+def operand_scale(largest: torch.Tensor) -> torch.Tensor:
+    """The power of two that brings magnitudes up to ``largest`` to at most 2^15 (a 1-element
+    device tensor: no host sync). The weight kernel's P = softmax - onehot, times the
+    features' row scales, becomes e5m2 this way: |P| <= 1 lands at most at 2^15 (e5m2's
+    largest is 57,344), and probabilities down to 2^-29 stay normal, below any entry of a
+    100M-class softmax that carries weight."""
+    return torch.exp2(_E5M2_TOP - torch.ceil(torch.log2(largest.float().clamp_min(2.0**-100)))).reshape(1)
+
+
+def _as_operand(feat_op) -> FeatureOperand:
+    return feat_op if isinstance(feat_op, FeatureOperand) else FeatureOperand(feat_op)
+
+
+def forward_splits(num_rows: int, num_classes: int, dim: int, device: torch.device) -> tuple[int, int]:
+    """(splits, classes per split) of the forward: enough programs to fill the device."""
+    block_g, block_c, _, _, _ = _tiles("forward", dim, device)
+    row_blocks = triton.cdiv(num_rows, block_g)
+    splits = max(1, min(triton.cdiv(num_classes, block_c), _num_programs_target(device) // row_blocks))
+    per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
+    return triton.cdiv(num_classes, per_split), per_split
+
+
 def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool):
     """Local (max, sum of exp, target logit, A = sum exp(z - max) w) per sample over this shard.
 
     Classes are split across programs so that small batches still fill the GPU; the
     splits are merged here with the same log-sum-exp algebra the ranks use.
+    ``feat_op``: a tensor in the weights' dtype, or a ``FeatureOperand`` (fp8 weights).
     """
-    num_rows, dim = feat_op.shape
+    operand = _as_operand(feat_op)
+    feats = operand.values
+    num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d, warps, stages = _tiles("forward", dim, feat_op.device)
+    block_g, block_c, block_d, warps, stages = _tiles("forward", dim, feats.device)
     row_blocks = triton.cdiv(num_rows, block_g)
-    splits = max(1, min(triton.cdiv(num_classes, block_c), _num_programs_target(feat_op.device) // row_blocks))
-    per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
-    splits = triton.cdiv(num_classes, per_split)
-    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
-    partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feat_op.device)
+    splits, per_split = forward_splits(num_rows, num_classes, dim, feats.device)
+    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feats.device)
+    partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feats.device)
     _forward_kernel[(row_blocks, splits)](
-        feat_op, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
-        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
-        COSINE=cosine, PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages,
+        feats, operand.row_scale if operand.fp8 else feats,
+        weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
+        num_rows, num_classes, dim, feats.stride(0), weight.stride(0), per_split, scale, target_shift,
+        COSINE=cosine, FP8=operand.fp8, PRECISION=_precision(weight.dtype), EXACT_CAST=_INTERPRETED,
+        BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     split_max, split_sum, split_target = stats
     if splits == 1:
@@ -226,27 +392,64 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0), accumulated
 
 
+def _storage_grid(dtype: torch.dtype) -> tuple[int, int, float]:
+    """(mantissa bits, smallest normal exponent, largest finite value) of the weights' format."""
+    if dtype == torch.float64:
+        return 52, -1022, float(torch.finfo(torch.float64).max)
+    fmt = FORMATS[dtype]
+    return fmt.mantissa_bits, fmt.min_normal_exponent, float(fmt.max_value)
+
+
+def _signed32(key: int) -> int:
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 def shard_weight_backward(
     feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
     grad_scale: float, update: SGDUpdate | None,
 ) -> torch.Tensor | None:
-    """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW."""
-    num_rows, dim = feat_op.shape
+    """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW
+    (float32 for fp8 weights)."""
+    operand = _as_operand(feat_op)
+    feats = operand.values
+    num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d, warps, stages = _tiles("weight", dim, feat_op.device)
+    block_g, block_c, block_d, warps, stages = _tiles("weight_fp8" if operand.fp8 else "weight", dim, feats.device)
     has_buf = update is not None and update.momentum != 0
     if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
         raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
     if has_buf and update.momentum_buffer.stride() != weight.stride():
         raise ValueError("momentum_buffer must have the weight shard's layout")
-    grad_weight = None if update is not None else torch.empty_like(weight)
+    compensation = update.compensation if update is not None else None
+    if compensation is not None and (compensation.shape != weight.shape or compensation.stride() != weight.stride()):
+        raise ValueError("the Kahan compensation buffer must have the weight shard's shape and layout")
+    class_ids = update.class_ids if update is not None else 0
+    has_ids = isinstance(class_ids, torch.Tensor)
+    if has_ids and class_ids.shape != (num_classes,):
+        raise ValueError(f"SGDUpdate.class_ids must hold one id per weight row ({num_classes}), got {tuple(class_ids.shape)}")
+    stochastic = update is not None and update.rounding == "stochastic"
+    key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
+    mant_bits, min_exp, max_value = _storage_grid(weight.dtype)
+    comp_bits, comp_min_exp, _ = _storage_grid(compensation.dtype if compensation is not None else torch.float32)
+    grad_weight = None
+    if update is None:
+        grad_weight = torch.empty_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
+    p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
     _weight_kernel[(triton.cdiv(num_classes, block_c),)](
-        feat_op, weight, inv_norm if cosine else weight, local_label, lse,
+        feats, operand.transposed if operand.fp8 else feats, operand.row_scale if operand.fp8 else feats,
+        p_scale if operand.fp8 else feats,
+        weight, inv_norm if cosine else weight, local_label, lse,
         update.momentum_buffer if has_buf else weight, grad_weight if grad_weight is not None else weight,
-        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, target_shift, grad_scale,
+        compensation if compensation is not None else weight, class_ids.long() if has_ids else local_label,
+        num_rows, num_classes, dim, feats.stride(0), num_rows, weight.stride(0), scale, target_shift, grad_scale,
         update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
+        0 if has_ids else int(class_ids), _signed32(key1), _signed32(key2),
         COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf,
-        PRECISION=_precision(weight.dtype), BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
+        PRECISION=_precision(weight.dtype), FP8=operand.fp8, STOCHASTIC=stochastic,
+        HAS_COMP=compensation is not None, HAS_IDS=has_ids,
+        MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
+        COMP_MANT_BITS=comp_bits, COMP_MIN_EXP=comp_min_exp, EXACT_CAST=_INTERPRETED and weight.dtype in (torch.bfloat16, FP8),
+        BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )
     return grad_weight
@@ -254,6 +457,8 @@ def shard_weight_backward(
 
 def inverse_row_norms(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """1 / max(||w_c||, eps) per class, in fp32 (as F.normalize divides)."""
+    if weight.dtype == FP8:  # no float8 promotion in torch: upcast in row blocks
+        return torch.cat([inverse_row_norms(block.float(), eps) for block in weight.split(1 << 16)])
     return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).clamp_min(eps).reciprocal()
 
 
@@ -262,4 +467,7 @@ def target_shift_for(margin_type: str, scale: float, margin: float) -> float:
     return scale * margin if margin_type == "cosface" else 0.0
 
 
-__all__ = ["SGDUpdate", "inverse_row_norms", "shard_forward", "shard_weight_backward", "target_shift_for"]
+__all__ = [
+    "FeatureOperand", "SGDUpdate", "feature_operand", "inverse_row_norms", "operand_scale", "shard_forward",
+    "shard_weight_backward", "target_shift_for",
+]

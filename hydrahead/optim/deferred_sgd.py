@@ -78,18 +78,20 @@ class DeferredSGD:
         return (maps[:, 0, 0, None] * w + maps[:, 0, 1, None] * b), (maps[:, 1, 0, None] * w + maps[:, 1, 1, None] * b)
 
     @torch.no_grad()
-    def catch_up_(self, rows: torch.Tensor, weight_rows: torch.Tensor, buffer_rows: torch.Tensor | None) -> None:
-        """Pay the debt of ``rows`` on their copies ``weight_rows`` / ``buffer_rows`` in place.
+    def catch_up_(self, rows: torch.Tensor, weight_rows: torch.Tensor, buffer_rows: torch.Tensor | None) -> bool:
+        """Pay the debt of ``rows`` on their copies ``weight_rows`` / ``buffer_rows`` in place;
+        False when nothing was owed (the copies are untouched).
 
         The caller writes the copies back after the step and ``record_step`` marks the rows
         current, so the debt is not paid twice.
         """
         if not self.owing or rows.numel() == 0:
-            return
+            return False
         w, b = self._apply(rows, weight_rows, buffer_rows)
         weight_rows.copy_(w)
         if buffer_rows is not None:
             buffer_rows.copy_(b)
+        return True
 
     @torch.no_grad()
     def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None, write_rows=None) -> None:

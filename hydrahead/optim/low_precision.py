@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hydrahead.counter_rng import counter_hash, counter_uniform
+from hydrahead.counter_rng import counter_hash
 
 __all__ = [
-    "FORMATS", "LowPrecisionUpdate", "round_nearest", "round_to_storage", "rounding_uniforms", "stochastic_round", "ulp",
+    "FORMATS", "LowPrecisionUpdate", "round_nearest", "round_to_storage", "rounding_keys", "rounding_uniforms", "stochastic_round", "ulp",
 ]
 
 _ROUNDING_STREAM = 4000  # counter-hash stream reserved for stochastic rounding
@@ -87,16 +87,42 @@ def round_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.double().clamp(-fmt.max_value, fmt.max_value).to(dtype)
 
 
+_MASK32 = 0xFFFFFFFF
+_MIX32_MUL1, _MIX32_MUL2 = 0x7FEB352D, 0x846CA68B  # a 32-bit finaliser with low bias (two multiplies)
+_DIM_STRIDE32 = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive dims over the hash's input
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit finaliser on uint32 values held in int64 (products wrap; the mask keeps 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX32_MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX32_MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def rounding_keys(seed: int, step: int, salt: int = 0) -> tuple[int, int]:
+    """Two 32-bit keys for one step's draws, from the 64-bit counter hash of (seed, step, salt)."""
+    key = int(counter_hash(seed, _ROUNDING_STREAM, torch.tensor([2 * step + salt], dtype=torch.int64)).item())
+    return key & _MASK32, (key >> 32) & _MASK32
+
+
 def rounding_uniforms(seed: int, step: int, class_ids: torch.Tensor, dim: int, salt: int = 0) -> torch.Tensor:
     """(len(class_ids), dim) float64 uniforms in (0, 1) from (seed, step, class id, dim).
 
-    The step is folded into the key, the (class, dim) pair is the counter: a class's draws
-    are the same whichever rank owns it. ``salt`` (0 or 1) gives a second, independent set
-    for the same step, for a second rounding of the same rows in one step.
+    The step is folded into two 32-bit keys, the (class, dim) pair is the counter: a
+    class's draws are the same whichever rank owns it. ``salt`` (0 or 1) gives a second,
+    independent set for the same step, for a second rounding of the same rows in one step.
+    The fused kernels draw the same bits with the same 32-bit integer arithmetic (class ids
+    below 2^32): hash_row = mix(class ^ k1), hash = mix((hash_row + d * 0x9E3779B9) ^ k2),
+    u = (2 * (hash >> 9) + 1) / 2^24. Each u is a multiple of 2^-24 whose complement 1 - u
+    is exact in float32, so a float32 rounding decision ``frac >= 1 - u`` is exact.
     """
-    key = int(counter_hash(seed, _ROUNDING_STREAM, torch.tensor([2 * step + salt], dtype=torch.int64)).item())
-    index = class_ids.long()[:, None] * dim + torch.arange(dim, device=class_ids.device)
-    return counter_uniform(key, _ROUNDING_STREAM, index)
+    k1, k2 = rounding_keys(seed, step, salt)
+    row_hash = _mix32((class_ids.long() & _MASK32) ^ k1)
+    dims = torch.arange(dim, device=class_ids.device, dtype=torch.int64)
+    h = _mix32(((row_hash[:, None] + dims * _DIM_STRIDE32) & _MASK32) ^ k2)
+    return ((h >> 9) * 2 + 1).double() * 2.0**-24
 
 
 @dataclass

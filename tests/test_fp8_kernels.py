@@ -1,0 +1,186 @@
+"""FP8 shard kernels (e4m3 weights, fused update with stochastic rounding) against a torch
+emulation of the same arithmetic, and against float64 within fp8's error.
+
+On CPU the kernels run in Triton's interpreter; the emulation (fp8_emulation.py) rounds
+at the kernels' rounding points, so the two agree to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradient
+from hydrahead.config import ConfigError, load_config, validate
+from hydrahead.distributed.sharding import shard_range
+from hydrahead.head import ShardedClassifier, sharded_cross_entropy
+from hydrahead.head.cross_entropy import normalize_rows
+from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels.shard_ce import (
+    feature_operand,
+    forward_splits,
+    inverse_row_norms,
+    shard_forward,
+    shard_weight_backward,
+)
+
+FP8 = torch.float8_e4m3fn
+DIM, NUM_CLASSES = 24, 101
+MARGINS = {"none": (4.0, 0.0), "cosface": (16.0, 0.3)}
+
+
+def make_problem(seed, batch, margin_type):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, DIM, generator=gen) * 3.0
+    weight = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.5).to(FP8)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    labels[::5] = -1  # rows whose label another shard owns (or that are ignored)
+    scale, margin = MARGINS[margin_type]
+    cosine = margin_type == "cosface"
+    if cosine:
+        features, _ = normalize_rows(features)
+    inv_norm = inverse_row_norms(weight) if cosine else None
+    options = dict(scale=scale, target_shift=scale * margin if cosine else 0.0)
+    return feature_operand(features, FP8), weight, inv_norm, labels, options
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def lse_of(row_max, row_sum, labels):
+    lse = row_max + torch.log(row_sum)
+    lse[labels == -100] = float("inf")
+    return lse.contiguous()
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+@pytest.mark.parametrize("batch", [10, 37])  # 10: classes split over several programs
+def test_forward_matches_the_emulation(margin_type, batch):
+    op, weight, inv_norm, labels, options = make_problem(1, batch, margin_type)
+    assert (forward_splits(batch, NUM_CLASSES, DIM, weight.device)[0] > 1) == (batch == 10)
+    got = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
+    want = emulate_forward(op, weight, inv_norm, labels, **options)
+    for name, g, w in zip(("max", "sum", "target", "A"), got, want):
+        assert rel_err(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_weight_gradient_matches_the_emulation(margin_type):
+    op, weight, inv_norm, labels, options = make_problem(2, 37, margin_type)
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
+    lse = lse_of(row_max, row_sum, labels)
+    got = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=inv_norm is not None, grad_scale=0.1, update=None, **options)
+    assert got.dtype == torch.float32  # dW of fp8 weights is not rounded to fp8
+    want = emulate_weight_gradient(op, weight, inv_norm, labels, lse, grad_scale=0.1, **options)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("kahan", [None, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_update_matches_the_emulation(rounding, kahan, momentum):
+    op, weight, inv_norm, labels, options = make_problem(3, 37, "none")
+    gen = torch.Generator().manual_seed(4)
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
+    lse = lse_of(row_max, row_sum, labels)
+    grad = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=None, **options)
+    buffer = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.01).to(torch.bfloat16) if momentum else None
+    compensation = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 1e-3).to(kahan) if kahan else None
+    class_ids = torch.randperm(10**6, generator=gen)[:NUM_CLASSES] + 3 * 10**9  # global ids, some past 2^31
+    hyper = dict(lr=0.5, momentum=momentum, weight_decay=5e-4)
+    want_w, want_buf, want_comp = emulate_update(
+        weight, grad, buffer=None if buffer is None else buffer.clone(), rounding=rounding, seed=5, step=11,
+        class_ids=class_ids, compensation=None if compensation is None else compensation.clone(), **hyper,
+    )
+    w = weight.clone()
+    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=5, step=11, class_ids=class_ids, compensation=compensation, **hyper)
+    shard_weight_backward(op, w, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=update, **options)
+    assert w.dtype == FP8
+    moved = w.double() != weight.double()
+    assert float(moved.float().mean()) > 0.3  # the update is not lost to rounding
+    assert float((w.double() != want_w.double()).float().mean()) <= 1e-3  # a summation-order flip at most
+    if buffer is not None:
+        assert rel_err(buffer, want_buf) < 1e-2  # bf16 buffer: equal up to one rounding
+    if compensation is not None:
+        assert rel_err(compensation, want_comp) < 0.1
+
+
+def test_stochastic_draws_are_keyed_by_class_id_and_step():
+    op, weight, inv_norm, labels, options = make_problem(4, 37, "none")
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
+    lse = lse_of(row_max, row_sum, labels)
+
+    def stepped(class_ids, step):
+        w = weight.clone()
+        update = SGDUpdate(lr=0.02, rounding="stochastic", seed=1, step=step, class_ids=class_ids)
+        shard_weight_backward(op, w, inv_norm, labels, lse, cosine=False, grad_scale=1.0, update=update, **options)
+        return w.double()
+
+    consecutive = stepped(500, 3)
+    assert torch.equal(consecutive, stepped(torch.arange(500, 500 + NUM_CLASSES), 3))  # first id == explicit ids
+    assert not torch.equal(consecutive, stepped(501, 3))
+    assert not torch.equal(consecutive, stepped(500, 4))
+
+
+def _fp8_loss_and_grads(features, weight, labels, scale):
+    f = features.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, weight, labels, 0, scale=scale, num_classes=NUM_CLASSES)
+    loss.backward()
+    return loss.detach(), f.grad
+
+
+def test_fp8_loss_and_feature_gradient_follow_float64_within_fp8_error():
+    gen = torch.Generator().manual_seed(6)
+    features = torch.randn(37, DIM, generator=gen)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen).to(FP8)  # unit-variance rows (unit scaling)
+    labels = torch.randint(0, NUM_CLASSES, (37,), generator=gen)
+    scale = 2.0 / DIM**0.5
+    loss, grad = _fp8_loss_and_grads(features, weight, labels, scale)
+    f64 = features.double().requires_grad_()
+    ref = sharded_cross_entropy(f64, weight.double(), labels, 0, scale=scale)
+    ref.backward()
+    # e4m3 features (3 mantissa bits) and e5m2 softmax weights (2): a few percent, not more
+    assert abs(float(loss) - float(ref)) < 0.02 * float(ref)
+    assert rel_err(grad, f64.grad) < 0.08
+    assert rel_err(grad, f64.grad) > 1e-4  # it did run in fp8 (a float32 path would be ~1e-7)
+
+
+def _fp8_head_worker(rank, world_size, rounding):
+    torch.manual_seed(0)
+    head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, dtype=FP8, impl="triton", unit_scaling=True, rounding=rounding, momentum=0.0)
+    gen = torch.Generator().manual_seed(8)
+    centres = torch.randn(NUM_CLASSES, DIM, generator=gen)
+    losses = []
+    for step in range(6):
+        labels = torch.randint(0, NUM_CLASSES, (32,), generator=gen)
+        features = centres[labels] + 0.3 * torch.randn(32, DIM, generator=gen)
+        head.set_lr(30.0)
+        head.set_step(step)
+        loss = head.loss(features, labels)
+        loss.backward()
+        head.finish_step()
+        losses.append(float(loss.detach()))
+    return losses, head.weight.detach().double(), head.class_start
+
+
+@pytest.mark.parametrize("rounding", ["stochastic"])
+def test_fp8_head_learns_and_its_draws_do_not_depend_on_the_world_size(rounding):
+    one = run_ranks(_fp8_head_worker, 1, rounding)[0]
+    two = run_ranks(_fp8_head_worker, 2, rounding)
+    assert one[0][-1] < one[0][0] - 0.2  # it learns
+    for losses, _, _ in two:
+        assert max(abs(a - b) for a, b in zip(losses, one[0])) < 1e-4
+    merged = torch.cat([w for _, w, _ in sorted(two, key=lambda r: r[2])])
+    assert float((merged != one[1]).float().mean()) <= 1e-3
+
+
+def test_fp8_weights_refuse_the_gradient_filter():
+    op, weight, _, labels, _ = make_problem(7, 8, "none")
+    with pytest.raises(ValueError, match="grad_filter"):
+        triton_sharded_cross_entropy(torch.randn(8, DIM), weight, labels.clamp(min=0), 0, grad_filter=1e-3)
+    with pytest.raises(ValueError, match="grad_filter"):
+        ShardedClassifier(NUM_CLASSES, DIM, dtype=FP8, impl="triton", grad_filter=1e-3)
+    with pytest.raises(ConfigError, match="grad_filter"):
+        validate(load_config(None, ["head.weight_dtype=fp8_e4m3", "head.grad_filter=0.001"]))
