@@ -57,6 +57,15 @@ def bf16_matmul_tflops(size: int = 8192, reps: int = 20) -> float:
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
+def fp8_matmul_tflops(size: int = 8192, reps: int = 20) -> float:
+    """Dense fp8 (e4m3 x e4m3, fp32 accumulation, bf16 out) matmul rate via torch._scaled_mm."""
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants
+    one = torch.ones((), device="cuda")
+    ms = median(cuda_time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), warmup=3, reps=reps))
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
 def write_results(name: str, payload: dict) -> Path:
     """Write results JSON under benchmarks/results/ (or $HYDRAHEAD_RESULTS_DIR)."""
     out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))

@@ -14,6 +14,10 @@ momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
                    dropped; the LSE pass, one recompute listing the kept entries, a sparse
                    update (4·G·D·C_r FLOPs)
   ours-dw          the same kernels returning dW, then the SGD step in torch
+  ours-fp8         the same fused step with W stored in fp8 e4m3 (unit-scaled: W / 0.02, logits
+                   times 0.02): logits, their recomputation and P^T F on FP8 tensor cores, A = P W
+                   in bf16, the update stochastically rounded into e4m3 inside the kernel; its
+                   floor counts three matmuls at the fp8 rate and one at the bf16 rate
   cce              cut_cross_entropy.linear_cross_entropy (its default gradient filter) + SGD
   cce-nofilter     the same with filter_eps=None (exact) + SGD
   torch            F.cross_entropy(features @ W.T, labels) + SGD
@@ -62,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     bf16_matmul_tflops,
     cuda_time_ms,
+    fp8_matmul_tflops,
     environment,
     median,
     print_table,
@@ -93,13 +98,24 @@ METHODS = {
     "ours": Method("hydrahead-triton (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
+    "ours-fp8": Method("hydrahead-triton fp8 e4m3 W (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
     "cce": Method("cut-cross-entropy (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "cce-nofilter": Method("cut-cross-entropy no filter (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "torch": Method("torch F.cross_entropy (dW + torch SGD)", "torch", ()),
     "reference": Method(f"hydrahead-reference chunk {REFERENCE_CHUNK} (dW + torch SGD)", "torch", ("hydrahead.head",)),
     "liger": Method("liger-kernel (dW + torch SGD)", "torch", ("liger_kernel.transformers.functional",), slow=True),
 }
-OURS = ("ours", "ours-filtered", "ours-dw")
+OURS = ("ours", "ours-filtered", "ours-dw", "ours-fp8")
+# The rate each of the four matmuls (logits, A = P W, recomputed logits, P^T F) runs at.
+# The fp8 kernels run A in bf16: FP8 tensor cores take K-major operands only and the fp8
+# W tile is D-major there (docs/kernels.md).
+MATMUL_DTYPES = {"ours-fp8": ("fp8", "bf16", "fp8", "fp8")}
+
+
+def floor_ms(key: str, shape, rates: dict) -> float:
+    """The step's arithmetic floor: each of its four 2·G·D·C_r matmuls at its own measured rate."""
+    G, D, C = shape
+    return sum(2 * G * D * C / (rates[dtype] * 1e12) * 1e3 for dtype in MATMUL_DTYPES.get(key, ("bf16",) * 4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,6 +244,25 @@ def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
 
+    if key == "ours-fp8":
+        from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+
+        # Unit scaling: rows stored as W / std in e4m3 (their normal range), logits times std.
+        weight8 = torch.empty(p.weight.shape, device=p.weight.device, dtype=torch.float8_e4m3fn)
+        for start in range(0, weight8.shape[0], 1 << 20):
+            weight8[start : start + (1 << 20)] = (p.weight[start : start + (1 << 20)].detach().float() / WEIGHT_STD).to(weight8.dtype)
+        p.weight = weight8  # the bf16 rows are freed: the step's memory is the fp8 head's
+        state = {"step": 0}
+
+        def fp8_step():
+            p.features.grad = None
+            update = SGDUpdate(momentum_buffer=p.momentum_buffer, rounding="stochastic", seed=0, step=state["step"], **SGD)
+            loss = triton_sharded_cross_entropy(p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=WEIGHT_STD)
+            loss.backward()
+            state["step"] += 1
+            return loss.detach()
+
+        return fp8_step
     if key in OURS:
         from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
@@ -334,6 +369,8 @@ def measure(key: str, p: Problem, args, device: torch.device) -> dict:
         times = cpu_time_ms(step, warmup=warmup, reps=reps)
     row.update(ms=median(times), times_ms=times, reps=reps)
     weight = p.weight.detach()
+    if weight.dtype == torch.float8_e4m3fn:
+        weight = weight[:: max(1, weight.shape[0] // 65536)].float()  # no fp8 reductions in torch: a sample of rows
     if not (math.isfinite(float(weight.amax())) and math.isfinite(float(weight.amin()))):  # reductions: no copy of W
         row["note"] = "W is no longer finite after the steps"
     return row
@@ -346,7 +383,8 @@ def run_child(task: list[str], args) -> dict:
         if device.type == "cuda" and not torch.cuda.is_available():
             return {"error": "this benchmark needs a CUDA device (or --dry-run)"}
         tflops = bf16_matmul_tflops() if device.type == "cuda" else cpu_bf16_matmul_tflops()
-        return {**environment(), "matmul_tflops_bf16": tflops}
+        fp8 = fp8_matmul_tflops() if device.type == "cuda" else tflops  # CPU dry run: no fp8 units
+        return {**environment(), "matmul_tflops_bf16": tflops, "matmul_tflops_fp8": fp8}
 
     what, shape, kind = task[0], parse_shape(task[1]), task[2]
     if what == "float64":
@@ -430,7 +468,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), [f"{shape}\n{kind}" for shape, kind in groups], fontsize=8)
-    ax.set_ylabel("time / (8·G·D·C_r bf16 floor)")
+    ax.set_ylabel("time / (8·G·D·C_r floor at the method's matmul rate)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -495,8 +533,8 @@ def main(argv=None) -> None:
     env = spawn(["matmul"], args)
     if "matmul_tflops_bf16" not in env:
         sys.exit(f"head_kernels: {env.get('error') or env.get('note')}")
-    tflops = env.pop("matmul_tflops_bf16")
-    print(f"{env['device']}: bf16 matmul {tflops:.1f} TFLOP/s", flush=True)
+    tflops, tflops_fp8 = env.pop("matmul_tflops_bf16"), env.pop("matmul_tflops_fp8")
+    print(f"{env['device']}: bf16 matmul {tflops:.1f} TFLOP/s, fp8 {tflops_fp8:.1f}", flush=True)
 
     # Rows land in a JSON-lines file as they come, so an interrupted run can --resume.
     out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
@@ -516,7 +554,11 @@ def main(argv=None) -> None:
         "benchmark": "head_kernels",
         "what": "one shard, one training step of the head: forward + backward + SGD update of W, bf16 W and features",
         "matmul_tflops_bf16": tflops,
-        "floor": "8*G*D*C_r FLOPs (logits, their recomputation, dF, dW) at the bf16 matmul rate measured in this run",
+        "matmul_tflops_fp8": tflops_fp8,
+        "floor": (
+            "8*G*D*C_r FLOPs (logits, their recomputation, dF, dW): each 2*G*D*C_r matmul at the rate measured in this "
+            "run for its operand type (bf16 matmul, or fp8 e4m3 via torch._scaled_mm); see each row's matmul_dtypes"
+        ),
         "settings": {
             "sgd": SGD, "momentum_dtype": args.momentum_dtype, "grad_filter": args.grad_filter,
             "weight_std": WEIGHT_STD, "target_prob": args.target_prob, "logit_noise": args.logit_noise,
@@ -528,7 +570,8 @@ def main(argv=None) -> None:
 
     for shape in shapes:
         G, D, C = shape
-        floor_ms = 8 * G * D * C / (tflops * 1e12) * 1e3
+        rates = {"bf16": tflops, "fp8": tflops_fp8}
+        bf16_floor_ms, fp8_floor_ms = floor_ms("ours", shape, rates), 8 * G * D * C / (tflops_fp8 * 1e12) * 1e3
         for kind in kinds:
             where = {"shape": shape_name(shape), "kind": kind}
             inputs = next((r for r in records if r.get("record") == "inputs" and r["shape"] == where["shape"] and r["kind"] == kind), None)
@@ -542,7 +585,7 @@ def main(argv=None) -> None:
                 print(
                     f"== {where['shape']} {kind}: float64 loss {loss64:.6f}, mean target probability "
                     f"{inputs['mean_target_prob']:.3f}, softmax entries >= {args.grad_filter:.3g}: "
-                    f"{inputs['frac_p_above_filter']:.2e}, floor {floor_ms:.2f} ms",
+                    f"{inputs['frac_p_above_filter']:.2e}, floor {bf16_floor_ms:.2f} ms (bf16), {fp8_floor_ms:.2f} ms (all fp8)",
                     flush=True,
                 )
             for key in methods:
@@ -553,8 +596,10 @@ def main(argv=None) -> None:
                 if row is None:
                     row = {"method": METHODS[key].name, "key": key, **where, **spawn([key, *where.values()], args)}
                     ms = row.get("ms")
+                    row_floor = floor_ms(key, shape, rates)
                     row.update(
-                        record="row", floor_ms=floor_ms, ratio=None if ms is None else ms / floor_ms,
+                        record="row", floor_ms=row_floor, matmul_dtypes=list(MATMUL_DTYPES.get(key, ("bf16",) * 4)),
+                        matmul_tflops=rates, ratio=None if ms is None else ms / row_floor,
                         loss_rel_err=None if row.get("loss") is None or not loss64 else abs(row["loss"] - loss64) / abs(loss64),
                     )
                     row.setdefault("note", None)
@@ -583,9 +628,14 @@ def collect(name: str) -> None:
     records = [json.loads(line) for line in (out_dir / f"{name}.rows.jsonl").read_text().splitlines()]
     previous = json.loads((out_dir / f"{name}.json").read_text())
     rows = [{k: v for k, v in r.items() if k != "record"} for r in records if r.get("record") == "row"]
+    for row in rows:  # floors from the rates of the row's own invocation (older rows: the JSON's)
+        rates = row.get("matmul_tflops") or {"bf16": previous["matmul_tflops_bf16"], "fp8": previous.get("matmul_tflops_fp8")}
+        row["matmul_dtypes"] = list(MATMUL_DTYPES.get(row["key"], ("bf16",) * 4))
+        row["floor_ms"] = floor_ms(row["key"], parse_shape(row["shape"]), rates)
+        row["ratio"] = None if row.get("ms") is None else row["ms"] / row["floor_ms"]
     inputs = [{k: v for k, v in r.items() if k != "record"} for r in records if r.get("record") == "inputs"]
     payload = {**{k: v for k, v in previous.items() if k not in ("rows", "inputs")}, "inputs": inputs, "rows": rows}
-    payload["floor"] += "; each row's floor_ms uses the rate measured in its own invocation"
+    payload["floor"] += "; each row's floor_ms uses the rates measured in its own invocation"
     path = write_results(name, payload)
     png = plot(rows, path, f"{payload['device']}: one head step (fwd + bwd + SGD) / 8·G·D·C_r bf16 floor")
     print(f"wrote {path}" + (f" and {png}" if png else ""))

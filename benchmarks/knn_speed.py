@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp8_e4m3"),
-                        help="head weights: bf16 (fused kernels) or fp8_e4m3 (reference impl, stochastic rounding, unit scaling)")
+                        help="head weights: bf16 or fp8_e4m3 (fp8: stochastic rounding, unit scaling)")
+    parser.add_argument("--impl", default="triton", choices=("triton", "reference"), help="head.impl: the fused kernels or the torch head")
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument("--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods")
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
         dtype = torch.float8_e4m3fn
     head = ShardedClassifier(
         C, D, seed=0, init_std=0.01, margin_type="cosface", scale=16.0, margin=0.1, dtype=dtype, device=device,
-        impl="reference" if args.weight_dtype == "fp8_e4m3" else "triton", momentum=args.momentum, weight_decay=0.0,
+        impl=args.impl, momentum=args.momentum, weight_decay=0.0,
         rounding="stochastic" if args.weight_dtype == "fp8_e4m3" else "nearest", unit_scaling=args.weight_dtype == "fp8_e4m3",
     )
     head.set_lr(0.1)
@@ -289,7 +290,8 @@ def main(argv=None) -> None:
         "floor": "8*G*D*(rows scored) at the bf16 matmul rate measured in this run (search not counted)",
         "settings": {"classes": C, "dim": D, "batch": G, "knn_k": args.knn_k, "rebuild_every": args.rebuild_every,
                      "retrain_every": args.retrain_every, "noise": args.noise, "family_size": args.family_size, "family_spread": args.family_spread, "reps": args.reps, "dtype": str(dtype), "margin": "cosface s=16 m=0.1",
-                     "momentum_dtype": "float32" if args.momentum else "none", "weight_dtype": args.weight_dtype},
+                     "momentum_dtype": "float32" if args.momentum else "none", "weight_dtype": args.weight_dtype,
+                     "impl": args.impl},
         "rows": rows_out,
     }
     path = write_results(args.name, payload)

@@ -7,7 +7,8 @@ stochastic rounding and Kahan compensation, the same training otherwise.
     python benchmarks/precision_accuracy.py --dry-run                     # CPU: a tiny run of each
 
 Every run uses head.impl=reference (the torch head: the step runs on float32 copies of
-the rows and is rounded into the stored dtype) with the head's momentum buffer in fp32.
+the rows and is rounded into the stored dtype) with the head's momentum buffer in fp32,
+except the ``-fused`` variants: the FP8 kernels, which round the update in the kernel.
 Rows record the loss and held-out top-1 curves as well as the final values (see
 ``benchmarks/accuracy_runs.py``); plots: ``<name>.png`` (final top-1) and
 ``<name>_curves.png``.
@@ -30,6 +31,9 @@ VARIANTS = {
     "fp8-sr": ["head.weight_dtype=fp8_e4m3", "head.rounding=stochastic"],
     "fp8-kahan": ["head.weight_dtype=fp8_e4m3", "head.rounding=nearest", "head.kahan=true"],
     "fp8-sr-kahan": ["head.weight_dtype=fp8_e4m3", "head.rounding=stochastic", "head.kahan=true"],
+    # The same on the fused FP8 kernels (the update rounded inside the weight kernel):
+    "fp8-sr-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic"],
+    "fp8-nearest-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=nearest"],
 }
 
 

@@ -80,6 +80,7 @@ def main(argv=None) -> None:
                 "mode": args.mode, "world_size": env.world_size, "per_gpu_batch": args.per_gpu_batch,
                 "global_batch": global_batch, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
                 "num_classes": cfg.head.num_classes if args.mode == "full" else 0, "embed_dim": cfg.model.embed_dim,
+                "head_selection": cfg.head.selection, "head_weight_dtype": str(cfg.head_weight_dtype).removeprefix("torch."),
                 "ms": elapsed / args.steps * 1e3, "samples_per_s": global_batch * args.steps / elapsed,
                 "peak_mib": float(peak), "steps": args.steps,
             }
