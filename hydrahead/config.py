@@ -635,10 +635,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
     need(
-        h.weight_dtype != "fp8_e4m3" or h.grad_filter == 0,
-        f"head.grad_filter={h.grad_filter} runs on bf16 or fp32 weights; head.weight_dtype=fp8_e4m3 takes the exact kernels",
-    )
-    need(
         h.momentum_dtype != "none" or h.momentum == 0,
         f"head.momentum_dtype=none keeps no momentum buffer: set head.momentum=0 (got {h.momentum})",
     )

@@ -176,11 +176,50 @@ def test_fp8_head_learns_and_its_draws_do_not_depend_on_the_world_size(rounding)
     assert float((merged != one[1]).float().mean()) <= 1e-3
 
 
-def test_fp8_weights_refuse_the_gradient_filter():
-    op, weight, _, labels, _ = make_problem(7, 8, "none")
-    with pytest.raises(ValueError, match="grad_filter"):
-        triton_sharded_cross_entropy(torch.randn(8, DIM), weight, labels.clamp(min=0), 0, grad_filter=1e-3)
-    with pytest.raises(ValueError, match="grad_filter"):
-        ShardedClassifier(NUM_CLASSES, DIM, dtype=FP8, impl="triton", grad_filter=1e-3)
-    with pytest.raises(ConfigError, match="grad_filter"):
-        validate(load_config(None, ["head.weight_dtype=fp8_e4m3", "head.grad_filter=0.001"]))
+def _filtered_inputs(seed):
+    from test_kernels import threshold_in_a_gap
+
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(37, DIM, generator=gen)
+    weight = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.5).to(FP8)
+    labels = torch.randint(0, NUM_CLASSES, (37,), generator=gen)
+    labels[::5] = -100
+    op = feature_operand(features, FP8)
+    seen = op.values.double() * op.row_scale.double()[:, None]  # the features the fp8 logits are made of
+    # (clones: the reference marks its float64 inputs as requiring grad, in place)
+    return features, seen, weight, labels, threshold_in_a_gap(seen.clone(), weight.double(), labels, "none", quantile=0.75)
+
+
+def test_fp8_filtered_step_drops_exactly_the_small_entries():
+    from test_kernels import MARGINS as CPU_MARGINS
+    from test_kernels import masked_reference
+
+    features, seen, weight, labels, threshold = _filtered_inputs(9)
+    ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(seen.clone(), weight.double(), labels, "none", threshold)
+    assert 0.05 < float((kept != 0).double().mean()) < 0.6
+    f = features.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=CPU_MARGINS["none"][0], grad_filter=threshold)
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fp8_filtered_update_rounds_like_the_exact_kernel(rounding):
+    from test_kernels import MARGINS as CPU_MARGINS
+    from test_kernels import masked_reference
+
+    features, seen, weight, labels, threshold = _filtered_inputs(10)
+    _, _, ref_wgrad, _ = masked_reference(seen.clone(), weight.double(), labels, "none", threshold)
+    buffer = torch.zeros(NUM_CLASSES, DIM, dtype=torch.bfloat16)
+    compensation = torch.zeros(NUM_CLASSES, DIM, dtype=torch.bfloat16)
+    hyper = dict(lr=0.5, momentum=0.9, weight_decay=5e-4)
+    want, _, _ = emulate_update(weight, ref_wgrad, buffer=buffer.clone(), rounding=rounding, seed=4, step=2,
+                                class_ids=torch.arange(NUM_CLASSES) + 40, compensation=compensation.clone(), **hyper)
+    w = weight.clone()
+    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=4, step=2, class_ids=40, compensation=compensation, **hyper)
+    triton_sharded_cross_entropy(features.clone().requires_grad_(), w, labels, 0, scale=CPU_MARGINS["none"][0],
+                                 update=update, grad_filter=threshold).backward()
+    assert float((w.double() != weight.double()).float().mean()) > 0.1
+    assert float((w.double() != want.double()).float().mean()) <= 1e-3

@@ -128,8 +128,6 @@ class ShardedClassifier(nn.Module):
         self.rounding = rounding
         if impl != "reference" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float8_e4m3fn):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
-        if impl != "reference" and dtype == torch.float8_e4m3fn and grad_filter > 0:
-            raise ValueError("grad_filter runs on bf16 or fp32 weights; fp8 weights take the exact kernels (grad_filter=0)")
         self._active = None  # (rows, weight, momentum, compensation copies) of a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")

@@ -32,7 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.shard_ce import SGDUpdate, _num_programs_target, _precision, tile_config
+from hydrahead.kernels.shard_ce import (
+    FeatureOperand,
+    SGDUpdate,
+    _as_operand,
+    _num_programs_target,
+    _onto_grid,
+    _precision,
+    rounding_plan,
+    tile_config,
+)
 
 _SGD_ROWS = 16  # rows of W per program of the update pass
 _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp32 temporaries)
@@ -83,10 +92,19 @@ def _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8: tl.constexpr):
+    """The cut on the raw dot product (scale > 0, e4m3 row scales > 0); +inf: ignored rows."""
+    cut = tl.load(CUT + rows, mask=row_ok, other=float("inf")) / scale
+    if FP8:
+        cut = cut / tl.load(F_SCALE + rows, mask=row_ok, other=1.0)
+    return cut
+
+
+@triton.jit
 def _lse_kernel(
-    F, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT,
+    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT,
     G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
-    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Logits are kept in log2 units (z * log2 e) so each exp is one exp2. The per-tile work
@@ -95,6 +113,9 @@ def _lse_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    row_factor = tl.full([BLOCK_G], scale * LOG2E, tl.float32)
+    if FP8:  # e4m3 feature rows: each logit times its row's scale
+        row_factor = row_factor * tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
     m2 = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     t2 = tl.zeros([BLOCK_G], tl.float32)
@@ -104,10 +125,9 @@ def _lse_kernel(
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if it % k_tiles == k_tiles - 1:  # the tile's logits are complete: fold them in
             c0, cols, col_ok = _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C)
+            z2 = acc * row_factor[:, None]
             if COSINE:
-                z2 = acc * (tl.load(INV_NORM + cols, mask=col_ok, other=0.0) * (scale * LOG2E))[None, :]
-            else:
-                z2 = acc * (scale * LOG2E)
+                z2 = z2 * tl.load(INV_NORM + cols, mask=col_ok, other=0.0)[None, :]
             if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
                 is_target = label[:, None] == cols[None, :]
                 z2 = tl.where(is_target, z2 - target_shift * LOG2E, z2)
@@ -126,9 +146,9 @@ def _lse_kernel(
 
 @triton.jit
 def _flag_kernel(
-    F, W, INV_NORM, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START,
+    F, F_SCALE, W, INV_NORM, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START,
     G, C, D, stride_f, stride_w, classes_per_split, scale, tile_capacity,
-    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """List the (row block, class tile) pairs holding any logit >= cut (targets included).
@@ -138,7 +158,7 @@ def _flag_kernel(
     shared memory, which does not fit beside the load pipeline: ``_extract_kernel`` does it.
     """
     pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
-    cut = tl.load(CUT + rows, mask=row_ok, other=float("inf")) / scale  # on the raw dot (scale > 0); +inf: ignored rows
+    cut = _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
         f, w = _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
@@ -157,9 +177,9 @@ def _flag_kernel(
 
 @triton.jit
 def _extract_kernel(
-    F, W, INV_NORM, LOCAL_LABEL, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START, COUNT, OUT_ROW, OUT_COL, OUT_LOGIT,
+    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START, COUNT, OUT_ROW, OUT_COL, OUT_LOGIT,
     G, C, D, stride_f, stride_w, scale, tile_capacity, capacity,
-    COSINE: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One flagged tile per program: recompute it and append its non-target entries >= cut.
@@ -175,7 +195,7 @@ def _extract_kernel(
     rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     row_ok = rows < G
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
-    cut = tl.load(CUT + rows, mask=row_ok, other=float("inf")) / scale
+    cut = _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8)
     k_tiles = tl.cdiv(D, BLOCK_K)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, k_tiles):  # tiles never straddle a split (splits are whole tiles), so C bounds them
@@ -189,16 +209,23 @@ def _extract_kernel(
     store = keep & (slot < capacity)  # past capacity: only counted (the caller retries)
     tl.store(OUT_ROW + slot, rows[:, None] + tl.zeros_like(slot), mask=store)
     tl.store(OUT_COL + slot, cols[None, :] + tl.zeros_like(slot), mask=store)
-    tl.store(OUT_LOGIT + slot, acc * scale, mask=store)
+    logit = acc * scale
+    if FP8:
+        logit = logit * tl.load(F_SCALE + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(OUT_LOGIT + slot, logit, mask=store)
 
 
 @triton.jit
 def _sgd_kernel(
-    W, BUF, TOUCHED, TOUCHED_GRAD, BOUNDS,
-    C, D, stride_w, lr, momentum, weight_decay,
-    HAS_BUF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    W, BUF, COMP, CLASS_IDS, TOUCHED, TOUCHED_GRAD, BOUNDS,
+    C, D, stride_w, lr, momentum, weight_decay, first_class, key1, key2,
+    HAS_BUF: tl.constexpr, HAS_COMP: tl.constexpr, HAS_IDS: tl.constexpr, STOCHASTIC: tl.constexpr, EXACT_CAST: tl.constexpr,
+    MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr, COMP_MIN_EXP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient."""
+    """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient.
+    The new weights are written onto the storage grid as the exact weight kernel writes them."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
@@ -218,7 +245,16 @@ def _sgd_kernel(
         buf = momentum * tl.load(BUF + tile, mask=tile_ok, other=0.0).to(tl.float32) + step
         tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
         step = buf
-    tl.store(W + tile, (w32 - lr * step).to(W.dtype.element_ty), mask=tile_ok)
+    new = w32 - lr * step
+    if HAS_COMP:
+        new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
+    stored = _onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
+                        STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE).to(W.dtype.element_ty)
+    tl.store(W + tile, stored, mask=tile_ok)
+    if HAS_COMP:
+        lost = _onto_grid(new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+        tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,17 +279,23 @@ def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, device: t
     return row_blocks, triton.cdiv(num_classes, per_split), per_split
 
 
+def _fp8_args(operand: FeatureOperand) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(features, their row scales or a stand-in, whether they are e4m3 rows)."""
+    return operand.values, operand.row_scale if operand.fp8 else operand.values, operand.fp8
+
+
 def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool):
     """Local (max, sum of exp, target logit) per sample over this shard: 2·G·D·C_r FLOPs."""
+    feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
     block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
     row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
     stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
     _lse_kernel[(row_blocks, splits)](
-        feat_op, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2],
+        feat_op, f_scale, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2],
         num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
-        COSINE=cosine, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k,
+        COSINE=cosine, FP8=fp8, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages,
     )
     split_max, split_sum, split_target = stats
@@ -270,13 +312,14 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
     lists the tiles with any hit, a second recomputes just those tiles and writes their
     entries. A list that overflows its ``capacity`` is redone once with the size counted.
     """
+    feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
     block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
     row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
     device = feat_op.device
     limit = max_entries(num_rows)
-    common = dict(COSINE=cosine, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0,
+    common = dict(COSINE=cosine, FP8=fp8, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0,
                   BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps)
     inv = inv_norm if cosine else weight
 
@@ -284,7 +327,7 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
         count = torch.zeros(1, dtype=torch.int32, device=device)
         tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
         _flag_kernel[(row_blocks, splits)](
-            feat_op, weight, inv, cut, count, tiles[0], tiles[1],
+            feat_op, f_scale, weight, inv, cut, count, tiles[0], tiles[1],
             num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, tile_capacity,
             num_stages=stages, **common,
         )
@@ -295,7 +338,7 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
         out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
         logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
         _extract_kernel[(tiles.shape[1],)](
-            feat_op, weight, inv, local_label, cut, tile_count, tiles[0], tiles[1], count, out[0], out[1], logits,
+            feat_op, f_scale, weight, inv, local_label, cut, tile_count, tiles[0], tiles[1], count, out[0], out[1], logits,
             num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, tiles.shape[1], entry_capacity,
             num_stages=2, **common,
         )
@@ -333,6 +376,8 @@ def sparse_gradients(feat_op, weight, inv_norm, entries, *, grad_scale: float, c
     gradients are scaled by ``grad_scale``. Cosine logits: dW is taken through the row
     normalisation of W (the same projection as the exact weight kernel).
     """
+    operand = _as_operand(feat_op)
+    feat_op = operand.values
     rows, cols, values = entries
     values = values * grad_scale
     dim = feat_op.shape[1]
@@ -345,6 +390,8 @@ def sparse_gradients(feat_op, weight, inv_norm, entries, *, grad_scale: float, c
         if cosine:
             w_rows *= inv_norm[c, None]
         grad_feat.index_add_(0, r, w_rows.mul_(v[:, None]))
+        if operand.fp8:  # the e4m3 rows times their scales: the features the logits saw
+            v = v * operand.row_scale[r]
         touched_grad.index_add_(0, s, feat_op[r].float().mul_(v[:, None]))
     if cosine and touched.numel():
         inv = inv_norm[touched, None]
@@ -365,13 +412,19 @@ def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     if touched.numel() == 0:  # no row has a gradient: a one-entry stand-in keeps the pointers valid
         touched = torch.full((1,), -1, dtype=torch.int64, device=weight.device)
         touched_grad = torch.zeros(1, dim, dtype=torch.float32, device=weight.device)
+    has_ids = isinstance(update.class_ids, torch.Tensor)
+    plan = rounding_plan(weight, update)
     blocks = triton.cdiv(num_classes, _SGD_ROWS)
     edges = torch.arange(0, blocks + 1, device=weight.device, dtype=torch.int64) * _SGD_ROWS
     bounds = torch.searchsorted(touched, edges).to(torch.int32)
     _sgd_kernel[(blocks,)](
-        weight, update.momentum_buffer if has_buf else weight, touched, touched_grad.contiguous(), bounds,
+        weight, update.momentum_buffer if has_buf else weight,
+        update.compensation if update.compensation is not None else weight,
+        update.class_ids.long() if has_ids else touched, touched, touched_grad.contiguous(), bounds,
         num_classes, dim, weight.stride(0), update.lr, update.momentum, update.weight_decay,
-        HAS_BUF=has_buf, BLOCK_R=_SGD_ROWS, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4,
+        0 if has_ids else int(update.class_ids), plan.key1, plan.key2,
+        HAS_BUF=has_buf, HAS_COMP=update.compensation is not None, HAS_IDS=has_ids, **plan.constants,
+        BLOCK_R=_SGD_ROWS, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4,
     )
 
 

@@ -32,7 +32,6 @@ from hydrahead.head.cross_entropy import (
 )
 from hydrahead.kernels import filtered as filtered_kernels
 from hydrahead.kernels.shard_ce import (
-    FP8,
     SGDUpdate,
     feature_operand,
     inverse_row_norms,
@@ -78,8 +77,6 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 inv_norm = inverse_row_norms(weight_shard)
             else:
                 feat_op = feature_operand(features.detach(), weight_shard.dtype)
-            if not feat_op.fp8:
-                feat_op = feat_op.values  # the filtered kernels take the plain tensor
             local = labels - class_start
             owned = valid & (local >= 0) & (local < weight_shard.shape[0])
             local_label = torch.where(owned, local, -1).contiguous()
@@ -196,8 +193,6 @@ def triton_sharded_cross_entropy(
         raise ValueError(f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}")
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
-    if grad_filter > 0 and weight_shard.dtype == FP8:
-        raise ValueError("grad_filter runs on bf16 or fp32 weights; fp8 weights take the exact kernels (grad_filter=0)")
     labels = labels.long()
     if num_classes is not None:
         _check_label_range(labels, ignore_index, num_classes)

@@ -325,6 +325,10 @@ class FeatureOperand:
     def fp8(self) -> bool:
         return self.row_scale is not None
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
 
 def feature_operand(features: torch.Tensor, weight_dtype: torch.dtype) -> FeatureOperand:
     """``features`` prepared for weights of ``weight_dtype`` (e4m3 rows scaled to reach 448)."""
@@ -404,6 +408,27 @@ def _signed32(key: int) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
+@dataclass
+class RoundingPlan:
+    """How an update kernel writes W: the draws' keys and the storage grids, as kernel arguments."""
+
+    key1: int
+    key2: int
+    constants: dict
+
+
+def rounding_plan(weight: torch.Tensor, update: SGDUpdate | None) -> RoundingPlan:
+    stochastic = update is not None and update.rounding == "stochastic"
+    key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
+    mant_bits, min_exp, max_value = _storage_grid(weight.dtype)
+    compensation = update.compensation if update is not None else None
+    comp_bits, comp_min_exp, _ = _storage_grid(compensation.dtype if compensation is not None else torch.float32)
+    return RoundingPlan(_signed32(key1), _signed32(key2), dict(
+        STOCHASTIC=stochastic, MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
+        COMP_MANT_BITS=comp_bits, COMP_MIN_EXP=comp_min_exp, EXACT_CAST=_INTERPRETED and weight.dtype in (torch.bfloat16, FP8),
+    ))
+
+
 def shard_weight_backward(
     feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
     grad_scale: float, update: SGDUpdate | None,
@@ -427,10 +452,7 @@ def shard_weight_backward(
     has_ids = isinstance(class_ids, torch.Tensor)
     if has_ids and class_ids.shape != (num_classes,):
         raise ValueError(f"SGDUpdate.class_ids must hold one id per weight row ({num_classes}), got {tuple(class_ids.shape)}")
-    stochastic = update is not None and update.rounding == "stochastic"
-    key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
-    mant_bits, min_exp, max_value = _storage_grid(weight.dtype)
-    comp_bits, comp_min_exp, _ = _storage_grid(compensation.dtype if compensation is not None else torch.float32)
+    plan = rounding_plan(weight, update)
     grad_weight = None
     if update is None:
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
@@ -443,12 +465,11 @@ def shard_weight_backward(
         compensation if compensation is not None else weight, class_ids.long() if has_ids else local_label,
         num_rows, num_classes, dim, feats.stride(0), num_rows, weight.stride(0), scale, target_shift, grad_scale,
         update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
-        0 if has_ids else int(class_ids), _signed32(key1), _signed32(key2),
+        0 if has_ids else int(class_ids), plan.key1, plan.key2,
         COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf,
-        PRECISION=_precision(weight.dtype), FP8=operand.fp8, STOCHASTIC=stochastic,
+        PRECISION=_precision(weight.dtype), FP8=operand.fp8,
         HAS_COMP=compensation is not None, HAS_IDS=has_ids,
-        MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
-        COMP_MANT_BITS=comp_bits, COMP_MIN_EXP=comp_min_exp, EXACT_CAST=_INTERPRETED and weight.dtype in (torch.bfloat16, FP8),
+        **plan.constants,
         BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )
