@@ -18,6 +18,8 @@ momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
                    times 0.02): logits, their recomputation and P^T F on FP8 tensor cores, A = P W
                    in bf16, the update stochastically rounded into e4m3 inside the kernel; its
                    floor counts three matmuls at the fp8 rate and one at the bf16 rate
+  ours-fp8-filtered  the filtered path on fp8 W: both logit passes on FP8 tensor cores, the
+                   sparse update stochastically rounded; floor: the exact fp8 step's
   cce              cut_cross_entropy.linear_cross_entropy (its default gradient filter) + SGD
   cce-nofilter     the same with filter_eps=None (exact) + SGD
   torch            F.cross_entropy(features @ W.T, labels) + SGD
@@ -99,17 +101,19 @@ METHODS = {
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
     "ours-fp8": Method("hydrahead-triton fp8 e4m3 W (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
+    "ours-fp8-filtered": Method("hydrahead-triton fp8 e4m3 W filtered (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
     "cce": Method("cut-cross-entropy (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "cce-nofilter": Method("cut-cross-entropy no filter (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "torch": Method("torch F.cross_entropy (dW + torch SGD)", "torch", ()),
     "reference": Method(f"hydrahead-reference chunk {REFERENCE_CHUNK} (dW + torch SGD)", "torch", ("hydrahead.head",)),
     "liger": Method("liger-kernel (dW + torch SGD)", "torch", ("liger_kernel.transformers.functional",), slow=True),
 }
-OURS = ("ours", "ours-filtered", "ours-dw", "ours-fp8")
+OURS = ("ours", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-filtered")
 # The rate each of the four matmuls (logits, A = P W, recomputed logits, P^T F) runs at.
 # The fp8 kernels run A in bf16: FP8 tensor cores take K-major operands only and the fp8
 # W tile is D-major there (docs/kernels.md).
-MATMUL_DTYPES = {"ours-fp8": ("fp8", "bf16", "fp8", "fp8")}
+# The filtered rows keep the floor of the exact step they replace (as ours-filtered does).
+MATMUL_DTYPES = {"ours-fp8": ("fp8", "bf16", "fp8", "fp8"), "ours-fp8-filtered": ("fp8", "bf16", "fp8", "fp8")}
 
 
 def floor_ms(key: str, shape, rates: dict) -> float:
@@ -244,9 +248,10 @@ def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
 
-    if key == "ours-fp8":
+    if key in ("ours-fp8", "ours-fp8-filtered"):
         from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
+        grad_filter = args.grad_filter if key == "ours-fp8-filtered" else 0.0
         # Unit scaling: rows stored as W / std in e4m3 (their normal range), logits times std.
         weight8 = torch.empty(p.weight.shape, device=p.weight.device, dtype=torch.float8_e4m3fn)
         for start in range(0, weight8.shape[0], 1 << 20):
@@ -257,7 +262,9 @@ def build_step(key: str, p: Problem, args):
         def fp8_step():
             p.features.grad = None
             update = SGDUpdate(momentum_buffer=p.momentum_buffer, rounding="stochastic", seed=0, step=state["step"], **SGD)
-            loss = triton_sharded_cross_entropy(p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=WEIGHT_STD)
+            loss = triton_sharded_cross_entropy(
+                p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=WEIGHT_STD, grad_filter=grad_filter
+            )
             loss.backward()
             state["step"] += 1
             return loss.detach()

@@ -34,6 +34,7 @@ VARIANTS = {
     # The same on the fused FP8 kernels (the update rounded inside the weight kernel):
     "fp8-sr-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic"],
     "fp8-nearest-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=nearest"],
+    "fp8-sr-fused-filtered": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic", "head.grad_filter=0.000244140625"],
 }
 
 
