@@ -231,6 +231,22 @@ class DistConfig:
 
 
 @dataclass
+class CommConfig:
+    bucket_mb: float = _key(25.0, "DDP gradient bucket size in MiB (the all-reduce overlaps the backbone's backward bucket by bucket)")
+    grad_compression: str = _key(
+        "none",
+        "backbone gradient compression in DDP's all-reduce: none, bf16 / powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",
+        ("none", "bf16", "powersgd", "topk"),
+    )
+    topk_density: float = _key(0.001, "topk: share of each large gradient's entries sent per step")
+    topk_warmup_steps: int = _key(1000, "topk: steps over which the density falls exponentially from 25% to topk_density")
+    topk_momentum_correction: bool = _key(False, "topk: accumulate velocity, not gradients, in the residual (Deep Gradient Compression)")
+    topk_min_numel: int = _key(4096, "topk: tensors with fewer entries (biases, norms) are all-reduced dense")
+    powersgd_rank: int = _key(4, "powersgd: rank of the low-rank approximation")
+    powersgd_start_step: int = _key(10, "powersgd: steps of plain all-reduce before compression starts")
+
+
+@dataclass
 class Config:
     run: RunConfig = _section(RunConfig, "run folder and seed")
     train: TrainConfig = _section(TrainConfig, "steps, batch size and evaluation")
@@ -241,6 +257,7 @@ class Config:
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpointing")
     log: LogConfig = _section(LogConfig, "metrics and progress")
     dist: DistConfig = _section(DistConfig, "process groups")
+    comm: CommConfig = _section(CommConfig, "communication: DDP buckets and gradient compression")
 
     @property
     def head_impl(self) -> str:
@@ -634,6 +651,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
     )
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
+    c = cfg.comm
+    need(c.bucket_mb > 0, f"comm.bucket_mb must be > 0, got {c.bucket_mb}")
+    need(0 < c.topk_density <= 1, f"comm.topk_density must be in (0, 1], got {c.topk_density}")
+    need(c.topk_warmup_steps >= 0, f"comm.topk_warmup_steps must be >= 0, got {c.topk_warmup_steps}")
+    need(c.topk_min_numel >= 0, f"comm.topk_min_numel must be >= 0, got {c.topk_min_numel}")
+    need(c.powersgd_rank >= 1, f"comm.powersgd_rank must be >= 1, got {c.powersgd_rank}")
+    need(c.powersgd_start_step >= 2, f"comm.powersgd_start_step must be >= 2 (PowerSGD's own minimum), got {c.powersgd_start_step}")
     need(
         h.momentum_dtype != "none" or h.momentum == 0,
         f"head.momentum_dtype=none keeps no momentum buffer: set head.momentum=0 (got {h.momentum})",

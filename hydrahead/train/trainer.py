@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from hydrahead.comm import compression
 from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.counter_rng import counter_hash
@@ -59,16 +60,6 @@ ACCEPTED_ON_RESUME = (
     "checkpoint.*", "log.*", "dist.*",
 )
 _RNG_STREAM = 2000
-
-
-def _sum_allreduce_hook(group, bucket):
-    """DDP communication hook: all-reduce SUM (DDP's default divides by the world size).
-
-    Unannotated on purpose: DDP compares the annotations with its own classes, and this
-    module's postponed annotations would be strings.
-    """
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _total_norm(parameters) -> torch.Tensor:
@@ -123,9 +114,11 @@ class Trainer:
         self.backbone_module = backbone
         self.backbone = DDP(
             backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            process_group=env.data_group,
+            process_group=env.data_group, bucket_cap_mb=cfg.comm.bucket_mb,
         )
-        self.backbone.register_comm_hook(env.data_group, _sum_allreduce_hook)
+        # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
+        names = {param: name for name, param in backbone.named_parameters()}
+        self.comm_counters, self.topk = compression.register(self.backbone, env.data_group, cfg.comm, names)
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
         # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
@@ -201,7 +194,30 @@ class Trainer:
             state["head_index"] = {f"rank{self.env.rank}": self.selector.index_state()}
             meta["head_index_world_size"] = self.env.world_size
             meta["head_index"] = self.selector.index_signature
+        if self.topk is not None:  # per-rank: what each rank has not sent yet
+            state["comm_residuals"] = {f"rank{self.env.rank}": self.topk.state_dict()}
+            meta["comm_residuals_world_size"] = self.env.world_size
         return ckpt.save_checkpoint(self.env, self.run_dir, self.step, state, meta, keep=self.cfg.checkpoint.keep)
+
+    def _resume_residuals(self, path: Path, meta: dict) -> None:
+        """topk: load this rank's unsent gradients. On another world size the saved ranks'
+        residuals are summed onto rank 0 (what the ranks owed together is still sent, once)."""
+        if self.topk is None:
+            return
+        saved = meta.get("comm_residuals_world_size")
+        if saved is None:
+            if self.env.is_main:
+                print(f"warning: checkpoint {path} holds no top-k residuals: they start at zero", file=sys.stderr, flush=True)
+            return
+        wanted = [self.env.rank] if saved == self.env.world_size else (range(saved) if self.env.is_main else [])
+        state = {"comm_residuals": {f"rank{r}": self.topk.empty_state_dict() for r in wanted}}
+        if wanted:
+            ckpt.load_checkpoint(self.env, path, state)
+        else:  # DCP's load is collective: take part with nothing to read
+            ckpt.load_checkpoint(self.env, path, {"comm_residuals": {}})
+        self.topk.load_summed(list(state["comm_residuals"].values()))
+        if saved != self.env.world_size and self.env.is_main:
+            print(f"notice: top-k residuals of {saved} ranks summed onto rank 0 of {self.env.world_size}", file=sys.stderr, flush=True)
 
     def _resume_index(self, path: Path, meta: dict) -> None:
         """Deterministic knn: load this shard's saved index, or say why it is rebuilt instead."""
@@ -237,6 +253,7 @@ class Trainer:
         ckpt.load_checkpoint(self.env, path, state)
         set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
         self._resume_index(path, meta)
+        self._resume_residuals(path, meta)
         self.step = int(meta["step"])
         if meta["cursor"] != self.step * self.cfg.train.global_batch:
             raise ValueError(f"checkpoint {path}: data cursor {meta['cursor']} does not match step {self.step}")
@@ -301,6 +318,8 @@ class Trainer:
 
         flags = torch.zeros(3, device=self.device)  # [preempt, backbone grads bad, head grads bad]
         flags[0] = float(preempt_requested)
+        if self.topk is not None:
+            self.topk.step = step  # the density of this step's warm-up
         if loss_finite:
             global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
@@ -314,13 +333,15 @@ class Trainer:
         nonfinite = "loss" if not loss_finite else ", ".join(
             f"{what} gradients on {count} rank(s)" for what, count in (("backbone", bad_backbone), ("head", bad_head)) if count
         )
+        if self.topk is not None:  # a skipped step's unsent gradients must not advance
+            self.topk.discard() if nonfinite else self.topk.commit()
         if not nonfinite:
             if self.cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
             self.backbone_optim.step()
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0}
+        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0, **self.comm_counters.take()}
 
     def _selection_metrics(self) -> dict:
         """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
@@ -427,7 +448,10 @@ class Trainer:
                         "loss": losses[-1], "lr": lr, "head_lr": self.head.lr,
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
+                        "bytes_backbone_allreduce": result["bytes_backbone_allreduce"],
                     }
+                    if self.topk is not None:
+                        row["topk_density"] = self.topk.current_density()
                     row.update(self._selection_metrics())
                     if cfg.data.on_bad_sample == "skip":
                         row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)

@@ -1,0 +1,1 @@
+"""Communication: gradient compression hooks for the backbone's DDP exchange."""
