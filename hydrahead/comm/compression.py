@@ -151,35 +151,35 @@ class TopK:
             sparse_index.append(indices + offset)
             sparse_value.append(values)
         world_size = dist.get_world_size(group)
-        futures = []
-        dense = None
-        if dense_parts:
-            dense = torch.cat([buffer[o : o + n] for o, n in dense_parts])
-            futures.append(dist.all_reduce(dense, group=group, async_op=True).get_future())
-            self.counters.backbone_allreduce += dense.numel() * dense.element_size()
-        gathered = None
-        if sparse_index:
-            # One message per rank: int32 indices and the fp32 values' bits side by side.
-            payload = torch.cat([torch.cat(sparse_index).to(torch.int32), torch.cat(sparse_value).view(torch.int32)])
-            gathered = payload.new_empty(world_size * payload.numel())
-            futures.append(dist.all_gather_into_tensor(gathered, payload, group=group, async_op=True).get_future())
-            self.counters.backbone_allreduce += payload.numel() * payload.element_size()
+        # One message per rank, one all-gather per bucket (a single future: its callback sees
+        # the result on the right CUDA stream): the dense tensors' fp32 values, then int32
+        # indices and the fp32 values' bits of the sparse ones. The dense part is summed
+        # after the gather; it holds only small tensors.
+        dense = torch.cat([buffer[o : o + n] for o, n in dense_parts]).float() if dense_parts else buffer.new_empty(0, dtype=torch.float32)
+        index = torch.cat(sparse_index).to(torch.int32) if sparse_index else torch.empty(0, dtype=torch.int32, device=buffer.device)
+        value = torch.cat(sparse_value) if sparse_value else torch.empty(0, dtype=torch.float32, device=buffer.device)
+        payload = torch.cat([dense.view(torch.int32), index, value.view(torch.int32)])
+        gathered = payload.new_empty(world_size * payload.numel())
+        work = dist.all_gather_into_tensor(gathered, payload, group=group, async_op=True)
+        self.counters.backbone_allreduce += payload.numel() * payload.element_size()
+        num_dense, num_sparse = dense.numel(), index.numel()
 
-        def unpack(_):
+        def unpack(_):  # runs on a stream that waits for the gather
+            per_rank = gathered.view(world_size, -1)
             out = torch.zeros_like(buffer)
-            if dense is not None:
+            if num_dense:
+                summed = per_rank[:, :num_dense].contiguous().view(torch.float32).sum(dim=0)
                 start = 0
                 for o, n in dense_parts:
-                    out[o : o + n] = dense[start : start + n]
+                    out[o : o + n] = summed[start : start + n].to(out.dtype)
                     start += n
-            if gathered is not None:
-                per_rank = gathered.view(world_size, 2, -1)
-                indices = per_rank[:, 0].reshape(-1).long()
-                values = per_rank[:, 1].reshape(-1).contiguous().view(torch.float32)
+            if num_sparse:
+                indices = per_rank[:, num_dense : num_dense + num_sparse].reshape(-1).long()
+                values = per_rank[:, num_dense + num_sparse :].contiguous().view(torch.float32).reshape(-1)
                 out.index_add_(0, indices, values.to(out.dtype))
             return out
 
-        return torch.futures.collect_all(futures).then(unpack)
+        return work.get_future().then(unpack)
 
 
 def sum_allreduce_hook(counters: CommCounters):
