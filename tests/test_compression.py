@@ -123,6 +123,11 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
     assert "residuals of 2 ranks summed onto rank 0 of 1" in proc.stderr
     rows = [r for r in metrics(run_dir) if "bytes_backbone_allreduce" in r]
     assert rows and all(r["bytes_backbone_allreduce"] > 0 and r["topk_density"] == 0.01 for r in rows)
+    # TINY: global batch 48, D = 32, fp32 features on CPU; steps 1-4 on 2 ranks, 5-6 on 1
+    for r in rows:
+        local = 24 if r["step"] <= 4 else 48
+        assert r["bytes_feature_gather"] == local * 32 * 4 + local * 8  # features + int64 labels
+        assert r["bytes_grad_scatter"] == 48 * 32 * 4  # the full dF goes into the reduce-scatter
     same = tmp_path / "same"
     launch(same, 2, *topk, "train.stop_after=4")
     proc = launch(same, 2, *topk, "train.stop_after=6")

@@ -300,6 +300,11 @@ class Trainer:
             local_features = local_features * float("nan")
         global_features = all_gather_features(local_features, self.env.head_group, sizes=sizes)
         global_labels = all_gather_labels(labels, self.env.head_group, sizes=sizes)
+        # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
+        comm_bytes = {
+            "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
+            "bytes_grad_scatter": 0,
+        }
 
         # The head runs on a detached copy so its time can be measured alone and its
         # gradient handed to the backbone afterwards.
@@ -322,6 +327,7 @@ class Trainer:
             self.topk.step = step  # the density of this step's warm-up
         if loss_finite:
             global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
+            comm_bytes["bytes_grad_scatter"] = head_input.grad.numel() * head_input.grad.element_size()
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
             if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
                 head_grad[0, 0] = float("nan")
@@ -341,7 +347,7 @@ class Trainer:
             self.backbone_optim.step()
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0, **self.comm_counters.take()}
+        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0, **comm_bytes, **self.comm_counters.take()}
 
     def _selection_metrics(self) -> dict:
         """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
@@ -448,7 +454,7 @@ class Trainer:
                         "loss": losses[-1], "lr": lr, "head_lr": self.head.lr,
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
-                        "bytes_backbone_allreduce": result["bytes_backbone_allreduce"],
+                        **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
                     }
                     if self.topk is not None:
                         row["topk_density"] = self.topk.current_density()
