@@ -248,28 +248,6 @@ def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
 
-    if key in ("ours-fp8", "ours-fp8-filtered"):
-        from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
-
-        grad_filter = args.grad_filter if key == "ours-fp8-filtered" else 0.0
-        # Unit scaling: rows stored as W / std in e4m3 (their normal range), logits times std.
-        weight8 = torch.empty(p.weight.shape, device=p.weight.device, dtype=torch.float8_e4m3fn)
-        for start in range(0, weight8.shape[0], 1 << 20):
-            weight8[start : start + (1 << 20)] = (p.weight[start : start + (1 << 20)].detach().float() / WEIGHT_STD).to(weight8.dtype)
-        p.weight = weight8  # the bf16 rows are freed: the step's memory is the fp8 head's
-        state = {"step": 0}
-
-        def fp8_step():
-            p.features.grad = None
-            update = SGDUpdate(momentum_buffer=p.momentum_buffer, rounding="stochastic", seed=0, step=state["step"], **SGD)
-            loss = triton_sharded_cross_entropy(
-                p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=WEIGHT_STD, grad_filter=grad_filter
-            )
-            loss.backward()
-            state["step"] += 1
-            return loss.detach()
-
-        return fp8_step
     if key in OURS:
         from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
@@ -278,15 +256,26 @@ def build_step(key: str, p: Problem, args):
             def loss_fn(f, w, y):
                 return triton_sharded_cross_entropy(f, w, y, 0, num_classes=num_classes)
         else:
-            update = SGDUpdate(momentum_buffer=p.momentum_buffer, **SGD)
-            grad_filter = args.grad_filter if key == "ours-filtered" else 0.0
+            fp8 = key in MATMUL_DTYPES
+            scale = 1.0
+            if fp8:  # unit scaling: rows stored as W / std in e4m3 (their normal range), logits times std
+                weight8 = torch.empty(p.weight.shape, device=p.weight.device, dtype=torch.float8_e4m3fn)
+                for start in range(0, weight8.shape[0], 1 << 20):
+                    rows = slice(start, start + (1 << 20))
+                    weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
+                p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
+            grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
+            state = {"step": 0}  # fresh stochastic-rounding draws every step
 
             def fused_step():
                 p.features.grad = None
+                update = SGDUpdate(momentum_buffer=p.momentum_buffer, rounding="stochastic" if fp8 else "nearest",
+                                   step=state["step"], **SGD)
                 loss = triton_sharded_cross_entropy(
-                    p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, grad_filter=grad_filter
+                    p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=scale, grad_filter=grad_filter
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
+                state["step"] += 1
                 return loss.detach()
 
             return fused_step

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_harness import run_ranks
-from hydrahead.comm.compression import WARMUP_START_DENSITY, register, topk_density
+from hydrahead.comm.compression import WARMUP_START_DENSITY, TopK, register, topk_density
 from hydrahead.config import CommConfig, ConfigError, load_config, validate
 from launcher import launch, metrics
 
@@ -25,6 +25,28 @@ def test_warmup_falls_exponentially_from_a_quarter_to_the_target():
     assert all(v == target for v in values[100:])
     assert topk_density(1, 0.5, warmup) == 0.5 and topk_density(1, 0.25, warmup) == 0.25  # no warm-up at >= 25%
     assert topk_density(1, target, 0) == target
+
+
+def test_residuals_advance_only_when_the_step_is_taken_and_resume_as_a_sum():
+    param = nn.Parameter(torch.zeros(200))
+    topk = TopK({param: "w"}, density=0.1, warmup_steps=0, min_numel=10)
+    grad = torch.arange(200.0)
+    indices, values = topk._select("w", grad, 0.1)
+    assert sorted(indices.tolist()) == list(range(180, 200)) and torch.equal(values.sort().values, grad[180:])
+    topk.discard()  # a skipped step
+    assert topk.residuals == {} and torch.equal(topk.state_dict()["w"], torch.zeros(200))
+    topk._select("w", grad, 0.1)
+    topk.commit()
+    kept = torch.where(grad < 180, grad, 0.0)
+    assert torch.equal(topk.residuals["w"], kept)
+    indices, values = topk._select("w", grad, 0.1)  # the residual joins the next gradient: 2 g below 180
+    assert sorted(indices.tolist()) == list(range(160, 180)) and torch.equal(values.sort().values, 2 * grad[160:180])
+    topk.discard()
+    saved = topk.state_dict()
+    topk.load_summed([saved, {"w": torch.ones(200)}])  # two saved ranks onto one
+    assert torch.equal(topk.residuals["w"], kept + 1)
+    topk.load_summed([])
+    assert topk.residuals == {}
 
 
 def _model():

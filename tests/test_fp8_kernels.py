@@ -12,8 +12,6 @@ import torch
 
 from dist_harness import run_ranks
 from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradient
-from hydrahead.config import ConfigError, load_config, validate
-from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 from hydrahead.head.cross_entropy import normalize_rows
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
@@ -223,3 +221,30 @@ def test_fp8_filtered_update_rounds_like_the_exact_kernel(rounding):
                                  update=update, grad_filter=threshold).backward()
     assert float((w.double() != weight.double()).float().mean()) > 0.1
     assert float((w.double() != want.double()).float().mean()) <= 1e-3
+
+
+def test_fp8_head_over_active_rows_steps_like_the_full_loss():
+    """All rows active (their own copies, ids passed to the kernel) equals the full loss, Kahan
+    buffer included; a step over a subset moves only the subset (the rest is deferred)."""
+    heads = [ShardedClassifier(NUM_CLASSES, DIM, seed=2, dtype=FP8, impl="triton", unit_scaling=True, rounding="stochastic",
+                               kahan_dtype=torch.bfloat16, momentum=0.9, weight_decay=1e-3) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+    for step in range(2):
+        features, labels = torch.randn(24, DIM, generator=gen), torch.randint(0, NUM_CLASSES, (24,), generator=gen)
+        for head, rows in zip(heads, (None, torch.arange(NUM_CLASSES))):
+            head.set_lr(5.0)
+            head.set_step(step)
+            head.loss(features.clone().requires_grad_(), labels, rows).backward()
+            head.finish_step()
+    assert torch.equal(heads[0].weight.double(), heads[1].weight.double())
+    assert torch.equal(heads[0].compensation.float(), heads[1].compensation.float())
+    assert float(heads[0].compensation.float().abs().max()) > 0
+
+    head = heads[1]
+    before = head.weight.detach().double().clone()
+    features, labels = torch.randn(24, DIM, generator=gen), torch.randint(0, 50, (24,), generator=gen)
+    head.set_step(2)
+    head.loss(features.requires_grad_(), labels, torch.arange(50)).backward()
+    head.finish_step()
+    moved = (head.weight.double() != before).any(dim=1)
+    assert bool(moved[:50].any()) and not bool(moved[50:].any())

@@ -237,14 +237,12 @@ def test_fp8_step_follows_float64_within_fp8_error():
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
 def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dtype):
     """The fused update with weights at 1.0 and a constant step far below half their ulp."""
-    from hydrahead.kernels.shard_ce import shard_weight_backward
+    from hydrahead.kernels.shard_ce import feature_operand, shard_weight_backward
 
     rows, dim = 4096, 128
-    features = torch.zeros(8, dim, device="cuda", dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+    features = torch.zeros(8, dim, device="cuda")
     labels = torch.full((8,), -1, device="cuda")
     lse = torch.full((8,), float("inf"), device="cuda")  # no gradient: weight decay alone moves them
-    from hydrahead.kernels.shard_ce import feature_operand
-
     op = feature_operand(features, dtype)
     step = 1e-2 * (2.0**-3 if dtype == torch.float8_e4m3fn else 2.0**-7)  # 1% of the ulp at 1.0
     moved = {}

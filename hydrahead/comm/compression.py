@@ -52,10 +52,7 @@ class CommCounters:
 
 
 def _times_world_size(world_size: int):
-    def scale(fut):
-        return fut.value().mul_(world_size) if isinstance(fut.value(), torch.Tensor) else fut.value()[0].mul_(world_size)
-
-    return scale
+    return lambda fut: fut.value().mul_(world_size)  # PyTorch's hooks resolve to the averaged bucket
 
 
 @dataclass
@@ -79,18 +76,15 @@ class TopK:
     velocities: dict = field(default_factory=dict)  # name -> flat fp32 momentum (momentum correction only)
     _pending: dict = field(default_factory=dict)
 
-    def _eligible(self) -> dict:
-        """name -> numel of the parameters that go sparse (the checkpointed residuals)."""
-        return {name: param.numel() for param, name in self.names.items() if param.numel() >= self.min_numel}
-
     def state_dict(self) -> dict:
-        """Residuals (and velocities) of every sparse parameter, zeros where none exists yet."""
+        """Residuals (and velocities) of every parameter that goes sparse, zeros where none exists yet."""
         out = {}
-        for name, numel in self._eligible().items():
-            device = next(p.device for p, n in self.names.items() if n == name)
-            out[name] = self.residuals.get(name, torch.zeros(numel, device=device))
+        for param, name in self.names.items():
+            if param.numel() < self.min_numel:
+                continue
+            out[name] = self.residuals.get(name, torch.zeros(param.numel(), device=param.device))
             if self.momentum_correction:
-                out[f"velocity/{name}"] = self.velocities.get(name, torch.zeros(numel, device=device))
+                out[f"velocity/{name}"] = self.velocities.get(name, torch.zeros(param.numel(), device=param.device))
         return out
 
     def empty_state_dict(self) -> dict:
