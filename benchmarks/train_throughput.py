@@ -6,13 +6,18 @@
 ``--mode full`` times the trainer's real step (backbone, feature gather, sharded head
 loss, reduce-scatter, DDP all-reduce, both optimizers); ``--mode backbone`` times the same
 backbone, DDP and optimizer with a stand-in loss on the embeddings and no head, for the
-"backbone alone" figure beside it. Rank 0 appends one JSON row to ``--out``.
+"backbone alone" figure beside it. Each ``--variant`` (config overrides) is measured in
+turn in the same process; after its timed steps a few more run with the communication
+clock on (time and bytes per collective, the hidden share). Rank 0 appends one JSON row
+per variant to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +41,67 @@ def backbone_only_step(trainer: Trainer, inputs: torch.Tensor) -> None:
     trainer.backbone_optim.zero_grad(set_to_none=True)
 
 
+def transport() -> str:
+    """How NCCL moves data between these GPUs: the socket transport when P2P, SHM and IB are off."""
+    import os
+
+    off = all(os.environ.get(key) == "1" for key in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE"))
+    return "socket" if off else "nvlink"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name=key=value,key=value`` (or a bare name: no overrides)."""
+    name, _, rest = text.partition("=")
+    return name, [item for item in rest.split(",") if item]
+
+
+def measure(cfg, env, args, mode: str, variant: str) -> dict:
+    """Time one configuration: ``--steps`` steps untimed, then ``--timed-steps`` with the comm clock on."""
+    trainer = Trainer(cfg, env)
+    trainer._set_learning_rates()  # the schedule's first step: throughput does not depend on it
+    global_batch = cfg.train.global_batch
+    data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)
+
+    def step(timed=False):
+        inputs, labels = next(data)
+        if mode == "full":
+            return trainer.train_step(inputs, labels, timed=timed)
+        backbone_only_step(trainer, inputs)
+        return {}
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], device=env.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    comm = [step(timed=True) for _ in range(args.timed_steps)] if mode == "full" else []
+    keys = sorted({k for r in comm for k in r if k.startswith(("ms_", "bytes_")) or k in ("comm_hidden", "head_ms")})
+    # Rank 0's view; the medians over the timed steps.
+    figures = {k: statistics.median(r[k] for r in comm if k in r) for k in keys}
+    c = cfg.comm
+    row = {
+        "variant": variant, "mode": mode, "world_size": env.world_size, "transport": transport() if env.world_size > 1 else "none",
+        "per_gpu_batch": args.per_gpu_batch, "global_batch": global_batch, "backbone": cfg.model.backbone,
+        "image_size": cfg.data.image_size, "num_classes": cfg.head.num_classes if mode == "full" else 0,
+        "embed_dim": cfg.model.embed_dim, "head_selection": cfg.head.selection, "head_impl": cfg.head_impl,
+        "head_weight_dtype": str(cfg.head_weight_dtype).removeprefix("torch."),
+        "overlap": c.overlap, "micro_batches": c.micro_batches if c.overlap else 1, "grad_compression": c.grad_compression,
+        "topk_density": c.topk_density if c.grad_compression == "topk" else None,
+        "ms": elapsed / args.steps * 1e3, "samples_per_s": global_batch * args.steps / elapsed,
+        "peak_mib": float(peak), "steps": args.steps, **figures,
+    }
+    data.close()
+    trainer.selector.close()
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -43,6 +109,9 @@ def main(argv=None) -> None:
     parser.add_argument("--per-gpu-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--timed-steps", type=int, default=3, help="steps after those with the communication clock on")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=key=value,key=value: one more configuration measured in this process (repeatable)")
     parser.add_argument("--out", required=True, help="JSON-lines file rank 0 appends its row to")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -51,42 +120,16 @@ def main(argv=None) -> None:
     env = init_distributed(probe.dist.backend, probe.dist.timeout_s)
     try:
         global_batch = args.per_gpu_batch * env.world_size
-        cfg = load_config(args.config, [*args.overrides, f"train.global_batch={global_batch}", "train.eval_every=0", "log.progress=false"])
-        trainer = Trainer(cfg, env)
-        trainer._set_learning_rates()  # the schedule's first step: throughput does not depend on it
-        data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)
-
-        def step():
-            inputs, labels = next(data)
-            if args.mode == "full":
-                trainer.train_step(inputs, labels, timed=False)
-            else:
-                backbone_only_step(trainer, inputs)
-
-        for _ in range(args.warmup):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], device=env.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        if env.is_main:
-            row = {
-                "mode": args.mode, "world_size": env.world_size, "per_gpu_batch": args.per_gpu_batch,
-                "global_batch": global_batch, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
-                "num_classes": cfg.head.num_classes if args.mode == "full" else 0, "embed_dim": cfg.model.embed_dim,
-                "head_selection": cfg.head.selection, "head_weight_dtype": str(cfg.head_weight_dtype).removeprefix("torch."),
-                "ms": elapsed / args.steps * 1e3, "samples_per_s": global_batch * args.steps / elapsed,
-                "peak_mib": float(peak), "steps": args.steps,
-            }
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+        base = [*args.overrides, f"train.global_batch={global_batch}", "train.eval_every=0", "log.progress=false"]
+        for variant, overrides in map(parse_variant, args.variant or ["default"]):
+            cfg = load_config(args.config, [*base, *overrides])
+            row = measure(cfg, env, args, args.mode, variant)
+            gc.collect()  # the variant's trainer goes before the next one is built
+            torch.cuda.empty_cache()
+            if env.is_main:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
     finally:
         destroy_distributed()
 

@@ -233,6 +233,8 @@ class DistConfig:
 @dataclass
 class CommConfig:
     bucket_mb: float = _key(25.0, "DDP gradient bucket size in MiB (the all-reduce overlaps the backbone's backward bucket by bucket)")
+    overlap: bool = _key(False, "run the head on micro-batches with its feature gathers and gradient reduce-scatters in flight behind compute")
+    micro_batches: int = _key(4, "overlap: micro-batches per step (each rank's batch is cut into this many slices)")
     grad_compression: str = _key(
         "none",
         "backbone gradient compression in DDP's all-reduce: none, bf16 / powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",
@@ -653,6 +655,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
     c = cfg.comm
     need(c.bucket_mb > 0, f"comm.bucket_mb must be > 0, got {c.bucket_mb}")
+    need(c.micro_batches >= 1, f"comm.micro_batches must be >= 1, got {c.micro_batches}")
+    if world_size is not None and c.overlap and t.global_batch % world_size == 0:
+        need(
+            c.micro_batches <= t.global_batch // world_size,
+            f"comm.micro_batches={c.micro_batches} exceeds the per-rank batch {t.global_batch // world_size} "
+            "(each micro-batch takes at least one sample of every rank)",
+        )
     need(0 < c.topk_density <= 1, f"comm.topk_density must be in (0, 1], got {c.topk_density}")
     need(c.topk_warmup_steps >= 0, f"comm.topk_warmup_steps must be >= 0, got {c.topk_warmup_steps}")
     need(c.topk_min_numel >= 0, f"comm.topk_min_numel must be >= 0, got {c.topk_min_numel}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import launch, train_losses
+from launcher import launch, metrics, train_losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 NCCL = ["dist.backend=nccl", "model.autocast=none", "head.impl=reference"]  # fp32 throughout: comparable across layouts
@@ -51,3 +51,15 @@ def test_triton_head_follows_the_reference_curve(tmp_path):
     want, got = train_losses(reference), train_losses(fused)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=3e-2), f"step {step}"
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_overlap_follows_the_whole_batch_step_on_nccl(two_gpu_run, tmp_path, impl):
+    """comm.overlap on NCCL (async gathers and reduce-scatters on their own communicator)."""
+    whole, overlap = tmp_path / "whole", tmp_path / "overlap"
+    extra = [f"head.impl={impl}", "head.weight_dtype=fp32"]
+    launch(whole, 2, *NCCL, *extra)
+    launch(overlap, 2, *NCCL, *extra, "comm.overlap=true", "comm.micro_batches=3")
+    assert_close_losses(overlap, whole, range(1, 13))
+    rows = [r for r in metrics(overlap) if "loss" in r]
+    assert all(0 <= r["comm_hidden"] <= 1 and r["ms_grad_scatter"] >= r["ms_grad_scatter_waited"] >= 0 for r in rows)

@@ -221,26 +221,28 @@ def powersgd_sum_hook(group, counters: CommCounters, rank: int, start_step: int)
     return hook, state
 
 
-def register(ddp_model, group, comm_cfg, names: dict) -> tuple[CommCounters, TopK | None]:
-    """Register the configured hook on ``ddp_model``; return its counters and the top-k state (if topk)."""
+def register(ddp_model, group, comm_cfg, names: dict, wrap=None) -> tuple[CommCounters, TopK | None]:
+    """Register the configured hook on ``ddp_model`` (through ``wrap``, e.g. a timer, when
+    given); return its counters and the top-k state (if topk)."""
     counters = CommCounters()
+    wrap = wrap or (lambda hook: hook)
     kind = comm_cfg.grad_compression
     if kind not in COMPRESSIONS:
         raise ValueError(f"comm.grad_compression must be one of {COMPRESSIONS}, got {kind!r}")
     topk = None
     if kind == "none":
-        ddp_model.register_comm_hook(group, sum_allreduce_hook(counters))
+        ddp_model.register_comm_hook(group, wrap(sum_allreduce_hook(counters)))
     elif kind == "bf16":
-        ddp_model.register_comm_hook(group, bf16_sum_hook(counters))
+        ddp_model.register_comm_hook(group, wrap(bf16_sum_hook(counters)))
     elif kind == "powersgd":
         hook, _ = powersgd_sum_hook(group, counters, comm_cfg.powersgd_rank, comm_cfg.powersgd_start_step)
-        ddp_model.register_comm_hook(group, hook)
+        ddp_model.register_comm_hook(group, wrap(hook))
     else:
         topk = TopK(
             names, density=comm_cfg.topk_density, warmup_steps=comm_cfg.topk_warmup_steps, min_numel=comm_cfg.topk_min_numel,
             momentum_correction=comm_cfg.topk_momentum_correction, counters=counters,
         )
-        ddp_model.register_comm_hook(group, topk.hook)
+        ddp_model.register_comm_hook(group, wrap(topk.hook))
     return counters, topk
 
 

@@ -47,35 +47,59 @@ def gather_row_counts(num_rows: int, dim: int, device: torch.device, group=None)
     return [r for r, _ in rows_dims]
 
 
-def _gather_rows(local: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order; ranks may hold different row counts."""
+class Pending:
+    """A collective in flight: ``wait()`` returns its result (once the work is done)."""
+
+    def __init__(self, work, finish):
+        self.work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self._finish()
+
+
+def start_gather_rows(local: torch.Tensor, sizes: Sequence[int], group) -> Pending:
+    """Start concatenating every rank's rows in rank order; ranks may hold different row counts."""
     local = local.contiguous()
+    if len(sizes) == 1:
+        return Pending(None, lambda: local)
     largest = max(sizes)
     if all(s == largest for s in sizes) and _backend(group) == "nccl":
         out = local.new_empty((largest * len(sizes), *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=group)
-        return out
+        work = dist.all_gather_into_tensor(out, local, group=group, async_op=True)
+        return Pending(work, lambda: out)
     # Pad to the largest block so every rank sends the same shape, then drop the padding.
     if local.shape[0] < largest:
         pad = local.new_zeros((largest - local.shape[0], *local.shape[1:]))
         local = torch.cat([local, pad])
     blocks = [torch.empty_like(local) for _ in sizes]
-    dist.all_gather(blocks, local, group=group)
-    return torch.cat([block[:size] for block, size in zip(blocks, sizes)])
+    work = dist.all_gather(blocks, local, group=group, async_op=True)
+    return Pending(work, lambda: torch.cat([block[:size] for block, size in zip(blocks, sizes)]))
 
 
-def _sum_own_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int, group) -> torch.Tensor:
-    """Sum over ranks of the gradient rows belonging to this rank's samples (a reduce-scatter)."""
+def start_sum_own_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int, group) -> Pending:
+    """Start summing over ranks the gradient rows of this rank's samples (a reduce-scatter)."""
     grad = grad.contiguous()
+    if len(sizes) == 1:
+        return Pending(None, lambda: grad)
     start = sum(sizes[:rank])
     if len(set(sizes)) == 1 and _backend(group) == "nccl":
         out = grad.new_empty((sizes[rank], *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, group=group)
-        return out
+        work = dist.reduce_scatter_tensor(out, grad, group=group, async_op=True)
+        return Pending(work, lambda: out)
     # gloo has no reduce-scatter: an all-reduce moves world_size times the bytes but is exact.
     total = grad.clone()
-    dist.all_reduce(total, group=group)
-    return total[start : start + sizes[rank]]
+    work = dist.all_reduce(total, group=group, async_op=True)
+    return Pending(work, lambda: total[start : start + sizes[rank]])
+
+
+def _gather_rows(local: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    return start_gather_rows(local, sizes, group).wait()
+
+
+def _sum_own_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int, group) -> torch.Tensor:
+    return start_sum_own_rows(grad, sizes, rank, group).wait()
 
 
 class _AllGatherFeatures(torch.autograd.Function):

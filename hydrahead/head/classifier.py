@@ -15,7 +15,7 @@ from hydrahead.distributed.collectives import (
     group_world_size,
 )
 from hydrahead.distributed.sharding import shard_range
-from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, _ShardProblem, sharded_cross_entropy
+from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, MicroBatches, _ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
 from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage
 
@@ -292,13 +292,9 @@ class ShardedClassifier(nn.Module):
         self._active = (active_rows, sub_weight, sub_buffer, sub_compensation)
         return sub_weight, sub_buffer, labels
 
-    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of an already-gathered global batch (features identical on every rank).
-
-        ``active_rows`` (sorted local rows of this shard, holding every owned label of the
-        batch): the softmax runs over the union of the ranks' active rows only, and the
-        next ``finish_step`` updates only those rows.
-        """
+    def _prepare(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None):
+        """(weight, labels, class_start, num_classes, fused-kernel update) of this step's loss:
+        the shard itself, or copies of the active rows in their own frame."""
         weight, buffer, labels = self.weight, self.momentum_buffer, global_labels
         class_start, num_classes = self.class_start, self.num_classes
         if active_rows is None:
@@ -311,8 +307,9 @@ class ShardedClassifier(nn.Module):
             class_start, num_classes = 0, None  # each rank in its own frame: rows [0, n_active)
             if self.impl == "reference":
                 weight.requires_grad_()
+        update = None
         if self.impl == "triton":
-            from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+            from hydrahead.kernels import SGDUpdate
 
             class_ids, compensation = self.class_start, self.compensation
             if self._active is not None:
@@ -321,16 +318,38 @@ class ShardedClassifier(nn.Module):
                 self.lr, self.momentum, self.weight_decay, buffer, rounding=self.rounding, seed=self.seed,
                 step=self.step, class_ids=class_ids, compensation=compensation,
             )
-            return triton_sharded_cross_entropy(
-                global_features, weight, labels, class_start,
-                group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
-                margin_type=self.margin_type, ignore_index=self.ignore_index, update=update, grad_filter=self.grad_filter,
-            )
-        return sharded_cross_entropy(
-            global_features, weight, labels, class_start,
-            group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
-            margin_type=self.margin_type, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-        )
+        return weight, labels, class_start, num_classes, update
+
+    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of an already-gathered global batch (features identical on every rank).
+
+        ``active_rows`` (sorted local rows of this shard, holding every owned label of the
+        batch): the softmax runs over the union of the ranks' active rows only, and the
+        next ``finish_step`` updates only those rows.
+        """
+        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows)
+        options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
+                       margin_type=self.margin_type, ignore_index=self.ignore_index)
+        if self.impl == "triton":
+            from hydrahead.kernels import triton_sharded_cross_entropy
+
+            return triton_sharded_cross_entropy(global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
+        return sharded_cross_entropy(global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options)
+
+    def micro_batches(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None):
+        """The same loss as ``loss`` taken micro-batch by micro-batch: an object whose
+        ``chunk(features, rows)`` returns (loss sum, feature gradient) of those rows of the
+        global batch and whose ``finish()`` applies the step's one update (triton) or leaves
+        the whole gradient in ``.grad`` for ``finish_step`` (reference). The labels are the
+        whole step's; ``rows`` index into them."""
+        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows)
+        options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
+                       margin_type=self.margin_type, ignore_index=self.ignore_index)
+        if self.impl == "triton":
+            from hydrahead.kernels.fused_loss import FusedMicroBatches
+
+            return FusedMicroBatches(weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
+        return MicroBatches(weight, labels, class_start, chunk_size=self.chunk_size, **options)
 
     def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor, *, sizes=None) -> torch.Tensor:
         """Gather features (autograd) and labels over the group, then the sharded loss.

@@ -401,3 +401,35 @@ def sharded_cross_entropy(
             features, weight_shard, labels, int(class_start), group, num_classes,
             float(scale), float(margin), margin_type, int(ignore_index), int(chunk_size),
         )
+
+
+class MicroBatches:
+    """``sharded_cross_entropy`` of one step taken micro-batch by micro-batch (``comm.overlap``).
+
+    ``chunk(features, rows)`` returns the loss sum of those rows of the global batch and their
+    feature gradient, and adds their weight gradient into ``weight_shard.grad``: after the
+    last chunk it holds the whole step's gradient, for the head's one update. Each row's
+    log-sum-exp is complete within its chunk (it spans classes, not samples); the mean is
+    over the step's valid labels, known before the first chunk.
+    """
+
+    def __init__(self, weight_shard, labels, class_start, *, group=None, num_classes=None, scale=1.0, margin=0.0,
+                 margin_type="none", ignore_index=-100, chunk_size=DEFAULT_CHUNK_SIZE):
+        self.weight, self.labels, self.class_start = weight_shard, labels.long(), int(class_start)
+        self.options = dict(group=group, num_classes=num_classes, scale=scale, margin=margin, margin_type=margin_type,
+                            ignore_index=ignore_index, chunk_size=chunk_size)
+        self.ignore_index = ignore_index
+        self.num_valid = int((self.labels != ignore_index).sum())
+
+    def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = features.detach().requires_grad_()
+        labels = self.labels[rows]
+        loss = sharded_cross_entropy(leaf, self.weight, labels, self.class_start, **self.options)
+        num_valid = int((labels != self.ignore_index).sum())
+        if num_valid == 0:
+            return loss.detach(), torch.zeros_like(features)
+        (loss * (num_valid / self.num_valid)).backward()
+        return loss.detach() * num_valid, leaf.grad
+
+    def finish(self) -> None:
+        """Nothing left to do: the weight gradient is complete in ``.grad``."""

@@ -17,6 +17,7 @@ log-sum-exp, and the backward recomputes the logits once to list the entries wit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from hydrahead.head.cross_entropy import (
 )
 from hydrahead.kernels import filtered as filtered_kernels
 from hydrahead.kernels.shard_ce import (
+    FP8,
     SGDUpdate,
     feature_operand,
     inverse_row_norms,
@@ -54,57 +56,107 @@ def _exact_feature_grad(accumulated, running_max, lse, weight_shard, inv_norm, o
     return grad_feat_op.mul_(row_scale[:, None])
 
 
+@dataclass
+class _LocalPass:
+    """One rank's kernel pass over a block of rows, before the ranks merge their statistics."""
+
+    local_error: int
+    valid: torch.Tensor
+    running_max: torch.Tensor
+    running_sum: torch.Tensor
+    target_logit: torch.Tensor
+    owned_count: torch.Tensor
+    accumulated: torch.Tensor | None = None  # exact mode: A = sum_c exp(z_c - max) w_c
+    owned: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+    kernel_args: tuple = ()
+    kernel_options: dict | None = None
+    feat_unit: torch.Tensor | None = None
+    feat_norm: torch.Tensor | None = None
+
+    def merge(self, labels, ignore_index, group):
+        """(mean loss, valid rows, lse, target logit) after the two all-reduces; raises what they revealed."""
+        lse, target_logit, owned_total, error = _merge_across_shards(
+            self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group
+        )
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, self.valid, ignore_index)
+        return loss, num_valid, lse, target_logit
+
+
+def _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered, inv_norm=None):
+    """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (exact mode)."""
+    local_error = _local_error_code(features, weight_shard, class_start, num_classes)
+    num_rows, device = features.shape[0], features.device
+    valid = labels != ignore_index
+    out = _LocalPass(
+        local_error, valid, torch.full((num_rows,), float("-inf"), device=device), torch.zeros(num_rows, device=device),
+        torch.zeros(num_rows, device=device), torch.zeros((), device=device),
+    )
+    if local_error:  # this rank raises after the collectives, with the others
+        return out
+    cosine = margin_type == "cosface"
+    weight_shard = weight_shard.detach()
+    if cosine:
+        out.feat_unit, out.feat_norm = normalize_rows(features.detach().float())
+        feat_op = feature_operand(out.feat_unit, weight_shard.dtype)
+        inv_norm = inverse_row_norms(weight_shard) if inv_norm is None else inv_norm
+    else:
+        feat_op = feature_operand(features.detach(), weight_shard.dtype)
+    out.local = labels - class_start
+    out.owned = valid & (out.local >= 0) & (out.local < weight_shard.shape[0])
+    local_label = torch.where(out.owned, out.local, -1).contiguous()
+    out.kernel_args = (feat_op, weight_shard, inv_norm, local_label)
+    out.kernel_options = dict(scale=scale, target_shift=target_shift_for(margin_type, scale, margin), cosine=cosine)
+    if filtered:  # logits only: the list of kept entries gives dF and dW later
+        out.running_max, out.running_sum, out.target_logit = filtered_kernels.shard_lse(*out.kernel_args, **out.kernel_options)
+    else:
+        out.running_max, out.running_sum, out.target_logit, out.accumulated = shard_forward(*out.kernel_args, **out.kernel_options)
+    out.owned_count = out.owned.sum().float()
+    return out
+
+
+def _filtered_gradients(local_pass, lse_valid, target_logit, grad_filter, row_scale, grad_scale):
+    """dF and the sparse dW (touched classes, their rows) from the entries with |softmax - onehot|
+    >= grad_filter; (exact dF, None) when far more entries qualify than a filter is for."""
+    feat_op, weight, inv_norm, local_label = local_pass.kernel_args
+    num_rows = feat_op.shape[0]
+    cosine = local_pass.kernel_options["cosine"]
+    cut = (lse_valid + math.log(grad_filter)).contiguous()
+    selected, found = filtered_kernels.select_entries(
+        feat_op, weight, inv_norm, local_label, cut, scale=local_pass.kernel_options["scale"], cosine=cosine,
+        capacity=filtered_kernels.initial_capacity(num_rows),
+    )
+    if selected is None:
+        filtered_kernels.warn_fallback(found, filtered_kernels.max_entries(num_rows), grad_filter)
+        _, _, _, accumulated = shard_forward(*local_pass.kernel_args, **local_pass.kernel_options)
+        return _exact_feature_grad(accumulated, local_pass.running_max, lse_valid, weight, inv_norm, local_pass.owned, local_pass.local, row_scale), None
+    rows, cols, logits = selected
+    values = torch.exp(logits - lse_valid[rows])
+    owned_rows = torch.nonzero(local_pass.owned).squeeze(1)
+    t_rows, t_cols, t_values = filtered_kernels.kept_target_entries(owned_rows, local_pass.local[owned_rows], target_logit, lse_valid, grad_filter)
+    entries = (torch.cat([rows, t_rows]), torch.cat([cols, t_cols]), torch.cat([values, t_values]))
+    grad_feat_op, touched, touched_grad = filtered_kernels.sparse_gradients(
+        feat_op, weight, inv_norm, entries, grad_scale=grad_scale, cosine=cosine, num_rows=num_rows
+    )
+    return grad_feat_op, (touched, touched_grad)
+
+
 class _FusedShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter):
-        local_error = _local_error_code(features, weight_shard, class_start, num_classes)
-        num_rows = features.shape[0]
-        device = features.device
-        cosine = margin_type == "cosface"
         filtered = grad_filter > 0
-        valid = labels != ignore_index
-        running_max = torch.full((num_rows,), float("-inf"), device=device)
-        running_sum = torch.zeros(num_rows, device=device)
-        target_logit = torch.zeros(num_rows, device=device)
-        accumulated = None  # set by the kernel; a rank with bad inputs raises before it is needed
-        owned_count = torch.zeros((), device=device)
-        feat_unit = feat_norm = inv_norm = None
-        if local_error == 0:
-            weight_shard = weight_shard.detach()
-            if cosine:
-                feat_unit, feat_norm = normalize_rows(features.detach().float())
-                feat_op = feature_operand(feat_unit, weight_shard.dtype)
-                inv_norm = inverse_row_norms(weight_shard)
-            else:
-                feat_op = feature_operand(features.detach(), weight_shard.dtype)
-            local = labels - class_start
-            owned = valid & (local >= 0) & (local < weight_shard.shape[0])
-            local_label = torch.where(owned, local, -1).contiguous()
-            shift = target_shift_for(margin_type, scale, margin)
-            kernel_args = (feat_op, weight_shard, inv_norm, local_label)
-            kernel_options = dict(scale=scale, target_shift=shift, cosine=cosine)
-            if filtered:  # logits only: the backward's list of kept entries gives dF and dW
-                running_max, running_sum, target_logit = filtered_kernels.shard_lse(*kernel_args, **kernel_options)
-            else:
-                running_max, running_sum, target_logit, accumulated = shard_forward(*kernel_args, **kernel_options)
-            owned_count = owned.sum().float()
-
-        lse, target_logit, owned_total, error = _merge_across_shards(
-            running_max, running_sum, target_logit, owned_count, local_error, group
-        )
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index)
-
-        row_scale = torch.where(valid, scale / max(num_valid, 1), 0.0)
-        ctx.kernel_args, ctx.kernel_options = kernel_args, kernel_options
-        ctx.lse_valid = torch.where(valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
-        ctx.feat_unit, ctx.feat_norm = feat_unit, feat_norm
+        local_pass = _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered)
+        loss, num_valid, lse, target_logit = local_pass.merge(labels, ignore_index, group)
+        ctx.local_pass, ctx.target_logit = local_pass, target_logit
+        ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
-        if filtered:
-            ctx.exact_inputs = (running_max, lse, owned, local, row_scale)
-            ctx.owned_rows = torch.nonzero(owned).squeeze(1)
-            ctx.owned_cols, ctx.target_logit = local[ctx.owned_rows], target_logit
-        else:  # the forward's A gives dF right away (in place: no further G x D temporaries)
-            ctx.grad_feat_op = _exact_feature_grad(accumulated, running_max, lse, weight_shard, inv_norm, owned, local, row_scale)
+        if not filtered:  # the forward's A gives dF right away (in place: no further G x D temporaries)
+            _, weight, inv_norm, _ = local_pass.kernel_args
+            row_scale = torch.where(local_pass.valid, scale / max(num_valid, 1), 0.0)
+            ctx.grad_feat_op = _exact_feature_grad(
+                local_pass.accumulated, local_pass.running_max, lse, weight, inv_norm, local_pass.owned, local_pass.local, row_scale
+            )
+            local_pass.accumulated = None
         ctx.grad_filter, ctx.scale = grad_filter, scale
         ctx.num_valid, ctx.update, ctx.features_dtype = num_valid, update, features.dtype
         return loss
@@ -113,55 +165,33 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad = float(grad_loss)
         grad_scale = grad * ctx.scale / max(ctx.num_valid, 1)
+        local_pass = ctx.local_pass
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
+        sparse = None
         if ctx.grad_filter > 0:
-            grad_feat_op, grad_weight = _filtered_backward(ctx, grad, grad_scale, want_weight)
+            row_scale = torch.where(local_pass.valid, grad_scale, 0.0)
+            grad_feat_op, sparse = _filtered_gradients(local_pass, ctx.lse_valid, ctx.target_logit, ctx.grad_filter, row_scale, grad_scale)
         else:
-            grad_feat_op, grad_weight = ctx.grad_feat_op * grad, None
-            if want_weight:
-                grad_weight = _exact_weight_backward(ctx, grad_scale)
+            grad_feat_op = ctx.grad_feat_op * grad
+        grad_weight = None
+        if want_weight and sparse is not None:
+            weight = local_pass.kernel_args[1]
+            if ctx.update is not None:
+                filtered_kernels.apply_sgd(weight, *sparse, ctx.update)
+            else:
+                grad_weight = torch.zeros_like(weight)
+                grad_weight[sparse[0]] = sparse[1].to(weight.dtype)
+        elif want_weight:
+            grad_weight = shard_weight_backward(
+                *local_pass.kernel_args, ctx.lse_valid, grad_scale=grad_scale, update=ctx.update, **local_pass.kernel_options
+            )
         grad_features = None
         if ctx.needs_input_grad[0]:
-            if ctx.feat_unit is not None:
-                grad_feat_op = normalize_rows_backward(grad_feat_op, ctx.feat_unit, ctx.feat_norm)
+            if local_pass.feat_unit is not None:
+                grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
             grad_features = grad_feat_op.to(ctx.features_dtype)
-        del ctx.grad_feat_op, ctx.kernel_args, ctx.feat_unit
+        del ctx.grad_feat_op, ctx.local_pass
         return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None
-
-
-def _exact_weight_backward(ctx, grad_scale):
-    return shard_weight_backward(*ctx.kernel_args, ctx.lse_valid, grad_scale=grad_scale, update=ctx.update, **ctx.kernel_options)
-
-
-def _filtered_backward(ctx, grad, grad_scale, want_weight):
-    """dF and the update (or dW) from the entries with |softmax - onehot| >= grad_filter."""
-    feat_op, weight, inv_norm, local_label = ctx.kernel_args
-    num_rows = feat_op.shape[0]
-    cut = (ctx.lse_valid + math.log(ctx.grad_filter)).contiguous()
-    selected, found = filtered_kernels.select_entries(
-        feat_op, weight, inv_norm, local_label, cut, scale=ctx.scale, cosine=ctx.kernel_options["cosine"],
-        capacity=filtered_kernels.initial_capacity(num_rows),
-    )
-    if selected is None:  # far more entries than a filter is for: this step runs exactly
-        filtered_kernels.warn_fallback(found, filtered_kernels.max_entries(num_rows), ctx.grad_filter)
-        running_max, lse, owned, local, row_scale = ctx.exact_inputs
-        _, _, _, accumulated = shard_forward(*ctx.kernel_args, **ctx.kernel_options)
-        grad_feat_op = _exact_feature_grad(accumulated, running_max, lse, weight, inv_norm, owned, local, row_scale * grad)
-        return grad_feat_op, _exact_weight_backward(ctx, grad_scale) if want_weight else None
-    rows, cols, logits = selected
-    values = torch.exp(logits - ctx.lse_valid[rows])
-    t_rows, t_cols, t_values = filtered_kernels.kept_target_entries(ctx.owned_rows, ctx.owned_cols, ctx.target_logit, ctx.lse_valid, ctx.grad_filter)
-    entries = (torch.cat([rows, t_rows]), torch.cat([cols, t_cols]), torch.cat([values, t_values]))
-    grad_feat_op, touched, touched_grad = filtered_kernels.sparse_gradients(
-        feat_op, weight, inv_norm, entries, grad_scale=grad_scale, cosine=ctx.kernel_options["cosine"], num_rows=num_rows
-    )
-    grad_weight = None
-    if ctx.update is not None:
-        filtered_kernels.apply_sgd(weight, touched, touched_grad, ctx.update)
-    elif want_weight:
-        grad_weight = torch.zeros_like(weight)
-        grad_weight[touched] = touched_grad.to(weight.dtype)
-    return grad_feat_op, grad_weight
 
 
 def triton_sharded_cross_entropy(
@@ -200,4 +230,94 @@ def triton_sharded_cross_entropy(
         return _FusedShardedCrossEntropy.apply(
             features, weight_shard, labels, int(class_start), group, num_classes, float(scale), float(margin),
             margin_type, int(ignore_index), update, float(grad_filter),
+        )
+
+
+class FusedMicroBatches:
+    """The fused loss of one step taken micro-batch by micro-batch (``comm.overlap``).
+
+    ``chunk(features, rows)`` runs the forward over some rows of the global batch (their
+    log-sum-exp is complete after the chunk's two all-reduces, since it spans classes, not
+    samples) and returns their loss sum and feature gradient at once, so that gradient can
+    travel while the next chunk computes. ``finish()`` then takes the head's one update over
+    every row of the step: the exact weight kernel over all rows with their saved
+    log-sum-exp, or (``grad_filter``) the kept entries of all chunks. Loss, dF and the update
+    equal the single-call loss's up to summation order.
+    """
+
+    def __init__(self, weight_shard, labels, class_start, *, group=None, num_classes=None, scale=1.0, margin=0.0,
+                 margin_type="none", ignore_index=-100, update: SGDUpdate | None = None, grad_filter=0.0):
+        if margin_type not in FUSED_MARGIN_TYPES:
+            raise ValueError(f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}")
+        if not (grad_filter >= 0):
+            raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
+        self.labels = labels.long()
+        if num_classes is not None:
+            _check_label_range(self.labels, ignore_index, num_classes)
+        self.weight, self.class_start, self.group, self.num_classes = weight_shard, int(class_start), group, num_classes
+        self.scale, self.margin, self.margin_type, self.ignore_index = float(scale), float(margin), margin_type, int(ignore_index)
+        self.update, self.grad_filter = update, float(grad_filter)
+        # The mean is over the whole step's valid labels, known before any chunk runs.
+        self.num_valid = int((self.labels != ignore_index).sum())
+        self.grad_scale = self.scale / max(self.num_valid, 1)
+        self.inv_norm = inverse_row_norms(weight_shard.detach()) if margin_type == "cosface" else None
+        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, features, lse_valid)
+        self._sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._exact_weight = grad_filter == 0  # a chunk that overflows the filter turns the step's weight pass exact
+
+    def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_global_inputs(features, self.labels[rows], self.scale, self.margin, self.margin_type, 1)
+        labels = self.labels[rows]
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            local_pass = _local_pass(
+                features, self.weight, labels, self.class_start, self.num_classes, self.scale, self.margin,
+                self.margin_type, self.ignore_index, self.grad_filter > 0, self.inv_norm,
+            )
+            loss, num_valid, lse, target_logit = local_pass.merge(labels, self.ignore_index, self.group)
+            lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
+            row_scale = torch.where(local_pass.valid, self.grad_scale, 0.0)
+            if self.grad_filter > 0:
+                grad_feat_op, sparse = _filtered_gradients(local_pass, lse_valid, target_logit, self.grad_filter, row_scale, self.grad_scale)
+                if sparse is None:
+                    self._exact_weight = True
+                else:
+                    self._sparse.append(sparse)
+            else:
+                _, weight, inv_norm, _ = local_pass.kernel_args
+                grad_feat_op = _exact_feature_grad(
+                    local_pass.accumulated, local_pass.running_max, lse, weight, inv_norm, local_pass.owned, local_pass.local, row_scale
+                )
+            if local_pass.feat_unit is not None:
+                grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
+        self._rows.append((rows, features.detach(), lse_valid))
+        return loss * num_valid, grad_feat_op.to(features.dtype)
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor | None:
+        """The step's one weight update (or dW, float32 for fp8 weights, without ``update``)."""
+        weight = self.weight.detach()
+        if not self._exact_weight:
+            touched = torch.cat([t for t, _ in self._sparse])
+            grads = torch.cat([g for _, g in self._sparse])
+            touched, slot = torch.unique(touched, sorted=True, return_inverse=True)
+            summed = torch.zeros(touched.numel(), weight.shape[1], dtype=torch.float32, device=weight.device)
+            summed.index_add_(0, slot, grads)
+            if self.update is not None:
+                filtered_kernels.apply_sgd(weight, touched, summed, self.update)
+                return None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
+            grad_weight[touched] = summed.to(grad_weight.dtype)
+            return grad_weight
+        rows = torch.cat([r for r, _, _ in self._rows])
+        features = torch.cat([f for _, f, _ in self._rows])
+        lse_valid = torch.cat([lse for _, _, lse in self._rows]).contiguous()
+        labels = self.labels[rows]
+        valid = labels != self.ignore_index
+        local = labels - self.class_start
+        local_label = torch.where(valid & (local >= 0) & (local < weight.shape[0]), local, -1).contiguous()
+        cosine = self.margin_type == "cosface"
+        feat_op = feature_operand(normalize_rows(features.float())[0] if cosine else features, weight.dtype)
+        return shard_weight_backward(
+            feat_op, weight, self.inv_norm, local_label, lse_valid, grad_scale=self.grad_scale, update=self.update,
+            scale=self.scale, target_shift=target_shift_for(self.margin_type, self.scale, self.margin), cosine=cosine,
         )

@@ -30,11 +30,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hydrahead.comm import compression
+from hydrahead.comm.overlap import OverlappedHead
+from hydrahead.comm.timing import CommClock
 from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.counter_rng import counter_hash
 from hydrahead.data.sampler import local_batch_size
-from hydrahead.distributed.collectives import all_gather_features, all_gather_labels
+from hydrahead.distributed.collectives import all_gather_labels, group_rank, start_gather_rows, start_sum_own_rows
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
@@ -118,7 +120,10 @@ class Trainer:
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
         names = {param: name for name, param in backbone.named_parameters()}
-        self.comm_counters, self.topk = compression.register(self.backbone, env.data_group, cfg.comm, names)
+        self.clock = CommClock(self.device)  # time in each collective on logged steps
+        self.comm_counters, self.topk = compression.register(
+            self.backbone, env.data_group, cfg.comm, names, wrap=lambda hook: self.clock.hook("backbone_allreduce", hook)
+        )
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
         # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
@@ -133,6 +138,15 @@ class Trainer:
             inactive_rows=cfg.head.inactive_rows, rounding=cfg.head.rounding, kahan_dtype=cfg.head_kahan_dtype,
             unit_scaling=cfg.head.unit_scaling,
         )
+
+        self.overlapped = None
+        if cfg.comm.overlap:
+            # The pipeline's bulk transfers get a communicator of their own (see hydrahead.comm.overlap).
+            transfer_group = env.head_group
+            if env.world_size > 1:
+                members = dist.get_process_group_ranks(env.head_group) if env.head_group is not None else list(range(env.world_size))
+                transfer_group = dist.new_group(members)
+            self.overlapped = OverlappedHead(self.head, cfg.comm.micro_batches, transfer_group, self.clock)
 
         h = cfg.head
         self.selector = ActiveClassSelector(
@@ -294,29 +308,41 @@ class Trainer:
         self.backbone.train()
         step = self.step + 1  # the step being taken, as logged
         sizes = [self.local_batch] * self.env.world_size
+        self.clock.enabled = timed
         with self._autocast():
             local_features = self.forward_backbone(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
         if self.faults.fires("nan_loss", step, self.env.rank):
             local_features = local_features * float("nan")
-        global_features = all_gather_features(local_features, self.env.head_group, sizes=sizes)
-        global_labels = all_gather_labels(labels, self.env.head_group, sizes=sizes)
-        # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
-        comm_bytes = {
-            "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
-            "bytes_grad_scatter": 0,
-        }
 
-        # The head runs on a detached copy so its time can be measured alone and its
+        # The head runs on detached features so its time can be measured alone and its
         # gradient handed to the backbone afterwards.
-        head_input = global_features.detach().requires_grad_()
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
-        loss = self.head.loss(head_input, global_labels, active_rows)
-        loss_finite = bool(torch.isfinite(loss))
-        if loss_finite:
-            loss.backward()
+        if self.overlapped is not None:
+            select = None if self.cfg.head.selection == "full" else (
+                lambda features, global_labels: self.selector.select(step, features, global_labels, self.head.weight, self.head.settles)
+            )
+            loss, local_grad, comm_bytes = self.overlapped.step(local_features, labels, select)
+            loss_finite = local_grad is not None
+        else:
+            head_group = self.env.head_group
+            gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
+            global_labels = all_gather_labels(labels, head_group, sizes=sizes)
+            head_input = gathered.requires_grad_()
+            active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
+            loss = self.head.loss(head_input, global_labels, active_rows)
+            loss_finite = bool(torch.isfinite(loss))
+            local_grad = None
+            if loss_finite:
+                loss.backward()
+                rank = group_rank(head_group)
+                local_grad = self.clock.start("grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)).wait()
+            # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
+            comm_bytes = {
+                "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
+                "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if loss_finite else 0,
+            }
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
@@ -326,8 +352,7 @@ class Trainer:
         if self.topk is not None:
             self.topk.step = step  # the density of this step's warm-up
         if loss_finite:
-            global_features.backward(head_input.grad)  # reduce-scatter, backbone backward, DDP sum
-            comm_bytes["bytes_grad_scatter"] = head_input.grad.numel() * head_input.grad.element_size()
+            local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
             if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
                 head_grad[0, 0] = float("nan")
@@ -347,7 +372,14 @@ class Trainer:
             self.backbone_optim.step()
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0, **comm_bytes, **self.comm_counters.take()}
+        timing = {}
+        if timed:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timing = self.clock.take()
+            self.clock.enabled = False
+        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0,
+                **comm_bytes, **self.comm_counters.take(), **timing}
 
     def _selection_metrics(self) -> dict:
         """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
@@ -455,6 +487,7 @@ class Trainer:
                         "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
                         "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
                         **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
+                        **{key: value for key, value in result.items() if key.startswith("ms_") or key == "comm_hidden"},
                     }
                     if self.topk is not None:
                         row["topk_density"] = self.topk.current_density()

@@ -1,0 +1,113 @@
+"""comm.overlap: the head's step on micro-batches, its two exchanges in flight behind compute.
+
+Micro-batch k is the k-th slice of every rank's local batch; gathered, it holds those
+slices rank by rank. Per step:
+
+    all-gather the whole step's labels (a few bytes per sample)
+    start gather(F_0)
+    for k in 0 .. M-1:
+        F_k = wait(gather k); start gather(F_{k+1})           transfer group, async
+        loss_k, dF_k = head.chunk(F_k)                         head group: MAX + SUM of G/M floats
+        start reduce-scatter(dF_k)                             transfer group, async
+    head.finish(): the step's one update over all rows, while the last reduce-scatter travels
+    df_r = wait(every reduce-scatter), slice by slice
+
+The bulk transfers use their own process group (its own NCCL communicator and stream), so
+the small all-reduces each chunk needs never queue behind a gather. A row's log-sum-exp
+spans classes, not samples, so it is complete within its micro-batch (pass 1); the weight
+update needs every row's, so it runs once after the last chunk (pass 2). Selections that
+look at the features (``head.selection`` other than ``full``) need the whole batch before
+any chunk: their gathers all finish first and only the reduce-scatters overlap compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from hydrahead.comm.timing import CommClock
+from hydrahead.distributed.collectives import all_gather_labels, group_rank, group_world_size, start_gather_rows, start_sum_own_rows
+
+
+def micro_batch_bounds(local_rows: int, micro_batches: int) -> list[tuple[int, int]]:
+    """(start, stop) of each micro-batch within a local batch: sizes differ by at most one."""
+    if micro_batches < 1 or micro_batches > max(local_rows, 1):
+        raise ValueError(f"micro_batches must be in [1, local batch = {local_rows}], got {micro_batches}")
+    edges = [local_rows * k // micro_batches for k in range(micro_batches + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def global_rows(start: int, stop: int, local_rows: int, world_size: int, device) -> torch.Tensor:
+    """Positions in the rank-major global batch of rows [start, stop) of every rank's batch."""
+    offsets = torch.arange(world_size, device=device)[:, None] * local_rows
+    return (offsets + torch.arange(start, stop, device=device)).reshape(-1)
+
+
+class OverlappedHead:
+    """Runs the head's step on ``micro_batches`` chunks with gathers and reduce-scatters in
+    flight behind compute; results equal the whole-batch path up to summation order."""
+
+    def __init__(self, head, micro_batches: int, transfer_group: dist.ProcessGroup | None, clock: CommClock):
+        self.head, self.micro_batches, self.transfer_group, self.clock = head, micro_batches, transfer_group, clock
+        self.world_size, self.rank = group_world_size(head.group), group_rank(head.group)
+        if group_world_size(transfer_group) != self.world_size:
+            raise ValueError("the transfer group must hold the head group's ranks")
+
+    def _gather(self, local_features, bounds, k):
+        start, stop = bounds[k]
+        sizes = [stop - start] * self.world_size
+        return self.clock.start("feature_gather", lambda: start_gather_rows(local_features[start:stop], sizes, self.transfer_group))
+
+    def step(self, local_features: torch.Tensor, local_labels: torch.Tensor,
+             select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None):
+        """(loss, gradient of the loss for the local features, bytes sent per kind).
+
+        ``select(global_features, global_labels)``: the step's active rows (or None), from the
+        rank-major global batch. The returned gradient is None when the loss is not finite:
+        then no update was taken (``finish_step(skip=True)`` clears the rest).
+        """
+        local_features = local_features.detach()
+        local_rows, device = local_features.shape[0], local_features.device
+        bounds = micro_batch_bounds(local_rows, self.micro_batches)
+        sizes = [local_rows] * self.world_size
+        labels = all_gather_labels(local_labels, self.head.group, sizes=sizes)
+        rows = [global_rows(start, stop, local_rows, self.world_size, device) for start, stop in bounds]
+
+        gathers = [self._gather(local_features, bounds, 0)]
+        active_rows = None
+        if select is not None:  # the selection sees the whole batch before any chunk computes
+            gathers += [self._gather(local_features, bounds, k) for k in range(1, len(bounds))]
+            chunks = [pending.wait() for pending in gathers]
+            whole = torch.empty((labels.shape[0], local_features.shape[1]), dtype=local_features.dtype, device=device)
+            for k, chunk in enumerate(chunks):
+                whole[rows[k]] = chunk
+            active_rows = select(whole, labels)
+            gathers = chunks
+        loss_fn = self.head.micro_batches(labels, active_rows)
+
+        loss_sum, loss_dtype = torch.zeros((), dtype=torch.float64, device=device), None
+        scatters = []
+        for k in range(len(bounds)):
+            features = gathers[k] if torch.is_tensor(gathers[k]) else gathers[k].wait()
+            if select is None and k + 1 < len(bounds):
+                gathers.append(self._gather(local_features, bounds, k + 1))
+            chunk_loss, grad = loss_fn.chunk(features, rows[k])
+            loss_sum += chunk_loss.double()
+            loss_dtype = chunk_loss.dtype
+            scatters.append(self.clock.start(
+                "grad_scatter", lambda grad=grad, k=k: start_sum_own_rows(grad, [bounds[k][1] - bounds[k][0]] * self.world_size, self.rank, self.transfer_group)
+            ))
+        loss = (loss_sum / max(loss_fn.num_valid, 1)).to(loss_dtype)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss_fn.finish()
+        local_grad = torch.empty_like(local_features)
+        for (start, stop), pending in zip(bounds, scatters):
+            local_grad[start:stop] = pending.wait()
+        payload = {
+            "bytes_feature_gather": local_features.numel() * local_features.element_size() + local_labels.numel() * local_labels.element_size(),
+            "bytes_grad_scatter": labels.shape[0] * local_features.shape[1] * local_grad.element_size(),
+        }
+        return loss, (local_grad if finite else None), payload

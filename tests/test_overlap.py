@@ -1,0 +1,172 @@
+"""comm.overlap: the micro-batched head step against the whole-batch path.
+
+Multi-rank checks run the reference head in float64 on gloo; the fused kernels' micro-batch
+engine is checked against their single call in one process (Triton's interpreter, fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_ranks
+from hydrahead.comm.overlap import OverlappedHead, global_rows, micro_batch_bounds
+from hydrahead.comm.timing import CommClock, union_ms
+from hydrahead.distributed.collectives import all_gather_features
+from hydrahead.head import ShardedClassifier
+from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels.fused_loss import FusedMicroBatches
+from launcher import launch, metrics
+
+LOCAL_BATCH, DIM, NUM_CLASSES = 7, 6, 23
+MARGINS = {"none": (2.0, 0.0), "cosface": (8.0, 0.2), "arcface": (8.0, 0.3)}
+
+
+def test_micro_batches_cover_the_batch_in_near_equal_slices():
+    assert micro_batch_bounds(7, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert micro_batch_bounds(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="micro_batches"):
+        micro_batch_bounds(3, 4)
+    assert global_rows(1, 3, 5, 3, "cpu").tolist() == [1, 2, 6, 7, 11, 12]
+
+
+def test_union_counts_overlapping_intervals_once():
+    assert union_ms([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == pytest.approx(4.0)
+    assert union_ms([]) == 0.0
+
+
+def _make_head(margin_type, world_size):
+    scale, margin = MARGINS[margin_type]
+    return ShardedClassifier(
+        NUM_CLASSES, DIM, seed=3, init_std=0.3, margin_type=margin_type, scale=scale, margin=margin,
+        dtype=torch.float64, momentum=0.9, weight_decay=1e-3, chunk_size=4,
+    )
+
+
+def _inputs(rank, world_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(world_size * LOCAL_BATCH, DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (world_size * LOCAL_BATCH,), generator=gen)
+    labels[3::5] = -100
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return features[rows].clone(), labels[rows].clone(), labels
+
+
+def _selection(head, global_labels):
+    """Active rows: the shard's rows owning a label of the batch, plus every third row."""
+    local = global_labels[global_labels >= 0] - head.class_start
+    owned = local[(local >= 0) & (local < head.num_local_classes)]
+    return torch.unique(torch.cat([owned, torch.arange(0, head.num_local_classes, 3)]))
+
+
+def _step_worker(rank, world_size, margin_type, micro_batches, selected):
+    torch.manual_seed(0)
+    transfer = dist.new_group(list(range(world_size)))
+    out = {}
+    for name in ("whole", "overlap"):
+        head = _make_head(margin_type, world_size)
+        head.set_lr(0.1)
+        features, labels, global_labels = _inputs(rank, world_size, seed=11)
+        features.requires_grad_()
+        if name == "whole":
+            gathered = all_gather_features(features)
+            active = _selection(head, global_labels) if selected else None
+            loss = head.loss(gathered, global_labels, active)
+            loss.backward()
+            local_grad, payload = features.grad, None
+        else:
+            clock = CommClock(torch.device("cpu"))
+            clock.enabled = True
+            pipeline = OverlappedHead(head, micro_batches, transfer, clock)
+            select = (lambda _features, y: _selection(head, y)) if selected else None
+            loss, local_grad, payload = pipeline.step(features, labels, select)
+            out["timing"] = clock.take()
+        out[name] = {"loss": loss.detach(), "df": local_grad, "dw": head.pending_grad.clone()}
+        head.finish_step()
+        out[name]["weight"] = head.weight.detach().clone()
+        out[name]["momentum"] = head.momentum_buffer.clone()
+    out["payload"] = payload
+    return out
+
+
+@pytest.mark.parametrize(
+    "world_size,margin_type,micro_batches,selected",
+    [(2, "none", 3, False), (3, "cosface", 2, False), (2, "arcface", 7, False), (2, "cosface", 3, True), (3, "none", 1, True)],
+)
+def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, micro_batches, selected):
+    results = run_ranks(_step_worker, world_size, margin_type, micro_batches, selected)
+    for rank, out in enumerate(results):
+        whole, overlap = out["whole"], out["overlap"]
+        for key in ("loss", "df", "dw", "weight", "momentum"):
+            torch.testing.assert_close(overlap[key], whole[key], rtol=1e-12, atol=1e-14, msg=f"rank {rank}: {key}")
+        assert overlap["df"].abs().sum() > 0 and overlap["dw"].abs().sum() > 0
+        # The payload: this rank's features and labels out, the global batch's gradient rows in.
+        assert out["payload"] == {
+            "bytes_feature_gather": LOCAL_BATCH * (DIM * 8 + 8),
+            "bytes_grad_scatter": world_size * LOCAL_BATCH * DIM * 8,
+        }
+        timing = out["timing"]
+        for kind in ("feature_gather", "grad_scatter"):
+            assert timing[f"ms_{kind}"] >= timing[f"ms_{kind}_waited"] >= 0
+        assert 0 <= timing["comm_hidden"] <= 1
+
+
+# ----------------------------------------------------------------------------------------
+# The fused kernels' engine, in one process
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("margin_type,grad_filter", [("none", 0.0), ("cosface", 0.0), ("none", 1e-3), ("cosface", 1e-3)])
+def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
+    gen = torch.Generator().manual_seed(5)
+    batch, dim, classes = 29, 24, 53
+    features = torch.randn(batch, dim, generator=gen)
+    weight = torch.randn(classes, dim, generator=gen) * 0.3
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    labels[::6] = -100
+    scale, margin = MARGINS[margin_type]
+    options = dict(scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter)
+
+    def update(buffer):
+        return SGDUpdate(0.5, 0.9, 1e-3, buffer)
+
+    w_whole, buf_whole = weight.clone(), torch.randn(classes, dim, generator=gen) * 0.01
+    w_micro, buf_micro = w_whole.clone(), buf_whole.clone()
+    f = features.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w_whole, labels, 0, update=update(buf_whole), **options)
+    loss.backward()
+
+    engine = FusedMicroBatches(w_micro, labels, 0, update=update(buf_micro), **options)
+    loss_sum, grads = torch.zeros(()), torch.empty_like(features)
+    for start, stop in micro_batch_bounds(batch, 3):
+        rows = torch.arange(start, stop)
+        chunk_loss, grads[start:stop] = engine.chunk(features[start:stop], rows)
+        loss_sum += chunk_loss
+    engine.finish()
+
+    torch.testing.assert_close(loss_sum / engine.num_valid, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, f.grad, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(w_micro, weight)  # the update happened, once: it matches the single call's
+    torch.testing.assert_close(w_micro, w_whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(buf_micro, buf_whole, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer, end to end
+# ----------------------------------------------------------------------------------------
+
+
+def test_training_with_overlap_follows_the_whole_batch_run(tmp_path):
+    common = ("train.eval_every=0", "train.steps=6", "checkpoint.every=0", "head.margin_type=none", "head.scale=1")
+    launch(tmp_path / "whole", 2, *common)
+    launch(tmp_path / "overlap", 2, *common, "comm.overlap=true", "comm.micro_batches=3")
+    whole = [row for row in metrics(tmp_path / "whole") if "loss" in row]
+    overlap = [row for row in metrics(tmp_path / "overlap") if "loss" in row]
+    assert [row["step"] for row in overlap] == [row["step"] for row in whole] == list(range(1, 7))
+    for a, b in zip(whole, overlap):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["bytes_grad_scatter"] == a["bytes_grad_scatter"] > 0
+        assert b["bytes_feature_gather"] == a["bytes_feature_gather"] > 0
+        assert 0 <= b["comm_hidden"] <= 1 and b["ms_feature_gather"] >= b["ms_feature_gather_waited"]
+    assert overlap[-1]["loss"] < overlap[0]["loss"]
