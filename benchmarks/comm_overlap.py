@@ -35,6 +35,7 @@ SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_IB_DISABLE
 VARIANTS = {
     "serial": ["comm.overlap=false"],
     "overlap": ["comm.overlap=true"],
+    "overlap-m2": ["comm.overlap=true", "comm.micro_batches=2"],
     "overlap+bf16": ["comm.overlap=true", "comm.grad_compression=bf16"],
     "overlap+powersgd": ["comm.overlap=true", "comm.grad_compression=powersgd", "comm.powersgd_start_step=2"],
     "overlap+topk": ["comm.overlap=true", "comm.grad_compression=topk", "comm.topk_density=0.001", "comm.topk_warmup_steps=0"],
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
         for link in (args.transports.split(",") if gpus > 1 else ["none"]):
             todo = [v for v in variants if (v, gpus, link) not in done]
             if gpus == 1:  # one GPU has nothing to exchange: the serial and overlapped steps are enough
-                todo = [v for v in todo if v in ("serial", "overlap")]
+                todo = [v for v in todo if v in ("serial", "overlap", "overlap-m2")]
             if not todo:
                 continue
             micro = f"comm.micro_batches={args.micro_batches}"
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                 str(HERE / "train_throughput.py"), "--config", args.config, "--mode", "full",
                 "--per-gpu-batch", str(args.per_gpu_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--out", str(rows_file), *[f"--variant={v}={','.join([*VARIANTS[v], micro])}" for v in todo],
+                "--out", str(rows_file), *[f"--variant={v}={','.join([micro, *VARIANTS[v]])}" for v in todo],
                 f"run.dir=/tmp/hydrahead_comm_{gpus}_{link}", *args.overrides,
             ]
             env = {**os.environ, "NCCL_NVLS_ENABLE": "0", **(SOCKET_ENV if link == "socket" else {})}

@@ -31,6 +31,23 @@ from hydrahead.comm.timing import CommClock
 from hydrahead.distributed.collectives import all_gather_labels, group_rank, group_world_size, start_gather_rows, start_sum_own_rows
 
 
+TRANSFER_CTAS = 4  # NCCL blocks for the pipeline's transfers: enough for a few MB, and the rest of the SMs stay with the head's kernels
+
+
+def transfer_group(head_group: dist.ProcessGroup | None, backend: str) -> dist.ProcessGroup | None:
+    """A second communicator over the head group's ranks for the pipeline's bulk transfers
+    (collective: every rank calls it). On NCCL its kernels take at most TRANSFER_CTAS blocks,
+    since a gather issued early spins on its SMs until the peers join."""
+    if group_world_size(head_group) == 1:
+        return head_group
+    members = dist.get_process_group_ranks(head_group) if head_group is not None else list(range(dist.get_world_size()))
+    options = None
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+        options.config.max_ctas = TRANSFER_CTAS
+    return dist.new_group(members, pg_options=options)
+
+
 def micro_batch_bounds(local_rows: int, micro_batches: int) -> list[tuple[int, int]]:
     """(start, stop) of each micro-batch within a local batch: sizes differ by at most one."""
     if micro_batches < 1 or micro_batches > max(local_rows, 1):
@@ -99,6 +116,7 @@ class OverlappedHead:
             scatters.append(self.clock.start(
                 "grad_scatter", lambda grad=grad, k=k: start_sum_own_rows(grad, [bounds[k][1] - bounds[k][0]] * self.world_size, self.rank, self.transfer_group)
             ))
+        loss_fn.check()
         loss = (loss_sum / max(loss_fn.num_valid, 1)).to(loss_dtype)
         finite = bool(torch.isfinite(loss))
         if finite:

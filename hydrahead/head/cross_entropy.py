@@ -184,12 +184,8 @@ def _merge_across_shards(running_max, running_sum, target_logit, owned_count, lo
     return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
 
 
-def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index):
-    """Raise what the collectives revealed (the same on every rank), else (mean loss, valid count).
-
-    One host read covers every check that needed the collectives.
-    """
-    num_valid = int(valid.sum())
+def raise_merge_errors(error, owned_total, num_valid: int, labels, valid, ignore_index) -> None:
+    """Raise what the collectives revealed (the same on every rank): one host read for all checks."""
     error, owned_total = int(error), int(round(float(owned_total)))
     if error:
         raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
@@ -199,6 +195,12 @@ def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, 
             f"[0, num_classes) or equal ignore_index={ignore_index}; "
             f"labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
         )
+
+
+def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index):
+    """Raise what the collectives revealed, else (mean loss, valid count)."""
+    num_valid = int(valid.sum())
+    raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index)
     loss = torch.where(valid, lse - target_logit, 0.0).sum() / max(num_valid, 1)
     return loss, num_valid
 
@@ -430,6 +432,9 @@ class MicroBatches:
             return loss.detach(), torch.zeros_like(features)
         (loss * (num_valid / self.num_valid)).backward()
         return loss.detach() * num_valid, leaf.grad
+
+    def check(self) -> None:
+        """Nothing to check: each chunk's loss already raised what its collectives revealed."""
 
     def finish(self) -> None:
         """Nothing left to do: the weight gradient is complete in ``.grad``."""

@@ -28,6 +28,7 @@ from hydrahead.head.cross_entropy import (
     _local_error_code,
     _merge_across_shards,
     mean_loss_after_merge,
+    raise_merge_errors,
     normalize_rows,
     normalize_rows_backward,
 )
@@ -74,13 +75,9 @@ class _LocalPass:
     feat_unit: torch.Tensor | None = None
     feat_norm: torch.Tensor | None = None
 
-    def merge(self, labels, ignore_index, group):
-        """(mean loss, valid rows, lse, target logit) after the two all-reduces; raises what they revealed."""
-        lse, target_logit, owned_total, error = _merge_across_shards(
-            self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group
-        )
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, self.valid, ignore_index)
-        return loss, num_valid, lse, target_logit
+    def merge(self, group):
+        """(lse, target logit, owned labels over all ranks, error code) after the two all-reduces."""
+        return _merge_across_shards(self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group)
 
 
 def _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered, inv_norm=None):
@@ -146,7 +143,8 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
     def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter):
         filtered = grad_filter > 0
         local_pass = _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered)
-        loss, num_valid, lse, target_logit = local_pass.merge(labels, ignore_index, group)
+        lse, target_logit, owned_total, error = local_pass.merge(group)
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index)
         ctx.local_pass, ctx.target_logit = local_pass, target_logit
         ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
@@ -264,6 +262,8 @@ class FusedMicroBatches:
         self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, features, lse_valid)
         self._sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._exact_weight = grad_filter == 0  # a chunk that overflows the filter turns the step's weight pass exact
+        self._owned_total = torch.zeros((), device=weight_shard.device)
+        self._error = torch.zeros((), device=weight_shard.device)
 
     def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_global_inputs(features, self.labels[rows], self.scale, self.margin, self.margin_type, 1)
@@ -273,7 +273,11 @@ class FusedMicroBatches:
                 features, self.weight, labels, self.class_start, self.num_classes, self.scale, self.margin,
                 self.margin_type, self.ignore_index, self.grad_filter > 0, self.inv_norm,
             )
-            loss, num_valid, lse, target_logit = local_pass.merge(labels, self.ignore_index, self.group)
+            # No host read per chunk: the checks the collectives carry are raised once, in check().
+            lse, target_logit, owned_total, error = local_pass.merge(self.group)
+            self._owned_total = self._owned_total + owned_total
+            self._error = torch.maximum(self._error, torch.as_tensor(error, dtype=torch.float32, device=self._error.device).reshape(()))
+            loss_sum = torch.where(local_pass.valid, lse - target_logit, 0.0).sum()
             lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
             row_scale = torch.where(local_pass.valid, self.grad_scale, 0.0)
             if self.grad_filter > 0:
@@ -290,7 +294,12 @@ class FusedMicroBatches:
             if local_pass.feat_unit is not None:
                 grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
         self._rows.append((rows, features.detach(), lse_valid))
-        return loss * num_valid, grad_feat_op.to(features.dtype)
+        return loss_sum, grad_feat_op.to(features.dtype)
+
+    def check(self) -> None:
+        """Raise what the chunks' collectives revealed (a bad shard, labels no shard owns)."""
+        valid = self.labels != self.ignore_index
+        raise_merge_errors(self._error, self._owned_total, self.num_valid, self.labels, valid, self.ignore_index)
 
     @torch.no_grad()
     def finish(self) -> torch.Tensor | None:

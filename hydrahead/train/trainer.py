@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hydrahead.comm import compression
-from hydrahead.comm.overlap import OverlappedHead
+from hydrahead.comm.overlap import OverlappedHead, transfer_group
 from hydrahead.comm.timing import CommClock
 from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.data.build import batches, build_dataset, eval_batches
@@ -142,11 +142,8 @@ class Trainer:
         self.overlapped = None
         if cfg.comm.overlap:
             # The pipeline's bulk transfers get a communicator of their own (see hydrahead.comm.overlap).
-            transfer_group = env.head_group
-            if env.world_size > 1:
-                members = dist.get_process_group_ranks(env.head_group) if env.head_group is not None else list(range(env.world_size))
-                transfer_group = dist.new_group(members)
-            self.overlapped = OverlappedHead(self.head, cfg.comm.micro_batches, transfer_group, self.clock)
+            transfers = transfer_group(env.head_group, env.backend)
+            self.overlapped = OverlappedHead(self.head, cfg.comm.micro_batches, transfers, self.clock)
 
         h = cfg.head
         self.selector = ActiveClassSelector(
