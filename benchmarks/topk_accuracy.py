@@ -27,14 +27,18 @@ IMAGE_TASK = [
 ]
 
 
-def method_name(density: float | None) -> str:
-    return "hydrahead-dense" if density is None else f"hydrahead-topk {density:g}"
+def method_name(density: float | None, corrected: bool = False) -> str:
+    if density is None:
+        return "hydrahead-dense"
+    return f"hydrahead-topk {density:g}" + (" momentum-corrected" if corrected else "")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--densities", default="0.001", help="comma-separated comm.topk_density values")
     parser.add_argument("--warmup-steps", type=int, default=60, help="comm.topk_warmup_steps")
+    parser.add_argument("--momentum-correction", default="",
+                        help="comma-separated densities also run with comm.topk_momentum_correction=true (and optim.momentum=0)")
     add_arguments(parser, name="topk_accuracy")
     args = parser.parse_args(argv)
     densities = [float(v) for v in args.densities.split(",") if v]
@@ -42,13 +46,17 @@ def main(argv=None) -> None:
         parser.error("--densities must lie in (0, 1]")
     if not args.dry_run:
         args.overrides = [*IMAGE_TASK, *args.overrides]
+    corrected = [float(v) for v in args.momentum_correction.split(",") if v]
+
+    def topk(density: float) -> list[str]:
+        return ["comm.grad_compression=topk", f"comm.topk_density={density!r}", f"comm.topk_warmup_steps={args.warmup_steps}",
+                *(["comm.topk_min_numel=64"] if args.dry_run else [])]
+
     variants = {method_name(None): ["comm.grad_compression=none"]}
-    for density in densities:
-        variants[method_name(density)] = [
-            "comm.grad_compression=topk", f"comm.topk_density={density!r}", f"comm.topk_warmup_steps={args.warmup_steps}",
-            *(["comm.topk_min_numel=64"] if args.dry_run else []),
-        ]
-    by_method = {method_name(d): d for d in densities}
+    variants.update({method_name(d): topk(d) for d in densities})
+    # Momentum correction sends accumulated velocity, so the optimizer takes plain SGD steps (as DGC does).
+    variants.update({method_name(d, True): [*topk(d), "comm.topk_momentum_correction=true", "optim.momentum=0.0"] for d in corrected})
+    by_method = {**{method_name(d): d for d in densities}, **{method_name(d, True): d for d in corrected}}
     run_study(args, variants, what="backbone gradient exchange dense against layer-wise top-k with error feedback; "
               "last held-out eval of each run", extra_fields=lambda method: {"topk_density": by_method.get(method)})
 
