@@ -234,7 +234,7 @@ class DistConfig:
 class CommConfig:
     bucket_mb: float = _key(25.0, "DDP gradient bucket size in MiB (the all-reduce overlaps the backbone's backward bucket by bucket)")
     overlap: bool = _key(False, "run the head on micro-batches with its feature gathers and gradient reduce-scatters in flight behind compute")
-    micro_batches: int = _key(4, "overlap: micro-batches per step (each rank's batch is cut into this many slices)")
+    micro_batches: int = _key(2, "overlap: micro-batches per step (each rank's batch is cut into this many slices)")
     grad_compression: str = _key(
         "none",
         "backbone gradient compression in DDP's all-reduce: none, bf16 / powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",

@@ -6,9 +6,11 @@ One step, on every rank:
     head backward: weight grad (local) and dF (partial) --reduce-scatter--> df_r
     backbone backward from df_r; DDP all-reduces the backbone gradients (a SUM, see below)
     backbone optimizer (sgd/adamw/lars/lamb); head SGD on its own shard
+With comm.overlap the gather, head and reduce-scatter run on micro-batches with the
+transfers in flight behind compute (hydrahead.comm.overlap): same loss, same gradients.
 
-Gradient bookkeeping: the loss is the mean over the global batch, and the gather's
-backward already hands each rank the full gradient of that loss for its own samples. The
+Gradient bookkeeping: the loss is the mean over the global batch, and the reduce-scatter
+already hands each rank the full gradient of that loss for its own samples. The
 backbone gradient of the global loss is therefore the *sum* over ranks of the per-rank
 gradients, so DDP's communication hook sums instead of averaging. A 1-rank and a 2-rank run
 of the same global batch then compute the same gradients.
