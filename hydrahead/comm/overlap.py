@@ -93,28 +93,29 @@ class OverlappedHead:
         rows = [global_rows(start, stop, local_rows, self.world_size, device) for start, stop in bounds]
 
         gathers = [self._gather(local_features, bounds, 0)]
+        arrived: list[torch.Tensor] = []  # chunks already waited for (a selection needs them all first)
         active_rows = None
-        if select is not None:  # the selection sees the whole batch before any chunk computes
+        if select is not None:
             gathers += [self._gather(local_features, bounds, k) for k in range(1, len(bounds))]
-            chunks = [pending.wait() for pending in gathers]
+            arrived = [pending.wait() for pending in gathers]
             whole = torch.empty((labels.shape[0], local_features.shape[1]), dtype=local_features.dtype, device=device)
-            for k, chunk in enumerate(chunks):
+            for k, chunk in enumerate(arrived):
                 whole[rows[k]] = chunk
             active_rows = select(whole, labels)
-            gathers = chunks
         loss_fn = self.head.micro_batches(labels, active_rows)
 
         loss_sum, loss_dtype = torch.zeros((), dtype=torch.float64, device=device), None
         scatters = []
         for k in range(len(bounds)):
-            features = gathers[k] if torch.is_tensor(gathers[k]) else gathers[k].wait()
-            if select is None and k + 1 < len(bounds):
+            features = arrived[k] if arrived else gathers[k].wait()
+            if not arrived and k + 1 < len(bounds):
                 gathers.append(self._gather(local_features, bounds, k + 1))
             chunk_loss, grad = loss_fn.chunk(features, rows[k])
             loss_sum += chunk_loss.double()
             loss_dtype = chunk_loss.dtype
+            chunk_sizes = [bounds[k][1] - bounds[k][0]] * self.world_size
             scatters.append(self.clock.start(
-                "grad_scatter", lambda grad=grad, k=k: start_sum_own_rows(grad, [bounds[k][1] - bounds[k][0]] * self.world_size, self.rank, self.transfer_group)
+                "grad_scatter", lambda grad=grad, sizes=chunk_sizes: start_sum_own_rows(grad, sizes, self.rank, self.transfer_group)
             ))
         loss_fn.check()
         loss = (loss_sum / max(loss_fn.num_valid, 1)).to(loss_dtype)
