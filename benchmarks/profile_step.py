@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hydrahead.config import load_config  # noqa: E402
 from hydrahead.data.build import batches  # noqa: E402
-from hydrahead.distributed.setup import destroy_distributed, init_distributed  # noqa: E402
+from benchmarks.train_throughput import join_group  # noqa: E402
+from hydrahead.distributed.setup import destroy_distributed  # noqa: E402
 from hydrahead.train.trainer import Trainer  # noqa: E402
 
 
@@ -33,11 +34,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    probe = load_config(args.config, args.overrides)
-    env = init_distributed(probe.dist.backend, probe.dist.timeout_s)
+    env, shared = join_group(args.config, args.overrides, args.per_gpu_batch)
     try:
-        global_batch = args.per_gpu_batch * env.world_size
-        cfg = load_config(args.config, [*args.overrides, f"train.global_batch={global_batch}", "train.eval_every=0", "log.progress=false"])
+        cfg = load_config(args.config, shared)
+        global_batch = cfg.train.global_batch
         trainer = Trainer(cfg, env)
         trainer._set_learning_rates()
         data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)

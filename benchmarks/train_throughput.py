@@ -49,6 +49,15 @@ def transport() -> str:
     return "socket" if off else "nvlink"
 
 
+def join_group(config: str, overrides: list[str], per_gpu_batch: int):
+    """Join the process group; return it and the overrides every measured config shares
+    (the global batch for this world size, no evaluation, no progress bar)."""
+    probe = load_config(config, overrides)
+    env = init_distributed(probe.dist.backend, probe.dist.timeout_s)
+    global_batch = per_gpu_batch * env.world_size
+    return env, [*overrides, f"train.global_batch={global_batch}", "train.eval_every=0", "log.progress=false"]
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``name=key=value,key=value`` (or a bare name: no overrides)."""
     name, _, rest = text.partition("=")
@@ -116,11 +125,8 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    probe = load_config(args.config, args.overrides)
-    env = init_distributed(probe.dist.backend, probe.dist.timeout_s)
+    env, base = join_group(args.config, args.overrides, args.per_gpu_batch)
     try:
-        global_batch = args.per_gpu_batch * env.world_size
-        base = [*args.overrides, f"train.global_batch={global_batch}", "train.eval_every=0", "log.progress=false"]
         for variant, overrides in map(parse_variant, args.variant or ["default"]):
             cfg = load_config(args.config, [*base, *overrides])
             row = measure(cfg, env, args, args.mode, variant)

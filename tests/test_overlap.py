@@ -6,6 +6,9 @@ engine is checked against their single call in one process (Triton's interpreter
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +16,7 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from hydrahead.comm.overlap import OverlappedHead, global_rows, micro_batch_bounds
 from hydrahead.comm.timing import CommClock, union_ms
-from hydrahead.distributed.collectives import all_gather_features
+from hydrahead.distributed.collectives import Pending, all_gather_features
 from hydrahead.head import ShardedClassifier
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from hydrahead.kernels.fused_loss import FusedMicroBatches
@@ -34,6 +37,38 @@ def test_micro_batches_cover_the_batch_in_near_equal_slices():
 def test_union_counts_overlapping_intervals_once():
     assert union_ms([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == pytest.approx(4.0)
     assert union_ms([]) == 0.0
+
+
+class _SlowWork:
+    """A collective stand-in that completes ``delay`` seconds after it is issued (another thread)."""
+
+    def __init__(self, delay: float):
+        self.future = torch.futures.Future()
+        threading.Timer(delay, lambda: self.future.set_result(None)).start()
+
+    def get_future(self):
+        return self.future
+
+    def wait(self):
+        self.future.wait()
+
+
+def test_clock_separates_a_collectives_own_time_from_the_wait_it_causes():
+    clock = CommClock(torch.device("cpu"))
+    clock.enabled = True
+    hidden = clock.start("feature_gather", lambda: Pending(_SlowWork(0.05), lambda: torch.ones(1)))
+    time.sleep(0.15)  # compute outlasts the transfer: nothing left to wait for
+    assert hidden.wait().item() == 1
+    exposed = clock.start("grad_scatter", lambda: Pending(_SlowWork(0.05), lambda: torch.ones(1)))
+    exposed.wait()  # waited for at once: all of it is exposed
+    timing = clock.take()
+    assert 45 <= timing["ms_feature_gather"] < 140 and timing["ms_feature_gather_waited"] < 10
+    assert 45 <= timing["ms_grad_scatter"] < 140
+    assert timing["ms_grad_scatter_waited"] == pytest.approx(timing["ms_grad_scatter"], rel=0.2)
+    busy = timing["ms_feature_gather"] + timing["ms_grad_scatter"]
+    assert timing["comm_hidden"] == pytest.approx(1 - timing["ms_grad_scatter_waited"] / busy, abs=0.05)
+    assert 0.3 < timing["comm_hidden"] < 0.7
+    assert clock.take() == {}  # taken once
 
 
 def _make_head(margin_type, world_size):

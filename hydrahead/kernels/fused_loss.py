@@ -138,6 +138,17 @@ def _filtered_gradients(local_pass, lse_valid, target_logit, grad_filter, row_sc
     return grad_feat_op, (touched, touched_grad)
 
 
+def _apply_sparse(weight, touched, touched_grad, update: SGDUpdate | None):
+    """The filtered weight gradient: the SGD step applied in place (``update``), or dW
+    (float32 for fp8 weights, as the exact weight kernel returns it)."""
+    if update is not None:
+        filtered_kernels.apply_sgd(weight, touched, touched_grad, update)
+        return None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
+    grad_weight[touched] = touched_grad.to(grad_weight.dtype)
+    return grad_weight
+
+
 class _FusedShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter):
@@ -173,12 +184,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             grad_feat_op = ctx.grad_feat_op * grad
         grad_weight = None
         if want_weight and sparse is not None:
-            weight = local_pass.kernel_args[1]
-            if ctx.update is not None:
-                filtered_kernels.apply_sgd(weight, *sparse, ctx.update)
-            else:
-                grad_weight = torch.zeros_like(weight)
-                grad_weight[sparse[0]] = sparse[1].to(weight.dtype)
+            grad_weight = _apply_sparse(local_pass.kernel_args[1], *sparse, ctx.update)
         elif want_weight:
             grad_weight = shard_weight_backward(
                 *local_pass.kernel_args, ctx.lse_valid, grad_scale=grad_scale, update=ctx.update, **local_pass.kernel_options
@@ -266,8 +272,8 @@ class FusedMicroBatches:
         self._error = torch.zeros((), device=weight_shard.device)
 
     def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_global_inputs(features, self.labels[rows], self.scale, self.margin, self.margin_type, 1)
         labels = self.labels[rows]
+        _check_global_inputs(features, labels, self.scale, self.margin, self.margin_type, 1)
         with torch.autocast(device_type=features.device.type, enabled=False):
             local_pass = _local_pass(
                 features, self.weight, labels, self.class_start, self.num_classes, self.scale, self.margin,
@@ -311,12 +317,7 @@ class FusedMicroBatches:
             touched, slot = torch.unique(touched, sorted=True, return_inverse=True)
             summed = torch.zeros(touched.numel(), weight.shape[1], dtype=torch.float32, device=weight.device)
             summed.index_add_(0, slot, grads)
-            if self.update is not None:
-                filtered_kernels.apply_sgd(weight, touched, summed, self.update)
-                return None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
-            grad_weight[touched] = summed.to(grad_weight.dtype)
-            return grad_weight
+            return _apply_sparse(weight, touched, summed, self.update)
         rows = torch.cat([r for r, _, _ in self._rows])
         features = torch.cat([f for _, f, _ in self._rows])
         lse_valid = torch.cat([lse for _, _, lse in self._rows]).contiguous()
