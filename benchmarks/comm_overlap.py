@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, pyplot, write_results  # noqa: E402
-from benchmarks.train_scaling import backbone_forward_flops  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR, SOCKET_ENV, backbone_forward_flops, bf16_matmul_tflops, environment, print_table, pyplot, write_results,
+)
 from hydrahead.config import load_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_IB_DISABLE": "1"}
 VARIANTS = {
     "serial": ["comm.overlap=false"],
     "overlap": ["comm.overlap=true"],

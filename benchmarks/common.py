@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# NCCL over TCP sockets only: the stand-in for a network between nodes.
+SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_IB_DISABLE": "1"}
 
 
 def environment() -> dict:
@@ -55,6 +57,37 @@ def bf16_matmul_tflops(size: int = 8192, reps: int = 20) -> float:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     ms = median(cuda_time_ms(lambda: a @ b, warmup=3, reps=reps))
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def matmul_tflops(device: torch.device | str, size: int = 8192) -> float:
+    """The rate a floor is stated at on ``device``: bf16 on a GPU, fp32 on a CPU (timed on the host clock)."""
+    if torch.device(device).type == "cuda":
+        return bf16_matmul_tflops(size)
+    import time
+
+    size = min(size, 1024)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / median(times[1:]) / 1e12
+
+
+def backbone_forward_flops(cfg) -> float:
+    """FLOPs of one sample's forward pass through the config's backbone (torch's FLOP counter, meta tensors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hydrahead.models import build_backbone
+
+    m = cfg.model
+    model = build_backbone(m.backbone, m.embed_dim, input_dim=m.input_dim, hidden_dim=m.hidden_dim, depth=m.depth,
+                           image_size=cfg.data.image_size).to("meta").eval()
+    shape = (1, m.input_dim) if model.input_kind == "features" else (1, 3, cfg.data.image_size, cfg.data.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(*shape, device="meta"))
+    return float(counter.get_total_flops())
 
 
 def fp8_matmul_tflops(size: int = 8192, reps: int = 20) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -26,10 +27,25 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import SOCKET_ENV  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 from hydrahead.data.build import batches  # noqa: E402
 from hydrahead.distributed.setup import destroy_distributed, init_distributed  # noqa: E402
 from hydrahead.train.trainer import Trainer  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch since the last reset; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def backbone_only_step(trainer: Trainer, inputs: torch.Tensor) -> None:
@@ -41,11 +57,11 @@ def backbone_only_step(trainer: Trainer, inputs: torch.Tensor) -> None:
     trainer.backbone_optim.zero_grad(set_to_none=True)
 
 
-def transport() -> str:
-    """How NCCL moves data between these GPUs: the socket transport when P2P, SHM and IB are off."""
-    import os
-
-    off = all(os.environ.get(key) == "1" for key in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE"))
+def transport(backend: str) -> str:
+    """How the ranks exchange data: gloo on CPU; NCCL's socket transport when P2P, SHM and IB are off."""
+    if backend == "gloo":
+        return "gloo"
+    off = all(os.environ.get(key) == "1" for key in SOCKET_ENV)
     return "socket" if off else "nvlink"
 
 
@@ -80,26 +96,28 @@ def measure(cfg, env, args, mode: str, variant: str) -> dict:
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(env.device)
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    torch.cuda.synchronize()
+    synchronize(env.device)
     elapsed = time.perf_counter() - start
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], device=env.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = torch.tensor([peak_memory_mib(env.device)], device=env.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank
     comm = [step(timed=True) for _ in range(args.timed_steps)] if mode == "full" else []
     keys = sorted({k for r in comm for k in r if k.startswith(("ms_", "bytes_")) or k in ("comm_hidden", "head_ms")})
     # Rank 0's view; the medians over the timed steps.
     figures = {k: statistics.median(r[k] for r in comm if k in r) for k in keys}
     c = cfg.comm
+    active = trainer.selector.last.get("active_classes") if mode == "full" and cfg.head.selection != "full" else None
     row = {
-        "variant": variant, "mode": mode, "world_size": env.world_size, "transport": transport() if env.world_size > 1 else "none",
+        "config": args.config, "variant": variant, "mode": mode, "world_size": env.world_size, "transport": transport(env.backend) if env.world_size > 1 else "none",
         "per_gpu_batch": args.per_gpu_batch, "global_batch": global_batch, "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size, "num_classes": cfg.head.num_classes if mode == "full" else 0,
-        "embed_dim": cfg.model.embed_dim, "head_selection": cfg.head.selection, "head_impl": cfg.head_impl,
+        "embed_dim": cfg.model.embed_dim, "head_selection": cfg.head.selection, "active_classes": active, "head_impl": cfg.head_impl,
         "head_weight_dtype": str(cfg.head_weight_dtype).removeprefix("torch."),
         "overlap": c.overlap, "micro_batches": c.micro_batches if c.overlap else 1, "grad_compression": c.grad_compression,
         "topk_density": c.topk_density if c.grad_compression == "topk" else None,
@@ -131,7 +149,8 @@ def main(argv=None) -> None:
             cfg = load_config(args.config, [*base, *overrides])
             row = measure(cfg, env, args, args.mode, variant)
             gc.collect()  # the variant's trainer goes before the next one is built
-            torch.cuda.empty_cache()
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()
             if env.is_main:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")

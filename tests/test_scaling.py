@@ -1,0 +1,108 @@
+"""The scaling-study runner: grid expansion, resume-skip, and the CSV/JSON it writes (tiny gloo runs)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launcher import REPO, environment
+
+sys.path.insert(0, str(REPO))
+from benchmarks.scaling import Point, expand_grid, parse_axis  # noqa: E402
+
+RESULTS_KEYS = {"device", "torch", "triton", "date", "rows"}
+ROW_KEYS = {"method", "shape", "ms", "floor_ms", "ratio", "peak_mib", "gpus", "transport", "config", "samples_per_s",
+            "scaling_efficiency", "vs_backbone", "backbone_ms", "head_ms", "comm_ms", "bytes_per_step"}
+
+
+def test_grid_is_the_product_of_its_axes_with_one_transport_at_one_gpu():
+    axes = [parse_axis("head.impl=reference,triton"), parse_axis("comm.overlap=false,true")]
+    points = expand_grid(["a.yaml", "b.yaml"], [1, 2], ["nvlink", "socket"], axes, baseline=False)
+    # per config: 1 GPU x "none" + 2 GPUs x 2 transports, each with 2 x 2 option sets
+    assert len(points) == 2 * (1 + 2) * 4
+    assert len({p.key for p in points}) == len(points)
+    assert {p.transport for p in points if p.gpus == 1} == {"none"}
+    assert {p.transport for p in points if p.gpus == 2} == {"nvlink", "socket"}
+    assert Point("a.yaml", 2, "socket", "full", (("head.impl", "triton"), ("comm.overlap", "true"))) in points
+
+
+def test_baseline_points_drop_head_options_and_appear_once():
+    axes = [parse_axis("head.num_classes=10,20"), parse_axis("comm.overlap=false,true"), parse_axis("comm.grad_compression=none,bf16")]
+    points = expand_grid(["a.yaml"], [1, 2], ["nvlink"], axes, baseline=True)
+    baselines = [p for p in points if p.mode == "backbone"]
+    # head.* and comm.overlap steer only the head; the gradient compression stays
+    assert sorted((p.gpus, p.options) for p in baselines) == [
+        (1, (("comm.grad_compression", "bf16"),)), (1, (("comm.grad_compression", "none"),)),
+        (2, (("comm.grad_compression", "bf16"),)), (2, (("comm.grad_compression", "none"),)),
+    ]
+    assert len([p for p in points if p.mode == "full"]) == 2 * 8
+
+
+@pytest.mark.parametrize("text", ["head.impl", "impl=reference", "head.impl=", "head.impl=a;b", "=x"])
+def test_bad_axis_is_refused(text):
+    with pytest.raises(ValueError, match="--axis"):
+        parse_axis(text)
+
+
+def test_repeated_axis_key_is_refused():
+    with pytest.raises(ValueError, match="twice"):
+        expand_grid(["a.yaml"], [1], ["gloo"], [parse_axis("head.impl=a"), parse_axis("head.impl=b")], baseline=False)
+
+
+def _scaling(results_dir, *args):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--config", "configs/quickstart.yaml", "--gpus", "1,2",
+           "--per-gpu-batch", "16", "--steps", "3", "--warmup", "1", "--timed-steps", "1", "--name", "tiny",
+           "--axis", "comm.overlap=false,true", "--baseline", *args,
+           "head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16", "head.chunk_size=64"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(results_dir)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
+    out = _scaling(tmp_path, "--dry-run")
+    assert "6 points: 0 done or skipped, 6 to run" in out
+    assert not (tmp_path / "tiny.rows.jsonl").exists()  # a dry run launches nothing
+
+    _scaling(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
+    assert sorted((r["world_size"], r["mode"], r["variant"]) for r in records) == [
+        (1, "backbone", "default"), (1, "full", "comm.overlap:false"), (1, "full", "comm.overlap:true"),
+        (2, "backbone", "default"), (2, "full", "comm.overlap:false"), (2, "full", "comm.overlap:true"),
+    ]
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    assert RESULTS_KEYS <= set(results)
+    assert len(results["rows"]) == 6
+    for row in results["rows"]:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["ms"] > 0 and row["floor_ms"] > 0 and row["ratio"] == pytest.approx(row["ms"] / row["floor_ms"])
+        assert row["samples_per_s"] == pytest.approx(row["per_gpu_batch"] * row["gpus"] / row["ms"] * 1e3, rel=1e-6)
+        if row["mode"] == "full":
+            backbone = next(b for b in results["rows"] if b["mode"] == "backbone" and b["gpus"] == row["gpus"])
+            assert row["vs_backbone"] == pytest.approx(row["samples_per_s"] / backbone["samples_per_s"])
+            assert row["method"].startswith("hydrahead")
+            assert row["bytes_per_step"] > 0 if row["gpus"] > 1 else row["bytes_per_step"] >= 0
+        if row["gpus"] == 1:
+            assert row["scaling_efficiency"] == pytest.approx(1.0) and row["transport"] == "none"
+        else:
+            assert row["transport"] == "gloo"
+            one = next(o for o in results["rows"] if o["gpus"] == 1 and o["variant"] == row["variant"] and o["mode"] == row["mode"])
+            assert row["scaling_efficiency"] == pytest.approx(row["samples_per_s"] / 2 / one["samples_per_s"])
+    with open(tmp_path / "tiny.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == [r["method"] for r in results["rows"]]
+    assert ROW_KEYS <= set(table[0])
+    if importlib.util.find_spec("matplotlib"):  # optional (the bench extra): without it no plot is drawn
+        assert (tmp_path / "tiny.png").stat().st_size > 0
+
+    before = (tmp_path / "tiny.rows.jsonl").read_text()
+    out = _scaling(tmp_path)
+    assert "6 points: 6 done or skipped, 0 to run" in out
+    assert (tmp_path / "tiny.rows.jsonl").read_text() == before
