@@ -270,9 +270,17 @@ def main(argv=None) -> int:
     parser.add_argument("--timed-steps", type=int, default=3, help="steps after those with the communication clock on")
     parser.add_argument("--name", default="scaling", help="results file stem under benchmarks/results/ ($HYDRAHEAD_RESULTS_DIR)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid (and which points are done) and exit")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <name>.png from <name>.json (no runs) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every point")
     args = parser.parse_args(argv)
 
+    out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
+    if args.plot_only:
+        path = out_dir / f"{args.name}.json"
+        if not path.is_file():
+            parser.error(f"--plot-only: {path} does not exist")
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
     cuda = torch.cuda.is_available()
     try:
         gpus = [int(g) for g in args.gpus.split(",") if g]
@@ -288,7 +296,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / f"{args.name}.rows.jsonl"
     done = {record_key(r) for r in read_records(rows_file)}
