@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.launcher import REPO, environment
+from launcher import REPO, environment
 
 sys.path.insert(0, str(REPO))
 from benchmarks.scaling import Point, expand_grid, parse_axis  # noqa: E402
