@@ -66,6 +66,25 @@ def test_lars_trust_ratio_is_per_layer():
     torch.testing.assert_close(ws[1] - params[1].detach(), lr * gs[1])
 
 
+def test_lars_parameter_whose_gradient_appears_late_starts_its_momentum_then():
+    # Layer 0 has a gradient from step 1, layer 1 only from step 2 (an unused branch at first).
+    torch.manual_seed(0)
+    ws = [torch.randn(6, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    params = [nn.Parameter(w.clone()) for w in ws]
+    grads = [[torch.randn_like(w) for w in ws] for _ in range(3)]
+    lr, momentum, wd, tc, eps = 0.3, 0.9, 1e-2, 0.05, 1e-8
+    opt = LARS(params, lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=tc, eps=eps)
+    bufs = [torch.zeros_like(w) for w in ws]
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = grads[step][i].clone() if (i == 0 or step > 0) else None
+        opt.step()
+        for i in range(2):
+            if i == 0 or step > 0:
+                ws[i], bufs[i] = _lars_expected(ws[i], grads[step][i], bufs[i], lr=lr, momentum=momentum, wd=wd, tc=tc, eps=eps)
+            torch.testing.assert_close(params[i].detach(), ws[i], rtol=1e-12, atol=1e-12)
+
+
 def test_lars_zero_weight_gets_trust_one():
     w = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))
     w.grad = torch.ones(3, 3, dtype=torch.float64)

@@ -100,7 +100,10 @@ def _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8: tl.constexpr):
     return cut
 
 
-@triton.jit
+# Sizes and keys that change from step to step (active rows, list lengths, rounding keys)
+# are not specialised on: Triton would otherwise compile a new variant, mid-training,
+# whenever one of them first turns up as a multiple of 16 or as 1.
+@triton.jit(do_not_specialize=["C", "classes_per_split"])
 def _lse_kernel(
     F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT,
     G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
@@ -144,7 +147,7 @@ def _lse_kernel(
     tl.store(T_OUT + out, t2 / LOG2E, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "classes_per_split", "tile_capacity"])
 def _flag_kernel(
     F, F_SCALE, W, INV_NORM, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START,
     G, C, D, stride_f, stride_w, classes_per_split, scale, tile_capacity,
@@ -175,7 +178,7 @@ def _flag_kernel(
             acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "tile_capacity", "capacity"])
 def _extract_kernel(
     F, F_SCALE, W, INV_NORM, LOCAL_LABEL, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START, COUNT, OUT_ROW, OUT_COL, OUT_LOGIT,
     G, C, D, stride_f, stride_w, scale, tile_capacity, capacity,
@@ -215,7 +218,7 @@ def _extract_kernel(
     tl.store(OUT_LOGIT + slot, logit, mask=store)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _sgd_kernel(
     W, BUF, COMP, CLASS_IDS, TOUCHED, TOUCHED_GRAD, BOUNDS,
     C, D, stride_w, lr, momentum, weight_decay, first_class, key1, key2,

@@ -33,7 +33,10 @@ _BLOCK_QUERIES = 16  # tl.dot's smallest tile side
 _BLOCK_D = 64
 
 
-@triton.jit
+# Sizes and keys that change from step to step (active rows, list lengths, rounding keys)
+# are not specialised on: Triton would otherwise compile a new variant, mid-training,
+# whenever one of them first turns up as a multiple of 16 or as 1.
+@triton.jit(do_not_specialize=["max_len", "out_width"])
 def _probed_scores_kernel(
     W, Q, TABLE, PAIR_PTR, PAIR_QUERY, PAIR_SLOT, OUT,
     D, max_len, out_width, stride_w, stride_q, stride_table,

@@ -55,7 +55,10 @@ class SGDUpdate:
 # ----------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Sizes and keys that change from step to step (active rows, list lengths, rounding keys)
+# are not specialised on: Triton would otherwise compile a new variant, mid-training,
+# whenever one of them first turns up as a multiple of 16 or as 1.
+@triton.jit(do_not_specialize=["C", "classes_per_split"])
 def _forward_kernel(
     F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT, A_OUT,
     G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
@@ -172,7 +175,7 @@ def _to_e5m2(x, EXACT_CAST: tl.constexpr):
     return x.to(tl.float8e5)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _weight_kernel(
     F, FT, F_SCALE, P_SCALE, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW, COMP, CLASS_IDS,
     G, C, D, stride_f, stride_ft, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay,

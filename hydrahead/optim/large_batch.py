@@ -73,30 +73,36 @@ class LARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # One multi-tensor op per stage for the whole group, not a few small kernels per
+        # tensor: after the trainer's finite-gradient check the GPU idles until this step's
+        # kernels are launched, so its host time is on the step's critical path.
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            grads = [p.grad for p in params]
             wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                g = p.grad
-                if group["exclude_from_trust"]:
-                    update = g.clone()
-                else:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    local_lr = _trust_ratio(
-                        group["trust_coefficient"] * w_norm, g_norm + wd * w_norm + group["eps"], w_norm, g_norm
-                    )
-                    update = g.add(p, alpha=wd).mul_(local_lr)
-                state = self.state[p]
-                if group["momentum"] != 0:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = update
-                    else:
-                        update = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(update, alpha=-group["lr"])
+            if group["exclude_from_trust"]:
+                updates = [g.clone() for g in grads]
+            else:
+                w_norms = torch.stack(torch._foreach_norm(params))
+                g_norms = torch.stack(torch._foreach_norm(grads))
+                local_lrs = _trust_ratio(group["trust_coefficient"] * w_norms, g_norms + wd * w_norms + group["eps"], w_norms, g_norms)
+                updates = list(torch._foreach_add(grads, params, alpha=wd))
+                torch._foreach_mul_(updates, list(local_lrs.unbind(0)))
+            if group["momentum"] != 0:
+                held = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
+                if held:
+                    buffers = [self.state[params[i]]["momentum_buffer"] for i in held]
+                    torch._foreach_mul_(buffers, group["momentum"])
+                    torch._foreach_add_(buffers, [updates[i] for i in held])
+                    for i, buffer in zip(held, buffers):
+                        updates[i] = buffer
+                for p, update in zip(params, updates):
+                    self.state[p].setdefault("momentum_buffer", update)  # a first step: the buffer is the update
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
         return loss
 
 

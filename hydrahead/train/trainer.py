@@ -71,7 +71,7 @@ def _total_norm(parameters) -> torch.Tensor:
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(grads)]))
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
