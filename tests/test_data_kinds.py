@@ -2,7 +2,6 @@
 
 import itertools
 import random
-import time
 
 import numpy as np
 import pytest
@@ -255,19 +254,6 @@ def test_num_workers_ignored_with_a_warning_for_generated_data():
         stream = batches(data, start_step=0, global_batch=4, rank=0, world_size=1, num_workers=2)
         x, _ = next(stream)
     assert x.shape == (4, 3, 8, 8)
-
-
-def test_procedural_images_cpu_speed():
-    data = ProceduralImages(1_000_000, 32, seed=0)
-    data.batch(torch.arange(64))  # warm-up
-    best = min(_timed(lambda s=s: data.batch(torch.arange(64) + 64 * s)) for s in range(5))
-    assert best < 0.05
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 # -- image folder -----------------------------------------------------------------------
