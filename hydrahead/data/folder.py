@@ -42,7 +42,9 @@ import torch
 from hydrahead.counter_rng import counter_hash
 from hydrahead.data.procedural import _check_index_tensor
 
-__all__ = ["IMAGE_EXTENSIONS", "ON_BAD_SAMPLE", "BadImageError", "EpochOrder", "ImageFolder"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "ON_BAD_SAMPLE", "BadImageError", "EpochOrder", "ImageFolder", "normalise_images", "read_eval_image",
+]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"
@@ -276,8 +278,7 @@ class ImageFolder:
 
     def finish_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (B x 3 x S x S, any device) -> float32, normalised by ImageNet stats."""
-        scale, shift = _normalisation(images.device)
-        return images.float().mul_(scale).add_(shift)
+        return normalise_images(images)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)``: normalised float32 B x 3 x S x S and int64 B, on the CPU."""
@@ -332,7 +333,11 @@ class ImageFolder:
         if self.split == "train":
             image = self._augment(image, random.Random(seed))
         else:
-            image = self._centre_crop(image)
+            image = self._centre_crop(image, self.image_size)
+        return self._to_pixels(image)
+
+    @staticmethod
+    def _to_pixels(image) -> torch.Tensor:
         # np.array copies: PIL's buffer is read-only and torch wants a writable one.
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -371,16 +376,31 @@ class ImageFolder:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
-    def _centre_crop(self, image):
+    @staticmethod
+    def _centre_crop(image, image_size: int):
         Image = _pil_image()
         width, height = image.size
         # The centred square that covers image_size pixels after resizing the short
         # side to image_size / 0.875, in source pixels.
         side = min(width, height) * _EVAL_CROP_FRACTION
         left, top = (width - side) / 2, (height - side) / 2
-        size = (self.image_size, self.image_size)
+        size = (image_size, image_size)
         box = (left, top, left + side, top + side)
         return image.resize(size, Image.Resampling.BILINEAR, box=box)
+
+
+def read_eval_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """One image file as the eval split reads it: uint8 3 x S x S pixels (short side resized
+    to S / 0.875, centre crop). ``BadImageError`` naming the file if it cannot be decoded."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return ImageFolder._to_pixels(ImageFolder._centre_crop(ImageFolder._decode(Path(path)), image_size))
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B x 3 x S x S, any device) -> float32, normalised by ImageNet stats."""
+    scale, shift = _normalisation(images.device)
+    return images.float().mul_(scale).add_(shift)
 
 
 def _random_resized_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
