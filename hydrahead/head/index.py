@@ -332,7 +332,7 @@ class TorchIVFIndex(_IndexBase):
         self.chunk_size, self.cosine, self.copy_weights = chunk_size, cosine, copy_weights
         self.device = torch.device(device) if device is not None else None
         self.nlist: int | None = None
-        self._weight = self._centroids = self._assign = self._table = None
+        self._weight = self._centroids = self._assign = self._table = self._lengths = None
 
     def build(self, weight: torch.Tensor) -> None:
         self._check_build(weight)
@@ -379,6 +379,7 @@ class TorchIVFIndex(_IndexBase):
     def _set_lists(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         self._centroids, self._assign = centroids, assign
         self._table = _padded_lists(assign, self.nlist)
+        self._lengths = (self._table >= 0).sum(1)  # rows per list, read by the GPU scoring kernel
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The index as tensors: ``centroids`` (nlist, D) and ``assign`` (C_r,), each row's list."""
@@ -426,7 +427,7 @@ class TorchIVFIndex(_IndexBase):
         from hydrahead.kernels.ivf_scores import probed_list_scores
 
         max_len = self._table.shape[1]
-        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine)
+        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine, lengths=self._lengths)
         scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
         lists = probes.gather(1, torch.div(pos, max_len, rounding_mode="floor"))
         rows = self._table[lists, pos % max_len].masked_fill(scores == -math.inf, -1)

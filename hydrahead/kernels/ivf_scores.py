@@ -14,8 +14,9 @@ query ``q`` probed in position ``slot``; padding (row -1) and unwritten entries 
 With ``normalize`` the scores are cosines: each row is divided by its L2 norm (queries
 are expected normalised already). Precision: the products run in the rows' dtype (bf16
 for bf16 and fp8 rows; fp32 rows go through TF32, tl.dot's default) with fp32
-accumulation, enough to rank candidates that are re-scored nowhere else. Limits: a list
-of more than 65,535 x 64 rows exceeds the launch grid.
+accumulation, enough to rank candidates that are re-scored nowhere else. The grid is
+(min(nlist, B * nprobe), 16): programs for probed lists only, each looping over its list's
+own blocks, so neither unprobed lists nor the padding of short lists cost a program.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["list_pairs", "probed_list_scores"]
 _BLOCK_ROWS = 64
 _BLOCK_QUERIES = 16  # tl.dot's smallest tile side
 _BLOCK_D = 64
+_ROW_SPLIT = 16  # programs per probed list; each loops over every 16th block of the list's rows
 
 
 # Sizes and keys that change from step to step (active rows, list lengths, rounding keys)
@@ -38,48 +40,52 @@ _BLOCK_D = 64
 # whenever one of them first turns up as a multiple of 16 or as 1.
 @triton.jit(do_not_specialize=["max_len", "out_width"])
 def _probed_scores_kernel(
-    W, Q, TABLE, PAIR_PTR, PAIR_QUERY, PAIR_SLOT, OUT,
+    W, Q, TABLE, LENGTHS, LISTS, PAIR_PTR, PAIR_QUERY, PAIR_SLOT, OUT,
     D, max_len, out_width, stride_w, stride_q, stride_table,
     NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_SPLIT: tl.constexpr,
 ):
-    lst = tl.program_id(0)
-    row_block = tl.program_id(1)
+    # Program (i, j) takes the i-th list of LISTS (the probed ones come first) and every
+    # ROW_SPLIT-th block of its rows, starting at block j: a program per probed list and
+    # split, not per (list, block of the longest list).
+    lst = tl.load(LISTS + tl.program_id(0))
     first = tl.load(PAIR_PTR + lst)
     last = tl.load(PAIR_PTR + lst + 1)
-    slots = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = tl.load(TABLE + lst.to(tl.int64) * stride_table + slots, mask=slots < max_len, other=-1)
-    row_ok = rows >= 0
-    # A list nobody probed, or a block that is all padding: nothing to do.
-    if (last > first) & (tl.max(row_ok.to(tl.int32), axis=0) > 0):
-        safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
-        inv_norm = tl.full((BLOCK_R,), 1.0, tl.float32)
-        if NORMALIZE:
-            sq = tl.zeros((BLOCK_R,), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                w = tl.load(W + safe_rows[:, None] * stride_w + dims[None, :],
-                            mask=row_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
-                sq += tl.sum(w * w, axis=1)
-            inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-        for p0 in range(first, last, BLOCK_Q):
-            pairs = p0 + tl.arange(0, BLOCK_Q)
-            pair_ok = pairs < last
-            queries = tl.load(PAIR_QUERY + pairs, mask=pair_ok, other=0).to(tl.int64)
-            probe_slot = tl.load(PAIR_SLOT + pairs, mask=pair_ok, other=0).to(tl.int64)
-            acc = tl.zeros((BLOCK_R, BLOCK_Q), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dims < D
-                w = tl.load(W + safe_rows[:, None] * stride_w + dims[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:  # fp8 rows: multiply in bf16 (queries are rounded to bf16 too)
-                    w = w.to(tl.bfloat16)
-                q = tl.load(Q + queries[:, None] * stride_q + dims[None, :],
-                            mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
-                acc = tl.dot(w, tl.trans(q.to(w.dtype)), acc)
-            acc = acc * inv_norm[:, None]
-            dest = OUT + queries[None, :] * out_width + probe_slot[None, :] * max_len + slots[:, None]
-            tl.store(dest, acc, mask=row_ok[:, None] & pair_ok[None, :])
+    if last > first:  # a list nobody probed: nothing to do
+        length = tl.load(LENGTHS + lst)
+        num_blocks = (length + BLOCK_R - 1) // BLOCK_R
+        for row_block in range(tl.program_id(1), num_blocks, ROW_SPLIT):
+            slots = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = slots < length
+            rows = tl.load(TABLE + lst.to(tl.int64) * stride_table + slots, mask=row_ok, other=0).to(tl.int64)
+            inv_norm = tl.full((BLOCK_R,), 1.0, tl.float32)
+            if NORMALIZE:
+                sq = tl.zeros((BLOCK_R,), tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    dims = d0 + tl.arange(0, BLOCK_D)
+                    w = tl.load(W + rows[:, None] * stride_w + dims[None, :],
+                                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
+                    sq += tl.sum(w * w, axis=1)
+                inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+            for p0 in range(first, last, BLOCK_Q):
+                pairs = p0 + tl.arange(0, BLOCK_Q)
+                pair_ok = pairs < last
+                queries = tl.load(PAIR_QUERY + pairs, mask=pair_ok, other=0).to(tl.int64)
+                probe_slot = tl.load(PAIR_SLOT + pairs, mask=pair_ok, other=0).to(tl.int64)
+                acc = tl.zeros((BLOCK_R, BLOCK_Q), tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    dims = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = dims < D
+                    w = tl.load(W + rows[:, None] * stride_w + dims[None, :],
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    if UPCAST:  # fp8 rows: multiply in bf16 (queries are rounded to bf16 too)
+                        w = w.to(tl.bfloat16)
+                    q = tl.load(Q + queries[:, None] * stride_q + dims[None, :],
+                                mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
+                    acc = tl.dot(w, tl.trans(q.to(w.dtype)), acc)
+                acc = acc * inv_norm[:, None]
+                dest = OUT + queries[None, :] * out_width + probe_slot[None, :] * max_len + slots[:, None]
+                tl.store(dest, acc, mask=row_ok[:, None] & pair_ok[None, :])
 
 
 def list_pairs(probes: torch.Tensor, num_lists: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,13 +106,15 @@ def list_pairs(probes: torch.Tensor, num_lists: int) -> tuple[torch.Tensor, torc
 
 
 def probed_list_scores(
-    weight: torch.Tensor, queries: torch.Tensor, table: torch.Tensor, probes: torch.Tensor, *, normalize: bool = False
+    weight: torch.Tensor, queries: torch.Tensor, table: torch.Tensor, probes: torch.Tensor, *, normalize: bool = False,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, nprobe * max_list_len) float32 scores of every query against its probed lists' rows.
 
     ``weight`` (C_r, D) and ``queries`` (B, D) on one device (queries are cast to the
     weight's dtype for the products, to bfloat16 for fp8 rows); ``table`` (nlist, max_list_len) row numbers with -1
-    padding; ``probes`` (B, nprobe) list ids. Entries of padding rows are -inf.
+    padding, each list's rows first; ``probes`` (B, nprobe) list ids; ``lengths`` (nlist,) the
+    rows of each list (counted from ``table`` when not given). Entries of padding rows are -inf.
     """
     if weight.dim() != 2 or queries.dim() != 2 or weight.shape[1] != queries.shape[1]:
         raise ValueError(f"weight (C_r, D) and queries (B, D) must share D, got {tuple(weight.shape)} and {tuple(queries.shape)}")
@@ -118,11 +126,19 @@ def probed_list_scores(
     out = torch.full((batch, nprobe * max_len), -math.inf, dtype=torch.float32, device=weight.device)
     if batch == 0 or max_len == 0:
         return out
+    if lengths is None:
+        lengths = (table >= 0).sum(1)
+    elif lengths.shape != (num_lists,):
+        raise ValueError(f"lengths must hold one count per list ({num_lists}), got shape {tuple(lengths.shape)}")
     pair_ptr, pair_query, pair_slot = list_pairs(probes, num_lists)
-    grid = (num_lists, triton.cdiv(max_len, _BLOCK_ROWS))
+    # At most batch * nprobe lists are probed: those first, so the grid needs no count from the GPU.
+    probed_first = torch.argsort((pair_ptr[1:] == pair_ptr[:-1]).to(torch.uint8), stable=True)
+    num_programs = min(num_lists, batch * nprobe)
+    grid = (num_programs, min(triton.cdiv(max_len, _BLOCK_ROWS), _ROW_SPLIT))
     _probed_scores_kernel[grid](
-        weight, queries, table, pair_ptr, pair_query, pair_slot, out,
+        weight, queries, table, lengths, probed_first, pair_ptr, pair_query, pair_slot, out,
         weight.shape[1], max_len, out.shape[1], weight.stride(0), queries.stride(0), table.stride(0),
         NORMALIZE=normalize, UPCAST=weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2), BLOCK_R=_BLOCK_ROWS, BLOCK_Q=_BLOCK_QUERIES, BLOCK_D=_BLOCK_D,
+        ROW_SPLIT=_ROW_SPLIT,
     )
     return out
