@@ -41,7 +41,6 @@ extension .metrics.json. Every file is written as NAME.partial and renamed when 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -69,6 +68,7 @@ from hydrahead.head import ShardedClassifier
 from hydrahead.models import build_backbone
 from hydrahead.tools.export_head import resolve_checkpoint
 from hydrahead.train import checkpoint as ckpt
+from hydrahead.train.trainer import autocast
 from hydrahead.train.safe_dcp import SafeFileSystemReader
 
 INPUT_KINDS = ("auto", "npy", "xc", "image_folder", "image_list")
@@ -374,13 +374,6 @@ def _all_reduce_sums(sums: dict[str, torch.Tensor], group) -> dict[str, float]:
     return dict(zip(names, values.tolist()))
 
 
-def _autocast(cfg: Config, device: torch.device):
-    # As the training run's evaluation: bf16 autocast where the config asks for it on this device.
-    if cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def predict(
     trained: Trained,
@@ -415,7 +408,7 @@ def predict(
                 first = start + sum(sizes[: env.rank])
                 inputs, labels = source.read(first, first + sizes[env.rank])
                 if len(inputs):
-                    with _autocast(cfg, env.device):
+                    with autocast(cfg, env.device):  # as the training run's evaluation
                         features = backbone(inputs.to(env.device, non_blocking=True)).float()
                 else:  # this rank's share of the last batch is empty; it still takes part in the collectives
                     features = torch.empty((0, cfg.model.embed_dim), device=env.device)

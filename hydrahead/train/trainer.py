@@ -74,6 +74,14 @@ def _total_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(grads)]))
 
 
+def autocast(cfg: Config, device: torch.device):
+    """The forward passes' autocast: bf16 where model.autocast asks for it on this device
+    (``auto``: on CUDA), else none. Training, evaluation and prediction share it."""
+    if cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """Dotted keys whose values differ between two config dicts: {key: (saved, current)}."""
     return {
@@ -103,7 +111,6 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.device = env.device
         self.local_batch = local_batch_size(cfg.train.global_batch, env.world_size)
-        self.autocast_dtype = torch.bfloat16 if cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and self.device.type == "cuda") else None
 
         # Same seed on every rank and at every world size: identical replicas from the start.
         torch.manual_seed(cfg.run.seed)
@@ -277,9 +284,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.cfg, self.device)
 
     def _set_learning_rates(self) -> float:
         o = self.cfg.optim
