@@ -8,7 +8,8 @@ finish with the per-step losses of an uninterrupted run.
     python -m pytest -m slurm tests/test_slurm.py
 
 Runs as root only (it installs Debian's Slurm packages when they are missing and runs the
-daemons); it skips itself where that cannot be done.
+daemons). It skips itself only where no cluster can run (not root, or neither Slurm nor
+apt-get), never under CI; a failed package install fails it.
 """
 
 from __future__ import annotations
