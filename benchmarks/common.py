@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import json
 import os
 import statistics
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +49,36 @@ def cuda_time_ms(fn, *, warmup: int = 2, reps: int = 10) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return times
+
+
+@contextlib.contextmanager
+def host_sync_log(package: str = "hydrahead"):
+    """Count the host-device synchronisations made inside, by the innermost line of
+    ``package`` that asked for them: yields a Counter of "path:line (function)" -> count.
+
+    Uses torch's sync debug mode (CUDA only): every op that waits for the device on the
+    host (``.item()``, ``bool(t)``, ``nonzero``, ``unique``, blocking copies) warns.
+    """
+    found: collections.Counter = collections.Counter()
+    marker = os.sep + package + os.sep
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if marker in f.filename]
+        where = frames[-1] if frames else traceback.extract_stack()[-3]
+        short = where.filename[where.filename.rfind(marker) + 1:] if marker in where.filename else where.filename
+        found[f"{short}:{where.lineno} ({where.name})"] += 1
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
 
 def median(values: list[float]) -> float:

@@ -4,22 +4,35 @@
 
 Builds the trainer from the config and overrides, runs ``--warmup`` steps, then profiles
 ``--steps`` steps with torch.profiler (CPU and CUDA activity). Rank 0 prints the operators
-with the most device time and the most host time, and the wall time per step.
+with the most device time and the most host time, the step's phases (the trainer's
+``hydrahead::`` ranges: host time against the device time of the kernels each launched,
+NCCL apart), and the wall time per step.
+
+  --syncs        one more step with torch's sync debug mode: every host-device
+                 synchronisation, counted by the hydrahead line that asked for it. Each
+                 one drains the GPU's queue, so the device idles while the host catches up.
+  --trace PATH   rank 0's Chrome trace of the profiled steps (gzipped if PATH ends in .gz);
+                 every rank's when PATH holds "{rank}".
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hydrahead.config import load_config  # noqa: E402
 from hydrahead.data.build import batches  # noqa: E402
+from benchmarks.common import host_sync_log  # noqa: E402
 from benchmarks.train_throughput import join_group  # noqa: E402
 from hydrahead.distributed.setup import destroy_distributed  # noqa: E402
 from hydrahead.train.trainer import Trainer  # noqa: E402
@@ -32,6 +45,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
+    parser.add_argument("--syncs", action="store_true", help="count host-device synchronisations in one more step")
+    parser.add_argument("--trace", metavar="PATH", help="write rank 0's Chrome trace here (.json or .json.gz; {rank} in it: every rank's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     env, shared = join_group(args.config, args.overrides, args.per_gpu_batch)
@@ -53,15 +68,59 @@ def main(argv=None) -> None:
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+        syncs = None
+        if args.syncs and env.device.type == "cuda":
+            with host_sync_log() as syncs:
+                trainer.train_step(*next(data), timed=False)
+                torch.cuda.synchronize()
+        if args.trace and (env.is_main or "{rank}" in args.trace):
+            write_trace(prof, args.trace.format(rank=env.rank))
         if env.is_main:
             table = prof.key_averages()
             if env.device.type == "cuda":
                 print(table.table(sort_by="cuda_time_total", row_limit=args.rows))
             print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+            print_phases(prof, args.steps)
+            if syncs is not None:
+                print(f"\nhost-device synchronisations in one step: {sum(syncs.values())}")
+                for where, count in syncs.most_common():
+                    print(f"  {count:3d}  {where}")
             print(f"{wall_ms:.1f} ms per step (profiled)")
         data.close()
     finally:
         destroy_distributed()
+
+
+def _kernel_us(event, nccl: bool) -> float:
+    """Device time of the kernels ``event`` and its descendants launched (NCCL ones or the rest)."""
+    own = sum(k.duration for k in getattr(event, "kernels", []) if ("nccl" in k.name.lower()) == nccl)
+    return own + sum(_kernel_us(child, nccl) for child in event.cpu_children)
+
+
+def print_phases(prof, steps: int) -> None:
+    """Per step: each ``hydrahead::`` range's host time and the device time of what it launched."""
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.name.startswith("hydrahead::") and event.device_type == DeviceType.CPU:
+            host = event.time_range.elapsed_us()
+            sums = totals.setdefault(event.name, [0.0, 0.0, 0.0])
+            sums[0] += host
+            sums[1] += _kernel_us(event, nccl=False)
+            sums[2] += _kernel_us(event, nccl=True)
+    print(f"\n{'phase (ms per step)':<32}{'host':>9}{'device':>9}{'nccl':>9}")
+    for name, (host, device, nccl) in totals.items():
+        print(f"{name.removeprefix('hydrahead::'):<32}{host / steps / 1e3:9.2f}{device / steps / 1e3:9.2f}{nccl / steps / 1e3:9.2f}")
+
+
+def write_trace(prof, path: str) -> None:
+    if not path.endswith(".gz"):
+        prof.export_chrome_trace(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(plain))
+        with plain.open("rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 if __name__ == "__main__":

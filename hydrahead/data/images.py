@@ -144,7 +144,7 @@ class ProceduralImages:
         """``(images, labels)``: B x 3 x S x S float32 and B int64, on ``self.device``."""
         _check_index_tensor("indices", indices)
         coefficients, labels = self._classes.batch(indices)
-        ids = indices.to(self.device, torch.int64) + _SPLIT_OFFSET[self.split]
+        ids = indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]  # a blocking copy would sync
         shift = torch.stack(
             [counter_uniform(self.seed, stream, ids) for stream in (_SHIFT_Y, _SHIFT_X)], dim=-1
         )

@@ -246,7 +246,7 @@ class ProceduralFeatures:
 
     def _sample_ids(self, indices: torch.Tensor) -> torch.Tensor:
         _check_index_tensor("indices", indices)
-        return indices.to(self.device, torch.int64) + _SPLIT_OFFSET[self.split]
+        return indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]  # a blocking copy would sync
 
     def _check_class_ids(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         _check_index_tensor(name, ids)

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from hydrahead.head import index as class_index
 from hydrahead.head.selection import knn_active, random_active, resolve_budget
@@ -183,13 +184,14 @@ class ActiveClassSelector:
             queries = features.detach().float()
             if self.cosine:
                 queries = torch.nn.functional.normalize(queries, dim=1)
-            _, neighbours = index.search(queries, self.knn_k, weight.detach())
+            with record_function("hydrahead::knn_search"):
+                _, neighbours = index.search(queries, self.knn_k, weight.detach())
             if self.recall_every and step % self.recall_every == 0:
                 self._measure_recall(queries, neighbours, weight)
             rows = knn_active(neighbours, labels, self.class_start, self.class_stop, self.budget, seed=self.seed,
                               step=step, ignore_index=self.ignore_index)
             if self._dirty is not None:
-                self._dirty[rows] = True  # this step updates them
+                self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
         self.last["active_classes"] = rows.numel()
         return rows
 

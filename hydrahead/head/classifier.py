@@ -256,14 +256,14 @@ class ShardedClassifier(nn.Module):
             return self._active[1].grad
         return self.weight.grad
 
-    def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor):
+    def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor, check_rows: bool):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
         from hydrahead.head.selection import remap_labels
 
         if self._active is not None:
             raise RuntimeError("one loss over active rows per step: call finish_step() before the next loss")
         active_rows = active_rows.to(device=self.weight.device, dtype=torch.long)
-        positions = remap_labels(global_labels, active_rows, self.class_start, self.class_stop, self.ignore_index)
+        positions = remap_labels(global_labels, active_rows, self.class_start, self.class_stop, self.ignore_index, check=check_rows)
         # Owned labels become positions in the active rows; the others stay valid but unowned.
         labels = torch.where(
             global_labels == self.ignore_index, global_labels,
@@ -292,7 +292,7 @@ class ShardedClassifier(nn.Module):
         self._active = (active_rows, sub_weight, sub_buffer, sub_compensation)
         return sub_weight, sub_buffer, labels
 
-    def _prepare(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None):
+    def _prepare(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None, check_rows: bool = True):
         """(weight, labels, class_start, num_classes, fused-kernel update) of this step's loss:
         the shard itself, or copies of the active rows in their own frame."""
         weight, buffer, labels = self.weight, self.momentum_buffer, global_labels
@@ -303,7 +303,7 @@ class ShardedClassifier(nn.Module):
                 # A float32 copy of every row takes the step; _store_rows rounds it back.
                 active_rows = torch.arange(self.num_local_classes, device=self.weight.device)
         if active_rows is not None:
-            weight, buffer, labels = self._active_problem(global_labels, active_rows)
+            weight, buffer, labels = self._active_problem(global_labels, active_rows, check_rows)
             class_start, num_classes = 0, None  # each rank in its own frame: rows [0, n_active)
             if self.impl == "reference":
                 weight.requires_grad_()
@@ -320,14 +320,17 @@ class ShardedClassifier(nn.Module):
             )
         return weight, labels, class_start, num_classes, update
 
-    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *,
+             check_rows: bool = True) -> torch.Tensor:
         """Cross-entropy of an already-gathered global batch (features identical on every rank).
 
         ``active_rows`` (sorted local rows of this shard, holding every owned label of the
         batch): the softmax runs over the union of the ranks' active rows only, and the
-        next ``finish_step`` updates only those rows.
+        next ``finish_step`` updates only those rows. ``check_rows=False`` skips checking
+        that they are (one host read; for rows from ``ActiveClassSelector``, which are by
+        construction): a missing label is then reported by the loss as owned by no shard.
         """
-        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows)
+        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
                        margin_type=self.margin_type, ignore_index=self.ignore_index)
         if self.impl == "triton":
@@ -336,13 +339,13 @@ class ShardedClassifier(nn.Module):
             return triton_sharded_cross_entropy(global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
         return sharded_cross_entropy(global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options)
 
-    def micro_batches(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None):
+    def micro_batches(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *, check_rows: bool = True):
         """The same loss as ``loss`` taken micro-batch by micro-batch: an object whose
         ``chunk(features, rows)`` returns (loss sum, feature gradient) of those rows of the
         global batch and whose ``finish()`` applies the step's one update (triton) or leaves
         the whole gradient in ``.grad`` for ``finish_step`` (reference). The labels are the
-        whole step's; ``rows`` index into them."""
-        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows)
+        whole step's; ``rows`` index into them. ``check_rows`` as for ``loss``."""
+        weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
                        margin_type=self.margin_type, ignore_index=self.ignore_index)
         if self.impl == "triton":

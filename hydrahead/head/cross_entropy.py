@@ -184,23 +184,28 @@ def _merge_across_shards(running_max, running_sum, target_logit, owned_count, lo
     return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
 
 
-def raise_merge_errors(error, owned_total, num_valid: int, labels, valid, ignore_index) -> None:
-    """Raise what the collectives revealed (the same on every rank): one host read for all checks."""
-    error, owned_total = int(error), int(round(float(owned_total)))
+def raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index) -> int:
+    """Raise what the collectives revealed (the same on every rank): one host read for all
+    checks. ``num_valid`` may be a device tensor (read in the same go); returns it as an int."""
+    values = (error, owned_total, num_valid)
+    tensors = [v.reshape(()).double() for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else ())
+    error, owned_total, num_valid = (next(read) if isinstance(v, torch.Tensor) else v for v in values)
+    error, owned_total, num_valid = int(error), int(round(owned_total)), int(num_valid)
     if error:
         raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
     if owned_total != num_valid:
         raise ValueError(
             f"{num_valid - owned_total} label(s) of the batch belong to no shard: labels must lie in "
-            f"[0, num_classes) or equal ignore_index={ignore_index}; "
-            f"labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
+            f"[0, num_classes) or equal ignore_index={ignore_index}, and a loss over active rows needs "
+            f"every owned label among them; labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
         )
+    return num_valid
 
 
 def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index):
     """Raise what the collectives revealed, else (mean loss, valid count)."""
-    num_valid = int(valid.sum())
-    raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index)
+    num_valid = raise_merge_errors(error, owned_total, valid.sum(), labels, valid, ignore_index)
     loss = torch.where(valid, lse - target_logit, 0.0).sum() / max(num_valid, 1)
     return loss, num_valid
 

@@ -63,8 +63,7 @@ def owned_positives(
     """Sorted unique local rows of the labels that fall in ``[class_start, class_stop)``."""
     _check_labels(labels)
     _check_range(class_start, class_stop)
-    owned = labels[(labels != ignore_index) & (labels >= class_start) & (labels < class_stop)]
-    return torch.unique(owned.long() - class_start, sorted=True)
+    return _unique_rows(_owned_local(labels, class_start, class_stop, ignore_index), class_stop - class_start)
 
 
 def random_active(
@@ -116,18 +115,16 @@ def knn_active(
     so the returned count (what the caller logs) can exceed the budget.
     """
     _check_step(seed, step)
-    positives = owned_positives(labels, class_start, class_stop, ignore_index)
+    _check_labels(labels)
+    _check_range(class_start, class_stop)
     shard_size = class_stop - class_start
     if neighbour_rows.dim() != 2 or neighbour_rows.dtype not in _INT_DTYPES:
         raise ValueError(
             f"neighbour_rows must be a 2-D integer tensor (batch, k), got shape "
             f"{tuple(neighbour_rows.shape)} and dtype {neighbour_rows.dtype}"
         )
-    neighbours = neighbour_rows.reshape(-1).long()
-    neighbours = neighbours[neighbours != -1]  # -1: the index returned fewer than k
-    if neighbours.numel() and (neighbours.min() < 0 or neighbours.max() >= shard_size):
-        raise ValueError(f"neighbour_rows must be local rows in [0, {shard_size}) or -1")
-    union = torch.unique(torch.cat((neighbours, positives.to(neighbours.device))), sorted=True)
+    candidates = torch.cat((neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)))
+    union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
         return union
     num_fill = resolve_budget(budget, shard_size) - union.numel()
@@ -140,32 +137,37 @@ def remap_labels(
     class_start: int,
     class_stop: int,
     ignore_index: int = -100,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Each owned label's position in ``active_rows`` (sorted local rows); -1 elsewhere.
 
-    Raises ValueError if an owned label is missing from ``active_rows``: its loss would
-    otherwise be silently wrong.
+    With ``check`` (one host read) raises ValueError if ``active_rows`` is not sorted and
+    unique or an owned label is missing from it: its loss would otherwise be silently
+    wrong. Without, a missing label also maps to -1 (no host sync): for rows that hold
+    every owned label by construction, as the selections above return.
     """
     _check_labels(labels)
     _check_range(class_start, class_stop)
     if active_rows.dim() != 1 or active_rows.dtype not in _INT_DTYPES:
         raise ValueError(f"active_rows must be a 1-D integer tensor, got shape {tuple(active_rows.shape)}")
     active_rows = active_rows.long()
-    if active_rows.numel() > 1 and not bool((active_rows[1:] > active_rows[:-1]).all()):
-        raise ValueError("active_rows must be sorted and unique")
-    owned = (labels != ignore_index) & (labels >= class_start) & (labels < class_stop)
-    local = labels[owned].long() - class_start
-    positions = torch.searchsorted(active_rows, local)
+    local = labels.long() - class_start
+    owned = (labels != ignore_index) & (local >= 0) & (local < class_stop - class_start)
     if active_rows.numel():
-        found = active_rows[positions.clamp(max=active_rows.numel() - 1)] == local
+        positions = torch.searchsorted(active_rows, local).clamp_(max=active_rows.numel() - 1)
+        found = owned & (active_rows[positions] == local)
     else:
-        found = torch.zeros_like(local, dtype=torch.bool)
-    if not bool(found.all()):
-        missing = (local[~found] + class_start).unique()[:8].tolist()
-        raise ValueError(f"owned labels missing from active_rows (class ids, first 8): {missing}")
-    remapped = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
-    remapped[owned] = positions
-    return remapped
+        positions, found = torch.zeros_like(local), torch.zeros_like(owned)
+    if check:
+        unsorted = (active_rows[1:] <= active_rows[:-1]).any()
+        unsorted, missing = torch.stack((unsorted, (owned & ~found).any())).tolist()
+        if unsorted:
+            raise ValueError("active_rows must be sorted and unique")
+        if missing:
+            ids = (local[owned & ~found] + class_start).unique()[:8].tolist()
+            raise ValueError(f"owned labels missing from active_rows (class ids, first 8): {ids}")
+    return torch.where(found, positions, -1)
 
 
 # --- priorities ---------------------------------------------------------------------
@@ -220,6 +222,25 @@ def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, cla
             cand_rows = cand_rows[index]
         best_rows, best_keys = cand_rows, cand_keys
     return torch.sort(torch.cat((rows, best_rows))).values
+
+
+def _owned_local(labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int) -> torch.Tensor:
+    """Each label's local row where the shard owns it, -1 elsewhere (no host sync)."""
+    local = labels.long() - class_start
+    owned = (labels != ignore_index) & (local >= 0) & (local < class_stop - class_start)
+    return torch.where(owned, local, -1)
+
+
+def _unique_rows(candidates: torch.Tensor, shard_size: int, range_error: str = "rows out of [0, {shard_size})") -> torch.Tensor:
+    """Sorted unique rows of ``candidates`` with -1 (no row) dropped. Costs unique's host
+    read and one more of its two ends, which also checks every row is -1 or in the shard."""
+    union = torch.unique(candidates, sorted=True)
+    if union.numel() == 0:
+        return union
+    lowest, highest = torch.stack((union[0], union[-1])).tolist()  # one read (a list index would copy it to the device first)
+    if lowest < -1 or highest >= shard_size:
+        raise ValueError(range_error.format(shard_size=shard_size))
+    return union[1:] if lowest == -1 else union
 
 
 def _chunk(device) -> int:

@@ -49,11 +49,15 @@ FUSED_MARGIN_TYPES = ("none", "cosface")
 def _exact_feature_grad(accumulated, running_max, lse, weight_shard, inv_norm, owned, local, row_scale):
     """dF for an incoming gradient of 1: row_scale (sum_c softmax_c w_c - w_target), in place in A."""
     grad_feat_op = accumulated.mul_(torch.exp(running_max - lse)[:, None])
-    rows = torch.nonzero(owned).squeeze(1)
-    target_rows = weight_shard[local[rows]].float()
+    # Every row's target row, zeroed where this shard does not own the label: a mask, not
+    # nonzero(owned), whose size would need a host sync.
+    if weight_shard.shape[0] == 0:  # no rows, so no owned labels
+        return grad_feat_op.mul_(row_scale[:, None])
+    target = torch.where(owned, local, 0)
+    target_rows = weight_shard[target].float()
     if inv_norm is not None:
-        target_rows = target_rows * inv_norm[local[rows], None]
-    grad_feat_op[rows] -= target_rows
+        target_rows = target_rows * inv_norm[target, None]
+    grad_feat_op.sub_(target_rows.mul_(owned[:, None]))
     return grad_feat_op.mul_(row_scale[:, None])
 
 

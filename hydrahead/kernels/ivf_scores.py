@@ -96,10 +96,9 @@ def list_pairs(probes: torch.Tensor, num_lists: int) -> tuple[torch.Tensor, torc
     """
     batch, nprobe = probes.shape
     flat = probes.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_lists)
-    pair_ptr = torch.zeros(num_lists + 1, dtype=torch.int64, device=probes.device)
-    torch.cumsum(counts, 0, out=pair_ptr[1:])
+    ordered, order = torch.sort(flat, stable=True)
+    # List l's pairs start where the sorted ids reach l (bincount would read its size on the host).
+    pair_ptr = torch.searchsorted(ordered, torch.arange(num_lists + 1, dtype=flat.dtype, device=flat.device))
     pair_query = torch.div(order, nprobe, rounding_mode="floor").to(torch.int32)
     pair_slot = (order % nprobe).to(torch.int32)
     return pair_ptr, pair_query, pair_slot

@@ -53,17 +53,21 @@ class DeferredSGD:
 
     def record_step(self, lr: float, active_rows: torch.Tensor | None) -> None:
         """One applied step at ``lr``: ``active_rows`` took it for real (None: every row did)."""
-        step = torch.tensor(
-            [[1.0 - lr * self.weight_decay, -lr * self.momentum], [self.weight_decay, self.momentum]],
-            dtype=torch.float64, device=self.table.device,
-        )
-        self.table = torch.cat((self.table[:1], step @ self.table[:-1]))
+        # table[n] <- step @ table[n-1], the 2x2 product written out with Python scalars: a
+        # step matrix built on the host would be a blocking copy (a sync) every step.
+        (a, b), (c, d) = (1.0 - lr * self.weight_decay, -lr * self.momentum), (self.weight_decay, self.momentum)
+        top, bottom = self.table[:-1, 0], self.table[:-1, 1]
+        table = torch.empty_like(self.table)
+        table[0] = self.table[0]
+        torch.add(top * a, bottom, alpha=b, out=table[1:, 0])
+        torch.add(top * c, bottom, alpha=d, out=table[1:, 1])
+        self.table = table
         self.updates += 1
         if active_rows is None:
             self.row_updates.fill_(self.updates)
             self.oldest = self.updates
         else:
-            self.row_updates[active_rows.to(self.row_updates.device)] = self.updates
+            self.row_updates.index_fill_(0, active_rows.to(self.row_updates.device), self.updates)
 
     def _apply(self, rows, weight: torch.Tensor, buffer: torch.Tensor | None):
         """(weight, buffer) of ``rows`` (an index or a slice) after the maps they owe, in

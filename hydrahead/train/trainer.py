@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 from hydrahead.comm import compression
 from hydrahead.comm.overlap import OverlappedHead, transfer_group
@@ -313,7 +314,7 @@ class Trainer:
         step = self.step + 1  # the step being taken, as logged
         sizes = [self.local_batch] * self.env.world_size
         self.clock.enabled = timed
-        with self._autocast():
+        with self._autocast(), record_function("hydrahead::backbone_forward"):
             local_features = self.forward_backbone(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
         if self.faults.fires("nan_loss", step, self.env.rank):
             local_features = local_features * float("nan")
@@ -323,40 +324,62 @@ class Trainer:
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        if self.overlapped is not None:
-            select = None if self.cfg.head.selection == "full" else (
-                lambda features, global_labels: self.selector.select(step, features, global_labels, self.head.weight, self.head.settles)
-            )
-            loss, local_grad, comm_bytes = self.overlapped.step(local_features, labels, select)
-            loss_finite = local_grad is not None
-        else:
-            head_group = self.env.head_group
-            gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
-            global_labels = all_gather_labels(labels, head_group, sizes=sizes)
-            head_input = gathered.requires_grad_()
-            active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
-            loss = self.head.loss(head_input, global_labels, active_rows)
-            loss_finite = bool(torch.isfinite(loss))
-            local_grad = None
-            if loss_finite:
-                loss.backward()
-                rank = group_rank(head_group)
-                local_grad = self.clock.start("grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)).wait()
-            # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
-            comm_bytes = {
-                "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
-                "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if loss_finite else 0,
-            }
+        with record_function("hydrahead::head"):
+            loss, local_grad, comm_bytes = self._head_step(step, local_features, labels, sizes)
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
 
+        with record_function("hydrahead::backbone_backward"):
+            if local_grad is not None:
+                local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
+        with record_function("hydrahead::step_end"):
+            nonfinite, preempt = self._apply_updates(step, loss_finite=local_grad is not None, preempt_requested=preempt_requested)
+        timing = {}
+        if timed:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timing = self.clock.take()
+            self.clock.enabled = False
+        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt,
+                **comm_bytes, **self.comm_counters.take(), **timing}
+
+    def _head_step(self, step: int, local_features: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
+        """(loss, gradient for the local features or None if the loss is not finite, bytes handed to the head's collectives)."""
+        if self.overlapped is not None:
+            select = None if self.cfg.head.selection == "full" else (
+                lambda features, global_labels: self.selector.select(step, features, global_labels, self.head.weight, self.head.settles)
+            )
+            return self.overlapped.step(local_features, labels, select)
+        head_group = self.env.head_group
+        gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
+        global_labels = all_gather_labels(labels, head_group, sizes=sizes)
+        head_input = gathered.requires_grad_()
+        with record_function("hydrahead::select"):
+            active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
+        with record_function("hydrahead::head_loss"):
+            loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False)
+        local_grad = None
+        if bool(torch.isfinite(loss)):
+            with record_function("hydrahead::head_backward"):
+                loss.backward()
+            rank = group_rank(head_group)
+            local_grad = self.clock.start("grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)).wait()
+        # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
+        comm_bytes = {
+            "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
+            "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if local_grad is not None else 0,
+        }
+        return loss, local_grad, comm_bytes
+
+    def _apply_updates(self, step: int, *, loss_finite: bool, preempt_requested: bool) -> tuple[str, bool]:
+        """Judge the step on every rank (one small all-reduce, the step's host read), then step
+        the optimizers or skip. Returns (where non-finite values were, "" if nowhere; preempt)."""
         flags = torch.zeros(3, device=self.device)  # [preempt, backbone grads bad, head grads bad]
-        flags[0] = float(preempt_requested)
+        flags[:1].fill_(float(preempt_requested))  # fill_, not a copy from the host: no sync
         if self.topk is not None:
             self.topk.step = step  # the density of this step's warm-up
         if loss_finite:
-            local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
             if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
                 head_grad[0, 0] = float("nan")
@@ -376,14 +399,7 @@ class Trainer:
             self.backbone_optim.step()
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
-        timing = {}
-        if timed:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            timing = self.clock.take()
-            self.clock.enabled = False
-        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt > 0,
-                **comm_bytes, **self.comm_counters.take(), **timing}
+        return nonfinite, preempt > 0
 
     def _selection_metrics(self) -> dict:
         """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
