@@ -115,8 +115,8 @@ def test_large_shard_indexes_past_two_to_the_31(grad_filter):
     assert float(tail.abs().max()) > 0 and torch.isfinite(tail).all()
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_bf16_probed_list_scores_match_float64(normalize):
+@pytest.mark.parametrize("normalize, given_norms", [(False, False), (True, False), (True, True)])
+def test_bf16_probed_list_scores_match_float64(normalize, given_norms):
     """The IVF scoring kernel on bf16 rows: each query against its probed lists' rows."""
     import math
 
@@ -129,7 +129,8 @@ def test_bf16_probed_list_scores_match_float64(normalize):
     queries = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1).cuda()
     table = _padded_lists(torch.randint(0, nlist, (num_rows,), generator=gen).cuda(), nlist)
     probes = torch.stack([torch.randperm(nlist, generator=gen)[:nprobe] for _ in range(batch)]).cuda()
-    out = probed_list_scores(weight, queries, table, probes, normalize=normalize)
+    inv_norms = torch.linalg.vector_norm(weight.float(), dim=1).reciprocal() if given_norms else None
+    out = probed_list_scores(weight, queries, table, probes, normalize=normalize, inv_norms=inv_norms)
     w = weight.double()
     if normalize:
         w = torch.nn.functional.normalize(w, dim=1)
@@ -150,13 +151,15 @@ def test_gpu_ivf_search_agrees_with_the_gathered_search():
     queries = torch.nn.functional.normalize(weight[:256] + 0.3 * torch.randn(256, 64, generator=gen).cuda(), dim=1)
     index = TorchIVFIndex(nlist=200, nprobe=8, cosine=True, copy_weights=False)
     index.build(weight)
-    scores, rows = index.search(queries, 10, weight)
     q = queries.float()
     probes = (q @ index._centroids.T).topk(8, dim=1).indices
     ref_scores, ref_rows = index._search_gathered(q, 10, weight, probes)
-    # The kernel's fp32 products go through TF32 tensor cores: only near-ties may swap.
-    assert (rows == ref_rows).float().mean() > 0.95
-    assert torch.allclose(scores, ref_scores, atol=5e-3)
+    inv_norms = torch.linalg.vector_norm(weight, dim=1).reciprocal()
+    for norms in (None, inv_norms):  # norms summed by the kernel, or kept by the caller
+        scores, rows = index.search(queries, 10, weight, row_inv_norms=norms)
+        # The kernel's fp32 products go through TF32 tensor cores: only near-ties may swap.
+        assert (rows == ref_rows).float().mean() > 0.95
+        assert torch.allclose(scores, ref_scores, atol=5e-3)
 
 
 # ---- FP8 weights: the kernels against the emulation of their arithmetic, and against float64
@@ -255,3 +258,4 @@ def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dt
     assert moved["nearest"] == 0.0
     expected = 50 * step
     assert abs(moved["stochastic"] - expected) < 0.05 * expected
+

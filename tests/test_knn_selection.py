@@ -64,7 +64,8 @@ def _kernel_problem(seed, num_rows, dim, batch, nlist, nprobe):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize(
     "num_rows,dim,batch,nlist,nprobe",
-    [(300, 40, 21, 7, 3), (301, 70, 37, 3, 2)],  # the second: lists > 64 rows, D > 64, > 16 queries per list
+    # the second: lists > 64 rows, > 16 queries per list; the third also D > 128 (several dim steps)
+    [(300, 40, 21, 7, 3), (301, 70, 37, 3, 2), (260, 150, 40, 2, 2)],
 )
 def test_probed_list_scores_match_torch_reference(num_rows, dim, batch, nlist, nprobe, normalize):
     weight, queries, assign, probes = _kernel_problem(num_rows + dim, num_rows, dim, batch, nlist, nprobe)
@@ -85,6 +86,41 @@ def test_probed_list_scores_match_torch_reference(num_rows, dim, batch, nlist, n
     torch.testing.assert_close(out.double()[~padding], ref[~padding], rtol=1e-5, atol=1e-5)
     zero_row = rows.reshape(batch, -1) == 5
     assert zero_row.any() and (out[zero_row] == 0).all()
+
+
+def test_probed_list_scores_with_given_row_norms():
+    """Cosine scores from norms the caller keeps equal the ones summed in the kernel's pass,
+    and the kernel really reads them (wrong norms give wrong scores)."""
+    weight, queries, assign, probes = _kernel_problem(7, 260, 150, 40, 4, 2)
+    queries = F.normalize(queries, dim=1)
+    table = _padded_lists(assign, 4)
+    inv = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal()
+    summed = probed_list_scores(weight, queries, table, probes, normalize=True)
+    given = probed_list_scores(weight, queries, table, probes, normalize=True, inv_norms=inv)
+    torch.testing.assert_close(given, summed, rtol=1e-5, atol=1e-6)
+    halved = probed_list_scores(weight, queries, table, probes, normalize=True, inv_norms=inv / 2)
+    finite = torch.isfinite(summed) & (summed != 0)
+    torch.testing.assert_close(halved[finite], summed[finite] / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="inv_norms"):
+        probed_list_scores(weight, queries, table, probes, normalize=True, inv_norms=inv[:-1])
+
+
+def test_row_norms_follow_the_rows_each_step_updates():
+    from hydrahead.head.active import RowNorms
+
+    gen = _gen(8)
+    weight = torch.randn(1000, 24, generator=gen)
+    exact = lambda: torch.linalg.vector_norm(weight, dim=1).reciprocal()  # noqa: E731
+    norms = RowNorms()
+    torch.testing.assert_close(norms.current(weight, 0), exact())
+    for _ in range(3):  # a step: its active rows are announced, then change
+        rows = torch.unique(torch.randint(0, 1000, (50,), generator=gen))
+        norms.will_update(rows)
+        weight[rows] *= 1.5 + torch.rand(rows.numel(), 1, generator=gen)
+        torch.testing.assert_close(norms.current(weight, 0), exact())
+    weight[:10] *= 3.0  # rows moved outside any step (a settle): only a new rows_moved count shows it
+    assert not torch.allclose(norms.current(weight, 0), exact())
+    torch.testing.assert_close(norms.current(weight, 1), exact())
 
 
 def test_list_pairs_is_a_consistent_csr():
@@ -116,7 +152,7 @@ def test_ivf_list_kernel_path_matches_the_gathered_path():
         index.build(weight)
         probes = (queries @ index._centroids.T).topk(3, dim=1).indices
         for k in (5, 200):  # 200: more than the candidates, so -1 / -inf slots
-            s1, r1 = index._search_lists(queries, k, weight, probes)
+            s1, r1 = index._search_lists(queries, k, weight, probes, None)
             s2, r2 = index._search_gathered(queries, k, weight, probes)
             assert torch.equal(r1.sort(dim=1).values, r2.sort(dim=1).values)
             torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)

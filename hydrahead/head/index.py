@@ -407,7 +407,9 @@ class TorchIVFIndex(_IndexBase):
         self.nlist = centroids.shape[0]
         self._set_lists(centroids.to(device, torch.float32), assign.to(device, torch.long))
 
-    def search(self, queries, k, weight=None):
+    def search(self, queries, k, weight=None, *, row_inv_norms=None):
+        """As ``ClassIndex.search``; ``row_inv_norms`` (C_r,) float32, 1 / ||w|| of the current
+        weights' rows, spares the GPU scoring computing them (cosine only)."""
         k = self._check_search(queries, k, weight)
         if weight is None and not self.copy_weights:
             raise ValueError("torch_ivf index built with copy_weights=False: search() needs the current weights")
@@ -416,18 +418,19 @@ class TorchIVFIndex(_IndexBase):
         nprobe = min(self.nprobe, self.nlist)
         probes = (q @ self._centroids.T).topk(nprobe, dim=1).indices
         if source.is_cuda:
-            scores, rows = self._search_lists(q, k, source, probes)
+            scores, rows = self._search_lists(q, k, source, probes, row_inv_norms if self.cosine else None)
         else:
             scores, rows = self._search_gathered(q, k, source, probes)
         scores, rows = _pad_results(scores, rows, k)
         return scores.to(queries.device), rows.to(queries.device)
 
-    def _search_lists(self, q, k, source, probes):
+    def _search_lists(self, q, k, source, probes, inv_norms):
         """GPU: one kernel scores each probed list against all its queries; then a top-k."""
         from hydrahead.kernels.ivf_scores import probed_list_scores
 
         max_len = self._table.shape[1]
-        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine, lengths=self._lengths)
+        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine, lengths=self._lengths,
+                                    inv_norms=inv_norms)
         scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
         lists = probes.gather(1, torch.div(pos, max_len, rounding_mode="floor"))
         rows = self._table[lists, pos % max_len].masked_fill(scores == -math.inf, -1)
