@@ -259,3 +259,17 @@ def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dt
     expected = 50 * step
     assert abs(moved["stochastic"] - expected) < 0.05 * expected
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_round_to_storage_on_the_gpu_equals_the_torch_path(dtype, rounding):
+    """On CUDA round_to_storage takes the one-launch kernel: the same values as the torch path on the CPU."""
+    from hydrahead.optim.low_precision import LowPrecisionUpdate, round_to_storage
+
+    gen = torch.Generator().manual_seed(9)
+    exact = torch.randn(3000, 512, generator=gen) * torch.exp2(torch.randint(-12, 9, (3000, 1), generator=gen).float())
+    class_ids = torch.randint(0, 2**32 - 1, (3000,), generator=gen)
+    how = LowPrecisionUpdate(rounding, seed=5, step=12, salt=1)
+    on_gpu = round_to_storage(exact.cuda(), dtype, class_ids.cuda(), how)
+    on_cpu = round_to_storage(exact, dtype, class_ids, how)
+    assert on_gpu.dtype == dtype and torch.equal(on_gpu.cpu().float(), on_cpu.float())

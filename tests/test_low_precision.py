@@ -230,3 +230,30 @@ def test_a_settle_makes_the_next_ivf_rebuild_file_every_row():
     assert bool(selector._dirty.all())
     selector.select(4, torch.randn(8, 16), labels, weight, rows_moved=1)  # a rebuild files them all
     assert selector._current.step == 3 and not bool(selector._dirty.all())
+
+
+def _rows_to_round(seed: int, rows: int = 70, dim: int = 200):
+    """float32 rows spanning the fp8 range: subnormals, normals, values past the largest."""
+    gen = torch.Generator().manual_seed(seed)
+    exact = torch.randn(rows, dim, generator=gen) * torch.exp2(torch.randint(-12, 9, (rows, 1), generator=gen).float())
+    exact[0, :4] = torch.tensor([500.0, -460.0, 1e-6, 0.0])
+    class_ids = torch.randint(0, 2**32 - 1, (rows,), generator=gen)
+    return exact, class_ids
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_round_rows_kernel_equals_round_to_storage(rounding):
+    """The one-launch rounding draws and decides exactly as the torch path (fp8; bf16 on the GPU)."""
+    from hydrahead.kernels.rounding import round_rows
+
+    exact, class_ids = _rows_to_round(3)
+    for step, salt in ((1, 0), (7, 1)):
+        how = LowPrecisionUpdate(rounding, seed=11, step=step, salt=salt)
+        kernel = round_rows(exact, torch.float8_e4m3fn, class_ids, how)
+        torch_path = round_to_storage(exact, torch.float8_e4m3fn, class_ids, how)
+        assert kernel.dtype == torch.float8_e4m3fn
+        assert torch.equal(kernel.float(), torch_path.float())  # the same values (a zero's sign may differ)
+    other = round_rows(exact, torch.float8_e4m3fn, class_ids, LowPrecisionUpdate(rounding, seed=11, step=2))
+    assert (other.float() != kernel.float()).any() == (rounding == "stochastic")  # the draws follow the step
+    with pytest.raises(ValueError, match="float32"):
+        round_rows(exact.double(), torch.float8_e4m3fn, class_ids, how)

@@ -156,7 +156,13 @@ def round_to_storage(
     ``class_ids``: the rows' global class ids (keys of the stochastic draws).
     ``compensation`` (rows, D), the Kahan buffer of these rows: added to ``exact`` first,
     then overwritten in place with what this rounding lost.
+    On a GPU, float32 rows without compensation go through one kernel that rounds them
+    bit for bit the same way (``hydrahead.kernels.rounding``).
     """
+    if exact.is_cuda and compensation is None and exact.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        from hydrahead.kernels.rounding import round_rows
+
+        return round_rows(exact, dtype, class_ids, how)
     exact = exact.double()
     if compensation is not None:
         exact = exact + compensation.double()
