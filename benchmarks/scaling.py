@@ -16,7 +16,11 @@ scaling), so the global batch grows with the GPU count.
 
 Rows are appended to ``<name>.rows.jsonl`` as each run finishes, and a re-run skips the
 points already there: an interrupted study continues where it stopped, and a failed
-launch loses only its own points. After the runs, ``<name>.csv``, ``<name>.json`` and
+launch loses only its own points. ``--repeats R`` measures every point R times, the
+whole grid once before any point a second time (so a drift in the machine's speed
+touches every point alike); a point's row then holds the median of each figure over its
+repeats and every repeat's ms (``ms_repeats``): step times of the same run can differ by
+several percent from launch to launch. After the runs, ``<name>.csv``, ``<name>.json`` and
 ``<name>.png`` are rewritten from all rows: samples/s, scaling efficiency (samples/s per
 GPU against the fewest GPUs measured), share of the backbone-only samples/s, the step
 split into backbone / head / exposed communication, peak memory of the busiest GPU,
@@ -36,6 +40,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,7 +136,26 @@ def record_key(r: dict) -> tuple:
     return (r["config"], r["world_size"], r["transport"], r["mode"], r["variant"])
 
 
-def run_launch(points: list[Point], args, rows_file: Path) -> bool:
+def merge_repeats(records: list[dict]) -> list[dict]:
+    """One record per point: the median over its repeats of every float figure, samples/s
+    from the median ms, ``repeats`` and ``ms_repeats`` (in repeat order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(record_key(r), []).append(r)
+    merged = []
+    for group in groups.values():
+        group.sort(key=lambda r: r.get("repeat", 0))
+        out = {k: v for k, v in group[0].items() if k != "repeat"}
+        for k, v in group[0].items():
+            if isinstance(v, float) and all(isinstance(r.get(k), float) for r in group):
+                out[k] = statistics.median(r[k] for r in group)
+        out["samples_per_s"] = out["global_batch"] / out["ms"] * 1e3
+        out["repeats"], out["ms_repeats"] = len(group), [r["ms"] for r in group]
+        merged.append(out)
+    return merged
+
+
+def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> bool:
     """One torchrun of train_throughput.py measuring ``points`` (same config, GPU count, transport, mode)."""
     first = points[0]
     with tempfile.TemporaryDirectory(prefix="hydrahead_scaling_") as run_dir:
@@ -139,7 +163,7 @@ def run_launch(points: list[Point], args, rows_file: Path) -> bool:
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={first.gpus}",
             str(HERE / "train_throughput.py"), "--config", first.config, "--mode", first.mode,
             "--per-gpu-batch", str(args.per_gpu_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--timed-steps", str(args.timed_steps), "--out", str(rows_file),
+            "--timed-steps", str(args.timed_steps), "--out", str(rows_file), "--repeat", str(repeat),
             *[f"--variant={p.variant}={','.join(f'{k}={v}' for k, v in p.options)}" for p in points],
             f"run.dir={run_dir}", *args.overrides,
         ]
@@ -187,7 +211,7 @@ def derive_rows(records: list[dict], overrides: list[str], tflops: float) -> lis
             "config": r["config"], "mode": r["mode"], "variant": r["variant"], "gpus": n, "transport": r["transport"],
             "shape": f"{n} x {r['per_gpu_batch']} x {r['backbone']}, C={r['num_classes']:,}, D={r['embed_dim']}",
             "num_classes": r["num_classes"], "per_gpu_batch": r["per_gpu_batch"], "global_batch": r["global_batch"],
-            "ms": r["ms"], "floor_ms": floor_ms, "ratio": r["ms"] / floor_ms, "peak_mib": r["peak_mib"],
+            "ms": r["ms"], "repeats": r.get("repeats", 1), "ms_repeats": r.get("ms_repeats", [r["ms"]]), "floor_ms": floor_ms, "ratio": r["ms"] / floor_ms, "peak_mib": r["peak_mib"],
             "samples_per_s": r["samples_per_s"], "samples_per_s_per_gpu": r["samples_per_s"] / n,
             "scaling_efficiency": (r["samples_per_s"] / n) / (base["samples_per_s"] / base["world_size"]),
             "scaling_base_gpus": base["world_size"],
@@ -268,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per point")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--timed-steps", type=int, default=3, help="steps after those with the communication clock on")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements of every point, the whole grid each time (rows: medians)")
     parser.add_argument("--name", default="scaling", help="results file stem under benchmarks/results/ ($HYDRAHEAD_RESULTS_DIR)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid (and which points are done) and exit")
     parser.add_argument("--plot-only", action="store_true", help="redraw <name>.png from <name>.json (no runs) and exit")
@@ -287,6 +312,8 @@ def main(argv=None) -> int:
         transports = [t for t in (args.transports or ("nvlink" if cuda else "gloo")).split(",") if t]
         if not gpus or min(gpus) < 1:
             raise ValueError(f"--gpus {args.gpus!r}: expected positive counts")
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         bad = [t for t in transports if t not in TRANSPORTS or (t == "gloo") == cuda]
         if bad:
             raise ValueError(f"--transports: {bad} cannot run here; use {'nvlink, socket' if cuda else 'gloo'}")
@@ -298,28 +325,34 @@ def main(argv=None) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / f"{args.name}.rows.jsonl"
-    done = {record_key(r) for r in read_records(rows_file)}
+    done = {(record_key(r), r.get("repeat", 0)) for r in read_records(rows_file)}
     visible = torch.cuda.device_count() if cuda else os.cpu_count() or 1
     runnable = [p for p in points if p.gpus <= visible or not cuda]
-    pending = [p for p in runnable if p.key not in done]
+    repeats = range(args.repeats)
+    pending = [(rep, p) for rep in repeats for p in runnable if (p.key, rep) not in done]
     for p in points:
-        state = "done" if p.key in done else ("todo" if p in runnable else f"skip: {visible} GPU(s) visible")
+        finished = sum((p.key, rep) in done for rep in repeats)
+        state = ("done" if finished == args.repeats else f"{finished}/{args.repeats}" if args.repeats > 1 else "todo") \
+            if p in runnable else f"skip: {visible} GPU(s) visible"
         print(f"{state:>6}  {p.gpus} x {p.transport:6} {p.mode:8} {p.config}  {p.variant}")
-    print(f"{len(points)} points: {len(points) - len(pending)} done or skipped, {len(pending)} to run -> {rows_file}")
+    runs = f"{len(points)} points" + (f" x {args.repeats} repeats" if args.repeats > 1 else "")
+    print(f"{runs}: {len(points) * args.repeats - len(pending)} done or skipped, {len(pending)} to run -> {rows_file}")
     if args.dry_run:
         return 0
 
-    launches = list(dict.fromkeys(p.launch for p in pending))
+    # Repeat by repeat: the whole grid once before any point again.
+    launches = list(dict.fromkeys((rep, p.launch) for rep, p in pending))
     failed = []
-    for i, launch in enumerate(launches, 1):
-        group = [p for p in pending if p.launch == launch]
-        print(f"== [{i}/{len(launches)}] {launch[1]} x {launch[2]}, {launch[3]}, {launch[0]}: {len(group)} point(s)", flush=True)
-        if not run_launch(group, args, rows_file):
-            failed.append(group)
-    measured = {record_key(r) for r in read_records(rows_file)}
-    missing = [p for group in failed for p in group if p.key not in measured]
+    for i, (rep, launch) in enumerate(launches, 1):
+        group = [p for r, p in pending if (r, p.launch) == (rep, launch)]
+        again = f", repeat {rep + 1}/{args.repeats}" if args.repeats > 1 else ""
+        print(f"== [{i}/{len(launches)}] {launch[1]} x {launch[2]}, {launch[3]}, {launch[0]}: {len(group)} point(s){again}", flush=True)
+        if not run_launch(group, args, rows_file, rep):
+            failed.append((rep, group))
+    measured = {(record_key(r), r.get("repeat", 0)) for r in read_records(rows_file)}
+    missing = [(rep, p) for rep, group in failed for p in group if (p.key, rep) not in measured]
 
-    records = read_records(rows_file)
+    records = merge_repeats(read_records(rows_file))
     if records:
         tflops = matmul_tflops("cuda" if cuda else "cpu")
         rows = derive_rows(records, args.overrides, tflops)
@@ -327,7 +360,8 @@ def main(argv=None) -> int:
             **environment(), "benchmark": args.name, "gpus_visible": visible, "matmul_tflops": tflops,
             "matmul_dtype": "bf16" if cuda else "fp32", "overrides": args.overrides,
             "transports": {"nvlink": "NCCL defaults", "socket": SOCKET_ENV, "gloo": "gloo on CPU"},
-            "what": "one training step per row, weak scaling (fixed per-GPU batch); ms: mean over --steps steps; "
+            "what": "one training step per row, weak scaling (fixed per-GPU batch); ms: mean over --steps steps "
+                    "(with --repeats: the median over the repeats, each in ms_repeats); "
                     "the step split and bytes: medians over steps with the communication clock on (rank 0); "
                     "peak_mib: the busiest rank (GPU memory allocated, or the CPU process's peak RSS)",
             "rows": rows,
@@ -340,8 +374,9 @@ def main(argv=None) -> int:
                            "backbone_ms", "head_ms", "comm_ms", "ratio", "peak_mib"])
     if missing:
         print(f"\n{len(missing)} point(s) failed; rerun the same command to retry them:", file=sys.stderr)
-        for p in missing:
-            print(f"  {p.gpus} x {p.transport} {p.mode} {p.config} {p.variant}", file=sys.stderr)
+        for rep, p in missing:
+            print(f"  {p.gpus} x {p.transport} {p.mode} {p.config} {p.variant}" + (f" (repeat {rep + 1})" if args.repeats > 1 else ""),
+                  file=sys.stderr)
         return 1
     return 0
 

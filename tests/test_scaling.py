@@ -12,6 +12,7 @@ import pytest
 from launcher import REPO, environment
 
 sys.path.insert(0, str(REPO))
+from benchmarks import scaling  # noqa: E402
 from benchmarks.scaling import Point, expand_grid, parse_axis  # noqa: E402
 
 RESULTS_KEYS = {"device", "torch", "triton", "date", "rows"}
@@ -104,3 +105,37 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
     out = _scaling(tmp_path)
     assert "6 points: 6 done or skipped, 0 to run" in out
     assert (tmp_path / "tiny.rows.jsonl").read_text() == before
+
+
+def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
+    base = {"config": "c.yaml", "world_size": 2, "transport": "gloo", "mode": "full", "variant": "default",
+            "global_batch": 64, "num_classes": 300, "active_classes": 40}
+    records = [{**base, "repeat": 1, "ms": 30.0, "head_ms": 5.0, "samples_per_s": 0.0},
+               {**base, "ms": 10.0, "head_ms": 1.0, "samples_per_s": 0.0},  # no "repeat": an older record, repeat 0
+               {**base, "repeat": 2, "ms": 20.0, "head_ms": 9.0, "samples_per_s": 0.0},
+               {**base, "variant": "other", "repeat": 0, "ms": 7.0, "head_ms": 2.0, "samples_per_s": 0.0}]
+    merged = {r["variant"]: r for r in scaling.merge_repeats(records)}
+    three = merged["default"]
+    assert three["ms"] == 20.0 and three["head_ms"] == 5.0  # each figure's own median
+    assert three["ms_repeats"] == [10.0, 30.0, 20.0] and three["repeats"] == 3 and "repeat" not in three
+    assert three["samples_per_s"] == pytest.approx(64 / 20.0 * 1e3)
+    assert three["num_classes"] == 300 and isinstance(three["num_classes"], int)
+    assert merged["other"]["ms"] == 7.0 and merged["other"]["repeats"] == 1
+
+
+@pytest.mark.slow
+def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path):
+    out = _scaling(tmp_path, "--gpus", "1", "--repeats", "2", "--dry-run")
+    assert "3 points x 2 repeats: 0 done or skipped, 6 to run" in out
+    _scaling(tmp_path, "--gpus", "1", "--repeats", "2")
+    records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
+    assert [r["repeat"] for r in records] == [0, 0, 0, 1, 1, 1]  # every point once, then again
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    assert len(results["rows"]) == 3
+    for row in results["rows"]:
+        mine = [r["ms"] for r in records if (r["mode"], r["variant"]) == (row["mode"], row["variant"])]
+        assert row["repeats"] == 2 and row["ms_repeats"] == mine
+        assert row["ms"] == pytest.approx(sum(mine) / 2)
+        assert row["samples_per_s"] == pytest.approx(row["per_gpu_batch"] / row["ms"] * 1e3, rel=1e-6)
+    out = _scaling(tmp_path, "--gpus", "1", "--repeats", "3", "--dry-run")
+    assert "3 points x 3 repeats: 6 done or skipped, 3 to run" in out and "2/3" in out
