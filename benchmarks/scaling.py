@@ -11,8 +11,11 @@ The grid is the product of ``--gpus``, ``--config`` (repeatable), ``--transports
 transport), the same backbone, DDP and optimizer with no head: the "backbone alone" that
 the head's cost is measured against. Each point runs the real trainer's step under
 torchrun (benchmarks/train_throughput.py; one launch per GPU count, config, transport and
-mode measures all its pending option sets in turn). The per-GPU batch is fixed (weak
-scaling), so the global batch grows with the GPU count.
+mode measures all its pending option sets in turn). By default the per-GPU batch is fixed
+(``--per-gpu-batch``, weak scaling: the global batch grows with the GPU count);
+``--global-batch N`` fixes the global batch instead (strong scaling: each of n GPUs takes
+N / n samples, and its rows' method names say so). Either way the scaling efficiency is
+samples/s per GPU against the same study's point with the fewest GPUs.
 
 Rows are appended to ``<name>.rows.jsonl`` as each run finishes, and a re-run skips the
 points already there: an interrupted study continues where it stopped, and a failed
@@ -70,6 +73,8 @@ class Point:
     transport: str
     mode: str  # "full" or "backbone"
     options: tuple[tuple[str, str], ...] = ()
+    per_gpu_batch: int = 256
+    scaling: str = "weak"  # "weak": the per-GPU batch is the study's; "strong": the global batch is
 
     @property
     def variant(self) -> str:
@@ -78,12 +83,12 @@ class Point:
 
     @property
     def key(self) -> tuple:
-        return (self.config, self.gpus, self.transport, self.mode, self.variant)
+        return (self.config, self.gpus, self.transport, self.mode, self.variant, self.per_gpu_batch, self.scaling)
 
     @property
     def launch(self) -> tuple:
         """Points that share a key here share one torchrun launch."""
-        return (self.config, self.gpus, self.transport, self.mode)
+        return (self.config, self.gpus, self.transport, self.mode, self.per_gpu_batch, self.scaling)
 
 
 def parse_axis(text: str) -> tuple[str, list[str]]:
@@ -98,21 +103,30 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
 
 
 def expand_grid(configs: list[str], gpus: list[int], transports: list[str], axes: list[tuple[str, list[str]]],
-                *, baseline: bool) -> list[Point]:
-    """Every point of the grid, in run order, without duplicates. One GPU has transport "none"."""
+                *, baseline: bool, per_gpu_batch: int = 256, global_batch: int | None = None) -> list[Point]:
+    """Every point of the grid, in run order, without duplicates. One GPU has transport "none".
+    ``global_batch`` (strong scaling) gives each of n GPUs global_batch / n samples."""
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise ValueError(f"an --axis key appears twice: {keys}")
+    if global_batch is not None:
+        uneven = [n for n in gpus if global_batch % n]
+        if global_batch < 1 or uneven:
+            raise ValueError(f"--global-batch {global_batch} must split evenly over every GPU count; it does not over {uneven}")
+    elif per_gpu_batch < 1:
+        raise ValueError(f"--per-gpu-batch must be >= 1, got {per_gpu_batch}")
+    scaling = "strong" if global_batch is not None else "weak"
     option_sets = [tuple(zip(keys, values)) for values in itertools.product(*(v for _, v in axes))]
     points: dict[tuple, Point] = {}
     for config, n in itertools.product(configs, gpus):
+        batch = global_batch // n if global_batch is not None else per_gpu_batch
         for transport in (transports if n > 1 else ["none"]):
             for options in option_sets:
                 if baseline:
                     kept = tuple((k, v) for k, v in options if not k.startswith(HEAD_ONLY_KEYS))
-                    point = Point(config, n, transport, "backbone", kept)
+                    point = Point(config, n, transport, "backbone", kept, batch, scaling)
                     points.setdefault(point.key, point)
-                point = Point(config, n, transport, "full", options)
+                point = Point(config, n, transport, "full", options, batch, scaling)
                 points.setdefault(point.key, point)
     return list(points.values())
 
@@ -133,7 +147,8 @@ def read_records(rows_file: Path) -> list[dict]:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["config"], r["world_size"], r["transport"], r["mode"], r["variant"])
+    """A record's point (as ``Point.key``); rows written before strong scaling are weak."""
+    return (r["config"], r["world_size"], r["transport"], r["mode"], r["variant"], r["per_gpu_batch"], r.get("scaling", "weak"))
 
 
 def merge_repeats(records: list[dict]) -> list[dict]:
@@ -162,7 +177,7 @@ def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> b
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={first.gpus}",
             str(HERE / "train_throughput.py"), "--config", first.config, "--mode", first.mode,
-            "--per-gpu-batch", str(args.per_gpu_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--per-gpu-batch", str(first.per_gpu_batch), "--scaling", first.scaling, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--timed-steps", str(args.timed_steps), "--out", str(rows_file), "--repeat", str(repeat),
             *[f"--variant={p.variant}={','.join(f'{k}={v}' for k, v in p.options)}" for p in points],
             f"run.dir={run_dir}", *args.overrides,
@@ -187,27 +202,33 @@ def derive_rows(records: list[dict], overrides: list[str], tflops: float) -> lis
             flops_cache[key] = 3 * backbone_forward_flops(cfg)
         return flops_cache[key]
 
+    def study(r: dict) -> tuple:
+        """The points one efficiency curve runs through: a weak study keeps the per-GPU batch, a strong one the global."""
+        scaling = r.get("scaling", "weak")
+        return (r["config"], r["mode"], r["variant"], scaling, r["global_batch"] if scaling == "strong" else r["per_gpu_batch"])
+
     fewest = {}
     for r in records:
-        same = (r["config"], r["mode"], r["variant"])
-        if same not in fewest or r["world_size"] < fewest[same]["world_size"]:
-            fewest[same] = r
+        if study(r) not in fewest or r["world_size"] < fewest[study(r)]["world_size"]:
+            fewest[study(r)] = r
     rows = []
     for r in records:
         n, full = r["world_size"], r["mode"] == "full"
         scored = (r.get("active_classes") or r["num_classes"] / n) if full else 0.0
         floor_ms = (r["per_gpu_batch"] * train_flops_per_sample(r) + 6 * r["global_batch"] * r["embed_dim"] * scored) / (tflops * 1e12) * 1e3
-        base = fewest[(r["config"], r["mode"], r["variant"])]
+        base = fewest[study(r)]
         backbone = None
         if full:
             kept = ";".join(item for item in r["variant"].split(";") if not item.startswith(HEAD_ONLY_KEYS)) or "default"
             backbone = next((b for b in records if b["mode"] == "backbone" and b["variant"] == kept
-                             and (b["config"], b["world_size"], b["transport"]) == (r["config"], n, r["transport"])), None)
+                             and (b["config"], b["world_size"], b["transport"], b["per_gpu_batch"]) == (r["config"], n, r["transport"], r["per_gpu_batch"])), None)
         head_ms = r.get("head_ms", 0.0) if full else 0.0
         exposed_head = _waited(r, "feature_gather", "grad_scatter")
         exposed_allreduce = _waited(r, "backbone_allreduce")
         rows.append({
-            "method": f"hydrahead {r['variant']}" if full else f"{r['backbone']} backbone only",
+            "method": (f"hydrahead {r['variant']}" if full else f"{r['backbone']} backbone only")
+            + (f" [strong, global batch {r['global_batch']}]" if r.get("scaling") == "strong" else ""),
+            "scaling": r.get("scaling", "weak"),
             "config": r["config"], "mode": r["mode"], "variant": r["variant"], "gpus": n, "transport": r["transport"],
             "shape": f"{n} x {r['per_gpu_batch']} x {r['backbone']}, C={r['num_classes']:,}, D={r['embed_dim']}",
             "num_classes": r["num_classes"], "per_gpu_batch": r["per_gpu_batch"], "global_batch": r["global_batch"],
@@ -265,7 +286,8 @@ def plot(payload: dict, png: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=6)
     ax = axes[1, 1]
-    names = [f"{Path(r['config']).stem} {r['variant'] if r['mode'] == 'full' else 'backbone only'} {r['gpus']}g {r['transport']}" for r in rows]
+    names = [f"{Path(r['config']).stem} {r['variant'] if r['mode'] == 'full' else 'backbone only'} {r['gpus']}g x{r['per_gpu_batch']} {r['transport']}"
+             for r in rows]
     bottom = [0.0] * len(rows)
     for key, color in (("backbone_ms", "C0"), ("head_ms", "C1"), ("comm_ms", "C3")):
         values = [r[key] for r in rows]
@@ -288,7 +310,8 @@ def main(argv=None) -> int:
     parser.add_argument("--transports", help="comma-separated, from nvlink, socket, gloo (default: nvlink on GPUs, gloo on CPU)")
     parser.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2", help="a config key and its values (repeatable)")
     parser.add_argument("--baseline", action="store_true", help="also measure each backbone with no head")
-    parser.add_argument("--per-gpu-batch", type=int, default=256)
+    parser.add_argument("--per-gpu-batch", type=int, help="samples per GPU, the same at every GPU count (weak scaling; default 256)")
+    parser.add_argument("--global-batch", type=int, help="samples per step, split over the GPUs (strong scaling)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per point")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--timed-steps", type=int, default=3, help="steps after those with the communication clock on")
@@ -318,7 +341,10 @@ def main(argv=None) -> int:
         if bad:
             raise ValueError(f"--transports: {bad} cannot run here; use {'nvlink, socket' if cuda else 'gloo'}")
         axes = [parse_axis(text) for text in args.axis]
-        points = expand_grid(args.config or ["configs/resnet50_1m.yaml"], gpus, transports, axes, baseline=args.baseline)
+        if args.per_gpu_batch is not None and args.global_batch is not None:
+            raise ValueError("--per-gpu-batch (weak scaling) and --global-batch (strong scaling) exclude each other")
+        points = expand_grid(args.config or ["configs/resnet50_1m.yaml"], gpus, transports, axes, baseline=args.baseline,
+                             per_gpu_batch=256 if args.per_gpu_batch is None else args.per_gpu_batch, global_batch=args.global_batch)
         check_grid(points, args.overrides)
     except ValueError as e:
         parser.error(str(e))
@@ -334,7 +360,7 @@ def main(argv=None) -> int:
         finished = sum((p.key, rep) in done for rep in repeats)
         state = ("done" if finished == args.repeats else f"{finished}/{args.repeats}" if args.repeats > 1 else "todo") \
             if p in runnable else f"skip: {visible} GPU(s) visible"
-        print(f"{state:>6}  {p.gpus} x {p.transport:6} {p.mode:8} {p.config}  {p.variant}")
+        print(f"{state:>6}  {p.gpus} x {p.transport:6} {p.mode:8} {p.config}  {p.variant}  ({p.per_gpu_batch} per GPU)")
     runs = f"{len(points)} points" + (f" x {args.repeats} repeats" if args.repeats > 1 else "")
     print(f"{runs}: {len(points) * args.repeats - len(pending)} done or skipped, {len(pending)} to run -> {rows_file}")
     if args.dry_run:

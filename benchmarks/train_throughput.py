@@ -143,6 +143,8 @@ def main(argv=None) -> None:
                         help="NAME=key=value,key=value: one more configuration measured in this process (repeatable)")
     parser.add_argument("--out", required=True, help="JSON-lines file rank 0 appends its row to")
     parser.add_argument("--repeat", type=int, default=0, help="which repeat of the same measurement this is (recorded in the row)")
+    parser.add_argument("--scaling", choices=("weak", "strong"), default="weak",
+                        help="the study this run belongs to (recorded in the row): per-GPU batch fixed, or the global batch")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -153,7 +155,7 @@ def main(argv=None) -> None:
                 overrides = [*overrides, f"head.num_classes={8 * env.world_size}", "head.selection=full"]
                 warnings.filterwarnings("ignore", message="head.index_")  # the token head takes no index
             cfg = load_config(args.config, [*base, *overrides])
-            row = {**measure(cfg, env, args, args.mode, variant), "repeat": args.repeat}
+            row = {**measure(cfg, env, args, args.mode, variant), "repeat": args.repeat, "scaling": args.scaling}
             gc.collect()  # the variant's trainer goes before the next one is built
             if env.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -109,7 +109,7 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
 
 def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
     base = {"config": "c.yaml", "world_size": 2, "transport": "gloo", "mode": "full", "variant": "default",
-            "global_batch": 64, "num_classes": 300, "active_classes": 40}
+            "global_batch": 64, "per_gpu_batch": 32, "num_classes": 300, "active_classes": 40}
     records = [{**base, "repeat": 1, "ms": 30.0, "head_ms": 5.0, "samples_per_s": 0.0},
                {**base, "ms": 10.0, "head_ms": 1.0, "samples_per_s": 0.0},  # no "repeat": an older record, repeat 0
                {**base, "repeat": 2, "ms": 20.0, "head_ms": 9.0, "samples_per_s": 0.0},
@@ -139,3 +139,32 @@ def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path):
         assert row["samples_per_s"] == pytest.approx(row["per_gpu_batch"] / row["ms"] * 1e3, rel=1e-6)
     out = _scaling(tmp_path, "--gpus", "1", "--repeats", "3", "--dry-run")
     assert "3 points x 3 repeats: 6 done or skipped, 3 to run" in out and "2/3" in out
+
+
+def test_strong_scaling_splits_the_global_batch_over_each_gpu_count():
+    points = expand_grid(["a.yaml"], [1, 2, 4], ["nvlink"], [], baseline=True, global_batch=64)
+    assert sorted({(p.gpus, p.per_gpu_batch, p.scaling) for p in points}) == [(1, 64, "strong"), (2, 32, "strong"), (4, 16, "strong")]
+    weak = expand_grid(["a.yaml"], [1, 2], ["nvlink"], [], baseline=False, per_gpu_batch=8)
+    assert {(p.per_gpu_batch, p.scaling) for p in weak} == {(8, "weak")}
+    assert not {p.key for p in weak} & {p.key for p in expand_grid(["a.yaml"], [1, 2], ["nvlink"], [], baseline=False, global_batch=8)}
+    with pytest.raises(ValueError, match="split evenly"):
+        expand_grid(["a.yaml"], [1, 3], ["nvlink"], [], baseline=False, global_batch=64)
+    with pytest.raises(SystemExit):
+        scaling.main(["--gpus", "1", "--per-gpu-batch", "8", "--global-batch", "8", "--dry-run"])
+
+
+@pytest.mark.slow
+def test_runner_strong_scaling_keeps_the_global_batch(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--config", "configs/quickstart.yaml", "--gpus", "1,2",
+           "--global-batch", "32", "--steps", "3", "--warmup", "1", "--timed-steps", "1", "--name", "strong",
+           "head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16", "head.chunk_size=64"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "strong.rows.jsonl").read_text().splitlines()]
+    assert sorted((r["world_size"], r["per_gpu_batch"], r["global_batch"], r["scaling"]) for r in records) == [
+        (1, 32, 32, "strong"), (2, 16, 32, "strong")]
+    rows = {r["gpus"]: r for r in json.loads((tmp_path / "strong.json").read_text())["rows"]}
+    assert all("[strong, global batch 32]" in r["method"] and r["scaling"] == "strong" for r in rows.values())
+    assert rows[2]["scaling_efficiency"] == pytest.approx(rows[2]["samples_per_s"] / 2 / rows[1]["samples_per_s"])
+    assert rows[1]["scaling_efficiency"] == pytest.approx(1.0)
