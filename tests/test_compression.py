@@ -154,3 +154,19 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
     launch(same, 2, *topk, "train.stop_after=4")
     proc = launch(same, 2, *topk, "train.stop_after=6")
     assert "summed" not in proc.stderr
+
+
+def test_topk_warmup_compresses_each_step_at_its_own_density_and_resumes_exactly(tmp_path):
+    """The warm-up density is the step's own (set before the backward, whose DDP hook reads
+    it), also for the first step after a resume."""
+    from launcher import train_losses
+
+    topk = ["comm.grad_compression=topk", "comm.topk_density=0.01", "comm.topk_min_numel=64", "comm.topk_warmup_steps=8",
+            "log.every=1"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole, 2, *topk, "train.stop_after=8")
+    launch(resumed, 2, *topk, "train.stop_after=4")
+    launch(resumed, 2, *topk, "train.stop_after=8")
+    assert train_losses(resumed) == train_losses(whole)
+    rows = [r for r in metrics(whole) if "topk_density" in r]
+    assert rows and all(r["topk_density"] == pytest.approx(topk_density(r["step"], 0.01, 8)) for r in rows)

@@ -101,7 +101,8 @@ class RowNorms:
     ``settles`` count changed, or the shard's size did), then kept current by refreshing,
     at each ``current`` call, the rows the previous step was about to update
     (``will_update``): 4 bytes per row instead of summing every probed row's squares in
-    every search.
+    every search. Any other write to the rows must come with a new ``rows_moved`` count
+    (the head's ``settles`` does for settles; a resumed run starts a new selector).
     """
 
     def __init__(self) -> None:

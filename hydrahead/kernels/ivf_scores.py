@@ -159,8 +159,11 @@ def probed_list_scores(
         lengths = (table >= 0).sum(1)
     elif lengths.shape != (num_lists,):
         raise ValueError(f"lengths must hold one count per list ({num_lists}), got shape {tuple(lengths.shape)}")
-    if inv_norms is not None and (inv_norms.shape != (weight.shape[0],) or inv_norms.dtype != torch.float32):
-        raise ValueError(f"inv_norms must be float32 with one entry per row ({weight.shape[0]}), got {inv_norms.dtype} {tuple(inv_norms.shape)}")
+    if inv_norms is not None:
+        if inv_norms.shape != (weight.shape[0],) or inv_norms.dtype != torch.float32 or inv_norms.device != weight.device:
+            raise ValueError(f"inv_norms must be float32 with one entry per row ({weight.shape[0]}) on {weight.device}, "
+                             f"got {inv_norms.dtype} {tuple(inv_norms.shape)} on {inv_norms.device}")
+        inv_norms = inv_norms.contiguous()
     pair_ptr, pair_query, pair_slot = list_pairs(probes, num_lists)
     # At most batch * nprobe lists are probed: those first, so the grid needs no count from the GPU.
     probed_first = torch.argsort((pair_ptr[1:] == pair_ptr[:-1]).to(torch.uint8), stable=True)

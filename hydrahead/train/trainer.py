@@ -330,6 +330,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
 
+        if self.topk is not None:
+            self.topk.step = step  # the density of this step's warm-up: read by the DDP hook in the backward
         with record_function("hydrahead::backbone_backward"):
             if local_grad is not None:
                 local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
@@ -377,8 +379,6 @@ class Trainer:
         the optimizers or skip. Returns (where non-finite values were, "" if nowhere; preempt)."""
         flags = torch.zeros(3, device=self.device)  # [preempt, backbone grads bad, head grads bad]
         flags[:1].fill_(float(preempt_requested))  # fill_, not a copy from the host: no sync
-        if self.topk is not None:
-            self.topk.step = step  # the density of this step's warm-up
         if loss_finite:
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
             if head_grad is not None and self.faults.fires("nan_grad", step, self.env.rank):
