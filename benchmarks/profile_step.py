@@ -13,12 +13,19 @@ NCCL apart), and the wall time per step.
                  one drains the GPU's queue, so the device idles while the host catches up.
   --trace PATH   rank 0's Chrome trace of the profiled steps (gzipped if PATH ends in .gz);
                  every rank's when PATH holds "{rank}".
+
+On a GPU it also prints where the device sat idle: per step (from one backbone_forward
+range to the next, so --steps N gives N - 1 windows), the union of kernels and copies
+against the window, and each idle gap charged to the innermost hydrahead:: range the
+host was in when the gap began (the host work the GPU waited for).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
+import json
 import shutil
 import sys
 import tempfile
@@ -81,6 +88,8 @@ def main(argv=None) -> None:
                 print(table.table(sort_by="cuda_time_total", row_limit=args.rows))
             print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
             print_phases(prof, args.steps)
+            if env.device.type == "cuda":
+                print_idle(gpu_idle_by_range(trace_events(prof)))
             if syncs is not None:
                 print(f"\nhost-device synchronisations in one step: {sum(syncs.values())}")
                 for where, count in syncs.most_common():
@@ -110,6 +119,56 @@ def print_phases(prof, steps: int) -> None:
     print(f"\n{'phase (ms per step)':<32}{'host':>9}{'device':>9}{'nccl':>9}")
     for name, (host, device, nccl) in totals.items():
         print(f"{name.removeprefix('hydrahead::'):<32}{host / steps / 1e3:9.2f}{device / steps / 1e3:9.2f}{nccl / steps / 1e3:9.2f}")
+
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # what keeps the GPU busy in a Chrome trace
+
+
+def trace_events(prof) -> list[dict]:
+    """The profile's Chrome-trace events (through a temporary file: the profiler's own export)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return json.loads(path.read_text())["traceEvents"]
+
+
+def gpu_idle_by_range(events: list[dict], step_range: str = "hydrahead::backbone_forward") -> dict | None:
+    """Per step window (one ``step_range`` start to the next): the device's busy and idle
+    ms, and the idle ms charged to the innermost ``hydrahead::`` range the host was in when
+    each gap began. None without two windows or any device activity."""
+    ranges = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("hydrahead::")]
+    starts = sorted(e["ts"] for e in ranges if e["name"] == step_range)
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_CATEGORIES)
+    if len(starts) < 2 or not device:
+        return None
+    busy = idle = 0.0
+    by_range: collections.Counter = collections.Counter()
+    for first, stop in zip(starts, starts[1:]):
+        merged: list[list[float]] = []
+        for a, b in (interval for interval in device if first <= interval[0] < stop):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        busy += sum(b - a for a, b in merged)
+        for (_, gap_start), (gap_end, _) in zip(merged, merged[1:]):
+            idle += gap_end - gap_start
+            inside = [e for e in ranges if e["ts"] <= gap_start < e["ts"] + e["dur"]]
+            where = max(inside, key=lambda e: e["ts"])["name"].removeprefix("hydrahead::") if inside else "(between ranges)"
+            by_range[where] += gap_end - gap_start
+    steps = len(starts) - 1
+    return {"steps": steps, "window_ms": (starts[-1] - starts[0]) / steps / 1e3, "busy_ms": busy / steps / 1e3,
+            "idle_ms": idle / steps / 1e3, "idle_by_range": {k: v / steps / 1e3 for k, v in by_range.most_common()}}
+
+
+def print_idle(idle: dict | None) -> None:
+    if idle is None:
+        print("\nGPU idle: no two step windows with device activity in the profile")
+        return
+    print(f"\nGPU per step ({idle['steps']} window(s)): {idle['window_ms']:.1f} ms, busy {idle['busy_ms']:.1f}, "
+          f"idle {idle['idle_ms']:.1f}; idle that began while the host was in:")
+    for where, ms in idle["idle_by_range"].items():
+        print(f"  {where:<24}{ms:8.2f}")
 
 
 def write_trace(prof, path: str) -> None:
