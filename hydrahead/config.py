@@ -135,6 +135,10 @@ class HeadConfig:
         ("continue", "frozen"),
     )
     knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
+    knn_fixed_size: bool = _key(
+        False, "knn: fill each shard's active set to exactly G·(knn_k + 1) rows with rows outside the union, so its size "
+        "needs no host read (about 5% random negatives at knn_k 16; not with head.budget)"
+    )
     rebuild_every: int = _key(100, "knn: steps between index rebuilds from the current weights")
     index_retrain_every: int = _key(
         10, "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last"
@@ -678,6 +682,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     need(h.selection != "random" or h.budget is not None, "head.selection=random needs head.budget (a count per shard or a fraction)")
     need(h.knn_k >= 1, f"head.knn_k must be >= 1, got {h.knn_k}")
+    need(not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}")
+    need(not (h.knn_fixed_size and h.budget is not None), "head.knn_fixed_size fills the active set itself: leave head.budget null")
     need(h.rebuild_every >= 1, f"head.rebuild_every must be >= 1, got {h.rebuild_every}")
     need(h.index_retrain_every >= 1, f"head.index_retrain_every must be >= 1, got {h.index_retrain_every}")
     need(h.index_nlist is None or h.index_nlist >= 1, f"head.index_nlist must be null or >= 1, got {h.index_nlist}")

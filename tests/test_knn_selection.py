@@ -845,3 +845,24 @@ def test_trainer_random_without_budget_fails_clearly(tmp_path):
     assert proc.returncode != 0
     assert "head.budget" in proc.stderr and "head.selection=random" in proc.stderr, proc.stderr[-2000:]
     assert not run_dir.exists()
+
+
+def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path):
+    """head.knn_fixed_size: every step's active set per shard is G·(k+1) rows (48 x 3 here)."""
+    run_dir = tmp_path / "fixed"
+    launch(run_dir, 2, "head.selection=knn", "head.knn_k=2", "head.knn_fixed_size=true", "head.num_classes=2000",
+           "head.index=torch", "head.index_type=ivf", "head.rebuild_every=5", "train.eval_every=0")
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["active_classes"] == 48 * 3 and math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["head.selection=random", "head.budget=10", "head.knn_fixed_size=true"], "needs head.selection=knn"),
+    (["head.selection=knn", "head.budget=10", "head.knn_fixed_size=true"], "leave head.budget null"),
+])
+def test_knn_fixed_size_options_are_checked(overrides, match):
+    from hydrahead.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(load_config(None, overrides))

@@ -11,7 +11,7 @@ import torch
 from hydrahead.counter_rng import counter_uniform
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import selection
-from hydrahead.head.selection import knn_active, owned_positives, random_active, remap_labels, resolve_budget
+from hydrahead.head.selection import knn_active, knn_fixed_rows, owned_positives, random_active, remap_labels, resolve_budget
 
 
 def _priorities(seed, step, class_ids):
@@ -268,3 +268,38 @@ def test_25m_class_shard_runs_fast_with_bounded_memory():
     seconds, grown_mb = map(float, result.stdout.split())
     assert seconds < 15, f"25M-class selection took {seconds:.1f} s"
     assert grown_mb < 100, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+# --- knn, fixed size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knn_fixed_rows_is_the_union_filled_to_its_size(seed):
+    gen = torch.Generator().manual_seed(seed)
+    start, stop = 1000, 1000 + int(torch.randint(200, 3000, (1,), generator=gen))
+    batch, k = int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 8, (1,), generator=gen))
+    # neighbours with repeats (near-duplicate samples), -1 where the index found fewer
+    neighbours = torch.randint(0, 60, (batch, k), generator=gen) * int(torch.randint(1, 40, (1,), generator=gen))
+    neighbours = torch.where(torch.rand(batch, k, generator=gen) < 0.2, -1, neighbours % (stop - start))
+    labels = torch.randint(start - 500, stop + 500, (batch,), generator=gen)
+    labels[0] = -100
+    rows = knn_fixed_rows(neighbours, labels, start, stop, seed=seed, step=3)
+    union = knn_active(neighbours, labels, start, stop, seed=seed, step=3)
+    assert rows.numel() == min(stop - start, batch * (k + 1))
+    assert bool((rows[1:] > rows[:-1]).all()) and int(rows.min()) >= 0 and int(rows.max()) < stop - start
+    assert set(union.tolist()) <= set(rows.tolist())
+    again = knn_fixed_rows(neighbours, labels, start, stop, seed=seed, step=3)
+    assert torch.equal(rows, again)  # the fill is a function of (seed, step)
+    if rows.numel() - union.numel() > 5:
+        assert not torch.equal(rows, knn_fixed_rows(neighbours, labels, start, stop, seed=seed, step=4))
+
+
+def test_knn_fixed_rows_edges():
+    nothing = torch.full((3, 2), -1)
+    rows = knn_fixed_rows(nothing, torch.tensor([-100, 5, 7]), 100, 200, seed=0, step=1)  # no union at all
+    assert rows.numel() == 9 and rows.unique().numel() == 9
+    assert torch.equal(knn_fixed_rows(nothing, torch.tensor([101]), 100, 104, seed=0, step=1), torch.arange(4))  # shard <= size
+    rows = knn_fixed_rows(torch.tensor([[3, 99, -7]]), torch.tensor([150]), 0, 100, seed=0, step=1)
+    assert rows.numel() == 4 and {3, 99} <= set(rows.tolist())  # -7: no row, dropped without a read
+    with pytest.raises(ValueError, match="2-D"):
+        knn_fixed_rows(torch.tensor([1, 2]), torch.tensor([1]), 0, 100, seed=0, step=0)

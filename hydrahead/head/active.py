@@ -49,7 +49,7 @@ import torch
 from torch.profiler import record_function
 
 from hydrahead.head import index as class_index
-from hydrahead.head.selection import knn_active, random_active, resolve_budget
+from hydrahead.head.selection import knn_active, knn_fixed_rows, random_active, resolve_budget
 
 logger = logging.getLogger("hydrahead.active")
 
@@ -137,6 +137,7 @@ class ActiveClassSelector:
         *,
         budget: int | float | None = None,
         knn_k: int = 16,
+        fixed_size: bool = False,
         rebuild_every: int = 100,
         retrain_every: int = 10,
         index: str = "auto",
@@ -163,7 +164,9 @@ class ActiveClassSelector:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         self.selection, self.class_start, self.class_stop = selection, class_start, class_stop
-        self.budget, self.knn_k = budget, min(knn_k, self.shard_size)
+        if fixed_size and (selection != "knn" or budget is not None):
+            raise ValueError("fixed_size fills knn's union itself: it takes selection=knn and no budget")
+        self.budget, self.knn_k, self.fixed_size = budget, min(knn_k, self.shard_size), fixed_size
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.deterministic, self.cosine = deterministic, cosine
         self.seed, self.ignore_index = seed, ignore_index
@@ -225,8 +228,12 @@ class ActiveClassSelector:
                     _, neighbours = index.search(queries, self.knn_k, weight.detach())
             if self.recall_every and step % self.recall_every == 0:
                 self._measure_recall(queries, neighbours, weight)
-            rows = knn_active(neighbours, labels, self.class_start, self.class_stop, self.budget, seed=self.seed,
-                              step=step, ignore_index=self.ignore_index)
+            if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
+                rows = knn_fixed_rows(neighbours, labels, self.class_start, self.class_stop, seed=self.seed, step=step,
+                                      ignore_index=self.ignore_index)
+            else:
+                rows = knn_active(neighbours, labels, self.class_start, self.class_stop, self.budget, seed=self.seed,
+                                  step=step, ignore_index=self.ignore_index)
             if self._dirty is not None:
                 self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
             if self._norms is not None:

@@ -34,12 +34,13 @@ import torch
 from hydrahead.checks import check_int
 from hydrahead.counter_rng import counter_hash, counter_uniform
 
-__all__ = ["knn_active", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
+__all__ = ["knn_active", "knn_fixed_rows", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
 
 _SELECT_STREAM = 3000  # counter-hash stream reserved for class selection (head init is 1000)
 _CHUNK = 1 << 18  # class ids hashed per pass on the CPU: bounds the temporaries for a 25M-class shard
 _CUDA_CHUNK = 1 << 22  # on a GPU: ~100 MB of temporaries, few enough passes that launches do not dominate
 _SIGN_BIT = -(1 << 63)
+_FILL_STRIDE = 2_147_483_647  # a prime (2^31 - 1) above any shard size: (o + i * p) mod C_r visits distinct rows
 
 
 def resolve_budget(budget: int | float, shard_size: int) -> int:
@@ -118,17 +119,63 @@ def knn_active(
     _check_labels(labels)
     _check_range(class_start, class_stop)
     shard_size = class_stop - class_start
-    if neighbour_rows.dim() != 2 or neighbour_rows.dtype not in _INT_DTYPES:
-        raise ValueError(
-            f"neighbour_rows must be a 2-D integer tensor (batch, k), got shape "
-            f"{tuple(neighbour_rows.shape)} and dtype {neighbour_rows.dtype}"
-        )
+    _check_neighbour_rows(neighbour_rows)
     candidates = torch.cat((neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)))
     union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
         return union
     num_fill = resolve_budget(budget, shard_size) - union.numel()
     return _fill_lowest(union, num_fill, _step_key(seed, step), class_start, class_stop)
+
+
+def knn_fixed_rows(
+    neighbour_rows: torch.Tensor,
+    labels: torch.Tensor,
+    class_start: int,
+    class_stop: int,
+    *,
+    seed: int,
+    step: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``knn_active``'s union filled to exactly B·(k+1) rows (the whole shard if smaller), sorted.
+
+    The size is known before any device work, so unlike the union alone it needs no host
+    read: the head's later steps can be queued while the GPU is still busy. The fill takes
+    rows outside the union in the order ``(o + i·p) mod C_r`` (``p`` a prime above any shard
+    size, ``o`` from (seed, step)): about 5% of the rows at k = 16 are such random
+    negatives, which depend on the shard's split (as an integer budget's fill does).
+    Neighbour rows outside [0, C_r) other than -1 are dropped, not reported: a check would
+    be the host read this avoids.
+    """
+    _check_step(seed, step)
+    _check_labels(labels)
+    _check_range(class_start, class_stop)
+    _check_neighbour_rows(neighbour_rows)
+    shard_size = class_stop - class_start
+    if shard_size >= _FILL_STRIDE:
+        raise ValueError(f"knn_fixed_rows: shards of at most {_FILL_STRIDE - 1} rows, got {shard_size}")
+    device = neighbour_rows.device
+    size = min(shard_size, neighbour_rows.numel() + labels.numel())
+    if size == shard_size:
+        return torch.arange(shard_size, device=device)
+    candidates = torch.cat((neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(device)))
+    candidates = torch.where((candidates >= 0) & (candidates < shard_size), candidates, shard_size)  # shard_size: no row
+    ordered = torch.sort(candidates).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    in_union = first & (ordered < shard_size)  # each row of the union once
+    union_size = in_union.sum()  # on the device: never read
+    # 2 x size distinct candidates for the fill (at least size - union_size lie outside the union).
+    offset = _step_key(seed, step) % shard_size
+    fill = (offset + torch.arange(min(shard_size, 2 * size), device=device) * _FILL_STRIDE) % shard_size
+    taken = ordered[torch.searchsorted(ordered, fill).clamp_(max=ordered.numel() - 1)] == fill
+    free_rank = torch.cumsum(~taken, 0) - 1
+    use = ~taken & (free_rank < size - union_size)
+    # Scatter the union to [0, union_size) and the fill after it; everything else to a dump slot.
+    slots = torch.cat((torch.where(in_union, torch.cumsum(in_union, 0) - 1, size), torch.where(use, union_size + free_rank, size)))
+    rows = torch.empty(size + 1, dtype=torch.long, device=device).scatter_(0, slots, torch.cat((ordered, fill)))
+    return torch.sort(rows[:size]).values
 
 
 def remap_labels(
@@ -255,6 +302,14 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def _check_range(class_start: int, class_stop: int) -> None:
     check_int("class_start", class_start, minimum=0)
     check_int("class_stop", class_stop, minimum=class_start + 1)
+
+
+def _check_neighbour_rows(neighbour_rows: torch.Tensor) -> None:
+    if neighbour_rows.dim() != 2 or neighbour_rows.dtype not in _INT_DTYPES:
+        raise ValueError(
+            f"neighbour_rows must be a 2-D integer tensor (batch, k), got shape "
+            f"{tuple(neighbour_rows.shape)} and dtype {neighbour_rows.dtype}"
+        )
 
 
 def _check_labels(labels: torch.Tensor) -> None:

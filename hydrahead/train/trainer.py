@@ -157,7 +157,7 @@ class Trainer:
 
         h = cfg.head
         self.selector = ActiveClassSelector(
-            h.selection, self.head.class_start, self.head.class_stop, budget=h.budget, knn_k=h.knn_k,
+            h.selection, self.head.class_start, self.head.class_stop, budget=h.budget, knn_k=h.knn_k, fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every, retrain_every=h.index_retrain_every, index=h.index, index_type=h.index_type, nlist=h.index_nlist,
             nprobe=h.index_nprobe, deterministic=h.index_deterministic, cosine=h.margin_type != "none",
             seed=cfg.run.seed, recall_every=h.recall_every, ignore_index=self.head.ignore_index, device=self.device,
