@@ -116,6 +116,20 @@ def test_bad_active_rows_fail_clearly():
     assert torch.equal(head.weight, make_head("reference", torch.float64).weight)
 
 
+@pytest.mark.parametrize("impl, dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_unchecked_active_rows_missing_a_label_still_fail_in_the_loss(impl, dtype):
+    """check_rows=False (the selector's rows, no host read) skips remap's check; a missing
+    owned label must then surface through the loss's merge check, never as a silent loss."""
+    features, labels, _, _ = problem(2)
+    head = make_head(impl, dtype)
+    positives = torch.unique(labels[labels >= 0])
+    before = head.weight.detach().clone()
+    with pytest.raises(ValueError, match="active rows needs every owned label"):
+        head.loss(features, labels, positives[1:], check_rows=False)
+    assert torch.equal(head.weight, before)
+    head.loss(features, labels, positives, check_rows=False)  # the failed loss left no step pending
+
+
 def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12, seed=4):
     """The head over random active sets for ``steps`` steps, beside torch.optim.SGD on a dense
     copy whose gradient is zero outside the active rows (float64; LR changes every step)."""

@@ -333,11 +333,15 @@ class ShardedClassifier(nn.Module):
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
                        margin_type=self.margin_type, ignore_index=self.ignore_index)
-        if self.impl == "triton":
-            from hydrahead.kernels import triton_sharded_cross_entropy
+        try:
+            if self.impl == "triton":
+                from hydrahead.kernels import triton_sharded_cross_entropy
 
-            return triton_sharded_cross_entropy(global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
-        return sharded_cross_entropy(global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options)
+                return triton_sharded_cross_entropy(global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
+            return sharded_cross_entropy(global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options)
+        except Exception:
+            self._active = None  # a loss that raised leaves no step pending: the rows keep their stored values
+            raise
 
     def micro_batches(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *, check_rows: bool = True):
         """The same loss as ``loss`` taken micro-batch by micro-batch: an object whose
