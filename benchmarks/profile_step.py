@@ -26,7 +26,6 @@ import argparse
 import collections
 import gzip
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -80,8 +79,10 @@ def main(argv=None) -> None:
             with host_sync_log() as syncs:
                 trainer.train_step(*next(data), timed=False)
                 torch.cuda.synchronize()
-        if args.trace and (env.is_main or "{rank}" in args.trace):
-            write_trace(prof, args.trace.format(rank=env.rank))
+        write_own = args.trace and (env.is_main or "{rank}" in args.trace)
+        trace = exported_trace(prof) if write_own or (env.is_main and env.device.type == "cuda") else None
+        if write_own:
+            write_trace(trace, args.trace.format(rank=env.rank))
         if env.is_main:
             table = prof.key_averages()
             if env.device.type == "cuda":
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
             print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
             print_phases(prof, args.steps)
             if env.device.type == "cuda":
-                print_idle(gpu_idle_by_range(trace_events(prof)))
+                print_idle(gpu_idle_by_range(trace["traceEvents"]))
             if syncs is not None:
                 print(f"\nhost-device synchronisations in one step: {sum(syncs.values())}")
                 for where, count in syncs.most_common():
@@ -124,12 +125,12 @@ def print_phases(prof, steps: int) -> None:
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # what keeps the GPU busy in a Chrome trace
 
 
-def trace_events(prof) -> list[dict]:
-    """The profile's Chrome-trace events (through a temporary file: the profiler's own export)."""
+def exported_trace(prof) -> dict:
+    """The profile as a Chrome trace (the profiler's own export, through a temporary file)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
-        return json.loads(path.read_text())["traceEvents"]
+        return json.loads(path.read_text())
 
 
 def gpu_idle_by_range(events: list[dict], step_range: str = "hydrahead::backbone_forward") -> dict | None:
@@ -171,15 +172,10 @@ def print_idle(idle: dict | None) -> None:
         print(f"  {where:<24}{ms:8.2f}")
 
 
-def write_trace(prof, path: str) -> None:
-    if not path.endswith(".gz"):
-        prof.export_chrome_trace(path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(plain))
-        with plain.open("rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+def write_trace(trace: dict, path: str) -> None:
+    """The trace as JSON, gzipped if ``path`` ends in .gz."""
+    with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
+        json.dump(trace, f)
 
 
 if __name__ == "__main__":

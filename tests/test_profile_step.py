@@ -45,3 +45,23 @@ def test_idle_gaps_are_charged_to_the_innermost_range_the_host_was_in():
 def test_no_windows_or_no_device_activity_give_none():
     assert gpu_idle_by_range([_range("backbone_forward", 0, 10), _kernel(0, 5)]) is None
     assert gpu_idle_by_range([_range("backbone_forward", 0, 10), _range("backbone_forward", 100, 10)]) is None
+
+
+@pytest.mark.slow
+def test_profile_step_runs_on_cpu_ranks_and_writes_each_ranks_trace(tmp_path):
+    import gzip
+    import json
+    import subprocess
+
+    from launcher import environment
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(REPO / "benchmarks" / "profile_step.py"),
+           "--config", "configs/quickstart.yaml", "--per-gpu-batch", "8", "--warmup", "1", "--steps", "2", "--rows", "3",
+           "--trace", str(tmp_path / "trace_{rank}.json.gz"), "head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16"]
+    proc = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "phase (ms per step)" in proc.stdout and "ms per step (profiled)" in proc.stdout
+    for rank in (0, 1):
+        events = json.loads(gzip.open(tmp_path / f"trace_{rank}.json.gz", "rt").read())["traceEvents"]
+        names = {e["name"] for e in events if e.get("cat") == "user_annotation"}
+        assert {"hydrahead::head", "hydrahead::select", "hydrahead::backbone_backward"} <= names
