@@ -227,3 +227,70 @@ def test_full_loss_and_predict_settle_first(settle_by):
     assert torch.allclose(head.momentum_buffer[50], b1, rtol=0, atol=1e-14)
     assert torch.allclose(head.weight.detach()[50], w0 - LR * b1, rtol=0, atol=1e-14)
     assert not head._deferred.owing
+
+
+def _step(impl, dtype, rows, *, checks=None, features=None, grad=2.5):
+    """One step of a fresh head over ``rows``: (loss, weight, momentum, the head); the loss's
+    incoming gradient is ``grad`` (the fused kernels read it from device memory)."""
+    features_in, labels, _, buffer = problem(2)
+    features = features_in if features is None else features
+    head = make_head(impl, dtype)
+    head.momentum_buffer.copy_(buffer.to(dtype))
+    loss = head.loss(features.to(dtype).requires_grad_(), labels, rows, check_rows=False, checks=checks)
+    (loss * grad).backward()
+    return loss.detach(), head
+
+
+@pytest.mark.parametrize("impl, dtype, tol", [("reference", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)])
+def test_deferred_checks_take_the_same_step_and_raise_when_read(impl, dtype, tol):
+    """A loss given a MergeChecks reads nothing back: its loss and update equal the checked
+    loss's (float64 reference impl), and a missing owned label raises from the values read
+    later, with the step still dropped by finish_step(skip=True)."""
+    from hydrahead.head.cross_entropy import MergeChecks
+
+    _, labels, _, _ = problem(2)
+    positives = torch.unique(labels[labels >= 0])
+    rows = torch.unique(torch.cat([positives, torch.arange(0, NUM_CLASSES, 3)]))
+    want_loss, want = _step("reference", torch.float64, rows)
+    want.finish_step()
+    checks = MergeChecks()
+    loss, head = _step(impl, dtype, rows, checks=checks)
+    values = checks.values(loss.device)
+    assert values.shape == (MergeChecks.WIDTH,) and values[2] == (labels >= 0).sum()
+    checks.raise_if_failed(values.tolist())
+    head.finish_step()
+    assert float(loss) == pytest.approx(float(want_loss), rel=tol)
+    assert torch.allclose(head.weight.double(), want.weight, rtol=0, atol=tol)
+    assert torch.allclose(head.momentum_buffer.double(), want.momentum_buffer.double(), rtol=0, atol=tol)
+
+    checks = MergeChecks()
+    _, head = _step(impl, dtype, positives[1:], checks=checks)  # no error yet: nothing was read
+    before = make_head(impl, dtype).weight.detach()
+    assert head.step_discardable
+    with pytest.raises(ValueError, match="active rows needs every owned label"):
+        checks.raise_if_failed(checks.values(head.weight.device).tolist())
+    head.finish_step(skip=True)
+    assert torch.equal(head.weight.detach(), before)
+    with pytest.raises(ValueError, match="expected 0 values for 0 loss"):
+        MergeChecks().raise_if_failed([0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("impl, dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_a_non_finite_loss_over_active_rows_can_still_be_dropped_after_its_backward(impl, dtype):
+    """The trainer runs the backward before it has read whether the loss is finite (with
+    active rows, or the reference impl); skipping the step must leave weight and momentum as
+    they were. The fused kernels over the whole shard step it in place: not discardable."""
+    from hydrahead.head.cross_entropy import MergeChecks
+
+    features, labels, _, buffer = problem(2)
+    features = features.clone()
+    features[3] = float("nan")
+    rows = torch.unique(labels[labels >= 0])
+    loss, head = _step(impl, dtype, rows, checks=MergeChecks(), features=features)
+    assert not torch.isfinite(loss) and head.step_discardable
+    head.finish_step(skip=True)
+    assert torch.equal(head.weight.detach(), make_head(impl, dtype).weight.detach())
+    assert torch.equal(head.momentum_buffer, buffer.to(head.momentum_buffer.dtype))
+    whole = make_head(impl, dtype)
+    whole.loss(features.to(dtype), labels)
+    assert whole.step_discardable == (impl == "reference")

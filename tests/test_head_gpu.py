@@ -34,13 +34,13 @@ def test_cuda_matches_float64_reference(dtype, tol, margin_type):
     assert_close(w.grad.cpu(), ref_wgrad, tol * 2, "weight grad")
 
 
-@pytest.mark.parametrize("fixed_size, most", [(False, 4), (True, 2)])
-def test_knn_training_step_reads_the_device_a_few_times_only(fixed_size, most):
+@pytest.mark.parametrize("fixed_size, most_in_head", [(False, 2), (True, 0)])
+def test_knn_training_step_reads_the_device_a_few_times_only(fixed_size, most_in_head):
     """A training step with knn selection over a torch IVF index and fp8 weights: each host
-    read drains the GPU's queue, so the head may make only the ones it cannot do without
-    (the active rows' count, the loss's checks and finiteness, the backward's incoming
-    gradient; with head.knn_fixed_size the count is known without one). profile_step.py
-    --syncs counts them by the hydrahead line that asked."""
+    read drains the GPU's queue, so the step makes one (the trainer's flags, which carry the
+    loss's checks and finiteness too) and the head only what it cannot do without: the
+    active rows' count, none with head.knn_fixed_size. profile_step.py --syncs counts them
+    by the hydrahead line that asked."""
     import re
     import subprocess
     import sys
@@ -57,4 +57,5 @@ def test_knn_training_step_reads_the_device_a_few_times_only(fixed_size, most):
     assert found, out.stdout[-3000:]
     lines = [line.split(None, 1) for line in found.group(2).strip().splitlines()]
     head = sum(int(count) for count, where in lines if where.startswith(("hydrahead/head/", "hydrahead/kernels/", "hydrahead/optim/")))
-    assert head <= most, found.group(0)
+    ours = sum(int(count) for count, where in lines if where.startswith("hydrahead/"))
+    assert head <= most_in_head and ours <= most_in_head + 1, found.group(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,19 @@ def test_nan_loss_stops_every_rank_without_a_new_checkpoint(tmp_path):
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank{rank}]: hydrahead.train.faults.NonFiniteError: step 6: non-finite loss" in proc.stderr
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [4]
+    assert max(train_losses(run_dir)) == 5
+
+
+def test_a_failed_loss_check_stops_every_rank_before_the_step_lands(tmp_path):
+    """The loss's merge check is read with the step's flags, after the backward: a rank whose
+    active rows miss a label it owns must still stop every rank with the loss's error, and
+    neither the step nor a checkpoint of it may land."""
+    run_dir = tmp_path / "lost_label"
+    proc = launch(run_dir, 2, "head.selection=random", "head.budget=30", check=False, faults="lost_label@6:1", timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert re.search(rf"\[rank{rank}\]: ValueError: \d+ label\(s\) of the batch belong to no shard", proc.stderr), proc.stderr[-3000:]
     assert [step for step, _ in complete_checkpoints(run_dir)] == [4]
     assert max(train_losses(run_dir)) == 5
 

@@ -15,7 +15,7 @@ from hydrahead.distributed.collectives import (
     group_world_size,
 )
 from hydrahead.distributed.sharding import shard_range
-from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, MicroBatches, _ShardProblem, sharded_cross_entropy
+from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, MergeChecks, MicroBatches, _ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
 from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage
 
@@ -256,6 +256,13 @@ class ShardedClassifier(nn.Module):
             return self._active[1].grad
         return self.weight.grad
 
+    @property
+    def step_discardable(self) -> bool:
+        """Whether ``finish_step(skip=True)`` can still drop the step of the last loss: the
+        reference impl's waits in ``.grad``, and the fused kernels step copies of active rows.
+        Not so when the fused kernels stepped the whole shard in place in the backward."""
+        return self.impl == "reference" or self._active is not None
+
     def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor, check_rows: bool):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
         from hydrahead.head.selection import remap_labels
@@ -321,7 +328,7 @@ class ShardedClassifier(nn.Module):
         return weight, labels, class_start, num_classes, update
 
     def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *,
-             check_rows: bool = True) -> torch.Tensor:
+             check_rows: bool = True, checks: MergeChecks | None = None) -> torch.Tensor:
         """Cross-entropy of an already-gathered global batch (features identical on every rank).
 
         ``active_rows`` (sorted local rows of this shard, holding every owned label of the
@@ -329,10 +336,13 @@ class ShardedClassifier(nn.Module):
         next ``finish_step`` updates only those rows. ``check_rows=False`` skips checking
         that they are (one host read; for rows from ``ActiveClassSelector``, which are by
         construction): a missing label is then reported by the loss as owned by no shard.
+        ``checks`` (a ``MergeChecks``): the loss's checks are raised by their owner after
+        its one read, not here; until then the step must stay discardable
+        (``step_discardable``), since the checks may still fail.
         """
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
-                       margin_type=self.margin_type, ignore_index=self.ignore_index)
+                       margin_type=self.margin_type, ignore_index=self.ignore_index, checks=checks)
         try:
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy

@@ -184,13 +184,8 @@ def _merge_across_shards(running_max, running_sum, target_logit, owned_count, lo
     return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
 
 
-def raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index) -> int:
-    """Raise what the collectives revealed (the same on every rank): one host read for all
-    checks. ``num_valid`` may be a device tensor (read in the same go); returns it as an int."""
-    values = (error, owned_total, num_valid)
-    tensors = [v.reshape(()).double() for v in values if isinstance(v, torch.Tensor)]
-    read = iter(torch.stack(tensors).tolist() if tensors else ())
-    error, owned_total, num_valid = (next(read) if isinstance(v, torch.Tensor) else v for v in values)
+def _raise_if_failed(error: float, owned_total: float, num_valid: float, labels, valid, ignore_index) -> int:
+    """Raise what the merged checks (already read to the host) reveal; else the valid count."""
     error, owned_total, num_valid = int(error), int(round(owned_total)), int(num_valid)
     if error:
         raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
@@ -203,10 +198,65 @@ def raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_inde
     return num_valid
 
 
-def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index):
-    """Raise what the collectives revealed, else (mean loss, valid count)."""
-    num_valid = raise_merge_errors(error, owned_total, valid.sum(), labels, valid, ignore_index)
-    loss = torch.where(valid, lse - target_logit, 0.0).sum() / max(num_valid, 1)
+def raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index) -> int:
+    """Raise what the collectives revealed (the same on every rank): one host read for all
+    checks. ``num_valid`` may be a device tensor (read in the same go); returns it as an int."""
+    values = (error, owned_total, num_valid)
+    tensors = [v.reshape(()).double() for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else ())
+    error, owned_total, num_valid = (next(read) if isinstance(v, torch.Tensor) else v for v in values)
+    return _raise_if_failed(error, owned_total, num_valid, labels, valid, ignore_index)
+
+
+class MergeChecks:
+    """A loss's merge checks with the host read left to the caller.
+
+    A loss given ``checks=MergeChecks()`` raises nothing itself and keeps its valid count on
+    the device; the caller reads ``values()`` together with whatever else its step reads
+    (the trainer: in the same read as its finiteness flags) and passes what it read to
+    ``raise_if_failed``. Until then the loss and its gradients are only as sound as the
+    checks: a caller must not keep the step's updates before it has raised or not.
+    """
+
+    WIDTH = 3  # error code, owned labels, valid labels
+
+    def __init__(self):
+        self._pending: list[tuple] = []
+
+    def add(self, error, owned_total, num_valid, labels, valid, ignore_index) -> None:
+        self._pending.append((error, owned_total, num_valid, labels, valid, ignore_index))
+
+    def values(self, device: torch.device) -> torch.Tensor:
+        """float64 (WIDTH x number of losses,) on ``device``: no host read."""
+        # a Python number (a single shard's error code) as a fill: a copy from the host would sync
+        rows = [v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
+                else torch.full((), float(v), dtype=torch.float64, device=device) for entry in self._pending for v in entry[:3]]
+        return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
+
+    def raise_if_failed(self, values) -> None:
+        """``values``: ``values()`` as read to the host (a list of floats)."""
+        values = list(values)
+        if len(values) != self.WIDTH * len(self._pending):
+            raise ValueError(f"expected {self.WIDTH * len(self._pending)} values for {len(self._pending)} loss(es), got {len(values)}")
+        pending, self._pending = self._pending, []
+        for i, (_, _, _, labels, valid, ignore_index) in enumerate(pending):
+            _raise_if_failed(*values[self.WIDTH * i : self.WIDTH * (i + 1)], labels, valid, ignore_index)
+
+
+def per_valid_label(num_valid):
+    """The mean's divisor: max(num_valid, 1), for an int or a device count alike."""
+    return num_valid.clamp_min(1) if isinstance(num_valid, torch.Tensor) else max(num_valid, 1)
+
+
+def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks: MergeChecks | None = None):
+    """(mean loss, valid count). Raises what the collectives revealed; with ``checks`` that
+    is left to their owner and the count stays a device tensor (no host read)."""
+    if checks is None:
+        num_valid = raise_merge_errors(error, owned_total, valid.sum(), labels, valid, ignore_index)
+    else:
+        num_valid = valid.sum()
+        checks.add(error, owned_total, num_valid, labels, valid, ignore_index)
+    loss = torch.where(valid, lse - target_logit, 0.0).sum() / per_valid_label(num_valid)
     return loss, num_valid
 
 
@@ -279,7 +329,8 @@ def _describe(x) -> str:
 
 class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, chunk_size):
+    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, chunk_size,
+                checks):
         local_error = _local_error_code(features, weight_shard, class_start, num_classes)
         num_rows = features.shape[0]
         compute_dtype = torch.float64 if torch.float64 in (features.dtype, getattr(weight_shard, "dtype", None)) else torch.float32
@@ -302,7 +353,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         lse, target_logit, owned_total, error = _merge_across_shards(
             running_max, running_sum, target_logit, owned_count, local_error, group
         )
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index)
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks)
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
         ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)
@@ -320,7 +371,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         # get lse = +inf, so their softmax is exactly 0 without a masking pass; the scalar
         # factor is applied to the small matmul outputs, not to the G x chunk matrix.
         lse = torch.where(problem.valid, lse, math.inf)
-        factor = grad_loss.to(compute) / max(num_valid, 1)
+        factor = grad_loss.to(compute) / per_valid_label(num_valid)
         grad_feat_op = torch.zeros(features.shape, dtype=compute, device=features.device) if need_features else None
         grad_weight = torch.empty_like(weight_shard) if need_weight else None
 
@@ -347,7 +398,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
             if problem.normalize:
                 grad_feat_op = normalize_rows_backward(grad_feat_op, problem.feat_unit, problem.feat_norm)
             grad_features = grad_feat_op.to(features.dtype)
-        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def _autocast_off(device_type: str):
@@ -367,6 +418,7 @@ def sharded_cross_entropy(
     margin_type: str = "none",
     ignore_index: int = -100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    checks: MergeChecks | None = None,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy over all classes of a class-sharded head.
 
@@ -385,6 +437,8 @@ def sharded_cross_entropy(
             where ``theta + m > pi``.
         ignore_index: label value whose rows contribute neither loss nor gradient.
         chunk_size: classes per chunk; peak extra memory is O(G x chunk_size).
+        checks: a ``MergeChecks`` that takes the checks below instead of raising them here,
+            so the caller can read them with its own values (see ``MergeChecks``).
 
     Returns the same scalar on every rank: the mean over non-ignored samples (0 when every
     sample is ignored). ``weight_shard.grad`` equals the matching rows of the single-device
@@ -406,7 +460,7 @@ def sharded_cross_entropy(
     with _autocast_off(features.device.type):
         return _ShardedCrossEntropy.apply(
             features, weight_shard, labels, int(class_start), group, num_classes,
-            float(scale), float(margin), margin_type, int(ignore_index), int(chunk_size),
+            float(scale), float(margin), margin_type, int(ignore_index), int(chunk_size), checks,
         )
 
 

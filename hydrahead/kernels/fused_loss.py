@@ -27,7 +27,9 @@ from hydrahead.head.cross_entropy import (
     _check_label_range,
     _local_error_code,
     _merge_across_shards,
+    MergeChecks,
     mean_loss_after_merge,
+    per_valid_label,
     raise_merge_errors,
     normalize_rows,
     normalize_rows_backward,
@@ -155,17 +157,18 @@ def _apply_sparse(weight, touched, touched_grad, update: SGDUpdate | None):
 
 class _FusedShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter):
+    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter,
+                checks):
         filtered = grad_filter > 0
         local_pass = _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered)
         lse, target_logit, owned_total, error = local_pass.merge(group)
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index)
+        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks)
         ctx.local_pass, ctx.target_logit = local_pass, target_logit
         ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
         if not filtered:  # the forward's A gives dF right away (in place: no further G x D temporaries)
             _, weight, inv_norm, _ = local_pass.kernel_args
-            row_scale = torch.where(local_pass.valid, scale / max(num_valid, 1), 0.0)
+            row_scale = torch.where(local_pass.valid, scale / per_valid_label(num_valid), 0.0)
             ctx.grad_feat_op = _exact_feature_grad(
                 local_pass.accumulated, local_pass.running_max, lse, weight, inv_norm, local_pass.owned, local_pass.local, row_scale
             )
@@ -176,8 +179,10 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad = float(grad_loss)
-        grad_scale = grad * ctx.scale / max(ctx.num_valid, 1)
+        # Kept on the device (the kernels read it from memory): a float() here would make the
+        # host wait for the whole forward before it could queue the backward.
+        grad = grad_loss.float()
+        grad_scale = grad * ctx.scale / per_valid_label(ctx.num_valid)
         local_pass = ctx.local_pass
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
         sparse = None
@@ -199,7 +204,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
             grad_features = grad_feat_op.to(ctx.features_dtype)
         del ctx.grad_feat_op, ctx.local_pass
-        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None, None
 
 
 def triton_sharded_cross_entropy(
@@ -216,6 +221,7 @@ def triton_sharded_cross_entropy(
     ignore_index: int = -100,
     update: SGDUpdate | None = None,
     grad_filter: float = 0.0,
+    checks: MergeChecks | None = None,
 ) -> torch.Tensor:
     """``sharded_cross_entropy`` on the fused kernels (margin types none and cosface).
 
@@ -223,7 +229,8 @@ def triton_sharded_cross_entropy(
     buffer) in place and produces no weight gradient; without it, ``weight_shard.grad``
     receives dW. ``grad_filter > 0`` drops every entry of softmax - onehot whose magnitude
     is below it, in dF and dW alike (much faster at many classes, but those small updates
-    are lost).
+    are lost). ``checks``: as for ``sharded_cross_entropy``; with it the loss makes no host
+    read (the incoming gradient, too, stays on the device).
     Logits never reach global memory; extra memory is O(G x D), not O(G x C_r).
     """
     _check_global_inputs(features, labels, scale, margin, margin_type, 1)
@@ -237,7 +244,7 @@ def triton_sharded_cross_entropy(
     with torch.autocast(device_type=features.device.type, enabled=False):
         return _FusedShardedCrossEntropy.apply(
             features, weight_shard, labels, int(class_start), group, num_classes, float(scale), float(margin),
-            margin_type, int(ignore_index), update, float(grad_filter),
+            margin_type, int(ignore_index), update, float(grad_filter), checks,
         )
 
 

@@ -177,8 +177,8 @@ def _to_e5m2(x, EXACT_CAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _weight_kernel(
-    F, FT, F_SCALE, P_SCALE, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW, COMP, CLASS_IDS,
-    G, C, D, stride_f, stride_ft, stride_w, scale, target_shift, grad_scale, lr, momentum, weight_decay,
+    F, FT, F_SCALE, P_SCALE, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW, COMP, CLASS_IDS, GRAD_SCALE,
+    G, C, D, stride_f, stride_ft, stride_w, scale, target_shift, lr, momentum, weight_decay,
     first_class, key1, key2,
     COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, PRECISION: tl.constexpr,
     FP8: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COMP: tl.constexpr, HAS_IDS: tl.constexpr,
@@ -229,7 +229,7 @@ def _weight_kernel(
 
     if FP8:
         grad = grad / p_scale
-    grad = grad * grad_scale  # d loss / d (w, or w / ||w|| for cosine logits)
+    grad = grad * tl.load(GRAD_SCALE).to(tl.float32)  # d loss / d (w, or w / ||w|| for cosine logits)
     w32 = w.to(tl.float32)
     if COSINE:
         w_unit = w32 * inv[:, None]
@@ -434,10 +434,11 @@ def rounding_plan(weight: torch.Tensor, update: SGDUpdate | None) -> RoundingPla
 
 def shard_weight_backward(
     feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
-    grad_scale: float, update: SGDUpdate | None,
+    grad_scale: float | torch.Tensor, update: SGDUpdate | None,
 ) -> torch.Tensor | None:
     """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW
-    (float32 for fp8 weights)."""
+    (float32 for fp8 weights). ``grad_scale`` may be a one-element device tensor: the kernel
+    reads it from memory, so the host need not wait for the value."""
     operand = _as_operand(feat_op)
     feats = operand.values
     num_rows, dim = feats.shape
@@ -466,7 +467,8 @@ def shard_weight_backward(
         weight, inv_norm if cosine else weight, local_label, lse,
         update.momentum_buffer if has_buf else weight, grad_weight if grad_weight is not None else weight,
         compensation if compensation is not None else weight, class_ids.long() if has_ids else local_label,
-        num_rows, num_classes, dim, feats.stride(0), num_rows, weight.stride(0), scale, target_shift, grad_scale,
+        _device_scalar(grad_scale, feats.device),
+        num_rows, num_classes, dim, feats.stride(0), num_rows, weight.stride(0), scale, target_shift,
         update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
         0 if has_ids else int(class_ids), plan.key1, plan.key2,
         COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf,
@@ -477,6 +479,15 @@ def shard_weight_backward(
         num_warps=warps, num_stages=stages,
     )
     return grad_weight
+
+
+def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor on ``device``: a fill for a Python number, no host read for a tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"grad_scale must hold one value, got shape {tuple(value.shape)}")
+        return value.detach().reshape(1).to(device=device, dtype=torch.float32)
+    return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
 
 def inverse_row_norms(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

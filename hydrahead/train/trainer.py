@@ -43,6 +43,7 @@ from hydrahead.distributed.collectives import all_gather_labels, group_rank, sta
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
+from hydrahead.head.cross_entropy import MergeChecks
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.train import checkpoint as ckpt
@@ -73,6 +74,15 @@ def _total_norm(parameters) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(grads)]))
+
+
+def _without_an_owned_label(active_rows: torch.Tensor, global_labels: torch.Tensor, class_start: int, class_stop: int) -> torch.Tensor:
+    """The injected ``lost_label`` fault: the active rows less the row of the first label this
+    shard owns (unchanged if it owns none)."""
+    owned = global_labels[(global_labels >= class_start) & (global_labels < class_stop)]
+    if owned.numel() == 0:
+        return active_rows
+    return active_rows[active_rows != owned[0] - class_start]
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -306,9 +316,11 @@ class Trainer:
 
         Returns ``loss``, ``head_ms``, ``nonfinite`` (where a NaN/inf appeared, "" if
         nowhere) and ``preempt`` (whether any rank has been asked to stop). Parameters
-        change only when every rank saw finite values: the loss is the same number on
-        every rank, so it is judged without a collective, before any backward pass; the
-        gradients are judged in one small all-reduce that also carries the preemption flag.
+        change only when every rank saw finite values. The gradients are judged in one
+        small all-reduce that also carries the preemption flag, and that all-reduce's read
+        is the step's one host read: the loss (the same number on every rank) and its
+        checks are read with it, unless the head steps its shard in place in the backward
+        (fused kernels with no active rows), which must know them before the backward.
         """
         self.backbone.train()
         step = self.step + 1  # the step being taken, as logged
@@ -325,7 +337,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         with record_function("hydrahead::head"):
-            loss, local_grad, comm_bytes = self._head_step(step, local_features, labels, sizes)
+            loss, local_grad, comm_bytes, unjudged = self._head_step(step, local_features, labels, sizes)
         if timed and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
@@ -336,7 +348,9 @@ class Trainer:
             if local_grad is not None:
                 local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
         with record_function("hydrahead::step_end"):
-            nonfinite, preempt = self._apply_updates(step, loss_finite=local_grad is not None, preempt_requested=preempt_requested)
+            nonfinite, preempt = self._apply_updates(
+                step, loss=loss, loss_finite=local_grad is not None, unjudged=unjudged, preempt_requested=preempt_requested
+            )
         timing = {}
         if timed:
             if self.device.type == "cuda":
@@ -347,22 +361,33 @@ class Trainer:
                 **comm_bytes, **self.comm_counters.take(), **timing}
 
     def _head_step(self, step: int, local_features: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
-        """(loss, gradient for the local features or None if the loss is not finite, bytes handed to the head's collectives)."""
+        """(loss, gradient for the local features or None if the loss is known not to be
+        finite, bytes handed to the head's collectives, the loss's ``MergeChecks`` if they and
+        its finiteness are left to the step's read in ``_apply_updates``, else None)."""
         if self.overlapped is not None:
             select = None if self.cfg.head.selection == "full" else (
                 lambda features, global_labels: self.selector.select(step, features, global_labels, self.head.weight, self.head.settles)
             )
-            return self.overlapped.step(local_features, labels, select)
+            return *self.overlapped.step(local_features, labels, select), None
         head_group = self.env.head_group
         gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
         global_labels = all_gather_labels(labels, head_group, sizes=sizes)
         head_input = gathered.requires_grad_()
         with record_function("hydrahead::select"):
             active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
+        if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
+            active_rows = _without_an_owned_label(active_rows, global_labels, self.head.class_start, self.head.class_stop)
+        unjudged = MergeChecks()
         with record_function("hydrahead::head_loss"):
-            loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False)
+            loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False, checks=unjudged)
         local_grad = None
-        if bool(torch.isfinite(loss)):
+        if not self.head.step_discardable:  # its backward steps the shard in place: judge the loss first
+            values = torch.cat([torch.isfinite(loss).double().reshape(1), unjudged.values(self.device)]).tolist()
+            unjudged.raise_if_failed(values[1:])
+            finite, unjudged = bool(values[0]), None
+        else:
+            finite = True  # or not: read with the step's flags, and the step dropped then
+        if finite:
             with record_function("hydrahead::head_backward"):
                 loss.backward()
             rank = group_rank(head_group)
@@ -372,12 +397,15 @@ class Trainer:
             "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
             "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if local_grad is not None else 0,
         }
-        return loss, local_grad, comm_bytes
+        return loss, local_grad, comm_bytes, unjudged
 
-    def _apply_updates(self, step: int, *, loss_finite: bool, preempt_requested: bool) -> tuple[str, bool]:
+    def _apply_updates(self, step: int, *, loss: torch.Tensor, loss_finite: bool, unjudged: MergeChecks | None,
+                       preempt_requested: bool) -> tuple[str, bool]:
         """Judge the step on every rank (one small all-reduce, the step's host read), then step
-        the optimizers or skip. Returns (where non-finite values were, "" if nowhere; preempt)."""
-        flags = torch.zeros(3, device=self.device)  # [preempt, backbone grads bad, head grads bad]
+        the optimizers or skip. ``unjudged``: the loss's checks, read here with the flags (and
+        the loss's finiteness with them). Returns (where non-finite values were, "" if
+        nowhere; preempt)."""
+        flags = torch.zeros(4, device=self.device)  # [preempt, backbone grads bad, head grads bad, loss bad]
         flags[:1].fill_(float(preempt_requested))  # fill_, not a copy from the host: no sync
         if loss_finite:
             head_grad = self.head.pending_grad  # None with head.impl=triton: updated in the backward
@@ -386,9 +414,22 @@ class Trainer:
             flags[1] = ~torch.isfinite(_total_norm(self.backbone_module.parameters()))
             if head_grad is not None:
                 flags[2] = ~torch.isfinite(head_grad.sum())
+            if unjudged is not None:
+                flags[3] = ~torch.isfinite(loss)
         dist.all_reduce(flags, group=self.env.data_group)
-        preempt, bad_backbone, bad_head = (int(v) for v in flags.tolist())
-        nonfinite = "loss" if not loss_finite else ", ".join(
+        read = flags if unjudged is None else torch.cat([flags.double(), unjudged.values(self.device)])
+        values = read.tolist()
+        preempt, bad_backbone, bad_head, bad_loss = (int(v) for v in values[:4])
+        if unjudged is not None:
+            try:
+                unjudged.raise_if_failed(values[4:])
+            except ValueError:  # nothing of this step may land
+                self.head.finish_step(skip=True)
+                self.backbone_optim.zero_grad(set_to_none=True)
+                if self.topk is not None:
+                    self.topk.discard()
+                raise
+        nonfinite = "loss" if not loss_finite or bad_loss else ", ".join(
             f"{what} gradients on {count} rank(s)" for what, count in (("backbone", bad_backbone), ("head", bad_head)) if count
         )
         if self.topk is not None:  # a skipped step's unsent gradients must not advance
