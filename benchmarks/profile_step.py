@@ -63,21 +63,21 @@ def main(argv=None) -> None:
         trainer._set_learning_rates()
         data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)
         for _ in range(args.warmup):
-            trainer.train_step(*next(data), timed=False)
+            trainer.train_step(*next(data), timed=False, prefetch=data.prefetch)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
-                trainer.train_step(*next(data), timed=False)
+                trainer.train_step(*next(data), timed=False, prefetch=data.prefetch)
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / args.steps * 1e3
         syncs = None
         if args.syncs and env.device.type == "cuda":
             with host_sync_log() as syncs:
-                trainer.train_step(*next(data), timed=False)
+                trainer.train_step(*next(data), timed=False, prefetch=data.prefetch)
                 torch.cuda.synchronize()
         write_own = args.trace and (env.is_main or "{rank}" in args.trace)
         trace = exported_trace(prof) if write_own or (env.is_main and env.device.type == "cuda") else None

@@ -92,7 +92,7 @@ def measure(cfg, env, args, mode: str, variant: str) -> dict:
     def step(timed=False):
         inputs, labels = next(data)
         if mode == "full":
-            return trainer.train_step(inputs, labels, timed=timed)
+            return trainer.train_step(inputs, labels, timed=timed, prefetch=data.prefetch)
         backbone_only_step(trainer, inputs)
         return {}
 

@@ -186,6 +186,27 @@ def test_skip_streams_full_good_batches_deterministically_and_counts(root):
     _assert_same(_take(_stream(_dataset(root, "skip"), num_workers=2), steps), first)
 
 
+def _take_prefetching(stream, n):
+    """``_take`` with a prefetch after every batch handed out, as the trainer does."""
+    out = []
+    for _ in range(n):
+        x, y = next(stream)
+        stream.prefetch()
+        stream.prefetch()  # a second call waits for next(): no batch is skipped
+        out.append((x, y, stream.bad_samples_skipped))
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_prefetched_batches_and_counts_equal_the_plain_stream(root, num_workers):
+    """prefetch() makes the next batch early: the batches are the same, and a prefetched
+    batch's substitutions count only once it is handed out."""
+    steps = 6
+    plain = _take(_stream(_dataset(root, "skip"), num_workers=num_workers), steps)
+    assert plain[-1][2] > plain[0][2]  # substitutions happen along the way
+    _assert_same(_take_prefetching(_stream(_dataset(root, "skip"), num_workers=num_workers), steps), plain)
+
+
 def test_skip_eval_counts_with_and_without_workers(root):
     dataset = _dataset(root, "skip", split="eval")
     kwargs = dict(num_samples=22, batch_size=4, rank=1, world_size=2)

@@ -208,3 +208,56 @@ def test_build_optimizer_defaults_and_errors():
         build_optimizer("rmsprop", _model(), lr=0.1)
     with pytest.raises(ValueError, match="empty"):
         build_optimizer("sgd", [], lr=0.1)
+
+
+def _optimizer_state(model, opt):
+    """Every parameter and optimizer-state value, cloned (tensors) or as they are."""
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state]
+    return params, state
+
+
+def _same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    assert len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert len(sa) == len(sb)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars", "lamb"])
+def test_a_speculative_step_is_undone_bit_for_bit(name):
+    """StepSnapshot: a step taken and then restored leaves parameters and optimizer state as
+    they were (the first step's new state entries removed), so the next steps match a run
+    that never took it; a released step stands."""
+    from hydrahead.optim.speculative import StepSnapshot
+
+    torch.manual_seed(0)
+    model = _model()
+    opt = build_optimizer(name, model, lr=0.1, momentum=0.9, weight_decay=0.01)
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = build_optimizer(name, twin, lr=0.1, momentum=0.9, weight_decay=0.01)
+    snapshot = StepSnapshot(opt)
+    with pytest.raises(RuntimeError, match="without a take"):
+        snapshot.restore()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x = torch.randn(3, 4, generator=gen)
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        if step in (0, 2):  # a step to skip: take it, then undo it
+            before = _optimizer_state(model, opt)
+            snapshot.take()
+            opt.step()
+            assert not torch.equal(next(model.parameters()), before[0][0])
+            snapshot.restore()
+            _same(_optimizer_state(model, opt), before)
+            continue
+        snapshot.take()
+        opt.step()
+        snapshot.release()
+        twin_opt.step()
+        _same(_optimizer_state(model, opt), _optimizer_state(twin, twin_opt))

@@ -91,22 +91,37 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     always 0 otherwise). It counts this rank's samples only, whether decoded in-process
     or in DataLoader workers; sum it over the ranks for the global figure.
 
+    ``prefetch()`` makes the next batch now (queues its device work, or its copy to the
+    device) and ``next`` then hands it out; the batches are the same either way.
+
     ``close()`` stops the stream (and its DataLoader workers, if any) at once.
     """
 
     def __init__(self, make: Callable[[_Tally], Iterator[tuple[torch.Tensor, torch.Tensor]]]):
         self._tally = _Tally()
         self._batches = make(self._tally)
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor], int] | None = None  # (batch, its substitutions)
 
     @property
     def bad_samples_skipped(self) -> int:
-        return self._tally.bad_samples_skipped
+        """Substitutions in the batches handed out so far (a prefetched one counts once handed out)."""
+        return self._tally.bad_samples_skipped - (self._ahead[1] if self._ahead is not None else 0)
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead[0], None
+            return batch
         return next(self._batches)
+
+    def prefetch(self) -> None:
+        """Make the next batch now; a no-op if one is already waiting."""
+        if self._ahead is None:
+            before = self._tally.bad_samples_skipped
+            batch = next(self._batches)
+            self._ahead = (batch, self._tally.bad_samples_skipped - before)
 
     def close(self) -> None:
         self._batches.close()

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from hydrahead.head.active import ActiveClassSelector
 from hydrahead.head.cross_entropy import MergeChecks
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
+from hydrahead.optim.speculative import StepSnapshot
 from hydrahead.train import checkpoint as ckpt
 from hydrahead.train.faults import NonFiniteError, PreemptionWatcher, fault_plan_from_env, first_attempt
 from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
@@ -179,6 +181,7 @@ class Trainer:
             betas=tuple(o.betas), eps=o.eps, trust_coefficient=o.trust_coefficient,
         )
         self.base_lrs = [g["lr"] for g in self.backbone_optim.param_groups]
+        self.step_snapshot = StepSnapshot(self.backbone_optim)  # the step is taken before it is judged
 
         data_device = self.device  # procedural data is generated where it is consumed
         self.train_data = build_dataset(cfg, "train", device=data_device)
@@ -311,7 +314,8 @@ class Trainer:
         key = torch.tensor([self.step * 65536 + self.env.rank])
         torch.manual_seed(int(counter_hash(self.cfg.run.seed, _RNG_STREAM, key)) & (2**63 - 1))
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool, preempt_requested: bool = False) -> dict:
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool, preempt_requested: bool = False,
+                   prefetch: Callable[[], None] | None = None) -> dict:
         """One optimizer step on this rank's share of the global batch.
 
         Returns ``loss``, ``head_ms``, ``nonfinite`` (where a NaN/inf appeared, "" if
@@ -321,6 +325,8 @@ class Trainer:
         is the step's one host read: the loss (the same number on every rank) and its
         checks are read with it, unless the head steps its shard in place in the backward
         (fused kernels with no active rows), which must know them before the backward.
+        ``prefetch`` (say, the data stream's) is called before that read, so the next
+        batch's device work is queued while the GPU still has this step's.
         """
         self.backbone.train()
         step = self.step + 1  # the step being taken, as logged
@@ -349,7 +355,8 @@ class Trainer:
                 local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
         with record_function("hydrahead::step_end"):
             nonfinite, preempt = self._apply_updates(
-                step, loss=loss, loss_finite=local_grad is not None, unjudged=unjudged, preempt_requested=preempt_requested
+                step, loss=loss, loss_finite=local_grad is not None, unjudged=unjudged, preempt_requested=preempt_requested,
+                prefetch=prefetch,
             )
         timing = {}
         if timed:
@@ -400,11 +407,16 @@ class Trainer:
         return loss, local_grad, comm_bytes, unjudged
 
     def _apply_updates(self, step: int, *, loss: torch.Tensor, loss_finite: bool, unjudged: MergeChecks | None,
-                       preempt_requested: bool) -> tuple[str, bool]:
+                       preempt_requested: bool, prefetch: Callable[[], None] | None = None) -> tuple[str, bool]:
         """Judge the step on every rank (one small all-reduce, the step's host read), then step
         the optimizers or skip. ``unjudged``: the loss's checks, read here with the flags (and
         the loss's finiteness with them). Returns (where non-finite values were, "" if
-        nowhere; preempt)."""
+        nowhere; preempt).
+
+        The read drains the GPU's queue, so what the host queues before it runs while the
+        host waits, and what it queues after, the GPU waits for: the backbone's optimizer
+        step is taken before the read (and undone from a copy if the step is skipped), and
+        ``prefetch`` (the next batch) is called before it too."""
         flags = torch.zeros(4, device=self.device)  # [preempt, backbone grads bad, head grads bad, loss bad]
         flags[:1].fill_(float(preempt_requested))  # fill_, not a copy from the host: no sync
         if loss_finite:
@@ -418,12 +430,21 @@ class Trainer:
                 flags[3] = ~torch.isfinite(loss)
         dist.all_reduce(flags, group=self.env.data_group)
         read = flags if unjudged is None else torch.cat([flags.double(), unjudged.values(self.device)])
+        if loss_finite:  # on speculation: most steps land
+            self.step_snapshot.take()
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
+            self.backbone_optim.step()
+        if prefetch is not None:
+            prefetch()
         values = read.tolist()
         preempt, bad_backbone, bad_head, bad_loss = (int(v) for v in values[:4])
         if unjudged is not None:
             try:
                 unjudged.raise_if_failed(values[4:])
             except ValueError:  # nothing of this step may land
+                if loss_finite:
+                    self.step_snapshot.restore()
                 self.head.finish_step(skip=True)
                 self.backbone_optim.zero_grad(set_to_none=True)
                 if self.topk is not None:
@@ -434,10 +455,8 @@ class Trainer:
         )
         if self.topk is not None:  # a skipped step's unsent gradients must not advance
             self.topk.discard() if nonfinite else self.topk.commit()
-        if not nonfinite:
-            if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
-            self.backbone_optim.step()
+        if loss_finite:
+            self.step_snapshot.restore() if nonfinite else self.step_snapshot.release()
         self.head.finish_step(skip=bool(nonfinite))
         self.backbone_optim.zero_grad(set_to_none=True)
         return nonfinite, preempt > 0
@@ -532,7 +551,7 @@ class Trainer:
                 if self.faults.sleep_s:
                     time.sleep(self.faults.sleep_s)
                 log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
-                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested)
+                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested, prefetch=data.prefetch)
                 self.step += 1
                 logger.advance()
                 if result["nonfinite"]:
