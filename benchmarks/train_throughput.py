@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     try:
         for variant, overrides in map(parse_variant, args.variant or ["default"]):
             if args.mode == "backbone":  # no head is trained: keep a token one out of the memory figure
-                overrides = [*overrides, f"head.num_classes={8 * env.world_size}", "head.selection=full"]
+                overrides = [*overrides, f"head.num_classes={8 * env.world_size}", "head.selection=full", "head.knn_fixed_size=false"]
                 warnings.filterwarnings("ignore", message="head.index_")  # the token head takes no index
             cfg = load_config(args.config, [*base, *overrides])
             row = {**measure(cfg, env, args, args.mode, variant), "repeat": args.repeat, "scaling": args.scaling}

@@ -168,3 +168,17 @@ def test_runner_strong_scaling_keeps_the_global_batch(tmp_path):
     assert all("[strong, global batch 32]" in r["method"] and r["scaling"] == "strong" for r in rows.values())
     assert rows[2]["scaling_efficiency"] == pytest.approx(rows[2]["samples_per_s"] / 2 / rows[1]["samples_per_s"])
     assert rows[1]["scaling_efficiency"] == pytest.approx(1.0)
+
+
+def test_the_backbone_baseline_runs_from_a_config_with_knn_only_head_options(tmp_path):
+    """--mode backbone swaps the head for a token full-softmax one: options that only a knn
+    head accepts (head.knn_fixed_size) must not make the baseline's config invalid."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(REPO / "benchmarks" / "train_throughput.py"),
+           "--config", "configs/quickstart.yaml", "--mode", "backbone", "--per-gpu-batch", "8", "--steps", "1", "--warmup", "0",
+           "--out", str(out), "head.selection=knn", "head.index=torch", "head.knn_fixed_size=true",
+           "model.hidden_dim=32", "model.embed_dim=16"]
+    proc = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mode"] == "backbone" and row["head_selection"] == "full" and row["ms"] > 0
