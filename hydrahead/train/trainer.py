@@ -435,6 +435,7 @@ class Trainer:
             if self.cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
             self.backbone_optim.step()
+        self.backbone_optim.zero_grad(set_to_none=True)  # a skipped step is undone from the copy: no gradient is needed again
         if prefetch is not None:
             prefetch()
         values = read.tolist()
@@ -446,7 +447,6 @@ class Trainer:
                 if loss_finite:
                     self.step_snapshot.restore()
                 self.head.finish_step(skip=True)
-                self.backbone_optim.zero_grad(set_to_none=True)
                 if self.topk is not None:
                     self.topk.discard()
                 raise
@@ -458,7 +458,6 @@ class Trainer:
         if loss_finite:
             self.step_snapshot.restore() if nonfinite else self.step_snapshot.release()
         self.head.finish_step(skip=bool(nonfinite))
-        self.backbone_optim.zero_grad(set_to_none=True)
         return nonfinite, preempt > 0
 
     def _selection_metrics(self) -> dict:
