@@ -294,3 +294,31 @@ def test_a_non_finite_loss_over_active_rows_can_still_be_dropped_after_its_backw
     whole = make_head(impl, dtype)
     whole.loss(features.to(dtype), labels)
     assert whole.step_discardable == (impl == "reference")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "triton-micro-batches"])
+def test_a_bad_shard_with_deferred_checks_runs_the_step_through_and_raises_when_read(impl):
+    """A rank whose shard fails the local checks learns it only through the collectives; with
+    MergeChecks every rank raises at the read, so until then the bad rank must run the
+    forward and backward like the others (no local math) instead of failing on its own."""
+    from hydrahead.head import sharded_cross_entropy
+    from hydrahead.head.cross_entropy import MergeChecks
+    from hydrahead.kernels import triton_sharded_cross_entropy
+    from hydrahead.kernels.fused_loss import FusedMicroBatches
+
+    features, labels, _, _ = problem(2)
+    features = features.float().requires_grad_()
+    bad_weight = torch.randn(NUM_CLASSES, DIM + 1)  # the wrong width
+    checks = MergeChecks()
+    if impl == "triton-micro-batches":
+        engine = FusedMicroBatches(bad_weight, labels, 0)
+        _, grad = engine.chunk(features.detach(), torch.arange(BATCH))
+        assert torch.equal(grad, torch.zeros_like(features)) and engine.finish() is None
+        engine.check(checks)
+    else:
+        loss_fn = sharded_cross_entropy if impl == "reference" else triton_sharded_cross_entropy
+        loss = loss_fn(features, bad_weight, labels, 0, checks=checks)
+        loss.backward()
+        assert torch.equal(features.grad, torch.zeros_like(features))
+    with pytest.raises(ValueError, match="weight_shard is not a 2-D floating tensor"):
+        checks.raise_if_failed(checks.values(features.device).tolist())

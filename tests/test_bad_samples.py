@@ -207,6 +207,25 @@ def test_prefetched_batches_and_counts_equal_the_plain_stream(root, num_workers)
     _assert_same(_take_prefetching(_stream(_dataset(root, "skip"), num_workers=num_workers), steps), plain)
 
 
+def test_an_error_making_a_prefetched_batch_is_raised_by_the_next_that_asks_for_it(root):
+    """The trainer prefetches batch N+1 during step N: a bad file in it must fail step N+1,
+    as without the prefetch, not step N (whose checkpoint would then never be written)."""
+    plain, ahead = (_stream(_dataset(root, "error"), global_batch=1) for _ in range(2))
+    for step in range(40):
+        try:
+            want = next(plain)
+        except BadImageError as error:
+            with pytest.raises(BadImageError, match=str(error).split(":")[0]):
+                next(ahead)
+            break
+        got = next(ahead)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        ahead.prefetch()  # never raises: the error waits for the next next()
+    else:
+        pytest.fail("no batch of the stream held a bad file")
+    assert step >= 1  # the bad batch came after a prefetch
+
+
 def test_skip_eval_counts_with_and_without_workers(root):
     dataset = _dataset(root, "skip", split="eval")
     kwargs = dict(num_samples=22, batch_size=4, rank=1, world_size=2)

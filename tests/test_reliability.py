@@ -135,12 +135,13 @@ def test_nan_loss_stops_every_rank_without_a_new_checkpoint(tmp_path):
     assert max(train_losses(run_dir)) == 5
 
 
-def test_a_failed_loss_check_stops_every_rank_before_the_step_lands(tmp_path):
+@pytest.mark.parametrize("overlap", [(), ("comm.overlap=true", "comm.micro_batches=2")], ids=["serial", "overlapped"])
+def test_a_failed_loss_check_stops_every_rank_before_the_step_lands(tmp_path, overlap):
     """The loss's merge check is read with the step's flags, after the backward: a rank whose
     active rows miss a label it owns must still stop every rank with the loss's error, and
     neither the step nor a checkpoint of it may land."""
     run_dir = tmp_path / "lost_label"
-    proc = launch(run_dir, 2, "head.selection=random", "head.budget=30", check=False, faults="lost_label@6:1", timeout=120)
+    proc = launch(run_dir, 2, "head.selection=random", "head.budget=30", *overlap, check=False, faults="lost_label@6:1", timeout=120)
     assert proc.returncode != 0
     for rank in (0, 1):
         assert re.search(rf"\[rank{rank}\]: ValueError: \d+ label\(s\) of the batch belong to no shard", proc.stderr), proc.stderr[-3000:]
@@ -155,6 +156,17 @@ def test_nan_gradient_and_loss_are_skipped_under_skip(reference_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
     assert rows[-1]["skipped_steps"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
     assert_same_losses(run_dir, reference_run, range(1, 6), exact=True)  # identical until the fault
+
+
+def test_a_skipped_nan_loss_leaves_powersgd_state_clean(tmp_path):
+    """PowerSGD's error feedback changes inside the backward and cannot be undone, so a
+    non-finite loss must be judged before the backward: the steps after it stay finite."""
+    run_dir = tmp_path / "powersgd_skip"
+    launch(run_dir, 2, "comm.grad_compression=powersgd", "comm.powersgd_start_step=2", "train.nonfinite=skip",
+           "train.max_skipped=3", faults="nan_loss@7", timeout=120)
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+    assert rows[-1]["skipped_steps"] == 1 and all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_too_many_skipped_steps_in_a_row_stop(tmp_path):

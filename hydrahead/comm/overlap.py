@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hydrahead.comm.timing import CommClock
+from hydrahead.head.cross_entropy import MergeChecks, per_valid_label
 from hydrahead.distributed.collectives import all_gather_labels, group_rank, group_world_size, start_gather_rows, start_sum_own_rows
 
 
@@ -78,12 +79,17 @@ class OverlappedHead:
         return self.clock.start("feature_gather", lambda: start_gather_rows(local_features[start:stop], sizes, self.transfer_group))
 
     def step(self, local_features: torch.Tensor, local_labels: torch.Tensor,
-             select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None):
-        """(loss, gradient of the loss for the local features, bytes sent per kind).
+             select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+             checks: MergeChecks | None = None):
+        """(loss, gradient of the loss for the local features, bytes sent per kind, the checks
+        left to the caller's read or None).
 
         ``select(global_features, global_labels)``: the step's active rows (or None), from the
-        rank-major global batch. The returned gradient is None when the loss is not finite:
-        then no update was taken (``finish_step(skip=True)`` clears the rest).
+        rank-major global batch. The returned gradient is None when the loss is known not
+        to be finite: then no update was taken (``finish_step(skip=True)`` clears the rest).
+        With ``checks`` and a head whose step can still be dropped (``step_discardable``),
+        nothing is read here: the loss's checks go into ``checks``, which is returned, and
+        its finiteness is the caller's to judge, as the trainer does in its one read.
         """
         local_features = local_features.detach()
         local_rows, device = local_features.shape[0], local_features.device
@@ -117,9 +123,10 @@ class OverlappedHead:
             scatters.append(self.clock.start(
                 "grad_scatter", lambda grad=grad, sizes=chunk_sizes: start_sum_own_rows(grad, sizes, self.rank, self.transfer_group)
             ))
-        loss_fn.check()
-        loss = (loss_sum / max(loss_fn.num_valid, 1)).to(loss_dtype)
-        finite = bool(torch.isfinite(loss))
+        unjudged = checks if checks is not None and self.head.step_discardable else None
+        loss_fn.check(unjudged)
+        loss = (loss_sum / per_valid_label(loss_fn.num_valid)).to(loss_dtype)
+        finite = True if unjudged is not None else bool(torch.isfinite(loss))
         if finite:
             loss_fn.finish()
         local_grad = torch.empty_like(local_features)
@@ -129,4 +136,4 @@ class OverlappedHead:
             "bytes_feature_gather": local_features.numel() * local_features.element_size() + local_labels.numel() * local_labels.element_size(),
             "bytes_grad_scatter": labels.shape[0] * local_features.shape[1] * local_grad.element_size(),
         }
-        return loss, (local_grad if finite else None), payload
+        return loss, (local_grad if finite else None), payload, unjudged

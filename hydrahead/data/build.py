@@ -92,7 +92,8 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     or in DataLoader workers; sum it over the ranks for the global figure.
 
     ``prefetch()`` makes the next batch now (queues its device work, or its copy to the
-    device) and ``next`` then hands it out; the batches are the same either way.
+    device) and ``next`` then hands it out; the batches are the same either way, and an
+    error making it is raised by that ``next``, not by ``prefetch``.
 
     ``close()`` stops the stream (and its DataLoader workers, if any) at once.
     """
@@ -100,7 +101,7 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, make: Callable[[_Tally], Iterator[tuple[torch.Tensor, torch.Tensor]]]):
         self._tally = _Tally()
         self._batches = make(self._tally)
-        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor], int] | None = None  # (batch, its substitutions)
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor] | BaseException, int] | None = None  # (batch or error, its substitutions)
 
     @property
     def bad_samples_skipped(self) -> int:
@@ -113,6 +114,8 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ahead is not None:
             batch, self._ahead = self._ahead[0], None
+            if isinstance(batch, BaseException):
+                raise batch
             return batch
         return next(self._batches)
 
@@ -120,7 +123,10 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         """Make the next batch now; a no-op if one is already waiting."""
         if self._ahead is None:
             before = self._tally.bad_samples_skipped
-            batch = next(self._batches)
+            try:
+                batch = next(self._batches)
+            except Exception as error:  # the step that asks for this batch raises it
+                batch = error
             self._ahead = (batch, self._tally.bad_samples_skipped - before)
 
     def close(self) -> None:

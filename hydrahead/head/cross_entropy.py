@@ -357,6 +357,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
         ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)
+        ctx.local_error = local_error
         return loss
 
     @staticmethod
@@ -364,6 +365,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         features, weight_shard, labels, lse = ctx.saved_tensors
         class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid = ctx.args
         need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.local_error:  # a bad shard (with MergeChecks, raised on every rank once they are read): no local math
+            return (torch.zeros_like(features) if need_features else None), *(None,) * 11
         problem = _ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
         compute = problem.compute_dtype
 
@@ -492,8 +495,8 @@ class MicroBatches:
         (loss * (num_valid / self.num_valid)).backward()
         return loss.detach() * num_valid, leaf.grad
 
-    def check(self) -> None:
-        """Nothing to check: each chunk's loss already raised what its collectives revealed."""
+    def check(self, checks: MergeChecks | None = None) -> None:
+        """Nothing to check or hand on: each chunk's loss already raised what its collectives revealed."""
 
     def finish(self) -> None:
         """Nothing left to do: the weight gradient is complete in ``.grad``."""

@@ -166,7 +166,8 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         ctx.local_pass, ctx.target_logit = local_pass, target_logit
         ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
-        if not filtered:  # the forward's A gives dF right away (in place: no further G x D temporaries)
+        ctx.features_meta = (features.shape, features.dtype, features.device)
+        if not filtered and not local_pass.local_error:  # the forward's A gives dF right away (in place: no further G x D temporaries)
             _, weight, inv_norm, _ = local_pass.kernel_args
             row_scale = torch.where(local_pass.valid, scale / per_valid_label(num_valid), 0.0)
             ctx.grad_feat_op = _exact_feature_grad(
@@ -181,9 +182,14 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # Kept on the device (the kernels read it from memory): a float() here would make the
         # host wait for the whole forward before it could queue the backward.
+        local_pass = ctx.local_pass
+        if local_pass.local_error:  # a bad shard, raised on every rank once the checks are read: no local math
+            shape, dtype, device = ctx.features_meta
+            del ctx.grad_feat_op, ctx.local_pass
+            grad_features = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+            return grad_features, None, None, None, None, None, None, None, None, None, None, None, None
         grad = grad_loss.float()
         grad_scale = grad * ctx.scale / per_valid_label(ctx.num_valid)
-        local_pass = ctx.local_pass
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
         sparse = None
         if ctx.grad_filter > 0:
@@ -272,15 +278,17 @@ class FusedMicroBatches:
         self.weight, self.class_start, self.group, self.num_classes = weight_shard, int(class_start), group, num_classes
         self.scale, self.margin, self.margin_type, self.ignore_index = float(scale), float(margin), margin_type, int(ignore_index)
         self.update, self.grad_filter = update, float(grad_filter)
-        # The mean is over the whole step's valid labels, known before any chunk runs.
-        self.num_valid = int((self.labels != ignore_index).sum())
-        self.grad_scale = self.scale / max(self.num_valid, 1)
+        # The mean is over the whole step's valid labels, known before any chunk runs (on the
+        # device: the kernels read the gradient scale from memory).
+        self.num_valid = (self.labels != ignore_index).sum()
+        self.grad_scale = self.scale / per_valid_label(self.num_valid)
         self.inv_norm = inverse_row_norms(weight_shard.detach()) if margin_type == "cosface" else None
         self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, features, lse_valid)
         self._sparse: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._exact_weight = grad_filter == 0  # a chunk that overflows the filter turns the step's weight pass exact
         self._owned_total = torch.zeros((), device=weight_shard.device)
         self._error = torch.zeros((), device=weight_shard.device)
+        self._bad_shard = False  # this rank's shard failed the local checks: no local math, only the collectives
 
     def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.labels[rows]
@@ -297,6 +305,9 @@ class FusedMicroBatches:
             loss_sum = torch.where(local_pass.valid, lse - target_logit, 0.0).sum()
             lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
             row_scale = torch.where(local_pass.valid, self.grad_scale, 0.0)
+            if local_pass.local_error:
+                self._bad_shard = True
+                return loss_sum, torch.zeros_like(features)
             if self.grad_filter > 0:
                 grad_feat_op, sparse = _filtered_gradients(local_pass, lse_valid, target_logit, self.grad_filter, row_scale, self.grad_scale)
                 if sparse is None:
@@ -313,14 +324,20 @@ class FusedMicroBatches:
         self._rows.append((rows, features.detach(), lse_valid))
         return loss_sum, grad_feat_op.to(features.dtype)
 
-    def check(self) -> None:
-        """Raise what the chunks' collectives revealed (a bad shard, labels no shard owns)."""
+    def check(self, checks: MergeChecks | None = None) -> None:
+        """Raise what the chunks' collectives revealed (a bad shard, labels no shard owns), or
+        hand it to ``checks`` for their owner's read."""
         valid = self.labels != self.ignore_index
+        if checks is not None:
+            checks.add(self._error, self._owned_total, self.num_valid, self.labels, valid, self.ignore_index)
+            return
         raise_merge_errors(self._error, self._owned_total, self.num_valid, self.labels, valid, self.ignore_index)
 
     @torch.no_grad()
     def finish(self) -> torch.Tensor | None:
         """The step's one weight update (or dW, float32 for fp8 weights, without ``update``)."""
+        if self._bad_shard:  # raised by check() on every rank; nothing to update here
+            return None
         weight = self.weight.detach()
         if not self._exact_weight:
             touched = torch.cat([t for t, _ in self._sparse])

@@ -182,6 +182,9 @@ class Trainer:
         )
         self.base_lrs = [g["lr"] for g in self.backbone_optim.param_groups]
         self.step_snapshot = StepSnapshot(self.backbone_optim)  # the step is taken before it is judged
+        # PowerSGD's error feedback and warm start change inside the backward's gradient hook
+        # and cannot be put back: with it, a loss is judged before the backward runs.
+        self.backward_undoable = cfg.comm.grad_compression != "powersgd"
 
         data_device = self.device  # procedural data is generated where it is consumed
         self.train_data = build_dataset(cfg, "train", device=data_device)
@@ -372,23 +375,19 @@ class Trainer:
         finite, bytes handed to the head's collectives, the loss's ``MergeChecks`` if they and
         its finiteness are left to the step's read in ``_apply_updates``, else None)."""
         if self.overlapped is not None:
-            select = None if self.cfg.head.selection == "full" else (
-                lambda features, global_labels: self.selector.select(step, features, global_labels, self.head.weight, self.head.settles)
-            )
-            return *self.overlapped.step(local_features, labels, select), None
+            select = None if self.cfg.head.selection == "full" else (lambda features, global_labels: self._select(step, features, global_labels))
+            return self.overlapped.step(local_features, labels, select, checks=MergeChecks() if self.backward_undoable else None)
         head_group = self.env.head_group
         gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
         global_labels = all_gather_labels(labels, head_group, sizes=sizes)
         head_input = gathered.requires_grad_()
         with record_function("hydrahead::select"):
-            active_rows = self.selector.select(step, head_input, global_labels, self.head.weight, self.head.settles)
-        if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
-            active_rows = _without_an_owned_label(active_rows, global_labels, self.head.class_start, self.head.class_stop)
+            active_rows = self._select(step, head_input, global_labels)
         unjudged = MergeChecks()
         with record_function("hydrahead::head_loss"):
             loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False, checks=unjudged)
         local_grad = None
-        if not self.head.step_discardable:  # its backward steps the shard in place: judge the loss first
+        if not (self.head.step_discardable and self.backward_undoable):  # the backward cannot be undone: judge the loss first
             values = torch.cat([torch.isfinite(loss).double().reshape(1), unjudged.values(self.device)]).tolist()
             unjudged.raise_if_failed(values[1:])
             finite, unjudged = bool(values[0]), None
@@ -405,6 +404,13 @@ class Trainer:
             "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if local_grad is not None else 0,
         }
         return loss, local_grad, comm_bytes, unjudged
+
+    def _select(self, step: int, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor | None:
+        """This shard's active rows for the step (None: all), with the lost_label fault applied."""
+        active_rows = self.selector.select(step, global_features, global_labels, self.head.weight, self.head.settles)
+        if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
+            active_rows = _without_an_owned_label(active_rows, global_labels, self.head.class_start, self.head.class_stop)
+        return active_rows
 
     def _apply_updates(self, step: int, *, loss: torch.Tensor, loss_finite: bool, unjudged: MergeChecks | None,
                        preempt_requested: bool, prefetch: Callable[[], None] | None = None) -> tuple[str, bool]:
@@ -550,7 +556,8 @@ class Trainer:
                 if self.faults.sleep_s:
                     time.sleep(self.faults.sleep_s)
                 log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
-                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested, prefetch=data.prefetch)
+                prefetch = data.prefetch if self.step + 1 < end else None  # no batch past the run's last step
+                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested, prefetch=prefetch)
                 self.step += 1
                 logger.advance()
                 if result["nonfinite"]:
