@@ -10,6 +10,8 @@ of the parameters and their optimizer state per step (device memory of the same 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.optim import Optimizer
 
@@ -23,6 +25,7 @@ class StepSnapshot:
     def __init__(self, optimizer: Optimizer):
         self.optimizer = optimizer
         self._copies: list[torch.Tensor] = []
+        self._sources: list[torch.Tensor] = []  # the tensors the copies were made for
         self._taken: tuple[list[torch.Tensor], dict] | None = None
 
     def _tensors(self) -> tuple[list[torch.Tensor], dict]:
@@ -34,10 +37,12 @@ class StepSnapshot:
     @torch.no_grad()
     def take(self) -> None:
         tensors, states = self._tensors()
-        layout = [(t.shape, t.dtype, t.device) for t in tensors]
-        if layout != [(c.shape, c.dtype, c.device) for c in self._copies]:  # first step, or new state: new buffers
+        # Every step after the first holds the same tensor objects: an identity check is
+        # enough (and cheaper on the host, where this runs every step, than comparing shapes).
+        if len(tensors) != len(self._sources) or not all(map(operator.is_, tensors, self._sources)):
             self._copies = [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
-        torch._foreach_copy_(self._copies, [t.detach() for t in tensors])
+            self._sources = tensors
+        torch._foreach_copy_(self._copies, tensors)
         self._taken = (tensors, states)
 
     @torch.no_grad()
@@ -47,7 +52,7 @@ class StepSnapshot:
         if self._taken is None:
             raise RuntimeError("StepSnapshot.restore() without a take() before it")
         tensors, states = self._taken
-        torch._foreach_copy_([t.detach() for t in tensors], self._copies)
+        torch._foreach_copy_(tensors, self._copies)
         for p in [p for group in self.optimizer.param_groups for p in group["params"]]:
             if p in states:
                 self.optimizer.state[p] = dict(states[p])
