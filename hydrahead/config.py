@@ -87,6 +87,12 @@ class ModelConfig:
         "auto", "mixed precision: auto uses bf16 autocast on GPU only", ("auto", "bf16", "none")
     )
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm statistics across ranks")
+    broadcast_buffers: bool = _key(
+        True,
+        "copy rank 0's buffers (BatchNorm running statistics) to every rank before each forward, as DDP "
+        "does by default; false keeps them per rank while training and averages them over the ranks "
+        "before each evaluation and checkpoint (training losses are the same either way)",
+    )
 
 
 @dataclass

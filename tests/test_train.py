@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
-from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
+from dist_harness import run_ranks
+from hydrahead.config import config_from_dict, load_config
+from hydrahead.distributed.setup import DistEnv
+from hydrahead.distributed.collectives import average_buffers
+from hydrahead.models import build_backbone
+from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
+from hydrahead.train.trainer import Trainer
 from launcher import launch, train_losses
 
 
@@ -87,17 +96,82 @@ def test_interrupted_and_damaged_checkpoints_are_skipped(two_rank_run, tmp_path)
     assert train_losses(run_dir) == train_losses(two_rank_run)
 
 
+def _saved_backbone(checkpoint) -> dict[str, torch.Tensor]:
+    cfg = config_from_dict(read_meta(checkpoint)["config"])
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.embed_dim, input_dim=m.input_dim, hidden_dim=m.hidden_dim, depth=m.depth,
+                              image_size=cfg.data.image_size)
+    state = {"backbone": backbone.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), no_dist=True)
+    return state["backbone"]
+
+
 def test_resnet18_on_procedural_images_two_ranks(tmp_path):
-    run_dir = tmp_path / "resnet18"
-    launch(
-        run_dir, 2, "model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32",
-        "train.global_batch=8", "train.steps=3", "train.eval_every=3", "train.eval_samples=16", "checkpoint.every=0",
-    )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resnet = ["model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32", "train.global_batch=8",
+              "train.steps=3", "train.eval_every=3", "train.eval_samples=16", "checkpoint.every=0"]
+    broadcast, per_rank = tmp_path / "broadcast", tmp_path / "per_rank"
+    launch(broadcast, 2, *resnet)
+    rows = [json.loads(line) for line in (broadcast / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
     assert any("eval_top1" in r for r in rows)
-    assert latest_checkpoint(run_dir).name == "step-3"
+    assert latest_checkpoint(broadcast).name == "step-3"
+
+    # Per-rank BatchNorm statistics: the same losses (training forwards use batch statistics),
+    # and the checkpoint holds the ranks' mean rather than rank 0's copy.
+    launch(per_rank, 2, *resnet, "model.broadcast_buffers=false", "train.eval_every=0")
+    assert train_losses(per_rank) == train_losses(broadcast)
+    rank0, mean = _saved_backbone(latest_checkpoint(broadcast)), _saved_backbone(latest_checkpoint(per_rank))
+    stats = [name for name in rank0 if name.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(rank0[name], mean[name]) for name in stats)
+    assert all(torch.equal(rank0[name], mean[name]) for name in rank0 if name.endswith("num_batches_tracked"))
+
+
+def test_average_buffers_gives_every_rank_the_mean():
+    per_rank, averaged = zip(*run_ranks(_average_buffers_on_rank, 3))
+    for name, value in averaged[0].items():
+        if value.is_floating_point():
+            expected = torch.stack([stats[name] for stats in per_rank]).mean(dim=0)
+            assert not torch.equal(per_rank[0][name], expected)  # the ranks did differ
+        else:
+            expected = per_rank[0][name]  # the batch counter: an integer, the same everywhere
+        for stats in averaged:
+            torch.testing.assert_close(stats[name], expected, rtol=1e-6, atol=0)
+
+
+def test_evaluation_averages_per_rank_batchnorm_statistics():
+    before, after = zip(*run_ranks(_evaluate_on_rank, 2))
+    for name, value in after[0].items():
+        expected = (before[0][name] + before[1][name]) / 2 if value.is_floating_point() else before[0][name]
+        for stats in after:
+            torch.testing.assert_close(stats[name], expected, rtol=1e-6, atol=1e-7)
+
+
+def _evaluate_on_rank(rank, world_size):
+    cfg = load_config(None, ["model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32",
+                             "train.global_batch=8", "train.eval_every=1", "train.eval_samples=8",
+                             "model.broadcast_buffers=false"])
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    with torch.no_grad():  # statistics that differ by rank, as training would leave them
+        for buf in trainer.backbone_module.buffers():
+            if buf.is_floating_point():
+                buf.add_(torch.rand(buf.shape, generator=torch.Generator().manual_seed(rank)))
+    before = {name: b.clone() for name, b in trainer.backbone_module.named_buffers()}
+    trainer.evaluate()
+    return before, dict(trainer.backbone_module.named_buffers())
+
+
+def _average_buffers_on_rank(rank, world_size):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.BatchNorm1d(6))
+    module = module.double()
+    with torch.no_grad():
+        module(torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
+    before = {name: b.clone() for name, b in module.named_buffers()}
+    assert average_buffers(module) == 4
+    return before, dict(module.named_buffers())
 
 
 def test_tensorboard_scalars_match_metrics_file(tmp_path):

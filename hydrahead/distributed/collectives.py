@@ -146,3 +146,26 @@ def all_gather_labels(
         sizes = gather_row_counts(local.shape[0], 1, local.device, group)
     with torch.no_grad():
         return _gather_rows(local.detach(), sizes, group)
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Replace every floating-point buffer of ``module`` by its mean over the group's ranks.
+
+    One all-reduce per dtype (buffers flattened together); integer buffers such as
+    BatchNorm's batch counter are left alone. Returns the number of buffers averaged.
+    """
+    world = group_world_size(group)
+    if world == 1:
+        return 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            by_dtype.setdefault(buf.dtype, []).append(buf)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flat, group=group)  # SUM: gloo has no AVG
+        flat /= world
+        for buf, part in zip(bufs, flat.split([b.numel() for b in bufs])):
+            buf.copy_(part.view_as(buf))
+    return sum(len(bufs) for bufs in by_dtype.values())

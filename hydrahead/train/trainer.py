@@ -40,7 +40,7 @@ from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.counter_rng import counter_hash
 from hydrahead.data.sampler import local_batch_size
-from hydrahead.distributed.collectives import all_gather_labels, group_rank, start_gather_rows, start_sum_own_rows
+from hydrahead.distributed.collectives import all_gather_labels, average_buffers, group_rank, start_gather_rows, start_sum_own_rows
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
@@ -139,6 +139,7 @@ class Trainer:
         self.backbone = DDP(
             backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=env.data_group, bucket_cap_mb=cfg.comm.bucket_mb,
+            broadcast_buffers=cfg.model.broadcast_buffers,
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
         names = {param: name for name, param in backbone.named_parameters()}
@@ -223,8 +224,16 @@ class Trainer:
             "rng": "derived from (run.seed, step, rank) at every step",
         }
 
+    def _settle_buffers(self) -> None:
+        """Per-rank BatchNorm statistics (model.broadcast_buffers=false) become their mean over
+        the ranks, so evaluation and checkpoints see one model; training-mode forwards use
+        batch statistics, so the losses do not change."""
+        if not self.cfg.model.broadcast_buffers:
+            average_buffers(self.backbone_module, self.env.data_group)
+
     def save(self) -> Path:
         self.head.settle()  # checkpoints hold every row's exact weights, no deferred steps
+        self._settle_buffers()
         state, meta = self._state(), self._meta()
         if self.selector.saves_index:
             # Per-rank keys: an index belongs to one shard and is reloaded only at the same world size.
@@ -497,6 +506,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Top-1, top-5 and loss on the first train.eval_samples held-out samples."""
+        self._settle_buffers()
         self.backbone.eval()
         cfg = self.cfg
         k = min(5, cfg.head.num_classes)
