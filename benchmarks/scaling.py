@@ -265,7 +265,7 @@ def plot(payload: dict, png: Path) -> None:
     rows = payload["rows"]
     if plt is None or not rows:
         return
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     # One line per (config, method, transport); the 1-GPU point (no transport) starts every line.
     transports = sorted({r["transport"] for r in rows if r["gpus"] > 1}) or ["none"]
     lines = {}
@@ -284,7 +284,6 @@ def plot(payload: dict, png: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xticks(sorted({r["gpus"] for r in rows}))
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=6)
     ax = axes[1, 1]
     names = [f"{Path(r['config']).stem} {r['variant'] if r['mode'] == 'full' else 'backbone only'} {r['gpus']}g x{r['per_gpu_batch']} {r['transport']}"
              for r in rows]
@@ -298,7 +297,12 @@ def plot(payload: dict, png: Path) -> None:
     ax.set_title("step split (comm: exposed, not hidden behind compute)", fontsize=9)
     ax.legend(fontsize=7)
     fig.suptitle(f"{payload['benchmark']} on {payload['device']}", fontsize=10)
-    fig.tight_layout()
+    # The lines' legend goes under the panels, where it hides no point.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    columns = 2 if len(labels) > 4 else 1
+    legend_height = 0.025 * (-(-len(labels) // columns) + 1)
+    fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=columns, frameon=False)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
