@@ -86,6 +86,20 @@ def test_backend_recall_and_scores(data, kind, options, min_recall):
 
 
 @pytest.mark.parametrize("kind,options,min_recall", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("cosine", [False, True])
+def test_building_and_searching_leave_the_rows_and_queries_untouched(kind, options, min_recall, cosine):
+    """A float32 CPU shard is the head's own memory: an index may read it, never write it
+    (FAISS normalises its input in place for cosine scores)."""
+    gen = torch.Generator().manual_seed(5)
+    weight, queries = 3 * torch.randn(500, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    weight_before, queries_before = weight.clone(), queries.clone()
+    index = make_index(kind, cosine=cosine, **{**options, "nlist": 8} if "nlist" in options else options)
+    index.build(weight)
+    index.search(queries, 5, weight)
+    assert torch.equal(weight, weight_before) and torch.equal(queries, queries_before)
+
+
+@pytest.mark.parametrize("kind,options,min_recall", BACKENDS, ids=BACKEND_IDS)
 def test_backend_clamps_k(kind, options, min_recall):
     weight, queries = torch.randn(50, 8), torch.randn(4, 8)
     if "nlist" in options:

@@ -839,6 +839,37 @@ def test_trainer_deterministic_knn_resume_with_another_nlist(deterministic_runs,
     assert refused or rebuilt, output[-3000:]
 
 
+# Every row of every shard active: knn must train exactly as the full softmax does. 102
+# classes split evenly (102, 51/51, 34/34/34 rows); cosface on float32 CPU rows, where the
+# auto index is FAISS's.
+ALL_ROWS = ["head.num_classes=102", "train.steps=4", "train.eval_every=0", "head.weight_decay=0.001"]
+KNN_COVERING = {
+    "below": lambda nproc: ["head.knn_k=2", "head.budget=1.0"],  # each sample's 2 nearest, filled to the shard
+    "at": lambda nproc: [f"head.knn_k={102 // nproc}"],
+    "above": lambda nproc: ["head.knn_k=1000"],
+}
+
+
+@pytest.fixture(scope="module")
+def full_softmax_runs(tmp_path_factory) -> dict[int, dict[int, float]]:
+    root = tmp_path_factory.mktemp("full_softmax")
+    losses = {}
+    for nproc in (1, 2, 3):
+        launch(root / f"ranks{nproc}", nproc, *ALL_ROWS)
+        losses[nproc] = train_losses(root / f"ranks{nproc}")
+    return losses
+
+
+@pytest.mark.parametrize("covering", list(KNN_COVERING))
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_trainer_knn_with_every_row_active_trains_as_the_full_softmax(full_softmax_runs, tmp_path, nproc, covering):
+    run_dir = tmp_path / "knn"
+    launch(run_dir, nproc, *ALL_ROWS, "head.selection=knn", *KNN_COVERING[covering](nproc))
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert all(r["active_classes"] == 102 // nproc for r in rows)
+    assert {r["step"]: r["loss"] for r in rows} == full_softmax_runs[nproc]
+
+
 def test_trainer_random_without_budget_fails_clearly(tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(run_dir, 2, "head.selection=random", check=False, timeout=120)

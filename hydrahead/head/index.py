@@ -504,8 +504,10 @@ def faiss_serves(device: torch.device) -> bool:
     return faiss_available() and (device.type != "cuda" or faiss_gpu_available())
 
 
-def _to_numpy_f32(x: torch.Tensor):
-    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+def _to_numpy_f32(x: torch.Tensor, *, copy: bool = False):
+    """``x`` as a contiguous float32 numpy array: a view of ``x``'s memory when it already
+    is one (a float32 CPU tensor), unless ``copy``: then the array is always its own."""
+    return x.detach().to("cpu", torch.float32, copy=copy).contiguous().numpy()
 
 
 class FaissIndex(_IndexBase):
@@ -551,9 +553,10 @@ class FaissIndex(_IndexBase):
         self._check_build(weight)
         faiss = self.faiss
         device = self.device or weight.device
-        w = _to_numpy_f32(weight)
+        # normalize_L2 works in place: on a float32 CPU shard a view would normalise the head's own rows.
+        w = _to_numpy_f32(weight, copy=self.cosine)
         if self.cosine:
-            faiss.normalize_L2(w)  # in place, on FAISS's own float32 copy
+            faiss.normalize_L2(w)
         dim = self.dim
         if self.faiss_type == "flat":
             index = faiss.IndexFlatIP(dim)
