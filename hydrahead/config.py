@@ -50,6 +50,12 @@ IMAGE_DATA_KINDS = ("procedural_images", "image_folder")
 class RunConfig:
     dir: str = _key("runs/default", "run folder: checkpoints, logs and the resolved config.yaml")
     seed: int = _key(0, "base random seed (data, initialisation)")
+    cpu_threads: int | None = _key(
+        None,
+        "intra-op CPU threads per rank (null: torch's default, which follows OMP_NUM_THREADS; a CPU run with "
+        "head.index_deterministic=true takes 1, since CPU reductions such as LayerNorm's backward add in an "
+        "order that depends on the thread count)",
+    )
 
 
 @dataclass
@@ -605,6 +611,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     t, m, h, d, o = cfg.train, cfg.model, cfg.head, cfg.data, cfg.optim
 
     need(bool(cfg.run.dir), "run.dir must not be empty")
+    need(cfg.run.cpu_threads is None or cfg.run.cpu_threads >= 1, f"run.cpu_threads must be null or >= 1, got {cfg.run.cpu_threads}")
 
     need(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
     need(

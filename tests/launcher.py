@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,8 +26,8 @@ def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=()) -> lis
     ]
 
 
-def environment(faults: str | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def environment(faults: str | None = None, threads: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRAHEAD_INJECT_FAULT", None)
     if faults:
         env["HYDRAHEAD_INJECT_FAULT"] = faults
@@ -34,13 +35,26 @@ def environment(faults: str | None = None) -> dict:
 
 
 def launch(run_dir: Path, nproc: int, *overrides: str, check: bool = True, faults: str | None = None,
-           torchrun_args=(), cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run launch/train.py under torchrun with ``nproc`` gloo ranks; a hang fails after ``timeout``."""
+           torchrun_args=(), cwd: Path = REPO, timeout: float = 300, threads: int = 1) -> subprocess.CompletedProcess:
+    """Run launch/train.py under torchrun with ``nproc`` gloo ranks of ``threads`` CPU threads
+    each; a hang fails after ``timeout``."""
     proc = subprocess.run(command(run_dir, nproc, *overrides, torchrun_args=torchrun_args), cwd=cwd,
-                          env=environment(faults), capture_output=True, text=True, timeout=timeout)
+                          env=environment(faults, threads), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def cpu_hog(processes: int = 2):
+    """Busy-looping processes beside whatever runs inside the block (a loaded machine)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -209,6 +209,64 @@ def test_deferred_steps_are_settled_within_max_lag():
         assert head._deferred.updates - head._deferred.oldest < 3
 
 
+def _train_rows(head, gen, steps):
+    for _ in range(steps):
+        rows = torch.unique(torch.randint(0, NUM_CLASSES, (12,), generator=gen))
+        head.set_lr(LR * float(torch.rand((), generator=gen)))
+        head.loss(torch.randn(len(rows), DIM, generator=gen), rows, rows).backward()
+        head.finish_step()
+
+
+def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
+    """What a checkpoint carries (rows as stored, what each owes) puts a fresh head on the
+    same trajectory, to the last bit: it owes, catches up and settles (max_lag) as the
+    original does. Paying the debts at the save instead would round differently."""
+    gen = torch.Generator().manual_seed(0)
+    head = make_head("reference", torch.float32)
+    _train_rows(head, gen, 3)
+    head._deferred.max_lag = 6
+    _train_rows(head, gen, 2)
+    saved = {"weight": head.weight.detach().clone(), "momentum": head.momentum_buffer.clone(),
+             **{k: v.clone() for k, v in head.deferred_state().items()}}
+    assert head._deferred.owing and int(saved["owed_steps"].max()) == 5 and int(saved["since_settled"]) == 5
+
+    resumed = make_head("reference", torch.float32)
+    resumed.weight.data.copy_(saved["weight"])
+    resumed.momentum_buffer.copy_(saved["momentum"])
+    resumed.load_deferred_state({k: saved[k] for k in ("owed_steps", "maps", "since_settled")})
+    resumed._deferred.max_lag = 6
+    settled_early = make_head("reference", torch.float32)  # the old save: debts paid when saving
+    settled_early.load_state_dict(resumed.state_dict())
+    settled_early.momentum_buffer.copy_(saved["momentum"])
+    settled_early.load_deferred_state({k: saved[k] for k in ("owed_steps", "maps", "since_settled")})
+    settled_early.settle()
+
+    state = gen.get_state()
+    _train_rows(head, gen, 4)  # the max-lag settle falls inside these steps
+    for other in (resumed, settled_early):
+        gen.set_state(state)
+        _train_rows(other, gen, 4)
+    assert head.settles == resumed.settles == 1 and head._deferred.owing == resumed._deferred.owing
+    assert torch.equal(resumed.weight, head.weight) and torch.equal(resumed.momentum_buffer, head.momentum_buffer)
+    assert torch.equal(resumed._deferred.row_updates - resumed._deferred.updates, head._deferred.row_updates - head._deferred.updates)
+    assert not torch.equal(settled_early.weight, head.weight)  # so the test can tell
+
+
+def test_a_loaded_debt_is_paid_at_once_by_a_head_that_defers_nothing():
+    gen = torch.Generator().manual_seed(1)
+    head = make_head("reference", torch.float64)
+    _train_rows(head, gen, 3)
+    debt = head.deferred_state()
+    frozen = ShardedClassifier(NUM_CLASSES, DIM, seed=3, dtype=torch.float64, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                               inactive_rows="frozen")
+    frozen.weight.data.copy_(head.weight.detach())
+    frozen.momentum_buffer.copy_(head.momentum_buffer)
+    frozen.load_deferred_state(debt)
+    head.settle()
+    assert not frozen._deferred.owing
+    assert torch.equal(frozen.weight, head.weight) and torch.equal(frozen.momentum_buffer, head.momentum_buffer)
+
+
 @pytest.mark.parametrize("settle_by", ["predict", "full loss"])
 def test_full_loss_and_predict_settle_first(settle_by):
     head = make_head("reference", torch.float64)

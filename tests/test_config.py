@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 import yaml
 
 from hydrahead.config import (
@@ -257,6 +258,7 @@ def test_validate_global_batch_divisible_by_world_size():
         (["model.embed_dim=0"], None, "model.embed_dim"),
         (["checkpoint.keep=0"], None, "checkpoint.keep"),
         (["log.every=0"], None, "log.every"),
+        (["run.cpu_threads=0"], None, "run.cpu_threads"),
         (["data.kind=image_folder"], None, "data.path"),
         (["model.backbone=resnet18"], None, "model.backbone"),
         (["model.input_dim=32"], None, "model.input_dim"),
@@ -285,6 +287,16 @@ def test_validate_reports_every_problem_and_checks_values_set_in_python():
     cfg.train.steps = True
     with pytest.raises(ConfigError, match=r"train\.steps: expected int"):
         validate(cfg)
+
+
+def test_cpu_threads_are_pinned_when_asked_and_for_deterministic_cpu_runs():
+    from hydrahead.train.trainer import cpu_threads
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert cpu_threads(Config(), cpu) is None  # torch's default
+    deterministic = apply_overrides(Config(), ["head.index_deterministic=true"])
+    assert cpu_threads(deterministic, cpu) == 1 and cpu_threads(deterministic, gpu) is None
+    assert cpu_threads(apply_overrides(deterministic, ["run.cpu_threads=3"]), cpu) == 3
 
 
 def test_validate_warns_about_ignored_margin():

@@ -287,6 +287,39 @@ def test_momentum_export(runs, tmp_path):
     assert momentum.abs().sum() > 0 and not torch.equal(momentum, full_load(ckpt, "head.weight"))
 
 
+@pytest.fixture(scope="module")
+def owing_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two 2-rank runs over random active rows whose inactive rows owe momentum and decay
+    steps: ``settled`` evaluates at step 4 (which pays every debt) before its save there,
+    ``owing`` saves its rows as they are, beside what they owe."""
+    root = tmp_path_factory.mktemp("owing_runs")
+    selection = ["head.selection=random", "head.budget=0.3", "head.weight_decay=0.01", "train.eval_samples=48"]
+    evals = {"settled": "train.eval_every=4", "owing": "train.eval_every=0"}
+    procs = {}
+    for name, eval_every in evals.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "launch" / "train.py"), f"run.dir={root / name}", *TINY, *selection, eval_every]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name} run failed:\n{output[-4000:]}"
+    return {name: step_dir(root / name, 4) for name in procs}
+
+
+@pytest.mark.parametrize("tensor", ["weight", "momentum"])
+def test_export_pays_the_steps_inactive_rows_owe(owing_runs, tmp_path, tensor):
+    """A save pays no deferred steps; the export pays them: it equals the export of the same
+    run settled by an evaluation before its save, bit for bit."""
+    settled, owing = owing_runs["settled"], owing_runs["owing"]
+    fqn = f"head.{tensor}"
+    assert not torch.equal(full_load(owing, fqn), full_load(settled, fqn))  # the stored rows still owe steps
+    exported = {name: read_export(export_head(path, tmp_path / f"{name}.safetensors", tensor=tensor, block_rows=7, progress=False))
+                for name, path in owing_runs.items()}
+    assert torch.equal(exported["owing"], exported["settled"])
+    assert torch.equal(exported["settled"], full_load(settled, fqn))  # nothing left to pay there
+    assert torch.equal(torch.cat([rows for _, rows in iter_head_rows(owing, tensor, block_rows=13)]), exported["owing"])
+
+
 def test_a_run_folder_exports_its_newest_checkpoint(runs, tmp_path):
     run = runs[2]
     assert latest_checkpoint(run) == step_dir(run, 4)

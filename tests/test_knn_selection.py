@@ -21,7 +21,7 @@ from hydrahead.head.index import TorchExactIndex, TorchIVFIndex, _padded_lists, 
 from hydrahead.head.selection import owned_positives, resolve_budget
 from hydrahead.kernels.ivf_scores import list_pairs, probed_list_scores
 from hydrahead.train.checkpoint import latest_checkpoint
-from launcher import launch, metrics, train_losses
+from launcher import cpu_hog, launch, metrics, train_losses
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -801,18 +801,29 @@ def deterministic_runs(tmp_path_factory):
     return straight, stopped
 
 
-def test_trainer_deterministic_knn_resume_equals_uninterrupted(deterministic_runs, tmp_path):
-    straight, stopped = deterministic_runs
+@pytest.mark.parametrize("stop_after, threads", [(7, 2), (6, 3)])
+def test_trainer_deterministic_knn_resume_equals_uninterrupted(deterministic_runs, tmp_path, stop_after, threads):
+    """Bit for bit, on another thread count than the uninterrupted run's and with the machine
+    loaded: stopped between rebuilds (7), or preempted at an evaluation step (6), whose
+    settle of the head's deferred steps the preempted run and the next step's index must
+    see as the uninterrupted run does."""
+    straight, stopped_at_7 = deterministic_runs
     resumed = tmp_path / "resumed"
-    shutil.copytree(stopped, resumed)
-    proc = launch(resumed, 2, *KNN_DETERMINISTIC)
-    assert "resumed at step 7" in proc.stdout + proc.stderr
+    with cpu_hog(1):
+        if stop_after == 7:
+            shutil.copytree(stopped_at_7, resumed)
+        else:
+            launch(resumed, 2, *KNN_DETERMINISTIC, faults=f"preempt@{stop_after}:1", threads=threads)
+            assert (resumed / "PREEMPTED").read_text().split() == ["step", str(stop_after)]
+        proc = launch(resumed, 2, *KNN_DETERMINISTIC, threads=threads)
+    assert f"resumed at step {stop_after}" in proc.stdout + proc.stderr
     assert "knn index is rebuilt" not in proc.stderr, proc.stderr[-2000:]
     want, got = train_losses(straight), train_losses(resumed)
     assert sorted(want) == list(range(1, 13))
     assert got == want
     ages = {r["step"]: r["index_age"] for r in metrics(resumed) if "loss" in r}
-    assert ages[8] == 3 and ages[10] == 0 and ages[12] == 2  # the saved index (built at step 5) served steps 8, 9
+    assert ages == {r["step"]: r["index_age"] for r in metrics(straight) if "loss" in r}
+    assert ages[stop_after + 1] == stop_after - 4 and ages[10] == 0  # the saved index (built at step 5) served the next step
 
 
 def test_trainer_deterministic_knn_resume_on_another_world_size(deterministic_runs, tmp_path):

@@ -33,9 +33,13 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run trained by the real launcher on 3 ranks: predicting on 1 or 2 re-splits the head."""
+    """A run trained by the real launcher on 3 ranks: predicting on 1 or 2 re-splits the head.
+    Over random active rows with momentum and decay, so the checkpoint's rows owe steps
+    that predictions must pay (as the reference's export does)."""
     run = tmp_path_factory.mktemp("predict") / "run"
-    launch(run, 3, "train.steps=4", "train.eval_every=0", timeout=120)
+    launch(run, 3, "train.steps=4", "train.eval_every=0", "head.selection=random", "head.budget=0.3",
+           "head.weight_decay=0.01", timeout=120)
+    assert read_meta(latest_checkpoint(run))["head_deferred"]
     return run
 
 

@@ -46,6 +46,18 @@ def test_three_ranks_to_one_rank(reference_run, tmp_path):
     assert_same_losses(run_dir, reference_run, range(1, 13))
 
 
+def test_rows_owing_steps_are_resplit_with_what_they_owe(tmp_path):
+    """Random active rows (chosen by class id, whatever the split) leave the inactive rows
+    owing momentum and decay steps at every save: a checkpoint of 3 ranks resumed on 1 must
+    hand each row its own debt, and train as the uninterrupted 2-rank run does."""
+    random_rows = ["head.selection=random", "head.budget=0.3", "head.weight_decay=0.01", "train.eval_every=0"]
+    straight, resplit = tmp_path / "straight", tmp_path / "resplit"
+    launch(straight, 2, *random_rows)
+    launch(resplit, 3, *random_rows, "train.stop_after=6")
+    launch(resplit, 1, *random_rows)
+    assert_same_losses(resplit, straight, range(1, 13))
+
+
 def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
     run_dir = tmp_path / "changes"
     launch(run_dir, 2, "train.stop_after=4")

@@ -206,9 +206,7 @@ class ActiveClassSelector:
         times every row was moved outside an active set (the head's ``settles``): when it
         changes, the next IVF rebuild files every row again.
         """
-        if rows_moved != self._rows_moved and self._dirty is not None:
-            self._dirty.fill_(True)
-        self._rows_moved = rows_moved
+        self.note_rows_moved(rows_moved)
         if self.selection == "full":
             self.last["active_classes"] = self.shard_size
             return None
@@ -240,6 +238,12 @@ class ActiveClassSelector:
                 self._norms.will_update(rows)
         self.last["active_classes"] = rows.numel()
         return rows
+
+    def note_rows_moved(self, rows_moved: int) -> None:
+        """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""
+        if rows_moved != self._rows_moved and self._dirty is not None:
+            self._dirty.fill_(True)
+        self._rows_moved = rows_moved
 
     def _measure_recall(self, queries: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor) -> None:
         sample = slice(0, min(self.recall_queries, queries.shape[0]))

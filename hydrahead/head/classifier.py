@@ -188,8 +188,8 @@ class ShardedClassifier(nn.Module):
         gradients. The other rows, with ``inactive_rows="continue"`` (the default), take
         the step of a zero gradient, as full SGD would: momentum keeps moving them and
         weight decay shrinks them. That step is deferred (``DeferredSGD``) and paid when a
-        row is next active, or for all rows at ``settle()``, which the full loss, ``predict``
-        and checkpoints call. With ``"frozen"`` (Partial FC's rule) the other rows keep
+        row is next active, or for all rows at ``settle()``, which the full loss and ``predict``
+        call (checkpoints save the debts instead: ``deferred_state``). With ``"frozen"`` (Partial FC's rule) the other rows keep
         weight and momentum as they were, as if the step had not happened for them.
         """
         grad, self.weight.grad = self.weight.grad, None
@@ -230,7 +230,7 @@ class ShardedClassifier(nn.Module):
             self.compensation[rows] = compensation
 
     def _record_step(self, rows: torch.Tensor | None) -> None:
-        if self._deferred is None:
+        if self._deferred is None or not self.defers_steps:
             return
         self._deferred.record_step(self.lr, rows)
         if self._deferred.must_settle:
@@ -247,6 +247,35 @@ class ShardedClassifier(nn.Module):
             write = (lambda rows, values: self._store_rows(rows, values, salt=1)) if self.low_precision else None
             self._deferred.settle_(self.weight.data, self.momentum_buffer, write)
             self.settles += 1
+
+    @property
+    def defers_steps(self) -> bool:
+        """Whether rows outside an active set can owe steps (``inactive_rows="continue"`` with
+        momentum or weight decay): then checkpoints carry what each row owes."""
+        return self.inactive_rows == "continue" and bool(self.momentum or self.weight_decay)
+
+    def _deferred_steps(self) -> DeferredSGD:
+        if self._deferred is None:
+            self._deferred = DeferredSGD(
+                self.num_local_classes, momentum=self.momentum, weight_decay=self.weight_decay, device=self.weight.device
+            )
+        return self._deferred
+
+    def deferred_state(self) -> dict:
+        """What the rows owe (``DeferredSGD.state_dict``; nothing owed before the first step),
+        to be saved beside the weights as they are stored: saving settles nothing, so a run
+        that saves takes the same steps, to the last bit, as one that does not."""
+        return self._deferred_steps().state_dict()
+
+    def empty_deferred_state(self) -> dict:
+        return self._deferred_steps().empty_state_dict()
+
+    def load_deferred_state(self, state: dict) -> None:
+        """Owe what a saved run owed (its weights and momentum loaded as stored). A head that
+        defers no steps (say, a resume with ``inactive_rows="frozen"``) pays the debt now."""
+        self._deferred_steps().load_state_dict(state)
+        if not self.defers_steps:
+            self.settle()
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
@@ -284,12 +313,8 @@ class ShardedClassifier(nn.Module):
         sub_buffer = self.momentum_buffer[active_rows] if self.momentum_buffer is not None else None
         sub_compensation = self.compensation[active_rows] if self.compensation is not None else None
         caught_up = False
-        if self.inactive_rows == "continue" and (self.momentum or self.weight_decay):
-            if self._deferred is None:
-                self._deferred = DeferredSGD(
-                    self.num_local_classes, momentum=self.momentum, weight_decay=self.weight_decay, device=self.weight.device
-                )
-            caught_up = self._deferred.catch_up_(active_rows, sub_weight, sub_buffer)  # the steps they sat out
+        if self.defers_steps:
+            caught_up = self._deferred_steps().catch_up_(active_rows, sub_weight, sub_buffer)  # the steps they sat out
         if self.low_precision and self.impl != "reference":
             if caught_up:
                 how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step, salt=1)

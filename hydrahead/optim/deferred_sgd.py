@@ -12,10 +12,14 @@ so a row that sat out n steps owes the product of the last n such 2x2 matrices. 
 them in a table (lag -> product, float64) that each applied step extends by one matrix,
 and the update count at which each row was last current. A row's debt is paid when it is
 next active (``catch_up``, before the loss reads it) or when every row must be exact
-(``settle``: evaluation, checkpoints, and at the latest every ``max_lag`` steps, which
+(``settle``: evaluation, prediction, and at the latest every ``max_lag`` steps, which
 bounds the table). The result is torch.optim.SGD's trajectory for a gradient that is
 zero outside the active rows, up to the rounding of applying a product instead of its
 factors one by one.
+
+That rounding depends on where the products are cut, so checkpoints do not settle: they
+save each row's debt and the table (``state_dict``), and a resumed run owes exactly what
+the saved one owed (``pay_owed_steps`` pays a checkpoint's debts for the tools that read it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from hydrahead.optim.low_precision import FORMATS, round_nearest
 
-__all__ = ["DeferredSGD"]
+__all__ = ["DeferredSGD", "pay_owed_steps"]
 
 _SETTLE_ROWS = 1 << 18  # rows settled per pass: bounds the float32 temporaries
 
@@ -70,16 +74,38 @@ class DeferredSGD:
             self.row_updates.index_fill_(0, active_rows.to(self.row_updates.device), self.updates)
 
     def _apply(self, rows, weight: torch.Tensor, buffer: torch.Tensor | None):
-        """(weight, buffer) of ``rows`` (an index or a slice) after the maps they owe, in
-        float32 (float64 for float64 rows)."""
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        lag = (self.updates - self.row_updates[rows]).long()
-        maps = self.table[lag].to(dtype)
-        w = weight.to(dtype)
-        if buffer is None:  # no momentum: the buffer is 0 between steps, only the decay of w remains
-            return maps[:, 0, 0, None] * w, None
-        b = buffer.to(dtype)
-        return (maps[:, 0, 0, None] * w + maps[:, 0, 1, None] * b), (maps[:, 1, 0, None] * w + maps[:, 1, 1, None] * b)
+        """(weight, buffer) of ``rows`` (an index or a slice) after the maps they owe."""
+        return pay_owed_steps(weight, buffer, self.updates - self.row_updates[rows], self.table)
+
+    # ------------------------------------------------------------------------------------
+    # Checkpoints: a save must not settle (where a run settles changes its last bits), so
+    # it stores the debts instead, and a resumed run owes exactly what the saved one did.
+    # ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``owed_steps`` (int32 per row: steps the row sat out since it was last current),
+        ``maps`` (the table) and ``since_settled`` (steps since every row was current; the
+        same on every rank)."""
+        return {
+            "owed_steps": (self.updates - self.row_updates).to(torch.int32),
+            "maps": self.table,
+            "since_settled": torch.tensor(self.updates - self.oldest, dtype=torch.int64),
+        }
+
+    def empty_state_dict(self) -> dict:
+        """Tensors shaped like ``state_dict()``, for a checkpoint load to fill."""
+        return {key: torch.empty_like(value) for key, value in self.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        since_settled = int(state["since_settled"])
+        owed = state["owed_steps"].to(device=self.row_updates.device, dtype=torch.int32)
+        if owed.shape != self.row_updates.shape or state["maps"].shape != self.table.shape:
+            raise ValueError(f"deferred steps for {tuple(owed.shape)} rows and a table of {tuple(state['maps'].shape)}; "
+                             f"this shard has {tuple(self.row_updates.shape)} rows and a table of {tuple(self.table.shape)}")
+        # Only differences of update counts matter: count from the last time every row was current.
+        self.updates, self.oldest = since_settled, 0
+        self.row_updates = since_settled - owed
+        self.table = state["maps"].to(device=self.table.device, dtype=torch.float64)
 
     @torch.no_grad()
     def catch_up_(self, rows: torch.Tensor, weight_rows: torch.Tensor, buffer_rows: torch.Tensor | None) -> bool:
@@ -117,3 +143,16 @@ class DeferredSGD:
                 buffer[rows] = b.to(buffer.dtype)
         self.row_updates.fill_(self.updates)
         self.oldest = self.updates
+
+
+def pay_owed_steps(weight: torch.Tensor, buffer: torch.Tensor | None, owed_steps: torch.Tensor, maps: torch.Tensor):
+    """(weight, buffer) of rows that owe ``owed_steps`` zero-gradient steps, after paying them
+    with ``maps`` (``DeferredSGD``'s table), in float32 (float64 for float64 rows). The
+    buffer is None without momentum (it is 0 between steps; only the decay of w remains)."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    owed = maps[owed_steps.to(device=maps.device, dtype=torch.long)].to(device=weight.device, dtype=dtype)
+    w = weight.to(dtype)
+    if buffer is None:
+        return owed[:, 0, 0, None] * w, None
+    b = buffer.to(dtype)
+    return (owed[:, 0, 0, None] * w + owed[:, 0, 1, None] * b), (owed[:, 1, 0, None] * w + owed[:, 1, 1, None] * b)

@@ -15,6 +15,10 @@ Output formats, chosen by OUT's extension:
   .npy          a (num_classes, embed_dim) array; bfloat16 is written as float32,
                 since numpy has no bfloat16
 
+Rows that sat out steps with head.inactive_rows=continue are exported as of the checkpoint's
+step: the steps they still owe are paid on the way (as training's settle pays them, rounded
+to nearest into the stored dtype).
+
 OUT is written as OUT.partial and renamed when complete: a crash never leaves a half-written OUT.
 """
 
@@ -39,7 +43,9 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
-from hydrahead.train.checkpoint import META_FILE, checkpoint_root, latest_checkpoint, read_meta
+from hydrahead.optim.deferred_sgd import pay_owed_steps
+from hydrahead.optim.low_precision import FORMATS, round_nearest
+from hydrahead.train.checkpoint import HEAD_DEFERRED, META_FILE, checkpoint_root, latest_checkpoint, read_meta
 from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
 TENSORS = ("weight", "momentum")
@@ -61,6 +67,43 @@ class _Head:
     step: int
     reader: SafeFileSystemReader
     metadata: Metadata
+    owed: OwedSteps | None = None  # the steps its rows still owe (see OwedSteps)
+
+
+class OwedSteps:
+    """The zero-gradient steps a checkpoint's head rows still owe (``inactive_rows=continue``).
+
+    A save pays none of them (``hydrahead.optim.deferred_sgd``): the rows are stored as they
+    were last written, beside ``head.owed_steps`` and the maps that pay them. ``pay`` turns a
+    block of stored rows into the rows of the checkpoint's step, as training's settle would
+    with round-to-nearest into the stored dtype.
+    """
+
+    def __init__(self, reader: SafeFileSystemReader, metadata: Metadata):
+        self.reader, self.metadata = reader, metadata
+        saved = metadata.state_dict_metadata
+        self.maps = _read_rows(reader, metadata, f"{HEAD_DEFERRED}.maps", 0, saved[f"{HEAD_DEFERRED}.maps"])
+        self.has_momentum = isinstance(saved.get("head.momentum"), TensorStorageMetadata)
+
+    def pay(self, tensor: str, start: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``start ..`` of head.``tensor`` (``rows``, as stored) after the steps they owe."""
+        def stored(name: str) -> torch.Tensor:
+            return _read_rows(self.reader, self.metadata, f"head.{name}", start, self.metadata.state_dict_metadata[f"head.{name}"], len(rows))
+
+        owed = stored("owed_steps")
+        weight = rows if tensor == "weight" else stored("weight")
+        momentum = None if not self.has_momentum else rows if tensor == "momentum" else stored("momentum")
+        weight, momentum = pay_owed_steps(weight, momentum, owed, self.maps)
+        paid = weight if tensor == "weight" else momentum
+        return round_nearest(paid, rows.dtype) if rows.dtype in FORMATS else paid.to(rows.dtype)
+
+
+def open_owed_steps(path: Path, reader: SafeFileSystemReader | None = None, metadata: Metadata | None = None) -> OwedSteps | None:
+    """The checkpoint's ``OwedSteps``, or None when its rows owe nothing (or it predates them)."""
+    if not read_meta(path).get(HEAD_DEFERRED):
+        return None
+    reader = reader or SafeFileSystemReader(path)
+    return OwedSteps(reader, metadata or reader.read_metadata())
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -96,7 +139,8 @@ def _open_head(checkpoint: str | os.PathLike, tensor: str) -> _Head:
     if tuple(saved.size) != (meta["num_classes"], meta["embed_dim"]):
         raise ValueError(f"{path}: {fqn} has shape {tuple(saved.size)} but {META_FILE} says ({meta['num_classes']}, {meta['embed_dim']})")
     _check_shards_tile_rows(path, fqn, saved)
-    return _Head(path, fqn, saved.size[0], saved.size[1], saved.properties.dtype, int(meta["step"]), reader, metadata)
+    return _Head(path, fqn, saved.size[0], saved.size[1], saved.properties.dtype, int(meta["step"]), reader, metadata,
+                 open_owed_steps(path, reader, metadata))
 
 
 def _check_shards_tile_rows(path: Path, fqn: str, saved: TensorStorageMetadata) -> None:
@@ -111,7 +155,7 @@ def _check_shards_tile_rows(path: Path, fqn: str, saved: TensorStorageMetadata) 
 
 
 class _RowBlockPlanner(SafeLoadPlanner):
-    """Loads rows [start, start + len(block)) of the 2-D tensor ``fqn`` into ``block``, nothing else."""
+    """Loads rows [start, start + len(block)) of the tensor ``fqn`` into ``block``, nothing else."""
 
     def __init__(self, fqn: str, start: int, block: torch.Tensor):
         super().__init__()
@@ -119,7 +163,7 @@ class _RowBlockPlanner(SafeLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         saved = self.metadata.state_dict_metadata[self.fqn]
-        wanted = ChunkStorageMetadata(offsets=torch.Size([self.start, 0]), sizes=self.block.shape)
+        wanted = ChunkStorageMetadata(offsets=torch.Size([self.start] + [0] * (self.block.dim() - 1)), sizes=self.block.shape)
         return LoadPlan(create_read_items_for_chunk_list(self.fqn, saved, [wanted]))
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
@@ -137,11 +181,21 @@ def _load(reader: SafeFileSystemReader, metadata: Metadata, planner: _RowBlockPl
     reader.read_data(planner.finish_plan(plan), planner).wait()
 
 
+def _read_rows(reader: SafeFileSystemReader, metadata: Metadata, fqn: str, start: int, saved: TensorStorageMetadata,
+               num_rows: int | None = None) -> torch.Tensor:
+    """Rows [start, start + num_rows) of the saved tensor ``fqn`` (all of them by default)."""
+    num_rows = saved.size[0] - start if num_rows is None else num_rows
+    block = torch.empty(num_rows, *saved.size[1:], dtype=saved.properties.dtype)
+    _load(reader, metadata, _RowBlockPlanner(fqn, start, block))
+    return block
+
+
 def _blocks(head: _Head, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    saved = head.metadata.state_dict_metadata[head.fqn]
+    tensor = head.fqn.removeprefix("head.")
     for start in range(0, head.num_classes, block_rows):
-        block = torch.empty(min(block_rows, head.num_classes - start), head.embed_dim, dtype=head.dtype)
-        _load(head.reader, head.metadata, _RowBlockPlanner(head.fqn, start, block))
-        yield start, block
+        block = _read_rows(head.reader, head.metadata, head.fqn, start, saved, min(block_rows, head.num_classes - start))
+        yield start, block if head.owed is None else head.owed.pay(tensor, start, block)
 
 
 def _check_block_rows(block_rows: int) -> None:

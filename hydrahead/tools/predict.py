@@ -66,7 +66,7 @@ from hydrahead.distributed.setup import BACKENDS, DistEnv, destroy_distributed, 
 from hydrahead.eval.metrics import WITHOUT_POSITIVES, add_sums, means, multi_label_sums, single_label_sums
 from hydrahead.head import ShardedClassifier
 from hydrahead.models import build_backbone
-from hydrahead.tools.export_head import resolve_checkpoint
+from hydrahead.tools.export_head import DEFAULT_BLOCK_ROWS, open_owed_steps, resolve_checkpoint
 from hydrahead.train import checkpoint as ckpt
 from hydrahead.train.trainer import autocast
 from hydrahead.train.safe_dcp import SafeFileSystemReader
@@ -262,6 +262,12 @@ def load_model(trained: Trained, env: DistEnv) -> tuple[nn.Module, ShardedClassi
     with warnings.catch_warnings():  # DCP's notice that ShardedTensor (see class_rows) is deprecated
         warnings.filterwarnings("ignore", message=".*ShardedTensor", category=FutureWarning)
         ckpt.load_checkpoint(env, trained.path, state)
+    owed = open_owed_steps(trained.path)
+    if owed is not None:  # rows that sat out steps pay what they owe, as training would have at this step
+        rows = head.weight.data
+        for start in range(0, rows.shape[0], DEFAULT_BLOCK_ROWS):
+            block = rows[start : start + DEFAULT_BLOCK_ROWS]
+            block.copy_(owed.pay("weight", head.class_start + start, block.cpu()))
     set_model_state_dict(backbone, state["backbone"])
     return backbone.eval(), head
 

@@ -12,7 +12,12 @@ A save goes into the ``.partial`` folder; once every rank has written, rank 0 ad
 ``meta.json`` and renames the folder to ``step-N`` in one atomic rename, so a kill at any
 moment leaves either the previous checkpoints or the new complete one.
 
-The head's per-class tensors (weight, momentum) are saved as sharded tensors whose shards
+The head's rows are saved as they are stored: with ``head.inactive_rows=continue`` over
+active rows, rows that sat out steps still owe them, and ``head.owed_steps`` (per class)
+and ``head_deferred`` (the maps that pay them) are saved beside them, so that a save
+changes nothing a resumed run reads (see ``hydrahead.optim.deferred_sgd``).
+
+The head's per-class tensors (weight, momentum, owed steps) are saved as sharded tensors whose shards
 carry their global row offsets (``class_start``). DCP records those offsets, so a later
 load on any number of ranks asks for its own class range and reads exactly the
 overlapping rows, however the classes were split when saving. (Plain tensors would not do:
@@ -37,6 +42,9 @@ from hydrahead.distributed.setup import DistEnv
 from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
 CHECKPOINTS = "checkpoints"
+# The head's deferred steps: ``head.owed_steps`` (per class) and this replicated item; its
+# name is also meta.json's flag for whether a checkpoint holds them.
+HEAD_DEFERRED = "head_deferred"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

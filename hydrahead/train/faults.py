@@ -11,8 +11,8 @@ Injected faults exist so that tests can break a run at a chosen step, determinis
 (``nan_loss``: NaN features on that rank, so the loss is NaN everywhere; ``nan_grad``: a
 NaN in that rank's head gradient; ``kill``: SIGKILL that rank, on torchrun's first
 attempt only; ``lost_label``: that rank's active rows lose the row of one label it owns,
-so the loss's merge check fails on every rank), plus ``sleep=SECONDS`` to slow every step
-down.
+so the loss's merge check fails on every rank; ``preempt``: that rank is asked to stop as
+by a signal, before the step), plus ``sleep=SECONDS`` to slow every step down.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 
 FAULT_ENV = "HYDRAHEAD_INJECT_FAULT"
-FAULT_KINDS = ("nan_loss", "nan_grad", "kill", "lost_label")
+FAULT_KINDS = ("nan_loss", "nan_grad", "kill", "lost_label", "preempt")
 PREEMPTION_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1") if hasattr(signal, name)
 )

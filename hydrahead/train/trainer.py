@@ -117,6 +117,14 @@ def check_resume_changes(saved: dict, current: dict, checkpoint: Path) -> list[s
     return [f"resuming with {key} changed from {old!r} to {new!r}" for key, (old, new) in changes.items() if key not in silent]
 
 
+def cpu_threads(cfg: Config, device: torch.device) -> int | None:
+    """Intra-op threads to pin (None: leave torch's default). CPU reductions split by thread
+    count, so a deterministic CPU run pins one count whatever the environment says."""
+    if cfg.run.cpu_threads is not None:
+        return cfg.run.cpu_threads
+    return 1 if cfg.head.index_deterministic and device.type == "cpu" else None
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         validate(cfg, world_size=env.world_size)
@@ -124,6 +132,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.device = env.device
         self.local_batch = local_batch_size(cfg.train.global_batch, env.world_size)
+        threads = cpu_threads(cfg, self.device)
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         # Same seed on every rank and at every world size: identical replicas from the start.
         torch.manual_seed(cfg.run.seed)
@@ -198,19 +209,31 @@ class Trainer:
     # State
     # ------------------------------------------------------------------------------------
 
-    def _state(self) -> dict:
-        """The DCP state dict: backbone and its optimizer (replicated), head rows (sharded by class)."""
+    def _state(self, deferred: dict | None = None) -> dict:
+        """The DCP state dict: backbone and its optimizer (replicated), head rows (sharded by
+        class). ``deferred``: the steps the head's rows owe (``ShardedClassifier.deferred_state``):
+        ``owed_steps`` is a per-class row tensor, the maps and their age are replicated."""
         model_state, optim_state = get_state_dict(self.backbone, self.backbone_optim)
         head_rows = {"weight": self.head.weight.data}
         if self.head.momentum_buffer is not None:
             head_rows["momentum"] = self.head.momentum_buffer
         if self.head.compensation is not None:
             head_rows["compensation"] = self.head.compensation
+        if deferred is not None:
+            head_rows["owed_steps"] = deferred["owed_steps"]
         head = {
             name: ckpt.class_rows(rows, self.head.class_start, self.head.num_classes, self.env.rank)
             for name, rows in head_rows.items()
         }
-        return {"backbone": model_state, "backbone_optim": optim_state, "head": head}
+        state = {"backbone": model_state, "backbone_optim": optim_state, "head": head}
+        if deferred is not None:
+            state[ckpt.HEAD_DEFERRED] = {"maps": deferred["maps"], "since_settled": deferred["since_settled"]}
+        return state
+
+    @property
+    def _saves_deferred_steps(self) -> bool:
+        """Rows can owe steps only when some sit out a step (a selection) and continue moving."""
+        return self.head.defers_steps and self.cfg.head.selection != "full"
 
     def _meta(self) -> dict:
         cfg = self.cfg
@@ -232,10 +255,15 @@ class Trainer:
             average_buffers(self.backbone_module, self.env.data_group)
 
     def save(self) -> Path:
-        self.head.settle()  # checkpoints hold every row's exact weights, no deferred steps
+        """Checkpoint the run as it stands. Nothing that training reads is changed by a save
+        (the head's deferred steps are saved, not paid), so a run's steps do not depend on
+        when it saved."""
         self._settle_buffers()
-        state, meta = self._state(), self._meta()
+        deferred = self.head.deferred_state() if self._saves_deferred_steps else None
+        state, meta = self._state(deferred), self._meta()
+        meta[ckpt.HEAD_DEFERRED] = deferred is not None
         if self.selector.saves_index:
+            self.selector.note_rows_moved(self.head.settles)  # what the next step's select would note
             # Per-rank keys: an index belongs to one shard and is reloaded only at the same world size.
             state["head_index"] = {f"rank{self.env.rank}": self.selector.index_state()}
             meta["head_index_world_size"] = self.env.world_size
@@ -295,8 +323,12 @@ class Trainer:
         for notice in check_resume_changes(meta["config"], config_to_dict(self.cfg), path):
             if self.env.is_main:
                 print(f"warning: {notice}", file=sys.stderr, flush=True)
-        state = self._state()
+        # Checkpoints from before deferred steps were saved hold settled rows: nothing is owed.
+        deferred = self.head.empty_deferred_state() if meta.get(ckpt.HEAD_DEFERRED) else None
+        state = self._state(deferred)
         ckpt.load_checkpoint(self.env, path, state)
+        if deferred is not None:
+            self.head.load_deferred_state({**state[ckpt.HEAD_DEFERRED], "owed_steps": deferred["owed_steps"]})
         set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
         self._resume_index(path, meta)
         self._resume_residuals(path, meta)
@@ -567,7 +599,8 @@ class Trainer:
                     time.sleep(self.faults.sleep_s)
                 log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
                 prefetch = data.prefetch if self.step + 1 < end else None  # no batch past the run's last step
-                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=watcher.requested, prefetch=prefetch)
+                preempt = watcher.requested or self.faults.fires("preempt", self.step + 1, env.rank)
+                result = self.train_step(inputs, labels, timed=log_now, preempt_requested=preempt, prefetch=prefetch)
                 self.step += 1
                 logger.advance()
                 if result["nonfinite"]:
@@ -592,6 +625,10 @@ class Trainer:
                         row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
                     logger.log_train(self.step, row)
                     pending_losses, interval_start = [], time.perf_counter()
+                # Evaluation first, also when preempted: it settles the head's deferred steps,
+                # which the uninterrupted run does at this step too.
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    logger.log_eval(self.step, self.evaluate())
                 if result["preempt"]:
                     path = self.save()
                     if env.is_main:
@@ -599,8 +636,6 @@ class Trainer:
                     logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
                     print(f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0", file=sys.stderr, flush=True)
                     return self.step
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                    logger.log_eval(self.step, self.evaluate())
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
                     path = self.save()
                     saved_at = self.step
