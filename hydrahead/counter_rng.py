@@ -12,9 +12,9 @@ import math
 
 import torch
 
-__all__ = ["counter_hash", "counter_normal", "counter_uniform"]
+__all__ = ["UINT64_MAX", "counter_hash", "counter_key", "counter_normal", "counter_uniform"]
 
-_MASK64 = (1 << 64) - 1
+_MASK64 = UINT64_MAX = (1 << 64) - 1  # seeds are any int64 or uint64
 # splitmix64 constants (Steele, Lea and Flood 2014).
 _GAMMA = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
@@ -63,6 +63,11 @@ def _stream_keys(seed: int, stream: int) -> tuple[int, int]:
     k1 = _mix64_int(_mix64_int(seed) + (2 * stream + 1) * _GAMMA)
     k2 = _mix64_int(k1 + _GAMMA)
     return _signed(k1), _signed(k2)
+
+
+def counter_key(seed: int, stream: int) -> int:
+    """One 64-bit unsigned value (a Python int) for a (seed, stream) pair: a scalar draw."""
+    return _mix64_int(_stream_keys(seed, stream)[0])
 
 
 def counter_hash(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:

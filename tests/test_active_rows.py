@@ -304,7 +304,7 @@ def test_deferred_checks_take_the_same_step_and_raise_when_read(impl, dtype, tol
     """A loss given a MergeChecks reads nothing back: its loss and update equal the checked
     loss's (float64 reference impl), and a missing owned label raises from the values read
     later, with the step still dropped by finish_step(skip=True)."""
-    from hydrahead.head.cross_entropy import MergeChecks
+    from hydrahead.distributed.sharded_softmax import MergeChecks
 
     _, labels, _, _ = problem(2)
     positives = torch.unique(labels[labels >= 0])
@@ -338,7 +338,7 @@ def test_a_non_finite_loss_over_active_rows_can_still_be_dropped_after_its_backw
     """The trainer runs the backward before it has read whether the loss is finite (with
     active rows, or the reference impl); skipping the step must leave weight and momentum as
     they were. The fused kernels over the whole shard step it in place: not discardable."""
-    from hydrahead.head.cross_entropy import MergeChecks
+    from hydrahead.distributed.sharded_softmax import MergeChecks
 
     features, labels, _, buffer = problem(2)
     features = features.clone()
@@ -360,7 +360,7 @@ def test_a_bad_shard_with_deferred_checks_runs_the_step_through_and_raises_when_
     MergeChecks every rank raises at the read, so until then the bad rank must run the
     forward and backward like the others (no local math) instead of failing on its own."""
     from hydrahead.head import sharded_cross_entropy
-    from hydrahead.head.cross_entropy import MergeChecks
+    from hydrahead.distributed.sharded_softmax import MergeChecks
     from hydrahead.kernels import triton_sharded_cross_entropy
     from hydrahead.kernels.fused_loss import FusedMicroBatches
 

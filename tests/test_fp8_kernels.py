@@ -13,7 +13,7 @@ import torch
 from dist_harness import run_ranks
 from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradient
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
-from hydrahead.head.cross_entropy import normalize_rows
+from hydrahead.distributed.sharded_softmax import normalize_rows
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from hydrahead.kernels.shard_ce import (
     feature_operand,

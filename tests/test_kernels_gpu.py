@@ -166,7 +166,7 @@ def test_gpu_ivf_search_agrees_with_the_gathered_search():
 
 
 def fp8_problem(seed, margin_type, batch=512, dim=512, num_classes=20_001):
-    from hydrahead.head.cross_entropy import normalize_rows
+    from hydrahead.distributed.sharded_softmax import normalize_rows
     from hydrahead.kernels.shard_ce import feature_operand, inverse_row_norms
 
     gen = torch.Generator().manual_seed(seed)
@@ -263,8 +263,9 @@ def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dt
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 def test_round_to_storage_on_the_gpu_equals_the_torch_path(dtype, rounding):
-    """On CUDA round_to_storage takes the one-launch kernel: the same values as the torch path on the CPU."""
-    from hydrahead.optim.low_precision import LowPrecisionUpdate, round_to_storage
+    """On CUDA the head's round_to_storage takes the one-launch kernel: the same values as the torch path on the CPU."""
+    from hydrahead.head.classifier import round_to_storage
+    from hydrahead.optim.low_precision import LowPrecisionUpdate
 
     gen = torch.Generator().manual_seed(9)
     exact = torch.randn(3000, 512, generator=gen) * torch.exp2(torch.randint(-12, 9, (3000, 1), generator=gen).float())

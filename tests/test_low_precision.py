@@ -6,11 +6,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from hydrahead.config import ConfigError, load_config, validate
 from hydrahead.head import ShardedClassifier
+from hydrahead.kernels.rounding import mix32 as triton_mix32
 from hydrahead.optim.low_precision import (
     LowPrecisionUpdate,
+    mix32,
     round_nearest,
     round_to_storage,
     rounding_uniforms,
@@ -140,6 +144,21 @@ def test_fp8_head_learns_with_stochastic_rounding_or_kahan_and_lags_without():
     assert abs(kahan - full) < 0.05
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_moving_the_head_moves_every_per_row_buffer(device):
+    """head.to(device) takes the weight, momentum, Kahan compensation and the deferred steps' state along."""
+    head = ShardedClassifier(50, 8, dtype=torch.bfloat16, momentum=0.9, weight_decay=1e-3, kahan_dtype=torch.bfloat16)
+    head.set_lr(0.1)
+    rows = torch.arange(5)
+    head.loss(torch.randn(5, 8), rows, rows).backward()
+    head.finish_step()
+    assert head._deferred.owing and head.compensation is not None
+    head.to(device)
+    tensors = {"weight": head.weight, "momentum": head.momentum_buffer, "compensation": head.compensation,
+               "row_updates": head._deferred.row_updates, "table": head._deferred.table}
+    assert {name: t.device.type for name, t in tensors.items()} == dict.fromkeys(tensors, device)
+
+
 def test_storage_options_are_checked():
     with pytest.raises(ValueError, match="fused kernels store"):
         ShardedClassifier(10, 4, dtype=torch.float16, impl="triton")
@@ -239,6 +258,27 @@ def _rows_to_round(seed: int, rows: int = 70, dim: int = 200):
     exact[0, :4] = torch.tensor([500.0, -460.0, 1e-6, 0.0])
     class_ids = torch.randint(0, 2**32 - 1, (rows,), generator=gen)
     return exact, class_ids
+
+
+@triton.jit
+def _mix32_kernel(X, OUT, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < n
+    x = tl.load(X + offsets, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    tl.store(OUT + offsets, triton_mix32(x).to(tl.int32, bitcast=True), mask=ok)
+
+
+def test_triton_mix32_equals_the_torch_mix32():
+    """The draws' 32-bit finaliser exists twice (torch for the reference path, Triton inside
+    the kernels); every rounding decision depends on the two agreeing bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.randint(0, 2**32, (4093,), generator=gen), torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    as_int32 = torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
+    out = torch.empty_like(as_int32)
+    _mix32_kernel[(triton.cdiv(len(values), 1024),)](as_int32, out, len(values), BLOCK=1024)
+    want = mix32(values)
+    assert torch.equal(out.long() & 0xFFFFFFFF, want)
+    assert (want != values).float().mean() > 0.99  # it does mix
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])

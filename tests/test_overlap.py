@@ -18,7 +18,7 @@ from hydrahead.comm.overlap import OverlappedHead, global_rows, micro_batch_boun
 from hydrahead.comm.timing import CommClock, union_ms
 from hydrahead.distributed.collectives import Pending, all_gather_features
 from hydrahead.head import ShardedClassifier
-from hydrahead.head.cross_entropy import MergeChecks
+from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from hydrahead.kernels.fused_loss import FusedMicroBatches
 from launcher import launch, metrics

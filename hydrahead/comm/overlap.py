@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hydrahead.comm.timing import CommClock
-from hydrahead.head.cross_entropy import MergeChecks, per_valid_label
+from hydrahead.distributed.sharded_softmax import MergeChecks, per_valid_label
 from hydrahead.distributed.collectives import all_gather_labels, group_rank, group_world_size, start_gather_rows, start_sum_own_rows
 
 

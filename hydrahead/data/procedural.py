@@ -28,15 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hydrahead.checks import check_int
-from hydrahead.counter_rng import (
-    _MASK64,
-    _mix64_int,
-    _stream_keys,
-    _uniform52,
-    counter_hash,
-    counter_normal,
-    counter_uniform,
-)
+from hydrahead.counter_rng import UINT64_MAX, counter_hash, counter_key, counter_normal, counter_uniform
 
 __all__ = [
     "ProceduralFeatures",
@@ -169,7 +161,7 @@ class ProceduralFeatures:
     ):
         check_int("num_classes", num_classes, 1, _MAX_CLASSES)
         check_int("feature_dim", feature_dim, 1)
-        check_int("seed", seed, -(1 << 63), _MASK64)
+        check_int("seed", seed, -(1 << 63), UINT64_MAX)
         check_int("family_size", family_size, 1)
         _check_float("family_spread", family_spread)
         _check_float("noise", noise)
@@ -197,7 +189,7 @@ class ProceduralFeatures:
         while math.gcd(stride, num_classes) != 1:
             stride += 1
         self._stride = stride % num_classes
-        self._offset = _mix64_int(_stream_keys(seed, _PERMUTE)[0]) % num_classes
+        self._offset = counter_key(seed, _PERMUTE) % num_classes
 
         # The only stored parameters; they do not grow with num_classes.
         rows = torch.arange(feature_dim, device=self.device)
@@ -256,7 +248,7 @@ class ProceduralFeatures:
         return ids
 
     def _labels(self, ids: torch.Tensor) -> torch.Tensor:
-        u = _uniform52(counter_hash(self.seed, _LABEL, ids))
+        u = counter_uniform(self.seed, _LABEL, ids)
         ranks = zipf_ranks(u, self.num_classes, self.zipf_exponent)
         # stride, rank < 2**31, so the product cannot overflow int64.
         return ranks.mul_(self._stride).add_(self._offset).remainder_(self.num_classes)

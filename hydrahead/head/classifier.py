@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -15,9 +17,10 @@ from hydrahead.distributed.collectives import (
     group_world_size,
 )
 from hydrahead.distributed.sharding import shard_range
-from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MARGIN_TYPES, MergeChecks, MicroBatches, _ShardProblem, sharded_cross_entropy
+from hydrahead.distributed.sharded_softmax import MARGIN_TYPES, MergeChecks
+from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MicroBatches, ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
-from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage
+from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage as round_to_storage_torch
 
 INIT_KINDS = ("normal", "uniform")
 IMPLS = ("reference", "triton")
@@ -49,6 +52,16 @@ def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, ini
         weight[start:stop].copy_(block)
 
 
+def round_to_storage(exact, dtype, class_ids, how: LowPrecisionUpdate, compensation=None) -> torch.Tensor:
+    """``hydrahead.optim.low_precision.round_to_storage``; on a GPU, float32 rows without
+    compensation take the one-launch kernel that rounds them bit for bit the same way."""
+    if exact.is_cuda and compensation is None and exact.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        from hydrahead.kernels.rounding import round_rows
+
+        return round_rows(exact, dtype, class_ids, how)
+    return round_to_storage_torch(exact, dtype, class_ids, how, compensation)
+
+
 @torch.no_grad()
 def _sgd_step_(weight, grad, buffer, lr, momentum, weight_decay) -> None:
     """torch.optim.SGD's step in place (weight decay added to the gradient, no dampening)."""
@@ -57,6 +70,16 @@ def _sgd_step_(weight, grad, buffer, lr, momentum, weight_decay) -> None:
         buffer.mul_(momentum).add_(step)
         step = buffer
     weight.add_(step.to(weight.dtype), alpha=-lr)
+
+
+class ActiveCopies(NamedTuple):
+    """A loss over active rows, until ``finish_step``: the rows (sorted local row numbers)
+    and the copies of their weight, momentum and compensation that the step updates."""
+
+    rows: torch.Tensor
+    weight: torch.Tensor
+    momentum: torch.Tensor | None
+    compensation: torch.Tensor | None
 
 
 class ShardedClassifier(nn.Module):
@@ -128,7 +151,7 @@ class ShardedClassifier(nn.Module):
         self.rounding = rounding
         if impl != "reference" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float8_e4m3fn):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
-        self._active = None  # (rows, weight, momentum, compensation copies) of a loss over active rows, until finish_step
+        self._active: ActiveCopies | None = None  # a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         self.settles = 0  # how many times settle() moved rows (an index over the rows must file them again)
@@ -172,11 +195,16 @@ class ShardedClassifier(nn.Module):
         self.lr = float(lr)
 
     def _apply(self, fn, recurse=True):
-        # keep the momentum buffer on the weight's device (it is not a registered buffer, so
-        # that module state dicts stay as they were; checkpoints store it explicitly)
+        # Keep the per-row optimizer state on the weight's device (it is not made of registered
+        # buffers, so that module state dicts stay as they were; checkpoints store it explicitly).
         super()._apply(fn, recurse)
-        if self.momentum_buffer is not None and self.momentum_buffer.device != self.weight.device:
-            self.momentum_buffer = self.momentum_buffer.to(self.weight.device)
+        device = self.weight.device
+        if self.momentum_buffer is not None:
+            self.momentum_buffer = self.momentum_buffer.to(device)
+        if self.compensation is not None:
+            self.compensation = self.compensation.to(device)
+        if self._deferred is not None:
+            self._deferred.to(device)
         return self
 
     @torch.no_grad()
@@ -195,7 +223,7 @@ class ShardedClassifier(nn.Module):
         grad, self.weight.grad = self.weight.grad, None
         active, self._active = self._active, None
         if active is not None:
-            rows, sub_weight, sub_buffer, sub_compensation = active
+            rows, sub_weight, sub_buffer, sub_compensation = active.rows, active.weight, active.momentum, active.compensation
             if skip:
                 return
             if self.impl == "reference":
@@ -282,7 +310,7 @@ class ShardedClassifier(nn.Module):
         """The weight gradient the next ``finish_step`` applies (reference impl): the full
         shard's, or the active rows' after a loss over ``active_rows``; None with triton."""
         if self._active is not None:
-            return self._active[1].grad
+            return self._active.weight.grad
         return self.weight.grad
 
     @property
@@ -321,7 +349,7 @@ class ShardedClassifier(nn.Module):
                 sub_weight = round_to_storage(sub_weight, self.weight.dtype, active_rows + self.class_start, how, sub_compensation)
             else:
                 sub_weight = stored
-        self._active = (active_rows, sub_weight, sub_buffer, sub_compensation)
+        self._active = ActiveCopies(active_rows, sub_weight, sub_buffer, sub_compensation)
         return sub_weight, sub_buffer, labels
 
     def _prepare(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None, check_rows: bool = True):
@@ -345,7 +373,7 @@ class ShardedClassifier(nn.Module):
 
             class_ids, compensation = self.class_start, self.compensation
             if self._active is not None:
-                class_ids, compensation = self._active[0] + self.class_start, self._active[3]
+                class_ids, compensation = self._active.rows + self.class_start, self._active.compensation
             update = SGDUpdate(
                 self.lr, self.momentum, self.weight_decay, buffer, rounding=self.rounding, seed=self.seed,
                 step=self.step, class_ids=class_ids, compensation=compensation,
@@ -423,7 +451,7 @@ class ShardedClassifier(nn.Module):
         if sizes is None and self.world_size > 1:
             sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
         features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
-        problem = _ShardProblem(
+        problem = ShardProblem(
             features, self.weight.detach(), None, self.class_start, self.logit_scale, 0.0, self.margin_type, self.ignore_index, self.chunk_size
         )
         scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)

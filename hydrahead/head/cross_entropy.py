@@ -10,8 +10,9 @@ Per step the ranks exchange two collectives of G floats:
 The backward needs no collective: with the global log-sum-exp saved, each rank forms
 softmax - onehot for its own classes chunk by chunk.
 
-The math (normalisation, margins, online log-sum-exp) lives in small pure functions; the
-collectives sit in ``_merge_across_shards``.
+The math (normalisation, margins, online log-sum-exp), the merge across shards (the only
+collectives) and the input checks live in ``hydrahead.distributed.sharded_softmax``, which
+the fused kernels share; this module holds the chunked torch computation of one shard.
 """
 
 from __future__ import annotations
@@ -21,65 +22,29 @@ import math
 import torch
 import torch.distributed as dist
 
-from hydrahead.distributed.collectives import group_world_size
+from hydrahead.distributed.sharded_softmax import (
+    MARGIN_TYPES,
+    MergeChecks,
+    check_global_inputs,
+    check_label_range,
+    local_error_code,
+    mean_loss_after_merge,
+    merge_across_shards,
+    merge_logsumexp,
+    normalize_rows,
+    normalize_rows_backward,
+    per_valid_label,
+    target_margin,
+)
 
-MARGIN_TYPES = ("none", "cosface", "arcface")
+__all__ = ["DEFAULT_CHUNK_SIZE", "MARGIN_TYPES", "MicroBatches", "ShardProblem", "sharded_cross_entropy"]
+
 DEFAULT_CHUNK_SIZE = 32768
-_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-
-# Problems only one rank can see (its own weight shard) travel as a code inside the MAX
-# all-reduce, so every rank raises instead of the healthy ones hanging in a collective.
-_LOCAL_ERRORS = {
-    1: "a rank's weight_shard is not a 2-D floating tensor with the features' width",
-    2: "a rank's class range [class_start, class_start + C_r) lies outside [0, num_classes)",
-}
 
 
 # ----------------------------------------------------------------------------------------
-# Pure math
+# Per-shard pieces shared by forward and backward
 # ----------------------------------------------------------------------------------------
-
-
-def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows divided by max(||row||, eps), and that divisor (as ``F.normalize``)."""
-    norm = x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-    return x / norm, norm
-
-
-def normalize_rows_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Gradient through ``x / max(||x||, eps)`` given the forward's unit rows and divisor."""
-    radial = (unit * grad_unit).sum(dim=1, keepdim=True)
-    clamped = norm <= _NORM_EPS  # below eps the divisor is a constant, so no radial term
-    return (grad_unit - torch.where(clamped, 0.0, radial) * unit) / norm
-
-
-def target_margin(cos: torch.Tensor, margin_type: str, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The margin-adjusted target cosine phi(cos) and its derivative d phi / d cos."""
-    if margin_type == "cosface":
-        return cos - margin, torch.ones_like(cos)
-    if margin_type == "arcface":
-        cos_m, sin_m = math.cos(margin), math.sin(margin)
-        sin_theta = (1.0 - cos * cos).clamp_min(0.0).sqrt()
-        phi = cos * cos_m - sin_theta * sin_m
-        dphi = cos_m + sin_m * cos / sin_theta.clamp_min(1e-30)
-        # theta + m > pi (cos < cos(pi - m)): cos(theta + m) would turn back up, so use
-        # the usual monotone continuation cos - m * sin(m).
-        beyond = cos < -cos_m
-        return torch.where(beyond, cos - margin * sin_m, phi), torch.where(beyond, 1.0, dphi)
-    return cos, torch.ones_like(cos)
-
-
-def merge_logsumexp(
-    running_max: torch.Tensor, running_sum: torch.Tensor, chunk_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one chunk's per-row log-sum-exp into a running (max, sum of exp(x - max)).
-
-    Keeping (max, sum) rather than a single lse lets the ranks merge with one MAX and one
-    SUM all-reduce.
-    """
-    new_max = torch.maximum(running_max, chunk_lse)
-    new_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(chunk_lse - new_max)
-    return new_max, new_sum
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -94,15 +59,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return (a @ b).to(out_dtype)
 
 
-# ----------------------------------------------------------------------------------------
-# Per-shard pieces shared by forward and backward
-# ----------------------------------------------------------------------------------------
-
-
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-class _ShardProblem:
+class ShardProblem:
     """Everything derived once per call: dtypes, operands, where the target logits sit.
 
     The logit scale is folded into the feature operand (G x D) so that no pass over the
@@ -163,165 +123,6 @@ class _ShardProblem:
         return logits, dphi
 
 
-def _merge_across_shards(running_max, running_sum, target_logit, owned_count, local_error, group):
-    """Global log-sum-exp and target logit per sample, with two collectives of ~G floats.
-
-    The local error code rides on the MAX all-reduce and the owned-label count on the SUM
-    all-reduce, so input checks add no collective of their own.
-    """
-    if group_world_size(group) == 1:
-        lse = running_max + torch.log(running_sum)
-        return lse, target_logit, owned_count, local_error
-    num_rows = running_max.shape[0]
-    error = running_max.new_full((1,), float(local_error))
-    maxima = torch.cat([running_max, error])
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    global_max, error = maxima[:num_rows], maxima[num_rows]
-    safe_max = torch.where(torch.isfinite(global_max), global_max, 0.0)
-    sums = torch.cat([running_sum * torch.exp(running_max - safe_max), target_logit, owned_count.reshape(1)])
-    dist.all_reduce(sums, group=group)
-    lse = safe_max + torch.log(sums[:num_rows])
-    return lse, sums[num_rows : 2 * num_rows], sums[2 * num_rows], error
-
-
-def _raise_if_failed(error: float, owned_total: float, num_valid: float, labels, valid, ignore_index) -> int:
-    """Raise what the merged checks (already read to the host) reveal; else the valid count."""
-    error, owned_total, num_valid = int(error), int(round(owned_total)), int(num_valid)
-    if error:
-        raise ValueError(f"sharded_cross_entropy: {_LOCAL_ERRORS[error]}")
-    if owned_total != num_valid:
-        raise ValueError(
-            f"{num_valid - owned_total} label(s) of the batch belong to no shard: labels must lie in "
-            f"[0, num_classes) or equal ignore_index={ignore_index}, and a loss over active rows needs "
-            f"every owned label among them; labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
-        )
-    return num_valid
-
-
-def raise_merge_errors(error, owned_total, num_valid, labels, valid, ignore_index) -> int:
-    """Raise what the collectives revealed (the same on every rank): one host read for all
-    checks. ``num_valid`` may be a device tensor (read in the same go); returns it as an int."""
-    values = (error, owned_total, num_valid)
-    tensors = [v.reshape(()).double() for v in values if isinstance(v, torch.Tensor)]
-    read = iter(torch.stack(tensors).tolist() if tensors else ())
-    error, owned_total, num_valid = (next(read) if isinstance(v, torch.Tensor) else v for v in values)
-    return _raise_if_failed(error, owned_total, num_valid, labels, valid, ignore_index)
-
-
-class MergeChecks:
-    """A loss's merge checks with the host read left to the caller.
-
-    A loss given ``checks=MergeChecks()`` raises nothing itself and keeps its valid count on
-    the device; the caller reads ``values()`` together with whatever else its step reads
-    (the trainer: in the same read as its finiteness flags) and passes what it read to
-    ``raise_if_failed``. Until then the loss and its gradients are only as sound as the
-    checks: a caller must not keep the step's updates before it has raised or not.
-    """
-
-    WIDTH = 3  # error code, owned labels, valid labels
-
-    def __init__(self):
-        self._pending: list[tuple] = []
-
-    def add(self, error, owned_total, num_valid, labels, valid, ignore_index) -> None:
-        self._pending.append((error, owned_total, num_valid, labels, valid, ignore_index))
-
-    def values(self, device: torch.device) -> torch.Tensor:
-        """float64 (WIDTH x number of losses,) on ``device``: no host read."""
-        # a Python number (a single shard's error code) as a fill: a copy from the host would sync
-        rows = [v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
-                else torch.full((), float(v), dtype=torch.float64, device=device) for entry in self._pending for v in entry[:3]]
-        return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
-
-    def raise_if_failed(self, values) -> None:
-        """``values``: ``values()`` as read to the host (a list of floats)."""
-        values = list(values)
-        if len(values) != self.WIDTH * len(self._pending):
-            raise ValueError(f"expected {self.WIDTH * len(self._pending)} values for {len(self._pending)} loss(es), got {len(values)}")
-        pending, self._pending = self._pending, []
-        for i, (_, _, _, labels, valid, ignore_index) in enumerate(pending):
-            _raise_if_failed(*values[self.WIDTH * i : self.WIDTH * (i + 1)], labels, valid, ignore_index)
-
-
-def per_valid_label(num_valid):
-    """The mean's divisor: max(num_valid, 1), for an int or a device count alike."""
-    return num_valid.clamp_min(1) if isinstance(num_valid, torch.Tensor) else max(num_valid, 1)
-
-
-def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks: MergeChecks | None = None):
-    """(mean loss, valid count). Raises what the collectives revealed; with ``checks`` that
-    is left to their owner and the count stays a device tensor (no host read)."""
-    if checks is None:
-        num_valid = raise_merge_errors(error, owned_total, valid.sum(), labels, valid, ignore_index)
-    else:
-        num_valid = valid.sum()
-        checks.add(error, owned_total, num_valid, labels, valid, ignore_index)
-    loss = torch.where(valid, lse - target_logit, 0.0).sum() / per_valid_label(num_valid)
-    return loss, num_valid
-
-
-# ----------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------
-
-
-def _check_global_inputs(features, labels, scale, margin, margin_type, chunk_size):
-    """Checks on inputs that are identical on every rank: every rank raises the same error."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-        raise ValueError(f"features must be a 2-D floating tensor (G x D), got {_describe(features)}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D tensor of class ids, got {_describe(labels)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows")
-    if labels.device != features.device:
-        raise ValueError(f"labels are on {labels.device} but features on {features.device}")
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
-        raise ValueError(f"margin must be a finite number, got {margin!r}")
-    if margin_type == "none" and margin != 0:
-        raise ValueError(f"margin={margin} needs margin_type 'cosface' or 'arcface' (got 'none')")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def _local_error_code(features, weight_shard, class_start, num_classes) -> int:
-    """Problems with this rank's own shard, reported through the collectives (see _LOCAL_ERRORS)."""
-    if (
-        not isinstance(weight_shard, torch.Tensor)
-        or weight_shard.dim() != 2
-        or not weight_shard.is_floating_point()
-        or weight_shard.shape[0] == 0
-        or weight_shard.shape[1] != features.shape[1]
-        or weight_shard.device != features.device
-    ):
-        return 1
-    if class_start < 0 or (num_classes is not None and class_start + weight_shard.shape[0] > num_classes):
-        return 2
-    return 0
-
-
-def _check_label_range(labels, ignore_index, num_classes):
-    """With num_classes known, an out-of-range label is found locally (costs one host sync)."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        first = int(torch.nonzero(bad)[0])
-        raise ValueError(
-            f"label {int(labels[first])} at position {first} is outside [0, {num_classes}) "
-            f"(and is not ignore_index={ignore_index}); {int(bad.sum())} such labels in the batch"
-        )
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
-
-
 # ----------------------------------------------------------------------------------------
 # The autograd function
 # ----------------------------------------------------------------------------------------
@@ -331,7 +132,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, chunk_size,
                 checks):
-        local_error = _local_error_code(features, weight_shard, class_start, num_classes)
+        local_error = local_error_code(features, weight_shard, class_start, num_classes)
         num_rows = features.shape[0]
         compute_dtype = torch.float64 if torch.float64 in (features.dtype, getattr(weight_shard, "dtype", None)) else torch.float32
         running_max = torch.full((num_rows,), -math.inf, dtype=compute_dtype, device=features.device)
@@ -341,7 +142,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index
 
         if local_error == 0:
-            problem = _ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+            problem = ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
             for start, stop, rows, cols in problem.chunks():
                 w_op, _, _ = problem.chunk_weight(start, stop)
                 logits, _ = problem.logits(w_op, rows, cols)
@@ -350,7 +151,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
                 del logits
             owned_count = problem.owned.sum().to(compute_dtype)
 
-        lse, target_logit, owned_total, error = _merge_across_shards(
+        lse, target_logit, owned_total, error = merge_across_shards(
             running_max, running_sum, target_logit, owned_count, local_error, group
         )
         loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks)
@@ -367,7 +168,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.local_error:  # a bad shard (with MergeChecks, raised on every rank once they are read): no local math
             return (torch.zeros_like(features) if need_features else None), *(None,) * 11
-        problem = _ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+        problem = ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
         compute = problem.compute_dtype
 
         # d loss / d logit = (softmax - onehot) * grad / num_valid on valid rows. Ignored rows
@@ -456,10 +257,10 @@ def sharded_cross_entropy(
     one host-device synchronisation per call, plus one more for the local range check when
     ``num_classes`` is given.
     """
-    _check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
+    check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
     labels = labels.long()
     if num_classes is not None:
-        _check_label_range(labels, ignore_index, num_classes)
+        check_label_range(labels, ignore_index, num_classes)
     with _autocast_off(features.device.type):
         return _ShardedCrossEntropy.apply(
             features, weight_shard, labels, int(class_start), group, num_classes,

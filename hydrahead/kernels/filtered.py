@@ -32,14 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hydrahead.kernels.rounding import onto_grid, rounding_plan
 from hydrahead.kernels.shard_ce import (
     FeatureOperand,
     SGDUpdate,
     _as_operand,
     _num_programs_target,
-    _onto_grid,
     _precision,
-    rounding_plan,
     tile_config,
 )
 
@@ -252,11 +251,11 @@ def _sgd_kernel(
     if HAS_COMP:
         new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
     ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
-    stored = _onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
+    stored = onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
                         STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE).to(W.dtype.element_ty)
     tl.store(W + tile, stored, mask=tile_ok)
     if HAS_COMP:
-        lost = _onto_grid(new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+        lost = onto_grid(new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
         tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
 
 

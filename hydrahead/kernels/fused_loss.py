@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hydrahead.head.cross_entropy import (
-    _check_global_inputs,
-    _check_label_range,
-    _local_error_code,
-    _merge_across_shards,
+from hydrahead.distributed.sharded_softmax import (
     MergeChecks,
+    check_global_inputs,
+    check_label_range,
+    local_error_code,
     mean_loss_after_merge,
-    per_valid_label,
-    raise_merge_errors,
+    merge_across_shards,
     normalize_rows,
     normalize_rows_backward,
+    per_valid_label,
+    raise_merge_errors,
 )
 from hydrahead.kernels import filtered as filtered_kernels
 from hydrahead.kernels.shard_ce import (
@@ -83,12 +83,12 @@ class _LocalPass:
 
     def merge(self, group):
         """(lse, target logit, owned labels over all ranks, error code) after the two all-reduces."""
-        return _merge_across_shards(self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group)
+        return merge_across_shards(self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group)
 
 
 def _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered, inv_norm=None):
     """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (exact mode)."""
-    local_error = _local_error_code(features, weight_shard, class_start, num_classes)
+    local_error = local_error_code(features, weight_shard, class_start, num_classes)
     num_rows, device = features.shape[0], features.device
     valid = labels != ignore_index
     out = _LocalPass(
@@ -239,14 +239,14 @@ def triton_sharded_cross_entropy(
     read (the incoming gradient, too, stays on the device).
     Logits never reach global memory; extra memory is O(G x D), not O(G x C_r).
     """
-    _check_global_inputs(features, labels, scale, margin, margin_type, 1)
+    check_global_inputs(features, labels, scale, margin, margin_type, 1)
     if margin_type not in FUSED_MARGIN_TYPES:
         raise ValueError(f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}")
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
     labels = labels.long()
     if num_classes is not None:
-        _check_label_range(labels, ignore_index, num_classes)
+        check_label_range(labels, ignore_index, num_classes)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return _FusedShardedCrossEntropy.apply(
             features, weight_shard, labels, int(class_start), group, num_classes, float(scale), float(margin),
@@ -274,7 +274,7 @@ class FusedMicroBatches:
             raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
         self.labels = labels.long()
         if num_classes is not None:
-            _check_label_range(self.labels, ignore_index, num_classes)
+            check_label_range(self.labels, ignore_index, num_classes)
         self.weight, self.class_start, self.group, self.num_classes = weight_shard, int(class_start), group, num_classes
         self.scale, self.margin, self.margin_type, self.ignore_index = float(scale), float(margin), margin_type, int(ignore_index)
         self.update, self.grad_filter = update, float(grad_filter)
@@ -292,7 +292,7 @@ class FusedMicroBatches:
 
     def chunk(self, features: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.labels[rows]
-        _check_global_inputs(features, labels, self.scale, self.margin, self.margin_type, 1)
+        check_global_inputs(features, labels, self.scale, self.margin, self.margin_type, 1)
         with torch.autocast(device_type=features.device.type, enabled=False):
             local_pass = _local_pass(
                 features, self.weight, labels, self.class_start, self.num_classes, self.scale, self.margin,

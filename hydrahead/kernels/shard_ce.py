@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.optim.low_precision import FORMATS, rounding_keys
+from hydrahead.kernels.rounding import INTERPRETED, onto_grid, rounding_plan, to_e5m2
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _forward_kernel(
             # A in bf16: FP8 tensor cores take K-major operands only, and an fp8 W tile is
             # D-major here (Triton's transposing path measured 3.7x slower than this one).
             if EXACT_CAST:  # the interpreter's bf16 is unreliable: bf16-rounded values in float32, same products
-                p16 = _onto_grid(p, 0, 0, 0, 0, False, True, 7, -126, 3.3895313892515355e38)
+                p16 = onto_grid(p, 0, 0, 0, 0, False, True, 7, -126, 3.3895313892515355e38)
                 acc = acc * alpha[:, None] + tl.dot(p16, w.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), w.to(tl.bfloat16))
@@ -121,58 +121,6 @@ def _forward_kernel(
     tl.store(L_OUT + out, l, mask=row_ok)
     tl.store(T_OUT + out, t, mask=row_ok)
     tl.store(A_OUT + out[:, None].to(tl.int64) * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
-
-
-@triton.jit
-def _mix32(x):
-    # the integer finaliser of hydrahead.optim.low_precision.rounding_uniforms, on uint32
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _grid_spacing(x, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
-    """(spacing, 1 / spacing) of a format's grid around each x: powers of two, float32 normals."""
-    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, MIN_EXP)
-    e = tl.maximum(e - MANT_BITS, -126)  # finer spacings (tiny bf16 subnormals) are not needed
-    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _onto_grid(x, ids, dims, key1, key2, STOCHASTIC: tl.constexpr, NEAREST: tl.constexpr,
-               MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr):
-    """x (float32) rounded onto a storage grid in float32 arithmetic, exactly, then saturated.
-
-    STOCHASTIC: up or down with the draws of rounding_uniforms (keyed by class id and dim).
-    NEAREST: ties to even, as the hardware conversion does (used under the interpreter,
-    whose float8 conversion loses the carry when rounding up into the next binade).
-    Otherwise x is left for the conversion to round.
-    """
-    if STOCHASTIC:
-        row_hash = _mix32(ids.to(tl.uint32) ^ key1)
-        h = _mix32((row_hash[:, None] + dims[None, :].to(tl.uint32) * 0x9E3779B9) ^ key2)
-        u = ((h >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
-        spacing, inverse = _grid_spacing(x, MANT_BITS, MIN_EXP)
-        t = x * inverse  # exact: a power of two
-        below = tl.floor(t)
-        x = (below + tl.where(t - below >= 1.0 - u, 1.0, 0.0)) * spacing
-    elif NEAREST:
-        spacing, inverse = _grid_spacing(x, MANT_BITS, MIN_EXP)
-        t = x * inverse
-        r = tl.floor(t + 0.5)
-        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
-        x = r * spacing
-    return tl.where(x > MAX_VALUE, MAX_VALUE, tl.where(x < -MAX_VALUE, -MAX_VALUE, x))
-
-
-@triton.jit
-def _to_e5m2(x, EXACT_CAST: tl.constexpr):
-    if EXACT_CAST:
-        x = _onto_grid(x, 0, 0, 0, 0, False, True, 2, -14, 57344.0)
-    return x.to(tl.float8e5)
 
 
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
@@ -222,7 +170,7 @@ def _weight_kernel(
             # P^T F with F's row scales folded into P (they sit on the summed axis), P in e5m2;
             # F^T's tile is K-major, as FP8 tensor cores want their operands.
             ft = tl.load(FT + dims[:, None].to(tl.int64) * stride_ft + rows[None, :], mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
-            p8 = _to_e5m2(p * (f_scale * p_scale)[:, None], EXACT_CAST)
+            p8 = to_e5m2(p * (f_scale * p_scale)[:, None], EXACT_CAST)
             grad = tl.dot(tl.trans(p8), tl.trans(ft), grad)
         else:
             grad += tl.dot(tl.trans(p.to(f.dtype)), f, input_precision=PRECISION)
@@ -249,13 +197,13 @@ def _weight_kernel(
             ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0)
         else:
             ids = first_class + cols
-        stored = _onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
+        stored = onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
                             STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE)
         stored = stored.to(W.dtype.element_ty)
         tl.store(W + tile, stored, mask=tile_ok)
         if HAS_COMP:
             lost = new - stored.to(tl.float32)
-            lost = _onto_grid(lost, ids, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+            lost = onto_grid(lost, ids, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
             tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
     else:
         tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
@@ -307,10 +255,6 @@ def _num_programs_target(device: torch.device) -> int:
 
 
 FP8 = torch.float8_e4m3fn
-# Triton's interpreter (3.9) loses the carry when a float8 conversion rounds up into the next
-# binade (1.97 -> 1.0 in e4m3); interpreted kernels round onto the grid first, exactly as the
-# hardware conversion does, so the conversion itself has nothing left to round.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _E5M2_TOP = 15  # operands of the softmax side are scaled so their largest magnitude is at most 2^15 (e5m2 max 57,344)
 
 
@@ -385,7 +329,7 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
         feats, operand.row_scale if operand.fp8 else feats,
         weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
         num_rows, num_classes, dim, feats.stride(0), weight.stride(0), per_split, scale, target_shift,
-        COSINE=cosine, FP8=operand.fp8, PRECISION=_precision(weight.dtype), EXACT_CAST=_INTERPRETED,
+        COSINE=cosine, FP8=operand.fp8, PRECISION=_precision(weight.dtype), EXACT_CAST=INTERPRETED,
         BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     split_max, split_sum, split_target = stats
@@ -397,39 +341,6 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     for split in range(1, splits):
         accumulated.addcmul_(partial[split], rescale[split, :, None])
     return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0), accumulated
-
-
-def _storage_grid(dtype: torch.dtype) -> tuple[int, int, float]:
-    """(mantissa bits, smallest normal exponent, largest finite value) of the weights' format."""
-    if dtype == torch.float64:
-        return 52, -1022, float(torch.finfo(torch.float64).max)
-    fmt = FORMATS[dtype]
-    return fmt.mantissa_bits, fmt.min_normal_exponent, float(fmt.max_value)
-
-
-def _signed32(key: int) -> int:
-    return key - (1 << 32) if key >= 1 << 31 else key
-
-
-@dataclass
-class RoundingPlan:
-    """How an update kernel writes W: the draws' keys and the storage grids, as kernel arguments."""
-
-    key1: int
-    key2: int
-    constants: dict
-
-
-def rounding_plan(weight: torch.Tensor, update: SGDUpdate | None) -> RoundingPlan:
-    stochastic = update is not None and update.rounding == "stochastic"
-    key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
-    mant_bits, min_exp, max_value = _storage_grid(weight.dtype)
-    compensation = update.compensation if update is not None else None
-    comp_bits, comp_min_exp, _ = _storage_grid(compensation.dtype if compensation is not None else torch.float32)
-    return RoundingPlan(_signed32(key1), _signed32(key2), dict(
-        STOCHASTIC=stochastic, MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
-        COMP_MANT_BITS=comp_bits, COMP_MIN_EXP=comp_min_exp, EXACT_CAST=_INTERPRETED and weight.dtype in (torch.bfloat16, FP8),
-    ))
 
 
 def shard_weight_backward(

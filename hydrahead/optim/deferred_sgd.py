@@ -46,6 +46,10 @@ class DeferredSGD:
         # table[n]: product of the last n maps, kept where the rows are (read at every catch-up)
         self.table = torch.eye(2, dtype=torch.float64, device=device).repeat(max_lag + 1, 1, 1)
 
+    def to(self, device) -> None:
+        """Keep the row counts and the table where the rows are."""
+        self.row_updates, self.table = self.row_updates.to(device), self.table.to(device)
+
     @property
     def owing(self) -> bool:
         """Whether any row lags behind the applied steps."""

@@ -92,8 +92,9 @@ _MIX32_MUL1, _MIX32_MUL2 = 0x7FEB352D, 0x846CA68B  # a 32-bit finaliser with low
 _DIM_STRIDE32 = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive dims over the hash's input
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit finaliser on uint32 values held in int64 (products wrap; the mask keeps 32 bits)."""
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit finaliser on uint32 values held in int64 (products wrap; the mask keeps 32 bits).
+    ``hydrahead.kernels.rounding.mix32`` is the same function in Triton, bit for bit."""
     x = x ^ (x >> 16)
     x = (x * _MIX32_MUL1) & _MASK32
     x = x ^ (x >> 15)
@@ -119,9 +120,9 @@ def rounding_uniforms(seed: int, step: int, class_ids: torch.Tensor, dim: int, s
     is exact in float32, so a float32 rounding decision ``frac >= 1 - u`` is exact.
     """
     k1, k2 = rounding_keys(seed, step, salt)
-    row_hash = _mix32((class_ids.long() & _MASK32) ^ k1)
+    row_hash = mix32((class_ids.long() & _MASK32) ^ k1)
     dims = torch.arange(dim, device=class_ids.device, dtype=torch.int64)
-    h = _mix32(((row_hash[:, None] + dims * _DIM_STRIDE32) & _MASK32) ^ k2)
+    h = mix32(((row_hash[:, None] + dims * _DIM_STRIDE32) & _MASK32) ^ k2)
     return ((h >> 9) * 2 + 1).double() * 2.0**-24
 
 
@@ -156,13 +157,9 @@ def round_to_storage(
     ``class_ids``: the rows' global class ids (keys of the stochastic draws).
     ``compensation`` (rows, D), the Kahan buffer of these rows: added to ``exact`` first,
     then overwritten in place with what this rounding lost.
-    On a GPU, float32 rows without compensation go through one kernel that rounds them
-    bit for bit the same way (``hydrahead.kernels.rounding``).
+    (``hydrahead.kernels.rounding.round_rows`` rounds float32 rows without compensation
+    bit for bit the same way, in one kernel.)
     """
-    if exact.is_cuda and compensation is None and exact.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        from hydrahead.kernels.rounding import round_rows
-
-        return round_rows(exact, dtype, class_ids, how)
     exact = exact.double()
     if compensation is not None:
         exact = exact + compensation.double()

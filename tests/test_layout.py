@@ -1,0 +1,110 @@
+"""The package's layout stays readable: imports between subpackages run one way, and no
+subpackage reaches into another's private (underscore) names."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hydrahead"
+
+
+def _node(root: Path, parts: list[str]) -> str | None:
+    """The subpackage (or top-level module) that dotted ``parts`` below the package name
+    falls in, or None for the package itself."""
+    return parts[0] if parts else None
+
+
+def _is_module(root: Path, parts: list[str]) -> bool:
+    path = root.joinpath(*parts)
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def import_edges(root: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """(subpackage -> subpackages it imports, private names imported across subpackages),
+    from every import in every file below ``root`` (function-level imports included)."""
+    name = root.name
+    edges: dict[str, set[str]] = {}
+    private: list[str] = []
+    for file in sorted(root.rglob("*.py")):
+        here = file.relative_to(root).with_suffix("").parts
+        source = _node(root, list(here))
+        if source == "__init__":
+            continue
+        edges.setdefault(source, set())
+        aliases: dict[str, list[str]] = {}  # local name -> module parts, for attribute access
+        tree = ast.parse(file.read_text(), filename=str(file))
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == name:
+                parts = node.module.split(".")[1:]
+                for alias in node.names:
+                    as_module = parts + [alias.name]
+                    if _is_module(root, as_module):
+                        targets.append((as_module, None))
+                        aliases[alias.asname or alias.name] = as_module
+                    else:
+                        targets.append((parts, alias.name))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == name:
+                        targets.append((parts[1:], None))
+                        if alias.asname:
+                            aliases[alias.asname] = parts[1:]
+            for parts, imported in targets:
+                target = _node(root, parts)
+                if target is None or target == source:
+                    continue
+                edges[source].add(target)
+                if imported is not None and imported.startswith("_"):
+                    private.append(f"{file.relative_to(root)}: {'.'.join([name, *parts])}.{imported}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                parts = aliases[node.value.id]
+                if node.attr.startswith("_") and not node.attr.startswith("__") and _node(root, parts) != source:
+                    private.append(f"{file.relative_to(root)}: {'.'.join([name, *parts])}.{node.attr}")
+    return edges, private
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as error:
+        return error.args[1]
+    return None
+
+
+def test_subpackages_import_each_other_one_way():
+    edges, _ = import_edges(PACKAGE)
+    assert {"head", "kernels", "distributed", "optim", "train"} <= edges.keys()  # the walk saw the package
+    assert find_cycle(edges) is None, f"import cycle between subpackages: {' -> '.join(find_cycle(edges))}"
+
+
+def test_no_subpackage_uses_another_ones_private_names():
+    _, private = import_edges(PACKAGE)
+    assert private == [], "private names used across subpackages:\n" + "\n".join(private)
+
+
+@pytest.fixture()
+def tangled(tmp_path) -> Path:
+    """A small package with both faults: a -> b -> a, and a private name of b used in a."""
+    root = tmp_path / "pkg"
+    for sub in ("a", "b", "c"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "a" / "x.py").write_text("from pkg.b.y import _hidden\n")
+    (root / "b" / "y.py").write_text("def f():\n    from pkg.a import x\n    return x\n_hidden = 1\n")
+    (root / "c" / "z.py").write_text("from pkg.b import y as why\nvalue = why._hidden\nfrom pkg.a.x import _hidden as own  # noqa\n")
+    return root
+
+
+def test_the_checks_can_fail(tangled):
+    edges, private = import_edges(tangled)
+    assert edges == {"a": {"b"}, "b": {"a"}, "c": {"a", "b"}}
+    assert set(find_cycle(edges)) == {"a", "b"}
+    assert sorted(private) == ["a/x.py: pkg.b.y._hidden", "c/z.py: pkg.a.x._hidden", "c/z.py: pkg.b.y._hidden"]
