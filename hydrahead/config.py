@@ -586,16 +586,196 @@ def describe_config() -> str:
     return "\n".join(lines)
 
 
+class _Checks:
+    """The problems one ``validate`` call finds; each section's validator adds to them."""
+
+    def __init__(self, cfg: Config, world_size: int | None):
+        self.cfg, self.world_size, self.problems = cfg, world_size, []
+
+    def need(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.problems.append(message)
+
+    def at_least(self, key: str, minimum: float, *, nullable: bool = False) -> None:
+        value = operator.attrgetter(key)(self.cfg)
+        ok = (nullable and value is None) or (value is not None and value >= minimum)
+        self.need(ok, f"{key} must be {'null or ' if nullable else ''}>= {minimum}, got {value}")
+
+    def positive(self, key: str, *, nullable: bool = False) -> None:
+        value = operator.attrgetter(key)(self.cfg)
+        ok = (nullable and value is None) or (value is not None and value > 0)
+        self.need(ok, f"{key} must be {'null or ' if nullable else ''}> 0, got {value}")
+
+    def fraction(self, key: str) -> None:
+        value = operator.attrgetter(key)(self.cfg)
+        self.need(0 <= value < 1, f"{key} must be in [0, 1), got {value}")
+
+
+def _check_run(c: _Checks) -> None:
+    c.need(bool(c.cfg.run.dir), "run.dir must not be empty")
+    c.at_least("run.cpu_threads", 1, nullable=True)
+
+
+def _check_train(c: _Checks) -> None:
+    t, world_size = c.cfg.train, c.world_size
+    c.positive("train.steps")
+    c.need(
+        t.stop_after is None or 1 <= t.stop_after <= t.steps,
+        f"train.stop_after must be null or in [1, train.steps={t.steps}], got {t.stop_after}",
+    )
+    c.positive("train.global_batch")
+    if world_size is not None:
+        c.need(
+            t.global_batch % world_size == 0,
+            f"train.global_batch={t.global_batch} is not divisible by the world size "
+            f"{world_size} (each rank takes global_batch / world_size samples)",
+        )
+    c.at_least("train.eval_every", 0)
+    c.need(
+        t.eval_every == 0 or t.eval_samples >= 1,
+        f"train.eval_samples must be >= 1 when train.eval_every > 0, got {t.eval_samples}",
+    )
+    c.at_least("train.grad_clip", 0)
+    c.at_least("train.max_skipped", 1)
+
+
+def _check_model(c: _Checks) -> None:
+    m, d = c.cfg.model, c.cfg.data
+    for name in ("embed_dim", "input_dim", "hidden_dim"):
+        c.positive(f"model.{name}")
+    c.at_least("model.depth", 0)
+    c.need(
+        m.backbone == "mlp" or d.kind in IMAGE_DATA_KINDS,
+        f"model.backbone={m.backbone} needs image data; data.kind={d.kind} gives feature "
+        f"vectors (use one of {', '.join(IMAGE_DATA_KINDS)})",
+    )
+    c.need(
+        not (m.backbone == "mlp" and d.kind == "procedural_features") or m.input_dim == d.feature_dim,
+        f"model.input_dim={m.input_dim} must equal data.feature_dim={d.feature_dim} for the mlp on procedural_features",
+    )
+
+
+def _check_head(c: _Checks) -> None:
+    h, cfg = c.cfg.head, c.cfg
+    c.at_least("head.num_classes", 1)
+    if c.world_size is not None:
+        c.need(
+            h.num_classes >= c.world_size,
+            f"head.num_classes={h.num_classes} is smaller than the world size {c.world_size}; every rank needs at least one class",
+        )
+    c.positive("head.scale")
+    c.at_least("head.margin", 0)
+    c.positive("head.lr", nullable=True)
+    c.fraction("head.momentum")
+    c.need(
+        h.momentum_dtype != "none" or h.momentum == 0,
+        f"head.momentum_dtype=none keeps no momentum buffer: set head.momentum=0 (got {h.momentum})",
+    )
+    c.at_least("head.weight_decay", 0)
+    c.at_least("head.chunk_size", 1)
+    c.positive("head.init_std")
+    c.at_least("head.grad_filter", 0)
+    c.need(
+        h.grad_filter == 0 or cfg.head_impl == "triton",
+        f"head.grad_filter={h.grad_filter} needs the fused kernels (head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
+    )
+    c.need(
+        h.impl == "reference" or h.margin_type != "arcface",
+        f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
+    )
+    _check_selection(c)
+
+
+def _check_selection(c: _Checks) -> None:
+    """head.selection, its budget and the knn index."""
+    h = c.cfg.head
+    if h.budget is not None:
+        c.need(
+            (isinstance(h.budget, int) and h.budget >= 1) or (isinstance(h.budget, float) and 0 < h.budget <= 1),
+            f"head.budget must be null, an int >= 1 or a fraction in (0, 1], got {h.budget}",
+        )
+    c.need(h.selection != "random" or h.budget is not None, "head.selection=random needs head.budget (a count per shard or a fraction)")
+    c.at_least("head.knn_k", 1)
+    c.need(not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}")
+    c.need(not (h.knn_fixed_size and h.budget is not None), "head.knn_fixed_size fills the active set itself: leave head.budget null")
+    for key in ("rebuild_every", "index_retrain_every", "index_nprobe"):
+        c.at_least(f"head.{key}", 1)
+    c.at_least("head.index_nlist", 1, nullable=True)
+    c.at_least("head.recall_every", 0)
+    c.need(
+        not (h.index == "torch" and h.index_type == "hnsw"),
+        "head.index_type=hnsw needs head.index=faiss (the torch backend has flat and ivf)",
+    )
+    c.need(
+        not (h.index_deterministic and (h.index == "faiss" or h.index_type == "hnsw")),
+        "head.index_deterministic=true saves the index in checkpoints, which the torch backend does: "
+        f"use head.index=torch or auto (got head.index={h.index}, head.index_type={h.index_type})",
+    )
+
+
+def _check_comm(c: _Checks) -> None:
+    comm, t, world_size = c.cfg.comm, c.cfg.train, c.world_size
+    c.positive("comm.bucket_mb")
+    c.at_least("comm.micro_batches", 1)
+    if world_size is not None and comm.overlap and t.global_batch % world_size == 0:
+        c.need(
+            comm.micro_batches <= t.global_batch // world_size,
+            f"comm.micro_batches={comm.micro_batches} exceeds the per-rank batch {t.global_batch // world_size} "
+            "(each micro-batch takes at least one sample of every rank)",
+        )
+    c.need(0 < comm.topk_density <= 1, f"comm.topk_density must be in (0, 1], got {comm.topk_density}")
+    c.at_least("comm.topk_warmup_steps", 0)
+    c.at_least("comm.topk_min_numel", 0)
+    c.at_least("comm.powersgd_rank", 1)
+    c.need(
+        comm.powersgd_start_step >= 2,
+        f"comm.powersgd_start_step must be >= 2 (PowerSGD's own minimum), got {comm.powersgd_start_step}",
+    )
+
+
+def _check_data(c: _Checks) -> None:
+    d = c.cfg.data
+    c.need(d.kind not in ("image_folder", "features") or bool(d.path), f"data.path is required for data.kind={d.kind}")
+    for name in ("feature_dim", "image_size", "family_size"):
+        c.at_least(f"data.{name}", 1)
+    for name in ("family_spread", "noise", "zipf_exponent", "num_workers"):
+        c.at_least(f"data.{name}", 0)
+
+
+def _check_optim(c: _Checks) -> None:
+    o, t = c.cfg.optim, c.cfg.train
+    c.positive("optim.lr")
+    c.fraction("optim.momentum")
+    c.at_least("optim.weight_decay", 0)
+    c.need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {_show(o.betas)}",
+    )
+    c.positive("optim.eps")
+    c.positive("optim.trust_coefficient")
+    c.need(0 <= o.warmup_steps <= t.steps, f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}")
+    c.positive("optim.poly_power")
+    c.need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+
+
+def _check_run_folder(c: _Checks) -> None:
+    """checkpoint, log and dist."""
+    c.at_least("checkpoint.every", 0)
+    c.at_least("checkpoint.keep", 1)
+    c.at_least("log.every", 1)
+    c.at_least("dist.timeout_s", 1)
+
+
+_SECTION_CHECKS = (_check_run, _check_train, _check_model, _check_head, _check_comm, _check_data, _check_optim, _check_run_folder)
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check types, choices and cross-field constraints; one ConfigError lists every problem."""
-    if world_size is not None and (
-        not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1
-    ):
+    if world_size is not None and (not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
         raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
 
-    problems: list[str] = []
-
     # Values set from Python bypass the checks done when loading, so repeat them here.
+    problems: list[str] = []
     for key, f, tp in _leaves():
         try:
             _check_value(key, operator.attrgetter(key)(cfg), f, tp)
@@ -604,150 +784,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
+    checks = _Checks(cfg, world_size)
+    for check_section in _SECTION_CHECKS:
+        check_section(checks)
+    if checks.problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(checks.problems))
+    _warn_about_ignored_keys(cfg)
 
-    t, m, h, d, o = cfg.train, cfg.model, cfg.head, cfg.data, cfg.optim
 
-    need(bool(cfg.run.dir), "run.dir must not be empty")
-    need(cfg.run.cpu_threads is None or cfg.run.cpu_threads >= 1, f"run.cpu_threads must be null or >= 1, got {cfg.run.cpu_threads}")
-
-    need(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
-    need(
-        t.stop_after is None or 1 <= t.stop_after <= t.steps,
-        f"train.stop_after must be null or in [1, train.steps={t.steps}], got {t.stop_after}",
-    )
-    need(t.global_batch > 0, f"train.global_batch must be > 0, got {t.global_batch}")
-    if world_size is not None:
-        need(
-            t.global_batch % world_size == 0,
-            f"train.global_batch={t.global_batch} is not divisible by the world size "
-            f"{world_size} (each rank takes global_batch / world_size samples)",
-        )
-    need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
-    need(
-        t.eval_every == 0 or t.eval_samples >= 1,
-        f"train.eval_samples must be >= 1 when train.eval_every > 0, got {t.eval_samples}",
-    )
-    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
-
-    for name in ("embed_dim", "input_dim", "hidden_dim"):
-        need(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
-    need(m.depth >= 0, f"model.depth must be >= 0, got {m.depth}")
-    need(
-        m.backbone == "mlp" or d.kind in IMAGE_DATA_KINDS,
-        f"model.backbone={m.backbone} needs image data; data.kind={d.kind} gives feature "
-        f"vectors (use one of {', '.join(IMAGE_DATA_KINDS)})",
-    )
-    need(
-        not (m.backbone == "mlp" and d.kind == "procedural_features")
-        or m.input_dim == d.feature_dim,
-        f"model.input_dim={m.input_dim} must equal data.feature_dim={d.feature_dim} "
-        "for the mlp on procedural_features",
-    )
-
-    need(h.num_classes >= 1, f"head.num_classes must be >= 1, got {h.num_classes}")
-    if world_size is not None:
-        need(
-            h.num_classes >= world_size,
-            f"head.num_classes={h.num_classes} is smaller than the world size {world_size}; "
-            "every rank needs at least one class",
-        )
-    need(h.scale > 0, f"head.scale must be > 0, got {h.scale}")
-    need(h.margin >= 0, f"head.margin must be >= 0, got {h.margin}")
-    need(h.lr is None or h.lr > 0, f"head.lr must be null or > 0, got {h.lr}")
-    need(0 <= h.momentum < 1, f"head.momentum must be in [0, 1), got {h.momentum}")
-    need(h.weight_decay >= 0, f"head.weight_decay must be >= 0, got {h.weight_decay}")
-    need(h.chunk_size >= 1, f"head.chunk_size must be >= 1, got {h.chunk_size}")
-    need(h.grad_filter >= 0, f"head.grad_filter must be >= 0, got {h.grad_filter}")
-    need(
-        h.grad_filter == 0 or cfg.head_impl == "triton",
-        f"head.grad_filter={h.grad_filter} needs the fused kernels (head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
-    )
-    need(
-        h.impl == "reference" or h.margin_type != "arcface",
-        f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
-    )
-    need(h.init_std > 0, f"head.init_std must be > 0, got {h.init_std}")
-    c = cfg.comm
-    need(c.bucket_mb > 0, f"comm.bucket_mb must be > 0, got {c.bucket_mb}")
-    need(c.micro_batches >= 1, f"comm.micro_batches must be >= 1, got {c.micro_batches}")
-    if world_size is not None and c.overlap and t.global_batch % world_size == 0:
-        need(
-            c.micro_batches <= t.global_batch // world_size,
-            f"comm.micro_batches={c.micro_batches} exceeds the per-rank batch {t.global_batch // world_size} "
-            "(each micro-batch takes at least one sample of every rank)",
-        )
-    need(0 < c.topk_density <= 1, f"comm.topk_density must be in (0, 1], got {c.topk_density}")
-    need(c.topk_warmup_steps >= 0, f"comm.topk_warmup_steps must be >= 0, got {c.topk_warmup_steps}")
-    need(c.topk_min_numel >= 0, f"comm.topk_min_numel must be >= 0, got {c.topk_min_numel}")
-    need(c.powersgd_rank >= 1, f"comm.powersgd_rank must be >= 1, got {c.powersgd_rank}")
-    need(c.powersgd_start_step >= 2, f"comm.powersgd_start_step must be >= 2 (PowerSGD's own minimum), got {c.powersgd_start_step}")
-    need(
-        h.momentum_dtype != "none" or h.momentum == 0,
-        f"head.momentum_dtype=none keeps no momentum buffer: set head.momentum=0 (got {h.momentum})",
-    )
-    if h.budget is not None:
-        need(
-            (isinstance(h.budget, int) and h.budget >= 1) or (isinstance(h.budget, float) and 0 < h.budget <= 1),
-            f"head.budget must be null, an int >= 1 or a fraction in (0, 1], got {h.budget}",
-        )
-    need(h.selection != "random" or h.budget is not None, "head.selection=random needs head.budget (a count per shard or a fraction)")
-    need(h.knn_k >= 1, f"head.knn_k must be >= 1, got {h.knn_k}")
-    need(not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}")
-    need(not (h.knn_fixed_size and h.budget is not None), "head.knn_fixed_size fills the active set itself: leave head.budget null")
-    need(h.rebuild_every >= 1, f"head.rebuild_every must be >= 1, got {h.rebuild_every}")
-    need(h.index_retrain_every >= 1, f"head.index_retrain_every must be >= 1, got {h.index_retrain_every}")
-    need(h.index_nlist is None or h.index_nlist >= 1, f"head.index_nlist must be null or >= 1, got {h.index_nlist}")
-    need(h.index_nprobe >= 1, f"head.index_nprobe must be >= 1, got {h.index_nprobe}")
-    need(h.recall_every >= 0, f"head.recall_every must be >= 0, got {h.recall_every}")
-    need(
-        not (h.index == "torch" and h.index_type == "hnsw"),
-        "head.index_type=hnsw needs head.index=faiss (the torch backend has flat and ivf)",
-    )
-    need(
-        not (h.index_deterministic and (h.index == "faiss" or h.index_type == "hnsw")),
-        "head.index_deterministic=true saves the index in checkpoints, which the torch backend does: "
-        f"use head.index=torch or auto (got head.index={h.index}, head.index_type={h.index_type})",
-    )
-
-    need(
-        d.kind not in ("image_folder", "features") or bool(d.path),
-        f"data.path is required for data.kind={d.kind}",
-    )
-    for name in ("feature_dim", "image_size", "family_size"):
-        need(getattr(d, name) >= 1, f"data.{name} must be >= 1, got {getattr(d, name)}")
-    for name in ("family_spread", "noise", "zipf_exponent"):
-        need(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
-    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    need(t.max_skipped >= 1, f"train.max_skipped must be >= 1, got {t.max_skipped}")
-
-    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    need(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        f"optim.betas must be two numbers in [0, 1), got {_show(o.betas)}",
-    )
-    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    need(o.trust_coefficient > 0, f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
-    need(
-        0 <= o.warmup_steps <= t.steps,
-        f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}",
-    )
-    need(o.poly_power > 0, f"optim.poly_power must be > 0, got {o.poly_power}")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-
-    need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
-    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
-    need(cfg.log.every >= 1, f"log.every must be >= 1, got {cfg.log.every}")
-    need(cfg.dist.timeout_s >= 1, f"dist.timeout_s must be >= 1, got {cfg.dist.timeout_s}")
-
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-    # Options that are valid but would be silently ignored.
+def _warn_about_ignored_keys(cfg: Config) -> None:
+    """Options that are valid but would be silently ignored."""
+    h, d = cfg.head, cfg.data
     if h.selection != "knn" and (h.index_deterministic or h.index_nlist is not None):
         warnings.warn(f"head.index_* keys are ignored because head.selection={h.selection}")
     if h.selection == "full" and h.budget is not None:

@@ -14,13 +14,13 @@ NUM_ROWS, DIM, NUM_QUERIES, K = 20_000, 32, 200, 10
 
 # kind, options, least recall@K on random data against exact search
 BACKENDS = [
-    ("torch", {}, 1.0),
-    ("torch_ivf", dict(nlist=64, nprobe=32), 0.9),
-    ("faiss", dict(faiss_type="flat"), 1.0),
-    ("faiss", dict(faiss_type="ivf", nlist=64, nprobe=32), 0.9),
-    ("faiss", dict(faiss_type="hnsw", hnsw_m=16), 0.9),
+    ("torch", dict(index_type="flat"), 1.0),
+    ("torch", dict(index_type="ivf", nlist=64, nprobe=32), 0.9),
+    ("faiss", dict(index_type="flat"), 1.0),
+    ("faiss", dict(index_type="ivf", nlist=64, nprobe=32), 0.9),
+    ("faiss", dict(index_type="hnsw", hnsw_m=16), 0.9),
 ]
-BACKEND_IDS = ["torch", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"]
+BACKEND_IDS = ["torch_flat", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_backend_clamps_k(kind, options, min_recall):
 
 def test_torch_ivf_rescores_with_current_weights(data):
     weight, queries, _ = data
-    index = make_index("torch_ivf", nlist=64, nprobe=4)
+    index = make_index("torch", "ivf", nlist=64, nprobe=4)
     index.build(weight)
     _, old_rows = index.search(queries[:1], K)
     # Turn the current 10th-best candidate of query 0 into its best match by far.
@@ -137,7 +137,7 @@ def test_torch_ivf_rescores_with_current_weights(data):
 
 def test_faiss_rescores_with_current_weights(data):
     weight, queries, _ = data
-    index = make_index("faiss", faiss_type="flat")
+    index = make_index("faiss", "flat")
     index.build(weight)
     _, old_rows = index.search(queries, K)
     current = weight.clone()
@@ -148,12 +148,12 @@ def test_faiss_rescores_with_current_weights(data):
     assert not torch.equal(rows, old_rows)
 
 
-@pytest.mark.parametrize("kind", ["faiss", "torch_ivf"])
-def test_missing_results_are_minus_one_with_minus_inf(kind):
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_missing_results_are_minus_one_with_minus_inf(backend):
     gen = torch.Generator().manual_seed(2)
     weight, queries = torch.randn(200, 8, generator=gen), torch.randn(16, 8, generator=gen)
     # 50 lists of ~4 rows, one probed: far fewer candidates than k.
-    index = make_index(kind, faiss_type="ivf", nlist=50, nprobe=1)
+    index = make_index(backend, "ivf", nlist=50, nprobe=1)
     index.build(weight)
     scores, rows = index.search(queries, 30)
     assert scores.shape == rows.shape == (16, 30)
@@ -180,7 +180,7 @@ def test_auto_picks_faiss_and_logs(data, caplog):
     assert recall_at_k(rows, exact_rows) == 1.0
 
 
-@pytest.mark.parametrize("num_rows,expected", [(300, "torch"), (3000, "torch_ivf")])
+@pytest.mark.parametrize("num_rows,expected", [(300, "torch_flat"), (3000, "torch_ivf")])
 def test_auto_without_faiss_picks_torch_by_size(monkeypatch, caplog, num_rows, expected):
     monkeypatch.setattr(index_mod, "faiss_available", lambda: False)
     weight, queries = torch.randn(num_rows, 8), torch.randn(5, 8)
@@ -200,9 +200,9 @@ def test_missing_faiss_names_the_install(monkeypatch):
         make_index("faiss")
 
 
-@pytest.mark.parametrize("kind", ["auto", "faiss", "torch", "torch_ivf"])
-def test_search_errors(kind):
-    index = make_index(kind)
+@pytest.mark.parametrize("backend, index_type", [("auto", "auto"), ("faiss", "auto"), ("torch", "flat"), ("torch", "ivf")])
+def test_search_errors(backend, index_type):
+    index = make_index(backend, index_type)
     with pytest.raises(RuntimeError, match="before build"):
         index.search(torch.randn(2, 8), 3)
     with pytest.raises(ValueError, match="2-D"):
@@ -217,14 +217,16 @@ def test_search_errors(kind):
 
 
 def test_make_index_rejects_bad_options():
-    with pytest.raises(ValueError, match="index kind"):
+    with pytest.raises(ValueError, match="index backend"):
         make_index("annoy")
     with pytest.raises(ValueError, match="metric"):
         make_index("torch", metric="cosine")
-    with pytest.raises(ValueError, match="faiss_type"):
-        make_index("faiss", faiss_type="pq")
+    with pytest.raises(ValueError, match="index_type"):
+        make_index("faiss", "pq")
+    with pytest.raises(ValueError, match="needs the faiss backend"):
+        make_index("torch", "hnsw")
     with pytest.raises(ValueError, match="nprobe"):
-        make_index("torch_ivf", nprobe=0)
+        make_index("torch", "ivf", nprobe=0)
     with pytest.raises(ValueError, match="k must be"):
         exact_topk(torch.randn(2, 4), torch.randn(5, 4), 0)
     with pytest.raises(ValueError, match="share D"):

@@ -291,11 +291,11 @@ def test_torch_exact_without_weight_copy():
 
 RECALL_K = 10
 RECALL_BACKENDS = [
-    ("torch", {}, 1.0),
-    ("torch_ivf", dict(nlist=100, nprobe=20), 0.9),
-    ("faiss", dict(faiss_type="flat"), 1.0),
-    ("faiss", dict(faiss_type="ivf", nlist=100, nprobe=20), 0.9),
-    ("faiss", dict(faiss_type="hnsw"), 0.9),
+    ("torch", dict(index_type="flat"), 1.0),
+    ("torch", dict(index_type="ivf", nlist=100, nprobe=20), 0.9),
+    ("faiss", dict(index_type="flat"), 1.0),
+    ("faiss", dict(index_type="ivf", nlist=100, nprobe=20), 0.9),
+    ("faiss", dict(index_type="hnsw"), 0.9),
 ]
 
 
@@ -310,7 +310,7 @@ def clustered():
 
 
 @pytest.mark.parametrize("cosine", [False, True])
-@pytest.mark.parametrize("kind,options,target", RECALL_BACKENDS, ids=["torch", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
+@pytest.mark.parametrize("kind,options,target", RECALL_BACKENDS, ids=["torch_flat", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
 def test_backend_recall_on_clustered_data(clustered, kind, options, target, cosine):
     pytest.importorskip("faiss")
     weight, queries = clustered
@@ -633,13 +633,23 @@ def test_bad_selector_options_fail_clearly(options, message):
         ActiveClassSelector(options.pop("selection"), START, STOP, **options)
 
 
+def test_saved_index_signatures_old_and_new():
+    selector = _selector(knn_k=2, index="torch", index_type="ivf", nlist=7, deterministic=True)
+    signature = selector.index_signature
+    assert signature["index"] == "torch" and signature["index_type"] == "ivf" and selector.loads_index_of(signature)
+    older = {"kind": "torch_ivf", **{k: v for k, v in signature.items() if k not in ("index", "index_type")}}
+    assert selector.loads_index_of(older)  # saved before backends took the config's names
+    assert not selector.loads_index_of({**older, "kind": "torch"}) and not selector.loads_index_of({**signature, "nlist": 8})
+    assert not selector.loads_index_of(None)
+
+
 def test_resolve_index_choices():
     cpu = torch.device("cpu")
     assert resolve_index("auto", "auto", num_rows=100, device=cpu, deterministic=False) == ("faiss", "flat")
     assert resolve_index("auto", "auto", num_rows=100, device=cpu, deterministic=True) == ("torch", "flat")
     big = index_mod.EXACT_MAX_ROWS + 1
-    assert resolve_index("auto", "auto", num_rows=big, device=cpu, deterministic=True) == ("torch_ivf", "flat")
-    assert resolve_index("torch", "ivf", num_rows=100, device=cpu, deterministic=False) == ("torch_ivf", "flat")
+    assert resolve_index("auto", "auto", num_rows=big, device=cpu, deterministic=True) == ("torch", "ivf")
+    assert resolve_index("torch", "ivf", num_rows=100, device=cpu, deterministic=False) == ("torch", "ivf")
     assert resolve_index("auto", "hnsw", num_rows=100, device=cpu, deterministic=False) == ("faiss", "hnsw")
     assert resolve_index("faiss", "ivf", num_rows=100, device=cpu, deterministic=False) == ("faiss", "ivf")
 

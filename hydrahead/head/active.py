@@ -55,8 +55,8 @@ logger = logging.getLogger("hydrahead.active")
 
 SELECTIONS = ("full", "random", "knn")
 _SELECTOR_STATE = ("built_step", "rebuilds", "dirty")  # saved beside the index's own tensors
-INDEX_BACKENDS = ("auto", "faiss", "torch")
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+# Signatures of indexes saved before backends and types were named as the config names them.
+_LEGACY_KINDS = {"torch": ("torch", "flat"), "torch_ivf": ("torch", "ivf")}
 
 
 @dataclass
@@ -69,29 +69,26 @@ class _Built:
 
 
 def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch.device, deterministic: bool) -> tuple[str, str]:
-    """(make_index kind, faiss type) for the ``head.index`` / ``head.index_type`` pair.
+    """The ``head.index`` / ``head.index_type`` pair with ``auto`` resolved, in the same names.
 
     ``auto`` backend: FAISS when it can serve this device (``index.faiss_serves``) and the
-    index need not be saved; torch otherwise. ``auto`` type: exact up
-    to ``EXACT_MAX_ROWS`` rows, IVF above.
+    index need not be saved; torch otherwise (hnsw: FAISS, the only one that has it).
+    ``auto`` type: exact (flat) up to ``EXACT_MAX_ROWS`` rows, ivf above.
     """
-    if backend not in INDEX_BACKENDS:
-        raise ValueError(f"index must be one of {INDEX_BACKENDS}, got {backend!r}")
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+    if backend not in class_index.BACKENDS:
+        raise ValueError(f"index must be one of {class_index.BACKENDS}, got {backend!r}")
+    if index_type not in class_index.INDEX_TYPES:
+        raise ValueError(f"index_type must be one of {class_index.INDEX_TYPES}, got {index_type!r}")
     if backend == "auto" and index_type == "hnsw":
-        backend = "faiss"  # only FAISS has it
+        backend = "faiss"
     elif backend == "auto":
         backend = "faiss" if class_index.faiss_serves(device) and not deterministic else "torch"
-    if index_type == "auto":
-        index_type = "flat" if num_rows <= class_index.EXACT_MAX_ROWS else "ivf"
-    if backend == "torch" and index_type == "hnsw":
-        raise ValueError("index_type=hnsw needs the faiss backend (the torch backend has flat and ivf)")
+    index_type = class_index.resolve_index_type(index_type, num_rows)
+    if backend == "torch" and index_type not in class_index.TORCH_TYPES:
+        raise ValueError(f"index_type={index_type} needs the faiss backend (the torch backend has flat and ivf)")
     if backend == "faiss" and deterministic:
         raise ValueError("a deterministic index is saved in checkpoints: use the torch backend (FAISS indexes hold a copy of every row)")
-    if backend == "faiss":
-        return "faiss", index_type
-    return ("torch" if index_type == "flat" else "torch_ivf"), "flat"
+    return backend, index_type
 
 
 class RowNorms:
@@ -172,20 +169,20 @@ class ActiveClassSelector:
         self.seed, self.ignore_index = seed, ignore_index
         self.recall_every, self.recall_queries = recall_every, recall_queries
         self.device = torch.device(device)
-        self.index_kind, self.faiss_type = None, None
+        self.index_backend, self.index_type = None, None  # head.index and head.index_type, resolved
         self._index_options = dict(nlist=nlist, nprobe=nprobe, seed=seed, cosine=cosine, copy_weights=False)
         if selection == "knn":
-            self.index_kind, self.faiss_type = resolve_index(
+            self.index_backend, self.index_type = resolve_index(
                 index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
             )
-            logger.info("knn index: %s%s over %d rows (%s)", self.index_kind,
-                        f" ({self.faiss_type})" if self.index_kind == "faiss" else "", self.shard_size,
+            logger.info("knn index: %s %s over %d rows (%s)", self.index_backend, self.index_type, self.shard_size,
                         "deterministic rebuilds" if deterministic else "background rebuilds")
+        torch_ivf = (self.index_backend, self.index_type) == ("torch", "ivf")
         # torch IVF: rows updated since the newest build began (only they need filing again).
-        self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if self.index_kind == "torch_ivf" else None
+        self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if torch_ivf else None
         self._rebuilds = 0  # rebuilds since k-means last ran
         self._rows_moved = 0
-        self._norms = RowNorms() if self.index_kind == "torch_ivf" and cosine and self.device.type == "cuda" else None
+        self._norms = RowNorms() if torch_ivf and cosine and self.device.type == "cuda" else None
         self._current: _Built | None = None
         self._pending: concurrent.futures.Future | None = None
         self._worker = None
@@ -255,7 +252,7 @@ class ActiveClassSelector:
     # ------------------------------------------------------------------------------------
 
     def _new_index(self) -> class_index.ClassIndex:
-        return class_index.make_index(self.index_kind, faiss_type=self.faiss_type, device=self.device, **self._index_options)
+        return class_index.make_index(self.index_backend, self.index_type, device=self.device, **self._index_options)
 
     def _plan_build(self) -> tuple[class_index.ClassIndex | None, torch.Tensor | None]:
         """(index to update, rows to file again), or (None, None) for a full build.
@@ -353,9 +350,16 @@ class ActiveClassSelector:
 
     @property
     def index_signature(self) -> dict:
-        """What a saved index must match to be loaded: its backend, lists and metric."""
-        return {"kind": self.index_kind, "nlist": self._index_options["nlist"], "cosine": self.cosine,
-                "retrain_every": self.retrain_every}
+        """What a saved index must match to be loaded: its backend and type, lists and metric."""
+        return {"index": self.index_backend, "index_type": self.index_type, "nlist": self._index_options["nlist"],
+                "cosine": self.cosine, "retrain_every": self.retrain_every}
+
+    def loads_index_of(self, signature: dict | None) -> bool:
+        """Whether an index saved with ``signature`` (from a checkpoint's meta) fits this selector."""
+        if signature is not None and "kind" in signature:  # saved before backends were named as the config names them
+            signature = {**signature}
+            signature["index"], signature["index_type"] = _LEGACY_KINDS.get(signature.pop("kind"), (None, None))
+        return signature == self.index_signature
 
     @property
     def saves_index(self) -> bool:
@@ -377,7 +381,7 @@ class ActiveClassSelector:
         if not self.saves_index:
             return {}
         state = {"built_step": torch.tensor(0), "rebuilds": torch.tensor(0)}
-        if self.index_kind == "torch_ivf":
+        if self._dirty is not None:
             state["dirty"] = torch.empty(self.shard_size, dtype=torch.bool, device=self.device)
             nlist = class_index._resolve_nlist(self._index_options["nlist"], self.shard_size)
             state["centroids"] = torch.empty(nlist, dim, device=self.device)

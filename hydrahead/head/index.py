@@ -6,13 +6,15 @@ answers that behind one small interface (``ClassIndex``): ``build`` from the sha
 weights (C_r x D), ``search`` with a batch of queries (B x D), get back
 ``(scores, rows)``, both (B, k), best first, rows being LOCAL row numbers 0..C_r-1.
 
-Backends:
-  * ``faiss``     - FAISS flat / IVF / HNSW inner-product index; a GPU index when
-                    ``faiss.StandardGpuResources`` exists and the index lives on CUDA.
-  * ``torch``     - exact chunked search in torch (the reference, any device).
-  * ``torch_ivf`` - inverted lists from a seeded k-means in torch; candidates are
-                    re-scored with the CURRENT weights, so a stale index only costs recall.
-  * ``auto``      - picks one of the above at build time and logs the choice.
+An index is named as the config names it (``head.index``, ``head.index_type``): a backend
+and a type, ``make_index(backend, index_type)``:
+  * ``faiss`` ``flat`` / ``ivf`` / ``hnsw`` - FAISS inner-product indexes; a GPU index when
+    ``faiss.StandardGpuResources`` exists and the index lives on CUDA.
+  * ``torch`` ``flat`` - exact chunked search in torch (the reference, any device).
+  * ``torch`` ``ivf``  - inverted lists from a seeded k-means in torch; candidates are
+    re-scored with the CURRENT weights, so a stale index only costs recall.
+  * ``auto`` backend - FAISS where it can serve the weights' device, else torch, chosen at
+    build time and logged; ``auto`` type - flat up to ``EXACT_MAX_ROWS`` rows, ivf above.
 
 Every index is a plain inner-product index. For cosine similarity the caller normalises
 both the queries and the weights it builds from (and re-scores with).
@@ -33,13 +35,15 @@ import torch
 
 logger = logging.getLogger("hydrahead.index")
 
-INDEX_KINDS = ("auto", "faiss", "torch", "torch_ivf")
+BACKENDS = ("auto", "faiss", "torch")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+TORCH_TYPES = ("flat", "ivf")  # the torch backend has no hnsw
 FAISS_TYPES = ("flat", "ivf", "hnsw")
 METRICS = ("ip",)
 DEFAULT_CHUNK_SIZE = 32768  # weight rows per matmul in the exact search
 DEFAULT_GATHER_ROWS = 65536  # candidate rows gathered per pass in torch_ivf
 DEFAULT_NPROBE = 32
-EXACT_MAX_ROWS = 2**20  # `auto` without FAISS: exact search up to this many rows
+EXACT_MAX_ROWS = 2**20  # index_type `auto`: exact (flat) search up to this many rows, ivf above
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
@@ -206,7 +210,7 @@ class TorchExactIndex(_IndexBase):
     weights and searches them directly, so the results are never stale.
     """
 
-    name = "torch"
+    name = "torch_flat"
 
     def __init__(
         self, chunk_size: int = DEFAULT_CHUNK_SIZE, device: torch.device | str | None = None, *,
@@ -605,32 +609,34 @@ class FaissIndex(_IndexBase):
 
 
 class AutoIndex(_IndexBase):
-    """Picks a backend when it sees the weights (their device and C_r), and logs it.
+    """Resolves an ``auto`` backend or type when it sees the weights (their device and C_r),
+    and logs the choice when it changes.
 
-    On CUDA: FAISS on the GPU if this FAISS has GPU support, else the torch backends
-    (copying every step's queries to a CPU index would cost more than searching on the GPU).
-    On the CPU: FAISS if importable, else torch. Torch means exact search up to
-    ``exact_max_rows`` rows, IVF above. The choice is logged when it changes.
+    Backend ``auto``: on CUDA, FAISS on the GPU if this FAISS has GPU support, else torch
+    (copying every step's queries to a CPU index would cost more than searching on the
+    GPU); on the CPU, FAISS if importable, else torch. Type ``auto``: flat up to
+    ``exact_max_rows`` rows, ivf above.
     """
 
     name = "auto"
 
-    def __init__(self, exact_max_rows: int = EXACT_MAX_ROWS, **options):
+    def __init__(self, backend: str = "auto", index_type: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS, **options):
         super().__init__()
-        self.exact_max_rows = exact_max_rows
+        self.backend_choice, self.index_type, self.exact_max_rows = backend, index_type, exact_max_rows
         self.options = options
         self.backend: ClassIndex | None = None
 
-    def _choose(self, weight: torch.Tensor) -> str:
-        if faiss_serves(torch.device(self.options.get("device") or weight.device)):
-            return "faiss"
-        return "torch" if weight.shape[0] <= self.exact_max_rows else "torch_ivf"
+    def _choose(self, weight: torch.Tensor) -> tuple[str, str]:
+        backend = self.backend_choice
+        if backend == "auto":
+            backend = "faiss" if faiss_serves(torch.device(self.options.get("device") or weight.device)) else "torch"
+        return backend, resolve_index_type(self.index_type, weight.shape[0], self.exact_max_rows)
 
     def build(self, weight: torch.Tensor) -> None:
         self._check_build(weight)
-        kind = self._choose(weight)
-        if self.backend is None or _kind_of(self.backend) != kind:
-            self.backend = _make_backend(kind, **self.options)
+        backend, index_type = self._choose(weight)
+        if self.backend is None or self.backend.name != f"{backend}_{index_type}":
+            self.backend = _make_backend(backend, index_type, **self.options)
             logger.info(
                 "index backend: %s for %d x %d weights on %s", self.backend.name, self.num_rows, self.dim,
                 self.options.get("device") or weight.device,
@@ -648,14 +654,17 @@ class AutoIndex(_IndexBase):
         return self.backend.search(queries, k, weight)
 
 
-def _kind_of(index: ClassIndex) -> str:
-    return "faiss" if isinstance(index, FaissIndex) else index.name
+def resolve_index_type(index_type: str, num_rows: int, exact_max_rows: int = EXACT_MAX_ROWS) -> str:
+    """``auto``: flat (exact) up to ``exact_max_rows`` rows, ivf above; any other type as it is."""
+    if index_type == "auto":
+        return "flat" if num_rows <= exact_max_rows else "ivf"
+    return index_type
 
 
 def _make_backend(
-    kind: str,
+    backend: str,
+    index_type: str,
     *,
-    faiss_type: str = "flat",
     nlist: int | None = None,
     nprobe: int = DEFAULT_NPROBE,
     hnsw_m: int = 32,
@@ -667,9 +676,9 @@ def _make_backend(
     cosine: bool = False,
     copy_weights: bool = True,
 ) -> ClassIndex:
-    if kind == "faiss":
-        return FaissIndex(faiss_type, nlist, nprobe, hnsw_m, hnsw_ef_search, seed, device, cosine=cosine)
-    if kind == "torch":
+    if backend == "faiss":
+        return FaissIndex(index_type, nlist, nprobe, hnsw_m, hnsw_ef_search, seed, device, cosine=cosine)
+    if index_type == "flat":
         return TorchExactIndex(chunk_size or DEFAULT_CHUNK_SIZE, device, cosine=cosine, copy_weights=copy_weights)
     return TorchIVFIndex(
         nlist, nprobe, num_iters, seed, chunk_size or DEFAULT_GATHER_ROWS, device, cosine=cosine, copy_weights=copy_weights
@@ -677,10 +686,10 @@ def _make_backend(
 
 
 def make_index(
-    kind: str = "auto",
+    backend: str = "auto",
+    index_type: str = "auto",
     *,
     metric: str = "ip",
-    faiss_type: str = "flat",
     nlist: int | None = None,
     nprobe: int = DEFAULT_NPROBE,
     hnsw_m: int = 32,
@@ -693,32 +702,37 @@ def make_index(
     cosine: bool = False,
     copy_weights: bool = True,
 ) -> ClassIndex:
-    """Make an (unbuilt) class index.
+    """Make an (unbuilt) class index: ``backend`` "auto", "faiss" or "torch", ``index_type``
+    "auto", "flat", "ivf" or "hnsw" (FAISS only), as ``head.index`` and ``head.index_type``.
 
-    kind: "auto", "faiss", "torch" (exact) or "torch_ivf". metric: only "ip"; for cosine,
-    normalise queries and weights before calling. faiss_type: "flat", "ivf" or "hnsw".
-    nlist defaults to ~4 sqrt(C_r); nprobe is clamped to nlist. chunk_size: weight rows
-    per matmul (torch) or candidate rows gathered per pass (torch_ivf). device: where the
-    index lives; defaults to the device of the weights it is built from. cosine: rows are
-    normalised when indexed and scored (queries must be normalised by the caller).
-    copy_weights=False: the torch backends keep no copy of the weights (a 25M x 512 shard
-    is 25 GB), so every search must pass the current ones; FAISS keeps its own always.
+    metric: only "ip"; for cosine, normalise queries and weights before calling, or pass
+    ``cosine``. nlist defaults to ~4 sqrt(C_r); nprobe is clamped to nlist. chunk_size:
+    weight rows per matmul (torch flat) or candidate rows gathered per pass (torch ivf).
+    device: where the index lives; defaults to the device of the weights it is built
+    from. cosine: rows are normalised when indexed and scored (queries must be normalised
+    by the caller). copy_weights=False: the torch backends keep no copy of the weights (a
+    25M x 512 shard is 25 GB), so every search must pass the current ones; FAISS keeps
+    its own always.
     """
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"index backend must be one of {BACKENDS}, got {backend!r}")
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+    if backend == "torch" and index_type not in ("auto", *TORCH_TYPES):
+        raise ValueError(f"index_type={index_type} needs the faiss backend (the torch backend has {', '.join(TORCH_TYPES)})")
     if metric not in METRICS:
         raise ValueError(
             f"index metric must be one of {METRICS}, got {metric!r}; for cosine similarity "
             "pass normalised queries and weights to an inner-product index"
         )
-    if faiss_type not in FAISS_TYPES:
-        raise ValueError(f"faiss_type must be one of {FAISS_TYPES}, got {faiss_type!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     options = dict(
-        faiss_type=faiss_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, hnsw_ef_search=hnsw_ef_search,
+        nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, hnsw_ef_search=hnsw_ef_search,
         chunk_size=chunk_size, num_iters=num_iters, seed=seed, device=device, cosine=cosine, copy_weights=copy_weights,
     )
-    if kind == "auto":
-        return AutoIndex(exact_max_rows, **options)
-    return _make_backend(kind, **options)
+    if backend == "faiss":
+        _import_faiss()  # name the install now, not at the first build
+    if "auto" in (backend, index_type):
+        return AutoIndex(backend, index_type, exact_max_rows, **options)
+    return _make_backend(backend, index_type, **options)

@@ -10,11 +10,10 @@ import warnings
 
 from torch import nn
 
+from hydrahead.config import BACKBONES  # the config's choices for model.backbone: one list
 from hydrahead.models.mlp import MLP
 from hydrahead.models.resnet import ResNet, resnet18, resnet34, resnet50
 from hydrahead.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
-
-BACKBONES = ("mlp", "resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
 
 _RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 FAULT_ENV = "HYDRAHEAD_INJECT_FAULT"
@@ -72,6 +73,14 @@ class FaultPlan:
 
     def fires(self, kind: str, step: int, rank: int) -> bool:
         return any(f.kind == kind and f.step == step and f.rank in (None, rank) for f in self.faults)
+
+    def before_step(self, step: int, rank: int) -> None:
+        """The faults that act on the process before ``step``: ``kill`` (this rank, on
+        torchrun's first attempt only, so the restarted group gets past it) and ``sleep``."""
+        if self.fires("kill", step, rank) and first_attempt():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
 
 
 def parse_faults(text: str | None) -> FaultPlan:

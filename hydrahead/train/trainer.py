@@ -44,7 +44,7 @@ from hydrahead.distributed.collectives import all_gather_labels, average_buffers
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
-from hydrahead.head.cross_entropy import MergeChecks
+from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.optim.speculative import StepSnapshot
@@ -298,7 +298,7 @@ class Trainer:
         if not self.selector.saves_index:
             return
         saved, signature = meta.get("head_index_world_size"), meta.get("head_index")
-        if saved != self.env.world_size or signature != self.selector.index_signature:
+        if saved != self.env.world_size or not self.selector.loads_index_of(signature):
             if self.env.is_main:
                 if saved is None:
                     why = "holds no index"
@@ -565,6 +565,43 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------------------------
 
+    def _metrics_row(self, lr: float, result: dict, losses: list[torch.Tensor], elapsed: float, data) -> dict:
+        """The metrics.jsonl row of a logged step: ``result`` is its ``train_step``'s, ``losses``
+        the finite losses since the last row, over ``elapsed`` seconds."""
+        cfg = self.cfg
+        row = {
+            "loss": float(losses[-1]), "lr": lr, "head_lr": self.head.lr,
+            "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
+            "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
+            **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
+            **{key: value for key, value in result.items() if key.startswith("ms_") or key == "comm_hidden"},
+        }
+        if self.topk is not None:
+            row["topk_density"] = self.topk.current_density()
+        row.update(self._selection_metrics())
+        if cfg.data.on_bad_sample == "skip":
+            row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
+        return row
+
+    def _evaluate_and_save(self, end: int, logger: MetricsLogger, *, preempted: bool) -> bool:
+        """After a step: evaluation and checkpoint as their cadence says, or the save of a
+        preempted run. True when the run must stop here (preempted and saved)."""
+        cfg, env = self.cfg, self.env
+        # Evaluation first, also when preempted: it settles the head's deferred steps, which
+        # the uninterrupted run does at this step too.
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            logger.log_eval(self.step, self.evaluate())
+        if preempted:
+            path = self.save()
+            if env.is_main:
+                (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step}\n")
+            logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
+            print(f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0", file=sys.stderr, flush=True)
+            return True
+        if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
+            logger.message(f"saved checkpoint {self.save()}")
+        return False
+
     def train(self) -> int:
         """Run (or continue) training to train.stop_after or train.steps; returns the last step."""
         cfg, env = self.cfg, self.env
@@ -588,15 +625,12 @@ class Trainer:
                 logger.message(f"nothing to do: step {self.step} already reached {end}")
                 return self.step
             data = batches(self.train_data, start_step=self.step, global_batch=cfg.train.global_batch, rank=env.rank, world_size=env.world_size, device=self.device, num_workers=cfg.data.num_workers)
-            pending_losses, interval_start, saved_at = [], time.perf_counter(), None
+            pending_losses, interval_start = [], time.perf_counter()
             while self.step < end:
                 lr = self._set_learning_rates()
                 self._seed_step()
                 inputs, labels = next(data)
-                if self.faults.fires("kill", self.step + 1, env.rank) and first_attempt():
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if self.faults.sleep_s:
-                    time.sleep(self.faults.sleep_s)
+                self.faults.before_step(self.step + 1, env.rank)
                 log_now = (self.step + 1) % cfg.log.every == 0 or self.step + 1 == end
                 prefetch = data.prefetch if self.step + 1 < end else None  # no batch past the run's last step
                 preempt = watcher.requested or self.faults.fires("preempt", self.step + 1, env.rank)
@@ -609,38 +643,10 @@ class Trainer:
                     self.skipped_in_a_row = 0
                     pending_losses.append(result["loss"])
                 if log_now and pending_losses:
-                    elapsed = time.perf_counter() - interval_start
-                    losses = torch.stack(pending_losses).tolist()
-                    row = {
-                        "loss": losses[-1], "lr": lr, "head_lr": self.head.lr,
-                        "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
-                        "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
-                        **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
-                        **{key: value for key, value in result.items() if key.startswith("ms_") or key == "comm_hidden"},
-                    }
-                    if self.topk is not None:
-                        row["topk_density"] = self.topk.current_density()
-                    row.update(self._selection_metrics())
-                    if cfg.data.on_bad_sample == "skip":
-                        row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
-                    logger.log_train(self.step, row)
+                    logger.log_train(self.step, self._metrics_row(lr, result, pending_losses, time.perf_counter() - interval_start, data))
                     pending_losses, interval_start = [], time.perf_counter()
-                # Evaluation first, also when preempted: it settles the head's deferred steps,
-                # which the uninterrupted run does at this step too.
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                    logger.log_eval(self.step, self.evaluate())
-                if result["preempt"]:
-                    path = self.save()
-                    if env.is_main:
-                        (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step}\n")
-                    logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
-                    print(f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0", file=sys.stderr, flush=True)
+                if self._evaluate_and_save(end, logger, preempted=result["preempt"]):
                     return self.step
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
-                    path = self.save()
-                    saved_at = self.step
-                    logger.message(f"saved checkpoint {path}")
-            assert saved_at == self.step
             return self.step
         finally:
             if data is not None:
