@@ -28,9 +28,19 @@ from hydrahead.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN = [
-    "train.steps=6", "train.global_batch=32", "train.eval_every=6", "train.eval_samples=64",
-    "model.embed_dim=16", "model.hidden_dim=32", "model.input_dim=16", "data.feature_dim=16",
-    "head.num_classes=300", "head.weight_dtype=fp32", "optim.warmup_steps=2", "log.progress=false", "checkpoint.every=0",
+    "train.steps=6",
+    "train.global_batch=32",
+    "train.eval_every=6",
+    "train.eval_samples=64",
+    "model.embed_dim=16",
+    "model.hidden_dim=32",
+    "model.input_dim=16",
+    "data.feature_dim=16",
+    "head.num_classes=300",
+    "head.weight_dtype=fp32",
+    "optim.warmup_steps=2",
+    "log.progress=false",
+    "checkpoint.every=0",
 ]
 
 
@@ -40,18 +50,31 @@ def add_arguments(parser: argparse.ArgumentParser, *, name: str) -> None:
     parser.add_argument("--gpus", type=int, default=1, help="processes per run (GPUs; CPU ranks with --dry-run)")
     parser.add_argument("--name", default=name, help="results file name (without .json)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed to one run")
-    parser.add_argument("--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
 
 def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dict:
     overrides = [
-        f"run.dir={run_dir}", f"run.seed={seed}", "log.progress=false",
-        *(DRY_RUN if args.dry_run else []), *args.overrides, *variant_overrides,
+        f"run.dir={run_dir}",
+        f"run.seed={seed}",
+        "log.progress=false",
+        *(DRY_RUN if args.dry_run else []),
+        *args.overrides,
+        *variant_overrides,
     ]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-        str(REPO / "launch" / "train.py"), "--config", args.config, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.gpus}",
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        args.config,
+        *overrides,
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if args.dry_run:
@@ -97,15 +120,25 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
     shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
     for method, variant_overrides in variants.items():
         for seed in seeds:
-            if any(r["method"] == method and r["seed"] == seed and r["shape"] == shape and not r.get("note") for r in records):
+            if any(
+                r["method"] == method and r["seed"] == seed and r["shape"] == shape and not r.get("note")
+                for r in records
+            ):
                 continue
             print(f"== {method} seed {seed}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
             ms = result.get("head_ms")
             row = {
-                "method": method, "shape": shape, **extra_fields(method), "overrides": variant_overrides, "seed": seed,
-                "ms": ms, "floor_ms": floor_ms, "ratio": ms / floor_ms if ms and floor_ms else None, **result,
+                "method": method,
+                "shape": shape,
+                **extra_fields(method),
+                "overrides": variant_overrides,
+                "seed": seed,
+                "ms": ms,
+                "floor_ms": floor_ms,
+                "ratio": ms / floor_ms if ms and floor_ms else None,
+                **result,
             }
             print(json.dumps(row), flush=True)
             records.append(row)
@@ -116,10 +149,16 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
     failed = [r for r in records if r["shape"] == shape and r.get("note")]
     summary = summarize(rows, list(variants))
     payload = {
-        **environment(), "benchmark": args.name, "config": args.config, "overrides": args.overrides,
-        "eval_samples": cfg.train.eval_samples, "matmul_tflops_bf16": tflops,
+        **environment(),
+        "benchmark": args.name,
+        "config": args.config,
+        "overrides": args.overrides,
+        "eval_samples": cfg.train.eval_samples,
+        "matmul_tflops_bf16": tflops,
         "floor": "8*G*D*C_r of the full head per step at the bf16 matmul rate measured in this run",
-        "what": what, "summary": summary, "rows": rows,
+        "what": what,
+        "summary": summary,
+        "rows": rows,
     }
     path = write_results(args.name, payload)
     plot_study(payload, path.with_suffix(".png"))
@@ -129,8 +168,19 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
         print(f"failed: {r['method']} seed {r['seed']}: {r['note']}", file=sys.stderr)
     if not summary:
         sys.exit("no run finished")
-    print_table(summary, ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "active_classes_mean",
-                          "knn_recall_mean", "head_ms_median"])
+    print_table(
+        summary,
+        [
+            "method",
+            "seeds",
+            "eval_top1_mean",
+            "eval_top1_spread",
+            "eval_loss_mean",
+            "active_classes_mean",
+            "knn_recall_mean",
+            "head_ms_median",
+        ],
+    )
 
 
 def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
@@ -144,15 +194,20 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
         active = [r["active_classes"] for r in group if r.get("active_classes") is not None]
         recall = [r["knn_recall"] for r in group if r.get("knn_recall") is not None]
         times = [r["ms"] for r in group if r["ms"] is not None]
-        summary.append({
-            "method": method, "seeds": len(group), "eval_top1_mean": statistics.mean(top1),
-            "eval_top1_spread": max(top1) - min(top1), "eval_top1_stdev": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
-            "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
-            "active_classes_mean": statistics.mean(active) if active else None,
-            "knn_recall_mean": statistics.mean(recall) if recall else None,
-            "head_ms_median": statistics.median(times) if times else None,
-        })
+        summary.append(
+            {
+                "method": method,
+                "seeds": len(group),
+                "eval_top1_mean": statistics.mean(top1),
+                "eval_top1_spread": max(top1) - min(top1),
+                "eval_top1_stdev": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
+                "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
+                "active_classes_mean": statistics.mean(active) if active else None,
+                "knn_recall_mean": statistics.mean(recall) if recall else None,
+                "head_ms_median": statistics.median(times) if times else None,
+            }
+        )
     return summary
 
 
@@ -165,10 +220,16 @@ def plot_curves(payload: dict, png: Path) -> None:
     fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     for r in rows:
-        label = r["method"].removeprefix("hydrahead-") if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None
+        label = (
+            r["method"].removeprefix("hydrahead-")
+            if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"])
+            else None
+        )
         loss_ax.plot(*zip(*r["loss_curve"]), color=colours[r["method"]], alpha=0.7, linewidth=1, label=label)
         if r.get("eval_curve"):
-            top1_ax.plot(*zip(*[(s, 100 * v) for s, v in r["eval_curve"]]), marker="o", color=colours[r["method"]], alpha=0.7)
+            top1_ax.plot(
+                *zip(*[(s, 100 * v) for s, v in r["eval_curve"]]), marker="o", color=colours[r["method"]], alpha=0.7
+            )
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("training loss")
     top1_ax.set_xlabel("step")
@@ -191,15 +252,23 @@ def plot_study(payload: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods) + 2), 4.5))
     for i, row in enumerate(payload["summary"]):
         ax.bar(i, 100 * row["eval_top1_mean"], color="tab:blue" if "full" in row["method"] else "tab:orange", alpha=0.6)
-        seeds = [100 * r["eval_top1"] for r in payload["rows"] if r["method"] == row["method"] and r.get("eval_top1") is not None]
+        seeds = [
+            100 * r["eval_top1"]
+            for r in payload["rows"]
+            if r["method"] == row["method"] and r.get("eval_top1") is not None
+        ]
         ax.plot([i] * len(seeds), seeds, "k.", markersize=6)
     means = [100 * row["eval_top1_mean"] for row in payload["summary"]]
     spread = max(means) - min(means)
     ax.set_ylim(min(means) - max(1.0, spread), max(means) + max(1.0, spread))
-    ax.set_xticks(range(len(methods)), [m.removeprefix("hydrahead-") for m in methods], fontsize=7, rotation=20, ha="right")
+    ax.set_xticks(
+        range(len(methods)), [m.removeprefix("hydrahead-") for m in methods], fontsize=7, rotation=20, ha="right"
+    )
     ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
     shape = payload["rows"][0]["shape"] if payload["rows"] else ""
-    ax.set_title(f"{payload['benchmark']}: {shape}\n{payload['device']}, bars: mean over seeds, dots: seeds", fontsize=8)
+    ax.set_title(
+        f"{payload['benchmark']}: {shape}\n{payload['device']}, bars: mean over seeds, dots: seeds", fontsize=8
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -214,4 +283,7 @@ if __name__ == "__main__":
         payload["summary"] = summarize(payload["rows"], [r["method"] for r in payload["summary"]])
         path.write_text(json.dumps(payload, indent=2) + "\n")
         plot_study(payload, path.with_suffix(".png"))
-        print_table(payload["summary"], ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "knn_recall_mean"])
+        print_table(
+            payload["summary"],
+            ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "knn_recall_mean"],
+        )

@@ -67,7 +67,7 @@ def host_sync_log(package: str = "hydrahead"):
             return
         frames = [f for f in traceback.extract_stack()[:-1] if marker in f.filename]
         where = frames[-1] if frames else traceback.extract_stack()[-3]
-        short = where.filename[where.filename.rfind(marker) + 1:] if marker in where.filename else where.filename
+        short = where.filename[where.filename.rfind(marker) + 1 :] if marker in where.filename else where.filename
         found[f"{short}:{where.lineno} ({where.name})"] += 1
 
     previous = torch.cuda.get_sync_debug_mode()
@@ -116,8 +116,18 @@ def backbone_forward_flops(cfg) -> float:
     from hydrahead.models import build_backbone
 
     m = cfg.model
-    model = build_backbone(m.backbone, m.embed_dim, input_dim=m.input_dim, hidden_dim=m.hidden_dim, depth=m.depth,
-                           image_size=cfg.data.image_size).to("meta").eval()
+    model = (
+        build_backbone(
+            m.backbone,
+            m.embed_dim,
+            input_dim=m.input_dim,
+            hidden_dim=m.hidden_dim,
+            depth=m.depth,
+            image_size=cfg.data.image_size,
+        )
+        .to("meta")
+        .eval()
+    )
     shape = (1, m.input_dim) if model.input_kind == "features" else (1, 3, cfg.data.image_size, cfg.data.image_size)
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(*shape, device="meta"))
@@ -129,7 +139,11 @@ def fp8_matmul_tflops(size: int = 8192, reps: int = 20) -> float:
     a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
     b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants
     one = torch.ones((), device="cuda")
-    ms = median(cuda_time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), warmup=3, reps=reps))
+    ms = median(
+        cuda_time_ms(
+            lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), warmup=3, reps=reps
+        )
+    )
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 

@@ -27,7 +27,9 @@ def method_name(grad_filter: float) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--filters", default="0,0.000244140625", help="comma-separated head.grad_filter values (0: exact)")
+    parser.add_argument(
+        "--filters", default="0,0.000244140625", help="comma-separated head.grad_filter values (0: exact)"
+    )
     add_arguments(parser, name="grad_filter_accuracy")
     args = parser.parse_args(argv)
     filters = [float(v) for v in args.filters.split(",")]
@@ -37,8 +39,12 @@ def main(argv=None) -> None:
         parser.error("--filters must be >= 0")
     variants = {method_name(f): ["head.impl=triton", f"head.grad_filter={f!r}"] for f in filters}
     by_method = {method_name(f): f for f in filters}
-    run_study(args, variants, what="training runs with head.impl=triton, exact against head.grad_filter; last held-out eval of each run",
-              extra_fields=lambda method: {"grad_filter": by_method[method]})
+    run_study(
+        args,
+        variants,
+        what="training runs with head.impl=triton, exact against head.grad_filter; last held-out eval of each run",
+        extra_fields=lambda method: {"grad_filter": by_method[method]},
+    )
 
 
 if __name__ == "__main__":

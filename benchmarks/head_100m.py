@@ -60,7 +60,10 @@ def train_results(metrics_file: Path, cfg, overrides: list[str], env: dict) -> d
     shape = f"G={cfg.train.global_batch} D={cfg.model.embed_dim} C={cfg.head.num_classes} on 1 GPU"
     row = {
         "method": f"hydrahead-fp8-{cfg.head.selection} (stochastic rounding, no momentum)",
-        "shape": shape, "ms": typical, "floor_ms": None, "ratio": None,
+        "shape": shape,
+        "ms": typical,
+        "floor_ms": None,
+        "ratio": None,
         "peak_mib": max(r.get("peak_mem_mib", 0.0) for r in steps),
         "head_ms_mean": statistics.fmean(r["head_ms"] for r in steps),
         "samples_per_s_median": statistics.median(r["samples_per_s"] for r in steps),
@@ -71,9 +74,12 @@ def train_results(metrics_file: Path, cfg, overrides: list[str], env: dict) -> d
         "steps": steps[-1]["step"],
     }
     return {
-        **env, "benchmark": "head_only_100m_fp8", "config": str(CONFIG.relative_to(ROOT)), "overrides": overrides,
+        **env,
+        "benchmark": "head_only_100m_fp8",
+        "config": str(CONFIG.relative_to(ROOT)),
+        "overrides": overrides,
         "what": "head-only training of a 100M-class fp8 head on one GPU (ms: median head time per logged step; "
-                "floor: not counted, the step scores only the selected rows)",
+        "floor: not counted, the step scores only the selected rows)",
         "rows": [row],
     }
 
@@ -124,22 +130,45 @@ def run_scale(args) -> None:
         per_gpu = args.global_batch // args.gpus
         for selection in args.selections.split(","):
             steps, warmup = (3, 1) if selection == "full" else (20, 5)  # the full softmax takes seconds a step
-            torchrun(args.gpus, ROOT / "benchmarks" / "train_throughput.py", [
-                "--config", str(CONFIG), "--per-gpu-batch", str(per_gpu), "--steps", str(steps), "--warmup", str(warmup),
-                "--out", str(rows_file), f"head.selection={selection}", f"run.dir={tempfile.mkdtemp(prefix='head_100m_')}",
-            ])
+            torchrun(
+                args.gpus,
+                ROOT / "benchmarks" / "train_throughput.py",
+                [
+                    "--config",
+                    str(CONFIG),
+                    "--per-gpu-batch",
+                    str(per_gpu),
+                    "--steps",
+                    str(steps),
+                    "--warmup",
+                    str(warmup),
+                    "--out",
+                    str(rows_file),
+                    f"head.selection={selection}",
+                    f"run.dir={tempfile.mkdtemp(prefix='head_100m_')}",
+                ],
+            )
     rows = []
     for record in (json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()):
-        rows.append({
-            "method": f"hydrahead-fp8-{record['head_selection']}",
-            "shape": f"G={record['global_batch']} D={record['embed_dim']} C={record['num_classes']} over {record['world_size']} GPUs",
-            "ms": record["ms"], "floor_ms": None, "ratio": None, "peak_mib": record["peak_mib"],
-            "samples_per_s": record["samples_per_s"], "steps": record["steps"], "gpus": record["world_size"],
-        })
+        rows.append(
+            {
+                "method": f"hydrahead-fp8-{record['head_selection']}",
+                "shape": f"G={record['global_batch']} D={record['embed_dim']} "
+                "C={record['num_classes']} over {record['world_size']} GPUs",
+                "ms": record["ms"],
+                "floor_ms": None,
+                "ratio": None,
+                "peak_mib": record["peak_mib"],
+                "samples_per_s": record["samples_per_s"],
+                "steps": record["steps"],
+                "gpus": record["world_size"],
+            }
+        )
     payload = {
-        **machine(args), "benchmark": name,
+        **machine(args),
+        "benchmark": name,
         "what": "training step (features, gather, head, update) of a 100M-class fp8 head over the GPUs; peak_mib: "
-                "the busiest GPU; knn steps exclude index rebuilds",
+        "the busiest GPU; knn steps exclude index rebuilds",
         "rows": rows,
     }
     path = write_results(name, payload)

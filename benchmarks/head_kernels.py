@@ -68,8 +68,8 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     bf16_matmul_tflops,
     cuda_time_ms,
-    fp8_matmul_tflops,
     environment,
+    fp8_matmul_tflops,
     median,
     print_table,
     pyplot,
@@ -101,7 +101,9 @@ METHODS = {
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
     "ours-fp8": Method("hydrahead-triton fp8 e4m3 W (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
-    "ours-fp8-filtered": Method("hydrahead-triton fp8 e4m3 W filtered (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
+    "ours-fp8-filtered": Method(
+        "hydrahead-triton fp8 e4m3 W filtered (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)
+    ),
     "cce": Method("cut-cross-entropy (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "cce-nofilter": Method("cut-cross-entropy no filter (dW + torch SGD)", "torch", ("cut_cross_entropy",)),
     "torch": Method("torch F.cross_entropy (dW + torch SGD)", "torch", ()),
@@ -154,7 +156,9 @@ def peaked_target_logit(num_classes: int, dim: int, target_prob: float, noise: f
         t = t_next
         if t > 10 * dim:
             break
-    raise ValueError(f"no target logit reaches p={target_prob} at C={num_classes}, D={dim}: lower --target-prob or --logit-noise")
+    raise ValueError(
+        f"no target logit reaches p={target_prob} at C={num_classes}, D={dim}: lower --target-prob or --logit-noise"
+    )
 
 
 @dataclass
@@ -185,7 +189,9 @@ def make_problem(shape, kind: str, device: torch.device, args, *, with_buffer: b
         features = target_logit * toward_target + noise_std * noise
     buffer = None
     if with_buffer:
-        buffer = torch.zeros(C, D, device=device, dtype=torch.float32 if args.momentum_dtype == "fp32" else torch.bfloat16)
+        buffer = torch.zeros(
+            C, D, device=device, dtype=torch.float32 if args.momentum_dtype == "fp32" else torch.bfloat16
+        )
     return Problem(
         features=features.to(torch.bfloat16).requires_grad_(),
         weight=weight.requires_grad_(),
@@ -269,10 +275,21 @@ def build_step(key: str, p: Problem, args):
 
             def fused_step():
                 p.features.grad = None
-                update = SGDUpdate(momentum_buffer=p.momentum_buffer, rounding="stochastic" if fp8 else "nearest",
-                                   step=state["step"], **SGD)
+                update = SGDUpdate(
+                    momentum_buffer=p.momentum_buffer,
+                    rounding="stochastic" if fp8 else "nearest",
+                    step=state["step"],
+                    **SGD,
+                )
                 loss = triton_sharded_cross_entropy(
-                    p.features, p.weight, p.labels, 0, num_classes=num_classes, update=update, scale=scale, grad_filter=grad_filter
+                    p.features,
+                    p.weight,
+                    p.labels,
+                    0,
+                    num_classes=num_classes,
+                    update=update,
+                    scale=scale,
+                    grad_filter=grad_filter,
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
                 state["step"] += 1
@@ -390,7 +407,13 @@ def run_child(task: list[str], args) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which carries on
             return {"note": error_note(exc)}
 
-    row = {"method": METHODS[what].name, "key": what, "shape": shape_name(shape), "kind": kind, "update": METHODS[what].update}
+    row = {
+        "method": METHODS[what].name,
+        "key": what,
+        "shape": shape_name(shape),
+        "kind": kind,
+        "update": METHODS[what].update,
+    }
     for module in METHODS[what].modules:
         try:
             __import__(module)
@@ -434,9 +457,20 @@ def _text(output) -> str:
 def child_options(args) -> list[str]:
     """The options a child needs to rebuild the same inputs and steps."""
     options = [
-        "--reps", str(args.reps), "--slow-reps", str(args.slow_reps), "--seed", str(args.seed),
-        "--momentum-dtype", args.momentum_dtype, "--grad-filter", repr(args.grad_filter),
-        "--target-prob", repr(args.target_prob), "--logit-noise", repr(args.logit_noise),
+        "--reps",
+        str(args.reps),
+        "--slow-reps",
+        str(args.slow_reps),
+        "--seed",
+        str(args.seed),
+        "--momentum-dtype",
+        args.momentum_dtype,
+        "--grad-filter",
+        repr(args.grad_filter),
+        "--target-prob",
+        repr(args.target_prob),
+        "--logit-noise",
+        repr(args.logit_noise),
     ]
     return options + (["--dry-run"] if args.dry_run else [])
 
@@ -481,21 +515,53 @@ def fmt_sci(value) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=None, help=f"comma-separated GxDxC_r (default {DEFAULT_SHAPES}; --dry-run: {DRY_RUN_SHAPES})")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated GxDxC_r (default {DEFAULT_SHAPES}; --dry-run: {DRY_RUN_SHAPES})",
+    )
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated logit kinds: flat, peaked")
-    parser.add_argument("--methods", default=None, help=f"comma-separated, from {','.join(METHODS)} (default all; --dry-run: torch,reference, plus ours under TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=(
+            f"comma-separated, from {','.join(METHODS)} (default all; "
+            "--dry-run: torch,reference, plus ours under TRITON_INTERPRET=1)"
+        ),
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed steps per row (median reported)")
     parser.add_argument("--slow-reps", type=int, default=2, help="timed steps for liger-kernel (seconds each)")
-    parser.add_argument("--momentum-dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the SGD momentum buffer")
-    parser.add_argument("--grad-filter", type=float, default=CCE_BF16_FILTER, help="ours-filtered's threshold on |softmax - onehot| (default 2**-12, as cut-cross-entropy's bf16 filter)")
-    parser.add_argument("--target-prob", type=float, default=0.25, help="peaked logits: share of the softmax mass aimed at the target")
+    parser.add_argument(
+        "--momentum-dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the SGD momentum buffer"
+    )
+    parser.add_argument(
+        "--grad-filter",
+        type=float,
+        default=CCE_BF16_FILTER,
+        help="ours-filtered's threshold on |softmax - onehot| (default 2**-12, as cut-cross-entropy's bf16 filter)",
+    )
+    parser.add_argument(
+        "--target-prob", type=float, default=0.25, help="peaked logits: share of the softmax mass aimed at the target"
+    )
     parser.add_argument("--logit-noise", type=float, default=1.0, help="peaked logits: std of the noise on every logit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of W, labels and features (the same in every subprocess)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed to one (method, shape, kind) subprocess")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of W, labels and features (the same in every subprocess)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds allowed to one (method, shape, kind) subprocess"
+    )
     parser.add_argument("--name", default="head_kernels", help="results file name (without .json)")
-    parser.add_argument("--collect", action="store_true", help="only rebuild <name>.json and the plot from <name>.rows.jsonl (no GPU needed)")
-    parser.add_argument("--resume", action="store_true", help="keep the rows already in <name>.rows.jsonl (same options assumed)")
-    parser.add_argument("--dry-run", action="store_true", help="run the whole flow on CPU at a tiny shape (torch-based methods)")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="only rebuild <name>.json and the plot from <name>.rows.jsonl (no GPU needed)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in <name>.rows.jsonl (same options assumed)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="run the whole flow on CPU at a tiny shape (torch-based methods)"
+    )
     parser.add_argument("--one", nargs="+", metavar="TASK", help=argparse.SUPPRESS)  # internal: one subprocess's task
     args = parser.parse_args(argv)
 
@@ -507,7 +573,9 @@ def main(argv=None) -> None:
     if not 0 < args.target_prob < 1:
         parser.error("--target-prob must lie in (0, 1)")
     try:
-        shapes = [parse_shape(s) for s in (args.shapes or (DRY_RUN_SHAPES if args.dry_run else DEFAULT_SHAPES)).split(",")]
+        shapes = [
+            parse_shape(s) for s in (args.shapes or (DRY_RUN_SHAPES if args.dry_run else DEFAULT_SHAPES)).split(",")
+        ]
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     kinds = args.kinds.split(",")
@@ -536,7 +604,9 @@ def main(argv=None) -> None:
     out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / f"{args.name}.rows.jsonl"
-    records = [json.loads(line) for line in rows_file.read_text().splitlines()] if args.resume and rows_file.is_file() else []
+    records = (
+        [json.loads(line) for line in rows_file.read_text().splitlines()] if args.resume and rows_file.is_file() else []
+    )
     if not args.resume:
         rows_file.write_text("")
 
@@ -556,9 +626,16 @@ def main(argv=None) -> None:
             "run for its operand type (bf16 matmul, or fp8 e4m3 via torch._scaled_mm); see each row's matmul_dtypes"
         ),
         "settings": {
-            "sgd": SGD, "momentum_dtype": args.momentum_dtype, "grad_filter": args.grad_filter,
-            "weight_std": WEIGHT_STD, "target_prob": args.target_prob, "logit_noise": args.logit_noise,
-            "seed": args.seed, "reps": args.reps, "slow_reps": args.slow_reps, "dry_run": args.dry_run,
+            "sgd": SGD,
+            "momentum_dtype": args.momentum_dtype,
+            "grad_filter": args.grad_filter,
+            "weight_std": WEIGHT_STD,
+            "target_prob": args.target_prob,
+            "logit_noise": args.logit_noise,
+            "seed": args.seed,
+            "reps": args.reps,
+            "slow_reps": args.slow_reps,
+            "dry_run": args.dry_run,
         },
         "inputs": [],
         "rows": [],
@@ -570,7 +647,14 @@ def main(argv=None) -> None:
         bf16_floor_ms, fp8_floor_ms = floor_ms("ours", shape, rates), 8 * G * D * C / (tflops_fp8 * 1e12) * 1e3
         for kind in kinds:
             where = {"shape": shape_name(shape), "kind": kind}
-            inputs = next((r for r in records if r.get("record") == "inputs" and r["shape"] == where["shape"] and r["kind"] == kind), None)
+            inputs = next(
+                (
+                    r
+                    for r in records
+                    if r.get("record") == "inputs" and r["shape"] == where["shape"] and r["kind"] == kind
+                ),
+                None,
+            )
             if inputs is None:
                 inputs = {"record": "inputs", **where, **spawn(["float64", shape_name(shape), kind], args)}
                 keep(inputs)
@@ -581,28 +665,48 @@ def main(argv=None) -> None:
                 print(
                     f"== {where['shape']} {kind}: float64 loss {loss64:.6f}, mean target probability "
                     f"{inputs['mean_target_prob']:.3f}, softmax entries >= {args.grad_filter:.3g}: "
-                    f"{inputs['frac_p_above_filter']:.2e}, floor {bf16_floor_ms:.2f} ms (bf16), {fp8_floor_ms:.2f} ms (all fp8)",
+                    f"{inputs['frac_p_above_filter']:.2e}, floor {bf16_floor_ms:.2f} "
+                    f"ms (bf16), {fp8_floor_ms:.2f} ms (all fp8)",
                     flush=True,
                 )
             for key in methods:
                 if METHODS[key].slow and shape != shapes[0]:
                     print(f"   {METHODS[key].name}: first shape only (seconds per step)", flush=True)
                     continue
-                row = next((r for r in records if r.get("record") == "row" and r["key"] == key and r["shape"] == where["shape"] and r["kind"] == kind), None)
+                row = next(
+                    (
+                        r
+                        for r in records
+                        if r.get("record") == "row"
+                        and r["key"] == key
+                        and r["shape"] == where["shape"]
+                        and r["kind"] == kind
+                    ),
+                    None,
+                )
                 if row is None:
                     row = {"method": METHODS[key].name, "key": key, **where, **spawn([key, *where.values()], args)}
                     ms = row.get("ms")
                     row_floor = floor_ms(key, shape, rates)
                     row.update(
-                        record="row", floor_ms=row_floor, matmul_dtypes=list(MATMUL_DTYPES.get(key, ("bf16",) * 4)),
-                        matmul_tflops=rates, ratio=None if ms is None else ms / row_floor,
-                        loss_rel_err=None if row.get("loss") is None or not loss64 else abs(row["loss"] - loss64) / abs(loss64),
+                        record="row",
+                        floor_ms=row_floor,
+                        matmul_dtypes=list(MATMUL_DTYPES.get(key, ("bf16",) * 4)),
+                        matmul_tflops=rates,
+                        ratio=None if ms is None else ms / row_floor,
+                        loss_rel_err=None
+                        if row.get("loss") is None or not loss64
+                        else abs(row["loss"] - loss64) / abs(loss64),
                     )
                     row.setdefault("note", None)
                     keep(row)
                 ms, ratio = row.get("ms"), row.get("ratio")
                 timing = "-" if ms is None else f"{ms:.2f} ms ({ratio:.2f}x floor)"
-                print(f"   {row['method']}: {timing}, extra {row.get('extra_mib')} MiB, loss rel err {fmt_sci(row.get('loss_rel_err'))} {row.get('note') or ''}", flush=True)
+                print(
+                    f"   {row['method']}: {timing}, extra {row.get('extra_mib')} MiB, loss "
+                    f"rel err {fmt_sci(row.get('loss_rel_err'))} {row.get('note') or ''}",
+                    flush=True,
+                )
                 payload["rows"].append({k: v for k, v in row.items() if k != "record"})
                 path = write_results(args.name, payload)  # after every row: partial results survive
             payload["inputs"].append({k: v for k, v in inputs.items() if k != "record"})
@@ -612,7 +716,9 @@ def main(argv=None) -> None:
     png = plot(payload["rows"], path, title)
     print(f"\nbf16 matmul {tflops:.1f} TFLOP/s; wrote {path}" + (f" and {png}" if png else ""))
     table = [{**r, "loss_rel_err": fmt_sci(r.get("loss_rel_err"))} for r in payload["rows"]]
-    print_table(table, ["method", "shape", "kind", "ms", "floor_ms", "ratio", "peak_mib", "extra_mib", "loss_rel_err", "note"])
+    print_table(
+        table, ["method", "shape", "kind", "ms", "floor_ms", "ratio", "peak_mib", "extra_mib", "loss_rel_err", "note"]
+    )
 
 
 def collect(name: str) -> None:
@@ -625,7 +731,10 @@ def collect(name: str) -> None:
     previous = json.loads((out_dir / f"{name}.json").read_text())
     rows = [{k: v for k, v in r.items() if k != "record"} for r in records if r.get("record") == "row"]
     for row in rows:  # floors from the rates of the row's own invocation (older rows: the JSON's)
-        rates = row.get("matmul_tflops") or {"bf16": previous["matmul_tflops_bf16"], "fp8": previous.get("matmul_tflops_fp8")}
+        rates = row.get("matmul_tflops") or {
+            "bf16": previous["matmul_tflops_bf16"],
+            "fp8": previous.get("matmul_tflops_fp8"),
+        }
         row["matmul_dtypes"] = list(MATMUL_DTYPES.get(row["key"], ("bf16",) * 4))
         row["floor_ms"] = floor_ms(row["key"], parse_shape(row["shape"]), rates)
         row["ratio"] = None if row.get("ms") is None else row["ms"] / row["floor_ms"]

@@ -88,7 +88,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4096, help="global batch G")
     parser.add_argument("--dim", type=int, default=512, help="feature width D")
     parser.add_argument("--classes", type=int, default=1_048_576, help="classes in the shard C_r")
-    parser.add_argument("--chunk-sizes", default="8192,32768,131072", help="comma-separated chunk sizes of the reference")
+    parser.add_argument(
+        "--chunk-sizes", default="8192,32768,131072", help="comma-separated chunk sizes of the reference"
+    )
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per method (median reported)")
     parser.add_argument("--slow-reps", type=int, default=3, help="repetitions for methods known to take seconds")
     parser.add_argument("--name", default="head_reference", help="results file name (without .json)")
@@ -131,7 +133,9 @@ def main(argv=None):
         "rows": rows,
     }
     path = write_results(args.name, payload)
-    print(f"\nbf16 matmul {tflops:.0f} TFLOP/s; floor {floor_ms:.1f} ms (6GDC), {floor8_ms:.1f} ms (8GDC); wrote {path}")
+    print(
+        f"\nbf16 matmul {tflops:.0f} TFLOP/s; floor {floor_ms:.1f} ms (6GDC), {floor8_ms:.1f} ms (8GDC); wrote {path}"
+    )
     print_table(rows, ["method", "ms", "ratio", "peak_mib", "extra_mib", "loss_diff", "note"])
 
 

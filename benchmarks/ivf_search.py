@@ -37,8 +37,16 @@ from hydrahead.head.active import RowNorms  # noqa: E402
 from hydrahead.head.index import TorchIVFIndex, exact_topk, recall_at_k  # noqa: E402
 
 # Tile shapes --sweep tries beside the kernel's own (hydrahead.kernels.ivf_scores.Tiles fields).
-SWEEP = [dict(dims=64), dict(dims=256), dict(dims=256, rows=32, warps=2), dict(rows=32, warps=2), dict(rows=32, row_split=32),
-         dict(row_split=32), dict(stages=2), dict(stages=4)]
+SWEEP = [
+    dict(dims=64),
+    dict(dims=256),
+    dict(dims=256, rows=32, warps=2),
+    dict(rows=32, warps=2),
+    dict(rows=32, row_split=32),
+    dict(row_split=32),
+    dict(stages=2),
+    dict(stages=4),
+]
 
 
 def copy_bandwidth_gbs(size_bytes: int = 4 << 30) -> float:
@@ -59,8 +67,11 @@ def probed_bytes(index: TorchIVFIndex, queries: torch.Tensor, row_bytes: int) ->
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="50000000:512,25000000:1024,5000000:512",
-                        help="comma-separated C_r:G (rows of the shard : queries of the global batch)")
+    parser.add_argument(
+        "--shapes",
+        default="50000000:512,25000000:1024,5000000:512",
+        help="comma-separated C_r:G (rows of the shard : queries of the global batch)",
+    )
     parser.add_argument("--dim", type=int, default=512, help="embedding width D")
     parser.add_argument("--nlist", type=int, default=8192)
     parser.add_argument("--nprobe", type=int, default=4)
@@ -97,47 +108,100 @@ def main(argv=None) -> None:
         gen = torch.Generator(device=device).manual_seed(1)
         labels = torch.randint(0, num_rows, (batch,), generator=gen, device=device)
         queries = torch.nn.functional.normalize(weight[labels].float(), dim=1)
-        queries = torch.nn.functional.normalize(queries + torch.randn(queries.shape, generator=gen, device=device) * (args.noise / args.dim**0.5), dim=1)
+        queries = torch.nn.functional.normalize(
+            queries + torch.randn(queries.shape, generator=gen, device=device) * (args.noise / args.dim**0.5), dim=1
+        )
         probes = (queries @ index._centroids.T).topk(args.nprobe, dim=1).indices
         rows, bytes_read = probed_bytes(index, queries, args.dim * weight.element_size())
         floor_ms = bytes_read / (bandwidth * 1e9) * 1e3 if bandwidth else None
-        common = dict(shape=shape, floor_ms=floor_ms, rows_scored=rows, bytes_read=bytes_read,
-                      max_list=int(index._table.shape[1]), mean_list=num_rows / index.nlist)
+        common = dict(
+            shape=shape,
+            floor_ms=floor_ms,
+            rows_scored=rows,
+            bytes_read=bytes_read,
+            max_list=int(index._table.shape[1]),
+            mean_list=num_rows / index.nlist,
+        )
 
         def record(method, ms, peak, **extra):
-            row = {"method": method, "ms": ms, "ratio": ms / floor_ms if floor_ms else None, "peak_mib": peak, **common, **extra}
+            row = {
+                "method": method,
+                "ms": ms,
+                "ratio": ms / floor_ms if floor_ms else None,
+                "peak_mib": peak,
+                **common,
+                **extra,
+            }
             rows_out.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
         # Row norms as the selector keeps them (hydrahead.head.active.RowNorms), or summed in the kernel's pass.
         inv_norms = RowNorms().current(weight, 0)
-        variants = [("hydrahead-ivf-kernel", ivf_scores.TILES, inv_norms), ("hydrahead-ivf-kernel norms-summed", ivf_scores.TILES, None)]
+        variants = [
+            ("hydrahead-ivf-kernel", ivf_scores.TILES, inv_norms),
+            ("hydrahead-ivf-kernel norms-summed", ivf_scores.TILES, None),
+        ]
         if args.sweep:
-            variants += [(f"hydrahead-ivf-kernel {t}", dataclasses.replace(ivf_scores.TILES, **t), inv_norms) for t in SWEEP]
+            variants += [
+                (f"hydrahead-ivf-kernel {t}", dataclasses.replace(ivf_scores.TILES, **t), inv_norms) for t in SWEEP
+            ]
         for method, tiles, norms in variants:
+
             def kernel(tiles=tiles, norms=norms):
-                return ivf_scores.probed_list_scores(weight, queries, index._table, probes, normalize=True, lengths=index._lengths,
-                                                     inv_norms=norms, tiles=tiles)
-            record(method, time_ms(kernel, device, args.reps), peak_extra_mib(kernel, device),
-                   tiles=dataclasses.asdict(tiles))
+                return ivf_scores.probed_list_scores(
+                    weight,
+                    queries,
+                    index._table,
+                    probes,
+                    normalize=True,
+                    lengths=index._lengths,
+                    inv_norms=norms,
+                    tiles=tiles,
+                )
+
+            record(
+                method,
+                time_ms(kernel, device, args.reps),
+                peak_extra_mib(kernel, device),
+                tiles=dataclasses.asdict(tiles),
+            )
         search = lambda: index.search(queries, args.knn_k, weight, row_inv_norms=inv_norms)  # noqa: E731
         sample = slice(0, min(64, batch))
         _, found = search()
         _, exact = exact_topk(queries[sample], weight, args.knn_k, cosine=True)
-        record("hydrahead-ivf-search", time_ms(search, device, args.reps), peak_extra_mib(search, device),
-               knn_recall=recall_at_k(found[sample], exact))
+        record(
+            "hydrahead-ivf-search",
+            time_ms(search, device, args.reps),
+            peak_extra_mib(search, device),
+            knn_recall=recall_at_k(found[sample], exact),
+        )
         weight = index = None  # free the shard before the next one
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    payload = {**environment(), "benchmark": args.name, "memory_gbs": bandwidth,
-               "floor": "bytes of the probed lists' rows (D fp8 bytes + an 8-byte row number each) at the device-copy bandwidth",
-               "settings": {"dim": args.dim, "nlist": args.nlist, "nprobe": args.nprobe, "knn_k": args.knn_k, "noise": args.noise,
-                            "weights": str(dtype), "families": "4 rows, spread 0.3", "reps": args.reps},
-               "rows": rows_out}
+    payload = {
+        **environment(),
+        "benchmark": args.name,
+        "memory_gbs": bandwidth,
+        "floor": "bytes of the probed lists' rows (D fp8 bytes + "
+        "an 8-byte row number each) at the device-copy bandwidth",
+        "settings": {
+            "dim": args.dim,
+            "nlist": args.nlist,
+            "nprobe": args.nprobe,
+            "knn_k": args.knn_k,
+            "noise": args.noise,
+            "weights": str(dtype),
+            "families": "4 rows, spread 0.3",
+            "reps": args.reps,
+        },
+        "rows": rows_out,
+    }
     path = write_results(args.name, payload)
     print(f"\nwrote {path}")
-    print_table(rows_out, ["method", "shape", "ms", "floor_ms", "ratio", "rows_scored", "max_list", "knn_recall", "peak_mib"])
+    print_table(
+        rows_out, ["method", "shape", "ms", "floor_ms", "ratio", "rows_scored", "max_list", "knn_recall", "peak_mib"]
+    )
 
 
 if __name__ == "__main__":

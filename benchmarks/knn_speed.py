@@ -50,8 +50,9 @@ GRAD_FILTER = 2.0**-12
 
 
 @torch.no_grad()
-def family_weights_(weight: torch.Tensor, family_size: int, spread: float, seed: int, std: float = 0.01,
-                    chunk: int = 1 << 20) -> None:
+def family_weights_(
+    weight: torch.Tensor, family_size: int, spread: float, seed: int, std: float = 0.01, chunk: int = 1 << 20
+) -> None:
     """Rows in families of near-duplicates, as in the procedural data: centre + spread * noise."""
     gen = torch.Generator(device=weight.device).manual_seed(seed)
     chunk -= chunk % family_size
@@ -134,19 +135,40 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding width D")
     parser.add_argument("--batch", type=int, default=1024, help="global batch G")
     parser.add_argument("--knn-k", type=int, default=16, help="neighbours per sample (head.knn_k)")
-    parser.add_argument("--index-configs", default="8192:4,8192:8", help="comma-separated nlist:nprobe of the IVF index")
-    parser.add_argument("--rebuild-every", type=int, default=100, help="steps between index rebuilds (head.rebuild_every)")
-    parser.add_argument("--retrain-every", type=int, default=10, help="rebuilds per k-means run (head.index_retrain_every)")
+    parser.add_argument(
+        "--index-configs", default="8192:4,8192:8", help="comma-separated nlist:nprobe of the IVF index"
+    )
+    parser.add_argument(
+        "--rebuild-every", type=int, default=100, help="steps between index rebuilds (head.rebuild_every)"
+    )
+    parser.add_argument(
+        "--retrain-every", type=int, default=10, help="rebuilds per k-means run (head.index_retrain_every)"
+    )
     parser.add_argument("--noise", type=float, default=1.0, help="feature noise relative to the unit class row")
-    parser.add_argument("--family-size", type=int, default=4, help="classes per family of near-duplicate rows (1: independent rows)")
-    parser.add_argument("--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative")
+    parser.add_argument(
+        "--family-size", type=int, default=4, help="classes per family of near-duplicate rows (1: independent rows)"
+    )
+    parser.add_argument(
+        "--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative"
+    )
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
-    parser.add_argument("--weight-dtype", default="bf16", choices=("bf16", "fp8_e4m3"),
-                        help="head weights: bf16 or fp8_e4m3 (fp8: stochastic rounding, unit scaling)")
-    parser.add_argument("--impl", default="triton", choices=("triton", "reference"), help="head.impl: the fused kernels or the torch head")
+    parser.add_argument(
+        "--weight-dtype",
+        default="bf16",
+        choices=("bf16", "fp8_e4m3"),
+        help="head weights: bf16 or fp8_e4m3 (fp8: stochastic rounding, unit scaling)",
+    )
+    parser.add_argument(
+        "--impl",
+        default="triton",
+        choices=("triton", "reference"),
+        help="head.impl: the fused kernels or the torch head",
+    )
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
-    parser.add_argument("--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods")
+    parser.add_argument(
+        "--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods"
+    )
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
     args = parser.parse_args(argv)
@@ -171,9 +193,20 @@ def main(argv=None) -> None:
     if args.weight_dtype == "fp8_e4m3":
         dtype = torch.float8_e4m3fn
     head = ShardedClassifier(
-        C, D, seed=0, init_std=0.01, margin_type="cosface", scale=16.0, margin=0.1, dtype=dtype, device=device,
-        impl=args.impl, momentum=args.momentum, weight_decay=0.0,
-        rounding="stochastic" if args.weight_dtype == "fp8_e4m3" else "nearest", unit_scaling=args.weight_dtype == "fp8_e4m3",
+        C,
+        D,
+        seed=0,
+        init_std=0.01,
+        margin_type="cosface",
+        scale=16.0,
+        margin=0.1,
+        dtype=dtype,
+        device=device,
+        impl=args.impl,
+        momentum=args.momentum,
+        weight_decay=0.0,
+        rounding="stochastic" if args.weight_dtype == "fp8_e4m3" else "nearest",
+        unit_scaling=args.weight_dtype == "fp8_e4m3",
     )
     head.set_lr(0.1)
     if args.family_size > 1:
@@ -185,8 +218,16 @@ def main(argv=None) -> None:
 
     def record(method, ms, rows_scored, peak, **extra):
         floor_ms = floor(rows_scored)
-        row = {"method": method, "shape": shape, "ms": ms, "floor_ms": floor_ms,
-               "ratio": ms / floor_ms if floor_ms else None, "peak_mib": peak, "rows_scored": rows_scored, **extra}
+        row = {
+            "method": method,
+            "shape": shape,
+            "ms": ms,
+            "floor_ms": floor_ms,
+            "ratio": ms / floor_ms if floor_ms else None,
+            "peak_mib": peak,
+            "rows_scored": rows_scored,
+            **extra,
+        }
         rows_out.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
@@ -209,8 +250,19 @@ def main(argv=None) -> None:
     if "knn" in methods:
         for nlist, nprobe in index_configs:
             selector = ActiveClassSelector(
-                "knn", 0, C, knn_k=args.knn_k, rebuild_every=args.rebuild_every, index="torch", index_type="ivf",
-                retrain_every=args.retrain_every, nlist=nlist, nprobe=nprobe, cosine=True, recall_every=0, device=device,
+                "knn",
+                0,
+                C,
+                knn_k=args.knn_k,
+                rebuild_every=args.rebuild_every,
+                index="torch",
+                index_type="ivf",
+                retrain_every=args.retrain_every,
+                nlist=nlist,
+                nprobe=nprobe,
+                cosine=True,
+                recall_every=0,
+                device=device,
             )
             built = selector._build(head.weight, 0)  # timed alone: k-means, every row filed, lists
             retrain_s = built.seconds
@@ -242,7 +294,9 @@ def main(argv=None) -> None:
             refile_s = time.perf_counter() - start
 
             if args.profile and device.type == "cuda":
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+                with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+                ) as prof:
                     for _ in range(3):
                         knn_step()
                     synchronize(device)
@@ -260,10 +314,25 @@ def main(argv=None) -> None:
             selector.close()
             cycle = args.retrain_every * args.rebuild_every  # steps per k-means run
             build_ms_per_step = (retrain_s + (args.retrain_every - 1) * refile_s) * 1e3 / cycle
-            record(f"hydrahead-knn {nlist}:{nprobe}", ms + build_ms_per_step, active, peak, step_ms=ms,
-                   retrain_s=retrain_s, refile_s=refile_s, refiled_rows=dirty.numel(), build_ms_per_step=build_ms_per_step,
-                   bg_ms=bg_ms, knn_recall=recall, active_classes=active, nlist=nlist, nprobe=nprobe,
-                   rebuild_every=args.rebuild_every, retrain_every=args.retrain_every, knn_k=args.knn_k)
+            record(
+                f"hydrahead-knn {nlist}:{nprobe}",
+                ms + build_ms_per_step,
+                active,
+                peak,
+                step_ms=ms,
+                retrain_s=retrain_s,
+                refile_s=refile_s,
+                refiled_rows=dirty.numel(),
+                build_ms_per_step=build_ms_per_step,
+                bg_ms=bg_ms,
+                knn_recall=recall,
+                active_classes=active,
+                nlist=nlist,
+                nprobe=nprobe,
+                rebuild_every=args.rebuild_every,
+                retrain_every=args.retrain_every,
+                knn_k=args.knn_k,
+            )
             knn_rows.append(active)
             del selector, built
 
@@ -286,19 +355,49 @@ def main(argv=None) -> None:
         if "hydrahead-full-filtered" in full:
             row["speedup_vs_filtered"] = full["hydrahead-full-filtered"] / row["ms"]
     payload = {
-        **environment(), "benchmark": args.name, "matmul_tflops_bf16": tflops,
+        **environment(),
+        "benchmark": args.name,
+        "matmul_tflops_bf16": tflops,
         "floor": "8*G*D*(rows scored) at the bf16 matmul rate measured in this run (search not counted)",
-        "settings": {"classes": C, "dim": D, "batch": G, "knn_k": args.knn_k, "rebuild_every": args.rebuild_every,
-                     "retrain_every": args.retrain_every, "noise": args.noise, "family_size": args.family_size, "family_spread": args.family_spread, "reps": args.reps, "dtype": str(dtype), "margin": "cosface s=16 m=0.1",
-                     "momentum_dtype": "float32" if args.momentum else "none", "weight_dtype": args.weight_dtype,
-                     "impl": args.impl},
+        "settings": {
+            "classes": C,
+            "dim": D,
+            "batch": G,
+            "knn_k": args.knn_k,
+            "rebuild_every": args.rebuild_every,
+            "retrain_every": args.retrain_every,
+            "noise": args.noise,
+            "family_size": args.family_size,
+            "family_spread": args.family_spread,
+            "reps": args.reps,
+            "dtype": str(dtype),
+            "margin": "cosface s=16 m=0.1",
+            "momentum_dtype": "float32" if args.momentum else "none",
+            "weight_dtype": args.weight_dtype,
+            "impl": args.impl,
+        },
         "rows": rows_out,
     }
     path = write_results(args.name, payload)
     plot(payload, path.with_suffix(".png"))
     print(f"\nwrote {path}")
-    print_table(rows_out, ["method", "ms", "step_ms", "retrain_s", "refile_s", "bg_ms", "knn_recall", "active_classes", "ratio",
-                           "peak_mib", "speedup_vs_full", "speedup_vs_filtered"])
+    print_table(
+        rows_out,
+        [
+            "method",
+            "ms",
+            "step_ms",
+            "retrain_s",
+            "refile_s",
+            "bg_ms",
+            "knn_recall",
+            "active_classes",
+            "ratio",
+            "peak_mib",
+            "speedup_vs_full",
+            "speedup_vs_filtered",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -34,23 +34,37 @@ VARIANTS = {
     # The same on the fused FP8 kernels (the update rounded inside the weight kernel):
     "fp8-sr-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic"],
     "fp8-nearest-fused": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=nearest"],
-    "fp8-sr-fused-filtered": ["head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic", "head.grad_filter=0.000244140625"],
+    "fp8-sr-fused-filtered": [
+        "head.impl=triton",
+        "head.weight_dtype=fp8_e4m3",
+        "head.rounding=stochastic",
+        "head.grad_filter=0.000244140625",
+    ],
 }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="fp32,bf16-nearest,fp8-nearest,fp8-sr,fp8-kahan",
-                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        default="fp32,bf16-nearest,fp8-nearest,fp8-sr,fp8-kahan",
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
     add_arguments(parser, name="precision_accuracy")
     args = parser.parse_args(argv)
     wanted = args.variants.split(",")
     unknown = sorted(set(wanted) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants: {unknown}")
-    variants = {f"hydrahead-{name}": ["head.impl=reference", "head.momentum_dtype=fp32", *VARIANTS[name]] for name in wanted}
-    run_study(args, variants, what="head weights stored in fp32, bf16 or fp8 e4m3 with round-to-nearest, stochastic "
-              "rounding or Kahan compensation (head.impl=reference); last held-out eval of each run")
+    variants = {
+        f"hydrahead-{name}": ["head.impl=reference", "head.momentum_dtype=fp32", *VARIANTS[name]] for name in wanted
+    }
+    run_study(
+        args,
+        variants,
+        what="head weights stored in fp32, bf16 or fp8 e4m3 with round-to-nearest, stochastic "
+        "rounding or Kahan compensation (head.impl=reference); last held-out eval of each run",
+    )
 
 
 if __name__ == "__main__":

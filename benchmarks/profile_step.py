@@ -36,10 +36,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hydrahead.config import load_config  # noqa: E402
-from hydrahead.data.build import batches  # noqa: E402
 from benchmarks.common import host_sync_log  # noqa: E402
 from benchmarks.train_throughput import join_group  # noqa: E402
+from hydrahead.config import load_config  # noqa: E402
+from hydrahead.data.build import batches  # noqa: E402
 from hydrahead.distributed.setup import destroy_distributed  # noqa: E402
 from hydrahead.train.trainer import Trainer  # noqa: E402
 
@@ -52,7 +52,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
     parser.add_argument("--syncs", action="store_true", help="count host-device synchronisations in one more step")
-    parser.add_argument("--trace", metavar="PATH", help="write rank 0's Chrome trace here (.json or .json.gz; {rank} in it: every rank's)")
+    parser.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="write rank 0's Chrome trace here (.json or .json.gz; {rank} in it: every rank's)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     env, shared = join_group(args.config, args.overrides, args.per_gpu_batch)
@@ -61,7 +65,14 @@ def main(argv=None) -> None:
         global_batch = cfg.train.global_batch
         trainer = Trainer(cfg, env)
         trainer._set_learning_rates()
-        data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)
+        data = batches(
+            trainer.train_data,
+            start_step=0,
+            global_batch=global_batch,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+        )
         for _ in range(args.warmup):
             trainer.train_step(*next(data), timed=False, prefetch=data.prefetch)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
@@ -119,7 +130,8 @@ def print_phases(prof, steps: int) -> None:
             sums[2] += _kernel_us(event, nccl=True)
     print(f"\n{'phase (ms per step)':<32}{'host':>9}{'device':>9}{'nccl':>9}")
     for name, (host, device, nccl) in totals.items():
-        print(f"{name.removeprefix('hydrahead::'):<32}{host / steps / 1e3:9.2f}{device / steps / 1e3:9.2f}{nccl / steps / 1e3:9.2f}")
+        per_step = [value / steps / 1e3 for value in (host, device, nccl)]
+        print(f"{name.removeprefix('hydrahead::'):<32}" + "".join(f"{ms:9.2f}" for ms in per_step))
 
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # what keeps the GPU busy in a Chrome trace
@@ -137,7 +149,9 @@ def gpu_idle_by_range(events: list[dict], step_range: str = "hydrahead::backbone
     """Per step window (one ``step_range`` start to the next): the device's busy and idle
     ms, and the idle ms charged to the innermost ``hydrahead::`` range the host was in when
     each gap began. None without two windows or any device activity."""
-    ranges = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("hydrahead::")]
+    ranges = [
+        e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("hydrahead::")
+    ]
     starts = sorted(e["ts"] for e in ranges if e["name"] == step_range)
     device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_CATEGORIES)
     if len(starts) < 2 or not device:
@@ -155,26 +169,35 @@ def gpu_idle_by_range(events: list[dict], step_range: str = "hydrahead::backbone
         for (_, gap_start), (gap_end, _) in zip(merged, merged[1:]):
             idle += gap_end - gap_start
             inside = [e for e in ranges if e["ts"] <= gap_start < e["ts"] + e["dur"]]
-            where = max(inside, key=lambda e: e["ts"])["name"].removeprefix("hydrahead::") if inside else "(between ranges)"
+            where = (
+                max(inside, key=lambda e: e["ts"])["name"].removeprefix("hydrahead::") if inside else "(between ranges)"
+            )
             by_range[where] += gap_end - gap_start
     steps = len(starts) - 1
-    return {"steps": steps, "window_ms": (starts[-1] - starts[0]) / steps / 1e3, "busy_ms": busy / steps / 1e3,
-            "idle_ms": idle / steps / 1e3, "idle_by_range": {k: v / steps / 1e3 for k, v in by_range.most_common()}}
+    return {
+        "steps": steps,
+        "window_ms": (starts[-1] - starts[0]) / steps / 1e3,
+        "busy_ms": busy / steps / 1e3,
+        "idle_ms": idle / steps / 1e3,
+        "idle_by_range": {k: v / steps / 1e3 for k, v in by_range.most_common()},
+    }
 
 
 def print_idle(idle: dict | None) -> None:
     if idle is None:
         print("\nGPU idle: no two step windows with device activity in the profile")
         return
-    print(f"\nGPU per step ({idle['steps']} window(s)): {idle['window_ms']:.1f} ms, busy {idle['busy_ms']:.1f}, "
-          f"idle {idle['idle_ms']:.1f}; idle that began while the host was in:")
+    print(
+        f"\nGPU per step ({idle['steps']} window(s)): {idle['window_ms']:.1f} ms, busy {idle['busy_ms']:.1f}, "
+        f"idle {idle['idle_ms']:.1f}; idle that began while the host was in:"
+    )
     for where, ms in idle["idle_by_range"].items():
         print(f"  {where:<24}{ms:8.2f}")
 
 
 def write_trace(trace: dict, path: str) -> None:
     """The trace as JSON, gzipped if ``path`` ends in .gz."""
-    with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
+    with gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w") as f:
         json.dump(trace, f)
 
 

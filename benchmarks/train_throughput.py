@@ -87,7 +87,14 @@ def measure(cfg, env, args, mode: str, variant: str) -> dict:
     trainer = Trainer(cfg, env)
     trainer._set_learning_rates()  # the schedule's first step: throughput does not depend on it
     global_batch = cfg.train.global_batch
-    data = batches(trainer.train_data, start_step=0, global_batch=global_batch, rank=env.rank, world_size=env.world_size, device=env.device)
+    data = batches(
+        trainer.train_data,
+        start_step=0,
+        global_batch=global_batch,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+    )
 
     def step(timed=False):
         inputs, labels = next(data)
@@ -116,15 +123,30 @@ def measure(cfg, env, args, mode: str, variant: str) -> dict:
     c = cfg.comm
     active = trainer.selector.last.get("active_classes") if mode == "full" and cfg.head.selection != "full" else None
     row = {
-        "config": args.config, "variant": variant, "mode": mode, "world_size": env.world_size, "transport": transport(env.backend) if env.world_size > 1 else "none",
-        "per_gpu_batch": args.per_gpu_batch, "global_batch": global_batch, "backbone": cfg.model.backbone,
-        "image_size": cfg.data.image_size, "num_classes": cfg.head.num_classes if mode == "full" else 0,
-        "embed_dim": cfg.model.embed_dim, "head_selection": cfg.head.selection, "active_classes": active, "head_impl": cfg.head_impl,
+        "config": args.config,
+        "variant": variant,
+        "mode": mode,
+        "world_size": env.world_size,
+        "transport": transport(env.backend) if env.world_size > 1 else "none",
+        "per_gpu_batch": args.per_gpu_batch,
+        "global_batch": global_batch,
+        "backbone": cfg.model.backbone,
+        "image_size": cfg.data.image_size,
+        "num_classes": cfg.head.num_classes if mode == "full" else 0,
+        "embed_dim": cfg.model.embed_dim,
+        "head_selection": cfg.head.selection,
+        "active_classes": active,
+        "head_impl": cfg.head_impl,
         "head_weight_dtype": str(cfg.head_weight_dtype).removeprefix("torch."),
-        "overlap": c.overlap, "micro_batches": c.micro_batches if c.overlap else 1, "grad_compression": c.grad_compression,
+        "overlap": c.overlap,
+        "micro_batches": c.micro_batches if c.overlap else 1,
+        "grad_compression": c.grad_compression,
         "topk_density": c.topk_density if c.grad_compression == "topk" else None,
-        "ms": elapsed / args.steps * 1e3, "samples_per_s": global_batch * args.steps / elapsed,
-        "peak_mib": float(peak), "steps": args.steps, **figures,
+        "ms": elapsed / args.steps * 1e3,
+        "samples_per_s": global_batch * args.steps / elapsed,
+        "peak_mib": float(peak),
+        "steps": args.steps,
+        **figures,
     }
     data.close()
     trainer.selector.close()
@@ -139,12 +161,22 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--timed-steps", type=int, default=3, help="steps after those with the communication clock on")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=key=value,key=value: one more configuration measured in this process (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=key=value,key=value: one more configuration measured in this process (repeatable)",
+    )
     parser.add_argument("--out", required=True, help="JSON-lines file rank 0 appends its row to")
-    parser.add_argument("--repeat", type=int, default=0, help="which repeat of the same measurement this is (recorded in the row)")
-    parser.add_argument("--scaling", choices=("weak", "strong"), default="weak",
-                        help="the study this run belongs to (recorded in the row): per-GPU batch fixed, or the global batch")
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="which repeat of the same measurement this is (recorded in the row)"
+    )
+    parser.add_argument(
+        "--scaling",
+        choices=("weak", "strong"),
+        default="weak",
+        help="the study this run belongs to (recorded in the row): per-GPU batch fixed, or the global batch",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -152,7 +184,12 @@ def main(argv=None) -> None:
     try:
         for variant, overrides in map(parse_variant, args.variant or ["default"]):
             if args.mode == "backbone":  # no head is trained: keep a token one out of the memory figure
-                overrides = [*overrides, f"head.num_classes={8 * env.world_size}", "head.selection=full", "head.knn_fixed_size=false"]
+                overrides = [
+                    *overrides,
+                    f"head.num_classes={8 * env.world_size}",
+                    "head.selection=full",
+                    "head.knn_fixed_size=false",
+                ]
                 warnings.filterwarnings("ignore", message="head.index_")  # the token head takes no index
             cfg = load_config(args.config, [*base, *overrides])
             row = {**measure(cfg, env, args, args.mode, variant), "repeat": args.repeat, "scaling": args.scaling}

@@ -68,9 +68,7 @@ class TrainConfig:
     global_batch: int = _key(256, "samples per step over all ranks")
     eval_every: int = _key(100, "steps between evaluations (0 disables)")
     eval_samples: int = _key(2048, "held-out samples per evaluation")
-    grad_clip: float = _key(
-        0.0, "max global L2 norm of backbone gradients (0 disables; the head is excluded)"
-    )
+    grad_clip: float = _key(0.0, "max global L2 norm of backbone gradients (0 disables; the head is excluded)")
     nonfinite: str = _key(
         "stop",
         "a NaN/inf loss or gradient on any rank: stop (exit with an error, no new checkpoint) "
@@ -89,9 +87,7 @@ class ModelConfig:
     depth: int = _key(2, "number of hidden layers of the mlp")
     compile: bool = _key(False, "wrap the backbone in torch.compile")
     channels_last: bool = _key(True, "channels-last memory format for convolutional backbones")
-    autocast: str = _key(
-        "auto", "mixed precision: auto uses bf16 autocast on GPU only", ("auto", "bf16", "none")
-    )
+    autocast: str = _key("auto", "mixed precision: auto uses bf16 autocast on GPU only", ("auto", "bf16", "none"))
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm statistics across ranks")
     broadcast_buffers: bool = _key(
         True,
@@ -112,22 +108,29 @@ class HeadConfig:
     )
     weight_dtype: str = _key(
         "auto",
-        "head weight storage, no fp32 master copy (auto: bf16 with triton, fp32 with reference; fp8_e4m3 runs on reference)",
+        "head weight storage, no fp32 master copy (auto: bf16 with "
+        "triton, fp32 with reference; fp8_e4m3 runs on reference)",
         ("auto", "fp32", "bf16", "fp8_e4m3"),
     )
-    momentum_dtype: str = _key("fp32", "the head's momentum buffer (none: no buffer, needs head.momentum=0)", ("none", "bf16", "fp32"))
+    momentum_dtype: str = _key(
+        "fp32", "the head's momentum buffer (none: no buffer, needs head.momentum=0)", ("none", "bf16", "fp32")
+    )
     rounding: str = _key(
         "nearest",
-        "how head updates are rounded into the stored weights: nearest, or stochastic (unbiased, keyed by seed, step, class, dim)",
+        "how head updates are rounded into the stored weights: nearest, "
+        "or stochastic (unbiased, keyed by seed, step, class, dim)",
         ("nearest", "stochastic"),
     )
     unit_scaling: bool = _key(
-        False, "head weights initialised at unit variance (head.init_std ignored) and plain logits multiplied by 1/sqrt(D) besides head.scale"
+        False,
+        "head weights initialised at unit variance (head.init_std ignored) "
+        "and plain logits multiplied by 1/sqrt(D) besides head.scale",
     )
     kahan: bool = _key(False, "Kahan compensation buffer for the stored head weights (on/off, true/false)")
     kahan_dtype: str = _key("bf16", "dtype of the Kahan compensation buffer", ("bf16", "e5m2"))
     grad_filter: float = _key(
-        0.0, "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)"
+        0.0,
+        "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)",
     )
     selection: str = _key(
         "full",
@@ -148,29 +151,32 @@ class HeadConfig:
     )
     knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
     knn_fixed_size: bool = _key(
-        False, "knn: fill each shard's active set to exactly G·(knn_k + 1) rows with rows outside the union, so its size "
-        "needs no host read (about 5% random negatives at knn_k 16; not with head.budget)"
+        False,
+        "knn: fill each shard's active set to exactly G·(knn_k + 1) rows with rows outside the union, so its size "
+        "needs no host read (about 5% random negatives at knn_k 16; not with head.budget)",
     )
     rebuild_every: int = _key(100, "knn: steps between index rebuilds from the current weights")
     index_retrain_every: int = _key(
-        10, "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last"
+        10,
+        "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last",
     )
     index: str = _key(
         "auto", "knn index backend (auto: FAISS if it can serve the device, else torch)", ("auto", "faiss", "torch")
     )
     index_type: str = _key(
-        "auto", "knn index structure (auto: flat up to 2^20 rows per shard, ivf above; hnsw is FAISS only)",
+        "auto",
+        "knn index structure (auto: flat up to 2^20 rows per shard, ivf above; hnsw is FAISS only)",
         ("auto", "flat", "ivf", "hnsw"),
     )
     index_nlist: int | None = _key(None, "knn ivf: inverted lists per shard (null: ~4 sqrt(C_r))")
     index_nprobe: int = _key(8, "knn ivf: lists probed per sample")
     index_deterministic: bool = _key(
-        False, "knn: rebuild inside the step that starts it and checkpoint the index, so a resumed run equals an uninterrupted one"
+        False,
+        "knn: rebuild inside the step that starts it and checkpoint "
+        "the index, so a resumed run equals an uninterrupted one",
     )
     recall_every: int = _key(100, "knn: steps between knn_recall measurements against exact search (0: never)")
-    margin_type: str = _key(
-        "none", "margin applied to the target logit", ("none", "cosface", "arcface")
-    )
+    margin_type: str = _key("none", "margin applied to the target logit", ("none", "cosface", "arcface"))
     scale: float = _key(1.0, "logit scale s")
     margin: float = _key(0.0, "margin m (cosface: subtracted cosine; arcface: added angle)")
     lr: float | None = _key(None, "head learning rate (null: optim.lr)")
@@ -192,9 +198,7 @@ class DataConfig:
     feature_dim: int = _key(64, "input width of procedural features")
     image_size: int = _key(32, "side length of input images in pixels")
     family_size: int = _key(4, "classes per family of near-duplicates")
-    family_spread: float = _key(
-        0.3, "how far classes of one family sit from their centre, relative to families"
-    )
+    family_spread: float = _key(0.3, "how far classes of one family sit from their centre, relative to families")
     noise: float = _key(0.5, "per-sample noise around the class centre")
     zipf_exponent: float = _key(1.0, "exponent of the Zipf class frequencies (0: uniform)")
     num_workers: int = _key(0, "DataLoader worker processes per rank")
@@ -216,9 +220,7 @@ class OptimConfig:
     eps: float = _key(1e-8, "Adam epsilon for adamw and lamb")
     trust_coefficient: float = _key(0.001, "LARS trust coefficient")
     warmup_steps: int = _key(0, "steps of linear warmup from 0 to the peak learning rate")
-    schedule: str = _key(
-        "cosine", "learning-rate decay after warmup", ("cosine", "poly", "constant")
-    )
+    schedule: str = _key("cosine", "learning-rate decay after warmup", ("cosine", "poly", "constant"))
     poly_power: float = _key(2.0, "power of the poly schedule")
     min_lr_ratio: float = _key(0.0, "final learning rate as a fraction of the peak")
 
@@ -248,17 +250,27 @@ class DistConfig:
 
 @dataclass
 class CommConfig:
-    bucket_mb: float = _key(25.0, "DDP gradient bucket size in MiB (the all-reduce overlaps the backbone's backward bucket by bucket)")
-    overlap: bool = _key(False, "run the head on micro-batches with its feature gathers and gradient reduce-scatters in flight behind compute")
+    bucket_mb: float = _key(
+        25.0, "DDP gradient bucket size in MiB (the all-reduce overlaps the backbone's backward bucket by bucket)"
+    )
+    overlap: bool = _key(
+        False,
+        "run the head on micro-batches with its feature gathers and gradient reduce-scatters in flight behind compute",
+    )
     micro_batches: int = _key(2, "overlap: micro-batches per step (each rank's batch is cut into this many slices)")
     grad_compression: str = _key(
         "none",
-        "backbone gradient compression in DDP's all-reduce: none, bf16 / powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",
+        "backbone gradient compression in DDP's all-reduce: none, bf16 / "
+        "powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",
         ("none", "bf16", "powersgd", "topk"),
     )
     topk_density: float = _key(0.001, "topk: share of each large gradient's entries sent per step")
-    topk_warmup_steps: int = _key(1000, "topk: steps over which the density falls exponentially from 25% to topk_density")
-    topk_momentum_correction: bool = _key(False, "topk: accumulate velocity, not gradients, in the residual (Deep Gradient Compression)")
+    topk_warmup_steps: int = _key(
+        1000, "topk: steps over which the density falls exponentially from 25% to topk_density"
+    )
+    topk_momentum_correction: bool = _key(
+        False, "topk: accumulate velocity, not gradients, in the residual (Deep Gradient Compression)"
+    )
     topk_min_numel: int = _key(4096, "topk: tensors with fewer entries (biases, norms) are all-reduced dense")
     powersgd_rank: int = _key(4, "powersgd: rank of the low-rank approximation")
     powersgd_start_step: int = _key(10, "powersgd: steps of plain all-reduce before compression starts")
@@ -314,7 +326,9 @@ def torch_dtype(name: str):
     """A config dtype name (fp32, bf16, fp8_e4m3, e5m2) as a torch dtype; torch is imported only here."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[
+        name
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,16 +449,13 @@ def _check_value(key: str, value: Any, f: dataclasses.Field, tp: Any, where: str
         if str in (tp, *typing.get_args(tp)) and isinstance(value, (bool, int, float)):
             hint = "; quote it to give a string"
         raise ConfigError(
-            f"{where}{key}: expected {_type_name(tp)}, got {_quoted(value)} "
-            f"({type(value).__name__}){hint}"
+            f"{where}{key}: expected {_type_name(tp)}, got {_quoted(value)} ({type(value).__name__}){hint}"
         ) from None
     choices = f.metadata.get("choices")
     if choices and converted not in choices:
         close = difflib.get_close_matches(str(converted), choices, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(
-            f"{where}{key}: must be one of {', '.join(choices)}; got {_quoted(converted)}{hint}"
-        )
+        raise ConfigError(f"{where}{key}: must be one of {', '.join(choices)}; got {_quoted(converted)}{hint}")
     return converted
 
 
@@ -481,10 +492,7 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
                 _set(cfg, f"{key}.{sub}", sub_value, where)
             return
         if not last:
-            raise ConfigError(
-                f"{where}{prefix} is a value of type {_type_name(tp)}, not a section; "
-                f"cannot set {key!r}"
-            )
+            raise ConfigError(f"{where}{prefix} is a value of type {_type_name(tp)}, not a section; cannot set {key!r}")
         setattr(obj, name, _check_value(key, value, fields[name], tp, where))
 
 
@@ -523,9 +531,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep:
-            raise ConfigError(
-                f"{where}expected key=value (e.g. head.num_classes=1000), found no '='"
-            )
+            raise ConfigError(f"{where}expected key=value (e.g. head.num_classes=1000), found no '='")
         if not key:
             raise ConfigError(f"{where}the key before '=' is empty")
         try:
@@ -580,9 +586,7 @@ def describe_config() -> str:
         if key.split(".")[0] != section:
             section = key.split(".")[0]
             lines.append("")
-        lines.append(
-            f"  {key:<{widths[0]}}  {type_name:<{widths[1]}}  {default:<{widths[2]}}  {help}"
-        )
+        lines.append(f"  {key:<{widths[0]}}  {type_name:<{widths[1]}}  {default:<{widths[2]}}  {help}")
     return "\n".join(lines)
 
 
@@ -661,7 +665,8 @@ def _check_head(c: _Checks) -> None:
     if c.world_size is not None:
         c.need(
             h.num_classes >= c.world_size,
-            f"head.num_classes={h.num_classes} is smaller than the world size {c.world_size}; every rank needs at least one class",
+            f"head.num_classes={h.num_classes} is smaller than the world "
+            f"size {c.world_size}; every rank needs at least one class",
         )
     c.positive("head.scale")
     c.at_least("head.margin", 0)
@@ -677,11 +682,13 @@ def _check_head(c: _Checks) -> None:
     c.at_least("head.grad_filter", 0)
     c.need(
         h.grad_filter == 0 or cfg.head_impl == "triton",
-        f"head.grad_filter={h.grad_filter} needs the fused kernels (head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
+        f"head.grad_filter={h.grad_filter} needs the fused kernels "
+        f"(head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
     )
     c.need(
         h.impl == "reference" or h.margin_type != "arcface",
-        f"head.margin_type=arcface runs on head.impl=reference (the fused kernels take none and cosface), got head.impl={h.impl}",
+        "head.margin_type=arcface runs on head.impl=reference (the "
+        f"fused kernels take none and cosface), got head.impl={h.impl}",
     )
     _check_selection(c)
 
@@ -694,10 +701,18 @@ def _check_selection(c: _Checks) -> None:
             (isinstance(h.budget, int) and h.budget >= 1) or (isinstance(h.budget, float) and 0 < h.budget <= 1),
             f"head.budget must be null, an int >= 1 or a fraction in (0, 1], got {h.budget}",
         )
-    c.need(h.selection != "random" or h.budget is not None, "head.selection=random needs head.budget (a count per shard or a fraction)")
+    c.need(
+        h.selection != "random" or h.budget is not None,
+        "head.selection=random needs head.budget (a count per shard or a fraction)",
+    )
     c.at_least("head.knn_k", 1)
-    c.need(not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}")
-    c.need(not (h.knn_fixed_size and h.budget is not None), "head.knn_fixed_size fills the active set itself: leave head.budget null")
+    c.need(
+        not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}"
+    )
+    c.need(
+        not (h.knn_fixed_size and h.budget is not None),
+        "head.knn_fixed_size fills the active set itself: leave head.budget null",
+    )
     for key in ("rebuild_every", "index_retrain_every", "index_nprobe"):
         c.at_least(f"head.{key}", 1)
     c.at_least("head.index_nlist", 1, nullable=True)
@@ -753,7 +768,10 @@ def _check_optim(c: _Checks) -> None:
     )
     c.positive("optim.eps")
     c.positive("optim.trust_coefficient")
-    c.need(0 <= o.warmup_steps <= t.steps, f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}")
+    c.need(
+        0 <= o.warmup_steps <= t.steps,
+        f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}",
+    )
     c.positive("optim.poly_power")
     c.need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
 
@@ -766,7 +784,16 @@ def _check_run_folder(c: _Checks) -> None:
     c.at_least("dist.timeout_s", 1)
 
 
-_SECTION_CHECKS = (_check_run, _check_train, _check_model, _check_head, _check_comm, _check_data, _check_optim, _check_run_folder)
+_SECTION_CHECKS = (
+    _check_run,
+    _check_train,
+    _check_model,
+    _check_head,
+    _check_comm,
+    _check_data,
+    _check_optim,
+    _check_run_folder,
+)
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

@@ -31,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file (omit for the built-in defaults)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. head.num_classes=100000")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. head.num_classes=100000"
+    )
     return parser.parse_args(argv)
 
 

@@ -38,7 +38,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180.0) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         init_method = "file://" + os.path.join(tmp, "store")
         results = ctx.Queue()
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_method, results, args)) for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_method, results, args)) for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         answers: dict[int, tuple[bool, object]] = {}

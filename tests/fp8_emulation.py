@@ -80,7 +80,9 @@ def emulate_weight_gradient(op, weight, inv_norm, local_label, lse, *, scale, ta
     return grad
 
 
-def emulate_update(weight, grad, *, lr, momentum, weight_decay, buffer, rounding, seed, step, class_ids, compensation=None):
+def emulate_update(
+    weight, grad, *, lr, momentum, weight_decay, buffer, rounding, seed, step, class_ids, compensation=None
+):
     """The fused SGD step and the write-back rounding: (new weight, new buffer, new compensation)."""
     w32 = weight.float()
     step_value = grad.float() + weight_decay * w32

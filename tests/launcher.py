@@ -11,18 +11,41 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
-    "train.steps=12", "train.global_batch=48", "train.eval_every=6", "train.eval_samples=96",
-    "model.embed_dim=32", "model.hidden_dim=64", "model.input_dim=16", "data.feature_dim=16",
-    "head.num_classes=101", "head.chunk_size=16", "head.margin_type=cosface", "head.scale=8", "data.noise=0.1",
-    "head.lr=0.5", "optim.lr=0.2", "optim.warmup_steps=2", "checkpoint.every=4",
-    "checkpoint.keep=2", "log.every=1", "log.progress=false",
+    "train.steps=12",
+    "train.global_batch=48",
+    "train.eval_every=6",
+    "train.eval_samples=96",
+    "model.embed_dim=32",
+    "model.hidden_dim=64",
+    "model.input_dim=16",
+    "data.feature_dim=16",
+    "head.num_classes=101",
+    "head.chunk_size=16",
+    "head.margin_type=cosface",
+    "head.scale=8",
+    "data.noise=0.1",
+    "head.lr=0.5",
+    "optim.lr=0.2",
+    "optim.warmup_steps=2",
+    "checkpoint.every=4",
+    "checkpoint.keep=2",
+    "log.every=1",
+    "log.progress=false",
 ]
 
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=()) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args,
-        str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *torchrun_args,
+        str(REPO / "launch" / "train.py"),
+        f"run.dir={run_dir}",
+        *TINY,
+        *overrides,
     ]
 
 
@@ -34,12 +57,27 @@ def environment(faults: str | None = None, threads: int = 1) -> dict:
     return env
 
 
-def launch(run_dir: Path, nproc: int, *overrides: str, check: bool = True, faults: str | None = None,
-           torchrun_args=(), cwd: Path = REPO, timeout: float = 300, threads: int = 1) -> subprocess.CompletedProcess:
+def launch(
+    run_dir: Path,
+    nproc: int,
+    *overrides: str,
+    check: bool = True,
+    faults: str | None = None,
+    torchrun_args=(),
+    cwd: Path = REPO,
+    timeout: float = 300,
+    threads: int = 1,
+) -> subprocess.CompletedProcess:
     """Run launch/train.py under torchrun with ``nproc`` gloo ranks of ``threads`` CPU threads
     each; a hang fails after ``timeout``."""
-    proc = subprocess.run(command(run_dir, nproc, *overrides, torchrun_args=torchrun_args), cwd=cwd,
-                          env=environment(faults, threads), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args),
+        cwd=cwd,
+        env=environment(faults, threads),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
     return proc

@@ -111,7 +111,9 @@ def ensure_installed() -> dict[str, str]:
             if result.returncode == 0:
                 break
         else:
-            pytest.fail(f"could not install {' '.join(PACKAGES)} with apt-get:\n{(result.stdout + result.stderr)[-2000:]}")
+            pytest.fail(
+                f"could not install {' '.join(PACKAGES)} with apt-get:\n{(result.stdout + result.stderr)[-2000:]}"
+            )
     missing = [name for name in DAEMONS + CLIENTS if _which(name) is None]
     assert not missing, f"installed {' '.join(PACKAGES)} but still lack {missing}"
     return {name: _which(name) for name in DAEMONS + CLIENTS}
@@ -163,13 +165,29 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o600)  # munged refuses a key that others can read
         ctld_port, slurmd_port = free_ports(2)
-        self.conf.write_text(SLURM_CONF.format(ctld_port=ctld_port, slurmd_port=slurmd_port, root=self.root,
-                                               munge_socket=self.munge_socket, cpus=NODE_CPUS))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                ctld_port=ctld_port,
+                slurmd_port=slurmd_port,
+                root=self.root,
+                munge_socket=self.munge_socket,
+                cpus=NODE_CPUS,
+            )
+        )
 
         # --force: run as root and accept the temporary folders' permissions.
-        self._spawn("munged", [self.programs["munged"], "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={self.root / 'run' / 'munged.pid'}",
-                               f"--seed-file={self.root / 'munge-key' / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                self.programs["munged"],
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.root / 'run' / 'munged.pid'}",
+                f"--seed-file={self.root / 'munge-key' / 'munged.seed'}",
+            ],
+        )
         self._wait("munged to create its socket", self.munge_socket.exists, 15)
         self._spawn("slurmctld", [self.programs["slurmctld"], "-D", "-f", str(self.conf)])
         self._wait("slurmctld to answer", lambda: "is UP" in self.run("scontrol", "ping", check=False).stdout, 30)
@@ -183,7 +201,9 @@ class SlurmCluster:
             if jobs:
                 self.run("scancel", *jobs, check=False)
                 with contextlib.suppress(AssertionError):
-                    self._wait("cancelled jobs to end", lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 30)
+                    self._wait(
+                        "cancelled jobs to end", lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 30
+                    )
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:
@@ -201,8 +221,14 @@ class SlurmCluster:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         # Startup errors go to stderr, before a daemon opens its log file.
         with open(self.logs / f"{name}.stderr", "wb") as log:  # the child keeps its own copy
-            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def _wait(self, what: str, ready, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -224,16 +250,32 @@ class SlurmCluster:
 
     # --- commands --------------------------------------------------------------------
 
-    def run(self, program: str, *args: str, check: bool = True, env: dict | None = None,
-            cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-        result = subprocess.run([self.programs[program], *args], env=env or self.env, cwd=cwd,
-                                capture_output=True, text=True, timeout=timeout)
+    def run(
+        self,
+        program: str,
+        *args: str,
+        check: bool = True,
+        env: dict | None = None,
+        cwd: Path | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [self.programs[program], *args],
+            env=env or self.env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert not check or result.returncode == 0, (
-            f"{program} {' '.join(args)} exited with status {result.returncode}:\n{result.stdout}{result.stderr}")
+            f"{program} {' '.join(args)} exited with status {result.returncode}:\n{result.stdout}{result.stderr}"
+        )
         return result
 
     def node_state(self) -> str:
-        return self.run("scontrol", "show", "node", "localhost", check=False).stdout.partition("State=")[2].split(" ")[0]
+        return (
+            self.run("scontrol", "show", "node", "localhost", check=False).stdout.partition("State=")[2].split(" ")[0]
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Reason, Restarts, ExitCode, ...); {} once forgotten."""

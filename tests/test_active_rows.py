@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_harness import run_ranks
+
 from hydrahead.head import ShardedClassifier
 
 NUM_CLASSES, DIM, BATCH = 101, 8, 20
@@ -25,7 +25,9 @@ def problem(seed=0):
 
 
 def make_head(impl, dtype):
-    head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, init_std=0.5, dtype=dtype, impl=impl, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    head = ShardedClassifier(
+        NUM_CLASSES, DIM, seed=3, init_std=0.5, dtype=dtype, impl=impl, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     head.set_lr(LR)
     return head
 
@@ -137,8 +139,18 @@ def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12,
 
     dtype = torch.float64 if impl == "reference" else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, init_std=0.5, dtype=dtype, impl=impl, momentum=momentum,
-                             weight_decay=weight_decay, momentum_dtype=dtype, inactive_rows=inactive_rows)
+    head = ShardedClassifier(
+        NUM_CLASSES,
+        DIM,
+        seed=3,
+        init_std=0.5,
+        dtype=dtype,
+        impl=impl,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        momentum_dtype=dtype,
+        inactive_rows=inactive_rows,
+    )
     dense = head.weight.detach().double().clone().requires_grad_()
     optimizer = torch.optim.SGD([dense], lr=LR, momentum=momentum, weight_decay=weight_decay)
     never = 7  # rows 0..7 are never active: only the deferred steps move them
@@ -226,8 +238,11 @@ def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
     _train_rows(head, gen, 3)
     head._deferred.max_lag = 6
     _train_rows(head, gen, 2)
-    saved = {"weight": head.weight.detach().clone(), "momentum": head.momentum_buffer.clone(),
-             **{k: v.clone() for k, v in head.deferred_state().items()}}
+    saved = {
+        "weight": head.weight.detach().clone(),
+        "momentum": head.momentum_buffer.clone(),
+        **{k: v.clone() for k, v in head.deferred_state().items()},
+    }
     assert head._deferred.owing and int(saved["owed_steps"].max()) == 5 and int(saved["since_settled"]) == 5
 
     resumed = make_head("reference", torch.float32)
@@ -248,7 +263,9 @@ def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
         _train_rows(other, gen, 4)
     assert head.settles == resumed.settles == 1 and head._deferred.owing == resumed._deferred.owing
     assert torch.equal(resumed.weight, head.weight) and torch.equal(resumed.momentum_buffer, head.momentum_buffer)
-    assert torch.equal(resumed._deferred.row_updates - resumed._deferred.updates, head._deferred.row_updates - head._deferred.updates)
+    assert torch.equal(
+        resumed._deferred.row_updates - resumed._deferred.updates, head._deferred.row_updates - head._deferred.updates
+    )
     assert not torch.equal(settled_early.weight, head.weight)  # so the test can tell
 
 
@@ -257,8 +274,15 @@ def test_a_loaded_debt_is_paid_at_once_by_a_head_that_defers_nothing():
     head = make_head("reference", torch.float64)
     _train_rows(head, gen, 3)
     debt = head.deferred_state()
-    frozen = ShardedClassifier(NUM_CLASSES, DIM, seed=3, dtype=torch.float64, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                               inactive_rows="frozen")
+    frozen = ShardedClassifier(
+        NUM_CLASSES,
+        DIM,
+        seed=3,
+        dtype=torch.float64,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        inactive_rows="frozen",
+    )
     frozen.weight.data.copy_(head.weight.detach())
     frozen.momentum_buffer.copy_(head.momentum_buffer)
     frozen.load_deferred_state(debt)
@@ -359,8 +383,8 @@ def test_a_bad_shard_with_deferred_checks_runs_the_step_through_and_raises_when_
     """A rank whose shard fails the local checks learns it only through the collectives; with
     MergeChecks every rank raises at the read, so until then the bad rank must run the
     forward and backward like the others (no local math) instead of failing on its own."""
-    from hydrahead.head import sharded_cross_entropy
     from hydrahead.distributed.sharded_softmax import MergeChecks
+    from hydrahead.head import sharded_cross_entropy
     from hydrahead.kernels import triton_sharded_cross_entropy
     from hydrahead.kernels.fused_loss import FusedMicroBatches
 

@@ -48,13 +48,15 @@ def root(tmp_path):
 
 
 def _dataset(root, policy, split="train", **kwargs):
-    return ImageFolder(root, image_size=IMAGE_SIZE, split=split, seed=SEED, on_bad_sample=policy,
-                       **kwargs)
+    return ImageFolder(root, image_size=IMAGE_SIZE, split=split, seed=SEED, on_bad_sample=policy, **kwargs)
 
 
 def _bad_items(dataset):
-    bad = {i for i in range(dataset.num_items)
-           if dataset.file(i).relative_to(dataset.root).as_posix() in (CORRUPT, TRUNCATED)}
+    bad = {
+        i
+        for i in range(dataset.num_items)
+        if dataset.file(i).relative_to(dataset.root).as_posix() in (CORRUPT, TRUNCATED)
+    }
     assert len(bad) == 2
     return bad
 
@@ -84,8 +86,14 @@ def _assert_same(a, b):
 
 
 def _stream(dataset, start_step=0, rank=0, world_size=1, num_workers=0, global_batch=5):
-    return batches(dataset, start_step=start_step, global_batch=global_batch, rank=rank,
-                   world_size=world_size, num_workers=num_workers)
+    return batches(
+        dataset,
+        start_step=start_step,
+        global_batch=global_batch,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+    )
 
 
 # -- error ------------------------------------------------------------------------------
@@ -112,8 +120,7 @@ def test_error_names_the_bad_file_from_workers(root):
     # Eval reads the files in order: the first batch of 4 is good, the second holds
     # class_1/corrupt.jpg (item 3 in sorted order).
     assert dataset.file(3) == root / CORRUPT
-    stream = eval_batches(dataset, num_samples=dataset.num_items, batch_size=3, rank=0,
-                          world_size=1, num_workers=2)
+    stream = eval_batches(dataset, num_samples=dataset.num_items, batch_size=3, rank=0, world_size=1, num_workers=2)
     x, y = next(stream)
     assert len(y) == 3
     with pytest.raises(BadImageError, match=r"worker process[\s\S]*corrupt\.jpg"):
@@ -173,9 +180,9 @@ def test_skip_streams_full_good_batches_deterministically_and_counts(root):
     x, y = next(stream)  # (inputs, labels), as before
     assert x.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE) and len(y) == 5
     first = _take(_stream(dataset), steps)
-    expected_counts = list(itertools.accumulate(
-        sum(_expected(dataset, i, bad)[1] for i in range(5 * s, 5 * s + 5)) for s in range(steps)
-    ))
+    expected_counts = list(
+        itertools.accumulate(sum(_expected(dataset, i, bad)[1] for i in range(5 * s, 5 * s + 5)) for s in range(steps))
+    )
     assert [c for _, _, c in first] == expected_counts
     own = dataset.items(torch.arange(5 * steps)).tolist()
     assert expected_counts[-1] == sum(item in bad for item in own) >= 4  # 2 per full epoch
@@ -256,8 +263,14 @@ def test_skip_gives_up_when_every_file_is_bad(tmp_path):
     with pytest.raises(BadImageError, match=r"none of the 2 image files.*\.(png|jpg)"):
         dataset.batch(torch.tensor([5]))
     assert dataset.bad_samples_skipped == 0
-    stream = batches(ImageFolder(tmp_path, image_size=4, on_bad_sample="skip"), start_step=0,
-                     global_batch=2, rank=0, world_size=1, num_workers=2)
+    stream = batches(
+        ImageFolder(tmp_path, image_size=4, on_bad_sample="skip"),
+        start_step=0,
+        global_batch=2,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+    )
     with pytest.raises(BadImageError, match="none of the 2 image files"):
         next(stream)
 
@@ -267,8 +280,7 @@ def test_skip_gives_up_after_max_bad_in_a_row(root):
     (root / "class_1" / "img_0.png").write_bytes(b"bad")
     (root / "class_1" / "img_1.png").write_bytes(b"bad")
     dataset = _dataset(root, "skip", split="eval", max_bad_in_a_row=3)
-    assert [dataset.file(i).name for i in (3, 4, 5, 6)] == [
-        "corrupt.jpg", "img_0.png", "img_1.png", "img_2.png"]
+    assert [dataset.file(i).name for i in (3, 4, 5, 6)] == ["corrupt.jpg", "img_0.png", "img_1.png", "img_2.png"]
     with pytest.raises(BadImageError, match=r"3 files in a row.*corrupt\.jpg.*last tried.*img_1"):
         dataset.batch(torch.tensor([3]))
     # One more attempt reaches class_1/img_2.png.

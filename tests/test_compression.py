@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_ranks
+from launcher import launch, metrics
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_harness import run_ranks
 from hydrahead.comm.compression import WARMUP_START_DENSITY, TopK, register, topk_density
 from hydrahead.config import CommConfig, ConfigError, load_config, validate
-from launcher import launch, metrics
 
 
 def test_warmup_falls_exponentially_from_a_quarter_to_the_target():
@@ -83,7 +83,11 @@ def _hook_worker(rank, world_size, compression, density, steps):
         sent_bytes.append(counters.take()["bytes_backbone_allreduce"])
     for t in local:
         dist.all_reduce(t)  # the dense sum over ranks
-    residual = [topk.residuals.get(n, torch.zeros(p.numel())).reshape(p.shape).clone() for n, p in model.named_parameters()] if topk else None
+    residual = (
+        [topk.residuals.get(n, torch.zeros(p.numel())).reshape(p.shape).clone() for n, p in model.named_parameters()]
+        if topk
+        else None
+    )
     if residual is not None:
         for t in residual:
             dist.all_reduce(t)
@@ -138,7 +142,12 @@ def test_comm_keys_are_checked():
 
 
 def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size(tmp_path):
-    topk = ["comm.grad_compression=topk", "comm.topk_density=0.01", "comm.topk_min_numel=64", "comm.topk_warmup_steps=0"]
+    topk = [
+        "comm.grad_compression=topk",
+        "comm.topk_density=0.01",
+        "comm.topk_min_numel=64",
+        "comm.topk_warmup_steps=0",
+    ]
     run_dir = tmp_path / "run"
     launch(run_dir, 2, *topk, "train.stop_after=4")
     proc = launch(run_dir, 1, *topk, "train.stop_after=6")
@@ -161,8 +170,13 @@ def test_topk_warmup_compresses_each_step_at_its_own_density_and_resumes_exactly
     it), also for the first step after a resume."""
     from launcher import train_losses
 
-    topk = ["comm.grad_compression=topk", "comm.topk_density=0.01", "comm.topk_min_numel=64", "comm.topk_warmup_steps=8",
-            "log.every=1"]
+    topk = [
+        "comm.grad_compression=topk",
+        "comm.topk_density=0.01",
+        "comm.topk_min_numel=64",
+        "comm.topk_warmup_steps=8",
+        "log.every=1",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     launch(whole, 2, *topk, "train.stop_after=8")
     launch(resumed, 2, *topk, "train.stop_after=4")

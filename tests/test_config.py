@@ -43,8 +43,7 @@ def test_defaults_are_valid_and_head_lr_falls_back_to_optim_lr():
 def test_yaml_then_overrides(tmp_path):
     path = _write(
         tmp_path,
-        "head:\n  num_classes: 5000\n  margin_type: cosface\noptim:\n  lr: 0.05\n"
-        "train:\n  steps: 7\n",
+        "head:\n  num_classes: 5000\n  margin_type: cosface\noptim:\n  lr: 0.05\ntrain:\n  steps: 7\n",
     )
     cfg = load_config(path, ["head.num_classes=1000", "model.compile=true"])
     assert cfg.head.num_classes == 1000  # the override beats the file

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from hydrahead.counter_rng import _mix64, _mix64_int, _signed
 from hydrahead.data import (
     GlobalCursor,
     ProceduralFeatures,
@@ -16,7 +17,6 @@ from hydrahead.data import (
     rank_indices,
     zipf_ranks,
 )
-from hydrahead.counter_rng import _mix64, _mix64_int, _signed
 
 
 def _assert_same_batch(a, b):
@@ -272,10 +272,7 @@ def test_global_batch_independent_of_world_size():
         cursor = step * global_batch
         expected = gen.batch(torch.arange(cursor, cursor + global_batch))
         for world_size in (1, 2, 3, 4):
-            parts = [
-                gen.batch(rank_indices(cursor, global_batch, rank, world_size))
-                for rank in range(world_size)
-            ]
+            parts = [gen.batch(rank_indices(cursor, global_batch, rank, world_size)) for rank in range(world_size)]
             assert all(p[1].numel() == global_batch // world_size for p in parts)
             merged = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
             _assert_same_batch(merged, expected)

@@ -142,10 +142,7 @@ def test_resume_reads_the_tail_of_the_stream(kind_config):
 def test_global_batches_do_not_depend_on_world_size(kind_config):
     dataset = build_dataset(kind_config)
     one = _take(batches(dataset, start_step=0, global_batch=6, rank=0, world_size=1), 3)
-    per_rank = [
-        _take(batches(dataset, start_step=0, global_batch=6, rank=r, world_size=2), 3)
-        for r in range(2)
-    ]
+    per_rank = [_take(batches(dataset, start_step=0, global_batch=6, rank=r, world_size=2), 3) for r in range(2)]
     for step in range(3):
         merged = tuple(torch.cat([per_rank[r][step][i] for r in range(2)]) for i in range(2))
         _assert_same_batches([merged], [one[step]], exact=False)
@@ -155,10 +152,7 @@ def test_global_batches_do_not_depend_on_world_size(kind_config):
 def test_eval_batches_same_count_on_every_rank(kind, image_root, feature_root):
     path = {"image_folder": image_root, "features": feature_root}.get(kind)
     dataset = build_dataset(_config(kind, path), "eval")
-    per_rank = [
-        list(eval_batches(dataset, num_samples=5, batch_size=2, rank=r, world_size=3))
-        for r in range(3)
-    ]
+    per_rank = [list(eval_batches(dataset, num_samples=5, batch_size=2, rank=r, world_size=3)) for r in range(3)]
     assert [len(p) for p in per_rank] == [1, 1, 1]
     assert [len(p[0][1]) for p in per_rank] == [2, 2, 1]
     # The ranks' shares, concatenated, are the first 5 eval samples.
@@ -235,9 +229,7 @@ def test_procedural_images_classes_and_families():
 
 def test_procedural_images_samples_follow_their_class():
     # Shifted, noisy samples still sit nearest to their own class's rendering.
-    data = ProceduralImages(
-        64, 16, seed=4, family_size=1, max_shift=0.03, noise=0.3, zipf_exponent=0.0
-    )
+    data = ProceduralImages(64, 16, seed=4, family_size=1, max_shift=0.03, noise=0.3, zipf_exponent=0.0)
     x, y = data.batch(torch.arange(256))
     templates = data.render(torch.arange(64))
     assert (torch.cdist(x.flatten(1), templates.flatten(1)).argmin(1) == y).float().mean() > 0.9
@@ -350,9 +342,7 @@ def test_image_folder_corrupt_file_is_named(image_root):
     with pytest.raises(BadImageError, match="img_9.png"):
         dataset.batch(torch.tensor([item]))
     # Raised in a worker process, the error still names the file.
-    stream = eval_batches(
-        dataset, num_samples=dataset.num_items, batch_size=4, rank=0, world_size=1, num_workers=2
-    )
+    stream = eval_batches(dataset, num_samples=dataset.num_items, batch_size=4, rank=0, world_size=1, num_workers=2)
     with pytest.raises(BadImageError, match=r"worker process[\s\S]*img_9.png"):
         list(stream)
 

@@ -8,25 +8,38 @@ import pytest
 import torch
 
 from hydrahead.data.xc_text import read_xc_text
-from hydrahead.eval.metrics import add_sums, means, multi_label_sums, ndcg_at_k, num_positives, precision_at_k, single_label_sums, topk_hits
+from hydrahead.eval.metrics import (
+    add_sums,
+    means,
+    multi_label_sums,
+    ndcg_at_k,
+    num_positives,
+    precision_at_k,
+    single_label_sums,
+    topk_hits,
+)
 
 # ---------------------------------------------------------------------------------------
 # Hand-computed values
 # ---------------------------------------------------------------------------------------
 
 # Four samples, five predictions each, positives padded with -1.
-PRED_IDS = torch.tensor([
-    [3, 1, 4, 5, 9],  # positives {1, 9, 7}: hits at ranks 1 and 4 (0-based)
-    [2, 0, 6, 8, 1],  # positives {2}: a hit at rank 0
-    [0, 1, 2, 3, 4],  # no positives
-    [0, 5, 4, 8, 2],  # positives {4, 0} (4 listed twice): hits at ranks 0 and 2
-])
-POSITIVES = torch.tensor([
-    [1, 9, 7, -1],
-    [2, -1, -1, -1],
-    [-1, -1, -1, -1],
-    [4, 4, 0, -1],
-])
+PRED_IDS = torch.tensor(
+    [
+        [3, 1, 4, 5, 9],  # positives {1, 9, 7}: hits at ranks 1 and 4 (0-based)
+        [2, 0, 6, 8, 1],  # positives {2}: a hit at rank 0
+        [0, 1, 2, 3, 4],  # no positives
+        [0, 5, 4, 8, 2],  # positives {4, 0} (4 listed twice): hits at ranks 0 and 2
+    ]
+)
+POSITIVES = torch.tensor(
+    [
+        [1, 9, 7, -1],
+        [2, -1, -1, -1],
+        [-1, -1, -1, -1],
+        [4, 4, 0, -1],
+    ]
+)
 # P@k = hits among the first k / k
 #   sample 0: P@1 = 0/1, P@3 = 1/3, P@5 = 2/5
 #   sample 1: P@1 = 1/1, P@3 = 1/3, P@5 = 1/5
@@ -35,7 +48,8 @@ POSITIVES = torch.tensor([
 PRECISION = {1: [0.0, 1.0, 0.0, 1.0], 3: [1 / 3, 1 / 3, 0.0, 2 / 3], 5: [0.4, 0.2, 0.0, 0.4]}
 # Discounts 1/log2(i + 2): rank 0 -> 1, rank 1 -> 1/log2(3) = 0.6309297535714575,
 # rank 2 -> 1/log2(4) = 0.5, rank 3 -> 1/log2(5), rank 4 -> 1/log2(6) = 0.38685280723454163.
-#   sample 0: DCG@1 = 0, DCG@3 = 0.6309297535714575, DCG@5 = 0.6309297535714575 + 0.38685280723454163 = 1.0177825608059992
+#   sample 0: DCG@1 = 0, DCG@3 = 0.6309297535714575,
+#             DCG@5 = 0.6309297535714575 + 0.38685280723454163 = 1.0177825608059992
 #             3 positives: IDCG@1 = 1, IDCG@3 = IDCG@5 = 1 + 0.6309297535714575 + 0.5 = 2.1309297535714578
 #             nDCG@3 = 0.6309297535714575 / 2.1309297535714578 = 0.2960819109658652
 #             nDCG@5 = 1.0177825608059992 / 2.1309297535714578 = 0.4776237035032179
@@ -65,7 +79,11 @@ def test_multi_label_sums_and_means_by_hand():
     result = means(sums)
     assert result["samples"] == 4 and result["samples_without_positives"] == 1
     # P@3 = (1/3 + 1/3 + 0 + 2/3) / 4 = 1/3; nDCG@5 = (0.4776237035032179 + 1 + 0 + 0.9197207891481876) / 4
-    assert result["P@1"] == pytest.approx(0.5) and result["P@3"] == pytest.approx(1 / 3) and result["P@5"] == pytest.approx(0.25)
+    assert (
+        result["P@1"] == pytest.approx(0.5)
+        and result["P@3"] == pytest.approx(1 / 3)
+        and result["P@5"] == pytest.approx(0.25)
+    )
     assert result["nDCG@5"] == pytest.approx((0.4776237035032179 + 1 + 0.9197207891481876) / 4)
 
 
@@ -196,18 +214,21 @@ def test_no_labels_anywhere_gives_zero_width_labels(tmp_path):
     assert data.labels.shape == (2, 0) and data.features.tolist() == [[1, 0, 0], [0, 0, 2]]
 
 
-@pytest.mark.parametrize("text, line, message", [
-    ("2 6 10\n0 0:1\n1 x:2\n", 3, "bad feature index 'x'"),
-    ("2 6 10\n0 0:1\n1 3:abc\n", 3, "bad feature value in '3:abc'"),
-    ("2 6 10\n0 0:1\n1 3:nan\n", 3, "not a finite float32"),
-    ("2 6 10\n0 0:1\n1 3:1e39\n", 3, "not a finite float32"),
-    ("2 6 10\n0 0:1 oops\n1 3:1\n", 2, "bad token 'oops'"),
-    ("2 6 10\n0 6:1\n1 3:1\n", 2, "feature index 6 is out of range: num_features=6"),
-    ("2 6 10\n0 1:1 1:2\n1 3:1\n", 2, "feature index 1 appears twice"),
-    ("2 6 10\n0,10 0:1\n1 3:1\n", 2, "label id 10 is out of range: num_labels=10"),
-    ("2 6 10\n0,-1 0:1\n1 3:1\n", 2, "bad label id '-1'"),
-    ("2 6 10\n0,,1 0:1\n1 3:1\n", 2, "bad label id ''"),
-])
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("2 6 10\n0 0:1\n1 x:2\n", 3, "bad feature index 'x'"),
+        ("2 6 10\n0 0:1\n1 3:abc\n", 3, "bad feature value in '3:abc'"),
+        ("2 6 10\n0 0:1\n1 3:nan\n", 3, "not a finite float32"),
+        ("2 6 10\n0 0:1\n1 3:1e39\n", 3, "not a finite float32"),
+        ("2 6 10\n0 0:1 oops\n1 3:1\n", 2, "bad token 'oops'"),
+        ("2 6 10\n0 6:1\n1 3:1\n", 2, "feature index 6 is out of range: num_features=6"),
+        ("2 6 10\n0 1:1 1:2\n1 3:1\n", 2, "feature index 1 appears twice"),
+        ("2 6 10\n0,10 0:1\n1 3:1\n", 2, "label id 10 is out of range: num_labels=10"),
+        ("2 6 10\n0,-1 0:1\n1 3:1\n", 2, "bad label id '-1'"),
+        ("2 6 10\n0,,1 0:1\n1 3:1\n", 2, "bad label id ''"),
+    ],
+)
 def test_errors_name_the_file_and_line(tmp_path, text, line, message):
     path = write(tmp_path, text)
     with pytest.raises(ValueError, match=f"{path}:{line}: .*{message}".replace("(", r"\(").replace(")", r"\)")):

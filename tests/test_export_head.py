@@ -33,8 +33,16 @@ from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES, EMBED_DIM = 101, 32
 TINY = [
-    "train.steps=4", "train.global_batch=48", "train.eval_every=0", "model.embed_dim=32", "model.hidden_dim=64",
-    "model.input_dim=16", "data.feature_dim=16", "head.num_classes=101", "checkpoint.every=2", "checkpoint.keep=2",
+    "train.steps=4",
+    "train.global_batch=48",
+    "train.eval_every=0",
+    "model.embed_dim=32",
+    "model.hidden_dim=64",
+    "model.input_dim=16",
+    "data.feature_dim=16",
+    "head.num_classes=101",
+    "checkpoint.every=2",
+    "checkpoint.keep=2",
     "log.progress=false",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -46,9 +54,19 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("export_runs")
     procs = {}
     for nproc in (2, 3):  # at once: torchrun --standalone picks its own free port
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO / "launch" / "train.py"), f"run.dir={root / f'ranks{nproc}'}", *TINY]
-        procs[nproc] = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(REPO / "launch" / "train.py"),
+            f"run.dir={root / f'ranks{nproc}'}",
+            *TINY,
+        ]
+        procs[nproc] = subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     for nproc, proc in procs.items():
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{nproc}-rank run failed:\n{output[-4000:]}"
@@ -109,11 +127,20 @@ def test_safe_reader_reads_a_real_index_like_the_stock_one(runs):
     assert ours.state_dict_metadata["head.weight"].properties.dtype == torch.float32
 
 
-@pytest.mark.parametrize("module, name", [
-    ("builtins", "eval"), ("builtins", "getattr"), ("os", "system"), ("posix", "system"), ("subprocess", "Popen"),
-    ("torch", "load"), ("torch.serialization", "load"), ("torch.distributed.checkpoint.filesystem", "FileSystemWriter"),
-    ("pathlib", "Path.write_text"),
-])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("os", "system"),
+        ("posix", "system"),
+        ("subprocess", "Popen"),
+        ("torch", "load"),
+        ("torch.serialization", "load"),
+        ("torch.distributed.checkpoint.filesystem", "FileSystemWriter"),
+        ("pathlib", "Path.write_text"),
+    ],
+)
 def test_safe_reader_refuses_globals_an_index_never_needs(tmp_path, module, name):
     (tmp_path / ".metadata").write_bytes(f"c{module}\n{name}\n.".encode())  # a pickle of just that global
     with pytest.raises(pickle.UnpicklingError, match=f"{module}.{name}"):
@@ -155,8 +182,12 @@ def test_a_malicious_index_runs_nothing(malicious_checkpoint):
         SafeFileSystemReader(ckpt).read_metadata()
     with pytest.raises(CheckpointException, match="_plant_marker"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP reports the refusal as "metadata is None" with the reason
-        dcp.load({"head.weight": torch.empty(NUM_CLASSES, EMBED_DIM)}, storage_reader=SafeFileSystemReader(ckpt),
-                 planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(
+            {"head.weight": torch.empty(NUM_CLASSES, EMBED_DIM)},
+            storage_reader=SafeFileSystemReader(ckpt),
+            planner=SafeLoadPlanner(),
+            no_dist=True,
+        )
     with pytest.raises(pickle.UnpicklingError):
         export_head(ckpt, ckpt.parent / "head.npy", progress=False)
     assert not marker.exists()
@@ -168,11 +199,19 @@ def test_safe_planner_refuses_code_in_non_tensor_items(tmp_path):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "marker"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"w": torch.ones(3), "extra": _Payload(marker)}, storage_writer=dcp.FileSystemWriter(str(ckpt)), no_dist=True)
+        dcp.save(
+            {"w": torch.ones(3), "extra": _Payload(marker)},
+            storage_writer=dcp.FileSystemWriter(str(ckpt)),
+            no_dist=True,
+        )
         with pytest.raises(CheckpointException) as refused:
-            dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=SafeFileSystemReader(ckpt),
-                     planner=SafeLoadPlanner(), no_dist=True)
-        (error, _), = refused.value.failures.values()
+            dcp.load(
+                {"w": torch.zeros(3), "extra": None},
+                storage_reader=SafeFileSystemReader(ckpt),
+                planner=SafeLoadPlanner(),
+                no_dist=True,
+            )
+        ((error, _),) = refused.value.failures.values()
         assert isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
         assert not marker.exists()
         dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
@@ -190,8 +229,10 @@ def test_safe_reader_and_planner_load_a_checkpoint_like_the_stock_ones(runs):
     index = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
 
     def empty_state():  # every saved entry, head.weight as one full-size plain tensor
-        return {fqn: torch.zeros(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
-                for fqn, md in index.items()}
+        return {
+            fqn: torch.zeros(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+            for fqn, md in index.items()
+        }
 
     stock, safe = empty_state(), empty_state()
     with warnings.catch_warnings():
@@ -297,9 +338,21 @@ def owing_runs(tmp_path_factory) -> dict[str, Path]:
     evals = {"settled": "train.eval_every=4", "owing": "train.eval_every=0"}
     procs = {}
     for name, eval_every in evals.items():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO / "launch" / "train.py"), f"run.dir={root / name}", *TINY, *selection, eval_every]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(REPO / "launch" / "train.py"),
+            f"run.dir={root / name}",
+            *TINY,
+            *selection,
+            eval_every,
+        ]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     for name, proc in procs.items():
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{name} run failed:\n{output[-4000:]}"
@@ -313,8 +366,12 @@ def test_export_pays_the_steps_inactive_rows_owe(owing_runs, tmp_path, tensor):
     settled, owing = owing_runs["settled"], owing_runs["owing"]
     fqn = f"head.{tensor}"
     assert not torch.equal(full_load(owing, fqn), full_load(settled, fqn))  # the stored rows still owe steps
-    exported = {name: read_export(export_head(path, tmp_path / f"{name}.safetensors", tensor=tensor, block_rows=7, progress=False))
-                for name, path in owing_runs.items()}
+    exported = {
+        name: read_export(
+            export_head(path, tmp_path / f"{name}.safetensors", tensor=tensor, block_rows=7, progress=False)
+        )
+        for name, path in owing_runs.items()
+    }
     assert torch.equal(exported["owing"], exported["settled"])
     assert torch.equal(exported["settled"], full_load(settled, fqn))  # nothing left to pay there
     assert torch.equal(torch.cat([rows for _, rows in iter_head_rows(owing, tensor, block_rows=13)]), exported["owing"])
@@ -348,12 +405,16 @@ def test_a_malicious_index_in_a_run_folder_runs_nothing(runs, tmp_path):
 def test_dtype_conversion(runs, tmp_path):
     ckpt = step_dir(runs[2], 4)
     weight = full_load(ckpt, "head.weight")
-    bf16 = load_file(export_head(ckpt, tmp_path / "h.safetensors", dtype="bfloat16", block_rows=7, progress=False))["head.weight"]
+    bf16 = load_file(export_head(ckpt, tmp_path / "h.safetensors", dtype="bfloat16", block_rows=7, progress=False))[
+        "head.weight"
+    ]
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, weight.to(torch.bfloat16))
     with pytest.warns(UserWarning, match="numpy has no bfloat16"):
         out = export_head(ckpt, tmp_path / "bf16.npy", dtype=torch.bfloat16, block_rows=7, progress=False)
     as_float32 = np.load(out)
-    assert as_float32.dtype == np.float32 and torch.equal(torch.from_numpy(as_float32), weight.to(torch.bfloat16).float())
+    assert as_float32.dtype == np.float32 and torch.equal(
+        torch.from_numpy(as_float32), weight.to(torch.bfloat16).float()
+    )
     half = np.load(export_head(ckpt, tmp_path / "f16.npy", dtype="float16", block_rows=7, progress=False))
     assert half.dtype == np.float16 and torch.equal(torch.from_numpy(half), weight.half())
 
@@ -401,8 +462,14 @@ def test_a_failed_export_leaves_no_output(runs, tmp_path, monkeypatch):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hydrahead.tools.export_head", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "hydrahead.tools.export_head", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli(runs, tmp_path):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_harness import run_ranks
 from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradient
-from hydrahead.head import ShardedClassifier, sharded_cross_entropy
+
 from hydrahead.distributed.sharded_softmax import normalize_rows
+from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from hydrahead.kernels.shard_ce import (
     feature_operand,
@@ -69,7 +69,9 @@ def test_weight_gradient_matches_the_emulation(margin_type):
     op, weight, inv_norm, labels, options = make_problem(2, 37, margin_type)
     row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
     lse = lse_of(row_max, row_sum, labels)
-    got = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=inv_norm is not None, grad_scale=0.1, update=None, **options)
+    got = shard_weight_backward(
+        op, weight, inv_norm, labels, lse, cosine=inv_norm is not None, grad_scale=0.1, update=None, **options
+    )
     assert got.dtype == torch.float32  # dW of fp8 weights is not rounded to fp8
     want = emulate_weight_gradient(op, weight, inv_norm, labels, lse, grad_scale=0.1, **options)
     assert rel_err(got, want) < 1e-5
@@ -83,17 +85,34 @@ def test_fused_update_matches_the_emulation(rounding, kahan, momentum):
     gen = torch.Generator().manual_seed(4)
     row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
     lse = lse_of(row_max, row_sum, labels)
-    grad = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=None, **options)
+    grad = shard_weight_backward(
+        op, weight, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=None, **options
+    )
     buffer = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.01).to(torch.bfloat16) if momentum else None
     compensation = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 1e-3).to(kahan) if kahan else None
     class_ids = torch.randperm(10**6, generator=gen)[:NUM_CLASSES] + 3 * 10**9  # global ids, some past 2^31
     hyper = dict(lr=0.5, momentum=momentum, weight_decay=5e-4)
     want_w, want_buf, want_comp = emulate_update(
-        weight, grad, buffer=None if buffer is None else buffer.clone(), rounding=rounding, seed=5, step=11,
-        class_ids=class_ids, compensation=None if compensation is None else compensation.clone(), **hyper,
+        weight,
+        grad,
+        buffer=None if buffer is None else buffer.clone(),
+        rounding=rounding,
+        seed=5,
+        step=11,
+        class_ids=class_ids,
+        compensation=None if compensation is None else compensation.clone(),
+        **hyper,
     )
     w = weight.clone()
-    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=5, step=11, class_ids=class_ids, compensation=compensation, **hyper)
+    update = SGDUpdate(
+        momentum_buffer=buffer,
+        rounding=rounding,
+        seed=5,
+        step=11,
+        class_ids=class_ids,
+        compensation=compensation,
+        **hyper,
+    )
     shard_weight_backward(op, w, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=update, **options)
     assert w.dtype == FP8
     moved = w.double() != weight.double()
@@ -147,7 +166,9 @@ def test_fp8_loss_and_feature_gradient_follow_float64_within_fp8_error():
 
 def _fp8_head_worker(rank, world_size, rounding):
     torch.manual_seed(0)
-    head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, dtype=FP8, impl="triton", unit_scaling=True, rounding=rounding, momentum=0.0)
+    head = ShardedClassifier(
+        NUM_CLASSES, DIM, seed=3, dtype=FP8, impl="triton", unit_scaling=True, rounding=rounding, momentum=0.0
+    )
     gen = torch.Generator().manual_seed(8)
     centres = torch.randn(NUM_CLASSES, DIM, generator=gen)
     losses = []
@@ -185,7 +206,13 @@ def _filtered_inputs(seed):
     op = feature_operand(features, FP8)
     seen = op.values.double() * op.row_scale.double()[:, None]  # the features the fp8 logits are made of
     # (clones: the reference marks its float64 inputs as requiring grad, in place)
-    return features, seen, weight, labels, threshold_in_a_gap(seen.clone(), weight.double(), labels, "none", quantile=0.75)
+    return (
+        features,
+        seen,
+        weight,
+        labels,
+        threshold_in_a_gap(seen.clone(), weight.double(), labels, "none", quantile=0.75),
+    )
 
 
 def test_fp8_filtered_step_drops_exactly_the_small_entries():
@@ -213,12 +240,30 @@ def test_fp8_filtered_update_rounds_like_the_exact_kernel(rounding):
     buffer = torch.zeros(NUM_CLASSES, DIM, dtype=torch.bfloat16)
     compensation = torch.zeros(NUM_CLASSES, DIM, dtype=torch.bfloat16)
     hyper = dict(lr=0.5, momentum=0.9, weight_decay=5e-4)
-    want, _, _ = emulate_update(weight, ref_wgrad, buffer=buffer.clone(), rounding=rounding, seed=4, step=2,
-                                class_ids=torch.arange(NUM_CLASSES) + 40, compensation=compensation.clone(), **hyper)
+    want, _, _ = emulate_update(
+        weight,
+        ref_wgrad,
+        buffer=buffer.clone(),
+        rounding=rounding,
+        seed=4,
+        step=2,
+        class_ids=torch.arange(NUM_CLASSES) + 40,
+        compensation=compensation.clone(),
+        **hyper,
+    )
     w = weight.clone()
-    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=4, step=2, class_ids=40, compensation=compensation, **hyper)
-    triton_sharded_cross_entropy(features.clone().requires_grad_(), w, labels, 0, scale=CPU_MARGINS["none"][0],
-                                 update=update, grad_filter=threshold).backward()
+    update = SGDUpdate(
+        momentum_buffer=buffer, rounding=rounding, seed=4, step=2, class_ids=40, compensation=compensation, **hyper
+    )
+    triton_sharded_cross_entropy(
+        features.clone().requires_grad_(),
+        w,
+        labels,
+        0,
+        scale=CPU_MARGINS["none"][0],
+        update=update,
+        grad_filter=threshold,
+    ).backward()
     assert float((w.double() != weight.double()).float().mean()) > 0.1
     assert float((w.double() != want.double()).float().mean()) <= 1e-3
 
@@ -226,8 +271,21 @@ def test_fp8_filtered_update_rounds_like_the_exact_kernel(rounding):
 def test_fp8_head_over_active_rows_steps_like_the_full_loss():
     """All rows active (their own copies, ids passed to the kernel) equals the full loss, Kahan
     buffer included; a step over a subset moves only the subset (the rest is deferred)."""
-    heads = [ShardedClassifier(NUM_CLASSES, DIM, seed=2, dtype=FP8, impl="triton", unit_scaling=True, rounding="stochastic",
-                               kahan_dtype=torch.bfloat16, momentum=0.9, weight_decay=1e-3) for _ in range(2)]
+    heads = [
+        ShardedClassifier(
+            NUM_CLASSES,
+            DIM,
+            seed=2,
+            dtype=FP8,
+            impl="triton",
+            unit_scaling=True,
+            rounding="stochastic",
+            kahan_dtype=torch.bfloat16,
+            momentum=0.9,
+            weight_decay=1e-3,
+        )
+        for _ in range(2)
+    ]
     gen = torch.Generator().manual_seed(12)
     for step in range(2):
         features, labels = torch.randn(24, DIM, generator=gen), torch.randint(0, NUM_CLASSES, (24,), generator=gen)

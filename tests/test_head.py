@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_harness import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_harness import run_ranks
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 
@@ -32,7 +32,14 @@ def make_inputs(seed: int, pattern: str, margin_type: str, dtype=torch.float64):
     weight = torch.randn(NUM_CLASSES, DIM, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
     if pattern == "boundaries":  # first and last class of every shard for 2 and 3 ranks
-        edges = sorted({c for w in (2, 3) for r in range(w) for c in (shard_range(NUM_CLASSES, w, r)[0], shard_range(NUM_CLASSES, w, r)[1] - 1)})
+        edges = sorted(
+            {
+                c
+                for w in (2, 3)
+                for r in range(w)
+                for c in (shard_range(NUM_CLASSES, w, r)[0], shard_range(NUM_CLASSES, w, r)[1] - 1)
+            }
+        )
         labels[: len(edges)] = torch.tensor(edges)
     elif pattern == "one_rank":  # all labels owned by the last rank of a 3-way split
         labels = torch.randint(shard_range(NUM_CLASSES, 3, 2)[0], NUM_CLASSES, (BATCH,), generator=gen)
@@ -92,8 +99,15 @@ def _loss_worker(rank, world_size, cases, dtype):
         scale, margin = MARGINS[margin_type]
         # every other case leaves num_classes out, exercising the count-based label check
         loss = sharded_cross_entropy(
-            features, shard, labels, start, num_classes=NUM_CLASSES if seed % 2 else None,
-            scale=scale, margin=margin, margin_type=margin_type, chunk_size=chunk_size,
+            features,
+            shard,
+            labels,
+            start,
+            num_classes=NUM_CLASSES if seed % 2 else None,
+            scale=scale,
+            margin=margin,
+            margin_type=margin_type,
+            chunk_size=chunk_size,
         )
         loss.backward()
         out.append((loss.detach(), shard.grad, features.grad))
@@ -110,7 +124,9 @@ def test_loss_and_gradients_match_float64_reference(world_size):
         for rank, per_case in enumerate(results):
             loss, wgrad, _ = per_case[seed]
             start, stop = shard_range(NUM_CLASSES, world_size, rank)
-            assert abs(float(loss) - float(ref_loss)) < 1e-10 * max(1.0, abs(float(ref_loss))), f"{what}: loss on rank {rank}"
+            assert abs(float(loss) - float(ref_loss)) < 1e-10 * max(1.0, abs(float(ref_loss))), (
+                f"{what}: loss on rank {rank}"
+            )
             assert_close(wgrad, ref_wgrad[start:stop], 1e-10, f"{what}: weight grad of rank {rank}")
         summed_fgrad = sum(per_case[seed][2] for per_case in results)
         assert_close(summed_fgrad, ref_fgrad, 1e-10, f"{what}: summed feature grad")
@@ -178,7 +194,9 @@ def test_largest_temporary_does_not_grow_with_shard_size(margin_type):
         labels = torch.randint(0, num_local, (batch,))
         scale, margin = MARGINS[margin_type]
         with _LargestTensor(weight.shape) as mode:
-            loss = sharded_cross_entropy(features, weight, labels, 0, chunk_size=chunk, scale=scale, margin=margin, margin_type=margin_type)
+            loss = sharded_cross_entropy(
+                features, weight, labels, 0, chunk_size=chunk, scale=scale, margin=margin, margin_type=margin_type
+            )
             loss.backward()
         largest[num_local] = mode.largest
     # The only tensors the size of C_r are the weight's own gradient (excluded above).
@@ -192,7 +210,17 @@ def test_largest_temporary_does_not_grow_with_shard_size(margin_type):
 
 def _classifier_worker(rank, world_size, local_sizes):
     torch.manual_seed(0)
-    head = ShardedClassifier(NUM_CLASSES, DIM, seed=7, init_std=0.5, margin_type="cosface", scale=16.0, margin=0.2, chunk_size=100, dtype=torch.float64)
+    head = ShardedClassifier(
+        NUM_CLASSES,
+        DIM,
+        seed=7,
+        init_std=0.5,
+        margin_type="cosface",
+        scale=16.0,
+        margin=0.2,
+        chunk_size=100,
+        dtype=torch.float64,
+    )
     gen = torch.Generator().manual_seed(1)
     global_features = torch.randn(sum(local_sizes), DIM, generator=gen, dtype=torch.float64)
     global_labels = torch.randint(0, NUM_CLASSES, (sum(local_sizes),), generator=gen)
@@ -203,8 +231,13 @@ def _classifier_worker(rank, world_size, local_sizes):
     loss.backward()
     scores, ids = head.predict(global_features[rows], k=5)
     return {
-        "weight": head.weight.detach(), "loss": loss.detach(), "feature_grad": local_features.grad,
-        "weight_grad": head.weight.grad, "scores": scores, "ids": ids, "extra": head.state_dict()["_extra_state"],
+        "weight": head.weight.detach(),
+        "loss": loss.detach(),
+        "feature_grad": local_features.grad,
+        "weight_grad": head.weight.grad,
+        "scores": scores,
+        "ids": ids,
+        "extra": head.state_dict()["_extra_state"],
     }
 
 
@@ -280,7 +313,11 @@ def _bad_input_cases(rank, world_size):
         ("labels length", {**good, "labels": labels[:-1]}, "entries but features has"),
         ("1-D features", {**good, "features": features[0]}, "2-D floating"),
         ("weight width on one rank", {**good, "weight_shard": wrong_width}, "weight_shard is not"),
-        ("class range past C on one rank", {**good, "class_start": start + (1 if rank == world_size - 1 else 0), "num_classes": NUM_CLASSES}, "class range"),
+        (
+            "class range past C on one rank",
+            {**good, "class_start": start + (1 if rank == world_size - 1 else 0), "num_classes": NUM_CLASSES},
+            "class range",
+        ),
         ("margin type", {**good, "margin_type": "sphereface"}, "margin_type"),
         ("chunk size", {**good, "chunk_size": 0}, "chunk_size"),
         ("margin without margin type", {**good, "margin": 0.3}, "needs margin_type"),

@@ -6,9 +6,9 @@ import zlib
 
 import pytest
 import torch
+from test_head import MARGINS, assert_close, reference
 
 from hydrahead.head import sharded_cross_entropy
-from test_head import MARGINS, assert_close, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +25,17 @@ def test_cuda_matches_float64_reference(dtype, tol, margin_type):
     scale, margin = MARGINS[margin_type]
     f = features.cuda().requires_grad_()
     w = weight.cuda().requires_grad_()
-    loss = sharded_cross_entropy(f, w, labels.cuda(), 0, num_classes=num_classes, scale=scale, margin=margin, margin_type=margin_type, chunk_size=4096)
+    loss = sharded_cross_entropy(
+        f,
+        w,
+        labels.cuda(),
+        0,
+        num_classes=num_classes,
+        scale=scale,
+        margin=margin,
+        margin_type=margin_type,
+        chunk_size=4096,
+    )
     loss.backward()
     ref_loss, ref_fgrad, ref_wgrad = reference(features, weight, labels, margin_type, scale, margin)
     assert torch.isfinite(loss)
@@ -47,15 +57,43 @@ def test_knn_training_step_reads_the_device_a_few_times_only(fixed_size, most_in
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(root / "benchmarks" / "profile_step.py"),
-           "--config", str(root / "configs" / "quickstart.yaml"), "--warmup", "3", "--steps", "1", "--syncs", "--per-gpu-batch", "256",
-           "dist.backend=nccl", "head.num_classes=200000", "head.impl=triton", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic",
-           "head.selection=knn", "head.index=torch", "head.index_type=ivf", "head.index_nlist=256", "head.index_nprobe=4", f"head.knn_fixed_size={str(fixed_size).lower()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "1",
+        str(root / "benchmarks" / "profile_step.py"),
+        "--config",
+        str(root / "configs" / "quickstart.yaml"),
+        "--warmup",
+        "3",
+        "--steps",
+        "1",
+        "--syncs",
+        "--per-gpu-batch",
+        "256",
+        "dist.backend=nccl",
+        "head.num_classes=200000",
+        "head.impl=triton",
+        "head.weight_dtype=fp8_e4m3",
+        "head.rounding=stochastic",
+        "head.selection=knn",
+        "head.index=torch",
+        "head.index_type=ivf",
+        "head.index_nlist=256",
+        "head.index_nprobe=4",
+        f"head.knn_fixed_size={str(fixed_size).lower()}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     found = re.search(r"host-device synchronisations in one step: (\d+)\n((?:\s+\d+\s+\S.*\n)*)", out.stdout)
     assert found, out.stdout[-3000:]
     lines = [line.split(None, 1) for line in found.group(2).strip().splitlines()]
-    head = sum(int(count) for count, where in lines if where.startswith(("hydrahead/head/", "hydrahead/kernels/", "hydrahead/optim/")))
+    head = sum(
+        int(count)
+        for count, where in lines
+        if where.startswith(("hydrahead/head/", "hydrahead/kernels/", "hydrahead/optim/"))
+    )
     ours = sum(int(count) for count, where in lines if where.startswith("hydrahead/"))
     assert head <= most_in_head and ours <= most_in_head + 1, found.group(0)

@@ -200,7 +200,9 @@ def test_missing_faiss_names_the_install(monkeypatch):
         make_index("faiss")
 
 
-@pytest.mark.parametrize("backend, index_type", [("auto", "auto"), ("faiss", "auto"), ("torch", "flat"), ("torch", "ivf")])
+@pytest.mark.parametrize(
+    "backend, index_type", [("auto", "auto"), ("faiss", "auto"), ("torch", "flat"), ("torch", "ivf")]
+)
 def test_search_errors(backend, index_type):
     index = make_index(backend, index_type)
     with pytest.raises(RuntimeError, match="before build"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_harness import run_ranks
+
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
@@ -50,9 +50,13 @@ def test_loss_and_gradients_equal_the_reference(margin_type):
     features, weight, labels = make_inputs(1)
     scale, margin = MARGINS[margin_type]
     f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels, 0, num_classes=NUM_CLASSES, scale=scale, margin=margin, margin_type=margin_type)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, num_classes=NUM_CLASSES, scale=scale, margin=margin, margin_type=margin_type
+    )
     loss.backward()
-    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(
+        features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0
+    )
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(f.grad, ref_fgrad) < 1e-5
     assert rel_err(w.grad, ref_wgrad) < 1e-5
@@ -64,13 +68,17 @@ def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, 
     features, weight, labels = make_inputs(2)
     scale, margin = MARGINS[margin_type]
     buffer = torch.randn_like(weight) * 0.01  # a momentum buffer from earlier steps
-    ref_loss, ref_fgrad, _, ref_w, ref_buf = reference_step(features, weight, labels, margin_type, buffer, lr=0.5, momentum=momentum, weight_decay=weight_decay)
+    ref_loss, ref_fgrad, _, ref_w, ref_buf = reference_step(
+        features, weight, labels, margin_type, buffer, lr=0.5, momentum=momentum, weight_decay=weight_decay
+    )
 
     w = weight.clone()
     buf = buffer.clone()
     f = features.clone().requires_grad_()
     update = SGDUpdate(lr=0.5, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf if momentum else None)
-    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update
+    )
     loss.backward()
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(f.grad, ref_fgrad) < 1e-5
@@ -84,7 +92,9 @@ def test_incoming_gradient_scales_both_outputs():
     features, weight, labels = make_inputs(3)
     f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
     (triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0]) * -2.5).backward()
-    _, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, "none", torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    _, ref_fgrad, ref_wgrad, _, _ = reference_step(
+        features, weight, labels, "none", torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0
+    )
     assert rel_err(f.grad, -2.5 * ref_fgrad) < 1e-5 and rel_err(w.grad, -2.5 * ref_wgrad) < 1e-5
 
 
@@ -128,7 +138,9 @@ def test_filter_drops_exactly_the_small_entries(margin_type):
     ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(features, weight, labels, margin_type, threshold)
     assert 0.05 < float((kept != 0).double().mean()) < 0.6  # the filter really drops entries here
     f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, grad_filter=threshold)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, grad_filter=threshold
+    )
     loss.backward()
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(f.grad, ref_fgrad) < 1e-5
@@ -151,7 +163,9 @@ def test_filtered_update_equals_masked_gradient_then_sgd(momentum, weight_decay,
     w, buf = weight.clone(), buffer.clone()
     f = features.clone().requires_grad_()
     update = SGDUpdate(lr=0.5, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf if momentum else None)
-    triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0], update=update, grad_filter=threshold).backward()
+    triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=MARGINS["none"][0], update=update, grad_filter=threshold
+    ).backward()
     assert rel_err(f.grad, ref_fgrad) < 1e-5
     assert rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, every row (decay touches all)"
     if momentum:
@@ -203,7 +217,9 @@ def _sharded_worker(rank, world_size, margin_type, grad_filter=0.0):
     scale, margin = MARGINS[margin_type]
     f = features.clone().requires_grad_()
     w = weight[start:stop].clone().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter
+    )
     loss.backward()
     return loss.detach(), f.grad, w.grad
 
@@ -212,7 +228,9 @@ def _sharded_worker(rank, world_size, margin_type, grad_filter=0.0):
 def test_three_shards_merge_like_one_device(margin_type):
     results = run_ranks(_sharded_worker, 3, margin_type)
     features, weight, labels = make_inputs(6)
-    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0)
+    ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(
+        features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0
+    )
     for loss, _, _ in results:
         assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(sum(r[1] for r in results), ref_fgrad) < 1e-5
@@ -237,7 +255,9 @@ def test_class_splits_merge_like_one_pass():
     gen = torch.Generator().manual_seed(7)
     features, weight = torch.randn(10, DIM, generator=gen), torch.randn(NUM_CLASSES, DIM, generator=gen)
     labels = torch.randint(0, NUM_CLASSES, (10,), generator=gen)
-    row_max, row_sum, target, accumulated = shard_forward(features, weight, None, labels, scale=2.0, target_shift=0.0, cosine=False)
+    row_max, row_sum, target, accumulated = shard_forward(
+        features, weight, None, labels, scale=2.0, target_shift=0.0, cosine=False
+    )
     logits = 2.0 * features.double() @ weight.double().t()
     assert torch.allclose(row_max.double(), logits.amax(dim=1), rtol=1e-6)
     assert torch.allclose((row_max.double() + row_sum.double().log()), torch.logsumexp(logits, dim=1), rtol=1e-6)

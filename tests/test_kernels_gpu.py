@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from test_kernels import MARGINS as CPU_MARGINS
 from test_kernels import masked_reference, rel_err
+
+from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
 pytestmark = pytest.mark.gpu
 MARGINS = {"none": (1.0, 0.0), "cosface": (32.0, 0.3)}
@@ -29,7 +29,9 @@ def float64_reference(features, weight, labels, margin_type):
     scale, margin = MARGINS[margin_type]
     f = features.cuda().double().requires_grad_()
     w = weight.cuda().double().requires_grad_()
-    loss = sharded_cross_entropy(f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type=margin_type, chunk_size=8192)
+    loss = sharded_cross_entropy(
+        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type=margin_type, chunk_size=8192
+    )
     loss.backward()
     return loss.detach(), f.grad, w.grad
 
@@ -62,7 +64,13 @@ def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
     scale, margin = MARGINS["cosface"]
     f = features.cuda().requires_grad_()  # the backward, where the update happens, needs a graph
     loss = triton_sharded_cross_entropy(
-        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type="cosface",
+        f,
+        w,
+        labels.cuda(),
+        0,
+        scale=scale,
+        margin=margin,
+        margin_type="cosface",
         update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
     )
     loss.backward()
@@ -80,13 +88,22 @@ def test_bf16_filtered_step_follows_the_float64_masked_step(threshold):
     """The filtered path against float64 with the same entries dropped (entries at the threshold may flip)."""
     features, weight, labels = inputs(16)
     scale, margin = CPU_MARGINS["cosface"]
-    ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(features.cuda(), weight.cuda(), labels.cuda(), "cosface", threshold)
+    ref_loss, ref_fgrad, ref_wgrad, kept = masked_reference(
+        features.cuda(), weight.cuda(), labels.cuda(), "cosface", threshold
+    )
     assert 0 < float((kept != 0).double().mean()) < 0.01
     lr, momentum, weight_decay = 0.5, 0.9, 5e-4
     w, buf = weight.cuda().clone(), torch.zeros(weight.shape, device="cuda")
     f = features.cuda().requires_grad_()
     loss = triton_sharded_cross_entropy(
-        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type="cosface", grad_filter=threshold,
+        f,
+        w,
+        labels.cuda(),
+        0,
+        scale=scale,
+        margin=margin,
+        margin_type="cosface",
+        grad_filter=threshold,
         update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
     )
     loss.backward()
@@ -108,7 +125,7 @@ def test_large_shard_indexes_past_two_to_the_31(grad_filter):
     w = weight.requires_grad_()
     loss = triton_sharded_cross_entropy(f, w, labels, 0, grad_filter=grad_filter)
     loss.backward()
-    z = (features.float() @ weight.detach().float().t())
+    z = features.float() @ weight.detach().float().t()
     ref = torch.nn.functional.cross_entropy(z, labels)
     assert abs(float(loss) - float(ref)) < 1e-2 * abs(float(ref))
     tail = w.grad[-64:].float()
@@ -179,12 +196,19 @@ def fp8_problem(seed, margin_type, batch=512, dim=512, num_classes=20_001):
         features, _ = normalize_rows(features)
     scale = 32.0 if cosine else 1.0 / dim**0.5
     options = dict(scale=scale, target_shift=scale * 0.3 if cosine else 0.0)
-    return feature_operand(features, weight.dtype), weight, inverse_row_norms(weight) if cosine else None, labels, options
+    return (
+        feature_operand(features, weight.dtype),
+        weight,
+        inverse_row_norms(weight) if cosine else None,
+        labels,
+        options,
+    )
 
 
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
 def test_fp8_kernels_follow_the_emulation_of_their_arithmetic(margin_type):
     from fp8_emulation import emulate_forward, emulate_weight_gradient
+
     from hydrahead.kernels.shard_ce import shard_forward, shard_weight_backward
 
     op, weight, inv_norm, labels, options = fp8_problem(21, margin_type)
@@ -196,13 +220,16 @@ def test_fp8_kernels_follow_the_emulation_of_their_arithmetic(margin_type):
     for name, g, w in zip(("max", "sum", "target", "A"), got, want):
         assert rel_err(g, w) < 5e-3, name
     lse = (got[0] + torch.log(got[1])).contiguous()
-    grad = shard_weight_backward(op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=1e-2, update=None, **options)
+    grad = shard_weight_backward(
+        op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=1e-2, update=None, **options
+    )
     assert rel_err(grad, emulate_weight_gradient(op, weight, inv_norm, labels, lse, grad_scale=1e-2, **options)) < 5e-3
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_fp8_fused_update_follows_the_emulation(rounding):
     from fp8_emulation import emulate_update, emulate_weight_gradient
+
     from hydrahead.kernels.shard_ce import shard_forward, shard_weight_backward
 
     op, weight, _, labels, options = fp8_problem(22, "none")
@@ -212,10 +239,21 @@ def test_fp8_fused_update_follows_the_emulation(rounding):
     buffer = torch.zeros(weight.shape, device="cuda", dtype=torch.bfloat16)
     compensation = torch.zeros(weight.shape, device="cuda", dtype=torch.bfloat16)
     hyper = dict(lr=3.0, momentum=0.9, weight_decay=5e-4)
-    want, _, _ = emulate_update(weight, grad, buffer=buffer.clone(), rounding=rounding, seed=2, step=9,
-                                class_ids=torch.arange(weight.shape[0], device="cuda") + 7, compensation=compensation.clone(), **hyper)
+    want, _, _ = emulate_update(
+        weight,
+        grad,
+        buffer=buffer.clone(),
+        rounding=rounding,
+        seed=2,
+        step=9,
+        class_ids=torch.arange(weight.shape[0], device="cuda") + 7,
+        compensation=compensation.clone(),
+        **hyper,
+    )
     w = weight.clone()
-    update = SGDUpdate(momentum_buffer=buffer, rounding=rounding, seed=2, step=9, class_ids=7, compensation=compensation, **hyper)
+    update = SGDUpdate(
+        momentum_buffer=buffer, rounding=rounding, seed=2, step=9, class_ids=7, compensation=compensation, **hyper
+    )
     shard_weight_backward(op, w, None, labels, lse, cosine=False, grad_scale=1.0, update=update, **options)
     moved = (w.float() != weight.float()).float().mean()
     assert float(moved) > 0.05
@@ -253,7 +291,9 @@ def test_updates_below_half_an_ulp_move_weights_only_with_stochastic_rounding(dt
         w = torch.ones(rows, dim, device="cuda").to(dtype)
         for t in range(50):
             update = SGDUpdate(lr=1.0, weight_decay=-step, rounding=rounding, seed=0, step=t)  # w += step each time
-            shard_weight_backward(op, w, None, labels, lse, scale=1.0, target_shift=0.0, cosine=False, grad_scale=1.0, update=update)
+            shard_weight_backward(
+                op, w, None, labels, lse, scale=1.0, target_shift=0.0, cosine=False, grad_scale=1.0, update=update
+            )
         moved[rounding] = float(w.float().mean()) - 1.0
     assert moved["nearest"] == 0.0
     expected = 50 * step

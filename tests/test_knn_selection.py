@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_harness import run_ranks
+from launcher import cpu_hog, launch, metrics, train_losses
+
 from hydrahead.head import ShardedClassifier
 from hydrahead.head import index as index_mod
 from hydrahead.head.active import ActiveClassSelector, resolve_index
@@ -21,7 +22,6 @@ from hydrahead.head.index import TorchExactIndex, TorchIVFIndex, _padded_lists, 
 from hydrahead.head.selection import owned_positives, resolve_budget
 from hydrahead.kernels.ivf_scores import list_pairs, probed_list_scores
 from hydrahead.train.checkpoint import latest_checkpoint
-from launcher import cpu_hog, launch, metrics, train_losses
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -55,7 +55,9 @@ def _kernel_problem(seed, num_rows, dim, batch, nlist, nprobe):
     weight[5] = 0.0  # a zero row: its cosine is 0, not NaN
     queries = torch.randn(batch, dim, generator=gen)
     # Unequal lists (list 0 gets about half the rows), every list non-empty.
-    assign = torch.where(torch.rand(num_rows, generator=gen) < 0.5, 0, torch.randint(0, nlist, (num_rows,), generator=gen))
+    assign = torch.where(
+        torch.rand(num_rows, generator=gen) < 0.5, 0, torch.randint(0, nlist, (num_rows,), generator=gen)
+    )
     assign[:nlist] = torch.arange(nlist)
     probes = torch.stack([torch.randperm(nlist, generator=gen)[:nprobe] for _ in range(batch)])
     return weight, queries, assign, probes
@@ -225,7 +227,9 @@ def test_torch_ivf_reassigned_files_only_the_given_rows(cosine):
     index = TorchIVFIndex(nlist=15, nprobe=3, seed=1, cosine=cosine, copy_weights=False)
     index.build(weight)
     before = {name: t.clone() for name, t in index.state_dict().items()}
-    assert torch.equal(before["assign"], _ip_lists64(weight, before["centroids"], cosine))  # built: filed by inner product
+    assert torch.equal(
+        before["assign"], _ip_lists64(weight, before["centroids"], cosine)
+    )  # built: filed by inner product
     old_results = index.search(queries, 6, weight)
 
     changed = torch.randperm(400, generator=gen)[:60]
@@ -310,7 +314,9 @@ def clustered():
 
 
 @pytest.mark.parametrize("cosine", [False, True])
-@pytest.mark.parametrize("kind,options,target", RECALL_BACKENDS, ids=["torch_flat", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"])
+@pytest.mark.parametrize(
+    "kind,options,target", RECALL_BACKENDS, ids=["torch_flat", "torch_ivf", "faiss_flat", "faiss_ivf", "faiss_hnsw"]
+)
 def test_backend_recall_on_clustered_data(clustered, kind, options, target, cosine):
     pytest.importorskip("faiss")
     weight, queries = clustered
@@ -326,8 +332,9 @@ def test_backend_recall_on_clustered_data(clustered, kind, options, target, cosi
     if target == 1.0:
         assert recall == 1.0
     found = rows >= 0
-    torch.testing.assert_close(scores.double()[found], _scores64(queries, weight, rows.clamp(min=0), cosine)[found],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        scores.double()[found], _scores64(queries, weight, rows.clamp(min=0), cosine)[found], rtol=1e-4, atol=1e-4
+    )
     if "nprobe" in options:  # one probed list misses neighbours in the next clusters: the target can fail
         low = make_index(kind, cosine=cosine, **{**options, "nprobe": 1})
         low.build(weight)
@@ -639,7 +646,9 @@ def test_saved_index_signatures_old_and_new():
     assert signature["index"] == "torch" and signature["index_type"] == "ivf" and selector.loads_index_of(signature)
     older = {"kind": "torch_ivf", **{k: v for k, v in signature.items() if k not in ("index", "index_type")}}
     assert selector.loads_index_of(older)  # saved before backends took the config's names
-    assert not selector.loads_index_of({**older, "kind": "torch"}) and not selector.loads_index_of({**signature, "nlist": 8})
+    assert not selector.loads_index_of({**older, "kind": "torch"}) and not selector.loads_index_of(
+        {**signature, "nlist": 8}
+    )
     assert not selector.loads_index_of(None)
 
 
@@ -667,10 +676,20 @@ EQ_CASES = {
 
 
 def _eq_head(margin_type):
-    head = ShardedClassifier(EQ_CLASSES, EQ_DIM, seed=7, init_std=0.5, dtype=torch.float64, momentum=0.9,
-                             weight_decay=1e-3, momentum_dtype=torch.float64, impl="reference",
-                             margin_type=margin_type, scale=8.0 if margin_type != "none" else 1.0,
-                             margin=0.2 if margin_type != "none" else 0.0)
+    head = ShardedClassifier(
+        EQ_CLASSES,
+        EQ_DIM,
+        seed=7,
+        init_std=0.5,
+        dtype=torch.float64,
+        momentum=0.9,
+        weight_decay=1e-3,
+        momentum_dtype=torch.float64,
+        impl="reference",
+        margin_type=margin_type,
+        scale=8.0 if margin_type != "none" else 1.0,
+        margin=0.2 if margin_type != "none" else 0.0,
+    )
     head.set_lr(0.5)
     return head
 
@@ -687,8 +706,15 @@ def _full_vs_active(rank, world_size, case, margin_type):
     """3 steps of the full head and of the head over the selector's rows, side by side."""
     full, active = _eq_head(margin_type), _eq_head(margin_type)
     options = dict(EQ_CASES[case])
-    selector = ActiveClassSelector(options.pop("selection"), active.class_start, active.class_stop, seed=3,
-                                   rebuild_every=2, cosine=margin_type != "none", **options)
+    selector = ActiveClassSelector(
+        options.pop("selection"),
+        active.class_start,
+        active.class_stop,
+        seed=3,
+        rebuild_every=2,
+        cosine=margin_type != "none",
+        **options,
+    )
     out = {"loss_full": [], "loss_active": [], "grad_full": [], "grad_active": []}
     for step in range(1, EQ_STEPS + 1):
         features, labels = _eq_batch(step)
@@ -726,8 +752,10 @@ def test_covering_selection_equals_the_full_head_one_process(case, margin_type):
 
 
 def _two_rank_cases(rank, world_size):
-    return [_full_vs_active(rank, world_size, case, margin) for case, margin in
-            (("random", "none"), ("knn_flat", "cosface"), ("knn_ivf_fill", "none"))]
+    return [
+        _full_vs_active(rank, world_size, case, margin)
+        for case, margin in (("random", "none"), ("knn_flat", "cosface"), ("knn_ivf_fill", "none"))
+    ]
 
 
 def test_covering_selection_equals_the_full_head_two_ranks():
@@ -745,10 +773,22 @@ def test_covering_selection_equals_the_full_head_two_ranks():
 # 6. The trainer through torchrun (2 gloo ranks)
 # ========================================================================================
 
-KNN_BACKGROUND = ["head.selection=knn", "head.budget=0.5", "head.index=torch", "head.index_type=ivf",
-                  "head.rebuild_every=3", "head.recall_every=2"]
-KNN_DETERMINISTIC = ["head.selection=knn", "head.index=torch", "head.index_type=ivf", "head.rebuild_every=5",
-                     "head.index_deterministic=true", "head.budget=0.4"]
+KNN_BACKGROUND = [
+    "head.selection=knn",
+    "head.budget=0.5",
+    "head.index=torch",
+    "head.index_type=ivf",
+    "head.rebuild_every=3",
+    "head.recall_every=2",
+]
+KNN_DETERMINISTIC = [
+    "head.selection=knn",
+    "head.index=torch",
+    "head.index_type=ivf",
+    "head.rebuild_every=5",
+    "head.index_deterministic=true",
+    "head.budget=0.4",
+]
 RANDOM = ["head.selection=random", "head.budget=0.3"]
 
 
@@ -833,7 +873,9 @@ def test_trainer_deterministic_knn_resume_equals_uninterrupted(deterministic_run
     assert got == want
     ages = {r["step"]: r["index_age"] for r in metrics(resumed) if "loss" in r}
     assert ages == {r["step"]: r["index_age"] for r in metrics(straight) if "loss" in r}
-    assert ages[stop_after + 1] == stop_after - 4 and ages[10] == 0  # the saved index (built at step 5) served the next step
+    assert (
+        ages[stop_after + 1] == stop_after - 4 and ages[10] == 0
+    )  # the saved index (built at step 5) served the next step
 
 
 def test_trainer_deterministic_knn_resume_on_another_world_size(deterministic_runs, tmp_path):
@@ -902,17 +944,30 @@ def test_trainer_random_without_budget_fails_clearly(tmp_path):
 def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path):
     """head.knn_fixed_size: every step's active set per shard is G·(k+1) rows (48 x 3 here)."""
     run_dir = tmp_path / "fixed"
-    launch(run_dir, 2, "head.selection=knn", "head.knn_k=2", "head.knn_fixed_size=true", "head.num_classes=2000",
-           "head.index=torch", "head.index_type=ivf", "head.rebuild_every=5", "train.eval_every=0")
+    launch(
+        run_dir,
+        2,
+        "head.selection=knn",
+        "head.knn_k=2",
+        "head.knn_fixed_size=true",
+        "head.num_classes=2000",
+        "head.index=torch",
+        "head.index_type=ivf",
+        "head.rebuild_every=5",
+        "train.eval_every=0",
+    )
     rows = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert all(r["active_classes"] == 48 * 3 and math.isfinite(r["loss"]) for r in rows)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["head.selection=random", "head.budget=10", "head.knn_fixed_size=true"], "needs head.selection=knn"),
-    (["head.selection=knn", "head.budget=10", "head.knn_fixed_size=true"], "leave head.budget null"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["head.selection=random", "head.budget=10", "head.knn_fixed_size=true"], "needs head.selection=knn"),
+        (["head.selection=knn", "head.budget=10", "head.knn_fixed_size=true"], "leave head.budget null"),
+    ],
+)
 def test_knn_fixed_size_options_are_checked(overrides, match):
     from hydrahead.config import ConfigError, load_config, validate
 

@@ -61,8 +61,13 @@ def test_config_header_says_how_to_launch(path):
 
 
 def test_class_counts_are_what_the_names_say():
-    expected = {"resnet50_1m.yaml": 1_000_000, "vit_base_10m.yaml": 10_000_000, "resnet50_100m.yaml": 100_000_000,
-                "resnet50_100m_fp8.yaml": 100_000_000, "head_only_100m_fp8.yaml": 100_000_000}
+    expected = {
+        "resnet50_1m.yaml": 1_000_000,
+        "vit_base_10m.yaml": 10_000_000,
+        "resnet50_100m.yaml": 100_000_000,
+        "resnet50_100m_fp8.yaml": 100_000_000,
+        "head_only_100m_fp8.yaml": 100_000_000,
+    }
     for name, num_classes in expected.items():
         cfg = load_config(ROOT / "configs" / name)
         assert type(cfg.head.num_classes) is int and cfg.head.num_classes == num_classes
@@ -169,7 +174,11 @@ def _run_env(tmp_path: Path, run_dir: Path, mode: str) -> tuple[dict, Path]:
 def _start(args: list[str], env: dict, tmp_path: Path) -> subprocess.Popen:
     with open(tmp_path / "sbatch.out", "w") as out:  # the child keeps its own copy of the file
         return subprocess.Popen(
-            ["bash", str(SBATCH), *args], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            ["bash", str(SBATCH), *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

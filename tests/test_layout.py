@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "hydrahead"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "hydrahead"
 
 
 def _node(root: Path, parts: list[str]) -> str | None:
@@ -39,7 +42,12 @@ def import_edges(root: Path) -> tuple[dict[str, set[str]], list[str]]:
         tree = ast.parse(file.read_text(), filename=str(file))
         for node in ast.walk(tree):
             targets = []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == name:
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and node.module.split(".")[0] == name
+            ):
                 parts = node.module.split(".")[1:]
                 for alias in node.names:
                     as_module = parts + [alias.name]
@@ -99,7 +107,9 @@ def tangled(tmp_path) -> Path:
     (root / "__init__.py").write_text("")
     (root / "a" / "x.py").write_text("from pkg.b.y import _hidden\n")
     (root / "b" / "y.py").write_text("def f():\n    from pkg.a import x\n    return x\n_hidden = 1\n")
-    (root / "c" / "z.py").write_text("from pkg.b import y as why\nvalue = why._hidden\nfrom pkg.a.x import _hidden as own  # noqa\n")
+    (root / "c" / "z.py").write_text(
+        "from pkg.b import y as why\nvalue = why._hidden\nfrom pkg.a.x import _hidden as own  # noqa\n"
+    )
     return root
 
 
@@ -108,3 +118,11 @@ def test_the_checks_can_fail(tangled):
     assert edges == {"a": {"b"}, "b": {"a"}, "c": {"a", "b"}}
     assert set(find_cycle(edges)) == {"a", "b"}
     assert sorted(private) == ["a/x.py: pkg.b.y._hidden", "c/z.py: pkg.a.x._hidden", "c/z.py: pkg.b.y._hidden"]
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_passes(check):
+    """ruff's lint and formatter (pyproject.toml: line length 120) over the whole repository."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", *check, "."], cwd=REPO, capture_output=True, text=True)
+    found = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, f"ruff {' '.join(check)} found problems (ruff format . fixes the layout):\n{found}"

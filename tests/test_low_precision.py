@@ -8,6 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from launcher import launch, train_losses
 
 from hydrahead.config import ConfigError, load_config, validate
 from hydrahead.head import ShardedClassifier
@@ -20,7 +21,6 @@ from hydrahead.optim.low_precision import (
     rounding_uniforms,
     stochastic_round,
 )
-from launcher import launch, train_losses
 
 DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -98,8 +98,11 @@ def test_small_updates_stall_with_nearest_but_not_with_stochastic_or_kahan():
     steps, delta, dim = 2000, 2e-3, 256
     ids = torch.arange(4)
     results = {}
-    for name, rounding, kahan in (("nearest", "nearest", False), ("stochastic", "stochastic", False),
-                                  ("kahan", "nearest", True)):
+    for name, rounding, kahan in (
+        ("nearest", "nearest", False),
+        ("stochastic", "stochastic", False),
+        ("kahan", "nearest", True),
+    ):
         weight = torch.ones(4, dim, dtype=torch.bfloat16)
         compensation = torch.zeros(4, dim, dtype=torch.bfloat16) if kahan else None
         for step in range(steps):
@@ -115,8 +118,19 @@ def test_small_updates_stall_with_nearest_but_not_with_stochastic_or_kahan():
 def _train_head(dtype, rounding, kahan_dtype, steps=50, seed=1):
     torch.manual_seed(0)
     num_classes, dim, batch = 300, 16, 64
-    head = ShardedClassifier(num_classes, dim, dtype=dtype, momentum=0.9, rounding=rounding, kahan_dtype=kahan_dtype,
-                             margin_type="cosface", scale=8.0, margin=0.1, init_std=0.1, seed=seed)
+    head = ShardedClassifier(
+        num_classes,
+        dim,
+        dtype=dtype,
+        momentum=0.9,
+        rounding=rounding,
+        kahan_dtype=kahan_dtype,
+        margin_type="cosface",
+        scale=8.0,
+        margin=0.1,
+        init_std=0.1,
+        seed=seed,
+    )
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(num_classes, dim, generator=gen)
     for step in range(steps):
@@ -154,15 +168,24 @@ def test_moving_the_head_moves_every_per_row_buffer(device):
     head.finish_step()
     assert head._deferred.owing and head.compensation is not None
     head.to(device)
-    tensors = {"weight": head.weight, "momentum": head.momentum_buffer, "compensation": head.compensation,
-               "row_updates": head._deferred.row_updates, "table": head._deferred.table}
+    tensors = {
+        "weight": head.weight,
+        "momentum": head.momentum_buffer,
+        "compensation": head.compensation,
+        "row_updates": head._deferred.row_updates,
+        "table": head._deferred.table,
+    }
     assert {name: t.device.type for name, t in tensors.items()} == dict.fromkeys(tensors, device)
 
 
 def test_storage_options_are_checked():
     with pytest.raises(ValueError, match="fused kernels store"):
         ShardedClassifier(10, 4, dtype=torch.float16, impl="triton")
-    validate(load_config(None, ["head.weight_dtype=fp8_e4m3", "head.impl=triton", "head.rounding=stochastic", "head.kahan=on"]))
+    validate(
+        load_config(
+            None, ["head.weight_dtype=fp8_e4m3", "head.impl=triton", "head.rounding=stochastic", "head.kahan=on"]
+        )
+    )
     with pytest.raises(ConfigError, match="head.momentum=0"):
         validate(load_config(None, ["head.momentum_dtype=none"]))
     with pytest.raises(ValueError, match="rounding"):
@@ -186,8 +209,12 @@ def test_fp8_run_with_kahan_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
 def test_unit_scaling_gives_the_same_logits_from_unit_variance_rows(margin_type):
     dim = 64
-    scaled = ShardedClassifier(500, dim, seed=4, unit_scaling=True, margin_type=margin_type, scale=4.0, dtype=torch.float64)
-    plain = ShardedClassifier(500, dim, seed=4, init_std=dim**-0.5, margin_type=margin_type, scale=4.0, dtype=torch.float64)
+    scaled = ShardedClassifier(
+        500, dim, seed=4, unit_scaling=True, margin_type=margin_type, scale=4.0, dtype=torch.float64
+    )
+    plain = ShardedClassifier(
+        500, dim, seed=4, init_std=dim**-0.5, margin_type=margin_type, scale=4.0, dtype=torch.float64
+    )
     assert abs(float(scaled.weight.std()) - 1.0) < 0.02
     assert torch.allclose(scaled.weight / dim**0.5, plain.weight, rtol=1e-12, atol=0)
     features = torch.randn(32, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -213,16 +240,21 @@ def test_fused_kernels_accept_their_default_bf16_storage():
     assert cfg.head_weight_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype, rounding, kahan", [
-    (torch.float8_e4m3fn, "stochastic", None), (torch.float8_e4m3fn, "nearest", torch.bfloat16),
-    (torch.bfloat16, "stochastic", None),
-])
+@pytest.mark.parametrize(
+    "dtype, rounding, kahan",
+    [
+        (torch.float8_e4m3fn, "stochastic", None),
+        (torch.float8_e4m3fn, "nearest", torch.bfloat16),
+        (torch.bfloat16, "stochastic", None),
+    ],
+)
 def test_settling_every_step_keeps_small_deferred_decay(dtype, rounding, kahan):
     """Inactive rows decay by (1 - lr wd) per step; settled every step, each settle is below
     half an ulp, so it must go through stochastic rounding or compensation, not to nearest."""
     lr, weight_decay, steps = 0.5, 0.01, 40
-    head = ShardedClassifier(64, 32, dtype=dtype, rounding=rounding, kahan_dtype=kahan, weight_decay=weight_decay,
-                             unit_scaling=True, seed=3)
+    head = ShardedClassifier(
+        64, 32, dtype=dtype, rounding=rounding, kahan_dtype=kahan, weight_decay=weight_decay, unit_scaling=True, seed=3
+    )
     start = head.weight.detach().float().clone()
     for step in range(steps):
         head.set_step(step + 1)
@@ -238,8 +270,18 @@ def test_settling_every_step_keeps_small_deferred_decay(dtype, rounding, kahan):
 def test_a_settle_makes_the_next_ivf_rebuild_file_every_row():
     from hydrahead.head.active import ActiveClassSelector
 
-    selector = ActiveClassSelector("knn", 0, 400, knn_k=4, index="torch", index_type="ivf", nlist=8, rebuild_every=4,
-                                   retrain_every=100, deterministic=True)
+    selector = ActiveClassSelector(
+        "knn",
+        0,
+        400,
+        knn_k=4,
+        index="torch",
+        index_type="ivf",
+        nlist=8,
+        rebuild_every=4,
+        retrain_every=100,
+        deterministic=True,
+    )
     weight = torch.randn(400, 16)
     labels = torch.randint(0, 400, (8,))
     selector.select(1, torch.randn(8, 16), labels, weight)  # the first build

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from launcher import REPO, TINY, environment, launch, metrics, train_losses
 
 from hydrahead.train.checkpoint import latest_checkpoint, read_meta
-from launcher import REPO, TINY, environment, launch, metrics, train_losses
 
 
 def free_port() -> int:
@@ -22,9 +22,22 @@ def free_port() -> int:
 def agent_command(run_dir, port: int) -> list[str]:
     """One node's torchrun, as docs/cluster.md tells every node to run it."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-agents",
-        str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "two-agents",
+        str(REPO / "launch" / "train.py"),
+        f"run.dir={run_dir}",
+        *TINY,
     ]
 
 
@@ -35,15 +48,26 @@ def test_two_agents_with_nnodes_2_train_as_one_node_does(tmp_path):
 
     two_nodes = tmp_path / "two_nodes"
     port = free_port()
-    agents = [subprocess.Popen(agent_command(two_nodes, port), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    agents = [
+        subprocess.Popen(
+            agent_command(two_nodes, port),
+            cwd=REPO,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         outputs = [agent.communicate(timeout=300) for agent in agents]
     finally:
         for agent in agents:
             agent.kill()
     for i, (agent, (out, err)) in enumerate(zip(agents, outputs)):
-        assert agent.returncode == 0, f"agent {i} exited {agent.returncode}\nstdout:\n{out[-2000:]}\nstderr:\n{err[-4000:]}"
+        assert agent.returncode == 0, (
+            f"agent {i} exited {agent.returncode}\nstdout:\n{out[-2000:]}\nstderr:\n{err[-4000:]}"
+        )
 
     # Both agents' workers formed one world of 2 ranks, and the run matches the single node's.
     assert read_meta(latest_checkpoint(two_nodes))["world_size"] == 2

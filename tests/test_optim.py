@@ -81,7 +81,9 @@ def test_lars_parameter_whose_gradient_appears_late_starts_its_momentum_then():
         opt.step()
         for i in range(2):
             if i == 0 or step > 0:
-                ws[i], bufs[i] = _lars_expected(ws[i], grads[step][i], bufs[i], lr=lr, momentum=momentum, wd=wd, tc=tc, eps=eps)
+                ws[i], bufs[i] = _lars_expected(
+                    ws[i], grads[step][i], bufs[i], lr=lr, momentum=momentum, wd=wd, tc=tc, eps=eps
+                )
             torch.testing.assert_close(params[i].detach(), ws[i], rtol=1e-12, atol=1e-12)
 
 
@@ -213,7 +215,11 @@ def test_build_optimizer_defaults_and_errors():
 def _optimizer_state(model, opt):
     """Every parameter and optimizer-state value, cloned (tensors) or as they are."""
     params = [p.detach().clone() for p in model.parameters()]
-    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state]
+    state = [
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for p in model.parameters()
+        if p in opt.state
+    ]
     return params, state
 
 

@@ -12,16 +12,16 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_harness import run_ranks
+from launcher import launch, metrics
+
 from hydrahead.comm.overlap import OverlappedHead, global_rows, micro_batch_bounds
 from hydrahead.comm.timing import CommClock, union_ms
 from hydrahead.distributed.collectives import Pending, all_gather_features
-from hydrahead.head import ShardedClassifier
 from hydrahead.distributed.sharded_softmax import MergeChecks
+from hydrahead.head import ShardedClassifier
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 from hydrahead.kernels.fused_loss import FusedMicroBatches
-from launcher import launch, metrics
 
 LOCAL_BATCH, DIM, NUM_CLASSES = 7, 6, 23
 MARGINS = {"none": (2.0, 0.0), "cosface": (8.0, 0.2), "arcface": (8.0, 0.3)}
@@ -75,8 +75,17 @@ def test_clock_separates_a_collectives_own_time_from_the_wait_it_causes():
 def _make_head(margin_type, world_size):
     scale, margin = MARGINS[margin_type]
     return ShardedClassifier(
-        NUM_CLASSES, DIM, seed=3, init_std=0.3, margin_type=margin_type, scale=scale, margin=margin,
-        dtype=torch.float64, momentum=0.9, weight_decay=1e-3, chunk_size=4,
+        NUM_CLASSES,
+        DIM,
+        seed=3,
+        init_std=0.3,
+        margin_type=margin_type,
+        scale=scale,
+        margin=margin,
+        dtype=torch.float64,
+        momentum=0.9,
+        weight_decay=1e-3,
+        chunk_size=4,
     )
 
 
@@ -131,7 +140,13 @@ def _step_worker(rank, world_size, margin_type, micro_batches, selected):
 
 @pytest.mark.parametrize(
     "world_size,margin_type,micro_batches,selected",
-    [(2, "none", 3, False), (3, "cosface", 2, False), (2, "arcface", 7, False), (2, "cosface", 3, True), (3, "none", 1, True)],
+    [
+        (2, "none", 3, False),
+        (3, "cosface", 2, False),
+        (2, "arcface", 7, False),
+        (2, "cosface", 3, True),
+        (3, "none", 1, True),
+    ],
 )
 def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, micro_batches, selected):
     results = run_ranks(_step_worker, world_size, margin_type, micro_batches, selected)
@@ -156,7 +171,9 @@ def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, mi
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("margin_type,grad_filter", [("none", 0.0), ("cosface", 0.0), ("none", 1e-3), ("cosface", 1e-3)])
+@pytest.mark.parametrize(
+    "margin_type,grad_filter", [("none", 0.0), ("cosface", 0.0), ("none", 1e-3), ("cosface", 1e-3)]
+)
 def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
     gen = torch.Generator().manual_seed(5)
     batch, dim, classes = 29, 24, 53
@@ -201,12 +218,22 @@ def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("head", [(), ("head.impl=triton", "head.weight_dtype=fp32", "head.selection=random", "head.budget=30")],
-                         ids=["reference", "triton-active"])
+@pytest.mark.parametrize(
+    "head",
+    [(), ("head.impl=triton", "head.weight_dtype=fp32", "head.selection=random", "head.budget=30")],
+    ids=["reference", "triton-active"],
+)
 def test_training_with_overlap_follows_the_whole_batch_run(tmp_path, head):
     """The overlapped head in training, against the whole-batch one: with the fused kernels
     over active rows its checks and finiteness are left to the step's one read."""
-    common = ("train.eval_every=0", "train.steps=6", "checkpoint.every=0", "head.margin_type=none", "head.scale=1", *head)
+    common = (
+        "train.eval_every=0",
+        "train.steps=6",
+        "checkpoint.every=0",
+        "head.margin_type=none",
+        "head.scale=1",
+        *head,
+    )
     launch(tmp_path / "whole", 2, *common)
     launch(tmp_path / "overlap", 2, *common, "comm.overlap=true", "comm.micro_batches=3")
     whole = [row for row in metrics(tmp_path / "whole") if "loss" in row]

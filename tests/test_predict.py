@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from launcher import REPO, environment, launch
 
 from hydrahead.config import Config, config_from_dict
 from hydrahead.data.folder import ImageFolder
@@ -23,7 +24,6 @@ from hydrahead.tools import predict as predict_module
 from hydrahead.tools.export_head import export_head
 from hydrahead.tools.predict import main, open_input
 from hydrahead.train.checkpoint import latest_checkpoint, read_meta
-from launcher import REPO, environment, launch
 
 NUM_SAMPLES, NUM_CLASSES, INPUT_DIM = 37, 101, 16
 K = 5
@@ -37,8 +37,16 @@ def run_dir(tmp_path_factory) -> Path:
     Over random active rows with momentum and decay, so the checkpoint's rows owe steps
     that predictions must pay (as the reference's export does)."""
     run = tmp_path_factory.mktemp("predict") / "run"
-    launch(run, 3, "train.steps=4", "train.eval_every=0", "head.selection=random", "head.budget=0.3",
-           "head.weight_decay=0.01", timeout=120)
+    launch(
+        run,
+        3,
+        "train.steps=4",
+        "train.eval_every=0",
+        "head.selection=random",
+        "head.budget=0.3",
+        "head.weight_decay=0.01",
+        timeout=120,
+    )
     assert read_meta(latest_checkpoint(run))["head_deferred"]
     return run
 
@@ -76,8 +84,14 @@ def reference(run_dir, features, tmp_path_factory) -> tuple[torch.Tensor, torch.
 def run_predict(nproc: int, *args) -> subprocess.CompletedProcess:
     tool = ["-m", "hydrahead.tools.predict"]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([sys.executable, *launcher, *tool, *map(str, args), "--no-progress"], cwd=REPO,
-                          env=environment(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, *launcher, *tool, *map(str, args), "--no-progress"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
 
@@ -108,12 +122,26 @@ def test_features_and_labels(run_dir, features, reference, tmp_path, nproc, suff
     _, ref_ids = reference
     # Labels that the model gets right at rank 0, at rank 2, and (mostly) not at all.
     chance = torch.from_numpy(np.random.default_rng(1).integers(0, NUM_CLASSES, NUM_SAMPLES))
-    labels = torch.where(torch.arange(NUM_SAMPLES) % 3 == 0, ref_ids[:, 0], torch.where(torch.arange(NUM_SAMPLES) % 3 == 1, ref_ids[:, 2], chance))
+    labels = torch.where(
+        torch.arange(NUM_SAMPLES) % 3 == 0,
+        ref_ids[:, 0],
+        torch.where(torch.arange(NUM_SAMPLES) % 3 == 1, ref_ids[:, 2], chance),
+    )
     np.save(tmp_path / "features.npy", features)
     np.save(tmp_path / "labels.npy", labels.numpy())
     out = tmp_path / f"top{suffix}"
 
-    proc = run_predict(nproc, run_dir, tmp_path / "features.npy", "--out", out, "--labels", tmp_path / "labels.npy", "--batch-size", BATCH)
+    proc = run_predict(
+        nproc,
+        run_dir,
+        tmp_path / "features.npy",
+        "--out",
+        out,
+        "--labels",
+        tmp_path / "labels.npy",
+        "--batch-size",
+        BATCH,
+    )
     check_against_reference(out, K, reference)
     metrics = read_json(out.with_suffix(".metrics.json"))
     top1 = (ref_ids[:, 0] == labels).double().mean().item()
@@ -173,17 +201,23 @@ def inputs(tmp_path, features) -> dict[str, Path]:
     return {p.stem: p for p in tmp_path.iterdir()}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}", "{features}"], "neither a checkpoint folder"),
-    (["{run}", "{features}", "-k", "102"], r"k must be an int in \[1, 101\]"),
-    (["{run}", "{narrow}"], "are 15 wide, but the checkpoint's model.input_dim=16"),
-    (["{run}", "{features}", "--labels", "{short_labels}"], "has 36 rows, but the input has 37 samples"),
-    (["{run}", "{features}", "--labels", "{bad_labels}"], r"101 at \(0,\) is outside \[0, 101\)"),
-    (["{run}", "{big_label}"], r"big_label.txt:2: label id 101 is out of range: num_labels=101 .*head.num_classes=101"),
-    (["{run}", "{images}"], "holds images, but the checkpoint's model.backbone=mlp takes feature vectors"),
-    (["{run}", "{features}", "--input-kind", "image_list"], "holds images, but"),
-    (["{run}", "{missing}"], "input .*missing does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{features}"], "neither a checkpoint folder"),
+        (["{run}", "{features}", "-k", "102"], r"k must be an int in \[1, 101\]"),
+        (["{run}", "{narrow}"], "are 15 wide, but the checkpoint's model.input_dim=16"),
+        (["{run}", "{features}", "--labels", "{short_labels}"], "has 36 rows, but the input has 37 samples"),
+        (["{run}", "{features}", "--labels", "{bad_labels}"], r"101 at \(0,\) is outside \[0, 101\)"),
+        (
+            ["{run}", "{big_label}"],
+            r"big_label.txt:2: label id 101 is out of range: num_labels=101 .*head.num_classes=101",
+        ),
+        (["{run}", "{images}"], "holds images, but the checkpoint's model.backbone=mlp takes feature vectors"),
+        (["{run}", "{features}", "--input-kind", "image_list"], "holds images, but"),
+        (["{run}", "{missing}"], "input .*missing does not exist"),
+    ],
+)
 def test_mistakes_are_clear_errors(run_dir, inputs, tmp_path, capsys, args, message):
     names = {"run": run_dir, "missing": tmp_path / "missing", **inputs}
     out = tmp_path / "out.tsv"
@@ -222,7 +256,9 @@ def test_image_folder_and_image_list(tmp_path):
     cfg = Config()
     cfg.model.backbone, cfg.data.image_size, cfg.head.num_classes = "resnet18", 8, 2
     folder = open_input(tmp_path / "images", cfg)
-    want_images, want_labels = ImageFolder(tmp_path / "images", image_size=8, split="eval", num_classes=2).batch(torch.arange(3))
+    want_images, want_labels = ImageFolder(tmp_path / "images", image_size=8, split="eval", num_classes=2).batch(
+        torch.arange(3)
+    )
     images, labels = folder.read(0, 3)
     assert folder.labels == "single" and folder.num_samples == 3
     assert torch.equal(images, want_images) and labels.tolist() == want_labels.tolist() == [0, 0, 1]

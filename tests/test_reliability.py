@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launcher import REPO, command, environment, launch, metrics, train_losses
 
 from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
-from launcher import REPO, command, environment, launch, metrics, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,9 @@ def _children(pid: int) -> list[int]:
 def test_sigterm_to_torchrun_saves_and_rerun_finishes_identically(reference_run, tmp_path):
     run_dir = tmp_path / "preempted"
     cmd = command(run_dir, 2)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=environment("sleep=0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=environment("sleep=0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until a few steps are logged
         if (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= 3:
@@ -153,10 +155,21 @@ def test_a_failed_loss_check_stops_every_rank_before_the_step_lands(tmp_path, ov
     active rows miss a label it owns must still stop every rank with the loss's error, and
     neither the step nor a checkpoint of it may land."""
     run_dir = tmp_path / "lost_label"
-    proc = launch(run_dir, 2, "head.selection=random", "head.budget=30", *overlap, check=False, faults="lost_label@6:1", timeout=120)
+    proc = launch(
+        run_dir,
+        2,
+        "head.selection=random",
+        "head.budget=30",
+        *overlap,
+        check=False,
+        faults="lost_label@6:1",
+        timeout=120,
+    )
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert re.search(rf"\[rank{rank}\]: ValueError: \d+ label\(s\) of the batch belong to no shard", proc.stderr), proc.stderr[-3000:]
+        assert re.search(rf"\[rank{rank}\]: ValueError: \d+ label\(s\) of the batch belong to no shard", proc.stderr), (
+            proc.stderr[-3000:]
+        )
     assert [step for step, _ in complete_checkpoints(run_dir)] == [4]
     assert max(train_losses(run_dir)) == 5
 
@@ -174,8 +187,16 @@ def test_a_skipped_nan_loss_leaves_powersgd_state_clean(tmp_path):
     """PowerSGD's error feedback changes inside the backward and cannot be undone, so a
     non-finite loss must be judged before the backward: the steps after it stay finite."""
     run_dir = tmp_path / "powersgd_skip"
-    launch(run_dir, 2, "comm.grad_compression=powersgd", "comm.powersgd_start_step=2", "train.nonfinite=skip",
-           "train.max_skipped=3", faults="nan_loss@7", timeout=120)
+    launch(
+        run_dir,
+        2,
+        "comm.grad_compression=powersgd",
+        "comm.powersgd_start_step=2",
+        "train.nonfinite=skip",
+        "train.max_skipped=3",
+        faults="nan_loss@7",
+        timeout=120,
+    )
     rows = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
     assert rows[-1]["skipped_steps"] == 1 and all(np.isfinite(r["loss"]) for r in rows)
@@ -183,7 +204,15 @@ def test_a_skipped_nan_loss_leaves_powersgd_state_clean(tmp_path):
 
 def test_too_many_skipped_steps_in_a_row_stop(tmp_path):
     run_dir = tmp_path / "nan_limit"
-    proc = launch(run_dir, 2, "train.nonfinite=skip", "train.max_skipped=2", check=False, faults="nan_loss@5,nan_loss@6", timeout=120)
+    proc = launch(
+        run_dir,
+        2,
+        "train.nonfinite=skip",
+        "train.max_skipped=2",
+        check=False,
+        faults="nan_loss@5,nan_loss@6",
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "2 steps in a row skipped" in proc.stderr
 
@@ -208,7 +237,11 @@ def _feature_files(folder, bad_label_at=None):
     "name,overrides,message",
     [
         ("batch not divisible", ["train.global_batch=47"], "train.global_batch"),
-        ("missing data folder", ["data.kind=features", "data.path=/nonexistent/hydrahead-data"], "/nonexistent/hydrahead-data"),
+        (
+            "missing data folder",
+            ["data.kind=features", "data.path=/nonexistent/hydrahead-data"],
+            "/nonexistent/hydrahead-data",
+        ),
         ("label out of range", ["data.kind=features"], "index 37"),
         ("unknown key", ["head.num_clases=5"], "head.num_classes"),
     ],
@@ -257,8 +290,15 @@ def test_corrupt_image_errors_or_is_skipped_and_counted(tmp_path, policy):
     data = _image_folder(tmp_path / "images", corrupt=True)
     run_dir = tmp_path / "run"
     overrides = [
-        "model.backbone=resnet18", "data.kind=image_folder", f"data.path={data}", "data.image_size=16",
-        "head.num_classes=4", "train.global_batch=8", "train.steps=4", "train.eval_every=0", f"data.on_bad_sample={policy}",
+        "model.backbone=resnet18",
+        "data.kind=image_folder",
+        f"data.path={data}",
+        "data.image_size=16",
+        "head.num_classes=4",
+        "train.global_batch=8",
+        "train.steps=4",
+        "train.eval_every=0",
+        f"data.on_bad_sample={policy}",
     ]
     proc = launch(run_dir, 2, *overrides, check=False, timeout=180)
     if policy == "error":

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from launcher import REPO, environment
 
 sys.path.insert(0, str(REPO))
@@ -16,8 +15,24 @@ from benchmarks import scaling  # noqa: E402
 from benchmarks.scaling import Point, expand_grid, parse_axis  # noqa: E402
 
 RESULTS_KEYS = {"device", "torch", "triton", "date", "rows"}
-ROW_KEYS = {"method", "shape", "ms", "floor_ms", "ratio", "peak_mib", "gpus", "transport", "config", "samples_per_s",
-            "scaling_efficiency", "vs_backbone", "backbone_ms", "head_ms", "comm_ms", "bytes_per_step"}
+ROW_KEYS = {
+    "method",
+    "shape",
+    "ms",
+    "floor_ms",
+    "ratio",
+    "peak_mib",
+    "gpus",
+    "transport",
+    "config",
+    "samples_per_s",
+    "scaling_efficiency",
+    "vs_backbone",
+    "backbone_ms",
+    "head_ms",
+    "comm_ms",
+    "bytes_per_step",
+}
 
 
 def test_grid_is_the_product_of_its_axes_with_one_transport_at_one_gpu():
@@ -32,13 +47,19 @@ def test_grid_is_the_product_of_its_axes_with_one_transport_at_one_gpu():
 
 
 def test_baseline_points_drop_head_options_and_appear_once():
-    axes = [parse_axis("head.num_classes=10,20"), parse_axis("comm.overlap=false,true"), parse_axis("comm.grad_compression=none,bf16")]
+    axes = [
+        parse_axis("head.num_classes=10,20"),
+        parse_axis("comm.overlap=false,true"),
+        parse_axis("comm.grad_compression=none,bf16"),
+    ]
     points = expand_grid(["a.yaml"], [1, 2], ["nvlink"], axes, baseline=True)
     baselines = [p for p in points if p.mode == "backbone"]
     # head.* and comm.overlap steer only the head; the gradient compression stays
     assert sorted((p.gpus, p.options) for p in baselines) == [
-        (1, (("comm.grad_compression", "bf16"),)), (1, (("comm.grad_compression", "none"),)),
-        (2, (("comm.grad_compression", "bf16"),)), (2, (("comm.grad_compression", "none"),)),
+        (1, (("comm.grad_compression", "bf16"),)),
+        (1, (("comm.grad_compression", "none"),)),
+        (2, (("comm.grad_compression", "bf16"),)),
+        (2, (("comm.grad_compression", "none"),)),
     ]
     assert len([p for p in points if p.mode == "full"]) == 2 * 8
 
@@ -55,12 +76,40 @@ def test_repeated_axis_key_is_refused():
 
 
 def _scaling(results_dir, *args):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--config", "configs/quickstart.yaml", "--gpus", "1,2",
-           "--per-gpu-batch", "16", "--steps", "3", "--warmup", "1", "--timed-steps", "1", "--name", "tiny",
-           "--axis", "comm.overlap=false,true", "--baseline", *args,
-           "head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16", "head.chunk_size=64"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(results_dir)},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "scaling.py"),
+        "--config",
+        "configs/quickstart.yaml",
+        "--gpus",
+        "1,2",
+        "--per-gpu-batch",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--timed-steps",
+        "1",
+        "--name",
+        "tiny",
+        "--axis",
+        "comm.overlap=false,true",
+        "--baseline",
+        *args,
+        "head.num_classes=300",
+        "model.hidden_dim=32",
+        "model.embed_dim=16",
+        "head.chunk_size=64",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(results_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return proc.stdout
 
@@ -74,8 +123,12 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
     _scaling(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
     assert sorted((r["world_size"], r["mode"], r["variant"]) for r in records) == [
-        (1, "backbone", "default"), (1, "full", "comm.overlap:false"), (1, "full", "comm.overlap:true"),
-        (2, "backbone", "default"), (2, "full", "comm.overlap:false"), (2, "full", "comm.overlap:true"),
+        (1, "backbone", "default"),
+        (1, "full", "comm.overlap:false"),
+        (1, "full", "comm.overlap:true"),
+        (2, "backbone", "default"),
+        (2, "full", "comm.overlap:false"),
+        (2, "full", "comm.overlap:true"),
     ]
     results = json.loads((tmp_path / "tiny.json").read_text())
     assert RESULTS_KEYS <= set(results)
@@ -93,7 +146,11 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
             assert row["scaling_efficiency"] == pytest.approx(1.0) and row["transport"] == "none"
         else:
             assert row["transport"] == "gloo"
-            one = next(o for o in results["rows"] if o["gpus"] == 1 and o["variant"] == row["variant"] and o["mode"] == row["mode"])
+            one = next(
+                o
+                for o in results["rows"]
+                if o["gpus"] == 1 and o["variant"] == row["variant"] and o["mode"] == row["mode"]
+            )
             assert row["scaling_efficiency"] == pytest.approx(row["samples_per_s"] / 2 / one["samples_per_s"])
     with open(tmp_path / "tiny.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -108,12 +165,23 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
 
 
 def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
-    base = {"config": "c.yaml", "world_size": 2, "transport": "gloo", "mode": "full", "variant": "default",
-            "global_batch": 64, "per_gpu_batch": 32, "num_classes": 300, "active_classes": 40}
-    records = [{**base, "repeat": 1, "ms": 30.0, "head_ms": 5.0, "samples_per_s": 0.0},
-               {**base, "ms": 10.0, "head_ms": 1.0, "samples_per_s": 0.0},  # no "repeat": an older record, repeat 0
-               {**base, "repeat": 2, "ms": 20.0, "head_ms": 9.0, "samples_per_s": 0.0},
-               {**base, "variant": "other", "repeat": 0, "ms": 7.0, "head_ms": 2.0, "samples_per_s": 0.0}]
+    base = {
+        "config": "c.yaml",
+        "world_size": 2,
+        "transport": "gloo",
+        "mode": "full",
+        "variant": "default",
+        "global_batch": 64,
+        "per_gpu_batch": 32,
+        "num_classes": 300,
+        "active_classes": 40,
+    }
+    records = [
+        {**base, "repeat": 1, "ms": 30.0, "head_ms": 5.0, "samples_per_s": 0.0},
+        {**base, "ms": 10.0, "head_ms": 1.0, "samples_per_s": 0.0},  # no "repeat": an older record, repeat 0
+        {**base, "repeat": 2, "ms": 20.0, "head_ms": 9.0, "samples_per_s": 0.0},
+        {**base, "variant": "other", "repeat": 0, "ms": 7.0, "head_ms": 2.0, "samples_per_s": 0.0},
+    ]
     merged = {r["variant"]: r for r in scaling.merge_repeats(records)}
     three = merged["default"]
     assert three["ms"] == 20.0 and three["head_ms"] == 5.0  # each figure's own median
@@ -143,10 +211,16 @@ def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path):
 
 def test_strong_scaling_splits_the_global_batch_over_each_gpu_count():
     points = expand_grid(["a.yaml"], [1, 2, 4], ["nvlink"], [], baseline=True, global_batch=64)
-    assert sorted({(p.gpus, p.per_gpu_batch, p.scaling) for p in points}) == [(1, 64, "strong"), (2, 32, "strong"), (4, 16, "strong")]
+    assert sorted({(p.gpus, p.per_gpu_batch, p.scaling) for p in points}) == [
+        (1, 64, "strong"),
+        (2, 32, "strong"),
+        (4, 16, "strong"),
+    ]
     weak = expand_grid(["a.yaml"], [1, 2], ["nvlink"], [], baseline=False, per_gpu_batch=8)
     assert {(p.per_gpu_batch, p.scaling) for p in weak} == {(8, "weak")}
-    assert not {p.key for p in weak} & {p.key for p in expand_grid(["a.yaml"], [1, 2], ["nvlink"], [], baseline=False, global_batch=8)}
+    assert not {p.key for p in weak} & {
+        p.key for p in expand_grid(["a.yaml"], [1, 2], ["nvlink"], [], baseline=False, global_batch=8)
+    }
     with pytest.raises(ValueError, match="split evenly"):
         expand_grid(["a.yaml"], [1, 3], ["nvlink"], [], baseline=False, global_batch=64)
     with pytest.raises(SystemExit):
@@ -155,15 +229,42 @@ def test_strong_scaling_splits_the_global_batch_over_each_gpu_count():
 
 @pytest.mark.slow
 def test_runner_strong_scaling_keeps_the_global_batch(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--config", "configs/quickstart.yaml", "--gpus", "1,2",
-           "--global-batch", "32", "--steps", "3", "--warmup", "1", "--timed-steps", "1", "--name", "strong",
-           "head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16", "head.chunk_size=64"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "scaling.py"),
+        "--config",
+        "configs/quickstart.yaml",
+        "--gpus",
+        "1,2",
+        "--global-batch",
+        "32",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--timed-steps",
+        "1",
+        "--name",
+        "strong",
+        "head.num_classes=300",
+        "model.hidden_dim=32",
+        "model.embed_dim=16",
+        "head.chunk_size=64",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "strong.rows.jsonl").read_text().splitlines()]
     assert sorted((r["world_size"], r["per_gpu_batch"], r["global_batch"], r["scaling"]) for r in records) == [
-        (1, 32, 32, "strong"), (2, 16, 32, "strong")]
+        (1, 32, 32, "strong"),
+        (2, 16, 32, "strong"),
+    ]
     rows = {r["gpus"]: r for r in json.loads((tmp_path / "strong.json").read_text())["rows"]}
     assert all("[strong, global batch 32]" in r["method"] and r["scaling"] == "strong" for r in rows.values())
     assert rows[2]["scaling_efficiency"] == pytest.approx(rows[2]["samples_per_s"] / 2 / rows[1]["samples_per_s"])
@@ -174,10 +275,31 @@ def test_the_backbone_baseline_runs_from_a_config_with_knn_only_head_options(tmp
     """--mode backbone swaps the head for a token full-softmax one: options that only a knn
     head accepts (head.knn_fixed_size) must not make the baseline's config invalid."""
     out = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(REPO / "benchmarks" / "train_throughput.py"),
-           "--config", "configs/quickstart.yaml", "--mode", "backbone", "--per-gpu-batch", "8", "--steps", "1", "--warmup", "0",
-           "--out", str(out), "head.selection=knn", "head.index=torch", "head.knn_fixed_size=true",
-           "model.hidden_dim=32", "model.embed_dim=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "1",
+        str(REPO / "benchmarks" / "train_throughput.py"),
+        "--config",
+        "configs/quickstart.yaml",
+        "--mode",
+        "backbone",
+        "--per-gpu-batch",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+        "head.selection=knn",
+        "head.index=torch",
+        "head.knn_fixed_size=true",
+        "model.hidden_dim=32",
+        "model.embed_dim=16",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]

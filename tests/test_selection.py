@@ -11,7 +11,14 @@ import torch
 from hydrahead.counter_rng import counter_uniform
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import selection
-from hydrahead.head.selection import knn_active, knn_fixed_rows, owned_positives, random_active, remap_labels, resolve_budget
+from hydrahead.head.selection import (
+    knn_active,
+    knn_fixed_rows,
+    owned_positives,
+    random_active,
+    remap_labels,
+    resolve_budget,
+)
 
 
 def _priorities(seed, step, class_ids):
@@ -298,7 +305,9 @@ def test_knn_fixed_rows_edges():
     nothing = torch.full((3, 2), -1)
     rows = knn_fixed_rows(nothing, torch.tensor([-100, 5, 7]), 100, 200, seed=0, step=1)  # no union at all
     assert rows.numel() == 9 and rows.unique().numel() == 9
-    assert torch.equal(knn_fixed_rows(nothing, torch.tensor([101]), 100, 104, seed=0, step=1), torch.arange(4))  # shard <= size
+    assert torch.equal(
+        knn_fixed_rows(nothing, torch.tensor([101]), 100, 104, seed=0, step=1), torch.arange(4)
+    )  # shard <= size
     rows = knn_fixed_rows(torch.tensor([[3, 99, -7]]), torch.tensor([150]), 0, 100, seed=0, step=1)
     assert rows.numel() == 4 and {3, 99} <= set(rows.tolist())  # -7: no row, dropped without a read
     with pytest.raises(ValueError, match="2-D"):

@@ -7,7 +7,9 @@ import pytest
 from hydrahead.distributed.sharding import shard_range, shard_sizes
 
 
-@pytest.mark.parametrize("num_classes,world_size", [(1001, 1), (1001, 2), (1001, 3), (10, 4), (7, 7), (100_000_000, 64)])
+@pytest.mark.parametrize(
+    "num_classes,world_size", [(1001, 1), (1001, 2), (1001, 3), (10, 4), (7, 7), (100_000_000, 64)]
+)
 def test_ranges_tile_the_classes_contiguously(num_classes, world_size):
     ranges = [shard_range(num_classes, world_size, rank) for rank in range(world_size)]
     assert ranges[0][0] == 0 and ranges[-1][1] == num_classes

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from hydrahead.train.checkpoint import latest_checkpoint
 from launcher import REPO, TINY, environment, train_losses
 from slurm_cluster import SlurmCluster, ensure_installed, free_ports
+
+from hydrahead.train.checkpoint import latest_checkpoint
 
 CONFIG = "configs/quickstart.yaml"
 NPROC = 2
@@ -53,7 +53,8 @@ def _wait_for(what: str, ready, job: str, cluster: SlurmCluster, timeout: float)
             return fields
         state = fields.get("JobState", "(forgotten)")
         assert state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"), (
-            f"job {job} ended ({state}, exit code {fields.get('ExitCode')}) while waiting for {what}")
+            f"job {job} ended ({state}, exit code {fields.get('ExitCode')}) while waiting for {what}"
+        )
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}; job {job} is {state}"
         time.sleep(0.2)
 
@@ -65,40 +66,68 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
     reference = tmp_path / "reference"
     # The uninterrupted run: the same command line as the job's, under plain torchrun.
     ref = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-         "launch/train.py", "--config", CONFIG, f"run.dir={reference}", *TINY],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={NPROC}",
+            "launch/train.py",
+            "--config",
+            CONFIG,
+            f"run.dir={reference}",
+            *TINY,
+        ],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, f"reference run: exit {ref.returncode}\n{ref.stderr[-6000:]}"
 
     run_dir, job_out = tmp_path / "run", tmp_path / "slurm-job.out"
     (rdzv_port,) = free_ports(1)
     env = slurm.client_env(environment("sleep=0.5"))  # slow steps, so that the signal lands mid-run
-    env.update({
-        # The batch shell finds torchrun and python on PATH (sbatch passes this environment on).
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHON": sys.executable,
-        "GPUS_PER_NODE": str(NPROC),  # no GPUs here, so Slurm cannot tell the script how many
-        "RDZV_PORT": str(rdzv_port),
-    })
+    env.update(
+        {
+            # The batch shell finds torchrun and python on PATH (sbatch passes this environment on).
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PYTHON": sys.executable,
+            "GPUS_PER_NODE": str(NPROC),  # no GPUs here, so Slurm cannot tell the script how many
+            "RDZV_PORT": str(rdzv_port),
+        }
+    )
     for name in ("RUN_DIR", "MAX_RESTARTS", "HYDRAHEAD_ROOT"):
         env.pop(name, None)
     with slurm.report_on_failure(job_out):
         submit = slurm.run(
-            "sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2",
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--cpus-per-task=2",
             # The template asks for 8 GPUs per node; a count of 0 drops the request (--gres=none
             # does not: Slurm still rejects the gpu request on a cluster without GRES).
             "--gpus-per-node=0",
             # Longer than the 300 s USR1 lead, or Slurm would signal the job as it starts.
             "--time=10",
             f"--output={job_out}",
-            "launch/slurm/train.sbatch", CONFIG, f"run.dir={run_dir}", *TINY,
-            env=env, cwd=REPO,
+            "launch/slurm/train.sbatch",
+            CONFIG,
+            f"run.dir={run_dir}",
+            *TINY,
+            env=env,
+            cwd=REPO,
         )
         job = submit.stdout.strip().split(";")[0]
 
         def trained_a_few_steps(fields):
-            return (fields.get("JobState") == "RUNNING" and (run_dir / "metrics.jsonl").is_file()
-                    and len(train_losses(run_dir)) >= 3)
+            return (
+                fields.get("JobState") == "RUNNING"
+                and (run_dir / "metrics.jsonl").is_file()
+                and len(train_losses(run_dir)) >= 3
+            )
+
         _wait_for("the first training steps", trained_a_few_steps, job, slurm, timeout=120)
 
         # What --signal=B:USR1@300 does near the time limit: USR1 to the batch shell only.
@@ -106,8 +135,9 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
 
         # The requeued job is held for the credential lifetime (cred_expire, 10 s on this
         # cluster) before it starts again; meanwhile the first leg's results stand alone.
-        _wait_for("the requeue", lambda f: f.get("JobState") == "PENDING" and f.get("Restarts") == "1",
-                  job, slurm, timeout=90)
+        _wait_for(
+            "the requeue", lambda f: f.get("JobState") == "PENDING" and f.get("Restarts") == "1", job, slurm, timeout=90
+        )
         marker = run_dir / "PREEMPTED"
         assert marker.is_file(), "the job was requeued without run.dir/PREEMPTED"
         stopped_at = int(marker.read_text().split()[1])
@@ -117,8 +147,9 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
         assert f"job {job} (restart 0)" in log
         assert f"requeueing job {job}" in log
 
-        fields = _wait_for("the resumed job to finish", lambda f: f.get("JobState") == "COMPLETED",
-                           job, slurm, timeout=120)
+        fields = _wait_for(
+            "the resumed job to finish", lambda f: f.get("JobState") == "COMPLETED", job, slurm, timeout=120
+        )
         assert fields["Restarts"] == "1" and fields["ExitCode"] == "0:0", fields
         log = job_out.read_text()  # one file for both legs (--open-mode=append)
         assert f"job {job} (restart 1)" in log

@@ -9,15 +9,15 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from dist_harness import run_ranks
+from launcher import launch, train_losses
+
 from hydrahead.config import config_from_dict, load_config
-from hydrahead.distributed.setup import DistEnv
 from hydrahead.distributed.collectives import average_buffers
+from hydrahead.distributed.setup import DistEnv
 from hydrahead.models import build_backbone
 from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
 from hydrahead.train.trainer import Trainer
-from launcher import launch, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,14 @@ def test_interrupted_and_damaged_checkpoints_are_skipped(two_rank_run, tmp_path)
 def _saved_backbone(checkpoint) -> dict[str, torch.Tensor]:
     cfg = config_from_dict(read_meta(checkpoint)["config"])
     m = cfg.model
-    backbone = build_backbone(m.backbone, m.embed_dim, input_dim=m.input_dim, hidden_dim=m.hidden_dim, depth=m.depth,
-                              image_size=cfg.data.image_size)
+    backbone = build_backbone(
+        m.backbone,
+        m.embed_dim,
+        input_dim=m.input_dim,
+        hidden_dim=m.hidden_dim,
+        depth=m.depth,
+        image_size=cfg.data.image_size,
+    )
     state = {"backbone": backbone.state_dict()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -109,8 +115,16 @@ def _saved_backbone(checkpoint) -> dict[str, torch.Tensor]:
 
 
 def test_resnet18_on_procedural_images_two_ranks(tmp_path):
-    resnet = ["model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32", "train.global_batch=8",
-              "train.steps=3", "train.eval_every=3", "train.eval_samples=16", "checkpoint.every=0"]
+    resnet = [
+        "model.backbone=resnet18",
+        "data.kind=procedural_images",
+        "data.image_size=32",
+        "train.global_batch=8",
+        "train.steps=3",
+        "train.eval_every=3",
+        "train.eval_samples=16",
+        "checkpoint.every=0",
+    ]
     broadcast, per_rank = tmp_path / "broadcast", tmp_path / "per_rank"
     launch(broadcast, 2, *resnet)
     rows = [json.loads(line) for line in (broadcast / "metrics.jsonl").read_text().splitlines()]
@@ -151,9 +165,18 @@ def test_evaluation_averages_per_rank_batchnorm_statistics():
 
 
 def _evaluate_on_rank(rank, world_size):
-    cfg = load_config(None, ["model.backbone=resnet18", "data.kind=procedural_images", "data.image_size=32",
-                             "train.global_batch=8", "train.eval_every=1", "train.eval_samples=8",
-                             "model.broadcast_buffers=false"])
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=resnet18",
+            "data.kind=procedural_images",
+            "data.image_size=32",
+            "train.global_batch=8",
+            "train.eval_every=1",
+            "train.eval_samples=8",
+            "model.broadcast_buffers=false",
+        ],
+    )
     trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
     with torch.no_grad():  # statistics that differ by rank, as training would leave them
         for buf in trainer.backbone_module.buffers():
@@ -166,7 +189,9 @@ def _evaluate_on_rank(rank, world_size):
 
 def _average_buffers_on_rank(rank, world_size):
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.BatchNorm1d(6))
+    module = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.BatchNorm1d(6)
+    )
     module = module.double()
     with torch.no_grad():
         module(torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) * (rank + 1))

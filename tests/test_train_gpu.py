@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from launcher import launch, metrics, train_losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]

@@ -149,8 +149,16 @@ class TopK:
         # the result on the right CUDA stream): the dense tensors' fp32 values, then int32
         # indices and the fp32 values' bits of the sparse ones. The dense part is summed
         # after the gather; it holds only small tensors.
-        dense = torch.cat([buffer[o : o + n] for o, n in dense_parts]).float() if dense_parts else buffer.new_empty(0, dtype=torch.float32)
-        index = torch.cat(sparse_index).to(torch.int32) if sparse_index else torch.empty(0, dtype=torch.int32, device=buffer.device)
+        dense = (
+            torch.cat([buffer[o : o + n] for o, n in dense_parts]).float()
+            if dense_parts
+            else buffer.new_empty(0, dtype=torch.float32)
+        )
+        index = (
+            torch.cat(sparse_index).to(torch.int32)
+            if sparse_index
+            else torch.empty(0, dtype=torch.int32, device=buffer.device)
+        )
         value = torch.cat(sparse_value) if sparse_value else torch.empty(0, dtype=torch.float32, device=buffer.device)
         payload = torch.cat([dense.view(torch.int32), index, value.view(torch.int32)])
         gathered = payload.new_empty(world_size * payload.numel())
@@ -239,8 +247,12 @@ def register(ddp_model, group, comm_cfg, names: dict, wrap=None) -> tuple[CommCo
         ddp_model.register_comm_hook(group, wrap(hook))
     else:
         topk = TopK(
-            names, density=comm_cfg.topk_density, warmup_steps=comm_cfg.topk_warmup_steps, min_numel=comm_cfg.topk_min_numel,
-            momentum_correction=comm_cfg.topk_momentum_correction, counters=counters,
+            names,
+            density=comm_cfg.topk_density,
+            warmup_steps=comm_cfg.topk_warmup_steps,
+            min_numel=comm_cfg.topk_min_numel,
+            momentum_correction=comm_cfg.topk_momentum_correction,
+            counters=counters,
         )
         ddp_model.register_comm_hook(group, wrap(topk.hook))
     return counters, topk

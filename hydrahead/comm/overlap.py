@@ -28,11 +28,18 @@ import torch
 import torch.distributed as dist
 
 from hydrahead.comm.timing import CommClock
+from hydrahead.distributed.collectives import (
+    all_gather_labels,
+    group_rank,
+    group_world_size,
+    start_gather_rows,
+    start_sum_own_rows,
+)
 from hydrahead.distributed.sharded_softmax import MergeChecks, per_valid_label
-from hydrahead.distributed.collectives import all_gather_labels, group_rank, group_world_size, start_gather_rows, start_sum_own_rows
 
-
-TRANSFER_CTAS = 4  # NCCL blocks for the pipeline's transfers: enough for a few MB, and the rest of the SMs stay with the head's kernels
+# NCCL blocks for the pipeline's transfers: enough for a few MB, and the rest of the SMs
+# stay with the head's kernels.
+TRANSFER_CTAS = 4
 
 
 def transfer_group(head_group: dist.ProcessGroup | None, backend: str) -> dist.ProcessGroup | None:
@@ -76,11 +83,17 @@ class OverlappedHead:
     def _gather(self, local_features, bounds, k):
         start, stop = bounds[k]
         sizes = [stop - start] * self.world_size
-        return self.clock.start("feature_gather", lambda: start_gather_rows(local_features[start:stop], sizes, self.transfer_group))
+        return self.clock.start(
+            "feature_gather", lambda: start_gather_rows(local_features[start:stop], sizes, self.transfer_group)
+        )
 
-    def step(self, local_features: torch.Tensor, local_labels: torch.Tensor,
-             select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-             checks: MergeChecks | None = None):
+    def step(
+        self,
+        local_features: torch.Tensor,
+        local_labels: torch.Tensor,
+        select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        checks: MergeChecks | None = None,
+    ):
         """(loss, gradient of the loss for the local features, bytes sent per kind, the checks
         left to the caller's read or None).
 
@@ -108,7 +121,9 @@ class OverlappedHead:
             for k, chunk in enumerate(arrived):
                 whole[rows[k]] = chunk
             active_rows = select(whole, labels)
-        loss_fn = self.head.micro_batches(labels, active_rows, check_rows=False)  # the selector's rows: complete by construction
+        loss_fn = self.head.micro_batches(
+            labels, active_rows, check_rows=False
+        )  # the selector's rows: complete by construction
 
         loss_sum, loss_dtype = torch.zeros((), dtype=torch.float64, device=device), None
         scatters = []
@@ -120,9 +135,14 @@ class OverlappedHead:
             loss_sum += chunk_loss.double()
             loss_dtype = chunk_loss.dtype
             chunk_sizes = [bounds[k][1] - bounds[k][0]] * self.world_size
-            scatters.append(self.clock.start(
-                "grad_scatter", lambda grad=grad, sizes=chunk_sizes: start_sum_own_rows(grad, sizes, self.rank, self.transfer_group)
-            ))
+            scatters.append(
+                self.clock.start(
+                    "grad_scatter",
+                    lambda grad=grad, sizes=chunk_sizes: start_sum_own_rows(
+                        grad, sizes, self.rank, self.transfer_group
+                    ),
+                )
+            )
         unjudged = checks if checks is not None and self.head.step_discardable else None
         loss_fn.check(unjudged)
         loss = (loss_sum / per_valid_label(loss_fn.num_valid)).to(loss_dtype)
@@ -133,7 +153,8 @@ class OverlappedHead:
         for (start, stop), pending in zip(bounds, scatters):
             local_grad[start:stop] = pending.wait()
         payload = {
-            "bytes_feature_gather": local_features.numel() * local_features.element_size() + local_labels.numel() * local_labels.element_size(),
+            "bytes_feature_gather": local_features.numel() * local_features.element_size()
+            + local_labels.numel() * local_labels.element_size(),
             "bytes_grad_scatter": labels.shape[0] * local_features.shape[1] * local_grad.element_size(),
         }
         return loss, (local_grad if finite else None), payload, unjudged

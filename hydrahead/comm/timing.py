@@ -88,7 +88,9 @@ class CommClock:
             ready = self.mark()
 
             def done(fut):
-                self.add(kind, "busy", ready, self.mark())  # a CUDA future's callback runs on a stream that waited for it
+                self.add(
+                    kind, "busy", ready, self.mark()
+                )  # a CUDA future's callback runs on a stream that waited for it
                 return fut.value()
 
             return hook(state, bucket).then(done)

@@ -46,8 +46,13 @@ def build_dataset(cfg: Config, split: str = "train", device: torch.device | str 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data = cfg.data
     procedural = dict(
-        seed=cfg.run.seed, family_size=data.family_size, family_spread=data.family_spread,
-        noise=data.noise, zipf_exponent=data.zipf_exponent, split=split, device=device,
+        seed=cfg.run.seed,
+        family_size=data.family_size,
+        family_spread=data.family_spread,
+        noise=data.noise,
+        zipf_exponent=data.zipf_exponent,
+        split=split,
+        device=device,
     )
     if data.kind == "procedural_features":
         return ProceduralFeatures(cfg.head.num_classes, data.feature_dim, **procedural)
@@ -60,13 +65,20 @@ def build_dataset(cfg: Config, split: str = "train", device: torch.device | str 
             raise ValueError(f"data.path={data.path!r} does not exist")
     if data.kind == "image_folder":
         return ImageFolder(
-            data.path, image_size=data.image_size, split=split, seed=cfg.run.seed,
-            num_classes=cfg.head.num_classes, on_bad_sample=data.on_bad_sample,
+            data.path,
+            image_size=data.image_size,
+            split=split,
+            seed=cfg.run.seed,
+            num_classes=cfg.head.num_classes,
+            on_bad_sample=data.on_bad_sample,
         )
     if data.kind == "features":
         return FeatureFiles(
-            data.path, num_classes=cfg.head.num_classes, input_dim=cfg.model.input_dim,
-            split=split, seed=cfg.run.seed,
+            data.path,
+            num_classes=cfg.head.num_classes,
+            input_dim=cfg.model.input_dim,
+            split=split,
+            seed=cfg.run.seed,
         )
     raise ValueError(f"data.kind={data.kind!r} is not available")
 
@@ -101,7 +113,9 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, make: Callable[[_Tally], Iterator[tuple[torch.Tensor, torch.Tensor]]]):
         self._tally = _Tally()
         self._batches = make(self._tally)
-        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor] | BaseException, int] | None = None  # (batch or error, its substitutions)
+        self._ahead: tuple[tuple[torch.Tensor, torch.Tensor] | BaseException, int] | None = (
+            None  # (batch or error, its substitutions)
+        )
 
     @property
     def bad_samples_skipped(self) -> int:
@@ -148,17 +162,14 @@ def _uses_workers(dataset, num_workers: int) -> bool:
         return False
     if not hasattr(dataset, "finish_batch"):
         warnings.warn(
-            f"data.num_workers={num_workers} is ignored: {type(dataset).__name__} is "
-            "generated in-process",
+            f"data.num_workers={num_workers} is ignored: {type(dataset).__name__} is generated in-process",
             stacklevel=3,
         )
         return False
     return True
 
 
-def _from_workers(
-    dataset, index_lists, num_workers: int, device, tally: _Tally, *, persistent: bool
-):
+def _from_workers(dataset, index_lists, num_workers: int, device, tally: _Tally, *, persistent: bool):
     """Batches of ``index_lists`` decoded by a DataLoader's workers, finished on ``device``.
 
     A third collated element (per-sample substitution counts) is summed into ``tally``.
@@ -224,9 +235,7 @@ def batches(
     ``stream.bad_samples_skipped``.
     """
     return BatchStream(
-        lambda tally: _train_batches(
-            dataset, start_step, global_batch, rank, world_size, device, num_workers, tally
-        )
+        lambda tally: _train_batches(dataset, start_step, global_batch, rank, world_size, device, num_workers, tally)
     )
 
 
@@ -259,9 +268,7 @@ def eval_batches(
     ``BatchStream`` counts substituted bad samples in ``bad_samples_skipped``.
     """
     return BatchStream(
-        lambda tally: _eval_batches(
-            dataset, num_samples, batch_size, rank, world_size, device, num_workers, tally
-        )
+        lambda tally: _eval_batches(dataset, num_samples, batch_size, rank, world_size, device, num_workers, tally)
     )
 
 
@@ -275,6 +282,6 @@ def _eval_batches(dataset, num_samples, batch_size, rank, world_size, device, nu
         full = [chunk.tolist() for chunk in chunks if chunk.numel()]
         if full:
             yield from _from_workers(dataset, full, num_workers, device, tally, persistent=False)
-        chunks = chunks[len(full):]
+        chunks = chunks[len(full) :]
     for chunk in chunks:
         yield _in_process(dataset, chunk, device, tally)

@@ -92,21 +92,18 @@ class FeatureFiles:
             )
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
-                f"{str(label_path)!r} must be a 1-D integer array, "
-                f"got shape {labels.shape} and dtype {labels.dtype}"
+                f"{str(label_path)!r} must be a 1-D integer array, got shape {labels.shape} and dtype {labels.dtype}"
             )
         if len(features) != len(labels):
             raise ValueError(
-                f"{str(feature_path)!r} has {len(features)} rows but {str(label_path)!r} "
-                f"has {len(labels)} labels"
+                f"{str(feature_path)!r} has {len(features)} rows but {str(label_path)!r} has {len(labels)} labels"
             )
         if len(labels) == 0:
             raise ValueError(f"{str(feature_path)!r} has no rows")
         dim = features.shape[1]
         if input_dim is not None and input_dim != dim:
             raise ValueError(
-                f"model.input_dim={input_dim} does not match the feature width D={dim} "
-                f"of {str(feature_path)!r}"
+                f"model.input_dim={input_dim} does not match the feature width D={dim} of {str(feature_path)!r}"
             )
         _check_labels(label_path, labels, num_classes, chunk_rows)
 

@@ -43,12 +43,16 @@ from hydrahead.counter_rng import counter_hash
 from hydrahead.data.procedural import _check_index_tensor
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ON_BAD_SAMPLE", "BadImageError", "EpochOrder", "ImageFolder", "normalise_images", "read_eval_image",
+    "IMAGE_EXTENSIONS",
+    "ON_BAD_SAMPLE",
+    "BadImageError",
+    "EpochOrder",
+    "ImageFolder",
+    "normalise_images",
+    "read_eval_image",
 ]
 
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"
-)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -195,9 +199,7 @@ class ImageFolder:
         max_bad_in_a_row: int = 64,
     ):
         if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(
-                f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}"
-            )
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if max_bad_in_a_row < 1:
             raise ValueError(f"max_bad_in_a_row must be >= 1, got {max_bad_in_a_row}")
         if image_size < 1:
@@ -215,8 +217,7 @@ class ImageFolder:
         unknown = sorted(set(_class_folders(folder)) - set(class_ids))
         if unknown:
             raise ValueError(
-                f"image folder {str(folder)!r} has class folders missing from "
-                f"{str(train_folder)!r}: {unknown[:5]}"
+                f"image folder {str(folder)!r} has class folders missing from {str(train_folder)!r}: {unknown[:5]}"
             )
 
         files, labels = [], []
@@ -225,9 +226,7 @@ class ImageFolder:
                 files.append(os.fsencode(os.path.join(name, rel)))
                 labels.append(class_ids[name])
         if not files:
-            raise ValueError(
-                f"image folder {str(folder)!r} holds no image files {IMAGE_EXTENSIONS}"
-            )
+            raise ValueError(f"image folder {str(folder)!r} holds no image files {IMAGE_EXTENSIONS}")
 
         self.num_classes = len(classes)
         self.classes = classes
@@ -319,10 +318,7 @@ class ImageFolder:
         if limit == n:
             what = f"none of the {n} image files under {str(self.root)!r} can be decoded"
         else:
-            what = (
-                f"{limit} files in a row (max_bad_in_a_row) cannot be decoded, from "
-                f"{str(self.file(item))!r}"
-            )
+            what = f"{limit} files in a row (max_bad_in_a_row) cannot be decoded, from {str(self.file(item))!r}"
         raise BadImageError(
             f"on_bad_sample=skip found no readable substitute for sample {index}: {what}; "
             f"last tried: {self._bad_items[last]}"

@@ -75,8 +75,7 @@ def _fourier_basis(
 
     coords = (torch.arange(image_size, dtype=torch.float64) + 0.5) / image_size
     theta = (
-        frequencies[:, 0, None, None] * coords[None, :, None]
-        + frequencies[:, 1, None, None] * coords[None, None, :]
+        frequencies[:, 0, None, None] * coords[None, :, None] + frequencies[:, 1, None, None] * coords[None, None, :]
     ) * (2 * math.pi) + phase[:, None, None]  # K x S x S
     waves = torch.cat((theta.cos(), theta.sin())).float()  # 2K x S x S
     basis = waves[:, None] * weight.float().repeat(2, 1)[:, :, None, None]  # 2K x 3 x S x S
@@ -120,9 +119,16 @@ class ProceduralImages:
         _check_float("max_shift", max_shift)
         # The class side: labels, latents and latent -> coefficients, noise-free.
         self._classes = ProceduralFeatures(
-            num_classes, num_components, seed=seed, family_size=family_size,
-            family_spread=family_spread, noise=0.0, zipf_exponent=zipf_exponent, split=split,
-            latent_dim=latent_dim, device=device,
+            num_classes,
+            num_components,
+            seed=seed,
+            family_size=family_size,
+            family_spread=family_spread,
+            noise=0.0,
+            zipf_exponent=zipf_exponent,
+            split=split,
+            latent_dim=latent_dim,
+            device=device,
         )
         self.num_classes = num_classes
         self.image_size = image_size
@@ -131,9 +137,7 @@ class ProceduralImages:
         self.max_shift = float(max_shift)
         self.split = split
         self.device = self._classes.device
-        self._frequencies, self._basis = _fourier_basis(
-            seed, image_size, num_components, max_frequency, self.device
-        )
+        self._frequencies, self._basis = _fourier_basis(seed, image_size, num_components, max_frequency, self.device)
         self._gain = _tanh_gain(_CONTRAST)
 
     def labels(self, indices: torch.Tensor) -> torch.Tensor:
@@ -144,10 +148,10 @@ class ProceduralImages:
         """``(images, labels)``: B x 3 x S x S float32 and B int64, on ``self.device``."""
         _check_index_tensor("indices", indices)
         coefficients, labels = self._classes.batch(indices)
-        ids = indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]  # a blocking copy would sync
-        shift = torch.stack(
-            [counter_uniform(self.seed, stream, ids) for stream in (_SHIFT_Y, _SHIFT_X)], dim=-1
-        )
+        ids = (
+            indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]
+        )  # a blocking copy would sync
+        shift = torch.stack([counter_uniform(self.seed, stream, ids) for stream in (_SHIFT_Y, _SHIFT_X)], dim=-1)
         shift = shift.float().mul_(2.0).sub_(1.0).mul_(self.max_shift)
         images = self._render(coefficients, shift)
         if self.noise > 0:
@@ -160,9 +164,7 @@ class ProceduralImages:
         """Noise-free, unshifted images (len(class_ids) x 3 x S x S) of the given classes."""
         return self._render(self._classes.render(self._classes.class_latents(class_ids)))
 
-    def _render(
-        self, coefficients: torch.Tensor, shift: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _render(self, coefficients: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         if shift is None:
             mix = torch.cat((coefficients, torch.zeros_like(coefficients)), dim=1)
         else:

@@ -56,9 +56,7 @@ _MAX_CLASSES = 1 << 31
 
 
 @functools.lru_cache(maxsize=32)
-def _zipf_tables(
-    num_classes: int, exponent: float, device: torch.device
-) -> tuple[torch.Tensor, float, float]:
+def _zipf_tables(num_classes: int, exponent: float, device: torch.device) -> tuple[torch.Tensor, float, float]:
     """Cumulative weights of the exact head ranks, the head's mass and the tail's mass.
 
     Cached so that drawing labels on a GPU neither copies the table nor syncs each batch.
@@ -131,8 +129,9 @@ class ProceduralFeatures:
 
     ``labels(i)``, ``features(i)`` and ``batch(i)`` depend only on the constructor
     arguments and the sample indices ``i`` (int64, in [0, 2**62)), never on call order
-    or batch composition (features at most up to the rounding of the matmul). ``split="eval"`` gives held-out samples: the same classes and
-    class distribution, drawn from a disjoint range of sample ids.
+    or batch composition (features at most up to the rounding of the matmul).
+    ``split="eval"`` gives held-out samples: the same classes and class distribution,
+    drawn from a disjoint range of sample ids.
 
     Class ``c`` belongs to family ``c // family_size``; its latent is
     ``normalise(center(family) + family_spread * offset(c))`` with hashed standard normal
@@ -214,10 +213,7 @@ class ProceduralFeatures:
         else:
             labels = self._check_class_ids("labels", labels)
             if labels.shape != ids.shape:
-                raise ValueError(
-                    f"labels must have the shape of indices {tuple(ids.shape)}, "
-                    f"got {tuple(labels.shape)}"
-                )
+                raise ValueError(f"labels must have the shape of indices {tuple(ids.shape)}, got {tuple(labels.shape)}")
         return self._features(ids, labels)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +234,9 @@ class ProceduralFeatures:
 
     def _sample_ids(self, indices: torch.Tensor) -> torch.Tensor:
         _check_index_tensor("indices", indices)
-        return indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]  # a blocking copy would sync
+        return (
+            indices.to(self.device, torch.int64, non_blocking=True) + _SPLIT_OFFSET[self.split]
+        )  # a blocking copy would sync
 
     def _check_class_ids(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         _check_index_tensor(name, ids)

@@ -30,9 +30,7 @@ def local_batch_size(global_batch: int, world_size: int) -> int:
     check_int("global_batch", global_batch, 1)
     check_int("world_size", world_size, 1)
     if global_batch % world_size:
-        raise ValueError(
-            f"global_batch ({global_batch}) must be divisible by world_size ({world_size})"
-        )
+        raise ValueError(f"global_batch ({global_batch}) must be divisible by world_size ({world_size})")
     return global_batch // world_size
 
 

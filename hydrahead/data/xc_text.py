@@ -93,7 +93,9 @@ class _Samples:
         for token in tokens:
             index_text, colon, value_text = token.partition(":")
             if not colon:
-                raise ValueError(f"{where}: bad token {token!r}: features are index:value (labels come first, comma-separated)")
+                raise ValueError(
+                    f"{where}: bad token {token!r}: features are index:value (labels come first, comma-separated)"
+                )
             index = _integer(where, "feature index", index_text)
             if num_features is not None and index >= num_features:
                 raise ValueError(f"{where}: feature index {index} is out of range: num_features={num_features}")

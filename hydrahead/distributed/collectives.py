@@ -130,7 +130,9 @@ def all_gather_features(
     if sizes is None:
         sizes = gather_row_counts(local.shape[0], local.shape[1], local.device, group)
     elif sizes[group_rank(group)] != local.shape[0]:
-        raise ValueError(f"sizes[{group_rank(group)}] = {sizes[group_rank(group)]} but this rank holds {local.shape[0]} rows")
+        raise ValueError(
+            f"sizes[{group_rank(group)}] = {sizes[group_rank(group)]} but this rank holds {local.shape[0]} rows"
+        )
     return _AllGatherFeatures.apply(local, tuple(int(s) for s in sizes), group)
 
 

@@ -74,8 +74,14 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
             store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             store = dist.PrefixStore(f"hydrahead/attempt-{attempt}/", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=device if backend == "nccl" else None)
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+                device_id=device if backend == "nccl" else None,
+            )
         else:  # plain `python launch/train.py`: a world of one, no rendezvous needed
             if world_size != 1:
                 raise ValueError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch with torchrun")

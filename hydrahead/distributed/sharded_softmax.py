@@ -118,7 +118,8 @@ def _raise_if_failed(error: float, owned_total: float, num_valid: float, labels,
         raise ValueError(
             f"{num_valid - owned_total} label(s) of the batch belong to no shard: labels must lie in "
             f"[0, num_classes) or equal ignore_index={ignore_index}, and a loss over active rows needs "
-            f"every owned label among them; labels seen range from {int(labels[valid].min())} to {int(labels[valid].max())}"
+            "every owned label among them; labels seen range from "
+            f"{int(labels[valid].min())} to {int(labels[valid].max())}"
         )
     return num_valid
 
@@ -154,15 +155,23 @@ class MergeChecks:
     def values(self, device: torch.device) -> torch.Tensor:
         """float64 (WIDTH x number of losses,) on ``device``: no host read."""
         # a Python number (a single shard's error code) as a fill: a copy from the host would sync
-        rows = [v.reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
-                else torch.full((), float(v), dtype=torch.float64, device=device) for entry in self._pending for v in entry[:3]]
+        rows = [
+            v.reshape(()).to(device=device, dtype=torch.float64)
+            if isinstance(v, torch.Tensor)
+            else torch.full((), float(v), dtype=torch.float64, device=device)
+            for entry in self._pending
+            for v in entry[:3]
+        ]
         return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
 
     def raise_if_failed(self, values) -> None:
         """``values``: ``values()`` as read to the host (a list of floats)."""
         values = list(values)
         if len(values) != self.WIDTH * len(self._pending):
-            raise ValueError(f"expected {self.WIDTH * len(self._pending)} values for {len(self._pending)} loss(es), got {len(values)}")
+            raise ValueError(
+                f"expected {self.WIDTH * len(self._pending)} values "
+                f"for {len(self._pending)} loss(es), got {len(values)}"
+            )
         pending, self._pending = self._pending, []
         for i, (_, _, _, labels, valid, ignore_index) in enumerate(pending):
             _raise_if_failed(*values[self.WIDTH * i : self.WIDTH * (i + 1)], labels, valid, ignore_index)
@@ -173,7 +182,9 @@ def per_valid_label(num_valid):
     return num_valid.clamp_min(1) if isinstance(num_valid, torch.Tensor) else max(num_valid, 1)
 
 
-def mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks: MergeChecks | None = None):
+def mean_loss_after_merge(
+    lse, target_logit, owned_total, error, labels, valid, ignore_index, checks: MergeChecks | None = None
+):
     """(mean loss, valid count). Raises what the collectives revealed; with ``checks`` that
     is left to their owner and the count stays a device tensor (no host read)."""
     if checks is None:

@@ -46,7 +46,9 @@ def _check_predictions(pred_ids: torch.Tensor, k: int) -> None:
 def _check_rows(name: str, value: torch.Tensor, dims: int, pred_ids: torch.Tensor) -> None:
     if value.dim() != dims or value.shape[0] != pred_ids.shape[0]:
         want = "(N,)" if dims == 1 else "N x L"
-        raise ValueError(f"{name} must be {want} with N={pred_ids.shape[0]} rows like pred_ids, got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must be {want} with N={pred_ids.shape[0]} rows like pred_ids, got shape {tuple(value.shape)}"
+        )
 
 
 def topk_hits(pred_ids: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -68,7 +68,9 @@ class _Built:
     seconds: float
 
 
-def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch.device, deterministic: bool) -> tuple[str, str]:
+def resolve_index(
+    backend: str, index_type: str, *, num_rows: int, device: torch.device, deterministic: bool
+) -> tuple[str, str]:
     """The ``head.index`` / ``head.index_type`` pair with ``auto`` resolved, in the same names.
 
     ``auto`` backend: FAISS when it can serve this device (``index.faiss_serves``) and the
@@ -87,7 +89,10 @@ def resolve_index(backend: str, index_type: str, *, num_rows: int, device: torch
     if backend == "torch" and index_type not in class_index.TORCH_TYPES:
         raise ValueError(f"index_type={index_type} needs the faiss backend (the torch backend has flat and ivf)")
     if backend == "faiss" and deterministic:
-        raise ValueError("a deterministic index is saved in checkpoints: use the torch backend (FAISS indexes hold a copy of every row)")
+        raise ValueError(
+            "a deterministic index is saved in checkpoints: use the "
+            "torch backend (FAISS indexes hold a copy of every row)"
+        )
     return backend, index_type
 
 
@@ -156,8 +161,13 @@ class ActiveClassSelector:
         self.shard_size = class_stop - class_start
         if budget is not None:
             resolve_budget(budget, self.shard_size)  # validates
-        for name, value, minimum in (("knn_k", knn_k, 1), ("rebuild_every", rebuild_every, 1), ("retrain_every", retrain_every, 1),
-                                     ("recall_every", recall_every, 0), ("recall_queries", recall_queries, 1)):
+        for name, value, minimum in (
+            ("knn_k", knn_k, 1),
+            ("rebuild_every", rebuild_every, 1),
+            ("retrain_every", retrain_every, 1),
+            ("recall_every", recall_every, 0),
+            ("recall_queries", recall_queries, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         self.selection, self.class_start, self.class_stop = selection, class_start, class_stop
@@ -175,8 +185,13 @@ class ActiveClassSelector:
             self.index_backend, self.index_type = resolve_index(
                 index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
             )
-            logger.info("knn index: %s %s over %d rows (%s)", self.index_backend, self.index_type, self.shard_size,
-                        "deterministic rebuilds" if deterministic else "background rebuilds")
+            logger.info(
+                "knn index: %s %s over %d rows (%s)",
+                self.index_backend,
+                self.index_type,
+                self.shard_size,
+                "deterministic rebuilds" if deterministic else "background rebuilds",
+            )
         torch_ivf = (self.index_backend, self.index_type) == ("torch", "ivf")
         # torch IVF: rows updated since the newest build began (only they need filing again).
         self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if torch_ivf else None
@@ -194,8 +209,9 @@ class ActiveClassSelector:
     # ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def select(self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-               rows_moved: int = 0) -> torch.Tensor | None:
+    def select(
+        self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, rows_moved: int = 0
+    ) -> torch.Tensor | None:
         """Sorted local active rows for optimizer step ``step`` (1-based), or None for ``full``.
 
         ``features`` (G, D) and ``labels`` (G,) are the global batch, the same on every
@@ -208,8 +224,15 @@ class ActiveClassSelector:
             self.last["active_classes"] = self.shard_size
             return None
         if self.selection == "random":
-            rows = random_active(labels, self.class_start, self.class_stop, self.budget, seed=self.seed, step=step,
-                                 ignore_index=self.ignore_index)
+            rows = random_active(
+                labels,
+                self.class_start,
+                self.class_stop,
+                self.budget,
+                seed=self.seed,
+                step=step,
+                ignore_index=self.ignore_index,
+            )
         else:
             index = self._index_for(step, weight)
             queries = features.detach().float()
@@ -224,11 +247,26 @@ class ActiveClassSelector:
             if self.recall_every and step % self.recall_every == 0:
                 self._measure_recall(queries, neighbours, weight)
             if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
-                rows = knn_fixed_rows(neighbours, labels, self.class_start, self.class_stop, seed=self.seed, step=step,
-                                      ignore_index=self.ignore_index)
+                rows = knn_fixed_rows(
+                    neighbours,
+                    labels,
+                    self.class_start,
+                    self.class_stop,
+                    seed=self.seed,
+                    step=step,
+                    ignore_index=self.ignore_index,
+                )
             else:
-                rows = knn_active(neighbours, labels, self.class_start, self.class_stop, self.budget, seed=self.seed,
-                                  step=step, ignore_index=self.ignore_index)
+                rows = knn_active(
+                    neighbours,
+                    labels,
+                    self.class_start,
+                    self.class_stop,
+                    self.budget,
+                    seed=self.seed,
+                    step=step,
+                    ignore_index=self.ignore_index,
+                )
             if self._dirty is not None:
                 self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
             if self._norms is not None:
@@ -351,8 +389,13 @@ class ActiveClassSelector:
     @property
     def index_signature(self) -> dict:
         """What a saved index must match to be loaded: its backend and type, lists and metric."""
-        return {"index": self.index_backend, "index_type": self.index_type, "nlist": self._index_options["nlist"],
-                "cosine": self.cosine, "retrain_every": self.retrain_every}
+        return {
+            "index": self.index_backend,
+            "index_type": self.index_type,
+            "nlist": self._index_options["nlist"],
+            "cosine": self.cosine,
+            "retrain_every": self.retrain_every,
+        }
 
     def loads_index_of(self, signature: dict | None) -> bool:
         """Whether an index saved with ``signature`` (from a checkpoint's meta) fits this selector."""
@@ -370,8 +413,11 @@ class ActiveClassSelector:
         """The current index as tensors plus ``built_step`` (deterministic knn only)."""
         if not self.saves_index or self._current is None:
             return {}
-        state = {**self._current.index.state_dict(), "built_step": torch.tensor(self._current.step),
-                 "rebuilds": torch.tensor(self._rebuilds)}
+        state = {
+            **self._current.index.state_dict(),
+            "built_step": torch.tensor(self._current.step),
+            "rebuilds": torch.tensor(self._rebuilds),
+        }
         if self._dirty is not None:
             state["dirty"] = self._dirty
         return state

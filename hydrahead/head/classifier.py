@@ -16,11 +16,12 @@ from hydrahead.distributed.collectives import (
     group_rank,
     group_world_size,
 )
-from hydrahead.distributed.sharding import shard_range
 from hydrahead.distributed.sharded_softmax import MARGIN_TYPES, MergeChecks
+from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MicroBatches, ShardProblem, sharded_cross_entropy
 from hydrahead.optim.deferred_sgd import DeferredSGD
-from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding, round_to_storage as round_to_storage_torch
+from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding
+from hydrahead.optim.low_precision import round_to_storage as round_to_storage_torch
 
 INIT_KINDS = ("normal", "uniform")
 IMPLS = ("reference", "triton")
@@ -30,7 +31,9 @@ _INIT_BLOCK_ROWS = 1 << 16  # rows initialised per pass: bounds the temporary ha
 
 
 @torch.no_grad()
-def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, init: str = "normal", std: float = 0.01) -> None:
+def init_class_weights(
+    weight: torch.Tensor, class_start: int, *, seed: int, init: str = "normal", std: float = 0.01
+) -> None:
     """Fill ``weight`` (rows = classes ``class_start ..``) from (seed, class id) alone.
 
     Row c is the same whichever rank owns it and however many ranks there are, and only
@@ -55,7 +58,12 @@ def init_class_weights(weight: torch.Tensor, class_start: int, *, seed: int, ini
 def round_to_storage(exact, dtype, class_ids, how: LowPrecisionUpdate, compensation=None) -> torch.Tensor:
     """``hydrahead.optim.low_precision.round_to_storage``; on a GPU, float32 rows without
     compensation take the one-launch kernel that rounds them bit for bit the same way."""
-    if exact.is_cuda and compensation is None and exact.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float8_e4m3fn):
+    if (
+        exact.is_cuda
+        and compensation is None
+        and exact.dtype == torch.float32
+        and dtype in (torch.bfloat16, torch.float8_e4m3fn)
+    ):
         from hydrahead.kernels.rounding import round_rows
 
         return round_rows(exact, dtype, class_ids, how)
@@ -179,7 +187,11 @@ class ShardedClassifier(nn.Module):
         """Whether updates are rounded into the stored weights (any storage but float32/float64,
         stochastic rounding, or Kahan compensation). The reference impl computes them on
         float32 copies and rounds those; the fused kernels round inside the update."""
-        return self.weight.dtype not in (torch.float32, torch.float64) or self.rounding != "nearest" or self.compensation is not None
+        return (
+            self.weight.dtype not in (torch.float32, torch.float64)
+            or self.rounding != "nearest"
+            or self.compensation is not None
+        )
 
     @property
     def _steps_copies(self) -> bool:
@@ -216,14 +228,20 @@ class ShardedClassifier(nn.Module):
         gradients. The other rows, with ``inactive_rows="continue"`` (the default), take
         the step of a zero gradient, as full SGD would: momentum keeps moving them and
         weight decay shrinks them. That step is deferred (``DeferredSGD``) and paid when a
-        row is next active, or for all rows at ``settle()``, which the full loss and ``predict``
-        call (checkpoints save the debts instead: ``deferred_state``). With ``"frozen"`` (Partial FC's rule) the other rows keep
-        weight and momentum as they were, as if the step had not happened for them.
+        row is next active, or for all rows at ``settle()``, which the full loss and
+        ``predict`` call (checkpoints save the debts instead: ``deferred_state``). With
+        ``"frozen"`` (Partial FC's rule) the other rows keep weight and momentum as they
+        were, as if the step had not happened for them.
         """
         grad, self.weight.grad = self.weight.grad, None
         active, self._active = self._active, None
         if active is not None:
-            rows, sub_weight, sub_buffer, sub_compensation = active.rows, active.weight, active.momentum, active.compensation
+            rows, sub_weight, sub_buffer, sub_compensation = (
+                active.rows,
+                active.weight,
+                active.momentum,
+                active.compensation,
+            )
             if skip:
                 return
             if self.impl == "reference":
@@ -285,7 +303,10 @@ class ShardedClassifier(nn.Module):
     def _deferred_steps(self) -> DeferredSGD:
         if self._deferred is None:
             self._deferred = DeferredSGD(
-                self.num_local_classes, momentum=self.momentum, weight_decay=self.weight_decay, device=self.weight.device
+                self.num_local_classes,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                device=self.weight.device,
             )
         return self._deferred
 
@@ -327,10 +348,13 @@ class ShardedClassifier(nn.Module):
         if self._active is not None:
             raise RuntimeError("one loss over active rows per step: call finish_step() before the next loss")
         active_rows = active_rows.to(device=self.weight.device, dtype=torch.long)
-        positions = remap_labels(global_labels, active_rows, self.class_start, self.class_stop, self.ignore_index, check=check_rows)
+        positions = remap_labels(
+            global_labels, active_rows, self.class_start, self.class_stop, self.ignore_index, check=check_rows
+        )
         # Owned labels become positions in the active rows; the others stay valid but unowned.
         labels = torch.where(
-            global_labels == self.ignore_index, global_labels,
+            global_labels == self.ignore_index,
+            global_labels,
             torch.where(positions >= 0, positions, active_rows.numel()),
         )
         stored = self.weight.detach()[active_rows]
@@ -346,7 +370,9 @@ class ShardedClassifier(nn.Module):
         if self.low_precision and self.impl != "reference":
             if caught_up:
                 how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step, salt=1)
-                sub_weight = round_to_storage(sub_weight, self.weight.dtype, active_rows + self.class_start, how, sub_compensation)
+                sub_weight = round_to_storage(
+                    sub_weight, self.weight.dtype, active_rows + self.class_start, how, sub_compensation
+                )
             else:
                 sub_weight = stored
         self._active = ActiveCopies(active_rows, sub_weight, sub_buffer, sub_compensation)
@@ -375,13 +401,27 @@ class ShardedClassifier(nn.Module):
             if self._active is not None:
                 class_ids, compensation = self._active.rows + self.class_start, self._active.compensation
             update = SGDUpdate(
-                self.lr, self.momentum, self.weight_decay, buffer, rounding=self.rounding, seed=self.seed,
-                step=self.step, class_ids=class_ids, compensation=compensation,
+                self.lr,
+                self.momentum,
+                self.weight_decay,
+                buffer,
+                rounding=self.rounding,
+                seed=self.seed,
+                step=self.step,
+                class_ids=class_ids,
+                compensation=compensation,
             )
         return weight, labels, class_start, num_classes, update
 
-    def loss(self, global_features: torch.Tensor, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *,
-             check_rows: bool = True, checks: MergeChecks | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        global_features: torch.Tensor,
+        global_labels: torch.Tensor,
+        active_rows: torch.Tensor | None = None,
+        *,
+        check_rows: bool = True,
+        checks: MergeChecks | None = None,
+    ) -> torch.Tensor:
         """Cross-entropy of an already-gathered global batch (features identical on every rank).
 
         ``active_rows`` (sorted local rows of this shard, holding every owned label of the
@@ -394,31 +434,52 @@ class ShardedClassifier(nn.Module):
         (``step_discardable``), since the checks may still fail.
         """
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
-        options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
-                       margin_type=self.margin_type, ignore_index=self.ignore_index, checks=checks)
+        options = dict(
+            group=self.group,
+            num_classes=num_classes,
+            scale=self.logit_scale,
+            margin=self.margin,
+            margin_type=self.margin_type,
+            ignore_index=self.ignore_index,
+            checks=checks,
+        )
         try:
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy
 
-                return triton_sharded_cross_entropy(global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
-            return sharded_cross_entropy(global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options)
+                return triton_sharded_cross_entropy(
+                    global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options
+                )
+            return sharded_cross_entropy(
+                global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options
+            )
         except Exception:
             self._active = None  # a loss that raised leaves no step pending: the rows keep their stored values
             raise
 
-    def micro_batches(self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *, check_rows: bool = True):
+    def micro_batches(
+        self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *, check_rows: bool = True
+    ):
         """The same loss as ``loss`` taken micro-batch by micro-batch: an object whose
         ``chunk(features, rows)`` returns (loss sum, feature gradient) of those rows of the
         global batch and whose ``finish()`` applies the step's one update (triton) or leaves
         the whole gradient in ``.grad`` for ``finish_step`` (reference). The labels are the
         whole step's; ``rows`` index into them. ``check_rows`` as for ``loss``."""
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
-        options = dict(group=self.group, num_classes=num_classes, scale=self.logit_scale, margin=self.margin,
-                       margin_type=self.margin_type, ignore_index=self.ignore_index)
+        options = dict(
+            group=self.group,
+            num_classes=num_classes,
+            scale=self.logit_scale,
+            margin=self.margin,
+            margin_type=self.margin_type,
+            ignore_index=self.ignore_index,
+        )
         if self.impl == "triton":
             from hydrahead.kernels.fused_loss import FusedMicroBatches
 
-            return FusedMicroBatches(weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options)
+            return FusedMicroBatches(
+                weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options
+            )
         return MicroBatches(weight, labels, class_start, chunk_size=self.chunk_size, **options)
 
     def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor, *, sizes=None) -> torch.Tensor:
@@ -428,10 +489,13 @@ class ShardedClassifier(nn.Module):
         """
         if local_features.dim() != 2 or local_labels.dim() != 1 or local_features.shape[0] != local_labels.shape[0]:
             raise ValueError(
-                f"expected features (b x D) and labels (b,), got {tuple(local_features.shape)} and {tuple(local_labels.shape)}"
+                "expected features (b x D) and labels (b,), got "
+                f"{tuple(local_features.shape)} and {tuple(local_labels.shape)}"
             )
         if sizes is None and self.world_size > 1:
-            sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
+            sizes = gather_row_counts(
+                local_features.shape[0], local_features.shape[1], local_features.device, self.group
+            )
         global_features = all_gather_features(local_features, self.group, sizes=sizes)
         global_labels = all_gather_labels(local_labels, self.group, sizes=sizes)
         return self.loss(global_features, global_labels)
@@ -449,10 +513,20 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"k must be an int in [1, num_classes={self.num_classes}], got {k!r}")
         self.settle()
         if sizes is None and self.world_size > 1:
-            sizes = gather_row_counts(local_features.shape[0], local_features.shape[1], local_features.device, self.group)
+            sizes = gather_row_counts(
+                local_features.shape[0], local_features.shape[1], local_features.device, self.group
+            )
         features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
         problem = ShardProblem(
-            features, self.weight.detach(), None, self.class_start, self.logit_scale, 0.0, self.margin_type, self.ignore_index, self.chunk_size
+            features,
+            self.weight.detach(),
+            None,
+            self.class_start,
+            self.logit_scale,
+            0.0,
+            self.margin_type,
+            self.ignore_index,
+            self.chunk_size,
         )
         scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)
         ids = torch.empty((features.shape[0], 0), dtype=torch.long, device=features.device)

@@ -69,7 +69,9 @@ class ShardProblem:
     (G x chunk) logits is spent on it.
     """
 
-    def __init__(self, features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size):
+    def __init__(
+        self, features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+    ):
         """``labels=None`` builds a problem without targets (plain scoring, as in predict)."""
         self.scale, self.margin, self.margin_type = scale, margin, margin_type
         self.normalize = margin_type != "none"
@@ -95,7 +97,9 @@ class ShardProblem:
         local = local[rows]
         order = torch.argsort(local)
         self.target_rows, self.target_cols = rows[order], local[order]
-        bounds = torch.arange(0, self.num_local + chunk_size, chunk_size, device=features.device).clamp_max(self.num_local)
+        bounds = torch.arange(0, self.num_local + chunk_size, chunk_size, device=features.device).clamp_max(
+            self.num_local
+        )
         self.target_bounds = torch.searchsorted(self.target_cols, bounds).tolist()
 
     def chunks(self):
@@ -130,11 +134,26 @@ class ShardProblem:
 
 class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, chunk_size,
-                checks):
+    def forward(
+        ctx,
+        features,
+        weight_shard,
+        labels,
+        class_start,
+        group,
+        num_classes,
+        scale,
+        margin,
+        margin_type,
+        ignore_index,
+        chunk_size,
+        checks,
+    ):
         local_error = local_error_code(features, weight_shard, class_start, num_classes)
         num_rows = features.shape[0]
-        compute_dtype = torch.float64 if torch.float64 in (features.dtype, getattr(weight_shard, "dtype", None)) else torch.float32
+        compute_dtype = (
+            torch.float64 if torch.float64 in (features.dtype, getattr(weight_shard, "dtype", None)) else torch.float32
+        )
         running_max = torch.full((num_rows,), -math.inf, dtype=compute_dtype, device=features.device)
         running_sum = torch.zeros_like(running_max)
         target_logit = torch.zeros_like(running_max)
@@ -142,7 +161,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index
 
         if local_error == 0:
-            problem = ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+            problem = ShardProblem(
+                features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+            )
             for start, stop, rows, cols in problem.chunks():
                 w_op, _, _ = problem.chunk_weight(start, stop)
                 logits, _ = problem.logits(w_op, rows, cols)
@@ -154,7 +175,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         lse, target_logit, owned_total, error = merge_across_shards(
             running_max, running_sum, target_logit, owned_count, local_error, group
         )
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, valid, ignore_index, checks)
+        loss, num_valid = mean_loss_after_merge(
+            lse, target_logit, owned_total, error, labels, valid, ignore_index, checks
+        )
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
         ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)
@@ -168,7 +191,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.local_error:  # a bad shard (with MergeChecks, raised on every rank once they are read): no local math
             return (torch.zeros_like(features) if need_features else None), *(None,) * 11
-        problem = ShardProblem(features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size)
+        problem = ShardProblem(
+            features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+        )
         compute = problem.compute_dtype
 
         # d loss / d logit = (softmax - onehot) * grad / num_valid on valid rows. Ignored rows
@@ -263,8 +288,18 @@ def sharded_cross_entropy(
         check_label_range(labels, ignore_index, num_classes)
     with _autocast_off(features.device.type):
         return _ShardedCrossEntropy.apply(
-            features, weight_shard, labels, int(class_start), group, num_classes,
-            float(scale), float(margin), margin_type, int(ignore_index), int(chunk_size), checks,
+            features,
+            weight_shard,
+            labels,
+            int(class_start),
+            group,
+            num_classes,
+            float(scale),
+            float(margin),
+            margin_type,
+            int(ignore_index),
+            int(chunk_size),
+            checks,
         )
 
 
@@ -278,11 +313,30 @@ class MicroBatches:
     over the step's valid labels, known before the first chunk.
     """
 
-    def __init__(self, weight_shard, labels, class_start, *, group=None, num_classes=None, scale=1.0, margin=0.0,
-                 margin_type="none", ignore_index=-100, chunk_size=DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        weight_shard,
+        labels,
+        class_start,
+        *,
+        group=None,
+        num_classes=None,
+        scale=1.0,
+        margin=0.0,
+        margin_type="none",
+        ignore_index=-100,
+        chunk_size=DEFAULT_CHUNK_SIZE,
+    ):
         self.weight, self.labels, self.class_start = weight_shard, labels.long(), int(class_start)
-        self.options = dict(group=group, num_classes=num_classes, scale=scale, margin=margin, margin_type=margin_type,
-                            ignore_index=ignore_index, chunk_size=chunk_size)
+        self.options = dict(
+            group=group,
+            num_classes=num_classes,
+            scale=scale,
+            margin=margin,
+            margin_type=margin_type,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+        )
         self.ignore_index = ignore_index
         self.num_valid = int((self.labels != ignore_index).sum())
 

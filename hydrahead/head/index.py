@@ -88,8 +88,7 @@ def exact_topk(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if queries.dim() != 2 or weight.dim() != 2 or queries.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"queries (B, D) and weight (C_r, D) must share D, got {tuple(queries.shape)} "
-            f"and {tuple(weight.shape)}"
+            f"queries (B, D) and weight (C_r, D) must share D, got {tuple(queries.shape)} and {tuple(weight.shape)}"
         )
     num_rows = weight.shape[0]
     if num_rows == 0:
@@ -139,9 +138,7 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
 
 
-def _pad_results(
-    scores: torch.Tensor, rows: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_results(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (B, k') results to (B, k) with score -inf / row -1 (k' <= k)."""
     missing = k - scores.shape[1]
     if missing > 0:
@@ -173,9 +170,7 @@ class _IndexBase:
 
     def _check_build(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or not weight.is_floating_point():
-            raise ValueError(
-                f"weight must be a 2-D float tensor (C_r, D), got {tuple(weight.shape)} {weight.dtype}"
-            )
+            raise ValueError(f"weight must be a 2-D float tensor (C_r, D), got {tuple(weight.shape)} {weight.dtype}")
         if weight.shape[0] == 0:
             raise ValueError("weight has no rows: cannot build an index over an empty shard")
         self.num_rows, self.dim = weight.shape
@@ -213,8 +208,12 @@ class TorchExactIndex(_IndexBase):
     name = "torch_flat"
 
     def __init__(
-        self, chunk_size: int = DEFAULT_CHUNK_SIZE, device: torch.device | str | None = None, *,
-        cosine: bool = False, copy_weights: bool = True,
+        self,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        device: torch.device | str | None = None,
+        *,
+        cosine: bool = False,
+        copy_weights: bool = True,
     ):
         super().__init__()
         self.chunk_size, self.cosine, self.copy_weights = chunk_size, cosine, copy_weights
@@ -366,7 +365,9 @@ class TorchIVFIndex(_IndexBase):
         if self._centroids is None:
             raise RuntimeError("torch_ivf index: reassigned() called before build()")
         if tuple(weight.shape) != (self.num_rows, self.dim):
-            raise ValueError(f"torch_ivf index: weight must be ({self.num_rows}, {self.dim}), got {tuple(weight.shape)}")
+            raise ValueError(
+                f"torch_ivf index: weight must be ({self.num_rows}, {self.dim}), got {tuple(weight.shape)}"
+            )
         new = copy.copy(self)
         assign = self._assign.clone()
         rows = rows.to(weight.device, torch.long)
@@ -433,8 +434,15 @@ class TorchIVFIndex(_IndexBase):
         from hydrahead.kernels.ivf_scores import probed_list_scores
 
         max_len = self._table.shape[1]
-        scores = probed_list_scores(source, q.to(source.device), self._table, probes, normalize=self.cosine, lengths=self._lengths,
-                                    inv_norms=inv_norms)
+        scores = probed_list_scores(
+            source,
+            q.to(source.device),
+            self._table,
+            probes,
+            normalize=self.cosine,
+            lengths=self._lengths,
+            inv_norms=inv_norms,
+        )
         scores, pos = scores.topk(min(k, scores.shape[1]), dim=1)
         lists = probes.gather(1, torch.div(pos, max_len, rounding_mode="floor"))
         rows = self._table[lists, pos % max_len].masked_fill(scores == -math.inf, -1)
@@ -620,7 +628,9 @@ class AutoIndex(_IndexBase):
 
     name = "auto"
 
-    def __init__(self, backend: str = "auto", index_type: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS, **options):
+    def __init__(
+        self, backend: str = "auto", index_type: str = "auto", exact_max_rows: int = EXACT_MAX_ROWS, **options
+    ):
         super().__init__()
         self.backend_choice, self.index_type, self.exact_max_rows = backend, index_type, exact_max_rows
         self.options = options
@@ -638,7 +648,10 @@ class AutoIndex(_IndexBase):
         if self.backend is None or self.backend.name != f"{backend}_{index_type}":
             self.backend = _make_backend(backend, index_type, **self.options)
             logger.info(
-                "index backend: %s for %d x %d weights on %s", self.backend.name, self.num_rows, self.dim,
+                "index backend: %s for %d x %d weights on %s",
+                self.backend.name,
+                self.num_rows,
+                self.dim,
                 self.options.get("device") or weight.device,
             )
         self.backend.build(weight)
@@ -681,7 +694,14 @@ def _make_backend(
     if index_type == "flat":
         return TorchExactIndex(chunk_size or DEFAULT_CHUNK_SIZE, device, cosine=cosine, copy_weights=copy_weights)
     return TorchIVFIndex(
-        nlist, nprobe, num_iters, seed, chunk_size or DEFAULT_GATHER_ROWS, device, cosine=cosine, copy_weights=copy_weights
+        nlist,
+        nprobe,
+        num_iters,
+        seed,
+        chunk_size or DEFAULT_GATHER_ROWS,
+        device,
+        cosine=cosine,
+        copy_weights=copy_weights,
     )
 
 
@@ -719,7 +739,9 @@ def make_index(
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
     if backend == "torch" and index_type not in ("auto", *TORCH_TYPES):
-        raise ValueError(f"index_type={index_type} needs the faiss backend (the torch backend has {', '.join(TORCH_TYPES)})")
+        raise ValueError(
+            f"index_type={index_type} needs the faiss backend (the torch backend has {', '.join(TORCH_TYPES)})"
+        )
     if metric not in METRICS:
         raise ValueError(
             f"index metric must be one of {METRICS}, got {metric!r}; for cosine similarity "
@@ -728,8 +750,16 @@ def make_index(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     options = dict(
-        nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, hnsw_ef_search=hnsw_ef_search,
-        chunk_size=chunk_size, num_iters=num_iters, seed=seed, device=device, cosine=cosine, copy_weights=copy_weights,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        hnsw_ef_search=hnsw_ef_search,
+        chunk_size=chunk_size,
+        num_iters=num_iters,
+        seed=seed,
+        device=device,
+        cosine=cosine,
+        copy_weights=copy_weights,
     )
     if backend == "faiss":
         _import_faiss()  # name the install now, not at the first build

@@ -58,9 +58,7 @@ def resolve_budget(budget: int | float, shard_size: int) -> int:
     return min(shard_size, budget)
 
 
-def owned_positives(
-    labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int = -100
-) -> torch.Tensor:
+def owned_positives(labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int = -100) -> torch.Tensor:
     """Sorted unique local rows of the labels that fall in ``[class_start, class_stop)``."""
     _check_labels(labels)
     _check_range(class_start, class_stop)
@@ -120,7 +118,12 @@ def knn_active(
     _check_range(class_start, class_stop)
     shard_size = class_stop - class_start
     _check_neighbour_rows(neighbour_rows)
-    candidates = torch.cat((neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)))
+    candidates = torch.cat(
+        (
+            neighbour_rows.reshape(-1).long(),
+            _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device),
+        )
+    )
     union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
         return union
@@ -159,8 +162,12 @@ def knn_fixed_rows(
     size = min(shard_size, neighbour_rows.numel() + labels.numel())
     if size == shard_size:
         return torch.arange(shard_size, device=device)
-    candidates = torch.cat((neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(device)))
-    candidates = torch.where((candidates >= 0) & (candidates < shard_size), candidates, shard_size)  # shard_size: no row
+    candidates = torch.cat(
+        (neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(device))
+    )
+    candidates = torch.where(
+        (candidates >= 0) & (candidates < shard_size), candidates, shard_size
+    )  # shard_size: no row
     ordered = torch.sort(candidates).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
@@ -173,7 +180,9 @@ def knn_fixed_rows(
     free_rank = torch.cumsum(~taken, 0) - 1
     use = ~taken & (free_rank < size - union_size)
     # Scatter the union to [0, union_size) and the fill after it; everything else to a dump slot.
-    slots = torch.cat((torch.where(in_union, torch.cumsum(in_union, 0) - 1, size), torch.where(use, union_size + free_rank, size)))
+    slots = torch.cat(
+        (torch.where(in_union, torch.cumsum(in_union, 0) - 1, size), torch.where(use, union_size + free_rank, size))
+    )
     rows = torch.empty(size + 1, dtype=torch.long, device=device).scatter_(0, slots, torch.cat((ordered, fill)))
     return torch.sort(rows[:size]).values
 
@@ -278,13 +287,17 @@ def _owned_local(labels: torch.Tensor, class_start: int, class_stop: int, ignore
     return torch.where(owned, local, -1)
 
 
-def _unique_rows(candidates: torch.Tensor, shard_size: int, range_error: str = "rows out of [0, {shard_size})") -> torch.Tensor:
+def _unique_rows(
+    candidates: torch.Tensor, shard_size: int, range_error: str = "rows out of [0, {shard_size})"
+) -> torch.Tensor:
     """Sorted unique rows of ``candidates`` with -1 (no row) dropped. Costs unique's host
     read and one more of its two ends, which also checks every row is -1 or in the shard."""
     union = torch.unique(candidates, sorted=True)
     if union.numel() == 0:
         return union
-    lowest, highest = torch.stack((union[0], union[-1])).tolist()  # one read (a list index would copy it to the device first)
+    lowest, highest = torch.stack(
+        (union[0], union[-1])
+    ).tolist()  # one read (a list index would copy it to the device first)
     if lowest < -1 or highest >= shard_size:
         raise ValueError(range_error.format(shard_size=shard_size))
     return union[1:] if lowest == -1 else union

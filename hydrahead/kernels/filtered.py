@@ -52,8 +52,22 @@ _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp3
 
 
 @triton.jit
-def _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w,
-                    EVEN_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _operand_slices(
+    F,
+    W,
+    rows,
+    row_ok,
+    c_lo,
+    c_hi,
+    it,
+    k_tiles,
+    D,
+    stride_f,
+    stride_w,
+    EVEN_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Iteration ``it`` of the flattened (class tile, D slice) loop: the two bf16 slices to multiply.
 
     One flat loop instead of a D loop nested in a class loop keeps the load pipeline full
@@ -70,7 +84,9 @@ def _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, st
         f_mask = row_ok[:, None] & (dims < D)[None, :]
         w_mask = col_ok[:, None] & (dims < D)[None, :]
     f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=f_mask, other=0.0)
-    w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0)  # 64-bit: C_r x D may pass 2^31
+    w = tl.load(
+        W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0
+    )  # 64-bit: C_r x D may pass 2^31
     return f, w
 
 
@@ -104,10 +120,29 @@ def _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8: tl.constexpr):
 # whenever one of them first turns up as a multiple of 16 or as 1.
 @triton.jit(do_not_specialize=["C", "classes_per_split"])
 def _lse_kernel(
-    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT,
-    G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
-    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    LOCAL_LABEL,
+    M_OUT,
+    L_OUT,
+    T_OUT,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_w,
+    classes_per_split,
+    scale,
+    target_shift,
+    COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Logits are kept in log2 units (z * log2 e) so each exp is one exp2. The per-tile work
     # that is rarely needed (a target in the tile, a tile past the split's end) sits behind
@@ -123,7 +158,9 @@ def _lse_kernel(
     t2 = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
-        f, w = _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        f, w = _operand_slices(
+            F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K
+        )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if it % k_tiles == k_tiles - 1:  # the tile's logits are complete: fold them in
             c0, cols, col_ok = _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C)
@@ -148,10 +185,29 @@ def _lse_kernel(
 
 @triton.jit(do_not_specialize=["C", "classes_per_split", "tile_capacity"])
 def _flag_kernel(
-    F, F_SCALE, W, INV_NORM, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START,
-    G, C, D, stride_f, stride_w, classes_per_split, scale, tile_capacity,
-    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    CUT,
+    TILE_COUNT,
+    TILE_ROW_BLOCK,
+    TILE_START,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_w,
+    classes_per_split,
+    scale,
+    tile_capacity,
+    COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """List the (row block, class tile) pairs holding any logit >= cut (targets included).
 
@@ -163,7 +219,9 @@ def _flag_kernel(
     cut = _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
-        f, w = _operand_slices(F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        f, w = _operand_slices(
+            F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K
+        )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if it % k_tiles == k_tiles - 1:
             c0, cols, col_ok = _tile_columns(c_lo, c_hi, it, k_tiles, BLOCK_C)
@@ -179,10 +237,34 @@ def _flag_kernel(
 
 @triton.jit(do_not_specialize=["C", "tile_capacity", "capacity"])
 def _extract_kernel(
-    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, CUT, TILE_COUNT, TILE_ROW_BLOCK, TILE_START, COUNT, OUT_ROW, OUT_COL, OUT_LOGIT,
-    G, C, D, stride_f, stride_w, scale, tile_capacity, capacity,
-    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    LOCAL_LABEL,
+    CUT,
+    TILE_COUNT,
+    TILE_ROW_BLOCK,
+    TILE_START,
+    COUNT,
+    OUT_ROW,
+    OUT_COL,
+    OUT_LOGIT,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_w,
+    scale,
+    tile_capacity,
+    capacity,
+    COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One flagged tile per program: recompute it and append its non-target entries >= cut.
 
@@ -219,12 +301,34 @@ def _extract_kernel(
 
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _sgd_kernel(
-    W, BUF, COMP, CLASS_IDS, TOUCHED, TOUCHED_GRAD, BOUNDS,
-    C, D, stride_w, lr, momentum, weight_decay, first_class, key1, key2,
-    HAS_BUF: tl.constexpr, HAS_COMP: tl.constexpr, HAS_IDS: tl.constexpr, STOCHASTIC: tl.constexpr, EXACT_CAST: tl.constexpr,
-    MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr,
-    COMP_MANT_BITS: tl.constexpr, COMP_MIN_EXP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    W,
+    BUF,
+    COMP,
+    CLASS_IDS,
+    TOUCHED,
+    TOUCHED_GRAD,
+    BOUNDS,
+    C,
+    D,
+    stride_w,
+    lr,
+    momentum,
+    weight_decay,
+    first_class,
+    key1,
+    key2,
+    HAS_BUF: tl.constexpr,
+    HAS_COMP: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr,
+    COMP_MIN_EXP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient.
     The new weights are written onto the storage grid as the exact weight kernel writes them."""
@@ -251,11 +355,23 @@ def _sgd_kernel(
     if HAS_COMP:
         new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
     ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
-    stored = onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
-                        STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE).to(W.dtype.element_ty)
+    stored = onto_grid(
+        new,
+        ids,
+        dims,
+        key1.to(tl.uint32, bitcast=True),
+        key2.to(tl.uint32, bitcast=True),
+        STOCHASTIC,
+        EXACT_CAST,
+        MANT_BITS,
+        MIN_EXP,
+        MAX_VALUE,
+    ).to(W.dtype.element_ty)
     tl.store(W + tile, stored, mask=tile_ok)
     if HAS_COMP:
-        lost = onto_grid(new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+        lost = onto_grid(
+            new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38
+        )
         tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
 
 
@@ -295,10 +411,31 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
     row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
     stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
     _lse_kernel[(row_blocks, splits)](
-        feat_op, f_scale, weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2],
-        num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, target_shift,
-        COSINE=cosine, FP8=fp8, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        feat_op,
+        f_scale,
+        weight,
+        inv_norm if cosine else weight,
+        local_label,
+        stats[0],
+        stats[1],
+        stats[2],
+        num_rows,
+        num_classes,
+        dim,
+        feat_op.stride(0),
+        weight.stride(0),
+        per_split,
+        scale,
+        target_shift,
+        COSINE=cosine,
+        FP8=fp8,
+        PRECISION=_precision(weight.dtype),
+        EVEN_K=dim % block_k == 0,
+        BLOCK_G=block_g,
+        BLOCK_C=block_c,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
     )
     split_max, split_sum, split_target = stats
     row_max = split_max.amax(dim=0)
@@ -321,17 +458,40 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
     row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
     device = feat_op.device
     limit = max_entries(num_rows)
-    common = dict(COSINE=cosine, FP8=fp8, PRECISION=_precision(weight.dtype), EVEN_K=dim % block_k == 0,
-                  BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=warps)
+    common = dict(
+        COSINE=cosine,
+        FP8=fp8,
+        PRECISION=_precision(weight.dtype),
+        EVEN_K=dim % block_k == 0,
+        BLOCK_G=block_g,
+        BLOCK_C=block_c,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
     inv = inv_norm if cosine else weight
 
     def flag(tile_capacity):
         count = torch.zeros(1, dtype=torch.int32, device=device)
         tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
         _flag_kernel[(row_blocks, splits)](
-            feat_op, f_scale, weight, inv, cut, count, tiles[0], tiles[1],
-            num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), per_split, scale, tile_capacity,
-            num_stages=stages, **common,
+            feat_op,
+            f_scale,
+            weight,
+            inv,
+            cut,
+            count,
+            tiles[0],
+            tiles[1],
+            num_rows,
+            num_classes,
+            dim,
+            feat_op.stride(0),
+            weight.stride(0),
+            per_split,
+            scale,
+            tile_capacity,
+            num_stages=stages,
+            **common,
         )
         return count, tiles
 
@@ -340,9 +500,29 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
         out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
         logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
         _extract_kernel[(tiles.shape[1],)](
-            feat_op, f_scale, weight, inv, local_label, cut, tile_count, tiles[0], tiles[1], count, out[0], out[1], logits,
-            num_rows, num_classes, dim, feat_op.stride(0), weight.stride(0), scale, tiles.shape[1], entry_capacity,
-            num_stages=2, **common,
+            feat_op,
+            f_scale,
+            weight,
+            inv,
+            local_label,
+            cut,
+            tile_count,
+            tiles[0],
+            tiles[1],
+            count,
+            out[0],
+            out[1],
+            logits,
+            num_rows,
+            num_classes,
+            dim,
+            feat_op.stride(0),
+            weight.stride(0),
+            scale,
+            tiles.shape[1],
+            entry_capacity,
+            num_stages=2,
+            **common,
         )
         return count, out, logits
 
@@ -420,13 +600,29 @@ def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     edges = torch.arange(0, blocks + 1, device=weight.device, dtype=torch.int64) * _SGD_ROWS
     bounds = torch.searchsorted(touched, edges).to(torch.int32)
     _sgd_kernel[(blocks,)](
-        weight, update.momentum_buffer if has_buf else weight,
+        weight,
+        update.momentum_buffer if has_buf else weight,
         update.compensation if update.compensation is not None else weight,
-        update.class_ids.long() if has_ids else touched, touched, touched_grad.contiguous(), bounds,
-        num_classes, dim, weight.stride(0), update.lr, update.momentum, update.weight_decay,
-        0 if has_ids else int(update.class_ids), plan.key1, plan.key2,
-        HAS_BUF=has_buf, HAS_COMP=update.compensation is not None, HAS_IDS=has_ids, **plan.constants,
-        BLOCK_R=_SGD_ROWS, BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4,
+        update.class_ids.long() if has_ids else touched,
+        touched,
+        touched_grad.contiguous(),
+        bounds,
+        num_classes,
+        dim,
+        weight.stride(0),
+        update.lr,
+        update.momentum,
+        update.weight_decay,
+        0 if has_ids else int(update.class_ids),
+        plan.key1,
+        plan.key2,
+        HAS_BUF=has_buf,
+        HAS_COMP=update.compensation is not None,
+        HAS_IDS=has_ids,
+        **plan.constants,
+        BLOCK_R=_SGD_ROWS,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        num_warps=4,
     )
 
 

@@ -83,17 +83,35 @@ class _LocalPass:
 
     def merge(self, group):
         """(lse, target logit, owned labels over all ranks, error code) after the two all-reduces."""
-        return merge_across_shards(self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group)
+        return merge_across_shards(
+            self.running_max, self.running_sum, self.target_logit, self.owned_count, self.local_error, group
+        )
 
 
-def _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered, inv_norm=None):
+def _local_pass(
+    features,
+    weight_shard,
+    labels,
+    class_start,
+    num_classes,
+    scale,
+    margin,
+    margin_type,
+    ignore_index,
+    filtered,
+    inv_norm=None,
+):
     """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (exact mode)."""
     local_error = local_error_code(features, weight_shard, class_start, num_classes)
     num_rows, device = features.shape[0], features.device
     valid = labels != ignore_index
     out = _LocalPass(
-        local_error, valid, torch.full((num_rows,), float("-inf"), device=device), torch.zeros(num_rows, device=device),
-        torch.zeros(num_rows, device=device), torch.zeros((), device=device),
+        local_error,
+        valid,
+        torch.full((num_rows,), float("-inf"), device=device),
+        torch.zeros(num_rows, device=device),
+        torch.zeros(num_rows, device=device),
+        torch.zeros((), device=device),
     )
     if local_error:  # this rank raises after the collectives, with the others
         return out
@@ -111,9 +129,13 @@ def _local_pass(features, weight_shard, labels, class_start, num_classes, scale,
     out.kernel_args = (feat_op, weight_shard, inv_norm, local_label)
     out.kernel_options = dict(scale=scale, target_shift=target_shift_for(margin_type, scale, margin), cosine=cosine)
     if filtered:  # logits only: the list of kept entries gives dF and dW later
-        out.running_max, out.running_sum, out.target_logit = filtered_kernels.shard_lse(*out.kernel_args, **out.kernel_options)
+        out.running_max, out.running_sum, out.target_logit = filtered_kernels.shard_lse(
+            *out.kernel_args, **out.kernel_options
+        )
     else:
-        out.running_max, out.running_sum, out.target_logit, out.accumulated = shard_forward(*out.kernel_args, **out.kernel_options)
+        out.running_max, out.running_sum, out.target_logit, out.accumulated = shard_forward(
+            *out.kernel_args, **out.kernel_options
+        )
     out.owned_count = out.owned.sum().float()
     return out
 
@@ -126,17 +148,34 @@ def _filtered_gradients(local_pass, lse_valid, target_logit, grad_filter, row_sc
     cosine = local_pass.kernel_options["cosine"]
     cut = (lse_valid + math.log(grad_filter)).contiguous()
     selected, found = filtered_kernels.select_entries(
-        feat_op, weight, inv_norm, local_label, cut, scale=local_pass.kernel_options["scale"], cosine=cosine,
+        feat_op,
+        weight,
+        inv_norm,
+        local_label,
+        cut,
+        scale=local_pass.kernel_options["scale"],
+        cosine=cosine,
         capacity=filtered_kernels.initial_capacity(num_rows),
     )
     if selected is None:
         filtered_kernels.warn_fallback(found, filtered_kernels.max_entries(num_rows), grad_filter)
         _, _, _, accumulated = shard_forward(*local_pass.kernel_args, **local_pass.kernel_options)
-        return _exact_feature_grad(accumulated, local_pass.running_max, lse_valid, weight, inv_norm, local_pass.owned, local_pass.local, row_scale), None
+        return _exact_feature_grad(
+            accumulated,
+            local_pass.running_max,
+            lse_valid,
+            weight,
+            inv_norm,
+            local_pass.owned,
+            local_pass.local,
+            row_scale,
+        ), None
     rows, cols, logits = selected
     values = torch.exp(logits - lse_valid[rows])
     owned_rows = torch.nonzero(local_pass.owned).squeeze(1)
-    t_rows, t_cols, t_values = filtered_kernels.kept_target_entries(owned_rows, local_pass.local[owned_rows], target_logit, lse_valid, grad_filter)
+    t_rows, t_cols, t_values = filtered_kernels.kept_target_entries(
+        owned_rows, local_pass.local[owned_rows], target_logit, lse_valid, grad_filter
+    )
     entries = (torch.cat([rows, t_rows]), torch.cat([cols, t_cols]), torch.cat([values, t_values]))
     grad_feat_op, touched, touched_grad = filtered_kernels.sparse_gradients(
         feat_op, weight, inv_norm, entries, grad_scale=grad_scale, cosine=cosine, num_rows=num_rows
@@ -157,21 +196,48 @@ def _apply_sparse(weight, touched, touched_grad, update: SGDUpdate | None):
 
 class _FusedShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index, update, grad_filter,
-                checks):
+    def forward(
+        ctx,
+        features,
+        weight_shard,
+        labels,
+        class_start,
+        group,
+        num_classes,
+        scale,
+        margin,
+        margin_type,
+        ignore_index,
+        update,
+        grad_filter,
+        checks,
+    ):
         filtered = grad_filter > 0
-        local_pass = _local_pass(features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered)
+        local_pass = _local_pass(
+            features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered
+        )
         lse, target_logit, owned_total, error = local_pass.merge(group)
-        loss, num_valid = mean_loss_after_merge(lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks)
+        loss, num_valid = mean_loss_after_merge(
+            lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks
+        )
         ctx.local_pass, ctx.target_logit = local_pass, target_logit
         ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
         ctx.features_meta = (features.shape, features.dtype, features.device)
-        if not filtered and not local_pass.local_error:  # the forward's A gives dF right away (in place: no further G x D temporaries)
+        if (
+            not filtered and not local_pass.local_error
+        ):  # the forward's A gives dF right away (in place: no further G x D temporaries)
             _, weight, inv_norm, _ = local_pass.kernel_args
             row_scale = torch.where(local_pass.valid, scale / per_valid_label(num_valid), 0.0)
             ctx.grad_feat_op = _exact_feature_grad(
-                local_pass.accumulated, local_pass.running_max, lse, weight, inv_norm, local_pass.owned, local_pass.local, row_scale
+                local_pass.accumulated,
+                local_pass.running_max,
+                lse,
+                weight,
+                inv_norm,
+                local_pass.owned,
+                local_pass.local,
+                row_scale,
             )
             local_pass.accumulated = None
         ctx.grad_filter, ctx.scale = grad_filter, scale
@@ -194,7 +260,9 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         sparse = None
         if ctx.grad_filter > 0:
             row_scale = torch.where(local_pass.valid, grad_scale, 0.0)
-            grad_feat_op, sparse = _filtered_gradients(local_pass, ctx.lse_valid, ctx.target_logit, ctx.grad_filter, row_scale, grad_scale)
+            grad_feat_op, sparse = _filtered_gradients(
+                local_pass, ctx.lse_valid, ctx.target_logit, ctx.grad_filter, row_scale, grad_scale
+            )
         else:
             grad_feat_op = ctx.grad_feat_op * grad
         grad_weight = None
@@ -202,7 +270,11 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             grad_weight = _apply_sparse(local_pass.kernel_args[1], *sparse, ctx.update)
         elif want_weight:
             grad_weight = shard_weight_backward(
-                *local_pass.kernel_args, ctx.lse_valid, grad_scale=grad_scale, update=ctx.update, **local_pass.kernel_options
+                *local_pass.kernel_args,
+                ctx.lse_valid,
+                grad_scale=grad_scale,
+                update=ctx.update,
+                **local_pass.kernel_options,
             )
         grad_features = None
         if ctx.needs_input_grad[0]:
@@ -241,7 +313,9 @@ def triton_sharded_cross_entropy(
     """
     check_global_inputs(features, labels, scale, margin, margin_type, 1)
     if margin_type not in FUSED_MARGIN_TYPES:
-        raise ValueError(f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}")
+        raise ValueError(
+            f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}"
+        )
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
     labels = labels.long()
@@ -249,8 +323,19 @@ def triton_sharded_cross_entropy(
         check_label_range(labels, ignore_index, num_classes)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return _FusedShardedCrossEntropy.apply(
-            features, weight_shard, labels, int(class_start), group, num_classes, float(scale), float(margin),
-            margin_type, int(ignore_index), update, float(grad_filter), checks,
+            features,
+            weight_shard,
+            labels,
+            int(class_start),
+            group,
+            num_classes,
+            float(scale),
+            float(margin),
+            margin_type,
+            int(ignore_index),
+            update,
+            float(grad_filter),
+            checks,
         )
 
 
@@ -266,17 +351,37 @@ class FusedMicroBatches:
     equal the single-call loss's up to summation order.
     """
 
-    def __init__(self, weight_shard, labels, class_start, *, group=None, num_classes=None, scale=1.0, margin=0.0,
-                 margin_type="none", ignore_index=-100, update: SGDUpdate | None = None, grad_filter=0.0):
+    def __init__(
+        self,
+        weight_shard,
+        labels,
+        class_start,
+        *,
+        group=None,
+        num_classes=None,
+        scale=1.0,
+        margin=0.0,
+        margin_type="none",
+        ignore_index=-100,
+        update: SGDUpdate | None = None,
+        grad_filter=0.0,
+    ):
         if margin_type not in FUSED_MARGIN_TYPES:
-            raise ValueError(f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}")
+            raise ValueError(
+                f"margin_type={margin_type!r} runs on head.impl=reference; the fused kernels take {FUSED_MARGIN_TYPES}"
+            )
         if not (grad_filter >= 0):
             raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
         self.labels = labels.long()
         if num_classes is not None:
             check_label_range(self.labels, ignore_index, num_classes)
         self.weight, self.class_start, self.group, self.num_classes = weight_shard, int(class_start), group, num_classes
-        self.scale, self.margin, self.margin_type, self.ignore_index = float(scale), float(margin), margin_type, int(ignore_index)
+        self.scale, self.margin, self.margin_type, self.ignore_index = (
+            float(scale),
+            float(margin),
+            margin_type,
+            int(ignore_index),
+        )
         self.update, self.grad_filter = update, float(grad_filter)
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
         # device: the kernels read the gradient scale from memory).
@@ -295,13 +400,24 @@ class FusedMicroBatches:
         check_global_inputs(features, labels, self.scale, self.margin, self.margin_type, 1)
         with torch.autocast(device_type=features.device.type, enabled=False):
             local_pass = _local_pass(
-                features, self.weight, labels, self.class_start, self.num_classes, self.scale, self.margin,
-                self.margin_type, self.ignore_index, self.grad_filter > 0, self.inv_norm,
+                features,
+                self.weight,
+                labels,
+                self.class_start,
+                self.num_classes,
+                self.scale,
+                self.margin,
+                self.margin_type,
+                self.ignore_index,
+                self.grad_filter > 0,
+                self.inv_norm,
             )
             # No host read per chunk: the checks the collectives carry are raised once, in check().
             lse, target_logit, owned_total, error = local_pass.merge(self.group)
             self._owned_total = self._owned_total + owned_total
-            self._error = torch.maximum(self._error, torch.as_tensor(error, dtype=torch.float32, device=self._error.device).reshape(()))
+            self._error = torch.maximum(
+                self._error, torch.as_tensor(error, dtype=torch.float32, device=self._error.device).reshape(())
+            )
             loss_sum = torch.where(local_pass.valid, lse - target_logit, 0.0).sum()
             lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
             row_scale = torch.where(local_pass.valid, self.grad_scale, 0.0)
@@ -309,7 +425,9 @@ class FusedMicroBatches:
                 self._bad_shard = True
                 return loss_sum, torch.zeros_like(features)
             if self.grad_filter > 0:
-                grad_feat_op, sparse = _filtered_gradients(local_pass, lse_valid, target_logit, self.grad_filter, row_scale, self.grad_scale)
+                grad_feat_op, sparse = _filtered_gradients(
+                    local_pass, lse_valid, target_logit, self.grad_filter, row_scale, self.grad_scale
+                )
                 if sparse is None:
                     self._exact_weight = True
                 else:
@@ -317,7 +435,14 @@ class FusedMicroBatches:
             else:
                 _, weight, inv_norm, _ = local_pass.kernel_args
                 grad_feat_op = _exact_feature_grad(
-                    local_pass.accumulated, local_pass.running_max, lse, weight, inv_norm, local_pass.owned, local_pass.local, row_scale
+                    local_pass.accumulated,
+                    local_pass.running_max,
+                    lse,
+                    weight,
+                    inv_norm,
+                    local_pass.owned,
+                    local_pass.local,
+                    row_scale,
                 )
             if local_pass.feat_unit is not None:
                 grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
@@ -356,6 +481,14 @@ class FusedMicroBatches:
         cosine = self.margin_type == "cosface"
         feat_op = feature_operand(normalize_rows(features.float())[0] if cosine else features, weight.dtype)
         return shard_weight_backward(
-            feat_op, weight, self.inv_norm, local_label, lse_valid, grad_scale=self.grad_scale, update=self.update,
-            scale=self.scale, target_shift=target_shift_for(self.margin_type, self.scale, self.margin), cosine=cosine,
+            feat_op,
+            weight,
+            self.inv_norm,
+            local_label,
+            lse_valid,
+            grad_scale=self.grad_scale,
+            update=self.update,
+            scale=self.scale,
+            target_shift=target_shift_for(self.margin_type, self.scale, self.margin),
+            cosine=cosine,
         )

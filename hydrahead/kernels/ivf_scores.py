@@ -32,6 +32,7 @@ import triton.language as tl
 
 __all__ = ["TILES", "Tiles", "list_pairs", "probed_list_scores"]
 
+
 @dataclass(frozen=True)
 class Tiles:
     """Tile sizes of the list-scoring kernel: rows per block, queries per dot, dims per step."""
@@ -41,7 +42,9 @@ class Tiles:
     dims: int = 128  # 128 fp8 or 256 bf16 bytes of a row per load: whole cache lines of a gathered row
     row_split: int = 16  # programs per probed list; each loops over every row_split-th block of its rows
     warps: int = 4
-    stages: int = 3  # measured on H200: 2 stages 6.2 ms, 3 stages 5.0 ms at 50M rows x 512 queries (benchmarks/ivf_search.py)
+    stages: int = (
+        3  # measured on H200: 2 stages 6.2 ms, 3 stages 5.0 ms at 50M rows x 512 queries (benchmarks/ivf_search.py)
+    )
 
 
 TILES = Tiles()
@@ -52,9 +55,28 @@ TILES = Tiles()
 # whenever one of them first turns up as a multiple of 16 or as 1.
 @triton.jit(do_not_specialize=["max_len", "out_width"])
 def _probed_scores_kernel(
-    W, Q, TABLE, LENGTHS, LISTS, PAIR_PTR, PAIR_QUERY, PAIR_SLOT, OUT, INV_NORMS,
-    D, max_len, out_width, stride_w, stride_q, stride_table,
-    NORMALIZE: tl.constexpr, HAS_NORMS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    W,
+    Q,
+    TABLE,
+    LENGTHS,
+    LISTS,
+    PAIR_PTR,
+    PAIR_QUERY,
+    PAIR_SLOT,
+    OUT,
+    INV_NORMS,
+    D,
+    max_len,
+    out_width,
+    stride_w,
+    stride_q,
+    stride_table,
+    NORMALIZE: tl.constexpr,
+    HAS_NORMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     ROW_SPLIT: tl.constexpr,
 ):
     # Program (i, j) takes the i-th list of LISTS (the probed ones come first) and every
@@ -82,13 +104,17 @@ def _probed_scores_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dims < D
-                w = tl.load(W + rows[:, None] * stride_w + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(
+                    W + rows[:, None] * stride_w + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                )
                 if UPCAST:  # fp8 rows: multiply in bf16 (queries are rounded to bf16 too)
                     w = w.to(tl.bfloat16)
                 if NORMALIZE and not HAS_NORMS:
                     w32 = w.to(tl.float32)
                     sq += tl.sum(w32 * w32, axis=1)
-                q = tl.load(Q + queries[:, None] * stride_q + dims[None, :], mask=pair_ok[:, None] & d_ok[None, :], other=0.0)
+                q = tl.load(
+                    Q + queries[:, None] * stride_q + dims[None, :], mask=pair_ok[:, None] & d_ok[None, :], other=0.0
+                )
                 acc = tl.dot(w, tl.trans(q.to(w.dtype)), acc)
             inv_norm = tl.full((BLOCK_R,), 1.0, tl.float32)
             if NORMALIZE:
@@ -107,10 +133,16 @@ def _probed_scores_kernel(
                 for d0 in range(0, D, BLOCK_D):
                     dims = d0 + tl.arange(0, BLOCK_D)
                     d_ok = dims < D
-                    w = tl.load(W + rows[:, None] * stride_w + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    w = tl.load(
+                        W + rows[:, None] * stride_w + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                    )
                     if UPCAST:
                         w = w.to(tl.bfloat16)
-                    q = tl.load(Q + more_queries[:, None] * stride_q + dims[None, :], mask=more_ok[:, None] & d_ok[None, :], other=0.0)
+                    q = tl.load(
+                        Q + more_queries[:, None] * stride_q + dims[None, :],
+                        mask=more_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
                     acc = tl.dot(w, tl.trans(q.to(w.dtype)), acc)
                 dest = OUT + more_queries[None, :] * out_width + more_slot[None, :] * max_len + slots[:, None]
                 tl.store(dest, acc * inv_norm[:, None], mask=row_ok[:, None] & more_ok[None, :])
@@ -133,8 +165,15 @@ def list_pairs(probes: torch.Tensor, num_lists: int) -> tuple[torch.Tensor, torc
 
 
 def probed_list_scores(
-    weight: torch.Tensor, queries: torch.Tensor, table: torch.Tensor, probes: torch.Tensor, *, normalize: bool = False,
-    lengths: torch.Tensor | None = None, inv_norms: torch.Tensor | None = None, tiles: Tiles = TILES,
+    weight: torch.Tensor,
+    queries: torch.Tensor,
+    table: torch.Tensor,
+    probes: torch.Tensor,
+    *,
+    normalize: bool = False,
+    lengths: torch.Tensor | None = None,
+    inv_norms: torch.Tensor | None = None,
+    tiles: Tiles = TILES,
 ) -> torch.Tensor:
     """(B, nprobe * max_list_len) float32 scores of every query against its probed lists' rows.
 
@@ -146,7 +185,9 @@ def probed_list_scores(
     not given). Entries of padding rows are -inf.
     """
     if weight.dim() != 2 or queries.dim() != 2 or weight.shape[1] != queries.shape[1]:
-        raise ValueError(f"weight (C_r, D) and queries (B, D) must share D, got {tuple(weight.shape)} and {tuple(queries.shape)}")
+        raise ValueError(
+            f"weight (C_r, D) and queries (B, D) must share D, got {tuple(weight.shape)} and {tuple(queries.shape)}"
+        )
     if probes.shape[0] != queries.shape[0]:
         raise ValueError(f"probes must have one row per query, got {probes.shape[0]} for {queries.shape[0]} queries")
     weight, queries, table = weight.contiguous(), queries.contiguous(), table.contiguous()
@@ -160,9 +201,15 @@ def probed_list_scores(
     elif lengths.shape != (num_lists,):
         raise ValueError(f"lengths must hold one count per list ({num_lists}), got shape {tuple(lengths.shape)}")
     if inv_norms is not None:
-        if inv_norms.shape != (weight.shape[0],) or inv_norms.dtype != torch.float32 or inv_norms.device != weight.device:
-            raise ValueError(f"inv_norms must be float32 with one entry per row ({weight.shape[0]}) on {weight.device}, "
-                             f"got {inv_norms.dtype} {tuple(inv_norms.shape)} on {inv_norms.device}")
+        if (
+            inv_norms.shape != (weight.shape[0],)
+            or inv_norms.dtype != torch.float32
+            or inv_norms.device != weight.device
+        ):
+            raise ValueError(
+                f"inv_norms must be float32 with one entry per row ({weight.shape[0]}) on {weight.device}, "
+                f"got {inv_norms.dtype} {tuple(inv_norms.shape)} on {inv_norms.device}"
+            )
         inv_norms = inv_norms.contiguous()
     pair_ptr, pair_query, pair_slot = list_pairs(probes, num_lists)
     # At most batch * nprobe lists are probed: those first, so the grid needs no count from the GPU.
@@ -170,11 +217,30 @@ def probed_list_scores(
     num_programs = min(num_lists, batch * nprobe)
     grid = (num_programs, min(triton.cdiv(max_len, tiles.rows), tiles.row_split))
     _probed_scores_kernel[grid](
-        weight, queries, table, lengths, probed_first, pair_ptr, pair_query, pair_slot, out,
+        weight,
+        queries,
+        table,
+        lengths,
+        probed_first,
+        pair_ptr,
+        pair_query,
+        pair_slot,
+        out,
         inv_norms if inv_norms is not None else out,
-        weight.shape[1], max_len, out.shape[1], weight.stride(0), queries.stride(0), table.stride(0),
-        NORMALIZE=normalize, HAS_NORMS=inv_norms is not None, UPCAST=weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2),
-        BLOCK_R=tiles.rows, BLOCK_Q=tiles.queries, BLOCK_D=tiles.dims, ROW_SPLIT=tiles.row_split,
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        weight.shape[1],
+        max_len,
+        out.shape[1],
+        weight.stride(0),
+        queries.stride(0),
+        table.stride(0),
+        NORMALIZE=normalize,
+        HAS_NORMS=inv_norms is not None,
+        UPCAST=weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2),
+        BLOCK_R=tiles.rows,
+        BLOCK_Q=tiles.queries,
+        BLOCK_D=tiles.dims,
+        ROW_SPLIT=tiles.row_split,
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
     )
     return out

@@ -21,7 +21,17 @@ import triton.language as tl
 
 from hydrahead.optim.low_precision import FORMATS, LowPrecisionUpdate, rounding_keys
 
-__all__ = ["INTERPRETED", "RoundingPlan", "mix32", "onto_grid", "round_rows", "rounding_plan", "signed32", "storage_grid", "to_e5m2"]
+__all__ = [
+    "INTERPRETED",
+    "RoundingPlan",
+    "mix32",
+    "onto_grid",
+    "round_rows",
+    "rounding_plan",
+    "signed32",
+    "storage_grid",
+    "to_e5m2",
+]
 
 # Triton's interpreter (3.9) loses the carry when a float8 conversion rounds up into the next
 # binade (1.97 -> 1.0 in e4m3); interpreted kernels round onto the grid first, exactly as the
@@ -54,8 +64,18 @@ def grid_spacing(x, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
-def onto_grid(x, ids, dims, key1, key2, STOCHASTIC: tl.constexpr, NEAREST: tl.constexpr,
-               MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr):
+def onto_grid(
+    x,
+    ids,
+    dims,
+    key1,
+    key2,
+    STOCHASTIC: tl.constexpr,
+    NEAREST: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+):
     """x (float32) rounded onto a storage grid in float32 arithmetic, exactly, then saturated.
 
     STOCHASTIC: up or down with the draws of rounding_uniforms (keyed by class id and dim).
@@ -121,10 +141,19 @@ def rounding_plan(weight: torch.Tensor, update) -> RoundingPlan:
     mant_bits, min_exp, max_value = storage_grid(weight.dtype)
     compensation = update.compensation if update is not None else None
     comp_bits, comp_min_exp, _ = storage_grid(compensation.dtype if compensation is not None else torch.float32)
-    return RoundingPlan(signed32(key1), signed32(key2), dict(
-        STOCHASTIC=stochastic, MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
-        COMP_MANT_BITS=comp_bits, COMP_MIN_EXP=comp_min_exp, EXACT_CAST=INTERPRETED and weight.dtype in (torch.bfloat16, torch.float8_e4m3fn),
-    ))
+    return RoundingPlan(
+        signed32(key1),
+        signed32(key2),
+        dict(
+            STOCHASTIC=stochastic,
+            MANT_BITS=mant_bits,
+            MIN_EXP=min_exp,
+            MAX_VALUE=max_value,
+            COMP_MANT_BITS=comp_bits,
+            COMP_MIN_EXP=comp_min_exp,
+            EXACT_CAST=INTERPRETED and weight.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,9 +167,20 @@ _BLOCK_DIMS = 128
 
 @triton.jit(do_not_specialize=["num_rows", "key1", "key2"])
 def _round_rows_kernel(
-    X, IDS, OUT, num_rows, D, key1, key2,
-    STOCHASTIC: tl.constexpr, EXACT_CAST: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
-    MAX_VALUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    IDS,
+    OUT,
+    num_rows,
+    D,
+    key1,
+    key2,
+    STOCHASTIC: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -149,12 +189,24 @@ def _round_rows_kernel(
     offsets = rows.to(tl.int64)[:, None] * D + dims[None, :]
     x = tl.load(X + offsets, mask=ok, other=0.0)
     ids = tl.load(IDS + rows, mask=row_ok, other=0)
-    y = onto_grid(x, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
-                   STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE)
+    y = onto_grid(
+        x,
+        ids,
+        dims,
+        key1.to(tl.uint32, bitcast=True),
+        key2.to(tl.uint32, bitcast=True),
+        STOCHASTIC,
+        EXACT_CAST,
+        MANT_BITS,
+        MIN_EXP,
+        MAX_VALUE,
+    )
     tl.store(OUT + offsets, y.to(OUT.dtype.element_ty), mask=ok)
 
 
-def round_rows(exact: torch.Tensor, dtype: torch.dtype, class_ids: torch.Tensor, how: LowPrecisionUpdate) -> torch.Tensor:
+def round_rows(
+    exact: torch.Tensor, dtype: torch.dtype, class_ids: torch.Tensor, how: LowPrecisionUpdate
+) -> torch.Tensor:
     """``round_to_storage(exact, dtype, class_ids, how)`` for float32 ``exact`` (rows, D) and
     no compensation: the rows in ``dtype`` (bfloat16 or float8_e4m3fn), in one kernel."""
     if exact.dim() != 2 or exact.dtype != torch.float32:
@@ -172,8 +224,19 @@ def round_rows(exact: torch.Tensor, dtype: torch.dtype, class_ids: torch.Tensor,
     mant_bits, min_exp, max_value = storage_grid(dtype)
     grid = (triton.cdiv(exact.shape[0], _BLOCK_ROWS), triton.cdiv(exact.shape[1], _BLOCK_DIMS))
     _round_rows_kernel[grid](
-        exact, class_ids.to(torch.int64).contiguous(), out, exact.shape[0], exact.shape[1], signed32(key1), signed32(key2),
-        STOCHASTIC=stochastic, EXACT_CAST=INTERPRETED, MANT_BITS=mant_bits, MIN_EXP=min_exp, MAX_VALUE=max_value,
-        BLOCK_R=_BLOCK_ROWS, BLOCK_D=_BLOCK_DIMS,
+        exact,
+        class_ids.to(torch.int64).contiguous(),
+        out,
+        exact.shape[0],
+        exact.shape[1],
+        signed32(key1),
+        signed32(key2),
+        STOCHASTIC=stochastic,
+        EXACT_CAST=INTERPRETED,
+        MANT_BITS=mant_bits,
+        MIN_EXP=min_exp,
+        MAX_VALUE=max_value,
+        BLOCK_R=_BLOCK_ROWS,
+        BLOCK_D=_BLOCK_DIMS,
     )
     return out

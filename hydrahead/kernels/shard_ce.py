@@ -60,10 +60,30 @@ class SGDUpdate:
 # whenever one of them first turns up as a multiple of 16 or as 1.
 @triton.jit(do_not_specialize=["C", "classes_per_split"])
 def _forward_kernel(
-    F, F_SCALE, W, INV_NORM, LOCAL_LABEL, M_OUT, L_OUT, T_OUT, A_OUT,
-    G, C, D, stride_f, stride_w, classes_per_split, scale, target_shift,
-    COSINE: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, EXACT_CAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    LOCAL_LABEL,
+    M_OUT,
+    L_OUT,
+    T_OUT,
+    A_OUT,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_w,
+    classes_per_split,
+    scale,
+    target_shift,
+    COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     split = tl.program_id(1)
@@ -71,7 +91,9 @@ def _forward_kernel(
     row_ok = rows < G
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    f = tl.load(
+        F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+    )
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
     if FP8:  # f holds e4m3 rows, each to be multiplied by its scale
         f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
@@ -85,7 +107,9 @@ def _forward_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < c_hi
-        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        w = tl.load(
+            W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0
+        )
         z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
         if FP8:
             z = z * f_scale[:, None]
@@ -115,7 +139,6 @@ def _forward_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(w.dtype), w, input_precision=PRECISION)
         m = m_new
 
-
     out = split * G + rows
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(L_OUT + out, l, mask=row_ok)
@@ -125,14 +148,50 @@ def _forward_kernel(
 
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _weight_kernel(
-    F, FT, F_SCALE, P_SCALE, W, INV_NORM, LOCAL_LABEL, LSE, BUF, DW, COMP, CLASS_IDS, GRAD_SCALE,
-    G, C, D, stride_f, stride_ft, stride_w, scale, target_shift, lr, momentum, weight_decay,
-    first_class, key1, key2,
-    COSINE: tl.constexpr, UPDATE: tl.constexpr, HAS_BUF: tl.constexpr, PRECISION: tl.constexpr,
-    FP8: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COMP: tl.constexpr, HAS_IDS: tl.constexpr,
-    MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VALUE: tl.constexpr,
-    COMP_MANT_BITS: tl.constexpr, COMP_MIN_EXP: tl.constexpr, EXACT_CAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    F,
+    FT,
+    F_SCALE,
+    P_SCALE,
+    W,
+    INV_NORM,
+    LOCAL_LABEL,
+    LSE,
+    BUF,
+    DW,
+    COMP,
+    CLASS_IDS,
+    GRAD_SCALE,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_ft,
+    stride_w,
+    scale,
+    target_shift,
+    lr,
+    momentum,
+    weight_decay,
+    first_class,
+    key1,
+    key2,
+    COSINE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_BUF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    HAS_COMP: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr,
+    COMP_MIN_EXP: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -151,7 +210,9 @@ def _weight_kernel(
     for g0 in range(0, G, BLOCK_G):
         rows = g0 + tl.arange(0, BLOCK_G)
         row_ok = rows < G
-        f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        f = tl.load(
+            F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+        )
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # +inf: ignored rows get p = 0
         label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
         z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
@@ -169,7 +230,11 @@ def _weight_kernel(
         if FP8:
             # P^T F with F's row scales folded into P (they sit on the summed axis), P in e5m2;
             # F^T's tile is K-major, as FP8 tensor cores want their operands.
-            ft = tl.load(FT + dims[:, None].to(tl.int64) * stride_ft + rows[None, :], mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
+            ft = tl.load(
+                FT + dims[:, None].to(tl.int64) * stride_ft + rows[None, :],
+                mask=dim_ok[:, None] & row_ok[None, :],
+                other=0.0,
+            )
             p8 = to_e5m2(p * (f_scale * p_scale)[:, None], EXACT_CAST)
             grad = tl.dot(tl.trans(p8), tl.trans(ft), grad)
         else:
@@ -197,8 +262,18 @@ def _weight_kernel(
             ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0)
         else:
             ids = first_class + cols
-        stored = onto_grid(new, ids, dims, key1.to(tl.uint32, bitcast=True), key2.to(tl.uint32, bitcast=True),
-                            STOCHASTIC, EXACT_CAST, MANT_BITS, MIN_EXP, MAX_VALUE)
+        stored = onto_grid(
+            new,
+            ids,
+            dims,
+            key1.to(tl.uint32, bitcast=True),
+            key2.to(tl.uint32, bitcast=True),
+            STOCHASTIC,
+            EXACT_CAST,
+            MANT_BITS,
+            MIN_EXP,
+            MAX_VALUE,
+        )
         stored = stored.to(W.dtype.element_ty)
         tl.store(W + tile, stored, mask=tile_ok)
         if HAS_COMP:
@@ -223,8 +298,18 @@ def _weight_kernel(
 # num_warps, num_stages), 256 x 128 x 64 measured best there.
 # The fp8 weight kernel (its tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8
 # warps against 79.6 ms at 64 x 32 with 4 (H200, G=4096, C_r=1M).
-_GPU_TILES = {"forward": (64, 64, 8, 2), "weight": (64, 32, 4, 2), "weight_fp8": (64, 64, 8, 2), "filtered": (256, 128, 64, 8, 3)}
-_CPU_TILES = {"forward": (16, 16, 4, 1), "weight": (16, 16, 4, 1), "weight_fp8": (16, 16, 4, 1), "filtered": (16, 16, 16, 4, 1)}  # the interpreter: small is quick
+_GPU_TILES = {
+    "forward": (64, 64, 8, 2),
+    "weight": (64, 32, 4, 2),
+    "weight_fp8": (64, 64, 8, 2),
+    "filtered": (256, 128, 64, 8, 3),
+}
+_CPU_TILES = {
+    "forward": (16, 16, 4, 1),
+    "weight": (16, 16, 4, 1),
+    "weight_fp8": (16, 16, 4, 1),
+    "filtered": (16, 16, 16, 4, 1),
+}  # the interpreter: small is quick
 
 
 def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
@@ -326,11 +411,32 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feats.device)
     partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feats.device)
     _forward_kernel[(row_blocks, splits)](
-        feats, operand.row_scale if operand.fp8 else feats,
-        weight, inv_norm if cosine else weight, local_label, stats[0], stats[1], stats[2], partial,
-        num_rows, num_classes, dim, feats.stride(0), weight.stride(0), per_split, scale, target_shift,
-        COSINE=cosine, FP8=operand.fp8, PRECISION=_precision(weight.dtype), EXACT_CAST=INTERPRETED,
-        BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        feats,
+        operand.row_scale if operand.fp8 else feats,
+        weight,
+        inv_norm if cosine else weight,
+        local_label,
+        stats[0],
+        stats[1],
+        stats[2],
+        partial,
+        num_rows,
+        num_classes,
+        dim,
+        feats.stride(0),
+        weight.stride(0),
+        per_split,
+        scale,
+        target_shift,
+        COSINE=cosine,
+        FP8=operand.fp8,
+        PRECISION=_precision(weight.dtype),
+        EXACT_CAST=INTERPRETED,
+        BLOCK_G=block_g,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=stages,
     )
     split_max, split_sum, split_target = stats
     if splits == 1:
@@ -344,8 +450,17 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
 
 
 def shard_weight_backward(
-    feat_op, weight, inv_norm, local_label, lse, *, scale: float, target_shift: float, cosine: bool,
-    grad_scale: float | torch.Tensor, update: SGDUpdate | None,
+    feat_op,
+    weight,
+    inv_norm,
+    local_label,
+    lse,
+    *,
+    scale: float,
+    target_shift: float,
+    cosine: bool,
+    grad_scale: float | torch.Tensor,
+    update: SGDUpdate | None,
 ) -> torch.Tensor | None:
     """Recompute P tile by tile and either apply ``update`` to ``weight`` in place or return dW
     (float32 for fp8 weights). ``grad_scale`` may be a one-element device tensor: the kernel
@@ -366,28 +481,55 @@ def shard_weight_backward(
     class_ids = update.class_ids if update is not None else 0
     has_ids = isinstance(class_ids, torch.Tensor)
     if has_ids and class_ids.shape != (num_classes,):
-        raise ValueError(f"SGDUpdate.class_ids must hold one id per weight row ({num_classes}), got {tuple(class_ids.shape)}")
+        raise ValueError(
+            f"SGDUpdate.class_ids must hold one id per weight row ({num_classes}), got {tuple(class_ids.shape)}"
+        )
     plan = rounding_plan(weight, update)
     grad_weight = None
     if update is None:
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
     p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
     _weight_kernel[(triton.cdiv(num_classes, block_c),)](
-        feats, operand.transposed if operand.fp8 else feats, operand.row_scale if operand.fp8 else feats,
+        feats,
+        operand.transposed if operand.fp8 else feats,
+        operand.row_scale if operand.fp8 else feats,
         p_scale if operand.fp8 else feats,
-        weight, inv_norm if cosine else weight, local_label, lse,
-        update.momentum_buffer if has_buf else weight, grad_weight if grad_weight is not None else weight,
-        compensation if compensation is not None else weight, class_ids.long() if has_ids else local_label,
+        weight,
+        inv_norm if cosine else weight,
+        local_label,
+        lse,
+        update.momentum_buffer if has_buf else weight,
+        grad_weight if grad_weight is not None else weight,
+        compensation if compensation is not None else weight,
+        class_ids.long() if has_ids else local_label,
         _device_scalar(grad_scale, feats.device),
-        num_rows, num_classes, dim, feats.stride(0), num_rows, weight.stride(0), scale, target_shift,
-        update.lr if update else 0.0, update.momentum if update else 0.0, update.weight_decay if update else 0.0,
-        0 if has_ids else int(class_ids), plan.key1, plan.key2,
-        COSINE=cosine, UPDATE=update is not None, HAS_BUF=has_buf,
-        PRECISION=_precision(weight.dtype), FP8=operand.fp8,
-        HAS_COMP=compensation is not None, HAS_IDS=has_ids,
+        num_rows,
+        num_classes,
+        dim,
+        feats.stride(0),
+        num_rows,
+        weight.stride(0),
+        scale,
+        target_shift,
+        update.lr if update else 0.0,
+        update.momentum if update else 0.0,
+        update.weight_decay if update else 0.0,
+        0 if has_ids else int(class_ids),
+        plan.key1,
+        plan.key2,
+        COSINE=cosine,
+        UPDATE=update is not None,
+        HAS_BUF=has_buf,
+        PRECISION=_precision(weight.dtype),
+        FP8=operand.fp8,
+        HAS_COMP=compensation is not None,
+        HAS_IDS=has_ids,
         **plan.constants,
-        BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages,
+        BLOCK_G=block_g,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=stages,
     )
     return grad_weight
 
@@ -414,6 +556,12 @@ def target_shift_for(margin_type: str, scale: float, margin: float) -> float:
 
 
 __all__ = [
-    "FeatureOperand", "SGDUpdate", "feature_operand", "inverse_row_norms", "operand_scale", "shard_forward",
-    "shard_weight_backward", "target_shift_for",
+    "FeatureOperand",
+    "SGDUpdate",
+    "feature_operand",
+    "inverse_row_norms",
+    "operand_scale",
+    "shard_forward",
+    "shard_weight_backward",
+    "target_shift_for",
 ]

@@ -102,9 +102,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
             # The position embeddings are fixed to one grid: say so instead of a shape error.
-            raise ValueError(
-                f"ViT was built for {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}"
-            )
+            raise ValueError(f"ViT was built for {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, num_patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))

@@ -104,8 +104,10 @@ class DeferredSGD:
         since_settled = int(state["since_settled"])
         owed = state["owed_steps"].to(device=self.row_updates.device, dtype=torch.int32)
         if owed.shape != self.row_updates.shape or state["maps"].shape != self.table.shape:
-            raise ValueError(f"deferred steps for {tuple(owed.shape)} rows and a table of {tuple(state['maps'].shape)}; "
-                             f"this shard has {tuple(self.row_updates.shape)} rows and a table of {tuple(self.table.shape)}")
+            raise ValueError(
+                f"deferred steps for {tuple(owed.shape)} rows and a table of {tuple(state['maps'].shape)}; "
+                f"this shard has {tuple(self.row_updates.shape)} rows and a table of {tuple(self.table.shape)}"
+            )
         # Only differences of update counts matter: count from the last time every row was current.
         self.updates, self.oldest = since_settled, 0
         self.row_updates = since_settled - owed

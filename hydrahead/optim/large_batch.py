@@ -89,7 +89,9 @@ class LARS(Optimizer):
             else:
                 w_norms = torch.stack(torch._foreach_norm(params))
                 g_norms = torch.stack(torch._foreach_norm(grads))
-                local_lrs = _trust_ratio(group["trust_coefficient"] * w_norms, g_norms + wd * w_norms + group["eps"], w_norms, g_norms)
+                local_lrs = _trust_ratio(
+                    group["trust_coefficient"] * w_norms, g_norms + wd * w_norms + group["eps"], w_norms, g_norms
+                )
                 updates = list(torch._foreach_add(grads, params, alpha=wd))
                 torch._foreach_mul_(updates, list(local_lrs.unbind(0)))
             if group["momentum"] != 0:

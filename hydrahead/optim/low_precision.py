@@ -30,7 +30,14 @@ import torch
 from hydrahead.counter_rng import counter_hash
 
 __all__ = [
-    "FORMATS", "LowPrecisionUpdate", "round_nearest", "round_to_storage", "rounding_keys", "rounding_uniforms", "stochastic_round", "ulp",
+    "FORMATS",
+    "LowPrecisionUpdate",
+    "round_nearest",
+    "round_to_storage",
+    "rounding_keys",
+    "rounding_uniforms",
+    "stochastic_round",
+    "ulp",
 ]
 
 _ROUNDING_STREAM = 4000  # counter-hash stream reserved for stochastic rounding
@@ -149,7 +156,10 @@ def check_rounding(rounding: str) -> None:
 
 @torch.no_grad()
 def round_to_storage(
-    exact: torch.Tensor, dtype: torch.dtype, class_ids: torch.Tensor, how: LowPrecisionUpdate,
+    exact: torch.Tensor,
+    dtype: torch.dtype,
+    class_ids: torch.Tensor,
+    how: LowPrecisionUpdate,
     compensation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of ``exact`` values (rows, D) as stored in ``dtype``, rounded as ``how`` says.
@@ -166,7 +176,9 @@ def round_to_storage(
     if dtype == torch.float64:
         stored = exact
     elif how.rounding == "stochastic":
-        stored = stochastic_round(exact, dtype, rounding_uniforms(how.seed, how.step, class_ids, exact.shape[1], how.salt))
+        stored = stochastic_round(
+            exact, dtype, rounding_uniforms(how.seed, how.step, class_ids, exact.shape[1], how.salt)
+        )
     else:
         stored = round_nearest(exact, dtype)
     if compensation is not None:

@@ -36,7 +36,9 @@ def lr_multiplier(
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {schedule!r}; valid names: {', '.join(SCHEDULES)}")
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got {warmup_steps}, {total_steps}")
+        raise ValueError(
+            f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got {warmup_steps}, {total_steps}"
+        )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
     if step < warmup_steps:

@@ -87,8 +87,16 @@ class OwedSteps:
 
     def pay(self, tensor: str, start: int, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``start ..`` of head.``tensor`` (``rows``, as stored) after the steps they owe."""
+
         def stored(name: str) -> torch.Tensor:
-            return _read_rows(self.reader, self.metadata, f"head.{name}", start, self.metadata.state_dict_metadata[f"head.{name}"], len(rows))
+            return _read_rows(
+                self.reader,
+                self.metadata,
+                f"head.{name}",
+                start,
+                self.metadata.state_dict_metadata[f"head.{name}"],
+                len(rows),
+            )
 
         owed = stored("owed_steps")
         weight = rows if tensor == "weight" else stored("weight")
@@ -98,7 +106,9 @@ class OwedSteps:
         return round_nearest(paid, rows.dtype) if rows.dtype in FORMATS else paid.to(rows.dtype)
 
 
-def open_owed_steps(path: Path, reader: SafeFileSystemReader | None = None, metadata: Metadata | None = None) -> OwedSteps | None:
+def open_owed_steps(
+    path: Path, reader: SafeFileSystemReader | None = None, metadata: Metadata | None = None
+) -> OwedSteps | None:
     """The checkpoint's ``OwedSteps``, or None when its rows owe nothing (or it predates them)."""
     if not read_meta(path).get(HEAD_DEFERRED):
         return None
@@ -112,7 +122,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / ".metadata").is_file():
         return path
     if not checkpoint_root(path).is_dir():
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (no .metadata) nor a run folder (no {checkpoint_root(path).name}/)")
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint folder (no .metadata) nor a run folder (no {checkpoint_root(path).name}/)"
+        )
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint in {checkpoint_root(path)}")
@@ -137,10 +149,22 @@ def _open_head(checkpoint: str | os.PathLike, tensor: str) -> _Head:
         hint = " (a run with head.momentum=0 saves none)" if tensor == "momentum" else ""
         raise ValueError(f"{path} holds no tensor {fqn}{hint}")
     if tuple(saved.size) != (meta["num_classes"], meta["embed_dim"]):
-        raise ValueError(f"{path}: {fqn} has shape {tuple(saved.size)} but {META_FILE} says ({meta['num_classes']}, {meta['embed_dim']})")
+        raise ValueError(
+            f"{path}: {fqn} has shape {tuple(saved.size)} but {META_FILE} "
+            f"says ({meta['num_classes']}, {meta['embed_dim']})"
+        )
     _check_shards_tile_rows(path, fqn, saved)
-    return _Head(path, fqn, saved.size[0], saved.size[1], saved.properties.dtype, int(meta["step"]), reader, metadata,
-                 open_owed_steps(path, reader, metadata))
+    return _Head(
+        path,
+        fqn,
+        saved.size[0],
+        saved.size[1],
+        saved.properties.dtype,
+        int(meta["step"]),
+        reader,
+        metadata,
+        open_owed_steps(path, reader, metadata),
+    )
 
 
 def _check_shards_tile_rows(path: Path, fqn: str, saved: TensorStorageMetadata) -> None:
@@ -148,7 +172,10 @@ def _check_shards_tile_rows(path: Path, fqn: str, saved: TensorStorageMetadata) 
     next_row = 0
     for chunk in sorted(saved.chunks, key=lambda c: c.offsets[0]):
         if chunk.offsets[0] != next_row or chunk.offsets[1] != 0 or chunk.sizes[1] != saved.size[1]:
-            raise ValueError(f"{path}: the shards of {fqn} do not tile its rows (a shard at {list(chunk.offsets)} of size {list(chunk.sizes)})")
+            raise ValueError(
+                f"{path}: the shards of {fqn} do not tile its rows (a shard "
+                f"at {list(chunk.offsets)} of size {list(chunk.sizes)})"
+            )
         next_row += chunk.sizes[0]
     if next_row != saved.size[0]:
         raise ValueError(f"{path}: the shards of {fqn} cover {next_row} of {saved.size[0]} rows")
@@ -163,7 +190,9 @@ class _RowBlockPlanner(SafeLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         saved = self.metadata.state_dict_metadata[self.fqn]
-        wanted = ChunkStorageMetadata(offsets=torch.Size([self.start] + [0] * (self.block.dim() - 1)), sizes=self.block.shape)
+        wanted = ChunkStorageMetadata(
+            offsets=torch.Size([self.start] + [0] * (self.block.dim() - 1)), sizes=self.block.shape
+        )
         return LoadPlan(create_read_items_for_chunk_list(self.fqn, saved, [wanted]))
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
@@ -181,8 +210,14 @@ def _load(reader: SafeFileSystemReader, metadata: Metadata, planner: _RowBlockPl
     reader.read_data(planner.finish_plan(plan), planner).wait()
 
 
-def _read_rows(reader: SafeFileSystemReader, metadata: Metadata, fqn: str, start: int, saved: TensorStorageMetadata,
-               num_rows: int | None = None) -> torch.Tensor:
+def _read_rows(
+    reader: SafeFileSystemReader,
+    metadata: Metadata,
+    fqn: str,
+    start: int,
+    saved: TensorStorageMetadata,
+    num_rows: int | None = None,
+) -> torch.Tensor:
     """Rows [start, start + num_rows) of the saved tensor ``fqn`` (all of them by default)."""
     num_rows = saved.size[0] - start if num_rows is None else num_rows
     block = torch.empty(num_rows, *saved.size[1:], dtype=saved.properties.dtype)
@@ -194,7 +229,9 @@ def _blocks(head: _Head, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     saved = head.metadata.state_dict_metadata[head.fqn]
     tensor = head.fqn.removeprefix("head.")
     for start in range(0, head.num_classes, block_rows):
-        block = _read_rows(head.reader, head.metadata, head.fqn, start, saved, min(block_rows, head.num_classes - start))
+        block = _read_rows(
+            head.reader, head.metadata, head.fqn, start, saved, min(block_rows, head.num_classes - start)
+        )
         yield start, block if head.owed is None else head.owed.pay(tensor, start, block)
 
 
@@ -215,7 +252,9 @@ def iter_head_rows(
     return _blocks(_open_head(checkpoint, tensor), block_rows)
 
 
-def _write_npy(path: Path, blocks: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], dtype: torch.dtype) -> None:
+def _write_npy(
+    path: Path, blocks: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], dtype: torch.dtype
+) -> None:
     array = np.lib.format.open_memmap(path, mode="w+", dtype=torch.empty(0, dtype=dtype).numpy().dtype, shape=shape)
     for start, block in blocks:
         array[start : start + len(block)] = block.numpy()
@@ -224,7 +263,12 @@ def _write_npy(path: Path, blocks: Iterable[tuple[int, torch.Tensor]], shape: tu
 
 
 def _write_safetensors(
-    path: Path, blocks: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], dtype: torch.dtype, name: str, metadata: dict[str, str]
+    path: Path,
+    blocks: Iterable[tuple[int, torch.Tensor]],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    name: str,
+    metadata: dict[str, str],
 ) -> None:
     """The safetensors layout written by hand, so that no step holds the whole tensor.
 
@@ -234,7 +278,10 @@ def _write_safetensors(
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files hold little-endian bytes; this machine is big-endian")
     nbytes = math.prod(shape) * dtype.itemsize
-    header = {name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}, "__metadata__": metadata}
+    header = {
+        name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]},
+        "__metadata__": metadata,
+    }
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as file:
@@ -300,7 +347,12 @@ def export_head(
         if out.suffix == ".npy":
             _write_npy(partial, blocks, shape, file_dtype)
         else:
-            metadata = {"num_classes": str(head.num_classes), "embed_dim": str(head.embed_dim), "step": str(head.step), "tensor": head.fqn}
+            metadata = {
+                "num_classes": str(head.num_classes),
+                "embed_dim": str(head.embed_dim),
+                "step": str(head.step),
+                "tensor": head.fqn,
+            }
             _write_safetensors(partial, blocks, shape, file_dtype, head.fqn, metadata)
         os.replace(partial, out)
     except BaseException:
@@ -311,27 +363,58 @@ def export_head(
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m hydrahead.tools.export_head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m hydrahead.tools.export_head",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint",
+    )
     parser.add_argument("out", metavar="OUT", help="the file to write, ending in .safetensors or .npy")
-    parser.add_argument("--tensor", choices=TENSORS, default="weight", help="the head's weights or their SGD momentum buffer (default: weight)")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default=None,
-        help="dtype to write (default: the saved dtype); a .npy file holds bfloat16 as float32, since numpy has no bfloat16",
+        "--tensor",
+        choices=TENSORS,
+        default="weight",
+        help="the head's weights or their SGD momentum buffer (default: weight)",
     )
     parser.add_argument(
-        "--block-rows", type=int, default=DEFAULT_BLOCK_ROWS, metavar="N",
-        help=f"rows read and written at a time; memory use is about N x embed_dim elements, twice that with --dtype (default: {DEFAULT_BLOCK_ROWS})",
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help=(
+            "dtype to write (default: the saved dtype); a .npy file "
+            "holds bfloat16 as float32, since numpy has no bfloat16"
+        ),
     )
-    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists (otherwise an existing OUT is an error)")
+    parser.add_argument(
+        "--block-rows",
+        type=int,
+        default=DEFAULT_BLOCK_ROWS,
+        metavar="N",
+        help=(
+            "rows read and written at a time; memory use is about N x embed_dim "
+            f"elements, twice that with --dtype (default: {DEFAULT_BLOCK_ROWS})"
+        ),
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite OUT if it exists (otherwise an existing OUT is an error)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        path = export_head(args.checkpoint, args.out, tensor=args.tensor, dtype=args.dtype, block_rows=args.block_rows, force=args.force)
+        path = export_head(
+            args.checkpoint,
+            args.out,
+            tensor=args.tensor,
+            dtype=args.dtype,
+            block_rows=args.block_rows,
+            force=args.force,
+        )
     except (ValueError, FileExistsError, FileNotFoundError, pickle.UnpicklingError) as exc:
         print(f"export_head: error: {exc}", file=sys.stderr)
         return 1

@@ -68,8 +68,8 @@ from hydrahead.head import ShardedClassifier
 from hydrahead.models import build_backbone
 from hydrahead.tools.export_head import DEFAULT_BLOCK_ROWS, open_owed_steps, resolve_checkpoint
 from hydrahead.train import checkpoint as ckpt
-from hydrahead.train.trainer import autocast
 from hydrahead.train.safe_dcp import SafeFileSystemReader
+from hydrahead.train.trainer import autocast
 
 INPUT_KINDS = ("auto", "npy", "xc", "image_folder", "image_list")
 FEATURE_KINDS = ("npy", "xc")
@@ -131,15 +131,20 @@ def read_labels(path: str | os.PathLike, num_samples: int, num_classes: int) -> 
     path = Path(path)
     labels = np.asarray(_load_npy(path, "labels"))
     if labels.ndim not in (1, 2) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels {path} must be an integer array, (N,) or N x L padded with -1; got shape {labels.shape}, dtype {labels.dtype}")
+        raise ValueError(
+            f"labels {path} must be an integer array, (N,) or N x L padded "
+            f"with -1; got shape {labels.shape}, dtype {labels.dtype}"
+        )
     if len(labels) != num_samples:
         raise ValueError(f"labels {path} has {len(labels)} rows, but the input has {num_samples} samples")
     lowest = 0 if labels.ndim == 1 else -1
     bad = (labels < lowest) | (labels >= num_classes)
     if bad.any():
         where = np.argwhere(bad)[0]
-        raise ValueError(f"labels {path}: {int(labels[tuple(where)])} at {tuple(int(i) for i in where)} is outside "
-                         f"[{lowest}, {num_classes}) (head.num_classes={num_classes}{', -1 pads' if lowest else ''})")
+        raise ValueError(
+            f"labels {path}: {int(labels[tuple(where)])} at {tuple(int(i) for i in where)} is outside "
+            f"[{lowest}, {num_classes}) (head.num_classes={num_classes}{', -1 pads' if lowest else ''})"
+        )
     return torch.from_numpy(labels.astype(np.int64)), "single" if labels.ndim == 1 else "multi"
 
 
@@ -147,7 +152,9 @@ def _rows(labels: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | 
     return None if labels is None else labels[start:stop]
 
 
-def _feature_input(path: Path, description: str, features, labels: torch.Tensor | None, labels_kind: str | None) -> PredictInput:
+def _feature_input(
+    path: Path, description: str, features, labels: torch.Tensor | None, labels_kind: str | None
+) -> PredictInput:
     def read(start: int, stop: int):
         return torch.from_numpy(np.array(features[start:stop], dtype=np.float32)), _rows(labels, start, stop)
 
@@ -157,9 +164,14 @@ def _feature_input(path: Path, description: str, features, labels: torch.Tensor 
 def _npy_input(path: Path, cfg: Config) -> PredictInput:
     features = _load_npy(path, "features")
     if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
-        raise ValueError(f"features {path} must be a 2-D float array (N x model.input_dim), got shape {features.shape}, dtype {features.dtype}")
+        raise ValueError(
+            f"features {path} must be a 2-D float array (N x model.input_dim), "
+            f"got shape {features.shape}, dtype {features.dtype}"
+        )
     if features.shape[1] != cfg.model.input_dim:
-        raise ValueError(f"features {path} are {features.shape[1]} wide, but the checkpoint's model.input_dim={cfg.model.input_dim}")
+        raise ValueError(
+            f"features {path} are {features.shape[1]} wide, but the checkpoint's model.input_dim={cfg.model.input_dim}"
+        )
     return _feature_input(path, f"{path} ({len(features)} feature vectors)", features, None, None)
 
 
@@ -167,8 +179,16 @@ def _xc_input(path: Path, cfg: Config) -> PredictInput:
     try:
         data = read_xc_text(path, num_features=cfg.model.input_dim, num_labels=cfg.head.num_classes)
     except ValueError as exc:
-        raise ValueError(f"{exc} (the checkpoint's model.input_dim={cfg.model.input_dim}, head.num_classes={cfg.head.num_classes})") from None
-    return _feature_input(path, f"{path} ({data.num_samples} samples, extreme-classification text)", data.features.numpy(), data.labels, "multi")
+        raise ValueError(
+            f"{exc} (the checkpoint's model.input_dim={cfg.model.input_dim}, head.num_classes={cfg.head.num_classes})"
+        ) from None
+    return _feature_input(
+        path,
+        f"{path} ({data.num_samples} samples, extreme-classification text)",
+        data.features.numpy(),
+        data.labels,
+        "multi",
+    )
 
 
 def _image_folder_input(path: Path, cfg: Config) -> PredictInput:
@@ -177,7 +197,13 @@ def _image_folder_input(path: Path, cfg: Config) -> PredictInput:
     def read(start: int, stop: int):
         return images.batch(torch.arange(start, stop))
 
-    return PredictInput(path, f"{images.root} ({images.num_items} images in {images.num_classes} class folders)", images.num_items, read, "single")
+    return PredictInput(
+        path,
+        f"{images.root} ({images.num_items} images in {images.num_classes} class folders)",
+        images.num_items,
+        read,
+        "single",
+    )
 
 
 def _image_list_input(path: Path, cfg: Config) -> PredictInput:
@@ -198,7 +224,9 @@ def _image_list_input(path: Path, cfg: Config) -> PredictInput:
 _OPENERS = {"npy": _npy_input, "xc": _xc_input, "image_folder": _image_folder_input, "image_list": _image_list_input}
 
 
-def open_input(path: str | os.PathLike, cfg: Config, *, kind: str = "auto", labels: str | os.PathLike | None = None) -> PredictInput:
+def open_input(
+    path: str | os.PathLike, cfg: Config, *, kind: str = "auto", labels: str | os.PathLike | None = None
+) -> PredictInput:
     """The samples of ``path`` for the model ``cfg`` describes (module doc); ``labels``: a .npy of labels."""
     path = Path(path)
     if kind not in INPUT_KINDS:
@@ -216,14 +244,18 @@ def open_input(path: str | os.PathLike, cfg: Config, *, kind: str = "auto", labe
     if (kind in FEATURE_KINDS) != (backbone == "mlp"):
         holds = "feature vectors" if kind in FEATURE_KINDS else "images"
         takes = "feature vectors" if backbone == "mlp" else "images"
-        raise ValueError(f"input {path} ({kind}) holds {holds}, but the checkpoint's model.backbone={backbone} takes {takes}")
+        raise ValueError(
+            f"input {path} ({kind}) holds {holds}, but the checkpoint's model.backbone={backbone} takes {takes}"
+        )
     source = _OPENERS[kind](path, cfg)
     if labels is not None:
         if source.labels is not None:
             raise ValueError(f"--labels {labels}: input {path} ({kind}) carries its own labels")
         values, kind = read_labels(labels, source.num_samples, cfg.head.num_classes)
         unlabelled = source.read
-        source = dataclasses.replace(source, read=lambda start, stop: (unlabelled(start, stop)[0], values[start:stop]), labels=kind)
+        source = dataclasses.replace(
+            source, read=lambda start, stop: (unlabelled(start, stop)[0], values[start:stop]), labels=kind
+        )
     return source
 
 
@@ -248,12 +280,25 @@ def load_model(trained: Trained, env: DistEnv) -> tuple[nn.Module, ShardedClassi
     cfg = trained.cfg
     m, h = cfg.model, cfg.head
     backbone = build_backbone(
-        m.backbone, m.embed_dim, input_dim=m.input_dim, hidden_dim=m.hidden_dim, depth=m.depth, image_size=cfg.data.image_size
+        m.backbone,
+        m.embed_dim,
+        input_dim=m.input_dim,
+        hidden_dim=m.hidden_dim,
+        depth=m.depth,
+        image_size=cfg.data.image_size,
     ).to(env.device)
     # The stored dtype, so that scores are computed as the training run's evaluation computed them.
     head = ShardedClassifier(
-        h.num_classes, m.embed_dim, group=env.head_group, margin_type=h.margin_type, scale=h.scale, margin=h.margin,
-        chunk_size=h.chunk_size, dtype=_saved_head_dtype(trained.path), device=env.device, unit_scaling=h.unit_scaling,
+        h.num_classes,
+        m.embed_dim,
+        group=env.head_group,
+        margin_type=h.margin_type,
+        scale=h.scale,
+        margin=h.margin,
+        chunk_size=h.chunk_size,
+        dtype=_saved_head_dtype(trained.path),
+        device=env.device,
+        unit_scaling=h.unit_scaling,
     )
     state = {
         "backbone": get_model_state_dict(backbone),
@@ -304,7 +349,9 @@ class _Writer:
         paths["ids"].parent.mkdir(parents=True, exist_ok=True)
         if len(self.names) == 2:
             self.ids = np.lib.format.open_memmap(self.partials[0], mode="w+", dtype=np.int64, shape=(num_samples, k))
-            self.scores = np.lib.format.open_memmap(self.partials[1], mode="w+", dtype=np.float32, shape=(num_samples, k))
+            self.scores = np.lib.format.open_memmap(
+                self.partials[1], mode="w+", dtype=np.float32, shape=(num_samples, k)
+            )
         else:
             self.text = open(self.partials[0], "w")
             header = [f"id_{i}" for i in range(1, k + 1)] + [f"score_{i}" for i in range(1, k + 1)]
@@ -318,7 +365,12 @@ class _Writer:
         if len(self.names) == 2:
             self.ids[rows], self.scores[rows] = ids, scores
         else:
-            np.savetxt(self.text, np.hstack([ids.astype(np.float64), scores.astype(np.float64)]), fmt=self.formats, delimiter="\t")
+            np.savetxt(
+                self.text,
+                np.hstack([ids.astype(np.float64), scores.astype(np.float64)]),
+                fmt=self.formats,
+                delimiter="\t",
+            )
         self.next_row = rows.stop
 
     def _close(self) -> None:
@@ -360,7 +412,8 @@ def check_k(k: int, num_classes: int) -> None:
 
 
 def split_rows(num_rows: int, world_size: int) -> list[int]:
-    """Rows of each rank in a global batch of ``num_rows``: contiguous, the first ``num_rows % world_size`` ranks one more."""
+    """Rows of each rank in a global batch of ``num_rows``: "
+    "contiguous, the first ``num_rows % world_size`` ranks one more."""
     base, extra = divmod(num_rows, world_size)
     return [base + (1 if rank < extra else 0) for rank in range(world_size)]
 
@@ -408,7 +461,9 @@ def predict(
     total = None
     global_batch = batch_size * env.world_size
     try:
-        with tqdm(total=source.num_samples, desc="predict", unit="sample", disable=not (progress and env.is_main)) as bar:
+        with tqdm(
+            total=source.num_samples, desc="predict", unit="sample", disable=not (progress and env.is_main)
+        ) as bar:
             for start in range(0, source.num_samples, global_batch):
                 sizes = split_rows(min(global_batch, source.num_samples - start), env.world_size)
                 first = start + sum(sizes[: env.rank])
@@ -430,7 +485,16 @@ def predict(
         if writer is not None:
             writer.commit()
             if ks:
-                _write_json(paths["metrics"], {"checkpoint": str(trained.path), "step": trained.step, "input": str(source.path), "k": k, **metrics})
+                _write_json(
+                    paths["metrics"],
+                    {
+                        "checkpoint": str(trained.path),
+                        "step": trained.step,
+                        "input": str(source.path),
+                        "k": k,
+                        **metrics,
+                    },
+                )
     except BaseException:
         if writer is not None:
             writer.discard()
@@ -454,31 +518,74 @@ def format_metrics(metrics: dict[str, float | int]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hydrahead.tools.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint")
-    parser.add_argument(
-        "input", metavar="INPUT",
-        help="the samples: a .npy of features, an extreme-classification text file, an image folder or a text file of image paths (see above)",
+        prog="python -m hydrahead.tools.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--out", required=True, metavar="OUT",
-        help="the predictions to write, ending in .tsv (ids and scores) or .npy (ids; the scores in OUT with the extension .scores.npy)",
-    )
-    parser.add_argument("-k", type=int, default=DEFAULT_K, help=f"classes written per sample, best first, at most head.num_classes (default: {DEFAULT_K})")
-    parser.add_argument(
-        "--labels", metavar="FILE",
-        help="labels of a .npy or image-list input, as a .npy: (N,) class ids, or N x L class ids padded with -1 for multi-label data",
+        "checkpoint",
+        metavar="CKPT",
+        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint",
     )
     parser.add_argument(
-        "--input-kind", choices=INPUT_KINDS, default="auto",
+        "input",
+        metavar="INPUT",
+        help=(
+            "the samples: a .npy of features, an extreme-classification text "
+            "file, an image folder or a text file of image paths (see above)"
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help=(
+            "the predictions to write, ending in .tsv (ids and scores) or "
+            ".npy (ids; the scores in OUT with the extension .scores.npy)"
+        ),
+    )
+    parser.add_argument(
+        "-k",
+        type=int,
+        default=DEFAULT_K,
+        help=f"classes written per sample, best first, at most head.num_classes (default: {DEFAULT_K})",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help=(
+            "labels of a .npy or image-list input, as a .npy: (N,) class "
+            "ids, or N x L class ids padded with -1 for multi-label data"
+        ),
+    )
+    parser.add_argument(
+        "--input-kind",
+        choices=INPUT_KINDS,
+        default="auto",
         help="what INPUT is (default auto: a folder is an image folder, a .npy holds features, another file is an "
         "extreme-classification text file for the mlp backbone and a list of image paths for image backbones)",
     )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="B", help=f"samples per rank and batch (default: {DEFAULT_BATCH})")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="torch.distributed backend (default auto: nccl with GPUs, gloo on CPUs)")
-    parser.add_argument("--force", action="store_true", help="overwrite OUT and the files beside it if they exist (otherwise an existing one is an error)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (by default rank 0 shows one)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        metavar="B",
+        help=f"samples per rank and batch (default: {DEFAULT_BATCH})",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="torch.distributed backend (default auto: nccl with GPUs, gloo on CPUs)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite OUT and the files beside it if they exist (otherwise an existing one is an error)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (by default rank 0 shows one)"
+    )
     return parser
 
 
@@ -515,9 +622,15 @@ def main(argv=None) -> int:
     env = init_distributed(args.backend)
     try:
         if env.is_main:
-            print(f"predict: {source.description} on {env.world_size} rank(s) ({env.backend}), "
-                  f"checkpoint {trained.path} (step {trained.step})", file=sys.stderr, flush=True)
-        metrics = predict(trained, source, args.out, env=env, k=args.k, batch_size=args.batch_size, progress=args.progress)
+            print(
+                f"predict: {source.description} on {env.world_size} rank(s) ({env.backend}), "
+                f"checkpoint {trained.path} (step {trained.step})",
+                file=sys.stderr,
+                flush=True,
+            )
+        metrics = predict(
+            trained, source, args.out, env=env, k=args.k, batch_size=args.batch_size, progress=args.progress
+        )
     except _USER_ERRORS as exc:  # on the rank that met it: a bad image, say
         return _error(exc, env.rank if env.world_size > 1 else None)
     finally:

@@ -191,6 +191,8 @@ def load_checkpoint(env: DistEnv, path: Path, state: dict) -> None:
     The reader and planner deserialise nothing that could run code: the index through an
     allow-list unpickler, non-tensor items with ``weights_only=True``.
     """
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), process_group=env.data_group)
+    dcp.load(
+        state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), process_group=env.data_group
+    )
     if dist.is_initialized():
         env.barrier()

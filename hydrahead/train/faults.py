@@ -93,7 +93,10 @@ def parse_faults(text: str | None) -> FaultPlan:
         kind, _, where = item.partition("@")
         step, _, rank = where.partition(":")
         if kind not in FAULT_KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-            raise ValueError(f"{FAULT_ENV}: cannot read {item!r}; expected KIND@STEP[:RANK] with KIND in {FAULT_KINDS}, or sleep=SECONDS")
+            raise ValueError(
+                f"{FAULT_ENV}: cannot read {item!r}; expected KIND@STEP[:RANK] "
+                f"with KIND in {FAULT_KINDS}, or sleep=SECONDS"
+            )
         faults.append(Fault(kind, int(step), int(rank) if rank else None))
     return FaultPlan(tuple(faults), sleep_s)
 

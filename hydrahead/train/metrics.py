@@ -42,7 +42,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool, tensorboard: bool):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+        tensorboard: bool,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._file = None
@@ -53,12 +62,18 @@ class MetricsLogger:
         truncate_metrics(self.path, start_step)
         self._file = open(self.path, "a")
         if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("log.tensorboard=true but tensorboard is not installed (pip install hydrahead[tensorboard]); skipping it", file=sys.stderr)
+                print(
+                    "log.tensorboard=true but tensorboard is not installed "
+                    "(pip install hydrahead[tensorboard]); skipping it",
+                    file=sys.stderr,
+                )
             else:
                 self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 

@@ -45,10 +45,24 @@ except ImportError:  # pragma: no cover
     StorageMeta = None
 
 _INDEX_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_SAFE_BUILTINS = frozenset({
-    "bool", "int", "float", "complex", "str", "bytes", "bytearray",
-    "list", "tuple", "dict", "set", "frozenset", "slice", "range",
-})
+_SAFE_BUILTINS = frozenset(
+    {
+        "bool",
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "list",
+        "tuple",
+        "dict",
+        "set",
+        "frozenset",
+        "slice",
+        "range",
+    }
+)
 _PATH_CLASSES = frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
 
 
@@ -62,7 +76,11 @@ def _index_global(module: str, name: str) -> Any | None:
     if module in _INDEX_MODULES:
         obj = vars(importlib.import_module(module)).get(name)
         # Only plain records: dataclasses and enums defined there (not readers, writers, file systems).
-        if isinstance(obj, type) and obj.__module__ == module and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+        if (
+            isinstance(obj, type)
+            and obj.__module__ == module
+            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+        ):
             return obj
         return None
     if module == "torch":
@@ -123,7 +141,9 @@ class SafeFileSystemReader(FileSystemReader):
         for info in (metadata.storage_data or {}).values():
             name = getattr(info, "relative_path", None)
             # DCP writes its data files beside the index; anything else would read files outside the folder.
-            if name is not None and (not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name):
+            if name is not None and (
+                not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name
+            ):
                 raise ValueError(f"{path}: the index names a data file outside its folder: {name!r}")
         # What the parent does after unpickling: tag the index with this reader's load id.
         if StorageMeta is not None and hasattr(self, "load_id"):
@@ -154,7 +174,9 @@ class SafeFileSystemReader(FileSystemReader):
         with self.fs.create_stream(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
             # On the meta device torch.load reads only the pickled header, and records where
             # each storage's bytes start in the archive.
-            meta = torch.load(_create_file_view(stream, info.offset, info.length), map_location="meta", weights_only=True)
+            meta = torch.load(
+                _create_file_view(stream, info.offset, info.length), map_location="meta", weights_only=True
+            )
             archive = torch._C.PyTorchFileReader(_create_file_view(stream, info.offset, info.length))
             byteorder = archive.get_record("byteorder").decode() if archive.has_record("byteorder") else sys.byteorder
         if not isinstance(meta, torch.Tensor) or meta.dim() == 0 or not meta.is_contiguous():
@@ -178,7 +200,9 @@ class SafeFileSystemReader(FileSystemReader):
             return False  # the index claims rows the chunk lacks: DCP's path reports it
         target = planner.resolve_tensor(item).detach()
         if target.size() != torch.Size(item.lengths):
-            raise AssertionError(f"req {item.storage_index} mismatch sizes {target.size()} vs {torch.Size(item.lengths)}")
+            raise AssertionError(
+                f"req {item.storage_index} mismatch sizes {target.size()} vs {torch.Size(item.lengths)}"
+            )
         # Straight into the destination when its memory matches the file's bytes, else via a buffer.
         direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
         rows = target if direct else torch.empty(target.shape, dtype=dtype)

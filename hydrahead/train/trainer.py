@@ -2,7 +2,8 @@
 
 One step, on every rank:
     inputs_r --backbone (DDP)--> f_r --all-gather--> F (G x D), labels Y
-    head loss over this rank's classes, all or the step's active rows (head.selection; one MAX + one SUM all-reduce of G floats)
+    head loss over this rank's classes, all or the step's active rows (head.selection;
+        one MAX + one SUM all-reduce of G floats)
     head backward: weight grad (local) and dF (partial) --reduce-scatter--> df_r
     backbone backward from df_r; DDP all-reduces the backbone gradients (a SUM, see below)
     backbone optimizer (sgd/adamw/lars/lamb); head SGD on its own shard
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,19 +36,25 @@ from hydrahead.comm import compression
 from hydrahead.comm.overlap import OverlappedHead, transfer_group
 from hydrahead.comm.timing import CommClock
 from hydrahead.config import Config, config_to_dict, save_config, validate
-from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.counter_rng import counter_hash
+from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.data.sampler import local_batch_size
-from hydrahead.distributed.collectives import all_gather_labels, average_buffers, group_rank, start_gather_rows, start_sum_own_rows
+from hydrahead.distributed.collectives import (
+    all_gather_labels,
+    average_buffers,
+    group_rank,
+    start_gather_rows,
+    start_sum_own_rows,
+)
 from hydrahead.distributed.setup import DistEnv
+from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
-from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.models import build_backbone
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.optim.speculative import StepSnapshot
 from hydrahead.train import checkpoint as ckpt
-from hydrahead.train.faults import NonFiniteError, PreemptionWatcher, fault_plan_from_env, first_attempt
+from hydrahead.train.faults import NonFiniteError, PreemptionWatcher, fault_plan_from_env
 from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -58,14 +63,38 @@ PREEMPTED_MARKER = "PREEMPTED"
 # data stream are refused; keys that only steer this invocation are taken silently; any
 # other change is taken with a warning, since it alters the training being continued.
 REJECTED_ON_RESUME = (
-    "run.seed", "train.global_batch", "model.backbone", "model.embed_dim", "model.input_dim", "model.hidden_dim",
-    "model.depth", "head.num_classes", "data.kind", "data.feature_dim", "data.image_size", "data.family_size",
-    "data.family_spread", "data.noise", "data.zipf_exponent", "optim.backbone",
+    "run.seed",
+    "train.global_batch",
+    "model.backbone",
+    "model.embed_dim",
+    "model.input_dim",
+    "model.hidden_dim",
+    "model.depth",
+    "head.num_classes",
+    "data.kind",
+    "data.feature_dim",
+    "data.image_size",
+    "data.family_size",
+    "data.family_spread",
+    "data.noise",
+    "data.zipf_exponent",
+    "optim.backbone",
 )
 ACCEPTED_ON_RESUME = (
-    "run.dir", "train.steps", "train.stop_after", "train.eval_every", "train.eval_samples", "train.nonfinite",
-    "train.max_skipped", "model.compile", "data.path", "data.num_workers", "data.on_bad_sample",
-    "checkpoint.*", "log.*", "dist.*",
+    "run.dir",
+    "train.steps",
+    "train.stop_after",
+    "train.eval_every",
+    "train.eval_samples",
+    "train.nonfinite",
+    "train.max_skipped",
+    "model.compile",
+    "data.path",
+    "data.num_workers",
+    "data.on_bad_sample",
+    "checkpoint.*",
+    "log.*",
+    "dist.*",
 )
 _RNG_STREAM = 2000
 
@@ -78,7 +107,9 @@ def _total_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(grads)]))
 
 
-def _without_an_owned_label(active_rows: torch.Tensor, global_labels: torch.Tensor, class_start: int, class_stop: int) -> torch.Tensor:
+def _without_an_owned_label(
+    active_rows: torch.Tensor, global_labels: torch.Tensor, class_start: int, class_stop: int
+) -> torch.Tensor:
     """The injected ``lost_label`` fault: the active rows less the row of the first label this
     shard owns (unchanged if it owns none)."""
     owned = global_labels[(global_labels >= class_start) & (global_labels < class_stop)]
@@ -111,10 +142,16 @@ def check_resume_changes(saved: dict, current: dict, checkpoint: Path) -> list[s
     refused = [key for key in changes if key in REJECTED_ON_RESUME]
     if refused:
         details = "; ".join(f"{key}={changes[key][0]!r} there, {changes[key][1]!r} now" for key in refused)
-        raise ValueError(f"cannot resume {checkpoint}: {details}. These keys fix the saved model or the data stream; "
-                         "use a new run.dir, or the checkpoint's values")
+        raise ValueError(
+            f"cannot resume {checkpoint}: {details}. These keys fix the saved model or the data stream; "
+            "use a new run.dir, or the checkpoint's values"
+        )
     silent = {key for key in changes if key in ACCEPTED_ON_RESUME or f"{key.split('.')[0]}.*" in ACCEPTED_ON_RESUME}
-    return [f"resuming with {key} changed from {old!r} to {new!r}" for key, (old, new) in changes.items() if key not in silent]
+    return [
+        f"resuming with {key} changed from {old!r} to {new!r}"
+        for key, (old, new) in changes.items()
+        if key not in silent
+    ]
 
 
 def cpu_threads(cfg: Config, device: torch.device) -> int | None:
@@ -139,24 +176,38 @@ class Trainer:
         # Same seed on every rank and at every world size: identical replicas from the start.
         torch.manual_seed(cfg.run.seed)
         backbone = build_backbone(
-            cfg.model.backbone, cfg.model.embed_dim, input_dim=cfg.model.input_dim, hidden_dim=cfg.model.hidden_dim,
-            depth=cfg.model.depth, image_size=cfg.data.image_size,
+            cfg.model.backbone,
+            cfg.model.embed_dim,
+            input_dim=cfg.model.input_dim,
+            hidden_dim=cfg.model.hidden_dim,
+            depth=cfg.model.depth,
+            image_size=cfg.data.image_size,
         ).to(self.device)
         if cfg.model.sync_batchnorm and self.device.type == "cuda":
             backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=env.data_group)
-        self.memory_format = torch.channels_last if (cfg.model.channels_last and backbone.input_kind == "images" and self.device.type == "cuda") else torch.contiguous_format
+        self.memory_format = (
+            torch.channels_last
+            if (cfg.model.channels_last and backbone.input_kind == "images" and self.device.type == "cuda")
+            else torch.contiguous_format
+        )
         backbone = backbone.to(memory_format=self.memory_format)
         self.backbone_module = backbone
         self.backbone = DDP(
-            backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            process_group=env.data_group, bucket_cap_mb=cfg.comm.bucket_mb,
+            backbone,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            process_group=env.data_group,
+            bucket_cap_mb=cfg.comm.bucket_mb,
             broadcast_buffers=cfg.model.broadcast_buffers,
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
         names = {param: name for name, param in backbone.named_parameters()}
         self.clock = CommClock(self.device)  # time in each collective on logged steps
         self.comm_counters, self.topk = compression.register(
-            self.backbone, env.data_group, cfg.comm, names, wrap=lambda hook: self.clock.hook("backbone_allreduce", hook)
+            self.backbone,
+            env.data_group,
+            cfg.comm,
+            names,
+            wrap=lambda hook: self.clock.hook("backbone_allreduce", hook),
         )
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
@@ -164,12 +215,26 @@ class Trainer:
         # no torch optimizer and outside gradient clipping. With head.impl=triton its update
         # runs inside the loss's backward.
         self.head = ShardedClassifier(
-            cfg.head.num_classes, cfg.model.embed_dim, group=env.head_group, seed=cfg.run.seed, init=cfg.head.init,
-            init_std=cfg.head.init_std, margin_type=cfg.head.margin_type, scale=cfg.head.scale, margin=cfg.head.margin,
-            chunk_size=cfg.head.chunk_size, device=self.device, dtype=cfg.head_weight_dtype,
-            impl=cfg.head_impl, momentum=cfg.head.momentum, weight_decay=cfg.head.weight_decay,
-            momentum_dtype=cfg.head_momentum_dtype or torch.float32, grad_filter=cfg.head.grad_filter,
-            inactive_rows=cfg.head.inactive_rows, rounding=cfg.head.rounding, kahan_dtype=cfg.head_kahan_dtype,
+            cfg.head.num_classes,
+            cfg.model.embed_dim,
+            group=env.head_group,
+            seed=cfg.run.seed,
+            init=cfg.head.init,
+            init_std=cfg.head.init_std,
+            margin_type=cfg.head.margin_type,
+            scale=cfg.head.scale,
+            margin=cfg.head.margin,
+            chunk_size=cfg.head.chunk_size,
+            device=self.device,
+            dtype=cfg.head_weight_dtype,
+            impl=cfg.head_impl,
+            momentum=cfg.head.momentum,
+            weight_decay=cfg.head.weight_decay,
+            momentum_dtype=cfg.head_momentum_dtype or torch.float32,
+            grad_filter=cfg.head.grad_filter,
+            inactive_rows=cfg.head.inactive_rows,
+            rounding=cfg.head.rounding,
+            kahan_dtype=cfg.head_kahan_dtype,
             unit_scaling=cfg.head.unit_scaling,
         )
 
@@ -181,16 +246,36 @@ class Trainer:
 
         h = cfg.head
         self.selector = ActiveClassSelector(
-            h.selection, self.head.class_start, self.head.class_stop, budget=h.budget, knn_k=h.knn_k, fixed_size=h.knn_fixed_size,
-            rebuild_every=h.rebuild_every, retrain_every=h.index_retrain_every, index=h.index, index_type=h.index_type, nlist=h.index_nlist,
-            nprobe=h.index_nprobe, deterministic=h.index_deterministic, cosine=h.margin_type != "none",
-            seed=cfg.run.seed, recall_every=h.recall_every, ignore_index=self.head.ignore_index, device=self.device,
+            h.selection,
+            self.head.class_start,
+            self.head.class_stop,
+            budget=h.budget,
+            knn_k=h.knn_k,
+            fixed_size=h.knn_fixed_size,
+            rebuild_every=h.rebuild_every,
+            retrain_every=h.index_retrain_every,
+            index=h.index,
+            index_type=h.index_type,
+            nlist=h.index_nlist,
+            nprobe=h.index_nprobe,
+            deterministic=h.index_deterministic,
+            cosine=h.margin_type != "none",
+            seed=cfg.run.seed,
+            recall_every=h.recall_every,
+            ignore_index=self.head.ignore_index,
+            device=self.device,
         )
 
         o = cfg.optim
         self.backbone_optim = build_optimizer(
-            o.backbone, backbone, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-            betas=tuple(o.betas), eps=o.eps, trust_coefficient=o.trust_coefficient,
+            o.backbone,
+            backbone,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            trust_coefficient=o.trust_coefficient,
         )
         self.base_lrs = [g["lr"] for g in self.backbone_optim.param_groups]
         self.step_snapshot = StepSnapshot(self.backbone_optim)  # the step is taken before it is judged
@@ -281,7 +366,11 @@ class Trainer:
         saved = meta.get("comm_residuals_world_size")
         if saved is None:
             if self.env.is_main:
-                print(f"warning: checkpoint {path} holds no top-k residuals: they start at zero", file=sys.stderr, flush=True)
+                print(
+                    f"warning: checkpoint {path} holds no top-k residuals: they start at zero",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         wanted = [self.env.rank] if saved == self.env.world_size else (range(saved) if self.env.is_main else [])
         state = {"comm_residuals": {f"rank{r}": self.topk.empty_state_dict() for r in wanted}}
@@ -291,7 +380,11 @@ class Trainer:
             ckpt.load_checkpoint(self.env, path, {"comm_residuals": {}})
         self.topk.load_summed(list(state["comm_residuals"].values()))
         if saved != self.env.world_size and self.env.is_main:
-            print(f"notice: top-k residuals of {saved} ranks summed onto rank 0 of {self.env.world_size}", file=sys.stderr, flush=True)
+            print(
+                f"notice: top-k residuals of {saved} ranks summed onto rank 0 of {self.env.world_size}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _resume_index(self, path: Path, meta: dict) -> None:
         """Deterministic knn: load this shard's saved index, or say why it is rebuilt instead."""
@@ -306,8 +399,12 @@ class Trainer:
                     why = f"was saved by {saved} ranks, not {self.env.world_size}"
                 else:
                     why = f"holds an index {signature}, not {self.selector.index_signature}"
-                print(f"warning: checkpoint {path} {why}: the knn index is rebuilt at the next step, so this run "
-                      "will not select exactly what an uninterrupted one would", file=sys.stderr, flush=True)
+                print(
+                    f"warning: checkpoint {path} {why}: the knn index is rebuilt at the next step, so this run "
+                    "will not select exactly what an uninterrupted one would",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         key = f"rank{self.env.rank}"
         state = {"head_index": {key: self.selector.empty_index_state(self.cfg.model.embed_dim)}}
@@ -329,7 +426,12 @@ class Trainer:
         ckpt.load_checkpoint(self.env, path, state)
         if deferred is not None:
             self.head.load_deferred_state({**state[ckpt.HEAD_DEFERRED], "owed_steps": deferred["owed_steps"]})
-        set_state_dict(self.backbone, self.backbone_optim, model_state_dict=state["backbone"], optim_state_dict=state["backbone_optim"])
+        set_state_dict(
+            self.backbone,
+            self.backbone_optim,
+            model_state_dict=state["backbone"],
+            optim_state_dict=state["backbone_optim"],
+        )
         self._resume_index(path, meta)
         self._resume_residuals(path, meta)
         self.step = int(meta["step"])
@@ -346,7 +448,14 @@ class Trainer:
 
     def _set_learning_rates(self) -> float:
         o = self.cfg.optim
-        mult = lr_multiplier(self.step, self.cfg.train.steps, o.warmup_steps, o.schedule, poly_power=o.poly_power, min_lr_ratio=o.min_lr_ratio)
+        mult = lr_multiplier(
+            self.step,
+            self.cfg.train.steps,
+            o.warmup_steps,
+            o.schedule,
+            poly_power=o.poly_power,
+            min_lr_ratio=o.min_lr_ratio,
+        )
         for group, base in zip(self.backbone_optim.param_groups, self.base_lrs):
             group["lr"] = base * mult
         self.head.set_lr(self.cfg.head_lr * mult)
@@ -358,8 +467,15 @@ class Trainer:
         key = torch.tensor([self.step * 65536 + self.env.rank])
         torch.manual_seed(int(counter_hash(self.cfg.run.seed, _RNG_STREAM, key)) & (2**63 - 1))
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, *, timed: bool, preempt_requested: bool = False,
-                   prefetch: Callable[[], None] | None = None) -> dict:
+    def train_step(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        timed: bool,
+        preempt_requested: bool = False,
+        prefetch: Callable[[], None] | None = None,
+    ) -> dict:
         """One optimizer step on this rank's share of the global batch.
 
         Returns ``loss``, ``head_ms``, ``nonfinite`` (where a NaN/inf appeared, "" if
@@ -377,7 +493,9 @@ class Trainer:
         sizes = [self.local_batch] * self.env.world_size
         self.clock.enabled = timed
         with self._autocast(), record_function("hydrahead::backbone_forward"):
-            local_features = self.forward_backbone(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
+            local_features = self.forward_backbone(
+                inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
+            )
         if self.faults.fires("nan_loss", step, self.env.rank):
             local_features = local_features * float("nan")
 
@@ -399,7 +517,11 @@ class Trainer:
                 local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
         with record_function("hydrahead::step_end"):
             nonfinite, preempt = self._apply_updates(
-                step, loss=loss, loss_finite=local_grad is not None, unjudged=unjudged, preempt_requested=preempt_requested,
+                step,
+                loss=loss,
+                loss_finite=local_grad is not None,
+                unjudged=unjudged,
+                preempt_requested=preempt_requested,
                 prefetch=prefetch,
             )
         timing = {}
@@ -408,18 +530,33 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             timing = self.clock.take()
             self.clock.enabled = False
-        return {"loss": loss.detach(), "head_ms": head_ms, "nonfinite": nonfinite, "preempt": preempt,
-                **comm_bytes, **self.comm_counters.take(), **timing}
+        return {
+            "loss": loss.detach(),
+            "head_ms": head_ms,
+            "nonfinite": nonfinite,
+            "preempt": preempt,
+            **comm_bytes,
+            **self.comm_counters.take(),
+            **timing,
+        }
 
     def _head_step(self, step: int, local_features: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
         """(loss, gradient for the local features or None if the loss is known not to be
         finite, bytes handed to the head's collectives, the loss's ``MergeChecks`` if they and
         its finiteness are left to the step's read in ``_apply_updates``, else None)."""
         if self.overlapped is not None:
-            select = None if self.cfg.head.selection == "full" else (lambda features, global_labels: self._select(step, features, global_labels))
-            return self.overlapped.step(local_features, labels, select, checks=MergeChecks() if self.backward_undoable else None)
+            select = (
+                None
+                if self.cfg.head.selection == "full"
+                else (lambda features, global_labels: self._select(step, features, global_labels))
+            )
+            return self.overlapped.step(
+                local_features, labels, select, checks=MergeChecks() if self.backward_undoable else None
+            )
         head_group = self.env.head_group
-        gathered = self.clock.start("feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)).wait()
+        gathered = self.clock.start(
+            "feature_gather", lambda: start_gather_rows(local_features.detach(), sizes, head_group)
+        ).wait()
         global_labels = all_gather_labels(labels, head_group, sizes=sizes)
         head_input = gathered.requires_grad_()
         with record_function("hydrahead::select"):
@@ -428,7 +565,9 @@ class Trainer:
         with record_function("hydrahead::head_loss"):
             loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False, checks=unjudged)
         local_grad = None
-        if not (self.head.step_discardable and self.backward_undoable):  # the backward cannot be undone: judge the loss first
+        if not (
+            self.head.step_discardable and self.backward_undoable
+        ):  # the backward cannot be undone: judge the loss first
             values = torch.cat([torch.isfinite(loss).double().reshape(1), unjudged.values(self.device)]).tolist()
             unjudged.raise_if_failed(values[1:])
             finite, unjudged = bool(values[0]), None
@@ -438,11 +577,16 @@ class Trainer:
             with record_function("hydrahead::head_backward"):
                 loss.backward()
             rank = group_rank(head_group)
-            local_grad = self.clock.start("grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)).wait()
+            local_grad = self.clock.start(
+                "grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)
+            ).wait()
         # Payload this rank hands to the head's collectives (as for the backbone's, not wire bytes).
         comm_bytes = {
-            "bytes_feature_gather": local_features.numel() * local_features.element_size() + labels.numel() * labels.element_size(),
-            "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size() if local_grad is not None else 0,
+            "bytes_feature_gather": local_features.numel() * local_features.element_size()
+            + labels.numel() * labels.element_size(),
+            "bytes_grad_scatter": head_input.grad.numel() * head_input.grad.element_size()
+            if local_grad is not None
+            else 0,
         }
         return loss, local_grad, comm_bytes, unjudged
 
@@ -450,11 +594,21 @@ class Trainer:
         """This shard's active rows for the step (None: all), with the lost_label fault applied."""
         active_rows = self.selector.select(step, global_features, global_labels, self.head.weight, self.head.settles)
         if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
-            active_rows = _without_an_owned_label(active_rows, global_labels, self.head.class_start, self.head.class_stop)
+            active_rows = _without_an_owned_label(
+                active_rows, global_labels, self.head.class_start, self.head.class_stop
+            )
         return active_rows
 
-    def _apply_updates(self, step: int, *, loss: torch.Tensor, loss_finite: bool, unjudged: MergeChecks | None,
-                       preempt_requested: bool, prefetch: Callable[[], None] | None = None) -> tuple[str, bool]:
+    def _apply_updates(
+        self,
+        step: int,
+        *,
+        loss: torch.Tensor,
+        loss_finite: bool,
+        unjudged: MergeChecks | None,
+        preempt_requested: bool,
+        prefetch: Callable[[], None] | None = None,
+    ) -> tuple[str, bool]:
         """Judge the step on every rank (one small all-reduce, the step's host read), then step
         the optimizers or skip. ``unjudged``: the loss's checks, read here with the flags (and
         the loss's finiteness with them). Returns (where non-finite values were, "" if
@@ -482,7 +636,9 @@ class Trainer:
             if self.cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.backbone_module.parameters(), self.cfg.train.grad_clip)
             self.backbone_optim.step()
-        self.backbone_optim.zero_grad(set_to_none=True)  # a skipped step is undone from the copy: no gradient is needed again
+        self.backbone_optim.zero_grad(
+            set_to_none=True
+        )  # a skipped step is undone from the copy: no gradient is needed again
         if prefetch is not None:
             prefetch()
         values = read.tolist()
@@ -497,8 +653,14 @@ class Trainer:
                 if self.topk is not None:
                     self.topk.discard()
                 raise
-        nonfinite = "loss" if not loss_finite or bad_loss else ", ".join(
-            f"{what} gradients on {count} rank(s)" for what, count in (("backbone", bad_backbone), ("head", bad_head)) if count
+        nonfinite = (
+            "loss"
+            if not loss_finite or bad_loss
+            else ", ".join(
+                f"{what} gradients on {count} rank(s)"
+                for what, count in (("backbone", bad_backbone), ("head", bad_head))
+                if count
+            )
         )
         if self.topk is not None:  # a skipped step's unsent gradients must not advance
             self.topk.discard() if nonfinite else self.topk.commit()
@@ -513,7 +675,9 @@ class Trainer:
             return {}
         names = ("active_classes", "knn_recall", "index_build_s", "index_age")
         last = self.selector.last
-        values = torch.tensor([math.nan if last[n] is None else float(last[n]) for n in names], dtype=torch.float64, device=self.device)
+        values = torch.tensor(
+            [math.nan if last[n] is None else float(last[n]) for n in names], dtype=torch.float64, device=self.device
+        )
         dist.all_reduce(values, group=self.env.head_group)
         means = (values / self.env.world_size).tolist()
         return {name: value for name, value in zip(names, means) if not math.isnan(value)}
@@ -527,13 +691,18 @@ class Trainer:
         """Apply train.nonfinite to a step whose loss or gradients were not finite (all ranks agree)."""
         message = f"step {self.step}: non-finite {where}"
         if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteError(f"{message}; stopping (train.nonfinite=stop). No checkpoint was written for this step; "
-                                 f"the newest one in {ckpt.checkpoint_root(self.run_dir)} is intact")
+            raise NonFiniteError(
+                f"{message}; stopping (train.nonfinite=stop). No checkpoint was written for this step; "
+                f"the newest one in {ckpt.checkpoint_root(self.run_dir)} is intact"
+            )
         self.skipped_total += 1
         self.skipped_in_a_row += 1
         logger.message(f"{message}; step skipped ({self.skipped_in_a_row} in a row, {self.skipped_total} in all)")
         if self.skipped_in_a_row >= self.cfg.train.max_skipped:
-            raise NonFiniteError(f"{message}; {self.skipped_in_a_row} steps in a row skipped, the limit train.max_skipped={self.cfg.train.max_skipped}")
+            raise NonFiniteError(
+                f"{message}; {self.skipped_in_a_row} steps in a row skipped, "
+                f"the limit train.max_skipped={self.cfg.train.max_skipped}"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -545,9 +714,19 @@ class Trainer:
         correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
         correct5 = torch.zeros_like(correct1)
         loss_sum, total = 0.0, 0
-        for inputs, labels in eval_batches(self.eval_data, num_samples=cfg.train.eval_samples, batch_size=self.local_batch, rank=self.env.rank, world_size=self.env.world_size, device=self.device, num_workers=cfg.data.num_workers):
+        for inputs, labels in eval_batches(
+            self.eval_data,
+            num_samples=cfg.train.eval_samples,
+            batch_size=self.local_batch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            device=self.device,
+            num_workers=cfg.data.num_workers,
+        ):
             with self._autocast():
-                features = self.backbone_module(inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs)
+                features = self.backbone_module(
+                    inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
+                )
             features = features.float()
             loss = self.head(features, labels)  # the same global-batch mean on every rank
             _, ids = self.head.predict(features, k=k)
@@ -559,7 +738,11 @@ class Trainer:
             total += int(batch_total)
         counts = torch.stack([correct1, correct5])
         dist.all_reduce(counts, group=self.env.data_group)
-        return {"eval_loss": loss_sum / total, "eval_top1": float(counts[0]) / total, "eval_top5": float(counts[1]) / total}
+        return {
+            "eval_loss": loss_sum / total,
+            "eval_top1": float(counts[0]) / total,
+            "eval_top5": float(counts[1]) / total,
+        }
 
     # ------------------------------------------------------------------------------------
     # The loop
@@ -570,9 +753,13 @@ class Trainer:
         the finite losses since the last row, over ``elapsed`` seconds."""
         cfg = self.cfg
         row = {
-            "loss": float(losses[-1]), "lr": lr, "head_lr": self.head.lr,
-            "samples_per_s": len(losses) * cfg.train.global_batch / elapsed, "head_ms": result["head_ms"],
-            "peak_mem_mib": peak_memory_mib(self.device), "skipped_steps": self.skipped_total,
+            "loss": float(losses[-1]),
+            "lr": lr,
+            "head_lr": self.head.lr,
+            "samples_per_s": len(losses) * cfg.train.global_batch / elapsed,
+            "head_ms": result["head_ms"],
+            "peak_mem_mib": peak_memory_mib(self.device),
+            "skipped_steps": self.skipped_total,
             **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
             **{key: value for key, value in result.items() if key.startswith("ms_") or key == "comm_hidden"},
         }
@@ -596,7 +783,11 @@ class Trainer:
             if env.is_main:
                 (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step}\n")
             logger.message(f"preempted: saved {path} and stopping; rerun the same command to continue")
-            print(f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0", file=sys.stderr, flush=True)
+            print(
+                f"rank {env.rank}: preempted after step {self.step}, checkpoint saved, exiting 0",
+                file=sys.stderr,
+                flush=True,
+            )
             return True
         if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
             logger.message(f"saved checkpoint {self.save()}")
@@ -613,18 +804,34 @@ class Trainer:
         env.barrier()
         end = cfg.train.stop_after or cfg.train.steps
         watcher = PreemptionWatcher()
-        logger = MetricsLogger(self.run_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=self.step, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
+        logger = MetricsLogger(
+            self.run_dir,
+            enabled=env.is_main,
+            total_steps=cfg.train.steps,
+            start_step=self.step,
+            progress=cfg.log.progress,
+            tensorboard=cfg.log.tensorboard,
+        )
         data = None
         try:
             logger.message(
                 f"hydrahead: {env.world_size} rank(s) on {env.backend}, {cfg.model.backbone} backbone, "
-                f"{cfg.head.num_classes:,} classes ({self.head.num_local_classes:,} on rank 0), global batch {cfg.train.global_batch}"
+                f"{cfg.head.num_classes:,} classes ({self.head.num_local_classes:,} "
+                f"on rank 0), global batch {cfg.train.global_batch}"
                 + (f"; resumed at step {self.step}" if resumed else "")
             )
             if self.step >= end:
                 logger.message(f"nothing to do: step {self.step} already reached {end}")
                 return self.step
-            data = batches(self.train_data, start_step=self.step, global_batch=cfg.train.global_batch, rank=env.rank, world_size=env.world_size, device=self.device, num_workers=cfg.data.num_workers)
+            data = batches(
+                self.train_data,
+                start_step=self.step,
+                global_batch=cfg.train.global_batch,
+                rank=env.rank,
+                world_size=env.world_size,
+                device=self.device,
+                num_workers=cfg.data.num_workers,
+            )
             pending_losses, interval_start = [], time.perf_counter()
             while self.step < end:
                 lr = self._set_learning_rates()
@@ -643,7 +850,10 @@ class Trainer:
                     self.skipped_in_a_row = 0
                     pending_losses.append(result["loss"])
                 if log_now and pending_losses:
-                    logger.log_train(self.step, self._metrics_row(lr, result, pending_losses, time.perf_counter() - interval_start, data))
+                    logger.log_train(
+                        self.step,
+                        self._metrics_row(lr, result, pending_losses, time.perf_counter() - interval_start, data),
+                    )
                     pending_losses, interval_start = [], time.perf_counter()
                 if self._evaluate_and_save(end, logger, preempted=result["preempt"]):
                     return self.step
