@@ -12,12 +12,17 @@ continues the run from the newest complete checkpoint in ``run.dir/checkpoints``
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
 from hydrahead.config import config_to_dict, describe_config, load_config  # noqa: E402
 
@@ -37,7 +42,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@record
+class AtomicErrorHandler(ErrorHandler):
+    """torchrun's record of a failed worker's exception, written beside the error file and
+    renamed into place. torchrun's agent parses a failed worker's error file as soon as it
+    sees the failure; written in place, a worker stopped mid-write leaves it empty, and the
+    agent itself dies on the parse instead of restarting the workers."""
+
+    def record_exception(self, e: BaseException) -> None:
+        path = self._get_error_file_path()
+        if not path:
+            return super().record_exception(e)
+        message = {
+            "message": f"{type(e).__name__}: {e}",
+            "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+        }  # torchrun's format
+        partial = f"{path}.partial"
+        with open(partial, "w") as file:
+            json.dump({"message": message}, file)
+        os.replace(partial, path)
+
+
+@functools.partial(record, error_handler=AtomicErrorHandler())
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -283,3 +283,38 @@ def test_dockerignore_sits_at_the_build_context_root():
     entries = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", "runs", "**/__pycache__"):
         assert entry in entries
+
+
+def test_a_failed_workers_error_file_appears_whole(tmp_path, monkeypatch):
+    """The worker's record of its exception is written beside the error file and renamed,
+    so torchrun's agent never reads a half-written one; the agent's parser reads it back."""
+    import importlib.util
+
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
+
+    spec = importlib.util.spec_from_file_location("train_launcher", ROOT / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    written = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (written.append((a, b)), real_replace(a, b)))
+    try:
+        raise ValueError("head.num_classes must be >= 1")
+    except ValueError as error:
+        launcher.AtomicErrorHandler().record_exception(error)
+    assert written == [(f"{error_file}.partial", str(error_file))] and sorted(os.listdir(tmp_path)) == ["error.json"]
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+    assert failure.message["message"] == "ValueError: head.num_classes must be >= 1"
+    stock_file = tmp_path / "stock.json"  # torchrun's own handler writes the same layout
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(stock_file))
+    try:
+        raise ValueError("head.num_classes must be >= 1")
+    except ValueError as error:
+        ErrorHandler().record_exception(error)
+    stock = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(stock_file))
+    assert (
+        stock.message.keys() == failure.message.keys()
+        and stock.message["extraInfo"].keys() == failure.message["extraInfo"].keys()
+    )
