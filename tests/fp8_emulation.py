@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from hydrahead.kernels.shard_ce import FeatureOperand, _tiles, forward_splits, operand_scale
+from hydrahead.kernels.shard_ce import FeatureOperand, forward_splits, operand_scale
+from hydrahead.kernels.tiles import tile_config
 from hydrahead.optim.low_precision import round_nearest, rounding_uniforms, stochastic_round
 
 E5M2 = torch.float8_e5m2
@@ -37,8 +38,8 @@ def emulate_forward(op, weight, inv_norm, local_label, *, scale, target_shift):
     z, is_target = _logits(op, weight, inv_norm, local_label, scale, target_shift)
     w = weight.double()
     rows, classes = z.shape
-    splits, per_split = forward_splits(rows, classes, w.shape[1], w.device)
-    block_c = _tiles("forward", w.shape[1], w.device)[1]
+    splits, per_split = forward_splits(rows, classes, w.device)
+    block_c = tile_config("forward", w.device)[1]
     maxes, sums, accs = [], [], []
     for split in range(splits):
         m = torch.full((rows,), float("-inf"), dtype=torch.float64, device=w.device)

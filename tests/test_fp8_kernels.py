@@ -57,7 +57,7 @@ def lse_of(row_max, row_sum, labels):
 @pytest.mark.parametrize("batch", [10, 37])  # 10: classes split over several programs
 def test_forward_matches_the_emulation(margin_type, batch):
     op, weight, inv_norm, labels, options = make_problem(1, batch, margin_type)
-    assert (forward_splits(batch, NUM_CLASSES, DIM, weight.device)[0] > 1) == (batch == 10)
+    assert (forward_splits(batch, NUM_CLASSES, weight.device)[0] > 1) == (batch == 10)
     got = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
     want = emulate_forward(op, weight, inv_norm, labels, **options)
     for name, g, w in zip(("max", "sum", "target", "A"), got, want):

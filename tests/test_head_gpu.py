@@ -97,3 +97,20 @@ def test_knn_training_step_reads_the_device_a_few_times_only(fixed_size, most_in
     )
     ours = sum(int(count) for count, where in lines if where.startswith("hydrahead/"))
     assert head <= most_in_head and ours <= most_in_head + 1, found.group(0)
+
+
+def test_fused_fp32_head_at_width_512_trains_and_resumes_exactly(tmp_path):
+    """Through the launcher on one GPU: fp32 rows at D=512 (which once asked for more shared
+    memory than the GPU has) over random active rows, stopped at step 5 and resumed, as the
+    run that never stopped (its rows owe deferred steps at the save)."""
+    from launcher import launch, train_losses
+
+    options = ["dist.backend=nccl", "head.impl=triton", "head.weight_dtype=fp32", "model.embed_dim=512",
+               "head.selection=random", "head.budget=0.3", "head.weight_decay=0.001", "train.eval_every=0"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch(straight, 1, *options)
+    launch(stopped, 1, *options, "train.stop_after=5")
+    launch(stopped, 1, *options)
+    want = train_losses(straight)
+    assert sorted(want) == list(range(1, 13)) and all(v == v for v in want.values())
+    assert train_losses(stopped) == want

@@ -314,3 +314,73 @@ def test_round_to_storage_on_the_gpu_equals_the_torch_path(dtype, rounding):
     on_gpu = round_to_storage(exact.cuda(), dtype, class_ids.cuda(), how)
     on_cpu = round_to_storage(exact, dtype, class_ids, how)
     assert on_gpu.dtype == dtype and torch.equal(on_gpu.cpu().float(), on_cpu.float())
+
+
+# ----------------------------------------------------------------------------------------
+# Every storage dtype at every width: the kernels compile, run and agree with float64
+# ----------------------------------------------------------------------------------------
+
+SWEEP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+# relative error against float64 of the loss, dF and dW: fp32 runs in IEEE fp32; bf16 and
+# e4m3 operands (e5m2 softmax weights in the fp8 weight kernel) allow their resolution
+SWEEP_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp8_e4m3": 0.1}
+
+
+def _masked_float64(features, weight, labels, scale, threshold):
+    """Loss, dF, dW in float64 with entries |softmax - onehot| < threshold dropped (0: none)."""
+    f, w = features.double().requires_grad_(), weight.double().requires_grad_()
+    z = scale * f @ w.t()
+    onehot = torch.nn.functional.one_hot(labels, w.shape[0]).double()
+    loss = (torch.logsumexp(z, dim=1) - (z * onehot).sum(dim=1)).mean()
+    p = (torch.softmax(z, dim=1) - onehot).detach()
+    p = torch.where(p.abs() >= threshold, p, 0.0)
+    (p * z).sum().div(len(labels)).backward()
+    return loss.detach(), f.grad, w.grad
+
+
+@pytest.mark.parametrize("grad_filter", [0.0, 2.0**-12], ids=["exact", "filtered"])
+@pytest.mark.parametrize("dim", [64, 128, 256, 384, 512, 768, 1024])
+@pytest.mark.parametrize("dtype_name", list(SWEEP_DTYPES))
+def test_every_storage_dtype_and_width_runs_against_float64(dtype_name, dim, grad_filter):
+    """Odd G and C_r; unit-variance rows and logits scaled by 2/sqrt(D) (unit scaling), so
+    the softmax is neither flat nor one-hot. dW is read from the fused update's momentum
+    buffer (momentum 0.9 from zero: the buffer is the gradient)."""
+    dtype = SWEEP_DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(dim + len(dtype_name))
+    num_rows, num_classes = 33, 1001
+    features = torch.randn(num_rows, dim, generator=gen).cuda()
+    weight = torch.randn(num_classes, dim, generator=gen).to(dtype).cuda()
+    labels = torch.randint(0, num_classes, (num_rows,), generator=gen).cuda()
+    scale = 2.0 / dim**0.5
+    # what the kernels multiply: features in the weights' dtype (e4m3 rows with a scale each)
+    operand = features.to(torch.bfloat16).float() if dtype == torch.bfloat16 else features
+    ref_loss, ref_fgrad, ref_wgrad = _masked_float64(operand, weight.float(), labels, scale, grad_filter)
+
+    buffer = torch.zeros(weight.shape, device="cuda")
+    f = features.clone().requires_grad_()
+    update = SGDUpdate(lr=1e-3, momentum=0.9, weight_decay=0.0, momentum_buffer=buffer)
+    loss = triton_sharded_cross_entropy(
+        f, weight, labels, 0, num_classes=num_classes, scale=scale, update=update, grad_filter=grad_filter
+    )
+    loss.backward()
+    tolerance = SWEEP_TOLERANCE[dtype_name] * (2 if grad_filter else 1)  # entries at the threshold may flip
+    assert abs(float(loss) - float(ref_loss)) < tolerance * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < tolerance
+    assert rel_err(buffer, ref_wgrad) < tolerance
+
+
+def test_a_storage_the_gpu_cannot_hold_fails_before_training(monkeypatch):
+    """If no tile shape fits (forced here: the GPU is said to have 1 KB of shared memory,
+    which Triton then enforces), the head's check says so before any step runs."""
+    import triton
+
+    from hydrahead.head import ShardedClassifier
+    from hydrahead.kernels import tiles
+
+    utils = triton.runtime.driver.active.utils
+    real = utils.get_device_properties
+    monkeypatch.setattr(utils, "get_device_properties", lambda device: {**real(device), "max_shared_mem": 1024})
+    monkeypatch.setattr(tiles, "_FITTED", {})
+    head = ShardedClassifier(1001, 80, dtype=torch.float32, impl="triton", momentum=0.9, device="cuda")
+    with pytest.raises(ValueError, match=r"cannot hold torch.float32 rows of width 80"):
+        head.check_fused_kernels()

@@ -169,6 +169,33 @@ class ShardedClassifier(nn.Module):
         self.compensation = torch.zeros_like(self.weight, dtype=kahan_dtype) if kahan_dtype is not None else None
         self.reset_parameters()
 
+    def check_fused_kernels(self) -> None:
+        """With the fused kernels on a GPU: compile and run every kernel this head's steps
+        launch (its storage dtype, width, momentum and compensation buffers, rounding and
+        filter) on a few rows, so that a combination the GPU cannot hold fails now with a
+        ValueError instead of in the first step. Nothing to do elsewhere."""
+        if self.impl != "triton" or self.weight.device.type != "cuda":
+            return
+        from hydrahead.kernels.fused_loss import preflight
+        from hydrahead.kernels.tiles import TilesDoNotFit
+
+        try:
+            preflight(
+                self.weight.dtype,
+                self.embed_dim,
+                self.weight.device,
+                cosine=self.margin_type == "cosface",
+                momentum_dtype=self.momentum_buffer.dtype if self.momentum_buffer is not None else None,
+                compensation_dtype=self.compensation.dtype if self.compensation is not None else None,
+                rounding=self.rounding,
+                grad_filter=self.grad_filter,
+            )
+        except TilesDoNotFit as error:
+            raise ValueError(
+                f"the fused head kernels cannot hold {self.weight.dtype} rows of width {self.embed_dim} on "
+                f"{torch.cuda.get_device_name(self.weight.device)}: {error}"
+            ) from error
+
     @property
     def num_local_classes(self) -> int:
         return self.class_stop - self.class_start

@@ -39,8 +39,8 @@ from hydrahead.kernels.shard_ce import (
     _as_operand,
     _num_programs_target,
     _precision,
-    tile_config,
 )
+from hydrahead.kernels.tiles import launch_fitted
 
 _SGD_ROWS = 16  # rows of W per program of the update pass
 _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp32 temporaries)
@@ -380,11 +380,6 @@ def _sgd_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages); HYDRAHEAD_TILES=filtered:g,c,k,w,s overrides."""
-    return tile_config("filtered", device)
-
-
 def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, device: torch.device):
     """(row blocks, class splits, classes per split): about 4 waves of programs, splits on tile edges.
 
@@ -407,36 +402,41 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
     feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
-    row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
-    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
-    _lse_kernel[(row_blocks, splits)](
-        feat_op,
-        f_scale,
-        weight,
-        inv_norm if cosine else weight,
-        local_label,
-        stats[0],
-        stats[1],
-        stats[2],
-        num_rows,
-        num_classes,
-        dim,
-        feat_op.stride(0),
-        weight.stride(0),
-        per_split,
-        scale,
-        target_shift,
-        COSINE=cosine,
-        FP8=fp8,
-        PRECISION=_precision(weight.dtype),
-        EVEN_K=dim % block_k == 0,
-        BLOCK_G=block_g,
-        BLOCK_C=block_c,
-        BLOCK_K=block_k,
-        num_warps=warps,
-        num_stages=stages,
-    )
+
+    def launch(tiles):
+        block_g, block_c, block_k, warps, stages = tiles
+        row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
+        stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
+        _lse_kernel[(row_blocks, splits)](
+            feat_op,
+            f_scale,
+            weight,
+            inv_norm if cosine else weight,
+            local_label,
+            stats[0],
+            stats[1],
+            stats[2],
+            num_rows,
+            num_classes,
+            dim,
+            feat_op.stride(0),
+            weight.stride(0),
+            per_split,
+            scale,
+            target_shift,
+            COSINE=cosine,
+            FP8=fp8,
+            PRECISION=_precision(weight.dtype),
+            EVEN_K=dim % block_k == 0,
+            BLOCK_G=block_g,
+            BLOCK_C=block_c,
+            BLOCK_K=block_k,
+            num_warps=warps,
+            num_stages=stages,
+        )
+        return stats
+
+    stats = launch_fitted("filtered", dim, weight.dtype, feat_op.device, launch, ("lse", cosine, fp8))
     split_max, split_sum, split_target = stats
     row_max = split_max.amax(dim=0)
     rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)
@@ -454,92 +454,96 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
     feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_k, warps, stages = _tiles(feat_op.device)
-    row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
     device = feat_op.device
-    limit = max_entries(num_rows)
-    common = dict(
-        COSINE=cosine,
-        FP8=fp8,
-        PRECISION=_precision(weight.dtype),
-        EVEN_K=dim % block_k == 0,
-        BLOCK_G=block_g,
-        BLOCK_C=block_c,
-        BLOCK_K=block_k,
-        num_warps=warps,
-    )
-    inv = inv_norm if cosine else weight
 
-    def flag(tile_capacity):
-        count = torch.zeros(1, dtype=torch.int32, device=device)
-        tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
-        _flag_kernel[(row_blocks, splits)](
-            feat_op,
-            f_scale,
-            weight,
-            inv,
-            cut,
-            count,
-            tiles[0],
-            tiles[1],
-            num_rows,
-            num_classes,
-            dim,
-            feat_op.stride(0),
-            weight.stride(0),
-            per_split,
-            scale,
-            tile_capacity,
-            num_stages=stages,
-            **common,
+    def launch(tile_shape):
+        block_g, block_c, block_k, warps, stages = tile_shape
+        row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
+        limit = max_entries(num_rows)
+        common = dict(
+            COSINE=cosine,
+            FP8=fp8,
+            PRECISION=_precision(weight.dtype),
+            EVEN_K=dim % block_k == 0,
+            BLOCK_G=block_g,
+            BLOCK_C=block_c,
+            BLOCK_K=block_k,
+            num_warps=warps,
         )
-        return count, tiles
+        inv = inv_norm if cosine else weight
 
-    def extract(tile_count, tiles, entry_capacity):
-        count = torch.zeros(1, dtype=torch.int32, device=device)
-        out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
-        logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
-        _extract_kernel[(tiles.shape[1],)](
-            feat_op,
-            f_scale,
-            weight,
-            inv,
-            local_label,
-            cut,
-            tile_count,
-            tiles[0],
-            tiles[1],
-            count,
-            out[0],
-            out[1],
-            logits,
-            num_rows,
-            num_classes,
-            dim,
-            feat_op.stride(0),
-            weight.stride(0),
-            scale,
-            tiles.shape[1],
-            entry_capacity,
-            num_stages=2,
-            **common,
-        )
-        return count, out, logits
+        def flag(tile_capacity):
+            count = torch.zeros(1, dtype=torch.int32, device=device)
+            tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
+            _flag_kernel[(row_blocks, splits)](
+                feat_op,
+                f_scale,
+                weight,
+                inv,
+                cut,
+                count,
+                tiles[0],
+                tiles[1],
+                num_rows,
+                num_classes,
+                dim,
+                feat_op.stride(0),
+                weight.stride(0),
+                per_split,
+                scale,
+                tile_capacity,
+                num_stages=stages,
+                **common,
+            )
+            return count, tiles
 
-    tile_count, tiles = flag(capacity)  # a peaked softmax flags about one tile per sample (its target's)
-    count, out, logits = extract(tile_count, tiles, capacity)
-    num_tiles, found = torch.cat([tile_count, count]).tolist()  # the one host sync of a step
-    if num_tiles > capacity:  # the extraction saw only part of the tiles: list them all, then extract again
-        if num_tiles > num_rows + limit:  # each flagged tile beyond the targets' holds a kept entry
-            return None, num_tiles
-        tile_count, tiles = flag(num_tiles)
+        def extract(tile_count, tiles, entry_capacity):
+            count = torch.zeros(1, dtype=torch.int32, device=device)
+            out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
+            logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
+            _extract_kernel[(tiles.shape[1],)](
+                feat_op,
+                f_scale,
+                weight,
+                inv,
+                local_label,
+                cut,
+                tile_count,
+                tiles[0],
+                tiles[1],
+                count,
+                out[0],
+                out[1],
+                logits,
+                num_rows,
+                num_classes,
+                dim,
+                feat_op.stride(0),
+                weight.stride(0),
+                scale,
+                tiles.shape[1],
+                entry_capacity,
+                num_stages=2,
+                **common,
+            )
+            return count, out, logits
+
+        tile_count, tiles = flag(capacity)  # a peaked softmax flags about one tile per sample (its target's)
         count, out, logits = extract(tile_count, tiles, capacity)
-        found = int(count.item())
-    if found > capacity:
-        if found > limit:
-            return None, found
-        count, out, logits = extract(tile_count, tiles, found)
-    return (out[0, :found].long(), out[1, :found].long(), logits[:found]), found
+        num_tiles, found = torch.cat([tile_count, count]).tolist()  # the one host sync of a step
+        if num_tiles > capacity:  # the extraction saw only part of the tiles: list them all, then extract again
+            if num_tiles > num_rows + limit:  # each flagged tile beyond the targets' holds a kept entry
+                return None, num_tiles
+            tile_count, tiles = flag(num_tiles)
+            count, out, logits = extract(tile_count, tiles, capacity)
+            found = int(count.item())
+        if found > capacity:
+            if found > limit:
+                return None, found
+            count, out, logits = extract(tile_count, tiles, found)
+        return (out[0, :found].long(), out[1, :found].long(), logits[:found]), found
+
+    return launch_fitted("filtered", dim, weight.dtype, device, launch, ("select", cosine, fp8))
 
 
 def max_entries(num_rows: int) -> int:

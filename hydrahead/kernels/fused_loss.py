@@ -492,3 +492,54 @@ class FusedMicroBatches:
             target_shift=target_shift_for(self.margin_type, self.scale, self.margin),
             cosine=cosine,
         )
+
+
+def preflight(
+    weight_dtype: torch.dtype,
+    dim: int,
+    device: torch.device,
+    *,
+    cosine: bool,
+    momentum_dtype: torch.dtype | None,
+    compensation_dtype: torch.dtype | None,
+    rounding: str = "nearest",
+    grad_filter: float = 0.0,
+) -> None:
+    """Compile and run once, on a few rows, every kernel that a head step with these
+    settings launches, so that a width or dtype the GPU cannot hold fails before training
+    (``TilesDoNotFit``) instead of in its first step; the tiles found are kept for the run.
+    No collective: the kernels are called directly, as one shard."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_rows, num_classes = 17, 37  # odd, and tl.dot's 16 x 16 at the least
+    features = torch.randn(num_rows, dim, device=device, generator=gen)
+    weight = (torch.randn(num_classes, dim, device=device, generator=gen) * 0.1).to(weight_dtype)
+    labels = torch.randint(0, num_classes, (num_rows,), device=device, generator=gen)
+    if cosine:
+        features, _ = normalize_rows(features)
+    feat_op = feature_operand(features, weight_dtype)
+    inv_norm = inverse_row_norms(weight) if cosine else None
+    options = dict(scale=4.0, target_shift=0.4 if cosine else 0.0, cosine=cosine)
+    update = SGDUpdate(
+        lr=0.1,
+        momentum=0.9 if momentum_dtype is not None else 0.0,
+        weight_decay=1e-4,
+        momentum_buffer=torch.zeros_like(weight, dtype=momentum_dtype) if momentum_dtype is not None else None,
+        rounding=rounding,
+        compensation=torch.zeros_like(weight, dtype=compensation_dtype) if compensation_dtype is not None else None,
+    )
+    if grad_filter > 0:
+        row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
+        lse = (row_max + torch.log(row_sum)).contiguous()
+        cut = (lse + math.log(grad_filter)).contiguous()
+        filtered_kernels.select_entries(
+            feat_op, weight, inv_norm, labels, cut, scale=options["scale"], cosine=cosine,
+            capacity=filtered_kernels.initial_capacity(num_rows),
+        )  # fmt: skip
+        touched = torch.arange(3, device=device)
+        filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), update)
+    # The exact kernels run in every mode: the filtered path falls back on them.
+    row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
+    lse = (row_max + torch.log(row_sum)).contiguous()
+    shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a fault in a kernel surfaces here, not in the first step

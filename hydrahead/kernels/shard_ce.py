@@ -23,7 +23,6 @@ inverse norms computed once per call; ArcFace stays on the reference path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ import triton
 import triton.language as tl
 
 from hydrahead.kernels.rounding import INTERPRETED, onto_grid, rounding_plan, to_e5m2
+from hydrahead.kernels.tiles import launch_fitted, tile_config
 
 
 @dataclass
@@ -289,42 +289,9 @@ def _weight_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-# Tile shapes per kernel: (BLOCK_G, BLOCK_C, num_warps, num_stages). Each kernel holds a
-# block x D fp32 accumulator in registers and a block x D bf16 tile resident in shared
-# memory, so at D = 512 two pipeline stages are what fits in 227 KB. Measured on an H200
-# at G=4096, D=512, C_r=1M (docs/kernels.md): the weight kernel takes 29.7 ms with 32-class
-# blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8 warps.
-# The filtered kernels (hydrahead.kernels.filtered) stream D: (BLOCK_G, BLOCK_C, BLOCK_K,
-# num_warps, num_stages), 256 x 128 x 64 measured best there.
-# The fp8 weight kernel (its tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8
-# warps against 79.6 ms at 64 x 32 with 4 (H200, G=4096, C_r=1M).
-_GPU_TILES = {
-    "forward": (64, 64, 8, 2),
-    "weight": (64, 32, 4, 2),
-    "weight_fp8": (64, 64, 8, 2),
-    "filtered": (256, 128, 64, 8, 3),
-}
-_CPU_TILES = {
-    "forward": (16, 16, 4, 1),
-    "weight": (16, 16, 4, 1),
-    "weight_fp8": (16, 16, 4, 1),
-    "filtered": (16, 16, 16, 4, 1),
-}  # the interpreter: small is quick
-
-
-def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
-    """The tile tuple of ``kernel`` on ``device``; HYDRAHEAD_TILES=kernel:v,v,...;... overrides."""
-    table = dict(_GPU_TILES if device.type == "cuda" else _CPU_TILES)
-    for item in filter(None, os.environ.get("HYDRAHEAD_TILES", "").split(";")):
-        name, _, values = item.partition(":")
-        table[name] = tuple(int(v) for v in values.split(","))
-    return table[kernel]
-
-
-def _tiles(kernel: str, dim: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_G, BLOCK_C, BLOCK_D, num_warps, num_stages) of an exact kernel: whole-D tiles."""
-    block_g, block_c, warps, stages = tile_config(kernel, device)
-    return block_g, block_c, max(16, triton.next_power_of_2(dim)), warps, stages
+def _block_d(dim: int) -> int:
+    """The exact kernels hold whole rows: D rounded up to a power of two (tl.dot's sides are >= 16)."""
+    return max(16, triton.next_power_of_2(dim))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -385,9 +352,12 @@ def _as_operand(feat_op) -> FeatureOperand:
     return feat_op if isinstance(feat_op, FeatureOperand) else FeatureOperand(feat_op)
 
 
-def forward_splits(num_rows: int, num_classes: int, dim: int, device: torch.device) -> tuple[int, int]:
-    """(splits, classes per split) of the forward: enough programs to fill the device."""
-    block_g, block_c, _, _, _ = _tiles("forward", dim, device)
+def forward_splits(
+    num_rows: int, num_classes: int, device: torch.device, tiles: tuple | None = None
+) -> tuple[int, int]:
+    """(splits, classes per split) of the forward: enough programs to fill the device
+    (``tiles``: the forward's; its preferred ones by default)."""
+    block_g, block_c, _, _ = tiles or tile_config("forward", device)
     row_blocks = triton.cdiv(num_rows, block_g)
     splits = max(1, min(triton.cdiv(num_classes, block_c), _num_programs_target(device) // row_blocks))
     per_split = triton.cdiv(triton.cdiv(num_classes, splits), block_c) * block_c
@@ -405,39 +375,43 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     feats = operand.values
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d, warps, stages = _tiles("forward", dim, feats.device)
-    row_blocks = triton.cdiv(num_rows, block_g)
-    splits, per_split = forward_splits(num_rows, num_classes, dim, feats.device)
-    stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feats.device)
-    partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feats.device)
-    _forward_kernel[(row_blocks, splits)](
-        feats,
-        operand.row_scale if operand.fp8 else feats,
-        weight,
-        inv_norm if cosine else weight,
-        local_label,
-        stats[0],
-        stats[1],
-        stats[2],
-        partial,
-        num_rows,
-        num_classes,
-        dim,
-        feats.stride(0),
-        weight.stride(0),
-        per_split,
-        scale,
-        target_shift,
-        COSINE=cosine,
-        FP8=operand.fp8,
-        PRECISION=_precision(weight.dtype),
-        EXACT_CAST=INTERPRETED,
-        BLOCK_G=block_g,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-        num_warps=warps,
-        num_stages=stages,
-    )
+
+    def launch(tiles):
+        block_g, block_c, warps, stages = tiles
+        splits, per_split = forward_splits(num_rows, num_classes, feats.device, tiles)
+        stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feats.device)
+        partial = torch.empty((splits, num_rows, dim), dtype=torch.float32, device=feats.device)
+        _forward_kernel[(triton.cdiv(num_rows, block_g), splits)](
+            feats,
+            operand.row_scale if operand.fp8 else feats,
+            weight,
+            inv_norm if cosine else weight,
+            local_label,
+            stats[0],
+            stats[1],
+            stats[2],
+            partial,
+            num_rows,
+            num_classes,
+            dim,
+            feats.stride(0),
+            weight.stride(0),
+            per_split,
+            scale,
+            target_shift,
+            COSINE=cosine,
+            FP8=operand.fp8,
+            PRECISION=_precision(weight.dtype),
+            EXACT_CAST=INTERPRETED,
+            BLOCK_G=block_g,
+            BLOCK_C=block_c,
+            BLOCK_D=_block_d(dim),
+            num_warps=warps,
+            num_stages=stages,
+        )
+        return splits, stats, partial
+
+    splits, stats, partial = launch_fitted("forward", dim, weight.dtype, feats.device, launch, (cosine, operand.fp8))
     split_max, split_sum, split_target = stats
     if splits == 1:
         return split_max[0], split_sum[0], split_target[0], partial[0]
@@ -469,7 +443,6 @@ def shard_weight_backward(
     feats = operand.values
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    block_g, block_c, block_d, warps, stages = _tiles("weight_fp8" if operand.fp8 else "weight", dim, feats.device)
     has_buf = update is not None and update.momentum != 0
     if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
         raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
@@ -489,47 +462,59 @@ def shard_weight_backward(
     if update is None:
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
     p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
-    _weight_kernel[(triton.cdiv(num_classes, block_c),)](
-        feats,
-        operand.transposed if operand.fp8 else feats,
-        operand.row_scale if operand.fp8 else feats,
-        p_scale if operand.fp8 else feats,
-        weight,
-        inv_norm if cosine else weight,
-        local_label,
-        lse,
-        update.momentum_buffer if has_buf else weight,
-        grad_weight if grad_weight is not None else weight,
-        compensation if compensation is not None else weight,
-        class_ids.long() if has_ids else local_label,
-        _device_scalar(grad_scale, feats.device),
-        num_rows,
-        num_classes,
+
+    def launch(tiles):
+        block_g, block_c, warps, stages = tiles
+        _weight_kernel[(triton.cdiv(num_classes, block_c),)](
+            feats,
+            operand.transposed if operand.fp8 else feats,
+            operand.row_scale if operand.fp8 else feats,
+            p_scale if operand.fp8 else feats,
+            weight,
+            inv_norm if cosine else weight,
+            local_label,
+            lse,
+            update.momentum_buffer if has_buf else weight,
+            grad_weight if grad_weight is not None else weight,
+            compensation if compensation is not None else weight,
+            class_ids.long() if has_ids else local_label,
+            _device_scalar(grad_scale, feats.device),
+            num_rows,
+            num_classes,
+            dim,
+            feats.stride(0),
+            num_rows,
+            weight.stride(0),
+            scale,
+            target_shift,
+            update.lr if update else 0.0,
+            update.momentum if update else 0.0,
+            update.weight_decay if update else 0.0,
+            0 if has_ids else int(class_ids),
+            plan.key1,
+            plan.key2,
+            COSINE=cosine,
+            UPDATE=update is not None,
+            HAS_BUF=has_buf,
+            PRECISION=_precision(weight.dtype),
+            FP8=operand.fp8,
+            HAS_COMP=compensation is not None,
+            HAS_IDS=has_ids,
+            **plan.constants,
+            BLOCK_G=block_g,
+            BLOCK_C=block_c,
+            BLOCK_D=_block_d(dim),
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    launch_fitted(
+        "weight_fp8" if operand.fp8 else "weight",
         dim,
-        feats.stride(0),
-        num_rows,
-        weight.stride(0),
-        scale,
-        target_shift,
-        update.lr if update else 0.0,
-        update.momentum if update else 0.0,
-        update.weight_decay if update else 0.0,
-        0 if has_ids else int(class_ids),
-        plan.key1,
-        plan.key2,
-        COSINE=cosine,
-        UPDATE=update is not None,
-        HAS_BUF=has_buf,
-        PRECISION=_precision(weight.dtype),
-        FP8=operand.fp8,
-        HAS_COMP=compensation is not None,
-        HAS_IDS=has_ids,
-        **plan.constants,
-        BLOCK_G=block_g,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-        num_warps=warps,
-        num_stages=stages,
+        weight.dtype,
+        feats.device,
+        launch,
+        (cosine, update is not None, has_buf, compensation is not None, has_ids),
     )
     return grad_weight
 

@@ -238,6 +238,13 @@ class Trainer:
             unit_scaling=cfg.head.unit_scaling,
         )
 
+        try:  # a storage dtype and width the fused kernels cannot hold fail here, not in the first step
+            self.head.check_fused_kernels()
+        except ValueError as error:
+            raise ValueError(
+                f"head.weight_dtype={cfg.head.weight_dtype}, model.embed_dim={cfg.model.embed_dim}: {error}"
+            ) from error
+
         self.overlapped = None
         if cfg.comm.overlap:
             # The pipeline's bulk transfers get a communicator of their own (see hydrahead.comm.overlap).

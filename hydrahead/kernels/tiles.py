@@ -1,0 +1,145 @@
+"""Tile shapes of the fused kernels, and the fallback that keeps every width and dtype running.
+
+Each kernel has a preferred tile tuple, tuned on an H200 at D = 512 with bf16 weights
+(docs/kernels.md). Wider rows or wider elements need more shared memory than a GPU has
+(fp32 at D = 512: 279 KB against the H200's 227 KB), so a launch goes through
+``launch_fitted``: it tries the preferred tiles, then smaller ones (fewer pipeline stages,
+then half as many classes or samples per block, down to 16), skipping those whose
+estimated footprint cannot fit, and keeps the first that compiles for that kernel, width
+and dtype. The exact kernels hold whole rows (BLOCK_D = the next power of two of D); the
+filtered kernels stream D in BLOCK_K slices.
+
+Tile tuples: exact kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); filtered kernels
+(BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
+puts a tuple of one's own first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+__all__ = ["TilesDoNotFit", "candidate_tiles", "launch_fitted", "tile_config"]
+
+# Measured on an H200 at G=4096, D=512, C_r=1M: the weight kernel takes 29.7 ms with
+# 32-class blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8
+# warps. The filtered kernels: 256 x 128 x 64 measured best. The fp8 weight kernel (its
+# tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8 warps against 79.6 ms at
+# 64 x 32 with 4.
+_GPU_TILES = {
+    "forward": (64, 64, 8, 2),
+    "weight": (64, 32, 4, 2),
+    "weight_fp8": (64, 64, 8, 2),
+    "filtered": (256, 128, 64, 8, 3),
+}
+_CPU_TILES = {
+    "forward": (16, 16, 4, 1),
+    "weight": (16, 16, 4, 1),
+    "weight_fp8": (16, 16, 4, 1),
+    "filtered": (16, 16, 16, 4, 1),
+}  # the interpreter: small is quick
+_MIN_BLOCK = 16  # tl.dot's smallest side
+
+T = TypeVar("T")
+
+
+class TilesDoNotFit(ValueError):
+    """No tile shape of a kernel fits the GPU for this row width and dtype."""
+
+
+def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
+    """The preferred tile tuple of ``kernel`` on ``device`` (HYDRAHEAD_TILES first)."""
+    table = dict(_GPU_TILES if device.type == "cuda" else _CPU_TILES)
+    for item in filter(None, os.environ.get("HYDRAHEAD_TILES", "").split(";")):
+        name, _, values = item.partition(":")
+        table[name] = tuple(int(v) for v in values.split(","))
+    return table[kernel]
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (what Triton checks a kernel against)."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
+    except Exception:  # an unknown driver: the per-SM figure, a little above the per-program one
+        return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
+def _footprint(kernel: str, tiles: tuple[int, ...], dim: int, element_bytes: int) -> int:
+    """Shared-memory bytes the operand tiles take (a lower bound: the compiler adds scratch)."""
+    if kernel == "filtered":
+        block_g, block_c, block_k, _, stages = tiles
+        return stages * (block_g + block_c) * block_k * element_bytes
+    block_g, block_c, _, stages = tiles
+    width = max(_MIN_BLOCK, triton.next_power_of_2(dim))
+    streamed, resident = (block_c, block_g) if kernel == "forward" else (block_g, block_c)
+    if kernel == "weight_fp8":
+        streamed *= 2  # F and its transpose
+    return (stages * streamed + resident) * width * element_bytes
+
+
+def _shrinking(kernel: str, preferred: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """The preferred tiles, then ever smaller ones: fewer stages first, then the larger of
+    the two blocks halved (with the preferred stages again), down to 16 x 16 with one stage."""
+    blocks, (warps, stages) = list(preferred[:2]), preferred[-2:]
+    middle = preferred[2:-2]  # the filtered kernels' BLOCK_K
+    while True:
+        for s in range(stages, 0, -1):
+            yield (*blocks, *middle, warps, s)
+        largest = 0 if blocks[0] >= blocks[1] else 1
+        if blocks[largest] <= _MIN_BLOCK:
+            return
+        blocks[largest] //= 2
+
+
+def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.device) -> list[tuple[int, ...]]:
+    """Tile tuples to try for ``kernel`` at width ``dim`` and element ``dtype``, best first;
+    those whose operand tiles alone exceed the device's shared memory are left out."""
+    preferred = tile_config(kernel, device)
+    if device.type != "cuda":
+        return [preferred]
+    limit = _shared_memory_limit(device)
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    fitting = [t for t in _shrinking(kernel, preferred) if _footprint(kernel, t, dim, element_bytes) <= limit]
+    return fitting or [min(_shrinking(kernel, preferred), key=lambda t: _footprint(kernel, t, dim, element_bytes))]
+
+
+_FITTED: dict[tuple, tuple[int, ...]] = {}
+
+
+def launch_fitted(
+    kernel: str, dim: int, dtype: torch.dtype, device: torch.device, launch: Callable[[tuple], T], variant: tuple = ()
+) -> T:
+    """``launch(tiles)`` with the first candidate tile tuple whose kernel fits the device.
+
+    A kernel that needs more shared memory than the device has fails when it is compiled,
+    before it runs, so trying the next candidate is safe. The tuple that worked is kept
+    per (kernel, width, dtype, device, ``variant``: the launch's other compile-time
+    choices) and tried first next time.
+    """
+    key = (kernel, dim, dtype, device.type, device.index, variant)
+    failures = []
+    fitted = _FITTED.get(key)
+    if fitted is not None:  # the common case, every step: no candidates to work out
+        try:
+            return launch(fitted)
+        except OutOfResources as error:
+            failures.append(f"{fitted}: {error}")
+    for tiles in candidate_tiles(kernel, dim, dtype, device):
+        if tiles == fitted:
+            continue
+        try:
+            result = launch(tiles)
+        except OutOfResources as error:
+            failures.append(f"{tiles}: {error}")
+            continue
+        _FITTED[key] = tiles
+        return result
+    raise TilesDoNotFit(
+        f"the fused {kernel} kernel does not fit this GPU at D={dim} with {dtype} rows; tiles tried:\n  "
+        + "\n  ".join(failures)
+    )

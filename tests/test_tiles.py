@@ -1,0 +1,91 @@
+"""Tile choices of the fused kernels: candidates that fit shared memory, and the fallback
+from a tile shape that does not compile to the next one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from hydrahead.kernels import tiles
+from hydrahead.kernels.tiles import TilesDoNotFit, candidate_tiles, launch_fitted
+
+H200_SHARED = 232_448  # bytes a program may use on an H200 (Triton's limit there)
+CUDA = torch.device("cuda", 0)  # only a name here: nothing runs on it
+
+
+@pytest.fixture()
+def h200(monkeypatch):
+    monkeypatch.setattr(tiles, "_shared_memory_limit", lambda device: H200_SHARED)
+    monkeypatch.setattr(tiles, "_FITTED", {})
+
+
+@pytest.mark.parametrize("kernel", ["forward", "weight", "weight_fp8", "filtered"])
+def test_shrinking_goes_from_the_preferred_tiles_down_to_the_smallest(kernel):
+    preferred = tiles._GPU_TILES[kernel]
+    chain = list(tiles._shrinking(kernel, preferred))
+    assert chain[0] == preferred and len(set(chain)) == len(chain)
+    assert chain[-1][:2] == (16, 16) and chain[-1][-1] == 1  # 16 x 16 blocks, one stage
+    assert all(t[-2] == preferred[-2] and t[2:-2] == preferred[2:-2] for t in chain)  # warps and BLOCK_K kept
+    assert all(min(t[:2]) >= 16 for t in chain)
+
+
+def test_the_preferred_tiles_stay_first_where_they_fit(h200):
+    for kernel in ("forward", "weight", "filtered"):
+        assert candidate_tiles(kernel, 512, torch.bfloat16, CUDA)[0] == tiles._GPU_TILES[kernel]
+    assert candidate_tiles("weight_fp8", 512, torch.float8_e4m3fn, CUDA)[0] == tiles._GPU_TILES["weight_fp8"]
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256, 384, 512, 768, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_every_width_and_dtype_has_candidates_within_shared_memory(h200, dim, dtype):
+    element = torch.empty((), dtype=dtype).element_size()
+    kernels = ["forward", "weight_fp8" if dtype == torch.float8_e4m3fn else "weight", "filtered"]
+    for kernel in kernels:
+        found = candidate_tiles(kernel, dim, dtype, CUDA)
+        assert found, kernel
+        assert all(tiles._footprint(kernel, t, dim, element) <= H200_SHARED for t in found), (kernel, found)
+
+
+def test_fp32_rows_at_512_leave_the_preferred_forward_tiles_out(h200):
+    """The failure this guards: fp32 weights at D=512 asked for 279 KB of shared memory."""
+    preferred = tiles._GPU_TILES["forward"]
+    assert tiles._footprint("forward", preferred, 512, 4) > H200_SHARED
+    assert preferred not in candidate_tiles("forward", 512, torch.float32, CUDA)
+
+
+def test_launch_falls_back_to_the_next_tiles_and_remembers_them(h200, monkeypatch):
+    monkeypatch.setattr(tiles, "candidate_tiles", lambda *args: [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)])
+    tried = []
+
+    def launch(tile_shape):
+        tried.append(tile_shape)
+        if tile_shape[1] == 64:  # as a kernel that needs more shared memory than there is
+            raise OutOfResources(300_000, H200_SHARED, "shared memory")
+        return f"ran {tile_shape}"
+
+    assert launch_fitted("forward", 512, torch.float32, CUDA, launch) == "ran (64, 32, 8, 2)"
+    assert tried == [(64, 64, 8, 2), (64, 32, 8, 2)]
+    tried.clear()
+    assert launch_fitted("forward", 512, torch.float32, CUDA, launch) == "ran (64, 32, 8, 2)"
+    assert tried == [(64, 32, 8, 2)]  # the tiles that worked are tried first
+    tried.clear()
+    launch_fitted("forward", 512, torch.float32, CUDA, launch, variant=("cosine",))
+    assert tried[0] == (64, 64, 8, 2)  # another variant of the kernel is fitted on its own
+
+
+def test_launch_names_the_kernel_width_and_dtype_when_nothing_fits(h200, monkeypatch):
+    monkeypatch.setattr(tiles, "candidate_tiles", lambda *args: [(64, 64, 8, 2), (16, 16, 8, 1)])
+
+    def launch(tile_shape):
+        raise OutOfResources(300_000, H200_SHARED, "shared memory")
+
+    message = r"forward kernel does not fit this GPU at D=1024 with torch.float32"
+    with pytest.raises(TilesDoNotFit, match=message) as error:
+        launch_fitted("forward", 1024, torch.float32, CUDA, launch)
+    assert "(16, 16, 8, 1)" in str(error.value) and isinstance(error.value, ValueError)
+
+
+def test_the_interpreter_takes_its_small_tiles():
+    cpu = torch.device("cpu")
+    assert candidate_tiles("forward", 512, torch.float32, cpu) == [tiles._CPU_TILES["forward"]]
