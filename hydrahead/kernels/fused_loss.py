@@ -519,27 +519,30 @@ def preflight(
     feat_op = feature_operand(features, weight_dtype)
     inv_norm = inverse_row_norms(weight) if cosine else None
     options = dict(scale=4.0, target_shift=0.4 if cosine else 0.0, cosine=cosine)
-    update = SGDUpdate(
-        lr=0.1,
-        momentum=0.9 if momentum_dtype is not None else 0.0,
-        weight_decay=1e-4,
-        momentum_buffer=torch.zeros_like(weight, dtype=momentum_dtype) if momentum_dtype is not None else None,
-        rounding=rounding,
-        compensation=torch.zeros_like(weight, dtype=compensation_dtype) if compensation_dtype is not None else None,
-    )
-    if grad_filter > 0:
-        row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
+    # Both ways of naming the rows: consecutive (the whole shard) and listed (active rows).
+    for class_ids in (0, torch.arange(num_classes, device=device)):
+        update = SGDUpdate(
+            lr=0.1,
+            momentum=0.9 if momentum_dtype is not None else 0.0,
+            weight_decay=1e-4,
+            momentum_buffer=torch.zeros_like(weight, dtype=momentum_dtype) if momentum_dtype is not None else None,
+            rounding=rounding,
+            class_ids=class_ids,
+            compensation=torch.zeros_like(weight, dtype=compensation_dtype) if compensation_dtype is not None else None,
+        )
+        if grad_filter > 0:
+            row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
+            lse = (row_max + torch.log(row_sum)).contiguous()
+            cut = (lse + math.log(grad_filter)).contiguous()
+            filtered_kernels.select_entries(
+                feat_op, weight, inv_norm, labels, cut, scale=options["scale"], cosine=cosine,
+                capacity=filtered_kernels.initial_capacity(num_rows),
+            )  # fmt: skip
+            touched = torch.arange(3, device=device)
+            filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), update)
+        # The exact kernels run in every mode: the filtered path falls back on them.
+        row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
         lse = (row_max + torch.log(row_sum)).contiguous()
-        cut = (lse + math.log(grad_filter)).contiguous()
-        filtered_kernels.select_entries(
-            feat_op, weight, inv_norm, labels, cut, scale=options["scale"], cosine=cosine,
-            capacity=filtered_kernels.initial_capacity(num_rows),
-        )  # fmt: skip
-        touched = torch.arange(3, device=device)
-        filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), update)
-    # The exact kernels run in every mode: the filtered path falls back on them.
-    row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
-    lse = (row_max + torch.log(row_sum)).contiguous()
-    shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
+        shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a fault in a kernel surfaces here, not in the first step
