@@ -9,7 +9,11 @@ Every row is one step of the head: forward + backward + the SGD update of W (lr 
 momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
 ``--momentum-dtype``), so every method does the same work:
 
-  ours             hydrahead.kernels.triton_sharded_cross_entropy, SGD fused into the backward
+  ours             hydrahead.kernels.triton_sharded_cross_entropy (exact_kernels auto: the gemm
+                   path for bf16 rows): an LSE pass, then class chunks of P written by a kernel,
+                   dF and dW on cuBLAS, the SGD step on each chunk's rows
+  ours-stationary  the same loss on the stationary kernels (blocks of rows held in registers,
+                   A = P W in the forward, the update fused into the weight kernel)
   ours-filtered    hydrahead's filtered path: entries with |softmax - onehot| < --grad-filter
                    dropped; the LSE pass, one recompute listing the kept entries, a sparse
                    update (4·G·D·C_r FLOPs)
@@ -36,9 +40,19 @@ Two kinds of logits, from the same W ~ N(0, 0.02^2) and labels:
           set per shape so that the target holds about --target-prob of the softmax mass;
           the mean target probability actually reached is measured and printed.
 
-Reported per row: the median time of --reps steps (CUDA events), its ratio to the
-arithmetic floor (8·G·D·C_r FLOPs: logits, their recomputation in the backward, dF, dW,
-at the bf16 matmul rate measured in this run), the peak memory and the peak beyond what
+Reported per row: the median time of --reps steps (CUDA events) and its ratio to the
+floor, the larger of two:
+  matmul floor  8·G·D·C_r FLOPs (logits, their recomputation in the backward, dF, dW), each
+                2·G·D·C_r product at the rate cuBLAS reaches on this very G x D x C_r product
+                (F @ W^T in class chunks, in the same run; bf16, or fp8 e4m3 via
+                torch._scaled_mm for the fp8 rows' fp8 products);
+  memory floor  the bytes of W, its momentum buffer (and Kahan buffer, none here) that any
+                step without stored logits must move: W read twice (the softmax's normaliser
+                needs every row before any row's gradient is known) and written once, the
+                buffer read and written once, at the copy bandwidth measured in the same run.
+Both floors are in every row (matmul_floor_ms, memory_floor_ms), with peak_floor_ms (the
+8·G·D·C_r FLOPs at the square-matmul rate, the floor of earlier results). Then the peak
+memory and the peak beyond what
 was allocated before the step (W, momentum buffer, features, labels), and the relative
 error of the first step's loss (before W moves) against a float64 computation on the same
 bf16 inputs. Each (method, shape, kind) runs in its own subprocess, so an out-of-memory
@@ -76,7 +90,10 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 
-DEFAULT_SHAPES = "4096x512x1048576,8192x512x4194304,4096x512x25000000"
+# The G sweep at C_r = 250k and 1M (small G: bound by memory; large: by arithmetic).
+DEFAULT_SHAPES = ",".join(
+    [f"{g}x512x262144" for g in (256, 512, 1024)] + [f"{g}x512x1048576" for g in (256, 512, 1024, 4096, 8192)]
+)
 DRY_RUN_SHAPES = "64x16x1000"
 KINDS = ("flat", "peaked")
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -97,7 +114,8 @@ class Method:
 
 
 METHODS = {
-    "ours": Method("hydrahead-triton (fused SGD)", "fused", ("hydrahead.kernels",)),
+    "ours": Method("hydrahead-triton gemm backward (fused SGD)", "fused", ("hydrahead.kernels",)),
+    "ours-stationary": Method("hydrahead-triton stationary kernels (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
     "ours-fp8": Method("hydrahead-triton fp8 e4m3 W (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
@@ -110,7 +128,7 @@ METHODS = {
     "reference": Method(f"hydrahead-reference chunk {REFERENCE_CHUNK} (dW + torch SGD)", "torch", ("hydrahead.head",)),
     "liger": Method("liger-kernel (dW + torch SGD)", "torch", ("liger_kernel.transformers.functional",), slow=True),
 }
-OURS = ("ours", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-filtered")
+OURS = ("ours", "ours-stationary", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-filtered")
 # The rate each of the four matmuls (logits, A = P W, recomputed logits, P^T F) runs at.
 # The fp8 kernels run A in bf16: FP8 tensor cores take K-major operands only and the fp8
 # W tile is D-major there (docs/kernels.md).
@@ -122,6 +140,15 @@ def floor_ms(key: str, shape, rates: dict) -> float:
     """The step's arithmetic floor: each of its four 2·G·D·C_r matmuls at its own measured rate."""
     G, D, C = shape
     return sum(2 * G * D * C / (rates[dtype] * 1e12) * 1e3 for dtype in MATMUL_DTYPES.get(key, ("bf16",) * 4))
+
+
+def memory_floor_ms(key: str, shape, momentum_dtype: str, copy_gbps: float) -> float:
+    """Bytes of W (read twice, written once) and of its momentum buffer (read and written once)
+    at the measured copy bandwidth (GB/s)."""
+    _, D, C = shape
+    weight_bytes = 1 if key in MATMUL_DTYPES else 2
+    buffer_bytes = 4 if momentum_dtype == "fp32" else 2
+    return (3 * weight_bytes + 2 * buffer_bytes) * C * D / (copy_gbps * 1e9) * 1e3
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,6 +298,7 @@ def build_step(key: str, p: Problem, args):
                     weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
+            exact_kernels = "stationary" if key == "ours-stationary" else "auto"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
 
             def fused_step():
@@ -290,6 +318,7 @@ def build_step(key: str, p: Problem, args):
                     update=update,
                     scale=scale,
                     grad_filter=grad_filter,
+                    exact_kernels=exact_kernels,
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
                 state["step"] += 1
@@ -332,6 +361,47 @@ def build_step(key: str, p: Problem, args):
 # ----------------------------------------------------------------------------------------
 # One (method, shape, kind) in a subprocess
 # ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def shape_matmul_tflops(p: Problem, output_bytes: int = 4 << 30) -> dict:
+    """The rate cuBLAS reaches on this shape's product F @ W^T (bf16, and e4m3 x e4m3 via
+    torch._scaled_mm), in class chunks whose bf16 output stays below ``output_bytes``."""
+    features, weight = p.features.detach(), p.weight.detach()
+    (G, D), C = features.shape, weight.shape[0]
+    chunk = max(256, min(C, output_bytes // (2 * G)))
+    flops = 2 * G * D * C
+
+    def timed(fn) -> float:
+        if features.device.type != "cuda":
+            return flops / (median(cpu_time_ms(fn, warmup=0, reps=1)) * 1e-3) / 1e12
+        return flops / (median(cuda_time_ms(fn, warmup=1, reps=3)) * 1e-3) / 1e12
+
+    rates = {"shape_tflops_bf16": timed(lambda: [features @ w.t() for w in weight.split(chunk)])}
+    if features.device.type == "cuda":
+        f8 = features.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=features.device)
+        w8 = [w.to(torch.float8_e4m3fn) for w in weight.split(chunk)]  # rows x D: its .t() is column-major
+        rates["shape_tflops_fp8"] = timed(
+            lambda: [torch._scaled_mm(f8, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16) for w in w8]
+        )
+        del w8
+    else:
+        rates["shape_tflops_fp8"] = rates["shape_tflops_bf16"]
+    return rates
+
+
+def copy_bandwidth_gbps(device: torch.device, size: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy of ``size`` bytes (read + write counted)."""
+    if device.type != "cuda":
+        size = 64 << 20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        ms = median(cuda_time_ms(lambda: dst.copy_(src), warmup=2, reps=10))
+    else:
+        ms = median(cpu_time_ms(lambda: dst.copy_(src), warmup=1, reps=3))
+    return 2 * size / (ms * 1e-3) / 1e9
 
 
 def cpu_time_ms(fn, *, warmup: int, reps: int) -> list[float]:
@@ -397,13 +467,19 @@ def run_child(task: list[str], args) -> dict:
             return {"error": "this benchmark needs a CUDA device (or --dry-run)"}
         tflops = bf16_matmul_tflops() if device.type == "cuda" else cpu_bf16_matmul_tflops()
         fp8 = fp8_matmul_tflops() if device.type == "cuda" else tflops  # CPU dry run: no fp8 units
-        return {**environment(), "matmul_tflops_bf16": tflops, "matmul_tflops_fp8": fp8}
+        return {
+            **environment(),
+            "matmul_tflops_bf16": tflops,
+            "matmul_tflops_fp8": fp8,
+            "copy_gbps": copy_bandwidth_gbps(device),
+        }
 
     what, shape, kind = task[0], parse_shape(task[1]), task[2]
     if what == "float64":
         try:
             p = make_problem(shape, kind, device, args, with_buffer=False)
-            return {**float64_loss(p, args.grad_filter), "target_logit": p.target_logit}
+            rates = shape_matmul_tflops(p)
+            return {**float64_loss(p, args.grad_filter), "target_logit": p.target_logit, **rates}
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which carries on
             return {"note": error_note(exc)}
 
@@ -498,7 +574,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), [f"{shape}\n{kind}" for shape, kind in groups], fontsize=8)
-    ax.set_ylabel("time / (8·G·D·C_r floor at the method's matmul rate)")
+    ax.set_ylabel("time / max(matmul floor, memory floor)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -597,8 +673,11 @@ def main(argv=None) -> None:
     env = spawn(["matmul"], args)
     if "matmul_tflops_bf16" not in env:
         sys.exit(f"head_kernels: {env.get('error') or env.get('note')}")
-    tflops, tflops_fp8 = env.pop("matmul_tflops_bf16"), env.pop("matmul_tflops_fp8")
-    print(f"{env['device']}: bf16 matmul {tflops:.1f} TFLOP/s, fp8 {tflops_fp8:.1f}", flush=True)
+    tflops, tflops_fp8, copy_gbps = env.pop("matmul_tflops_bf16"), env.pop("matmul_tflops_fp8"), env.pop("copy_gbps")
+    print(
+        f"{env['device']}: bf16 matmul {tflops:.1f} TFLOP/s, fp8 {tflops_fp8:.1f} (8192^3), copy {copy_gbps:.0f} GB/s",
+        flush=True,
+    )
 
     # Rows land in a JSON-lines file as they come, so an interrupted run can --resume.
     out_dir = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
@@ -621,9 +700,13 @@ def main(argv=None) -> None:
         "what": "one shard, one training step of the head: forward + backward + SGD update of W, bf16 W and features",
         "matmul_tflops_bf16": tflops,
         "matmul_tflops_fp8": tflops_fp8,
+        "copy_gbps": copy_gbps,
         "floor": (
-            "8*G*D*C_r FLOPs (logits, their recomputation, dF, dW): each 2*G*D*C_r matmul at the rate measured in this "
-            "run for its operand type (bf16 matmul, or fp8 e4m3 via torch._scaled_mm); see each row's matmul_dtypes"
+            "max(matmul floor, memory floor). matmul floor: 8*G*D*C_r FLOPs (logits, their recomputation, dF, dW), "
+            "each 2*G*D*C_r product at the rate cuBLAS reaches on this G x D x C_r product in this run (bf16, or fp8 "
+            "e4m3 via torch._scaled_mm; see each row's matmul_dtypes and the inputs' shape_tflops_*). memory floor: "
+            "W read twice and written once, its momentum buffer read and written once, at the copy bandwidth measured "
+            "in this run. peak_floor_ms: the 8*G*D*C_r FLOPs at the 8192^3 matmul rates"
         ),
         "settings": {
             "sgd": SGD,
@@ -641,10 +724,8 @@ def main(argv=None) -> None:
         "rows": [],
     }
 
+    peak_rates = {"bf16": tflops, "fp8": tflops_fp8}
     for shape in shapes:
-        G, D, C = shape
-        rates = {"bf16": tflops, "fp8": tflops_fp8}
-        bf16_floor_ms, fp8_floor_ms = floor_ms("ours", shape, rates), 8 * G * D * C / (tflops_fp8 * 1e12) * 1e3
         for kind in kinds:
             where = {"shape": shape_name(shape), "kind": kind}
             inputs = next(
@@ -659,14 +740,21 @@ def main(argv=None) -> None:
                 inputs = {"record": "inputs", **where, **spawn(["float64", shape_name(shape), kind], args)}
                 keep(inputs)
             loss64 = inputs.get("loss64")
+            rates = {
+                "bf16": inputs.get("shape_tflops_bf16") or tflops,
+                "fp8": inputs.get("shape_tflops_fp8") or tflops_fp8,
+            }
+            bf16_floor_ms, fp8_floor_ms = floor_ms("ours", shape, rates), floor_ms("ours-fp8", shape, rates)
             if loss64 is None:
                 print(f"== {where['shape']} {kind}: no float64 loss ({inputs.get('note')})", flush=True)
             else:
                 print(
                     f"== {where['shape']} {kind}: float64 loss {loss64:.6f}, mean target probability "
                     f"{inputs['mean_target_prob']:.3f}, softmax entries >= {args.grad_filter:.3g}: "
-                    f"{inputs['frac_p_above_filter']:.2e}, floor {bf16_floor_ms:.2f} "
-                    f"ms (bf16), {fp8_floor_ms:.2f} ms (all fp8)",
+                    f"{inputs['frac_p_above_filter']:.2e}; cuBLAS on this product {rates['bf16']:.0f} TFLOP/s "
+                    f"(fp8 {rates['fp8']:.0f}): matmul floor {bf16_floor_ms:.2f} ms (bf16), {fp8_floor_ms:.2f} "
+                    f"ms (fp8 rows); memory floor "
+                    f"{memory_floor_ms('ours', shape, args.momentum_dtype, copy_gbps):.2f} ms (bf16 rows)",
                     flush=True,
                 )
             for key in methods:
@@ -687,12 +775,19 @@ def main(argv=None) -> None:
                 if row is None:
                     row = {"method": METHODS[key].name, "key": key, **where, **spawn([key, *where.values()], args)}
                     ms = row.get("ms")
-                    row_floor = floor_ms(key, shape, rates)
+                    matmul_floor = floor_ms(key, shape, rates)
+                    memory_floor = memory_floor_ms(key, shape, args.momentum_dtype, copy_gbps)
+                    row_floor = max(matmul_floor, memory_floor)
                     row.update(
                         record="row",
                         floor_ms=row_floor,
+                        matmul_floor_ms=matmul_floor,
+                        memory_floor_ms=memory_floor,
+                        peak_floor_ms=floor_ms(key, shape, peak_rates),
+                        bound="memory" if memory_floor > matmul_floor else "matmul",
                         matmul_dtypes=list(MATMUL_DTYPES.get(key, ("bf16",) * 4)),
                         matmul_tflops=rates,
+                        copy_gbps=copy_gbps,
                         ratio=None if ms is None else ms / row_floor,
                         loss_rel_err=None
                         if row.get("loss") is None or not loss64
@@ -712,12 +807,24 @@ def main(argv=None) -> None:
             payload["inputs"].append({k: v for k, v in inputs.items() if k != "record"})
             path = write_results(args.name, payload)
 
-    title = f"{payload['device']}: one head step (fwd + bwd + SGD) / 8·G·D·C_r floor at {tflops:.0f} TFLOP/s"
+    title = f"{payload['device']}: one head step (fwd + bwd + SGD) / max(matmul floor, memory floor)"
     png = plot(payload["rows"], path, title)
     print(f"\nbf16 matmul {tflops:.1f} TFLOP/s; wrote {path}" + (f" and {png}" if png else ""))
     table = [{**r, "loss_rel_err": fmt_sci(r.get("loss_rel_err"))} for r in payload["rows"]]
     print_table(
-        table, ["method", "shape", "kind", "ms", "floor_ms", "ratio", "peak_mib", "extra_mib", "loss_rel_err", "note"]
+        table,
+        [
+            "method",
+            "shape",
+            "kind",
+            "ms",
+            "matmul_floor_ms",
+            "memory_floor_ms",
+            "ratio",
+            "extra_mib",
+            "loss_rel_err",
+            "note",
+        ],
     )
 
 
@@ -731,6 +838,8 @@ def collect(name: str) -> None:
     previous = json.loads((out_dir / f"{name}.json").read_text())
     rows = [{k: v for k, v in r.items() if k != "record"} for r in records if r.get("record") == "row"]
     for row in rows:  # floors from the rates of the row's own invocation (older rows: the JSON's)
+        if "matmul_floor_ms" in row:  # both floors were measured with the row
+            continue
         rates = row.get("matmul_tflops") or {
             "bf16": previous["matmul_tflops_bf16"],
             "fp8": previous.get("matmul_tflops_fp8"),
@@ -742,7 +851,7 @@ def collect(name: str) -> None:
     payload = {**{k: v for k, v in previous.items() if k not in ("rows", "inputs")}, "inputs": inputs, "rows": rows}
     payload["floor"] += "; each row's floor_ms uses the rates measured in its own invocation"
     path = write_results(name, payload)
-    png = plot(rows, path, f"{payload['device']}: one head step (fwd + bwd + SGD) / 8·G·D·C_r bf16 floor")
+    png = plot(rows, path, f"{payload['device']}: one head step (fwd + bwd + SGD) / its floor")
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     table = [{**r, "loss_rel_err": fmt_sci(r.get("loss_rel_err"))} for r in rows]
     print_table(table, ["method", "shape", "kind", "ms", "ratio", "extra_mib", "loss_rel_err", "note"])

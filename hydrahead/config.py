@@ -132,6 +132,12 @@ class HeadConfig:
         0.0,
         "triton: drop entries of softmax - onehot below this in dF and dW (0: exact; 2.4e-4 = 2**-12 is a usual value)",
     )
+    exact_kernels: str = _key(
+        "auto",
+        "triton, exact step (head.grad_filter=0): gemm (an LSE pass, then softmax chunks and cuBLAS "
+        "products), stationary (two kernels holding blocks of rows; fp8 rows), auto (gemm for fp32/bf16 rows)",
+        ("auto", "gemm", "stationary"),
+    )
     selection: str = _key(
         "full",
         "classes each shard scores per step: full (all), random (positives + random negatives up to "
@@ -684,6 +690,10 @@ def _check_head(c: _Checks) -> None:
         h.grad_filter == 0 or cfg.head_impl == "triton",
         f"head.grad_filter={h.grad_filter} needs the fused kernels "
         f"(head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
+    )
+    c.need(
+        h.exact_kernels != "gemm" or h.weight_dtype != "fp8_e4m3",
+        "head.exact_kernels=gemm takes fp32 or bf16 rows; head.weight_dtype=fp8_e4m3 runs on stationary (or auto)",
     )
     c.need(
         h.impl == "reference" or h.margin_type != "arcface",

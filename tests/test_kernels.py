@@ -45,13 +45,25 @@ def rel_err(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+EXACT_KERNELS = ["gemm", "stationary"]
+
+
+@pytest.mark.parametrize("exact_kernels", EXACT_KERNELS)
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_loss_and_gradients_equal_the_reference(margin_type):
+def test_loss_and_gradients_equal_the_reference(margin_type, exact_kernels):
     features, weight, labels = make_inputs(1)
     scale, margin = MARGINS[margin_type]
     f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = triton_sharded_cross_entropy(
-        f, w, labels, 0, num_classes=NUM_CLASSES, scale=scale, margin=margin, margin_type=margin_type
+        f,
+        w,
+        labels,
+        0,
+        num_classes=NUM_CLASSES,
+        scale=scale,
+        margin=margin,
+        margin_type=margin_type,
+        exact_kernels=exact_kernels,
     )
     loss.backward()
     ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(
@@ -62,9 +74,10 @@ def test_loss_and_gradients_equal_the_reference(margin_type):
     assert rel_err(w.grad, ref_wgrad) < 1e-5
 
 
+@pytest.mark.parametrize("exact_kernels", EXACT_KERNELS)
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
 @pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0)])
-def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, weight_decay):
+def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, weight_decay, exact_kernels):
     features, weight, labels = make_inputs(2)
     scale, margin = MARGINS[margin_type]
     buffer = torch.randn_like(weight) * 0.01  # a momentum buffer from earlier steps
@@ -77,7 +90,7 @@ def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, 
     f = features.clone().requires_grad_()
     update = SGDUpdate(lr=0.5, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf if momentum else None)
     loss = triton_sharded_cross_entropy(
-        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update
+        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update, exact_kernels=exact_kernels
     )
     loss.backward()
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
@@ -88,10 +101,12 @@ def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, 
     assert w.grad is None
 
 
-def test_incoming_gradient_scales_both_outputs():
+@pytest.mark.parametrize("exact_kernels", EXACT_KERNELS)
+def test_incoming_gradient_scales_both_outputs(exact_kernels):
     features, weight, labels = make_inputs(3)
     f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
-    (triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0]) * -2.5).backward()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=MARGINS["none"][0], exact_kernels=exact_kernels)
+    (loss * -2.5).backward()
     _, ref_fgrad, ref_wgrad, _, _ = reference_step(
         features, weight, labels, "none", torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0
     )
@@ -211,22 +226,30 @@ def test_arcface_is_refused_with_a_pointer_to_the_reference():
         triton_sharded_cross_entropy(features, weight, labels, 0, scale=16.0, margin=0.3, margin_type="arcface")
 
 
-def _sharded_worker(rank, world_size, margin_type, grad_filter=0.0):
+def _sharded_worker(rank, world_size, margin_type, grad_filter=0.0, exact_kernels="auto"):
     features, weight, labels = make_inputs(6)
     start, stop = shard_range(NUM_CLASSES, world_size, rank)
     scale, margin = MARGINS[margin_type]
     f = features.clone().requires_grad_()
     w = weight[start:stop].clone().requires_grad_()
     loss = triton_sharded_cross_entropy(
-        f, w, labels, start, scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter
+        f,
+        w,
+        labels,
+        start,
+        scale=scale,
+        margin=margin,
+        margin_type=margin_type,
+        grad_filter=grad_filter,
+        exact_kernels=exact_kernels,
     )
     loss.backward()
     return loss.detach(), f.grad, w.grad
 
 
-@pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_three_shards_merge_like_one_device(margin_type):
-    results = run_ranks(_sharded_worker, 3, margin_type)
+@pytest.mark.parametrize("margin_type, exact_kernels", [("none", "stationary"), ("cosface", "gemm")])
+def test_three_shards_merge_like_one_device(margin_type, exact_kernels):
+    results = run_ranks(_sharded_worker, 3, margin_type, 0.0, exact_kernels)
     features, weight, labels = make_inputs(6)
     ref_loss, ref_fgrad, ref_wgrad, _, _ = reference_step(
         features, weight, labels, margin_type, torch.zeros_like(weight), lr=0, momentum=0, weight_decay=0
@@ -264,3 +287,75 @@ def test_class_splits_merge_like_one_pass():
     assert torch.allclose(target.double(), logits.gather(1, labels[:, None]).squeeze(1), rtol=1e-5)
     expected = torch.exp(logits - logits.amax(dim=1, keepdim=True)) @ weight.double()
     assert rel_err(accumulated, expected) < 1e-5
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_gemm_backward_chunk_by_chunk_equals_one_chunk(monkeypatch, cosine):
+    """The gemm backward over classes in 256-row chunks (three here, the last one short)
+    gives the one-chunk result: each chunk's P, dF share and update are its own."""
+    from hydrahead.kernels.exact_gemm import chunk_classes, exact_backward
+    from hydrahead.kernels.shard_ce import inverse_row_norms
+
+    gen = torch.Generator().manual_seed(8)
+    features, weight = torch.randn(BATCH, DIM, generator=gen), torch.randn(600, DIM, generator=gen) * 0.3
+    labels = torch.randint(0, 600, (BATCH,), generator=gen)
+    labels[::4] = -1  # rows without a label here: no onehot entry
+    lse = torch.logsumexp(2.0 * features @ weight.t(), dim=1)
+    lse[::6] = float("inf")  # ignored rows: P = 0
+    inv_norm = inverse_row_norms(weight) if cosine else None
+    results = []
+    for chunk_mib in ("1024", "0.01"):
+        monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", chunk_mib)
+        w, buf = weight.clone(), torch.full_like(weight, 0.01)
+        update = SGDUpdate(lr=0.5, momentum=0.9, weight_decay=1e-3, momentum_buffer=buf, class_ids=1000)
+        grad_feat, _ = exact_backward(
+            features, w, inv_norm, labels, lse.contiguous(), scale=2.0, target_shift=0.1, cosine=cosine,
+            grad_scale=0.25, update=update,
+        )  # fmt: skip
+        results.append((chunk_classes(BATCH, torch.float32, 600), grad_feat, w, buf))
+    (one, *whole), (many, *chunked) = results
+    assert one >= 600 and many == 256
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(whole[1], weight), "the update moved the rows"
+
+
+def test_exact_kernels_choice_is_checked():
+    from hydrahead.kernels.exact_gemm import resolve_exact_kernels
+
+    assert resolve_exact_kernels("auto", torch.bfloat16) == "gemm"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn) == "stationary"
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_exact_kernels("gemm", torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="one of"):
+        resolve_exact_kernels("fast", torch.bfloat16)
+
+
+def test_update_in_the_product_epilogue_equals_the_separate_pass(monkeypatch):
+    """The gemm backward's update fused into the dW product (stochastic rounding keyed by
+    listed class ids, a Kahan buffer, momentum) against dW from torch then the row pass."""
+    from hydrahead.kernels.exact_gemm import exact_backward
+
+    gen = torch.Generator().manual_seed(9)
+    features, weight = torch.randn(BATCH, DIM, generator=gen), torch.randn(300, DIM, generator=gen) * 0.3
+    labels = torch.randint(0, 300, (BATCH,), generator=gen)
+    lse = torch.logsumexp(2.0 * features @ weight.t(), dim=1).contiguous()
+    class_ids = torch.randperm(10_000, generator=gen)[:300]
+    results = []
+    for how in ("fused", "separate"):
+        monkeypatch.setenv("HYDRAHEAD_GEMM_UPDATE", how)
+        monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.01")  # two chunks
+        w, buf = weight.clone(), torch.full_like(weight, 0.01)
+        comp = torch.full_like(weight, 1e-6, dtype=torch.bfloat16)
+        update = SGDUpdate(
+            lr=0.5, momentum=0.9, weight_decay=1e-3, momentum_buffer=buf, rounding="stochastic", seed=3, step=7,
+            class_ids=class_ids, compensation=comp,
+        )  # fmt: skip
+        exact_backward(
+            features, w, None, labels, lse, scale=2.0, target_shift=0.0, cosine=False, grad_scale=0.25,
+            update=update, want_features=False,
+        )  # fmt: skip
+        results.append((w, buf, comp.float()))
+    for fused, separate in zip(*results):
+        assert torch.allclose(fused, separate, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(results[0][0], weight)

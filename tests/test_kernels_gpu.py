@@ -36,12 +36,15 @@ def float64_reference(features, weight, labels, margin_type):
     return loss.detach(), f.grad, w.grad
 
 
+@pytest.mark.parametrize("exact_kernels", ["gemm", "stationary"])
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_bf16_gradients_within_bf16_error(margin_type):
+def test_bf16_gradients_within_bf16_error(margin_type, exact_kernels):
     features, weight, labels = inputs(11 if margin_type == "none" else 12)
     scale, margin = MARGINS[margin_type]
     f, w = features.cuda().requires_grad_(), weight.cuda().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type=margin_type)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels.cuda(), 0, scale=scale, margin=margin, margin_type=margin_type, exact_kernels=exact_kernels
+    )
     loss.backward()
     ref_loss, ref_fgrad, ref_wgrad = float64_reference(features, weight, labels, margin_type)
     assert abs(float(loss) - float(ref_loss)) < 5e-3 * abs(float(ref_loss))
@@ -49,8 +52,9 @@ def test_bf16_gradients_within_bf16_error(margin_type):
     assert rel_err(w.grad, ref_wgrad) < 2e-2
 
 
+@pytest.mark.parametrize("exact_kernels", ["gemm", "stationary"])
 @pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
+def test_bf16_fused_update_follows_the_float64_step(buffer_dtype, exact_kernels):
     features, weight, labels = inputs(13)
     _, _, ref_wgrad = float64_reference(features, weight, labels, "cosface")
     lr, momentum, weight_decay = 0.5, 0.9, 5e-4
@@ -72,6 +76,7 @@ def test_bf16_fused_update_follows_the_float64_step(buffer_dtype):
         margin=margin,
         margin_type="cosface",
         update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
+        exact_kernels=exact_kernels,
     )
     loss.backward()
     assert rel_err(buf, ref_buf) < 2e-2
@@ -338,14 +343,20 @@ def _masked_float64(features, weight, labels, scale, threshold):
     return loss.detach(), f.grad, w.grad
 
 
-@pytest.mark.parametrize("grad_filter", [0.0, 2.0**-12], ids=["exact", "filtered"])
+SWEEP_MODES = {"exact-gemm": (0.0, "gemm"), "exact-stationary": (0.0, "stationary"), "filtered": (2.0**-12, "auto")}
+
+
+@pytest.mark.parametrize("mode", list(SWEEP_MODES))
 @pytest.mark.parametrize("dim", [64, 128, 256, 384, 512, 768, 1024])
 @pytest.mark.parametrize("dtype_name", list(SWEEP_DTYPES))
-def test_every_storage_dtype_and_width_runs_against_float64(dtype_name, dim, grad_filter):
+def test_every_storage_dtype_and_width_runs_against_float64(dtype_name, dim, mode):
     """Odd G and C_r; unit-variance rows and logits scaled by 2/sqrt(D) (unit scaling), so
     the softmax is neither flat nor one-hot. dW is read from the fused update's momentum
     buffer (momentum 0.9 from zero: the buffer is the gradient)."""
     dtype = SWEEP_DTYPES[dtype_name]
+    grad_filter, exact_kernels = SWEEP_MODES[mode]
+    if exact_kernels == "gemm" and dtype == torch.float8_e4m3fn:
+        pytest.skip("fp8 rows run on the stationary kernels")
     gen = torch.Generator().manual_seed(dim + len(dtype_name))
     num_rows, num_classes = 33, 1001
     features = torch.randn(num_rows, dim, generator=gen).cuda()
@@ -360,7 +371,15 @@ def test_every_storage_dtype_and_width_runs_against_float64(dtype_name, dim, gra
     f = features.clone().requires_grad_()
     update = SGDUpdate(lr=1e-3, momentum=0.9, weight_decay=0.0, momentum_buffer=buffer)
     loss = triton_sharded_cross_entropy(
-        f, weight, labels, 0, num_classes=num_classes, scale=scale, update=update, grad_filter=grad_filter
+        f,
+        weight,
+        labels,
+        0,
+        num_classes=num_classes,
+        scale=scale,
+        update=update,
+        grad_filter=grad_filter,
+        exact_kernels=exact_kernels,
     )
     loss.backward()
     tolerance = SWEEP_TOLERANCE[dtype_name] * (2 if grad_filter else 1)  # entries at the threshold may flip

@@ -129,6 +129,7 @@ class ShardedClassifier(nn.Module):
         rounding: str = "nearest",
         kahan_dtype: torch.dtype | None = None,
         unit_scaling: bool = False,
+        exact_kernels: str = "auto",
     ):
         super().__init__()
         if impl not in IMPLS:
@@ -153,6 +154,7 @@ class ShardedClassifier(nn.Module):
         self.ignore_index, self.chunk_size = ignore_index, chunk_size
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
+        self.exact_kernels = exact_kernels  # how the fused exact step runs (hydrahead.kernels.exact_gemm)
         self.lr = 0.0
         self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
         check_rounding(rounding)
@@ -189,6 +191,7 @@ class ShardedClassifier(nn.Module):
                 compensation_dtype=self.compensation.dtype if self.compensation is not None else None,
                 rounding=self.rounding,
                 grad_filter=self.grad_filter,
+                exact_kernels=self.exact_kernels,
             )
         except TilesDoNotFit as error:
             raise ValueError(
@@ -475,7 +478,14 @@ class ShardedClassifier(nn.Module):
                 from hydrahead.kernels import triton_sharded_cross_entropy
 
                 return triton_sharded_cross_entropy(
-                    global_features, weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options
+                    global_features,
+                    weight,
+                    labels,
+                    class_start,
+                    update=update,
+                    grad_filter=self.grad_filter,
+                    exact_kernels=self.exact_kernels,
+                    **options,
                 )
             return sharded_cross_entropy(
                 global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options
@@ -505,7 +515,13 @@ class ShardedClassifier(nn.Module):
             from hydrahead.kernels.fused_loss import FusedMicroBatches
 
             return FusedMicroBatches(
-                weight, labels, class_start, update=update, grad_filter=self.grad_filter, **options
+                weight,
+                labels,
+                class_start,
+                update=update,
+                grad_filter=self.grad_filter,
+                exact_kernels=self.exact_kernels,
+                **options,
             )
         return MicroBatches(weight, labels, class_start, chunk_size=self.chunk_size, **options)
 

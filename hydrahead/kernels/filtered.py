@@ -32,13 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.rounding import onto_grid, rounding_plan
+from hydrahead.kernels.rounding import rounding_plan, sgd_store
 from hydrahead.kernels.shard_ce import (
     FeatureOperand,
     SGDUpdate,
     _as_operand,
     _num_programs_target,
     _precision,
+    check_update,
 )
 from hydrahead.kernels.tiles import launch_fitted
 
@@ -320,6 +321,7 @@ def _sgd_kernel(
     HAS_BUF: tl.constexpr,
     HAS_COMP: tl.constexpr,
     HAS_IDS: tl.constexpr,
+    DENSE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     MANT_BITS: tl.constexpr,
@@ -330,8 +332,9 @@ def _sgd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient.
-    The new weights are written onto the storage grid as the exact weight kernel writes them."""
+    """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient, or
+    (DENSE) every row adds its row of TOUCHED_GRAD (C x D, contiguous). The new weights are
+    written onto the storage grid as the exact weight kernel writes them."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
@@ -340,39 +343,42 @@ def _sgd_kernel(
     tile = rows[:, None].to(tl.int64) * stride_w + dims[None, :]
     tile_ok = row_ok[:, None] & dim_ok[None, :]
     w32 = tl.load(W + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    step = weight_decay * w32
-    lo = tl.load(BOUNDS + pid)
-    hi = tl.load(BOUNDS + pid + 1)
-    for j in range(lo, hi):  # the touched rows of this block (usually none or one)
-        row = tl.load(TOUCHED + j)
-        grad = tl.load(TOUCHED_GRAD + tl.cast(j, tl.int64) * D + dims, mask=dim_ok, other=0.0)
-        step += tl.where(rows[:, None] == row, grad[None, :], 0.0)
-    if HAS_BUF:
-        buf = momentum * tl.load(BUF + tile, mask=tile_ok, other=0.0).to(tl.float32) + step
-        tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
-        step = buf
-    new = w32 - lr * step
-    if HAS_COMP:
-        new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    if DENSE:
+        grad = tl.load(TOUCHED_GRAD + rows[:, None].to(tl.int64) * D + dims[None, :], mask=tile_ok, other=0.0)
+    else:
+        grad = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        lo = tl.load(BOUNDS + pid)
+        hi = tl.load(BOUNDS + pid + 1)
+        for j in range(lo, hi):  # the touched rows of this block (usually none or one)
+            row = tl.load(TOUCHED + j)
+            touched = tl.load(TOUCHED_GRAD + tl.cast(j, tl.int64) * D + dims, mask=dim_ok, other=0.0)
+            grad += tl.where(rows[:, None] == row, touched[None, :], 0.0)
     ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
-    stored = onto_grid(
-        new,
+    sgd_store(
+        W,
+        BUF,
+        COMP,
+        tile,
+        tile_ok,
+        w32,
+        grad,
         ids,
         dims,
-        key1.to(tl.uint32, bitcast=True),
-        key2.to(tl.uint32, bitcast=True),
+        lr,
+        momentum,
+        weight_decay,
+        key1,
+        key2,
+        HAS_BUF,
+        HAS_COMP,
         STOCHASTIC,
         EXACT_CAST,
         MANT_BITS,
         MIN_EXP,
         MAX_VALUE,
-    ).to(W.dtype.element_ty)
-    tl.store(W + tile, stored, mask=tile_ok)
-    if HAS_COMP:
-        lost = onto_grid(
-            new - stored.to(tl.float32), rows, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38
-        )
-        tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
+        COMP_MANT_BITS,
+        COMP_MIN_EXP,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -589,40 +595,67 @@ def sparse_gradients(feat_op, weight, inv_norm, entries, *, grad_scale: float, c
 
 def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     """torch.optim.SGD's step on every row of ``weight``, with the sparse gradient on ``touched``."""
-    num_classes, dim = weight.shape
-    has_buf = update.momentum != 0
-    if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
-        raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
-    if has_buf and update.momentum_buffer.stride() != weight.stride():
-        raise ValueError("momentum_buffer must have the weight shard's layout")
+    check_update(weight, update)
     if touched.numel() == 0:  # no row has a gradient: a one-entry stand-in keeps the pointers valid
         touched = torch.full((1,), -1, dtype=torch.int64, device=weight.device)
-        touched_grad = torch.zeros(1, dim, dtype=torch.float32, device=weight.device)
-    has_ids = isinstance(update.class_ids, torch.Tensor)
-    plan = rounding_plan(weight, update)
-    blocks = triton.cdiv(num_classes, _SGD_ROWS)
+        touched_grad = torch.zeros(1, weight.shape[1], dtype=torch.float32, device=weight.device)
+    blocks = triton.cdiv(weight.shape[0], _SGD_ROWS)
     edges = torch.arange(0, blocks + 1, device=weight.device, dtype=torch.int64) * _SGD_ROWS
     bounds = torch.searchsorted(touched, edges).to(torch.int32)
-    _sgd_kernel[(blocks,)](
+    _launch_sgd(weight, update, update.class_ids, touched_grad.contiguous(), touched, bounds)
+
+
+def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int) -> None:
+    """torch.optim.SGD's step on rows [first_row, first_row + len(grad)) of ``weight``, each with
+    its row of the dense float32 ``grad``; the rest of the shard is untouched."""
+    check_update(weight, update)
+    rows = slice(first_row, first_row + grad.shape[0])
+    class_ids = update.class_ids
+    class_ids = class_ids[rows] if isinstance(class_ids, torch.Tensor) else int(class_ids) + first_row
+    _launch_sgd(
+        weight[rows],
+        update,
+        class_ids,
+        grad.contiguous(),
+        None,
+        None,
+        momentum_buffer=update.momentum_buffer[rows] if update.momentum != 0 else None,
+        compensation=update.compensation[rows] if update.compensation is not None else None,
+    )
+
+
+def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> None:
+    """One ``_sgd_kernel`` pass over ``weight``'s rows (``touched`` None: ``grad`` is dense).
+    ``buffers``: the momentum buffer and compensation rows matching ``weight`` when it is a
+    slice of the shard (by default, the update's own)."""
+    num_classes, dim = weight.shape
+    has_buf = update.momentum != 0
+    momentum_buffer = buffers.get("momentum_buffer", update.momentum_buffer)
+    compensation = buffers.get("compensation", update.compensation)
+    has_ids = isinstance(class_ids, torch.Tensor)
+    dense = touched is None
+    plan = rounding_plan(weight, update)
+    _sgd_kernel[(triton.cdiv(num_classes, _SGD_ROWS),)](
         weight,
-        update.momentum_buffer if has_buf else weight,
-        update.compensation if update.compensation is not None else weight,
-        update.class_ids.long() if has_ids else touched,
-        touched,
-        touched_grad.contiguous(),
-        bounds,
+        momentum_buffer if has_buf else weight,
+        compensation if compensation is not None else weight,
+        class_ids.long() if has_ids else grad,
+        grad if dense else touched,
+        grad,
+        grad if dense else bounds,
         num_classes,
         dim,
         weight.stride(0),
         update.lr,
         update.momentum,
         update.weight_decay,
-        0 if has_ids else int(update.class_ids),
+        0 if has_ids else int(class_ids),
         plan.key1,
         plan.key2,
         HAS_BUF=has_buf,
-        HAS_COMP=update.compensation is not None,
+        HAS_COMP=compensation is not None,
         HAS_IDS=has_ids,
+        DENSE=dense,
         **plan.constants,
         BLOCK_R=_SGD_ROWS,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
@@ -648,6 +681,7 @@ def warn_fallback(found: int, limit: int, grad_filter: float) -> None:
 
 __all__ = [
     "apply_sgd",
+    "apply_sgd_rows",
     "initial_capacity",
     "kept_target_entries",
     "select_entries",

@@ -1,13 +1,18 @@
 """The sharded cross-entropy on the fused Triton kernels, as an autograd function.
 
 Same semantics as ``hydrahead.head.sharded_cross_entropy`` (its input checks, its two
-collectives, its result), with the per-shard work done by the kernels in ``shard_ce``:
+collectives, its result), with the per-shard work done by the Triton kernels. The exact step runs one of two ways:
 
-forward:  kernel -> local (max, sum, target, A) -> MAX and SUM all-reduce -> loss, and
-          the feature gradient dF (for an incoming gradient of 1) right away
-backward: dF times the incoming gradient; the weight kernel either applies the head's
-          SGD step in place (``update`` given: no weight gradient is produced) or
-          returns dW.
+gemm (``exact_gemm``, fp32 and bf16 rows)
+    forward:  LSE kernel -> local (max, sum, target) -> MAX and SUM all-reduce -> loss
+    backward: class chunk by chunk, a kernel writes P = softmax - onehot (scaled), then
+              dF += P W_c and dW_c = P^T F on cuBLAS, and the SGD step on the chunk's rows
+              (``update`` given: no weight gradient is produced) or dW.
+stationary (``shard_ce``, every dtype; fp8 rows)
+    forward:  kernel -> local (max, sum, target, A) -> MAX and SUM all-reduce -> loss, and
+              the feature gradient dF (for an incoming gradient of 1) right away
+    backward: dF times the incoming gradient; the weight kernel either applies the head's
+              SGD step in place or returns dW.
 
 With ``grad_filter > 0`` (``hydrahead.kernels.filtered``) the forward computes only the
 log-sum-exp, and the backward recomputes the logits once to list the entries with
@@ -35,6 +40,7 @@ from hydrahead.distributed.sharded_softmax import (
     raise_merge_errors,
 )
 from hydrahead.kernels import filtered as filtered_kernels
+from hydrahead.kernels.exact_gemm import exact_backward, resolve_exact_kernels
 from hydrahead.kernels.shard_ce import (
     FP8,
     SGDUpdate,
@@ -98,10 +104,11 @@ def _local_pass(
     margin,
     margin_type,
     ignore_index,
-    filtered,
+    lse_only,
     inv_norm=None,
 ):
-    """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (exact mode)."""
+    """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (the
+    stationary exact kernels; ``lse_only``: the filtered path and the gemm backward)."""
     local_error = local_error_code(features, weight_shard, class_start, num_classes)
     num_rows, device = features.shape[0], features.device
     valid = labels != ignore_index
@@ -128,7 +135,7 @@ def _local_pass(
     local_label = torch.where(out.owned, out.local, -1).contiguous()
     out.kernel_args = (feat_op, weight_shard, inv_norm, local_label)
     out.kernel_options = dict(scale=scale, target_shift=target_shift_for(margin_type, scale, margin), cosine=cosine)
-    if filtered:  # logits only: the list of kept entries gives dF and dW later
+    if lse_only:  # logits only: the backward recomputes them
         out.running_max, out.running_sum, out.target_logit = filtered_kernels.shard_lse(
             *out.kernel_args, **out.kernel_options
         )
@@ -211,10 +218,21 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         update,
         grad_filter,
         checks,
+        exact_kernels,
     ):
         filtered = grad_filter > 0
+        gemm = not filtered and exact_kernels == "gemm"
         local_pass = _local_pass(
-            features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, filtered
+            features,
+            weight_shard,
+            labels,
+            class_start,
+            num_classes,
+            scale,
+            margin,
+            margin_type,
+            ignore_index,
+            filtered or gemm,
         )
         lse, target_logit, owned_total, error = local_pass.merge(group)
         loss, num_valid = mean_loss_after_merge(
@@ -225,7 +243,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         ctx.grad_feat_op = None
         ctx.features_meta = (features.shape, features.dtype, features.device)
         if (
-            not filtered and not local_pass.local_error
+            not filtered and not gemm and not local_pass.local_error
         ):  # the forward's A gives dF right away (in place: no further G x D temporaries)
             _, weight, inv_norm, _ = local_pass.kernel_args
             row_scale = torch.where(local_pass.valid, scale / per_valid_label(num_valid), 0.0)
@@ -240,7 +258,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 row_scale,
             )
             local_pass.accumulated = None
-        ctx.grad_filter, ctx.scale = grad_filter, scale
+        ctx.grad_filter, ctx.scale, ctx.gemm = grad_filter, scale, gemm
         ctx.num_valid, ctx.update, ctx.features_dtype = num_valid, update, features.dtype
         return loss
 
@@ -253,22 +271,32 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             shape, dtype, device = ctx.features_meta
             del ctx.grad_feat_op, ctx.local_pass
             grad_features = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
-            return grad_features, None, None, None, None, None, None, None, None, None, None, None, None
+            return grad_features, *(None,) * 13
         grad = grad_loss.float()
         grad_scale = grad * ctx.scale / per_valid_label(ctx.num_valid)
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
         sparse = None
-        if ctx.grad_filter > 0:
+        grad_weight = None
+        if ctx.gemm:
+            grad_feat_op, grad_weight = exact_backward(
+                *local_pass.kernel_args,
+                ctx.lse_valid,
+                grad_scale=grad_scale,
+                update=ctx.update,
+                want_features=ctx.needs_input_grad[0],
+                want_weight=want_weight,
+                **local_pass.kernel_options,
+            )
+        elif ctx.grad_filter > 0:
             row_scale = torch.where(local_pass.valid, grad_scale, 0.0)
             grad_feat_op, sparse = _filtered_gradients(
                 local_pass, ctx.lse_valid, ctx.target_logit, ctx.grad_filter, row_scale, grad_scale
             )
         else:
             grad_feat_op = ctx.grad_feat_op * grad
-        grad_weight = None
         if want_weight and sparse is not None:
             grad_weight = _apply_sparse(local_pass.kernel_args[1], *sparse, ctx.update)
-        elif want_weight:
+        elif want_weight and not ctx.gemm:
             grad_weight = shard_weight_backward(
                 *local_pass.kernel_args,
                 ctx.lse_valid,
@@ -282,7 +310,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
             grad_features = grad_feat_op.to(ctx.features_dtype)
         del ctx.grad_feat_op, ctx.local_pass
-        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None, None
+        return grad_features, grad_weight, *(None,) * 12
 
 
 def triton_sharded_cross_entropy(
@@ -300,6 +328,7 @@ def triton_sharded_cross_entropy(
     update: SGDUpdate | None = None,
     grad_filter: float = 0.0,
     checks: MergeChecks | None = None,
+    exact_kernels: str = "auto",
 ) -> torch.Tensor:
     """``sharded_cross_entropy`` on the fused kernels (margin types none and cosface).
 
@@ -308,7 +337,10 @@ def triton_sharded_cross_entropy(
     receives dW. ``grad_filter > 0`` drops every entry of softmax - onehot whose magnitude
     is below it, in dF and dW alike (much faster at many classes, but those small updates
     are lost). ``checks``: as for ``sharded_cross_entropy``; with it the loss makes no host
-    read (the incoming gradient, too, stays on the device).
+    read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
+    step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
+    library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm for
+    fp32/bf16 rows, stationary for fp8).
     Logits never reach global memory; extra memory is O(G x D), not O(G x C_r).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, 1)
@@ -318,6 +350,7 @@ def triton_sharded_cross_entropy(
         )
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
+    exact_kernels = resolve_exact_kernels(exact_kernels, weight_shard.dtype)
     labels = labels.long()
     if num_classes is not None:
         check_label_range(labels, ignore_index, num_classes)
@@ -336,6 +369,7 @@ def triton_sharded_cross_entropy(
             update,
             float(grad_filter),
             checks,
+            exact_kernels,
         )
 
 
@@ -365,6 +399,7 @@ class FusedMicroBatches:
         ignore_index=-100,
         update: SGDUpdate | None = None,
         grad_filter=0.0,
+        exact_kernels="auto",
     ):
         if margin_type not in FUSED_MARGIN_TYPES:
             raise ValueError(
@@ -383,6 +418,9 @@ class FusedMicroBatches:
             int(ignore_index),
         )
         self.update, self.grad_filter = update, float(grad_filter)
+        # The gemm backward's chunks run the LSE pass, then P and dF (no weight side); finish()
+        # recomputes P for every row once, for the update.
+        self.gemm = grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_shard.dtype) == "gemm"
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
         # device: the kernels read the gradient scale from memory).
         self.num_valid = (self.labels != ignore_index).sum()
@@ -409,7 +447,7 @@ class FusedMicroBatches:
                 self.margin,
                 self.margin_type,
                 self.ignore_index,
-                self.grad_filter > 0,
+                self.grad_filter > 0 or self.gemm,
                 self.inv_norm,
             )
             # No host read per chunk: the checks the collectives carry are raised once, in check().
@@ -432,6 +470,15 @@ class FusedMicroBatches:
                     self._exact_weight = True
                 else:
                     self._sparse.append(sparse)
+            elif self.gemm:
+                grad_feat_op, _ = exact_backward(
+                    *local_pass.kernel_args,
+                    lse_valid,
+                    grad_scale=self.grad_scale,
+                    update=None,
+                    want_weight=False,
+                    **local_pass.kernel_options,
+                )
             else:
                 _, weight, inv_norm, _ = local_pass.kernel_args
                 grad_feat_op = _exact_feature_grad(
@@ -480,18 +527,19 @@ class FusedMicroBatches:
         local_label = torch.where(valid & (local >= 0) & (local < weight.shape[0]), local, -1).contiguous()
         cosine = self.margin_type == "cosface"
         feat_op = feature_operand(normalize_rows(features.float())[0] if cosine else features, weight.dtype)
-        return shard_weight_backward(
-            feat_op,
-            weight,
-            self.inv_norm,
-            local_label,
-            lse_valid,
+        options = dict(
             grad_scale=self.grad_scale,
             update=self.update,
             scale=self.scale,
             target_shift=target_shift_for(self.margin_type, self.scale, self.margin),
             cosine=cosine,
         )
+        if self.gemm:
+            _, grad_weight = exact_backward(
+                feat_op.values, weight, self.inv_norm, local_label, lse_valid, want_features=False, **options
+            )
+            return grad_weight
+        return shard_weight_backward(feat_op, weight, self.inv_norm, local_label, lse_valid, **options)
 
 
 def preflight(
@@ -504,6 +552,7 @@ def preflight(
     compensation_dtype: torch.dtype | None,
     rounding: str = "nearest",
     grad_filter: float = 0.0,
+    exact_kernels: str = "auto",
 ) -> None:
     """Compile and run once, on a few rows, every kernel that a head step with these
     settings launches, so that a width or dtype the GPU cannot hold fails before training
@@ -540,9 +589,13 @@ def preflight(
             )  # fmt: skip
             touched = torch.arange(3, device=device)
             filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), update)
-        # The exact kernels run in every mode: the filtered path falls back on them.
+        # The stationary kernels run in every mode: the filtered path falls back on them.
         row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
         lse = (row_max + torch.log(row_sum)).contiguous()
         shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
+        if grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_dtype) == "gemm":
+            row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
+            lse = (row_max + torch.log(row_sum)).contiguous()
+            exact_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a fault in a kernel surfaces here, not in the first step

@@ -28,6 +28,7 @@ __all__ = [
     "onto_grid",
     "round_rows",
     "rounding_plan",
+    "sgd_store",
     "signed32",
     "storage_grid",
     "to_e5m2",
@@ -98,6 +99,63 @@ def onto_grid(
         r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even
         x = r * spacing
     return tl.where(x > MAX_VALUE, MAX_VALUE, tl.where(x < -MAX_VALUE, -MAX_VALUE, x))
+
+
+@triton.jit
+def sgd_store(
+    W,
+    BUF,
+    COMP,
+    offsets,
+    mask,
+    w32,
+    grad,
+    ids,
+    dims,
+    lr,
+    momentum,
+    weight_decay,
+    key1,
+    key2,
+    HAS_BUF: tl.constexpr,
+    HAS_COMP: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr,
+    COMP_MIN_EXP: tl.constexpr,
+):
+    """torch.optim.SGD's step (weight decay added to the gradient, momentum buffer, no
+    dampening, no Nesterov) on one tile of rows whose float32 values are ``w32``; the new
+    weights are written onto the storage grid (with the Kahan buffer's compensation, and
+    what this rounding loses written back to it). ``ids``: the rows' global class ids."""
+    step = grad + weight_decay * w32
+    if HAS_BUF:
+        buf = momentum * tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32) + step
+        tl.store(BUF + offsets, buf.to(BUF.dtype.element_ty), mask=mask)
+        step = buf
+    new = w32 - lr * step
+    if HAS_COMP:  # Kahan: what earlier roundings lost joins this update
+        new = new + tl.load(COMP + offsets, mask=mask, other=0.0).to(tl.float32)
+    stored = onto_grid(
+        new,
+        ids,
+        dims,
+        key1.to(tl.uint32, bitcast=True),
+        key2.to(tl.uint32, bitcast=True),
+        STOCHASTIC,
+        EXACT_CAST,
+        MANT_BITS,
+        MIN_EXP,
+        MAX_VALUE,
+    ).to(W.dtype.element_ty)
+    tl.store(W + offsets, stored, mask=mask)
+    if HAS_COMP:
+        lost = new - stored.to(tl.float32)
+        lost = onto_grid(lost, ids, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
+        tl.store(COMP + offsets, lost.to(COMP.dtype.element_ty), mask=mask)
 
 
 @triton.jit

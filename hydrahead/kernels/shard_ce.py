@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.rounding import INTERPRETED, onto_grid, rounding_plan, to_e5m2
+from hydrahead.kernels.rounding import INTERPRETED, onto_grid, rounding_plan, sgd_store, to_e5m2
 from hydrahead.kernels.tiles import launch_fitted, tile_config
 
 
@@ -249,37 +249,35 @@ def _weight_kernel(
         radial = tl.sum(w_unit * grad, axis=1)
         grad = (grad - w_unit * radial[:, None]) * inv[:, None]
     if UPDATE:
-        step = grad + weight_decay * w32
-        if HAS_BUF:
-            buf = tl.load(BUF + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            buf = momentum * buf + step
-            tl.store(BUF + tile, buf.to(BUF.dtype.element_ty), mask=tile_ok)
-            step = buf
-        new = w32 - lr * step
-        if HAS_COMP:  # Kahan: what earlier roundings lost joins this update
-            new = new + tl.load(COMP + tile, mask=tile_ok, other=0.0).to(tl.float32)
         if HAS_IDS:
             ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0)
         else:
             ids = first_class + cols
-        stored = onto_grid(
-            new,
+        sgd_store(
+            W,
+            BUF,
+            COMP,
+            tile,
+            tile_ok,
+            w32,
+            grad,
             ids,
             dims,
-            key1.to(tl.uint32, bitcast=True),
-            key2.to(tl.uint32, bitcast=True),
+            lr,
+            momentum,
+            weight_decay,
+            key1,
+            key2,
+            HAS_BUF,
+            HAS_COMP,
             STOCHASTIC,
             EXACT_CAST,
             MANT_BITS,
             MIN_EXP,
             MAX_VALUE,
+            COMP_MANT_BITS,
+            COMP_MIN_EXP,
         )
-        stored = stored.to(W.dtype.element_ty)
-        tl.store(W + tile, stored, mask=tile_ok)
-        if HAS_COMP:
-            lost = new - stored.to(tl.float32)
-            lost = onto_grid(lost, ids, dims, 0, 0, False, EXACT_CAST, COMP_MANT_BITS, COMP_MIN_EXP, 3.0e38)
-            tl.store(COMP + tile, lost.to(COMP.dtype.element_ty), mask=tile_ok)
     else:
         tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
 
@@ -423,6 +421,28 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0), accumulated
 
 
+def check_update(weight: torch.Tensor, update: SGDUpdate | None) -> tuple[bool, bool]:
+    """(has a momentum buffer, names its rows by listed class ids) for ``update`` on ``weight``;
+    a ValueError for buffers or ids that do not match the rows."""
+    if update is None:
+        return False, False
+    has_buf = update.momentum != 0
+    if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
+        raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
+    if has_buf and update.momentum_buffer.stride() != weight.stride():
+        raise ValueError("momentum_buffer must have the weight shard's layout")
+    compensation = update.compensation
+    if compensation is not None and (compensation.shape != weight.shape or compensation.stride() != weight.stride()):
+        raise ValueError("the Kahan compensation buffer must have the weight shard's shape and layout")
+    has_ids = isinstance(update.class_ids, torch.Tensor)
+    if has_ids and update.class_ids.shape != (weight.shape[0],):
+        raise ValueError(
+            f"SGDUpdate.class_ids must hold one id per weight row ({weight.shape[0]}), "
+            f"got {tuple(update.class_ids.shape)}"
+        )
+    return has_buf, has_ids
+
+
 def shard_weight_backward(
     feat_op,
     weight,
@@ -443,20 +463,9 @@ def shard_weight_backward(
     feats = operand.values
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    has_buf = update is not None and update.momentum != 0
-    if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
-        raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")
-    if has_buf and update.momentum_buffer.stride() != weight.stride():
-        raise ValueError("momentum_buffer must have the weight shard's layout")
+    has_buf, has_ids = check_update(weight, update)
     compensation = update.compensation if update is not None else None
-    if compensation is not None and (compensation.shape != weight.shape or compensation.stride() != weight.stride()):
-        raise ValueError("the Kahan compensation buffer must have the weight shard's shape and layout")
     class_ids = update.class_ids if update is not None else 0
-    has_ids = isinstance(class_ids, torch.Tensor)
-    if has_ids and class_ids.shape != (num_classes,):
-        raise ValueError(
-            f"SGDUpdate.class_ids must hold one id per weight row ({num_classes}), got {tuple(class_ids.shape)}"
-        )
     plan = rounding_plan(weight, update)
     grad_weight = None
     if update is None:
@@ -543,6 +552,7 @@ def target_shift_for(margin_type: str, scale: float, margin: float) -> float:
 __all__ = [
     "FeatureOperand",
     "SGDUpdate",
+    "check_update",
     "feature_operand",
     "inverse_row_norms",
     "operand_scale",

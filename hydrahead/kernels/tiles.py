@@ -7,9 +7,9 @@ Each kernel has a preferred tile tuple, tuned on an H200 at D = 512 with bf16 we
 then half as many classes or samples per block, down to 16), skipping those whose
 estimated footprint cannot fit, and keeps the first that compiles for that kernel, width
 and dtype. The exact kernels hold whole rows (BLOCK_D = the next power of two of D); the
-filtered kernels stream D in BLOCK_K slices.
+filtered kernels and the gemm path's P kernel ("probs") stream D in BLOCK_K slices.
 
-Tile tuples: exact kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); filtered kernels
+Tile tuples: stationary kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); streaming kernels
 (BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
 puts a tuple of one's own first.
 """
@@ -36,14 +36,19 @@ _GPU_TILES = {
     "weight": (64, 32, 4, 2),
     "weight_fp8": (64, 64, 8, 2),
     "filtered": (256, 128, 64, 8, 3),
+    "probs": (128, 256, 64, 8, 3),
+    "update": (128, 128, 64, 8, 3),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
     "weight": (16, 16, 4, 1),
     "weight_fp8": (16, 16, 4, 1),
     "filtered": (16, 16, 16, 4, 1),
+    "probs": (16, 16, 16, 4, 1),
+    "update": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
+_STREAMED_K = ("filtered", "probs", "update")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
 
 T = TypeVar("T")
 
@@ -71,7 +76,7 @@ def _shared_memory_limit(device: torch.device) -> int:
 
 def _footprint(kernel: str, tiles: tuple[int, ...], dim: int, element_bytes: int) -> int:
     """Shared-memory bytes the operand tiles take (a lower bound: the compiler adds scratch)."""
-    if kernel == "filtered":
+    if kernel in _STREAMED_K:
         block_g, block_c, block_k, _, stages = tiles
         return stages * (block_g + block_c) * block_k * element_bytes
     block_g, block_c, _, stages = tiles

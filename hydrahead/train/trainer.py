@@ -232,6 +232,7 @@ class Trainer:
             weight_decay=cfg.head.weight_decay,
             momentum_dtype=cfg.head_momentum_dtype or torch.float32,
             grad_filter=cfg.head.grad_filter,
+            exact_kernels=cfg.head.exact_kernels,
             inactive_rows=cfg.head.inactive_rows,
             rounding=cfg.head.rounding,
             kahan_dtype=cfg.head_kahan_dtype,
