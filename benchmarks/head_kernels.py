@@ -18,10 +18,12 @@ momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
                    dropped; the LSE pass, one recompute listing the kept entries, a sparse
                    update (4·G·D·C_r FLOPs)
   ours-dw          the same kernels returning dW, then the SGD step in torch
-  ours-fp8         the same fused step with W stored in fp8 e4m3 (unit-scaled: W / 0.02, logits
-                   times 0.02): logits, their recomputation and P^T F on FP8 tensor cores, A = P W
-                   in bf16, the update stochastically rounded into e4m3 inside the kernel; its
-                   floor counts three matmuls at the fp8 rate and one at the bf16 rate
+  ours-fp8         the gemm path with W stored in fp8 e4m3 (unit-scaled: W / 0.02, logits times
+                   0.02): both logit passes on FP8 tensor cores, P written in e5m2 (and
+                   transposed), dF and dW by torch._scaled_mm, the update stochastically rounded
+                   into e4m3; its floor counts four matmuls at the fp8 rate
+  ours-fp8-stationary  the stationary kernels on the same fp8 W: A = P W in bf16 (its floor
+                   counts that one at the bf16 rate), the update inside the weight kernel
   ours-fp8-filtered  the filtered path on fp8 W: both logit passes on FP8 tensor cores, the
                    sparse update stochastically rounded; floor: the exact fp8 step's
   cce              cut_cross_entropy.linear_cross_entropy (its default gradient filter) + SGD
@@ -118,7 +120,14 @@ METHODS = {
     "ours-stationary": Method("hydrahead-triton stationary kernels (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
-    "ours-fp8": Method("hydrahead-triton fp8 e4m3 W (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)),
+    "ours-fp8": Method(
+        "hydrahead-triton fp8 e4m3 W gemm backward (SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)
+    ),
+    "ours-fp8-stationary": Method(
+        "hydrahead-triton fp8 e4m3 W stationary kernels (fused SGD, stochastic rounding)",
+        "fused",
+        ("hydrahead.kernels",),
+    ),
     "ours-fp8-filtered": Method(
         "hydrahead-triton fp8 e4m3 W filtered (fused SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)
     ),
@@ -128,12 +137,16 @@ METHODS = {
     "reference": Method(f"hydrahead-reference chunk {REFERENCE_CHUNK} (dW + torch SGD)", "torch", ("hydrahead.head",)),
     "liger": Method("liger-kernel (dW + torch SGD)", "torch", ("liger_kernel.transformers.functional",), slow=True),
 }
-OURS = ("ours", "ours-stationary", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-filtered")
-# The rate each of the four matmuls (logits, A = P W, recomputed logits, P^T F) runs at.
-# The fp8 kernels run A in bf16: FP8 tensor cores take K-major operands only and the fp8
-# W tile is D-major there (docs/kernels.md).
+OURS = ("ours", "ours-stationary", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-stationary", "ours-fp8-filtered")
+# The rate each of the four matmuls (logits, P W, recomputed logits, P^T F) runs at. The
+# stationary fp8 kernels run A = P W in bf16: FP8 tensor cores take K-major operands only
+# and the fp8 W tile is D-major there (the gemm path transposes W's chunk for it instead).
 # The filtered rows keep the floor of the exact step they replace (as ours-filtered does).
-MATMUL_DTYPES = {"ours-fp8": ("fp8", "bf16", "fp8", "fp8"), "ours-fp8-filtered": ("fp8", "bf16", "fp8", "fp8")}
+MATMUL_DTYPES = {
+    "ours-fp8": ("fp8",) * 4,
+    "ours-fp8-stationary": ("fp8", "bf16", "fp8", "fp8"),
+    "ours-fp8-filtered": ("fp8",) * 4,
+}
 
 
 def floor_ms(key: str, shape, rates: dict) -> float:
@@ -146,7 +159,7 @@ def memory_floor_ms(key: str, shape, momentum_dtype: str, copy_gbps: float) -> f
     """Bytes of W (read twice, written once) and of its momentum buffer (read and written once)
     at the measured copy bandwidth (GB/s)."""
     _, D, C = shape
-    weight_bytes = 1 if key in MATMUL_DTYPES else 2
+    weight_bytes = 1 if "fp8" in key else 2
     buffer_bytes = 4 if momentum_dtype == "fp32" else 2
     return (3 * weight_bytes + 2 * buffer_bytes) * C * D / (copy_gbps * 1e9) * 1e3
 
@@ -298,7 +311,7 @@ def build_step(key: str, p: Problem, args):
                     weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
-            exact_kernels = "stationary" if key == "ours-stationary" else "auto"
+            exact_kernels = "stationary" if key.endswith("stationary") else "auto"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
 
             def fused_step():

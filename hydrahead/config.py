@@ -134,8 +134,9 @@ class HeadConfig:
     )
     exact_kernels: str = _key(
         "auto",
-        "triton, exact step (head.grad_filter=0): gemm (an LSE pass, then softmax chunks and cuBLAS "
-        "products), stationary (two kernels holding blocks of rows; fp8 rows), auto (gemm for fp32/bf16 rows)",
+        "triton, exact step (head.grad_filter=0): gemm (an LSE pass, then softmax chunks and library "
+        "products), stationary (two kernels holding blocks of rows), auto (gemm; stationary for fp8 rows "
+        "whose width is not a multiple of 16)",
         ("auto", "gemm", "stationary"),
     )
     selection: str = _key(
@@ -690,10 +691,6 @@ def _check_head(c: _Checks) -> None:
         h.grad_filter == 0 or cfg.head_impl == "triton",
         f"head.grad_filter={h.grad_filter} needs the fused kernels "
         f"(head.impl=triton); head.impl={h.impl} runs {cfg.head_impl}",
-    )
-    c.need(
-        h.exact_kernels != "gemm" or h.weight_dtype != "fp8_e4m3",
-        "head.exact_kernels=gemm takes fp32 or bf16 rows; head.weight_dtype=fp8_e4m3 runs on stationary (or auto)",
     )
     c.need(
         h.impl == "reference" or h.margin_type != "arcface",

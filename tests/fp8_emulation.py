@@ -65,15 +65,21 @@ def emulate_forward(op, weight, inv_norm, local_label, *, scale, target_shift):
     return row_max, (torch.stack(sums) * rescale).sum(dim=0), target, accumulated
 
 
-def emulate_weight_gradient(op, weight, inv_norm, local_label, lse, *, scale, target_shift, grad_scale):
-    """dW (float64) as the weight kernel forms it: P times the row scales in e5m2, then P^T F."""
+def emulate_weight_gradient(
+    op, weight, inv_norm, local_label, lse, *, scale, target_shift, grad_scale, scaled_first=False
+):
+    """dW (float64) as the weight kernel forms it: P times the row scales in e5m2, then P^T F.
+    ``scaled_first``: P times ``grad_scale`` before its rounding (the gemm backward)."""
     z, is_target = _logits(op, weight, inv_norm, local_label, scale, target_shift)
     p = torch.exp(z - lse.double()[:, None])
     p = torch.where(is_target, p - 1.0, p)
     p = torch.where(torch.isfinite(lse)[:, None], p, 0.0)
     row_scale = op.row_scale.double()
-    p_scale = float(operand_scale(op.row_scale.max()))
-    grad = _to_e5m2(p * (row_scale * p_scale)[:, None]).T @ op.values.double() / p_scale * grad_scale
+    after = grad_scale
+    if scaled_first:
+        p, after = p * grad_scale, 1.0
+    p_scale = float(operand_scale(op.row_scale.max() * (grad_scale if scaled_first else 1.0)))
+    grad = _to_e5m2(p * (row_scale * p_scale)[:, None]).T @ op.values.double() / p_scale * after
     if inv_norm is not None:
         inv = inv_norm.double()[:, None]
         w_unit = weight.double() * inv

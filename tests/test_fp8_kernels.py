@@ -15,6 +15,7 @@ from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradie
 from hydrahead.distributed.sharded_softmax import normalize_rows
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels.exact_gemm import exact_backward
 from hydrahead.kernels.shard_ce import (
     feature_operand,
     forward_splits,
@@ -47,6 +48,20 @@ def rel_err(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def weight_pass(exact_kernels, op, weight, inv_norm, labels, lse, *, update, grad_scale, options):
+    """dW (update None) or the update in place, by the stationary weight kernel or the gemm backward."""
+    cosine = inv_norm is not None
+    if exact_kernels == "stationary":
+        return shard_weight_backward(
+            op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=grad_scale, update=update, **options
+        )
+    _, grad = exact_backward(
+        op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=grad_scale, update=update,
+        want_features=False, **options,
+    )  # fmt: skip
+    return grad
+
+
 def lse_of(row_max, row_sum, labels):
     lse = row_max + torch.log(row_sum)
     lse[labels == -100] = float("inf")
@@ -64,30 +79,38 @@ def test_forward_matches_the_emulation(margin_type, batch):
         assert rel_err(g, w) < 1e-5, name
 
 
+@pytest.mark.parametrize("exact_kernels", ["stationary", "gemm"])
 @pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_weight_gradient_matches_the_emulation(margin_type):
+def test_weight_gradient_matches_the_emulation(margin_type, exact_kernels):
+    """Both weight passes form P times the row scales in e5m2, then P^T F (the gemm backward
+    with the gradient scale folded into P before its rounding)."""
     op, weight, inv_norm, labels, options = make_problem(2, 37, margin_type)
     row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
     lse = lse_of(row_max, row_sum, labels)
-    got = shard_weight_backward(
-        op, weight, inv_norm, labels, lse, cosine=inv_norm is not None, grad_scale=0.1, update=None, **options
-    )
+    got = weight_pass(exact_kernels, op, weight, inv_norm, labels, lse, update=None, grad_scale=0.1, options=options)
     assert got.dtype == torch.float32  # dW of fp8 weights is not rounded to fp8
-    want = emulate_weight_gradient(op, weight, inv_norm, labels, lse, grad_scale=0.1, **options)
+    want = emulate_weight_gradient(
+        op, weight, inv_norm, labels, lse, grad_scale=0.1, scaled_first=exact_kernels == "gemm", **options
+    )
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("kahan", [None, torch.bfloat16, torch.float8_e5m2])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_fused_update_matches_the_emulation(rounding, kahan, momentum):
+@pytest.mark.parametrize(
+    "rounding, kahan, momentum, exact_kernels",
+    [
+        (rounding, kahan, momentum, "stationary")
+        for rounding in ("nearest", "stochastic")
+        for kahan in (None, torch.bfloat16, torch.float8_e5m2)
+        for momentum in (0.0, 0.9)
+    ]
+    + [("stochastic", torch.bfloat16, 0.9, "gemm"), ("nearest", None, 0.0, "gemm")],
+)
+def test_fused_update_matches_the_emulation(rounding, kahan, momentum, exact_kernels):
     op, weight, inv_norm, labels, options = make_problem(3, 37, "none")
     gen = torch.Generator().manual_seed(4)
     row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
     lse = lse_of(row_max, row_sum, labels)
-    grad = shard_weight_backward(
-        op, weight, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=None, **options
-    )
+    grad = weight_pass(exact_kernels, op, weight, inv_norm, labels, lse, update=None, grad_scale=0.1, options=options)
     buffer = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.01).to(torch.bfloat16) if momentum else None
     compensation = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 1e-3).to(kahan) if kahan else None
     class_ids = torch.randperm(10**6, generator=gen)[:NUM_CLASSES] + 3 * 10**9  # global ids, some past 2^31
@@ -113,7 +136,7 @@ def test_fused_update_matches_the_emulation(rounding, kahan, momentum):
         compensation=compensation,
         **hyper,
     )
-    shard_weight_backward(op, w, inv_norm, labels, lse, cosine=False, grad_scale=0.1, update=update, **options)
+    weight_pass(exact_kernels, op, w, inv_norm, labels, lse, update=update, grad_scale=0.1, options=options)
     assert w.dtype == FP8
     moved = w.double() != weight.double()
     assert float(moved.float().mean()) > 0.3  # the update is not lost to rounding
@@ -141,20 +164,23 @@ def test_stochastic_draws_are_keyed_by_class_id_and_step():
     assert not torch.equal(consecutive, stepped(500, 4))
 
 
-def _fp8_loss_and_grads(features, weight, labels, scale):
+def _fp8_loss_and_grads(features, weight, labels, scale, exact_kernels="auto"):
     f = features.clone().requires_grad_()
-    loss = triton_sharded_cross_entropy(f, weight, labels, 0, scale=scale, num_classes=NUM_CLASSES)
+    loss = triton_sharded_cross_entropy(
+        f, weight, labels, 0, scale=scale, num_classes=NUM_CLASSES, exact_kernels=exact_kernels
+    )
     loss.backward()
     return loss.detach(), f.grad
 
 
-def test_fp8_loss_and_feature_gradient_follow_float64_within_fp8_error():
+@pytest.mark.parametrize("exact_kernels", ["stationary", "gemm"])
+def test_fp8_loss_and_feature_gradient_follow_float64_within_fp8_error(exact_kernels):
     gen = torch.Generator().manual_seed(6)
     features = torch.randn(37, DIM, generator=gen)
     weight = torch.randn(NUM_CLASSES, DIM, generator=gen).to(FP8)  # unit-variance rows (unit scaling)
     labels = torch.randint(0, NUM_CLASSES, (37,), generator=gen)
     scale = 2.0 / DIM**0.5
-    loss, grad = _fp8_loss_and_grads(features, weight, labels, scale)
+    loss, grad = _fp8_loss_and_grads(features, weight, labels, scale, exact_kernels)
     f64 = features.double().requires_grad_()
     ref = sharded_cross_entropy(f64, weight.double(), labels, 0, scale=scale)
     ref.backward()

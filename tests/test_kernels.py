@@ -323,10 +323,12 @@ def test_gemm_backward_chunk_by_chunk_equals_one_chunk(monkeypatch, cosine):
 def test_exact_kernels_choice_is_checked():
     from hydrahead.kernels.exact_gemm import resolve_exact_kernels
 
-    assert resolve_exact_kernels("auto", torch.bfloat16) == "gemm"
-    assert resolve_exact_kernels("auto", torch.float8_e4m3fn) == "stationary"
-    with pytest.raises(ValueError, match="fp8"):
-        resolve_exact_kernels("gemm", torch.float8_e4m3fn)
+    assert resolve_exact_kernels("auto", torch.bfloat16, 24, "cuda") == "gemm"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda") == "gemm"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 24, "cuda") == "stationary"  # FP8 products: D % 16
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 24, "cpu") == "gemm"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cuda")
     with pytest.raises(ValueError, match="one of"):
         resolve_exact_kernels("fast", torch.bfloat16)
 

@@ -355,8 +355,6 @@ def test_every_storage_dtype_and_width_runs_against_float64(dtype_name, dim, mod
     buffer (momentum 0.9 from zero: the buffer is the gradient)."""
     dtype = SWEEP_DTYPES[dtype_name]
     grad_filter, exact_kernels = SWEEP_MODES[mode]
-    if exact_kernels == "gemm" and dtype == torch.float8_e4m3fn:
-        pytest.skip("fp8 rows run on the stationary kernels")
     gen = torch.Generator().manual_seed(dim + len(dtype_name))
     num_rows, num_classes = 33, 1001
     features = torch.randn(num_rows, dim, generator=gen).cuda()

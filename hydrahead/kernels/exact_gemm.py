@@ -30,39 +30,59 @@ import triton
 import triton.language as tl
 
 from hydrahead.kernels.filtered import apply_sgd_rows
-from hydrahead.kernels.rounding import rounding_plan, sgd_store
-from hydrahead.kernels.shard_ce import FP8, SGDUpdate, _as_operand, _device_scalar, _precision, check_update
+from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, sgd_store, to_e5m2
+from hydrahead.kernels.shard_ce import (
+    FP8,
+    FeatureOperand,
+    SGDUpdate,
+    _as_operand,
+    _device_scalar,
+    _precision,
+    check_update,
+    operand_scale,
+)
 from hydrahead.kernels.tiles import launch_fitted
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 _CHUNK_MIB = 128  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
 
 
-@triton.jit(do_not_specialize=["c_lo", "c_hi"])
+@triton.jit(do_not_specialize=["c_lo", "c_hi", "g_store", "c_store"])
 def _probs_kernel(
     F,
+    F_SCALE,
     W,
     INV_NORM,
     LOCAL_LABEL,
     LSE,
     GRAD_SCALE,
+    P_SCALES,
     P,
+    P_T,
     G,
     D,
     c_lo,
     c_hi,
+    g_store,
+    c_store,
     stride_f,
     stride_w,
     stride_p,
+    stride_pt,
     scale,
     target_shift,
     COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """P for rows [0, G) and classes [c_lo, c_hi) into P (and, FP8, P's transpose into P_T);
+    the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
+    padding that the FP8 products' multiples of 16 need."""
     # Axis 0 (row blocks) runs fastest: the programs resident together read the same W tile.
     LOG2E: tl.constexpr = 1.4426950408889634
     rows = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -84,6 +104,9 @@ def _probs_kernel(
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
     # In log2 units, so each exp is one exp2; the target's entries sit behind a scalar branch.
     z2 = acc * (scale * LOG2E)
+    if FP8:  # e4m3 feature rows: each logit times its row's scale
+        f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
+        z2 = z2 * f_scale[:, None]
     if COSINE:
         inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
         z2 = z2 * inv[None, :]
@@ -96,11 +119,21 @@ def _probs_kernel(
     p = tl.exp2(z2 - lse2[:, None])
     if has_target:
         p = tl.where(is_target, p - 1.0, p)
-    p = p * tl.load(GRAD_SCALE)
-    if COSINE:
-        p = p * inv[None, :]
+    p = tl.where(row_ok[:, None] & col_ok[None, :], p * tl.load(GRAD_SCALE), 0.0)
+    stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
     out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
-    tl.store(out, p.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if FP8:
+        # e5m2, scaled by powers of two so the largest possible magnitude lands at most at
+        # 2^15 (operand_scale): P / ||w_c|| for dF = P W_c; P times the rows' scales (on the
+        # summed axis) for dW = P^T F, whose 1 / ||w_c|| is applied to the product's rows.
+        p_feat = p * inv[None, :] if COSINE else p
+        tl.store(out, to_e5m2(p_feat * tl.load(P_SCALES), EXACT_CAST), mask=stored)
+        out_t = P_T + (cols - c_lo)[None, :].to(tl.int64) * stride_pt + rows[:, None]
+        tl.store(out_t, to_e5m2(p * (f_scale * tl.load(P_SCALES + 1))[:, None], EXACT_CAST), mask=stored)
+    else:
+        if COSINE:
+            p = p * inv[None, :]
+        tl.store(out, p.to(P.dtype.element_ty), mask=stored)
 
 
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
@@ -250,21 +283,24 @@ def fused_update_enabled(cosine: bool) -> bool:
     return not cosine and os.environ.get("HYDRAHEAD_GEMM_UPDATE", "fused") != "separate"
 
 
-def resolve_exact_kernels(choice: str, weight_dtype: torch.dtype) -> str:
-    """``head.exact_kernels`` with auto resolved: gemm for fp32 and bf16 rows, stationary for fp8."""
+def resolve_exact_kernels(choice: str, weight_dtype: torch.dtype, dim: int = 16, device_type: str = "cpu") -> str:
+    """``head.exact_kernels`` with auto resolved: gemm, except fp8 rows on a GPU whose width is
+    not a multiple of 16 (the FP8 library products need it), which run stationary."""
     if choice not in EXACT_KERNELS:
         raise ValueError(f"exact_kernels must be one of {EXACT_KERNELS}, got {choice!r}")
+    gemm_fits = weight_dtype != FP8 or device_type != "cuda" or dim % 16 == 0
     if choice == "auto":
-        return "stationary" if weight_dtype == FP8 else "gemm"
-    if choice == "gemm" and weight_dtype == FP8:
-        raise ValueError("exact_kernels='gemm' takes fp32 or bf16 rows; fp8_e4m3 rows run on 'stationary'")
+        return "gemm" if gemm_fits else "stationary"
+    if choice == "gemm" and not gemm_fits:
+        raise ValueError(f"exact_kernels='gemm' with fp8 rows needs a width that is a multiple of 16, got D={dim}")
     return choice
 
 
 def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int) -> int:
-    """Classes per chunk: the G x chunk P buffer within HYDRAHEAD_EXACT_CHUNK_MIB (a multiple of 256)."""
+    """Classes per chunk: the G x chunk P buffer within HYDRAHEAD_EXACT_CHUNK_MIB (a multiple of 256).
+    fp8 rows write P twice (for dF and, transposed, for dW), one byte each."""
     budget = int(float(os.environ.get("HYDRAHEAD_EXACT_CHUNK_MIB", _CHUNK_MIB)) * 2**20)
-    per_class = max(1, num_rows) * torch.empty((), dtype=dtype).element_size()
+    per_class = max(1, num_rows) * (2 if dtype == FP8 else torch.empty((), dtype=dtype).element_size())
     return max(256, min(budget // per_class // 256 * 256, triton.cdiv(num_classes, 256) * 256))
 
 
@@ -275,43 +311,91 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def _write_probs(feats, weight, inv_norm, local_label, lse, grad_scale, probs, c_lo, c_hi, options):
-    num_rows, dim = feats.shape
+def _scaled_matmul_fp32(a: torch.Tensor, b: torch.Tensor, inverse_scale: torch.Tensor) -> torch.Tensor:
+    """(a @ b) * inverse_scale for fp8 ``a`` (row-major) and ``b`` (column-major), in float32:
+    FP8 tensor cores on the GPU, the same values multiplied in float32 elsewhere."""
+    if a.is_cuda:
+        one = torch.ones((), device=a.device)
+        return torch._scaled_mm(a, b, scale_a=inverse_scale.reshape(()), scale_b=one, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float()) * inverse_scale
 
-    def launch(tiles):
-        block_g, block_c, block_k, warps, stages = tiles
-        _probs_kernel[(triton.cdiv(num_rows, block_g), triton.cdiv(c_hi - c_lo, block_c))](
-            feats,
-            weight,
-            inv_norm if options["cosine"] else weight,
-            local_label,
-            lse,
-            grad_scale,
-            probs,
-            num_rows,
-            dim,
-            c_lo,
-            c_hi,
-            feats.stride(0),
-            weight.stride(0),
-            probs.stride(0),
-            options["scale"],
-            options["target_shift"],
-            COSINE=options["cosine"],
-            PRECISION=_precision(weight.dtype),
-            EVEN_K=dim % block_k == 0,
-            BLOCK_G=block_g,
-            BLOCK_C=block_c,
-            BLOCK_K=block_k,
-            num_warps=warps,
-            num_stages=stages,
-        )
 
-    launch_fitted("probs", dim, weight.dtype, feats.device, launch, (options["cosine"],))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _ProbsPass:
+    """The launches of ``_probs_kernel`` over one backward's chunks (their shared arguments)."""
+
+    def __init__(self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options):
+        self.operand, self.weight, self.local_label, self.lse = operand, weight, local_label, lse
+        self.inv_norm, self.grad_scale, self.options = inv_norm, grad_scale, options
+        num_rows = operand.shape[0]
+        self.padded_rows = _round_up(num_rows, 16) if operand.fp8 else num_rows
+        self.p_scales = None
+        if operand.fp8:  # (for dF, for dW): powers of two, kept on the device
+            largest_inv = inv_norm.max() if options["cosine"] and inv_norm.numel() else 1.0
+            self.p_scales = torch.cat(
+                [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
+            ).contiguous()
+
+    def write(self, c_lo: int, c_hi: int, stored_width: int):
+        """P over classes [c_lo, c_hi): a rows x stored_width tensor (fp8: e5m2, rows padded to 16
+        with zeros, and its transpose beside it; padded columns zero)."""
+        operand, weight, options = self.operand, self.weight, self.options
+        feats = operand.values
+        num_rows, dim = feats.shape
+        if operand.fp8:
+            probs = torch.empty(self.padded_rows, stored_width, dtype=torch.float8_e5m2, device=feats.device)
+            probs_t = torch.empty(stored_width, self.padded_rows, dtype=torch.float8_e5m2, device=feats.device)
+        else:
+            probs = torch.empty(num_rows, stored_width, dtype=weight.dtype, device=feats.device)
+            probs_t = probs
+
+        def launch(tiles):
+            block_g, block_c, block_k, warps, stages = tiles
+            grid = (triton.cdiv(self.padded_rows, block_g), triton.cdiv(stored_width, block_c))
+            _probs_kernel[grid](
+                feats,
+                operand.row_scale if operand.fp8 else feats,
+                weight,
+                self.inv_norm if options["cosine"] else weight,
+                self.local_label,
+                self.lse,
+                self.grad_scale,
+                self.p_scales if operand.fp8 else self.grad_scale,
+                probs,
+                probs_t,
+                num_rows,
+                dim,
+                c_lo,
+                c_hi,
+                self.padded_rows,
+                c_lo + stored_width,
+                feats.stride(0),
+                weight.stride(0),
+                probs.stride(0),
+                probs_t.stride(0),
+                options["scale"],
+                options["target_shift"],
+                COSINE=options["cosine"],
+                FP8=operand.fp8,
+                EXACT_CAST=INTERPRETED,
+                PRECISION=_precision(weight.dtype),
+                EVEN_K=dim % block_k == 0,
+                BLOCK_G=block_g,
+                BLOCK_C=block_c,
+                BLOCK_K=block_k,
+                num_warps=warps,
+                num_stages=stages,
+            )
+
+        launch_fitted("probs", dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8))
+        return probs, probs_t
 
 
 def exact_backward(
-    feats: torch.Tensor,
+    feats: torch.Tensor | FeatureOperand,
     weight: torch.Tensor,
     inv_norm: torch.Tensor | None,
     local_label: torch.Tensor,
@@ -329,42 +413,69 @@ def exact_backward(
 
     dF is float32 (G x D, with respect to the unit features for cosine logits). With
     ``update`` the SGD step is applied to ``weight`` in place and dW is None; otherwise dW
-    (in the weights' dtype) when ``want_weight``. ``grad_scale`` (incoming gradient over the
-    valid labels, times the logit scale, as for ``shard_weight_backward``) may be a
-    one-element device tensor: nothing here reads it on the host. ``feats``: the features
-    in the weights' dtype (or their ``FeatureOperand``).
+    (in the weights' dtype; float32 for fp8 rows) when ``want_weight``. ``grad_scale``
+    (incoming gradient over the valid labels, times the logit scale, as for
+    ``shard_weight_backward``) may be a one-element device tensor: nothing here reads it on
+    the host. ``feats``: the features in the weights' dtype, or their ``FeatureOperand``
+    (fp8 rows: e4m3 features with row scales and their transpose).
     """
-    feats = _as_operand(feats).values
-    if weight.dtype == FP8:
-        raise ValueError("the gemm backward takes fp32 or bf16 rows; fp8 rows run on the stationary kernels")
-    if feats.dtype != weight.dtype:
-        raise ValueError(f"features ({feats.dtype}) must come in the weights' dtype ({weight.dtype})")
+    operand = _as_operand(feats)
+    feats = operand.values
+    if operand.fp8 != (weight.dtype == FP8) or (not operand.fp8 and feats.dtype != weight.dtype):
+        raise ValueError(f"features ({feats.dtype}) must come as the weights' operand ({weight.dtype})")
     check_update(weight, update)
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
     want_weight = want_weight or update is not None
     grad_feat = torch.zeros(num_rows, dim, dtype=torch.float32, device=feats.device) if want_features else None
-    grad_weight = torch.empty_like(weight) if want_weight and update is None else None
+    grad_weight = None
+    if want_weight and update is None:
+        grad_weight = torch.empty_like(weight, dtype=torch.float32 if operand.fp8 else weight.dtype)
     if num_classes == 0 or num_rows == 0 or not (want_features or want_weight):
         return grad_feat, grad_weight
-    options = dict(scale=scale, target_shift=target_shift, cosine=cosine)
     grad_scale = _device_scalar(grad_scale, feats.device)
+    probs_pass = _ProbsPass(
+        operand,
+        weight,
+        inv_norm,
+        local_label,
+        lse,
+        grad_scale,
+        dict(scale=scale, target_shift=target_shift, cosine=cosine),
+    )
     chunk = chunk_classes(num_rows, weight.dtype, num_classes)
-    fuse_update = fused_update_enabled(cosine)
-    probs_buffer = torch.empty(num_rows, min(chunk, num_classes), dtype=weight.dtype, device=feats.device)
+    fuse_update = fused_update_enabled(cosine) and not operand.fp8
+    if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16
+        padded = probs_pass.padded_rows
+        feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
+        feats_t[:, :num_rows] = operand.transposed
+        inverse_scales = probs_pass.p_scales.reciprocal()
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
-        probs = probs_buffer[:, : c_hi - c_lo]
-        _write_probs(feats, weight, inv_norm, local_label, lse, grad_scale, probs, c_lo, c_hi, options)
         rows = weight[c_lo:c_hi]
-        if grad_feat is not None:  # before the update moves these rows
-            grad_feat += _matmul_fp32(probs, rows)
-        if not want_weight:
-            continue
-        if update is not None and fuse_update:
-            _fused_update(probs, feats, weight, update, c_lo)
-            continue
-        chunk_grad = _matmul_fp32(probs.t(), feats)
+        width = c_hi - c_lo
+        if operand.fp8:
+            stored = _round_up(width, 16)
+            probs, probs_t = probs_pass.write(c_lo, c_hi, stored)
+            if grad_feat is not None:  # W_c as the column-major operand: a transposed copy, padded
+                rows_t = torch.zeros(dim, stored, dtype=FP8, device=feats.device)
+                rows_t[:, :width] = rows.t()
+                grad_feat += _scaled_matmul_fp32(probs, rows_t.t(), inverse_scales[0])[:num_rows]
+            if not want_weight:
+                continue
+            chunk_grad = _scaled_matmul_fp32(probs_t, feats_t.t(), inverse_scales[1])[:width]
+            if cosine:
+                chunk_grad *= inv_norm[c_lo:c_hi, None]
+        else:
+            probs, _ = probs_pass.write(c_lo, c_hi, width)
+            if grad_feat is not None:  # before the update moves these rows
+                grad_feat += _matmul_fp32(probs, rows)
+            if not want_weight:
+                continue
+            if update is not None and fuse_update:
+                _fused_update(probs, feats, weight, update, c_lo)
+                continue
+            chunk_grad = _matmul_fp32(probs.t(), feats)
         if cosine:  # through the row normalisation: P already carries 1 / ||w_c||
             unit = rows.float() * inv_norm[c_lo:c_hi, None]
             chunk_grad -= unit * (unit * chunk_grad).sum(dim=1, keepdim=True)

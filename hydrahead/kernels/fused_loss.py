@@ -6,9 +6,10 @@ collectives, its result), with the per-shard work done by the Triton kernels. Th
 gemm (``exact_gemm``, fp32 and bf16 rows)
     forward:  LSE kernel -> local (max, sum, target) -> MAX and SUM all-reduce -> loss
     backward: class chunk by chunk, a kernel writes P = softmax - onehot (scaled), then
-              dF += P W_c and dW_c = P^T F on cuBLAS, and the SGD step on the chunk's rows
-              (``update`` given: no weight gradient is produced) or dW.
-stationary (``shard_ce``, every dtype; fp8 rows)
+              dF += P W_c on cuBLAS and dW_c = P^T F with the SGD step on the chunk's rows
+              (``update`` given: no weight gradient is produced) or dW. fp8 rows: P in
+              e5m2 and both products on FP8 tensor cores (torch._scaled_mm).
+stationary (``shard_ce``, every dtype)
     forward:  kernel -> local (max, sum, target, A) -> MAX and SUM all-reduce -> loss, and
               the feature gradient dF (for an incoming gradient of 1) right away
     backward: dF times the incoming gradient; the weight kernel either applies the head's
@@ -340,7 +341,7 @@ def triton_sharded_cross_entropy(
     read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
     step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
     library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm for
-    fp32/bf16 rows, stationary for fp8).
+    every dtype; stationary for fp8 rows whose width is not a multiple of 16).
     Logits never reach global memory; extra memory is O(G x D), not O(G x C_r).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, 1)
@@ -350,7 +351,9 @@ def triton_sharded_cross_entropy(
         )
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
-    exact_kernels = resolve_exact_kernels(exact_kernels, weight_shard.dtype)
+    exact_kernels = resolve_exact_kernels(
+        exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type
+    )
     labels = labels.long()
     if num_classes is not None:
         check_label_range(labels, ignore_index, num_classes)
@@ -420,7 +423,10 @@ class FusedMicroBatches:
         self.update, self.grad_filter = update, float(grad_filter)
         # The gemm backward's chunks run the LSE pass, then P and dF (no weight side); finish()
         # recomputes P for every row once, for the update.
-        self.gemm = grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_shard.dtype) == "gemm"
+        resolved = resolve_exact_kernels(
+            exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type
+        )
+        self.gemm = grad_filter == 0 and resolved == "gemm"
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
         # device: the kernels read the gradient scale from memory).
         self.num_valid = (self.labels != ignore_index).sum()
@@ -536,7 +542,7 @@ class FusedMicroBatches:
         )
         if self.gemm:
             _, grad_weight = exact_backward(
-                feat_op.values, weight, self.inv_norm, local_label, lse_valid, want_features=False, **options
+                feat_op, weight, self.inv_norm, local_label, lse_valid, want_features=False, **options
             )
             return grad_weight
         return shard_weight_backward(feat_op, weight, self.inv_norm, local_label, lse_valid, **options)
@@ -593,7 +599,7 @@ def preflight(
         row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
         lse = (row_max + torch.log(row_sum)).contiguous()
         shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
-        if grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_dtype) == "gemm":
+        if grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_dtype, dim, device.type) == "gemm":
             row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
             lse = (row_max + torch.log(row_sum)).contiguous()
             exact_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
