@@ -10,11 +10,9 @@ backward  class chunk by class chunk (a G x chunk buffer, ``chunk_bytes`` at mos
           ``_probs_kernel`` recomputes the chunk's logits and writes
           P = g·(softmax - onehot) (g = the logit scale times the incoming gradient over
           the valid labels; times 1/||w_c|| for cosine logits) in the weights' dtype;
-          dF += P W_c runs on cuBLAS (fp32 accumulation and output); ``_update_kernel``
-          computes dW_c = P^T F tile by tile and applies torch.optim.SGD's step to the tile
-          in its epilogue, so no gradient reaches memory (cosine logits, whose projection
-          needs whole rows, and dW wanted without an update: dW_c on cuBLAS, then
-          ``filtered.apply_sgd_rows``). 6·G·D·C_r FLOPs.
+          dF += P W_c and dW_c = P^T F run on cuBLAS, and ``filtered.apply_sgd_rows``
+          applies torch.optim.SGD's step to the chunk's rows (one pass over them, their
+          momentum buffer and dW_c). 6·G·D·C_r FLOPs.
 
 Extra memory: the P chunk, one chunk of dW in fp32 and dF; no C_r x D tensor. fp8 weights
 stay on the stationary kernels (FP8 tensor cores take K-major operands only, and W_c is
@@ -30,7 +28,7 @@ import triton
 import triton.language as tl
 
 from hydrahead.kernels.filtered import apply_sgd_rows
-from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, sgd_store, to_e5m2
+from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
     FeatureOperand,
@@ -44,7 +42,7 @@ from hydrahead.kernels.shard_ce import (
 from hydrahead.kernels.tiles import launch_fitted
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
-_CHUNK_MIB = 128  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
+_CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
 
 
 @triton.jit(do_not_specialize=["c_lo", "c_hi", "g_store", "c_store"])
@@ -112,13 +110,12 @@ def _probs_kernel(
         z2 = z2 * inv[None, :]
     lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * LOG2E  # +inf: ignored rows get p = 0
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
-    has_target = tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0
-    if has_target:
+    if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
         is_target = label[:, None] == cols[None, :]
-        z2 = tl.where(is_target, z2 - target_shift * LOG2E, z2)
-    p = tl.exp2(z2 - lse2[:, None])
-    if has_target:
+        p = tl.exp2(tl.where(is_target, z2 - target_shift * LOG2E, z2) - lse2[:, None])
         p = tl.where(is_target, p - 1.0, p)
+    else:
+        p = tl.exp2(z2 - lse2[:, None])
     p = tl.where(row_ok[:, None] & col_ok[None, :], p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
     out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
@@ -134,153 +131,6 @@ def _probs_kernel(
         if COSINE:
             p = p * inv[None, :]
         tl.store(out, p.to(P.dtype.element_ty), mask=stored)
-
-
-@triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
-def _update_kernel(
-    P,
-    F,
-    W,
-    BUF,
-    COMP,
-    CLASS_IDS,
-    G,
-    C,
-    D,
-    stride_p,
-    stride_f,
-    stride_w,
-    lr,
-    momentum,
-    weight_decay,
-    first_class,
-    key1,
-    key2,
-    PRECISION: tl.constexpr,
-    HAS_BUF: tl.constexpr,
-    HAS_COMP: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
-    MANT_BITS: tl.constexpr,
-    MIN_EXP: tl.constexpr,
-    MAX_VALUE: tl.constexpr,
-    COMP_MANT_BITS: tl.constexpr,
-    COMP_MIN_EXP: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """dW = P^T F for a BLOCK_C x BLOCK_N tile of the chunk's rows, the SGD step applied to
-    that tile in the epilogue: the gradient never reaches memory."""
-    # Axis 0 (slices of D) runs fastest: the programs resident together read the same P tile.
-    dims = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dim_ok = dims < D
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
-    for k in range(0, tl.cdiv(G, BLOCK_K)):
-        rows = k * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_ok = rows < G
-        p = tl.load(
-            P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-        )
-        f = tl.load(
-            F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
-        )
-        acc = tl.dot(tl.trans(p), f, acc, input_precision=PRECISION)
-    tile = cols[:, None].to(tl.int64) * stride_w + dims[None, :]
-    tile_ok = col_ok[:, None] & dim_ok[None, :]
-    w32 = tl.load(W + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0) if HAS_IDS else first_class + cols
-    sgd_store(
-        W,
-        BUF,
-        COMP,
-        tile,
-        tile_ok,
-        w32,
-        acc,
-        ids,
-        dims,
-        lr,
-        momentum,
-        weight_decay,
-        key1,
-        key2,
-        HAS_BUF,
-        HAS_COMP,
-        STOCHASTIC,
-        EXACT_CAST,
-        MANT_BITS,
-        MIN_EXP,
-        MAX_VALUE,
-        COMP_MANT_BITS,
-        COMP_MIN_EXP,
-    )
-
-
-def _fused_update(probs, feats, weight, update: SGDUpdate, c_lo: int) -> None:
-    """The SGD step on rows [c_lo, c_lo + probs.shape[1]) from dW = P^T F, in one kernel."""
-    num_rows, dim = feats.shape
-    width = probs.shape[1]
-    rows = slice(c_lo, c_lo + width)
-    has_buf = update.momentum != 0
-    compensation = update.compensation[rows] if update.compensation is not None else None
-    class_ids = update.class_ids
-    has_ids = isinstance(class_ids, torch.Tensor)
-    plan = rounding_plan(weight, update)
-    chunk_rows = weight[rows]
-
-    def launch(tiles):
-        block_c, block_n, block_k, warps, stages = tiles
-        _update_kernel[(triton.cdiv(dim, block_n), triton.cdiv(width, block_c))](
-            probs,
-            feats,
-            chunk_rows,
-            update.momentum_buffer[rows] if has_buf else chunk_rows,
-            compensation if compensation is not None else chunk_rows,
-            class_ids[rows].long() if has_ids else chunk_rows,
-            num_rows,
-            width,
-            dim,
-            probs.stride(0),
-            feats.stride(0),
-            weight.stride(0),
-            update.lr,
-            update.momentum,
-            update.weight_decay,
-            0 if has_ids else int(class_ids) + c_lo,
-            plan.key1,
-            plan.key2,
-            PRECISION=_precision(weight.dtype),
-            HAS_BUF=has_buf,
-            HAS_COMP=compensation is not None,
-            HAS_IDS=has_ids,
-            **plan.constants,
-            BLOCK_C=block_c,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=warps,
-            num_stages=stages,
-        )
-
-    launch_fitted(
-        "update",
-        dim,
-        weight.dtype,
-        feats.device,
-        launch,
-        (has_buf, compensation is not None, has_ids, plan.constants["STOCHASTIC"]),
-    )
-
-
-def fused_update_enabled(cosine: bool) -> bool:
-    """Whether the update runs in the dW product's epilogue (``_update_kernel``) rather than as
-    cuBLAS's dW then a pass over the rows. Cosine logits need whole rows for their
-    projection, so they take the second way. HYDRAHEAD_GEMM_UPDATE=separate forces it (for
-    measuring the two against each other)."""
-    return not cosine and os.environ.get("HYDRAHEAD_GEMM_UPDATE", "fused") != "separate"
 
 
 def resolve_exact_kernels(choice: str, weight_dtype: torch.dtype, dim: int = 16, device_type: str = "cpu") -> str:
@@ -311,12 +161,13 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def _scaled_matmul_fp32(a: torch.Tensor, b: torch.Tensor, inverse_scale: torch.Tensor) -> torch.Tensor:
-    """(a @ b) * inverse_scale for fp8 ``a`` (row-major) and ``b`` (column-major), in float32:
-    FP8 tensor cores on the GPU, the same values multiplied in float32 elsewhere."""
+def _scaled_matmul(a: torch.Tensor, b: torch.Tensor, inverse_scale: torch.Tensor) -> torch.Tensor:
+    """(a @ b) * inverse_scale for fp8 ``a`` (row-major) and ``b`` (column-major): FP8 tensor
+    cores with float32 accumulation and a bf16 result on the GPU (cuBLASLt takes no float32
+    result for e5m2 x e4m3), the same values multiplied in float32 elsewhere."""
     if a.is_cuda:
         one = torch.ones((), device=a.device)
-        return torch._scaled_mm(a, b, scale_a=inverse_scale.reshape(()), scale_b=one, out_dtype=torch.float32)
+        return torch._scaled_mm(a, b, scale_a=inverse_scale.reshape(()), scale_b=one, out_dtype=torch.bfloat16)
     return torch.mm(a.float(), b.float()) * inverse_scale
 
 
@@ -444,7 +295,6 @@ def exact_backward(
         dict(scale=scale, target_shift=target_shift, cosine=cosine),
     )
     chunk = chunk_classes(num_rows, weight.dtype, num_classes)
-    fuse_update = fused_update_enabled(cosine) and not operand.fp8
     if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16
         padded = probs_pass.padded_rows
         feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
@@ -460,10 +310,10 @@ def exact_backward(
             if grad_feat is not None:  # W_c as the column-major operand: a transposed copy, padded
                 rows_t = torch.zeros(dim, stored, dtype=FP8, device=feats.device)
                 rows_t[:, :width] = rows.t()
-                grad_feat += _scaled_matmul_fp32(probs, rows_t.t(), inverse_scales[0])[:num_rows]
+                grad_feat += _scaled_matmul(probs, rows_t.t(), inverse_scales[0])[:num_rows]
             if not want_weight:
                 continue
-            chunk_grad = _scaled_matmul_fp32(probs_t, feats_t.t(), inverse_scales[1])[:width]
+            chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width].float()
             if cosine:
                 chunk_grad *= inv_norm[c_lo:c_hi, None]
         else:
@@ -472,13 +322,12 @@ def exact_backward(
                 grad_feat += _matmul_fp32(probs, rows)
             if not want_weight:
                 continue
-            if update is not None and fuse_update:
-                _fused_update(probs, feats, weight, update, c_lo)
-                continue
-            chunk_grad = _matmul_fp32(probs.t(), feats)
+            # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
+            # far below the stored rows' own, and halves the bytes the update pass reads.
+            chunk_grad = torch.mm(probs.t(), feats)
         if cosine:  # through the row normalisation: P already carries 1 / ||w_c||
             unit = rows.float() * inv_norm[c_lo:c_hi, None]
-            chunk_grad -= unit * (unit * chunk_grad).sum(dim=1, keepdim=True)
+            chunk_grad = chunk_grad - unit * (unit * chunk_grad).sum(dim=1, keepdim=True)
         if update is not None:
             apply_sgd_rows(weight, chunk_grad, update, c_lo)
         else:

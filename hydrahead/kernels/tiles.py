@@ -37,7 +37,6 @@ _GPU_TILES = {
     "weight_fp8": (64, 64, 8, 2),
     "filtered": (256, 128, 64, 8, 3),
     "probs": (128, 256, 64, 8, 3),
-    "update": (128, 128, 64, 8, 3),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
@@ -45,10 +44,9 @@ _CPU_TILES = {
     "weight_fp8": (16, 16, 4, 1),
     "filtered": (16, 16, 16, 4, 1),
     "probs": (16, 16, 16, 4, 1),
-    "update": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
-_STREAMED_K = ("filtered", "probs", "update")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
+_STREAMED_K = ("filtered", "probs")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
 
 T = TypeVar("T")
 
