@@ -116,7 +116,7 @@ class Method:
 
 
 METHODS = {
-    "ours": Method("hydrahead-triton gemm backward (fused SGD)", "fused", ("hydrahead.kernels",)),
+    "ours": Method("hydrahead-triton gemm path (SGD in the backward)", "fused", ("hydrahead.kernels",)),
     "ours-stationary": Method("hydrahead-triton stationary kernels (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-filtered": Method("hydrahead-triton filtered (fused SGD)", "fused", ("hydrahead.kernels",)),
     "ours-dw": Method("hydrahead-triton (dW + torch SGD)", "torch", ("hydrahead.kernels",)),
@@ -311,7 +311,7 @@ def build_step(key: str, p: Problem, args):
                     weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
-            exact_kernels = "stationary" if key.endswith("stationary") else "auto"
+            exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
 
             def fused_step():

@@ -135,8 +135,8 @@ class HeadConfig:
     exact_kernels: str = _key(
         "auto",
         "triton, exact step (head.grad_filter=0): gemm (an LSE pass, then softmax chunks and library "
-        "products), stationary (two kernels holding blocks of rows), auto (gemm; stationary for fp8 rows "
-        "whose width is not a multiple of 16)",
+        "products), stationary (two kernels holding blocks of rows), auto (gemm for fp32/bf16 rows, "
+        "stationary for fp8 rows)",
         ("auto", "gemm", "stationary"),
     )
     selection: str = _key(

@@ -324,9 +324,9 @@ def test_exact_kernels_choice_is_checked():
     from hydrahead.kernels.exact_gemm import resolve_exact_kernels
 
     assert resolve_exact_kernels("auto", torch.bfloat16, 24, "cuda") == "gemm"
-    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda") == "gemm"
-    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 24, "cuda") == "stationary"  # FP8 products: D % 16
-    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 24, "cpu") == "gemm"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda") == "stationary"
+    assert resolve_exact_kernels("gemm", torch.float8_e4m3fn, 512, "cuda") == "gemm"
+    assert resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cpu") == "gemm"
     with pytest.raises(ValueError, match="multiple of 16"):
         resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cuda")
     with pytest.raises(ValueError, match="one of"):

@@ -134,13 +134,14 @@ def _probs_kernel(
 
 
 def resolve_exact_kernels(choice: str, weight_dtype: torch.dtype, dim: int = 16, device_type: str = "cpu") -> str:
-    """``head.exact_kernels`` with auto resolved: gemm, except fp8 rows on a GPU whose width is
-    not a multiple of 16 (the FP8 library products need it), which run stationary."""
+    """``head.exact_kernels`` with auto resolved: gemm for fp32 and bf16 rows, stationary for
+    fp8 rows (their gemm path is tested on the CPU only so far); gemm with fp8 rows on a GPU
+    needs a width that is a multiple of 16 (the FP8 library products do)."""
     if choice not in EXACT_KERNELS:
         raise ValueError(f"exact_kernels must be one of {EXACT_KERNELS}, got {choice!r}")
     gemm_fits = weight_dtype != FP8 or device_type != "cuda" or dim % 16 == 0
     if choice == "auto":
-        return "gemm" if gemm_fits else "stationary"
+        return "stationary" if weight_dtype == FP8 else "gemm"
     if choice == "gemm" and not gemm_fits:
         raise ValueError(f"exact_kernels='gemm' with fp8 rows needs a width that is a multiple of 16, got D={dim}")
     return choice
@@ -299,7 +300,9 @@ def exact_backward(
         padded = probs_pass.padded_rows
         feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
         feats_t[:, :num_rows] = operand.transposed
-        inverse_scales = probs_pass.p_scales.reciprocal()
+        # One allocation each: a scale pointer 4 bytes into a tensor is a candidate cause of the
+        # CUBLAS_STATUS_NOT_SUPPORTED seen for the second product (not yet rerun on a GPU).
+        inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]

@@ -341,8 +341,9 @@ def triton_sharded_cross_entropy(
     read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
     step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
     library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm for
-    every dtype; stationary for fp8 rows whose width is not a multiple of 16).
-    Logits never reach global memory; extra memory is O(G x D), not O(G x C_r).
+    fp32 and bf16 rows, stationary for fp8 rows).
+    Logits never reach global memory whole: the stationary kernels need O(G x D) extra
+    memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, 1)
     if margin_type not in FUSED_MARGIN_TYPES:
