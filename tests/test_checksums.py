@@ -1,4 +1,4 @@
-"""Checkpoint checksums: the hashing and manifest functions, and each check's verdict.
+"""Checkpoint checksums: the hashing and manifest functions, each check's verdict, the verify tool.
 
 Multi-rank resumes from damaged checkpoints run through the launcher in test_reliability.py.
 """
@@ -17,6 +17,7 @@ import xxhash
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from hydrahead.distributed.setup import DistEnv
+from hydrahead.tools import verify_checkpoint as verify_tool
 from hydrahead.train import checkpoint as checkpoint_module
 from hydrahead.train import checksums
 from hydrahead.train.checkpoint import (
@@ -334,3 +335,49 @@ def test_a_save_never_prunes_for_a_newer_damaged_checkpoint(run_dir):
     _save(run_dir, 6, keep=2)
     assert [step for step, _ in step_folders(run_dir)] == [5, 6]
     assert verify_checkpoint(run_dir / "checkpoints" / "step-6").status == OK
+
+
+# ----------------------------------------------------------------------------------------
+# The verify tool
+# ----------------------------------------------------------------------------------------
+
+
+def test_verify_tool_lists_each_checkpoint_and_exits_by_the_newest(run_dir, capsys):
+    root = run_dir / "checkpoints"
+    assert verify_tool.main([str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["step-2", "ok"], ["step-4", "ok"], ["step-6", "ok"]]
+    assert lines[-1] == "a resume would load step-6"
+
+    flip_byte(_data_file(root / "step-6"))
+    (root / "step-4" / "__0_0.distcp").unlink()
+    shutil.copytree(root / "step-2", root / ".step-8.partial")
+    assert verify_tool.main([str(run_dir), "--threads", "1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["step-2", "ok"]
+    assert lines[1].split()[:3] == ["step-4", "incomplete", "__0_0.distcp"]
+    assert lines[2].split()[:3] == ["step-6", "damaged", "__0_0.distcp"]
+    assert lines[3].split()[:2] == [".step-8.partial", "incomplete"]
+    assert lines[-1] == "a resume would load step-2"
+
+    # one checkpoint folder: its status alone
+    assert verify_tool.main([str(root / "step-2")]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["step-2", "ok"]
+    assert verify_tool.main([str(root / "step-6")]) == 1
+
+
+def test_verify_tool_exit_codes_for_unverified_empty_and_wrong_paths(tmp_path, capsys):
+    run = tmp_path / "run"
+    _save(run, 1, checksums=False)
+    assert verify_tool.main([str(run)]) == 1
+    assert capsys.readouterr().out.split()[:2] == ["step-1", "unverified"]
+    (run / "checkpoints" / "step-1").rename(run / "checkpoints" / ".step-1.partial")
+    assert verify_tool.main([str(run)]) == 1
+    assert "no checkpoint found" in capsys.readouterr().out
+    assert verify_tool.main([str(tmp_path / "nowhere")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        verify_tool.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(word in text for word in ("RUN_DIR", "ok", "damaged", "incomplete", "unverified", "Exit status"))
