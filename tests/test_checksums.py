@@ -259,6 +259,9 @@ def test_each_damage_is_found_and_named(run_dir, damage, status, message):
     check = verify_checkpoint(folder)
     assert check.status == status and not check.loadable
     assert any(re.search(message, problem) for problem in check.problems), check.problems
+    if damage not in ("delete data", "truncate data", "flip index", "flip meta"):  # what only checksums see
+        unchecked = verify_checkpoint(folder, contents=False)
+        assert unchecked.loadable and unchecked.problems == ("checksums not checked (asked not to)",)
     skipped = []
     path, found = newest_loadable_checkpoint(run_dir, skipped=lambda f, c: skipped.append((f.name, c)))
     assert (path.name, found) == ("step-4", CheckpointCheck(OK))

@@ -206,12 +206,15 @@ def check_share(
     """Rank ``rank`` of ``world_size``'s part of checking the checkpoint folder ``path``.
 
     Every rank checks what reads no data (meta.json, the manifest: its own checksum, its
-    step, every file's size); then, with ``contents``, the checksums of its share of the
-    files: those written by rank ``rank`` (modulo ``world_size``; DCP's index and meta.json
-    are rank 0's), so a resume at the same world size re-reads what each rank wrote, and a
-    world of one checks them all. ``combine_checks`` merges the ranks' answers.
+    step, every file's size); then the checksums of its share of the files: those written
+    by rank ``rank`` (modulo ``world_size``; DCP's index and meta.json are rank 0's), so a
+    resume at the same world size re-reads what each rank wrote, and a world of one checks
+    them all. ``combine_checks`` merges the ranks' answers. ``contents=False``: only the
+    structural checks of a checkpoint without checksums (``checkpoint_problem``).
     """
     path = Path(path)
+    if not contents:  # what loading needed before checkpoints carried checksums, and no more
+        return _structure_check(path) or CheckpointCheck(UNVERIFIED, ("checksums not checked (asked not to)",))
     meta_path = path / META_FILE
     if not meta_path.is_file():
         return CheckpointCheck(INCOMPLETE, (f"{META_FILE} is missing",))
@@ -239,8 +242,6 @@ def check_share(
     found = _problems(size_problems(path, files))
     if found is not None:
         return found
-    if not contents:
-        return _structure_check(path) or CheckpointCheck(UNVERIFIED, ("checksums not checked (asked not to)",))
     share = {name: record for name, record in files.items() if int(record.get("rank", 0)) % world_size == rank}
     found = _problems(file_problems(path, share, piece_bytes=manifest["piece_bytes"], threads=threads))
     if found is not None or rank != 0:
@@ -279,7 +280,7 @@ def verify_checkpoint(
 
     Each rank checks its share (``check_share``) and all ranks get the same verdict (one
     all-gather of the answers). Without a process group, one process checks every file.
-    ``contents=False`` checks everything but the checksums (and says so: ``unverified``).
+    ``contents=False`` leaves the manifest and checksums out (and says so: ``unverified``).
     """
     local = check_share(path, group_rank(group), group_world_size(group), contents=contents, threads=threads)
     return combine_checks(all_gather_objects(local, group))
