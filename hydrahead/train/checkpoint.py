@@ -9,8 +9,8 @@ Layout of ``run.dir/checkpoints/``::
       manifest.json      size and checksums of each file above (written last)
     .step-140.partial/   a save in progress (or one a kill interrupted): never loaded
 
-A save goes into the ``.partial`` folder. Each rank hashes the files it wrote right after
-writing them (``hydrahead.train.checksums``); once every rank has written, rank 0 adds
+A save goes into the ``.partial`` folder. Each rank hashes its files as it writes them
+(``hydrahead.train.checksums``); once every rank has written, rank 0 adds
 ``meta.json``, hashes it and DCP's index, writes ``manifest.json`` with every file's
 checksums and renames the folder to ``step-N`` in one atomic rename, so a kill at any
 moment leaves either the previous checkpoints or the new complete one.
@@ -116,6 +116,12 @@ def _write_json_durably(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+# A check's verdicts, from best to worst.
+OK, UNVERIFIED, INCOMPLETE, DAMAGED = "ok", "unverified", "incomplete", "damaged"
+_SEVERITY = {OK: 0, UNVERIFIED: 1, INCOMPLETE: 2, DAMAGED: 3}
+NO_CHECKSUMS = f"written without checksums (no {MANIFEST_FILE}): its contents cannot be verified"
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointCheck:
     """What a check of a checkpoint folder found.
@@ -135,11 +141,6 @@ class CheckpointCheck:
 
     def describe(self) -> str:
         return f"{self.status}: {'; '.join(self.problems)}" if self.problems else self.status
-
-
-OK, UNVERIFIED, INCOMPLETE, DAMAGED = "ok", "unverified", "incomplete", "damaged"
-_SEVERITY = {OK: 0, UNVERIFIED: 1, INCOMPLETE: 2, DAMAGED: 3}
-NO_CHECKSUMS = f"written without checksums (no {MANIFEST_FILE}): its contents cannot be verified"
 
 
 def _index_files(path: Path) -> dict[str, int]:
@@ -296,6 +297,10 @@ def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     )
 
 
+class NoLoadableCheckpointError(RuntimeError):
+    """A run folder has checkpoints, but every one is damaged or incomplete."""
+
+
 def newest_loadable_checkpoint(
     run_dir: str | os.PathLike,
     *,
@@ -324,10 +329,6 @@ def newest_loadable_checkpoint(
             "Restore a good copy, or move the folder away to start afresh"
         )
     return None
-
-
-class NoLoadableCheckpointError(RuntimeError):
-    """A run folder has checkpoints, but every one is damaged or incomplete."""
 
 
 def complete_checkpoints(run_dir: str | os.PathLike, *, warn: bool = True) -> list[tuple[int, Path]]:
