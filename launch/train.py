@@ -6,7 +6,7 @@
 
 Overrides are dotted ``key=value`` pairs applied after the YAML file; each value is read
 as a YAML scalar (``false``, ``1e-3``, ``[0.9, 0.95]``). Rerunning the same command
-continues the run from the newest complete checkpoint in ``run.dir/checkpoints``.
+continues the run from the newest checkpoint in ``run.dir/checkpoints`` that verifies.
 """
 
 from __future__ import annotations

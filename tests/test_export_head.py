@@ -164,6 +164,14 @@ def test_safe_reader_refuses_data_files_outside_the_folder(runs, tmp_path):
         SafeFileSystemReader(ckpt).read_metadata()
 
 
+def _without_checksums(checkpoint: Path) -> None:
+    """Make ``checkpoint`` look as written before checkpoints carried checksums."""
+    (checkpoint / "manifest.json").unlink()
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    del meta["checksums"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.fixture()
 def malicious_checkpoint(runs, tmp_path):
     """A copy of a real checkpoint whose index hides a payload among genuine entries."""
@@ -188,7 +196,11 @@ def test_a_malicious_index_runs_nothing(malicious_checkpoint):
             planner=SafeLoadPlanner(),
             no_dist=True,
         )
-    with pytest.raises(pickle.UnpicklingError):
+    # export checks the files against the manifest first: the changed index is not even parsed
+    with pytest.raises(ValueError, match=r"\.metadata has [\d,]+ bytes, the manifest says"):
+        export_head(ckpt, ckpt.parent / "head.npy", progress=False)
+    _without_checksums(ckpt)  # as a checkpoint from before checksums: parsed, safely
+    with pytest.raises(ValueError, match=r"\.metadata is unreadable \(ForbiddenGlobalError: .*_plant_marker"):
         export_head(ckpt, ckpt.parent / "head.npy", progress=False)
     assert not marker.exists()
     dcp.FileSystemReader(str(ckpt)).read_metadata()  # the payload is live: the stock reader runs it
@@ -393,6 +405,7 @@ def test_a_malicious_index_in_a_run_folder_runs_nothing(runs, tmp_path):
     bad = step_dir(run, 9)
     shutil.copytree(step_dir(run, 4), bad)
     (bad / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _without_checksums(bad)  # else its manifest would reject it unread; so the index is parsed, safely
     with pytest.warns(UserWarning, match="step-9.*_plant_marker"):
         out = export_head(run, tmp_path / "head.npy", progress=False)  # the newest safe one: step 4
     assert torch.equal(read_export(out), full_load(step_dir(run, 4), "head.weight"))
@@ -400,6 +413,40 @@ def test_a_malicious_index_in_a_run_folder_runs_nothing(runs, tmp_path):
     with contextlib.suppress(Exception):  # the payload unpickles to None, which the stock reader trips on
         dcp.FileSystemReader(str(bad)).read_metadata()  # ... after running it: the payload is live
     assert marker.exists()
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_export_verifies_the_checkpoint_before_reading_it(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs[2], run)
+    data = step_dir(run, 4) / "__1_0.distcp"
+    _flip_byte(data, data.stat().st_size // 2)
+    with pytest.raises(ValueError, match=r"step-4 is damaged: __1_0\.distcp does not match its checksum"):
+        export_head(step_dir(run, 4), tmp_path / "folder.npy", progress=False)
+    assert not (tmp_path / "folder.npy").exists()
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-4: damaged: __1_0\.distcp does not match"):
+        out = export_head(run, tmp_path / "run.safetensors", progress=False)  # the newest that verifies
+    with safe_open(out, "pt") as file:
+        assert file.metadata()["step"] == "2"
+    assert torch.equal(read_export(out), full_load(step_dir(runs[2], 2), "head.weight"))
+    assert export_module.main([str(step_dir(run, 4)), str(tmp_path / "cli.npy")]) == 1
+    assert "export_head: error: checkpoint" in capsys.readouterr().err
+
+    # --no-verify reads without checking: a manifest with a wrong checksum no longer stops it
+    shutil.copy(runs[2] / "checkpoints" / "step-4" / "__1_0.distcp", data)
+    manifest = step_dir(run, 4) / "manifest.json"
+    _flip_byte(manifest, manifest.read_text().index('"pieces": [') + 24)
+    with pytest.raises(ValueError, match=r"manifest\.json does not match its own checksum"):
+        export_head(step_dir(run, 4), tmp_path / "checked.npy", progress=False)
+    assert export_module.main([str(run), str(tmp_path / "unchecked.npy"), "--no-verify"]) == 0
+    assert torch.equal(
+        torch.from_numpy(np.load(tmp_path / "unchecked.npy")), full_load(step_dir(run, 4), "head.weight")
+    )
 
 
 def test_dtype_conversion(runs, tmp_path):

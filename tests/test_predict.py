@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -233,6 +234,37 @@ def test_outputs_are_not_overwritten_without_force(run_dir, inputs, capsys):
     assert inputs["exists"].read_text() == "keep me"
     assert main([str(run_dir), str(inputs["features"]), "--out", str(inputs["exists"].with_suffix(".csv"))]) == 1
     assert "--out must end in .tsv or .npy" in capsys.readouterr().err
+
+
+def test_the_ranks_verify_the_checkpoint_before_loading_it(run_dir, features, tmp_path):
+    """Two ranks share the checking: rank 1 hashes the file rank 1 wrote, and its finding
+    stops rank 0 too. The run's only checkpoint is damaged, so nothing is predicted."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = latest_checkpoint(run) / "__1_0.distcp"
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    data.write_bytes(bytes(flipped))
+    np.save(tmp_path / "features.npy", features)
+    out = tmp_path / "out.tsv"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [sys.executable, *launcher, "-m", "hydrahead.tools.predict", str(run), str(tmp_path / "features.npy")]
+        + ["--out", str(out), "--no-progress"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert re.search(
+            rf"predict: error \(rank {rank}\): no checkpoint in .* can be loaded: step-4 \(damaged: "
+            r"__1_0\.distcp does not match its checksum",
+            proc.stderr,
+        ), proc.stderr[-3000:]
+    assert not out.exists()
 
 
 def test_every_option_has_help():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -135,6 +137,111 @@ def test_sigkill_of_one_rank_is_restarted_and_resumes(reference_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# Damaged checkpoints: verified on resume, skipped for the newest one that verifies
+# ----------------------------------------------------------------------------------------
+
+EVERY_STEP = ["train.steps=8", "train.eval_every=0", "checkpoint.every=1", "checkpoint.keep=8"]
+
+
+@pytest.fixture(scope="module")
+def saved_every_step(tmp_path_factory):
+    """A 2-rank run with a checkpoint after each of its 8 steps."""
+    run_dir = tmp_path_factory.mktemp("damaged") / "saved"
+    launch(run_dir, 2, *EVERY_STEP)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resumed_from_step_4(saved_every_step, tmp_path_factory):
+    """The same run resumed directly from its step-4 checkpoint (the newer ones removed), to step 6."""
+    run_dir = tmp_path_factory.mktemp("damaged") / "direct"
+    shutil.copytree(saved_every_step, run_dir)
+    for step in range(5, 9):
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    launch(run_dir, 2, *EVERY_STEP, "train.stop_after=6")
+    return run_dir
+
+
+def _flip_byte(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _damage(folder: Path, damage: str) -> None:
+    if damage == "flip meta.json":  # a digit of the data cursor: still valid JSON, with a wrong value
+        text = (folder / "meta.json").read_text()
+        _flip_byte(folder / "meta.json", text.index('"cursor": ') + len('"cursor": '))
+    elif damage == "flip manifest.json":  # a digit of a checksum: still valid JSON
+        text = (folder / "manifest.json").read_text()
+        _flip_byte(folder / "manifest.json", text.index('"pieces": [') + 24)
+    elif damage.startswith("flip "):
+        _flip_byte(folder / damage.removeprefix("flip "))
+    elif damage.startswith("truncate "):
+        path = folder / damage.removeprefix("truncate ")
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage.startswith("delete "):
+        (folder / damage.removeprefix("delete ")).unlink()
+    elif damage == "manifest of step 3":
+        shutil.copy(folder.parent / "step-3" / "manifest.json", folder / "manifest.json")
+    else:
+        raise AssertionError(damage)
+
+
+# Four damaged checkpoints at a time (steps 8, 7, 6, 5), newest first, with what the warning
+# that skips each must say. Rank 0 hashes __0_0.distcp, .metadata and meta.json, rank 1
+# __1_0.distcp: what only rank 1 finds must still stop rank 0 from loading it.
+DAMAGES = {
+    "data files, index, missing file, manifest of another step": [
+        ("flip __1_0.distcp", r"damaged: __1_0\.distcp does not match its checksum"),
+        ("flip .metadata", r"damaged: \.metadata does not match its checksum"),
+        ("delete __1_0.distcp", r"incomplete: __1_0\.distcp is missing"),
+        ("manifest of step 3", r"damaged: manifest\.json is of step 3, the folder of step 5"),
+    ],
+    "data file, meta.json, truncated file, manifest": [
+        ("flip __0_0.distcp", r"damaged: __0_0\.distcp does not match its checksum"),
+        ("flip meta.json", r"damaged: meta\.json does not match its checksum"),
+        ("truncate __0_0.distcp", r"damaged: __0_0\.distcp has [\d,]+ bytes, the manifest says [\d,]+ \(truncated\)"),
+        ("flip manifest.json", r"damaged: manifest\.json does not match its own checksum"),
+    ],
+}
+
+
+@pytest.mark.parametrize("damages", DAMAGES.values(), ids=DAMAGES.keys())
+def test_damaged_checkpoints_are_skipped_for_the_newest_that_verifies(
+    saved_every_step, resumed_from_step_4, tmp_path, damages
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_every_step, run_dir)
+    for step, (damage, _) in zip((8, 7, 6, 5), damages):
+        _damage(run_dir / "checkpoints" / f"step-{step}", damage)
+    proc = launch(run_dir, 2, *EVERY_STEP, "train.stop_after=6", timeout=120)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert len(warnings) == 4, proc.stderr[-3000:]  # rank 0 says it, once per checkpoint
+    for step, (_, message), warning in zip((8, 7, 6, 5), damages, warnings):
+        assert warning.startswith(f"warning: skipping checkpoint {run_dir / 'checkpoints' / f'step-{step}'}: ")
+        assert re.search(message, warning), warning
+    assert "resumed at step 4 from step-4 (checksums verified)" in proc.stdout
+    assert_same_losses(run_dir, resumed_from_step_4, range(5, 7), exact=True)
+    assert_same_losses(run_dir, saved_every_step, range(5, 7), exact=True)
+
+
+def test_a_checkpoint_without_checksums_still_loads_with_a_note(saved_every_step, tmp_path):
+    """As written before checkpoints carried checksums: no manifest, no mention in meta.json."""
+    run_dir = tmp_path / "old"
+    shutil.copytree(saved_every_step, run_dir)
+    newest = run_dir / "checkpoints" / "step-8"
+    (newest / "manifest.json").unlink()
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["checksums"]
+    (newest / "meta.json").write_text(json.dumps(meta))
+    proc = launch(run_dir, 2, *EVERY_STEP, timeout=120)
+    assert f"note: loading checkpoint {newest}, not verified: written without checksums" in proc.stderr
+    assert "resumed at step 8 from step-8 (not verified: written without checksums" in proc.stdout
+    assert "nothing to do" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------
 # Non-finite values
 # ----------------------------------------------------------------------------------------
 
@@ -145,6 +252,9 @@ def test_nan_loss_stops_every_rank_without_a_new_checkpoint(tmp_path):
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank{rank}]: hydrahead.train.faults.NonFiniteError: step 6: non-finite loss" in proc.stderr
+    # it claims of the checkpoints only what this run knows: it saved step-4, and verified nothing
+    assert "No checkpoint was written for this step" in proc.stderr and "(this run last saved step-4)" in proc.stderr
+    assert "intact" not in proc.stderr
     assert [step for step, _ in complete_checkpoints(run_dir)] == [4]
     assert max(train_losses(run_dir)) == 5
 

@@ -25,6 +25,16 @@ def group_rank(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
 
+def all_gather_objects(obj, group: dist.ProcessGroup | None = None) -> list:
+    """``obj`` from every rank of ``group`` in rank order (any picklable object; small ones:
+    it travels pickled, through the device on NCCL)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * group_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def _backend(group: dist.ProcessGroup | None) -> str:
     return str(dist.get_backend(group)).lower()
 

@@ -19,6 +19,11 @@ Rows that sat out steps with head.inactive_rows=continue are exported as of the 
 step: the steps they still owe are paid on the way (as training's settle pays them, rounded
 to nearest into the stored dtype).
 
+Before reading, the checkpoint's files are checked against the checksums its save recorded
+(as hydrahead.tools.verify_checkpoint does): a damaged checkpoint folder is an error naming
+the file; for a run folder, the newest checkpoint that verifies is taken. --no-verify skips
+that reading pass.
+
 OUT is written as OUT.partial and renamed when complete: a crash never leaves a half-written OUT.
 """
 
@@ -45,7 +50,17 @@ from tqdm import tqdm
 
 from hydrahead.optim.deferred_sgd import pay_owed_steps
 from hydrahead.optim.low_precision import FORMATS, round_nearest
-from hydrahead.train.checkpoint import HEAD_DEFERRED, META_FILE, checkpoint_root, latest_checkpoint, read_meta
+from hydrahead.train.checkpoint import (
+    HEAD_DEFERRED,
+    META_FILE,
+    OK,
+    CheckpointCheck,
+    NoLoadableCheckpointError,
+    checkpoint_root,
+    newest_loadable_checkpoint,
+    read_meta,
+    verify_checkpoint,
+)
 from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
 TENSORS = ("weight", "momentum")
@@ -116,25 +131,46 @@ def open_owed_steps(
     return OwedSteps(reader, metadata or reader.read_metadata())
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is a checkpoint folder, else the newest complete checkpoint of a run folder."""
+def resolve_checkpoint(path: str | os.PathLike, *, verify: bool = True, group=None) -> Path:
+    """``path`` itself when it is a checkpoint folder, else the newest loadable checkpoint of a run folder.
+
+    With ``verify`` the checkpoint's files are checked against its checksums first (collective
+    over ``group`` when a process group is up: each rank a share): a damaged or incomplete
+    checkpoint folder is an error naming the file, a run folder's damaged checkpoints are
+    skipped with a warning, and one written without checksums is taken with a warning.
+    Without ``verify``, only what reads no data file is checked.
+    """
     path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    if not checkpoint_root(path).is_dir():
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint folder (no .metadata) nor a run folder (no {checkpoint_root(path).name}/)"
-        )
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint in {checkpoint_root(path)}")
-    return found
+    if (path / ".metadata").is_file() or (path / META_FILE).is_file():
+        check = verify_checkpoint(path, group=group, contents=verify)
+        if not check.loadable:
+            raise ValueError(f"checkpoint {path} is {check.describe()}")
+    else:
+        if not checkpoint_root(path).is_dir():
+            raise FileNotFoundError(
+                f"{path} is neither a checkpoint folder (no .metadata) nor a run folder "
+                f"(no {checkpoint_root(path).name}/)"
+            )
+
+        def skipped(folder: Path, check: CheckpointCheck) -> None:
+            warnings.warn(f"skipping checkpoint {folder}: {check.describe()}", stacklevel=4)
+
+        try:
+            found = newest_loadable_checkpoint(path, group=group, contents=verify, skipped=skipped)
+        except NoLoadableCheckpointError as exc:
+            raise ValueError(str(exc)) from None
+        if found is None:
+            raise FileNotFoundError(f"{path}: no checkpoint in {checkpoint_root(path)}")
+        path, check = found
+    if verify and check.status != OK:
+        warnings.warn(f"checkpoint {path} is {check.describe()}", stacklevel=2)
+    return path
 
 
-def _open_head(checkpoint: str | os.PathLike, tensor: str) -> _Head:
+def _open_head(checkpoint: str | os.PathLike, tensor: str, verify: bool = True) -> _Head:
     if tensor not in TENSORS:
         raise ValueError(f"tensor must be one of {', '.join(TENSORS)}, got {tensor!r}")
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, verify=verify)
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {META_FILE}: not a complete checkpoint")
     meta = read_meta(path)
@@ -241,15 +277,20 @@ def _check_block_rows(block_rows: int) -> None:
 
 
 def iter_head_rows(
-    checkpoint: str | os.PathLike, tensor: str = "weight", block_rows: int = DEFAULT_BLOCK_ROWS
+    checkpoint: str | os.PathLike,
+    tensor: str = "weight",
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    *,
+    verify: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first class, rows) blocks of the head tensor ``tensor`` in class order, in the saved dtype.
 
-    ``checkpoint`` is a checkpoint folder or a run folder (its newest complete checkpoint).
-    The checkpoint is opened and checked now; each block is read when it is asked for.
+    ``checkpoint`` is a checkpoint folder or a run folder (its newest loadable checkpoint).
+    The checkpoint is opened and checked now (its checksums too, with ``verify``); each
+    block is read when it is asked for.
     """
     _check_block_rows(block_rows)
-    return _blocks(_open_head(checkpoint, tensor), block_rows)
+    return _blocks(_open_head(checkpoint, tensor, verify), block_rows)
 
 
 def _write_npy(
@@ -312,11 +353,14 @@ def export_head(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     force: bool = False,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Write head.``tensor`` of ``checkpoint`` (all shards, in class order) to ``out``; returns ``out``.
 
     ``out`` ends in .safetensors or .npy. ``dtype`` defaults to the saved dtype (a .npy file
-    holds bfloat16 as float32). An existing ``out`` is replaced only with ``force``.
+    holds bfloat16 as float32). An existing ``out`` is replaced only with ``force``. With
+    ``verify`` (the default) the checkpoint's checksums are checked before anything is read
+    (see ``resolve_checkpoint``).
     """
     out = Path(out)
     if out.suffix not in SUFFIXES:
@@ -328,7 +372,7 @@ def export_head(
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     _check_block_rows(block_rows)
-    head = _open_head(checkpoint, tensor)
+    head = _open_head(checkpoint, tensor, verify)
 
     values_dtype = dtype or head.dtype  # the precision of the exported values
     file_dtype = values_dtype
@@ -370,7 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "checkpoint",
         metavar="CKPT",
-        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint",
+        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest checkpoint that verifies",
     )
     parser.add_argument("out", metavar="OUT", help="the file to write, ending in .safetensors or .npy")
     parser.add_argument(
@@ -401,6 +445,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--force", action="store_true", help="overwrite OUT if it exists (otherwise an existing OUT is an error)"
     )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help=(
+            "do not check the checkpoint's checksums first (by default every file is read once to check "
+            "it, then the head is read again to export it; damage then goes unnoticed)"
+        ),
+    )
     return parser.parse_args(argv)
 
 
@@ -414,6 +467,7 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             block_rows=args.block_rows,
             force=args.force,
+            verify=args.verify,
         )
     except (ValueError, FileExistsError, FileNotFoundError, pickle.UnpicklingError) as exc:
         print(f"export_head: error: {exc}", file=sys.stderr)

@@ -23,6 +23,11 @@ Inputs (--input-kind auto chooses by the path):
 Images are read as the training run's evaluation reads them: resized, centre-cropped to
 its data.image_size and normalised.
 
+Before loading, the ranks check the checkpoint's files against the checksums its save
+recorded, each rank a share (as hydrahead.tools.verify_checkpoint does): a damaged
+checkpoint folder is an error naming the file; for a run folder, the newest checkpoint that
+verifies is taken. --no-verify skips that reading pass.
+
 --labels FILE.npy holds (N,) class ids (single-label: top1 and top5 accuracy) or N x L
 class ids padded with -1 (multi-label: P@1,3,5 and nDCG@1,3,5; a sample without labels
 scores 0 and counts in the mean). Definitions: hydrahead.eval.metrics. Metrics at a k
@@ -102,9 +107,12 @@ class PredictInput:
     labels: str | None
 
 
-def open_checkpoint(checkpoint: str | os.PathLike) -> Trained:
-    """A checkpoint folder, or a run folder's newest complete checkpoint, with its config."""
-    path = resolve_checkpoint(checkpoint)
+def open_checkpoint(checkpoint: str | os.PathLike, *, verify: bool = True, group=None) -> Trained:
+    """A checkpoint folder, or a run folder's newest loadable checkpoint, with its config.
+
+    ``verify``: check its files against their checksums first, collective over ``group``
+    when a process group is up (see ``hydrahead.tools.export_head.resolve_checkpoint``)."""
+    path = resolve_checkpoint(checkpoint, verify=verify, group=group)
     meta_path = path / ckpt.META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} has no {ckpt.META_FILE}: not a complete checkpoint")
@@ -525,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "checkpoint",
         metavar="CKPT",
-        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest complete checkpoint",
+        help="a checkpoint folder (run.dir/checkpoints/step-N), or a run folder: its newest checkpoint that verifies",
     )
     parser.add_argument(
         "input",
@@ -586,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar (by default rank 0 shows one)"
     )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help=(
+            "do not check the checkpoint's checksums first (by default the ranks read every file once "
+            "to check it before loading; damage then goes unnoticed)"
+        ),
+    )
     return parser
 
 
@@ -607,7 +624,8 @@ def main(argv=None) -> int:
     launched_rank = int(os.environ.get("RANK", "0"))
     # Mistakes in the arguments or the files surface here, the same on every rank: rank 0 says so.
     try:
-        trained = open_checkpoint(args.checkpoint)
+        # Checked without reading the data files here; the ranks verify them together below.
+        trained = open_checkpoint(args.checkpoint, verify=False)
         num_classes = trained.cfg.head.num_classes
         check_k(args.k, num_classes)
         source = open_input(args.input, trained.cfg, kind=args.input_kind, labels=args.labels)
@@ -621,6 +639,11 @@ def main(argv=None) -> int:
     owns_group = not dist.is_initialized()  # a caller's process group is left as it was
     env = init_distributed(args.backend)
     try:
+        if args.verify:  # each rank hashes a share of the files; a run folder's damaged checkpoints are skipped
+            with warnings.catch_warnings():
+                if not env.is_main:
+                    warnings.simplefilter("ignore")
+                trained = open_checkpoint(args.checkpoint, group=env.data_group)
         if env.is_main:
             print(
                 f"predict: {source.description} on {env.world_size} rank(s) ({env.backend}), "

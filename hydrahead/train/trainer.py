@@ -295,6 +295,9 @@ class Trainer:
         self.train_data = build_dataset(cfg, "train", device=data_device)
         self.eval_data = build_dataset(cfg, "eval", device=data_device) if cfg.train.eval_every > 0 else None
         self.step = 0
+        # What this run knows of its checkpoints, for messages that must claim no more.
+        self.resumed_from: str | None = None
+        self.last_checkpoint: str | None = None
         self.skipped_total, self.skipped_in_a_row = 0, 0
         self.faults = fault_plan_from_env()
 
@@ -347,10 +350,10 @@ class Trainer:
         if not self.cfg.model.broadcast_buffers:
             average_buffers(self.backbone_module, self.env.data_group)
 
-    def save(self) -> Path:
+    def save(self, *, checksums: bool = True) -> Path:
         """Checkpoint the run as it stands. Nothing that training reads is changed by a save
         (the head's deferred steps are saved, not paid), so a run's steps do not depend on
-        when it saved."""
+        when it saved. ``checksums=False`` writes no manifest (only to measure its cost)."""
         self._settle_buffers()
         deferred = self.head.deferred_state() if self._saves_deferred_steps else None
         state, meta = self._state(deferred), self._meta()
@@ -364,7 +367,11 @@ class Trainer:
         if self.topk is not None:  # per-rank: what each rank has not sent yet
             state["comm_residuals"] = {f"rank{self.env.rank}": self.topk.state_dict()}
             meta["comm_residuals_world_size"] = self.env.world_size
-        return ckpt.save_checkpoint(self.env, self.run_dir, self.step, state, meta, keep=self.cfg.checkpoint.keep)
+        path = ckpt.save_checkpoint(
+            self.env, self.run_dir, self.step, state, meta, keep=self.cfg.checkpoint.keep, checksums=checksums
+        )
+        self.last_checkpoint = f"this run last saved {path.name}"
+        return path
 
     def _resume_residuals(self, path: Path, meta: dict) -> None:
         """topk: load this rank's unsent gradients. On another world size the saved ranks'
@@ -419,11 +426,33 @@ class Trainer:
         ckpt.load_checkpoint(self.env, path, state)
         self.selector.load_index_state(state["head_index"][key], self.head.weight)
 
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint of run.dir, if any; True when one was loaded."""
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+    def resume(self, *, verify: bool = True) -> bool:
+        """Load the newest checkpoint of run.dir that verifies, if any; True when one was loaded.
+
+        All ranks check it against its manifest first (each its share of the files) and
+        agree; a damaged or incomplete one is skipped with a warning naming the file, for the
+        one before it. ``verify=False`` checks all but the checksums (only to measure their cost)."""
+
+        def skipped(path: Path, check: ckpt.CheckpointCheck) -> None:
+            if self.env.is_main:
+                print(f"warning: skipping checkpoint {path}: {check.describe()}", file=sys.stderr, flush=True)
+
+        found = ckpt.newest_loadable_checkpoint(
+            self.run_dir, group=self.env.data_group, contents=verify, skipped=skipped
+        )
+        if found is None:
             return False
+        path, check = found
+        if check.status == ckpt.OK:
+            how = "checksums verified"
+        else:
+            how = f"not verified: {'; '.join(check.problems)}"
+            if self.env.is_main:
+                print(f"note: loading checkpoint {path}, {how}", file=sys.stderr, flush=True)
+        self.resumed_from = f"{path.name} ({how})"
+        self.last_checkpoint = f"this run resumed from {path.name}, " + (
+            "whose checksums verified then" if check.status == ckpt.OK else how
+        )
         meta = ckpt.read_meta(path)
         for notice in check_resume_changes(meta["config"], config_to_dict(self.cfg), path):
             if self.env.is_main:
@@ -700,8 +729,10 @@ class Trainer:
         message = f"step {self.step}: non-finite {where}"
         if self.cfg.train.nonfinite == "stop":
             raise NonFiniteError(
-                f"{message}; stopping (train.nonfinite=stop). No checkpoint was written for this step; "
-                f"the newest one in {ckpt.checkpoint_root(self.run_dir)} is intact"
+                f"{message}; stopping (train.nonfinite=stop). No checkpoint was written for this step, "
+                f"so {ckpt.checkpoint_root(self.run_dir)} is as it was before it "
+                f"({self.last_checkpoint or 'this run has neither resumed from nor saved a checkpoint'}); "
+                f"python -m hydrahead.tools.verify_checkpoint {self.run_dir} checks them"
             )
         self.skipped_total += 1
         self.skipped_in_a_row += 1
@@ -826,7 +857,7 @@ class Trainer:
                 f"hydrahead: {env.world_size} rank(s) on {env.backend}, {cfg.model.backbone} backbone, "
                 f"{cfg.head.num_classes:,} classes ({self.head.num_local_classes:,} "
                 f"on rank 0), global batch {cfg.train.global_batch}"
-                + (f"; resumed at step {self.step}" if resumed else "")
+                + (f"; resumed at step {self.step} from {self.resumed_from}" if resumed else "")
             )
             if self.step >= end:
                 logger.message(f"nothing to do: step {self.step} already reached {end}")
