@@ -114,7 +114,7 @@ class _SampledLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         tokens = x.shape[-2] if x.dim() >= 3 else 1
         budget = row_budget(keep, rows.shape[0])
-        scores = torch.linalg.vector_norm(rows.float(), dim=1).view(-1, tokens)
+        scores = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).view(-1, tokens)
         scores = scores * grad_norms.factors(tokens, x.device)
         # A row of zeros adds nothing to dW; the floor only keeps its probability above 0.
         scores = scores.flatten().clamp_min(torch.finfo(torch.float32).tiny)
@@ -128,7 +128,7 @@ class _SampledLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x_kept, kept, row_weights, weight = ctx.saved_tensors
         dy_rows = dy.reshape(-1, dy.shape[-1])
-        norms = torch.linalg.vector_norm(dy_rows.float(), dim=1).view(-1, ctx.tokens).mean(0)
+        norms = torch.linalg.vector_norm(dy_rows, dim=1, dtype=torch.float32).view(-1, ctx.tokens).mean(0)
         ctx.grad_norms.update(norms)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -137,7 +137,7 @@ class _SampledLinear(torch.autograd.Function):
             scaled = (dy_rows.index_select(0, kept).float() * row_weights[:, None]).to(x_kept.dtype)
             dw = (scaled.t() @ x_kept).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy_rows.float().sum(0).to(weight.dtype)
+            db = dy_rows.sum(0, dtype=torch.float32).to(weight.dtype)
         return dx, dw, db, None, None
 
 
