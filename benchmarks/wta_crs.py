@@ -1,7 +1,7 @@
 """WTA-CRS on one GPU: peak memory, step time and the largest batch of ViT-S/B against exact.
 
-    python benchmarks/wta_crs.py --models vit_small           # ~4 min on one H200
-    python benchmarks/wta_crs.py --models vit_base            # ~6 min
+    python benchmarks/wta_crs.py --models vit_small           # one H200; at most ~8 min (--time-budget)
+    python benchmarks/wta_crs.py --models vit_base
     python benchmarks/wta_crs.py --dry-run                    # CPU, tiny sizes: checks the flow
 
 One step: bf16 autocast forward of the backbone (224 px, patch 16: 197 tokens) and a
@@ -15,7 +15,8 @@ them (``peak_mib``) and the part of it above the steady state of parameters, Ada
 and inputs (``above_state_mib``: activations and gradients). Then the largest batch that
 fits: doubling from ``--start-batch`` (from the exact model's largest for keep < 1), then
 bisection to ``--resolution``; a batch fits when two steps run without running out of
-memory. Every measurement and every try runs in a fresh subprocess, so no failed
+memory. No new try starts after ``--time-budget`` seconds; each row says whether its
+search settled. Every measurement and every try runs in a fresh subprocess, so no failed
 allocation or cached block of one shapes the next; the parent never touches the GPU
 until all of them are done. JSON: ``<results>/<name>.json`` (``$HYDRAHEAD_RESULTS_DIR``
 or benchmarks/results), then the tables.
@@ -42,7 +43,17 @@ from hydrahead.models import build_backbone  # noqa: E402
 
 EMBED_DIM = 512
 OOM_EXIT = 3  # a worker's exit status when the batch does not fit
-DRY_RUN = {"models": "vit_tiny", "keeps": "1.0,0.3", "batches": "4", "image_size": 32, "patch_size": 8}
+DRY_RUN = {
+    "models": "vit_tiny",
+    "keeps": "1.0,0.3",
+    "batches": "4",
+    "image_size": 32,
+    "patch_size": 8,
+    "warmup": 1,
+    "reps": 2,
+    "start_batch": 4,
+    "max_batch": 8,
+}
 
 
 def _step_fn(model: str, keep: float, batch: int, args, device: torch.device):
@@ -109,19 +120,29 @@ def worker(args) -> None:
             row["images_per_s"] = batch / row["ms"] * 1e3
     except torch.cuda.OutOfMemoryError:
         sys.exit(OOM_EXIT)
+    except RuntimeError as e:  # cuBLAS and cuDNN report a failed allocation in their own words
+        if "ALLOC_FAILED" in str(e) or "out of memory" in str(e):
+            sys.exit(OOM_EXIT)
+        raise
     print(json.dumps(row), flush=True)
 
 
 def run_worker(args, model: str, keep: float, batch: int, *, probe: bool) -> dict | None:
-    """The worker's row in a fresh process; None when the batch does not fit."""
+    """The worker's row in a fresh process; None when the batch does not fit. Any other
+    failure is printed and counted as not fitting, so one bad try does not lose the rest."""
     cmd = [sys.executable, __file__, "--worker", model, repr(keep), str(batch), *_shared_flags(args)]
     if probe:
         cmd.append("--probe")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{' '.join(cmd)}: over --timeout {args.timeout} s", file=sys.stderr)
+        return None
     if done.returncode == OOM_EXIT:
         return None
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit {done.returncode}:\n{done.stderr[-2000:]}")
+        print(f"{' '.join(cmd)} failed with exit {done.returncode}:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -136,9 +157,10 @@ def _shared_flags(args) -> list[str]:
     return flags + (["--no-mlp"] if args.no_mlp else []) + (["--dry-run"] if args.dry_run else [])
 
 
-def largest_batch(args, model: str, keep: float, known_fit: int | None) -> tuple[int, dict | None, int]:
-    """(largest batch that fits, its probe row, tries): doubling from ``known_fit`` or
-    ``--start-batch``, then bisection until the bracket is within ``--resolution`` of it."""
+def largest_batch(args, model: str, keep: float, known_fit: int | None):
+    """(largest batch seen to fit, its probe row, tries, smallest seen not to fit or None):
+    doubling from ``known_fit`` or ``--start-batch``, then bisection until the bracket is
+    within ``--resolution`` of the fit, or until ``--time-budget`` is spent."""
     tries = 0
 
     def fits(batch):
@@ -148,23 +170,26 @@ def largest_batch(args, model: str, keep: float, known_fit: int | None) -> tuple
         print(f"  {model} keep={keep} batch={batch}: {'fits' if row else 'out of memory'}", flush=True)
         return row
 
+    def out_of_time():
+        return time.monotonic() - args.started > args.time_budget
+
     good, good_row, bad = 0, None, None
     batch = known_fit or args.start_batch
-    while batch <= args.max_batch:
+    while batch <= args.max_batch and not out_of_time():
         row = fits(batch)
         if row is None:
             bad = batch
             break
         good, good_row = batch, row
         batch *= 2
-    while bad is not None and bad - good > max(1, args.resolution * good):
+    while bad is not None and bad - good > max(1, args.resolution * good) and not out_of_time():
         middle = (good + bad) // 2
         row = fits(middle)
         if row is None:
             bad = middle
         else:
             good, good_row = middle, row
-    return good, good_row, tries
+    return good, good_row, tries, bad
 
 
 def main(argv=None) -> None:
@@ -185,17 +210,23 @@ def main(argv=None) -> None:
         "--resolution", type=float, default=0.03, help="bisection stops when fail - fit <= this share of fit"
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed to one subprocess")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=420,
+        help="seconds after which no new largest-batch try starts (rows say whether a search settled)",
+    )
     parser.add_argument("--name", default=None, help="results file name (default: wta_crs_<models>)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny ViT at 32 px: checks the flow")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "KEEP", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.dry_run and not args.worker:
-        for key, value in DRY_RUN.items():
-            setattr(args, key, value)
-        args.warmup, args.reps, args.start_batch, args.max_batch = 1, 2, 4, 8
+    if args.dry_run and not args.worker:  # tiny defaults; flags given still win
+        parser.set_defaults(**DRY_RUN)
+        args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    args.started = time.monotonic()
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     models = args.models.split(",")
@@ -212,7 +243,7 @@ def main(argv=None) -> None:
                     "model": model,
                     "keep": keep,
                     "batch": batch,
-                    "note": "out of memory",
+                    "note": "out of memory or failed (see stderr)",
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -220,7 +251,7 @@ def main(argv=None) -> None:
             continue
         exact_fit = None
         for keep in sorted(keeps, reverse=True):  # exact first: its largest batch starts the others' search
-            batch, row, tries = largest_batch(args, model, keep, exact_fit if keep < 1 else None)
+            batch, row, tries, fails = largest_batch(args, model, keep, exact_fit if keep < 1 else None)
             if keep == 1:
                 exact_fit = batch
             largest.append(
@@ -229,8 +260,10 @@ def main(argv=None) -> None:
                     "keep": keep,
                     "largest_batch": batch,
                     "peak_mib": row.get("peak_mib") if row else None,
+                    "smallest_failing": fails,
                     "tries": tries,
-                    "capped": batch >= args.max_batch,
+                    # The search ended on its bracket, at --max-batch, or out of --time-budget.
+                    "settled": fails is not None and fails - batch <= max(1, args.resolution * batch),
                 }
             )
     _add_ratios(rows, largest)
@@ -246,6 +279,7 @@ def main(argv=None) -> None:
         "wta_crs_mlp": not args.no_mlp,
         "resolution": args.resolution,
         "max_batch_tried": args.max_batch,
+        "time_budget_s": args.time_budget,
         "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "rows": rows,
         "largest_batch": largest,
@@ -255,7 +289,9 @@ def main(argv=None) -> None:
     print_table(rows, ["model", "keep", "batch", "ms", "images_per_s", "peak_mib", "above_state_mib", "peak_vs_exact"])
     if largest:
         print()
-        print_table(largest, ["model", "keep", "largest_batch", "batch_vs_exact", "peak_mib", "tries"])
+        print_table(
+            largest, ["model", "keep", "largest_batch", "smallest_failing", "settled", "batch_vs_exact", "peak_mib"]
+        )
 
 
 def _add_ratios(rows: list[dict], largest: list[dict]) -> None:
