@@ -229,12 +229,16 @@ def test_autocast_backward_gives_gradients_in_the_parameters_dtype():
     assert all(torch.isfinite(t).all() for t in (x.grad, layer.weight.grad, layer.bias.grad))
 
 
-def test_eval_and_no_grad_take_the_plain_path():
+def test_eval_no_grad_and_a_frozen_weight_take_the_plain_path():
     layer = WTACRSLinear(6, 4, keep=0.2)
-    x = torch.randn(10, 6)
+    x = torch.randn(10, 6, requires_grad=True)
+    assert layer(x).grad_fn.name() == "_SampledLinearBackward"
     with torch.no_grad():
         assert _saved_activations(layer, x) == []
     layer.eval()
+    assert layer(x).grad_fn.name() == "AddmmBackward0"
+    layer.train()
+    layer.weight.requires_grad_(False)  # no dW to estimate: nothing of x to keep
     assert layer(x).grad_fn.name() == "AddmmBackward0"
 
 

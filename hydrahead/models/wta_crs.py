@@ -24,7 +24,8 @@ token has one), samples of a batch do not, and the rows of one step are new samp
 a per-token estimate is what earlier steps can tell. It starts at 1 (plain ``||x||``).
 
 The input gradient ``dx = dy W`` needs no x and stays exact, as does the bias gradient
-``sum_i dy_i``. With keep = 1, in eval mode and without grad the layer is ``nn.Linear``.
+``sum_i dy_i``. With keep = 1, in eval mode, without grad and with a frozen weight the
+layer is ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ class WTACRSLinear(nn.Linear):
         self.grad_norms = _TokenGradNorms()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.keep >= 1 or not self.training or not torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
+        if self.keep >= 1 or not self.training or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)  # keeps x only where dW needs it
         return _SampledLinear.apply(x, self.weight, self.bias, self.keep, self.grad_norms)
 
     def extra_repr(self) -> str:
