@@ -88,6 +88,14 @@ class ModelConfig:
     compile: bool = _key(False, "wrap the backbone in torch.compile")
     channels_last: bool = _key(True, "channels-last memory format for convolutional backbones")
     autocast: str = _key("auto", "mixed precision: auto uses bf16 autocast on GPU only", ("auto", "bf16", "none"))
+    wta_crs_keep: float = _key(
+        1.0,
+        "ViT backbones: share of each block linear's input rows (batch x tokens) stored for its weight "
+        "gradient, which becomes an unbiased WTA-CRS estimate (1: off, exact); the forward is unchanged",
+    )
+    wta_crs_mlp: bool = _key(
+        True, "with model.wta_crs_keep < 1: sample the ViT blocks' MLP linears too (false: attention's qkv and proj)"
+    )
     sync_batchnorm: bool = _key(False, "synchronise BatchNorm statistics across ranks")
     broadcast_buffers: bool = _key(
         True,
@@ -664,6 +672,7 @@ def _check_model(c: _Checks) -> None:
         not (m.backbone == "mlp" and d.kind == "procedural_features") or m.input_dim == d.feature_dim,
         f"model.input_dim={m.input_dim} must equal data.feature_dim={d.feature_dim} for the mlp on procedural_features",
     )
+    c.need(0 < m.wta_crs_keep <= 1, f"model.wta_crs_keep must be in (0, 1] (1: exact), got {m.wta_crs_keep}")
 
 
 def _check_head(c: _Checks) -> None:
@@ -827,8 +836,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def _warn_about_ignored_keys(cfg: Config) -> None:
-    """Options that are valid but would be silently ignored."""
-    h, d = cfg.head, cfg.data
+    """Options that are valid but would be silently ignored, or whose promise another option breaks."""
+    h, d, m = cfg.head, cfg.data, cfg.model
+    if m.wta_crs_keep < 1 and not m.backbone.startswith("vit_"):
+        warnings.warn(f"model.wta_crs_keep={m.wta_crs_keep} is ignored: it samples ViT linears, not {m.backbone}'s")
+    if m.wta_crs_keep == 1 and not m.wta_crs_mlp:
+        warnings.warn("model.wta_crs_mlp=false is ignored because model.wta_crs_keep=1 (nothing is sampled)")
+    if m.wta_crs_keep < 1 and m.backbone.startswith("vit_") and h.index_deterministic:
+        warnings.warn(
+            "head.index_deterministic=true with model.wta_crs_keep < 1: a resumed run differs from the uninterrupted "
+            "one, since the running gradient norms that steer WTA-CRS sampling are not checkpointed"
+        )
     if h.selection != "knn" and (h.index_deterministic or h.index_nlist is not None):
         warnings.warn(f"head.index_* keys are ignored because head.selection={h.selection}")
     if h.selection == "full" and h.budget is not None:

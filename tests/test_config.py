@@ -264,6 +264,8 @@ def test_validate_global_batch_divisible_by_world_size():
         (["optim.betas=[0.9]"], None, "optim.betas"),
         (["head.grad_filter=-1"], None, "head.grad_filter"),
         (["head.impl=reference", "head.grad_filter=1e-4"], None, "head.grad_filter"),
+        (["model.wta_crs_keep=0"], None, "model.wta_crs_keep"),
+        (["model.wta_crs_keep=1.5"], None, "model.wta_crs_keep"),
     ],
 )
 def test_validate_rejects_bad_values(overrides, world_size, key):
@@ -301,6 +303,17 @@ def test_cpu_threads_are_pinned_when_asked_and_for_deterministic_cpu_runs():
 def test_validate_warns_about_ignored_margin():
     with pytest.warns(UserWarning, match=r"head\.margin"):
         validate(apply_overrides(Config(), ["head.margin=0.2"]))
+
+
+def test_validate_warns_about_ignored_wta_crs():
+    with pytest.warns(UserWarning, match=r"model\.wta_crs_keep=0\.3 is ignored"):
+        validate(apply_overrides(Config(), ["model.wta_crs_keep=0.3"]))  # the mlp backbone
+    with pytest.warns(UserWarning, match=r"model\.wta_crs_mlp=false is ignored"):
+        validate(apply_overrides(Config(), ["model.wta_crs_mlp=false"]))
+    vit = ["model.backbone=vit_tiny", "data.kind=procedural_images", "model.wta_crs_keep=0.3"]
+    validate(apply_overrides(Config(), vit))
+    with pytest.warns(UserWarning, match="resumed run differs"):
+        validate(apply_overrides(Config(), [*vit, "head.index_deterministic=true", "head.selection=knn"]))
 
 
 def test_describe_config_lists_every_key():

@@ -5,6 +5,8 @@ import torch
 
 from hydrahead.models import (
     BACKBONES,
+    VisionTransformer,
+    WTACRSLinear,
     build_backbone,
     no_weight_decay_param_names,
     param_groups_for_decay,
@@ -59,6 +61,55 @@ def test_gradients_reach_every_parameter(make):
         assert p.grad is not None, n
         assert torch.isfinite(p.grad).all(), n
         assert p.grad.abs().sum() > 0, n
+
+
+def _small_vit(**wta_crs) -> VisionTransformer:
+    return VisionTransformer(EMBED_DIM, dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, **wta_crs)
+
+
+@pytest.mark.parametrize("keep, mlp, sampled", [(1.0, True, 0), (0.3, True, 4 * 2), (0.3, False, 2 * 2)])
+def test_vit_wta_crs_replaces_the_block_linears(keep, mlp, sampled):
+    torch.manual_seed(0)
+    exact = _small_vit()
+    torch.manual_seed(0)
+    model = _small_vit(wta_crs_keep=keep, wta_crs_mlp=mlp)
+    replaced = [n for n, m in model.named_modules() if isinstance(m, WTACRSLinear)]
+    assert len(replaced) == sampled
+    assert all(m.keep == keep for m in model.modules() if isinstance(m, WTACRSLinear))
+    if not mlp:
+        assert all(".attn." in n for n in replaced)
+    assert type(model.neck) is torch.nn.Linear  # one row per sample: nothing to save there
+    # Same parameters, same initial values, same forward: checkpoints and runs stay comparable.
+    assert model.state_dict().keys() == exact.state_dict().keys()
+    x = _small_input(model, batch=3)
+    assert torch.equal(model(x), exact(x))
+
+
+def test_build_backbone_passes_the_wta_crs_options_to_the_vits():
+    model = build_backbone("vit_tiny", EMBED_DIM, image_size=32, patch_size=8, wta_crs_keep=0.2, wta_crs_mlp=False)
+    assert [m.keep for m in model.modules() if isinstance(m, WTACRSLinear)] == [0.2] * 2 * 12
+
+
+def test_vit_wta_crs_gradients_reach_every_parameter_once_tokens_are_scored():
+    torch.manual_seed(0)
+    model = _small_vit(wta_crs_keep=0.3)
+    x = _small_input(model, batch=2)
+    projection = torch.randn(2, EMBED_DIM)
+    # In the last block only the class token's rows have a gradient. The first backward
+    # samples them by ||x|| alone and may miss them (unbiased, yet zero); it also records
+    # each token's gradient norm, which makes them certain from the second on.
+    (model(x) * projection).sum().backward()
+    model.zero_grad()
+    (model(x) * projection).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, n
+
+
+def test_wta_crs_is_ignored_with_a_warning_outside_the_vits():
+    with pytest.warns(UserWarning, match="wta_crs_keep"):
+        model = build_backbone("resnet18", EMBED_DIM, wta_crs_keep=0.5)
+    assert not any(isinstance(m, WTACRSLinear) for m in model.modules())
 
 
 def test_resnet_zero_init_residual():

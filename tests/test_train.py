@@ -187,6 +187,35 @@ def _evaluate_on_rank(rank, world_size):
     return before, dict(trainer.backbone_module.named_buffers())
 
 
+def test_trainer_builds_and_steps_a_vit_with_wta_crs():
+    sampled, loss = run_ranks(_wta_crs_step_on_rank, 1)[0]
+    assert sampled == [0.3] * 4 * 12  # qkv, proj and the MLP's two in every block of vit_tiny
+    assert 0 < loss < 100
+
+
+def _wta_crs_step_on_rank(rank, world_size):
+    from hydrahead.data.build import batches
+    from hydrahead.models import WTACRSLinear
+
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=vit_tiny",
+            "data.kind=procedural_images",
+            "data.image_size=32",
+            "train.global_batch=8",
+            "model.wta_crs_keep=0.3",
+        ],
+    )
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    sampled = [m.keep for m in trainer.backbone_module.modules() if isinstance(m, WTACRSLinear)]
+    data = batches(trainer.train_data, start_step=0, global_batch=8, rank=rank, world_size=world_size)
+    result = trainer.train_step(*next(data), timed=False)
+    data.close()
+    trainer.selector.close()
+    return sampled, float(result["loss"])
+
+
 def _average_buffers_on_rank(rank, world_size):
     torch.manual_seed(0)
     module = torch.nn.Sequential(

@@ -14,6 +14,7 @@ from hydrahead.config import BACKBONES  # the config's choices for model.backbon
 from hydrahead.models.mlp import MLP
 from hydrahead.models.resnet import ResNet, resnet18, resnet34, resnet50
 from hydrahead.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
+from hydrahead.models.wta_crs import WTACRSLinear
 
 _RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 _VITS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
@@ -29,21 +30,33 @@ def build_backbone(
     image_size: int = 224,
     patch_size: int | None = None,
     zero_init_residual: bool = True,
+    wta_crs_keep: float = 1.0,
+    wta_crs_mlp: bool = True,
 ) -> nn.Module:
     """Build the backbone called ``name`` with an embedding neck of width ``embed_dim``.
 
-    ``input_dim``, ``hidden_dim`` and ``depth`` apply to "mlp"; ``image_size`` and
-    ``patch_size`` (default 16) to the ViTs; ``zero_init_residual`` to the ResNets.
+    ``input_dim``, ``hidden_dim`` and ``depth`` apply to "mlp"; ``image_size``,
+    ``patch_size`` (default 16) and the WTA-CRS options (``wta_crs_keep`` < 1: the blocks'
+    linears store that share of their input rows, the MLPs' too with ``wta_crs_mlp``) to
+    the ViTs; ``zero_init_residual`` to the ResNets.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
     if patch_size is not None and name not in _VITS:
         warnings.warn(f"patch_size={patch_size} is ignored by backbone {name!r}", stacklevel=2)
+    if wta_crs_keep < 1 and name not in _VITS:
+        warnings.warn(f"wta_crs_keep={wta_crs_keep} is ignored by backbone {name!r}", stacklevel=2)
     if name == "mlp":
         return MLP(input_dim, embed_dim, hidden_dim=hidden_dim, depth=depth)
     if name in _RESNETS:
         return _RESNETS[name](embed_dim, zero_init_residual=zero_init_residual)
-    return _VITS[name](embed_dim, image_size=image_size, patch_size=16 if patch_size is None else patch_size)
+    return _VITS[name](
+        embed_dim,
+        image_size=image_size,
+        patch_size=16 if patch_size is None else patch_size,
+        wta_crs_keep=wta_crs_keep,
+        wta_crs_mlp=wta_crs_mlp,
+    )
 
 
 def no_weight_decay_param_names(model: nn.Module) -> set[str]:
@@ -81,6 +94,7 @@ __all__ = [
     "MLP",
     "ResNet",
     "VisionTransformer",
+    "WTACRSLinear",
     "build_backbone",
     "no_weight_decay_param_names",
     "param_groups_for_decay",

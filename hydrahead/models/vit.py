@@ -5,23 +5,38 @@ blocks of (LayerNorm -> multi-head self-attention) and (LayerNorm -> MLP with GE
 with a residual connection, a final LayerNorm, then the class token goes through the neck
 ``Linear(dim, D)`` (attribute ``neck``). The trunk's parameter count equals timm's /
 torchvision's ViT of the same size (ViT-B/16 at 224 px: 85,798,656).
+
+With ``wta_crs_keep`` < 1 the blocks' linears (attention's qkv and proj, and the MLP's
+two unless ``wta_crs_mlp`` is false) are ``WTACRSLinear``: the same parameters and
+forward, a weight gradient estimated from that share of the batch x token rows
+(``hydrahead/models/wta_crs.py``). The patch embedding and the neck stay exact.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydrahead.models.wta_crs import WTACRSLinear
+
+
+def _linear(wta_crs_keep: float):
+    """nn.Linear, or with keep < 1 the WTA-CRS linear that stores that fraction of its input rows."""
+    return nn.Linear if wta_crs_keep >= 1 else functools.partial(WTACRSLinear, keep=wta_crs_keep)
+
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0, wta_crs_keep: float = 1.0):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"ViT dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        linear = _linear(wta_crs_keep)
+        self.qkv = linear(dim, 3 * dim)
+        self.proj = linear(dim, dim)
         self.attn_dropout = attn_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,14 +49,24 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        *,
+        wta_crs_keep: float = 1.0,
+        wta_crs_mlp: bool = True,
+    ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_dropout=dropout)
+        self.attn = Attention(dim, num_heads, attn_dropout=dropout, wta_crs_keep=wta_crs_keep)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        linear = _linear(wta_crs_keep if wta_crs_mlp else 1.0)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), linear(hidden, dim), nn.Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +91,8 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         in_channels: int = 3,
+        wta_crs_keep: float = 1.0,
+        wta_crs_mlp: bool = True,
     ):
         super().__init__()
         if image_size % patch_size != 0:
@@ -78,7 +105,12 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, num_heads, mlp_ratio, dropout, wta_crs_keep=wta_crs_keep, wta_crs_mlp=wta_crs_mlp)
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.neck = nn.Linear(dim, embed_dim)
         self._init_weights()

@@ -182,6 +182,8 @@ class Trainer:
             hidden_dim=cfg.model.hidden_dim,
             depth=cfg.model.depth,
             image_size=cfg.data.image_size,
+            wta_crs_keep=cfg.model.wta_crs_keep,
+            wta_crs_mlp=cfg.model.wta_crs_mlp,
         ).to(self.device)
         if cfg.model.sync_batchnorm and self.device.type == "cuda":
             backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=env.data_group)
