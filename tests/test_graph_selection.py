@@ -62,6 +62,11 @@ def test_graph_equals_brute_force_on_one_process(cosine):
     table = class_graph.build_class_graph(weight, 0, 200, 5, _flat(cosine), cosine=cosine, block_rows=37)
     assert table.dtype == torch.int32 and table.shape == (200, 5)
     assert torch.equal(table.long(), want)
+    # Some classes' rows alone (as the benchmark builds them), from an index over every row.
+    index = _flat(cosine)
+    index.build(weight)
+    some_rows = torch.tensor([199, 3, 50, 0])
+    assert torch.equal(class_graph.graph_rows(index, weight, some_rows, 5, cosine=cosine).long(), want[some_rows])
     # An IVF index probing every list is exact too; probing 2 of 10 misses neighbours.
     every = make_index("torch", "ivf", nlist=10, nprobe=10, cosine=cosine, copy_weights=False)
     assert torch.equal(class_graph.build_class_graph(weight, 0, 200, 5, every, cosine=cosine).long(), want)

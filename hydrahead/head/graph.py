@@ -46,6 +46,7 @@ __all__ = [
     "as_queries",
     "build_class_graph",
     "exact_class_topk",
+    "graph_rows",
     "label_neighbours",
     "label_rows",
     "merge_candidates",
@@ -135,38 +136,66 @@ def build_class_graph(
     ``cosine`` as given here) is built over the shard and searched with every row of the
     model; an exact index gives the exact graph. k is clamped to ``num_classes - 1``.
     """
-    world, rank = _check_shard(weight, class_start, num_classes, group)
+    world, _ = _check_shard(weight, class_start, num_classes, group)
     check_int("k", k, minimum=1)
     check_int("block_rows", block_rows, minimum=1)
     k = min(k, num_classes - 1)
     weight = weight.detach()
     index.build(weight)
     num_rows, dim = weight.shape
+    if world == 1:
+        every = torch.arange(num_rows, device=weight.device)
+        return graph_rows(index, weight, every, k, class_start=class_start, cosine=cosine, block_rows=block_rows)
     table = torch.full((num_rows, k), -1, dtype=torch.int32, device=weight.device)
     widest = shard_range(num_classes, world, 0)[1]  # rank 0's shard is the largest: the number of rounds
     for start in range(0, widest, block_rows):
+        # Every rank's rows [start, start + block_rows), zero rows past a shard's end.
         mine = as_queries(weight[start : start + block_rows], cosine)
-        if world == 1:
-            queries = mine
-        else:  # every rank's rows [start, start + block_rows), zero rows past a shard's end
-            block = mine.new_zeros(block_rows, dim)
-            block[: mine.shape[0]] = mine
-            parts = [torch.empty_like(block) for _ in range(world)]
-            dist.all_gather(parts, block, group=group)
-            queries = torch.cat(parts)
-        scores, rows = index.search(queries, min(k + 1, num_rows), weight)
-        scores, ids = _pad(scores.float(), torch.where(rows >= 0, rows + class_start, -1), k + 1)
-        if world > 1:  # block r of the results answers rank r's rows: send it there
-            got_scores, got_ids = torch.empty_like(scores), torch.empty_like(ids)
-            dist.all_to_all_single(got_scores, scores.contiguous(), group=group)
-            dist.all_to_all_single(got_ids, ids.contiguous(), group=group)
-            scores = got_scores.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
-            ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
+        block = mine.new_zeros(block_rows, dim)
+        block[: mine.shape[0]] = mine
+        parts = [torch.empty_like(block) for _ in range(world)]
+        dist.all_gather(parts, block, group=group)
+        scores, ids = _candidates(index, torch.cat(parts), weight, k, class_start)
+        # Block r of the candidates answers rank r's rows: send it there.
+        got_scores, got_ids = torch.empty_like(scores), torch.empty_like(ids)
+        dist.all_to_all_single(got_scores, scores.contiguous(), group=group)
+        dist.all_to_all_single(got_ids, ids.contiguous(), group=group)
+        scores = got_scores.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
+        ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
         count = mine.shape[0]
         own = torch.arange(class_start + start, class_start + start + count, device=weight.device)
         _, best = merge_candidates(scores[:count], ids[:count], k, exclude=own)
         table[start : start + count] = best.to(torch.int32)
     return table
+
+
+@torch.no_grad()
+def graph_rows(
+    index: ClassIndex,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    *,
+    class_start: int = 0,
+    cosine: bool = False,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> torch.Tensor:
+    """(len(rows), k) int32: the graph rows of the classes at local ``rows``, when ``weight``
+    (with ``index`` built over it) holds every class of the model, as on one rank."""
+    out = torch.full((rows.numel(), k), -1, dtype=torch.int32, device=weight.device)
+    for start in range(0, rows.numel(), block_rows):
+        chunk = rows[start : start + block_rows].to(weight.device)
+        scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start)
+        _, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
+        out[start : start + chunk.numel()] = best.to(torch.int32)
+    return out
+
+
+def _candidates(index: ClassIndex, queries: torch.Tensor, weight: torch.Tensor, k: int, class_start: int):
+    """Each query's k + 1 best rows of the shard (room for the query's own class, dropped
+    later) as (scores float32, global ids), padded to k + 1 columns."""
+    scores, rows = index.search(queries, min(k + 1, weight.shape[0]), weight)
+    return _pad(scores.float(), torch.where(rows >= 0, rows + class_start, -1), k + 1)
 
 
 def label_neighbours(
