@@ -13,12 +13,12 @@ ranks (C classes, C_r on rank r, D the row width):
 - table: rank r holds the neighbours of its own classes, a ``(C_r, k)`` tensor of global
   class ids (int32, -1 where fewer than k were found): 4·k bytes per class of the shard.
 - build (``build_class_graph``): rank r indexes its own rows (a ``ClassIndex``). In
-  rounds, every rank puts in ``block_rows`` of its rows (an all-gather of W x B x D
-  float32), each rank searches its index with all W·B rows for their k + 1 best, and an
-  all-to-all hands each row's owner the candidates from every rank (W x B x (k + 1)
-  scores and ids); the owner keeps the best k that are not the row itself. Every rank
-  receives every row of the model once per build (C x D float32 in all) and runs C
-  queries against its index.
+  rounds, every rank puts in ``block_rows`` of its rows as stored (an all-gather of
+  W x B x D values, sent as bytes), each rank searches its index with all W·B rows for
+  their k + 1 best, and an all-to-all hands each row's owner the candidates from every
+  rank (W x B x (k + 1) float32 scores and int64 ids); the owner keeps the best k that
+  are not the row itself. Every rank receives every row of the model once per build
+  (C x D values in all: 51 GB at 100M x 512 in fp8) and runs C queries against its index.
 - step (``label_neighbours``): the owner of each label of the global batch reads its
   row of the table; one all-reduce (max) of G x k int32 gives every rank the neighbours
   of every label, and each keeps those it owns (``owned_rows``).
@@ -148,14 +148,17 @@ def build_class_graph(
         return graph_rows(index, weight, every, k, class_start=class_start, cosine=cosine, block_rows=block_rows)
     table = torch.full((num_rows, k), -1, dtype=torch.int32, device=weight.device)
     widest = shard_range(num_classes, world, 0)[1]  # rank 0's shard is the largest: the number of rounds
+    row_bytes = dim * weight.element_size()
     for start in range(0, widest, block_rows):
-        # Every rank's rows [start, start + block_rows), zero rows past a shard's end.
-        mine = as_queries(weight[start : start + block_rows], cosine)
-        block = mine.new_zeros(block_rows, dim)
-        block[: mine.shape[0]] = mine
+        # Every rank's rows [start, start + block_rows) as stored (sent as bytes: any dtype,
+        # fp8 at 1 byte a value), zero rows past a shard's end.
+        mine = weight[start : start + block_rows]
+        block = torch.zeros(block_rows, row_bytes, dtype=torch.uint8, device=weight.device)
+        block[: mine.shape[0]] = mine.contiguous().view(torch.uint8)
         parts = [torch.empty_like(block) for _ in range(world)]
         dist.all_gather(parts, block, group=group)
-        scores, ids = _candidates(index, torch.cat(parts), weight, k, class_start)
+        queries = as_queries(torch.cat(parts).view(weight.dtype), cosine)
+        scores, ids = _candidates(index, queries, weight, k, class_start)
         # Block r of the candidates answers rank r's rows: send it there.
         got_scores, got_ids = torch.empty_like(scores), torch.empty_like(ids)
         dist.all_to_all_single(got_scores, scores.contiguous(), group=group)
