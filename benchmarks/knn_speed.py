@@ -190,7 +190,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     extra = torch.randperm(C, generator=gen, device=device)[: max(0, args.graph_sample_rows - labels.numel())]
     rows = torch.unique(torch.cat((labels.to(device), extra)))
     start = time.perf_counter()
-    found = class_graph.graph_rows(index, weight, rows, k, cosine=True)
+    found = class_graph.graph_rows(index, weight, rows, k, cosine=True, block_rows=args.graph_block_rows)
     synchronize(device)
     search_s = time.perf_counter() - start
     build_s = index_s + search_s * C / rows.numel()
@@ -254,6 +254,12 @@ def main(argv=None) -> None:
         type=int,
         default=1 << 18,
         help="graph: rows searched to time a build (scaled to the shard); >= C_r builds the whole graph",
+    )
+    parser.add_argument(
+        "--graph-block-rows",
+        type=int,
+        default=class_graph.DEFAULT_BLOCK_ROWS,
+        help="graph: rows per search of a build (the scoring kernel reads the probed lists once a block)",
     )
     parser.add_argument(
         "--fixed-size", action="store_true", help="knn and graph: head.knn_fixed_size (G·(k+1) rows, no host read)"
@@ -501,6 +507,7 @@ def main(argv=None) -> None:
             "graph_k": args.graph_k,
             "graph_rebuild_every": args.graph_rebuild_every,
             "graph_sample_rows": args.graph_sample_rows,
+            "graph_block_rows": args.graph_block_rows,
             "fixed_size": args.fixed_size,
             "rebuild_every": args.rebuild_every,
             "retrain_every": args.retrain_every,
