@@ -147,6 +147,14 @@ def plot(payload: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def shard_selector(selection: str, num_rows: int, device, **options) -> ActiveClassSelector:
+    """A selector over a whole shard of ``num_rows`` rows as the benchmark runs them: the torch
+    index, cosine scores (the cosface head), recall measured by the benchmark itself."""
+    return ActiveClassSelector(
+        selection, 0, num_rows, index="torch", cosine=True, recall_every=0, device=device, **options
+    )
+
+
 def active_recall(selector: ActiveClassSelector, features, labels, weight, step: int) -> float:
     """The selector's active_recall on this batch at ``step``: its hardest negatives in the active set."""
     rows = selector.select(step, features, labels, weight)
@@ -162,21 +170,17 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     """
     C = head.num_local_classes
     nlist, nprobe = config if config is not None else (None, 1)
-    selector = ActiveClassSelector(
+    selector = shard_selector(
         "graph",
-        0,
         C,
+        device,
         num_classes=C,
         graph_k=args.graph_k,
         rebuild_every=args.graph_rebuild_every,
-        index="torch",
         index_type="flat" if config is None else "ivf",
         nlist=nlist,
         nprobe=nprobe,
-        cosine=True,
-        recall_every=0,
         fixed_size=args.fixed_size,
-        device=device,
     )
     k = selector.graph_k
     weight = head.weight.detach()
@@ -379,21 +383,17 @@ def main(argv=None) -> None:
     knn_rows = []
     if "knn" in methods:
         for nlist, nprobe in index_configs:
-            selector = ActiveClassSelector(
+            selector = shard_selector(
                 "knn",
-                0,
                 C,
+                device,
                 knn_k=args.knn_k,
                 rebuild_every=args.rebuild_every,
-                index="torch",
                 index_type="ivf",
                 retrain_every=args.retrain_every,
                 nlist=nlist,
                 nprobe=nprobe,
-                cosine=True,
-                recall_every=0,
                 fixed_size=args.fixed_size,
-                device=device,
             )
             built = selector._build(head.weight, 0)  # timed alone: k-means, every row filed, lists
             retrain_s = built.seconds
@@ -476,7 +476,7 @@ def main(argv=None) -> None:
 
     if "random" in methods:
         budget = round(median(knn_rows)) if knn_rows else max(1, C // 1000)
-        selector = ActiveClassSelector("random", 0, C, budget=budget, knn_k=args.knn_k, cosine=True, device=device)
+        selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
         counter = {"step": 1}
 
         def random_step():
