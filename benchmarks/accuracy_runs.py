@@ -27,6 +27,7 @@ from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, prin
 from hydrahead.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+RECALLS = ("knn_recall", "graph_recall", "active_recall")  # the selections' sampled recall metrics, averaged
 DRY_RUN = [
     "train.steps=6",
     "train.global_batch=32",
@@ -89,7 +90,7 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     settled = train[len(train) // 5 :]  # past warm-up and compilation
     head_ms = [r["head_ms"] for r in settled if r.get("head_ms") is not None]
     active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
-    recall = [r["knn_recall"] for r in settled if r.get("knn_recall") is not None]
+    recalls = {name: [r[name] for r in settled if r.get(name) is not None] for name in RECALLS}
     return {
         "loss_curve": [[r["step"], r["loss"]] for r in train],
         "eval_curve": [[r["step"], r["eval_top1"]] for r in evals],
@@ -99,7 +100,7 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "head_ms": statistics.median(head_ms) if head_ms else None,
         "active_classes": statistics.mean(active) if active else None,
-        "knn_recall": statistics.mean(recall) if recall else None,
+        **{name: statistics.mean(values) if values else None for name, values in recalls.items()},
         "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
         "steps": train[-1]["step"] if train else 0,
     }
@@ -177,7 +178,7 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
             "eval_top1_spread",
             "eval_loss_mean",
             "active_classes_mean",
-            "knn_recall_mean",
+            *(f"{name}_mean" for name in RECALLS),
             "head_ms_median",
         ],
     )
@@ -192,7 +193,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
             continue
         top1 = [r["eval_top1"] for r in group]
         active = [r["active_classes"] for r in group if r.get("active_classes") is not None]
-        recall = [r["knn_recall"] for r in group if r.get("knn_recall") is not None]
+        recalls = {name: [r[name] for r in group if r.get(name) is not None] for name in RECALLS}
         times = [r["ms"] for r in group if r["ms"] is not None]
         summary.append(
             {
@@ -204,7 +205,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
                 "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
                 "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
                 "active_classes_mean": statistics.mean(active) if active else None,
-                "knn_recall_mean": statistics.mean(recall) if recall else None,
+                **{f"{name}_mean": statistics.mean(values) if values else None for name, values in recalls.items()},
                 "head_ms_median": statistics.median(times) if times else None,
             }
         )
@@ -285,5 +286,6 @@ if __name__ == "__main__":
         plot_study(payload, path.with_suffix(".png"))
         print_table(
             payload["summary"],
-            ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean", "knn_recall_mean"],
+            ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "eval_loss_mean"]
+            + [f"{name}_mean" for name in RECALLS],
         )

@@ -2,6 +2,7 @@
 
     python benchmarks/knn_speed.py                          # 25M classes per GPU (100M over 4), H200
     python benchmarks/knn_speed.py --classes 4194304 --index-configs 2048:8
+    python benchmarks/knn_speed.py --methods graph --graph-configs 8192:16,8192:64
     HYDRAHEAD_RESULTS_DIR=/tmp/r python benchmarks/knn_speed.py --dry-run   # CPU, tiny shard
 
 One rank's head: ``ShardedClassifier`` with the fused kernels (bf16 weights, fp32 momentum,
@@ -14,7 +15,11 @@ loss + backward + SGD update of the rows that take part.
   hydrahead-full-filtered   every row, head.grad_filter=2**-12 (4·G·D·C_r FLOPs)
   hydrahead-random          Partial FC: positives + random rows, as many as knn's mean
   hydrahead-knn nlist:nprobe  IVF index over the shard (torch backend: per-list scoring
-                            kernel), knn_k rows per sample + positives
+                            kernel), knn_k rows per sample + positives; --index-configs
+                            sweeps nlist and nprobe, so recall against ms is visible
+  hydrahead-graph nlist:nprobe  class graph (head.selection=graph): each label's graph_k
+                            nearest classes + positives, a table lookup per step; the graph
+                            built with an IVF index over the shard (or "flat": exact)
 
 For knn the step is timed without a rebuild. Rebuilds are timed on their own: a full one
 (k-means on a sample, every row filed, lists built: ``retrain_s``) every
@@ -27,6 +32,18 @@ builds overlapping training on the same GPU). ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
 measured in this run; for knn this leaves out the search, so its ratio shows what the
 selection costs on top of the loss.
+
+graph: ``build_s`` is the index build plus the search of every row as a query, which is
+linear in the rows searched: with --graph-sample-rows below C_r only that many rows (the
+timed batch's labels among them) are searched and the time is scaled to C_r
+(``build_extrapolated``); the table's other rows stay empty, which the timed step never
+reads. ``ms`` = step + build_s / --graph-rebuild-every. ``graph_recall``: the labels'
+graph rows against the exact nearest classes of their rows (64 labels), and the graph's
+``active_recall``, both measured on the fresh graph before the timed steps.
+
+Every selection also reports ``active_recall``: the fraction of each of 64 samples' k
+hardest negatives (exact top k classes by feature, the label left out; k = knn_k, graph:
+graph_k) that the step's active set holds: one measure for random, knn and graph alike.
 """
 
 from __future__ import annotations
@@ -44,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, median, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.head import ShardedClassifier  # noqa: E402
+from hydrahead.head import graph as class_graph  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
 
 GRAD_FILTER = 2.0**-12
@@ -129,6 +147,92 @@ def plot(payload: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def shard_selector(selection: str, num_rows: int, device, **options) -> ActiveClassSelector:
+    """A selector over a whole shard of ``num_rows`` rows as the benchmark runs them: the torch
+    index, cosine scores (the cosface head), recall measured by the benchmark itself."""
+    return ActiveClassSelector(
+        selection, 0, num_rows, index="torch", cosine=True, recall_every=0, device=device, **options
+    )
+
+
+def active_recall(selector: ActiveClassSelector, features, labels, weight, step: int) -> float:
+    """The selector's active_recall on this batch at ``step``: its hardest negatives in the active set."""
+    rows = selector.select(step, features, labels, weight)
+    selector._measure_active_recall(features, labels, rows, weight)
+    return selector.last["active_recall"]
+
+
+def graph_method(args, head: ShardedClassifier, features, labels, config, step, device):
+    """(method, ms, rows scored, peak MiB, extra fields) of graph selection with one index setting.
+
+    The index is built over the whole shard; the graph rows of --graph-sample-rows classes
+    (the batch's labels among them) are searched, timed, and the time scaled to the shard.
+    """
+    C = head.num_local_classes
+    nlist, nprobe = config if config is not None else (None, 1)
+    selector = shard_selector(
+        "graph",
+        C,
+        device,
+        num_classes=C,
+        graph_k=args.graph_k,
+        rebuild_every=args.graph_rebuild_every,
+        index_type="flat" if config is None else "ivf",
+        nlist=nlist,
+        nprobe=nprobe,
+        fixed_size=args.fixed_size,
+    )
+    k = selector.graph_k
+    weight = head.weight.detach()
+    synchronize(device)
+    start = time.perf_counter()
+    index = selector._new_index()
+    index.build(weight)
+    synchronize(device)
+    index_s = time.perf_counter() - start
+    gen = torch.Generator(device=device).manual_seed(3)
+    extra = torch.randperm(C, generator=gen, device=device)[: max(0, args.graph_sample_rows - labels.numel())]
+    rows = torch.unique(torch.cat((labels.to(device), extra)))
+    start = time.perf_counter()
+    found = class_graph.graph_rows(index, weight, rows, k, cosine=True, block_rows=args.graph_block_rows)
+    synchronize(device)
+    search_s = time.perf_counter() - start
+    build_s = index_s + search_s * C / rows.numel()
+    table = torch.full((C, k), -1, dtype=torch.int32, device=device)
+    table[rows] = found
+    del index, found
+    selector.load_graph_state(table, 0)  # as if built before the first step
+    # Recall of the fresh graph, before the timed steps move the rows.
+    selector._measure_graph_recall(labels, class_graph.label_neighbours(table, labels, 0), head.weight)
+    hard_recall = active_recall(selector, features, labels, head.weight, 1)
+
+    def graph_step():  # step 1 of a rebuild period: no rebuild starts
+        step(selector.select(1, features, labels, head.weight))
+
+    peak = peak_extra_mib(graph_step, device)
+    ms = time_ms(graph_step, device, args.reps)
+    active = selector.last["active_classes"]
+    selector.close()
+    build_ms_per_step = build_s * 1e3 / args.graph_rebuild_every
+    name = "flat" if config is None else f"{nlist}:{nprobe}"
+    fields = dict(
+        step_ms=ms,
+        build_s=build_s,
+        index_build_s=index_s,
+        build_extrapolated=rows.numel() < C,
+        rows_searched=rows.numel(),
+        build_ms_per_step=build_ms_per_step,
+        graph_recall=selector.last["graph_recall"],
+        active_recall=hard_recall,
+        active_classes=active,
+        nlist=nlist,
+        nprobe=nprobe if config is not None else None,
+        graph_k=k,
+        rebuild_every=args.graph_rebuild_every,
+    )
+    return f"hydrahead-graph {name}", ms + build_ms_per_step, active, peak, fields
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=25_000_000, help="classes in the shard (C_r)")
@@ -136,7 +240,33 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=1024, help="global batch G")
     parser.add_argument("--knn-k", type=int, default=16, help="neighbours per sample (head.knn_k)")
     parser.add_argument(
-        "--index-configs", default="8192:4,8192:8", help="comma-separated nlist:nprobe of the IVF index"
+        "--index-configs",
+        default="8192:4,8192:8,8192:16,8192:32,2048:8",
+        help="knn: comma-separated nlist:nprobe of the IVF index",
+    )
+    parser.add_argument(
+        "--graph-configs",
+        default="8192:16",
+        help="graph: comma-separated nlist:nprobe of the IVF index its builds search, or flat (exact)",
+    )
+    parser.add_argument("--graph-k", type=int, default=16, help="graph neighbours per class (head.graph_k)")
+    parser.add_argument(
+        "--graph-rebuild-every", type=int, default=1000, help="graph: steps between rebuilds (head.rebuild_every)"
+    )
+    parser.add_argument(
+        "--graph-sample-rows",
+        type=int,
+        default=1 << 18,
+        help="graph: rows searched to time a build (scaled to the shard); >= C_r builds the whole graph",
+    )
+    parser.add_argument(
+        "--graph-block-rows",
+        type=int,
+        default=class_graph.DEFAULT_BLOCK_ROWS,
+        help="graph: rows per search of a build (the scoring kernel reads the probed lists once a block)",
+    )
+    parser.add_argument(
+        "--fixed-size", action="store_true", help="knn and graph: head.knn_fixed_size (G·(k+1) rows, no host read)"
     )
     parser.add_argument(
         "--rebuild-every", type=int, default=100, help="steps between index rebuilds (head.rebuild_every)"
@@ -167,7 +297,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument(
-        "--methods", default="full,full-filtered,random,knn", help="comma-separated subset of the methods"
+        "--methods", default="full,full-filtered,random,knn,graph", help="comma-separated subset of the methods"
     )
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
@@ -175,14 +305,18 @@ def main(argv=None) -> None:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.classes, args.dim, args.batch, args.reps, args.rebuild_every = 3000, 32, 48, 2, 4
-        args.index_configs = "16:4"
+        args.index_configs, args.graph_configs, args.graph_rebuild_every = "16:1,16:4", "flat,16:4", 4
+        args.graph_sample_rows = 1000  # a third of the rows: the extrapolated build, as on a GPU
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     methods = args.methods.split(",")
-    unknown = set(methods) - {"full", "full-filtered", "random", "knn"}
+    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph"}
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
     index_configs = [tuple(int(v) for v in item.split(":")) for item in args.index_configs.split(",")]
+    graph_configs = [
+        None if item == "flat" else tuple(int(v) for v in item.split(":")) for item in args.graph_configs.split(",")
+    ]
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
@@ -249,20 +383,17 @@ def main(argv=None) -> None:
     knn_rows = []
     if "knn" in methods:
         for nlist, nprobe in index_configs:
-            selector = ActiveClassSelector(
+            selector = shard_selector(
                 "knn",
-                0,
                 C,
+                device,
                 knn_k=args.knn_k,
                 rebuild_every=args.rebuild_every,
-                index="torch",
                 index_type="ivf",
                 retrain_every=args.retrain_every,
                 nlist=nlist,
                 nprobe=nprobe,
-                cosine=True,
-                recall_every=0,
-                device=device,
+                fixed_size=args.fixed_size,
             )
             built = selector._build(head.weight, 0)  # timed alone: k-means, every row filed, lists
             retrain_s = built.seconds
@@ -283,6 +414,7 @@ def main(argv=None) -> None:
             _, found = selector._current.index.search(queries, args.knn_k, head.weight.detach())
             selector._measure_recall(queries, found, head.weight)
             recall = selector.last["knn_recall"]
+            hard_recall = active_recall(selector, features, labels, head.weight, counter["step"])
 
             # A rebuild between k-means runs files again the rows updated since the last one:
             # at most rebuild_every steps' active rows (fewer where steps overlap).
@@ -326,6 +458,7 @@ def main(argv=None) -> None:
                 build_ms_per_step=build_ms_per_step,
                 bg_ms=bg_ms,
                 knn_recall=recall,
+                active_recall=hard_recall,
                 active_classes=active,
                 nlist=nlist,
                 nprobe=nprobe,
@@ -336,9 +469,14 @@ def main(argv=None) -> None:
             knn_rows.append(active)
             del selector, built
 
+    if "graph" in methods:
+        for config in graph_configs:
+            method, ms, rows_scored, peak, fields = graph_method(args, head, features, labels, config, step, device)
+            record(method, ms, rows_scored, peak, **fields)
+
     if "random" in methods:
         budget = round(median(knn_rows)) if knn_rows else max(1, C // 1000)
-        selector = ActiveClassSelector("random", 0, C, budget=budget, device=device)
+        selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
         counter = {"step": 1}
 
         def random_step():
@@ -346,7 +484,9 @@ def main(argv=None) -> None:
             step(selector.select(counter["step"], features, labels, head.weight))
 
         peak = peak_extra_mib(random_step, device)
-        record("hydrahead-random", time_ms(random_step, device, args.reps), budget, peak, active_classes=budget)
+        ms = time_ms(random_step, device, args.reps)
+        hard_recall = active_recall(selector, features, labels, head.weight, counter["step"])
+        record("hydrahead-random", ms, budget, peak, active_classes=budget, active_recall=hard_recall)
 
     full = {r["method"]: r["ms"] for r in rows_out}
     for row in rows_out:
@@ -364,6 +504,11 @@ def main(argv=None) -> None:
             "dim": D,
             "batch": G,
             "knn_k": args.knn_k,
+            "graph_k": args.graph_k,
+            "graph_rebuild_every": args.graph_rebuild_every,
+            "graph_sample_rows": args.graph_sample_rows,
+            "graph_block_rows": args.graph_block_rows,
+            "fixed_size": args.fixed_size,
             "rebuild_every": args.rebuild_every,
             "retrain_every": args.retrain_every,
             "noise": args.noise,
@@ -390,7 +535,10 @@ def main(argv=None) -> None:
             "retrain_s",
             "refile_s",
             "bg_ms",
+            "build_s",
             "knn_recall",
+            "graph_recall",
+            "active_recall",
             "active_classes",
             "ratio",
             "peak_mib",

@@ -11,6 +11,9 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
   hydrahead-knn <budget> ...  head.selection=knn: each sample's --knn-k nearest rows per shard
                               + positives, filled with random rows up to head.budget
   hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget
+  hydrahead-graph <budget> ...  head.selection=graph: each label's --graph-k nearest classes
+                              in the class graph (built with the same index, rebuilt every
+                              --rebuild-every steps) + positives, filled as knn
 
 Rows outside a step's active set follow --inactive-rows (head.inactive_rows): continue
 (full SGD's zero-gradient step, momentum goes on) or frozen (Partial FC's rule); a frozen
@@ -36,6 +39,7 @@ def main(argv=None) -> None:
         "--budget", type=float, default=0.1, help="head.budget of knn and random, a fraction of the shard"
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
+    parser.add_argument("--graph-k", type=int, default=16, help="head.graph_k")
     parser.add_argument(
         "--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index"
     )
@@ -46,7 +50,9 @@ def main(argv=None) -> None:
         choices=("continue", "frozen"),
         help="head.inactive_rows of knn and random",
     )
-    parser.add_argument("--methods", default="full,knn,random", help="comma-separated subset of full, knn, random")
+    parser.add_argument(
+        "--methods", default="full,knn,random,graph", help="comma-separated subset of full, knn, random, graph"
+    )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
@@ -64,13 +70,21 @@ def main(argv=None) -> None:
             f"head.rebuild_every={args.rebuild_every}",
         ],
         f"hydrahead-random {args.budget:g}{frozen}": ["head.selection=random", *common],
+        f"hydrahead-graph {args.budget:g} {args.index_type} k={args.graph_k} R={args.rebuild_every}{frozen}": [
+            "head.selection=graph",
+            *common,
+            f"head.graph_k={args.graph_k}",
+            "head.index=torch",
+            f"head.index_type={args.index_type}",
+            f"head.rebuild_every={args.rebuild_every}",
+        ],
     }
     wanted = args.methods.split(",")
     variants = {name: v for name, v in variants.items() if name.split()[0].removeprefix("hydrahead-") in wanted}
     run_study(
         args,
         variants,
-        what=f"full softmax against knn and random selection at head.budget={args.budget:g}; "
+        what=f"full softmax against knn, random and graph selection at head.budget={args.budget:g}; "
         "last held-out eval of each run (top-1 over all classes)",
         extra_fields=lambda method: {"budget": None if method == "hydrahead-full" else args.budget},
     )

@@ -150,47 +150,60 @@ class HeadConfig:
     selection: str = _key(
         "full",
         "classes each shard scores per step: full (all), random (positives + random negatives up to "
-        "head.budget, Partial FC), knn (positives + each sample's head.knn_k nearest rows from an index)",
-        ("full", "random", "knn"),
+        "head.budget, Partial FC), knn (positives + each sample's head.knn_k nearest rows from an index), "
+        "graph (positives + each label's head.graph_k nearest classes in a class graph rebuilt every "
+        "head.rebuild_every steps)",
+        ("full", "random", "knn", "graph"),
     )
     budget: int | float | None = _key(
         None,
         "active classes per shard per step: an int count, or a float fraction of the shard (world-size "
-        "independent for random); knn fills up to it with random classes (null: no fill)",
+        "independent for random); knn and graph fill up to it with random classes (null: no fill)",
     )
     inactive_rows: str = _key(
         "continue",
-        "random/knn: rows outside a step's active set take full SGD's zero-gradient step (continue: momentum and "
+        "random/knn/graph: rows outside a step's active set take full SGD's zero-gradient step (continue: momentum and "
         "weight decay go on, applied lazily) or keep weight and momentum unchanged (frozen, Partial FC's rule)",
         ("continue", "frozen"),
     )
     knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
+    graph_k: int = _key(
+        16,
+        "graph: neighbours per class in the class graph, its nearest classes over all shards by weight row "
+        "(clamped to num_classes - 1); each label brings its graph_k, each shard takes those it owns",
+    )
     knn_fixed_size: bool = _key(
         False,
-        "knn: fill each shard's active set to exactly G·(knn_k + 1) rows with rows outside the union, so its size "
-        "needs no host read (about 5% random negatives at knn_k 16; not with head.budget)",
+        "knn/graph: fill each shard's active set to exactly G·(k + 1) rows (k: knn_k or graph_k) with rows "
+        "outside the union, so its size needs no host read (about 5% random negatives at k 16; not with head.budget)",
     )
-    rebuild_every: int = _key(100, "knn: steps between index rebuilds from the current weights")
+    rebuild_every: int = _key(100, "knn/graph: steps between index (class graph) rebuilds from the current weights")
     index_retrain_every: int = _key(
         10,
         "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last",
     )
     index: str = _key(
-        "auto", "knn index backend (auto: FAISS if it can serve the device, else torch)", ("auto", "faiss", "torch")
+        "auto",
+        "knn/graph index backend (auto: FAISS if it can serve the device, else torch; graph: the search of its builds)",
+        ("auto", "faiss", "torch"),
     )
     index_type: str = _key(
         "auto",
-        "knn index structure (auto: flat up to 2^20 rows per shard, ivf above; hnsw is FAISS only)",
+        "knn/graph index structure (auto: flat up to 2^20 rows per shard, ivf above; hnsw is FAISS only)",
         ("auto", "flat", "ivf", "hnsw"),
     )
-    index_nlist: int | None = _key(None, "knn ivf: inverted lists per shard (null: ~4 sqrt(C_r))")
-    index_nprobe: int = _key(8, "knn ivf: lists probed per sample")
+    index_nlist: int | None = _key(None, "knn/graph ivf: inverted lists per shard (null: ~4 sqrt(C_r))")
+    index_nprobe: int = _key(8, "knn/graph ivf: lists probed per query (a sample; graph: a class's row)")
     index_deterministic: bool = _key(
         False,
-        "knn: rebuild inside the step that starts it and checkpoint "
-        "the index, so a resumed run equals an uninterrupted one",
+        "knn/graph: rebuild inside the step that starts it and checkpoint the index "
+        "(graph: its table, loadable at any world size), so a resumed run equals an uninterrupted one",
     )
-    recall_every: int = _key(100, "knn: steps between knn_recall measurements against exact search (0: never)")
+    recall_every: int = _key(
+        100,
+        "random/knn/graph: steps between recall measurements against exact search (knn_recall, graph_recall, "
+        "active_recall; 0: never)",
+    )
     margin_type: str = _key("none", "margin applied to the target logit", ("none", "cosface", "arcface"))
     scale: float = _key(1.0, "logit scale s")
     margin: float = _key(0.0, "margin m (cosface: subtracted cosine; arcface: added angle)")
@@ -722,8 +735,14 @@ def _check_selection(c: _Checks) -> None:
         "head.selection=random needs head.budget (a count per shard or a fraction)",
     )
     c.at_least("head.knn_k", 1)
+    c.at_least("head.graph_k", 1)
     c.need(
-        not h.knn_fixed_size or h.selection == "knn", f"head.knn_fixed_size needs head.selection=knn, got {h.selection}"
+        h.selection != "graph" or h.num_classes >= 2,
+        f"head.selection=graph needs head.num_classes >= 2 (neighbours are other classes), got {h.num_classes}",
+    )
+    c.need(
+        not h.knn_fixed_size or h.selection in ("knn", "graph"),
+        f"head.knn_fixed_size needs head.selection=knn or graph, got {h.selection}",
     )
     c.need(
         not (h.knn_fixed_size and h.budget is not None),
@@ -847,7 +866,7 @@ def _warn_about_ignored_keys(cfg: Config) -> None:
             "head.index_deterministic=true with model.wta_crs_keep < 1: a resumed run differs from the uninterrupted "
             "one, since the running gradient norms that steer WTA-CRS sampling are not checkpointed"
         )
-    if h.selection != "knn" and (h.index_deterministic or h.index_nlist is not None):
+    if h.selection not in ("knn", "graph") and (h.index_deterministic or h.index_nlist is not None):
         warnings.warn(f"head.index_* keys are ignored because head.selection={h.selection}")
     if h.selection == "full" and h.budget is not None:
         warnings.warn("head.budget is ignored because head.selection=full")

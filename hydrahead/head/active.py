@@ -13,6 +13,12 @@ rows of the shard that the loss and the update run over (``None`` for ``full``):
   the choice of candidates (the index's lists) can be stale. (With
   ``inactive_rows=continue`` a row that sat out steps is scored before it pays its
   deferred momentum and decay: the search sees where it was last written.)
+- ``graph``: the ``graph_k`` nearest classes of each label of the global batch in the
+  class graph (``hydrahead.head.graph``: each class's nearest classes over all shards by
+  weight row, built from the weights at each rebuild), those this shard owns, plus the
+  owned positives, filled as for knn. A step looks the graph up (one all-reduce of
+  G x graph_k ids over ``group``); the search runs only in the rebuilds, over the same
+  index backends as knn.
 
 Index rebuilds (``knn``): the first step builds synchronously; after that a rebuild from
 the current weights starts at every step that is a multiple of ``rebuild_every``. With
@@ -32,15 +38,29 @@ every row: at 25M rows that is ~2 s, against ~0.1 s for a rebuild in between.
   a resumed run selects what the uninterrupted one did: exactly on the CPU; on a GPU the
   k-means sums add with atomics, so a later k-means run can differ in its last bits.
 
+The class graph is built whole at each rebuild (no refiling). Its build runs collectives
+when the head has several ranks, so every rank must start each build at the same step:
+in the background (on ``build_group``, a process group of its own, in the worker thread)
+a rebuild step first waits for the previous build, then starts the next; the graph is
+then at most ``2 * rebuild_every`` steps old as well. Without a ``build_group`` a
+multi-rank graph is built inside the step. Deterministic graphs are checkpointed as their
+tables (``graph_table``), by class: a resume at any world size loads them.
+
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
 fraction of the exact top-k rows that the index found, measured every ``recall_every``
-steps on ``recall_queries`` samples), ``index_build_s`` (the newest build) and
-``index_age`` (steps since the weights the index was built from).
+steps on ``recall_queries`` samples), ``graph_recall`` (the fraction of the exact
+``graph_k`` nearest classes of the sampled labels' rows, over all shards and by the
+current weights, that the graph holds as their neighbours), ``active_recall`` (random,
+knn and graph: the fraction of the sampled samples' k hardest negatives - their exact top
+k classes by feature over all shards, the label left out; k = ``graph_k`` for graph,
+``knn_k`` otherwise - that the step's active sets hold), ``index_build_s`` (the newest
+build) and ``index_age`` (steps since the weights the index was built from).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -48,12 +68,16 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from hydrahead.distributed.collectives import group_rank, group_world_size
+from hydrahead.distributed.sharding import shard_range
+from hydrahead.head import graph as class_graph
 from hydrahead.head import index as class_index
 from hydrahead.head.selection import knn_active, knn_fixed_rows, random_active, resolve_budget
 
 logger = logging.getLogger("hydrahead.active")
 
-SELECTIONS = ("full", "random", "knn")
+SELECTIONS = ("full", "random", "knn", "graph")
+SEARCHED = ("knn", "graph")  # selections with an index and its rebuilds
 _SELECTOR_STATE = ("built_step", "rebuilds", "dirty")  # saved beside the index's own tensors
 # Signatures of indexes saved before backends and types were named as the config names them.
 _LEGACY_KINDS = {"torch": ("torch", "flat"), "torch_ivf": ("torch", "ivf")}
@@ -139,6 +163,8 @@ class ActiveClassSelector:
         *,
         budget: int | float | None = None,
         knn_k: int = 16,
+        graph_k: int = 16,
+        num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
         retrain_every: int = 10,
@@ -153,7 +179,12 @@ class ActiveClassSelector:
         recall_queries: int = 64,
         ignore_index: int = -100,
         device: torch.device | str = "cpu",
+        group=None,
+        build_group=None,
     ):
+        """``group``: the head's ranks (graph: every step's exchange; every selection: the
+        recall measurements). ``build_group``: a second group over the same ranks for a
+        multi-rank graph's background builds. ``num_classes``: all shards' classes (graph)."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if selection == "random" and budget is None:
@@ -163,6 +194,7 @@ class ActiveClassSelector:
             resolve_budget(budget, self.shard_size)  # validates
         for name, value, minimum in (
             ("knn_k", knn_k, 1),
+            ("graph_k", graph_k, 1),
             ("rebuild_every", rebuild_every, 1),
             ("retrain_every", retrain_every, 1),
             ("recall_every", recall_every, 0),
@@ -171,9 +203,15 @@ class ActiveClassSelector:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         self.selection, self.class_start, self.class_stop = selection, class_start, class_stop
-        if fixed_size and (selection != "knn" or budget is not None):
-            raise ValueError("fixed_size fills knn's union itself: it takes selection=knn and no budget")
+        if fixed_size and (selection not in SEARCHED or budget is not None):
+            raise ValueError("fixed_size fills the neighbours' union itself: it takes knn or graph and no budget")
+        self.group, self.build_group = group, build_group
+        self.num_classes = num_classes
+        if selection == "graph":
+            self._check_graph_shard()
+            graph_k = min(graph_k, num_classes - 1)
         self.budget, self.knn_k, self.fixed_size = budget, min(knn_k, self.shard_size), fixed_size
+        self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.deterministic, self.cosine = deterministic, cosine
         self.seed, self.ignore_index = seed, ignore_index
@@ -181,18 +219,23 @@ class ActiveClassSelector:
         self.device = torch.device(device)
         self.index_backend, self.index_type = None, None  # head.index and head.index_type, resolved
         self._index_options = dict(nlist=nlist, nprobe=nprobe, seed=seed, cosine=cosine, copy_weights=False)
-        if selection == "knn":
+        # A multi-rank graph build runs collectives: in the background only on a group of its own.
+        self._builds_in_step = deterministic or (
+            selection == "graph" and group_world_size(group) > 1 and build_group is None
+        )
+        if selection in SEARCHED:
             self.index_backend, self.index_type = resolve_index(
                 index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
             )
             logger.info(
-                "knn index: %s %s over %d rows (%s)",
+                "%s index: %s %s over %d rows (%s)",
+                selection,
                 self.index_backend,
                 self.index_type,
                 self.shard_size,
-                "deterministic rebuilds" if deterministic else "background rebuilds",
+                "rebuilds inside the step" if self._builds_in_step else "background rebuilds",
             )
-        torch_ivf = (self.index_backend, self.index_type) == ("torch", "ivf")
+        torch_ivf = selection == "knn" and (self.index_backend, self.index_type) == ("torch", "ivf")
         # torch IVF: rows updated since the newest build began (only they need filing again).
         self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if torch_ivf else None
         self._rebuilds = 0  # rebuilds since k-means last ran
@@ -202,7 +245,26 @@ class ActiveClassSelector:
         self._pending: concurrent.futures.Future | None = None
         self._worker = None
         self._stream = None
-        self.last = {"active_classes": None, "knn_recall": None, "index_build_s": None, "index_age": None}
+        self.last = {
+            "active_classes": None,
+            "knn_recall": None,
+            "graph_recall": None,
+            "active_recall": None,
+            "index_build_s": None,
+            "index_age": None,
+        }
+
+    def _check_graph_shard(self) -> None:
+        """selection=graph: ``num_classes`` given, and this shard the range ``group``'s rank owns."""
+        if self.num_classes is None or self.num_classes < 2:
+            raise ValueError(f"selection=graph needs num_classes >= 2 (all shards' classes), got {self.num_classes}")
+        world, rank = group_world_size(self.group), group_rank(self.group)
+        owned = shard_range(self.num_classes, world, rank)
+        if owned != (self.class_start, self.class_stop):
+            raise ValueError(
+                f"selection=graph: rank {rank} of {world} owns classes [{owned[0]}, {owned[1]}) of "
+                f"{self.num_classes}, not [{self.class_start}, {self.class_stop})"
+            )
 
     # ------------------------------------------------------------------------------------
     # Selection
@@ -223,6 +285,7 @@ class ActiveClassSelector:
         if self.selection == "full":
             self.last["active_classes"] = self.shard_size
             return None
+        measure = bool(self.recall_every) and step % self.recall_every == 0
         if self.selection == "random":
             rows = random_active(
                 labels,
@@ -235,17 +298,16 @@ class ActiveClassSelector:
             )
         else:
             index = self._index_for(step, weight)
-            queries = features.detach().float()
-            if self.cosine:
-                queries = torch.nn.functional.normalize(queries, dim=1)
-            with record_function("hydrahead::knn_search"):
-                if self._norms is not None and weight.is_cuda:
-                    norms = self._norms.current(weight, rows_moved)
-                    _, neighbours = index.search(queries, self.knn_k, weight.detach(), row_inv_norms=norms)
-                else:
-                    _, neighbours = index.search(queries, self.knn_k, weight.detach())
-            if self.recall_every and step % self.recall_every == 0:
-                self._measure_recall(queries, neighbours, weight)
+            if self.selection == "graph":
+                with record_function("hydrahead::graph_lookup"):
+                    label_ids = class_graph.label_neighbours(
+                        index.table, labels, self.class_start, self.ignore_index, self.group
+                    )
+                neighbours = class_graph.owned_rows(label_ids, self.class_start, self.class_stop)
+                if measure:
+                    self._measure_graph_recall(labels, label_ids, weight)
+            else:
+                neighbours = self._search(index, features, weight, rows_moved, measure)
             if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
                 rows = knn_fixed_rows(
                     neighbours,
@@ -271,8 +333,27 @@ class ActiveClassSelector:
                 self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
             if self._norms is not None:
                 self._norms.will_update(rows)
+        if measure:
+            self._measure_active_recall(features, labels, rows, weight)
         self.last["active_classes"] = rows.numel()
         return rows
+
+    def _search(
+        self, index, features: torch.Tensor, weight: torch.Tensor, rows_moved: int, measure: bool
+    ) -> torch.Tensor:
+        """knn: each sample's ``knn_k`` best local rows (B, k), -1 where the index found fewer."""
+        queries = features.detach().float()
+        if self.cosine:
+            queries = torch.nn.functional.normalize(queries, dim=1)
+        with record_function("hydrahead::knn_search"):
+            if self._norms is not None and weight.is_cuda:
+                norms = self._norms.current(weight, rows_moved)
+                _, neighbours = index.search(queries, self.knn_k, weight.detach(), row_inv_norms=norms)
+            else:
+                _, neighbours = index.search(queries, self.knn_k, weight.detach())
+        if measure:
+            self._measure_recall(queries, neighbours, weight)
+        return neighbours
 
     def note_rows_moved(self, rows_moved: int) -> None:
         """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""
@@ -284,6 +365,39 @@ class ActiveClassSelector:
         sample = slice(0, min(self.recall_queries, queries.shape[0]))
         _, exact = class_index.exact_topk(queries[sample], weight.detach(), self.knn_k, cosine=self.cosine)
         self.last["knn_recall"] = class_index.recall_at_k(neighbours[sample], exact)
+
+    def _recall_sample(self, labels: torch.Tensor) -> torch.Tensor:
+        """The first ``recall_queries`` samples of the global batch whose label is not ignored."""
+        return torch.nonzero(labels != self.ignore_index).squeeze(1)[: self.recall_queries]
+
+    def _measure_graph_recall(self, labels: torch.Tensor, label_ids: torch.Tensor, weight: torch.Tensor) -> None:
+        """graph_recall: the graph's neighbours of sampled labels against the exact nearest
+        classes of their rows, over all shards, by the current weights."""
+        sample = self._recall_sample(labels)
+        sampled = labels[sample]
+        rows = class_graph.label_rows(weight, sampled, self.class_start, self.group)
+        rows = class_graph.as_queries(rows, self.cosine)
+        exact = class_graph.exact_class_topk(
+            rows, weight, self.class_start, self.graph_k, cosine=self.cosine, exclude=sampled, group=self.group
+        )
+        self.last["graph_recall"] = class_graph.neighbour_recall(label_ids[sample], exact)
+
+    def _measure_active_recall(
+        self, features: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor
+    ) -> None:
+        """active_recall: the sampled samples' exact hardest negatives over all shards (their
+        label left out) that the ranks' active rows hold."""
+        sample = self._recall_sample(labels)
+        queries = features.detach()[sample].float()
+        if self.cosine:
+            queries = torch.nn.functional.normalize(queries, dim=1)
+        k = self.graph_k if self.selection == "graph" else self.knn_k
+        exact = class_graph.exact_class_topk(
+            queries, weight, self.class_start, k, cosine=self.cosine, exclude=labels[sample], group=self.group
+        )
+        self.last["active_recall"] = class_graph.active_recall(
+            exact, rows, self.class_start, self.class_stop, self.group
+        )
 
     # ------------------------------------------------------------------------------------
     # The index and its rebuilds
@@ -309,9 +423,16 @@ class ActiveClassSelector:
         self._dirty.zero_()
         return self._current.index, rows
 
-    def _build(self, weight: torch.Tensor, step: int, previous=None, rows=None) -> _Built:
+    def _build(self, weight: torch.Tensor, step: int, previous=None, rows=None, group=None) -> _Built:
+        """An index (knn) or class graph (graph, its collectives over ``group``) from ``weight``."""
         start = time.perf_counter()
-        if previous is None:
+        if self.selection == "graph":
+            index = self._new_index()
+            table = class_graph.build_class_graph(
+                weight, self.class_start, self.num_classes, self.graph_k, index, cosine=self.cosine, group=group
+            )
+            index = class_graph.ClassGraph(table)
+        elif previous is None:
             index = self._new_index()
             index.build(weight.detach())
         else:
@@ -323,15 +444,23 @@ class ActiveClassSelector:
         return _Built(index, step, time.perf_counter() - start)
 
     def _build_now(self, weight: torch.Tensor, step: int) -> _Built:
+        if self.selection == "graph":
+            return self._build(weight, step, group=self.group)
         return self._build(weight, step, *self._plan_build())
 
     def _build_on_side_stream(self, weight: torch.Tensor, step: int, weights_ready, previous, rows) -> _Built:
-        """Worker thread: wait for the step's weights, build on a stream of its own."""
+        """Worker thread: wait for the step's weights, build on a stream of its own (a graph's
+        collectives over the build group, which nothing else uses)."""
+        if self.selection == "graph":
+            group = self.build_group if group_world_size(self.group) > 1 else self.group
+            build = functools.partial(self._build, weight, step, group=group)
+        else:
+            build = functools.partial(self._build, weight, step, previous, rows)
         if not weight.is_cuda:
-            return self._build(weight, step, previous, rows)
+            return build()
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(weights_ready)
-            return self._build(weight, step, previous, rows)
+            return build()
 
     def _start_background_build(self, weight: torch.Tensor, step: int) -> None:
         if self._worker is None:
@@ -367,9 +496,17 @@ class ActiveClassSelector:
         rebuild_now = step % self.rebuild_every == 0
         if self._current is None:
             self._install(self._build_now(weight, updates), weight)
-        elif self.deterministic:
+        elif self._builds_in_step:
             if rebuild_now and self._current.step != updates:
                 self._install(self._build_now(weight, updates), weight)
+        elif self.selection == "graph":
+            # Every rank starts each build at the same step, whenever its builds end: a rebuild
+            # step waits for the previous build (started rebuild_every steps ago), then starts one.
+            self._harvest(weight, wait=False)
+            if rebuild_now:
+                self._harvest(weight, wait=True)
+                if self._current.step != updates:
+                    self._start_background_build(weight, updates)
         else:
             self._harvest(weight, wait=False)
             if updates - self._current.step > 2 * self.rebuild_every:
@@ -444,6 +581,32 @@ class ActiveClassSelector:
         self._rebuilds = int(state["rebuilds"])
         if self._dirty is not None:
             self._dirty.copy_(state["dirty"])
+
+    @property
+    def saves_graph(self) -> bool:
+        """Whether checkpoints carry the class graph (deterministic graph)."""
+        return self.selection == "graph" and self.deterministic
+
+    @property
+    def graph_signature(self) -> dict:
+        """What a saved graph table must match to be loaded (its shape and similarity)."""
+        return {"num_classes": self.num_classes, "graph_k": self.graph_k, "cosine": self.cosine}
+
+    def graph_state(self) -> tuple[torch.Tensor, int] | None:
+        """(this shard's table, the updates its weights had) of the current graph, if any."""
+        if self.selection != "graph" or self._current is None:
+            return None
+        return self._current.index.table, self._current.step
+
+    def empty_graph_table(self) -> torch.Tensor:
+        """A table shaped like this shard's, for a checkpoint load to fill."""
+        return torch.empty(self.shard_size, self.graph_k, dtype=torch.int32, device=self.device)
+
+    def load_graph_state(self, table: torch.Tensor, built_step: int) -> None:
+        """Serve a saved graph (this shard's rows of its table) as if built after ``built_step`` updates."""
+        if tuple(table.shape) != (self.shard_size, self.graph_k):
+            raise ValueError(f"graph table must be ({self.shard_size}, {self.graph_k}), got {tuple(table.shape)}")
+        self._current = _Built(class_graph.ClassGraph(table.to(self.device, torch.int32)), int(built_step), 0.0)
 
     def close(self) -> None:
         """Wait for a pending build and stop the worker thread."""

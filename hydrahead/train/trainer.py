@@ -255,12 +255,18 @@ class Trainer:
             self.overlapped = OverlappedHead(self.head, cfg.comm.micro_batches, transfers, self.clock)
 
         h = cfg.head
+        build_group = None
+        if h.selection == "graph" and not h.index_deterministic and self.head.world_size > 1:
+            # The graph's background builds exchange rows in a worker thread: a communicator of their own.
+            build_group = transfer_group(env.head_group, env.backend)
         self.selector = ActiveClassSelector(
             h.selection,
             self.head.class_start,
             self.head.class_stop,
             budget=h.budget,
             knn_k=h.knn_k,
+            graph_k=h.graph_k,
+            num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
             retrain_every=h.index_retrain_every,
@@ -274,6 +280,8 @@ class Trainer:
             recall_every=h.recall_every,
             ignore_index=self.head.ignore_index,
             device=self.device,
+            group=env.head_group,
+            build_group=build_group,
         )
 
         o = cfg.optim
@@ -366,6 +374,14 @@ class Trainer:
             state["head_index"] = {f"rank{self.env.rank}": self.selector.index_state()}
             meta["head_index_world_size"] = self.env.world_size
             meta["head_index"] = self.selector.index_signature
+        graph = self.selector.graph_state() if self.selector.saves_graph else None
+        if graph is not None:
+            # By class, as the head's rows: a resume at any world size reads its own classes' neighbours.
+            table, built_step = graph
+            state["head_graph"] = {
+                "table": ckpt.class_rows(table, self.head.class_start, self.head.num_classes, self.env.rank)
+            }
+            meta["head_graph"] = {**self.selector.graph_signature, "built_step": built_step}
         if self.topk is not None:  # per-rank: what each rank has not sent yet
             state["comm_residuals"] = {f"rank{self.env.rank}": self.topk.state_dict()}
             meta["comm_residuals_world_size"] = self.env.world_size
@@ -428,6 +444,29 @@ class Trainer:
         ckpt.load_checkpoint(self.env, path, state)
         self.selector.load_index_state(state["head_index"][key], self.head.weight)
 
+    def _resume_graph(self, path: Path, meta: dict) -> None:
+        """Deterministic graph: load this shard's rows of the saved class graph, or say why it is rebuilt."""
+        if not self.selector.saves_graph:
+            return
+        saved = meta.get("head_graph")
+        signature = None if saved is None else {key: saved.get(key) for key in self.selector.graph_signature}
+        if signature != self.selector.graph_signature:
+            if self.env.is_main:
+                why = "holds no class graph" if saved is None else f"holds a class graph {signature}"
+                print(
+                    f"warning: checkpoint {path} {why}, not {self.selector.graph_signature}: the class graph is "
+                    "rebuilt at the next step, so this run will not select exactly what an uninterrupted one would",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        table = self.selector.empty_graph_table()
+        state = {
+            "head_graph": {"table": ckpt.class_rows(table, self.head.class_start, self.head.num_classes, self.env.rank)}
+        }
+        ckpt.load_checkpoint(self.env, path, state)
+        self.selector.load_graph_state(table, saved["built_step"])
+
     def resume(self, *, verify: bool = True) -> bool:
         """Load the newest checkpoint of run.dir that verifies, if any; True when one was loaded.
 
@@ -472,6 +511,7 @@ class Trainer:
             optim_state_dict=state["backbone_optim"],
         )
         self._resume_index(path, meta)
+        self._resume_graph(path, meta)
         self._resume_residuals(path, meta)
         self.step = int(meta["step"])
         if meta["cursor"] != self.step * self.cfg.train.global_batch:
@@ -709,10 +749,11 @@ class Trainer:
         return nonfinite, preempt > 0
 
     def _selection_metrics(self) -> dict:
-        """active_classes (mean per shard) and, for knn, knn_recall, index_build_s, index_age (means over ranks)."""
+        """active_classes (mean per shard) and, where measured, knn_recall, graph_recall, active_recall,
+        index_build_s, index_age (means over ranks; graph_recall and active_recall are the same on every rank)."""
         if self.cfg.head.selection == "full":
             return {}
-        names = ("active_classes", "knn_recall", "index_build_s", "index_age")
+        names = ("active_classes", "knn_recall", "graph_recall", "active_recall", "index_build_s", "index_age")
         last = self.selector.last
         values = torch.tensor(
             [math.nan if last[n] is None else float(last[n]) for n in names], dtype=torch.float64, device=self.device

@@ -1,0 +1,296 @@
+"""The class graph behind ``head.selection=graph``: each class's k nearest classes.
+
+The 100M-class system's KNN softmax: a step's hard negatives are the graph neighbours of
+the batch's labels, so the step looks the graph up instead of searching. A class's
+neighbours are the ``k`` classes whose weight rows score highest against its own row, by
+the head's similarity (inner product; cosine for the margin heads), over every class of
+the model, the class itself left out. They do not depend on how the classes are split
+over the ranks (up to ties, and to an IVF index, whose lists are the shard's own).
+
+Who holds and computes what, the classes split by contiguous ranges over ``group``'s W
+ranks (C classes, C_r on rank r, D the row width):
+
+- table: rank r holds the neighbours of its own classes, a ``(C_r, k)`` tensor of global
+  class ids (int32, -1 where fewer than k were found): 4·k bytes per class of the shard.
+- build (``build_class_graph``): rank r indexes its own rows (a ``ClassIndex``). In
+  rounds, every rank puts in ``block_rows`` of its rows as stored (an all-gather of
+  W x B x D values, sent as bytes), each rank searches its index with all W·B rows for
+  their k + 1 best, and an all-to-all hands each row's owner the candidates from every
+  rank (W x B x (k + 1) float32 scores and int64 ids); the owner keeps the best k that
+  are not the row itself. Every rank receives every row of the model once per build
+  (C x D values in all: 51 GB at 100M x 512 in fp8) and runs C queries against its index.
+- step (``label_neighbours``): the owner of each label of the global batch reads its
+  row of the table; one all-reduce (max) of G x k int32 gives every rank the neighbours
+  of every label, and each keeps those it owns (``owned_rows``).
+
+The recall measurements at the end search exactly, over all shards, for a few queries
+that every rank holds (``exact_class_topk``): each rank's best k, all-gathered, merged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from hydrahead.checks import check_int
+from hydrahead.distributed.collectives import group_rank, group_world_size
+from hydrahead.distributed.sharding import shard_range
+from hydrahead.head.index import ClassIndex, exact_topk
+
+__all__ = [
+    "DEFAULT_BLOCK_ROWS",
+    "ClassGraph",
+    "active_recall",
+    "as_queries",
+    "build_class_graph",
+    "exact_class_topk",
+    "graph_rows",
+    "label_neighbours",
+    "label_rows",
+    "merge_candidates",
+    "neighbour_recall",
+    "owned_rows",
+]
+
+DEFAULT_BLOCK_ROWS = 4096  # rows each rank puts into one round of a build
+
+
+class ClassGraph:
+    """A built class graph: ``table`` (C_r, k) int32, the neighbours of this shard's classes
+    as global class ids, best first, -1 where fewer than k were found."""
+
+    # Its neighbours come from the weights at build time (the selector's index_age counts from then).
+    searches_current_weights = False
+
+    def __init__(self, table: torch.Tensor):
+        if table.dim() != 2 or table.dtype != torch.int32:
+            raise ValueError(f"a class graph table is (C_r, k) int32, got {tuple(table.shape)} {table.dtype}")
+        self.table = table
+
+
+def as_queries(rows: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """Weight rows as search queries: float32, unit length for cosine (as the index scores)."""
+    queries = rows.detach().float()
+    return torch.nn.functional.normalize(queries, dim=1) if cosine else queries
+
+
+def merge_candidates(
+    scores: torch.Tensor, ids: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of each row's candidates: (scores, ids), both (n, k), best first.
+
+    ``scores`` and ``ids`` (n, m) hold candidates as global class ids, -1 for none (their
+    score is ignored); ``exclude`` (n,) is an id to leave out of each row (the query's own
+    class). Missing slots hold id -1 and score -inf.
+    """
+    valid = ids >= 0
+    if exclude is not None:
+        valid &= ids != exclude.unsqueeze(1)
+    scores = scores.masked_fill(~valid, -math.inf)
+    take = min(k, scores.shape[1])
+    best, position = scores.topk(take, dim=1)
+    chosen = ids.gather(1, position).masked_fill(best == -math.inf, -1)
+    return _pad(best, chosen, k)
+
+
+def _pad(scores: torch.Tensor, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, m) results padded to (n, width) with score -inf and id -1 (m <= width)."""
+    missing = width - scores.shape[1]
+    if missing > 0:
+        scores = torch.cat((scores, scores.new_full((scores.shape[0], missing), -math.inf)), 1)
+        ids = torch.cat((ids, ids.new_full((ids.shape[0], missing), -1)), 1)
+    return scores, ids
+
+
+def _check_shard(weight: torch.Tensor, class_start: int, num_classes: int, group) -> tuple[int, int]:
+    """(world size, rank) of ``group``, after checking that ``weight`` is this rank's shard."""
+    check_int("num_classes", num_classes, minimum=2)
+    world, rank = group_world_size(group), group_rank(group)
+    expected = shard_range(num_classes, world, rank)
+    if expected != (class_start, class_start + weight.shape[0]):
+        raise ValueError(
+            f"rank {rank} of {world} owns classes [{expected[0]}, {expected[1]}) of {num_classes}, but its "
+            f"weight holds [{class_start}, {class_start + weight.shape[0]})"
+        )
+    return world, rank
+
+
+@torch.no_grad()
+def build_class_graph(
+    weight: torch.Tensor,
+    class_start: int,
+    num_classes: int,
+    k: int,
+    index: ClassIndex,
+    *,
+    cosine: bool = False,
+    group: dist.ProcessGroup | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> torch.Tensor:
+    """This shard's rows of the class graph: (C_r, k) int32 global class ids, best first.
+
+    ``weight`` (C_r, D) is the shard of classes ``[class_start, class_start + C_r)``; every
+    rank of ``group`` calls this at once with its own shard. ``index`` (unbuilt, with
+    ``cosine`` as given here) is built over the shard and searched with every row of the
+    model; an exact index gives the exact graph. k is clamped to ``num_classes - 1``.
+    """
+    world, _ = _check_shard(weight, class_start, num_classes, group)
+    check_int("k", k, minimum=1)
+    check_int("block_rows", block_rows, minimum=1)
+    k = min(k, num_classes - 1)
+    weight = weight.detach()
+    index.build(weight)
+    num_rows, dim = weight.shape
+    if world == 1:
+        every = torch.arange(num_rows, device=weight.device)
+        return graph_rows(index, weight, every, k, class_start=class_start, cosine=cosine, block_rows=block_rows)
+    table = torch.full((num_rows, k), -1, dtype=torch.int32, device=weight.device)
+    widest = shard_range(num_classes, world, 0)[1]  # rank 0's shard is the largest: the number of rounds
+    row_bytes = dim * weight.element_size()
+    for start in range(0, widest, block_rows):
+        # Every rank's rows [start, start + block_rows) as stored (sent as bytes: any dtype,
+        # fp8 at 1 byte a value), zero rows past a shard's end.
+        mine = weight[start : start + block_rows]
+        block = torch.zeros(block_rows, row_bytes, dtype=torch.uint8, device=weight.device)
+        block[: mine.shape[0]] = mine.contiguous().view(torch.uint8)
+        parts = [torch.empty_like(block) for _ in range(world)]
+        dist.all_gather(parts, block, group=group)
+        queries = as_queries(torch.cat(parts).view(weight.dtype), cosine)
+        scores, ids = _candidates(index, queries, weight, k, class_start)
+        # Block r of the candidates answers rank r's rows: send it there.
+        got_scores, got_ids = torch.empty_like(scores), torch.empty_like(ids)
+        dist.all_to_all_single(got_scores, scores.contiguous(), group=group)
+        dist.all_to_all_single(got_ids, ids.contiguous(), group=group)
+        scores = got_scores.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
+        ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
+        count = mine.shape[0]
+        own = torch.arange(class_start + start, class_start + start + count, device=weight.device)
+        _, best = merge_candidates(scores[:count], ids[:count], k, exclude=own)
+        table[start : start + count] = best.to(torch.int32)
+    return table
+
+
+@torch.no_grad()
+def graph_rows(
+    index: ClassIndex,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    *,
+    class_start: int = 0,
+    cosine: bool = False,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> torch.Tensor:
+    """(len(rows), k) int32: the graph rows of the classes at local ``rows``, when ``weight``
+    (with ``index`` built over it) holds every class of the model, as on one rank."""
+    out = torch.full((rows.numel(), k), -1, dtype=torch.int32, device=weight.device)
+    for start in range(0, rows.numel(), block_rows):
+        chunk = rows[start : start + block_rows].to(weight.device)
+        scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start)
+        _, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
+        out[start : start + chunk.numel()] = best.to(torch.int32)
+    return out
+
+
+def _candidates(index: ClassIndex, queries: torch.Tensor, weight: torch.Tensor, k: int, class_start: int):
+    """Each query's k + 1 best rows of the shard (room for the query's own class, dropped
+    later) as (scores float32, global ids), padded to k + 1 columns."""
+    scores, rows = index.search(queries, min(k + 1, weight.shape[0]), weight)
+    return _pad(scores.float(), torch.where(rows >= 0, rows + class_start, -1), k + 1)
+
+
+def label_neighbours(
+    table: torch.Tensor, labels: torch.Tensor, class_start: int, ignore_index: int = -100, group=None
+) -> torch.Tensor:
+    """(G, k) int64: the graph neighbours of each label of the global batch (the same
+    ``labels`` on every rank), as global class ids, the same on every rank; -1 for an
+    ignored label or one no rank owns. One all-reduce of G x k int32 over ``group``."""
+    local = labels.long() - class_start
+    owned = (labels != ignore_index) & (local >= 0) & (local < table.shape[0])
+    found = table[local.clamp(0, table.shape[0] - 1)]
+    found = torch.where(owned.unsqueeze(1), found, torch.full_like(found, -1))
+    if group_world_size(group) > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+    return found.long()
+
+
+def owned_rows(ids: torch.Tensor, class_start: int, class_stop: int) -> torch.Tensor:
+    """Global class ids as local rows of the shard ``[class_start, class_stop)``, -1 elsewhere."""
+    inside = (ids >= class_start) & (ids < class_stop)
+    return torch.where(inside, ids - class_start, -1)
+
+
+# --- recall against exact search over all shards ------------------------------------------
+
+
+@torch.no_grad()
+def exact_class_topk(
+    queries: torch.Tensor,
+    weight: torch.Tensor,
+    class_start: int,
+    k: int,
+    *,
+    cosine: bool = False,
+    exclude: torch.Tensor | None = None,
+    group=None,
+) -> torch.Tensor:
+    """(n, k) int64: the exact best ``k`` classes over all shards for ``queries`` (n, D), the
+    same on every rank (cosine: pass unit queries), leaving out ``exclude`` (n,) class ids.
+    Each rank searches its shard exactly; the candidates are all-gathered and merged."""
+    wanted = k + (exclude is not None)
+    scores, rows = exact_topk(queries, weight.detach(), wanted, cosine=cosine)
+    scores, ids = _pad(scores.float(), rows + class_start, wanted)
+    world = group_world_size(group)
+    if world > 1:
+        all_scores = [torch.empty_like(scores) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_scores, scores.contiguous(), group=group)
+        dist.all_gather(all_ids, ids.contiguous(), group=group)
+        scores, ids = torch.cat(all_scores, 1), torch.cat(all_ids, 1)
+    return merge_candidates(scores, ids, k, exclude)[1]
+
+
+def label_rows(weight: torch.Tensor, labels: torch.Tensor, class_start: int, group=None) -> torch.Tensor:
+    """(n, D) float32: the weight row of each label (every label a class id), the same on
+    every rank: its owner puts it in, one all-reduce (sum) of n x D over ``group``."""
+    local = labels.long() - class_start
+    owned = (local >= 0) & (local < weight.shape[0])
+    rows = weight.detach()[local.clamp(0, weight.shape[0] - 1)].float()
+    rows = torch.where(owned.unsqueeze(1), rows, torch.zeros_like(rows))
+    if group_world_size(group) > 1:
+        dist.all_reduce(rows, group=group)
+    return rows
+
+
+def neighbour_recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Fraction of the exact ids (n, k; -1 ignored) that appear in their row of ``found`` (n, m)."""
+    present = exact >= 0
+    if not present.any():
+        return 1.0
+    hits = (exact.unsqueeze(2) == found.unsqueeze(1)).any(dim=2) & present
+    return (hits.sum() / present.sum()).item()
+
+
+def active_recall(
+    exact: torch.Tensor, active_rows: torch.Tensor | None, class_start: int, class_stop: int, group=None
+) -> float:
+    """Fraction of the exact ids (n, k; global, -1 ignored; the same on every rank) that lie
+    in the active rows (sorted local rows, None: all) of the shard that owns them. One
+    all-reduce of one count over ``group``."""
+    present = exact >= 0
+    local = exact - class_start
+    owned = present & (local >= 0) & (local < class_stop - class_start)
+    if active_rows is None:
+        hit = owned
+    elif active_rows.numel() == 0:
+        hit = torch.zeros_like(owned)
+    else:
+        position = torch.searchsorted(active_rows, local.clamp(min=0)).clamp_(max=active_rows.numel() - 1)
+        hit = owned & (active_rows[position] == local)
+    hits = hit.sum().reshape(1)
+    if group_world_size(group) > 1:
+        dist.all_reduce(hits, group=group)
+    total = int(present.sum())
+    return 1.0 if total == 0 else hits.item() / total
