@@ -6,7 +6,8 @@ arithmetic floor. This path keeps every matrix product a plain GEMM instead:
 
 forward   ``filtered.shard_lse``: per sample (max, sum of exp, target) over the shard,
           2·G·D·C_r FLOPs on GEMM-shaped tiles (no D-wide accumulator).
-backward  class chunk by class chunk (a G x chunk buffer, ``chunk_bytes`` at most):
+backward  class chunk by class chunk (a G x chunk buffer of P, 256 MiB at most;
+          HYDRAHEAD_EXACT_CHUNK_MIB overrides it):
           ``_probs_kernel`` recomputes the chunk's logits and writes
           P = g·(softmax - onehot) (g = the logit scale times the incoming gradient over
           the valid labels; times 1/||w_c|| for cosine logits) in the weights' dtype;
@@ -14,9 +15,11 @@ backward  class chunk by class chunk (a G x chunk buffer, ``chunk_bytes`` at mos
           applies torch.optim.SGD's step to the chunk's rows (one pass over them, their
           momentum buffer and dW_c). 6·G·D·C_r FLOPs.
 
-Extra memory: the P chunk, one chunk of dW in fp32 and dF; no C_r x D tensor. fp8 weights
-stay on the stationary kernels (FP8 tensor cores take K-major operands only, and W_c is
-D-major in P W_c).
+Extra memory: the P chunk, one chunk of dW (in the rows' dtype; it grows as G shrinks)
+and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF and,
+transposed, for dW (FP8 tensor cores take K-major operands only), and both products run
+through ``torch._scaled_mm``; ``auto`` keeps fp8 rows on the stationary kernels until
+this is verified on a GPU (docs/kernels.md).
 """
 
 from __future__ import annotations
