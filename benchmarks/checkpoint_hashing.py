@@ -8,12 +8,12 @@ In order:
    memory (the hash alone, as a save hashes what it writes) and over a file of --file-gb
    (read and hash, as a check does), its page cache warm and then evicted (cold), on one
    thread and on --threads (default: what a save or a check uses on this machine);
-2. save: the config's trainer, built once (step 0, no training), saves its state without
-   and with checksums, alternately, --repeats times each; each checkpoint is deleted
-   before the next save, so the disk needs room for one;
-3. resume: the trainer resumes from the last one without and with verifying its checksums,
-   alternately, the checkpoint's files evicted from the page cache before each (--warm:
-   not), as after a restart on another node.
+2. save: the config's trainer, built once (step 0, no training), saves its state
+   --warmup-saves times untimed, then without and with checksums, alternately, --repeats
+   times each; each checkpoint is deleted before the next save, so the disk needs room for one;
+3. resume: the trainer resumes from the last one without and with verifying its checksums
+   (hashed while DCP loads them), alternately, --resume-repeats times each, the files
+   evicted from the page cache before each (--warm: not), as after a restart on another node.
 Overhead = (median with - median without) / median without. The JSON goes to
 benchmarks/results/checkpoint_hashing_<name>.json (or $HYDRAHEAD_RESULTS_DIR); a table is
 printed last. One process: on a GPU with NCCL, on the CPU with gloo.
@@ -176,6 +176,10 @@ def save_and_resume_rows(args, run_dir: Path, rows: list[dict], flush) -> None:
                 f"checkpoint_hashing: {run_dir} has {free / GB:.1f} GB free, a checkpoint of this config needs about "
                 f"{need / GB:.1f} GB: pass --run-dir on a larger disk, or a smaller head.num_classes=..."
             )
+        for warmup in range(args.warmup_saves):
+            shutil.rmtree(root, ignore_errors=True)
+            seconds = timed(lambda: trainer.save(checksums=True))
+            print(f"warm-up save {warmup + 1}/{args.warmup_saves} (not counted): {seconds:.2f} s", flush=True)
         path = None
         for repeat in range(args.repeats):
             # ABBA, so that neither side always goes first, ending with checksums: the resumes' checkpoint
@@ -188,13 +192,13 @@ def save_and_resume_rows(args, run_dir: Path, rows: list[dict], flush) -> None:
                 print(f"save {repeat + 1}/{args.repeats}, checksums={checksums}: {seconds:.2f} s", flush=True)
                 flush()
         files = [file for file in path.iterdir() if file.is_file()]
-        for repeat in range(args.repeats):
+        for repeat in range(args.resume_repeats):
             for verify in (False, True) if repeat % 2 == 0 else (True, False):
                 if not args.warm:
                     evict(files)
                 seconds = timed(lambda: trainer.resume(verify=verify))
                 rows.append(timing_row("resume", "verify", verify, size, seconds, ", warm" if args.warm else ", cold"))
-                print(f"resume {repeat + 1}/{args.repeats}, verify={verify}: {seconds:.2f} s", flush=True)
+                print(f"resume {repeat + 1}/{args.resume_repeats}, verify={verify}: {seconds:.2f} s", flush=True)
                 flush()
     finally:
         destroy_distributed()
@@ -215,6 +219,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "removed afterwards (default: $TMPDIR)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="saves and resumes of each kind (default: 1)")
+    parser.add_argument("--resume-repeats", type=int, default=None, help="resumes of each kind (default: --repeats)")
+    parser.add_argument(
+        "--warmup-saves",
+        type=int,
+        default=1,
+        help="untimed saves first: a disk's first writes to fresh blocks can be much slower (default: 1)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -230,8 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. head.num_classes=1000000"
     )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
+    if args.resume_repeats is None:
+        args.resume_repeats = args.repeats
+    if min(args.repeats, args.resume_repeats, args.threads) < 1 or args.warmup_saves < 0:
+        parser.error("--repeats, --resume-repeats and --threads must be at least 1, --warmup-saves at least 0")
     return args
 
 
@@ -290,10 +303,11 @@ def main(argv=None) -> None:
     path = flush()
     print(f"wrote {path}")
     for what, numbers in payload["overhead"].items():
+        how, repeats = ("written", args.repeats) if what == "save" else ("loaded", args.resume_repeats)
         print(
             f"{what} of {payload['checkpoint_gb']:.2f} GB: {numbers['seconds_without']:.3f} s without checksums, "
-            f"{numbers['seconds_with']:.3f} s with ({'hashed while written' if what == 'save' else 'verified first'}): "
-            f"{numbers['percent']:+.1f}% (medians of {args.repeats}; minima {numbers['min_percent']:+.1f}%)"
+            f"{numbers['seconds_with']:.3f} s with (hashed while {how}): "
+            f"{numbers['percent']:+.1f}% (medians of {repeats}; minima {numbers['min_percent']:+.1f}%)"
             + (
                 f"; hashing it all at the in-memory rate would add {numbers['hash_percent_at_memory_rate']:.1f}%"
                 if what == "save"

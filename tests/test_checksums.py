@@ -9,6 +9,7 @@ import contextlib
 import json
 import re
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,6 +31,7 @@ from hydrahead.train.checkpoint import (
     NoLoadableCheckpointError,
     check_share,
     combine_checks,
+    load_verified,
     newest_loadable_checkpoint,
     save_checkpoint,
     step_folders,
@@ -266,6 +268,51 @@ def test_each_damage_is_found_and_named(run_dir, damage, status, message):
     path, found = newest_loadable_checkpoint(run_dir, skipped=lambda f, c: skipped.append((f.name, c)))
     assert (path.name, found) == ("step-4", CheckpointCheck(OK))
     assert skipped == [("step-6", check)]
+    # Loading while verifying: DCP reads a folder only once its index, meta.json and manifest
+    # verified; damaged data is read, then step-4 loaded over it, with the same verdicts.
+    loads, skipped = [], []
+    path, found = newest_loadable_checkpoint(
+        run_dir, skipped=lambda f, c: skipped.append((f.name, c)), load=lambda f: loads.append(_load(f).name)
+    )
+    assert (path.name, found) == ("step-4", CheckpointCheck(OK)) and skipped == [("step-6", check)]
+    assert loads == (["step-6", "step-4"] if damage == "flip data" else ["step-4"])
+
+
+def _load(folder):
+    """DCP-load ``folder`` (saved by ``_save``) and check what was read against what ``_save`` wrote."""
+    state = {"backbone": {"weight": torch.zeros(64, 16)}, "head": {"rows": torch.zeros(200, 16)}}
+    checkpoint_module.load_checkpoint(ONE_PROCESS, folder, state)
+    generator = torch.Generator().manual_seed(int(folder.name.split("-")[1]))
+    intact = torch.equal(state["backbone"]["weight"], torch.randn(64, 16, generator=generator))
+    assert intact or folder.name == "step-6", f"{folder} verified but did not load what was saved"
+    return folder
+
+
+def test_load_verified_hashes_while_loading_and_keeps_errors_of_good_checkpoints(run_dir, monkeypatch):
+    folder = run_dir / "checkpoints" / "step-6"
+    threads = []
+
+    def load(path):  # the data files are hashed on another thread meanwhile
+        threads.append(threading.current_thread().name)
+        _load(path)
+
+    assert load_verified(folder, load) == CheckpointCheck(OK) and threads == ["MainThread"]
+
+    def failing(path):
+        raise RuntimeError("read failed")
+
+    with pytest.raises(RuntimeError, match="read failed"):  # an intact checkpoint that fails to load is an error
+        load_verified(folder, failing)
+    flip_byte(_data_file(folder))
+    check = load_verified(folder, failing)  # ... a damaged one is just damaged
+    assert check.status == DAMAGED and "__0_0.distcp does not match its checksum" in check.describe()
+    hashed = []
+    monkeypatch.setattr(
+        checkpoint_module, "check_share", lambda *a, **k: hashed.append(k["files"]) or CheckpointCheck(OK)
+    )
+    assert load_verified(folder, lambda path: None) == CheckpointCheck(OK) and hashed == ["small", "data"]
+    with pytest.raises(ValueError, match="files must be"):
+        check_share(folder, files="some")
 
 
 def test_each_rank_hashes_its_share_and_the_ranks_agree(tmp_path):

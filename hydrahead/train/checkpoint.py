@@ -15,9 +15,10 @@ A save goes into the ``.partial`` folder. Each rank hashes its files as it write
 checksums and renames the folder to ``step-N`` in one atomic rename, so a kill at any
 moment leaves either the previous checkpoints or the new complete one.
 
-A checkpoint is loaded only after it verifies (``verify_checkpoint``): every rank hashes a
+A checkpoint is used only if it verifies (``verify_checkpoint``): every rank hashes a
 share of the files (those it wrote, at the same world size) and compares them with the
-manifest, and the ranks agree on the verdict. Resume takes the newest checkpoint that
+manifest, and the ranks agree on the verdict. Resume hashes the data files while DCP reads
+them (``load_verified``), after the small files DCP trusts have verified. Resume takes the newest checkpoint that
 verifies and names the file of each one it skips. Checkpoints written before checksums
 existed carry no manifest: they load after the structural checks, reported as unverified.
 
@@ -202,7 +203,13 @@ def _problems(status_of: dict[str, str]) -> CheckpointCheck | None:
 
 
 def check_share(
-    path: str | os.PathLike, rank: int = 0, world_size: int = 1, *, contents: bool = True, threads: int | None = None
+    path: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    contents: bool = True,
+    threads: int | None = None,
+    files: str = "all",
 ) -> CheckpointCheck:
     """Rank ``rank`` of ``world_size``'s part of checking the checkpoint folder ``path``.
 
@@ -212,7 +219,12 @@ def check_share(
     resume at the same world size re-reads what each rank wrote, and a world of one checks
     them all. ``combine_checks`` merges the ranks' answers. ``contents=False``: only the
     structural checks of a checkpoint without checksums (``checkpoint_problem``).
+    ``files``: ``"all"``; ``"small"``, all but the data files' checksums (what must hold
+    before DCP may read the folder); ``"data"``, only the data files' checksums (the
+    other half, which ``load_verified`` runs while DCP reads them).
     """
+    if files not in ("all", "small", "data"):
+        raise ValueError(f"files must be 'all', 'small' or 'data', got {files!r}")
     path = Path(path)
     if not contents:  # what loading needed before checkpoints carried checksums, and no more
         return _structure_check(path) or CheckpointCheck(UNVERIFIED, ("checksums not checked (asked not to)",))
@@ -231,8 +243,8 @@ def check_share(
         manifest = read_manifest(path / MANIFEST_FILE)
     except (OSError, ValueError) as exc:
         return CheckpointCheck(DAMAGED, (f"{MANIFEST_FILE} {exc}",))
-    files = manifest["files"]
-    uncovered = [name for name in (INDEX_FILE, META_FILE) if name not in files]
+    listed = manifest["files"]
+    uncovered = [name for name in (INDEX_FILE, META_FILE) if name not in listed]
     if uncovered:
         return CheckpointCheck(DAMAGED, (f"{MANIFEST_FILE} lists no checksum of {', '.join(uncovered)}",))
     folder_step = _folder_step(path)
@@ -240,12 +252,17 @@ def check_share(
         return CheckpointCheck(
             DAMAGED, (f"{MANIFEST_FILE} is of step {manifest['step']}, the folder of step {folder_step}",)
         )
-    found = _problems(size_problems(path, files))
+    found = _problems(size_problems(path, listed))
     if found is not None:
         return found
-    share = {name: record for name, record in files.items() if int(record.get("rank", 0)) % world_size == rank}
+    share = {
+        name: record
+        for name, record in listed.items()
+        if int(record.get("rank", 0)) % world_size == rank
+        and (files == "all" or (name in (INDEX_FILE, META_FILE)) == (files == "small"))
+    }
     found = _problems(file_problems(path, share, piece_bytes=manifest["piece_bytes"], threads=threads))
-    if found is not None or rank != 0:
+    if found is not None or rank != 0 or files == "data":
         return found or CheckpointCheck(OK)
     # Rank 0's share, DCP's index and meta.json, verifies: what DCP will read must be listed too,
     # and meta.json be of the manifest's step.
@@ -254,7 +271,7 @@ def check_share(
         step = json.loads(meta_path.read_text()).get("step")
     except Exception as exc:  # they verified, so this would be a save that wrote something unreadable
         return CheckpointCheck(DAMAGED, (f"{INDEX_FILE} or {META_FILE} is unreadable ({type(exc).__name__}: {exc})",))
-    unlisted = sorted(set(needed) - set(files))
+    unlisted = sorted(set(needed) - set(listed))
     if unlisted:
         return CheckpointCheck(DAMAGED, (f"{MANIFEST_FILE} lists no checksum of {', '.join(unlisted)}",))
     if step != manifest["step"]:
@@ -275,16 +292,58 @@ def combine_checks(checks: list[CheckpointCheck]) -> CheckpointCheck:
 
 
 def verify_checkpoint(
-    path: str | os.PathLike, *, group=None, contents: bool = True, threads: int | None = None
+    path: str | os.PathLike, *, group=None, contents: bool = True, threads: int | None = None, files: str = "all"
 ) -> CheckpointCheck:
     """Check the checkpoint folder ``path`` against its manifest; collective over ``group``.
 
-    Each rank checks its share (``check_share``) and all ranks get the same verdict (one
-    all-gather of the answers). Without a process group, one process checks every file.
-    ``contents=False`` leaves the manifest and checksums out (and says so: ``unverified``).
+    Each rank checks its share (``check_share``, which says what ``files`` selects) and all
+    ranks get the same verdict (one all-gather of the answers). Without a process group,
+    one process checks every file. ``contents=False`` leaves the manifest and checksums out
+    (and says so: ``unverified``).
     """
-    local = check_share(path, group_rank(group), group_world_size(group), contents=contents, threads=threads)
+    rank, world_size = group_rank(group), group_world_size(group)
+    local = check_share(path, rank, world_size, contents=contents, threads=threads, files=files)
     return combine_checks(all_gather_objects(local, group))
+
+
+def load_verified(
+    path: str | os.PathLike,
+    load: Callable[[Path], None],
+    *,
+    group=None,
+    contents: bool = True,
+    threads: int | None = None,
+) -> CheckpointCheck:
+    """Verify the checkpoint folder ``path`` and ``load`` it at once; collective over ``group``.
+
+    Reading 100 GB twice, once to hash it and once to load it, would make a resume take
+    half as long again; so the small files (DCP's index, meta.json, the manifest) are
+    verified first, since DCP must be able to trust them, and the data files are hashed on
+    a background thread while ``load(path)`` reads them. When the returned check is not
+    ``loadable``, whatever ``load`` wrote came from a damaged checkpoint: the caller must
+    load another one over it (or stop). An exception of ``load`` is raised only when the
+    checkpoint verified; DCP raises on every rank alike.
+    """
+    path = Path(path)
+    check = verify_checkpoint(path, group=group, contents=contents, threads=threads, files="small")
+    if not check.loadable:
+        return check
+    if check.status == UNVERIFIED:  # nothing more to hash
+        load(path)
+        return check
+    rank, world_size = group_rank(group), group_world_size(group)
+    with ThreadPoolExecutor(1, thread_name_prefix="verify") as background:
+        hashing = background.submit(check_share, path, rank, world_size, threads=threads, files="data")
+        failure = None
+        try:
+            load(path)
+        except Exception as exc:  # judged below, with the checksums
+            failure = exc
+        local = hashing.result()
+    check = combine_checks(all_gather_objects(local, group))
+    if check.loadable and failure is not None:
+        raise failure
+    return check
 
 
 def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -308,16 +367,21 @@ def newest_loadable_checkpoint(
     contents: bool = True,
     threads: int | None = None,
     skipped: Callable[[Path, CheckpointCheck], None] | None = None,
+    load: Callable[[Path], None] | None = None,
 ) -> tuple[Path, CheckpointCheck] | None:
     """The newest checkpoint of ``run_dir`` that verifies (or, written without checksums, looks
     complete), with its check; None if there is no checkpoint folder. Collective over ``group``:
     the ranks take rank 0's list of folders and agree on each verdict. ``skipped(folder,
-    check)`` hears of each newer one passed over. Raises ``NoLoadableCheckpointError`` when
-    there are checkpoints but none can be loaded."""
+    check)`` hears of each newer one passed over. With ``load``, each candidate is loaded
+    while it is verified (``load_verified``), so the one returned is also loaded. Raises
+    ``NoLoadableCheckpointError`` when there are checkpoints but none can be loaded."""
     folders = all_gather_objects([str(folder) for _, folder in step_folders(run_dir)], group)[0]
     passed_over = []
     for folder in map(Path, reversed(folders)):
-        check = verify_checkpoint(folder, group=group, contents=contents, threads=threads)
+        if load is None:
+            check = verify_checkpoint(folder, group=group, contents=contents, threads=threads)
+        else:
+            check = load_verified(folder, load, group=group, contents=contents, threads=threads)
         if check.loadable:
             return folder, check
         passed_over.append(f"{folder.name} ({check.describe()})")

@@ -470,20 +470,33 @@ class Trainer:
     def resume(self, *, verify: bool = True) -> bool:
         """Load the newest checkpoint of run.dir that verifies, if any; True when one was loaded.
 
-        All ranks check it against its manifest first (each its share of the files) and
-        agree; a damaged or incomplete one is skipped with a warning naming the file, for the
-        one before it. ``verify=False`` checks all but the checksums (only to measure their cost)."""
+        All ranks check it against its manifest (each its share of the files, hashed while
+        DCP reads them) and agree; a damaged or incomplete one is skipped with a warning
+        naming the file, and the one before it loaded over what was read. ``verify=False``
+        checks all but the checksums (only to measure their cost)."""
 
         def skipped(path: Path, check: ckpt.CheckpointCheck) -> None:
             if self.env.is_main:
                 print(f"warning: skipping checkpoint {path}: {check.describe()}", file=sys.stderr, flush=True)
 
+        loaded = {}
+
+        def load(path: Path) -> None:  # runs while the data files are hashed; kept only if they verify
+            meta = ckpt.read_meta(path)  # meta.json verified before this
+            # Checkpoints from before deferred steps were saved hold settled rows: nothing is owed.
+            deferred = self.head.empty_deferred_state() if meta.get(ckpt.HEAD_DEFERRED) else None
+            state = self._state(deferred)
+            loaded.clear()
+            ckpt.load_checkpoint(self.env, path, state)
+            loaded.update(meta=meta, deferred=deferred, state=state)
+
         found = ckpt.newest_loadable_checkpoint(
-            self.run_dir, group=self.env.data_group, contents=verify, skipped=skipped
+            self.run_dir, group=self.env.data_group, contents=verify, skipped=skipped, load=load
         )
         if found is None:
             return False
         path, check = found
+        meta, deferred, state = loaded["meta"], loaded["deferred"], loaded["state"]
         if check.status == ckpt.OK:
             how = "checksums verified"
         else:
@@ -494,14 +507,9 @@ class Trainer:
         self.last_checkpoint = f"this run resumed from {path.name}, " + (
             "whose checksums verified then" if check.status == ckpt.OK else how
         )
-        meta = ckpt.read_meta(path)
         for notice in check_resume_changes(meta["config"], config_to_dict(self.cfg), path):
             if self.env.is_main:
                 print(f"warning: {notice}", file=sys.stderr, flush=True)
-        # Checkpoints from before deferred steps were saved hold settled rows: nothing is owed.
-        deferred = self.head.empty_deferred_state() if meta.get(ckpt.HEAD_DEFERRED) else None
-        state = self._state(deferred)
-        ckpt.load_checkpoint(self.env, path, state)
         if deferred is not None:
             self.head.load_deferred_state({**state[ckpt.HEAD_DEFERRED], "owed_steps": deferred["owed_steps"]})
         set_state_dict(
