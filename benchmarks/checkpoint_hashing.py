@@ -16,13 +16,15 @@ In order:
    evicted from the page cache before each (--warm: not), as after a restart on another node.
 Overhead = (median with - median without) / median without. The JSON goes to
 benchmarks/results/checkpoint_hashing_<name>.json (or $HYDRAHEAD_RESULTS_DIR); a table is
-printed last. One process: on a GPU with NCCL, on the CPU with gloo.
+printed last. One process: on a GPU with NCCL, on the CPU with gloo. Each row's
+``peak_mib`` is the process's peak host memory when it was written.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -248,6 +250,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def standard_fields(rows: list[dict], peak_mib: float | None) -> None:
+    """Give each row the fields every results file carries (method, shape, ms, floor_ms, ratio,
+    peak_mib). The floor of a hash is its bytes at the fastest rate hashing reached here (many
+    threads, in memory); the floor of a save or resume with checksums is the median of the
+    same without them, so ``ratio`` is what checksums cost (1.0 for the rows without)."""
+    hashes = [r for r in rows if r["what"] == "hash"]
+    best_rate = max((r["gb_per_s"] for r in hashes), default=None)
+    for row in rows:
+        if row["what"] == "hash":
+            method = f"hydrahead xxh3-128 hash, {row['detail']}, {row['threads']} threads"
+            floor = row["gb"] / best_rate
+        else:
+            key = "checksums" if row["what"] == "save" else "verify"
+            method = f"hydrahead {row['what']}, {row['detail']}"
+            without = [r["seconds"] for r in rows if r["what"] == row["what"] and not r[key]]
+            floor = statistics.median(without) if without else None
+        row.update(
+            method=method,
+            shape=f"{row['gb']:.2f} GB",
+            ms=1000 * row["seconds"],
+            floor_ms=None if floor is None else 1000 * floor,
+            ratio=None if floor is None else row["seconds"] / floor,
+        )
+        row.setdefault("peak_mib", peak_mib)
+
+
+def peak_host_mib() -> float:
+    """This process's peak resident memory (what a save or resume holds on the host)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def summarise(rows: list[dict], threads: int) -> dict:
     """Save and resume overheads, from the rows there are so far."""
     summary = {}
@@ -287,6 +320,7 @@ def main(argv=None) -> None:
     def flush() -> Path:  # after every row: a run cut short still leaves what it measured
         payload["overhead"] = summarise(rows, args.threads)
         payload["checkpoint_gb"] = next((r["gb"] for r in rows if r["what"] == "save"), None)
+        standard_fields(rows, peak_host_mib())
         return write_results(name, payload)
 
     if args.run_dir is not None:
@@ -314,7 +348,7 @@ def main(argv=None) -> None:
                 else ""
             )
         )
-    print_table(rows, ["what", "detail", "threads", "gb", "seconds", "gb_per_s", "s_per_gb"])
+    print_table(rows, ["what", "detail", "threads", "gb", "seconds", "gb_per_s", "s_per_gb", "ratio"])
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +50,7 @@ from hydrahead.train.checksums import (
     read_manifest,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 ONE_PROCESS = DistEnv(0, 1, 0, torch.device("cpu"), "gloo", data_group=None, head_group=None)
 
 
@@ -431,3 +436,30 @@ def test_verify_tool_exit_codes_for_unverified_empty_and_wrong_paths(tmp_path, c
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(word in text for word in ("RUN_DIR", "ok", "damaged", "incomplete", "unverified", "Exit status"))
+
+
+def test_the_hashing_benchmark_measures_each_side_and_writes_the_common_fields(tmp_path):
+    """A small run of benchmarks/checkpoint_hashing.py (one process, gloo): every row carries
+    the fields all results files have, and the overheads come from its own rows."""
+    env = {**os.environ, "HYDRAHEAD_RESULTS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_hashing.py"), "--memory-gb", "0.02"]
+    command += ["--file-gb", "0.07", "--warmup-saves", "1", "--name", "small", f"--run-dir={tmp_path}"]
+    subprocess.run([*command, "head.num_classes=2000", "train.global_batch=8"], check=True, env=env, timeout=300)
+    payload = json.loads((tmp_path / "small.json").read_text())
+    assert {"device", "torch", "triton", "date"} <= payload.keys()
+    rows = payload["rows"]
+    assert sorted({(r["what"], r["detail"]) for r in rows if r["what"] != "hash"}) == [
+        ("resume", "not verified, cold"),
+        ("resume", "verified, cold"),
+        ("save", "with checksums"),
+        ("save", "without checksums"),
+    ]
+    for row in rows:
+        assert row["method"].startswith("hydrahead ") and row["ms"] == pytest.approx(1000 * row["seconds"])
+        assert row["ratio"] == pytest.approx(row["ms"] / row["floor_ms"]) and row["peak_mib"] > 0
+        if row["what"] != "hash" and not row.get("checksums", row.get("verify")):
+            assert row["ratio"] == 1.0  # one run of each: the row without is its own floor
+    save = payload["overhead"]["save"]
+    with_, without = (next(r["seconds"] for r in rows if r.get("checksums") is flag) for flag in (True, False))
+    assert save["percent"] == pytest.approx(100 * (with_ - without) / without)
+    assert not any(tmp_path.glob("checkpoint_hashing_*")), "the benchmark leaves its checkpoints behind"
