@@ -31,7 +31,7 @@ no worse than SGD at B's, "no worse" meaning a mean paired difference above minu
 standard error of a difference of two top-1 measured on ``--eval-samples`` samples.
 
 Every run trains in this process (a world of one, no torchrun: a launch per run would
-cost more than most runs here), stdout kept in its temporary run folder. Rows go to
+cost more than most runs here), its console lines written to its temporary run folder. Rows go to
 ``<name>.rows.jsonl`` as runs finish; a re-run skips the runs already there, so a study
 cut short (``--time-budget``: no run starts that would end past it, judged by the
 slowest comparable run so far) continues where it stopped. ``benchmarks/results/<name>.json``
@@ -39,7 +39,8 @@ holds the environment, the rows of both phases, the sweep's choices and the summ
 ``<name>.png`` held-out top-1 against steps, samples and training seconds per run, and the
 sweep. ``ms``, ``floor_ms``, ``ratio``: the median training step, its FLOP floor (3x the
 backbone's forward FLOPs plus the head's 8 G D C per step, at the bf16 matmul rate measured
-here; fp32 on CPU) and their ratio.
+here; fp32 on CPU) and their ratio; ``peak_mib`` the run's peak CUDA allocation (on CPU the
+process's peak resident memory, which only grows from run to run).
 """
 
 from __future__ import annotations
@@ -307,6 +308,7 @@ def step_floor_ms(cfg, tflops: float) -> float:
 
 def warm_up(study: Study, env) -> None:
     """A few discarded steps at each batch, so no timed run pays the first kernels' compilation."""
+    print("warm-up: 3 untimed steps and an evaluation at each batch", flush=True)
     for multiple in sorted({k for _, k in study.configs}):
         spec = study.run_spec("sweep", *BASE, 0.1, 0)
         short = ["train.steps=3", "train.eval_every=3", "log.every=1", "optim.warmup_steps=0"]
@@ -657,8 +659,7 @@ def run(study: Study, env) -> float:
     tflops = matmul_tflops(env.device)
     floors = {"tflops": tflops}
     budget = Budget(args.time_budget)
-    if env.device.type == "cuda":
-        warm_up(study, env)
+    warm_up(study, env)
     if args.phase in ("both", "sweep"):
         specs = [
             study.run_spec("sweep", o, k, lr, args.sweep_seed)
