@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
+from hydrahead.train.metrics import METRICS_FILE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECALLS = ("knn_recall", "graph_recall", "active_recall")  # the selections' sampled recall metrics, averaged
@@ -84,7 +85,16 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
         return {"note": f"exit {done.returncode}: {' | '.join(tail)[:300]}"}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_record(metrics_rows(run_dir))
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def run_record(rows: list[dict]) -> dict:
+    """What a study keeps of one run, from its metrics rows (see the module docstring)."""
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_top1" in r]
     settled = train[len(train) // 5 :]  # past warm-up and compilation

@@ -874,3 +874,9 @@ def _warn_about_ignored_keys(cfg: Config) -> None:
         warnings.warn(f"head.margin={h.margin} is ignored because head.margin_type=none")
     if d.path is not None and d.kind.startswith("procedural"):
         warnings.warn(f"data.path is ignored for data.kind={d.kind}")
+    if cfg.optim.backbone in ("lars", "lamb") and h.lr is None:
+        # A trust-ratio LR is on another scale than plain SGD's: LARS's is 10-100x larger.
+        warnings.warn(
+            f"head.lr is null, so the head's SGD takes optim.lr={cfg.optim.lr}, a {cfg.optim.backbone} "
+            "learning rate that trust ratios rescale per layer; set head.lr for the head"
+        )

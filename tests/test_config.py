@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -314,6 +315,16 @@ def test_validate_warns_about_ignored_wta_crs():
     validate(apply_overrides(Config(), vit))
     with pytest.warns(UserWarning, match="resumed run differs"):
         validate(apply_overrides(Config(), [*vit, "head.index_deterministic=true", "head.selection=knn"]))
+
+
+def test_validate_warns_when_the_head_would_take_a_lars_or_lamb_lr():
+    for name in ("lars", "lamb"):
+        with pytest.warns(UserWarning, match=rf"head\.lr is null.*optim\.lr=0\.1, a {name}"):
+            validate(apply_overrides(Config(), [f"optim.backbone={name}"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(apply_overrides(Config(), ["optim.backbone=lars", "head.lr=0.5"]))
+        validate(apply_overrides(Config(), ["optim.backbone=sgd"]))
 
 
 def test_describe_config_lists_every_key():

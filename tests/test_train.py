@@ -216,6 +216,32 @@ def _wta_crs_step_on_rank(rank, world_size):
     return sampled, float(result["loss"])
 
 
+def test_samples_per_s_leaves_out_evaluation_time(tmp_path):
+    # Evaluation after step 2 takes a second; the interval logged at step 3 must not hold it.
+    rows = run_ranks(_slow_evaluation_on_rank, 1, str(tmp_path / "run"))[0]
+    train = {r["step"]: r for r in rows if "loss" in r}
+    assert [r["step"] for r in rows if "eval_top1" in r] == [2, 4]
+    interval_s = 48 / train[3]["samples_per_s"]  # one step of 48 samples
+    assert interval_s < 0.5, f"step 3's interval took {interval_s:.2f} s: the evaluation's second counted"
+
+
+def _slow_evaluation_on_rank(rank, world_size, run_dir):
+    import time
+
+    from launcher import TINY
+
+    cfg = load_config(None, [f"run.dir={run_dir}", *TINY, "train.steps=4", "train.eval_every=2", "checkpoint.every=0"])
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+
+    def slow_evaluate():
+        time.sleep(1.0)
+        return {"eval_top1": 0.0, "eval_top5": 0.0, "eval_loss": 0.0}
+
+    trainer.evaluate = slow_evaluate
+    trainer.train()
+    return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _average_buffers_on_rank(rank, world_size):
     torch.manual_seed(0)
     module = torch.nn.Sequential(

@@ -945,7 +945,11 @@ class Trainer:
                         self._metrics_row(lr, result, pending_losses, time.perf_counter() - interval_start, data),
                     )
                     pending_losses, interval_start = [], time.perf_counter()
-                if self._evaluate_and_save(end, logger, preempted=result["preempt"]):
+                paused = time.perf_counter()
+                stop = self._evaluate_and_save(end, logger, preempted=result["preempt"])
+                # Evaluation and checkpoints are not training: keep them out of samples_per_s.
+                interval_start += time.perf_counter() - paused
+                if stop:
                     return self.step
             return self.step
         finally:
