@@ -3,7 +3,8 @@
 The kernels (hydrahead.kernels.shard_ce with fp8 weights) round in four places: features
 to e4m3 rows with a scale each (done in torch, by ``feature_operand``), the softmax weights
 of A = sum_c exp(z_c - m) w_c to bf16 tile by tile, P (times the features' row scales) to
-e5m2 before P^T F, and the new weights onto the storage grid. This module rounds at
+e5m2 before P^T F, and the new weights onto the storage grid; the gemm backward also
+rounds P's softmax part to e5m2 before P W. This module rounds at
 exactly those places, with the kernels' tile order for the running maximum, so kernel
 and emulation differ only by float32 summation order.
 """
@@ -85,6 +86,18 @@ def emulate_weight_gradient(
         w_unit = weight.double() * inv
         grad = (grad - w_unit * (w_unit * grad).sum(dim=1, keepdim=True)) * inv
     return grad
+
+
+def emulate_feature_gradient(op, weight, inv_norm, local_label, lse, *, scale, target_shift, grad_scale):
+    """dF (float64) as the gemm backward forms it for fp8 rows: the softmax part of P, times
+    ``grad_scale`` (and 1 / ||w_c||), in e5m2 times W; the one-hot part, g w_y, exactly."""
+    z, is_target = _logits(op, weight, inv_norm, local_label, scale, target_shift)
+    counted = torch.isfinite(lse)[:, None]
+    soft = torch.where(counted, torch.exp(z - lse.double()[:, None]), 0.0) * grad_scale
+    onehot = torch.where(counted & is_target, grad_scale, 0.0)
+    inv = torch.ones(weight.shape[0], dtype=torch.float64) if inv_norm is None else inv_norm.double()
+    p_scale = float(operand_scale(torch.tensor(grad_scale) * inv.max()))
+    return (_to_e5m2(soft * inv[None, :] * p_scale) / p_scale - onehot * inv[None, :]) @ weight.double()
 
 
 def emulate_update(

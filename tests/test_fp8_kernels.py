@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_harness import run_ranks
-from fp8_emulation import emulate_forward, emulate_update, emulate_weight_gradient
+from fp8_emulation import emulate_feature_gradient, emulate_forward, emulate_update, emulate_weight_gradient
 
 from hydrahead.distributed.sharded_softmax import normalize_rows
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
@@ -92,6 +92,21 @@ def test_weight_gradient_matches_the_emulation(margin_type, exact_kernels):
     want = emulate_weight_gradient(
         op, weight, inv_norm, labels, lse, grad_scale=0.1, scaled_first=exact_kernels == "gemm", **options
     )
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_gemm_feature_gradient_matches_the_emulation(margin_type):
+    """The gemm backward's dF for fp8 rows: P's softmax part in e5m2 times W, and the one-hot
+    part subtracted exactly (in e5m2, g(p - 1) would round alike in every row)."""
+    op, weight, inv_norm, labels, options = make_problem(5, 37, margin_type)
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=inv_norm is not None, **options)
+    lse = lse_of(row_max, row_sum, labels)
+    got, _ = exact_backward(
+        op, weight, inv_norm, labels, lse, cosine=inv_norm is not None, grad_scale=0.1, update=None,
+        want_weight=False, **options,
+    )  # fmt: skip
+    want = emulate_feature_gradient(op, weight, inv_norm, labels, lse, grad_scale=0.1, **options)
     assert rel_err(got, want) < 1e-5
 
 
@@ -184,9 +199,10 @@ def test_fp8_loss_and_feature_gradient_follow_float64_within_fp8_error(exact_ker
     f64 = features.double().requires_grad_()
     ref = sharded_cross_entropy(f64, weight.double(), labels, 0, scale=scale)
     ref.backward()
-    # e4m3 features (3 mantissa bits) and e5m2 softmax weights (2): a few percent, not more
+    # e4m3 features (3 mantissa bits) and e5m2 softmax weights (2), whose errors differ
+    # from entry to entry: 1-2.5% here (a one-hot part in e5m2 put the gemm path at 5-10%)
     assert abs(float(loss) - float(ref)) < 0.02 * float(ref)
-    assert rel_err(grad, f64.grad) < 0.08
+    assert rel_err(grad, f64.grad) < 0.04
     assert rel_err(grad, f64.grad) > 1e-4  # it did run in fp8 (a float32 path would be ~1e-7)
 
 

@@ -18,8 +18,10 @@ backward  class chunk by class chunk (a G x chunk buffer of P, 256 MiB at most;
 Extra memory: the P chunk, one chunk of dW (in the rows' dtype; it grows as G shrinks)
 and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF and,
 transposed, for dW (FP8 tensor cores take K-major operands only), and both products run
-through ``torch._scaled_mm``; ``auto`` keeps fp8 rows on the stationary kernels until
-this is verified on a GPU (docs/kernels.md).
+through ``torch._scaled_mm``. The dF copy holds the softmax part only and g·w_y is
+subtracted exactly (a gather): in e5m2 every row's target entry g(p_y - 1), p_y small,
+rounds to the same wrong value, which put dF up to 11% off. ``auto`` keeps fp8 rows on
+the stationary kernels until this is verified on a GPU (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -115,18 +117,23 @@ def _probs_kernel(
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
     if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
         is_target = label[:, None] == cols[None, :]
-        p = tl.exp2(tl.where(is_target, z2 - target_shift * LOG2E, z2) - lse2[:, None])
-        p = tl.where(is_target, p - 1.0, p)
+        soft = tl.exp2(tl.where(is_target, z2 - target_shift * LOG2E, z2) - lse2[:, None])
+        p = tl.where(is_target, soft - 1.0, soft)
     else:
-        p = tl.exp2(z2 - lse2[:, None])
-    p = tl.where(row_ok[:, None] & col_ok[None, :], p * tl.load(GRAD_SCALE), 0.0)
+        soft = tl.exp2(z2 - lse2[:, None])
+        p = soft
+    valid = row_ok[:, None] & col_ok[None, :]
+    p = tl.where(valid, p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
     out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
     if FP8:
         # e5m2, scaled by powers of two so the largest possible magnitude lands at most at
-        # 2^15 (operand_scale): P / ||w_c|| for dF = P W_c; P times the rows' scales (on the
-        # summed axis) for dW = P^T F, whose 1 / ||w_c|| is applied to the product's rows.
-        p_feat = p * inv[None, :] if COSINE else p
+        # 2^15 (operand_scale). For dF = P W_c, the softmax part only, over ||w_c||: every
+        # row's target entry g(p - 1) would round alike (two mantissa bits: up to 11% off, the
+        # same way in every row), so the caller subtracts g w_y exactly. For dW = P^T F, all
+        # of P times the rows' scales (on the summed axis); 1 / ||w_c|| goes on the product.
+        p_feat = tl.where(valid, soft * tl.load(GRAD_SCALE), 0.0)
+        p_feat = p_feat * inv[None, :] if COSINE else p_feat
         tl.store(out, to_e5m2(p_feat * tl.load(P_SCALES), EXACT_CAST), mask=stored)
         out_t = P_T + (cols - c_lo)[None, :].to(tl.int64) * stride_pt + rows[:, None]
         tl.store(out_t, to_e5m2(p * (f_scale * tl.load(P_SCALES + 1))[:, None], EXACT_CAST), mask=stored)
@@ -173,6 +180,18 @@ def _scaled_matmul(a: torch.Tensor, b: torch.Tensor, inverse_scale: torch.Tensor
         one = torch.ones((), device=a.device)
         return torch._scaled_mm(a, b, scale_a=inverse_scale.reshape(()), scale_b=one, out_dtype=torch.bfloat16)
     return torch.mm(a.float(), b.float()) * inverse_scale
+
+
+def _target_rows(weight, inv_norm, local_label, lse, grad_scale, num_classes) -> torch.Tensor:
+    """g w_y (cosine: g w_y / ||w_y||) for each row whose label is a class of this shard and
+    whose loss counts, zero for the others: what the one-hot entries of P contribute to dF.
+    A gather, exact in float32, with no reduction over rows."""
+    here = (local_label >= 0) & (local_label < num_classes) & torch.isfinite(lse)
+    index = torch.where(here, local_label, 0).long()
+    rows = weight.view(torch.uint8).index_select(0, index).view(weight.dtype).float()  # any 1-byte dtype
+    if inv_norm is not None:
+        rows *= inv_norm.index_select(0, index)[:, None]
+    return rows * (grad_scale.float() * here)[:, None]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -306,6 +325,8 @@ def exact_backward(
         # One allocation each: a scale pointer 4 bytes into a tensor is a candidate cause of the
         # CUBLAS_STATUS_NOT_SUPPORTED seen for the second product (not yet rerun on a GPU).
         inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
+        if grad_feat is not None:  # the one-hot part of dF, left out of the fp8 P
+            grad_feat -= _target_rows(weight, inv_norm if cosine else None, local_label, lse, grad_scale, num_classes)
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
