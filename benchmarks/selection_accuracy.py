@@ -2,12 +2,12 @@
 
     # The study of docs/selection.md: 1M classes in families of near-duplicates on one GPU,
     # full softmax in three storages against 1% of the rows per step, 3 seeds (about 13
-    # GPU minutes; --time-budget cuts it into commands of at most ~9 minutes: run the same
-    # command again until it reports nothing left)
+    # GPU minutes, estimated; --time-budget cuts it into commands of at most ~9 minutes:
+    # run the same command again until it reports nothing left)
     python benchmarks/selection_accuracy.py --config configs/head_only_1m_families.yaml \
         --name selection_accuracy_1m_families --full-storage fp32,bf16,fp8 --storage fp8 \
         --budget 0.01 --equal-rows --knn-k 8 --graph-k 12 --index-type flat --graph-index-type ivf \
-        --rebuild-every 50 --random-lr-scales 0.2 --timeout 300 --time-budget 480
+        --rebuild-every 50 --random-lr-scales 0.2 --timeout 240 --time-budget 420
     python benchmarks/selection_accuracy.py head.num_classes=1000000 train.global_batch=1024 \
         train.steps=400 train.eval_every=400 train.eval_samples=50000     # quickstart's MLP, 10%
     python benchmarks/selection_accuracy.py --dry-run                     # CPU: a tiny run of each
