@@ -3,9 +3,13 @@
 A variant is a name and the config overrides that make it. Each (variant, seed) run is
 ``launch/train.py`` under torchrun (``--gpus`` processes) in a temporary run folder; its
 row records the last held-out top-1/top-5/loss, the last training loss, the head's median
-time per step, the mean active classes per shard where the run logs them, and the peak
-memory. Rows go to ``<name>.rows.jsonl`` as they finish (a re-run skips those already
-there); the summary (mean and spread over seeds per variant) and the rows go to
+time per step, the rows each shard scores per step (the mean active classes where the run
+logs them, the whole shard for full softmax), the peak memory and the run's wall time.
+Runs go seed by seed (every variant of a seed before the next seed). Rows go to
+``<name>.rows.jsonl`` as they finish; a re-run with the same config and overrides skips
+those already there, so a study can be spread over several commands (``time_budget``:
+after a command's first run, none starts that the slowest so far would carry past it).
+The summary (mean and spread over seeds per variant) and the rows go to
 ``benchmarks/results/<name>.json``.
 """
 
@@ -18,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,11 +86,13 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
+    begun = time.monotonic()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall_s = time.monotonic() - begun
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
-        return {"note": f"exit {done.returncode}: {' | '.join(tail)[:300]}"}
-    return run_record(metrics_rows(run_dir))
+        return {"note": f"exit {done.returncode}: {' | '.join(tail)[:300]}", "wall_s": wall_s}
+    return {**run_record(metrics_rows(run_dir)), "wall_s": wall_s}
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -116,10 +123,25 @@ def run_record(rows: list[dict]) -> dict:
     }
 
 
-def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=lambda variant: {}) -> None:
-    """Run every (variant, seed) not yet in the rows file; write the JSON; print the summary."""
+def run_study(
+    args,
+    variants: dict[str, list[str]],
+    *,
+    what: str,
+    extra_fields=lambda variant: {},
+    time_budget: float | None = None,
+    plot=None,
+) -> None:
+    """Run every (variant, seed) not yet in the rows file; write the JSON; print the summary.
+
+    ``time_budget`` (seconds): after the first run of this call, no run starts once the
+    time spent so far plus the slowest run of this study (in this call or recorded in the
+    rows file) would pass it; a re-run of the same command does the rest.
+    ``plot(payload, png)`` draws ``<name>.png`` (default: held-out top-1 per variant as bars).
+    """
     seeds = [int(v) for v in args.seeds.split(",")]
-    cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
+    base = [*(DRY_RUN if args.dry_run else []), *args.overrides]
+    cfg = load_config(args.config, base)
     G, D, C = cfg.train.global_batch, cfg.model.embed_dim, cfg.head.num_classes
     tflops = bf16_matmul_tflops() if torch.cuda.is_available() else None
     floor_ms = 8 * G * D * (C / args.gpus) / (tflops * 1e12) * 1e3 if tflops else None
@@ -129,35 +151,53 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
     rows_file = out_dir / f"{args.name}.rows.jsonl"
     records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
-    for method, variant_overrides in variants.items():
-        for seed in seeds:
-            if any(
-                r["method"] == method and r["seed"] == seed and r["shape"] == shape and not r.get("note")
-                for r in records
-            ):
-                continue
-            print(f"== {method} seed {seed}", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
-            ms = result.get("head_ms")
-            row = {
-                "method": method,
-                "shape": shape,
-                **extra_fields(method),
-                "overrides": variant_overrides,
-                "seed": seed,
-                "ms": ms,
-                "floor_ms": floor_ms,
-                "ratio": ms / floor_ms if ms and floor_ms else None,
-                **result,
-            }
-            print(json.dumps(row), flush=True)
-            records.append(row)
-            with rows_file.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
 
-    rows = [r for r in records if r["shape"] == shape and not r.get("note")]
-    failed = [r for r in records if r["shape"] == shape and r.get("note")]
+    def same_study(r: dict) -> bool:
+        """Rows of another config or other overrides are not this study's (rows from before
+        these fields were recorded match on the shape alone)."""
+        return (
+            r["shape"] == shape
+            and r.get("config", args.config) == args.config
+            and r.get("run_overrides", args.overrides) == args.overrides
+        )
+
+    started, ran = time.monotonic(), 0
+    slowest = max((r.get("wall_s") or 0.0 for r in records if same_study(r)), default=0.0)
+    done = {(r["method"], r["seed"]) for r in records if same_study(r) and not r.get("note")}
+    todo = [(method, seed) for seed in seeds for method in variants if (method, seed) not in done]
+    for i, (method, seed) in enumerate(todo):
+        if ran and time_budget is not None and time.monotonic() - started + slowest > time_budget:
+            print(f"time budget {time_budget:g} s: {len(todo) - i} run(s) left for a re-run", file=sys.stderr)
+            break
+        print(f"== {method} seed {seed}", flush=True)
+        variant_overrides = variants[method]
+        selection = load_config(args.config, [*base, *variant_overrides]).head.selection
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
+        slowest, ran = max(slowest, result["wall_s"]), ran + 1
+        ms = result.get("head_ms")
+        row = {
+            "method": method,
+            "shape": shape,
+            "config": args.config,
+            "run_overrides": args.overrides,
+            **extra_fields(method),
+            "overrides": variant_overrides,
+            "seed": seed,
+            "ms": ms,
+            "floor_ms": floor_ms,
+            "ratio": ms / floor_ms if ms and floor_ms else None,
+            # Rows a shard scores per step: all of it under full softmax (which logs none).
+            "rows_per_step": C / args.gpus if selection == "full" else result.get("active_classes"),
+            **result,
+        }
+        print(json.dumps(row), flush=True)
+        records.append(row)
+        with rows_file.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    rows = [r for r in records if same_study(r) and not r.get("note")]
+    failed = [r for r in records if same_study(r) and r.get("note")]
     summary = summarize(rows, list(variants))
     payload = {
         **environment(),
@@ -172,7 +212,7 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
         "rows": rows,
     }
     path = write_results(args.name, payload)
-    plot_study(payload, path.with_suffix(".png"))
+    (plot or plot_study)(payload, path.with_suffix(".png"))
     plot_curves(payload, path.with_name(f"{path.stem}_curves.png"))
     print(f"\nwrote {path}")
     for r in failed:
@@ -203,6 +243,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
             continue
         top1 = [r["eval_top1"] for r in group]
         active = [r["active_classes"] for r in group if r.get("active_classes") is not None]
+        rows_per_step = [r["rows_per_step"] for r in group if r.get("rows_per_step") is not None]
         recalls = {name: [r[name] for r in group if r.get(name) is not None] for name in RECALLS}
         times = [r["ms"] for r in group if r["ms"] is not None]
         summary.append(
@@ -215,6 +256,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
                 "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
                 "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
                 "active_classes_mean": statistics.mean(active) if active else None,
+                "rows_per_step_mean": statistics.mean(rows_per_step) if rows_per_step else None,
                 **{f"{name}_mean": statistics.mean(values) if values else None for name, values in recalls.items()},
                 "head_ms_median": statistics.median(times) if times else None,
             }

@@ -1,92 +1,279 @@
-"""Accuracy of active-class selection: full softmax against knn and random at one budget.
+"""Accuracy of active-class selection: full softmax against knn, random and graph at one budget.
 
+    # The study of docs/selection.md: 1M classes in families of near-duplicates on one GPU,
+    # full softmax in three storages against 1% of the rows per step, 3 seeds (about 13
+    # GPU minutes, estimated; --time-budget cuts it into commands of at most ~9 minutes:
+    # run the same command again until it reports nothing left)
+    python benchmarks/selection_accuracy.py --config configs/head_only_1m_families.yaml \
+        --name selection_accuracy_1m_families --full-storage fp32,bf16,fp8 --storage fp8 \
+        --budget 0.01 --equal-rows --knn-k 8 --graph-k 12 --index-type flat --graph-index-type ivf \
+        --rebuild-every 50 --random-lr-scales 0.2 --timeout 240 --time-budget 420
     python benchmarks/selection_accuracy.py head.num_classes=1000000 train.global_batch=1024 \
-        train.steps=400 train.eval_every=400 train.eval_samples=50000     # 1M classes, feature mode
-    python benchmarks/selection_accuracy.py --budget 0.01 --knn-k 16      # another budget
+        train.steps=400 train.eval_every=400 train.eval_samples=50000     # quickstart's MLP, 10%
     python benchmarks/selection_accuracy.py --dry-run                     # CPU: a tiny run of each
 
 Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row fields):
 
-  hydrahead-full              head.selection=full
+  hydrahead-full [storage]    head.selection=full, one per --full-storage (default: one, in
+                              the config's storage)
   hydrahead-knn <budget> ...  head.selection=knn: each sample's --knn-k nearest rows per shard
                               + positives, filled with random rows up to head.budget
-  hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget
+  hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget; with
+                              --random-lr-scales, also at those multiples of the head LR
   hydrahead-graph <budget> ...  head.selection=graph: each label's --graph-k nearest classes
                               in the class graph (built with the same index, rebuilt every
                               --rebuild-every steps) + positives, filled as knn
+
+Storages: fp32 (round to nearest), bf16 and fp8 (e4m3, stochastic rounding); --storage
+sets the one of knn, random and graph (default: the config's).
+
+--budget is a fraction of the shard. As such (head.budget a float) random takes every
+class whose per-step priority falls below it, so it scores the positives plus that share
+of the shard, while knn and graph fill their union up to exactly that share: random gets
+a few more rows. --equal-rows passes ceil(budget * shard) as an int instead, so random,
+knn and graph all score that many rows per step (knn or graph more only when their union
+alone is larger; every row records its mean rows per step).
 
 Rows outside a step's active set follow --inactive-rows (head.inactive_rows): continue
 (full SGD's zero-gradient step, momentum goes on) or frozen (Partial FC's rule); a frozen
 variant's name ends in "frozen". The knn index is the torch backend (--index-type, ivf by
 default: approximate, rebuilt in the background every --rebuild-every steps), as it runs on
-a GPU without faiss-gpu.
+a GPU without faiss-gpu; --graph-index-type sets graph's apart (a flat build scores every
+row against every row: 2.6e14 FLOPs at 1M x 128, at every rebuild).
 Held-out top-1 is over all classes (the exact sharded top-k), whatever the selection.
+Plots: ``<name>.png`` held-out top-1 against rows scored per step (log scale), one colour
+per selection and storage, each seed a dot, the mean a marker; ``<name>_curves.png`` the
+loss and top-1 curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.accuracy_runs import add_arguments, run_study  # noqa: E402
+from benchmarks.accuracy_runs import DRY_RUN, add_arguments, run_study  # noqa: E402
+from benchmarks.common import pyplot  # noqa: E402
+from hydrahead.config import load_config  # noqa: E402
+
+MODES = ("full", "knn", "random", "graph")
+STORAGES = {
+    "fp32": ["head.weight_dtype=fp32", "head.rounding=nearest"],
+    "bf16": ["head.weight_dtype=bf16", "head.rounding=stochastic"],
+    "fp8": ["head.weight_dtype=fp8_e4m3", "head.rounding=stochastic"],
+}
 
 
-def main(argv=None) -> None:
+def storage_list(text: str) -> list[str]:
+    names = [v for v in text.split(",") if v]
+    unknown = sorted(set(names) - set(STORAGES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown storage {unknown}; choose from {', '.join(STORAGES)}")
+    return names
+
+
+def float_list(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v]
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(f"factors must be positive, got {text!r}")
+    return values
+
+
+def rows_of_budget(budget: float, num_classes: int, gpus: int) -> int:
+    """A fractional budget as rows of the largest shard (the first: ceil(C / gpus) classes)."""
+    return math.ceil(budget * math.ceil(num_classes / gpus))
+
+
+def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """The study's variants (name -> overrides) and each one's row fields (mode, storage, budget, lr_scale)."""
+    wanted = args.methods.split(",")
+    variants, fields = {}, {}
+    if "full" in wanted:
+        for storage in args.full_storage or [None]:
+            name = "hydrahead-full" + (f" {storage}" if storage else "")
+            variants[name] = ["head.selection=full", *STORAGES.get(storage, [])]
+            fields[name] = {"mode": "full", "storage": storage, "budget": None, "budget_rows": None, "lr_scale": 1.0}
+
+    budget_rows = rows_of_budget(args.budget, num_classes, args.gpus)
+    if args.equal_rows:
+        budget, label = budget_rows, f"{budget_rows} rows"
+    else:
+        budget, label = args.budget, f"{args.budget:g}"
+    frozen = " frozen" if args.inactive_rows == "frozen" else ""
+    stored = f" {args.storage}" if args.storage else ""
+    common = [f"head.budget={budget!r}", f"head.inactive_rows={args.inactive_rows}", *STORAGES.get(args.storage, [])]
+    graph_index = args.graph_index_type or args.index_type
+
+    def index(kind: str) -> list[str]:
+        return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
+
+    sampled = {
+        "knn": (
+            f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{stored}{frozen}",
+            ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type)],
+        ),
+        "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
+        "graph": (
+            f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{stored}{frozen}",
+            ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index)],
+        ),
+    }
+    for mode in ("knn", "random", "graph"):
+        if mode not in wanted:
+            continue
+        name, overrides = sampled[mode]
+        scales = [1.0, *(args.random_lr_scales if mode == "random" else [])]
+        for scale in scales:
+            scaled = name + (f" lr x{scale:g}" if scale != 1.0 else "")
+            variants[scaled] = overrides + ([f"head.lr={head_lr * scale!r}"] if scale != 1.0 else [])
+            fields[scaled] = {
+                "mode": mode,
+                "storage": args.storage,
+                "budget": args.budget,
+                "budget_rows": budget_rows,
+                "lr_scale": scale,
+            }
+    return variants, fields
+
+
+def plot_rows(payload: dict, png: Path) -> None:
+    """Held-out top-1 against rows scored per step, one colour per (selection, storage)."""
+    plt = pyplot()
+    rows = [r for r in payload["rows"] if r.get("eval_top1") is not None and r.get("rows_per_step")]
+    if plt is None or not rows:
+        return
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = r.get("mode") or r["method"].removeprefix("hydrahead-").split()[0]
+        if r.get("storage"):
+            key += f" {r['storage']}"
+        if r.get("lr_scale", 1.0) != 1.0:
+            key += f" lr x{r['lr_scale']:g}"
+        groups.setdefault(key, []).append(r)
+    markers = {"full": "s", "knn": "o", "random": "v", "graph": "D"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (key, group) in enumerate(groups.items()):
+        colour = f"C{i}"
+        ax.plot(
+            [r["rows_per_step"] for r in group],
+            [100 * r["eval_top1"] for r in group],
+            ".",
+            color=colour,
+            alpha=0.5,
+            markersize=5,
+        )
+        # One point per budget (per method): the means over seeds, joined along rows per step.
+        points = []
+        for method in dict.fromkeys(r["method"] for r in group):
+            seeds = [r for r in group if r["method"] == method]
+            points.append(
+                (
+                    statistics.mean(r["rows_per_step"] for r in seeds),
+                    statistics.mean(100 * r["eval_top1"] for r in seeds),
+                    len(seeds),
+                )
+            )
+        points.sort()
+        xs, ys, counts = zip(*points)
+        label = f"{key}: " + ", ".join(f"{y:.2f}" for y in ys) + f" ({max(counts)} seeds)"
+        ax.plot(xs, ys, marker=markers.get(key.split()[0], "o"), color=colour, label=label, markersize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("rows scored per step and shard (log scale)")
+    ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    shape = rows[0]["shape"]
+    ax.set_title(
+        f"{payload['benchmark']}: {shape}\n{payload['device']}; dots: seeds, markers: mean over seeds", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--budget", type=float, default=0.1, help="head.budget of knn and random, a fraction of the shard"
+        "--budget", type=float, default=0.1, help="head.budget of knn, random and graph, a fraction of the shard"
+    )
+    parser.add_argument(
+        "--equal-rows",
+        action="store_true",
+        help="pass the budget as ceil(budget * shard) rows (an int): random, knn and graph score the same rows",
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
     parser.add_argument("--graph-k", type=int, default=16, help="head.graph_k")
     parser.add_argument(
         "--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index"
     )
+    parser.add_argument(
+        "--graph-index-type",
+        choices=("flat", "ivf"),
+        help="head.index_type of graph's builds (default: --index-type; a flat build scores every row against "
+        "every row: 2.6e14 FLOPs at 1M x 128)",
+    )
     parser.add_argument("--rebuild-every", type=int, default=100, help="head.rebuild_every")
     parser.add_argument(
         "--inactive-rows",
         default="continue",
         choices=("continue", "frozen"),
-        help="head.inactive_rows of knn and random",
+        help="head.inactive_rows of knn, random and graph",
     )
     parser.add_argument(
         "--methods", default="full,knn,random,graph", help="comma-separated subset of full, knn, random, graph"
+    )
+    parser.add_argument(
+        "--full-storage",
+        type=storage_list,
+        default=[],
+        help=f"comma-separated storages of full softmax, one variant each ({', '.join(STORAGES)}; "
+        "default: the config's)",
+    )
+    parser.add_argument(
+        "--storage", choices=tuple(STORAGES), help="storage of knn, random and graph (default: the config's)"
+    )
+    parser.add_argument(
+        "--random-lr-scales",
+        type=float_list,
+        default=[],
+        help="comma-separated factors of the config's head LR: one more random variant each (random's own best "
+        "head LR is lower than full softmax's)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds after which no run starts that the slowest so far would carry past them; "
+        "the same command again runs the rest",
     )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
         parser.error("--budget must be a fraction in (0, 1]")
-    common = [f"head.budget={args.budget!r}", f"head.inactive_rows={args.inactive_rows}"]
-    frozen = " frozen" if args.inactive_rows == "frozen" else ""
-    variants = {
-        "hydrahead-full": ["head.selection=full"],
-        f"hydrahead-knn {args.budget:g} {args.index_type} k={args.knn_k} R={args.rebuild_every}{frozen}": [
-            "head.selection=knn",
-            *common,
-            f"head.knn_k={args.knn_k}",
-            "head.index=torch",
-            f"head.index_type={args.index_type}",
-            f"head.rebuild_every={args.rebuild_every}",
-        ],
-        f"hydrahead-random {args.budget:g}{frozen}": ["head.selection=random", *common],
-        f"hydrahead-graph {args.budget:g} {args.index_type} k={args.graph_k} R={args.rebuild_every}{frozen}": [
-            "head.selection=graph",
-            *common,
-            f"head.graph_k={args.graph_k}",
-            "head.index=torch",
-            f"head.index_type={args.index_type}",
-            f"head.rebuild_every={args.rebuild_every}",
-        ],
-    }
-    wanted = args.methods.split(",")
-    variants = {name: v for name, v in variants.items() if name.split()[0].removeprefix("hydrahead-") in wanted}
+    unknown = sorted(set(args.methods.split(",")) - set(MODES))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(MODES)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
+    variants, fields = make_variants(args, cfg.head.num_classes, cfg.head_lr)
+    if args.equal_rows:
+        budget = f"{rows_of_budget(args.budget, cfg.head.num_classes, args.gpus)} rows per shard and step"
+    else:
+        budget = f"head.budget={args.budget:g}"
     run_study(
         args,
         variants,
-        what=f"full softmax against knn, random and graph selection at head.budget={args.budget:g}; "
+        what=f"full softmax against knn, random and graph selection at {budget}; "
         "last held-out eval of each run (top-1 over all classes)",
-        extra_fields=lambda method: {"budget": None if method == "hydrahead-full" else args.budget},
+        extra_fields=lambda method: fields[method],
+        time_budget=args.time_budget,
+        plot=plot_rows,
     )
 
 

@@ -67,6 +67,7 @@ def test_class_counts_are_what_the_names_say():
         "resnet50_100m.yaml": 100_000_000,
         "resnet50_100m_fp8.yaml": 100_000_000,
         "head_only_100m_fp8.yaml": 100_000_000,
+        "head_only_1m_families.yaml": 1_000_000,
     }
     for name, num_classes in expected.items():
         cfg = load_config(ROOT / "configs" / name)

@@ -1,0 +1,136 @@
+"""The selection accuracy study: its variants, its plot, and a dry run of it on CPU (tiny gloo runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+from launcher import REPO
+
+sys.path.insert(0, str(REPO))
+from benchmarks import selection_accuracy  # noqa: E402
+from benchmarks.selection_accuracy import make_variants, parse_args, plot_rows, rows_of_budget  # noqa: E402
+
+CONFIG = "configs/head_only_1m_families.yaml"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return parse_args(["--config", CONFIG, *argv])
+
+
+def test_equal_rows_gives_every_sampled_mode_the_same_int_budget():
+    args = _args(
+        *"--budget 0.01 --equal-rows --full-storage fp32,bf16,fp8 --storage fp8 --index-type flat".split(),
+        *"--graph-index-type ivf".split(),
+    )
+    variants, fields = make_variants(args, 1_000_000, 2048.0)
+    assert rows_of_budget(0.01, 1_000_000, 1) == 10_000
+    assert [fields[name]["mode"] for name in variants] == ["full", "full", "full", "knn", "random", "graph"]
+    assert [fields[name]["storage"] for name in variants if fields[name]["mode"] == "full"] == ["fp32", "bf16", "fp8"]
+    budgets = {o for name, overrides in variants.items() for o in overrides if o.startswith("head.budget=")}
+    assert budgets == {"head.budget=10000"}  # an int: exactly that many rows, whatever the selection
+    expected_dtype = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8_e4m3"}
+    for name, overrides in variants.items():
+        dtype = [o for o in overrides if o.startswith("head.weight_dtype=")]
+        assert dtype == [f"head.weight_dtype={expected_dtype[fields[name]['storage']]}"]
+        assert not any(o.startswith("head.lr=") for o in overrides)  # the config's LR
+    assert len(set(variants)) == 6
+    assert "head.index_type=ivf" in variants[next(n for n in variants if fields[n]["mode"] == "graph")]
+    assert "head.index_type=flat" in variants[next(n for n in variants if fields[n]["mode"] == "knn")]
+
+
+def test_random_lr_scales_add_random_variants_at_scaled_head_lrs():
+    args = _args("--budget", "0.01", "--equal-rows", "--random-lr-scales", "0.2,0.5", "--methods", "random,knn")
+    variants, fields = make_variants(args, 1_000_000, 2048.0)
+    scaled = {name: fields[name]["lr_scale"] for name in variants if fields[name]["mode"] == "random"}
+    assert sorted(scaled.values()) == [0.2, 0.5, 1.0]
+    for name, scale in scaled.items():
+        lrs = [o for o in variants[name] if o.startswith("head.lr=")]
+        assert lrs == ([] if scale == 1.0 else [f"head.lr={2048.0 * scale!r}"])
+        assert "head.budget=10000" in variants[name]
+    assert [fields[name]["lr_scale"] for name in variants if fields[name]["mode"] == "knn"] == [1.0]
+    with pytest.raises(SystemExit):
+        _args("--random-lr-scales", "0,1")
+
+
+def test_a_fractional_budget_stays_a_float_and_rows_count_the_largest_shard():
+    args = _args("--budget", "0.01", "--gpus", "3")
+    variants, fields = make_variants(args, 1_000, 0.5)
+    assert "head.budget=0.01" in variants["hydrahead-random 0.01"]
+    assert variants["hydrahead-full"] == ["head.selection=full"]  # the config's own storage
+    assert fields["hydrahead-random 0.01"]["budget_rows"] == rows_of_budget(0.01, 1_000, 3) == 4  # ceil(3.34)
+
+
+def test_unknown_storage_or_method_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        _args("--full-storage", "fp16")
+    assert "fp16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args("--methods", "full,topk")
+    assert "topk" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args("--budget", "1.5")
+
+
+def test_plot_draws_top1_against_rows_per_step(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"method": m, "mode": mode, "storage": "fp8", "seed": s, "eval_top1": t, "rows_per_step": n, "shape": "s"}
+        for m, mode, n, t in (
+            ("hydrahead-full fp8", "full", 1e6, 0.6),
+            ("hydrahead-random 10000 rows", "random", 1e4, 0.3),
+        )
+        for s in range(3)
+    ]
+    payload = {"rows": rows, "benchmark": "b", "device": "cpu", "eval_samples": 100}
+    plot_rows(payload, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # eight tiny training runs, each its own torchrun
+def test_dry_run_writes_rows_json_and_plot_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = [
+        *f"--dry-run --config {CONFIG} --name study --seeds 0 --full-storage fp32,fp8 --storage fp8".split(),
+        *"--budget 0.02 --equal-rows --knn-k 2 --graph-k 2 --index-type flat --random-lr-scales 0.5".split(),
+    ]
+    rows_file = tmp_path / "study.rows.jsonl"
+
+    selection_accuracy.main([*argv, "--time-budget", "0"])  # the first run starts, no second
+    assert len(rows_file.read_text().splitlines()) == 1
+
+    selection_accuracy.main(argv)  # the rest
+    payload = json.loads((tmp_path / "study.json").read_text())
+    assert {"device", "torch", "triton", "date", "rows"} <= payload.keys()
+    rows = payload["rows"]
+    assert sorted((r["mode"], r["storage"], r["lr_scale"]) for r in rows) == [
+        ("full", "fp32", 1.0),
+        ("full", "fp8", 1.0),
+        ("graph", "fp8", 1.0),
+        ("knn", "fp8", 1.0),
+        ("random", "fp8", 0.5),
+        ("random", "fp8", 1.0),
+    ]
+    for r in rows:
+        assert not r.get("note") and 0 <= r["eval_top1"] <= 1 and r["wall_s"] > 0
+        if r["mode"] == "full":
+            assert r["rows_per_step"] == 300  # the dry run's classes, all on one shard
+        else:
+            # 6 rows (2% of 300) unless the batch's positives or neighbours alone are more
+            assert 6 <= r["rows_per_step"] < 300 and r["budget_rows"] == 6
+            assert "head.budget=6" in r["overrides"]
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+    selection_accuracy.main(argv)  # everything done: nothing runs again
+    assert len(rows_file.read_text().splitlines()) == 6
+
+    # Other overrides make another study: its runs are not taken from this one's rows.
+    selection_accuracy.main([*argv, "--methods", "random", "head.margin=0.2"])
+    lines = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert len(lines) == 8 and lines[-1]["run_overrides"] == ["head.margin=0.2"]
+    payload = json.loads((tmp_path / "study.json").read_text())
+    assert [r["mode"] for r in payload["rows"]] == ["random", "random"]
