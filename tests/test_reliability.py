@@ -20,11 +20,10 @@ from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 2-rank run: every other scenario must reproduce its losses."""
-    run_dir = tmp_path_factory.mktemp("reliability") / "reference"
-    launch(run_dir, 2)
-    return run_dir
+def reference_run(tiny_two_rank_run):
+    """An uninterrupted 2-rank run (the session's, see conftest.py): every other scenario
+    must reproduce its losses."""
+    return tiny_two_rank_run
 
 
 def assert_same_losses(run_dir, reference, steps, exact=False):

@@ -21,10 +21,8 @@ from hydrahead.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "two_ranks"
-    launch(run_dir, 2)
-    return run_dir
+def two_rank_run(tiny_two_rank_run):
+    return tiny_two_rank_run  # the session's (conftest.py); tests that change it take a copy
 
 
 def test_torchrun_two_ranks_trains_and_writes_its_run_folder(two_rank_run):
