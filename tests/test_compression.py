@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -148,8 +149,9 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
         "comm.topk_min_numel=64",
         "comm.topk_warmup_steps=0",
     ]
-    run_dir = tmp_path / "run"
+    run_dir, same = tmp_path / "run", tmp_path / "same"
     launch(run_dir, 2, *topk, "train.stop_after=4")
+    shutil.copytree(run_dir, same)  # resumed below on the world size that saved it
     proc = launch(run_dir, 1, *topk, "train.stop_after=6")
     assert "residuals of 2 ranks summed onto rank 0 of 1" in proc.stderr
     rows = [r for r in metrics(run_dir) if "bytes_backbone_allreduce" in r]
@@ -159,8 +161,6 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
         local = 24 if r["step"] <= 4 else 48
         assert r["bytes_feature_gather"] == local * 32 * 4 + local * 8  # features + int64 labels
         assert r["bytes_grad_scatter"] == 48 * 32 * 4  # the full dF goes into the reduce-scatter
-    same = tmp_path / "same"
-    launch(same, 2, *topk, "train.stop_after=4")
     proc = launch(same, 2, *topk, "train.stop_after=6")
     assert "summed" not in proc.stderr
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from launcher import REPO, TINY, environment, launch, metrics, train_losses
+from launcher import REPO, TINY, environment, metrics, train_losses
 
 from hydrahead.train.checkpoint import latest_checkpoint, read_meta
 
@@ -42,10 +42,8 @@ def agent_command(run_dir, port: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_agents_with_nnodes_2_train_as_one_node_does(tmp_path):
-    one_node = tmp_path / "one_node"
-    launch(one_node, 2)
-
+def test_two_agents_with_nnodes_2_train_as_one_node_does(tiny_two_rank_run, tmp_path):
+    one_node = tiny_two_rank_run  # one agent, 2 ranks, the same TINY command line (conftest.py)
     two_nodes = tmp_path / "two_nodes"
     port = free_port()
     agents = [

@@ -20,11 +20,10 @@ from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 2-rank run: every other scenario must reproduce its losses."""
-    run_dir = tmp_path_factory.mktemp("reliability") / "reference"
-    launch(run_dir, 2)
-    return run_dir
+def reference_run(tiny_two_rank_run):
+    """An uninterrupted 2-rank run (the session's, see conftest.py): every other scenario
+    must reproduce its losses."""
+    return tiny_two_rank_run
 
 
 def assert_same_losses(run_dir, reference, steps, exact=False):
@@ -64,11 +63,14 @@ def test_resume_accepts_and_refuses_config_changes(reference_run, tmp_path):
     run_dir = tmp_path / "changes"
     launch(run_dir, 2, "train.stop_after=4")
     config_before = (run_dir / "config.yaml").read_text()
-    for refused in ("model.embed_dim=64", "model.depth=3", "run.seed=3", "train.global_batch=96"):
-        proc = launch(run_dir, 2, refused, check=False)
-        assert proc.returncode != 0, refused
-        key = refused.split("=")[0]
-        assert "cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
+    # One launch changes them all: the refusal lists every refused key with both its values.
+    refused = {"model.embed_dim": ("32", "64"), "model.depth": ("2", "3"), "run.seed": ("0", "3")}
+    refused["train.global_batch"] = ("48", "96")
+    proc = launch(run_dir, 2, *(f"{key}={now}" for key, (_, now) in refused.items()), check=False)
+    assert proc.returncode != 0
+    assert "cannot resume" in proc.stderr, proc.stderr[-2000:]
+    for key, (there, now) in refused.items():
+        assert f"{key}={there} there, {now} now" in proc.stderr, proc.stderr[-2000:]
     assert latest_checkpoint(run_dir).name == "step-4", "a refused resume must not write a checkpoint"
     assert (run_dir / "config.yaml").read_text() == config_before, "nor rewrite the run's config"
     # more steps, another world size and other logging are accepted; the schedule follows train.steps
@@ -368,7 +370,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, name, overrides, m
 
 def test_checkpoint_of_another_embed_dim_is_refused(reference_run, tmp_path):
     run_dir = tmp_path / "other_dim"
-    launch(run_dir, 1, "train.stop_after=4")
+    shutil.copytree(reference_run, run_dir)
     proc = launch(run_dir, 1, "model.embed_dim=16", check=False)
     assert proc.returncode != 0 and "model.embed_dim=32 there, 16 now" in proc.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -75,10 +76,8 @@ def test_repeated_axis_key_is_refused():
         expand_grid(["a.yaml"], [1], ["gloo"], [parse_axis("head.impl=a"), parse_axis("head.impl=b")], baseline=False)
 
 
-def _scaling(results_dir, *args):
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "scaling.py"),
+def _scaling_args(*args) -> list[str]:
+    return [
         "--config",
         "configs/quickstart.yaml",
         "--gpus",
@@ -102,8 +101,12 @@ def _scaling(results_dir, *args):
         "model.embed_dim=16",
         "head.chunk_size=64",
     ]
+
+
+def _scaling(results_dir, *args):
+    """benchmarks/scaling.py run as a script, as a user runs it; returns its stdout."""
     proc = subprocess.run(
-        cmd,
+        [sys.executable, str(REPO / "benchmarks" / "scaling.py"), *_scaling_args(*args)],
         cwd=REPO,
         env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(results_dir)},
         capture_output=True,
@@ -114,9 +117,32 @@ def _scaling(results_dir, *args):
     return proc.stdout
 
 
+@pytest.fixture
+def scaling_main(monkeypatch, capsys):
+    """The runner's main(argv) in this process, in the environment that _scaling gives the
+    script (its torchrun launches inherit it); returns what it printed. Spares each run the
+    script's own start (importing torch and hydrahead, seconds on a small machine)."""
+    monkeypatch.chdir(REPO)
+    wanted = environment()
+    for key in set(os.environ) - set(wanted):
+        monkeypatch.delenv(key)
+    for key, value in wanted.items():
+        monkeypatch.setenv(key, value)
+
+    def run(results_dir, argv: list[str]) -> str:
+        monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(results_dir))
+        capsys.readouterr()
+        status = scaling.main(argv)
+        out = capsys.readouterr()
+        assert status == 0, f"stdout:\n{out.out[-3000:]}\nstderr:\n{out.err[-4000:]}"
+        return out.out
+
+    return run
+
+
 @pytest.mark.slow
-def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
-    out = _scaling(tmp_path, "--dry-run")
+def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path, scaling_main):
+    out = scaling_main(tmp_path, _scaling_args("--dry-run"))
     assert "6 points: 0 done or skipped, 6 to run" in out
     assert not (tmp_path / "tiny.rows.jsonl").exists()  # a dry run launches nothing
 
@@ -159,7 +185,7 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path):
     assert (tmp_path / "tiny.png").read_bytes().startswith(b"\x89PNG")
 
     before = (tmp_path / "tiny.rows.jsonl").read_text()
-    out = _scaling(tmp_path)
+    out = scaling_main(tmp_path, _scaling_args())
     assert "6 points: 6 done or skipped, 0 to run" in out
     assert (tmp_path / "tiny.rows.jsonl").read_text() == before
 
@@ -192,10 +218,10 @@ def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
 
 
 @pytest.mark.slow
-def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path):
-    out = _scaling(tmp_path, "--gpus", "1", "--repeats", "2", "--dry-run")
+def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path, scaling_main):
+    out = scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "2", "--dry-run"))
     assert "3 points x 2 repeats: 0 done or skipped, 6 to run" in out
-    _scaling(tmp_path, "--gpus", "1", "--repeats", "2")
+    scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "2"))
     records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
     assert [r["repeat"] for r in records] == [0, 0, 0, 1, 1, 1]  # every point once, then again
     results = json.loads((tmp_path / "tiny.json").read_text())
@@ -205,7 +231,7 @@ def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path):
         assert row["repeats"] == 2 and row["ms_repeats"] == mine
         assert row["ms"] == pytest.approx(sum(mine) / 2)
         assert row["samples_per_s"] == pytest.approx(row["per_gpu_batch"] / row["ms"] * 1e3, rel=1e-6)
-    out = _scaling(tmp_path, "--gpus", "1", "--repeats", "3", "--dry-run")
+    out = scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "3", "--dry-run"))
     assert "3 points x 3 repeats: 6 done or skipped, 3 to run" in out and "2/3" in out
 
 
@@ -228,10 +254,8 @@ def test_strong_scaling_splits_the_global_batch_over_each_gpu_count():
 
 
 @pytest.mark.slow
-def test_runner_strong_scaling_keeps_the_global_batch(tmp_path):
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "scaling.py"),
+def test_runner_strong_scaling_keeps_the_global_batch(tmp_path, scaling_main):
+    argv = [
         "--config",
         "configs/quickstart.yaml",
         "--gpus",
@@ -251,15 +275,7 @@ def test_runner_strong_scaling_keeps_the_global_batch(tmp_path):
         "model.embed_dim=16",
         "head.chunk_size=64",
     ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    scaling_main(tmp_path, argv)
     records = [json.loads(line) for line in (tmp_path / "strong.rows.jsonl").read_text().splitlines()]
     assert sorted((r["world_size"], r["per_gpu_batch"], r["global_batch"], r["scaling"]) for r in records) == [
         (1, 32, 32, "strong"),

@@ -14,6 +14,7 @@ apt-get), never under CI; a failed package install fails it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,27 +65,20 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
     # gloo picks its interface from the host name; keep all traffic on loopback.
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     reference = tmp_path / "reference"
-    # The uninterrupted run: the same command line as the job's, under plain torchrun.
-    ref = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={NPROC}",
-            "launch/train.py",
-            "--config",
-            CONFIG,
-            f"run.dir={reference}",
-            *TINY,
-        ],
-        cwd=REPO,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ref.returncode == 0, f"reference run: exit {ref.returncode}\n{ref.stderr[-6000:]}"
+    # The uninterrupted run: the same command line as the job's, under plain torchrun. It
+    # starts while the requeued job is held (below), when the machine is otherwise idle.
+    reference_command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={NPROC}",
+        "launch/train.py",
+        "--config",
+        CONFIG,
+        f"run.dir={reference}",
+        *TINY,
+    ]
 
     run_dir, job_out = tmp_path / "run", tmp_path / "slurm-job.out"
     (rdzv_port,) = free_ports(1)
@@ -100,7 +94,7 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
     )
     for name in ("RUN_DIR", "MAX_RESTARTS", "HYDRAHEAD_ROOT"):
         env.pop(name, None)
-    with slurm.report_on_failure(job_out):
+    with slurm.report_on_failure(job_out), contextlib.ExitStack() as cleanup:
         submit = slurm.run(
             "sbatch",
             "--parsable",
@@ -138,6 +132,10 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
         _wait_for(
             "the requeue", lambda f: f.get("JobState") == "PENDING" and f.get("Restarts") == "1", job, slurm, timeout=90
         )
+        ref = subprocess.Popen(
+            reference_command, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        cleanup.callback(ref.terminate)  # a no-op once it has exited; torchrun ends its workers
         marker = run_dir / "PREEMPTED"
         assert marker.is_file(), "the job was requeued without run.dir/PREEMPTED"
         stopped_at = int(marker.read_text().split()[1])
@@ -156,6 +154,8 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(slurm, tmp_path, monk
         assert f"resumed at step {stopped_at}" in log
         assert "training ended with exit status 0" in log
         assert not marker.exists(), "the resumed leg left run.dir/PREEMPTED behind"
+        _, ref_stderr = ref.communicate(timeout=300)
+        assert ref.returncode == 0, f"reference run: exit {ref.returncode}\n{ref_stderr[-6000:]}"
         got, want = train_losses(run_dir), train_losses(reference)
         assert sorted(got) == list(range(1, STEPS + 1)), f"logged steps {sorted(got)}"
         for step in range(1, STEPS + 1):

@@ -21,9 +21,15 @@ from hydrahead.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "two_ranks"
-    launch(run_dir, 2)
+def two_rank_run(tiny_two_rank_run):
+    return tiny_two_rank_run  # the session's (conftest.py); tests that change it take a copy
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_6(tmp_path_factory):
+    """The same 2-rank run stopped after step 6; each test resumes its own copy."""
+    run_dir = tmp_path_factory.mktemp("runs") / "stopped"
+    launch(run_dir, 2, "train.stop_after=6")
     return run_dir
 
 
@@ -46,9 +52,9 @@ def test_torchrun_two_ranks_trains_and_writes_its_run_folder(two_rank_run):
     assert [step for step, _ in complete_checkpoints(two_rank_run)] == [8, 12]
 
 
-def test_stop_after_then_rerun_gives_identical_losses(two_rank_run, tmp_path):
+def test_stop_after_then_rerun_gives_identical_losses(two_rank_run, stopped_at_step_6, tmp_path):
     run_dir = tmp_path / "resumed"
-    launch(run_dir, 2, "train.stop_after=6")
+    shutil.copytree(stopped_at_step_6, run_dir)
     assert max(train_losses(run_dir)) == 6 and latest_checkpoint(run_dir).name == "step-6"
     launch(run_dir, 2)  # the same command without stop_after continues from step 6
     assert train_losses(run_dir) == train_losses(two_rank_run)
@@ -63,9 +69,9 @@ def test_one_rank_matches_two_ranks(two_rank_run, tmp_path):
         assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-5), f"step {step}"
 
 
-def test_resume_on_three_ranks_from_a_two_rank_checkpoint(two_rank_run, tmp_path):
+def test_resume_on_three_ranks_from_a_two_rank_checkpoint(two_rank_run, stopped_at_step_6, tmp_path):
     run_dir = tmp_path / "resharded"
-    launch(run_dir, 2, "train.stop_after=6")
+    shutil.copytree(stopped_at_step_6, run_dir)
     launch(run_dir, 3)  # 101 classes: 51/50 per rank before, 34/34/33 after
     resumed, uninterrupted = train_losses(run_dir), train_losses(two_rank_run)
     for step in range(7, 13):
