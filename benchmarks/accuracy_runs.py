@@ -3,9 +3,10 @@
 A variant is a name and the config overrides that make it. Each (variant, seed) run is
 ``launch/train.py`` under torchrun (``--gpus`` processes) in a temporary run folder; its
 row records the last held-out top-1/top-5/loss, the last training loss, the head's median
-time per step, the mean active classes per shard where the run logs them, and the peak
-memory. Rows go to ``<name>.rows.jsonl`` as they finish (a re-run skips those already
-there); the summary (mean and spread over seeds per variant) and the rows go to
+time per step, the mean active classes per shard where the run logs them, the peak
+memory, and the mean bytes a rank hands to the backbone's exchange per logged step. Rows
+go to ``<name>.rows.jsonl`` as they finish (a re-run skips those already there); the
+summary (mean and spread over seeds per variant) and the rows go to
 ``benchmarks/results/<name>.json``.
 """
 
@@ -91,6 +92,7 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     head_ms = [r["head_ms"] for r in settled if r.get("head_ms") is not None]
     active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
     recalls = {name: [r[name] for r in settled if r.get(name) is not None] for name in RECALLS}
+    sent = [r["bytes_backbone_allreduce"] for r in train if r.get("bytes_backbone_allreduce") is not None]
     return {
         "loss_curve": [[r["step"], r["loss"]] for r in train],
         "eval_curve": [[r["step"], r["eval_top1"]] for r in evals],
@@ -102,6 +104,8 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
         "active_classes": statistics.mean(active) if active else None,
         **{name: statistics.mean(values) if values else None for name, values in recalls.items()},
         "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
+        # what one rank (worker) hands to the backbone's exchange per step, over the logged steps
+        "backbone_bytes_mean": statistics.mean(sent) if sent else None,
         "steps": train[-1]["step"] if train else 0,
     }
 
@@ -118,7 +122,9 @@ def run_study(args, variants: dict[str, list[str]], *, what: str, extra_fields=l
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / f"{args.name}.rows.jsonl"
     records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
+    workers = cfg.comm.simulate_workers
+    simulated = f" simulating {workers} workers" if workers > 1 else ""
+    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s){simulated}, {cfg.train.steps} steps"
     for method, variant_overrides in variants.items():
         for seed in seeds:
             if any(
