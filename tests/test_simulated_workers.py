@@ -210,3 +210,19 @@ def test_one_rank_simulating_two_trains_like_two_ranks_and_hands_over_its_checkp
     assert "summed" not in proc.stderr  # each rank took its own worker's residuals
     resumed = train_losses(handed)
     assert [resumed[s] for s in (3, 4)] == pytest.approx([expected[3], expected[4]], rel=1e-5)
+
+
+def test_per_worker_statistics_start_from_a_loaded_checkpoint():
+    net = _net()
+    simulated = SimulatedWorkers(net, 2, counters=CommCounters(), broadcast_buffers=False)
+    loaded = {name: value + 1.0 if name.endswith("running_mean") else value for name, value in net.state_dict().items()}
+    net.load_state_dict(loaded)  # a resume, before the first step
+    x, _ = _global_batch(1, 2)
+    simulated.forward(x)
+    simulated.settle_buffers()
+    # each worker moved the loaded statistics towards its own half's mean; then they were averaged
+    momentum, means = net[1].momentum, []
+    for half in x.chunk(2):
+        batch_mean = nn.functional.conv2d(half, net[0].weight, net[0].bias, padding=1).mean(dim=(0, 2, 3))
+        means.append((1 - momentum) * loaded["1.running_mean"] + momentum * batch_mean)
+    assert torch.allclose(net[1].running_mean, torch.stack(means).mean(0), atol=1e-12)

@@ -52,8 +52,9 @@ class SimulatedWorkers:
         # that the running statistics it saw in the forward were not modified since.
         self._slots = [(mod, name) for mod in module.modules() for name, b in mod._buffers.items() if b is not None]
         self.broadcast_buffers = broadcast_buffers
-        # Per-worker buffer sets, kept only when the workers' statistics drift apart.
-        self.worker_buffers = None if broadcast_buffers else [self._copy(self._buffers()) for _ in range(num_workers)]
+        # Per-worker buffer sets, kept only when the workers' statistics drift apart; made from
+        # the module's at the first forward, so a checkpoint loaded before it seeds them all.
+        self.worker_buffers = None
         self._outputs: list[torch.Tensor] = []
 
     @staticmethod
@@ -75,6 +76,8 @@ class SimulatedWorkers:
             start = self._buffers()
             sets = [start] + [self._copy(start) for _ in range(self.num_workers - 1)]
         else:
+            if self.worker_buffers is None:
+                self.worker_buffers = [self._copy(self._buffers()) for _ in range(self.num_workers)]
             sets = self.worker_buffers
         outputs = []
         for worker, chunk in enumerate(inputs.chunk(self.num_workers)):
