@@ -88,6 +88,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-dense", action="store_true", help="skip the dense baseline (when its rows are already in the file)"
     )
+    parser.add_argument(
+        "--task",
+        choices=("images", "config"),
+        default="images",
+        help="images: the procedural image task above; config: the --config file as it is (e.g. a quick CPU study)",
+    )
     add_arguments(parser, name="topk_accuracy")
     args = parser.parse_args(argv)
     densities = [float(v) for v in args.densities.split(",") if v]
@@ -100,7 +106,7 @@ def main(argv=None) -> None:
         fixes = {c: fix_overrides(c, args) for c in combinations}
     except ValueError as error:
         parser.error(str(error))
-    if not args.dry_run:
+    if not args.dry_run and args.task == "images":
         args.overrides = [*IMAGE_TASK, *args.overrides]
     if args.simulate_workers > 1:
         args.overrides = [*args.overrides, f"comm.simulate_workers={args.simulate_workers}"]

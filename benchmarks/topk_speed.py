@@ -9,7 +9,8 @@ For each backbone, a training step (bf16 autocast on GPU; a cross-entropy over a
 1,000-way projection of the embedding) runs under DDP on a 1-rank process group with each
 exchange's real hook (hydrahead.comm.compression): ``dense`` (fp32 all-reduce), ``bf16``,
 ``powersgd`` (PyTorch's hooks) and top-k at each density, selecting ``exact`` (torch.topk
-per tensor) or ``sampled`` (a threshold from 1% of each tensor). Measured on the device:
+per tensor) or ``sampled`` (a threshold from 1% of each tensor), and with
+``--momentum-correction`` sampled top-k with DGC's velocities too. Measured on the device:
 
     fwd_ms, bwd_ms   forward; backward including the hook's work (the 1-rank collective is a copy)
     hook_ms          bwd_ms - the dense step's bwd_ms: what the exchange adds to the backward
@@ -56,7 +57,9 @@ DRY_MODELS = {"resnet18": "ResNet-18", "vit_tiny": "ViT-Ti/16"}
 CLASSES = 1000
 
 
-def variants(densities: list[float], sample_share: float, powersgd_rank: int) -> dict[str, tuple[CommConfig, float]]:
+def variants(
+    densities: list[float], sample_share: float, powersgd_rank: int, momentum_correction: bool = False
+) -> dict[str, tuple[CommConfig, float]]:
     """name -> (the exchange's comm config, its top-k density or None)."""
     out = {
         "dense": (CommConfig(grad_compression="none"), None),
@@ -76,6 +79,9 @@ def variants(densities: list[float], sample_share: float, powersgd_rank: int) ->
                 topk_sample_share=sample_share,
             )
             out[f"topk-{select} {density:g}"] = (cfg, density)
+        if momentum_correction:  # the velocity's extra passes over every tensor
+            cfg = CommConfig(**{**vars(cfg), "topk_momentum_correction": True})
+            out[f"topk-sampled+mc {density:g}"] = (cfg, density)
     return out
 
 
@@ -111,14 +117,20 @@ def buckets(model: nn.Module, bucket_mb: float) -> list[list[nn.Parameter]]:
     return out + ([current] if current else [])
 
 
-def pack_all(topk, groups, world_size: int) -> list[torch.Tensor]:
-    """One worker's messages for every bucket, from the parameters' current gradients."""
-    messages = []
+def bucket_buffers(groups) -> list[tuple]:
+    """Each bucket's gradients laid end to end, as DDP's bucket holds them: (buffer, params, views)."""
+    out = []
     for params in groups:
         buffer = torch.cat([p.grad.reshape(-1) for p in params])
         views = [v.view_as(p) for v, p in zip(buffer.split([p.numel() for p in params]), params)]
-        messages.append(topk.pack(buffer, params, views, world_size)[0])
-    topk.discard()  # measured, not taken: the state stays as it was
+        out.append((buffer, params, views))
+    return out
+
+
+def pack_all(topk, prepared, world_size: int) -> list[torch.Tensor]:
+    """One worker's messages for every bucket (``bucket_buffers``), its state left as it was."""
+    messages = [topk.pack(buffer, params, views, world_size)[0] for buffer, params, views in prepared]
+    topk.discard()  # measured, not taken
     return messages
 
 
@@ -146,7 +158,8 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
     if device.type == "cuda" and name.startswith("resnet"):
         images = images.contiguous(memory_format=torch.channels_last)
     rows, dense_bwd = [], None
-    for variant, (comm_cfg, density) in variants(args.densities, args.sample_share, args.powersgd_rank).items():
+    exchanges = variants(args.densities, args.sample_share, args.powersgd_rank, args.momentum_correction)
+    for variant, (comm_cfg, density) in exchanges.items():
         torch.manual_seed(0)
         model = build_backbone(name, args.embed_dim, image_size=args.image_size).to(device)
         if device.type == "cuda" and name.startswith("resnet"):
@@ -186,20 +199,21 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
         row["hook_ms"] = row["bwd_ms"] - dense_bwd
         if topk is not None:
             groups = buckets(model, args.bucket_mb)
+            prepared = bucket_buffers(groups)
             times = []
             for _ in range(args.warmup + args.reps):
                 start = clock.mark()
-                pack_all(topk, groups, args.workers)
+                pack_all(topk, prepared, args.workers)
                 times.append(clock.ms(start, clock.mark()))
             row["select_ms"] = statistics.median(times[args.warmup :])
             row["select_share"] = row["select_ms"] / dense_bwd
-            if comm_cfg.topk_select == "sampled":
+            if comm_cfg.topk_select == "sampled" and not comm_cfg.topk_momentum_correction:
                 exact = compression.make_topk(
                     CommConfig(**{**vars(comm_cfg), "topk_select": "exact"}), names, compression.CommCounters()
                 )
                 exact.residuals, exact.step = topk.residuals, topk.step
-                chosen = sent_entries(pack_all(topk, groups, args.workers), topk, groups)
-                best = sent_entries(pack_all(exact, groups, args.workers), exact, groups)
+                chosen = sent_entries(pack_all(topk, prepared, args.workers), topk, groups)
+                best = sent_entries(pack_all(exact, prepared, args.workers), exact, groups)
                 row["recall"] = len(chosen & best) / len(best) if best else None
         rows.append(row)
         del ddp, model, topk
@@ -229,6 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--densities", default="0.001", help="comma-separated top-k densities")
     parser.add_argument("--sample-share", type=float, default=0.01, help="comm.topk_sample_share of the sampled rows")
     parser.add_argument("--powersgd-rank", type=int, default=4, help="comm.powersgd_rank")
+    parser.add_argument(
+        "--momentum-correction", action="store_true", help="also time sampled top-k with comm.topk_momentum_correction"
+    )
     parser.add_argument("--batch", type=int, default=256, help="images per step (one GPU)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--embed-dim", type=int, default=512, help="the backbone's embedding width")

@@ -74,7 +74,7 @@ def _candidates_kernel(
         hi = tl.where(right, hi, mid - 1)
     threshold = tl.load(thresholds_ptr + lo)
     take = inside & (magnitude >= threshold)
-    slot = tl.atomic_add(counts_ptr + lo, 1, mask=take)
+    slot = tl.atomic_add(counts_ptr + lo, 1, mask=take, sem="relaxed")  # only a count: no ordering needed
     keep = take & (slot < tl.load(caps_ptr + lo))
     tl.store(out_ptr + tl.load(cap_starts_ptr + lo) + slot, offs, mask=keep)
 
