@@ -46,6 +46,7 @@ FIXES = {
     "dense-ends": ["comm.topk_dense=[conv1.weight,neck.*]"],  # first conv and the embedding neck dense
     "warmup": ["comm.topk_warmup_steps={long_warmup}"],  # a longer density warm-up
     "sampled": ["comm.topk_select=sampled"],  # the sampled threshold instead of exact top-k
+    "lr": ["optim.lr={lr}"],  # another backbone learning rate for the top-k run only
 }
 
 
@@ -63,7 +64,7 @@ def fix_overrides(combination: str, args) -> list[str]:
     for fix in combination.split("+"):
         if fix not in FIXES:
             raise ValueError(f"unknown fix {fix!r} in --fixes; choose from none, {', '.join(FIXES)}")
-        out += [o.format(clip=args.local_clip, long_warmup=args.long_warmup) for o in FIXES[fix]]
+        out += [o.format(clip=args.local_clip, long_warmup=args.long_warmup, lr=args.fix_lr) for o in FIXES[fix]]
     return out
 
 
@@ -79,6 +80,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--local-clip", type=float, default=1.0, help="comm.topk_local_clip of the clip fix")
     parser.add_argument("--long-warmup", type=int, default=150, help="comm.topk_warmup_steps of the warmup fix")
+    parser.add_argument("--fix-lr", type=float, default=0.4, help="optim.lr of the lr fix (the task's is 0.2)")
     parser.add_argument(
         "--simulate-workers",
         type=int,

@@ -16,7 +16,8 @@ per tensor) or ``sampled`` (a threshold from 1% of each tensor), and with
     hook_ms          bwd_ms - the dense step's bwd_ms: what the exchange adds to the backward
     select_ms        top-k: building one worker's messages for all buckets alone (residual
                      added, entries chosen, residual cleared, message packed), after a few
-                     steps so the residuals are real; select_share = select_ms / dense bwd_ms
+                     steps so the residuals are real; select_share = select_ms / dense bwd_ms;
+                     host_syncs: the host-device synchronisations that packing asked for
     bytes            what one worker hands to its collectives per step (the trainer's counter)
 
 and modelled from them for W workers (``--workers``) on a link of ``--gbit`` Gbit/s:
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,8 +47,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, print_table, write_results  # noqa: E402
+from benchmarks.common import environment, host_sync_log, print_table, write_results  # noqa: E402
 from hydrahead.comm import compression  # noqa: E402
+from hydrahead.comm.timing import CommClock  # noqa: E402
 from hydrahead.config import CommConfig  # noqa: E402
 from hydrahead.models import build_backbone  # noqa: E402
 
@@ -85,24 +86,12 @@ def variants(
     return out
 
 
-class Clock:
-    """Intervals on the device's own clock: CUDA events, or the host's on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start, stop) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return start.elapsed_time(stop)
+def elapsed_ms(start, stop) -> float:
+    """Milliseconds between two ``CommClock.mark()`` readings (CUDA events or host times)."""
+    if isinstance(start, float):
         return (stop - start) * 1e3
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop)
 
 
 def buckets(model: nn.Module, bucket_mb: float) -> list[list[nn.Parameter]]:
@@ -147,7 +136,7 @@ def sent_entries(messages: list[torch.Tensor], topk, groups) -> set:
 
 
 def measure(args, name: str, device: torch.device) -> list[dict]:
-    clock = Clock(device)
+    clock = CommClock(device)  # its marks: CUDA events, or the host's clock on CPU
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
@@ -183,8 +172,8 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
                 topk.commit()
             sent.append(counters.take()["bytes_backbone_allreduce"])
             if step > args.warmup:
-                fwd.append(clock.ms(start, middle))
-                bwd.append(clock.ms(middle, stop))
+                fwd.append(elapsed_ms(start, middle))
+                bwd.append(elapsed_ms(middle, stop))
         row = {
             "model": MODELS.get(name, DRY_MODELS.get(name)),
             "variant": variant,
@@ -204,9 +193,13 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
             for _ in range(args.warmup + args.reps):
                 start = clock.mark()
                 pack_all(topk, prepared, args.workers)
-                times.append(clock.ms(start, clock.mark()))
+                times.append(elapsed_ms(start, clock.mark()))
             row["select_ms"] = statistics.median(times[args.warmup :])
             row["select_share"] = row["select_ms"] / dense_bwd
+            if device.type == "cuda":  # a host read inside the hook would stall the backward behind it
+                with host_sync_log() as syncs:
+                    pack_all(topk, prepared, args.workers)
+                row["host_syncs"] = sum(syncs.values())
             if comm_cfg.topk_select == "sampled" and not comm_cfg.topk_momentum_correction:
                 exact = compression.make_topk(
                     CommConfig(**{**vars(comm_cfg), "topk_select": "exact"}), names, compression.CommCounters()
@@ -317,6 +310,7 @@ def main(argv=None) -> None:
             "step_serial_ms",
             "step_overlap_ms",
             "recall",
+            "host_syncs",
         ],
     )
 

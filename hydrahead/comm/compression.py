@@ -92,7 +92,7 @@ class TopK:
       (``weight_decay``, name -> factor) move into the exchange: each worker keeps a
       velocity u = m u + g + wd w / W of every tensor; a dense tensor sends u, a sparse one
       adds u to its residual and sends the top of that. Summed over the workers this is
-      exactly SGD with momentum when every entry is sent;
+      exactly SGD with momentum and weight decay when every entry is sent unmasked;
     - ``momentum_masking``: with momentum correction, the sent entries of u are cleared
       too (without it, a sent entry's momentum keeps pushing it).
 
