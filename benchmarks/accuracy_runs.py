@@ -4,7 +4,8 @@ A variant is a name and the config overrides that make it. Each (variant, seed) 
 ``launch/train.py`` under torchrun (``--gpus`` processes) in a temporary run folder; its
 row records the last held-out top-1/top-5/loss, the last training loss, the head's median
 time per step, the rows each shard scores per step (the mean active classes where the run
-logs them, the whole shard for full softmax), the peak memory and the run's wall time.
+logs them, the whole shard for full softmax), the peak memory, the mean bytes a rank hands
+to the backbone's exchange per logged step and the run's wall time.
 Runs go seed by seed (every variant of a seed before the next seed). Rows go to
 ``<name>.rows.jsonl`` as they finish; a re-run with the same config and overrides skips
 those already there, so a study can be spread over several commands (``time_budget``:
@@ -108,6 +109,7 @@ def run_record(rows: list[dict]) -> dict:
     head_ms = [r["head_ms"] for r in settled if r.get("head_ms") is not None]
     active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
     recalls = {name: [r[name] for r in settled if r.get(name) is not None] for name in RECALLS}
+    sent = [r["bytes_backbone_allreduce"] for r in train if r.get("bytes_backbone_allreduce") is not None]
     return {
         "loss_curve": [[r["step"], r["loss"]] for r in train],
         "eval_curve": [[r["step"], r["eval_top1"]] for r in evals],
@@ -119,6 +121,8 @@ def run_record(rows: list[dict]) -> dict:
         "active_classes": statistics.mean(active) if active else None,
         **{name: statistics.mean(values) if values else None for name, values in recalls.items()},
         "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
+        # what one rank (worker) hands to the backbone's exchange per step, over the logged steps
+        "backbone_bytes_mean": statistics.mean(sent) if sent else None,
         "steps": train[-1]["step"] if train else 0,
     }
 
@@ -150,7 +154,9 @@ def run_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / f"{args.name}.rows.jsonl"
     records = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
-    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s), {cfg.train.steps} steps"
+    workers = cfg.comm.simulate_workers
+    simulated = f" simulating {workers} workers" if workers > 1 else ""
+    shape = f"G={G} D={D} C={C} over {args.gpus} rank(s){simulated}, {cfg.train.steps} steps"
 
     def same_study(r: dict) -> bool:
         """Rows of another config or other overrides are not this study's (rows from before

@@ -292,12 +292,44 @@ class CommConfig:
         "powersgd (PyTorch's hooks), topk (layer-wise, error feedback)",
         ("none", "bf16", "powersgd", "topk"),
     )
+    simulate_workers: int = _key(
+        1,
+        "train one rank as this many data-parallel workers: its batch is cut into W micro-batches, each "
+        "forwarded (its own BatchNorm statistics) and backpropagated alone, each gradient exchanged as rank w "
+        "of W would send it (topk: with worker w's own residual), then summed; a 1-GPU run reproduces a W-GPU "
+        "run (needs one rank, grad_compression none or topk)",
+    )
     topk_density: float = _key(0.001, "topk: share of each large gradient's entries sent per step")
     topk_warmup_steps: int = _key(
-        1000, "topk: steps over which the density falls exponentially from 25% to topk_density"
+        1000, "topk: steps over which the density falls exponentially from topk_warmup_start to topk_density"
+    )
+    topk_warmup_start: float = _key(0.25, "topk: density of the first step of the warm-up")
+    topk_select: str = _key(
+        "exact",
+        "topk: how each tensor's entries are chosen: exact (torch.topk per tensor) or sampled (a threshold "
+        "estimated from topk_sample_share of each tensor, all tensors of a bucket at once; Deep Gradient "
+        "Compression's selection)",
+        ("exact", "sampled"),
+    )
+    topk_sample_share: float = _key(
+        0.01, "topk sampled: share of each tensor's entries read to estimate its threshold (1: exact top-k)"
     )
     topk_momentum_correction: bool = _key(
-        False, "topk: accumulate velocity, not gradients, in the residual (Deep Gradient Compression)"
+        False,
+        "topk: move the backbone SGD's momentum and weight decay into the exchange: each worker sends "
+        "(the top of) its own velocity and the optimizer steps without either (Deep Gradient Compression; "
+        "optim.backbone=sgd)",
+    )
+    topk_momentum_masking: bool = _key(
+        True, "topk with momentum correction: clear the velocity's entries that were sent (momentum factor masking)"
+    )
+    topk_local_clip: float = _key(
+        0.0,
+        "topk: clip each worker's gradient before it enters the residual, tensor j to c*sqrt(n_j/n)/sqrt(W) "
+        "(its share of an L2 bound c/sqrt(W)); 0 disables",
+    )
+    topk_dense: list[str] = _key(
+        [], "topk: glob patterns of backbone parameter names always sent dense (e.g. conv1.weight, neck.*)"
     )
     topk_min_numel: int = _key(4096, "topk: tensors with fewer entries (biases, norms) are all-reduced dense")
     powersgd_rank: int = _key(4, "powersgd: rank of the low-rank approximation")
@@ -775,11 +807,46 @@ def _check_comm(c: _Checks) -> None:
         )
     c.need(0 < comm.topk_density <= 1, f"comm.topk_density must be in (0, 1], got {comm.topk_density}")
     c.at_least("comm.topk_warmup_steps", 0)
+    c.need(0 < comm.topk_warmup_start <= 1, f"comm.topk_warmup_start must be in (0, 1], got {comm.topk_warmup_start}")
+    c.need(0 < comm.topk_sample_share <= 1, f"comm.topk_sample_share must be in (0, 1], got {comm.topk_sample_share}")
+    c.at_least("comm.topk_local_clip", 0)
+    c.need(
+        not (comm.grad_compression == "topk" and comm.topk_momentum_correction) or c.cfg.optim.backbone == "sgd",
+        "comm.topk_momentum_correction moves SGD's momentum into the exchange: it needs optim.backbone=sgd, "
+        f"got {c.cfg.optim.backbone}",
+    )
+    _check_simulated_workers(c)
     c.at_least("comm.topk_min_numel", 0)
     c.at_least("comm.powersgd_rank", 1)
     c.need(
         comm.powersgd_start_step >= 2,
         f"comm.powersgd_start_step must be >= 2 (PowerSGD's own minimum), got {comm.powersgd_start_step}",
+    )
+
+
+def _check_simulated_workers(c: _Checks) -> None:
+    comm, m = c.cfg.comm, c.cfg.model
+    workers = comm.simulate_workers
+    c.at_least("comm.simulate_workers", 1)
+    if workers <= 1:
+        return
+    c.need(
+        c.world_size in (None, 1),
+        f"comm.simulate_workers={workers} simulates the workers inside one rank: run it on one, not {c.world_size}",
+    )
+    c.need(
+        comm.grad_compression in ("none", "topk"),
+        "comm.simulate_workers simulates the none and topk exchanges, not "
+        f"comm.grad_compression={comm.grad_compression}",
+    )
+    c.need(
+        c.cfg.train.global_batch % workers == 0,
+        f"train.global_batch={c.cfg.train.global_batch} is not divisible by comm.simulate_workers={workers}",
+    )
+    c.need(not m.sync_batchnorm, "model.sync_batchnorm shares statistics that comm.simulate_workers keeps per worker")
+    c.need(
+        m.wta_crs_keep == 1,
+        "model.wta_crs_keep < 1 keeps running state per rank, which comm.simulate_workers does not split by worker",
     )
 
 
@@ -866,6 +933,12 @@ def _warn_about_ignored_keys(cfg: Config) -> None:
             "head.index_deterministic=true with model.wta_crs_keep < 1: a resumed run differs from the uninterrupted "
             "one, since the running gradient norms that steer WTA-CRS sampling are not checkpointed"
         )
+    comm = cfg.comm
+    topk_options = (
+        comm.topk_momentum_correction or comm.topk_select != "exact" or comm.topk_dense or comm.topk_local_clip
+    )
+    if comm.grad_compression != "topk" and topk_options:
+        warnings.warn(f"comm.topk_* keys are ignored because comm.grad_compression={comm.grad_compression}")
     if h.selection not in ("knn", "graph") and (h.index_deterministic or h.index_nlist is not None):
         warnings.warn(f"head.index_* keys are ignored because head.selection={h.selection}")
     if h.selection == "full" and h.budget is not None:

@@ -95,6 +95,33 @@ def cpu_hog(processes: int = 2):
             hog.wait()
 
 
+def saved_backbone(checkpoint) -> dict:
+    """The backbone's state dict (weights and buffers) from a checkpoint folder."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from hydrahead.config import config_from_dict
+    from hydrahead.models import build_backbone
+    from hydrahead.train.checkpoint import read_meta
+
+    cfg = config_from_dict(read_meta(checkpoint)["config"])
+    m = cfg.model
+    backbone = build_backbone(
+        m.backbone,
+        m.embed_dim,
+        input_dim=m.input_dim,
+        hidden_dim=m.hidden_dim,
+        depth=m.depth,
+        image_size=cfg.data.image_size,
+    )
+    state = {"backbone": backbone.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), no_dist=True)
+    return state["backbone"]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -28,19 +28,31 @@ def test_warmup_falls_exponentially_from_a_quarter_to_the_target():
     assert topk_density(1, target, 0) == target
 
 
+def _message(topk, params, grads, world_size=1):
+    """One worker's message for a bucket of ``params``: (dense values, indices, values)."""
+    buffer = torch.cat([g.reshape(-1) for g in grads])
+    views = [v.view_as(g) for v, g in zip(buffer.split([g.numel() for g in grads]), grads)]
+    payload, (_, num_dense, num_sparse) = topk.pack(buffer, list(params), views, world_size)
+    return (
+        payload[:num_dense].view(torch.float32),
+        payload[num_dense : num_dense + num_sparse].long(),
+        payload[num_dense + num_sparse :].view(torch.float32),
+    )
+
+
 def test_residuals_advance_only_when_the_step_is_taken_and_resume_as_a_sum():
     param = nn.Parameter(torch.zeros(200))
     topk = TopK({param: "w"}, density=0.1, warmup_steps=0, min_numel=10)
     grad = torch.arange(200.0)
-    indices, values = topk._select("w", grad, 0.1)
+    _, indices, values = _message(topk, [param], [grad])
     assert sorted(indices.tolist()) == list(range(180, 200)) and torch.equal(values.sort().values, grad[180:])
     topk.discard()  # a skipped step
     assert topk.residuals == {} and torch.equal(topk.state_dict()["w"], torch.zeros(200))
-    topk._select("w", grad, 0.1)
+    _message(topk, [param], [grad])
     topk.commit()
     kept = torch.where(grad < 180, grad, 0.0)
     assert torch.equal(topk.residuals["w"], kept)
-    indices, values = topk._select("w", grad, 0.1)  # the residual joins the next gradient: 2 g below 180
+    _, indices, values = _message(topk, [param], [grad])  # the residual joins the next gradient: 2 g below 180
     assert sorted(indices.tolist()) == list(range(160, 180)) and torch.equal(values.sort().values, 2 * grad[160:180])
     topk.discard()
     saved = topk.state_dict()
@@ -184,3 +196,142 @@ def test_topk_warmup_compresses_each_step_at_its_own_density_and_resumes_exactly
     assert train_losses(resumed) == train_losses(whole)
     rows = [r for r in metrics(whole) if "topk_density" in r]
     assert rows and all(r["topk_density"] == pytest.approx(topk_density(r["step"], 0.01, 8)) for r in rows)
+
+
+def _sent_and_kept(topk, params, grads):
+    """One step of ``topk`` on ``grads``: the dense sum it sent (per parameter) and the residuals it keeps."""
+    dense, indices, values = _message(topk, params, grads)
+    buffer = torch.zeros(sum(g.numel() for g in grads))
+    buffer.index_add_(0, indices, values)
+    topk.commit()
+    sizes = [p.numel() for p in params]
+    sent = list(buffer.split(sizes))
+    kept = [topk.residuals.get(topk.names[p], torch.zeros(p.numel())) for p in params]
+    return sent, kept, dense
+
+
+@pytest.mark.parametrize("threshold", [None, 1e9, 0.0])  # sampled as it comes, nothing clears it, everything does
+def test_sampled_topk_keeps_in_the_residual_exactly_what_it_did_not_send(monkeypatch, threshold):
+    from hydrahead.comm import compression
+    from hydrahead.comm.topk_select import select_above
+
+    if threshold is not None:
+        monkeypatch.setattr(
+            compression,
+            "sampled_topk",
+            lambda acc, plan, seed: select_above(acc, plan, torch.full((plan.caps.numel(),), threshold)),
+        )
+    params = [nn.Parameter(torch.zeros(50_000)), nn.Parameter(torch.zeros(8192))]
+    topk = TopK({params[0]: "a", params[1]: "b"}, density=0.001, warmup_steps=0, select="sampled", min_numel=100)
+    gen = torch.Generator().manual_seed(0)
+    owed = [torch.zeros(p.numel()) for p in params]
+    for _ in range(3):
+        grads = [torch.randn(p.numel(), generator=gen) for p in params]
+        acc = [o + g for o, g in zip(owed, grads)]
+        sent, kept, _ = _sent_and_kept(topk, params, grads)
+        for a, s, k, p in zip(acc, sent, kept, params):
+            assert torch.equal(s + k, a)  # each entry sent whole or kept whole: nothing lost
+            assert int((s != 0).sum()) <= math.ceil(0.001 * p.numel())
+            assert threshold == 1e9 or int((s != 0).sum()) > 0
+        owed = kept
+
+
+def test_sampled_topk_selects_the_same_entries_in_any_bucket_layout():
+    """The sample positions are keyed by parameter, not by bucket: a simulated worker packs
+    other buckets than DDP does and must still send what the real rank sends."""
+    params = [nn.Parameter(torch.zeros(40_000)), nn.Parameter(torch.zeros(30_000))]
+    names = {params[0]: "a", params[1]: "b"}
+    grads = [torch.randn(p.numel(), generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    # sample 1% with few entries sent: the threshold is an estimate, so its samples matter
+    options = dict(density=0.0005, warmup_steps=0, select="sampled", sample_share=0.01, worker=3, seed=7)
+    together, alone = TopK(names, **options), TopK(names, **options)
+    joint, _, _ = _sent_and_kept(together, params, grads)
+    for i, param in enumerate(params):
+        single, _, _ = _sent_and_kept(alone, [param], [grads[i]])
+        assert torch.equal(single[0], joint[i])
+    assert all(torch.equal(together.residuals[n], alone.residuals[n]) for n in ("a", "b"))
+
+
+def test_local_clipping_bounds_each_tensor_by_its_share_and_the_worker_count():
+    small, large = nn.Parameter(torch.zeros(100)), nn.Parameter(torch.zeros(300))
+    topk = TopK({small: "small", large: "large"}, density=0.5, warmup_steps=0, min_numel=1000, local_clip=2.0)
+    g_small, g_large = torch.full((100,), 0.001), torch.full((300,), 10.0)
+    dense, _, _ = _message(topk, [small, large], [g_small, g_large], world_size=4)
+    bound = 2.0 * math.sqrt(300 / 400) / math.sqrt(4)
+    assert torch.equal(dense[:100], g_small)  # under its bound: untouched
+    assert float(dense[100:].norm()) == pytest.approx(bound, rel=1e-5)
+    assert torch.allclose(dense[100:], torch.full((300,), bound / math.sqrt(300)))
+
+
+def test_named_tensors_go_dense():
+    from hydrahead.comm.compression import CommCounters, make_topk
+
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32))
+    names = {p: n for n, p in model.named_parameters()}
+    cfg = CommConfig(grad_compression="topk", topk_min_numel=100, topk_dense=["0.*"])
+    topk = make_topk(cfg, names, CommCounters())
+    assert [topk.is_sparse(p) for p in model.parameters()] == [False, False, True, False]
+    grads = [torch.randn(p.shape) for p in model.parameters()]
+    dense, indices, _ = _message(topk, list(model.parameters()), grads)
+    assert dense.numel() == 64 * 96 + 96 + 32 and indices.numel() == math.ceil(0.25 * 96 * 32)  # warm-up start
+
+
+def _momentum_worker(rank, world_size, density, masking, steps):
+    from torch.optim import SGD
+
+    model, reference = _model(), _model()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    cfg = CommConfig(
+        grad_compression="topk",
+        topk_density=density,
+        topk_warmup_steps=0,
+        topk_min_numel=100,
+        topk_momentum_correction=True,
+        topk_momentum_masking=masking,
+    )
+    decay = {n: 0.01 if p.ndim > 1 else 0.0 for n, p in model.named_parameters()}
+    _, topk = register(ddp, None, cfg, {p: n for n, p in model.named_parameters()}, momentum=0.9, weight_decay=decay)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.0)  # the exchange holds the momentum
+    groups = [[p for p in reference.parameters() if p.ndim > 1], [p for p in reference.parameters() if p.ndim <= 1]]
+    ref_optimizer = SGD(
+        [{"params": groups[0], "weight_decay": 0.01}, {"params": groups[1], "weight_decay": 0.0}], lr=0.1, momentum=0.9
+    )
+    for step in range(1, steps + 1):
+        x, y = _batch(rank, step)
+        topk.step = step
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        topk.commit()
+        optimizer.step()
+        optimizer.zero_grad()
+        grads = torch.autograd.grad(nn.functional.cross_entropy(reference(x), y), list(reference.parameters()))
+        for p, g in zip(reference.parameters(), grads):
+            dist.all_reduce(g)  # the dense sum over ranks
+            p.grad = g
+        ref_optimizer.step()
+    return [p.detach() for p in model.parameters()], [p.detach() for p in reference.parameters()]
+
+
+@pytest.mark.parametrize("density", [1.0, 1 - 1e-7])  # every tensor dense; every entry through the sparse path
+def test_momentum_correction_sending_everything_is_sgd_with_momentum_and_weight_decay(density):
+    corrected, reference = run_ranks(_momentum_worker, 2, density, False, 4)[0]
+    assert _close(corrected, reference, 1e-5)
+
+
+def test_momentum_masking_clears_the_momentum_of_what_was_sent():
+    # every entry is sent every step, so masking leaves the sparse tensors no momentum at all
+    masked, reference = run_ranks(_momentum_worker, 2, 1 - 1e-7, True, 4)[0]
+    assert not _close(masked, reference, 1e-2)
+    sparse = [i for i, p in enumerate(masked) if p.numel() >= 100]
+    dense = [i for i in range(len(masked)) if i not in sparse]
+    assert _close([masked[i] for i in dense], [reference[i] for i in dense], 1e-1)  # dense ones keep theirs
+
+
+def test_momentum_correction_needs_sgd_and_unused_topk_keys_are_warned_about():
+    with pytest.raises(ConfigError, match="optim.backbone=sgd"):
+        validate(
+            load_config(
+                None, ["comm.grad_compression=topk", "comm.topk_momentum_correction=true", "optim.backbone=lamb"]
+            )
+        )
+    with pytest.warns(UserWarning, match="comm.topk_"):
+        validate(load_config(None, ["comm.topk_select=sampled"]))

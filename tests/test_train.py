@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from dist_harness import run_ranks
-from launcher import launch, train_losses
+from launcher import launch, saved_backbone, train_losses
 
-from hydrahead.config import config_from_dict, load_config
+from hydrahead.config import load_config
 from hydrahead.distributed.collectives import average_buffers
 from hydrahead.distributed.setup import DistEnv
-from hydrahead.models import build_backbone
-from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
+from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
 from hydrahead.train.trainer import Trainer
 
 
@@ -102,24 +99,6 @@ def test_interrupted_and_damaged_checkpoints_are_skipped(two_rank_run, tmp_path)
     assert train_losses(run_dir) == train_losses(two_rank_run)
 
 
-def _saved_backbone(checkpoint) -> dict[str, torch.Tensor]:
-    cfg = config_from_dict(read_meta(checkpoint)["config"])
-    m = cfg.model
-    backbone = build_backbone(
-        m.backbone,
-        m.embed_dim,
-        input_dim=m.input_dim,
-        hidden_dim=m.hidden_dim,
-        depth=m.depth,
-        image_size=cfg.data.image_size,
-    )
-    state = {"backbone": backbone.state_dict()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint)), no_dist=True)
-    return state["backbone"]
-
-
 def test_resnet18_on_procedural_images_two_ranks(tmp_path):
     resnet = [
         "model.backbone=resnet18",
@@ -143,7 +122,7 @@ def test_resnet18_on_procedural_images_two_ranks(tmp_path):
     # and the checkpoint holds the ranks' mean rather than rank 0's copy.
     launch(per_rank, 2, *resnet, "model.broadcast_buffers=false", "train.eval_every=0")
     assert train_losses(per_rank) == train_losses(broadcast)
-    rank0, mean = _saved_backbone(latest_checkpoint(broadcast)), _saved_backbone(latest_checkpoint(per_rank))
+    rank0, mean = saved_backbone(latest_checkpoint(broadcast)), saved_backbone(latest_checkpoint(per_rank))
     stats = [name for name in rank0 if name.endswith(("running_mean", "running_var"))]
     assert stats and all(not torch.equal(rank0[name], mean[name]) for name in stats)
 

@@ -34,6 +34,7 @@ from torch.profiler import record_function
 
 from hydrahead.comm import compression
 from hydrahead.comm.overlap import OverlappedHead, transfer_group
+from hydrahead.comm.simulated import SimulatedWorkers
 from hydrahead.comm.timing import CommClock
 from hydrahead.config import Config, config_to_dict, save_config, validate
 from hydrahead.counter_rng import counter_hash
@@ -50,7 +51,7 @@ from hydrahead.distributed.setup import DistEnv
 from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
-from hydrahead.models import build_backbone
+from hydrahead.models import build_backbone, param_groups_for_decay
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.optim.speculative import StepSnapshot
 from hydrahead.train import checkpoint as ckpt
@@ -203,14 +204,54 @@ class Trainer:
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
         names = {param: name for name, param in backbone.named_parameters()}
+        o, comm = cfg.optim, cfg.comm
+        # Momentum correction moves SGD's momentum and weight decay from the optimizer into the exchange.
+        self.exchange_momentum = comm.grad_compression == "topk" and comm.topk_momentum_correction
+        decay = {
+            names[p]: group["weight_decay"]
+            for group in param_groups_for_decay(backbone, o.weight_decay)
+            for p in group["params"]
+        }
         self.clock = CommClock(self.device)  # time in each collective on logged steps
-        self.comm_counters, self.topk = compression.register(
-            self.backbone,
-            env.data_group,
-            cfg.comm,
-            names,
-            wrap=lambda hook: self.clock.hook("backbone_allreduce", hook),
-        )
+        self.simulated = None
+        # Top-k state by worker (its rank, or the simulated worker's index): what each has not sent yet.
+        self.topk_workers: dict[int, compression.TopK] = {}
+        if comm.simulate_workers > 1:
+            self.comm_counters = compression.CommCounters()
+            if comm.grad_compression == "topk":
+                self.topk_workers = {
+                    w: compression.make_topk(
+                        comm,
+                        names,
+                        self.comm_counters if w == 0 else compression.CommCounters(),  # one worker's bytes
+                        momentum=o.momentum,
+                        weight_decay=decay,
+                        seed=cfg.run.seed,
+                        worker=w,
+                    )
+                    for w in range(comm.simulate_workers)
+                }
+            self.simulated = SimulatedWorkers(
+                backbone,
+                comm.simulate_workers,
+                counters=self.comm_counters,
+                exchanges=list(self.topk_workers.values()) or None,
+                forward=torch.compile(backbone) if cfg.model.compile else backbone,
+                broadcast_buffers=cfg.model.broadcast_buffers,
+            )
+        else:
+            self.comm_counters, topk = compression.register(
+                self.backbone,
+                env.data_group,
+                comm,
+                names,
+                wrap=lambda hook: self.clock.hook("backbone_allreduce", hook),
+                momentum=o.momentum,
+                weight_decay=decay,
+                seed=cfg.run.seed,
+            )
+            if topk is not None:
+                self.topk_workers = {env.rank: topk}
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
         # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
@@ -284,13 +325,12 @@ class Trainer:
             build_group=build_group,
         )
 
-        o = cfg.optim
         self.backbone_optim = build_optimizer(
             o.backbone,
             backbone,
             lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
+            momentum=0.0 if self.exchange_momentum else o.momentum,
+            weight_decay=0.0 if self.exchange_momentum else o.weight_decay,
             betas=tuple(o.betas),
             eps=o.eps,
             trust_coefficient=o.trust_coefficient,
@@ -358,6 +398,8 @@ class Trainer:
         the ranks, so evaluation and checkpoints see one model; training-mode forwards use
         batch statistics, so the losses do not change."""
         if not self.cfg.model.broadcast_buffers:
+            if self.simulated is not None:
+                self.simulated.settle_buffers()
             average_buffers(self.backbone_module, self.env.data_group)
 
     def save(self, *, checksums: bool = True) -> Path:
@@ -382,19 +424,24 @@ class Trainer:
                 "table": ckpt.class_rows(table, self.head.class_start, self.head.num_classes, self.env.rank)
             }
             meta["head_graph"] = {**self.selector.graph_signature, "built_step": built_step}
-        if self.topk is not None:  # per-rank: what each rank has not sent yet
-            state["comm_residuals"] = {f"rank{self.env.rank}": self.topk.state_dict()}
-            meta["comm_residuals_world_size"] = self.env.world_size
+        if self.topk_workers:  # per worker: what each has not sent yet
+            state["comm_residuals"] = {f"rank{w}": topk.state_dict() for w, topk in self.topk_workers.items()}
+            meta["comm_residuals_world_size"] = self.num_workers
         path = ckpt.save_checkpoint(
             self.env, self.run_dir, self.step, state, meta, keep=self.cfg.checkpoint.keep, checksums=checksums
         )
         self.last_checkpoint = f"this run last saved {path.name}"
         return path
 
+    @property
+    def num_workers(self) -> int:
+        """Data-parallel workers: the ranks, or the workers simulated inside the one rank."""
+        return self.env.world_size * self.cfg.comm.simulate_workers
+
     def _resume_residuals(self, path: Path, meta: dict) -> None:
-        """topk: load this rank's unsent gradients. On another world size the saved ranks'
-        residuals are summed onto rank 0 (what the ranks owed together is still sent, once)."""
-        if self.topk is None:
+        """topk: load each worker's unsent gradients. On another number of workers the saved
+        workers' residuals are summed onto worker 0 (what they owed together is still sent, once)."""
+        if not self.topk_workers:
             return
         saved = meta.get("comm_residuals_world_size")
         if saved is None:
@@ -405,16 +452,22 @@ class Trainer:
                     flush=True,
                 )
             return
-        wanted = [self.env.rank] if saved == self.env.world_size else (range(saved) if self.env.is_main else [])
-        state = {"comm_residuals": {f"rank{r}": self.topk.empty_state_dict() for r in wanted}}
-        if wanted:
-            ckpt.load_checkpoint(self.env, path, state)
-        else:  # DCP's load is collective: take part with nothing to read
-            ckpt.load_checkpoint(self.env, path, {"comm_residuals": {}})
-        self.topk.load_summed(list(state["comm_residuals"].values()))
-        if saved != self.env.world_size and self.env.is_main:
+        same = saved == self.num_workers
+        template = next(iter(self.topk_workers.values()))
+        wanted = list(self.topk_workers) if same else (list(range(saved)) if 0 in self.topk_workers else [])
+        state = {"comm_residuals": {f"rank{w}": template.empty_state_dict() for w in wanted}}
+        # DCP's load is collective: a rank with nothing to read takes part with an empty state.
+        ckpt.load_checkpoint(self.env, path, state)
+        loaded = state["comm_residuals"]
+        for worker, topk in self.topk_workers.items():
+            if same:
+                topk.load_summed([loaded[f"rank{worker}"]])
+            else:
+                topk.load_summed(list(loaded.values()) if worker == 0 else [])
+        if not same and self.env.is_main:
+            unit = "worker" if self.simulated is not None else "rank"
             print(
-                f"notice: top-k residuals of {saved} ranks summed onto rank 0 of {self.env.world_size}",
+                f"notice: top-k residuals of {saved} {unit}s summed onto {unit} 0 of {self.num_workers}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -580,9 +633,9 @@ class Trainer:
         sizes = [self.local_batch] * self.env.world_size
         self.clock.enabled = timed
         with self._autocast(), record_function("hydrahead::backbone_forward"):
-            local_features = self.forward_backbone(
-                inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
-            )
+            inputs = inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
+            forward = self.forward_backbone if self.simulated is None else self.simulated.forward
+            local_features = forward(inputs)
         if self.faults.fires("nan_loss", step, self.env.rank):
             local_features = local_features * float("nan")
 
@@ -597,10 +650,12 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         head_ms = (time.perf_counter() - start) * 1e3
 
-        if self.topk is not None:
-            self.topk.step = step  # the density of this step's warm-up: read by the DDP hook in the backward
+        for topk in self.topk_workers.values():
+            topk.step = step  # the density of this step's warm-up: read by the DDP hook in the backward
         with record_function("hydrahead::backbone_backward"):
-            if local_grad is not None:
+            if local_grad is not None and self.simulated is not None:
+                self.simulated.backward(local_grad)  # each worker's backward and message, then their sum
+            elif local_grad is not None:
                 local_features.backward(local_grad)  # backbone backward, DDP's bucketed sum behind it
         with record_function("hydrahead::step_end"):
             nonfinite, preempt = self._apply_updates(
@@ -737,8 +792,8 @@ class Trainer:
                 if loss_finite:
                     self.step_snapshot.restore()
                 self.head.finish_step(skip=True)
-                if self.topk is not None:
-                    self.topk.discard()
+                for topk in self.topk_workers.values():
+                    topk.discard()
                 raise
         nonfinite = (
             "loss"
@@ -749,8 +804,8 @@ class Trainer:
                 if count
             )
         )
-        if self.topk is not None:  # a skipped step's unsent gradients must not advance
-            self.topk.discard() if nonfinite else self.topk.commit()
+        for topk in self.topk_workers.values():  # a skipped step's unsent gradients must not advance
+            topk.discard() if nonfinite else topk.commit()
         if loss_finite:
             self.step_snapshot.restore() if nonfinite else self.step_snapshot.release()
         self.head.finish_step(skip=bool(nonfinite))
@@ -853,8 +908,8 @@ class Trainer:
             **{key: result[key] for key in ("bytes_feature_gather", "bytes_grad_scatter", "bytes_backbone_allreduce")},
             **{key: value for key, value in result.items() if key.startswith("ms_") or key == "comm_hidden"},
         }
-        if self.topk is not None:
-            row["topk_density"] = self.topk.current_density()
+        if self.topk_workers:
+            row["topk_density"] = next(iter(self.topk_workers.values())).current_density()
         row.update(self._selection_metrics())
         if cfg.data.on_bad_sample == "skip":
             row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)

@@ -1,0 +1,57 @@
+"""The top-k benchmarks' CPU dry runs: benchmarks/topk_speed.py and benchmarks/topk_accuracy.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import topk_accuracy, topk_speed  # noqa: E402
+
+
+def test_topk_speed_dry_run_measures_every_exchange(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    topk_speed.main(["--dry-run", "--models", "vit_tiny", "--densities", "0.01", "--gbit", "25", "--workers", "4"])
+    payload = json.loads((tmp_path / "topk_speed.json").read_text())
+    assert {"device", "torch", "triton", "date", "rows"} <= payload.keys() and payload["device"] == "cpu"
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert list(rows) == ["dense", "bf16", "powersgd", "topk-exact 0.01", "topk-sampled 0.01"]
+    dense = rows["dense"]
+    assert dense["bytes"] == 4 * dense["params"] and rows["bf16"]["bytes"] == 2 * dense["params"]
+    assert rows["powersgd"]["bytes"] < dense["bytes"] / 4
+    for name in ("topk-exact 0.01", "topk-sampled 0.01"):
+        row = rows[name]
+        assert row["bytes"] < dense["bytes"] / 10 and row["ratio"] == dense["bytes"] / row["bytes"]
+        assert row["select_ms"] > 0 and row["select_share"] == row["select_ms"] / dense["bwd_ms"]
+        assert row["wire_ms"] == pytest.approx(3 * row["bytes"] * 8 / 25e9 * 1e3)  # all-gather: W - 1 messages in
+    assert 0.9 <= rows["topk-sampled 0.01"]["recall"] <= 1.0
+    for row in rows.values():
+        assert row["link_ms"] == pytest.approx(row["bytes"] * 8 / 25e9 * 1e3)
+        assert row["step_serial_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["wire_ms"])
+        hidden = max(0.0, row["wire_ms"] - dense["bwd_ms"])
+        assert row["step_overlap_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + hidden)
+    assert dense["wire_ms"] == pytest.approx(2 * 3 / 4 * dense["bytes"] * 8 / 25e9 * 1e3)  # ring all-reduce
+
+
+def test_topk_accuracy_dry_run_trains_simulated_workers_with_fixes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    args = ["--dry-run", "--simulate-workers", "2", "--densities", "0.01", "--fixes", "none,mc+sampled"]
+    topk_accuracy.main([*args, "--seeds", "0", "--name", "study"])
+    payload = json.loads((tmp_path / "study.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert list(rows) == ["hydrahead-dense", "hydrahead-topk 0.01", "hydrahead-topk 0.01 mc+sampled"]
+    for row in rows.values():
+        assert row["eval_top1"] is not None and row["workers"] == 2
+        assert "simulating 2 workers" in row["shape"]
+        assert "comm.simulate_workers=2" in payload["overrides"]
+    assert "comm.topk_momentum_correction=true" in rows["hydrahead-topk 0.01 mc+sampled"]["overrides"]
+    assert "comm.topk_select=sampled" in rows["hydrahead-topk 0.01 mc+sampled"]["overrides"]
+    dense_bytes = rows["hydrahead-dense"]["backbone_bytes_mean"]
+    assert all(rows[m]["backbone_bytes_mean"] < dense_bytes for m in rows if m != "hydrahead-dense")
+    with pytest.raises(SystemExit):
+        topk_accuracy.main([*args, "--fixes", "mc+bogus"])
+    with pytest.raises(SystemExit):
+        topk_accuracy.main(["--dry-run", "--simulate-workers", "2", "--gpus", "2"])
