@@ -536,12 +536,14 @@ class Trainer:
 
         def load(path: Path) -> None:  # runs while the data files are hashed; kept only if they verify
             meta = ckpt.read_meta(path)  # meta.json verified before this
+            # A refused change (a tensor's shape, the data stream) raises before DCP reads anything.
+            notices = check_resume_changes(meta["config"], config_to_dict(self.cfg), path)
             # Checkpoints from before deferred steps were saved hold settled rows: nothing is owed.
             deferred = self.head.empty_deferred_state() if meta.get(ckpt.HEAD_DEFERRED) else None
             state = self._state(deferred)
             loaded.clear()
             ckpt.load_checkpoint(self.env, path, state)
-            loaded.update(meta=meta, deferred=deferred, state=state)
+            loaded.update(meta=meta, deferred=deferred, state=state, notices=notices)
 
         found = ckpt.newest_loadable_checkpoint(
             self.run_dir, group=self.env.data_group, contents=verify, skipped=skipped, load=load
@@ -560,7 +562,7 @@ class Trainer:
         self.last_checkpoint = f"this run resumed from {path.name}, " + (
             "whose checksums verified then" if check.status == ckpt.OK else how
         )
-        for notice in check_resume_changes(meta["config"], config_to_dict(self.cfg), path):
+        for notice in loaded["notices"]:
             if self.env.is_main:
                 print(f"warning: {notice}", file=sys.stderr, flush=True)
         if deferred is not None:
