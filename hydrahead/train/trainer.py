@@ -203,55 +203,11 @@ class Trainer:
             broadcast_buffers=cfg.model.broadcast_buffers,
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
-        names = {param: name for name, param in backbone.named_parameters()}
-        o, comm = cfg.optim, cfg.comm
+        o = cfg.optim
         # Momentum correction moves SGD's momentum and weight decay from the optimizer into the exchange.
-        self.exchange_momentum = comm.grad_compression == "topk" and comm.topk_momentum_correction
-        decay = {
-            names[p]: group["weight_decay"]
-            for group in param_groups_for_decay(backbone, o.weight_decay)
-            for p in group["params"]
-        }
+        self.exchange_momentum = cfg.comm.grad_compression == "topk" and cfg.comm.topk_momentum_correction
         self.clock = CommClock(self.device)  # time in each collective on logged steps
-        self.simulated = None
-        # Top-k state by worker (its rank, or the simulated worker's index): what each has not sent yet.
-        self.topk_workers: dict[int, compression.TopK] = {}
-        if comm.simulate_workers > 1:
-            self.comm_counters = compression.CommCounters()
-            if comm.grad_compression == "topk":
-                self.topk_workers = {
-                    w: compression.make_topk(
-                        comm,
-                        names,
-                        self.comm_counters if w == 0 else compression.CommCounters(),  # one worker's bytes
-                        momentum=o.momentum,
-                        weight_decay=decay,
-                        seed=cfg.run.seed,
-                        worker=w,
-                    )
-                    for w in range(comm.simulate_workers)
-                }
-            self.simulated = SimulatedWorkers(
-                backbone,
-                comm.simulate_workers,
-                counters=self.comm_counters,
-                exchanges=list(self.topk_workers.values()) or None,
-                forward=torch.compile(backbone) if cfg.model.compile else backbone,
-                broadcast_buffers=cfg.model.broadcast_buffers,
-            )
-        else:
-            self.comm_counters, topk = compression.register(
-                self.backbone,
-                env.data_group,
-                comm,
-                names,
-                wrap=lambda hook: self.clock.hook("backbone_allreduce", hook),
-                momentum=o.momentum,
-                weight_decay=decay,
-                seed=cfg.run.seed,
-            )
-            if topk is not None:
-                self.topk_workers = {env.rank: topk}
+        self._build_exchange(backbone)
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
         # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
@@ -350,6 +306,56 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.skipped_total, self.skipped_in_a_row = 0, 0
         self.faults = fault_plan_from_env()
+
+    def _build_exchange(self, backbone: torch.nn.Module) -> None:
+        """The backbone's gradient exchange: the configured DDP hook, or with
+        comm.simulate_workers the W workers simulated in this rank. Sets ``comm_counters``,
+        ``simulated`` and ``topk_workers`` (top-k state by worker: its rank, or the simulated
+        worker's index)."""
+        cfg, env, comm, o = self.cfg, self.env, self.cfg.comm, self.cfg.optim
+        names = {param: name for name, param in backbone.named_parameters()}
+        decay = {
+            names[p]: group["weight_decay"]
+            for group in param_groups_for_decay(backbone, o.weight_decay)
+            for p in group["params"]
+        }
+        self.simulated, self.topk_workers = None, {}
+        if comm.simulate_workers <= 1:
+            self.comm_counters, topk = compression.register(
+                self.backbone,
+                env.data_group,
+                comm,
+                names,
+                wrap=lambda hook: self.clock.hook("backbone_allreduce", hook),
+                momentum=o.momentum,
+                weight_decay=decay,
+                seed=cfg.run.seed,
+            )
+            if topk is not None:
+                self.topk_workers = {env.rank: topk}
+            return
+        self.comm_counters = compression.CommCounters()
+        if comm.grad_compression == "topk":
+            self.topk_workers = {
+                w: compression.make_topk(
+                    comm,
+                    names,
+                    self.comm_counters if w == 0 else compression.CommCounters(),  # one worker's bytes
+                    momentum=o.momentum,
+                    weight_decay=decay,
+                    seed=cfg.run.seed,
+                    worker=w,
+                )
+                for w in range(comm.simulate_workers)
+            }
+        self.simulated = SimulatedWorkers(
+            backbone,
+            comm.simulate_workers,
+            counters=self.comm_counters,
+            exchanges=list(self.topk_workers.values()) or None,
+            forward=torch.compile(backbone) if cfg.model.compile else backbone,
+            broadcast_buffers=cfg.model.broadcast_buffers,
+        )
 
     # ------------------------------------------------------------------------------------
     # State
