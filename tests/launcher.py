@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,9 +79,49 @@ def launch(
         text=True,
         timeout=timeout,
     )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    if check:
+        _check(proc)
     return proc
+
+
+def launch_together(*runs: tuple, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """launch() for independent runs, all started at once and all required to succeed; each
+    run is a tuple (run_dir, nproc, *overrides). torchrun --standalone picks its own port.
+
+    On a machine of 2 cores a launch leaves one idle for much of its time: torchrun's start
+    and exit and a 1-rank worker run on one core, so a second launch beside it costs little
+    more wall time."""
+    procs = []
+    try:
+        for run_dir, nproc, *overrides in runs:
+            procs.append(
+                subprocess.Popen(
+                    command(run_dir, nproc, *overrides),
+                    cwd=REPO,
+                    env=environment(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        done = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # a hang or a failure above: stop the rest
+                proc.kill()
+                proc.wait()
+    for proc in done:
+        _check(proc)
+    return done
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
 
 
 @contextlib.contextmanager

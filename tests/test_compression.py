@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
-from launcher import launch, metrics
+from launcher import launch, launch_together, metrics
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -190,8 +190,7 @@ def test_topk_warmup_compresses_each_step_at_its_own_density_and_resumes_exactly
         "log.every=1",
     ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    launch(whole, 2, *topk, "train.stop_after=8")
-    launch(resumed, 2, *topk, "train.stop_after=4")
+    launch_together((whole, 2, *topk, "train.stop_after=8"), (resumed, 2, *topk, "train.stop_after=4"))
     launch(resumed, 2, *topk, "train.stop_after=8")
     assert train_losses(resumed) == train_losses(whole)
     rows = [r for r in metrics(whole) if "topk_density" in r]

@@ -519,18 +519,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli(runs, tmp_path):
+def test_cli(runs, tmp_path, capsys):
     ckpt, out = step_dir(runs[3], 4), tmp_path / "head.npy"
     proc = run_cli(str(ckpt), str(out), "--block-rows", "7")
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(read_export(out), full_load(ckpt, "head.weight"))
 
-    refused = run_cli(str(ckpt), str(out))
-    assert refused.returncode == 1 and "exists" in refused.stderr
-    bad = run_cli(str(ckpt), str(tmp_path / "head.pt"))
-    assert bad.returncode == 1 and ".safetensors or .npy" in bad.stderr
+    # The same main() that `python -m` ran above, called here: no second start of the tool.
+    assert export_module.main([str(ckpt), str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert export_module.main([str(ckpt), str(tmp_path / "head.pt")]) == 1
+    assert ".safetensors or .npy" in capsys.readouterr().err
 
-    helped = run_cli("--help")
-    assert helped.returncode == 0
+    with pytest.raises(SystemExit) as helped:
+        export_module.main(["--help"])
+    assert helped.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
     for text in ("--tensor", "momentum", "--dtype", "--block-rows", "--force", "run folder", "numpy has no bfloat16"):
-        assert text in " ".join(helped.stdout.split()), text
+        assert text in usage, text

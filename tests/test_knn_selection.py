@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_harness import run_ranks
-from launcher import cpu_hog, launch, metrics, train_losses
+from launcher import cpu_hog, launch, launch_together, metrics, train_losses
 
 from hydrahead.head import ShardedClassifier
 from hydrahead.head import index as index_mod
@@ -828,8 +828,7 @@ def test_trainer_knn_background_mode_resumes(knn_background_run):
 
 def test_trainer_random_selection_is_world_size_independent(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(one, 1, *RANDOM, "train.eval_every=0")
-    launch(two, 2, *RANDOM, "train.eval_every=0")
+    launch_together((one, 1, *RANDOM, "train.eval_every=0"), (two, 2, *RANDOM, "train.eval_every=0"))
     a, b = train_losses(one), train_losses(two)
     assert a.keys() == b.keys() == set(range(1, 13))
     for step in a:
@@ -845,8 +844,7 @@ def deterministic_runs(tmp_path_factory):
     rebuilds at steps 5 and 10) that each test copies and resumes its own way."""
     root = tmp_path_factory.mktemp("deterministic")
     straight, stopped = root / "straight", root / "stopped"
-    launch(straight, 2, *KNN_DETERMINISTIC)
-    launch(stopped, 2, *KNN_DETERMINISTIC, "train.stop_after=7")
+    launch_together((straight, 2, *KNN_DETERMINISTIC), (stopped, 2, *KNN_DETERMINISTIC, "train.stop_after=7"))
     assert latest_checkpoint(stopped).name == "step-7"
     return straight, stopped
 
@@ -921,8 +919,9 @@ COVERING_BY_RANKS = [(1, "below"), (2, "at"), (3, "above")]
 @pytest.mark.parametrize("nproc, covering", COVERING_BY_RANKS)
 def test_trainer_knn_with_every_row_active_trains_as_the_full_softmax(tmp_path, nproc, covering):
     full, knn = tmp_path / "full", tmp_path / "knn"
-    launch(full, nproc, *ALL_ROWS)
-    launch(knn, nproc, *ALL_ROWS, "head.selection=knn", *KNN_COVERING[covering](nproc))
+    launch_together(
+        (full, nproc, *ALL_ROWS), (knn, nproc, *ALL_ROWS, "head.selection=knn", *KNN_COVERING[covering](nproc))
+    )
     rows = [r for r in metrics(knn) if "loss" in r]
     assert all(r["active_classes"] == 102 // nproc for r in rows)
     assert {r["step"]: r["loss"] for r in rows} == train_losses(full)

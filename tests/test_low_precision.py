@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from launcher import launch, train_losses
+from launcher import launch, launch_together, train_losses
 
 from hydrahead.config import ConfigError, load_config, validate
 from hydrahead.head import ShardedClassifier
@@ -198,8 +198,7 @@ def test_fp8_run_with_kahan_resumes_exactly(tmp_path):
     """The Kahan buffer is checkpointed: a stopped and resumed run equals an uninterrupted one."""
     options = ("head.impl=reference", "head.weight_dtype=fp8_e4m3", "head.rounding=stochastic", "head.kahan=on")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    launch(straight, 2, *options)
-    launch(stopped, 2, *options, "train.stop_after=7")
+    launch_together((straight, 2, *options), (stopped, 2, *options, "train.stop_after=7"))
     launch(stopped, 2, *options)
     want, got = train_losses(straight), train_losses(stopped)
     assert sorted(got) == sorted(want)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
-from launcher import launch, metrics
+from launcher import launch_together, metrics
 
 from hydrahead.comm.overlap import OverlappedHead, global_rows, micro_batch_bounds
 from hydrahead.comm.timing import CommClock, union_ms
@@ -234,8 +234,10 @@ def test_training_with_overlap_follows_the_whole_batch_run(tmp_path, head):
         "head.scale=1",
         *head,
     )
-    launch(tmp_path / "whole", 2, *common)
-    launch(tmp_path / "overlap", 2, *common, "comm.overlap=true", "comm.micro_batches=3")
+    launch_together(
+        (tmp_path / "whole", 2, *common),
+        (tmp_path / "overlap", 2, *common, "comm.overlap=true", "comm.micro_batches=3"),
+    )
     whole = [row for row in metrics(tmp_path / "whole") if "loss" in row]
     overlap = [row for row in metrics(tmp_path / "overlap") if "loss" in row]
     assert [row["step"] for row in overlap] == [row["step"] for row in whole] == list(range(1, 7))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launcher import REPO, command, environment, launch, metrics, train_losses
+from launcher import REPO, command, environment, launch, launch_together, metrics, train_losses
 
 from hydrahead.train.checkpoint import complete_checkpoints, latest_checkpoint
 
@@ -53,8 +53,7 @@ def test_rows_owing_steps_are_resplit_with_what_they_owe(tmp_path):
     hand each row its own debt, and train as the uninterrupted 2-rank run does."""
     random_rows = ["head.selection=random", "head.budget=0.3", "head.weight_decay=0.01", "train.eval_every=0"]
     straight, resplit = tmp_path / "straight", tmp_path / "resplit"
-    launch(straight, 2, *random_rows)
-    launch(resplit, 3, *random_rows, "train.stop_after=6")
+    launch_together((straight, 2, *random_rows), (resplit, 3, *random_rows, "train.stop_after=6"))
     launch(resplit, 1, *random_rows)
     assert_same_losses(resplit, straight, range(1, 13))
 

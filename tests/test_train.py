@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from dist_harness import run_ranks
-from launcher import launch, saved_backbone, train_losses
+from launcher import launch, launch_together, saved_backbone, train_losses
 
 from hydrahead.config import load_config
 from hydrahead.distributed.collectives import average_buffers
@@ -111,7 +111,10 @@ def test_resnet18_on_procedural_images_two_ranks(tmp_path):
         "checkpoint.every=0",
     ]
     broadcast, per_rank = tmp_path / "broadcast", tmp_path / "per_rank"
-    launch(broadcast, 2, *resnet)
+    # The second run (per-rank BatchNorm statistics, checked below) beside the first.
+    launch_together(
+        (broadcast, 2, *resnet), (per_rank, 2, *resnet, "model.broadcast_buffers=false", "train.eval_every=0")
+    )
     rows = [json.loads(line) for line in (broadcast / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
@@ -120,7 +123,6 @@ def test_resnet18_on_procedural_images_two_ranks(tmp_path):
 
     # Per-rank BatchNorm statistics: the same losses (training forwards use batch statistics),
     # and the checkpoint holds the ranks' mean rather than rank 0's copy.
-    launch(per_rank, 2, *resnet, "model.broadcast_buffers=false", "train.eval_every=0")
     assert train_losses(per_rank) == train_losses(broadcast)
     rank0, mean = saved_backbone(latest_checkpoint(broadcast)), saved_backbone(latest_checkpoint(per_rank))
     stats = [name for name in rank0 if name.endswith(("running_mean", "running_var"))]
@@ -258,8 +260,7 @@ def test_tensorboard_scalars_match_metrics_file(tmp_path):
 def test_compiled_backbone_trains_like_eager(tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     short = ["train.steps=3", "train.eval_every=0"]
-    launch(eager, 1, *short)
-    launch(compiled, 1, *short, "model.compile=true")
+    launch_together((eager, 1, *short), (compiled, 1, *short, "model.compile=true"))
     for step, loss in train_losses(eager).items():
         assert train_losses(compiled)[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
 
