@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, name: str) -> None:
     parser.add_argument("--name", default=name, help="results file name (without .json)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed to one run")
     parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds after which no run starts that the slowest so far would carry past them; "
+        "the same command again runs the rest",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)"
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -133,12 +139,11 @@ def run_study(
     *,
     what: str,
     extra_fields=lambda variant: {},
-    time_budget: float | None = None,
     plot=None,
 ) -> None:
     """Run every (variant, seed) not yet in the rows file; write the JSON; print the summary.
 
-    ``time_budget`` (seconds): after the first run of this call, no run starts once the
+    ``args.time_budget`` (seconds): after the first run of this call, no run starts once the
     time spent so far plus the slowest run of this study (in this call or recorded in the
     rows file) would pass it; a re-run of the same command does the rest.
     ``plot(payload, png)`` draws ``<name>.png`` (default: held-out top-1 per variant as bars).
@@ -167,7 +172,7 @@ def run_study(
             and r.get("run_overrides", args.overrides) == args.overrides
         )
 
-    started, ran = time.monotonic(), 0
+    started, ran, time_budget = time.monotonic(), 0, args.time_budget
     slowest = max((r.get("wall_s") or 0.0 for r in records if same_study(r)), default=0.0)
     done = {(r["method"], r["seed"]) for r in records if same_study(r) and not r.get("note")}
     todo = [(method, seed) for seed in seeds for method in variants if (method, seed) not in done]

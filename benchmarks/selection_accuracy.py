@@ -242,12 +242,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated factors of the config's head LR: one more random variant each (random's own best "
         "head LR is lower than full softmax's)",
     )
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        help="seconds after which no run starts that the slowest so far would carry past them; "
-        "the same command again runs the rest",
-    )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
@@ -272,7 +266,6 @@ def main(argv=None) -> None:
         what=f"full softmax against knn, random and graph selection at {budget}; "
         "last held-out eval of each run (top-1 over all classes)",
         extra_fields=lambda method: fields[method],
-        time_budget=args.time_budget,
         plot=plot_rows,
     )
 

@@ -13,9 +13,9 @@ it records; a re-run skips rows already in ``<name>.rows.jsonl``); besides the s
 the JSON holds ``paired``: per sampled variant, held-out top-1 minus the exact run's of
 the same seed, and their mean.
 
-Seeds run one after another; none starts once ``--time-budget`` would be overrun by a
-seed as slow as the slowest so far, so a command ends in bounded time. The same command
-again (with the rows file in place: benchmarks/results travels with the checkout, or
+Runs go seed by seed; none starts once ``--time-budget`` would be overrun by a run as
+slow as the slowest so far, so a command ends in bounded time. The same command again
+(with the rows file in place: benchmarks/results travels with the checkout, or
 ``$HYDRAHEAD_RESULTS_DIR``) runs only the seeds still missing.
 """
 
@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,9 +84,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keeps", default="0.3", help="comma-separated model.wta_crs_keep values run beside exact")
     parser.add_argument("--no-mlp", action="store_true", help="model.wta_crs_mlp=false: attention's linears only")
-    parser.add_argument(
-        "--time-budget", type=float, default=420, help="seconds after which no further seed starts (see above)"
-    )
     add_arguments(parser, name="wta_crs_accuracy")
     args = parser.parse_args(argv)
     keeps = [float(v) for v in args.keeps.split(",") if v]
@@ -100,22 +96,13 @@ def main(argv=None) -> None:
         {method_name(k, mlp): [f"model.wta_crs_keep={k!r}", f"model.wta_crs_mlp={str(mlp).lower()}"] for k in keeps}
     )
     by_method = {method_name(k, mlp): k for k in [1.0, *keeps]}
-    # One seed at a time (each call rewrites the JSON from all rows so far), none begun
-    # unless the slowest seed so far would still end inside the budget.
-    started, slowest = time.monotonic(), 0.0
-    for seed in args.seeds.split(","):
-        if time.monotonic() - started + slowest > args.time_budget:
-            print(f"--time-budget {args.time_budget:g} s: seeds from {seed} on left for a re-run", file=sys.stderr)
-            break
-        begun = time.monotonic()
-        run_study(
-            argparse.Namespace(**{**vars(args), "seeds": seed}),
-            variants,
-            what="ViT blocks' linears exact against WTA-CRS sampled weight gradients (model.wta_crs_keep); "
-            "last held-out eval of each run",
-            extra_fields=lambda method: {"wta_crs_keep": by_method.get(method), "wta_crs_mlp": mlp},
-        )
-        slowest = max(slowest, time.monotonic() - begun)
+    run_study(
+        args,
+        variants,
+        what="ViT blocks' linears exact against WTA-CRS sampled weight gradients (model.wta_crs_keep); "
+        "last held-out eval of each run",
+        extra_fields=lambda method: {"wta_crs_keep": by_method.get(method), "wta_crs_mlp": mlp},
+    )
     path = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR)) / f"{args.name}.json"
     payload = json.loads(path.read_text())
     payload["paired"] = paired_differences(payload["rows"])
