@@ -178,6 +178,11 @@ class HeadConfig:
         "outside the union, so its size needs no host read (about 5% random negatives at k 16; not with head.budget)",
     )
     rebuild_every: int = _key(100, "knn/graph: steps between index (class graph) rebuilds from the current weights")
+    index_max_age: int | None = _key(
+        None,
+        "knn/graph background rebuilds: a step whose index is older than this many steps waits for the running "
+        "build (null: no step waits; a rebuild due while one runs starts when it ends; at least rebuild_every)",
+    )
     index_retrain_every: int = _key(
         10,
         "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last",
@@ -782,6 +787,7 @@ def _check_selection(c: _Checks) -> None:
     )
     for key in ("rebuild_every", "index_retrain_every", "index_nprobe"):
         c.at_least(f"head.{key}", 1)
+    c.at_least("head.index_max_age", h.rebuild_every, nullable=True)  # younger than a rebuild period: every step waits
     c.at_least("head.index_nlist", 1, nullable=True)
     c.at_least("head.recall_every", 0)
     c.need(

@@ -267,6 +267,7 @@ def test_validate_global_batch_divisible_by_world_size():
         (["head.impl=reference", "head.grad_filter=1e-4"], None, "head.grad_filter"),
         (["model.wta_crs_keep=0"], None, "model.wta_crs_keep"),
         (["model.wta_crs_keep=1.5"], None, "model.wta_crs_keep"),
+        (["head.rebuild_every=10", "head.index_max_age=9"], None, "head.index_max_age"),
     ],
 )
 def test_validate_rejects_bad_values(overrides, world_size, key):

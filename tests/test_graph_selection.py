@@ -245,6 +245,7 @@ def _background_builds(rank, world_size):
         nlist=4,
         nprobe=4,
         rebuild_every=2,
+        max_index_age=4,
         recall_every=3,
         build_group=build_group,
     )
@@ -264,8 +265,12 @@ def _background_builds(rank, world_size):
 
 
 def test_graph_background_builds_over_two_ranks(two_ranks):
-    for out in two_ranks[1]:
-        assert max(out["ages"]) <= 4 and out["built"] == 5  # the build started at step 6 (5 updates)
+    # The last build starts at step 6 (5 updates), or at 7 if a rank's previous build still
+    # ran at 6; the ranks agree on it either way (their builds' collectives must pair up).
+    outs = two_ranks[1]
+    assert outs[0]["built"] == outs[1]["built"] in (5, 6)
+    for out in outs:
+        assert max(out["ages"]) <= 4  # max_index_age
         assert 0 <= out["recall"] <= 1
 
 
@@ -313,9 +318,9 @@ def test_graph_rebuilds_at_multiples_of_rebuild_every_inside_the_step():
     assert selector._worker is None
 
 
-def test_graph_background_rebuild_steps_wait_for_the_previous_build():
-    every, slow = 3, 1.0
-    selector = _selector(rebuild_every=every)
+def _slow_background_builds(selector, slow: float) -> list[int]:
+    """Make ``selector``'s background builds take ``slow`` seconds; returns the steps (weight
+    updates) every build started from, filled as they start."""
     original, started = selector._build, []
 
     def slow_build(weight, step, *args, **kwargs):
@@ -325,6 +330,35 @@ def test_graph_background_rebuild_steps_wait_for_the_previous_build():
         return original(weight, step, *args, **kwargs)
 
     selector._build = slow_build
+    return started
+
+
+def test_graph_background_rebuilds_never_stall_a_step():
+    every, slow = 3, 1.0
+    selector = _selector(rebuild_every=every)
+    started = _slow_background_builds(selector, slow)
+    weight, seconds, built = _weight(21), [], []
+    try:
+        for step in range(1, 11):
+            begin = time.perf_counter()
+            selector.select(step, *_batch(50 + step), weight)
+            seconds.append(time.perf_counter() - begin)
+            built.append(selector._current.step)
+            if step == 7:
+                time.sleep(slow + 0.3)  # the build of step 3 ends here
+    finally:
+        selector.close()
+    # Step 3 starts a build; at step 6 it still runs, so the rebuild due there waits for
+    # it to end (no step does) and starts at step 8, which also swaps in the build of 3.
+    assert started == [0, 2, 7]
+    assert built == [0, 0, 0, 0, 0, 0, 0, 2, 2, 2]
+    assert all(s < slow / 2 for s in seconds[1:]), seconds
+
+
+def test_graph_max_index_age_makes_a_step_wait():
+    every, slow = 3, 1.0
+    selector = _selector(rebuild_every=every, max_index_age=every)
+    started = _slow_background_builds(selector, slow)
     weight, seconds, built = _weight(21), [], []
     try:
         for step in range(1, 11):
@@ -334,11 +368,12 @@ def test_graph_background_rebuild_steps_wait_for_the_previous_build():
             built.append(selector._current.step)
     finally:
         selector.close()
-    # Builds start at steps 1 (in the step), 3, 6 and 9 whatever their timing: never skipped.
+    # A step more than 3 updates past its index waits for the running build: step 5 (4
+    # updates on an index of 0) for that of step 3, step 7 for that of 6, step 10 for that of 9.
     assert started == [0, 2, 5, 8]
-    # The build of step 3 is slower than 3 steps: step 6 waits for it, then starts its own.
-    assert seconds[5] >= slow / 2 and all(seconds[s - 1] < slow / 2 for s in (2, 3, 4, 5, 7, 8))
-    assert built[:6] == [0, 0, 0, 0, 0, 2] and built[8:] == [5, 5]
+    assert built == [0, 0, 0, 0, 2, 2, 5, 5, 5, 8]
+    slow_steps = [step for step, s in enumerate(seconds, 1) if s >= slow / 2]
+    assert slow_steps == [5, 7, 10], seconds
 
 
 def test_saved_graph_table_selects_identically():

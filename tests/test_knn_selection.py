@@ -515,7 +515,7 @@ def test_incremental_rebuilds_keep_every_row_in_its_list():
 
 def test_background_rebuilds_bound_the_age_and_swap_in():
     every, slow = 2, 1.0
-    selector = _ivf_selector(rebuild_every=every)
+    selector = _ivf_selector(rebuild_every=every, max_index_age=2 * every)
     build = selector._build
 
     def slow_build(*args, **kwargs):
@@ -540,7 +540,7 @@ def test_background_rebuilds_bound_the_age_and_swap_in():
         step(2)  # starts a background build from updates=1; does not wait for it
         time.sleep(slow + 0.5)  # it finishes meanwhile ...
         step(3)  # ... and is swapped in here without waiting
-        for s in range(4, 9):  # 4 starts a build; 5, 6 within 2 * every; 7 must wait; 8 starts another
+        for s in range(4, 9):  # 4 starts a build; 5, 6 within 2 * every; 7 must wait, then starts the one due at 6
             step(s)
     finally:
         selector.close()
@@ -552,6 +552,39 @@ def test_background_rebuilds_bound_the_age_and_swap_in():
     for s in (2, 3, 4, 5, 6, 8):
         assert seconds[s - 1] < slow / 2, f"step {s} must not wait: {seconds}"
     assert selector._worker is None and selector._pending is None
+
+
+def test_background_rebuilds_never_stall_a_step_by_default():
+    every, slow = 2, 1.0
+    selector = _ivf_selector(rebuild_every=every)
+    build, started = selector._build, []
+
+    def slow_build(weight, step, *args, **kwargs):
+        started.append(step)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(slow)
+        return build(weight, step, *args, **kwargs)
+
+    selector._build = slow_build
+    weight, ages, seconds = _weight(71), [], []
+    try:
+        for s in range(1, 10):
+            features, labels = _batch(72 + s)
+            begin = time.perf_counter()
+            selector.select(s, features, labels, weight)
+            seconds.append(time.perf_counter() - begin)
+            ages.append(selector.last["index_age"])
+            if s == 7:
+                time.sleep(slow + 0.3)
+    finally:
+        selector.close()
+    # Step 2 starts a build that runs past step 7: the steps serve the first index, older
+    # each step, and the rebuilds due at 4 and 6 wait for it; step 8 swaps it in and starts one.
+    assert started == [0, 1, 7]
+    assert ages == [0, 1, 2, 3, 4, 5, 6, 6, 7]
+    assert all(s < slow / 2 for s in seconds[1:]), seconds
+    with pytest.raises(ValueError, match="max_index_age"):
+        _ivf_selector(rebuild_every=every, max_index_age=every - 1)
 
 
 def test_knn_recall_measured_every_recall_every():

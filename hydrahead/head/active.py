@@ -30,8 +30,10 @@ every row: at 25M rows that is ~2 s, against ~0.1 s for a rebuild in between.
 - Background (default): the build runs in a worker thread (on its own CUDA stream on a
   GPU) while training goes on, and replaces the index at the first step after it ends.
   It reads the live weights, so rows updated while it runs may be clustered from either
-  version. The index is at most ``2 * rebuild_every`` steps old: a step that would use an
-  older one waits for the pending build.
+  version. No step waits for it: a rebuild that falls due while a build is still running
+  starts at the first step after that build ends, and meanwhile the steps serve the
+  newest index there is (``index_age`` in the metrics says how old). With
+  ``max_index_age`` a step whose index is older than that waits for the running build.
 - Deterministic (``deterministic=True``): the build runs in the step that starts it,
   from that step's weights, and serves from that step on. The index's state (centroids,
   the list of every row, the rows updated since the last build) goes into checkpoints, so
@@ -41,10 +43,11 @@ every row: at 25M rows that is ~2 s, against ~0.1 s for a rebuild in between.
 The class graph is built whole at each rebuild (no refiling). Its build runs collectives
 when the head has several ranks, so every rank must start each build at the same step:
 in the background (on ``build_group``, a process group of its own, in the worker thread)
-a rebuild step first waits for the previous build, then starts the next; the graph is
-then at most ``2 * rebuild_every`` steps old as well. Without a ``build_group`` a
-multi-rank graph is built inside the step. Deterministic graphs are checkpointed as their
-tables (``graph_table``), by class: a resume at any world size loads them.
+a due rebuild starts once no rank has a build running, which the ranks agree on with a
+one-int all-reduce over ``group`` at each step while a rebuild is due. Without a
+``build_group`` a multi-rank graph is built inside the step. Deterministic graphs are
+checkpointed as their tables (``graph_table``), by class: a resume at any world size
+loads them.
 
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
 fraction of the exact top-k rows that the index found, measured every ``recall_every``
@@ -66,6 +69,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
 from hydrahead.distributed.collectives import group_rank, group_world_size
@@ -167,6 +171,7 @@ class ActiveClassSelector:
         num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
+        max_index_age: int | None = None,
         retrain_every: int = 10,
         index: str = "auto",
         index_type: str = "auto",
@@ -184,7 +189,9 @@ class ActiveClassSelector:
     ):
         """``group``: the head's ranks (graph: every step's exchange; every selection: the
         recall measurements). ``build_group``: a second group over the same ranks for a
-        multi-rank graph's background builds. ``num_classes``: all shards' classes (graph)."""
+        multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
+        ``max_index_age``: steps after which a background-built index makes a step wait for
+        the running build (None: never; at least ``rebuild_every``)."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if selection == "random" and budget is None:
@@ -202,6 +209,10 @@ class ActiveClassSelector:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if max_index_age is not None and (
+            isinstance(max_index_age, bool) or not isinstance(max_index_age, int) or max_index_age < rebuild_every
+        ):
+            raise ValueError(f"max_index_age must be null or an int >= rebuild_every, got {max_index_age!r}")
         self.selection, self.class_start, self.class_stop = selection, class_start, class_stop
         if fixed_size and (selection not in SEARCHED or budget is not None):
             raise ValueError("fixed_size fills the neighbours' union itself: it takes knn or graph and no budget")
@@ -213,6 +224,7 @@ class ActiveClassSelector:
         self.budget, self.knn_k, self.fixed_size = budget, min(knn_k, self.shard_size), fixed_size
         self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
+        self.max_index_age = max_index_age
         self.deterministic, self.cosine = deterministic, cosine
         self.seed, self.ignore_index = seed, ignore_index
         self.recall_every, self.recall_queries = recall_every, recall_queries
@@ -243,6 +255,7 @@ class ActiveClassSelector:
         self._norms = RowNorms() if torch_ivf and cosine and self.device.type == "cuda" else None
         self._current: _Built | None = None
         self._pending: concurrent.futures.Future | None = None
+        self._due = False  # a background rebuild fell due and has not started yet
         self._worker = None
         self._stream = None
         self.last = {
@@ -407,11 +420,13 @@ class ActiveClassSelector:
         return class_index.make_index(self.index_backend, self.index_type, device=self.device, **self._index_options)
 
     def _plan_build(self) -> tuple[class_index.ClassIndex | None, torch.Tensor | None]:
-        """(index to update, rows to file again), or (None, None) for a full build.
+        """(index to update, mask of the rows to file again), or (None, None) for a full build.
 
-        Taken when a build starts, on the training thread: the rows marked dirty so far are
-        handed to the build and the marks start afresh. Every ``retrain_every``-th rebuild
-        (and the first) runs k-means again and files every row.
+        Taken when a build starts, on the training thread: a copy of the rows marked dirty so
+        far is handed to the build (which turns it into row ids: on a GPU that reads the
+        device, which the training thread must not wait for) and the marks start afresh.
+        Every ``retrain_every``-th rebuild (and the first) runs k-means again and files
+        every row.
         """
         if self._dirty is None or self._current is None or self._rebuilds + 1 >= self.retrain_every:
             self._rebuilds = 0
@@ -419,12 +434,13 @@ class ActiveClassSelector:
                 self._dirty.zero_()
             return None, None
         self._rebuilds += 1
-        rows = self._dirty.nonzero().squeeze(1)
+        marked = self._dirty.clone()
         self._dirty.zero_()
-        return self._current.index, rows
+        return self._current.index, marked
 
-    def _build(self, weight: torch.Tensor, step: int, previous=None, rows=None, group=None) -> _Built:
-        """An index (knn) or class graph (graph, its collectives over ``group``) from ``weight``."""
+    def _build(self, weight: torch.Tensor, step: int, previous=None, marked=None, group=None) -> _Built:
+        """An index (knn) or class graph (graph, its collectives over ``group``) from ``weight``;
+        ``previous`` and ``marked`` (a row mask): refile those rows of that index."""
         start = time.perf_counter()
         if self.selection == "graph":
             index = self._new_index()
@@ -436,7 +452,7 @@ class ActiveClassSelector:
             index = self._new_index()
             index.build(weight.detach())
         else:
-            index = previous.reassigned(weight.detach(), rows)
+            index = previous.reassigned(weight.detach(), marked.nonzero().squeeze(1))
         if weight.is_cuda:
             # The build's stream (the side stream in the worker): once this returns, its
             # kernels are done and any stream may read the index.
@@ -448,14 +464,14 @@ class ActiveClassSelector:
             return self._build(weight, step, group=self.group)
         return self._build(weight, step, *self._plan_build())
 
-    def _build_on_side_stream(self, weight: torch.Tensor, step: int, weights_ready, previous, rows) -> _Built:
+    def _build_on_side_stream(self, weight: torch.Tensor, step: int, weights_ready, previous, marked) -> _Built:
         """Worker thread: wait for the step's weights, build on a stream of its own (a graph's
         collectives over the build group, which nothing else uses)."""
         if self.selection == "graph":
             group = self.build_group if group_world_size(self.group) > 1 else self.group
             build = functools.partial(self._build, weight, step, group=group)
         else:
-            build = functools.partial(self._build, weight, step, previous, rows)
+            build = functools.partial(self._build, weight, step, previous, marked)
         if not weight.is_cuda:
             return build()
         with torch.cuda.stream(self._stream):
@@ -467,12 +483,14 @@ class ActiveClassSelector:
             self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-index")
             if weight.is_cuda:
                 self._stream = torch.cuda.Stream(weight.device)
+        previous, marked = self._plan_build()
         weights_ready = None
         if weight.is_cuda:
             weights_ready = torch.cuda.Event()
-            weights_ready.record(torch.cuda.current_stream(weight.device))
-        previous, rows = self._plan_build()
-        self._pending = self._worker.submit(self._build_on_side_stream, weight, step, weights_ready, previous, rows)
+            weights_ready.record(torch.cuda.current_stream(weight.device))  # after the marks' copy
+            if marked is not None:
+                marked.record_stream(self._stream)
+        self._pending = self._worker.submit(self._build_on_side_stream, weight, step, weights_ready, previous, marked)
 
     def _install(self, built: _Built, weight: torch.Tensor) -> None:
         if weight.is_cuda and built.index is not None:
@@ -491,6 +509,18 @@ class ActiveClassSelector:
         built, self._pending = self._pending.result(), None  # re-raises a failed build here
         self._install(built, weight)
 
+    def _too_old(self, updates: int) -> bool:
+        return self.max_index_age is not None and updates - self._current.step > self.max_index_age
+
+    def _idle_everywhere(self) -> bool:
+        """No build running here (a multi-rank graph: on any rank of ``group``)."""
+        idle = self._pending is None
+        if self.selection != "graph" or group_world_size(self.group) == 1:
+            return idle
+        running = torch.tensor([0 if idle else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(running, op=dist.ReduceOp.MAX, group=self.group)
+        return not running.item()
+
     def _index_for(self, step: int, weight: torch.Tensor) -> class_index.ClassIndex:
         updates = step - 1  # the weights have had this many updates when step `step` starts
         rebuild_now = step % self.rebuild_every == 0
@@ -499,22 +529,17 @@ class ActiveClassSelector:
         elif self._builds_in_step:
             if rebuild_now and self._current.step != updates:
                 self._install(self._build_now(weight, updates), weight)
-        elif self.selection == "graph":
-            # Every rank starts each build at the same step, whenever its builds end: a rebuild
-            # step waits for the previous build (started rebuild_every steps ago), then starts one.
-            self._harvest(weight, wait=False)
-            if rebuild_now:
-                self._harvest(weight, wait=True)
-                if self._current.step != updates:
-                    self._start_background_build(weight, updates)
         else:
             self._harvest(weight, wait=False)
-            if updates - self._current.step > 2 * self.rebuild_every:
-                if self._pending is None:
-                    self._start_background_build(weight, updates)
-                self._harvest(weight, wait=True)  # bounded age: this step waits
-            if rebuild_now and self._pending is None and self._current.step != updates:
+            if rebuild_now and self._current.step != updates:
+                self._due = True
+            if self._too_old(updates) and self._pending is not None:
+                self._harvest(weight, wait=True)
+            if self._due and self._idle_everywhere():
                 self._start_background_build(weight, updates)
+                self._due = False
+            if self._too_old(updates):
+                self._harvest(weight, wait=True)  # the build just started
         index = self._current.index
         self.last["index_age"] = 0 if index.searches_current_weights else updates - self._current.step
         return index

@@ -266,6 +266,7 @@ class Trainer:
             num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
+            max_index_age=h.index_max_age,
             retrain_every=h.index_retrain_every,
             index=h.index,
             index_type=h.index_type,
