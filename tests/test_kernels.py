@@ -321,10 +321,13 @@ def test_gemm_backward_chunk_by_chunk_equals_one_chunk(monkeypatch, cosine):
 
 
 def test_exact_kernels_choice_is_checked():
-    from hydrahead.kernels.exact_gemm import resolve_exact_kernels
+    from hydrahead.kernels.exact_gemm import FP8_GEMM_MIN_ROWS, resolve_exact_kernels
 
     assert resolve_exact_kernels("auto", torch.bfloat16, 24, "cuda") == "gemm"
-    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda") == "stationary"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda", FP8_GEMM_MIN_ROWS) == "gemm"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 512, "cuda", FP8_GEMM_MIN_ROWS - 1) == "stationary"
+    assert resolve_exact_kernels("auto", torch.float8_e4m3fn, 24, "cuda", 4096) == "stationary"  # width: no fp8 gemm
+    assert resolve_exact_kernels("auto", torch.bfloat16, 512, "cuda", 8) == "gemm"
     assert resolve_exact_kernels("gemm", torch.float8_e4m3fn, 512, "cuda") == "gemm"
     assert resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cpu") == "gemm"
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -143,15 +143,28 @@ def _probs_kernel(
         tl.store(out, p.to(P.dtype.element_ty), mask=stored)
 
 
-def resolve_exact_kernels(choice: str, weight_dtype: torch.dtype, dim: int = 16, device_type: str = "cpu") -> str:
-    """``head.exact_kernels`` with auto resolved: gemm for fp32 and bf16 rows, stationary for
-    fp8 rows (their gemm path is tested on the CPU only so far); gemm with fp8 rows on a GPU
-    needs a width that is a multiple of 16 (the FP8 library products do)."""
+# Measured on one H200 (benchmarks/results/head_kernels_fp8.json, D = 512, C_r = 1M): with
+# fp8 rows the gemm path takes 53 and 22 ms at G = 4096 and 1024 against the stationary
+# kernels' 88 and 29 ms, but 22 against 15 ms at G = 256, where its passes over the rows
+# and P's chunks cost more than the arithmetic they speed up.
+FP8_GEMM_MIN_ROWS = 1024
+
+
+def resolve_exact_kernels(
+    choice: str, weight_dtype: torch.dtype, dim: int = 16, device_type: str = "cpu", num_rows: int | None = None
+) -> str:
+    """``head.exact_kernels`` with auto resolved: gemm for fp32 and bf16 rows; for fp8 rows
+    gemm from ``FP8_GEMM_MIN_ROWS`` samples (``num_rows``, the global batch; None: large)
+    where it fits, stationary below. Gemm with fp8 rows on a GPU needs a width that is a
+    multiple of 16 (the FP8 library products do)."""
     if choice not in EXACT_KERNELS:
         raise ValueError(f"exact_kernels must be one of {EXACT_KERNELS}, got {choice!r}")
     gemm_fits = weight_dtype != FP8 or device_type != "cuda" or dim % 16 == 0
     if choice == "auto":
-        return "stationary" if weight_dtype == FP8 else "gemm"
+        if weight_dtype != FP8:
+            return "gemm"
+        large = num_rows is None or num_rows >= FP8_GEMM_MIN_ROWS
+        return "gemm" if gemm_fits and large else "stationary"
     if choice == "gemm" and not gemm_fits:
         raise ValueError(f"exact_kernels='gemm' with fp8 rows needs a width that is a multiple of 16, got D={dim}")
     return choice
@@ -362,4 +375,4 @@ def exact_backward(
     return grad_feat, grad_weight
 
 
-__all__ = ["EXACT_KERNELS", "chunk_classes", "exact_backward", "resolve_exact_kernels"]
+__all__ = ["EXACT_KERNELS", "FP8_GEMM_MIN_ROWS", "chunk_classes", "exact_backward", "resolve_exact_kernels"]

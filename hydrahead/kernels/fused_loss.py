@@ -353,7 +353,7 @@ def triton_sharded_cross_entropy(
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
     exact_kernels = resolve_exact_kernels(
-        exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type
+        exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, features.shape[0]
     )
     labels = labels.long()
     if num_classes is not None:
@@ -425,7 +425,7 @@ class FusedMicroBatches:
         # The gemm backward's chunks run the LSE pass, then P and dF (no weight side); finish()
         # recomputes P for every row once, for the update.
         resolved = resolve_exact_kernels(
-            exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type
+            exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, labels.shape[0]
         )
         self.gemm = grad_filter == 0 and resolved == "gemm"
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
@@ -600,6 +600,7 @@ def preflight(
         row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
         lse = (row_max + torch.log(row_sum)).contiguous()
         shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
+        # The gemm path too wherever a large batch would take it (fp8 rows: from FP8_GEMM_MIN_ROWS).
         if grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_dtype, dim, device.type) == "gemm":
             row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
             lse = (row_max + torch.log(row_sum)).contiguous()
