@@ -9,7 +9,9 @@ to the backbone's exchange per logged step and the run's wall time.
 Runs go seed by seed (every variant of a seed before the next seed). Rows go to
 ``<name>.rows.jsonl`` as they finish; a re-run with the same config and overrides skips
 those already there, so a study can be spread over several commands (``time_budget``:
-after a command's first run, none starts that the slowest so far would carry past it).
+after a command's first run, none starts that would carry past it if it took as long as
+its variant's slowest run so far, or the slowest of the command's variants for one not run
+yet; a faster variant's run may go ahead of a slower one that does not fit).
 The summary (mean and spread over seeds per variant) and the rows go to
 ``benchmarks/results/<name>.json``.
 """
@@ -61,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, name: str) -> None:
     parser.add_argument(
         "--time-budget",
         type=float,
-        help="seconds after which no run starts that the slowest so far would carry past them; "
+        help="seconds after which no run starts that would carry past them if it took as long as its variant's "
+        "slowest run so far (a variant not run yet: the slowest of all); "
         "the same command again runs the rest",
     )
     parser.add_argument(
@@ -144,8 +147,8 @@ def run_study(
     """Run every (variant, seed) not yet in the rows file; write the JSON; print the summary.
 
     ``args.time_budget`` (seconds): after the first run of this call, no run starts once the
-    time spent so far plus the slowest run of this study (in this call or recorded in the
-    rows file) would pass it; a re-run of the same command does the rest.
+    time spent so far plus the run's expected time (its variant's slowest, in this call or
+    recorded in the rows file) would pass it; a re-run of the same command does the rest.
     ``plot(payload, png)`` draws ``<name>.png`` (default: held-out top-1 per variant as bars).
     """
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -173,19 +176,26 @@ def run_study(
         )
 
     started, ran, time_budget = time.monotonic(), 0, args.time_budget
-    slowest = max((r.get("wall_s") or 0.0 for r in records if same_study(r)), default=0.0)
+    # A run is expected to take as long as its variant's slowest so far (variants differ
+    # several-fold), or the slowest of this call's variants for one not run yet.
+    walls: dict[str, float] = {}
+    for r in records:
+        if same_study(r) and r.get("wall_s") and r["method"] in variants:
+            walls[r["method"]] = max(walls.get(r["method"], 0.0), r["wall_s"])
     done = {(r["method"], r["seed"]) for r in records if same_study(r) and not r.get("note")}
     todo = [(method, seed) for seed in seeds for method in variants if (method, seed) not in done]
-    for i, (method, seed) in enumerate(todo):
-        if ran and time_budget is not None and time.monotonic() - started + slowest > time_budget:
-            print(f"time budget {time_budget:g} s: {len(todo) - i} run(s) left for a re-run", file=sys.stderr)
-            break
+    left = 0
+    for method, seed in todo:
+        expected = walls.get(method, max(walls.values(), default=0.0))
+        if ran and time_budget is not None and time.monotonic() - started + expected > time_budget:
+            left += 1  # a faster variant's run may still fit
+            continue
         print(f"== {method} seed {seed}", flush=True)
         variant_overrides = variants[method]
         selection = load_config(args.config, [*base, *variant_overrides]).head.selection
         with tempfile.TemporaryDirectory() as tmp:
             result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
-        slowest, ran = max(slowest, result["wall_s"]), ran + 1
+        walls[method], ran = max(walls.get(method, 0.0), result["wall_s"]), ran + 1
         ms = result.get("head_ms")
         row = {
             "method": method,
@@ -206,6 +216,8 @@ def run_study(
         records.append(row)
         with rows_file.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+    if left:
+        print(f"time budget {time_budget:g} s: {left} run(s) left for a re-run", file=sys.stderr)
 
     rows = [r for r in records if same_study(r) and not r.get("note")]
     failed = [r for r in records if same_study(r) and r.get("note")]

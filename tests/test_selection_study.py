@@ -134,3 +134,42 @@ def test_dry_run_writes_rows_json_and_plot_and_resumes(tmp_path, monkeypatch):
     assert len(lines) == 8 and lines[-1]["run_overrides"] == ["head.margin=0.2"]
     payload = json.loads((tmp_path / "study.json").read_text())
     assert [r["mode"] for r in payload["rows"]] == ["random", "random"]
+
+
+def test_time_budget_expects_each_variant_to_take_its_own_slowest_run(tmp_path, monkeypatch):
+    """A slow variant's past runs keep it from starting late; they do not hold back a fast one."""
+    from benchmarks import accuracy_runs
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    clock = {"now": 0.0}
+    monkeypatch.setattr(accuracy_runs.time, "monotonic", lambda: clock["now"])
+    walls = {"slow": 100.0, "fast": 10.0}
+    variants = {"slow": ["log.every=7"], "fast": ["log.every=3"]}
+    ran = []
+
+    def fake_run(args, overrides, seed, run_dir):
+        method = next(name for name, o in variants.items() if o == overrides)
+        clock["now"] += walls[method]
+        ran.append((method, seed))
+        metrics = {"eval_top1": 0.5, "eval_top5": 0.6, "eval_loss": 1.0, "train_loss": 1.0}
+        return {**metrics, "wall_s": walls[method]}
+
+    monkeypatch.setattr(accuracy_runs, "run_one", fake_run)
+    parser = argparse.ArgumentParser()
+    accuracy_runs.add_arguments(parser, name="budget")
+
+    def study(seeds: str, budget: str) -> None:
+        clock["now"] = 0.0
+        args = parser.parse_args(["--dry-run", "--config", CONFIG, "--seeds", seeds, "--time-budget", budget])
+        accuracy_runs.run_study(args, variants, what="budget", plot=lambda payload, png: None)
+
+    study("0", "1000")
+    assert ran == [("slow", 0), ("fast", 0)]
+    ran.clear()
+    # Seeds 1 and 2 in 150 s: slow 1 (the first run always starts) ends at 100 s; slow 2
+    # would end at 200 s and waits, while fast 1 and fast 2 (10 s each, as recorded) fit.
+    study("0,1,2", "150")
+    assert ran == [("slow", 1), ("fast", 1), ("fast", 2)]
+    ran.clear()
+    study("0,1,2", "150")
+    assert ran == [("slow", 2)]
