@@ -18,6 +18,7 @@ per tensor) or ``sampled`` (a threshold from 1% of each tensor), and with
                      added, entries chosen, residual cleared, message packed), after a few
                      steps so the residuals are real; select_share = select_ms / dense bwd_ms;
                      host_syncs: the host-device synchronisations that packing asked for
+                     (host_sync_sites: where, by line)
     bytes            what one worker hands to its collectives per step (the trainer's counter)
 
 and modelled from them for W workers (``--workers``) on a link of ``--gbit`` Gbit/s:
@@ -200,6 +201,7 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
                 with host_sync_log() as syncs:
                     pack_all(topk, prepared, args.workers)
                 row["host_syncs"] = sum(syncs.values())
+                row["host_sync_sites"] = dict(syncs)  # "path:line (function)" -> count: where packing waited
             if comm_cfg.topk_select == "sampled" and not comm_cfg.topk_momentum_correction:
                 exact = compression.make_topk(
                     CommConfig(**{**vars(comm_cfg), "topk_select": "exact"}), names, compression.CommCounters()
