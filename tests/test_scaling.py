@@ -333,12 +333,8 @@ def test_the_backbone_baseline_runs_from_a_config_with_knn_only_head_options(tmp
     """--mode backbone swaps the head for a token full-softmax one: options that only a knn
     head accepts (head.knn_fixed_size) must not make the baseline's config invalid."""
     out = tmp_path / "rows.jsonl"
-    cmd = [
+    cmd = [  # one process, as the runner starts a point of one GPU: no torchrun
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "1",
         str(REPO / "benchmarks" / "train_throughput.py"),
         "--config",
         "configs/quickstart.yaml",
