@@ -1,11 +1,12 @@
 """Accuracy studies: the same training run under several variants and seeds, summarised.
 
 A variant is a name and the config overrides that make it. Each (variant, seed) run is
-``launch/train.py`` under torchrun (``--gpus`` processes) in a temporary run folder; its
-row records the last held-out top-1/top-5/loss, the last training loss, the head's median
-time per step, the rows each shard scores per step (the mean active classes where the run
-logs them, the whole shard for full softmax), the peak memory, the mean bytes a rank hands
-to the backbone's exchange per logged step and the run's wall time.
+``launch/train.py`` under torchrun (``--gpus`` processes; one process without it) in a
+temporary run folder; its row records the last held-out top-1/top-5/loss, the last
+training loss, the head's median time per step, the rows each shard scores per step (the
+mean active classes where the run logs them, the whole shard for full softmax), the peak
+memory, the mean bytes a rank hands to the backbone's exchange per logged step and the
+run's wall time.
 Runs go seed by seed (every variant of a seed before the next seed). Rows go to
 ``<name>.rows.jsonl`` as they finish; a re-run with the same config and overrides skips
 those already there, so a study can be spread over several commands (``time_budget``:
@@ -82,18 +83,21 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
         *args.overrides,
         *variant_overrides,
     ]
+    # One process goes without torchrun (launch/train.py forms a world of one): torchrun's
+    # own start, importing torch, costs about as much as a short run.
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.gpus}",
+        *(torchrun if args.gpus > 1 else []),
         str(REPO / "launch" / "train.py"),
         "--config",
         args.config,
         *overrides,
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.gpus == 1:  # nothing of a launcher around this process may make it rendezvous
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            env.pop(key, None)
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
     begun = time.monotonic()

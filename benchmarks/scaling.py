@@ -10,8 +10,8 @@ The grid is the product of ``--gpus``, ``--config`` (repeatable), ``--transports
 ``--axis KEY=V1,V2`` (any config key). ``--baseline`` adds, per (GPU count, config,
 transport), the same backbone, DDP and optimizer with no head: the "backbone alone" that
 the head's cost is measured against. Each point runs the real trainer's step under
-torchrun (benchmarks/train_throughput.py; one launch per GPU count, config, transport and
-mode measures all its pending option sets in turn). By default the per-GPU batch is fixed
+torchrun (benchmarks/train_throughput.py, one GPU without torchrun; one launch per GPU
+count, config, transport and mode measures all its pending option sets in turn). By default the per-GPU batch is fixed
 (``--per-gpu-batch``, weak scaling: the global batch grows with the GPU count);
 ``--global-batch N`` fixes the global batch instead (strong scaling: each of n GPUs takes
 N / n samples, and its rows' method names say so). Either way the scaling efficiency is
@@ -201,12 +201,12 @@ def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> b
     """One torchrun of train_throughput.py measuring ``points`` (same config, GPU count, transport, mode)."""
     first = points[0]
     with tempfile.TemporaryDirectory(prefix="hydrahead_scaling_") as run_dir:
+        # One GPU goes without torchrun (train_throughput.py forms a world of one): torchrun's
+        # own start, importing torch, costs seconds per launch.
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={first.gpus}"]
         cmd = [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={first.gpus}",
+            *(torchrun if first.gpus > 1 else []),
             str(HERE / "train_throughput.py"),
             "--config",
             first.config,
@@ -231,6 +231,9 @@ def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> b
             *args.overrides,
         ]
         env = {**os.environ, "NCCL_NVLS_ENABLE": "0", **(SOCKET_ENV if first.transport == "socket" else {})}
+        if first.gpus == 1:  # nothing of a launcher around this process may make it rendezvous
+            for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                env.pop(key, None)
         return subprocess.run(cmd, env=env).returncode == 0
 
 

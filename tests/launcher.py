@@ -84,39 +84,65 @@ def launch(
     return proc
 
 
-def launch_together(*runs: tuple, timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """launch() for independent runs, all started at once and all required to succeed; each
-    run is a tuple (run_dir, nproc, *overrides). torchrun --standalone picks its own port.
+def start(
+    run_dir: Path,
+    nproc: int,
+    *overrides: str,
+    faults: str | None = None,
+    torchrun_args=(),
+    cwd: Path = REPO,
+    threads: int = 1,
+) -> subprocess.Popen:
+    """launch() without waiting for it: finish() collects the runs started together.
 
     On a machine of 2 cores a launch leaves one idle for much of its time: torchrun's start
     and exit and a 1-rank worker run on one core, so a second launch beside it costs little
-    more wall time."""
-    procs = []
+    more wall time. torchrun --standalone picks its own port."""
+    return subprocess.Popen(
+        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args),
+        cwd=cwd,
+        env=environment(faults, threads),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 300, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Wait for runs start()ed together, all within ``timeout``; with ``check`` each must
+    succeed. A hang or an error here stops the runs still going."""
     try:
-        for run_dir, nproc, *overrides in runs:
-            procs.append(
-                subprocess.Popen(
-                    command(run_dir, nproc, *overrides),
-                    cwd=REPO,
-                    env=environment(),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
         deadline = time.monotonic() + timeout
         done = []
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     finally:
-        for proc in procs:
-            if proc.poll() is None:  # a hang or a failure above: stop the rest
-                proc.kill()
-                proc.wait()
-    for proc in done:
-        _check(proc)
+        _stop(procs)
+    if check:
+        for proc in done:
+            _check(proc)
     return done
+
+
+def launch_together(*runs: tuple, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """launch() for independent runs, all started at once (see start()) and all required to
+    succeed; each run is a tuple (run_dir, nproc, *overrides)."""
+    procs = []
+    try:
+        for run_dir, nproc, *overrides in runs:
+            procs.append(start(run_dir, nproc, *overrides))
+    except BaseException:
+        _stop(procs)
+        raise
+    return finish(*procs, timeout=timeout)
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:

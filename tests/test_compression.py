@@ -163,8 +163,8 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
     ]
     run_dir, same = tmp_path / "run", tmp_path / "same"
     launch(run_dir, 2, *topk, "train.stop_after=4")
-    shutil.copytree(run_dir, same)  # resumed below on the world size that saved it
-    proc = launch(run_dir, 1, *topk, "train.stop_after=6")
+    shutil.copytree(run_dir, same)  # resumed on the world size that saved it, beside the other
+    proc, kept = launch_together((run_dir, 1, *topk, "train.stop_after=6"), (same, 2, *topk, "train.stop_after=6"))
     assert "residuals of 2 ranks summed onto rank 0 of 1" in proc.stderr
     rows = [r for r in metrics(run_dir) if "bytes_backbone_allreduce" in r]
     assert rows and all(r["bytes_backbone_allreduce"] > 0 and r["topk_density"] == 0.01 for r in rows)
@@ -173,8 +173,7 @@ def test_residuals_are_checkpointed_and_summed_onto_rank_0_on_another_world_size
         local = 24 if r["step"] <= 4 else 48
         assert r["bytes_feature_gather"] == local * 32 * 4 + local * 8  # features + int64 labels
         assert r["bytes_grad_scatter"] == 48 * 32 * 4  # the full dF goes into the reduce-scatter
-    proc = launch(same, 2, *topk, "train.stop_after=6")
-    assert "summed" not in proc.stderr
+    assert "summed" not in kept.stderr
 
 
 def test_topk_warmup_compresses_each_step_at_its_own_density_and_resumes_exactly(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -103,24 +105,44 @@ def _scaling_args(*args) -> list[str]:
     ]
 
 
-def _scaling(results_dir, *args):
-    """benchmarks/scaling.py run as a script, as a user runs it; returns its stdout."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scaling.py"), *_scaling_args(*args)],
-        cwd=REPO,
-        env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(results_dir)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc.stdout
+def _strong_args() -> list[str]:
+    return [
+        "--config",
+        "configs/quickstart.yaml",
+        "--gpus",
+        "1,2",
+        "--global-batch",
+        "32",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--timed-steps",
+        "1",
+        "--name",
+        "strong",
+        "head.num_classes=300",
+        "model.hidden_dim=32",
+        "model.embed_dim=16",
+        "head.chunk_size=64",
+    ]
+
+
+# The runner tests' studies: (dry-run argv, argv) of each.
+STUDIES = {
+    "weak": (_scaling_args("--dry-run"), _scaling_args()),
+    "repeats": (
+        _scaling_args("--gpus", "1", "--repeats", "2", "--dry-run"),
+        _scaling_args("--gpus", "1", "--repeats", "2"),
+    ),
+    "strong": (None, _strong_args()),
+}
 
 
 @pytest.fixture
 def scaling_main(monkeypatch, capsys):
-    """The runner's main(argv) in this process, in the environment that _scaling gives the
-    script (its torchrun launches inherit it); returns what it printed. Spares each run the
+    """The runner's main(argv) in this process, in the environment that the script gets
+    (its torchrun launches inherit it); returns what it printed. Spares each run the
     script's own start (importing torch and hydrahead, seconds on a small machine)."""
     monkeypatch.chdir(REPO)
     wanted = environment()
@@ -140,14 +162,55 @@ def scaling_main(monkeypatch, capsys):
     return run
 
 
-@pytest.mark.slow
-def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path, scaling_main):
-    out = scaling_main(tmp_path, _scaling_args("--dry-run"))
-    assert "6 points: 0 done or skipped, 6 to run" in out
-    assert not (tmp_path / "tiny.rows.jsonl").exists()  # a dry run launches nothing
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Each study of STUDIES dry-run in this process, then run by benchmarks/scaling.py as a
+    script (as a user runs it, command line included), the three scripts started at once:
+    their grids are independent, and a launch of 1 rank leaves a core idle for much of its
+    time. Returns per study its results folder, what its dry run printed and the files the
+    dry run left there."""
+    out = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO)
+        for name, (dry_run, _) in STUDIES.items():
+            results_dir = tmp_path_factory.mktemp(name)
+            printed = ""
+            if dry_run:
+                monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(results_dir))
+                with contextlib.redirect_stdout(io.StringIO()) as stdout:
+                    assert scaling.main(dry_run) == 0
+                printed = stdout.getvalue()
+            out[name] = (results_dir, printed, sorted(p.name for p in results_dir.iterdir()))
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "scaling.py"), *argv],
+            cwd=REPO,
+            env={**environment(), "HYDRAHEAD_RESULTS_DIR": str(out[name][0])},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (_, argv) in STUDIES.items()
+    }
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{name}: stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-4000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:  # a hang or a failure above: stop the rest
+                proc.kill()
+                proc.wait()
+    return out
 
-    _scaling(tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
+
+@pytest.mark.slow
+def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(studies, scaling_main):
+    results_dir, dry_run, left = studies["weak"]
+    assert "6 points: 0 done or skipped, 6 to run" in dry_run
+    assert "tiny.rows.jsonl" not in left  # a dry run launches nothing
+
+    records = [json.loads(line) for line in (results_dir / "tiny.rows.jsonl").read_text().splitlines()]
     assert sorted((r["world_size"], r["mode"], r["variant"]) for r in records) == [
         (1, "backbone", "default"),
         (1, "full", "comm.overlap:false"),
@@ -156,7 +219,7 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path, scal
         (2, "full", "comm.overlap:false"),
         (2, "full", "comm.overlap:true"),
     ]
-    results = json.loads((tmp_path / "tiny.json").read_text())
+    results = json.loads((results_dir / "tiny.json").read_text())
     assert RESULTS_KEYS <= set(results)
     assert len(results["rows"]) == 6
     for row in results["rows"]:
@@ -178,16 +241,16 @@ def test_runner_writes_every_point_once_and_skips_them_on_a_rerun(tmp_path, scal
                 if o["gpus"] == 1 and o["variant"] == row["variant"] and o["mode"] == row["mode"]
             )
             assert row["scaling_efficiency"] == pytest.approx(row["samples_per_s"] / 2 / one["samples_per_s"])
-    with open(tmp_path / "tiny.csv", newline="") as f:
+    with open(results_dir / "tiny.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == [r["method"] for r in results["rows"]]
     assert ROW_KEYS <= set(table[0])
-    assert (tmp_path / "tiny.png").read_bytes().startswith(b"\x89PNG")
+    assert (results_dir / "tiny.png").read_bytes().startswith(b"\x89PNG")
 
-    before = (tmp_path / "tiny.rows.jsonl").read_text()
-    out = scaling_main(tmp_path, _scaling_args())
+    before = (results_dir / "tiny.rows.jsonl").read_text()
+    out = scaling_main(results_dir, _scaling_args())
     assert "6 points: 6 done or skipped, 0 to run" in out
-    assert (tmp_path / "tiny.rows.jsonl").read_text() == before
+    assert (results_dir / "tiny.rows.jsonl").read_text() == before
 
 
 def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
@@ -218,20 +281,19 @@ def test_repeats_merge_into_medians_with_samples_per_s_from_the_median_ms():
 
 
 @pytest.mark.slow
-def test_runner_repeats_the_whole_grid_before_any_point_again(tmp_path, scaling_main):
-    out = scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "2", "--dry-run"))
-    assert "3 points x 2 repeats: 0 done or skipped, 6 to run" in out
-    scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "2"))
-    records = [json.loads(line) for line in (tmp_path / "tiny.rows.jsonl").read_text().splitlines()]
+def test_runner_repeats_the_whole_grid_before_any_point_again(studies, scaling_main):
+    results_dir, dry_run, _ = studies["repeats"]
+    assert "3 points x 2 repeats: 0 done or skipped, 6 to run" in dry_run
+    records = [json.loads(line) for line in (results_dir / "tiny.rows.jsonl").read_text().splitlines()]
     assert [r["repeat"] for r in records] == [0, 0, 0, 1, 1, 1]  # every point once, then again
-    results = json.loads((tmp_path / "tiny.json").read_text())
+    results = json.loads((results_dir / "tiny.json").read_text())
     assert len(results["rows"]) == 3
     for row in results["rows"]:
         mine = [r["ms"] for r in records if (r["mode"], r["variant"]) == (row["mode"], row["variant"])]
         assert row["repeats"] == 2 and row["ms_repeats"] == mine
         assert row["ms"] == pytest.approx(sum(mine) / 2)
         assert row["samples_per_s"] == pytest.approx(row["per_gpu_batch"] / row["ms"] * 1e3, rel=1e-6)
-    out = scaling_main(tmp_path, _scaling_args("--gpus", "1", "--repeats", "3", "--dry-run"))
+    out = scaling_main(results_dir, _scaling_args("--gpus", "1", "--repeats", "3", "--dry-run"))
     assert "3 points x 3 repeats: 6 done or skipped, 3 to run" in out and "2/3" in out
 
 
@@ -254,34 +316,14 @@ def test_strong_scaling_splits_the_global_batch_over_each_gpu_count():
 
 
 @pytest.mark.slow
-def test_runner_strong_scaling_keeps_the_global_batch(tmp_path, scaling_main):
-    argv = [
-        "--config",
-        "configs/quickstart.yaml",
-        "--gpus",
-        "1,2",
-        "--global-batch",
-        "32",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--timed-steps",
-        "1",
-        "--name",
-        "strong",
-        "head.num_classes=300",
-        "model.hidden_dim=32",
-        "model.embed_dim=16",
-        "head.chunk_size=64",
-    ]
-    scaling_main(tmp_path, argv)
-    records = [json.loads(line) for line in (tmp_path / "strong.rows.jsonl").read_text().splitlines()]
+def test_runner_strong_scaling_keeps_the_global_batch(studies):
+    results_dir, _, _ = studies["strong"]
+    records = [json.loads(line) for line in (results_dir / "strong.rows.jsonl").read_text().splitlines()]
     assert sorted((r["world_size"], r["per_gpu_batch"], r["global_batch"], r["scaling"]) for r in records) == [
         (1, 32, 32, "strong"),
         (2, 16, 32, "strong"),
     ]
-    rows = {r["gpus"]: r for r in json.loads((tmp_path / "strong.json").read_text())["rows"]}
+    rows = {r["gpus"]: r for r in json.loads((results_dir / "strong.json").read_text())["rows"]}
     assert all("[strong, global batch 32]" in r["method"] and r["scaling"] == "strong" for r in rows.values())
     assert rows[2]["scaling_efficiency"] == pytest.approx(rows[2]["samples_per_s"] / 2 / rows[1]["samples_per_s"])
     assert rows[1]["scaling_efficiency"] == pytest.approx(1.0)
@@ -291,12 +333,8 @@ def test_the_backbone_baseline_runs_from_a_config_with_knn_only_head_options(tmp
     """--mode backbone swaps the head for a token full-softmax one: options that only a knn
     head accepts (head.knn_fixed_size) must not make the baseline's config invalid."""
     out = tmp_path / "rows.jsonl"
-    cmd = [
+    cmd = [  # one process, as the runner starts a point of one GPU: no torchrun
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "1",
         str(REPO / "benchmarks" / "train_throughput.py"),
         "--config",
         "configs/quickstart.yaml",

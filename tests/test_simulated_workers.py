@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
-from launcher import launch, saved_backbone, train_losses
+from launcher import launch, launch_together, saved_backbone, train_losses
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -190,8 +190,11 @@ def test_one_rank_simulating_two_trains_like_two_ranks_and_hands_over_its_checkp
         "model.broadcast_buffers=false",
     ]
     real, simulated, handed = tmp_path / "real", tmp_path / "simulated", tmp_path / "handed"
-    launch(real, 2, *run)
-    launch(simulated, 1, *run, "comm.simulate_workers=2")
+    launch_together(
+        (real, 2, *run),
+        (simulated, 1, *run, "comm.simulate_workers=2"),
+        (handed, 1, *run, "comm.simulate_workers=2", "train.stop_after=2"),
+    )
     expected = train_losses(real)
     assert train_losses(simulated) == pytest.approx(expected, rel=1e-5)
     mine, theirs = saved_backbone(latest_checkpoint(simulated)), saved_backbone(latest_checkpoint(real))
@@ -205,7 +208,6 @@ def test_one_rank_simulating_two_trains_like_two_ranks_and_hands_over_its_checkp
         differ += int((diff > 1e-5 * (1 + value.double().abs())).sum())
         total += value.numel()
     assert differ <= 1e-4 * total, f"{differ} of {total} entries differ"
-    launch(handed, 1, *run, "comm.simulate_workers=2", "train.stop_after=2")
     proc = launch(handed, 2, *run)
     assert "summed" not in proc.stderr  # each rank took its own worker's residuals
     resumed = train_losses(handed)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from dist_harness import run_ranks
-from launcher import launch, launch_together, saved_backbone, train_losses
+from launcher import finish, launch, launch_together, saved_backbone, start, train_losses
 
 from hydrahead.config import load_config
 from hydrahead.distributed.collectives import average_buffers
@@ -28,6 +28,21 @@ def stopped_at_step_6(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "stopped"
     launch(run_dir, 2, "train.stop_after=6")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(two_rank_run, tmp_path_factory):
+    """The 1-rank launches of three tests below, started together (a launch of one rank
+    leaves a core idle for much of its time): name -> (run folder, finished process)."""
+    root = tmp_path_factory.mktemp("one_rank")
+    shutil.copytree(two_rank_run, root / "copy")
+    runs = {
+        "plain": (root / "one_rank",),
+        "other_shape": (root / "copy", "head.num_classes=102"),
+        "tensorboard": (root / "tb", "log.tensorboard=true", "train.steps=4", "train.eval_every=4"),
+    }
+    done = finish(*(start(run_dir, 1, *overrides) for run_dir, *overrides in runs.values()), check=False)
+    return {name: (run[0], proc) for (name, run), proc in zip(runs.items(), done)}
 
 
 def test_torchrun_two_ranks_trains_and_writes_its_run_folder(two_rank_run):
@@ -57,9 +72,9 @@ def test_stop_after_then_rerun_gives_identical_losses(two_rank_run, stopped_at_s
     assert train_losses(run_dir) == train_losses(two_rank_run)
 
 
-def test_one_rank_matches_two_ranks(two_rank_run, tmp_path):
-    run_dir = tmp_path / "one_rank"
-    launch(run_dir, 1)
+def test_one_rank_matches_two_ranks(two_rank_run, one_rank_runs):
+    run_dir, proc = one_rank_runs["plain"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = train_losses(run_dir), train_losses(two_rank_run)
     assert one.keys() == two.keys()
     for step in one:
@@ -75,10 +90,8 @@ def test_resume_on_three_ranks_from_a_two_rank_checkpoint(two_rank_run, stopped_
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5), f"step {step}"
 
 
-def test_resume_refuses_a_different_model_shape(two_rank_run, tmp_path):
-    run_dir = tmp_path / "copy"
-    shutil.copytree(two_rank_run, run_dir)
-    proc = launch(run_dir, 1, "head.num_classes=102", check=False)
+def test_resume_refuses_a_different_model_shape(one_rank_runs):
+    _, proc = one_rank_runs["other_shape"]  # on a copy of the 2-rank run
     assert proc.returncode != 0
     assert "head.num_classes=101" in proc.stderr + proc.stdout
 
@@ -244,10 +257,10 @@ def _average_buffers_on_rank(rank, world_size):
     return before, dict(module.named_buffers())
 
 
-def test_tensorboard_scalars_match_metrics_file(tmp_path):
+def test_tensorboard_scalars_match_metrics_file(one_rank_runs):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    run_dir = tmp_path / "tb"
-    launch(run_dir, 1, "log.tensorboard=true", "train.steps=4", "train.eval_every=4")
+    run_dir, proc = one_rank_runs["tensorboard"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("loss")}
