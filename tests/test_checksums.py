@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.tools import verify_checkpoint as verify_tool
 from hydrahead.train import checkpoint as checkpoint_module
-from hydrahead.train import checksums, dcp_writer
+from hydrahead.train import checksums
 from hydrahead.train.checkpoint import (
     CHECKSUMS_KEY,
     DAMAGED,
@@ -222,7 +222,7 @@ def test_data_files_are_hashed_as_they_are_written_or_else_read_back(tmp_path, m
         file_system.streams = {}
         return file_system
 
-    monkeypatch.setattr(dcp_writer, "_HashingFileSystem", plain)
+    monkeypatch.setattr(checkpoint_module, "_HashingFileSystem", plain)
     read_back.clear()
     folder = _save(tmp_path / "run", 2)
     assert read_back == ["__0_0.distcp", ".metadata", "meta.json"]

@@ -37,6 +37,7 @@ DCP treats same-named plain tensors on different ranks as replicated copies. DTe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,21 +50,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from hydrahead.distributed.collectives import all_gather_objects, group_rank, group_world_size
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.train.checksums import (
     MANIFEST_FILE,
+    HashingStream,
+    PieceHasher,
+    default_threads,
     file_problems,
     hash_files,
     make_manifest,
     read_manifest,
     size_problems,
 )
-
-# DCP and the modules built on it (hydrahead.train.safe_dcp, .dcp_writer) are imported
-# where a checkpoint is read or written: importing DCP pulls in DTensor and sympy, about a
-# second of start-up that a run which never checkpoints need not pay.
+from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
 CHECKPOINTS = "checkpoints"
 # The head's deferred steps: ``head.owed_steps`` (per class) and this replicated item; its
@@ -143,8 +146,6 @@ class CheckpointCheck:
 
 def _index_files(path: Path) -> dict[str, int]:
     """{data file: bytes it must hold at least} for every file DCP's index refers to (raises if unreadable)."""
-    from hydrahead.train.safe_dcp import SafeFileSystemReader
-
     metadata = SafeFileSystemReader(str(path)).read_metadata()  # refuses code in the pickled index
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -419,6 +420,61 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / META_FILE).read_text())
 
 
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, whose data files opened for writing hash what is written to them."""
+
+    def __init__(self, pool: ThreadPoolExecutor, helper: ThreadPoolExecutor) -> None:
+        super().__init__()
+        self.pool, self.helper = pool, helper
+        self.streams: dict[str, HashingStream] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb" or not str(path).endswith(".distcp"):
+                yield stream
+                return
+            hashing = HashingStream(stream, PieceHasher(pool=self.pool), self.helper)
+            yield hashing
+            self.streams[Path(path).name] = hashing  # only a file written to its end
+
+
+class ChecksummingWriter(dcp.FileSystemWriter):
+    """DCP's file writer that hashes the files this rank writes as it writes them (on
+    ``threads`` threads beside the writing one): ``checksums`` holds their manifest records.
+    A file that could not be hashed on its way (see ``HashingStream``) is read back instead."""
+
+    def __init__(self, path: str | os.PathLike, *, rank: int, threads: int | None = None, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.writer_rank, self.threads = rank, threads
+        self.checksums: dict[str, dict] = {}
+
+    def write_data(self, plan, planner):
+        threads = default_threads() if self.threads is None else self.threads
+        plain = self.fs
+        with ThreadPoolExecutor(threads, thread_name_prefix="checksum") as pool, ThreadPoolExecutor(1) as helper:
+            self.fs = _HashingFileSystem(pool, helper)
+            try:
+                future = super().write_data(plan, planner)  # DCP's file writer finishes before it returns
+            finally:
+                streams, self.fs = self.fs.streams, plain
+        names = {result.storage_data.relative_path for result in future.wait()}
+        prefix = getattr(plan.storage_data, "prefix", None)
+        if prefix:  # a file of no item (an empty bucket) is written too
+            names |= {file.name for file in Path(self.path).glob(f"{prefix}*.distcp")}
+        records, unhashed = {}, []
+        for name in sorted(names):
+            stream = streams.get(name)
+            hasher = None if stream is None else stream.hasher
+            if hasher is not None and hasher.size == (Path(self.path) / name).stat().st_size:
+                records[name] = {"bytes": hasher.size, "rank": self.writer_rank, "pieces": hasher.digests()}
+            else:
+                unhashed.append(name)
+        records.update(hash_files(self.path, unhashed, rank=self.writer_rank, threads=threads))
+        self.checksums = records
+        return future
+
+
 def save_checkpoint(
     env: DistEnv,
     run_dir: str | os.PathLike,
@@ -434,10 +490,6 @@ def save_checkpoint(
     Returns the final folder. Keeps the newest ``keep`` complete checkpoints. ``checksums``:
     write the manifest (False only to measure what it costs: the checkpoint then loads unverified).
     """
-    import torch.distributed.checkpoint as dcp
-
-    from hydrahead.train.dcp_writer import ChecksummingWriter
-
     root = checkpoint_root(run_dir)
     partial = root / f".step-{step}.partial"
     final = root / f"step-{step}"
@@ -496,10 +548,6 @@ def load_checkpoint(env: DistEnv, path: Path, state: dict) -> None:
     The reader and planner deserialise nothing that could run code: the index through an
     allow-list unpickler, non-tensor items with ``weights_only=True``.
     """
-    import torch.distributed.checkpoint as dcp
-
-    from hydrahead.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
-
     dcp.load(
         state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), process_group=env.data_group
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
@@ -365,8 +366,6 @@ class Trainer:
         """The DCP state dict: backbone and its optimizer (replicated), head rows (sharded by
         class). ``deferred``: the steps the head's rows owe (``ShardedClassifier.deferred_state``):
         ``owed_steps`` is a per-class row tensor, the maps and their age are replicated."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict  # DCP: only when checkpointing
-
         model_state, optim_state = get_state_dict(self.backbone, self.backbone_optim)
         head_rows = {"weight": self.head.weight.data}
         if self.head.momentum_buffer is not None:
@@ -575,8 +574,6 @@ class Trainer:
                 print(f"warning: {notice}", file=sys.stderr, flush=True)
         if deferred is not None:
             self.head.load_deferred_state({**state[ckpt.HEAD_DEFERRED], "owed_steps": deferred["owed_steps"]})
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
         set_state_dict(
             self.backbone,
             self.backbone_optim,
