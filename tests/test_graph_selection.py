@@ -6,14 +6,13 @@ another world size)."""
 from __future__ import annotations
 
 import math
-import threading
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from dist_harness import run_ranks
 from launcher import launch, metrics
+from selector_timing import slow_background_builds, timed_steps
 
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import ShardedClassifier, init_class_weights
@@ -318,36 +317,13 @@ def test_graph_rebuilds_at_multiples_of_rebuild_every_inside_the_step():
     assert selector._worker is None
 
 
-def _slow_background_builds(selector, slow: float) -> list[int]:
-    """Make ``selector``'s background builds take ``slow`` seconds; returns the steps (weight
-    updates) every build started from, filled as they start."""
-    original, started = selector._build, []
-
-    def slow_build(weight, step, *args, **kwargs):
-        started.append(step)
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(slow)
-        return original(weight, step, *args, **kwargs)
-
-    selector._build = slow_build
-    return started
-
-
 def test_graph_background_rebuilds_never_stall_a_step():
     every, slow = 3, 1.0
     selector = _selector(rebuild_every=every)
-    started = _slow_background_builds(selector, slow)
-    weight, seconds, built = _weight(21), [], []
-    try:
-        for step in range(1, 11):
-            begin = time.perf_counter()
-            selector.select(step, *_batch(50 + step), weight)
-            seconds.append(time.perf_counter() - begin)
-            built.append(selector._current.step)
-            if step == 7:
-                time.sleep(slow + 0.3)  # the build of step 3 ends here
-    finally:
-        selector.close()
+    started = slow_background_builds(selector, slow)
+    batch = lambda step: _batch(50 + step)  # noqa: E731
+    # the build of step 3 ends in the pause after step 7
+    seconds, built, _ = timed_steps(selector, _weight(21), batch, 10, pause_after=7, pause=slow + 0.3)
     # Step 3 starts a build; at step 6 it still runs, so the rebuild due there waits for
     # it to end (no step does) and starts at step 8, which also swaps in the build of 3.
     assert started == [0, 2, 7]
@@ -358,16 +334,8 @@ def test_graph_background_rebuilds_never_stall_a_step():
 def test_graph_max_index_age_makes_a_step_wait():
     every, slow = 3, 1.0
     selector = _selector(rebuild_every=every, max_index_age=every)
-    started = _slow_background_builds(selector, slow)
-    weight, seconds, built = _weight(21), [], []
-    try:
-        for step in range(1, 11):
-            begin = time.perf_counter()
-            selector.select(step, *_batch(50 + step), weight)
-            seconds.append(time.perf_counter() - begin)
-            built.append(selector._current.step)
-    finally:
-        selector.close()
+    started = slow_background_builds(selector, slow)
+    seconds, built, _ = timed_steps(selector, _weight(21), lambda step: _batch(50 + step), 10)
     # A step more than 3 updates past its index waits for the running build: step 5 (4
     # updates on an index of 0) for that of step 3, step 7 for that of 6, step 10 for that of 9.
     assert started == [0, 2, 5, 8]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from dist_harness import run_ranks
 from launcher import cpu_hog, launch, launch_together, metrics, train_losses
+from selector_timing import slow_background_builds, timed_steps
 
 from hydrahead.head import ShardedClassifier
 from hydrahead.head import index as index_mod
@@ -557,27 +558,9 @@ def test_background_rebuilds_bound_the_age_and_swap_in():
 def test_background_rebuilds_never_stall_a_step_by_default():
     every, slow = 2, 1.0
     selector = _ivf_selector(rebuild_every=every)
-    build, started = selector._build, []
-
-    def slow_build(weight, step, *args, **kwargs):
-        started.append(step)
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(slow)
-        return build(weight, step, *args, **kwargs)
-
-    selector._build = slow_build
-    weight, ages, seconds = _weight(71), [], []
-    try:
-        for s in range(1, 10):
-            features, labels = _batch(72 + s)
-            begin = time.perf_counter()
-            selector.select(s, features, labels, weight)
-            seconds.append(time.perf_counter() - begin)
-            ages.append(selector.last["index_age"])
-            if s == 7:
-                time.sleep(slow + 0.3)
-    finally:
-        selector.close()
+    started = slow_background_builds(selector, slow)
+    batch = lambda step: _batch(72 + step)  # noqa: E731
+    seconds, _, ages = timed_steps(selector, _weight(71), batch, 9, pause_after=7, pause=slow + 0.3)
     # Step 2 starts a build that runs past step 7: the steps serve the first index, older
     # each step, and the rebuilds due at 4 and 6 wait for it; step 8 swaps it in and starts one.
     assert started == [0, 1, 7]

@@ -78,54 +78,18 @@ def test_repeated_axis_key_is_refused():
         expand_grid(["a.yaml"], [1], ["gloo"], [parse_axis("head.impl=a"), parse_axis("head.impl=b")], baseline=False)
 
 
+# Every study's short run on the tiny MLP.
+_SHORT = ["--config", "configs/quickstart.yaml", "--gpus", "1,2", "--steps", "3", "--warmup", "1", "--timed-steps", "1"]
+_TINY = ["head.num_classes=300", "model.hidden_dim=32", "model.embed_dim=16", "head.chunk_size=64"]
+
+
 def _scaling_args(*args) -> list[str]:
-    return [
-        "--config",
-        "configs/quickstart.yaml",
-        "--gpus",
-        "1,2",
-        "--per-gpu-batch",
-        "16",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--timed-steps",
-        "1",
-        "--name",
-        "tiny",
-        "--axis",
-        "comm.overlap=false,true",
-        "--baseline",
-        *args,
-        "head.num_classes=300",
-        "model.hidden_dim=32",
-        "model.embed_dim=16",
-        "head.chunk_size=64",
-    ]
+    axis = ["--per-gpu-batch", "16", "--name", "tiny", "--axis", "comm.overlap=false,true", "--baseline"]
+    return [*_SHORT, *axis, *args, *_TINY]
 
 
 def _strong_args() -> list[str]:
-    return [
-        "--config",
-        "configs/quickstart.yaml",
-        "--gpus",
-        "1,2",
-        "--global-batch",
-        "32",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--timed-steps",
-        "1",
-        "--name",
-        "strong",
-        "head.num_classes=300",
-        "model.hidden_dim=32",
-        "model.embed_dim=16",
-        "head.chunk_size=64",
-    ]
+    return [*_SHORT, "--global-batch", "32", "--name", "strong", *_TINY]
 
 
 # The runner tests' studies: (dry-run argv, argv) of each.
