@@ -113,22 +113,11 @@ def backbone_forward_flops(cfg) -> float:
     """FLOPs of one sample's forward pass through the config's backbone (torch's FLOP counter, meta tensors)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hydrahead.models import build_backbone
+    from hydrahead.models import backbone_from_config
 
-    m = cfg.model
-    model = (
-        build_backbone(
-            m.backbone,
-            m.embed_dim,
-            input_dim=m.input_dim,
-            hidden_dim=m.hidden_dim,
-            depth=m.depth,
-            image_size=cfg.data.image_size,
-        )
-        .to("meta")
-        .eval()
-    )
-    shape = (1, m.input_dim) if model.input_kind == "features" else (1, 3, cfg.data.image_size, cfg.data.image_size)
+    model = backbone_from_config(cfg).to("meta").eval()
+    side = cfg.data.image_size
+    shape = (1, cfg.model.input_dim) if model.input_kind == "features" else (1, 3, side, side)
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(*shape, device="meta"))
     return float(counter.get_total_flops())

@@ -169,19 +169,10 @@ def saved_backbone(checkpoint) -> dict:
     import torch.distributed.checkpoint as dcp
 
     from hydrahead.config import config_from_dict
-    from hydrahead.models import build_backbone
+    from hydrahead.models import backbone_from_config
     from hydrahead.train.checkpoint import read_meta
 
-    cfg = config_from_dict(read_meta(checkpoint)["config"])
-    m = cfg.model
-    backbone = build_backbone(
-        m.backbone,
-        m.embed_dim,
-        input_dim=m.input_dim,
-        hidden_dim=m.hidden_dim,
-        depth=m.depth,
-        image_size=cfg.data.image_size,
-    )
+    backbone = backbone_from_config(config_from_dict(read_meta(checkpoint)["config"]))
     state = {"backbone": backbone.state_dict()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

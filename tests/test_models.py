@@ -167,3 +167,19 @@ def test_param_groups_for_decay_split():
     assert no_decay["weight_decay"] == 0.0 and no_decay["exclude_from_trust"] is True
     assert all(p.ndim > 1 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_backbone_from_config_builds_what_the_config_names():
+    from hydrahead.config import Config, apply_overrides
+    from hydrahead.models import WTACRSLinear, backbone_from_config
+
+    cfg = apply_overrides(
+        Config(),
+        ["model.backbone=vit_tiny", "model.embed_dim=24", "data.image_size=32", "model.wta_crs_keep=0.5"],
+    )
+    model = backbone_from_config(cfg)
+    assert any(isinstance(module, WTACRSLinear) for module in model.modules())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 24)
+    mlp = backbone_from_config(apply_overrides(Config(), ["model.input_dim=12", "model.depth=3", "model.embed_dim=8"]))
+    assert mlp(torch.randn(5, 12)).shape == (5, 8)
+    assert sum(isinstance(m, torch.nn.Linear) for m in mlp.modules()) == 4  # depth 3 hidden layers + the neck

@@ -89,12 +89,29 @@ def param_groups_for_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def backbone_from_config(cfg) -> nn.Module:
+    """The backbone a run's config (``hydrahead.config.Config``) describes: its ``model``
+    keys, and ``data.image_size`` for the ViTs."""
+    m = cfg.model
+    return build_backbone(
+        m.backbone,
+        m.embed_dim,
+        input_dim=m.input_dim,
+        hidden_dim=m.hidden_dim,
+        depth=m.depth,
+        image_size=cfg.data.image_size,
+        wta_crs_keep=m.wta_crs_keep,
+        wta_crs_mlp=m.wta_crs_mlp,
+    )
+
+
 __all__ = [
     "BACKBONES",
     "MLP",
     "ResNet",
     "VisionTransformer",
     "WTACRSLinear",
+    "backbone_from_config",
     "build_backbone",
     "no_weight_decay_param_names",
     "param_groups_for_decay",

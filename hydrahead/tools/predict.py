@@ -70,7 +70,7 @@ from hydrahead.distributed.collectives import start_gather_rows
 from hydrahead.distributed.setup import BACKENDS, DistEnv, destroy_distributed, init_distributed
 from hydrahead.eval.metrics import WITHOUT_POSITIVES, add_sums, means, multi_label_sums, single_label_sums
 from hydrahead.head import ShardedClassifier
-from hydrahead.models import build_backbone
+from hydrahead.models import backbone_from_config
 from hydrahead.tools.export_head import DEFAULT_BLOCK_ROWS, open_owed_steps, resolve_checkpoint
 from hydrahead.train import checkpoint as ckpt
 from hydrahead.train.safe_dcp import SafeFileSystemReader
@@ -287,14 +287,7 @@ def load_model(trained: Trained, env: DistEnv) -> tuple[nn.Module, ShardedClassi
     """
     cfg = trained.cfg
     m, h = cfg.model, cfg.head
-    backbone = build_backbone(
-        m.backbone,
-        m.embed_dim,
-        input_dim=m.input_dim,
-        hidden_dim=m.hidden_dim,
-        depth=m.depth,
-        image_size=cfg.data.image_size,
-    ).to(env.device)
+    backbone = backbone_from_config(cfg).to(env.device)
     # The stored dtype, so that scores are computed as the training run's evaluation computed them.
     head = ShardedClassifier(
         h.num_classes,

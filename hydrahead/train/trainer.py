@@ -51,7 +51,7 @@ from hydrahead.distributed.setup import DistEnv
 from hydrahead.distributed.sharded_softmax import MergeChecks
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
-from hydrahead.models import build_backbone, param_groups_for_decay
+from hydrahead.models import backbone_from_config, param_groups_for_decay
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.optim.speculative import StepSnapshot
 from hydrahead.train import checkpoint as ckpt
@@ -176,16 +176,7 @@ class Trainer:
 
         # Same seed on every rank and at every world size: identical replicas from the start.
         torch.manual_seed(cfg.run.seed)
-        backbone = build_backbone(
-            cfg.model.backbone,
-            cfg.model.embed_dim,
-            input_dim=cfg.model.input_dim,
-            hidden_dim=cfg.model.hidden_dim,
-            depth=cfg.model.depth,
-            image_size=cfg.data.image_size,
-            wta_crs_keep=cfg.model.wta_crs_keep,
-            wta_crs_mlp=cfg.model.wta_crs_mlp,
-        ).to(self.device)
+        backbone = backbone_from_config(cfg).to(self.device)
         if cfg.model.sync_batchnorm and self.device.type == "cuda":
             backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=env.data_group)
         self.memory_format = (
