@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, bf16_matmul_tflops, environment, print_table, pyplot, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    bf16_matmul_tflops,
+    environment,
+    launcher,
+    print_table,
+    pyplot,
+    write_results,
+)  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 from hydrahead.train.metrics import METRICS_FILE  # noqa: E402
 
@@ -83,21 +91,8 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
         *args.overrides,
         *variant_overrides,
     ]
-    # One process goes without torchrun (launch/train.py forms a world of one): torchrun's
-    # own start, importing torch, costs about as much as a short run.
-    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
-    cmd = [
-        sys.executable,
-        *(torchrun if args.gpus > 1 else []),
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        args.config,
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if args.gpus == 1:  # nothing of a launcher around this process may make it rendezvous
-        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            env.pop(key, None)
+    prefix, env = launcher(args.gpus, {**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [sys.executable, *prefix, str(REPO / "launch" / "train.py"), "--config", args.config, *overrides]
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
     begun = time.monotonic()

@@ -57,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     SOCKET_ENV,
     backbone_forward_flops,
     environment,
+    launcher,
     matmul_tflops,
     print_table,
     pyplot,
@@ -201,12 +202,11 @@ def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> b
     """One torchrun of train_throughput.py measuring ``points`` (same config, GPU count, transport, mode)."""
     first = points[0]
     with tempfile.TemporaryDirectory(prefix="hydrahead_scaling_") as run_dir:
-        # One GPU goes without torchrun (train_throughput.py forms a world of one): torchrun's
-        # own start, importing torch, costs seconds per launch.
-        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={first.gpus}"]
+        env = {**os.environ, "NCCL_NVLS_ENABLE": "0", **(SOCKET_ENV if first.transport == "socket" else {})}
+        prefix, env = launcher(first.gpus, env)
         cmd = [
             sys.executable,
-            *(torchrun if first.gpus > 1 else []),
+            *prefix,
             str(HERE / "train_throughput.py"),
             "--config",
             first.config,
@@ -230,10 +230,6 @@ def run_launch(points: list[Point], args, rows_file: Path, repeat: int = 0) -> b
             f"run.dir={run_dir}",
             *args.overrides,
         ]
-        env = {**os.environ, "NCCL_NVLS_ENABLE": "0", **(SOCKET_ENV if first.transport == "socket" else {})}
-        if first.gpus == 1:  # nothing of a launcher around this process may make it rendezvous
-            for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-                env.pop(key, None)
         return subprocess.run(cmd, env=env).returncode == 0
 
 
