@@ -126,3 +126,14 @@ def test_ruff_passes(check):
     proc = subprocess.run([sys.executable, "-m", "ruff", *check, "."], cwd=REPO, capture_output=True, text=True)
     found = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"ruff {' '.join(check)} found problems (ruff format . fixes the layout):\n{found}"
+
+
+def test_training_on_cpu_needs_no_triton():
+    """The README's first command installs no triton (it is a test extra): the trainer and
+    launcher must import without it."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['triton'] = None; import hydrahead.train.trainer, hydrahead.comm.compression"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

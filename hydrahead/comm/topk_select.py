@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from hydrahead.counter_rng import counter_uniform
-from hydrahead.kernels.topk_candidates import candidates
 
 SELECTIONS = ("exact", "sampled")
 MIN_SAMPLE_RANK = 8  # the threshold is at least the 8th-largest sample: fewer makes its count noisy
@@ -148,7 +147,10 @@ def select_above(acc: torch.Tensor, plan: SamplePlanTensors, thresholds: torch.T
     ``thresholds[j]`` (hydrahead.kernels.topk_candidates; ``gather`` picks its kernel or
     reference, by default the kernel on CUDA); its k_j largest candidates are selected.
     """
-    gather = gather or candidates
+    if gather is None:
+        # Imported here: the kernels need triton, which a CPU install without the test extras
+        # lacks, and importing this module (every top-k run does) must not need it.
+        from hydrahead.kernels.topk_candidates import candidates as gather
     n = plan.numel
     found = gather(acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
     # The k_j largest candidates of each tensor; empty slots sort lowest.
