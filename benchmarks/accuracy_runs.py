@@ -12,7 +12,8 @@ Runs go seed by seed (every variant of a seed before the next seed). Rows go to
 those already there, so a study can be spread over several commands (``time_budget``:
 after a command's first run, none starts that would carry past it if it took as long as
 its variant's slowest run so far, or the slowest of the command's variants for one not run
-yet; a faster variant's run may go ahead of a slower one that does not fit).
+yet; a faster variant's run may go ahead of a slower one that does not fit). ``--jobs N``
+runs up to N at once on one machine: top-1 is unaffected, but their times share it.
 The summary (mean and spread over seeds per variant) and the rows go to
 ``benchmarks/results/<name>.json``.
 """
@@ -20,6 +21,7 @@ The summary (mean and spread over seeds per variant) and the rows go to
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -77,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, name: str) -> None:
         "the same command again runs the rest",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once on the same machine (for top-1 only: their times then share it)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="tiny runs on CPU under TRITON_INTERPRET=1 (checks the flow)"
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -96,7 +104,10 @@ def run_one(args, variant_overrides: list[str], seed: int, run_dir: Path) -> dic
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
     begun = time.monotonic()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"note": f"timed out after {args.timeout:g} s", "wall_s": time.monotonic() - begun}
     wall_s = time.monotonic() - begun
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
@@ -151,6 +162,8 @@ def run_study(
     ``plot(payload, png)`` draws ``<name>.png`` (default: held-out top-1 per variant as bars).
     """
     seeds = [int(v) for v in args.seeds.split(",")]
+    if args.jobs < 1:
+        sys.exit(f"--jobs must be at least 1, got {args.jobs}")
     base = [*(DRY_RUN if args.dry_run else []), *args.overrides]
     cfg = load_config(args.config, base)
     G, D, C = cfg.train.global_batch, cfg.model.embed_dim, cfg.head.num_classes
@@ -183,18 +196,19 @@ def run_study(
             walls[r["method"]] = max(walls.get(r["method"], 0.0), r["wall_s"])
     done = {(r["method"], r["seed"]) for r in records if same_study(r) and not r.get("note")}
     todo = [(method, seed) for seed in seeds for method in variants if (method, seed) not in done]
-    left = 0
-    for method, seed in todo:
-        expected = walls.get(method, max(walls.values(), default=0.0))
-        if ran and time_budget is not None and time.monotonic() - started + expected > time_budget:
-            left += 1  # a faster variant's run may still fit
-            continue
-        print(f"== {method} seed {seed}", flush=True)
-        variant_overrides = variants[method]
-        selection = load_config(args.config, [*base, *variant_overrides]).head.selection
+    left, pending = 0, {}
+
+    def run_in_tmp(variant_overrides: list[str], seed: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_one(args, variant_overrides, seed, Path(tmp) / "run")
+            return run_one(args, variant_overrides, seed, Path(tmp) / "run")
+
+    def finish(future) -> None:
+        nonlocal ran
+        method, seed = pending.pop(future)
+        variant_overrides = variants[method]
+        result = future.result()
         walls[method], ran = max(walls.get(method, 0.0), result["wall_s"]), ran + 1
+        selection = load_config(args.config, [*base, *variant_overrides]).head.selection
         ms = result.get("head_ms")
         row = {
             "method": method,
@@ -209,12 +223,28 @@ def run_study(
             "ratio": ms / floor_ms if ms and floor_ms else None,
             # Rows a shard scores per step: all of it under full softmax (which logs none).
             "rows_per_step": C / args.gpus if selection == "full" else result.get("active_classes"),
+            # Runs that shared the machine: their times are not one run's alone.
+            "jobs": args.jobs,
             **result,
         }
         print(json.dumps(row), flush=True)
         records.append(row)
         with rows_file.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for method, seed in todo:
+            while len(pending) >= args.jobs:
+                for future in concurrent.futures.wait(pending, return_when="FIRST_COMPLETED").done:
+                    finish(future)
+            expected = walls.get(method, max(walls.values(), default=0.0))
+            if (ran or pending) and time_budget is not None and time.monotonic() - started + expected > time_budget:
+                left += 1  # a faster variant's run may still fit
+                continue
+            print(f"== {method} seed {seed}", flush=True)
+            pending[pool.submit(run_in_tmp, variants[method], seed)] = (method, seed)
+        while pending:
+            finish(next(concurrent.futures.as_completed(pending)))
     if left:
         print(f"time budget {time_budget:g} s: {left} run(s) left for a re-run", file=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from launcher import REPO
@@ -173,3 +174,41 @@ def test_time_budget_expects_each_variant_to_take_its_own_slowest_run(tmp_path, 
     ran.clear()
     study("0,1,2", "150")
     assert ran == [("slow", 2)]
+
+
+def test_jobs_run_at_once_and_every_row_is_kept(tmp_path, monkeypatch):
+    """--jobs 2 has two runs in flight together (a barrier of two would time out one by one);
+    a run that times out becomes a failed row, and the others still land."""
+    import subprocess
+    import threading
+
+    from benchmarks import accuracy_runs
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    variants = {"a": ["log.every=7"], "b": ["log.every=3"]}
+    together = threading.Barrier(2, timeout=20)
+
+    def fake_subprocess_run(cmd, **kwargs):
+        seed = next(int(o.split("=")[1]) for o in cmd if o.startswith("run.seed="))
+        if seed == 2:
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+        together.wait()
+        run_dir = Path(next(o.split("=", 1)[1] for o in cmd if o.startswith("run.dir=")))
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_top1": 0.25 * (1 + seed), "eval_top5": 0.9, "eval_loss": 1.0}]
+        (run_dir / accuracy_runs.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(accuracy_runs.subprocess, "run", fake_subprocess_run)
+    parser = argparse.ArgumentParser()
+    accuracy_runs.add_arguments(parser, name="jobs")
+    args = parser.parse_args(["--dry-run", "--config", CONFIG, "--seeds", "0,1,2", "--jobs", "2", "--timeout", "5"])
+    accuracy_runs.run_study(args, variants, what="jobs", plot=lambda payload, png: None)
+
+    lines = [json.loads(line) for line in (tmp_path / "jobs.rows.jsonl").read_text().splitlines()]
+    finished = sorted((r["method"], r["seed"], r["eval_top1"]) for r in lines if not r.get("note"))
+    assert finished == [("a", 0, 0.25), ("a", 1, 0.5), ("b", 0, 0.25), ("b", 1, 0.5)]
+    assert sorted((r["method"], r["seed"]) for r in lines if r.get("note")) == [("a", 2), ("b", 2)]
+    assert all(r["jobs"] == 2 for r in lines)
+    payload = json.loads((tmp_path / "jobs.json").read_text())
+    assert [(s["method"], s["seeds"]) for s in payload["summary"]] == [("a", 2), ("b", 2)]
