@@ -195,7 +195,10 @@ def test_jobs_run_at_once_and_every_row_is_kept(tmp_path, monkeypatch):
         together.wait()
         run_dir = Path(next(o.split("=", 1)[1] for o in cmd if o.startswith("run.dir=")))
         run_dir.mkdir(parents=True)
-        rows = [{"step": 1, "loss": 2.0}, {"step": 1, "eval_top1": 0.25 * (1 + seed), "eval_top5": 0.9, "eval_loss": 1.0}]
+        rows = [
+            {"step": 1, "loss": 2.0},
+            {"step": 1, "eval_top1": 0.25 * (1 + seed), "eval_top5": 0.9, "eval_loss": 1.0},
+        ]
         (run_dir / accuracy_runs.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
