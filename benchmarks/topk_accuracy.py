@@ -118,6 +118,7 @@ def main(argv=None) -> None:
             "comm.grad_compression=topk",
             f"comm.topk_density={density!r}",
             f"comm.topk_warmup_steps={args.warmup_steps}",
+            "comm.topk_momentum_correction=false",  # the fixes start from none (the mc fix turns it on)
             *(["comm.topk_min_numel=64"] if args.dry_run else []),
         ]
 

@@ -333,3 +333,17 @@ def test_momentum_correction_needs_sgd_and_unused_topk_keys_are_warned_about():
         )
     with pytest.warns(UserWarning, match="comm.topk_"):
         validate(load_config(None, ["comm.topk_select=sampled"]))
+
+
+def test_momentum_correction_is_on_by_default_exactly_for_sgd():
+    from hydrahead.config import topk_momentum_correction
+
+    def resolved(*overrides: str) -> bool:
+        cfg = load_config(None, list(overrides))
+        validate(cfg)
+        return topk_momentum_correction(cfg)
+
+    assert resolved("comm.grad_compression=topk")
+    assert not resolved("comm.grad_compression=topk", "optim.backbone=lamb")
+    assert not resolved("comm.grad_compression=topk", "comm.topk_momentum_correction=false")
+    assert not resolved("comm.grad_compression=none")

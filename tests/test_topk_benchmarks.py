@@ -47,7 +47,13 @@ def test_topk_accuracy_dry_run_trains_simulated_workers_with_fixes(tmp_path, mon
         assert row["eval_top1"] is not None and row["workers"] == 2
         assert "simulating 2 workers" in row["shape"]
         assert "comm.simulate_workers=2" in payload["overrides"]
-    assert "comm.topk_momentum_correction=true" in rows["hydrahead-topk 0.01 mc+sampled"]["overrides"]
+    # no fix means none, though momentum correction is on by default; a later override wins
+    from hydrahead.config import load_config, topk_momentum_correction
+
+    def corrected(method: str) -> bool:
+        return topk_momentum_correction(load_config(None, rows[method]["overrides"]))
+
+    assert not corrected("hydrahead-topk 0.01") and corrected("hydrahead-topk 0.01 mc+sampled")
     assert "comm.topk_select=sampled" in rows["hydrahead-topk 0.01 mc+sampled"]["overrides"]
     dense_bytes = rows["hydrahead-dense"]["backbone_bytes_mean"]
     assert all(rows[m]["backbone_bytes_mean"] < dense_bytes for m in rows if m != "hydrahead-dense")

@@ -20,6 +20,7 @@ of the same global batch then compute the same gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -36,7 +37,7 @@ from hydrahead.comm import compression
 from hydrahead.comm.overlap import OverlappedHead, transfer_group
 from hydrahead.comm.simulated import SimulatedWorkers
 from hydrahead.comm.timing import CommClock
-from hydrahead.config import Config, config_to_dict, save_config, validate
+from hydrahead.config import Config, config_to_dict, save_config, topk_momentum_correction, validate
 from hydrahead.counter_rng import counter_hash
 from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.data.sampler import local_batch_size
@@ -196,7 +197,7 @@ class Trainer:
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
         o = cfg.optim
         # Momentum correction moves SGD's momentum and weight decay from the optimizer into the exchange.
-        self.exchange_momentum = cfg.comm.grad_compression == "topk" and cfg.comm.topk_momentum_correction
+        self.exchange_momentum = topk_momentum_correction(cfg)
         self.clock = CommClock(self.device)  # time in each collective on logged steps
         self._build_exchange(backbone)
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
@@ -304,7 +305,8 @@ class Trainer:
         comm.simulate_workers the W workers simulated in this rank. Sets ``comm_counters``,
         ``simulated`` and ``topk_workers`` (top-k state by worker: its rank, or the simulated
         worker's index)."""
-        cfg, env, comm, o = self.cfg, self.env, self.cfg.comm, self.cfg.optim
+        cfg, env, o = self.cfg, self.env, self.cfg.optim
+        comm = dataclasses.replace(cfg.comm, topk_momentum_correction=self.exchange_momentum)  # null resolved
         names = {param: name for name, param in backbone.named_parameters()}
         decay = {
             names[p]: group["weight_decay"]
