@@ -61,3 +61,37 @@ def test_topk_accuracy_dry_run_trains_simulated_workers_with_fixes(tmp_path, mon
         topk_accuracy.main([*args, "--fixes", "mc+bogus"])
     with pytest.raises(SystemExit):
         topk_accuracy.main(["--dry-run", "--simulate-workers", "2", "--gpus", "2"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("select", ["exact", "sampled"])
+def test_packing_never_waits_for_the_host(select):
+    """Every host sync drains the launch queue that the backward keeps full: after its
+    first step (which builds the sampled plan) packing a bucket must ask for none."""
+    import torch
+    from torch import nn
+
+    from benchmarks.common import host_sync_log
+    from hydrahead.comm import compression
+    from hydrahead.config import CommConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.LayerNorm(512), nn.Linear(512, 384)).cuda()
+    for param in net.parameters():
+        param.grad = torch.randn_like(param)
+    names = {param: name for name, param in net.named_parameters()}
+    cfg = CommConfig(
+        grad_compression="topk",
+        topk_density=0.01,
+        topk_select=select,
+        topk_warmup_steps=0,
+        topk_min_numel=1024,
+        topk_momentum_correction=True,
+    )
+    topk = compression.make_topk(cfg, names, compression.CommCounters())
+    prepared = topk_speed.bucket_buffers(topk_speed.buckets(net, 0.5))
+    topk_speed.pack_all(topk, prepared, 4)
+    with host_sync_log() as syncs:
+        messages = topk_speed.pack_all(topk, prepared, 4)
+    assert all(m.is_cuda for m in messages)
+    assert not syncs, f"packing waited for the host at {dict(syncs)}"

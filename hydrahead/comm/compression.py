@@ -199,10 +199,12 @@ class TopK:
             index = exact_topk(acc, num_selected(acc.numel(), density))
             indices.append(index)
             values.append(acc[index])
-            acc[index] = 0.0
+            # index_fill_, not acc[index] = 0.0: assigning a Python scalar copies it to the
+            # device and waits for that copy (a host sync per tensor)
+            acc.index_fill_(0, index, 0.0)
             velocity = self._pending.get(name, (None, None))[1]
             if velocity is not None and self.momentum_masking:
-                velocity[index] = 0.0
+                velocity.index_fill_(0, index, 0.0)
             self._pending[name] = (acc, velocity)
         return indices, values
 
@@ -223,18 +225,18 @@ class TopK:
         # The accs end to end, written in place (no copy to concatenate them); the extra last
         # entry stays 0: an empty slot points at it, so it sends 0 and clears nothing.
         flat = grads[0].new_empty(sum(sizes) + 1)
-        flat[-1] = 0.0
+        flat[-1:].zero_()  # a slice: flat[-1] = 0.0 would wait for the host
         accs = flat[:-1].split(sizes)
         for acc, grad, residual in zip(accs, grads, residuals):
             acc.copy_(grad) if residual is None else torch.add(residual, grad, out=acc)
         seed = int(counter_hash(self.seed, SAMPLE_STREAM, torch.tensor([(self.worker << 32) + self.step])))
         chosen = sampled_topk(flat[:-1], tensors, seed)
         values = flat[chosen]
-        flat[chosen] = 0.0
+        flat.index_fill_(0, chosen, 0.0)
         velocities = [self._pending.get(name, (None, None))[1] for name in names]
         if self.momentum_correction and self.momentum_masking:
             flat_velocity = torch.cat([*velocities, flat[-1:]])
-            flat_velocity[chosen] = 0.0
+            flat_velocity.index_fill_(0, chosen, 0.0)
             velocities = list(flat_velocity[:-1].split(sizes))
         for name, acc, velocity in zip(names, accs, velocities):
             self._pending[name] = (acc, velocity)
