@@ -36,7 +36,8 @@ def _add(study, phase, optimizer, multiple, lr, seed, curve=None, top1=None, not
 
 
 def test_sweep_chooses_the_best_lr_counts_divergence_as_worst_and_flags_the_edge(tmp_path, monkeypatch):
-    study = _study(tmp_path, monkeypatch, "--runs", "sgd@1,lars@8", "--grid", "lars@8=1,2,4")
+    grids = ["--grid", "sgd@1=0.1,0.2,0.4", "--grid", "lars@8=1,2,4"]
+    study = _study(tmp_path, monkeypatch, "--runs", "sgd@1,lars@8", *grids)
     for lr, top1 in ((0.1, 0.30), (0.2, 0.35), (0.4, 0.33)):
         _add(study, "sweep", "sgd", 1, lr, 0, top1=top1)
     _add(study, "sweep", "lars", 8, 1.0, 0, top1=0.2)
@@ -51,7 +52,7 @@ def test_sweep_chooses_the_best_lr_counts_divergence_as_worst_and_flags_the_edge
     # A diverged run is done: a re-run does not repeat it.
     assert study.done(study.run_spec("sweep", "lars", 8, 4.0, 0))
     # The rows file is what a new process reads back.
-    again = large_batch.parse_args(["--dry-run", "--runs", "sgd@1,lars@8", "--grid", "lars@8=1,2,4"]).study
+    again = large_batch.parse_args(["--dry-run", "--runs", "sgd@1,lars@8", *grids]).study
     assert [c["lr"] for c in again.choices()] == [0.2, 2.0]
 
 
@@ -103,6 +104,9 @@ def test_goal_not_met_when_the_final_accuracy_is_worse(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_dry_run_writes_rows_json_and_png_and_resumes(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "large_batch.py"), "--dry-run", "--seeds", "0"]
+    # three LRs of each grid keep the dry run short
+    for (optimizer, multiple), grid in large_batch.GRIDS.items():
+        cmd += ["--grid", f"{optimizer}@{multiple}={','.join(map(str, grid[1:4]))}"]
     env = {**environment(threads=1), "HYDRAHEAD_RESULTS_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
