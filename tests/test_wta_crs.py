@@ -245,3 +245,29 @@ def test_eval_no_grad_and_a_frozen_weight_take_the_plain_path():
 def test_keep_out_of_range_is_refused():
     with pytest.raises(ValueError, match="keep"):
         WTACRSLinear(4, 4, keep=0.0)
+
+
+def test_benchmark_rows_carry_method_shape_and_the_exact_steps_floor():
+    """benchmarks/wta_crs.py: every row gets the results' common fields; the floor is the exact
+    step's FLOPs (linear in the batch, the head's 6 B D C included) at the given rate."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import wta_crs as bench
+
+    args = argparse.Namespace(image_size=32, patch_size=8, classes=10)
+    rows = [
+        {"model": "vit_tiny", "keep": 1.0, "batch": 4, "ms": 2.0},
+        {"model": "vit_tiny", "keep": 0.3, "batch": 8},  # failed: no time
+    ]
+    bench._add_floors(rows, args, tflops=1e-6)
+    assert [r["method"] for r in rows] == ["hydrahead-exact", "hydrahead-wta_crs keep 0.3"]
+    assert rows[0]["shape"] == "vit_tiny, batch 4, 32 px"
+    assert rows[1]["floor_ms"] == pytest.approx(2 * rows[0]["floor_ms"])
+    assert rows[0]["ratio"] == pytest.approx(2.0 / rows[0]["floor_ms"]) and rows[1]["ratio"] is None
+    assert rows[1]["peak_mib"] is None
+    wider = bench.step_flops("vit_tiny", 4, argparse.Namespace(image_size=32, patch_size=8, classes=110))
+    assert wider - bench.step_flops("vit_tiny", 4, args) == 6 * 4 * bench.EMBED_DIM * 100
+    assert rows[0]["floor_ms"] == pytest.approx(bench.step_flops("vit_tiny", 4, args) / 1e6 * 1e3)
