@@ -1,4 +1,4 @@
-"""Launch the real trainer under torchrun for end-to-end tests, on tiny gloo runs."""
+"""Launch the real trainer for end-to-end tests, on tiny gloo runs (torchrun for several ranks)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.common import launcher  # noqa: E402
+
 TINY = [
     "train.steps=12",
     "train.global_batch=48",
@@ -36,22 +39,19 @@ TINY = [
 
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=()) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *torchrun_args,
-        str(REPO / "launch" / "train.py"),
-        f"run.dir={run_dir}",
-        *TINY,
-        *overrides,
-    ]
+    """The trainer as ``nproc`` ranks, by the benchmarks' rule (one rank: no torchrun, whose
+    own start costs 2-3 s a launch here), unless the test asks torchrun for something."""
+    prefix = _torchrun(nproc, torchrun_args) if torchrun_args else launcher(nproc, {})[0]
+    return [sys.executable, *prefix, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
+
+
+def _torchrun(nproc: int, torchrun_args) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args]
 
 
 def environment(faults: str | None = None, threads: int = 1) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    # launcher(2, ...) keeps the environment as it is; one rank drops a surrounding launcher's variables.
+    env = launcher(1, {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"})[1]
     env.pop("HYDRAHEAD_INJECT_FAULT", None)
     if faults:
         env["HYDRAHEAD_INJECT_FAULT"] = faults
