@@ -26,6 +26,7 @@ bytes passed in, not the transport's wire bytes, which depend on the algorithm).
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -180,14 +181,28 @@ class TopK:
                 flats[i] = flats[i] * (bound / (norm + 1e-6)).clamp(max=1.0)
         if not self.momentum_correction:
             return flats
+        # Multi-tensor ops (a few launches per bucket, not a few per tensor: the pack is bound
+        # by the host's launches, docs/comm.md).
+        names = [self.names[param] for param in params]
+        by_decay = collections.defaultdict(list)
+        for i, name in enumerate(names):
+            if self.weight_decay.get(name, 0.0):
+                by_decay[self.weight_decay[name]].append(i)
+        for decay, idx in by_decay.items():
+            weights = [params[i].detach().reshape(-1).float() for i in idx]
+            decayed = torch._foreach_add([flats[i] for i in idx], weights, alpha=decay / world_size)
+            for i, flat in zip(idx, decayed):
+                flats[i] = flat
+        velocities = [self.velocities.get(name) for name in names]
+        moving = [i for i, velocity in enumerate(velocities) if velocity is not None]
+        if moving:
+            updated = torch._foreach_mul([velocities[i] for i in moving], self.momentum)
+            torch._foreach_add_(updated, [flats[i] for i in moving])
+            for i, velocity in zip(moving, updated):
+                velocities[i] = velocity
         out = []
-        for param, flat in zip(params, flats):
-            name = self.names[param]
-            decay = self.weight_decay.get(name, 0.0)
-            if decay:
-                flat = flat.add(param.detach().reshape(-1).float(), alpha=decay / world_size)
-            velocity = self.velocities.get(name)
-            velocity = flat.clone() if velocity is None else velocity.mul(self.momentum).add_(flat)
+        for name, flat, velocity in zip(names, flats, velocities):
+            velocity = flat.clone() if velocity is None else velocity  # the first step's u = g
             self._pending[name] = (None, velocity)
             out.append(velocity)
         return out
@@ -227,8 +242,10 @@ class TopK:
         flat = grads[0].new_empty(sum(sizes) + 1)
         flat[-1:].zero_()  # a slice: flat[-1] = 0.0 would wait for the host
         accs = flat[:-1].split(sizes)
-        for acc, grad, residual in zip(accs, grads, residuals):
-            acc.copy_(grad) if residual is None else torch.add(residual, grad, out=acc)
+        torch._foreach_copy_(accs, grads)
+        owed = [i for i, residual in enumerate(residuals) if residual is not None]
+        if owed:
+            torch._foreach_add_([accs[i] for i in owed], [residuals[i] for i in owed])
         seed = int(counter_hash(self.seed, SAMPLE_STREAM, torch.tensor([(self.worker << 32) + self.step])))
         chosen = sampled_topk(flat[:-1], tensors, seed)
         values = flat[chosen]
@@ -266,7 +283,11 @@ class TopK:
             names = [self.names[param] for param, _, _ in sparse]
             residuals = [self.residuals.get(name) for name in names]
             if self.select == "exact":
-                accs = [flat.clone() if r is None else r.add(flat) for (_, _, flat), r in zip(sparse, residuals)]
+                flats = [flat for _, _, flat in sparse]
+                owed = [i for i, r in enumerate(residuals) if r is not None]
+                summed = torch._foreach_add([residuals[i] for i in owed], [flats[i] for i in owed]) if owed else []
+                accs = dict(zip(owed, summed))
+                accs = [accs[i] if i in accs else flat.clone() for i, flat in enumerate(flats)]
                 index_parts, value_parts = self._select_exact(names, accs, density)
                 index_parts = [index + offset for index, (_, offset, _) in zip(index_parts, sparse)]
             else:
