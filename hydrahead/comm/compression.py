@@ -412,7 +412,8 @@ def make_topk(
         dense=dense_names(names.values(), comm_cfg.topk_dense),
         select=comm_cfg.topk_select,
         sample_share=comm_cfg.topk_sample_share,
-        momentum_correction=comm_cfg.topk_momentum_correction,
+        # null is the trainer's to resolve (config.topk_momentum_correction); unresolved it is off
+        momentum_correction=bool(comm_cfg.topk_momentum_correction),
         momentum=momentum,
         momentum_masking=comm_cfg.topk_momentum_masking,
         weight_decay=dict(weight_decay or {}),
