@@ -286,8 +286,8 @@ class TopK:
                 flats = [flat for _, _, flat in sparse]
                 owed = [i for i, r in enumerate(residuals) if r is not None]
                 summed = torch._foreach_add([residuals[i] for i in owed], [flats[i] for i in owed]) if owed else []
-                accs = dict(zip(owed, summed))
-                accs = [accs[i] if i in accs else flat.clone() for i, flat in enumerate(flats)]
+                owing = dict(zip(owed, summed))  # residual + gradient, where a residual exists
+                accs = [owing[i] if i in owing else flat.clone() for i, flat in enumerate(flats)]
                 index_parts, value_parts = self._select_exact(names, accs, density)
                 index_parts = [index + offset for index, (_, offset, _) in zip(index_parts, sparse)]
             else:
