@@ -136,13 +136,14 @@ def fp8_matmul_tflops(size: int = 8192, reps: int = 20) -> float:
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
-def launcher(nproc: int, env: dict) -> tuple[list[str], dict]:
+def launcher(nproc: int, env: dict, torchrun_args=()) -> tuple[list[str], dict]:
     """(what goes between the interpreter and the script, the environment) to start a
-    script as ``nproc`` ranks: torchrun for several; for one, the script alone (it forms a
-    world of one, and torchrun's own start costs seconds), with a surrounding launcher's
-    variables dropped from ``env`` so that it cannot try to rendezvous."""
-    if nproc > 1:
-        return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"], env
+    script as ``nproc`` ranks: torchrun for several, or where ``torchrun_args`` ask it for
+    something (restarts); for one, the script alone (it forms a world of one, and
+    torchrun's own start costs seconds), with a surrounding launcher's variables dropped
+    from ``env`` so that it cannot try to rendezvous."""
+    if nproc > 1 or torchrun_args:
+        return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args], env
     drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     return [], {key: value for key, value in env.items() if key not in drop}
 

@@ -40,17 +40,13 @@ TINY = [
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=()) -> list[str]:
     """The trainer as ``nproc`` ranks, by the benchmarks' rule (one rank: no torchrun, whose
-    own start costs 2-3 s a launch here), unless the test asks torchrun for something."""
-    prefix = _torchrun(nproc, torchrun_args) if torchrun_args else launcher(nproc, {})[0]
+    own start costs 2-3 s a launch here, unless the test asks torchrun for something)."""
+    prefix = launcher(nproc, {}, torchrun_args)[0]
     return [sys.executable, *prefix, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
 
 
-def _torchrun(nproc: int, torchrun_args) -> list[str]:
-    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args]
-
-
 def environment(faults: str | None = None, threads: int = 1) -> dict:
-    # launcher(2, ...) keeps the environment as it is; one rank drops a surrounding launcher's variables.
+    # no surrounding launcher's rank variables: a one-rank run must not try to rendezvous
     env = launcher(1, {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"})[1]
     env.pop("HYDRAHEAD_INJECT_FAULT", None)
     if faults:
