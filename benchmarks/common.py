@@ -63,7 +63,9 @@ def host_sync_log(package: str = "hydrahead"):
     marker = os.sep + package + os.sep
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchronizing" not in str(message):
+        # torch's words for a sync; its notice that the debug mode is a prototype also says
+        # "synchronizing" (once per process) and is not one
+        if "called a synchronizing" not in str(message):
             return
         frames = [f for f in traceback.extract_stack()[:-1] if marker in f.filename]
         where = frames[-1] if frames else traceback.extract_stack()[-3]
