@@ -12,7 +12,15 @@ import math
 
 import torch
 
-__all__ = ["UINT64_MAX", "counter_hash", "counter_key", "counter_normal", "counter_uniform"]
+__all__ = [
+    "UINT64_MAX",
+    "counter_hash",
+    "counter_hash_int",
+    "counter_key",
+    "counter_normal",
+    "counter_uniform",
+    "stream_keys",
+]
 
 _MASK64 = UINT64_MAX = (1 << 64) - 1  # seeds are any int64 or uint64
 # splitmix64 constants (Steele, Lea and Flood 2014).
@@ -58,7 +66,7 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _stream_keys(seed: int, stream: int) -> tuple[int, int]:
+def stream_keys(seed: int, stream: int) -> tuple[int, int]:
     """Two 64-bit keys (as int64) for one (seed, stream) pair."""
     k1 = _mix64_int(_mix64_int(seed) + (2 * stream + 1) * _GAMMA)
     k2 = _mix64_int(k1 + _GAMMA)
@@ -67,7 +75,7 @@ def _stream_keys(seed: int, stream: int) -> tuple[int, int]:
 
 def counter_key(seed: int, stream: int) -> int:
     """One 64-bit unsigned value (a Python int) for a (seed, stream) pair: a scalar draw."""
-    return _mix64_int(_stream_keys(seed, stream)[0])
+    return _mix64_int(stream_keys(seed, stream)[0])
 
 
 def counter_hash(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
@@ -76,9 +84,15 @@ def counter_hash(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     Two keyed rounds rather than one: with a single ``mix(index + key)``, two seeds would
     give the same stream shifted by ``key2 - key1``.
     """
-    k1, k2 = _stream_keys(seed, stream)
+    k1, k2 = stream_keys(seed, stream)
     h = _mix64(index.long() + k1)
     return _mix64(h.bitwise_xor_(k2))
+
+
+def counter_hash_int(seed: int, stream: int, index: int) -> int:
+    """``counter_hash`` of one index, on Python ints (no tensor, no device): int64 value."""
+    k1, k2 = stream_keys(seed, stream)
+    return _signed(_mix64_int(_mix64_int(index + k1) ^ (k2 & _MASK64)))
 
 
 def counter_uniform(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:

@@ -347,3 +347,28 @@ def test_momentum_correction_is_on_by_default_exactly_for_sgd():
     assert not resolved("comm.grad_compression=topk", "optim.backbone=lamb")
     assert not resolved("comm.grad_compression=topk", "comm.topk_momentum_correction=false")
     assert not resolved("comm.grad_compression=none")
+
+
+@pytest.mark.parametrize("select", ["exact", "sampled"])
+def test_state_follows_the_tensors_when_the_buckets_change(select):
+    """DDP rebuilds its buckets after the first step: the residuals and velocities kept per
+    bucket must move with their tensors, so a worker whose buckets change sends what one
+    with fixed buckets sends."""
+    params = [nn.Parameter(torch.randn(30_000)), nn.Parameter(torch.randn(20_000))]
+    names = {params[0]: "a", params[1]: "b"}
+    options = dict(density=0.001, warmup_steps=0, select=select, min_numel=100, momentum_correction=True)
+    options.update(weight_decay={"a": 0.01}, worker=1, seed=2)
+    fixed, moving = TopK(names, **options), TopK(names, **options)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        grads = [torch.randn(p.numel(), generator=gen) for p in params]
+        fixed.step = moving.step = step
+        joint, _, _ = _sent_and_kept(fixed, params, grads)
+        if step % 2:  # one bucket each, in the other order
+            apart = [_sent_and_kept(moving, [params[i]], [grads[i]])[0][0] for i in (1, 0)][::-1]
+        else:
+            apart, _, _ = _sent_and_kept(moving, params, grads)
+        assert all(torch.equal(a, b) for a, b in zip(joint, apart))
+        for name in ("a", "b"):
+            assert torch.equal(fixed.residuals[name], moving.residuals[name])
+            assert torch.equal(fixed.velocities[name], moving.velocities[name])

@@ -125,3 +125,25 @@ def test_selection_through_the_kernel_equals_the_reference():
     thresholds = sampled_thresholds(magnitude, plan, seed=2)
     kernel = select_above(magnitude, plan, thresholds, gather=candidates_triton)
     assert kernel.tolist() == select_above(magnitude, plan, thresholds, gather=candidates_reference).tolist()
+
+
+def test_sample_key_kernel_draws_the_reference_positions_bit_for_bit():
+    from hydrahead.comm.topk_select import sample_keys_reference
+    from hydrahead.counter_rng import stream_keys
+    from hydrahead.kernels.topk_candidates import sample_keys_triton
+
+    gen = torch.Generator().manual_seed(6)
+    magnitude = _magnitudes(5) * (torch.rand(sum(SIZES), generator=gen) - 0.5).sign()  # |acc| is sampled
+    _, plan = _plan(SIZES, 0.001, 0.01)
+    for seed in (0, 17, 2**40 + 3):
+        reference = sample_keys_reference(magnitude, plan, seed, stream=5000)
+        kernel = sample_keys_triton(magnitude, plan, *stream_keys(seed, 5000))
+        assert torch.equal(kernel, reference)
+        assert not torch.equal(kernel, sample_keys_reference(magnitude, plan, seed + 1, stream=5000))
+
+
+def test_counter_hash_of_one_index_equals_the_tensor_hash():
+    from hydrahead.counter_rng import counter_hash, counter_hash_int
+
+    for seed, stream, index in ((0, 5000, 7), (3, 5000, (5 << 32) + 11), (2**63 + 5, 1, 2**62)):
+        assert counter_hash_int(seed, stream, index) == int(counter_hash(seed, stream, torch.tensor([index]))[0])

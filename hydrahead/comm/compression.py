@@ -43,7 +43,7 @@ from hydrahead.comm.topk_select import (
     num_selected,
     sampled_topk,
 )
-from hydrahead.counter_rng import counter_hash
+from hydrahead.counter_rng import counter_hash_int
 
 COMPRESSIONS = ("none", "bf16", "powersgd", "topk")
 WARMUP_START_DENSITY = 0.25
@@ -73,6 +73,138 @@ class CommCounters:
 
 def _times_world_size(world_size: int):
     return lambda fut: fut.value().mul_(world_size)  # PyTorch's hooks resolve to the averaged bucket
+
+
+class _Bucket:
+    """One bucket of one worker: its tensors as segments of the flat buffer, and the
+    worker's state over it.
+
+    Residuals and velocities are flat fp32 tensors over the whole bucket plus a spare last
+    entry that stays 0 (an empty slot of the sampled selection points at it): two of each,
+    the committed state (``current``) and the one a pack writes, swapped at ``commit``. The
+    name-keyed ``TopK.residuals`` and ``velocities`` hold views of the committed ones;
+    where those dicts were changed from outside (a resume, another bucket layout) ``load``
+    copies them in first.
+    """
+
+    def __init__(self, topk: TopK, params: list, keys: tuple, offsets: list, numel: int, device):
+        self.names = [topk.names[param] for param in params]
+        self.sizes = [param.numel() for param in params]
+        self.offsets = list(offsets)
+        self.numel, self.device, self.keys = numel, device, keys
+        self.sparse = [topk.is_sparse(param) for param in params]
+        self.residual = [torch.zeros(numel + 1, device=device) for _ in range(2)]
+        self.velocity = [torch.zeros(numel + 1, device=device) for _ in range(2)] if topk.momentum_correction else []
+        self.current = 0
+        by_decay = collections.defaultdict(list)
+        for i, name in enumerate(self.names):
+            if topk.weight_decay.get(name, 0.0):
+                by_decay[topk.weight_decay[name]].append(i)
+        self.decay_groups = list(by_decay.items())
+        self._scratch = None
+        self._flat_params = {}
+        self._views = {}  # data_ptr of a state tensor -> its per-tensor views
+        self._entries = {}
+        self._plans = {}
+        self._loaded = None  # what the dicts held when this bucket last matched them
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-tensor 1-D views of a flat tensor over the bucket (cached for the state tensors)."""
+        cached = self._views.get(flat.data_ptr())
+        if cached is not None and cached[0] is flat:
+            return cached[1]
+        views = [flat[o : o + n] for o, n in zip(self.offsets, self.sizes)]
+        if any(flat is state for state in (*self.residual, *self.velocity, self._scratch)):
+            self._views[flat.data_ptr()] = (flat, views)
+        return views
+
+    def scratch(self, gradient: torch.Tensor) -> torch.Tensor:
+        """An fp32 copy of the bucket's gradient in a buffer kept from step to step."""
+        if self._scratch is None:
+            self._scratch = torch.empty(self.numel, device=self.device)
+        return self._scratch.copy_(gradient)
+
+    def flat_params(self, params: list, idx: list[int]) -> list[torch.Tensor]:
+        """fp32 1-D views of ``params[i]`` for i in ``idx`` (copies where not fp32), kept
+        while each parameter keeps its storage."""
+        key = tuple(idx)
+        cached = self._flat_params.get(key)
+        if cached is None or any(flat.data_ptr() != params[i].data_ptr() for flat, i in zip(cached, idx)):
+            cached = [params[i].detach().reshape(-1) for i in idx]
+            if any(
+                flat.dtype != torch.float32 or flat.data_ptr() != params[i].data_ptr() for flat, i in zip(cached, idx)
+            ):
+                return [flat.float() for flat in cached]  # not views of fp32 storage: new each step
+            self._flat_params[key] = cached
+        return cached
+
+    def entries(self, tensors: list[int], gaps: bool = False) -> torch.Tensor:
+        """Indices of the entries of ``tensors`` (in that order), and with ``gaps`` of the
+        bucket's entries that belong to no tensor."""
+        key = (tuple(tensors), gaps)
+        index = self._entries.get(key)
+        if index is None:
+            parts = [torch.arange(self.offsets[i], self.offsets[i] + self.sizes[i]) for i in tensors]
+            if gaps:
+                covered = torch.zeros(self.numel, dtype=torch.bool)
+                for o, n in zip(self.offsets, self.sizes):
+                    covered[o : o + n] = True
+                parts.append(torch.nonzero(~covered).flatten())
+            index = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+            index = self._entries[key] = index.to(self.device)
+        return index
+
+    def plan(self, density: float, sample_share: float, sparse: list[int]) -> SamplePlanTensors:
+        """The sampled selection over the bucket's segments in place order: its tensors, and
+        the gaps between them, which (like dense tensors) send nothing through it."""
+        key = (density, sample_share, tuple(sparse))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 64:  # the warm-up makes a plan per step; keep the cache small
+                self._plans.clear()
+            sizes, sent, keys, end, chosen = [], [], [], 0, set(sparse)
+            for i in sorted(range(len(self.sizes)), key=lambda i: self.offsets[i]):
+                if self.offsets[i] > end:
+                    sizes.append(self.offsets[i] - end), sent.append(False), keys.append(-1)
+                sizes.append(self.sizes[i]), sent.append(i in chosen), keys.append(self.keys[i])
+                end = self.offsets[i] + self.sizes[i]
+            if end < self.numel:
+                sizes.append(self.numel - end), sent.append(False), keys.append(-1)
+            spec = SamplePlan.make(sizes, density, sample_share, sent)
+            plan = self._plans[key] = SamplePlanTensors(spec, keys, self.device)
+        return plan
+
+    def _held(self, topk: TopK) -> tuple:
+        return tuple(topk.residuals.get(name) for name in self.names) + tuple(
+            topk.velocities.get(name) for name in self.names
+        )
+
+    def load(self, topk: TopK) -> None:
+        """Take the state from ``topk``'s dicts unless they hold what this bucket last left there."""
+        held = self._held(topk)
+        if self._loaded is not None and all(a is b for a, b in zip(held, self._loaded)):
+            return
+        for state, source in ((self.residual, topk.residuals), (self.velocity, topk.velocities)):
+            if not state:
+                continue
+            state[self.current].zero_()
+            views = self.views(state[self.current])
+            pairs = [(view, source[name]) for name, view in zip(self.names, views) if name in source]
+            if pairs:
+                torch._foreach_copy_([view for view, _ in pairs], [value.reshape(-1) for _, value in pairs])
+        self._loaded = held
+
+    def commit(self, topk: TopK) -> None:
+        """The state the last pack wrote becomes the committed one."""
+        self.current = 1 - self.current
+        residuals = self.views(self.residual[self.current])
+        for name, sparse, view in zip(self.names, self.sparse, residuals):
+            if sparse:
+                topk.residuals[name] = view
+        if self.velocity:
+            for name, view in zip(self.names, self.views(self.velocity[self.current])):
+                topk.velocities[name] = view
+        self._loaded = self._held(topk)
 
 
 @dataclass
@@ -121,8 +253,8 @@ class TopK:
     step: int = 1
     residuals: dict = field(default_factory=dict)  # name -> flat fp32 residual (velocity with momentum correction)
     velocities: dict = field(default_factory=dict)  # name -> flat fp32 momentum (momentum correction only)
-    _pending: dict = field(default_factory=dict)
-    _plans: dict = field(default_factory=dict)
+    _pending: list = field(default_factory=list)  # buckets packed since the last commit or discard
+    _buckets: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.select not in SELECTIONS:
@@ -160,150 +292,106 @@ class TopK:
         return topk_density(self.step, self.density, self.warmup_steps, self.warmup_start)
 
     def commit(self) -> None:
-        for name, (residual, velocity) in self._pending.items():
-            if residual is not None:
-                self.residuals[name] = residual
-            if velocity is not None:
-                self.velocities[name] = velocity
+        for bucket in self._pending:
+            bucket.commit(self)
         self._pending.clear()
 
     def discard(self) -> None:
         self._pending.clear()
 
-    def _local_gradients(self, params, grads, world_size: int) -> list[torch.Tensor]:
-        """This worker's flat fp32 gradients after local clipping and momentum correction
-        (the velocities u, recorded as pending)."""
-        flats = [grad.detach().reshape(-1).float() for grad in grads]
+    def _bucket(self, buffer: torch.Tensor, params: list, offsets: list) -> _Bucket:
+        keys = tuple(self._keys[param] for param in params)
+        key = (keys, tuple(offsets), buffer.numel(), buffer.device)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            # DDP rebuilds its buckets after the first step: a tensor lives in one bucket at a
+            # time, so a new bucket replaces every old one it shares a tensor with.
+            self._buckets = {k: b for k, b in self._buckets.items() if not set(k[0]) & set(keys)}
+            bucket = self._buckets[key] = _Bucket(self, params, keys, offsets, buffer.numel(), buffer.device)
+        return bucket
+
+    def _local_gradient(self, bucket: _Bucket, buffer: torch.Tensor, params: list, world_size: int) -> torch.Tensor:
+        """This worker's flat fp32 gradient over the bucket after local clipping, and with
+        momentum correction the new velocities u (written to the bucket's pending state)."""
+        flat = buffer.reshape(-1)
+        if self.local_clip > 0 or (self.momentum_correction and bucket.decay_groups):
+            flat = bucket.scratch(flat)  # a copy we may change, with views kept from step to step
+        elif flat.dtype != torch.float32:
+            flat = flat.float()
         if self.local_clip > 0:
-            norms = torch._foreach_norm(flats)
-            for i, (param, norm) in enumerate(zip(params, norms)):
+            views = bucket.views(flat)
+            norms = torch._foreach_norm(views)
+            for param, view, norm in zip(params, views, norms):
                 bound = self.local_clip * math.sqrt(param.numel() / self._total_numel / world_size)
-                flats[i] = flats[i] * (bound / (norm + 1e-6)).clamp(max=1.0)
+                view.mul_((bound / (norm + 1e-6)).clamp(max=1.0))
         if not self.momentum_correction:
-            return flats
-        # Multi-tensor ops (a few launches per bucket, not a few per tensor: the pack is bound
-        # by the host's launches, docs/comm.md).
-        names = [self.names[param] for param in params]
-        by_decay = collections.defaultdict(list)
-        for i, name in enumerate(names):
-            if self.weight_decay.get(name, 0.0):
-                by_decay[self.weight_decay[name]].append(i)
-        for decay, idx in by_decay.items():
-            weights = [params[i].detach().reshape(-1).float() for i in idx]
-            decayed = torch._foreach_add([flats[i] for i in idx], weights, alpha=decay / world_size)
-            for i, flat in zip(idx, decayed):
-                flats[i] = flat
-        velocities = [self.velocities.get(name) for name in names]
-        moving = [i for i, velocity in enumerate(velocities) if velocity is not None]
-        if moving:
-            updated = torch._foreach_mul([velocities[i] for i in moving], self.momentum)
-            torch._foreach_add_(updated, [flats[i] for i in moving])
-            for i, velocity in zip(moving, updated):
-                velocities[i] = velocity
-        out = []
-        for name, flat, velocity in zip(names, flats, velocities):
-            velocity = flat.clone() if velocity is None else velocity  # the first step's u = g
-            self._pending[name] = (None, velocity)
-            out.append(velocity)
-        return out
-
-    def _select_exact(self, names, accs, density):
-        """(indices, values) per tensor; the sent entries of each acc (and velocity) cleared."""
-        indices, values = [], []
-        for name, acc in zip(names, accs):
-            index = exact_topk(acc, num_selected(acc.numel(), density))
-            indices.append(index)
-            values.append(acc[index])
-            # index_fill_, not acc[index] = 0.0: assigning a Python scalar copies it to the
-            # device and waits for that copy (a host sync per tensor)
-            acc.index_fill_(0, index, 0.0)
-            velocity = self._pending.get(name, (None, None))[1]
-            if velocity is not None and self.momentum_masking:
-                velocity.index_fill_(0, index, 0.0)
-            self._pending[name] = (acc, velocity)
-        return indices, values
-
-    def _select_sampled(self, params, names, grads, residuals, density, offsets):
-        """(wire indices into the bucket, values) of all tensors at once; sent entries cleared."""
-        sizes, device = tuple(g.numel() for g in grads), grads[0].device
-        keys = [self._keys[param] for param in params]
-        plan_key = (tuple(keys), tuple(offsets), density, self.sample_share, device)
-        plan = self._plans.get(plan_key)
-        if plan is None:
-            if len(self._plans) > 64:  # the warm-up makes a plan per step; keep the cache small
-                self._plans.clear()
-            tensors = SamplePlanTensors(SamplePlan.make(sizes, density, self.sample_share), keys, device)
-            starts = torch.cumsum(torch.tensor(sizes), 0) - torch.tensor(sizes)
-            shift = (torch.tensor(offsets) - starts).to(device)  # place in the bucket - place among the accs
-            plan = self._plans[plan_key] = (tensors, shift)
-        tensors, shift = plan
-        # The accs end to end, written in place (no copy to concatenate them); the extra last
-        # entry stays 0: an empty slot points at it, so it sends 0 and clears nothing.
-        flat = grads[0].new_empty(sum(sizes) + 1)
-        flat[-1:].zero_()  # a slice: flat[-1] = 0.0 would wait for the host
-        accs = flat[:-1].split(sizes)
-        torch._foreach_copy_(accs, grads)
-        owed = [i for i, residual in enumerate(residuals) if residual is not None]
-        if owed:
-            torch._foreach_add_([accs[i] for i in owed], [residuals[i] for i in owed])
-        seed = int(counter_hash(self.seed, SAMPLE_STREAM, torch.tensor([(self.worker << 32) + self.step])))
-        chosen = sampled_topk(flat[:-1], tensors, seed)
-        values = flat[chosen]
-        flat.index_fill_(0, chosen, 0.0)
-        velocities = [self._pending.get(name, (None, None))[1] for name in names]
-        if self.momentum_correction and self.momentum_masking:
-            flat_velocity = torch.cat([*velocities, flat[-1:]])
-            flat_velocity.index_fill_(0, chosen, 0.0)
-            velocities = list(flat_velocity[:-1].split(sizes))
-        for name, acc, velocity in zip(names, accs, velocities):
-            self._pending[name] = (acc, velocity)
-        # Wire index: the entry's place in the bucket; an empty slot points at its tensor's first entry.
-        seg = tensors.pick_seg
-        local = torch.where(chosen < tensors.numel, chosen, tensors.starts[seg])
-        return [local + shift[seg]], [values]
+            return flat
+        if bucket.decay_groups:
+            views = bucket.views(flat)
+            for decay, idx in bucket.decay_groups:
+                weights = bucket.flat_params(params, idx)
+                torch._foreach_add_([views[i] for i in idx], weights, alpha=decay / world_size)
+        velocity, pending = bucket.velocity[bucket.current], bucket.velocity[1 - bucket.current]
+        torch.mul(velocity, self.momentum, out=pending)  # u = m u + g (the first step's u = g: u starts at 0)
+        return pending[:-1].add_(flat)
 
     def pack(self, buffer: torch.Tensor, params: list, grads: list, world_size: int):
         """This worker's message for one bucket, and what ``unpack`` needs to read it.
 
         The message: the dense tensors' fp32 values, then the int32 indices (into the
         bucket) and the fp32 values' bits of the sparse ones.
+
+        The bucket's residuals (and velocities) are kept as flat tensors over the whole
+        bucket, so the work is a fixed number of whole-bucket operations rather than a few
+        per tensor: the pack is bound by the host's launches (docs/comm.md).
         """
         density = self.current_density()
         offsets = [(grad.data_ptr() - buffer.data_ptr()) // buffer.element_size() for grad in grads]
-        flats = self._local_gradients(params, grads, world_size)
-        dense_parts, dense_values, sparse = [], [], []
-        for param, grad, offset, flat in zip(params, grads, offsets, flats):
-            if not self.is_sparse(param) or density >= 1.0:
-                dense_parts.append((offset, grad.numel()))
-                dense_values.append(flat)
-            else:
-                sparse.append((param, offset, flat))
-        index_parts, value_parts = [], []
-        if sparse:
-            names = [self.names[param] for param, _, _ in sparse]
-            residuals = [self.residuals.get(name) for name in names]
-            if self.select == "exact":
-                flats = [flat for _, _, flat in sparse]
-                owed = [i for i, r in enumerate(residuals) if r is not None]
-                summed = torch._foreach_add([residuals[i] for i in owed], [flats[i] for i in owed]) if owed else []
-                owing = dict(zip(owed, summed))  # residual + gradient, where a residual exists
-                accs = [owing[i] if i in owing else flat.clone() for i, flat in enumerate(flats)]
-                index_parts, value_parts = self._select_exact(names, accs, density)
-                index_parts = [index + offset for index, (_, offset, _) in zip(index_parts, sparse)]
-            else:
-                sparse_params, sparse_offsets, sparse_flats = zip(*sparse)
-                index_parts, value_parts = self._select_sampled(
-                    sparse_params, names, sparse_flats, residuals, density, sparse_offsets
-                )
+        bucket = self._bucket(buffer, params, offsets)
+        bucket.load(self)
+        gradient = self._local_gradient(bucket, buffer, params, world_size)
+        residual, acc = bucket.residual[bucket.current], bucket.residual[1 - bucket.current]
+        torch.add(residual[:-1], gradient, out=acc[:-1])  # the spare last entry stays 0
+        velocity = bucket.velocity[1 - bucket.current] if self.momentum_correction and self.momentum_masking else None
+        sparse = [i for i in range(len(params)) if bucket.sparse[i]] if density < 1.0 else []
+        dense = [i for i in range(len(params)) if i not in set(sparse)]
         device = buffer.device
-        dense = torch.cat(dense_values) if dense_values else torch.empty(0, dtype=torch.float32, device=device)
-        index = (
-            torch.cat(index_parts).to(torch.int32) if index_parts else torch.empty(0, dtype=torch.int32, device=device)
-        )
-        value = torch.cat(value_parts) if value_parts else torch.empty(0, dtype=torch.float32, device=device)
-        payload = torch.cat([dense.view(torch.int32), index, value.view(torch.int32)])
+        index_dense = bucket.entries(dense)
+        values_dense = acc.index_select(0, index_dense)
+        acc.index_fill_(0, bucket.entries(dense, gaps=True), 0.0)  # nothing owed where all is sent
+        if not sparse:
+            index = torch.empty(0, dtype=torch.int32, device=device)
+            value = torch.empty(0, dtype=torch.float32, device=device)
+        elif self.select == "exact":
+            index_parts, value_parts = [], []
+            accs = bucket.views(acc)
+            velocities = bucket.views(velocity) if velocity is not None else None
+            for i in sparse:
+                chosen = exact_topk(accs[i], num_selected(accs[i].numel(), density))
+                value_parts.append(accs[i][chosen])
+                # index_fill_, not acc[index] = 0.0: assigning a Python scalar copies it to the
+                # device and waits for that copy (a host sync per tensor)
+                accs[i].index_fill_(0, chosen, 0.0)
+                if velocities is not None:
+                    velocities[i].index_fill_(0, chosen, 0.0)
+                index_parts.append(chosen + offsets[i])
+            index, value = torch.cat(index_parts).to(torch.int32), torch.cat(value_parts)
+        else:
+            plan = bucket.plan(density, self.sample_share, sparse)
+            seed = counter_hash_int(self.seed, SAMPLE_STREAM, (self.worker << 32) + self.step)
+            chosen = sampled_topk(acc[:-1], plan, seed)  # an empty slot holds the spare entry's index
+            value = acc[chosen]
+            acc.index_fill_(0, chosen, 0.0)
+            if velocity is not None:
+                velocity.index_fill_(0, chosen, 0.0)
+            # Wire index: the entry's place in the bucket; an empty slot points at its tensor's first entry.
+            index = torch.where(chosen < plan.numel, chosen, plan.starts[plan.pick_seg]).to(torch.int32)
+        if bucket not in self._pending:  # packed again before the commit: the last pack counts
+            self._pending.append(bucket)
+        dense_parts = [(offsets[i], params[i].numel()) for i in dense]
+        payload = torch.cat([values_dense.view(torch.int32), index, value.view(torch.int32)])
         self.counters.backbone_allreduce += payload.numel() * payload.element_size()
-        return payload, (dense_parts, dense.numel(), index.numel())
+        return payload, (dense_parts, values_dense.numel(), index.numel())
 
     def hook(self, group, bucket):
         buffer = bucket.buffer()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydrahead.counter_rng import counter_uniform
+from hydrahead.counter_rng import counter_uniform, stream_keys
 
 SELECTIONS = ("exact", "sampled")
 MIN_SAMPLE_RANK = 8  # the threshold is at least the 8th-largest sample: fewer makes its count noisy
@@ -60,9 +60,14 @@ class SamplePlan:
     caps: tuple[int, ...]  # candidates gathered at most
 
     @classmethod
-    def make(cls, sizes, density: float, sample_share: float) -> SamplePlan:
+    def make(cls, sizes, density: float, sample_share: float, sent=None) -> SamplePlan:
+        """``sent[j]`` False: segment j sends nothing through the selection (a dense tensor,
+        or a gap of the bucket): no samples, no candidates, no slots."""
         ks, samples, ranks, caps = [], [], [], []
-        for n in sizes:
+        for j, n in enumerate(sizes):
+            if sent is not None and not sent[j]:
+                ks.append(0), samples.append(0), ranks.append(0), caps.append(0)
+                continue
             k = num_selected(n, density)
             s = min(n, max(math.ceil(sample_share * n), math.ceil(MIN_SAMPLE_RANK / density)))
             ks.append(k)
@@ -108,8 +113,11 @@ class SamplePlanTensors:
         self.slot_step = (slot.double() * _GOLDEN).remainder(1.0).to(device)
         # In the sorted samples, tensor j's threshold sits r_j places from the end of its block.
         sample_starts = torch.cumsum(samples, 0) - samples
-        self.threshold_pos = (sample_starts + samples - torch.tensor(plan.ranks)).to(device)
+        # (A segment that sends nothing has no block; its threshold is read anywhere, unused.)
+        total_samples = max(int(samples.sum()), 1)
+        self.threshold_pos = (sample_starts + samples - torch.tensor(plan.ranks)).clamp(0, total_samples - 1).to(device)
         self.cand_seg = torch.repeat_interleave(torch.arange(len(plan.sizes)), caps).to(device)
+        self.cand_keys_base = self.cand_seg << 32  # an empty candidate slot's order key
         # In the sorted candidates, tensor j's k_j largest are the last k_j of its block.
         ks = torch.tensor(plan.ks)
         self.pick = torch.cat([torch.arange(c0 + c - k, c0 + c) for c0, c, k in zip(cap_starts, caps, ks)]).to(device)
@@ -121,8 +129,16 @@ def _order_key(segment: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return (segment << 32) | magnitude.float().view(torch.int32).long()
 
 
+def sample_keys_reference(acc: torch.Tensor, plan: SamplePlanTensors, seed: int, stream: int) -> torch.Tensor:
+    """Order keys (segment, |acc|) of the sampled entries, slot by slot (torch; any device)."""
+    offset = counter_uniform(seed, stream, plan.keys)[plan.slot_seg]
+    drawn = plan.slot_start + ((offset + plan.slot_step).remainder(1.0) * plan.slot_numel).long()
+    positions = torch.where(plan.slot_whole, plan.slot_exact_pos, drawn)
+    return _order_key(plan.slot_seg, acc[positions].abs())
+
+
 def sampled_thresholds(
-    acc: torch.Tensor, plan: SamplePlanTensors, seed: int, stream: int = SAMPLE_STREAM
+    acc: torch.Tensor, plan: SamplePlanTensors, seed: int, stream: int = SAMPLE_STREAM, sample_keys=None
 ) -> torch.Tensor:
     """Each tensor's threshold: the r_j-th largest |acc| among its samples.
 
@@ -131,11 +147,19 @@ def sampled_thresholds(
     drawn per tensor from ``seed`` (the caller makes it unique per worker and step):
     evenly spread, so the estimate is steadier than from independent draws, and every
     entry equally likely to be read.
+
+    ``sample_keys``: ``sample_keys_reference`` or the kernel (one launch instead of a few
+    dozen; by default on CUDA), both bit for bit the same keys.
     """
-    offset = counter_uniform(seed, stream, plan.keys)[plan.slot_seg]
-    drawn = plan.slot_start + ((offset + plan.slot_step).remainder(1.0) * plan.slot_numel).long()
-    positions = torch.where(plan.slot_whole, plan.slot_exact_pos, drawn)
-    sorted_keys = _order_key(plan.slot_seg, acc[positions].abs()).sort().values
+    if sample_keys is None:
+        sample_keys = sample_keys_reference
+        if acc.is_cuda:
+            from hydrahead.kernels.topk_candidates import sample_keys_triton as sample_keys
+    if sample_keys is sample_keys_reference:
+        keys = sample_keys_reference(acc, plan, seed, stream)
+    else:
+        keys = sample_keys(acc, plan, *stream_keys(seed, stream))
+    sorted_keys = keys.sort().values
     return (sorted_keys[plan.threshold_pos] & 0x7FFFFFFF).int().view(torch.float32)
 
 
@@ -147,16 +171,21 @@ def select_above(acc: torch.Tensor, plan: SamplePlanTensors, thresholds: torch.T
     ``thresholds[j]`` (hydrahead.kernels.topk_candidates; ``gather`` picks its kernel or
     reference, by default the kernel on CUDA); its k_j largest candidates are selected.
     """
-    if gather is None:
+    n, args = plan.numel, (acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
+    if gather is None and acc.is_cuda:
         # Imported here: the kernels need triton, which a CPU install without the test extras
         # lacks, and importing this module (every top-k run does) must not need it.
-        from hydrahead.kernels.topk_candidates import candidates as gather
-    n = plan.numel
-    found = gather(acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
-    # The k_j largest candidates of each tensor; empty slots sort lowest.
-    valid = found < n
-    magnitude = acc[found.clamp(max=n - 1)].abs()
-    key = (plan.cand_seg << 32) | torch.where(valid, magnitude.view(torch.int32).long() + 1, 0)
+        from hydrahead.kernels.topk_candidates import candidates_triton as gather
+    if gather is not None and getattr(gather, "order_keys", False):
+        found, key = gather(*args, keys_base=plan.cand_keys_base)  # the kernel writes the keys too
+    else:
+        if gather is None:
+            from hydrahead.kernels.topk_candidates import candidates_reference as gather
+        found = gather(*args)
+        # The k_j largest candidates of each tensor; empty slots sort lowest.
+        valid = found < n
+        magnitude = acc[found.clamp(max=n - 1)].abs()
+        key = (plan.cand_seg << 32) | torch.where(valid, magnitude.view(torch.int32).long() + 1, 0)
     order = key.sort(stable=True).indices
     return found[order[plan.pick]]
 
@@ -178,5 +207,6 @@ __all__ = [
     "num_selected",
     "sampled_thresholds",
     "sampled_topk",
+    "sample_keys_reference",
     "select_above",
 ]

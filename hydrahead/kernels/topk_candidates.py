@@ -1,4 +1,10 @@
-"""Top-k candidates above a per-tensor threshold, gathered in one pass over a bucket.
+"""The sampled top-k selection's two passes over a bucket, as kernels.
+
+``sample_keys_triton``: the order keys of each tensor's sampled magnitudes (positions
+drawn as hydrahead.comm.topk_select.sample_keys_reference draws them, hash included), one
+launch for every tensor of the bucket.
+
+``candidates``: top-k candidates above a per-tensor threshold, gathered in one pass.
 
 Tensors lie end to end in one flat fp32 ``acc`` (tensor j at ``starts[j]``, ``starts``
 ending with the total). The candidates of tensor j are entries with |acc| >= its
@@ -18,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["candidates", "candidates_reference", "candidates_triton"]
+__all__ = ["candidates", "candidates_reference", "candidates_triton", "sample_keys_triton"]
 
 BLOCK = 2048
 
@@ -56,10 +62,12 @@ def _candidates_kernel(
     cap_starts_ptr,
     counts_ptr,
     out_ptr,
+    keys_ptr,
     n,
     num_segments,
     BLOCK: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
+    WITH_KEYS: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -76,7 +84,11 @@ def _candidates_kernel(
     take = inside & (magnitude >= threshold)
     slot = tl.atomic_add(counts_ptr + lo, 1, mask=take, sem="relaxed")  # only a count: no ordering needed
     keep = take & (slot < tl.load(caps_ptr + lo))
-    tl.store(out_ptr + tl.load(cap_starts_ptr + lo) + slot, offs, mask=keep)
+    dest = tl.load(cap_starts_ptr + lo) + slot
+    tl.store(out_ptr + dest, offs, mask=keep)
+    if WITH_KEYS:  # the candidate's order key (segment << 32): |acc| bits + 1
+        bits = magnitude.to(tl.int32, bitcast=True).to(tl.int64) + 1
+        tl.store(keys_ptr + dest, (lo.to(tl.int64) << 32) | bits, mask=keep)
 
 
 def candidates_triton(
@@ -86,10 +98,16 @@ def candidates_triton(
     cap_starts: torch.Tensor,
     thresholds: torch.Tensor,
     total: int,
-) -> torch.Tensor:
-    """The candidates' flat indices, block by block, in the order the kernel's atomics gave."""
+    keys_base: torch.Tensor | None = None,
+):
+    """The candidates' flat indices, block by block, in the order the kernel's atomics gave.
+
+    With ``keys_base`` (each slot's segment << 32) also their order keys, as
+    hydrahead.comm.topk_select.select_above builds them: (indices, keys).
+    """
     n, segments = acc.numel(), caps.numel()
     out = torch.full((total,), n, dtype=torch.int64, device=acc.device)
+    keys = keys_base.clone() if keys_base is not None else out
     counts = torch.zeros(segments, dtype=torch.int32, device=acc.device)
     steps = max(1, (segments - 1).bit_length())
     grid = (triton.cdiv(n, BLOCK),)
@@ -101,11 +119,86 @@ def candidates_triton(
         cap_starts,
         counts,
         out,
+        keys,
         n,
         segments,
         BLOCK=BLOCK,
         SEARCH_STEPS=steps,
+        WITH_KEYS=keys_base is not None,
     )
+    return (out, keys) if keys_base is not None else out
+
+
+candidates_triton.order_keys = True  # select_above: it can write the candidates' order keys itself
+
+
+@triton.jit
+def _shr(x, bits: tl.constexpr):
+    return (x >> bits) & ((1 << (64 - bits)) - 1)  # >> on int64 is arithmetic: mask it logical
+
+
+@triton.jit
+def _mix64(z):
+    """hydrahead.counter_rng's splitmix64 finaliser; its multipliers as int64 (0xBF58476D1CE4E5B9,
+    0x94D049BB133111EB: multiplication wraps mod 2**64 alike for both signs)."""
+    z = (z ^ _shr(z, 30)) * -4658895280553007687
+    z = (z ^ _shr(z, 27)) * -7723592293110705685
+    return z ^ _shr(z, 31)
+
+
+@triton.jit
+def _sample_keys_kernel(
+    acc_ptr,
+    keys_ptr,
+    seg_ptr,
+    start_ptr,
+    numel_ptr,
+    whole_ptr,
+    exact_ptr,
+    step_ptr,
+    out_ptr,
+    num_slots,
+    k1,
+    k2,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < num_slots
+    seg = tl.load(seg_ptr + offs, mask=inside, other=0)
+    # counter_uniform(seed, stream, key) of the slot's tensor: its offset along the sequence
+    h = _mix64(_mix64(tl.load(keys_ptr + seg, mask=inside, other=0) + k1) ^ k2)
+    offset = (_shr(h, 12).to(tl.float64) + 0.5) * 2.220446049250313e-16
+    x = offset + tl.load(step_ptr + offs, mask=inside, other=0.0)
+    drawn = tl.load(start_ptr + offs, mask=inside, other=0) + (
+        (x - tl.floor(x)) * tl.load(numel_ptr + offs, mask=inside, other=0.0)
+    ).to(tl.int64)
+    whole = tl.load(whole_ptr + offs, mask=inside, other=0) != 0
+    position = tl.where(whole, tl.load(exact_ptr + offs, mask=inside, other=0), drawn)
+    magnitude = tl.abs(tl.load(acc_ptr + position, mask=inside, other=0.0))
+    tl.store(out_ptr + offs, (seg << 32) | magnitude.to(tl.int32, bitcast=True).to(tl.int64), mask=inside)
+
+
+def sample_keys_triton(acc: torch.Tensor, plan, k1: int, k2: int) -> torch.Tensor:
+    """Order keys (segment << 32 | |acc| bits) of every sample slot of ``plan`` (a
+    hydrahead.comm.topk_select.SamplePlanTensors) under the stream keys (k1, k2)."""
+    slots = plan.slot_seg.numel()
+    out = torch.empty(slots, dtype=torch.int64, device=acc.device)
+    if slots:
+        _sample_keys_kernel[(triton.cdiv(slots, BLOCK),)](
+            acc,
+            plan.keys,
+            plan.slot_seg,
+            plan.slot_start,
+            plan.slot_numel,
+            plan.slot_whole,
+            plan.slot_exact_pos,
+            plan.slot_step,
+            out,
+            slots,
+            k1,
+            k2,
+            BLOCK=BLOCK,
+        )
     return out
 
 
