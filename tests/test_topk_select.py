@@ -147,3 +147,17 @@ def test_counter_hash_of_one_index_equals_the_tensor_hash():
 
     for seed, stream, index in ((0, 5000, 7), (3, 5000, (5 << 32) + 11), (2**63 + 5, 1, 2**62)):
         assert counter_hash_int(seed, stream, index) == int(counter_hash(seed, stream, torch.tensor([index]))[0])
+
+
+@pytest.mark.parametrize("gather", ["reference", "triton"])
+def test_zeros_are_never_candidates(gather):
+    """A layer whose sampled entries are all zero gets a threshold of 0: its zeros must not
+    fill its slots (nor, in the kernel, all claim one counter)."""
+    from hydrahead.kernels import topk_candidates
+
+    fn = getattr(topk_candidates, f"candidates_{gather}")
+    acc = torch.zeros(5000)
+    acc[[7, 4000]] = torch.tensor([-0.5, 2.0])
+    bounds, caps = torch.tensor([0, 3000, 5000]), torch.tensor([10, 10])
+    found = fn(acc, bounds, caps, torch.tensor([0, 10]), torch.tensor([0.0, 0.0]), 20)
+    assert sorted(found[found < 5000].tolist()) == [7, 4000]

@@ -7,9 +7,9 @@ launch for every tensor of the bucket.
 ``candidates``: top-k candidates above a per-tensor threshold, gathered in one pass.
 
 Tensors lie end to end in one flat fp32 ``acc`` (tensor j at ``starts[j]``, ``starts``
-ending with the total). The candidates of tensor j are entries with |acc| >= its
-threshold; up to ``caps[j]`` of them are written to its block of the output (which starts
-at ``cap_starts[j]``), the rest of the block holding ``n`` (nothing).
+ending with the total). The candidates of tensor j are nonzero entries with |acc| >= its
+threshold; up to ``caps[j]`` of them are written to its block of the output (which
+starts at ``cap_starts[j]``), the rest of the block holding ``n`` (nothing).
 
 ``candidates_reference`` (torch) keeps the first ``caps[j]`` in index order, with about
 twenty whole-length passes (a cumulative count, gathers, a scatter). The Triton kernel
@@ -42,7 +42,7 @@ def candidates_reference(
     n, device = acc.numel(), acc.device
     sizes = starts[1:] - starts[:-1]
     seg = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=n)
-    above = acc.abs() >= thresholds[seg]
+    above = (acc.abs() >= thresholds[seg]) & (acc != 0)  # a zero owes nothing: never a candidate
     running = torch.cumsum(above, 0)
     before = torch.cat([running.new_zeros(1), running])[starts[:-1]]  # candidates in earlier tensors
     rank = running - before[seg] - 1
@@ -81,7 +81,9 @@ def _candidates_kernel(
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid - 1)
     threshold = tl.load(thresholds_ptr + lo)
-    take = inside & (magnitude >= threshold)
+    # A zero owes nothing. It is no candidate even at a threshold of 0 (a layer whose sampled
+    # entries are all zero): every zero entry would otherwise claim a slot on one counter.
+    take = inside & (magnitude >= threshold) & (magnitude > 0)
     slot = tl.atomic_add(counts_ptr + lo, 1, mask=take, sem="relaxed")  # only a count: no ordering needed
     keep = take & (slot < tl.load(caps_ptr + lo))
     dest = tl.load(cap_starts_ptr + lo) + slot
