@@ -349,6 +349,21 @@ def test_momentum_correction_is_on_by_default_exactly_for_sgd():
     assert not resolved("comm.grad_compression=none")
 
 
+def test_top_k_takes_large_buckets_by_default():
+    from hydrahead.config import bucket_mb
+
+    def resolved(*overrides: str) -> float:
+        cfg = load_config(None, list(overrides))
+        validate(cfg)
+        return bucket_mb(cfg)
+
+    assert resolved() == 25.0 and resolved("comm.grad_compression=bf16") == 25.0
+    assert resolved("comm.grad_compression=topk") == 400.0
+    assert resolved("comm.grad_compression=topk", "comm.bucket_mb=10") == 10.0
+    with pytest.raises(ConfigError, match="comm.bucket_mb"):
+        validate(load_config(None, ["comm.bucket_mb=0"]))
+
+
 @pytest.mark.parametrize("select", ["exact", "sampled"])
 def test_state_follows_the_tensors_when_the_buckets_change(select):
     """DDP rebuilds its buckets after the first step: the residuals and velocities kept per

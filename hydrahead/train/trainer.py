@@ -37,7 +37,7 @@ from hydrahead.comm import compression
 from hydrahead.comm.overlap import OverlappedHead, transfer_group
 from hydrahead.comm.simulated import SimulatedWorkers
 from hydrahead.comm.timing import CommClock
-from hydrahead.config import Config, config_to_dict, save_config, topk_momentum_correction, validate
+from hydrahead.config import Config, bucket_mb, config_to_dict, save_config, topk_momentum_correction, validate
 from hydrahead.counter_rng import counter_hash
 from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.data.sampler import local_batch_size
@@ -191,7 +191,7 @@ class Trainer:
             backbone,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=env.data_group,
-            bucket_cap_mb=cfg.comm.bucket_mb,
+            bucket_cap_mb=bucket_mb(cfg),
             broadcast_buffers=cfg.model.broadcast_buffers,
         )
         # The gradient exchange sums over ranks (see above), compressed as comm.grad_compression says.
