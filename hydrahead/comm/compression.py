@@ -93,6 +93,8 @@ class _Bucket:
         self.offsets = list(offsets)
         self.numel, self.device, self.keys = numel, device, keys
         self.sparse = [topk.is_sparse(param) for param in params]
+        self._sparse_ids = [i for i, sparse in enumerate(self.sparse) if sparse]
+        self._dense_ids = [i for i, sparse in enumerate(self.sparse) if not sparse]
         self.residual = [torch.zeros(numel + 1, device=device) for _ in range(2)]
         self.velocity = [torch.zeros(numel + 1, device=device) for _ in range(2)] if topk.momentum_correction else []
         self.current = 0
@@ -107,6 +109,12 @@ class _Bucket:
         self._entries = {}
         self._plans = {}
         self._loaded = None  # what the dicts held when this bucket last matched them
+
+    def split(self, selecting: bool) -> tuple[list[int], list[int]]:
+        """(sparse, dense) tensor positions: all dense when nothing is selected (density >= 1)."""
+        if not selecting:
+            return [], list(range(len(self.sizes)))
+        return self._sparse_ids, self._dense_ids
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-tensor 1-D views of a flat tensor over the bucket (cached for the state tensors)."""
@@ -353,8 +361,7 @@ class TopK:
         residual, acc = bucket.residual[bucket.current], bucket.residual[1 - bucket.current]
         torch.add(residual[:-1], gradient, out=acc[:-1])  # the spare last entry stays 0
         velocity = bucket.velocity[1 - bucket.current] if self.momentum_correction and self.momentum_masking else None
-        sparse = [i for i in range(len(params)) if bucket.sparse[i]] if density < 1.0 else []
-        dense = [i for i in range(len(params)) if i not in set(sparse)]
+        sparse, dense = bucket.split(density < 1.0)
         device = buffer.device
         index_dense = bucket.entries(dense)
         values_dense = acc.index_select(0, index_dense)
