@@ -19,6 +19,8 @@ __all__ = [
     "counter_key",
     "counter_normal",
     "counter_uniform",
+    "keyed_hash",
+    "keyed_uniform",
     "stream_keys",
 ]
 
@@ -84,7 +86,11 @@ def counter_hash(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     Two keyed rounds rather than one: with a single ``mix(index + key)``, two seeds would
     give the same stream shifted by ``key2 - key1``.
     """
-    k1, k2 = stream_keys(seed, stream)
+    return keyed_hash(*stream_keys(seed, stream), index)
+
+
+def keyed_hash(k1: int, k2: int, index: torch.Tensor) -> torch.Tensor:
+    """``counter_hash`` under the stream keys (k1, k2) of ``stream_keys``."""
     h = _mix64(index.long() + k1)
     return _mix64(h.bitwise_xor_(k2))
 
@@ -98,6 +104,11 @@ def counter_hash_int(seed: int, stream: int, index: int) -> int:
 def counter_uniform(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """Uniform float64 in the open interval (0, 1), one per element of ``index``."""
     return _uniform52(counter_hash(seed, stream, index))
+
+
+def keyed_uniform(k1: int, k2: int, index: torch.Tensor) -> torch.Tensor:
+    """``counter_uniform`` under the stream keys (k1, k2) of ``stream_keys``."""
+    return _uniform52(keyed_hash(k1, k2, index))
 
 
 def _uniform52(h: torch.Tensor) -> torch.Tensor:

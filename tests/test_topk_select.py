@@ -136,10 +136,10 @@ def test_sample_key_kernel_draws_the_reference_positions_bit_for_bit():
     magnitude = _magnitudes(5) * (torch.rand(sum(SIZES), generator=gen) - 0.5).sign()  # |acc| is sampled
     _, plan = _plan(SIZES, 0.001, 0.01)
     for seed in (0, 17, 2**40 + 3):
-        reference = sample_keys_reference(magnitude, plan, seed, stream=5000)
+        reference = sample_keys_reference(magnitude, plan, *stream_keys(seed, 5000))
         kernel = sample_keys_triton(magnitude, plan, *stream_keys(seed, 5000))
         assert torch.equal(kernel, reference)
-        assert not torch.equal(kernel, sample_keys_reference(magnitude, plan, seed + 1, stream=5000))
+        assert not torch.equal(kernel, sample_keys_reference(magnitude, plan, *stream_keys(seed + 1, 5000)))
 
 
 def test_counter_hash_of_one_index_equals_the_tensor_hash():

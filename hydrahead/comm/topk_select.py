@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydrahead.counter_rng import counter_uniform, stream_keys
+from hydrahead.counter_rng import keyed_uniform, stream_keys
 
 SELECTIONS = ("exact", "sampled")
 MIN_SAMPLE_RANK = 8  # the threshold is at least the 8th-largest sample: fewer makes its count noisy
@@ -129,9 +129,10 @@ def _order_key(segment: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     return (segment << 32) | magnitude.float().view(torch.int32).long()
 
 
-def sample_keys_reference(acc: torch.Tensor, plan: SamplePlanTensors, seed: int, stream: int) -> torch.Tensor:
-    """Order keys (segment, |acc|) of the sampled entries, slot by slot (torch; any device)."""
-    offset = counter_uniform(seed, stream, plan.keys)[plan.slot_seg]
+def sample_keys_reference(acc: torch.Tensor, plan: SamplePlanTensors, k1: int, k2: int) -> torch.Tensor:
+    """Order keys (segment, |acc|) of the sampled entries, slot by slot, under the stream
+    keys (k1, k2) (torch; any device)."""
+    offset = keyed_uniform(k1, k2, plan.keys)[plan.slot_seg]
     drawn = plan.slot_start + ((offset + plan.slot_step).remainder(1.0) * plan.slot_numel).long()
     positions = torch.where(plan.slot_whole, plan.slot_exact_pos, drawn)
     return _order_key(plan.slot_seg, acc[positions].abs())
@@ -155,11 +156,7 @@ def sampled_thresholds(
         sample_keys = sample_keys_reference
         if acc.is_cuda:
             from hydrahead.kernels.topk_candidates import sample_keys_triton as sample_keys
-    if sample_keys is sample_keys_reference:
-        keys = sample_keys_reference(acc, plan, seed, stream)
-    else:
-        keys = sample_keys(acc, plan, *stream_keys(seed, stream))
-    sorted_keys = keys.sort().values
+    sorted_keys = sample_keys(acc, plan, *stream_keys(seed, stream)).sort().values
     return (sorted_keys[plan.threshold_pos] & 0x7FFFFFFF).int().view(torch.float32)
 
 
@@ -171,21 +168,12 @@ def select_above(acc: torch.Tensor, plan: SamplePlanTensors, thresholds: torch.T
     ``thresholds[j]`` (hydrahead.kernels.topk_candidates; ``gather`` picks its kernel or
     reference, by default the kernel on CUDA); its k_j largest candidates are selected.
     """
-    n, args = plan.numel, (acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
-    if gather is None and acc.is_cuda:
+    if gather is None:
         # Imported here: the kernels need triton, which a CPU install without the test extras
         # lacks, and importing this module (every top-k run does) must not need it.
-        from hydrahead.kernels.topk_candidates import candidates_triton as gather
-    if gather is not None and getattr(gather, "order_keys", False):
-        found, key = gather(*args, keys_base=plan.cand_keys_base)  # the kernel writes the keys too
-    else:
-        if gather is None:
-            from hydrahead.kernels.topk_candidates import candidates_reference as gather
-        found = gather(*args)
-        # The k_j largest candidates of each tensor; empty slots sort lowest.
-        valid = found < n
-        magnitude = acc[found.clamp(max=n - 1)].abs()
-        key = (plan.cand_seg << 32) | torch.where(valid, magnitude.view(torch.int32).long() + 1, 0)
+        from hydrahead.kernels.topk_candidates import candidates as gather
+    args = (acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
+    found, key = gather(*args, keys_base=plan.cand_keys_base)  # empty slots' keys sort lowest
     order = key.sort(stable=True).indices
     return found[order[plan.pick]]
 

@@ -36,9 +36,12 @@ def candidates_reference(
     cap_starts: torch.Tensor,
     thresholds: torch.Tensor,
     total: int,
-) -> torch.Tensor:
+    keys_base: torch.Tensor | None = None,
+):
     """The candidates' flat indices, block by block, in index order (torch; any device).
-    ``total``: the output's length, sum(caps), passed in so that nothing is read back."""
+    ``total``: the output's length, sum(caps), passed in so that nothing is read back.
+    With ``keys_base`` (each slot's segment << 32) also their order keys (segment, then
+    |acc| bits + 1; an empty slot's is its base): (indices, keys)."""
     n, device = acc.numel(), acc.device
     sizes = starts[1:] - starts[:-1]
     seg = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=n)
@@ -50,7 +53,11 @@ def candidates_reference(
     dest = torch.where(keep, cap_starts[seg] + rank, total)  # the rest land in a spare slot
     out = torch.full((total + 1,), n, dtype=torch.int64, device=device)
     out.scatter_(0, dest, torch.arange(n, device=device))
-    return out[:-1]
+    found = out[:-1]
+    if keys_base is None:
+        return found
+    magnitude = acc[found.clamp(max=n - 1)].abs().view(torch.int32).long() + 1
+    return found, keys_base | torch.where(found < n, magnitude, 0)
 
 
 @triton.jit
@@ -104,8 +111,8 @@ def candidates_triton(
 ):
     """The candidates' flat indices, block by block, in the order the kernel's atomics gave.
 
-    With ``keys_base`` (each slot's segment << 32) also their order keys, as
-    hydrahead.comm.topk_select.select_above builds them: (indices, keys).
+    With ``keys_base`` also their order keys, as ``candidates_reference`` gives them
+    (written in the same pass): (indices, keys).
     """
     n, segments = acc.numel(), caps.numel()
     out = torch.full((total,), n, dtype=torch.int64, device=acc.device)
@@ -129,9 +136,6 @@ def candidates_triton(
         WITH_KEYS=keys_base is not None,
     )
     return (out, keys) if keys_base is not None else out
-
-
-candidates_triton.order_keys = True  # select_above: it can write the candidates' order keys itself
 
 
 @triton.jit
@@ -204,7 +208,7 @@ def sample_keys_triton(acc: torch.Tensor, plan, k1: int, k2: int) -> torch.Tenso
     return out
 
 
-def candidates(acc, starts, caps, cap_starts, thresholds, total: int) -> torch.Tensor:
+def candidates(acc, starts, caps, cap_starts, thresholds, total: int, keys_base=None):
     """The kernel on CUDA, the torch reference elsewhere."""
     fn = candidates_triton if acc.is_cuda else candidates_reference
-    return fn(acc, starts, caps, cap_starts, thresholds, total)
+    return fn(acc, starts, caps, cap_starts, thresholds, total, keys_base)
