@@ -10,7 +10,8 @@ For each backbone, a training step (bf16 autocast on GPU; a cross-entropy over a
 exchange's real hook (hydrahead.comm.compression): ``dense`` (fp32 all-reduce), ``bf16``,
 ``powersgd`` (PyTorch's hooks) and top-k at each density, selecting ``exact`` (torch.topk
 per tensor) or ``sampled`` (a threshold from 1% of each tensor), and with
-``--momentum-correction`` sampled top-k with DGC's velocities too. Measured on the device:
+``--momentum-correction`` sampled top-k with DGC's velocities too (and the weight decay
+that moves with them, ``--weight-decay``). Measured on the device:
 
     fwd_ms, bwd_ms   forward; backward including the hook's work (the 1-rank collective is a copy)
     hook_ms          bwd_ms - the dense step's bwd_ms: what the exchange adds to the backward
@@ -51,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, host_sync_log, print_table, write_results  # noqa: E402
 from hydrahead.comm import compression  # noqa: E402
 from hydrahead.comm.timing import CommClock  # noqa: E402
-from hydrahead.config import CommConfig  # noqa: E402
-from hydrahead.models import build_backbone  # noqa: E402
+from hydrahead.config import CommConfig, OptimConfig  # noqa: E402
+from hydrahead.models import build_backbone, param_groups_for_decay  # noqa: E402
 
 MODELS = {"resnet50": "ResNet-50", "vit_base": "ViT-B/16"}
 DRY_MODELS = {"resnet18": "ResNet-18", "vit_tiny": "ViT-Ti/16"}
@@ -108,11 +109,16 @@ def buckets(model: nn.Module, bucket_mb: float) -> list[list[nn.Parameter]]:
 
 
 def bucket_buffers(groups) -> list[tuple]:
-    """Each bucket's gradients laid end to end, as DDP's bucket holds them: (buffer, params, views)."""
+    """Each bucket's gradients laid end to end, each in its parameter's memory order as DDP's
+    bucket holds them (channels-last convolutions too): (buffer, params, views)."""
     out = []
     for params in groups:
-        buffer = torch.cat([p.grad.reshape(-1) for p in params])
-        views = [v.view_as(p) for v, p in zip(buffer.split([p.numel() for p in params]), params)]
+        buffer = torch.empty(sum(p.numel() for p in params), device=params[0].device)
+        views, offset = [], 0
+        for p in params:
+            shape, strides = compression.ddp_gradient_layout(p)
+            views.append(buffer.as_strided(shape, strides, offset).copy_(p.grad))
+            offset += p.numel()
         out.append((buffer, params, views))
     return out
 
@@ -156,7 +162,11 @@ def measure(args, name: str, device: torch.device) -> list[dict]:
             model = model.to(memory_format=torch.channels_last)
         names = {p: n for n, p in model.named_parameters()}
         ddp = DDP(model, bucket_cap_mb=args.bucket_mb)
-        counters, topk = compression.register(ddp, None, comm_cfg, names)
+        # the trainer's weight decay per tensor, which momentum correction moves into the exchange
+        decay = {
+            names[p]: g["weight_decay"] for g in param_groups_for_decay(model, args.weight_decay) for p in g["params"]
+        }
+        counters, topk = compression.register(ddp, None, comm_cfg, names, weight_decay=decay)
         fwd, bwd, sent = [], [], []
         for step in range(1, args.warmup + args.reps + 1):
             if topk is not None:
@@ -241,6 +251,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--momentum-correction", action="store_true", help="also time sampled top-k with comm.topk_momentum_correction"
     )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=OptimConfig().weight_decay,
+        help="optim.weight_decay: with momentum correction the exchange adds it (default: the config's)",
+    )
     parser.add_argument("--batch", type=int, default=256, help="images per step (one GPU)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--embed-dim", type=int, default=512, help="the backbone's embedding width")
@@ -288,6 +304,7 @@ def main(argv=None) -> None:
         "gbit": args.gbit,
         "workers": args.workers,
         "sample_share": args.sample_share,
+        "weight_decay": args.weight_decay,
         "dry_run": args.dry_run,
         "what": "per-step cost of each backbone gradient exchange on one device (its hook on a 1-rank group), "
         "bytes per worker, and the step modelled for W workers on a link of the given bandwidth",

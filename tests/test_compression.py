@@ -274,10 +274,23 @@ def test_named_tensors_go_dense():
     assert dense.numel() == 64 * 96 + 96 + 32 and indices.numel() == math.ceil(0.25 * 96 * 32)  # warm-up start
 
 
-def _momentum_worker(rank, world_size, density, masking, steps):
+def _conv_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    return model.to(memory_format=torch.channels_last)
+
+
+def _momentum_worker(rank, world_size, density, masking, steps, convolutional=False):
     from torch.optim import SGD
 
-    model, reference = _model(), _model()
+    model, reference = (_conv_model(), _conv_model()) if convolutional else (_model(), _model())
     ddp = DDP(model, bucket_cap_mb=0.01)
     cfg = CommConfig(
         grad_compression="topk",
@@ -296,6 +309,8 @@ def _momentum_worker(rank, world_size, density, masking, steps):
     )
     for step in range(1, steps + 1):
         x, y = _batch(rank, step)
+        if convolutional:  # channels-last images: the gradients lie in the bucket in that order
+            x = x.view(16, 4, 4, 4)[:, :3].contiguous(memory_format=torch.channels_last)
         topk.step = step
         nn.functional.cross_entropy(ddp(x), y).backward()
         topk.commit()
@@ -310,8 +325,9 @@ def _momentum_worker(rank, world_size, density, masking, steps):
 
 
 @pytest.mark.parametrize("density", [1.0, 1 - 1e-7])  # every tensor dense; every entry through the sparse path
-def test_momentum_correction_sending_everything_is_sgd_with_momentum_and_weight_decay(density):
-    corrected, reference = run_ranks(_momentum_worker, 2, density, False, 4)[0]
+@pytest.mark.parametrize("convolutional", [False, True], ids=["linear", "channels-last-conv"])
+def test_momentum_correction_sending_everything_is_sgd_with_momentum_and_weight_decay(density, convolutional):
+    corrected, reference = run_ranks(_momentum_worker, 2, density, False, 4, convolutional)[0]
     assert _close(corrected, reference, 1e-5)
 
 
@@ -387,3 +403,16 @@ def test_state_follows_the_tensors_when_the_buckets_change(select):
         for name in ("a", "b"):
             assert torch.equal(fixed.residuals[name], moving.residuals[name])
             assert torch.equal(fixed.velocities[name], moving.velocities[name])
+
+
+def test_ddp_gradient_layout_follows_dense_parameters_and_is_contiguous_otherwise():
+    from hydrahead.comm.compression import ddp_gradient_layout
+
+    conv = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert ddp_gradient_layout(conv) == ((16, 8, 3, 3), (72, 1, 24, 8))
+    transposed = torch.randn(5, 7).t()
+    assert ddp_gradient_layout(transposed) == ((7, 5), (1, 7))
+    sliced = torch.randn(6, 8)[:, :4]  # not dense: DDP lays its gradient contiguously
+    assert ddp_gradient_layout(sliced) == ((6, 4), (4, 1))
+    single = torch.randn(3, 1, 4).transpose(0, 1)  # size-1 dimensions take any stride
+    assert ddp_gradient_layout(single) == ((1, 3, 4), single.stride())

@@ -87,10 +87,11 @@ class _Bucket:
     copies them in first.
     """
 
-    def __init__(self, topk: TopK, params: list, keys: tuple, offsets: list, numel: int, device):
+    def __init__(self, topk: TopK, params: list, layouts: list, keys: tuple, offsets: list, numel: int, device):
         self.names = [topk.names[param] for param in params]
         self.sizes = [param.numel() for param in params]
         self.offsets = list(offsets)
+        self.layouts = layouts  # (shape, strides) of each gradient in the buffer
         self.numel, self.device, self.keys = numel, device, keys
         self.sparse = [topk.is_sparse(param) for param in params]
         self._sparse_ids = [i for i, sparse in enumerate(self.sparse) if sparse]
@@ -104,8 +105,7 @@ class _Bucket:
                 by_decay[topk.weight_decay[name]].append(i)
         self.decay_groups = list(by_decay.items())
         self._scratch = None
-        self._flat_params = {}
-        self._views = {}  # data_ptr of a state tensor -> its per-tensor views
+        self._views = {}  # (data_ptr of a state tensor, shaped) -> its per-tensor views
         self._entries = {}
         self._plans = {}
         self._loaded = None  # what the dicts held when this bucket last matched them
@@ -116,14 +116,21 @@ class _Bucket:
             return [], list(range(len(self.sizes)))
         return self._sparse_ids, self._dense_ids
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-tensor 1-D views of a flat tensor over the bucket (cached for the state tensors)."""
-        cached = self._views.get(flat.data_ptr())
+    def views(self, flat: torch.Tensor, shaped: bool = False) -> list[torch.Tensor]:
+        """Per-tensor views of a flat tensor over the bucket: 1-D, or with ``shaped`` laid out
+        as the gradients are in the buffer, so that they pair entry for entry with the
+        parameters whatever their memory format (cached for the state tensors)."""
+        key = (flat.data_ptr(), shaped)
+        cached = self._views.get(key)
         if cached is not None and cached[0] is flat:
             return cached[1]
-        views = [flat[o : o + n] for o, n in zip(self.offsets, self.sizes)]
+        if shaped:
+            base = flat.storage_offset()
+            views = [flat.as_strided(shape, stride, base + o) for o, (shape, stride) in zip(self.offsets, self.layouts)]
+        else:
+            views = [flat[o : o + n] for o, n in zip(self.offsets, self.sizes)]
         if any(flat is state for state in (*self.residual, *self.velocity, self._scratch)):
-            self._views[flat.data_ptr()] = (flat, views)
+            self._views[key] = (flat, views)
         return views
 
     def scratch(self, gradient: torch.Tensor) -> torch.Tensor:
@@ -131,20 +138,6 @@ class _Bucket:
         if self._scratch is None:
             self._scratch = torch.empty(self.numel, device=self.device)
         return self._scratch.copy_(gradient)
-
-    def flat_params(self, params: list, idx: list[int]) -> list[torch.Tensor]:
-        """fp32 1-D views of ``params[i]`` for i in ``idx`` (copies where not fp32), kept
-        while each parameter keeps its storage."""
-        key = tuple(idx)
-        cached = self._flat_params.get(key)
-        if cached is None or any(flat.data_ptr() != params[i].data_ptr() for flat, i in zip(cached, idx)):
-            cached = [params[i].detach().reshape(-1) for i in idx]
-            if any(
-                flat.dtype != torch.float32 or flat.data_ptr() != params[i].data_ptr() for flat, i in zip(cached, idx)
-            ):
-                return [flat.float() for flat in cached]  # not views of fp32 storage: new each step
-            self._flat_params[key] = cached
-        return cached
 
     def entries(self, tensors: list[int], gaps: bool = False) -> torch.Tensor:
         """Indices of the entries of ``tensors`` (in that order), and with ``gaps`` of the
@@ -307,7 +300,7 @@ class TopK:
     def discard(self) -> None:
         self._pending.clear()
 
-    def _bucket(self, buffer: torch.Tensor, params: list, offsets: list) -> _Bucket:
+    def _bucket(self, buffer: torch.Tensor, params: list, grads: list, offsets: list, ddp_layout: bool) -> _Bucket:
         keys = tuple(self._keys[param] for param in params)
         key = (keys, tuple(offsets), buffer.numel(), buffer.device)
         bucket = self._buckets.get(key)
@@ -315,14 +308,15 @@ class TopK:
             # DDP rebuilds its buckets after the first step: a tensor lives in one bucket at a
             # time, so a new bucket replaces every old one it shares a tensor with.
             self._buckets = {k: b for k, b in self._buckets.items() if not set(k[0]) & set(keys)}
-            bucket = self._buckets[key] = _Bucket(self, params, keys, offsets, buffer.numel(), buffer.device)
+            layouts = [ddp_gradient_layout(p) if ddp_layout else (g.shape, g.stride()) for p, g in zip(params, grads)]
+            bucket = self._buckets[key] = _Bucket(self, params, layouts, keys, offsets, buffer.numel(), buffer.device)
         return bucket
 
     def _local_gradient(self, bucket: _Bucket, buffer: torch.Tensor, params: list, world_size: int) -> torch.Tensor:
         """This worker's flat fp32 gradient over the bucket after local clipping, and with
         momentum correction the new velocities u (written to the bucket's pending state)."""
         flat = buffer.reshape(-1)
-        if self.local_clip > 0 or (self.momentum_correction and bucket.decay_groups):
+        if self.local_clip > 0:
             flat = bucket.scratch(flat)  # a copy we may change, with views kept from step to step
         elif flat.dtype != torch.float32:
             flat = flat.float()
@@ -334,17 +328,25 @@ class TopK:
                 view.mul_((bound / (norm + 1e-6)).clamp(max=1.0))
         if not self.momentum_correction:
             return flat
-        if bucket.decay_groups:
-            views = bucket.views(flat)
-            for decay, idx in bucket.decay_groups:
-                weights = bucket.flat_params(params, idx)
-                torch._foreach_add_([views[i] for i in idx], weights, alpha=decay / world_size)
+        # u = m u + g + wd w / W, written straight into the pending velocity: one pass for the
+        # momentum, one multi-tensor pass for the decay, no copy of g (the first step's u = g:
+        # u starts at 0; the spare last entry stays 0)
         velocity, pending = bucket.velocity[bucket.current], bucket.velocity[1 - bucket.current]
-        torch.mul(velocity, self.momentum, out=pending)  # u = m u + g (the first step's u = g: u starts at 0)
-        return pending[:-1].add_(flat)
+        torch.add(flat, velocity[:-1], alpha=self.momentum, out=pending[:-1])
+        if bucket.decay_groups:
+            views = bucket.views(pending, shaped=True)  # beside the parameters, no copy of them
+            # The parameters themselves under no_grad: a detached alias of each costs more host
+            # time (about 1 us a tensor) than the decay's one multi-tensor launch.
+            with torch.no_grad():
+                for decay, idx in bucket.decay_groups:
+                    torch._foreach_add_([views[i] for i in idx], [params[i] for i in idx], alpha=decay / world_size)
+        return pending[:-1]
 
-    def pack(self, buffer: torch.Tensor, params: list, grads: list, world_size: int):
+    def pack(self, buffer: torch.Tensor, params: list, grads: list, world_size: int, ddp_layout: bool = False):
         """This worker's message for one bucket, and what ``unpack`` needs to read it.
+
+        ``grads``: views of ``buffer`` as the parameters' gradients; with ``ddp_layout`` only
+        their places count, and each lies as a DDP bucket lays it (``ddp_gradient_layout``).
 
         The message: the dense tensors' fp32 values, then the int32 indices (into the
         bucket) and the fp32 values' bits of the sparse ones.
@@ -355,7 +357,7 @@ class TopK:
         """
         density = self.current_density()
         offsets = [(grad.data_ptr() - buffer.data_ptr()) // buffer.element_size() for grad in grads]
-        bucket = self._bucket(buffer, params, offsets)
+        bucket = self._bucket(buffer, params, grads, offsets, ddp_layout)
         bucket.load(self)
         gradient = self._local_gradient(bucket, buffer, params, world_size)
         residual, acc = bucket.residual[bucket.current], bucket.residual[1 - bucket.current]
@@ -387,12 +389,12 @@ class TopK:
             plan = bucket.plan(density, self.sample_share, sparse)
             seed = counter_hash_int(self.seed, SAMPLE_STREAM, (self.worker << 32) + self.step)
             chosen = sampled_topk(acc[:-1], plan, seed)  # an empty slot holds the spare entry's index
-            value = acc[chosen]
+            value = acc.index_select(0, chosen)
             acc.index_fill_(0, chosen, 0.0)
             if velocity is not None:
                 velocity.index_fill_(0, chosen, 0.0)
             # Wire index: the entry's place in the bucket; an empty slot points at its tensor's first entry.
-            index = torch.where(chosen < plan.numel, chosen, plan.starts[plan.pick_seg]).to(torch.int32)
+            index = torch.where(chosen < plan.numel, chosen, plan.pick_start).to(torch.int32)
         if bucket not in self._pending:  # packed again before the commit: the last pack counts
             self._pending.append(bucket)
         dense_parts = [(offsets[i], params[i].numel()) for i in dense]
@@ -403,13 +405,31 @@ class TopK:
     def hook(self, group, bucket):
         buffer = bucket.buffer()
         world_size = dist.get_world_size(group)
-        payload, layout = self.pack(buffer, bucket.parameters(), bucket.gradients(), world_size)
+        payload, layout = self.pack(buffer, bucket.parameters(), bucket.gradients(), world_size, ddp_layout=True)
         # One message per rank, one all-gather per bucket (a single future: its callback sees
         # the result on the right CUDA stream). The dense part is summed after the gather; it
         # holds only small tensors unless topk_dense names large ones.
         gathered = payload.new_empty(world_size * payload.numel())
         work = dist.all_gather_into_tensor(gathered, payload, group=group, async_op=True)
         return work.get_future().then(lambda _: unpack(gathered.view(world_size, -1), layout, buffer))
+
+
+def ddp_gradient_layout(param: torch.Tensor) -> tuple:
+    """(shape, strides) of ``param``'s gradient in its DDP bucket: the parameter's own
+    strides where it is dense without overlap (DDP's layout contract: a channels-last
+    convolution's gradient lies channels-last), else contiguous. ``GradBucket.gradients()``
+    returns contiguous views whatever the layout, so a channels-last gradient is not where
+    they say."""
+    shape, expected, contiguous = tuple(param.shape), 1, []
+    for size in reversed(shape):
+        contiguous.insert(0, expected)
+        expected *= size
+    expected = 1
+    for dim in sorted((d for d in range(param.dim()) if shape[d] != 1), key=param.stride):
+        if param.stride(dim) != expected:
+            return shape, tuple(contiguous)
+        expected *= shape[dim]
+    return shape, param.stride()
 
 
 def unpack(per_rank: torch.Tensor, layout, like: torch.Tensor) -> torch.Tensor:
@@ -550,6 +570,7 @@ __all__ = [
     "COMPRESSIONS",
     "CommCounters",
     "TopK",
+    "ddp_gradient_layout",
     "dense_names",
     "make_topk",
     "powersgd_bytes",

@@ -121,7 +121,8 @@ class SamplePlanTensors:
         # In the sorted candidates, tensor j's k_j largest are the last k_j of its block.
         ks = torch.tensor(plan.ks)
         self.pick = torch.cat([torch.arange(c0 + c - k, c0 + c) for c0, c, k in zip(cap_starts, caps, ks)]).to(device)
-        self.pick_seg = torch.repeat_interleave(torch.arange(len(plan.sizes)), ks).to(device)
+        # each selected slot's tensor's first entry: where an empty slot's wire index points
+        self.pick_start = self.starts[torch.repeat_interleave(torch.arange(len(plan.sizes)), ks).to(device)]
 
 
 def _order_key(segment: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,8 @@ def sampled_thresholds(
         if acc.is_cuda:
             from hydrahead.kernels.topk_candidates import sample_keys_triton as sample_keys
     sorted_keys = sample_keys(acc, plan, *stream_keys(seed, stream)).sort().values
-    return (sorted_keys[plan.threshold_pos] & 0x7FFFFFFF).int().view(torch.float32)
+    # index_select, not [ ]: advanced indexing costs several times the host time per call
+    return (sorted_keys.index_select(0, plan.threshold_pos) & 0x7FFFFFFF).int().view(torch.float32)
 
 
 def select_above(acc: torch.Tensor, plan: SamplePlanTensors, thresholds: torch.Tensor, gather=None) -> torch.Tensor:
@@ -175,7 +177,7 @@ def select_above(acc: torch.Tensor, plan: SamplePlanTensors, thresholds: torch.T
     args = (acc, plan.bounds, plan.caps, plan.cap_starts, thresholds, plan.total_caps)
     found, key = gather(*args, keys_base=plan.cand_keys_base)  # empty slots' keys sort lowest
     order = key.sort(stable=True).indices
-    return found[order[plan.pick]]
+    return found.index_select(0, order.index_select(0, plan.pick))
 
 
 def sampled_topk(acc: torch.Tensor, plan: SamplePlanTensors, seed: int, stream: int = SAMPLE_STREAM) -> torch.Tensor:
