@@ -29,7 +29,12 @@ touch). ``ms`` = step + (retrain_s + (retrain_every - 1) refile_s) / (retrain_ev
 rebuild_every). ``bg_ms`` is the mean wall time of a step (each timed alone) over
 2·rebuild_every steps on fresh batches with rebuilds running in the background on their
 own stream (the real schedule, builds overlapping training on the same GPU), and
-``bg_max_ms`` the slowest: a step that a rebuild stalls shows there. Every index setting
+``bg_max_ms`` the slowest (each step's time ends when the training stream is done, not
+the rebuild's), after a few untimed fresh batches that meet the kernels' one-time
+specialisations: a step that a rebuild stalls shows there; ``bg_slow_steps``
+lists the steps over twice the median, what each did about a rebuild (started one,
+installed one, or ran beside one) and where its time went (host time of the selection,
+host time of the loss step's launches, then the wait for the training stream). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
 measured in this run; for knn this leaves out the search, so its ratio shows what the
@@ -94,9 +99,13 @@ def make_batch(head: ShardedClassifier, batch: int, seed: int, noise: float):
     return (rows + noise_part).contiguous(), labels
 
 
-def synchronize(device) -> None:
+def synchronize(device, stream_only: bool = False) -> None:
+    """Wait for the device (or with ``stream_only`` for its current stream alone)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        if stream_only:
+            torch.cuda.current_stream(device).synchronize()
+        else:
+            torch.cuda.synchronize(device)
 
 
 def time_ms(fn, device, reps: int) -> float:
@@ -285,6 +294,13 @@ def main(argv=None) -> None:
         "--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative"
     )
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
+    parser.add_argument(
+        "--trace-rebuild",
+        default=None,
+        metavar="PREFIX",
+        help="knn: write a Chrome trace of the steps that start the first background rebuild and follow it "
+        "(PREFIX.nlist-nprobe.json per index setting)",
+    )
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
     parser.add_argument(
         "--weight-dtype",
@@ -446,16 +462,53 @@ def main(argv=None) -> None:
 
             # The real schedule, fresh batches: 2 * rebuild_every steps with background rebuilds,
             # each timed alone (a rebuild that stalls a step shows in the maximum).
-            step_times = []
+            # Fresh batches select other numbers of rows, and a count can pick another kernel
+            # specialisation (a one-time compile): meet them before timing.
+            for s in range(1, min(32, args.rebuild_every)):
+                counter["step"] = s
+                knn_step(make_batch(head, G, seed=10_000 + s, noise=args.noise))
+            step_times, events, parts = [], [], []  # parts: host time of select, of the step, then the wait
+            tracer = None
             for s in range(1, 2 * args.rebuild_every + 1):
                 counter["step"] = s
                 batch = make_batch(head, G, seed=100 + s, noise=args.noise)
+                if args.trace_rebuild and s == args.rebuild_every and device.type == "cuda":
+                    tracer = torch.profiler.profile(  # the first background rebuild's start and next step
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    )
+                    tracer.__enter__()
+                building, current = selector._pending is not None, selector._current
                 synchronize(device)
                 start = time.perf_counter()
-                knn_step(batch)
-                synchronize(device)
+                active_rows = selector.select(s, *batch, head.weight)
+                selected = time.perf_counter()
+                step(active_rows, batch)
+                launched = time.perf_counter()
+                # the training stream alone: a device-wide sync would also wait for the
+                # rebuild's kernels queued on its own stream
+                synchronize(device, stream_only=True)
                 step_times.append((time.perf_counter() - start) * 1e3)
+                parts.append((selected - start, launched - selected, time.perf_counter() - launched))
+                if tracer is not None and s == args.rebuild_every + 1:
+                    tracer.__exit__(None, None, None)
+                    tracer.export_chrome_trace(f"{args.trace_rebuild}.{nlist}-{nprobe}.json")
+                    tracer = None
+                # what the step did about rebuilds: started one, installed one, ran beside one
+                started = not building and selector._pending is not None
+                installed = selector._current is not current
+                events.append("start" if started else "install" if installed else "beside" if building else "")
             bg_ms, bg_max_ms = statistics.mean(step_times), max(step_times)
+            typical = statistics.median(step_times)
+            bg_slow_steps = [  # steps over twice the median: when a rebuild stalls one, and which part
+                {
+                    "step": i + 1,
+                    "ms": round(ms, 2),
+                    "rebuild": event,
+                    **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), part)},
+                }
+                for i, (ms, event, part) in enumerate(zip(step_times, events, parts))
+                if ms > 2 * typical
+            ]
             selector.close()
             cycle = args.retrain_every * args.rebuild_every  # steps per k-means run
             build_ms_per_step = (retrain_s + (args.retrain_every - 1) * refile_s) * 1e3 / cycle
@@ -471,6 +524,7 @@ def main(argv=None) -> None:
                 build_ms_per_step=build_ms_per_step,
                 bg_ms=bg_ms,
                 bg_max_ms=bg_max_ms,
+                bg_slow_steps=bg_slow_steps,
                 knn_recall=recall,
                 active_recall=hard_recall,
                 active_classes=active,
