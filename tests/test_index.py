@@ -233,3 +233,28 @@ def test_make_index_rejects_bad_options():
         exact_topk(torch.randn(2, 4), torch.randn(5, 4), 0)
     with pytest.raises(ValueError, match="share D"):
         exact_topk(torch.randn(2, 4), torch.randn(5, 3), 1)
+
+
+@pytest.mark.parametrize("num_rows, count", [(1000, 100), (1000, 400), (50, 50), (10, 0)])
+def test_sample_rows_draws_distinct_rows_reproducibly(num_rows, count):
+    sample = index_mod.sample_rows(num_rows, count, seed=3)
+    assert sample.numel() == count and sample.unique().numel() == count
+    assert count == 0 or (int(sample.min()) >= 0 and int(sample.max()) < num_rows)
+    assert torch.equal(sample, index_mod.sample_rows(num_rows, count, seed=3))
+    if 0 < count < num_rows:
+        assert not torch.equal(sample, index_mod.sample_rows(num_rows, count, seed=4))
+    with pytest.raises(ValueError, match="distinct rows"):
+        index_mod.sample_rows(num_rows, num_rows + 1, seed=0)
+
+
+def test_sample_rows_includes_every_row_equally_often():
+    # 3,000 draws of 10 rows out of 100 (the draws-with-repeats path): each row is expected
+    # 300 times; a chi-square over the 100 rows (99 degrees of freedom, sd 14) stays under
+    # 99 + 6 sd unless the sample favours some rows (taking the 10 smallest distinct draws
+    # gives thousands).
+    counts = torch.zeros(100)
+    for seed in range(3000):
+        counts[index_mod.sample_rows(100, 10, seed)] += 1
+    expected = 3000 * 10 / 100
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 99 + 6 * math.sqrt(2 * 99), chi_square
