@@ -33,8 +33,10 @@ own stream (the real schedule, builds overlapping training on the same GPU), and
 the rebuild's), after a few untimed fresh batches that meet the kernels' one-time
 specialisations: a step that a rebuild stalls shows there; ``bg_slow_steps``
 lists the steps over twice the median, what each did about a rebuild (started one,
-installed one, or ran beside one) and where its time went (host time of the selection,
-host time of the loss step's launches, then the wait for the training stream). Every index setting
+installed one, or ran beside one) and where its time went (the selection, which with a
+variable row count waits for the device to read it; the host time of the loss step's
+launches; then the wait for the training stream). The rebuilds in these 200 steps are
+refiles (k-means runs every --retrain-every rebuilds). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
 measured in this run; for knn this leaves out the search, so its ratio shows what the
@@ -299,7 +301,8 @@ def main(argv=None) -> None:
         default=None,
         metavar="PREFIX",
         help="knn: write a Chrome trace of the steps that start the first background rebuild and follow it "
-        "(PREFIX.nlist-nprobe.json per index setting)",
+        "(PREFIX.nlist-nprobe.json per index setting); the profiler slows those steps, so that run's "
+        "background timings are not the figures to report",
     )
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
     parser.add_argument(
@@ -467,6 +470,8 @@ def main(argv=None) -> None:
             for s in range(1, min(32, args.rebuild_every)):
                 counter["step"] = s
                 knn_step(make_batch(head, G, seed=10_000 + s, noise=args.noise))
+            if selector._dirty is not None:  # the warm-up's rows are not the schedule's to refile
+                selector._dirty.zero_()
             step_times, events, parts = [], [], []  # parts: host time of select, of the step, then the wait
             tracer = None
             for s in range(1, 2 * args.rebuild_every + 1):
@@ -478,14 +483,14 @@ def main(argv=None) -> None:
                     )
                     tracer.__enter__()
                 building, current = selector._pending is not None, selector._current
-                synchronize(device)
+                # The training stream alone, before and after: a device-wide sync would also
+                # wait for (drain, or time) the rebuild's kernels queued on its own stream.
+                synchronize(device, stream_only=True)
                 start = time.perf_counter()
                 active_rows = selector.select(s, *batch, head.weight)
                 selected = time.perf_counter()
                 step(active_rows, batch)
                 launched = time.perf_counter()
-                # the training stream alone: a device-wide sync would also wait for the
-                # rebuild's kernels queued on its own stream
                 synchronize(device, stream_only=True)
                 step_times.append((time.perf_counter() - start) * 1e3)
                 parts.append((selected - start, launched - selected, time.perf_counter() - launched))
@@ -496,7 +501,17 @@ def main(argv=None) -> None:
                 # what the step did about rebuilds: started one, installed one, ran beside one
                 started = not building and selector._pending is not None
                 installed = selector._current is not current
-                events.append("start" if started else "install" if installed else "beside" if building else "")
+                events.append(
+                    "install+start"
+                    if installed and started
+                    else "start"
+                    if started
+                    else "install"
+                    if installed
+                    else "beside"
+                    if building
+                    else ""
+                )
             bg_ms, bg_max_ms = statistics.mean(step_times), max(step_times)
             typical = statistics.median(step_times)
             bg_slow_steps = [  # steps over twice the median: when a rebuild stalls one, and which part
