@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -300,7 +301,7 @@ class TopK:
     def discard(self) -> None:
         self._pending.clear()
 
-    def _bucket(self, buffer: torch.Tensor, params: list, grads: list, offsets: list, ddp_layout: bool) -> _Bucket:
+    def _bucket(self, buffer: torch.Tensor, params: list, grads: list | None, offsets: list) -> _Bucket:
         keys = tuple(self._keys[param] for param in params)
         key = (keys, tuple(offsets), buffer.numel(), buffer.device)
         bucket = self._buckets.get(key)
@@ -308,7 +309,16 @@ class TopK:
             # DDP rebuilds its buckets after the first step: a tensor lives in one bucket at a
             # time, so a new bucket replaces every old one it shares a tensor with.
             self._buckets = {k: b for k, b in self._buckets.items() if not set(k[0]) & set(keys)}
-            layouts = [ddp_gradient_layout(p) if ddp_layout else (g.shape, g.stride()) for p, g in zip(params, grads)]
+            if grads is None:
+                held = offsets[-1] + params[-1].numel()
+                if held != buffer.numel():
+                    raise RuntimeError(
+                        f"a DDP bucket of {buffer.numel()} entries holds parameters of {held}: its gradients"
+                        " are not laid back to back, so pass their views"
+                    )
+                layouts = [ddp_gradient_layout(param) for param in params]
+            else:
+                layouts = [(grad.shape, grad.stride()) for grad in grads]
             bucket = self._buckets[key] = _Bucket(self, params, layouts, keys, offsets, buffer.numel(), buffer.device)
         return bucket
 
@@ -342,11 +352,13 @@ class TopK:
                     torch._foreach_add_([views[i] for i in idx], [params[i] for i in idx], alpha=decay / world_size)
         return pending[:-1]
 
-    def pack(self, buffer: torch.Tensor, params: list, grads: list, world_size: int, ddp_layout: bool = False):
+    def pack(self, buffer: torch.Tensor, params: list, grads: list | None, world_size: int):
         """This worker's message for one bucket, and what ``unpack`` needs to read it.
 
-        ``grads``: views of ``buffer`` as the parameters' gradients; with ``ddp_layout`` only
-        their places count, and each lies as a DDP bucket lays it (``ddp_gradient_layout``).
+        ``grads``: views of ``buffer`` as the parameters' gradients, or None for a DDP
+        bucket, which lays them back to back in parameter order, each as
+        ``ddp_gradient_layout`` says (``GradBucket.gradients()`` would make a view of each
+        on every step: milliseconds of host time for ResNet-50's 162 tensors).
 
         The message: the dense tensors' fp32 values, then the int32 indices (into the
         bucket) and the fp32 values' bits of the sparse ones.
@@ -356,8 +368,11 @@ class TopK:
         per tensor: the pack is bound by the host's launches (docs/comm.md).
         """
         density = self.current_density()
-        offsets = [(grad.data_ptr() - buffer.data_ptr()) // buffer.element_size() for grad in grads]
-        bucket = self._bucket(buffer, params, grads, offsets, ddp_layout)
+        if grads is None:
+            offsets = list(itertools.accumulate((param.numel() for param in params), initial=0))[:-1]
+        else:
+            offsets = [(grad.data_ptr() - buffer.data_ptr()) // buffer.element_size() for grad in grads]
+        bucket = self._bucket(buffer, params, grads, offsets)
         bucket.load(self)
         gradient = self._local_gradient(bucket, buffer, params, world_size)
         residual, acc = bucket.residual[bucket.current], bucket.residual[1 - bucket.current]
@@ -405,7 +420,7 @@ class TopK:
     def hook(self, group, bucket):
         buffer = bucket.buffer()
         world_size = dist.get_world_size(group)
-        payload, layout = self.pack(buffer, bucket.parameters(), bucket.gradients(), world_size, ddp_layout=True)
+        payload, layout = self.pack(buffer, bucket.parameters(), None, world_size)
         # One message per rank, one all-gather per bucket (a single future: its callback sees
         # the result on the right CUDA stream). The dense part is summed after the gather; it
         # holds only small tensors unless topk_dense names large ones.
