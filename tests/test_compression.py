@@ -416,3 +416,39 @@ def test_ddp_gradient_layout_follows_dense_parameters_and_is_contiguous_otherwis
     assert ddp_gradient_layout(sliced) == ((6, 4), (4, 1))
     single = torch.randn(3, 1, 4).transpose(0, 1)  # size-1 dimensions take any stride
     assert ddp_gradient_layout(single) == ((1, 3, 4), single.stride())
+
+
+def _saved_state_worker(rank, world_size, channels_last):
+    model = _conv_model()
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    cfg = CommConfig(
+        grad_compression="topk",
+        topk_density=0.5,
+        topk_warmup_steps=0,
+        topk_min_numel=100,
+        topk_momentum_correction=True,
+        topk_momentum_masking=False,  # the velocities then do not depend on what was sent
+    )
+    decay = {n: 0.01 if p.ndim > 1 else 0.0 for n, p in model.named_parameters()}
+    _, topk = register(ddp, None, cfg, {p: n for n, p in model.named_parameters()}, weight_decay=decay)
+    for step in range(1, 3):
+        x, y = _batch(rank, step)
+        x = x.view(16, 4, 4, 4)[:, :3].contiguous(memory_format=torch.channels_last)
+        topk.step = step
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        topk.commit()
+    return {name: value.clone() for name, value in topk.state_dict().items()}
+
+
+def test_saved_state_is_in_the_parameters_order_whatever_their_memory_format():
+    # A channels-last weight's gradient lies in its DDP bucket in memory order; the saved
+    # velocities must not depend on it, or a run resumed in another layout (simulated
+    # workers, another device) scrambles them.
+    channels_last = run_ranks(_saved_state_worker, 1, True)[0]
+    contiguous = run_ranks(_saved_state_worker, 1, False)[0]
+    velocities = [key for key in contiguous if key.startswith("velocity/")]
+    assert velocities and channels_last.keys() == contiguous.keys()
+    for key in velocities:
+        torch.testing.assert_close(channels_last[key], contiguous[key], rtol=1e-4, atol=1e-6)

@@ -190,21 +190,21 @@ class _Bucket:
             if not state:
                 continue
             state[self.current].zero_()
-            views = self.views(state[self.current])
+            views = self.views(state[self.current], shaped=True)
             pairs = [(view, source[name]) for name, view in zip(self.names, views) if name in source]
-            if pairs:
-                torch._foreach_copy_([view for view, _ in pairs], [value.reshape(-1) for _, value in pairs])
+            if pairs:  # entry by entry of the parameter, whatever either side's memory order
+                torch._foreach_copy_([view for view, _ in pairs], [value.reshape(view.shape) for view, value in pairs])
         self._loaded = held
 
     def commit(self, topk: TopK) -> None:
         """The state the last pack wrote becomes the committed one."""
         self.current = 1 - self.current
-        residuals = self.views(self.residual[self.current])
+        residuals = self.views(self.residual[self.current], shaped=True)
         for name, sparse, view in zip(self.names, self.sparse, residuals):
             if sparse:
                 topk.residuals[name] = view
         if self.velocity:
-            for name, view in zip(self.names, self.views(self.velocity[self.current])):
+            for name, view in zip(self.names, self.views(self.velocity[self.current], shaped=True)):
                 topk.velocities[name] = view
         self._loaded = self._held(topk)
 
@@ -253,8 +253,10 @@ class TopK:
     seed: int = 0
     counters: CommCounters = field(default_factory=CommCounters)
     step: int = 1
-    residuals: dict = field(default_factory=dict)  # name -> flat fp32 residual (velocity with momentum correction)
-    velocities: dict = field(default_factory=dict)  # name -> flat fp32 momentum (momentum correction only)
+    # name -> fp32 residual (velocity u with momentum correction), the parameter's shape:
+    # views into its bucket after a step, flat in logical order after load_summed
+    residuals: dict = field(default_factory=dict)
+    velocities: dict = field(default_factory=dict)  # name -> fp32 momentum (momentum correction only), likewise
     _pending: list = field(default_factory=list)  # buckets packed since the last commit or discard
     _buckets: dict = field(default_factory=dict)
 
@@ -268,14 +270,16 @@ class TopK:
         return param.numel() >= self.min_numel and self.names[param] not in self.dense
 
     def state_dict(self) -> dict:
-        """Residuals (and velocities) this worker holds, zeros where none exists yet."""
+        """Residuals (and velocities) this worker holds, zeros where none exists yet: flat,
+        in the parameter's logical order (a bucket holds them in the gradients' memory
+        order, which a simulated worker's buffer and a DDP bucket lay differently)."""
         out = {}
         for param, name in self.names.items():
             zeros = lambda: torch.zeros(param.numel(), device=param.device)  # noqa: E731
             if self.is_sparse(param):
-                out[name] = self.residuals.get(name, zeros())
+                out[name] = self.residuals.get(name, zeros()).reshape(-1)
             if self.momentum_correction:
-                out[f"velocity/{name}"] = self.velocities.get(name, zeros())
+                out[f"velocity/{name}"] = self.velocities.get(name, zeros()).reshape(-1)
         return out
 
     def empty_state_dict(self) -> dict:
