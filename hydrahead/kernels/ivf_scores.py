@@ -52,8 +52,9 @@ TILES = Tiles()
 
 # Sizes and keys that change from step to step (active rows, list lengths, rounding keys)
 # are not specialised on: Triton would otherwise compile a new variant, mid-training,
-# whenever one of them first turns up as a multiple of 16 or as 1.
-@triton.jit(do_not_specialize=["max_len", "out_width"])
+# whenever one of them first turns up as a multiple of 16 or as 1. The table's row
+# stride is its width, the longest list, which every rebuild changes.
+@triton.jit(do_not_specialize=["max_len", "out_width", "stride_table"])
 def _probed_scores_kernel(
     W,
     Q,
