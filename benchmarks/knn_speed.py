@@ -35,7 +35,9 @@ specialisations: a step that a rebuild stalls shows there; ``bg_slow_steps``
 lists the steps over twice the median, what each did about a rebuild (started one,
 installed one, or ran beside one) and where its time went (the selection, which with a
 variable row count waits for the device to read it; the host time of the loss step's
-launches; then the wait for the training stream). The rebuilds in these 200 steps are
+launches; then the wait for the training stream) and the caching allocator's counts of
+cudaMalloc, cudaFree, retries and device-wide syncs in it (``bg_allocator_other_steps``:
+the same summed over the other steps). The rebuilds in these 200 steps are
 refiles (k-means runs every --retrain-every rebuilds). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
@@ -58,6 +60,7 @@ graph_k) that the step's active set holds: one measure for random, knn and graph
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -108,6 +111,18 @@ def synchronize(device, stream_only: bool = False) -> None:
             torch.cuda.current_stream(device).synchronize()
         else:
             torch.cuda.synchronize(device)
+
+
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_counts(device) -> dict[str, int]:
+    """The caching allocator's counters of cudaMalloc, cudaFree, retries after a failed
+    cudaMalloc and device-wide syncs: a step whose time they explain waited for the allocator."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {name: stats.get(name, 0) for name in ALLOCATOR_COUNTS}
 
 
 def time_ms(fn, device, reps: int) -> float:
@@ -304,6 +319,13 @@ def main(argv=None) -> None:
         "(PREFIX.nlist-nprobe.json per index setting); the profiler slows those steps, so that run's "
         "background timings are not the figures to report",
     )
+    parser.add_argument(
+        "--train-stream-priority",
+        type=int,
+        default=None,
+        help="knn: run the background-rebuild steps on a CUDA stream of this priority (lower is more urgent; "
+        "the rebuilds' stream has 0, the lowest); default: the default stream",
+    )
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method")
     parser.add_argument(
         "--weight-dtype",
@@ -467,12 +489,19 @@ def main(argv=None) -> None:
             # each timed alone (a rebuild that stalls a step shows in the maximum).
             # Fresh batches select other numbers of rows, and a count can pick another kernel
             # specialisation (a one-time compile): meet them before timing.
+            synchronize(device)
+            training_stream = contextlib.nullcontext()
+            if args.train_stream_priority is not None and device.type == "cuda":
+                # the steps on a stream of their own priority, the rebuilds on theirs (priority 0)
+                training_stream = torch.cuda.stream(torch.cuda.Stream(device, priority=args.train_stream_priority))
+            training_stream.__enter__()
             for s in range(1, min(32, args.rebuild_every)):
                 counter["step"] = s
                 knn_step(make_batch(head, G, seed=10_000 + s, noise=args.noise))
             if selector._dirty is not None:  # the warm-up's rows are not the schedule's to refile
                 selector._dirty.zero_()
             step_times, events, parts = [], [], []  # parts: host time of select, of the step, then the wait
+            allocations = []  # per step: what the allocator did meanwhile, on either thread
             tracer = None
             for s in range(1, 2 * args.rebuild_every + 1):
                 counter["step"] = s
@@ -486,6 +515,7 @@ def main(argv=None) -> None:
                 # The training stream alone, before and after: a device-wide sync would also
                 # wait for (drain, or time) the rebuild's kernels queued on its own stream.
                 synchronize(device, stream_only=True)
+                counts_before = allocator_counts(device)
                 start = time.perf_counter()
                 active_rows = selector.select(s, *batch, head.weight)
                 selected = time.perf_counter()
@@ -494,6 +524,8 @@ def main(argv=None) -> None:
                 synchronize(device, stream_only=True)
                 step_times.append((time.perf_counter() - start) * 1e3)
                 parts.append((selected - start, launched - selected, time.perf_counter() - launched))
+                counts_after = allocator_counts(device)
+                allocations.append({name: counts_after[name] - counts_before[name] for name in counts_after})
                 if tracer is not None and s == args.rebuild_every + 1:
                     tracer.__exit__(None, None, None)
                     tracer.export_chrome_trace(f"{args.trace_rebuild}.{nlist}-{nprobe}.json")
@@ -512,6 +544,8 @@ def main(argv=None) -> None:
                     if building
                     else ""
                 )
+            training_stream.__exit__(None, None, None)
+            synchronize(device)
             bg_ms, bg_max_ms = statistics.mean(step_times), max(step_times)
             typical = statistics.median(step_times)
             bg_slow_steps = [  # steps over twice the median: when a rebuild stalls one, and which part
@@ -520,8 +554,9 @@ def main(argv=None) -> None:
                     "ms": round(ms, 2),
                     "rebuild": event,
                     **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), part)},
+                    **{name: n for name, n in allocated.items() if n},
                 }
-                for i, (ms, event, part) in enumerate(zip(step_times, events, parts))
+                for i, (ms, event, part, allocated) in enumerate(zip(step_times, events, parts, allocations))
                 if ms > 2 * typical
             ]
             selector.close()
@@ -540,6 +575,11 @@ def main(argv=None) -> None:
                 bg_ms=bg_ms,
                 bg_max_ms=bg_max_ms,
                 bg_slow_steps=bg_slow_steps,
+                # the allocator's work during the other steps, for comparison with the slow ones
+                bg_allocator_other_steps={
+                    name: sum(a.get(name, 0) for a, ms in zip(allocations, step_times) if ms <= 2 * typical)
+                    for name in ALLOCATOR_COUNTS
+                },
                 knn_recall=recall,
                 active_recall=hard_recall,
                 active_classes=active,
