@@ -25,5 +25,5 @@ def tiny_two_rank_run(tmp_path_factory):
     test_train, test_reliability and test_multinode compare against, launched once per
     session. Tests only read it; one that changes it works on a copy."""
     run_dir = tmp_path_factory.mktemp("tiny") / "two_ranks"
-    launch(run_dir, 2)
+    launch(run_dir, 2, torchrun=True)  # the other launches of several ranks skip torchrun's start
     return run_dir

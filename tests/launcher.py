@@ -1,4 +1,4 @@
-"""Launch the real trainer for end-to-end tests, on tiny gloo runs (torchrun for several ranks)."""
+"""Launch the real trainer for end-to-end tests, on tiny gloo runs (several ranks: see command())."""
 
 from __future__ import annotations
 
@@ -38,11 +38,15 @@ TINY = [
 ]
 
 
-def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=()) -> list[str]:
-    """The trainer as ``nproc`` ranks, by the benchmarks' rule (one rank: no torchrun, whose
-    own start costs 2-3 s a launch here, unless the test asks torchrun for something)."""
-    prefix = launcher(nproc, {}, torchrun_args)[0]
-    return [sys.executable, *prefix, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
+def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=(), torchrun: bool = False) -> list[str]:
+    """The trainer as ``nproc`` ranks: one rank runs the script alone (it forms a world of
+    one); several start through spawn_ranks.py, which sets what torchrun sets without
+    torchrun's own start (2-3 s a launch here), unless the test is about torchrun
+    (``torchrun``) or asks it for something (``torchrun_args``)."""
+    script = [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
+    if nproc > 1 and not (torchrun or torchrun_args):
+        return [sys.executable, str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", *script]
+    return [sys.executable, *launcher(nproc, {}, torchrun_args)[0], *script]
 
 
 def environment(faults: str | None = None, threads: int = 1) -> dict:
@@ -61,14 +65,15 @@ def launch(
     check: bool = True,
     faults: str | None = None,
     torchrun_args=(),
+    torchrun: bool = False,
     cwd: Path = REPO,
     timeout: float = 300,
     threads: int = 1,
 ) -> subprocess.CompletedProcess:
-    """Run launch/train.py under torchrun with ``nproc`` gloo ranks of ``threads`` CPU threads
-    each; a hang fails after ``timeout``."""
+    """Run launch/train.py as ``nproc`` gloo ranks of ``threads`` CPU threads each (see
+    command()); a hang fails after ``timeout``."""
     proc = subprocess.run(
-        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args),
+        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         cwd=cwd,
         env=environment(faults, threads),
         capture_output=True,
@@ -86,6 +91,7 @@ def start(
     *overrides: str,
     faults: str | None = None,
     torchrun_args=(),
+    torchrun: bool = False,
     cwd: Path = REPO,
     threads: int = 1,
 ) -> subprocess.Popen:
@@ -93,9 +99,9 @@ def start(
 
     On a machine of 2 cores a launch leaves one idle for much of its time: torchrun's start
     and exit and a 1-rank worker run on one core, so a second launch beside it costs little
-    more wall time. torchrun --standalone picks its own port."""
+    more wall time. Each launch of several ranks gets a port of its own."""
     return subprocess.Popen(
-        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args),
+        command(run_dir, nproc, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         cwd=cwd,
         env=environment(faults, threads),
         stdout=subprocess.PIPE,

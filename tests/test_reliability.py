@@ -99,7 +99,7 @@ def _children(pid: int) -> list[int]:
 
 def test_sigterm_to_torchrun_saves_and_rerun_finishes_identically(reference_run, tmp_path):
     run_dir = tmp_path / "preempted"
-    cmd = command(run_dir, 2)
+    cmd = command(run_dir, 2, torchrun=True)
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=environment("sleep=0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

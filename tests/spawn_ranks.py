@@ -1,0 +1,117 @@
+"""Start a script as N ranks on this machine, with the variables torchrun gives them.
+
+    python tests/spawn_ranks.py --nproc 2 launch/train.py key=value ...
+
+The end-to-end tests launch the trainer some hundred times on a 2-core machine. torchrun's
+agent is itself a torch process: its start costs about 2.5 CPU-seconds a launch, a third
+of a tiny 2-rank run. This launcher imports no torch. What the tests rely on behaves as
+under torchrun: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+(env:// rendezvous); SIGTERM, SIGINT and SIGUSR1 are passed on to every rank; when a rank
+fails the others are stopped, and the exit status is 1. The tests that are about torchrun
+itself (restarts, its signal handling, the reference run) still use torchrun.
+
+Ports come from a counter shared by every launch on the machine (a locked file), below
+the range the kernel hands out for port 0, so two runs started at once never pick the
+same one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIRST_PORT, PORTS = 20_000, 12_000  # below Linux's ephemeral range (32768-60999)
+STOP_GRACE_S = 30  # a failed run's other ranks get this long after SIGTERM (torchrun's default)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def next_port() -> int:
+    """A free port that no other launch on this machine has taken recently."""
+    counter = Path(tempfile.gettempdir()) / "hydrahead-test-ports"
+    with open(counter, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read().strip()
+        n = int(text) if text.isdigit() else os.getpid()
+        for _ in range(PORTS):
+            n += 1
+            port = FIRST_PORT + n % PORTS
+            if _is_free(port):
+                break
+        else:
+            raise RuntimeError(f"no free port in {FIRST_PORT}-{FIRST_PORT + PORTS - 1}")
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+    return port
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, required=True, help="ranks to start")
+    parser.add_argument("script", help="the Python script every rank runs")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    world = str(args.nproc)
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next_port()), "WORLD_SIZE": world}
+    shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, args.script, *args.args],
+            env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in range(args.nproc)
+    ]
+
+    def pass_on(signum, _frame):
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, pass_on)
+
+    failed = False
+    while True:
+        codes = [proc.poll() for proc in ranks]  # every rank's, each time
+        failed = any(code not in (None, 0) for code in codes)
+        if failed or None not in codes:
+            break
+        time.sleep(0.05)
+    if failed:  # as torchrun does: stop the rest, then kill what is left
+        pass_on(signal.SIGTERM, None)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(proc.poll() is None for proc in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    codes = [proc.returncode for proc in ranks]
+    if any(codes):
+        print(f"spawn_ranks: exit codes of ranks 0-{args.nproc - 1}: {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
