@@ -40,12 +40,14 @@ TINY = [
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=(), torchrun: bool = False) -> list[str]:
     """The trainer as ``nproc`` ranks: one rank runs the script alone (it forms a world of
-    one); several start through spawn_ranks.py, which sets what torchrun sets without
-    torchrun's own start (2-3 s a launch here), unless the test is about torchrun
-    (``torchrun``) or asks it for something (``torchrun_args``)."""
+    one); several are forked by spawn_ranks.py from one import of the trainer, with what
+    torchrun sets and without torchrun's own start (together 5 CPU-seconds a launch here),
+    unless the test is about torchrun (``torchrun``) or asks it for something
+    (``torchrun_args``)."""
     script = [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
     if nproc > 1 and not (torchrun or torchrun_args):
-        return [sys.executable, str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", *script]
+        spawn = [str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", "--preload=hydrahead.train.trainer"]
+        return [sys.executable, *spawn, *script]
     return [sys.executable, *launcher(nproc, {}, torchrun_args)[0], *script]
 
 

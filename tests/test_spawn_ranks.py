@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SPAWN = str(Path(__file__).resolve().parent / "spawn_ranks.py")
 
 RANK_SCRIPT = """
@@ -30,21 +32,33 @@ if mode != "ok":
 """
 
 
-def spawn(tmp_path, nproc, mode):
+PRELOADS = ["", "--preload=json,signal"]  # each rank a new interpreter, or forked from the launcher
+
+
+def spawn(tmp_path, nproc, mode, preload=""):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     return subprocess.Popen(
-        [sys.executable, SPAWN, f"--nproc={nproc}", str(script), str(tmp_path / "out"), mode],
+        [
+            sys.executable,
+            SPAWN,
+            f"--nproc={nproc}",
+            *([preload] if preload else []),
+            str(script),
+            str(tmp_path / "out"),
+            mode,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def test_every_rank_gets_torchruns_variables_and_a_port_of_its_launch(tmp_path):
+@pytest.mark.parametrize("preload", PRELOADS)
+def test_every_rank_gets_torchruns_variables_and_a_port_of_its_launch(tmp_path, preload):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first, second = spawn(tmp_path / "a", 3, "ok"), spawn(tmp_path / "b", 2, "ok")  # at once
+    first, second = spawn(tmp_path / "a", 3, "ok", preload), spawn(tmp_path / "b", 2, "ok", preload)  # at once
     assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
     a = [json.loads((tmp_path / "a" / f"out.{r}").read_text()) for r in range(3)]
     b = [json.loads((tmp_path / "b" / f"out.{r}").read_text()) for r in range(2)]
@@ -55,8 +69,9 @@ def test_every_rank_gets_torchruns_variables_and_a_port_of_its_launch(tmp_path):
     assert a[0]["MASTER_PORT"] != b[0]["MASTER_PORT"]
 
 
-def test_a_failed_rank_stops_the_others_and_the_launch_fails(tmp_path):
-    proc = spawn(tmp_path, 2, "fail")
+@pytest.mark.parametrize("preload", PRELOADS)
+def test_a_failed_rank_stops_the_others_and_the_launch_fails(tmp_path, preload):
+    proc = spawn(tmp_path, 2, "fail", preload)
     begun = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "[0, 3]" in stderr
@@ -64,8 +79,9 @@ def test_a_failed_rank_stops_the_others_and_the_launch_fails(tmp_path):
     assert (tmp_path / "out.term0").is_file()
 
 
-def test_sigterm_reaches_every_rank(tmp_path):
-    proc = spawn(tmp_path, 2, "wait")
+@pytest.mark.parametrize("preload", PRELOADS)
+def test_sigterm_reaches_every_rank(tmp_path, preload):
+    proc = spawn(tmp_path, 2, "wait", preload)
     deadline = time.monotonic() + 30
     while not all((tmp_path / f"out.{r}").is_file() for r in range(2)) and time.monotonic() < deadline:
         time.sleep(0.05)
