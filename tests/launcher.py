@@ -46,7 +46,8 @@ def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=(), torchr
     (``torchrun_args``)."""
     script = [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
     if nproc > 1 and not (torchrun or torchrun_args):
-        spawn = [str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", "--preload=hydrahead.train.trainer"]
+        preload = ["--preload=hydrahead.train.trainer", f"--path={REPO}"]  # train.py imports from REPO
+        spawn = [str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", *preload]
         return [sys.executable, *spawn, *script]
     return [sys.executable, *launcher(nproc, {}, torchrun_args)[0], *script]
 

@@ -21,6 +21,7 @@ same one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import importlib
 import os
@@ -120,6 +121,12 @@ def main(argv=None) -> int:
         help="comma-separated modules to import once here; the ranks are then forked from this "
         "process and run the script in place, instead of each starting Python and importing them",
     )
+    parser.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        help="with --preload: a folder to import from first, as the script will (its checkout)",
+    )
     parser.add_argument("script", help="the Python script every rank runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     args = parser.parse_args(argv)
@@ -130,6 +137,7 @@ def main(argv=None) -> int:
     shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if args.preload:
         sys.path[0] = os.path.dirname(os.path.abspath(args.script))  # as the ranks will see it
+        sys.path[1:1] = args.path  # a script that puts its checkout first imports from there
         for module in args.preload.split(","):
             importlib.import_module(module)
         ranks = [
@@ -146,9 +154,12 @@ def main(argv=None) -> int:
         ]
 
     def pass_on(signum, _frame):
+        # No poll() here: a handler can run between the main loop's reaping of a rank and
+        # its recording the exit status. A rank that has ended ignores the signal.
         for proc in ranks:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
 
     for signum in FORWARDED:
         signal.signal(signum, pass_on)
