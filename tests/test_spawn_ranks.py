@@ -74,9 +74,13 @@ def test_a_failed_rank_stops_the_others_and_the_launch_fails(tmp_path, preload):
     proc = spawn(tmp_path, 2, "fail", preload)
     begun = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and "[0, 3]" in stderr
+    assert proc.returncode == 1 and "exit codes of ranks 0-1: [" in stderr
     assert time.monotonic() - begun < 20  # rank 0 would sleep 60 s
-    assert (tmp_path / "out.term0").is_file()
+    rank0, rank1 = json.loads(stderr.split("exit codes of ranks 0-1: ")[1].splitlines()[0])
+    # Rank 0 got SIGTERM: its handler exits 0, or (still starting, on a loaded machine) the
+    # signal's default action ends it.
+    assert rank1 == 3 and rank0 in (0, -signal.SIGTERM)
+    assert rank0 != 0 or (tmp_path / "out.term0").is_file()
 
 
 @pytest.mark.parametrize("preload", PRELOADS)
