@@ -490,11 +490,11 @@ def main(argv=None) -> None:
             # Fresh batches select other numbers of rows, and a count can pick another kernel
             # specialisation (a one-time compile): meet them before timing.
             synchronize(device)
-            training_stream = contextlib.nullcontext()
+            training_stream = contextlib.ExitStack()
             if args.train_stream_priority is not None and device.type == "cuda":
                 # the steps on a stream of their own priority, the rebuilds on theirs (priority 0)
-                training_stream = torch.cuda.stream(torch.cuda.Stream(device, priority=args.train_stream_priority))
-            training_stream.__enter__()
+                stream = torch.cuda.Stream(device, priority=args.train_stream_priority)
+                training_stream.enter_context(torch.cuda.stream(stream))
             for s in range(1, min(32, args.rebuild_every)):
                 counter["step"] = s
                 knn_step(make_batch(head, G, seed=10_000 + s, noise=args.noise))
@@ -544,7 +544,7 @@ def main(argv=None) -> None:
                     if building
                     else ""
                 )
-            training_stream.__exit__(None, None, None)
+            training_stream.close()
             synchronize(device)
             bg_ms, bg_max_ms = statistics.mean(step_times), max(step_times)
             typical = statistics.median(step_times)
