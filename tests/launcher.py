@@ -100,9 +100,9 @@ def start(
 ) -> subprocess.Popen:
     """launch() without waiting for it: finish() collects the runs started together.
 
-    On a machine of 2 cores a launch leaves one idle for much of its time: torchrun's start
-    and exit and a 1-rank worker run on one core, so a second launch beside it costs little
-    more wall time. Each launch of several ranks gets a port of its own."""
+    On a machine of 2 cores a launch leaves one idle for much of its time (a 1-rank worker,
+    or the single import before the ranks are forked, runs on one core), so a second launch
+    beside it costs little more wall time. Each launch of several ranks gets a port of its own."""
     return subprocess.Popen(
         command(run_dir, nproc, *overrides, torchrun_args=torchrun_args, torchrun=torchrun),
         cwd=cwd,
