@@ -9,6 +9,7 @@ from dist_harness import run_ranks
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels.tiles import descriptor_loads
 
 # Sizes that are not multiples of the interpreter's 16-wide tiles.
 BATCH, DIM, NUM_CLASSES = 37, 24, 101
@@ -72,6 +73,44 @@ def test_loss_and_gradients_equal_the_reference(margin_type, exact_kernels):
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(f.grad, ref_fgrad) < 1e-5
     assert rel_err(w.grad, ref_wgrad) < 1e-5
+
+
+def _loss_and_grads(features, weight, labels, **options):
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, scale=2.0, **options)
+    loss.backward()
+    return loss.detach(), f.grad, w.grad
+
+
+@pytest.mark.parametrize("options", [dict(exact_kernels="gemm"), dict(grad_filter=1e-3)], ids=["gemm", "filtered"])
+def test_descriptor_loads_equal_pointer_loads(monkeypatch, options):
+    """The streaming kernels' two ways of reading F and W (and writing P) give the same bits."""
+    features, weight, labels = make_inputs(7)
+    assert descriptor_loads(features, weight)
+    results = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("HYDRAHEAD_TMA", tma)
+        results[tma] = _loss_and_grads(features, weight, labels, **options)
+    for with_tma, with_pointers in zip(results["1"], results["0"]):
+        assert torch.equal(with_tma, with_pointers)
+
+
+def test_widths_the_copy_engine_cannot_take_run_on_pointer_loads():
+    """A row of 13 fp32 (52 bytes, not a multiple of 16) has no descriptor; the loss still
+    matches the float64 reference, through both streaming kernels."""
+    gen = torch.Generator().manual_seed(8)
+    features, weight = torch.randn(BATCH, 13, generator=gen), torch.randn(NUM_CLASSES, 13, generator=gen) * 0.3
+    labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=gen)
+    assert not descriptor_loads(features, weight)
+    assert descriptor_loads(features[:, :12].contiguous(), weight[:, :12].contiguous())
+    assert not descriptor_loads(features[:, :12], weight[:, :12])  # a view keeps the 52-byte stride
+    loss, fgrad, wgrad = _loss_and_grads(features, weight, labels, exact_kernels="gemm")
+    f, w = features.double().requires_grad_(), weight.double().requires_grad_()
+    ref = sharded_cross_entropy(f, w, labels, 0, scale=2.0)
+    ref.backward()
+    assert abs(float(loss) - float(ref)) < 1e-5 * abs(float(ref))
+    assert rel_err(fgrad, f.grad) < 1e-5
+    assert rel_err(wgrad, w.grad) < 1e-5
 
 
 @pytest.mark.parametrize("exact_kernels", EXACT_KERNELS)

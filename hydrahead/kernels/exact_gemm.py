@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.filtered import apply_sgd_rows
+from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows
 from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
@@ -44,7 +44,7 @@ from hydrahead.kernels.shard_ce import (
     check_update,
     operand_scale,
 )
-from hydrahead.kernels.tiles import launch_fitted
+from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitted
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
@@ -82,28 +82,27 @@ def _probs_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """P for rows [0, G) and classes [c_lo, c_hi) into P (and, FP8, P's transpose into P_T);
     the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
-    padding that the FP8 products' multiples of 16 need."""
+    padding that the FP8 products' multiples of 16 need. With TMA, F and W (and P, unless
+    FP8) are tensor descriptors; W's covers every class (those past c_hi count as invalid),
+    P's the stored block."""
     # Axis 0 (row blocks) runs fastest: the programs resident together read the same W tile.
     LOG2E: tl.constexpr = 1.4426950408889634
-    rows = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    row0 = tl.program_id(0) * BLOCK_G
+    rows = row0 + tl.arange(0, BLOCK_G)
     row_ok = rows < G
     c0 = c_lo + tl.program_id(1) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < c_hi
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        dims = k * BLOCK_K + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            f_mask = row_ok[:, None]
-            w_mask = col_ok[:, None]
-        else:
-            f_mask = row_ok[:, None] & (dims < D)[None, :]
-            w_mask = col_ok[:, None] & (dims < D)[None, :]
-        f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=f_mask, other=0.0)
-        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0)
+    k_tiles = tl.cdiv(D, BLOCK_K)
+    for k in range(0, k_tiles):  # one class tile: the flat loop's first k_tiles iterations
+        f, w = _operand_slices(
+            F, W, row0, rows, row_ok, c0, c_hi, k, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
+        )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
     # In log2 units, so each exp is one exp2; the target's entries sit behind a scalar branch.
     z2 = acc * (scale * LOG2E)
@@ -125,8 +124,8 @@ def _probs_kernel(
     valid = row_ok[:, None] & col_ok[None, :]
     p = tl.where(valid, p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
-    out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
     if FP8:
+        out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
         # e5m2, scaled by powers of two so the largest possible magnitude lands at most at
         # 2^15 (operand_scale). For dF = P W_c, the softmax part only, over ||w_c||: every
         # row's target entry g(p - 1) would round alike (two mantissa bits: up to 11% off, the
@@ -140,7 +139,11 @@ def _probs_kernel(
     else:
         if COSINE:
             p = p * inv[None, :]
-        tl.store(out, p.to(P.dtype.element_ty), mask=stored)
+        if TMA:  # the descriptor's bounds are the chunk's: nothing past them is written
+            P.store([row0, c0 - c_lo], p.to(P.dtype))
+        else:
+            out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
+            tl.store(out, p.to(P.dtype.element_ty), mask=stored)
 
 
 # Measured on one H200 (benchmarks/results/head_kernels_fp8.json, D = 512, C_r = 1M): with
@@ -232,26 +235,29 @@ class _ProbsPass:
         operand, weight, options = self.operand, self.weight, self.options
         feats = operand.values
         num_rows, dim = feats.shape
+        tma = descriptor_loads(feats, weight)
         if operand.fp8:
             probs = torch.empty(self.padded_rows, stored_width, dtype=torch.float8_e5m2, device=feats.device)
             probs_t = torch.empty(stored_width, self.padded_rows, dtype=torch.float8_e5m2, device=feats.device)
-        else:
-            probs = torch.empty(num_rows, stored_width, dtype=weight.dtype, device=feats.device)
+        else:  # rows 16-byte aligned, so the chunk's last, odd width can be a descriptor too
+            row_width = _round_up(stored_width, 16 // weight.element_size()) if tma else stored_width
+            probs = torch.empty(num_rows, row_width, dtype=weight.dtype, device=feats.device)[:, :stored_width]
             probs_t = probs
 
         def launch(tiles):
             block_g, block_c, block_k, warps, stages = tiles
             grid = (triton.cdiv(self.padded_rows, block_g), triton.cdiv(stored_width, block_c))
+            store_tma = tma and not operand.fp8
             _probs_kernel[grid](
-                feats,
+                block_operand(feats, [block_g, block_k], tma),
                 operand.row_scale if operand.fp8 else feats,
-                weight,
+                block_operand(weight, [block_c, block_k], tma),
                 self.inv_norm if options["cosine"] else weight,
                 self.local_label,
                 self.lse,
                 self.grad_scale,
                 self.p_scales if operand.fp8 else self.grad_scale,
-                probs,
+                block_operand(probs, [block_g, block_c], store_tma),
                 probs_t,
                 num_rows,
                 dim,
@@ -273,11 +279,13 @@ class _ProbsPass:
                 BLOCK_G=block_g,
                 BLOCK_C=block_c,
                 BLOCK_K=block_k,
+                TMA=tma,
                 num_warps=warps,
                 num_stages=stages,
             )
 
-        launch_fitted("probs", dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8))
+        kernel = "probs_tma" if tma else "probs"
+        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8))
         return probs, probs_t
 
 

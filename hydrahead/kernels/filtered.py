@@ -41,7 +41,7 @@ from hydrahead.kernels.shard_ce import (
     _precision,
     check_update,
 )
-from hydrahead.kernels.tiles import launch_fitted
+from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitted
 
 _SGD_ROWS = 16  # rows of W per program of the update pass
 _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp32 temporaries)
@@ -56,6 +56,7 @@ _GATHER_ENTRIES = 8192  # entries per chunk of the dF / dW gathers (8192 x D fp3
 def _operand_slices(
     F,
     W,
+    row0,
     rows,
     row_ok,
     c_lo,
@@ -68,26 +69,34 @@ def _operand_slices(
     EVEN_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Iteration ``it`` of the flattened (class tile, D slice) loop: the two bf16 slices to multiply.
+    """Iteration ``it`` of the flattened (class tile, D slice) loop: the two slices to multiply.
 
     One flat loop instead of a D loop nested in a class loop keeps the load pipeline full
-    across class tiles (a nested loop drains and refills it at every tile).
+    across class tiles (a nested loop drains and refills it at every tile). With TMA, F and
+    W are tensor descriptors: the copy engine fetches the slices and fills what lies outside
+    the tensors with zeros, as the masked loads do.
     """
     tile = it // k_tiles
-    dims = (it - tile * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = c_lo + tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < c_hi
-    if EVEN_K:
-        f_mask = row_ok[:, None]
-        w_mask = col_ok[:, None]
+    k0 = (it - tile * k_tiles) * BLOCK_K
+    if TMA:
+        f = F.load([row0, k0])
+        w = W.load([c_lo + tile * BLOCK_C, k0])
     else:
-        f_mask = row_ok[:, None] & (dims < D)[None, :]
-        w_mask = col_ok[:, None] & (dims < D)[None, :]
-    f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=f_mask, other=0.0)
-    w = tl.load(
-        W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0
-    )  # 64-bit: C_r x D may pass 2^31
+        dims = k0 + tl.arange(0, BLOCK_K)
+        cols = c_lo + tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < c_hi
+        if EVEN_K:
+            f_mask = row_ok[:, None]
+            w_mask = col_ok[:, None]
+        else:
+            f_mask = row_ok[:, None] & (dims < D)[None, :]
+            w_mask = col_ok[:, None] & (dims < D)[None, :]
+        f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=f_mask, other=0.0)
+        w = tl.load(
+            W + cols[:, None].to(tl.int64) * stride_w + dims[None, :], mask=w_mask, other=0.0
+        )  # 64-bit: C_r x D may pass 2^31
     return f, w
 
 
@@ -144,12 +153,14 @@ def _lse_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Logits are kept in log2 units (z * log2 e) so each exp is one exp2. The per-tile work
     # that is rarely needed (a target in the tile, a tile past the split's end) sits behind
     # scalar branches: the common tile costs a scale, a max, an exp2 and a sum per entry.
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
+    row0 = pid_g * BLOCK_G
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
     row_factor = tl.full([BLOCK_G], scale * LOG2E, tl.float32)
     if FP8:  # e4m3 feature rows: each logit times its row's scale
@@ -160,7 +171,7 @@ def _lse_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
         f, w = _operand_slices(
-            F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K
+            F, W, row0, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
         )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if it % k_tiles == k_tiles - 1:  # the tile's logits are complete: fold them in
@@ -209,6 +220,7 @@ def _flag_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """List the (row block, class tile) pairs holding any logit >= cut (targets included).
 
@@ -217,11 +229,12 @@ def _flag_kernel(
     shared memory, which does not fit beside the load pipeline: ``_extract_kernel`` does it.
     """
     pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
+    row0 = pid_g * BLOCK_G
     cut = _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
         f, w = _operand_slices(
-            F, W, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K
+            F, W, row0, rows, row_ok, c_lo, c_hi, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
         )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if it % k_tiles == k_tiles - 1:
@@ -266,6 +279,7 @@ def _extract_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One flagged tile per program: recompute it and append its non-target entries >= cut.
 
@@ -277,14 +291,17 @@ def _extract_kernel(
         return
     pid_g = tl.load(TILE_ROW_BLOCK + pid)
     c0 = tl.load(TILE_START + pid)
-    rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    row0 = pid_g * BLOCK_G
+    rows = row0 + tl.arange(0, BLOCK_G)
     row_ok = rows < G
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
     cut = _raw_cut(CUT, F_SCALE, rows, row_ok, scale, FP8)
     k_tiles = tl.cdiv(D, BLOCK_K)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, k_tiles):  # tiles never straddle a split (splits are whole tiles), so C bounds them
-        f, w = _operand_slices(F, W, rows, row_ok, c0, C, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K)
+        f, w = _operand_slices(
+            F, W, row0, rows, row_ok, c0, C, it, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
+        )
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
     _, cols, col_ok = _tile_columns(c0, C, 0, k_tiles, BLOCK_C)
     if COSINE:
@@ -408,15 +425,16 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
     feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
+    tma = descriptor_loads(feat_op, weight)
 
     def launch(tiles):
         block_g, block_c, block_k, warps, stages = tiles
         row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
         stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
         _lse_kernel[(row_blocks, splits)](
-            feat_op,
+            block_operand(feat_op, [block_g, block_k], tma),
             f_scale,
-            weight,
+            block_operand(weight, [block_c, block_k], tma),
             inv_norm if cosine else weight,
             local_label,
             stats[0],
@@ -437,12 +455,14 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
             BLOCK_G=block_g,
             BLOCK_C=block_c,
             BLOCK_K=block_k,
+            TMA=tma,
             num_warps=warps,
             num_stages=stages,
         )
         return stats
 
-    stats = launch_fitted("filtered", dim, weight.dtype, feat_op.device, launch, ("lse", cosine, fp8))
+    kernel = "filtered_tma" if tma else "filtered"
+    stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, ("lse", cosine, fp8))
     split_max, split_sum, split_target = stats
     row_max = split_max.amax(dim=0)
     rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)
@@ -461,6 +481,7 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
     device = feat_op.device
+    tma = descriptor_loads(feat_op, weight)
 
     def launch(tile_shape):
         block_g, block_c, block_k, warps, stages = tile_shape
@@ -474,17 +495,20 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
             BLOCK_G=block_g,
             BLOCK_C=block_c,
             BLOCK_K=block_k,
+            TMA=tma,
             num_warps=warps,
         )
+        feat_arg = block_operand(feat_op, [block_g, block_k], tma)
+        weight_arg = block_operand(weight, [block_c, block_k], tma)
         inv = inv_norm if cosine else weight
 
         def flag(tile_capacity):
             count = torch.zeros(1, dtype=torch.int32, device=device)
             tiles = torch.empty((2, tile_capacity), dtype=torch.int32, device=device)
             _flag_kernel[(row_blocks, splits)](
-                feat_op,
+                feat_arg,
                 f_scale,
-                weight,
+                weight_arg,
                 inv,
                 cut,
                 count,
@@ -508,9 +532,9 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
             out = torch.empty((2, entry_capacity), dtype=torch.int32, device=device)
             logits = torch.empty(entry_capacity, dtype=torch.float32, device=device)
             _extract_kernel[(tiles.shape[1],)](
-                feat_op,
+                feat_arg,
                 f_scale,
-                weight,
+                weight_arg,
                 inv,
                 local_label,
                 cut,
@@ -549,7 +573,8 @@ def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float,
             count, out, logits = extract(tile_count, tiles, found)
         return (out[0, :found].long(), out[1, :found].long(), logits[:found]), found
 
-    return launch_fitted("filtered", dim, weight.dtype, device, launch, ("select", cosine, fp8))
+    kernel = "filtered_tma" if tma else "filtered"
+    return launch_fitted(kernel, dim, weight.dtype, device, launch, ("select", cosine, fp8))
 
 
 def max_entries(num_rows: int) -> int:

@@ -12,6 +12,14 @@ filtered kernels and the gemm path's P kernel ("probs") stream D in BLOCK_K slic
 Tile tuples: stationary kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); streaming kernels
 (BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
 puts a tuple of one's own first.
+
+The streaming kernels load their operand slices through tensor descriptors (Hopper's bulk
+tensor copies) where the operands allow it (``descriptor_loads``): the copy engine fetches
+each slice, so no thread spends instructions on 64-bit addresses and masks beside the
+epilogue's exps. At 4096 x 512 x 1M on an H200 the LSE pass went from 11.5 to 7.0 ms that way
+(docs/kernels.md). Their tiles are the ``*_tma`` entries; the pointer loads remain for other
+operands (a row stride that is not a multiple of 16 bytes, GPUs before Hopper) and for
+``HYDRAHEAD_TMA=0``.
 """
 
 from __future__ import annotations
@@ -23,20 +31,25 @@ from typing import TypeVar
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["TilesDoNotFit", "candidate_tiles", "launch_fitted", "tile_config"]
+__all__ = ["TilesDoNotFit", "block_operand", "candidate_tiles", "descriptor_loads", "launch_fitted", "tile_config"]
 
 # Measured on an H200 at G=4096, D=512, C_r=1M: the weight kernel takes 29.7 ms with
 # 32-class blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8
 # warps. The filtered kernels: 256 x 128 x 64 measured best. The fp8 weight kernel (its
 # tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8 warps against 79.6 ms at
-# 64 x 32 with 4.
+# 64 x 32 with 4. With descriptor loads (4096 x 512 x 1M bf16): the LSE pass 7.0 ms at
+# 256 x 128 x 64, 8 warps, 4 stages (7.8 with 3); the P kernel 9.5 ms at 128 x 128 x 64 with
+# 4 warps, 3 stages (9.9 at 128 x 256 with 8 warps).
 _GPU_TILES = {
     "forward": (64, 64, 8, 2),
     "weight": (64, 32, 4, 2),
     "weight_fp8": (64, 64, 8, 2),
     "filtered": (256, 128, 64, 8, 3),
     "probs": (128, 256, 64, 8, 3),
+    "filtered_tma": (256, 128, 64, 8, 4),
+    "probs_tma": (128, 128, 64, 4, 3),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
@@ -44,9 +57,12 @@ _CPU_TILES = {
     "weight_fp8": (16, 16, 4, 1),
     "filtered": (16, 16, 16, 4, 1),
     "probs": (16, 16, 16, 4, 1),
+    "filtered_tma": (16, 16, 16, 4, 1),
+    "probs_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
-_STREAMED_K = ("filtered", "probs")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
+_STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 T = TypeVar("T")
 
@@ -62,6 +78,29 @@ def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
         name, _, values = item.partition(":")
         table[name] = tuple(int(v) for v in values.split(","))
     return table[kernel]
+
+
+def descriptor_loads(*tensors: torch.Tensor) -> bool:
+    """Whether the streaming kernels can read (and write) these 2-D tensors through tensor
+    descriptors: a Hopper or newer GPU (or the interpreter), unit inner stride, and a base
+    and row stride that are multiples of 16 bytes, as the copy engine requires."""
+    if os.environ.get("HYDRAHEAD_TMA", "1") == "0":
+        return False
+    for tensor in tensors:
+        if tensor.dim() != 2 or tensor.stride(1) != 1 or tensor.shape[1] * tensor.element_size() < 16:
+            return False
+        if (tensor.stride(0) * tensor.element_size()) % 16 or tensor.data_ptr() % 16:
+            return False
+        if tensor.is_cuda and torch.cuda.get_device_capability(tensor.device) < (9, 0):
+            return False
+        if not tensor.is_cuda and not _INTERPRETED:
+            return False
+    return True
+
+
+def block_operand(tensor: torch.Tensor, block_shape: list[int], tma: bool):
+    """``tensor`` as a kernel reads it: a descriptor of ``block_shape`` tiles, or the tensor itself."""
+    return TensorDescriptor.from_tensor(tensor, block_shape) if tma else tensor
 
 
 def _shared_memory_limit(device: torch.device) -> int:
