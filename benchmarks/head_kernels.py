@@ -7,7 +7,10 @@
 
 Every row is one step of the head: forward + backward + the SGD update of W (lr 0.1,
 momentum 0.9, weight decay 5e-4, torch.optim.SGD semantics, momentum buffer in
-``--momentum-dtype``), so every method does the same work:
+``--momentum-dtype``), so every method does the same work. Ours run as the trainer calls
+them: the loss's checks (label ownership, bad shards) are read once the step is queued
+(``MergeChecks``), not between the forward and the backward, where the read would leave the
+GPU idle while the host launches the backward.
 
   ours             hydrahead.kernels.triton_sharded_cross_entropy (exact_kernels auto: the gemm
                    path for bf16 rows): an LSE pass, then class chunks of P written by a kernel,
@@ -295,6 +298,7 @@ def build_step(key: str, p: Problem, args):
     num_classes = p.weight.shape[0]
 
     if key in OURS:
+        from hydrahead.distributed.sharded_softmax import MergeChecks
         from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
         if key == "ours-dw":
@@ -316,6 +320,7 @@ def build_step(key: str, p: Problem, args):
 
             def fused_step():
                 p.features.grad = None
+                checks = MergeChecks()  # read once the step is queued, as the trainer does: no read mid-step
                 update = SGDUpdate(
                     momentum_buffer=p.momentum_buffer,
                     rounding="stochastic" if fp8 else "nearest",
@@ -332,8 +337,10 @@ def build_step(key: str, p: Problem, args):
                     scale=scale,
                     grad_filter=grad_filter,
                     exact_kernels=exact_kernels,
+                    checks=checks,
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
+                checks.raise_if_failed(checks.values(loss.device).tolist())
                 state["step"] += 1
                 return loss.detach()
 

@@ -15,7 +15,8 @@ from fp8_emulation import emulate_feature_gradient, emulate_forward, emulate_upd
 from hydrahead.distributed.sharded_softmax import normalize_rows
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
-from hydrahead.kernels.exact_gemm import exact_backward
+from hydrahead.kernels.exact_gemm import _transposed_padded, exact_backward
+from hydrahead.kernels.filtered import shard_lse
 from hydrahead.kernels.shard_ce import (
     feature_operand,
     forward_splits,
@@ -23,16 +24,17 @@ from hydrahead.kernels.shard_ce import (
     shard_forward,
     shard_weight_backward,
 )
+from hydrahead.kernels.tiles import descriptor_loads
 
 FP8 = torch.float8_e4m3fn
 DIM, NUM_CLASSES = 24, 101
 MARGINS = {"none": (4.0, 0.0), "cosface": (16.0, 0.3)}
 
 
-def make_problem(seed, batch, margin_type):
+def make_problem(seed, batch, margin_type, dim=DIM):
     gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, DIM, generator=gen) * 3.0
-    weight = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.5).to(FP8)
+    features = torch.randn(batch, dim, generator=gen) * 3.0
+    weight = (torch.randn(NUM_CLASSES, dim, generator=gen) * 0.5).to(FP8)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     labels[::5] = -1  # rows whose label another shard owns (or that are ignored)
     scale, margin = MARGINS[margin_type]
@@ -108,6 +110,36 @@ def test_gemm_feature_gradient_matches_the_emulation(margin_type):
     )  # fmt: skip
     want = emulate_feature_gradient(op, weight, inv_norm, labels, lse, grad_scale=0.1, **options)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("num_rows, dim, width", [(37, 24, 48), (16, 40, 16), (5, 17, 21)])
+def test_transposed_padded_copy_equals_torch(num_rows, dim, width):
+    gen = torch.Generator().manual_seed(num_rows * dim)
+    rows = (torch.randn(num_rows + 3, dim, generator=gen) * 4).to(FP8)[2 : 2 + num_rows]  # a slice, as W_c is
+    want = torch.zeros(dim, width, dtype=torch.uint8)
+    want[:, :num_rows] = rows.view(torch.uint8).t()
+    got = _transposed_padded(rows, width)
+    assert got.dtype == FP8 and got.is_contiguous()
+    assert torch.equal(got.view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_gemm_backward_writes_the_same_bits_through_descriptors_and_pointers(monkeypatch, margin_type):
+    """fp8 rows: P and its transpose written through descriptors (a transposed tile) or by
+    pointer stores give the same dF and dW, as do the LSE pass's two ways of loading. (At
+    the other tests' width, 24 bytes a row, fp8 rows take the pointer loads.)"""
+    op, weight, inv_norm, labels, options = make_problem(9, 37, margin_type, dim=32)
+    cosine = inv_norm is not None
+    assert descriptor_loads(op.values, weight)
+    results = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("HYDRAHEAD_TMA", tma)
+        row_max, row_sum, _ = shard_lse(op, weight, inv_norm, labels, cosine=cosine, **options)
+        lse = lse_of(row_max, row_sum, labels)
+        grads = exact_backward(op, weight, inv_norm, labels, lse, cosine=cosine, grad_scale=0.1, update=None, **options)
+        results[tma] = (lse, *grads)
+    for with_tma, with_pointers in zip(results["1"], results["0"]):
+        assert torch.equal(with_tma, with_pointers)
 
 
 @pytest.mark.parametrize(

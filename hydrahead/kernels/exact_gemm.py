@@ -86,9 +86,9 @@ def _probs_kernel(
 ):
     """P for rows [0, G) and classes [c_lo, c_hi) into P (and, FP8, P's transpose into P_T);
     the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
-    padding that the FP8 products' multiples of 16 need. With TMA, F and W (and P, unless
-    FP8) are tensor descriptors; W's covers every class (those past c_hi count as invalid),
-    P's the stored block."""
+    padding that the FP8 products' multiples of 16 need. With TMA, F, W, P and P_T are
+    tensor descriptors; W's covers every class (those past c_hi count as invalid), P's the
+    stored block."""
     # Axis 0 (row blocks) runs fastest: the programs resident together read the same W tile.
     LOG2E: tl.constexpr = 1.4426950408889634
     row0 = tl.program_id(0) * BLOCK_G
@@ -125,7 +125,6 @@ def _probs_kernel(
     p = tl.where(valid, p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
     if FP8:
-        out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
         # e5m2, scaled by powers of two so the largest possible magnitude lands at most at
         # 2^15 (operand_scale). For dF = P W_c, the softmax part only, over ||w_c||: every
         # row's target entry g(p - 1) would round alike (two mantissa bits: up to 11% off, the
@@ -133,9 +132,16 @@ def _probs_kernel(
         # of P times the rows' scales (on the summed axis); 1 / ||w_c|| goes on the product.
         p_feat = tl.where(valid, soft * tl.load(GRAD_SCALE), 0.0)
         p_feat = p_feat * inv[None, :] if COSINE else p_feat
-        tl.store(out, to_e5m2(p_feat * tl.load(P_SCALES), EXACT_CAST), mask=stored)
-        out_t = P_T + (cols - c_lo)[None, :].to(tl.int64) * stride_pt + rows[:, None]
-        tl.store(out_t, to_e5m2(p * (f_scale * tl.load(P_SCALES + 1))[:, None], EXACT_CAST), mask=stored)
+        for_features = to_e5m2(p_feat * tl.load(P_SCALES), EXACT_CAST)
+        for_weights = to_e5m2(p * (f_scale * tl.load(P_SCALES + 1))[:, None], EXACT_CAST)
+        if TMA:  # the transposed tile goes through shared memory in one piece, not byte by byte
+            P.store([row0, c0 - c_lo], for_features)
+            P_T.store([c0 - c_lo, row0], tl.trans(for_weights))
+        else:
+            out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
+            tl.store(out, for_features, mask=stored)
+            out_t = P_T + (cols - c_lo)[None, :].to(tl.int64) * stride_pt + rows[:, None]
+            tl.store(out_t, for_weights, mask=stored)
     else:
         if COSINE:
             p = p * inv[None, :]
@@ -144,6 +150,41 @@ def _probs_kernel(
         else:
             out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
             tl.store(out, p.to(P.dtype.element_ty), mask=stored)
+
+
+@triton.jit
+def _transpose_kernel(X, OUT, num_rows, num_cols, out_width, stride_x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[d, r] = X[r, d] for a num_rows x num_cols X, and zeros in OUT's columns
+    [num_rows, out_width): one tile through shared memory, where an elementwise transposing
+    copy of one-byte values runs at a few percent of the copy bandwidth."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile = tl.load(
+        X + r[:, None].to(tl.int64) * stride_x + d[None, :],
+        mask=(r < num_rows)[:, None] & (d < num_cols)[None, :],
+        other=0,
+    )
+    out = OUT + d[None, :].to(tl.int64) * out_width + r[:, None]
+    tl.store(out, tile, mask=(r < out_width)[:, None] & (d < num_cols)[None, :])
+
+
+def _transposed_padded(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """rows^T (one-byte elements) as a dim x width contiguous tensor, zero past len(rows)."""
+    num_rows, dim = rows.shape
+    out = torch.empty(dim, width, dtype=rows.dtype, device=rows.device)
+    block = 16 if INTERPRETED or not rows.is_cuda else 64
+    grid = (triton.cdiv(width, block), triton.cdiv(dim, block))
+    _transpose_kernel[grid](
+        rows.view(torch.uint8),
+        out.view(torch.uint8),
+        num_rows,
+        dim,
+        width,
+        rows.stride(0),
+        BLOCK_R=block,
+        BLOCK_D=block,
+    )
+    return out
 
 
 # Measured on one H200 (benchmarks/results/head_kernels_fp8.json, D = 512, C_r = 1M): with
@@ -247,7 +288,6 @@ class _ProbsPass:
         def launch(tiles):
             block_g, block_c, block_k, warps, stages = tiles
             grid = (triton.cdiv(self.padded_rows, block_g), triton.cdiv(stored_width, block_c))
-            store_tma = tma and not operand.fp8
             _probs_kernel[grid](
                 block_operand(feats, [block_g, block_k], tma),
                 operand.row_scale if operand.fp8 else feats,
@@ -257,8 +297,8 @@ class _ProbsPass:
                 self.lse,
                 self.grad_scale,
                 self.p_scales if operand.fp8 else self.grad_scale,
-                block_operand(probs, [block_g, block_c], store_tma),
-                probs_t,
+                block_operand(probs, [block_g, block_c], tma),
+                block_operand(probs_t, [block_c, block_g], tma and operand.fp8),
                 num_rows,
                 dim,
                 c_lo,
@@ -356,14 +396,14 @@ def exact_backward(
             stored = _round_up(width, 16)
             probs, probs_t = probs_pass.write(c_lo, c_hi, stored)
             if grad_feat is not None:  # W_c as the column-major operand: a transposed copy, padded
-                rows_t = torch.zeros(dim, stored, dtype=FP8, device=feats.device)
-                rows_t[:, :width] = rows.t()
+                rows_t = _transposed_padded(rows, stored)
                 grad_feat += _scaled_matmul(probs, rows_t.t(), inverse_scales[0])[:num_rows]
             if not want_weight:
                 continue
-            chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width].float()
+            # bf16, as the product returns it: the update reads it in float32 (an exact widening)
+            chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width]
             if cosine:
-                chunk_grad *= inv_norm[c_lo:c_hi, None]
+                chunk_grad = chunk_grad.float() * inv_norm[c_lo:c_hi, None]
         else:
             probs, _ = probs_pass.write(c_lo, c_hi, width)
             if grad_feat is not None:  # before the update moves these rows
