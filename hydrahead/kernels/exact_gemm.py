@@ -20,8 +20,11 @@ and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF a
 transposed, for dW (FP8 tensor cores take K-major operands only), and both products run
 through ``torch._scaled_mm``. The dF copy holds the softmax part only and g·w_y is
 subtracted exactly (a gather): in e5m2 every row's target entry g(p_y - 1), p_y small,
-rounds to the same wrong value, which put dF up to 11% off. ``auto`` keeps fp8 rows on
-the stationary kernels until this is verified on a GPU (docs/kernels.md).
+rounds to the same wrong value, which put dF up to 11% off. ``auto`` takes this path
+for fp8 rows from a global batch of ``FP8_GEMM_MIN_ROWS`` (docs/kernels.md).
+
+The Triton pass loads F and W, and stores P (and P^T), through tensor descriptors where
+the operands allow it (``tiles.descriptor_loads``).
 """
 
 from __future__ import annotations
@@ -187,11 +190,12 @@ def _transposed_padded(rows: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-# Measured on one H200 (benchmarks/results/head_kernels_fp8.json, D = 512, C_r = 1M): with
-# fp8 rows the gemm path takes 53 and 22 ms at G = 4096 and 1024 against the stationary
-# kernels' 88 and 29 ms, but 22 against 15 ms at G = 256, where its passes over the rows
-# and P's chunks cost more than the arithmetic they speed up.
-FP8_GEMM_MIN_ROWS = 1024
+# Measured on one H200 (D = 512, C_r = 1M): with P^T written through a descriptor, the fp8
+# gemm path takes 7.2 and 8.9 ms at G = 256 and 512 against the stationary kernels' 13.2
+# and 18.6 ms (benchmarks/results/head_kernels_fp8_small_g.json), and 30 ms against 88 at
+# 4096. Below 256 rows it is unmeasured, and its extra memory (the dW chunk, 1.5 GiB at
+# G = 256) grows as G shrinks, so smaller batches stay on the stationary kernels.
+FP8_GEMM_MIN_ROWS = 256
 
 
 def resolve_exact_kernels(
