@@ -258,3 +258,58 @@ def test_sample_rows_includes_every_row_equally_often():
     expected = 3000 * 10 / 100
     chi_square = float(((counts - expected) ** 2 / expected).sum())
     assert chi_square < 99 + 6 * math.sqrt(2 * 99), chi_square
+
+
+# ---------------------------------------------------------------- paced builds
+
+
+@pytest.mark.parametrize("slice_rows", [1, 7, 1000, 1 << 20])
+def test_list_table_slice_by_slice_equals_one_sort(slice_rows):
+    """Each list holds its rows in ascending order, padded with -1, however the rows are sliced."""
+    gen = torch.Generator().manual_seed(slice_rows)
+    assign = torch.randint(0, 13, (1000,), generator=gen)
+    assign[assign == 5] = 4  # an empty list
+    table = index_mod._padded_lists(assign, 13, slice_rows)
+    counts = torch.bincount(assign, minlength=13)
+    assert table.shape == (13, int(counts.max()))
+    for lst in range(13):
+        rows = torch.nonzero(assign == lst).squeeze(1)
+        assert torch.equal(table[lst, : rows.numel()], rows)
+        assert bool((table[lst, rows.numel() :] == -1).all())
+
+
+class _CountingStream:
+    """Stands in for the worker's CUDA stream: counts the waits a paced build makes."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def test_a_paced_build_waits_after_every_piece_and_builds_the_same_index(monkeypatch):
+    monkeypatch.setattr(index_mod, "_COPY_ROWS", 3000)
+    monkeypatch.setattr(index_mod, "_LIST_ROWS", 4000)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen)
+    plain = index_mod.TorchIVFIndex(nlist=64, num_iters=3, seed=2)
+    plain.build(weight)
+    stream = _CountingStream()
+    with index_mod.paced(stream):
+        paced = index_mod.TorchIVFIndex(nlist=64, num_iters=3, seed=2)
+        paced.build(weight)
+    assert index_mod._PACING.stream is None  # the context leaves no pacing behind
+    # pieces: 7 slices of the copy, 3 k-means passes over the 4,096-row sample (one chunk
+    # each) and their ends, 1 chunk filing the 20,000 rows, 5 slices of the list table
+    assert stream.waits >= 7 + 3 * 2 + 1 + 5
+    for name in ("_centroids", "_assign", "_table", "_weight"):
+        assert torch.equal(getattr(paced, name), getattr(plain, name)), name
+    moved = weight.clone()
+    rows = torch.arange(0, NUM_ROWS, 97)
+    moved[rows] += 0.5
+    stream.waits = 0
+    with index_mod.paced(stream):
+        refiled = paced.reassigned(moved, rows)
+    assert stream.waits >= 7 + 1 + 5
+    assert torch.equal(refiled._table, plain.reassigned(moved, rows)._table)

@@ -29,6 +29,8 @@ every row: at 25M rows that is ~2 s, against ~0.1 s for a rebuild in between.
 
 - Background (default): the build runs in a worker thread (on its own CUDA stream on a
   GPU) while training goes on, and replaces the index at the first step after it ends.
+  It is paced (``index.paced``): the worker waits for each piece of work it queues, so a
+  step's kernels never queue behind more than one piece of the build's.
   It reads the live weights, so rows updated while it runs may be clustered from either
   version. No step waits for it: a rebuild that falls due while a build is still running
   starts at the first step after that build ends, and meanwhile the steps serve the
@@ -474,7 +476,7 @@ class ActiveClassSelector:
             build = functools.partial(self._build, weight, step, previous, marked)
         if not weight.is_cuda:
             return build()
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream), class_index.paced(self._stream):
             self._stream.wait_event(weights_ready)
             return build()
 

@@ -26,9 +26,11 @@ filter ``rows >= 0``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import threading
 from typing import Protocol
 
 import torch
@@ -250,6 +252,47 @@ class TorchExactIndex(_IndexBase):
         self.build(weight)
 
 
+_PACING = threading.local()
+_COPY_ROWS = 1 << 20  # rows per slice of a paced weight copy (1 GiB at D = 512 in bf16)
+_LIST_ROWS = 1 << 20  # rows per slice of the list table's grouping
+
+
+@contextlib.contextmanager
+def paced(stream):
+    """Builds and refiles inside wait for ``stream`` after each piece of work they queue (a
+    chunk of rows against the centroids, a slice of a copy or of the list grouping).
+
+    A build on a side stream queues its kernels far ahead of the training stream; the GPU
+    then hands the SMs to both queues, and a training kernel waits behind the build's
+    queued work (a stream's priority cannot take SMs back from kernels already running).
+    Paced, the build keeps at most one piece (about a millisecond) ahead. ``stream`` None:
+    no waiting (the synchronous builds, the CPU).
+    """
+    previous = getattr(_PACING, "stream", None)
+    _PACING.stream = stream
+    try:
+        yield
+    finally:
+        _PACING.stream = previous
+
+
+def _piece_done() -> None:
+    """The end of one piece of a build: under ``paced``, wait until the GPU has run it."""
+    stream = getattr(_PACING, "stream", None)
+    if stream is not None:
+        stream.synchronize()
+
+
+def _copy_rows(weight: torch.Tensor, device) -> torch.Tensor:
+    """A copy of ``weight`` on ``device``, slice by slice (a 25M-row shard is 25 GiB: one
+    copy kernel would hold the memory bandwidth for several milliseconds)."""
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    for start in range(0, weight.shape[0], _COPY_ROWS):
+        out[start : start + _COPY_ROWS].copy_(weight[start : start + _COPY_ROWS])
+        _piece_done()
+    return out
+
+
 def _nearest_centroid(
     x: torch.Tensor, centroids: torch.Tensor, chunk_size: int, cosine: bool = False, metric: str = "l2"
 ) -> torch.Tensor:
@@ -275,6 +318,7 @@ def _nearest_centroid(
         else:
             scores = torch.addmm(half_sq_norms, chunk.to(compute), c.T, beta=-1)
         out[start : start + chunk_size] = scores.argmax(1)
+        _piece_done()
     return out
 
 
@@ -315,6 +359,7 @@ def kmeans(
         sums = torch.zeros_like(centroids).index_add_(0, assign, x.float())
         counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        _piece_done()
     return centroids
 
 
@@ -362,7 +407,7 @@ class TorchIVFIndex(_IndexBase):
         device = self.device or weight.device
         source = weight.detach()
         if self.copy_weights:
-            self._weight = source = source.to(device, copy=True)
+            self._weight = source = _copy_rows(source, device)
         self.nlist = _resolve_nlist(self.nlist_request, self.num_rows)
         # Train on a seeded sample: k-means quality saturates long before all of 100M rows.
         num_train = min(self.num_rows, _TORCH_TRAIN_ROWS_PER_LIST * self.nlist)
@@ -397,7 +442,7 @@ class TorchIVFIndex(_IndexBase):
             lists = _nearest_centroid(weight.detach()[chunk], centroids, DEFAULT_CHUNK_SIZE, self.cosine, "ip")
             assign[chunk.to(assign.device)] = lists.to(assign.device)
         if self.copy_weights:
-            new._weight = weight.detach().to(self._weight.device, copy=True)
+            new._weight = _copy_rows(weight.detach(), self._weight.device)
         new._set_lists(self._centroids, assign)
         return new
 
@@ -494,14 +539,26 @@ def _resolve_nlist(nlist: int | None, num_rows: int) -> int:
     return default_nlist(num_rows) if nlist is None else min(nlist, num_rows)
 
 
-def _padded_lists(assign: torch.Tensor, nlist: int) -> torch.Tensor:
-    """(nlist, max_list_len) table: row numbers of each list, padded with -1."""
+def _padded_lists(assign: torch.Tensor, nlist: int, slice_rows: int | None = None) -> torch.Tensor:
+    """(nlist, max_list_len) table: row numbers of each list in ascending order, padded with -1.
+
+    Built slice of rows by slice (a sort of each slice, placed after what earlier slices put
+    in each list), not as one sort of all C_r rows: a paced build then waits behind a
+    fraction of a millisecond of sorting, not one sort of 25M keys.
+    """
+    slice_rows = slice_rows or _LIST_ROWS
     counts = torch.bincount(assign, minlength=nlist)
-    order = torch.argsort(assign, stable=True)  # rows grouped by list, ascending within one
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(assign.shape[0], device=assign.device) - starts[assign[order]]
     table = torch.full((nlist, int(counts.max())), -1, dtype=torch.long, device=assign.device)
-    table[assign[order], slot] = order
+    placed = torch.zeros(nlist, dtype=torch.long, device=assign.device)  # rows filed per list so far
+    for start in range(0, assign.shape[0], slice_rows):
+        part = assign[start : start + slice_rows]
+        order = torch.argsort(part, stable=True)  # the slice's rows grouped by list, ascending within one
+        lists = part[order]
+        part_counts = torch.bincount(part, minlength=nlist)
+        rank = torch.arange(part.shape[0], device=assign.device) - (torch.cumsum(part_counts, 0) - part_counts)[lists]
+        table[lists, placed[lists] + rank] = order + start
+        placed += part_counts
+        _piece_done()
     return table
 
 
