@@ -267,6 +267,7 @@ class _ProbsPass:
         self.inv_norm, self.grad_scale, self.options = inv_norm, grad_scale, options
         num_rows = operand.shape[0]
         self.padded_rows = _round_up(num_rows, 16) if operand.fp8 else num_rows
+        self.tma = descriptor_loads(operand.values, weight)  # once per backward, not per chunk
         self.p_scales = None
         if operand.fp8:  # (for dF, for dW): powers of two, kept on the device
             largest_inv = inv_norm.max() if options["cosine"] and inv_norm.numel() else 1.0
@@ -280,7 +281,7 @@ class _ProbsPass:
         operand, weight, options = self.operand, self.weight, self.options
         feats = operand.values
         num_rows, dim = feats.shape
-        tma = descriptor_loads(feats, weight)
+        tma = self.tma
         if operand.fp8:
             probs = torch.empty(self.padded_rows, stored_width, dtype=torch.float8_e5m2, device=feats.device)
             probs_t = torch.empty(stored_width, self.padded_rows, dtype=torch.float8_e5m2, device=feats.device)
