@@ -67,12 +67,10 @@ def emulate_forward(op, weight, inv_norm, local_label, *, scale, target_shift):
 
 
 def emulate_weight_gradient(
-    op, weight, inv_norm, local_label, lse, *, scale, target_shift, grad_scale, scaled_first=False, exact_dots=False
+    op, weight, inv_norm, local_label, lse, *, scale, target_shift, grad_scale, scaled_first=False
 ):
     """dW (float64) as the weight kernel forms it: P times the row scales in e5m2, then P^T F.
-    ``scaled_first``: P times ``grad_scale`` before its rounding (the gemm backward).
-    ``exact_dots`` (cosine): the row normalisation's dot w_unit · dW from P before its
-    rounding (the gemm backward's fused update)."""
+    ``scaled_first``: P times ``grad_scale`` before its rounding (the gemm backward)."""
     z, is_target = _logits(op, weight, inv_norm, local_label, scale, target_shift)
     p = torch.exp(z - lse.double()[:, None])
     p = torch.where(is_target, p - 1.0, p)
@@ -86,9 +84,7 @@ def emulate_weight_gradient(
     if inv_norm is not None:
         inv = inv_norm.double()[:, None]
         w_unit = weight.double() * inv
-        unrounded = (p * row_scale[:, None]).T @ op.values.double() * after
-        dots = (w_unit * (unrounded if exact_dots else grad)).sum(dim=1, keepdim=True)
-        grad = (grad - w_unit * dots) * inv
+        grad = (grad - w_unit * (w_unit * grad).sum(dim=1, keepdim=True)) * inv
     return grad
 
 

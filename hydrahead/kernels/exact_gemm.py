@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows
-from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, sgd_store, to_e5m2
+from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
     FeatureOperand,
@@ -65,7 +65,6 @@ def _probs_kernel(
     P_SCALES,
     P,
     P_T,
-    ROW_DOTS,
     G,
     D,
     c_lo,
@@ -76,12 +75,10 @@ def _probs_kernel(
     stride_w,
     stride_p,
     stride_pt,
-    stride_dots,
     scale,
     target_shift,
     COSINE: tl.constexpr,
     FP8: tl.constexpr,
-    WITH_DOTS: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -94,9 +91,7 @@ def _probs_kernel(
     the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
     padding that the FP8 products' multiples of 16 need. With TMA, F, W, P and P_T are
     tensor descriptors; W's covers every class (those past c_hi count as invalid), P's the
-    stored block. WITH_DOTS (cosine logits): this row block's share of each class's
-    sum_g P[g, c]·cos[g, c] / ||w_c||, the row dot that the fused update projects dW_c with,
-    into row program_id(0) of ROW_DOTS (summed there in a fixed order: no atomics)."""
+    stored block."""
     # Axis 0 (row blocks) runs fastest: the programs resident together read the same W tile.
     LOG2E: tl.constexpr = 1.4426950408889634
     row0 = tl.program_id(0) * BLOCK_G
@@ -132,10 +127,6 @@ def _probs_kernel(
     valid = row_ok[:, None] & col_ok[None, :]
     p = tl.where(valid, p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
-    if WITH_DOTS:  # unit_c · dW_c = sum_g p[g, c] cos[g, c] / ||w_c||, with cos = z / scale
-        cos = z2 * (1.0 / (scale * LOG2E))
-        dots = tl.sum(p * cos, axis=0) * inv
-        tl.store(ROW_DOTS + tl.program_id(0) * stride_dots + (cols - c_lo), dots, mask=col_ok)
     if FP8:
         # e5m2, scaled by powers of two so the largest possible magnitude lands at most at
         # 2^15 (operand_scale). For dF = P W_c, the softmax part only, over ||w_c||: every
@@ -178,144 +169,6 @@ def _transpose_kernel(X, OUT, num_rows, num_cols, out_width, stride_x, BLOCK_R: 
     )
     out = OUT + d[None, :].to(tl.int64) * out_width + r[:, None]
     tl.store(out, tile, mask=(r < out_width)[:, None] & (d < num_cols)[None, :])
-
-
-@triton.jit(do_not_specialize=["K", "width", "first_class", "num_dot_blocks", "key1", "key2"])
-def _grad_update_kernel(
-    P,
-    F,
-    W,
-    BUF,
-    COMP,
-    CLASS_IDS,
-    INV_NORM,
-    ROW_DOTS,
-    OUT_SCALE,
-    K,
-    width,
-    D,
-    first_class,
-    stride_p,
-    stride_f,
-    stride_w,
-    num_dot_blocks,
-    stride_dots,
-    lr,
-    momentum,
-    weight_decay,
-    key1,
-    key2,
-    HAS_BUF: tl.constexpr,
-    HAS_COMP: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    COSINE: tl.constexpr,
-    FP8: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    EXACT_CAST: tl.constexpr,
-    MANT_BITS: tl.constexpr,
-    MIN_EXP: tl.constexpr,
-    MAX_VALUE: tl.constexpr,
-    COMP_MANT_BITS: tl.constexpr,
-    COMP_MIN_EXP: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """dW_c = P^T F for one BLOCK_C x BLOCK_D tile of a chunk's rows, then torch.optim.SGD's
-    step on that tile of W (and its momentum and Kahan buffers) in the epilogue: dW_c is never
-    written, and the update's pass over W is the product's epilogue.
-
-    Operands, summed over K: rows-major P (K x width) and F (K x D) for 16- and 32-bit rows;
-    FP8: the K-major transposes P^T (width x K, e5m2) and F^T (D x K, e4m3) that FP8 tensor
-    cores take, the product times OUT_SCALE. COSINE: dW_c through the row normalisation,
-    dW_c - unit_c (unit_c · dW_c), the dot summed from the P kernel's ROW_DOTS rows (fixed
-    order) and unit_c = w_c / ||w_c|| from the weights this epilogue reads anyway.
-    """
-    # Axis 0 (D tiles) runs fastest: the programs resident together read the same P tile.
-    c0 = tl.program_id(1) * BLOCK_C
-    d0 = tl.program_id(0) * BLOCK_D
-    cols = c0 + tl.arange(0, BLOCK_C)
-    dims = d0 + tl.arange(0, BLOCK_D)
-    col_ok = cols < width
-    dim_ok = dims < D
-    acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        if FP8:  # both K-major: P^T tile (classes x K) times F^T tile (dims x K), transposed
-            if TMA:
-                p = P.load([c0, k0])
-                f = F.load([d0, k0])
-            else:
-                p = tl.load(
-                    P + cols[:, None].to(tl.int64) * stride_p + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                f = tl.load(
-                    F + dims[:, None].to(tl.int64) * stride_f + ks[None, :],
-                    mask=dim_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-            acc = tl.dot(p, tl.trans(f), acc)
-        else:
-            if TMA:
-                p = P.load([k0, c0])
-                f = F.load([k0, d0])
-            else:
-                p = tl.load(
-                    P + ks[:, None].to(tl.int64) * stride_p + cols[None, :],
-                    mask=k_ok[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
-                f = tl.load(
-                    F + ks[:, None].to(tl.int64) * stride_f + dims[None, :],
-                    mask=k_ok[:, None] & dim_ok[None, :],
-                    other=0.0,
-                )
-            acc = tl.dot(tl.trans(p), f, acc, input_precision=PRECISION)
-    tile = cols[:, None].to(tl.int64) * stride_w + dims[None, :]
-    tile_ok = col_ok[:, None] & dim_ok[None, :]
-    w32 = tl.load(W + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    grad = acc
-    if FP8:
-        grad = grad * tl.load(OUT_SCALE)
-    if COSINE:
-        inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
-        if FP8:  # the bf16 and fp32 P carry 1 / ||w_c|| already
-            grad = grad * inv[:, None]
-        dots = tl.zeros([BLOCK_C], tl.float32)
-        for b in range(0, num_dot_blocks):
-            dots += tl.load(ROW_DOTS + b * stride_dots + cols, mask=col_ok, other=0.0)
-        grad = grad - w32 * (inv * dots)[:, None]
-    ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0) if HAS_IDS else first_class + cols
-    sgd_store(
-        W,
-        BUF,
-        COMP,
-        tile,
-        tile_ok,
-        w32,
-        grad,
-        ids,
-        dims,
-        lr,
-        momentum,
-        weight_decay,
-        key1,
-        key2,
-        HAS_BUF,
-        HAS_COMP,
-        STOCHASTIC,
-        EXACT_CAST,
-        MANT_BITS,
-        MIN_EXP,
-        MAX_VALUE,
-        COMP_MANT_BITS,
-        COMP_MIN_EXP,
-    )
 
 
 def _transposed_padded(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -363,17 +216,6 @@ def resolve_exact_kernels(
     if choice == "gemm" and not gemm_fits:
         raise ValueError(f"exact_kernels='gemm' with fp8 rows needs a width that is a multiple of 16, got D={dim}")
     return choice
-
-
-def fused_update(weight_dtype: torch.dtype) -> bool:
-    """Whether the gemm backward applies SGD in the dW product's epilogue (fp8 rows) or stores
-    dW_c for a separate pass (16- and 32-bit rows, where cuBLAS's product and the update pass
-    measured faster than the fused Triton kernel; docs/kernels.md).
-    HYDRAHEAD_EXACT_UPDATE=fused or separate overrides the choice."""
-    choice = os.environ.get("HYDRAHEAD_EXACT_UPDATE", "auto")
-    if choice not in ("auto", "fused", "separate"):
-        raise ValueError(f"HYDRAHEAD_EXACT_UPDATE must be auto, fused or separate, got {choice!r}")
-    return choice == "fused" or (choice == "auto" and weight_dtype == FP8)
 
 
 def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int) -> int:
@@ -433,16 +275,13 @@ class _ProbsPass:
                 [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
             ).contiguous()
 
-    def write(self, c_lo: int, c_hi: int, stored_width: int, with_dots: bool = False):
+    def write(self, c_lo: int, c_hi: int, stored_width: int):
         """P over classes [c_lo, c_hi): a rows x stored_width tensor (fp8: e5m2, rows padded to 16
-        with zeros, and its transpose beside it; padded columns zero); with_dots (cosine
-        logits): also the row blocks' shares of each class's row dot (``_probs_kernel``), a
-        row-blocks x stored_width float32 tensor, else None."""
+        with zeros, and its transpose beside it; padded columns zero)."""
         operand, weight, options = self.operand, self.weight, self.options
         feats = operand.values
         num_rows, dim = feats.shape
         tma = self.tma
-        row_dots = [None]
         if operand.fp8:
             probs = torch.empty(self.padded_rows, stored_width, dtype=torch.float8_e5m2, device=feats.device)
             probs_t = torch.empty(stored_width, self.padded_rows, dtype=torch.float8_e5m2, device=feats.device)
@@ -454,9 +293,6 @@ class _ProbsPass:
         def launch(tiles):
             block_g, block_c, block_k, warps, stages = tiles
             grid = (triton.cdiv(self.padded_rows, block_g), triton.cdiv(stored_width, block_c))
-            if with_dots:
-                row_dots[0] = torch.empty(grid[0], stored_width, dtype=torch.float32, device=feats.device)
-            dots = row_dots[0] if with_dots else self.grad_scale
             _probs_kernel[grid](
                 block_operand(feats, [block_g, block_k], tma),
                 operand.row_scale if operand.fp8 else feats,
@@ -468,7 +304,6 @@ class _ProbsPass:
                 self.p_scales if operand.fp8 else self.grad_scale,
                 block_operand(probs, [block_g, block_c], tma),
                 block_operand(probs_t, [block_c, block_g], tma and operand.fp8),
-                dots,
                 num_rows,
                 dim,
                 c_lo,
@@ -479,12 +314,10 @@ class _ProbsPass:
                 weight.stride(0),
                 probs.stride(0),
                 probs_t.stride(0),
-                dots.stride(0) if with_dots else 0,
                 options["scale"],
                 options["target_shift"],
                 COSINE=options["cosine"],
                 FP8=operand.fp8,
-                WITH_DOTS=with_dots,
                 EXACT_CAST=INTERPRETED,
                 PRECISION=_precision(weight.dtype),
                 EVEN_K=dim % block_k == 0,
@@ -497,73 +330,8 @@ class _ProbsPass:
             )
 
         kernel = "probs_tma" if tma else "probs"
-        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8, with_dots))
-        return probs, probs_t, row_dots[0]
-
-
-def _update_from_products(
-    probs, feats, weight, update: SGDUpdate, c_lo: int, c_hi: int, *, inv_norm, row_dots, out_scale
-):
-    """``_grad_update_kernel`` over the rows [c_lo, c_hi) of ``weight``: dW_c = P^T F (``probs``
-    and ``feats`` as the kernel takes them: row-major P and F, or for fp8 rows the K-major
-    P^T and F^T), then SGD. ``inv_norm`` and ``row_dots`` for cosine logits, else None;
-    ``out_scale`` (fp8) the product's scale."""
-    fp8 = weight.dtype == FP8
-    rows = weight[c_lo:c_hi]
-    width, dim = rows.shape
-    summed = probs.shape[1] if fp8 else probs.shape[0]
-    has_buf = update.momentum != 0
-    has_ids = isinstance(update.class_ids, torch.Tensor)
-    compensation = update.compensation
-    cosine = inv_norm is not None
-    plan = rounding_plan(weight, update)
-    tma = descriptor_loads(probs, feats)
-
-    def launch(tiles):
-        block_c, block_d, block_k, warps, stages = tiles
-        p_block, f_block = ([block_c, block_k], [block_d, block_k]) if fp8 else ([block_k, block_c], [block_k, block_d])
-        grid = (triton.cdiv(dim, block_d), triton.cdiv(width, block_c))
-        _grad_update_kernel[grid](
-            block_operand(probs, p_block, tma),
-            block_operand(feats, f_block, tma),
-            rows,
-            update.momentum_buffer[c_lo:c_hi] if has_buf else rows,
-            compensation[c_lo:c_hi] if compensation is not None else rows,
-            update.class_ids[c_lo:c_hi] if has_ids else rows,
-            inv_norm[c_lo:c_hi] if cosine else rows,
-            row_dots if cosine else rows,
-            out_scale if fp8 else rows,
-            summed,
-            width,
-            dim,
-            0 if has_ids else int(update.class_ids) + c_lo,
-            probs.stride(0),
-            feats.stride(0),
-            rows.stride(0),
-            row_dots.shape[0] if cosine else 0,
-            row_dots.stride(0) if cosine else 0,
-            update.lr,
-            update.momentum,
-            update.weight_decay,
-            plan.key1,
-            plan.key2,
-            HAS_BUF=has_buf,
-            HAS_COMP=compensation is not None,
-            HAS_IDS=has_ids,
-            COSINE=cosine,
-            FP8=fp8,
-            **plan.constants,
-            PRECISION=_precision(weight.dtype),
-            BLOCK_C=block_c,
-            BLOCK_D=block_d,
-            BLOCK_K=block_k,
-            TMA=tma,
-            num_warps=warps,
-            num_stages=stages,
-        )
-
-    kernel = ("grad_update_fp8" if fp8 else "grad_update") + ("_tma" if tma else "")
-    launch_fitted(kernel, dim, weight.dtype, weight.device, launch, (cosine, fp8, has_buf, compensation is not None))
+        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8))
+        return probs, probs_t
 
 
 def exact_backward(
@@ -625,41 +393,27 @@ def exact_backward(
         inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
         if grad_feat is not None:  # the one-hot part of dF, left out of the fp8 P
             grad_feat -= _target_rows(weight, inv_norm if cosine else None, local_label, lse, grad_scale, num_classes)
-    fused = update is not None and fused_update(weight.dtype)
-    with_dots = fused and cosine
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
         width = c_hi - c_lo
         if operand.fp8:
             stored = _round_up(width, 16)
-            probs, probs_t, row_dots = probs_pass.write(c_lo, c_hi, stored, with_dots)
+            probs, probs_t = probs_pass.write(c_lo, c_hi, stored)
             if grad_feat is not None:  # W_c as the column-major operand: a transposed copy, padded
                 rows_t = _transposed_padded(rows, stored)
                 grad_feat += _scaled_matmul(probs, rows_t.t(), inverse_scales[0])[:num_rows]
             if not want_weight:
-                continue
-            if fused:  # after dF, which reads the rows before the update moves them
-                _update_from_products(
-                    probs_t, feats_t, weight, update, c_lo, c_hi,
-                    inv_norm=inv_norm if cosine else None, row_dots=row_dots, out_scale=inverse_scales[1],
-                )  # fmt: skip
                 continue
             # bf16, as the product returns it: the update reads it in float32 (an exact widening)
             chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width]
             if cosine:
                 chunk_grad = chunk_grad.float() * inv_norm[c_lo:c_hi, None]
         else:
-            probs, _, row_dots = probs_pass.write(c_lo, c_hi, width, with_dots)
+            probs, _ = probs_pass.write(c_lo, c_hi, width)
             if grad_feat is not None:  # before the update moves these rows
                 grad_feat += _matmul_fp32(probs, rows)
             if not want_weight:
-                continue
-            if fused:
-                _update_from_products(
-                    probs, feats, weight, update, c_lo, c_hi,
-                    inv_norm=inv_norm if cosine else None, row_dots=row_dots, out_scale=None,
-                )  # fmt: skip
                 continue
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
             # far below the stored rows' own, and halves the bytes the update pass reads.

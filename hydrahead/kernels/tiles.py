@@ -50,10 +50,6 @@ _GPU_TILES = {
     "probs": (128, 256, 64, 8, 3),
     "filtered_tma": (256, 128, 64, 8, 4),
     "probs_tma": (128, 128, 64, 4, 3),
-    "grad_update": (128, 128, 64, 8, 4),
-    "grad_update_tma": (128, 128, 64, 8, 4),
-    "grad_update_fp8": (64, 256, 128, 8, 3),
-    "grad_update_fp8_tma": (64, 256, 128, 8, 3),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
@@ -63,18 +59,9 @@ _CPU_TILES = {
     "probs": (16, 16, 16, 4, 1),
     "filtered_tma": (16, 16, 16, 4, 1),
     "probs_tma": (16, 16, 16, 4, 1),
-    "grad_update": (16, 16, 16, 4, 1),
-    "grad_update_tma": (16, 16, 16, 4, 1),
-    "grad_update_fp8": (16, 16, 16, 4, 1),
-    "grad_update_fp8_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
-# GEMM-shaped kernels, their sum streamed in BLOCK_K slices (the update's over samples, its
-# tiles (BLOCK_C, BLOCK_D, ...) in the first two places)
-_STREAMED_K = (
-    "filtered", "probs", "filtered_tma", "probs_tma",
-    "grad_update", "grad_update_tma", "grad_update_fp8", "grad_update_fp8_tma",
-)  # fmt: skip
+_STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 T = TypeVar("T")
