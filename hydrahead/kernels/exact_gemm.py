@@ -6,8 +6,8 @@ arithmetic floor. This path keeps every matrix product a plain GEMM instead:
 
 forward   ``filtered.shard_lse``: per sample (max, sum of exp, target) over the shard,
           2·G·D·C_r FLOPs on GEMM-shaped tiles (no D-wide accumulator).
-backward  class chunk by class chunk (a G x chunk buffer of P, 256 MiB at most;
-          HYDRAHEAD_EXACT_CHUNK_MIB overrides it):
+backward  class chunk by class chunk (a G x chunk buffer of P and a chunk x D one of
+          dW, 256 MiB each at most; HYDRAHEAD_EXACT_CHUNK_MIB overrides it):
           ``_probs_kernel`` recomputes the chunk's logits and writes
           P = g·(softmax - onehot) (g = the logit scale times the incoming gradient over
           the valid labels; times 1/||w_c|| for cosine logits) in the weights' dtype;
@@ -15,8 +15,8 @@ backward  class chunk by class chunk (a G x chunk buffer of P, 256 MiB at most;
           applies torch.optim.SGD's step to the chunk's rows (one pass over them, their
           momentum buffer and dW_c). 6·G·D·C_r FLOPs.
 
-Extra memory: the P chunk, one chunk of dW (in the rows' dtype; it grows as G shrinks)
-and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF and,
+Extra memory: the P chunk, one chunk of dW (in the rows' dtype), each within the chunk
+budget, and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF and,
 transposed, for dW (FP8 tensor cores take K-major operands only), and both products run
 through ``torch._scaled_mm``. The dF copy holds the softmax part only and g·w_y is
 subtracted exactly (a gather): in e5m2 every row's target entry g(p_y - 1), p_y small,
@@ -218,11 +218,17 @@ def resolve_exact_kernels(
     return choice
 
 
-def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int) -> int:
-    """Classes per chunk: the G x chunk P buffer within HYDRAHEAD_EXACT_CHUNK_MIB (a multiple of 256).
-    fp8 rows write P twice (for dF and, transposed, for dW), one byte each."""
+def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int, dim: int = 0, cosine: bool = False) -> int:
+    """Classes per chunk (a multiple of 256): the G x chunk P buffer, and the chunk x ``dim``
+    dW_c beside it, each within HYDRAHEAD_EXACT_CHUNK_MIB. fp8 rows write P twice (for dF
+    and, transposed, for dW), one byte each, and get dW_c back in bf16; cosine logits project
+    dW_c in float32. (``dim`` 0: no dW_c.) Small batches are bound by dW_c: at G = 256 it
+    would otherwise take twice P's bytes."""
     budget = int(float(os.environ.get("HYDRAHEAD_EXACT_CHUNK_MIB", _CHUNK_MIB)) * 2**20)
-    per_class = max(1, num_rows) * (2 if dtype == FP8 else torch.empty((), dtype=dtype).element_size())
+    fp8 = dtype == FP8
+    element = torch.empty((), dtype=dtype).element_size()
+    grad_element = 4 if cosine else (2 if fp8 else element)
+    per_class = max(max(1, num_rows) * (2 if fp8 else element), dim * grad_element, 1)
     return max(256, min(budget // per_class // 256 * 256, triton.cdiv(num_classes, 256) * 256))
 
 
@@ -383,7 +389,7 @@ def exact_backward(
         grad_scale,
         dict(scale=scale, target_shift=target_shift, cosine=cosine),
     )
-    chunk = chunk_classes(num_rows, weight.dtype, num_classes)
+    chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, cosine)
     if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16
         padded = probs_pass.padded_rows
         feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
