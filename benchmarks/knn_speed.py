@@ -45,12 +45,15 @@ measured in this run; for knn this leaves out the search, so its ratio shows wha
 selection costs on top of the loss.
 
 graph: ``build_s`` is the index build plus the search of every row as a query, which is
-linear in the rows searched: with --graph-sample-rows below C_r only that many rows (the
-timed batch's labels among them) are searched and the time is scaled to C_r
-(``build_extrapolated``); the table's other rows stay empty, which the timed step never
-reads. ``ms`` = step + build_s / --graph-rebuild-every. ``graph_recall``: the labels'
-graph rows against the exact nearest classes of their rows (64 labels), and the graph's
-``active_recall``, both measured on the fresh graph before the timed steps.
+linear in the rows searched: with --graph-sample-rows below C_r only that many rows are
+searched and the time is scaled to C_r (``build_extrapolated``); the table's other rows
+stay empty, which the timed step never reads. The sample is a window of the build's
+query order (list by list with --graph-search groups, row order with probes), searched
+in that order, as a build takes it; the timed batch's labels are searched apart, untimed
+(scattered over the shard, each would form a group of one). ``ms`` = step + build_s / --graph-rebuild-every.
+``graph_recall``: the labels' graph rows against the exact nearest classes of their rows
+(64 labels), and the graph's ``active_recall``, both measured on the fresh graph before
+the timed steps.
 
 Every selection also reports ``active_recall``: the fraction of each of 64 samples' k
 hardest negatives (exact top k classes by feature, the label left out; k = knn_k, graph:
@@ -195,7 +198,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     """(method, ms, rows scored, peak MiB, extra fields) of graph selection with one index setting.
 
     The index is built over the whole shard; the graph rows of --graph-sample-rows classes
-    (the batch's labels among them) are searched, timed, and the time scaled to the shard.
+    are searched, timed, and the time scaled to the shard; the batch's labels' rows apart.
     """
     C = head.num_local_classes
     nlist, nprobe = config if config is not None else (None, 1)
@@ -210,6 +213,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         nlist=nlist,
         nprobe=nprobe,
         fixed_size=args.fixed_size,
+        graph_search=args.graph_search,
     )
     k = selector.graph_k
     weight = head.weight.detach()
@@ -219,22 +223,31 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     index.build(weight)
     synchronize(device)
     index_s = time.perf_counter() - start
-    gen = torch.Generator(device=device).manual_seed(3)
-    extra = torch.randperm(C, generator=gen, device=device)[: max(0, args.graph_sample_rows - labels.numel())]
-    rows = torch.unique(torch.cat((labels.to(device), extra)))
+    # The rows a build searches together: a window of its query order (list by list for a
+    # search by list groups, else row order), timed; the batch's labels (rows
+    # from all over the shard, which a build meets inside full lists) searched untimed.
+    search = args.graph_search
+    order = class_graph.query_order(index, C, device, search)
+    offset = int(torch.randint(0, max(1, C - args.graph_sample_rows), (1,), generator=torch.Generator().manual_seed(3)))
+    rows = order[offset : offset + args.graph_sample_rows]
+
+    def search_rows(which, index=index):
+        return class_graph.graph_rows(
+            index, weight, which, k, cosine=True, block_rows=args.graph_block_rows, search=search
+        )
+
     # One block untimed first: a kernel compiled inside the timed search would be scaled
     # up with it (by C_r / rows, about 95x at 25M rows).
-    class_graph.graph_rows(
-        index, weight, rows[: args.graph_block_rows], k, cosine=True, block_rows=args.graph_block_rows
-    )
+    search_rows(rows[: class_graph.build_block_rows(index, args.graph_block_rows, search)])
     synchronize(device)
     start = time.perf_counter()
-    found = class_graph.graph_rows(index, weight, rows, k, cosine=True, block_rows=args.graph_block_rows)
+    found = search_rows(rows)
     synchronize(device)
     search_s = time.perf_counter() - start
     build_s = index_s + search_s * C / rows.numel()
     table = torch.full((C, k), -1, dtype=torch.int32, device=device)
     table[rows] = found
+    table[labels.to(device)] = search_rows(labels.to(device))
     del index, found
     selector.load_graph_state(table, 0)  # as if built before the first step
     # Recall of the fresh graph, before the timed steps move the rows.
@@ -256,6 +269,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         index_build_s=index_s,
         build_extrapolated=rows.numel() < C,
         rows_searched=rows.numel(),
+        search=search,
         build_ms_per_step=build_ms_per_step,
         graph_recall=selector.last["graph_recall"],
         active_recall=hard_recall,
@@ -265,6 +279,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         graph_k=k,
         rebuild_every=args.graph_rebuild_every,
     )
+    name += " groups" if config is not None and search == "groups" else ""
     return f"hydrahead-graph {name}", ms + build_ms_per_step, active, peak, fields
 
 
@@ -295,10 +310,19 @@ def main(argv=None) -> None:
         help="graph: rows searched to time a build (scaled to the shard); >= C_r builds the whole graph",
     )
     parser.add_argument(
+        "--graph-search",
+        choices=class_graph.GRAPH_SEARCHES,
+        default="probes",
+        help="graph: how its builds search the torch IVF (head.graph_search)",
+    )
+    parser.add_argument(
         "--graph-block-rows",
         type=int,
-        default=class_graph.DEFAULT_BLOCK_ROWS,
-        help="graph: rows per search of a build (the scoring kernel reads the probed lists once a block)",
+        default=None,
+        help=(
+            "graph: rows per search of a build (default: graph.GROUPED_BLOCK_ROWS for list-grouped "
+            "searches, graph.DEFAULT_BLOCK_ROWS for per-query probes)"
+        ),
     )
     parser.add_argument(
         "--fixed-size", action="store_true", help="knn and graph: head.knn_fixed_size (G·(k+1) rows, no host read)"
@@ -637,6 +661,7 @@ def main(argv=None) -> None:
             "graph_rebuild_every": args.graph_rebuild_every,
             "graph_sample_rows": args.graph_sample_rows,
             "graph_block_rows": args.graph_block_rows,
+            "graph_search": args.graph_search,
             "fixed_size": args.fixed_size,
             "rebuild_every": args.rebuild_every,
             "retrain_every": args.retrain_every,

@@ -172,6 +172,13 @@ class HeadConfig:
         "graph: neighbours per class in the class graph, its nearest classes over all shards by weight row "
         "(clamped to num_classes - 1); each label brings its graph_k, each shard takes those it owns",
     )
+    graph_search: str = _key(
+        "probes",
+        "graph builds, torch ivf: each row searched through its own index_nprobe lists (probes), or the rows "
+        "of a list together against the index_nprobe lists nearest it (groups: faster per list, lower recall "
+        "at the same index_nprobe; docs/selection.md)",
+        ("probes", "groups"),
+    )
     knn_fixed_size: bool = _key(
         False,
         "knn/graph: fill each shard's active set to exactly G·(k + 1) rows (k: knn_k or graph_k) with rows "

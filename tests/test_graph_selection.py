@@ -67,11 +67,15 @@ def test_graph_equals_brute_force_on_one_process(cosine):
     some_rows = torch.tensor([199, 3, 50, 0])
     assert torch.equal(class_graph.graph_rows(index, weight, some_rows, 5, cosine=cosine).long(), want[some_rows])
     # An IVF index probing every list is exact too; probing 2 of 10 misses neighbours.
+    # Likewise searched by list groups (the rows taken list by list, in rounds of 37).
     every = make_index("torch", "ivf", nlist=10, nprobe=10, cosine=cosine, copy_weights=False)
     assert torch.equal(class_graph.build_class_graph(weight, 0, 200, 5, every, cosine=cosine).long(), want)
-    some = make_index("torch", "ivf", nlist=10, nprobe=2, cosine=cosine, copy_weights=False)
-    recall = class_graph.neighbour_recall(class_graph.build_class_graph(weight, 0, 200, 5, some, cosine=cosine), want)
-    assert 0.3 < recall < 1.0
+    grouped = class_graph.build_class_graph(weight, 0, 200, 5, every, cosine=cosine, block_rows=37, search="groups")
+    assert torch.equal(grouped.long(), want)
+    for search in class_graph.GRAPH_SEARCHES:
+        some = make_index("torch", "ivf", nlist=10, nprobe=2, cosine=cosine, copy_weights=False)
+        table = class_graph.build_class_graph(weight, 0, 200, 5, some, cosine=cosine, search=search)
+        assert 0.3 < class_graph.neighbour_recall(table, want) < 1.0
 
 
 def test_graph_k_is_clamped_to_the_other_classes():
@@ -117,6 +121,13 @@ def _graph_on_ranks(rank, world_size, cosine):
     out["table"] = class_graph.build_class_graph(
         weight[start:stop], start, NUM_CLASSES, GRAPH_K, _flat(cosine), cosine=cosine, block_rows=7
     )
+    # An IVF index probing all its lists is exact too, also when the build takes the rows
+    # list by list and searches them by list groups.
+    ivf = make_index("torch", "ivf", nlist=3, nprobe=3, cosine=cosine, copy_weights=False)
+    out["table_ivf"] = class_graph.build_class_graph(
+        weight[start:stop], start, NUM_CLASSES, GRAPH_K, ivf, cosine=cosine, block_rows=7, search="groups"
+    )
+    out["ivf_order"] = class_graph.query_order(ivf, stop - start, weight.device, "groups")
     out["label_ids"] = class_graph.label_neighbours(out["table"], labels, start)
     out["rows"] = class_graph.owned_rows(out["label_ids"], start, stop)
     queries = F.normalize(features, dim=1) if cosine else features
@@ -170,12 +181,15 @@ def _check_ranks(results, cosine):
     for out in results:
         start, stop = out["start"], out["stop"]
         assert torch.equal(out["table"].long(), graph[start:stop])  # this shard's rows of the whole graph
+        assert torch.equal(out["table_ivf"].long(), graph[start:stop])
+        assert sorted(out["ivf_order"].tolist()) == list(range(stop - start))  # every row once
         assert torch.equal(out["label_ids"], label_ids)  # every label's neighbours, on every rank
         owned = (label_ids >= start) & (label_ids < stop)
         assert torch.equal(out["rows"], torch.where(owned, label_ids - start, -1))
         assert torch.equal(out["exact"], exact)
         assert sorted((out["active"] + start).tolist()) == sorted(c for c in active if start <= c < stop)
     assert sum(out["active"].numel() for out in results) == len(active)
+    assert any(not torch.equal(out["ivf_order"], torch.arange(out["stop"] - out["start"])) for out in results)
 
     # The loss over the union of the ranks' rows is the plain cross-entropy over those classes.
     classes = torch.tensor(sorted(active))
@@ -296,6 +310,21 @@ def _weight(seed):
     return torch.randn(C1, DIM, generator=_gen(seed), dtype=torch.float64)
 
 
+def test_graph_search_by_list_groups_selects_what_the_probes_do_when_every_list_is_probed():
+    """head.graph_search reaches the build: with every list probed both searches are exact,
+    so both selectors pick the same rows; with fewer lists they build other graphs."""
+    weight, (features, labels) = _weight(21), _batch(22)
+    picked = {}
+    for nprobe in (8, 2):
+        for search in ("probes", "groups"):
+            selector = _selector(index_type="ivf", nlist=8, nprobe=nprobe, deterministic=True, graph_search=search)
+            picked[nprobe, search] = (selector.select(1, features, labels, weight), selector._current.index.table)
+            selector.close()
+    assert torch.equal(picked[8, "probes"][0], picked[8, "groups"][0])
+    assert torch.equal(picked[8, "probes"][1], picked[8, "groups"][1])
+    assert not torch.equal(picked[2, "probes"][1], picked[2, "groups"][1])
+
+
 def test_graph_rebuilds_at_multiples_of_rebuild_every_inside_the_step():
     selector = _selector(deterministic=True, rebuild_every=3)
     builds, original = [], selector._build
@@ -390,6 +419,7 @@ def test_graph_fixed_size_fills_the_union_to_g_times_k_plus_one():
         (dict(num_classes=C1 + 1), r"owns classes \[0, 121\)"),
         (dict(graph_k=0), "graph_k must be an int >= 1"),
         (dict(fixed_size=True, budget=50), "no budget"),
+        (dict(graph_search="lists"), "graph_search must be one of"),
     ],
 )
 def test_bad_graph_options_fail_clearly(options, message):
@@ -401,7 +431,9 @@ def test_graph_config_keys_are_checked():
     from hydrahead.config import ConfigError, load_config, validate
 
     validate(load_config(None, ["head.selection=graph", "head.graph_k=8", "head.knn_fixed_size=true"]))
+    validate(load_config(None, ["head.selection=graph", "head.graph_search=groups"]))
     for overrides, match in [
+        (["head.selection=graph", "head.graph_search=lists"], "head.graph_search"),
         (["head.selection=graph", "head.graph_k=0"], "head.graph_k"),
         (["head.selection=graph", "head.num_classes=1"], "head.num_classes >= 2"),
         (["head.selection=random", "head.budget=5", "head.knn_fixed_size=true"], "knn or graph"),

@@ -170,6 +170,7 @@ class ActiveClassSelector:
         budget: int | float | None = None,
         knn_k: int = 16,
         graph_k: int = 16,
+        graph_search: str = "probes",
         num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
@@ -192,6 +193,7 @@ class ActiveClassSelector:
         """``group``: the head's ranks (graph: every step's exchange; every selection: the
         recall measurements). ``build_group``: a second group over the same ranks for a
         multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
+        ``graph_search``: how graph builds search a torch IVF (``class_graph.GRAPH_SEARCHES``).
         ``max_index_age``: steps after which a background-built index makes a step wait for
         the running build (None: never; at least ``rebuild_every``)."""
         if selection not in SELECTIONS:
@@ -220,6 +222,9 @@ class ActiveClassSelector:
             raise ValueError("fixed_size fills the neighbours' union itself: it takes knn or graph and no budget")
         self.group, self.build_group = group, build_group
         self.num_classes = num_classes
+        if graph_search not in class_graph.GRAPH_SEARCHES:
+            raise ValueError(f"graph_search must be one of {class_graph.GRAPH_SEARCHES}, got {graph_search!r}")
+        self.graph_search = graph_search
         if selection == "graph":
             self._check_graph_shard()
             graph_k = min(graph_k, num_classes - 1)
@@ -447,7 +452,14 @@ class ActiveClassSelector:
         if self.selection == "graph":
             index = self._new_index()
             table = class_graph.build_class_graph(
-                weight, self.class_start, self.num_classes, self.graph_k, index, cosine=self.cosine, group=group
+                weight,
+                self.class_start,
+                self.num_classes,
+                self.graph_k,
+                index,
+                cosine=self.cosine,
+                group=group,
+                search=self.graph_search,
             )
             index = class_graph.ClassGraph(table)
         elif previous is None:

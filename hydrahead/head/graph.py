@@ -19,6 +19,9 @@ ranks (C classes, C_r on rank r, D the row width):
   rank (W x B x (k + 1) float32 scores and int64 ids); the owner keeps the best k that
   are not the row itself. Every rank receives every row of the model once per build
   (C x D values in all: 51 GB at 100M x 512 in fp8) and runs C queries against its index.
+  With ``search="groups"`` (torch IVF) each rank puts its rows in list by list, and the
+  queries that share a nearest list are scored in one product against the rows of that
+  list's neighbourhood (docs/selection.md: faster per list probed, lower recall).
 - step (``label_neighbours``): the owner of each label of the global batch reads its
   row of the table; one all-reduce (max) of G x k int32 gives every rank the neighbours
   of every label, and each keeps those it owns (``owned_rows``).
@@ -41,9 +44,12 @@ from hydrahead.head.index import ClassIndex, exact_topk
 
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
+    "GRAPH_SEARCHES",
+    "GROUPED_BLOCK_ROWS",
     "ClassGraph",
     "active_recall",
     "as_queries",
+    "build_block_rows",
     "build_class_graph",
     "exact_class_topk",
     "graph_rows",
@@ -52,9 +58,14 @@ __all__ = [
     "merge_candidates",
     "neighbour_recall",
     "owned_rows",
+    "query_order",
 ]
 
+GRAPH_SEARCHES = ("probes", "groups")  # how a build searches: each query's probes, or by list groups
 DEFAULT_BLOCK_ROWS = 4096  # rows each rank puts into one round of a build
+# ... when its index searches by list groups: a block spans a few whole lists, not pieces of
+# two (each piece of a list pays for gathering and scoring its neighbourhood once)
+GROUPED_BLOCK_ROWS = 65536
 
 
 class ClassGraph:
@@ -127,7 +138,8 @@ def build_class_graph(
     *,
     cosine: bool = False,
     group: dist.ProcessGroup | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
+    search: str = "probes",
 ) -> torch.Tensor:
     """This shard's rows of the class graph: (C_r, k) int32 global class ids, best first.
 
@@ -135,41 +147,72 @@ def build_class_graph(
     rank of ``group`` calls this at once with its own shard. ``index`` (unbuilt, with
     ``cosine`` as given here) is built over the shard and searched with every row of the
     model; an exact index gives the exact graph. k is clamped to ``num_classes - 1``.
+    ``search``: ``probes``, each query's own probes; ``groups`` (torch IVF), the rows taken
+    list by list and searched by list groups (``TorchIVFIndex.search_by_list_groups``).
+    ``block_rows``: rows per rank and round (None: ``build_block_rows``'s default).
     """
     world, _ = _check_shard(weight, class_start, num_classes, group)
     check_int("k", k, minimum=1)
-    check_int("block_rows", block_rows, minimum=1)
     k = min(k, num_classes - 1)
     weight = weight.detach()
     index.build(weight)
+    block_rows = build_block_rows(index, block_rows, search)
     num_rows, dim = weight.shape
-    if world == 1:
-        every = torch.arange(num_rows, device=weight.device)
-        return graph_rows(index, weight, every, k, class_start=class_start, cosine=cosine, block_rows=block_rows)
+    order = query_order(index, num_rows, weight.device, search)
     table = torch.full((num_rows, k), -1, dtype=torch.int32, device=weight.device)
+    if world == 1:
+        table[order] = graph_rows(
+            index, weight, order, k, class_start=class_start, cosine=cosine, block_rows=block_rows, search=search
+        )
+        return table
     widest = shard_range(num_classes, world, 0)[1]  # rank 0's shard is the largest: the number of rounds
     row_bytes = dim * weight.element_size()
     for start in range(0, widest, block_rows):
-        # Every rank's rows [start, start + block_rows) as stored (sent as bytes: any dtype,
-        # fp8 at 1 byte a value), zero rows past a shard's end.
-        mine = weight[start : start + block_rows]
+        # Every rank's next block_rows rows in its query order, as stored (sent as bytes: any
+        # dtype, fp8 at 1 byte a value), zero rows past a shard's end.
+        rows = order[start : start + block_rows]
+        count = rows.numel()
         block = torch.zeros(block_rows, row_bytes, dtype=torch.uint8, device=weight.device)
-        block[: mine.shape[0]] = mine.contiguous().view(torch.uint8)
+        block[:count] = weight.contiguous().view(torch.uint8).index_select(0, rows)
         parts = [torch.empty_like(block) for _ in range(world)]
         dist.all_gather(parts, block, group=group)
         queries = as_queries(torch.cat(parts).view(weight.dtype), cosine)
-        scores, ids = _candidates(index, queries, weight, k, class_start)
+        scores, ids = _candidates(index, queries, weight, k, class_start, search)
         # Block r of the candidates answers rank r's rows: send it there.
         got_scores, got_ids = torch.empty_like(scores), torch.empty_like(ids)
         dist.all_to_all_single(got_scores, scores.contiguous(), group=group)
         dist.all_to_all_single(got_ids, ids.contiguous(), group=group)
         scores = got_scores.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
         ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
-        count = mine.shape[0]
-        own = torch.arange(class_start + start, class_start + start + count, device=weight.device)
-        _, best = merge_candidates(scores[:count], ids[:count], k, exclude=own)
-        table[start : start + count] = best.to(torch.int32)
+        _, best = merge_candidates(scores[:count], ids[:count], k, exclude=rows + class_start)
+        table[rows] = best.to(torch.int32)
     return table
+
+
+def _grouped(index: ClassIndex, search: str) -> bool:
+    """Whether a build searches by list groups: asked for, and the index has lists (torch IVF)."""
+    if search not in GRAPH_SEARCHES:
+        raise ValueError(f"graph search must be one of {GRAPH_SEARCHES}, got {search!r}")
+    return search == "groups" and hasattr(index, "search_by_list_groups")
+
+
+def build_block_rows(index: ClassIndex, block_rows: int | None = None, search: str = "probes") -> int:
+    """Rows per block of a build's search: ``block_rows``, or by default ``GROUPED_BLOCK_ROWS``
+    for a search by list groups and ``DEFAULT_BLOCK_ROWS`` for per-query probes (whose scores
+    are a block x nprobe x longest-list tensor)."""
+    if block_rows is None:
+        return GROUPED_BLOCK_ROWS if _grouped(index, search) else DEFAULT_BLOCK_ROWS
+    check_int("block_rows", block_rows, minimum=1)
+    return block_rows
+
+
+def query_order(index: ClassIndex, num_rows: int, device: torch.device, search: str = "probes") -> torch.Tensor:
+    """The order in which a build takes the shard's rows as queries: list by list for a
+    search by list groups (a block of queries then shares a few lists), row order otherwise.
+    Every row once either way."""
+    if _grouped(index, search):
+        return index.rows_by_list().to(device)
+    return torch.arange(num_rows, device=device)
 
 
 @torch.no_grad()
@@ -181,23 +224,28 @@ def graph_rows(
     *,
     class_start: int = 0,
     cosine: bool = False,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
+    search: str = "probes",
 ) -> torch.Tensor:
     """(len(rows), k) int32: the graph rows of the classes at local ``rows``, when ``weight``
     (with ``index`` built over it) holds every class of the model, as on one rank."""
     out = torch.full((rows.numel(), k), -1, dtype=torch.int32, device=weight.device)
+    block_rows = build_block_rows(index, block_rows, search)
     for start in range(0, rows.numel(), block_rows):
         chunk = rows[start : start + block_rows].to(weight.device)
-        scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start)
+        scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start, search)
         _, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
         out[start : start + chunk.numel()] = best.to(torch.int32)
     return out
 
 
-def _candidates(index: ClassIndex, queries: torch.Tensor, weight: torch.Tensor, k: int, class_start: int):
+def _candidates(
+    index: ClassIndex, queries: torch.Tensor, weight: torch.Tensor, k: int, class_start: int, search: str = "probes"
+):
     """Each query's k + 1 best rows of the shard (room for the query's own class, dropped
     later) as (scores float32, global ids), padded to k + 1 columns."""
-    scores, rows = index.search(queries, min(k + 1, weight.shape[0]), weight)
+    find = index.search_by_list_groups if _grouped(index, search) else index.search
+    scores, rows = find(queries, min(k + 1, weight.shape[0]), weight)
     return _pad(scores.float(), torch.where(rows >= 0, rows + class_start, -1), k + 1)
 
 

@@ -48,6 +48,7 @@ DEFAULT_NPROBE = 32
 EXACT_MAX_ROWS = 2**20  # index_type `auto`: exact (flat) search up to this many rows, ivf above
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
+_GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
 
@@ -446,6 +447,66 @@ class TorchIVFIndex(_IndexBase):
         new._set_lists(self._centroids, assign)
         return new
 
+    def rows_by_list(self) -> torch.Tensor:
+        """Every row of the shard once, list by list (int64): the order in which a class-graph
+        build takes the shard's rows as queries, so that a block of them shares a few lists."""
+        if self._table is None:
+            raise RuntimeError("torch_ivf index: rows_by_list() called before build()")
+        return self._table[self._table >= 0].long()
+
+    def search_by_list_groups(self, queries, k, weight=None, *, score_bytes: int = _GROUP_SCORE_BYTES):
+        """As ``search``, for queries that mostly share their nearest lists (a class-graph build
+        takes a list's rows together): the queries whose nearest list is L score, in one dense
+        product, every row of the ``nprobe`` lists nearest L (L and the lists whose centroids
+        score highest against L's), then a top-k.
+
+        A query's candidates are thus its group's lists rather than its own probes (the same
+        lists for the rows deep inside L; for a row near L's border, the lists that surround
+        L). ``search`` reads each probed list once per block of queries in a kernel built for
+        a few queries per list; grouped, each product is a GEMM of a list's rows against its
+        neighbourhood and the top-k reads dense scores, with no padding to the longest list.
+        ``score_bytes`` bounds one product's float32 scores (a group's queries in pieces).
+        """
+        k = self._check_search(queries, k, weight)
+        if weight is None and not self.copy_weights:
+            raise ValueError("torch_ivf index built with copy_weights=False: search needs the current weights")
+        source = weight.detach() if weight is not None else self._weight
+        q = queries.detach().to(source.device, torch.float32)
+        centroids = self._centroids.to(source.device)
+        nprobe = min(self.nprobe, self.nlist)
+        nearest = _nearest_centroid(q, centroids, DEFAULT_CHUNK_SIZE, False, "ip")  # queries come normalised
+        table = self._table.to(source.device)
+        out_scores = torch.full((q.shape[0], k), -math.inf, device=source.device)
+        out_rows = torch.full((q.shape[0], k), -1, dtype=torch.long, device=source.device)
+        order = torch.argsort(nearest, stable=True)
+        lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
+        neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
+        compute = torch.bfloat16 if source.is_cuda else torch.float32
+        start = 0
+        for group, count in enumerate(counts.tolist()):  # one host read per block of queries
+            members = order[start : start + count]
+            start += count
+            candidates = table[neighbourhoods[group]].reshape(-1)
+            candidates = candidates[candidates >= 0]
+            if candidates.numel() == 0:
+                continue
+            rows = source[candidates]
+            if self.cosine:  # scores as the search's: each row over its norm
+                inv_norm = 1.0 / rows.float().norm(dim=1).clamp_min(1e-12)
+            rows = rows.to(compute)
+            take = min(k, candidates.numel())
+            piece = max(1, score_bytes // (4 * candidates.numel()))
+            for first in range(0, count, piece):
+                part = members[first : first + piece]
+                scores = _matmul_float32(q[part].to(compute), rows.T)
+                if self.cosine:
+                    scores *= inv_norm
+                best, position = scores.topk(take, dim=1)
+                out_scores[part, :take] = best
+                out_rows[part, :take] = candidates[position]
+            _piece_done()
+        return out_scores.to(queries.device), out_rows.to(queries.device)
+
     def _set_lists(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         self._centroids, self._assign = centroids, assign
         self._table = _padded_lists(assign, self.nlist)
@@ -528,6 +589,21 @@ class TorchIVFIndex(_IndexBase):
             out_scores.append(scores)
             out_rows.append(rows)
         return torch.cat(out_scores), torch.cat(out_rows)
+
+
+def _list_neighbourhoods(centroids: torch.Tensor, lists: torch.Tensor, size: int) -> torch.Tensor:
+    """(len(lists), size) list ids: each list first, then the ``size - 1`` other lists whose
+    centroids score highest against its centroid (inner product, the probing rule)."""
+    scores = centroids[lists].float() @ centroids.float().T
+    scores[torch.arange(lists.numel(), device=lists.device), lists] = math.inf  # the list itself first
+    return scores.topk(size, dim=1).indices
+
+
+def _matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with float32 products and result (bf16 operands on the GPU: tensor cores)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def default_nlist(num_rows: int) -> int:
@@ -742,6 +818,12 @@ class AutoIndex(_IndexBase):
         if self.backend is None:
             raise RuntimeError("auto index: search() called before build()")
         return self.backend.search(queries, k, weight)
+
+    def __getattr__(self, name: str):
+        # The chosen backend's optional methods (rows_by_list, search_by_list_groups).
+        if name in ("rows_by_list", "search_by_list_groups") and self.__dict__.get("backend") is not None:
+            return getattr(self.__dict__["backend"], name)
+        raise AttributeError(name)
 
 
 def resolve_index_type(index_type: str, num_rows: int, exact_max_rows: int = EXACT_MAX_ROWS) -> str:

@@ -255,6 +255,7 @@ class Trainer:
             budget=h.budget,
             knn_k=h.knn_k,
             graph_k=h.graph_k,
+            graph_search=h.graph_search,
             num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
