@@ -482,17 +482,23 @@ class TorchIVFIndex(_IndexBase):
         lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
         neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
         compute = torch.bfloat16 if source.is_cuda else torch.float32
+        # The block's host reads, once: group sizes, neighbourhoods, list lengths. Each group's
+        # candidates are then sliced by length (no mask, whose size the host would wait for),
+        # so the host queues every group's products without waiting for the GPU.
+        lengths = self._lengths.tolist()
+        hoods = neighbourhoods.tolist()
         start = 0
-        for group, count in enumerate(counts.tolist()):  # one host read per block of queries
+        for group, count in enumerate(counts.tolist()):
             members = order[start : start + count]
             start += count
-            candidates = table[neighbourhoods[group]].reshape(-1)
-            candidates = candidates[candidates >= 0]
-            if candidates.numel() == 0:
+            hood = [lst for lst in hoods[group] if lengths[lst] > 0]
+            if not hood:
                 continue
-            rows = source[candidates]
+            candidates = torch.cat([table[lst, : lengths[lst]] for lst in hood]).long()
+            rows = source.index_select(0, candidates)
             if self.cosine:  # scores as the search's: each row over its norm
-                inv_norm = 1.0 / rows.float().norm(dim=1).clamp_min(1e-12)
+                wide = torch.float64 if rows.dtype == torch.float64 else torch.float32  # no float32 copy of the rows
+                inv_norm = 1.0 / torch.linalg.vector_norm(rows, dim=1, dtype=wide).clamp_min(1e-12).float()
             rows = rows.to(compute)
             take = min(k, candidates.numel())
             piece = max(1, score_bytes // (4 * candidates.numel()))
