@@ -89,3 +89,26 @@ def test_launch_names_the_kernel_width_and_dtype_when_nothing_fits(h200, monkeyp
 def test_the_interpreter_takes_its_small_tiles():
     cpu = torch.device("cpu")
     assert candidate_tiles("forward", 512, torch.float32, cpu) == [tiles._CPU_TILES["forward"]]
+
+
+def test_tile_overrides_name_known_kernels_and_full_tuples(monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_TILES", "probs_tma:64,128,64,4,2")
+    assert tiles.tile_config("probs_tma", CUDA) == (64, 128, 64, 4, 2)
+    assert tiles.tile_config("probs", CUDA) == tiles._GPU_TILES["probs"]
+    for bad, message in [
+        ("prob:64,128,64,4,2", "'prob', which is no fused kernel; kernels: forward"),
+        ("probs_tma:64,128,4,2", "probs_tma takes 5 integers"),
+        ("forward:64,x,8,2", "forward takes 4 integers"),
+    ]:
+        monkeypatch.setenv("HYDRAHEAD_TILES", bad)
+        with pytest.raises(ValueError, match=message):
+            tiles.tile_config("forward", CUDA)
+
+
+def test_descriptor_kernels_never_get_a_box_side_over_256(h200, monkeypatch):
+    """A descriptor's box is at most 256 elements a side: an override of 512 classes per
+    block shrinks to 256 for the descriptor kernel, while the pointer kernel keeps it."""
+    monkeypatch.setenv("HYDRAHEAD_TILES", "probs_tma:64,512,64,4,2;probs:64,512,64,4,2")
+    found = candidate_tiles("probs_tma", 512, torch.bfloat16, CUDA)
+    assert found[0] == (64, 256, 64, 4, 2) and all(max(t[:3]) <= 256 for t in found)
+    assert candidate_tiles("probs", 512, torch.bfloat16, CUDA)[0] == (64, 512, 64, 4, 2)

@@ -61,6 +61,7 @@ _CPU_TILES = {
     "probs_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
+_MAX_BOX = 256  # the copy engine's largest box side, in elements
 _STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -72,11 +73,27 @@ class TilesDoNotFit(ValueError):
 
 
 def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
-    """The preferred tile tuple of ``kernel`` on ``device`` (HYDRAHEAD_TILES first)."""
+    """The preferred tile tuple of ``kernel`` on ``device`` (HYDRAHEAD_TILES first).
+
+    HYDRAHEAD_TILES names kernels as this table does: with descriptor loads on, the
+    streaming kernels are the ``*_tma`` entries. A name it does not know, or a tuple of the
+    wrong length, is a ValueError rather than an override that silently does nothing."""
     table = dict(_GPU_TILES if device.type == "cuda" else _CPU_TILES)
     for item in filter(None, os.environ.get("HYDRAHEAD_TILES", "").split(";")):
         name, _, values = item.partition(":")
-        table[name] = tuple(int(v) for v in values.split(","))
+        if name not in table:
+            raise ValueError(f"HYDRAHEAD_TILES names {name!r}, which is no fused kernel; kernels: {', '.join(table)}")
+        try:
+            override = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            override = ()
+        if len(override) != len(table[name]):
+            raise ValueError(
+                f"HYDRAHEAD_TILES: {name} takes {len(table[name])} integers "
+                f"({'BLOCK_G, BLOCK_C, BLOCK_K, ' if name in _STREAMED_K else 'BLOCK_G, BLOCK_C, '}"
+                f"num_warps, num_stages), got {values!r}"
+            )
+        table[name] = override
     return table[kernel]
 
 
@@ -146,8 +163,11 @@ def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.dev
         return [preferred]
     limit = _shared_memory_limit(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    fitting = [t for t in _shrinking(kernel, preferred) if _footprint(kernel, t, dim, element_bytes) <= limit]
-    return fitting or [min(_shrinking(kernel, preferred), key=lambda t: _footprint(kernel, t, dim, element_bytes))]
+    shapes = list(_shrinking(kernel, preferred))
+    if kernel.endswith("_tma"):  # a tensor descriptor's box has at most 256 elements a side
+        shapes = [t for t in shapes if max(t[:3]) <= _MAX_BOX]
+    fitting = [t for t in shapes if _footprint(kernel, t, dim, element_bytes) <= limit]
+    return fitting or [min(shapes, key=lambda t: _footprint(kernel, t, dim, element_bytes))]
 
 
 _FITTED: dict[tuple, tuple[int, ...]] = {}
