@@ -353,3 +353,43 @@ def test_bad_input_raises_on_every_rank_without_hanging(world_size):
         for (name, message), (_, fragment) in zip(messages, expected):
             assert message is not None, f"rank {rank}: {name} raised nothing"
             assert fragment in message, f"rank {rank}: {name}: {message!r} lacks {fragment!r}"
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (item, bool, int, nonzero)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_a_label_past_num_classes_fails_the_deferred_checks_without_a_host_read(impl):
+    """Given MergeChecks, the loss leaves the range check to them (a label past num_classes
+    belongs to no shard), so num_classes adds no host read; without them it raises at once."""
+    from hydrahead.distributed.sharded_softmax import MergeChecks
+    from hydrahead.kernels import triton_sharded_cross_entropy
+
+    loss_fn = sharded_cross_entropy if impl == "reference" else triton_sharded_cross_entropy
+    features, weight, labels = make_inputs(0, "random", "none", dtype=torch.float32)
+    features, weight = features.float(), weight.float()
+    reads = {}
+    for given in (None, NUM_CLASSES):
+        with _HostReads() as counter:
+            loss_fn(features, weight, labels, 0, num_classes=given, checks=MergeChecks())
+        reads[given] = counter.count
+    assert reads[NUM_CLASSES] == reads[None]
+    labels[3] = NUM_CLASSES
+    with pytest.raises(ValueError, match=r"outside \[0, 1001\)"):
+        loss_fn(features, weight, labels, 0, num_classes=NUM_CLASSES)
+    checks = MergeChecks()
+    loss_fn(features, weight, labels, 0, num_classes=NUM_CLASSES, checks=checks)
+    with pytest.raises(ValueError, match="1 label.* belong to no shard"):
+        checks.raise_if_failed(checks.values(features.device).tolist())

@@ -280,11 +280,12 @@ def sharded_cross_entropy(
     all-reduce, and the count of owned labels as one extra float on the SUM all-reduce, so
     every rank raises the same ``ValueError`` and none hangs; reading those values back costs
     one host-device synchronisation per call, plus one more for the local range check when
-    ``num_classes`` is given.
+    ``num_classes`` is given without ``checks`` (with them, a label outside [0, num_classes)
+    fails the deferred merge check as a label that no shard owns).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
     labels = labels.long()
-    if num_classes is not None:
+    if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
     with _autocast_off(features.device.type):
         return _ShardedCrossEntropy.apply(
