@@ -236,6 +236,31 @@ def test_graph_over_three_ranks_holds_exactly_each_shards_neighbours():
     _check_ranks(run_ranks(_graph_on_ranks, 3, False), False)
 
 
+def _mixed_index_build(rank, world_size):
+    """8,195 classes over 2 ranks (4,098 and 4,097 rows): with exact_max_rows 4,097 the auto
+    index is IVF on rank 0 and flat on rank 1, whose default blocks differ (65,536 rows for a
+    search by list groups, 4,096 otherwise); the ranks must still run the same rounds."""
+    num_classes = 8195
+    weight = torch.randn(num_classes, 4, generator=_gen(31))
+    start, stop = shard_range(num_classes, world_size, rank)
+    index = make_index("torch", "auto", exact_max_rows=4097, nlist=4, nprobe=4, copy_weights=False)
+    table = class_graph.build_class_graph(weight[start:stop], start, num_classes, 3, index, search="groups")
+    return start, table, class_graph.build_block_rows(index, None, "groups")
+
+
+def test_ranks_agree_on_the_build_blocks_when_their_indexes_differ():
+    results = run_ranks(_mixed_index_build, 2, timeout=120)
+    assert sorted(blocks for _, _, blocks in results) == [
+        class_graph.DEFAULT_BLOCK_ROWS,
+        class_graph.GROUPED_BLOCK_ROWS,
+    ]
+    weight = torch.randn(8195, 4, generator=_gen(31))
+    sample = torch.arange(0, 8195, 97)
+    want = _brute_force_graph(weight, 3, False)[sample]
+    table = torch.cat([table for _, table, _ in sorted(results, key=lambda r: r[0])])
+    assert torch.equal(table[sample].long(), want)  # both indexes search every row exactly here
+
+
 def test_graph_on_one_rank_matches_too():
     _check_ranks([_graph_on_ranks(0, 1, True)], True)
 

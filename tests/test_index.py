@@ -365,3 +365,16 @@ def test_list_grouped_search_takes_the_best_of_its_neighbourhood():
     wider = make_index("torch", "ivf", nlist=64, nprobe=16, copy_weights=False)
     wider.build(weight)
     assert recall_at_k(wider.search_by_list_groups(queries, K, weight)[1], exact) >= probed
+
+
+def test_list_grouped_search_takes_fp8_rows_with_cosine_scores():
+    gen = torch.Generator().manual_seed(7)
+    weight = (torch.randn(2000, 16, generator=gen) * 2).to(torch.float8_e4m3fn)
+    index = make_index("torch", "ivf", nlist=8, nprobe=8, cosine=True, copy_weights=False)
+    index.build(weight)
+    queries = torch.nn.functional.normalize(weight[index.rows_by_list()[:300]].float(), dim=1)
+    scores, rows = index.search_by_list_groups(queries, 5, weight)
+    unit = torch.nn.functional.normalize(weight.double(), dim=1)
+    want_scores, want_rows = (queries.double() @ unit.T).topk(5, dim=1)
+    assert torch.equal(rows[:, 0], want_rows[:, 0])  # each row finds itself first
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)

@@ -99,6 +99,7 @@ def test_tile_overrides_name_known_kernels_and_full_tuples(monkeypatch):
         ("prob:64,128,64,4,2", "'prob', which is no fused kernel; kernels: forward"),
         ("probs_tma:64,128,4,2", "probs_tma takes 5 integers"),
         ("forward:64,x,8,2", "forward takes 4 integers"),
+        ("probs_tma:128,128,512,4,3", "BLOCK_K is at most 256"),
     ]:
         monkeypatch.setenv("HYDRAHEAD_TILES", bad)
         with pytest.raises(ValueError, match=message):

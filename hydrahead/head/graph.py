@@ -165,6 +165,11 @@ def build_class_graph(
             index, weight, order, k, class_start=class_start, cosine=cosine, block_rows=block_rows, search=search
         )
         return table
+    # Every rank runs the same rounds: the smallest block any rank's index asks for (an auto
+    # index may be flat on one rank and IVF on the next, whose shard is one row larger).
+    agreed = torch.tensor([block_rows], dtype=torch.int64, device=weight.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    block_rows = int(agreed)  # one host read per build
     widest = shard_range(num_classes, world, 0)[1]  # rank 0's shard is the largest: the number of rounds
     row_bytes = dim * weight.element_size()
     for start in range(0, widest, block_rows):

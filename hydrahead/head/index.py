@@ -498,7 +498,8 @@ class TorchIVFIndex(_IndexBase):
             rows = source.index_select(0, candidates)
             if self.cosine:  # scores as the search's: each row over its norm
                 wide = torch.float64 if rows.dtype == torch.float64 else torch.float32  # no float32 copy of the rows
-                inv_norm = 1.0 / torch.linalg.vector_norm(rows, dim=1, dtype=wide).clamp_min(1e-12).float()
+                readable = rows if rows.element_size() > 1 else rows.to(compute)  # norms take no fp8
+                inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12).float()
             rows = rows.to(compute)
             take = min(k, candidates.numel())
             piece = max(1, score_bytes // (4 * candidates.numel()))

@@ -222,12 +222,12 @@ def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int, dim: int 
     """Classes per chunk (a multiple of 256): the G x chunk P buffer, and the chunk x ``dim``
     dW_c beside it, each within HYDRAHEAD_EXACT_CHUNK_MIB. fp8 rows write P twice (for dF
     and, transposed, for dW), one byte each, and get dW_c back in bf16; cosine logits project
-    dW_c in float32. (``dim`` 0: no dW_c.) Small batches are bound by dW_c: at G = 256 it
-    would otherwise take twice P's bytes."""
+    dW_c in float32 beside the unit rows (two float32 copies). (``dim`` 0: no dW_c.) Small
+    batches are bound by dW_c: at G = 256 it would otherwise take twice P's bytes."""
     budget = int(float(os.environ.get("HYDRAHEAD_EXACT_CHUNK_MIB", _CHUNK_MIB)) * 2**20)
     fp8 = dtype == FP8
     element = torch.empty((), dtype=dtype).element_size()
-    grad_element = 4 if cosine else (2 if fp8 else element)
+    grad_element = 8 if cosine else (2 if fp8 else element)
     per_class = max(max(1, num_rows) * (2 if fp8 else element), dim * grad_element, 1)
     return max(256, min(budget // per_class // 256 * 256, triton.cdiv(num_classes, 256) * 256))
 
@@ -425,8 +425,10 @@ def exact_backward(
             # far below the stored rows' own, and halves the bytes the update pass reads.
             chunk_grad = torch.mm(probs.t(), feats)
         if cosine:  # through the row normalisation: P already carries 1 / ||w_c||
-            unit = rows.float() * inv_norm[c_lo:c_hi, None]
-            chunk_grad = chunk_grad - unit * (unit * chunk_grad).sum(dim=1, keepdim=True)
+            # in place, so the chunk holds two float32 copies (dW_c and the unit rows) at most
+            unit = rows.to(torch.float32, copy=True).mul_(inv_norm[c_lo:c_hi, None])
+            chunk_grad = chunk_grad.float()
+            chunk_grad.addcmul_(unit, torch.einsum("cd,cd->c", unit, chunk_grad)[:, None], value=-1.0)
         if update is not None:
             apply_sgd_rows(weight, chunk_grad, update, c_lo)
         else:

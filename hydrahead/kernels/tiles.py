@@ -93,6 +93,8 @@ def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
                 f"({'BLOCK_G, BLOCK_C, BLOCK_K, ' if name in _STREAMED_K else 'BLOCK_G, BLOCK_C, '}"
                 f"num_warps, num_stages), got {values!r}"
             )
+        if name.endswith("_tma") and name in _STREAMED_K and override[2] > _MAX_BOX:
+            raise ValueError(f"HYDRAHEAD_TILES: {name} loads through descriptors, whose BLOCK_K is at most {_MAX_BOX}")
         table[name] = override
     return table[kernel]
 
