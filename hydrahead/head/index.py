@@ -481,6 +481,8 @@ class TorchIVFIndex(_IndexBase):
         order = torch.argsort(nearest, stable=True)
         lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
         neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
+        from hydrahead.kernels.exact_gemm import matmul_fp32  # Triton's import, only when searching
+
         compute = torch.bfloat16 if source.is_cuda else torch.float32
         # The block's host reads, once: group sizes, neighbourhoods, list lengths. Each group's
         # candidates are then sliced by length (no mask, whose size the host would wait for),
@@ -505,7 +507,7 @@ class TorchIVFIndex(_IndexBase):
             piece = max(1, score_bytes // (4 * candidates.numel()))
             for first in range(0, count, piece):
                 part = members[first : first + piece]
-                scores = _matmul_float32(q[part].to(compute), rows.T)
+                scores = matmul_fp32(q[part].to(compute), rows.T)
                 if self.cosine:
                     scores *= inv_norm
                 best, position = scores.topk(take, dim=1)
@@ -604,13 +606,6 @@ def _list_neighbourhoods(centroids: torch.Tensor, lists: torch.Tensor, size: int
     scores = centroids[lists].float() @ centroids.float().T
     scores[torch.arange(lists.numel(), device=lists.device), lists] = math.inf  # the list itself first
     return scores.topk(size, dim=1).indices
-
-
-def _matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with float32 products and result (bf16 operands on the GPU: tensor cores)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 def default_nlist(num_rows: int) -> int:

@@ -232,7 +232,7 @@ def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int, dim: int 
     return max(256, min(budget // per_class // 256 * 256, triton.cdiv(num_classes, 256) * 256))
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in float32 (bf16 operands stay bf16 on the GPU)."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -418,7 +418,7 @@ def exact_backward(
         else:
             probs, _ = probs_pass.write(c_lo, c_hi, width)
             if grad_feat is not None:  # before the update moves these rows
-                grad_feat += _matmul_fp32(probs, rows)
+                grad_feat += matmul_fp32(probs, rows)
             if not want_weight:
                 continue
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
@@ -436,4 +436,11 @@ def exact_backward(
     return grad_feat, grad_weight
 
 
-__all__ = ["EXACT_KERNELS", "FP8_GEMM_MIN_ROWS", "chunk_classes", "exact_backward", "resolve_exact_kernels"]
+__all__ = [
+    "EXACT_KERNELS",
+    "FP8_GEMM_MIN_ROWS",
+    "chunk_classes",
+    "exact_backward",
+    "matmul_fp32",
+    "resolve_exact_kernels",
+]
