@@ -367,6 +367,28 @@ def test_list_grouped_search_takes_the_best_of_its_neighbourhood():
     assert recall_at_k(wider.search_by_list_groups(queries, K, weight)[1], exact) >= probed
 
 
+def test_list_grouped_search_pads_past_a_short_neighbourhood():
+    """A neighbourhood with fewer candidates than k returns them all, then -1 rows with -inf
+    scores; candidate counts that are not a multiple of the product's padding never return
+    a padding row."""
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(90, 8, generator=gen, dtype=torch.float64)
+    index = make_index("torch", "ivf", nlist=9, nprobe=1, copy_weights=False)
+    index.build(weight)
+    queries = weight[index.rows_by_list()]
+    scores, rows = index.search_by_list_groups(queries, 20, weight)
+    nearest = (queries.float() @ index._centroids.T).argmax(1)  # as the search: float32 queries
+    for q in range(queries.shape[0]):
+        members = index._table[nearest[q]]
+        members = members[members >= 0]
+        take = min(20, members.numel())
+        want = (weight[members] @ queries[q]).topk(take)
+        assert torch.equal(rows[q, :take], members[want.indices])
+        torch.testing.assert_close(scores[q, :take].double(), want.values, rtol=1e-6, atol=1e-6)
+        assert (rows[q, take:] == -1).all() and (scores[q, take:] == -math.inf).all()
+    assert (index._lengths % 8 != 0).any() and (index._lengths < 20).any()  # both cases met
+
+
 def test_list_grouped_search_takes_fp8_rows_with_cosine_scores():
     gen = torch.Generator().manual_seed(7)
     weight = (torch.randn(2000, 16, generator=gen) * 2).to(torch.float8_e4m3fn)

@@ -49,6 +49,7 @@ EXACT_MAX_ROWS = 2**20  # index_type `auto`: exact (flat) search up to this many
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
+_SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (16-byte score rows)
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
 
@@ -476,8 +477,8 @@ class TorchIVFIndex(_IndexBase):
         nprobe = min(self.nprobe, self.nlist)
         nearest = _nearest_centroid(q, centroids, DEFAULT_CHUNK_SIZE, False, "ip")  # queries come normalised
         table = self._table.to(source.device)
-        out_scores = torch.full((q.shape[0], k), -math.inf, device=source.device)
-        out_rows = torch.full((q.shape[0], k), -1, dtype=torch.long, device=source.device)
+        out_scores = torch.empty((q.shape[0], k), device=source.device)  # every entry written below
+        out_rows = torch.empty((q.shape[0], k), dtype=torch.long, device=source.device)
         order = torch.argsort(nearest, stable=True)
         lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
         neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
@@ -489,31 +490,40 @@ class TorchIVFIndex(_IndexBase):
         # so the host queues every group's products without waiting for the GPU.
         lengths = self._lengths.tolist()
         hoods = neighbourhoods.tolist()
+        # Results in group order, each group's a contiguous slice (a copy, not an indexed
+        # write), put back in query order once at the end.
+        grouped = q.to(compute)[order]
+        grouped_scores, grouped_rows = torch.empty_like(out_scores), torch.empty_like(out_rows)
         start = 0
         for group, count in enumerate(counts.tolist()):
-            members = order[start : start + count]
-            start += count
+            first_query, start = start, start + count
             hood = [lst for lst in hoods[group] if lengths[lst] > 0]
             if not hood:
+                grouped_scores[first_query:start], grouped_rows[first_query:start] = -math.inf, -1
                 continue
             candidates = torch.cat([table[lst, : lengths[lst]] for lst in hood]).long()
             rows = source.index_select(0, candidates)
-            if self.cosine:  # scores as the search's: each row over its norm
-                wide = torch.float64 if rows.dtype == torch.float64 else torch.float32  # no float32 copy of the rows
+            if self.cosine:  # each row over its norm, before the product: rows x D, not queries x rows
+                wide = torch.float64 if rows.dtype == torch.float64 else torch.float32
                 readable = rows if rows.element_size() > 1 else rows.to(compute)  # norms take no fp8
-                inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12).float()
-            rows = rows.to(compute)
-            take = min(k, candidates.numel())
-            piece = max(1, score_bytes // (4 * candidates.numel()))
-            for first in range(0, count, piece):
-                part = members[first : first + piece]
-                scores = matmul_fp32(q[part].to(compute), rows.T)
-                if self.cosine:
-                    scores *= inv_norm
+                inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12)
+                rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
+            # Zero rows up to a multiple of 8 candidates: a score row of any other length is
+            # not 16-byte aligned, and cuBLAS then falls back to a far slower kernel.
+            num_candidates = candidates.numel()
+            rows = torch.nn.functional.pad(rows.to(compute), (0, 0, 0, -num_candidates % _SCORE_ALIGN))
+            take = min(k, num_candidates)
+            piece = max(1, score_bytes // (4 * rows.shape[0]))
+            for first in range(first_query, start, piece):
+                last = min(first + piece, start)
+                scores = matmul_fp32(grouped[first:last], rows.T)
+                scores[:, num_candidates:] = -math.inf  # the padding never ranks
                 best, position = scores.topk(take, dim=1)
-                out_scores[part, :take] = best
-                out_rows[part, :take] = candidates[position]
+                grouped_scores[first:last, :take] = best
+                grouped_rows[first:last, :take] = candidates[position]
+            grouped_scores[first_query:start, take:], grouped_rows[first_query:start, take:] = -math.inf, -1
             _piece_done()
+        out_scores[order], out_rows[order] = grouped_scores, grouped_rows
         return out_scores.to(queries.device), out_rows.to(queries.device)
 
     def _set_lists(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
