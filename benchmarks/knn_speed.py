@@ -13,13 +13,18 @@ loss + backward + SGD update of the rows that take part.
 
   hydrahead-full            every row, exact kernels (8·G·D·C_r FLOPs)
   hydrahead-full-filtered   every row, head.grad_filter=2**-12 (4·G·D·C_r FLOPs)
-  hydrahead-random          Partial FC: positives + random rows, as many as knn's mean
+  hydrahead-random          Partial FC: positives + random rows, as many as knn's (or graph's) median
   hydrahead-knn nlist:nprobe  IVF index over the shard (torch backend: per-list scoring
                             kernel), knn_k rows per sample + positives; --index-configs
                             sweeps nlist and nprobe, so recall against ms is visible
   hydrahead-graph nlist:nprobe  class graph (head.selection=graph): each label's graph_k
                             nearest classes + positives, a table lookup per step; the graph
                             built with an IVF index over the shard (or "flat": exact)
+  hydrahead-given-rows      the loss step over a fixed set of as many rows as the
+                            selections score (their median), no selection: the baseline
+
+``select_ms``: the selection alone (each selection row). ``over_given_ms``: its step
+(``step_ms``, random ``ms``) minus the given-rows step: what selecting adds to the head step.
 
 For knn the step is timed without a rebuild. Rebuilds are timed on their own: a full one
 (k-means on a sample, every row filed, lists built: ``retrain_s``) every
@@ -79,6 +84,7 @@ from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, med
 from hydrahead.head import ShardedClassifier  # noqa: E402
 from hydrahead.head import graph as class_graph  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
+from hydrahead.head.selection import random_active  # noqa: E402
 
 GRAD_FILTER = 2.0**-12
 
@@ -259,6 +265,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
 
     peak = peak_extra_mib(graph_step, device)
     ms = time_ms(graph_step, device, args.reps)
+    select_ms = time_ms(lambda: selector.select(1, features, labels, head.weight), device, args.reps)
     active = selector.last["active_classes"]
     selector.close()
     build_ms_per_step = build_s * 1e3 / args.graph_rebuild_every
@@ -271,6 +278,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         rows_searched=rows.numel(),
         search=search,
         build_ms_per_step=build_ms_per_step,
+        select_ms=select_ms,
         graph_recall=selector.last["graph_recall"],
         active_recall=hard_recall,
         active_classes=active,
@@ -371,7 +379,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument(
-        "--methods", default="full,full-filtered,random,knn,graph", help="comma-separated subset of the methods"
+        "--methods", default="full,full-filtered,random,knn,graph,given", help="comma-separated subset of the methods"
     )
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
@@ -384,7 +392,7 @@ def main(argv=None) -> None:
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     methods = args.methods.split(",")
-    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph"}
+    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph", "given"}
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
     index_configs = [tuple(int(v) for v in item.split(":")) for item in args.index_configs.split(",")]
@@ -455,7 +463,6 @@ def main(argv=None) -> None:
         record(f"hydrahead-{variant}", time_ms(step, device, args.reps), C, peak)
     head.grad_filter = 0.0
 
-    knn_rows = []
     if "knn" in methods:
         # Every index setting starts from the same rows and batch: the timed steps train the
         # head, and recall is compared across settings.
@@ -490,6 +497,9 @@ def main(argv=None) -> None:
             # Steps 1.. within one rebuild period: no rebuild starts while timing.
             peak = peak_extra_mib(knn_step, device)
             ms = time_ms(knn_step, device, args.reps)
+            select_ms = time_ms(
+                lambda: selector.select(counter["step"], features, labels, head.weight), device, args.reps
+            )
             active = selector.last["active_classes"]
             queries = torch.nn.functional.normalize(features.detach().float(), dim=1)
             _, found = selector._current.index.search(queries, args.knn_k, head.weight.detach())
@@ -598,6 +608,7 @@ def main(argv=None) -> None:
                 active,
                 peak,
                 step_ms=ms,
+                select_ms=select_ms,
                 retrain_s=retrain_s,
                 refile_s=refile_s,
                 refiled_rows=dirty.numel(),
@@ -619,7 +630,6 @@ def main(argv=None) -> None:
                 retrain_every=args.retrain_every,
                 knn_k=args.knn_k,
             )
-            knn_rows.append(active)
             del selector, built
 
     if "graph" in methods:
@@ -628,7 +638,8 @@ def main(argv=None) -> None:
             record(method, ms, rows_scored, peak, **fields)
 
     if "random" in methods:
-        budget = round(median(knn_rows)) if knn_rows else max(1, C // 1000)
+        selected = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]  # knn's, else graph's
+        budget = round(median(selected)) if selected else max(1, C // 1000)
         selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
         counter = {"step": 1}
 
@@ -638,8 +649,24 @@ def main(argv=None) -> None:
 
         peak = peak_extra_mib(random_step, device)
         ms = time_ms(random_step, device, args.reps)
+        select_ms = time_ms(lambda: selector.select(counter["step"], features, labels, head.weight), device, args.reps)
         hard_recall = active_recall(selector, features, labels, head.weight, counter["step"])
-        record("hydrahead-random", ms, budget, peak, active_classes=budget, active_recall=hard_recall)
+        record(
+            "hydrahead-random", ms, budget, peak, select_ms=select_ms, active_classes=budget, active_recall=hard_recall
+        )
+
+    if "given" in methods:
+        # The loss step over a fixed active set as large as the selections' (no selection at all):
+        # what a selection adds to the head step is its row's step_ms (random: ms) minus this.
+        scored = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]
+        budget = round(median(scored)) if scored else min(C, G * (args.knn_k + 1))
+        given = random_active(labels, 0, C, budget, seed=0, step=1)
+        peak = peak_extra_mib(lambda: step(given), device)
+        record("hydrahead-given-rows", time_ms(lambda: step(given), device, args.reps), given.numel(), peak)
+        given_ms = rows_out[-1]["ms"]
+        for row in rows_out[:-1]:
+            if row["rows_scored"] < C:
+                row["over_given_ms"] = row.get("step_ms", row["ms"]) - given_ms
 
     full = {r["method"]: r["ms"] for r in rows_out}
     for row in rows_out:
@@ -686,6 +713,8 @@ def main(argv=None) -> None:
             "method",
             "ms",
             "step_ms",
+            "select_ms",
+            "over_given_ms",
             "retrain_s",
             "refile_s",
             "bg_ms",
