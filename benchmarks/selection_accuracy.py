@@ -1,4 +1,4 @@
-"""Accuracy of active-class selection: full softmax against knn, random and graph at one budget.
+"""Accuracy of active-class selection: full softmax against knn, random and graph at one or more budgets.
 
     # The study of docs/selection.md: 1M classes in families of near-duplicates on one GPU,
     # full softmax in three storages against 1% of the rows per step, 3 seeds (about 13
@@ -75,6 +75,13 @@ def storage_list(text: str) -> list[str]:
     return names
 
 
+def budget_list(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v]
+    if not values or any(not 0 < v <= 1 for v in values):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"budgets must be fractions in (0, 1], got {text!r}")
+    return values
+
+
 def float_list(text: str) -> list[float]:
     values = [float(v) for v in text.split(",") if v]
     if any(not (math.isfinite(v) and v > 0) for v in values):
@@ -97,45 +104,50 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
             variants[name] = ["head.selection=full", *STORAGES.get(storage, [])]
             fields[name] = {"mode": "full", "storage": storage, "budget": None, "budget_rows": None, "lr_scale": 1.0}
 
-    budget_rows = rows_of_budget(args.budget, num_classes, args.gpus)
-    if args.equal_rows:
-        budget, label = budget_rows, f"{budget_rows} rows"
-    else:
-        budget, label = args.budget, f"{args.budget:g}"
     frozen = " frozen" if args.inactive_rows == "frozen" else ""
     stored = f" {args.storage}" if args.storage else ""
-    common = [f"head.budget={budget!r}", f"head.inactive_rows={args.inactive_rows}", *STORAGES.get(args.storage, [])]
     graph_index = args.graph_index_type or args.index_type
 
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
 
-    sampled = {
-        "knn": (
-            f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{stored}{frozen}",
-            ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type)],
-        ),
-        "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
-        "graph": (
-            f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{stored}{frozen}",
-            ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index)],
-        ),
-    }
-    for mode in ("knn", "random", "graph"):
-        if mode not in wanted:
-            continue
-        name, overrides = sampled[mode]
-        scales = [1.0, *(args.random_lr_scales if mode == "random" else [])]
-        for scale in scales:
-            scaled = name + (f" lr x{scale:g}" if scale != 1.0 else "")
-            variants[scaled] = overrides + ([f"head.lr={head_lr * scale!r}"] if scale != 1.0 else [])
-            fields[scaled] = {
-                "mode": mode,
-                "storage": args.storage,
-                "budget": args.budget,
-                "budget_rows": budget_rows,
-                "lr_scale": scale,
-            }
+    for fraction in args.budget:  # one set of sampled variants per budget: a curve along rows per step
+        budget_rows = rows_of_budget(fraction, num_classes, args.gpus)
+        if args.equal_rows:
+            budget, label = budget_rows, f"{budget_rows} rows"
+        else:
+            budget, label = fraction, f"{fraction:g}"
+        common = [
+            f"head.budget={budget!r}",
+            f"head.inactive_rows={args.inactive_rows}",
+            *STORAGES.get(args.storage, []),
+        ]
+        sampled = {
+            "knn": (
+                f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{stored}{frozen}",
+                ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type)],
+            ),
+            "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
+            "graph": (
+                f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{stored}{frozen}",
+                ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index)],
+            ),
+        }
+        for mode in ("knn", "random", "graph"):
+            if mode not in wanted:
+                continue
+            name, overrides = sampled[mode]
+            scales = [1.0, *(args.random_lr_scales if mode == "random" else [])]
+            for scale in scales:
+                scaled = name + (f" lr x{scale:g}" if scale != 1.0 else "")
+                variants[scaled] = overrides + ([f"head.lr={head_lr * scale!r}"] if scale != 1.0 else [])
+                fields[scaled] = {
+                    "mode": mode,
+                    "storage": args.storage,
+                    "budget": fraction,
+                    "budget_rows": budget_rows,
+                    "lr_scale": scale,
+                }
     return variants, fields
 
 
@@ -197,7 +209,11 @@ def plot_rows(payload: dict, png: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--budget", type=float, default=0.1, help="head.budget of knn, random and graph, a fraction of the shard"
+        "--budget",
+        type=budget_list,
+        default=[0.1],
+        help="head.budget of knn, random and graph, a fraction of the shard; comma-separated fractions run "
+        "every sampled variant at each (the plot joins them along rows per step)",
     )
     parser.add_argument(
         "--equal-rows",
@@ -244,8 +260,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
-    if not 0 < args.budget <= 1:
-        parser.error("--budget must be a fraction in (0, 1]")
     unknown = sorted(set(args.methods.split(",")) - set(MODES))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(MODES)}")
@@ -257,9 +271,10 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
     variants, fields = make_variants(args, cfg.head.num_classes, cfg.head_lr)
     if args.equal_rows:
-        budget = f"{rows_of_budget(args.budget, cfg.head.num_classes, args.gpus)} rows per shard and step"
+        rows = ", ".join(str(rows_of_budget(b, cfg.head.num_classes, args.gpus)) for b in args.budget)
+        budget = f"{rows} rows per shard and step"
     else:
-        budget = f"head.budget={args.budget:g}"
+        budget = "head.budget=" + ", ".join(f"{b:g}" for b in args.budget)
     run_study(
         args,
         variants,

@@ -64,6 +64,19 @@ def test_a_fractional_budget_stays_a_float_and_rows_count_the_largest_shard():
     assert fields["hydrahead-random 0.01"]["budget_rows"] == rows_of_budget(0.01, 1_000, 3) == 4  # ceil(3.34)
 
 
+def test_several_budgets_give_each_sampled_mode_one_variant_per_budget():
+    args = _args("--budget", "0.005,0.02", "--equal-rows", "--random-lr-scales", "0.2", "--methods", "full,knn,random")
+    variants, fields = make_variants(args, 20_000, 1280.0)
+    assert [fields[n]["mode"] for n in variants].count("full") == 1  # full softmax does not depend on the budget
+    for mode, per_budget in (("knn", 1), ("random", 2)):  # random: at the head LR and at a fifth of it
+        names = [n for n in variants if fields[n]["mode"] == mode]
+        assert sorted(fields[n]["budget_rows"] for n in names) == sorted([100, 400] * per_budget)
+        for name in names:
+            assert f"head.budget={fields[name]['budget_rows']}" in variants[name]
+            assert f"{fields[name]['budget_rows']} rows" in name
+    assert len(variants) == 1 + 2 + 4
+
+
 def test_unknown_storage_or_method_is_refused(capsys):
     with pytest.raises(SystemExit):
         _args("--full-storage", "fp16")
@@ -71,8 +84,9 @@ def test_unknown_storage_or_method_is_refused(capsys):
     with pytest.raises(SystemExit):
         _args("--methods", "full,topk")
     assert "topk" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        _args("--budget", "1.5")
+    for bad in ("1.5", "0.01,0", "nan", ","):
+        with pytest.raises(SystemExit):
+            _args("--budget", bad)
 
 
 def test_plot_draws_top1_against_rows_per_step(tmp_path):
