@@ -49,7 +49,6 @@ EXACT_MAX_ROWS = 2**20  # index_type `auto`: exact (flat) search up to this many
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
-_GROUP_KERNEL_DTYPES = (torch.bfloat16, torch.float8_e4m3fn, torch.float32)
 _SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (16-byte score rows)
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
@@ -279,14 +278,6 @@ def paced(stream):
         _PACING.stream = previous
 
 
-def _group_kernel_fits(weight: torch.Tensor, k: int) -> bool:
-    """Whether the list-grouped search can run as one kernel per block (``kernels/group_topk.py``):
-    rows in bf16, fp8 or fp32, a width of whole 64-value loads, at most its KEEP best per query."""
-    from hydrahead.kernels.group_topk import KEEP
-
-    return weight.dtype in _GROUP_KERNEL_DTYPES and weight.shape[1] % 64 == 0 and k <= KEEP
-
-
 def _piece_done() -> None:
     """The end of one piece of a build: under ``paced``, wait until the GPU has run it."""
     stream = getattr(_PACING, "stream", None)
@@ -494,24 +485,6 @@ class TorchIVFIndex(_IndexBase):
         from hydrahead.kernels.exact_gemm import matmul_fp32  # Triton's import, only when searching
 
         compute = torch.bfloat16 if source.is_cuda else torch.float32
-        if source.is_cuda and _group_kernel_fits(source, k):
-            # One launch for the block: each tile of a group's queries keeps its best k
-            # while it walks the neighbourhood's rows (no score matrix, no per-group launches).
-            from hydrahead.kernels.group_topk import group_topk  # Triton's import, only when searching
-
-            scores, rows = group_topk(
-                q.to(compute)[order],
-                source,
-                table,
-                self._lengths,
-                neighbourhoods,
-                counts.tolist(),
-                k,
-                cosine=self.cosine,
-            )
-            out_scores[order], out_rows[order] = scores, rows
-            _piece_done()
-            return out_scores.to(queries.device), out_rows.to(queries.device)
         # The block's host reads, once: group sizes, neighbourhoods, list lengths. Each group's
         # candidates are then sliced by length (no mask, whose size the host would wait for),
         # so the host queues every group's products without waiting for the GPU.
