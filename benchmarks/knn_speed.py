@@ -13,7 +13,7 @@ loss + backward + SGD update of the rows that take part.
 
   hydrahead-full            every row, exact kernels (8·G·D·C_r FLOPs)
   hydrahead-full-filtered   every row, head.grad_filter=2**-12 (4·G·D·C_r FLOPs)
-  hydrahead-random          Partial FC: positives + random rows, as many as knn's (or graph's) median
+  hydrahead-random          Partial FC: positives + random rows, the median of knn's and graph's rows
   hydrahead-knn nlist:nprobe  IVF index over the shard (torch backend: per-list scoring
                             kernel), knn_k rows per sample + positives; --index-configs
                             sweeps nlist and nprobe, so recall against ms is visible
@@ -638,7 +638,7 @@ def main(argv=None) -> None:
             record(method, ms, rows_scored, peak, **fields)
 
     if "random" in methods:
-        selected = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]  # knn's, else graph's
+        selected = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]  # every knn and graph row
         budget = round(median(selected)) if selected else max(1, C // 1000)
         selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
         counter = {"step": 1}

@@ -79,6 +79,8 @@ def budget_list(text: str) -> list[float]:
     values = [float(v) for v in text.split(",") if v]
     if not values or any(not 0 < v <= 1 for v in values):  # also rejects NaN
         raise argparse.ArgumentTypeError(f"budgets must be fractions in (0, 1], got {text!r}")
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"budgets must be distinct, got {text!r}")
     return values
 
 
@@ -111,12 +113,16 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
 
+    labels = set()
     for fraction in args.budget:  # one set of sampled variants per budget: a curve along rows per step
         budget_rows = rows_of_budget(fraction, num_classes, args.gpus)
         if args.equal_rows:
             budget, label = budget_rows, f"{budget_rows} rows"
         else:
             budget, label = fraction, f"{fraction:g}"
+        if label in labels:  # its variants would replace the earlier budget's
+            raise ValueError(f"--budget: {fraction:g} runs at {label}, as an earlier budget does: give distinct ones")
+        labels.add(label)
         common = [
             f"head.budget={budget!r}",
             f"head.inactive_rows={args.inactive_rows}",
@@ -269,7 +275,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
-    variants, fields = make_variants(args, cfg.head.num_classes, cfg.head_lr)
+    try:
+        variants, fields = make_variants(args, cfg.head.num_classes, cfg.head_lr)
+    except ValueError as error:
+        raise SystemExit(f"selection_accuracy.py: error: {error}") from None
     if args.equal_rows:
         rows = ", ".join(str(rows_of_budget(b, cfg.head.num_classes, args.gpus)) for b in args.budget)
         budget = f"{rows} rows per shard and step"

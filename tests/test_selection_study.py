@@ -75,6 +75,10 @@ def test_several_budgets_give_each_sampled_mode_one_variant_per_budget():
             assert f"head.budget={fields[name]['budget_rows']}" in variants[name]
             assert f"{fields[name]['budget_rows']} rows" in name
     assert len(variants) == 1 + 2 + 4
+    with pytest.raises(SystemExit):
+        _args("--budget", "0.01,0.01")
+    with pytest.raises(ValueError, match="distinct"):  # 100 classes: both are 1 row per step
+        make_variants(_args("--budget", "0.005,0.006", "--equal-rows", "--methods", "knn"), 100, 1.0)
 
 
 def test_unknown_storage_or_method_is_refused(capsys):

@@ -49,7 +49,7 @@ EXACT_MAX_ROWS = 2**20  # index_type `auto`: exact (flat) search up to this many
 _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's default cap)
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
-_SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (16-byte score rows)
+_SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (32-byte float32 score rows)
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
 
