@@ -389,6 +389,26 @@ def test_list_grouped_search_pads_past_a_short_neighbourhood():
     assert (index._lengths % 8 != 0).any() and (index._lengths < 20).any()  # both cases met
 
 
+def test_list_grouped_search_of_an_empty_neighbourhood_finds_nothing():
+    """Queries whose nearest list and whole neighbourhood hold no rows (a list emptied after
+    the build) get -1 rows and -inf scores; the other groups are searched as before."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(400, 16, generator=gen)
+    index = make_index("torch", "ivf", nlist=8, nprobe=1, copy_weights=False)
+    index.build(weight)
+    queries = weight[index.rows_by_list()]
+    before_scores, before_rows = index.search_by_list_groups(queries, 5, weight)
+    nearest = (queries @ index._centroids.T).argmax(1)
+    emptied = int(nearest[0])
+    index._table[emptied] = -1
+    index._lengths[emptied] = 0
+    scores, rows = index.search_by_list_groups(queries, 5, weight)
+    hit = nearest == emptied
+    assert hit.any() and (~hit).any()
+    assert (rows[hit] == -1).all() and (scores[hit] == -math.inf).all()
+    assert torch.equal(rows[~hit], before_rows[~hit]) and torch.equal(scores[~hit], before_scores[~hit])
+
+
 def test_list_grouped_search_takes_fp8_rows_with_cosine_scores():
     gen = torch.Generator().manual_seed(7)
     weight = (torch.randn(2000, 16, generator=gen) * 2).to(torch.float8_e4m3fn)
