@@ -637,9 +637,13 @@ def main(argv=None) -> None:
             method, ms, rows_scored, peak, fields = graph_method(args, head, features, labels, config, step, device)
             record(method, ms, rows_scored, peak, **fields)
 
+    def selections_rows(default: int) -> int:
+        """The median of the rows the selections timed so far scored (knn's, graph's, random's)."""
+        scored = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]
+        return round(median(scored)) if scored else default
+
     if "random" in methods:
-        selected = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]  # every knn and graph row
-        budget = round(median(selected)) if selected else max(1, C // 1000)
+        budget = selections_rows(max(1, C // 1000))
         selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
         counter = {"step": 1}
 
@@ -658,8 +662,7 @@ def main(argv=None) -> None:
     if "given" in methods:
         # The loss step over a fixed active set as large as the selections' (no selection at all):
         # what a selection adds to the head step is its row's step_ms (random: ms) minus this.
-        scored = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]
-        budget = round(median(scored)) if scored else min(C, G * (args.knn_k + 1))
+        budget = selections_rows(min(C, G * (args.knn_k + 1)))
         given = random_active(labels, 0, C, budget, seed=0, step=1)
         peak = peak_extra_mib(lambda: step(given), device)
         record("hydrahead-given-rows", time_ms(lambda: step(given), device, args.reps), given.numel(), peak)
