@@ -167,6 +167,11 @@ class HeadConfig:
         ("continue", "frozen"),
     )
     knn_k: int = _key(16, "knn: nearest rows per sample and shard (clamped to the shard)")
+    knn_skip_label: bool = _key(
+        True,
+        "knn: search knn_k + 1 rows and drop each sample's own label, so its knn_k rows are its hardest "
+        "negatives (false: the knn_k best rows, the label often among them; the positives are active either way)",
+    )
     graph_k: int = _key(
         16,
         "graph: neighbours per class in the class graph, its nearest classes over all shards by weight row "

@@ -20,7 +20,7 @@ from hydrahead.head import ShardedClassifier
 from hydrahead.head import index as index_mod
 from hydrahead.head.active import ActiveClassSelector, resolve_index
 from hydrahead.head.index import TorchExactIndex, TorchIVFIndex, _padded_lists, exact_topk, make_index, recall_at_k
-from hydrahead.head.selection import owned_positives, resolve_budget
+from hydrahead.head.selection import owned_positives, resolve_budget, without_own_label
 from hydrahead.kernels.ivf_scores import list_pairs, probed_list_scores
 from hydrahead.train.checkpoint import latest_checkpoint
 
@@ -419,17 +419,51 @@ def test_positives_are_always_active(selection, options):
     selector.close()
 
 
-@pytest.mark.parametrize("cosine", [False, True])
-def test_knn_flat_rows_are_exact_topk_plus_positives(cosine):
+def _first_k_but_label(rows, labels, k):
+    """Each row's first k entries other than its label's local row (labels outside the shard drop nothing)."""
+    kept = []
+    for found, label in zip(rows.tolist(), labels.tolist()):
+        own = label - START if START <= label < STOP else None
+        others = [row for row in found if row != own][:k]
+        kept.append(others + [-1] * (k - len(others)))
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def test_without_own_label_matches_a_loop():
+    gen = _gen(47)
+    for batch, width, k in [(9, 5, 4), (16, 3, 3), (5, 1, 0), (12, 7, 2)]:
+        rows = torch.randint(-1, SHARD, (batch, width), generator=gen)
+        _, labels = _batch(int(torch.randint(0, 1000, (1,), generator=gen)), batch=batch)
+        # Plant each owned label in its row, at a random place, as an index would return it.
+        for i, label in enumerate(labels.tolist()):
+            if START <= label < STOP and torch.rand(1, generator=gen) < 0.7:
+                rows[i, int(torch.randint(0, width, (1,), generator=gen))] = label - START
+        got = without_own_label(rows, labels, START, STOP, k)
+        assert torch.equal(got, _first_k_but_label(rows, labels, k)), (batch, width, k)
+    with pytest.raises(ValueError, match="at least k"):
+        without_own_label(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), START, STOP, 3)
+    with pytest.raises(ValueError, match="a row per label"):
+        without_own_label(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long), START, STOP, 1)
+
+
+@pytest.mark.parametrize("cosine,skip_label", [(False, True), (True, True), (True, False)])
+def test_knn_flat_rows_are_exact_topk_plus_positives(cosine, skip_label):
     k, budget = 3, 40
-    plain = _selector(knn_k=k, index="torch", index_type="flat", cosine=cosine, rebuild_every=2)
-    filled = _selector(knn_k=k, index="torch", index_type="flat", cosine=cosine, budget=budget)
+    options = dict(knn_k=k, index="torch", index_type="flat", cosine=cosine, knn_skip_label=skip_label)
+    plain = _selector(rebuild_every=2, **options)
+    filled = _selector(budget=budget, **options)
     weight = _weight(51)
     for step in range(1, 6):
         features, labels = _batch(52 + step, batch=12)
+        owned = (labels >= START) & (labels < STOP)
+        # Owned samples sit near their label's row, so the label is among their nearest rows.
+        features[owned] = weight[labels[owned] - START] + 0.3 * features[owned]
         features = features.float().double()  # the selector searches in float32: no rounding between
-        exact = _exact_rows64(features, weight, k, cosine)
-        positives = labels[(labels >= START) & (labels < STOP)] - START
+        if skip_label:
+            exact = _first_k_but_label(_exact_rows64(features, weight, k + 1, cosine), labels, k)
+        else:
+            exact = _exact_rows64(features, weight, k, cosine)
+        positives = labels[owned] - START
         want = torch.unique(torch.cat([exact.flatten(), positives]))
         rows = plain.select(step, features, labels, weight)
         assert torch.equal(rows, want), f"step {step}"
@@ -586,8 +620,10 @@ def test_knn_recall_measured_every_recall_every():
         assert flat.last["knn_recall"] == 1.0
         # The IVF recall: its own search of the first 7 samples against exact float64 search.
         queries = F.normalize(features[:7].float(), dim=1)
-        _, found = ivf._current.index.search(queries, 5, weight)
-        want = recall_at_k(found, _exact_rows64(queries, weight, 5, cosine=True))
+        # Both sides search one row more and drop the sample's label (knn_skip_label).
+        _, found = ivf._current.index.search(queries, 6, weight)
+        found = _first_k_but_label(found, labels[:7], 5)
+        want = recall_at_k(found, _first_k_but_label(_exact_rows64(queries, weight, 6, cosine=True), labels[:7], 5))
         assert ivf.last["knn_recall"] == pytest.approx(want, abs=1e-6)
         measured.append(want)
     assert len(measured) == 2 and min(measured) < 1.0  # one probe of 10 lists misses some
@@ -640,6 +676,7 @@ def test_index_state_round_trip_selects_identically():
         (dict(selection="topk"), "selection must be one of"),
         (dict(selection="random"), "needs a budget"),
         (dict(knn_k=0), "knn_k must be an int >= 1"),
+        (dict(knn_skip_label=1), "knn_skip_label must be a bool"),
         (dict(rebuild_every=0), "rebuild_every must be an int >= 1"),
         (dict(recall_every=-1), "recall_every must be an int >= 0"),
         (dict(budget=0), "budget must be >= 1"),

@@ -5,8 +5,9 @@ rows of the shard that the loss and the update run over (``None`` for ``full``):
 
 - ``random``: Partial FC: the owned positives of the global batch plus random negatives
   up to the budget (``selection.random_active``: keyed by (seed, step, class id)).
-- ``knn``: the ``knn_k`` rows of highest score for each sample of the global batch,
-  found in an index over the shard's weights, plus the owned positives, filled with
+- ``knn``: the ``knn_k`` rows of highest score for each sample of the global batch (with
+  ``knn_skip_label``, the default, other than the sample's own label: its hardest
+  negatives), found in an index over the shard's weights, plus the owned positives, filled with
   random negatives up to the budget when one is set (``selection.knn_active``). Scores
   are cosines for the margin heads (normalised features and rows), inner products
   otherwise. Candidates are always scored with the stored weights as they are now; only
@@ -78,7 +79,7 @@ from hydrahead.distributed.collectives import group_rank, group_world_size
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import graph as class_graph
 from hydrahead.head import index as class_index
-from hydrahead.head.selection import knn_active, knn_fixed_rows, random_active, resolve_budget
+from hydrahead.head.selection import knn_active, knn_fixed_rows, random_active, resolve_budget, without_own_label
 
 logger = logging.getLogger("hydrahead.active")
 
@@ -169,6 +170,7 @@ class ActiveClassSelector:
         *,
         budget: int | float | None = None,
         knn_k: int = 16,
+        knn_skip_label: bool = True,
         graph_k: int = 16,
         graph_search: str = "probes",
         num_classes: int | None = None,
@@ -213,6 +215,8 @@ class ActiveClassSelector:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if not isinstance(knn_skip_label, bool):
+            raise ValueError(f"knn_skip_label must be a bool, got {knn_skip_label!r}")
         if max_index_age is not None and (
             isinstance(max_index_age, bool) or not isinstance(max_index_age, int) or max_index_age < rebuild_every
         ):
@@ -229,6 +233,8 @@ class ActiveClassSelector:
             self._check_graph_shard()
             graph_k = min(graph_k, num_classes - 1)
         self.budget, self.knn_k, self.fixed_size = budget, min(knn_k, self.shard_size), fixed_size
+        # Search one row more and drop the sample's own label (the positive is active anyway).
+        self.knn_search_k = self.knn_k + 1 if knn_skip_label and self.knn_k < self.shard_size else self.knn_k
         self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.max_index_age = max_index_age
@@ -327,7 +333,7 @@ class ActiveClassSelector:
                 if measure:
                     self._measure_graph_recall(labels, label_ids, weight)
             else:
-                neighbours = self._search(index, features, weight, rows_moved, measure)
+                neighbours = self._search(index, features, labels, weight, rows_moved, measure)
             if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
                 rows = knn_fixed_rows(
                     neighbours,
@@ -359,21 +365,34 @@ class ActiveClassSelector:
         return rows
 
     def _search(
-        self, index, features: torch.Tensor, weight: torch.Tensor, rows_moved: int, measure: bool
+        self,
+        index,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor,
+        rows_moved: int,
+        measure: bool,
     ) -> torch.Tensor:
-        """knn: each sample's ``knn_k`` best local rows (B, k), -1 where the index found fewer."""
+        """knn: each sample's ``knn_k`` best local rows (B, k), -1 where the index found fewer;
+        with ``knn_skip_label`` the best rows other than its label's."""
         queries = features.detach().float()
         if self.cosine:
             queries = torch.nn.functional.normalize(queries, dim=1)
         with record_function("hydrahead::knn_search"):
             if self._norms is not None and weight.is_cuda:
                 norms = self._norms.current(weight, rows_moved)
-                _, neighbours = index.search(queries, self.knn_k, weight.detach(), row_inv_norms=norms)
+                _, neighbours = index.search(queries, self.knn_search_k, weight.detach(), row_inv_norms=norms)
             else:
-                _, neighbours = index.search(queries, self.knn_k, weight.detach())
+                _, neighbours = index.search(queries, self.knn_search_k, weight.detach())
+            neighbours = self._skip_labels(neighbours, labels)
         if measure:
-            self._measure_recall(queries, neighbours, weight)
+            self._measure_recall(queries, labels, neighbours, weight)
         return neighbours
+
+    def _skip_labels(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.knn_search_k == self.knn_k:
+            return rows
+        return without_own_label(rows, labels, self.class_start, self.class_stop, self.knn_k)
 
     def note_rows_moved(self, rows_moved: int) -> None:
         """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""
@@ -381,9 +400,12 @@ class ActiveClassSelector:
             self._dirty.fill_(True)
         self._rows_moved = rows_moved
 
-    def _measure_recall(self, queries: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor) -> None:
+    def _measure_recall(
+        self, queries: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor
+    ) -> None:
         sample = slice(0, min(self.recall_queries, queries.shape[0]))
-        _, exact = class_index.exact_topk(queries[sample], weight.detach(), self.knn_k, cosine=self.cosine)
+        _, exact = class_index.exact_topk(queries[sample], weight.detach(), self.knn_search_k, cosine=self.cosine)
+        exact = self._skip_labels(exact, labels[sample])
         self.last["knn_recall"] = class_index.recall_at_k(neighbours[sample], exact)
 
     def _recall_sample(self, labels: torch.Tensor) -> torch.Tensor:

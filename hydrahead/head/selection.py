@@ -34,7 +34,15 @@ import torch
 from hydrahead.checks import check_int
 from hydrahead.counter_rng import counter_hash, counter_uniform
 
-__all__ = ["knn_active", "knn_fixed_rows", "owned_positives", "random_active", "remap_labels", "resolve_budget"]
+__all__ = [
+    "knn_active",
+    "knn_fixed_rows",
+    "owned_positives",
+    "random_active",
+    "remap_labels",
+    "resolve_budget",
+    "without_own_label",
+]
 
 _SELECT_STREAM = 3000  # counter-hash stream reserved for class selection (head init is 1000)
 _CHUNK = 1 << 18  # class ids hashed per pass on the CPU: bounds the temporaries for a 25M-class shard
@@ -93,6 +101,36 @@ def random_active(
         return torch.unique(torch.cat((positives, chosen)), sorted=True)
     num_negatives = min(budget, shard_size) - positives.numel()
     return _fill_lowest(positives, num_negatives, key, class_start, class_stop)
+
+
+def without_own_label(
+    neighbour_rows: torch.Tensor, labels: torch.Tensor, class_start: int, class_stop: int, k: int
+) -> torch.Tensor:
+    """Each sample's first ``k`` neighbour rows other than its own label's row, (B, k).
+
+    ``neighbour_rows`` is (B, k') local rows in best-first order, k' >= k, -1 where the
+    index found fewer. The shard that owns a label drops that row; the others keep their
+    first k (-1 ends a row that had only k). Searching k + 1 and dropping the label makes
+    the k rows the sample's hardest negatives: the positive is in the active set anyway,
+    so a neighbour slot spent on it is lost.
+    """
+    _check_labels(labels)
+    _check_range(class_start, class_stop)
+    _check_neighbour_rows(neighbour_rows)
+    check_int("k", k, minimum=0)
+    if neighbour_rows.shape[0] != labels.shape[0] or neighbour_rows.shape[1] < k:
+        raise ValueError(
+            f"neighbour_rows {tuple(neighbour_rows.shape)} must have a row per label ({labels.shape[0]}) "
+            f"and at least k = {k} columns"
+        )
+    local = labels.to(neighbour_rows.device).long() - class_start
+    owned = (local >= 0) & (local < class_stop - class_start)
+    local = torch.where(owned, local, torch.full_like(local, -2))  # -2 matches no row, not even -1
+    is_label = neighbour_rows == local[:, None]
+    # A stable sort moves the label's entry (at most one per sample) behind the others, in
+    # order; it becomes -1 (not found), which shows only when the search returned just k.
+    order = torch.argsort(is_label.to(torch.uint8), dim=1, stable=True)
+    return neighbour_rows.masked_fill(is_label, -1).gather(1, order[:, :k])
 
 
 def knn_active(

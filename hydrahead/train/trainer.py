@@ -254,6 +254,7 @@ class Trainer:
             self.head.class_stop,
             budget=h.budget,
             knn_k=h.knn_k,
+            knn_skip_label=h.knn_skip_label,
             graph_k=h.graph_k,
             graph_search=h.graph_search,
             num_classes=h.num_classes,
