@@ -17,7 +17,9 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
   hydrahead-full [storage]    head.selection=full, one per --full-storage (default: one, in
                               the config's storage)
   hydrahead-knn <budget> ...  head.selection=knn: each sample's --knn-k nearest rows per shard
-                              + positives, filled with random rows up to head.budget
+                              other than its label (head.knn_skip_label, the default; pass
+                              head.knn_skip_label=false to keep it) + positives, filled with
+                              random rows up to head.budget
   hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget; with
                               --random-lr-scales, also at those multiples of the head LR
   hydrahead-graph <budget> ...  head.selection=graph: each label's --graph-k nearest classes
