@@ -1,4 +1,4 @@
-"""Step time with the head's exchanges overlapped and the backbone's gradients compressed,
+r"""Step time with the head's exchanges overlapped and the backbone's gradients compressed,
 over NVLink and over NCCL's socket transport (the stand-in for a network between nodes).
 
     python benchmarks/comm_overlap.py --config configs/resnet50_1m.yaml --gpus 1,2 --transports nvlink,socket

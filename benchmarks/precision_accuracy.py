@@ -1,4 +1,4 @@
-"""Accuracy of a head stored in low precision: fp32 against bf16 and fp8, with and without
+r"""Accuracy of a head stored in low precision: fp32 against bf16 and fp8, with and without
 stochastic rounding and Kahan compensation, the same training otherwise.
 
     python benchmarks/precision_accuracy.py head.num_classes=1000000 train.global_batch=1024 \

@@ -1,8 +1,8 @@
-"""Scaling studies: a grid of training runs over GPU counts, configs, options and transports.
+r"""Scaling studies: a grid of training runs over GPU counts, configs, options and transports.
 
-    python benchmarks/scaling.py --gpus 1,2,4 --config configs/resnet50_1m.yaml \\
+    python benchmarks/scaling.py --gpus 1,2,4 --config configs/resnet50_1m.yaml \
         --axis head.impl=reference,triton --axis comm.overlap=false,true --baseline
-    python benchmarks/scaling.py --name head_tax --gpus 4 --config configs/resnet50_100m_fp8.yaml \\
+    python benchmarks/scaling.py --name head_tax --gpus 4 --config configs/resnet50_100m_fp8.yaml \
         --axis head.num_classes=10000000,100000000 --baseline --per-gpu-batch 256
     python benchmarks/scaling.py ... --dry-run        # print the grid and what is already done
 

@@ -1,4 +1,4 @@
-"""Accuracy of active-class selection: full softmax against knn, random and graph at one or more budgets.
+r"""Accuracy of active-class selection: full softmax against knn, random and graph at one or more budgets.
 
     # The study of docs/selection.md: 1M classes in families of near-duplicates on one GPU,
     # full softmax in three storages against 1% of the rows per step, 3 seeds (about 13

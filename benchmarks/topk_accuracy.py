@@ -1,4 +1,4 @@
-"""What top-k gradient sparsification costs in accuracy, and which of Deep Gradient
+r"""What top-k gradient sparsification costs in accuracy, and which of Deep Gradient
 Compression's fixes win it back: dense against comm.grad_compression=topk.
 
     python benchmarks/topk_accuracy.py --gpus 2                                  # 2 real ranks, 3 seeds

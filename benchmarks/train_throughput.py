@@ -1,6 +1,6 @@
-"""Training-step throughput of one configuration, launched under torchrun.
+r"""Training-step throughput of one configuration, launched under torchrun.
 
-    torchrun --nproc-per-node 4 benchmarks/train_throughput.py --config configs/resnet50_1m.yaml \\
+    torchrun --nproc-per-node 4 benchmarks/train_throughput.py --config configs/resnet50_1m.yaml \
         --mode full --per-gpu-batch 256 --steps 20 --out rows.jsonl
 
 ``--mode full`` times the trainer's real step (backbone, feature gather, sharded head
