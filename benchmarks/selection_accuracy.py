@@ -19,7 +19,8 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
   hydrahead-knn <budget> ...  head.selection=knn: each sample's --knn-k nearest rows per shard
                               other than its label (head.knn_skip_label, the default; pass
                               head.knn_skip_label=false to keep it) + positives, filled with
-                              random rows up to head.budget
+                              random rows up to head.budget (with --trim, a larger union is
+                              trimmed to it: the positives and the nearest rows)
   hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget; with
                               --random-lr-scales, also at those multiples of the head LR
   hydrahead-graph <budget> ...  head.selection=graph: each label's --graph-k nearest classes
@@ -111,6 +112,8 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     frozen = " frozen" if args.inactive_rows == "frozen" else ""
     stored = f" {args.storage}" if args.storage else ""
     graph_index = args.graph_index_type or args.index_type
+    trim = ["head.knn_trim_to_budget=true"] if args.trim else []
+    knn_tail = stored + frozen + (" trimmed" if args.trim else "")
 
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
@@ -132,8 +135,8 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
         ]
         sampled = {
             "knn": (
-                f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{stored}{frozen}",
-                ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type)],
+                f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{knn_tail}",
+                ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type), *trim],
             ),
             "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
             "graph": (
@@ -227,6 +230,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--equal-rows",
         action="store_true",
         help="pass the budget as ceil(budget * shard) rows (an int): random, knn and graph score the same rows",
+    )
+    parser.add_argument(
+        "--trim",
+        action="store_true",
+        help="knn: a union larger than the budget keeps the positives and its nearest rows up to it "
+        "(head.knn_trim_to_budget), so knn scores the budget's rows too; its name ends in 'trimmed'",
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
     parser.add_argument("--graph-k", type=int, default=16, help="head.graph_k")

@@ -172,6 +172,11 @@ class HeadConfig:
         "knn: search knn_k + 1 rows and drop each sample's own label, so its knn_k rows are its hardest "
         "negatives (false: the knn_k best rows, the label often among them; the positives are active either way)",
     )
+    knn_trim_to_budget: bool = _key(
+        False,
+        "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives and "
+        "the neighbours of highest score up to it (false: it is kept whole), so every step scores the budget's rows",
+    )
     graph_k: int = _key(
         16,
         "graph: neighbours per class in the class graph, its nearest classes over all shards by weight row "
@@ -798,6 +803,11 @@ def _check_selection(c: _Checks) -> None:
     c.need(
         not (h.knn_fixed_size and h.budget is not None),
         "head.knn_fixed_size fills the active set itself: leave head.budget null",
+    )
+    c.need(
+        not h.knn_trim_to_budget or (h.selection == "knn" and h.budget is not None),
+        f"head.knn_trim_to_budget trims knn's union to head.budget: it needs head.selection=knn and a budget, got "
+        f"selection {h.selection} and budget {h.budget}",
     )
     for key in ("rebuild_every", "index_retrain_every", "index_nprobe"):
         c.at_least(f"head.{key}", 1)

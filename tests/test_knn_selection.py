@@ -20,7 +20,7 @@ from hydrahead.head import ShardedClassifier
 from hydrahead.head import index as index_mod
 from hydrahead.head.active import ActiveClassSelector, resolve_index
 from hydrahead.head.index import TorchExactIndex, TorchIVFIndex, _padded_lists, exact_topk, make_index, recall_at_k
-from hydrahead.head.selection import owned_positives, resolve_budget, without_own_label
+from hydrahead.head.selection import knn_active, owned_positives, resolve_budget, without_own_label
 from hydrahead.kernels.ivf_scores import list_pairs, probed_list_scores
 from hydrahead.train.checkpoint import latest_checkpoint
 
@@ -438,12 +438,74 @@ def test_without_own_label_matches_a_loop():
         for i, label in enumerate(labels.tolist()):
             if START <= label < STOP and torch.rand(1, generator=gen) < 0.7:
                 rows[i, int(torch.randint(0, width, (1,), generator=gen))] = label - START
-        got = without_own_label(rows, labels, START, STOP, k)
+        assert without_own_label(rows, labels, START, STOP, k)[1] is None
+        scores = torch.arange(batch * width, dtype=torch.float32).reshape(batch, width)  # names its entry
+        got, got_scores = without_own_label(rows, labels, START, STOP, k, scores)
         assert torch.equal(got, _first_k_but_label(rows, labels, k)), (batch, width, k)
+        # Each kept row brings its own entry's score: the same k entries the loop keeps.
+        for i, label in enumerate(labels.tolist()):
+            own = label - START if START <= label < STOP else None
+            entries = [j for j in range(width) if rows[i, j].item() != own][:k]
+            want = [scores[i, j].item() for j in entries] + [float("-inf")] * (k - len(entries))
+            assert got_scores[i].tolist() == want, (batch, width, k, i)
     with pytest.raises(ValueError, match="at least k"):
         without_own_label(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), START, STOP, 3)
     with pytest.raises(ValueError, match="a row per label"):
         without_own_label(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long), START, STOP, 1)
+
+
+def _nearest_within_loop(rows, scores, labels, size):
+    """The positives plus the other rows of highest score (each row's best over samples), as a loop."""
+    positives = sorted({y - START for y in labels.tolist() if START <= y < STOP})
+    best = {}
+    for found, score in zip(rows.tolist(), scores.tolist()):
+        for row, value in zip(found, score):
+            if row >= 0 and row not in positives:
+                best[row] = max(best.get(row, float("-inf")), value)
+    ranked = sorted(best, key=lambda row: -best[row])
+    return torch.tensor(sorted(positives + ranked[: max(0, size - len(positives))]), dtype=torch.long)
+
+
+def test_knn_active_trims_a_large_union_to_the_nearest_rows():
+    gen = _gen(48)
+    for batch, k, budget in [(24, 3, 20), (24, 5, 40), (12, 2, 3), (24, 1, 1000), (16, 4, 0.1)]:
+        _, labels = _batch(int(torch.randint(0, 1000, (1,), generator=gen)), batch=batch)
+        rows = torch.randint(-1, SHARD, (batch, k), generator=gen)
+        scores = torch.randn(batch, k, generator=gen, dtype=torch.float64).float()  # distinct: no ties
+        size = resolve_budget(budget, SHARD)
+        got = knn_active(rows, labels, START, STOP, budget, seed=1, step=2, neighbour_scores=scores)
+        union = knn_active(rows, labels, START, STOP, None, seed=1, step=2)
+        if union.numel() > size:
+            assert torch.equal(got, _nearest_within_loop(rows, scores, labels, size)), (batch, k, budget)
+            positives = owned_positives(labels, START, STOP)
+            assert got.numel() == max(size, positives.numel())
+        else:  # small unions are filled as without scores
+            assert torch.equal(got, knn_active(rows, labels, START, STOP, budget, seed=1, step=2)), (batch, k)
+    with pytest.raises(ValueError, match="shaped as the rows"):
+        knn_active(rows, labels, START, STOP, 10, seed=1, step=2, neighbour_scores=scores[:, :1])
+
+
+def test_trimmed_knn_scores_exactly_the_budget_with_each_samples_nearest_rows():
+    k, budget = 3, 24
+    options = dict(knn_k=k, index="torch", index_type="flat", cosine=True, budget=budget)
+    trimmed, whole = _selector(trim_to_budget=True, **options), _selector(**options)
+    weight = _weight(57)
+    for step in range(1, 4):
+        features, labels = _batch(58 + step, batch=16)
+        features = features.float().double()
+        rows = trimmed.select(step, features, labels, weight)
+        assert whole.select(step, features, labels, weight).numel() > budget  # the union alone is larger
+        assert rows.numel() == budget
+        # The nearest rows by float64 cosine, each sample's label skipped, then the best within the budget.
+        q, w = F.normalize(features, dim=1), F.normalize(weight, dim=1)
+        scores, found = (q @ w.T).topk(k + 1, dim=1)
+        kept = _first_k_but_label(found, labels, k)
+        kept_scores = torch.tensor(
+            [[scores[i, found[i].tolist().index(row)].item() for row in kept[i].tolist()] for i in range(len(kept))]
+        )
+        assert torch.equal(rows, _nearest_within_loop(kept, kept_scores, labels, budget)), f"step {step}"
+    trimmed.close()
+    whole.close()
 
 
 @pytest.mark.parametrize("cosine,skip_label", [(False, True), (True, True), (True, False)])
@@ -677,6 +739,8 @@ def test_index_state_round_trip_selects_identically():
         (dict(selection="random"), "needs a budget"),
         (dict(knn_k=0), "knn_k must be an int >= 1"),
         (dict(knn_skip_label=1), "knn_skip_label must be a bool"),
+        (dict(trim_to_budget=True), "trim_to_budget trims"),
+        (dict(trim_to_budget=True, budget=10, selection="graph", num_classes=STOP), "trim_to_budget trims"),
         (dict(rebuild_every=0), "rebuild_every must be an int >= 1"),
         (dict(recall_every=-1), "recall_every must be an int >= 0"),
         (dict(budget=0), "budget must be >= 1"),
@@ -1013,6 +1077,8 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
     [
         (["head.selection=random", "head.budget=10", "head.knn_fixed_size=true"], "needs head.selection=knn"),
         (["head.selection=knn", "head.budget=10", "head.knn_fixed_size=true"], "leave head.budget null"),
+        (["head.selection=knn", "head.knn_trim_to_budget=true"], "knn_trim_to_budget trims"),
+        (["head.selection=graph", "head.budget=10", "head.knn_trim_to_budget=true"], "knn_trim_to_budget trims"),
     ],
 )
 def test_knn_fixed_size_options_are_checked(overrides, match):

@@ -56,6 +56,16 @@ def test_random_lr_scales_add_random_variants_at_scaled_head_lrs():
         _args("--random-lr-scales", "0,1")
 
 
+def test_trim_passes_the_trim_to_knn_alone_and_names_it():
+    args = _args("--budget", "0.01", "--equal-rows", "--trim", "--methods", "knn,random")
+    variants, fields = make_variants(args, 20_000, 1280.0)
+    for name, overrides in variants.items():
+        trimmed = "head.knn_trim_to_budget=true" in overrides
+        assert trimmed == (fields[name]["mode"] == "knn") == name.endswith(" trimmed"), name
+    untrimmed, _ = make_variants(_args("--budget", "0.01", "--equal-rows", "--methods", "knn"), 20_000, 1280.0)
+    assert not any("head.knn_trim_to_budget=true" in overrides for overrides in untrimmed.values())
+
+
 def test_a_fractional_budget_stays_a_float_and_rows_count_the_largest_shard():
     args = _args("--budget", "0.01", "--gpus", "3")
     variants, fields = make_variants(args, 1_000, 0.5)

@@ -171,6 +171,7 @@ class ActiveClassSelector:
         budget: int | float | None = None,
         knn_k: int = 16,
         knn_skip_label: bool = True,
+        trim_to_budget: bool = False,
         graph_k: int = 16,
         graph_search: str = "probes",
         num_classes: int | None = None,
@@ -215,8 +216,11 @@ class ActiveClassSelector:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        if not isinstance(knn_skip_label, bool):
-            raise ValueError(f"knn_skip_label must be a bool, got {knn_skip_label!r}")
+        for name, flag in (("knn_skip_label", knn_skip_label), ("trim_to_budget", trim_to_budget)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if trim_to_budget and (selection != "knn" or budget is None or fixed_size):
+            raise ValueError("trim_to_budget trims knn's union to its budget: it takes knn, a budget and no fixed_size")
         if max_index_age is not None and (
             isinstance(max_index_age, bool) or not isinstance(max_index_age, int) or max_index_age < rebuild_every
         ):
@@ -235,6 +239,7 @@ class ActiveClassSelector:
         self.budget, self.knn_k, self.fixed_size = budget, min(knn_k, self.shard_size), fixed_size
         # Search one row more and drop the sample's own label (the positive is active anyway).
         self.knn_search_k = self.knn_k + 1 if knn_skip_label and self.knn_k < self.shard_size else self.knn_k
+        self.trim_to_budget = trim_to_budget
         self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.max_index_age = max_index_age
@@ -329,11 +334,11 @@ class ActiveClassSelector:
                     label_ids = class_graph.label_neighbours(
                         index.table, labels, self.class_start, self.ignore_index, self.group
                     )
-                neighbours = class_graph.owned_rows(label_ids, self.class_start, self.class_stop)
+                neighbours, scores = class_graph.owned_rows(label_ids, self.class_start, self.class_stop), None
                 if measure:
                     self._measure_graph_recall(labels, label_ids, weight)
             else:
-                neighbours = self._search(index, features, labels, weight, rows_moved, measure)
+                neighbours, scores = self._search(index, features, labels, weight, rows_moved, measure)
             if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
                 rows = knn_fixed_rows(
                     neighbours,
@@ -354,6 +359,7 @@ class ActiveClassSelector:
                     seed=self.seed,
                     step=step,
                     ignore_index=self.ignore_index,
+                    neighbour_scores=scores if self.trim_to_budget else None,
                 )
             if self._dirty is not None:
                 self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
@@ -372,27 +378,29 @@ class ActiveClassSelector:
         weight: torch.Tensor,
         rows_moved: int,
         measure: bool,
-    ) -> torch.Tensor:
-        """knn: each sample's ``knn_k`` best local rows (B, k), -1 where the index found fewer;
-        with ``knn_skip_label`` the best rows other than its label's."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """knn: each sample's ``knn_k`` best local rows (B, k), -1 where the index found fewer
+        (with ``knn_skip_label`` the best rows other than its label's), and their scores."""
         queries = features.detach().float()
         if self.cosine:
             queries = torch.nn.functional.normalize(queries, dim=1)
         with record_function("hydrahead::knn_search"):
             if self._norms is not None and weight.is_cuda:
                 norms = self._norms.current(weight, rows_moved)
-                _, neighbours = index.search(queries, self.knn_search_k, weight.detach(), row_inv_norms=norms)
+                scores, neighbours = index.search(queries, self.knn_search_k, weight.detach(), row_inv_norms=norms)
             else:
-                _, neighbours = index.search(queries, self.knn_search_k, weight.detach())
-            neighbours = self._skip_labels(neighbours, labels)
+                scores, neighbours = index.search(queries, self.knn_search_k, weight.detach())
+            neighbours, scores = self._skip_labels(neighbours, labels, scores)
         if measure:
             self._measure_recall(queries, labels, neighbours, weight)
-        return neighbours
+        return neighbours, scores
 
-    def _skip_labels(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _skip_labels(
+        self, rows: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.knn_search_k == self.knn_k:
-            return rows
-        return without_own_label(rows, labels, self.class_start, self.class_stop, self.knn_k)
+            return rows, scores
+        return without_own_label(rows, labels, self.class_start, self.class_stop, self.knn_k, scores)
 
     def note_rows_moved(self, rows_moved: int) -> None:
         """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""
@@ -405,7 +413,7 @@ class ActiveClassSelector:
     ) -> None:
         sample = slice(0, min(self.recall_queries, queries.shape[0]))
         _, exact = class_index.exact_topk(queries[sample], weight.detach(), self.knn_search_k, cosine=self.cosine)
-        exact = self._skip_labels(exact, labels[sample])
+        exact, _ = self._skip_labels(exact, labels[sample])
         self.last["knn_recall"] = class_index.recall_at_k(neighbours[sample], exact)
 
     def _recall_sample(self, labels: torch.Tensor) -> torch.Tensor:

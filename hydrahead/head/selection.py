@@ -104,9 +104,15 @@ def random_active(
 
 
 def without_own_label(
-    neighbour_rows: torch.Tensor, labels: torch.Tensor, class_start: int, class_stop: int, k: int
-) -> torch.Tensor:
-    """Each sample's first ``k`` neighbour rows other than its own label's row, (B, k).
+    neighbour_rows: torch.Tensor,
+    labels: torch.Tensor,
+    class_start: int,
+    class_stop: int,
+    k: int,
+    scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's first ``k`` neighbour rows other than its own label's row, (B, k), and
+    their ``scores`` (the search's, beside the rows) when given.
 
     ``neighbour_rows`` is (B, k') local rows in best-first order, k' >= k, -1 where the
     index found fewer. The shard that owns a label drops that row; the others keep their
@@ -129,8 +135,12 @@ def without_own_label(
     is_label = neighbour_rows == local[:, None]
     # A stable sort moves the label's entry (at most one per sample) behind the others, in
     # order; it becomes -1 (not found), which shows only when the search returned just k.
-    order = torch.argsort(is_label.to(torch.uint8), dim=1, stable=True)
-    return neighbour_rows.masked_fill(is_label, -1).gather(1, order[:, :k])
+    order = torch.argsort(is_label.to(torch.uint8), dim=1, stable=True)[:, :k]
+    rows = neighbour_rows.masked_fill(is_label, -1).gather(1, order)
+    if scores is None:
+        return rows, None
+    _check_scores(scores, neighbour_rows)
+    return rows, scores.masked_fill(is_label, float("-inf")).gather(1, order)
 
 
 def knn_active(
@@ -143,13 +153,17 @@ def knn_active(
     seed: int,
     step: int,
     ignore_index: int = -100,
+    neighbour_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Union of the neighbours' local rows and the owned positives, as sorted unique rows.
 
     ``neighbour_rows`` is (B, k) local rows from the shard's index, -1 where the index
     found fewer than k. With a ``budget``, a union smaller than ``resolve_budget(budget)``
     is filled with the lowest-priority remaining classes; a larger union is kept whole,
-    so the returned count (what the caller logs) can exceed the budget.
+    so the returned count (what the caller logs) can exceed the budget, unless
+    ``neighbour_scores`` (B, k: the search's scores, higher is nearer) are given: then it
+    is trimmed to the budget, keeping every positive and, of the other rows, those with
+    the highest score for some sample (the positives alone may still exceed it).
     """
     _check_step(seed, step)
     _check_labels(labels)
@@ -165,8 +179,32 @@ def knn_active(
     union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
         return union
-    num_fill = resolve_budget(budget, shard_size) - union.numel()
-    return _fill_lowest(union, num_fill, _step_key(seed, step), class_start, class_stop)
+    size = resolve_budget(budget, shard_size)
+    if neighbour_scores is not None:
+        _check_scores(neighbour_scores, neighbour_rows)
+        if union.numel() > size:
+            positives = owned_positives(labels, class_start, class_stop, ignore_index).to(union.device)
+            return _nearest_within(neighbour_rows, neighbour_scores, positives, size)
+    return _fill_lowest(union, size - union.numel(), _step_key(seed, step), class_start, class_stop)
+
+
+def _nearest_within(
+    neighbour_rows: torch.Tensor, neighbour_scores: torch.Tensor, positives: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``positives`` plus the ``size - len(positives)`` other neighbour rows of highest score
+    (a row's score: its best over the samples that found it), sorted."""
+    room = size - positives.numel()
+    if room <= 0:
+        return positives
+    rows = neighbour_rows.reshape(-1).long()
+    scores = neighbour_scores.reshape(-1).to(torch.float32)
+    candidate = (rows >= 0) & ~torch.isin(rows, positives)
+    rows, scores = rows[candidate], scores[candidate]
+    distinct, inverse = torch.unique(rows, return_inverse=True)
+    best = torch.full((distinct.numel(),), float("-inf"), device=scores.device)
+    best.scatter_reduce_(0, inverse, scores, "amax")
+    chosen = distinct[torch.topk(best, min(room, distinct.numel())).indices]
+    return torch.sort(torch.cat((positives, chosen))).values
 
 
 def knn_fixed_rows(
@@ -360,6 +398,14 @@ def _check_neighbour_rows(neighbour_rows: torch.Tensor) -> None:
         raise ValueError(
             f"neighbour_rows must be a 2-D integer tensor (batch, k), got shape "
             f"{tuple(neighbour_rows.shape)} and dtype {neighbour_rows.dtype}"
+        )
+
+
+def _check_scores(scores: torch.Tensor, neighbour_rows: torch.Tensor) -> None:
+    if scores.shape != neighbour_rows.shape or not scores.is_floating_point():
+        raise ValueError(
+            f"neighbour scores must be a floating tensor shaped as the rows {tuple(neighbour_rows.shape)}, "
+            f"got {tuple(scores.shape)} {scores.dtype}"
         )
 
 

@@ -255,6 +255,7 @@ class Trainer:
             budget=h.budget,
             knn_k=h.knn_k,
             knn_skip_label=h.knn_skip_label,
+            trim_to_budget=h.knn_trim_to_budget,
             graph_k=h.graph_k,
             graph_search=h.graph_search,
             num_classes=h.num_classes,
