@@ -194,7 +194,12 @@ def run_study(
     for r in records:
         if same_study(r) and r.get("wall_s") and r["method"] in variants:
             walls[r["method"]] = max(walls.get(r["method"], 0.0), r["wall_s"])
-    done = {(r["method"], r["seed"]) for r in records if same_study(r) and not r.get("note")}
+    # A row counts only if it ran its variant's overrides of today (a renamed default must rerun).
+    done = {
+        (r["method"], r["seed"])
+        for r in records
+        if same_study(r) and not r.get("note") and r.get("overrides") == variants.get(r["method"])
+    }
     todo = [(method, seed) for seed in seeds for method in variants if (method, seed) not in done]
     left, pending = 0, {}
 

@@ -502,8 +502,9 @@ def main(argv=None) -> None:
             )
             active = selector.last["active_classes"]
             queries = torch.nn.functional.normalize(features.detach().float(), dim=1)
-            _, found = selector._current.index.search(queries, args.knn_k, head.weight.detach())
-            selector._measure_recall(queries, found, head.weight)
+            _, found = selector._current.index.search(queries, selector.knn_search_k, head.weight.detach())
+            found, _ = selector._skip_labels(found, labels)  # as the step's search: the label left out
+            selector._measure_recall(queries, labels, found, head.weight)
             recall = selector.last["knn_recall"]
             hard_recall = active_recall(selector, features, labels, head.weight, counter["step"])
 

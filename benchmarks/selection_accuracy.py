@@ -20,7 +20,7 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
                               other than its label (head.knn_skip_label, the default; pass
                               head.knn_skip_label=false to keep it) + positives, filled with
                               random rows up to head.budget (with --trim, a larger union is
-                              trimmed to it: the positives and the nearest rows)
+                              trimmed to it: the positives, then the neighbours in rank order)
   hydrahead-random <budget>   head.selection=random (Partial FC) at the same head.budget; with
                               --random-lr-scales, also at those multiples of the head LR
   hydrahead-graph <budget> ...  head.selection=graph: each label's --graph-k nearest classes
@@ -113,6 +113,10 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     stored = f" {args.storage}" if args.storage else ""
     graph_index = args.graph_index_type or args.index_type
     trim = ["head.knn_trim_to_budget=true"] if args.trim else []
+    # Explicit, so that rows from before the default flipped (the label kept) never pass for
+    # today's on a rerun; left out when the run's own overrides set it.
+    if not any(o.startswith("head.knn_skip_label=") for o in args.overrides):
+        trim = ["head.knn_skip_label=true", *trim]
     knn_tail = stored + frozen + (" trimmed" if args.trim else "")
 
     def index(kind: str) -> list[str]:
@@ -234,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--trim",
         action="store_true",
-        help="knn: a union larger than the budget keeps the positives and its nearest rows up to it "
+        help="knn: a union larger than the budget keeps the positives and its rows in neighbour rank order up to it "
         "(head.knn_trim_to_budget), so knn scores the budget's rows too; its name ends in 'trimmed'",
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")

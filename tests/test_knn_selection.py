@@ -455,18 +455,22 @@ def test_without_own_label_matches_a_loop():
 
 
 def _nearest_within_loop(rows, scores, labels, size):
-    """The positives plus the other rows of highest score (each row's best over samples), as a loop."""
+    """The positives plus other rows in neighbour rank order (by score within a rank), as a loop."""
     positives = sorted({y - START for y in labels.tolist() if START <= y < STOP})
-    best = {}
-    for found, score in zip(rows.tolist(), scores.tolist()):
-        for row, value in zip(found, score):
-            if row >= 0 and row not in positives:
-                best[row] = max(best.get(row, float("-inf")), value)
-    ranked = sorted(best, key=lambda row: -best[row])
-    return torch.tensor(sorted(positives + ranked[: max(0, size - len(positives))]), dtype=torch.long)
+    entries = [
+        (rank, -score, row)
+        for found, values in zip(rows.tolist(), scores.tolist())
+        for rank, (row, score) in enumerate(zip(found, values))
+        if row >= 0 and row not in positives
+    ]
+    chosen = []
+    for _, _, row in sorted(entries):
+        if row not in chosen and len(chosen) < size - len(positives):
+            chosen.append(row)
+    return torch.tensor(sorted(positives + chosen), dtype=torch.long)
 
 
-def test_knn_active_trims_a_large_union_to_the_nearest_rows():
+def test_knn_active_trims_a_large_union_in_neighbour_rank_order():
     gen = _gen(48)
     for batch, k, budget in [(24, 3, 20), (24, 5, 40), (12, 2, 3), (24, 1, 1000), (16, 4, 0.1)]:
         _, labels = _batch(int(torch.randint(0, 1000, (1,), generator=gen)), batch=batch)
@@ -485,25 +489,29 @@ def test_knn_active_trims_a_large_union_to_the_nearest_rows():
         knn_active(rows, labels, START, STOP, 10, seed=1, step=2, neighbour_scores=scores[:, :1])
 
 
-def test_trimmed_knn_scores_exactly_the_budget_with_each_samples_nearest_rows():
+@pytest.mark.parametrize("cosine", [True, False])
+def test_trimmed_knn_keeps_every_samples_hardest_negative_within_the_budget(cosine):
     k, budget = 3, 24
-    options = dict(knn_k=k, index="torch", index_type="flat", cosine=True, budget=budget)
+    options = dict(knn_k=k, index="torch", index_type="flat", cosine=cosine, budget=budget)
     trimmed, whole = _selector(trim_to_budget=True, **options), _selector(**options)
     weight = _weight(57)
     for step in range(1, 4):
         features, labels = _batch(58 + step, batch=16)
-        features = features.float().double()
+        features = features.float().double() * torch.rand(16, 1, dtype=torch.float64) * 4  # varied norms
         rows = trimmed.select(step, features, labels, weight)
         assert whole.select(step, features, labels, weight).numel() > budget  # the union alone is larger
         assert rows.numel() == budget
-        # The nearest rows by float64 cosine, each sample's label skipped, then the best within the budget.
-        q, w = F.normalize(features, dim=1), F.normalize(weight, dim=1)
+        # The nearest rows in float64, each sample's label skipped, then rank order within the budget.
+        q, w = (F.normalize(features, dim=1), F.normalize(weight, dim=1)) if cosine else (features, weight)
         scores, found = (q @ w.T).topk(k + 1, dim=1)
         kept = _first_k_but_label(found, labels, k)
         kept_scores = torch.tensor(
             [[scores[i, found[i].tolist().index(row)].item() for row in kept[i].tolist()] for i in range(len(kept))]
         )
         assert torch.equal(rows, _nearest_within_loop(kept, kept_scores, labels, budget)), f"step {step}"
+        positives = owned_positives(labels, START, STOP)
+        if budget - positives.numel() >= 16:  # room for one row per sample: every hardest negative is in
+            assert set(kept[:, 0].tolist()) <= set(rows.tolist())
     trimmed.close()
     whole.close()
 
@@ -1081,7 +1089,7 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
         (["head.selection=graph", "head.budget=10", "head.knn_trim_to_budget=true"], "knn_trim_to_budget trims"),
     ],
 )
-def test_knn_fixed_size_options_are_checked(overrides, match):
+def test_knn_fixed_size_and_trim_options_are_checked(overrides, match):
     from hydrahead.config import ConfigError, load_config, validate
 
     with pytest.raises(ConfigError, match=match):

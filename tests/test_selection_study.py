@@ -66,6 +66,13 @@ def test_trim_passes_the_trim_to_knn_alone_and_names_it():
     assert not any("head.knn_trim_to_budget=true" in overrides for overrides in untrimmed.values())
 
 
+def test_knn_variants_name_the_label_skip_unless_the_run_sets_it():
+    variants, _ = make_variants(_args("--budget", "0.01", "--methods", "knn"), 20_000, 1280.0)
+    assert all("head.knn_skip_label=true" in overrides for overrides in variants.values())
+    kept, _ = make_variants(_args("--budget", "0.01", "--methods", "knn", "head.knn_skip_label=false"), 20_000, 1280.0)
+    assert not any(o.startswith("head.knn_skip_label=") for overrides in kept.values() for o in overrides)
+
+
 def test_a_fractional_budget_stays_a_float_and_rows_count_the_largest_shard():
     args = _args("--budget", "0.01", "--gpus", "3")
     variants, fields = make_variants(args, 1_000, 0.5)

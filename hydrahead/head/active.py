@@ -8,7 +8,8 @@ rows of the shard that the loss and the update run over (``None`` for ``full``):
 - ``knn``: the ``knn_k`` rows of highest score for each sample of the global batch (with
   ``knn_skip_label``, the default, other than the sample's own label: its hardest
   negatives), found in an index over the shard's weights, plus the owned positives, filled with
-  random negatives up to the budget when one is set (``selection.knn_active``). Scores
+  random negatives up to the budget when one is set (``selection.knn_active``); with
+  ``trim_to_budget`` a larger union is cut to the budget in neighbour rank order. Scores
   are cosines for the margin heads (normalised features and rows), inner products
   otherwise. Candidates are always scored with the stored weights as they are now; only
   the choice of candidates (the index's lists) can be stale. (With
@@ -53,7 +54,8 @@ checkpointed as their tables (``graph_table``), by class: a resume at any world 
 loads them.
 
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
-fraction of the exact top-k rows that the index found, measured every ``recall_every``
+fraction of the exact top-k rows that the index found, both without the sample's label
+when the search skips it, measured every ``recall_every``
 steps on ``recall_queries`` samples), ``graph_recall`` (the fraction of the exact
 ``graph_k`` nearest classes of the sampled labels' rows, over all shards and by the
 current weights, that the graph holds as their neighbours), ``active_recall`` (random,
@@ -400,7 +402,9 @@ class ActiveClassSelector:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.knn_search_k == self.knn_k:
             return rows, scores
-        return without_own_label(rows, labels, self.class_start, self.class_stop, self.knn_k, scores)
+        return without_own_label(
+            rows, labels, self.class_start, self.class_stop, self.knn_k, scores, ignore_index=self.ignore_index
+        )
 
     def note_rows_moved(self, rows_moved: int) -> None:
         """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""

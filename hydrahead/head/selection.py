@@ -110,6 +110,7 @@ def without_own_label(
     class_stop: int,
     k: int,
     scores: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each sample's first ``k`` neighbour rows other than its own label's row, (B, k), and
     their ``scores`` (the search's, beside the rows) when given.
@@ -130,7 +131,7 @@ def without_own_label(
             f"and at least k = {k} columns"
         )
     local = labels.to(neighbour_rows.device).long() - class_start
-    owned = (local >= 0) & (local < class_stop - class_start)
+    owned = (labels.to(local.device) != ignore_index) & (local >= 0) & (local < class_stop - class_start)
     local = torch.where(owned, local, torch.full_like(local, -2))  # -2 matches no row, not even -1
     is_label = neighbour_rows == local[:, None]
     # A stable sort moves the label's entry (at most one per sample) behind the others, in
@@ -162,8 +163,9 @@ def knn_active(
     is filled with the lowest-priority remaining classes; a larger union is kept whole,
     so the returned count (what the caller logs) can exceed the budget, unless
     ``neighbour_scores`` (B, k: the search's scores, higher is nearer) are given: then it
-    is trimmed to the budget, keeping every positive and, of the other rows, those with
-    the highest score for some sample (the positives alone may still exceed it).
+    is trimmed to the budget, keeping every positive and the other rows in neighbour rank
+    order (every sample's first neighbour, then every second, ...; by score within a
+    rank). The positives alone may still exceed it.
     """
     _check_step(seed, step)
     _check_labels(labels)
@@ -191,19 +193,28 @@ def knn_active(
 def _nearest_within(
     neighbour_rows: torch.Tensor, neighbour_scores: torch.Tensor, positives: torch.Tensor, size: int
 ) -> torch.Tensor:
-    """``positives`` plus the ``size - len(positives)`` other neighbour rows of highest score
-    (a row's score: its best over the samples that found it), sorted."""
+    """``positives`` plus ``size - len(positives)`` other neighbour rows, sorted: every
+    sample's first neighbour before any sample's second, and so on; within one rank the
+    higher score first (a row found twice counts at its best place). Ranking by score alone
+    would let the samples with the highest scores (with inner products, the longest
+    features) take every slot, and others lose even their hardest negative."""
     room = size - positives.numel()
     if room <= 0:
         return positives
+    batch, k = neighbour_rows.shape
     rows = neighbour_rows.reshape(-1).long()
-    scores = neighbour_scores.reshape(-1).to(torch.float32)
+    scores = neighbour_scores.reshape(-1)
+    ranks = torch.arange(k, device=rows.device).repeat(batch)
     candidate = (rows >= 0) & ~torch.isin(rows, positives)
-    rows, scores = rows[candidate], scores[candidate]
+    rows, scores, ranks = rows[candidate], scores[candidate], ranks[candidate]
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    order = by_score[torch.argsort(ranks[by_score], stable=True)]  # rank first, score within a rank
+    rows = rows[order]
     distinct, inverse = torch.unique(rows, return_inverse=True)
-    best = torch.full((distinct.numel(),), float("-inf"), device=scores.device)
-    best.scatter_reduce_(0, inverse, scores, "amax")
-    chosen = distinct[torch.topk(best, min(room, distinct.numel())).indices]
+    places = torch.arange(rows.numel(), device=rows.device)
+    first = torch.full((distinct.numel(),), rows.numel(), device=rows.device, dtype=torch.long)
+    first.scatter_reduce_(0, inverse, places, "amin")  # each distinct row's best place
+    chosen = rows[torch.sort(first).values[:room]]
     return torch.sort(torch.cat((positives, chosen))).values
 
 
