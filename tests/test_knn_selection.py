@@ -448,6 +448,11 @@ def test_without_own_label_matches_a_loop():
             entries = [j for j in range(width) if rows[i, j].item() != own][:k]
             want = [scores[i, j].item() for j in entries] + [float("-inf")] * (k - len(entries))
             assert got_scores[i].tolist() == want, (batch, width, k, i)
+    # An ignored sample keeps its rows, even where ignore_index is a class of this shard.
+    rows = torch.tensor([[4, 1, 2], [4, 1, 2]])
+    got, _ = without_own_label(rows, torch.tensor([START + 4, START + 4]), START, STOP, 2, ignore_index=START + 4)
+    assert got.tolist() == [[4, 1], [4, 1]]
+    assert without_own_label(rows, torch.tensor([START + 4, START + 1]), START, STOP, 2)[0].tolist() == [[1, 2], [4, 2]]
     with pytest.raises(ValueError, match="at least k"):
         without_own_label(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long), START, STOP, 3)
     with pytest.raises(ValueError, match="a row per label"):
