@@ -112,11 +112,10 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     frozen = " frozen" if args.inactive_rows == "frozen" else ""
     stored = f" {args.storage}" if args.storage else ""
     graph_index = args.graph_index_type or args.index_type
-    trim = ["head.knn_trim_to_budget=true"] if args.trim else []
-    # Explicit, so that rows from before the default flipped (the label kept) never pass for
-    # today's on a rerun; left out when the run's own overrides set it.
-    if not any(o.startswith("head.knn_skip_label=") for o in args.overrides):
-        trim = ["head.knn_skip_label=true", *trim]
+    # The label skip explicit, so that rows from before its default flipped (the label kept)
+    # never pass for today's on a rerun; left out when the run's own overrides set it.
+    skip = [] if any(o.startswith("head.knn_skip_label=") for o in args.overrides) else ["head.knn_skip_label=true"]
+    knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else [])]
     knn_tail = stored + frozen + (" trimmed" if args.trim else "")
 
     def index(kind: str) -> list[str]:
@@ -140,7 +139,7 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
         sampled = {
             "knn": (
                 f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{knn_tail}",
-                ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type), *trim],
+                ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type), *knn_options],
             ),
             "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
             "graph": (

@@ -174,8 +174,8 @@ class HeadConfig:
     )
     knn_trim_to_budget: bool = _key(
         False,
-        "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives and "
-        "the neighbours of highest score up to it (false: it is kept whole), so every step scores the budget's rows",
+        "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives, then "
+        "the neighbours in rank order (every sample's first before any second) up to it (false: it is kept whole)",
     )
     graph_k: int = _key(
         16,

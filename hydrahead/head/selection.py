@@ -172,12 +172,8 @@ def knn_active(
     _check_range(class_start, class_stop)
     shard_size = class_stop - class_start
     _check_neighbour_rows(neighbour_rows)
-    candidates = torch.cat(
-        (
-            neighbour_rows.reshape(-1).long(),
-            _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device),
-        )
-    )
+    owned = _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)
+    candidates = torch.cat((neighbour_rows.reshape(-1).long(), owned))
     union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
         return union
@@ -185,8 +181,7 @@ def knn_active(
     if neighbour_scores is not None:
         _check_scores(neighbour_scores, neighbour_rows)
         if union.numel() > size:
-            positives = owned_positives(labels, class_start, class_stop, ignore_index).to(union.device)
-            return _nearest_within(neighbour_rows, neighbour_scores, positives, size)
+            return _nearest_within(neighbour_rows, neighbour_scores, _unique_rows(owned, shard_size), size)
     return _fill_lowest(union, size - union.numel(), _step_key(seed, step), class_start, class_stop)
 
 
