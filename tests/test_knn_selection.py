@@ -1099,3 +1099,39 @@ def test_knn_fixed_size_and_trim_options_are_checked(overrides, match):
 
     with pytest.raises(ConfigError, match=match):
         validate(load_config(None, overrides))
+
+
+def test_trainer_passes_knn_skip_label_and_trim_to_the_selector(tmp_path):
+    """One step per setting: trimmed, the union (positives + 3 neighbours of 48 samples) is cut
+    to exactly the budget; untrimmed it is kept whole; skip_label decides the search's k."""
+    settings = {
+        "trimmed": ["head.knn_trim_to_budget=true"],
+        "whole": ["head.knn_trim_to_budget=false"],
+        "label kept": ["head.knn_trim_to_budget=true", "head.knn_skip_label=false"],
+    }
+    seen = run_ranks(_one_knn_step_on_rank, 1, str(tmp_path), settings)[0]
+    assert seen["trimmed"] == (4, 60.0)
+    assert seen["label kept"] == (3, 60.0)
+    search_k, rows = seen["whole"]
+    assert search_k == 4 and rows > 60
+
+
+def _one_knn_step_on_rank(rank, world_size, root, settings):
+    from launcher import TINY
+
+    from hydrahead.config import load_config
+    from hydrahead.data.build import batches
+    from hydrahead.distributed.setup import DistEnv
+    from hydrahead.train.trainer import Trainer
+
+    seen = {}
+    for name, overrides in settings.items():
+        knn = ["head.selection=knn", "head.knn_k=3", "head.budget=60", "head.num_classes=2000", "head.index=torch"]
+        cfg = load_config(None, [f"run.dir={root}/{name}", *TINY, *knn, "head.index_type=flat", *overrides])
+        trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+        data = batches(trainer.train_data, start_step=0, global_batch=48, rank=rank, world_size=world_size)
+        trainer.train_step(*next(data), timed=False)
+        data.close()
+        seen[name] = (trainer.selector.knn_search_k, float(trainer.selector.last["active_classes"]))
+        trainer.selector.close()
+    return seen
