@@ -475,9 +475,10 @@ GRAPH = ["head.selection=graph", "head.graph_k=4", "head.index=torch", "head.ind
 
 
 def test_trainer_graph_background_logs_recall(tmp_path):
-    """Two ranks, background builds every 3 steps on their own process group."""
+    """Two ranks, background builds every 3 steps on their own process group; a step whose graph
+    is more than 6 updates old waits for the build (head.index_max_age), however slow the machine."""
     run_dir = tmp_path / "graph"
-    launch(run_dir, 2, *GRAPH, "head.rebuild_every=3", "train.eval_every=0")
+    launch(run_dir, 2, *GRAPH, "head.rebuild_every=3", "head.index_max_age=6", "train.eval_every=0")
     rows = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert "graph_recall" not in rows[0] and "active_recall" not in rows[0]  # step 1: nothing measured yet
