@@ -27,6 +27,10 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
                               in the class graph (built with the same index, rebuilt every
                               --rebuild-every steps) + positives, filled as knn
 
+With --search-paid-rows, knn and graph search the rows with the steps they owe paid
+(head.search_paid_rows; head momentum or weight decay with --inactive-rows continue): their
+names end in "paid".
+
 Storages: fp32 (round to nearest), bf16 and fp8 (e4m3, stochastic rounding); --storage
 sets the one of knn, random and graph (default: the config's).
 
@@ -115,8 +119,11 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     # The label skip explicit, so that rows from before its default flipped (the label kept)
     # never pass for today's on a rerun; left out when the run's own overrides set it.
     skip = [] if any(o.startswith("head.knn_skip_label=") for o in args.overrides) else ["head.knn_skip_label=true"]
-    knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else [])]
-    knn_tail = stored + frozen + (" trimmed" if args.trim else "")
+    paid = ["head.search_paid_rows=true"] if args.search_paid_rows else []
+    paid_tail = " paid" if args.search_paid_rows else ""
+    knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid]
+    knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail
+    graph_tail = stored + frozen + paid_tail
 
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
@@ -143,8 +150,8 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
             ),
             "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
             "graph": (
-                f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{stored}{frozen}",
-                ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index)],
+                f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{graph_tail}",
+                ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index), *paid],
             ),
         }
         for mode in ("knn", "random", "graph"):
@@ -239,6 +246,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="knn: a union larger than the budget keeps the positives and its rows in neighbour rank order up to it "
         "(head.knn_trim_to_budget), so knn scores the budget's rows too; its name ends in 'trimmed'",
+    )
+    parser.add_argument(
+        "--search-paid-rows",
+        action="store_true",
+        help="knn and graph: search the rows with the steps they owe paid (head.search_paid_rows); their names end "
+        "in 'paid'",
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
     parser.add_argument("--graph-k", type=int, default=16, help="head.graph_k")

@@ -177,6 +177,12 @@ class HeadConfig:
         "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives, then "
         "the neighbours in rank order (every sample's first before any second) up to it (false: it is kept whole)",
     )
+    search_paid_rows: bool = _key(
+        False,
+        "knn/graph with inactive_rows=continue and head momentum or weight decay: search (and build the graph from) "
+        "the rows with the steps they owe paid, where the loss will read them, not where their last active step "
+        "left them (a float32 copy of the shard at every step, C_r x D x 4 bytes)",
+    )
     graph_k: int = _key(
         16,
         "graph: neighbours per class in the class graph, its nearest classes over all shards by weight row "
@@ -808,6 +814,13 @@ def _check_selection(c: _Checks) -> None:
         not h.knn_trim_to_budget or (h.selection == "knn" and h.budget is not None),
         f"head.knn_trim_to_budget trims knn's union to head.budget: it needs head.selection=knn and a budget, got "
         f"selection {h.selection} and budget {h.budget}",
+    )
+    c.need(
+        not h.search_paid_rows
+        or (h.selection in ("knn", "graph") and h.inactive_rows == "continue" and (h.momentum or h.weight_decay)),
+        "head.search_paid_rows searches the rows with the steps they owe paid: it needs head.selection=knn or graph, "
+        f"head.inactive_rows=continue and head momentum or weight decay, got selection {h.selection}, inactive_rows "
+        f"{h.inactive_rows}, momentum {h.momentum} and weight_decay {h.weight_decay}",
     )
     for key in ("rebuild_every", "index_retrain_every", "index_nprobe"):
         c.at_least(f"head.{key}", 1)

@@ -132,9 +132,10 @@ def test_unchecked_active_rows_missing_a_label_still_fail_in_the_loss(impl, dtyp
     head.loss(features, labels, positives, check_rows=False)  # the failed loss left no step pending
 
 
-def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12, seed=4):
+def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12, seed=4, settle=True):
     """The head over random active sets for ``steps`` steps, beside torch.optim.SGD on a dense
-    copy whose gradient is zero outside the active rows (float64; LR changes every step)."""
+    copy whose gradient is zero outside the active rows (float64; LR changes every step).
+    The head settles its deferred steps at the end unless ``settle`` is False."""
     from hydrahead.head import sharded_cross_entropy
 
     dtype = torch.float64 if impl == "reference" else torch.float32
@@ -182,7 +183,8 @@ def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12,
         assert float(loss) == pytest.approx(float(reference), rel=1e-12 if impl == "reference" else 1e-5)
     if inactive_rows == "continue":
         assert head._deferred.owing and int(head._deferred.row_updates[never]) == 0  # row 7 still owes every step
-    head.settle()
+    if settle:
+        head.settle()
     buffer = optimizer.state[dense]["momentum_buffer"] if momentum else None
     return head, dense.detach(), buffer
 
@@ -194,6 +196,25 @@ def test_inactive_rows_continue_as_full_sgd_with_zero_gradients(momentum, weight
     if momentum:
         assert torch.allclose(head.momentum_buffer, buffer, rtol=0, atol=1e-12)
     assert not head._deferred.owing
+
+
+@pytest.mark.parametrize("momentum, weight_decay, chunk_rows", [(0.9, 0.0, 1 << 18), (0.9, 1e-2, 5), (0.0, 1e-2, 7)])
+def test_rows_as_the_loss_reads_them_are_full_sgds_and_leave_the_debts_owed(
+    momentum, weight_decay, chunk_rows, monkeypatch
+):
+    """What the search of head.search_paid_rows reads: every row with its owed steps paid
+    (torch.optim.SGD's rows), while the stored rows and their debts stay as they were."""
+    from hydrahead.optim import deferred_sgd
+
+    monkeypatch.setattr(deferred_sgd, "_SETTLE_ROWS", chunk_rows)  # several chunks of rows, or one
+    head, weight, _ = _sgd_over_active_rows("reference", "continue", momentum, weight_decay, settle=False)
+    stored, last_current = head.weight.detach().clone(), head._deferred.row_updates.clone()
+    assert not torch.allclose(stored, weight, rtol=0, atol=1e-6)  # the stored rows lag behind SGD's
+    paid = head.rows_as_the_loss_reads_them()
+    assert paid.dtype == torch.float64 and torch.allclose(paid, weight, rtol=0, atol=1e-12)
+    assert torch.equal(head.weight.detach(), stored) and torch.equal(head._deferred.row_updates, last_current)
+    head.settle()
+    assert torch.equal(head.rows_as_the_loss_reads_them(), head.weight.detach())  # nothing owed: the rows as stored
 
 
 def test_inactive_rows_continue_with_the_fused_kernels():

@@ -557,6 +557,29 @@ def _ivf_selector(**options):
     return _selector(**{**base, **options})
 
 
+@pytest.mark.parametrize("every_row_moves", [False, True])
+def test_rows_that_move_every_step_are_all_filed_again_at_each_rebuild(every_row_moves):
+    """head.search_paid_rows: the rows searched (their owed steps paid) all move at every step,
+    so a rebuild between k-means runs files every row again, not only the selected ones."""
+    selector = _ivf_selector(
+        deterministic=True, rebuild_every=2, retrain_every=3, knn_k=2, rows_move_every_step=every_row_moves
+    )
+    weights = [_weight(66)]  # weights[u]: after u updates
+    filed_as_built = []
+    for step in range(1, 8):
+        selector.select(step, *_batch(67 + step), weights[-1])
+        built = selector._current
+        state = built.index.state_dict()
+        filed_as_built.append(torch.equal(state["assign"], _ip_lists64(weights[built.step], state["centroids"], True)))
+        drift = 0.5 * torch.randn(SHARD, DIM, generator=_gen(300 + step), dtype=torch.float64)
+        weights.append(weights[-1] + drift)  # every row moves, none announced as selected
+    selector.close()
+    if every_row_moves:
+        assert all(filed_as_built)
+    else:  # the refiles of steps 2 and 4 file the selected rows only; step 1 and 6 run k-means over all
+        assert filed_as_built == [True, False, False, False, False, True, True]
+
+
 def test_deterministic_rebuilds_at_multiples_of_rebuild_every(monkeypatch):
     every = 3
     selector = _ivf_selector(deterministic=True, rebuild_every=every, retrain_every=1)  # every rebuild a full one
@@ -1134,4 +1157,52 @@ def _one_knn_step_on_rank(rank, world_size, root, settings):
         data.close()
         seen[name] = (trainer.selector.knn_search_k, float(trainer.selector.last["active_classes"]))
         trainer.selector.close()
+    return seen
+
+
+def test_trainer_searches_the_rows_with_their_owed_steps_paid(tmp_path):
+    """head.search_paid_rows: with head momentum the rows a step searches are those the loss
+    will read (owed steps paid), not the stored ones; off, the stored ones."""
+    seen = run_ranks(_searched_rows_on_rank, 1, str(tmp_path))[0]
+    # (searched the paid rows, searched the stored tensor, the paid rows equal the stored ones)
+    assert seen["paid"] == [(True, False, False)] * 2
+    assert seen["stored"] == [(False, True, False)] * 2
+
+
+def _searched_rows_on_rank(rank, world_size, root):
+    from launcher import TINY
+
+    from hydrahead.config import load_config
+    from hydrahead.data.build import batches
+    from hydrahead.distributed.setup import DistEnv
+    from hydrahead.train.trainer import Trainer
+
+    seen = {}
+    for name, paid in (("paid", True), ("stored", False)):
+        knn = ["head.selection=knn", "head.knn_k=3", "head.budget=60", "head.num_classes=2000", "head.index=torch"]
+        options = ["head.index_type=flat", "head.momentum=0.9", "optim.warmup_steps=0"]  # moving from the first step
+        options.append(f"head.search_paid_rows={str(paid).lower()}")
+        cfg = load_config(None, [f"run.dir={root}/{name}", *TINY, *knn, *options])
+        trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+        assert trainer.selector.rows_move_every_step == paid
+        searched, calls, select = [], [], trainer.selector.select
+
+        def recording_select(step, features, labels, weight, rows_moved, select=select, trainer=trainer):
+            calls.append(step)
+            if len(calls) >= 3:  # rows active at step 1 and not at step 2 owe the third a step
+                stored = trainer.head.weight.detach()
+                paid_rows = trainer.head.rows_as_the_loss_reads_them()
+                searched.append(
+                    (torch.equal(weight, paid_rows), weight is trainer.head.weight, torch.equal(paid_rows, stored))
+                )
+            return select(step, features, labels, weight, rows_moved)
+
+        trainer.selector.select = recording_select
+        data = batches(trainer.train_data, start_step=0, global_batch=48, rank=rank, world_size=world_size)
+        for _ in range(4):
+            trainer._set_learning_rates()  # as train() does before each step
+            trainer.train_step(*next(data), timed=False)
+        data.close()
+        trainer.selector.close()
+        seen[name] = searched
     return seen

@@ -66,6 +66,16 @@ def test_trim_passes_the_trim_to_knn_alone_and_names_it():
     assert not any("head.knn_trim_to_budget=true" in overrides for overrides in untrimmed.values())
 
 
+def test_search_paid_rows_goes_to_knn_and_graph_alone_and_names_them():
+    args = _args("--budget", "0.01", "--search-paid-rows", "--methods", "knn,graph,random,full")
+    variants, fields = make_variants(args, 20_000, 1280.0)
+    for name, overrides in variants.items():
+        paid = "head.search_paid_rows=true" in overrides
+        assert paid == (fields[name]["mode"] in ("knn", "graph")) == name.endswith(" paid"), name
+    stored, _ = make_variants(_args("--budget", "0.01", "--methods", "knn,graph"), 20_000, 1280.0)
+    assert not any("head.search_paid_rows=true" in overrides for overrides in stored.values())
+
+
 def test_knn_variants_name_the_label_skip_unless_the_run_sets_it():
     variants, _ = make_variants(_args("--budget", "0.01", "--methods", "knn"), 20_000, 1280.0)
     assert all("head.knn_skip_label=true" in overrides for overrides in variants.values())

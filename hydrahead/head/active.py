@@ -156,6 +156,10 @@ class RowNorms:
         self._stale = None
         return self.values
 
+    def forget(self) -> None:
+        """Every row moved: the next ``current`` call computes every norm afresh."""
+        self.values = None
+
     def will_update(self, rows: torch.Tensor) -> None:
         """``rows`` change before the next ``current`` call."""
         self._stale = rows
@@ -194,13 +198,17 @@ class ActiveClassSelector:
         device: torch.device | str = "cpu",
         group=None,
         build_group=None,
+        rows_move_every_step: bool = False,
     ):
         """``group``: the head's ranks (graph: every step's exchange; every selection: the
         recall measurements). ``build_group``: a second group over the same ranks for a
         multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
         ``graph_search``: how graph builds search a torch IVF (``class_graph.GRAPH_SEARCHES``).
         ``max_index_age``: steps after which a background-built index makes a step wait for
-        the running build (None: never; at least ``rebuild_every``)."""
+        the running build (None: never; at least ``rebuild_every``). ``rows_move_every_step``:
+        the weight given to ``select`` moves every row at every step (the rows with the steps
+        they owe paid), so every IVF rebuild files every row again and the row norms are
+        computed afresh at each search."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if selection == "random" and budget is None:
@@ -242,6 +250,7 @@ class ActiveClassSelector:
         # Search one row more and drop the sample's own label (the positive is active anyway).
         self.knn_search_k = self.knn_k + 1 if knn_skip_label and self.knn_k < self.shard_size else self.knn_k
         self.trim_to_budget = trim_to_budget
+        self.rows_move_every_step = rows_move_every_step
         self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.max_index_age = max_index_age
@@ -315,6 +324,8 @@ class ActiveClassSelector:
         changes, the next IVF rebuild files every row again.
         """
         self.note_rows_moved(rows_moved)
+        if self.rows_move_every_step:
+            self._every_row_moved()
         if self.selection == "full":
             self.last["active_classes"] = self.shard_size
             return None
@@ -408,9 +419,15 @@ class ActiveClassSelector:
 
     def note_rows_moved(self, rows_moved: int) -> None:
         """The head's ``settles`` count: when it changed, the next IVF rebuild files every row."""
-        if rows_moved != self._rows_moved and self._dirty is not None:
-            self._dirty.fill_(True)
+        if rows_moved != self._rows_moved:
+            self._every_row_moved()
         self._rows_moved = rows_moved
+
+    def _every_row_moved(self) -> None:
+        if self._dirty is not None:
+            self._dirty.fill_(True)
+        if self._norms is not None:
+            self._norms.forget()
 
     def _measure_recall(
         self, queries: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor

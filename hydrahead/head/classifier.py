@@ -324,6 +324,17 @@ class ShardedClassifier(nn.Module):
             self._deferred.settle_(self.weight.data, self.momentum_buffer, write)
             self.settles += 1
 
+    @torch.no_grad()
+    def rows_as_the_loss_reads_them(self) -> torch.Tensor:
+        """This shard's rows with the steps they owe paid (float32, not stored), where the
+        next loss over them will read them (before a low-precision store's rounding); the
+        stored weight itself when nothing is owed.
+        With momentum a row keeps moving after its last active step, while its stored copy
+        stays where that step wrote it."""
+        if self._deferred is None or not self._deferred.owing:
+            return self.weight.detach()
+        return self._deferred.paid_rows(self.weight.detach(), self.momentum_buffer)
+
     @property
     def defers_steps(self) -> bool:
         """Whether rows outside an active set can owe steps (``inactive_rows="continue"`` with

@@ -130,6 +130,18 @@ class DeferredSGD:
         return True
 
     @torch.no_grad()
+    def paid_rows(self, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Every row's weight after the steps it owes, in float32 (float64 for float64 rows),
+        leaving the stored rows and the debts as they are: where the next loss will read each
+        row. Paid ``_SETTLE_ROWS`` rows at a time into one new (C_r, D) tensor."""
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        paid = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        for start in range(0, weight.shape[0], _SETTLE_ROWS):
+            rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
+            paid[rows] = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])[0]
+        return paid
+
+    @torch.no_grad()
     def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None, write_rows=None) -> None:
         """Pay every row's debt in place; afterwards all rows are current.
 

@@ -275,6 +275,7 @@ class Trainer:
             device=self.device,
             group=env.head_group,
             build_group=build_group,
+            rows_move_every_step=h.search_paid_rows,
         )
 
         self.backbone_optim = build_optimizer(
@@ -498,7 +499,7 @@ class Trainer:
         key = f"rank{self.env.rank}"
         state = {"head_index": {key: self.selector.empty_index_state(self.cfg.model.embed_dim)}}
         ckpt.load_checkpoint(self.env, path, state)
-        self.selector.load_index_state(state["head_index"][key], self.head.weight)
+        self.selector.load_index_state(state["head_index"][key], self._rows_to_search())
 
     def _resume_graph(self, path: Path, meta: dict) -> None:
         """Deterministic graph: load this shard's rows of the saved class graph, or say why it is rebuilt."""
@@ -737,9 +738,15 @@ class Trainer:
         }
         return loss, local_grad, comm_bytes, unjudged
 
+    def _rows_to_search(self) -> torch.Tensor:
+        """The rows the selector searches: as stored, or (head.search_paid_rows) with the steps
+        they owe paid, where the loss will read them."""
+        return self.head.rows_as_the_loss_reads_them() if self.cfg.head.search_paid_rows else self.head.weight
+
     def _select(self, step: int, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor | None:
         """This shard's active rows for the step (None: all), with the lost_label fault applied."""
-        active_rows = self.selector.select(step, global_features, global_labels, self.head.weight, self.head.settles)
+        rows = self._rows_to_search()
+        active_rows = self.selector.select(step, global_features, global_labels, rows, self.head.settles)
         if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
             active_rows = _without_an_owned_label(
                 active_rows, global_labels, self.head.class_start, self.head.class_stop
