@@ -1206,3 +1206,28 @@ def _searched_rows_on_rank(rank, world_size, root):
         trainer.selector.close()
         seen[name] = searched
     return seen
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(selection="knn", knn_k=2048), r"knn_k=2048 \(\+ 1 for the label skipped.*at most 2048"),
+        (dict(selection="knn", knn_k=2100, knn_skip_label=False), r"knn_k=2100 asks .* 2100 rows"),
+        (dict(selection="knn", knn_k=8, index_type="ivf", nprobe=4096), "index_nprobe=4096"),
+        (dict(selection="graph", graph_k=2048), r"graph_k=2048 \(\+ 1 for the class itself"),
+    ],
+)
+def test_searches_past_faiss_gpu_limits_fail_when_the_selector_is_made(monkeypatch, options, match):
+    """A FAISS GPU index returns at most 2,048 rows and probes at most 2,048 lists; without
+    this check the first step's search would fail inside FAISS."""
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(index_mod, "faiss_gpu_available", lambda: True)  # as on a GPU build of FAISS
+    made = dict(index="faiss", index_type="flat", device="cuda", num_classes=5000)
+    with pytest.raises(ValueError, match=match):
+        ActiveClassSelector(class_start=0, class_stop=5000, **{**made, **options})
+    within = {**made, "selection": options["selection"], "knn_k": 2047, "graph_k": 2047}
+    on_cpu = {**made, **options, "device": "cpu"}  # FAISS on the CPU has no such limit
+    for fine in (within, on_cpu):
+        selector = ActiveClassSelector(class_start=0, class_stop=5000, **fine)
+        assert selector.index_backend == "faiss"
+        selector.close()

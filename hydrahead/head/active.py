@@ -268,6 +268,7 @@ class ActiveClassSelector:
             self.index_backend, self.index_type = resolve_index(
                 index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
             )
+            self._check_faiss_gpu_limits(graph_k, nprobe)
             logger.info(
                 "%s index: %s %s over %d rows (%s)",
                 selection,
@@ -307,6 +308,24 @@ class ActiveClassSelector:
                 f"selection=graph: rank {rank} of {world} owns classes [{owned[0]}, {owned[1]}) of "
                 f"{self.num_classes}, not [{self.class_start}, {self.class_stop})"
             )
+
+    def _check_faiss_gpu_limits(self, graph_k: int, nprobe: int) -> None:
+        """A FAISS GPU index fails at its first search past its k or nprobe limit: say so now."""
+        on_faiss_gpu = (
+            self.index_backend == "faiss"
+            and self.index_type != "hnsw"
+            and self.device.type == "cuda"
+            and class_index.faiss_gpu_available()
+        )
+        if not on_faiss_gpu:
+            return
+        if self.selection == "knn":
+            rows, what = self.knn_search_k, f"head.knn_k={self.knn_k}"
+            if self.knn_search_k > self.knn_k:
+                what += " (+ 1 for the label skipped, head.knn_skip_label)"
+        else:
+            rows, what = graph_k + 1, f"head.graph_k={graph_k} (+ 1 for the class itself, in graph builds)"
+        class_index.check_faiss_gpu_search(rows, nprobe if self.index_type == "ivf" else 1, what)
 
     # ------------------------------------------------------------------------------------
     # Selection

@@ -675,6 +675,24 @@ def faiss_gpu_available() -> bool:
     return faiss_available() and hasattr(_import_faiss(), "StandardGpuResources")
 
 
+FAISS_GPU_MAX_K = 2048  # FAISS's GPU k-selection returns at most this many rows, and probes at most this many lists
+
+
+def check_faiss_gpu_search(k: int, nprobe: int, what: str) -> None:
+    """Raise a ValueError naming ``what`` (the config keys behind ``k``) when a FAISS GPU index
+    could not run a search of ``k`` rows over ``nprobe`` lists (it fails there at the first search)."""
+    if k > FAISS_GPU_MAX_K:
+        raise ValueError(
+            f"{what} asks a FAISS GPU index for {k} rows per query; it returns at most {FAISS_GPU_MAX_K}: "
+            "lower it, or use head.index=torch"
+        )
+    if nprobe > FAISS_GPU_MAX_K:
+        raise ValueError(
+            f"head.index_nprobe={nprobe}: a FAISS GPU index probes at most {FAISS_GPU_MAX_K} lists; "
+            "lower it, or use head.index=torch"
+        )
+
+
 def faiss_serves(device: torch.device) -> bool:
     """Whether FAISS can index weights on ``device``: importable, with GPU support for a GPU
     (copying each step's queries to a CPU index costs more than the torch search there)."""
