@@ -177,6 +177,12 @@ class HeadConfig:
         "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives, then "
         "the neighbours in rank order (every sample's first before any second) up to it (false: it is kept whole)",
     )
+    settle_every: int | None = _key(
+        None,
+        "inactive_rows=continue: pay every row's owed steps into the stored rows at least every this many steps "
+        "(null: every 4,096), so that an index over the stored rows sees where momentum carried them; a settle is a "
+        "pass over the shard's rows and momentum, with a rounding of each row in low-precision storage",
+    )
     search_paid_rows: bool = _key(
         False,
         "knn/graph with inactive_rows=continue and head momentum or weight decay: search (and build the graph from) "
@@ -826,6 +832,11 @@ def _check_selection(c: _Checks) -> None:
         c.at_least(f"head.{key}", 1)
     c.at_least("head.index_max_age", h.rebuild_every, nullable=True)  # younger than a rebuild period: every step waits
     c.at_least("head.index_nlist", 1, nullable=True)
+    c.at_least("head.settle_every", 1, nullable=True)
+    c.need(
+        h.settle_every is None or h.settle_every <= 4096,
+        f"head.settle_every={h.settle_every}: the owed steps are kept for at most 4,096 steps; give at most 4096",
+    )
     c.at_least("head.recall_every", 0)
     c.need(
         not (h.index == "torch" and h.index_type == "hnsw"),

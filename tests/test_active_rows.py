@@ -132,7 +132,9 @@ def test_unchecked_active_rows_missing_a_label_still_fail_in_the_loss(impl, dtyp
     head.loss(features, labels, positives, check_rows=False)  # the failed loss left no step pending
 
 
-def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12, seed=4, settle=True):
+def _sgd_over_active_rows(
+    impl, inactive_rows, momentum, weight_decay, steps=12, seed=4, settle=True, settle_every=None
+):
     """The head over random active sets for ``steps`` steps, beside torch.optim.SGD on a dense
     copy whose gradient is zero outside the active rows (float64; LR changes every step).
     The head settles its deferred steps at the end unless ``settle`` is False."""
@@ -151,6 +153,7 @@ def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12,
         weight_decay=weight_decay,
         momentum_dtype=dtype,
         inactive_rows=inactive_rows,
+        settle_every=settle_every,
     )
     dense = head.weight.detach().double().clone().requires_grad_()
     optimizer = torch.optim.SGD([dense], lr=LR, momentum=momentum, weight_decay=weight_decay)
@@ -181,7 +184,7 @@ def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12,
                 if momentum:
                     optimizer.state[dense]["momentum_buffer"][inactive] = kept_buffer[inactive]
         assert float(loss) == pytest.approx(float(reference), rel=1e-12 if impl == "reference" else 1e-5)
-    if inactive_rows == "continue":
+    if inactive_rows == "continue" and settle_every is None:
         assert head._deferred.owing and int(head._deferred.row_updates[never]) == 0  # row 7 still owes every step
     if settle:
         head.settle()
@@ -189,9 +192,14 @@ def _sgd_over_active_rows(impl, inactive_rows, momentum, weight_decay, steps=12,
     return head, dense.detach(), buffer
 
 
-@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 1e-2), (0.9, 1e-2)])
-def test_inactive_rows_continue_as_full_sgd_with_zero_gradients(momentum, weight_decay):
-    head, weight, buffer = _sgd_over_active_rows("reference", "continue", momentum, weight_decay)
+@pytest.mark.parametrize(
+    "momentum, weight_decay, settle_every", [(0.9, 0.0, None), (0.0, 1e-2, None), (0.9, 1e-2, None), (0.9, 1e-2, 5)]
+)
+def test_inactive_rows_continue_as_full_sgd_with_zero_gradients(momentum, weight_decay, settle_every):
+    head, weight, buffer = _sgd_over_active_rows(
+        "reference", "continue", momentum, weight_decay, settle_every=settle_every
+    )
+    assert head.settles == (3 if settle_every else 1)  # after steps 5 and 10, and the final one
     assert torch.allclose(head.weight.detach(), weight, rtol=0, atol=1e-12)
     if momentum:
         assert torch.allclose(head.momentum_buffer, buffer, rtol=0, atol=1e-12)
@@ -230,16 +238,27 @@ def test_frozen_rows_keep_weight_and_momentum():
     assert torch.allclose(head.momentum_buffer, buffer, rtol=0, atol=1e-12)
 
 
-def test_deferred_steps_are_settled_within_max_lag():
-    head = make_head("reference", torch.float64)
+@pytest.mark.parametrize("settle_every", [None, 3])
+def test_deferred_steps_are_settled_every_settle_every_steps(settle_every):
+    """head.settle_every: every row pays its debt at least that often (by default at the
+    table's max_lag, 4,096 steps), and the head counts its settles."""
+    head = ShardedClassifier(
+        NUM_CLASSES, DIM, seed=3, init_std=0.5, dtype=torch.float64, momentum=MOMENTUM, settle_every=settle_every
+    )
+    head.set_lr(LR)
     head.momentum_buffer.normal_()
     rows = labels = torch.arange(10, 20)
-    for step in range(5):
+    lags = []
+    for _ in range(7):
         head.loss(torch.randn(10, DIM, dtype=torch.float64), labels, rows).backward()
-        if step == 0:
-            head._deferred.max_lag = 3  # settle at the latest every 3 steps
         head.finish_step()
-        assert head._deferred.updates - head._deferred.oldest < 3
+        lags.append(head._deferred.updates - head._deferred.oldest)
+    if settle_every is None:
+        assert lags == [1, 2, 3, 4, 5, 6, 7] and head.settles == 0
+    else:
+        assert lags == [1, 2, 0, 1, 2, 0, 1] and head.settles == 2
+    with pytest.raises(ValueError, match="settle_every"):
+        ShardedClassifier(NUM_CLASSES, DIM, momentum=MOMENTUM, settle_every=5000)._deferred_steps()
 
 
 def _train_rows(head, gen, steps):
@@ -252,12 +271,12 @@ def _train_rows(head, gen, steps):
 
 def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
     """What a checkpoint carries (rows as stored, what each owes) puts a fresh head on the
-    same trajectory, to the last bit: it owes, catches up and settles (max_lag) as the
+    same trajectory, to the last bit: it owes, catches up and settles (settle_every) as the
     original does. Paying the debts at the save instead would round differently."""
     gen = torch.Generator().manual_seed(0)
     head = make_head("reference", torch.float32)
     _train_rows(head, gen, 3)
-    head._deferred.max_lag = 6
+    head._deferred.settle_every = 6
     _train_rows(head, gen, 2)
     saved = {
         "weight": head.weight.detach().clone(),
@@ -270,7 +289,7 @@ def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
     resumed.weight.data.copy_(saved["weight"])
     resumed.momentum_buffer.copy_(saved["momentum"])
     resumed.load_deferred_state({k: saved[k] for k in ("owed_steps", "maps", "since_settled")})
-    resumed._deferred.max_lag = 6
+    resumed._deferred.settle_every = 6
     settled_early = make_head("reference", torch.float32)  # the old save: debts paid when saving
     settled_early.load_state_dict(resumed.state_dict())
     settled_early.momentum_buffer.copy_(saved["momentum"])
@@ -278,7 +297,7 @@ def test_a_head_loaded_with_its_deferred_steps_continues_bit_for_bit():
     settled_early.settle()
 
     state = gen.get_state()
-    _train_rows(head, gen, 4)  # the max-lag settle falls inside these steps
+    _train_rows(head, gen, 4)  # the settle falls inside these steps
     for other in (resumed, settled_early):
         gen.set_state(state)
         _train_rows(other, gen, 4)

@@ -1115,6 +1115,11 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
         (["head.selection=knn", "head.budget=10", "head.knn_fixed_size=true"], "leave head.budget null"),
         (["head.selection=knn", "head.knn_trim_to_budget=true"], "knn_trim_to_budget trims"),
         (["head.selection=graph", "head.budget=10", "head.knn_trim_to_budget=true"], "knn_trim_to_budget trims"),
+        (["head.selection=knn", "head.momentum=0", "head.search_paid_rows=true"], "search_paid_rows searches"),
+        (["head.selection=random", "head.budget=10", "head.search_paid_rows=true"], "search_paid_rows searches"),
+        (["head.selection=knn", "head.inactive_rows=frozen", "head.search_paid_rows=true"], "search_paid_rows"),
+        (["head.settle_every=5000"], "at most 4096"),
+        (["head.settle_every=0"], "head.settle_every"),
     ],
 )
 def test_knn_fixed_size_and_trim_options_are_checked(overrides, match):
@@ -1162,11 +1167,12 @@ def _one_knn_step_on_rank(rank, world_size, root, settings):
 
 def test_trainer_searches_the_rows_with_their_owed_steps_paid(tmp_path):
     """head.search_paid_rows: with head momentum the rows a step searches are those the loss
-    will read (owed steps paid), not the stored ones; off, the stored ones."""
+    will read (owed steps paid), not the stored ones; off, the stored ones, which a settle
+    (head.settle_every=3: after step 3) makes the paid ones."""
     seen = run_ranks(_searched_rows_on_rank, 1, str(tmp_path))[0]
-    # (searched the paid rows, searched the stored tensor, the paid rows equal the stored ones)
-    assert seen["paid"] == [(True, False, False)] * 2
-    assert seen["stored"] == [(False, True, False)] * 2
+    # (searched the paid rows, searched the stored tensor, the paid rows equal the stored ones), steps 3 and 4
+    assert seen["paid"] == ([(True, False, False)] * 2, 0)
+    assert seen["stored"] == ([(False, True, False), (True, True, True)], 1)
 
 
 def _searched_rows_on_rank(rank, world_size, root):
@@ -1178,10 +1184,10 @@ def _searched_rows_on_rank(rank, world_size, root):
     from hydrahead.train.trainer import Trainer
 
     seen = {}
-    for name, paid in (("paid", True), ("stored", False)):
+    for name, paid, settle_every in (("paid", True, "null"), ("stored", False, "3")):
         knn = ["head.selection=knn", "head.knn_k=3", "head.budget=60", "head.num_classes=2000", "head.index=torch"]
         options = ["head.index_type=flat", "head.momentum=0.9", "optim.warmup_steps=0"]  # moving from the first step
-        options.append(f"head.search_paid_rows={str(paid).lower()}")
+        options += [f"head.search_paid_rows={str(paid).lower()}", f"head.settle_every={settle_every}"]
         cfg = load_config(None, [f"run.dir={root}/{name}", *TINY, *knn, *options])
         trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
         assert trainer.selector.rows_move_every_step == paid
@@ -1204,7 +1210,7 @@ def _searched_rows_on_rank(rank, world_size, root):
             trainer.train_step(*next(data), timed=False)
         data.close()
         trainer.selector.close()
-        seen[name] = searched
+        seen[name] = searched, trainer.head.settles
     return seen
 
 

@@ -126,6 +126,7 @@ class ShardedClassifier(nn.Module):
         momentum_dtype: torch.dtype = torch.float32,
         grad_filter: float = 0.0,
         inactive_rows: str = "continue",
+        settle_every: int | None = None,
         rounding: str = "nearest",
         kahan_dtype: torch.dtype | None = None,
         unit_scaling: bool = False,
@@ -163,6 +164,7 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
         self._active: ActiveCopies | None = None  # a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
+        self.settle_every = settle_every  # pay every row's debt at least this often (None: DeferredSGD's max_lag)
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         self.settles = 0  # how many times settle() moved rows (an index over the rows must file them again)
         # Per-class optimizer state, checkpointed by class range like the weight.
@@ -348,6 +350,7 @@ class ShardedClassifier(nn.Module):
                 momentum=self.momentum,
                 weight_decay=self.weight_decay,
                 device=self.weight.device,
+                settle_every=self.settle_every,
             )
         return self._deferred
 

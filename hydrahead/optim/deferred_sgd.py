@@ -36,10 +36,24 @@ _SETTLE_ROWS = 1 << 18  # rows settled per pass: bounds the float32 temporaries
 class DeferredSGD:
     """Zero-gradient SGD steps owed by the rows of one shard (C_r rows)."""
 
-    def __init__(self, num_rows: int, *, momentum: float, weight_decay: float, device, max_lag: int = 4096):
+    def __init__(
+        self,
+        num_rows: int,
+        *,
+        momentum: float,
+        weight_decay: float,
+        device,
+        max_lag: int = 4096,
+        settle_every: int | None = None,
+    ):
+        """``max_lag``: the longest debt the table holds; ``settle_every``: settle at the latest
+        when the oldest debt is this many steps old (None: ``max_lag``; at most ``max_lag``)."""
         if max_lag < 1:
             raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+        if settle_every is not None and not 1 <= settle_every <= max_lag:
+            raise ValueError(f"settle_every must be in [1, {max_lag}], got {settle_every}")
         self.momentum, self.weight_decay, self.max_lag = momentum, weight_decay, max_lag
+        self.settle_every = max_lag if settle_every is None else settle_every
         self.updates = 0  # applied steps so far
         self.row_updates = torch.zeros(num_rows, dtype=torch.int32, device=device)  # when each row was last current
         self.oldest = 0  # every row is current at least as of this step
@@ -57,7 +71,7 @@ class DeferredSGD:
 
     @property
     def must_settle(self) -> bool:
-        return self.updates - self.oldest >= self.max_lag
+        return self.updates - self.oldest >= self.settle_every
 
     def record_step(self, lr: float, active_rows: torch.Tensor | None) -> None:
         """One applied step at ``lr``: ``active_rows`` took it for real (None: every row did)."""

@@ -225,6 +225,7 @@ class Trainer:
             grad_filter=cfg.head.grad_filter,
             exact_kernels=cfg.head.exact_kernels,
             inactive_rows=cfg.head.inactive_rows,
+            settle_every=cfg.head.settle_every,
             rounding=cfg.head.rounding,
             kahan_dtype=cfg.head_kahan_dtype,
             unit_scaling=cfg.head.unit_scaling,
