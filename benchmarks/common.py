@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import statistics
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -81,6 +82,30 @@ def host_sync_log(package: str = "hydrahead"):
             yield found
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+
+
+def copy_bandwidth_gbps(device: torch.device, size: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy of ``size`` bytes (read + write counted)."""
+    if device.type != "cuda":
+        size = 64 << 20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        ms = median(cuda_time_ms(lambda: dst.copy_(src), warmup=2, reps=10))
+    else:
+        ms = median(cpu_time_ms(lambda: dst.copy_(src), warmup=1, reps=3))
+    return 2 * size / (ms * 1e-3) / 1e9
+
+
+def cpu_time_ms(fn, *, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def median(values: list[float]) -> float:

@@ -75,7 +75,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +85,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     bf16_matmul_tflops,
+    copy_bandwidth_gbps,
+    cpu_time_ms,
     cuda_time_ms,
     environment,
     fp8_matmul_tflops,
@@ -409,30 +410,6 @@ def shape_matmul_tflops(p: Problem, output_bytes: int = 4 << 30) -> dict:
     else:
         rates["shape_tflops_fp8"] = rates["shape_tflops_bf16"]
     return rates
-
-
-def copy_bandwidth_gbps(device: torch.device, size: int = 2 << 30) -> float:
-    """GB/s of a device-to-device copy of ``size`` bytes (read + write counted)."""
-    if device.type != "cuda":
-        size = 64 << 20
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        ms = median(cuda_time_ms(lambda: dst.copy_(src), warmup=2, reps=10))
-    else:
-        ms = median(cpu_time_ms(lambda: dst.copy_(src), warmup=1, reps=3))
-    return 2 * size / (ms * 1e-3) / 1e9
-
-
-def cpu_time_ms(fn, *, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def cpu_bf16_matmul_tflops(size: int = 512, reps: int = 5) -> float:

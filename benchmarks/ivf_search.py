@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import cuda_time_ms, environment, median, print_table, write_results  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbps, environment, print_table, write_results  # noqa: E402
 from benchmarks.knn_speed import family_weights_, peak_extra_mib, time_ms  # noqa: E402
 from hydrahead.head.active import RowNorms  # noqa: E402
 from hydrahead.head.index import TorchIVFIndex, exact_topk, recall_at_k  # noqa: E402
@@ -47,14 +47,6 @@ SWEEP = [
     dict(stages=2),
     dict(stages=4),
 ]
-
-
-def copy_bandwidth_gbs(size_bytes: int = 4 << 30) -> float:
-    """Device memory bandwidth: a device-to-device copy reads and writes every byte."""
-    src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median(cuda_time_ms(lambda: dst.copy_(src), warmup=2, reps=10))
-    return 2 * size_bytes / (ms * 1e-3) / 1e9
 
 
 def probed_bytes(index: TorchIVFIndex, queries: torch.Tensor, row_bytes: int) -> tuple[int, int]:
@@ -95,7 +87,7 @@ def main(argv=None) -> None:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.float8_e4m3fn
-    bandwidth = copy_bandwidth_gbs() if device.type == "cuda" else None
+    bandwidth = copy_bandwidth_gbps(device, 4 << 30) if device.type == "cuda" else None
     print(f"memory bandwidth {bandwidth or 0:.0f} GB/s (device copy)", flush=True)
     rows_out = []
     for num_rows, batch in shapes:

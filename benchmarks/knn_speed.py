@@ -60,6 +60,19 @@ in that order, as a build takes it; the timed batch's labels are searched apart,
 (64 labels), and the graph's ``active_recall``, both measured on the fresh graph before
 the timed steps.
 
+Rows that sat out steps owe them (head momentum, ``inactive_rows=continue``); two ways to
+let a search see them where the loss will read them (docs/selection.md):
+
+  hydrahead-settle          ``head.settle``: every row's debt paid into storage, rows and
+                            momentum read and written (``head.settle_every``); floor_ms:
+                            those bytes at the device-copy rate measured in this run;
+                            ``per_step_ms_at`` the cost per step at settles every 10 and 50
+  hydrahead-paid-rows       ``head.rows_as_the_loss_reads_them``: a float32 copy of the
+                            shard with the debts paid, nothing stored
+                            (``head.search_paid_rows``, every step); floor_ms likewise
+
+Each is timed after one step over random rows (the rest owe that step).
+
 Every selection also reports ``active_recall``: the fraction of each of 64 samples' k
 hardest negatives (exact top k classes by feature, the label left out; k = knn_k, graph:
 graph_k) that the step's active set holds: one measure for random, knn and graph alike.
@@ -80,7 +93,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import bf16_matmul_tflops, cuda_time_ms, environment, median, print_table, pyplot, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bf16_matmul_tflops,
+    copy_bandwidth_gbps,
+    cuda_time_ms,
+    environment,
+    median,
+    print_table,
+    pyplot,
+    write_results,
+)
 from hydrahead.head import ShardedClassifier  # noqa: E402
 from hydrahead.head import graph as class_graph  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
@@ -379,7 +401,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument(
-        "--methods", default="full,full-filtered,random,knn,graph,given", help="comma-separated subset of the methods"
+        "--methods",
+        default="full,full-filtered,random,knn,graph,given,settle,paid-rows",
+        help="comma-separated subset of the methods",
     )
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
@@ -392,7 +416,7 @@ def main(argv=None) -> None:
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     methods = args.methods.split(",")
-    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph", "given"}
+    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph", "given", "settle", "paid-rows"}
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
     index_configs = [tuple(int(v) for v in item.split(":")) for item in args.index_configs.split(",")]
@@ -432,8 +456,8 @@ def main(argv=None) -> None:
     shape = f"G={G} D={D} C_r={C}"
     rows_out = []
 
-    def record(method, ms, rows_scored, peak, **extra):
-        floor_ms = floor(rows_scored)
+    def record(method, ms, rows_scored, peak, floor_ms=None, **extra):
+        floor_ms = floor(rows_scored) if floor_ms is None else floor_ms
         row = {
             "method": method,
             "shape": shape,
@@ -671,6 +695,38 @@ def main(argv=None) -> None:
         for row in rows_out[:-1]:
             if row["rows_scored"] < C:
                 row["over_given_ms"] = row.get("step_ms", row["ms"]) - given_ms
+
+    if {"settle", "paid-rows"} & set(methods) and head.momentum_buffer is not None:
+        copy_gbps = copy_bandwidth_gbps(device)
+        rows_bytes = head.weight.numel() * head.weight.element_size()
+        momentum_bytes = head.momentum_buffer.numel() * head.momentum_buffer.element_size()
+        owing = random_active(labels, 0, C, min(C, G * (args.knn_k + 1)), seed=0, step=1)
+
+        def owing_then(pay):
+            """One step over random rows (the others owe it), then ``pay`` timed alone."""
+            times, peaks = [], []
+            for _ in range(args.reps):
+                step(owing)
+                synchronize(device)
+                start = time.perf_counter()
+                peaks.append(peak_extra_mib(pay, device) if device.type == "cuda" else pay())  # None on the CPU
+                times.append((time.perf_counter() - start) * 1e3)
+            return median(times), peaks[-1]
+
+        if "settle" in methods:
+            ms, peak = owing_then(head.settle)
+            moved = 2 * (rows_bytes + momentum_bytes)  # read and written
+            per_step = {every: ms / every for every in (10, 50)}
+            floor_ms = moved / (copy_gbps * 1e9) * 1e3
+            record("hydrahead-settle", ms, 0, peak, floor_ms, per_step_ms_at=per_step, copy_gbps=copy_gbps)
+        if "paid-rows" in methods:
+            try:
+                ms, peak = owing_then(lambda: [head.rows_as_the_loss_reads_them()] and None)
+                moved = rows_bytes + momentum_bytes + head.weight.numel() * 4  # read, and the float32 copy written
+                floor_ms = moved / (copy_gbps * 1e9) * 1e3
+                record("hydrahead-paid-rows", ms, 0, peak, floor_ms, copy_gbps=copy_gbps)
+            except torch.OutOfMemoryError as error:
+                print(f"hydrahead-paid-rows: no room for a float32 copy of the shard ({error})", flush=True)
 
     full = {r["method"]: r["ms"] for r in rows_out}
     for row in rows_out:
