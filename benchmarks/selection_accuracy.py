@@ -27,6 +27,10 @@ Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row f
                               in the class graph (built with the same index, rebuilt every
                               --rebuild-every steps) + positives, filled as knn
 
+With --fill-correction, random, knn and graph add log(s) to the logits of the random rows
+that fill their budget, each standing for s rows left out (head.fill_correction: sampled
+softmax's correction; the reference head): their names end in "corrected".
+
 With --search-paid-rows, knn and graph search the rows with the steps they owe paid
 (head.search_paid_rows; head momentum or weight decay with --inactive-rows continue): their
 names end in "paid".
@@ -121,9 +125,11 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     skip = [] if any(o.startswith("head.knn_skip_label=") for o in args.overrides) else ["head.knn_skip_label=true"]
     paid = ["head.search_paid_rows=true"] if args.search_paid_rows else []
     paid_tail = " paid" if args.search_paid_rows else ""
-    knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid]
-    knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail
-    graph_tail = stored + frozen + paid_tail
+    corrected = ["head.fill_correction=true"] if args.fill_correction else []
+    corrected_tail = " corrected" if args.fill_correction else ""
+    knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid, *corrected]
+    knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail + corrected_tail
+    graph_tail = stored + frozen + paid_tail + corrected_tail
 
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
@@ -148,10 +154,20 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
                 f"hydrahead-knn {label} {args.index_type} k={args.knn_k} R={args.rebuild_every}{knn_tail}",
                 ["head.selection=knn", *common, f"head.knn_k={args.knn_k}", *index(args.index_type), *knn_options],
             ),
-            "random": (f"hydrahead-random {label}{stored}{frozen}", ["head.selection=random", *common]),
+            "random": (
+                f"hydrahead-random {label}{stored}{frozen}{corrected_tail}",
+                ["head.selection=random", *common, *corrected],
+            ),
             "graph": (
                 f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{graph_tail}",
-                ["head.selection=graph", *common, f"head.graph_k={args.graph_k}", *index(graph_index), *paid],
+                [
+                    "head.selection=graph",
+                    *common,
+                    f"head.graph_k={args.graph_k}",
+                    *index(graph_index),
+                    *paid,
+                    *corrected,
+                ],
             ),
         }
         for mode in ("knn", "random", "graph"):
@@ -246,6 +262,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="knn: a union larger than the budget keeps the positives and its rows in neighbour rank order up to it "
         "(head.knn_trim_to_budget), so knn scores the budget's rows too; its name ends in 'trimmed'",
+    )
+    parser.add_argument(
+        "--fill-correction",
+        action="store_true",
+        help="random, knn and graph: sampled softmax's correction of the random fill (head.fill_correction); their "
+        "names end in 'corrected'",
     )
     parser.add_argument(
         "--search-paid-rows",

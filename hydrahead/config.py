@@ -177,6 +177,13 @@ class HeadConfig:
         "knn with head.budget: a union of neighbours and positives larger than the budget keeps the positives, then "
         "the neighbours in rank order (every sample's first before any second) up to it (false: it is kept whole)",
     )
+    fill_correction: bool = _key(
+        False,
+        "random/knn/graph with head.budget: add log(s) to the logits of the random rows that fill the active set, "
+        "each standing for s rows the step leaves out (their number over the fill's; 1/budget for a fractional "
+        "random budget), so the softmax over the active set estimates the full one (sampled softmax's correction; "
+        "head.impl=reference)",
+    )
     settle_every: int | None = _key(
         None,
         "inactive_rows=continue: pay every row's owed steps into the stored rows at least every this many steps "
@@ -833,6 +840,17 @@ def _check_selection(c: _Checks) -> None:
     c.at_least("head.index_max_age", h.rebuild_every, nullable=True)  # younger than a rebuild period: every step waits
     c.at_least("head.index_nlist", 1, nullable=True)
     c.at_least("head.settle_every", 1, nullable=True)
+    c.need(
+        not h.fill_correction
+        or (h.selection != "full" and h.budget is not None and not h.knn_fixed_size and c.cfg.head_impl == "reference"),
+        "head.fill_correction corrects the random rows that fill a budget: it needs head.selection=random, knn or "
+        f"graph, a head.budget, no head.knn_fixed_size and head.impl=reference (got selection {h.selection}, budget "
+        f"{h.budget}, knn_fixed_size {h.knn_fixed_size}, impl {c.cfg.head_impl})",
+    )
+    c.need(
+        not (h.fill_correction and c.cfg.comm.overlap),
+        "head.fill_correction is not carried through the overlapped pipeline: set comm.overlap=false",
+    )
     c.need(
         h.settle_every is None or h.settle_every <= 4096,
         f"head.settle_every={h.settle_every}: the owed steps are kept for at most 4,096 steps; give at most 4096",

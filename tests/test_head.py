@@ -53,8 +53,9 @@ def make_inputs(seed: int, pattern: str, margin_type: str, dtype=torch.float64):
     return features.to(dtype), weight.to(dtype), labels
 
 
-def reference(features, weight, labels, margin_type, scale, margin):
-    """Single-process float64 loss and gradients by plain autograd and F.cross_entropy."""
+def reference(features, weight, labels, margin_type, scale, margin, logit_offset=None):
+    """Single-process float64 loss and gradients by plain autograd and F.cross_entropy
+    (``logit_offset``: one constant per class added to its logits, after the margin)."""
     f = features.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     if margin_type == "none":
@@ -70,6 +71,8 @@ def reference(features, weight, labels, margin_type, scale, margin):
             theta = torch.acos(cos_t.clamp(-1.0, 1.0))
             phi = torch.where(theta + margin > math.pi, cos_t - margin * math.sin(margin), torch.cos(theta + margin))
         logits = scale * cos.scatter(1, target, torch.where(valid, phi, cos_t)[:, None])
+    if logit_offset is not None:
+        logits = logits + logit_offset.double()
     loss = F.cross_entropy(logits, labels, ignore_index=-100)
     loss.backward()
     return loss.detach(), f.grad, w.grad
@@ -130,6 +133,46 @@ def test_loss_and_gradients_match_float64_reference(world_size):
             assert_close(wgrad, ref_wgrad[start:stop], 1e-10, f"{what}: weight grad of rank {rank}")
         summed_fgrad = sum(per_case[seed][2] for per_case in results)
         assert_close(summed_fgrad, ref_fgrad, 1e-10, f"{what}: summed feature grad")
+
+
+def _offset_loss_worker(rank, world_size, margin_type, offset):
+    start, stop = shard_range(NUM_CLASSES, world_size, rank)
+    features, weight, labels = make_inputs(11, "ignored", margin_type)
+    features.requires_grad_()
+    shard = weight[start:stop].clone().requires_grad_()
+    scale, margin = MARGINS[margin_type]
+    loss = sharded_cross_entropy(
+        features,
+        shard,
+        labels,
+        start,
+        scale=scale,
+        margin=margin,
+        margin_type=margin_type,
+        chunk_size=7,
+        logit_offset=offset[start:stop],
+    )
+    loss.backward()
+    return loss.detach(), shard.grad, features.grad
+
+
+@pytest.mark.parametrize("margin_type", list(MARGINS))
+def test_logit_offsets_match_float64_reference_on_two_ranks(margin_type):
+    """Per-class logit offsets (sampled softmax's correction), each rank its own classes',
+    added after the margin, in chunks of 7 classes: loss and gradients as F.cross_entropy's."""
+    offset = torch.rand(NUM_CLASSES, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    results = run_ranks(_offset_loss_worker, 2, margin_type, offset)
+    features, weight, labels = make_inputs(11, "ignored", margin_type)
+    ref_loss, ref_fgrad, ref_wgrad = reference(features, weight, labels, margin_type, *MARGINS[margin_type], offset)
+    plain_loss = reference(features, weight, labels, margin_type, *MARGINS[margin_type])[0]
+    assert abs(float(ref_loss) - float(plain_loss)) > 0.1  # the offsets matter here
+    for rank, (loss, wgrad, _) in enumerate(results):
+        start, stop = shard_range(NUM_CLASSES, 2, rank)
+        assert abs(float(loss) - float(ref_loss)) < 1e-10 * max(1.0, abs(float(ref_loss)))
+        assert_close(wgrad, ref_wgrad[start:stop], 1e-10, f"{margin_type}: weight grad of rank {rank}")
+    assert_close(sum(r[2] for r in results), ref_fgrad, 1e-10, f"{margin_type}: summed feature grad")
+    with pytest.raises(ValueError, match="logit_offset"):
+        sharded_cross_entropy(features, weight, labels, 0, logit_offset=offset[:-1])
 
 
 def test_bf16_inputs_match_within_bf16_tolerance():
@@ -393,3 +436,26 @@ def test_a_label_past_num_classes_fails_the_deferred_checks_without_a_host_read(
     loss_fn(features, weight, labels, 0, num_classes=NUM_CLASSES, checks=checks)
     with pytest.raises(ValueError, match="1 label.* belong to no shard"):
         checks.raise_if_failed(checks.values(features.device).tolist())
+
+
+def test_the_fused_kernels_refuse_logit_offsets():
+    head = ShardedClassifier(10, 8, impl="triton")
+    with pytest.raises(ValueError, match="head.impl=reference"):
+        head.loss(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), logit_offset=torch.zeros(10))
+
+
+def test_a_head_over_active_rows_adds_their_logit_offsets():
+    """ShardedClassifier.loss(active_rows, logit_offset=...): the softmax over the active rows
+    with one offset per active row, as F.cross_entropy computes it (float64)."""
+    gen = torch.Generator().manual_seed(8)
+    head = ShardedClassifier(30, 8, dtype=torch.float64, seed=2, init_std=0.5)
+    features = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([3, 7, 3, 12, 20])
+    rows = torch.tensor([1, 3, 7, 9, 12, 20, 25])
+    offset = torch.rand(rows.numel(), generator=gen, dtype=torch.float64) * 2
+    loss = head.loss(features, labels, rows, logit_offset=offset)
+    head.finish_step()
+    logits = features @ head.weight.detach()[rows].t() + offset
+    expected = F.cross_entropy(logits, torch.searchsorted(rows, labels))
+    assert abs(float(loss) - float(expected)) < 1e-12
+    assert abs(float(expected) - float(F.cross_entropy(logits - offset, torch.searchsorted(rows, labels)))) > 0.05

@@ -1237,3 +1237,72 @@ def test_searches_past_faiss_gpu_limits_fail_when_the_selector_is_made(monkeypat
         selector = ActiveClassSelector(class_start=0, class_stop=5000, **fine)
         assert selector.index_backend == "faiss"
         selector.close()
+
+
+@pytest.mark.parametrize("selection", ["knn", "random"])
+def test_fill_correction_offsets_the_random_fill_alone(selection):
+    """head.fill_correction: log((C_r - chosen) / fill) on each fill row, 0 on the rows chosen
+    for themselves (positives; knn: each sample's nearest rows other than its label)."""
+    features, labels = _batch(91)
+    weight = _weight(92)
+    budget = 60
+    selector = _selector(selection, budget=budget, knn_k=2, index="torch", index_type="flat", fill_correction=True)
+    rows = selector.select(1, features, labels, weight)
+    offsets = selector.logit_offset
+    chosen = owned_positives(labels, START, STOP)
+    if selection == "knn":
+        _, nearest = exact_topk(features.float(), weight.float(), 3)
+        nearest, _ = without_own_label(nearest, labels, START, STOP, 2)
+        chosen = torch.unique(torch.cat((chosen, nearest.reshape(-1))))
+    fill = ~torch.isin(rows, chosen)
+    assert rows.numel() == budget and 0 < int(fill.sum()) < budget
+    expected = fill.float() * math.log((SHARD - chosen.numel()) / int(fill.sum()))
+    torch.testing.assert_close(offsets, expected)
+    selector.close()
+    for nothing_to_correct in ("full", "knn"):  # every row, or knn without a budget: no fill
+        with pytest.raises(ValueError, match="fill_correction"):
+            _selector(nothing_to_correct, fill_correction=True)
+
+
+def test_trainer_hands_the_fill_correction_to_the_loss(tmp_path):
+    """head.fill_correction: the loss gets the selector's offsets, one per active row; without
+    it, none."""
+    seen = run_ranks(_loss_offsets_on_rank, 1, str(tmp_path))[0]
+    rows, offsets, nonzero = seen["corrected"]
+    assert rows == offsets == 100 and 0 < nonzero < 100
+    assert seen["plain"] == (100, None, None)
+
+
+def _loss_offsets_on_rank(rank, world_size, root):
+    from launcher import TINY
+
+    from hydrahead.config import load_config
+    from hydrahead.data.build import batches
+    from hydrahead.distributed.setup import DistEnv
+    from hydrahead.train.trainer import Trainer
+
+    seen = {}
+    for name, corrected in (("corrected", "true"), ("plain", "false")):
+        knn = ["head.selection=knn", "head.knn_k=1", "head.budget=100", "head.num_classes=2000", "head.index=torch"]
+        options = ["head.index_type=flat", "head.impl=reference", f"head.fill_correction={corrected}"]
+        cfg = load_config(None, [f"run.dir={root}/{name}", *TINY, *knn, *options])
+        trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+        loss = trainer.head.loss
+
+        def recording_loss(features, labels, active_rows, *, loss=loss, **options):
+            offset = options.get("logit_offset")
+            assert offset is None or offset is trainer.selector.logit_offset
+            seen[name] = (
+                active_rows.numel(),
+                None if offset is None else offset.numel(),
+                None if offset is None else int((offset != 0).sum()),
+            )
+            return loss(features, labels, active_rows, **options)
+
+        trainer.head.loss = recording_loss
+        data = batches(trainer.train_data, start_step=0, global_batch=48, rank=rank, world_size=world_size)
+        trainer._set_learning_rates()
+        trainer.train_step(*next(data), timed=False)
+        data.close()
+        trainer.selector.close()
+    return seen

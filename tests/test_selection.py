@@ -12,6 +12,7 @@ from hydrahead.counter_rng import counter_uniform
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import selection
 from hydrahead.head.selection import (
+    fill_offsets,
     knn_active,
     knn_fixed_rows,
     owned_positives,
@@ -312,3 +313,35 @@ def test_knn_fixed_rows_edges():
     assert rows.numel() == 4 and {3, 99} <= set(rows.tolist())  # -7: no row, dropped without a read
     with pytest.raises(ValueError, match="2-D"):
         knn_fixed_rows(torch.tensor([1, 2]), torch.tensor([1]), 0, 100, seed=0, step=0)
+
+
+@pytest.mark.parametrize("budget", [100, 0.1])
+def test_fill_offsets_make_the_active_softmax_estimate_the_whole_shards(budget):
+    """Sampled softmax's correction: over many steps of random fill, the corrected sum of
+    exp(logit) over the active rows averages the sum over the whole shard (float64)."""
+    start, stop = 1000, 1600  # a shard of 600 classes
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(stop - start, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(start, stop, (60,), generator=gen)  # ~57 positives: a tenth of the shard
+    positives = owned_positives(labels, start, stop)
+    whole, estimates, uncorrected = float(logits.exp().sum()), [], []
+    for step in range(1, 2001):
+        rows = random_active(labels, start, stop, budget, seed=3, step=step)
+        offsets = fill_offsets(rows, positives, stop - start, budget)
+        assert offsets.dtype == torch.float32 and offsets.shape == rows.shape
+        assert torch.equal(offsets[torch.isin(rows, positives)], torch.zeros(positives.numel()))
+        estimates.append(float((logits[rows] + offsets.double()).exp().sum()))
+        uncorrected.append(float(logits[rows].exp().sum()))
+    assert sum(estimates) / len(estimates) == pytest.approx(whole, rel=0.02)
+    assert sum(uncorrected) / len(uncorrected) < 0.5 * whole  # without it, far below
+
+
+def test_fill_offsets_count_the_rows_chosen_for_themselves():
+    rows = torch.tensor([0, 2, 3, 5, 7, 9])
+    chosen = torch.tensor([2, 7])  # positives and neighbours; the other four rows fill, standing for 98 / 4
+    offsets = fill_offsets(rows, chosen, 100)
+    assert torch.allclose(offsets, torch.tensor([1, 0, 1, 1, 0, 1]) * math.log(98 / 4))
+    trimmed = fill_offsets(torch.tensor([2, 7]), torch.tensor([2, 5, 7]), 100)  # no fill: a trimmed union
+    assert torch.equal(trimmed, torch.zeros(2))
+    # a fractional random budget draws each other row with probability p: each stands for 1 / p
+    assert torch.allclose(fill_offsets(rows, chosen, 100, 0.25)[0], torch.tensor(math.log(4.0)))

@@ -76,6 +76,14 @@ def test_search_paid_rows_goes_to_knn_and_graph_alone_and_names_them():
     assert not any("head.search_paid_rows=true" in overrides for overrides in stored.values())
 
 
+def test_fill_correction_goes_to_every_sampled_mode_and_names_them():
+    args = _args("--budget", "0.01", "--fill-correction", "--methods", "knn,graph,random,full")
+    variants, fields = make_variants(args, 20_000, 1280.0)
+    for name, overrides in variants.items():
+        corrected = "head.fill_correction=true" in overrides
+        assert corrected == (fields[name]["mode"] != "full") == name.endswith(" corrected"), name
+
+
 def test_knn_variants_name_the_label_skip_unless_the_run_sets_it():
     variants, _ = make_variants(_args("--budget", "0.01", "--methods", "knn"), 20_000, 1280.0)
     assert all("head.knn_skip_label=true" in overrides for overrides in variants.values())

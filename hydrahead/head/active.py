@@ -81,7 +81,15 @@ from hydrahead.distributed.collectives import group_rank, group_world_size
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import graph as class_graph
 from hydrahead.head import index as class_index
-from hydrahead.head.selection import knn_active, knn_fixed_rows, random_active, resolve_budget, without_own_label
+from hydrahead.head.selection import (
+    fill_offsets,
+    knn_active,
+    knn_fixed_rows,
+    owned_positives,
+    random_active,
+    resolve_budget,
+    without_own_label,
+)
 
 logger = logging.getLogger("hydrahead.active")
 
@@ -199,6 +207,7 @@ class ActiveClassSelector:
         group=None,
         build_group=None,
         rows_move_every_step: bool = False,
+        fill_correction: bool = False,
     ):
         """``group``: the head's ranks (graph: every step's exchange; every selection: the
         recall measurements). ``build_group``: a second group over the same ranks for a
@@ -208,7 +217,8 @@ class ActiveClassSelector:
         the running build (None: never; at least ``rebuild_every``). ``rows_move_every_step``:
         the weight given to ``select`` moves every row at every step (the rows with the steps
         they owe paid), so every IVF rebuild files every row again and the row norms are
-        computed afresh at each search."""
+        computed afresh at each search. ``fill_correction``: each selection also sets
+        ``logit_offset``, sampled softmax's correction of its random fill (``fill_offsets``)."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if selection == "random" and budget is None:
@@ -251,6 +261,13 @@ class ActiveClassSelector:
         self.knn_search_k = self.knn_k + 1 if knn_skip_label and self.knn_k < self.shard_size else self.knn_k
         self.trim_to_budget = trim_to_budget
         self.rows_move_every_step = rows_move_every_step
+        if fill_correction and (selection == "full" or budget is None or fixed_size):
+            raise ValueError(
+                "fill_correction corrects the random fill of a budget: it takes random, knn or graph, "
+                "a budget and no fixed_size"
+            )
+        self.fill_correction = fill_correction
+        self.logit_offset: torch.Tensor | None = None  # the last selection's, with fill_correction
         self.graph_k = graph_k
         self.rebuild_every, self.retrain_every = rebuild_every, retrain_every
         self.max_index_age = max_index_age
@@ -397,10 +414,22 @@ class ActiveClassSelector:
                 self._dirty.index_fill_(0, rows, True)  # this step updates them (a fill: no host copy, no sync)
             if self._norms is not None:
                 self._norms.will_update(rows)
+        if self.fill_correction:
+            self.logit_offset = self._fill_offsets(rows, labels, None if self.selection == "random" else neighbours)
         if measure:
             self._measure_active_recall(features, labels, rows, weight)
         self.last["active_classes"] = rows.numel()
         return rows
+
+    def _fill_offsets(self, rows: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor | None) -> torch.Tensor:
+        """``fill_offsets`` of a selection: the rows chosen for themselves are the owned
+        positives and, for knn and graph, the ``neighbours`` (local rows, -1 for none)."""
+        chosen = owned_positives(labels, self.class_start, self.class_stop, self.ignore_index).to(rows.device)
+        if neighbours is not None:
+            found = neighbours.reshape(-1).long()
+            chosen = torch.unique(torch.cat((chosen, found[found >= 0])))
+        # a fractional budget draws random's rows each with that probability; knn and graph fill up to a count
+        return fill_offsets(rows, chosen, self.shard_size, self.budget if neighbours is None else None)
 
     def _search(
         self,

@@ -465,6 +465,7 @@ class ShardedClassifier(nn.Module):
         *,
         check_rows: bool = True,
         checks: MergeChecks | None = None,
+        logit_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy of an already-gathered global batch (features identical on every rank).
 
@@ -475,8 +476,14 @@ class ShardedClassifier(nn.Module):
         construction): a missing label is then reported by the loss as owned by no shard.
         ``checks`` (a ``MergeChecks``): the loss's checks are raised by their owner after
         its one read, not here; until then the step must stay discardable
-        (``step_discardable``), since the checks may still fail.
+        (``step_discardable``), since the checks may still fail. ``logit_offset``: one constant
+        per scored row (per active row, in their order), added to its logits (the reference
+        implementation; the fused kernels take none).
         """
+        if logit_offset is not None and self.impl == "triton":
+            raise ValueError(
+                "logit offsets (head.fill_correction) need head.impl=reference; the fused kernels take none"
+            )
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(
             group=self.group,
@@ -502,7 +509,13 @@ class ShardedClassifier(nn.Module):
                     **options,
                 )
             return sharded_cross_entropy(
-                global_features, weight, labels, class_start, chunk_size=self.chunk_size, **options
+                global_features,
+                weight,
+                labels,
+                class_start,
+                chunk_size=self.chunk_size,
+                logit_offset=logit_offset,
+                **options,
             )
         except Exception:
             self._active = None  # a loss that raised leaves no step pending: the rows keep their stored values

@@ -70,9 +70,20 @@ class ShardProblem:
     """
 
     def __init__(
-        self, features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+        self,
+        features,
+        weight_shard,
+        labels,
+        class_start,
+        scale,
+        margin,
+        margin_type,
+        ignore_index,
+        chunk_size,
+        logit_offset=None,
     ):
-        """``labels=None`` builds a problem without targets (plain scoring, as in predict)."""
+        """``labels=None`` builds a problem without targets (plain scoring, as in predict).
+        ``logit_offset`` (C_r,): added to every logit of each class, after the margin."""
         self.scale, self.margin, self.margin_type = scale, margin, margin_type
         self.normalize = margin_type != "none"
         # float8 storage is read as bfloat16 (the reference's emulation of fp8 weights).
@@ -82,6 +93,7 @@ class ShardProblem:
         self.num_local = weight_shard.shape[0]
         self.weight = weight_shard
         self.chunk_size = chunk_size
+        self.logit_offset = None if logit_offset is None else logit_offset.to(self.compute_dtype)
         if self.normalize:
             self.feat_unit, self.feat_norm = normalize_rows(features.to(self.compute_dtype))
             self.feat_op = (self.feat_unit * scale).to(self.mm_dtype)
@@ -117,13 +129,16 @@ class ShardProblem:
         unit, norm = normalize_rows(w.to(self.compute_dtype))
         return unit.to(self.mm_dtype), unit, norm
 
-    def logits(self, w_op: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-        """Chunk logits (G x c) with the target margin applied; returns (logits, d phi/d cos at targets)."""
+    def logits(self, w_op: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, start: int = 0):
+        """Logits (G x c) of the chunk of classes from ``start``, with the target margin and
+        the classes' offsets applied; returns (logits, d phi/d cos at targets)."""
         logits = _matmul(self.feat_op, w_op.t(), self.compute_dtype)
         dphi = None
         if self.normalize and rows.numel():
             phi, dphi = target_margin(logits[rows, cols] / self.scale, self.margin_type, self.margin)
             logits[rows, cols] = phi * self.scale
+        if self.logit_offset is not None:  # a constant per class: d logit / d (feat_op . w) is unchanged
+            logits += self.logit_offset[start : start + logits.shape[1]]
         return logits, dphi
 
 
@@ -148,6 +163,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         ignore_index,
         chunk_size,
         checks,
+        logit_offset,
     ):
         local_error = local_error_code(features, weight_shard, class_start, num_classes)
         num_rows = features.shape[0]
@@ -162,11 +178,20 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
         if local_error == 0:
             problem = ShardProblem(
-                features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+                features,
+                weight_shard,
+                labels,
+                class_start,
+                scale,
+                margin,
+                margin_type,
+                ignore_index,
+                chunk_size,
+                logit_offset,
             )
             for start, stop, rows, cols in problem.chunks():
                 w_op, _, _ = problem.chunk_weight(start, stop)
-                logits, _ = problem.logits(w_op, rows, cols)
+                logits, _ = problem.logits(w_op, rows, cols, start)
                 target_logit[rows] = logits[rows, cols]
                 running_max, running_sum = merge_logsumexp(running_max, running_sum, torch.logsumexp(logits, dim=1))
                 del logits
@@ -180,19 +205,28 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         )
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
-        ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid)
+        ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid, logit_offset)
         ctx.local_error = local_error
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         features, weight_shard, labels, lse = ctx.saved_tensors
-        class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid = ctx.args
+        class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid, logit_offset = ctx.args
         need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.local_error:  # a bad shard (with MergeChecks, raised on every rank once they are read): no local math
-            return (torch.zeros_like(features) if need_features else None), *(None,) * 11
+            return (torch.zeros_like(features) if need_features else None), *(None,) * 12
         problem = ShardProblem(
-            features, weight_shard, labels, class_start, scale, margin, margin_type, ignore_index, chunk_size
+            features,
+            weight_shard,
+            labels,
+            class_start,
+            scale,
+            margin,
+            margin_type,
+            ignore_index,
+            chunk_size,
+            logit_offset,
         )
         compute = problem.compute_dtype
 
@@ -206,7 +240,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
         for start, stop, rows, cols in problem.chunks():
             w_op, w_unit, w_norm = problem.chunk_weight(start, stop)
-            logits, dphi = problem.logits(w_op, rows, cols)
+            logits, dphi = problem.logits(w_op, rows, cols, start)
             probs = torch.exp_(logits.sub_(lse[:, None]))
             probs[rows, cols] -= 1.0
             if dphi is not None:  # d logit / d (feat_op . w) is phi'(cos) at the targets, 1 elsewhere
@@ -227,7 +261,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
             if problem.normalize:
                 grad_feat_op = normalize_rows_backward(grad_feat_op, problem.feat_unit, problem.feat_norm)
             grad_features = grad_feat_op.to(features.dtype)
-        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _autocast_off(device_type: str):
@@ -248,6 +282,7 @@ def sharded_cross_entropy(
     ignore_index: int = -100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checks: MergeChecks | None = None,
+    logit_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy over all classes of a class-sharded head.
 
@@ -268,6 +303,9 @@ def sharded_cross_entropy(
         chunk_size: classes per chunk; peak extra memory is O(G x chunk_size).
         checks: a ``MergeChecks`` that takes the checks below instead of raising them here,
             so the caller can read them with its own values (see ``MergeChecks``).
+        logit_offset: (C_r,) a constant added to every logit of each class of this shard,
+            after the margin (sampled softmax's correction: ``log`` of how many classes a
+            sampled row stands for); no gradient flows to it.
 
     Returns the same scalar on every rank: the mean over non-ignored samples (0 when every
     sample is ignored). ``weight_shard.grad`` equals the matching rows of the single-device
@@ -284,6 +322,13 @@ def sharded_cross_entropy(
     fails the deferred merge check as a label that no shard owns).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
+    if logit_offset is not None and (
+        logit_offset.shape != (weight_shard.shape[0],) or not logit_offset.is_floating_point()
+    ):
+        raise ValueError(
+            f"logit_offset must be a float tensor of one value per class of the shard ({weight_shard.shape[0]},), "
+            f"got {tuple(logit_offset.shape)} {logit_offset.dtype}"
+        )
     labels = labels.long()
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
@@ -301,6 +346,7 @@ def sharded_cross_entropy(
             int(ignore_index),
             int(chunk_size),
             checks,
+            logit_offset,
         )
 
 

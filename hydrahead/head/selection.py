@@ -35,6 +35,7 @@ from hydrahead.checks import check_int
 from hydrahead.counter_rng import counter_hash, counter_uniform
 
 __all__ = [
+    "fill_offsets",
     "knn_active",
     "knn_fixed_rows",
     "owned_positives",
@@ -101,6 +102,26 @@ def random_active(
         return torch.unique(torch.cat((positives, chosen)), sorted=True)
     num_negatives = min(budget, shard_size) - positives.numel()
     return _fill_lowest(positives, num_negatives, key, class_start, class_stop)
+
+
+def fill_offsets(
+    rows: torch.Tensor, chosen: torch.Tensor, shard_size: int, budget: int | float | None = None
+) -> torch.Tensor:
+    """Sampled softmax's correction for an active set filled with random rows: (len(rows),)
+    float32, ``log(s)`` on the logits of the fill rows (those of ``rows`` not in ``chosen``,
+    the rows picked for themselves: positives, knn's or graph's neighbours), 0 on the others.
+
+    Each fill row stands for ``s`` rows of the shard outside ``chosen``: ``1 / budget`` for a
+    fractional ``budget`` of random (every such row drawn with that probability), else their
+    number over the fill's. The softmax over the active set then estimates the one over the
+    whole shard, as if each fill row were repeated ``s`` times.
+    """
+    fill = ~torch.isin(rows, chosen)
+    num_fill = rows.numel() - chosen.numel()
+    if num_fill <= 0:
+        return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    stands_for = 1.0 / budget if isinstance(budget, float) else (shard_size - chosen.numel()) / num_fill
+    return fill.to(torch.float32) * math.log(stands_for)
 
 
 def without_own_label(

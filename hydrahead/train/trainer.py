@@ -239,6 +239,7 @@ class Trainer:
             ) from error
 
         self.overlapped = None
+        self.logit_offset: torch.Tensor | None = None  # the step's fill correction (head.fill_correction)
         if cfg.comm.overlap:
             # The pipeline's bulk transfers get a communicator of their own (see hydrahead.comm.overlap).
             transfers = transfer_group(env.head_group, env.backend)
@@ -277,6 +278,7 @@ class Trainer:
             group=env.head_group,
             build_group=build_group,
             rows_move_every_step=h.search_paid_rows,
+            fill_correction=h.fill_correction,
         )
 
         self.backbone_optim = build_optimizer(
@@ -712,7 +714,14 @@ class Trainer:
             active_rows = self._select(step, head_input, global_labels)
         unjudged = MergeChecks()
         with record_function("hydrahead::head_loss"):
-            loss = self.head.loss(head_input, global_labels, active_rows, check_rows=False, checks=unjudged)
+            loss = self.head.loss(
+                head_input,
+                global_labels,
+                active_rows,
+                check_rows=False,
+                checks=unjudged,
+                logit_offset=self.logit_offset,
+            )
         local_grad = None
         if not (
             self.head.step_discardable and self.backward_undoable
@@ -748,10 +757,14 @@ class Trainer:
         """This shard's active rows for the step (None: all), with the lost_label fault applied."""
         rows = self._rows_to_search()
         active_rows = self.selector.select(step, global_features, global_labels, rows, self.head.settles)
+        self.logit_offset = self.selector.logit_offset  # head.fill_correction's, one per active row
         if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
+            selected = active_rows
             active_rows = _without_an_owned_label(
                 active_rows, global_labels, self.head.class_start, self.head.class_stop
             )
+            if self.logit_offset is not None:
+                self.logit_offset = self.logit_offset[torch.isin(selected, active_rows)]
         return active_rows
 
     def _apply_updates(
