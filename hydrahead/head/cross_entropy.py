@@ -176,19 +176,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         owned_count = torch.zeros((), dtype=compute_dtype, device=features.device)
         valid = labels != ignore_index
 
+        problem_args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, logit_offset)
         if local_error == 0:
-            problem = ShardProblem(
-                features,
-                weight_shard,
-                labels,
-                class_start,
-                scale,
-                margin,
-                margin_type,
-                ignore_index,
-                chunk_size,
-                logit_offset,
-            )
+            problem = ShardProblem(features, weight_shard, labels, *problem_args)
             for start, stop, rows, cols in problem.chunks():
                 w_op, _, _ = problem.chunk_weight(start, stop)
                 logits, _ = problem.logits(w_op, rows, cols, start)
@@ -205,29 +195,18 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         )
 
         ctx.save_for_backward(features, weight_shard, labels, lse)
-        ctx.args = (class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid, logit_offset)
+        ctx.problem_args, ctx.num_valid = problem_args, num_valid
         ctx.local_error = local_error
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         features, weight_shard, labels, lse = ctx.saved_tensors
-        class_start, scale, margin, margin_type, ignore_index, chunk_size, num_valid, logit_offset = ctx.args
+        num_valid, scale = ctx.num_valid, ctx.problem_args[1]
         need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.local_error:  # a bad shard (with MergeChecks, raised on every rank once they are read): no local math
             return (torch.zeros_like(features) if need_features else None), *(None,) * 12
-        problem = ShardProblem(
-            features,
-            weight_shard,
-            labels,
-            class_start,
-            scale,
-            margin,
-            margin_type,
-            ignore_index,
-            chunk_size,
-            logit_offset,
-        )
+        problem = ShardProblem(features, weight_shard, labels, *ctx.problem_args)
         compute = problem.compute_dtype
 
         # d loss / d logit = (softmax - onehot) * grad / num_valid on valid rows. Ignored rows
