@@ -257,8 +257,12 @@ def test_deferred_steps_are_settled_every_settle_every_steps(settle_every):
         assert lags == [1, 2, 3, 4, 5, 6, 7] and head.settles == 0
     else:
         assert lags == [1, 2, 0, 1, 2, 0, 1] and head.settles == 2
+    from hydrahead.config import load_config, validate
+    from hydrahead.optim.deferred_sgd import MAX_LAG
+
     with pytest.raises(ValueError, match="settle_every"):
-        ShardedClassifier(NUM_CLASSES, DIM, momentum=MOMENTUM, settle_every=5000)._deferred_steps()
+        ShardedClassifier(NUM_CLASSES, DIM, momentum=MOMENTUM, settle_every=MAX_LAG + 1)
+    validate(load_config(None, [f"head.settle_every={MAX_LAG}"]))  # the config's limit is the table's
 
 
 def _train_rows(head, gen, steps):
@@ -444,3 +448,31 @@ def test_a_bad_shard_with_deferred_checks_runs_the_step_through_and_raises_when_
         assert torch.equal(features.grad, torch.zeros_like(features))
     with pytest.raises(ValueError, match="weight_shard is not a 2-D floating tensor"):
         checks.raise_if_failed(checks.values(features.device).tolist())
+
+
+def test_a_settle_leaves_the_rows_that_owe_nothing_as_stored():
+    """bf16 rows, stochastic rounding, Kahan compensation: a settle (head.settle_every makes
+    them frequent) stores the rows that owe steps and leaves the just-updated ones bit for bit,
+    compensation included; storing them again would fold the compensation into a new rounding."""
+    head = ShardedClassifier(
+        NUM_CLASSES,
+        DIM,
+        seed=3,
+        init_std=0.5,
+        dtype=torch.bfloat16,
+        momentum=MOMENTUM,
+        rounding="stochastic",
+        kahan_dtype=torch.bfloat16,
+    )
+    head.set_lr(LR)
+    gen = torch.Generator().manual_seed(6)
+    owing, current = torch.arange(0, 20), torch.arange(40, 60)  # active at the first step, at the second
+    for step, rows in enumerate((owing, current), start=1):
+        head.set_step(step)
+        head.loss(torch.randn(rows.numel(), DIM, generator=gen), rows, rows).backward()
+        head.finish_step()
+    before = head.weight.detach().clone(), head.compensation.clone()
+    head.settle()
+    assert torch.equal(head.weight.detach()[current], before[0][current])
+    assert torch.equal(head.compensation[current], before[1][current])
+    assert not torch.equal(head.weight.detach()[owing], before[0][owing])  # they paid their step

@@ -508,3 +508,15 @@ def test_trainer_deterministic_graph_resumes_at_another_world_size(tmp_path):
     rows = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
     assert [rows[s]["index_age"] for s in range(8, 13)] == [3, 4, 0, 1, 2]  # the saved graph (step 5) served 8, 9
     assert all(math.isfinite(rows[s]["loss"]) for s in range(8, 13))
+
+
+def test_two_ranks_build_the_graph_from_paid_rows_in_low_precision(tmp_path):
+    """head.search_paid_rows with bf16 rows on uneven shards (101 and 100 classes): a rank
+    whose whole shard was active owes nothing while the other owes steps; both hand the
+    graph build rows of the stored dtype, so the build's exchange agrees on its sizes."""
+    run_dir = tmp_path / "graph"
+    options = ["head.num_classes=201", "head.budget=100", "head.weight_dtype=bf16", "head.momentum=0.9"]
+    graph = [*GRAPH, "head.index_type=flat", "head.rebuild_every=2", "head.index_deterministic=true"]
+    launch(run_dir, 2, *graph, *options, "head.search_paid_rows=true", "train.steps=4", "train.eval_every=0")
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)

@@ -19,7 +19,7 @@ from hydrahead.distributed.collectives import (
 from hydrahead.distributed.sharded_softmax import MARGIN_TYPES, MergeChecks
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head.cross_entropy import DEFAULT_CHUNK_SIZE, MicroBatches, ShardProblem, sharded_cross_entropy
-from hydrahead.optim.deferred_sgd import DeferredSGD
+from hydrahead.optim.deferred_sgd import MAX_LAG, DeferredSGD
 from hydrahead.optim.low_precision import LowPrecisionUpdate, check_rounding
 from hydrahead.optim.low_precision import round_to_storage as round_to_storage_torch
 
@@ -164,7 +164,9 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
         self._active: ActiveCopies | None = None  # a loss over active rows, until finish_step
         self.inactive_rows = inactive_rows
-        self.settle_every = settle_every  # pay every row's debt at least this often (None: DeferredSGD's max_lag)
+        if settle_every is not None and not 1 <= settle_every <= MAX_LAG:
+            raise ValueError(f"settle_every must be in [1, {MAX_LAG}], got {settle_every}")
+        self.settle_every = settle_every  # pay every row's debt at least this often (None: MAX_LAG)
         self._deferred: DeferredSGD | None = None  # steps owed by rows outside the active sets ("continue")
         self.settles = 0  # how many times settle() moved rows (an index over the rows must file them again)
         # Per-class optimizer state, checkpointed by class range like the weight.
@@ -328,11 +330,10 @@ class ShardedClassifier(nn.Module):
 
     @torch.no_grad()
     def rows_as_the_loss_reads_them(self) -> torch.Tensor:
-        """This shard's rows with the steps they owe paid (float32, not stored), where the
-        next loss over them will read them (before a low-precision store's rounding); the
-        stored weight itself when nothing is owed.
-        With momentum a row keeps moving after its last active step, while its stored copy
-        stays where that step wrote it."""
+        """This shard's rows with the steps they owe paid, where the next loss over them will
+        read them, in the stored dtype (rounded to nearest; not stored); the stored weight
+        itself when nothing is owed. With momentum a row keeps moving after its last active
+        step, while its stored copy stays where that step wrote it."""
         if self._deferred is None or not self._deferred.owing:
             return self.weight.detach()
         return self._deferred.paid_rows(self.weight.detach(), self.momentum_buffer)

@@ -28,7 +28,9 @@ import torch
 
 from hydrahead.optim.low_precision import FORMATS, round_nearest
 
-__all__ = ["DeferredSGD", "pay_owed_steps"]
+__all__ = ["MAX_LAG", "DeferredSGD", "pay_owed_steps"]
+
+MAX_LAG = 4096  # the longest debt a table holds: every row settles at least this often
 
 _SETTLE_ROWS = 1 << 18  # rows settled per pass: bounds the float32 temporaries
 
@@ -43,7 +45,7 @@ class DeferredSGD:
         momentum: float,
         weight_decay: float,
         device,
-        max_lag: int = 4096,
+        max_lag: int = MAX_LAG,
         settle_every: int | None = None,
     ):
         """``max_lag``: the longest debt the table holds; ``settle_every``: settle at the latest
@@ -145,14 +147,15 @@ class DeferredSGD:
 
     @torch.no_grad()
     def paid_rows(self, weight: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-        """Every row's weight after the steps it owes, in float32 (float64 for float64 rows),
-        leaving the stored rows and the debts as they are: where the next loss will read each
-        row. Paid ``_SETTLE_ROWS`` rows at a time into one new (C_r, D) tensor."""
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        paid = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        """Every row's weight after the steps it owes, rounded to nearest in the rows' own
+        dtype (exact for float32 and float64 rows), leaving the stored rows and the debts as
+        they are: where the next loss will read each row. One new tensor like ``weight``, paid
+        ``_SETTLE_ROWS`` rows at a time; the same dtype whether or not anything is owed, so
+        ranks that exchange these rows (graph builds) agree on their size."""
+        paid = torch.empty_like(weight)
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
-            paid[rows] = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])[0]
+            paid[rows] = _nearest_in(weight.dtype, self._apply(rows, weight[rows], _rows_of(buffer, rows))[0])
         return paid
 
     @torch.no_grad()
@@ -166,15 +169,27 @@ class DeferredSGD:
             return
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
-            w, b = self._apply(rows, weight[rows], None if buffer is None else buffer[rows])
+            w, b = self._apply(rows, weight[rows], _rows_of(buffer, rows))
             if write_rows is not None:
-                write_rows(torch.arange(rows.start, rows.stop, device=weight.device), w)
-            else:
-                weight[rows] = round_nearest(w, weight.dtype) if weight.dtype in FORMATS else w.to(weight.dtype)
+                # Only rows that owe steps: a low-precision store would round the others again.
+                owing = torch.nonzero(self.row_updates[rows] < self.updates).squeeze(1)
+                if owing.numel():
+                    write_rows(owing + rows.start, w[owing])
+            else:  # round to nearest: a row that owes nothing is stored as it was
+                weight[rows] = _nearest_in(weight.dtype, w)
             if buffer is not None:
                 buffer[rows] = b.to(buffer.dtype)
         self.row_updates.fill_(self.updates)
         self.oldest = self.updates
+
+
+def _rows_of(buffer: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if buffer is None else buffer[rows]
+
+
+def _nearest_in(dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to nearest in ``dtype`` (a low-precision storage format or a torch dtype)."""
+    return round_nearest(values, dtype) if dtype in FORMATS else values.to(dtype)
 
 
 def pay_owed_steps(weight: torch.Tensor, buffer: torch.Tensor | None, owed_steps: torch.Tensor, maps: torch.Tensor):
