@@ -194,7 +194,7 @@ class HeadConfig:
         False,
         "knn/graph with inactive_rows=continue and head momentum or weight decay: search (and build the graph from) "
         "the rows with the steps they owe paid, where the loss will read them, not where their last active step "
-        "left them (a float32 copy of the shard at every step, C_r x D x 4 bytes)",
+        "left them (a copy of the shard in its storage dtype at every step)",
     )
     graph_k: int = _key(
         16,
@@ -851,9 +851,15 @@ def _check_selection(c: _Checks) -> None:
         not (h.fill_correction and c.cfg.comm.overlap),
         "head.fill_correction is not carried through the overlapped pipeline: set comm.overlap=false",
     )
-    c.need(
+    c.need(  # 4096: hydrahead.optim.deferred_sgd.MAX_LAG (a test holds them equal; this module stays torch-free)
         h.settle_every is None or h.settle_every <= 4096,
         f"head.settle_every={h.settle_every}: the owed steps are kept for at most 4,096 steps; give at most 4096",
+    )
+    c.need(
+        h.settle_every is None or (h.inactive_rows == "continue" and (h.momentum or h.weight_decay)),
+        f"head.settle_every={h.settle_every} pays the steps that rows outside the active sets owe: it needs "
+        f"head.inactive_rows=continue and head momentum or weight decay, got inactive_rows {h.inactive_rows}, "
+        f"momentum {h.momentum} and weight_decay {h.weight_decay}",
     )
     c.at_least("head.recall_every", 0)
     c.need(

@@ -1118,8 +1118,13 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
         (["head.selection=knn", "head.momentum=0", "head.search_paid_rows=true"], "search_paid_rows searches"),
         (["head.selection=random", "head.budget=10", "head.search_paid_rows=true"], "search_paid_rows searches"),
         (["head.selection=knn", "head.inactive_rows=frozen", "head.search_paid_rows=true"], "search_paid_rows"),
-        (["head.settle_every=5000"], "at most 4096"),
+        (["head.settle_every=4097"], "at most 4096"),
         (["head.settle_every=0"], "head.settle_every"),
+        (["head.settle_every=10", "head.momentum=0"], "settle_every=10 pays the steps"),
+        (["head.settle_every=10", "head.inactive_rows=frozen"], "settle_every=10 pays the steps"),
+        (["head.selection=knn", "head.fill_correction=true"], "fill_correction corrects"),
+        (["head.selection=random", "head.budget=9", "head.fill_correction=true", "head.impl=triton"], "impl=reference"),
+        (["head.selection=random", "head.budget=9", "head.fill_correction=true", "comm.overlap=true"], "overlapped"),
     ],
 )
 def test_knn_fixed_size_and_trim_options_are_checked(overrides, match):

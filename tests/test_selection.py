@@ -327,7 +327,7 @@ def test_fill_offsets_make_the_active_softmax_estimate_the_whole_shards(budget):
     whole, estimates, uncorrected = float(logits.exp().sum()), [], []
     for step in range(1, 2001):
         rows = random_active(labels, start, stop, budget, seed=3, step=step)
-        offsets = fill_offsets(rows, positives, stop - start, budget)
+        offsets = fill_offsets(rows, positives, stop - start, budget if isinstance(budget, float) else None)
         assert offsets.dtype == torch.float32 and offsets.shape == rows.shape
         assert torch.equal(offsets[torch.isin(rows, positives)], torch.zeros(positives.numel()))
         estimates.append(float((logits[rows] + offsets.double()).exp().sum()))
@@ -345,3 +345,5 @@ def test_fill_offsets_count_the_rows_chosen_for_themselves():
     assert torch.equal(trimmed, torch.zeros(2))
     # a fractional random budget draws each other row with probability p: each stands for 1 / p
     assert torch.allclose(fill_offsets(rows, chosen, 100, 0.25)[0], torch.tensor(math.log(4.0)))
+    with pytest.raises(ValueError, match="draw_probability"):
+        fill_offsets(rows, chosen, 100, 40)  # a count is no probability

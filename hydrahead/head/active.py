@@ -428,8 +428,9 @@ class ActiveClassSelector:
         if neighbours is not None:
             found = neighbours.reshape(-1).long()
             chosen = torch.unique(torch.cat((chosen, found[found >= 0])))
-        # a fractional budget draws random's rows each with that probability; knn and graph fill up to a count
-        return fill_offsets(rows, chosen, self.shard_size, self.budget if neighbours is None else None)
+        # random's fractional budget draws each row with that probability; knn and graph fill up to a count
+        drawn_with = self.budget if neighbours is None and isinstance(self.budget, float) else None
+        return fill_offsets(rows, chosen, self.shard_size, drawn_with)
 
     def _search(
         self,

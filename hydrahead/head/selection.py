@@ -105,22 +105,27 @@ def random_active(
 
 
 def fill_offsets(
-    rows: torch.Tensor, chosen: torch.Tensor, shard_size: int, budget: int | float | None = None
+    rows: torch.Tensor, chosen: torch.Tensor, shard_size: int, draw_probability: float | None = None
 ) -> torch.Tensor:
     """Sampled softmax's correction for an active set filled with random rows: (len(rows),)
     float32, ``log(s)`` on the logits of the fill rows (those of ``rows`` not in ``chosen``,
     the rows picked for themselves: positives, knn's or graph's neighbours), 0 on the others.
 
-    Each fill row stands for ``s`` rows of the shard outside ``chosen``: ``1 / budget`` for a
-    fractional ``budget`` of random (every such row drawn with that probability), else their
-    number over the fill's. The softmax over the active set then estimates the one over the
-    whole shard, as if each fill row were repeated ``s`` times.
+    Each fill row stands for ``s`` rows of the shard outside ``chosen``: ``1 / p`` where each
+    was drawn with a known probability ``draw_probability`` (random's fractional budget),
+    else their number over the fill's. The softmax over the active set then estimates the
+    one over the whole shard, as if each fill row were repeated ``s`` times. A small fill
+    estimates it noisily: one fill row may stand for nearly the whole shard.
     """
+    if draw_probability is not None and not (isinstance(draw_probability, float) and 0 < draw_probability <= 1):
+        raise ValueError(f"draw_probability must be a float in (0, 1] or None, got {draw_probability!r}")
     fill = ~torch.isin(rows, chosen)
+    # Sizes known on the host, no read of the mask: a fill exists only where ``chosen`` lies
+    # within ``rows`` (a trimmed knn union keeps fewer rows than it chose, and has no fill).
     num_fill = rows.numel() - chosen.numel()
     if num_fill <= 0:
         return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-    stands_for = 1.0 / budget if isinstance(budget, float) else (shard_size - chosen.numel()) / num_fill
+    stands_for = 1.0 / draw_probability if draw_probability is not None else (shard_size - chosen.numel()) / num_fill
     return fill.to(torch.float32) * math.log(stands_for)
 
 
