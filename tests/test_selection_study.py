@@ -56,32 +56,21 @@ def test_random_lr_scales_add_random_variants_at_scaled_head_lrs():
         _args("--random-lr-scales", "0,1")
 
 
-def test_trim_passes_the_trim_to_knn_alone_and_names_it():
-    args = _args("--budget", "0.01", "--equal-rows", "--trim", "--methods", "knn,random")
-    variants, fields = make_variants(args, 20_000, 1280.0)
+@pytest.mark.parametrize(
+    "flag, key, modes, suffix",
+    [
+        ("--trim", "head.knn_trim_to_budget=true", {"knn"}, " trimmed"),
+        ("--search-paid-rows", "head.search_paid_rows=true", {"knn", "graph"}, " paid"),
+        ("--fill-correction", "head.fill_correction=true", {"knn", "graph", "random"}, " corrected"),
+    ],
+)
+def test_variant_flags_go_to_their_modes_alone_and_name_them(flag, key, modes, suffix):
+    every = ("--budget", "0.01", "--equal-rows", "--methods", "knn,graph,random,full")
+    variants, fields = make_variants(_args(*every, flag), 20_000, 1280.0)
     for name, overrides in variants.items():
-        trimmed = "head.knn_trim_to_budget=true" in overrides
-        assert trimmed == (fields[name]["mode"] == "knn") == name.endswith(" trimmed"), name
-    untrimmed, _ = make_variants(_args("--budget", "0.01", "--equal-rows", "--methods", "knn"), 20_000, 1280.0)
-    assert not any("head.knn_trim_to_budget=true" in overrides for overrides in untrimmed.values())
-
-
-def test_search_paid_rows_goes_to_knn_and_graph_alone_and_names_them():
-    args = _args("--budget", "0.01", "--search-paid-rows", "--methods", "knn,graph,random,full")
-    variants, fields = make_variants(args, 20_000, 1280.0)
-    for name, overrides in variants.items():
-        paid = "head.search_paid_rows=true" in overrides
-        assert paid == (fields[name]["mode"] in ("knn", "graph")) == name.endswith(" paid"), name
-    stored, _ = make_variants(_args("--budget", "0.01", "--methods", "knn,graph"), 20_000, 1280.0)
-    assert not any("head.search_paid_rows=true" in overrides for overrides in stored.values())
-
-
-def test_fill_correction_goes_to_every_sampled_mode_and_names_them():
-    args = _args("--budget", "0.01", "--fill-correction", "--methods", "knn,graph,random,full")
-    variants, fields = make_variants(args, 20_000, 1280.0)
-    for name, overrides in variants.items():
-        corrected = "head.fill_correction=true" in overrides
-        assert corrected == (fields[name]["mode"] != "full") == name.endswith(" corrected"), name
+        assert (key in overrides) == (fields[name]["mode"] in modes) == name.endswith(suffix), name
+    plain, _ = make_variants(_args(*every), 20_000, 1280.0)
+    assert not any(key in overrides for overrides in plain.values())
 
 
 def test_knn_variants_name_the_label_skip_unless_the_run_sets_it():
