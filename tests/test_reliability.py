@@ -260,11 +260,16 @@ def test_nan_loss_stops_every_rank_without_a_new_checkpoint(tmp_path):
     assert max(train_losses(run_dir)) == 5
 
 
-@pytest.mark.parametrize("overlap", [(), ("comm.overlap=true", "comm.micro_batches=2")], ids=["serial", "overlapped"])
+@pytest.mark.parametrize(
+    "overlap",
+    [(), ("comm.overlap=true", "comm.micro_batches=2"), ("head.fill_correction=true", "head.impl=reference")],
+    ids=["serial", "overlapped", "fill corrected"],
+)
 def test_a_failed_loss_check_stops_every_rank_before_the_step_lands(tmp_path, overlap):
     """The loss's merge check is read with the step's flags, after the backward: a rank whose
     active rows miss a label it owns must still stop every rank with the loss's error, and
-    neither the step nor a checkpoint of it may land."""
+    neither the step nor a checkpoint of it may land. With the fill's correction the offsets
+    lose the missing row's too, so the loss, not a misaligned offset, is what fails."""
     run_dir = tmp_path / "lost_label"
     proc = launch(
         run_dir,
