@@ -162,20 +162,22 @@ class DeferredSGD:
     def settle_(self, weight: torch.Tensor, buffer: torch.Tensor | None, write_rows=None) -> None:
         """Pay every row's debt in place; afterwards all rows are current.
 
-        ``write_rows(rows, values)``, if given, stores the new weights of ``rows`` (a range
-        of row numbers) itself: a low-precision store rounds them its own way.
+        ``write_rows(rows, values)``, if given, stores the new weights of ``rows`` (row
+        numbers) itself: a low-precision store rounds them its own way. It gets only the rows
+        that owe steps (found with one host read): storing the others would round them again.
         """
         if not self.owing:
             return
-        for start in range(0, weight.shape[0], _SETTLE_ROWS):
-            rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
+        if write_rows is not None:
+            owing = torch.nonzero(self.row_updates < self.updates).squeeze(1)
+            chunks = (owing[start : start + _SETTLE_ROWS] for start in range(0, owing.numel(), _SETTLE_ROWS))
+        else:  # round to nearest, every row: one that owes nothing is stored as it was
+            chunks = (slice(start, start + _SETTLE_ROWS) for start in range(0, weight.shape[0], _SETTLE_ROWS))
+        for rows in chunks:
             w, b = self._apply(rows, weight[rows], _rows_of(buffer, rows))
             if write_rows is not None:
-                # Only rows that owe steps: a low-precision store would round the others again.
-                owing = torch.nonzero(self.row_updates[rows] < self.updates).squeeze(1)
-                if owing.numel():
-                    write_rows(owing + rows.start, w[owing])
-            else:  # round to nearest: a row that owes nothing is stored as it was
+                write_rows(rows, w)
+            else:
                 weight[rows] = _nearest_in(weight.dtype, w)
             if buffer is not None:
                 buffer[rows] = b.to(buffer.dtype)
@@ -183,7 +185,7 @@ class DeferredSGD:
         self.oldest = self.updates
 
 
-def _rows_of(buffer: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+def _rows_of(buffer: torch.Tensor | None, rows) -> torch.Tensor | None:
     return None if buffer is None else buffer[rows]
 
 
