@@ -391,13 +391,3 @@ def test_exact_kernels_choice_is_checked():
         resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cuda")
     with pytest.raises(ValueError, match="one of"):
         resolve_exact_kernels("fast", torch.bfloat16)
-
-
-def test_an_unknown_update_stream_setting_is_refused(monkeypatch):
-    from hydrahead.kernels.exact_gemm import _update_stream
-
-    monkeypatch.setenv("HYDRAHEAD_UPDATE_STREAM", "fast")
-    with pytest.raises(ValueError, match="HYDRAHEAD_UPDATE_STREAM"):
-        _update_stream(torch.device("cpu"))
-    monkeypatch.setenv("HYDRAHEAD_UPDATE_STREAM", "high")
-    assert _update_stream(torch.device("cpu")) is None  # no streams on the CPU: the update runs in line

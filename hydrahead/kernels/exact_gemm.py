@@ -51,23 +51,6 @@ from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitt
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
-UPDATE_STREAMS = ("off", "normal", "high")  # HYDRAHEAD_UPDATE_STREAM
-_update_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
-
-
-def _update_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The side stream that runs each chunk's update pass (memory-bound) beside the next
-    chunk's P kernel and products (arithmetic-bound); None: the update runs in line.
-    HYDRAHEAD_UPDATE_STREAM: off, normal or high (the stream's priority)."""
-    mode = os.environ.get("HYDRAHEAD_UPDATE_STREAM", "off")
-    if mode not in UPDATE_STREAMS:
-        raise ValueError(f"HYDRAHEAD_UPDATE_STREAM must be one of {UPDATE_STREAMS}, got {mode!r}")
-    if device.type != "cuda" or mode == "off":
-        return None
-    key = (device.index if device.index is not None else torch.cuda.current_device(), mode)
-    if key not in _update_streams:  # out-of-range priorities map to the highest the device has
-        _update_streams[key] = torch.cuda.Stream(device, priority=-100 if mode == "high" else 0)
-    return _update_streams[key]
 
 
 @triton.jit(do_not_specialize=["c_lo", "c_hi", "g_store", "c_store"])
@@ -416,9 +399,6 @@ def exact_backward(
         inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
         if grad_feat is not None:  # the one-hot part of dF, left out of the fp8 P
             grad_feat -= _target_rows(weight, inv_norm if cosine else None, local_label, lse, grad_scale, num_classes)
-    side = _update_stream(feats.device) if update is not None else None
-    main = torch.cuda.current_stream(feats.device) if side is not None else None
-    previous_update = None  # the last chunk's update on the side stream
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -431,8 +411,6 @@ def exact_backward(
                 grad_feat += _scaled_matmul(probs, rows_t.t(), inverse_scales[0])[:num_rows]
             if not want_weight:
                 continue
-            if previous_update is not None:  # its dW chunk's memory is then free for this one
-                main.wait_event(previous_update)
             # bf16, as the product returns it: the update reads it in float32 (an exact widening)
             chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width]
             if cosine:
@@ -443,8 +421,6 @@ def exact_backward(
                 grad_feat += matmul_fp32(probs, rows)
             if not want_weight:
                 continue
-            if previous_update is not None:
-                main.wait_event(previous_update)
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
             # far below the stored rows' own, and halves the bytes the update pass reads.
             chunk_grad = torch.mm(probs.t(), feats)
@@ -453,18 +429,10 @@ def exact_backward(
             unit = rows.to(torch.float32, copy=True).mul_(inv_norm[c_lo:c_hi, None])
             chunk_grad = chunk_grad.float()
             chunk_grad.addcmul_(unit, torch.einsum("cd,cd->c", unit, chunk_grad)[:, None], value=-1.0)
-        if side is not None:  # after this chunk's products, beside the next chunk's
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                apply_sgd_rows(weight, chunk_grad, update, c_lo)
-            chunk_grad.record_stream(side)
-            previous_update = side.record_event()
-        elif update is not None:
+        if update is not None:
             apply_sgd_rows(weight, chunk_grad, update, c_lo)
         else:
             grad_weight[c_lo:c_hi] = chunk_grad
-    if side is not None:  # whatever reads W next is queued after every update
-        main.wait_stream(side)
     return grad_feat, grad_weight
 
 
