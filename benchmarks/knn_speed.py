@@ -14,6 +14,8 @@ loss + backward + SGD update of the rows that take part.
   hydrahead-full            every row, exact kernels (8·G·D·C_r FLOPs)
   hydrahead-full-filtered   every row, head.grad_filter=2**-12 (4·G·D·C_r FLOPs)
   hydrahead-random          Partial FC: positives + random rows, the median of knn's and graph's rows
+  hydrahead-random-corrected  the same rows with head.fill_correction: each fill row's logits
+                            offset by log(s) in the fused kernels (what the correction costs)
   hydrahead-knn nlist:nprobe  IVF index over the shard (torch backend: per-list scoring
                             kernel), knn_k rows per sample + positives; --index-configs
                             sweeps nlist and nprobe, so recall against ms is visible
@@ -402,7 +404,7 @@ def main(argv=None) -> None:
     parser.add_argument("--momentum", type=float, default=0.9, help="head momentum (0: no buffer)")
     parser.add_argument(
         "--methods",
-        default="full,full-filtered,random,knn,graph,given,settle,paid-rows",
+        default="full,full-filtered,random,random-corrected,knn,graph,given,settle,paid-rows",
         help="comma-separated subset of the methods",
     )
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
@@ -416,7 +418,8 @@ def main(argv=None) -> None:
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     methods = args.methods.split(",")
-    unknown = set(methods) - {"full", "full-filtered", "random", "knn", "graph", "given", "settle", "paid-rows"}
+    known = {"full", "full-filtered", "random", "random-corrected", "knn", "graph", "given", "settle", "paid-rows"}
+    unknown = set(methods) - known
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
     index_configs = [tuple(int(v) for v in item.split(":")) for item in args.index_configs.split(",")]
@@ -471,10 +474,10 @@ def main(argv=None) -> None:
         rows_out.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    def step(active_rows=None, batch=None):
+    def step(active_rows=None, batch=None, logit_offset=None):
         x, y = batch if batch is not None else (features, labels)
         head.set_step(head.step + 1)  # fresh stochastic-rounding draws each step
-        loss = head.loss(x.requires_grad_(), y, active_rows)
+        loss = head.loss(x.requires_grad_(), y, active_rows, logit_offset=logit_offset)
         loss.backward()
         head.finish_step()
         x.grad = None
@@ -667,21 +670,31 @@ def main(argv=None) -> None:
         scored = [r["rows_scored"] for r in rows_out if r["rows_scored"] < C]
         return round(median(scored)) if scored else default
 
-    if "random" in methods:
+    for corrected in (False, True):
+        method = "random-corrected" if corrected else "random"
+        if method not in methods:
+            continue
         budget = selections_rows(max(1, C // 1000))
-        selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k)
+        selector = shard_selector("random", C, device, budget=budget, knn_k=args.knn_k, fill_correction=corrected)
         counter = {"step": 1}
 
-        def random_step():
+        def random_step(selector=selector, counter=counter):
             counter["step"] += 1
-            step(selector.select(counter["step"], features, labels, head.weight))
+            rows = selector.select(counter["step"], features, labels, head.weight)
+            step(rows, logit_offset=selector.logit_offset)  # None without the correction
 
         peak = peak_extra_mib(random_step, device)
         ms = time_ms(random_step, device, args.reps)
         select_ms = time_ms(lambda: selector.select(counter["step"], features, labels, head.weight), device, args.reps)
         hard_recall = active_recall(selector, features, labels, head.weight, counter["step"])
         record(
-            "hydrahead-random", ms, budget, peak, select_ms=select_ms, active_classes=budget, active_recall=hard_recall
+            f"hydrahead-{method}",
+            ms,
+            budget,
+            peak,
+            select_ms=select_ms,
+            active_classes=budget,
+            active_recall=hard_recall,
         )
 
     if "given" in methods:

@@ -182,7 +182,7 @@ class HeadConfig:
         "random/knn/graph with head.budget: add log(s) to the logits of the random rows that fill the active set, "
         "each standing for s rows the step leaves out (their number over the fill's; 1/budget for a fractional "
         "random budget), so the softmax over the active set estimates the full one (sampled softmax's correction; "
-        "head.impl=reference)",
+        "head.impl=reference, or triton on the exact gemm kernels: head.grad_filter=0)",
     )
     settle_every: int | None = _key(
         None,
@@ -841,11 +841,19 @@ def _check_selection(c: _Checks) -> None:
     c.at_least("head.index_nlist", 1, nullable=True)
     c.at_least("head.settle_every", 1, nullable=True)
     c.need(
-        not h.fill_correction
-        or (h.selection != "full" and h.budget is not None and not h.knn_fixed_size and c.cfg.head_impl == "reference"),
+        not h.fill_correction or (h.selection != "full" and h.budget is not None and not h.knn_fixed_size),
         "head.fill_correction corrects the random rows that fill a budget: it needs head.selection=random, knn or "
-        f"graph, a head.budget, no head.knn_fixed_size and head.impl=reference (got selection {h.selection}, budget "
-        f"{h.budget}, knn_fixed_size {h.knn_fixed_size}, impl {c.cfg.head_impl})",
+        f"graph, a head.budget and no head.knn_fixed_size (got selection {h.selection}, budget {h.budget}, "
+        f"knn_fixed_size {h.knn_fixed_size})",
+    )
+    # The fused kernels add the offsets in the gemm path's LSE and P passes only; auto takes the
+    # stationary kernels for fp8 rows at small batches, so fp8 rows name gemm.
+    gemm_kernels = h.exact_kernels == "gemm" or (h.exact_kernels == "auto" and h.weight_dtype != "fp8_e4m3")
+    c.need(
+        not (h.fill_correction and c.cfg.head_impl == "triton") or (h.grad_filter == 0 and gemm_kernels),
+        "head.fill_correction with head.impl=triton runs on the exact gemm kernels: it needs head.grad_filter=0 and "
+        f"head.exact_kernels=gemm (or auto with bf16/fp32 rows); got grad_filter {h.grad_filter}, exact_kernels "
+        f"{h.exact_kernels}, weight_dtype {h.weight_dtype}",
     )
     c.need(
         not (h.fill_correction and c.cfg.comm.overlap),

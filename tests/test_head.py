@@ -420,10 +420,22 @@ def test_a_label_past_num_classes_fails_the_deferred_checks_without_a_host_read(
         checks.raise_if_failed(checks.values(features.device).tolist())
 
 
-def test_the_fused_kernels_refuse_logit_offsets():
-    head = ShardedClassifier(10, 8, impl="triton")
-    with pytest.raises(ValueError, match="head.impl=reference"):
-        head.loss(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), logit_offset=torch.zeros(10))
+def test_the_fused_kernels_add_logit_offsets_on_the_gemm_path_only():
+    """A fused head over active rows takes one offset per row as the reference head does; the
+    filtered kernels take none and say so."""
+    gen = torch.Generator().manual_seed(9)
+    features = torch.randn(5, 8, generator=gen)
+    labels = torch.tensor([3, 7, 3, 12, 20])
+    rows = torch.tensor([1, 3, 7, 9, 12, 20, 25])
+    offset = torch.rand(rows.numel(), generator=gen) * 2
+    losses = {}
+    for impl in ("reference", "triton"):
+        head = ShardedClassifier(30, 8, dtype=torch.float32, seed=2, init_std=0.5, impl=impl)
+        losses[impl] = float(head.loss(features, labels, rows, logit_offset=offset))
+    assert abs(losses["triton"] - losses["reference"]) < 1e-5 * losses["reference"]
+    head = ShardedClassifier(30, 8, dtype=torch.float32, seed=2, impl="triton", grad_filter=1e-3)
+    with pytest.raises(ValueError, match="exact gemm kernels"):
+        head.loss(features, labels, rows, logit_offset=offset)
 
 
 def test_a_head_over_active_rows_adds_their_logit_offsets():

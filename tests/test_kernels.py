@@ -391,3 +391,94 @@ def test_exact_kernels_choice_is_checked():
         resolve_exact_kernels("gemm", torch.float8_e4m3fn, 24, "cuda")
     with pytest.raises(ValueError, match="one of"):
         resolve_exact_kernels("fast", torch.bfloat16)
+
+
+def _offsets(seed, num_classes=NUM_CLASSES):
+    """Per-class logit offsets like the fill correction's: zero on some classes, log(s) on others."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = torch.rand(num_classes, generator=gen) * 4.0
+    offset[::3] = 0.0
+    return offset
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_logit_offsets_on_the_gemm_kernels_equal_the_reference(margin_type):
+    """head.fill_correction on the fused kernels: the LSE and P passes add each class's offset
+    to its logits, as the reference does (loss, dF and dW in float64 against it)."""
+    features, weight, labels = make_inputs(41)
+    offset = _offsets(42)
+    scale, margin = MARGINS[margin_type]
+    options = dict(num_classes=NUM_CLASSES, scale=scale, margin=margin, margin_type=margin_type)
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(f, w, labels, 0, exact_kernels="gemm", logit_offset=offset, **options)
+    loss.backward()
+    f64, w64 = features.double().requires_grad_(), weight.double().requires_grad_()
+    ref_loss = sharded_cross_entropy(f64, w64, labels, 0, logit_offset=offset.double(), **options)
+    ref_loss.backward()
+    plain = sharded_cross_entropy(features.double(), weight.double(), labels, 0, **options)
+    assert abs(float(ref_loss.detach()) - float(plain)) > 0.1  # the offsets change the loss
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, f64.grad) < 1e-5
+    assert rel_err(w.grad, w64.grad) < 1e-5
+
+
+def test_logit_offsets_reach_the_fused_update():
+    """With the SGD step in the backward, the rows move by the offset loss's gradient."""
+    features, weight, labels = make_inputs(43)
+    offset = _offsets(44)
+    lr, momentum, weight_decay = 0.5, 0.9, 5e-4
+    w = weight.clone()
+    buf = torch.zeros_like(weight)
+    update = SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
+    f = features.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=2.0, update=update, exact_kernels="gemm", logit_offset=offset
+    )
+    loss.backward()
+    w64 = weight.double().requires_grad_()
+    sharded_cross_entropy(features.double(), w64, labels, 0, scale=2.0, logit_offset=offset.double()).backward()
+    want = weight.double() - lr * (w64.grad + weight_decay * weight.double())  # a fresh buffer: buf = grad + wd w
+    assert rel_err(w - weight, want - weight.double()) < 1e-5
+
+
+def test_logit_offsets_are_refused_where_the_kernels_take_none():
+    features, weight, labels = make_inputs(45)
+    offset = _offsets(46)
+    for options in (dict(grad_filter=1e-3), dict(exact_kernels="stationary")):
+        with pytest.raises(ValueError, match="exact gemm kernels"):
+            triton_sharded_cross_entropy(features, weight, labels, 0, logit_offset=offset, **options)
+    with pytest.raises(ValueError, match="one value per class"):
+        triton_sharded_cross_entropy(features, weight, labels, 0, logit_offset=offset[:-1], exact_kernels="gemm")
+
+
+def _offset_shard_worker(rank, world_size):
+    features, weight, labels = make_inputs(47)
+    offset = _offsets(48)
+    start, stop = shard_range(NUM_CLASSES, world_size, rank)
+    f, w = features.clone().requires_grad_(), weight[start:stop].clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f,
+        w,
+        labels,
+        start,
+        scale=16.0,
+        margin=0.3,
+        margin_type="cosface",
+        exact_kernels="gemm",
+        logit_offset=offset[start:stop],
+    )
+    loss.backward()
+    return loss.detach(), f.grad, w.grad
+
+
+def test_logit_offsets_on_three_shards_merge_like_one_device():
+    results = run_ranks(_offset_shard_worker, 3)
+    features, weight, labels = make_inputs(47)
+    f64, w64 = features.double().requires_grad_(), weight.double().requires_grad_()
+    options = dict(scale=16.0, margin=0.3, margin_type="cosface")
+    ref_loss = sharded_cross_entropy(f64, w64, labels, 0, logit_offset=_offsets(48).double(), **options)
+    ref_loss.backward()
+    for loss, _, _ in results:
+        assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(sum(r[1] for r in results), f64.grad) < 1e-5
+    assert rel_err(torch.cat([r[2] for r in results]), w64.grad) < 1e-5

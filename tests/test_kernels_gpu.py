@@ -440,3 +440,55 @@ def test_a_storage_the_gpu_cannot_hold_fails_before_training():
     done = subprocess.run([sys.executable, "-c", FIT_CHECK], cwd=repo, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cannot hold torch.float32 rows of width 80" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_bf16_logit_offsets_follow_float64(margin_type):
+    """head.fill_correction on the GPU's gemm kernels: loss and gradients within bf16 error."""
+    from hydrahead.head import sharded_cross_entropy
+
+    features, weight, labels = inputs(33)
+    gen = torch.Generator().manual_seed(34)
+    offset = torch.rand(weight.shape[0], generator=gen) * 6.0
+    offset[::3] = 0.0
+    scale, margin = MARGINS[margin_type]
+    options = dict(scale=scale, margin=margin, margin_type=margin_type)
+    f, w = features.cuda().requires_grad_(), weight.cuda().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f, w, labels.cuda(), 0, exact_kernels="gemm", logit_offset=offset.cuda(), **options
+    )
+    loss.backward()
+    f64, w64 = features.cuda().double().requires_grad_(), weight.cuda().double().requires_grad_()
+    ref = sharded_cross_entropy(
+        f64, w64, labels.cuda(), 0, logit_offset=offset.cuda().double(), chunk_size=8192, **options
+    )
+    ref.backward()
+    assert abs(float(loss) - float(ref)) < 5e-3 * abs(float(ref))
+    assert rel_err(f.grad, f64.grad) < 2e-2
+    assert rel_err(w.grad, w64.grad) < 2e-2
+
+
+def test_fp8_logit_offsets_follow_float64_within_fp8_error():
+    from hydrahead.head import sharded_cross_entropy
+
+    op, weight, _, labels, options = fp8_problem(35, "none")
+    features = op.values.float() * op.row_scale[:, None]  # what the kernels see
+    offset = torch.rand(weight.shape[0], device="cuda") * 6.0
+    f = features.clone().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f, weight, labels.clamp(min=0), 0, scale=options["scale"], exact_kernels="gemm", logit_offset=offset
+    )
+    loss.backward()
+    f64 = features.double().requires_grad_()
+    ref = sharded_cross_entropy(
+        f64,
+        weight.double(),
+        labels.clamp(min=0),
+        0,
+        scale=options["scale"],
+        chunk_size=8192,
+        logit_offset=offset.double(),
+    )
+    ref.backward()
+    assert abs(float(loss) - float(ref)) < 1e-3 * float(ref)
+    assert rel_err(f.grad, f64.grad) < 0.05

@@ -1123,7 +1123,36 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
         (["head.settle_every=10", "head.momentum=0"], "settle_every=10 pays the steps"),
         (["head.settle_every=10", "head.inactive_rows=frozen"], "settle_every=10 pays the steps"),
         (["head.selection=knn", "head.fill_correction=true"], "fill_correction corrects"),
-        (["head.selection=random", "head.budget=9", "head.fill_correction=true", "head.impl=triton"], "impl=reference"),
+        (
+            [
+                "head.selection=random",
+                "head.budget=9",
+                "head.fill_correction=true",
+                "head.impl=triton",
+                "head.grad_filter=1e-4",
+            ],
+            "exact gemm kernels",
+        ),
+        (
+            [
+                "head.selection=knn",
+                "head.budget=9",
+                "head.fill_correction=true",
+                "head.impl=triton",
+                "head.exact_kernels=stationary",
+            ],
+            "exact gemm kernels",
+        ),
+        (
+            [
+                "head.selection=knn",
+                "head.budget=9",
+                "head.fill_correction=true",
+                "head.impl=triton",
+                "head.weight_dtype=fp8_e4m3",
+            ],
+            "exact gemm kernels",
+        ),
         (["head.selection=random", "head.budget=9", "head.fill_correction=true", "comm.overlap=true"], "overlapped"),
     ],
 )
@@ -1309,5 +1338,38 @@ def _loss_offsets_on_rank(rank, world_size, root):
         trainer._set_learning_rates()
         trainer.train_step(*next(data), timed=False)
         data.close()
+        trainer.selector.close()
+    return seen
+
+
+def test_fused_head_takes_the_fill_correction_as_the_reference_does(tmp_path):
+    """head.fill_correction with head.impl=triton (the exact gemm kernels, fp32 rows): the same
+    step's loss and updated rows as the reference head's."""
+    seen = run_ranks(_corrected_step_on_rank, 1, str(tmp_path))[0]
+    (ref_loss, ref_rows, ref_offsets), (loss, rows, offsets) = seen["reference"], seen["triton"]
+    assert 0 < ref_offsets == offsets < 60  # the fill's rows carry offsets, the positives none
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    assert float((rows - ref_rows).norm() / ref_rows.norm()) < 1e-5
+
+
+def _corrected_step_on_rank(rank, world_size, root):
+    from launcher import TINY
+
+    from hydrahead.config import load_config
+    from hydrahead.data.build import batches
+    from hydrahead.distributed.setup import DistEnv
+    from hydrahead.train.trainer import Trainer
+
+    seen = {}
+    for impl in ("reference", "triton"):
+        options = ["head.selection=random", "head.budget=60", "head.fill_correction=true", "head.weight_dtype=fp32"]
+        cfg = load_config(None, [f"run.dir={root}/{impl}", *TINY, *options, f"head.impl={impl}"])
+        trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+        data = batches(trainer.train_data, start_step=0, global_batch=48, rank=rank, world_size=world_size)
+        trainer._set_learning_rates()
+        out = trainer.train_step(*next(data), timed=False)
+        data.close()
+        offsets = int((trainer.selector.logit_offset != 0).sum())
+        seen[impl] = (float(out["loss"]), trainer.head.weight.detach().clone(), offsets)
         trainer.selector.close()
     return seen

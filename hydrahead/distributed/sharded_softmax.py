@@ -225,6 +225,17 @@ def check_global_inputs(features, labels, scale, margin, margin_type, chunk_size
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+def check_logit_offset(logit_offset, weight_shard) -> None:
+    """A per-class logit offset holds one float per class of this shard."""
+    if not isinstance(logit_offset, torch.Tensor) or (
+        logit_offset.shape != (weight_shard.shape[0],) or not logit_offset.is_floating_point()
+    ):
+        raise ValueError(
+            f"logit_offset must be a float tensor of one value per class of the shard ({weight_shard.shape[0]},), "
+            f"got {_describe(logit_offset)}"
+        )
+
+
 def local_error_code(features, weight_shard, class_start, num_classes) -> int:
     """Problems with this rank's own shard, reported through the collectives (see ``LOCAL_ERRORS``)."""
     if (

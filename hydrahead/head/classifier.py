@@ -479,12 +479,8 @@ class ShardedClassifier(nn.Module):
         its one read, not here; until then the step must stay discardable
         (``step_discardable``), since the checks may still fail. ``logit_offset``: one constant
         per scored row (per active row, in their order), added to its logits (the reference
-        implementation; the fused kernels take none).
+        implementation, or the fused exact gemm kernels: ``grad_filter`` 0).
         """
-        if logit_offset is not None and self.impl == "triton":
-            raise ValueError(
-                "logit offsets (head.fill_correction) need head.impl=reference; the fused kernels take none"
-            )
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(
             group=self.group,
@@ -507,6 +503,7 @@ class ShardedClassifier(nn.Module):
                     update=update,
                     grad_filter=self.grad_filter,
                     exact_kernels=self.exact_kernels,
+                    logit_offset=logit_offset,
                     **options,
                 )
             return sharded_cross_entropy(

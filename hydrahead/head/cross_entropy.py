@@ -27,6 +27,7 @@ from hydrahead.distributed.sharded_softmax import (
     MergeChecks,
     check_global_inputs,
     check_label_range,
+    check_logit_offset,
     local_error_code,
     mean_loss_after_merge,
     merge_across_shards,
@@ -301,13 +302,8 @@ def sharded_cross_entropy(
     fails the deferred merge check as a label that no shard owns).
     """
     check_global_inputs(features, labels, scale, margin, margin_type, chunk_size)
-    if logit_offset is not None and (
-        logit_offset.shape != (weight_shard.shape[0],) or not logit_offset.is_floating_point()
-    ):
-        raise ValueError(
-            f"logit_offset must be a float tensor of one value per class of the shard ({weight_shard.shape[0]},), "
-            f"got {tuple(logit_offset.shape)} {logit_offset.dtype}"
-        )
+    if logit_offset is not None:
+        check_logit_offset(logit_offset, weight_shard)
     labels = labels.long()
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)

@@ -59,6 +59,7 @@ def _probs_kernel(
     F_SCALE,
     W,
     INV_NORM,
+    OFFSET,
     LOCAL_LABEL,
     LSE,
     GRAD_SCALE,
@@ -78,6 +79,7 @@ def _probs_kernel(
     scale,
     target_shift,
     COSINE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -115,6 +117,8 @@ def _probs_kernel(
     if COSINE:
         inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
         z2 = z2 * inv[None, :]
+    if HAS_OFFSET:  # as in the LSE pass: P is the softmax of the offset logits
+        z2 = z2 + tl.load(OFFSET + cols, mask=col_ok, other=0.0)[None, :] * LOG2E
     lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * LOG2E  # +inf: ignored rows get p = 0
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
     if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
@@ -268,8 +272,9 @@ def _round_up(n: int, multiple: int) -> int:
 class _ProbsPass:
     """The launches of ``_probs_kernel`` over one backward's chunks (their shared arguments)."""
 
-    def __init__(self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options):
+    def __init__(self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options, offset=None):
         self.operand, self.weight, self.local_label, self.lse = operand, weight, local_label, lse
+        self.offset = offset
         self.inv_norm, self.grad_scale, self.options = inv_norm, grad_scale, options
         num_rows = operand.shape[0]
         self.padded_rows = _round_up(num_rows, 16) if operand.fp8 else num_rows
@@ -304,6 +309,7 @@ class _ProbsPass:
                 operand.row_scale if operand.fp8 else feats,
                 block_operand(weight, [block_c, block_k], tma),
                 self.inv_norm if options["cosine"] else weight,
+                self.offset if self.offset is not None else weight,
                 self.local_label,
                 self.lse,
                 self.grad_scale,
@@ -323,6 +329,7 @@ class _ProbsPass:
                 options["scale"],
                 options["target_shift"],
                 COSINE=options["cosine"],
+                HAS_OFFSET=self.offset is not None,
                 FP8=operand.fp8,
                 EXACT_CAST=INTERPRETED,
                 PRECISION=_precision(weight.dtype),
@@ -336,7 +343,8 @@ class _ProbsPass:
             )
 
         kernel = "probs_tma" if tma else "probs"
-        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, (options["cosine"], operand.fp8))
+        variant = (options["cosine"], operand.fp8, self.offset is not None)
+        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         return probs, probs_t
 
 
@@ -354,6 +362,7 @@ def exact_backward(
     update: SGDUpdate | None,
     want_features: bool = True,
     want_weight: bool = True,
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dF, dW) of the exact loss from the merged log-sum-exp ``lse`` (+inf on ignored rows).
 
@@ -363,7 +372,8 @@ def exact_backward(
     (incoming gradient over the valid labels, times the logit scale, as for
     ``shard_weight_backward``) may be a one-element device tensor: nothing here reads it on
     the host. ``feats``: the features in the weights' dtype, or their ``FeatureOperand``
-    (fp8 rows: e4m3 features with row scales and their transpose).
+    (fp8 rows: e4m3 features with row scales and their transpose). ``logit_offset`` (float32,
+    one per class): the constants the forward's LSE pass added to each class's logits.
     """
     operand = _as_operand(feats)
     feats = operand.values
@@ -388,6 +398,7 @@ def exact_backward(
         lse,
         grad_scale,
         dict(scale=scale, target_shift=target_shift, cosine=cosine),
+        logit_offset,
     )
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, cosine)
     if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16

@@ -134,6 +134,7 @@ def _lse_kernel(
     F_SCALE,
     W,
     INV_NORM,
+    OFFSET,
     LOCAL_LABEL,
     M_OUT,
     L_OUT,
@@ -147,6 +148,7 @@ def _lse_kernel(
     scale,
     target_shift,
     COSINE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -179,6 +181,8 @@ def _lse_kernel(
             z2 = acc * row_factor[:, None]
             if COSINE:
                 z2 = z2 * tl.load(INV_NORM + cols, mask=col_ok, other=0.0)[None, :]
+            if HAS_OFFSET:  # a constant per class (sampled softmax's correction), after the scale
+                z2 = z2 + tl.load(OFFSET + cols, mask=col_ok, other=0.0)[None, :] * LOG2E
             if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
                 is_target = label[:, None] == cols[None, :]
                 z2 = tl.where(is_target, z2 - target_shift * LOG2E, z2)
@@ -420,8 +424,11 @@ def _fp8_args(operand: FeatureOperand) -> tuple[torch.Tensor, torch.Tensor, bool
     return operand.values, operand.row_scale if operand.fp8 else operand.values, operand.fp8
 
 
-def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool):
-    """Local (max, sum of exp, target logit) per sample over this shard: 2·G·D·C_r FLOPs."""
+def shard_lse(
+    feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool, logit_offset=None
+):
+    """Local (max, sum of exp, target logit) per sample over this shard: 2·G·D·C_r FLOPs.
+    ``logit_offset`` (float32, one per class of the shard): added to each class's logits."""
     feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
@@ -436,6 +443,7 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
             f_scale,
             block_operand(weight, [block_c, block_k], tma),
             inv_norm if cosine else weight,
+            logit_offset if logit_offset is not None else weight,
             local_label,
             stats[0],
             stats[1],
@@ -449,6 +457,7 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
             scale,
             target_shift,
             COSINE=cosine,
+            HAS_OFFSET=logit_offset is not None,
             FP8=fp8,
             PRECISION=_precision(weight.dtype),
             EVEN_K=dim % block_k == 0,
@@ -462,7 +471,8 @@ def shard_lse(feat_op, weight, inv_norm, local_label, *, scale: float, target_sh
         return stats
 
     kernel = "filtered_tma" if tma else "filtered"
-    stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, ("lse", cosine, fp8))
+    variant = ("lse", cosine, fp8, logit_offset is not None)
+    stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
     split_max, split_sum, split_target = stats
     row_max = split_max.amax(dim=0)
     rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)

@@ -32,6 +32,7 @@ from hydrahead.distributed.sharded_softmax import (
     MergeChecks,
     check_global_inputs,
     check_label_range,
+    check_logit_offset,
     local_error_code,
     mean_loss_after_merge,
     merge_across_shards,
@@ -85,6 +86,7 @@ class _LocalPass:
     local: torch.Tensor | None = None
     kernel_args: tuple = ()
     kernel_options: dict | None = None
+    logit_offset: torch.Tensor | None = None  # per class, float32: the LSE pass's and the gemm backward's
     feat_unit: torch.Tensor | None = None
     feat_norm: torch.Tensor | None = None
 
@@ -107,9 +109,11 @@ def _local_pass(
     ignore_index,
     lse_only,
     inv_norm=None,
+    logit_offset=None,
 ):
     """The forward kernel over this shard: local (max, sum of exp, target) per row, and A (the
-    stationary exact kernels; ``lse_only``: the filtered path and the gemm backward)."""
+    stationary exact kernels; ``lse_only``: the filtered path and the gemm backward).
+    ``logit_offset``: one constant per class added to its logits (the LSE pass only)."""
     local_error = local_error_code(features, weight_shard, class_start, num_classes)
     num_rows, device = features.shape[0], features.device
     valid = labels != ignore_index
@@ -137,8 +141,9 @@ def _local_pass(
     out.kernel_args = (feat_op, weight_shard, inv_norm, local_label)
     out.kernel_options = dict(scale=scale, target_shift=target_shift_for(margin_type, scale, margin), cosine=cosine)
     if lse_only:  # logits only: the backward recomputes them
+        out.logit_offset = logit_offset
         out.running_max, out.running_sum, out.target_logit = filtered_kernels.shard_lse(
-            *out.kernel_args, **out.kernel_options
+            *out.kernel_args, **out.kernel_options, logit_offset=logit_offset
         )
     else:
         out.running_max, out.running_sum, out.target_logit, out.accumulated = shard_forward(
@@ -220,9 +225,15 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         grad_filter,
         checks,
         exact_kernels,
+        logit_offset,
     ):
         filtered = grad_filter > 0
         gemm = not filtered and exact_kernels == "gemm"
+        if logit_offset is not None and not gemm:
+            raise ValueError(
+                "logit offsets (head.fill_correction) run on the exact gemm kernels only: set head.grad_filter=0 "
+                f"and head.exact_kernels=gemm (got grad_filter={grad_filter}, exact kernels {exact_kernels!r})"
+            )
         local_pass = _local_pass(
             features,
             weight_shard,
@@ -234,6 +245,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             margin_type,
             ignore_index,
             filtered or gemm,
+            logit_offset=logit_offset,
         )
         lse, target_logit, owned_total, error = local_pass.merge(group)
         loss, num_valid = mean_loss_after_merge(
@@ -272,7 +284,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             shape, dtype, device = ctx.features_meta
             del ctx.grad_feat_op, ctx.local_pass
             grad_features = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
-            return grad_features, *(None,) * 13
+            return grad_features, *(None,) * 14
         grad = grad_loss.float()
         grad_scale = grad * ctx.scale / per_valid_label(ctx.num_valid)
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
@@ -286,6 +298,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 update=ctx.update,
                 want_features=ctx.needs_input_grad[0],
                 want_weight=want_weight,
+                logit_offset=local_pass.logit_offset,
                 **local_pass.kernel_options,
             )
         elif ctx.grad_filter > 0:
@@ -311,7 +324,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
             grad_features = grad_feat_op.to(ctx.features_dtype)
         del ctx.grad_feat_op, ctx.local_pass
-        return grad_features, grad_weight, *(None,) * 12
+        return grad_features, grad_weight, *(None,) * 13
 
 
 def triton_sharded_cross_entropy(
@@ -330,6 +343,7 @@ def triton_sharded_cross_entropy(
     grad_filter: float = 0.0,
     checks: MergeChecks | None = None,
     exact_kernels: str = "auto",
+    logit_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sharded_cross_entropy`` on the fused kernels (margin types none and cosface).
 
@@ -341,7 +355,9 @@ def triton_sharded_cross_entropy(
     read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
     step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
     library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm for
-    fp32 and bf16 rows, stationary for fp8 rows).
+    fp32 and bf16 rows, stationary for fp8 rows). ``logit_offset`` (C_r,): a constant added to
+    every logit of each class, after the margin, as for ``sharded_cross_entropy`` (the exact
+    gemm kernels only).
     Logits never reach global memory whole: the stationary kernels need O(G x D) extra
     memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """
@@ -358,6 +374,9 @@ def triton_sharded_cross_entropy(
     labels = labels.long()
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
+    if logit_offset is not None:
+        check_logit_offset(logit_offset, weight_shard)
+        logit_offset = logit_offset.detach().to(device=weight_shard.device, dtype=torch.float32).contiguous()
     with torch.autocast(device_type=features.device.type, enabled=False):
         return _FusedShardedCrossEntropy.apply(
             features,
@@ -374,6 +393,7 @@ def triton_sharded_cross_entropy(
             float(grad_filter),
             checks,
             exact_kernels,
+            logit_offset,
         )
 
 
