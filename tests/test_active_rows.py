@@ -476,3 +476,68 @@ def test_a_settle_leaves_the_rows_that_owe_nothing_as_stored():
     assert torch.equal(head.weight.detach()[current], before[0][current])
     assert torch.equal(head.compensation[current], before[1][current])
     assert not torch.equal(head.weight.detach()[owing], before[0][owing])  # they paid their step
+
+
+def _owing_head(dtype, buffer_dtype=torch.float32, rounding="stochastic"):
+    """A head whose rows owe one, two or no steps: active sets at three steps, momentum on."""
+    head = ShardedClassifier(
+        NUM_CLASSES,
+        DIM,
+        seed=4,
+        init_std=0.5,
+        dtype=dtype,
+        momentum=MOMENTUM,
+        weight_decay=1e-3,
+        rounding=rounding,
+        momentum_dtype=buffer_dtype,
+    )
+    head.set_lr(LR)
+    gen = torch.Generator().manual_seed(7)
+    for step, rows in enumerate((torch.arange(0, 30), torch.arange(20, 50), torch.arange(45, 60)), start=1):
+        head.set_step(step)
+        head.loss(torch.randn(rows.numel(), DIM, generator=gen), rows, rows).backward()
+        head.finish_step()
+    head.class_start = 37  # as a second shard's: the settle's draws are keyed by global class id
+    return head
+
+
+@pytest.mark.parametrize(
+    "dtype, buffer_dtype, rounding",
+    [
+        (torch.float32, torch.float32, "nearest"),
+        (torch.bfloat16, torch.float32, "stochastic"),
+        (torch.bfloat16, torch.bfloat16, "nearest"),
+        (torch.float8_e4m3fn, torch.float32, "stochastic"),
+    ],
+)
+def test_a_settle_in_one_kernel_stores_what_the_torch_settle_stores(monkeypatch, dtype, buffer_dtype, rounding):
+    """hydrahead.kernels.deferred (Triton's interpreter here): the same rows, buffer and
+    rounding draws as the torch path, bit for bit, and the rows that owe nothing untouched."""
+    settled = {}
+    for one_kernel in (False, True):
+        head = _owing_head(dtype, buffer_dtype, rounding)
+        monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel: on)
+        before = head.weight.detach().clone()
+        owed = head._deferred.updates - head._deferred.row_updates
+        head.settle()
+        assert not head._deferred.owing and head.settles == 1
+        settled[one_kernel] = (head.weight.detach().float(), head.momentum_buffer.float(), before, owed)
+    (w_torch, b_torch, before, owed), (w_kernel, b_kernel, _, _) = settled[False], settled[True]
+    assert int((owed > 0).sum()) > 0 and int((owed == 0).sum()) > 0
+    assert torch.equal(w_kernel, w_torch) and torch.equal(b_kernel, b_torch)
+    assert torch.equal(w_kernel[owed == 0], before.float()[owed == 0])
+    assert not torch.equal(w_kernel[owed > 0], before.float()[owed > 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_paid_rows_in_one_kernel_equal_the_torch_paid_rows(dtype):
+    from hydrahead.kernels.deferred import paid_copy
+
+    head = _owing_head(dtype)
+    deferred = head._deferred
+    stored = head.weight.detach().clone(), head.momentum_buffer.clone()
+    want = deferred.paid_rows(head.weight.detach(), head.momentum_buffer)  # the torch path on the CPU
+    got = paid_copy(head.weight.detach(), head.momentum_buffer, deferred.row_updates, deferred.updates, deferred.table)
+    assert got.dtype == dtype and torch.equal(got.float(), want.float())
+    assert not torch.equal(got.float(), stored[0].float())  # something was owed and paid
+    assert torch.equal(head.weight.detach().float(), stored[0].float()) and torch.equal(head.momentum_buffer, stored[1])

@@ -323,10 +323,36 @@ class ShardedClassifier(nn.Module):
         rows (float32/float64 storage: up to rounding; low-precision storage: rounded into
         it as ``rounding`` and ``compensation`` say, with draws of their own). A no-op when
         nothing is owed."""
-        if self._deferred is not None and self._deferred.owing:
+        if self._deferred is None or not self._deferred.owing:
+            return
+        deferred = self._deferred
+        if self._pays_in_one_kernel():
+            from hydrahead.kernels.deferred import pay_rows_in_place
+
+            how = LowPrecisionUpdate(self.rounding, seed=self.seed, step=self.step, salt=1)
+            pay_rows_in_place(
+                self.weight.data,
+                self.momentum_buffer,
+                deferred.row_updates,
+                deferred.updates,
+                deferred.table,
+                how=how if self.low_precision else None,
+                class_start=self.class_start,
+            )
+            deferred.mark_settled()
+        else:
             write = (lambda rows, values: self._store_rows(rows, values, salt=1)) if self.low_precision else None
-            self._deferred.settle_(self.weight.data, self.momentum_buffer, write)
-            self.settles += 1
+            deferred.settle_(self.weight.data, self.momentum_buffer, write)
+        self.settles += 1
+
+    def _pays_in_one_kernel(self) -> bool:
+        """Whether a settle runs as one pass over the shard (``hydrahead.kernels.deferred``):
+        on a GPU, rows it can store, no Kahan compensation (which stays on the torch path)."""
+        if not self.weight.is_cuda or self.compensation is not None:
+            return False
+        from hydrahead.kernels.deferred import supported
+
+        return supported(self.weight.detach(), self.momentum_buffer)
 
     @torch.no_grad()
     def rows_as_the_loss_reads_them(self) -> torch.Tensor:

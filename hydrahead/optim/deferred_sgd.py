@@ -152,6 +152,11 @@ class DeferredSGD:
         they are: where the next loss will read each row. One new tensor like ``weight``, paid
         ``_SETTLE_ROWS`` rows at a time; the same dtype whether or not anything is owed, so
         ranks that exchange these rows (graph builds) agree on their size."""
+        if weight.is_cuda:
+            from hydrahead.kernels import deferred  # Triton's import, only where it runs
+
+            if deferred.supported(weight, buffer):  # one pass, no float32 temporaries
+                return deferred.paid_copy(weight, buffer, self.row_updates, self.updates, self.table)
         paid = torch.empty_like(weight)
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
@@ -181,6 +186,11 @@ class DeferredSGD:
                 weight[rows] = _nearest_in(weight.dtype, w)
             if buffer is not None:
                 buffer[rows] = b.to(buffer.dtype)
+        self.mark_settled()
+
+    def mark_settled(self) -> None:
+        """Every row is current: its debts were paid into the stored rows (a settle done
+        elsewhere, such as ``hydrahead.kernels.deferred.pay_rows_in_place``)."""
         self.row_updates.fill_(self.updates)
         self.oldest = self.updates
 
