@@ -420,3 +420,47 @@ def test_list_grouped_search_takes_fp8_rows_with_cosine_scores():
     want_scores, want_rows = (queries.double() @ unit.T).topk(5, dim=1)
     assert torch.equal(rows[:, 0], want_rows[:, 0])  # each row finds itself first
     torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_by_blocks_finds_the_same_scores_as_topk(seed):
+    from hydrahead.head.index import topk_by_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(37, 64 * 40, generator=gen, dtype=torch.float64)
+    scores[:, -50:] = -math.inf  # a padded tail
+    scores[3] = scores[3].round(decimals=1)  # many ties
+    scores[5, 128:192] += 10.0  # the best all in one block
+    want_values, _ = scores.topk(17, dim=1)
+    values, positions = topk_by_blocks(scores, 17)
+    assert torch.equal(values, want_values)
+    assert torch.equal(scores.gather(1, positions), values)  # each position holds its score
+    assert all(len(set(row.tolist())) == 17 for row in positions)  # no score taken twice
+    assert set(positions[5].tolist()) == set(scores[5].topk(17).indices.tolist())
+    short_values, _ = topk_by_blocks(scores[:, :1000], 17)  # not a multiple of the block: plain top-k
+    assert torch.equal(short_values, scores[:, :1000].topk(17, dim=1).values)
+
+
+def test_grouped_search_by_blocks_finds_what_the_plain_top_k_finds(monkeypatch):
+    """Groups padded to a multiple of the block and searched by ``topk_by_blocks`` give the
+    same scores and rows as the plain top-k over the same candidates."""
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64)
+    index = make_index("torch", "ivf", nlist=16, nprobe=4, copy_weights=False)
+    index.build(weight)
+    queries = weight[index.rows_by_list()[:3000]]
+    monkeypatch.setattr(index_mod, "TOPK_BLOCK", 0)
+    plain_scores, plain_rows = index.search_by_list_groups(queries, 7, weight)
+    monkeypatch.setattr(index_mod, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(index_mod, "TOPK_BLOCK_MIN_CANDIDATES", 0)
+    calls = []
+    blocks = index_mod.topk_by_blocks
+
+    def spy(scores, k, block):
+        calls.append((scores.shape[1], block))
+        return blocks(scores, k, block)
+
+    monkeypatch.setattr(index_mod, "topk_by_blocks", spy)
+    scores, rows = index.search_by_list_groups(queries, 7, weight)
+    assert calls and all(length % 32 == 0 and block == 32 for length, block in calls)
+    assert torch.equal(scores, plain_scores) and torch.equal(rows, plain_rows)
