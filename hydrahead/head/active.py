@@ -85,7 +85,7 @@ from hydrahead.head.selection import (
     fill_offsets,
     knn_active,
     knn_fixed_rows,
-    owned_positives,
+    owned_local_rows,
     random_active,
     resolve_budget,
     without_own_label,
@@ -424,10 +424,9 @@ class ActiveClassSelector:
     def _fill_offsets(self, rows: torch.Tensor, labels: torch.Tensor, neighbours: torch.Tensor | None) -> torch.Tensor:
         """``fill_offsets`` of a selection: the rows chosen for themselves are the owned
         positives and, for knn and graph, the ``neighbours`` (local rows, -1 for none)."""
-        chosen = owned_positives(labels, self.class_start, self.class_stop, self.ignore_index).to(rows.device)
-        if neighbours is not None:
-            found = neighbours.reshape(-1).long()
-            chosen = torch.unique(torch.cat((chosen, found[found >= 0])))
+        chosen = owned_local_rows(labels, self.class_start, self.class_stop, self.ignore_index).to(rows.device)
+        if neighbours is not None:  # -1 and repeats stay: fill_offsets needs no unique set (no host read)
+            chosen = torch.cat((chosen, neighbours.reshape(-1).to(chosen.device, torch.long)))
         # random's fractional budget draws each row with that probability; knn and graph fill up to a count
         drawn_with = self.budget if neighbours is None and isinstance(self.budget, float) else None
         return fill_offsets(rows, chosen, self.shard_size, drawn_with)

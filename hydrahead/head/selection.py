@@ -38,6 +38,7 @@ __all__ = [
     "fill_offsets",
     "knn_active",
     "knn_fixed_rows",
+    "owned_local_rows",
     "owned_positives",
     "random_active",
     "remap_labels",
@@ -71,7 +72,7 @@ def owned_positives(labels: torch.Tensor, class_start: int, class_stop: int, ign
     """Sorted unique local rows of the labels that fall in ``[class_start, class_stop)``."""
     _check_labels(labels)
     _check_range(class_start, class_stop)
-    return _unique_rows(_owned_local(labels, class_start, class_stop, ignore_index), class_stop - class_start)
+    return _unique_rows(owned_local_rows(labels, class_start, class_stop, ignore_index), class_stop - class_start)
 
 
 def random_active(
@@ -109,7 +110,8 @@ def fill_offsets(
 ) -> torch.Tensor:
     """Sampled softmax's correction for an active set filled with random rows: (len(rows),)
     float32, ``log(s)`` on the logits of the fill rows (those of ``rows`` not in ``chosen``,
-    the rows picked for themselves: positives, knn's or graph's neighbours), 0 on the others.
+    the rows picked for themselves: positives, knn's or graph's neighbours; repeats and -1
+    allowed), 0 on the others. No host read.
 
     Each fill row stands for ``s`` rows of the shard outside ``chosen``: ``1 / p`` where each
     was drawn with a known probability ``draw_probability`` (random's fractional budget),
@@ -120,13 +122,14 @@ def fill_offsets(
     if draw_probability is not None and not (isinstance(draw_probability, float) and 0 < draw_probability <= 1):
         raise ValueError(f"draw_probability must be a float in (0, 1] or None, got {draw_probability!r}")
     fill = ~torch.isin(rows, chosen)
-    # Sizes known on the host, no read of the mask: a fill exists only where ``chosen`` lies
-    # within ``rows`` (a trimmed knn union keeps fewer rows than it chose, and has no fill).
-    num_fill = rows.numel() - chosen.numel()
-    if num_fill <= 0:
-        return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-    stands_for = 1.0 / draw_probability if draw_probability is not None else (shard_size - chosen.numel()) / num_fill
-    return fill.to(torch.float32) * math.log(stands_for)
+    if draw_probability is not None:
+        return fill.to(torch.float32) * math.log(1.0 / draw_probability)
+    # Counted on the device, no host read: wherever there is a fill, every chosen row lies
+    # within ``rows`` (a trimmed knn union keeps fewer rows than it chose, and has no fill),
+    # so the rows outside the active set number shard_size - (rows - fill).
+    num_fill = fill.sum()
+    stands_for = (shard_size - rows.numel() + num_fill).double() / num_fill.clamp_min(1)
+    return torch.where(fill, stands_for.log().float(), 0.0)
 
 
 def without_own_label(
@@ -198,7 +201,7 @@ def knn_active(
     _check_range(class_start, class_stop)
     shard_size = class_stop - class_start
     _check_neighbour_rows(neighbour_rows)
-    owned = _owned_local(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)
+    owned = owned_local_rows(labels, class_start, class_stop, ignore_index).to(neighbour_rows.device)
     candidates = torch.cat((neighbour_rows.reshape(-1).long(), owned))
     union = _unique_rows(candidates, shard_size, "neighbour_rows must be local rows in [0, {shard_size}) or -1")
     if budget is None:
@@ -271,7 +274,7 @@ def knn_fixed_rows(
     if size == shard_size:
         return torch.arange(shard_size, device=device)
     candidates = torch.cat(
-        (neighbour_rows.reshape(-1).long(), _owned_local(labels, class_start, class_stop, ignore_index).to(device))
+        (neighbour_rows.reshape(-1).long(), owned_local_rows(labels, class_start, class_stop, ignore_index).to(device))
     )
     candidates = torch.where(
         (candidates >= 0) & (candidates < shard_size), candidates, shard_size
@@ -388,7 +391,7 @@ def _fill_lowest(rows: torch.Tensor, count: int, key: int, class_start: int, cla
     return torch.sort(torch.cat((rows, best_rows))).values
 
 
-def _owned_local(labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int) -> torch.Tensor:
+def owned_local_rows(labels: torch.Tensor, class_start: int, class_stop: int, ignore_index: int) -> torch.Tensor:
     """Each label's local row where the shard owns it, -1 elsewhere (no host sync)."""
     local = labels.long() - class_start
     owned = (labels != ignore_index) & (local >= 0) & (local < class_stop - class_start)
