@@ -514,7 +514,7 @@ def main(argv=None) -> None:
             retrain_s = built.seconds
             built = selector._build(head.weight, 0)
             retrain_s = min(retrain_s, built.seconds)
-            selector._install(built, head.weight)
+            selector._install(built)
             counter = {"step": 1}
 
             def knn_step(batch=None):

@@ -295,7 +295,7 @@ def _background_builds(rank, world_size):
         assert set(owned.tolist()) <= set(rows.tolist())
         weight[rows] += 0.1  # the step's update
         ages.append(selector.last["index_age"])
-    selector._harvest(weight, wait=True)
+    selector._harvest(wait=True)
     built = selector._current.step
     recall = selector.last["graph_recall"]
     selector.close()

@@ -1229,6 +1229,7 @@ def _searched_rows_on_rank(rank, world_size, root):
 
         def recording_select(step, features, labels, weight, rows_moved, select=select, trainer=trainer):
             calls.append(step)
+            weight = weight() if callable(weight) else weight  # the paid rows come as their maker
             if len(calls) >= 3:  # rows active at step 1 and not at step 2 owe the third a step
                 stored = trainer.head.weight.detach()
                 paid_rows = trainer.head.rows_as_the_loss_reads_them()
@@ -1373,3 +1374,45 @@ def _corrected_step_on_rank(rank, world_size, root):
         seen[impl] = (float(out["loss"]), trainer.head.weight.detach().clone(), offsets)
         trainer.selector.close()
     return seen
+
+
+def test_paid_rows_are_made_only_in_the_steps_that_read_them(tmp_path):
+    """head.search_paid_rows copies the shard with its debts paid: knn's search reads it every
+    step, a graph only when it builds (steps 1, 3 and 6 here: builds in the step every 3)."""
+    made = run_ranks(_paid_copies_on_rank, 1, str(tmp_path))[0]
+    assert made["knn"] == [1, 2, 3, 4, 5, 6]
+    assert made["graph"] == [1, 3, 6]
+
+
+def _paid_copies_on_rank(rank, world_size, root):
+    from launcher import TINY
+
+    from hydrahead.config import load_config
+    from hydrahead.data.build import batches
+    from hydrahead.distributed.setup import DistEnv
+    from hydrahead.train.trainer import Trainer
+
+    made = {}
+    for selection in ("knn", "graph"):
+        options = [f"head.selection={selection}", "head.knn_k=2", "head.graph_k=2", "head.budget=60"]
+        options += ["head.index=torch", "head.index_type=flat", "head.momentum=0.9", "head.search_paid_rows=true"]
+        options += ["head.rebuild_every=3", "head.index_deterministic=true", "head.recall_every=0"]
+        cfg = load_config(None, [f"run.dir={root}/{selection}", *TINY, *options])
+        trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+        steps, current, paid = [], [0], trainer.head.rows_as_the_loss_reads_them
+
+        def counting_paid(paid=paid, steps=steps, current=current):
+            steps.append(current[0])
+            return paid()
+
+        trainer.head.rows_as_the_loss_reads_them = counting_paid
+        data = batches(trainer.train_data, start_step=0, global_batch=48, rank=rank, world_size=world_size)
+        for step in range(1, 7):
+            current[0] = step
+            trainer._set_learning_rates()
+            trainer.train_step(*next(data), timed=False)
+            trainer.step = step
+        data.close()
+        trainer.selector.close()
+        made[selection] = steps
+    return made

@@ -71,6 +71,7 @@ import concurrent.futures
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,18 @@ SEARCHED = ("knn", "graph")  # selections with an index and its rebuilds
 _SELECTOR_STATE = ("built_step", "rebuilds", "dirty")  # saved beside the index's own tensors
 # Signatures of indexes saved before backends and types were named as the config names them.
 _LEGACY_KINDS = {"torch": ("torch", "flat"), "torch_ivf": ("torch", "ivf")}
+
+
+class _RowsOnDemand:
+    """The rows a step searches: given, or made by a function at most once, when first read."""
+
+    def __init__(self, source: torch.Tensor | Callable[[], torch.Tensor]):
+        self._source, self._rows = source, None
+
+    def __call__(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = self._source() if callable(self._source) else self._source
+        return self._rows
 
 
 @dataclass
@@ -350,15 +363,23 @@ class ActiveClassSelector:
 
     @torch.no_grad()
     def select(
-        self, step: int, features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, rows_moved: int = 0
+        self,
+        step: int,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor | Callable[[], torch.Tensor],
+        rows_moved: int = 0,
     ) -> torch.Tensor | None:
         """Sorted local active rows for optimizer step ``step`` (1-based), or None for ``full``.
 
         ``features`` (G, D) and ``labels`` (G,) are the global batch, the same on every
-        rank; ``weight`` is this shard's stored weight (C_r, D). ``rows_moved`` counts the
-        times every row was moved outside an active set (the head's ``settles``): when it
-        changes, the next IVF rebuild files every row again.
+        rank; ``weight`` is this shard's rows to search (C_r, D), or a function that makes
+        them (such as a copy with the owed steps paid), called at most once and only when
+        the step reads them: knn's search, a build, a recall measurement, not a graph's
+        lookup. ``rows_moved`` counts the times every row was moved outside an active set
+        (the head's ``settles``): when it changes, the next IVF rebuild files every row again.
         """
+        weight = _RowsOnDemand(weight)
         self.note_rows_moved(rows_moved)
         if self.rows_move_every_step:
             self._every_row_moved()
@@ -385,9 +406,9 @@ class ActiveClassSelector:
                     )
                 neighbours, scores = class_graph.owned_rows(label_ids, self.class_start, self.class_stop), None
                 if measure:
-                    self._measure_graph_recall(labels, label_ids, weight)
+                    self._measure_graph_recall(labels, label_ids, weight())
             else:
-                neighbours, scores = self._search(index, features, labels, weight, rows_moved, measure)
+                neighbours, scores = self._search(index, features, labels, weight(), rows_moved, measure)
             if self.fixed_size:  # no host read: the size is G·(k+1) whatever the union
                 rows = knn_fixed_rows(
                     neighbours,
@@ -417,7 +438,7 @@ class ActiveClassSelector:
         if self.fill_correction:
             self.logit_offset = self._fill_offsets(rows, labels, None if self.selection == "random" else neighbours)
         if measure:
-            self._measure_active_recall(features, labels, rows, weight)
+            self._measure_active_recall(features, labels, rows, weight())
         self.last["active_classes"] = rows.numel()
         return rows
 
@@ -605,22 +626,22 @@ class ActiveClassSelector:
                 marked.record_stream(self._stream)
         self._pending = self._worker.submit(self._build_on_side_stream, weight, step, weights_ready, previous, marked)
 
-    def _install(self, built: _Built, weight: torch.Tensor) -> None:
-        if weight.is_cuda and built.index is not None:
+    def _install(self, built: _Built) -> None:
+        if self.device.type == "cuda" and built.index is not None:
             # Tensors made on the side stream are now read on this one: keep the allocator from
             # reusing their memory for the side stream while this stream may still read them.
-            main = torch.cuda.current_stream(weight.device)
+            main = torch.cuda.current_stream(self.device)
             for tensor in _tensors_of(built.index):
                 if tensor.is_cuda:
                     tensor.record_stream(main)
         self._current = built
         self.last["index_build_s"] = built.seconds
 
-    def _harvest(self, weight: torch.Tensor, wait: bool) -> None:
+    def _harvest(self, wait: bool) -> None:
         if self._pending is None or not (wait or self._pending.done()):
             return
         built, self._pending = self._pending.result(), None  # re-raises a failed build here
-        self._install(built, weight)
+        self._install(built)
 
     def _too_old(self, updates: int) -> bool:
         return self.max_index_age is not None and updates - self._current.step > self.max_index_age
@@ -634,25 +655,26 @@ class ActiveClassSelector:
         dist.all_reduce(running, op=dist.ReduceOp.MAX, group=self.group)
         return not running.item()
 
-    def _index_for(self, step: int, weight: torch.Tensor) -> class_index.ClassIndex:
+    def _index_for(self, step: int, weight: _RowsOnDemand) -> class_index.ClassIndex:
+        """The index this step reads; ``weight()`` is made only for a build."""
         updates = step - 1  # the weights have had this many updates when step `step` starts
         rebuild_now = step % self.rebuild_every == 0
         if self._current is None:
-            self._install(self._build_now(weight, updates), weight)
+            self._install(self._build_now(weight(), updates))
         elif self._builds_in_step:
             if rebuild_now and self._current.step != updates:
-                self._install(self._build_now(weight, updates), weight)
+                self._install(self._build_now(weight(), updates))
         else:
-            self._harvest(weight, wait=False)
+            self._harvest(wait=False)
             if rebuild_now and self._current.step != updates:
                 self._due = True
             if self._too_old(updates) and self._pending is not None:
-                self._harvest(weight, wait=True)
+                self._harvest(wait=True)
             if self._due and self._idle_everywhere():
-                self._start_background_build(weight, updates)
+                self._start_background_build(weight(), updates)
                 self._due = False
             if self._too_old(updates):
-                self._harvest(weight, wait=True)  # the build just started
+                self._harvest(wait=True)  # the build just started
         index = self._current.index
         self.last["index_age"] = 0 if index.searches_current_weights else updates - self._current.step
         return index

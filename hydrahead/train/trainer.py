@@ -754,8 +754,10 @@ class Trainer:
         return self.head.rows_as_the_loss_reads_them() if self.cfg.head.search_paid_rows else self.head.weight
 
     def _select(self, step: int, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor | None:
-        """This shard's active rows for the step (None: all), with the lost_label fault applied."""
-        rows = self._rows_to_search()
+        """This shard's active rows for the step (None: all), with the lost_label fault applied.
+        The paid rows (head.search_paid_rows, a copy of the shard) are made only in the steps
+        that read them: knn's every step, a graph's builds and recall measurements."""
+        rows = self._rows_to_search if self.cfg.head.search_paid_rows else self.head.weight
         active_rows = self.selector.select(step, global_features, global_labels, rows, self.head.settles)
         self.logit_offset = self.selector.logit_offset  # head.fill_correction's, one per active row
         if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
