@@ -464,3 +464,20 @@ def test_grouped_search_by_blocks_finds_what_the_plain_top_k_finds(monkeypatch):
     scores, rows = index.search_by_list_groups(queries, 7, weight)
     assert calls and all(length % 32 == 0 and block == 32 for length, block in calls)
     assert torch.equal(scores, plain_scores) and torch.equal(rows, plain_rows)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
+    """The groups' candidates are gathered piece by piece (a bound on the rows gathered at
+    once); pieces of a few groups, each group its own padded run, find the same as one."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64) * (1 + torch.rand(NUM_ROWS, 1, generator=gen))
+    index = make_index("torch", "ivf", nlist=64, nprobe=3, copy_weights=False, cosine=cosine)
+    index.build(weight)
+    queries = torch.nn.functional.normalize(weight[index.rows_by_list()[::7]], dim=1)
+    whole = index.search_by_list_groups(queries, 9, weight)
+    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 700)  # about one group a piece, some alone over it
+    pieces = index.search_by_list_groups(queries, 9, weight)
+    assert torch.equal(pieces[0], whole[0]) and torch.equal(pieces[1], whole[1])
+    exact = (queries @ (torch.nn.functional.normalize(weight, dim=1) if cosine else weight).T).topk(9)
+    assert recall_at_k(pieces[1], exact.indices) > 0.1  # a search, not noise (random rows: 0.001)

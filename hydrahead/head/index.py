@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -51,6 +52,7 @@ _TRAIN_ROWS_PER_LIST = 256  # k-means sample size per centroid (as FAISS's defau
 _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-row shard stays well under a second
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
 _SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (32-byte float32 score rows)
+_PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped search (512 MiB of float32 at D = 512)
 # Scores per block in ``topk_by_blocks``; HYDRAHEAD_TOPK_BLOCK=0 takes the plain top-k. A group
 # with at least TOPK_BLOCK_MIN_CANDIDATES candidates takes it and pads them to a multiple of
 # the block: below that, its dozen launches cost the host more than the GPU saves (H200:
@@ -308,6 +310,83 @@ def topk_by_blocks(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch
     return values, best_blocks.gather(1, where // block) * block + where % block
 
 
+@dataclass
+class _GroupPlan:
+    """One group of a list-grouped search: its queries [first_query, last_query) in group
+    order, its neighbourhood's lists, and where its candidates sit in its piece."""
+
+    first_query: int
+    last_query: int
+    lists: list[int]
+    list_lengths: list[int]
+    num_candidates: int
+    padded: int  # candidates rounded up to the alignment (or TOPK_BLOCK) the products need
+    blocked: bool  # top-k by blocks
+    offset: int = 0  # first candidate's position in the piece
+
+    @property
+    def num_queries(self) -> int:
+        return self.last_query - self.first_query
+
+
+def _group_plans(counts: list[int], hoods: list[list[int]], lengths: list[int], k: int) -> list[_GroupPlan]:
+    """Each group's queries, lists (empty ones left out) and padded candidate count."""
+    plans, start = [], 0
+    for count, hood in zip(counts, hoods):
+        lists = [lst for lst in hood if lengths[lst] > 0]
+        num_candidates = sum(lengths[lst] for lst in lists)
+        blocked = TOPK_BLOCK > 0 and num_candidates >= max(TOPK_BLOCK_MIN_CANDIDATES, 2 * k * TOPK_BLOCK)
+        align = TOPK_BLOCK if blocked else _SCORE_ALIGN
+        padded = -(-num_candidates // align) * align
+        plans.append(
+            _GroupPlan(start, start + count, lists, [lengths[lst] for lst in lists], num_candidates, padded, blocked)
+        )
+        start += count
+    return plans
+
+
+def _pieces(plans: list[_GroupPlan], max_candidates: int):
+    """Consecutive groups whose candidates together stay within ``max_candidates`` rows (a
+    group larger than that forms a piece of its own), with each group's offset in its piece."""
+    piece, total = [], 0
+    for plan in plans:
+        if piece and total + plan.padded > max_candidates:
+            yield piece
+            piece, total = [], 0
+        plan.offset = total
+        piece.append(plan)
+        total += plan.padded
+    if piece:
+        yield piece
+
+
+def _runs(piece: list[_GroupPlan], table_width: int, device) -> torch.Tensor:
+    """Positions in the flattened list table of every candidate of a piece, group after group,
+    each group's run padded with repeats of its first candidate (their scores are set to -inf).
+    Planned on the host as runs (start, length, step), made on the device in a few launches."""
+    starts, lengths, steps = [], [], []
+    for plan in piece:
+        for lst, length in zip(plan.lists, plan.list_lengths):
+            starts.append(lst * table_width)
+            lengths.append(length)
+            steps.append(1)
+        if plan.padded > plan.num_candidates:
+            starts.append(plan.lists[0] * table_width)
+            lengths.append(plan.padded - plan.num_candidates)
+            steps.append(0)
+    if not starts:
+        return torch.empty(0, dtype=torch.long, device=device)
+    runs = torch.tensor([starts, lengths, steps], dtype=torch.long).to(device, non_blocking=True)
+    starts_t, lengths_t, steps_t = runs
+    total = sum(lengths)
+    within = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.cumsum(lengths_t, 0) - lengths_t, lengths_t, output_size=total
+    )
+    return torch.repeat_interleave(starts_t, lengths_t, output_size=total) + within * torch.repeat_interleave(
+        steps_t, lengths_t, output_size=total
+    )
+
+
 def _copy_rows(weight: torch.Tensor, device) -> torch.Tensor:
     """A copy of ``weight`` on ``device``, slice by slice (a 25M-row shard is 25 GiB: one
     copy kernel would hold the memory bandwidth for several milliseconds)."""
@@ -499,58 +578,74 @@ class TorchIVFIndex(_IndexBase):
         centroids = self._centroids.to(source.device)
         nprobe = min(self.nprobe, self.nlist)
         nearest = _nearest_centroid(q, centroids, DEFAULT_CHUNK_SIZE, False, "ip")  # queries come normalised
-        table = self._table.to(source.device)
         out_scores = torch.empty((q.shape[0], k), device=source.device)  # every entry written below
         out_rows = torch.empty((q.shape[0], k), dtype=torch.long, device=source.device)
         order = torch.argsort(nearest, stable=True)
         lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
         neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
-        from hydrahead.kernels.exact_gemm import matmul_fp32  # Triton's import, only when searching
-
         compute = torch.bfloat16 if source.is_cuda else torch.float32
-        # The block's host reads, once: group sizes, neighbourhoods, list lengths. Each group's
-        # candidates are then sliced by length (no mask, whose size the host would wait for),
-        # so the host queues every group's products without waiting for the GPU.
+        # The block's host reads, once: group sizes, neighbourhoods, list lengths. The host then
+        # plans every group's candidates as slices of one gathered piece (no per-list slicing,
+        # no mask whose size the host would wait for) and queues the products without waiting.
         lengths = self._lengths.tolist()
-        hoods = neighbourhoods.tolist()
-        # Results in group order, each group's a contiguous slice (a copy, not an indexed
-        # write), put back in query order once at the end.
+        plans = _group_plans(counts.tolist(), neighbourhoods.tolist(), lengths, k)
         grouped = q.to(compute)[order]
+        # Results in group order (each group's a contiguous run of queries), put back in query
+        # order once at the end.
         grouped_scores, grouped_rows = torch.empty_like(out_scores), torch.empty_like(out_rows)
-        start = 0
-        for group, count in enumerate(counts.tolist()):
-            first_query, start = start, start + count
-            hood = [lst for lst in hoods[group] if lengths[lst] > 0]
-            if not hood:
-                grouped_scores[first_query:start], grouped_rows[first_query:start] = -math.inf, -1
-                continue
-            candidates = torch.cat([table[lst, : lengths[lst]] for lst in hood]).long()
-            rows = source.index_select(0, candidates)
-            if self.cosine:  # each row over its norm, before the product: rows x D, not queries x rows
-                wide = torch.float64 if rows.dtype == torch.float64 else torch.float32
-                readable = rows if rows.element_size() > 1 else rows.to(compute)  # norms take no fp8
-                inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12)
-                rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
-            # Zero rows up to a multiple of 8 candidates: a score row of any other length is
-            # not 16-byte aligned, and cuBLAS then falls back to a far slower kernel. Long
-            # rows go to a multiple of TOPK_BLOCK, for the top-k by blocks.
-            num_candidates = candidates.numel()
-            blocked = TOPK_BLOCK > 0 and num_candidates >= max(TOPK_BLOCK_MIN_CANDIDATES, 2 * k * TOPK_BLOCK)
-            align = TOPK_BLOCK if blocked else _SCORE_ALIGN
-            rows = torch.nn.functional.pad(rows.to(compute), (0, 0, 0, -num_candidates % align))
-            take = min(k, num_candidates)
-            piece = max(1, score_bytes // (4 * rows.shape[0]))
-            for first in range(first_query, start, piece):
-                last = min(first + piece, start)
-                scores = matmul_fp32(grouped[first:last], rows.T)
-                scores[:, num_candidates:] = -math.inf  # the padding never ranks
-                best, position = topk_by_blocks(scores, take, TOPK_BLOCK) if blocked else scores.topk(take, dim=1)
-                grouped_scores[first:last, :take] = best
-                grouped_rows[first:last, :take] = candidates[position]
-            grouped_scores[first_query:start, take:], grouped_rows[first_query:start, take:] = -math.inf, -1
-            _piece_done()
+        table = self._table.to(source.device).reshape(-1)
+        for piece in _pieces(plans, _PIECE_CANDIDATES):
+            self._search_piece(piece, grouped, source, table, compute, k, score_bytes, grouped_scores, grouped_rows)
         out_scores[order], out_rows[order] = grouped_scores, grouped_rows
         return out_scores.to(queries.device), out_rows.to(queries.device)
+
+    def _search_piece(self, piece, grouped, source, table, compute, k, score_bytes, out_scores, out_rows) -> None:
+        """The groups of one piece: their candidates gathered (and scaled to unit rows) in one
+        pass, each group's queries scored against its aligned run of them, then every group's
+        best k written with one gather of the candidates' row numbers."""
+        from hydrahead.kernels.exact_gemm import matmul_fp32  # Triton's import, only when searching
+
+        first_query, last_query = piece[0].first_query, piece[-1].last_query
+        positions = _runs(piece, self._table.shape[1], source.device)
+        candidates = table[positions]
+        rows = source.index_select(0, candidates)
+        if self.cosine:  # each row over its norm, before the products: rows x D, not queries x rows
+            wide = torch.float64 if rows.dtype == torch.float64 else torch.float32
+            readable = rows if rows.element_size() > 1 else rows.to(compute)  # norms take no fp8
+            inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12)
+            rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
+        rows = rows.to(compute)
+        best_scores, best_positions = [], []
+        for plan in piece:
+            if plan.num_candidates == 0:
+                best_scores.append(torch.full((plan.num_queries, k), -math.inf, device=source.device))
+                best_positions.append(torch.full((plan.num_queries, k), -1, dtype=torch.long, device=source.device))
+                continue
+            group_rows = rows[plan.offset : plan.offset + plan.padded]
+            take = min(k, plan.num_candidates)
+            per_product = max(1, score_bytes // (4 * plan.padded))
+            for first in range(plan.first_query, plan.last_query, per_product):
+                last = min(first + per_product, plan.last_query)
+                scores = matmul_fp32(grouped[first:last], group_rows.T)
+                if plan.padded > plan.num_candidates:
+                    scores[:, plan.num_candidates :] = -math.inf  # the padding never ranks
+                if plan.blocked:
+                    best, position = topk_by_blocks(scores, take, TOPK_BLOCK)
+                else:
+                    best, position = scores.topk(take, dim=1)
+                position = position + plan.offset
+                if take < k:  # fewer candidates than k: the rest stay empty
+                    best = torch.nn.functional.pad(best, (0, k - take), value=-math.inf)
+                    position = torch.nn.functional.pad(position, (0, k - take), value=-1)
+                best_scores.append(best)
+                best_positions.append(position)
+            _piece_done()
+        found = torch.cat(best_positions)
+        out_scores[first_query:last_query] = torch.cat(best_scores)
+        if candidates.numel() == 0:  # no group of the piece had a candidate
+            out_rows[first_query:last_query] = -1
+        else:
+            out_rows[first_query:last_query] = torch.where(found >= 0, candidates[found.clamp_min(0)], -1)
 
     def _set_lists(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         self._centroids, self._assign = centroids, assign
