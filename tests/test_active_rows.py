@@ -516,7 +516,7 @@ def test_a_settle_in_one_kernel_stores_what_the_torch_settle_stores(monkeypatch,
     settled = {}
     for one_kernel in (False, True):
         head = _owing_head(dtype, buffer_dtype, rounding)
-        monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel: on)
+        monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel, **_: on)
         before = head.weight.detach().clone()
         owed = head._deferred.updates - head._deferred.row_updates
         head.settle()
@@ -541,3 +541,11 @@ def test_paid_rows_in_one_kernel_equal_the_torch_paid_rows(dtype):
     assert got.dtype == dtype and torch.equal(got.float(), want.float())
     assert not torch.equal(got.float(), stored[0].float())  # something was owed and paid
     assert torch.equal(head.weight.detach().float(), stored[0].float()) and torch.equal(head.momentum_buffer, stored[1])
+
+
+def test_the_head_pays_its_rows_for_a_search_in_one_kernel_as_on_the_torch_path(monkeypatch):
+    head = _owing_head(torch.bfloat16)
+    want = head.rows_as_the_loss_reads_them()  # the torch path on the CPU
+    monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, **_: True)
+    got = head.rows_as_the_loss_reads_them()
+    assert torch.equal(got.float(), want.float()) and not torch.equal(got.float(), head.weight.detach().float())

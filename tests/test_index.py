@@ -471,7 +471,9 @@ def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
     """The groups' candidates are gathered piece by piece (a bound on the rows gathered at
     once); pieces of a few groups, each group its own padded run, find the same as one."""
     gen = torch.Generator().manual_seed(9)
-    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64) * (1 + torch.rand(NUM_ROWS, 1, generator=gen))
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64) * (
+        1 + torch.rand(NUM_ROWS, 1, generator=gen)
+    )
     index = make_index("torch", "ivf", nlist=64, nprobe=3, copy_weights=False, cosine=cosine)
     index.build(weight)
     queries = torch.nn.functional.normalize(weight[index.rows_by_list()[::7]], dim=1)

@@ -520,7 +520,7 @@ def test_a_settle_in_one_kernel_follows_the_torch_settle(dtype, monkeypatch):
             head.set_step(step)
             head.loss(torch.randn(rows.numel(), 512, generator=gen).cuda(), rows, rows).backward()
             head.finish_step()
-        monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel: on)
+        monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel, **_: on)
         head.settle()
         settled[one_kernel] = head.weight.detach().float(), head.momentum_buffer.clone()
     (w_torch, b_torch), (w_kernel, b_kernel) = settled[False], settled[True]

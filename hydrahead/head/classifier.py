@@ -345,10 +345,11 @@ class ShardedClassifier(nn.Module):
             deferred.settle_(self.weight.data, self.momentum_buffer, write)
         self.settles += 1
 
-    def _pays_in_one_kernel(self) -> bool:
-        """Whether a settle runs as one pass over the shard (``hydrahead.kernels.deferred``):
-        on a GPU, rows it can store, no Kahan compensation (which stays on the torch path)."""
-        if not self.weight.is_cuda or self.compensation is not None:
+    def _pays_in_one_kernel(self, kahan_too: bool = False) -> bool:
+        """Whether owed steps are paid in one pass over the shard (``hydrahead.kernels.deferred``):
+        on a GPU, rows it can store, and for a settle no Kahan compensation (which stays on the
+        torch path; ``kahan_too``: the paid copy, which stores nothing, takes none)."""
+        if not self.weight.is_cuda or (self.compensation is not None and not kahan_too):
             return False
         from hydrahead.kernels.deferred import supported
 
@@ -362,6 +363,13 @@ class ShardedClassifier(nn.Module):
         step, while its stored copy stays where that step wrote it."""
         if self._deferred is None or not self._deferred.owing:
             return self.weight.detach()
+        if self._pays_in_one_kernel(kahan_too=True):  # one pass, no float32 temporaries
+            from hydrahead.kernels.deferred import paid_copy
+
+            deferred = self._deferred
+            return paid_copy(
+                self.weight.detach(), self.momentum_buffer, deferred.row_updates, deferred.updates, deferred.table
+            )
         return self._deferred.paid_rows(self.weight.detach(), self.momentum_buffer)
 
     @property

@@ -152,11 +152,6 @@ class DeferredSGD:
         they are: where the next loss will read each row. One new tensor like ``weight``, paid
         ``_SETTLE_ROWS`` rows at a time; the same dtype whether or not anything is owed, so
         ranks that exchange these rows (graph builds) agree on their size."""
-        if weight.is_cuda:
-            from hydrahead.kernels import deferred  # Triton's import, only where it runs
-
-            if deferred.supported(weight, buffer):  # one pass, no float32 temporaries
-                return deferred.paid_copy(weight, buffer, self.row_updates, self.updates, self.table)
         paid = torch.empty_like(weight)
         for start in range(0, weight.shape[0], _SETTLE_ROWS):
             rows = slice(start, min(start + _SETTLE_ROWS, weight.shape[0]))
