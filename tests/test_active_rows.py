@@ -549,3 +549,24 @@ def test_the_head_pays_its_rows_for_a_search_in_one_kernel_as_on_the_torch_path(
     monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, **_: True)
     got = head.rows_as_the_loss_reads_them()
     assert torch.equal(got.float(), want.float()) and not torch.equal(got.float(), head.weight.detach().float())
+
+
+def test_the_one_pass_payment_checks_its_tables_and_keeps_float32_rows_exact():
+    from hydrahead.kernels.deferred import pay_rows_in_place
+    from hydrahead.optim.deferred_sgd import pay_owed_steps
+    from hydrahead.optim.low_precision import LowPrecisionUpdate
+
+    head = _owing_head(torch.float32, rounding="nearest")
+    deferred = head._deferred
+    with pytest.raises(ValueError, match="row_updates"):
+        pay_rows_in_place(head.weight.data, head.momentum_buffer, deferred.row_updates.long(), 3, deferred.table)
+    with pytest.raises(ValueError, match="maps"):
+        pay_rows_in_place(head.weight.data, head.momentum_buffer, deferred.row_updates, 3, deferred.table.float())
+    head.weight.data.mul_(1e-33)  # far below float32's normals: a grid step of 2^-126 would round them
+    owed = deferred.updates - deferred.row_updates
+    want, _ = pay_owed_steps(head.weight.detach(), head.momentum_buffer, owed, deferred.table)
+    how = LowPrecisionUpdate("stochastic", seed=1, step=3, salt=1)
+    pay_rows_in_place(
+        head.weight.data, head.momentum_buffer, deferred.row_updates, deferred.updates, deferred.table, how=how
+    )
+    assert torch.equal(head.weight.detach(), want)

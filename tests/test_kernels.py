@@ -482,3 +482,34 @@ def test_logit_offsets_on_three_shards_merge_like_one_device():
         assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
     assert rel_err(sum(r[1] for r in results), f64.grad) < 1e-5
     assert rel_err(torch.cat([r[2] for r in results]), w64.grad) < 1e-5
+
+
+def test_preflight_compiles_the_offset_variants_only_when_asked(monkeypatch):
+    """check_fused_kernels(logit_offsets=True) (head.fill_correction) runs the gemm path's LSE
+    and P passes with offsets too, so they compile before training."""
+    from hydrahead.kernels import fused_loss
+
+    seen = []
+    shard_lse = fused_loss.filtered_kernels.shard_lse
+
+    def recording(*args, logit_offset=None, **kwargs):
+        seen.append(logit_offset is not None)
+        return shard_lse(*args, logit_offset=logit_offset, **kwargs)
+
+    monkeypatch.setattr(fused_loss.filtered_kernels, "shard_lse", recording)
+    options = dict(cosine=False, momentum_dtype=torch.float32, compensation_dtype=None, exact_kernels="gemm")
+    fused_loss.preflight(torch.float32, 16, torch.device("cpu"), **options)
+    assert seen and not any(seen)
+    seen.clear()
+    fused_loss.preflight(torch.float32, 16, torch.device("cpu"), logit_offsets=True, **options)
+    assert any(seen) and not all(seen)
+
+
+def test_offsets_that_the_kernels_cannot_read_are_refused():
+    from hydrahead.kernels.filtered import shard_lse
+
+    features, weight, labels = make_inputs(49)
+    wide = torch.zeros(NUM_CLASSES * 2)[::2]  # a strided view: read by class index it would be misread
+    for offset in (wide, torch.zeros(NUM_CLASSES, dtype=torch.float64), torch.zeros(NUM_CLASSES - 1)):
+        with pytest.raises(ValueError, match="logit_offset must be a contiguous float32"):
+            shard_lse(features, weight, None, labels, scale=1.0, target_shift=0.0, cosine=False, logit_offset=offset)

@@ -175,11 +175,12 @@ class ShardedClassifier(nn.Module):
         self.compensation = torch.zeros_like(self.weight, dtype=kahan_dtype) if kahan_dtype is not None else None
         self.reset_parameters()
 
-    def check_fused_kernels(self) -> None:
+    def check_fused_kernels(self, logit_offsets: bool = False) -> None:
         """With the fused kernels on a GPU: compile and run every kernel this head's steps
         launch (its storage dtype, width, momentum and compensation buffers, rounding and
-        filter) on a few rows, so that a combination the GPU cannot hold fails now with a
-        ValueError instead of in the first step. Nothing to do elsewhere."""
+        filter; ``logit_offsets``: the variants that add head.fill_correction's offsets) on a
+        few rows, so that a combination the GPU cannot hold fails now with a ValueError
+        instead of in the first step. Nothing to do elsewhere."""
         if self.impl != "triton" or self.weight.device.type != "cuda":
             return
         from hydrahead.kernels.fused_loss import preflight
@@ -196,6 +197,7 @@ class ShardedClassifier(nn.Module):
                 rounding=self.rounding,
                 grad_filter=self.grad_filter,
                 exact_kernels=self.exact_kernels,
+                logit_offsets=logit_offsets,
             )
         except TilesDoNotFit as error:
             raise ValueError(

@@ -126,7 +126,8 @@ def fill_offsets(
         return fill.to(torch.float32) * math.log(1.0 / draw_probability)
     # Counted on the device, no host read: wherever there is a fill, every chosen row lies
     # within ``rows`` (a trimmed knn union keeps fewer rows than it chose, and has no fill),
-    # so the rows outside the active set number shard_size - (rows - fill).
+    # so the rows outside the active set number shard_size - (rows - fill). Not checked:
+    # the selector's rows hold every row it chose unless it trimmed them.
     num_fill = fill.sum()
     stands_for = (shard_size - rows.numel() + num_fill).double() / num_fill.clamp_min(1)
     return torch.where(fill, stands_for.log().float(), 0.0)

@@ -109,9 +109,17 @@ def _grid(dtype: torch.dtype) -> tuple[int, int, float]:
 
 def _launch(weight, buffer, row_updates, updates: int, maps, out, *, in_place, how, class_start) -> None:
     num_rows, dim = weight.shape
+    if not supported(weight, buffer):
+        raise ValueError(f"owed steps are paid here for float32, bf16 or e4m3 rows, got {weight.dtype}")
+    if row_updates.dtype != torch.int32 or row_updates.shape != (num_rows,) or not row_updates.is_contiguous():
+        raise ValueError(f"row_updates must be a contiguous int32 tensor of {num_rows} counts")
+    if maps.dtype != torch.float64 or maps.dim() != 3 or maps.shape[1:] != (2, 2) or not maps.is_contiguous():
+        raise ValueError(f"maps must be a contiguous float64 table of 2 x 2 maps, got {maps.dtype} {tuple(maps.shape)}")
     if num_rows == 0:
         return
-    stochastic = how is not None and how.rounding == "stochastic"
+    # float32 rows hold the float32 arithmetic exactly: nothing to round (onto_grid's spacings
+    # stop at 2^-126 and would round values far below it)
+    stochastic = how is not None and how.rounding == "stochastic" and weight.dtype != torch.float32
     key1, key2 = rounding_keys(how.seed, how.step, how.salt) if stochastic else (0, 0)
     mant_bits, min_exp, max_value = _grid(weight.dtype)
     buf_on_grid = INTERPRETED and buffer is not None and buffer.dtype == torch.bfloat16

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows
+from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand
 from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
@@ -273,6 +273,7 @@ class _ProbsPass:
     """The launches of ``_probs_kernel`` over one backward's chunks (their shared arguments)."""
 
     def __init__(self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options, offset=None):
+        check_offset_operand(offset, weight)
         self.operand, self.weight, self.local_label, self.lse = operand, weight, local_label, lse
         self.offset = offset
         self.inv_norm, self.grad_scale, self.options = inv_norm, grad_scale, options

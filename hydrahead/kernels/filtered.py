@@ -424,11 +424,29 @@ def _fp8_args(operand: FeatureOperand) -> tuple[torch.Tensor, torch.Tensor, bool
     return operand.values, operand.row_scale if operand.fp8 else operand.values, operand.fp8
 
 
+def check_offset_operand(logit_offset: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """A kernel's per-class logit offsets: float32, contiguous, one per row of ``weight``, on
+    its device (the kernels read them by class index, with no strides)."""
+    if logit_offset is None:
+        return
+    if (
+        logit_offset.dtype != torch.float32
+        or not logit_offset.is_contiguous()
+        or logit_offset.shape != (weight.shape[0],)
+        or logit_offset.device != weight.device
+    ):
+        raise ValueError(
+            f"logit_offset must be a contiguous float32 tensor of shape ({weight.shape[0]},) on {weight.device}, "
+            f"got {logit_offset.dtype} {tuple(logit_offset.shape)} on {logit_offset.device}"
+        )
+
+
 def shard_lse(
     feat_op, weight, inv_norm, local_label, *, scale: float, target_shift: float, cosine: bool, logit_offset=None
 ):
     """Local (max, sum of exp, target logit) per sample over this shard: 2·G·D·C_r FLOPs.
     ``logit_offset`` (float32, one per class of the shard): added to each class's logits."""
+    check_offset_operand(logit_offset, weight)
     feat_op, f_scale, fp8 = _fp8_args(_as_operand(feat_op))
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]

@@ -580,11 +580,13 @@ def preflight(
     rounding: str = "nearest",
     grad_filter: float = 0.0,
     exact_kernels: str = "auto",
+    logit_offsets: bool = False,
 ) -> None:
     """Compile and run once, on a few rows, every kernel that a head step with these
     settings launches, so that a width or dtype the GPU cannot hold fails before training
     (``TilesDoNotFit``) instead of in its first step; the tiles found are kept for the run.
-    No collective: the kernels are called directly, as one shard."""
+    No collective: the kernels are called directly, as one shard. ``logit_offsets``: the
+    gemm path's variants that add per-class offsets too (head.fill_correction)."""
     gen = torch.Generator(device=device).manual_seed(0)
     num_rows, num_classes = 17, 37  # odd, and tl.dot's 16 x 16 at the least
     features = torch.randn(num_rows, dim, device=device, generator=gen)
@@ -622,8 +624,19 @@ def preflight(
         shard_weight_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
         # The gemm path too wherever a large batch would take it (fp8 rows: from FP8_GEMM_MIN_ROWS).
         if grad_filter == 0 and resolve_exact_kernels(exact_kernels, weight_dtype, dim, device.type) == "gemm":
-            row_max, row_sum, _ = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options)
-            lse = (row_max + torch.log(row_sum)).contiguous()
-            exact_backward(feat_op, weight, inv_norm, labels, lse, grad_scale=0.1, update=update, **options)
+            for offset in (None, torch.zeros(num_classes, device=device)) if logit_offsets else (None,):
+                stats = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options, logit_offset=offset)
+                lse = (stats[0] + torch.log(stats[1])).contiguous()
+                exact_backward(
+                    feat_op,
+                    weight,
+                    inv_norm,
+                    labels,
+                    lse,
+                    grad_scale=0.1,
+                    update=update,
+                    logit_offset=offset,
+                    **options,
+                )
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a fault in a kernel surfaces here, not in the first step

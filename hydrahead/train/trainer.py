@@ -232,7 +232,7 @@ class Trainer:
         )
 
         try:  # a storage dtype and width the fused kernels cannot hold fail here, not in the first step
-            self.head.check_fused_kernels()
+            self.head.check_fused_kernels(logit_offsets=cfg.head.fill_correction)
         except ValueError as error:
             raise ValueError(
                 f"head.weight_dtype={cfg.head.weight_dtype}, model.embed_dim={cfg.model.embed_dim}: {error}"
