@@ -513,6 +513,10 @@ def _owing_head(dtype, buffer_dtype=torch.float32, rounding="stochastic"):
 def test_a_settle_in_one_kernel_stores_what_the_torch_settle_stores(monkeypatch, dtype, buffer_dtype, rounding):
     """hydrahead.kernels.deferred (Triton's interpreter here): the same rows, buffer and
     rounding draws as the torch path, bit for bit, and the rows that owe nothing untouched."""
+    from hydrahead.kernels import deferred as deferred_kernels
+
+    calls, pay = [], deferred_kernels.pay_rows_in_place
+    monkeypatch.setattr(deferred_kernels, "pay_rows_in_place", lambda *a, **kw: calls.append(1) or pay(*a, **kw))
     settled = {}
     for one_kernel in (False, True):
         head = _owing_head(dtype, buffer_dtype, rounding)
@@ -521,6 +525,7 @@ def test_a_settle_in_one_kernel_stores_what_the_torch_settle_stores(monkeypatch,
         owed = head._deferred.updates - head._deferred.row_updates
         head.settle()
         assert not head._deferred.owing and head.settles == 1
+        assert len(calls) == int(one_kernel)  # the torch path, then the one pass
         settled[one_kernel] = (head.weight.detach().float(), head.momentum_buffer.float(), before, owed)
     (w_torch, b_torch, before, owed), (w_kernel, b_kernel, _, _) = settled[False], settled[True]
     assert int((owed > 0).sum()) > 0 and int((owed == 0).sum()) > 0
@@ -544,10 +549,15 @@ def test_paid_rows_in_one_kernel_equal_the_torch_paid_rows(dtype):
 
 
 def test_the_head_pays_its_rows_for_a_search_in_one_kernel_as_on_the_torch_path(monkeypatch):
+    from hydrahead.kernels import deferred as deferred_kernels
+
     head = _owing_head(torch.bfloat16)
     want = head.rows_as_the_loss_reads_them()  # the torch path on the CPU
     monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, **_: True)
+    calls, paid_copy = [], deferred_kernels.paid_copy
+    monkeypatch.setattr(deferred_kernels, "paid_copy", lambda *a: calls.append(1) or paid_copy(*a))
     got = head.rows_as_the_loss_reads_them()
+    assert calls == [1]  # the one pass made them
     assert torch.equal(got.float(), want.float()) and not torch.equal(got.float(), head.weight.detach().float())
 
 

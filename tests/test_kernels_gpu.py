@@ -499,7 +499,10 @@ def test_a_settle_in_one_kernel_follows_the_torch_settle(dtype, monkeypatch):
     """On the GPU a product and a sum may fuse into one rounding, so a few rows may differ
     from the torch path's in their last bit; the rest is the same, buffer included."""
     from hydrahead.head import ShardedClassifier
+    from hydrahead.kernels import deferred as deferred_kernels
 
+    calls, pay = [], deferred_kernels.pay_rows_in_place
+    monkeypatch.setattr(deferred_kernels, "pay_rows_in_place", lambda *a, **kw: calls.append(1) or pay(*a, **kw))
     settled = {}
     for one_kernel in (False, True):
         head = ShardedClassifier(
@@ -522,6 +525,7 @@ def test_a_settle_in_one_kernel_follows_the_torch_settle(dtype, monkeypatch):
             head.finish_step()
         monkeypatch.setattr(ShardedClassifier, "_pays_in_one_kernel", lambda self, on=one_kernel, **_: on)
         head.settle()
+        assert len(calls) == int(one_kernel)  # the torch path, then the one pass
         settled[one_kernel] = head.weight.detach().float(), head.momentum_buffer.clone()
     (w_torch, b_torch), (w_kernel, b_kernel) = settled[False], settled[True]
     assert float((w_kernel != w_torch).float().mean()) < 1e-3

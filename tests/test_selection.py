@@ -347,3 +347,13 @@ def test_fill_offsets_count_the_rows_chosen_for_themselves():
     assert torch.allclose(fill_offsets(rows, chosen, 100, 0.25)[0], torch.tensor(math.log(4.0)))
     with pytest.raises(ValueError, match="draw_probability"):
         fill_offsets(rows, chosen, 100, 40)  # a count is no probability
+
+
+def test_fill_offsets_take_repeats_and_missing_rows_without_a_host_read():
+    """The chosen rows as the selector hands them: every label's row (-1 where another shard
+    owns it) and every neighbour, repeats included; the counts stay on the device."""
+    rows = torch.tensor([0, 2, 3, 5, 7, 9])
+    chosen = torch.tensor([7, -1, 2, 2, 7, -1])
+    offsets = fill_offsets(rows, chosen, 100)
+    assert torch.allclose(offsets, torch.tensor([1, 0, 1, 1, 0, 1]) * math.log(98 / 4))
+    assert torch.equal(fill_offsets(torch.tensor([2, 7]), torch.tensor([2, 7, 7, -1]), 100), torch.zeros(2))
