@@ -483,3 +483,24 @@ def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
     assert torch.equal(pieces[0], whole[0]) and torch.equal(pieces[1], whole[1])
     exact = (queries @ (torch.nn.functional.normalize(weight, dim=1) if cosine else weight).T).topk(9)
     assert recall_at_k(pieces[1], exact.indices) > 0.1  # a search, not noise (random rows: 0.001)
+
+
+def test_topk_blocks_benchmark_dry_run_writes_its_rows(tmp_path, monkeypatch):
+    """benchmarks/topk_blocks.py on the CPU: every method and shape, the same values as
+    torch.topk, the results JSON's fields; a block top-k that found other values fails it."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import topk_blocks
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    topk_blocks.main(["--dry-run", "--reps", "1", "--blocks", "64,128"])
+    payload = json.loads((tmp_path / "topk_blocks.json").read_text())
+    assert {"device", "torch", "triton", "date", "rows"} <= payload.keys()
+    assert len(payload["rows"]) == 2 * 3 and all(row["same_values"] for row in payload["rows"])
+    assert {"method", "shape", "ms", "floor_ms", "ratio", "peak_mib"} <= payload["rows"][0].keys()
+    monkeypatch.setattr(topk_blocks, "topk_by_blocks", lambda s, k, b: (s.topk(k, dim=1).values + 1, None))
+    with pytest.raises(SystemExit, match="other values"):
+        topk_blocks.main(["--dry-run", "--reps", "1", "--blocks", "64"])
