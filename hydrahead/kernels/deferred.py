@@ -99,14 +99,6 @@ def _pay_kernel(
         tl.store(OUT + wide * stride_out + dims[None, :], stored.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _grid(dtype: torch.dtype) -> tuple[int, int, float]:
-    """(mantissa bits, smallest normal exponent, largest value) of a stored dtype; float32 has
-    no grid to round onto here (the arithmetic is float32 already)."""
-    if dtype == torch.float32:
-        return 23, -126, float(torch.finfo(torch.float32).max)
-    return storage_grid(dtype)
-
-
 def _launch(weight, buffer, row_updates, updates: int, maps, out, *, in_place, how, class_start) -> None:
     num_rows, dim = weight.shape
     if not supported(weight, buffer):
@@ -121,9 +113,9 @@ def _launch(weight, buffer, row_updates, updates: int, maps, out, *, in_place, h
     # stop at 2^-126 and would round values far below it)
     stochastic = how is not None and how.rounding == "stochastic" and weight.dtype != torch.float32
     key1, key2 = rounding_keys(how.seed, how.step, how.salt) if stochastic else (0, 0)
-    mant_bits, min_exp, max_value = _grid(weight.dtype)
+    mant_bits, min_exp, max_value = storage_grid(weight.dtype)
     buf_on_grid = INTERPRETED and buffer is not None and buffer.dtype == torch.bfloat16
-    buf_bits, buf_min_exp, _ = _grid(buffer.dtype) if buffer is not None else (0, 0, 0.0)
+    buf_bits, buf_min_exp, _ = storage_grid(buffer.dtype) if buffer is not None else (0, 0, 0.0)
     _pay_kernel[(triton.cdiv(num_rows, _BLOCK_ROWS),)](
         weight,
         buffer if buffer is not None else weight,
