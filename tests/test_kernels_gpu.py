@@ -530,3 +530,26 @@ def test_a_settle_in_one_kernel_follows_the_torch_settle(dtype, monkeypatch):
     (w_torch, b_torch), (w_kernel, b_kernel) = settled[False], settled[True]
     assert float((w_kernel != w_torch).float().mean()) < 1e-3
     assert rel_err(b_kernel, b_torch) < 1e-6
+
+
+def test_group_topk_in_bf16_finds_the_best_rows_of_each_group():
+    """The grouped top-k kernel with bf16 operands at the tiles the GPU takes (128 x 128):
+    each returned score is its row's float64 score, and the k-th found is the float64 k-th
+    up to bf16 near-ties."""
+    from hydrahead.kernels import group_topk as gt
+
+    gen = torch.Generator().manual_seed(21)
+    rows = torch.nn.functional.normalize(torch.randn(40_000, 512, generator=gen), dim=1)
+    rows[1000:1004] = rows[999] + 0.01 * torch.randn(4, 512, generator=gen)  # a family in one tile
+    queries = torch.nn.functional.normalize(rows[torch.randint(0, 40_000, (5000,), generator=gen)], dim=1)
+    queries[0] = rows[999]
+    q, r = queries.cuda().bfloat16(), rows.cuda().bfloat16()
+    bounds = ([0, 3000, 3000, 4000], [3000, 3000, 4000, 5000], [0, 0, 12_288, 27_000], [12_288, 5, 27_000, 40_000])
+    stats = {}
+    scores, positions = gt.group_topk(q, r, *bounds, 17, stats=stats)
+    want, _ = gt.group_topk_reference(q.double(), r.double(), *bounds, 17)
+    found = torch.einsum("qd,qkd->qk", q.double(), r.double()[positions])
+    torch.testing.assert_close(scores.double(), found, rtol=0, atol=2e-5)
+    assert (scores.double()[:, -1] - want[:, -1]).abs().max() < 2e-5
+    assert set(positions[0, :5].tolist()) == {999, 1000, 1001, 1002, 1003}
+    assert stats["searched_again"] == 0 and stats["survivors_mean"] < 64

@@ -58,6 +58,10 @@ _PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped
 # the block: below that, its dozen launches cost the host more than the GPU saves (H200:
 # 0.53 -> 0.42 ms for 3,052 x 12,288 scores, 1.76 -> 0.62 ms for 3,052 x 49,152).
 TOPK_BLOCK = int(os.environ.get("HYDRAHEAD_TOPK_BLOCK", "128"))
+# A list-grouped search's top-k without its scores written (``hydrahead.kernels.group_topk``):
+# "auto" on CUDA, "kernel" anywhere (the CPU under Triton's interpreter), "torch" never.
+GROUP_TOPK = os.environ.get("HYDRAHEAD_GROUP_TOPK", "auto")
+GROUP_TOPK_BLOCK_ROWS = 128  # the kernel's candidate tile; a group needs k of them
 TOPK_BLOCK_MIN_CANDIDATES = 16384
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
 
@@ -601,9 +605,12 @@ class TorchIVFIndex(_IndexBase):
 
     def _search_piece(self, piece, grouped, source, table, compute, k, score_bytes, out_scores, out_rows) -> None:
         """The groups of one piece: their candidates gathered (and scaled to unit rows) in one
-        pass, each group's queries scored against its aligned run of them, then every group's
-        best k written with one gather of the candidates' row numbers."""
-        from hydrahead.kernels.exact_gemm import matmul_fp32  # Triton's import, only when searching
+        pass, then each group's queries scored against its run of them and its best k kept,
+        by the kernel (two launches for all of the piece's groups that have k tiles) or in
+        torch, a product and a top-k per group; then every group's best k written with one
+        gather of the candidates' row numbers."""
+        from hydrahead.kernels import group_topk  # Triton's import, only when searching
+        from hydrahead.kernels.exact_gemm import matmul_fp32
 
         first_query, last_query = piece[0].first_query, piece[-1].last_query
         positions = _runs(piece, self._table.shape[1], source.device)
@@ -615,12 +622,33 @@ class TorchIVFIndex(_IndexBase):
             inv_norm = 1.0 / torch.linalg.vector_norm(readable, dim=1, dtype=wide).clamp_min(1e-12)
             rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
         rows = rows.to(compute)
-        best_scores, best_positions = [], []
+        queries = grouped[first_query:last_query]
+        use_kernel = GROUP_TOPK == "kernel" or (GROUP_TOPK == "auto" and rows.is_cuda)
+        by_kernel = [
+            plan
+            for plan in piece
+            if use_kernel
+            and plan.num_queries
+            and group_topk.kernel_groups(plan.num_candidates, k, GROUP_TOPK_BLOCK_ROWS)
+        ]
+        if by_kernel:
+            best_scores, found = group_topk.group_topk(
+                queries,
+                rows,
+                [plan.first_query - first_query for plan in by_kernel],
+                [plan.last_query - first_query for plan in by_kernel],
+                [plan.offset for plan in by_kernel],
+                [plan.offset + plan.num_candidates for plan in by_kernel],
+                k,
+                block_rows=GROUP_TOPK_BLOCK_ROWS,
+            )
+        else:
+            best_scores = torch.full((queries.shape[0], k), -math.inf, device=source.device)
+            found = torch.full((queries.shape[0], k), -1, dtype=torch.long, device=source.device)
+        kernel_ids = {id(plan) for plan in by_kernel}
         for plan in piece:
-            if plan.num_candidates == 0:
-                best_scores.append(torch.full((plan.num_queries, k), -math.inf, device=source.device))
-                best_positions.append(torch.full((plan.num_queries, k), -1, dtype=torch.long, device=source.device))
-                continue
+            if plan.num_candidates == 0 or id(plan) in kernel_ids:
+                continue  # no candidates: the -inf and -1 above stay
             group_rows = rows[plan.offset : plan.offset + plan.padded]
             take = min(k, plan.num_candidates)
             per_product = max(1, score_bytes // (4 * plan.padded))
@@ -633,15 +661,10 @@ class TorchIVFIndex(_IndexBase):
                     best, position = topk_by_blocks(scores, take, TOPK_BLOCK)
                 else:
                     best, position = scores.topk(take, dim=1)
-                position = position + plan.offset
-                if take < k:  # fewer candidates than k: the rest stay empty
-                    best = torch.nn.functional.pad(best, (0, k - take), value=-math.inf)
-                    position = torch.nn.functional.pad(position, (0, k - take), value=-1)
-                best_scores.append(best)
-                best_positions.append(position)
+                best_scores[first - first_query : last - first_query, :take] = best
+                found[first - first_query : last - first_query, :take] = position + plan.offset
             _piece_done()
-        found = torch.cat(best_positions)
-        out_scores[first_query:last_query] = torch.cat(best_scores)
+        out_scores[first_query:last_query] = best_scores
         if candidates.numel() == 0:  # no group of the piece had a candidate
             out_rows[first_query:last_query] = -1
         else:

@@ -1,0 +1,98 @@
+"""The list-grouped top-k kernel (hydrahead.kernels.group_topk) against its torch reference,
+under Triton's interpreter on the CPU, and the grouped search taking it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hydrahead.head.index as index_mod
+from hydrahead.head.index import make_index
+from hydrahead.kernels import group_topk as gt
+
+SMALL = {"block_queries": 16, "block_rows": 16, "block_dims": 16}
+
+
+def groups(seed):
+    """Operands of four groups (one without queries), float32, with a family of
+    near-duplicate rows inside one tile (several survivors in a tile)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = 40
+    queries = torch.randn(100, dim, generator=gen, dtype=torch.float64)
+    rows = torch.randn(400, dim, generator=gen, dtype=torch.float64)
+    rows[5:9] = rows[4] + 1e-3 * torch.randn(4, dim, generator=gen, dtype=torch.float64)
+    queries[0] = rows[4]  # its best five: the family
+    bounds = ([0, 37, 37, 90], [37, 37, 90, 100], [0, 100, 100, 300], [90, 260, 300, 390])
+    return queries.float(), rows.float(), bounds
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_topk_finds_each_groups_best_rows(seed):
+    queries, rows, bounds = groups(seed)
+    stats = {}
+    scores, positions = gt.group_topk(queries, rows, *bounds, 5, stats=stats, **SMALL)
+    want_scores, want_positions = gt.group_topk_reference(queries.double(), rows.double(), *bounds, 5)
+    assert torch.equal(positions, want_positions)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
+    assert set(positions[0].tolist()) == {4, 5, 6, 7, 8}
+    assert stats["searched_again"] == 0
+    # the threshold cut: far fewer survivors than candidates (about 10 of 90-200)
+    assert 5 <= stats["survivors_mean"] < 20
+
+
+def test_group_topk_searches_again_the_queries_whose_survivors_overflow():
+    """Equal scores all clear the threshold; past ``cap`` of them the query is searched in torch."""
+    queries, rows, bounds = groups(2)
+    rows[100:140] = rows[100]  # 40 equal rows in group 2's candidates
+    queries[40] = rows[100] * 3
+    stats = {}
+    scores, positions = gt.group_topk(queries, rows, *bounds, 5, cap=8, stats=stats, **SMALL)
+    want_scores, _ = gt.group_topk_reference(queries.double(), rows.double(), *bounds, 5)
+    assert stats["searched_again"] >= 1
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
+    assert ((positions[40] >= 100) & (positions[40] < 140)).all()
+    assert len(set(positions[40].tolist())) == 5
+
+
+def test_group_topk_refuses_what_it_cannot_search():
+    queries, rows, bounds = groups(3)
+    with pytest.raises(ValueError, match="fewer than k"):
+        gt.group_topk(queries, rows, [0], [10], [0], [40], 5, **SMALL)  # 3 tiles of 16 < 5
+    with pytest.raises(ValueError, match="outside"):
+        gt.group_topk(queries, rows, [0], [101], [0], [100], 5, **SMALL)
+    with pytest.raises(ValueError, match="dtype"):
+        gt.group_topk(queries.double(), rows.double(), *bounds, 5, **SMALL)
+    with pytest.raises(ValueError, match="cap"):
+        gt.group_topk(queries, rows, *bounds, 9, cap=8, **SMALL)
+    scores, positions = gt.group_topk(queries, rows, [], [], [], [], 5, **SMALL)
+    assert (positions == -1).all() and (scores == -math.inf).all()
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch, cosine):
+    """The same index searched by the kernel (every group with k tiles: most of them here) and
+    by the torch path gives the same rows and scores."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(6000, 24, generator=gen, dtype=torch.float64) * (1 + torch.rand(6000, 1, generator=gen))
+    index = make_index("torch", "ivf", nlist=24, nprobe=3, copy_weights=False, cosine=cosine)
+    index.build(weight)
+    queries = torch.nn.functional.normalize(weight[index.rows_by_list()[::5]], dim=1)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "torch")
+    want_scores, want_rows = index.search_by_list_groups(queries, 7, weight)
+    calls = []
+    kernel = gt.group_topk
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(gt, "group_topk", spy)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "kernel")
+    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 16)
+    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 3000)  # several pieces
+    scores, rows = index.search_by_list_groups(queries, 7, weight)
+    assert len(calls) > 1 and sum(calls) >= 20  # groups searched by the kernel, over pieces
+    assert torch.equal(rows, want_rows)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
