@@ -207,7 +207,7 @@ def group_topk(
             maxima, threshold, count, out_score, out_row,
             queries.shape[1], queries.stride(0), rows.stride(0), max_tiles, cap,
             SURVIVORS=survivors, PRECISION=precision,
-            BLOCK_Q=block_queries, BLOCK_R=block_rows, BLOCK_D=block_dims,
+            BLOCK_Q=block_queries, BLOCK_R=block_rows, BLOCK_D=block_dims, num_warps=8, num_stages=3,
         )  # fmt: skip
 
     run(False)
