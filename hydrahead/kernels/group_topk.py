@@ -43,18 +43,16 @@ BLOCK_ROWS = 128  # candidates per tile: the granularity of the threshold
 BLOCK_DIMS = 64
 CAP = 128  # survivors kept per query; families of near-duplicate rows put several in one tile
 _SLACK = 2.0**-20
+CLAIM_EACH = False
 
 
-@triton.jit(do_not_specialize=["max_tiles", "cap"])
+@triton.jit(do_not_specialize=["num_groups", "max_tiles", "cap"])
 def _group_tiles_kernel(
     Q,
     R,
-    ITEM_QUERY,
-    ITEM_ROW,
-    ITEM_GROUP,
-    QUERY_END,
-    ROW_START,
-    ROW_END,
+    GROUPS,  # int32 rows: first item, query start, query end, row start, row end (each padded)
+    groups_stride,
+    num_groups,
     MAXIMA,
     THRESHOLD,
     COUNT,
@@ -66,20 +64,34 @@ def _group_tiles_kernel(
     max_tiles,
     cap,
     SURVIVORS: tl.constexpr,
+    CLAIM_EACH: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # The program's group: the last whose first item is <= the program's (a binary search
+    # over a few dozen groups), then its query block and tile (tiles vary fastest, so a
+    # group's tiles of one query block run together and share that block in L2).
     item = tl.program_id(0)
-    first_query = tl.load(ITEM_QUERY + item)
-    first_row = tl.load(ITEM_ROW + item)
-    group = tl.load(ITEM_GROUP + item)
-    query_end = tl.load(QUERY_END + group)
-    row_end = tl.load(ROW_END + group)
-    tile = (first_row - tl.load(ROW_START + group)) // BLOCK_R
-    queries = first_query + tl.arange(0, BLOCK_Q)
-    rows = first_row + tl.arange(0, BLOCK_R)
+    lo = 0
+    hi = num_groups - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        right = tl.load(GROUPS + mid) <= item
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    group = lo
+    query_start = tl.load(GROUPS + groups_stride + group)
+    query_end = tl.load(GROUPS + 2 * groups_stride + group)
+    row_start = tl.load(GROUPS + 3 * groups_stride + group)
+    row_end = tl.load(GROUPS + 4 * groups_stride + group)
+    tiles = (row_end - row_start + BLOCK_R - 1) // BLOCK_R
+    local = item - tl.load(GROUPS + group)
+    tile = local % tiles
+    queries = query_start + (local // tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows = row_start + tile * BLOCK_R + tl.arange(0, BLOCK_R)
     query_in = queries < query_end
     row_in = rows < row_end
     queries64 = queries.to(tl.int64)
@@ -102,12 +114,13 @@ def _group_tiles_kernel(
         scores = tl.where(row_in[None, :], acc, float("-inf"))
         if SURVIVORS:
             keep = (scores >= threshold[:, None]) & row_in[None, :] & query_in[:, None]
-            kept = keep.to(tl.int32)
-            count = tl.sum(kept, axis=1)
-            # One atomic per query and tile claims the tile's slots; each survivor then takes
-            # its place among them by a running count along the tile.
-            base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
-            slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+            if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
+                slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
+            else:  # one atomic per query claims the tile's slots; a running count places each
+                kept = keep.to(tl.int32)
+                count = tl.sum(kept, axis=1)
+                base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
+                slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
             stored = keep & (slot < cap)
             at = queries64[:, None] * cap + slot
             tl.store(OUT_SCORE + at, scores, mask=stored)
@@ -137,17 +150,31 @@ def group_topk_reference(queries, rows, query_start, query_end, row_start, row_e
     return scores, positions
 
 
-def _work_items(query_start, query_end, row_start, row_end, block_queries, block_rows, device):
-    """Every (query block, candidate tile) of every group, as three int32 columns; a group's
-    tiles of one query block come one after another, so they share that block in L2."""
-    items_query, items_row, items_group = [], [], []
-    for group, (qs, qe, rs, re) in enumerate(zip(query_start, query_end, row_start, row_end)):
-        tiles = range(rs, re, block_rows)
-        for first_query in range(qs, qe, block_queries):
-            items_query.extend([first_query] * len(tiles))
-            items_row.extend(tiles)
-            items_group.extend([group] * len(tiles))
-    table = torch.tensor([items_query, items_row, items_group], dtype=torch.int32)
+def _search_steps(num_groups: int) -> int:
+    """Binary-search steps for ``num_groups``, rounded up to a multiple of 4 (steps past the
+    answer keep it), so that pieces of 2 to 16 groups share one compiled variant."""
+    return max(4, -(-max(1, num_groups - 1).bit_length() // 4) * 4)
+
+
+def _group_table(query_start, query_end, row_start, row_end, block_queries, block_rows, device):
+    """Each group's first work item (a (query block, tile) pair) and bounds, as int32 rows;
+    and the number of items."""
+    first_items, total = [], 0
+    for qs, qe, rs, re in zip(query_start, query_end, row_start, row_end):
+        first_items.append(total)
+        total += -(-(qe - qs) // block_queries) * -(-(re - rs) // block_rows)
+    columns = [first_items, list(query_start), list(query_end), list(row_start), list(row_end)]
+    return _int32_columns(columns, device), total
+
+
+def _int32_columns(columns: list[list[int]], device) -> torch.Tensor:
+    """The columns as rows of one int32 tensor whose width is padded to 16 entries: each row
+    then starts 64-byte aligned, and Triton, which specialises a kernel on its pointers'
+    16-byte alignment, compiles one variant, not one per width mod 4."""
+    width = -(-max(len(columns[0]), 1) // 16) * 16
+    table = torch.zeros(len(columns), width, dtype=torch.int32)
+    for row, column in zip(table, columns):
+        row[: len(column)] = torch.tensor(column, dtype=torch.int32)
     return table.to(device, non_blocking=True)
 
 
@@ -165,6 +192,8 @@ def group_topk(
     block_rows: int = BLOCK_ROWS,
     block_dims: int = BLOCK_DIMS,
     stats: dict | None = None,
+    num_warps: int = 8,
+    num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, positions), each (queries, k), best first: every query's k best rows of its
     group (positions in ``rows``). Queries outside every group get -inf and -1. Every group
@@ -192,8 +221,11 @@ def group_topk(
     if not bounds or num_queries == 0:
         return scores, positions
     max_tiles = max(-(-(re - rs) // block_rows) for _, _, rs, re in bounds)
-    items = _work_items(query_start, query_end, row_start, row_end, block_queries, block_rows, device)
-    group_table = torch.tensor([query_end, row_start, row_end], dtype=torch.int32).to(device, non_blocking=True)
+    # Groups without queries or candidates take no item; the search needs a group at item 0.
+    live = [bound for bound in bounds if bound[1] > bound[0] and bound[3] > bound[2]]
+    if not live:
+        return scores, positions
+    groups_table, num_items = _group_table(*zip(*live), block_queries, block_rows, device)
     maxima = torch.full((num_queries, max_tiles), -math.inf, device=device)
     count = torch.zeros(num_queries, dtype=torch.int32, device=device)
     out_score = torch.full((num_queries, cap), -math.inf, device=device)
@@ -202,12 +234,13 @@ def group_topk(
     threshold = maxima[:, 0]  # no threshold in the first pass: any float32 tensor will do
 
     def run(survivors: bool) -> None:
-        _group_tiles_kernel[(items.shape[1],)](
-            queries, rows, items[0], items[1], items[2], group_table[0], group_table[1], group_table[2],
+        _group_tiles_kernel[(num_items,)](
+            queries, rows, groups_table, groups_table.stride(0), len(live),
             maxima, threshold, count, out_score, out_row,
             queries.shape[1], queries.stride(0), rows.stride(0), max_tiles, cap,
-            SURVIVORS=survivors, PRECISION=precision,
-            BLOCK_Q=block_queries, BLOCK_R=block_rows, BLOCK_D=block_dims, num_warps=8, num_stages=3,
+            SURVIVORS=survivors, CLAIM_EACH=CLAIM_EACH, SEARCH_STEPS=_search_steps(len(live)),
+            PRECISION=precision, BLOCK_Q=block_queries, BLOCK_R=block_rows, BLOCK_D=block_dims,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
 
     run(False)
