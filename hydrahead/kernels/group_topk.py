@@ -96,37 +96,41 @@ def _group_tiles_kernel(
     row_in = rows < row_end
     queries64 = queries.to(tl.int64)
     tile_at = MAXIMA + queries64 * max_tiles + tile
-    needed = 1
+    dims_end = D
     if SURVIVORS:
         threshold = tl.load(THRESHOLD + queries, mask=query_in, other=float("inf"))
         tile_max = tl.load(tile_at, mask=query_in, other=float("-inf"))
-        needed = tl.max((tile_max >= threshold).to(tl.int32), axis=0)
-    if needed > 0:
-        acc = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            dim_in = dims < D
-            q_at = Q + queries64[:, None] * stride_q + dims[None, :]
-            r_at = R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :]
-            q = tl.load(q_at, mask=query_in[:, None] & dim_in[None, :], other=0.0)
-            r = tl.load(r_at, mask=row_in[:, None] & dim_in[None, :], other=0.0)
-            acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
-        scores = tl.where(row_in[None, :], acc, float("-inf"))
-        if SURVIVORS:
-            keep = (scores >= threshold[:, None]) & row_in[None, :] & query_in[:, None]
-            if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
-                slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
-            else:  # one atomic per query claims the tile's slots; a running count places each
-                kept = keep.to(tl.int32)
-                count = tl.sum(kept, axis=1)
-                base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
-                slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-            stored = keep & (slot < cap)
-            at = queries64[:, None] * cap + slot
-            tl.store(OUT_SCORE + at, scores, mask=stored)
-            tl.store(OUT_ROW + at, rows[None, :], mask=stored)
-        else:
-            tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
+        # A tile where no query of the block reaches its threshold is not scored again: its
+        # loop runs no step (a bound of 0, not a branch around the loop, which Triton would
+        # not pipeline) and nothing of it is kept.
+        needed = tl.max((tile_max >= threshold).to(tl.int32), axis=0) > 0
+        dims_end = tl.where(needed, D, 0)
+        threshold = tl.where(needed, threshold, float("inf"))  # the unscored tile's zeros stay out
+    acc = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, dims_end, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_in = dims < D
+        q_at = Q + queries64[:, None] * stride_q + dims[None, :]
+        r_at = R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :]
+        q = tl.load(q_at, mask=query_in[:, None] & dim_in[None, :], other=0.0)
+        r = tl.load(r_at, mask=row_in[:, None] & dim_in[None, :], other=0.0)
+        acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
+    scores = tl.where(row_in[None, :], acc, float("-inf"))
+    if SURVIVORS:
+        keep = (scores >= threshold[:, None]) & row_in[None, :] & query_in[:, None]
+        if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
+            slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
+        else:  # one atomic per query claims the tile's slots; a running count places each
+            kept = keep.to(tl.int32)
+            count = tl.sum(kept, axis=1)
+            base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
+            slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+        stored = keep & (slot < cap)
+        at = queries64[:, None] * cap + slot
+        tl.store(OUT_SCORE + at, scores, mask=stored)
+        tl.store(OUT_ROW + at, rows[None, :], mask=stored)
+    else:
+        tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
 
 
 def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS) -> bool:
