@@ -96,3 +96,12 @@ def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch,
     assert len(calls) > 1 and sum(calls) >= 20  # groups searched by the kernel, over pieces
     assert torch.equal(rows, want_rows)
     torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_search_refuses_an_unknown_top_k_mode(monkeypatch):
+    weight = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
+    index = make_index("torch", "ivf", nlist=4, nprobe=2, copy_weights=False)
+    index.build(weight)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "auto")
+    with pytest.raises(ValueError, match="HYDRAHEAD_GROUP_TOPK"):
+        index.search_by_list_groups(weight[:10], 3, weight)

@@ -59,8 +59,11 @@ _PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped
 # 0.53 -> 0.42 ms for 3,052 x 12,288 scores, 1.76 -> 0.62 ms for 3,052 x 49,152).
 TOPK_BLOCK = int(os.environ.get("HYDRAHEAD_TOPK_BLOCK", "128"))
 # A list-grouped search's top-k without its scores written (``hydrahead.kernels.group_topk``):
-# "auto" on CUDA, "kernel" anywhere (the CPU under Triton's interpreter), "torch" never.
-GROUP_TOPK = os.environ.get("HYDRAHEAD_GROUP_TOPK", "auto")
+# "cuda" on CUDA devices, "kernel" anywhere (the CPU under Triton's interpreter), "torch"
+# never. Off by default: its first version ran slower than the torch path on the H200, and
+# the changes since are not yet measured there (docs/selection.md, "Top-k without the scores").
+GROUP_TOPK_MODES = ("torch", "cuda", "kernel")
+GROUP_TOPK = os.environ.get("HYDRAHEAD_GROUP_TOPK", "torch")
 GROUP_TOPK_BLOCK_ROWS = 128  # the kernel's candidate tile; a group needs k of them
 TOPK_BLOCK_MIN_CANDIDATES = 16384
 _FAISS_INSTALL_HINT = "pip install hydrahead[faiss-cpu] (or hydrahead[faiss-gpu])"
@@ -623,7 +626,9 @@ class TorchIVFIndex(_IndexBase):
             rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
         rows = rows.to(compute)
         queries = grouped[first_query:last_query]
-        use_kernel = GROUP_TOPK == "kernel" or (GROUP_TOPK == "auto" and rows.is_cuda)
+        if GROUP_TOPK not in GROUP_TOPK_MODES:
+            raise ValueError(f"HYDRAHEAD_GROUP_TOPK must be one of {GROUP_TOPK_MODES}, got {GROUP_TOPK!r}")
+        use_kernel = GROUP_TOPK == "kernel" or (GROUP_TOPK == "cuda" and rows.is_cuda)
         by_kernel = [
             plan
             for plan in piece
