@@ -11,8 +11,9 @@ piece holds as many groups as fit in 262,144 candidate rows. Unit rows in famili
 near-duplicates, bf16, D = 512, k = graph_k + 1 = 17.
 
 floor_ms: the piece's products (2·Q·N·D per group, once) at the bf16 matmul rate measured
-in this run. The kernel computes them twice (a pass for the tile maxima, one for the
-survivors, which skips tiles that cannot hold one), so its ratio cannot fall below about 2.
+in this run. The kernel computes them up to twice (a pass for the tile maxima, one for the
+survivors, which skips a tile only when no query of a 128-query block needs it: rarely,
+since each query needs about k of the group's tiles), so its ratio stays near 2 or above.
 ``recall``: the share of the torch path's rows that the method found (near-equal bf16
 scores may swap places); ``score_err``: the largest difference of the k-th score.
 """

@@ -105,3 +105,82 @@ def test_grouped_search_refuses_an_unknown_top_k_mode(monkeypatch):
     monkeypatch.setattr(index_mod, "GROUP_TOPK", "auto")
     with pytest.raises(ValueError, match="HYDRAHEAD_GROUP_TOPK"):
         index.search_by_list_groups(weight[:10], 3, weight)
+
+
+def test_group_topk_over_many_groups_finds_each_groups_best_rows():
+    """More than 16 groups: the kernel's search for its group takes 8 steps."""
+    gen = torch.Generator().manual_seed(4)
+    queries = torch.randn(21 * 6, 16, generator=gen)
+    rows = torch.randn(21 * 96, 16, generator=gen)
+    bounds = (
+        [6 * g for g in range(21)],
+        [6 * g + 6 for g in range(21)],
+        [96 * g for g in range(21)],
+        [96 * g + 96 - g for g in range(21)],  # groups of 76 to 96 rows
+    )
+    scores, positions = gt.group_topk(queries, rows, *bounds, 4, **SMALL)
+    want_scores, want_positions = gt.group_topk_reference(queries.double(), rows.double(), *bounds, 4)
+    assert gt._search_steps(21) == 8
+    assert torch.equal(positions, want_positions)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_group_topk_searches_again_a_query_left_short_of_k(monkeypatch):
+    """A threshold above the k-th score (as a recomputed score below the first pass's would
+    leave) keeps fewer than k survivors; those queries are searched again, not cut short."""
+    queries, rows, bounds = groups(5)
+    monkeypatch.setattr(gt, "_SLACK", -0.5)  # every threshold raised by half its size
+    stats = {}
+    scores, positions = gt.group_topk(queries, rows, *bounds, 5, stats=stats, **SMALL)
+    want_scores, want_positions = gt.group_topk_reference(queries.double(), rows.double(), *bounds, 5)
+    assert stats["searched_again"] > 0
+    assert torch.equal(positions, want_positions)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_search_again_accumulates_bf16_products_in_float32():
+    """Queries searched again in torch keep float32 sums of their bf16 products (a bf16
+    product would round near-equal scores together)."""
+    gen = torch.Generator().manual_seed(6)
+    rows = torch.nn.functional.normalize(torch.randn(1, 64, generator=gen) + 0.01 * torch.randn(200, 64, generator=gen))
+    queries = rows[:3].bfloat16()
+    rows = rows.bfloat16()
+    scores = torch.full((3, 17), -math.inf)
+    positions = torch.full((3, 17), -1, dtype=torch.long)
+    gt._search_again(queries, rows, [(0, 3, 0, 200)], [0, 1, 2], 17, scores, positions)
+    exact = queries.double() @ rows.double().T
+    want = exact.topk(17, dim=1)
+    torch.testing.assert_close(scores.double(), want.values, rtol=0, atol=1e-6)
+    assert torch.equal(positions, want.indices)
+
+
+def test_group_topk_refuses_groups_that_share_queries():
+    queries, rows, _ = groups(3)
+    with pytest.raises(ValueError, match="share queries"):
+        gt.group_topk(queries, rows, [0, 10], [20, 30], [0, 100], [100, 200], 5, **SMALL)
+
+
+def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch):
+    """k above the slots per query, or a group with fewer than k tiles: those groups take the
+    torch path in the same piece as the kernel's, and the results are the torch path's."""
+    gen = torch.Generator().manual_seed(12)
+    weight = torch.randn(4000, 16, generator=gen, dtype=torch.float64)
+    index = make_index("torch", "ivf", nlist=6, nprobe=1, copy_weights=False)
+    index.build(weight)
+    queries = weight[index.rows_by_list()[::3]]
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "torch")
+    want = index.search_by_list_groups(queries, 130, weight)
+    want_small = index.search_by_list_groups(queries, 40, weight)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "kernel")
+    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 16)
+    got = index.search_by_list_groups(queries, 130, weight)  # over CAP: torch for every group
+    assert torch.equal(got[1], want[1])
+    lengths = sorted(index._lengths.tolist())
+    assert lengths[0] < 40 * 16 <= lengths[-1]  # some groups below 40 tiles of 16, some above
+    calls = []
+    kernel = gt.group_topk
+    monkeypatch.setattr(gt, "group_topk", lambda *a, **kw: calls.append(len(a[2])) or kernel(*a, **kw))
+    got_small = index.search_by_list_groups(queries, 40, weight)
+    assert 0 < sum(calls) < 6  # the kernel took some of the six groups, torch the others
+    assert torch.equal(got_small[1], want_small[1])
+    torch.testing.assert_close(got_small[0], want_small[0], rtol=1e-5, atol=1e-5)

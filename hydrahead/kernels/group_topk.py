@@ -14,18 +14,22 @@ their product. Here no score reaches memory:
    of the block reaches its threshold) and keep the scores >= t, each query claiming slots
    in its own row of ``cap`` with one atomic add per tile.
 4. A top-k over the (queries x cap) survivors. A query with more than ``cap`` survivors
-   (many equal scores) is searched again exactly, in torch.
+   (many equal scores), or fewer than k, is searched again in torch (products accumulated
+   in float32, as the kernel's).
 
-Both passes run one kernel, so a recomputed score equals the first pass's bit for bit;
-the threshold is still lowered by 2^-20 of its size, in case a compiler orders the two
-passes' products differently. The products run in the operands' dtype (bf16 on the GPU;
+Both passes are compiled from one kernel's source with the same product loop, so a
+recomputed score should equal the first pass's; the threshold is still lowered by 2^-20
+of its size, and a query left with fewer than k survivors (a recomputed score below its
+threshold) is searched again rather than returned short. The products run in the operands' dtype (bf16 on the GPU;
 fp32 exact, ``input_precision="ieee"``) with fp32 accumulation, as ``matmul_fp32`` does
 for the torch path. A group with fewer than k tiles takes the torch path (its threshold
 would be no bound).
 
 Groups lie end to end: group g's queries are rows ``[query_start[g], query_end[g])`` of
-``queries`` and its candidates rows ``[row_start[g], row_end[g])`` of ``rows``; results
-give positions in ``rows``.
+``queries`` (no query in two groups) and its candidates rows ``[row_start[g], row_end[g])``
+of ``rows``; results give positions in ``rows``. Scratch: a float32 maximum per query and
+tile of the largest group, and ``cap`` slots (8 bytes each) per query; a list-grouped
+search bounds both by its pieces (``_PIECE_CANDIDATES``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from hydrahead.kernels.exact_gemm import matmul_fp32
 
 __all__ = ["BLOCK_ROWS", "CAP", "group_topk", "group_topk_reference", "kernel_groups"]
 
@@ -133,9 +139,10 @@ def _group_tiles_kernel(
         tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
 
 
-def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS) -> bool:
-    """Whether a group of ``num_candidates`` takes the kernel: it needs k tiles for a threshold."""
-    return -(-num_candidates // block_rows) >= k
+def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS, cap: int = CAP) -> bool:
+    """Whether a group of ``num_candidates`` can take the kernel: k tiles for a threshold,
+    and k within the slots per query."""
+    return k <= cap and -(-num_candidates // block_rows) >= k
 
 
 def group_topk_reference(queries, rows, query_start, query_end, row_start, row_end, k: int):
@@ -202,7 +209,7 @@ def group_topk(
     """(scores, positions), each (queries, k), best first: every query's k best rows of its
     group (positions in ``rows``). Queries outside every group get -inf and -1. Every group
     must have at least k tiles (``kernel_groups``); ``stats``, when given, receives the
-    survivors' mean and the count of queries searched again."""
+    survivors' mean over the queries in a group and the count of queries searched again."""
     if queries.dim() != 2 or rows.dim() != 2 or queries.shape[1] != rows.shape[1]:
         raise ValueError(f"group_topk: queries {tuple(queries.shape)} and rows {tuple(rows.shape)} must share D")
     if queries.dtype != rows.dtype or queries.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -217,16 +224,19 @@ def group_topk(
     for qs, qe, rs, re in bounds:
         if not (0 <= qs <= qe <= queries.shape[0] and 0 <= rs <= re <= rows.shape[0]):
             raise ValueError(f"group_topk: group ({qs}, {qe}, {rs}, {re}) lies outside the operands")
-        if qe > qs and not kernel_groups(re - rs, k, block_rows):
+        if qe > qs and not kernel_groups(re - rs, k, block_rows, cap):
             raise ValueError(f"group_topk: a group of {re - rs} candidates has fewer than k={k} tiles of {block_rows}")
+    spans = sorted((qs, qe) for qs, qe, _, _ in bounds if qe > qs)
+    if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+        raise ValueError("group_topk: two groups share queries")
     device, num_queries = queries.device, queries.shape[0]
     scores = torch.full((num_queries, k), -math.inf, device=device)
     positions = torch.full((num_queries, k), -1, dtype=torch.long, device=device)
     if not bounds or num_queries == 0:
         return scores, positions
     max_tiles = max(-(-(re - rs) // block_rows) for _, _, rs, re in bounds)
-    # Groups without queries or candidates take no item; the search needs a group at item 0.
-    live = [bound for bound in bounds if bound[1] > bound[0] and bound[3] > bound[2]]
+    # Groups without queries take no item (and the search below needs a group at item 0).
+    live = [bound for bound in bounds if bound[1] > bound[0]]
     if not live:
         return scores, positions
     groups_table, num_items = _group_table(*zip(*live), block_queries, block_rows, device)
@@ -254,22 +264,27 @@ def group_topk(
     best, where = out_score.topk(k, dim=1)
     scores.copy_(best)
     positions.copy_(out_row.gather(1, where).long())
-    overflow = (count > cap).nonzero().flatten().tolist()  # the one host read
+    in_group = torch.zeros(num_queries, dtype=torch.bool, device=device)
+    for qs, qe, _, _ in live:
+        in_group[qs:qe] = True
+    again = (count > cap) | (in_group & (count < k))
+    overflow = again.nonzero().flatten().tolist()  # the one host read
     if overflow:
         _search_again(queries, rows, bounds, overflow, k, scores, positions)
     if stats is not None:
-        stats["survivors_mean"] = float(count.float().mean())
+        stats["survivors_mean"] = float(count[in_group].float().mean())
         stats["searched_again"] = len(overflow)
     return scores, positions
 
 
 def _search_again(queries, rows, bounds, overflow, k, scores, positions) -> None:
-    """The exact top-k, in torch, of the queries whose survivors overflowed their slots."""
+    """The top-k, in torch, of the queries whose survivors overflowed their slots (or fell
+    short of k): products accumulated in float32, as the kernel's and the index's."""
     for qs, qe, rs, re in bounds:
         mine = [q for q in overflow if qs <= q < qe]
         if not mine:
             continue
         picked = torch.tensor(mine, device=queries.device)
-        products = (queries[picked] @ rows[rs:re].T).float()
+        products = matmul_fp32(queries[picked], rows[rs:re].T)
         best, where = products.topk(k, dim=1)
         scores[picked], positions[picked] = best, where + rs
