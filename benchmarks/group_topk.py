@@ -11,9 +11,11 @@ piece holds as many groups as fit in 262,144 candidate rows. Unit rows in famili
 near-duplicates, bf16, D = 512, k = graph_k + 1 = 17.
 
 floor_ms: the piece's products (2·Q·N·D per group, once) at the bf16 matmul rate measured
-in this run. The kernel computes them up to twice (a pass for the tile maxima, one for the
-survivors, which skips a tile only when no query of a 128-query block needs it: rarely,
-since each query needs about k of the group's tiles), so its ratio stays near 2 or above.
+in this run. The kernel's first pass makes every product once (the tile maxima). Its
+second pass makes again either each query's k best tiles, as (query, tile) pairs (about
+k/96 of the products at 4 lists; ``group_topk.BY_PAIRS``, the default), or every tile that
+some query of a 128-query block needs (nearly all of them), with one slot claim per query
+and tile or (``CLAIM_EACH``) per survivor.
 ``recall``: the share of the torch path's rows that the method found (near-equal bf16
 scores may swap places); ``score_err``: the largest difference of the k-th score.
 """
@@ -95,6 +97,7 @@ def main(argv=None) -> None:
         return median(cpu_time_ms(fn, warmup=1, reps=min(args.reps, 2)))
 
     rows = []
+    defaults = gt.BY_PAIRS, gt.CLAIM_EACH
     for spec in pieces.split(","):
         groups, queries, candidates = (int(n) for n in spec.split("x"))
         q, r, bounds = piece(groups, queries, candidates, dim, device, dtype, seed=0)
@@ -102,10 +105,17 @@ def main(argv=None) -> None:
         floor_ms = flops / (tflops * 1e12) * 1e3 if tflops else None
         want_scores, want_rows = torch_path(q, r, bounds, args.k, blocked=False)
         stats = {}
+
+        def kernel(by_pairs: bool, claim_each: bool):
+            gt.BY_PAIRS, gt.CLAIM_EACH = by_pairs, claim_each
+            return gt.group_topk(q, r, *bounds, args.k, stats=stats, **small)
+
         methods = [
             ("torch matmul + topk per group", lambda: torch_path(q, r, bounds, args.k, blocked=False)),
             (f"torch matmul + topk_by_blocks B={TOPK_BLOCK} per group", lambda: torch_path(q, r, bounds, args.k, True)),
-            ("hydrahead group_topk kernel", lambda: gt.group_topk(q, r, *bounds, args.k, stats=stats, **small)),
+            ("hydrahead group_topk kernel, second pass by pairs", lambda: kernel(True, False)),
+            ("hydrahead group_topk kernel, second pass by tiles", lambda: kernel(False, False)),
+            ("hydrahead group_topk kernel, by tiles, a slot claim per survivor", lambda: kernel(False, True)),
         ]
         for method, fn in methods:
             if cuda:
@@ -129,6 +139,7 @@ def main(argv=None) -> None:
                     "searched_again": stats.get("searched_again") if "kernel" in method else None,
                 }
             )
+    gt.BY_PAIRS, gt.CLAIM_EACH = defaults
     print_table(rows, ["method", "shape", "ms", "floor_ms", "ratio", "peak_mib", "recall", "survivors_mean"])
     payload = {
         **environment(),

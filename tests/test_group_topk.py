@@ -15,6 +15,14 @@ from hydrahead.kernels import group_topk as gt
 SMALL = {"block_queries": 16, "block_rows": 16, "block_dims": 16}
 
 
+@pytest.fixture(params=["by pairs", "by tiles"])
+def second_pass(request, monkeypatch):
+    """The kernel's second pass either way: each query's k best tiles as (query, tile)
+    pairs, or every tile a block of queries needs."""
+    monkeypatch.setattr(gt, "BY_PAIRS", request.param == "by pairs")
+    return request.param
+
+
 def groups(seed):
     """Operands of four groups (one without queries), float32, with a family of
     near-duplicate rows inside one tile (several survivors in a tile)."""
@@ -29,7 +37,7 @@ def groups(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_group_topk_finds_each_groups_best_rows(seed):
+def test_group_topk_finds_each_groups_best_rows(seed, second_pass):
     queries, rows, bounds = groups(seed)
     stats = {}
     scores, positions = gt.group_topk(queries, rows, *bounds, 5, stats=stats, **SMALL)
@@ -42,7 +50,7 @@ def test_group_topk_finds_each_groups_best_rows(seed):
     assert 5 <= stats["survivors_mean"] < 20
 
 
-def test_group_topk_searches_again_the_queries_whose_survivors_overflow():
+def test_group_topk_searches_again_the_queries_whose_survivors_overflow(second_pass):
     """Equal scores all clear the threshold; past ``cap`` of them the query is searched in torch."""
     queries, rows, bounds = groups(2)
     rows[100:140] = rows[100]  # 40 equal rows in group 2's candidates
@@ -107,7 +115,7 @@ def test_grouped_search_refuses_an_unknown_top_k_mode(monkeypatch):
         index.search_by_list_groups(weight[:10], 3, weight)
 
 
-def test_group_topk_over_many_groups_finds_each_groups_best_rows():
+def test_group_topk_over_many_groups_finds_each_groups_best_rows(second_pass):
     """More than 16 groups: the kernel's search for its group takes 8 steps."""
     gen = torch.Generator().manual_seed(4)
     queries = torch.randn(21 * 6, 16, generator=gen)
@@ -125,7 +133,7 @@ def test_group_topk_over_many_groups_finds_each_groups_best_rows():
     torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_group_topk_searches_again_a_query_left_short_of_k(monkeypatch):
+def test_group_topk_searches_again_a_query_left_short_of_k(monkeypatch, second_pass):
     """A threshold above the k-th score (as a recomputed score below the first pass's would
     leave) keeps fewer than k survivors; those queries are searched again, not cut short."""
     queries, rows, bounds = groups(5)
@@ -184,3 +192,24 @@ def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch):
     assert 0 < sum(calls) < 6  # the kernel took some of the six groups, torch the others
     assert torch.equal(got_small[1], want_small[1])
     torch.testing.assert_close(got_small[0], want_small[0], rtol=1e-5, atol=1e-5)
+
+
+def test_group_topk_benchmark_dry_run_writes_its_rows(tmp_path, monkeypatch):
+    """benchmarks/group_topk.py on the CPU: the torch rows and the kernel's three variants,
+    each finding the torch path's rows, and the results JSON's fields."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import group_topk as bench
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    bench.main(["--dry-run", "--reps", "1"])
+    payload = json.loads((tmp_path / "group_topk.json").read_text())
+    assert {"device", "torch", "triton", "date", "rows"} <= payload.keys()
+    methods = [row["method"] for row in payload["rows"]]
+    assert len(methods) == 5 and sum(m.startswith("hydrahead") for m in methods) == 3
+    for row in payload["rows"]:
+        assert row["recall"] == 1.0 and {"shape", "ms", "floor_ms", "ratio", "peak_mib"} <= row.keys()
+    assert (gt.BY_PAIRS, gt.CLAIM_EACH) == (True, False)  # the benchmark puts the defaults back

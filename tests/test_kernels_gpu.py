@@ -532,11 +532,14 @@ def test_a_settle_in_one_kernel_follows_the_torch_settle(dtype, monkeypatch):
     assert rel_err(b_kernel, b_torch) < 1e-6
 
 
-def test_group_topk_in_bf16_finds_the_best_rows_of_each_group():
-    """The grouped top-k kernel with bf16 operands at the tiles the GPU takes (128 x 128):
-    each returned score is its row's float64 score, and the k-th found is the float64 k-th
-    up to bf16 near-ties."""
+@pytest.mark.parametrize("by_pairs", [True, False])
+def test_group_topk_in_bf16_finds_the_best_rows_of_each_group(by_pairs, monkeypatch):
+    """The grouped top-k kernel with bf16 operands at the tiles the GPU takes (128 x 128),
+    its second pass by (query, tile) pairs or by tiles: each returned score is its row's
+    float64 score, and the k-th found is the float64 k-th up to bf16 near-ties."""
     from hydrahead.kernels import group_topk as gt
+
+    monkeypatch.setattr(gt, "BY_PAIRS", by_pairs)
 
     gen = torch.Generator().manual_seed(21)
     rows = torch.nn.functional.normalize(torch.randn(40_000, 512, generator=gen), dim=1)

@@ -50,6 +50,9 @@ BLOCK_DIMS = 64
 CAP = 128  # survivors kept per query; families of near-duplicate rows put several in one tile
 _SLACK = 2.0**-20
 CLAIM_EACH = False
+# The second pass by (query, tile) pairs: only each query's k best tiles are scored again
+# (about k of a 4-list group's 96), rather than every tile a block of queries needs.
+BY_PAIRS = True
 
 
 @triton.jit(do_not_specialize=["num_groups", "max_tiles", "cap"])
@@ -139,6 +142,73 @@ def _group_tiles_kernel(
         tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
 
 
+@triton.jit(do_not_specialize=["num_tiles", "cap"])
+def _pair_survivors_kernel(
+    Q,
+    R,
+    PAIR_QUERY,  # each (query, tile) pair's query, the pairs sorted by tile
+    CHUNK_START,  # per tile: its first chunk of BLOCK_P pairs (exclusive prefix), then the total
+    PAIR_START,  # per tile: its first pair (exclusive prefix), then the total
+    TILE_ROW_START,
+    TILE_ROW_END,
+    THRESHOLD,
+    COUNT,
+    OUT_SCORE,
+    OUT_ROW,
+    D,
+    stride_q,
+    stride_r,
+    num_tiles,
+    cap,
+    SEARCH_STEPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The program's tile: the last whose first chunk is <= the program's. The grid is an
+    # upper bound on the chunks (known before the pairs are counted); a program past the
+    # last chunk scores nothing.
+    chunk = tl.program_id(0)
+    lo = 0
+    hi = num_tiles - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        right = tl.load(CHUNK_START + mid) <= chunk
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    tile = lo
+    live = chunk < tl.load(CHUNK_START + num_tiles)
+    first_pair = tl.load(PAIR_START + tile) + (chunk - tl.load(CHUNK_START + tile)) * BLOCK_P
+    pairs = first_pair + tl.arange(0, BLOCK_P)
+    pair_in = pairs < tl.where(live, tl.load(PAIR_START + tile + 1), 0)
+    queries = tl.load(PAIR_QUERY + pairs, mask=pair_in, other=0)
+    queries64 = queries.to(tl.int64)
+    rows = tl.load(TILE_ROW_START + tile) + tl.arange(0, BLOCK_R)
+    row_in = rows < tl.load(TILE_ROW_END + tile)
+    threshold = tl.load(THRESHOLD + queries, mask=pair_in, other=float("inf"))
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, tl.where(live, D, 0), BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_in = dims < D
+        q = tl.load(
+            Q + queries64[:, None] * stride_q + dims[None, :], mask=pair_in[:, None] & dim_in[None, :], other=0.0
+        )
+        r = tl.load(
+            R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :], mask=row_in[:, None] & dim_in[None, :], other=0.0
+        )
+        acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
+    keep = (acc >= threshold[:, None]) & row_in[None, :] & pair_in[:, None]
+    kept = keep.to(tl.int32)
+    count = tl.sum(kept, axis=1)
+    base = tl.atomic_add(COUNT + queries, count, mask=pair_in & (count > 0), sem="relaxed")
+    slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+    stored = keep & (slot < cap)
+    at = queries64[:, None] * cap + slot
+    tl.store(OUT_SCORE + at, acc, mask=stored)
+    tl.store(OUT_ROW + at, rows[None, :], mask=stored)
+
+
 def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS, cap: int = CAP) -> bool:
     """Whether a group of ``num_candidates`` can take the kernel: k tiles for a threshold,
     and k within the slots per query."""
@@ -159,6 +229,42 @@ def group_topk_reference(queries, rows, query_start, query_end, row_start, row_e
         best, where = products.topk(take, dim=1)
         scores[qs:qe, :take], positions[qs:qe, :take] = best, where + rs
     return scores, positions
+
+
+class _Pairs:
+    """The second pass by (query, tile) pairs: each grouped query's k best tiles (by their
+    maxima), sorted by tile, in chunks of ``block_pairs`` that share one tile's rows. Made on
+    the device from the first pass's top-k, with no host read: the chunks' count is bounded
+    by pairs / block_pairs + tiles, and that bound is the grid."""
+
+    def __init__(self, live, best_tiles, in_group, block_rows, block_pairs, device):
+        num_queries, k = best_tiles.shape
+        tiles_per_group = torch.tensor([-(-(re - rs) // block_rows) for _, _, rs, re in live], device=device)
+        tile_base = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+        self.num_tiles = int(sum(-(-(re - rs) // block_rows) for _, _, rs, re in live))
+        query_group = torch.zeros(num_queries, dtype=torch.long, device=device)
+        for group, (qs, qe, _, _) in enumerate(live):
+            query_group[qs:qe] = group
+        # A pair's key is its tile's number in the piece; queries outside every group sort last.
+        keys = torch.where(in_group.unsqueeze(1), tile_base[query_group].unsqueeze(1) + best_tiles, self.num_tiles)
+        keys, order = keys.flatten().sort()
+        self.query = (order // k).to(torch.int32)
+        counts = torch.bincount(keys, minlength=self.num_tiles + 1)[: self.num_tiles]
+        chunks = -(-counts // block_pairs)
+        self.pair_start = _exclusive_prefix(counts)
+        self.chunk_start = _exclusive_prefix(chunks)
+        self.max_chunks = -(-int(in_group.shape[0]) * k // block_pairs) + self.num_tiles
+        tile_group = torch.repeat_interleave(torch.arange(len(live), device=device), tiles_per_group)
+        row_start = torch.tensor([rs for _, _, rs, _ in live], device=device)
+        row_end = torch.tensor([re for _, _, _, re in live], device=device)
+        tile_in_group = torch.arange(self.num_tiles, device=device) - tile_base[tile_group]
+        self.tile_row_start = (row_start[tile_group] + tile_in_group * block_rows).to(torch.int32)
+        self.tile_row_end = row_end[tile_group].to(torch.int32)
+
+
+def _exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
+    """int32 (n + 1,): 0, then the running sums of ``counts``."""
+    return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
 
 
 def _search_steps(num_groups: int) -> int:
@@ -258,15 +364,27 @@ def group_topk(
         )  # fmt: skip
 
     run(False)
-    kth = maxima.topk(k, dim=1).values[:, k - 1]
+    best_maxima, best_tiles = maxima.topk(k, dim=1)
+    kth = best_maxima[:, k - 1]
     threshold = (kth - kth.abs() * _SLACK).contiguous()
-    run(True)
-    best, where = out_score.topk(k, dim=1)
-    scores.copy_(best)
-    positions.copy_(out_row.gather(1, where).long())
     in_group = torch.zeros(num_queries, dtype=torch.bool, device=device)
     for qs, qe, _, _ in live:
         in_group[qs:qe] = True
+    if BY_PAIRS:
+        pairs = _Pairs(live, best_tiles, in_group, block_rows, block_queries, device)
+        _pair_survivors_kernel[(pairs.max_chunks,)](
+            queries, rows, pairs.query, pairs.chunk_start, pairs.pair_start, pairs.tile_row_start,
+            pairs.tile_row_end, threshold, count, out_score, out_row,
+            queries.shape[1], queries.stride(0), rows.stride(0), pairs.num_tiles, cap,
+            SEARCH_STEPS=_search_steps(pairs.num_tiles), PRECISION=precision,
+            BLOCK_P=block_queries, BLOCK_R=block_rows, BLOCK_D=block_dims,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    else:
+        run(True)
+    best, where = out_score.topk(k, dim=1)
+    scores.copy_(best)
+    positions.copy_(out_row.gather(1, where).long())
     again = (count > cap) | (in_group & (count < k))
     overflow = again.nonzero().flatten().tolist()  # the one host read
     if overflow:
