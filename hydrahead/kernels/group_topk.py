@@ -55,6 +55,81 @@ CLAIM_EACH = False
 BY_PAIRS = True
 
 
+@triton.jit
+def _last_at_most(STARTS, value, count, SEARCH_STEPS: tl.constexpr):
+    """The last i < count with STARTS[i] <= value (STARTS ascending, STARTS[0] <= value): a
+    binary search; steps past the answer keep it."""
+    lo = 0
+    hi = count - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        right = tl.load(STARTS + mid) <= value
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _products(
+    Q,
+    R,
+    queries64,
+    query_in,
+    rows,
+    row_in,
+    dims_end,
+    D,
+    stride_q,
+    stride_r,
+    PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(BLOCK_Q, BLOCK_R) float32 products of the queries and rows over dims [0, dims_end),
+    -inf for rows past the end. A bound of 0 skips the product: a loop that runs no step,
+    not a branch around it (Triton does not pipeline a loop inside a branch)."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, dims_end, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_in = dims < D
+        q_at = Q + queries64[:, None] * stride_q + dims[None, :]
+        r_at = R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :]
+        q = tl.load(q_at, mask=query_in[:, None] & dim_in[None, :], other=0.0)
+        r = tl.load(r_at, mask=row_in[:, None] & dim_in[None, :], other=0.0)
+        acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
+    return tl.where(row_in[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _keep_survivors(
+    scores,
+    threshold,
+    queries,
+    query_in,
+    rows,
+    COUNT,
+    OUT_SCORE,
+    OUT_ROW,
+    cap,
+    CLAIM_EACH: tl.constexpr,
+):
+    """Each score >= its query's threshold into the query's next free slot of ``cap``."""
+    keep = (scores >= threshold[:, None]) & query_in[:, None]
+    queries64 = queries.to(tl.int64)
+    if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
+        slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
+    else:  # one atomic per query claims the tile's slots; a running count places each
+        kept = keep.to(tl.int32)
+        count = tl.sum(kept, axis=1)
+        base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
+        slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+    stored = keep & (slot < cap)
+    at = queries64[:, None] * cap + slot
+    tl.store(OUT_SCORE + at, scores, mask=stored)
+    tl.store(OUT_ROW + at, rows[None, :], mask=stored)
+
+
 @triton.jit(do_not_specialize=["num_groups", "max_tiles", "cap"])
 def _group_tiles_kernel(
     Q,
@@ -80,18 +155,11 @@ def _group_tiles_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The program's group: the last whose first item is <= the program's (a binary search
-    # over a few dozen groups), then its query block and tile (tiles vary fastest, so a
-    # group's tiles of one query block run together and share that block in L2).
+    # The program's group: the last whose first item is <= the program's, then its query
+    # block and tile (tiles vary fastest, so a group's tiles of one query block run
+    # together and share that block in L2).
     item = tl.program_id(0)
-    lo = 0
-    hi = num_groups - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        right = tl.load(GROUPS + mid) <= item
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid - 1)
-    group = lo
+    group = _last_at_most(GROUPS, item, num_groups, SEARCH_STEPS)
     query_start = tl.load(GROUPS + groups_stride + group)
     query_end = tl.load(GROUPS + 2 * groups_stride + group)
     row_start = tl.load(GROUPS + 3 * groups_stride + group)
@@ -109,35 +177,15 @@ def _group_tiles_kernel(
     if SURVIVORS:
         threshold = tl.load(THRESHOLD + queries, mask=query_in, other=float("inf"))
         tile_max = tl.load(tile_at, mask=query_in, other=float("-inf"))
-        # A tile where no query of the block reaches its threshold is not scored again: its
-        # loop runs no step (a bound of 0, not a branch around the loop, which Triton would
-        # not pipeline) and nothing of it is kept.
+        # A tile where no query of the block reaches its threshold is not scored again.
         needed = tl.max((tile_max >= threshold).to(tl.int32), axis=0) > 0
         dims_end = tl.where(needed, D, 0)
         threshold = tl.where(needed, threshold, float("inf"))  # the unscored tile's zeros stay out
-    acc = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, dims_end, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        dim_in = dims < D
-        q_at = Q + queries64[:, None] * stride_q + dims[None, :]
-        r_at = R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :]
-        q = tl.load(q_at, mask=query_in[:, None] & dim_in[None, :], other=0.0)
-        r = tl.load(r_at, mask=row_in[:, None] & dim_in[None, :], other=0.0)
-        acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
-    scores = tl.where(row_in[None, :], acc, float("-inf"))
+    scores = _products(
+        Q, R, queries64, query_in, rows, row_in, dims_end, D, stride_q, stride_r, PRECISION, BLOCK_Q, BLOCK_R, BLOCK_D
+    )
     if SURVIVORS:
-        keep = (scores >= threshold[:, None]) & row_in[None, :] & query_in[:, None]
-        if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
-            slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
-        else:  # one atomic per query claims the tile's slots; a running count places each
-            kept = keep.to(tl.int32)
-            count = tl.sum(kept, axis=1)
-            base = tl.atomic_add(COUNT + queries, count, mask=query_in & (count > 0), sem="relaxed")
-            slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-        stored = keep & (slot < cap)
-        at = queries64[:, None] * cap + slot
-        tl.store(OUT_SCORE + at, scores, mask=stored)
-        tl.store(OUT_ROW + at, rows[None, :], mask=stored)
+        _keep_survivors(scores, threshold, queries, query_in, rows, COUNT, OUT_SCORE, OUT_ROW, cap, CLAIM_EACH)
     else:
         tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
 
@@ -170,43 +218,32 @@ def _pair_survivors_kernel(
     # upper bound on the chunks (known before the pairs are counted); a program past the
     # last chunk scores nothing.
     chunk = tl.program_id(0)
-    lo = 0
-    hi = num_tiles - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        right = tl.load(CHUNK_START + mid) <= chunk
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid - 1)
-    tile = lo
+    tile = _last_at_most(CHUNK_START, chunk, num_tiles, SEARCH_STEPS)
     live = chunk < tl.load(CHUNK_START + num_tiles)
     first_pair = tl.load(PAIR_START + tile) + (chunk - tl.load(CHUNK_START + tile)) * BLOCK_P
     pairs = first_pair + tl.arange(0, BLOCK_P)
     pair_in = pairs < tl.where(live, tl.load(PAIR_START + tile + 1), 0)
     queries = tl.load(PAIR_QUERY + pairs, mask=pair_in, other=0)
-    queries64 = queries.to(tl.int64)
     rows = tl.load(TILE_ROW_START + tile) + tl.arange(0, BLOCK_R)
     row_in = rows < tl.load(TILE_ROW_END + tile)
     threshold = tl.load(THRESHOLD + queries, mask=pair_in, other=float("inf"))
-    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, tl.where(live, D, 0), BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        dim_in = dims < D
-        q = tl.load(
-            Q + queries64[:, None] * stride_q + dims[None, :], mask=pair_in[:, None] & dim_in[None, :], other=0.0
-        )
-        r = tl.load(
-            R + rows.to(tl.int64)[:, None] * stride_r + dims[None, :], mask=row_in[:, None] & dim_in[None, :], other=0.0
-        )
-        acc = tl.dot(q, tl.trans(r), acc, input_precision=PRECISION)
-    keep = (acc >= threshold[:, None]) & row_in[None, :] & pair_in[:, None]
-    kept = keep.to(tl.int32)
-    count = tl.sum(kept, axis=1)
-    base = tl.atomic_add(COUNT + queries, count, mask=pair_in & (count > 0), sem="relaxed")
-    slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-    stored = keep & (slot < cap)
-    at = queries64[:, None] * cap + slot
-    tl.store(OUT_SCORE + at, acc, mask=stored)
-    tl.store(OUT_ROW + at, rows[None, :], mask=stored)
+    scores = _products(
+        Q,
+        R,
+        queries.to(tl.int64),
+        pair_in,
+        rows,
+        row_in,
+        tl.where(live, D, 0),
+        D,
+        stride_q,
+        stride_r,
+        PRECISION,
+        BLOCK_P,
+        BLOCK_R,
+        BLOCK_D,
+    )
+    _keep_survivors(scores, threshold, queries, pair_in, rows, COUNT, OUT_SCORE, OUT_ROW, cap, False)
 
 
 def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS, cap: int = CAP) -> bool:
