@@ -108,7 +108,10 @@ def main(argv=None) -> None:
 
         def kernel(by_pairs: bool, claim_each: bool):
             gt.BY_PAIRS, gt.CLAIM_EACH = by_pairs, claim_each
-            return gt.group_topk(q, r, *bounds, args.k, stats=stats, **small)
+            try:
+                return gt.group_topk(q, r, *bounds, args.k, stats=stats, **small)
+            finally:
+                gt.BY_PAIRS, gt.CLAIM_EACH = defaults
 
         methods = [
             ("torch matmul + topk per group", lambda: torch_path(q, r, bounds, args.k, blocked=False)),
@@ -139,7 +142,6 @@ def main(argv=None) -> None:
                     "searched_again": stats.get("searched_again") if "kernel" in method else None,
                 }
             )
-    gt.BY_PAIRS, gt.CLAIM_EACH = defaults
     print_table(rows, ["method", "shape", "ms", "floor_ms", "ratio", "peak_mib", "recall", "survivors_mean"])
     payload = {
         **environment(),

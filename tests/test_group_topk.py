@@ -79,7 +79,7 @@ def test_group_topk_refuses_what_it_cannot_search():
 
 
 @pytest.mark.parametrize("cosine", [False, True])
-def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch, cosine):
+def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch, cosine, second_pass):
     """The same index searched by the kernel (every group with k tiles: most of them here) and
     by the torch path gives the same rows and scores."""
     gen = torch.Generator().manual_seed(11)
@@ -126,9 +126,10 @@ def test_group_topk_over_many_groups_finds_each_groups_best_rows(second_pass):
         [96 * g for g in range(21)],
         [96 * g + 96 - g for g in range(21)],  # groups of 76 to 96 rows
     )
-    scores, positions = gt.group_topk(queries, rows, *bounds, 4, **SMALL)
+    stats = {}
+    scores, positions = gt.group_topk(queries, rows, *bounds, 4, stats=stats, **SMALL)
     want_scores, want_positions = gt.group_topk_reference(queries.double(), rows.double(), *bounds, 4)
-    assert gt._search_steps(21) == 8
+    assert gt._search_steps(21) == 8 and stats["searched_again"] == 0
     assert torch.equal(positions, want_positions)
     torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
 
@@ -168,7 +169,7 @@ def test_group_topk_refuses_groups_that_share_queries():
         gt.group_topk(queries, rows, [0, 10], [20, 30], [0, 100], [100, 200], 5, **SMALL)
 
 
-def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch):
+def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch, second_pass):
     """k above the slots per query, or a group with fewer than k tiles: those groups take the
     torch path in the same piece as the kernel's, and the results are the torch path's."""
     gen = torch.Generator().manual_seed(12)
@@ -213,3 +214,19 @@ def test_group_topk_benchmark_dry_run_writes_its_rows(tmp_path, monkeypatch):
     for row in payload["rows"]:
         assert row["recall"] == 1.0 and {"shape", "ms", "floor_ms", "ratio", "peak_mib"} <= row.keys()
     assert (gt.BY_PAIRS, gt.CLAIM_EACH) == (True, False)  # the benchmark puts the defaults back
+
+
+def test_group_topk_keeps_other_groups_rows_out_of_a_group_of_minus_inf_scores(second_pass):
+    """A group whose every product is -inf: its queries' best tiles carry no score, and
+    neither pass may take the next group's rows (the threshold there is -inf)."""
+    gen = torch.Generator().manual_seed(7)
+    queries = torch.ones(8, 16)
+    rows = torch.randn(300, 16, generator=gen)
+    rows[:70] = -math.inf  # group 0: 70 rows (5 tiles, the last partial)
+    bounds = ([0, 4], [4, 8], [0, 70], [70, 300])
+    scores, positions = gt.group_topk(queries, rows, *bounds, 3, **SMALL)
+    want_scores, want_positions = gt.group_topk_reference(queries, rows, *bounds, 3)
+    assert ((positions[:4] >= 0) & (positions[:4] < 70)).all()
+    assert (scores[:4] == -math.inf).all()
+    assert torch.equal(positions[4:], want_positions[4:])
+    torch.testing.assert_close(scores[4:], want_scores[4:])

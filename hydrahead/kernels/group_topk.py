@@ -108,6 +108,7 @@ def _keep_survivors(
     queries,
     query_in,
     rows,
+    row_in,
     COUNT,
     OUT_SCORE,
     OUT_ROW,
@@ -115,7 +116,7 @@ def _keep_survivors(
     CLAIM_EACH: tl.constexpr,
 ):
     """Each score >= its query's threshold into the query's next free slot of ``cap``."""
-    keep = (scores >= threshold[:, None]) & query_in[:, None]
+    keep = (scores >= threshold[:, None]) & query_in[:, None] & row_in[None, :]
     queries64 = queries.to(tl.int64)
     if CLAIM_EACH:  # each survivor claims its slot with an atomic of its own
         slot = tl.atomic_add(COUNT + queries64[:, None] + 0 * rows[None, :], 1, mask=keep, sem="relaxed")
@@ -185,7 +186,7 @@ def _group_tiles_kernel(
         Q, R, queries64, query_in, rows, row_in, dims_end, D, stride_q, stride_r, PRECISION, BLOCK_Q, BLOCK_R, BLOCK_D
     )
     if SURVIVORS:
-        _keep_survivors(scores, threshold, queries, query_in, rows, COUNT, OUT_SCORE, OUT_ROW, cap, CLAIM_EACH)
+        _keep_survivors(scores, threshold, queries, query_in, rows, row_in, COUNT, OUT_SCORE, OUT_ROW, cap, CLAIM_EACH)
     else:
         tl.store(tile_at, tl.max(scores, axis=1), mask=query_in)
 
@@ -243,7 +244,7 @@ def _pair_survivors_kernel(
         BLOCK_R,
         BLOCK_D,
     )
-    _keep_survivors(scores, threshold, queries, pair_in, rows, COUNT, OUT_SCORE, OUT_ROW, cap, False)
+    _keep_survivors(scores, threshold, queries, pair_in, rows, row_in, COUNT, OUT_SCORE, OUT_ROW, cap, False)
 
 
 def kernel_groups(num_candidates: int, k: int, block_rows: int = BLOCK_ROWS, cap: int = CAP) -> bool:
@@ -274,34 +275,36 @@ class _Pairs:
     the device from the first pass's top-k, with no host read: the chunks' count is bounded
     by pairs / block_pairs + tiles, and that bound is the grid."""
 
-    def __init__(self, live, best_tiles, in_group, block_rows, block_pairs, device):
+    def __init__(self, live, best_maxima, best_tiles, in_group, block_rows, block_pairs, device):
         num_queries, k = best_tiles.shape
-        tiles_per_group = torch.tensor([-(-(re - rs) // block_rows) for _, _, rs, re in live], device=device)
+        tiles = [-(-(re - rs) // block_rows) for _, _, rs, re in live]
+        self.num_tiles = sum(tiles)
+        tiles_per_group = torch.tensor(tiles, device=device)
         tile_base = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-        self.num_tiles = int(sum(-(-(re - rs) // block_rows) for _, _, rs, re in live))
         query_group = torch.zeros(num_queries, dtype=torch.long, device=device)
         for group, (qs, qe, _, _) in enumerate(live):
             query_group[qs:qe] = group
-        # A pair's key is its tile's number in the piece; queries outside every group sort last.
-        keys = torch.where(in_group.unsqueeze(1), tile_base[query_group].unsqueeze(1) + best_tiles, self.num_tiles)
+        # A pair's key is its tile's number in the piece. Queries outside every group, and a
+        # best "tile" whose maximum is -inf (past its group's tiles, or a tile of -inf scores:
+        # nothing there can rank), sort last and are left out.
+        wanted = in_group.unsqueeze(1) & (best_maxima > -math.inf)
+        keys = torch.where(wanted, tile_base[query_group].unsqueeze(1) + best_tiles, self.num_tiles)
         keys, order = keys.flatten().sort()
         self.query = (order // k).to(torch.int32)
-        counts = torch.bincount(keys, minlength=self.num_tiles + 1)[: self.num_tiles]
-        chunks = -(-counts // block_pairs)
-        self.pair_start = _exclusive_prefix(counts)
-        self.chunk_start = _exclusive_prefix(chunks)
-        self.max_chunks = -(-int(in_group.shape[0]) * k // block_pairs) + self.num_tiles
-        tile_group = torch.repeat_interleave(torch.arange(len(live), device=device), tiles_per_group)
+        # Each tile's first pair, by a search of the sorted keys (a count would read back its size).
+        pair_start = torch.searchsorted(keys, torch.arange(self.num_tiles + 1, device=device))
+        chunks = -(-(pair_start[1:] - pair_start[:-1]) // block_pairs)
+        self.pair_start = pair_start.to(torch.int32)
+        self.chunk_start = torch.nn.functional.pad(torch.cumsum(chunks, 0), (1, 0)).to(torch.int32)
+        self.max_chunks = -(-num_queries * k // block_pairs) + self.num_tiles
+        tile_group = torch.repeat_interleave(
+            torch.arange(len(live), device=device), tiles_per_group, output_size=self.num_tiles
+        )
         row_start = torch.tensor([rs for _, _, rs, _ in live], device=device)
         row_end = torch.tensor([re for _, _, _, re in live], device=device)
         tile_in_group = torch.arange(self.num_tiles, device=device) - tile_base[tile_group]
         self.tile_row_start = (row_start[tile_group] + tile_in_group * block_rows).to(torch.int32)
         self.tile_row_end = row_end[tile_group].to(torch.int32)
-
-
-def _exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
-    """int32 (n + 1,): 0, then the running sums of ``counts``."""
-    return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
 
 
 def _search_steps(num_groups: int) -> int:
@@ -408,7 +411,7 @@ def group_topk(
     for qs, qe, _, _ in live:
         in_group[qs:qe] = True
     if BY_PAIRS:
-        pairs = _Pairs(live, best_tiles, in_group, block_rows, block_queries, device)
+        pairs = _Pairs(live, best_maxima, best_tiles, in_group, block_rows, block_queries, device)
         _pair_survivors_kernel[(pairs.max_chunks,)](
             queries, rows, pairs.query, pairs.chunk_start, pairs.pair_start, pairs.tile_row_start,
             pairs.tile_row_end, threshold, count, out_score, out_row,
@@ -422,7 +425,8 @@ def group_topk(
     best, where = out_score.topk(k, dim=1)
     scores.copy_(best)
     positions.copy_(out_row.gather(1, where).long())
-    again = (count > cap) | (in_group & (count < k))
+    # Searched again: too many survivors, too few, or no finite maximum to bound them.
+    again = (count > cap) | (in_group & ((count < k) | (kth == -math.inf)))
     overflow = again.nonzero().flatten().tolist()  # the one host read
     if overflow:
         _search_again(queries, rows, bounds, overflow, k, scores, positions)
