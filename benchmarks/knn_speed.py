@@ -58,6 +58,12 @@ stay empty, which the timed step never reads. The sample is a window of the buil
 query order (list by list with --graph-search groups, row order with probes), searched
 in that order, as a build takes it; the timed batch's labels are searched apart, untimed
 (scattered over the shard, each would form a group of one). ``ms`` = step + build_s / --graph-rebuild-every.
+With --graph-background the steps are also timed while a whole-shard build runs in the
+background, as training runs them, from the step before the build falls due until
+--graph-bg-after-install steps after its graph is installed: ``bg_ms``, ``bg_max_ms`` and
+``bg_slow_steps`` as for knn, ``bg_steps``, ``bg_installed`` and ``bg_build_s`` (the
+build's wall time beside the steps, from the step that started it to the one that
+installed it).
 ``graph_recall``: the labels' graph rows against the exact nearest classes of their rows
 (64 labels), and the graph's ``active_recall``, both measured on the fresh graph before
 the timed steps.
@@ -224,6 +230,118 @@ def active_recall(selector: ActiveClassSelector, features, labels, weight, step:
     return selector.last["active_recall"]
 
 
+def steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_after_install=None, trace=None):
+    """Each of ``steps`` timed alone while the selector's rebuilds run in the background:
+    ``run_step(step, batch)`` on a fresh batch, its time ending when the training stream is
+    done (a device-wide sync would also wait for the rebuild's kernels on their own stream).
+    Per step: ms, what it did about a rebuild ("start", "install", "install+start", "beside"
+    or ""), the host time of select / step launch / wait, and the allocator's calls meanwhile.
+    ``stop_after_install``: stop that many steps after the first install. ``trace``: (first
+    step, last step, path) of a Chrome trace."""
+    records, tracer, installed_at = [], None, None
+    for s in steps:
+        batch = batch_for(s)
+        if trace is not None and s == trace[0] and device.type == "cuda":
+            tracer = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            tracer.__enter__()
+        building, current = selector._pending is not None, selector._current
+        synchronize(device, stream_only=True)
+        counts_before = allocator_counts(device)
+        start = time.perf_counter()
+        selected, launched = run_step(s, batch)
+        synchronize(device, stream_only=True)
+        end = time.perf_counter()
+        counts_after = allocator_counts(device)
+        if tracer is not None and s == trace[1]:
+            tracer.__exit__(None, None, None)
+            tracer.export_chrome_trace(trace[2])
+            tracer = None
+        started = not building and selector._pending is not None
+        installed = selector._current is not current
+        event = "install+start" if installed and started else "start" if started else "install" if installed else ""
+        records.append(
+            {
+                "step": s,
+                "start_s": start,
+                "ms": (end - start) * 1e3,
+                "rebuild": event or ("beside" if building else ""),
+                "parts": (selected - start, launched - selected, end - launched),
+                "allocated": {name: counts_after[name] - counts_before[name] for name in counts_after},
+            }
+        )
+        if installed and installed_at is None:
+            installed_at = len(records)
+        if None not in (stop_after_install, installed_at) and len(records) >= installed_at + stop_after_install:
+            break
+    return records
+
+
+def beside_fields(records) -> dict:
+    """``bg_ms`` (mean), ``bg_max_ms``, ``bg_slow_steps`` (over twice the median: which part
+    of the step took the time, what it did about a rebuild) and the allocator's calls in the
+    other steps, for comparison with the slow ones."""
+    times = [r["ms"] for r in records]
+    typical = statistics.median(times)
+    return dict(
+        bg_ms=statistics.mean(times),
+        bg_max_ms=max(times),
+        bg_slow_steps=[
+            {
+                "step": r["step"],
+                "ms": round(r["ms"], 2),
+                "rebuild": r["rebuild"],
+                **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), r["parts"])},
+                **{name: n for name, n in r["allocated"].items() if n},
+            }
+            for r in records
+            if r["ms"] > 2 * typical
+        ],
+        bg_allocator_other_steps={
+            name: sum(r["allocated"].get(name, 0) for r in records if r["ms"] <= 2 * typical)
+            for name in ALLOCATOR_COUNTS
+        },
+    )
+
+
+def graph_background(args, selector, head, step, device) -> dict:
+    """Steps while a whole-shard graph build runs in the background, as training runs them:
+    from the step before a rebuild falls due until --graph-bg-after-install steps after the
+    new graph is installed (at most --graph-bg-max-steps), each timed alone on a fresh batch.
+    ``bg_*`` as for knn; ``bg_build_s``: wall time from the step that started the build to the
+    one that installed it (the build sharing the GPU with the steps); ``bg_installed``."""
+    G, due = args.batch, selector.rebuild_every
+
+    def batch_for(s):
+        return make_batch(head, G, seed=100 + s, noise=args.noise)
+
+    def timed_step(s, batch):
+        rows = selector.select(s, *batch, head.weight)
+        selected = time.perf_counter()
+        step(rows, batch)
+        return selected, time.perf_counter()
+
+    for s in range(2, min(32, due - 1)):  # fresh batches' kernel specialisations, untimed
+        timed_step(s, batch_for(10_000 + s))
+    records = steps_beside_rebuilds(
+        selector,
+        range(due - 1, due - 1 + args.graph_bg_max_steps),
+        timed_step,
+        device,
+        batch_for,
+        stop_after_install=args.graph_bg_after_install,
+    )
+    started = next((r for r in records if "start" in r["rebuild"]), None)
+    installed = next((r for r in records if "install" in r["rebuild"]), None)
+    return dict(
+        **beside_fields(records),
+        bg_steps=len(records),
+        bg_installed=installed is not None,
+        bg_build_s=installed["start_s"] - started["start_s"] if started and installed else None,
+    )
+
+
 def graph_method(args, head: ShardedClassifier, features, labels, config, step, device):
     """(method, ms, rows scored, peak MiB, extra fields) of graph selection with one index setting.
 
@@ -291,6 +409,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     ms = time_ms(graph_step, device, args.reps)
     select_ms = time_ms(lambda: selector.select(1, features, labels, head.weight), device, args.reps)
     active = selector.last["active_classes"]
+    background = graph_background(args, selector, head, step, device) if args.graph_background else {}
     selector.close()
     build_ms_per_step = build_s * 1e3 / args.graph_rebuild_every
     name = "flat" if config is None else f"{nlist}:{nprobe}"
@@ -310,6 +429,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         nprobe=nprobe if config is not None else None,
         graph_k=k,
         rebuild_every=args.graph_rebuild_every,
+        **background,
     )
     name += " groups" if config is not None and search == "groups" else ""
     return f"hydrahead-graph {name}", ms + build_ms_per_step, active, peak, fields
@@ -334,6 +454,20 @@ def main(argv=None) -> None:
     parser.add_argument("--graph-k", type=int, default=16, help="graph neighbours per class (head.graph_k)")
     parser.add_argument(
         "--graph-rebuild-every", type=int, default=1000, help="graph: steps between rebuilds (head.rebuild_every)"
+    )
+    parser.add_argument(
+        "--graph-background",
+        action="store_true",
+        help="graph: also time the steps while a whole-shard build runs in the background (bg_* fields)",
+    )
+    parser.add_argument(
+        "--graph-bg-max-steps", type=int, default=5000, help="graph background: at most this many timed steps"
+    )
+    parser.add_argument(
+        "--graph-bg-after-install",
+        type=int,
+        default=20,
+        help="graph background: timed steps after the new graph is installed",
     )
     parser.add_argument(
         "--graph-sample-rows",
@@ -413,7 +547,10 @@ def main(argv=None) -> None:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.classes, args.dim, args.batch, args.reps, args.rebuild_every = 3000, 32, 48, 2, 4
-        args.index_configs, args.graph_configs, args.graph_rebuild_every = "16:1,16:4", "flat,16:4", 4
+        args.graph_rebuild_every = 4
+        for name, small in (("index_configs", "16:1,16:4"), ("graph_configs", "flat,16:4")):
+            if getattr(args, name) == parser.get_default(name):  # the GPU's defaults: the tiny shard's
+                setattr(args, name, small)
         args.graph_sample_rows = 1000  # a third of the rows: the extrapolated build, as on a GPU
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
@@ -568,65 +705,27 @@ def main(argv=None) -> None:
                 knn_step(make_batch(head, G, seed=10_000 + s, noise=args.noise))
             if selector._dirty is not None:  # the warm-up's rows are not the schedule's to refile
                 selector._dirty.zero_()
-            step_times, events, parts = [], [], []  # parts: host time of select, of the step, then the wait
-            allocations = []  # per step: what the allocator did meanwhile, on either thread
-            tracer = None
-            for s in range(1, 2 * args.rebuild_every + 1):
+
+            def timed_knn_step(s, batch):
                 counter["step"] = s
-                batch = make_batch(head, G, seed=100 + s, noise=args.noise)
-                if args.trace_rebuild and s == args.rebuild_every and device.type == "cuda":
-                    tracer = torch.profiler.profile(  # the first background rebuild's start and next step
-                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                    )
-                    tracer.__enter__()
-                building, current = selector._pending is not None, selector._current
-                # The training stream alone, before and after: a device-wide sync would also
-                # wait for (drain, or time) the rebuild's kernels queued on its own stream.
-                synchronize(device, stream_only=True)
-                counts_before = allocator_counts(device)
-                start = time.perf_counter()
                 active_rows = selector.select(s, *batch, head.weight)
                 selected = time.perf_counter()
                 step(active_rows, batch)
-                launched = time.perf_counter()
-                synchronize(device, stream_only=True)
-                step_times.append((time.perf_counter() - start) * 1e3)
-                parts.append((selected - start, launched - selected, time.perf_counter() - launched))
-                counts_after = allocator_counts(device)
-                allocations.append({name: counts_after[name] - counts_before[name] for name in counts_after})
-                if tracer is not None and s == args.rebuild_every + 1:
-                    tracer.__exit__(None, None, None)
-                    tracer.export_chrome_trace(f"{args.trace_rebuild}.{nlist}-{nprobe}.json")
-                    tracer = None
-                # what the step did about rebuilds: started one, installed one, ran beside one
-                started = not building and selector._pending is not None
-                installed = selector._current is not current
-                events.append(
-                    "install+start"
-                    if installed and started
-                    else "start"
-                    if started
-                    else "install"
-                    if installed
-                    else "beside"
-                    if building
-                    else ""
-                )
+                return selected, time.perf_counter()
+
+            trace = None
+            if args.trace_rebuild:  # the first background rebuild's start and the next step
+                trace = (args.rebuild_every, args.rebuild_every + 1, f"{args.trace_rebuild}.{nlist}-{nprobe}.json")
+            records = steps_beside_rebuilds(
+                selector,
+                range(1, 2 * args.rebuild_every + 1),
+                timed_knn_step,
+                device,
+                lambda s: make_batch(head, G, seed=100 + s, noise=args.noise),
+                trace=trace,
+            )
             training_stream.close()
             synchronize(device)
-            bg_ms, bg_max_ms = statistics.mean(step_times), max(step_times)
-            typical = statistics.median(step_times)
-            bg_slow_steps = [  # steps over twice the median: when a rebuild stalls one, and which part
-                {
-                    "step": i + 1,
-                    "ms": round(ms, 2),
-                    "rebuild": event,
-                    **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), part)},
-                    **{name: n for name, n in allocated.items() if n},
-                }
-                for i, (ms, event, part, allocated) in enumerate(zip(step_times, events, parts, allocations))
-                if ms > 2 * typical
-            ]
             selector.close()
             cycle = args.retrain_every * args.rebuild_every  # steps per k-means run
             build_ms_per_step = (retrain_s + (args.retrain_every - 1) * refile_s) * 1e3 / cycle
@@ -641,14 +740,7 @@ def main(argv=None) -> None:
                 refile_s=refile_s,
                 refiled_rows=dirty.numel(),
                 build_ms_per_step=build_ms_per_step,
-                bg_ms=bg_ms,
-                bg_max_ms=bg_max_ms,
-                bg_slow_steps=bg_slow_steps,
-                # the allocator's work during the other steps, for comparison with the slow ones
-                bg_allocator_other_steps={
-                    name: sum(a.get(name, 0) for a, ms in zip(allocations, step_times) if ms <= 2 * typical)
-                    for name in ALLOCATOR_COUNTS
-                },
+                **beside_fields(records),
                 knn_recall=recall,
                 active_recall=hard_recall,
                 active_classes=active,
