@@ -275,20 +275,17 @@ class _Pairs:
     the device from the first pass's top-k, with no host read: the chunks' count is bounded
     by pairs / block_pairs + tiles, and that bound is the grid."""
 
-    def __init__(self, live, best_maxima, best_tiles, in_group, block_rows, block_pairs, device):
+    def __init__(self, live, best_maxima, best_tiles, query_group, block_rows, block_pairs, device):
         num_queries, k = best_tiles.shape
         tiles = [-(-(re - rs) // block_rows) for _, _, rs, re in live]
         self.num_tiles = sum(tiles)
         tiles_per_group = torch.tensor(tiles, device=device)
         tile_base = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-        query_group = torch.zeros(num_queries, dtype=torch.long, device=device)
-        for group, (qs, qe, _, _) in enumerate(live):
-            query_group[qs:qe] = group
         # A pair's key is its tile's number in the piece. Queries outside every group, and a
         # best "tile" whose maximum is -inf (past its group's tiles, or a tile of -inf scores:
         # nothing there can rank), sort last and are left out.
-        wanted = in_group.unsqueeze(1) & (best_maxima > -math.inf)
-        keys = torch.where(wanted, tile_base[query_group].unsqueeze(1) + best_tiles, self.num_tiles)
+        wanted = (query_group >= 0).unsqueeze(1) & (best_maxima > -math.inf)
+        keys = torch.where(wanted, tile_base[query_group.clamp_min(0)].unsqueeze(1) + best_tiles, self.num_tiles)
         keys, order = keys.flatten().sort()
         self.query = (order // k).to(torch.int32)
         # Each tile's first pair, by a search of the sorted keys (a count would read back its size).
@@ -407,11 +404,12 @@ def group_topk(
     best_maxima, best_tiles = maxima.topk(k, dim=1)
     kth = best_maxima[:, k - 1]
     threshold = (kth - kth.abs() * _SLACK).contiguous()
-    in_group = torch.zeros(num_queries, dtype=torch.bool, device=device)
-    for qs, qe, _, _ in live:
-        in_group[qs:qe] = True
+    query_group = torch.full((num_queries,), -1, dtype=torch.long, device=device)  # -1: in no group
+    for group, (qs, qe, _, _) in enumerate(live):
+        query_group[qs:qe] = group
+    in_group = query_group >= 0
     if BY_PAIRS:
-        pairs = _Pairs(live, best_maxima, best_tiles, in_group, block_rows, block_queries, device)
+        pairs = _Pairs(live, best_maxima, best_tiles, query_group, block_rows, block_queries, device)
         _pair_survivors_kernel[(pairs.max_chunks,)](
             queries, rows, pairs.query, pairs.chunk_start, pairs.pair_start, pairs.tile_row_start,
             pairs.tile_row_end, threshold, count, out_score, out_row,
