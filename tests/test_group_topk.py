@@ -181,9 +181,11 @@ def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch, second_
     want = index.search_by_list_groups(queries, 130, weight)
     want_small = index.search_by_list_groups(queries, 40, weight)
     monkeypatch.setattr(index_mod, "GROUP_TOPK", "kernel")
-    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 16)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 4)  # every group has 130 tiles
+    assert min(index._lengths.tolist()) >= 130 * 4
     got = index.search_by_list_groups(queries, 130, weight)  # over CAP: torch for every group
     assert torch.equal(got[1], want[1])
+    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 16)
     lengths = sorted(index._lengths.tolist())
     assert lengths[0] < 40 * 16 <= lengths[-1]  # some groups below 40 tiles of 16, some above
     calls = []
