@@ -52,9 +52,16 @@ default: approximate, rebuilt in the background every --rebuild-every steps), as
 a GPU without faiss-gpu; --graph-index-type sets graph's apart (a flat build scores every
 row against every row: 2.6e14 FLOPs at 1M x 128, at every rebuild).
 Held-out top-1 is over all classes (the exact sharded top-k), whatever the selection.
-Plots: ``<name>.png`` held-out top-1 against rows scored per step (log scale), one colour
-per selection and storage, each seed a dot, the mean a marker; ``<name>_curves.png`` the
-loss and top-1 curves.
+
+--scales runs every variant at each logit scale s (head.scale) with the head LR times
+s0 / s (s0 the config's), so that one sample moves its row as far at every scale; names
+end in "s=<s>". The scale decides how much of full softmax's push on the negatives lands
+on the few rows near a sample rather than on all the others (docs/selection.md, "The logit
+scale decides whether negatives matter").
+
+Plots: ``<name>.png`` held-out top-1 against rows scored per step (log scale; against the
+logit scale with several --scales), one colour per selection and storage, each seed a dot,
+the mean a marker; ``<name>_curves.png`` the loss and top-1 curves.
 """
 
 from __future__ import annotations
@@ -188,12 +195,32 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     return variants, fields
 
 
+def at_scales(args, cfg) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """``make_variants`` once per --scales entry s: head.scale=s and the head LR (and each
+    random LR multiple) times s0 / s, s0 the config's scale; without --scales, as it is."""
+    if not args.scales:
+        return make_variants(args, cfg.head.num_classes, cfg.head_lr)
+    variants, fields = {}, {}
+    for scale in args.scales:
+        head_lr = cfg.head_lr * cfg.head.scale / scale
+        inner, inner_fields = make_variants(args, cfg.head.num_classes, head_lr)
+        for name, overrides in inner.items():
+            lr = head_lr * inner_fields[name]["lr_scale"]
+            kept = [o for o in overrides if not o.startswith("head.lr=")]
+            variants[f"{name} s={scale:g}"] = [*kept, f"head.scale={scale!r}", f"head.lr={lr!r}"]
+            fields[f"{name} s={scale:g}"] = {**inner_fields[name], "scale": scale}
+    return variants, fields
+
+
 def plot_rows(payload: dict, png: Path) -> None:
-    """Held-out top-1 against rows scored per step, one colour per (selection, storage)."""
+    """Held-out top-1 against rows scored per step (or against the logit scale, when the
+    rows hold several), one colour per (selection, storage)."""
     plt = pyplot()
     rows = [r for r in payload["rows"] if r.get("eval_top1") is not None and r.get("rows_per_step")]
     if plt is None or not rows:
         return
+    by_scale = len({r.get("scale") for r in rows}) > 1
+    x_field = "scale" if by_scale else "rows_per_step"
     groups: dict[str, list[dict]] = {}
     for r in rows:
         key = r.get("mode") or r["method"].removeprefix("hydrahead-").split()[0]
@@ -201,13 +228,15 @@ def plot_rows(payload: dict, png: Path) -> None:
             key += f" {r['storage']}"
         if r.get("lr_scale", 1.0) != 1.0:
             key += f" lr x{r['lr_scale']:g}"
+        if by_scale and r.get("mode") != "full":
+            key += f" {r['budget_rows']} rows" if r.get("budget_rows") else f" {r.get('budget'):g}"
         groups.setdefault(key, []).append(r)
     markers = {"full": "s", "knn": "o", "random": "v", "graph": "D"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (key, group) in enumerate(groups.items()):
         colour = f"C{i}"
         ax.plot(
-            [r["rows_per_step"] for r in group],
+            [r[x_field] for r in group],
             [100 * r["eval_top1"] for r in group],
             ".",
             color=colour,
@@ -220,7 +249,7 @@ def plot_rows(payload: dict, png: Path) -> None:
             seeds = [r for r in group if r["method"] == method]
             points.append(
                 (
-                    statistics.mean(r["rows_per_step"] for r in seeds),
+                    statistics.mean(r[x_field] for r in seeds),
                     statistics.mean(100 * r["eval_top1"] for r in seeds),
                     len(seeds),
                 )
@@ -229,8 +258,11 @@ def plot_rows(payload: dict, png: Path) -> None:
         xs, ys, counts = zip(*points)
         label = f"{key}: " + ", ".join(f"{y:.2f}" for y in ys) + f" ({max(counts)} seeds)"
         ax.plot(xs, ys, marker=markers.get(key.split()[0], "o"), color=colour, label=label, markersize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("rows scored per step and shard (log scale)")
+    if by_scale:
+        ax.set_xlabel("logit scale s (head LR x s0 / s)")
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("rows scored per step and shard (log scale)")
     ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3, which="both")
@@ -313,11 +345,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated factors of the config's head LR: one more random variant each (random's own best "
         "head LR is lower than full softmax's)",
     )
+    parser.add_argument(
+        "--scales",
+        type=float_list,
+        default=[],
+        help="comma-separated logit scales (head.scale): every variant at each, its head LR times the config's "
+        "scale over it; names end in 's=<s>'",
+    )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(MODES))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(MODES)}")
+    if len(set(args.scales)) < len(args.scales):
+        parser.error(f"--scales must be distinct, got {args.scales}")
     return args
 
 
@@ -325,7 +366,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
     try:
-        variants, fields = make_variants(args, cfg.head.num_classes, cfg.head_lr)
+        variants, fields = at_scales(args, cfg)
     except ValueError as error:
         raise SystemExit(f"selection_accuracy.py: error: {error}") from None
     if args.equal_rows:

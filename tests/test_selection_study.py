@@ -12,7 +12,8 @@ from launcher import REPO
 
 sys.path.insert(0, str(REPO))
 from benchmarks import selection_accuracy  # noqa: E402
-from benchmarks.selection_accuracy import make_variants, parse_args, plot_rows, rows_of_budget  # noqa: E402
+from benchmarks.selection_accuracy import at_scales, make_variants, parse_args, plot_rows, rows_of_budget  # noqa: E402
+from hydrahead.config import load_config  # noqa: E402
 
 CONFIG = "configs/head_only_1m_families.yaml"
 
@@ -54,6 +55,58 @@ def test_random_lr_scales_add_random_variants_at_scaled_head_lrs():
     assert [fields[name]["lr_scale"] for name in variants if fields[name]["mode"] == "knn"] == [1.0]
     with pytest.raises(SystemExit):
         _args("--random-lr-scales", "0,1")
+
+
+def test_scales_run_every_variant_at_each_scale_with_the_head_lr_times_s0_over_s():
+    argv = ["--budget", "0.01", "--equal-rows", "--methods", "full,random", "--random-lr-scales", "0.5"]
+    args = _args(*argv, "--scales", "8,32", "head.lr=1000")
+    cfg = load_config(CONFIG, args.overrides)
+    assert cfg.head.scale == 16.0  # s0, the config's
+    variants, fields = at_scales(args, cfg)
+    assert len(variants) == 6  # (full, random, random at half the LR) at each scale
+    for name, overrides in variants.items():
+        s = fields[name]["scale"]
+        assert name.endswith(f" s={s:g}") and f"head.scale={s!r}" in overrides
+        lrs = [o for o in overrides if o.startswith("head.lr=")]
+        assert lrs == [f"head.lr={1000.0 * 16.0 / s * fields[name]['lr_scale']!r}"]  # one, composed
+    assert {fields[n]["scale"] for n in variants} == {8.0, 32.0}
+    assert "head.lr=2000.0" in variants["hydrahead-full s=8"]
+    assert "head.lr=250.0" in variants["hydrahead-random 10000 rows lr x0.5 s=32"]
+    # Without --scales: the variants of make_variants, no scale override.
+    plain, plain_fields = at_scales(_args(*argv, "head.lr=1000"), cfg)
+    assert plain == make_variants(_args(*argv, "head.lr=1000"), cfg.head.num_classes, cfg.head_lr)[0]
+    assert not any(o.startswith("head.scale=") for o in sum(plain.values(), []))
+    with pytest.raises(SystemExit):
+        _args("--scales", "8,8")
+    with pytest.raises(SystemExit):
+        _args("--scales", "0")
+
+
+def test_plot_with_several_scales_draws_top1_against_the_scale(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {
+            "method": f"hydrahead-{mode} s={s:g}",
+            "mode": mode,
+            "storage": "fp8",
+            "seed": seed,
+            "eval_top1": 0.5 + 0.01 * s,
+            "rows_per_step": n,
+            "budget_rows": None if mode == "full" else n,
+            "scale": s,
+            "shape": "s",
+        }
+        for mode, n in (("full", 20_000), ("random", 200))
+        for s in (12.0, 24.0)
+        for seed in range(2)
+    ]
+    drawn = []
+    plt = selection_accuracy.pyplot()
+    real_plot = plt.Axes.plot
+    monkeypatch.setattr(plt.Axes, "plot", lambda ax, xs, *a, **k: drawn.append(list(xs)) or real_plot(ax, xs, *a, **k))
+    plot_rows({"rows": rows, "benchmark": "b", "device": "cpu", "eval_samples": 100}, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert drawn and all(set(xs) <= {12.0, 24.0} for xs in drawn)  # the scale on the x axis, not rows per step
 
 
 @pytest.mark.parametrize(
