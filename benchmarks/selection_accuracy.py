@@ -212,6 +212,18 @@ def at_scales(args, cfg) -> tuple[dict[str, list[str]], dict[str, dict]]:
     return variants, fields
 
 
+def curve_of(row: dict, by_scale: bool) -> str:
+    """The plotted curve a row belongs to: its variant's name less what the x axis varies
+    (the logit scale, or the budget), so corrected, trimmed or LR-scaled variants keep
+    curves of their own."""
+    words = row["method"].removeprefix("hydrahead-").split()
+    if by_scale:
+        return " ".join(w for w in words if not w.startswith("s="))
+    if row.get("budget") is not None:  # "<mode> <n> rows ..." or "<mode> <fraction> ..."
+        words = words[:1] + words[3 if words[2:3] == ["rows"] else 2 :]
+    return " ".join(words)
+
+
 def plot_rows(payload: dict, png: Path) -> None:
     """Held-out top-1 against rows scored per step (or against the logit scale, when the
     rows hold several), one colour per (selection, storage)."""
@@ -223,14 +235,7 @@ def plot_rows(payload: dict, png: Path) -> None:
     x_field = "scale" if by_scale else "rows_per_step"
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = r.get("mode") or r["method"].removeprefix("hydrahead-").split()[0]
-        if r.get("storage"):
-            key += f" {r['storage']}"
-        if r.get("lr_scale", 1.0) != 1.0:
-            key += f" lr x{r['lr_scale']:g}"
-        if by_scale and r.get("mode") != "full":
-            key += f" {r['budget_rows']} rows" if r.get("budget_rows") else f" {r.get('budget'):g}"
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(curve_of(r, by_scale), []).append(r)
     markers = {"full": "s", "knn": "o", "random": "v", "graph": "D"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (key, group) in enumerate(groups.items()):

@@ -12,7 +12,7 @@ from launcher import REPO
 
 sys.path.insert(0, str(REPO))
 from benchmarks import selection_accuracy  # noqa: E402
-from benchmarks.selection_accuracy import at_scales, make_variants, parse_args, plot_rows, rows_of_budget  # noqa: E402
+from benchmarks.selection_accuracy import at_scales, curve_of, make_variants, parse_args, plot_rows, rows_of_budget  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 
 CONFIG = "configs/head_only_1m_families.yaml"
@@ -80,6 +80,35 @@ def test_scales_run_every_variant_at_each_scale_with_the_head_lr_times_s0_over_s
         _args("--scales", "8,8")
     with pytest.raises(SystemExit):
         _args("--scales", "0")
+
+
+def test_each_variant_keeps_a_curve_of_its_own_across_budgets_or_scales():
+    def row(method, budget=0.01):
+        return {"method": method, "budget": budget}
+
+    # Along rows per step: the budget label goes, what sets the variant apart stays.
+    assert curve_of(row("hydrahead-random 200 rows fp8"), False) == curve_of(
+        row("hydrahead-random 400 rows fp8"), False
+    )
+    assert curve_of(row("hydrahead-random 0.01 fp8"), False) == curve_of(row("hydrahead-random 0.02 fp8"), False)
+    curves = {
+        curve_of(row(m), False)
+        for m in (
+            "hydrahead-random 200 rows fp8",
+            "hydrahead-random 200 rows fp8 corrected",
+            "hydrahead-random 200 rows fp8 lr x0.2",
+            "hydrahead-knn 200 rows flat k=1 R=50 fp8 trimmed corrected",
+        )
+    }
+    assert len(curves) == 4
+    assert curve_of(row("hydrahead-full fp8", None), False) == "full fp8"
+    # Along the scale: the scale goes, the budget stays.
+    assert curve_of(row("hydrahead-random 200 rows fp8 s=12"), True) == curve_of(
+        row("hydrahead-random 200 rows fp8 s=24"), True
+    )
+    assert curve_of(row("hydrahead-random 200 rows fp8 s=12"), True) != curve_of(
+        row("hydrahead-random 400 rows fp8 s=12"), True
+    )
 
 
 def test_plot_with_several_scales_draws_top1_against_the_scale(tmp_path, monkeypatch):
