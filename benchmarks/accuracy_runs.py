@@ -136,6 +136,7 @@ def run_record(rows: list[dict]) -> dict:
         "eval_top1": evals[-1]["eval_top1"] if evals else None,
         "eval_top5": evals[-1]["eval_top5"] if evals else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_hard_negative_share": evals[-1].get("eval_hard_negative_share") if evals else None,
         "head_ms": statistics.median(head_ms) if head_ms else None,
         "active_classes": statistics.mean(active) if active else None,
         **{name: statistics.mean(values) if values else None for name, values in recalls.items()},
@@ -284,6 +285,7 @@ def run_study(
             "eval_top1_mean",
             "eval_top1_spread",
             "eval_loss_mean",
+            "eval_hard_negative_share_mean",
             "active_classes_mean",
             *(f"{name}_mean" for name in RECALLS),
             "head_ms_median",
@@ -303,6 +305,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
         rows_per_step = [r["rows_per_step"] for r in group if r.get("rows_per_step") is not None]
         recalls = {name: [r[name] for r in group if r.get(name) is not None] for name in RECALLS}
         times = [r["ms"] for r in group if r["ms"] is not None]
+        shares = [r["eval_hard_negative_share"] for r in group if r.get("eval_hard_negative_share") is not None]
         summary.append(
             {
                 "method": method,
@@ -311,6 +314,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
                 "eval_top1_spread": max(top1) - min(top1),
                 "eval_top1_stdev": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                 "eval_loss_mean": statistics.mean(r["eval_loss"] for r in group),
+                "eval_hard_negative_share_mean": statistics.mean(shares) if shares else None,
                 "train_loss_mean": statistics.mean(r["train_loss"] for r in group),
                 "active_classes_mean": statistics.mean(active) if active else None,
                 "rows_per_step_mean": statistics.mean(rows_per_step) if rows_per_step else None,

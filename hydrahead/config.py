@@ -68,6 +68,12 @@ class TrainConfig:
     global_batch: int = _key(256, "samples per step over all ranks")
     eval_every: int = _key(100, "steps between evaluations (0 disables)")
     eval_samples: int = _key(2048, "held-out samples per evaluation")
+    eval_hard_negatives: int = _key(
+        16,
+        "k of eval_hard_negative_share: the share of each held-out sample's softmax mass outside its label "
+        "that its k highest-scoring other classes hold (near 1: a selection of k rows per sample can stand in "
+        "for full softmax; clamped to num_classes - 1; 0: not measured, one pass over the shard less per eval batch)",
+    )
     grad_clip: float = _key(0.0, "max global L2 norm of backbone gradients (0 disables; the head is excluded)")
     nonfinite: str = _key(
         "stop",
@@ -742,6 +748,7 @@ def _check_train(c: _Checks) -> None:
         t.eval_every == 0 or t.eval_samples >= 1,
         f"train.eval_samples must be >= 1 when train.eval_every > 0, got {t.eval_samples}",
     )
+    c.at_least("train.eval_hard_negatives", 0)
     c.at_least("train.grad_clip", 0)
     c.at_least("train.max_skipped", 1)
 

@@ -255,7 +255,9 @@ def _classifier_worker(rank, world_size, local_sizes):
     loss = head(local_features, global_labels[rows])
     loss.backward()
     scores, ids = head.predict(global_features[rows], k=5)
+    share = head.hard_negative_share(global_features[rows], global_labels[rows], k=3)
     return {
+        "share": share,
         "weight": head.weight.detach(),
         "loss": loss.detach(),
         "feature_grad": local_features.grad,
@@ -288,9 +290,42 @@ def test_classifier_gathers_predicts_and_inits_independently_of_world_size(world
     assert torch.equal(torch.cat([r["ids"] for r in results]), ref_ids)
     assert_close(torch.cat([r["scores"] for r in results]), ref_scores, 1e-12, "top-k scores")
 
+    assert_close(torch.cat([r["share"] for r in results]), _reference_share(full_scores, labels, 3), 1e-12, "share")
+
     for rank, r in enumerate(results):
         start, stop = shard_range(NUM_CLASSES, world_size, rank)
         assert r["extra"] == {"num_classes": NUM_CLASSES, "class_start": start, "class_stop": stop, "embed_dim": DIM}
+
+
+def _reference_share(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense float64: the k largest non-label softmax probabilities over all non-label mass."""
+    p = scores.double().softmax(dim=1)
+    negatives = p.scatter(1, labels[:, None], 0.0)
+    return negatives.topk(k, dim=1).values.sum(dim=1) / negatives.sum(dim=1)
+
+
+@pytest.mark.parametrize("margin_type, scale", [("cosface", 24.0), ("none", 1.0)])
+def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
+    gen = torch.Generator().manual_seed(3)
+    head = ShardedClassifier(
+        NUM_CLASSES, DIM, init_std=0.5, margin_type=margin_type, scale=scale, chunk_size=7, dtype=torch.float64
+    )
+    labels = torch.randint(0, NUM_CLASSES, (9,), generator=gen)
+    weight = head.weight.detach()
+    # Most samples near their label's row, as after training: the label scores highest.
+    features = torch.randn(9, DIM, generator=gen, dtype=torch.float64)
+    features[:6] = 3 * weight[labels[:6]] + 0.1 * features[:6]
+    dense = scale * (
+        F.normalize(features) @ F.normalize(weight).t() if margin_type != "none" else features @ weight.t()
+    )
+    for k in (1, 5, NUM_CLASSES - 1):
+        share = head.hard_negative_share(features, labels, k=k)
+        assert_close(share, _reference_share(dense, labels, k), 1e-12, f"share, k={k}")
+    assert torch.allclose(
+        head.hard_negative_share(features, labels, k=NUM_CLASSES - 1), torch.ones(9, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="k must be"):
+        head.hard_negative_share(features, labels, k=NUM_CLASSES)
 
 
 def test_predict_with_k_larger_than_a_shard():

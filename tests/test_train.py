@@ -58,6 +58,8 @@ def test_torchrun_two_ranks_trains_and_writes_its_run_folder(two_rank_run):
     for row in evals:
         assert "loss" not in row and {"eval_top1", "eval_top5", "eval_loss"} <= row.keys()
         assert 0.0 <= row["eval_top1"] <= row["eval_top5"] <= 1.0
+        # 16 of 100 negatives: at least their uniform share, at most all of it
+        assert 0.16 <= row["eval_hard_negative_share"] <= 1.0
     assert (two_rank_run / "config.yaml").is_file()
     assert "num_classes: 101" in (two_rank_run / "config.yaml").read_text()
     # every 4 steps, keep the newest 2

@@ -80,6 +80,15 @@ def _sgd_step_(weight, grad, buffer, lr, momentum, weight_decay) -> None:
     weight.add_(step.to(weight.dtype), alpha=-lr)
 
 
+def negative_mass_share(top_negatives: torch.Tensor, logsumexp: torch.Tensor, label_logit: torch.Tensor):
+    """The share of each row's softmax mass outside its label held by ``top_negatives``
+    (b x k logits), given the logsumexp of all its logits (b,) and its label's logit (b,;
+    -inf for no label)."""
+    label_share = torch.exp(label_logit - logsumexp).clamp(max=1.0 - 1e-15)
+    negatives = logsumexp + torch.log1p(-label_share)
+    return torch.exp(top_negatives.logsumexp(dim=1) - negatives).clamp(max=1.0)
+
+
 class ActiveCopies(NamedTuple):
     """A loss over active rows, until ``finish_step``: the rows (sorted local row numbers)
     and the copies of their weight, momentum and compensation that the step updates."""
@@ -615,23 +624,7 @@ class ShardedClassifier(nn.Module):
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, num_classes={self.num_classes}], got {k!r}")
-        self.settle()
-        if sizes is None and self.world_size > 1:
-            sizes = gather_row_counts(
-                local_features.shape[0], local_features.shape[1], local_features.device, self.group
-            )
-        features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
-        problem = ShardProblem(
-            features,
-            self.weight.detach(),
-            None,
-            self.class_start,
-            self.logit_scale,
-            0.0,
-            self.margin_type,
-            self.ignore_index,
-            self.chunk_size,
-        )
+        problem, features, sizes = self._margin_free_problem(local_features, None, sizes)
         scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)
         ids = torch.empty((features.shape[0], 0), dtype=torch.long, device=features.device)
         for start, stop, no_rows, no_cols in problem.chunks():
@@ -658,6 +651,69 @@ class ShardedClassifier(nn.Module):
             scores, order = scores.topk(k, dim=1)
             ids = ids.gather(1, order)
         return scores, ids
+
+    def _margin_free_problem(self, local_features, local_labels, sizes):
+        """Settle the rows, gather the global batch (and its labels, if given) and set up
+        the shard's logits without margin: (problem, global features, sizes)."""
+        self.settle()
+        if sizes is None and self.world_size > 1:
+            sizes = gather_row_counts(
+                local_features.shape[0], local_features.shape[1], local_features.device, self.group
+            )
+        features = all_gather_features(local_features.detach(), self.group, sizes=sizes)
+        labels = None if local_labels is None else all_gather_labels(local_labels, self.group, sizes=sizes)
+        problem = ShardProblem(
+            features,
+            self.weight.detach(),
+            labels,
+            self.class_start,
+            self.logit_scale,
+            0.0,
+            self.margin_type,
+            self.ignore_index,
+            self.chunk_size,
+        )
+        return problem, features, sizes
+
+    @torch.no_grad()
+    def hard_negative_share(
+        self, local_features: torch.Tensor, local_labels: torch.Tensor, k: int, *, sizes=None
+    ) -> torch.Tensor:
+        """Per local sample, the share of its softmax mass outside its label that its ``k``
+        highest-scoring other classes hold, over all shards (logits without margin).
+
+        Full softmax pushes each negative row by that row's share, so near 1 a handful of
+        rows per sample take the whole push on the negatives, and a selection that finds
+        them (knn) can stand in for full softmax; well below 1 the push spreads over the
+        shard, as random rows spread theirs (docs/selection.md).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_classes:
+            raise ValueError(f"k must be an int in [1, num_classes - 1 = {self.num_classes - 1}], got {k!r}")
+        problem, features, sizes = self._margin_free_problem(local_features, local_labels, sizes)
+        n = features.shape[0]
+        top = features.new_empty((n, 0), dtype=torch.float64)
+        logsumexp = features.new_full((n,), float("-inf"), dtype=torch.float64)
+        label_logit = torch.full_like(logsumexp, float("-inf"))
+        for start, stop, rows, cols in problem.chunks():
+            w_op, _, _ = problem.chunk_weight(start, stop)
+            logits = problem.logits(w_op, rows, cols)[0].double()
+            logsumexp = torch.logaddexp(logsumexp, logits.logsumexp(dim=1))
+            label_logit[rows] = logits[rows, cols]
+            logits[rows, cols] = float("-inf")  # the label is no negative
+            top = torch.cat([top, logits], dim=1)
+            top = top.topk(min(k, top.shape[1]), dim=1).values
+        if self.world_size > 1:
+            # Pad to k so every rank sends the same shape; -inf adds no mass.
+            top = torch.cat([top, top.new_full((n, k - top.shape[1]), float("-inf"))], dim=1)
+            packed = torch.cat([top, logsumexp[:, None], label_logit[:, None]], dim=1).contiguous()
+            gathered = [torch.empty_like(packed) for _ in range(self.world_size)]
+            dist.all_gather(gathered, packed, group=self.group)
+            start = sum(sizes[: self.rank])
+            mine = torch.stack([g[start : start + sizes[self.rank]] for g in gathered])  # ranks x b x (k + 2)
+            top = mine[..., :k].permute(1, 0, 2).flatten(1).topk(k, dim=1).values
+            logsumexp = mine[..., k].logsumexp(dim=0)
+            label_logit = mine[..., k + 1].amax(dim=0)  # finite on the label's owner alone
+        return negative_mass_share(top, logsumexp, label_logit)
 
     # The shard layout travels with the weights so a checkpoint can be re-split by class range.
     def get_extra_state(self) -> dict:

@@ -88,6 +88,7 @@ ACCEPTED_ON_RESUME = (
     "train.stop_after",
     "train.eval_every",
     "train.eval_samples",
+    "train.eval_hard_negatives",
     "train.nonfinite",
     "train.max_skipped",
     "model.compile",
@@ -879,13 +880,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1, top-5 and loss on the first train.eval_samples held-out samples."""
+        """Top-1, top-5, loss and the hard negatives' share of the softmax mass
+        (``train.eval_hard_negatives``) on the first train.eval_samples held-out samples."""
         self._settle_buffers()
         self.backbone.eval()
         cfg = self.cfg
         k = min(5, cfg.head.num_classes)
         correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
         correct5 = torch.zeros_like(correct1)
+        share_sum = torch.zeros_like(correct1)
+        hard_k = min(cfg.train.eval_hard_negatives, cfg.head.num_classes - 1)
         loss_sum, total = 0.0, 0
         for inputs, labels in eval_batches(
             self.eval_data,
@@ -905,17 +909,22 @@ class Trainer:
             _, ids = self.head.predict(features, k=k)
             correct1 += (ids[:, 0] == labels).sum()
             correct5 += (ids == labels[:, None]).any(dim=1).sum()
+            if hard_k:
+                share_sum += self.head.hard_negative_share(features, labels, k=hard_k).sum()
             batch_total = torch.tensor([labels.shape[0]], device=self.device)
             dist.all_reduce(batch_total, group=self.env.data_group)
             loss_sum += float(loss) * int(batch_total)
             total += int(batch_total)
-        counts = torch.stack([correct1, correct5])
+        counts = torch.stack([correct1, correct5, share_sum])
         dist.all_reduce(counts, group=self.env.data_group)
-        return {
+        result = {
             "eval_loss": loss_sum / total,
             "eval_top1": float(counts[0]) / total,
             "eval_top5": float(counts[1]) / total,
         }
+        if hard_k:
+            result["eval_hard_negative_share"] = float(counts[2]) / total
+        return result
 
     # ------------------------------------------------------------------------------------
     # The loop
