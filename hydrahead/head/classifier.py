@@ -691,17 +691,20 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"k must be an int in [1, num_classes - 1 = {self.num_classes - 1}], got {k!r}")
         problem, features, sizes = self._margin_free_problem(local_features, local_labels, sizes)
         n = features.shape[0]
-        top = features.new_empty((n, 0), dtype=torch.float64)
+        # The logits stay in the problem's dtype (a float64 copy of a chunk would double its
+        # memory); the per-sample sums accumulate in float64.
+        top = features.new_empty((n, 0), dtype=problem.compute_dtype)
         logsumexp = features.new_full((n,), float("-inf"), dtype=torch.float64)
         label_logit = torch.full_like(logsumexp, float("-inf"))
         for start, stop, rows, cols in problem.chunks():
             w_op, _, _ = problem.chunk_weight(start, stop)
-            logits = problem.logits(w_op, rows, cols)[0].double()
-            logsumexp = torch.logaddexp(logsumexp, logits.logsumexp(dim=1))
-            label_logit[rows] = logits[rows, cols]
+            logits = problem.logits(w_op, rows, cols)[0]
+            logsumexp = torch.logaddexp(logsumexp, logits.logsumexp(dim=1).double())
+            label_logit[rows] = logits[rows, cols].double()
             logits[rows, cols] = float("-inf")  # the label is no negative
             top = torch.cat([top, logits], dim=1)
             top = top.topk(min(k, top.shape[1]), dim=1).values
+        top = top.double()
         if self.world_size > 1:
             # Pad to k so every rank sends the same shape; -inf adds no mass.
             top = torch.cat([top, top.new_full((n, k - top.shape[1]), float("-inf"))], dim=1)
