@@ -304,7 +304,7 @@ def _reference_share(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torc
     return negatives.topk(k, dim=1).values.sum(dim=1) / negatives.sum(dim=1)
 
 
-@pytest.mark.parametrize("margin_type, scale", [("cosface", 24.0), ("none", 1.0)])
+@pytest.mark.parametrize("margin_type, scale", [("cosface", 24.0), ("cosface", 1000.0), ("none", 1.0)])
 def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
     gen = torch.Generator().manual_seed(3)
     head = ShardedClassifier(
@@ -321,6 +321,8 @@ def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
     for k in (1, 5, NUM_CLASSES - 1):
         share = head.hard_negative_share(features, labels, k=k)
         assert_close(share, _reference_share(dense, labels, k), 1e-12, f"share, k={k}")
+    if scale == 1000.0:  # the label holds all but <1e-12 of the mass: the negatives' sum must not cancel
+        assert (dense.softmax(dim=1).gather(1, labels[:, None])[:6] > 1 - 1e-12).all()
     assert torch.allclose(
         head.hard_negative_share(features, labels, k=NUM_CLASSES - 1), torch.ones(9, dtype=torch.float64)
     )

@@ -80,15 +80,6 @@ def _sgd_step_(weight, grad, buffer, lr, momentum, weight_decay) -> None:
     weight.add_(step.to(weight.dtype), alpha=-lr)
 
 
-def negative_mass_share(top_negatives: torch.Tensor, logsumexp: torch.Tensor, label_logit: torch.Tensor):
-    """The share of each row's softmax mass outside its label held by ``top_negatives``
-    (b x k logits), given the logsumexp of all its logits (b,) and its label's logit (b,;
-    -inf for no label)."""
-    label_share = torch.exp(label_logit - logsumexp).clamp(max=1.0 - 1e-15)
-    negatives = logsumexp + torch.log1p(-label_share)
-    return torch.exp(top_negatives.logsumexp(dim=1) - negatives).clamp(max=1.0)
-
-
 class ActiveCopies(NamedTuple):
     """A loss over active rows, until ``finish_step``: the rows (sorted local row numbers)
     and the copies of their weight, momentum and compensation that the step updates."""
@@ -691,32 +682,31 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"k must be an int in [1, num_classes - 1 = {self.num_classes - 1}], got {k!r}")
         problem, features, sizes = self._margin_free_problem(local_features, local_labels, sizes)
         n = features.shape[0]
+        # The negatives' mass is summed with the label masked out, never as the total less
+        # the label's: that difference cancels when the label holds nearly all of the mass.
         # The logits stay in the problem's dtype (a float64 copy of a chunk would double its
         # memory); the per-sample sums accumulate in float64.
         top = features.new_empty((n, 0), dtype=problem.compute_dtype)
-        logsumexp = features.new_full((n,), float("-inf"), dtype=torch.float64)
-        label_logit = torch.full_like(logsumexp, float("-inf"))
+        negatives = features.new_full((n,), float("-inf"), dtype=torch.float64)
         for start, stop, rows, cols in problem.chunks():
             w_op, _, _ = problem.chunk_weight(start, stop)
             logits = problem.logits(w_op, rows, cols)[0]
-            logsumexp = torch.logaddexp(logsumexp, logits.logsumexp(dim=1).double())
-            label_logit[rows] = logits[rows, cols].double()
             logits[rows, cols] = float("-inf")  # the label is no negative
+            negatives = torch.logaddexp(negatives, logits.logsumexp(dim=1).double())
             top = torch.cat([top, logits], dim=1)
             top = top.topk(min(k, top.shape[1]), dim=1).values
         top = top.double()
         if self.world_size > 1:
             # Pad to k so every rank sends the same shape; -inf adds no mass.
             top = torch.cat([top, top.new_full((n, k - top.shape[1]), float("-inf"))], dim=1)
-            packed = torch.cat([top, logsumexp[:, None], label_logit[:, None]], dim=1).contiguous()
+            packed = torch.cat([top, negatives[:, None]], dim=1).contiguous()
             gathered = [torch.empty_like(packed) for _ in range(self.world_size)]
             dist.all_gather(gathered, packed, group=self.group)
             start = sum(sizes[: self.rank])
-            mine = torch.stack([g[start : start + sizes[self.rank]] for g in gathered])  # ranks x b x (k + 2)
+            mine = torch.stack([g[start : start + sizes[self.rank]] for g in gathered])  # ranks x b x (k + 1)
             top = mine[..., :k].permute(1, 0, 2).flatten(1).topk(k, dim=1).values
-            logsumexp = mine[..., k].logsumexp(dim=0)
-            label_logit = mine[..., k + 1].amax(dim=0)  # finite on the label's owner alone
-        return negative_mass_share(top, logsumexp, label_logit)
+            negatives = mine[..., k].logsumexp(dim=0)
+        return torch.exp(top.logsumexp(dim=1) - negatives).clamp(max=1.0)
 
     # The shard layout travels with the weights so a checkpoint can be re-split by class range.
     def get_extra_state(self) -> dict:
