@@ -326,6 +326,12 @@ def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
     assert torch.allclose(
         head.hard_negative_share(features, labels, k=NUM_CLASSES - 1), torch.ones(9, dtype=torch.float64)
     )
+    # A sample with an ignored label has no share; the others keep theirs.
+    ignored = labels.clone()
+    ignored[7] = head.ignore_index
+    share = head.hard_negative_share(features, ignored, k=5)
+    assert share[7].isnan() and not share[torch.arange(9) != 7].isnan().any()
+    assert_close(share[:7], _reference_share(dense, labels, 5)[:7], 1e-12, "share beside an ignored label")
     with pytest.raises(ValueError, match="k must be"):
         head.hard_negative_share(features, labels, k=NUM_CLASSES)
 

@@ -671,7 +671,8 @@ class ShardedClassifier(nn.Module):
         self, local_features: torch.Tensor, local_labels: torch.Tensor, k: int, *, sizes=None
     ) -> torch.Tensor:
         """Per local sample, the share of its softmax mass outside its label that its ``k``
-        highest-scoring other classes hold, over all shards (logits without margin).
+        highest-scoring other classes hold, over all shards (logits without margin); NaN for
+        a sample whose label is ``ignore_index`` (it has no label to stand outside of).
 
         Full softmax pushes each negative row by that row's share, so near 1 a handful of
         rows per sample take the whole push on the negatives, and a selection that finds
@@ -706,7 +707,8 @@ class ShardedClassifier(nn.Module):
             mine = torch.stack([g[start : start + sizes[self.rank]] for g in gathered])  # ranks x b x (k + 1)
             top = mine[..., :k].permute(1, 0, 2).flatten(1).topk(k, dim=1).values
             negatives = mine[..., k].logsumexp(dim=0)
-        return torch.exp(top.logsumexp(dim=1) - negatives).clamp(max=1.0)
+        share = torch.exp(top.logsumexp(dim=1) - negatives).clamp(max=1.0)
+        return share.masked_fill(local_labels == self.ignore_index, float("nan"))
 
     # The shard layout travels with the weights so a checkpoint can be re-split by class range.
     def get_extra_state(self) -> dict:

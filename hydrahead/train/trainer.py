@@ -888,7 +888,7 @@ class Trainer:
         k = min(5, cfg.head.num_classes)
         correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
         correct5 = torch.zeros_like(correct1)
-        share_sum = torch.zeros_like(correct1)
+        share_sum, share_count = torch.zeros_like(correct1), torch.zeros_like(correct1)
         hard_k = min(cfg.train.eval_hard_negatives, cfg.head.num_classes - 1)
         loss_sum, total = 0.0, 0
         for inputs, labels in eval_batches(
@@ -910,20 +910,23 @@ class Trainer:
             correct1 += (ids[:, 0] == labels).sum()
             correct5 += (ids == labels[:, None]).any(dim=1).sum()
             if hard_k:
-                share_sum += self.head.hard_negative_share(features, labels, k=hard_k).sum()
+                share = self.head.hard_negative_share(features, labels, k=hard_k)
+                labelled = ~share.isnan()  # samples with an ignored label have no share
+                share_sum += share[labelled].sum()
+                share_count += labelled.sum()
             batch_total = torch.tensor([labels.shape[0]], device=self.device)
             dist.all_reduce(batch_total, group=self.env.data_group)
             loss_sum += float(loss) * int(batch_total)
             total += int(batch_total)
-        counts = torch.stack([correct1, correct5, share_sum])
+        counts = torch.stack([correct1, correct5, share_sum, share_count])
         dist.all_reduce(counts, group=self.env.data_group)
         result = {
             "eval_loss": loss_sum / total,
             "eval_top1": float(counts[0]) / total,
             "eval_top5": float(counts[1]) / total,
         }
-        if hard_k:
-            result["eval_hard_negative_share"] = float(counts[2]) / total
+        if hard_k and counts[3] > 0:
+            result["eval_hard_negative_share"] = float(counts[2]) / float(counts[3])
         return result
 
     # ------------------------------------------------------------------------------------
