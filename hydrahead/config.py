@@ -862,10 +862,6 @@ def _check_selection(c: _Checks) -> None:
         f"head.exact_kernels=gemm (or auto with bf16/fp32 rows); got grad_filter {h.grad_filter}, exact_kernels "
         f"{h.exact_kernels}, weight_dtype {h.weight_dtype}",
     )
-    c.need(
-        not (h.fill_correction and c.cfg.comm.overlap),
-        "head.fill_correction is not carried through the overlapped pipeline: set comm.overlap=false",
-    )
     c.need(  # 4096: hydrahead.optim.deferred_sgd.MAX_LAG (a test holds them equal; this module stays torch-free)
         h.settle_every is None or h.settle_every <= 4096,
         f"head.settle_every={h.settle_every}: the owed steps are kept for at most 4,096 steps; give at most 4096",

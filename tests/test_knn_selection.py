@@ -1153,7 +1153,6 @@ def test_trainer_knn_fixed_size_scores_exactly_g_times_k_plus_one_rows(tmp_path)
             ],
             "exact gemm kernels",
         ),
-        (["head.selection=random", "head.budget=9", "head.fill_correction=true", "comm.overlap=true"], "overlapped"),
     ],
 )
 def test_knn_fixed_size_and_trim_options_are_checked(overrides, match):

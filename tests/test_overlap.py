@@ -105,7 +105,13 @@ def _selection(head, global_labels):
     return torch.unique(torch.cat([owned, torch.arange(0, head.num_local_classes, 3)]))
 
 
-def _step_worker(rank, world_size, margin_type, micro_batches, selected):
+def _offsets(head, active):
+    """Per active row, a logit offset (as head.fill_correction's): the same on every call."""
+    gen = torch.Generator().manual_seed(17 + head.class_start)
+    return torch.rand(head.num_local_classes, generator=gen, dtype=torch.float64)[active] * 2
+
+
+def _step_worker(rank, world_size, margin_type, micro_batches, selected, offsets=False):
     torch.manual_seed(0)
     transfer = dist.new_group(list(range(world_size)))
     out = {}
@@ -117,14 +123,20 @@ def _step_worker(rank, world_size, margin_type, micro_batches, selected):
         if name == "whole":
             gathered = all_gather_features(features)
             active = _selection(head, global_labels) if selected else None
-            loss = head.loss(gathered, global_labels, active)
+            offset = _offsets(head, active) if offsets else None
+            loss = head.loss(gathered, global_labels, active, logit_offset=offset)
             loss.backward()
             local_grad, payload = features.grad, None
         else:
             clock = CommClock(torch.device("cpu"))
             clock.enabled = True
             pipeline = OverlappedHead(head, micro_batches, transfer, clock)
-            select = (lambda _features, y: _selection(head, y)) if selected else None
+
+            def select(_features, y, head=head):
+                active = _selection(head, y)
+                return active, (_offsets(head, active) if offsets else None)
+
+            select = select if selected else None
             checks = MergeChecks()
             loss, local_grad, payload, pending = pipeline.step(features, labels, select, checks=checks)
             assert pending is checks  # the reference head's step waits in .grad: its loss is judged by the caller
@@ -139,17 +151,18 @@ def _step_worker(rank, world_size, margin_type, micro_batches, selected):
 
 
 @pytest.mark.parametrize(
-    "world_size,margin_type,micro_batches,selected",
+    "world_size,margin_type,micro_batches,selected,offsets",
     [
-        (2, "none", 3, False),
-        (3, "cosface", 2, False),
-        (2, "arcface", 7, False),
-        (2, "cosface", 3, True),
-        (3, "none", 1, True),
+        (2, "none", 3, False, False),
+        (3, "cosface", 2, False, False),
+        (2, "arcface", 7, False, False),
+        (2, "cosface", 3, True, False),
+        (3, "none", 1, True, False),
+        (2, "cosface", 3, True, True),  # head.fill_correction's offsets ride with the active rows
     ],
 )
-def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, micro_batches, selected):
-    results = run_ranks(_step_worker, world_size, margin_type, micro_batches, selected)
+def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, micro_batches, selected, offsets):
+    results = run_ranks(_step_worker, world_size, margin_type, micro_batches, selected, offsets)
     for rank, out in enumerate(results):
         whole, overlap = out["whole"], out["overlap"]
         for key in ("loss", "df", "dw", "weight", "momentum"):
@@ -172,9 +185,17 @@ def test_overlapped_step_equals_the_whole_batch_step(world_size, margin_type, mi
 
 
 @pytest.mark.parametrize(
-    "margin_type,grad_filter", [("none", 0.0), ("cosface", 0.0), ("none", 1e-3), ("cosface", 1e-3)]
+    "margin_type,grad_filter,offsets",
+    [
+        ("none", 0.0, False),
+        ("cosface", 0.0, False),
+        ("none", 1e-3, False),
+        ("cosface", 1e-3, False),
+        ("none", 0.0, True),  # head.fill_correction's offsets, on the exact gemm kernels
+        ("cosface", 0.0, True),
+    ],
 )
-def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
+def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter, offsets):
     gen = torch.Generator().manual_seed(5)
     batch, dim, classes = 29, 24, 53
     features = torch.randn(batch, dim, generator=gen)
@@ -183,6 +204,8 @@ def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
     labels[::6] = -100
     scale, margin = MARGINS[margin_type]
     options = dict(scale=scale, margin=margin, margin_type=margin_type, grad_filter=grad_filter)
+    if offsets:
+        options.update(exact_kernels="gemm", logit_offset=torch.rand(classes, generator=gen) * 3)
 
     def update(buffer):
         return SGDUpdate(0.5, 0.9, 1e-3, buffer)
@@ -194,6 +217,9 @@ def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
     loss.backward()
 
     engine = FusedMicroBatches(w_micro, labels, 0, update=update(buf_micro), **options)
+    if offsets:  # the filtered kernels take no offsets: refused, not dropped
+        with pytest.raises(ValueError, match="exact gemm kernels only"):
+            FusedMicroBatches(w_micro, labels, 0, **{**options, "grad_filter": 1e-3})
     loss_sum, grads = torch.zeros(()), torch.empty_like(features)
     for start, stop in micro_batch_bounds(batch, 3):
         rows = torch.arange(start, stop)
@@ -220,8 +246,19 @@ def test_fused_micro_batches_equal_the_single_call(margin_type, grad_filter):
 
 @pytest.mark.parametrize(
     "head",
-    [(), ("head.impl=triton", "head.weight_dtype=fp32", "head.selection=random", "head.budget=30")],
-    ids=["reference", "triton-active"],
+    [
+        (),
+        ("head.impl=triton", "head.weight_dtype=fp32", "head.selection=random", "head.budget=30"),
+        (
+            "head.impl=triton",
+            "head.weight_dtype=fp32",
+            "head.exact_kernels=gemm",
+            "head.selection=random",
+            "head.budget=30",
+            "head.fill_correction=true",
+        ),
+    ],
+    ids=["reference", "triton-active", "triton-fill-corrected"],
 )
 def test_training_with_overlap_follows_the_whole_batch_run(tmp_path, head):
     """The overlapped head in training, against the whole-batch one: with the fused kernels

@@ -91,15 +91,16 @@ class OverlappedHead:
         self,
         local_features: torch.Tensor,
         local_labels: torch.Tensor,
-        select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        select: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
         checks: MergeChecks | None = None,
     ):
         """(loss, gradient of the loss for the local features, bytes sent per kind, the checks
         left to the caller's read or None).
 
-        ``select(global_features, global_labels)``: the step's active rows (or None), from the
-        rank-major global batch. The returned gradient is None when the loss is known not
-        to be finite: then no update was taken (``finish_step(skip=True)`` clears the rest).
+        ``select(global_features, global_labels)``: the step's active rows (or None) and their
+        logit offsets (or None: ``head.fill_correction``'s), from the rank-major global batch.
+        The returned gradient is None when the loss is known not to be finite: then no update
+        was taken (``finish_step(skip=True)`` clears the rest).
         With ``checks`` and a head whose step can still be dropped (``step_discardable``),
         nothing is read here: the loss's checks go into ``checks``, which is returned, and
         its finiteness is the caller's to judge, as the trainer does in its one read.
@@ -113,17 +114,16 @@ class OverlappedHead:
 
         gathers = [self._gather(local_features, bounds, 0)]
         arrived: list[torch.Tensor] = []  # chunks already waited for (a selection needs them all first)
-        active_rows = None
+        active_rows = logit_offset = None
         if select is not None:
             gathers += [self._gather(local_features, bounds, k) for k in range(1, len(bounds))]
             arrived = [pending.wait() for pending in gathers]
             whole = torch.empty((labels.shape[0], local_features.shape[1]), dtype=local_features.dtype, device=device)
             for k, chunk in enumerate(arrived):
                 whole[rows[k]] = chunk
-            active_rows = select(whole, labels)
-        loss_fn = self.head.micro_batches(
-            labels, active_rows, check_rows=False
-        )  # the selector's rows: complete by construction
+            active_rows, logit_offset = select(whole, labels)
+        # The selector's rows: complete by construction.
+        loss_fn = self.head.micro_batches(labels, active_rows, check_rows=False, logit_offset=logit_offset)
 
         loss_sum, loss_dtype = torch.zeros((), dtype=torch.float64, device=device), None
         scatters = []

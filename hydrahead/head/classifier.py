@@ -556,13 +556,19 @@ class ShardedClassifier(nn.Module):
             raise
 
     def micro_batches(
-        self, global_labels: torch.Tensor, active_rows: torch.Tensor | None = None, *, check_rows: bool = True
+        self,
+        global_labels: torch.Tensor,
+        active_rows: torch.Tensor | None = None,
+        *,
+        check_rows: bool = True,
+        logit_offset: torch.Tensor | None = None,
     ):
         """The same loss as ``loss`` taken micro-batch by micro-batch: an object whose
         ``chunk(features, rows)`` returns (loss sum, feature gradient) of those rows of the
         global batch and whose ``finish()`` applies the step's one update (triton) or leaves
         the whole gradient in ``.grad`` for ``finish_step`` (reference). The labels are the
-        whole step's; ``rows`` index into them. ``check_rows`` as for ``loss``."""
+        whole step's; ``rows`` index into them. ``check_rows`` and ``logit_offset`` as for
+        ``loss``."""
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
         options = dict(
             group=self.group,
@@ -571,6 +577,7 @@ class ShardedClassifier(nn.Module):
             margin=self.margin,
             margin_type=self.margin_type,
             ignore_index=self.ignore_index,
+            logit_offset=logit_offset,
         )
         if self.impl == "triton":
             from hydrahead.kernels.fused_loss import FusedMicroBatches

@@ -332,7 +332,8 @@ class MicroBatches:
     feature gradient, and adds their weight gradient into ``weight_shard.grad``: after the
     last chunk it holds the whole step's gradient, for the head's one update. Each row's
     log-sum-exp is complete within its chunk (it spans classes, not samples); the mean is
-    over the step's valid labels, known before the first chunk.
+    over the step's valid labels, known before the first chunk. ``logit_offset`` as for
+    ``sharded_cross_entropy``: the step's, the same for every chunk.
     """
 
     def __init__(
@@ -348,9 +349,11 @@ class MicroBatches:
         margin_type="none",
         ignore_index=-100,
         chunk_size=DEFAULT_CHUNK_SIZE,
+        logit_offset=None,
     ):
         self.weight, self.labels, self.class_start = weight_shard, labels.long(), int(class_start)
         self.options = dict(
+            logit_offset=logit_offset,
             group=group,
             num_classes=num_classes,
             scale=scale,

@@ -229,11 +229,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
     ):
         filtered = grad_filter > 0
         gemm = not filtered and exact_kernels == "gemm"
-        if logit_offset is not None and not gemm:
-            raise ValueError(
-                "logit offsets (head.fill_correction) run on the exact gemm kernels only: set head.grad_filter=0 "
-                f"and head.exact_kernels=gemm (got grad_filter={grad_filter}, exact kernels {exact_kernels!r})"
-            )
+        _check_offsets_run_on_gemm(logit_offset, gemm, grad_filter, exact_kernels)
         local_pass = _local_pass(
             features,
             weight_shard,
@@ -374,9 +370,7 @@ def triton_sharded_cross_entropy(
     labels = labels.long()
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
-    if logit_offset is not None:
-        check_logit_offset(logit_offset, weight_shard)
-        logit_offset = logit_offset.detach().to(device=weight_shard.device, dtype=torch.float32).contiguous()
+    logit_offset = _offset_operand(logit_offset, weight_shard)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return _FusedShardedCrossEntropy.apply(
             features,
@@ -397,6 +391,22 @@ def triton_sharded_cross_entropy(
         )
 
 
+def _check_offsets_run_on_gemm(logit_offset, gemm: bool, grad_filter: float, exact_kernels: str) -> None:
+    if logit_offset is not None and not gemm:
+        raise ValueError(
+            "logit offsets (head.fill_correction) run on the exact gemm kernels only: set head.grad_filter=0 "
+            f"and head.exact_kernels=gemm (got grad_filter={grad_filter}, exact kernels {exact_kernels!r})"
+        )
+
+
+def _offset_operand(logit_offset: torch.Tensor | None, weight_shard: torch.Tensor) -> torch.Tensor | None:
+    """The kernels' form of per-class logit offsets: checked, float32, contiguous, beside the rows."""
+    if logit_offset is None:
+        return None
+    check_logit_offset(logit_offset, weight_shard)
+    return logit_offset.detach().to(device=weight_shard.device, dtype=torch.float32).contiguous()
+
+
 class FusedMicroBatches:
     """The fused loss of one step taken micro-batch by micro-batch (``comm.overlap``).
 
@@ -406,7 +416,8 @@ class FusedMicroBatches:
     travel while the next chunk computes. ``finish()`` then takes the head's one update over
     every row of the step: the exact weight kernel over all rows with their saved
     log-sum-exp, or (``grad_filter``) the kept entries of all chunks. Loss, dF and the update
-    equal the single-call loss's up to summation order.
+    equal the single-call loss's up to summation order. ``logit_offset``: the step's, as for
+    ``triton_sharded_cross_entropy`` (the exact gemm kernels only).
     """
 
     def __init__(
@@ -424,6 +435,7 @@ class FusedMicroBatches:
         update: SGDUpdate | None = None,
         grad_filter=0.0,
         exact_kernels="auto",
+        logit_offset=None,
     ):
         if margin_type not in FUSED_MARGIN_TYPES:
             raise ValueError(
@@ -448,6 +460,8 @@ class FusedMicroBatches:
             exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, labels.shape[0]
         )
         self.gemm = grad_filter == 0 and resolved == "gemm"
+        _check_offsets_run_on_gemm(logit_offset, self.gemm, grad_filter, resolved)
+        self.logit_offset = _offset_operand(logit_offset, weight_shard)
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
         # device: the kernels read the gradient scale from memory).
         self.num_valid = (self.labels != ignore_index).sum()
@@ -476,6 +490,7 @@ class FusedMicroBatches:
                 self.ignore_index,
                 self.grad_filter > 0 or self.gemm,
                 self.inv_norm,
+                self.logit_offset,
             )
             # No host read per chunk: the checks the collectives carry are raised once, in check().
             lse, target_logit, owned_total, error = local_pass.merge(self.group)
@@ -504,6 +519,7 @@ class FusedMicroBatches:
                     grad_scale=self.grad_scale,
                     update=None,
                     want_weight=False,
+                    logit_offset=self.logit_offset,
                     **local_pass.kernel_options,
                 )
             else:
@@ -563,7 +579,14 @@ class FusedMicroBatches:
         )
         if self.gemm:
             _, grad_weight = exact_backward(
-                feat_op, weight, self.inv_norm, local_label, lse_valid, want_features=False, **options
+                feat_op,
+                weight,
+                self.inv_norm,
+                local_label,
+                lse_valid,
+                want_features=False,
+                logit_offset=self.logit_offset,
+                **options,
             )
             return grad_weight
         return shard_weight_backward(feat_op, weight, self.inv_norm, local_label, lse_valid, **options)

@@ -697,13 +697,15 @@ class Trainer:
         finite, bytes handed to the head's collectives, the loss's ``MergeChecks`` if they and
         its finiteness are left to the step's read in ``_apply_updates``, else None)."""
         if self.overlapped is not None:
-            select = (
-                None
-                if self.cfg.head.selection == "full"
-                else (lambda features, global_labels: self._select(step, features, global_labels))
-            )
+
+            def select(features, global_labels):  # the active rows, and the fill correction's offsets for them
+                return self._select(step, features, global_labels), self.logit_offset
+
             return self.overlapped.step(
-                local_features, labels, select, checks=MergeChecks() if self.backward_undoable else None
+                local_features,
+                labels,
+                None if self.cfg.head.selection == "full" else select,
+                checks=MergeChecks() if self.backward_undoable else None,
             )
         head_group = self.env.head_group
         gathered = self.clock.start(
