@@ -256,6 +256,9 @@ def _classifier_worker(rank, world_size, local_sizes):
     loss.backward()
     scores, ids = head.predict(global_features[rows], k=5)
     share = head.hard_negative_share(global_features[rows], global_labels[rows], k=3)
+    # Both in one pass over the shard: the same as each alone.
+    both = head.predict_with_share(global_features[rows], global_labels[rows], 5, 3)
+    assert torch.equal(both[0], scores) and torch.equal(both[1], ids) and torch.equal(both[2], share)
     return {
         "share": share,
         "weight": head.weight.detach(),
@@ -326,6 +329,13 @@ def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
     assert torch.allclose(
         head.hard_negative_share(features, labels, k=NUM_CLASSES - 1), torch.ones(9, dtype=torch.float64)
     )
+    # predict and the share in one pass (7-class chunks): each as alone. Labelled with their
+    # top classes, the label's mask would remove every sample's first prediction if it leaked.
+    top_labels = dense.argmax(dim=1)
+    scores, ids, share = head.predict_with_share(features, top_labels, 5, 5)
+    alone = head.predict(features, k=5)
+    assert torch.equal(scores, alone[0]) and torch.equal(ids, alone[1])
+    assert torch.equal(share, head.hard_negative_share(features, top_labels, k=5))
     # A sample with an ignored label has no share; the others keep theirs.
     ignored = labels.clone()
     ignored[7] = head.ignore_index

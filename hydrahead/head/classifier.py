@@ -620,35 +620,74 @@ class ShardedClassifier(nn.Module):
         local top-k chunk by chunk, the candidates are all-gathered, and each rank merges
         the rows of its own samples.
         """
+        self._check_predict_k(k)
+        scores, ids, _ = self._scan_shard(local_features, None, k, 0, sizes)
+        return scores, ids
+
+    @torch.no_grad()
+    def hard_negative_share(
+        self, local_features: torch.Tensor, local_labels: torch.Tensor, k: int, *, sizes=None
+    ) -> torch.Tensor:
+        """Per local sample, the share of its softmax mass outside its label that its ``k``
+        highest-scoring other classes hold, over all shards (logits without margin); NaN for
+        a sample whose label is ``ignore_index`` (it has no label to stand outside of).
+
+        Full softmax pushes each negative row by that row's share, so near 1 a handful of
+        rows per sample take the whole push on the negatives, and a selection that finds
+        them (knn) can stand in for full softmax; well below 1 the push spreads over the
+        shard, as random rows spread theirs (docs/selection.md).
+        """
+        self._check_share_k(k)
+        return self._scan_shard(local_features, local_labels, 0, k, sizes)[2]
+
+    @torch.no_grad()
+    def predict_with_share(
+        self, local_features: torch.Tensor, local_labels: torch.Tensor, k: int, hard_k: int, *, sizes=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``predict(k)`` and ``hard_negative_share(hard_k)`` of the same samples in one pass
+        over the shard (evaluation: one read of the rows instead of two)."""
+        self._check_predict_k(k)
+        self._check_share_k(hard_k)
+        return self._scan_shard(local_features, local_labels, k, hard_k, sizes)
+
+    def _check_predict_k(self, k) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, num_classes={self.num_classes}], got {k!r}")
-        problem, features, sizes = self._margin_free_problem(local_features, None, sizes)
-        scores = features.new_empty((features.shape[0], 0), dtype=problem.compute_dtype)
-        ids = torch.empty((features.shape[0], 0), dtype=torch.long, device=features.device)
-        for start, stop, no_rows, no_cols in problem.chunks():
+
+    def _check_share_k(self, k) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_classes:
+            raise ValueError(f"k must be an int in [1, num_classes - 1 = {self.num_classes - 1}], got {k!r}")
+
+    def _scan_shard(self, local_features, local_labels, k: int, hard_k: int, sizes):
+        """One pass over the shard's rows: the top ``k`` classes (scores, ids) and the share of
+        the ``hard_k`` hardest negatives, each None when its k is 0."""
+        problem, features, sizes = self._margin_free_problem(local_features, local_labels, sizes)
+        n, device = features.shape[0], features.device
+        scores = features.new_empty((n, 0), dtype=problem.compute_dtype)
+        ids = torch.empty((n, 0), dtype=torch.long, device=device)
+        # The negatives' mass is summed with the label masked out, never as the total less
+        # the label's: that difference cancels when the label holds nearly all of the mass.
+        # The logits stay in the problem's dtype (a float64 copy of a chunk would double its
+        # memory); the per-sample sums accumulate in float64.
+        hardest = features.new_empty((n, 0), dtype=problem.compute_dtype)
+        negatives = features.new_full((n,), float("-inf"), dtype=torch.float64)
+        for start, stop, rows, cols in problem.chunks():
             w_op, _, _ = problem.chunk_weight(start, stop)
-            chunk_scores, _ = problem.logits(w_op, no_rows, no_cols)
-            chunk_ids = torch.arange(self.class_start + start, self.class_start + stop, device=features.device)
-            scores = torch.cat([scores, chunk_scores], dim=1)
-            ids = torch.cat([ids, chunk_ids.expand(features.shape[0], -1)], dim=1)
-            scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
-            ids = ids.gather(1, order)
-        if self.world_size > 1:
-            # Pad to k so every rank sends the same shape; -inf never wins the merge.
-            missing = k - scores.shape[1]
-            scores = torch.cat([scores, scores.new_full((scores.shape[0], missing), float("-inf"))], dim=1)
-            ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), -1)], dim=1)
-            all_scores = [torch.empty_like(scores) for _ in range(self.world_size)]
-            all_ids = [torch.empty_like(ids) for _ in range(self.world_size)]
-            dist.all_gather(all_scores, scores.contiguous(), group=self.group)
-            dist.all_gather(all_ids, ids.contiguous(), group=self.group)
-            start = sum(sizes[: self.rank])
-            rows = slice(start, start + sizes[self.rank])
-            scores = torch.cat([s[rows] for s in all_scores], dim=1)
-            ids = torch.cat([i[rows] for i in all_ids], dim=1)
-            scores, order = scores.topk(k, dim=1)
-            ids = ids.gather(1, order)
-        return scores, ids
+            logits = problem.logits(w_op, rows, cols)[0]
+            if k:
+                chunk_ids = torch.arange(self.class_start + start, self.class_start + stop, device=device)
+                scores = torch.cat([scores, logits], dim=1)  # a copy: the mask below leaves it alone
+                ids = torch.cat([ids, chunk_ids.expand(n, -1)], dim=1)
+                scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+                ids = ids.gather(1, order)
+            if hard_k:
+                logits[rows, cols] = float("-inf")  # the label is no negative
+                negatives = torch.logaddexp(negatives, logits.logsumexp(dim=1).double())
+                hardest = torch.cat([hardest, logits], dim=1)
+                hardest = hardest.topk(min(hard_k, hardest.shape[1]), dim=1).values
+        top = self._merge_top(scores, ids, k, sizes) if k else (None, None)
+        share = self._merge_share(hardest.double(), negatives, hard_k, sizes, local_labels) if hard_k else None
+        return *top, share
 
     def _margin_free_problem(self, local_features, local_labels, sizes):
         """Settle the rows, gather the global batch (and its labels, if given) and set up
@@ -673,48 +712,40 @@ class ShardedClassifier(nn.Module):
         )
         return problem, features, sizes
 
-    @torch.no_grad()
-    def hard_negative_share(
-        self, local_features: torch.Tensor, local_labels: torch.Tensor, k: int, *, sizes=None
-    ) -> torch.Tensor:
-        """Per local sample, the share of its softmax mass outside its label that its ``k``
-        highest-scoring other classes hold, over all shards (logits without margin); NaN for
-        a sample whose label is ``ignore_index`` (it has no label to stand outside of).
+    def _merge_top(self, scores, ids, k, sizes):
+        """Each rank's top-k candidates of every sample -> the top k over all shards of its own samples."""
+        if self.world_size == 1:
+            return scores, ids
+        # Pad to k so every rank sends the same shape; -inf never wins the merge.
+        missing = k - scores.shape[1]
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], missing), float("-inf"))], dim=1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), -1)], dim=1)
+        all_scores = [torch.empty_like(scores) for _ in range(self.world_size)]
+        all_ids = [torch.empty_like(ids) for _ in range(self.world_size)]
+        dist.all_gather(all_scores, scores.contiguous(), group=self.group)
+        dist.all_gather(all_ids, ids.contiguous(), group=self.group)
+        start = sum(sizes[: self.rank])
+        rows = slice(start, start + sizes[self.rank])
+        scores = torch.cat([s[rows] for s in all_scores], dim=1)
+        ids = torch.cat([i[rows] for i in all_ids], dim=1)
+        scores, order = scores.topk(k, dim=1)
+        return scores, ids.gather(1, order)
 
-        Full softmax pushes each negative row by that row's share, so near 1 a handful of
-        rows per sample take the whole push on the negatives, and a selection that finds
-        them (knn) can stand in for full softmax; well below 1 the push spreads over the
-        shard, as random rows spread theirs (docs/selection.md).
-        """
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.num_classes:
-            raise ValueError(f"k must be an int in [1, num_classes - 1 = {self.num_classes - 1}], got {k!r}")
-        problem, features, sizes = self._margin_free_problem(local_features, local_labels, sizes)
-        n = features.shape[0]
-        # The negatives' mass is summed with the label masked out, never as the total less
-        # the label's: that difference cancels when the label holds nearly all of the mass.
-        # The logits stay in the problem's dtype (a float64 copy of a chunk would double its
-        # memory); the per-sample sums accumulate in float64.
-        top = features.new_empty((n, 0), dtype=problem.compute_dtype)
-        negatives = features.new_full((n,), float("-inf"), dtype=torch.float64)
-        for start, stop, rows, cols in problem.chunks():
-            w_op, _, _ = problem.chunk_weight(start, stop)
-            logits = problem.logits(w_op, rows, cols)[0]
-            logits[rows, cols] = float("-inf")  # the label is no negative
-            negatives = torch.logaddexp(negatives, logits.logsumexp(dim=1).double())
-            top = torch.cat([top, logits], dim=1)
-            top = top.topk(min(k, top.shape[1]), dim=1).values
-        top = top.double()
+    def _merge_share(self, hardest, negatives, k, sizes, local_labels):
+        """Each rank's hardest negatives and negative mass of every sample -> the share of its
+        own samples over all shards."""
+        n = hardest.shape[0]
         if self.world_size > 1:
             # Pad to k so every rank sends the same shape; -inf adds no mass.
-            top = torch.cat([top, top.new_full((n, k - top.shape[1]), float("-inf"))], dim=1)
-            packed = torch.cat([top, negatives[:, None]], dim=1).contiguous()
+            hardest = torch.cat([hardest, hardest.new_full((n, k - hardest.shape[1]), float("-inf"))], dim=1)
+            packed = torch.cat([hardest, negatives[:, None]], dim=1).contiguous()
             gathered = [torch.empty_like(packed) for _ in range(self.world_size)]
             dist.all_gather(gathered, packed, group=self.group)
             start = sum(sizes[: self.rank])
             mine = torch.stack([g[start : start + sizes[self.rank]] for g in gathered])  # ranks x b x (k + 1)
-            top = mine[..., :k].permute(1, 0, 2).flatten(1).topk(k, dim=1).values
+            hardest = mine[..., :k].permute(1, 0, 2).flatten(1).topk(k, dim=1).values
             negatives = mine[..., k].logsumexp(dim=0)
-        share = torch.exp(top.logsumexp(dim=1) - negatives).clamp(max=1.0)
+        share = torch.exp(hardest.logsumexp(dim=1) - negatives).clamp(max=1.0)
         return share.masked_fill(local_labels == self.ignore_index, float("nan"))
 
     # The shard layout travels with the weights so a checkpoint can be re-split by class range.

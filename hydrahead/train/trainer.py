@@ -908,11 +908,13 @@ class Trainer:
                 )
             features = features.float()
             loss = self.head(features, labels)  # the same global-batch mean on every rank
-            _, ids = self.head.predict(features, k=k)
+            if hard_k:  # one pass over the shard for both
+                _, ids, share = self.head.predict_with_share(features, labels, k, hard_k)
+            else:
+                _, ids = self.head.predict(features, k=k)
             correct1 += (ids[:, 0] == labels).sum()
             correct5 += (ids == labels[:, None]).any(dim=1).sum()
             if hard_k:
-                share = self.head.hard_negative_share(features, labels, k=hard_k)
                 labelled = ~share.isnan()  # samples with an ignored label have no share
                 share_sum += share[labelled].sum()
                 share_count += labelled.sum()
