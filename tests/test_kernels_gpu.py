@@ -468,6 +468,41 @@ def test_bf16_logit_offsets_follow_float64(margin_type):
     assert rel_err(w.grad, w64.grad) < 2e-2
 
 
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_bf16_micro_batches_with_logit_offsets_follow_float64(margin_type):
+    """comm.overlap with head.fill_correction on the GPU: the micro-batches' loss and dF and
+    the step's dW (finish without an update) within bf16 error."""
+    from hydrahead.comm.overlap import micro_batch_bounds
+    from hydrahead.head import sharded_cross_entropy
+    from hydrahead.kernels.fused_loss import FusedMicroBatches
+
+    features, weight, labels = inputs(36)
+    offset = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(37)) * 6.0
+    scale, margin = MARGINS[margin_type]
+    options = dict(scale=scale, margin=margin, margin_type=margin_type)
+    engine = FusedMicroBatches(
+        weight.cuda(), labels.cuda(), 0, exact_kernels="gemm", logit_offset=offset.cuda(), **options
+    )
+    grads = torch.empty(features.shape, dtype=features.dtype, device="cuda")
+    loss_sum = 0.0
+    for start, stop in micro_batch_bounds(features.shape[0], 3):
+        rows = torch.arange(start, stop, device="cuda")
+        chunk_loss, grads[start:stop] = engine.chunk(features[start:stop].cuda(), rows)
+        loss_sum += float(chunk_loss)
+    engine.check()
+    grad_weight = engine.finish()
+    loss = loss_sum / float(engine.num_valid)
+
+    f64, w64 = features.cuda().double().requires_grad_(), weight.cuda().double().requires_grad_()
+    ref = sharded_cross_entropy(
+        f64, w64, labels.cuda(), 0, logit_offset=offset.cuda().double(), chunk_size=8192, **options
+    )
+    ref.backward()
+    assert abs(loss - float(ref)) < 5e-3 * abs(float(ref))
+    assert rel_err(grads, f64.grad) < 2e-2
+    assert rel_err(grad_weight, w64.grad) < 2e-2
+
+
 def test_fp8_logit_offsets_follow_float64_within_fp8_error():
     from hydrahead.head import sharded_cross_entropy
 
