@@ -189,6 +189,39 @@ def _evaluate_on_rank(rank, world_size):
     return before, dict(trainer.backbone_module.named_buffers())
 
 
+def test_evaluation_leaves_samples_with_an_ignored_label_out_of_every_metric(tmp_path):
+    """Each held-out batch twice, the copy with every label ignored: the same metrics, 2 ranks."""
+    for plain, doubled in run_ranks(_evaluation_with_ignored_copies_on_rank, 2, str(tmp_path)):
+        assert doubled.keys() == plain.keys() >= {"eval_top1", "eval_top5", "eval_loss", "eval_hard_negative_share"}
+        assert plain["eval_top5"] > 0 and plain["eval_hard_negative_share"] > 0
+        for key, value in plain.items():
+            assert doubled[key] == pytest.approx(value, rel=1e-9), key
+
+
+def _evaluation_with_ignored_copies_on_rank(rank, world_size, root):
+    from launcher import TINY
+
+    import hydrahead.train.trainer as trainer_module
+
+    cfg = load_config(None, [f"run.dir={root}", *TINY])
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    plain = trainer.evaluate()
+    original = trainer_module.eval_batches
+
+    def with_ignored_copies(*args, **kwargs):
+        for inputs, labels in original(*args, **kwargs):
+            yield inputs, labels
+            yield inputs, torch.full_like(labels, trainer.head.ignore_index)
+
+    trainer_module.eval_batches = with_ignored_copies
+    try:
+        doubled = trainer.evaluate()
+    finally:
+        trainer_module.eval_batches = original
+    trainer.selector.close()
+    return plain, doubled
+
+
 def test_trainer_builds_and_steps_a_vit_with_wta_crs():
     sampled, loss = run_ranks(_wta_crs_step_on_rank, 1)[0]
     assert sampled == [0.3] * 4 * 12  # qkv, proj and the MLP's two in every block of vit_tiny

@@ -883,14 +883,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Top-1, top-5, loss and the hard negatives' share of the softmax mass
-        (``train.eval_hard_negatives``) on the first train.eval_samples held-out samples."""
+        (``train.eval_hard_negatives``) on the first train.eval_samples held-out samples;
+        a sample whose label is the head's ignore_index counts in none of them."""
         self._settle_buffers()
         self.backbone.eval()
         cfg = self.cfg
         k = min(5, cfg.head.num_classes)
         correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct5 = torch.zeros_like(correct1)
-        share_sum, share_count = torch.zeros_like(correct1), torch.zeros_like(correct1)
+        correct5, share_sum = torch.zeros_like(correct1), torch.zeros_like(correct1)
         hard_k = min(cfg.train.eval_hard_negatives, cfg.head.num_classes - 1)
         loss_sum, total = 0.0, 0
         for inputs, labels in eval_batches(
@@ -907,30 +907,35 @@ class Trainer:
                     inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
                 )
             features = features.float()
-            loss = self.head(features, labels)  # the same global-batch mean on every rank
+            loss = self.head(features, labels)  # the same mean over the global batch's labelled samples on every rank
             if hard_k:  # one pass over the shard for both
                 _, ids, share = self.head.predict_with_share(features, labels, k, hard_k)
             else:
                 _, ids = self.head.predict(features, k=k)
-            correct1 += (ids[:, 0] == labels).sum()
+            labelled = labels != self.head.ignore_index
+            correct1 += (ids[:, 0] == labels).sum()  # an ignored label matches no class id
             correct5 += (ids == labels[:, None]).any(dim=1).sum()
             if hard_k:
-                labelled = ~share.isnan()  # samples with an ignored label have no share
-                share_sum += share[labelled].sum()
-                share_count += labelled.sum()
-            batch_total = torch.tensor([labels.shape[0]], device=self.device)
+                share_sum += share[labelled].sum()  # NaN for the others
+            batch_total = labelled.sum().reshape(1)
             dist.all_reduce(batch_total, group=self.env.data_group)
-            loss_sum += float(loss) * int(batch_total)
-            total += int(batch_total)
-        counts = torch.stack([correct1, correct5, share_sum, share_count])
+            if int(batch_total):  # a batch without labels has a loss of no samples
+                loss_sum += float(loss) * int(batch_total)
+                total += int(batch_total)
+        counts = torch.stack([correct1, correct5, share_sum])
         dist.all_reduce(counts, group=self.env.data_group)
+        if total == 0:
+            raise ValueError(
+                f"none of the first {cfg.train.eval_samples} held-out samples has a label other than "
+                f"ignore_index ({self.head.ignore_index}): nothing to evaluate"
+            )
         result = {
             "eval_loss": loss_sum / total,
             "eval_top1": float(counts[0]) / total,
             "eval_top5": float(counts[1]) / total,
         }
-        if hard_k and counts[3] > 0:
-            result["eval_hard_negative_share"] = float(counts[2]) / float(counts[3])
+        if hard_k:
+            result["eval_hard_negative_share"] = float(counts[2]) / total
         return result
 
     # ------------------------------------------------------------------------------------
