@@ -340,10 +340,32 @@ def test_hard_negative_share_matches_the_dense_softmax(margin_type, scale):
     ignored = labels.clone()
     ignored[7] = head.ignore_index
     share = head.hard_negative_share(features, ignored, k=5)
-    assert share[7].isnan() and not share[torch.arange(9) != 7].isnan().any()
-    assert_close(share[:7], _reference_share(dense, labels, 5)[:7], 1e-12, "share beside an ignored label")
+    kept = torch.arange(9) != 7
+    assert share[7].isnan() and not share[kept].isnan().any()
+    assert_close(share[kept], _reference_share(dense, labels, 5)[kept], 1e-12, "share beside an ignored label")
     with pytest.raises(ValueError, match="k must be"):
         head.hard_negative_share(features, labels, k=NUM_CLASSES)
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_predict_with_share_scores_do_not_depend_on_the_labels(margin_type):
+    """The labels only mask the share's negatives: the scores equal predict's to the bit,
+    also where a label is the top class (a margin-free target path moved it by an ulp)."""
+    head = ShardedClassifier(1000, 32, init_std=0.5, margin_type=margin_type, scale=30.0, chunk_size=128)
+    features = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+    scores, ids = head.predict(features, k=5)
+    both = head.predict_with_share(features, ids[:, 0].clone(), 5, 5)
+    assert torch.equal(both[0], scores) and torch.equal(both[1], ids)
+
+
+def test_a_refused_micro_batch_engine_leaves_no_step_pending():
+    head = ShardedClassifier(64, 16, margin_type="none", scale=1.0)
+    labels = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(5))
+    active = torch.unique(torch.cat([labels, torch.arange(0, 64, 4)]))
+    with pytest.raises(ValueError, match="logit_offset"):
+        head.micro_batches(labels, active, check_rows=False, logit_offset=torch.zeros(active.numel() + 1))
+    loss = head.loss(torch.randn(8, 16), labels, active, logit_offset=torch.zeros(active.numel()))
+    assert torch.isfinite(loss)
 
 
 def test_predict_with_k_larger_than_a_shard():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -518,16 +519,7 @@ class ShardedClassifier(nn.Module):
         implementation, or the fused exact gemm kernels: ``grad_filter`` 0).
         """
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
-        options = dict(
-            group=self.group,
-            num_classes=num_classes,
-            scale=self.logit_scale,
-            margin=self.margin,
-            margin_type=self.margin_type,
-            ignore_index=self.ignore_index,
-            checks=checks,
-        )
-        try:
+        with self._no_step_pending_on_error():
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy
 
@@ -536,24 +528,15 @@ class ShardedClassifier(nn.Module):
                     weight,
                     labels,
                     class_start,
-                    update=update,
-                    grad_filter=self.grad_filter,
-                    exact_kernels=self.exact_kernels,
-                    logit_offset=logit_offset,
-                    **options,
+                    **self._loss_options(num_classes, update, checks=checks, logit_offset=logit_offset),
                 )
             return sharded_cross_entropy(
                 global_features,
                 weight,
                 labels,
                 class_start,
-                chunk_size=self.chunk_size,
-                logit_offset=logit_offset,
-                **options,
+                **self._loss_options(num_classes, None, checks=checks, logit_offset=logit_offset),
             )
-        except Exception:
-            self._active = None  # a loss that raised leaves no step pending: the rows keep their stored values
-            raise
 
     def micro_batches(
         self,
@@ -570,6 +553,17 @@ class ShardedClassifier(nn.Module):
         whole step's; ``rows`` index into them. ``check_rows`` and ``logit_offset`` as for
         ``loss``."""
         weight, labels, class_start, num_classes, update = self._prepare(global_labels, active_rows, check_rows)
+        with self._no_step_pending_on_error():  # an engine refused before its first chunk
+            options = self._loss_options(num_classes, update, logit_offset=logit_offset)
+            if self.impl == "triton":
+                from hydrahead.kernels.fused_loss import FusedMicroBatches
+
+                return FusedMicroBatches(weight, labels, class_start, **options)
+            return MicroBatches(weight, labels, class_start, **options)
+
+    def _loss_options(self, num_classes, update, **extra) -> dict:
+        """The head's settings as the loss functions and micro-batch engines take them: the
+        fused kernels' (with the step's update) or the reference's (with its chunk size)."""
         options = dict(
             group=self.group,
             num_classes=num_classes,
@@ -577,21 +571,20 @@ class ShardedClassifier(nn.Module):
             margin=self.margin,
             margin_type=self.margin_type,
             ignore_index=self.ignore_index,
-            logit_offset=logit_offset,
+            **extra,
         )
         if self.impl == "triton":
-            from hydrahead.kernels.fused_loss import FusedMicroBatches
+            return {**options, "update": update, "grad_filter": self.grad_filter, "exact_kernels": self.exact_kernels}
+        return {**options, "chunk_size": self.chunk_size}
 
-            return FusedMicroBatches(
-                weight,
-                labels,
-                class_start,
-                update=update,
-                grad_filter=self.grad_filter,
-                exact_kernels=self.exact_kernels,
-                **options,
-            )
-        return MicroBatches(weight, labels, class_start, chunk_size=self.chunk_size, **options)
+    @contextlib.contextmanager
+    def _no_step_pending_on_error(self):
+        """A loss that raised leaves no step pending: the rows keep their stored values."""
+        try:
+            yield
+        except Exception:
+            self._active = None
+            raise
 
     def forward(self, local_features: torch.Tensor, local_labels: torch.Tensor, *, sizes=None) -> torch.Tensor:
         """Gather features (autograd) and labels over the group, then the sharded loss.
@@ -673,7 +666,9 @@ class ShardedClassifier(nn.Module):
         negatives = features.new_full((n,), float("-inf"), dtype=torch.float64)
         for start, stop, rows, cols in problem.chunks():
             w_op, _, _ = problem.chunk_weight(start, stop)
-            logits = problem.logits(w_op, rows, cols)[0]
+            # No targets for logits(): its (margin-free) target path may move a label's logit
+            # by an ulp, and predict's scores must not depend on the labels.
+            logits = problem.logits(w_op, rows[:0], cols[:0])[0]
             if k:
                 chunk_ids = torch.arange(self.class_start + start, self.class_start + stop, device=device)
                 scores = torch.cat([scores, logits], dim=1)  # a copy: the mask below leaves it alone

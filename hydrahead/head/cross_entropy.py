@@ -351,6 +351,8 @@ class MicroBatches:
         chunk_size=DEFAULT_CHUNK_SIZE,
         logit_offset=None,
     ):
+        if logit_offset is not None:  # refused here, before the step's first chunk
+            check_logit_offset(logit_offset, weight_shard)
         self.weight, self.labels, self.class_start = weight_shard, labels.long(), int(class_start)
         self.options = dict(
             logit_offset=logit_offset,
