@@ -240,7 +240,6 @@ class Trainer:
             ) from error
 
         self.overlapped = None
-        self.logit_offset: torch.Tensor | None = None  # the step's fill correction (head.fill_correction)
         if cfg.comm.overlap:
             # The pipeline's bulk transfers get a communicator of their own (see hydrahead.comm.overlap).
             transfers = transfer_group(env.head_group, env.backend)
@@ -697,14 +696,10 @@ class Trainer:
         finite, bytes handed to the head's collectives, the loss's ``MergeChecks`` if they and
         its finiteness are left to the step's read in ``_apply_updates``, else None)."""
         if self.overlapped is not None:
-
-            def select(features, global_labels):  # the active rows, and the fill correction's offsets for them
-                return self._select(step, features, global_labels), self.logit_offset
-
             return self.overlapped.step(
                 local_features,
                 labels,
-                None if self.cfg.head.selection == "full" else select,
+                None if self.cfg.head.selection == "full" else (lambda f, y: self._select(step, f, y)),
                 checks=MergeChecks() if self.backward_undoable else None,
             )
         head_group = self.env.head_group
@@ -714,7 +709,7 @@ class Trainer:
         global_labels = all_gather_labels(labels, head_group, sizes=sizes)
         head_input = gathered.requires_grad_()
         with record_function("hydrahead::select"):
-            active_rows = self._select(step, head_input, global_labels)
+            active_rows, logit_offset = self._select(step, head_input, global_labels)
         unjudged = MergeChecks()
         with record_function("hydrahead::head_loss"):
             loss = self.head.loss(
@@ -723,7 +718,7 @@ class Trainer:
                 active_rows,
                 check_rows=False,
                 checks=unjudged,
-                logit_offset=self.logit_offset,
+                logit_offset=logit_offset,
             )
         local_grad = None
         if not (
@@ -756,21 +751,24 @@ class Trainer:
         they owe paid, where the loss will read them."""
         return self.head.rows_as_the_loss_reads_them() if self.cfg.head.search_paid_rows else self.head.weight
 
-    def _select(self, step: int, global_features: torch.Tensor, global_labels: torch.Tensor) -> torch.Tensor | None:
-        """This shard's active rows for the step (None: all), with the lost_label fault applied.
-        The paid rows (head.search_paid_rows, a copy of the shard) are made only in the steps
-        that read them: knn's every step, a graph's builds and recall measurements."""
+    def _select(
+        self, step: int, global_features: torch.Tensor, global_labels: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This shard's active rows for the step (None: all), with the lost_label fault applied,
+        and head.fill_correction's logit offsets for them (None without it). The paid rows
+        (head.search_paid_rows, a copy of the shard) are made only in the steps that read
+        them: knn's every step, a graph's builds and recall measurements."""
         rows = self._rows_to_search if self.cfg.head.search_paid_rows else self.head.weight
         active_rows = self.selector.select(step, global_features, global_labels, rows, self.head.settles)
-        self.logit_offset = self.selector.logit_offset  # head.fill_correction's, one per active row
+        logit_offset = self.selector.logit_offset  # one per active row
         if active_rows is not None and self.faults.fires("lost_label", step, self.env.rank):
             selected = active_rows
             active_rows = _without_an_owned_label(
                 active_rows, global_labels, self.head.class_start, self.head.class_stop
             )
-            if self.logit_offset is not None:
-                self.logit_offset = self.logit_offset[torch.isin(selected, active_rows)]
-        return active_rows
+            if logit_offset is not None:
+                logit_offset = logit_offset[torch.isin(selected, active_rows)]
+        return active_rows, logit_offset
 
     def _apply_updates(
         self,
