@@ -199,27 +199,63 @@ def test_evaluation_leaves_samples_with_an_ignored_label_out_of_every_metric(tmp
 
 
 def _evaluation_with_ignored_copies_on_rank(rank, world_size, root):
-    from launcher import TINY
-
-    import hydrahead.train.trainer as trainer_module
-
-    cfg = load_config(None, [f"run.dir={root}", *TINY])
-    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    trainer = _tiny_trainer(rank, world_size, root)
     plain = trainer.evaluate()
-    original = trainer_module.eval_batches
 
-    def with_ignored_copies(*args, **kwargs):
-        for inputs, labels in original(*args, **kwargs):
-            yield inputs, labels
-            yield inputs, torch.full_like(labels, trainer.head.ignore_index)
+    def with_ignored_copies(inputs, labels):
+        yield inputs, labels
+        yield inputs, torch.full_like(labels, trainer.head.ignore_index)
 
-    trainer_module.eval_batches = with_ignored_copies
-    try:
-        doubled = trainer.evaluate()
-    finally:
-        trainer_module.eval_batches = original
+    doubled = _evaluate_with(trainer, with_ignored_copies)
     trainer.selector.close()
     return plain, doubled
+
+
+def _tiny_trainer(rank, world_size, root):
+    from launcher import TINY
+
+    cfg = load_config(None, [f"run.dir={root}", *TINY])
+    return Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+
+
+def _evaluate_with(trainer, rebatch):
+    """``trainer.evaluate()`` on the batches that ``rebatch(inputs, labels)`` yields for each held-out batch."""
+    import hydrahead.train.trainer as trainer_module
+
+    original = trainer_module.eval_batches
+
+    def rebatched(*args, **kwargs):
+        for inputs, labels in original(*args, **kwargs):
+            yield from rebatch(inputs, labels)
+
+    trainer_module.eval_batches = rebatched
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer_module.eval_batches = original
+
+
+def test_evaluation_is_the_same_on_one_and_two_ranks_with_some_labels_ignored(tmp_path):
+    """Samples with odd labels ignored, so the ranks hold uneven labelled counts: each batch's
+    loss must be weighted by its labelled samples, not by rank."""
+    (one,) = run_ranks(_evaluation_with_odd_labels_ignored_on_rank, 1, str(tmp_path / "one"))
+    two = run_ranks(_evaluation_with_odd_labels_ignored_on_rank, 2, str(tmp_path / "two"))
+    assert two[0] == two[1]
+    assert one.keys() >= {"eval_top1", "eval_top5", "eval_loss", "eval_hard_negative_share"}
+    assert 0 < one["eval_top5"] < 1 and one["eval_loss"] > 0
+    for key, value in one.items():
+        assert two[0][key] == pytest.approx(value, rel=1e-5), key
+
+
+def _evaluation_with_odd_labels_ignored_on_rank(rank, world_size, root):
+    trainer = _tiny_trainer(rank, world_size, root)
+
+    def odd_labels_ignored(inputs, labels):
+        yield inputs, torch.where(labels % 2 == 1, trainer.head.ignore_index, labels)
+
+    result = _evaluate_with(trainer, odd_labels_ignored)
+    trainer.selector.close()
+    return result
 
 
 def test_trainer_builds_and_steps_a_vit_with_wta_crs():

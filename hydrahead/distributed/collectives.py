@@ -161,6 +161,15 @@ def all_gather_labels(
 
 
 @torch.no_grad()
+def all_reduce_sums(sums: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Scalar sums (one dtype, e.g. metric sums in float64) added over the ranks of ``group``
+    in one all-reduce of all of them."""
+    names = list(sums)
+    values = torch.stack([sums[name] for name in names])
+    dist.all_reduce(values, group=group)
+    return dict(zip(names, values.tolist()))
+
+
 def average_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> int:
     """Replace every floating-point buffer of ``module`` by its mean over the group's ranks.
 

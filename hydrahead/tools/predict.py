@@ -66,7 +66,7 @@ from tqdm import tqdm
 from hydrahead.config import Config, config_from_dict
 from hydrahead.data.folder import ImageFolder, normalise_images, read_eval_image
 from hydrahead.data.xc_text import read_xc_text
-from hydrahead.distributed.collectives import start_gather_rows
+from hydrahead.distributed.collectives import all_reduce_sums, start_gather_rows
 from hydrahead.distributed.setup import BACKENDS, DistEnv, destroy_distributed, init_distributed
 from hydrahead.eval.metrics import WITHOUT_POSITIVES, add_sums, means, multi_label_sums, single_label_sums
 from hydrahead.head import ShardedClassifier
@@ -426,14 +426,6 @@ def metric_ks(labels: str | None, num_classes: int) -> tuple[int, ...]:
     return tuple(k for k in (SINGLE_LABEL_KS if labels == "single" else MULTI_LABEL_KS) if k <= num_classes)
 
 
-def _all_reduce_sums(sums: dict[str, torch.Tensor], group) -> dict[str, float]:
-    """Metric sums added over the ranks of ``group``: one all-reduce of all of them."""
-    names = list(sums)
-    values = torch.stack([sums[name] for name in names])
-    dist.all_reduce(values, group=group)
-    return dict(zip(names, values.tolist()))
-
-
 @torch.no_grad()
 def predict(
     trained: Trained,
@@ -482,7 +474,7 @@ def predict(
                 if writer is not None:
                     writer.write(ids, scores)
                 bar.update(sum(sizes))
-        metrics = means(_all_reduce_sums(total, env.data_group)) if ks else {}
+        metrics = means(all_reduce_sums(total, env.data_group)) if ks else {}
         if writer is not None:
             writer.commit()
             if ks:

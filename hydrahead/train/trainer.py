@@ -43,6 +43,7 @@ from hydrahead.data.build import batches, build_dataset, eval_batches
 from hydrahead.data.sampler import local_batch_size
 from hydrahead.distributed.collectives import (
     all_gather_labels,
+    all_reduce_sums,
     average_buffers,
     group_rank,
     start_gather_rows,
@@ -50,6 +51,7 @@ from hydrahead.distributed.collectives import (
 )
 from hydrahead.distributed.setup import DistEnv
 from hydrahead.distributed.sharded_softmax import MergeChecks
+from hydrahead.eval.metrics import SAMPLES, add_sums, means, single_label_sums, topk_hits
 from hydrahead.head import ShardedClassifier
 from hydrahead.head.active import ActiveClassSelector
 from hydrahead.models import backbone_from_config, param_groups_for_decay
@@ -887,10 +889,8 @@ class Trainer:
         self.backbone.eval()
         cfg = self.cfg
         k = min(5, cfg.head.num_classes)
-        correct1 = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct5, share_sum = torch.zeros_like(correct1), torch.zeros_like(correct1)
         hard_k = min(cfg.train.eval_hard_negatives, cfg.head.num_classes - 1)
-        loss_sum, total = 0.0, 0
+        total = None  # float64 sums over this rank's labelled samples (hydrahead.eval.metrics)
         for inputs, labels in eval_batches(
             self.eval_data,
             num_samples=cfg.train.eval_samples,
@@ -911,30 +911,22 @@ class Trainer:
             else:
                 _, ids = self.head.predict(features, k=k)
             labelled = labels != self.head.ignore_index
-            correct1 += (ids[:, 0] == labels).sum()  # an ignored label matches no class id
-            correct5 += (ids == labels[:, None]).any(dim=1).sum()
+            ids, labels = ids[labelled], labels[labelled]
+            sums = single_label_sums(ids, labels, ks=(1,))
+            sums["top5"] = topk_hits(ids, labels, k).sum(dtype=torch.float64)
+            # The global batch's mean loss weighted by this rank's labelled samples: summed over
+            # the ranks, the mean times the batch's labelled count (a batch without has a NaN mean).
+            sums["loss"] = torch.where(sums[SAMPLES] > 0, loss.double() * sums[SAMPLES], 0.0)
             if hard_k:
-                share_sum += share[labelled].sum()  # NaN for the others
-            batch_total = labelled.sum().reshape(1)
-            dist.all_reduce(batch_total, group=self.env.data_group)
-            if int(batch_total):  # a batch without labels has a loss of no samples
-                loss_sum += float(loss) * int(batch_total)
-                total += int(batch_total)
-        counts = torch.stack([correct1, correct5, share_sum])
-        dist.all_reduce(counts, group=self.env.data_group)
-        if total == 0:
+                sums["hard_negative_share"] = share[labelled].sum(dtype=torch.float64)
+            total = add_sums(total, sums)
+        total = all_reduce_sums(total, self.env.data_group)
+        if total[SAMPLES] == 0:
             raise ValueError(
                 f"none of the first {cfg.train.eval_samples} held-out samples has a label other than "
                 f"ignore_index ({self.head.ignore_index}): nothing to evaluate"
             )
-        result = {
-            "eval_loss": loss_sum / total,
-            "eval_top1": float(counts[0]) / total,
-            "eval_top5": float(counts[1]) / total,
-        }
-        if hard_k:
-            result["eval_hard_negative_share"] = float(counts[2]) / total
-        return result
+        return {f"eval_{name}": value for name, value in means(total).items() if name != SAMPLES}
 
     # ------------------------------------------------------------------------------------
     # The loop
