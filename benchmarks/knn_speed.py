@@ -113,6 +113,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from hydrahead.head import ShardedClassifier  # noqa: E402
 from hydrahead.head import graph as class_graph  # noqa: E402
+from hydrahead.head import index as class_index  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
 from hydrahead.head.selection import random_active  # noqa: E402
 
@@ -461,6 +462,13 @@ def main(argv=None) -> None:
         help="graph: also time the steps while a whole-shard build runs in the background (bg_* fields)",
     )
     parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="Python's thread switch interval (sys.setswitchinterval; default 5 ms): how long a step's "
+        "thread may wait for the interpreter lock that a background build's thread holds",
+    )
+    parser.add_argument(
         "--graph-bg-max-steps", type=int, default=5000, help="graph background: at most this many timed steps"
     )
     parser.add_argument(
@@ -544,6 +552,8 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="knn_speed", help="results file name (without .json)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny shard on CPU (fp32, Triton interpreter)")
     args = parser.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.classes, args.dim, args.batch, args.reps, args.rebuild_every = 3000, 32, 48, 2, 4
@@ -873,6 +883,8 @@ def main(argv=None) -> None:
             "momentum_dtype": "float32" if args.momentum else "none",
             "weight_dtype": args.weight_dtype,
             "impl": args.impl,
+            "switch_interval_ms": sys.getswitchinterval() * 1e3,
+            "group_topk": class_index.GROUP_TOPK,
         },
         "rows": rows_out,
     }

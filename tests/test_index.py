@@ -485,6 +485,45 @@ def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
     assert recall_at_k(pieces[1], exact.indices) > 0.1  # a search, not noise (random rows: 0.001)
 
 
+class _CountingStream:
+    """Stands in for a CUDA stream under ``paced`` on the CPU: counts the waits."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def test_paced_grouped_search_takes_smaller_pieces_and_finds_the_same(monkeypatch):
+    """A background (paced) build searches in smaller pieces, waiting after each, so a training
+    step queues behind at most one of them; the rows found are those of the unpaced search."""
+    gen = torch.Generator().manual_seed(10)
+    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64)
+    index = make_index("torch", "ivf", nlist=64, nprobe=3, copy_weights=False)
+    index.build(weight)
+    queries = weight[index.rows_by_list()[::5]]
+    pieces, search_piece = [], index_mod.TorchIVFIndex._search_piece
+
+    def recording(self, piece, *args):
+        pieces.append(len(piece))
+        return search_piece(self, piece, *args)
+
+    monkeypatch.setattr(index_mod.TorchIVFIndex, "_search_piece", recording)
+    monkeypatch.setattr(index_mod, "_PACED_PIECE_CANDIDATES", 700)  # about one group a piece
+    whole = index.search_by_list_groups(queries, 9, weight)
+    assert len(pieces) == 1  # the unpaced cap holds every group here
+    pieces.clear()
+    stream = _CountingStream()
+    with index_mod.paced(stream):
+        assert index_mod.is_paced()
+        paced = index.search_by_list_groups(queries, 9, weight)
+    assert not index_mod.is_paced()
+    assert len(pieces) > 10 and max(pieces) <= 2, pieces
+    assert stream.waits >= len(pieces)
+    assert torch.equal(paced[0], whole[0]) and torch.equal(paced[1], whole[1])
+
+
 def test_topk_blocks_benchmark_dry_run_writes_its_rows(tmp_path, monkeypatch):
     """benchmarks/topk_blocks.py on the CPU: every method and shape, the same values as
     torch.topk, the results JSON's fields; a block top-k that found other values fails it."""

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from hydrahead.checks import check_int
 from hydrahead.distributed.collectives import group_rank, group_world_size
 from hydrahead.distributed.sharding import shard_range
-from hydrahead.head.index import ClassIndex, exact_topk
+from hydrahead.head.index import ClassIndex, exact_topk, piece_done
 
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
@@ -191,6 +191,7 @@ def build_class_graph(
         ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
         _, best = merge_candidates(scores[:count], ids[:count], k, exclude=rows + class_start)
         table[rows] = best.to(torch.int32)
+        piece_done()
     return table
 
 
@@ -241,6 +242,7 @@ def graph_rows(
         scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start, search)
         _, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
         out[start : start + chunk.numel()] = best.to(torch.int32)
+        piece_done()
     return out
 
 

@@ -53,17 +53,20 @@ _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-ro
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
 _SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (32-byte float32 score rows)
 _PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped search (512 MiB of float32 at D = 512)
+# The same under ``paced`` (a background build): 3 groups of 4 lists at 25M rows x 8,192 lists,
+# about a millisecond of GPU work, which a training step's kernels may queue behind.
+_PACED_PIECE_CANDIDATES = 1 << 15
 # Scores per block in ``topk_by_blocks``; HYDRAHEAD_TOPK_BLOCK=0 takes the plain top-k. A group
 # with at least TOPK_BLOCK_MIN_CANDIDATES candidates takes it and pads them to a multiple of
 # the block: below that, its dozen launches cost the host more than the GPU saves (H200:
 # 0.53 -> 0.42 ms for 3,052 x 12,288 scores, 1.76 -> 0.62 ms for 3,052 x 49,152).
 TOPK_BLOCK = int(os.environ.get("HYDRAHEAD_TOPK_BLOCK", "128"))
 # A list-grouped search's top-k without its scores written (``hydrahead.kernels.group_topk``):
-# "cuda" on CUDA devices, "kernel" anywhere (the CPU under Triton's interpreter), "torch"
-# never. Off by default: its first version ran slower than the torch path on the H200, and
-# the changes since are not yet measured there (docs/selection.md, "Top-k without the scores").
+# "cuda" (default) on CUDA devices, "kernel" anywhere (the CPU under Triton's interpreter),
+# "torch" never. On an H100 it took a 25M-row graph build at 4 lists from 15.2 to 8.7 s (16
+# lists: 14.3 against 16.2 s; docs/selection.md, "Top-k without the scores").
 GROUP_TOPK_MODES = ("torch", "cuda", "kernel")
-GROUP_TOPK = os.environ.get("HYDRAHEAD_GROUP_TOPK", "torch")
+GROUP_TOPK = os.environ.get("HYDRAHEAD_GROUP_TOPK", "cuda")
 GROUP_TOPK_BLOCK_ROWS = 128  # the kernel's candidate tile; a group needs k of them
 # HYDRAHEAD_TOPK_BLOCK_MIN sets it: with the candidates gathered per piece the build is
 # bound by the device rather than the host, and blocks at 4 lists (12,288 candidates) took
@@ -281,7 +284,8 @@ _LIST_ROWS = 1 << 20  # rows per slice of the list table's grouping
 @contextlib.contextmanager
 def paced(stream):
     """Builds and refiles inside wait for ``stream`` after each piece of work they queue (a
-    chunk of rows against the centroids, a slice of a copy or of the list grouping).
+    chunk of rows against the centroids, a slice of a copy or of the list grouping, a piece
+    of a graph search's groups).
 
     A build on a side stream queues its kernels far ahead of the training stream; the GPU
     then hands the SMs to both queues, and a training kernel waits behind the build's
@@ -297,7 +301,12 @@ def paced(stream):
         _PACING.stream = previous
 
 
-def _piece_done() -> None:
+def is_paced() -> bool:
+    """Whether this thread runs a paced build (``paced`` with a stream)."""
+    return getattr(_PACING, "stream", None) is not None
+
+
+def piece_done() -> None:
     """The end of one piece of a build: under ``paced``, wait until the GPU has run it."""
     stream = getattr(_PACING, "stream", None)
     if stream is not None:
@@ -403,7 +412,7 @@ def _copy_rows(weight: torch.Tensor, device) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=weight.dtype, device=device)
     for start in range(0, weight.shape[0], _COPY_ROWS):
         out[start : start + _COPY_ROWS].copy_(weight[start : start + _COPY_ROWS])
-        _piece_done()
+        piece_done()
     return out
 
 
@@ -432,7 +441,7 @@ def _nearest_centroid(
         else:
             scores = torch.addmm(half_sq_norms, chunk.to(compute), c.T, beta=-1)
         out[start : start + chunk_size] = scores.argmax(1)
-        _piece_done()
+        piece_done()
     return out
 
 
@@ -473,7 +482,7 @@ def kmeans(
         sums = torch.zeros_like(centroids).index_add_(0, assign, x.float())
         counts = torch.bincount(assign, minlength=num_clusters).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-        _piece_done()
+        piece_done()
     return centroids
 
 
@@ -604,8 +613,9 @@ class TorchIVFIndex(_IndexBase):
         # order once at the end.
         grouped_scores, grouped_rows = torch.empty_like(out_scores), torch.empty_like(out_rows)
         table = self._table.to(source.device).reshape(-1)
-        for piece in _pieces(plans, _PIECE_CANDIDATES):
+        for piece in _pieces(plans, _PACED_PIECE_CANDIDATES if is_paced() else _PIECE_CANDIDATES):
             self._search_piece(piece, grouped, source, table, compute, k, score_bytes, grouped_scores, grouped_rows)
+            piece_done()
         out_scores[order], out_rows[order] = grouped_scores, grouped_rows
         return out_scores.to(queries.device), out_rows.to(queries.device)
 
@@ -671,7 +681,7 @@ class TorchIVFIndex(_IndexBase):
                     best, position = scores.topk(take, dim=1)
                 best_scores[first - first_query : last - first_query, :take] = best
                 found[first - first_query : last - first_query, :take] = position + plan.offset
-            _piece_done()
+            piece_done()
         out_scores[first_query:last_query] = best_scores
         if candidates.numel() == 0:  # no group of the piece had a candidate
             out_rows[first_query:last_query] = -1
@@ -798,7 +808,7 @@ def _padded_lists(assign: torch.Tensor, nlist: int, slice_rows: int | None = Non
         rank = torch.arange(part.shape[0], device=assign.device) - (torch.cumsum(part_counts, 0) - part_counts)[lists]
         table[lists, placed[lists] + rank] = order + start
         placed += part_counts
-        _piece_done()
+        piece_done()
     return table
 
 
