@@ -323,9 +323,11 @@ def _average_buffers_on_rank(rank, world_size):
         module(torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
         for counter in (module[1].num_batches_tracked, module[3].num_batches_tracked):
             counter += rank
-    before = {name: b.clone() for name, b in module.named_buffers()}
-    assert average_buffers(module) == 4
-    return before, dict(module.named_buffers())
+    # a buffer that requires grad (the average runs outside autograd; in place on it would not)
+    module.register_buffer("gain", torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True))
+    before = {name: b.detach().clone() for name, b in module.named_buffers()}
+    assert average_buffers(module) == 5
+    return before, {name: b.detach() for name, b in module.named_buffers()}
 
 
 def test_tensorboard_scalars_match_metrics_file(one_rank_runs):

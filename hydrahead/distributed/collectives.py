@@ -160,7 +160,6 @@ def all_gather_labels(
         return _gather_rows(local.detach(), sizes, group)
 
 
-@torch.no_grad()
 def all_reduce_sums(sums: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> dict[str, float]:
     """Scalar sums (one dtype, e.g. metric sums in float64) added over the ranks of ``group``
     in one all-reduce of all of them."""
@@ -170,6 +169,7 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], group: dist.ProcessGroup | No
     return dict(zip(names, values.tolist()))
 
 
+@torch.no_grad()
 def average_buffers(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> int:
     """Replace every floating-point buffer of ``module`` by its mean over the group's ranks.
 

@@ -53,8 +53,9 @@ _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-ro
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
 _SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (32-byte float32 score rows)
 _PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped search (512 MiB of float32 at D = 512)
-# The same under ``paced`` (a background build): 3 groups of 4 lists at 25M rows x 8,192 lists,
-# about a millisecond of GPU work, which a training step's kernels may queue behind.
+# The same under ``paced`` (a background build): 2 groups of 4 lists at 25M rows x 8,192 lists
+# (about 12,200 candidates each), under a millisecond of GPU work, which a training step's
+# kernels may queue behind.
 _PACED_PIECE_CANDIDATES = 1 << 15
 # Scores per block in ``topk_by_blocks``; HYDRAHEAD_TOPK_BLOCK=0 takes the plain top-k. A group
 # with at least TOPK_BLOCK_MIN_CANDIDATES candidates takes it and pads them to a multiple of
