@@ -485,16 +485,6 @@ def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
     assert recall_at_k(pieces[1], exact.indices) > 0.1  # a search, not noise (random rows: 0.001)
 
 
-class _CountingStream:
-    """Stands in for a CUDA stream under ``paced`` on the CPU: counts the waits."""
-
-    def __init__(self):
-        self.waits = 0
-
-    def synchronize(self):
-        self.waits += 1
-
-
 def test_paced_grouped_search_takes_smaller_pieces_and_finds_the_same(monkeypatch):
     """A background (paced) build searches in smaller pieces, waiting after each, so a training
     step queues behind at most one of them; the rows found are those of the unpaced search."""
