@@ -44,7 +44,9 @@ installed one, or ran beside one) and where its time went (the selection, which 
 variable row count waits for the device to read it; the host time of the loss step's
 launches; then the wait for the training stream) and the caching allocator's counts of
 cudaMalloc, cudaFree, retries and device-wide syncs in it (``bg_allocator_other_steps``:
-the same summed over the other steps). The rebuilds in these 200 steps are
+the same summed over the other steps) and ``gc_ms``, the time Python's garbage collector
+ran inside it (``bg_gc_steps``: steps with a collection; ``bg_gc_max_ms``: the longest);
+--gc-every sets the trainer's collection policy (train.gc_every) for these steps. The rebuilds in these 200 steps are
 refiles (k-means runs every --retrain-every rebuilds). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
@@ -90,6 +92,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -111,11 +114,13 @@ from benchmarks.common import (  # noqa: E402
     pyplot,
     write_results,
 )
+from hydrahead.config import TrainConfig  # noqa: E402
 from hydrahead.head import ShardedClassifier  # noqa: E402
 from hydrahead.head import graph as class_graph  # noqa: E402
 from hydrahead.head import index as class_index  # noqa: E402
 from hydrahead.head.active import ActiveClassSelector  # noqa: E402
 from hydrahead.head.selection import random_active  # noqa: E402
+from hydrahead.train.collector import StepGarbageCollector  # noqa: E402
 
 GRAD_FILTER = 2.0**-12
 
@@ -231,14 +236,48 @@ def active_recall(selector: ActiveClassSelector, features, labels, weight, step:
     return selector.last["active_recall"]
 
 
-def steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_after_install=None, trace=None):
+def steps_beside_rebuilds(
+    selector, steps, run_step, device, batch_for, stop_after_install=None, trace=None, gc_every=0
+):
     """Each of ``steps`` timed alone while the selector's rebuilds run in the background:
     ``run_step(step, batch)`` on a fresh batch, its time ending when the training stream is
     done (a device-wide sync would also wait for the rebuild's kernels on their own stream).
     Per step: ms, what it did about a rebuild ("start", "install", "install+start", "beside"
-    or ""), the host time of select / step launch / wait, and the allocator's calls meanwhile.
-    ``stop_after_install``: stop that many steps after the first install. ``trace``: (first
-    step, last step, path) of a Chrome trace."""
+    or ""), the host time of select / step launch / wait, the allocator's calls meanwhile and
+    ``gc_ms``, the time Python's garbage collector ran inside it (on any thread).
+    ``gc_every``: the trainer's collection policy (train.gc_every; 0: Python's automatic
+    collection), its between-step collections untimed. ``stop_after_install``: stop that
+    many steps after the first install. ``trace``: (first step, last step, path) of a
+    Chrome trace."""
+    with _collections_timed(gc_every) as collections:
+        return _steps_beside_rebuilds(
+            selector, steps, run_step, device, batch_for, stop_after_install, trace, collections
+        )
+
+
+@contextlib.contextmanager
+def _collections_timed(gc_every: int):
+    """The trainer's collection policy, and the time collections take inside a step: the
+    caller sets ``collections["in_step"]`` while a step is timed, and collections meanwhile
+    add to ``collections["step_s"]``."""
+    collections = {"in_step": False, "step_s": 0.0, "collector": StepGarbageCollector(gc_every)}
+    started = [0.0]
+
+    def timed(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif collections["in_step"]:
+            collections["step_s"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(timed)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(timed)
+        collections["collector"].close()
+
+
+def _steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_after_install, trace, collections):
     records, tracer, installed_at = [], None, None
     for s in steps:
         batch = batch_for(s)
@@ -250,10 +289,12 @@ def steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_aft
         building, current = selector._pending is not None, selector._current
         synchronize(device, stream_only=True)
         counts_before = allocator_counts(device)
+        collections["in_step"], collections["step_s"] = True, 0.0
         start = time.perf_counter()
         selected, launched = run_step(s, batch)
         synchronize(device, stream_only=True)
         end = time.perf_counter()
+        collections["in_step"] = False
         counts_after = allocator_counts(device)
         if tracer is not None and s == trace[1]:
             tracer.__exit__(None, None, None)
@@ -270,8 +311,10 @@ def steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_aft
                 "rebuild": event or ("beside" if building else ""),
                 "parts": (selected - start, launched - selected, end - launched),
                 "allocated": {name: counts_after[name] - counts_before[name] for name in counts_after},
+                "gc_ms": collections["step_s"] * 1e3,
             }
         )
+        collections["collector"].after_step(s)
         if installed and installed_at is None:
             installed_at = len(records)
         if None not in (stop_after_install, installed_at) and len(records) >= installed_at + stop_after_install:
@@ -294,11 +337,14 @@ def beside_fields(records) -> dict:
                 "ms": round(r["ms"], 2),
                 "rebuild": r["rebuild"],
                 **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), r["parts"])},
+                "gc_ms": round(r["gc_ms"], 2),
                 **{name: n for name, n in r["allocated"].items() if n},
             }
             for r in records
             if r["ms"] > 2 * typical
         ],
+        bg_gc_steps=sum(r["gc_ms"] > 0 for r in records),
+        bg_gc_max_ms=max(r["gc_ms"] for r in records),
         bg_allocator_other_steps={
             name: sum(r["allocated"].get(name, 0) for r in records if r["ms"] <= 2 * typical)
             for name in ALLOCATOR_COUNTS
@@ -332,6 +378,7 @@ def graph_background(args, selector, head, step, device) -> dict:
         device,
         batch_for,
         stop_after_install=args.graph_bg_after_install,
+        gc_every=args.gc_every,
     )
     started = next((r for r in records if "start" in r["rebuild"]), None)
     installed = next((r for r in records if "install" in r["rebuild"]), None)
@@ -467,6 +514,14 @@ def main(argv=None) -> None:
         default=None,
         help="Python's thread switch interval (sys.setswitchinterval; default 5 ms): how long a step's "
         "thread may wait for the interpreter lock that a background build's thread holds",
+    )
+    parser.add_argument(
+        "--gc-every",
+        type=int,
+        default=TrainConfig().gc_every,
+        help="steps beside a background build: the trainer's garbage-collection policy (train.gc_every: "
+        "automatic collection off, the young generations collected between steps every this many steps; "
+        "0: Python's automatic collection, which may run inside a step)",
     )
     parser.add_argument(
         "--graph-bg-max-steps", type=int, default=5000, help="graph background: at most this many timed steps"
@@ -733,6 +788,7 @@ def main(argv=None) -> None:
                 device,
                 lambda s: make_batch(head, G, seed=100 + s, noise=args.noise),
                 trace=trace,
+                gc_every=args.gc_every,
             )
             training_stream.close()
             synchronize(device)
@@ -884,6 +940,7 @@ def main(argv=None) -> None:
             "weight_dtype": args.weight_dtype,
             "impl": args.impl,
             "switch_interval_ms": sys.getswitchinterval() * 1e3,
+            "gc_every": args.gc_every,
             "group_topk": class_index.GROUP_TOPK,
         },
         "rows": rows_out,

@@ -25,3 +25,45 @@ def test_graph_background_dry_run_times_the_steps_beside_a_whole_build(tmp_path,
     assert 3 <= row["bg_steps"] < 5000  # stopped two steps after the install
     assert row["bg_max_ms"] >= row["bg_ms"] > 0
     assert isinstance(row["bg_slow_steps"], list)
+
+
+def test_steps_beside_rebuilds_runs_the_trainers_collection_policy_and_times_collections_in_steps():
+    """With gc_every=3 automatic collection is off while the steps run; a collection inside a
+    step counts in its gc_ms, the policy's collection after step 3 in none; automatic
+    collection is back on afterwards."""
+    import gc
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import knn_speed
+
+    class Idle:  # a selector with no rebuild pending
+        _pending, _current = None, object()
+
+    enabled, collected_after = [], []
+
+    def run_step(step, batch):
+        enabled.append(gc.isenabled())
+        if step == 2:
+            gc.collect()
+        return time.perf_counter(), time.perf_counter()
+
+    def watch(phase, info):
+        if phase == "start":
+            collected_after.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        records = knn_speed.steps_beside_rebuilds(
+            Idle(), range(1, 6), run_step, torch.device("cpu"), lambda s: None, gc_every=3
+        )
+    finally:
+        gc.callbacks.remove(watch)
+    assert gc.isenabled()
+    assert enabled == [False] * 5
+    assert [r["gc_ms"] > 0 for r in records] == [False, True, False, False, False]
+    assert collected_after.count(1) == 1  # the policy's young-generation collection after step 3
+    fields = knn_speed.beside_fields(records)
+    assert fields["bg_gc_steps"] == 1 and fields["bg_gc_max_ms"] == records[1]["gc_ms"]

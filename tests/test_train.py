@@ -313,6 +313,65 @@ def _slow_evaluation_on_rank(rank, world_size, run_dir):
     return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("gc_every", [2, 0])
+def test_garbage_collection_runs_between_steps_not_inside_them(tmp_path, gc_every):
+    """train.gc_every=2: automatic collection off during the steps, the young generations
+    collected after steps 2 and 4, all of them after the evaluation at 4 and the final
+    checkpoint at 5, automatic collection back on afterwards; 0 leaves it on throughout."""
+    inside, collections, enabled_after = run_ranks(_collections_on_rank, 1, str(tmp_path / "run"), gc_every)[0]
+    assert enabled_after
+    if gc_every == 0:
+        assert all(inside)
+        return
+    assert inside and not any(inside), "automatic collection was on during a step"
+    assert not [c for c in collections if c[2]], f"a collection ran inside a step: {collections}"
+    young = sorted({step for step, generation, _ in collections if generation == 1})
+    full = sorted({step for step, generation, _ in collections if generation == 2})
+    assert young == [2, 4], collections
+    assert {4, 5} <= set(full), collections
+
+
+def _collections_on_rank(rank, world_size, run_dir, gc_every):
+    import gc
+
+    from launcher import TINY
+
+    cfg = load_config(
+        None,
+        [
+            f"run.dir={run_dir}",
+            *TINY,
+            "train.steps=5",
+            "train.eval_every=4",
+            "checkpoint.every=0",
+            f"train.gc_every={gc_every}",
+        ],
+    )
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    inside, collections, stepping = [], [], [False]
+    step = trainer.train_step
+
+    def recording_step(*args, **kwargs):
+        inside.append(gc.isenabled())
+        stepping[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            stepping[0] = False
+
+    def record(phase, info):
+        if phase == "start":
+            collections.append((trainer.step, info["generation"], stepping[0]))
+
+    trainer.train_step = recording_step
+    gc.callbacks.append(record)
+    try:
+        trainer.train()
+    finally:
+        gc.callbacks.remove(record)
+    return inside, collections, gc.isenabled()
+
+
 def _average_buffers_on_rank(rank, world_size):
     torch.manual_seed(0)
     module = torch.nn.Sequential(

@@ -58,6 +58,7 @@ from hydrahead.models import backbone_from_config, param_groups_for_decay
 from hydrahead.optim import build_optimizer, lr_multiplier
 from hydrahead.optim.speculative import StepSnapshot
 from hydrahead.train import checkpoint as ckpt
+from hydrahead.train.collector import StepGarbageCollector
 from hydrahead.train.faults import NonFiniteError, PreemptionWatcher, fault_plan_from_env
 from hydrahead.train.metrics import MetricsLogger, peak_memory_mib
 
@@ -93,6 +94,7 @@ ACCEPTED_ON_RESUME = (
     "train.eval_hard_negatives",
     "train.nonfinite",
     "train.max_skipped",
+    "train.gc_every",
     "model.compile",
     "data.path",
     "data.num_workers",
@@ -962,6 +964,7 @@ class Trainer:
         # the uninterrupted run does at this step too.
         if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
             logger.log_eval(self.step, self.evaluate())
+            self.garbage.at_pause()
         if preempted:
             path = self.save()
             if env.is_main:
@@ -975,6 +978,7 @@ class Trainer:
             return True
         if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == end:
             logger.message(f"saved checkpoint {self.save()}")
+            self.garbage.at_pause()
         return False
 
     def train(self) -> int:
@@ -997,6 +1001,7 @@ class Trainer:
             tensorboard=cfg.log.tensorboard,
         )
         data = None
+        self.garbage = StepGarbageCollector(cfg.train.gc_every)
         try:
             logger.message(
                 f"hydrahead: {env.world_size} rank(s) on {env.backend}, {cfg.model.backbone} backbone, "
@@ -1041,7 +1046,8 @@ class Trainer:
                     pending_losses, interval_start = [], time.perf_counter()
                 paused = time.perf_counter()
                 stop = self._evaluate_and_save(end, logger, preempted=result["preempt"])
-                # Evaluation and checkpoints are not training: keep them out of samples_per_s.
+                self.garbage.after_step(self.step)
+                # Evaluation, checkpoints and collections are not training: keep them out of samples_per_s.
                 interval_start += time.perf_counter() - paused
                 if stop:
                     return self.step
@@ -1049,6 +1055,7 @@ class Trainer:
         finally:
             if data is not None:
                 data.close()  # stop loader workers on every exit path
+            self.garbage.close()
             watcher.close()
             self.selector.close()
             logger.close()
