@@ -485,32 +485,33 @@ def test_grouped_search_in_small_pieces_equals_one_piece(monkeypatch, cosine):
     assert recall_at_k(pieces[1], exact.indices) > 0.1  # a search, not noise (random rows: 0.001)
 
 
-def test_paced_grouped_search_takes_smaller_pieces_and_finds_the_same(monkeypatch):
-    """A background (paced) build searches in smaller pieces, waiting after each, so a training
-    step queues behind at most one of them; the rows found are those of the unpaced search."""
+def test_paced_grouped_search_waits_after_each_piece_and_finds_the_same(monkeypatch):
+    """A background (paced) build waits for its stream after each piece of a grouped search,
+    so it never queues more than one piece ahead of a training step; the rows found are those
+    of the unpaced search."""
     gen = torch.Generator().manual_seed(10)
     weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64)
     index = make_index("torch", "ivf", nlist=64, nprobe=3, copy_weights=False)
     index.build(weight)
     queries = weight[index.rows_by_list()[::5]]
-    pieces, search_piece = [], index_mod.TorchIVFIndex._search_piece
+    stream = _CountingStream()
+    pieces, waits_before, search_piece = [], [], index_mod.TorchIVFIndex._search_piece
 
     def recording(self, piece, *args):
         pieces.append(len(piece))
+        waits_before.append(stream.waits)
         return search_piece(self, piece, *args)
 
     monkeypatch.setattr(index_mod.TorchIVFIndex, "_search_piece", recording)
-    monkeypatch.setattr(index_mod, "_PACED_PIECE_CANDIDATES", 700)  # about one group a piece
+    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 700)  # about one group a piece
     whole = index.search_by_list_groups(queries, 9, weight)
-    assert len(pieces) == 1  # the unpaced cap holds every group here
-    pieces.clear()
-    stream = _CountingStream()
+    assert len(pieces) > 10
+    unpaced_pieces, pieces[:], waits_before[:] = list(pieces), [], []
     with index_mod.paced(stream):
-        assert index_mod.is_paced()
         paced = index.search_by_list_groups(queries, 9, weight)
-    assert not index_mod.is_paced()
-    assert len(pieces) > 10 and max(pieces) <= 2, pieces
-    assert stream.waits >= len(pieces)
+    assert pieces == unpaced_pieces
+    assert all(b > a for a, b in zip(waits_before, waits_before[1:])), waits_before  # a wait between pieces
+    assert stream.waits > waits_before[-1]  # and after the last
     assert torch.equal(paced[0], whole[0]) and torch.equal(paced[1], whole[1])
 
 

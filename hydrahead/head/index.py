@@ -53,10 +53,6 @@ _TORCH_TRAIN_ROWS_PER_LIST = 64  # the torch IVF's sample: a rebuild of a 25M-ro
 _GROUP_SCORE_BYTES = 1 << 30  # float32 scores of one product in a list-grouped search
 _SCORE_ALIGN = 8  # candidates per grouped product padded to a multiple of this (32-byte float32 score rows)
 _PIECE_CANDIDATES = 1 << 18  # candidate rows gathered at once by a list-grouped search (512 MiB of float32 at D = 512)
-# The same under ``paced`` (a background build): 2 groups of 4 lists at 25M rows x 8,192 lists
-# (about 12,200 candidates each), under a millisecond of GPU work, which a training step's
-# kernels may queue behind.
-_PACED_PIECE_CANDIDATES = 1 << 15
 # Scores per block in ``topk_by_blocks``; HYDRAHEAD_TOPK_BLOCK=0 takes the plain top-k. A group
 # with at least TOPK_BLOCK_MIN_CANDIDATES candidates takes it and pads them to a multiple of
 # the block: below that, its dozen launches cost the host more than the GPU saves (H200:
@@ -291,8 +287,10 @@ def paced(stream):
     A build on a side stream queues its kernels far ahead of the training stream; the GPU
     then hands the SMs to both queues, and a training kernel waits behind the build's
     queued work (a stream's priority cannot take SMs back from kernels already running).
-    Paced, the build keeps at most one piece (about a millisecond) ahead. ``stream`` None:
-    no waiting (the synchronous builds, the CPU).
+    Paced, the build keeps at most one piece ahead: about a millisecond of an index build, 5-10
+    ms of a graph search by list groups at 25M rows (pieces of 32,768 candidates, under a
+    millisecond, made that build 10x slower beside steps and did not shorten the steps'
+    stalls; docs/selection.md). ``stream`` None: no waiting (the synchronous builds, the CPU).
     """
     previous = getattr(_PACING, "stream", None)
     _PACING.stream = stream
@@ -300,11 +298,6 @@ def paced(stream):
         yield
     finally:
         _PACING.stream = previous
-
-
-def is_paced() -> bool:
-    """Whether this thread runs a paced build (``paced`` with a stream)."""
-    return getattr(_PACING, "stream", None) is not None
 
 
 def piece_done() -> None:
@@ -614,7 +607,7 @@ class TorchIVFIndex(_IndexBase):
         # order once at the end.
         grouped_scores, grouped_rows = torch.empty_like(out_scores), torch.empty_like(out_rows)
         table = self._table.to(source.device).reshape(-1)
-        for piece in _pieces(plans, _PACED_PIECE_CANDIDATES if is_paced() else _PIECE_CANDIDATES):
+        for piece in _pieces(plans, _PIECE_CANDIDATES):
             self._search_piece(piece, grouped, source, table, compute, k, score_bytes, grouped_scores, grouped_rows)
             piece_done()
         out_scores[order], out_rows[order] = grouped_scores, grouped_rows
