@@ -5,8 +5,9 @@ A variant is a name and the config overrides that make it. Each (variant, seed) 
 temporary run folder; its row records the last held-out top-1/top-5/loss, the last
 training loss, the head's median time per step, the rows each shard scores per step (the
 mean active classes where the run logs them, the whole shard for full softmax), the peak
-memory, the mean bytes a rank hands to the backbone's exchange per logged step and the
-run's wall time.
+memory, the mean bytes a rank hands to the backbone's exchange per logged step, the mean
+age of the index or class graph the selection read (steps of updates behind the weights)
+and the run's wall time.
 Runs go seed by seed (every variant of a seed before the next seed). Rows go to
 ``<name>.rows.jsonl`` as they finish; a re-run with the same config and overrides skips
 those already there, so a study can be spread over several commands (``time_budget``:
@@ -128,6 +129,9 @@ def run_record(rows: list[dict]) -> dict:
     head_ms = [r["head_ms"] for r in settled if r.get("head_ms") is not None]
     active = [r["active_classes"] for r in settled if r.get("active_classes") is not None]
     recalls = {name: [r[name] for r in settled if r.get(name) is not None] for name in RECALLS}
+    # Steps of updates the searched index or graph lags the weights by: a background build
+    # slower than head.rebuild_every steps leaves it older than the cadence says.
+    ages = [r["index_age"] for r in settled if r.get("index_age") is not None]
     sent = [r["bytes_backbone_allreduce"] for r in train if r.get("bytes_backbone_allreduce") is not None]
     return {
         "loss_curve": [[r["step"], r["loss"]] for r in train],
@@ -140,6 +144,7 @@ def run_record(rows: list[dict]) -> dict:
         "head_ms": statistics.median(head_ms) if head_ms else None,
         "active_classes": statistics.mean(active) if active else None,
         **{name: statistics.mean(values) if values else None for name, values in recalls.items()},
+        "index_age": statistics.mean(ages) if ages else None,
         "peak_mib": max((r.get("peak_mem_mib") or 0) for r in train) if train else None,
         # what one rank (worker) hands to the backbone's exchange per step, over the logged steps
         "backbone_bytes_mean": statistics.mean(sent) if sent else None,
@@ -288,6 +293,7 @@ def run_study(
             "eval_hard_negative_share_mean",
             "active_classes_mean",
             *(f"{name}_mean" for name in RECALLS),
+            "index_age_mean",
             "head_ms_median",
         ],
     )
@@ -306,6 +312,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
         recalls = {name: [r[name] for r in group if r.get(name) is not None] for name in RECALLS}
         times = [r["ms"] for r in group if r["ms"] is not None]
         shares = [r["eval_hard_negative_share"] for r in group if r.get("eval_hard_negative_share") is not None]
+        ages = [r["index_age"] for r in group if r.get("index_age") is not None]
         summary.append(
             {
                 "method": method,
@@ -319,6 +326,7 @@ def summarize(rows: list[dict], first: list[str] = ()) -> list[dict]:
                 "active_classes_mean": statistics.mean(active) if active else None,
                 "rows_per_step_mean": statistics.mean(rows_per_step) if rows_per_step else None,
                 **{f"{name}_mean": statistics.mean(values) if values else None for name, values in recalls.items()},
+                "index_age_mean": statistics.mean(ages) if ages else None,
                 "head_ms_median": statistics.median(times) if times else None,
             }
         )

@@ -242,6 +242,8 @@ def test_dry_run_writes_rows_json_and_plot_and_resumes(tmp_path, monkeypatch):
     ]
     for r in rows:
         assert not r.get("note") and 0 <= r["eval_top1"] <= 1 and r["wall_s"] > 0
+        # how far the searched index or graph lagged the weights: knn and graph only
+        assert (r["index_age"] is not None) == (r["mode"] in ("knn", "graph")), r
         if r["mode"] == "full":
             assert r["rows_per_step"] == 300  # the dry run's classes, all on one shard
         else:
