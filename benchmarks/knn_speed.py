@@ -46,10 +46,11 @@ launches; then the wait for the training stream) and the caching allocator's cou
 cudaMalloc, cudaFree, retries and device-wide syncs in it (``bg_allocator_other_steps``:
 the same summed over the other steps) and ``gc_ms``, the time Python's garbage collector
 ran inside it (``bg_gc_steps``: steps with a collection; ``bg_gc_max_ms``: the longest);
---gc-every sets the trainer's collection policy (train.gc_every) for these steps. With
---graph-bg-profile the graph's steps run under the profiler, and each slow step also shows
-``host_wait_ms``: its thread's time in CUDA calls that wait for the device (a slow step
-that the GPU queue held up waits there; one held up on the host does not). The rebuilds in these 200 steps are
+--gc-every sets the trainer's collection policy (train.gc_every) for these steps. Each slow
+step also shows ``off_cpu_ms``: its wall time less the CPU time of its thread. A thread
+waiting for the device spins on a CPU (CUDA's default with fewer contexts than cores),
+while one waiting for the interpreter lock sleeps: a slow step that the GPU queue held up
+has little time off the CPU, one held up on the host has much. The rebuilds in these 200 steps are
 refiles (k-means runs every --retrain-every rebuilds). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
@@ -94,7 +95,6 @@ graph_k) that the step's active set holds: one measure for random, knn and graph
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import gc
 import json
@@ -240,88 +240,42 @@ def active_recall(selector: ActiveClassSelector, features, labels, weight, step:
     return selector.last["active_recall"]
 
 
-STEP_MARK = "knn_speed.step"  # the profiler's range around each timed step
-# CUDA runtime calls in which the calling thread waits for the device (a host read's copy
-# and its sync, an event or stream sync).
-HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
-
-
 def steps_beside_rebuilds(
-    selector, steps, run_step, device, batch_for, stop_after_install=None, trace=None, gc_every=0, profile=False
+    selector, steps, run_step, device, batch_for, stop_after_install=None, trace=None, gc_every=0
 ):
     """Each of ``steps`` timed alone while the selector's rebuilds run in the background:
     ``run_step(step, batch)`` on a fresh batch, its time ending when the training stream is
     done (a device-wide sync would also wait for the rebuild's kernels on their own stream).
     Per step: ms, what it did about a rebuild ("start", "install", "install+start", "beside"
-    or ""), the host time of select / step launch / wait, the allocator's calls meanwhile and
-    ``gc_ms``, the time Python's garbage collector ran inside it (on any thread).
-    ``gc_every``: the trainer's collection policy (train.gc_every; 0: Python's automatic
-    collection), its between-step collections untimed. ``stop_after_install``: stop that
-    many steps after the first install. ``trace``: (first step, last step, path) of a
-    Chrome trace. ``profile``: run every step under the profiler and add ``host_wait_ms``,
-    the time the step's thread spent in CUDA calls that wait for the device, and
-    ``host_wait_other_ms``, the time other threads (the build's) did meanwhile: a step
-    slowed by the GPU queue waits there, one slowed on the host (the interpreter lock)
-    does not."""
-    if profile and trace is not None:
-        raise ValueError("profile and trace each run the profiler: pass one")
-    with contextlib.ExitStack() as stack:
-        collections = stack.enter_context(_collections_timed(gc_every))
-        profiler = None
-        if profile:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            profiler = stack.enter_context(torch.profiler.profile(activities=activities))
-        records = _steps_beside_rebuilds(
+    or ""), the host time of select / step launch / wait, the allocator's calls meanwhile,
+    ``cpu_ms`` (the CPU time of the step's thread) and ``gc_ms``, the time Python's garbage
+    collector ran inside it (on any thread). ``gc_every``: the trainer's collection policy
+    (train.gc_every; 0: Python's automatic collection), its between-step collections
+    untimed. ``stop_after_install``: stop that many steps after the first install.
+    ``trace``: (first step, last step, path) of a Chrome trace."""
+    with _collections_timed(gc_every) as collections:
+        return _steps_beside_rebuilds(
             selector, steps, run_step, device, batch_for, stop_after_install, trace, collections
         )
-    if profiler is not None:
-        waits = host_waits_ms(profiler.events())
-        if len(waits) != len(records):
-            raise RuntimeError(f"the profile marked {len(waits)} steps, {len(records)} were timed")
-        for record, (own, other) in zip(records, waits):
-            record["host_wait_ms"], record["host_wait_other_ms"] = own, other
-    return records
 
 
-def host_waits_ms(events) -> list[tuple[float, float]]:
-    """Per step marked ``STEP_MARK`` (in order): the ms that the step's thread spent in the
-    ``HOST_WAITS`` calls within the step, and the ms that other threads spent in them over
-    the same span. ``events``: the profiler's events (``name``, ``thread``, ``time_range``
-    in us)."""
-    steps = sorted((e for e in events if e.name == STEP_MARK), key=lambda e: e.time_range.start)
-    waits = sorted((e for e in events if e.name in HOST_WAITS), key=lambda e: e.time_range.start)
-    starts = [w.time_range.start for w in waits]
-    longest = max((w.time_range.end - w.time_range.start for w in waits), default=0)
-    out = []
-    for step in steps:
-        first, last = step.time_range.start, step.time_range.end
-        own = other = 0.0
-        for wait in waits[bisect.bisect_left(starts, first - longest) : bisect.bisect_left(starts, last)]:
-            overlap = min(wait.time_range.end, last) - max(wait.time_range.start, first)
-            if overlap > 0:
-                if wait.thread == step.thread:
-                    own += overlap
-                else:
-                    other += overlap
-        out.append((own / 1e3, other / 1e3))
-    return out
+def overlap_s(spans: list[tuple[float, float]], first: float, last: float) -> float:
+    """Seconds of ``spans`` (start, end) that fall within [first, last]."""
+    return sum(max(0.0, min(end, last) - max(start, first)) for start, end in spans)
 
 
 @contextlib.contextmanager
 def _collections_timed(gc_every: int):
-    """The trainer's collection policy, and the time collections take inside a step: the
-    caller sets ``collections["in_step"]`` while a step is timed, and collections meanwhile
-    add to ``collections["step_s"]``."""
-    collections = {"in_step": False, "step_s": 0.0, "collector": StepGarbageCollector(gc_every)}
+    """The trainer's collection policy (``collections["collector"]``), and every collection's
+    (start, end) in ``collections["spans"]`` (perf_counter seconds), from any thread."""
+    collections = {"spans": [], "collector": StepGarbageCollector(gc_every)}
     started = [0.0]
 
     def timed(phase, info):
         if phase == "start":
             started[0] = time.perf_counter()
-        elif collections["in_step"]:
-            collections["step_s"] += time.perf_counter() - started[0]
+        else:
+            collections["spans"].append((started[0], time.perf_counter()))
 
     gc.callbacks.append(timed)
     try:
@@ -343,13 +297,10 @@ def _steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_af
         building, current = selector._pending is not None, selector._current
         synchronize(device, stream_only=True)
         counts_before = allocator_counts(device)
-        collections["in_step"], collections["step_s"] = True, 0.0
-        with torch.profiler.record_function(STEP_MARK):
-            start = time.perf_counter()
-            selected, launched = run_step(s, batch)
-            synchronize(device, stream_only=True)
-            end = time.perf_counter()
-        collections["in_step"] = False
+        cpu_start, start = time.thread_time(), time.perf_counter()
+        selected, launched = run_step(s, batch)
+        synchronize(device, stream_only=True)
+        end, cpu_end = time.perf_counter(), time.thread_time()
         counts_after = allocator_counts(device)
         if tracer is not None and s == trace[1]:
             tracer.__exit__(None, None, None)
@@ -366,9 +317,11 @@ def _steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_af
                 "rebuild": event or ("beside" if building else ""),
                 "parts": (selected - start, launched - selected, end - launched),
                 "allocated": {name: counts_after[name] - counts_before[name] for name in counts_after},
-                "gc_ms": collections["step_s"] * 1e3,
+                "cpu_ms": (cpu_end - cpu_start) * 1e3,
+                "gc_ms": overlap_s(collections["spans"], start, end) * 1e3,
             }
         )
+        collections["spans"].clear()  # the step's own, and any between the last step and this
         collections["collector"].after_step(s)
         if installed and installed_at is None:
             installed_at = len(records)
@@ -393,7 +346,7 @@ def beside_fields(records) -> dict:
                 "rebuild": r["rebuild"],
                 **{f"{name}_ms": round(t * 1e3, 2) for name, t in zip(("select", "launch", "wait"), r["parts"])},
                 "gc_ms": round(r["gc_ms"], 2),
-                **{name: round(r[name], 2) for name in ("host_wait_ms", "host_wait_other_ms") if name in r},
+                "off_cpu_ms": round(r["ms"] - r["cpu_ms"], 2),
                 **{name: n for name, n in r["allocated"].items() if n},
             }
             for r in records
@@ -435,7 +388,6 @@ def graph_background(args, selector, head, step, device) -> dict:
         batch_for,
         stop_after_install=args.graph_bg_after_install,
         gc_every=args.gc_every,
-        profile=args.graph_bg_profile,
     )
     started = next((r for r in records if "start" in r["rebuild"]), None)
     installed = next((r for r in records if "install" in r["rebuild"]), None)
@@ -579,12 +531,6 @@ def main(argv=None) -> None:
         help="steps beside a background build: the trainer's garbage-collection policy (train.gc_every: "
         "automatic collection off, the young generations collected between steps every this many steps; "
         "0: Python's automatic collection, which may run inside a step)",
-    )
-    parser.add_argument(
-        "--graph-bg-profile",
-        action="store_true",
-        help="graph background: run the steps under the profiler; each slow step then shows the time its "
-        "thread waited for the device (host_wait_ms) and the build's threads did (host_wait_other_ms)",
     )
     parser.add_argument(
         "--graph-bg-max-steps", type=int, default=5000, help="graph background: at most this many timed steps"

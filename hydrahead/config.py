@@ -86,7 +86,8 @@ class TrainConfig:
         50,
         "Python's automatic garbage collection is off while training (a full collection inside a step "
         "stalled it 89 ms beside a background index build); its young generations are collected between "
-        "steps every this many steps, all of them at evaluations and checkpoints (0: automatic collection)",
+        "steps every this many steps, all of them every 20th time and at evaluations and checkpoints "
+        "(0: automatic collection)",
     )
 
 

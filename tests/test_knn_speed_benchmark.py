@@ -69,38 +69,12 @@ def test_steps_beside_rebuilds_runs_the_trainers_collection_policy_and_times_col
     assert fields["bg_gc_steps"] == 1 and fields["bg_gc_max_ms"] == records[1]["gc_ms"]
 
 
-def test_host_waits_split_a_steps_device_waits_by_thread_and_clip_them_to_the_step():
-    """host_waits_ms: per marked step, its own thread's time in waiting CUDA calls (clipped
-    to the step) and other threads' over the same span; calls that do not wait, or fall
-    outside every step, count nowhere."""
-    from types import SimpleNamespace
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import knn_speed
-
-    def event(name, thread, start, end):
-        return SimpleNamespace(name=name, thread=thread, time_range=SimpleNamespace(start=start, end=end))
-
-    events = [
-        event(knn_speed.STEP_MARK, 1, 2000, 3000),  # listed out of order: steps go by start
-        event(knn_speed.STEP_MARK, 1, 0, 1000),
-        event("cudaStreamSynchronize", 1, 100, 400),  # step 1, own thread: 0.3 ms
-        event("cudaMemcpyAsync", 1, 900, 1200),  # clipped to step 1: 0.1 ms
-        event("cudaLaunchKernel", 1, 2100, 2900),  # does not wait
-        event("cudaStreamSynchronize", 7, 2500, 4000),  # step 2, the build's thread: 0.5 ms
-        event("cudaEventSynchronize", 1, 2600, 2800),  # step 2, own: 0.2 ms
-        event("cudaDeviceSynchronize", 1, 5000, 9000),  # after every step
-    ]
-    waits = knn_speed.host_waits_ms(events)
-    assert [(round(a, 6), round(b, 6)) for a, b in waits] == [(0.4, 0.0), (0.2, 0.5)]
-
-
-def test_profiled_steps_carry_their_host_waits():
-    """profile=True marks every timed step: each record gets host_wait_ms (none on the CPU);
-    profile and trace together are refused."""
+def test_steps_record_their_threads_cpu_time_and_collections_clipped_to_them():
+    """cpu_ms is the step thread's CPU time: a step that sleeps (as one waiting for the
+    interpreter lock does) is off the CPU, one that computes is on it; a collection counts
+    in gc_ms only for the part inside the step."""
     import time
 
-    import pytest
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -110,14 +84,18 @@ def test_profiled_steps_carry_their_host_waits():
         _pending, _current = None, object()
 
     def run_step(step, batch):
-        torch.ones(8).sum()
+        if step == 1:
+            time.sleep(0.05)
+        else:
+            stop = time.thread_time() + 0.03
+            while time.thread_time() < stop:
+                pass
         return time.perf_counter(), time.perf_counter()
 
-    records = knn_speed.steps_beside_rebuilds(
-        Idle(), range(1, 5), run_step, torch.device("cpu"), lambda s: None, profile=True
+    sleeping, computing = knn_speed.steps_beside_rebuilds(
+        Idle(), range(1, 3), run_step, torch.device("cpu"), lambda s: None
     )
-    assert [(r["host_wait_ms"], r["host_wait_other_ms"]) for r in records] == [(0.0, 0.0)] * 4
-    with pytest.raises(ValueError, match="one"):
-        knn_speed.steps_beside_rebuilds(
-            Idle(), range(1, 3), run_step, torch.device("cpu"), lambda s: None, trace=(1, 2, "x"), profile=True
-        )
+    assert sleeping["ms"] - sleeping["cpu_ms"] >= 45 and sleeping["cpu_ms"] < 10, sleeping
+    assert computing["cpu_ms"] >= 29, computing
+    spans = [(0.0, 1.0), (1.5, 2.5), (3.0, 4.0)]
+    assert knn_speed.overlap_s(spans, 0.5, 2.0) == 1.0  # half of the first, half of the second

@@ -331,6 +331,35 @@ def test_garbage_collection_runs_between_steps_not_inside_them(tmp_path, gc_ever
     assert {4, 5} <= set(full), collections
 
 
+def test_garbage_collection_is_back_on_when_training_fails(tmp_path):
+    enabled_during, enabled_after, error = run_ranks(_failing_step_on_rank, 1, str(tmp_path / "run"))[0]
+    assert "step 2 failed" in error
+    assert not enabled_during and enabled_after
+
+
+def _failing_step_on_rank(rank, world_size, run_dir):
+    import gc
+
+    from launcher import TINY
+
+    cfg = load_config(None, [f"run.dir={run_dir}", *TINY, "train.steps=4", "train.eval_every=0", "train.gc_every=2"])
+    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
+    during, step = [], trainer.train_step
+
+    def failing_step(*args, **kwargs):
+        during.append(gc.isenabled())
+        if trainer.step == 1:
+            raise RuntimeError("step 2 failed")
+        return step(*args, **kwargs)
+
+    trainer.train_step = failing_step
+    try:
+        trainer.train()
+    except RuntimeError as failure:
+        return any(during), gc.isenabled(), str(failure)
+    return any(during), gc.isenabled(), ""
+
+
 def _collections_on_rank(rank, world_size, run_dir, gc_every):
     import gc
 
@@ -418,3 +447,42 @@ def test_triton_head_follows_the_reference_curve(two_rank_run, tmp_path):
     assert fused.keys() == reference.keys()
     for step in fused:
         assert fused[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+
+
+def test_step_collector_runs_a_full_collection_every_full_every_steps_and_lets_forks_collect():
+    """Between steps, every FULL_EVERY-th collection is a full one; a process forked while the
+    collector holds automatic collection off (a data loader worker) collects automatically;
+    close restores it once."""
+    import gc
+    import os
+
+    from hydrahead.train.collector import FULL_EVERY, StepGarbageCollector
+
+    generations = []
+
+    def record(phase, info):
+        if phase == "start":
+            generations.append(info["generation"])
+
+    collector = StepGarbageCollector(1)
+    gc.callbacks.append(record)
+    try:
+        for step in range(1, FULL_EVERY + 1):
+            collector.after_step(step)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child reports and leaves at once
+            os.write(write, b"1" if gc.isenabled() else b"0")
+            os._exit(0)
+        os.waitpid(child, 0)
+        in_child = os.read(read, 1)
+        os.close(read)
+        os.close(write)
+        assert not gc.isenabled()
+    finally:
+        gc.callbacks.remove(record)
+        collector.close()
+        collector.close()
+    assert generations == [1] * (FULL_EVERY - 1) + [2]
+    assert in_child == b"1", "a process forked under the collector kept automatic collection off"
+    assert gc.isenabled()

@@ -5,17 +5,32 @@ step or background build made them, and a full collection walks every tracked ob
 on an H100 host during a 25M-row background graph build, while steps took 4 ms
 (docs/selection.md, "Steps beside a background build"). While training, automatic
 collection is off; the young generations (0 and 1, a few ms) are collected between steps
-every ``every`` steps, and all generations when the run pauses anyway (evaluation,
-checkpoint). ``every`` 0 leaves Python's automatic collection alone.
+every ``every`` steps, every generation at each ``FULL_EVERY``-th of those and when the run
+pauses anyway (evaluation, checkpoint), so that cyclic garbage that outlived a young
+collection does not pile up over a long run. ``every`` 0 leaves Python's automatic
+collection alone. Processes forked meanwhile (data loader workers) collect automatically.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 
 from hydrahead.checks import check_int
 
-__all__ = ["StepGarbageCollector"]
+__all__ = ["FULL_EVERY", "StepGarbageCollector"]
+
+FULL_EVERY = 20  # every 20th collection between steps is a full one (every 1,000 steps at every=50)
+_holding = [0]  # collectors in this process that hold automatic collection off
+
+
+def _enable_in_child() -> None:
+    if _holding[0]:
+        _holding[0] = 0
+        gc.enable()
+
+
+os.register_at_fork(after_in_child=_enable_in_child)
 
 
 class StepGarbageCollector:
@@ -26,12 +41,19 @@ class StepGarbageCollector:
         check_int("train.gc_every", every, 0)
         self.every = every
         self._was_enabled = gc.isenabled()
+        self._holds = bool(every)
         if every:
             gc.disable()
+            _holding[0] += 1
 
     def after_step(self, step: int) -> None:
-        """Between steps: the young generations every ``every`` steps."""
-        if self.every and step % self.every == 0:
+        """Between steps: the young generations every ``every`` steps, all of them at every
+        ``FULL_EVERY``-th such step."""
+        if not self.every or step % self.every:
+            return
+        if step % (self.every * FULL_EVERY) == 0:
+            gc.collect()
+        else:
             gc.collect(1)
 
     def at_pause(self) -> None:
@@ -40,5 +62,9 @@ class StepGarbageCollector:
             gc.collect()
 
     def close(self) -> None:
-        if self.every and self._was_enabled:
-            gc.enable()
+        """Automatic collection back as it was (once; later calls do nothing)."""
+        if self._holds:
+            self._holds = False
+            _holding[0] = max(0, _holding[0] - 1)
+            if self._was_enabled:
+                gc.enable()

@@ -1053,9 +1053,9 @@ class Trainer:
                     return self.step
             return self.step
         finally:
+            self.garbage.close()  # first: automatic collection back on whatever fails below
             if data is not None:
                 data.close()  # stop loader workers on every exit path
-            self.garbage.close()
             watcher.close()
             self.selector.close()
             logger.close()
