@@ -50,8 +50,8 @@ ran inside it (``bg_gc_steps``: steps with a collection; ``bg_gc_max_ms``: the l
 step also shows ``off_cpu_ms``: its wall time less the CPU time of its thread. A thread
 waiting for the device spins on a CPU (CUDA's default with fewer contexts than cores),
 while one waiting for the interpreter lock sleeps: a slow step that the GPU queue held up
-has little time off the CPU, one held up on the host has much. The rebuilds in these 200 steps are
-refiles (k-means runs every --retrain-every rebuilds). Every index setting
+has little time off the CPU, one held up on the host has much. The rebuilds in these 200
+steps are refiles (k-means runs every --retrain-every rebuilds). Every index setting
 starts from the same head rows and batch. ``knn_recall`` is measured
 against exact search on 64 samples. floor_ms: 8·G·D·(rows scored) at the bf16 matmul rate
 measured in this run; for knn this leaves out the search, so its ratio shows what the
@@ -529,7 +529,8 @@ def main(argv=None) -> None:
         type=int,
         default=TrainConfig().gc_every,
         help="steps beside a background build: the trainer's garbage-collection policy (train.gc_every: "
-        "automatic collection off, the young generations collected between steps every this many steps; "
+        "automatic collection off, the young generations collected between steps every this many steps "
+        "and all of them every 20th time; "
         "0: Python's automatic collection, which may run inside a step)",
     )
     parser.add_argument(
