@@ -332,35 +332,14 @@ def test_garbage_collection_runs_between_steps_not_inside_them(tmp_path, gc_ever
 
 
 def test_garbage_collection_is_back_on_when_training_fails(tmp_path):
-    enabled_during, enabled_after, error = run_ranks(_failing_step_on_rank, 1, str(tmp_path / "run"))[0]
-    assert "step 2 failed" in error
-    assert not enabled_during and enabled_after
+    inside, _, enabled_after = run_ranks(_collections_on_rank, 1, str(tmp_path / "run"), 2, 2)[0]
+    assert inside == [False, False]  # the second step raised
+    assert enabled_after
 
 
-def _failing_step_on_rank(rank, world_size, run_dir):
-    import gc
-
-    from launcher import TINY
-
-    cfg = load_config(None, [f"run.dir={run_dir}", *TINY, "train.steps=4", "train.eval_every=0", "train.gc_every=2"])
-    trainer = Trainer(cfg, DistEnv(rank, world_size, rank, torch.device("cpu"), "gloo", None, None))
-    during, step = [], trainer.train_step
-
-    def failing_step(*args, **kwargs):
-        during.append(gc.isenabled())
-        if trainer.step == 1:
-            raise RuntimeError("step 2 failed")
-        return step(*args, **kwargs)
-
-    trainer.train_step = failing_step
-    try:
-        trainer.train()
-    except RuntimeError as failure:
-        return any(during), gc.isenabled(), str(failure)
-    return any(during), gc.isenabled(), ""
-
-
-def _collections_on_rank(rank, world_size, run_dir, gc_every):
+def _collections_on_rank(rank, world_size, run_dir, gc_every, fail_at_step=None):
+    """(automatic collection on, per step; (step, generation, inside a step) of each
+    collection; on after train()). ``fail_at_step``: that step raises, train() with it."""
     import gc
 
     from launcher import TINY
@@ -382,6 +361,8 @@ def _collections_on_rank(rank, world_size, run_dir, gc_every):
 
     def recording_step(*args, **kwargs):
         inside.append(gc.isenabled())
+        if trainer.step + 1 == fail_at_step:
+            raise RuntimeError(f"step {fail_at_step} failed")
         stepping[0] = True
         try:
             return step(*args, **kwargs)
@@ -396,6 +377,9 @@ def _collections_on_rank(rank, world_size, run_dir, gc_every):
     gc.callbacks.append(record)
     try:
         trainer.train()
+    except RuntimeError as failure:
+        if str(failure) != f"step {fail_at_step} failed":
+            raise
     finally:
         gc.callbacks.remove(record)
     return inside, collections, gc.isenabled()
