@@ -221,6 +221,12 @@ class HeadConfig:
         "at the same index_nprobe; docs/selection.md)",
         ("probes", "groups"),
     )
+    graph_refresh_every: int = _key(
+        0,
+        "graph: every this many steps, search again the rows of the classes that were labels since the last "
+        "refresh (they moved most) and offer each to the rows it found, about N·G / C_r of a rebuild's work "
+        "(0: off; torch index; docs/selection.md)",
+    )
     knn_fixed_size: bool = _key(
         False,
         "knn/graph: fill each shard's active set to exactly G·(k + 1) rows (k: knn_k or graph_k) with rows "
@@ -234,7 +240,8 @@ class HeadConfig:
     )
     index_retrain_every: int = _key(
         10,
-        "knn torch ivf: rebuilds per k-means run; the rebuilds between file again only the rows updated since the last",
+        "torch ivf: knn rebuilds (graph refreshes) per k-means run; those between file again only the rows "
+        "updated since the last",
     )
     index: str = _key(
         "auto",
@@ -826,6 +833,13 @@ def _check_selection(c: _Checks) -> None:
     )
     c.at_least("head.knn_k", 1)
     c.at_least("head.graph_k", 1)
+    c.at_least("head.graph_refresh_every", 0)
+    c.need(
+        not h.graph_refresh_every or (h.selection == "graph" and h.index != "faiss" and h.index_type != "hnsw"),
+        "head.graph_refresh_every refreshes the class graph through a torch index: it needs head.selection=graph, "
+        f"head.index torch or auto and head.index_type flat, ivf or auto, got selection {h.selection}, index "
+        f"{h.index} and index_type {h.index_type}",
+    )
     c.need(
         h.selection != "graph" or h.num_classes >= 2,
         f"head.selection=graph needs head.num_classes >= 2 (neighbours are other classes), got {h.num_classes}",

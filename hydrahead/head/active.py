@@ -53,6 +53,17 @@ one-int all-reduce over ``group`` at each step while a rebuild is due. Without a
 checkpointed as their tables (``graph_table``), by class: a resume at any world size
 loads them.
 
+Graph refreshes (``graph_refresh_every`` = N > 0): at every N-th step the rows of the
+classes that were labels since the last refresh (this step's included) are searched
+again from the current weights, over the index of the last build, and offered to the
+rows they found (``class_graph.refresh_class_graph``): the rows a step moves most are the
+labels', so the graph follows them for about N·G / C_r of a build's work. Refreshes run
+where builds do (the worker, or the step), one job at a time: a refresh that falls due
+while a build runs starts after it. A build covers the labels trained before the weights
+it read. A background refresh writes the table in place: a step that looks it up
+meanwhile may take some of a class's neighbours from before the refresh and some from
+after (each a neighbour either way).
+
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
 fraction of the exact top-k rows that the index found, both without the sample's label
 when the search skips it, measured every ``recall_every``
@@ -62,7 +73,9 @@ current weights, that the graph holds as their neighbours), ``active_recall`` (r
 knn and graph: the fraction of the sampled samples' k hardest negatives - their exact top
 k classes by feature over all shards, the label left out; k = ``graph_k`` for graph,
 ``knn_k`` otherwise - that the step's active sets hold), ``index_build_s`` (the newest
-build) and ``index_age`` (steps since the weights the index was built from).
+build), ``index_age`` (steps since the weights the index was built from), and for graph
+refreshes ``graph_refresh_s`` and ``graph_refreshed`` (the newest refresh's time and the
+classes it searched).
 """
 
 from __future__ import annotations
@@ -111,6 +124,14 @@ class _RowsOnDemand:
         if self._rows is None:
             self._rows = self._source() if callable(self._source) else self._source
         return self._rows
+
+
+@dataclass
+class _Refreshed:
+    """A finished graph refresh: how many classes it searched, in how long."""
+
+    classes: int
+    seconds: float
 
 
 @dataclass
@@ -201,6 +222,7 @@ class ActiveClassSelector:
         trim_to_budget: bool = False,
         graph_k: int = 16,
         graph_search: str = "probes",
+        graph_refresh_every: int = 0,
         num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
@@ -226,6 +248,8 @@ class ActiveClassSelector:
         recall measurements). ``build_group``: a second group over the same ranks for a
         multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
         ``graph_search``: how graph builds search a torch IVF (``class_graph.GRAPH_SEARCHES``).
+        ``graph_refresh_every``: steps between graph refreshes (0: none; torch indexes only,
+        which score the current weights).
         ``max_index_age``: steps after which a background-built index makes a step wait for
         the running build (None: never; at least ``rebuild_every``). ``rows_move_every_step``:
         the weight given to ``select`` moves every row at every step (the rows with the steps
@@ -243,6 +267,7 @@ class ActiveClassSelector:
             ("knn_k", knn_k, 1),
             ("graph_k", graph_k, 1),
             ("rebuild_every", rebuild_every, 1),
+            ("graph_refresh_every", graph_refresh_every, 0),
             ("retrain_every", retrain_every, 1),
             ("recall_every", recall_every, 0),
             ("recall_queries", recall_queries, 1),
@@ -266,6 +291,13 @@ class ActiveClassSelector:
         if graph_search not in class_graph.GRAPH_SEARCHES:
             raise ValueError(f"graph_search must be one of {class_graph.GRAPH_SEARCHES}, got {graph_search!r}")
         self.graph_search = graph_search
+        if graph_refresh_every and selection != "graph":
+            raise ValueError(
+                f"graph_refresh_every refreshes the class graph: it takes selection=graph, not {selection}"
+            )
+        if graph_refresh_every and index == "faiss":
+            raise ValueError("graph_refresh_every searches the current weights: it takes the torch index, not faiss")
+        self.graph_refresh_every = graph_refresh_every
         if selection == "graph":
             self._check_graph_shard()
             graph_k = min(graph_k, num_classes - 1)
@@ -296,7 +328,12 @@ class ActiveClassSelector:
         )
         if selection in SEARCHED:
             self.index_backend, self.index_type = resolve_index(
-                index, index_type, num_rows=self.shard_size, device=self.device, deterministic=deterministic
+                # a refreshed graph keeps searching its index with the current weights: torch's
+                "torch" if graph_refresh_every and index == "auto" else index,
+                index_type,
+                num_rows=self.shard_size,
+                device=self.device,
+                deterministic=deterministic,
             )
             self._check_faiss_gpu_limits(graph_k, nprobe)
             logger.info(
@@ -307,15 +344,22 @@ class ActiveClassSelector:
                 self.shard_size,
                 "rebuilds inside the step" if self._builds_in_step else "background rebuilds",
             )
-        torch_ivf = selection == "knn" and (self.index_backend, self.index_type) == ("torch", "ivf")
-        # torch IVF: rows updated since the newest build began (only they need filing again).
+        torch_ivf = (selection == "knn" or graph_refresh_every > 0) and (self.index_backend, self.index_type) == (
+            "torch",
+            "ivf",
+        )
+        # torch IVF: rows updated since the newest build began, or for a refreshed graph since
+        # the last refresh (only they need filing again).
         self._dirty = torch.zeros(self.shard_size, dtype=torch.bool, device=self.device) if torch_ivf else None
         self._rebuilds = 0  # rebuilds since k-means last ran
         self._rows_moved = 0
-        self._norms = RowNorms() if torch_ivf and cosine and self.device.type == "cuda" else None
+        self._norms = RowNorms() if selection == "knn" and torch_ivf and cosine and self.device.type == "cuda" else None
         self._current: _Built | None = None
         self._pending: concurrent.futures.Future | None = None
         self._due = False  # a background rebuild fell due and has not started yet
+        self._refresh_due = False  # a graph refresh fell due and has not started yet
+        self._refreshes = 0  # graph refreshes so far (every retrain_every-th runs k-means anew)
+        self._seen: list[tuple[int, torch.Tensor]] = []  # (step, labels) since the last graph refresh
         self._worker = None
         self._stream = None
         self.last = {
@@ -325,6 +369,8 @@ class ActiveClassSelector:
             "active_recall": None,
             "index_build_s": None,
             "index_age": None,
+            "graph_refresh_s": None,
+            "graph_refreshed": None,
         }
 
     def _check_graph_shard(self) -> None:
@@ -375,8 +421,8 @@ class ActiveClassSelector:
         ``features`` (G, D) and ``labels`` (G,) are the global batch, the same on every
         rank; ``weight`` is this shard's rows to search (C_r, D), or a function that makes
         them (such as a copy with the owed steps paid), called at most once and only when
-        the step reads them: knn's search, a build, a recall measurement, not a graph's
-        lookup. ``rows_moved`` counts the times every row was moved outside an active set
+        the step reads them: knn's search, a build, a graph refresh, a recall measurement,
+        not a graph's lookup. ``rows_moved`` counts the times every row was moved outside an active set
         (the head's ``settles``): when it changes, the next IVF rebuild files every row again.
         """
         weight = _RowsOnDemand(weight)
@@ -399,6 +445,8 @@ class ActiveClassSelector:
             )
         else:
             index = self._index_for(step, weight)
+            if self.graph_refresh_every:
+                self._refresh_for(step, labels, weight)
             if self.selection == "graph":
                 with record_function("hydrahead::graph_lookup"):
                     label_ids = class_graph.label_neighbours(
@@ -570,18 +618,22 @@ class ActiveClassSelector:
         ``previous`` and ``marked`` (a row mask): refile those rows of that index."""
         start = time.perf_counter()
         if self.selection == "graph":
-            index = self._new_index()
-            table = class_graph.build_class_graph(
+            searched = self._new_index()
+            built = class_graph.build_class_graph(
                 weight,
                 self.class_start,
                 self.num_classes,
                 self.graph_k,
-                index,
+                searched,
                 cosine=self.cosine,
                 group=group,
                 search=self.graph_search,
+                keep_scores=bool(self.graph_refresh_every),
             )
-            index = class_graph.ClassGraph(table)
+            if self.graph_refresh_every:  # refreshes search the same index and compare scores
+                index = class_graph.ClassGraph(*built, index=searched)
+            else:
+                index = class_graph.ClassGraph(built)
         elif previous is None:
             index = self._new_index()
             index.build(weight.detach())
@@ -595,38 +647,54 @@ class ActiveClassSelector:
 
     def _build_now(self, weight: torch.Tensor, step: int) -> _Built:
         if self.selection == "graph":
+            self._new_lists()
             return self._build(weight, step, group=self.group)
         return self._build(weight, step, *self._plan_build())
 
-    def _build_on_side_stream(self, weight: torch.Tensor, step: int, weights_ready, previous, marked) -> _Built:
-        """Worker thread: wait for the step's weights, build on a stream of its own (a graph's
-        collectives over the build group, which nothing else uses)."""
-        if self.selection == "graph":
-            group = self.build_group if group_world_size(self.group) > 1 else self.group
-            build = functools.partial(self._build, weight, step, group=group)
-        else:
-            build = functools.partial(self._build, weight, step, previous, marked)
-        if not weight.is_cuda:
-            return build()
+    @property
+    def _background_group(self):
+        """A background graph job's collectives run over the build group, which nothing else uses."""
+        return self.build_group if group_world_size(self.group) > 1 else self.group
+
+    def _on_side_stream(self, job: Callable, weights_ready) -> object:
+        """Worker thread: wait for the step's weights, run ``job`` on a stream of its own."""
+        if weights_ready is None:
+            return job()
         with torch.cuda.stream(self._stream), class_index.paced(self._stream):
             self._stream.wait_event(weights_ready)
-            return build()
+            return job()
 
-    def _start_background_build(self, weight: torch.Tensor, step: int) -> None:
+    def _submit(self, job: Callable, weight: torch.Tensor, *read_by_job) -> None:
+        """Run ``job`` in the worker once the weights the training stream has queued are
+        written; ``read_by_job``: tensors made on the training stream that the job reads."""
         if self._worker is None:
             self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-index")
             if weight.is_cuda:
                 self._stream = torch.cuda.Stream(weight.device)
-        previous, marked = self._plan_build()
         weights_ready = None
         if weight.is_cuda:
             weights_ready = torch.cuda.Event()
-            weights_ready.record(torch.cuda.current_stream(weight.device))  # after the marks' copy
-            if marked is not None:
-                marked.record_stream(self._stream)
-        self._pending = self._worker.submit(self._build_on_side_stream, weight, step, weights_ready, previous, marked)
+            weights_ready.record(torch.cuda.current_stream(weight.device))  # after read_by_job is made
+            for tensor in read_by_job:
+                if isinstance(tensor, torch.Tensor):
+                    tensor.record_stream(self._stream)
+        self._pending = self._worker.submit(self._on_side_stream, job, weights_ready)
 
-    def _install(self, built: _Built) -> None:
+    def _start_background_build(self, weight: torch.Tensor, step: int) -> None:
+        previous, marked = self._plan_build()
+        if self.selection == "graph":
+            self._new_lists()
+            job = functools.partial(self._build, weight, step, group=self._background_group)
+        else:
+            job = functools.partial(self._build, weight, step, previous, marked)
+        self._submit(job, weight, marked)
+
+    def _install(self, built: _Built | _Refreshed) -> None:
+        if isinstance(built, _Refreshed):
+            self.last["graph_refresh_s"], self.last["graph_refreshed"] = built.seconds, built.classes
+            return
+        # The build read weights that every label trained by step `built.step` had moved.
+        self._seen = [(step, labels) for step, labels in self._seen if step > built.step]
         if self.device.type == "cuda" and built.index is not None:
             # Tensors made on the side stream are now read on this one: keep the allocator from
             # reusing their memory for the side stream while this stream may still read them.
@@ -642,6 +710,76 @@ class ActiveClassSelector:
             return
         built, self._pending = self._pending.result(), None  # re-raises a failed build here
         self._install(built)
+
+    def _refresh_for(self, step: int, labels: torch.Tensor, weight: _RowsOnDemand) -> None:
+        """Note this step's labels; refresh the graph when a refresh is due and no job runs."""
+        self._seen.append((step, labels.detach().clone()))
+        if step % self.graph_refresh_every == 0:
+            self._refresh_due = True
+        if not self._refresh_due:
+            return
+        if self._builds_in_step:
+            graph, seen, moved = self._current.index, self._take_seen(step), self._take_moved()
+            self._install(self._refresh(graph, weight(), seen, moved, self.group))
+        elif not self._due and self._idle_everywhere():
+            rows, seen, moved = weight(), self._take_seen(step), self._take_moved()
+            job = functools.partial(self._refresh, self._current.index, rows, seen, moved, self._background_group)
+            self._submit(job, rows, seen, moved)
+        else:
+            return
+        self._refresh_due = False
+
+    def _new_lists(self) -> None:
+        """A graph build files every row from the weights it reads: the refreshes' marks of
+        moved rows start afresh, and so does their count towards the next k-means run."""
+        if self._dirty is not None:
+            self._dirty.zero_()
+        self._refreshes = 0
+
+    def _take_moved(self) -> torch.Tensor | bool | None:
+        """A refreshed graph's torch IVF: a copy of the marks of the rows updated since the last
+        refresh (the refresh files them again before it searches), the marks then cleared; or,
+        at every ``retrain_every``-th refresh, True: k-means runs anew over the current rows."""
+        if self._dirty is None:
+            return None
+        self._refreshes += 1
+        if self._refreshes % self.retrain_every == 0:
+            self._dirty.zero_()
+            return True
+        moved = self._dirty.clone()
+        self._dirty.zero_()
+        return moved
+
+    def _take_seen(self, step: int) -> torch.Tensor:
+        """The labels seen since the last refresh, to refresh now; this step's stay for the
+        next refresh (the step is about to move their rows)."""
+        labels = torch.cat([labels for _, labels in self._seen])
+        self._seen = [self._seen[-1]]
+        return labels
+
+    def _refresh(
+        self, graph: class_graph.ClassGraph, weight: torch.Tensor, labels: torch.Tensor, moved, group
+    ) -> _Refreshed:
+        start = time.perf_counter()
+        if moved is True:  # lists fitted to the rows as they are now
+            graph.index = self._new_index()
+            graph.index.build(weight.detach())
+        elif moved is not None:  # the rows that moved go to the lists they are nearest now
+            graph.index = graph.index.reassigned(weight.detach(), moved.nonzero().squeeze(1))
+        classes = class_graph.refresh_class_graph(
+            graph,
+            weight,
+            labels,
+            self.class_start,
+            self.num_classes,
+            cosine=self.cosine,
+            group=group,
+            search=self.graph_search,
+            ignore_index=self.ignore_index,
+        )
+        if weight.is_cuda:
+            torch.cuda.current_stream(weight.device).synchronize()  # as a build: done when it returns
+        return _Refreshed(classes, time.perf_counter() - start)
 
     def _too_old(self, updates: int) -> bool:
         return self.max_index_age is not None and updates - self._current.step > self.max_index_age
@@ -749,8 +887,12 @@ class ActiveClassSelector:
 
     @property
     def graph_signature(self) -> dict:
-        """What a saved graph table must match to be loaded (its shape and similarity)."""
-        return {"num_classes": self.num_classes, "graph_k": self.graph_k, "cosine": self.cosine}
+        """What a saved graph table must match to be loaded (its shape and similarity; with
+        refreshes, their period, which sizes the labels saved beside it)."""
+        signature = {"num_classes": self.num_classes, "graph_k": self.graph_k, "cosine": self.cosine}
+        if self.graph_refresh_every:
+            signature["graph_refresh_every"] = self.graph_refresh_every
+        return signature
 
     def graph_state(self) -> tuple[torch.Tensor, int] | None:
         """(this shard's table, the updates its weights had) of the current graph, if any."""
@@ -758,15 +900,50 @@ class ActiveClassSelector:
             return None
         return self._current.index.table, self._current.step
 
+    def graph_scores(self) -> torch.Tensor | None:
+        """This shard's neighbour scores of the current graph (refreshed graphs), else None."""
+        return None if self._current is None else getattr(self._current.index, "scores", None)
+
+    def seen_labels(self, length: int) -> torch.Tensor:
+        """The labels seen since the last refresh, in order, padded with -1 to ``length``
+        (the same on every rank): what a resumed run's next refresh must search."""
+        seen = [labels.long() for _, labels in self._seen]
+        seen = torch.cat(seen) if seen else torch.empty(0, dtype=torch.long)
+        if seen.numel() > length:
+            raise ValueError(f"{seen.numel()} labels seen since the last graph refresh, more than the {length} saved")
+        padded = torch.full((length,), -1, dtype=torch.long, device=self.device)
+        padded[: seen.numel()] = seen.to(self.device)
+        return padded
+
     def empty_graph_table(self) -> torch.Tensor:
         """A table shaped like this shard's, for a checkpoint load to fill."""
         return torch.empty(self.shard_size, self.graph_k, dtype=torch.int32, device=self.device)
 
-    def load_graph_state(self, table: torch.Tensor, built_step: int) -> None:
-        """Serve a saved graph (this shard's rows of its table) as if built after ``built_step`` updates."""
+    def load_graph_state(
+        self,
+        table: torch.Tensor,
+        built_step: int,
+        scores: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        """Serve a saved graph (this shard's rows of its table) as if built after ``built_step``
+        updates. With refreshes also its ``scores``, the ``seen`` labels (as ``seen_labels``
+        saved them) and the shard's ``weight``, from which the index it searches is rebuilt."""
         if tuple(table.shape) != (self.shard_size, self.graph_k):
             raise ValueError(f"graph table must be ({self.shard_size}, {self.graph_k}), got {tuple(table.shape)}")
-        self._current = _Built(class_graph.ClassGraph(table.to(self.device, torch.int32)), int(built_step), 0.0)
+        table = table.to(self.device, torch.int32)
+        if not self.graph_refresh_every:
+            self._current = _Built(class_graph.ClassGraph(table), int(built_step), 0.0)
+            return
+        if scores is None or seen is None or weight is None:
+            raise ValueError("a refreshed graph resumes from its table, scores and seen labels, and the shard's weight")
+        index = self._new_index()
+        index.build(weight.detach())  # deterministic indexes: the build's own (k-means is seeded)
+        graph = class_graph.ClassGraph(table, scores.to(self.device, torch.float32), index)
+        self._current = _Built(graph, int(built_step), 0.0)
+        seen = seen.to(self.device)
+        self._seen = [(int(built_step) + 1, seen[seen != -1])]
 
     def close(self) -> None:
         """Wait for a pending build and stop the worker thread."""

@@ -57,8 +57,10 @@ __all__ = [
     "label_rows",
     "merge_candidates",
     "neighbour_recall",
+    "offer_neighbours",
     "owned_rows",
     "query_order",
+    "refresh_class_graph",
 ]
 
 GRAPH_SEARCHES = ("probes", "groups")  # how a build searches: each query's probes, or by list groups
@@ -70,15 +72,23 @@ GROUPED_BLOCK_ROWS = 65536
 
 class ClassGraph:
     """A built class graph: ``table`` (C_r, k) int32, the neighbours of this shard's classes
-    as global class ids, best first, -1 where fewer than k were found."""
+    as global class ids, best first, -1 where fewer than k were found.
+
+    For refreshes (``refresh_class_graph``) it also keeps ``scores`` (C_r, k) float32, each
+    neighbour's similarity when it was last found (-inf for none), and ``index``, the shard's
+    index the build searched (built with ``copy_weights=False``: it holds lists, not rows)."""
 
     # Its neighbours come from the weights at build time (the selector's index_age counts from then).
     searches_current_weights = False
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: torch.Tensor, scores: torch.Tensor | None = None, index: ClassIndex | None = None):
         if table.dim() != 2 or table.dtype != torch.int32:
             raise ValueError(f"a class graph table is (C_r, k) int32, got {tuple(table.shape)} {table.dtype}")
-        self.table = table
+        if scores is not None and (scores.shape != table.shape or scores.dtype != torch.float32):
+            raise ValueError(
+                f"class graph scores must be {tuple(table.shape)} float32, got {tuple(scores.shape)} {scores.dtype}"
+            )
+        self.table, self.scores, self.index = table, scores, index
 
 
 def as_queries(rows: torch.Tensor, cosine: bool) -> torch.Tensor:
@@ -140,7 +150,8 @@ def build_class_graph(
     group: dist.ProcessGroup | None = None,
     block_rows: int | None = None,
     search: str = "probes",
-) -> torch.Tensor:
+    keep_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """This shard's rows of the class graph: (C_r, k) int32 global class ids, best first.
 
     ``weight`` (C_r, D) is the shard of classes ``[class_start, class_start + C_r)``; every
@@ -150,6 +161,8 @@ def build_class_graph(
     ``search``: ``probes``, each query's own probes; ``groups`` (torch IVF), the rows taken
     list by list and searched by list groups (``TorchIVFIndex.search_by_list_groups``).
     ``block_rows``: rows per rank and round (None: ``build_block_rows``'s default).
+    ``keep_scores``: return (table, scores), scores (C_r, k) float32 the neighbours'
+    similarities (-inf where none), as a refreshed graph keeps them.
     """
     world, _ = _check_shard(weight, class_start, num_classes, group)
     check_int("k", k, minimum=1)
@@ -160,11 +173,17 @@ def build_class_graph(
     num_rows, dim = weight.shape
     order = query_order(index, num_rows, weight.device, search)
     table = torch.full((num_rows, k), -1, dtype=torch.int32, device=weight.device)
+    table_scores = (
+        torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=weight.device) if keep_scores else None
+    )
+    done = (lambda: (table, table_scores)) if keep_scores else (lambda: table)
     if world == 1:
-        table[order] = graph_rows(
+        table[order], found_scores = _scored_graph_rows(
             index, weight, order, k, class_start=class_start, cosine=cosine, block_rows=block_rows, search=search
         )
-        return table
+        if keep_scores:
+            table_scores[order] = found_scores
+        return done()
     # Every rank runs the same rounds: the smallest block any rank's index asks for (an auto
     # index may be flat on one rank and IVF on the next, whose shard is one row larger).
     agreed = torch.tensor([block_rows], dtype=torch.int64, device=weight.device)
@@ -189,10 +208,12 @@ def build_class_graph(
         dist.all_to_all_single(got_ids, ids.contiguous(), group=group)
         scores = got_scores.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
         ids = got_ids.reshape(world, block_rows, k + 1).transpose(0, 1).reshape(block_rows, -1)
-        _, best = merge_candidates(scores[:count], ids[:count], k, exclude=rows + class_start)
+        best_scores, best = merge_candidates(scores[:count], ids[:count], k, exclude=rows + class_start)
         table[rows] = best.to(torch.int32)
+        if keep_scores:
+            table_scores[rows] = best_scores
         piece_done()
-    return table
+    return done()
 
 
 def _grouped(index: ClassIndex, search: str) -> bool:
@@ -235,15 +256,24 @@ def graph_rows(
 ) -> torch.Tensor:
     """(len(rows), k) int32: the graph rows of the classes at local ``rows``, when ``weight``
     (with ``index`` built over it) holds every class of the model, as on one rank."""
+    return _scored_graph_rows(
+        index, weight, rows, k, class_start=class_start, cosine=cosine, block_rows=block_rows, search=search
+    )[0]
+
+
+def _scored_graph_rows(index, weight, rows, k, *, class_start, cosine, block_rows, search):
+    """``graph_rows`` and the neighbours' scores: (len(rows), k) int32 and float32."""
     out = torch.full((rows.numel(), k), -1, dtype=torch.int32, device=weight.device)
+    out_scores = torch.full((rows.numel(), k), -math.inf, dtype=torch.float32, device=weight.device)
     block_rows = build_block_rows(index, block_rows, search)
     for start in range(0, rows.numel(), block_rows):
         chunk = rows[start : start + block_rows].to(weight.device)
         scores, ids = _candidates(index, as_queries(weight[chunk], cosine), weight, k, class_start, search)
-        _, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
+        best_scores, best = merge_candidates(scores, ids, k, exclude=chunk + class_start)
         out[start : start + chunk.numel()] = best.to(torch.int32)
+        out_scores[start : start + chunk.numel()] = best_scores
         piece_done()
-    return out
+    return out, out_scores
 
 
 def _candidates(
@@ -277,6 +307,110 @@ def owned_rows(ids: torch.Tensor, class_start: int, class_stop: int) -> torch.Te
     return torch.where(inside, ids - class_start, -1)
 
 
+# --- refreshes: the rows that moved, searched again -------------------------------------
+
+
+@torch.no_grad()
+def refresh_class_graph(
+    graph: ClassGraph,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    class_start: int,
+    num_classes: int,
+    *,
+    cosine: bool = False,
+    group: dist.ProcessGroup | None = None,
+    search: str = "probes",
+    ignore_index: int = -100,
+    block_rows: int | None = None,
+) -> int:
+    """Search the graph rows of ``labels``' classes again from the current weights, in place;
+    returns how many classes were searched.
+
+    ``labels``: the class ids that steps trained since the last refresh (the same on every
+    rank; repeats and ``ignore_index`` allowed), whose rows moved the most. Each class's row
+    (put in by its owner, ``label_rows``) is searched in every shard's index for its k best
+    over all shards, which replace its graph row. Each rank then offers each searched class
+    to the rows of its shard among those k (``offer_neighbours``), so that a row not searched
+    learns of the rows that moved close to it. Both depend only on the merged best k, not on
+    how the classes are split over the ranks. ``graph`` must hold its scores and index
+    (``build_class_graph(..., keep_scores=True)``). Collectives over ``group``: an all-reduce
+    of n x D float32 (n classes) and all-gathers of n x (k + 1) scores and ids.
+    ``block_rows``: queries per search (None: ``build_block_rows``'s default).
+    """
+    if graph.scores is None or graph.index is None:
+        raise ValueError("refresh_class_graph needs a graph built with its scores and index (keep_scores=True)")
+    _check_shard(weight, class_start, num_classes, group)
+    k = graph.table.shape[1]
+    labels = labels.to(weight.device).long()
+    classes = labels[(labels != ignore_index) & (labels >= 0) & (labels < num_classes)].unique()  # sorted
+    if classes.numel() == 0:
+        return 0
+    queries = as_queries(label_rows(weight, classes, class_start, group), cosine)
+    # In blocks, as a build searches (a search's scores grow with its queries).
+    block = build_block_rows(graph.index, block_rows, search)
+    found = []
+    for start in range(0, queries.shape[0], block):
+        found.append(_candidates(graph.index, queries[start : start + block], weight.detach(), k, class_start, search))
+        piece_done()
+    scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
+    scores, ids = _every_ranks_candidates(scores, ids, group)
+    best_scores, best = merge_candidates(scores, ids, k, exclude=classes)
+    offer_neighbours(graph, classes, best, best_scores, class_start)
+    local = classes - class_start
+    owned = (local >= 0) & (local < graph.table.shape[0])
+    graph.table[local[owned]] = best[owned].to(torch.int32)
+    graph.scores[local[owned]] = best_scores[owned]
+    return classes.numel()
+
+
+def offer_neighbours(
+    graph: ClassGraph, classes: torch.Tensor, found: torch.Tensor, found_scores: torch.Tensor, class_start: int
+) -> None:
+    """Offer each of ``classes`` (n,) to the rows of this shard it found, in place.
+
+    ``found`` (n, m): global class ids that class i's row scored ``found_scores`` against
+    (-1 for none), each at most once a row. A row r of the shard keeps the best k of its
+    neighbours and the classes offered to it (at most its k best offers compete). A class
+    already among r's neighbours takes the score of its offer, whether or not that offer is
+    among r's best k; r's own class is never offered. Rows with no offer are untouched.
+    """
+    num_rows, k = graph.table.shape
+    targets = owned_rows(found, class_start, class_start + num_rows)
+    offered = classes.to(found.device).long().unsqueeze(1).expand_as(found)
+    keep = (targets >= 0) & (targets + class_start != offered)
+    targets, offered, scores = targets[keep], offered[keep], found_scores[keep].float()
+    if targets.numel() == 0:
+        return
+    # Each row's offers best first (a stable sort by score, then by row), the first k kept.
+    by_score = scores.argsort(descending=True, stable=True)
+    targets, offered, scores = targets[by_score], offered[by_score], scores[by_score]
+    by_row = targets.argsort(stable=True)
+    targets, offered, scores = targets[by_row], offered[by_row], scores[by_row]
+    rows, slot, counts = torch.unique_consecutive(targets, return_inverse=True, return_counts=True)
+    position = torch.arange(targets.numel(), device=targets.device) - (counts.cumsum(0) - counts)[slot]
+    first = position < k
+    offer_ids = torch.full((rows.numel(), k), -1, dtype=torch.long, device=targets.device)
+    offer_scores = torch.full((rows.numel(), k), -math.inf, dtype=torch.float32, device=targets.device)
+    offer_ids[slot[first], position[first]] = offered[first]
+    offer_scores[slot[first], position[first]] = scores[first]
+    # Neighbours offered again take their new scores, found by (row, class) key among all offers.
+    current, current_scores = graph.table[rows].long(), graph.scores[rows]
+    span = int(max(int(offered.max()), int(current.max()))) + 1
+    offer_keys, order = (targets * span + offered).sort()
+    current_keys = rows.unsqueeze(1) * span + current
+    at = torch.searchsorted(offer_keys, current_keys).clamp_(max=offer_keys.numel() - 1)
+    renewed = (offer_keys[at] == current_keys) & (current >= 0)
+    current_scores = torch.where(renewed, scores[order][at], current_scores)
+    held = ((offer_ids.unsqueeze(2) == current.unsqueeze(1)) & (current.unsqueeze(1) >= 0)).any(2)
+    offer_ids = offer_ids.masked_fill(held, -1)  # already a neighbour, now with the offer's score
+    best_scores, best = merge_candidates(
+        torch.cat((current_scores, offer_scores), 1), torch.cat((current, offer_ids), 1), k
+    )
+    graph.table[rows] = best.to(torch.int32)
+    graph.scores[rows] = best_scores
+
+
 # --- recall against exact search over all shards ------------------------------------------
 
 
@@ -297,14 +431,20 @@ def exact_class_topk(
     wanted = k + (exclude is not None)
     scores, rows = exact_topk(queries, weight.detach(), wanted, cosine=cosine)
     scores, ids = _pad(scores.float(), rows + class_start, wanted)
-    world = group_world_size(group)
-    if world > 1:
-        all_scores = [torch.empty_like(scores) for _ in range(world)]
-        all_ids = [torch.empty_like(ids) for _ in range(world)]
-        dist.all_gather(all_scores, scores.contiguous(), group=group)
-        dist.all_gather(all_ids, ids.contiguous(), group=group)
-        scores, ids = torch.cat(all_scores, 1), torch.cat(all_ids, 1)
+    scores, ids = _every_ranks_candidates(scores, ids, group)
     return merge_candidates(scores, ids, k, exclude)[1]
+
+
+def _every_ranks_candidates(scores: torch.Tensor, ids: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's (n, m) candidates side by side, (n, W·m), the same on every rank: all-gathers over ``group``."""
+    world = group_world_size(group)
+    if world == 1:
+        return scores, ids
+    all_scores = [torch.empty_like(scores) for _ in range(world)]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_scores, scores.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    return torch.cat(all_scores, 1), torch.cat(all_ids, 1)
 
 
 def label_rows(weight: torch.Tensor, labels: torch.Tensor, class_start: int, group=None) -> torch.Tensor:

@@ -264,6 +264,7 @@ class Trainer:
             trim_to_budget=h.knn_trim_to_budget,
             graph_k=h.graph_k,
             graph_search=h.graph_search,
+            graph_refresh_every=h.graph_refresh_every,
             num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
@@ -431,9 +432,9 @@ class Trainer:
         if graph is not None:
             # By class, as the head's rows: a resume at any world size reads its own classes' neighbours.
             table, built_step = graph
-            state["head_graph"] = {
-                "table": ckpt.class_rows(table, self.head.class_start, self.head.num_classes, self.env.rank)
-            }
+            state["head_graph"] = self._graph_checkpoint_state(table, self.selector.graph_scores())
+            if self.cfg.head.graph_refresh_every:  # the same on every rank: saved once
+                state["head_graph"]["seen_labels"] = self.selector.seen_labels(self._seen_labels_length)
             meta["head_graph"] = {**self.selector.graph_signature, "built_step": built_step}
         if self.topk_workers:  # per worker: what each has not sent yet
             state["comm_residuals"] = {f"rank{w}": topk.state_dict() for w, topk in self.topk_workers.items()}
@@ -525,11 +526,40 @@ class Trainer:
                 )
             return
         table = self.selector.empty_graph_table()
-        state = {
-            "head_graph": {"table": ckpt.class_rows(table, self.head.class_start, self.head.num_classes, self.env.rank)}
-        }
+        scores = seen = None
+        if self.cfg.head.graph_refresh_every:
+            scores = torch.empty(table.shape, dtype=torch.float32, device=table.device)
+            seen = torch.empty(self._seen_labels_length, dtype=torch.long, device=table.device)
+        state = {"head_graph": self._graph_checkpoint_state(table, scores)}
+        if seen is not None:
+            state["head_graph"]["seen_labels"] = seen
         ckpt.load_checkpoint(self.env, path, state)
-        self.selector.load_graph_state(table, saved["built_step"])
+        if not self.cfg.head.graph_refresh_every:
+            self.selector.load_graph_state(table, saved["built_step"])
+            return
+        self.selector.load_graph_state(table, saved["built_step"], scores, seen, self._rows_to_search())
+        if self.selector.index_type != "flat" and self.env.is_main:
+            print(
+                f"warning: checkpoint {path}: the refreshed class graph's {self.selector.index_type} index is "
+                "built anew from the resumed rows (its lists are not saved), so this run will not select exactly "
+                "what an uninterrupted one would",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _graph_checkpoint_state(self, table: torch.Tensor, scores: torch.Tensor | None) -> dict:
+        """The class graph's per-class tensors, by class as the head's rows: a resume at any
+        world size reads its own classes' neighbours."""
+        rows = {"table": table} if scores is None else {"table": table, "scores": scores}
+        return {
+            name: ckpt.class_rows(tensor, self.head.class_start, self.head.num_classes, self.env.rank)
+            for name, tensor in rows.items()
+        }
+
+    @property
+    def _seen_labels_length(self) -> int:
+        """Room for the labels of one refresh period (a refreshed graph's checkpoint)."""
+        return self.cfg.head.graph_refresh_every * self.cfg.train.global_batch
 
     def resume(self, *, verify: bool = True) -> bool:
         """Load the newest checkpoint of run.dir that verifies, if any; True when one was loaded.
@@ -846,10 +876,20 @@ class Trainer:
 
     def _selection_metrics(self) -> dict:
         """active_classes (mean per shard) and, where measured, knn_recall, graph_recall, active_recall,
-        index_build_s, index_age (means over ranks; graph_recall and active_recall are the same on every rank)."""
+        index_build_s, index_age, graph_refresh_s and graph_refreshed (the newest refresh's time and classes)
+        (means over ranks; graph_recall and active_recall are the same on every rank)."""
         if self.cfg.head.selection == "full":
             return {}
-        names = ("active_classes", "knn_recall", "graph_recall", "active_recall", "index_build_s", "index_age")
+        names = (
+            "active_classes",
+            "knn_recall",
+            "graph_recall",
+            "active_recall",
+            "index_build_s",
+            "index_age",
+            "graph_refresh_s",
+            "graph_refreshed",
+        )
         last = self.selector.last
         values = torch.tensor(
             [math.nan if last[n] is None else float(last[n]) for n in names], dtype=torch.float64, device=self.device
