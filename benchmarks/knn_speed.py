@@ -3,6 +3,7 @@
     python benchmarks/knn_speed.py                          # 25M classes per GPU (100M over 4), H200
     python benchmarks/knn_speed.py --classes 4194304 --index-configs 2048:8
     python benchmarks/knn_speed.py --methods graph --graph-configs 8192:16,8192:64
+    python benchmarks/knn_speed.py --methods graph --graph-configs 8192:8 --graph-refresh-every 50
     HYDRAHEAD_RESULTS_DIR=/tmp/r python benchmarks/knn_speed.py --dry-run   # CPU, tiny shard
 
 One rank's head: ``ShardedClassifier`` with the fused kernels (bf16 weights, fp32 momentum,
@@ -64,6 +65,9 @@ stay empty, which the timed step never reads. The sample is a window of the buil
 query order (list by list with --graph-search groups, row order with probes), searched
 in that order, as a build takes it; the timed batch's labels are searched apart, untimed
 (scattered over the shard, each would form a group of one). ``ms`` = step + build_s / --graph-rebuild-every.
+With --graph-refresh-every N a refresh (head.graph_refresh_every) of N·G uniformly drawn
+labels is timed over the build's index (``refresh_s``, the median of 3) and
+``refresh_ms_per_step`` = refresh_s / N is added to ``ms``.
 With --graph-background the steps are also timed while a whole-shard build runs in the
 background, as training runs them, from the step before the build falls due until
 --graph-bg-after-install steps after its graph is installed: ``bg_ms``, ``bg_max_ms`` and
@@ -453,6 +457,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     table = torch.full((C, k), -1, dtype=torch.int32, device=device)
     table[rows] = found
     table[labels.to(device)] = search_rows(labels.to(device))
+    refresh = graph_refresh_fields(args, index, table, weight, device) if args.graph_refresh_every else {}
     del index, found
     selector.load_graph_state(table, 0)  # as if built before the first step
     # Recall of the fresh graph, before the timed steps move the rows.
@@ -486,10 +491,43 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         nprobe=nprobe if config is not None else None,
         graph_k=k,
         rebuild_every=args.graph_rebuild_every,
+        **refresh,
         **background,
     )
     name += " groups" if config is not None and search == "groups" else ""
-    return f"hydrahead-graph {name}", ms + build_ms_per_step, active, peak, fields
+    name += f" refresh={args.graph_refresh_every}" if refresh else ""
+    per_step = build_ms_per_step + refresh.get("refresh_ms_per_step", 0.0)
+    return f"hydrahead-graph {name}", ms + per_step, active, peak, fields
+
+
+def graph_refresh_fields(args, index, table, weight, device) -> dict:
+    """The time of one graph refresh (``head.graph_refresh_every``): the rows of the labels of
+    that many steps (G each, drawn uniformly) searched again over the build's index and offered
+    to the rows they found. The median of 3 refreshes after an untimed one."""
+    num_rows = table.shape[0]
+    graph = class_graph.ClassGraph(table.clone(), torch.full(table.shape, -math.inf, device=device), index)
+    generator = torch.Generator().manual_seed(5)
+    labels_count = args.graph_refresh_every * args.batch
+
+    def refresh() -> tuple[float, int]:
+        labels = torch.randint(0, num_rows, (labels_count,), generator=generator).to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        classes = class_graph.refresh_class_graph(
+            graph, weight, labels, 0, num_rows, cosine=True, search=args.graph_search
+        )
+        synchronize(device)
+        return time.perf_counter() - start, classes
+
+    refresh()  # kernels compile outside the timed refreshes
+    times, classes = zip(*(refresh() for _ in range(3)))
+    seconds = statistics.median(times)
+    return dict(
+        refresh_every=args.graph_refresh_every,
+        refresh_s=seconds,
+        refresh_classes=int(statistics.mean(classes)),
+        refresh_ms_per_step=seconds * 1e3 / args.graph_refresh_every,
+    )
 
 
 def main(argv=None) -> None:
@@ -511,6 +549,13 @@ def main(argv=None) -> None:
     parser.add_argument("--graph-k", type=int, default=16, help="graph neighbours per class (head.graph_k)")
     parser.add_argument(
         "--graph-rebuild-every", type=int, default=1000, help="graph: steps between rebuilds (head.rebuild_every)"
+    )
+    parser.add_argument(
+        "--graph-refresh-every",
+        type=int,
+        default=0,
+        help="graph: also time a refresh of the rows of this many steps' labels (head.graph_refresh_every; "
+        "refresh_* fields, its time per step added to the row's ms; 0: none)",
     )
     parser.add_argument(
         "--graph-background",

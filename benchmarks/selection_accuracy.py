@@ -136,7 +136,8 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     corrected_tail = " corrected" if args.fill_correction else ""
     knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid, *corrected]
     knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail + corrected_tail
-    graph_tail = stored + frozen + paid_tail + corrected_tail
+    refresh_tail = f" refresh={args.graph_refresh_every}" if args.graph_refresh_every else ""
+    graph_tail = refresh_tail + stored + frozen + paid_tail + corrected_tail
 
     def index(kind: str) -> list[str]:
         return ["head.index=torch", f"head.index_type={kind}", f"head.rebuild_every={args.rebuild_every}"]
@@ -171,6 +172,7 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
                     "head.selection=graph",
                     *common,
                     f"head.graph_k={args.graph_k}",
+                    f"head.graph_refresh_every={args.graph_refresh_every}",
                     *index(graph_index),
                     *paid,
                     *corrected,
@@ -314,6 +316,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--knn-k", type=int, default=16, help="head.knn_k")
     parser.add_argument("--graph-k", type=int, default=16, help="head.graph_k")
+    parser.add_argument(
+        "--graph-refresh-every",
+        type=int,
+        default=0,
+        help="head.graph_refresh_every of graph (0: off); its name then carries 'refresh=N'",
+    )
     parser.add_argument(
         "--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index"
     )

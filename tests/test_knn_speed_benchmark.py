@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_graph_background_dry_run_times_the_steps_beside_a_whole_build(tmp_path, monkeypatch):
     """With --graph-background every graph row carries the steps timed while a whole-shard
@@ -25,6 +27,23 @@ def test_graph_background_dry_run_times_the_steps_beside_a_whole_build(tmp_path,
     assert 3 <= row["bg_steps"] < 5000  # stopped two steps after the install
     assert row["bg_max_ms"] >= row["bg_ms"] > 0
     assert isinstance(row["bg_slow_steps"], list)
+
+
+def test_graph_refresh_dry_run_times_a_refresh_and_adds_it_per_step(tmp_path, monkeypatch):
+    """--graph-refresh-every N times a refresh of N steps' labels over the build's index; the
+    row's ms adds its share per step to the step and the build's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import knn_speed
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    knn_speed.main(["--dry-run", "--methods", "graph", "--graph-configs", "16:2", "--graph-refresh-every", "3"])
+    (row,) = json.loads((tmp_path / "knn_speed.json").read_text())["rows"]
+    assert row["method"] == "hydrahead-graph 16:2 refresh=3"
+    assert row["refresh_every"] == 3 and row["refresh_s"] > 0
+    assert 0 < row["refresh_classes"] <= 3 * 48  # distinct labels of 3 steps of the dry run's G = 48
+    assert row["refresh_ms_per_step"] == pytest.approx(row["refresh_s"] * 1e3 / 3, rel=1e-3)
+    per_step = row["step_ms"] + row["build_ms_per_step"] + row["refresh_ms_per_step"]
+    assert row["ms"] == pytest.approx(per_step, rel=1e-3)
 
 
 def test_steps_beside_rebuilds_runs_the_trainers_collection_policy_and_times_collections_in_steps():
