@@ -406,23 +406,33 @@ REFRESHED = [
     "head.index_type=flat",
     "head.index_deterministic=true",
     "head.rebuild_every=100",
-    "head.graph_refresh_every=3",
+    "head.graph_refresh_every=2",
     "train.eval_every=0",
-    "train.steps=10",
+    "train.steps=12",
     "head.num_classes=60",  # the labels of one refresh period (3 x 8 of 60 classes) meet again in the next
     "train.global_batch=8",
 ]
 
 
-def test_trainer_resumes_a_refreshed_graph_exactly(tmp_path):
-    """Stopped at step 7 (a refresh at 6, the labels of 6 and 7 waiting for the one at 9),
-    the resumed run's losses are the uninterrupted run's, bit for bit."""
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_trainer_resumes_a_refreshed_graph_exactly(tmp_path, index_type):
+    """Stopped at step 9 (a refresh at 8, the labels of 8 and 9 waiting for the one at 10),
+    the resumed run's losses are the uninterrupted run's, bit for bit. Over an IVF probing 1
+    of its 4 lists its lists come back too, with the rows moved since the last refresh (filed
+    again at 10) and the refreshes' count (the 6th, at 12, runs k-means)."""
+    options = [
+        *REFRESHED,
+        f"head.index_type={index_type}",
+        "head.index_nlist=4",
+        "head.index_nprobe=1",
+        "head.index_retrain_every=3",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    launch(whole, 2, *REFRESHED)
-    launch(resumed, 2, *REFRESHED, "train.stop_after=7")
-    proc = launch(resumed, 2, *REFRESHED)
-    assert "resumed at step 7" in proc.stdout + proc.stderr
-    assert "class graph is rebuilt" not in proc.stderr, proc.stderr[-2000:]
+    launch(whole, 2, *options)
+    launch(resumed, 2, *options, "train.stop_after=9")
+    proc = launch(resumed, 2, *options)
+    assert "resumed at step 9" in proc.stdout + proc.stderr
+    assert "class graph is rebuilt" not in proc.stderr and "index is built anew" not in proc.stderr, proc.stderr[-2000:]
     want, got = train_losses(whole), train_losses(resumed)
-    assert sorted(got) == list(range(1, 11))
-    assert [got[s] for s in range(8, 11)] == [want[s] for s in range(8, 11)]
+    assert sorted(got) == list(range(1, 13))
+    assert [got[s] for s in range(10, 13)] == [want[s] for s in range(10, 13)]

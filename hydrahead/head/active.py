@@ -62,7 +62,9 @@ where builds do (the worker, or the step), one job at a time: a refresh that fal
 while a build runs starts after it. A build covers the labels trained before the weights
 it read. A background refresh writes the table in place: a step that looks it up
 meanwhile may take some of a class's neighbours from before the refresh and some from
-after (each a neighbour either way).
+after (each a neighbour either way). Deterministic refreshed graphs over a torch IVF
+checkpoint that index as knn's (``index_state``), with the moved rows' marks and the count
+of refreshes towards the next k-means run.
 
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
 fraction of the exact top-k rows that the index found, both without the sample's label
@@ -841,17 +843,25 @@ class ActiveClassSelector:
 
     @property
     def saves_index(self) -> bool:
-        """Whether checkpoints carry the index (deterministic knn with a built index)."""
-        return self.selection == "knn" and self.deterministic
+        """Whether checkpoints carry the index: deterministic knn, and a deterministic
+        refreshed graph's torch IVF (the lists its refreshes search and file rows into)."""
+        refreshed_lists = self.selection == "graph" and self.graph_refresh_every and self._dirty is not None
+        return (self.selection == "knn" or bool(refreshed_lists)) and self.deterministic
+
+    @property
+    def _saved_index(self) -> class_index.ClassIndex:
+        """The index that checkpoints carry: knn's, or the one a refreshed graph searches."""
+        return self._current.index.index if self.selection == "graph" else self._current.index
 
     def index_state(self) -> dict:
-        """The current index as tensors plus ``built_step`` (deterministic knn only)."""
+        """The current index as tensors plus ``built_step`` and ``rebuilds`` (for a refreshed
+        graph: its refreshes since its build), when ``saves_index``."""
         if not self.saves_index or self._current is None:
             return {}
         state = {
-            **self._current.index.state_dict(),
+            **self._saved_index.state_dict(),
             "built_step": torch.tensor(self._current.step),
-            "rebuilds": torch.tensor(self._rebuilds),
+            "rebuilds": torch.tensor(self._refreshes if self.selection == "graph" else self._rebuilds),
         }
         if self._dirty is not None:
             state["dirty"] = self._dirty
@@ -870,13 +880,19 @@ class ActiveClassSelector:
         return state
 
     def load_index_state(self, state: dict, weight: torch.Tensor) -> None:
-        """Install a saved index (as from ``index_state``) over this shard's weights."""
+        """Install a saved index (as from ``index_state``) over this shard's weights; a
+        refreshed graph's after its table (``load_graph_state``)."""
         if not self.saves_index:
             return
         index = self._new_index()
         index.load_state_dict({k: v for k, v in state.items() if k not in _SELECTOR_STATE}, weight.detach())
-        self._current = _Built(index, int(state["built_step"]), 0.0)
-        self._rebuilds = int(state["rebuilds"])
+        if self.selection == "graph":
+            if self._current is None:  # no table was loaded: the next step builds graph and index anew
+                return
+            self._current.index.index, self._refreshes = index, int(state["rebuilds"])
+        else:
+            self._current = _Built(index, int(state["built_step"]), 0.0)
+            self._rebuilds = int(state["rebuilds"])
         if self._dirty is not None:
             self._dirty.copy_(state["dirty"])
 

@@ -497,8 +497,13 @@ class Trainer:
                     why = f"was saved by {saved} ranks, not {self.env.world_size}"
                 else:
                     why = f"holds an index {signature}, not {self.selector.index_signature}"
+                what = (
+                    "knn index is rebuilt at the next step"
+                    if self.cfg.head.selection == "knn"
+                    else ("refreshed class graph's index is built anew from the resumed rows")
+                )
                 print(
-                    f"warning: checkpoint {path} {why}: the knn index is rebuilt at the next step, so this run "
+                    f"warning: checkpoint {path} {why}: the {what}, so this run "
                     "will not select exactly what an uninterrupted one would",
                     file=sys.stderr,
                     flush=True,
@@ -538,14 +543,6 @@ class Trainer:
             self.selector.load_graph_state(table, saved["built_step"])
             return
         self.selector.load_graph_state(table, saved["built_step"], scores, seen, self._rows_to_search())
-        if self.selector.index_type != "flat" and self.env.is_main:
-            print(
-                f"warning: checkpoint {path}: the refreshed class graph's {self.selector.index_type} index is "
-                "built anew from the resumed rows (its lists are not saved), so this run will not select exactly "
-                "what an uninterrupted one would",
-                file=sys.stderr,
-                flush=True,
-            )
 
     def _graph_checkpoint_state(self, table: torch.Tensor, scores: torch.Tensor | None) -> dict:
         """The class graph's per-class tensors, by class as the head's rows: a resume at any
@@ -614,8 +611,8 @@ class Trainer:
             model_state_dict=state["backbone"],
             optim_state_dict=state["backbone_optim"],
         )
-        self._resume_index(path, meta)
         self._resume_graph(path, meta)
+        self._resume_index(path, meta)  # after the graph: a refreshed graph's IVF goes into it
         self._resume_residuals(path, meta)
         self.step = int(meta["step"])
         if meta["cursor"] != self.step * self.cfg.train.global_batch:
