@@ -683,13 +683,12 @@ class ActiveClassSelector:
         self._pending = self._worker.submit(self._on_side_stream, job, weights_ready)
 
     def _start_background_build(self, weight: torch.Tensor, step: int) -> None:
-        previous, marked = self._plan_build()
-        if self.selection == "graph":
+        if self.selection == "graph":  # built whole: no rows to file again
             self._new_lists()
-            job = functools.partial(self._build, weight, step, group=self._background_group)
-        else:
-            job = functools.partial(self._build, weight, step, previous, marked)
-        self._submit(job, weight, marked)
+            self._submit(functools.partial(self._build, weight, step, group=self._background_group), weight)
+            return
+        previous, marked = self._plan_build()
+        self._submit(functools.partial(self._build, weight, step, previous, marked), weight, marked)
 
     def _install(self, built: _Built | _Refreshed) -> None:
         if isinstance(built, _Refreshed):
