@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -194,12 +195,23 @@ def _weight(step):
     return torch.randn(C1, D, generator=_gen(200 + step), dtype=torch.float64)
 
 
-def _recording(selector):
-    """Record each refresh's step, labels and moved-row marks; then run it."""
+class _Call(NamedTuple):
+    """One refresh as the selector asked for it: where it ran, over which rows and labels,
+    with which moved-row marks (or True: k-means anew; None: no lists)."""
+
+    thread: str
+    weight: torch.Tensor
+    labels: torch.Tensor
+    moved: torch.Tensor | bool | None
+
+
+def _recording(selector) -> list[_Call]:
+    """Record each refresh (``_Call``), then run it."""
     calls, original = [], selector._refresh
 
     def refresh(graph, weight, labels, moved, group):
-        calls.append((labels.clone(), moved.clone() if isinstance(moved, torch.Tensor) else moved))
+        marks = moved.clone() if isinstance(moved, torch.Tensor) else moved
+        calls.append(_Call(threading.current_thread().name, weight, labels.clone(), marks))
         return original(graph, weight, labels, moved, group)
 
     selector._refresh = refresh
@@ -223,11 +235,11 @@ def test_refreshes_take_the_labels_since_the_last_one_and_builds_cover_theirs():
     assert refreshed_at == [3, 6, 9]
     # Step 3: the labels of steps 1-3. The build of step 5 read the weights that steps 1-4
     # moved, so step 6 takes those of 5 and 6, and step 9 those of 6 (moved since) to 9.
-    taken = [labels_ for labels_, _ in calls]
+    taken = [call.labels for call in calls]
     assert torch.equal(taken[0], torch.cat([labels[1], labels[2], labels[3]]))
     assert torch.equal(taken[1], torch.cat([labels[5], labels[6]]))
     assert torch.equal(taken[2], torch.cat([labels[s] for s in (6, 7, 8, 9)]))
-    assert all(moved is None for _, moved in calls)  # flat: no lists to file
+    assert all(call.moved is None for call in calls)  # flat: no lists to file
     assert selector.last["graph_refreshed"] == taken[2].unique().numel()  # the newest refresh's classes
 
 
@@ -239,14 +251,14 @@ def test_an_ivf_refresh_files_the_rows_updated_since_the_last_one():
         features, labels = _batch(step)
         updated[step] = selector.select(step, features, labels, _weight(step))
     assert len(calls) == 2  # steps 2 and 4
-    for (_, moved), steps in zip(calls, [(1,), (2, 3)]):
+    for call, steps in zip(calls, [(1,), (2, 3)]):
         want = torch.zeros(C1, dtype=torch.bool)
         for step in steps:
             want[updated[step]] = True
-        assert torch.equal(moved, want)
+        assert torch.equal(call.moved, want)
     # The lists now hold the moved rows where they are nearest by the weights of step 4.
     index = selector._current.index.index
-    moved_rows = calls[1][1].nonzero().squeeze(1)
+    moved_rows = calls[1].moved.nonzero().squeeze(1)
     centroids = index._centroids
     nearest = (_weight(4).float()[moved_rows] @ centroids.T).argmax(1)
     assert torch.equal(index._assign[moved_rows].long(), nearest.to(index._assign.device).long())
@@ -262,7 +274,7 @@ def test_every_retrain_every_th_ivf_refresh_runs_k_means_anew():
         features, labels = _batch(step)
         selector.select(step, features, labels, _weight(step))
         indexes.append(selector._current.index.index)
-    assert [moved is True for _, moved in calls] == [False, True, False, True]
+    assert [call.moved is True for call in calls] == [False, True, False, True]
     # A k-means run fits the lists to the rows as they are: those of step 2, then of step 4.
     fresh = make_index("torch", "ivf", nlist=4, nprobe=selector._index_options["nprobe"], copy_weights=False)
     fresh.build(_weight(4))
@@ -272,24 +284,17 @@ def test_every_retrain_every_th_ivf_refresh_runs_k_means_anew():
 
 def test_background_refreshes_run_in_the_worker_and_land():
     selector = _selector(rebuild_every=100, graph_refresh_every=2)
-    calls, original = [], selector._refresh
-
-    def refresh(graph, weight, labels, moved, group):
-        calls.append((threading.current_thread().name, weight, labels.clone()))
-        return original(graph, weight, labels, moved, group)
-
-    selector._refresh = refresh
+    calls = _recording(selector)
     for step in range(1, 8):
         features, labels = _batch(step)
         selector.select(step, features, labels, _weight(step))
     selector._harvest(wait=True)
     # Due at steps 2, 4 and 6; one that falls due while the last still runs starts a step later.
-    assert 1 <= len(calls) <= 3 and all(name.startswith("knn-index") for name, _, _ in calls)
+    assert 1 <= len(calls) <= 3 and all(call.thread.startswith("knn-index") for call in calls)
     assert selector.last["graph_refreshed"] > 0
     # The newest refresh searched its labels' rows over the weights of the step that started it.
-    _, weight, labels = calls[-1]
-    classes = labels.unique()
-    want = _scores(weight, False)[classes].topk(3, dim=1).indices
+    classes = calls[-1].labels.unique()
+    want = _scores(calls[-1].weight, False)[classes].topk(3, dim=1).indices
     assert torch.equal(selector.graph_state()[0][classes].long(), want)
     selector.close()
 
@@ -337,13 +342,7 @@ def _background_refreshes(rank, world_size):
         graph_refresh_every=2,
         build_group=build_group,
     )
-    calls, original = [], selector._refresh
-
-    def refresh(graph, weight, labels, moved, group):
-        calls.append(labels.clone())
-        return original(graph, weight, labels, moved, group)
-
-    selector._refresh = refresh
+    calls = _recording(selector)
     weights = []
     for step in range(1, 8):
         features, labels = _batch(step)
@@ -353,8 +352,8 @@ def _background_refreshes(rank, world_size):
     table = selector.graph_state()[0]
     selector.close()
     # Which step the newest refresh started at: the one whose labels end its list.
-    last = next(s for s in range(7, 0, -1) if torch.equal(calls[-1][-G:], _batch(s)[1]))
-    return start, calls, last, table
+    last = next(s for s in range(7, 0, -1) if torch.equal(calls[-1].labels[-G:], _batch(s)[1]))
+    return start, [call.labels for call in calls], last, table
 
 
 def test_background_refreshes_over_two_ranks_agree_and_match_brute_force():
