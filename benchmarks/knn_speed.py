@@ -496,7 +496,6 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     )
     name += f" {search}" if config is not None and search != "probes" else ""
     name += f" refresh={args.graph_refresh_every}" if refresh else ""
-    name += f" {args.graph_refresh_candidates}" if refresh and args.graph_refresh_candidates != "index" else ""
     per_step = build_ms_per_step + refresh.get("refresh_ms_per_step", 0.0)
     return f"hydrahead-graph {name}", ms + per_step, active, peak, fields
 
@@ -506,13 +505,8 @@ def graph_refresh_fields(args, index, table, weight, device) -> dict:
     that many steps (G each, drawn uniformly) searched again over the build's index and offered
     to the rows they found. The median of 3 refreshes after an untimed one."""
     num_rows = table.shape[0]
-    generator = torch.Generator().manual_seed(5)
-    if args.graph_refresh_candidates != "index":
-        # A walk reads k + k² rows a class whoever they are: the rows the sampled build left
-        # unsearched get random neighbours, so that it reads as many as over a whole graph.
-        filler = torch.randint(0, num_rows, table.shape, generator=generator, dtype=torch.int32).to(device)
-        table = torch.where(table < 0, filler, table)
     graph = class_graph.ClassGraph(table.clone(), torch.full(table.shape, -math.inf, device=device), index)
+    generator = torch.Generator().manual_seed(5)
     labels_count = args.graph_refresh_every * args.batch
 
     def refresh() -> tuple[float, int]:
@@ -520,14 +514,7 @@ def graph_refresh_fields(args, index, table, weight, device) -> dict:
         synchronize(device)
         start = time.perf_counter()
         classes = class_graph.refresh_class_graph(
-            graph,
-            weight,
-            labels,
-            0,
-            num_rows,
-            cosine=True,
-            search=args.graph_search,
-            candidates=args.graph_refresh_candidates,
+            graph, weight, labels, 0, num_rows, cosine=True, search=args.graph_search
         )
         synchronize(device)
         return time.perf_counter() - start, classes
@@ -562,12 +549,6 @@ def main(argv=None) -> None:
     parser.add_argument("--graph-k", type=int, default=16, help="graph neighbours per class (head.graph_k)")
     parser.add_argument(
         "--graph-rebuild-every", type=int, default=1000, help="graph: steps between rebuilds (head.rebuild_every)"
-    )
-    parser.add_argument(
-        "--graph-refresh-candidates",
-        default="index",
-        choices=("index", "walk", "both"),
-        help="graph refreshes: where each class's new neighbours are looked for (head.graph_refresh_candidates)",
     )
     parser.add_argument(
         "--graph-refresh-every",

@@ -137,8 +137,6 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid, *corrected]
     knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail + corrected_tail
     refresh_tail = f" refresh={args.graph_refresh_every}" if args.graph_refresh_every else ""
-    if args.graph_refresh_every and args.graph_refresh_candidates != "index":
-        refresh_tail += f" {args.graph_refresh_candidates}"
     graph_tail = refresh_tail + stored + frozen + paid_tail + corrected_tail
 
     def index(kind: str) -> list[str]:
@@ -175,7 +173,6 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
                     *common,
                     f"head.graph_k={args.graph_k}",
                     f"head.graph_refresh_every={args.graph_refresh_every}",
-                    f"head.graph_refresh_candidates={args.graph_refresh_candidates}",
                     *index(graph_index),
                     *paid,
                     *corrected,
@@ -324,12 +321,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=0,
         help="head.graph_refresh_every of graph (0: off); its name then carries 'refresh=N'",
-    )
-    parser.add_argument(
-        "--graph-refresh-candidates",
-        default="index",
-        choices=("index", "walk", "both"),
-        help="head.graph_refresh_candidates of graph's refreshes (other than index: named after 'refresh=N')",
     )
     parser.add_argument(
         "--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index"

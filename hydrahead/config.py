@@ -228,12 +228,6 @@ class HeadConfig:
         "refresh (they moved most) and offer each to the rows it found, about N·G / C_r of a rebuild's work "
         "(0: off; torch index; docs/selection.md)",
     )
-    graph_refresh_candidates: str = _key(
-        "index",
-        "graph refreshes: where each refreshed class looks for its k best: a search of the index (index), its "
-        "graph neighbours and their neighbours scored exactly, k + k² rows and no search (walk), or both",
-        ("index", "walk", "both"),
-    )
     knn_fixed_size: bool = _key(
         False,
         "knn/graph: fill each shard's active set to exactly G·(k + 1) rows (k: knn_k or graph_k) with rows "

@@ -168,133 +168,6 @@ def test_refresh_over_an_ivf_searches_as_asked(search):
     assert graph.table[classes].tolist() == want
 
 
-# ----------------------------------------------------------------------------------------
-# Walks: each class's neighbours and theirs, scored exactly (graph_refresh_candidates)
-# ----------------------------------------------------------------------------------------
-
-
-def _walked_table():
-    """A table with some -1 slots and neighbours shared between rows (repeats in walks)."""
-    gen = _gen(7)
-    table = torch.stack([torch.randperm(C, generator=gen)[:K] for _ in range(C)]).int()
-    table[table == torch.arange(C).unsqueeze(1)] = -1  # never a class's own
-    table[5, 1:] = -1
-    return table
-
-
-def _walk_reference(table, row, classes, cosine):
-    """Each class's candidates in the walk's order (its K neighbours, then each one's K) and
-    their scores against ``row`` of the weights, by Python loops over the table."""
-    sims = _scores(row, cosine)
-    sims.fill_diagonal_(1.0)  # own class: scored like any (left out later by the merge)
-    ids, scores = [], []
-    for cls in classes.tolist():
-        first = table[cls].tolist()
-        walk = first + [n for f in first for n in (table[f].tolist() if f >= 0 else [-1] * K)]
-        ids.append(walk)
-        scores.append([float(sims[cls, n]) if n >= 0 else -math.inf for n in walk])
-    return torch.tensor(ids), torch.tensor(scores, dtype=torch.float64)
-
-
-def _walk_shard(rank, world_size, cosine):
-    start, stop = shard_range(C, world_size, rank)
-    _, after = _moved_weight()
-    graph = class_graph.ClassGraph(_walked_table()[start:stop].clone(), torch.zeros(stop - start, K))
-    classes = _LABELS[_LABELS >= 0].unique()
-    queries = class_graph.as_queries(after[classes], cosine)
-    return class_graph.walk_candidates(graph, classes, queries, after[start:stop], start, cosine=cosine)
-
-
-@pytest.mark.parametrize("cosine", [False, True])
-def test_walk_candidates_are_the_neighbours_and_theirs_scored_now(cosine):
-    classes = _LABELS[_LABELS >= 0].unique()
-    want_ids, want_scores = _walk_reference(_walked_table(), _moved_weight()[1], classes, cosine)
-    scores, ids = _walk_shard(0, 1, cosine)
-    assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
-
-
-def test_walk_candidates_over_three_ranks_match_one_process():
-    one_scores, one_ids = _walk_shard(0, 1, True)
-    for scores, ids in run_ranks(_walk_shard, 3, True):
-        assert torch.equal(ids, one_ids)
-        torch.testing.assert_close(scores, one_scores)
-
-
-def test_distinct_candidates_keep_the_first_of_each_id():
-    gen = _gen(8)
-    ids = torch.randint(-1, 6, (20, 9), generator=gen)
-    scores = torch.rand(20, 9, generator=gen, dtype=torch.float64)
-    got_scores, got_ids = class_graph.distinct_candidates(scores, ids)
-    for row in range(20):
-        seen = set()
-        for j in range(9):
-            cls = int(ids[row, j])
-            repeat = cls >= 0 and cls in seen
-            seen.add(cls)
-            assert int(got_ids[row, j]) == (-1 if repeat else cls)
-            assert float(got_scores[row, j]) == (-math.inf if repeat else float(scores[row, j]))
-
-
-def _walk_refresh_expected(candidates_of, table, table_scores):
-    """The table a refresh of _LABELS gives to the built ``table`` (its ``table_scores``)
-    when each class's k best come from ``candidates_of(cls)``, scored by the moved weights,
-    then offered as a search's are."""
-    new = _scores(_moved_weight()[1], True)
-    offers, rows = {}, {}
-    for cls in _LABELS[_LABELS >= 0].unique().tolist():
-        found = sorted({n for n in candidates_of(cls) if n >= 0 and n != cls}, key=lambda n: -float(new[cls, n]))[:K]
-        rows[cls] = found
-        for n in found:
-            offers.setdefault(n, []).append((cls, float(new[cls, n])))
-    table, _ = _offer_reference(table, table_scores, offers, K)
-    for cls, found in rows.items():
-        table[cls] = torch.tensor(found + [-1] * (K - len(found)), dtype=table.dtype)
-    return table
-
-
-def _refreshed_by(rank, world_size, candidates, index_type):
-    """(the built table, its scores, the table after a refresh), cosine, over an IVF probing
-    1 of its 6 lists or a flat index."""
-    start, stop = shard_range(C, world_size, rank)
-    before, after = _moved_weight()
-    index = make_index("torch", index_type, nlist=6, nprobe=1, cosine=True, copy_weights=False)
-    table, scores = class_graph.build_class_graph(before[start:stop], start, C, K, index, cosine=True, keep_scores=True)
-    graph = class_graph.ClassGraph(table.clone(), scores.clone(), index)
-    class_graph.refresh_class_graph(graph, after[start:stop], _LABELS, start, C, cosine=True, candidates=candidates)
-    return table, scores, graph.table
-
-
-def _walk_of(table):
-    return lambda cls: table[cls].tolist() + [n for f in table[cls].tolist() for n in table[f].tolist()]
-
-
-def test_a_walk_refresh_keeps_the_best_of_the_neighbours_and_theirs():
-    table, scores, refreshed = _refreshed_by(0, 1, "walk", "flat")
-    want = _walk_refresh_expected(_walk_of(table), table, scores)
-    assert torch.equal(refreshed, want)
-    shards = run_ranks(_refreshed_by, 3, "walk", "flat")
-    assert torch.equal(torch.cat([refreshed for _, _, refreshed in shards]), want)
-    # A search of every row finds other classes: the walk is not the exact refresh.
-    assert not torch.equal(want, _expected_refresh(True)[0])
-
-
-def test_both_keeps_the_best_of_the_index_and_the_walk():
-    """Over an IVF probing 1 of its 6 lists: the union of what the search and the walk find."""
-    before, after = _moved_weight()
-    index = make_index("torch", "ivf", nlist=6, nprobe=1, cosine=True, copy_weights=False)
-    index.build(before)
-    classes = _LABELS[_LABELS >= 0].unique()
-    _, searched = index.search(F.normalize(after[classes].float(), dim=1), K + 1, after)
-    searched = dict(zip(classes.tolist(), searched.tolist()))
-    table, scores, refreshed = _refreshed_by(0, 1, "both", "ivf")
-    walk = _walk_of(table)
-    want = _walk_refresh_expected(lambda cls: searched[cls] + walk(cls), table, scores)
-    assert torch.equal(refreshed, want)
-    assert not torch.equal(_refreshed_by(0, 1, "index", "ivf")[2], want)  # the walk found more
-    assert not torch.equal(_refreshed_by(0, 1, "walk", "ivf")[2], want)  # and the search
-
-
 def test_refresh_needs_the_scores_and_index():
     graph = class_graph.ClassGraph(torch.zeros(C, K, dtype=torch.int32))
     with pytest.raises(ValueError, match="keep_scores=True"):
@@ -389,31 +262,6 @@ def test_an_ivf_refresh_files_the_rows_updated_since_the_last_one():
     centroids = index._centroids
     nearest = (_weight(4).float()[moved_rows] @ centroids.T).argmax(1)
     assert torch.equal(index._assign[moved_rows].long(), nearest.to(index._assign.device).long())
-
-
-def test_a_walk_refresh_leaves_the_ivf_lists_and_walks():
-    selector = _selector(
-        deterministic=True,
-        rebuild_every=100,
-        graph_refresh_every=2,
-        index_type="ivf",
-        nlist=4,
-        retrain_every=1,
-        graph_refresh_candidates="walk",
-    )
-    calls = []
-    original = class_graph.refresh_class_graph
-    selector.select(1, *_batch(1), _weight(1))
-    lists = selector._current.index.index
-    assign = lists._assign.clone()
-    try:
-        class_graph.refresh_class_graph = lambda *a, **kw: calls.append(kw["candidates"]) or original(*a, **kw)
-        for step in range(2, 5):
-            selector.select(step, *_batch(step), _weight(step))
-    finally:
-        class_graph.refresh_class_graph = original
-    assert calls == ["walk", "walk"]
-    assert selector._current.index.index is lists and torch.equal(lists._assign, assign)  # no k-means, no refiling
 
 
 def test_every_retrain_every_th_ivf_refresh_runs_k_means_anew():
@@ -525,7 +373,6 @@ def test_background_refreshes_over_two_ranks_agree_and_match_brute_force():
         ("knn", dict(graph_refresh_every=2), "it takes selection=graph"),
         ("graph", dict(graph_refresh_every=-1), "graph_refresh_every must be an int >= 0"),
         ("graph", dict(graph_refresh_every=2, index="faiss"), "not faiss"),
-        ("graph", dict(graph_refresh_every=2, graph_refresh_candidates="near"), "graph_refresh_candidates must be"),
     ],
 )
 def test_bad_refresh_options_fail_clearly(selection, options, message):
@@ -542,7 +389,6 @@ def test_refresh_config_key_is_checked():
         (["head.selection=knn", "head.graph_refresh_every=10"], "head.graph_refresh_every"),
         (["head.selection=graph", "head.graph_refresh_every=-1"], "head.graph_refresh_every"),
         (["head.selection=graph", "head.graph_refresh_every=10", "head.index=faiss"], "head.index torch or auto"),
-        (["head.selection=graph", "head.graph_refresh_candidates=near"], "head.graph_refresh_candidates"),
     ]:
         with pytest.raises(ConfigError, match=match):
             validate(load_config(None, overrides))

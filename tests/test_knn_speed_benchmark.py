@@ -46,23 +46,6 @@ def test_graph_refresh_dry_run_times_a_refresh_and_adds_it_per_step(tmp_path, mo
     assert row["ms"] == pytest.approx(per_step, rel=1e-3)
 
 
-def test_graph_refresh_dry_run_walks_when_asked(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import knn_speed
-    from hydrahead.head import graph as class_graph
-
-    walked = []
-    original = class_graph.walk_candidates
-    monkeypatch.setattr(class_graph, "walk_candidates", lambda *a, **kw: walked.append(a[1]) or original(*a, **kw))
-    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    argv = ["--dry-run", "--methods", "graph", "--graph-configs", "16:2", "--graph-refresh-every", "3"]
-    knn_speed.main([*argv, "--graph-refresh-candidates", "walk"])
-    (row,) = json.loads((tmp_path / "knn_speed.json").read_text())["rows"]
-    assert row["method"] == "hydrahead-graph 16:2 refresh=3 walk"
-    assert len(walked) == 4  # one untimed, 3 timed
-    assert all(classes.numel() > 0 for classes in walked)
-
-
 def test_steps_beside_rebuilds_runs_the_trainers_collection_policy_and_times_collections_in_steps():
     """With gc_every=3 automatic collection is off while the steps run; a collection inside a
     step counts in its gc_ms, the policy's collection after step 3 in none; automatic

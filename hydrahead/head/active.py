@@ -225,7 +225,6 @@ class ActiveClassSelector:
         graph_k: int = 16,
         graph_search: str = "probes",
         graph_refresh_every: int = 0,
-        graph_refresh_candidates: str = "index",
         num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
@@ -252,8 +251,7 @@ class ActiveClassSelector:
         multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
         ``graph_search``: how graph builds search a torch IVF (``class_graph.GRAPH_SEARCHES``).
         ``graph_refresh_every``: steps between graph refreshes (0: none; torch indexes only,
-        which score the current weights). ``graph_refresh_candidates``: where a refresh looks
-        for each class's k best (``class_graph.REFRESH_CANDIDATES``).
+        which score the current weights).
         ``max_index_age``: steps after which a background-built index makes a step wait for
         the running build (None: never; at least ``rebuild_every``). ``rows_move_every_step``:
         the weight given to ``select`` moves every row at every step (the rows with the steps
@@ -302,12 +300,6 @@ class ActiveClassSelector:
         if graph_refresh_every and index == "faiss":
             raise ValueError("graph_refresh_every searches the current weights: it takes the torch index, not faiss")
         self.graph_refresh_every = graph_refresh_every
-        if graph_refresh_candidates not in class_graph.REFRESH_CANDIDATES:
-            raise ValueError(
-                f"graph_refresh_candidates must be one of {class_graph.REFRESH_CANDIDATES}, "
-                f"got {graph_refresh_candidates!r}"
-            )
-        self.graph_refresh_candidates = graph_refresh_candidates
         if selection == "graph":
             self._check_graph_shard()
             graph_k = min(graph_k, num_classes - 1)
@@ -770,11 +762,10 @@ class ActiveClassSelector:
         self, graph: class_graph.ClassGraph, weight: torch.Tensor, labels: torch.Tensor, moved, group
     ) -> _Refreshed:
         start = time.perf_counter()
-        searched = self.graph_refresh_candidates != "walk"  # a walk alone leaves the index as it is
-        if searched and moved is True:  # lists fitted to the rows as they are now
+        if moved is True:  # lists fitted to the rows as they are now
             graph.index = self._new_index()
             graph.index.build(weight.detach())
-        elif searched and moved is not None:  # the rows that moved go to the lists they are nearest now
+        elif moved is not None:  # the rows that moved go to the lists they are nearest now
             graph.index = graph.index.reassigned(weight.detach(), moved.nonzero().squeeze(1))
         classes = class_graph.refresh_class_graph(
             graph,
@@ -786,7 +777,6 @@ class ActiveClassSelector:
             group=group,
             search=self.graph_search,
             ignore_index=self.ignore_index,
-            candidates=self.graph_refresh_candidates,
         )
         if weight.is_cuda:
             torch.cuda.current_stream(weight.device).synchronize()  # as a build: done when it returns

@@ -45,7 +45,6 @@ from hydrahead.head.index import ClassIndex, exact_topk, piece_done
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "GRAPH_SEARCHES",
-    "REFRESH_CANDIDATES",
     "GROUPED_BLOCK_ROWS",
     "LIST_PAIRS",
     "ClassGraph",
@@ -53,7 +52,6 @@ __all__ = [
     "as_queries",
     "build_block_rows",
     "build_class_graph",
-    "distinct_candidates",
     "exact_class_topk",
     "graph_rows",
     "label_neighbours",
@@ -64,7 +62,6 @@ __all__ = [
     "owned_rows",
     "query_order",
     "refresh_class_graph",
-    "walk_candidates",
 ]
 
 # How a build searches: each query's probes; by list groups; or each query's probes list by list.
@@ -76,11 +73,6 @@ GROUPED_BLOCK_ROWS = 65536
 # ... when it searches list by list: (query, probed list) pairs per block (each pair's query
 # is copied for its list's product: 1 GiB of bf16 queries at D = 512)
 LIST_PAIRS = 1 << 20
-# Where a refresh finds a class's new neighbours: the index; its neighbours and their
-# neighbours in the graph (NN-descent's local join, no index search); or both.
-REFRESH_CANDIDATES = ("index", "walk", "both")
-# Candidate rows a walk scores per block (each gathered as a float32 row: 256 MiB at D = 512).
-WALK_ROWS = 1 << 17
 
 
 class ClassGraph:
@@ -347,7 +339,6 @@ def refresh_class_graph(
     search: str = "probes",
     ignore_index: int = -100,
     block_rows: int | None = None,
-    candidates: str = "index",
 ) -> int:
     """Search the graph rows of ``labels``' classes again from the current weights, in place;
     returns how many classes were searched.
@@ -362,13 +353,8 @@ def refresh_class_graph(
     (``build_class_graph(..., keep_scores=True)``). Collectives over ``group``: an all-reduce
     of n x D float32 (n classes) and all-gathers of n x (k + 1) scores and ids.
     ``block_rows``: queries per search (None: ``build_block_rows``'s default).
-    ``candidates`` (``REFRESH_CANDIDATES``): where the k best are looked for: the index
-    (``index``); the class's graph neighbours and theirs, scored exactly (``walk``,
-    ``walk_candidates``: k + k² rows, no index search); or both.
     """
-    if candidates not in REFRESH_CANDIDATES:
-        raise ValueError(f"refresh candidates must be one of {REFRESH_CANDIDATES}, got {candidates!r}")
-    if graph.scores is None or (graph.index is None and candidates != "walk"):
+    if graph.scores is None or graph.index is None:
         raise ValueError("refresh_class_graph needs a graph built with its scores and index (keep_scores=True)")
     _check_shard(weight, class_start, num_classes, group)
     k = graph.table.shape[1]
@@ -377,21 +363,14 @@ def refresh_class_graph(
     if classes.numel() == 0:
         return 0
     queries = as_queries(label_rows(weight, classes, class_start, group), cosine)
+    # In blocks, as a build searches (a search's scores grow with its queries).
+    block = build_block_rows(graph.index, block_rows, search)
     found = []
-    if candidates != "walk":
-        # In blocks, as a build searches (a search's scores grow with its queries).
-        block = build_block_rows(graph.index, block_rows, search)
-        searched = []
-        for start in range(0, queries.shape[0], block):
-            searched.append(
-                _candidates(graph.index, queries[start : start + block], weight.detach(), k, class_start, search)
-            )
-            piece_done()
-        scores, ids = torch.cat([s for s, _ in searched]), torch.cat([i for _, i in searched])
-        found.append(_every_ranks_candidates(scores, ids, group))
-    if candidates != "index":
-        found.append(walk_candidates(graph, classes, queries, weight, class_start, cosine=cosine, group=group))
-    scores, ids = distinct_candidates(torch.cat([s for s, _ in found], 1), torch.cat([i for _, i in found], 1))
+    for start in range(0, queries.shape[0], block):
+        found.append(_candidates(graph.index, queries[start : start + block], weight.detach(), k, class_start, search))
+        piece_done()
+    scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
+    scores, ids = _every_ranks_candidates(scores, ids, group)
     best_scores, best = merge_candidates(scores, ids, k, exclude=classes)
     offer_neighbours(graph, classes, best, best_scores, class_start)
     local = classes - class_start
@@ -399,58 +378,6 @@ def refresh_class_graph(
     graph.table[local[owned]] = best[owned].to(torch.int32)
     graph.scores[local[owned]] = best_scores[owned]
     return classes.numel()
-
-
-@torch.no_grad()
-def walk_candidates(
-    graph: ClassGraph,
-    classes: torch.Tensor,
-    queries: torch.Tensor,
-    weight: torch.Tensor,
-    class_start: int,
-    *,
-    cosine: bool = False,
-    group: dist.ProcessGroup | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each class's graph neighbours and their neighbours, scored against its row as it is
-    now: (scores float32, global ids), both (n, k + k²), -1 and -inf where the graph has no
-    neighbour; an id may repeat within a row (``distinct_candidates`` drops the repeats).
-
-    ``classes`` (n,) global ids and ``queries`` (n, D) their rows as queries, the same on
-    every rank. A neighbour of a neighbour is likely a neighbour (NN-descent's local join):
-    a row that moved finds the classes near where it went through those it already knew,
-    with no index search. Two lookups of the table (all-reduces of n x k and n x k² int32
-    over ``group``); each rank scores the candidates it owns, and an all-reduce (max) of
-    n x (k + k²) float32 gives every rank every score.
-    """
-    count, k = classes.numel(), graph.table.shape[1]
-    first = label_neighbours(graph.table, classes, class_start, group=group)
-    second = label_neighbours(graph.table, first.reshape(-1), class_start, group=group).reshape(count, k * k)
-    ids = torch.cat((first, second), 1)
-    local = owned_rows(ids, class_start, class_start + weight.shape[0])
-    scores = torch.full(ids.shape, -math.inf, dtype=torch.float32, device=weight.device)
-    block = max(1, WALK_ROWS // ids.shape[1])
-    for start in range(0, count, block):
-        rows = local[start : start + block]
-        mine = rows >= 0
-        candidates = as_queries(weight[rows[mine]], cosine)
-        which = mine.nonzero()[:, 0] + start  # the query each owned candidate belongs to
-        scores[start : start + block][mine] = (candidates * queries[which].float()).sum(1)
-        piece_done()
-    if group_world_size(group) > 1:
-        dist.all_reduce(scores, op=dist.ReduceOp.MAX, group=group)
-    return scores, ids
-
-
-def distinct_candidates(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, m) candidates with each id at most once a row: repeats become id -1, score -inf
-    (the first of equal ids, by position, stays)."""
-    order = ids.argsort(dim=1, stable=True)
-    sorted_ids = ids.gather(1, order)
-    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
-    repeat[:, 1:] = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
-    dropped = torch.zeros_like(repeat).scatter_(1, order, repeat)
-    return scores.masked_fill(dropped, -math.inf), ids.masked_fill(dropped, -1)
 
 
 def offer_neighbours(

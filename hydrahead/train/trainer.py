@@ -265,7 +265,6 @@ class Trainer:
             graph_k=h.graph_k,
             graph_search=h.graph_search,
             graph_refresh_every=h.graph_refresh_every,
-            graph_refresh_candidates=h.graph_refresh_candidates,
             num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
