@@ -62,7 +62,7 @@ graph: ``build_s`` is the index build plus the search of every row as a query, w
 linear in the rows searched: with --graph-sample-rows below C_r only that many rows are
 searched and the time is scaled to C_r (``build_extrapolated``); the table's other rows
 stay empty, which the timed step never reads. The sample is a window of the build's
-query order (list by list with --graph-search groups or lists, row order with probes), searched
+query order (list by list with --graph-search groups, row order with probes), searched
 in that order, as a build takes it; the timed batch's labels are searched apart, untimed
 (scattered over the shard, each would form a group of one). ``ms`` = step + build_s / --graph-rebuild-every.
 With --graph-refresh-every N a refresh (head.graph_refresh_every) of N·G uniformly drawn
@@ -494,7 +494,7 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
         **refresh,
         **background,
     )
-    name += f" {search}" if config is not None and search != "probes" else ""
+    name += " groups" if config is not None and search == "groups" else ""
     name += f" refresh={args.graph_refresh_every}" if refresh else ""
     per_step = build_ms_per_step + refresh.get("refresh_ms_per_step", 0.0)
     return f"hydrahead-graph {name}", ms + per_step, active, peak, fields

@@ -336,21 +336,18 @@ def _weight(seed):
 
 
 def test_graph_search_by_list_groups_selects_what_the_probes_do_when_every_list_is_probed():
-    """head.graph_search reaches the build: with every list probed the searches are exact,
-    so the selectors pick the same rows; with fewer lists the groups build another graph,
-    while list by list finds each row's own probes' best, as the probes do."""
+    """head.graph_search reaches the build: with every list probed both searches are exact,
+    so both selectors pick the same rows; with fewer lists they build other graphs."""
     weight, (features, labels) = _weight(21), _batch(22)
     picked = {}
     for nprobe in (8, 2):
-        for search in ("probes", "groups", "lists"):
+        for search in ("probes", "groups"):
             selector = _selector(index_type="ivf", nlist=8, nprobe=nprobe, deterministic=True, graph_search=search)
             picked[nprobe, search] = (selector.select(1, features, labels, weight), selector._current.index.table)
             selector.close()
     assert torch.equal(picked[8, "probes"][0], picked[8, "groups"][0])
     assert torch.equal(picked[8, "probes"][1], picked[8, "groups"][1])
     assert not torch.equal(picked[2, "probes"][1], picked[2, "groups"][1])
-    assert torch.equal(picked[8, "probes"][1], picked[8, "lists"][1])
-    assert torch.equal(picked[2, "probes"][1], picked[2, "lists"][1])
 
 
 def test_graph_rebuilds_at_multiples_of_rebuild_every_inside_the_step():
@@ -447,7 +444,7 @@ def test_graph_fixed_size_fills_the_union_to_g_times_k_plus_one():
         (dict(num_classes=C1 + 1), r"owns classes \[0, 121\)"),
         (dict(graph_k=0), "graph_k must be an int >= 1"),
         (dict(fixed_size=True, budget=50), "no budget"),
-        (dict(graph_search="rows"), "graph_search must be one of"),
+        (dict(graph_search="lists"), "graph_search must be one of"),
     ],
 )
 def test_bad_graph_options_fail_clearly(options, message):
@@ -461,7 +458,7 @@ def test_graph_config_keys_are_checked():
     validate(load_config(None, ["head.selection=graph", "head.graph_k=8", "head.knn_fixed_size=true"]))
     validate(load_config(None, ["head.selection=graph", "head.graph_search=groups"]))
     for overrides, match in [
-        (["head.selection=graph", "head.graph_search=rows"], "head.graph_search"),
+        (["head.selection=graph", "head.graph_search=lists"], "head.graph_search"),
         (["head.selection=graph", "head.graph_k=0"], "head.graph_k"),
         (["head.selection=graph", "head.num_classes=1"], "head.num_classes >= 2"),
         (["head.selection=random", "head.budget=5", "head.knn_fixed_size=true"], "knn or graph"),

@@ -422,33 +422,6 @@ def test_list_grouped_search_takes_fp8_rows_with_cosine_scores():
     torch.testing.assert_close(scores.double(), want_scores, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- list by list (graph refreshes and builds)
-
-
-@pytest.mark.parametrize("cosine, nprobe, k", [(False, 3, 9), (True, 5, 9), (False, 2, 400)])
-def test_search_by_lists_finds_what_each_querys_probes_find(monkeypatch, cosine, nprobe, k):
-    """Each query's own probes, searched list by list (every (query, list) pair grouped by
-    its list), give search()'s rows and scores; also in pieces of about one list, and with
-    k above the rows two lists hold (the rest -inf and -1 as search() pads)."""
-    gen = torch.Generator().manual_seed(10)
-    weight = torch.randn(NUM_ROWS, DIM, generator=gen, dtype=torch.float64) * (
-        1 + torch.rand(NUM_ROWS, 1, generator=gen)
-    )
-    index = make_index("torch", "ivf", nlist=64, nprobe=nprobe, copy_weights=False, cosine=cosine)
-    index.build(weight)
-    queries = torch.randn(333, DIM, generator=gen, dtype=torch.float64)
-    queries = torch.nn.functional.normalize(queries, dim=1) if cosine else queries
-    want_scores, want_rows = index.search(queries, k, weight)
-    scores, rows = index.search_by_lists(queries, k, weight)
-    same = lambda a, b: torch.equal(a.sort(dim=1).values, b.sort(dim=1).values)  # noqa: E731 (tied rows in any order)
-    assert same(rows, want_rows)
-    torch.testing.assert_close(scores, want_scores.to(scores.dtype), rtol=1e-4, atol=1e-5)  # float32 sums
-    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 300)
-    assert same(index.search_by_lists(queries, k, weight)[1], want_rows)
-    if k == 400:
-        assert (rows == -1).any() and torch.isinf(scores[rows == -1]).all()
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_topk_by_blocks_finds_the_same_scores_as_topk(seed):
     from hydrahead.head.index import topk_by_blocks

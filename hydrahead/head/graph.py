@@ -46,7 +46,6 @@ __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "GRAPH_SEARCHES",
     "GROUPED_BLOCK_ROWS",
-    "LIST_PAIRS",
     "ClassGraph",
     "active_recall",
     "as_queries",
@@ -64,15 +63,11 @@ __all__ = [
     "refresh_class_graph",
 ]
 
-# How a build searches: each query's probes; by list groups; or each query's probes list by list.
-GRAPH_SEARCHES = ("probes", "groups", "lists")
+GRAPH_SEARCHES = ("probes", "groups")  # how a build searches: each query's probes, or by list groups
 DEFAULT_BLOCK_ROWS = 4096  # rows each rank puts into one round of a build
 # ... when its index searches by list groups: a block spans a few whole lists, not pieces of
 # two (each piece of a list pays for gathering and scoring its neighbourhood once)
 GROUPED_BLOCK_ROWS = 65536
-# ... when it searches list by list: (query, probed list) pairs per block (each pair's query
-# is copied for its list's product: 1 GiB of bf16 queries at D = 512)
-LIST_PAIRS = 1 << 20
 
 
 class ClassGraph:
@@ -221,38 +216,28 @@ def build_class_graph(
     return done()
 
 
-def _listed(index: ClassIndex, search: str) -> str:
-    """How a build searches ``index``: ``search`` where the index has lists (torch IVF), else
-    ``probes`` (an exact index searches every row either way)."""
-    if search not in GRAPH_SEARCHES:
-        raise ValueError(f"graph search must be one of {GRAPH_SEARCHES}, got {search!r}")
-    return search if hasattr(index, "search_by_list_groups") else "probes"
-
-
 def _grouped(index: ClassIndex, search: str) -> bool:
     """Whether a build searches by list groups: asked for, and the index has lists (torch IVF)."""
-    return _listed(index, search) == "groups"
+    if search not in GRAPH_SEARCHES:
+        raise ValueError(f"graph search must be one of {GRAPH_SEARCHES}, got {search!r}")
+    return search == "groups" and hasattr(index, "search_by_list_groups")
 
 
 def build_block_rows(index: ClassIndex, block_rows: int | None = None, search: str = "probes") -> int:
     """Rows per block of a build's search: ``block_rows``, or by default ``GROUPED_BLOCK_ROWS``
-    for a search by list groups, ``LIST_PAIRS`` (query, list) pairs for one list by list, and
-    ``DEFAULT_BLOCK_ROWS`` for per-query probes (whose scores are a block x nprobe x
-    longest-list tensor)."""
+    for a search by list groups and ``DEFAULT_BLOCK_ROWS`` for per-query probes (whose scores
+    are a block x nprobe x longest-list tensor)."""
     if block_rows is None:
-        how = _listed(index, search)
-        if how == "lists":
-            return max(1, LIST_PAIRS // min(index.nprobe, index.nlist or index.nprobe))
-        return GROUPED_BLOCK_ROWS if how == "groups" else DEFAULT_BLOCK_ROWS
+        return GROUPED_BLOCK_ROWS if _grouped(index, search) else DEFAULT_BLOCK_ROWS
     check_int("block_rows", block_rows, minimum=1)
     return block_rows
 
 
 def query_order(index: ClassIndex, num_rows: int, device: torch.device, search: str = "probes") -> torch.Tensor:
     """The order in which a build takes the shard's rows as queries: list by list for a
-    search by list groups or list by list (a block of queries then shares a few lists), row
-    order otherwise. Every row once either way."""
-    if _listed(index, search) != "probes":
+    search by list groups (a block of queries then shares a few lists), row order otherwise.
+    Every row once either way."""
+    if _grouped(index, search):
         return index.rows_by_list().to(device)
     return torch.arange(num_rows, device=device)
 
@@ -296,9 +281,8 @@ def _candidates(
 ):
     """Each query's k + 1 best rows of the shard (room for the query's own class, dropped
     later) as (scores float32, global ids), padded to k + 1 columns."""
-    how = _listed(index, search)
-    find = {"groups": "search_by_list_groups", "lists": "search_by_lists"}.get(how, "search")
-    scores, rows = getattr(index, find)(queries, min(k + 1, weight.shape[0]), weight)
+    find = index.search_by_list_groups if _grouped(index, search) else index.search
+    scores, rows = find(queries, min(k + 1, weight.shape[0]), weight)
     return _pad(scores.float(), torch.where(rows >= 0, rows + class_start, -1), k + 1)
 
 

@@ -591,65 +591,27 @@ class TorchIVFIndex(_IndexBase):
         centroids = self._centroids.to(source.device)
         nprobe = min(self.nprobe, self.nlist)
         nearest = _nearest_centroid(q, centroids, DEFAULT_CHUNK_SIZE, False, "ip")  # queries come normalised
+        out_scores = torch.empty((q.shape[0], k), device=source.device)  # every entry written below
+        out_rows = torch.empty((q.shape[0], k), dtype=torch.long, device=source.device)
         order = torch.argsort(nearest, stable=True)
         lists, counts = torch.unique_consecutive(nearest[order], return_counts=True)
         neighbourhoods = _list_neighbourhoods(centroids, lists, nprobe)
-        out_scores = torch.empty((q.shape[0], k), device=source.device)  # every entry written below
-        out_rows = torch.empty((q.shape[0], k), dtype=torch.long, device=source.device)
+        compute = torch.bfloat16 if source.is_cuda else torch.float32
+        # The block's host reads, once: group sizes, neighbourhoods, list lengths. The host then
+        # plans every group's candidates as slices of one gathered piece (no per-list slicing,
+        # no mask whose size the host would wait for) and queues the products without waiting.
+        lengths = self._lengths.tolist()
+        plans = _group_plans(counts.tolist(), neighbourhoods.tolist(), lengths, k)
+        grouped = q.to(compute)[order]
         # Results in group order (each group's a contiguous run of queries), put back in query
         # order once at the end.
-        out_scores[order], out_rows[order] = self._search_groups(
-            q[order], counts, neighbourhoods, source, k, score_bytes
-        )
-        return out_scores.to(queries.device), out_rows.to(queries.device)
-
-    def search_by_lists(self, queries, k, weight=None, *, score_bytes: int = _GROUP_SCORE_BYTES):
-        """As ``search``: each query's ``nprobe`` lists of highest centroid score, the same
-        candidates and results (up to ties), computed list by list. Every (query, probed
-        list) pair is grouped by its list, the list's rows are scored in one product against
-        all the queries that probe it and each pair keeps its best k, then each query keeps
-        the best k of its pairs'. ``search`` reads a list once per block of queries, in a
-        kernel made for a few queries a list; here a list's rows meet all of a call's queries
-        that probe it in one dense product (hundreds, for a graph refresh's labels or a
-        build's rows in list order)."""
-        k = self._check_search(queries, k, weight)
-        if weight is None and not self.copy_weights:
-            raise ValueError("torch_ivf index built with copy_weights=False: search needs the current weights")
-        source = weight.detach() if weight is not None else self._weight
-        q = queries.detach().to(source.device, torch.float32)
-        nprobe = min(self.nprobe, self.nlist)
-        probes = (q @ self._centroids.to(source.device).T).topk(nprobe, dim=1).indices  # as search() probes
-        pair_lists = probes.reshape(-1)
-        order = torch.argsort(pair_lists, stable=True)
-        lists, counts = torch.unique_consecutive(pair_lists[order], return_counts=True)
-        pair_queries = torch.div(order, nprobe, rounding_mode="floor")
-        grouped_scores, grouped_rows = self._search_groups(
-            q[pair_queries], counts, lists.unsqueeze(1), source, k, score_bytes
-        )
-        pair_scores, pair_rows = torch.empty_like(grouped_scores), torch.empty_like(grouped_rows)
-        pair_scores[order], pair_rows[order] = grouped_scores, grouped_rows
-        scores, position = pair_scores.reshape(q.shape[0], -1).topk(k, dim=1)  # a row sits in one list
-        rows = pair_rows.reshape(q.shape[0], -1).gather(1, position).masked_fill(scores == -math.inf, -1)
-        return scores.to(queries.device), rows.to(queries.device)
-
-    def _search_groups(self, grouped, counts, hoods, source, k, score_bytes):
-        """(scores, rows), (len(grouped), k), of queries ``grouped`` into consecutive groups of
-        ``counts`` queries, group i searching the lists ``hoods[i]``: the candidates planned on
-        the host, gathered piece by piece, scored and cut to each query's best k."""
-        compute = torch.bfloat16 if source.is_cuda else torch.float32
-        # The host reads, once: group sizes, neighbourhoods, list lengths. The host then plans
-        # every group's candidates as slices of one gathered piece (no per-list slicing, no
-        # mask whose size the host would wait for) and queues the products without waiting.
-        lengths = self._lengths.tolist()
-        plans = _group_plans(counts.tolist(), hoods.tolist(), lengths, k)
-        grouped = grouped.to(compute)
-        out_scores = torch.empty((grouped.shape[0], k), device=source.device)
-        out_rows = torch.empty((grouped.shape[0], k), dtype=torch.long, device=source.device)
+        grouped_scores, grouped_rows = torch.empty_like(out_scores), torch.empty_like(out_rows)
         table = self._table.to(source.device).reshape(-1)
         for piece in _pieces(plans, _PIECE_CANDIDATES):
-            self._search_piece(piece, grouped, source, table, compute, k, score_bytes, out_scores, out_rows)
+            self._search_piece(piece, grouped, source, table, compute, k, score_bytes, grouped_scores, grouped_rows)
             piece_done()
-        return out_scores, out_rows
+        out_scores[order], out_rows[order] = grouped_scores, grouped_rows
+        return out_scores.to(queries.device), out_rows.to(queries.device)
 
     def _search_piece(self, piece, grouped, source, table, compute, k, score_bytes, out_scores, out_rows) -> None:
         """The groups of one piece: their candidates gathered (and scaled to unit rows) in one
