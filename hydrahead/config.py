@@ -216,9 +216,9 @@ class HeadConfig:
     )
     graph_search: str = _key(
         "probes",
-        "graph builds and refreshes, torch ivf: each row searched through its own index_nprobe lists (probes), or the rows "
-        "of a list together against the index_nprobe lists nearest it (groups: faster per list, lower recall "
-        "at the same index_nprobe; docs/selection.md)",
+        "graph builds and refreshes, torch ivf: each row searched through its own index_nprobe lists (probes), "
+        "or the rows of a list together against the index_nprobe lists nearest it (groups: faster per list, "
+        "lower recall at the same index_nprobe; docs/selection.md)",
         ("probes", "groups"),
     )
     graph_refresh_every: int = _key(

@@ -393,8 +393,14 @@ def test_deferred_checks_take_the_same_step_and_raise_when_read(impl, dtype, tol
     _, head = _step(impl, dtype, positives[1:], checks=checks)  # no error yet: nothing was read
     before = make_head(impl, dtype).weight.detach()
     assert head.step_discardable
+    values = checks.values(head.weight.device).tolist()
+    replayed = checks.again()  # a CUDA graph's replay reads the same checks anew
     with pytest.raises(ValueError, match="active rows needs every owned label"):
-        checks.raise_if_failed(checks.values(head.weight.device).tolist())
+        checks.raise_if_failed(values)
+    with pytest.raises(ValueError, match="active rows needs every owned label"):
+        replayed.raise_if_failed(values)
+    with pytest.raises(ValueError, match="expected 0 values for 0 loss"):
+        checks.raise_if_failed(values)  # consumed by the first read
     head.finish_step(skip=True)
     assert torch.equal(head.weight.detach(), before)
     with pytest.raises(ValueError, match="expected 0 values for 0 loss"):

@@ -164,6 +164,13 @@ class MergeChecks:
         ]
         return torch.stack(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
 
+    def again(self) -> "MergeChecks":
+        """A copy holding the same checks, for a step replayed from a CUDA graph (whose
+        ``values()`` tensor each replay rewrites): ``raise_if_failed`` consumes them."""
+        copy = MergeChecks()
+        copy._pending = list(self._pending)
+        return copy
+
     def raise_if_failed(self, values) -> None:
         """``values``: ``values()`` as read to the host (a list of floats)."""
         values = list(values)

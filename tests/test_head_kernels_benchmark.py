@@ -1,0 +1,47 @@
+"""benchmarks/head_kernels.py: the CUDA-graph row (ours-graph) against the plain step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def test_the_graph_row_is_a_clear_error_without_a_gpu(tmp_path, monkeypatch):
+    from benchmarks import head_kernels
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    head_kernels.main(["--dry-run", "--kinds", "peaked", "--methods", "ours-graph,torch"])
+    rows = {row["method"]: row for row in json.loads((tmp_path / "head_kernels.json").read_text())["rows"]}
+    graph = rows[head_kernels.METHODS["ours-graph"].name]
+    assert graph["ms"] is None and "runs on a GPU only" in graph["note"]
+    assert rows[head_kernels.METHODS["torch"].name]["ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_replays_take_the_steps_the_plain_step_takes():
+    """From the same rows, the first replay's loss is the first plain step's (the warm-up
+    steps undone) and three replays leave W and its buffer where three plain steps do."""
+    from benchmarks import head_kernels
+
+    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    device = torch.device("cuda")
+    results = {}
+    for key in ("ours", "ours-graph"):
+        problem = head_kernels.make_problem((96, 128, 20_000), "peaked", device, args)
+        step = head_kernels.build_step(key, problem, args)
+        losses = [float(step()) for _ in range(3)]
+        torch.cuda.synchronize()
+        results[key] = losses, problem.weight.detach().float(), problem.momentum_buffer.float()
+    (plain, weight, buffer), (replayed, graph_weight, graph_buffer) = results["ours"], results["ours-graph"]
+    assert replayed == pytest.approx(plain, rel=1e-5)
+    torch.testing.assert_close(graph_weight, weight)
+    torch.testing.assert_close(graph_buffer, buffer)
