@@ -327,7 +327,10 @@ def build_step(key: str, p: Problem, args):
             exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
 
-            def fused_step():
+            def fused_step(*, capture: bool = False):
+                """The step, its loss detached; with ``capture`` (inside a CUDA graph, where
+                nothing may be read to the host) also the checks and their values tensor,
+                left for the caller to read after each replay."""
                 p.features.grad = None
                 checks = MergeChecks()  # read once the step is queued, as the trainer does: no read mid-step
                 update = SGDUpdate(
@@ -349,14 +352,12 @@ def build_step(key: str, p: Problem, args):
                     checks=checks,
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
-                if state.get("capturing"):  # no host read inside a CUDA graph: read after each replay
-                    state["checks"] = (checks, checks.values(loss.device))
-                else:
-                    checks.raise_if_failed(checks.values(loss.device).tolist())
                 state["step"] += 1
+                if capture:
+                    return loss.detach(), checks, checks.values(loss.device)
+                checks.raise_if_failed(checks.values(loss.device).tolist())
                 return loss.detach()
 
-            fused_step.state = state
             return fused_step
     elif key in ("cce", "cce-nofilter"):
         from cut_cross_entropy import linear_cross_entropy
@@ -406,11 +407,9 @@ def captured(p: Problem, args):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(side)
-    step.state["capturing"] = True
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss = step()
-    checks, values = step.state["checks"]
+        loss, checks, values = step(capture=True)
     with torch.no_grad():
         p.weight.copy_(saved[0])
         p.momentum_buffer.copy_(saved[1])

@@ -151,6 +151,23 @@ def test_refresh_over_three_ranks_matches_one_process():
         torch.testing.assert_close(scores, want_scores[start:stop])
 
 
+@pytest.mark.parametrize("search", ["probes", "groups"])
+def test_refresh_over_an_ivf_searches_as_asked(search):
+    """Over an IVF probing 2 of its 6 lists, a refresh finds what its search finds for the
+    labels' rows (each row's own probes, or its group's lists); every build searches with
+    the probes."""
+    before, after = _moved_weight()
+    index = make_index("torch", "ivf", nlist=6, nprobe=2, copy_weights=False)
+    table, scores = class_graph.build_class_graph(before, 0, C, K, index, keep_scores=True)
+    graph = class_graph.ClassGraph(table, scores, index)
+    class_graph.refresh_class_graph(graph, after, _LABELS, 0, C, search=search)
+    classes = _LABELS[_LABELS >= 0].unique()
+    find = index.search_by_list_groups if search == "groups" else index.search
+    _, rows = find(after[classes], K + 1, after)
+    want = [[int(r) for r in found if r != c][:K] for c, found in zip(classes.tolist(), rows)]
+    assert graph.table[classes].tolist() == want
+
+
 def test_refresh_needs_the_scores_and_index():
     graph = class_graph.ClassGraph(torch.zeros(C, K, dtype=torch.int32))
     with pytest.raises(ValueError, match="keep_scores=True"):
