@@ -4,6 +4,7 @@
     python benchmarks/knn_speed.py --classes 4194304 --index-configs 2048:8
     python benchmarks/knn_speed.py --methods graph --graph-configs 8192:16,8192:64
     python benchmarks/knn_speed.py --methods graph --graph-configs 8192:8 --graph-refresh-every 50
+    python benchmarks/knn_speed.py --methods graph-moved --graph-windows 5,20 --graph-refresh-every 50
     HYDRAHEAD_RESULTS_DIR=/tmp/r python benchmarks/knn_speed.py --dry-run   # CPU, tiny shard
 
 One rank's head: ``ShardedClassifier`` with the fused kernels (bf16 weights, fp32 momentum,
@@ -68,6 +69,12 @@ in that order, as a build takes it; the timed batch's labels are searched apart,
 With --graph-refresh-every N a refresh (head.graph_refresh_every) of N·G uniformly drawn
 labels is timed over the build's index (``refresh_s``, the median of 3) and
 ``refresh_ms_per_step`` = refresh_s / N is added to ``ms``.
+graph-moved (head.graph_refresh_window = P, one row per --graph-windows P): no index and
+no build; each refresh of N·G uniformly drawn labels (N = --graph-refresh-every, 50 if
+unset) scores them exactly against the rows refreshed in the last P refreshes and their
+neighbours. P refreshes run untimed (filling the window and the table as training would),
+then 3 are timed (``refresh_s``, the median); ``ms`` = step + refresh_s / N, and
+``window_rows`` is the window's size at the timed refreshes.
 With --graph-background the steps are also timed while a whole-shard build runs in the
 background, as training runs them, from the step before the build falls due until
 --graph-bg-after-install steps after its graph is installed: ``bg_ms``, ``bg_max_ms`` and
@@ -500,6 +507,73 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
     return f"hydrahead-graph {name}", ms + per_step, active, peak, fields
 
 
+def graph_moved_method(args, head: ShardedClassifier, features, labels, window: int, step, device):
+    """(method, ms, rows scored, peak MiB, extra fields) of a graph refreshed from its moved rows
+    (head.graph_refresh_window = ``window``): the refreshes timed, then the step's lookup and loss."""
+    C = head.num_local_classes
+    every = args.graph_refresh_every or 50
+    selector = shard_selector(
+        "graph",
+        C,
+        device,
+        num_classes=C,
+        graph_k=args.graph_k,
+        graph_refresh_every=every,
+        graph_refresh_window=window,
+        index_type="flat",
+        fixed_size=args.fixed_size,
+    )
+    graph = class_graph.ClassGraph.empty(C, selector.graph_k, device)
+    generator = torch.Generator().manual_seed(5)
+    weight = head.weight.detach()
+    window_steps = window * every
+
+    def refresh(number: int) -> tuple[float, int, int]:
+        labels_drawn = torch.randint(0, C, (every * args.batch,), generator=generator).to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        classes = class_graph.refresh_class_graph(
+            graph, weight, labels_drawn, 0, C, cosine=True, step=number * every, window_steps=window_steps
+        )
+        synchronize(device)
+        window_rows = int((graph.moved_at > number * every - window_steps).sum())  # the rows it searched
+        return time.perf_counter() - start, classes, window_rows
+
+    for number in range(1, window + 1):  # the window fills (and kernels compile) untimed
+        refresh(number)
+    times, classes, window_rows = zip(*(refresh(window + number) for number in range(1, 4)))
+    refresh_s = statistics.median(times)
+    no_labels = torch.empty(0, dtype=torch.long, device=device)
+    selector.load_graph_state(graph.table, 0, graph.scores, no_labels, weight, graph.moved_at)
+    selector._measure_graph_recall(labels, class_graph.label_neighbours(graph.table, labels, 0), head.weight)
+    hard_recall = active_recall(selector, features, labels, head.weight, 1)
+
+    def graph_step():  # step 1: no refresh falls due
+        step(selector.select(1, features, labels, head.weight))
+
+    peak = peak_extra_mib(graph_step, device)
+    ms = time_ms(graph_step, device, args.reps)
+    select_ms = time_ms(lambda: selector.select(1, features, labels, head.weight), device, args.reps)
+    active = selector.last["active_classes"]
+    selector.close()
+    fields = dict(
+        step_ms=ms,
+        select_ms=select_ms,
+        graph_recall=selector.last["graph_recall"],
+        active_recall=hard_recall,
+        active_classes=active,
+        graph_k=selector.graph_k,
+        refresh_every=every,
+        refresh_window=window,
+        refresh_s=refresh_s,
+        refresh_classes=int(statistics.mean(classes)),
+        window_rows=int(statistics.mean(window_rows)),
+        refresh_ms_per_step=refresh_s * 1e3 / every,
+    )
+    method = f"hydrahead-graph moved window={window} refresh={every}"
+    return method, ms + fields["refresh_ms_per_step"], active, peak, fields
+
+
 def graph_refresh_fields(args, index, table, weight, device) -> dict:
     """The time of one graph refresh (``head.graph_refresh_every``): the rows of the labels of
     that many steps (G each, drawn uniformly) searched again over the build's index and offered
@@ -556,6 +630,11 @@ def main(argv=None) -> None:
         default=0,
         help="graph: also time a refresh of the rows of this many steps' labels (head.graph_refresh_every; "
         "refresh_* fields, its time per step added to the row's ms; 0: none)",
+    )
+    parser.add_argument(
+        "--graph-windows",
+        default="5,20",
+        help="graph-moved: comma-separated head.graph_refresh_window values (refreshes whose rows are searched)",
     )
     parser.add_argument(
         "--graph-background",
@@ -675,7 +754,10 @@ def main(argv=None) -> None:
     elif not torch.cuda.is_available():
         parser.error("needs a CUDA device (or --dry-run)")
     methods = args.methods.split(",")
-    known = {"full", "full-filtered", "random", "random-corrected", "knn", "graph", "given", "settle", "paid-rows"}
+    known = {
+        "full", "full-filtered", "random", "random-corrected", "knn", "graph", "graph-moved", "given", "settle",
+        "paid-rows",
+    }  # fmt: skip
     unknown = set(methods) - known
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
@@ -683,6 +765,9 @@ def main(argv=None) -> None:
     graph_configs = [
         None if item == "flat" else tuple(int(v) for v in item.split(":")) for item in args.graph_configs.split(",")
     ]
+    graph_windows = [int(item) for item in args.graph_windows.split(",")]
+    if min(graph_windows) < 1:
+        parser.error(f"--graph-windows: each window is at least 1 refresh, got {args.graph_windows}")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
@@ -877,6 +962,12 @@ def main(argv=None) -> None:
         for config in graph_configs:
             method, ms, rows_scored, peak, fields = graph_method(args, head, features, labels, config, step, device)
             record(method, ms, rows_scored, peak, **fields)
+    if "graph-moved" in methods:
+        for window in graph_windows:
+            method, ms, rows_scored, peak, fields = graph_moved_method(
+                args, head, features, labels, window, step, device
+            )
+            record(method, ms, rows_scored, peak, **fields)
 
     def selections_rows(default: int) -> int:
         """The median of the rows the selections timed so far scored (knn's, graph's, random's)."""
@@ -1016,6 +1107,7 @@ def main(argv=None) -> None:
             "bg_ms",
             "bg_max_ms",
             "build_s",
+            "refresh_ms_per_step",
             "knn_recall",
             "graph_recall",
             "active_recall",

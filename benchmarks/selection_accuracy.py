@@ -137,6 +137,8 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
     knn_options = [*skip, *(["head.knn_trim_to_budget=true"] if args.trim else []), *paid, *corrected]
     knn_tail = stored + frozen + (" trimmed" if args.trim else "") + paid_tail + corrected_tail
     refresh_tail = f" refresh={args.graph_refresh_every}" if args.graph_refresh_every else ""
+    if args.graph_refresh_window:
+        refresh_tail += f" window={args.graph_refresh_window}"
     graph_tail = refresh_tail + stored + frozen + paid_tail + corrected_tail
 
     def index(kind: str) -> list[str]:
@@ -167,12 +169,16 @@ def make_variants(args, num_classes: int, head_lr: float) -> tuple[dict[str, lis
                 ["head.selection=random", *common, *corrected],
             ),
             "graph": (
-                f"hydrahead-graph {label} {graph_index} k={args.graph_k} R={args.rebuild_every}{graph_tail}",
+                # A graph refreshed from its moved rows has no index and is never rebuilt.
+                f"hydrahead-graph {label} "
+                + ("moved" if args.graph_refresh_window else f"{graph_index} R={args.rebuild_every}")
+                + f" k={args.graph_k}{graph_tail}",
                 [
                     "head.selection=graph",
                     *common,
                     f"head.graph_k={args.graph_k}",
                     f"head.graph_refresh_every={args.graph_refresh_every}",
+                    f"head.graph_refresh_window={args.graph_refresh_window}",
                     *index(graph_index),
                     *paid,
                     *corrected,
@@ -321,6 +327,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=0,
         help="head.graph_refresh_every of graph (0: off); its name then carries 'refresh=N'",
+    )
+    parser.add_argument(
+        "--graph-refresh-window",
+        type=int,
+        default=0,
+        help="head.graph_refresh_window of graph (0: refreshes search the index; P: the rows refreshed in the last "
+        "P refreshes and each class's neighbours, no index); its name then says 'moved' and carries 'window=P'",
     )
     parser.add_argument(
         "--index-type", default="ivf", choices=("flat", "ivf"), help="head.index_type of the torch index"

@@ -227,6 +227,13 @@ class HeadConfig:
         "refresh (they moved most) and offer each to the rows it found, about N·G / C_r of a rebuild's work "
         "(0: off; torch index; docs/selection.md)",
     )
+    graph_refresh_window: int = _key(
+        0,
+        "graph refreshes: 0 searches the index; P > 0 searches, exactly and with no index, the rows of the classes "
+        "refreshed in the last P refreshes (the rows that moved) and each class's current neighbours; the graph "
+        "then starts empty, is never rebuilt, and a refresh costs n x (P·n + graph_k) row products for its n "
+        "classes, whatever C_r (docs/selection.md)",
+    )
     knn_fixed_size: bool = _key(
         False,
         "knn/graph: fill each shard's active set to exactly G·(k + 1) rows (k: knn_k or graph_k) with rows "
@@ -839,6 +846,11 @@ def _check_selection(c: _Checks) -> None:
         "head.graph_refresh_every refreshes the class graph through a torch index: it needs head.selection=graph, "
         f"head.index torch or auto and head.index_type flat, ivf or auto, got selection {h.selection}, index "
         f"{h.index} and index_type {h.index_type}",
+    )
+    c.at_least("head.graph_refresh_window", 0)
+    c.need(
+        not h.graph_refresh_window or h.graph_refresh_every,
+        "head.graph_refresh_window sets what graph refreshes search: it needs head.graph_refresh_every > 0",
     )
     c.need(
         h.selection != "graph" or h.num_classes >= 2,

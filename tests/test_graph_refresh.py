@@ -1,7 +1,8 @@
 """head.graph_refresh_every: the labels' graph rows searched again and offered to the rows
 they found, against brute force on one process and split over 3 gloo ranks; the selector's
-refresh cadence, the labels each refresh takes and the IVF lists it files again; the
-trainer's deterministic resume with refreshes."""
+refresh cadence, the labels each refresh takes and the IVF lists it files again; refreshes
+of the moved rows with no index (head.graph_refresh_window); the trainer's deterministic
+resume with refreshes."""
 
 from __future__ import annotations
 
@@ -172,6 +173,106 @@ def test_refresh_needs_the_scores_and_index():
     graph = class_graph.ClassGraph(torch.zeros(C, K, dtype=torch.int32))
     with pytest.raises(ValueError, match="keep_scores=True"):
         class_graph.refresh_class_graph(graph, torch.randn(C, D), _LABELS, 0, C)
+    with pytest.raises(ValueError, match="window_steps >= 1"):
+        class_graph.refresh_class_graph(class_graph.ClassGraph.empty(C, K, "cpu"), torch.randn(C, D), _LABELS, 0, C)
+
+
+# ----------------------------------------------------------------------------------------
+# Refreshes of the moved rows, with no index (head.graph_refresh_window)
+# ----------------------------------------------------------------------------------------
+
+
+def _moved_reference(refreshes, num_classes, k, window_steps, cosine):
+    """Table and scores after ``refreshes`` [(step, weight, labels)] of an empty graph, by
+    brute force: each class is searched over the rows refreshed within ``window_steps`` and
+    its neighbours before the refresh, then offered to the rows it found."""
+    table = torch.full((num_classes, k), -1, dtype=torch.int32)
+    scores = torch.full((num_classes, k), -math.inf)
+    moved_at = torch.full((num_classes,), -1)
+    for step, weight, labels in refreshes:
+        classes = labels[labels >= 0].unique()
+        moved_at[classes] = step
+        window = set((moved_at > step - window_steps).nonzero().squeeze(1).tolist())
+        similar = _scores(weight, cosine)
+        found, offers = {}, {}
+        for cls in classes.tolist():
+            candidates = (window | {int(r) for r in table[cls] if r >= 0}) - {cls}
+            found[cls] = sorted(candidates, key=lambda r: -float(similar[cls, r]))[:k]
+            for row in found[cls]:
+                offers.setdefault(row, []).append((cls, float(similar[cls, row])))
+        table, scores = _offer_reference(table, scores, offers, k)
+        for cls, rows in found.items():
+            table[cls] = torch.tensor(rows + [-1] * (k - len(rows)), dtype=torch.int32)
+            scores[cls] = torch.tensor([float(similar[cls, r]) for r in rows] + [-math.inf] * (k - len(rows)))
+    return table, scores, moved_at
+
+
+def _moved_refreshes():
+    """Three refreshes of one model: labels that meet again, weights that move between them."""
+    labels = [_LABELS, torch.tensor([4, 10, 33, 52, 18, 18]), torch.tensor([9, 52, 40, 4, 59, 2, 33])]
+    weights = [torch.randn(C, D, generator=_gen(40 + i), dtype=torch.float64) for i in range(3)]
+    return [(10 * (i + 1), weights[i], labels[i]) for i in range(3)]
+
+
+def _moved_refresh_shard(rank, world_size, cosine, window_steps):
+    start, stop = shard_range(C, world_size, rank)
+    graph = class_graph.ClassGraph.empty(stop - start, K, "cpu")
+    for step, weight, labels in _moved_refreshes():
+        class_graph.refresh_class_graph(
+            graph,
+            weight[start:stop],
+            labels,
+            start,
+            C,
+            cosine=cosine,
+            block_rows=4,
+            step=step,
+            window_steps=window_steps,
+        )
+    return start, stop, graph.table, graph.scores, graph.moved_at
+
+
+@pytest.mark.parametrize("cosine, window_steps", [(False, 10), (True, 20), (True, 30)])
+def test_moved_refresh_on_one_process_matches_brute_force(cosine, window_steps):
+    """Windows of the last refresh, the last two and all three."""
+    want_table, want_scores, want_moved = _moved_reference(_moved_refreshes(), C, K, window_steps, cosine)
+    _, _, table, scores, moved_at = _moved_refresh_shard(0, 1, cosine, window_steps)
+    assert torch.equal(table, want_table)
+    torch.testing.assert_close(scores, want_scores)
+    assert torch.equal(moved_at, want_moved)
+    # The window decides: each graph differs from that of the narrowest or the widest window.
+    other = _moved_reference(_moved_refreshes(), C, K, 30 if window_steps < 30 else 10, cosine)[0]
+    assert not torch.equal(table, other)
+
+
+def test_moved_refresh_through_the_group_topk_kernel_matches_brute_force(monkeypatch):
+    """The window searched as on a GPU, by the list-group top-k kernel (here in float32 on
+    Triton's interpreter, tiles of 2 rows so that the later windows take it)."""
+    import hydrahead.head.index as index_mod
+    from hydrahead.kernels import group_topk
+
+    calls, kernel = [], group_topk.group_topk
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(group_topk, "group_topk", spy)
+    monkeypatch.setattr(index_mod, "GROUP_TOPK", "kernel")
+    monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 2)
+    want_table, want_scores, _ = _moved_reference(_moved_refreshes(), C, K, 20, True)
+    _, _, table, scores, _ = _moved_refresh_shard(0, 1, True, 20)
+    assert len(calls) >= 2 and min(calls) > 2 * K  # the later windows (k + 1 tiles of 2 rows), every block
+    assert torch.equal(table, want_table)
+    torch.testing.assert_close(scores, want_scores)
+
+
+def test_moved_refresh_over_three_ranks_matches_one_process():
+    want_table, want_scores, want_moved = _moved_reference(_moved_refreshes(), C, K, 20, True)
+    for start, stop, table, scores, moved_at in run_ranks(_moved_refresh_shard, 3, True, 20):
+        assert torch.equal(table, want_table[start:stop])
+        torch.testing.assert_close(scores, want_scores[start:stop])
+        assert torch.equal(moved_at, want_moved[start:stop])
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,10 +310,10 @@ def _recording(selector) -> list[_Call]:
     """Record each refresh (``_Call``), then run it."""
     calls, original = [], selector._refresh
 
-    def refresh(graph, weight, labels, moved, group):
+    def refresh(graph, weight, labels, moved, group, step):
         marks = moved.clone() if isinstance(moved, torch.Tensor) else moved
         calls.append(_Call(threading.current_thread().name, weight, labels.clone(), marks))
-        return original(graph, weight, labels, moved, group)
+        return original(graph, weight, labels, moved, group, step)
 
     selector._refresh = refresh
     return calls
@@ -280,6 +381,38 @@ def test_every_retrain_every_th_ivf_refresh_runs_k_means_anew():
     fresh.build(_weight(4))
     assert torch.equal(indexes[3]._centroids, fresh._centroids) and torch.equal(indexes[3]._assign, fresh._assign)
     assert not torch.equal(indexes[2]._centroids, indexes[3]._centroids)
+
+
+def test_a_graph_refreshed_from_its_moved_rows_starts_empty_and_is_never_rebuilt():
+    """No index: the graph is empty until the first refresh, and the refreshes at 3, 6 and 9
+    (each over the rows refreshed within the last 2 refreshes and the classes' neighbours)
+    give the brute-force table, through rebuilds due every 2 steps."""
+    selector = _selector(deterministic=True, rebuild_every=2, graph_refresh_every=3, graph_refresh_window=2)
+    calls = _recording(selector)
+    labels = {}
+    for step in range(1, 10):
+        features, labels[step] = _batch(step)
+        selector.select(step, features, labels[step], _weight(step))
+        if step < 3:
+            assert (selector.graph_state()[0] == -1).all()
+    assert selector._current.index.index is None and selector._dirty is None
+    assert len(calls) == 3 and all(call.moved is None for call in calls)
+    refreshes = [(step, _weight(step), call.labels) for step, call in zip((3, 6, 9), calls)]
+    want_table, want_scores, _ = _moved_reference(refreshes, C1, 3, 6, False)
+    assert torch.equal(selector.graph_state()[0], want_table)
+    torch.testing.assert_close(selector.graph_scores(), want_scores)
+    restored = _selector(deterministic=True, rebuild_every=2, graph_refresh_every=3, graph_refresh_window=2)
+    (table, built_step), seen = selector.graph_state(), selector.seen_labels(3 * G)
+    with pytest.raises(ValueError, match="moved_at"):
+        restored.load_graph_state(table.clone(), built_step, selector.graph_scores().clone(), seen, _weight(9))
+    restored.load_graph_state(
+        table.clone(), built_step, selector.graph_scores().clone(), seen, _weight(9), selector.graph_moved_at().clone()
+    )
+    for step in range(10, 13):  # a refresh at 12, whose window holds the rows refreshed at 9
+        batch = _batch(step)
+        assert torch.equal(restored.select(step, *batch, _weight(step)), selector.select(step, *batch, _weight(step)))
+    assert torch.equal(restored.graph_state()[0], selector.graph_state()[0])
+    assert torch.equal(restored.graph_moved_at(), selector.graph_moved_at())
 
 
 def test_background_refreshes_run_in_the_worker_and_land():
@@ -373,6 +506,8 @@ def test_background_refreshes_over_two_ranks_agree_and_match_brute_force():
         ("knn", dict(graph_refresh_every=2), "it takes selection=graph"),
         ("graph", dict(graph_refresh_every=-1), "graph_refresh_every must be an int >= 0"),
         ("graph", dict(graph_refresh_every=2, index="faiss"), "not faiss"),
+        ("graph", dict(graph_refresh_window=2), "needs graph_refresh_every > 0"),
+        ("graph", dict(graph_refresh_every=2, graph_refresh_window=-1), "graph_refresh_window must be an int >= 0"),
     ],
 )
 def test_bad_refresh_options_fail_clearly(selection, options, message):
@@ -389,6 +524,8 @@ def test_refresh_config_key_is_checked():
         (["head.selection=knn", "head.graph_refresh_every=10"], "head.graph_refresh_every"),
         (["head.selection=graph", "head.graph_refresh_every=-1"], "head.graph_refresh_every"),
         (["head.selection=graph", "head.graph_refresh_every=10", "head.index=faiss"], "head.index torch or auto"),
+        (["head.selection=graph", "head.graph_refresh_window=4"], "head.graph_refresh_every > 0"),
+        (["head.selection=graph", "head.graph_refresh_every=10", "head.graph_refresh_window=-1"], "window"),
     ]:
         with pytest.raises(ConfigError, match=match):
             validate(load_config(None, overrides))
@@ -413,15 +550,18 @@ REFRESHED = [
 ]
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "moved"])
 def test_trainer_resumes_a_refreshed_graph_exactly(tmp_path, index_type):
     """Stopped at step 9 (a refresh at 8, the labels of 8 and 9 waiting for the one at 10),
     the resumed run's losses are the uninterrupted run's, bit for bit. Over an IVF probing 1
     of its 4 lists its lists come back too, with the rows moved since the last refresh (filed
-    again at 10) and the refreshes' count (the 6th, at 12, runs k-means)."""
+    again at 10) and the refreshes' count (the 6th, at 12, runs k-means). Refreshed from
+    its moved rows (no index, a window of 2 refreshes), the rows' refresh steps come back."""
+    moved = ["head.graph_refresh_window=2"] if index_type == "moved" else []
     options = [
         *REFRESHED,
-        f"head.index_type={index_type}",
+        *moved,
+        f"head.index_type={'flat' if moved else index_type}",
         "head.index_nlist=4",
         "head.index_nprobe=1",
         "head.index_retrain_every=3",

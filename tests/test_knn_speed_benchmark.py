@@ -46,6 +46,31 @@ def test_graph_refresh_dry_run_times_a_refresh_and_adds_it_per_step(tmp_path, mo
     assert row["ms"] == pytest.approx(per_step, rel=1e-3)
 
 
+def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypatch):
+    """graph-moved: one row per window, no build; the timed refreshes search a window of the
+    rows of at most that many refreshes, and the row's ms adds their share per step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import knn_speed
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    flags = ["--graph-windows", "1,4", "--graph-refresh-every", "3"]
+    knn_speed.main(["--dry-run", "--methods", "graph-moved", *flags])
+    rows = json.loads((tmp_path / "knn_speed.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == [
+        "hydrahead-graph moved window=1 refresh=3",
+        "hydrahead-graph moved window=4 refresh=3",
+    ]
+    for row, window in zip(rows, (1, 4)):
+        assert row["refresh_window"] == window and row["refresh_s"] > 0 and "build_s" not in row
+        # Distinct labels of `window` refreshes of 3 steps of the dry run's G = 48.
+        assert row["refresh_classes"] <= row["window_rows"] <= window * 3 * 48
+        assert row["ms"] == pytest.approx(row["step_ms"] + row["refresh_s"] * 1e3 / 3, rel=1e-3)
+        assert 0 <= row["graph_recall"] <= 1
+    assert rows[1]["window_rows"] > rows[0]["window_rows"]
+    with pytest.raises(SystemExit):
+        knn_speed.main(["--dry-run", "--methods", "graph-moved", "--graph-windows", "0"])
+
+
 def test_steps_beside_rebuilds_runs_the_trainers_collection_policy_and_times_collections_in_steps():
     """With gc_every=3 automatic collection is off while the steps run; a collection inside a
     step counts in its gc_ms, the policy's collection after step 3 in none; automatic

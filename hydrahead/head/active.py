@@ -64,7 +64,10 @@ it read. A background refresh writes the table in place: a step that looks it up
 meanwhile may take some of a class's neighbours from before the refresh and some from
 after (each a neighbour either way). Deterministic refreshed graphs over a torch IVF
 checkpoint that index as knn's (``index_state``), with the moved rows' marks and the count
-of refreshes towards the next k-means run.
+of refreshes towards the next k-means run. With ``graph_refresh_window`` = P > 0 there is
+no index: the graph starts empty and is never rebuilt, and each refresh searches exactly
+the rows refreshed in the last P refreshes and each class's neighbours; deterministic
+runs checkpoint each row's refresh step (``graph_moved_at``) beside the table.
 
 Statistics for the metrics log: ``active_classes`` (this step), ``knn_recall`` (the
 fraction of the exact top-k rows that the index found, both without the sample's label
@@ -225,6 +228,7 @@ class ActiveClassSelector:
         graph_k: int = 16,
         graph_search: str = "probes",
         graph_refresh_every: int = 0,
+        graph_refresh_window: int = 0,
         num_classes: int | None = None,
         fixed_size: bool = False,
         rebuild_every: int = 100,
@@ -251,7 +255,9 @@ class ActiveClassSelector:
         multi-rank graph's background builds. ``num_classes``: all shards' classes (graph).
         ``graph_search``: how graph builds search a torch IVF (``class_graph.GRAPH_SEARCHES``).
         ``graph_refresh_every``: steps between graph refreshes (0: none; torch indexes only,
-        which score the current weights).
+        which score the current weights). ``graph_refresh_window``: P > 0, refreshes search
+        the rows refreshed in the last P refreshes and each class's neighbours, with no index;
+        the graph starts empty and is never rebuilt (``class_graph.refresh_class_graph``).
         ``max_index_age``: steps after which a background-built index makes a step wait for
         the running build (None: never; at least ``rebuild_every``). ``rows_move_every_step``:
         the weight given to ``select`` moves every row at every step (the rows with the steps
@@ -270,6 +276,7 @@ class ActiveClassSelector:
             ("graph_k", graph_k, 1),
             ("rebuild_every", rebuild_every, 1),
             ("graph_refresh_every", graph_refresh_every, 0),
+            ("graph_refresh_window", graph_refresh_window, 0),
             ("retrain_every", retrain_every, 1),
             ("recall_every", recall_every, 0),
             ("recall_queries", recall_queries, 1),
@@ -299,7 +306,9 @@ class ActiveClassSelector:
             )
         if graph_refresh_every and index == "faiss":
             raise ValueError("graph_refresh_every searches the current weights: it takes the torch index, not faiss")
-        self.graph_refresh_every = graph_refresh_every
+        if graph_refresh_window and not graph_refresh_every:
+            raise ValueError("graph_refresh_window sets what graph refreshes search: it needs graph_refresh_every > 0")
+        self.graph_refresh_every, self.graph_refresh_window = graph_refresh_every, graph_refresh_window
         if selection == "graph":
             self._check_graph_shard()
             graph_k = min(graph_k, num_classes - 1)
@@ -346,7 +355,8 @@ class ActiveClassSelector:
                 self.shard_size,
                 "rebuilds inside the step" if self._builds_in_step else "background rebuilds",
             )
-        torch_ivf = (selection == "knn" or graph_refresh_every > 0) and (self.index_backend, self.index_type) == (
+        searches_ivf = selection == "knn" or (graph_refresh_every > 0 and not graph_refresh_window)
+        torch_ivf = searches_ivf and (self.index_backend, self.index_type) == (
             "torch",
             "ivf",
         )
@@ -619,7 +629,10 @@ class ActiveClassSelector:
         """An index (knn) or class graph (graph, its collectives over ``group``) from ``weight``;
         ``previous`` and ``marked`` (a row mask): refile those rows of that index."""
         start = time.perf_counter()
-        if self.selection == "graph":
+        if self.selection == "graph" and self.graph_refresh_window:
+            # Refreshes fill it from the rows that move; a graph of the untrained rows would be noise.
+            index = class_graph.ClassGraph.empty(self.shard_size, self.graph_k, weight.device)
+        elif self.selection == "graph":
             searched = self._new_index()
             built = class_graph.build_class_graph(
                 weight,
@@ -721,10 +734,10 @@ class ActiveClassSelector:
             return
         if self._builds_in_step:
             graph, seen, moved = self._current.index, self._take_seen(step), self._take_moved()
-            self._install(self._refresh(graph, weight(), seen, moved, self.group))
+            self._install(self._refresh(graph, weight(), seen, moved, self.group, step))
         elif not self._due and self._idle_everywhere():
             rows, seen, moved = weight(), self._take_seen(step), self._take_moved()
-            job = functools.partial(self._refresh, self._current.index, rows, seen, moved, self._background_group)
+            job = functools.partial(self._refresh, self._current.index, rows, seen, moved, self._background_group, step)
             self._submit(job, rows, seen, moved)
         else:
             return
@@ -759,7 +772,7 @@ class ActiveClassSelector:
         return labels
 
     def _refresh(
-        self, graph: class_graph.ClassGraph, weight: torch.Tensor, labels: torch.Tensor, moved, group
+        self, graph: class_graph.ClassGraph, weight: torch.Tensor, labels: torch.Tensor, moved, group, step: int
     ) -> _Refreshed:
         start = time.perf_counter()
         if moved is True:  # lists fitted to the rows as they are now
@@ -777,6 +790,8 @@ class ActiveClassSelector:
             group=group,
             search=self.graph_search,
             ignore_index=self.ignore_index,
+            step=step,
+            window_steps=self.graph_refresh_window * self.graph_refresh_every,
         )
         if weight.is_cuda:
             torch.cuda.current_stream(weight.device).synchronize()  # as a build: done when it returns
@@ -797,7 +812,8 @@ class ActiveClassSelector:
     def _index_for(self, step: int, weight: _RowsOnDemand) -> class_index.ClassIndex:
         """The index this step reads; ``weight()`` is made only for a build."""
         updates = step - 1  # the weights have had this many updates when step `step` starts
-        rebuild_now = step % self.rebuild_every == 0
+        # A graph refreshed from its moved rows is never rebuilt: a rebuild would empty it.
+        rebuild_now = step % self.rebuild_every == 0 and not self.graph_refresh_window
         if self._current is None:
             self._install(self._build_now(weight(), updates))
         elif self._builds_in_step:
@@ -907,6 +923,8 @@ class ActiveClassSelector:
         signature = {"num_classes": self.num_classes, "graph_k": self.graph_k, "cosine": self.cosine}
         if self.graph_refresh_every:
             signature["graph_refresh_every"] = self.graph_refresh_every
+        if self.graph_refresh_window:
+            signature["graph_refresh_window"] = self.graph_refresh_window
         return signature
 
     def graph_state(self) -> tuple[torch.Tensor, int] | None:
@@ -918,6 +936,10 @@ class ActiveClassSelector:
     def graph_scores(self) -> torch.Tensor | None:
         """This shard's neighbour scores of the current graph (refreshed graphs), else None."""
         return None if self._current is None else getattr(self._current.index, "scores", None)
+
+    def graph_moved_at(self) -> torch.Tensor | None:
+        """This shard's refresh steps of the current graph (refreshed from its moved rows), else None."""
+        return None if self._current is None else getattr(self._current.index, "moved_at", None)
 
     def seen_labels(self, length: int) -> torch.Tensor:
         """The labels seen since the last refresh, in order, padded with -1 to ``length``
@@ -941,10 +963,12 @@ class ActiveClassSelector:
         scores: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        moved_at: torch.Tensor | None = None,
     ) -> None:
         """Serve a saved graph (this shard's rows of its table) as if built after ``built_step``
         updates. With refreshes also its ``scores``, the ``seen`` labels (as ``seen_labels``
-        saved them) and the shard's ``weight``, from which the index it searches is rebuilt."""
+        saved them) and the shard's ``weight``, from which the index it searches is rebuilt;
+        refreshed from its moved rows (``graph_refresh_window``), ``moved_at`` instead of an index."""
         if tuple(table.shape) != (self.shard_size, self.graph_k):
             raise ValueError(f"graph table must be ({self.shard_size}, {self.graph_k}), got {tuple(table.shape)}")
         table = table.to(self.device, torch.int32)
@@ -953,9 +977,15 @@ class ActiveClassSelector:
             return
         if scores is None or seen is None or weight is None:
             raise ValueError("a refreshed graph resumes from its table, scores and seen labels, and the shard's weight")
-        index = self._new_index()
-        index.build(weight.detach())  # deterministic indexes: the build's own (k-means is seeded)
-        graph = class_graph.ClassGraph(table, scores.to(self.device, torch.float32), index)
+        scores = scores.to(self.device, torch.float32)
+        if self.graph_refresh_window:
+            if moved_at is None:
+                raise ValueError("a graph refreshed from its moved rows resumes with their refresh steps (moved_at)")
+            graph = class_graph.ClassGraph(table, scores, moved_at=moved_at.to(self.device, torch.int64))
+        else:
+            index = self._new_index()
+            index.build(weight.detach())  # deterministic indexes: the build's own (k-means is seeded)
+            graph = class_graph.ClassGraph(table, scores, index)
         self._current = _Built(graph, int(built_step), 0.0)
         seen = seen.to(self.device)
         self._seen = [(int(built_step) + 1, seen[seen != -1])]

@@ -22,6 +22,10 @@ ranks (C classes, C_r on rank r, D the row width):
   With ``search="groups"`` (torch IVF) each rank puts its rows in list by list, and the
   queries that share a nearest list are scored in one product against the rows of that
   list's neighbourhood (docs/selection.md: faster per list probed, lower recall).
+- refresh (``refresh_class_graph``): the labels' rows (an all-reduce of n x D) searched
+  again over every shard's index, or, for a graph refreshed from its moved rows
+  (``ClassGraph.empty``), exactly over the rows each shard refreshed lately and the
+  classes' current neighbours; all-gathers of the candidates, then offers.
 - step (``label_neighbours``): the owner of each label of the global batch reads its
   row of the table; one all-reduce (max) of G x k int32 gives every rank the neighbours
   of every label, and each keeps those it owns (``owned_rows``).
@@ -40,6 +44,7 @@ import torch.distributed as dist
 from hydrahead.checks import check_int
 from hydrahead.distributed.collectives import group_rank, group_world_size
 from hydrahead.distributed.sharding import shard_range
+from hydrahead.head import index as class_index
 from hydrahead.head.index import ClassIndex, exact_topk, piece_done
 
 __all__ = [
@@ -68,6 +73,7 @@ DEFAULT_BLOCK_ROWS = 4096  # rows each rank puts into one round of a build
 # ... when its index searches by list groups: a block spans a few whole lists, not pieces of
 # two (each piece of a list pays for gathering and scoring its neighbourhood once)
 GROUPED_BLOCK_ROWS = 65536
+_WINDOW_SLICE = 65536  # rows widened at once for a moved-rows refresh's search (64k x 512 float32: 128 MiB)
 
 
 class ClassGraph:
@@ -75,20 +81,39 @@ class ClassGraph:
     as global class ids, best first, -1 where fewer than k were found.
 
     For refreshes (``refresh_class_graph``) it also keeps ``scores`` (C_r, k) float32, each
-    neighbour's similarity when it was last found (-inf for none), and ``index``, the shard's
-    index the build searched (built with ``copy_weights=False``: it holds lists, not rows)."""
+    neighbour's similarity when it was last found (-inf for none), and either ``index``, the
+    shard's index the build searched (built with ``copy_weights=False``: it holds lists, not
+    rows), or ``moved_at`` (C_r,) int64, the step of the last refresh that searched each
+    row's class (-1: none yet), for refreshes that search the recently moved rows instead."""
 
     # Its neighbours come from the weights at build time (the selector's index_age counts from then).
     searches_current_weights = False
 
-    def __init__(self, table: torch.Tensor, scores: torch.Tensor | None = None, index: ClassIndex | None = None):
+    def __init__(
+        self,
+        table: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        index: ClassIndex | None = None,
+        moved_at: torch.Tensor | None = None,
+    ):
         if table.dim() != 2 or table.dtype != torch.int32:
             raise ValueError(f"a class graph table is (C_r, k) int32, got {tuple(table.shape)} {table.dtype}")
         if scores is not None and (scores.shape != table.shape or scores.dtype != torch.float32):
             raise ValueError(
                 f"class graph scores must be {tuple(table.shape)} float32, got {tuple(scores.shape)} {scores.dtype}"
             )
-        self.table, self.scores, self.index = table, scores, index
+        if moved_at is not None and (tuple(moved_at.shape) != (table.shape[0],) or moved_at.dtype != torch.int64):
+            raise ValueError(f"class graph moved_at must be ({table.shape[0]},) int64, got {tuple(moved_at.shape)}")
+        self.table, self.scores, self.index, self.moved_at = table, scores, index, moved_at
+
+    @classmethod
+    def empty(cls, num_rows: int, k: int, device) -> "ClassGraph":
+        """A graph with no neighbours yet, for refreshes of the moved rows to fill."""
+        return cls(
+            torch.full((num_rows, k), -1, dtype=torch.int32, device=device),
+            torch.full((num_rows, k), -math.inf, dtype=torch.float32, device=device),
+            moved_at=torch.full((num_rows,), -1, dtype=torch.int64, device=device),
+        )
 
 
 def as_queries(rows: torch.Tensor, cosine: bool) -> torch.Tensor:
@@ -323,6 +348,8 @@ def refresh_class_graph(
     search: str = "probes",
     ignore_index: int = -100,
     block_rows: int | None = None,
+    step: int | None = None,
+    window_steps: int | None = None,
 ) -> int:
     """Search the graph rows of ``labels``' classes again from the current weights, in place;
     returns how many classes were searched.
@@ -337,9 +364,16 @@ def refresh_class_graph(
     (``build_class_graph(..., keep_scores=True)``). Collectives over ``group``: an all-reduce
     of n x D float32 (n classes) and all-gathers of n x (k + 1) scores and ids.
     ``block_rows``: queries per search (None: ``build_block_rows``'s default).
+
+    A graph with ``moved_at`` (``ClassGraph.empty``) is searched without an index: ``step``
+    stamps the searched classes, and each is scored exactly against the rows stamped within
+    the last ``window_steps`` steps (this refresh's included: the rows that moved lately) and
+    against its current neighbours (``_moved_candidates``); one more all-reduce, n x k int32.
     """
-    if graph.scores is None or graph.index is None:
-        raise ValueError("refresh_class_graph needs a graph built with its scores and index (keep_scores=True)")
+    if graph.scores is None or (graph.index is None and graph.moved_at is None):
+        raise ValueError("refresh_class_graph needs a graph with its scores and index (keep_scores=True) or moved_at")
+    if graph.moved_at is not None and (step is None or window_steps is None or window_steps < 1):
+        raise ValueError("a graph refreshed from its moved rows needs the refresh's step and window_steps >= 1")
     _check_shard(weight, class_start, num_classes, group)
     k = graph.table.shape[1]
     labels = labels.to(weight.device).long()
@@ -347,12 +381,37 @@ def refresh_class_graph(
     if classes.numel() == 0:
         return 0
     queries = as_queries(label_rows(weight, classes, class_start, group), cosine)
-    # In blocks, as a build searches (a search's scores grow with its queries).
-    block = build_block_rows(graph.index, block_rows, search)
     found = []
-    for start in range(0, queries.shape[0], block):
-        found.append(_candidates(graph.index, queries[start : start + block], weight.detach(), k, class_start, search))
-        piece_done()
+    if graph.moved_at is not None:
+        local = classes - class_start
+        graph.moved_at[local[(local >= 0) & (local < graph.moved_at.shape[0])]] = step
+        in_window = graph.moved_at > step - window_steps
+        window_rows = in_window.nonzero().squeeze(1)
+        window = (window_rows, _window_operand(weight.detach()[window_rows], cosine))  # for every block
+        neighbours = label_neighbours(graph.table, classes, class_start, group=group)
+        block = block_rows or DEFAULT_BLOCK_ROWS
+        for start in range(0, queries.shape[0], block):
+            found.append(
+                _moved_candidates(
+                    queries[start : start + block],
+                    neighbours[start : start + block],
+                    weight.detach(),
+                    in_window,
+                    window,
+                    k,
+                    class_start,
+                    cosine,
+                )
+            )
+            piece_done()
+    else:
+        # In blocks, as a build searches (a search's scores grow with its queries).
+        block = build_block_rows(graph.index, block_rows, search)
+        for start in range(0, queries.shape[0], block):
+            found.append(
+                _candidates(graph.index, queries[start : start + block], weight.detach(), k, class_start, search)
+            )
+            piece_done()
     scores, ids = torch.cat([s for s, _ in found]), torch.cat([i for _, i in found])
     scores, ids = _every_ranks_candidates(scores, ids, group)
     best_scores, best = merge_candidates(scores, ids, k, exclude=classes)
@@ -362,6 +421,74 @@ def refresh_class_graph(
     graph.table[local[owned]] = best[owned].to(torch.int32)
     graph.scores[local[owned]] = best_scores[owned]
     return classes.numel()
+
+
+def _moved_candidates(
+    queries: torch.Tensor,
+    neighbours: torch.Tensor,
+    weight: torch.Tensor,
+    in_window: torch.Tensor,
+    window: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    class_start: int,
+    cosine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's candidates for a refresh without an index: each query's k + 1 best rows
+    of the ``window`` (the rows ``in_window`` and their ``_window_operand``), then its
+    current ``neighbours`` (n, k global ids, -1 for none) that this shard owns outside the
+    window, rescored; (n, 2k + 1) scores and global ids, -1 and -inf for none. A row is a
+    candidate at most once per query."""
+    n = queries.shape[0]
+    window_rows, operand = window
+    block_rows = class_index.GROUP_TOPK_BLOCK_ROWS
+    by_kernel = _window_by_kernel(operand)
+    if by_kernel:
+        from hydrahead.kernels import group_topk  # Triton's import, only when searching
+
+        by_kernel = group_topk.kernel_groups(window_rows.numel(), k + 1, block_rows)  # k tiles for a threshold
+    if by_kernel:
+        scores, rows = group_topk.group_topk(
+            queries.to(operand.dtype).contiguous(), operand, [0], [n], [0], [operand.shape[0]], k + 1,
+            block_rows=block_rows,
+        )  # fmt: skip
+        ids = torch.where(rows >= 0, window_rows[rows.clamp_min(0)] + class_start, -1)
+        scores, ids = _pad(scores.float(), ids, k + 1)
+    elif window_rows.numel():
+        scores, rows = exact_topk(queries, operand, k + 1, cosine=cosine)
+        scores, ids = _pad(scores.float(), window_rows[rows] + class_start, k + 1)
+    else:
+        scores, ids = _pad(queries.new_empty(n, 0), torch.empty(n, 0, dtype=torch.long, device=queries.device), k + 1)
+    local = owned_rows(neighbours, class_start, class_start + weight.shape[0])
+    held = local.clamp(min=0)
+    keep = (local >= 0) & ~in_window[held]  # the window's rows are scored above
+    rows = weight[held].float()
+    if cosine:
+        rows = torch.nn.functional.normalize(rows, dim=2)
+    held_scores = torch.einsum("nd,nkd->nk", queries.float(), rows).masked_fill(~keep, -math.inf)
+    held_ids = torch.where(keep, neighbours, -1)
+    return torch.cat((scores, held_scores), 1), torch.cat((ids, held_ids), 1)
+
+
+def _window_by_kernel(rows: torch.Tensor) -> bool:
+    """Whether a refresh's window is searched by the list-group top-k kernel (no score
+    written), as the grouped IVF search is: on a GPU, or anywhere with HYDRAHEAD_GROUP_TOPK=kernel."""
+    mode = class_index.GROUP_TOPK
+    if mode not in class_index.GROUP_TOPK_MODES:
+        raise ValueError(f"HYDRAHEAD_GROUP_TOPK must be one of {class_index.GROUP_TOPK_MODES}, got {mode!r}")
+    return mode == "kernel" or (mode == "cuda" and rows.is_cuda)
+
+
+def _window_operand(rows: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """The window's rows as its search multiplies them: for the kernel, unit rows (cosine)
+    in bf16 on a GPU (tensor cores, float32 sums: what the IVF search ranks with) or float32
+    elsewhere, widened slice by slice; for ``exact_topk``, as stored (it normalises)."""
+    if not _window_by_kernel(rows):
+        return rows
+    out = torch.empty(rows.shape, dtype=torch.bfloat16 if rows.is_cuda else torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], _WINDOW_SLICE):
+        piece = rows[start : start + _WINDOW_SLICE].float()
+        out[start : start + _WINDOW_SLICE] = torch.nn.functional.normalize(piece, dim=1) if cosine else piece
+    return out
 
 
 def offer_neighbours(

@@ -265,6 +265,7 @@ class Trainer:
             graph_k=h.graph_k,
             graph_search=h.graph_search,
             graph_refresh_every=h.graph_refresh_every,
+            graph_refresh_window=h.graph_refresh_window,
             num_classes=h.num_classes,
             fixed_size=h.knn_fixed_size,
             rebuild_every=h.rebuild_every,
@@ -432,7 +433,9 @@ class Trainer:
         if graph is not None:
             # By class, as the head's rows: a resume at any world size reads its own classes' neighbours.
             table, built_step = graph
-            state["head_graph"] = self._graph_checkpoint_state(table, self.selector.graph_scores())
+            state["head_graph"] = self._graph_checkpoint_state(
+                table, self.selector.graph_scores(), self.selector.graph_moved_at()
+            )
             if self.cfg.head.graph_refresh_every:  # the same on every rank: saved once
                 state["head_graph"]["seen_labels"] = self.selector.seen_labels(self._seen_labels_length)
             meta["head_graph"] = {**self.selector.graph_signature, "built_step": built_step}
@@ -531,23 +534,28 @@ class Trainer:
                 )
             return
         table = self.selector.empty_graph_table()
-        scores = seen = None
+        scores = seen = moved_at = None
         if self.cfg.head.graph_refresh_every:
             scores = torch.empty(table.shape, dtype=torch.float32, device=table.device)
             seen = torch.empty(self._seen_labels_length, dtype=torch.long, device=table.device)
-        state = {"head_graph": self._graph_checkpoint_state(table, scores)}
+        if self.cfg.head.graph_refresh_window:
+            moved_at = torch.empty(table.shape[0], dtype=torch.int64, device=table.device)
+        state = {"head_graph": self._graph_checkpoint_state(table, scores, moved_at)}
         if seen is not None:
             state["head_graph"]["seen_labels"] = seen
         ckpt.load_checkpoint(self.env, path, state)
         if not self.cfg.head.graph_refresh_every:
             self.selector.load_graph_state(table, saved["built_step"])
             return
-        self.selector.load_graph_state(table, saved["built_step"], scores, seen, self._rows_to_search())
+        self.selector.load_graph_state(table, saved["built_step"], scores, seen, self._rows_to_search(), moved_at)
 
-    def _graph_checkpoint_state(self, table: torch.Tensor, scores: torch.Tensor | None) -> dict:
+    def _graph_checkpoint_state(
+        self, table: torch.Tensor, scores: torch.Tensor | None, moved_at: torch.Tensor | None = None
+    ) -> dict:
         """The class graph's per-class tensors, by class as the head's rows: a resume at any
         world size reads its own classes' neighbours."""
-        rows = {"table": table} if scores is None else {"table": table, "scores": scores}
+        rows = {"table": table, "scores": scores, "moved_at": moved_at}
+        rows = {name: tensor for name, tensor in rows.items() if tensor is not None}
         return {
             name: ckpt.class_rows(tensor, self.head.class_start, self.head.num_classes, self.env.rank)
             for name, tensor in rows.items()
