@@ -536,7 +536,8 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
             graph, weight, labels_drawn, 0, C, cosine=True, step=number * every, window_steps=window_steps
         )
         synchronize(device)
-        window_rows = int((graph.moved_at > number * every - window_steps).sum())  # the rows it searched
+        searched = (graph.moved_at >= 0) & (graph.moved_at > number * every - window_steps)
+        window_rows = int(searched.sum())  # the rows it searched
         return time.perf_counter() - start, classes, window_rows
 
     for number in range(1, window + 1):  # the window fills (and kernels compile) untimed

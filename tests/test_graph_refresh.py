@@ -192,7 +192,7 @@ def _moved_reference(refreshes, num_classes, k, window_steps, cosine):
     for step, weight, labels in refreshes:
         classes = labels[labels >= 0].unique()
         moved_at[classes] = step
-        window = set((moved_at > step - window_steps).nonzero().squeeze(1).tolist())
+        window = {row for row, at in enumerate(moved_at.tolist()) if at >= 0 and at > step - window_steps}
         similar = _scores(weight, cosine)
         found, offers = {}, {}
         for cls in classes.tolist():
@@ -238,6 +238,8 @@ def test_moved_refresh_on_one_process_matches_brute_force(cosine, window_steps):
     want_table, want_scores, want_moved = _moved_reference(_moved_refreshes(), C, K, window_steps, cosine)
     _, _, table, scores, moved_at = _moved_refresh_shard(0, 1, cosine, window_steps)
     assert torch.equal(table, want_table)
+    # Rows never refreshed are in no window, however long: every neighbour was refreshed.
+    assert set(table[table >= 0].tolist()) <= set((moved_at >= 0).nonzero().squeeze(1).tolist())
     torch.testing.assert_close(scores, want_scores)
     assert torch.equal(moved_at, want_moved)
     # The window decides: each graph differs from that of the narrowest or the widest window.
@@ -265,6 +267,39 @@ def test_moved_refresh_through_the_group_topk_kernel_matches_brute_force(monkeyp
     assert len(calls) >= 2 and min(calls) > 2 * K  # the later windows (k + 1 tiles of 2 rows), every block
     assert torch.equal(table, want_table)
     torch.testing.assert_close(scores, want_scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moved_refresh_on_a_gpu_finds_the_brute_force_neighbours(monkeypatch):
+    """bf16 rows on the GPU, the later windows (over 13 tiles of 128 rows) searched by the
+    group top-k kernel in bf16: the refreshed classes hold the float64 brute force's
+    neighbours, and their best scores agree to bf16's precision."""
+    from hydrahead.kernels import group_topk
+
+    calls, kernel = [], group_topk.group_topk
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(group_topk, "group_topk", spy)
+    gen = torch.Generator().manual_seed(7)
+    num_classes, dim, k = 4000, 64, 12
+    weights = [torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    labels = [torch.randint(0, num_classes, (1000,), generator=gen) for _ in range(3)]
+    refreshes = [(10 * (i + 1), weights[i], labels[i]) for i in range(3)]
+    want_table, want_scores, _ = _moved_reference(refreshes, num_classes, k, 30, True)
+    graph = class_graph.ClassGraph.empty(num_classes, k, "cuda")
+    for step, weight, step_labels in refreshes:
+        class_graph.refresh_class_graph(
+            graph, weight.cuda().bfloat16(), step_labels.cuda(), 0, num_classes, cosine=True, step=step, window_steps=30
+        )
+    assert calls and min(calls) > 12 * 128
+    refreshed = labels[2].unique()  # the last refresh's classes: searched over the widest window
+    table, scores = graph.table.cpu()[refreshed], graph.scores.cpu()[refreshed]
+    assert class_graph.neighbour_recall(table, want_table[refreshed]) > 0.97
+    torch.testing.assert_close(scores[:, 0], want_scores[refreshed][:, 0], atol=0.02, rtol=0)
 
 
 def test_moved_refresh_over_three_ranks_matches_one_process():

@@ -385,7 +385,7 @@ def refresh_class_graph(
     if graph.moved_at is not None:
         local = classes - class_start
         graph.moved_at[local[(local >= 0) & (local < graph.moved_at.shape[0])]] = step
-        in_window = graph.moved_at > step - window_steps
+        in_window = (graph.moved_at >= 0) & (graph.moved_at > step - window_steps)  # -1: never refreshed
         window_rows = in_window.nonzero().squeeze(1)
         window = (window_rows, _window_operand(weight.detach()[window_rows], cosine))  # for every block
         neighbours = label_neighbours(graph.table, classes, class_start, group=group)
