@@ -347,14 +347,23 @@ class ActiveClassSelector:
                 deterministic=deterministic,
             )
             self._check_faiss_gpu_limits(graph_k, nprobe)
-            logger.info(
-                "%s index: %s %s over %d rows (%s)",
-                selection,
-                self.index_backend,
-                self.index_type,
-                self.shard_size,
-                "rebuilds inside the step" if self._builds_in_step else "background rebuilds",
-            )
+            where = "inside the step" if self._builds_in_step else "in the background"
+            if graph_refresh_window:
+                logger.info(
+                    "graph: no index, refreshed %s from the rows of the last %d refreshes over %d rows",
+                    where,
+                    graph_refresh_window,
+                    self.shard_size,
+                )
+            else:
+                logger.info(
+                    "%s index: %s %s over %d rows (rebuilds %s)",
+                    selection,
+                    self.index_backend,
+                    self.index_type,
+                    self.shard_size,
+                    where,
+                )
         searches_ivf = selection == "knn" or (graph_refresh_every > 0 and not graph_refresh_window)
         torch_ivf = searches_ivf and (self.index_backend, self.index_type) == (
             "torch",
