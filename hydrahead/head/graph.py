@@ -441,7 +441,7 @@ def _moved_candidates(
     n = queries.shape[0]
     window_rows, operand = window
     block_rows = class_index.GROUP_TOPK_BLOCK_ROWS
-    by_kernel = _window_by_kernel(operand)
+    by_kernel = class_index.group_topk_on(operand)
     if by_kernel:
         from hydrahead.kernels import group_topk  # Triton's import, only when searching
 
@@ -461,28 +461,16 @@ def _moved_candidates(
     local = owned_rows(neighbours, class_start, class_start + weight.shape[0])
     held = local.clamp(min=0)
     keep = (local >= 0) & ~in_window[held]  # the window's rows are scored above
-    rows = weight[held].float()
-    if cosine:
-        rows = torch.nn.functional.normalize(rows, dim=2)
-    held_scores = torch.einsum("nd,nkd->nk", queries.float(), rows).masked_fill(~keep, -math.inf)
+    held_scores = class_index.score_rows(queries.float(), weight, torch.where(keep, local, -1), cosine)
     held_ids = torch.where(keep, neighbours, -1)
     return torch.cat((scores, held_scores), 1), torch.cat((ids, held_ids), 1)
-
-
-def _window_by_kernel(rows: torch.Tensor) -> bool:
-    """Whether a refresh's window is searched by the list-group top-k kernel (no score
-    written), as the grouped IVF search is: on a GPU, or anywhere with HYDRAHEAD_GROUP_TOPK=kernel."""
-    mode = class_index.GROUP_TOPK
-    if mode not in class_index.GROUP_TOPK_MODES:
-        raise ValueError(f"HYDRAHEAD_GROUP_TOPK must be one of {class_index.GROUP_TOPK_MODES}, got {mode!r}")
-    return mode == "kernel" or (mode == "cuda" and rows.is_cuda)
 
 
 def _window_operand(rows: torch.Tensor, cosine: bool) -> torch.Tensor:
     """The window's rows as its search multiplies them: for the kernel, unit rows (cosine)
     in bf16 on a GPU (tensor cores, float32 sums: what the IVF search ranks with) or float32
     elsewhere, widened slice by slice; for ``exact_topk``, as stored (it normalises)."""
-    if not _window_by_kernel(rows):
+    if not class_index.group_topk_on(rows):
         return rows
     out = torch.empty(rows.shape, dtype=torch.bfloat16 if rows.is_cuda else torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], _WINDOW_SLICE):

@@ -170,7 +170,15 @@ def _pad_results(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torc
     return scores, rows
 
 
-def _score_rows(queries: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+def group_topk_on(rows: torch.Tensor) -> bool:
+    """Whether searches over ``rows`` take the list-group top-k kernel (no score written):
+    HYDRAHEAD_GROUP_TOPK=cuda (the default) on a GPU, =kernel anywhere, =torch never."""
+    if GROUP_TOPK not in GROUP_TOPK_MODES:
+        raise ValueError(f"HYDRAHEAD_GROUP_TOPK must be one of {GROUP_TOPK_MODES}, got {GROUP_TOPK!r}")
+    return GROUP_TOPK == "kernel" or (GROUP_TOPK == "cuda" and rows.is_cuda)
+
+
+def score_rows(queries: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cosine: bool = False) -> torch.Tensor:
     """float32 scores of each query against its own rows (B, M); rows -1 score -inf."""
     valid = rows >= 0
     gathered = weight[rows.clamp(min=0).to(weight.device)].to(queries.device, torch.float32)
@@ -633,9 +641,7 @@ class TorchIVFIndex(_IndexBase):
             rows = readable * inv_norm.unsqueeze(1)  # promoted to ``wide``, then rounded once
         rows = rows.to(compute)
         queries = grouped[first_query:last_query]
-        if GROUP_TOPK not in GROUP_TOPK_MODES:
-            raise ValueError(f"HYDRAHEAD_GROUP_TOPK must be one of {GROUP_TOPK_MODES}, got {GROUP_TOPK!r}")
-        use_kernel = GROUP_TOPK == "kernel" or (GROUP_TOPK == "cuda" and rows.is_cuda)
+        use_kernel = group_topk_on(rows)
         by_kernel = [
             plan
             for plan in piece
@@ -758,7 +764,7 @@ class TorchIVFIndex(_IndexBase):
         out_scores, out_rows = [], []
         for start in range(0, q.shape[0], block):
             cand = candidates[start : start + block]
-            scores = _score_rows(q[start : start + block], source, cand, self.cosine)
+            scores = score_rows(q[start : start + block], source, cand, self.cosine)
             scores, pos = scores.topk(min(k, num_candidates), dim=1)
             rows = cand.gather(1, pos).masked_fill(scores == -math.inf, -1)
             out_scores.append(scores)
@@ -941,7 +947,7 @@ class FaissIndex(_IndexBase):
         rows = torch.from_numpy(rows_np).to(queries.device, torch.long)
         if weight is not None:
             q = queries.detach().to(weight.device, torch.float32)
-            scores = _score_rows(q, weight.detach(), rows.to(weight.device), self.cosine)
+            scores = score_rows(q, weight.detach(), rows.to(weight.device), self.cosine)
             scores, pos = scores.sort(dim=1, descending=True)
             rows = rows.gather(1, pos.to(rows.device))
         else:
