@@ -11,6 +11,10 @@ r"""Accuracy of active-class selection: full softmax against knn, random and gra
     python benchmarks/selection_accuracy.py head.num_classes=1000000 train.global_batch=1024 \
         train.steps=400 train.eval_every=400 train.eval_samples=50000     # quickstart's MLP, 10%
     python benchmarks/selection_accuracy.py --dry-run                     # CPU: a tiny run of each
+    # one study from the result files of several runs of one task: their rows side by side,
+    # one plot of top-1 against rows per step with every mode (runs nothing)
+    python benchmarks/selection_accuracy.py --name selection_accuracy_1m_scale96_modes \
+        --combine selection_accuracy_1m_scale96.json,selection_accuracy_1m_scale96_graph_moved_w20.json
 
 Variants (each for every seed; see ``benchmarks/accuracy_runs.py`` for the row fields):
 
@@ -67,14 +71,16 @@ the mean a marker; ``<name>_curves.png`` the loss and top-1 curves.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.accuracy_runs import DRY_RUN, add_arguments, run_study  # noqa: E402
-from benchmarks.common import pyplot  # noqa: E402
+from benchmarks.accuracy_runs import DRY_RUN, add_arguments, run_study, summarize  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, print_table, pyplot, write_results  # noqa: E402
 from hydrahead.config import load_config  # noqa: E402
 
 MODES = ("full", "knn", "random", "graph")
@@ -232,6 +238,10 @@ def curve_of(row: dict, by_scale: bool) -> str:
     return " ".join(words)
 
 
+def _count(samples) -> str:
+    return f"{samples:,}" if isinstance(samples, int) else str(samples)
+
+
 def plot_rows(payload: dict, png: Path) -> None:
     """Held-out top-1 against rows scored per step (or against the logit scale, when the
     rows hold several), one colour per (selection, storage)."""
@@ -276,7 +286,7 @@ def plot_rows(payload: dict, png: Path) -> None:
     else:
         ax.set_xscale("log")
         ax.set_xlabel("rows scored per step and shard (log scale)")
-    ax.set_ylabel(f"held-out top-1 (%), {payload['eval_samples']:,} samples")
+    ax.set_ylabel(f"held-out top-1 (%), {_count(payload['eval_samples'])} samples")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3, which="both")
     shape = rows[0]["shape"]
@@ -286,6 +296,49 @@ def plot_rows(payload: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+
+
+def combine(files: list[str], name: str) -> dict:
+    """One study from the result files of several runs of one task (read from the results
+    folder unless a path is given): their rows side by side, each naming its ``source`` file
+    (a method run with other command-line overrides in another file gets them in its name);
+    ``device``, ``torch`` and ``triton`` list every value the files hold."""
+    folder = Path(os.environ.get("HYDRAHEAD_RESULTS_DIR", RESULTS_DIR))
+    payloads = []
+    for file in files:
+        path = Path(file) if os.sep in file else folder / file
+        if not path.is_file():
+            raise SystemExit(f"selection_accuracy.py: error: --combine: no result file {path}")
+        payloads.append((path.name, json.loads(path.read_text())))
+    rows = [{**row, "source": source} for source, payload in payloads for row in payload["rows"]]
+    # One name run with other command-line overrides (an index's probes, say) is another variant.
+    runs_of: dict[str, set] = {}
+    for row in rows:
+        runs_of.setdefault(row["method"], set()).add(tuple(row.get("run_overrides", ())))
+    for row in rows:
+        if len(runs_of[row["method"]]) > 1:
+            row["method"] += f" [{' '.join(row.get('run_overrides', ()))}]"
+    shapes = sorted({row["shape"] for row in rows})
+    if len(shapes) != 1:
+        raise SystemExit(
+            f"selection_accuracy.py: error: --combine: the files hold rows of {len(shapes)} tasks: {shapes}"
+        )
+
+    def every(field: str) -> str:
+        return " + ".join(dict.fromkeys(str(payload.get(field)) for _, payload in payloads))
+
+    return {
+        **environment(),
+        "device": every("device"),
+        "torch": every("torch"),
+        "triton": every("triton"),
+        "benchmark": name,
+        "eval_samples": every("eval_samples"),
+        "combined_from": [source for source, _ in payloads],
+        "what": "the rows of several runs of one task, side by side (each names its source file)",
+        "summary": summarize(rows),
+        "rows": rows,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -378,6 +431,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated logit scales (head.scale): every variant at each, its head LR times the config's "
         "scale over it; names end in 's=<s>'",
     )
+    parser.add_argument(
+        "--combine",
+        type=lambda text: [f for f in text.split(",") if f],
+        default=[],
+        help="comma-separated result files of runs of one task (names in the results folder, or paths): write "
+        "--name's JSON and plot from their rows, side by side; nothing runs",
+    )
     add_arguments(parser, name="selection_accuracy")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(MODES))
@@ -390,6 +450,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.combine:
+        payload = combine(args.combine, args.name)
+        path = write_results(args.name, payload)
+        plot_rows(payload, path.with_suffix(".png"))
+        print(f"wrote {path}")
+        columns = ["method", "seeds", "eval_top1_mean", "eval_top1_spread", "rows_per_step_mean", "graph_recall_mean"]
+        print_table(payload["summary"], columns)
+        return
     cfg = load_config(args.config, [*(DRY_RUN if args.dry_run else []), *args.overrides])
     try:
         variants, fields = at_scales(args, cfg)

@@ -341,3 +341,56 @@ def test_jobs_run_at_once_and_every_row_is_kept(tmp_path, monkeypatch):
     assert all(r["jobs"] == 2 for r in lines)
     payload = json.loads((tmp_path / "jobs.json").read_text())
     assert [(s["method"], s["seeds"]) for s in payload["summary"]] == [("a", 2), ("b", 2)]
+
+
+def _study_file(path: Path, device: str, rows: list[tuple[str, list[str], int, float]], shape: str = "G=8") -> None:
+    payload = {
+        "device": device,
+        "torch": "t",
+        "triton": "x",
+        "date": "d",
+        "eval_samples": 100,
+        "rows": [
+            {"method": m, "run_overrides": o, "seed": s, "eval_top1": t, "eval_loss": 1.0, "train_loss": 1.0,
+             "rows_per_step": 10.0, "shape": shape, "ms": 1.0}
+            for m, o, s, t in rows
+        ],
+    }  # fmt: skip
+    path.write_text(json.dumps(payload))
+
+
+def test_combine_puts_the_rows_of_several_files_side_by_side(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    _study_file(tmp_path / "a.json", "H100", [("hydrahead-full", [], 0, 0.7), ("hydrahead-knn", ["p=64"], 0, 0.5)])
+    _study_file(
+        tmp_path / "b.json",
+        "H200",
+        [("hydrahead-knn", ["p=32"], 0, 0.4), ("hydrahead-full", [], 1, 0.6), ("hydrahead-graph", [], 0, 0.9)],
+    )
+    selection_accuracy.main(["--name", "both", "--combine", "a.json,b.json"])
+    payload = json.loads((tmp_path / "both.json").read_text())
+    assert {"device", "torch", "triton", "date", "rows"} <= payload.keys()
+    assert payload["device"] == "H100 + H200" and payload["combined_from"] == ["a.json", "b.json"]
+    assert [(r["method"], r["source"]) for r in payload["rows"]] == [
+        ("hydrahead-full", "a.json"),
+        ("hydrahead-knn [p=64]", "a.json"),
+        ("hydrahead-knn [p=32]", "b.json"),
+        ("hydrahead-full", "b.json"),
+        ("hydrahead-graph", "b.json"),
+    ]
+    means = {r["method"]: (r["seeds"], round(r["eval_top1_mean"], 6)) for r in payload["summary"]}
+    assert means["hydrahead-full"] == (2, 0.65) and means["hydrahead-knn [p=32]"] == (1, 0.4)
+    if selection_accuracy.pyplot() is not None:
+        assert (tmp_path / "both.png").stat().st_size > 1000
+    assert "hydrahead-graph" in capsys.readouterr().out
+
+
+def test_combine_refuses_missing_files_and_rows_of_other_tasks(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    _study_file(tmp_path / "a.json", "cpu", [("hydrahead-full", [], 0, 0.7)])
+    _study_file(tmp_path / "c.json", "cpu", [("hydrahead-full", [], 0, 0.7)], shape="G=16")
+    with pytest.raises(SystemExit, match="no result file"):
+        selection_accuracy.main(["--name", "x", "--combine", "a.json,missing.json"])
+    with pytest.raises(SystemExit, match="2 tasks"):
+        selection_accuracy.main(["--name", "x", "--combine", "a.json,c.json"])
+    assert not (tmp_path / "x.json").exists()
