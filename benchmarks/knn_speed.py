@@ -72,9 +72,13 @@ labels is timed over the build's index (``refresh_s``, the median of 3) and
 graph-moved (head.graph_refresh_window = P, one row per --graph-windows P): no index and
 no build; each refresh of N·G uniformly drawn labels (N = --graph-refresh-every, 50 if
 unset) scores them exactly against the rows refreshed in the last P refreshes and their
-neighbours. P refreshes run untimed (filling the window and the table as training would),
-then 3 are timed (``refresh_s``, the median); ``ms`` = step + refresh_s / N, and
-``window_rows`` is the window's size at the timed refreshes.
+neighbours. P refreshes run untimed (filling the window and the table as training would;
+the first also takes the classes the timed steps train, so that their rows hold neighbours
+as those of classes seen long ago do), then 3 are timed alone (``refresh_s``, the median);
+``ms`` = step + refresh_s / N, and ``window_rows`` is the window's size at the timed
+refreshes. Then max(--graph-moved-steps, 4N) steps of the real schedule on fresh batches, each timed alone,
+with each refresh queued in the background when it falls due: ``bg_ms``, ``bg_max_ms`` and
+``bg_slow_steps`` as for knn, ``bg_refreshes`` (the refreshes started among them).
 With --graph-background the steps are also timed while a whole-shard build runs in the
 background, as training runs them, from the step before the build falls due until
 --graph-bg-after-install steps after its graph is installed: ``bg_ms``, ``bg_max_ms`` and
@@ -509,8 +513,9 @@ def graph_method(args, head: ShardedClassifier, features, labels, config, step, 
 
 def graph_moved_method(args, head: ShardedClassifier, features, labels, window: int, step, device):
     """(method, ms, rows scored, peak MiB, extra fields) of a graph refreshed from its moved rows
-    (head.graph_refresh_window = ``window``): the refreshes timed, then the step's lookup and loss."""
-    C = head.num_local_classes
+    (head.graph_refresh_window = ``window``): the refreshes timed alone, then the step's lookup
+    and loss, then the steps of the real schedule with the refreshes in the background."""
+    C, G = head.num_local_classes, args.batch
     every = args.graph_refresh_every or 50
     selector = shard_selector(
         "graph",
@@ -527,9 +532,16 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
     generator = torch.Generator().manual_seed(5)
     weight = head.weight.detach()
     window_steps = window * every
+    first = (window + 4) * every + 1  # the selector's first step, after the timed refreshes
+    beside = range(first + 1, first + 1 + max(args.graph_moved_steps, 4 * every))
 
-    def refresh(number: int) -> tuple[float, int, int]:
-        labels_drawn = torch.randint(0, C, (every * args.batch,), generator=generator).to(device)
+    def batch_for(s):
+        return make_batch(head, G, seed=100 + s, noise=args.noise)
+
+    def refresh(number: int, also=None) -> tuple[float, int, int]:
+        labels_drawn = torch.randint(0, C, (every * G,), generator=generator).to(device)
+        if also is not None:
+            labels_drawn = torch.cat((also, labels_drawn))
         synchronize(device)
         start = time.perf_counter()
         classes = class_graph.refresh_class_graph(
@@ -540,22 +552,36 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         window_rows = int(searched.sum())  # the rows it searched
         return time.perf_counter() - start, classes, window_rows
 
-    for number in range(1, window + 1):  # the window fills (and kernels compile) untimed
+    # The window fills (and kernels compile) untimed. The classes that the timed steps train
+    # are refreshed in its first refresh, as classes seen long ago: each holds the neighbours
+    # its last refresh found and the offers since, and its stamp is out of the window by the
+    # time the steps run.
+    trained = torch.cat([labels] + [batch_for(s)[1] for s in beside])
+    refresh(1, also=trained)
+    for number in range(2, window + 1):
         refresh(number)
     times, classes, window_rows = zip(*(refresh(window + number) for number in range(1, 4)))
     refresh_s = statistics.median(times)
     no_labels = torch.empty(0, dtype=torch.long, device=device)
     selector.load_graph_state(graph.table, 0, graph.scores, no_labels, weight, graph.moved_at)
     selector._measure_graph_recall(labels, class_graph.label_neighbours(graph.table, labels, 0), head.weight)
-    hard_recall = active_recall(selector, features, labels, head.weight, 1)
+    hard_recall = active_recall(selector, features, labels, head.weight, first)
 
-    def graph_step():  # step 1: no refresh falls due
-        step(selector.select(1, features, labels, head.weight))
+    def graph_step():  # with refreshes every step, each step also queues one in the background
+        step(selector.select(first, features, labels, head.weight))
 
     peak = peak_extra_mib(graph_step, device)
     ms = time_ms(graph_step, device, args.reps)
-    select_ms = time_ms(lambda: selector.select(1, features, labels, head.weight), device, args.reps)
+    select_ms = time_ms(lambda: selector.select(first, features, labels, head.weight), device, args.reps)
     active = selector.last["active_classes"]
+
+    def timed_step(s, batch):
+        rows = selector.select(s, *batch, head.weight)
+        selected = time.perf_counter()
+        step(rows, batch)
+        return selected, time.perf_counter()
+
+    records = steps_beside_rebuilds(selector, beside, timed_step, device, batch_for, gc_every=args.gc_every)
     selector.close()
     fields = dict(
         step_ms=ms,
@@ -570,6 +596,9 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         refresh_classes=int(statistics.mean(classes)),
         window_rows=int(statistics.mean(window_rows)),
         refresh_ms_per_step=refresh_s * 1e3 / every,
+        **beside_fields(records),
+        bg_steps=len(records),
+        bg_refreshes=sum("start" in r["rebuild"] for r in records),
     )
     method = f"hydrahead-graph moved window={window} refresh={every}"
     return method, ms + fields["refresh_ms_per_step"], active, peak, fields
@@ -660,6 +689,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--graph-bg-max-steps", type=int, default=5000, help="graph background: at most this many timed steps"
+    )
+    parser.add_argument(
+        "--graph-moved-steps",
+        type=int,
+        default=40,
+        help="graph-moved: steps of the real schedule timed with the refreshes in the background (at least 4 "
+        "refreshes' worth)",
     )
     parser.add_argument(
         "--graph-bg-after-install",

@@ -53,7 +53,7 @@ def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypa
     from benchmarks import knn_speed
 
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    flags = ["--graph-windows", "1,4", "--graph-refresh-every", "3"]
+    flags = ["--graph-windows", "1,4", "--graph-refresh-every", "3", "--graph-moved-steps", "6"]
     knn_speed.main(["--dry-run", "--methods", "graph-moved", *flags])
     rows = json.loads((tmp_path / "knn_speed.json").read_text())["rows"]
     assert [row["method"] for row in rows] == [
@@ -66,6 +66,10 @@ def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypa
         assert row["refresh_classes"] <= row["window_rows"] <= window * 3 * 48
         assert row["ms"] == pytest.approx(row["step_ms"] + row["refresh_s"] * 1e3 / 3, rel=1e-3)
         assert 0 <= row["graph_recall"] <= 1
+        # The timed steps' classes were refreshed first: their rows hold neighbours.
+        assert row["active_classes"] > 48
+        # The schedule's steps, at least 4 refreshes' worth, with refreshes in the background.
+        assert row["bg_steps"] == 12 and 1 <= row["bg_refreshes"] <= 4 and row["bg_max_ms"] >= row["bg_ms"] > 0
     assert rows[1]["window_rows"] > rows[0]["window_rows"]
     with pytest.raises(SystemExit):
         knn_speed.main(["--dry-run", "--methods", "graph-moved", "--graph-windows", "0"])
