@@ -255,7 +255,8 @@ def plot_rows(payload: dict, png: Path) -> None:
     for r in rows:
         groups.setdefault(curve_of(r, by_scale), []).append(r)
     markers = {"full": "s", "knn": "o", "random": "v", "graph": "D"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    many = len(groups) > 6  # the legend goes below the axes
+    fig, ax = plt.subplots(figsize=(8.5, 4.8 + 0.22 * len(groups)) if many else (7.5, 4.8))
     for i, (key, group) in enumerate(groups.items()):
         colour = f"C{i}"
         ax.plot(
@@ -287,7 +288,10 @@ def plot_rows(payload: dict, png: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("rows scored per step and shard (log scale)")
     ax.set_ylabel(f"held-out top-1 (%), {_count(payload['eval_samples'])} samples")
-    ax.legend(fontsize=7, loc="best")
+    if many:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
+    else:
+        ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3, which="both")
     shape = rows[0]["shape"]
     ax.set_title(
@@ -316,8 +320,11 @@ def combine(files: list[str], name: str) -> dict:
     for row in rows:
         runs_of.setdefault(row["method"], set()).add(tuple(row.get("run_overrides", ())))
     for row in rows:
-        if len(runs_of[row["method"]]) > 1:
-            row["method"] += f" [{' '.join(row.get('run_overrides', ()))}]"
+        runs = runs_of[row["method"]]
+        if len(runs) > 1:  # named by the overrides its runs do not share
+            shared = set.intersection(*(set(run) for run in runs))
+            differing = [o for o in row.get("run_overrides", ()) if o not in shared]
+            row["method"] += f" [{' '.join(differing) or 'no overrides'}]"
     shapes = sorted({row["shape"] for row in rows})
     if len(shapes) != 1:
         raise SystemExit(

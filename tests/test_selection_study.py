@@ -361,11 +361,11 @@ def _study_file(path: Path, device: str, rows: list[tuple[str, list[str], int, f
 
 def test_combine_puts_the_rows_of_several_files_side_by_side(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    _study_file(tmp_path / "a.json", "H100", [("hydrahead-full", [], 0, 0.7), ("hydrahead-knn", ["p=64"], 0, 0.5)])
+    _study_file(tmp_path / "a.json", "H100", [("hydrahead-full", [], 0, 0.7), ("hydrahead-knn", ["p=64", "g"], 0, 0.5)])
     _study_file(
         tmp_path / "b.json",
         "H200",
-        [("hydrahead-knn", ["p=32"], 0, 0.4), ("hydrahead-full", [], 1, 0.6), ("hydrahead-graph", [], 0, 0.9)],
+        [("hydrahead-knn", ["p=32", "g"], 0, 0.4), ("hydrahead-full", [], 1, 0.6), ("hydrahead-graph", [], 0, 0.9)],
     )
     selection_accuracy.main(["--name", "both", "--combine", "a.json,b.json"])
     payload = json.loads((tmp_path / "both.json").read_text())
