@@ -76,7 +76,8 @@ neighbours. P refreshes run untimed (filling the window and the table as trainin
 the first also takes the classes the timed steps train, so that their rows hold neighbours
 as those of classes seen long ago do), then 3 are timed alone (``refresh_s``, the median);
 ``ms`` = step + refresh_s / N, and ``window_rows`` is the window's size at the timed
-refreshes. Then max(--graph-moved-steps, 4N) steps of the real schedule on fresh batches, each timed alone,
+refreshes. Then, after max(4, N) fresh batches untimed (the row counts' kernel variants compile),
+max(--graph-moved-steps, 4N) steps of the real schedule on fresh batches, each timed alone,
 with each refresh queued in the background when it falls due: ``bg_ms``, ``bg_max_ms`` and
 ``bg_slow_steps`` as for knn, ``bg_refreshes`` (the refreshes started among them).
 With --graph-background the steps are also timed while a whole-shard build runs in the
@@ -309,7 +310,8 @@ def _steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_af
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             )
             tracer.__enter__()
-        building, current = selector._pending is not None, selector._current
+        pending, current = selector._pending, selector._current
+        building = pending is not None
         synchronize(device, stream_only=True)
         counts_before = allocator_counts(device)
         cpu_start, start = time.thread_time(), time.perf_counter()
@@ -321,7 +323,7 @@ def _steps_beside_rebuilds(selector, steps, run_step, device, batch_for, stop_af
             tracer.__exit__(None, None, None)
             tracer.export_chrome_trace(trace[2])
             tracer = None
-        started = not building and selector._pending is not None
+        started = selector._pending is not None and selector._pending is not pending  # a job queued in this step
         installed = selector._current is not current
         event = "install+start" if installed and started else "start" if started else "install" if installed else ""
         records.append(
@@ -533,7 +535,8 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
     weight = head.weight.detach()
     window_steps = window * every
     first = (window + 4) * every + 1  # the selector's first step, after the timed refreshes
-    beside = range(first + 1, first + 1 + max(args.graph_moved_steps, 4 * every))
+    warm = range(first + 1, first + 1 + max(4, every))  # fresh batches, untimed
+    beside = range(warm.stop, warm.stop + max(args.graph_moved_steps, 4 * every))
 
     def batch_for(s):
         return make_batch(head, G, seed=100 + s, noise=args.noise)
@@ -556,7 +559,7 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
     # are refreshed in its first refresh, as classes seen long ago: each holds the neighbours
     # its last refresh found and the offers since, and its stamp is out of the window by the
     # time the steps run.
-    trained = torch.cat([labels] + [batch_for(s)[1] for s in beside])
+    trained = torch.cat([labels] + [batch_for(s)[1] for s in beside] + [batch_for(10_000 + s)[1] for s in warm])
     refresh(1, also=trained)
     for number in range(2, window + 1):
         refresh(number)
@@ -581,6 +584,11 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         step(rows, batch)
         return selected, time.perf_counter()
 
+    # Fresh batches select other numbers of rows, and a count can pick another kernel
+    # specialisation (a one-time compile): met untimed, with a refresh among them.
+    for s in warm:
+        timed_step(s, batch_for(10_000 + s))
+    selector._harvest(wait=True)
     records = steps_beside_rebuilds(selector, beside, timed_step, device, batch_for, gc_every=args.gc_every)
     selector.close()
     fields = dict(
