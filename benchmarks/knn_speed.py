@@ -565,6 +565,13 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         refresh(number)
     times, classes, window_rows = zip(*(refresh(window + number) for number in range(1, 4)))
     refresh_s = statistics.median(times)
+    if args.profile:  # where a refresh's time goes, one more refresh
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            refresh(window + 4)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
     no_labels = torch.empty(0, dtype=torch.long, device=device)
     selector.load_graph_state(graph.table, 0, graph.scores, no_labels, weight, graph.moved_at)
     selector._measure_graph_recall(labels, class_graph.label_neighbours(graph.table, labels, 0), head.weight)
@@ -748,7 +755,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--family-spread", type=float, default=0.3, help="spread of a family's rows around its centre, relative"
     )
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few knn steps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the top CUDA kernels of a few knn steps, and the top operations of one graph-moved refresh",
+    )
     parser.add_argument(
         "--trace-rebuild",
         default=None,

@@ -46,15 +46,16 @@ def test_graph_refresh_dry_run_times_a_refresh_and_adds_it_per_step(tmp_path, mo
     assert row["ms"] == pytest.approx(per_step, rel=1e-3)
 
 
-def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypatch):
+def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypatch, capsys):
     """graph-moved: one row per window, no build; the timed refreshes search a window of the
     rows of at most that many refreshes, and the row's ms adds their share per step."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import knn_speed
 
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    flags = ["--graph-windows", "1,4", "--graph-refresh-every", "3", "--graph-moved-steps", "6"]
+    flags = ["--graph-windows", "1,4", "--graph-refresh-every", "3", "--graph-moved-steps", "6", "--profile"]
     knn_speed.main(["--dry-run", "--methods", "graph-moved", *flags])
+    assert capsys.readouterr().out.count("Self CPU time total") == 2  # one refresh profiled per window
     rows = json.loads((tmp_path / "knn_speed.json").read_text())["rows"]
     assert [row["method"] for row in rows] == [
         "hydrahead-graph moved window=1 refresh=3",
