@@ -74,7 +74,8 @@ no build; each refresh of N·G uniformly drawn labels (N = --graph-refresh-every
 unset) scores them exactly against the rows refreshed in the last P refreshes and their
 neighbours. P refreshes run untimed (filling the window and the table as training would;
 the first also takes the classes the timed steps train, so that their rows hold neighbours
-as those of classes seen long ago do), then 3 are timed alone (``refresh_s``, the median);
+as those of classes seen long ago do: ``trained_with_neighbours``, the share of them with
+at least one), then 3 are timed alone (``refresh_s``, the median);
 ``ms`` = step + refresh_s / N, and ``window_rows`` is the window's size at the timed
 refreshes. Then, after max(4, N) fresh batches untimed (the row counts' kernel variants compile),
 max(--graph-moved-steps, 4N) steps of the real schedule on fresh batches, each timed alone,
@@ -378,6 +379,19 @@ def beside_fields(records) -> dict:
     )
 
 
+def schedule_step(selector, head, step):
+    """``run_step`` of ``steps_beside_rebuilds`` for a graph selector: select, then the step;
+    returns the times the selection and the step's launches ended."""
+
+    def timed_step(s, batch):
+        rows = selector.select(s, *batch, head.weight)
+        selected = time.perf_counter()
+        step(rows, batch)
+        return selected, time.perf_counter()
+
+    return timed_step
+
+
 def graph_background(args, selector, head, step, device) -> dict:
     """Steps while a whole-shard graph build runs in the background, as training runs them:
     from the step before a rebuild falls due until --graph-bg-after-install steps after the
@@ -389,12 +403,7 @@ def graph_background(args, selector, head, step, device) -> dict:
     def batch_for(s):
         return make_batch(head, G, seed=100 + s, noise=args.noise)
 
-    def timed_step(s, batch):
-        rows = selector.select(s, *batch, head.weight)
-        selected = time.perf_counter()
-        step(rows, batch)
-        return selected, time.perf_counter()
-
+    timed_step = schedule_step(selector, head, step)
     for s in range(2, min(32, due - 1)):  # fresh batches' kernel specialisations, untimed
         timed_step(s, batch_for(10_000 + s))
     records = steps_beside_rebuilds(
@@ -572,6 +581,7 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         with torch.profiler.profile(activities=activities) as prof:
             refresh(window + 4)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    trained_with_neighbours = float((graph.table[trained] >= 0).any(1).float().mean())
     no_labels = torch.empty(0, dtype=torch.long, device=device)
     selector.load_graph_state(graph.table, 0, graph.scores, no_labels, weight, graph.moved_at)
     selector._measure_graph_recall(labels, class_graph.label_neighbours(graph.table, labels, 0), head.weight)
@@ -585,12 +595,7 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
     select_ms = time_ms(lambda: selector.select(first, features, labels, head.weight), device, args.reps)
     active = selector.last["active_classes"]
 
-    def timed_step(s, batch):
-        rows = selector.select(s, *batch, head.weight)
-        selected = time.perf_counter()
-        step(rows, batch)
-        return selected, time.perf_counter()
-
+    timed_step = schedule_step(selector, head, step)
     # Fresh batches select other numbers of rows, and a count can pick another kernel
     # specialisation (a one-time compile): met untimed, with a refresh among them.
     for s in warm:
@@ -611,6 +616,7 @@ def graph_moved_method(args, head: ShardedClassifier, features, labels, window: 
         refresh_classes=int(statistics.mean(classes)),
         window_rows=int(statistics.mean(window_rows)),
         refresh_ms_per_step=refresh_s * 1e3 / every,
+        trained_with_neighbours=trained_with_neighbours,
         **beside_fields(records),
         bg_steps=len(records),
         bg_refreshes=sum("start" in r["rebuild"] for r in records),

@@ -67,8 +67,8 @@ def test_graph_moved_dry_run_times_refreshes_over_each_window(tmp_path, monkeypa
         assert row["refresh_classes"] <= row["window_rows"] <= window * 3 * 48
         assert row["ms"] == pytest.approx(row["step_ms"] + row["refresh_s"] * 1e3 / 3, rel=1e-3)
         assert 0 <= row["graph_recall"] <= 1
-        # The timed steps' classes were refreshed first: their rows hold neighbours.
-        assert row["active_classes"] > 48
+        # The timed steps' classes were refreshed first: every one's row holds neighbours.
+        assert row["trained_with_neighbours"] == 1.0 and row["active_classes"] > 48
         # The schedule's steps, at least 4 refreshes' worth, with refreshes in the background.
         assert row["bg_steps"] == 12 and 1 <= row["bg_refreshes"] <= 4 and row["bg_max_ms"] >= row["bg_ms"] > 0
     assert rows[1]["window_rows"] > rows[0]["window_rows"]
@@ -148,3 +148,31 @@ def test_steps_record_their_threads_cpu_time_and_collections_clipped_to_them():
     assert computing["cpu_ms"] >= 29, computing
     spans = [(0.0, 1.0), (1.5, 2.5), (3.0, 4.0)]
     assert knn_speed.overlap_s(spans, 0.5, 2.0) == 1.0  # half of the first, half of the second
+
+
+def test_steps_beside_rebuilds_names_each_step_by_what_it_did_to_the_jobs():
+    """A step that queues a job is a start, also when it first harvested the one that was
+    pending (a job per step that outlasts the step); a job left running is 'beside'; a new
+    index installed is an install."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import knn_speed
+
+    class Selector:
+        _pending, _current = None, object()
+
+    selector, job, other_job = Selector(), object(), object()
+    # per step: the job pending after it, and whether it installed a new index
+    plan = {1: (job, False), 2: (job, False), 3: (other_job, False), 4: (None, True), 5: (None, False)}
+
+    def run_step(step, batch):
+        selector._pending = plan[step][0]
+        if plan[step][1]:
+            selector._current = object()
+        return time.perf_counter(), time.perf_counter()
+
+    records = knn_speed.steps_beside_rebuilds(selector, range(1, 6), run_step, torch.device("cpu"), lambda s: None)
+    assert [r["rebuild"] for r in records] == ["start", "beside", "start", "install", ""]
