@@ -113,3 +113,33 @@ def test_descriptor_kernels_never_get_a_box_side_over_256(h200, monkeypatch):
     found = candidate_tiles("probs_tma", 512, torch.bfloat16, CUDA)
     assert found[0] == (64, 256, 64, 4, 2) and all(max(t[:3]) <= 256 for t in found)
     assert candidate_tiles("probs", 512, torch.bfloat16, CUDA)[0] == (64, 512, 64, 4, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_fp8_rows_take_their_own_descriptor_tiles(monkeypatch, dtype):
+    """fp8 rows stream 128-wide K slices (128 bytes, as bf16's 64): the LSE pass and the P
+    kernel launch under their own table entries, bf16 rows under theirs."""
+    from hydrahead.kernels import exact_gemm, filtered
+    from hydrahead.kernels.shard_ce import feature_operand
+
+    launched = []
+
+    def recording(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return launch_fitted(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(filtered, "launch_fitted", recording)
+    monkeypatch.setattr(exact_gemm, "launch_fitted", recording)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 32, generator=gen).to(dtype)
+    operand = feature_operand(torch.randn(16, 32, generator=gen), dtype)
+    labels = torch.randint(0, 48, (16,), generator=gen)
+    options = dict(scale=1.0, target_shift=0.0, cosine=False)
+    row_max, row_sum, _ = filtered.shard_lse(operand, weight, None, labels, **options)
+    lse = row_max + row_sum.log()
+    probs_pass = exact_gemm._ProbsPass(operand, weight, None, labels, lse, torch.ones(1), options)
+    probs_pass.write(0, 48, 48)
+    fp8 = dtype == torch.float8_e4m3fn
+    assert launched == (["lse_fp8_tma", "probs_fp8_tma"] if fp8 else ["filtered_tma", "probs_tma"])
+    assert tiles._GPU_TILES["lse_fp8_tma"][2] == 2 * tiles._GPU_TILES["filtered_tma"][2]
+    assert tiles._GPU_TILES["probs_fp8_tma"][2] == 2 * tiles._GPU_TILES["probs_tma"][2]

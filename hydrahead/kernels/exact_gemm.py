@@ -343,7 +343,7 @@ class _ProbsPass:
                 num_stages=stages,
             )
 
-        kernel = "probs_tma" if tma else "probs"
+        kernel = ("probs_fp8_tma" if operand.fp8 else "probs_tma") if tma else "probs"
         variant = (options["cosine"], operand.fp8, self.offset is not None)
         launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         return probs, probs_t

@@ -488,7 +488,7 @@ def shard_lse(
         )
         return stats
 
-    kernel = "filtered_tma" if tma else "filtered"
+    kernel = ("lse_fp8_tma" if fp8 else "filtered_tma") if tma else "filtered"
     variant = ("lse", cosine, fp8, logit_offset is not None)
     stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
     split_max, split_sum, split_target = stats

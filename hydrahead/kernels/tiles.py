@@ -1,13 +1,14 @@
 """Tile shapes of the fused kernels, and the fallback that keeps every width and dtype running.
 
-Each kernel has a preferred tile tuple, tuned on an H200 at D = 512 with bf16 weights
-(docs/kernels.md). Wider rows or wider elements need more shared memory than a GPU has
-(fp32 at D = 512: 279 KB against the H200's 227 KB), so a launch goes through
-``launch_fitted``: it tries the preferred tiles, then smaller ones (fewer pipeline stages,
-then half as many classes or samples per block, down to 16), skipping those whose
-estimated footprint cannot fit, and keeps the first that compiles for that kernel, width
-and dtype. The exact kernels hold whole rows (BLOCK_D = the next power of two of D); the
-filtered kernels and the gemm path's P kernel ("probs") stream D in BLOCK_K slices.
+Each kernel has a preferred tile tuple, tuned on an H200 at D = 512 with bf16 weights (the
+``*_fp8_tma`` entries with fp8 rows; docs/kernels.md). Wider rows or wider elements need
+more shared memory than a GPU has (fp32 at D = 512: 279 KB against the H200's 227 KB), so
+a launch goes through ``launch_fitted``: it tries the preferred tiles, then smaller ones
+(fewer pipeline stages, then half as many classes or samples per block, down to 16),
+skipping those whose estimated footprint cannot fit, and keeps the first that compiles for
+that kernel, width and dtype. The exact kernels hold whole rows (BLOCK_D = the next power
+of two of D); the filtered kernels and the gemm path's P kernel ("probs") stream D in
+BLOCK_K slices.
 
 Tile tuples: stationary kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); streaming kernels
 (BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
@@ -41,7 +42,10 @@ __all__ = ["TilesDoNotFit", "block_operand", "candidate_tiles", "descriptor_load
 # tiles hold half the bytes) measured 39.0 ms at 64 x 64 with 8 warps against 79.6 ms at
 # 64 x 32 with 4. With descriptor loads (4096 x 512 x 1M bf16): the LSE pass 7.0 ms at
 # 256 x 128 x 64, 8 warps, 4 stages (7.8 with 3); the P kernel 9.5 ms at 128 x 128 x 64 with
-# 4 warps, 3 stages (9.9 at 128 x 256 with 8 warps).
+# 4 warps, 3 stages (9.9 at 128 x 256 with 8 warps). fp8 rows take 128-wide K slices (128
+# bytes, as bf16's 64): at 4096 x 512 x 1M the fp8 LSE pass 6.6 -> 5.7 ms at 256 x 128 x 128
+# with 3 stages, the fp8 P kernel 12.7 -> 9.7 ms at 128 x 256 x 128 with 8 warps (9.0 at
+# 64 x 128 x 128 with 4, which lost 1.7 ms a step at G = 256); docs/kernels.md.
 _GPU_TILES = {
     "forward": (64, 64, 8, 2),
     "weight": (64, 32, 4, 2),
@@ -50,6 +54,8 @@ _GPU_TILES = {
     "probs": (128, 256, 64, 8, 3),
     "filtered_tma": (256, 128, 64, 8, 4),
     "probs_tma": (128, 128, 64, 4, 3),
+    "lse_fp8_tma": (256, 128, 128, 8, 3),
+    "probs_fp8_tma": (128, 256, 128, 8, 3),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
@@ -59,10 +65,13 @@ _CPU_TILES = {
     "probs": (16, 16, 16, 4, 1),
     "filtered_tma": (16, 16, 16, 4, 1),
     "probs_tma": (16, 16, 16, 4, 1),
+    "lse_fp8_tma": (16, 16, 16, 4, 1),
+    "probs_fp8_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
 _MAX_BOX = 256  # the copy engine's largest box side, in elements
-_STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma")  # GEMM-shaped kernels: D streamed in BLOCK_K slices
+# GEMM-shaped kernels: D streamed in BLOCK_K slices
+_STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma", "lse_fp8_tma", "probs_fp8_tma")
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 T = TypeVar("T")
