@@ -328,6 +328,41 @@ def test_class_splits_merge_like_one_pass():
     assert rel_err(accumulated, expected) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn], ids=["fp32", "fp8"])
+def test_the_persistent_probs_kernel_writes_the_same_tiles_for_any_number_of_programs(monkeypatch, dtype):
+    """Each program of the P kernel walks tiles i, i + programs, ...: one program, a few, or
+    more than there are tiles (the launch caps them) write the same bytes, and P is the
+    float64 softmax minus the one-hot, times the gradient scale (fp32 rows)."""
+    from hydrahead.kernels import exact_gemm, tiles
+    from hydrahead.kernels.shard_ce import feature_operand
+
+    gen = torch.Generator().manual_seed(21)
+    num_classes, chunk = 83, (5, 76)  # 3 row blocks x 5 class tiles of 16 in the chunk
+    features = torch.randn(BATCH, DIM if dtype == torch.float32 else 32, generator=gen)
+    weight = (torch.randn(num_classes, features.shape[1], generator=gen) * 0.3).to(dtype)
+    labels = torch.randint(0, num_classes, (BATCH,), generator=gen)
+    labels[1] = 9  # a target inside the chunk, in the first row block
+    operand = feature_operand(features, dtype)
+    logits = features.double() @ weight.double().t()
+    lse = torch.logsumexp(logits, dim=1)
+    options = dict(scale=1.0, target_shift=0.0, cosine=False)
+    written = []
+    for programs in (1, 2, 7, 1000):
+        monkeypatch.setattr(tiles, "_INTERPRETED_PROGRAMS", programs)
+        monkeypatch.setattr(exact_gemm, "_PROGRAMS", {})
+        grad_scale = torch.full((1,), 0.5)
+        probs_pass = exact_gemm._ProbsPass(operand, weight, None, labels, lse.float(), grad_scale, options)
+        stored = chunk[1] - chunk[0] if dtype == torch.float32 else 80  # fp8: padded to a multiple of 16
+        probs, probs_t = probs_pass.write(chunk[0], chunk[1], stored)
+        written.append((probs.view(torch.uint8).clone(), probs_t.view(torch.uint8).clone()))
+    for probs, probs_t in written[1:]:
+        assert torch.equal(probs, written[0][0]) and torch.equal(probs_t, written[0][1])
+    if dtype == torch.float32:
+        expected = torch.softmax(logits, dim=1)
+        expected[torch.arange(BATCH), labels] -= 1.0
+        assert torch.allclose(probs.view(torch.float32).double(), 0.5 * expected[:, chunk[0] : chunk[1]], atol=1e-6)
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_gemm_backward_chunk_by_chunk_equals_one_chunk(monkeypatch, cosine):
     """The gemm backward over classes in 256-row chunks (three here, the last one short)

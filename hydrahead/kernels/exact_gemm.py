@@ -47,17 +47,19 @@ from hydrahead.kernels.shard_ce import (
     check_update,
     operand_scale,
 )
-from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitted
+from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitted, resident_programs
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
+_PROGRAMS: dict[tuple, int] = {}  # the persistent P kernel's grid, per compiled variant
 
 
-@triton.jit(do_not_specialize=["c_lo", "c_hi", "g_store", "c_store"])
-def _probs_kernel(
-    F,
+@triton.jit
+def _store_probs(
+    acc,
+    row0,
+    c0,
     F_SCALE,
-    W,
     INV_NORM,
     OFFSET,
     LOCAL_LABEL,
@@ -67,13 +69,10 @@ def _probs_kernel(
     P,
     P_T,
     G,
-    D,
     c_lo,
     c_hi,
     g_store,
     c_store,
-    stride_f,
-    stride_w,
     stride_p,
     stride_pt,
     scale,
@@ -82,34 +81,17 @@ def _probs_kernel(
     HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
     EXACT_CAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """P for rows [0, G) and classes [c_lo, c_hi) into P (and, FP8, P's transpose into P_T);
-    the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
-    padding that the FP8 products' multiples of 16 need. With TMA, F, W, P and P_T are
-    tensor descriptors; W's covers every class (those past c_hi count as invalid), P's the
-    stored block."""
-    # Axis 0 (row blocks) runs fastest: the programs resident together read the same W tile.
+    """The epilogue of one tile: its logits ``acc`` (rows row0.., classes c0..) into P (and P^T)."""
+    # In log2 units, so each exp is one exp2; the target's entries sit behind a scalar branch.
     LOG2E: tl.constexpr = 1.4426950408889634
-    row0 = tl.program_id(0) * BLOCK_G
     rows = row0 + tl.arange(0, BLOCK_G)
     row_ok = rows < G
-    c0 = c_lo + tl.program_id(1) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < c_hi
-    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
-    k_tiles = tl.cdiv(D, BLOCK_K)
-    for k in range(0, k_tiles):  # one class tile: the flat loop's first k_tiles iterations
-        f, w = _operand_slices(
-            F, W, row0, rows, row_ok, c0, c_hi, k, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
-        )
-        acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
-    # In log2 units, so each exp is one exp2; the target's entries sit behind a scalar branch.
     z2 = acc * (scale * LOG2E)
     if FP8:  # e4m3 feature rows: each logit times its row's scale
         f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
@@ -157,6 +139,79 @@ def _probs_kernel(
         else:
             out = P + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
             tl.store(out, p.to(P.dtype.element_ty), mask=stored)
+
+
+@triton.jit(do_not_specialize=["c_lo", "c_hi", "g_store", "c_store"])
+def _probs_kernel(
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    OFFSET,
+    LOCAL_LABEL,
+    LSE,
+    GRAD_SCALE,
+    P_SCALES,
+    P,
+    P_T,
+    G,
+    D,
+    c_lo,
+    c_hi,
+    g_store,
+    c_store,
+    stride_f,
+    stride_w,
+    stride_p,
+    stride_pt,
+    scale,
+    target_shift,
+    COSINE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    FP8: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """P for rows [0, G) and classes [c_lo, c_hi) into P (and, FP8, P's transpose into P_T);
+    the stores cover [0, g_store) x [c_lo, c_store) with zeros outside the valid block, the
+    padding that the FP8 products' multiples of 16 need. With TMA, F, W, P and P_T are
+    tensor descriptors; W's covers every class (those past c_hi count as invalid), P's the
+    stored block.
+
+    Persistent: program i takes tiles i, i + programs, ... in one flat loop over (tile, D
+    slice), so the next tile's slices load while this one's epilogue runs and its stores
+    drain (one tile per program left the pipeline to fill again for each 4-8 slices). The
+    result does not depend on the number of programs."""
+    # Tiles are numbered row block first: the programs at work together read the same W tile.
+    row_tiles = tl.cdiv(g_store, BLOCK_G)
+    tiles = row_tiles * tl.cdiv(c_store - c_lo, BLOCK_C)
+    k_tiles = tl.cdiv(D, BLOCK_K)
+    first = tl.program_id(0)
+    programs = tl.num_programs(0)
+    my_tiles = tl.cdiv(tiles - first, programs)
+    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for it in range(0, my_tiles * k_tiles):
+        tile = first + (it // k_tiles) * programs
+        row0 = (tile % row_tiles) * BLOCK_G
+        c0 = c_lo + (tile // row_tiles) * BLOCK_C
+        rows = row0 + tl.arange(0, BLOCK_G)
+        k = it % k_tiles
+        f, w = _operand_slices(
+            F, W, row0, rows, rows < G, c0, c_hi, k, k_tiles, D, stride_f, stride_w, EVEN_K, BLOCK_C, BLOCK_K, TMA
+        )
+        acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
+        if k == k_tiles - 1:
+            _store_probs(
+                acc, row0, c0, F_SCALE, INV_NORM, OFFSET, LOCAL_LABEL, LSE, GRAD_SCALE, P_SCALES, P, P_T,
+                G, c_lo, c_hi, g_store, c_store, stride_p, stride_pt, scale, target_shift,
+                COSINE, HAS_OFFSET, FP8, EXACT_CAST, BLOCK_G, BLOCK_C, TMA,
+            )  # fmt: skip
+            acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
 
 
 @triton.jit
@@ -302,10 +357,21 @@ class _ProbsPass:
             probs = torch.empty(num_rows, row_width, dtype=weight.dtype, device=feats.device)[:, :stored_width]
             probs_t = probs
 
+        kernel = ("probs_fp8_tma" if operand.fp8 else "probs_tma") if tma else "probs"
+        variant = (options["cosine"], operand.fp8, self.offset is not None)
+
         def launch(tiles):
             block_g, block_c, block_k, warps, stages = tiles
-            grid = (triton.cdiv(self.padded_rows, block_g), triton.cdiv(stored_width, block_c))
-            _probs_kernel[grid](
+            num_tiles = triton.cdiv(self.padded_rows, block_g) * triton.cdiv(stored_width, block_c)
+            key = (kernel, tiles, dim, weight.dtype, feats.device, variant)
+            if key not in _PROGRAMS:  # compiled, not run: how many of its programs fit at once
+                compiled = _probs_kernel.warmup(*args(tiles), grid=(1,), **meta(tiles)) if feats.is_cuda else None
+                _PROGRAMS[key] = resident_programs(compiled, feats.device)
+            _probs_kernel[(min(num_tiles, _PROGRAMS[key]),)](*args(tiles), **meta(tiles))
+
+        def args(tiles):
+            block_g, block_c, block_k, _, _ = tiles
+            return (
                 block_operand(feats, [block_g, block_k], tma),
                 operand.row_scale if operand.fp8 else feats,
                 block_operand(weight, [block_c, block_k], tma),
@@ -329,6 +395,11 @@ class _ProbsPass:
                 probs_t.stride(0),
                 options["scale"],
                 options["target_shift"],
+            )
+
+        def meta(tiles):
+            block_g, block_c, block_k, warps, stages = tiles
+            return dict(
                 COSINE=options["cosine"],
                 HAS_OFFSET=self.offset is not None,
                 FP8=operand.fp8,
@@ -343,8 +414,6 @@ class _ProbsPass:
                 num_stages=stages,
             )
 
-        kernel = ("probs_fp8_tma" if operand.fp8 else "probs_tma") if tma else "probs"
-        variant = (options["cosine"], operand.fp8, self.offset is not None)
         launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         return probs, probs_t
 

@@ -34,7 +34,15 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["TilesDoNotFit", "block_operand", "candidate_tiles", "descriptor_loads", "launch_fitted", "tile_config"]
+__all__ = [
+    "TilesDoNotFit",
+    "block_operand",
+    "candidate_tiles",
+    "descriptor_loads",
+    "launch_fitted",
+    "resident_programs",
+    "tile_config",
+]
 
 # Measured on an H200 at G=4096, D=512, C_r=1M: the weight kernel takes 29.7 ms with
 # 32-class blocks and 4 warps against 49.8 ms with 64 and 8; the forward wants 64 and 8
@@ -44,8 +52,10 @@ __all__ = ["TilesDoNotFit", "block_operand", "candidate_tiles", "descriptor_load
 # 256 x 128 x 64, 8 warps, 4 stages (7.8 with 3); the P kernel 9.5 ms at 128 x 128 x 64 with
 # 4 warps, 3 stages (9.9 at 128 x 256 with 8 warps). fp8 rows take 128-wide K slices (128
 # bytes, as bf16's 64): at 4096 x 512 x 1M the fp8 LSE pass 6.6 -> 5.7 ms at 256 x 128 x 128
-# with 3 stages, the fp8 P kernel 12.7 -> 9.7 ms at 128 x 256 x 128 with 8 warps (9.0 at
-# 64 x 128 x 128 with 4, which lost 1.7 ms a step at G = 256); docs/kernels.md.
+# with 3 stages, the fp8 P kernel 12.7 -> 9.7 ms at 128 x 256 x 128 with 8 warps. The P
+# kernel is persistent (one program per resident slot, tiles in a flat loop): on an H100 at
+# 4096 x 512 x 1M, fp8 8.6 ms at 64 x 128 x 128 with 4 warps, two programs an SM (9.4 for
+# one tile per program at 128 x 256), bf16 9.4 at 128 x 256 x 64 with 8 (10.0); docs/kernels.md.
 _GPU_TILES = {
     "forward": (64, 64, 8, 2),
     "weight": (64, 32, 4, 2),
@@ -53,9 +63,9 @@ _GPU_TILES = {
     "filtered": (256, 128, 64, 8, 3),
     "probs": (128, 256, 64, 8, 3),
     "filtered_tma": (256, 128, 64, 8, 4),
-    "probs_tma": (128, 128, 64, 4, 3),
+    "probs_tma": (128, 256, 64, 8, 3),
     "lse_fp8_tma": (256, 128, 128, 8, 3),
-    "probs_fp8_tma": (128, 256, 128, 8, 3),
+    "probs_fp8_tma": (64, 128, 128, 4, 4),
 }
 _CPU_TILES = {
     "forward": (16, 16, 4, 1),
@@ -179,6 +189,26 @@ def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.dev
         shapes = [t for t in shapes if max(t[:3]) <= _MAX_BOX]
     fitting = [t for t in shapes if _footprint(kernel, t, dim, element_bytes) <= limit]
     return fitting or [min(shapes, key=lambda t: _footprint(kernel, t, dim, element_bytes))]
+
+
+_INTERPRETED_PROGRAMS = 3  # the interpreter's persistent grids: a few programs, each with several tiles
+_REGISTER_UNIT = 256  # registers are handed to warps in multiples of this
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """How many programs of ``compiled`` (a kernel compiled, not yet run) the device holds at
+    once: the grid of a persistent kernel. Loading it raises OutOfResources if one program
+    does not fit, as a launch would, so ``launch_fitted`` moves on to smaller tiles."""
+    if device.type != "cuda":
+        return _INTERPRETED_PROGRAMS
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    per_warp = -(-compiled.n_regs * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
+    by_registers = props.regs_per_multiprocessor // max(1, per_warp) // warps
+    by_shared = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved each
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    return props.multi_processor_count * max(1, min(by_registers, by_shared, by_threads))
 
 
 _FITTED: dict[tuple, tuple[int, ...]] = {}
