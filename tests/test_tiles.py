@@ -143,3 +143,53 @@ def test_fp8_rows_take_their_own_descriptor_tiles(monkeypatch, dtype):
     assert launched == (["lse_fp8_tma", "probs_fp8_tma"] if fp8 else ["filtered_tma", "probs_tma"])
     assert tiles._GPU_TILES["lse_fp8_tma"][2] == 2 * tiles._GPU_TILES["filtered_tma"][2]
     assert tiles._GPU_TILES["probs_fp8_tma"][2] == 2 * tiles._GPU_TILES["probs_tma"][2]
+
+
+@pytest.mark.parametrize(
+    "regs, warps, shared, per_sm",
+    [
+        (237, 4, 114_824, 2),  # the fp8 P kernel's entry: two programs an SM, by shared memory
+        (255, 8, 213_136, 1),  # 128 x 256 tiles: one, by shared memory and registers alike
+        (200, 4, 115_736, 1),  # two would need 2 x (115,736 + 1,024) bytes, past the SM's 233,472
+        (128, 4, 40_000, 4),  # four by registers (128 x 32 x 4 = 16k of 64k), shared memory allows five
+        (64, 4, 20_000, 8),  # eight by registers; shared memory allows eleven, threads sixteen
+        (113, 1, 1_000, 17),  # 113 registers take 120: 17 one-warp programs, not 18
+        (16, 16, 1_000, 4),  # sixteen-warp programs: the 2,048 threads an SM allow four (registers eight)
+    ],
+)
+def test_resident_programs_counts_what_bounds_a_persistent_grid(monkeypatch, regs, warps, shared, per_sm):
+    """A persistent kernel's grid is the programs the GPU holds at once: the least of what
+    its registers (8 a thread at a time), shared memory (1 KB reserved per
+    program) and threads allow on each SM, times the SMs; the kernel is loaded first."""
+    from types import SimpleNamespace
+
+    loaded = []
+    compiled = SimpleNamespace(
+        n_regs=regs,
+        metadata=SimpleNamespace(num_warps=warps, shared=shared),
+        _init_handles=lambda: loaded.append(True),
+    )
+    props = SimpleNamespace(
+        multi_processor_count=132,
+        regs_per_multiprocessor=65536,
+        shared_memory_per_multiprocessor=233_472,
+        max_threads_per_multi_processor=2048,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert tiles.resident_programs(compiled, CUDA) == 132 * per_sm
+    assert loaded == [True]
+
+
+def test_resident_programs_lets_a_kernel_too_large_to_load_fail_as_a_launch_would():
+    """Loading raises OutOfResources for a program that does not fit, so ``launch_fitted``
+    moves on to smaller tiles instead of launching a grid of zero programs."""
+    from types import SimpleNamespace
+
+    def too_large():
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    compiled = SimpleNamespace(
+        n_regs=255, metadata=SimpleNamespace(num_warps=8, shared=300_000), _init_handles=too_large
+    )
+    with pytest.raises(OutOfResources):
+        tiles.resident_programs(compiled, CUDA)

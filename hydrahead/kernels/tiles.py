@@ -192,7 +192,6 @@ def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.dev
 
 
 _INTERPRETED_PROGRAMS = 3  # the interpreter's persistent grids: a few programs, each with several tiles
-_REGISTER_UNIT = 256  # registers are handed to warps in multiples of this
 
 
 def resident_programs(compiled, device: torch.device) -> int:
@@ -204,8 +203,8 @@ def resident_programs(compiled, device: torch.device) -> int:
     compiled._init_handles()
     props = torch.cuda.get_device_properties(device)
     warps = compiled.metadata.num_warps
-    per_warp = -(-compiled.n_regs * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
-    by_registers = props.regs_per_multiprocessor // max(1, per_warp) // warps
+    per_thread = -(-max(1, compiled.n_regs) // 8) * 8  # registers are handed out 8 a thread at a time
+    by_registers = props.regs_per_multiprocessor // (per_thread * 32 * warps)
     by_shared = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved each
     by_threads = props.max_threads_per_multi_processor // (32 * warps)
     return props.multi_processor_count * max(1, min(by_registers, by_shared, by_threads))
