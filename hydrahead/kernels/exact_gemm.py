@@ -24,7 +24,9 @@ rounds to the same wrong value, which put dF up to 11% off. ``auto`` takes this 
 for fp8 rows from a global batch of ``FP8_GEMM_MIN_ROWS`` (docs/kernels.md).
 
 The Triton pass loads F and W, and stores P (and P^T), through tensor descriptors where
-the operands allow it (``tiles.descriptor_loads``).
+the operands allow it (``tiles.descriptor_loads``). It is persistent: as many programs as
+the GPU holds at once (``tiles.resident_programs``) walk the chunk's tiles, so each
+program's load pipeline stays full from one tile to the next.
 """
 
 from __future__ import annotations
