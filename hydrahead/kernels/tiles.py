@@ -40,6 +40,7 @@ __all__ = [
     "candidate_tiles",
     "descriptor_loads",
     "launch_fitted",
+    "programs_per_sm",
     "resident_programs",
     "tile_config",
 ]
@@ -194,6 +195,17 @@ def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.dev
 _INTERPRETED_PROGRAMS = 3  # the interpreter's persistent grids: a few programs, each with several tiles
 
 
+def programs_per_sm(regs: int, warps: int, shared: int, sm_registers: int, sm_shared: int, sm_threads: int) -> int:
+    """Programs of a kernel (``regs`` a thread, ``warps``, ``shared`` bytes) an SM holds at
+    once: the least that its registers (handed out 8 a thread at a time), shared memory (1 KB
+    reserved per program) and threads allow, and at least one."""
+    per_thread = -(-max(1, regs) // 8) * 8
+    by_registers = sm_registers // (per_thread * 32 * warps)
+    by_shared = sm_shared // (shared + 1024)
+    by_threads = sm_threads // (32 * warps)
+    return max(1, min(by_registers, by_shared, by_threads))
+
+
 def resident_programs(compiled, device: torch.device) -> int:
     """How many programs of ``compiled`` (a kernel compiled, not yet run) the device holds at
     once: the grid of a persistent kernel. Loading it raises OutOfResources if one program
@@ -202,12 +214,15 @@ def resident_programs(compiled, device: torch.device) -> int:
         return _INTERPRETED_PROGRAMS
     compiled._init_handles()
     props = torch.cuda.get_device_properties(device)
-    warps = compiled.metadata.num_warps
-    per_thread = -(-max(1, compiled.n_regs) // 8) * 8  # registers are handed out 8 a thread at a time
-    by_registers = props.regs_per_multiprocessor // (per_thread * 32 * warps)
-    by_shared = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved each
-    by_threads = props.max_threads_per_multi_processor // (32 * warps)
-    return props.multi_processor_count * max(1, min(by_registers, by_shared, by_threads))
+    per_sm = programs_per_sm(
+        compiled.n_regs,
+        compiled.metadata.num_warps,
+        compiled.metadata.shared,
+        props.regs_per_multiprocessor,
+        props.shared_memory_per_multiprocessor,
+        props.max_threads_per_multi_processor,
+    )
+    return props.multi_processor_count * per_sm
 
 
 _FITTED: dict[tuple, tuple[int, ...]] = {}

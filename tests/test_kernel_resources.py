@@ -1,0 +1,45 @@
+"""benchmarks/kernel_resources.py: the P kernel compiled for Hopper on this machine, its
+registers, spills and shared memory read from the cubin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "benchmarks" / "kernel_resources.py"
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
+def test_a_deeper_pipeline_takes_more_shared_memory_and_the_counts_are_a_gpus(tmp_path):
+    out = tmp_path / "resources.json"
+    done = _run("--kernels", "probs", "--dtypes", "bf16", "--tiles", "64,64,64,4,2;64,64,64,4,3", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    two, three = json.loads(out.read_text())["rows"]
+    assert (two["tiles"], three["tiles"]) == ("64,64,64,4,2", "64,64,64,4,3")
+    # one more 64 x 64 bf16 slice of F and of W per stage: 16 KiB
+    assert three["shared_kib"] - two["shared_kib"] == pytest.approx(16, abs=1)
+    for row in (two, three):
+        assert 16 <= row["regs"] <= 255 and row["spill_bytes"] >= 0
+        assert 1 <= row["per_sm"] <= 16
+    assert "spill_bytes" in done.stdout and "64,64,64,4,3" in done.stdout
+
+
+def test_bad_tiles_and_names_are_refused_before_anything_compiles():
+    done = _run("--tiles", "64,64,4,2")
+    assert done.returncode != 0 and "BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages" in done.stderr
+    done = _run("--kernels", "flag")
+    assert done.returncode != 0 and "not one of probs, lse" in done.stderr
