@@ -517,7 +517,9 @@ def target_logits(features, row_scale, weight, inv_norm, local_label, scale: flo
         if weight.element_size() == 1
         else weight.index_select(0, index)
     )
-    logit = torch.einsum("gd,gd->g", features.float(), rows.float()) * scale
+    # elementwise, not a matmul: a product here would be cuBLAS's first on this stream in
+    # the filtered step and cost its 32 MiB workspace; one G x D float32 copy instead
+    logit = rows.float().mul_(features if features.element_size() > 1 else features.float()).sum(dim=1) * scale
     if row_scale is not None:
         logit = logit * row_scale
     if inv_norm is not None:
