@@ -328,6 +328,35 @@ def test_class_splits_merge_like_one_pass():
     assert rel_err(accumulated, expected) < 1e-5
 
 
+@pytest.mark.parametrize("num_classes", [1, 17, 101])
+def test_the_lse_pass_adds_each_target_from_its_own_logit(num_classes):
+    """The LSE pass leaves targets out of its max and sum and adds each one's shifted term
+    afterwards: equal to the float64 log-sum-exp of the shifted logits, also where a row's
+    target is the only class of its tile (17 classes: the last 16-wide tile holds one) or of
+    the shard (1 class), and for rows whose label lies elsewhere or is ignored."""
+    from hydrahead.kernels.filtered import shard_lse
+
+    gen = torch.Generator().manual_seed(num_classes)
+    features = torch.randn(BATCH, DIM, generator=gen)
+    weight = torch.randn(num_classes, DIM, generator=gen) * 0.3
+    labels = torch.randint(0, num_classes, (BATCH,), generator=gen)
+    labels[:6] = num_classes - 1  # targets in the last tile, alone there for 17 classes
+    labels[6:9] = num_classes + 3  # a class of another shard
+    labels[9] = -1  # ignored
+    shift, scale = 0.35, 2.0
+    row_max, row_sum, target = shard_lse(features, weight, None, labels, scale=scale, target_shift=shift, cosine=False)
+    logits = scale * features.double() @ weight.double().t()
+    here = (labels >= 0) & (labels < num_classes)
+    rows = torch.arange(BATCH)[here]
+    logits[rows, labels[here]] -= shift
+    expected_target = torch.zeros(BATCH, dtype=torch.float64)
+    expected_target[here] = logits[rows, labels[here]]
+    assert torch.isfinite(row_max).all() and torch.isfinite(row_sum).all()
+    lse = row_max.double() + row_sum.double().log()
+    assert torch.allclose(lse, torch.logsumexp(logits, dim=1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(target.double(), expected_target, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn], ids=["fp32", "fp8"])
 def test_the_persistent_probs_kernel_writes_the_same_tiles_for_any_number_of_programs(monkeypatch, dtype):
     """Each program of the P kernel walks tiles i, i + programs, ...: one program, a few, or

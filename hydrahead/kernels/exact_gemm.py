@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand
+from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand, target_logits
 from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
@@ -64,7 +64,6 @@ def _store_probs(
     F_SCALE,
     INV_NORM,
     OFFSET,
-    LOCAL_LABEL,
     LSE,
     GRAD_SCALE,
     P_SCALES,
@@ -78,7 +77,6 @@ def _store_probs(
     stride_p,
     stride_pt,
     scale,
-    target_shift,
     COSINE: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
@@ -87,8 +85,13 @@ def _store_probs(
     BLOCK_C: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """The epilogue of one tile: its logits ``acc`` (rows row0.., classes c0..) into P (and P^T)."""
-    # In log2 units, so each exp is one exp2; the target's entries sit behind a scalar branch.
+    """The epilogue of one tile: its logits ``acc`` (rows row0.., classes c0..) into P (and P^T).
+
+    Every entry as a softmax entry, the targets' too: ``_fix_targets`` then writes those
+    (shifted logit, one-hot taken off). A branch for the tiles holding a target kept two
+    tiles of float32 live where it joined the common path, and spilled registers (488
+    bytes a thread at 128 x 256 x 128 with fp8 rows)."""
+    # In log2 units, so each exp is one exp2.
     LOG2E: tl.constexpr = 1.4426950408889634
     rows = row0 + tl.arange(0, BLOCK_G)
     row_ok = rows < G
@@ -104,14 +107,8 @@ def _store_probs(
     if HAS_OFFSET:  # as in the LSE pass: P is the softmax of the offset logits
         z2 = z2 + tl.load(OFFSET + cols, mask=col_ok, other=0.0)[None, :] * LOG2E
     lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * LOG2E  # +inf: ignored rows get p = 0
-    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
-    if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
-        is_target = label[:, None] == cols[None, :]
-        soft = tl.exp2(tl.where(is_target, z2 - target_shift * LOG2E, z2) - lse2[:, None])
-        p = tl.where(is_target, soft - 1.0, soft)
-    else:
-        soft = tl.exp2(z2 - lse2[:, None])
-        p = soft
+    soft = tl.exp2(z2 - lse2[:, None])
+    p = soft
     valid = row_ok[:, None] & col_ok[None, :]
     p = tl.where(valid, p * tl.load(GRAD_SCALE), 0.0)
     stored = (rows < g_store)[:, None] & (cols < c_store)[None, :]
@@ -150,7 +147,6 @@ def _probs_kernel(
     W,
     INV_NORM,
     OFFSET,
-    LOCAL_LABEL,
     LSE,
     GRAD_SCALE,
     P_SCALES,
@@ -167,7 +163,6 @@ def _probs_kernel(
     stride_p,
     stride_pt,
     scale,
-    target_shift,
     COSINE: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
@@ -209,11 +204,51 @@ def _probs_kernel(
         acc = tl.dot(f, tl.trans(w), acc, input_precision=PRECISION)
         if k == k_tiles - 1:
             _store_probs(
-                acc, row0, c0, F_SCALE, INV_NORM, OFFSET, LOCAL_LABEL, LSE, GRAD_SCALE, P_SCALES, P, P_T,
-                G, c_lo, c_hi, g_store, c_store, stride_p, stride_pt, scale, target_shift,
+                acc, row0, c0, F_SCALE, INV_NORM, OFFSET, LSE, GRAD_SCALE, P_SCALES, P, P_T,
+                G, c_lo, c_hi, g_store, c_store, stride_p, stride_pt, scale,
                 COSINE, HAS_OFFSET, FP8, EXACT_CAST, BLOCK_G, BLOCK_C, TMA,
             )  # fmt: skip
             acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+
+
+@triton.jit
+def _fix_targets(
+    LOCAL_LABEL,
+    TARGET_P,
+    TARGET_SOFT,
+    F_SCALE,
+    P_SCALES,
+    P,
+    P_T,
+    G,
+    c_lo,
+    c_hi,
+    stride_p,
+    stride_pt,
+    FP8: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each target entry of the chunk's P (and P^T) from its row's values: TARGET_P is
+    g(p_y - 1) with p_y from the shifted logit (times 1/||w_y|| for cosine logits), what P
+    holds there for bf16 and fp32 rows; fp8 rows hold, as every other entry, the softmax
+    part g p_y (TARGET_SOFT) for dF and all of P times the row's scale for dW. Rows whose
+    label lies outside [c_lo, c_hi) are left alone. Stream order puts this after the P
+    kernel's stores, so nothing races."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < G
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    here = row_ok & (label >= c_lo) & (label < c_hi)
+    col = (label - c_lo).to(tl.int64)
+    value = tl.load(TARGET_P + rows, mask=here, other=0.0)
+    if FP8:
+        soft = tl.load(TARGET_SOFT + rows, mask=here, other=0.0)
+        f_scale = tl.load(F_SCALE + rows, mask=here, other=0.0)
+        tl.store(P + rows.to(tl.int64) * stride_p + col, to_e5m2(soft * tl.load(P_SCALES), EXACT_CAST), mask=here)
+        for_weights = to_e5m2(value * (f_scale * tl.load(P_SCALES + 1)), EXACT_CAST)
+        tl.store(P_T + col * stride_pt + rows, for_weights, mask=here)
+    else:
+        tl.store(P + rows.to(tl.int64) * stride_p + col, value.to(P.dtype.element_ty), mask=here)
 
 
 @triton.jit
@@ -343,6 +378,32 @@ class _ProbsPass:
             self.p_scales = torch.cat(
                 [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
             ).contiguous()
+        self._target_values(local_label, lse, grad_scale, options)
+
+    def _target_values(self, local_label, lse, grad_scale, options):
+        """What ``_fix_targets`` writes at each row's target, from the target's own logit (the
+        gather the LSE pass adds it from): g(p_y - 1) and, for fp8 rows, g p_y; 1/||w_y|| on
+        the first for bf16 and fp32 rows, on the second for fp8 rows, as the P kernel does."""
+        operand, cosine = self.operand, options["cosine"]
+        here, logit = target_logits(
+            operand.values,
+            operand.row_scale if operand.fp8 else None,
+            self.weight,
+            self.inv_norm if cosine else None,
+            local_label,
+            options["scale"],
+            self.offset,
+        )
+        here = here & torch.isfinite(lse)
+        soft = torch.where(here, torch.exp(logit - options["target_shift"] - lse), 0.0)
+        inv = self.inv_norm.index_select(0, torch.where(here, local_label, 0).long()) if cosine else None
+        self.target_p = (soft - 1.0) * grad_scale.float()
+        self.target_soft = soft * grad_scale.float()
+        if cosine and operand.fp8:
+            self.target_soft = self.target_soft * inv
+        elif cosine:
+            self.target_p = self.target_p * inv
+        self.fix_label = torch.where(here, local_label, -1).contiguous()
 
     def write(self, c_lo: int, c_hi: int, stored_width: int):
         """P over classes [c_lo, c_hi): a rows x stored_width tensor (fp8: e5m2, rows padded to 16
@@ -379,7 +440,6 @@ class _ProbsPass:
                 block_operand(weight, [block_c, block_k], tma),
                 self.inv_norm if options["cosine"] else weight,
                 self.offset if self.offset is not None else weight,
-                self.local_label,
                 self.lse,
                 self.grad_scale,
                 self.p_scales if operand.fp8 else self.grad_scale,
@@ -396,7 +456,6 @@ class _ProbsPass:
                 probs.stride(0),
                 probs_t.stride(0),
                 options["scale"],
-                options["target_shift"],
             )
 
         def meta(tiles):
@@ -417,6 +476,24 @@ class _ProbsPass:
             )
 
         launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
+        block = 1024 if feats.is_cuda else 16
+        _fix_targets[(triton.cdiv(num_rows, block),)](
+            self.fix_label,
+            self.target_p,
+            self.target_soft,
+            operand.row_scale if operand.fp8 else self.target_p,
+            self.p_scales if operand.fp8 else self.target_p,
+            probs,
+            probs_t,
+            num_rows,
+            c_lo,
+            c_hi,
+            probs.stride(0),
+            probs_t.stride(0),
+            FP8=operand.fp8,
+            EXACT_CAST=INTERPRETED,
+            BLOCK=block,
+        )
         return probs, probs_t
 
 

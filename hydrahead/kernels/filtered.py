@@ -138,7 +138,6 @@ def _lse_kernel(
     LOCAL_LABEL,
     M_OUT,
     L_OUT,
-    T_OUT,
     G,
     C,
     D,
@@ -146,7 +145,6 @@ def _lse_kernel(
     stride_w,
     classes_per_split,
     scale,
-    target_shift,
     COSINE: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
     FP8: tl.constexpr,
@@ -160,6 +158,9 @@ def _lse_kernel(
     # Logits are kept in log2 units (z * log2 e) so each exp is one exp2. The per-tile work
     # that is rarely needed (a target in the tile, a tile past the split's end) sits behind
     # scalar branches: the common tile costs a scale, a max, an exp2 and a sum per entry.
+    # Targets are left out of the max and the sum: ``shard_lse`` adds each one's shifted
+    # term from its own logit. Summing the target logits here took a second tile-sized
+    # tensor beside the logits and spilled registers (288 bytes a thread at 256 x 128).
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_g, rows, row_ok, c_lo, c_hi, k_tiles = _program_range(G, C, D, classes_per_split, BLOCK_G, BLOCK_K)
     row0 = pid_g * BLOCK_G
@@ -169,7 +170,6 @@ def _lse_kernel(
         row_factor = row_factor * tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
     m2 = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
-    t2 = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for it in range(0, tl.cdiv(c_hi - c_lo, BLOCK_C) * k_tiles):
         f, w = _operand_slices(
@@ -184,19 +184,19 @@ def _lse_kernel(
             if HAS_OFFSET:  # a constant per class (sampled softmax's correction), after the scale
                 z2 = z2 + tl.load(OFFSET + cols, mask=col_ok, other=0.0)[None, :] * LOG2E
             if tl.max(((label >= c0) & (label < c0 + BLOCK_C)).to(tl.int32)) > 0:
-                is_target = label[:, None] == cols[None, :]
-                z2 = tl.where(is_target, z2 - target_shift * LOG2E, z2)
-                t2 += tl.sum(tl.where(is_target, z2, 0.0), axis=1)
+                z2 = tl.where(label[:, None] == cols[None, :], float("-inf"), z2)
             if c0 + BLOCK_C > c_hi:
                 z2 = tl.where(col_ok[None, :], z2, float("-inf"))
             m2_new = tl.maximum(m2, tl.max(z2, axis=1))
-            l = l * tl.exp2(m2 - m2_new) + tl.sum(tl.exp2(z2 - m2_new[:, None]), axis=1)
+            # a row with nothing counted yet (its target the tile's only class) keeps -inf:
+            # shift by 0 there, so no exp2 sees -inf - -inf
+            shift = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+            l = l * tl.exp2(m2 - shift) + tl.sum(tl.exp2(z2 - shift[:, None]), axis=1)
             m2 = m2_new
             acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     out = tl.program_id(1) * G + rows
     tl.store(M_OUT + out, m2 / LOG2E, mask=row_ok)
     tl.store(L_OUT + out, l, mask=row_ok)
-    tl.store(T_OUT + out, t2 / LOG2E, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["C", "classes_per_split", "tile_capacity"])
@@ -455,7 +455,7 @@ def shard_lse(
     def launch(tiles):
         block_g, block_c, block_k, warps, stages = tiles
         row_blocks, splits, per_split = _grid(num_rows, num_classes, block_g, block_c, feat_op.device)
-        stats = torch.empty((3, splits, num_rows), dtype=torch.float32, device=feat_op.device)
+        stats = torch.empty((2, splits, num_rows), dtype=torch.float32, device=feat_op.device)
         _lse_kernel[(row_blocks, splits)](
             block_operand(feat_op, [block_g, block_k], tma),
             f_scale,
@@ -465,7 +465,6 @@ def shard_lse(
             local_label,
             stats[0],
             stats[1],
-            stats[2],
             num_rows,
             num_classes,
             dim,
@@ -473,7 +472,6 @@ def shard_lse(
             weight.stride(0),
             per_split,
             scale,
-            target_shift,
             COSINE=cosine,
             HAS_OFFSET=logit_offset is not None,
             FP8=fp8,
@@ -491,10 +489,44 @@ def shard_lse(
     kernel = ("lse_fp8_tma" if fp8 else "filtered_tma") if tma else "filtered"
     variant = ("lse", cosine, fp8, logit_offset is not None)
     stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
-    split_max, split_sum, split_target = stats
-    row_max = split_max.amax(dim=0)
-    rescale = torch.exp(split_max - row_max)  # 0 for empty splits (max = -inf)
-    return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0)
+    split_max, split_sum = stats
+    # the splits' terms, then each row's target term (left out by the kernel) folded in
+    here, target = target_logits(
+        feat_op, f_scale if fp8 else None, weight, inv_norm if cosine else None, local_label, scale, logit_offset
+    )
+    target = target - target_shift
+    row_max = torch.maximum(split_max.amax(dim=0), torch.where(here, target, float("-inf")))
+    # finite: each row counts a class of the shard, or its target is here (C_r >= 1)
+    row_sum = (split_sum * torch.exp(split_max - row_max)).sum(dim=0) + torch.where(
+        here, torch.exp(target - row_max), 0.0
+    )
+    return row_max, row_sum, torch.where(here, target, 0.0)
+
+
+def target_logits(features, row_scale, weight, inv_norm, local_label, scale: float, logit_offset=None):
+    """(whether each row's label is a class of this shard, its logit there; 0 elsewhere):
+    a gather of the labels' rows and a row dot in float32, the logits the LSE pass leaves
+    out of its max and sum. ``row_scale``: fp8 features' row scales (None otherwise)."""
+    num_classes = weight.shape[0]
+    here = (local_label >= 0) & (local_label < num_classes)
+    if num_classes == 0:
+        return here, torch.zeros(here.shape, dtype=torch.float32, device=here.device)
+    index = torch.where(here, local_label, 0).long()
+    rows = (
+        weight.view(torch.uint8).index_select(0, index).view(weight.dtype)
+        if weight.element_size() == 1
+        else weight.index_select(0, index)
+    )
+    # elementwise, not a matmul: a product here would be cuBLAS's first on this stream in
+    # the filtered step and cost its 32 MiB workspace; one G x D float32 copy instead
+    logit = rows.float().mul_(features if features.element_size() > 1 else features.float()).sum(dim=1) * scale
+    if row_scale is not None:
+        logit = logit * row_scale
+    if inv_norm is not None:
+        logit = logit * inv_norm.index_select(0, index)
+    if logit_offset is not None:
+        logit = logit + logit_offset.index_select(0, index)
+    return here, torch.where(here, logit, 0.0)
 
 
 def select_entries(feat_op, weight, inv_norm, local_label, cut, *, scale: float, cosine: bool, capacity: int):
