@@ -28,6 +28,8 @@ GPU idle while the host launches the backward.
                    0.02): both logit passes on FP8 tensor cores, P written in e5m2 (and
                    transposed), dF and dW by torch._scaled_mm, the update stochastically rounded
                    into e4m3; its floor counts four matmuls at the fp8 rate
+  ours-fp8-graph   ours-fp8 captured the same way (GPU only); the rounding draws of a replay are
+                   the captured step's, so only its timing (and first loss) stands for ours-fp8's
   ours-fp8-stationary  the stationary kernels on the same fp8 W: A = P W in bf16 (its floor
                    counts that one at the bf16 rate), the update inside the weight kernel
   ours-fp8-filtered  the filtered path on fp8 W: both logit passes on FP8 tensor cores, the
@@ -133,6 +135,11 @@ METHODS = {
     "ours-fp8": Method(
         "hydrahead-triton fp8 e4m3 W gemm backward (SGD, stochastic rounding)", "fused", ("hydrahead.kernels",)
     ),
+    "ours-fp8-graph": Method(
+        "hydrahead-triton fp8 e4m3 W gemm backward in a CUDA graph (SGD, stochastic rounding)",
+        "fused",
+        ("hydrahead.kernels",),
+    ),
     "ours-fp8-stationary": Method(
         "hydrahead-triton fp8 e4m3 W stationary kernels (fused SGD, stochastic rounding)",
         "fused",
@@ -152,8 +159,10 @@ OURS = ("ours", "ours-stationary", "ours-filtered", "ours-dw", "ours-fp8", "ours
 # stationary fp8 kernels run A = P W in bf16: FP8 tensor cores take K-major operands only
 # and the fp8 W tile is D-major there (the gemm path transposes W's chunk for it instead).
 # The filtered rows keep the floor of the exact step they replace (as ours-filtered does).
+GRAPHED = {"ours-graph": "ours", "ours-fp8-graph": "ours-fp8"}  # captured row -> the step it captures
 MATMUL_DTYPES = {
     "ours-fp8": ("fp8",) * 4,
+    "ours-fp8-graph": ("fp8",) * 4,
     "ours-fp8-stationary": ("fp8", "bf16", "fp8", "fp8"),
     "ours-fp8-filtered": ("fp8",) * 4,
 }
@@ -304,8 +313,8 @@ def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
 
-    if key == "ours-graph":
-        return captured(p, args)
+    if key in GRAPHED:
+        return captured(GRAPHED[key], p, args)
     if key in OURS:
         from hydrahead.distributed.sharded_softmax import MergeChecks
         from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
@@ -392,14 +401,14 @@ def build_step(key: str, p: Problem, args):
     return step
 
 
-def captured(p: Problem, args):
-    """ours (the gemm path, bf16 rows) captured once as a CUDA graph: each call replays it
+def captured(key: str, p: Problem, args):
+    """The step of ``key`` (ours or ours-fp8) captured once as a CUDA graph: each call replays it
     and reads the loss's checks, as ours does after each step. W and its momentum buffer
     are put back after the warm-up steps, so the first replay's loss is that of the
     untouched rows, as every other row's is."""
     if p.weight.device.type != "cuda":
-        raise RuntimeError("ours-graph captures a CUDA graph: it runs on a GPU only")
-    step = build_step("ours", p, args)
+        raise RuntimeError(f"the {key} row in a CUDA graph: it runs on a GPU only")
+    step = build_step(key, p, args)  # ours-fp8 swaps in the fp8 rows: saved below, after it
     saved = p.weight.detach().clone(), p.momentum_buffer.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

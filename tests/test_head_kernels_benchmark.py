@@ -1,4 +1,4 @@
-"""benchmarks/head_kernels.py: the CUDA-graph row (ours-graph) against the plain step."""
+"""benchmarks/head_kernels.py: the CUDA-graph rows (ours-graph, ours-fp8-graph) against the plain steps."""
 
 from __future__ import annotations
 
@@ -13,16 +13,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def test_the_graph_row_is_a_clear_error_without_a_gpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key", ["ours-graph", "ours-fp8-graph"])
+def test_a_graph_row_is_a_clear_error_without_a_gpu(tmp_path, monkeypatch, key):
     from benchmarks import head_kernels
 
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    head_kernels.main(["--dry-run", "--kinds", "peaked", "--methods", "ours-graph,torch"])
+    head_kernels.main(["--dry-run", "--kinds", "peaked", "--methods", f"{key},torch"])
     rows = {row["method"]: row for row in json.loads((tmp_path / "head_kernels.json").read_text())["rows"]}
-    graph = rows[head_kernels.METHODS["ours-graph"].name]
+    graph = rows[head_kernels.METHODS[key].name]
     assert graph["ms"] is None and "runs on a GPU only" in graph["note"]
     assert rows[head_kernels.METHODS["torch"].name]["ms"] > 0
+
+
+def test_a_graph_row_counts_the_floor_of_the_step_it_captures():
+    from benchmarks import head_kernels
+
+    rates = {"bf16": 500.0, "fp8": 1000.0}
+    for graphed, plain in head_kernels.GRAPHED.items():
+        assert graphed in head_kernels.METHODS
+        assert head_kernels.floor_ms(graphed, (1024, 512, 1 << 20), rates) == head_kernels.floor_ms(
+            plain, (1024, 512, 1 << 20), rates
+        )
 
 
 @pytest.mark.gpu
@@ -45,3 +57,21 @@ def test_replays_take_the_steps_the_plain_step_takes():
     assert replayed == pytest.approx(plain, rel=1e-5)
     torch.testing.assert_close(graph_weight, weight)
     torch.testing.assert_close(graph_buffer, buffer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_fp8_replay_starts_from_the_plain_steps_loss():
+    """fp8 rows: the first replay's loss is the first plain step's. Later replays reuse the
+    captured step's rounding draws, so W is not compared."""
+    from benchmarks import head_kernels
+
+    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    device = torch.device("cuda")
+    first = {}
+    for key in ("ours-fp8", "ours-fp8-graph"):
+        problem = head_kernels.make_problem((96, 128, 20_000), "peaked", device, args)
+        step = head_kernels.build_step(key, problem, args)
+        first[key] = float(step())
+        assert problem.weight.dtype == torch.float8_e4m3fn
+    assert first["ours-fp8-graph"] == pytest.approx(first["ours-fp8"], rel=1e-5)
