@@ -37,26 +37,27 @@ def test_a_graph_row_counts_the_floor_of_the_step_it_captures():
         )
 
 
+def _steps(key: str, count: int):
+    """(losses of ``count`` steps of ``key`` on the seeded GPU problem, the problem after them)."""
+    from benchmarks import head_kernels
+
+    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    problem = head_kernels.make_problem((96, 128, 20_000), "peaked", torch.device("cuda"), args)
+    step = head_kernels.build_step(key, problem, args)
+    losses = [float(step()) for _ in range(count)]
+    torch.cuda.synchronize()
+    return losses, problem
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_replays_take_the_steps_the_plain_step_takes():
     """From the same rows, the first replay's loss is the first plain step's (the warm-up
     steps undone) and three replays leave W and its buffer where three plain steps do."""
-    from benchmarks import head_kernels
-
-    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
-    device = torch.device("cuda")
-    results = {}
-    for key in ("ours", "ours-graph"):
-        problem = head_kernels.make_problem((96, 128, 20_000), "peaked", device, args)
-        step = head_kernels.build_step(key, problem, args)
-        losses = [float(step()) for _ in range(3)]
-        torch.cuda.synchronize()
-        results[key] = losses, problem.weight.detach().float(), problem.momentum_buffer.float()
-    (plain, weight, buffer), (replayed, graph_weight, graph_buffer) = results["ours"], results["ours-graph"]
+    (plain, problem), (replayed, graphed) = _steps("ours", 3), _steps("ours-graph", 3)
     assert replayed == pytest.approx(plain, rel=1e-5)
-    torch.testing.assert_close(graph_weight, weight)
-    torch.testing.assert_close(graph_buffer, buffer)
+    torch.testing.assert_close(graphed.weight.detach().float(), problem.weight.detach().float())
+    torch.testing.assert_close(graphed.momentum_buffer.float(), problem.momentum_buffer.float())
 
 
 @pytest.mark.gpu
@@ -64,14 +65,6 @@ def test_replays_take_the_steps_the_plain_step_takes():
 def test_the_fp8_replay_starts_from_the_plain_steps_loss():
     """fp8 rows: the first replay's loss is the first plain step's. Later replays reuse the
     captured step's rounding draws, so W is not compared."""
-    from benchmarks import head_kernels
-
-    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
-    device = torch.device("cuda")
-    first = {}
-    for key in ("ours-fp8", "ours-fp8-graph"):
-        problem = head_kernels.make_problem((96, 128, 20_000), "peaked", device, args)
-        step = head_kernels.build_step(key, problem, args)
-        first[key] = float(step())
-        assert problem.weight.dtype == torch.float8_e4m3fn
-    assert first["ours-fp8-graph"] == pytest.approx(first["ours-fp8"], rel=1e-5)
+    (plain, problem), (replayed, graphed) = _steps("ours-fp8", 1), _steps("ours-fp8-graph", 1)
+    assert problem.weight.dtype == graphed.weight.dtype == torch.float8_e4m3fn
+    assert replayed == pytest.approx(plain, rel=1e-5)
