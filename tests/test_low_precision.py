@@ -338,3 +338,24 @@ def test_round_rows_kernel_equals_round_to_storage(rounding):
     assert (other.float() != kernel.float()).any() == (rounding == "stochastic")  # the draws follow the step
     with pytest.raises(ValueError, match="float32"):
         round_rows(exact.double(), torch.float8_e4m3fn, class_ids, how)
+
+
+def test_a_steps_rounding_keys_are_hashed_once_and_differ_by_step_and_salt(monkeypatch):
+    """The exact step asks for the keys once per class chunk: the hash runs once per
+    (seed, step, salt), and its keys are those of the uncached hash."""
+    import hydrahead.optim.low_precision as low_precision
+
+    low_precision._rounding_keys.cache_clear()
+    calls = []
+    real_hash = low_precision.counter_hash
+    monkeypatch.setattr(low_precision, "counter_hash", lambda *a: calls.append(a) or real_hash(*a))
+    seed, step = 12345, 987654
+    first = [low_precision.rounding_keys(seed, step, salt) for salt in (0, 1)]
+    assert len(calls) == 2 and first[0] != first[1]
+    for _ in range(5):  # five more chunks of the same step
+        assert [low_precision.rounding_keys(seed, torch.tensor(step).item(), salt) for salt in (0, 1)] == first
+    assert len(calls) == 2
+    assert low_precision.rounding_keys(seed, step + 1) != first[0]
+    assert len(calls) == 3
+    uncached = low_precision._rounding_keys.__wrapped__(seed, step, 0)
+    assert uncached == first[0] and all(0 <= key < 2**32 for key in uncached)
