@@ -364,7 +364,9 @@ def _round_up(n: int, multiple: int) -> int:
 class _ProbsPass:
     """The launches of ``_probs_kernel`` over one backward's chunks (their shared arguments)."""
 
-    def __init__(self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options, offset=None):
+    def __init__(
+        self, operand: FeatureOperand, weight, inv_norm, local_label, lse, grad_scale, options, offset=None, target=None
+    ):
         check_offset_operand(offset, weight)
         self.operand, self.weight, self.local_label, self.lse = operand, weight, local_label, lse
         self.offset = offset
@@ -378,24 +380,29 @@ class _ProbsPass:
             self.p_scales = torch.cat(
                 [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
             ).contiguous()
-        self._target_values(local_label, lse, grad_scale, options)
+        self._target_values(local_label, lse, grad_scale, options, target)
 
-    def _target_values(self, local_label, lse, grad_scale, options):
+    def _target_values(self, local_label, lse, grad_scale, options, target=None):
         """What ``_fix_targets`` writes at each row's target, from the target's own logit (the
         gather the LSE pass adds it from): g(p_y - 1) and, for fp8 rows, g p_y; 1/||w_y|| on
-        the first for bf16 and fp32 rows, on the second for fp8 rows, as the P kernel does."""
+        the first for bf16 and fp32 rows, on the second for fp8 rows, as the P kernel does.
+        ``target``: the LSE pass's shifted target logits, if the caller kept them."""
         operand, cosine = self.operand, options["cosine"]
-        here, logit = target_logits(
-            operand.values,
-            operand.row_scale if operand.fp8 else None,
-            self.weight,
-            self.inv_norm if cosine else None,
-            local_label,
-            options["scale"],
-            self.offset,
-        )
+        if target is None:
+            here, logit = target_logits(
+                operand.values,
+                operand.row_scale if operand.fp8 else None,
+                self.weight,
+                self.inv_norm if cosine else None,
+                local_label,
+                options["scale"],
+                self.offset,
+            )
+            target = logit - options["target_shift"]
+        else:
+            here = (local_label >= 0) & (local_label < self.weight.shape[0])
         here = here & torch.isfinite(lse)
-        soft = torch.where(here, torch.exp(logit - options["target_shift"] - lse), 0.0)
+        soft = torch.where(here, torch.exp(target - lse), 0.0)
         inv = self.inv_norm.index_select(0, torch.where(here, local_label, 0).long()) if cosine else None
         self.target_p = (soft - 1.0) * grad_scale.float()
         self.target_soft = soft * grad_scale.float()
@@ -512,6 +519,7 @@ def exact_backward(
     want_features: bool = True,
     want_weight: bool = True,
     logit_offset: torch.Tensor | None = None,
+    target_logit: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dF, dW) of the exact loss from the merged log-sum-exp ``lse`` (+inf on ignored rows).
 
@@ -523,6 +531,8 @@ def exact_backward(
     the host. ``feats``: the features in the weights' dtype, or their ``FeatureOperand``
     (fp8 rows: e4m3 features with row scales and their transpose). ``logit_offset`` (float32,
     one per class): the constants the forward's LSE pass added to each class's logits.
+    ``target_logit``: the LSE pass's third output (each row's shifted target logit where its
+    label is a class of this shard), which spares the backward its own gather of those rows.
     """
     operand = _as_operand(feats)
     feats = operand.values
@@ -548,6 +558,7 @@ def exact_backward(
         grad_scale,
         dict(scale=scale, target_shift=target_shift, cosine=cosine),
         logit_offset,
+        target_logit,
     )
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, cosine)
     if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16

@@ -295,6 +295,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 want_features=ctx.needs_input_grad[0],
                 want_weight=want_weight,
                 logit_offset=local_pass.logit_offset,
+                target_logit=local_pass.target_logit,
                 **local_pass.kernel_options,
             )
         elif ctx.grad_filter > 0:
@@ -520,6 +521,7 @@ class FusedMicroBatches:
                     update=None,
                     want_weight=False,
                     logit_offset=self.logit_offset,
+                    target_logit=local_pass.target_logit,
                     **local_pass.kernel_options,
                 )
             else:
