@@ -52,6 +52,22 @@ def cuda_time_ms(fn, *, warmup: int = 2, reps: int = 10) -> list[float]:
     return times
 
 
+def kernel_busy_ms(fn, *, reps: int = 3) -> float:
+    """GPU time of the kernels, copies and fills one call of ``fn`` runs (the profiler's sum,
+    over ``reps`` calls after one untimed): against the call's span timed by
+    ``cuda_time_ms``, the rest is the GPU waiting, mostly for the host to queue work.
+    Kernels that overlap on two streams count twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.device_time_total for event in prof.key_averages()) / reps / 1e3
+
+
 @contextlib.contextmanager
 def host_sync_log(package: str = "hydrahead"):
     """Count the host-device synchronisations made inside, by the innermost line of

@@ -61,7 +61,9 @@ floor, the larger of two:
                 needs every row before any row's gradient is known) and written once, the
                 buffer read and written once, at the copy bandwidth measured in the same run.
 Both floors are in every row (matmul_floor_ms, memory_floor_ms), with peak_floor_ms (the
-8·G·D·C_r FLOPs at the square-matmul rate, the floor of earlier results). Then the peak
+8·G·D·C_r FLOPs at the square-matmul rate, the floor of earlier results). On a GPU also
+kernel_ms, the time the profiler counts in the step's kernels (three more steps), and
+idle_ms, the rest of the step: the GPU waiting for the host to queue work. Then the peak
 memory and the peak beyond what
 was allocated before the step (W, momentum buffer, features, labels), and the relative
 error of the first step's loss (before W moves) against a float64 computation on the same
@@ -95,6 +97,7 @@ from benchmarks.common import (  # noqa: E402
     cuda_time_ms,
     environment,
     fp8_matmul_tflops,
+    kernel_busy_ms,
     median,
     print_table,
     pyplot,
@@ -501,6 +504,12 @@ def measure(key: str, p: Problem, args, device: torch.device) -> dict:
         row.update(loss=float(step()), peak_mib=None, extra_mib=None)
         times = cpu_time_ms(step, warmup=warmup, reps=reps)
     row.update(ms=median(times), times_ms=times, reps=reps)
+    if device.type == "cuda" and not method.slow:  # what of the step the GPU spends in kernels
+        try:
+            row["kernel_ms"] = kernel_busy_ms(step)
+            row["idle_ms"] = row["ms"] - row["kernel_ms"]
+        except Exception as exc:  # noqa: BLE001 - a profiler that cannot start costs the column, not the row
+            row["kernel_note"] = f"no kernel time: {error_note(exc)}"
     weight = p.weight.detach()
     if weight.dtype == torch.float8_e4m3fn:
         weight = weight[:: max(1, weight.shape[0] // 65536)].float()  # no fp8 reductions in torch: a sample of rows
@@ -868,6 +877,7 @@ def main(argv=None) -> None:
             "shape",
             "kind",
             "ms",
+            "kernel_ms",
             "matmul_floor_ms",
             "memory_floor_ms",
             "ratio",

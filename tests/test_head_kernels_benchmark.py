@@ -68,3 +68,30 @@ def test_the_fp8_replay_starts_from_the_plain_steps_loss():
     (plain, problem), (replayed, graphed) = _steps("ours-fp8", 1), _steps("ours-fp8-graph", 1)
     assert problem.weight.dtype == graphed.weight.dtype == torch.float8_e4m3fn
     assert replayed == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_time_is_the_kernels_share_of_the_timed_span():
+    """A chain of products queued at once keeps the GPU busy: its kernel time is most of the
+    span. The same products with the host sleeping between them leave the GPU idle: their
+    kernel time is a small part of it."""
+    import time
+
+    from benchmarks.common import cuda_time_ms, kernel_busy_ms
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def busy():
+        for _ in range(8):
+            a @ a
+
+    def waiting():
+        for _ in range(8):
+            a @ a
+            time.sleep(0.005)
+
+    for fn, lowest, highest in ((busy, 0.7, 1.05), (waiting, 0.0, 0.5)):
+        span = sorted(cuda_time_ms(fn, warmup=1, reps=5))[2]
+        share = kernel_busy_ms(fn) / span
+        assert lowest < share < highest, (fn.__name__, share)
