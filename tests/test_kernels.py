@@ -328,13 +328,18 @@ def test_class_splits_merge_like_one_pass():
     assert rel_err(accumulated, expected) < 1e-5
 
 
-@pytest.mark.parametrize("num_classes", [1, 17, 101])
-def test_the_lse_pass_adds_each_target_from_its_own_logit(num_classes):
+@pytest.mark.parametrize("num_classes, programs", [(1, None), (17, None), (101, None), (1000, 200)])
+def test_the_lse_pass_adds_each_target_from_its_own_logit(num_classes, programs, monkeypatch):
     """The LSE pass leaves targets out of its max and sum and adds each one's shifted term
     afterwards: equal to the float64 log-sum-exp of the shifted logits, also where a row's
     target is the only class of its tile (17 classes: the last 16-wide tile holds one) or of
-    the shard (1 class), and for rows whose label lies elsewhere or is ignored."""
+    the shard (1 class), and for rows whose label lies elsewhere or is ignored. With 200
+    programs wanted, 1,000 classes come in 63 splits: more than one tile of the merge."""
+    from hydrahead.kernels import filtered
     from hydrahead.kernels.filtered import shard_lse
+
+    if programs is not None:
+        monkeypatch.setattr(filtered, "_num_programs_target", lambda device: programs)
 
     gen = torch.Generator().manual_seed(num_classes)
     features = torch.randn(BATCH, DIM, generator=gen)

@@ -214,8 +214,10 @@ def _probs_kernel(
 @triton.jit
 def _fix_targets(
     LOCAL_LABEL,
-    TARGET_P,
-    TARGET_SOFT,
+    TARGET,
+    LSE,
+    GRAD_SCALE,
+    INV_NORM,
     F_SCALE,
     P_SCALES,
     P,
@@ -225,29 +227,37 @@ def _fix_targets(
     c_hi,
     stride_p,
     stride_pt,
+    COSINE: tl.constexpr,
     FP8: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Each target entry of the chunk's P (and P^T) from its row's values: TARGET_P is
-    g(p_y - 1) with p_y from the shifted logit (times 1/||w_y|| for cosine logits), what P
-    holds there for bf16 and fp32 rows; fp8 rows hold, as every other entry, the softmax
-    part g p_y (TARGET_SOFT) for dF and all of P times the row's scale for dW. Rows whose
-    label lies outside [c_lo, c_hi) are left alone. Stream order puts this after the P
-    kernel's stores, so nothing races."""
+    """Each target entry of the chunk's P (and P^T), from its row's shifted target logit
+    (TARGET) and log-sum-exp: g(p_y - 1) (times 1/||w_y|| for cosine logits), what P holds
+    there for bf16 and fp32 rows; fp8 rows hold, as every other entry, the softmax part
+    g p_y (over ||w_y||) for dF and all of P times the row's scale for dW. Rows whose label
+    lies outside [c_lo, c_hi), and ignored rows (log-sum-exp +inf), are left alone. Stream
+    order puts this after the P kernel's stores, so nothing races."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < G
     label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
-    here = row_ok & (label >= c_lo) & (label < c_hi)
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+    here = row_ok & (label >= c_lo) & (label < c_hi) & (lse < float("inf"))
     col = (label - c_lo).to(tl.int64)
-    value = tl.load(TARGET_P + rows, mask=here, other=0.0)
+    soft = tl.exp(tl.load(TARGET + rows, mask=here, other=0.0) - tl.where(here, lse, 0.0))
+    grad_scale = tl.load(GRAD_SCALE)
+    value = (soft - 1.0) * grad_scale
     if FP8:
-        soft = tl.load(TARGET_SOFT + rows, mask=here, other=0.0)
+        soft = soft * grad_scale
+        if COSINE:
+            soft = soft * tl.load(INV_NORM + label, mask=here, other=0.0)
         f_scale = tl.load(F_SCALE + rows, mask=here, other=0.0)
         tl.store(P + rows.to(tl.int64) * stride_p + col, to_e5m2(soft * tl.load(P_SCALES), EXACT_CAST), mask=here)
         for_weights = to_e5m2(value * (f_scale * tl.load(P_SCALES + 1)), EXACT_CAST)
         tl.store(P_T + col * stride_pt + rows, for_weights, mask=here)
     else:
+        if COSINE:
+            value = value * tl.load(INV_NORM + label, mask=here, other=0.0)
         tl.store(P + rows.to(tl.int64) * stride_p + col, value.to(P.dtype.element_ty), mask=here)
 
 
@@ -380,37 +390,18 @@ class _ProbsPass:
             self.p_scales = torch.cat(
                 [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
             ).contiguous()
-        self._target_values(local_label, lse, grad_scale, options, target)
-
-    def _target_values(self, local_label, lse, grad_scale, options, target=None):
-        """What ``_fix_targets`` writes at each row's target, from the target's own logit (the
-        gather the LSE pass adds it from): g(p_y - 1) and, for fp8 rows, g p_y; 1/||w_y|| on
-        the first for bf16 and fp32 rows, on the second for fp8 rows, as the P kernel does.
-        ``target``: the LSE pass's shifted target logits, if the caller kept them."""
-        operand, cosine = self.operand, options["cosine"]
-        if target is None:
+        if target is None:  # each row's shifted target logit (0 off this shard), for ``_fix_targets``
             here, logit = target_logits(
                 operand.values,
                 operand.row_scale if operand.fp8 else None,
-                self.weight,
-                self.inv_norm if cosine else None,
+                weight,
+                inv_norm if options["cosine"] else None,
                 local_label,
                 options["scale"],
-                self.offset,
+                offset,
             )
-            target = logit - options["target_shift"]
-        else:
-            here = (local_label >= 0) & (local_label < self.weight.shape[0])
-        here = here & torch.isfinite(lse)
-        soft = torch.where(here, torch.exp(target - lse), 0.0)
-        inv = self.inv_norm.index_select(0, torch.where(here, local_label, 0).long()) if cosine else None
-        self.target_p = (soft - 1.0) * grad_scale.float()
-        self.target_soft = soft * grad_scale.float()
-        if cosine and operand.fp8:
-            self.target_soft = self.target_soft * inv
-        elif cosine:
-            self.target_p = self.target_p * inv
-        self.fix_label = torch.where(here, local_label, -1).contiguous()
+            target = torch.where(here, logit - options["target_shift"], 0.0)
+        self.target = target.contiguous()
 
     def write(self, c_lo: int, c_hi: int, stored_width: int):
         """P over classes [c_lo, c_hi): a rows x stored_width tensor (fp8: e5m2, rows padded to 16
@@ -485,11 +476,13 @@ class _ProbsPass:
         launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         block = 1024 if feats.is_cuda else 16
         _fix_targets[(triton.cdiv(num_rows, block),)](
-            self.fix_label,
-            self.target_p,
-            self.target_soft,
-            operand.row_scale if operand.fp8 else self.target_p,
-            self.p_scales if operand.fp8 else self.target_p,
+            self.local_label,
+            self.target,
+            self.lse,
+            self.grad_scale,
+            self.inv_norm if options["cosine"] else self.target,
+            operand.row_scale if operand.fp8 else self.target,
+            self.p_scales if operand.fp8 else self.target,
             probs,
             probs_t,
             num_rows,
@@ -497,6 +490,7 @@ class _ProbsPass:
             c_hi,
             probs.stride(0),
             probs_t.stride(0),
+            COSINE=options["cosine"],
             FP8=operand.fp8,
             EXACT_CAST=INTERPRETED,
             BLOCK=block,

@@ -199,6 +199,79 @@ def _lse_kernel(
     tl.store(L_OUT + out, l, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["G", "C", "splits"])
+def _lse_merge_kernel(
+    F,
+    F_SCALE,
+    W,
+    INV_NORM,
+    OFFSET,
+    LOCAL_LABEL,
+    SPLIT_MAX,
+    SPLIT_SUM,
+    ROW_MAX,
+    ROW_SUM,
+    TARGET,
+    G,
+    C,
+    D,
+    splits,
+    stride_f,
+    stride_w,
+    scale,
+    target_shift,
+    COSINE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    FP8: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per row: its target's shifted logit (a float32 dot of the feature row and the label's
+    row, which ``_lse_kernel`` leaves out), then the splits' (max, sum of exp) merged with
+    it. Rows whose label is not a class of the shard keep the splits' terms, target 0."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < G
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    here = row_ok & (label >= 0) & (label < C)
+    dot = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dims < D
+        f = tl.load(F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & d_ok[None, :])
+        w = tl.load(W + label[:, None].to(tl.int64) * stride_w + dims[None, :], mask=here[:, None] & d_ok[None, :])
+        dot += tl.sum(f.to(tl.float32) * w.to(tl.float32), axis=1)
+    logit = dot * scale
+    if FP8:
+        logit = logit * tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
+    if COSINE:
+        logit = logit * tl.load(INV_NORM + label, mask=here, other=0.0)
+    if HAS_OFFSET:
+        logit = logit + tl.load(OFFSET + label, mask=here, other=0.0)
+    target = tl.where(here, logit - target_shift, 0.0)
+    # the splits in BLOCK_S-row tiles (a G = 256 batch has hundreds of splits: one load each
+    # would leave the loop waiting on memory latency)
+    row_max = tl.where(here, target, float("-inf"))
+    for s0 in range(0, splits, BLOCK_S):
+        split = s0 + tl.arange(0, BLOCK_S)
+        at = split[:, None] * G + rows[None, :]
+        ok = (split < splits)[:, None] & row_ok[None, :]
+        row_max = tl.maximum(row_max, tl.max(tl.load(SPLIT_MAX + at, mask=ok, other=float("-inf")), axis=0))
+    # finite: each row counts a class of the shard, or its target is here (C_r >= 1)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = tl.where(here, tl.exp(target - safe_max), 0.0)
+    for s0 in range(0, splits, BLOCK_S):
+        split = s0 + tl.arange(0, BLOCK_S)
+        at = split[:, None] * G + rows[None, :]
+        ok = (split < splits)[:, None] & row_ok[None, :]
+        split_max = tl.load(SPLIT_MAX + at, mask=ok, other=float("-inf"))
+        split_sum = tl.load(SPLIT_SUM + at, mask=ok, other=0.0)
+        row_sum += tl.sum(split_sum * tl.exp(split_max - safe_max[None, :]), axis=0)  # 0 for empty splits
+    tl.store(ROW_MAX + rows, row_max, mask=row_ok)
+    tl.store(ROW_SUM + rows, row_sum, mask=row_ok)
+    tl.store(TARGET + rows, target, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["C", "classes_per_split", "tile_capacity"])
 def _flag_kernel(
     F,
@@ -491,16 +564,36 @@ def shard_lse(
     stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
     split_max, split_sum = stats
     # the splits' terms, then each row's target term (left out by the kernel) folded in
-    here, target = target_logits(
-        feat_op, f_scale if fp8 else None, weight, inv_norm if cosine else None, local_label, scale, logit_offset
+    row_max, row_sum, target = torch.empty((3, num_rows), dtype=torch.float32, device=feat_op.device)
+    block_r = 16
+    _lse_merge_kernel[(triton.cdiv(num_rows, block_r),)](
+        feat_op,
+        f_scale,
+        weight,
+        inv_norm if cosine else split_max,
+        logit_offset if logit_offset is not None else split_max,
+        local_label,
+        split_max,
+        split_sum,
+        row_max,
+        row_sum,
+        target,
+        num_rows,
+        num_classes,
+        dim,
+        split_max.shape[0],
+        feat_op.stride(0),
+        weight.stride(0),
+        scale,
+        target_shift,
+        COSINE=cosine,
+        HAS_OFFSET=logit_offset is not None,
+        FP8=fp8,
+        BLOCK_R=block_r,
+        BLOCK_D=min(128, triton.next_power_of_2(max(dim, 16))),
+        BLOCK_S=64 if feat_op.is_cuda else 16,
     )
-    target = target - target_shift
-    row_max = torch.maximum(split_max.amax(dim=0), torch.where(here, target, float("-inf")))
-    # finite: each row counts a class of the shard, or its target is here (C_r >= 1)
-    row_sum = (split_sum * torch.exp(split_max - row_max)).sum(dim=0) + torch.where(
-        here, torch.exp(target - row_max), 0.0
-    )
-    return row_max, row_sum, torch.where(here, target, 0.0)
+    return row_max, row_sum, target
 
 
 def target_logits(features, row_scale, weight, inv_norm, local_label, scale: float, logit_offset=None):
