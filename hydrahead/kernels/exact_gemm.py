@@ -296,12 +296,13 @@ def _transposed_padded(rows: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-# Measured on one H200 (D = 512, C_r = 1M): with P^T written through a descriptor, the fp8
-# gemm path takes 7.2 and 8.9 ms at G = 256 and 512 against the stationary kernels' 13.2
-# and 18.6 ms (benchmarks/results/head_kernels_fp8_small_g.json), and 30 ms against 88 at
-# 4096. Below 256 rows it is unmeasured, and its extra memory (the dW chunk, 1.5 GiB at
-# G = 256) grows as G shrinks, so smaller batches stay on the stationary kernels.
-FP8_GEMM_MIN_ROWS = 256
+# Measured (D = 512, C_r = 1M): the fp8 gemm path takes 7.2 and 8.9 ms at G = 256 and 512
+# against the stationary kernels' 13.2 and 18.6 ms (one H200,
+# benchmarks/results/head_kernels_fp8_small_g.json), and 7.3-8.5 ms against 14.3-14.6 at
+# G = 32, 64 and 128 (one H100, head_kernels_fp8_below_256.json). Its extra memory stays
+# within the chunk budget as G shrinks (0.69-0.80 GiB against 8-17 MiB); below 32 rows it
+# is unmeasured, so those batches stay on the stationary kernels.
+FP8_GEMM_MIN_ROWS = 32
 
 
 def resolve_exact_kernels(
