@@ -63,9 +63,10 @@ floor, the larger of two:
 Both floors are in every row (matmul_floor_ms, memory_floor_ms), with peak_floor_ms (the
 8·G·D·C_r FLOPs at the square-matmul rate, the floor of earlier results). On a GPU also
 kernel_ms, the time the profiler counts in the step's kernels (three more steps), and
-idle_ms, the rest of the step: the GPU waiting for the host to queue work. Then the peak
-memory and the peak beyond what
-was allocated before the step (W, momentum buffer, features, labels), and the relative
+idle_ms, the rest of the step: the GPU waiting for the host to queue work, and
+allocator_per_step, the caching allocator's cudaMalloc, cudaFree, retries and device-wide
+syncs per timed step (each of those stalls the host or the device). Then the peak memory
+and the peak beyond what was allocated before the step (W, momentum buffer, features, labels), and the relative
 error of the first step's loss (before W moves) against a float64 computation on the same
 bf16 inputs. Each (method, shape, kind) runs in its own subprocess, so an out-of-memory
 error, a crash or an illegal memory access (which leaves the CUDA context unusable) costs
@@ -499,7 +500,15 @@ def measure(key: str, p: Problem, args, device: torch.device) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         row.update(peak_mib=peak / MIB, extra_mib=(peak - baseline) / MIB)
+        before = torch.cuda.memory_stats()
         times = cuda_time_ms(step, warmup=warmup, reps=reps)
+        # cudaMalloc/cudaFree inside the timed steps (a free synchronises the device): a
+        # step that runs slow in one process and fast in another may differ here
+        after = torch.cuda.memory_stats()
+        row["allocator_per_step"] = {
+            name: (after.get(name, 0) - before.get(name, 0)) / (warmup + reps)
+            for name in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+        }
     else:
         row.update(loss=float(step()), peak_mib=None, extra_mib=None)
         times = cpu_time_ms(step, warmup=warmup, reps=reps)
