@@ -1,4 +1,4 @@
-"""benchmarks/head_kernels.py: the CUDA-graph rows (ours-graph, ours-fp8-graph) against the plain steps."""
+"""benchmarks/head_kernels.py: the CUDA-graph rows against the plain steps, and the per-row GPU counters."""
 
 from __future__ import annotations
 
@@ -95,3 +95,21 @@ def test_kernel_time_is_the_kernels_share_of_the_timed_span():
         span = sorted(cuda_time_ms(fn, warmup=1, reps=5))[2]
         share = kernel_busy_ms(fn) / span
         assert lowest < share < highest, (fn.__name__, share)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("key", ["ours", "ours-fp8"])
+def test_steady_steps_take_no_new_device_memory(key):
+    """After the first step the caching allocator serves every step from its pool: the row's
+    allocator_per_step counts no cudaMalloc, cudaFree, retry or device-wide sync."""
+    from benchmarks import head_kernels
+
+    args = argparse.Namespace(
+        seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12, reps=3, slow_reps=1
+    )
+    problem = head_kernels.make_problem((96, 128, 20_000), "peaked", torch.device("cuda"), args)
+    row = head_kernels.measure(key, problem, args, torch.device("cuda"))
+    counts = row["allocator_per_step"]
+    assert set(counts) == {"num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"}
+    assert all(value == 0 for value in counts.values()), counts
