@@ -156,8 +156,8 @@ class HeadConfig:
     exact_kernels: str = _key(
         "auto",
         "triton, exact step (head.grad_filter=0): gemm (an LSE pass, then softmax chunks and library "
-        "products), stationary (two kernels holding blocks of rows), auto (gemm for fp32/bf16 rows, "
-        "stationary for fp8 rows)",
+        "products), stationary (two kernels holding blocks of rows), auto (gemm; fp8 rows take stationary "
+        "below a global batch of 32)",
         ("auto", "gemm", "stationary"),
     )
     selection: str = _key(
