@@ -333,7 +333,7 @@ def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int, dim: int 
     batches are bound by dW_c: at G = 256 it would otherwise take twice P's bytes."""
     budget = int(float(os.environ.get("HYDRAHEAD_EXACT_CHUNK_MIB", _CHUNK_MIB)) * 2**20)
     fp8 = dtype == FP8
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     grad_element = 8 if cosine else (2 if fp8 else element)
     per_class = max(max(1, num_rows) * (2 if fp8 else element), dim * grad_element, 1)
     return max(256, min(budget // per_class // 256 * 256, triton.cdiv(num_classes, 256) * 256))
@@ -537,7 +537,11 @@ def exact_backward(
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
     want_weight = want_weight or update is not None
-    grad_feat = torch.zeros(num_rows, dim, dtype=torch.float32, device=feats.device) if want_features else None
+    # bf16 and fp32 rows: dF starts as the first chunk's product, with no zero fill before it
+    first_product = want_features and not operand.fp8 and num_classes > 0 and num_rows > 0
+    grad_feat = None
+    if want_features and not first_product:
+        grad_feat = torch.zeros(num_rows, dim, dtype=torch.float32, device=feats.device)
     grad_weight = None
     if want_weight and update is None:
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if operand.fp8 else weight.dtype)
@@ -583,8 +587,9 @@ def exact_backward(
                 chunk_grad = chunk_grad.float() * inv_norm[c_lo:c_hi, None]
         else:
             probs, _ = probs_pass.write(c_lo, c_hi, width)
-            if grad_feat is not None:  # before the update moves these rows
-                grad_feat += matmul_fp32(probs, rows)
+            if want_features:  # before the update moves these rows
+                product = matmul_fp32(probs, rows)
+                grad_feat = product if grad_feat is None else grad_feat.add_(product)
             if not want_weight:
                 continue
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is

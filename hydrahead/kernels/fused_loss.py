@@ -115,18 +115,13 @@ def _local_pass(
     stationary exact kernels; ``lse_only``: the filtered path and the gemm backward).
     ``logit_offset``: one constant per class added to its logits (the LSE pass only)."""
     local_error = local_error_code(features, weight_shard, class_start, num_classes)
-    num_rows, device = features.shape[0], features.device
     valid = labels != ignore_index
-    out = _LocalPass(
-        local_error,
-        valid,
-        torch.full((num_rows,), float("-inf"), device=device),
-        torch.zeros(num_rows, device=device),
-        torch.zeros(num_rows, device=device),
-        torch.zeros((), device=device),
-    )
-    if local_error:  # this rank raises after the collectives, with the others
-        return out
+    if local_error:  # this rank raises after the collectives, with the others: statistics that merge as none
+        num_rows, device = features.shape[0], features.device
+        running_max = torch.full((num_rows,), float("-inf"), device=device)
+        zeros = [torch.zeros(num_rows, device=device), torch.zeros(num_rows, device=device)]
+        return _LocalPass(local_error, valid, running_max, *zeros, torch.zeros((), device=device))
+    out = _LocalPass(local_error, valid, None, None, None, None)  # the kernels below fill the statistics
     cosine = margin_type == "cosface"
     weight_shard = weight_shard.detach()
     if cosine:
