@@ -342,13 +342,15 @@ def test_round_rows_kernel_equals_round_to_storage(rounding):
 
 def test_a_steps_rounding_keys_are_hashed_once_and_differ_by_step_and_salt(monkeypatch):
     """The exact step asks for the keys once per class chunk: the hash runs once per
-    (seed, step, salt), and its keys are those of the uncached hash."""
+    (seed, step, salt), and its keys are those of the uncached hash and of the tensor hash
+    that defines the draws."""
     import hydrahead.optim.low_precision as low_precision
+    from hydrahead.counter_rng import counter_hash
 
     low_precision._rounding_keys.cache_clear()
     calls = []
-    real_hash = low_precision.counter_hash
-    monkeypatch.setattr(low_precision, "counter_hash", lambda *a: calls.append(a) or real_hash(*a))
+    real_hash = low_precision.counter_hash_int
+    monkeypatch.setattr(low_precision, "counter_hash_int", lambda *a: calls.append(a) or real_hash(*a))
     seed, step = 12345, 987654
     first = [low_precision.rounding_keys(seed, step, salt) for salt in (0, 1)]
     assert len(calls) == 2 and first[0] != first[1]
@@ -359,3 +361,11 @@ def test_a_steps_rounding_keys_are_hashed_once_and_differ_by_step_and_salt(monke
     assert len(calls) == 3
     uncached = low_precision._rounding_keys.__wrapped__(seed, step, 0)
     assert uncached == first[0] and all(0 <= key < 2**32 for key in uncached)
+    gen = torch.Generator().manual_seed(7)
+    for seed, step, salt in zip(*(torch.randint(0, 2**31, (3, 50), generator=gen).tolist()), strict=True):
+        salt %= 2
+        tensor_key = int(counter_hash(seed, low_precision._ROUNDING_STREAM, torch.tensor([2 * step + salt]))[0])
+        assert low_precision._rounding_keys.__wrapped__(seed, step, salt) == (
+            tensor_key & 0xFFFFFFFF,
+            (tensor_key >> 32) & 0xFFFFFFFF,
+        )
