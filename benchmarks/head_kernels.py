@@ -66,9 +66,9 @@ kernel_ms, the time the profiler counts in the step's kernels (three more steps)
 idle_ms, the rest of the step: the GPU waiting for the host to queue work, and
 allocator_per_step, the caching allocator's cudaMalloc, cudaFree, retries and device-wide
 syncs per timed step (each of those stalls the host or the device). Then the peak memory
-and the peak beyond what was allocated before the step (W, momentum buffer, features, labels), and the relative
-error of the first step's loss (before W moves) against a float64 computation on the same
-bf16 inputs. Each (method, shape, kind) runs in its own subprocess, so an out-of-memory
+and the peak beyond what was allocated before the step (W, momentum buffer, features,
+labels), and the relative error of the first step's loss (before W moves) against a
+float64 computation on the same bf16 inputs. Each (method, shape, kind) runs in its own subprocess, so an out-of-memory
 error, a crash or an illegal memory access (which leaves the CUDA context unusable) costs
 only its own row. Rows are appended to ``<name>.rows.jsonl`` as they come; ``--resume``
 keeps those already there. Results: ``benchmarks/results/<name>.json`` and ``.png``.

@@ -347,9 +347,9 @@ def triton_sharded_cross_entropy(
     read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
     step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
     library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm; fp8
-    rows below a global batch of ``FP8_GEMM_MIN_ROWS`` take stationary). ``logit_offset`` (C_r,): a constant added to
-    every logit of each class, after the margin, as for ``sharded_cross_entropy`` (the exact
-    gemm kernels only).
+    rows below a global batch of ``FP8_GEMM_MIN_ROWS`` take stationary). ``logit_offset``
+    (C_r,): a constant added to every logit of each class, after the margin, as for
+    ``sharded_cross_entropy`` (the exact gemm kernels only).
     Logits never reach global memory whole: the stationary kernels need O(G x D) extra
     memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """
