@@ -524,6 +524,7 @@ def shard_lse(
     num_rows, dim = feat_op.shape
     num_classes = weight.shape[0]
     tma = descriptor_loads(feat_op, weight)
+    flags = dict(COSINE=cosine, HAS_OFFSET=logit_offset is not None, FP8=fp8)  # both kernels' variant
 
     def launch(tiles):
         block_g, block_c, block_k, warps, stages = tiles
@@ -545,9 +546,7 @@ def shard_lse(
             weight.stride(0),
             per_split,
             scale,
-            COSINE=cosine,
-            HAS_OFFSET=logit_offset is not None,
-            FP8=fp8,
+            **flags,
             PRECISION=_precision(weight.dtype),
             EVEN_K=dim % block_k == 0,
             BLOCK_G=block_g,
@@ -586,9 +585,7 @@ def shard_lse(
         weight.stride(0),
         scale,
         target_shift,
-        COSINE=cosine,
-        HAS_OFFSET=logit_offset is not None,
-        FP8=fp8,
+        **flags,
         BLOCK_R=block_r,
         BLOCK_D=min(128, triton.next_power_of_2(max(dim, 16))),
         BLOCK_S=64 if feat_op.is_cuda else 16,
