@@ -40,6 +40,11 @@ GPU idle while the host launches the backward.
   reference        hydrahead.head.sharded_cross_entropy (chunk 32768) + SGD
   liger            liger_kernel's fused linear cross-entropy + SGD (first shape only: seconds a step)
 
+--margin-type cosface runs the loss of configs/resnet50_1m.yaml instead: logits 64 (cos - 0.35
+at the target) on unit features and rows (ours, torch and reference only; cut-cross-entropy
+and liger-kernel take no margin). Its floors are the plain step's: the row norms' extra read
+of W and the normalisation are the method's own cost.
+
 The default filter, 2**-12 = 2.44e-4, is cut-cross-entropy's own for bf16 (its "high" and
 "auto": finfo(bf16).eps / 32), so both filters drop the same probabilities.
 
@@ -118,6 +123,8 @@ REFERENCE_CHUNK = 32768
 FLOAT64_CHUNK_BYTES = 1 << 29  # one G x chunk float64 block of logits in the float64 loss
 ROW_MARKER = "HEAD_KERNELS_ROW "  # prefixes the one JSON line a child prints for the parent
 MIB = 2**20
+COSFACE = {"scale": 64.0, "margin": 0.35}  # configs/resnet50_1m.yaml's head
+NO_MARGIN = ("cce", "cce-nofilter", "liger")  # methods with no cosine-margin loss
 
 
 @dataclass(frozen=True)
@@ -264,22 +271,48 @@ def make_problem(shape, kind: str, device: torch.device, args, *, with_buffer: b
     )
 
 
+def _float64_rows(weight: torch.Tensor, cosine: bool) -> torch.Tensor:
+    rows = weight.double()
+    return rows / rows.norm(dim=1, keepdim=True) if cosine else rows
+
+
+def _float64_logits(features, weight, labels, start: int, chunk: int, margin_type: str) -> torch.Tensor:
+    """Classes [start, start + chunk) of the G x C logits in float64 (cosface: scale times the
+    cosine, the margin taken off at each row's target)."""
+    cosine = margin_type == "cosface"
+    rows = _float64_rows(weight[start : start + chunk], cosine)
+    logits = features @ rows.t()
+    if cosine:
+        local = labels - start
+        here = (local >= 0) & (local < rows.shape[0])
+        hit = torch.nonzero(here).squeeze(1)
+        logits[hit, local[hit]] -= COSFACE["margin"]
+        logits *= COSFACE["scale"]
+    return logits
+
+
 @torch.no_grad()
-def float64_loss(problem: Problem, grad_filter: float) -> dict:
-    """The exact loss on the bf16 inputs, in float64 over class chunks (F.cross_entropy's math).
+def float64_loss(problem: Problem, grad_filter: float, margin_type: str = "none") -> dict:
+    """The exact loss on the bf16 inputs, in float64 over class chunks (F.cross_entropy's math;
+    cosface: on unit features and rows, as ``--margin-type`` says).
 
     Also the mean target probability (how peaked the softmax is) and the share of all
     softmax entries at or above the gradient filter (what a filter cannot skip).
     """
+    cosine = margin_type == "cosface"
     features = problem.features.detach().double()
+    if cosine:
+        features = features / features.norm(dim=1, keepdim=True)
     weight, labels = problem.weight.detach(), problem.labels
     G, C = features.shape[0], weight.shape[0]
     chunk = max(1, FLOAT64_CHUNK_BYTES // (8 * G))
-    target = (features * weight[labels].double()).sum(dim=1)
+    target = (features * _float64_rows(weight[labels], cosine)).sum(dim=1)
+    if cosine:
+        target = COSFACE["scale"] * (target - COSFACE["margin"])
     run_max = torch.full((G,), -math.inf, dtype=torch.float64, device=features.device)
     run_sum = torch.zeros_like(run_max)
     for start in range(0, C, chunk):
-        logits = features @ weight[start : start + chunk].double().t()
+        logits = _float64_logits(features, weight, labels, start, chunk, margin_type)
         new_max = torch.maximum(run_max, logits.max(dim=1).values)
         run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
         run_max = new_max
@@ -290,7 +323,7 @@ def float64_loss(problem: Problem, grad_filter: float) -> dict:
     if grad_filter > 0:
         cut = lse[:, None] + math.log(grad_filter)
         for start in range(0, C, chunk):
-            above += int(((features @ weight[start : start + chunk].double().t()) >= cut).sum())
+            above += int((_float64_logits(features, weight, labels, start, chunk, margin_type) >= cut).sum())
     return {
         "loss64": float((lse - target).mean()),
         "mean_target_prob": float(torch.exp(target - lse).mean()),
@@ -316,6 +349,10 @@ def sgd_step_(weight: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor) ->
 def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
+    cosine = getattr(args, "margin_type", "none") == "cosface"
+    if cosine and key in NO_MARGIN:
+        raise ValueError(f"--margin-type cosface: {key} takes no margin; run ours, torch or reference")
+    margin = dict(margin_type="cosface", margin=COSFACE["margin"]) if cosine else {}
 
     if key in GRAPHED:
         return captured(GRAPHED[key], p, args)
@@ -326,7 +363,9 @@ def build_step(key: str, p: Problem, args):
         if key == "ours-dw":
 
             def loss_fn(f, w, y):
-                return triton_sharded_cross_entropy(f, w, y, 0, num_classes=num_classes)
+                return triton_sharded_cross_entropy(
+                    f, w, y, 0, num_classes=num_classes, scale=COSFACE["scale"] if cosine else 1.0, **margin
+                )
         else:
             fp8 = key in MATMUL_DTYPES
             scale = 1.0
@@ -336,6 +375,8 @@ def build_step(key: str, p: Problem, args):
                     rows = slice(start, start + (1 << 20))
                     weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
+            if cosine:  # unit rows: the storage scale cancels
+                scale = COSFACE["scale"]
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
             exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
@@ -363,6 +404,7 @@ def build_step(key: str, p: Problem, args):
                     grad_filter=grad_filter,
                     exact_kernels=exact_kernels,
                     checks=checks,
+                    **margin,
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
                 state["step"] += 1
@@ -382,12 +424,25 @@ def build_step(key: str, p: Problem, args):
     elif key == "torch":
 
         def loss_fn(f, w, y):
-            return F.cross_entropy(f @ w.t(), y)
+            if not cosine:
+                return F.cross_entropy(f @ w.t(), y)
+            logits = F.normalize(f, dim=1) @ F.normalize(w, dim=1).t()
+            shift = torch.zeros_like(logits).scatter_(1, y[:, None], COSFACE["margin"])
+            return F.cross_entropy(COSFACE["scale"] * (logits - shift), y)
     elif key == "reference":
         from hydrahead.head import sharded_cross_entropy
 
         def loss_fn(f, w, y):
-            return sharded_cross_entropy(f, w, y, 0, num_classes=num_classes, chunk_size=REFERENCE_CHUNK)
+            return sharded_cross_entropy(
+                f,
+                w,
+                y,
+                0,
+                num_classes=num_classes,
+                chunk_size=REFERENCE_CHUNK,
+                scale=COSFACE["scale"] if cosine else 1.0,
+                **margin,
+            )
     elif key == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -547,7 +602,7 @@ def run_child(task: list[str], args) -> dict:
         try:
             p = make_problem(shape, kind, device, args, with_buffer=False)
             rates = shape_matmul_tflops(p)
-            return {**float64_loss(p, args.grad_filter), "target_logit": p.target_logit, **rates}
+            return {**float64_loss(p, args.grad_filter, args.margin_type), "target_logit": p.target_logit, **rates}
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which carries on
             return {"note": error_note(exc)}
 
@@ -615,6 +670,8 @@ def child_options(args) -> list[str]:
         repr(args.target_prob),
         "--logit-noise",
         repr(args.logit_noise),
+        "--margin-type",
+        args.margin_type,
     ]
     return options + (["--dry-run"] if args.dry_run else [])
 
@@ -689,6 +746,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--logit-noise", type=float, default=1.0, help="peaked logits: std of the noise on every logit")
     parser.add_argument(
+        "--margin-type",
+        choices=("none", "cosface"),
+        default="none",
+        help=(
+            "the loss: plain logits, or cosface (scale 64, margin 0.35, as configs/resnet50_1m.yaml; "
+            "ours, torch and reference only)"
+        ),
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of W, labels and features (the same in every subprocess)"
     )
     parser.add_argument(
@@ -733,6 +799,11 @@ def main(argv=None) -> None:
         unknown = [v for v in (kinds if name == "kind" else methods) if v not in allowed]
         if unknown:
             parser.error(f"unknown {name}(s) {unknown}; choose from {list(allowed)}")
+    if args.margin_type == "cosface":
+        if args.methods is None:
+            methods = [m for m in methods if m not in NO_MARGIN]
+        elif any(m in NO_MARGIN for m in methods):
+            parser.error(f"--margin-type cosface: {', '.join(m for m in methods if m in NO_MARGIN)} take no margin")
 
     if args.collect:
         return collect(args.name)
@@ -765,7 +836,8 @@ def main(argv=None) -> None:
     payload = {
         **env,
         "benchmark": "head_kernels",
-        "what": "one shard, one training step of the head: forward + backward + SGD update of W, bf16 W and features",
+        "what": "one shard, one training step of the head: forward + backward + SGD update of W, bf16 W and features"
+        + (", cosface logits" if args.margin_type == "cosface" else ""),
         "matmul_tflops_bf16": tflops,
         "matmul_tflops_fp8": tflops_fp8,
         "copy_gbps": copy_gbps,
@@ -783,6 +855,8 @@ def main(argv=None) -> None:
             "weight_std": WEIGHT_STD,
             "target_prob": args.target_prob,
             "logit_noise": args.logit_noise,
+            "margin_type": args.margin_type,
+            **(COSFACE if args.margin_type == "cosface" else {}),
             "seed": args.seed,
             "reps": args.reps,
             "slow_reps": args.slow_reps,

@@ -113,3 +113,40 @@ def test_steady_steps_take_no_new_device_memory(key):
     counts = row["allocator_per_step"]
     assert set(counts) == {"num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"}
     assert all(value == 0 for value in counts.values()), counts
+
+
+def test_the_cosface_float64_loss_is_the_margin_loss_on_unit_rows():
+    """--margin-type cosface: the float64 loss over class chunks equals a direct one
+    (F.normalize, the margin at each target, the scale) and differs from the plain loss."""
+    from benchmarks import head_kernels
+
+    args = argparse.Namespace(seed=3, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    problem = head_kernels.make_problem((24, 16, 700), "peaked", torch.device("cpu"), args, with_buffer=False)
+    features, weight, labels = problem.features.detach().double(), problem.weight.detach().double(), problem.labels
+    cos = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(weight, dim=1).t()
+    margin = torch.zeros_like(cos).scatter_(1, labels[:, None], head_kernels.COSFACE["margin"])
+    want = torch.nn.functional.cross_entropy(head_kernels.COSFACE["scale"] * (cos - margin), labels)
+    old_chunk = head_kernels.FLOAT64_CHUNK_BYTES
+    head_kernels.FLOAT64_CHUNK_BYTES = 8 * 24 * 64  # 64 classes a chunk: targets fall in every chunk
+    try:
+        got = head_kernels.float64_loss(problem, 2**-12, "cosface")
+        plain = head_kernels.float64_loss(problem, 2**-12)
+    finally:
+        head_kernels.FLOAT64_CHUNK_BYTES = old_chunk
+    assert got["loss64"] == pytest.approx(float(want), rel=1e-12)
+    assert abs(got["loss64"] - plain["loss64"]) > 0.1
+
+
+def test_a_cosface_run_holds_the_margin_rows_and_refuses_the_others(tmp_path, monkeypatch):
+    from benchmarks import head_kernels
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    head_kernels.main(["--dry-run", "--kinds", "peaked", "--margin-type", "cosface", "--methods", "torch,reference"])
+    result = json.loads((tmp_path / "head_kernels.json").read_text())
+    assert result["settings"]["margin_type"] == "cosface" and "cosface" in result["what"]
+    assert len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert row["ms"] > 0 and row["loss_rel_err"] < 1e-2  # against the cosface float64 loss: bf16 inputs
+    with pytest.raises(SystemExit):
+        head_kernels.main(["--dry-run", "--margin-type", "cosface", "--methods", "cce,torch"])
