@@ -427,8 +427,9 @@ def build_step(key: str, p: Problem, args):
             if not cosine:
                 return F.cross_entropy(f @ w.t(), y)
             logits = F.normalize(f, dim=1) @ F.normalize(w, dim=1).t()
-            shift = torch.zeros_like(logits).scatter_(1, y[:, None], COSFACE["margin"])
-            return F.cross_entropy(COSFACE["scale"] * (logits - shift), y)
+            # in place (the product's backward needs its inputs only): the plain row's G x C, no more
+            logits[torch.arange(len(y), device=y.device), y] -= COSFACE["margin"]
+            return F.cross_entropy(logits.mul_(COSFACE["scale"]), y)
     elif key == "reference":
         from hydrahead.head import sharded_cross_entropy
 
