@@ -349,7 +349,7 @@ def sgd_step_(weight: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor) ->
 def build_step(key: str, p: Problem, args):
     """step() -> loss (detached): forward, backward and the SGD update of p.weight."""
     num_classes = p.weight.shape[0]
-    cosine = getattr(args, "margin_type", "none") == "cosface"
+    cosine = args.margin_type == "cosface"
     if cosine and key in NO_MARGIN:
         raise ValueError(f"--margin-type cosface: {key} takes no margin; run ours, torch or reference")
     margin = dict(margin_type="cosface", margin=COSFACE["margin"]) if cosine else {}

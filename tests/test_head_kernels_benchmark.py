@@ -41,7 +41,9 @@ def _steps(key: str, count: int):
     """(losses of ``count`` steps of ``key`` on the seeded GPU problem, the problem after them)."""
     from benchmarks import head_kernels
 
-    args = argparse.Namespace(seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    args = argparse.Namespace(
+        seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12, margin_type="none"
+    )
     problem = head_kernels.make_problem((96, 128, 20_000), "peaked", torch.device("cuda"), args)
     step = head_kernels.build_step(key, problem, args)
     losses = [float(step()) for _ in range(count)]
@@ -106,7 +108,14 @@ def test_steady_steps_take_no_new_device_memory(key):
     from benchmarks import head_kernels
 
     args = argparse.Namespace(
-        seed=0, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12, reps=3, slow_reps=1
+        seed=0,
+        target_prob=0.25,
+        logit_noise=1.0,
+        momentum_dtype="fp32",
+        grad_filter=2**-12,
+        reps=3,
+        slow_reps=1,
+        margin_type="none",
     )
     problem = head_kernels.make_problem((96, 128, 20_000), "peaked", torch.device("cuda"), args)
     row = head_kernels.measure(key, problem, args, torch.device("cuda"))
@@ -120,7 +129,9 @@ def test_the_cosface_float64_loss_is_the_margin_loss_on_unit_rows():
     (F.normalize, the margin at each target, the scale) and differs from the plain loss."""
     from benchmarks import head_kernels
 
-    args = argparse.Namespace(seed=3, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12)
+    args = argparse.Namespace(
+        seed=3, target_prob=0.25, logit_noise=1.0, momentum_dtype="fp32", grad_filter=2**-12, margin_type="none"
+    )
     problem = head_kernels.make_problem((24, 16, 700), "peaked", torch.device("cpu"), args, with_buffer=False)
     features, weight, labels = problem.features.detach().double(), problem.weight.detach().double(), problem.labels
     cos = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(weight, dim=1).t()
