@@ -352,7 +352,7 @@ def build_step(key: str, p: Problem, args):
     cosine = args.margin_type == "cosface"
     if cosine and key in NO_MARGIN:
         raise ValueError(f"--margin-type cosface: {key} takes no margin; run ours, torch or reference")
-    margin = dict(margin_type="cosface", margin=COSFACE["margin"]) if cosine else {}
+    margin = dict(margin_type="cosface", **COSFACE) if cosine else {}  # the loss's options beyond the plain one
 
     if key in GRAPHED:
         return captured(GRAPHED[key], p, args)
@@ -363,9 +363,7 @@ def build_step(key: str, p: Problem, args):
         if key == "ours-dw":
 
             def loss_fn(f, w, y):
-                return triton_sharded_cross_entropy(
-                    f, w, y, 0, num_classes=num_classes, scale=COSFACE["scale"] if cosine else 1.0, **margin
-                )
+                return triton_sharded_cross_entropy(f, w, y, 0, num_classes=num_classes, **margin)
         else:
             fp8 = key in MATMUL_DTYPES
             scale = 1.0
@@ -375,8 +373,6 @@ def build_step(key: str, p: Problem, args):
                     rows = slice(start, start + (1 << 20))
                     weight8[rows] = (p.weight[rows].detach().float() / WEIGHT_STD).to(weight8.dtype)
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
-            if cosine:  # unit rows: the storage scale cancels
-                scale = COSFACE["scale"]
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
             exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
             state = {"step": 0}  # fresh stochastic-rounding draws every step
@@ -400,11 +396,10 @@ def build_step(key: str, p: Problem, args):
                     0,
                     num_classes=num_classes,
                     update=update,
-                    scale=scale,
                     grad_filter=grad_filter,
                     exact_kernels=exact_kernels,
                     checks=checks,
-                    **margin,
+                    **{"scale": scale, **margin},  # cosface: its own scale (unit rows: the storage scale cancels)
                 )
                 loss.backward()  # applies the SGD step to p.weight in place
                 state["step"] += 1
@@ -434,16 +429,7 @@ def build_step(key: str, p: Problem, args):
         from hydrahead.head import sharded_cross_entropy
 
         def loss_fn(f, w, y):
-            return sharded_cross_entropy(
-                f,
-                w,
-                y,
-                0,
-                num_classes=num_classes,
-                chunk_size=REFERENCE_CHUNK,
-                scale=COSFACE["scale"] if cosine else 1.0,
-                **margin,
-            )
+            return sharded_cross_entropy(f, w, y, 0, num_classes=num_classes, chunk_size=REFERENCE_CHUNK, **margin)
     elif key == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
