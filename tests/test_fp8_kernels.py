@@ -150,18 +150,23 @@ def test_gemm_backward_writes_the_same_bits_through_descriptors_and_pointers(mon
         for kahan in (None, torch.bfloat16, torch.float8_e5m2)
         for momentum in (0.0, 0.9)
     ]
-    + [("stochastic", torch.bfloat16, 0.9, "gemm"), ("nearest", None, 0.0, "gemm")],
+    + [("stochastic", torch.bfloat16, 0.9, "gemm"), ("nearest", None, 0.0, "gemm")]
+    # cosine logits on the gemm path: dW_c projected inside the update pass
+    + [("stochastic", None, 0.9, "gemm-cosface"), ("nearest", None, 0.0, "gemm-cosface")],
 )
 def test_fused_update_matches_the_emulation(rounding, kahan, momentum, exact_kernels):
-    op, weight, inv_norm, labels, options = make_problem(3, 37, "none")
+    exact_kernels, _, margin_type = exact_kernels.partition("-")
+    op, weight, inv_norm, labels, options = make_problem(3, 37, margin_type or "none")
     gen = torch.Generator().manual_seed(4)
-    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
+    cosine = inv_norm is not None
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=cosine, **options)
     lse = lse_of(row_max, row_sum, labels)
     grad = weight_pass(exact_kernels, op, weight, inv_norm, labels, lse, update=None, grad_scale=0.1, options=options)
     buffer = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.01).to(torch.bfloat16) if momentum else None
     compensation = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 1e-3).to(kahan) if kahan else None
     class_ids = torch.randperm(10**6, generator=gen)[:NUM_CLASSES] + 3 * 10**9  # global ids, some past 2^31
-    hyper = dict(lr=0.5, momentum=momentum, weight_decay=5e-4)
+    # cosine: the gradient through w / ||w|| is about ||w|| times smaller; a larger step moves the rows as far
+    hyper = dict(lr=5.0 if cosine else 0.5, momentum=momentum, weight_decay=5e-4)
     want_w, want_buf, want_comp = emulate_update(
         weight,
         grad,

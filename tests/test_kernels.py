@@ -428,6 +428,37 @@ def test_gemm_backward_chunk_by_chunk_equals_one_chunk(monkeypatch, cosine):
     assert not torch.equal(whole[1], weight), "the update moved the rows"
 
 
+@pytest.mark.parametrize("grad_scaled", [True, False])
+def test_update_pass_projects_cosine_gradients(grad_scaled):
+    """apply_sgd_rows with the rows' 1 / ||w||: the gradient with respect to the unit rows is
+    taken through the normalisation inside the pass, as autograd does through w / ||w||
+    (float64 reference, SGD with momentum and weight decay, rows in the middle of the shard)."""
+    from hydrahead.kernels.filtered import apply_sgd_rows
+    from hydrahead.kernels.shard_ce import inverse_row_norms
+
+    gen = torch.Generator().manual_seed(81)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.3
+    buffer = torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.01
+    lo, hi = 13, 77
+    unit_grad = torch.randn(hi - lo, DIM, generator=gen)  # dL/du for u = w / ||w||, rows lo..hi
+    inv_norm = inverse_row_norms(weight)
+    w64 = weight[lo:hi].double().requires_grad_()
+    (w64 / w64.norm(dim=1, keepdim=True) * unit_grad.double()).sum().backward()
+    lr, momentum, weight_decay = 0.5, 0.9, 1e-3
+    want_buf = momentum * buffer[lo:hi].double() + w64.grad + weight_decay * weight[lo:hi].double()
+    want_w = weight[lo:hi].double() - lr * want_buf
+
+    given = unit_grad * inv_norm[lo:hi, None] if grad_scaled else unit_grad  # fp8 rows: 1 / ||w|| not yet applied
+    w, buf = weight.clone(), buffer.clone()
+    update = SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
+    apply_sgd_rows(w, given, update, lo, inv_norm[lo:hi], grad_scaled=grad_scaled)
+    assert rel_err(w[lo:hi] - weight[lo:hi], want_w - weight[lo:hi].double()) < 1e-5
+    assert rel_err(buf[lo:hi], want_buf) < 1e-5
+    assert torch.equal(w[:lo], weight[:lo]) and torch.equal(w[hi:], weight[hi:]), "rows outside the slice untouched"
+    with pytest.raises(ValueError, match="one value per row"):
+        apply_sgd_rows(w, given, update, lo, inv_norm[lo : hi - 1])
+
+
 def test_gemm_chunks_bound_both_the_probabilities_and_the_weight_gradient():
     """A chunk's P (G x chunk) and dW_c (chunk x D; for the cosine projection two float32
     copies, dW_c and the unit rows) both stay within the budget: small batches are bound by

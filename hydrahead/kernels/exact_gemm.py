@@ -328,8 +328,9 @@ def resolve_exact_kernels(
 def chunk_classes(num_rows: int, dtype: torch.dtype, num_classes: int, dim: int = 0, cosine: bool = False) -> int:
     """Classes per chunk (a multiple of 256): the G x chunk P buffer, and the chunk x ``dim``
     dW_c beside it, each within HYDRAHEAD_EXACT_CHUNK_MIB. fp8 rows write P twice (for dF
-    and, transposed, for dW), one byte each, and get dW_c back in bf16; cosine logits project
-    dW_c in float32 beside the unit rows (two float32 copies). (``dim`` 0: no dW_c.) Small
+    and, transposed, for dW), one byte each, and get dW_c back in bf16; ``cosine``: dW_c is
+    projected apart, in float32 beside the unit rows (two float32 copies; with the update
+    the pass projects it instead). (``dim`` 0: no dW_c.) Small
     batches are bound by dW_c: at G = 256 it would otherwise take twice P's bytes."""
     budget = int(float(os.environ.get("HYDRAHEAD_EXACT_CHUNK_MIB", _CHUNK_MIB)) * 2**20)
     fp8 = dtype == FP8
@@ -559,7 +560,9 @@ def exact_backward(
         logit_offset,
         target_logit,
     )
-    chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, cosine)
+    # with the update, the cosine projection runs inside the update pass: no float32 chunk copies
+    project_apart = cosine and update is None
+    chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
     if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16
         padded = probs_pass.padded_rows
         feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
@@ -583,7 +586,7 @@ def exact_backward(
                 continue
             # bf16, as the product returns it: the update reads it in float32 (an exact widening)
             chunk_grad = _scaled_matmul(probs_t, feats_t.t(), inverse_scales[1])[:width]
-            if cosine:
+            if project_apart:
                 chunk_grad = chunk_grad.float() * inv_norm[c_lo:c_hi, None]
         else:
             probs, _ = probs_pass.write(c_lo, c_hi, width)
@@ -595,13 +598,14 @@ def exact_backward(
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
             # far below the stored rows' own, and halves the bytes the update pass reads.
             chunk_grad = torch.mm(probs.t(), feats)
-        if cosine:  # through the row normalisation: P already carries 1 / ||w_c||
+        if project_apart:  # through the row normalisation: P already carries 1 / ||w_c||
             # in place, so the chunk holds two float32 copies (dW_c and the unit rows) at most
             unit = rows.to(torch.float32, copy=True).mul_(inv_norm[c_lo:c_hi, None])
             chunk_grad = chunk_grad.float()
             chunk_grad.addcmul_(unit, torch.einsum("cd,cd->c", unit, chunk_grad)[:, None], value=-1.0)
-        if update is not None:
-            apply_sgd_rows(weight, chunk_grad, update, c_lo)
+        if update is not None:  # cosine: projected inside the pass (fp8's dW_c without 1 / ||w_c|| yet)
+            norms = inv_norm[c_lo:c_hi] if cosine else None
+            apply_sgd_rows(weight, chunk_grad, update, c_lo, norms, grad_scaled=not operand.fp8)
         else:
             grad_weight[c_lo:c_hi] = chunk_grad
     return grad_feat, grad_weight

@@ -403,6 +403,7 @@ def _sgd_kernel(
     TOUCHED,
     TOUCHED_GRAD,
     BOUNDS,
+    INV_NORM,
     C,
     D,
     stride_w,
@@ -416,6 +417,8 @@ def _sgd_kernel(
     HAS_COMP: tl.constexpr,
     HAS_IDS: tl.constexpr,
     DENSE: tl.constexpr,
+    PROJECT: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     MANT_BITS: tl.constexpr,
@@ -428,7 +431,11 @@ def _sgd_kernel(
 ):
     """torch.optim.SGD's step on BLOCK_R rows; rows in TOUCHED (sorted) add their gradient, or
     (DENSE) every row adds its row of TOUCHED_GRAD (C x D, contiguous). The new weights are
-    written onto the storage grid as the exact weight kernel writes them."""
+    written onto the storage grid as the exact weight kernel writes them.
+
+    PROJECT (cosine logits, DENSE only): the gradient comes with respect to the unit rows
+    u = w / ||w|| (INV_NORM: 1 / ||w|| per row), already times 1 / ||w|| unless SCALE_GRAD,
+    and is taken through the normalisation here, g - u (u . g), from the rows already loaded."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
@@ -447,6 +454,12 @@ def _sgd_kernel(
             row = tl.load(TOUCHED + j)
             touched = tl.load(TOUCHED_GRAD + tl.cast(j, tl.int64) * D + dims, mask=dim_ok, other=0.0)
             grad += tl.where(rows[:, None] == row, touched[None, :], 0.0)
+    if PROJECT:
+        inv_norm = tl.load(INV_NORM + rows, mask=row_ok, other=0.0)
+        if SCALE_GRAD:
+            grad = grad * inv_norm[:, None]
+        unit = w32 * inv_norm[:, None]
+        grad = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
     ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
     sgd_store(
         W,
@@ -780,10 +793,17 @@ def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     _launch_sgd(weight, update, update.class_ids, touched_grad.contiguous(), touched, bounds)
 
 
-def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int) -> None:
+def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int, inv_norm=None, *, grad_scaled: bool = True) -> None:
     """torch.optim.SGD's step on rows [first_row, first_row + len(grad)) of ``weight``, each with
-    its row of the dense float32 ``grad``; the rest of the shard is untouched."""
+    its row of the dense ``grad`` (read in float32); the rest of the shard is untouched.
+
+    ``inv_norm`` (cosine logits: 1 / ||w|| of these rows): ``grad`` is the gradient with
+    respect to the unit rows, times 1 / ||w|| where ``grad_scaled``, and the kernel takes it
+    through the normalisation (g - u (u . g), u = w / ||w||) as it applies the step, so no
+    float32 copy of the chunk is made for the projection."""
     check_update(weight, update)
+    if inv_norm is not None and inv_norm.shape != (grad.shape[0],):
+        raise ValueError(f"inv_norm must hold one value per row of grad ({grad.shape[0]}), got {tuple(inv_norm.shape)}")
     rows = slice(first_row, first_row + grad.shape[0])
     class_ids = update.class_ids
     class_ids = class_ids[rows] if isinstance(class_ids, torch.Tensor) else int(class_ids) + first_row
@@ -796,14 +816,18 @@ def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int) -> None:
         None,
         momentum_buffer=update.momentum_buffer[rows] if update.momentum != 0 else None,
         compensation=update.compensation[rows] if update.compensation is not None else None,
+        inv_norm=None if inv_norm is None else inv_norm.float().contiguous(),
+        scale_grad=not grad_scaled,
     )
 
 
 def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> None:
     """One ``_sgd_kernel`` pass over ``weight``'s rows (``touched`` None: ``grad`` is dense).
     ``buffers``: the momentum buffer and compensation rows matching ``weight`` when it is a
-    slice of the shard (by default, the update's own)."""
+    slice of the shard (by default, the update's own); ``inv_norm`` and ``scale_grad``: the
+    cosine projection of a dense gradient (``apply_sgd_rows``)."""
     num_classes, dim = weight.shape
+    inv_norm = buffers.get("inv_norm")
     has_buf = update.momentum != 0
     momentum_buffer = buffers.get("momentum_buffer", update.momentum_buffer)
     compensation = buffers.get("compensation", update.compensation)
@@ -818,6 +842,7 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         grad if dense else touched,
         grad,
         grad if dense else bounds,
+        inv_norm if inv_norm is not None else grad,
         num_classes,
         dim,
         weight.stride(0),
@@ -831,6 +856,8 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         HAS_COMP=compensation is not None,
         HAS_IDS=has_ids,
         DENSE=dense,
+        PROJECT=inv_norm is not None,
+        SCALE_GRAD=bool(buffers.get("scale_grad", False)),
         **plan.constants,
         BLOCK_R=_SGD_ROWS,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
