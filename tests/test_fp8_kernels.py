@@ -385,3 +385,72 @@ def test_fp8_head_over_active_rows_steps_like_the_full_loss():
     head.finish_step()
     moved = (head.weight.double() != before).any(dim=1)
     assert bool(moved[:50].any()) and not bool(moved[50:].any())
+
+
+def test_device_rounding_keys_are_the_host_keys():
+    from hydrahead.kernels.rounding import signed32
+    from hydrahead.optim.low_precision import device_rounding_keys, rounding_keys
+
+    gen = torch.Generator().manual_seed(90)
+    for seed, step, salt in zip(torch.randint(0, 2**62, (30,), generator=gen).tolist(),
+                                torch.randint(0, 2**40, (30,), generator=gen).tolist(),
+                                [0, 1] * 15):  # fmt: skip
+        keys = device_rounding_keys(seed, torch.tensor([step]), salt)
+        assert keys.dtype == torch.int32
+        assert keys.tolist() == [signed32(k) for k in rounding_keys(seed, step, salt)]
+
+
+@pytest.mark.parametrize("grad_filter", [0.0, 1e-3])
+def test_an_lr_and_step_held_in_tensors_update_as_the_numbers_do(grad_filter):
+    """SGDUpdate.lr and .step as one-element device tensors (what a CUDA graph replays): the
+    gemm and filtered paths' update reads them there and writes what the numbers give, bit
+    for bit, stochastic rounding included; values changed in place are the next call's."""
+    gen = torch.Generator().manual_seed(91)
+    features = torch.randn(37, DIM, generator=gen) * 3.0
+    weight = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.5).to(FP8)
+    labels = torch.randint(0, NUM_CLASSES, (37,), generator=gen)
+    lr, step = torch.tensor([0.5]), torch.tensor([11])
+    results = []
+    for rate, count in ((0.5, 11), (0.25, 12)):
+        for held in (False, True):
+            if held:
+                lr.fill_(rate)
+                step.fill_(count)  # in place, as a schedule between replays
+            w, buf = weight.clone(), torch.zeros(NUM_CLASSES, DIM)
+            update = SGDUpdate(
+                lr=lr if held else rate, step=step if held else count, momentum=0.9, weight_decay=5e-4,
+                momentum_buffer=buf, rounding="stochastic", seed=3,
+            )  # fmt: skip
+            f = features.clone().requires_grad_()
+            triton_sharded_cross_entropy(
+                f, w, labels, 0, scale=4.0, update=update, grad_filter=grad_filter, exact_kernels="gemm"
+            ).backward()
+            results.append((w.view(torch.uint8), buf))
+    (w1, b1), (w1_held, b1_held), (w2, b2), (w2_held, b2_held) = results
+    assert torch.equal(w1, w1_held) and torch.equal(b1, b1_held)
+    assert torch.equal(w2, w2_held) and torch.equal(b2, b2_held)
+    assert not torch.equal(w1, w2)  # the new lr and step were read
+
+
+def test_an_lr_in_a_tensor_is_refused_where_the_kernels_take_numbers():
+    op, weight, inv_norm, labels, options = make_problem(5, 37, "none")
+    row_max, row_sum, _, _ = shard_forward(op, weight, inv_norm, labels, cosine=False, **options)
+    lse = lse_of(row_max, row_sum, labels)
+    for update in (SGDUpdate(lr=torch.tensor([0.1])), SGDUpdate(lr=0.1, step=torch.tensor([3]), rounding="stochastic")):
+        with pytest.raises(ValueError, match="stationary kernels take a number"):
+            weight_pass(
+                "stationary", op, weight.clone(), inv_norm, labels, lse, update=update, grad_scale=0.1, options=options
+            )
+    for bad in (torch.tensor([0.1, 0.2]), torch.tensor([0.1], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="one torch.float32 value"):
+            weight_pass(
+                "gemm",
+                op,
+                weight.clone(),
+                inv_norm,
+                labels,
+                lse,
+                update=SGDUpdate(lr=bad),
+                grad_scale=0.1,
+                options=options,
+            )

@@ -591,3 +591,59 @@ def test_group_topk_in_bf16_finds_the_best_rows_of_each_group(by_pairs, monkeypa
     assert (scores.double()[:, -1] - want[:, -1]).abs().max() < 2e-5
     assert set(positions[0, :5].tolist()) == {999, 1000, 1001, 1002, 1003}
     assert stats["searched_again"] == 0 and stats["survivors_mean"] < 64
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_captured_step_follows_an_lr_and_step_changed_between_replays(weight_dtype):
+    """The fused step (gemm path, SGD in the backward) captured once in a CUDA graph with its
+    lr and step held in device tensors, replayed three times with both changed in place
+    between replays, leaves W and its buffer where three eager steps with those numbers do
+    (stochastic rounding for fp8 rows: the draws follow the step)."""
+    from hydrahead.distributed.sharded_softmax import MergeChecks
+
+    features, weight, labels = inputs(21, batch=256, num_classes=20_001)
+    weight, labels, features = weight.cuda().to(weight_dtype), labels.cuda(), features.cuda()
+    rounding = "stochastic" if weight_dtype == torch.float8_e4m3fn else "nearest"
+    schedule = [(0.5, 100), (0.3, 101), (0.1, 102)]
+
+    def run(w, buf, lr, step):
+        f = features.clone().requires_grad_() if static_f is None else static_f
+        f.grad = None
+        update = SGDUpdate(
+            lr=lr, step=step, momentum=0.9, weight_decay=5e-4, momentum_buffer=buf, rounding=rounding, seed=7
+        )
+        loss = triton_sharded_cross_entropy(
+            f, w, labels, 0, scale=1.0, update=update, exact_kernels="gemm", checks=MergeChecks()
+        )
+        loss.backward()
+        return loss
+
+    static_f = None
+    eager_w, eager_buf = weight.clone(), torch.zeros(weight.shape, device="cuda")
+    for lr, step in schedule:
+        run(eager_w, eager_buf, lr, step)
+
+    static_f = features.clone().requires_grad_()
+    lr_t, step_t = torch.tensor([0.0], device="cuda"), torch.tensor([0], device="cuda")
+    w, buf = weight.clone(), torch.zeros(weight.shape, device="cuda")
+    scratch_w, scratch_buf = weight.clone(), torch.zeros(weight.shape, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and allocated outside the capture, on rows that are then dropped
+        run(scratch_w, scratch_buf, lr_t, step_t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(w, buf, lr_t, step_t)
+    torch.cuda.synchronize()
+    assert torch.equal(w.view(torch.uint8), weight.view(torch.uint8)), "capturing runs nothing"
+    for lr, step in schedule:
+        lr_t.fill_(lr)
+        step_t.fill_(step)
+        graph.replay()
+    torch.cuda.synchronize()
+    # the same kernels on the same inputs; cuBLAS may pick another split inside a graph, which
+    # can move a float32 sum by an ulp and flip a rounding: a few entries at most
+    assert float((w.view(torch.uint8) != eager_w.view(torch.uint8)).float().mean()) < 1e-3
+    torch.testing.assert_close(buf, eager_buf, rtol=1e-5, atol=1e-7)
+    assert float((w.view(torch.uint8) != weight.view(torch.uint8)).float().mean()) > 0.01, "the steps moved W"

@@ -534,7 +534,7 @@ def exact_backward(
     feats = operand.values
     if operand.fp8 != (weight.dtype == FP8) or (not operand.fp8 and feats.dtype != weight.dtype):
         raise ValueError(f"features ({feats.dtype}) must come as the weights' operand ({weight.dtype})")
-    check_update(weight, update)
+    check_update(weight, update, device_scalars=True)
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
     want_weight = want_weight or update is not None

@@ -404,6 +404,8 @@ def _sgd_kernel(
     TOUCHED_GRAD,
     BOUNDS,
     INV_NORM,
+    LR,
+    KEYS,
     C,
     D,
     stride_w,
@@ -419,6 +421,8 @@ def _sgd_kernel(
     DENSE: tl.constexpr,
     PROJECT: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    KEYS_ON_DEVICE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     MANT_BITS: tl.constexpr,
@@ -435,7 +439,9 @@ def _sgd_kernel(
 
     PROJECT (cosine logits, DENSE only): the gradient comes with respect to the unit rows
     u = w / ||w|| (INV_NORM: 1 / ||w|| per row), already times 1 / ||w|| unless SCALE_GRAD,
-    and is taken through the normalisation here, g - u (u . g), from the rows already loaded."""
+    and is taken through the normalisation here, g - u (u . g), from the rows already loaded.
+    LR_ON_DEVICE, KEYS_ON_DEVICE: the learning rate (float32) and the rounding keys (two int32)
+    are read from LR and KEYS, not taken from the arguments (a step in a CUDA graph)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
@@ -461,6 +467,11 @@ def _sgd_kernel(
         unit = w32 * inv_norm[:, None]
         grad = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
     ids = tl.load(CLASS_IDS + rows, mask=row_ok, other=0) if HAS_IDS else first_class + rows
+    if LR_ON_DEVICE:
+        lr = tl.load(LR)
+    if KEYS_ON_DEVICE:
+        key1 = tl.load(KEYS)
+        key2 = tl.load(KEYS + 1)
     sgd_store(
         W,
         BUF,
@@ -783,7 +794,7 @@ def sparse_gradients(feat_op, weight, inv_norm, entries, *, grad_scale: float, c
 
 def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     """torch.optim.SGD's step on every row of ``weight``, with the sparse gradient on ``touched``."""
-    check_update(weight, update)
+    check_update(weight, update, device_scalars=True)
     if touched.numel() == 0:  # no row has a gradient: a one-entry stand-in keeps the pointers valid
         touched = torch.full((1,), -1, dtype=torch.int64, device=weight.device)
         touched_grad = torch.zeros(1, weight.shape[1], dtype=torch.float32, device=weight.device)
@@ -801,7 +812,7 @@ def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int, inv_norm=Non
     respect to the unit rows, times 1 / ||w|| where ``grad_scaled``, and the kernel takes it
     through the normalisation (g - u (u . g), u = w / ||w||) as it applies the step, so no
     float32 copy of the chunk is made for the projection."""
-    check_update(weight, update)
+    check_update(weight, update, device_scalars=True)
     if inv_norm is not None and inv_norm.shape != (grad.shape[0],):
         raise ValueError(f"inv_norm must hold one value per row of grad ({grad.shape[0]}), got {tuple(inv_norm.shape)}")
     rows = slice(first_row, first_row + grad.shape[0])
@@ -828,6 +839,7 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
     cosine projection of a dense gradient (``apply_sgd_rows``)."""
     num_classes, dim = weight.shape
     inv_norm = buffers.get("inv_norm")
+    lr_on_device = isinstance(update.lr, torch.Tensor)
     has_buf = update.momentum != 0
     momentum_buffer = buffers.get("momentum_buffer", update.momentum_buffer)
     compensation = buffers.get("compensation", update.compensation)
@@ -843,10 +855,12 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         grad,
         grad if dense else bounds,
         inv_norm if inv_norm is not None else grad,
+        update.lr if lr_on_device else grad,
+        plan.keys if plan.keys is not None else grad,
         num_classes,
         dim,
         weight.stride(0),
-        update.lr,
+        0.0 if lr_on_device else update.lr,
         update.momentum,
         update.weight_decay,
         0 if has_ids else int(class_ids),
@@ -858,6 +872,8 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         DENSE=dense,
         PROJECT=inv_norm is not None,
         SCALE_GRAD=bool(buffers.get("scale_grad", False)),
+        LR_ON_DEVICE=lr_on_device,
+        KEYS_ON_DEVICE=plan.keys is not None,
         **plan.constants,
         BLOCK_R=_SGD_ROWS,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.optim.low_precision import FORMATS, LowPrecisionUpdate, rounding_keys
+from hydrahead.optim.low_precision import FORMATS, LowPrecisionUpdate, device_rounding_keys, rounding_keys
 
 __all__ = [
     "INTERPRETED",
@@ -185,17 +185,25 @@ def signed32(key: int) -> int:
 
 @dataclass
 class RoundingPlan:
-    """How an update kernel writes W: the draws' keys and the storage grids, as kernel arguments."""
+    """How an update kernel writes W: the draws' keys and the storage grids, as kernel arguments.
+
+    ``keys``: with a step held in a device tensor (``SGDUpdate.step``), the two keys as an int32
+    tensor on the device, which the kernel reads (key1 and key2 are then 0)."""
 
     key1: int
     key2: int
     constants: dict
+    keys: torch.Tensor | None = None
 
 
 def rounding_plan(weight: torch.Tensor, update) -> RoundingPlan:
     """The plan for an ``SGDUpdate`` (or None: plain nearest writes) into ``weight``'s format."""
     stochastic = update is not None and update.rounding == "stochastic"
-    key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
+    keys = None
+    if stochastic and isinstance(update.step, torch.Tensor):
+        keys, (key1, key2) = device_rounding_keys(update.seed, update.step, update.salt), (0, 0)
+    else:
+        key1, key2 = rounding_keys(update.seed, update.step, update.salt) if stochastic else (0, 0)
     mant_bits, min_exp, max_value = storage_grid(weight.dtype)
     compensation = update.compensation if update is not None else None
     comp_bits, comp_min_exp, _ = storage_grid(compensation.dtype if compensation is not None else torch.float32)
@@ -211,6 +219,7 @@ def rounding_plan(weight: torch.Tensor, update) -> RoundingPlan:
             COMP_MIN_EXP=comp_min_exp,
             EXACT_CAST=INTERPRETED and weight.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         ),
+        keys,
     )
 
 

@@ -35,16 +35,22 @@ from hydrahead.kernels.tiles import launch_fitted, tile_config
 
 @dataclass
 class SGDUpdate:
-    """The head's SGD step, applied inside the backward (torch.optim.SGD semantics)."""
+    """The head's SGD step, applied inside the backward (torch.optim.SGD semantics).
 
-    lr: float
+    ``lr`` and ``step`` may be one-element tensors on the weights' device (float32 and int64):
+    the gemm and filtered paths' update pass then reads them there, so a step captured in a
+    CUDA graph follows a schedule that changes them in place between replays (stochastic
+    rounding draws fresh keys from the step each replay). The stationary kernels take
+    Python numbers only."""
+
+    lr: float | torch.Tensor
     momentum: float = 0.0
     weight_decay: float = 0.0
     momentum_buffer: torch.Tensor | None = None  # like the weight (fp32 or bf16); needed when momentum > 0
     # How the new weights are written back (low-precision storage, hydrahead.optim.low_precision):
     rounding: str = "nearest"  # or "stochastic": draws keyed by (seed, step, salt, global class id, dim)
     seed: int = 0
-    step: int = 0
+    step: int | torch.Tensor = 0
     salt: int = 0
     class_ids: torch.Tensor | int = 0  # the rows' global class ids, or the first row's (then consecutive)
     compensation: torch.Tensor | None = None  # Kahan buffer shaped like the weight (bf16 or e5m2), updated in place
@@ -421,11 +427,26 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
     return row_max, (split_sum * rescale).sum(dim=0), split_target.sum(dim=0), accumulated
 
 
-def check_update(weight: torch.Tensor, update: SGDUpdate | None) -> tuple[bool, bool]:
+def check_update(weight: torch.Tensor, update: SGDUpdate | None, *, device_scalars: bool = False) -> tuple[bool, bool]:
     """(has a momentum buffer, names its rows by listed class ids) for ``update`` on ``weight``;
-    a ValueError for buffers or ids that do not match the rows."""
+    a ValueError for buffers or ids that do not match the rows, and for an lr or step held in
+    a tensor where the kernel takes numbers (``device_scalars`` False) or of the wrong kind."""
     if update is None:
         return False, False
+    for name, dtype in (("lr", torch.float32), ("step", torch.int64)):
+        value = getattr(update, name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not device_scalars:
+            raise ValueError(
+                f"SGDUpdate.{name} in a tensor is read on the device by the gemm and filtered paths' update "
+                "pass only; the stationary kernels take a number (head.exact_kernels=gemm)"
+            )
+        if value.numel() != 1 or value.dtype != dtype or value.device != weight.device:
+            raise ValueError(
+                f"SGDUpdate.{name} as a tensor must hold one {dtype} value on the weights' device "
+                f"({weight.device}), got {tuple(value.shape)} {value.dtype} on {value.device}"
+            )
     has_buf = update.momentum != 0
     if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):
         raise ValueError("SGDUpdate with momentum needs a momentum_buffer shaped like the weight shard")

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hydrahead.counter_rng import counter_hash_int
+from hydrahead.counter_rng import counter_hash, counter_hash_int
 
 __all__ = [
     "FORMATS",
     "LowPrecisionUpdate",
+    "device_rounding_keys",
     "round_nearest",
     "round_to_storage",
     "rounding_keys",
@@ -121,6 +122,15 @@ def _rounding_keys(seed: int, step: int, salt: int) -> tuple[int, int]:
     # exact step asks once per class chunk (32 chunks at G = 4096 x 1M).
     key = counter_hash_int(seed, _ROUNDING_STREAM, 2 * step + salt)
     return key & _MASK32, (key >> 32) & _MASK32
+
+
+def device_rounding_keys(seed: int, step: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """``rounding_keys`` of a step held in a one-element int64 tensor, computed on its device as
+    two int32 values (the keys' bits): no host read, so a CUDA graph replay that advances
+    ``step`` in place draws fresh bits."""
+    key = counter_hash(int(seed), _ROUNDING_STREAM, step.reshape(1) * 2 + int(salt))
+    halves = torch.cat([key & _MASK32, (key >> 32) & _MASK32])
+    return torch.where(halves >= 1 << 31, halves - (1 << 32), halves).to(torch.int32)
 
 
 def rounding_uniforms(seed: int, step: int, class_ids: torch.Tensor, dim: int, salt: int = 0) -> torch.Tensor:
