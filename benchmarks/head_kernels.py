@@ -28,8 +28,9 @@ GPU idle while the host launches the backward.
                    0.02): both logit passes on FP8 tensor cores, P written in e5m2 (and
                    transposed), dF and dW by torch._scaled_mm, the update stochastically rounded
                    into e4m3; its floor counts four matmuls at the fp8 rate
-  ours-fp8-graph   ours-fp8 captured the same way (GPU only); the rounding draws of a replay are
-                   the captured step's, so only its timing (and first loss) stands for ours-fp8's
+  ours-fp8-graph   ours-fp8 captured the same way (GPU only); its step counter lives on the
+                   device and advances after each replay, so each replay draws the rounding
+                   bits the plain step of that number draws
   ours-fp8-stationary  the stationary kernels on the same fp8 W: A = P W in bf16 (its floor
                    counts that one at the bf16 rate), the update inside the weight kernel
   ours-fp8-filtered  the filtered path on fp8 W: both logit passes on FP8 tensor cores, the
@@ -375,7 +376,8 @@ def build_step(key: str, p: Problem, args):
                 p.weight, scale = weight8, WEIGHT_STD  # the bf16 rows are freed: the step's memory is the fp8 head's
             grad_filter = args.grad_filter if key.endswith("filtered") else 0.0
             exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
-            state = {"step": 0}  # fresh stochastic-rounding draws every step
+            # fresh stochastic-rounding draws every step; in a CUDA graph the counter is a device tensor
+            state = {"step": 0, "device_step": torch.zeros(1, dtype=torch.int64, device=p.weight.device)}
 
             def fused_step(*, capture: bool = False):
                 """The step, its loss detached; with ``capture`` (inside a CUDA graph, where
@@ -386,7 +388,7 @@ def build_step(key: str, p: Problem, args):
                 update = SGDUpdate(
                     momentum_buffer=p.momentum_buffer,
                     rounding="stochastic" if fp8 else "nearest",
-                    step=state["step"],
+                    step=state["device_step"] if capture else state["step"],
                     **SGD,
                 )
                 loss = triton_sharded_cross_entropy(
@@ -404,7 +406,7 @@ def build_step(key: str, p: Problem, args):
                 loss.backward()  # applies the SGD step to p.weight in place
                 state["step"] += 1
                 if capture:
-                    return loss.detach(), checks, checks.values(loss.device)
+                    return loss.detach(), checks, checks.values(loss.device), state["device_step"]
                 checks.raise_if_failed(checks.values(loss.device).tolist())
                 return loss.detach()
 
@@ -464,14 +466,16 @@ def captured(key: str, p: Problem, args):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss, checks, values = step(capture=True)
+        loss, checks, values, device_step = step(capture=True)
     with torch.no_grad():
         p.weight.copy_(saved[0])
         p.momentum_buffer.copy_(saved[1])
+        device_step.zero_()  # the first replay is the plain step 0's
     del saved
 
     def replay():
         graph.replay()
+        device_step.add_(1)  # outside the graph: the next replay's draws
         checks.again().raise_if_failed(values.tolist())
         return loss
 
