@@ -387,11 +387,10 @@ class _ProbsPass:
         self.padded_rows = _round_up(num_rows, 16) if operand.fp8 else num_rows
         self.tma = descriptor_loads(operand.values, weight)  # once per backward, not per chunk
         self.p_scales = None
-        if operand.fp8:  # (for dF, for dW): powers of two, kept on the device
-            largest_inv = inv_norm.max() if options["cosine"] and inv_norm.numel() else 1.0
-            self.p_scales = torch.cat(
-                [operand_scale(grad_scale * largest_inv), operand_scale(grad_scale * operand.row_scale.max())]
-            ).contiguous()
+        if operand.fp8:  # (for dF, for dW): powers of two, kept on the device, both in one set of ops
+            row_max = operand.row_scale.max()
+            largest_inv = inv_norm.max() if options["cosine"] and inv_norm.numel() else torch.ones_like(row_max)
+            self.p_scales = operand_scale(torch.stack([largest_inv, row_max]) * grad_scale)
         if target is None:  # each row's shifted target logit (0 off this shard), for ``_fix_targets``
             here, logit = target_logits(
                 operand.values,
@@ -563,15 +562,6 @@ def exact_backward(
     # with the update, the cosine projection runs inside the update pass: no float32 chunk copies
     project_apart = cosine and update is None
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
-    if operand.fp8:  # F as the dW product's column-major operand, rows padded to 16
-        padded = probs_pass.padded_rows
-        feats_t = torch.zeros(dim, padded, dtype=FP8, device=feats.device)
-        feats_t[:, :num_rows] = operand.transposed
-        # One allocation each: a scale pointer 4 bytes into a tensor is a candidate cause of the
-        # CUBLAS_STATUS_NOT_SUPPORTED seen for the second product (not yet rerun on a GPU).
-        inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
-        if grad_feat is not None:  # the one-hot part of dF, left out of the fp8 P
-            grad_feat -= _target_rows(weight, inv_norm if cosine else None, local_label, lse, grad_scale, num_classes)
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -579,6 +569,18 @@ def exact_backward(
         if operand.fp8:
             stored = _round_up(width, 16)
             probs, probs_t = probs_pass.write(c_lo, c_hi, stored)
+            if c_lo == 0:  # after the first P launch, so the GPU runs it while the host queues these
+                # F as the dW product's column-major operand, rows padded to 16
+                feats_t = torch.zeros(dim, probs_pass.padded_rows, dtype=FP8, device=feats.device)
+                feats_t[:, :num_rows] = operand.transposed
+                # One allocation each: a scale pointer 4 bytes into a tensor is a candidate cause of
+                # the CUBLAS_STATUS_NOT_SUPPORTED seen for the second product (not yet rerun on a GPU).
+                inverse_scales = [scale.reciprocal().reshape(()).clone() for scale in probs_pass.p_scales]
+                if grad_feat is not None:  # the one-hot part of dF, left out of the fp8 P
+                    target_rows = _target_rows(
+                        weight, inv_norm if cosine else None, local_label, lse, grad_scale, num_classes
+                    )
+                    grad_feat -= target_rows
             if grad_feat is not None:  # W_c as the column-major operand: a transposed copy, padded
                 rows_t = _transposed_padded(rows, stored)
                 grad_feat += _scaled_matmul(probs, rows_t.t(), inverse_scales[0])[:num_rows]

@@ -344,12 +344,12 @@ def feature_operand(features: torch.Tensor, weight_dtype: torch.dtype) -> Featur
 
 
 def operand_scale(largest: torch.Tensor) -> torch.Tensor:
-    """The power of two that brings magnitudes up to ``largest`` to at most 2^15 (a 1-element
-    device tensor: no host sync). The weight kernel's P = softmax - onehot, times the
-    features' row scales, becomes e5m2 this way: |P| <= 1 lands at most at 2^15 (e5m2's
-    largest is 57,344), and probabilities down to 2^-29 stay normal, below any entry of a
-    100M-class softmax that carries weight."""
-    return torch.exp2(_E5M2_TOP - torch.ceil(torch.log2(largest.float().clamp_min(2.0**-100)))).reshape(1)
+    """The power of two that brings magnitudes up to ``largest`` to at most 2^15, one for each
+    value of ``largest`` (a 1-D device tensor: no host sync). The weight kernel's P =
+    softmax - onehot, times the features' row scales, becomes e5m2 this way: |P| <= 1 lands
+    at most at 2^15 (e5m2's largest is 57,344), and probabilities down to 2^-29 stay normal,
+    below any entry of a 100M-class softmax that carries weight."""
+    return torch.exp2(_E5M2_TOP - torch.ceil(torch.log2(largest.float().clamp_min(2.0**-100)))).reshape(-1)
 
 
 def _as_operand(feat_op) -> FeatureOperand:
