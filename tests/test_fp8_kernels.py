@@ -7,6 +7,8 @@ at the kernels' rounding points, so the two agree to float32 summation order.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from dist_harness import run_ranks
@@ -15,7 +17,7 @@ from fp8_emulation import emulate_feature_gradient, emulate_forward, emulate_upd
 from hydrahead.distributed.sharded_softmax import normalize_rows
 from hydrahead.head import ShardedClassifier, sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
-from hydrahead.kernels.exact_gemm import _transposed_padded, exact_backward
+from hydrahead.kernels.exact_gemm import _transposed_padded, chunk_classes, exact_backward
 from hydrahead.kernels.filtered import shard_lse
 from hydrahead.kernels.shard_ce import (
     feature_operand,
@@ -430,6 +432,81 @@ def test_an_lr_and_step_held_in_tensors_update_as_the_numbers_do(grad_filter):
     assert torch.equal(w1, w1_held) and torch.equal(b1, b1_held)
     assert torch.equal(w2, w2_held) and torch.equal(b2, b2_held)
     assert not torch.equal(w1, w2)  # the new lr and step were read
+
+
+def test_a_step_in_a_tensor_draws_its_keys_once_per_backward(monkeypatch):
+    """The gemm backward over several class chunks with the step in a device tensor: the
+    rounding keys are made once (a dozen small ops each time), and the chunks' stochastic
+    writes equal those of the step given as a number, bit for bit."""
+    import hydrahead.kernels.rounding as rounding
+
+    calls = []
+    made = rounding.device_rounding_keys
+    monkeypatch.setattr(rounding, "device_rounding_keys", lambda *a: calls.append(a) or made(*a))
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")  # the smallest chunks: 256 classes
+    classes = 600  # three chunks, the last one short
+    gen = torch.Generator().manual_seed(17)
+    features = torch.randn(29, DIM, generator=gen) * 3.0
+    weight = (torch.randn(classes, DIM, generator=gen) * 0.5).to(FP8)
+    labels = torch.randint(0, classes, (29,), generator=gen)
+    results = []
+    for step in (7, torch.tensor([7])):
+        w, buf = weight.clone(), torch.zeros(classes, DIM)
+        update = SGDUpdate(lr=0.5, step=step, momentum=0.9, momentum_buffer=buf, rounding="stochastic", seed=5)
+        f = features.clone().requires_grad_()
+        triton_sharded_cross_entropy(f, w, labels, 0, scale=4.0, update=update, exact_kernels="gemm").backward()
+        results.append(w.view(torch.uint8))
+    assert chunk_classes(29, FP8, classes, DIM) == 256
+    assert len(calls) == 1, f"the keys were made {len(calls)} times in one backward"
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], weight.view(torch.uint8))
+
+
+@pytest.mark.parametrize("micro_batches", [False, True])
+def test_a_filter_that_falls_back_steps_with_an_lr_in_a_tensor(monkeypatch, micro_batches):
+    """When more entries pass the filter than it holds, the step runs exact: with exact
+    kernels resolved to gemm, its weight pass is the gemm path's, which reads a tensor lr and
+    step (the stationary kernels would refuse them mid-step), and it writes what the exact
+    gemm step writes, bit for bit."""
+    import hydrahead.kernels.filtered as filtered_kernels
+    from hydrahead.kernels.fused_loss import FusedMicroBatches
+
+    monkeypatch.setattr(filtered_kernels, "select_entries", lambda *args, **kwargs: (None, 10**9))
+    gen = torch.Generator().manual_seed(23)
+    features = torch.randn(37, DIM, generator=gen) * 3.0
+    weight = (torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.5).to(FP8)
+    labels = torch.randint(0, NUM_CLASSES, (37,), generator=gen)
+    results = []
+    for grad_filter, held in ((0.0, False), (1e-3, True)):
+        w, buf = weight.clone(), torch.zeros(NUM_CLASSES, DIM)
+        lr, step = (torch.tensor([0.5]), torch.tensor([4])) if held else (0.5, 4)
+        update = SGDUpdate(lr=lr, step=step, momentum=0.9, momentum_buffer=buf, rounding="stochastic", seed=2)
+        options = dict(scale=4.0, update=update, grad_filter=grad_filter, exact_kernels="gemm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning
+            if micro_batches:
+                engine = FusedMicroBatches(w, labels, 0, **options)
+                for rows in (torch.arange(0, 20), torch.arange(20, 37)):
+                    engine.chunk(features[rows], rows)
+                engine.finish()
+            else:
+                f = features.clone().requires_grad_()
+                triton_sharded_cross_entropy(f, w, labels, 0, **options).backward()
+        results.append((w.view(torch.uint8), buf))
+    (w_exact, b_exact), (w_fallback, b_fallback) = results
+    assert torch.equal(w_exact, w_fallback) and torch.equal(b_exact, b_fallback)
+    assert not torch.equal(w_exact, weight.view(torch.uint8))
+
+
+def test_a_tensor_lr_that_the_kernels_cannot_take_is_refused_before_the_step():
+    """fp8 rows and a global batch too small for the gemm path: 'auto' resolves to the
+    stationary kernels, and a tensor lr is refused when the loss is called, not in the backward."""
+    weight = torch.zeros(NUM_CLASSES, DIM).to(FP8)
+    features = torch.randn(5, DIM, requires_grad=True)
+    labels = torch.randint(0, NUM_CLASSES, (5,))
+    update = SGDUpdate(lr=torch.tensor([0.1]), momentum=0.0)
+    with pytest.raises(ValueError, match="FP8_GEMM_MIN_ROWS"):
+        triton_sharded_cross_entropy(features, weight, labels, 0, update=update)
 
 
 def test_an_lr_in_a_tensor_is_refused_where_the_kernels_take_numbers():

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand, target_logits
-from hydrahead.kernels.rounding import INTERPRETED, to_e5m2
+from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, to_e5m2
 from hydrahead.kernels.shard_ce import (
     FP8,
     FeatureOperand,
@@ -562,6 +562,7 @@ def exact_backward(
     # with the update, the cosine projection runs inside the update pass: no float32 chunk copies
     project_apart = cosine and update is None
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
+    plan = rounding_plan(weight, update) if update is not None else None  # once: the chunks share it
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -607,7 +608,7 @@ def exact_backward(
             chunk_grad.addcmul_(unit, torch.einsum("cd,cd->c", unit, chunk_grad)[:, None], value=-1.0)
         if update is not None:  # cosine: projected inside the pass (fp8's dW_c without 1 / ||w_c|| yet)
             norms = inv_norm[c_lo:c_hi] if cosine else None
-            apply_sgd_rows(weight, chunk_grad, update, c_lo, norms, grad_scaled=not operand.fp8)
+            apply_sgd_rows(weight, chunk_grad, update, c_lo, norms, grad_scaled=not operand.fp8, plan=plan)
         else:
             grad_weight[c_lo:c_hi] = chunk_grad
     return grad_feat, grad_weight

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels.rounding import rounding_plan, sgd_store
+from hydrahead.kernels.rounding import RoundingPlan, rounding_plan, sgd_store
 from hydrahead.kernels.shard_ce import (
     FeatureOperand,
     SGDUpdate,
@@ -804,14 +804,25 @@ def apply_sgd(weight, touched, touched_grad, update: SGDUpdate) -> None:
     _launch_sgd(weight, update, update.class_ids, touched_grad.contiguous(), touched, bounds)
 
 
-def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int, inv_norm=None, *, grad_scaled: bool = True) -> None:
+def apply_sgd_rows(
+    weight,
+    grad,
+    update: SGDUpdate,
+    first_row: int,
+    inv_norm=None,
+    *,
+    grad_scaled: bool = True,
+    plan: RoundingPlan | None = None,
+) -> None:
     """torch.optim.SGD's step on rows [first_row, first_row + len(grad)) of ``weight``, each with
     its row of the dense ``grad`` (read in float32); the rest of the shard is untouched.
 
     ``inv_norm`` (cosine logits: 1 / ||w|| of these rows): ``grad`` is the gradient with
     respect to the unit rows, times 1 / ||w|| where ``grad_scaled``, and the kernel takes it
     through the normalisation (g - u (u . g), u = w / ||w||) as it applies the step, so no
-    float32 copy of the chunk is made for the projection."""
+    float32 copy of the chunk is made for the projection. ``plan``: ``rounding_plan(weight,
+    update)``, made once by a caller that steps a shard chunk by chunk (with the step in a
+    device tensor, its keys are a dozen small ops)."""
     check_update(weight, update, device_scalars=True)
     if inv_norm is not None and inv_norm.shape != (grad.shape[0],):
         raise ValueError(f"inv_norm must hold one value per row of grad ({grad.shape[0]}), got {tuple(inv_norm.shape)}")
@@ -828,7 +839,8 @@ def apply_sgd_rows(weight, grad, update: SGDUpdate, first_row: int, inv_norm=Non
         momentum_buffer=update.momentum_buffer[rows] if update.momentum != 0 else None,
         compensation=update.compensation[rows] if update.compensation is not None else None,
         inv_norm=None if inv_norm is None else inv_norm.float().contiguous(),
-        scale_grad=not grad_scaled,
+        scale_grad=inv_norm is not None and not grad_scaled,  # the scaling is the projection's
+        plan=plan,
     )
 
 
@@ -836,7 +848,8 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
     """One ``_sgd_kernel`` pass over ``weight``'s rows (``touched`` None: ``grad`` is dense).
     ``buffers``: the momentum buffer and compensation rows matching ``weight`` when it is a
     slice of the shard (by default, the update's own); ``inv_norm`` and ``scale_grad``: the
-    cosine projection of a dense gradient (``apply_sgd_rows``)."""
+    cosine projection of a dense gradient (``apply_sgd_rows``); ``plan``: the rounding plan, if
+    the caller made it already."""
     num_classes, dim = weight.shape
     inv_norm = buffers.get("inv_norm")
     lr_on_device = isinstance(update.lr, torch.Tensor)
@@ -845,7 +858,7 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
     compensation = buffers.get("compensation", update.compensation)
     has_ids = isinstance(class_ids, torch.Tensor)
     dense = touched is None
-    plan = rounding_plan(weight, update)
+    plan = buffers.get("plan") or rounding_plan(weight, update)
     _sgd_kernel[(triton.cdiv(num_classes, _SGD_ROWS),)](
         weight,
         momentum_buffer if has_buf else weight,

@@ -46,6 +46,7 @@ from hydrahead.kernels.exact_gemm import exact_backward, resolve_exact_kernels
 from hydrahead.kernels.shard_ce import (
     FP8,
     SGDUpdate,
+    check_update,
     feature_operand,
     inverse_row_norms,
     shard_forward,
@@ -263,6 +264,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             )
             local_pass.accumulated = None
         ctx.grad_filter, ctx.scale, ctx.gemm = grad_filter, scale, gemm
+        ctx.exact_gemm = exact_kernels == "gemm"  # the weight pass of a filter that falls back to exact
         ctx.num_valid, ctx.update, ctx.features_dtype = num_valid, update, features.dtype
         return loss
 
@@ -302,6 +304,16 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             grad_feat_op = ctx.grad_feat_op * grad
         if want_weight and sparse is not None:
             grad_weight = _apply_sparse(local_pass.kernel_args[1], *sparse, ctx.update)
+        elif want_weight and not ctx.gemm and ctx.exact_gemm:  # the filter fell back: the exact step on gemm
+            _, grad_weight = exact_backward(
+                *local_pass.kernel_args,
+                ctx.lse_valid,
+                grad_scale=grad_scale,
+                update=ctx.update,
+                want_features=False,
+                target_logit=local_pass.target_logit,
+                **local_pass.kernel_options,
+            )
         elif want_weight and not ctx.gemm:
             grad_weight = shard_weight_backward(
                 *local_pass.kernel_args,
@@ -363,6 +375,8 @@ def triton_sharded_cross_entropy(
     exact_kernels = resolve_exact_kernels(
         exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, features.shape[0]
     )
+    if exact_kernels == "stationary":  # an update they cannot take is refused now, not in the backward
+        check_update(weight_shard, update)
     labels = labels.long()
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
@@ -456,6 +470,9 @@ class FusedMicroBatches:
             exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, labels.shape[0]
         )
         self.gemm = grad_filter == 0 and resolved == "gemm"
+        self.exact_gemm = resolved == "gemm"  # finish()'s weight pass, also when a filter falls back to exact
+        if resolved == "stationary":  # an update they cannot take is refused now, not in finish()
+            check_update(weight_shard, update)
         _check_offsets_run_on_gemm(logit_offset, self.gemm, grad_filter, resolved)
         self.logit_offset = _offset_operand(logit_offset, weight_shard)
         # The mean is over the whole step's valid labels, known before any chunk runs (on the
@@ -574,7 +591,7 @@ class FusedMicroBatches:
             target_shift=target_shift_for(self.margin_type, self.scale, self.margin),
             cosine=cosine,
         )
-        if self.gemm:
+        if self.exact_gemm:
             _, grad_weight = exact_backward(
                 feat_op,
                 weight,

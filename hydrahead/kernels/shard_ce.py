@@ -440,7 +440,8 @@ def check_update(weight: torch.Tensor, update: SGDUpdate | None, *, device_scala
         if not device_scalars:
             raise ValueError(
                 f"SGDUpdate.{name} in a tensor is read on the device by the gemm and filtered paths' update "
-                "pass only; the stationary kernels take a number (head.exact_kernels=gemm)"
+                "pass only; the stationary kernels take a number (exact_kernels='gemm'; 'auto' "
+                "picks them for fp8 rows and a small global batch: exact_gemm.FP8_GEMM_MIN_ROWS)"
             )
         if value.numel() != 1 or value.dtype != dtype or value.device != weight.device:
             raise ValueError(
