@@ -460,9 +460,9 @@ def captured(key: str, p: Problem, args):
     saved = p.weight.detach().clone(), p.momentum_buffer.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiled, tuned and allocated outside the capture
-        for _ in range(2):
-            step()
+    with torch.cuda.stream(side):  # compiled, tuned and allocated outside the capture, both variants
+        step()
+        step(capture=True)  # the device step's: its update kernel and key ops, run once before capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
