@@ -152,6 +152,40 @@ def _forward_kernel(
     tl.store(A_OUT + out[:, None].to(tl.int64) * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
 
+@triton.jit
+def _probs_minus_onehot(
+    z,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    inv,
+    F_SCALE,
+    LSE,
+    LOCAL_LABEL,
+    scale,
+    target_shift,
+    COSINE: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    """softmax - onehot of the raw products ``z`` (rows x cols), 0 outside the shard's rows
+    and classes; with the rows' fp8 scales (ones for other dtypes), which P^T F reuses."""
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # +inf: ignored rows get p = 0
+    label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
+    f_scale = tl.full(rows.shape, 1.0, tl.float32)
+    if FP8:
+        f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
+        z = z * f_scale[:, None]
+    if COSINE:
+        z = z * inv[None, :]
+    z = z * scale
+    is_target = label[:, None] == cols[None, :]
+    z = tl.where(is_target, z - target_shift, z)
+    p = tl.exp(z - lse[:, None])
+    p = tl.where(is_target, p - 1.0, p)
+    return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0), f_scale
+
+
 @triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _weight_kernel(
     F,
@@ -207,6 +241,7 @@ def _weight_kernel(
     tile = cols[:, None].to(tl.int64) * stride_w + dims[None, :]
     tile_ok = col_ok[:, None] & dim_ok[None, :]
     w = tl.load(W + tile, mask=tile_ok, other=0.0)
+    inv = tl.zeros([BLOCK_C], tl.float32)
     if COSINE:
         inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
     if FP8:
@@ -219,20 +254,10 @@ def _weight_kernel(
         f = tl.load(
             F + rows[:, None].to(tl.int64) * stride_f + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
         )
-        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # +inf: ignored rows get p = 0
-        label = tl.load(LOCAL_LABEL + rows, mask=row_ok, other=-1)
         z = tl.dot(f, tl.trans(w), input_precision=PRECISION)
-        if FP8:
-            f_scale = tl.load(F_SCALE + rows, mask=row_ok, other=0.0)
-            z = z * f_scale[:, None]
-        if COSINE:
-            z = z * inv[None, :]
-        z = z * scale
-        is_target = label[:, None] == cols[None, :]
-        z = tl.where(is_target, z - target_shift, z)
-        p = tl.exp(z - lse[:, None])
-        p = tl.where(is_target, p - 1.0, p)
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        p, f_scale = _probs_minus_onehot(
+            z, rows, row_ok, cols, col_ok, inv, F_SCALE, LSE, LOCAL_LABEL, scale, target_shift, COSINE, FP8
+        )
         if FP8:
             # P^T F with F's row scales folded into P (they sit on the summed axis), P in e5m2;
             # F^T's tile is K-major, as FP8 tensor cores want their operands.
@@ -286,6 +311,158 @@ def _weight_kernel(
         )
     else:
         tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["C", "c_lo", "first_class", "key1", "key2"])
+def _weight_sliced_kernel(
+    F,
+    FT,
+    F_SCALE,
+    P_SCALE,
+    W,
+    INV_NORM,
+    LOCAL_LABEL,
+    LSE,
+    BUF,
+    COMP,
+    CLASS_IDS,
+    GRAD_SCALE,
+    P_OUT,
+    G,
+    C,
+    D,
+    stride_f,
+    stride_ft,
+    stride_w,
+    stride_p,
+    c_lo,
+    scale,
+    target_shift,
+    lr,
+    momentum,
+    weight_decay,
+    first_class,
+    key1,
+    key2,
+    COSINE: tl.constexpr,
+    WRITE_P: tl.constexpr,
+    HAS_BUF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    HAS_COMP: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    COMP_MANT_BITS: tl.constexpr,
+    COMP_MIN_EXP: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPDATE_STAGES: tl.constexpr,
+):
+    """The weight kernel for a batch that fits one tile (G <= BLOCK_G): the logits of BLOCK_C
+    classes against every sample, summed over D in BLOCK_K slices; then, slice by slice of
+    D, that slice of dW = P^T F and the update of the same slice. No register holds a whole
+    row, so blocks of 64 classes fit without spilling, and each block reads F (from L2)
+    twice where the row-holding kernel reads it once per sample block. Classes c_lo .. C;
+    with WRITE_P, their P (for the caller's dF product) too."""
+    pid = tl.program_id(0)
+    cols = c_lo + pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    w_rows = W + cols[:, None].to(tl.int64) * stride_w
+    inv = tl.zeros([BLOCK_C], tl.float32)
+    if COSINE:
+        inv = tl.load(INV_NORM + cols, mask=col_ok, other=0.0)
+
+    z = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        f = tl.load(F + rows[:, None] * stride_f + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        z = tl.dot(f, tl.trans(w), z, input_precision=PRECISION)
+    p, f_scale = _probs_minus_onehot(
+        z, rows, row_ok, cols, col_ok, inv, F_SCALE, LSE, LOCAL_LABEL, scale, target_shift, COSINE, FP8
+    )
+    grad_scale = tl.load(GRAD_SCALE).to(tl.float32)
+    if WRITE_P:  # P for dF = P W (scaled; over ||w_c|| for cosine logits), columns from c_lo
+        p_out = p * grad_scale
+        if COSINE:
+            p_out = p_out * inv[None, :]
+        out = P_OUT + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
+        tl.store(out, p_out.to(P_OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if FP8:
+        # F's row scales folded into P (they sit on the summed axis), P in e5m2, F^T's slices
+        # K-major, as FP8 tensor cores want their operands
+        p_scale = tl.load(P_SCALE)
+        p_op = tl.trans(to_e5m2(p * (f_scale * p_scale)[:, None], EXACT_CAST))
+        grad_scale = grad_scale / p_scale
+    else:
+        p_op = tl.trans(p.to(F.dtype.element_ty))
+    if HAS_IDS:
+        ids = tl.load(CLASS_IDS + cols, mask=col_ok, other=0)
+    else:
+        ids = first_class + cols
+
+    radial = tl.zeros([BLOCK_C], tl.float32)
+    if COSINE:  # the projection needs whole rows of dW . w first: one more pass of products
+        for d0 in range(0, D, BLOCK_K):
+            ds = d0 + tl.arange(0, BLOCK_K)
+            grad = _grad_slice(F, FT, p_op, rows, row_ok, ds, D, stride_f, stride_ft, PRECISION, FP8)
+            w32 = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & (ds < D)[None, :], other=0.0).to(tl.float32)
+            radial += tl.sum(w32 * grad, axis=1)
+        radial = radial * grad_scale * inv * inv  # (w / ||w||) . dW, over ||w||
+    # the update's loads (F's slice, the rows and their buffer) pipelined as the products' are
+    for d0 in tl.range(0, D, BLOCK_K, num_stages=UPDATE_STAGES):
+        ds = d0 + tl.arange(0, BLOCK_K)
+        tile_ok = col_ok[:, None] & (ds < D)[None, :]
+        grad = _grad_slice(F, FT, p_op, rows, row_ok, ds, D, stride_f, stride_ft, PRECISION, FP8) * grad_scale
+        w32 = tl.load(w_rows + ds[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        if COSINE:
+            grad = (grad - w32 * radial[:, None]) * inv[:, None]
+        sgd_store(
+            W,
+            BUF,
+            COMP,
+            cols[:, None].to(tl.int64) * stride_w + ds[None, :],
+            tile_ok,
+            w32,
+            grad,
+            ids,
+            ds,
+            lr,
+            momentum,
+            weight_decay,
+            key1,
+            key2,
+            HAS_BUF,
+            HAS_COMP,
+            STOCHASTIC,
+            EXACT_CAST,
+            MANT_BITS,
+            MIN_EXP,
+            MAX_VALUE,
+            COMP_MANT_BITS,
+            COMP_MIN_EXP,
+        )
+
+
+@triton.jit
+def _grad_slice(F, FT, p_op, rows, row_ok, ds, D, stride_f, stride_ft, PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """Columns ``ds`` of P^T F (``p_op`` = P^T as the products take it), float32."""
+    d_ok = ds < D
+    if FP8:
+        ft = tl.load(
+            FT + ds[:, None].to(tl.int64) * stride_ft + rows[None, :], mask=d_ok[:, None] & row_ok[None, :], other=0.0
+        )
+        return tl.dot(p_op, tl.trans(ft))
+    f = tl.load(F + rows[:, None] * stride_f + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return tl.dot(p_op, f, input_precision=PRECISION)
 
 
 # ----------------------------------------------------------------------------------------
@@ -494,6 +671,10 @@ def shard_weight_backward(
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if weight.dtype == FP8 else weight.dtype)
     p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
 
+    if update is not None and num_rows <= SLICED_MAX_ROWS:
+        _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_shift, cosine, grad_scale, update)
+        return None
+
     def launch(tiles):
         block_g, block_c, warps, stages = tiles
         _weight_kernel[(triton.cdiv(num_classes, block_c),)](
@@ -548,6 +729,79 @@ def shard_weight_backward(
         (cosine, update is not None, has_buf, compensation is not None, has_ids),
     )
     return grad_weight
+
+
+# The sliced weight kernel holds P for the whole batch: 256 rows x 64 classes of float32
+# logits is 64 registers a thread at 8 warps.
+SLICED_MAX_ROWS = 256
+
+
+def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_shift, cosine, grad_scale, update):
+    """The update through ``_weight_sliced_kernel`` (a batch of at most SLICED_MAX_ROWS rows)."""
+    feats = operand.values
+    num_rows, dim = feats.shape
+    num_classes = weight.shape[0]
+    has_buf, has_ids = check_update(weight, update)
+    compensation = update.compensation
+    plan = rounding_plan(weight, update)
+    p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
+
+    def launch(tiles):
+        block_c, block_k, update_stages, warps, stages = tiles
+        _weight_sliced_kernel[(triton.cdiv(num_classes, block_c),)](
+            feats,
+            operand.transposed if operand.fp8 else feats,
+            operand.row_scale if operand.fp8 else feats,
+            p_scale if operand.fp8 else feats,
+            weight,
+            inv_norm if cosine else weight,
+            local_label,
+            lse,
+            update.momentum_buffer if has_buf else weight,
+            compensation if compensation is not None else weight,
+            update.class_ids.long() if has_ids else local_label,
+            _device_scalar(grad_scale, feats.device),
+            weight,
+            num_rows,
+            num_classes,
+            dim,
+            feats.stride(0),
+            num_rows,
+            weight.stride(0),
+            0,
+            0,
+            scale,
+            target_shift,
+            update.lr,
+            update.momentum,
+            update.weight_decay,
+            0 if has_ids else int(update.class_ids),
+            plan.key1,
+            plan.key2,
+            COSINE=cosine,
+            WRITE_P=False,
+            HAS_BUF=has_buf,
+            PRECISION=_precision(weight.dtype),
+            FP8=operand.fp8,
+            HAS_COMP=compensation is not None,
+            HAS_IDS=has_ids,
+            **plan.constants,
+            BLOCK_G=max(16, triton.next_power_of_2(num_rows)),
+            BLOCK_C=block_c,
+            BLOCK_K=min(block_k, _block_d(dim)),
+            UPDATE_STAGES=update_stages,
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    launch_fitted(
+        "weight_sliced",
+        dim,
+        weight.dtype,
+        feats.device,
+        launch,
+        (cosine, has_buf, compensation is not None, has_ids, operand.fp8),
+    )
 
 
 def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,6 +63,7 @@ _GPU_TILES = {
     "forward": (64, 64, 8, 2),
     "weight": (64, 32, 4, 2),
     "weight_fp8": (64, 64, 8, 2),
+    "weight_sliced": (64, 64, 3, 8, 2),
     "filtered": (256, 128, 64, 8, 3),
     "probs": (128, 256, 64, 8, 3),
     "filtered_tma": (256, 128, 64, 8, 4),
@@ -74,6 +75,7 @@ _CPU_TILES = {
     "forward": (16, 16, 4, 1),
     "weight": (16, 16, 4, 1),
     "weight_fp8": (16, 16, 4, 1),
+    "weight_sliced": (16, 16, 1, 4, 1),
     "filtered": (16, 16, 16, 4, 1),
     "probs": (16, 16, 16, 4, 1),
     "filtered_tma": (16, 16, 16, 4, 1),
@@ -85,6 +87,7 @@ _MIN_BLOCK = 16  # tl.dot's smallest side
 _MAX_BOX = 256  # the copy engine's largest box side, in elements
 # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma", "lse_fp8_tma", "probs_fp8_tma")
+_SLICED_ROWS = 256  # shard_ce.SLICED_MAX_ROWS: the batch the sliced weight kernel holds
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 T = TypeVar("T")
@@ -157,6 +160,10 @@ def _footprint(kernel: str, tiles: tuple[int, ...], dim: int, element_bytes: int
     if kernel in _STREAMED_K:
         block_g, block_c, block_k, _, stages = tiles
         return stages * (block_g + block_c) * block_k * element_bytes
+    if kernel == "weight_sliced":  # slices of the whole batch and of the rows, P^T, the buffer's slices
+        block_c, block_k, update_stages, _, stages = tiles
+        operands = (stages + update_stages) * (_SLICED_ROWS + block_c) * block_k + block_c * _SLICED_ROWS
+        return operands * element_bytes + update_stages * block_c * block_k * 4
     block_g, block_c, _, stages = tiles
     width = max(_MIN_BLOCK, triton.next_power_of_2(dim))
     streamed, resident = (block_c, block_g) if kernel == "forward" else (block_g, block_c)
