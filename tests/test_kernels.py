@@ -8,7 +8,7 @@ from dist_harness import run_ranks
 
 from hydrahead.distributed.sharding import shard_range
 from hydrahead.head import sharded_cross_entropy
-from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels import SGDUpdate, shard_ce, triton_sharded_cross_entropy
 from hydrahead.kernels.tiles import descriptor_loads
 
 # Sizes that are not multiples of the interpreter's 16-wide tiles.
@@ -138,6 +138,34 @@ def test_fused_update_equals_reference_gradient_then_sgd(margin_type, momentum, 
     if momentum:
         assert rel_err(buf, ref_buf) < 1e-5
     assert w.grad is None
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+@pytest.mark.parametrize("num_rows", [shard_ce.SLICED_MAX_ROWS, shard_ce.SLICED_MAX_ROWS + 1])
+def test_both_stationary_weight_kernels_step_as_the_reference(num_rows, margin_type):
+    """Up to SLICED_MAX_ROWS rows the update runs D slice by slice (``_weight_sliced_kernel``);
+    one row more, on whole rows (``_weight_kernel``). Both follow the float64 step."""
+    gen = torch.Generator().manual_seed(num_rows)
+    features = torch.randn(num_rows, 40, generator=gen)
+    weight = torch.randn(37, 40, generator=gen) * 0.3
+    labels = torch.randint(0, 37, (num_rows,), generator=gen)
+    labels[::7] = -100
+    buffer = torch.randn_like(weight) * 0.01
+    ref_loss, ref_fgrad, _, ref_w, ref_buf = reference_step(
+        features, weight, labels, margin_type, buffer, lr=0.5, momentum=0.9, weight_decay=5e-4
+    )
+    w, buf = weight.clone(), buffer.clone()
+    f = features.clone().requires_grad_()
+    scale, margin = MARGINS[margin_type]
+    update = SGDUpdate(lr=0.5, momentum=0.9, weight_decay=5e-4, momentum_buffer=buf)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update, exact_kernels="stationary"
+    )
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    assert rel_err(f.grad, ref_fgrad) < 1e-5
+    assert rel_err(w - weight, ref_w - weight.double()) < 1e-5
+    assert rel_err(buf, ref_buf) < 1e-5
 
 
 @pytest.mark.parametrize("exact_kernels", EXACT_KERNELS)
