@@ -1,13 +1,17 @@
-"""Registers, spills and shared memory of the exact step's two Triton passes, per tile shape,
+"""Registers, spills and shared memory of the exact step's Triton kernels, per tile shape,
 compiled for a GPU architecture on any machine: no GPU is needed.
 
     python benchmarks/kernel_resources.py                                   # the table's entries, bf16 and fp8
     python benchmarks/kernel_resources.py --kernels probs --dtypes fp8 --tiles "128,256,128,8,3;64,128,128,4,4"
+    python benchmarks/kernel_resources.py --kernels weight,sliced --dtypes bf16 --tiles "32,16,8,2;64,64,4,2"
     python benchmarks/kernel_resources.py --json /tmp/resources.json
 
-Each (kernel, dtype, tiles) is compiled by Triton for ``--arch`` (90: Hopper) with its
-operands read and written through tensor descriptors, as the kernels run at D = 512, and
-the cubin's resource usage is read with the ``cuobjdump`` that ships with Triton:
+The gemm path's two passes, probs (the P kernel) and lse, are compiled with their operands
+read and written through tensor descriptors, as they run at D = 512; the stationary
+kernels (forward; weight, which holds whole rows; sliced, the weight kernel for batches of
+up to 256 rows) with pointer loads, the weight kernels with the update and a float32
+momentum buffer. Each (kernel, dtype, tiles) is compiled by Triton for ``--arch`` (90:
+Hopper), and the cubin's resource usage is read with the ``cuobjdump`` that ships with Triton:
 
   regs         registers a thread (255 is the most a thread can hold)
   spill_bytes  the local-memory stack a thread needs: registers spilled to memory
@@ -18,8 +22,9 @@ the cubin's resource usage is read with the ``cuobjdump`` that ships with Triton
 Counting before timing: a tile that spills or holds one program an SM is worth knowing
 about before a GPU run is spent on it. What the compiler does is Triton's own: the figures
 come from this machine's Triton, which need not be the GPU machine's (shared memory has
-matched exactly; registers within a few). Arguments are compiled without the launch's
-integer specialisations (which the descriptor loads do not use).
+matched exactly; registers within a few). Arguments carry the alignment a launch at D = 512
+gives them (pointers, strides and D divisible by 16): without it, pointer loads compile
+unvectorised and unpipelined, and the counts are not the launch's.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_table  # noqa: E402
-from hydrahead.kernels import exact_gemm, filtered, tiles  # noqa: E402
+from hydrahead.kernels import exact_gemm, filtered, shard_ce, tiles  # noqa: E402
+from hydrahead.kernels.rounding import rounding_plan  # noqa: E402
 from hydrahead.kernels.shard_ce import _precision  # noqa: E402
 
 # Hopper's per-SM limits (H100 and H200 alike): registers, shared memory, threads
@@ -54,12 +60,56 @@ _ENTRIES = {  # (kernel, dtype) -> the tile table's entry name
     ("lse", "bf16"): "filtered_tma",
     ("lse", "fp8"): "lse_fp8_tma",
 }
-_SCALARS = {"G", "C", "D", "c_lo", "c_hi", "g_store", "c_store", "classes_per_split"}
-_FLOATS = {"scale", "target_shift"}
+_STATIONARY = {  # kernel -> (JIT function, the tile table's entry, the tuple's leading fields)
+    "forward": (shard_ce._forward_kernel, "forward", "BLOCK_G,BLOCK_C"),
+    "weight": (shard_ce._weight_kernel, "weight", "BLOCK_G,BLOCK_C"),
+    "sliced": (shard_ce._weight_sliced_kernel, "weight_sliced", "BLOCK_C,BLOCK_K"),
+}
+_KERNELS = ("probs", "lse", *_STATIONARY)
+_SCALARS = {"G", "C", "D", "c_lo", "c_hi", "g_store", "c_store", "classes_per_split", "first_class", "key1", "key2"}
+_FLOATS = {"scale", "target_shift", "lr", "momentum", "weight_decay"}
+_D = 512
+
+
+def _tuple_length(kernel: str) -> int:
+    return 4 if kernel in _STATIONARY else 5
+
+
+def _stationary_signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tuple:
+    """The stationary kernels at D = 512, the weight kernels with the update (nearest
+    rounding for bf16 rows, stochastic for fp8) and a float32 momentum buffer."""
+    torch_dtype, operand, _ = _DTYPES[dtype]
+    fn = _STATIONARY[kernel][0]
+    fp8 = dtype == "fp8"
+    constants = dict(COSINE=False, FP8=fp8, PRECISION=_precision(torch_dtype), EXACT_CAST=False)
+    if kernel == "forward":
+        constants.update(BLOCK_G=tile[0], BLOCK_C=tile[1], BLOCK_D=_D)
+    else:
+        update = shard_ce.SGDUpdate(lr=0.1, momentum=0.9, rounding="stochastic" if fp8 else "nearest")
+        plan = rounding_plan(torch.empty(1, _D, dtype=torch_dtype), update)
+        constants.update(HAS_BUF=True, HAS_COMP=False, HAS_IDS=False, **plan.constants)
+        if kernel == "weight":
+            constants.update(UPDATE=True, BLOCK_G=tile[0], BLOCK_C=tile[1], BLOCK_D=_D)
+        else:
+            constants.update(BLOCK_G=shard_ce.SLICED_MAX_ROWS, BLOCK_C=tile[0], BLOCK_K=tile[1])
+    pointers = {"F": operand, "FT": operand, "W": operand, "DW": "fp32", "LOCAL_LABEL": "i64", "CLASS_IDS": "i64"}
+    types = {}
+    for name in fn.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in _SCALARS or name.startswith("stride"):
+            types[name] = "i32"
+        elif name in _FLOATS:
+            types[name] = "fp32"
+        else:
+            types[name] = "*" + pointers.get(name, "fp32")
+    return fn, types, constants
 
 
 def _signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tuple:
     """(JIT function, argument types, compile-time constants) of one compilation."""
+    if kernel in _STATIONARY:
+        return _stationary_signature(kernel, dtype, tile)
     torch_dtype, operand, probs = _DTYPES[dtype]
     block_g, block_c, block_k = tile[:3]
     fn = exact_gemm._probs_kernel if kernel == "probs" else filtered._lse_kernel
@@ -108,9 +158,15 @@ def _cuobjdump() -> str:
 def resources(kernel: str, dtype: str, tile: tuple[int, ...], arch: int = 90) -> dict:
     """One compilation's registers, spill stack and shared memory, and programs per SM."""
     fn, types, constants = _signature(kernel, dtype, tile)
-    warps, stages = tile[3], tile[4]
+    warps, stages = tile[-2:]
+    # as a launch specialises: pointers 16-byte aligned, strides and D multiples of 16 (D = 512)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if types[name].startswith("*") or name.startswith("stride") or name == "D"
+    }
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=types, constexprs=constants),
+        ASTSource(fn=fn, signature=types, constexprs=constants, attrs=aligned),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=warps, num_stages=stages),
     )
@@ -140,38 +196,63 @@ def resources(kernel: str, dtype: str, tile: tuple[int, ...], arch: int = 90) ->
 def _parse_tiles(text: str) -> list[tuple[int, ...]]:
     out = []
     for item in filter(None, text.split(";")):
-        values = tuple(int(v) for v in item.split(","))
-        if len(values) != 5:
-            raise SystemExit(f"--tiles takes BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages per item, got {item!r}")
+        try:
+            values = tuple(int(v) for v in item.split(","))
+        except ValueError:
+            values = ()
+        if len(values) not in (4, 5):
+            raise SystemExit(
+                "--tiles takes BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages (probs, lse) or four "
+                f"integers (forward, weight: BLOCK_G,BLOCK_C,...; sliced: BLOCK_C,BLOCK_K,...) per item, got {item!r}"
+            )
         out.append(values)
     return out
 
 
+def _entry(kernel: str, dtype: str) -> tuple[int, ...]:
+    if kernel in _STATIONARY:
+        name = _STATIONARY[kernel][1]
+        name = "weight_fp8" if (name, dtype) == ("weight", "fp8") else name
+    else:
+        name = _ENTRIES[kernel, dtype]
+    return tiles.tile_config(name, torch.device("cuda"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", default="probs,lse", help="comma-separated: probs (the P kernel), lse")
+    parser.add_argument(
+        "--kernels",
+        default="probs,lse",
+        help="comma-separated: probs (the P kernel), lse, forward, weight, sliced (the stationary kernels)",
+    )
     parser.add_argument("--dtypes", default="bf16,fp8", help="comma-separated storage dtypes: bf16, fp8")
     parser.add_argument(
         "--tiles",
         default="",
-        help="'BLOCK_G,BLOCK_C,BLOCK_K,warps,stages;...' for every kernel and dtype (default: the table's entry)",
+        help="'BLOCK_G,BLOCK_C,BLOCK_K,warps,stages;...' (probs, lse) and four-integer tuples (the stationary "
+        "kernels); each kernel takes those of its length (default: the table's entry)",
     )
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: Hopper)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows here, with the Triton version")
     args = parser.parse_args(argv)
     kernels, dtypes = args.kernels.split(","), args.dtypes.split(",")
     for name in kernels:
-        if name not in ("probs", "lse"):
-            raise SystemExit(f"--kernels: {name!r} is not one of probs, lse")
+        if name not in _KERNELS:
+            raise SystemExit(f"--kernels: {name!r} is not one of {', '.join(_KERNELS)}")
     for name in dtypes:
         if name not in _DTYPES:
             raise SystemExit(f"--dtypes: {name!r} is not one of {', '.join(_DTYPES)}")
     given = _parse_tiles(args.tiles)
+    for kernel in kernels:
+        if given and not any(len(t) == _tuple_length(kernel) for t in given):
+            fields = _STATIONARY[kernel][2] + ",num_warps,num_stages" if kernel in _STATIONARY else None
+            fields = fields or "BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages"
+            raise SystemExit(f"--tiles holds no tuple for {kernel}, which takes {fields}")
     rows = []
     for kernel in kernels:
         for dtype in dtypes:
-            entry = tiles.tile_config(_ENTRIES[kernel, dtype], torch.device("cuda"))
-            for tile in given or [entry]:
+            mine = [t for t in given if len(t) == _tuple_length(kernel)]
+            for tile in mine or [_entry(kernel, dtype)]:
                 rows.append(resources(kernel, dtype, tile, args.arch))
                 print(f"compiled {kernel} {dtype} {tile}", file=sys.stderr, flush=True)
     print_table(rows, ["kernel", "dtype", "tiles", "regs", "spill_bytes", "shared_kib", "per_sm"])

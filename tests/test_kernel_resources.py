@@ -1,5 +1,5 @@
-"""benchmarks/kernel_resources.py: the P kernel compiled for Hopper on this machine, its
-registers, spills and shared memory read from the cubin."""
+"""benchmarks/kernel_resources.py: the P kernel and the sliced weight kernel compiled for
+Hopper on this machine, their registers, spills and shared memory read from the cubin."""
 
 from __future__ import annotations
 
@@ -38,8 +38,21 @@ def test_a_deeper_pipeline_takes_more_shared_memory_and_the_counts_are_a_gpus(tm
     assert "spill_bytes" in done.stdout and "64,64,64,4,3" in done.stdout
 
 
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
+def test_a_stage_of_the_sliced_weight_kernel_holds_a_slice_of_the_whole_batch(tmp_path):
+    out = tmp_path / "resources.json"
+    done = _run("--kernels", "sliced", "--dtypes", "bf16", "--tiles", "64,64,4,2;64,64,4,3", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    two, three = json.loads(out.read_text())["rows"]
+    # 64-wide bf16 slices of all 256 rows of F and of 64 weight rows: 40 KiB a stage
+    assert three["shared_kib"] - two["shared_kib"] == pytest.approx(40, abs=1)
+    assert all(16 <= row["regs"] <= 255 for row in (two, three))
+
+
 def test_bad_tiles_and_names_are_refused_before_anything_compiles():
     done = _run("--tiles", "64,64,4,2")
     assert done.returncode != 0 and "BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages" in done.stderr
+    done = _run("--kernels", "sliced", "--tiles", "64,64,64,4,2")
+    assert done.returncode != 0 and "BLOCK_C,BLOCK_K,num_warps,num_stages" in done.stderr
     done = _run("--kernels", "flag")
     assert done.returncode != 0 and "not one of probs, lse" in done.stderr

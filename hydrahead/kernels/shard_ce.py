@@ -313,7 +313,7 @@ def _weight_kernel(
         tl.store(DW + tile, grad.to(DW.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["C", "c_lo", "first_class", "key1", "key2"])
+@triton.jit(do_not_specialize=["C", "first_class", "key1", "key2"])
 def _weight_sliced_kernel(
     F,
     FT,
@@ -327,15 +327,12 @@ def _weight_sliced_kernel(
     COMP,
     CLASS_IDS,
     GRAD_SCALE,
-    P_OUT,
     G,
     C,
     D,
     stride_f,
     stride_ft,
     stride_w,
-    stride_p,
-    c_lo,
     scale,
     target_shift,
     lr,
@@ -345,7 +342,6 @@ def _weight_sliced_kernel(
     key1,
     key2,
     COSINE: tl.constexpr,
-    WRITE_P: tl.constexpr,
     HAS_BUF: tl.constexpr,
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
@@ -361,16 +357,14 @@ def _weight_sliced_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    UPDATE_STAGES: tl.constexpr,
 ):
     """The weight kernel for a batch that fits one tile (G <= BLOCK_G): the logits of BLOCK_C
     classes against every sample, summed over D in BLOCK_K slices; then, slice by slice of
     D, that slice of dW = P^T F and the update of the same slice. No register holds a whole
     row, so blocks of 64 classes fit without spilling, and each block reads F (from L2)
-    twice where the row-holding kernel reads it once per sample block. Classes c_lo .. C;
-    with WRITE_P, their P (for the caller's dF product) too."""
+    twice where the row-holding kernel reads it once per sample block."""
     pid = tl.program_id(0)
-    cols = c_lo + pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < G
@@ -390,12 +384,6 @@ def _weight_sliced_kernel(
         z, rows, row_ok, cols, col_ok, inv, F_SCALE, LSE, LOCAL_LABEL, scale, target_shift, COSINE, FP8
     )
     grad_scale = tl.load(GRAD_SCALE).to(tl.float32)
-    if WRITE_P:  # P for dF = P W (scaled; over ||w_c|| for cosine logits), columns from c_lo
-        p_out = p * grad_scale
-        if COSINE:
-            p_out = p_out * inv[None, :]
-        out = P_OUT + rows[:, None].to(tl.int64) * stride_p + (cols - c_lo)[None, :]
-        tl.store(out, p_out.to(P_OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     if FP8:
         # F's row scales folded into P (they sit on the summed axis), P in e5m2, F^T's slices
         # K-major, as FP8 tensor cores want their operands
@@ -417,8 +405,9 @@ def _weight_sliced_kernel(
             w32 = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & (ds < D)[None, :], other=0.0).to(tl.float32)
             radial += tl.sum(w32 * grad, axis=1)
         radial = radial * grad_scale * inv * inv  # (w / ||w||) . dW, over ||w||
-    # the update's loads (F's slice, the rows and their buffer) pipelined as the products' are
-    for d0 in tl.range(0, D, BLOCK_K, num_stages=UPDATE_STAGES):
+    # Not pipelined: the update's loads staged through shared memory (2 or 3 stages) left room
+    # for one program an SM, not two, and measured 30-50% slower (docs/kernels.md).
+    for d0 in tl.range(0, D, BLOCK_K, num_stages=1):
         ds = d0 + tl.arange(0, BLOCK_K)
         tile_ok = col_ok[:, None] & (ds < D)[None, :]
         grad = _grad_slice(F, FT, p_op, rows, row_ok, ds, D, stride_f, stride_ft, PRECISION, FP8) * grad_scale
@@ -747,7 +736,7 @@ def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_sh
     p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
 
     def launch(tiles):
-        block_c, block_k, update_stages, warps, stages = tiles
+        block_c, block_k, warps, stages = tiles
         _weight_sliced_kernel[(triton.cdiv(num_classes, block_c),)](
             feats,
             operand.transposed if operand.fp8 else feats,
@@ -761,15 +750,12 @@ def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_sh
             compensation if compensation is not None else weight,
             update.class_ids.long() if has_ids else local_label,
             _device_scalar(grad_scale, feats.device),
-            weight,
             num_rows,
             num_classes,
             dim,
             feats.stride(0),
             num_rows,
             weight.stride(0),
-            0,
-            0,
             scale,
             target_shift,
             update.lr,
@@ -779,7 +765,6 @@ def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_sh
             plan.key1,
             plan.key2,
             COSINE=cosine,
-            WRITE_P=False,
             HAS_BUF=has_buf,
             PRECISION=_precision(weight.dtype),
             FP8=operand.fp8,
@@ -789,7 +774,6 @@ def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_sh
             BLOCK_G=max(16, triton.next_power_of_2(num_rows)),
             BLOCK_C=block_c,
             BLOCK_K=min(block_k, _block_d(dim)),
-            UPDATE_STAGES=update_stages,
             num_warps=warps,
             num_stages=stages,
         )

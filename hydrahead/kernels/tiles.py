@@ -10,8 +10,10 @@ that kernel, width and dtype. The exact kernels hold whole rows (BLOCK_D = the n
 of two of D); the filtered kernels and the gemm path's P kernel ("probs") stream D in
 BLOCK_K slices.
 
-Tile tuples: stationary kernels (BLOCK_G, BLOCK_C, num_warps, num_stages); streaming kernels
-(BLOCK_G, BLOCK_C, BLOCK_K, num_warps, num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
+Tile tuples: stationary kernels (BLOCK_G, BLOCK_C, num_warps, num_stages), except the
+sliced weight kernel ("weight_sliced": BLOCK_C, BLOCK_K, num_warps, num_stages; its
+BLOCK_G is the whole batch); streaming kernels (BLOCK_G, BLOCK_C, BLOCK_K, num_warps,
+num_stages). ``HYDRAHEAD_TILES=kernel:v,v,...;...``
 puts a tuple of one's own first.
 
 The streaming kernels load their operand slices through tensor descriptors (Hopper's bulk
@@ -58,12 +60,15 @@ __all__ = [
 # 4096 x 512 x 1M, fp8 8.6 ms at 64 x 128 x 128 with 4 warps, two programs an SM (9.4 for
 # one tile per program at 128 x 256), bf16 9.4 at 128 x 256 x 64 with 8 (10.0). With the
 # targets' branch out of both passes nothing spills, and fp8 128 x 256 x 128 takes 7.9 ms
-# (64 x 128: 8.7) and its LSE pass 6.4 -> 5.4 ms; docs/kernels.md.
+# (64 x 128: 8.7) and its LSE pass 6.4 -> 5.4 ms; docs/kernels.md. The sliced weight kernel
+# (batches of up to 256 rows) on an H100 at 256 x 512 x 1M: 3.50 ms at 64 x 64 with 4 warps,
+# two programs an SM (64 x 32: 4.4; 32 x 64: 4.5; 8 warps: 4.4-5.2), against 6.1 ms for the
+# row-holding kernel's entry.
 _GPU_TILES = {
     "forward": (64, 64, 8, 2),
     "weight": (64, 32, 4, 2),
     "weight_fp8": (64, 64, 8, 2),
-    "weight_sliced": (64, 64, 3, 8, 2),
+    "weight_sliced": (64, 64, 4, 2),  # two programs an SM
     "filtered": (256, 128, 64, 8, 3),
     "probs": (128, 256, 64, 8, 3),
     "filtered_tma": (256, 128, 64, 8, 4),
@@ -75,7 +80,7 @@ _CPU_TILES = {
     "forward": (16, 16, 4, 1),
     "weight": (16, 16, 4, 1),
     "weight_fp8": (16, 16, 4, 1),
-    "weight_sliced": (16, 16, 1, 4, 1),
+    "weight_sliced": (16, 16, 4, 1),
     "filtered": (16, 16, 16, 4, 1),
     "probs": (16, 16, 16, 4, 1),
     "filtered_tma": (16, 16, 16, 4, 1),
@@ -87,6 +92,7 @@ _MIN_BLOCK = 16  # tl.dot's smallest side
 _MAX_BOX = 256  # the copy engine's largest box side, in elements
 # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma", "lse_fp8_tma", "probs_fp8_tma")
+_TUPLE_FIELDS = {"weight_sliced": "BLOCK_C, BLOCK_K"}  # where the leading fields are not (BLOCK_G, BLOCK_C)
 _SLICED_ROWS = 256  # shard_ce.SLICED_MAX_ROWS: the batch the sliced weight kernel holds
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -113,10 +119,10 @@ def tile_config(kernel: str, device: torch.device) -> tuple[int, ...]:
         except ValueError:
             override = ()
         if len(override) != len(table[name]):
+            blocks = "BLOCK_G, BLOCK_C, BLOCK_K" if name in _STREAMED_K else "BLOCK_G, BLOCK_C"
             raise ValueError(
                 f"HYDRAHEAD_TILES: {name} takes {len(table[name])} integers "
-                f"({'BLOCK_G, BLOCK_C, BLOCK_K, ' if name in _STREAMED_K else 'BLOCK_G, BLOCK_C, '}"
-                f"num_warps, num_stages), got {values!r}"
+                f"({_TUPLE_FIELDS.get(name, blocks)}, num_warps, num_stages), got {values!r}"
             )
         if name.endswith("_tma") and name in _STREAMED_K and override[2] > _MAX_BOX:
             raise ValueError(f"HYDRAHEAD_TILES: {name} loads through descriptors, whose BLOCK_K is at most {_MAX_BOX}")
@@ -160,10 +166,9 @@ def _footprint(kernel: str, tiles: tuple[int, ...], dim: int, element_bytes: int
     if kernel in _STREAMED_K:
         block_g, block_c, block_k, _, stages = tiles
         return stages * (block_g + block_c) * block_k * element_bytes
-    if kernel == "weight_sliced":  # slices of the whole batch and of the rows, P^T, the buffer's slices
-        block_c, block_k, update_stages, _, stages = tiles
-        operands = (stages + update_stages) * (_SLICED_ROWS + block_c) * block_k + block_c * _SLICED_ROWS
-        return operands * element_bytes + update_stages * block_c * block_k * 4
+    if kernel == "weight_sliced":  # (BLOCK_C, BLOCK_K, ...): slices of the whole batch and the rows, P^T
+        block_c, block_k, _, stages = tiles
+        return (stages * (_SLICED_ROWS + block_c) * block_k + block_c * _SLICED_ROWS) * element_bytes
     block_g, block_c, _, stages = tiles
     width = max(_MIN_BLOCK, triton.next_power_of_2(dim))
     streamed, resident = (block_c, block_g) if kernel == "forward" else (block_g, block_c)
