@@ -661,7 +661,8 @@ def shard_weight_backward(
     p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
 
     if update is not None and num_rows <= SLICED_MAX_ROWS:
-        _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_shift, cosine, grad_scale, update)
+        options = dict(scale=scale, target_shift=target_shift, cosine=cosine, grad_scale=grad_scale)
+        _launch_sliced(operand, weight, inv_norm, local_label, lse, update, plan, p_scale, **options)
         return None
 
     def launch(tiles):
@@ -725,15 +726,17 @@ def shard_weight_backward(
 SLICED_MAX_ROWS = 256
 
 
-def _launch_sliced(operand, weight, inv_norm, local_label, lse, scale, target_shift, cosine, grad_scale, update):
-    """The update through ``_weight_sliced_kernel`` (a batch of at most SLICED_MAX_ROWS rows)."""
+def _launch_sliced(
+    operand, weight, inv_norm, local_label, lse, update, plan, p_scale, *, scale, target_shift, cosine, grad_scale
+):
+    """``shard_weight_backward``'s update through ``_weight_sliced_kernel`` (a batch of at most
+    SLICED_MAX_ROWS rows), with the rounding plan and fp8 P scale it has made (and checked)."""
     feats = operand.values
     num_rows, dim = feats.shape
     num_classes = weight.shape[0]
-    has_buf, has_ids = check_update(weight, update)
+    has_buf = update.momentum != 0
+    has_ids = isinstance(update.class_ids, torch.Tensor)
     compensation = update.compensation
-    plan = rounding_plan(weight, update)
-    p_scale = operand_scale(operand.row_scale.max()) if operand.fp8 else None
 
     def launch(tiles):
         block_c, block_k, warps, stages = tiles
