@@ -647,3 +647,67 @@ def test_a_captured_step_follows_an_lr_and_step_changed_between_replays(weight_d
     assert float((w.view(torch.uint8) != eager_w.view(torch.uint8)).float().mean()) < 1e-3
     torch.testing.assert_close(buf, eager_buf, rtol=1e-5, atol=1e-7)
     assert float((w.view(torch.uint8) != weight.view(torch.uint8)).float().mean()) > 0.01, "the steps moved W"
+
+
+def _hopper_with_gluon():
+    from hydrahead.kernels import dw_update
+
+    return dw_update.GLUON and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+@pytest.mark.parametrize("num_rows, num_classes, dim", [(333, 784, 512), (1024, 4096, 512), (64, 1000, 384)])
+def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim):
+    """Odd batch and class counts (tiles past the edges) against P^T F and SGD in float64."""
+    from hydrahead.kernels.dw_update import fused_dw_update
+
+    gen = torch.Generator().manual_seed(num_rows + num_classes)
+    probs = (torch.randn(num_rows, num_classes, generator=gen) * 1e-3).bfloat16().cuda()
+    feats = torch.randn(num_rows, dim, generator=gen).bfloat16().cuda()
+    rows = (torch.randn(num_classes, dim, generator=gen) * 0.02).bfloat16().cuda()
+    buffer = (torch.randn(num_classes, dim, generator=gen) * 1e-3).cuda()
+    lr, momentum, weight_decay = 0.1, 0.9, 5e-4
+    ref_buf = momentum * buffer.double() + probs.double().t() @ feats.double() + weight_decay * rows.double()
+    ref_rows = rows.double() - lr * ref_buf
+    new_rows, new_buf = rows.clone(), buffer.clone()
+    fused_dw_update(probs, feats, new_rows, new_buf, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    assert rel_err(new_buf, ref_buf) < 1e-5  # float32 accumulation of bf16 products
+    # the new rows are the float32 step rounded to bf16 once
+    assert float((new_rows == ref_rows.bfloat16()).float().mean()) > 0.99
+    assert float((new_rows.double() - ref_rows).abs().max()) <= float(ref_rows.abs().max()) * 2**-8
+    assert float((new_rows != rows).float().mean()) > 0.5  # the step moved most rows
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+def test_a_head_step_with_the_fused_dw_update_follows_the_float64_step(monkeypatch):
+    from hydrahead.kernels import dw_update, exact_gemm
+
+    calls = []
+    kernel = dw_update.fused_dw_update
+    monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
+    monkeypatch.setattr(
+        dw_update, "fused_dw_update", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+    )
+    features, weight, labels = inputs(21)
+    _, ref_fgrad, ref_wgrad = float64_reference(features, weight, labels, "none")
+    lr, momentum, weight_decay = 0.5, 0.9, 5e-4
+    buffer = (torch.randn(weight.shape, generator=torch.Generator().manual_seed(22)) * 1e-4).cuda()
+    w64 = weight.cuda().double()
+    ref_buf = momentum * buffer.double() + ref_wgrad + weight_decay * w64
+    w, buf = weight.cuda().clone(), buffer.clone()
+    f = features.cuda().requires_grad_()
+    loss = triton_sharded_cross_entropy(
+        f,
+        w,
+        labels.cuda(),
+        0,
+        scale=MARGINS["none"][0],
+        update=SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf),
+        exact_kernels="gemm",
+    )
+    loss.backward()
+    assert calls, "the step did not take the fused kernel"
+    assert rel_err(f.grad, ref_fgrad) < 2e-2
+    assert rel_err(buf, ref_buf) < 2e-2
+    expected = (w64 - lr * ref_buf).bfloat16()
+    assert float((w == expected).float().mean()) > 0.99

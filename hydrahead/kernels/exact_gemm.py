@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hydrahead.kernels import dw_update
 from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand, target_logits
 from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, to_e5m2
 from hydrahead.kernels.shard_ce import (
@@ -52,6 +53,9 @@ from hydrahead.kernels.shard_ce import (
 from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitted, resident_programs
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
+# dW_c and the update in one warp-specialised kernel (``dw_update``) where it applies: built
+# and compiled for sm_90, not yet run on a GPU, so off unless HYDRAHEAD_FUSED_DW_UPDATE=1.
+FUSED_DW_UPDATE = os.environ.get("HYDRAHEAD_FUSED_DW_UPDATE") == "1"
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
 _PROGRAMS: dict[tuple, int] = {}  # the persistent P kernel's grid, per compiled variant
 
@@ -563,6 +567,7 @@ def exact_backward(
     project_apart = cosine and update is None
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
     plan = rounding_plan(weight, update) if update is not None else None  # once: the chunks share it
+    fused = FUSED_DW_UPDATE and update is not None and num_rows > 0
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -597,6 +602,17 @@ def exact_backward(
                 product = matmul_fp32(probs, rows)
                 grad_feat = product if grad_feat is None else grad_feat.add_(product)
             if not want_weight:
+                continue
+            if fused and not cosine and dw_update.fused_update_applies(probs, feats, rows, update):
+                dw_update.fused_dw_update(
+                    probs,
+                    feats,
+                    rows,
+                    update.momentum_buffer[c_lo:c_hi],
+                    lr=update.lr,
+                    momentum=update.momentum,
+                    weight_decay=update.weight_decay,
+                )
                 continue
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
             # far below the stored rows' own, and halves the bytes the update pass reads.

@@ -1,0 +1,317 @@
+"""dW_c = P^T F with torch.optim.SGD's step in its epilogue, warp-specialised (Gluon, Hopper).
+
+The gemm path's update pass moves 14 bytes a weight at the copy rate after the dW product
+has finished, and the Triton versions of this fusion lost because each program ran its
+product and then its update with nothing beside it (docs/kernels.md). Here the work is
+split over warps that run at once:
+
+loader      one warp: TMA copies of P's and F's K slices into a ring of STAGES buffers,
+            and of each tile's rows and momentum buffer into its consumer's epilogue
+            buffers
+consumers   two warpgroups that take alternate tiles of dW (BLOCK_C classes x BLOCK_D
+            dims): a wgmma chain over the batch, then the update of the same tile
+            (buffer = momentum·buffer + dW + weight_decay·w; w -= lr·buffer; w rounded
+            to bf16, nearest), written back by TMA
+
+While one consumer waits on its tile's update traffic, the other runs its products, so the
+update's bytes move under the products' arithmetic. No dW_c reaches memory: 12 bytes a
+weight instead of the product's 2 and the update pass's 14.
+
+What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
+cosine projection, lr and the rest as numbers, rows and P whose row strides are multiples
+of 16 bytes, on an sm_90 GPU (``fused_update_applies``); the gemm path keeps its product
+and update pass otherwise. ``exact_gemm.FUSED_DW_UPDATE`` switches it on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.7
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    GLUON = True
+except ImportError:  # pragma: no cover - an older Triton: the gemm path's own product and update pass
+    GLUON = False
+
+BLOCK_C, BLOCK_D, BLOCK_K, STAGES = 64, 128, 64, 4  # 192 KiB of shared memory
+_CONSUMER_REGS, _LOADER_REGS = 232, 40
+
+
+if GLUON:
+
+    @gluon.jit
+    def _loader(p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps):
+        p_bufs, f_bufs = rings
+        w_bufs, b_bufs = epilogue
+        ring_ready, ring_empty, epi_ready, epi_empty = bars
+        stages: gl.constexpr = p_bufs.type.shape[0]
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        block_c: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        step = 0
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            c0 = (tile // tiles_d) * block_c
+            d0 = (tile % tiles_d) * block_d
+            for k in range(k_steps):
+                s = step % stages
+                mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)  # a fresh barrier passes phase 1
+                mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_bufs.index(s))
+                _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
+                step += 1
+            consumer = j % 2  # its rows and buffer, once that consumer has written back its last tile
+            mbarrier.wait(epi_empty.index(consumer), ((j // 2) & 1) ^ 1)
+            mbarrier.expect(epi_ready.index(consumer), w_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(w_desc, [c0, d0], epi_ready.index(consumer), w_bufs.index(consumer))
+            _tma_load(b_desc, [c0, d0], epi_ready.index(consumer), b_bufs.index(consumer))
+            j += 1
+
+    @gluon.jit
+    def _consumer(
+        which: gl.constexpr,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        NUM_WARPS: gl.constexpr,
+    ):
+        p_bufs, f_bufs = rings
+        w_bufs, b_bufs = epilogue
+        ring_ready, ring_empty, epi_ready, epi_empty = bars
+        stages: gl.constexpr = p_bufs.type.shape[0]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        block_d: gl.constexpr = w_desc.block_type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
+        )
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            if j % 2 == which:
+                c0 = (tile // tiles_d) * block_c
+                d0 = (tile % tiles_d) * block_d
+                acc = gl.zeros([block_c, block_d], gl.float32, acc_layout)
+                step = j * k_steps  # the loader's count of K slices before this tile
+                previous = 0
+                for k in range(k_steps):
+                    s = step % stages
+                    mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
+                    # P^T's slice (BLOCK_C x BLOCK_K) as a transposed view of P's
+                    token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
+                    # one product in flight; the slot of the one before it is free again
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
+                    mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
+                    previous = s
+                    step += 1
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(ring_empty.index(previous), count=1)
+
+                mbarrier.wait(epi_ready.index(which), (j // 2) & 1)
+                w = w_bufs.index(which).load(acc_layout).to(gl.float32)
+                buf = momentum * b_bufs.index(which).load(acc_layout) + (acc + weight_decay * w)
+                b_bufs.index(which).store(buf)
+                w_bufs.index(which).store((w - lr * buf).to(gl.bfloat16))
+                fence_async_shared()  # the stores above, before the copy engine reads them
+                _tma_store(b_desc, [c0, d0], b_bufs.index(which))
+                _tma_store(w_desc, [c0, d0], w_bufs.index(which))
+                tma.store_wait(0)
+                mbarrier.arrive(epi_empty.index(which), count=1)
+            j += 1
+
+    @gluon.jit
+    def _first_consumer(w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay):
+        _consumer(0, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
+
+    @gluon.jit
+    def _second_consumer(
+        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+    ):
+        _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
+
+    @gluon.jit
+    def _loader_partition(
+        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+    ):
+        _loader(p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps)
+
+    @gluon.jit
+    def _dw_update_kernel(
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        G,
+        C,
+        D,
+        lr,
+        momentum,
+        weight_decay,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        block_c: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2, block_c, block_d], w_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2, block_c, block_d], b_desc.layout)
+        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        epi_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ring_ready.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(epi_ready.index(i), count=1)
+            mbarrier.init(epi_empty.index(i), count=1)
+        tiles_d = gl.cdiv(D, block_d)
+        num_tiles = gl.cdiv(C, block_c) * tiles_d
+        k_steps = gl.cdiv(G, block_k)
+        rings = (p_bufs, f_bufs)
+        epilogue = (w_bufs, b_bufs)
+        bars = (ring_ready, ring_empty, epi_ready, epi_empty)
+        worker_args = (
+            p_desc,
+            f_desc,
+            w_desc,
+            b_desc,
+            rings,
+            epilogue,
+            bars,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+        )
+        consumer_args = (w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay)
+        gl.warp_specialize(
+            [
+                (_first_consumer, consumer_args),
+                (_second_consumer, worker_args),
+                (_loader_partition, worker_args),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )
+
+
+def _descriptor(tensor: torch.Tensor, block: list[int]):
+    element = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[tensor.dtype]
+    return TensorDescriptor.from_tensor(tensor, block, gl.NVMMASharedLayout.get_default_for(block, element))
+
+
+def descriptors(probs, feats, rows, buffer) -> tuple:
+    """TMA descriptors of P (G x C), F (G x D), the rows and their buffer (C x D)."""
+    return (
+        _descriptor(probs, [BLOCK_K, BLOCK_C]),
+        _descriptor(feats, [BLOCK_K, BLOCK_D]),
+        _descriptor(rows, [BLOCK_C, BLOCK_D]),
+        _descriptor(buffer, [BLOCK_C, BLOCK_D]),
+    )
+
+
+def _tma_ready(tensor: torch.Tensor) -> bool:
+    element = tensor.element_size()
+    return (
+        tensor.dim() == 2
+        and tensor.stride(1) == 1
+        and (tensor.stride(0) * element) % 16 == 0
+        and tensor.data_ptr() % 16 == 0
+    )
+
+
+def fused_update_applies(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor, update) -> bool:
+    """Whether ``fused_dw_update`` takes this chunk's step (else the product, then the pass)."""
+    on_hopper = rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device)[0] == 9
+    return GLUON and on_hopper and step_supported(probs, feats, rows, update)
+
+
+def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor, update) -> bool:
+    """Whether the kernel implements this step on these operands, wherever they live."""
+    buffer = update.momentum_buffer
+    return (
+        rows.dtype == torch.bfloat16
+        and probs.dtype == feats.dtype == torch.bfloat16
+        and update.momentum != 0
+        and buffer is not None
+        and buffer.dtype == torch.float32
+        and update.rounding == "nearest"
+        and update.compensation is None
+        and not isinstance(update.lr, torch.Tensor)
+        and all(_tma_ready(t) for t in (probs, feats, rows, buffer))
+    )
+
+
+def fused_dw_update(probs, feats, rows, buffer, *, lr: float, momentum: float, weight_decay: float) -> None:
+    """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
+    P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D)."""
+    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer)
+    programs = torch.cuda.get_device_properties(rows.device).multi_processor_count
+    num_tiles = triton.cdiv(rows.shape[0], BLOCK_C) * triton.cdiv(rows.shape[1], BLOCK_D)
+    _dw_update_kernel[(max(1, min(programs, num_tiles)),)](
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        feats.shape[0],
+        rows.shape[0],
+        rows.shape[1],
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        STAGES,
+        _CONSUMER_REGS,
+        _LOADER_REGS,
+        num_warps=4,
+    )
+
+
+def compile_for(arch: int = 90, dim: int = 512):
+    """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
+    memory can be read from the result): descriptors of small CPU tensors give its types."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    probs = torch.empty(256, 1024, dtype=torch.bfloat16)
+    feats = torch.empty(256, dim, dtype=torch.bfloat16)
+    rows = torch.empty(1024, dim, dtype=torch.bfloat16)
+    buffer = torch.empty(1024, dim, dtype=torch.float32)
+    names = _dw_update_kernel.arg_names
+    signature = {name: mangle_type(desc) for name, desc in zip(names, descriptors(probs, feats, rows, buffer))}
+    signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
+    constants = dict(STAGES=STAGES, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    signature.update({name: "constexpr" for name in constants})
+    return triton.compile(
+        GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=4),
+    )
+
+
+__all__ = ["GLUON", "compile_for", "descriptors", "fused_dw_update", "fused_update_applies", "step_supported"]

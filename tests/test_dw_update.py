@@ -1,0 +1,106 @@
+"""The fused dW + update kernel (``hydrahead.kernels.dw_update``): compiled for Hopper on this
+machine, and the gemm path's hand-off to it, chunk by chunk, with the kernel emulated in
+torch (the kernel itself runs only on an sm_90 GPU: tests/test_kernels_gpu.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from hydrahead.head import sharded_cross_entropy
+from hydrahead.kernels import SGDUpdate, dw_update, exact_gemm, triton_sharded_cross_entropy
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
+def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    compiled = dw_update.compile_for(90)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
+    assert int(usage["STACK"]) == 0, "spilled registers"
+    # two ring buffers' worth of P and F slices per stage, and each consumer's rows and buffer
+    ring = dw_update.STAGES * (dw_update.BLOCK_K * (dw_update.BLOCK_C + dw_update.BLOCK_D)) * 2
+    epilogue = 2 * dw_update.BLOCK_C * dw_update.BLOCK_D * (2 + 4)
+    assert ring + epilogue <= compiled.metadata.shared <= 227 * 1024
+    assert compiled.metadata.num_warps == 12  # one warpgroup each: two consumers and the loader
+
+
+def _emulated_kernel(calls):
+    def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay):
+        calls.append(rows.shape[0])
+        buffer.mul_(momentum).add_(probs.double().t().mm(feats.double()).to(buffer.dtype) + weight_decay * rows)
+        rows.sub_(lr * buffer)
+
+    return fused
+
+
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
+def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, monkeypatch):
+    calls = []
+    monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
+    monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
+    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls))
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")  # 256-class chunks: three of them
+    gen = torch.Generator().manual_seed(3)
+    num_rows, dim, num_classes = 29, 24, 600
+    features = torch.randn(num_rows, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen) * 0.3
+    labels = torch.randint(0, num_classes, (num_rows,), generator=gen)
+    buffer = torch.randn_like(weight) * 0.01
+    scale, margin = {"none": (2.0, 0.0), "cosface": (16.0, 0.3)}[margin_type]
+    lr, momentum, weight_decay = 0.5, 0.9, 5e-4
+
+    f64, w64 = features.double().requires_grad_(), weight.double().requires_grad_()
+    ref = sharded_cross_entropy(f64, w64, labels, 0, scale=scale, margin=margin, margin_type=margin_type)
+    ref.backward()
+    ref_buf = momentum * buffer.double() + w64.grad + weight_decay * weight.double()
+    ref_w = weight.double() - lr * ref_buf
+
+    w, buf = weight.clone(), buffer.clone()
+    f = features.clone().requires_grad_()
+    update = SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
+    loss = triton_sharded_cross_entropy(
+        f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update, exact_kernels="gemm"
+    )
+    loss.backward()
+    # cosine logits need the projection, which the fused kernel does not take: it is passed by
+    assert calls == ([] if margin_type == "cosface" else [256, 256, 88])
+    assert _rel_err(f.grad, f64.grad) < 1e-5, "dF from the rows before the update"
+    assert _rel_err(buf, ref_buf) < 1e-5
+    assert _rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, not just the rows"
+
+
+def _rel_err(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_the_fused_kernel_takes_only_the_step_it_implements():
+    def case(width=64, rows_dtype=torch.bfloat16, buffer_dtype=torch.float32, **changes):
+        rows = torch.zeros(width, 128, dtype=rows_dtype)
+        probs = torch.zeros(32, width, dtype=torch.bfloat16)
+        feats = torch.zeros(32, 128, dtype=torch.bfloat16)
+        options = dict(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(width, 128, dtype=buffer_dtype))
+        return dw_update.step_supported(probs, feats, rows, SGDUpdate(**{**options, **changes}))
+
+    assert case()
+    assert not case(rows_dtype=torch.float32)
+    assert not case(buffer_dtype=torch.bfloat16)
+    assert not case(momentum=0.0, momentum_buffer=None)
+    assert not case(rounding="stochastic")
+    assert not case(compensation=torch.zeros(64, 128, dtype=torch.bfloat16))
+    assert not case(lr=torch.tensor(0.1))
+    assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
+    # no GPU here: never taken, whatever the step
+    rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)
+    update = SGDUpdate(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(64, 128))
+    assert not dw_update.fused_update_applies(probs.bfloat16(), feats.bfloat16(), rows, update)
