@@ -656,9 +656,19 @@ def _hopper_with_gluon():
 
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
-@pytest.mark.parametrize("num_rows, num_classes, dim", [(333, 784, 512), (1024, 4096, 512), (64, 1000, 384)])
-def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim):
-    """Odd batch and class counts (tiles past the edges) against P^T F and SGD in float64."""
+@pytest.mark.parametrize(
+    "num_rows, num_classes, dim, programs",
+    [
+        (333, 784, 512, 1),  # 52 tiles in one program, six K slices each: both consumers, the ring wrapping
+        (200, 304, 256, 2),  # five tiles a program (an odd count), four K slices
+        (64, 1000, 384, 3),  # one K slice a tile
+        (577, 520, 128, 7),  # ten K slices, a batch one past a slice
+        (1024, 4096, 512, None),  # one program an SM
+    ],
+)
+def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs):
+    """Odd batch and class counts (tiles past the edges), and grids that give each program
+    many tiles, against P^T F and SGD in float64."""
     from hydrahead.kernels.dw_update import fused_dw_update
 
     gen = torch.Generator().manual_seed(num_rows + num_classes)
@@ -670,7 +680,9 @@ def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim
     ref_buf = momentum * buffer.double() + probs.double().t() @ feats.double() + weight_decay * rows.double()
     ref_rows = rows.double() - lr * ref_buf
     new_rows, new_buf = rows.clone(), buffer.clone()
-    fused_dw_update(probs, feats, new_rows, new_buf, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    fused_dw_update(
+        probs, feats, new_rows, new_buf, lr=lr, momentum=momentum, weight_decay=weight_decay, programs=programs
+    )
     assert rel_err(new_buf, ref_buf) < 1e-5  # float32 accumulation of bf16 products
     # the new rows are the float32 step rounded to bf16 once
     assert float((new_rows == ref_rows.bfloat16()).float().mean()) > 0.99

@@ -56,13 +56,16 @@ if GLUON:
     def _loader(p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
         w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty = bars
+        ring_ready, ring_empty, epi_ready, epi_empty, _ = bars
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         step = 0
         j = 0
+        # the rows and buffer go out once the ring holds the tile's first slices: early enough
+        # to land before the products end, and the loader waits there for that consumer anyway
+        epilogue_at = gl.minimum(stages, k_steps) - 1
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             c0 = (tile // tiles_d) * block_c
             d0 = (tile % tiles_d) * block_d
@@ -73,11 +76,12 @@ if GLUON:
                 _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_bufs.index(s))
                 _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 step += 1
-            consumer = j % 2  # its rows and buffer, once that consumer has written back its last tile
-            mbarrier.wait(epi_empty.index(consumer), ((j // 2) & 1) ^ 1)
-            mbarrier.expect(epi_ready.index(consumer), w_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            _tma_load(w_desc, [c0, d0], epi_ready.index(consumer), w_bufs.index(consumer))
-            _tma_load(b_desc, [c0, d0], epi_ready.index(consumer), b_bufs.index(consumer))
+                if k == epilogue_at:  # once that consumer has written back its previous tile
+                    consumer = j % 2
+                    mbarrier.wait(epi_empty.index(consumer), ((j // 2) & 1) ^ 1)
+                    mbarrier.expect(epi_ready.index(consumer), w_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    _tma_load(w_desc, [c0, d0], epi_ready.index(consumer), w_bufs.index(consumer))
+                    _tma_load(b_desc, [c0, d0], epi_ready.index(consumer), b_bufs.index(consumer))
             j += 1
 
     @gluon.jit
@@ -98,7 +102,7 @@ if GLUON:
     ):
         p_bufs, f_bufs = rings
         w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty = bars
+        ring_ready, ring_empty, epi_ready, epi_empty, turn = bars
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
@@ -113,9 +117,13 @@ if GLUON:
                 acc = gl.zeros([block_c, block_d], gl.float32, acc_layout)
                 step = j * k_steps  # the loader's count of K slices before this tile
                 previous = 0
+                # Not before tile j - 1's slices have all landed: a ring slot's parity names its
+                # fill only to within two, and the other consumer may still be that far behind.
+                mbarrier.wait(turn.index(0), (j & 1) ^ 1)
                 for k in range(k_steps):
                     s = step % stages
                     mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
+                    mbarrier.arrive(turn.index(0), count=1, pred=k == k_steps - 1)
                     # P^T's slice (BLOCK_C x BLOCK_K) as a transposed view of P's
                     token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
                     # one product in flight; the slot of the one before it is free again
@@ -181,6 +189,8 @@ if GLUON:
         ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         epi_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile j's slices in
+        mbarrier.init(turn.index(0), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ring_ready.index(i), count=1)
             mbarrier.init(ring_empty.index(i), count=1)
@@ -192,7 +202,7 @@ if GLUON:
         k_steps = gl.cdiv(G, block_k)
         rings = (p_bufs, f_bufs)
         epilogue = (w_bufs, b_bufs)
-        bars = (ring_ready, ring_empty, epi_ready, epi_empty)
+        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn)
         worker_args = (
             p_desc,
             f_desc,
@@ -267,11 +277,16 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
     )
 
 
-def fused_dw_update(probs, feats, rows, buffer, *, lr: float, momentum: float, weight_decay: float) -> None:
+def fused_dw_update(
+    probs, feats, rows, buffer, *, lr: float, momentum: float, weight_decay: float, programs: int | None = None
+) -> None:
     """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
-    P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D)."""
+    P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D).
+    ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
+    if feats.shape[0] == 0 or rows.shape[0] == 0:
+        raise ValueError("fused_dw_update needs at least one row of the batch and one class")
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer)
-    programs = torch.cuda.get_device_properties(rows.device).multi_processor_count
+    programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
     num_tiles = triton.cdiv(rows.shape[0], BLOCK_C) * triton.cdiv(rows.shape[1], BLOCK_D)
     _dw_update_kernel[(max(1, min(programs, num_tiles)),)](
         p_desc,
