@@ -25,6 +25,8 @@ and update pass otherwise. ``exact_gemm.FUSED_DW_UPDATE`` switches it on.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -47,6 +49,22 @@ except ImportError:  # pragma: no cover - an older Triton: the gemm path's own p
     GLUON = False
 
 BLOCK_C, BLOCK_D, BLOCK_K, STAGES = 64, 128, 64, 4  # 192 KiB of shared memory
+TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES)  # HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages overrides them
+
+
+def _tiles() -> tuple[int, int, int, int]:
+    given = os.environ.get("HYDRAHEAD_DW_UPDATE_TILES")
+    if not given:
+        return TILES
+    try:
+        tiles = tuple(int(v) for v in given.split(","))
+    except ValueError:
+        tiles = ()
+    if len(tiles) != 4:
+        raise ValueError(f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES, got {given!r}")
+    return tiles
+
+
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
 
 
@@ -235,13 +253,14 @@ def _descriptor(tensor: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(tensor, block, gl.NVMMASharedLayout.get_default_for(block, element))
 
 
-def descriptors(probs, feats, rows, buffer) -> tuple:
+def descriptors(probs, feats, rows, buffer, tiles=TILES) -> tuple:
     """TMA descriptors of P (G x C), F (G x D), the rows and their buffer (C x D)."""
+    block_c, block_d, block_k, _ = tiles
     return (
-        _descriptor(probs, [BLOCK_K, BLOCK_C]),
-        _descriptor(feats, [BLOCK_K, BLOCK_D]),
-        _descriptor(rows, [BLOCK_C, BLOCK_D]),
-        _descriptor(buffer, [BLOCK_C, BLOCK_D]),
+        _descriptor(probs, [block_k, block_c]),
+        _descriptor(feats, [block_k, block_d]),
+        _descriptor(rows, [block_c, block_d]),
+        _descriptor(buffer, [block_c, block_d]),
     )
 
 
@@ -285,9 +304,10 @@ def fused_dw_update(
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
-    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer)
+    tiles = _tiles()
+    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
-    num_tiles = triton.cdiv(rows.shape[0], BLOCK_C) * triton.cdiv(rows.shape[1], BLOCK_D)
+    num_tiles = triton.cdiv(rows.shape[0], tiles[0]) * triton.cdiv(rows.shape[1], tiles[1])
     _dw_update_kernel[(max(1, min(programs, num_tiles)),)](
         p_desc,
         f_desc,
@@ -299,7 +319,7 @@ def fused_dw_update(
         float(lr),
         float(momentum),
         float(weight_decay),
-        STAGES,
+        tiles[3],
         _CONSUMER_REGS,
         _LOADER_REGS,
         num_warps=4,
@@ -318,9 +338,11 @@ def compile_for(arch: int = 90, dim: int = 512):
     rows = torch.empty(1024, dim, dtype=torch.bfloat16)
     buffer = torch.empty(1024, dim, dtype=torch.float32)
     names = _dw_update_kernel.arg_names
-    signature = {name: mangle_type(desc) for name, desc in zip(names, descriptors(probs, feats, rows, buffer))}
+    tiles = _tiles()
+    descs = descriptors(probs, feats, rows, buffer, tiles)
+    signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
     signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
-    constants = dict(STAGES=STAGES, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    constants = dict(STAGES=tiles[3], CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
