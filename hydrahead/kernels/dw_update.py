@@ -45,7 +45,7 @@ try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     GLUON = True
-except ImportError:  # pragma: no cover - an older Triton: the gemm path's own product and update pass
+except (ImportError, AttributeError):  # pragma: no cover - a Triton without these: the product and update pass
     GLUON = False
 
 BLOCK_C, BLOCK_D, BLOCK_K, STAGES = 64, 128, 64, 4  # 192 KiB of shared memory
