@@ -41,11 +41,11 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
     usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
     assert int(usage["STACK"]) == 0, "spilled registers"
-    # two ring buffers' worth of P and F slices per stage, and each consumer's rows and buffer
+    # the ring's P and F slices per stage, and the rows and buffer of each epilogue slot
     ring = dw_update.STAGES * (dw_update.BLOCK_K * (dw_update.BLOCK_C + dw_update.BLOCK_D)) * 2
-    epilogue = 2 * dw_update.BLOCK_C * dw_update.BLOCK_D * (2 + 4)
+    epilogue = dw_update.SLOTS * dw_update.BLOCK_C * dw_update.BLOCK_D * (2 + 4)
     assert ring + epilogue <= compiled["shared"] <= 227 * 1024
-    assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the loader
+    assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
 
 
 def _emulated_kernel(calls):
@@ -120,8 +120,9 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
 
 
 def test_tiles_given_in_the_environment_are_checked(monkeypatch):
-    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,64,4")
-    assert dw_update._tiles() == (128, 64, 64, 4)
-    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,4")
-    with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES"):
-        dw_update._tiles()
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,64,3,2")
+    assert dw_update._tiles() == (128, 64, 64, 3, 2)
+    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4"):
+        monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
+        with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):
+            dw_update._tiles()

@@ -5,17 +5,18 @@ has finished, and the Triton versions of this fusion lost because each program r
 product and then its update with nothing beside it (docs/kernels.md). Here the work is
 split over warps that run at once:
 
-loader      one warp: TMA copies of P's and F's K slices into a ring of STAGES buffers,
-            and of each tile's rows and momentum buffer into its consumer's epilogue
-            buffers
-consumers   two warpgroups that take alternate tiles of dW (BLOCK_C classes x BLOCK_D
-            dims): a wgmma chain over the batch, then the update of the same tile
-            (buffer = momentum·buffer + dW + weight_decay·w; w -= lr·buffer; w rounded
-            to bf16, nearest), written back by TMA
+ring loader      one warp: TMA copies of P's and F's K slices into a ring of STAGES buffers
+epilogue loader  one warp: TMA copies of each tile's rows and momentum buffer into the
+                 next of SLOTS epilogue slots, as far ahead as the slots allow
+consumers        two warpgroups that take alternate tiles of dW (BLOCK_C classes x BLOCK_D
+                 dims): a wgmma chain over the batch, then the update of the same tile
+                 (buffer = momentum·buffer + dW + weight_decay·w; w -= lr·buffer; w
+                 rounded to bf16, nearest), written back by TMA from its slot
 
 While one consumer waits on its tile's update traffic, the other runs its products, so the
-update's bytes move under the products' arithmetic. No dW_c reaches memory: 12 bytes a
-weight instead of the product's 2 and the update pass's 14.
+update's bytes move under the products' arithmetic; at small batches, where those bytes are
+the time, the epilogue loader keeps the next tiles' loads in flight beside the write-backs.
+No dW_c reaches memory: 12 bytes a weight instead of the product's 2 and the update pass's 14.
 
 What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
 cosine projection, lr and the rest as numbers, rows and P whose row strides are multiples
@@ -48,11 +49,11 @@ try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.
 except (ImportError, AttributeError):  # pragma: no cover - a Triton without these: the product and update pass
     GLUON = False
 
-BLOCK_C, BLOCK_D, BLOCK_K, STAGES = 64, 128, 64, 4  # 192 KiB of shared memory
-TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES)  # HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages overrides them
+BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 4, 4  # 160 KiB of shared memory
+TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)  # HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots overrides them
 
 
-def _tiles() -> tuple[int, int, int, int]:
+def _tiles() -> tuple[int, int, int, int, int]:
     given = os.environ.get("HYDRAHEAD_DW_UPDATE_TILES")
     if not given:
         return TILES
@@ -60,8 +61,8 @@ def _tiles() -> tuple[int, int, int, int]:
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) != 4:
-        raise ValueError(f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES, got {given!r}")
+    if len(tiles) != 5 or tiles[4] < 2 or tiles[4] % 2:
+        raise ValueError(f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even), got {given!r}")
     return tiles
 
 
@@ -71,19 +72,14 @@ _CONSUMER_REGS, _LOADER_REGS = 232, 40
 if GLUON:
 
     @gluon.jit
-    def _loader(p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps):
+    def _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
-        w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty, _ = bars
+        ring_ready, ring_empty, _, _, _ = bars
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         step = 0
-        j = 0
-        # the rows and buffer go out once the ring holds the tile's first slices: early enough
-        # to land before the products end, and the loader waits there for that consumer anyway
-        epilogue_at = gl.minimum(stages, k_steps) - 1
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             c0 = (tile // tiles_d) * block_c
             d0 = (tile % tiles_d) * block_d
@@ -94,12 +90,33 @@ if GLUON:
                 _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_bufs.index(s))
                 _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 step += 1
-                if k == epilogue_at:  # once that consumer has written back its previous tile
-                    consumer = j % 2
-                    mbarrier.wait(epi_empty.index(consumer), ((j // 2) & 1) ^ 1)
-                    mbarrier.expect(epi_ready.index(consumer), w_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                    _tma_load(w_desc, [c0, d0], epi_ready.index(consumer), w_bufs.index(consumer))
-                    _tma_load(b_desc, [c0, d0], epi_ready.index(consumer), b_bufs.index(consumer))
+
+    @gluon.jit
+    def _epilogue_loader(w_desc, b_desc, epilogue, bars, num_tiles, tiles_d):
+        # a warp of its own, so the rows and buffer of the next tiles stream in while the
+        # ring waits on the products: at small batches this traffic is the kernel's time
+        w_bufs, b_bufs = epilogue
+        _, _, epi_ready, epi_empty, _ = bars
+        slots: gl.constexpr = w_bufs.type.shape[0]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        block_d: gl.constexpr = w_desc.block_type.shape[1]
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            slot = j % slots
+            mbarrier.wait(epi_empty.index(slot), ((j // slots) & 1) ^ 1)
+            mbarrier.expect(epi_ready.index(slot), w_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(
+                w_desc,
+                [(tile // tiles_d) * block_c, (tile % tiles_d) * block_d],
+                epi_ready.index(slot),
+                w_bufs.index(slot),
+            )
+            _tma_load(
+                b_desc,
+                [(tile // tiles_d) * block_c, (tile % tiles_d) * block_d],
+                epi_ready.index(slot),
+                b_bufs.index(slot),
+            )
             j += 1
 
     @gluon.jit
@@ -122,12 +139,15 @@ if GLUON:
         w_bufs, b_bufs = epilogue
         ring_ready, ring_empty, epi_ready, epi_empty, turn = bars
         stages: gl.constexpr = p_bufs.type.shape[0]
+        slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
         )
         j = 0
+        written = 0  # the slot of this consumer's tile before, once its copies are under way
+        pending = False
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             if j % 2 == which:
                 c0 = (tile // tiles_d) * block_c
@@ -152,17 +172,28 @@ if GLUON:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(ring_empty.index(previous), count=1)
 
-                mbarrier.wait(epi_ready.index(which), (j // 2) & 1)
-                w = w_bufs.index(which).load(acc_layout).to(gl.float32)
-                buf = momentum * b_bufs.index(which).load(acc_layout) + (acc + weight_decay * w)
-                b_bufs.index(which).store(buf)
-                w_bufs.index(which).store((w - lr * buf).to(gl.bfloat16))
+                slot = j % slots
+                mbarrier.wait(epi_ready.index(slot), (j // slots) & 1)
+                w = w_bufs.index(slot).load(acc_layout).to(gl.float32)
+                buf = momentum * b_bufs.index(slot).load(acc_layout) + (acc + weight_decay * w)
+                b_bufs.index(slot).store(buf)
+                w_bufs.index(slot).store((w - lr * buf).to(gl.bfloat16))
                 fence_async_shared()  # the stores above, before the copy engine reads them
-                _tma_store(b_desc, [c0, d0], b_bufs.index(which))
-                _tma_store(w_desc, [c0, d0], w_bufs.index(which))
-                tma.store_wait(0)
-                mbarrier.arrive(epi_empty.index(which), count=1)
+                _tma_store(b_desc, [c0, d0], b_bufs.index(slot))
+                _tma_store(w_desc, [c0, d0], w_bufs.index(slot))
+                if slots == 2:  # a slot each: given back once its copies have left it
+                    tma.store_wait(0)
+                    mbarrier.arrive(epi_empty.index(slot), count=1)
+                else:
+                    # two slots each (an even count keeps a slot with one consumer, so that a
+                    # barrier's parity names its fill): this consumer's tile before is given
+                    # back now that its copies have left, and none waits on its own write-back
+                    tma.store_wait(2)
+                    mbarrier.arrive(epi_empty.index(written), count=1, pred=pending)
+                    written = slot
+                    pending = True
             j += 1
+        tma.store_wait(0)
 
     @gluon.jit
     def _first_consumer(w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay):
@@ -175,10 +206,16 @@ if GLUON:
         _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
 
     @gluon.jit
-    def _loader_partition(
+    def _ring_partition(
         p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
     ):
-        _loader(p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps)
+        _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
+
+    @gluon.jit
+    def _epilogue_partition(
+        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+    ):
+        _epilogue_loader(w_desc, b_desc, epilogue, bars, num_tiles, tiles_d)
 
     @gluon.jit
     def _dw_update_kernel(
@@ -193,6 +230,7 @@ if GLUON:
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
+        SLOTS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
@@ -201,18 +239,18 @@ if GLUON:
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
         f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [2, block_c, block_d], w_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2, block_c, block_d], b_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [SLOTS, block_c, block_d], w_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [SLOTS, block_c, block_d], b_desc.layout)
         ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        epi_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        epi_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        epi_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile j's slices in
         mbarrier.init(turn.index(0), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ring_ready.index(i), count=1)
             mbarrier.init(ring_empty.index(i), count=1)
-        for i in gl.static_range(2):
+        for i in gl.static_range(SLOTS):
             mbarrier.init(epi_ready.index(i), count=1)
             mbarrier.init(epi_empty.index(i), count=1)
         tiles_d = gl.cdiv(D, block_d)
@@ -241,10 +279,11 @@ if GLUON:
             [
                 (_first_consumer, consumer_args),
                 (_second_consumer, worker_args),
-                (_loader_partition, worker_args),
+                (_ring_partition, worker_args),
+                (_epilogue_partition, worker_args),
             ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
+            [4, 1, 1],
+            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
         )
 
 
@@ -255,7 +294,7 @@ def _descriptor(tensor: torch.Tensor, block: list[int]):
 
 def descriptors(probs, feats, rows, buffer, tiles=TILES) -> tuple:
     """TMA descriptors of P (G x C), F (G x D), the rows and their buffer (C x D)."""
-    block_c, block_d, block_k, _ = tiles
+    block_c, block_d, block_k = tiles[:3]
     return (
         _descriptor(probs, [block_k, block_c]),
         _descriptor(feats, [block_k, block_d]),
@@ -320,6 +359,7 @@ def fused_dw_update(
         float(momentum),
         float(weight_decay),
         tiles[3],
+        tiles[4],
         _CONSUMER_REGS,
         _LOADER_REGS,
         num_warps=4,
@@ -342,7 +382,7 @@ def compile_for(arch: int = 90, dim: int = 512):
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
     signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
-    constants = dict(STAGES=tiles[3], CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    constants = dict(STAGES=tiles[3], SLOTS=tiles[4], CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
