@@ -98,10 +98,10 @@ def _rel_err(a, b):
 
 
 def test_the_fused_kernel_takes_only_the_step_it_implements():
-    def case(width=64, rows_dtype=torch.bfloat16, buffer_dtype=torch.float32, **changes):
+    def case(width=64, rows_dtype=torch.bfloat16, buffer_dtype=torch.float32, batch=32, **changes):
         rows = torch.zeros(width, 128, dtype=rows_dtype)
-        probs = torch.zeros(32, width, dtype=torch.bfloat16)
-        feats = torch.zeros(32, 128, dtype=torch.bfloat16)
+        probs = torch.zeros(batch, width, dtype=torch.bfloat16)
+        feats = torch.zeros(batch, 128, dtype=torch.bfloat16)
         options = dict(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(width, 128, dtype=buffer_dtype))
         return dw_update.step_supported(probs, feats, rows, SGDUpdate(**{**options, **changes}))
 
@@ -113,6 +113,9 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert not case(compensation=torch.zeros(64, 128, dtype=torch.bfloat16))
     assert not case(lr=torch.tensor(0.1))
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
+    assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
+    # from 1,024 rows the product and the update pass are faster: the step keeps them
+    assert case() and not case(batch=1024)
     # no GPU here: never taken, whatever the step
     rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)
     update = SGDUpdate(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(64, 128))

@@ -50,13 +50,22 @@ except (ImportError, AttributeError):  # pragma: no cover - a Triton without the
     GLUON = False
 
 BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 4, 4  # 160 KiB of shared memory
-TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)  # HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots overrides them
+TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)
+# Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
+# (docs/kernels.md): 64 x 64 tiles with four slots move the small batch's bytes fastest;
+# 64 x 128 tiles read P from L2 half as often, which wins from 512 rows; from 1,024 the
+# product and the update pass are faster than either, so larger batches keep them.
+TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2)))
 
 
-def _tiles() -> tuple[int, int, int, int, int]:
+def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None:
+    """BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS for a batch of ``num_rows`` (None: the fused
+    kernel is slower there); HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots overrides them."""
     given = os.environ.get("HYDRAHEAD_DW_UPDATE_TILES")
     if not given:
-        return TILES
+        if num_rows is None:
+            return TILES
+        return next((tiles for most, tiles in TILES_BY_BATCH if num_rows <= most), None)
     try:
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
@@ -332,6 +341,7 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
         and update.compensation is None
         and not isinstance(update.lr, torch.Tensor)
         and all(_tma_ready(t) for t in (probs, feats, rows, buffer))
+        and _tiles(probs.shape[0]) is not None
     )
 
 
@@ -343,7 +353,9 @@ def fused_dw_update(
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
-    tiles = _tiles()
+    tiles = _tiles(feats.shape[0])
+    if tiles is None:
+        raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
     num_tiles = triton.cdiv(rows.shape[0], tiles[0]) * triton.cdiv(rows.shape[1], tiles[1])
