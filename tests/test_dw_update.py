@@ -98,7 +98,7 @@ def _rel_err(a, b):
 
 
 def test_the_fused_kernel_takes_only_the_step_it_implements():
-    def case(width=64, rows_dtype=torch.bfloat16, buffer_dtype=torch.float32, batch=32, **changes):
+    def case(width=64, rows_dtype=torch.bfloat16, buffer_dtype=torch.float32, batch=64, **changes):
         rows = torch.zeros(width, 128, dtype=rows_dtype)
         probs = torch.zeros(batch, width, dtype=torch.bfloat16)
         feats = torch.zeros(batch, 128, dtype=torch.bfloat16)
@@ -115,7 +115,8 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
     assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
     # from 1,024 rows the product and the update pass are faster: the step keeps them
-    assert case() and not case(batch=1024)
+    assert case(batch=64) and case(batch=768) and not case(batch=1024)
+    assert not case(batch=32)  # below the smallest batch run on a GPU
     # no GPU here: never taken, whatever the step
     rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)
     update = SGDUpdate(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(64, 128))
@@ -129,3 +130,16 @@ def test_tiles_given_in_the_environment_are_checked(monkeypatch):
         monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
         with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):
             dw_update._tiles()
+
+
+def test_the_benchmark_reads_its_shapes_and_says_what_it_needs():
+    import argparse
+
+    from benchmarks import dw_update as bench
+
+    assert bench._shape("256x512x1048576") == (256, 512, 1048576)
+    with pytest.raises(argparse.ArgumentTypeError, match="GxDxC"):
+        bench._shape("256x512")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sm_90"):
+            bench.main(["--shapes", "64x64x64"])

@@ -723,3 +723,18 @@ def test_a_head_step_with_the_fused_dw_update_follows_the_float64_step(monkeypat
     assert rel_err(buf, ref_buf) < 2e-2
     expected = (w64 - lr * ref_buf).bfloat16()
     assert float((w == expected).float().mean()) > 0.99
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import dw_update as bench
+
+    monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
+    bench.main(["--shapes", "256x128x4096,1024x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2"])
+    rows = json.loads((tmp_path / "dw_update.json").read_text())["rows"]
+    # 256 rows: the pair, the batch table's tiles, the given tiles; 1,024: no table entry
+    assert [r["shape"] for r in rows].count("256x128x4096") == 3
+    assert [r["shape"] for r in rows].count("1024x128x4096") == 2
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == r["ms"] / r["floor_ms"] for r in rows)

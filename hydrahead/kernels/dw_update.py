@@ -56,6 +56,7 @@ TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)
 # 64 x 128 tiles read P from L2 half as often, which wins from 512 rows; from 1,024 the
 # product and the update pass are faster than either, so larger batches keep them.
 TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2)))
+FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
 
 def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None:
@@ -65,6 +66,8 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None
     if not given:
         if num_rows is None:
             return TILES
+        if num_rows < FEWEST_ROWS:
+            return None
         return next((tiles for most, tiles in TILES_BY_BATCH if num_rows <= most), None)
     try:
         tiles = tuple(int(v) for v in given.split(","))
