@@ -666,9 +666,11 @@ def _hopper_with_gluon():
         (1024, 4096, 512, None),  # one program an SM
     ],
 )
-def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs):
+@pytest.mark.parametrize("tiles", [None, "64,64,64,4,4", "64,128,64,4,2"])  # None: the batch table's
+def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs, tiles, monkeypatch):
     """Odd batch and class counts (tiles past the edges), and grids that give each program
-    many tiles, against P^T F and SGD in float64."""
+    many tiles, against P^T F and SGD in float64, with each tile set the table holds."""
+    from hydrahead.kernels import dw_update
     from hydrahead.kernels.dw_update import fused_dw_update
 
     gen = torch.Generator().manual_seed(num_rows + num_classes)
@@ -677,6 +679,12 @@ def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim
     rows = (torch.randn(num_classes, dim, generator=gen) * 0.02).bfloat16().cuda()
     buffer = (torch.randn(num_classes, dim, generator=gen) * 1e-3).cuda()
     lr, momentum, weight_decay = 0.1, 0.9, 5e-4
+    if tiles is not None:
+        monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", tiles)
+    elif dw_update._tiles(num_rows) is None:
+        with pytest.raises(ValueError, match="slower"):  # past the table: the product and pass
+            fused_dw_update(probs, feats, rows, buffer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return
     ref_buf = momentum * buffer.double() + probs.double().t() @ feats.double() + weight_decay * rows.double()
     ref_rows = rows.double() - lr * ref_buf
     new_rows, new_buf = rows.clone(), buffer.clone()
