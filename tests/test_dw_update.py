@@ -143,3 +143,16 @@ def test_the_benchmark_reads_its_shapes_and_says_what_it_needs():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="sm_90"):
             bench.main(["--shapes", "64x64x64"])
+
+
+def test_the_fused_kernel_names_operands_of_the_wrong_shape():
+    probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.bfloat16)
+    rows, buffer = torch.zeros(128, 32, dtype=torch.bfloat16), torch.zeros(128, 32)
+    for wrong in (
+        (probs, feats[:, :16], rows, buffer),  # F narrower than the rows
+        (probs[:32], feats, rows, buffer),  # P and F from different batches
+        (probs, feats, rows, buffer[:64]),  # a buffer of other rows
+        (probs[:, :64], feats, rows, buffer),  # P over other classes
+    ):
+        with pytest.raises(ValueError, match="takes P"):
+            dw_update.fused_dw_update(*wrong, lr=0.1, momentum=0.9, weight_decay=0.0)

@@ -659,7 +659,7 @@ def _hopper_with_gluon():
 @pytest.mark.parametrize(
     "num_rows, num_classes, dim, programs",
     [
-        (333, 784, 512, 1),  # 52 tiles in one program, six K slices each: both consumers, the ring wrapping
+        (333, 784, 512, 1),  # 52-104 tiles in one program, six K slices each: both consumers, the ring wrapping
         (200, 304, 256, 2),  # five tiles a program (an odd count), four K slices
         (64, 1000, 384, 3),  # one K slice a tile
         (577, 520, 128, 7),  # ten K slices, a batch one past a slice

@@ -356,6 +356,12 @@ def fused_dw_update(
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
+    batch, classes = probs.shape
+    if feats.shape != (batch, rows.shape[1]) or rows.shape != (classes, feats.shape[1]) or buffer.shape != rows.shape:
+        raise ValueError(
+            f"fused_dw_update takes P (G x C), F (G x D), rows and buffer (C x D); got P {tuple(probs.shape)}, "
+            f"F {tuple(feats.shape)}, rows {tuple(rows.shape)}, buffer {tuple(buffer.shape)}"
+        )
     tiles = _tiles(feats.shape[0])
     if tiles is None:
         raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
