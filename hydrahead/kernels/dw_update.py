@@ -50,18 +50,20 @@ except (ImportError, AttributeError):  # pragma: no cover - a Triton without the
     GLUON = False
 
 BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 4, 4  # 160 KiB of shared memory
-TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)
+HOLD_ROWS = 0  # batches up to this many rows hold F's column in shared memory (0: F rides the ring)
+TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
 # Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
 # (docs/kernels.md): 64 x 64 tiles with four slots move the small batch's bytes fastest;
 # 64 x 128 tiles read P from L2 half as often, which wins from 512 rows; from 1,024 the
 # product and the update pass are faster than either, so larger batches keep them.
-TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2)))
+TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2, 0)))
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
 
-def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None:
-    """BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS for a batch of ``num_rows`` (None: the fused
-    kernel is slower there); HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots overrides them."""
+def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int, int] | None:
+    """BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS for a batch of ``num_rows`` (None:
+    the fused kernel is slower there); HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots[,hold_rows]
+    overrides them."""
     given = os.environ.get("HYDRAHEAD_DW_UPDATE_TILES")
     if not given:
         if num_rows is None:
@@ -73,9 +75,23 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) != 5 or tiles[4] < 2 or tiles[4] % 2:
-        raise ValueError(f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even), got {given!r}")
-    return tiles
+    if len(tiles) not in (5, 6) or tiles[4] < 2 or tiles[4] % 2:
+        raise ValueError(
+            f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even)[,HOLD_ROWS], got {given!r}"
+        )
+    return tiles + (0,) * (6 - len(tiles))
+
+
+def _held_slices(num_rows: int, tiles) -> int:
+    """F's K slices held for the whole kernel (0: F's slices ride the ring with P's)."""
+    return triton.cdiv(num_rows, tiles[2]) if num_rows <= tiles[5] else 0
+
+
+def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
+    grid = max(1, min(programs, num_tiles))
+    if held:  # a multiple of the D columns, so that a program's tiles share one column of F
+        grid = max(tiles_d, grid // tiles_d * tiles_d)
+    return grid
 
 
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
@@ -86,11 +102,17 @@ if GLUON:
     @gluon.jit
     def _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
-        ring_ready, ring_empty, _, _, _ = bars
+        ring_ready, ring_empty, _, _, _, f_ready = bars
+        held: gl.constexpr = f_ready.type.shape[0] - 1  # HELD, carried by a type
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
+        if held:  # the program's one D column of F, all its K slices, once
+            mbarrier.expect(f_ready.index(0), held * f_desc.block_type.nbytes)
+            d_held = (gl.program_id(0) % tiles_d) * block_d
+            for h in gl.static_range(held):
+                _tma_load(f_desc, [h * block_k, d_held], f_ready.index(0), f_bufs.index(h))
         step = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             c0 = (tile // tiles_d) * block_c
@@ -98,9 +120,12 @@ if GLUON:
             for k in range(k_steps):
                 s = step % stages
                 mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)  # a fresh barrier passes phase 1
-                mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                if held:
+                    mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                    _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_bufs.index(s))
-                _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 step += 1
 
     @gluon.jit
@@ -108,7 +133,7 @@ if GLUON:
         # a warp of its own, so the rows and buffer of the next tiles stream in while the
         # ring waits on the products: at small batches this traffic is the kernel's time
         w_bufs, b_bufs = epilogue
-        _, _, epi_ready, epi_empty, _ = bars
+        _, _, epi_ready, epi_empty, _, _ = bars
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
@@ -149,7 +174,8 @@ if GLUON:
     ):
         p_bufs, f_bufs = rings
         w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty, turn = bars
+        ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready = bars
+        held: gl.constexpr = f_ready.type.shape[0] - 1
         stages: gl.constexpr = p_bufs.type.shape[0]
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
@@ -157,6 +183,8 @@ if GLUON:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
         )
+        if held:
+            mbarrier.wait(f_ready.index(0), 0)
         j = 0
         written = 0  # the slot of this consumer's tile before, once its copies are under way
         pending = False
@@ -175,7 +203,10 @@ if GLUON:
                     mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
                     mbarrier.arrive(turn.index(0), count=1, pred=k == k_steps - 1)
                     # P^T's slice (BLOCK_C x BLOCK_K) as a transposed view of P's
-                    token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
+                    if held:
+                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(k), acc, is_async=True)
+                    else:
+                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
                     # one product in flight; the slot of the one before it is free again
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
                     mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
@@ -243,6 +274,7 @@ if GLUON:
         weight_decay,
         STAGES: gl.constexpr,
         SLOTS: gl.constexpr,
+        HELD: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
@@ -250,7 +282,10 @@ if GLUON:
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
-        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
+        # F's slices ride the ring beside P's, or (HELD > 0: a batch of HELD slices, a grid
+        # that keeps each program on one D column) are loaded once and held
+        f_count: gl.constexpr = HELD if HELD > 0 else STAGES
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [f_count, block_k, block_d], f_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [SLOTS, block_c, block_d], w_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [SLOTS, block_c, block_d], b_desc.layout)
         ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -259,6 +294,10 @@ if GLUON:
         epi_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile j's slices in
         mbarrier.init(turn.index(0), count=1)
+        # F held: its barrier is the first of HELD + 1, so that the count reaches the partitions
+        # as a type (a constant passed through warp_specialize arrives as a value)
+        f_ready = gl.allocate_shared_memory(gl.int64, [HELD + 1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(f_ready.index(0), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ring_ready.index(i), count=1)
             mbarrier.init(ring_empty.index(i), count=1)
@@ -270,7 +309,7 @@ if GLUON:
         k_steps = gl.cdiv(G, block_k)
         rings = (p_bufs, f_bufs)
         epilogue = (w_bufs, b_bufs)
-        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn)
+        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready)
         worker_args = (
             p_desc,
             f_desc,
@@ -367,8 +406,9 @@ def fused_dw_update(
         raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
-    num_tiles = triton.cdiv(rows.shape[0], tiles[0]) * triton.cdiv(rows.shape[1], tiles[1])
-    _dw_update_kernel[(max(1, min(programs, num_tiles)),)](
+    tiles_d = triton.cdiv(rows.shape[1], tiles[1])
+    held = _held_slices(feats.shape[0], tiles)
+    _dw_update_kernel[(_grid(triton.cdiv(rows.shape[0], tiles[0]) * tiles_d, tiles_d, programs, held),)](
         p_desc,
         f_desc,
         w_desc,
@@ -381,6 +421,7 @@ def fused_dw_update(
         float(weight_decay),
         tiles[3],
         tiles[4],
+        held,
         _CONSUMER_REGS,
         _LOADER_REGS,
         num_warps=4,
@@ -403,7 +444,13 @@ def compile_for(arch: int = 90, dim: int = 512):
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
     signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
-    constants = dict(STAGES=tiles[3], SLOTS=tiles[4], CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    constants = dict(
+        STAGES=tiles[3],
+        SLOTS=tiles[4],
+        HELD=_held_slices(256, tiles),
+        CONSUMER_REGS=_CONSUMER_REGS,
+        LOADER_REGS=_LOADER_REGS,
+    )
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
