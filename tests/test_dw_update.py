@@ -31,19 +31,28 @@ print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metada
 
 
 @pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
-def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path):
+@pytest.mark.parametrize("tiles", [None, "64,64,64,4,4,384"])  # the default; F's column held at 256 rows
+def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles):
     # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"
     env = {**os.environ, "CUBIN": str(cubin), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
+    if tiles:
+        env["HYDRAHEAD_DW_UPDATE_TILES"] = tiles
     done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
     dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
     usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
     assert int(usage["STACK"]) == 0, "spilled registers"
-    # the ring's P and F slices per stage, and the rows and buffer of each epilogue slot
-    ring = dw_update.STAGES * (dw_update.BLOCK_K * (dw_update.BLOCK_C + dw_update.BLOCK_D)) * 2
-    epilogue = dw_update.SLOTS * dw_update.BLOCK_C * dw_update.BLOCK_D * (2 + 4)
+    # the ring's P (and F) slices per stage, F's held slices (256 rows: four), and the rows
+    # and buffer of each epilogue slot
+    block_c, block_d, block_k, stages, slots, hold_rows = (
+        tuple(map(int, tiles.split(","))) if tiles else dw_update.TILES
+    )
+    f_slices = 256 // block_k if hold_rows >= 256 else stages
+    ring = stages * block_k * block_c * 2 + f_slices * block_k * block_d * 2
+    epilogue = slots * block_c * block_d * (2 + 4)
     assert ring + epilogue <= compiled["shared"] <= 227 * 1024
     assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
 
@@ -125,8 +134,10 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
 
 def test_tiles_given_in_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,64,3,2")
-    assert dw_update._tiles() == (128, 64, 64, 3, 2)
-    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4"):
+    assert dw_update._tiles() == (128, 64, 64, 3, 2, 0)
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "64,64,64,4,4,384")
+    assert dw_update._tiles(1024) == (64, 64, 64, 4, 4, 384)
+    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4", "64,64,64,4,4,384,1"):
         monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
         with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):
             dw_update._tiles()
@@ -156,3 +167,22 @@ def test_the_fused_kernel_names_operands_of_the_wrong_shape():
     ):
         with pytest.raises(ValueError, match="takes P"):
             dw_update.fused_dw_update(*wrong, lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+def test_a_held_f_takes_its_slices_and_a_grid_of_whole_d_columns():
+    held_tiles = (64, 64, 64, 4, 4, 384)
+    assert dw_update._held_slices(256, held_tiles) == 4
+    assert dw_update._held_slices(257, held_tiles) == 5  # a slice past the batch's last row
+    assert dw_update._held_slices(385, held_tiles) == 0  # past HOLD_ROWS: F rides the ring
+    assert dw_update._held_slices(256, (64, 64, 64, 4, 4, 0)) == 0
+    # 8 D columns: the grid is a multiple of 8, at least 8, at most the tiles
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=132, held=4) == 128
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=3, held=4) == 8
+    assert dw_update._grid(num_tiles=8 * 2, tiles_d=8, programs=132, held=4) == 16
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=132, held=0) == 132
+    for tiles_d, programs, num_c in ((8, 132, 1000), (4, 7, 3), (6, 100, 50)):
+        grid = dw_update._grid(num_c * tiles_d, tiles_d, programs, held=2)
+        # each program's tiles (tile = program + i * grid) stay in the program's D column
+        for program in range(grid):
+            columns = {tile % tiles_d for tile in range(program, num_c * tiles_d, grid)}
+            assert columns == {program % tiles_d}
