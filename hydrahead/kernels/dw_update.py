@@ -87,6 +87,19 @@ def _held_slices(num_rows: int, tiles) -> int:
     return triton.cdiv(num_rows, tiles[2]) if num_rows <= tiles[5] else 0
 
 
+SHARED_LIMIT = 227 * 1024  # a Hopper program's shared memory
+
+
+def shared_bytes(tiles, held: int) -> int:
+    """The kernel's shared memory at these tiles: the ring's P (and F) slices, F's held
+    slices, the epilogue slots' rows and buffer, and the barriers."""
+    block_c, block_d, block_k, stages, slots = tiles[:5]
+    f_slices = held or stages
+    barriers = 8 * (2 * stages + 2 * slots + 1 + held + 1)
+    compiler = 1024  # alignment and scratch: the compiled kernels took 224-256 bytes beyond the rest
+    return 2 * block_k * (stages * block_c + f_slices * block_d) + 6 * slots * block_c * block_d + barriers + compiler
+
+
 def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
     grid = max(1, min(programs, num_tiles))
     if held:  # a multiple of the D columns, so that a program's tiles share one column of F
@@ -383,8 +396,13 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
         and update.compensation is None
         and not isinstance(update.lr, torch.Tensor)
         and all(_tma_ready(t) for t in (probs, feats, rows, buffer))
-        and _tiles(probs.shape[0]) is not None
+        and _fits(probs.shape[0])
     )
+
+
+def _fits(num_rows: int) -> bool:
+    tiles = _tiles(num_rows)
+    return tiles is not None and shared_bytes(tiles, _held_slices(num_rows, tiles)) <= SHARED_LIMIT
 
 
 def fused_dw_update(
@@ -404,10 +422,15 @@ def fused_dw_update(
     tiles = _tiles(feats.shape[0])
     if tiles is None:
         raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
+    held = _held_slices(feats.shape[0], tiles)
+    if shared_bytes(tiles, held) > SHARED_LIMIT:
+        raise ValueError(
+            f"tiles {tiles} at {feats.shape[0]} rows need {shared_bytes(tiles, held)} bytes of shared memory, "
+            f"more than {SHARED_LIMIT}: fewer stages, slots or held rows"
+        )
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
     tiles_d = triton.cdiv(rows.shape[1], tiles[1])
-    held = _held_slices(feats.shape[0], tiles)
     _dw_update_kernel[(_grid(triton.cdiv(rows.shape[0], tiles[0]) * tiles_d, tiles_d, programs, held),)](
         p_desc,
         f_desc,
@@ -428,15 +451,16 @@ def fused_dw_update(
     )
 
 
-def compile_for(arch: int = 90, dim: int = 512):
+def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
-    memory can be read from the result): descriptors of small CPU tensors give its types."""
+    memory can be read from the result): descriptors of small CPU tensors give its types;
+    ``num_rows`` sets how many of F's slices a held-F variant holds."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    probs = torch.empty(256, 1024, dtype=torch.bfloat16)
-    feats = torch.empty(256, dim, dtype=torch.bfloat16)
+    probs = torch.empty(num_rows, 1024, dtype=torch.bfloat16)
+    feats = torch.empty(num_rows, dim, dtype=torch.bfloat16)
     rows = torch.empty(1024, dim, dtype=torch.bfloat16)
     buffer = torch.empty(1024, dim, dtype=torch.float32)
     names = _dw_update_kernel.arg_names
@@ -447,7 +471,7 @@ def compile_for(arch: int = 90, dim: int = 512):
     constants = dict(
         STAGES=tiles[3],
         SLOTS=tiles[4],
-        HELD=_held_slices(256, tiles),
+        HELD=_held_slices(num_rows, tiles),
         CONSUMER_REGS=_CONSUMER_REGS,
         LOADER_REGS=_LOADER_REGS,
     )
