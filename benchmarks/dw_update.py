@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--tiles",
         default="",
-        help="more tile sets, 'c,d,k,stages,slots[,hold_rows]' separated by ';' (beside the batch table's)",
+        help="more tile sets, 'c,d,k,stages,slots[,hold_rows]' (slots 0: the wide variant) separated by ';'",
     )
     parser.add_argument("--reps", type=int, default=10, help="timed calls a row (median)")
     parser.add_argument("--name", default="dw_update", help="results file name under benchmarks/results/")

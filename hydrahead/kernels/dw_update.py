@@ -75,9 +75,10 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int, int] |
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) not in (5, 6) or tiles[4] < 2 or tiles[4] % 2:
+    if len(tiles) not in (5, 6) or tiles[4] % 2 or (tiles[4] == 0 and (tiles[0] != 128 or tiles[5:] not in ((), (0,)))):
         raise ValueError(
-            f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even)[,HOLD_ROWS], got {given!r}"
+            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even; 0: the wide "
+            f"variant, BLOCK_C 128, no F held)[,HOLD_ROWS], got {given!r}"
         )
     return tiles + (0,) * (6 - len(tiles))
 
@@ -350,6 +351,246 @@ if GLUON:
             [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
         )
 
+    # The wide variant for larger batches: both consumers share one tile of BLOCK_C = 128
+    # classes (64 each) x BLOCK_D, so F's slice serves 128 classes and P's 128 dims, half the
+    # slice bytes a weight of 64 x 128 tiles. Its rows and buffer (192 KiB at 128 x 128) do
+    # not fit beside the ring, so each consumer loads its half into registers when its tile
+    # starts (the products hide the loads) and stores it from there: no epilogue slots.
+
+    @gluon.jit
+    def _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
+        p_lo, p_hi, f_bufs = rings
+        ring_ready, ring_empty = bars
+        stages: gl.constexpr = f_bufs.type.shape[0]
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        half: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            c0 = (tile // tiles_d) * (2 * half)
+            d0 = (tile % tiles_d) * block_d
+            for k in range(k_steps):
+                s = step % stages
+                # both consumers give a slot back (count 2); a fresh barrier passes phase 1
+                mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)
+                mbarrier.expect(ring_ready.index(s), 2 * p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_lo.index(s))
+                _tma_load(p_desc, [k * block_k, c0 + half], ring_ready.index(s), p_hi.index(s))
+                _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _wide_consumer(
+        which: gl.constexpr,
+        p_bufs,
+        f_bufs,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        NUM_WARPS: gl.constexpr,
+    ):
+        ring_ready, ring_empty = bars
+        stages: gl.constexpr = f_bufs.type.shape[0]
+        half: gl.constexpr = p_bufs.type.shape[2]
+        block_d: gl.constexpr = f_bufs.type.shape[2]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
+        )
+        offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
+        offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
+            dims = (tile % tiles_d) * block_d + offs_d
+            inside = (classes < C)[:, None] & (dims < D)[None, :]
+            at = classes.to(gl.int64)[:, None]
+            row_ptrs = rows_ptr + at * stride_rows + dims[None, :]
+            buf_ptrs = buf_ptr + at * stride_buf + dims[None, :]
+            # the buffer (two thirds of the bytes) issued now and used after the products, which
+            # hide its latency; the rows after them, where 32 registers more would spill
+            buf = gl.load(buf_ptrs, mask=inside, other=0.0)
+            acc = gl.zeros([half, block_d], gl.float32, acc_layout)
+            previous = 0
+            for k in range(k_steps):
+                s = step % stages
+                mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
+                token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
+                mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
+                previous = s
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(ring_empty.index(previous), count=1)
+            w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
+            buf = momentum * buf + (acc + weight_decay * w)
+            gl.store(buf_ptrs, buf, mask=inside)
+            gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=inside)
+
+    @gluon.jit
+    def _wide_first(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        p_lo, p_hi, f_bufs = rings
+        _wide_consumer(
+            0,
+            p_lo,
+            f_bufs,
+            bars,
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+            4,
+        )
+
+    @gluon.jit
+    def _wide_second(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        p_lo, p_hi, f_bufs = rings
+        _wide_consumer(
+            1,
+            p_hi,
+            f_bufs,
+            bars,
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+            4,
+        )
+
+    @gluon.jit
+    def _wide_loading(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
+
+    @gluon.jit
+    def _dw_update_wide_kernel(
+        p_desc,
+        f_desc,
+        rows_ptr,
+        buf_ptr,
+        G,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        lr,
+        momentum,
+        weight_decay,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        half: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        p_lo = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
+        p_hi = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
+        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ring_ready.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=2)
+        tiles_d = gl.cdiv(D, block_d)
+        num_tiles = gl.cdiv(C, 2 * half) * tiles_d
+        k_steps = gl.cdiv(G, block_k)
+        args = (
+            p_desc,
+            f_desc,
+            (p_lo, p_hi, f_bufs),
+            (ring_ready, ring_empty),
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+        )
+        gl.warp_specialize(
+            [(_wide_first, args), (_wide_second, args), (_wide_loading, args)], [4, 1], [CONSUMER_REGS, LOADER_REGS]
+        )
+
 
 def _descriptor(tensor: torch.Tensor, block: list[int]):
     element = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[tensor.dtype]
@@ -428,8 +669,11 @@ def fused_dw_update(
             f"tiles {tiles} at {feats.shape[0]} rows need {shared_bytes(tiles, held)} bytes of shared memory, "
             f"more than {SHARED_LIMIT}: fewer stages, slots or held rows"
         )
-    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
+    if tiles[4] == 0:
+        _launch_wide(probs, feats, rows, buffer, tiles, float(lr), float(momentum), float(weight_decay), programs)
+        return
+    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     tiles_d = triton.cdiv(rows.shape[1], tiles[1])
     _dw_update_kernel[(_grid(triton.cdiv(rows.shape[0], tiles[0]) * tiles_d, tiles_d, programs, held),)](
         p_desc,
@@ -451,6 +695,29 @@ def fused_dw_update(
     )
 
 
+def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, programs) -> None:
+    block_c, block_d, block_k, stages = tiles[:4]
+    num_tiles = triton.cdiv(rows.shape[0], block_c) * triton.cdiv(rows.shape[1], block_d)
+    _dw_update_wide_kernel[(max(1, min(programs, num_tiles)),)](
+        _descriptor(probs, [block_k, block_c // 2]),
+        _descriptor(feats, [block_k, block_d]),
+        rows,
+        buffer,
+        feats.shape[0],
+        rows.shape[0],
+        rows.shape[1],
+        rows.stride(0),
+        buffer.stride(0),
+        lr,
+        momentum,
+        weight_decay,
+        stages,
+        _CONSUMER_REGS,
+        _LOADER_REGS,
+        num_warps=4,
+    )
+
+
 def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
     memory can be read from the result): descriptors of small CPU tensors give its types;
@@ -463,8 +730,10 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     feats = torch.empty(num_rows, dim, dtype=torch.bfloat16)
     rows = torch.empty(1024, dim, dtype=torch.bfloat16)
     buffer = torch.empty(1024, dim, dtype=torch.float32)
-    names = _dw_update_kernel.arg_names
     tiles = _tiles()
+    if tiles[4] == 0:
+        return _compile_wide(arch, probs, feats, tiles)
+    names = _dw_update_kernel.arg_names
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
     signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
@@ -478,6 +747,35 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=4),
+    )
+
+
+def _compile_wide(arch, probs, feats, tiles):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    block_c, block_d, block_k, stages = tiles[:4]
+    fn = _dw_update_wide_kernel
+    signature = dict(
+        p_desc=mangle_type(_descriptor(probs, [block_k, block_c // 2])),
+        f_desc=mangle_type(_descriptor(feats, [block_k, block_d])),
+        rows_ptr="*bf16",
+        buf_ptr="*fp32",
+    )
+    signature.update(G="i32", C="i32", D="i32", stride_rows="i32", stride_buf="i32")
+    signature.update(lr="fp32", momentum="fp32", weight_decay="fp32")
+    constants = dict(STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    signature.update({name: "constexpr" for name in constants})
+    # as a launch at D = 512 specialises: pointers 16-byte aligned, D and the strides multiples of 16
+    aligned = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name in ("rows_ptr", "buf_ptr", "D", "stride_rows", "stride_buf")
+    }
+    return triton.compile(
+        GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=4),
     )
