@@ -126,7 +126,7 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
 def test_tiles_given_in_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,64,3,2")
     assert dw_update._tiles() == (128, 64, 64, 3, 2)
-    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4"):
+    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4", "64,64,64,1,4", "64,64,64,4,-2"):
         monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
         with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):
             dw_update._tiles()

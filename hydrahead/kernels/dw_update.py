@@ -73,8 +73,11 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) != 5 or tiles[4] < 2 or tiles[4] % 2:
-        raise ValueError(f"HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even), got {given!r}")
+    if len(tiles) != 5 or tiles[3] < 2 or tiles[4] < 2 or tiles[4] % 2:  # one stage: each slot waits on itself
+        raise ValueError(
+            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (STAGES 2 or more, "
+            f"SLOTS even), got {given!r}"
+        )
     return tiles
 
 
