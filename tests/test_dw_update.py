@@ -146,6 +146,9 @@ def test_tiles_given_in_the_environment_are_checked(monkeypatch):
         "64,64,64,4,4,384,1",
         "64,128,64,6,0",
         "128,128,64,6,0,256",
+        "128,256,64,4,0",
+        "64,64,64,1,4",
+        "64,64,64,4,-2",
     ):
         monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
         with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):

@@ -75,10 +75,17 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int, int] |
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) not in (5, 6) or tiles[4] % 2 or (tiles[4] == 0 and (tiles[0] != 128 or tiles[5:] not in ((), (0,)))):
+    wide = len(tiles) in (5, 6) and tiles[4] == 0  # the wide variant: a 128-class tile, D up to 128, no F held
+    if (
+        len(tiles) not in (5, 6)
+        or tiles[3] < 2  # one stage: each slot waits on itself
+        or tiles[4] < 0
+        or tiles[4] % 2
+        or (wide and (tiles[0] != 128 or tiles[1] > 128 or tiles[5:] not in ((), (0,))))
+    ):
         raise ValueError(
-            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (even; 0: the wide "
-            f"variant, BLOCK_C 128, no F held)[,HOLD_ROWS], got {given!r}"
+            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS[,HOLD_ROWS] (STAGES 2 or more, "
+            f"SLOTS even; SLOTS 0: the wide variant, BLOCK_C 128, BLOCK_D up to 128, no F held), got {given!r}"
         )
     return tiles + (0,) * (6 - len(tiles))
 
