@@ -211,3 +211,17 @@ def test_a_tile_set_past_shared_memory_is_refused_before_its_launch(monkeypatch)
     assert dw_update.step_supported(probs[:384], feats[:384], rows, update)  # six slices fit
     with pytest.raises(ValueError, match="shared memory"):
         dw_update.fused_dw_update(probs, feats, rows, update.momentum_buffer, lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+def test_the_wide_variant_refuses_rows_it_cannot_index(monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,128,64,6,0")
+    probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.bfloat16)
+    rows, buffer = torch.zeros(128, 32, dtype=torch.bfloat16), torch.zeros(128, 32)
+    for wrong in (
+        (rows.t().contiguous().t(), buffer),  # rows stepping by C along D
+        (rows, buffer.t().contiguous().t()),
+        (rows, buffer.bfloat16()),
+        (rows.float(), buffer),
+    ):
+        with pytest.raises(ValueError, match="wide variant takes"):
+            dw_update._launch_wide(probs, feats, *wrong, (128, 128, 64, 6, 0, 0), 0.1, 0.9, 0.0, programs=1)

@@ -703,6 +703,13 @@ def fused_dw_update(
 
 
 def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, programs) -> None:
+    # no descriptors for the rows and buffer here to check them: their pointers are indexed
+    # as bf16 and float32 rows with unit steps along D
+    if rows.dtype != torch.bfloat16 or buffer.dtype != torch.float32 or rows.stride(1) != 1 or buffer.stride(1) != 1:
+        raise ValueError(
+            f"the wide variant takes bf16 rows and a float32 buffer, each with unit stride along D; got "
+            f"{rows.dtype} {tuple(rows.stride())}, {buffer.dtype} {tuple(buffer.stride())}"
+        )
     block_c, block_d, block_k, stages = tiles[:4]
     num_tiles = triton.cdiv(rows.shape[0], block_c) * triton.cdiv(rows.shape[1], block_d)
     _dw_update_wide_kernel[(max(1, min(programs, num_tiles)),)](
