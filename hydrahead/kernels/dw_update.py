@@ -20,8 +20,9 @@ No dW_c reaches memory: 12 bytes a weight instead of the product's 2 and the upd
 
 What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
 cosine projection, lr and the rest as numbers, rows and P whose row strides are multiples
-of 16 bytes, on an sm_90 GPU (``fused_update_applies``); the gemm path keeps its product
-and update pass otherwise. ``exact_gemm.FUSED_DW_UPDATE`` switches it on.
+of 16 bytes, a batch of 64 to 768 rows (``TILES_BY_BATCH``), on an sm_90 GPU
+(``fused_update_applies``); the gemm path keeps its product and update pass otherwise. It
+is on by default; HYDRAHEAD_FUSED_DW_UPDATE=0 (``exact_gemm.FUSED_DW_UPDATE``) turns it off.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ HOLD_ROWS = 0  # batches up to this many rows hold F's column in shared memory (
 TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
 # Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
 # (docs/kernels.md): 64 x 64 tiles with four slots move the small batch's bytes fastest;
-# 64 x 128 tiles read P from L2 half as often, which wins from 512 rows; from 1,024 the
-# product and the update pass are faster than either, so larger batches keep them.
+# 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as often), which wins
+# from 512 rows; from 1,024 the product and the update pass are faster than either.
 TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2, 0)))
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
