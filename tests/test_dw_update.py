@@ -225,3 +225,14 @@ def test_the_wide_variant_refuses_rows_it_cannot_index(monkeypatch):
     ):
         with pytest.raises(ValueError, match="wide variant takes"):
             dw_update._launch_wide(probs, feats, *wrong, (128, 128, 64, 6, 0, 0), 0.1, 0.9, 0.0, programs=1)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])
+def test_the_gemm_path_takes_the_fused_kernel_unless_told_not_to(setting, expected):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRAHEAD_FUSED_DW_UPDATE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    if setting is not None:
+        env["HYDRAHEAD_FUSED_DW_UPDATE"] = setting
+    code = "from hydrahead.kernels import exact_gemm; print(exact_gemm.FUSED_DW_UPDATE)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == expected, done.stderr[-2000:]
