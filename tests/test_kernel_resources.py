@@ -54,7 +54,9 @@ def test_the_sliced_kernel_compiles_for_a_batch_of_a_few_rows_with_fp8_operands(
     """dW's product sums over the batch, and wgmma takes fp8 operands 32 deep at least: a batch
     of 8 once gave the kernel a 16-row block that only the GPU's compile refused."""
     out = tmp_path / "resources.json"
-    done = _run("--kernels", "sliced", "--dtypes", "fp8,bf16", "--batch", "8", "--tiles", "64,64,4,2", "--json", str(out))
+    done = _run(
+        "--kernels", "sliced", "--dtypes", "fp8,bf16", "--batch", "8", "--tiles", "64,64,4,2", "--json", str(out)
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [row["dtype"] for row in json.loads(out.read_text())["rows"]] == ["fp8", "bf16"]
 
