@@ -57,21 +57,23 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
 
 
-def _emulated_kernel(calls):
+def _emulated_kernel(calls, lrs=None):
     def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay):
         calls.append(rows.shape[0])
+        if lrs is not None:
+            lrs.append(lr)
         buffer.mul_(momentum).add_(probs.double().t().mm(feats.double()).to(buffer.dtype) + weight_decay * rows)
         rows.sub_(lr * buffer)
 
     return fused
 
 
-@pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("margin_type, lr_kind", [("none", "number"), ("none", "tensor"), ("cosface", "number")])
+def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, lr_kind, monkeypatch):
+    calls, lrs = [], []
     monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
     monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
-    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls))
+    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, lrs))
     monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")  # 256-class chunks: three of them
     gen = torch.Generator().manual_seed(3)
     num_rows, dim, num_classes = 29, 24, 600
@@ -90,13 +92,18 @@ def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(mar
 
     w, buf = weight.clone(), buffer.clone()
     f = features.clone().requires_grad_()
-    update = SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
+    # a tensor lr, as a captured step holds it: the kernel reads it on the device
+    given_lr = torch.tensor([lr]) if lr_kind == "tensor" else lr
+    update = SGDUpdate(lr=given_lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
     loss = triton_sharded_cross_entropy(
         f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update, exact_kernels="gemm"
     )
     loss.backward()
     # cosine logits need the projection, which the fused kernel does not take: it is passed by
     assert calls == ([] if margin_type == "cosface" else [256, 256, 88])
+    if calls:  # one float32 lr on the device, made once for the step's chunks
+        assert all(got is lrs[0] for got in lrs)
+        assert lrs[0].dtype == torch.float32 and lrs[0].shape == (1,) and float(lrs[0]) == lr
     assert _rel_err(f.grad, f64.grad) < 1e-5, "dF from the rows before the update"
     assert _rel_err(buf, ref_buf) < 1e-5
     assert _rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, not just the rows"
@@ -120,11 +127,11 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert not case(momentum=0.0, momentum_buffer=None)
     assert not case(rounding="stochastic")
     assert not case(compensation=torch.zeros(64, 128, dtype=torch.bfloat16))
-    assert not case(lr=torch.tensor(0.1))
+    assert case(lr=torch.tensor(0.1))  # read on the device, as a captured step needs
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
     assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
-    # from 1,024 rows the product and the update pass are faster: the step keeps them
-    assert case(batch=64) and case(batch=768) and not case(batch=1024)
+    # past 1,024 rows the step keeps the product and the update pass (faster at 4,096)
+    assert case(batch=64) and case(batch=768) and case(batch=1024) and not case(batch=1025)
     assert not case(batch=32)  # below the smallest batch run on a GPU
     # no GPU here: never taken, whatever the step
     rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)

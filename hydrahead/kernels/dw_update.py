@@ -19,8 +19,9 @@ the time, the epilogue loader keeps the next tiles' loads in flight beside the w
 No dW_c reaches memory: 12 bytes a weight instead of the product's 2 and the update pass's 14.
 
 What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
-cosine projection, lr and the rest as numbers, rows and P whose row strides are multiples
-of 16 bytes, a batch of 64 to 768 rows (``TILES_BY_BATCH``), on an sm_90 GPU
+cosine projection, momentum and weight decay as numbers (the lr may be a device tensor, which
+the kernel reads, as a captured step needs), rows and P whose row strides are multiples
+of 16 bytes, a batch of 64 to 1,024 rows (``TILES_BY_BATCH``), on an sm_90 GPU
 (``fused_update_applies``); the gemm path keeps its product and update pass otherwise. It
 is on by default; HYDRAHEAD_FUSED_DW_UPDATE=0 (``exact_gemm.FUSED_DW_UPDATE``) turns it off.
 """
@@ -31,6 +32,8 @@ import os
 
 import torch
 import triton
+
+from hydrahead.kernels.shard_ce import _device_scalar
 
 try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.7
     from triton.experimental import gluon
@@ -50,14 +53,15 @@ try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.
 except (ImportError, AttributeError):  # pragma: no cover - a Triton without these: the product and update pass
     GLUON = False
 
-BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 4, 4  # 160 KiB of shared memory
-HOLD_ROWS = 0  # batches up to this many rows hold F's column in shared memory (0: F rides the ring)
+BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 6, 4  # 176 KiB of shared memory at 256 rows
+HOLD_ROWS = 384  # batches up to this many rows hold F's column in shared memory (0: F rides the ring)
 TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
 # Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
-# (docs/kernels.md): 64 x 64 tiles with four slots move the small batch's bytes fastest;
-# 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as often), which wins
-# from 512 rows; from 1,024 the product and the update pass are faster than either.
-TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2, 0)))
+# (docs/kernels.md): 64 x 64 tiles with F held and six stages of P move the small batch's
+# bytes fastest; 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as
+# often), which wins at 512 rows; at 1,024 the wide variant (128 x 128, shared by both
+# consumers) reads a third fewer again and beats the product and pass, which it loses to at 512.
+TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2, 0)), (1024, (128, 128, 64, 6, 0, 0)))
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
 
@@ -291,7 +295,7 @@ if GLUON:
         G,
         C,
         D,
-        lr,
+        lr_ptr,
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
@@ -303,6 +307,7 @@ if GLUON:
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
+        lr = gl.load(lr_ptr)  # on the device: a captured step reads the lr of each replay
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
         # F's slices ride the ring beside P's, or (HELD > 0: a batch of HELD slices, a grid
         # that keeps each program on one D column) are loaded once and held
@@ -556,7 +561,7 @@ if GLUON:
         D,
         stride_rows,
         stride_buf,
-        lr,
+        lr_ptr,
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
@@ -566,6 +571,7 @@ if GLUON:
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         half: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
+        lr = gl.load(lr_ptr)
         p_lo = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
         p_hi = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
         f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
@@ -643,7 +649,6 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
         and buffer.dtype == torch.float32
         and update.rounding == "nearest"
         and update.compensation is None
-        and not isinstance(update.lr, torch.Tensor)
         and all(_tma_ready(t) for t in (probs, feats, rows, buffer))
         and _fits(probs.shape[0])
     )
@@ -655,10 +660,19 @@ def _fits(num_rows: int) -> bool:
 
 
 def fused_dw_update(
-    probs, feats, rows, buffer, *, lr: float, momentum: float, weight_decay: float, programs: int | None = None
+    probs,
+    feats,
+    rows,
+    buffer,
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    weight_decay: float,
+    programs: int | None = None,
 ) -> None:
     """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
     P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D).
+    ``lr``: a number, or a one-element tensor the kernel reads on the device (no host read).
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
@@ -678,8 +692,9 @@ def fused_dw_update(
             f"more than {SHARED_LIMIT}: fewer stages, slots or held rows"
         )
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
+    lr = _device_scalar(lr, rows.device, "lr")
     if tiles[4] == 0:
-        _launch_wide(probs, feats, rows, buffer, tiles, float(lr), float(momentum), float(weight_decay), programs)
+        _launch_wide(probs, feats, rows, buffer, tiles, lr, float(momentum), float(weight_decay), programs)
         return
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     tiles_d = triton.cdiv(rows.shape[1], tiles[1])
@@ -691,7 +706,7 @@ def fused_dw_update(
         feats.shape[0],
         rows.shape[0],
         rows.shape[1],
-        float(lr),
+        lr,
         float(momentum),
         float(weight_decay),
         tiles[3],
@@ -751,7 +766,7 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     names = _dw_update_kernel.arg_names
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
-    signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
+    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
     constants = dict(
         STAGES=tiles[3],
         SLOTS=tiles[4],
@@ -781,7 +796,7 @@ def _compile_wide(arch, probs, feats, tiles):
         buf_ptr="*fp32",
     )
     signature.update(G="i32", C="i32", D="i32", stride_rows="i32", stride_buf="i32")
-    signature.update(lr="fp32", momentum="fp32", weight_decay="fp32")
+    signature.update(lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
     constants = dict(STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     # as a launch at D = 512 specialises: pointers 16-byte aligned, D and the strides multiples of 16

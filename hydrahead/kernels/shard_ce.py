@@ -797,11 +797,11 @@ def _launch_sliced(
     )
 
 
-def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _device_scalar(value: float | torch.Tensor, device: torch.device, name: str = "grad_scale") -> torch.Tensor:
     """A one-element float32 tensor on ``device``: a fill for a Python number, no host read for a tensor."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"grad_scale must hold one value, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
         return value.detach().reshape(1).to(device=device, dtype=torch.float32)
     return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
