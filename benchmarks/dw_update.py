@@ -5,7 +5,7 @@ alternative on the same work: cuBLAS's dW = P^T F, then the gemm path's update p
     python benchmarks/dw_update.py --shapes 256x512x1048576 --tiles "64,64,64,4,4;64,128,64,4,2"
 
 A row per (shape, method); the fused kernel's rows name their tiles (BLOCK_C, BLOCK_D,
-BLOCK_K, STAGES, SLOTS). Both sides read P (G x C, bf16) and F and update bf16 rows with a
+BLOCK_K, STAGES, SLOTS, HOLD_ROWS). Both sides read P (G x C, bf16) and F and update bf16 rows with a
 float32 momentum buffer (momentum 0.9, weight decay 5e-4, round-to-nearest):
 
   floor_ms  max(products: 2·G·D·C FLOPs at the rate cuBLAS reaches on this very product,
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--tiles",
         default="",
-        help="more tile sets for the fused kernel, 'c,d,k,stages,slots' separated by ';' (beside the batch table's)",
+        help="more tile sets, 'c,d,k,stages,slots[,hold_rows]' (slots 0: the wide variant) separated by ';'",
     )
     parser.add_argument("--reps", type=int, default=10, help="timed calls a row (median)")
     parser.add_argument("--name", default="dw_update", help="results file name under benchmarks/results/")

@@ -75,7 +75,7 @@ def _tuple_length(kernel: str) -> int:
     return 4 if kernel in _STATIONARY else 5
 
 
-def _stationary_signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tuple:
+def _stationary_signature(kernel: str, dtype: str, tile: tuple[int, ...], batch: int) -> tuple:
     """The stationary kernels at D = 512, the weight kernels with the update (nearest
     rounding for bf16 rows, stochastic for fp8) and a float32 momentum buffer."""
     torch_dtype, operand, _ = _DTYPES[dtype]
@@ -91,7 +91,7 @@ def _stationary_signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tup
         if kernel == "weight":
             constants.update(UPDATE=True, BLOCK_G=tile[0], BLOCK_C=tile[1], BLOCK_D=_D)
         else:
-            constants.update(BLOCK_G=shard_ce.SLICED_MAX_ROWS, BLOCK_C=tile[0], BLOCK_K=tile[1])
+            constants.update(BLOCK_G=shard_ce.sliced_block_g(batch, fp8), BLOCK_C=tile[0], BLOCK_K=tile[1])
     pointers = {"F": operand, "FT": operand, "W": operand, "DW": "fp32", "LOCAL_LABEL": "i64", "CLASS_IDS": "i64"}
     types = {}
     for name in fn.arg_names:
@@ -106,10 +106,10 @@ def _stationary_signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tup
     return fn, types, constants
 
 
-def _signature(kernel: str, dtype: str, tile: tuple[int, ...]) -> tuple:
+def _signature(kernel: str, dtype: str, tile: tuple[int, ...], batch: int) -> tuple:
     """(JIT function, argument types, compile-time constants) of one compilation."""
     if kernel in _STATIONARY:
-        return _stationary_signature(kernel, dtype, tile)
+        return _stationary_signature(kernel, dtype, tile, batch)
     torch_dtype, operand, probs = _DTYPES[dtype]
     block_g, block_c, block_k = tile[:3]
     fn = exact_gemm._probs_kernel if kernel == "probs" else filtered._lse_kernel
@@ -155,9 +155,12 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def resources(kernel: str, dtype: str, tile: tuple[int, ...], arch: int = 90) -> dict:
-    """One compilation's registers, spill stack and shared memory, and programs per SM."""
-    fn, types, constants = _signature(kernel, dtype, tile)
+def resources(
+    kernel: str, dtype: str, tile: tuple[int, ...], arch: int = 90, batch: int = shard_ce.SLICED_MAX_ROWS
+) -> dict:
+    """One compilation's registers, spill stack and shared memory, and programs per SM
+    (``batch``: the rows the sliced kernel is compiled for)."""
+    fn, types, constants = _signature(kernel, dtype, tile, batch)
     warps, stages = tile[-2:]
     # as a launch specialises: pointers 16-byte aligned, strides and D multiples of 16 (D = 512)
     aligned = {
@@ -233,6 +236,12 @@ def main(argv=None) -> None:
         "kernels); each kernel takes those of its length (default: the table's entry)",
     )
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: Hopper)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=shard_ce.SLICED_MAX_ROWS,
+        help=f"rows the sliced kernel is compiled for, 1 to {shard_ce.SLICED_MAX_ROWS} (its batch block follows them)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows here, with the Triton version")
     args = parser.parse_args(argv)
     kernels, dtypes = args.kernels.split(","), args.dtypes.split(",")
@@ -242,6 +251,8 @@ def main(argv=None) -> None:
     for name in dtypes:
         if name not in _DTYPES:
             raise SystemExit(f"--dtypes: {name!r} is not one of {', '.join(_DTYPES)}")
+    if not 1 <= args.batch <= shard_ce.SLICED_MAX_ROWS:
+        raise SystemExit(f"--batch: the sliced kernel takes 1 to {shard_ce.SLICED_MAX_ROWS} rows, got {args.batch}")
     given = _parse_tiles(args.tiles)
     for kernel in kernels:
         if given and not any(len(t) == _tuple_length(kernel) for t in given):
@@ -253,7 +264,7 @@ def main(argv=None) -> None:
         for dtype in dtypes:
             mine = [t for t in given if len(t) == _tuple_length(kernel)]
             for tile in mine or [_entry(kernel, dtype)]:
-                rows.append(resources(kernel, dtype, tile, args.arch))
+                rows.append(resources(kernel, dtype, tile, args.arch, args.batch))
                 print(f"compiled {kernel} {dtype} {tile}", file=sys.stderr, flush=True)
     print_table(rows, ["kernel", "dtype", "tiles", "regs", "spill_bytes", "shared_kib", "per_sm"])
     if args.json:

@@ -24,45 +24,56 @@ _COMPILE = """
 import json, os
 os.environ.pop("TRITON_INTERPRET", None)
 from hydrahead.kernels import dw_update
-compiled = dw_update.compile_for(90)
+compiled = dw_update.compile_for(90, num_rows=int(os.environ["ROWS"]))
 open(os.environ["CUBIN"], "wb").write(compiled.asm["cubin"])
 print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)))
 """
 
 
 @pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
-def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path):
+@pytest.mark.parametrize(
+    "tiles, num_rows",
+    [(None, 256), ("64,64,64,4,4,384", 384), ("64,64,64,4,4,768", 768), ("128,128,64,6,0", 1024)],
+)  # the default; F's column held, six and twelve slices of it (the most that fit); the wide variant
+def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
     # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"
     env = {**os.environ, "CUBIN": str(cubin), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
+    env["ROWS"] = str(num_rows)
+    if tiles:
+        env["HYDRAHEAD_DW_UPDATE_TILES"] = tiles
     done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
     dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
     usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
     assert int(usage["STACK"]) == 0, "spilled registers"
-    # the ring's P and F slices per stage, and the rows and buffer of each epilogue slot
-    ring = dw_update.STAGES * (dw_update.BLOCK_K * (dw_update.BLOCK_C + dw_update.BLOCK_D)) * 2
-    epilogue = dw_update.SLOTS * dw_update.BLOCK_C * dw_update.BLOCK_D * (2 + 4)
-    assert ring + epilogue <= compiled["shared"] <= 227 * 1024
+    # the host's count, which decides whether a tile set runs, is the compiled kernel's to
+    # within the margin it keeps for the compiler
+    chosen = (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update.TILES
+    expected = dw_update.shared_bytes(chosen, dw_update._held_slices(num_rows, chosen))
+    assert expected - 1024 <= compiled["shared"] <= expected <= dw_update.SHARED_LIMIT
     assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
 
 
-def _emulated_kernel(calls):
+def _emulated_kernel(calls, lrs=None):
     def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay):
         calls.append(rows.shape[0])
+        if lrs is not None:
+            lrs.append(lr)
         buffer.mul_(momentum).add_(probs.double().t().mm(feats.double()).to(buffer.dtype) + weight_decay * rows)
         rows.sub_(lr * buffer)
 
     return fused
 
 
-@pytest.mark.parametrize("margin_type", ["none", "cosface"])
-def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("margin_type, lr_kind", [("none", "number"), ("none", "tensor"), ("cosface", "number")])
+def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, lr_kind, monkeypatch):
+    calls, lrs = [], []
     monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
     monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
-    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls))
+    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, lrs))
     monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")  # 256-class chunks: three of them
     gen = torch.Generator().manual_seed(3)
     num_rows, dim, num_classes = 29, 24, 600
@@ -81,13 +92,18 @@ def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(mar
 
     w, buf = weight.clone(), buffer.clone()
     f = features.clone().requires_grad_()
-    update = SGDUpdate(lr=lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
+    # a tensor lr, as a captured step holds it: the kernel reads it on the device
+    given_lr = torch.tensor([lr]) if lr_kind == "tensor" else lr
+    update = SGDUpdate(lr=given_lr, momentum=momentum, weight_decay=weight_decay, momentum_buffer=buf)
     loss = triton_sharded_cross_entropy(
         f, w, labels, 0, scale=scale, margin=margin, margin_type=margin_type, update=update, exact_kernels="gemm"
     )
     loss.backward()
     # cosine logits need the projection, which the fused kernel does not take: it is passed by
     assert calls == ([] if margin_type == "cosface" else [256, 256, 88])
+    if calls:  # one float32 lr on the device, made once for the step's chunks
+        assert all(got is lrs[0] for got in lrs)
+        assert lrs[0].dtype == torch.float32 and lrs[0].shape == (1,) and float(lrs[0]) == lr
     assert _rel_err(f.grad, f64.grad) < 1e-5, "dF from the rows before the update"
     assert _rel_err(buf, ref_buf) < 1e-5
     assert _rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, not just the rows"
@@ -111,11 +127,11 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert not case(momentum=0.0, momentum_buffer=None)
     assert not case(rounding="stochastic")
     assert not case(compensation=torch.zeros(64, 128, dtype=torch.bfloat16))
-    assert not case(lr=torch.tensor(0.1))
+    assert case(lr=torch.tensor(0.1))  # read on the device, as a captured step needs
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
     assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
-    # from 1,024 rows the product and the update pass are faster: the step keeps them
-    assert case(batch=64) and case(batch=768) and not case(batch=1024)
+    # past 1,024 rows the step keeps the product and the update pass (faster at 4,096)
+    assert case(batch=64) and case(batch=768) and case(batch=1024) and not case(batch=1025)
     assert not case(batch=32)  # below the smallest batch run on a GPU
     # no GPU here: never taken, whatever the step
     rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)
@@ -125,8 +141,22 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
 
 def test_tiles_given_in_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,64,64,3,2")
-    assert dw_update._tiles() == (128, 64, 64, 3, 2)
-    for wrong in ("128,64,64,4", "64,64,64,4,3", "64,x,64,4,4", "64,64,64,1,4", "64,64,64,4,-2"):
+    assert dw_update._tiles() == (128, 64, 64, 3, 2, 0)
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "64,64,64,4,4,384")
+    assert dw_update._tiles(1024) == (64, 64, 64, 4, 4, 384)
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,128,64,6,0")  # the wide variant
+    assert dw_update._tiles(1024) == (128, 128, 64, 6, 0, 0)
+    for wrong in (
+        "128,64,64,4",
+        "64,64,64,4,3",
+        "64,x,64,4,4",
+        "64,64,64,4,4,384,1",
+        "64,128,64,6,0",
+        "128,128,64,6,0,256",
+        "128,256,64,4,0",
+        "64,64,64,1,4",
+        "64,64,64,4,-2",
+    ):
         monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", wrong)
         with pytest.raises(ValueError, match="BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS"):
             dw_update._tiles()
@@ -156,6 +186,52 @@ def test_the_fused_kernel_names_operands_of_the_wrong_shape():
     ):
         with pytest.raises(ValueError, match="takes P"):
             dw_update.fused_dw_update(*wrong, lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+def test_a_held_f_takes_its_slices_and_a_grid_of_whole_d_columns():
+    held_tiles = (64, 64, 64, 4, 4, 384)
+    assert dw_update._held_slices(256, held_tiles) == 4
+    assert dw_update._held_slices(257, held_tiles) == 5  # a slice past the batch's last row
+    assert dw_update._held_slices(385, held_tiles) == 0  # past HOLD_ROWS: F rides the ring
+    assert dw_update._held_slices(256, (64, 64, 64, 4, 4, 0)) == 0
+    # 8 D columns: the grid is a multiple of 8, at least 8, at most the tiles
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=132, held=4) == 128
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=3, held=4) == 8
+    assert dw_update._grid(num_tiles=8 * 2, tiles_d=8, programs=132, held=4) == 16
+    assert dw_update._grid(num_tiles=8 * 1000, tiles_d=8, programs=132, held=0) == 132
+    for tiles_d, programs, num_c in ((8, 132, 1000), (4, 7, 3), (6, 100, 50)):
+        grid = dw_update._grid(num_c * tiles_d, tiles_d, programs, held=2)
+        # each program's tiles (tile = program + i * grid) stay in the program's D column
+        for program in range(grid):
+            columns = {tile % tiles_d for tile in range(program, num_c * tiles_d, grid)}
+            assert columns == {program % tiles_d}
+
+
+def test_a_tile_set_past_shared_memory_is_refused_before_its_launch(monkeypatch):
+    # 64 x 128 tiles holding 12 of F's slices: 328 KB of shared memory
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "64,128,64,4,2,768")
+    probs = torch.zeros(768, 64, dtype=torch.bfloat16)
+    feats = torch.zeros(768, 128, dtype=torch.bfloat16)
+    rows = torch.zeros(64, 128, dtype=torch.bfloat16)
+    update = SGDUpdate(lr=0.1, momentum=0.9, momentum_buffer=torch.zeros(64, 128))
+    assert not dw_update.step_supported(probs, feats, rows, update)  # the step keeps the product and pass
+    assert dw_update.step_supported(probs[:384], feats[:384], rows, update)  # six slices fit
+    with pytest.raises(ValueError, match="shared memory"):
+        dw_update.fused_dw_update(probs, feats, rows, update.momentum_buffer, lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+def test_the_wide_variant_refuses_rows_it_cannot_index(monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "128,128,64,6,0")
+    probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.bfloat16)
+    rows, buffer = torch.zeros(128, 32, dtype=torch.bfloat16), torch.zeros(128, 32)
+    for wrong in (
+        (rows.t().contiguous().t(), buffer),  # rows stepping by C along D
+        (rows, buffer.t().contiguous().t()),
+        (rows, buffer.bfloat16()),
+        (rows.float(), buffer),
+    ):
+        with pytest.raises(ValueError, match="wide variant takes"):
+            dw_update._launch_wide(probs, feats, *wrong, (128, 128, 64, 6, 0, 0), 0.1, 0.9, 0.0, programs=1)
 
 
 @pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])

@@ -49,10 +49,24 @@ def test_a_stage_of_the_sliced_weight_kernel_holds_a_slice_of_the_whole_batch(tm
     assert all(16 <= row["regs"] <= 255 for row in (two, three))
 
 
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
+def test_the_sliced_kernel_compiles_for_a_batch_of_a_few_rows_with_fp8_operands(tmp_path):
+    """dW's product sums over the batch, and wgmma takes fp8 operands 32 deep at least: a batch
+    of 8 once gave the kernel a 16-row block that only the GPU's compile refused."""
+    out = tmp_path / "resources.json"
+    done = _run(
+        "--kernels", "sliced", "--dtypes", "fp8,bf16", "--batch", "8", "--tiles", "64,64,4,2", "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [row["dtype"] for row in json.loads(out.read_text())["rows"]] == ["fp8", "bf16"]
+
+
 def test_bad_tiles_and_names_are_refused_before_anything_compiles():
     done = _run("--tiles", "64,64,4,2")
     assert done.returncode != 0 and "BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages" in done.stderr
     done = _run("--kernels", "sliced", "--tiles", "64,64,64,4,2")
     assert done.returncode != 0 and "BLOCK_C,BLOCK_K,num_warps,num_stages" in done.stderr
+    done = _run("--kernels", "sliced", "--batch", "257")
+    assert done.returncode != 0 and "1 to 256 rows" in done.stderr
     done = _run("--kernels", "flag")
     assert done.returncode != 0 and "not one of probs, lse" in done.stderr

@@ -664,9 +664,12 @@ def _hopper_with_gluon():
         (64, 1000, 384, 3),  # one K slice a tile
         (577, 520, 128, 7),  # ten K slices, a batch one past a slice
         (1024, 4096, 512, None),  # one program an SM
+        (1100, 640, 128, 5),  # past the table's largest batch
     ],
 )
-@pytest.mark.parametrize("tiles", [None, "64,64,64,4,4", "64,128,64,4,2"])  # None: the batch table's
+@pytest.mark.parametrize(
+    "tiles", [None, "64,64,64,4,4", "64,128,64,4,2", "64,64,64,4,4,384", "128,128,64,6,0"]
+)  # None: the batch table's; then F's column held from 384 rows down; the wide variant
 def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs, tiles, monkeypatch):
     """Odd batch and class counts (tiles past the edges), and grids that give each program
     many tiles, against P^T F and SGD in float64, with each tile set the table holds."""
@@ -696,6 +699,35 @@ def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim
     assert float((new_rows == ref_rows.bfloat16()).float().mean()) > 0.99
     assert float((new_rows.double() - ref_rows).abs().max()) <= float(ref_rows.abs().max()) * 2**-8
     assert float((new_rows != rows).float().mean()) > 0.5  # the step moved most rows
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+@pytest.mark.parametrize("num_rows", [256, 600, 1000])  # F held, 64 x 128 tiles, the wide variant
+def test_the_fused_dw_update_reads_an_lr_on_the_device_as_it_takes_a_number(num_rows):
+    """A captured step holds its lr in a device tensor: the same step, bit for bit."""
+    from hydrahead.kernels.dw_update import fused_dw_update
+
+    gen = torch.Generator().manual_seed(num_rows)
+    probs = (torch.randn(num_rows, 1000, generator=gen) * 1e-3).bfloat16().cuda()
+    feats = torch.randn(num_rows, 256, generator=gen).bfloat16().cuda()
+    rows = (torch.randn(1000, 256, generator=gen) * 0.02).bfloat16().cuda()
+    buffer = (torch.randn(1000, 256, generator=gen) * 1e-3).cuda()
+    results = []
+    for lr in (0.3, torch.tensor([0.3], device="cuda")):
+        new_rows, new_buf = rows.clone(), buffer.clone()
+        fused_dw_update(probs, feats, new_rows, new_buf, lr=lr, momentum=0.9, weight_decay=5e-4)
+        results.append((new_rows, new_buf))
+    (rows_a, buf_a), (rows_b, buf_b) = results
+    assert torch.equal(buf_a, buf_b) and torch.equal(rows_a.view(torch.int16), rows_b.view(torch.int16))
+    assert float((rows_a != rows).float().mean()) > 0.5
+    # and a changed tensor moves the rows by the new lr
+    half_rows, half_buf = rows.clone(), buffer.clone()
+    fused_dw_update(
+        probs, feats, half_rows, half_buf, lr=torch.tensor([0.15], device="cuda"), momentum=0.9, weight_decay=5e-4
+    )
+    assert torch.equal(half_buf, buf_a)
+    step_a, step_half = (rows_a.double() - rows.double()), (half_rows.double() - rows.double())
+    assert rel_err(step_half, 0.5 * step_a) < 2e-2
 
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
@@ -740,9 +772,9 @@ def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monke
     from benchmarks import dw_update as bench
 
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    bench.main(["--shapes", "256x128x4096,1024x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2"])
+    bench.main(["--shapes", "256x128x4096,2048x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2"])
     rows = json.loads((tmp_path / "dw_update.json").read_text())["rows"]
-    # 256 rows: the pair, the batch table's tiles, the given tiles; 1,024: no table entry
+    # 256 rows: the pair, the batch table's tiles, the given tiles; 2,048: no table entry
     assert [r["shape"] for r in rows].count("256x128x4096") == 3
-    assert [r["shape"] for r in rows].count("1024x128x4096") == 2
+    assert [r["shape"] for r in rows].count("2048x128x4096") == 2
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == r["ms"] / r["floor_ms"] for r in rows)

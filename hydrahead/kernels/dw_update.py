@@ -19,8 +19,9 @@ the time, the epilogue loader keeps the next tiles' loads in flight beside the w
 No dW_c reaches memory: 12 bytes a weight instead of the product's 2 and the update pass's 14.
 
 What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
-cosine projection, lr and the rest as numbers, rows and P whose row strides are multiples
-of 16 bytes, a batch of 64 to 768 rows (``TILES_BY_BATCH``), on an sm_90 GPU
+cosine projection, momentum and weight decay as numbers (the lr may be a device tensor, which
+the kernel reads, as a captured step needs), rows and P whose row strides are multiples
+of 16 bytes, a batch of 64 to 1,024 rows (``TILES_BY_BATCH``), on an sm_90 GPU
 (``fused_update_applies``); the gemm path keeps its product and update pass otherwise. It
 is on by default; HYDRAHEAD_FUSED_DW_UPDATE=0 (``exact_gemm.FUSED_DW_UPDATE``) turns it off.
 """
@@ -31,6 +32,8 @@ import os
 
 import torch
 import triton
+
+from hydrahead.kernels.shard_ce import _device_scalar
 
 try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.7
     from triton.experimental import gluon
@@ -50,19 +53,22 @@ try:  # Gluon ships with Triton 3.4 and later; its TMA copies were renamed in 3.
 except (ImportError, AttributeError):  # pragma: no cover - a Triton without these: the product and update pass
     GLUON = False
 
-BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 4, 4  # 160 KiB of shared memory
-TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS)
+BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 6, 4  # 176 KiB of shared memory at 256 rows
+HOLD_ROWS = 384  # batches up to this many rows hold F's column in shared memory (0: F rides the ring)
+TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
 # Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
-# (docs/kernels.md): 64 x 64 tiles with four slots move the small batch's bytes fastest;
-# 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as often), which wins
-# from 512 rows; from 1,024 the product and the update pass are faster than either.
-TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2)))
+# (docs/kernels.md): 64 x 64 tiles with F held and six stages of P move the small batch's
+# bytes fastest; 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as
+# often), which wins at 512 rows; at 1,024 the wide variant (128 x 128, shared by both
+# consumers) reads a third fewer again and beats the product and pass, which it loses to at 512.
+TILES_BY_BATCH = ((384, TILES), (768, (64, 128, 64, 4, 2, 0)), (1024, (128, 128, 64, 6, 0, 0)))
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
 
-def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None:
-    """BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS for a batch of ``num_rows`` (None: the fused
-    kernel is slower there); HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots overrides them."""
+def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int, int] | None:
+    """BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS for a batch of ``num_rows`` (None:
+    the fused kernel is slower there); HYDRAHEAD_DW_UPDATE_TILES=c,d,k,stages,slots[,hold_rows]
+    overrides them."""
     given = os.environ.get("HYDRAHEAD_DW_UPDATE_TILES")
     if not given:
         if num_rows is None:
@@ -74,12 +80,44 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int] | None
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) != 5 or tiles[3] < 2 or tiles[4] < 2 or tiles[4] % 2:  # one stage: each slot waits on itself
+    wide = len(tiles) in (5, 6) and tiles[4] == 0  # the wide variant: a 128-class tile, D up to 128, no F held
+    if (
+        len(tiles) not in (5, 6)
+        or tiles[3] < 2  # one stage: each slot waits on itself
+        or tiles[4] < 0
+        or tiles[4] % 2
+        or (wide and (tiles[0] != 128 or tiles[1] > 128 or tiles[5:] not in ((), (0,))))
+    ):
         raise ValueError(
-            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS (STAGES 2 or more, "
-            f"SLOTS even), got {given!r}"
+            "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS[,HOLD_ROWS] (STAGES 2 or more, "
+            f"SLOTS even; SLOTS 0: the wide variant, BLOCK_C 128, BLOCK_D up to 128, no F held), got {given!r}"
         )
-    return tiles
+    return tiles + (0,) * (6 - len(tiles))
+
+
+def _held_slices(num_rows: int, tiles) -> int:
+    """F's K slices held for the whole kernel (0: F's slices ride the ring with P's)."""
+    return triton.cdiv(num_rows, tiles[2]) if num_rows <= tiles[5] else 0
+
+
+SHARED_LIMIT = 227 * 1024  # a Hopper program's shared memory
+
+
+def shared_bytes(tiles, held: int) -> int:
+    """The kernel's shared memory at these tiles: the ring's P (and F) slices, F's held
+    slices, the epilogue slots' rows and buffer, and the barriers."""
+    block_c, block_d, block_k, stages, slots = tiles[:5]
+    f_slices = held or stages
+    barriers = 8 * (2 * stages + 2 * slots + 1 + held + 1)
+    compiler = 1024  # alignment and scratch: the compiled kernels took 224-256 bytes beyond the rest
+    return 2 * block_k * (stages * block_c + f_slices * block_d) + 6 * slots * block_c * block_d + barriers + compiler
+
+
+def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
+    grid = max(1, min(programs, num_tiles))
+    if held:  # a multiple of the D columns, so that a program's tiles share one column of F
+        grid = max(tiles_d, grid // tiles_d * tiles_d)
+    return grid
 
 
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
@@ -90,11 +128,17 @@ if GLUON:
     @gluon.jit
     def _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
-        ring_ready, ring_empty, _, _, _ = bars
+        ring_ready, ring_empty, _, _, _, f_ready = bars
+        held: gl.constexpr = f_ready.type.shape[0] - 1  # HELD, carried by a type
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
+        if held:  # the program's one D column of F, all its K slices, once
+            mbarrier.expect(f_ready.index(0), held * f_desc.block_type.nbytes)
+            d_held = (gl.program_id(0) % tiles_d) * block_d
+            for h in gl.static_range(held):
+                _tma_load(f_desc, [h * block_k, d_held], f_ready.index(0), f_bufs.index(h))
         step = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             c0 = (tile // tiles_d) * block_c
@@ -102,9 +146,12 @@ if GLUON:
             for k in range(k_steps):
                 s = step % stages
                 mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)  # a fresh barrier passes phase 1
-                mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                if held:
+                    mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(ring_ready.index(s), p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                    _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_bufs.index(s))
-                _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 step += 1
 
     @gluon.jit
@@ -112,7 +159,7 @@ if GLUON:
         # a warp of its own, so the rows and buffer of the next tiles stream in while the
         # ring waits on the products: at small batches this traffic is the kernel's time
         w_bufs, b_bufs = epilogue
-        _, _, epi_ready, epi_empty, _ = bars
+        _, _, epi_ready, epi_empty, _, _ = bars
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
@@ -153,7 +200,8 @@ if GLUON:
     ):
         p_bufs, f_bufs = rings
         w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty, turn = bars
+        ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready = bars
+        held: gl.constexpr = f_ready.type.shape[0] - 1
         stages: gl.constexpr = p_bufs.type.shape[0]
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
@@ -161,6 +209,8 @@ if GLUON:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
         )
+        if held:
+            mbarrier.wait(f_ready.index(0), 0)
         j = 0
         written = 0  # the slot of this consumer's tile before, once its copies are under way
         pending = False
@@ -179,7 +229,10 @@ if GLUON:
                     mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
                     mbarrier.arrive(turn.index(0), count=1, pred=k == k_steps - 1)
                     # P^T's slice (BLOCK_C x BLOCK_K) as a transposed view of P's
-                    token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
+                    if held:
+                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(k), acc, is_async=True)
+                    else:
+                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
                     # one product in flight; the slot of the one before it is free again
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
                     mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
@@ -242,19 +295,24 @@ if GLUON:
         G,
         C,
         D,
-        lr,
+        lr_ptr,
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
         SLOTS: gl.constexpr,
+        HELD: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
+        lr = gl.load(lr_ptr)  # on the device: a captured step reads the lr of each replay
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
-        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
+        # F's slices ride the ring beside P's, or (HELD > 0: a batch of HELD slices, a grid
+        # that keeps each program on one D column) are loaded once and held
+        f_count: gl.constexpr = HELD if HELD > 0 else STAGES
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [f_count, block_k, block_d], f_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [SLOTS, block_c, block_d], w_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [SLOTS, block_c, block_d], b_desc.layout)
         ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -263,6 +321,10 @@ if GLUON:
         epi_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile j's slices in
         mbarrier.init(turn.index(0), count=1)
+        # F held: its barrier is the first of HELD + 1, so that the count reaches the partitions
+        # as a type (a constant passed through warp_specialize arrives as a value)
+        f_ready = gl.allocate_shared_memory(gl.int64, [HELD + 1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(f_ready.index(0), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ring_ready.index(i), count=1)
             mbarrier.init(ring_empty.index(i), count=1)
@@ -274,7 +336,7 @@ if GLUON:
         k_steps = gl.cdiv(G, block_k)
         rings = (p_bufs, f_bufs)
         epilogue = (w_bufs, b_bufs)
-        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn)
+        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready)
         worker_args = (
             p_desc,
             f_desc,
@@ -300,6 +362,247 @@ if GLUON:
             ],
             [4, 1, 1],
             [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
+        )
+
+    # The wide variant for larger batches: both consumers share one tile of BLOCK_C = 128
+    # classes (64 each) x BLOCK_D, so F's slice serves 128 classes and P's 128 dims, half the
+    # slice bytes a weight of 64 x 128 tiles. Its rows and buffer (192 KiB at 128 x 128) do
+    # not fit beside the ring, so each consumer loads its half into registers when its tile
+    # starts (the products hide the loads) and stores it from there: no epilogue slots.
+
+    @gluon.jit
+    def _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
+        p_lo, p_hi, f_bufs = rings
+        ring_ready, ring_empty = bars
+        stages: gl.constexpr = f_bufs.type.shape[0]
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        half: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            c0 = (tile // tiles_d) * (2 * half)
+            d0 = (tile % tiles_d) * block_d
+            for k in range(k_steps):
+                s = step % stages
+                # both consumers give a slot back (count 2); a fresh barrier passes phase 1
+                mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)
+                mbarrier.expect(ring_ready.index(s), 2 * p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_lo.index(s))
+                _tma_load(p_desc, [k * block_k, c0 + half], ring_ready.index(s), p_hi.index(s))
+                _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _wide_consumer(
+        which: gl.constexpr,
+        p_bufs,
+        f_bufs,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        NUM_WARPS: gl.constexpr,
+    ):
+        ring_ready, ring_empty = bars
+        stages: gl.constexpr = f_bufs.type.shape[0]
+        half: gl.constexpr = p_bufs.type.shape[2]
+        block_d: gl.constexpr = f_bufs.type.shape[2]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
+        )
+        offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
+        offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
+        step = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
+            dims = (tile % tiles_d) * block_d + offs_d
+            inside = (classes < C)[:, None] & (dims < D)[None, :]
+            at = classes.to(gl.int64)[:, None]
+            row_ptrs = rows_ptr + at * stride_rows + dims[None, :]
+            buf_ptrs = buf_ptr + at * stride_buf + dims[None, :]
+            # the buffer (two thirds of the bytes) issued now and used after the products, which
+            # hide its latency; the rows after them, where 32 registers more would spill
+            buf = gl.load(buf_ptrs, mask=inside, other=0.0)
+            acc = gl.zeros([half, block_d], gl.float32, acc_layout)
+            previous = 0
+            for k in range(k_steps):
+                s = step % stages
+                mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
+                token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
+                mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
+                previous = s
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(ring_empty.index(previous), count=1)
+            w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
+            buf = momentum * buf + (acc + weight_decay * w)
+            gl.store(buf_ptrs, buf, mask=inside)
+            gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=inside)
+
+    @gluon.jit
+    def _wide_first(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        p_lo, p_hi, f_bufs = rings
+        _wide_consumer(
+            0,
+            p_lo,
+            f_bufs,
+            bars,
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+            4,
+        )
+
+    @gluon.jit
+    def _wide_second(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        p_lo, p_hi, f_bufs = rings
+        _wide_consumer(
+            1,
+            p_hi,
+            f_bufs,
+            bars,
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+            4,
+        )
+
+    @gluon.jit
+    def _wide_loading(
+        p_desc,
+        f_desc,
+        rings,
+        bars,
+        rows_ptr,
+        buf_ptr,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+    ):
+        _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
+
+    @gluon.jit
+    def _dw_update_wide_kernel(
+        p_desc,
+        f_desc,
+        rows_ptr,
+        buf_ptr,
+        G,
+        C,
+        D,
+        stride_rows,
+        stride_buf,
+        lr_ptr,
+        momentum,
+        weight_decay,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):
+        block_k: gl.constexpr = p_desc.block_type.shape[0]
+        half: gl.constexpr = p_desc.block_type.shape[1]
+        block_d: gl.constexpr = f_desc.block_type.shape[1]
+        lr = gl.load(lr_ptr)
+        p_lo = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
+        p_hi = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
+        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ring_ready.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=2)
+        tiles_d = gl.cdiv(D, block_d)
+        num_tiles = gl.cdiv(C, 2 * half) * tiles_d
+        k_steps = gl.cdiv(G, block_k)
+        args = (
+            p_desc,
+            f_desc,
+            (p_lo, p_hi, f_bufs),
+            (ring_ready, ring_empty),
+            rows_ptr,
+            buf_ptr,
+            C,
+            D,
+            stride_rows,
+            stride_buf,
+            num_tiles,
+            tiles_d,
+            k_steps,
+            lr,
+            momentum,
+            weight_decay,
+        )
+        gl.warp_specialize(
+            [(_wide_first, args), (_wide_second, args), (_wide_loading, args)], [4, 1], [CONSUMER_REGS, LOADER_REGS]
         )
 
 
@@ -346,17 +649,30 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
         and buffer.dtype == torch.float32
         and update.rounding == "nearest"
         and update.compensation is None
-        and not isinstance(update.lr, torch.Tensor)
         and all(_tma_ready(t) for t in (probs, feats, rows, buffer))
-        and _tiles(probs.shape[0]) is not None
+        and _fits(probs.shape[0])
     )
 
 
+def _fits(num_rows: int) -> bool:
+    tiles = _tiles(num_rows)
+    return tiles is not None and shared_bytes(tiles, _held_slices(num_rows, tiles)) <= SHARED_LIMIT
+
+
 def fused_dw_update(
-    probs, feats, rows, buffer, *, lr: float, momentum: float, weight_decay: float, programs: int | None = None
+    probs,
+    feats,
+    rows,
+    buffer,
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    weight_decay: float,
+    programs: int | None = None,
 ) -> None:
     """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
     P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D).
+    ``lr``: a number, or a one-element tensor the kernel reads on the device (no host read).
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
@@ -369,10 +685,20 @@ def fused_dw_update(
     tiles = _tiles(feats.shape[0])
     if tiles is None:
         raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
-    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
+    held = _held_slices(feats.shape[0], tiles)
+    if shared_bytes(tiles, held) > SHARED_LIMIT:
+        raise ValueError(
+            f"tiles {tiles} at {feats.shape[0]} rows need {shared_bytes(tiles, held)} bytes of shared memory, "
+            f"more than {SHARED_LIMIT}: fewer stages, slots or held rows"
+        )
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
-    num_tiles = triton.cdiv(rows.shape[0], tiles[0]) * triton.cdiv(rows.shape[1], tiles[1])
-    _dw_update_kernel[(max(1, min(programs, num_tiles)),)](
+    lr = _device_scalar(lr, rows.device, "lr")
+    if tiles[4] == 0:
+        _launch_wide(probs, feats, rows, buffer, tiles, lr, float(momentum), float(weight_decay), programs)
+        return
+    p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
+    tiles_d = triton.cdiv(rows.shape[1], tiles[1])
+    _dw_update_kernel[(_grid(triton.cdiv(rows.shape[0], tiles[0]) * tiles_d, tiles_d, programs, held),)](
         p_desc,
         f_desc,
         w_desc,
@@ -380,37 +706,106 @@ def fused_dw_update(
         feats.shape[0],
         rows.shape[0],
         rows.shape[1],
-        float(lr),
+        lr,
         float(momentum),
         float(weight_decay),
         tiles[3],
         tiles[4],
+        held,
         _CONSUMER_REGS,
         _LOADER_REGS,
         num_warps=4,
     )
 
 
-def compile_for(arch: int = 90, dim: int = 512):
+def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, programs) -> None:
+    # no descriptors for the rows and buffer here to check them: their pointers are indexed
+    # as bf16 and float32 rows with unit steps along D
+    if rows.dtype != torch.bfloat16 or buffer.dtype != torch.float32 or rows.stride(1) != 1 or buffer.stride(1) != 1:
+        raise ValueError(
+            f"the wide variant takes bf16 rows and a float32 buffer, each with unit stride along D; got "
+            f"{rows.dtype} {tuple(rows.stride())}, {buffer.dtype} {tuple(buffer.stride())}"
+        )
+    block_c, block_d, block_k, stages = tiles[:4]
+    num_tiles = triton.cdiv(rows.shape[0], block_c) * triton.cdiv(rows.shape[1], block_d)
+    _dw_update_wide_kernel[(max(1, min(programs, num_tiles)),)](
+        _descriptor(probs, [block_k, block_c // 2]),
+        _descriptor(feats, [block_k, block_d]),
+        rows,
+        buffer,
+        feats.shape[0],
+        rows.shape[0],
+        rows.shape[1],
+        rows.stride(0),
+        buffer.stride(0),
+        lr,
+        momentum,
+        weight_decay,
+        stages,
+        _CONSUMER_REGS,
+        _LOADER_REGS,
+        num_warps=4,
+    )
+
+
+def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
-    memory can be read from the result): descriptors of small CPU tensors give its types."""
+    memory can be read from the result): descriptors of small CPU tensors give its types;
+    ``num_rows`` sets how many of F's slices a held-F variant holds."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    probs = torch.empty(256, 1024, dtype=torch.bfloat16)
-    feats = torch.empty(256, dim, dtype=torch.bfloat16)
+    probs = torch.empty(num_rows, 1024, dtype=torch.bfloat16)
+    feats = torch.empty(num_rows, dim, dtype=torch.bfloat16)
     rows = torch.empty(1024, dim, dtype=torch.bfloat16)
     buffer = torch.empty(1024, dim, dtype=torch.float32)
-    names = _dw_update_kernel.arg_names
     tiles = _tiles()
+    if tiles[4] == 0:
+        return _compile_wide(arch, probs, feats, tiles)
+    names = _dw_update_kernel.arg_names
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
-    signature.update(G="i32", C="i32", D="i32", lr="fp32", momentum="fp32", weight_decay="fp32")
-    constants = dict(STAGES=tiles[3], SLOTS=tiles[4], CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
+    constants = dict(
+        STAGES=tiles[3],
+        SLOTS=tiles[4],
+        HELD=_held_slices(num_rows, tiles),
+        CONSUMER_REGS=_CONSUMER_REGS,
+        LOADER_REGS=_LOADER_REGS,
+    )
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=_dw_update_kernel, signature=signature, constexprs=constants),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=4),
+    )
+
+
+def _compile_wide(arch, probs, feats, tiles):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    block_c, block_d, block_k, stages = tiles[:4]
+    fn = _dw_update_wide_kernel
+    signature = dict(
+        p_desc=mangle_type(_descriptor(probs, [block_k, block_c // 2])),
+        f_desc=mangle_type(_descriptor(feats, [block_k, block_d])),
+        rows_ptr="*bf16",
+        buf_ptr="*fp32",
+    )
+    signature.update(G="i32", C="i32", D="i32", stride_rows="i32", stride_buf="i32")
+    signature.update(lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
+    constants = dict(STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
+    signature.update({name: "constexpr" for name in constants})
+    # as a launch at D = 512 specialises: pointers 16-byte aligned, D and the strides multiples of 16
+    aligned = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name in ("rows_ptr", "buf_ptr", "D", "stride_rows", "stride_buf")
+    }
+    return triton.compile(
+        GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=4),
     )

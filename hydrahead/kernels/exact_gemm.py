@@ -54,7 +54,7 @@ from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitt
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 # dW_c and the update in one warp-specialised kernel (``dw_update``) where it applies and is
-# faster (batches up to 768 rows on sm_90); HYDRAHEAD_FUSED_DW_UPDATE=0 keeps the product and pass.
+# faster (batches of 64 to 1,024 rows on sm_90); HYDRAHEAD_FUSED_DW_UPDATE=0 keeps the product and pass.
 FUSED_DW_UPDATE = os.environ.get("HYDRAHEAD_FUSED_DW_UPDATE", "1") != "0"
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
 _PROGRAMS: dict[tuple, int] = {}  # the persistent P kernel's grid, per compiled variant
@@ -568,6 +568,7 @@ def exact_backward(
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
     plan = rounding_plan(weight, update) if update is not None else None  # once: the chunks share it
     fused = FUSED_DW_UPDATE and update is not None and num_rows > 0
+    fused_lr = None  # the lr on the device, made once for the chunks the fused kernel takes
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -604,12 +605,14 @@ def exact_backward(
             if not want_weight:
                 continue
             if fused and not cosine and dw_update.fused_update_applies(probs, feats, rows, update):
+                if fused_lr is None:
+                    fused_lr = _device_scalar(update.lr, feats.device, "lr")
                 dw_update.fused_dw_update(
                     probs,
                     feats,
                     rows,
                     update.momentum_buffer[c_lo:c_hi],
-                    lr=update.lr,
+                    lr=fused_lr,
                     momentum=update.momentum,
                     weight_decay=update.weight_decay,
                 )

@@ -726,6 +726,12 @@ def shard_weight_backward(
 SLICED_MAX_ROWS = 256
 
 
+def sliced_block_g(num_rows: int, fp8: bool) -> int:
+    """The sliced weight kernel's batch block: the whole batch, a power of two, and at least the
+    K that wgmma takes (16 for bf16, 32 for fp8), since dW's product sums over the batch."""
+    return max(32 if fp8 else 16, triton.next_power_of_2(num_rows))
+
+
 def _launch_sliced(
     operand, weight, inv_norm, local_label, lse, update, plan, p_scale, *, scale, target_shift, cosine, grad_scale
 ):
@@ -774,7 +780,7 @@ def _launch_sliced(
             HAS_COMP=compensation is not None,
             HAS_IDS=has_ids,
             **plan.constants,
-            BLOCK_G=max(16, triton.next_power_of_2(num_rows)),
+            BLOCK_G=sliced_block_g(num_rows, operand.fp8),
             BLOCK_C=block_c,
             BLOCK_K=min(block_k, _block_d(dim)),
             num_warps=warps,
@@ -791,11 +797,11 @@ def _launch_sliced(
     )
 
 
-def _device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _device_scalar(value: float | torch.Tensor, device: torch.device, name: str = "grad_scale") -> torch.Tensor:
     """A one-element float32 tensor on ``device``: a fill for a Python number, no host read for a tensor."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"grad_scale must hold one value, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
         return value.detach().reshape(1).to(device=device, dtype=torch.float32)
     return torch.full((1,), float(value), dtype=torch.float32, device=device)
 
