@@ -33,8 +33,8 @@ print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metada
 @pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
 @pytest.mark.parametrize(
     "tiles, num_rows",
-    [(None, 256), ("64,64,64,4,4,384", 384), ("64,64,64,4,4,768", 768), ("128,128,64,6,0", 1024)],
-)  # the default; F's column held, six and twelve slices of it (the most that fit); the wide variant
+    [(None, 256), (None, 1024), ("64,64,64,4,4,384", 384), ("64,64,64,4,4,768", 768), ("128,128,64,6,0", 1024)],
+)  # the table's at 256 and 1,024 rows; F's column held, six and twelve slices (the most that fit); the wide variant
 def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
     # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"
@@ -51,7 +51,7 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     assert int(usage["STACK"]) == 0, "spilled registers"
     # the host's count, which decides whether a tile set runs, is the compiled kernel's to
     # within the margin it keeps for the compiler
-    chosen = (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update.TILES
+    chosen = (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update._tiles(num_rows)
     expected = dw_update.shared_bytes(chosen, dw_update._held_slices(num_rows, chosen))
     assert expected - 1024 <= compiled["shared"] <= expected <= dw_update.SHARED_LIMIT
     assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders

@@ -47,6 +47,18 @@ def test_every_width_and_dtype_has_candidates_within_shared_memory(h200, dim, dt
         assert all(tiles._footprint(kernel, t, dim, element) <= H200_SHARED for t in found), (kernel, found)
 
 
+@pytest.mark.parametrize("kernel", ["weight_fp8", "weight_sliced", "lse_fp8_tma", "probs_fp8_tma"])
+def test_fp8_rows_fall_back_only_to_blocks_their_dots_compile_at(h200, kernel):
+    """A 16-deep fp8 product does not compile (wgmma takes fp8 32 deep at least), and a
+    compile error other than shared memory ends the fallback: no block below 32 is offered."""
+    found = candidate_tiles(kernel, 512, torch.float8_e4m3fn, CUDA)
+    blocks = 3 if kernel.endswith("_tma") else 2
+    assert found[0] == tiles._GPU_TILES[kernel] and len(found) > 1
+    assert min(min(t[:blocks]) for t in found) == 32
+    # bf16 rows still shrink to 16
+    assert min(min(t[:2]) for t in candidate_tiles("weight_sliced", 512, torch.bfloat16, CUDA)) == 16
+
+
 def test_fp32_rows_at_512_leave_the_preferred_forward_tiles_out(h200):
     """The failure this guards: fp32 weights at D=512 asked for 279 KB of shared memory."""
     preferred = tiles._GPU_TILES["forward"]

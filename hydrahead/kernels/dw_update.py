@@ -751,7 +751,8 @@ def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, 
 def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
     memory can be read from the result): descriptors of small CPU tensors give its types;
-    ``num_rows`` sets how many of F's slices a held-F variant holds."""
+    ``num_rows`` picks the tiles, as a step of that batch would, and how many of F's slices
+    a held-F variant holds."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -760,7 +761,9 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     feats = torch.empty(num_rows, dim, dtype=torch.bfloat16)
     rows = torch.empty(1024, dim, dtype=torch.bfloat16)
     buffer = torch.empty(1024, dim, dtype=torch.float32)
-    tiles = _tiles()
+    tiles = _tiles(num_rows)
+    if tiles is None:
+        raise ValueError(f"no tiles for a batch of {num_rows} rows: the step keeps the product and pass there")
     if tiles[4] == 0:
         return _compile_wide(arch, probs, feats, tiles)
     names = _dw_update_kernel.arg_names

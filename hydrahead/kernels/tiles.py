@@ -89,6 +89,7 @@ _CPU_TILES = {
     "probs_fp8_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
+_MIN_FP8_BLOCK = 32  # fp8 operands: wgmma sums at least 32 deep, and each block is some dot's K
 _MAX_BOX = 256  # the copy engine's largest box side, in elements
 # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma", "lse_fp8_tma", "probs_fp8_tma")
@@ -202,6 +203,9 @@ def candidate_tiles(kernel: str, dim: int, dtype: torch.dtype, device: torch.dev
     shapes = list(_shrinking(kernel, preferred))
     if kernel.endswith("_tma"):  # a tensor descriptor's box has at most 256 elements a side
         shapes = [t for t in shapes if max(t[:3]) <= _MAX_BOX]
+    if element_bytes == 1:  # the shrinking blocks would reach a dot that fp8 cannot compile
+        blocks = 3 if kernel in _STREAMED_K else 2
+        shapes = [t for t in shapes if min(t[:blocks]) >= _MIN_FP8_BLOCK] or shapes
     fitting = [t for t in shapes if _footprint(kernel, t, dim, element_bytes) <= limit]
     return fitting or [min(shapes, key=lambda t: _footprint(kernel, t, dim, element_bytes))]
 
