@@ -81,8 +81,10 @@ def measure(shape, tile_sets, reps: int, copy_gbps: float) -> list[dict]:
         else:
             chosen = tiles
             os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = ",".join(map(str, tiles))
+        # the lr on the device, as the gemm path hands it over (made once a step, not once a call)
+        options = dict(SGD, lr=torch.full((1,), SGD["lr"], dtype=torch.float32, device=rows.device))
         try:
-            ms, peak = _timed(lambda: dw_update.fused_dw_update(probs, feats, rows, buffer, **SGD), reps)
+            ms, peak = _timed(lambda: dw_update.fused_dw_update(probs, feats, rows, buffer, **options), reps)
         finally:
             os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
         method = "hydrahead-gluon dW + SGD" + (" (batch table)" if tiles is None else "")
