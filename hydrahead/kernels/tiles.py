@@ -89,7 +89,7 @@ _CPU_TILES = {
     "probs_fp8_tma": (16, 16, 16, 4, 1),
 }  # the interpreter: small is quick
 _MIN_BLOCK = 16  # tl.dot's smallest side
-_MIN_FP8_BLOCK = 32  # fp8 operands: wgmma sums at least 32 deep, and each block is some dot's K
+_MIN_FP8_BLOCK = 32  # fp8 operands: wgmma sums at least 32 deep, and a block may be a product's depth
 _MAX_BOX = 256  # the copy engine's largest box side, in elements
 # GEMM-shaped kernels: D streamed in BLOCK_K slices
 _STREAMED_K = ("filtered", "probs", "filtered_tma", "probs_tma", "lse_fp8_tma", "probs_fp8_tma")
