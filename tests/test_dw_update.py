@@ -26,7 +26,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 from hydrahead.kernels import dw_update
 compiled = dw_update.compile_for(90, num_rows=int(os.environ["ROWS"]))
 open(os.environ["CUBIN"], "wb").write(compiled.asm["cubin"])
-print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)))
+meta = compiled.metadata
+print(json.dumps(dict(shared=meta.shared, num_warps=meta.num_warps, name=meta.name)))
 """
 
 
@@ -55,6 +56,8 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     expected = dw_update.shared_bytes(chosen, dw_update._held_slices(num_rows, chosen))
     assert expected - 1024 <= compiled["shared"] <= expected <= dw_update.SHARED_LIMIT
     assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
+    # the variant the batch takes: SLOTS = 0 is the wide kernel (the table's entry at 1,024 rows)
+    assert ("wide" in compiled["name"]) == (chosen[4] == 0), (compiled["name"], chosen)
 
 
 def _emulated_kernel(calls, lrs=None):
