@@ -52,11 +52,10 @@ def cuda_time_ms(fn, *, warmup: int = 2, reps: int = 10) -> list[float]:
     return times
 
 
-def kernel_busy_ms(fn, *, reps: int = 3) -> float:
-    """GPU time of the kernels, copies and fills one call of ``fn`` runs (the profiler's sum,
-    over ``reps`` calls after one untimed): against the call's span timed by
-    ``cuda_time_ms``, the rest is the GPU waiting, mostly for the host to queue work.
-    Kernels that overlap on two streams count twice."""
+def kernel_times_ms(fn, *, reps: int = 3) -> dict[str, float]:
+    """GPU time a call of ``fn`` spends in each kernel, copy and fill, by name (the
+    profiler's sums over ``reps`` calls after one untimed, divided by ``reps``), largest
+    first. Kernels that overlap on two streams each count in full."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -65,7 +64,16 @@ def kernel_busy_ms(fn, *, reps: int = 3) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return sum(event.device_time_total for event in prof.key_averages()) / reps / 1e3
+    times = {event.key: event.device_time_total / reps / 1e3 for event in prof.key_averages()}
+    return dict(sorted(((k, v) for k, v in times.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def kernel_busy_ms(fn, *, reps: int = 3) -> float:
+    """GPU time of the kernels, copies and fills one call of ``fn`` runs (``kernel_times_ms``
+    summed): against the call's span timed by ``cuda_time_ms``, the rest is the GPU
+    waiting, mostly for the host to queue work. Kernels that overlap on two streams count
+    twice."""
+    return sum(kernel_times_ms(fn, reps=reps).values())
 
 
 @contextlib.contextmanager

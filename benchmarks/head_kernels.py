@@ -68,8 +68,8 @@ floor, the larger of two:
                 buffer read and written once, at the copy bandwidth measured in the same run.
 Both floors are in every row (matmul_floor_ms, memory_floor_ms), with peak_floor_ms (the
 8·G·D·C_r FLOPs at the square-matmul rate, the floor of earlier results). On a GPU also
-kernel_ms, the time the profiler counts in the step's kernels (three more steps), and
-idle_ms, the rest of the step: the GPU waiting for the host to queue work, and
+kernel_ms, the time the profiler counts in the step's kernels (three more steps), split
+by kernel name in kernels_ms, and idle_ms, the rest of the step: the GPU waiting for the host to queue work, and
 allocator_per_step, the caching allocator's cudaMalloc, cudaFree, retries and device-wide
 syncs per timed step (each of those stalls the host or the device). Then the peak memory
 and the peak beyond what was allocated before the step (W, momentum buffer, features,
@@ -104,7 +104,7 @@ from benchmarks.common import (  # noqa: E402
     cuda_time_ms,
     environment,
     fp8_matmul_tflops,
-    kernel_busy_ms,
+    kernel_times_ms,
     median,
     print_table,
     pyplot,
@@ -561,7 +561,12 @@ def measure(key: str, p: Problem, args, device: torch.device) -> dict:
     row.update(ms=median(times), times_ms=times, reps=reps)
     if device.type == "cuda" and not method.slow:  # what of the step the GPU spends in kernels
         try:
-            row["kernel_ms"] = kernel_busy_ms(step)
+            # by kernel: which pass to work on next (names cut to 80 characters, summed where
+            # they then coincide)
+            row["kernels_ms"] = {}
+            for name, ms in kernel_times_ms(step).items():
+                row["kernels_ms"][name[:80]] = row["kernels_ms"].get(name[:80], 0.0) + ms
+            row["kernel_ms"] = sum(row["kernels_ms"].values())
             row["idle_ms"] = row["ms"] - row["kernel_ms"]
         except Exception as exc:  # noqa: BLE001 - a profiler that cannot start costs the column, not the row
             row["kernel_note"] = f"no kernel time: {error_note(exc)}"

@@ -104,6 +104,31 @@ def test_kernel_time_is_the_kernels_share_of_the_timed_span():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_times_name_each_kernel_and_sum_to_the_busy_time():
+    """Two products of different sizes and a fill: the breakdown names the GEMM and the fill
+    apart, the larger product's kernel takes most of the time, and the parts sum to
+    kernel_busy_ms within the run-to-run noise."""
+    from benchmarks.common import kernel_busy_ms, kernel_times_ms
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1 << 24, device="cuda")
+
+    def fn():
+        a @ a
+        b @ b
+        out.fill_(1.0)
+
+    times = kernel_times_ms(fn)
+    assert list(times.values()) == sorted(times.values(), reverse=True)
+    assert any("fill" in name.lower() for name in times), times
+    assert len(times) >= 2
+    assert max(times.values()) > 0.5 * sum(times.values()), times
+    assert abs(sum(times.values()) - kernel_busy_ms(fn)) < 0.25 * sum(times.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("key", ["ours", "ours-fp8"])
 def test_steady_steps_take_no_new_device_memory(key):
     """After the first step the caching allocator serves every step from its pool: the row's
