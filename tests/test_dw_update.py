@@ -34,8 +34,17 @@ print(json.dumps(dict(shared=meta.shared, num_warps=meta.num_warps, name=meta.na
 @pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
 @pytest.mark.parametrize(
     "tiles, num_rows",
-    [(None, 256), (None, 1024), ("64,64,64,4,4,384", 384), ("64,64,64,4,4,768", 768), ("128,128,64,6,0", 1024)],
-)  # the table's at 256 and 1,024 rows; F's column held, six and twelve slices (the most that fit); the wide variant
+    [
+        (None, 256),
+        (None, 1024),
+        ("64,64,64,4,4,384", 384),
+        ("64,64,64,4,4,768", 768),
+        ("128,128,64,6,0", 1024),
+        (None, 64),
+        ("64,64,256,3,4,384", 256),
+    ],
+)  # the table's at 256 and 1,024 rows; F's column held, six and twelve slices (the most that fit); the wide
+# variant; dF in the kernel with one partition (a 64-row batch) and two (256 rows in one K block)
 def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
     # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"
@@ -53,30 +62,44 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     # the host's count, which decides whether a tile set runs, is the compiled kernel's to
     # within the margin it keeps for the compiler
     chosen = (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update._tiles(num_rows)
-    expected = dw_update.shared_bytes(chosen, dw_update._held_slices(num_rows, chosen))
+    expected = dw_update.shared_bytes(
+        chosen, dw_update._held_slices(num_rows, chosen), dw_update.features_parts(num_rows, chosen)
+    )
     assert expected - 1024 <= compiled["shared"] <= expected <= dw_update.SHARED_LIMIT
-    assert compiled["num_warps"] == 12  # one warpgroup each: two consumers and the two loaders
+    # one warpgroup each: two consumers, the two loaders, and each dF partition
+    assert compiled["num_warps"] == 12 + 4 * dw_update.features_parts(num_rows, chosen)
     # the variant the batch takes: SLOTS = 0 is the wide kernel (the table's entry at 1,024 rows)
     assert ("wide" in compiled["name"]) == (chosen[4] == 0), (compiled["name"], chosen)
 
 
 def _emulated_kernel(calls, lrs=None):
-    def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay):
+    def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay, features_grad=False):
         calls.append(rows.shape[0])
         if lrs is not None:
             lrs.append(lr)
+        grad_feat = probs.double().mm(rows.double()).float() if features_grad else None  # the rows before the step
         buffer.mul_(momentum).add_(probs.double().t().mm(feats.double()).to(buffer.dtype) + weight_decay * rows)
         rows.sub_(lr * buffer)
+        return grad_feat
 
     return fused
 
 
-@pytest.mark.parametrize("margin_type, lr_kind", [("none", "number"), ("none", "tensor"), ("cosface", "number")])
-def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(margin_type, lr_kind, monkeypatch):
+@pytest.mark.parametrize(
+    "margin_type, lr_kind, kernel_df",
+    [("none", "number", False), ("none", "tensor", False), ("cosface", "number", False), ("none", "number", True)],
+)  # kernel_df: the kernel also returns dF's part of each chunk, and no product runs for it
+def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(
+    margin_type, lr_kind, kernel_df, monkeypatch
+):
     calls, lrs = [], []
     monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
     monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
+    monkeypatch.setattr(dw_update, "takes_features_grad", lambda *args: kernel_df)
     monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, lrs))
+    products = []
+    matmul = exact_gemm.matmul_fp32
+    monkeypatch.setattr(exact_gemm, "matmul_fp32", lambda *args: products.append(1) or matmul(*args))
     monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")  # 256-class chunks: three of them
     gen = torch.Generator().manual_seed(3)
     num_rows, dim, num_classes = 29, 24, 600
@@ -104,6 +127,7 @@ def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(mar
     loss.backward()
     # cosine logits need the projection, which the fused kernel does not take: it is passed by
     assert calls == ([] if margin_type == "cosface" else [256, 256, 88])
+    assert len(products) == (0 if kernel_df else 3)  # dF's product a chunk, unless the kernel took it
     if calls:  # one float32 lr on the device, made once for the step's chunks
         assert all(got is lrs[0] for got in lrs)
         assert lrs[0].dtype == torch.float32 and lrs[0].shape == (1,) and float(lrs[0]) == lr

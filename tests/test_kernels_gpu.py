@@ -730,16 +730,63 @@ def test_the_fused_dw_update_reads_an_lr_on_the_device_as_it_takes_a_number(num_
 
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
-def test_a_head_step_with_the_fused_dw_update_follows_the_float64_step(monkeypatch):
+@pytest.mark.parametrize(
+    "num_rows, num_classes, dim, programs, tiles",
+    [
+        (64, 1000, 384, 3, None),  # the table's tiles at 64 rows: one dF partition
+        (200, 777, 320, 2, "64,64,256,3,4,384"),  # two partitions, a batch short of the block; D past its edge
+        (256, 4099, 512, None, "64,64,256,3,4,384"),  # one program an SM, the class count odd
+        (100, 520, 128, 5, "64,64,128,6,4,384"),  # a 128-row block, one partition
+    ],
+)
+def test_the_fused_kernels_features_grad_is_p_times_the_rows_before_the_step(
+    num_rows, num_classes, dim, programs, tiles, monkeypatch
+):
+    """dF = P W_c from the rows the kernel loads for the update, before it moves them: against
+    float64, with the same rows and buffer as without dF, bit for bit, and the same dF twice."""
+    from hydrahead.kernels import dw_update
+    from hydrahead.kernels.dw_update import fused_dw_update
+
+    if tiles:
+        monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", tiles)
+    assert dw_update.takes_features_grad(num_rows)
+    gen = torch.Generator().manual_seed(num_rows + dim)
+    probs = (torch.randn(num_rows, num_classes, generator=gen) * 1e-2).bfloat16().cuda()
+    feats = torch.randn(num_rows, dim, generator=gen).bfloat16().cuda()
+    rows = (torch.randn(num_classes, dim, generator=gen) * 0.02).bfloat16().cuda()
+    buffer = (torch.randn(num_classes, dim, generator=gen) * 1e-3).cuda()
+    options = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, programs=programs)
+    ref_df = probs.double() @ rows.double()
+    outs = []
+    for features_grad in (True, True, False):
+        new_rows, new_buf = rows.clone(), buffer.clone()
+        got = fused_dw_update(probs, feats, new_rows, new_buf, features_grad=features_grad, **options)
+        outs.append((got, new_rows, new_buf))
+    (df_a, rows_a, buf_a), (df_b, _, _), (none, rows_c, buf_c) = outs
+    assert none is None and df_a.shape == (num_rows, dim) and df_a.dtype == torch.float32
+    assert rel_err(df_a, ref_df) < 1e-5  # float32 accumulation of bf16 products
+    assert torch.equal(df_a, df_b)  # partial sums in a fixed order
+    assert torch.equal(rows_a.view(torch.int16), rows_c.view(torch.int16)) and torch.equal(buf_a, buf_c)
+    ref_buf = 0.9 * buffer.double() + probs.double().t() @ feats.double() + 5e-4 * rows.double()
+    assert rel_err(buf_a, ref_buf) < 1e-5
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+@pytest.mark.parametrize("batch, tiles", [(512, None), (200, "64,64,256,3,4,384")])  # dF from cuBLAS; from the kernel
+def test_a_head_step_with_the_fused_dw_update_follows_the_float64_step(batch, tiles, monkeypatch):
     from hydrahead.kernels import dw_update, exact_gemm
 
+    if tiles:
+        monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", tiles)
     calls = []
     kernel = dw_update.fused_dw_update
     monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
     monkeypatch.setattr(
-        dw_update, "fused_dw_update", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+        dw_update,
+        "fused_dw_update",
+        lambda *args, **kwargs: calls.append(kwargs["features_grad"]) or kernel(*args, **kwargs),
     )
-    features, weight, labels = inputs(21)
+    features, weight, labels = inputs(21, batch=batch)
     _, ref_fgrad, ref_wgrad = float64_reference(features, weight, labels, "none")
     lr, momentum, weight_decay = 0.5, 0.9, 5e-4
     buffer = (torch.randn(weight.shape, generator=torch.Generator().manual_seed(22)) * 1e-4).cuda()
@@ -758,6 +805,7 @@ def test_a_head_step_with_the_fused_dw_update_follows_the_float64_step(monkeypat
     )
     loss.backward()
     assert calls, "the step did not take the fused kernel"
+    assert all(calls) == bool(tiles), calls  # dF inside the kernel where its batch is one block
     assert rel_err(f.grad, ref_fgrad) < 2e-2
     assert rel_err(buf, ref_buf) < 2e-2
     expected = (w64 - lr * ref_buf).bfloat16()

@@ -103,12 +103,13 @@ def _held_slices(num_rows: int, tiles) -> int:
 SHARED_LIMIT = 227 * 1024  # a Hopper program's shared memory
 
 
-def shared_bytes(tiles, held: int) -> int:
+def shared_bytes(tiles, held: int, features_parts: int = 0) -> int:
     """The kernel's shared memory at these tiles: the ring's P (and F) slices, F's held
-    slices, the epilogue slots' rows and buffer, and the barriers."""
+    slices, the epilogue slots' rows and buffer, and the barriers (``features_parts``: the dF
+    partitions', one a slot)."""
     block_c, block_d, block_k, stages, slots = tiles[:5]
     f_slices = held or stages
-    barriers = 8 * (2 * stages + 2 * slots + 1 + held + 1)
+    barriers = 8 * (2 * stages + 2 * slots + 1 + held + 1 + slots * features_parts + 1)
     compiler = 1024  # alignment and scratch: the compiled kernels took 224-256 bytes beyond the rest
     return 2 * block_k * (stages * block_c + f_slices * block_d) + 6 * slots * block_c * block_d + barriers + compiler
 
@@ -121,6 +122,31 @@ def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
 
 
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
+# With dF partitions the launch has 16 or 20 warps, so ptxas caps every thread at 128 or 96
+# registers (64K over the threads): a dF share's 64 x 128 float32 accumulator takes 64 of them,
+# and nothing is moved between partitions at run time. (consumers, loaders, dF) by partitions:
+_FEATURES_GRAD_REGS = {1: (128, 24, 128), 2: (96, 24, 96)}
+FEATURES_GRAD = os.environ.get("HYDRAHEAD_FUSED_DW_FEATURES", "1") != "0"
+
+
+def features_parts(num_rows: int, tiles=None) -> int:
+    """dF partitions at this batch (0: the kernel leaves dF to the product). Each holds a
+    64 x (block / parts) float32 share, at most 64 x 128: the launch's warps cap a thread's
+    registers (128 with one, 96 with two)."""
+    tiles = tiles or _tiles(num_rows)
+    if not takes_features_grad(num_rows, tiles):
+        return 0
+    return 1 if tiles[2] <= 128 else 2
+
+
+def takes_features_grad(num_rows: int, tiles=None) -> bool:
+    """Whether the kernel also computes the chunk's dF = P W_c at this batch: F held in one K
+    slice (the batch is one block of at most 256 rows, dF's widest product) and epilogue
+    slots that hold the rows it reads. HYDRAHEAD_FUSED_DW_FEATURES=0 turns it off."""
+    tiles = tiles or _tiles(num_rows)
+    return (
+        FEATURES_GRAD and tiles is not None and tiles[4] > 0 and tiles[2] <= 256 and _held_slices(num_rows, tiles) == 1
+    )
 
 
 if GLUON:
@@ -128,7 +154,7 @@ if GLUON:
     @gluon.jit
     def _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
-        ring_ready, ring_empty, _, _, _, f_ready = bars
+        ring_ready, ring_empty, _, _, _, f_ready, _ = bars
         held: gl.constexpr = f_ready.type.shape[0] - 1  # HELD, carried by a type
         stages: gl.constexpr = p_bufs.type.shape[0]
         block_k: gl.constexpr = p_desc.block_type.shape[0]
@@ -159,7 +185,7 @@ if GLUON:
         # a warp of its own, so the rows and buffer of the next tiles stream in while the
         # ring waits on the products: at small batches this traffic is the kernel's time
         w_bufs, b_bufs = epilogue
-        _, _, epi_ready, epi_empty, _, _ = bars
+        _, _, epi_ready, epi_empty, _, _, _ = bars
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
@@ -200,8 +226,9 @@ if GLUON:
     ):
         p_bufs, f_bufs = rings
         w_bufs, b_bufs = epilogue
-        ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready = bars
+        ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready, w_read = bars
         held: gl.constexpr = f_ready.type.shape[0] - 1
+        features_grad: gl.constexpr = w_read.type.shape[0] > 1  # a dF partition reads the slots' rows
         stages: gl.constexpr = p_bufs.type.shape[0]
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
@@ -245,6 +272,8 @@ if GLUON:
                 mbarrier.wait(epi_ready.index(slot), (j // slots) & 1)
                 w = w_bufs.index(slot).load(acc_layout).to(gl.float32)
                 buf = momentum * b_bufs.index(slot).load(acc_layout) + (acc + weight_decay * w)
+                if features_grad:  # the dF partition's product has read the rows before the step
+                    mbarrier.wait(w_read.index(slot), (j // slots) & 1)
                 b_bufs.index(slot).store(buf)
                 w_bufs.index(slot).store((w - lr * buf).to(gl.bfloat16))
                 fence_async_shared()  # the stores above, before the copy engine reads them
@@ -270,21 +299,138 @@ if GLUON:
 
     @gluon.jit
     def _second_consumer(
-        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        df_ptr,
     ):
         _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
 
     @gluon.jit
     def _ring_partition(
-        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        df_ptr,
     ):
         _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
 
     @gluon.jit
     def _epilogue_partition(
-        p_desc, f_desc, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        df_ptr,
     ):
         _epilogue_loader(w_desc, b_desc, epilogue, bars, num_tiles, tiles_d)
+
+    @gluon.jit
+    def _features_grad(which: gl.constexpr, rings, epilogue, bars, num_tiles, df_ptr):
+        # dF^T (BLOCK_D x the batch) += W_c^T P^T over the program's tiles, all of one D column:
+        # the rows are in the slot for the update and P's tile in the ring for dW, so dF costs
+        # no byte of memory traffic; one K step a tile (the batch is one block), so the ring's
+        # stage is the tile's. Each of ``parts`` partitions takes its share of the batch (a
+        # thread's registers cap a share's float32 accumulator at 64 x 128). Written once at
+        # the end, a partial sum of its program.
+        p_bufs, _ = rings
+        w_bufs, _ = epilogue
+        ring_ready, ring_empty, epi_ready, _, _, _, w_read = bars
+        stages: gl.constexpr = p_bufs.type.shape[0]
+        block_k: gl.constexpr = p_bufs.type.shape[1]
+        slots: gl.constexpr = w_bufs.type.shape[0]
+        parts: gl.constexpr = (w_read.type.shape[0] - 1) // slots  # FEATURES_GRAD, carried by a type
+        share: gl.constexpr = block_k // parts
+        block_d: gl.constexpr = w_bufs.type.shape[2]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, share, 16]
+        )
+        acc = gl.zeros([block_d, share], gl.float32, layout)
+        j = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            s = j % stages
+            slot = j % slots
+            # this partition's arrivals free the stage and the slot's rows, so neither is
+            # refilled before it has read them: each barrier's parity names this tile's fill
+            mbarrier.wait(ring_ready.index(s), (j // stages) & 1)
+            mbarrier.wait(epi_ready.index(slot), (j // slots) & 1)
+            probs = p_bufs.index(s).slice(which * share, share, dim=0)
+            acc = warpgroup_mma(w_bufs.index(slot).permute((1, 0)), probs.permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(ring_empty.index(s), count=1)
+            mbarrier.arrive(w_read.index(slot), count=1)
+            j += 1
+        dims = gl.arange(0, block_d, layout=gl.SliceLayout(1, layout))
+        batch = which * share + gl.arange(0, share, layout=gl.SliceLayout(0, layout))
+        at = df_ptr + gl.program_id(0) * (block_d * block_k) + dims[:, None] * block_k + batch[None, :]
+        gl.store(at, acc)
+
+    @gluon.jit
+    def _features_grad_first(
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        df_ptr,
+    ):
+        _features_grad(0, rings, epilogue, bars, num_tiles, df_ptr)
+
+    @gluon.jit
+    def _features_grad_second(
+        p_desc,
+        f_desc,
+        w_desc,
+        b_desc,
+        rings,
+        epilogue,
+        bars,
+        num_tiles,
+        tiles_d,
+        k_steps,
+        lr,
+        momentum,
+        weight_decay,
+        df_ptr,
+    ):
+        _features_grad(1, rings, epilogue, bars, num_tiles, df_ptr)
 
     @gluon.jit
     def _dw_update_kernel(
@@ -298,11 +444,14 @@ if GLUON:
         lr_ptr,
         momentum,
         weight_decay,
+        df_ptr,
         STAGES: gl.constexpr,
         SLOTS: gl.constexpr,
         HELD: gl.constexpr,
+        FEATURES_GRAD: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
+        FEATURES_GRAD_REGS: gl.constexpr,
     ):
         block_k: gl.constexpr = p_desc.block_type.shape[0]
         block_c: gl.constexpr = p_desc.block_type.shape[1]
@@ -325,9 +474,15 @@ if GLUON:
         # as a type (a constant passed through warp_specialize arrives as a value)
         f_ready = gl.allocate_shared_memory(gl.int64, [HELD + 1, 1], mbarrier.MBarrierLayout())
         mbarrier.init(f_ready.index(0), count=1)
+        # FEATURES_GRAD (1 or 2): that many more partitions compute dF from the same tiles, each
+        # for its share of the batch; the first SLOTS barriers here say that they have read a
+        # slot's rows (the count, as a type, tells the partitions how many share the batch)
+        w_read = gl.allocate_shared_memory(gl.int64, [SLOTS * FEATURES_GRAD + 1, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(SLOTS * FEATURES_GRAD + 1):
+            mbarrier.init(w_read.index(i), count=max(FEATURES_GRAD, 1))
         for i in gl.static_range(STAGES):
             mbarrier.init(ring_ready.index(i), count=1)
-            mbarrier.init(ring_empty.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=1 + FEATURES_GRAD)  # the dF partitions give it back too
         for i in gl.static_range(SLOTS):
             mbarrier.init(epi_ready.index(i), count=1)
             mbarrier.init(epi_empty.index(i), count=1)
@@ -336,7 +491,7 @@ if GLUON:
         k_steps = gl.cdiv(G, block_k)
         rings = (p_bufs, f_bufs)
         epilogue = (w_bufs, b_bufs)
-        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready)
+        bars = (ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready, w_read)
         worker_args = (
             p_desc,
             f_desc,
@@ -351,18 +506,45 @@ if GLUON:
             lr,
             momentum,
             weight_decay,
+            df_ptr,
         )
         consumer_args = (w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay)
-        gl.warp_specialize(
-            [
-                (_first_consumer, consumer_args),
-                (_second_consumer, worker_args),
-                (_ring_partition, worker_args),
-                (_epilogue_partition, worker_args),
-            ],
-            [4, 1, 1],
-            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
-        )
+        if FEATURES_GRAD == 2:
+            gl.warp_specialize(
+                [
+                    (_first_consumer, consumer_args),
+                    (_second_consumer, worker_args),
+                    (_ring_partition, worker_args),
+                    (_epilogue_partition, worker_args),
+                    (_features_grad_first, worker_args),
+                    (_features_grad_second, worker_args),
+                ],
+                [4, 1, 1, 4, 4],
+                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS, FEATURES_GRAD_REGS, FEATURES_GRAD_REGS],
+            )
+        elif FEATURES_GRAD == 1:
+            gl.warp_specialize(
+                [
+                    (_first_consumer, consumer_args),
+                    (_second_consumer, worker_args),
+                    (_ring_partition, worker_args),
+                    (_epilogue_partition, worker_args),
+                    (_features_grad_first, worker_args),
+                ],
+                [4, 1, 1, 4],
+                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS, FEATURES_GRAD_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_first_consumer, consumer_args),
+                    (_second_consumer, worker_args),
+                    (_ring_partition, worker_args),
+                    (_epilogue_partition, worker_args),
+                ],
+                [4, 1, 1],
+                [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
+            )
 
     # The wide variant for larger batches: both consumers share one tile of BLOCK_C = 128
     # classes (64 each) x BLOCK_D, so F's slice serves 128 classes and P's 128 dims, half the
@@ -656,7 +838,10 @@ def step_supported(probs: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor,
 
 def _fits(num_rows: int) -> bool:
     tiles = _tiles(num_rows)
-    return tiles is not None and shared_bytes(tiles, _held_slices(num_rows, tiles)) <= SHARED_LIMIT
+    return (
+        tiles is not None
+        and shared_bytes(tiles, _held_slices(num_rows, tiles), features_parts(num_rows, tiles)) <= SHARED_LIMIT
+    )
 
 
 def fused_dw_update(
@@ -669,11 +854,14 @@ def fused_dw_update(
     momentum: float,
     weight_decay: float,
     programs: int | None = None,
-) -> None:
+    features_grad: bool = False,
+) -> torch.Tensor | None:
     """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
     P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D).
     ``lr``: a number, or a one-element tensor the kernel reads on the device (no host read).
-    ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles)."""
+    ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles).
+    ``features_grad``: also return P W_c (G x D, float32) from the rows before the step, where
+    ``takes_features_grad`` says the batch allows it (ValueError elsewhere)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
     batch, classes = probs.shape
@@ -686,19 +874,31 @@ def fused_dw_update(
     if tiles is None:
         raise ValueError(f"fused_dw_update is slower than the product and pass at {feats.shape[0]} rows")
     held = _held_slices(feats.shape[0], tiles)
-    if shared_bytes(tiles, held) > SHARED_LIMIT:
+    parts = features_parts(feats.shape[0], tiles) if features_grad else 0
+    if shared_bytes(tiles, held, parts) > SHARED_LIMIT:
         raise ValueError(
-            f"tiles {tiles} at {feats.shape[0]} rows need {shared_bytes(tiles, held)} bytes of shared memory, "
+            f"tiles {tiles} at {feats.shape[0]} rows need {shared_bytes(tiles, held, parts)} bytes of shared memory, "
             f"more than {SHARED_LIMIT}: fewer stages, slots or held rows"
+        )
+    if features_grad and not takes_features_grad(feats.shape[0], tiles):
+        raise ValueError(
+            f"the kernel's dF needs F held in one K slice of at most 256 rows and epilogue slots; tiles {tiles} "
+            f"at {feats.shape[0]} rows"
         )
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
     lr = _device_scalar(lr, rows.device, "lr")
     if tiles[4] == 0:
         _launch_wide(probs, feats, rows, buffer, tiles, lr, float(momentum), float(weight_decay), programs)
-        return
+        return None
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
-    tiles_d = triton.cdiv(rows.shape[1], tiles[1])
-    _dw_update_kernel[(_grid(triton.cdiv(rows.shape[0], tiles[0]) * tiles_d, tiles_d, programs, held),)](
+    block_c, block_d, block_k = tiles[:3]
+    tiles_d = triton.cdiv(rows.shape[1], block_d)
+    grid = _grid(triton.cdiv(rows.shape[0], block_c) * tiles_d, tiles_d, programs, held)
+    # each program's dF^T over its tiles (one D column each), summed over the column's programs
+    # below in a fixed order: the same dF every run
+    partial = torch.empty(grid, block_d, block_k, dtype=torch.float32, device=rows.device) if features_grad else lr
+    consumer_regs, loader_regs, features_regs = _FEATURES_GRAD_REGS.get(parts, (_CONSUMER_REGS, _LOADER_REGS, 0))
+    _dw_update_kernel[(grid,)](
         p_desc,
         f_desc,
         w_desc,
@@ -709,13 +909,20 @@ def fused_dw_update(
         lr,
         float(momentum),
         float(weight_decay),
+        partial,
         tiles[3],
         tiles[4],
         held,
-        _CONSUMER_REGS,
-        _LOADER_REGS,
+        parts,
+        consumer_regs,
+        loader_regs,
+        features_regs,
         num_warps=4,
     )
+    if not features_grad:
+        return None
+    columns = partial.view(grid // tiles_d, tiles_d * block_d, block_k).sum(0)
+    return columns[: rows.shape[1], : feats.shape[0]].t().contiguous()
 
 
 def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, programs) -> None:
@@ -769,13 +976,17 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     names = _dw_update_kernel.arg_names
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
-    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
+    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32", df_ptr="*fp32")
+    parts = features_parts(num_rows, tiles)
+    regs = _FEATURES_GRAD_REGS.get(parts, (_CONSUMER_REGS, _LOADER_REGS, 0))
     constants = dict(
         STAGES=tiles[3],
         SLOTS=tiles[4],
         HELD=_held_slices(num_rows, tiles),
-        CONSUMER_REGS=_CONSUMER_REGS,
-        LOADER_REGS=_LOADER_REGS,
+        FEATURES_GRAD=parts,
+        CONSUMER_REGS=regs[0],
+        LOADER_REGS=regs[1],
+        FEATURES_GRAD_REGS=regs[2],
     )
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(

@@ -599,15 +599,18 @@ def exact_backward(
                 chunk_grad = chunk_grad.float() * inv_norm[c_lo:c_hi, None]
         else:
             probs, _ = probs_pass.write(c_lo, c_hi, width)
-            if want_features:  # before the update moves these rows
+            fused_here = fused and not cosine and dw_update.fused_update_applies(probs, feats, rows, update)
+            # at small batches the fused kernel also takes dF's product, from the rows it loads anyway
+            kernel_df = fused_here and want_features and dw_update.takes_features_grad(num_rows)
+            if want_features and not kernel_df:  # before the update moves these rows
                 product = matmul_fp32(probs, rows)
                 grad_feat = product if grad_feat is None else grad_feat.add_(product)
             if not want_weight:
                 continue
-            if fused and not cosine and dw_update.fused_update_applies(probs, feats, rows, update):
+            if fused_here:
                 if fused_lr is None:
                     fused_lr = _device_scalar(update.lr, feats.device, "lr")
-                dw_update.fused_dw_update(
+                product = dw_update.fused_dw_update(
                     probs,
                     feats,
                     rows,
@@ -615,7 +618,10 @@ def exact_backward(
                     lr=fused_lr,
                     momentum=update.momentum,
                     weight_decay=update.weight_decay,
+                    features_grad=kernel_df,
                 )
+                if kernel_df:
+                    grad_feat = product if grad_feat is None else grad_feat.add_(product)
                 continue
             # dW_c in the rows' dtype: the update adds it in float32; its rounding to bf16 is
             # far below the stored rows' own, and halves the bytes the update pass reads.
