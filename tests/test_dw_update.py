@@ -40,11 +40,11 @@ print(json.dumps(dict(shared=meta.shared, num_warps=meta.num_warps, name=meta.na
         ("64,64,64,4,4,384", 384),
         ("64,64,64,4,4,768", 768),
         ("128,128,64,6,0", 1024),
-        (None, 64),
-        ("64,64,256,3,4,384", 256),
+        ("64,64,64,6,4,384", 64),
+        ("64,64,128,6,4,384", 128),
     ],
-)  # the table's at 256 and 1,024 rows; F's column held, six and twelve slices (the most that fit); the wide
-# variant; dF in the kernel with one partition (a 64-row batch) and two (256 rows in one K block)
+)  # the table's at 256 (one K block, dF in two partitions) and 1,024 rows; F's column held, six and twelve
+# slices (the most that fit); the wide variant; dF in one partition (a batch of one 64- or 128-row block)
 def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
     # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"

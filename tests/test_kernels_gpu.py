@@ -734,8 +734,8 @@ def test_the_fused_dw_update_reads_an_lr_on_the_device_as_it_takes_a_number(num_
     "num_rows, num_classes, dim, programs, tiles",
     [
         (64, 1000, 384, 3, None),  # the table's tiles at 64 rows: one dF partition
-        (200, 777, 320, 2, "64,64,256,3,4,384"),  # two partitions, a batch short of the block; D past its edge
-        (256, 4099, 512, None, "64,64,256,3,4,384"),  # one program an SM, the class count odd
+        (200, 776, 320, 2, "64,64,256,3,4,384"),  # two partitions, a batch short of the block; D past its edge
+        (256, 4104, 512, None, "64,64,256,3,4,384"),  # one program an SM, a class tile past the edge
         (100, 520, 128, 5, "64,64,128,6,4,384"),  # a 128-row block, one partition
     ],
 )
