@@ -310,60 +310,18 @@ if GLUON:
         _consumer(0, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
 
     @gluon.jit
-    def _second_consumer(
-        p_desc,
-        f_desc,
-        w_desc,
-        b_desc,
-        rings,
-        epilogue,
-        bars,
-        num_tiles,
-        tiles_d,
-        k_steps,
-        lr,
-        momentum,
-        weight_decay,
-        df_ptr,
-    ):
+    def _second_consumer(args):  # each worker partition takes the same tuple (worker_args in the kernel)
+        _, _, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, _ = args
         _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
 
     @gluon.jit
-    def _ring_partition(
-        p_desc,
-        f_desc,
-        w_desc,
-        b_desc,
-        rings,
-        epilogue,
-        bars,
-        num_tiles,
-        tiles_d,
-        k_steps,
-        lr,
-        momentum,
-        weight_decay,
-        df_ptr,
-    ):
+    def _ring_partition(args):
+        p_desc, f_desc, _, _, rings, _, bars, num_tiles, tiles_d, k_steps, _, _, _, _ = args
         _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
 
     @gluon.jit
-    def _epilogue_partition(
-        p_desc,
-        f_desc,
-        w_desc,
-        b_desc,
-        rings,
-        epilogue,
-        bars,
-        num_tiles,
-        tiles_d,
-        k_steps,
-        lr,
-        momentum,
-        weight_decay,
-        df_ptr,
-    ):
+    def _epilogue_partition(args):
+        _, _, w_desc, b_desc, _, epilogue, bars, num_tiles, tiles_d, _, _, _, _, _ = args
         _epilogue_loader(w_desc, b_desc, epilogue, bars, num_tiles, tiles_d)
 
     @gluon.jit
@@ -407,41 +365,13 @@ if GLUON:
         gl.store(at, acc)
 
     @gluon.jit
-    def _features_grad_first(
-        p_desc,
-        f_desc,
-        w_desc,
-        b_desc,
-        rings,
-        epilogue,
-        bars,
-        num_tiles,
-        tiles_d,
-        k_steps,
-        lr,
-        momentum,
-        weight_decay,
-        df_ptr,
-    ):
+    def _features_grad_first(args):
+        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, df_ptr = args
         _features_grad(0, rings, epilogue, bars, num_tiles, df_ptr)
 
     @gluon.jit
-    def _features_grad_second(
-        p_desc,
-        f_desc,
-        w_desc,
-        b_desc,
-        rings,
-        epilogue,
-        bars,
-        num_tiles,
-        tiles_d,
-        k_steps,
-        lr,
-        momentum,
-        weight_decay,
-        df_ptr,
-    ):
+    def _features_grad_second(args):
+        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, df_ptr = args
         _features_grad(1, rings, epilogue, bars, num_tiles, df_ptr)
 
     @gluon.jit
@@ -525,11 +455,11 @@ if GLUON:
             gl.warp_specialize(
                 [
                     (_first_consumer, consumer_args),
-                    (_second_consumer, worker_args),
-                    (_ring_partition, worker_args),
-                    (_epilogue_partition, worker_args),
-                    (_features_grad_first, worker_args),
-                    (_features_grad_second, worker_args),
+                    (_second_consumer, (worker_args,)),
+                    (_ring_partition, (worker_args,)),
+                    (_epilogue_partition, (worker_args,)),
+                    (_features_grad_first, (worker_args,)),
+                    (_features_grad_second, (worker_args,)),
                 ],
                 [4, 1, 1, 4, 4],
                 [CONSUMER_REGS, LOADER_REGS, LOADER_REGS, FEATURES_GRAD_REGS, FEATURES_GRAD_REGS],
@@ -538,10 +468,10 @@ if GLUON:
             gl.warp_specialize(
                 [
                     (_first_consumer, consumer_args),
-                    (_second_consumer, worker_args),
-                    (_ring_partition, worker_args),
-                    (_epilogue_partition, worker_args),
-                    (_features_grad_first, worker_args),
+                    (_second_consumer, (worker_args,)),
+                    (_ring_partition, (worker_args,)),
+                    (_epilogue_partition, (worker_args,)),
+                    (_features_grad_first, (worker_args,)),
                 ],
                 [4, 1, 1, 4],
                 [CONSUMER_REGS, LOADER_REGS, LOADER_REGS, FEATURES_GRAD_REGS],
@@ -550,9 +480,9 @@ if GLUON:
             gl.warp_specialize(
                 [
                     (_first_consumer, consumer_args),
-                    (_second_consumer, worker_args),
-                    (_ring_partition, worker_args),
-                    (_epilogue_partition, worker_args),
+                    (_second_consumer, (worker_args,)),
+                    (_ring_partition, (worker_args,)),
+                    (_epilogue_partition, (worker_args,)),
                 ],
                 [4, 1, 1],
                 [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
