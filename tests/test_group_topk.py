@@ -83,7 +83,7 @@ def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch,
     """The same index searched by the kernel (every group with k tiles: most of them here) and
     by the torch path gives the same rows and scores."""
     gen = torch.Generator().manual_seed(11)
-    weight = torch.randn(3000, 24, generator=gen, dtype=torch.float64) * (1 + torch.rand(3000, 1, generator=gen))
+    weight = torch.randn(1200, 24, generator=gen, dtype=torch.float64) * (1 + torch.rand(1200, 1, generator=gen))
     index = make_index("torch", "ivf", nlist=24, nprobe=3, copy_weights=False, cosine=cosine)
     index.build(weight)
     queries = torch.nn.functional.normalize(weight[index.rows_by_list()[::5]], dim=1)
@@ -99,7 +99,7 @@ def test_grouped_search_takes_the_kernel_and_finds_what_torch_finds(monkeypatch,
     monkeypatch.setattr(gt, "group_topk", spy)
     monkeypatch.setattr(index_mod, "GROUP_TOPK", "kernel")
     monkeypatch.setattr(index_mod, "GROUP_TOPK_BLOCK_ROWS", 16)
-    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 3000)  # several pieces
+    monkeypatch.setattr(index_mod, "_PIECE_CANDIDATES", 1200)  # several pieces
     scores, rows = index.search_by_list_groups(queries, 7, weight)
     assert len(calls) > 1 and sum(calls) >= 20  # groups searched by the kernel, over pieces
     assert torch.equal(rows, want_rows)
