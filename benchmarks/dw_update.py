@@ -14,6 +14,12 @@ float32 momentum buffer (momentum 0.9, weight decay 5e-4, round-to-nearest):
   ratio     ms / floor_ms
   peak_mib  the peak allocation above the operands during the call (the pair writes dW_c)
 
+--features-grad: both sides also compute dF = P W_c (float32) from the rows before the step,
+as the gemm path does: the pair with a cuBLAS product before its update, the fused kernel
+inside itself where the batch is one K block (``dw_update.takes_features_grad``; the row's
+features_grad says "kernel"), else with the same product before it ("cuBLAS"). The floor's
+products then count dF's too, at the rate cuBLAS reaches on it.
+
 Needs an sm_90 GPU with Gluon (Triton 3.4 or later); writes benchmarks/results/dw_update.json.
 """
 
@@ -29,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import copy_bandwidth_gbps, cuda_time_ms, environment, median, print_table, write_results
 from hydrahead.kernels import SGDUpdate, dw_update
+from hydrahead.kernels.exact_gemm import matmul_fp32
 from hydrahead.kernels.filtered import apply_sgd_rows
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -52,7 +59,7 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return ms, (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(shape, tile_sets, reps: int, copy_gbps: float) -> list[dict]:
+def measure(shape, tile_sets, reps: int, copy_gbps: float, features_grad: bool = False) -> list[dict]:
     batch, dim, classes = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     probs = (torch.randn(batch, classes, device="cuda", generator=gen) * 1e-3).bfloat16()
@@ -62,16 +69,23 @@ def measure(shape, tile_sets, reps: int, copy_gbps: float) -> list[dict]:
     update = SGDUpdate(**SGD, momentum_buffer=buffer)
 
     product_ms = median(cuda_time_ms(lambda: torch.mm(probs.t(), feats), warmup=2, reps=reps))
+    df_ms = median(cuda_time_ms(lambda: matmul_fp32(probs, rows), warmup=2, reps=reps)) if features_grad else 0.0
     flops = 2 * batch * dim * classes
     moved = 12 * classes * dim + 2 * batch * classes
-    floor = max(product_ms, moved / (copy_gbps * 1e6))
+    floor = max(product_ms + df_ms, moved / (copy_gbps * 1e6))
     base = dict(shape=f"{batch}x{dim}x{classes}", floor_ms=floor, product_tflops=flops / product_ms / 1e9)
+    if features_grad:
+        base.update(df_product_ms=df_ms)
 
     def pair():
+        if features_grad:  # before the update moves the rows, as in the gemm path
+            matmul_fp32(probs, rows)
         apply_sgd_rows(rows, torch.mm(probs.t(), feats), update, 0)
 
     ms, peak = _timed(pair, reps)
     out = [dict(base, method=_PAIR, tiles=None, ms=ms, peak_mib=peak, ratio=ms / floor)]
+    if features_grad:
+        out[0].update(features_grad="cuBLAS")
     for tiles in tile_sets:
         if tiles is None:  # the batch table's choice
             chosen = dw_update._tiles(batch)
@@ -79,17 +93,26 @@ def measure(shape, tile_sets, reps: int, copy_gbps: float) -> list[dict]:
                 continue
             os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
         else:
-            chosen = tiles
+            chosen = tiles + (0,) * (6 - len(tiles))
             os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = ",".join(map(str, tiles))
         # the lr on the device, as the gemm path hands it over (made once a step, not once a call)
         options = dict(SGD, lr=torch.full((1,), SGD["lr"], dtype=torch.float32, device=rows.device))
+        in_kernel = features_grad and dw_update.takes_features_grad(batch, chosen)
+
+        def fused():
+            if features_grad and not in_kernel:
+                matmul_fp32(probs, rows)
+            dw_update.fused_dw_update(probs, feats, rows, buffer, features_grad=in_kernel, **options)
+
         try:
-            ms, peak = _timed(lambda: dw_update.fused_dw_update(probs, feats, rows, buffer, **options), reps)
+            ms, peak = _timed(fused, reps)
         finally:
             os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
         method = "hydrahead-gluon dW + SGD" + (" (batch table)" if tiles is None else "")
         tag = ",".join(map(str, chosen))
         out.append(dict(base, method=method, tiles=tag, ms=ms, peak_mib=peak, ratio=ms / floor))
+        if features_grad:
+            out[-1].update(features_grad="kernel" if in_kernel else "cuBLAS")
     return out
 
 
@@ -106,6 +129,12 @@ def main(argv=None) -> None:
         help="more tile sets, 'c,d,k,stages,slots[,hold_rows]' (slots 0: the wide variant) separated by ';'",
     )
     parser.add_argument("--reps", type=int, default=10, help="timed calls a row (median)")
+    parser.add_argument(
+        "--features-grad",
+        action="store_true",
+        help="both sides also compute dF = P W_c from the rows before the step: the pair with a cuBLAS "
+        "product, the fused kernel inside itself where the batch is one K block (else the same product)",
+    )
     parser.add_argument("--name", default="dw_update", help="results file name under benchmarks/results/")
     args = parser.parse_args(argv)
     shapes = [_shape(s) for s in args.shapes.split(",") if s]
@@ -117,7 +146,7 @@ def main(argv=None) -> None:
     rows = []
     for index, shape in enumerate(shapes):
         print(f"[{index + 1}/{len(shapes)}] {'x'.join(map(str, shape))}", flush=True)
-        rows += measure(shape, tile_sets, args.reps, copy_gbps)
+        rows += measure(shape, tile_sets, args.reps, copy_gbps, args.features_grad)
         torch.cuda.empty_cache()
     payload = dict(
         environment(),
@@ -129,7 +158,8 @@ def main(argv=None) -> None:
     )
     path = write_results(args.name, payload)
     print(f"copy {copy_gbps:.0f} GB/s; wrote {path}")
-    print_table(rows, ["method", "tiles", "shape", "ms", "floor_ms", "ratio", "peak_mib"])
+    columns = ["method", "tiles", "shape", "ms", "floor_ms", "ratio", "peak_mib"]
+    print_table(rows, columns + (["features_grad"] if args.features_grad else []))
 
 
 if __name__ == "__main__":

@@ -825,3 +825,8 @@ def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monke
     assert [r["shape"] for r in rows].count("256x128x4096") == 3
     assert [r["shape"] for r in rows].count("2048x128x4096") == 2
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == r["ms"] / r["floor_ms"] for r in rows)
+    # with dF: the pair takes cuBLAS's product, the table's tiles at 256 rows take it inside the kernel
+    bench.main(["--shapes", "256x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2", "--features-grad"])
+    rows = json.loads((tmp_path / "dw_update.json").read_text())["rows"]
+    assert [r["features_grad"] for r in rows] == ["cuBLAS", "kernel", "cuBLAS"]
+    assert all(r["df_product_ms"] > 0 and r["floor_ms"] >= r["df_product_ms"] for r in rows)
