@@ -270,3 +270,27 @@ def test_the_gemm_path_takes_the_fused_kernel_unless_told_not_to(setting, expect
     code = "from hydrahead.kernels import exact_gemm; print(exact_gemm.FUSED_DW_UPDATE)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.stdout.strip().splitlines()[-1] == expected, done.stderr[-2000:]
+
+
+def test_the_kernel_takes_df_only_where_the_batch_is_one_k_block(monkeypatch):
+    """dF inside the kernel needs F held in one K slice of at most 256 rows and epilogue slots:
+    the table's one-block tiles up to 256 rows, not the 64-row slices past them, the 64 x 128
+    tiles or the wide variant; a call that asks for it elsewhere is refused before any launch."""
+    assert dw_update.takes_features_grad(256) and dw_update.features_parts(256) == 2
+    assert (
+        dw_update.takes_features_grad(100, (64, 64, 128, 6, 4, 384))
+        and dw_update.features_parts(100, (64, 64, 128, 6, 4, 384)) == 1
+    )
+    assert not dw_update.takes_features_grad(300)  # 64-row slices, F held in five
+    assert not dw_update.takes_features_grad(512) and not dw_update.takes_features_grad(1024)
+    assert not dw_update.takes_features_grad(257, dw_update.FEATURES_TILES)  # two K blocks
+    monkeypatch.setattr(dw_update, "FEATURES_GRAD", False)  # HYDRAHEAD_FUSED_DW_FEATURES=0
+    assert not dw_update.takes_features_grad(256) and dw_update.features_parts(256) == 0
+    monkeypatch.setattr(dw_update, "FEATURES_GRAD", True)
+    monkeypatch.setenv("HYDRAHEAD_DW_UPDATE_TILES", "64,128,64,4,2")
+    probs, feats = torch.zeros(256, 128, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.bfloat16)
+    rows, buffer = torch.zeros(128, 64, dtype=torch.bfloat16), torch.zeros(128, 64)
+    with pytest.raises(ValueError, match="dF needs"):
+        dw_update.fused_dw_update(
+            probs, feats, rows, buffer, lr=0.1, momentum=0.9, weight_decay=0.0, features_grad=True
+        )
