@@ -13,7 +13,9 @@ backward  class chunk by class chunk (a G x chunk buffer of P and a chunk x D on
           the valid labels; times 1/||w_c|| for cosine logits) in the weights' dtype;
           dF += P W_c and dW_c = P^T F run on cuBLAS, and ``filtered.apply_sgd_rows``
           applies torch.optim.SGD's step to the chunk's rows (one pass over them, their
-          momentum buffer and dW_c). 6·G·D·C_r FLOPs.
+          momentum buffer and dW_c). 6·G·D·C_r FLOPs. On sm_90 with bf16 rows the dW
+          product and the step run as one kernel (``dw_update``), which at batches of up to
+          256 rows also computes dF from the rows it loads: no dW_c, no third read of W.
 
 Extra memory: the P chunk, one chunk of dW (in the rows' dtype), each within the chunk
 budget, and dF; no C_r x D tensor. fp8 rows: P is written in e5m2 twice, scaled for dF and,
