@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,10 @@ open(os.environ["CUBIN"], "wb").write(compiled.asm["cubin"])
 meta = compiled.metadata
 print(json.dumps(dict(shared=meta.shared, num_warps=meta.num_warps, name=meta.name)))
 """
+
+
+def _chosen(tiles, num_rows):
+    return (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update._tiles(num_rows)
 
 
 @pytest.mark.skipif(not dw_update.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
@@ -59,9 +64,17 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
     usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
     assert int(usage["STACK"]) == 0, "spilled registers"
+    # each warpgroup's count as the host reckons it, and the two consumers (which take
+    # alternate tiles, so the slower sets the pace) within 8 registers of each other
+    chosen = _chosen(tiles, num_rows)
+    if chosen[4] > 0:  # the wide variant has no dF partitions and the table's counts
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        counts = {int(v, 16) for v in re.findall(r"USETMAXREG\.\w+\.CTAPOOL (?:UP\d, )?(0x[0-9a-f]+)", sass)}
+        regs = dw_update.partition_registers(dw_update.features_parts(num_rows, chosen))
+        assert {regs["first_consumer"], regs["second_consumer"], regs["loaders"]} <= counts, (regs, counts)
+        assert abs(regs["first_consumer"] - regs["second_consumer"]) <= 8, regs
     # the host's count, which decides whether a tile set runs, is the compiled kernel's to
     # within the margin it keeps for the compiler
-    chosen = (tuple(map(int, tiles.split(","))) + (0,))[:6] if tiles else dw_update._tiles(num_rows)
     expected = dw_update.shared_bytes(
         chosen, dw_update._held_slices(num_rows, chosen), dw_update.features_parts(num_rows, chosen)
     )

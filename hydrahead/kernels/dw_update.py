@@ -134,17 +134,30 @@ def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
 
 
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
-# With dF partitions the launch has 16 or 20 warps, so ptxas caps every thread at 128 or 96
-# registers (64K over the threads): a dF share's 64 x 128 float32 accumulator takes 64 of them,
-# and nothing is moved between partitions at run time. (consumers, loaders, dF) by partitions:
-_FEATURES_GRAD_REGS = {1: (128, 24, 128), 2: (96, 24, 96)}
+# A launch's registers are one pool of 64K: its count a thread (rounded down to 8) times its
+# 12 + 4 x dF-partitions warps. Each worker warpgroup then sets its own count, and the first
+# consumer (the default partition) gets what the workers leave. So the second consumer's count
+# is the first's too, near enough: given 96 beside dF's two partitions, it ran its update at
+# 96 while the first had 168. A dF share's 64 x 128 float32 accumulator takes 64 registers.
+# (second consumer, loaders, each dF partition) by dF partitions:
+_FEATURES_GRAD_REGS = {1: (184, 24, 120), 2: (128, 24, 96)}
 FEATURES_GRAD = os.environ.get("HYDRAHEAD_FUSED_DW_FEATURES", "1") != "0"
+
+
+def partition_registers(parts: int) -> dict:
+    """Registers a thread of each partition with ``parts`` dF partitions: the workers' counts
+    as set, and the first consumer's, which is what the launch's pool leaves it."""
+    second, loaders, features = _FEATURES_GRAD_REGS.get(parts, (_CONSUMER_REGS, _LOADER_REGS, 0))
+    warpgroups = 3 + parts
+    launch = 65536 // (128 * warpgroups) // 8 * 8
+    first = launch * warpgroups - second - loaders - parts * features
+    return dict(first_consumer=first, second_consumer=second, loaders=loaders, features=features)
 
 
 def features_parts(num_rows: int, tiles=None) -> int:
     """dF partitions at this batch (0: the kernel leaves dF to the product). Each holds a
-    64 x (block / parts) float32 share, at most 64 x 128: the launch's warps cap a thread's
-    registers (128 with one, 96 with two)."""
+    64 x (block / parts) float32 share, at most 64 x 128: the launch's pool of registers
+    leaves each partition 120 a thread with one, 96 with two (``partition_registers``)."""
     tiles = tiles or _tiles(num_rows)
     if not takes_features_grad(num_rows, tiles):
         return 0
@@ -839,7 +852,7 @@ def fused_dw_update(
     # each program's dF^T over its tiles (one D column each), summed over the column's programs
     # below in a fixed order: the same dF every run
     partial = torch.empty(grid, block_d, block_k, dtype=torch.float32, device=rows.device) if features_grad else lr
-    consumer_regs, loader_regs, features_regs = _FEATURES_GRAD_REGS.get(parts, (_CONSUMER_REGS, _LOADER_REGS, 0))
+    regs = partition_registers(parts)
     _dw_update_kernel[(grid,)](
         p_desc,
         f_desc,
@@ -856,9 +869,9 @@ def fused_dw_update(
         tiles[4],
         held,
         parts,
-        consumer_regs,
-        loader_regs,
-        features_regs,
+        regs["second_consumer"],
+        regs["loaders"],
+        regs["features"],
         num_warps=4,
     )
     if not features_grad:
@@ -920,15 +933,15 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
     signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32", df_ptr="*fp32")
     parts = features_parts(num_rows, tiles)
-    regs = _FEATURES_GRAD_REGS.get(parts, (_CONSUMER_REGS, _LOADER_REGS, 0))
+    regs = partition_registers(parts)
     constants = dict(
         STAGES=tiles[3],
         SLOTS=tiles[4],
         HELD=_held_slices(num_rows, tiles),
         FEATURES_GRAD=parts,
-        CONSUMER_REGS=regs[0],
-        LOADER_REGS=regs[1],
-        FEATURES_GRAD_REGS=regs[2],
+        CONSUMER_REGS=regs["second_consumer"],
+        LOADER_REGS=regs["loaders"],
+        FEATURES_GRAD_REGS=regs["features"],
     )
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
