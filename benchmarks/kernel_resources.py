@@ -5,6 +5,8 @@ compiled for a GPU architecture on any machine: no GPU is needed.
     python benchmarks/kernel_resources.py --kernels probs --dtypes fp8 --tiles "128,256,128,8,3;64,128,128,4,4"
     python benchmarks/kernel_resources.py --kernels weight,sliced --dtypes bf16 --tiles "32,16,8,2;64,64,4,2"
     python benchmarks/kernel_resources.py --json /tmp/resources.json
+    python benchmarks/kernel_resources.py --kernels dw_update --rows 128,256,1024     # the batch table's tiles
+    python benchmarks/kernel_resources.py --kernels dw_update --rows 256 --dw-tiles "64,64,256,3,4,384"
 
 The gemm path's two passes, probs (the P kernel) and lse, are compiled with their operands
 read and written through tensor descriptors, as they run at D = 512; the stationary
@@ -18,6 +20,14 @@ Hopper), and the cubin's resource usage is read with the ``cuobjdump`` that ship
   shared_kib   shared memory a program takes (pipeline stages, plus the epilogue's staging)
   per_sm       programs an SM holds at once by registers, shared memory and threads: the
                persistent P kernel launches this many per SM (``tiles.resident_programs``)
+
+dw_update, the fused dW + SGD kernel (Gluon, bf16 rows, one program an SM), is compiled for
+each batch of ``--rows`` as a step of that batch would launch it (its tiles from the batch
+table, or ``--dw-tiles``). Its warpgroups share the launch's registers and each sets its own
+count, so its row also gives them (``warpgroups``: first consumer / second consumer /
+loaders / each dF partition, as ``dw_update.partition_registers`` reckons them) and whether
+the cubin sets those counts (``cubin_agrees``). The launch's ``regs`` is then the count a
+thread starts with, not what any partition holds.
 
 Counting before timing: a tile that spills or holds one program an SM is worth knowing
 about before a GPU run is spent on it. What the compiler does is Triton's own: the figures
@@ -35,6 +45,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels, never interpret
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,7 +58,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_table  # noqa: E402
-from hydrahead.kernels import exact_gemm, filtered, shard_ce, tiles  # noqa: E402
+from hydrahead.kernels import dw_update, exact_gemm, filtered, shard_ce, tiles  # noqa: E402
 from hydrahead.kernels.rounding import rounding_plan  # noqa: E402
 from hydrahead.kernels.shard_ce import _precision  # noqa: E402
 
@@ -65,7 +76,7 @@ _STATIONARY = {  # kernel -> (JIT function, the tile table's entry, the tuple's 
     "weight": (shard_ce._weight_kernel, "weight", "BLOCK_G,BLOCK_C"),
     "sliced": (shard_ce._weight_sliced_kernel, "weight_sliced", "BLOCK_C,BLOCK_K"),
 }
-_KERNELS = ("probs", "lse", *_STATIONARY)
+_KERNELS = ("probs", "lse", *_STATIONARY, "dw_update")
 _SCALARS = {"G", "C", "D", "c_lo", "c_hi", "g_store", "c_store", "classes_per_split", "first_class", "key1", "key2"}
 _FLOATS = {"scale", "target_shift", "lr", "momentum", "weight_decay"}
 _D = 512
@@ -155,6 +166,55 @@ def _cuobjdump() -> str:
     return str(path)
 
 
+def _cubin_usage(cubin_bytes: bytes) -> tuple[int, int, set[int]]:
+    """A cubin's registers a thread, spill stack in bytes, and the register counts its
+    warpgroups set at run time (setmaxnreg; empty where the kernel sets none)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(cubin_bytes)
+        cubin.flush()
+        dump = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(
+        item.split(":", 1) for line in dump.splitlines() if "REG:" in line for item in line.split() if ":" in item
+    )
+    counts = {int(v, 16) for v in re.findall(r"USETMAXREG\.\w+\.CTAPOOL (?:UP\d, )?(0x[0-9a-f]+)", sass)}
+    return int(usage["REG"]), int(usage["STACK"]), counts
+
+
+def dw_update_resources(num_rows: int, tile: tuple[int, ...] | None = None, arch: int = 90) -> dict:
+    """The fused dW + SGD kernel compiled for a batch of ``num_rows`` (``tile``: its
+    HYDRAHEAD_DW_UPDATE_TILES fields; None: the batch table's): the launch's registers, spills
+    and shared memory, and each warpgroup's register count."""
+    saved = os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
+    if tile:
+        os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = ",".join(map(str, tile))
+    try:
+        chosen = dw_update._tiles(num_rows)
+        compiled = dw_update.compile_for(arch, _D, num_rows)
+    finally:
+        os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
+        if saved is not None:
+            os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = saved
+    regs, spill, counts = _cubin_usage(compiled.asm["cubin"])
+    parts = dw_update.features_parts(num_rows, chosen) if chosen[4] else 0
+    groups = dw_update.partition_registers(parts)
+    mine = [groups["first_consumer"], groups["second_consumer"], groups["loaders"]] + [groups["features"]] * parts
+    return dict(
+        kernel="dw_update",
+        dtype="bf16",
+        rows=num_rows,
+        tiles=",".join(map(str, chosen)),
+        regs=regs,
+        spill_bytes=spill,
+        shared_kib=round(compiled.metadata.shared / 1024, 1),
+        per_sm=1,
+        warpgroups="/".join(map(str, mine)),
+        cubin_agrees=set(mine) <= counts,
+    )
+
+
 def resources(
     kernel: str, dtype: str, tile: tuple[int, ...], arch: int = 90, batch: int = shard_ce.SLICED_MAX_ROWS
 ) -> dict:
@@ -173,16 +233,7 @@ def resources(
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=warps, num_stages=stages),
     )
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        dump = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
-        ).stdout
-    usage = dict(
-        item.split(":", 1) for line in dump.splitlines() if "REG:" in line for item in line.split() if ":" in item
-    )
-    regs, spill = int(usage["REG"]), int(usage["STACK"])
+    regs, spill, _ = _cubin_usage(compiled.asm["cubin"])
     shared = compiled.metadata.shared
     per_sm = tiles.programs_per_sm(regs, warps, shared, _SM_REGISTERS, _SM_SHARED, _SM_THREADS)
     return dict(
@@ -212,6 +263,27 @@ def _parse_tiles(text: str) -> list[tuple[int, ...]]:
     return out
 
 
+def _parse_dw_update(rows: str, tiles: str) -> tuple[list[int], list[tuple[int, ...]]]:
+    most = dw_update.TILES_BY_BATCH[-1][0]
+    try:
+        batches = [int(v) for v in rows.split(",")]
+    except ValueError:
+        raise SystemExit(f"--rows takes comma-separated integers, got {rows!r}") from None
+    for num_rows in batches:
+        if not dw_update.FEWEST_ROWS <= num_rows <= most:
+            raise SystemExit(f"--rows: dw_update takes {dw_update.FEWEST_ROWS} to {most} rows, got {num_rows}")
+    sets = []
+    for item in filter(None, tiles.split(";")):
+        os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = item
+        try:
+            sets.append(dw_update._tiles()[: len(item.split(","))])  # the kernel's own check of the fields
+        except ValueError as error:
+            raise SystemExit(f"--dw-tiles: {error}") from None
+        finally:
+            os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES")
+    return batches, sets
+
+
 def _entry(kernel: str, dtype: str) -> tuple[int, ...]:
     if kernel in _STATIONARY:
         name = _STATIONARY[kernel][1]
@@ -226,7 +298,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--kernels",
         default="probs,lse",
-        help="comma-separated: probs (the P kernel), lse, forward, weight, sliced (the stationary kernels)",
+        help="comma-separated: probs (the P kernel), lse, forward, weight, sliced (the stationary kernels), "
+        "dw_update (the fused dW + SGD kernel)",
     )
     parser.add_argument("--dtypes", default="bf16,fp8", help="comma-separated storage dtypes: bf16, fp8")
     parser.add_argument(
@@ -242,6 +315,17 @@ def main(argv=None) -> None:
         default=shard_ce.SLICED_MAX_ROWS,
         help=f"rows the sliced kernel is compiled for, 1 to {shard_ce.SLICED_MAX_ROWS} (its batch block follows them)",
     )
+    parser.add_argument(
+        "--rows",
+        default="256",
+        help=f"comma-separated batches dw_update is compiled for, {dw_update.FEWEST_ROWS} to "
+        f"{dw_update.TILES_BY_BATCH[-1][0]} (each takes the batch table's tiles unless --dw-tiles names some)",
+    )
+    parser.add_argument(
+        "--dw-tiles",
+        default="",
+        help="dw_update's 'BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS[,HOLD_ROWS];...' (HYDRAHEAD_DW_UPDATE_TILES' fields)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows here, with the Triton version")
     args = parser.parse_args(argv)
     kernels, dtypes = args.kernels.split(","), args.dtypes.split(",")
@@ -253,20 +337,32 @@ def main(argv=None) -> None:
             raise SystemExit(f"--dtypes: {name!r} is not one of {', '.join(_DTYPES)}")
     if not 1 <= args.batch <= shard_ce.SLICED_MAX_ROWS:
         raise SystemExit(f"--batch: the sliced kernel takes 1 to {shard_ce.SLICED_MAX_ROWS} rows, got {args.batch}")
+    batches, dw_tiles = _parse_dw_update(args.rows, args.dw_tiles) if "dw_update" in kernels else ([], [])
     given = _parse_tiles(args.tiles)
     for kernel in kernels:
+        if kernel == "dw_update":
+            continue
         if given and not any(len(t) == _tuple_length(kernel) for t in given):
             fields = _STATIONARY[kernel][2] + ",num_warps,num_stages" if kernel in _STATIONARY else None
             fields = fields or "BLOCK_G,BLOCK_C,BLOCK_K,num_warps,num_stages"
             raise SystemExit(f"--tiles holds no tuple for {kernel}, which takes {fields}")
     rows = []
     for kernel in kernels:
+        if kernel == "dw_update":  # bf16 rows only: --dtypes does not apply
+            for num_rows in batches:
+                for tile in dw_tiles or [None]:
+                    rows.append(dw_update_resources(num_rows, tile, args.arch))
+                    print(f"compiled dw_update, {num_rows} rows, {rows[-1]['tiles']}", file=sys.stderr, flush=True)
+            continue
         for dtype in dtypes:
             mine = [t for t in given if len(t) == _tuple_length(kernel)]
             for tile in mine or [_entry(kernel, dtype)]:
                 rows.append(resources(kernel, dtype, tile, args.arch, args.batch))
                 print(f"compiled {kernel} {dtype} {tile}", file=sys.stderr, flush=True)
-    print_table(rows, ["kernel", "dtype", "tiles", "regs", "spill_bytes", "shared_kib", "per_sm"])
+    columns = ["kernel", "dtype", "tiles", "regs", "spill_bytes", "shared_kib", "per_sm"]
+    if batches:
+        columns += ["rows", "warpgroups", "cubin_agrees"]
+    print_table(rows, columns)
     if args.json:
         meta = dict(triton=triton.__version__, torch=torch.__version__, arch=args.arch)
         Path(args.json).write_text(json.dumps(dict(meta, rows=rows), indent=1))

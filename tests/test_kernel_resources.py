@@ -70,3 +70,29 @@ def test_bad_tiles_and_names_are_refused_before_anything_compiles():
     assert done.returncode != 0 and "1 to 256 rows" in done.stderr
     done = _run("--kernels", "flag")
     assert done.returncode != 0 and "not one of probs, lse" in done.stderr
+
+
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
+def test_the_fused_dw_kernels_warpgroups_get_the_registers_the_host_reckons(tmp_path):
+    """dw_update's warpgroups set their own register counts from the launch's pool: the row
+    gives each one's count and whether the cubin sets them, for a batch with one dF
+    partition (tiles named) and one without dF (the batch table's)."""
+    out = tmp_path / "resources.json"
+    done = _run("--kernels", "dw_update", "--rows", "128,384", "--dw-tiles", "64,64,128,6,4,384", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, held = json.loads(out.read_text())["rows"]
+    assert (one["rows"], one["tiles"], held["rows"]) == (128, "64,64,128,6,4,384", 384)
+    # 16 warps: 128 registers a thread at launch; the consumers, loaders and dF's partition
+    first, second, loaders, features = map(int, one["warpgroups"].split("/"))
+    assert one["regs"] == 128 and 4 * 128 == first + second + loaders + features
+    assert abs(first - second) <= 8 and one["cubin_agrees"] and one["spill_bytes"] == 0
+    # three 128-row slices of F held, more than one K block: dF is left to the product, no partition
+    assert held["tiles"] == "64,64,128,6,4,384" and held["warpgroups"].count("/") == 2 and held["cubin_agrees"]
+    assert "cubin_agrees" in done.stdout
+
+
+def test_the_fused_dw_kernels_batches_and_tiles_are_refused_before_anything_compiles():
+    done = _run("--kernels", "dw_update", "--rows", "32")
+    assert done.returncode != 0 and "64 to 1024 rows" in done.stderr
+    done = _run("--kernels", "dw_update", "--dw-tiles", "64,64,64,1,4")
+    assert done.returncode != 0 and "STAGES 2 or more" in done.stderr
