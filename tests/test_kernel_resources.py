@@ -75,8 +75,8 @@ def test_bad_tiles_and_names_are_refused_before_anything_compiles():
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
 def test_the_fused_dw_kernels_warpgroups_get_the_registers_the_host_reckons(tmp_path):
     """dw_update's warpgroups set their own register counts from the launch's pool: the row
-    gives each one's count and whether the cubin sets them, for a batch with one dF
-    partition (tiles named) and one without dF (the batch table's)."""
+    gives each one's count and whether the cubin sets them, on the same tiles for a batch of
+    one K block (one dF partition) and one of three (no dF)."""
     out = tmp_path / "resources.json"
     done = _run("--kernels", "dw_update", "--rows", "128,384", "--dw-tiles", "64,64,128,6,4,384", "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
