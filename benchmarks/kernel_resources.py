@@ -166,16 +166,19 @@ def _cuobjdump() -> str:
     return str(path)
 
 
-def _cubin_usage(cubin_bytes: bytes) -> tuple[int, int, set[int]]:
-    """A cubin's registers a thread, spill stack in bytes, and the register counts its
-    warpgroups set at run time (setmaxnreg; empty where the kernel sets none)."""
+def _cubin_usage(cubin_bytes: bytes, warpgroup_counts: bool = False) -> tuple[int, int, set[int]]:
+    """A cubin's registers a thread, spill stack in bytes, and (``warpgroup_counts``: read
+    from its assembly) the register counts its warpgroups set at run time with setmaxnreg."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(cubin_bytes)
         cubin.flush()
         dump = subprocess.run(
             [_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
         ).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = ""
+        if warpgroup_counts:
+            sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True)
+            sass = sass.stdout
     usage = dict(
         item.split(":", 1) for line in dump.splitlines() if "REG:" in line for item in line.split() if ":" in item
     )
@@ -197,7 +200,7 @@ def dw_update_resources(num_rows: int, tile: tuple[int, ...] | None = None, arch
         os.environ.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
         if saved is not None:
             os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = saved
-    regs, spill, counts = _cubin_usage(compiled.asm["cubin"])
+    regs, spill, counts = _cubin_usage(compiled.asm["cubin"], warpgroup_counts=True)
     parts = dw_update.features_parts(num_rows, chosen) if chosen[4] else 0
     groups = dw_update.partition_registers(parts)
     mine = [groups["first_consumer"], groups["second_consumer"], groups["loaders"]] + [groups["features"]] * parts
