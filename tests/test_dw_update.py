@@ -4,22 +4,17 @@ torch (the kernel itself runs only on an sm_90 GPU: tests/test_kernels_gpu.py)."
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import triton
+from hopper_cubin import CUOBJDUMP, compile_in_subprocess, resource_usage, warpgroup_register_counts
 
 from hydrahead.head import sharded_cross_entropy
 from hydrahead.kernels import SGDUpdate, dw_update, exact_gemm, triton_sharded_cross_entropy
-
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
 
 _COMPILE = """
 import json, os
@@ -51,25 +46,15 @@ def _chosen(tiles, num_rows):
 )  # the table's at 256 (one K block, dF in two partitions) and 1,024 rows; F's column held, six and twelve
 # slices (the most that fit); the wide variant; dF in one partition (a batch of one 64- or 128-row block)
 def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
-    # in a process of its own: the compiler's bindings report leaks when a process that compiled exits
     cubin = tmp_path / "dw_update.cubin"
-    env = {**os.environ, "CUBIN": str(cubin), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("HYDRAHEAD_DW_UPDATE_TILES", None)
-    env["ROWS"] = str(num_rows)
-    if tiles:
-        env["HYDRAHEAD_DW_UPDATE_TILES"] = tiles
-    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    dump = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
-    usage = dict(item.split(":", 1) for line in dump.stdout.splitlines() if "REG:" in line for item in line.split())
-    assert int(usage["STACK"]) == 0, "spilled registers"
+    env = {"ROWS": str(num_rows), "HYDRAHEAD_DW_UPDATE_TILES": tiles}
+    compiled = compile_in_subprocess(_COMPILE, cubin, env)
+    assert int(resource_usage(cubin)["STACK"]) == 0, "spilled registers"
     # each warpgroup's count as the host reckons it, and the two consumers (which take
     # alternate tiles, so the slower sets the pace) within 8 registers of each other
     chosen = _chosen(tiles, num_rows)
     if chosen[4] > 0:  # the wide variant has no dF partitions and the table's counts
-        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True).stdout
-        counts = {int(v, 16) for v in re.findall(r"USETMAXREG\.\w+\.CTAPOOL (?:UP\d, )?(0x[0-9a-f]+)", sass)}
+        counts = warpgroup_register_counts(cubin)
         regs = dw_update.partition_registers(dw_update.features_parts(num_rows, chosen))
         assert {regs["first_consumer"], regs["second_consumer"], regs["loaders"]} <= counts, (regs, counts)
         assert abs(regs["first_consumer"] - regs["second_consumer"]) <= 8, regs

@@ -177,6 +177,52 @@ def takes_features_grad(num_rows: int, tiles=None) -> bool:
 if GLUON:
 
     @gluon.jit
+    def _operand_slice(bufs, s, k, IN_RING: gl.constexpr, TRANSPOSED: gl.constexpr):
+        if IN_RING:
+            view = bufs.index(s)
+        else:
+            view = bufs.index(k)
+        if TRANSPOSED:
+            view = view.permute((1, 0))
+        return view
+
+    @gluon.jit
+    def tile_products(
+        acc, a_bufs, b_bufs, ring, j, k_steps, A_IN_RING: gl.constexpr, A_TRANSPOSED: gl.constexpr,
+        B_IN_RING: gl.constexpr, B_TRANSPOSED: gl.constexpr, ALTERNATE: gl.constexpr = True,
+    ):  # fmt: skip
+        """acc + the wgmma chain of tile ``j`` of the tiles the loader fills the ring with
+        (``k_steps`` K slices each): each operand's slices from the ring's stage (the loader's
+        count of slices) or held (the K step), as a transposed view where asked. The ring's
+        stages are given back as their products complete; ``ring`` = (ready, empty, turn).
+        ALTERNATE: consumers take alternate tiles, ordered by ``turn`` (else each takes every
+        tile and ``turn`` is not used)."""
+        ring_ready, ring_empty, turn = ring
+        stages: gl.constexpr = ring_ready.type.shape[0]
+        step = j * k_steps  # the loader's count of K slices before this tile
+        previous = 0
+        if ALTERNATE:
+            # Not before tile j - 1's slices have all landed: a ring slot's parity names its
+            # fill only to within two, and the other consumer may still be that far behind.
+            mbarrier.wait(turn.index(0), (j & 1) ^ 1)
+        for k in range(k_steps):
+            s = step % stages
+            mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
+            if ALTERNATE:
+                mbarrier.arrive(turn.index(0), count=1, pred=k == k_steps - 1)
+            a = _operand_slice(a_bufs, s, k, A_IN_RING, A_TRANSPOSED)
+            b = _operand_slice(b_bufs, s, k, B_IN_RING, B_TRANSPOSED)
+            token = warpgroup_mma(a, b, acc, is_async=True)
+            # one product in flight; the slot of the one before it is free again
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
+            mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
+            previous = s
+            step += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(ring_empty.index(previous), count=1)
+        return acc
+
+    @gluon.jit
     def _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_bufs, f_bufs = rings
         ring_ready, ring_empty, _, _, _, f_ready, _ = bars
@@ -254,7 +300,6 @@ if GLUON:
         ring_ready, ring_empty, epi_ready, epi_empty, turn, f_ready, w_read = bars
         held: gl.constexpr = f_ready.type.shape[0] - 1
         features_grad: gl.constexpr = w_read.type.shape[0] > 1  # a dF partition reads the slots' rows
-        stages: gl.constexpr = p_bufs.type.shape[0]
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
@@ -271,27 +316,10 @@ if GLUON:
                 c0 = (tile // tiles_d) * block_c
                 d0 = (tile % tiles_d) * block_d
                 acc = gl.zeros([block_c, block_d], gl.float32, acc_layout)
-                step = j * k_steps  # the loader's count of K slices before this tile
-                previous = 0
-                # Not before tile j - 1's slices have all landed: a ring slot's parity names its
-                # fill only to within two, and the other consumer may still be that far behind.
-                mbarrier.wait(turn.index(0), (j & 1) ^ 1)
-                for k in range(k_steps):
-                    s = step % stages
-                    mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
-                    mbarrier.arrive(turn.index(0), count=1, pred=k == k_steps - 1)
-                    # P^T's slice (BLOCK_C x BLOCK_K) as a transposed view of P's
-                    if held:
-                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(k), acc, is_async=True)
-                    else:
-                        token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
-                    # one product in flight; the slot of the one before it is free again
-                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
-                    mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
-                    previous = s
-                    step += 1
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(ring_empty.index(previous), count=1)
+                # P^T's slices (BLOCK_C x BLOCK_K) as transposed views of P's, from the ring; F's
+                # held or from the ring beside them
+                ring = (ring_ready, ring_empty, turn)
+                acc = tile_products(acc, p_bufs, f_bufs, ring, j, k_steps, True, True, held == 0, False)
 
                 slot = j % slots
                 mbarrier.wait(epi_ready.index(slot), (j // slots) & 1)
@@ -550,7 +578,6 @@ if GLUON:
         NUM_WARPS: gl.constexpr,
     ):
         ring_ready, ring_empty = bars
-        stages: gl.constexpr = f_bufs.type.shape[0]
         half: gl.constexpr = p_bufs.type.shape[2]
         block_d: gl.constexpr = f_bufs.type.shape[2]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -558,7 +585,7 @@ if GLUON:
         )
         offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
-        step = 0
+        j = 0  # this consumer's count of tiles (each is every tile)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
             dims = (tile % tiles_d) * block_d + offs_d
@@ -570,17 +597,9 @@ if GLUON:
             # hide its latency; the rows after them, where 32 registers more would spill
             buf = gl.load(buf_ptrs, mask=inside, other=0.0)
             acc = gl.zeros([half, block_d], gl.float32, acc_layout)
-            previous = 0
-            for k in range(k_steps):
-                s = step % stages
-                mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
-                token = warpgroup_mma(p_bufs.index(s).permute((1, 0)), f_bufs.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(token,))
-                mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
-                previous = s
-                step += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(ring_empty.index(previous), count=1)
+            ring = (ring_ready, ring_empty, ring_ready)  # both consumers take every tile: no turns
+            acc = tile_products(acc, p_bufs, f_bufs, ring, j, k_steps, True, True, True, False, False)
+            j += 1
             w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
             buf = momentum * buf + (acc + weight_decay * w)
             gl.store(buf_ptrs, buf, mask=inside)
