@@ -830,3 +830,59 @@ def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monke
     rows = json.loads((tmp_path / "dw_update.json").read_text())["rows"]
     assert [r["features_grad"] for r in rows] == ["cuBLAS", "kernel", "cuBLAS"]
     assert all(r["df_product_ms"] > 0 and r["floor_ms"] >= r["df_product_ms"] for r in rows)
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the ping-pong LSE pass runs on sm_90 with Gluon")
+@pytest.mark.parametrize(
+    "num_rows, num_classes, dim, tiles",
+    [
+        (1, 1, 64, None),  # one class: the second consumer has no tile
+        (129, 1_000, 256, None),  # a row block past the first, a tile past the classes
+        (512, 50_001, 512, None),  # the held rows' widest
+        (300, 7 * 256 + 3, 128, "64,64,64,3"),  # 64-row blocks, three stages
+        (1000, 20_000, 384, "64,256,64,4"),  # 256-class tiles
+    ],
+)
+def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num_classes, dim, tiles, monkeypatch):
+    """Each consumer's (max, sum of exp) over its alternate tiles of each split, targets left
+    out, against float64; then the merged log-sum-exp against float64's over every class."""
+    from hydrahead.kernels import filtered, pingpong
+
+    if tiles:
+        monkeypatch.setenv("HYDRAHEAD_PINGPONG_TILES", tiles)
+    gen = torch.Generator().manual_seed(num_rows + num_classes)
+    feats = torch.randn(num_rows, dim, generator=gen).bfloat16().cuda()
+    weight = (torch.randn(num_classes, dim, generator=gen) * 0.05).bfloat16().cuda()
+    labels = torch.randint(-1, num_classes, (num_rows,), generator=gen).cuda()  # -1: not a class of the shard
+    scale = 8.0
+    assert pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False)
+    stats = pingpong.split_stats(feats, weight, labels, scale).double()
+
+    block_g, block_c = pingpong._tiles()[:2]
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    _, splits, per_split = pingpong._grid(num_rows, num_classes, block_g, block_c, programs)
+    assert stats.shape == (2, 2 * splits, num_rows)
+    logits = scale * feats.double() @ weight.double().t()
+    targets = torch.where(labels >= 0, labels, 0)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    counted = logits.scatter(1, targets[:, None], float("-inf")).where(labels[:, None] >= 0, logits)
+    classes = torch.arange(num_classes, device="cuda")
+    owner = (classes // per_split * 2 + (classes % per_split) // block_c % 2).expand(num_rows, -1)
+    empty = torch.full((num_rows, 2 * splits), float("-inf"), dtype=torch.float64, device="cuda")
+    ref_max = empty.scatter_reduce(1, owner, counted, "amax")
+    safe = torch.where(ref_max == float("-inf"), 0.0, ref_max)
+    ref_sum = torch.zeros_like(empty).scatter_add(1, owner, (counted - safe.gather(1, owner)).exp())
+    finite = ref_max > float("-inf")
+    assert torch.equal(stats[0].t() > float("-inf"), finite)
+    assert float((stats[0].t() - ref_max)[finite].abs().max()) < 1e-3  # float32 sums of exact bf16 products
+    assert float(((stats[1].t() - ref_sum).abs() / ref_sum.clamp_min(1e-30))[finite].max()) < 1e-4
+    assert float(stats[1].t()[~finite].abs().sum()) == 0.0  # a consumer with no class of a row: sum 0
+
+    row_max, row_sum, target = filtered.shard_lse(
+        feats, weight, None, labels, scale=scale, target_shift=0.0, cosine=False
+    )
+    lse = (row_max.double() + row_sum.double().log()).cpu()
+    ref_lse = torch.logsumexp(logits, dim=1).cpu()
+    assert float((lse - ref_lse).abs().max()) < 1e-4 * float(ref_lse.abs().max() + 1)
+    here = (labels >= 0).cpu()
+    assert float((target.double().cpu() - target_logit.cpu())[here].abs().sum()) < 1e-3 * max(1, int(here.sum()))

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hydrahead.kernels import pingpong
 from hydrahead.kernels.rounding import RoundingPlan, rounding_plan, sgd_store
 from hydrahead.kernels.shard_ce import (
     FeatureOperand,
@@ -582,9 +583,12 @@ def shard_lse(
         )
         return stats
 
-    kernel = ("lse_fp8_tma" if fp8 else "filtered_tma") if tma else "filtered"
-    variant = ("lse", cosine, fp8, logit_offset is not None)
-    stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
+    if pingpong.applies(feat_op, weight, fp8=fp8, cosine=cosine, offset=logit_offset is not None):
+        stats = pingpong.split_stats(feat_op, weight, local_label, scale)  # the exps beside the products
+    else:
+        kernel = ("lse_fp8_tma" if fp8 else "filtered_tma") if tma else "filtered"
+        variant = ("lse", cosine, fp8, logit_offset is not None)
+        stats = launch_fitted(kernel, dim, weight.dtype, feat_op.device, launch, variant)
     split_max, split_sum = stats
     # the splits' terms, then each row's target term (left out by the kernel) folded in
     row_max, row_sum, target = torch.empty((3, num_rows), dtype=torch.float32, device=feat_op.device)

@@ -1,0 +1,305 @@
+"""The LSE pass with its epilogue beside the products: two consumer warpgroups (Gluon, Hopper).
+
+The Triton LSE pass (``filtered._lse_kernel``) runs each tile's product and then the tile's
+epilogue (a scale, a max, an exp2 and a sum per logit) in the same warps, so the tensor
+cores idle while the exps run: it reaches 0.8x cuBLAS's rate on the same product
+(docs/kernels.md). Here the work is split over warps that run at once:
+
+loader      one warp: TMA copies of the program's F rows (held for the whole program) and
+            of W's K slices, tile after tile, into a ring of STAGES buffers
+consumers   two warpgroups that take alternate class tiles of the program's split: a wgmma
+            chain over D into a BLOCK_G x BLOCK_C float32 tile, then the tile folded into
+            that consumer's running (max, sum of exp) per row
+
+While one consumer runs its exps, the other's products keep the tensor cores busy. Each
+consumer writes its own (max, sum) per row, so a program gives two of the splits that
+``filtered._lse_merge_kernel`` merges: the result is that of the Triton pass, with the sum
+taken in another order.
+
+What it takes: bf16 rows and features, no fp8 row scales, D a multiple of BLOCK_K and at
+most HELD_DIM (F's rows held in shared memory), operands that tensor descriptors can read,
+an sm_90 GPU (``applies``). HYDRAHEAD_PINGPONG_LSE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from hydrahead.kernels.dw_update import GLUON, _descriptor, _tma_ready
+
+if GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+    from hydrahead.kernels.dw_update import _tma_load, tile_products
+
+ENABLED = os.environ.get("HYDRAHEAD_PINGPONG_LSE", "1") != "0"
+BLOCK_G, BLOCK_C, BLOCK_K, STAGES = 128, 128, 64, 5  # F held: 128 KiB at D = 512; the ring: 80 KiB
+HELD_DIM = 512
+CONSUMER_REGS, LOADER_REGS = 232, 40
+
+
+def _tiles() -> tuple[int, int, int, int]:
+    """BLOCK_G, BLOCK_C, BLOCK_K, STAGES; HYDRAHEAD_PINGPONG_TILES=g,c,k,stages overrides them."""
+    given = os.environ.get("HYDRAHEAD_PINGPONG_TILES")
+    if not given:
+        return BLOCK_G, BLOCK_C, BLOCK_K, STAGES
+    try:
+        tiles = tuple(int(v) for v in given.split(","))
+    except ValueError:
+        tiles = ()
+    if (
+        len(tiles) != 4
+        or tiles[0] not in (64, 128)
+        or tiles[1] not in (64, 128, 256)
+        or tiles[0] * tiles[1] > 128 * 128  # a consumer's float32 tile: 128 registers a thread
+        or tiles[2] not in (32, 64, 128)
+        or tiles[3] < 2
+    ):
+        raise ValueError(
+            "HYDRAHEAD_PINGPONG_TILES takes BLOCK_G,BLOCK_C,BLOCK_K,STAGES (BLOCK_G 64 or 128, BLOCK_C 64-256, "
+            f"BLOCK_G x BLOCK_C at most 128 x 128, BLOCK_K 32-128, STAGES 2 or more), got {given!r}"
+        )
+    return tiles
+
+
+SHARED_LIMIT = 227 * 1024
+
+
+def shared_bytes(dim: int, tiles=None) -> int:
+    """F's held rows, the ring's W slices and the barriers, at width ``dim``."""
+    block_g, block_c, block_k, stages = tiles or _tiles()
+    held = triton.cdiv(dim, block_k)
+    return 2 * block_g * held * block_k + 2 * stages * block_c * block_k + 8 * (2 * stages + 2) + 1024
+
+
+if GLUON:
+
+    @gluon.jit
+    def _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, c_lo, num_tiles):
+        ring_ready, ring_empty, f_ready, _ = bars
+        held: gl.constexpr = f_bufs.type.shape[0]
+        stages: gl.constexpr = w_bufs.type.shape[0]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        block_k: gl.constexpr = w_desc.block_type.shape[1]
+        mbarrier.expect(f_ready.index(0), held * f_desc.block_type.nbytes)
+        for h in gl.static_range(held):
+            _tma_load(f_desc, [row0, h * block_k], f_ready.index(0), f_bufs.index(h))
+        step = 0
+        for t in range(num_tiles):
+            c0 = c_lo + t * block_c
+            for k in range(held):
+                s = step % stages
+                mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)  # a fresh barrier passes phase 1
+                mbarrier.expect(ring_ready.index(s), w_desc.block_type.nbytes)
+                _tma_load(w_desc, [c0, k * block_k], ring_ready.index(s), w_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _consumer(
+        which: gl.constexpr, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split,
+        row_factor, NUM_WARPS: gl.constexpr,
+    ):  # fmt: skip
+        ring_ready, ring_empty, f_ready, turn = bars
+        held: gl.constexpr = f_bufs.type.shape[0]
+        block_g: gl.constexpr = f_bufs.type.shape[1]
+        block_c: gl.constexpr = w_bufs.type.shape[1]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_c, 16]
+        )
+        rows = row0 + gl.arange(0, block_g, layout=gl.SliceLayout(1, layout))
+        row_ok = rows < G
+        label = gl.load(label_ptr + rows, mask=row_ok, other=-1).to(gl.int32)
+        m2 = gl.full([block_g], float("-inf"), gl.float32, gl.SliceLayout(1, layout))
+        total = gl.zeros([block_g], gl.float32, gl.SliceLayout(1, layout))
+        mbarrier.wait(f_ready.index(0), 0)
+        for t in range(which, num_tiles, 2):
+            acc = gl.zeros([block_g, block_c], gl.float32, layout)
+            # F's held K slices times W's from the ring, as transposed views
+            acc = tile_products(acc, f_bufs, w_bufs, (ring_ready, ring_empty, turn), t, held, False, False, True, True)
+
+            # the tile's logits, in log2 units, folded into the row's running max and sum; the
+            # targets are left out (the merge adds each one's term from its own logit)
+            c0 = c_lo + t * block_c
+            cols = c0 + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
+            z2 = acc * row_factor
+            z2 = gl.where((label[:, None] == cols[None, :]) | (cols >= c_hi)[None, :], float("-inf"), z2)
+            m2_new = gl.maximum(m2, gl.max(z2, axis=1))
+            # a row with nothing counted yet keeps -inf: shift by 0 there, so no exp2 sees -inf - -inf
+            shift = gl.where(m2_new == float("-inf"), 0.0, m2_new)
+            total = total * gl.exp2(m2 - shift) + gl.sum(gl.exp2(z2 - shift[:, None]), axis=1)
+            m2 = m2_new
+        out = (out_split + which) * G + rows
+        gl.store(stats_ptr + out, m2 * 0.6931471805599453, mask=row_ok)  # back to natural-log units
+        gl.store(stats_ptr + out + 2 * gl.num_programs(1) * G, total, mask=row_ok)
+
+    @gluon.jit
+    def _first(args):
+        _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
+        _consumer(0, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4)
+
+    @gluon.jit
+    def _second(args):
+        _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
+        _consumer(1, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4)
+
+    @gluon.jit
+    def _loading(args):
+        f_desc, w_desc, f_bufs, w_bufs, bars, _, _, _, row0, c_lo, _, num_tiles, _, _ = args
+        _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, c_lo, num_tiles)
+
+    @gluon.jit
+    def _pingpong_lse_kernel(
+        f_desc,
+        w_desc,
+        label_ptr,
+        stats_ptr,
+        G,
+        C,
+        classes_per_split,
+        row_factor,
+        HELD: gl.constexpr,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):
+        """Program (row block, class split): its rows' (max, sum of exp) over the split's
+        classes, one pair per consumer, at stats[0 / 1, 2 * split + consumer, row]."""
+        block_g: gl.constexpr = f_desc.block_type.shape[0]
+        block_k: gl.constexpr = f_desc.block_type.shape[1]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [HELD, block_g, block_k], f_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, block_c, block_k], w_desc.layout)
+        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        f_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile t's slices in
+        mbarrier.init(f_ready.index(0), count=1)
+        mbarrier.init(turn.index(0), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ring_ready.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=1)
+        row0 = gl.program_id(0) * block_g
+        c_lo = gl.program_id(1) * classes_per_split
+        c_hi = gl.minimum(c_lo + classes_per_split, C)
+        num_tiles = gl.cdiv(c_hi - c_lo, block_c)
+        args = (
+            f_desc,
+            w_desc,
+            f_bufs,
+            w_bufs,
+            (ring_ready, ring_empty, f_ready, turn),
+            label_ptr,
+            stats_ptr,
+            G,
+            row0,
+            c_lo,
+            c_hi,
+            num_tiles,
+            2 * gl.program_id(1),
+            row_factor,
+        )
+        gl.warp_specialize(
+            [(_first, (args,)), (_second, (args,)), (_loading, (args,))], [4, 1], [CONSUMER_REGS, LOADER_REGS]
+        )
+
+
+def supported(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool) -> bool:
+    """Whether the kernel implements this pass on these operands, wherever they live."""
+    dim = feats.shape[1]
+    block_k = _tiles()[2]
+    return (
+        ENABLED
+        and not (fp8 or cosine or offset)
+        and feats.dtype == weight.dtype == torch.bfloat16
+        and dim % block_k == 0
+        and dim <= HELD_DIM
+        and shared_bytes(dim) <= SHARED_LIMIT
+        and _tma_ready(feats)
+        and _tma_ready(weight)
+    )
+
+
+def applies(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool) -> bool:
+    """Whether ``split_stats`` takes this pass (else the Triton LSE pass)."""
+    on_hopper = weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] == 9
+    return GLUON and on_hopper and supported(feats, weight, fp8=fp8, cosine=cosine, offset=offset)
+
+
+def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, programs: int) -> tuple[int, int, int]:
+    """(row blocks, class splits, classes per split): about 4 waves of one program an SM, each
+    split a whole number of tile pairs (one tile each consumer)."""
+    row_blocks = triton.cdiv(num_rows, block_g)
+    pairs = triton.cdiv(num_classes, 2 * block_c)
+    splits = max(1, min(pairs, 4 * programs // row_blocks))
+    per_split = triton.cdiv(pairs, splits) * 2 * block_c
+    return row_blocks, triton.cdiv(num_classes, per_split), per_split
+
+
+def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Tensor, scale: float) -> torch.Tensor:
+    """(2, splits, G) float32: per split of the classes, each row's max logit (targets left
+    out) and sum of exp(logit - max), as ``filtered._lse_kernel`` writes them."""
+    num_rows, dim = feats.shape
+    if weight.shape[1] != dim or local_label.shape != (num_rows,):
+        raise ValueError(
+            f"split_stats takes F (G x D), W (C x D) and G labels; got F {tuple(feats.shape)}, "
+            f"W {tuple(weight.shape)}, labels {tuple(local_label.shape)}"
+        )
+    block_g, block_c, block_k, stages = _tiles()
+    programs = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    row_blocks, splits, per_split = _grid(num_rows, weight.shape[0], block_g, block_c, programs)
+    stats = torch.empty((2, 2 * splits, num_rows), dtype=torch.float32, device=weight.device)
+    _pingpong_lse_kernel[(row_blocks, splits)](
+        _descriptor(feats, [block_g, block_k]),
+        _descriptor(weight, [block_c, block_k]),
+        local_label,
+        stats,
+        num_rows,
+        weight.shape[0],
+        per_split,
+        float(scale) * 1.4426950408889634,
+        triton.cdiv(dim, block_k),
+        stages,
+        CONSUMER_REGS,
+        LOADER_REGS,
+        num_warps=4,
+    )
+    return stats
+
+
+def compile_for(arch: int = 90, dim: int = 512):
+    """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
+    memory can be read from the result)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    block_g, block_c, block_k, stages = _tiles()
+    feats = torch.empty(256, dim, dtype=torch.bfloat16)
+    weight = torch.empty(1024, dim, dtype=torch.bfloat16)
+    signature = dict(
+        f_desc=mangle_type(_descriptor(feats, [block_g, block_k])),
+        w_desc=mangle_type(_descriptor(weight, [block_c, block_k])),
+        label_ptr="*i64",
+        stats_ptr="*fp32",
+        G="i32",
+        C="i32",
+        classes_per_split="i32",
+        row_factor="fp32",
+    )
+    constants = dict(
+        HELD=triton.cdiv(dim, block_k), STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS
+    )
+    signature.update({name: "constexpr" for name in constants})
+    return triton.compile(
+        GluonASTSource(fn=_pingpong_lse_kernel, signature=signature, constexprs=constants),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=4),
+    )
+
+
+__all__ = ["applies", "compile_for", "split_stats", "supported"]
