@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_kernels import MARGINS as CPU_MARGINS
 from test_kernels import masked_reference, rel_err
+from test_pingpong import consumer_stats
 
 from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
 
@@ -865,13 +866,7 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num
     logits = scale * feats.double() @ weight.double().t()
     targets = torch.where(labels >= 0, labels, 0)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    counted = logits.scatter(1, targets[:, None], float("-inf")).where(labels[:, None] >= 0, logits)
-    classes = torch.arange(num_classes, device="cuda")
-    owner = (classes // per_split * 2 + (classes % per_split) // block_c % 2).expand(num_rows, -1)
-    empty = torch.full((num_rows, 2 * splits), float("-inf"), dtype=torch.float64, device="cuda")
-    ref_max = empty.scatter_reduce(1, owner, counted, "amax")
-    safe = torch.where(ref_max == float("-inf"), 0.0, ref_max)
-    ref_sum = torch.zeros_like(empty).scatter_add(1, owner, (counted - safe.gather(1, owner)).exp())
+    ref_max, ref_sum = consumer_stats(logits, labels, splits, per_split, block_c)
     finite = ref_max > float("-inf")
     assert torch.equal(stats[0].t() > float("-inf"), finite)
     assert float((stats[0].t() - ref_max)[finite].abs().max()) < 1e-3  # float32 sums of exact bf16 products
@@ -886,3 +881,44 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num
     assert float((lse - ref_lse).abs().max()) < 1e-4 * float(ref_lse.abs().max() + 1)
     here = (labels >= 0).cpu()
     assert float((target.double().cpu() - target_logit.cpu())[here].abs().sum()) < 1e-3 * max(1, int(here.sum()))
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the ping-pong P kernel runs on sm_90 with Gluon")
+@pytest.mark.parametrize(
+    "num_rows, num_classes, chunk, dim, tiles",
+    [
+        (1, 1, (0, 1), 64, None),  # one entry
+        (129, 1_000, (0, 1_000), 256, None),  # a row block past the first, a tile past the classes
+        (512, 50_001, (20_000, 45_000), 512, None),  # a chunk inside W (its rows past the chunk are not P's)
+        (300, 3_000, (1_000, 2_999), 128, "64,128,64,4"),  # 64-row blocks, 128-class tiles
+    ],
+)
+def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
+    num_rows, num_classes, chunk, dim, tiles, monkeypatch
+):
+    """P = exp(s f·w - lse) · g over a chunk of the classes, every entry rounded to bf16 once;
+    rows with lse +inf (ignored) all zero; nothing written past the chunk's columns."""
+    from hydrahead.kernels import pingpong
+
+    monkeypatch.setitem(pingpong.ENABLED, "probs", True)  # off by default until this test has run on a GPU
+    if tiles:
+        monkeypatch.setenv("HYDRAHEAD_PINGPONG_PROBS_TILES", tiles)
+    gen = torch.Generator().manual_seed(num_rows + num_classes)
+    feats = torch.randn(num_rows, dim, generator=gen).bfloat16().cuda()
+    weight = (torch.randn(num_classes, dim, generator=gen) * 0.05).bfloat16().cuda()
+    scale, grad_scale = 8.0, torch.tensor([1.0 / num_rows], device="cuda")
+    logits = scale * feats.double() @ weight.double().t()
+    lse = torch.logsumexp(logits, dim=1)
+    lse[::5] = float("inf")  # ignored rows
+    c_lo, c_hi = chunk
+    assert pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False, kind="probs")
+    row_width = (c_hi - c_lo + 7) // 8 * 8 + 8  # 16-byte rows, with columns past the chunk
+    padded = torch.full((num_rows, row_width), 7.0, dtype=torch.bfloat16, device="cuda")
+    probs = padded[:, : c_hi - c_lo]
+    pingpong.write_probs(probs, feats, weight, lse.float(), grad_scale, scale, c_lo)
+    expected = (logits[:, c_lo:c_hi] - lse[:, None]).exp() * grad_scale.double()
+    assert float((probs.double() - expected).abs().max()) <= float(expected.abs().max()) * 2**-7
+    rounded = (probs == expected.bfloat16()).float().mean()
+    assert float(rounded) > 0.98  # float32 logits: a few entries round the other way
+    assert float(probs[::5].abs().max()) == 0.0
+    assert bool((padded[:, c_hi - c_lo :] == 7.0).all())  # the row's padding past the chunk untouched

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydrahead.kernels import dw_update
+from hydrahead.kernels import dw_update, pingpong
 from hydrahead.kernels.filtered import _operand_slices, apply_sgd_rows, check_offset_operand, target_logits
 from hydrahead.kernels.rounding import INTERPRETED, rounding_plan, to_e5m2
 from hydrahead.kernels.shard_ce import (
@@ -480,7 +480,11 @@ class _ProbsPass:
                 num_stages=stages,
             )
 
-        launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
+        flags = dict(fp8=operand.fp8, cosine=options["cosine"], offset=self.offset is not None, kind="probs")
+        if tma and pingpong.applies(feats, weight, **flags):  # the exps beside the products
+            pingpong.write_probs(probs, feats, weight, self.lse, self.grad_scale, options["scale"], c_lo)
+        else:
+            launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         block = 1024 if feats.is_cuda else 16
         _fix_targets[(triton.cdiv(num_rows, block),)](
             self.local_label,

@@ -1,24 +1,31 @@
-"""The LSE pass with its epilogue beside the products: two consumer warpgroups (Gluon, Hopper).
+"""The two passes over W with their epilogues beside the products: two consumer warpgroups
+(Gluon, Hopper).
 
-The Triton LSE pass (``filtered._lse_kernel``) runs each tile's product and then the tile's
-epilogue (a scale, a max, an exp2 and a sum per logit) in the same warps, so the tensor
-cores idle while the exps run: it reaches 0.8x cuBLAS's rate on the same product
-(docs/kernels.md). Here the work is split over warps that run at once:
+The Triton LSE pass (``filtered._lse_kernel``) and P kernel (``exact_gemm._probs_kernel``)
+run each tile's product and then the tile's epilogue (a scale and an exp2 per logit; a max
+and a sum, or P's store) in the same warps, so the tensor cores idle while the exps run:
+they reach about 0.8x cuBLAS's rate on the same product (docs/kernels.md). Here the work is
+split over warps that run at once:
 
 loader      one warp: TMA copies of the program's F rows (held for the whole program) and
             of W's K slices, tile after tile, into a ring of STAGES buffers
 consumers   two warpgroups that take alternate class tiles of the program's split: a wgmma
-            chain over D into a BLOCK_G x BLOCK_C float32 tile, then the tile folded into
-            that consumer's running (max, sum of exp) per row
+            chain over D into a BLOCK_G x BLOCK_C float32 tile, then the tile's epilogue:
+            LSE pass  folded into that consumer's running (max, sum of exp) per row
+            P kernel  P = exp(logit - lse) · grad_scale in bf16, written by the copy engine
+                      from a shared-memory tile of the consumer's own
 
-While one consumer runs its exps, the other's products keep the tensor cores busy. Each
-consumer writes its own (max, sum) per row, so a program gives two of the splits that
-``filtered._lse_merge_kernel`` merges: the result is that of the Triton pass, with the sum
-taken in another order.
+While one consumer runs its epilogue, the other's products keep the tensor cores busy. In
+the LSE pass each consumer writes its own (max, sum) per row, so a program gives two of the
+splits that ``filtered._lse_merge_kernel`` merges: the result is that of the Triton pass,
+with the sum taken in another order. The P kernel writes what the Triton kernel writes for
+bf16 rows (``_fix_targets`` then writes the targets' entries).
 
-What it takes: bf16 rows and features, no fp8 row scales, D a multiple of BLOCK_K and at
-most HELD_DIM (F's rows held in shared memory), operands that tensor descriptors can read,
-an sm_90 GPU (``applies``). HYDRAHEAD_PINGPONG_LSE=0 turns it off.
+What they take: bf16 rows and features, no fp8 row scales, no cosine logits or logit
+offsets, D a multiple of BLOCK_K and at most HELD_DIM (F's rows held in shared memory),
+operands that tensor descriptors can read, an sm_90 GPU (``applies``).
+HYDRAHEAD_PINGPONG_LSE=0 turns the LSE pass off; the P kernel is off unless
+HYDRAHEAD_PINGPONG_PROBS=1 (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -33,21 +40,32 @@ from hydrahead.kernels.dw_update import GLUON, _descriptor, _tma_ready
 if GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from hydrahead.kernels.dw_update import _tma_load, tile_products
+    from hydrahead.kernels.dw_update import _tma_load, _tma_store, tile_products
 
-ENABLED = os.environ.get("HYDRAHEAD_PINGPONG_LSE", "1") != "0"
-BLOCK_G, BLOCK_C, BLOCK_K, STAGES = 128, 128, 64, 5  # F held: 128 KiB at D = 512; the ring: 80 KiB
+ENABLED = {
+    "lse": os.environ.get("HYDRAHEAD_PINGPONG_LSE", "1") != "0",
+    # off until its GPU test has run (it compiles for sm_90 with Triton 3.6 and 3.9): =1 turns it on
+    "probs": os.environ.get("HYDRAHEAD_PINGPONG_PROBS", "0") == "1",
+}
+# BLOCK_G, BLOCK_C, BLOCK_K, STAGES. F held: 128 KiB at D = 512. The LSE pass's ring: 80 KiB;
+# the P kernel's 64-class tiles leave room for each consumer's 16 KiB tile of P beside a
+# ring of 48 KiB.
+TILES = {"lse": (128, 128, 64, 5), "probs": (128, 64, 64, 6)}
+_TILES_VARIABLE = {"lse": "HYDRAHEAD_PINGPONG_TILES", "probs": "HYDRAHEAD_PINGPONG_PROBS_TILES"}
 HELD_DIM = 512
 CONSUMER_REGS, LOADER_REGS = 232, 40
 
 
-def _tiles() -> tuple[int, int, int, int]:
-    """BLOCK_G, BLOCK_C, BLOCK_K, STAGES; HYDRAHEAD_PINGPONG_TILES=g,c,k,stages overrides them."""
-    given = os.environ.get("HYDRAHEAD_PINGPONG_TILES")
+def _tiles(kind: str = "lse") -> tuple[int, int, int, int]:
+    """BLOCK_G, BLOCK_C, BLOCK_K, STAGES of a pass ("lse" or "probs");
+    HYDRAHEAD_PINGPONG_TILES (the LSE pass) and HYDRAHEAD_PINGPONG_PROBS_TILES =g,c,k,stages
+    override them."""
+    variable = _TILES_VARIABLE[kind]
+    given = os.environ.get(variable)
     if not given:
-        return BLOCK_G, BLOCK_C, BLOCK_K, STAGES
+        return TILES[kind]
     try:
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
@@ -61,7 +79,7 @@ def _tiles() -> tuple[int, int, int, int]:
         or tiles[3] < 2
     ):
         raise ValueError(
-            "HYDRAHEAD_PINGPONG_TILES takes BLOCK_G,BLOCK_C,BLOCK_K,STAGES (BLOCK_G 64 or 128, BLOCK_C 64-256, "
+            f"{variable} takes BLOCK_G,BLOCK_C,BLOCK_K,STAGES (BLOCK_G 64 or 128, BLOCK_C 64-256, "
             f"BLOCK_G x BLOCK_C at most 128 x 128, BLOCK_K 32-128, STAGES 2 or more), got {given!r}"
         )
     return tiles
@@ -70,17 +88,19 @@ def _tiles() -> tuple[int, int, int, int]:
 SHARED_LIMIT = 227 * 1024
 
 
-def shared_bytes(dim: int, tiles=None) -> int:
-    """F's held rows, the ring's W slices and the barriers, at width ``dim``."""
-    block_g, block_c, block_k, stages = tiles or _tiles()
+def shared_bytes(dim: int, tiles=None, kind: str = "lse") -> int:
+    """F's held rows, the ring's W slices, the P kernel's two tiles of P, and the barriers."""
+    block_g, block_c, block_k, stages = tiles or _tiles(kind)
     held = triton.cdiv(dim, block_k)
-    return 2 * block_g * held * block_k + 2 * stages * block_c * block_k + 8 * (2 * stages + 2) + 1024
+    out = 2 * 2 * block_g * block_c if kind == "probs" else 0
+    return 2 * block_g * held * block_k + 2 * stages * block_c * block_k + out + 8 * (2 * stages + 2) + 1024
 
 
 if GLUON:
 
     @gluon.jit
-    def _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, c_lo, num_tiles):
+    def _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, w_lo, num_tiles):
+        # F's rows once, then W's K slices of tiles w_lo, w_lo + BLOCK_C, ... in order
         ring_ready, ring_empty, f_ready, _ = bars
         held: gl.constexpr = f_bufs.type.shape[0]
         stages: gl.constexpr = w_bufs.type.shape[0]
@@ -91,7 +111,7 @@ if GLUON:
             _tma_load(f_desc, [row0, h * block_k], f_ready.index(0), f_bufs.index(h))
         step = 0
         for t in range(num_tiles):
-            c0 = c_lo + t * block_c
+            c0 = w_lo + t * block_c
             for k in range(held):
                 s = step % stages
                 mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)  # a fresh barrier passes phase 1
@@ -100,12 +120,36 @@ if GLUON:
                 step += 1
 
     @gluon.jit
-    def _consumer(
+    def _shared(f_desc, w_desc, HELD: gl.constexpr, STAGES: gl.constexpr):
+        """F's held slices, the ring, and its barriers (ready, empty, F ready, turn), initialised."""
+        block_g: gl.constexpr = f_desc.block_type.shape[0]
+        block_k: gl.constexpr = f_desc.block_type.shape[1]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [HELD, block_g, block_k], f_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, block_c, block_k], w_desc.layout)
+        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        f_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile t's slices in
+        mbarrier.init(f_ready.index(0), count=1)
+        mbarrier.init(turn.index(0), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ring_ready.index(i), count=1)
+            mbarrier.init(ring_empty.index(i), count=1)
+        return f_bufs, w_bufs, (ring_ready, ring_empty, f_ready, turn)
+
+    @gluon.jit
+    def _tile_logits(acc, f_bufs, w_bufs, bars, t):
+        """acc (zeros) + tile t's F W^T: F's held slices times W's from the ring."""
+        ring_ready, ring_empty, _, turn = bars
+        held: gl.constexpr = f_bufs.type.shape[0]
+        return tile_products(acc, f_bufs, w_bufs, (ring_ready, ring_empty, turn), t, held, False, False, True, True)
+
+    @gluon.jit
+    def _lse_consumer(
         which: gl.constexpr, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split,
         row_factor, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
-        ring_ready, ring_empty, f_ready, turn = bars
-        held: gl.constexpr = f_bufs.type.shape[0]
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
         layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -116,16 +160,12 @@ if GLUON:
         label = gl.load(label_ptr + rows, mask=row_ok, other=-1).to(gl.int32)
         m2 = gl.full([block_g], float("-inf"), gl.float32, gl.SliceLayout(1, layout))
         total = gl.zeros([block_g], gl.float32, gl.SliceLayout(1, layout))
-        mbarrier.wait(f_ready.index(0), 0)
+        mbarrier.wait(bars[2].index(0), 0)  # F's rows are in
         for t in range(which, num_tiles, 2):
-            acc = gl.zeros([block_g, block_c], gl.float32, layout)
-            # F's held K slices times W's from the ring, as transposed views
-            acc = tile_products(acc, f_bufs, w_bufs, (ring_ready, ring_empty, turn), t, held, False, False, True, True)
-
+            acc = _tile_logits(gl.zeros([block_g, block_c], gl.float32, layout), f_bufs, w_bufs, bars, t)
             # the tile's logits, in log2 units, folded into the row's running max and sum; the
             # targets are left out (the merge adds each one's term from its own logit)
-            c0 = c_lo + t * block_c
-            cols = c0 + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
+            cols = c_lo + t * block_c + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
             z2 = acc * row_factor
             z2 = gl.where((label[:, None] == cols[None, :]) | (cols >= c_hi)[None, :], float("-inf"), z2)
             m2_new = gl.maximum(m2, gl.max(z2, axis=1))
@@ -138,17 +178,21 @@ if GLUON:
         gl.store(stats_ptr + out + 2 * gl.num_programs(1) * G, total, mask=row_ok)
 
     @gluon.jit
-    def _first(args):
+    def _lse_first(args):
         _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
-        _consumer(0, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4)
+        _lse_consumer(
+            0, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4
+        )
 
     @gluon.jit
-    def _second(args):
+    def _lse_second(args):
         _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
-        _consumer(1, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4)
+        _lse_consumer(
+            1, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4
+        )
 
     @gluon.jit
-    def _loading(args):
+    def _lse_loading(args):
         f_desc, w_desc, f_bufs, w_bufs, bars, _, _, _, row0, c_lo, _, num_tiles, _, _ = args
         _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, c_lo, num_tiles)
 
@@ -169,65 +213,125 @@ if GLUON:
     ):
         """Program (row block, class split): its rows' (max, sum of exp) over the split's
         classes, one pair per consumer, at stats[0 / 1, 2 * split + consumer, row]."""
-        block_g: gl.constexpr = f_desc.block_type.shape[0]
-        block_k: gl.constexpr = f_desc.block_type.shape[1]
-        block_c: gl.constexpr = w_desc.block_type.shape[0]
-        f_bufs = gl.allocate_shared_memory(f_desc.dtype, [HELD, block_g, block_k], f_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, block_c, block_k], w_desc.layout)
-        ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        f_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())  # tile t's slices in
-        mbarrier.init(f_ready.index(0), count=1)
-        mbarrier.init(turn.index(0), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ring_ready.index(i), count=1)
-            mbarrier.init(ring_empty.index(i), count=1)
-        row0 = gl.program_id(0) * block_g
+        f_bufs, w_bufs, bars = _shared(f_desc, w_desc, HELD, STAGES)
+        row0 = gl.program_id(0) * f_desc.block_type.shape[0]
         c_lo = gl.program_id(1) * classes_per_split
         c_hi = gl.minimum(c_lo + classes_per_split, C)
-        num_tiles = gl.cdiv(c_hi - c_lo, block_c)
+        num_tiles = gl.cdiv(c_hi - c_lo, w_desc.block_type.shape[0])
         args = (
-            f_desc,
-            w_desc,
-            f_bufs,
-            w_bufs,
-            (ring_ready, ring_empty, f_ready, turn),
-            label_ptr,
-            stats_ptr,
-            G,
-            row0,
-            c_lo,
-            c_hi,
-            num_tiles,
-            2 * gl.program_id(1),
-            row_factor,
-        )
+            f_desc, w_desc, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
+            2 * gl.program_id(1), row_factor,
+        )  # fmt: skip
         gl.warp_specialize(
-            [(_first, (args,)), (_second, (args,)), (_loading, (args,))], [4, 1], [CONSUMER_REGS, LOADER_REGS]
+            [(_lse_first, (args,)), (_lse_second, (args,)), (_lse_loading, (args,))],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )
+
+    @gluon.jit
+    def _probs_consumer(
+        which: gl.constexpr, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, G, row0, c_lo, num_tiles,
+        row_factor, NUM_WARPS: gl.constexpr,
+    ):  # fmt: skip
+        block_g: gl.constexpr = f_bufs.type.shape[1]
+        block_c: gl.constexpr = w_bufs.type.shape[1]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_c, 16]
+        )
+        rows = row0 + gl.arange(0, block_g, layout=gl.SliceLayout(1, layout))
+        # in log2 units; +inf for rows past the batch and ignored rows: p = 0 there
+        lse2 = gl.load(lse_ptr + rows, mask=rows < G, other=float("inf")) * 1.4426950408889634
+        grad_scale = gl.load(grad_scale_ptr)
+        tile = p_bufs.index(which)
+        mbarrier.wait(bars[2].index(0), 0)  # F's rows are in
+        for t in range(which, num_tiles, 2):
+            acc = _tile_logits(gl.zeros([block_g, block_c], gl.float32, layout), f_bufs, w_bufs, bars, t)
+            probs = gl.exp2(acc * row_factor - lse2[:, None]) * grad_scale
+            tma.store_wait(0)  # this consumer's tile before has left the buffer
+            tile.store(probs.to(gl.bfloat16))
+            fence_async_shared()  # the stores above, before the copy engine reads them
+            # the descriptor's bounds are the chunk's: rows past the batch and classes past the
+            # chunk are not written
+            _tma_store(p_desc, [row0, c_lo + t * block_c], tile)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _probs_first(args):
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, _ = args
+        _probs_consumer(
+            0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, 4
+        )
+
+    @gluon.jit
+    def _probs_second(args):
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, _ = args
+        _probs_consumer(
+            1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, 4
+        )
+
+    @gluon.jit
+    def _probs_loading(args):
+        f_desc, w_desc, f_bufs, w_bufs, _, bars, _, _, _, _, row0, c_lo, num_tiles, _, chunk_lo = args
+        _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, chunk_lo + c_lo, num_tiles)
+
+    @gluon.jit
+    def _pingpong_probs_kernel(
+        f_desc,
+        w_desc,
+        p_desc,
+        lse_ptr,
+        grad_scale_ptr,
+        G,
+        chunk_lo,
+        width,
+        classes_per_split,
+        row_factor,
+        HELD: gl.constexpr,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+        LOADER_REGS: gl.constexpr,
+    ):
+        """Program (row block, class split of the chunk): P over its rows and the split's
+        classes of the chunk [chunk_lo, chunk_lo + width), at P's columns from 0."""
+        f_bufs, w_bufs, bars = _shared(f_desc, w_desc, HELD, STAGES)
+        block_g: gl.constexpr = f_desc.block_type.shape[0]
+        block_c: gl.constexpr = w_desc.block_type.shape[0]
+        p_bufs = gl.allocate_shared_memory(p_desc.dtype, [2, block_g, block_c], p_desc.layout)
+        row0 = gl.program_id(0) * block_g
+        c_lo = gl.program_id(1) * classes_per_split
+        num_tiles = gl.cdiv(gl.minimum(c_lo + classes_per_split, width) - c_lo, block_c)
+        args = (
+            f_desc, w_desc, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, G, row0, c_lo, num_tiles,
+            row_factor, chunk_lo,
+        )  # fmt: skip
+        gl.warp_specialize(
+            [(_probs_first, (args,)), (_probs_second, (args,)), (_probs_loading, (args,))],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
         )
 
 
-def supported(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool) -> bool:
-    """Whether the kernel implements this pass on these operands, wherever they live."""
+def supported(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool, kind="lse") -> bool:
+    """Whether the pass (``kind``: "lse" or "probs") implements this work on these operands,
+    wherever they live."""
     dim = feats.shape[1]
-    block_k = _tiles()[2]
+    block_k = _tiles(kind)[2]
     return (
-        ENABLED
+        ENABLED[kind]
         and not (fp8 or cosine or offset)
         and feats.dtype == weight.dtype == torch.bfloat16
         and dim % block_k == 0
         and dim <= HELD_DIM
-        and shared_bytes(dim) <= SHARED_LIMIT
+        and shared_bytes(dim, kind=kind) <= SHARED_LIMIT
         and _tma_ready(feats)
         and _tma_ready(weight)
     )
 
 
-def applies(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool) -> bool:
-    """Whether ``split_stats`` takes this pass (else the Triton LSE pass)."""
+def applies(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool, kind="lse") -> bool:
+    """Whether the ping-pong pass takes this work (else the Triton pass)."""
     on_hopper = weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] == 9
-    return GLUON and on_hopper and supported(feats, weight, fp8=fp8, cosine=cosine, offset=offset)
+    return GLUON and on_hopper and supported(feats, weight, fp8=fp8, cosine=cosine, offset=offset, kind=kind)
 
 
 def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, programs: int) -> tuple[int, int, int]:
@@ -240,6 +344,14 @@ def _grid(num_rows: int, num_classes: int, block_g: int, block_c: int, programs:
     return row_blocks, triton.cdiv(num_classes, per_split), per_split
 
 
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _constants(dim: int, tiles) -> dict:
+    return dict(HELD=triton.cdiv(dim, tiles[2]), STAGES=tiles[3], CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
+
+
 def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Tensor, scale: float) -> torch.Tensor:
     """(2, splits, G) float32: per split of the classes, each row's max logit (targets left
     out) and sum of exp(logit - max), as ``filtered._lse_kernel`` writes them."""
@@ -249,9 +361,9 @@ def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Te
             f"split_stats takes F (G x D), W (C x D) and G labels; got F {tuple(feats.shape)}, "
             f"W {tuple(weight.shape)}, labels {tuple(local_label.shape)}"
         )
-    block_g, block_c, block_k, stages = _tiles()
-    programs = torch.cuda.get_device_properties(weight.device).multi_processor_count
-    row_blocks, splits, per_split = _grid(num_rows, weight.shape[0], block_g, block_c, programs)
+    tiles = _tiles("lse")
+    block_g, block_c, block_k, _ = tiles
+    row_blocks, splits, per_split = _grid(num_rows, weight.shape[0], block_g, block_c, _programs(weight.device))
     stats = torch.empty((2, 2 * splits, num_rows), dtype=torch.float32, device=weight.device)
     _pingpong_lse_kernel[(row_blocks, splits)](
         _descriptor(feats, [block_g, block_k]),
@@ -262,44 +374,78 @@ def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Te
         weight.shape[0],
         per_split,
         float(scale) * 1.4426950408889634,
-        triton.cdiv(dim, block_k),
-        stages,
-        CONSUMER_REGS,
-        LOADER_REGS,
+        **_constants(dim, tiles),
         num_warps=4,
     )
     return stats
 
 
-def compile_for(arch: int = 90, dim: int = 512):
-    """The kernel compiled for ``arch`` with no GPU present (its cubin, registers and shared
+def write_probs(
+    probs: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, grad_scale, scale: float,
+    chunk_lo: int,
+) -> None:  # fmt: skip
+    """P[:, j] = exp(scale · f · w_{chunk_lo + j} - lse) · grad_scale for the chunk's classes
+    j < P's width, every entry (the targets' too, as the Triton kernel writes them); rows whose
+    lse is +inf get 0. ``grad_scale``: a one-element float32 tensor on the device."""
+    num_rows, dim = feats.shape
+    width = probs.shape[1]
+    if probs.shape[0] != num_rows or weight.shape[1] != dim or chunk_lo + width > weight.shape[0]:
+        raise ValueError(
+            f"write_probs takes P (G x width), F (G x D), W (C x D) with the chunk inside W; got P "
+            f"{tuple(probs.shape)}, F {tuple(feats.shape)}, W {tuple(weight.shape)}, chunk from {chunk_lo}"
+        )
+    if not _tma_ready(probs) or probs.dtype != torch.bfloat16:
+        raise ValueError("write_probs writes bf16 P through a descriptor: unit column stride, 16-byte rows")
+    tiles = _tiles("probs")
+    block_g, block_c, block_k, _ = tiles
+    row_blocks, splits, per_split = _grid(num_rows, width, block_g, block_c, _programs(weight.device))
+    _pingpong_probs_kernel[(row_blocks, splits)](
+        _descriptor(feats, [block_g, block_k]),
+        _descriptor(weight, [block_c, block_k]),
+        _descriptor(probs, [block_g, block_c]),
+        lse,
+        grad_scale,
+        num_rows,
+        chunk_lo,
+        width,
+        per_split,
+        float(scale) * 1.4426950408889634,
+        **_constants(dim, tiles),
+        num_warps=4,
+    )
+
+
+def compile_for(arch: int = 90, dim: int = 512, kind: str = "lse"):
+    """A pass compiled for ``arch`` with no GPU present (its cubin, registers and shared
     memory can be read from the result)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    block_g, block_c, block_k, stages = _tiles()
+    tiles = _tiles(kind)
+    block_g, block_c, block_k, _ = tiles
     feats = torch.empty(256, dim, dtype=torch.bfloat16)
     weight = torch.empty(1024, dim, dtype=torch.bfloat16)
     signature = dict(
         f_desc=mangle_type(_descriptor(feats, [block_g, block_k])),
         w_desc=mangle_type(_descriptor(weight, [block_c, block_k])),
-        label_ptr="*i64",
-        stats_ptr="*fp32",
-        G="i32",
-        C="i32",
-        classes_per_split="i32",
-        row_factor="fp32",
     )
-    constants = dict(
-        HELD=triton.cdiv(dim, block_k), STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS
-    )
+    if kind == "lse":
+        fn = _pingpong_lse_kernel
+        signature.update(label_ptr="*i64", stats_ptr="*fp32", G="i32", C="i32")
+    else:
+        fn = _pingpong_probs_kernel
+        probs = torch.empty(256, 1024, dtype=torch.bfloat16)
+        signature.update(p_desc=mangle_type(_descriptor(probs, [block_g, block_c])))
+        signature.update(lse_ptr="*fp32", grad_scale_ptr="*fp32", G="i32", chunk_lo="i32", width="i32")
+    signature.update(classes_per_split="i32", row_factor="fp32")
+    constants = _constants(dim, tiles)
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
-        GluonASTSource(fn=_pingpong_lse_kernel, signature=signature, constexprs=constants),
+        GluonASTSource(fn=fn, signature=signature, constexprs=constants),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=4),
     )
 
 
-__all__ = ["applies", "compile_for", "split_stats", "supported"]
+__all__ = ["applies", "compile_for", "split_stats", "supported", "write_probs"]
