@@ -176,6 +176,12 @@ def takes_features_grad(num_rows: int, tiles=None) -> bool:
 
 if GLUON:
 
+    @gluon.constexpr_function
+    def wgmma_layout(width, num_warps=4):
+        """The registers of a wgmma accumulator ``width`` columns wide, its rows over ``num_warps``
+        warps (one warpgroup: 16 rows a warp per instruction)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, width, 16])
+
     @gluon.jit
     def _operand_slice(bufs, s, k, IN_RING: gl.constexpr, TRANSPOSED: gl.constexpr):
         if IN_RING:
@@ -303,9 +309,7 @@ if GLUON:
         slots: gl.constexpr = w_bufs.type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
         block_d: gl.constexpr = w_desc.block_type.shape[1]
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
-        )
+        acc_layout: gl.constexpr = wgmma_layout(block_d, NUM_WARPS)
         if held:
             mbarrier.wait(f_ready.index(0), 0)
         j = 0
@@ -382,9 +386,7 @@ if GLUON:
         parts: gl.constexpr = (w_read.type.shape[0] - 1) // slots  # FEATURES_GRAD, carried by a type
         share: gl.constexpr = block_k // parts
         block_d: gl.constexpr = w_bufs.type.shape[2]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, share, 16]
-        )
+        layout: gl.constexpr = wgmma_layout(share)
         acc = gl.zeros([block_d, share], gl.float32, layout)
         j = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -580,9 +582,7 @@ if GLUON:
         ring_ready, ring_empty = bars
         half: gl.constexpr = p_bufs.type.shape[2]
         block_d: gl.constexpr = f_bufs.type.shape[2]
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_d, 16]
-        )
+        acc_layout: gl.constexpr = wgmma_layout(block_d, NUM_WARPS)
         offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
         j = 0  # this consumer's count of tiles (each is every tile)

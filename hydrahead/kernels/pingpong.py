@@ -42,7 +42,7 @@ if GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from hydrahead.kernels.dw_update import _tma_load, _tma_store, tile_products
+    from hydrahead.kernels.dw_update import _tma_load, _tma_store, tile_products, wgmma_layout
 
 ENABLED = {
     "lse": os.environ.get("HYDRAHEAD_PINGPONG_LSE", "1") != "0",
@@ -152,9 +152,7 @@ if GLUON:
     ):  # fmt: skip
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_c, 16]
-        )
+        layout: gl.constexpr = wgmma_layout(block_c, NUM_WARPS)
         rows = row0 + gl.arange(0, block_g, layout=gl.SliceLayout(1, layout))
         row_ok = rows < G
         label = gl.load(label_ptr + rows, mask=row_ok, other=-1).to(gl.int32)
@@ -235,9 +233,7 @@ if GLUON:
     ):  # fmt: skip
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, block_c, 16]
-        )
+        layout: gl.constexpr = wgmma_layout(block_c, NUM_WARPS)
         rows = row0 + gl.arange(0, block_g, layout=gl.SliceLayout(1, layout))
         # in log2 units; +inf for rows past the batch and ignored rows: p = 0 there
         lse2 = gl.load(lse_ptr + rows, mask=rows < G, other=float("inf")) * 1.4426950408889634
