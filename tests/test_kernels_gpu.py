@@ -835,16 +835,20 @@ def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monke
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the ping-pong LSE pass runs on sm_90 with Gluon")
 @pytest.mark.parametrize(
-    "num_rows, num_classes, dim, tiles",
+    "num_rows, num_classes, dim, tiles, cosine",
     [
-        (1, 1, 64, None),  # one class: the second consumer has no tile
-        (129, 1_000, 256, None),  # a row block past the first, a tile past the classes
-        (512, 50_001, 512, None),  # the held rows' widest
-        (300, 7 * 256 + 3, 128, "64,64,64,3"),  # 64-row blocks, three stages
-        (1000, 20_000, 384, "64,256,64,4"),  # 256-class tiles
+        (1, 1, 64, None, False),  # one class: the second consumer has no tile
+        (129, 1_000, 256, None, False),  # a row block past the first, a tile past the classes
+        (512, 50_001, 512, None, False),  # the held rows' widest
+        (300, 7 * 256 + 3, 128, "64,64,64,3", False),  # 64-row blocks, three stages
+        (1000, 20_000, 384, "64,256,64,4", False),  # 256-class tiles
+        (129, 1_000, 256, None, True),  # cosine logits: each class's over its row's norm
+        (512, 50_001, 512, None, True),
     ],
 )
-def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num_classes, dim, tiles, monkeypatch):
+def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(
+    num_rows, num_classes, dim, tiles, cosine, monkeypatch
+):
     """Each consumer's (max, sum of exp) over its alternate tiles of each split, targets left
     out, against float64; then the merged log-sum-exp against float64's over every class."""
     from hydrahead.kernels import filtered, pingpong
@@ -856,14 +860,17 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num
     weight = (torch.randn(num_classes, dim, generator=gen) * 0.05).bfloat16().cuda()
     labels = torch.randint(-1, num_classes, (num_rows,), generator=gen).cuda()  # -1: not a class of the shard
     scale = 8.0
-    assert pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False)
-    stats = pingpong.split_stats(feats, weight, labels, scale).double()
+    inv_norm = weight.float().norm(dim=1).reciprocal() if cosine else None
+    assert pingpong.applies(feats, weight, fp8=False, cosine=cosine, offset=False)
+    stats = pingpong.split_stats(feats, weight, labels, scale, inv_norm).double()
 
     block_g, block_c = pingpong._tiles()[:2]
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     _, splits, per_split = pingpong._grid(num_rows, num_classes, block_g, block_c, programs)
     assert stats.shape == (2, 2 * splits, num_rows)
     logits = scale * feats.double() @ weight.double().t()
+    if cosine:
+        logits *= inv_norm.double()[None, :]
     targets = torch.where(labels >= 0, labels, 0)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     ref_max, ref_sum = consumer_stats(logits, labels, splits, per_split, block_c)
@@ -874,7 +881,7 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num
     assert float(stats[1].t()[~finite].abs().sum()) == 0.0  # a consumer with no class of a row: sum 0
 
     row_max, row_sum, target = filtered.shard_lse(
-        feats, weight, None, labels, scale=scale, target_shift=0.0, cosine=False
+        feats, weight, inv_norm, labels, scale=scale, target_shift=0.0, cosine=cosine
     )
     lse = (row_max.double() + row_sum.double().log()).cpu()
     ref_lse = torch.logsumexp(logits, dim=1).cpu()
@@ -885,19 +892,21 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(num_rows, num
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the ping-pong P kernel runs on sm_90 with Gluon")
 @pytest.mark.parametrize(
-    "num_rows, num_classes, chunk, dim, tiles",
+    "num_rows, num_classes, chunk, dim, tiles, cosine",
     [
-        (1, 1, (0, 1), 64, None),  # one entry
-        (129, 1_000, (0, 1_000), 256, None),  # a row block past the first, a tile past the classes
-        (512, 50_001, (20_000, 45_000), 512, None),  # a chunk inside W (its rows past the chunk are not P's)
-        (300, 3_000, (1_000, 2_999), 128, "64,128,64,4"),  # 64-row blocks, 128-class tiles
+        (1, 1, (0, 1), 64, None, False),  # one entry
+        (129, 1_000, (0, 1_000), 256, None, False),  # a row block past the first, a tile past the classes
+        (512, 50_001, (20_000, 45_000), 512, None, False),  # a chunk inside W (its rows past the chunk are not P's)
+        (300, 3_000, (1_000, 2_999), 128, "64,128,64,4", False),  # 64-row blocks, 128-class tiles
+        (512, 50_001, (20_000, 45_000), 512, None, True),  # cosine: the chunk's own norms
     ],
 )
 def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
-    num_rows, num_classes, chunk, dim, tiles, monkeypatch
+    num_rows, num_classes, chunk, dim, tiles, cosine, monkeypatch
 ):
-    """P = exp(s f·w - lse) · g over a chunk of the classes, every entry rounded to bf16 once;
-    rows with lse +inf (ignored) all zero; nothing written past the chunk's columns."""
+    """P = exp(s f·w - lse) · g over a chunk of the classes (cosine: s f·w / ||w|| and P's
+    column over ||w|| too), every entry rounded to bf16 once; rows with lse +inf (ignored) all
+    zero; nothing written past the chunk's columns."""
     from hydrahead.kernels import pingpong
 
     monkeypatch.setitem(pingpong.ENABLED, "probs", True)  # off by default until this test has run on a GPU
@@ -907,16 +916,21 @@ def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
     feats = torch.randn(num_rows, dim, generator=gen).bfloat16().cuda()
     weight = (torch.randn(num_classes, dim, generator=gen) * 0.05).bfloat16().cuda()
     scale, grad_scale = 8.0, torch.tensor([1.0 / num_rows], device="cuda")
+    inv_norm = weight.float().norm(dim=1).reciprocal() if cosine else None
     logits = scale * feats.double() @ weight.double().t()
+    if cosine:
+        logits *= inv_norm.double()[None, :]
     lse = torch.logsumexp(logits, dim=1)
     lse[::5] = float("inf")  # ignored rows
     c_lo, c_hi = chunk
-    assert pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False, kind="probs")
+    assert pingpong.applies(feats, weight, fp8=False, cosine=cosine, offset=False, kind="probs")
     row_width = (c_hi - c_lo + 7) // 8 * 8 + 8  # 16-byte rows, with columns past the chunk
     padded = torch.full((num_rows, row_width), 7.0, dtype=torch.bfloat16, device="cuda")
     probs = padded[:, : c_hi - c_lo]
-    pingpong.write_probs(probs, feats, weight, lse.float(), grad_scale, scale, c_lo)
+    pingpong.write_probs(probs, feats, weight, lse.float(), grad_scale, scale, c_lo, inv_norm)
     expected = (logits[:, c_lo:c_hi] - lse[:, None]).exp() * grad_scale.double()
+    if cosine:
+        expected *= inv_norm[c_lo:c_hi].double()[None, :]
     assert float((probs.double() - expected).abs().max()) <= float(expected.abs().max()) * 2**-7
     rounded = (probs == expected.bfloat16()).float().mean()
     assert float(rounded) > 0.98  # float32 logits: a few entries round the other way

@@ -14,7 +14,7 @@ _COMPILE = """
 import json, os
 os.environ.pop("TRITON_INTERPRET", None)
 from hydrahead.kernels import pingpong
-compiled = pingpong.compile_for(90, dim=int(os.environ["DIM"]), kind=os.environ["KIND"])
+compiled = pingpong.compile_for(90, dim=int(os.environ["DIM"]), kind=os.environ["KIND"], cosine="COSINE" in os.environ)
 open(os.environ["CUBIN"], "wb").write(compiled.asm["cubin"])
 print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)))
 """
@@ -22,20 +22,23 @@ print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metada
 
 @pytest.mark.skipif(not pingpong.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
 @pytest.mark.parametrize(
-    "kind, dim, tiles",
+    "kind, dim, tiles, cosine",
     [
-        ("lse", 512, None),
-        ("lse", 128, None),
-        ("lse", 384, "64,256,64,4"),
-        ("lse", 512, "128,128,128,3"),
-        ("probs", 512, None),
-        ("probs", 256, "64,128,64,4"),
+        ("lse", 512, None, False),
+        ("lse", 128, None, False),
+        ("lse", 384, "64,256,64,4", False),
+        ("lse", 512, "128,128,128,3", False),
+        ("lse", 512, None, True),  # a column scale a tile
+        ("probs", 512, None, False),
+        ("probs", 256, "64,128,64,4", False),
+        ("probs", 512, None, True),
     ],
 )
-def test_the_pass_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, kind, dim, tiles):
+def test_the_pass_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, kind, dim, tiles, cosine):
     cubin = tmp_path / "pingpong.cubin"
     variable = "HYDRAHEAD_PINGPONG_TILES" if kind == "lse" else "HYDRAHEAD_PINGPONG_PROBS_TILES"
-    compiled = compile_in_subprocess(_COMPILE, cubin, {"DIM": str(dim), "KIND": kind, variable: tiles})
+    env = {"DIM": str(dim), "KIND": kind, variable: tiles, "COSINE": "1" if cosine else None}
+    compiled = compile_in_subprocess(_COMPILE, cubin, env)
     assert int(resource_usage(cubin)["STACK"]) == 0, "spilled registers"
     # both consumers at their count (a 128 x 128 float32 tile is 128 registers a thread), the loader at its own
     counts = warpgroup_register_counts(cubin)
@@ -70,7 +73,8 @@ def test_the_pass_takes_bf16_rows_of_whole_k_slices_and_leaves_the_rest(kind, mo
     assert not takes(dim=768)  # F's rows would not fit beside the ring
     assert not takes(dim=96)  # not a whole number of 64-wide K slices
     assert not takes(dtype=torch.float32, weight_dtype=torch.float32)
-    assert not takes(fp8=True) and not takes(cosine=True) and not takes(offset=True)
+    assert takes(cosine=True)  # a column scale a tile
+    assert not takes(fp8=True) and not takes(offset=True)
     monkeypatch.setitem(pingpong.ENABLED, kind, False)  # HYDRAHEAD_PINGPONG_LSE=0 / _PROBS=0
     assert not takes()
     # on this machine (no sm_90 GPU) the Triton pass runs
@@ -78,7 +82,7 @@ def test_the_pass_takes_bf16_rows_of_whole_k_slices_and_leaves_the_rest(kind, mo
     assert not pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False, kind=kind)
 
 
-def test_bad_operands_of_the_p_kernel_are_refused_before_it_launches():
+def test_bad_operands_of_the_pingpong_kernels_are_refused_before_they_launch():
     feats, weight = torch.empty(64, 512, dtype=torch.bfloat16), torch.empty(1000, 512, dtype=torch.bfloat16)
     lse, scale = torch.zeros(64), torch.ones(1)
     with pytest.raises(ValueError, match="chunk inside W"):  # a chunk past W's classes
@@ -89,6 +93,12 @@ def test_bad_operands_of_the_p_kernel_are_refused_before_it_launches():
         pingpong.write_probs(torch.empty(64, 200), feats, weight, lse, scale, 1.0, 0)
     with pytest.raises(ValueError, match="16-byte rows"):  # rows 2 x 201 bytes apart: no descriptor
         pingpong.write_probs(torch.empty(64, 201, dtype=torch.bfloat16), feats, weight, lse, scale, 1.0, 0)
+    probs = torch.empty(64, 200, dtype=torch.bfloat16)
+    for inv_norm in (torch.ones(200), torch.ones(1000, dtype=torch.bfloat16), torch.ones(2000)[::2]):
+        with pytest.raises(ValueError, match="inv_norm must be a contiguous float32 tensor of one value per class"):
+            pingpong.write_probs(probs, feats, weight, lse, scale, 1.0, 0, inv_norm)  # one per class of W, not of P
+        with pytest.raises(ValueError, match="inv_norm must be"):
+            pingpong.split_stats(feats, weight, torch.zeros(64, dtype=torch.long), 1.0, inv_norm)
 
 
 @pytest.mark.parametrize("kind", ["lse", "probs"])
@@ -117,8 +127,9 @@ def consumer_stats(logits, labels, splits: int, per_split: int, block_c: int):
     return row_max, row_sum
 
 
+@pytest.mark.parametrize("margin_type", ["none", "cosface"])
 @pytest.mark.parametrize("with_update", [False, True])
-def test_the_head_hands_both_passes_to_the_pingpong_kernels_where_they_apply(with_update, monkeypatch):
+def test_the_head_hands_both_passes_to_the_pingpong_kernels_where_they_apply(with_update, margin_type, monkeypatch):
     """With both kernels emulated in torch from the arguments the head gives them (the stats
     in the kernel's layout of two consumers a split, P for each chunk's classes), the step
     follows float64: the hand-off's rows, chunks, log-sum-exp and scales are the right ones."""
@@ -127,18 +138,23 @@ def test_the_head_hands_both_passes_to_the_pingpong_kernels_where_they_apply(wit
 
     calls = []
 
-    def split_stats(feats, weight, labels, scale):
+    def logits_of(feats, rows, scale, inv_norm):
+        logits = scale * feats.double() @ rows.double().t()
+        return logits if inv_norm is None else logits * inv_norm.double()[None, :]
+
+    def split_stats(feats, weight, labels, scale, inv_norm=None):
         block_g, block_c = pingpong._tiles("lse")[:2]
         _, splits, per_split = pingpong._grid(feats.shape[0], weight.shape[0], block_g, block_c, programs=4)
-        logits = scale * feats.double() @ weight.double().t()
+        logits = logits_of(feats, weight, scale, inv_norm)
         row_max, row_sum = consumer_stats(logits, labels, splits, per_split, block_c)
         calls.append(("lse", splits))
         return torch.stack([row_max.t(), row_sum.t()]).float()
 
-    def write_probs(probs, feats, weight, lse, grad_scale, scale, chunk_lo):
-        rows = weight[chunk_lo : chunk_lo + probs.shape[1]]
-        logits = scale * feats.double() @ rows.double().t()
-        probs.copy_((logits - lse.double()[:, None]).exp() * grad_scale.double())
+    def write_probs(probs, feats, weight, lse, grad_scale, scale, chunk_lo, inv_norm=None):
+        chunk = slice(chunk_lo, chunk_lo + probs.shape[1])
+        inv_norm = None if inv_norm is None else inv_norm[chunk]
+        probs_64 = (logits_of(feats, weight[chunk], scale, inv_norm) - lse.double()[:, None]).exp()
+        probs.copy_(probs_64 * grad_scale.double() * (1.0 if inv_norm is None else inv_norm.double()[None, :]))
         calls.append(("probs", chunk_lo, probs.shape[1]))
 
     monkeypatch.setattr(pingpong, "applies", lambda *args, **kwargs: True)
@@ -153,7 +169,8 @@ def test_the_head_hands_both_passes_to_the_pingpong_kernels_where_they_apply(wit
     labels = torch.randint(0, num_classes, (num_rows,), generator=gen)
     labels[::6] = -100  # ignored rows: P is zero there
     f64, w64 = features.double().requires_grad_(), weight.double().requires_grad_()
-    ref = sharded_cross_entropy(f64, w64, labels, 0, scale=2.0, margin=0.0, margin_type="none")
+    margin = 0.2 if margin_type == "cosface" else 0.0
+    ref = sharded_cross_entropy(f64, w64, labels, 0, scale=2.0, margin=margin, margin_type=margin_type)
     ref.backward()
 
     f, w = features.clone().requires_grad_(), weight.clone()
@@ -163,7 +180,7 @@ def test_the_head_hands_both_passes_to_the_pingpong_kernels_where_they_apply(wit
     else:
         update, w = None, w.requires_grad_()
     loss = triton_sharded_cross_entropy(
-        f, w, labels, 0, scale=2.0, margin=0.0, margin_type="none", update=update, exact_kernels="gemm"
+        f, w, labels, 0, scale=2.0, margin=margin, margin_type=margin_type, update=update, exact_kernels="gemm"
     )
     loss.backward()
     assert calls[0][0] == "lse" and calls[0][1] >= 2  # splits past the first: the merge folds 2 a split

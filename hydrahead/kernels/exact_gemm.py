@@ -482,7 +482,8 @@ class _ProbsPass:
 
         flags = dict(fp8=operand.fp8, cosine=options["cosine"], offset=self.offset is not None, kind="probs")
         if tma and pingpong.applies(feats, weight, **flags):  # the exps beside the products
-            pingpong.write_probs(probs, feats, weight, self.lse, self.grad_scale, options["scale"], c_lo)
+            inv_norm = self.inv_norm if options["cosine"] else None
+            pingpong.write_probs(probs, feats, weight, self.lse, self.grad_scale, options["scale"], c_lo, inv_norm)
         else:
             launch_fitted(kernel, dim, weight.dtype, feats.device, launch, variant)
         block = 1024 if feats.is_cuda else 16

@@ -584,7 +584,8 @@ def shard_lse(
         return stats
 
     if pingpong.applies(feat_op, weight, fp8=fp8, cosine=cosine, offset=logit_offset is not None):
-        stats = pingpong.split_stats(feat_op, weight, local_label, scale)  # the exps beside the products
+        # the exps beside the products
+        stats = pingpong.split_stats(feat_op, weight, local_label, scale, inv_norm if cosine else None)
     else:
         kernel = ("lse_fp8_tma" if fp8 else "filtered_tma") if tma else "filtered"
         variant = ("lse", cosine, fp8, logit_offset is not None)

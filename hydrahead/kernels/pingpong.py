@@ -21,9 +21,9 @@ splits that ``filtered._lse_merge_kernel`` merges: the result is that of the Tri
 with the sum taken in another order. The P kernel writes what the Triton kernel writes for
 bf16 rows (``_fix_targets`` then writes the targets' entries).
 
-What they take: bf16 rows and features, no fp8 row scales, no cosine logits or logit
-offsets, D a multiple of BLOCK_K and at most HELD_DIM (F's rows held in shared memory),
-operands that tensor descriptors can read, an sm_90 GPU (``applies``).
+What they take: bf16 rows and features (cosine logits too: a column scale a tile), no fp8
+row scales or logit offsets, D a multiple of BLOCK_K and at most HELD_DIM (F's rows held in
+shared memory), operands that tensor descriptors can read, an sm_90 GPU (``applies``).
 HYDRAHEAD_PINGPONG_LSE=0 turns the LSE pass off; the P kernel is off unless
 HYDRAHEAD_PINGPONG_PROBS=1 (not yet run on a GPU).
 """
@@ -147,8 +147,8 @@ if GLUON:
 
     @gluon.jit
     def _lse_consumer(
-        which: gl.constexpr, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split,
-        row_factor, NUM_WARPS: gl.constexpr,
+        which: gl.constexpr, f_bufs, w_bufs, bars, label_ptr, inv_norm_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
+        out_split, row_factor, COSINE: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
@@ -164,7 +164,10 @@ if GLUON:
             # the tile's logits, in log2 units, folded into the row's running max and sum; the
             # targets are left out (the merge adds each one's term from its own logit)
             cols = c_lo + t * block_c + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
-            z2 = acc * row_factor
+            if COSINE:  # each class's logits over its weight row's norm
+                z2 = acc * (gl.load(inv_norm_ptr + cols, mask=cols < c_hi, other=0.0) * row_factor)[None, :]
+            else:
+                z2 = acc * row_factor
             z2 = gl.where((label[:, None] == cols[None, :]) | (cols >= c_hi)[None, :], float("-inf"), z2)
             m2_new = gl.maximum(m2, gl.max(z2, axis=1))
             # a row with nothing counted yet keeps -inf: shift by 0 there, so no exp2 sees -inf - -inf
@@ -177,21 +180,17 @@ if GLUON:
 
     @gluon.jit
     def _lse_first(args):
-        _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
-        _lse_consumer(
-            0, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4
-        )
+        _, _, f_bufs, w_bufs, bars, labels, inv, stats, G, row0, c_lo, c_hi, tiles, split, factor, cos = args
+        _lse_consumer(0, f_bufs, w_bufs, bars, labels, inv, stats, G, row0, c_lo, c_hi, tiles, split, factor, cos, 4)
 
     @gluon.jit
     def _lse_second(args):
-        _, _, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor = args
-        _lse_consumer(
-            1, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles, out_split, factor, 4
-        )
+        _, _, f_bufs, w_bufs, bars, labels, inv, stats, G, row0, c_lo, c_hi, tiles, split, factor, cos = args
+        _lse_consumer(1, f_bufs, w_bufs, bars, labels, inv, stats, G, row0, c_lo, c_hi, tiles, split, factor, cos, 4)
 
     @gluon.jit
     def _lse_loading(args):
-        f_desc, w_desc, f_bufs, w_bufs, bars, _, _, _, row0, c_lo, _, num_tiles, _, _ = args
+        f_desc, w_desc, f_bufs, w_bufs, bars, _, _, _, _, row0, c_lo, _, num_tiles, _, _, _ = args
         _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, c_lo, num_tiles)
 
     @gluon.jit
@@ -199,26 +198,29 @@ if GLUON:
         f_desc,
         w_desc,
         label_ptr,
+        inv_norm_ptr,
         stats_ptr,
         G,
         C,
         classes_per_split,
         row_factor,
+        COSINE: gl.constexpr,
         HELD: gl.constexpr,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
         """Program (row block, class split): its rows' (max, sum of exp) over the split's
-        classes, one pair per consumer, at stats[0 / 1, 2 * split + consumer, row]."""
+        classes, one pair per consumer, at stats[0 / 1, 2 * split + consumer, row]. COSINE: each
+        class's logits times inv_norm[class]."""
         f_bufs, w_bufs, bars = _shared(f_desc, w_desc, HELD, STAGES)
         row0 = gl.program_id(0) * f_desc.block_type.shape[0]
         c_lo = gl.program_id(1) * classes_per_split
         c_hi = gl.minimum(c_lo + classes_per_split, C)
         num_tiles = gl.cdiv(c_hi - c_lo, w_desc.block_type.shape[0])
         args = (
-            f_desc, w_desc, f_bufs, w_bufs, bars, label_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
-            2 * gl.program_id(1), row_factor,
+            f_desc, w_desc, f_bufs, w_bufs, bars, label_ptr, inv_norm_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
+            2 * gl.program_id(1), row_factor, COSINE,
         )  # fmt: skip
         gl.warp_specialize(
             [(_lse_first, (args,)), (_lse_second, (args,)), (_lse_loading, (args,))],
@@ -228,8 +230,8 @@ if GLUON:
 
     @gluon.jit
     def _probs_consumer(
-        which: gl.constexpr, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, G, row0, c_lo, num_tiles,
-        row_factor, NUM_WARPS: gl.constexpr,
+        which: gl.constexpr, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr, G, row0, c_lo,
+        width, num_tiles, row_factor, COSINE: gl.constexpr, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
@@ -242,7 +244,12 @@ if GLUON:
         mbarrier.wait(bars[2].index(0), 0)  # F's rows are in
         for t in range(which, num_tiles, 2):
             acc = _tile_logits(gl.zeros([block_g, block_c], gl.float32, layout), f_bufs, w_bufs, bars, t)
-            probs = gl.exp2(acc * row_factor - lse2[:, None]) * grad_scale
+            if COSINE:  # the logits over the classes' norms, and P too (dF = P W: the unit rows' gradient)
+                cols = c_lo + t * block_c + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
+                inv = gl.load(inv_norm_ptr + cols, mask=cols < width, other=0.0)[None, :]  # the chunk's own
+                probs = gl.exp2(acc * row_factor * inv - lse2[:, None]) * (grad_scale * inv)
+            else:
+                probs = gl.exp2(acc * row_factor - lse2[:, None]) * grad_scale
             tma.store_wait(0)  # this consumer's tile before has left the buffer
             tile.store(probs.to(gl.bfloat16))
             fence_async_shared()  # the stores above, before the copy engine reads them
@@ -253,21 +260,21 @@ if GLUON:
 
     @gluon.jit
     def _probs_first(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, _ = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args
         _probs_consumer(
-            0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, 4
+            0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, 4
         )
 
     @gluon.jit
     def _probs_second(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, _ = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args
         _probs_consumer(
-            1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, scale_ptr, G, row0, c_lo, num_tiles, factor, 4
+            1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, 4
         )
 
     @gluon.jit
     def _probs_loading(args):
-        f_desc, w_desc, f_bufs, w_bufs, _, bars, _, _, _, _, row0, c_lo, num_tiles, _, chunk_lo = args
+        f_desc, w_desc, f_bufs, w_bufs, _, bars, _, _, _, _, _, row0, c_lo, _, num_tiles, _, chunk_lo, _ = args
         _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, chunk_lo + c_lo, num_tiles)
 
     @gluon.jit
@@ -277,18 +284,21 @@ if GLUON:
         p_desc,
         lse_ptr,
         grad_scale_ptr,
+        inv_norm_ptr,
         G,
         chunk_lo,
         width,
         classes_per_split,
         row_factor,
+        COSINE: gl.constexpr,
         HELD: gl.constexpr,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
         """Program (row block, class split of the chunk): P over its rows and the split's
-        classes of the chunk [chunk_lo, chunk_lo + width), at P's columns from 0."""
+        classes of the chunk [chunk_lo, chunk_lo + width), at P's columns from 0. COSINE: each
+        class's logits, and its column of P, times inv_norm[class]."""
         f_bufs, w_bufs, bars = _shared(f_desc, w_desc, HELD, STAGES)
         block_g: gl.constexpr = f_desc.block_type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
@@ -297,8 +307,8 @@ if GLUON:
         c_lo = gl.program_id(1) * classes_per_split
         num_tiles = gl.cdiv(gl.minimum(c_lo + classes_per_split, width) - c_lo, block_c)
         args = (
-            f_desc, w_desc, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, G, row0, c_lo, num_tiles,
-            row_factor, chunk_lo,
+            f_desc, w_desc, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr + chunk_lo, G,
+            row0, c_lo, width, num_tiles, row_factor, chunk_lo, COSINE,
         )  # fmt: skip
         gl.warp_specialize(
             [(_probs_first, (args,)), (_probs_second, (args,)), (_probs_loading, (args,))],
@@ -314,7 +324,7 @@ def supported(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: b
     block_k = _tiles(kind)[2]
     return (
         ENABLED[kind]
-        and not (fp8 or cosine or offset)
+        and not (fp8 or offset)
         and feats.dtype == weight.dtype == torch.bfloat16
         and dim % block_k == 0
         and dim <= HELD_DIM
@@ -344,19 +354,33 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _check_inv_norm(inv_norm, weight: torch.Tensor) -> None:
+    if inv_norm is not None and (
+        inv_norm.shape != (weight.shape[0],) or inv_norm.dtype != torch.float32 or not inv_norm.is_contiguous()
+    ):
+        raise ValueError(
+            f"inv_norm must be a contiguous float32 tensor of one value per class ({weight.shape[0]}), "
+            f"got {inv_norm.dtype} {tuple(inv_norm.shape)}"
+        )
+
+
 def _constants(dim: int, tiles) -> dict:
     return dict(HELD=triton.cdiv(dim, tiles[2]), STAGES=tiles[3], CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
 
 
-def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Tensor, scale: float) -> torch.Tensor:
+def split_stats(
+    feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Tensor, scale: float, inv_norm=None
+) -> torch.Tensor:
     """(2, splits, G) float32: per split of the classes, each row's max logit (targets left
-    out) and sum of exp(logit - max), as ``filtered._lse_kernel`` writes them."""
+    out) and sum of exp(logit - max), as ``filtered._lse_kernel`` writes them. ``inv_norm``
+    (cosine logits: float32, one per class): each class's logits times it."""
     num_rows, dim = feats.shape
     if weight.shape[1] != dim or local_label.shape != (num_rows,):
         raise ValueError(
             f"split_stats takes F (G x D), W (C x D) and G labels; got F {tuple(feats.shape)}, "
             f"W {tuple(weight.shape)}, labels {tuple(local_label.shape)}"
         )
+    _check_inv_norm(inv_norm, weight)
     tiles = _tiles("lse")
     block_g, block_c, block_k, _ = tiles
     row_blocks, splits, per_split = _grid(num_rows, weight.shape[0], block_g, block_c, _programs(weight.device))
@@ -365,11 +389,13 @@ def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Te
         _descriptor(feats, [block_g, block_k]),
         _descriptor(weight, [block_c, block_k]),
         local_label,
+        inv_norm if inv_norm is not None else stats,
         stats,
         num_rows,
         weight.shape[0],
         per_split,
         float(scale) * 1.4426950408889634,
+        COSINE=inv_norm is not None,
         **_constants(dim, tiles),
         num_warps=4,
     )
@@ -378,11 +404,13 @@ def split_stats(feats: torch.Tensor, weight: torch.Tensor, local_label: torch.Te
 
 def write_probs(
     probs: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, grad_scale, scale: float,
-    chunk_lo: int,
+    chunk_lo: int, inv_norm=None,
 ) -> None:  # fmt: skip
     """P[:, j] = exp(scale · f · w_{chunk_lo + j} - lse) · grad_scale for the chunk's classes
     j < P's width, every entry (the targets' too, as the Triton kernel writes them); rows whose
-    lse is +inf get 0. ``grad_scale``: a one-element float32 tensor on the device."""
+    lse is +inf get 0. ``grad_scale``: a one-element float32 tensor on the device. ``inv_norm``
+    (cosine logits: float32, one per class of W): each logit times its class's, and P's
+    column j too."""
     num_rows, dim = feats.shape
     width = probs.shape[1]
     if probs.shape[0] != num_rows or weight.shape[1] != dim or chunk_lo + width > weight.shape[0]:
@@ -392,6 +420,7 @@ def write_probs(
         )
     if not _tma_ready(probs) or probs.dtype != torch.bfloat16:
         raise ValueError("write_probs writes bf16 P through a descriptor: unit column stride, 16-byte rows")
+    _check_inv_norm(inv_norm, weight)
     tiles = _tiles("probs")
     block_g, block_c, block_k, _ = tiles
     row_blocks, splits, per_split = _grid(num_rows, width, block_g, block_c, _programs(weight.device))
@@ -401,17 +430,19 @@ def write_probs(
         _descriptor(probs, [block_g, block_c]),
         lse,
         grad_scale,
+        inv_norm if inv_norm is not None else lse,
         num_rows,
         chunk_lo,
         width,
         per_split,
         float(scale) * 1.4426950408889634,
+        COSINE=inv_norm is not None,
         **_constants(dim, tiles),
         num_warps=4,
     )
 
 
-def compile_for(arch: int = 90, dim: int = 512, kind: str = "lse"):
+def compile_for(arch: int = 90, dim: int = 512, kind: str = "lse", cosine: bool = False):
     """A pass compiled for ``arch`` with no GPU present (its cubin, registers and shared
     memory can be read from the result)."""
     from triton.backends.compiler import GPUTarget
@@ -428,14 +459,15 @@ def compile_for(arch: int = 90, dim: int = 512, kind: str = "lse"):
     )
     if kind == "lse":
         fn = _pingpong_lse_kernel
-        signature.update(label_ptr="*i64", stats_ptr="*fp32", G="i32", C="i32")
+        signature.update(label_ptr="*i64", inv_norm_ptr="*fp32", stats_ptr="*fp32", G="i32", C="i32")
     else:
         fn = _pingpong_probs_kernel
         probs = torch.empty(256, 1024, dtype=torch.bfloat16)
         signature.update(p_desc=mangle_type(_descriptor(probs, [block_g, block_c])))
-        signature.update(lse_ptr="*fp32", grad_scale_ptr="*fp32", G="i32", chunk_lo="i32", width="i32")
+        signature.update(lse_ptr="*fp32", grad_scale_ptr="*fp32", inv_norm_ptr="*fp32")
+        signature.update(G="i32", chunk_lo="i32", width="i32")
     signature.update(classes_per_split="i32", row_factor="fp32")
-    constants = _constants(dim, tiles)
+    constants = dict(COSINE=cosine, **_constants(dim, tiles))
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
         GluonASTSource(fn=fn, signature=signature, constexprs=constants),
