@@ -120,6 +120,17 @@ if GLUON:
                 step += 1
 
     @gluon.jit
+    def _as_type(flag: gl.constexpr):
+        """A kernel's flag as the shape of an unused 1 or 2 element shared allocation: a
+        constexpr passed through warp_specialize reaches the partitions as a runtime value (the
+        branch on it then fails to lower on Triton 3.6), a shape stays a constant."""
+        return gl.allocate_shared_memory(gl.int8, [1 + flag], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+
+    @gluon.constexpr_function
+    def _flag(shaped):
+        return shaped.type.shape[0] == 2
+
+    @gluon.jit
     def _shared(f_desc, w_desc, HELD: gl.constexpr, STAGES: gl.constexpr):
         """F's held slices, the ring, and its barriers (ready, empty, F ready, turn), initialised."""
         block_g: gl.constexpr = f_desc.block_type.shape[0]
@@ -148,8 +159,9 @@ if GLUON:
     @gluon.jit
     def _lse_consumer(
         which: gl.constexpr, f_bufs, w_bufs, bars, label_ptr, inv_norm_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
-        out_split, row_factor, COSINE: gl.constexpr, NUM_WARPS: gl.constexpr,
+        out_split, row_factor, cosine_flag, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
+        COSINE: gl.constexpr = _flag(cosine_flag)
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
         layout: gl.constexpr = wgmma_layout(block_c, NUM_WARPS)
@@ -220,7 +232,7 @@ if GLUON:
         num_tiles = gl.cdiv(c_hi - c_lo, w_desc.block_type.shape[0])
         args = (
             f_desc, w_desc, f_bufs, w_bufs, bars, label_ptr, inv_norm_ptr, stats_ptr, G, row0, c_lo, c_hi, num_tiles,
-            2 * gl.program_id(1), row_factor, COSINE,
+            2 * gl.program_id(1), row_factor, _as_type(COSINE),
         )  # fmt: skip
         gl.warp_specialize(
             [(_lse_first, (args,)), (_lse_second, (args,)), (_lse_loading, (args,))],
@@ -231,8 +243,9 @@ if GLUON:
     @gluon.jit
     def _probs_consumer(
         which: gl.constexpr, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr, G, row0, c_lo,
-        width, num_tiles, row_factor, COSINE: gl.constexpr, NUM_WARPS: gl.constexpr,
+        width, num_tiles, row_factor, cosine_flag, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
+        COSINE: gl.constexpr = _flag(cosine_flag)
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
         layout: gl.constexpr = wgmma_layout(block_c, NUM_WARPS)
@@ -308,7 +321,7 @@ if GLUON:
         num_tiles = gl.cdiv(gl.minimum(c_lo + classes_per_split, width) - c_lo, block_c)
         args = (
             f_desc, w_desc, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr + chunk_lo, G,
-            row0, c_lo, width, num_tiles, row_factor, chunk_lo, COSINE,
+            row0, c_lo, width, num_tiles, row_factor, chunk_lo, _as_type(COSINE),
         )  # fmt: skip
         gl.warp_specialize(
             [(_probs_first, (args,)), (_probs_second, (args,)), (_probs_loading, (args,))],
