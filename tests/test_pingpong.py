@@ -93,6 +93,9 @@ def test_bad_operands_of_the_pingpong_kernels_are_refused_before_they_launch():
         pingpong.write_probs(torch.empty(64, 200), feats, weight, lse, scale, 1.0, 0)
     with pytest.raises(ValueError, match="16-byte rows"):  # rows 2 x 201 bytes apart: no descriptor
         pingpong.write_probs(torch.empty(64, 201, dtype=torch.bfloat16), feats, weight, lse, scale, 1.0, 0)
+    last_row_short = torch.empty(63 * 208 + 201, dtype=torch.bfloat16).as_strided((64, 201), (208, 1))
+    with pytest.raises(ValueError, match="last row must reach its width rounded up to 8"):
+        pingpong.write_probs(last_row_short, feats, weight, lse, scale, 1.0, 0)
     probs = torch.empty(64, 200, dtype=torch.bfloat16)
     for inv_norm in (torch.ones(200), torch.ones(1000, dtype=torch.bfloat16), torch.ones(2000)[::2]):
         with pytest.raises(ValueError, match="inv_norm must be a contiguous float32 tensor of one value per class"):

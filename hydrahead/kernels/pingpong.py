@@ -423,7 +423,9 @@ def write_probs(
     j < P's width, every entry (the targets' too, as the Triton kernel writes them); rows whose
     lse is +inf get 0. ``grad_scale``: a one-element float32 tensor on the device. ``inv_norm``
     (cosine logits: float32, one per class of W): each logit times its class's, and P's
-    column j too."""
+    column j too. The copy engine stores whole 16-byte pieces of a row: where the width is not
+    a multiple of 8, the columns up to the next multiple are written too (the next classes'
+    p), so P's rows must reach that far, as the head's do."""
     num_rows, dim = feats.shape
     width = probs.shape[1]
     if probs.shape[0] != num_rows or weight.shape[1] != dim or chunk_lo + width > weight.shape[0]:
@@ -433,6 +435,9 @@ def write_probs(
         )
     if not _tma_ready(probs) or probs.dtype != torch.bfloat16:
         raise ValueError("write_probs writes bf16 P through a descriptor: unit column stride, 16-byte rows")
+    reach = probs.storage_offset() + (num_rows - 1) * probs.stride(0) + triton.cdiv(width, 8) * 8
+    if num_rows and reach * 2 > probs.untyped_storage().nbytes():
+        raise ValueError("write_probs stores whole 16-byte pieces: P's last row must reach its width rounded up to 8")
     _check_inv_norm(inv_norm, weight)
     tiles = _tiles("probs")
     block_g, block_c, block_k, _ = tiles
