@@ -909,7 +909,7 @@ def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
     zero; nothing written past the chunk's columns rounded up to 16 bytes."""
     from hydrahead.kernels import pingpong
 
-    monkeypatch.setitem(pingpong.ENABLED, "probs", True)  # off by default (HYDRAHEAD_PINGPONG_PROBS=1)
+    monkeypatch.setitem(pingpong.ENABLED, "probs", True)  # at every batch (HYDRAHEAD_PINGPONG_PROBS=1)
     if tiles:
         monkeypatch.setenv("HYDRAHEAD_PINGPONG_PROBS_TILES", tiles)
     gen = torch.Generator().manual_seed(num_rows + num_classes)

@@ -68,7 +68,7 @@ def test_the_pass_takes_bf16_rows_of_whole_k_slices_and_leaves_the_rest(kind, mo
         flags = {"fp8": False, "cosine": False, "offset": False, **flags}
         return pingpong.supported(feats, weight, **flags, kind=kind)
 
-    monkeypatch.setitem(pingpong.ENABLED, kind, True)  # the P kernel: off unless HYDRAHEAD_PINGPONG_PROBS=1
+    monkeypatch.setitem(pingpong.ENABLED, kind, True)  # at every batch (the P kernel: HYDRAHEAD_PINGPONG_PROBS=1)
     assert takes() and takes(dim=64) and takes(dim=384)
     assert not takes(dim=768)  # F's rows would not fit beside the ring
     assert not takes(dim=96)  # not a whole number of 64-wide K slices
@@ -80,6 +80,19 @@ def test_the_pass_takes_bf16_rows_of_whole_k_slices_and_leaves_the_rest(kind, mo
     # on this machine (no sm_90 GPU) the Triton pass runs
     feats, weight = torch.empty(64, 512, dtype=torch.bfloat16), torch.empty(10, 512, dtype=torch.bfloat16)
     assert not pingpong.applies(feats, weight, fp8=False, cosine=False, offset=False, kind=kind)
+
+
+@pytest.mark.parametrize("setting", [None, True, False])  # unset, HYDRAHEAD_PINGPONG_PROBS=1, =0
+def test_the_p_kernel_takes_the_batches_where_it_was_measured_faster(setting, monkeypatch):
+    monkeypatch.setitem(pingpong.ENABLED, "probs", setting)
+    weight = torch.empty(1000, 512, dtype=torch.bfloat16)
+    fewest, most = pingpong.PROBS_BATCHES
+    for rows in (1, 256, fewest - 1, fewest, 768, most, most + 1, 4096):
+        feats = torch.empty(rows, 512, dtype=torch.bfloat16)
+        taken = pingpong.supported(feats, weight, fp8=False, cosine=False, offset=False, kind="probs")
+        assert taken == (fewest <= rows <= most if setting is None else setting), rows
+    monkeypatch.setitem(pingpong.ENABLED, "lse", True)  # the LSE pass: on at every batch (no batch gate)
+    assert pingpong.enabled("lse", 1) and pingpong.enabled("lse", 1 << 16)
 
 
 def test_bad_operands_of_the_pingpong_kernels_are_refused_before_they_launch():

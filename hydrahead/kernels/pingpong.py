@@ -24,9 +24,10 @@ bf16 rows (``_fix_targets`` then writes the targets' entries).
 What they take: bf16 rows and features (cosine logits too: a column scale a tile), no fp8
 row scales or logit offsets, D a multiple of BLOCK_K and at most HELD_DIM (F's rows held in
 shared memory), operands that tensor descriptors can read, an sm_90 GPU (``applies``).
-HYDRAHEAD_PINGPONG_LSE=0 turns the LSE pass off; the P kernel is off unless
-HYDRAHEAD_PINGPONG_PROBS=1 (measured in the step on an H100: 6% faster than the Triton
-kernel at 1,024 rows, no faster at 4,096; docs/kernels.md).
+HYDRAHEAD_PINGPONG_LSE=0 turns the LSE pass off. The P kernel takes batches of 512 to 1,024
+rows (``PROBS_BATCHES``: measured in the step on an H100, 5-7% faster than the Triton kernel
+there, as fast at 256 rows, 1% slower at 4,096; docs/kernels.md);
+HYDRAHEAD_PINGPONG_PROBS=1 or 0 turns it on or off at every batch.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ if GLUON:
 
 ENABLED = {
     "lse": os.environ.get("HYDRAHEAD_PINGPONG_LSE", "1") != "0",
-    # off: no faster than the Triton kernel at 4,096 rows, 6% at 1,024 (docs/kernels.md); =1 turns it on
-    "probs": os.environ.get("HYDRAHEAD_PINGPONG_PROBS", "0") == "1",
+    # None: by the batch (PROBS_BATCHES); HYDRAHEAD_PINGPONG_PROBS=1 or 0: at every batch
+    "probs": {"1": True, "0": False}.get(os.environ.get("HYDRAHEAD_PINGPONG_PROBS", ""), None),
 }
+# The batches at which the P kernel beat the Triton one in the step (one H100): 4.6% of the
+# kernel at 512 x 1M, 7% at 1,024 x 262k, 6% at 1,024 x 1M; at 256 rows as fast (262k) or 1.6%
+# slower (1M), at 4,096 1% slower; between 1,024 and 4,096 rows not measured
+PROBS_BATCHES = (512, 1024)
 # BLOCK_G, BLOCK_C, BLOCK_K, STAGES. F held: 128 KiB at D = 512. The LSE pass's ring: 80 KiB;
 # the P kernel's 64-class tiles leave room for each consumer's 16 KiB tile of P beside a
 # ring of 48 KiB.
@@ -331,13 +336,23 @@ if GLUON:
         )
 
 
+def enabled(kind: str, num_rows: int) -> bool:
+    """Whether the ping-pong pass (``kind``) is on for a batch of ``num_rows``: as
+    ``ENABLED`` says, or for the P kernel by default as ``PROBS_BATCHES`` does."""
+    setting = ENABLED[kind]
+    if setting is None:
+        fewest, most = PROBS_BATCHES
+        return fewest <= num_rows <= most
+    return setting
+
+
 def supported(feats: torch.Tensor, weight: torch.Tensor, *, fp8: bool, cosine: bool, offset: bool, kind="lse") -> bool:
     """Whether the pass (``kind``: "lse" or "probs") implements this work on these operands,
     wherever they live."""
     dim = feats.shape[1]
     block_k = _tiles(kind)[2]
     return (
-        ENABLED[kind]
+        enabled(kind, feats.shape[0])
         and not (fp8 or offset)
         and feats.dtype == weight.dtype == torch.bfloat16
         and dim % block_k == 0
