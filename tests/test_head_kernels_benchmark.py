@@ -189,3 +189,16 @@ def test_a_cosface_run_holds_the_margin_rows_and_refuses_the_others(tmp_path, mo
         assert row["ms"] > 0 and row["loss_rel_err"] < 1e-2  # against the cosface float64 loss: bf16 inputs
     with pytest.raises(SystemExit):
         head_kernels.main(["--dry-run", "--margin-type", "cosface", "--methods", "cce,torch"])
+
+
+def test_the_profiling_helper_refuses_to_run_without_a_gpu_and_takes_only_its_two_targets(capsys):
+    from benchmarks import profile_kernels
+
+    if torch.cuda.is_available():  # pragma: no cover - a GPU machine runs it instead
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as refused:
+        profile_kernels.main(["step", "--shape", "64x16x1000"])
+    assert "no CUDA device" in str(refused.value)
+    with pytest.raises(SystemExit):  # argparse: not one of dw-update, step
+        profile_kernels.main(["lse"])
+    assert "invalid choice" in capsys.readouterr().err
