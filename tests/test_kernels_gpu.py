@@ -901,15 +901,18 @@ def test_the_pingpong_lse_pass_writes_each_consumers_float64_stats(
         (512, 50_001, (20_000, 45_000), 512, None, True),  # cosine: the chunk's own norms
     ],
 )
+@pytest.mark.parametrize("store", ["copy", "direct"])
 def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
-    num_rows, num_classes, chunk, dim, tiles, cosine, monkeypatch
+    num_rows, num_classes, chunk, dim, tiles, cosine, store, monkeypatch
 ):
     """P = exp(s f·w - lse) · g over a chunk of the classes (cosine: s f·w / ||w|| and P's
     column over ||w|| too), every entry rounded to bf16 once; rows with lse +inf (ignored) all
-    zero; nothing written past the chunk's columns rounded up to 16 bytes."""
+    zero; nothing written past the chunk's columns rounded up to 16 bytes (stored from the
+    registers: nothing past the chunk's columns)."""
     from hydrahead.kernels import pingpong
 
     monkeypatch.setitem(pingpong.ENABLED, "probs", True)  # at every batch (HYDRAHEAD_PINGPONG_PROBS=1)
+    monkeypatch.setattr(pingpong, "PROBS_STORE", store)
     if tiles:
         monkeypatch.setenv("HYDRAHEAD_PINGPONG_PROBS_TILES", tiles)
     gen = torch.Generator().manual_seed(num_rows + num_classes)
@@ -938,3 +941,5 @@ def test_the_pingpong_p_kernel_writes_the_float64_softmax_times_the_scale(
     # the copy engine stores whole 16-byte pieces: past the chunk's 16-byte boundary the row is untouched
     # (the head's P rows are that long; measured on an H100, the columns up to it get the next classes' p)
     assert bool((padded[:, (c_hi - c_lo + 7) // 8 * 8 :] == 7.0).all())
+    if store == "direct":
+        assert bool((padded[:, c_hi - c_lo :] == 7.0).all())

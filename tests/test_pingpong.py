@@ -22,22 +22,28 @@ print(json.dumps(dict(shared=compiled.metadata.shared, num_warps=compiled.metada
 
 @pytest.mark.skipif(not pingpong.GLUON or not CUOBJDUMP.exists(), reason="needs Gluon and Triton's NVIDIA tools")
 @pytest.mark.parametrize(
-    "kind, dim, tiles, cosine",
+    "kind, dim, tiles, cosine, store",
     [
-        ("lse", 512, None, False),
-        ("lse", 128, None, False),
-        ("lse", 384, "64,256,64,4", False),
-        ("lse", 512, "128,128,128,3", False),
-        ("lse", 512, None, True),  # a column scale a tile
-        ("probs", 512, None, False),
-        ("probs", 256, "64,128,64,4", False),
-        ("probs", 512, None, True),
+        ("lse", 512, None, False, None),
+        ("lse", 128, None, False, None),
+        ("lse", 384, "64,256,64,4", False, None),
+        ("lse", 512, "128,128,128,3", False, None),
+        ("lse", 512, None, True, None),  # a column scale a tile
+        ("probs", 512, None, False, "copy"),
+        ("probs", 256, "64,128,64,4", False, "copy"),
+        ("probs", 512, None, True, "copy"),
+        ("probs", 512, None, False, "direct"),  # P from the registers: 128-class tiles, no tile of P
+        ("probs", 512, None, True, "direct"),
     ],
 )
-def test_the_pass_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, kind, dim, tiles, cosine):
+def test_the_pass_compiles_for_hopper_within_its_registers_and_shared_memory(
+    tmp_path, kind, dim, tiles, cosine, store, monkeypatch
+):
     cubin = tmp_path / "pingpong.cubin"
     variable = "HYDRAHEAD_PINGPONG_TILES" if kind == "lse" else "HYDRAHEAD_PINGPONG_PROBS_TILES"
     env = {"DIM": str(dim), "KIND": kind, variable: tiles, "COSINE": "1" if cosine else None}
+    env["HYDRAHEAD_PINGPONG_PROBS_STORE"] = store
+    monkeypatch.setattr(pingpong, "PROBS_STORE", store or "copy")  # shared_bytes below, as the child counts it
     compiled = compile_in_subprocess(_COMPILE, cubin, env)
     assert int(resource_usage(cubin)["STACK"]) == 0, "spilled registers"
     # both consumers at their count (a 128 x 128 float32 tile is 128 registers a thread), the loader at its own
@@ -124,6 +130,19 @@ def test_bad_tiles_are_refused_with_what_the_pass_takes(kind, given, monkeypatch
     monkeypatch.setenv(variable, given)
     with pytest.raises(ValueError, match=f"{variable} takes BLOCK_G,BLOCK_C,BLOCK_K,STAGES"):
         pingpong._tiles(kind)
+
+
+def test_the_p_kernel_store_is_copy_or_direct_with_the_tiles_each_takes(monkeypatch):
+    monkeypatch.delenv("HYDRAHEAD_PINGPONG_PROBS_TILES", raising=False)
+    monkeypatch.setattr(pingpong, "PROBS_STORE", "copy")
+    assert pingpong._tiles("probs") == pingpong.TILES["probs"]
+    monkeypatch.setattr(pingpong, "PROBS_STORE", "direct")
+    assert pingpong._tiles("probs") == pingpong.DIRECT_TILES == pingpong._tiles("lse")
+    # no tiles of P in shared memory: the LSE pass's ring and held rows, the same bytes
+    assert pingpong.shared_bytes(512, kind="probs") == pingpong.shared_bytes(512, kind="lse")
+    monkeypatch.setattr(pingpong, "PROBS_STORE", "tma")
+    with pytest.raises(ValueError, match="HYDRAHEAD_PINGPONG_PROBS_STORE must be copy or direct"):
+        pingpong._tiles("probs")
 
 
 def consumer_stats(logits, labels, splits: int, per_split: int, block_c: int):

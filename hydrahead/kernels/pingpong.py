@@ -13,7 +13,8 @@ consumers   two warpgroups that take alternate class tiles of the program's spli
             chain over D into a BLOCK_G x BLOCK_C float32 tile, then the tile's epilogue:
             LSE pass  folded into that consumer's running (max, sum of exp) per row
             P kernel  P = exp(logit - lse) · grad_scale in bf16, written by the copy engine
-                      from a shared-memory tile of the consumer's own
+                      from a shared-memory tile of the consumer's own, or from its registers
+                      (``PROBS_STORE``)
 
 While one consumer runs its epilogue, the other's products keep the tensor cores busy. In
 the LSE pass each consumer writes its own (max, sum) per row, so a program gives two of the
@@ -59,6 +60,12 @@ PROBS_BATCHES = (512, 1024)
 # the P kernel's 64-class tiles leave room for each consumer's 16 KiB tile of P beside a
 # ring of 48 KiB.
 TILES = {"lse": (128, 128, 64, 5), "probs": (128, 64, 64, 6)}
+# How the P kernel writes P: "copy", from a shared-memory tile by the copy engine (the tiles
+# above), or "direct", from the consumer's registers (HYDRAHEAD_PINGPONG_PROBS_STORE=direct):
+# no tile of P in shared memory, so the LSE pass's 128-class tiles fit, and F's held rows are
+# read from shared memory once for 128 classes instead of 64.
+PROBS_STORE = os.environ.get("HYDRAHEAD_PINGPONG_PROBS_STORE", "copy")
+DIRECT_TILES = (128, 128, 64, 5)
 _TILES_VARIABLE = {"lse": "HYDRAHEAD_PINGPONG_TILES", "probs": "HYDRAHEAD_PINGPONG_PROBS_TILES"}
 HELD_DIM = 512
 CONSUMER_REGS, LOADER_REGS = 232, 40
@@ -71,7 +78,7 @@ def _tiles(kind: str = "lse") -> tuple[int, int, int, int]:
     variable = _TILES_VARIABLE[kind]
     given = os.environ.get(variable)
     if not given:
-        return TILES[kind]
+        return DIRECT_TILES if kind == "probs" and _direct() else TILES[kind]
     try:
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
@@ -91,14 +98,21 @@ def _tiles(kind: str = "lse") -> tuple[int, int, int, int]:
     return tiles
 
 
+def _direct() -> bool:
+    if PROBS_STORE not in ("copy", "direct"):
+        raise ValueError(f"HYDRAHEAD_PINGPONG_PROBS_STORE must be copy or direct, got {PROBS_STORE!r}")
+    return PROBS_STORE == "direct"
+
+
 SHARED_LIMIT = 227 * 1024
 
 
 def shared_bytes(dim: int, tiles=None, kind: str = "lse") -> int:
-    """F's held rows, the ring's W slices, the P kernel's two tiles of P, and the barriers."""
+    """F's held rows, the ring's W slices, the P kernel's two tiles of P (stored by the copy
+    engine), and the barriers."""
     block_g, block_c, block_k, stages = tiles or _tiles(kind)
     held = triton.cdiv(dim, block_k)
-    out = 2 * 2 * block_g * block_c if kind == "probs" else 0
+    out = 2 * 2 * block_g * block_c if kind == "probs" and not _direct() else 0
     return 2 * block_g * held * block_k + 2 * stages * block_c * block_k + out + 8 * (2 * stages + 2) + 1024
 
 
@@ -249,9 +263,10 @@ if GLUON:
     @gluon.jit
     def _probs_consumer(
         which: gl.constexpr, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr, G, row0, c_lo,
-        width, num_tiles, row_factor, cosine_flag, NUM_WARPS: gl.constexpr,
+        width, num_tiles, row_factor, cosine_flag, p_ptr, stride_p, direct_flag, NUM_WARPS: gl.constexpr,
     ):  # fmt: skip
         COSINE: gl.constexpr = _flag(cosine_flag)
+        DIRECT: gl.constexpr = _flag(direct_flag)
         block_g: gl.constexpr = f_bufs.type.shape[1]
         block_c: gl.constexpr = w_bufs.type.shape[1]
         layout: gl.constexpr = wgmma_layout(block_c, NUM_WARPS)
@@ -259,7 +274,10 @@ if GLUON:
         # in log2 units; +inf for rows past the batch and ignored rows: p = 0 there
         lse2 = gl.load(lse_ptr + rows, mask=rows < G, other=float("inf")) * 1.4426950408889634
         grad_scale = gl.load(grad_scale_ptr)
-        tile = p_bufs.index(which)
+        if DIRECT:
+            row_at = p_ptr + rows.to(gl.int64)[:, None] * stride_p
+        else:
+            tile = p_bufs.index(which)
         mbarrier.wait(bars[2].index(0), 0)  # F's rows are in
         for t in range(which, num_tiles, 2):
             acc = _tile_logits(gl.zeros([block_g, block_c], gl.float32, layout), f_bufs, w_bufs, bars, t)
@@ -269,31 +287,45 @@ if GLUON:
                 probs = gl.exp2(acc * row_factor * inv - lse2[:, None]) * (grad_scale * inv)
             else:
                 probs = gl.exp2(acc * row_factor - lse2[:, None]) * grad_scale
-            tma.store_wait(0)  # this consumer's tile before has left the buffer
-            tile.store(probs.to(gl.bfloat16))
-            fence_async_shared()  # the stores above, before the copy engine reads them
-            # the descriptor's bounds are the chunk's: rows past the batch and classes past the
-            # chunk are not written
-            _tma_store(p_desc, [row0, c_lo + t * block_c], tile)
-        tma.store_wait(0)
+            if DIRECT:  # from the registers, rows past the batch and classes past the chunk masked off
+                cols = c_lo + t * block_c + gl.arange(0, block_c, layout=gl.SliceLayout(0, layout))
+                inside = (rows < G)[:, None] & (cols < width)[None, :]
+                gl.store(row_at + cols[None, :], probs.to(gl.bfloat16), mask=inside)
+            else:
+                tma.store_wait(0)  # this consumer's tile before has left the buffer
+                tile.store(probs.to(gl.bfloat16))
+                fence_async_shared()  # the stores above, before the copy engine reads them
+                # the descriptor's bounds are the chunk's: rows past the batch and classes past the
+                # chunk are not written
+                _tma_store(p_desc, [row0, c_lo + t * block_c], tile)
+        if not DIRECT:
+            tma.store_wait(0)
 
     @gluon.jit
     def _probs_first(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args[
+            0
+        ]
+        p_ptr, stride_p, direct = args[1]
         _probs_consumer(
-            0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, 4
-        )
+            0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, p_ptr,
+            stride_p, direct, 4,
+        )  # fmt: skip
 
     @gluon.jit
     def _probs_second(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args[
+            0
+        ]
+        p_ptr, stride_p, direct = args[1]
         _probs_consumer(
-            1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, 4
-        )
+            1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, p_ptr,
+            stride_p, direct, 4,
+        )  # fmt: skip
 
     @gluon.jit
     def _probs_loading(args):
-        f_desc, w_desc, f_bufs, w_bufs, _, bars, _, _, _, _, _, row0, c_lo, _, num_tiles, _, chunk_lo, _ = args
+        f_desc, w_desc, f_bufs, w_bufs, _, bars, _, _, _, _, _, row0, c_lo, _, num_tiles, _, chunk_lo, _ = args[0]
         _loader(f_desc, w_desc, f_bufs, w_bufs, bars, row0, chunk_lo + c_lo, num_tiles)
 
     @gluon.jit
@@ -309,7 +341,10 @@ if GLUON:
         width,
         classes_per_split,
         row_factor,
+        p_ptr,
+        stride_p,
         COSINE: gl.constexpr,
+        DIRECT: gl.constexpr,
         HELD: gl.constexpr,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
@@ -317,11 +352,16 @@ if GLUON:
     ):
         """Program (row block, class split of the chunk): P over its rows and the split's
         classes of the chunk [chunk_lo, chunk_lo + width), at P's columns from 0. COSINE: each
-        class's logits, and its column of P, times inv_norm[class]."""
+        class's logits, and its column of P, times inv_norm[class]. DIRECT: P stored from the
+        consumers' registers through ``p_ptr`` (rows ``stride_p`` apart), not by the copy
+        engine through ``p_desc``."""
         f_bufs, w_bufs, bars = _shared(f_desc, w_desc, HELD, STAGES)
         block_g: gl.constexpr = f_desc.block_type.shape[0]
         block_c: gl.constexpr = w_desc.block_type.shape[0]
-        p_bufs = gl.allocate_shared_memory(p_desc.dtype, [2, block_g, block_c], p_desc.layout)
+        if DIRECT:
+            p_bufs = _as_type(False)  # no tiles of P: the consumers do not use it
+        else:
+            p_bufs = gl.allocate_shared_memory(p_desc.dtype, [2, block_g, block_c], p_desc.layout)
         row0 = gl.program_id(0) * block_g
         c_lo = gl.program_id(1) * classes_per_split
         num_tiles = gl.cdiv(gl.minimum(c_lo + classes_per_split, width) - c_lo, block_c)
@@ -329,6 +369,7 @@ if GLUON:
             f_desc, w_desc, f_bufs, w_bufs, p_bufs, bars, p_desc, lse_ptr, grad_scale_ptr, inv_norm_ptr + chunk_lo, G,
             row0, c_lo, width, num_tiles, row_factor, chunk_lo, _as_type(COSINE),
         )  # fmt: skip
+        args = (args, (p_ptr, stride_p, _as_type(DIRECT)))
         gl.warp_specialize(
             [(_probs_first, (args,)), (_probs_second, (args,)), (_probs_loading, (args,))],
             [4, 1],
@@ -441,7 +482,8 @@ def write_probs(
     (cosine logits: float32, one per class of W): each logit times its class's, and P's
     column j too. The copy engine stores whole 16-byte pieces of a row: where the width is not
     a multiple of 8, the columns up to the next multiple are written too (the next classes'
-    p), so P's rows must reach that far, as the head's do."""
+    p), so P's rows must reach that far, as the head's do (``PROBS_STORE`` "direct" writes
+    exactly the width, and is held to the same contract)."""
     num_rows, dim = feats.shape
     width = probs.shape[1]
     if probs.shape[0] != num_rows or weight.shape[1] != dim or chunk_lo + width > weight.shape[0]:
@@ -470,7 +512,10 @@ def write_probs(
         width,
         per_split,
         float(scale) * 1.4426950408889634,
+        probs,
+        probs.stride(0),
         COSINE=inv_norm is not None,
+        DIRECT=_direct(),
         **_constants(dim, tiles),
         num_warps=4,
     )
@@ -502,9 +547,17 @@ def compile_for(arch: int = 90, dim: int = 512, kind: str = "lse", cosine: bool 
         signature.update(G="i32", chunk_lo="i32", width="i32")
     signature.update(classes_per_split="i32", row_factor="fp32")
     constants = dict(COSINE=cosine, **_constants(dim, tiles))
+    aligned = {}
+    if kind == "probs":
+        signature.update(p_ptr="*bf16", stride_p="i32")
+        constants.update(DIRECT=_direct())
+        # as a launch on the head's P specialises: its pointer 16-byte aligned; its row stride, width
+        # and split multiples of 16 (P stored in 4-byte pairs from the registers, not one entry at a time)
+        for name in ("p_ptr", "stride_p", "width", "classes_per_split"):
+            aligned[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in constants})
     return triton.compile(
-        GluonASTSource(fn=fn, signature=signature, constexprs=constants),
+        GluonASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
         target=GPUTarget("cuda", arch, 32),
         options=dict(num_warps=4),
     )
