@@ -292,3 +292,16 @@ def test_the_kernel_takes_df_only_where_the_batch_is_one_k_block(monkeypatch):
         dw_update.fused_dw_update(
             probs, feats, rows, buffer, lr=0.1, momentum=0.9, weight_decay=0.0, features_grad=True
         )
+
+
+@pytest.mark.skipif(not dw_update.GLUON, reason="needs Gluon")
+def test_descriptors_share_one_layout_per_block_and_dtype_and_describe_their_own_tensor():
+    rows = torch.empty(1024, 512, dtype=torch.bfloat16)
+    first = dw_update._descriptor(rows, [128, 64])
+    other = dw_update._descriptor(torch.empty(64, 128, dtype=torch.bfloat16), [128, 64])
+    assert first.layout is other.layout  # built once: most of a descriptor's host time
+    assert first.layout == dw_update.gl.NVMMASharedLayout.get_default_for([128, 64], dw_update.gl.bfloat16)
+    assert (list(first.shape), list(other.shape)) == ([1024, 512], [64, 128]) and first.base is rows
+    fp32 = dw_update._descriptor(torch.empty(256, 512), [128, 64])  # another dtype, another layout
+    assert fp32.layout == dw_update.gl.NVMMASharedLayout.get_default_for([128, 64], dw_update.gl.float32)
+    assert fp32.layout != first.layout

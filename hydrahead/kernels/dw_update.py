@@ -32,6 +32,7 @@ is on by default; HYDRAHEAD_FUSED_DW_UPDATE=0 (``exact_gemm.FUSED_DW_UPDATE``) t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -762,9 +763,15 @@ if GLUON:
         )
 
 
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype: torch.dtype):
+    # built once per block and dtype: two thirds of a descriptor's host time, several a step
+    element = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), element)
+
+
 def _descriptor(tensor: torch.Tensor, block: list[int]):
-    element = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[tensor.dtype]
-    return TensorDescriptor.from_tensor(tensor, block, gl.NVMMASharedLayout.get_default_for(block, element))
+    return TensorDescriptor.from_tensor(tensor, block, _shared_layout(tuple(block), tensor.dtype))
 
 
 def descriptors(probs, feats, rows, buffer, tiles=TILES) -> tuple:
