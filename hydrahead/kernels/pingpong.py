@@ -303,10 +303,9 @@ if GLUON:
 
     @gluon.jit
     def _probs_first(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args[
-            0
-        ]
-        p_ptr, stride_p, direct = args[1]
+        base, store = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = base
+        p_ptr, stride_p, direct = store
         _probs_consumer(
             0, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, p_ptr,
             stride_p, direct, 4,
@@ -314,10 +313,9 @@ if GLUON:
 
     @gluon.jit
     def _probs_second(args):
-        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = args[
-            0
-        ]
-        p_ptr, stride_p, direct = args[1]
+        base, store = args
+        _, _, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, _, cos = base
+        p_ptr, stride_p, direct = store
         _probs_consumer(
             1, f_bufs, w_bufs, p_bufs, bars, p_desc, lse, scale, inv, G, row0, c_lo, width, tiles, factor, cos, p_ptr,
             stride_p, direct, 4,
