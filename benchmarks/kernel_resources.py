@@ -201,13 +201,9 @@ def dw_update_resources(num_rows: int, tile: tuple[int, ...] | None = None, arch
         if saved is not None:
             os.environ["HYDRAHEAD_DW_UPDATE_TILES"] = saved
     regs, spill, counts = _cubin_usage(compiled.asm["cubin"], warpgroup_counts=True)
-    if chosen[4]:
-        parts = dw_update.features_parts(num_rows, chosen)
-        groups = dw_update.partition_registers(parts)
-        mine = [groups["first_consumer"], groups["second_consumer"], groups["loaders"]] + [groups["features"]] * parts
-    else:  # the wide variant: two consumers and the loaders' warpgroup
-        consumer, loader = dw_update.wide_registers(chosen[0] // (2 * dw_update.WIDE_PIECE))
-        mine = [consumer, consumer, loader]
+    parts = dw_update.features_parts(num_rows, chosen) if chosen[4] else 0
+    groups = dw_update.partition_registers(parts)
+    mine = [groups["first_consumer"], groups["second_consumer"], groups["loaders"]] + [groups["features"]] * parts
     return dict(
         kernel="dw_update",
         dtype="bf16",

@@ -669,8 +669,8 @@ def _hopper_with_gluon():
     ],
 )
 @pytest.mark.parametrize(
-    "tiles", [None, "64,64,64,4,4", "64,128,64,4,2", "64,64,64,4,4,384", "128,128,64,6,0", "256,128,64,4,0"]
-)  # None: the batch table's; then F's column held from 384 rows down; the wide variant, one and two pieces
+    "tiles", [None, "64,64,64,4,4", "64,128,64,4,2", "64,64,64,4,4,384", "128,128,64,6,0"]
+)  # None: the batch table's; then F's column held from 384 rows down; the wide variant
 def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs, tiles, monkeypatch):
     """Odd batch and class counts (tiles past the edges), and grids that give each program
     many tiles, against P^T F and SGD in float64, with each tile set the table holds."""

@@ -75,7 +75,6 @@ TILES_BY_BATCH = (
     (768, (64, 128, 64, 4, 2, 0)),
     (1024, (128, 128, 64, 6, 0, 0)),
 )
-WIDE_PIECE = 64  # classes a consumer's wgmma accumulator of the wide variant holds
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
 
@@ -94,17 +93,17 @@ def _tiles(num_rows: int | None = None) -> tuple[int, int, int, int, int, int] |
         tiles = tuple(int(v) for v in given.split(","))
     except ValueError:
         tiles = ()
-    wide = len(tiles) in (5, 6) and tiles[4] == 0  # the wide variant: 128 or 256 classes, D up to 128, no F held
+    wide = len(tiles) in (5, 6) and tiles[4] == 0  # the wide variant: a 128-class tile, D up to 128, no F held
     if (
         len(tiles) not in (5, 6)
         or tiles[3] < 2  # one stage: each slot waits on itself
         or tiles[4] < 0
         or tiles[4] % 2
-        or (wide and (tiles[0] not in (128, 256) or tiles[1] > 128 or tiles[5:] not in ((), (0,))))
+        or (wide and (tiles[0] != 128 or tiles[1] > 128 or tiles[5:] not in ((), (0,))))
     ):
         raise ValueError(
             "HYDRAHEAD_DW_UPDATE_TILES takes BLOCK_C,BLOCK_D,BLOCK_K,STAGES,SLOTS[,HOLD_ROWS] (STAGES 2 or more, "
-            f"SLOTS even; SLOTS 0: the wide variant, BLOCK_C 128 or 256, BLOCK_D up to 128, no F held), got {given!r}"
+            f"SLOTS even; SLOTS 0: the wide variant, BLOCK_C 128, BLOCK_D up to 128, no F held), got {given!r}"
         )
     return tiles + (0,) * (6 - len(tiles))
 
@@ -136,16 +135,6 @@ def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
 
 
 _CONSUMER_REGS, _LOADER_REGS = 232, 40
-# the wide variant with two pieces a consumer: its two accumulators take 128 a thread, so the
-# consumers take 8 more each from the loaders' warpgroup, whose TMA loop needs fewer than 24
-_WIDE_PAIR_REGS = (240, 24)
-
-
-def wide_registers(pieces: int) -> tuple[int, int]:
-    """(consumer, loader) registers a thread of the wide variant with ``pieces`` 64-class pieces a consumer."""
-    return _WIDE_PAIR_REGS if pieces == 2 else (_CONSUMER_REGS, _LOADER_REGS)
-
-
 # A launch's registers are one pool of 64K: its count a thread (rounded down to 8) times its
 # 12 + 4 x dF-partitions warps. Each worker warpgroup then sets its own count, and the first
 # consumer (the default partition) gets what the workers leave. So the second consumer's count
@@ -543,78 +532,33 @@ if GLUON:
                 [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
             )
 
-    # The wide variant for larger batches: both consumers share one tile of BLOCK_C = 128 or
-    # 256 classes (64 or 128 each, as 64-class pieces) x BLOCK_D, so F's slice serves 128 or
-    # 256 classes and P's 128 dims: a third or half fewer slice bytes a weight than 64 x 128
-    # tiles. Its rows and buffer (192 or 384 KiB) do not fit beside the ring, so each consumer
-    # loads a piece's buffer into registers when its tile starts (the products hide the loads)
-    # and stores it from there: no epilogue slots; a second piece's step follows the first's.
+    # The wide variant for larger batches: both consumers share one tile of BLOCK_C = 128
+    # classes (64 each) x BLOCK_D, so F's slice serves 128 classes and P's 128 dims, half the
+    # slice bytes a weight of 64 x 128 tiles. Its rows and buffer (192 KiB at 128 x 128) do
+    # not fit beside the ring, so each consumer loads its half into registers when its tile
+    # starts (the products hide the loads) and stores it from there: no epilogue slots.
 
     @gluon.jit
     def _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
         p_lo, p_hi, f_bufs = rings
         ring_ready, ring_empty = bars
         stages: gl.constexpr = f_bufs.type.shape[0]
-        pieces: gl.constexpr = p_lo.type.shape[0] // stages  # 64-class pieces a consumer
         block_k: gl.constexpr = p_desc.block_type.shape[0]
-        piece: gl.constexpr = p_desc.block_type.shape[1]
+        half: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         step = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            c0 = (tile // tiles_d) * (2 * pieces * piece)
+            c0 = (tile // tiles_d) * (2 * half)
             d0 = (tile % tiles_d) * block_d
             for k in range(k_steps):
                 s = step % stages
                 # both consumers give a slot back (count 2); a fresh barrier passes phase 1
                 mbarrier.wait(ring_empty.index(s), ((step // stages) & 1) ^ 1)
-                mbarrier.expect(ring_ready.index(s), 2 * pieces * p_desc.block_type.nbytes + f_desc.block_type.nbytes)
-                # piece m of a stage at m * stages + s; the second consumer's classes after the first's
-                for m in gl.static_range(pieces):
-                    _tma_load(p_desc, [k * block_k, c0 + m * piece], ring_ready.index(s), p_lo.index(m * stages + s))
-                    at = [k * block_k, c0 + (pieces + m) * piece]
-                    _tma_load(p_desc, at, ring_ready.index(s), p_hi.index(m * stages + s))
+                mbarrier.expect(ring_ready.index(s), 2 * p_desc.block_type.nbytes + f_desc.block_type.nbytes)
+                _tma_load(p_desc, [k * block_k, c0], ring_ready.index(s), p_lo.index(s))
+                _tma_load(p_desc, [k * block_k, c0 + half], ring_ready.index(s), p_hi.index(s))
                 _tma_load(f_desc, [k * block_k, d0], ring_ready.index(s), f_bufs.index(s))
                 step += 1
-
-    @gluon.jit
-    def _pair_products(acc0, acc1, p_bufs, f_bufs, ring, j, k_steps):
-        """The wgmma chains of a consumer's two 64-class pieces of tile ``j``, both from each
-        stage (piece m of stage s at m * stages + s), one stage's products in flight."""
-        ring_ready, ring_empty = ring
-        stages: gl.constexpr = f_bufs.type.shape[0]
-        step = j * k_steps
-        previous = 0
-        for k in range(k_steps):
-            s = step % stages
-            mbarrier.wait(ring_ready.index(s), (step // stages) & 1)
-            b = f_bufs.index(s)
-            first = warpgroup_mma(p_bufs.index(s).permute((1, 0)), b, acc0, is_async=True)
-            second = warpgroup_mma(p_bufs.index(stages + s).permute((1, 0)), b, acc1, is_async=True)
-            acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(first, second))
-            mbarrier.arrive(ring_empty.index(previous), count=1, pred=k > 0)
-            previous = s
-            step += 1
-        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-        mbarrier.arrive(ring_empty.index(previous), count=1)
-        return acc0, acc1
-
-    @gluon.jit
-    def _wide_places(first_class, offs_c, dims, rows_ptr, buf_ptr, C, D, stride_rows, stride_buf):
-        # a piece's rows and buffer entries (64 classes from ``first_class`` x the tile's dims)
-        classes = first_class + offs_c
-        inside = (classes < C)[:, None] & (dims < D)[None, :]
-        at = classes.to(gl.int64)[:, None]
-        return rows_ptr + at * stride_rows + dims[None, :], buf_ptr + at * stride_buf + dims[None, :], inside
-
-    @gluon.jit
-    def _wide_step(acc, buf, row_ptrs, buf_ptrs, inside, lr, momentum, weight_decay):
-        # the product joins the buffer before the rows are loaded: a second piece's accumulator
-        # is live beside this one, and the rows beside both spill
-        buf = momentum * buf + acc
-        w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
-        buf = buf + weight_decay * w
-        gl.store(buf_ptrs, buf, mask=inside)
-        gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=inside)
 
     @gluon.jit
     def _wide_consumer(
@@ -637,35 +581,30 @@ if GLUON:
         NUM_WARPS: gl.constexpr,
     ):
         ring_ready, ring_empty = bars
-        piece: gl.constexpr = p_bufs.type.shape[2]
+        half: gl.constexpr = p_bufs.type.shape[2]
         block_d: gl.constexpr = f_bufs.type.shape[2]
-        pieces: gl.constexpr = p_bufs.type.shape[0] // f_bufs.type.shape[0]
         acc_layout: gl.constexpr = wgmma_layout(block_d, NUM_WARPS)
-        offs_c = gl.arange(0, piece, layout=gl.SliceLayout(1, acc_layout))
+        offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
         offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
         j = 0  # this consumer's count of tiles (each is every tile)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            first_class = (tile // tiles_d) * (2 * pieces * piece) + which * pieces * piece
+            classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
             dims = (tile % tiles_d) * block_d + offs_d
-            places = (rows_ptr, buf_ptr, C, D, stride_rows, stride_buf)
-            row_ptrs, buf_ptrs, inside = _wide_places(first_class, offs_c, dims, *places)
-            # the (first piece's) buffer, two thirds of its bytes, issued now and used after the
-            # products, which hide its latency; the rows after them, where 32 registers more would spill
+            inside = (classes < C)[:, None] & (dims < D)[None, :]
+            at = classes.to(gl.int64)[:, None]
+            row_ptrs = rows_ptr + at * stride_rows + dims[None, :]
+            buf_ptrs = buf_ptr + at * stride_buf + dims[None, :]
+            # the buffer (two thirds of the bytes) issued now and used after the products, which
+            # hide its latency; the rows after them, where 32 registers more would spill
             buf = gl.load(buf_ptrs, mask=inside, other=0.0)
-            if pieces == 1:
-                acc = gl.zeros([piece, block_d], gl.float32, acc_layout)
-                ring = (ring_ready, ring_empty, ring_ready)  # both consumers take every tile: no turns
-                acc = tile_products(acc, p_bufs, f_bufs, ring, j, k_steps, True, True, True, False, False)
-                _wide_step(acc, buf, row_ptrs, buf_ptrs, inside, lr, momentum, weight_decay)
-            else:  # two pieces, 128 classes a consumer: their steps one after the other
-                acc0 = gl.zeros([piece, block_d], gl.float32, acc_layout)
-                acc1 = gl.zeros([piece, block_d], gl.float32, acc_layout)
-                acc0, acc1 = _pair_products(acc0, acc1, p_bufs, f_bufs, (ring_ready, ring_empty), j, k_steps)
-                _wide_step(acc0, buf, row_ptrs, buf_ptrs, inside, lr, momentum, weight_decay)
-                row_ptrs, buf_ptrs, inside = _wide_places(first_class + piece, offs_c, dims, *places)
-                buf = gl.load(buf_ptrs, mask=inside, other=0.0)
-                _wide_step(acc1, buf, row_ptrs, buf_ptrs, inside, lr, momentum, weight_decay)
+            acc = gl.zeros([half, block_d], gl.float32, acc_layout)
+            ring = (ring_ready, ring_empty, ring_ready)  # both consumers take every tile: no turns
+            acc = tile_products(acc, p_bufs, f_bufs, ring, j, k_steps, True, True, True, False, False)
             j += 1
+            w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
+            buf = momentum * buf + (acc + weight_decay * w)
+            gl.store(buf_ptrs, buf, mask=inside)
+            gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=inside)
 
     @gluon.jit
     def _wide_first(
@@ -783,17 +722,15 @@ if GLUON:
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
-        PIECES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         LOADER_REGS: gl.constexpr,
     ):
         block_k: gl.constexpr = p_desc.block_type.shape[0]
-        piece: gl.constexpr = p_desc.block_type.shape[1]
+        half: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         lr = gl.load(lr_ptr)
-        # each consumer's PIECES 64-class slices of P a stage (one consumer's tile half: 64 or 128 classes)
-        p_lo = gl.allocate_shared_memory(p_desc.dtype, [PIECES * STAGES, block_k, piece], p_desc.layout)
-        p_hi = gl.allocate_shared_memory(p_desc.dtype, [PIECES * STAGES, block_k, piece], p_desc.layout)
+        p_lo = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
+        p_hi = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
         f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
         ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ring_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -801,7 +738,7 @@ if GLUON:
             mbarrier.init(ring_ready.index(i), count=1)
             mbarrier.init(ring_empty.index(i), count=2)
         tiles_d = gl.cdiv(D, block_d)
-        num_tiles = gl.cdiv(C, 2 * PIECES * piece) * tiles_d
+        num_tiles = gl.cdiv(C, 2 * half) * tiles_d
         k_steps = gl.cdiv(G, block_k)
         args = (
             p_desc,
@@ -980,7 +917,7 @@ def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, 
     block_c, block_d, block_k, stages = tiles[:4]
     num_tiles = triton.cdiv(rows.shape[0], block_c) * triton.cdiv(rows.shape[1], block_d)
     _dw_update_wide_kernel[(max(1, min(programs, num_tiles)),)](
-        _descriptor(probs, [block_k, WIDE_PIECE]),
+        _descriptor(probs, [block_k, block_c // 2]),
         _descriptor(feats, [block_k, block_d]),
         rows,
         buffer,
@@ -993,8 +930,8 @@ def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, 
         momentum,
         weight_decay,
         stages,
-        block_c // (2 * WIDE_PIECE),
-        *wide_registers(block_c // (2 * WIDE_PIECE)),
+        _CONSUMER_REGS,
+        _LOADER_REGS,
         num_warps=4,
     )
 
@@ -1048,16 +985,14 @@ def _compile_wide(arch, probs, feats, tiles):
     block_c, block_d, block_k, stages = tiles[:4]
     fn = _dw_update_wide_kernel
     signature = dict(
-        p_desc=mangle_type(_descriptor(probs, [block_k, WIDE_PIECE])),
+        p_desc=mangle_type(_descriptor(probs, [block_k, block_c // 2])),
         f_desc=mangle_type(_descriptor(feats, [block_k, block_d])),
         rows_ptr="*bf16",
         buf_ptr="*fp32",
     )
     signature.update(G="i32", C="i32", D="i32", stride_rows="i32", stride_buf="i32")
     signature.update(lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
-    pieces = block_c // (2 * WIDE_PIECE)
-    consumer_regs, loader_regs = wide_registers(pieces)
-    constants = dict(STAGES=stages, PIECES=pieces, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs)
+    constants = dict(STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     # as a launch at D = 512 specialises: pointers 16-byte aligned, D and the strides multiples of 16
     aligned = {
