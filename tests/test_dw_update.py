@@ -39,12 +39,13 @@ def _chosen(tiles, num_rows):
         (None, 1024),
         ("64,64,64,4,4,384", 384),
         ("64,64,64,4,4,768", 768),
-        ("128,128,64,6,0", 1024),
+        ("64,128,64,4,2", 768),
         ("64,64,64,6,4,384", 64),
         ("64,64,128,6,4,384", 128),
     ],
-)  # the table's at 256 (one K block, dF in two partitions) and 1,024 rows; F's column held, six and twelve
-# slices (the most that fit); the wide variant; dF in one partition (a batch of one 64- or 128-row block)
+)  # the table's at 256 (one K block, dF in two partitions) and 1,024 rows (the wide variant); F's
+# column held, six and twelve slices (the most that fit); the 64 x 128 tiles with two slots; dF in one
+# partition (a batch of one 64- or 128-row block)
 def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_memory(tmp_path, tiles, num_rows):
     cubin = tmp_path / "dw_update.cubin"
     env = {"ROWS": str(num_rows), "HYDRAHEAD_DW_UPDATE_TILES": tiles}
@@ -155,8 +156,9 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert case(lr=torch.tensor(0.1))  # read on the device, as a captured step needs
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
     assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
-    # past 1,024 rows the step keeps the product and the update pass (faster at 4,096)
-    assert case(batch=64) and case(batch=768) and case(batch=1024) and not case(batch=1025)
+    # past 4,096 rows the step keeps the product and the update pass (not measured there)
+    assert case(batch=64) and case(batch=768) and case(batch=4096) and not case(batch=4097)
+    assert dw_update._tiles(384) == dw_update._tiles(4096) == dw_update.WIDE_TILES != dw_update._tiles(383)
     assert not case(batch=32)  # below the smallest batch run on a GPU
     # no GPU here: never taken, whatever the step
     rows, probs, feats = torch.zeros(64, 128, dtype=torch.bfloat16), torch.zeros(32, 64), torch.zeros(32, 128)

@@ -93,6 +93,6 @@ def test_the_fused_dw_kernels_warpgroups_get_the_registers_the_host_reckons(tmp_
 
 def test_the_fused_dw_kernels_batches_and_tiles_are_refused_before_anything_compiles():
     done = _run("--kernels", "dw_update", "--rows", "32")
-    assert done.returncode != 0 and "64 to 1024 rows" in done.stderr
+    assert done.returncode != 0 and "64 to 4096 rows" in done.stderr
     done = _run("--kernels", "dw_update", "--dw-tiles", "64,64,64,1,4")
     assert done.returncode != 0 and "STAGES 2 or more" in done.stderr

@@ -665,11 +665,12 @@ def _hopper_with_gluon():
         (64, 1000, 384, 3),  # one K slice a tile
         (577, 520, 128, 7),  # ten K slices, a batch one past a slice
         (1024, 4096, 512, None),  # one program an SM
-        (1100, 640, 128, 5),  # past the table's largest batch
+        (1100, 640, 128, 5),  # 18 K slices, the last holding 12 rows
+        (4100, 200, 128, 3),  # past the table's largest batch
     ],
 )
 @pytest.mark.parametrize(
-    "tiles", [None, "64,64,64,4,4", "64,128,64,4,2", "64,64,64,4,4,384", "128,128,64,6,0"]
+    "tiles", [None, "64,64,64,4,4", "64,128,64,4,2", "64,64,64,4,4,384", "128,128,64,5,0"]
 )  # None: the batch table's; then F's column held from 384 rows down; the wide variant
 def test_the_fused_dw_update_follows_the_float64_step(num_rows, num_classes, dim, programs, tiles, monkeypatch):
     """Odd batch and class counts (tiles past the edges), and grids that give each program
@@ -820,11 +821,11 @@ def test_the_dw_update_benchmark_writes_both_sides_of_each_shape(tmp_path, monke
     from benchmarks import dw_update as bench
 
     monkeypatch.setenv("HYDRAHEAD_RESULTS_DIR", str(tmp_path))
-    bench.main(["--shapes", "256x128x4096,2048x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2"])
+    bench.main(["--shapes", "256x128x4096,8192x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2"])
     rows = json.loads((tmp_path / "dw_update.json").read_text())["rows"]
-    # 256 rows: the pair, the batch table's tiles, the given tiles; 2,048: no table entry
+    # 256 rows: the pair, the batch table's tiles, the given tiles; 8,192: no table entry
     assert [r["shape"] for r in rows].count("256x128x4096") == 3
-    assert [r["shape"] for r in rows].count("2048x128x4096") == 2
+    assert [r["shape"] for r in rows].count("8192x128x4096") == 2
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == r["ms"] / r["floor_ms"] for r in rows)
     # with dF: the pair takes cuBLAS's product, the table's tiles at 256 rows take it inside the kernel
     bench.main(["--shapes", "256x128x4096", "--tiles", "64,128,64,4,2", "--reps", "2", "--features-grad"])

@@ -25,7 +25,7 @@ No dW_c reaches memory: 12 bytes a weight instead of the product's 2 and the upd
 What it takes: bf16 rows, a float32 momentum buffer, round-to-nearest, no Kahan buffer, no
 cosine projection, momentum and weight decay as numbers (the lr may be a device tensor, which
 the kernel reads, as a captured step needs), rows and P whose row strides are multiples
-of 16 bytes, a batch of 64 to 1,024 rows (``TILES_BY_BATCH``), on an sm_90 GPU
+of 16 bytes, a batch of 64 to 4,096 rows (``TILES_BY_BATCH``), on an sm_90 GPU
 (``fused_update_applies``); the gemm path keeps its product and update pass otherwise. It
 is on by default; HYDRAHEAD_FUSED_DW_UPDATE=0 (``exact_gemm.FUSED_DW_UPDATE``) turns it off.
 """
@@ -61,19 +61,20 @@ except (ImportError, AttributeError):  # pragma: no cover - a Triton without the
 BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS = 64, 64, 64, 6, 4  # 176 KiB of shared memory at 256 rows
 HOLD_ROWS = 384  # batches up to this many rows hold F's column in shared memory (0: F rides the ring)
 TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
-# Tiles by batch size, measured on an H100 at 256, 512 and 1,024 rows x 512 x 262k and 1M
-# (docs/kernels.md): 64 x 64 tiles with F held and six stages of P move the small batch's
-# bytes fastest; 64 x 128 tiles read a quarter fewer operand bytes from L2 (P half as
-# often), which wins at 512 rows; at 1,024 the wide variant (128 x 128, shared by both
-# consumers) reads a third fewer again and beats the product and pass, which it loses to at 512.
-# Up to 256 rows the batch is one K block (three stages of P's whole tile), so the kernel also
-# takes dF's product (``takes_features_grad``): 4% less kernel time at 256 x 1M on an H200.
+# Tiles by batch size, measured on an H100 from 256 to 4,096 rows x 512 x 262k and 1M
+# (docs/kernels.md): up to 256 rows the batch is one K block (three stages of P's whole tile),
+# so the kernel also takes dF's product (``takes_features_grad``: 4% less kernel time at 256 x
+# 1M on an H200); then 64 x 64 tiles with F held; from 384 rows the wide variant (128 x 128,
+# shared by both consumers: a third fewer L2 bytes a weight than the 64 x 128 tiles, half
+# fewer than 64 x 64), which beats those and the product and pass at every batch measured from
+# 384 to 4,096 rows since its epilogue moves whole-row vectors (2.70 against 3.10 ms at 512 x
+# 1M, 8.19 against the product and pass's 8.83 at 4,096).
 FEATURES_TILES = (64, 64, 256, 3, 4, 384)
+WIDE_TILES = (128, 128, 64, 5, 0, 0)  # five stages: the accumulators' regrouping takes 64 KiB
 TILES_BY_BATCH = (
     (256, FEATURES_TILES),
-    (384, TILES),
-    (768, (64, 128, 64, 4, 2, 0)),
-    (1024, (128, 128, 64, 6, 0, 0)),
+    (383, TILES),
+    (4096, WIDE_TILES),
 )
 FEWEST_ROWS = 64  # the smallest batch run on a GPU so far: below it, the product and pass
 
@@ -124,7 +125,17 @@ def shared_bytes(tiles, held: int, features_parts: int = 0) -> int:
     f_slices = held or stages
     barriers = 8 * (2 * stages + 2 * slots + 1 + held + 1 + slots * features_parts + 1)
     compiler = 1024  # alignment and scratch: the compiled kernels took 224-256 bytes beyond the rest
-    return 2 * block_k * (stages * block_c + f_slices * block_d) + 6 * slots * block_c * block_d + barriers + compiler
+    regroup = 0
+    if slots == 0:  # the wide variant: the ring's barriers, and each consumer's float32 accumulator
+        barriers = 8 * 2 * stages  # turned into the epilogue's layout through shared memory
+        regroup = 4 * block_c * block_d
+    return (
+        2 * block_k * (stages * block_c + f_slices * block_d)
+        + 6 * slots * block_c * block_d
+        + regroup
+        + barriers
+        + compiler
+    )
 
 
 def _grid(num_tiles: int, tiles_d: int, programs: int, held: int) -> int:
@@ -536,7 +547,10 @@ if GLUON:
     # classes (64 each) x BLOCK_D, so F's slice serves 128 classes and P's 128 dims, half the
     # slice bytes a weight of 64 x 128 tiles. Its rows and buffer (192 KiB at 128 x 128) do
     # not fit beside the ring, so each consumer loads its half into registers when its tile
-    # starts (the products hide the loads) and stores it from there: no epilogue slots.
+    # starts (the products hide the loads) and stores it from there: no epilogue slots. They
+    # move as whole-row vectors, the accumulator regrouped to match through shared memory:
+    # in the accumulator's own layout each load and store reaches eight rows with 8 bytes (the
+    # buffer) or 4 (the rows) a thread, and the kernel was bound by L2 (docs/kernels.md).
 
     @gluon.jit
     def _wide_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps):
@@ -584,8 +598,11 @@ if GLUON:
         half: gl.constexpr = p_bufs.type.shape[2]
         block_d: gl.constexpr = f_bufs.type.shape[2]
         acc_layout: gl.constexpr = wgmma_layout(block_d, NUM_WARPS)
-        offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, acc_layout))
-        offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, acc_layout))
+        # the rows and buffer in whole-row vectors: 16 bytes of the buffer a thread, a warp a
+        # row of the tile (the accumulator's own layout gives 8 and 4 bytes, eight rows a warp)
+        epi_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NUM_WARPS, 1], [1, 0])
+        offs_c = gl.arange(0, half, layout=gl.SliceLayout(1, epi_layout))
+        offs_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, epi_layout))
         j = 0  # this consumer's count of tiles (each is every tile)
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
@@ -601,6 +618,7 @@ if GLUON:
             ring = (ring_ready, ring_empty, ring_ready)  # both consumers take every tile: no turns
             acc = tile_products(acc, p_bufs, f_bufs, ring, j, k_steps, True, True, True, False, False)
             j += 1
+            acc = gl.convert_layout(acc, epi_layout)
             w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
             buf = momentum * buf + (acc + weight_decay * w)
             gl.store(buf_ptrs, buf, mask=inside)

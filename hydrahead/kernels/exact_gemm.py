@@ -56,7 +56,7 @@ from hydrahead.kernels.tiles import block_operand, descriptor_loads, launch_fitt
 
 EXACT_KERNELS = ("auto", "gemm", "stationary")
 # dW_c and the update in one warp-specialised kernel (``dw_update``) where it applies and is
-# faster (batches of 64 to 1,024 rows on sm_90); HYDRAHEAD_FUSED_DW_UPDATE=0 keeps the product and pass.
+# faster (batches of 64 to 4,096 rows on sm_90); HYDRAHEAD_FUSED_DW_UPDATE=0 keeps the product and pass.
 FUSED_DW_UPDATE = os.environ.get("HYDRAHEAD_FUSED_DW_UPDATE", "1") != "0"
 _CHUNK_MIB = 256  # the P chunk's size; HYDRAHEAD_EXACT_CHUNK_MIB overrides it
 _PROGRAMS: dict[tuple, int] = {}  # the persistent P kernel's grid, per compiled variant
