@@ -65,10 +65,10 @@ TILES = (BLOCK_C, BLOCK_D, BLOCK_K, STAGES, SLOTS, HOLD_ROWS)
 # (docs/kernels.md): up to 256 rows the batch is one K block (three stages of P's whole tile),
 # so the kernel also takes dF's product (``takes_features_grad``: 4% less kernel time at 256 x
 # 1M on an H200); then 64 x 64 tiles with F held; from 384 rows the wide variant (128 x 128,
-# shared by both consumers: a third fewer L2 bytes a weight than the 64 x 128 tiles, half
-# fewer than 64 x 64), which beats those and the product and pass at every batch measured from
-# 384 to 4,096 rows since its epilogue moves whole-row vectors (2.70 against 3.10 ms at 512 x
-# 1M, 8.19 against the product and pass's 8.83 at 4,096).
+# shared by both consumers: a third fewer L2 bytes a weight than the 64 x 128 tiles), which
+# beats the other tiles and the product and pass at every batch measured from 384 to 4,096
+# rows since its epilogue moves whole-row vectors (2.70 against 3.10 ms at 512 x 1M, 8.19
+# against the product and pass's 8.83 at 4,096).
 FEATURES_TILES = (64, 64, 256, 3, 4, 384)
 WIDE_TILES = (128, 128, 64, 5, 0, 0)  # five stages: the accumulators' regrouping takes 64 KiB
 TILES_BY_BATCH = (
