@@ -155,7 +155,7 @@ def test_the_fused_kernel_takes_only_the_step_it_implements():
     assert not case(compensation=torch.zeros(64, 128, dtype=torch.bfloat16))
     assert case(lr=torch.tensor(0.1))  # read on the device, as a captured step needs
     assert not case(width=36)  # P's rows 72 bytes apart: no tensor descriptor
-    assert dw_update._tiles(256) != dw_update._tiles(512)  # 64 x 64 tiles, then 64 x 128
+    assert dw_update._tiles(256) != dw_update._tiles(512)  # one K block with dF inside, then the wide variant
     # past 4,096 rows the step keeps the product and the update pass (not measured there)
     assert case(batch=64) and case(batch=768) and case(batch=4096) and not case(batch=4097)
     assert dw_update._tiles(384) == dw_update._tiles(4096) == dw_update.WIDE_TILES != dw_update._tiles(383)
