@@ -1,4 +1,4 @@
-"""A few launches of the head's kernels for a kernel profiler to attach to (no timing here).
+"""A few launches of the head's kernels for a kernel profiler to attach to, or the host time of eager steps.
 
     ncu --kernel-name regex:dw_update_wide --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
@@ -10,8 +10,14 @@
 ``dw-update``: the fused dW-and-SGD kernel alone, twice, on random P, F, rows and a zero
 buffer. ``step``: two exact bf16 head steps (``benchmarks/head_kernels.py``'s ``ours``,
 peaked logits). With C_r = 1M and G = 1,024 a step launches the LSE pass once and the P
-kernel once for each of its 8 class chunks, hence the second command's skip of 9. Needs a
-CUDA GPU.
+kernel once for each of its 8 class chunks, hence the second command's skip of 9.
+
+``host`` (no profiler needed) times the host side of those eager steps, which is exposed
+while the GPU waits at a step's start: for ``--launches`` steps after three warm-up ones,
+the median microseconds from the step's start to entering and leaving the loss's local
+pass, the LSE pass, its launch wrapper and the kernel's dispatch, and the first P chunk's
+launch; then what one
+small torch launch costs first after a host sync and next. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +46,64 @@ def run_dw_update(shape: tuple[int, int, int], launches: int) -> None:
 
 
 def run_step(shape: tuple[int, int, int], launches: int) -> None:
+    step = _head_step(shape)
+    for _ in range(launches):
+        step()
+
+
+def run_host(shape: tuple[int, int, int], steps: int) -> None:
+    import statistics
+    import time
+
+    from hydrahead.kernels import filtered, fused_loss, pingpong
+
+    marks: dict[str, float] = {}
+
+    def timed(owner, name: str, tag: str) -> None:  # the first call of each step
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            marks.setdefault(f"{tag} entered", time.perf_counter())
+            out = inner(*args, **kwargs)
+            marks.setdefault(f"{tag} left", time.perf_counter())
+            return out
+
+        setattr(owner, name, wrapper)
+
+    timed(fused_loss, "_local_pass", "local pass (labels, then the LSE)")
+    timed(filtered, "shard_lse", "LSE pass")
+    timed(pingpong, "split_stats", "its launch wrapper")
+    if pingpong.GLUON:
+        timed(pingpong._pingpong_lse_kernel, "run", "the kernel's dispatch")
+    timed(pingpong, "write_probs", "first P chunk's launch")
+    step = _head_step(shape)
+    for _ in range(3):
+        step()
+    samples = []
+    for _ in range(steps):
+        marks.clear()
+        start = time.perf_counter()
+        step()  # ends with the host's read of the checks: the next one starts on an idle GPU
+        samples.append({tag: (at - start) * 1e6 for tag, at in marks.items()})
+    print(f"host time of the eager step at {'x'.join(map(str, shape))}, median of {steps} steps, us from its start:")
+    for tag in samples[0]:
+        print(f"  {tag:34s} {statistics.median(s[tag] for s in samples if tag in s):8.1f}")
+    small = torch.zeros(16, device="cuda")
+    first, second = [], []
+    for _ in range(50):
+        torch.cuda.synchronize()
+        time.sleep(0.005)
+        t0 = time.perf_counter()
+        small.add_(1)
+        t1 = time.perf_counter()
+        small.add_(1)
+        first.append((t1 - t0) * 1e6)
+        second.append((time.perf_counter() - t1) * 1e6)
+    first, second = statistics.median(first), statistics.median(second)
+    print(f"  one torch launch after a sync: first {first:.1f} us, next {second:.1f}")
+
+
+def _head_step(shape: tuple[int, int, int]):
     args = argparse.Namespace(
         seed=0,
         target_prob=0.25,
@@ -49,23 +113,31 @@ def run_step(shape: tuple[int, int, int], launches: int) -> None:
         grad_filter=head_kernels.CCE_BF16_FILTER,
     )
     problem = head_kernels.make_problem(shape, "peaked", torch.device("cuda"), args)
-    step = head_kernels.build_step("ours", problem, args)
-    for _ in range(launches):
-        step()
+    return head_kernels.build_step("ours", problem, args)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("dw-update", "step"), help="the fused dW kernel alone, or whole head steps")
+    parser.add_argument(
+        "what",
+        choices=("dw-update", "step", "host"),
+        help="the fused dW kernel alone, whole head steps, or the host time of eager steps",
+    )
     parser.add_argument("--shape", default="1024x512x1048576", help="GxDxC_r (default 1024x512x1048576)")
-    parser.add_argument("--launches", type=int, default=2, help="kernel launches or steps (default 2)")
+    parser.add_argument(
+        "--launches", type=int, default=None, help="kernel launches or steps (default 2; host: 40 timed steps)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py runs the GPU kernels: no CUDA device here")
     shape = head_kernels.parse_shape(args.shape)
-    (run_dw_update if args.what == "dw-update" else run_step)(shape, args.launches)
+    if args.what == "host":
+        run_host(shape, args.launches or 40)
+        return
+    launches = args.launches or 2
+    (run_dw_update if args.what == "dw-update" else run_step)(shape, launches)
     torch.cuda.synchronize()
-    print(f"{args.what} at {args.shape}: {args.launches} launches done")
+    print(f"{args.what} at {args.shape}: {launches} launches done")
 
 
 if __name__ == "__main__":

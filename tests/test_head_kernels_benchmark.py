@@ -191,13 +191,14 @@ def test_a_cosface_run_holds_the_margin_rows_and_refuses_the_others(tmp_path, mo
         head_kernels.main(["--dry-run", "--margin-type", "cosface", "--methods", "cce,torch"])
 
 
-def test_the_profiling_helper_takes_only_its_two_targets_and_refuses_to_run_without_a_gpu(capsys, monkeypatch):
+def test_the_profiling_helper_takes_only_its_targets_and_refuses_to_run_without_a_gpu(capsys, monkeypatch):
     from benchmarks import profile_kernels
 
-    with pytest.raises(SystemExit):  # argparse: not one of dw-update, step
+    with pytest.raises(SystemExit):  # argparse: not one of dw-update, step, host
         profile_kernels.main(["lse"])
     assert "invalid choice" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
-    with pytest.raises(SystemExit) as refused:
-        profile_kernels.main(["step", "--shape", "64x16x1000"])
-    assert "no CUDA device" in str(refused.value)
+    for what in ("step", "host"):
+        with pytest.raises(SystemExit) as refused:
+            profile_kernels.main([what, "--shape", "64x16x1000"])
+        assert "no CUDA device" in str(refused.value)
