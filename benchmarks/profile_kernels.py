@@ -16,8 +16,8 @@ kernel once for each of its 8 class chunks, hence the second command's skip of 9
 while the GPU waits at a step's start: for ``--launches`` steps after three warm-up ones,
 the median microseconds from the step's start to entering and leaving the loss's local
 pass, the LSE pass, its launch wrapper and the kernel's dispatch, and the first P chunk's
-launch; then what one
-small torch launch costs first after a host sync and next. Needs a CUDA GPU.
+launch; then what one small torch launch costs first after a host sync and next. Needs a
+CUDA GPU.
 """
 
 from __future__ import annotations
@@ -128,13 +128,15 @@ def main(argv=None) -> None:
         "--launches", type=int, default=None, help="kernel launches or steps (default 2; host: 40 timed steps)"
     )
     args = parser.parse_args(argv)
+    if args.launches is not None and args.launches < 1:
+        parser.error(f"--launches must be at least 1, got {args.launches}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py runs the GPU kernels: no CUDA device here")
     shape = head_kernels.parse_shape(args.shape)
     if args.what == "host":
-        run_host(shape, args.launches or 40)
+        run_host(shape, 40 if args.launches is None else args.launches)
         return
-    launches = args.launches or 2
+    launches = 2 if args.launches is None else args.launches
     (run_dw_update if args.what == "dw-update" else run_step)(shape, launches)
     torch.cuda.synchronize()
     print(f"{args.what} at {args.shape}: {launches} launches done")

@@ -197,6 +197,9 @@ def test_the_profiling_helper_takes_only_its_targets_and_refuses_to_run_without_
     with pytest.raises(SystemExit):  # argparse: not one of dw-update, step, host
         profile_kernels.main(["lse"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile_kernels.main(["host", "--launches", "0"])
+    assert "at least 1" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
     for what in ("step", "host"):
         with pytest.raises(SystemExit) as refused:
