@@ -17,10 +17,17 @@ TOOL = ROOT / "benchmarks" / "kernel_resources.py"
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def _run(*args):
+def _tool_env() -> dict[str, str]:
+    """The tool compiles for real: no interpreter, the repository importable."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=600)
+    return env
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, env=_tool_env(), timeout=600
+    )
 
 
 # Each command line given to the tool's main() in one process (Gluon, which it compiles,
@@ -42,15 +49,20 @@ print(json.dumps(out))
 """
 
 
-def _refusals(*argvs: list[str]) -> list[str | None]:
-    """For each command line: the tool's exit message and stderr, or None if it ran through."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+def _refusals(*argvs: list[str]) -> list[str]:
+    """For each command line, which the tool must refuse: its exit message and stderr."""
     done = subprocess.run(
-        [sys.executable, "-c", _REFUSALS, json.dumps(argvs)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", _REFUSALS, json.dumps(argvs)],
+        capture_output=True,
+        text=True,
+        env=_tool_env(),
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    messages = json.loads(done.stdout.splitlines()[-1])
+    ran = [argv for argv, message in zip(argvs, messages) if message is None]
+    assert not ran, f"not refused: {ran}"
+    return messages
 
 
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton ships no NVIDIA tools")
