@@ -73,11 +73,14 @@ def main(argv=None) -> int:
         return 0
 
     from hydrahead.distributed.setup import destroy_distributed, init_distributed
+    from hydrahead.train.collector import startup_objects_frozen
     from hydrahead.train.trainer import Trainer
 
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        Trainer(cfg, env).train()
+        # the imports out of the full collections' walk (train.gc_every 0 leaves the collector alone)
+        with startup_objects_frozen(cfg.train.gc_every > 0):
+            Trainer(cfg, env).train()
     finally:
         destroy_distributed()
     return 0

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hydrahead.train.collector import startup_objects_frozen
+
 # The ranks are forked from a server process that imported these once, when the first
 # ranks of the session started; without it every rank of every test would import torch and
 # hydrahead anew and tear them down at exit (seconds a rank on a small CI machine). The
@@ -32,7 +34,8 @@ def _entry(fn, rank, world_size, init_method, results, args, environ):
     torch.set_num_threads(1)  # N ranks share the test machine's few cores
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-        out = fn(rank, world_size, *args)
+        with startup_objects_frozen():  # the preloaded imports, as launch/train.py freezes them
+            out = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(out, buf)
         results.put((rank, True, buf.getvalue()))

@@ -433,6 +433,71 @@ def test_triton_head_follows_the_reference_curve(two_rank_run, tmp_path):
         assert fused[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
 
 
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_startup_objects_frozen_hides_what_existed_before_and_collects_what_came_after():
+    """Inside, an object from before the freeze is out of the collector's reach (its cycle
+    outlives a full collection) while the run's own cyclic garbage is collected; on exit the
+    earlier object is collected too. Objects frozen by someone else stay theirs."""
+    import gc
+    import weakref
+
+    from hydrahead.train.collector import startup_objects_frozen
+
+    assert gc.get_freeze_count() == 0
+    before = _Cycle()
+    before_ref = weakref.ref(before)
+    with startup_objects_frozen():
+        assert gc.get_freeze_count() > 0
+        after = _Cycle()
+        after_ref = weakref.ref(after)
+        del before, after
+        gc.collect()
+        assert after_ref() is None, "the run's own cyclic garbage was not collected"
+        assert before_ref() is not None, "an object from before the freeze was walked"
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert before_ref() is None
+    with startup_objects_frozen(enabled=False):
+        assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with startup_objects_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen  # not unfrozen by the inner call
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("gc_every", [50, 0])
+def test_the_trainer_runs_with_the_imports_frozen_unless_the_collector_is_left_alone(monkeypatch, gc_every):
+    import gc
+
+    import hydrahead.distributed.setup as setup
+    import hydrahead.train.trainer as trainer_module
+    from launch import train as train_script  # the repository is on the path (launcher)
+
+    seen = []
+
+    class Recording:
+        def __init__(self, cfg, env):
+            pass
+
+        def train(self):
+            seen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(setup, "init_distributed", lambda backend, timeout: None)
+    monkeypatch.setattr(setup, "destroy_distributed", lambda: None)
+    monkeypatch.setattr(trainer_module, "Trainer", Recording)
+    assert train_script.main([f"train.gc_every={gc_every}"]) == 0
+    assert len(seen) == 1 and (seen[0] > 0) == (gc_every > 0)
+    assert gc.get_freeze_count() == 0
+
+
 def test_step_collector_runs_a_full_collection_every_full_every_steps_and_lets_forks_collect():
     """Between steps, every FULL_EVERY-th collection is a full one; a process forked while the
     collector holds automatic collection off (a data loader worker) collects automatically;

@@ -9,16 +9,22 @@ every ``every`` steps, every generation at each ``FULL_EVERY``-th of those and w
 pauses anyway (evaluation, checkpoint), so that cyclic garbage that outlived a young
 collection does not pile up over a long run. ``every`` 0 leaves Python's automatic
 collection alone. Processes forked meanwhile (data loader workers) collect automatically.
+
+A full collection walks every tracked object, and most of them are the imports' (about
+250,000 functions, classes and dicts after torch's and hydrahead's: 0.12 s a collection on
+a CI core). ``startup_objects_frozen`` moves those out of the collector's sight for the run
+(``gc.freeze``), so the full collections walk what the run itself made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
 from hydrahead.checks import check_int
 
-__all__ = ["FULL_EVERY", "StepGarbageCollector"]
+__all__ = ["FULL_EVERY", "StepGarbageCollector", "startup_objects_frozen"]
 
 FULL_EVERY = 20  # every 20th collection between steps is a full one (every 1,000 steps at every=50)
 _holding = [0]  # collectors in this process that hold automatic collection off
@@ -31,6 +37,23 @@ def _enable_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_enable_in_child)
+
+
+@contextlib.contextmanager
+def startup_objects_frozen(enabled: bool = True):
+    """Everything the collector tracks on entry (the imports, before the run builds anything)
+    frozen until exit. Frozen objects are never collected, so this must come before the run
+    makes objects that may later become cyclic garbage (a replaced index, a model); on exit
+    they are handed back, and the interpreter's shutdown collects them as usual. Where objects
+    are frozen already, whoever froze them undoes it, and this does nothing."""
+    if not enabled or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class StepGarbageCollector:
