@@ -176,7 +176,7 @@ def test_grouped_search_above_the_kernels_slots_takes_torch(monkeypatch, second_
     weight = torch.randn(4000, 16, generator=gen, dtype=torch.float64)
     index = make_index("torch", "ivf", nlist=6, nprobe=1, copy_weights=False)
     index.build(weight)
-    queries = weight[index.rows_by_list()[::3]]
+    queries = weight[index.rows_by_list()[::9]]
     monkeypatch.setattr(index_mod, "GROUP_TOPK", "torch")
     want = index.search_by_list_groups(queries, 130, weight)
     want_small = index.search_by_list_groups(queries, 40, weight)
