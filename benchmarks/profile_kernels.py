@@ -18,6 +18,11 @@ the median microseconds from the step's start to entering and leaving the loss's
 pass, the LSE pass, its launch wrapper and the kernel's dispatch, and the first P chunk's
 launch; then what one small torch launch costs first after a host sync and next. Needs a
 CUDA GPU.
+
+``timeline`` profiles three eager steps (``torch.profiler``, host and GPU) and prints, for
+the middle one, every stretch of at least ``--min-gap-us`` in which the GPU ran none of the
+step's kernels, with the host ops that started during it: where a small step waits, and on
+what. The profiler slows the host, so the stretches come out longer than unprofiled.
 """
 
 from __future__ import annotations
@@ -103,6 +108,59 @@ def run_host(shape: tuple[int, int, int], steps: int) -> None:
     print(f"  one torch launch after a sync: first {first:.1f} us, next {second:.1f}")
 
 
+def idle_stretches(kernels, host_ops, min_gap: float, since: float | None = None) -> list[dict]:
+    """Where the GPU ran nothing: ``kernels`` and ``host_ops`` are (start, end, name) on one
+    clock; returns, in order, each stretch of at least ``min_gap`` between one kernel's end
+    (or ``since``, the step's start, for the stretch before the first) and the next kernel's
+    start: its start, length, the kernel that ended it, and the names of the host ops that
+    started inside it."""
+    stretches, busy_until = [], since
+    for start, end, name in sorted(kernels):
+        if busy_until is not None and start - busy_until >= min_gap:
+            inside = [op for op_start, _, op in sorted(host_ops) if busy_until <= op_start < start]
+            stretches.append({"start": busy_until, "length": start - busy_until, "next": name, "host": inside})
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return stretches
+
+
+def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    step = _head_step(shape)
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            with record_function(f"head step {i}"):
+                step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    middle = next(e for e in events if e.name == "head step 1").time_range
+    t0, t1 = middle.start, middle.end  # the step ends with a host read: its kernels lie inside
+
+    def span(e):
+        return (e.time_range.start - t0, e.time_range.end - t0, e.name)
+
+    kernels = [span(e) for e in events if e.device_type.name == "CUDA" and t0 <= e.time_range.start <= t1]
+    host = [
+        span(e)
+        for e in events
+        if e.device_type.name == "CPU"
+        and t0 <= e.time_range.start < t1
+        and e.name.startswith(("aten::", "cuda", "cuLaunch", "autograd::"))
+        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))  # top-level ops only
+    ]
+    busy = sum(end - start for start, end, _ in kernels)
+    print(
+        f"eager step at {'x'.join(map(str, shape))} (profiled): host {t1 - t0:.0f} us, {len(kernels)} kernels "
+        f"busy {busy:.0f} us; GPU idle stretches of {min_gap_us:g} us or more:"
+    )
+    for gap in idle_stretches(kernels, host, min_gap_us, since=0.0):
+        ops = ", ".join(gap["host"][:12]) + (" ..." if len(gap["host"]) > 12 else "")
+        print(f"  at {gap['start']:8.0f} us for {gap['length']:7.0f} us, then {gap['next'][:48]}: {ops}")
+
+
 def _head_step(shape: tuple[int, int, int]):
     args = argparse.Namespace(
         seed=0,
@@ -120,21 +178,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "what",
-        choices=("dw-update", "step", "host"),
-        help="the fused dW kernel alone, whole head steps, or the host time of eager steps",
+        choices=("dw-update", "step", "host", "timeline"),
+        help="the fused dW kernel alone, whole head steps, the host time of eager steps, or where the GPU idles",
     )
     parser.add_argument("--shape", default="1024x512x1048576", help="GxDxC_r (default 1024x512x1048576)")
     parser.add_argument(
         "--launches", type=int, default=None, help="kernel launches or steps (default 2; host: 40 timed steps)"
     )
+    parser.add_argument(
+        "--min-gap-us", type=float, default=20.0, help="timeline: the shortest idle stretch reported (default 20)"
+    )
     args = parser.parse_args(argv)
     if args.launches is not None and args.launches < 1:
         parser.error(f"--launches must be at least 1, got {args.launches}")
+    if args.min_gap_us <= 0:
+        parser.error(f"--min-gap-us must be positive, got {args.min_gap_us}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py runs the GPU kernels: no CUDA device here")
     shape = head_kernels.parse_shape(args.shape)
     if args.what == "host":
         run_host(shape, 40 if args.launches is None else args.launches)
+        return
+    if args.what == "timeline":
+        run_timeline(shape, args.min_gap_us)
         return
     launches = 2 if args.launches is None else args.launches
     (run_dw_update if args.what == "dw-update" else run_step)(shape, launches)

@@ -200,8 +200,32 @@ def test_the_profiling_helper_takes_only_its_targets_and_refuses_to_run_without_
     with pytest.raises(SystemExit):
         profile_kernels.main(["host", "--launches", "0"])
     assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile_kernels.main(["timeline", "--min-gap-us", "0"])
+    assert "positive" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
-    for what in ("step", "host"):
+    for what in ("step", "host", "timeline"):
         with pytest.raises(SystemExit) as refused:
             profile_kernels.main([what, "--shape", "64x16x1000"])
         assert "no CUDA device" in str(refused.value)
+
+
+def test_idle_stretches_are_the_gaps_between_kernels_with_the_host_ops_inside_them():
+    """Kernels that overlap count as one busy span; a gap shorter than the threshold is not
+    reported; host ops are those that started inside a gap, in order."""
+    from benchmarks.profile_kernels import idle_stretches
+
+    kernels = [(310, 400, "probs"), (100, 150, "lse"), (140, 300, "merge"), (160, 200, "fill"), (520, 600, "dw")]
+    host = [
+        (0, 90, "aten::sub"),
+        (305, 306, "cuLaunchKernel"),
+        (410, 430, "aten::add"),
+        (405, 409, "aten::mul"),
+        (530, 540, "aten::late"),
+    ]
+    stretches = idle_stretches(kernels, host, min_gap=20)
+    assert stretches == [{"start": 400, "length": 120, "next": "dw", "host": ["aten::mul", "aten::add"]}]
+    assert [s["next"] for s in idle_stretches(kernels, host, min_gap=10)] == ["probs", "dw"]
+    assert idle_stretches([], host, min_gap=1) == []
+    first = idle_stretches(kernels, host, min_gap=20, since=0)[0]  # from the step's start to its first kernel
+    assert first == {"start": 0, "length": 100, "next": "lse", "host": ["aten::sub"]}
