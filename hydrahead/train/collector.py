@@ -42,8 +42,9 @@ os.register_at_fork(after_in_child=_enable_in_child)
 @contextlib.contextmanager
 def startup_objects_frozen(enabled: bool = True):
     """Everything the collector tracks on entry (the imports, before the run builds anything)
-    frozen until exit. Frozen objects are never collected, so this must come before the run
-    makes objects that may later become cyclic garbage (a replaced index, a model); on exit
+    frozen until exit. The collector never frees a frozen object's cycle (reference counting
+    still frees the rest), so this must come before the run makes objects that may later
+    become cyclic garbage (a replaced index, a model); on exit
     they are handed back, and the interpreter's shutdown collects them as usual. Where objects
     are frozen already, whoever froze them undoes it, and this does nothing."""
     if not enabled or gc.get_freeze_count():
