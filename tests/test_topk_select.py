@@ -117,6 +117,39 @@ def test_candidate_kernel_matches_its_torch_reference(threshold):
     assert int((reference[101:901] < acc.numel()).sum()) == above and (threshold > 0 or above == 700)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_candidate_reference_keeps_each_tensors_first_entries_above_its_threshold(seed):
+    """Against a tensor-by-tensor loop, on fresh inputs: empty tensors, zeros, blocks that
+    fill and blocks that do not."""
+    from hydrahead.kernels.topk_candidates import candidates_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 400, (7,), generator=gen)
+    sizes[seed % 7] = 0
+    acc = torch.randn(int(sizes.sum()), generator=gen)  # fp32, as the exchange's accumulator
+    acc[torch.rand(acc.numel(), generator=gen) < 0.2] = 0.0
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+    caps = torch.randint(1, 60, (7,), generator=gen)
+    cap_starts = torch.cumsum(caps, 0) - caps
+    thresholds = torch.rand(7, generator=gen) * 2
+    thresholds[0] = 0.0  # every nonzero entry of tensor 0
+    total = int(caps.sum())
+    keys_base = torch.repeat_interleave(torch.arange(7), caps) << 32
+    found, keys = candidates_reference(acc, bounds, caps, cap_starts, thresholds, total, keys_base=keys_base)
+    n = acc.numel()
+    expected, expected_keys = [], []
+    for j in range(7):
+        start, end = int(bounds[j]), int(bounds[j + 1])
+        above = [i for i in range(start, end) if acc[i] != 0 and abs(acc[i]) >= thresholds[j]][: int(caps[j])]
+        pad = int(caps[j]) - len(above)
+        expected += above + [n] * pad
+        bits = [int(acc[i].abs().view(torch.int32)) + 1 for i in above]
+        expected_keys += [(j << 32) | b for b in bits] + [j << 32] * pad
+    assert found.tolist() == expected
+    assert keys.tolist() == expected_keys
+    assert candidates_reference(acc, bounds, caps, cap_starts, thresholds, total).tolist() == expected
+
+
 def test_selection_through_the_kernel_equals_the_reference():
     from hydrahead.kernels.topk_candidates import candidates_reference, candidates_triton
 
