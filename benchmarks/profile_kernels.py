@@ -159,6 +159,19 @@ def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     for gap in idle_stretches(kernels, host, min_gap_us, since=0.0):
         ops = ", ".join(gap["host"][:12]) + (" ..." if len(gap["host"]) > 12 else "")
         print(f"  at {gap['start']:8.0f} us for {gap['length']:7.0f} us, then {gap['next'][:48]}: {ops}")
+    print("the step's kernels by GPU time:")
+    for name, (count, total) in kernel_totals(kernels)[:16]:
+        print(f"  {total:8.0f} us {count:4d}x {name[:96]}")
+
+
+def kernel_totals(kernels) -> list[tuple[str, tuple[int, float]]]:
+    """(start, end, name) spans grouped by name: (name, (count, summed length)), longest first."""
+    totals: dict[str, list] = {}
+    for start, end, name in kernels:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += end - start
+    return sorted(((name, (c, t)) for name, (c, t) in totals.items()), key=lambda item: -item[1][1])
 
 
 def _head_step(shape: tuple[int, int, int]):

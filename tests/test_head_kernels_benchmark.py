@@ -229,3 +229,11 @@ def test_idle_stretches_are_the_gaps_between_kernels_with_the_host_ops_inside_th
     assert idle_stretches([], host, min_gap=1) == []
     first = idle_stretches(kernels, host, min_gap=20, since=0)[0]  # from the step's start to its first kernel
     assert first == {"start": 0, "length": 100, "next": "lse", "host": ["aten::sub"]}
+
+
+def test_kernel_totals_sum_each_kernels_launches_longest_first():
+    from benchmarks.profile_kernels import kernel_totals
+
+    kernels = [(0, 10, "fill"), (10, 110, "lse"), (120, 125, "fill"), (130, 180, "probs"), (200, 203, "fill")]
+    assert kernel_totals(kernels) == [("lse", (1, 100)), ("probs", (1, 50)), ("fill", (3, 18))]
+    assert kernel_totals([]) == []
