@@ -40,10 +40,10 @@ TINY = [
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=(), torchrun: bool = False) -> list[str]:
     """The trainer as ``nproc`` ranks: one rank runs the script alone (it forms a world of
-    one); several are forked by spawn_ranks.py from one import of the trainer, with what
-    torchrun sets and without torchrun's own start (together 5 CPU-seconds a launch here),
-    unless the test is about torchrun (``torchrun``) or asks it for something
-    (``torchrun_args``)."""
+    one); several are forked by spawn_ranks.py from one import of the trainer (made once
+    for many launches by a zygote: see environment()), with what torchrun sets and without
+    torchrun's own start (together 5 CPU-seconds a launch here), unless the test is about
+    torchrun (``torchrun``) or asks it for something (``torchrun_args``)."""
     script = [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
     if nproc > 1 and not (torchrun or torchrun_args):
         preload = ["--preload=hydrahead.train.trainer", f"--path={REPO}"]  # train.py imports from REPO
@@ -56,6 +56,7 @@ def environment(faults: str | None = None, threads: int = 1) -> dict:
     # no surrounding launcher's rank variables: a one-rank run must not try to rendezvous
     env = launcher(1, {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"})[1]
     env.pop("HYDRAHEAD_INJECT_FAULT", None)
+    env["HYDRAHEAD_ZYGOTE"] = "1"  # spawn_ranks.py's launches fork from one import (zygote.py)
     if faults:
         env["HYDRAHEAD_INJECT_FAULT"] = faults
     return env

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import zygote
+
 FIRST_PORT, PORTS = 20_000, 12_000  # below Linux's ephemeral range (32768-60999)
 STOP_GRACE_S = 30  # a failed run's other ranks get this long after SIGTERM (torchrun's default)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -129,9 +131,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("script", help="the Python script every rank runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.preload and os.environ.get(zygote.ENABLE) == "1":
+        served = zygote.launch(args.script, args.preload.split(","), args.path, argv)
+        if served is not None:
+            return served
     world = str(args.nproc)
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next_port()), "WORLD_SIZE": world}
     shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

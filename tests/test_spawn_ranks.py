@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +17,12 @@ SPAWN = str(Path(__file__).resolve().parent / "spawn_ranks.py")
 
 RANK_SCRIPT = """
 import json, os, signal, sys, time
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+launcher = os.getppid()
+with open(f"{sys.argv[1]}.pids{os.environ['RANK']}", "w") as f:  # this rank, its launcher, and the zygote's
+    json.dump([os.getpid(), launcher, parent(parent(launcher))], f)
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -32,25 +40,35 @@ if mode != "ok":
 """
 
 
-PRELOADS = ["", "--preload=json,signal"]  # each rank a new interpreter, or forked from the launcher
+# Each rank a new interpreter; forked from the launcher; or the launcher forked from a zygote.
+PRELOADS = ["", "--preload=json,signal", "zygote"]
+ZYGOTE_ENV = {"HYDRAHEAD_ZYGOTE": "1", "HYDRAHEAD_ZYGOTE_IDLE_S": "20"}  # these tests' zygotes go soon
 
 
-def spawn(tmp_path, nproc, mode, preload=""):
+def spawn(tmp_path, nproc, mode, preload="", path=None, out=None):
+    """The ranks write their files as ``out`` (by default under ``tmp_path``) + a suffix."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
+    env = dict(os.environ)
+    for name in ZYGOTE_ENV:
+        env.pop(name, None)
+    if preload == "zygote":
+        preload = "--preload=json,signal" + (f",helper --path={path}" if path else "")
+        env.update(ZYGOTE_ENV)
     return subprocess.Popen(
         [
             sys.executable,
             SPAWN,
             f"--nproc={nproc}",
-            *([preload] if preload else []),
+            *(preload.split(" ") if preload else []),
             str(script),
-            str(tmp_path / "out"),
+            str(out or tmp_path / "out"),
             mode,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
@@ -92,3 +110,56 @@ def test_sigterm_reaches_every_rank(tmp_path, preload):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert all((tmp_path / f"out.term{r}").is_file() for r in range(2))
+
+
+def _pids(tmp_path, rank):
+    return json.loads((tmp_path / f"out.pids{rank}").read_text())
+
+
+def test_a_zygote_serves_launches_until_a_file_it_imported_changes(tmp_path):
+    helper = tmp_path / "lib" / "helper.py"
+    helper.parent.mkdir()
+    helper.write_text("VALUE = 1\n")
+    zygotes = []
+    for value in (1, 1, 22):  # the third launch after helper.py has changed
+        if value != 1:
+            helper.write_text(f"VALUE = {value}\n")
+        run = tmp_path / str(len(zygotes))
+        run.mkdir()
+        proc = spawn(tmp_path, 2, "ok", "zygote", path=helper.parent, out=run / "out")  # one script, one zygote
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        zygotes.append({_pids(run, r)[2] for r in range(2)})
+    assert len(zygotes[0]) == 1 and zygotes[0] == zygotes[1] != zygotes[2]
+
+
+def test_a_killed_client_takes_its_launch_with_it(tmp_path):
+    proc = spawn(tmp_path, 2, "wait", "zygote")
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"out.{r}").is_file() for r in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks, launcher = [_pids(tmp_path, r)[0] for r in range(2)], _pids(tmp_path, 0)[1]
+    assert launcher != proc.pid  # the launch ran in the zygote's fork, not in the client
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{launcher}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone = not os.path.exists(f"/proc/{launcher}")
+    for pid in ranks:  # left running, as a killed launcher's ranks are
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert gone
+
+
+def test_a_zygote_is_shared_only_by_launches_that_import_alike():
+    import zygote
+
+    env = {"PATH": "/bin", "OMP_NUM_THREADS": "1", "PYTEST_CURRENT_TEST": "a"}
+    base = zygote.socket_path("train.py", ["hydrahead"], ["/repo"], env)
+    for name in zygote.RUNTIME_ONLY:  # read only while running
+        assert zygote.socket_path("train.py", ["hydrahead"], ["/repo"], {**env, name: "other"}) == base
+    assert zygote.socket_path("train.py", ["hydrahead"], ["/repo"], {**env, "OMP_NUM_THREADS": "2"}) != base
+    assert zygote.socket_path("train.py", ["hydrahead"], ["/repo"], {**env, "TRITON_INTERPRET": "1"}) != base
+    assert zygote.socket_path("other.py", ["hydrahead"], ["/repo"], env) != base
+    assert zygote.socket_path("train.py", ["hydrahead", "x"], ["/repo"], env) != base
+    assert zygote.socket_path("train.py", ["hydrahead"], ["/elsewhere"], env) != base
