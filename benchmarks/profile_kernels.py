@@ -142,7 +142,12 @@ def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     def span(e):
         return (e.time_range.start - t0, e.time_range.end - t0, e.name)
 
-    kernels = [span(e) for e in events if e.device_type.name == "CUDA" and t0 <= e.time_range.start <= t1]
+    # The steps' own ranges appear on the GPU's track too (user annotations): not kernels.
+    kernels = [
+        span(e)
+        for e in events
+        if e.device_type.name == "CUDA" and t0 <= e.time_range.start <= t1 and not e.name.startswith("head step")
+    ]
     host = [
         span(e)
         for e in events
