@@ -39,15 +39,16 @@ TINY = [
 
 
 def command(run_dir: Path, nproc: int, *overrides: str, torchrun_args=(), torchrun: bool = False) -> list[str]:
-    """The trainer as ``nproc`` ranks: one rank runs the script alone (it forms a world of
-    one); several are forked by spawn_ranks.py from one import of the trainer (made once
-    for many launches by a zygote: see environment()), with what torchrun sets and without
-    torchrun's own start (together 5 CPU-seconds a launch here), unless the test is about
+    """The trainer as ``nproc`` ranks, forked by spawn_ranks.py from one import of the
+    trainer (made once for many launches by a zygote: see environment()): one rank as the
+    script alone (it forms a world of one), several with what torchrun sets and without
+    torchrun's own start (together 5 CPU-seconds a launch here); unless the test is about
     torchrun (``torchrun``) or asks it for something (``torchrun_args``)."""
     script = [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *TINY, *overrides]
-    if nproc > 1 and not (torchrun or torchrun_args):
+    if not (torchrun or torchrun_args):
         preload = ["--preload=hydrahead.train.trainer", f"--path={REPO}"]  # train.py imports from REPO
-        spawn = [str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", *preload]
+        alone = ["--alone"] if nproc == 1 else []  # as `python launch/train.py` runs
+        spawn = [str(REPO / "tests" / "spawn_ranks.py"), f"--nproc={nproc}", *alone, *preload]
         return [sys.executable, *spawn, *script]
     return [sys.executable, *launcher(nproc, {}, torchrun_args)[0], *script]
 

@@ -129,12 +129,20 @@ def main(argv=None) -> int:
         default=[],
         help="with --preload: a folder to import from first, as the script will (its checkout)",
     )
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="one process as `python script` runs it: no torchrun variables, and the launcher's "
+        "exit status is the script's (a signal that ended it ends the launcher too)",
+    )
     parser.add_argument("script", help="the Python script every rank runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.alone and args.nproc != 1:
+        parser.error(f"--alone starts one process, not --nproc={args.nproc}")
     if args.preload and os.environ.get(zygote.ENABLE) == "1":
         served = zygote.launch(args.script, args.preload.split(","), args.path, argv)
         if served is not None:
@@ -142,20 +150,21 @@ def main(argv=None) -> int:
     world = str(args.nproc)
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next_port()), "WORLD_SIZE": world}
     shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+    def variables(rank: int) -> dict:
+        return {} if args.alone else {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+
     if args.preload:
         sys.path[0] = os.path.dirname(os.path.abspath(args.script))  # as the ranks will see it
         sys.path[1:1] = args.path  # a script that puts its checkout first imports from there
         for module in args.preload.split(","):
             importlib.import_module(module)
-        ranks = [
-            _fork_rank(args.script, args.args, {**shared, "RANK": str(r), "LOCAL_RANK": str(r)})
-            for r in range(args.nproc)
-        ]
+        ranks = [_fork_rank(args.script, args.args, variables(r)) for r in range(args.nproc)]
     else:
         ranks = [
             subprocess.Popen(
                 [sys.executable, args.script, *args.args],
-                env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                env={**os.environ, **variables(rank)},
             )
             for rank in range(args.nproc)
         ]
@@ -188,11 +197,23 @@ def main(argv=None) -> int:
                 proc.kill()
                 proc.wait()
     codes = [proc.returncode for proc in ranks]
+    if args.alone:
+        return codes[0]
     if any(codes):
         print(f"spawn_ranks: exit codes of ranks 0-{args.nproc - 1}: {codes}", file=sys.stderr)
         return 1
     return 0
 
 
+def exit_as(code: int) -> None:
+    """Exit with ``code`` as a Popen returncode gives it: a negative one by that signal."""
+    if code < 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_as(main())

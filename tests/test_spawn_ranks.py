@@ -112,6 +112,14 @@ def test_sigterm_reaches_every_rank(tmp_path, preload):
     assert all((tmp_path / f"out.term{r}").is_file() for r in range(2))
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
 def _pids(tmp_path, rank):
     return json.loads((tmp_path / f"out.pids{rank}").read_text())
 
@@ -132,7 +140,7 @@ def test_a_zygote_serves_launches_until_a_file_it_imported_changes(tmp_path):
     assert len(zygotes[0]) == 1 and zygotes[0] == zygotes[1] != zygotes[2]
 
 
-def test_a_killed_client_takes_its_launch_with_it(tmp_path):
+def test_a_killed_client_takes_its_launch_and_ranks_with_it(tmp_path):
     proc = spawn(tmp_path, 2, "wait", "zygote")
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"out.{r}").is_file() for r in range(2)) and time.monotonic() < deadline:
@@ -142,13 +150,13 @@ def test_a_killed_client_takes_its_launch_with_it(tmp_path):
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{launcher}") and time.monotonic() < deadline:
+    while any(_running(pid) for pid in [launcher, *ranks]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    gone = not os.path.exists(f"/proc/{launcher}")
-    for pid in ranks:  # left running, as a killed launcher's ranks are
+    left = [pid for pid in [launcher, *ranks] if _running(pid)]
+    for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert gone
+    assert not left
 
 
 def test_a_zygote_is_shared_only_by_launches_that_import_alike():
@@ -163,3 +171,50 @@ def test_a_zygote_is_shared_only_by_launches_that_import_alike():
     assert zygote.socket_path("other.py", ["hydrahead"], ["/repo"], env) != base
     assert zygote.socket_path("train.py", ["hydrahead", "x"], ["/repo"], env) != base
     assert zygote.socket_path("train.py", ["hydrahead"], ["/elsewhere"], env) != base
+
+
+ALONE_SCRIPT = """
+import os, signal, sys
+print("alone", "RANK" in os.environ, "MASTER_PORT" in os.environ, flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+if sys.argv[1] == "signal":
+    os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("preload", PRELOADS)
+@pytest.mark.parametrize("ending", ["0", "7", "signal"])
+def test_alone_runs_one_process_as_python_does_and_ends_as_it_ends(tmp_path, preload, ending):
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE_SCRIPT)
+    env = {name: value for name, value in os.environ.items() if name not in ZYGOTE_ENV}
+    if preload == "zygote":
+        preload = "--preload=json,signal"
+        env.update(ZYGOTE_ENV)
+    args = [sys.executable, SPAWN, "--nproc=1", "--alone", *([preload] if preload else []), str(script), ending]
+    proc = subprocess.run(args, capture_output=True, text=True, env={**env, "RANK": "5"}, timeout=60)
+    direct = subprocess.run([sys.executable, str(script), ending], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == direct.returncode == {"0": 0, "7": 7, "signal": -signal.SIGTERM}[ending]
+    assert proc.stdout == "alone True False\n"  # the caller's own variables only, none of torchrun's
+    assert proc.stderr == direct.stderr == "to stderr\n"
+
+
+def test_alone_is_one_process():
+    proc = subprocess.run([sys.executable, SPAWN, "--nproc=2", "--alone", "x.py"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--alone starts one process" in proc.stderr
+
+
+def test_a_zygote_ends_with_the_process_that_started_it(tmp_path):
+    """A test session's worker starts the first client; once it has gone, so has the zygote."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, **ZYGOTE_ENV, "HYDRAHEAD_ZYGOTE_IDLE_S": "600"}  # a zygote of its own, not idle soon
+    client = [sys.executable, SPAWN, "--nproc=1", "--preload=json,signal", str(script), str(tmp_path / "out"), "ok"]
+    starter = f"import subprocess, sys; sys.exit(subprocess.run({client!r}).returncode)"
+    assert subprocess.run([sys.executable, "-c", starter], env=env, timeout=60).returncode == 0
+    zygote = _pids(tmp_path, 0)[2]
+    deadline = time.monotonic() + 15
+    while _running(zygote) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(zygote)

@@ -12,7 +12,8 @@ A zygote serves only launches that would have imported the same code the same wa
 key of its socket names the interpreter, the script, the modules and paths to preload,
 and the environment (less the variables only read while running). Before each launch it
 checks that no file it imported has changed since (else it stops, and the client
-imports for itself). It exits after IDLE_EXIT_S without a client.
+imports for itself). It exits after IDLE_EXIT_S without a client, or once the process that
+started the first client has ended (a test session's worker: nothing outlives the tests).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _start_and_connect(path: str, script: str, modules: list[str], paths: list[s
         if conn is not None:
             return conn
         command = [sys.executable, __file__, "--serve", path, "--script", script, "--preload", ",".join(modules)]
+        command += ["--watch", str(os.getppid())]
         command += [f"--path={p}" for p in paths]
         with open(path + ".log", "ab") as log:
             server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
@@ -138,7 +140,7 @@ def _send_message(conn: socket.socket, message: dict) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def serve(path: str, script: str, modules: list[str], paths: list[str]) -> dict:
+def serve(path: str, script: str, modules: list[str], paths: list[str], watch: int | None = None) -> dict:
     """Import, listen, and fork a session for each client. Returns only in a launch forked
     for a client, with the client's request; the server and its sessions exit here."""
     import importlib
@@ -155,13 +157,17 @@ def serve(path: str, script: str, modules: list[str], paths: list[str]) -> dict:
     listener.bind(staging)
     listener.listen(64)
     os.replace(staging, path)  # clients see the socket only once it listens
-    listener.settimeout(IDLE_EXIT_S)
+    listener.settimeout(1.0)
+    last_client = time.monotonic()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped as they end
     while True:
         try:
             conn, _ = listener.accept()
         except TimeoutError:
-            break
+            if time.monotonic() - last_client > IDLE_EXIT_S or (watch is not None and not _alive(watch)):
+                break
+            continue
+        last_client = time.monotonic()
         conn.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -174,6 +180,16 @@ def serve(path: str, script: str, modules: list[str], paths: list[str]) -> dict:
         if os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
             os.unlink(path)
     sys.exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        pass
+    return True
 
 
 def _imported_files() -> dict[str, tuple[int, int]]:
@@ -211,6 +227,8 @@ def _session(conn: socket.socket, imported: dict) -> dict:
                 os.dup2(fd, target)
                 os.close(fd)
             return request
+        with contextlib.suppress(OSError):  # as the launch does itself: whichever comes first
+            os.setpgid(pid, pid)
         for fd in fds:
             os.close(fd)
         _send_message(conn, {"pid": pid})
@@ -220,8 +238,9 @@ def _session(conn: socket.socket, imported: dict) -> dict:
             if launch_ended in ready:
                 _send_message(conn, {"exit": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])})
                 break
-            if not conn.recv(1):  # the client was killed: so is its launch
-                os.kill(pid, signal.SIGKILL)
+            if not conn.recv(1):  # the client was killed: so are its launch and the ranks
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 break
     except BaseException:
@@ -244,6 +263,7 @@ def _imported_files_changed(imported: dict) -> bool:
 
 def become(request: dict) -> None:
     """In a launch forked for a client: take on the client's place and environment."""
+    os.setpgid(0, 0)  # the launch and its ranks: one group, killed together if the client is
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -267,12 +287,13 @@ def main(argv=None) -> None:
     parser.add_argument("--script", required=True, help="the script the ranks run (sys.path[0] is its folder)")
     parser.add_argument("--preload", required=True, help="comma-separated modules to import")
     parser.add_argument("--path", action="append", default=[], help="a folder to import from first")
+    parser.add_argument("--watch", type=int, help="exit once this process has ended")
     args = parser.parse_args(argv)
-    request = serve(args.serve, args.script, args.preload.split(","), args.path)
+    request = serve(args.serve, args.script, args.preload.split(","), args.path, args.watch)
     become(request)
     import spawn_ranks
 
-    sys.exit(spawn_ranks.main(request["argv"]))
+    spawn_ranks.exit_as(spawn_ranks.main(request["argv"]))
 
 
 if __name__ == "__main__":
