@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,3 +219,14 @@ def test_a_zygote_ends_with_the_process_that_started_it(tmp_path):
     while _running(zygote) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(zygote)
+
+
+def test_the_clients_replies_are_read_line_by_line_even_when_they_come_together():
+    """A launch that ends at once: its pid and its exit status reach the client in one read."""
+    import zygote
+
+    mine, theirs = socket.socketpair()
+    theirs.sendall(b'{"pid": 12}\n{"exit": 3}\n{"exit"')  # the last one cut short
+    theirs.close()
+    with mine, mine.makefile("rb") as replies:
+        assert [zygote._read_message(replies) for _ in range(3)] == [{"pid": 12}, {"exit": 3}, None]

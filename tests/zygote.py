@@ -60,12 +60,12 @@ def launch(script: str, modules: list[str], paths: list[str], argv: list[str]) -
     conn = _connect(path) or _start_and_connect(path, script, modules, paths)
     if conn is None:
         return None
-    with conn:
+    with conn, conn.makefile("rb") as replies:  # buffered: both replies may come in one read
         body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
         try:
             socket.send_fds(conn, [len(body).to_bytes(8, "little")], [0, 1, 2])
             conn.sendall(body)
-            reply = _read_message(conn)
+            reply = _read_message(replies)
         except OSError:
             return None
         if reply is None or "pid" not in reply:
@@ -78,7 +78,7 @@ def launch(script: str, modules: list[str], paths: list[str], argv: list[str]) -
 
         for signum in PASSED_ON:
             signal.signal(signum, pass_on)
-        done = _read_message(conn)
+        done = _read_message(replies)
     if done is None:  # the zygote was killed under the launch
         print("spawn_ranks: the zygote running this launch ended before it", file=sys.stderr)
         return 1
@@ -119,15 +119,10 @@ def _start_and_connect(path: str, script: str, modules: list[str], paths: list[s
         return None
 
 
-def _read_message(conn: socket.socket) -> dict | None:
-    """One JSON line; None at end of stream."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
+def _read_message(replies) -> dict | None:
+    """The next JSON line; None at the end of the stream."""
+    line = replies.readline()
+    return json.loads(line) if line.endswith(b"\n") else None
 
 
 def _send_message(conn: socket.socket, message: dict) -> None:
