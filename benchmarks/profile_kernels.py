@@ -123,6 +123,9 @@ def idle_stretches(kernels, host_ops, min_gap: float, since: float | None = None
     return stretches
 
 
+STEP_RANGE = "head step"  # each profiled step's record_function range, numbered
+
+
 def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -132,11 +135,11 @@ def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
-            with record_function(f"head step {i}"):
+            with record_function(f"{STEP_RANGE} {i}"):
                 step()
         torch.cuda.synchronize()
     events = prof.events()
-    middle = next(e for e in events if e.name == "head step 1").time_range
+    middle = next(e for e in events if e.name == f"{STEP_RANGE} 1").time_range
     t0, t1 = middle.start, middle.end  # the step ends with a host read: its kernels lie inside
 
     def span(e):
@@ -146,7 +149,7 @@ def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     kernels = [
         span(e)
         for e in events
-        if e.device_type.name == "CUDA" and t0 <= e.time_range.start <= t1 and not e.name.startswith("head step")
+        if e.device_type.name == "CUDA" and t0 <= e.time_range.start <= t1 and not e.name.startswith(STEP_RANGE)
     ]
     host = [
         span(e)

@@ -148,8 +148,10 @@ def main(argv=None) -> int:
         if served is not None:
             return served
     world = str(args.nproc)
-    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next_port()), "WORLD_SIZE": world}
-    shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    shared = {}  # alone: no rendezvous, so no port to take
+    if not args.alone:
+        shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(next_port()), "WORLD_SIZE": world}
+        shared.update(LOCAL_WORLD_SIZE=world, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
     def variables(rank: int) -> dict:
         return {} if args.alone else {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}

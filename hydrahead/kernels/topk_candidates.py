@@ -40,8 +40,9 @@ def candidates_reference(
 ):
     """The candidates' flat indices, block by block, in index order (torch; any device).
     ``total``: the output's length, sum(caps) (the kernel then reads nothing back; this
-    reference's ``nonzero`` does). With ``keys_base`` (each slot's segment << 32) also their order keys (segment, then
-    |acc| bits + 1; an empty slot's is its base): (indices, keys)."""
+    reference's ``nonzero`` does). With ``keys_base`` (each slot's segment << 32) also
+    their order keys (segment, then |acc| bits + 1; an empty slot's is its base):
+    (indices, keys)."""
     n, device = acc.numel(), acc.device
     segments = starts.numel() - 1
     # Whole-length passes: the per-entry threshold and the test; the rest is over the
