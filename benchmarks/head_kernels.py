@@ -24,6 +24,9 @@ GPU idle while the host launches the backward.
   ours-graph       ours captured once as a CUDA graph and replayed each step (GPU only): the
                    same kernels without the host's launches, the loss's checks read after
                    each replay; against ours, the time the host adds to the step
+  ours-cg          ours with head.cuda_graph (``hydrahead.kernels.graphed``): the library
+                   captures the loss's forward and backward at the second step and replays them
+                   (the first step, which the loss error is measured on, runs eagerly)
   ours-fp8         the gemm path with W stored in fp8 e4m3 (unit-scaled: W / 0.02, logits times
                    0.02): both logit passes on FP8 tensor cores, P written in e5m2 (and
                    transposed), dF and dW by torch._scaled_mm, the update stochastically rounded
@@ -31,6 +34,7 @@ GPU idle while the host launches the backward.
   ours-fp8-graph   ours-fp8 captured the same way (GPU only); its step counter lives on the
                    device and advances after each replay, so each replay draws the rounding
                    bits the plain step of that number draws
+  ours-fp8-cg      ours-fp8 with head.cuda_graph
   ours-fp8-stationary  the stationary kernels on the same fp8 W: A = P W in bf16 (its floor
                    counts that one at the bf16 rate), the update inside the weight kernel
   ours-fp8-filtered  the filtered path on fp8 W: both logit passes on FP8 tensor cores, the
@@ -152,6 +156,14 @@ METHODS = {
         "fused",
         ("hydrahead.kernels",),
     ),
+    "ours-cg": Method(
+        "hydrahead-triton gemm path, head.cuda_graph (SGD in the backward)", "fused", ("hydrahead.kernels",)
+    ),
+    "ours-fp8-cg": Method(
+        "hydrahead-triton fp8 e4m3 W gemm backward, head.cuda_graph (SGD, stochastic rounding)",
+        "fused",
+        ("hydrahead.kernels",),
+    ),
     "ours-fp8-stationary": Method(
         "hydrahead-triton fp8 e4m3 W stationary kernels (fused SGD, stochastic rounding)",
         "fused",
@@ -166,7 +178,17 @@ METHODS = {
     "reference": Method(f"hydrahead-reference chunk {REFERENCE_CHUNK} (dW + torch SGD)", "torch", ("hydrahead.head",)),
     "liger": Method("liger-kernel (dW + torch SGD)", "torch", ("liger_kernel.transformers.functional",), slow=True),
 }
-OURS = ("ours", "ours-stationary", "ours-filtered", "ours-dw", "ours-fp8", "ours-fp8-stationary", "ours-fp8-filtered")
+OURS = (
+    "ours",
+    "ours-stationary",
+    "ours-filtered",
+    "ours-dw",
+    "ours-cg",
+    "ours-fp8",
+    "ours-fp8-cg",
+    "ours-fp8-stationary",
+    "ours-fp8-filtered",
+)
 # The rate each of the four matmuls (logits, P W, recomputed logits, P^T F) runs at. The
 # stationary fp8 kernels run A = P W in bf16: FP8 tensor cores take K-major operands only
 # and the fp8 W tile is D-major there (the gemm path transposes W's chunk for it instead).
@@ -175,6 +197,7 @@ GRAPHED = {"ours-graph": "ours", "ours-fp8-graph": "ours-fp8"}  # captured row -
 MATMUL_DTYPES = {
     "ours-fp8": ("fp8",) * 4,
     "ours-fp8-graph": ("fp8",) * 4,
+    "ours-fp8-cg": ("fp8",) * 4,
     "ours-fp8-stationary": ("fp8", "bf16", "fp8", "fp8"),
     "ours-fp8-filtered": ("fp8",) * 4,
 }
@@ -378,6 +401,11 @@ def build_step(key: str, p: Problem, args):
             exact_kernels = "stationary" if key.endswith("stationary") else "gemm"
             # fresh stochastic-rounding draws every step; in a CUDA graph the counter is a device tensor
             state = {"step": 0, "device_step": torch.zeros(1, dtype=torch.int64, device=p.weight.device)}
+            graphs = None
+            if key.endswith("-cg"):  # the library's own graphs, as train.py runs with head.cuda_graph=true
+                from hydrahead.kernels.graphed import HeadStepGraphs
+
+                graphs = HeadStepGraphs()
 
             def fused_step(*, capture: bool = False):
                 """The step, its loss detached; with ``capture`` (inside a CUDA graph, where
@@ -401,6 +429,7 @@ def build_step(key: str, p: Problem, args):
                     grad_filter=grad_filter,
                     exact_kernels=exact_kernels,
                     checks=checks,
+                    graphs=graphs,
                     **{"scale": scale, **margin},  # cosface: its own scale (unit rows: the storage scale cancels)
                 )
                 loss.backward()  # applies the SGD step to p.weight in place

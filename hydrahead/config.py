@@ -160,6 +160,12 @@ class HeadConfig:
         "below a global batch of 32)",
         ("auto", "gemm", "stationary"),
     )
+    cuda_graph: bool = _key(
+        False,
+        "triton, exact gemm step, one GPU: replay the head's forward and backward (its SGD step included) from "
+        "CUDA graphs captured at the second step of each batch shape, so the host's launches leave the step "
+        "(small global batches wait on them); the same results as without",
+    )
     selection: str = _key(
         "full",
         "classes each shard scores per step: full (all), random (positives + random negatives up to "
@@ -895,6 +901,23 @@ def _check_selection(c: _Checks) -> None:
         "head.fill_correction with head.impl=triton runs on the exact gemm kernels: it needs head.grad_filter=0 and "
         f"head.exact_kernels=gemm (or auto with bf16/fp32 rows); got grad_filter {h.grad_filter}, exact_kernels "
         f"{h.exact_kernels}, weight_dtype {h.weight_dtype}",
+    )
+    c.need(
+        not h.cuda_graph
+        or (c.cfg.head_impl == "triton" and h.grad_filter == 0 and gemm_kernels and h.selection == "full"),
+        "head.cuda_graph replays the exact gemm step over the whole shard: it needs head.impl=triton, "
+        "head.grad_filter=0, head.exact_kernels=gemm (or auto with bf16/fp32 rows) and head.selection=full; got "
+        f"impl {c.cfg.head_impl}, grad_filter {h.grad_filter}, exact_kernels {h.exact_kernels}, weight_dtype "
+        f"{h.weight_dtype}, selection {h.selection}",
+    )
+    c.need(
+        not (h.cuda_graph and c.cfg.comm.overlap),
+        "head.cuda_graph captures the single-call head step; comm.overlap's micro-batches run eagerly: set one of them",
+    )
+    c.need(
+        not h.cuda_graph or c.world_size is None or c.world_size == 1,
+        f"head.cuda_graph runs on a head group of one rank (its all-reduces are not captured); the world has "
+        f"{c.world_size} ranks",
     )
     c.need(  # 4096: hydrahead.optim.deferred_sgd.MAX_LAG (a test holds them equal; this module stays torch-free)
         h.settle_every is None or h.settle_every <= 4096,

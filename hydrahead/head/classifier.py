@@ -132,6 +132,7 @@ class ShardedClassifier(nn.Module):
         kahan_dtype: torch.dtype | None = None,
         unit_scaling: bool = False,
         exact_kernels: str = "auto",
+        cuda_graph: bool = False,
     ):
         super().__init__()
         if impl not in IMPLS:
@@ -157,6 +158,13 @@ class ShardedClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local_classes, embed_dim, dtype=dtype, device=device))
         self.impl, self.momentum, self.weight_decay, self.grad_filter = impl, momentum, weight_decay, grad_filter
         self.exact_kernels = exact_kernels  # how the fused exact step runs (hydrahead.kernels.exact_gemm)
+        if cuda_graph and impl != "triton":
+            raise ValueError(f"cuda_graph replays the fused kernels' step: it needs impl='triton', got {impl!r}")
+        self.step_graphs = None  # the exact step's CUDA graphs (hydrahead.kernels.graphed), with cuda_graph
+        if cuda_graph:
+            from hydrahead.kernels.graphed import HeadStepGraphs
+
+            self.step_graphs = HeadStepGraphs()
         self.lr = 0.0
         self.step = 0  # the optimizer step being taken: keys the stochastic rounding draws
         check_rounding(rounding)
@@ -523,11 +531,14 @@ class ShardedClassifier(nn.Module):
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy
 
+                # graphs for the whole shard only: active rows are copies, new every step
+                graphs = self.step_graphs if self._active is None else None
                 return triton_sharded_cross_entropy(
                     global_features,
                     weight,
                     labels,
                     class_start,
+                    graphs=graphs,
                     **self._loss_options(num_classes, update, checks=checks, logit_offset=logit_offset),
                 )
             return sharded_cross_entropy(

@@ -43,6 +43,7 @@ from hydrahead.distributed.sharded_softmax import (
 )
 from hydrahead.kernels import filtered as filtered_kernels
 from hydrahead.kernels.exact_gemm import exact_backward, resolve_exact_kernels
+from hydrahead.kernels.graphed import HeadStepGraphs
 from hydrahead.kernels.shard_ce import (
     FP8,
     SGDUpdate,
@@ -348,6 +349,7 @@ def triton_sharded_cross_entropy(
     checks: MergeChecks | None = None,
     exact_kernels: str = "auto",
     logit_offset: torch.Tensor | None = None,
+    graphs: HeadStepGraphs | None = None,
 ) -> torch.Tensor:
     """``sharded_cross_entropy`` on the fused kernels (margin types none and cosface).
 
@@ -361,7 +363,9 @@ def triton_sharded_cross_entropy(
     library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm; fp8
     rows below a global batch of ``FP8_GEMM_MIN_ROWS`` take stationary). ``logit_offset``
     (C_r,): a constant added to every logit of each class, after the margin, as for
-    ``sharded_cross_entropy`` (the exact gemm kernels only).
+    ``sharded_cross_entropy`` (the exact gemm kernels only). ``graphs``: a ``HeadStepGraphs``
+    that replays the step from CUDA graphs where it qualifies (``hydrahead.kernels.graphed``;
+    the same results, without the host's launches), eagerly elsewhere.
     Logits never reach global memory whole: the stationary kernels need O(G x D) extra
     memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """
@@ -381,7 +385,8 @@ def triton_sharded_cross_entropy(
     if num_classes is not None and checks is None:  # with checks: a label no shard owns fails them, no host read
         check_label_range(labels, ignore_index, num_classes)
     logit_offset = _offset_operand(logit_offset, weight_shard)
-    with torch.autocast(device_type=features.device.type, enabled=False):
+
+    def eager(step_update):
         return _FusedShardedCrossEntropy.apply(
             features,
             weight_shard,
@@ -393,12 +398,23 @@ def triton_sharded_cross_entropy(
             float(margin),
             margin_type,
             int(ignore_index),
-            update,
+            step_update,
             float(grad_filter),
             checks,
             exact_kernels,
             logit_offset,
         )
+
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        if graphs is not None and (
+            graphs.refusal(features, weight_shard, group, update, grad_filter, exact_kernels, checks, logit_offset)
+            is None
+        ):
+            return graphs.loss(
+                features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index,
+                update, checks, eager,
+            )  # fmt: skip
+        return eager(update)
 
 
 def _check_offsets_run_on_gemm(logit_offset, gemm: bool, grad_filter: float, exact_kernels: str) -> None:

@@ -207,6 +207,10 @@ class Trainer:
         self._build_exchange(backbone)
         self.forward_backbone = torch.compile(self.backbone) if cfg.model.compile else self.backbone
 
+        if cfg.head.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"head.cuda_graph replays CUDA graphs: it needs a CUDA device, this run is on {self.device}"
+            )
         # The head trains itself (torch.optim.SGD's rule, the LR handed over each step); it is in
         # no torch optimizer and outside gradient clipping. With head.impl=triton its update
         # runs inside the loss's backward.
@@ -229,6 +233,7 @@ class Trainer:
             momentum_dtype=cfg.head_momentum_dtype or torch.float32,
             grad_filter=cfg.head.grad_filter,
             exact_kernels=cfg.head.exact_kernels,
+            cuda_graph=cfg.head.cuda_graph,
             inactive_rows=cfg.head.inactive_rows,
             settle_every=cfg.head.settle_every,
             rounding=cfg.head.rounding,

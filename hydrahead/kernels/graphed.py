@@ -1,0 +1,304 @@
+"""The exact gemm step of a head replayed from CUDA graphs (``head.cuda_graph``).
+
+At small global batches the eager step waits on the host: after each step's read the GPU
+idles while Python queues about sixty launches, longer than some of the kernels run
+(docs/kernels.md, "Where the small step's GPU idles, traced"). ``HeadStepGraphs`` captures
+the loss's forward and its backward (the SGD step on the rows included) once per key and
+replays them:
+
+    first call of a key   eager, its learning rate and step read from device scalars, so
+                          that every kernel the graphs will hold is compiled and tuned
+    second call           captures the forward and the backward (the backward against a
+                          fixed incoming-gradient buffer), then replays the forward; its
+                          backward replays the backward graph: the step lands once
+    later calls           copy the features and labels into the graphs' inputs, fill the
+                          learning rate and step, replay
+
+The key holds everything the kernels take as a fixed value: shapes, dtypes, the rows', buffer's
+and compensation's addresses, the class range, the logit settings and the update's momentum,
+weight decay, rounding, seed and salt. The learning rate and the step are read on the device
+(``SGDUpdate``'s tensor form), so a schedule needs no new capture. At most ``MAX_KEYS`` keys
+keep graphs; each holds its step's temporaries (the P chunk, dF: up to about 0.6 GiB) in
+its own memory pool.
+
+What it takes (``refusal`` names what is missing): CUDA tensors, the exact gemm path (no
+gradient filter, no logit offsets), an SGD update, the checks left to the caller (a
+``MergeChecks``, read after the step as the trainer does), a head group of one rank (the
+merge's all-reduces are not captured), and features that need a gradient under grad mode.
+A call that does not qualify runs eagerly, as without graphs; so does a second forward of a
+key whose first has not had its backward yet. The loss and dF handed out are copies, and
+the checks' values are copied at the forward, so nothing a caller holds is overwritten by
+the next replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from hydrahead.distributed.collectives import group_world_size
+from hydrahead.distributed.sharded_softmax import (
+    MergeChecks,
+    mean_loss_after_merge,
+    normalize_rows_backward,
+    per_valid_label,
+)
+from hydrahead.kernels.shard_ce import SGDUpdate
+
+MAX_KEYS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call's settings, as the graphs bake them in."""
+
+    features_shape: tuple[int, int]
+    features_dtype: torch.dtype
+    labels_dtype: torch.dtype
+    weight: tuple  # (address, shape, stride, dtype)
+    class_start: int
+    num_classes: int | None
+    scale: float
+    margin: float
+    margin_type: str
+    ignore_index: int
+    update: tuple  # SGDUpdate's fields other than lr and step, tensors by address
+
+
+def _tensor_key(tensor: torch.Tensor | None):
+    if tensor is None:
+        return None
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _update_key(update: SGDUpdate) -> tuple:
+    values = (getattr(update, field.name) for field in dataclasses.fields(update) if field.name not in ("lr", "step"))
+    return tuple(_tensor_key(value) if isinstance(value, torch.Tensor) else value for value in values)
+
+
+class _Entry:
+    """The graphs of one key, their inputs and what the forward leaves for the backward."""
+
+    def __init__(self, call: _Call, weight: torch.Tensor, update: SGDUpdate, device: torch.device):
+        self.call, self.weight, self.update = call, weight, update
+        self.features = torch.empty(call.features_shape, dtype=call.features_dtype, device=device)
+        self.labels = torch.empty(call.features_shape[0], dtype=call.labels_dtype, device=device)
+        self.lr = torch.zeros(1, dtype=torch.float32, device=device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.grad = torch.zeros((), dtype=torch.float32, device=device)
+        self.forward_graph = self.backward_graph = None
+        self.pool = None
+        self.pending = None  # a weak reference to the autograd context of a forward awaiting its backward
+        # Set by the captured forward, read by the backward and the callers (static: each replay rewrites them)
+        self.loss = self.check_values = self.num_valid = self.lse_valid = self.local_pass = None
+        self.grad_features = None
+
+    @property
+    def busy(self) -> bool:
+        return self.pending is not None and self.pending() is not None
+
+
+class HeadStepGraphs:
+    """Captured forward and backward graphs of the exact gemm head step, per key (module doc)."""
+
+    def __init__(self):
+        self._entries: OrderedDict[_Call, _Entry] = OrderedDict()
+        self._seen: _Call | None = None  # the last key that ran eagerly: its second call captures
+        self.captures = 0  # keys captured so far
+        self.replays = 0  # forwards replayed (the capturing call's included)
+
+    # -- what qualifies -------------------------------------------------------------------
+
+    def refusal(self, features, weight, group, update, grad_filter, exact_kernels, checks, logit_offset) -> str | None:
+        """Why this call cannot replay a graph (None: it can)."""
+        if not self._device_takes(features, weight):
+            return "the tensors are not on a CUDA device"
+        if grad_filter > 0 or exact_kernels != "gemm":
+            return "only the exact gemm path is captured (head.grad_filter=0, gemm kernels)"
+        if update is None:
+            return "no SGD update: the step would hand out dW"
+        if checks is None:
+            return "the loss would read its checks on the host mid-step (no MergeChecks given)"
+        if logit_offset is not None:
+            return "logit offsets change from step to step"
+        if group_world_size(group) != 1:
+            return "the head group has more than one rank: its all-reduces are not captured"
+        if not (torch.is_grad_enabled() and features.requires_grad):
+            return "no backward will follow (grad mode off, or features that need no gradient)"
+        if features.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "a capture is already under way"
+        return None
+
+    # -- the loss -------------------------------------------------------------------------
+
+    def loss(self, features, weight, labels, class_start, num_classes, scale, margin, margin_type, ignore_index,
+             update: SGDUpdate, checks: MergeChecks, eager) -> torch.Tensor:  # fmt: skip
+        """The loss of a call that ``refusal`` accepted. ``eager(update)`` runs the eager loss
+        with the given update (its warm-up and fallback)."""
+        call = _Call(
+            tuple(features.shape),
+            features.dtype,
+            labels.dtype,
+            _tensor_key(weight),
+            int(class_start),
+            num_classes,
+            float(scale),
+            float(margin),
+            margin_type,
+            int(ignore_index),
+            _update_key(update),
+        )
+        entry = self._entries.get(call)
+        if entry is None and self._seen != call:  # first sight: eager, on device scalars as captured
+            self._seen = call
+            return eager(_with_device_scalars(update, features.device))
+        if entry is not None and entry.busy:  # its graphs' outputs still wait for their backward
+            return eager(_with_device_scalars(update, features.device))
+        if entry is None:
+            entry = self._new_entry(call, weight, update, features.device)
+        else:
+            self._entries.move_to_end(call)
+        return _ReplayedLoss.apply(features, labels, self, entry, update, checks)
+
+    def _new_entry(self, call, weight, update, device) -> _Entry:
+        while len(self._entries) >= MAX_KEYS:  # the oldest key's graphs and pool go
+            _, dropped = self._entries.popitem(last=False)
+            if dropped.busy:  # pragma: no cover - MAX_KEYS forwards in flight at once
+                self._entries[dropped.call] = dropped
+                break
+        entry = _Entry(call, weight, dataclasses.replace(update), device)
+        self._entries[call] = entry
+        return entry
+
+    # -- capture and replay ---------------------------------------------------------------
+
+    # What a capture is; the CPU tests put a recording stand-in here.
+
+    @staticmethod
+    def _device_takes(features, weight) -> bool:
+        return features.is_cuda and weight.is_cuda
+
+    @staticmethod
+    def _new_graph():
+        return torch.cuda.CUDAGraph()
+
+    @staticmethod
+    def _pool():
+        return torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def _capture(graph, pool, body, entry) -> None:
+        with torch.cuda.graph(graph, pool=pool):
+            body(entry)
+
+    def run_forward(self, entry: _Entry, features: torch.Tensor, labels: torch.Tensor, update: SGDUpdate) -> None:
+        entry.features.copy_(features.detach())
+        entry.labels.copy_(labels)
+        _fill(entry.lr, update.lr)
+        _fill(entry.step, update.step)
+        if entry.forward_graph is None:
+            entry.pool = self._pool()
+            entry.forward_graph, entry.backward_graph = self._new_graph(), self._new_graph()
+            self._capture(entry.forward_graph, entry.pool, _forward_body, entry)
+            self._capture(entry.backward_graph, entry.pool, _backward_body, entry)
+            self.captures += 1
+        entry.forward_graph.replay()
+        self.replays += 1
+
+    def run_backward(self, entry: _Entry, grad_loss: torch.Tensor) -> None:
+        entry.grad.copy_(grad_loss.reshape(()))
+        entry.backward_graph.replay()
+
+
+def _fill(target: torch.Tensor, value) -> None:
+    """A device scalar set from a number (a fill: no host sync) or from a tensor."""
+    if isinstance(value, torch.Tensor):
+        target.copy_(value.detach().reshape(1))
+    else:
+        target.fill_(value)
+
+
+def _with_device_scalars(update: SGDUpdate, device) -> SGDUpdate:
+    """The update with its learning rate and step as one-element device tensors (fresh ones:
+    an eager step never shares the graphs' inputs)."""
+    lr = torch.empty(1, dtype=torch.float32, device=device)
+    step = torch.empty(1, dtype=torch.int64, device=device)
+    _fill(lr, update.lr)
+    _fill(step, update.step)
+    return dataclasses.replace(update, lr=lr, step=step)
+
+
+def _forward_body(entry: _Entry) -> None:
+    """The forward as the eager gemm path runs it, on the entry's inputs."""
+    from hydrahead.kernels.fused_loss import _local_pass
+
+    call = entry.call
+    local_pass = _local_pass(
+        entry.features,
+        entry.weight,
+        entry.labels,
+        call.class_start,
+        call.num_classes,
+        call.scale,
+        call.margin,
+        call.margin_type,
+        call.ignore_index,
+        True,
+    )
+    lse, target_logit, owned_total, error = local_pass.merge(None)
+    checks = MergeChecks()
+    entry.loss, entry.num_valid = mean_loss_after_merge(
+        lse, target_logit, owned_total, error, entry.labels, local_pass.valid, call.ignore_index, checks
+    )
+    entry.check_values = checks.values(entry.features.device)
+    entry.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
+    entry.local_pass = local_pass
+
+
+def _backward_body(entry: _Entry) -> None:
+    """The backward as the eager gemm path runs it: dF, and the SGD step on the rows."""
+    from hydrahead.kernels.exact_gemm import exact_backward
+
+    local_pass = entry.local_pass
+    grad_scale = entry.grad.float() * entry.call.scale / per_valid_label(entry.num_valid)
+    grad_feat_op, _ = exact_backward(
+        *local_pass.kernel_args,
+        entry.lse_valid,
+        grad_scale=grad_scale,
+        update=dataclasses.replace(entry.update, lr=entry.lr, step=entry.step),
+        want_features=True,
+        want_weight=True,
+        target_logit=local_pass.target_logit,
+        **local_pass.kernel_options,
+    )
+    if local_pass.feat_unit is not None:
+        grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
+    entry.grad_features = grad_feat_op.to(entry.call.features_dtype)
+
+
+class _Token:
+    """Held by a replayed forward's autograd context until its backward: the key stays busy."""
+
+
+class _ReplayedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, labels, graphs: HeadStepGraphs, entry: _Entry, update: SGDUpdate, checks):
+        graphs.run_forward(entry, features, labels, update)
+        values = entry.check_values.clone()  # the next replay rewrites the entry's
+        ignore_index = entry.call.ignore_index
+        checks.add(values[0], values[1], values[2], labels, labels != ignore_index, ignore_index)
+        ctx.token = _Token()
+        entry.pending = weakref.ref(ctx.token)
+        ctx.graphs, ctx.entry = graphs, entry
+        return entry.loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        entry = ctx.entry
+        ctx.graphs.run_backward(entry, grad_loss)
+        grad_features = entry.grad_features.clone()
+        entry.pending = ctx.token = None
+        return grad_features, None, None, None, None, None

@@ -1,0 +1,365 @@
+"""The head step replayed from CUDA graphs (``hydrahead.kernels.graphed``), its bookkeeping on CPU.
+
+A CPU has no CUDA graphs: ``Recorded`` stands in for them, keeping each captured body and
+running it at each replay (a real capture runs nothing until its replays, so neither does
+the stand-in). Its steps must equal the eager steps exactly, as the real graphs' must on a
+GPU (``test_kernels_gpu.py``'s graph tests); the config's and the trainer's refusals are
+checked here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hydrahead.config import ConfigError, load_config, validate
+from hydrahead.distributed.sharded_softmax import MergeChecks
+from hydrahead.kernels import SGDUpdate, triton_sharded_cross_entropy
+from hydrahead.kernels.graphed import HeadStepGraphs
+
+BATCH, DIM, NUM_CLASSES = 19, 24, 70
+MARGINS = {"none": dict(scale=2.0), "cosface": dict(scale=16.0, margin=0.3, margin_type="cosface")}
+
+
+class _RecordedGraph:
+    """Runs its body at each replay; the tensors the body leaves on the entry keep the
+    first replay's storage, rewritten in place, as a graph's outputs are."""
+
+    def __init__(self):
+        self.body = self.entry = None
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def replay(self):
+        self.body(self.entry)
+        for name, value in vars(self.entry).items():
+            if value is not None and name in ("loss", "check_values", "num_valid", "lse_valid", "grad_features"):
+                kept = self.outputs.setdefault(name, value)
+                kept.copy_(value)
+                setattr(self.entry, name, kept)
+
+
+class Recorded(HeadStepGraphs):
+    """HeadStepGraphs on CPU tensors, with recorded bodies for graphs."""
+
+    @staticmethod
+    def _device_takes(features, weight) -> bool:
+        return True
+
+    @staticmethod
+    def _new_graph():
+        return _RecordedGraph()
+
+    @staticmethod
+    def _pool():
+        return None
+
+    @staticmethod
+    def _capture(graph, pool, body, entry) -> None:
+        graph.body, graph.entry = body, entry
+
+
+def _batch(seed: int, num_rows: int = BATCH):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_rows, DIM, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (num_rows,), generator=gen)
+    labels[::6] = -100
+    return features, labels
+
+
+def _head():
+    """A head's rows and momentum buffer."""
+    weight = torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(5)) * 0.3
+    return weight, torch.zeros_like(weight)
+
+
+def _loss(graphs, weight, buffer, features, labels, checks: MergeChecks | None):
+    """The plain step's loss (lr 0.1, momentum 0.9) of ``features`` as a leaf that needs a gradient."""
+    update = SGDUpdate(0.1, 0.9, 0.0, buffer)
+    f = features.requires_grad_()
+    return triton_sharded_cross_entropy(f, weight, labels, 0, update=update, checks=checks, graphs=graphs)
+
+
+def _steps(graphs, batches, margin, *, fp8=False):
+    """Each batch's step on one head (W, buffer): losses, dF, the checks' values, then W and
+    buffer. ``fp8``: e4m3 rows stochastically rounded, their draws keyed by the step."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen) * (1.0 if fp8 else 0.3)
+    weight = weight.to(torch.float8_e4m3fn) if fp8 else weight
+    buffer = torch.zeros(weight.shape)
+    rounding = "stochastic" if fp8 else "nearest"
+    out = []
+    for step, (features, labels) in enumerate(batches):
+        f = features.clone().requires_grad_()
+        checks = MergeChecks()
+        update = SGDUpdate(0.1 / (step + 1), 0.9, 5e-4, buffer, step=step, rounding=rounding, seed=7)
+        loss = triton_sharded_cross_entropy(
+            f,
+            weight,
+            labels,
+            0,
+            num_classes=NUM_CLASSES,
+            update=update,
+            checks=checks,
+            graphs=graphs,
+            exact_kernels="gemm",
+            **margin,
+        )
+        values = checks.values(loss.device).tolist()
+        (loss * (1.5 + step)).backward()  # incoming gradients other than 1
+        checks.raise_if_failed(values)
+        out.append((loss.detach(), f.grad, values))
+    return out, weight, buffer
+
+
+@pytest.mark.parametrize("margin_type, fp8", [("none", False), ("cosface", False), ("none", True)])
+def test_replayed_steps_equal_the_eager_ones(margin_type, fp8):
+    """Four steps (the first eager, the second captured, two replays; lr, step and batch
+    change every step): the same losses, dF, checks, rows and momentum buffer, bit for bit."""
+    batches = [_batch(seed) for seed in range(4)]
+    graphs = Recorded()
+    replayed, w_replayed, b_replayed = _steps(graphs, batches, MARGINS[margin_type], fp8=fp8)
+    eager, w_eager, b_eager = _steps(None, batches, MARGINS[margin_type], fp8=fp8)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    for (loss, grad, values), (loss_e, grad_e, values_e) in zip(replayed, eager):
+        assert torch.equal(loss, loss_e) and torch.equal(grad, grad_e) and values == values_e
+    assert torch.equal(w_replayed.float(), w_eager.float()) and torch.equal(b_replayed, b_eager)
+    assert not torch.equal(w_eager.float(), _steps(None, [], MARGINS[margin_type], fp8=fp8)[1].float())  # rows moved
+
+
+def test_handed_out_values_are_not_overwritten_by_the_next_replay():
+    graphs = Recorded()
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen) * 0.3
+    buffer = torch.zeros_like(weight)
+    kept = []
+    for step in range(4):
+        features, labels = _batch(step, BATCH - step)  # each step's own count of valid labels
+        labels[: step + 1] = -100
+        f = features.requires_grad_()
+        checks = MergeChecks()
+        loss = triton_sharded_cross_entropy(
+            f, weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer), checks=checks, graphs=graphs
+        )
+        (loss * (step + 2)).backward()  # an incoming gradient other than 1
+        kept.append((loss, loss.detach().clone(), f.grad, f.grad.clone(), checks, checks.values(loss.device)))
+    assert graphs.replays == 0  # four shapes: each eager
+
+    graphs, kept = Recorded(), []
+    for step in range(4):
+        features, labels = _batch(step)
+        labels[: step + 1] = -100
+        f = features.requires_grad_()
+        handed = []  # the very dF tensor the backward hands out (a leaf's .grad may be a copy of it)
+        f.register_hook(handed.append)
+        checks = MergeChecks()
+        loss = triton_sharded_cross_entropy(
+            f, weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer), checks=checks, graphs=graphs
+        )
+        (loss * (step + 2)).backward()
+        kept.append((loss, loss.detach().clone(), handed[0], f.grad.clone(), checks, checks.values(loss.device)))
+    assert graphs.replays == 3
+    for loss, loss_then, grad, grad_then, checks, values_then in kept:
+        assert torch.equal(loss.detach(), loss_then) and torch.equal(grad, grad_then)
+        assert torch.equal(checks.values(loss.device), values_then)
+    assert len({float(values[2]) for *_, values in kept}) == 4  # the valid counts differ: a stale copy would show
+
+
+def test_second_forward_before_the_backward_runs_eagerly_and_a_new_shape_waits_one_call():
+    graphs = Recorded()
+    weight, buffer = _head()
+
+    def loss_of(seed, num_rows=BATCH):
+        return _loss(graphs, weight, buffer, *_batch(seed, num_rows), checks=MergeChecks())
+
+    loss_of(0).backward()  # eager: first sight
+    first = loss_of(1)  # captured and replayed; its backward is pending
+    assert (graphs.captures, graphs.replays) == (1, 1)
+    second = loss_of(2)  # the key is busy: eager
+    assert graphs.replays == 1
+    first.backward()
+    second.backward()
+    loss_of(3).backward()  # free again: replayed
+    assert graphs.replays == 2
+    del first, second
+    pending = loss_of(4)  # a forward whose backward never comes ...
+    del pending  # ... frees the key with its autograd graph
+    loss_of(5).backward()
+    assert graphs.replays == 4
+    loss_of(6, BATCH + 3).backward()  # a new shape: eager, then captured
+    assert (graphs.captures, graphs.replays) == (1, 4)
+    loss_of(7, BATCH + 3).backward()
+    assert (graphs.captures, graphs.replays) == (2, 5)
+
+
+def test_a_label_no_shard_owns_fails_the_checks_of_a_replayed_step():
+    graphs = Recorded()
+    weight, buffer = _head()
+    for seed in range(3):
+        features, labels = _batch(seed)
+        if seed == 2:
+            labels[1] = NUM_CLASSES + 4
+        checks = MergeChecks()
+        loss = _loss(graphs, weight, buffer, features, labels, checks)
+        values = checks.values(loss.device).tolist()
+        if seed < 2:
+            checks.raise_if_failed(values)
+            loss.backward()
+    assert graphs.replays == 2
+    with pytest.raises(ValueError, match="belong to no shard"):
+        checks.raise_if_failed(values)
+
+
+def test_refusals_name_what_is_missing():
+    graphs = HeadStepGraphs()
+    features = torch.randn(4, DIM, requires_grad=True)
+    weight = torch.randn(NUM_CLASSES, DIM)
+    update = SGDUpdate(0.1)
+    args = dict(
+        group=None, update=update, grad_filter=0.0, exact_kernels="gemm", checks=MergeChecks(), logit_offset=None
+    )
+    assert "CUDA" in graphs.refusal(features, weight, **args)
+    recorded = Recorded()
+    assert recorded.refusal(features, weight, **args) is None
+    refused = {
+        "grad_filter": (dict(grad_filter=1e-3), "gemm path"),
+        "stationary": (dict(exact_kernels="stationary"), "gemm path"),
+        "update": (dict(update=None), "dW"),
+        "checks": (dict(checks=None), "host"),
+        "offset": (dict(logit_offset=torch.zeros(NUM_CLASSES)), "offsets"),
+    }
+    for name, (change, words) in refused.items():
+        assert words in recorded.refusal(features, weight, **{**args, **change}), name
+    assert "no backward" in recorded.refusal(features.detach(), weight, **args)
+    with torch.no_grad():
+        assert "no backward" in recorded.refusal(features, weight, **args)
+
+
+def test_refused_calls_run_eagerly_and_capture_nothing():
+    graphs = Recorded()
+    weight, buffer = _head()
+    for seed in range(3):
+        _loss(graphs, weight, buffer, *_batch(seed), checks=None).backward()  # checks read mid-step: refused
+    assert (graphs.captures, graphs.replays) == (0, 0)
+
+
+def test_the_key_changes_with_what_the_kernels_bake_in():
+    """A changed momentum, rows tensor or scale is a new key (eager first); lr and step are not."""
+    graphs = Recorded()
+    weight = torch.randn(NUM_CLASSES, DIM) * 0.3
+    buffer = torch.zeros_like(weight)
+    features, labels = _batch(0)
+
+    def run(update, w=weight, scale=1.0):
+        f = features.clone().requires_grad_()
+        triton_sharded_cross_entropy(
+            f, w, labels, 0, update=update, checks=MergeChecks(), graphs=graphs, scale=scale
+        ).backward()
+
+    base = SGDUpdate(0.1, 0.9, 0.0, buffer)
+    run(base)
+    run(dataclasses.replace(base, lr=0.05, step=3))
+    assert (graphs.captures, graphs.replays) == (1, 1)
+    for change in (dict(update=dataclasses.replace(base, momentum=0.8)), dict(scale=2.0), dict(w=weight.clone())):
+        run(**{"update": base, **change})
+        assert graphs.replays == 1, change
+    run(base)
+    assert graphs.replays == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"head.impl": "reference"}, "head.impl=triton"),
+        ({"head.grad_filter": 0.001}, "grad_filter=0"),
+        ({"head.exact_kernels": "stationary"}, "exact_kernels=gemm"),
+        ({"head.selection": "random", "head.budget": 64}, "selection=full"),
+        ({"comm.overlap": True}, "micro-batches"),
+    ],
+)
+def test_config_refuses_what_the_graphs_cannot_replay(overrides, words):
+    cfg = load_config(None, ["head.impl=triton", "head.cuda_graph=true"] + [f"{k}={v}" for k, v in overrides.items()])
+    with pytest.raises(ConfigError, match=words):
+        validate(cfg)
+
+
+def test_config_takes_one_rank_only_and_trainer_a_gpu_only():
+    cfg = load_config(None, ["head.impl=triton", "head.cuda_graph=true"])
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="one rank"):
+        validate(cfg, world_size=2)
+    from hydrahead.head.classifier import ShardedClassifier
+
+    with pytest.raises(ValueError, match="impl='triton'"):
+        ShardedClassifier(10, 8, impl="reference", cuda_graph=True)
+    assert isinstance(ShardedClassifier(10, 8, impl="triton", cuda_graph=True).step_graphs, HeadStepGraphs)
+
+
+# ----------------------------------------------------------------------------------------
+# On a GPU: real graphs
+# ----------------------------------------------------------------------------------------
+
+
+def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5):
+    """``steps`` head steps (G x 512 x 40,000, several P chunks) on fresh batches, lr and
+    step changing each time: losses, dF, then the rows and buffer."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    num_classes, dim = 40_000, 512
+    fp8 = weight_dtype == torch.float8_e4m3fn
+    weight = (torch.randn(num_classes, dim, device="cuda", generator=gen) * (1.0 if fp8 else 0.05)).to(weight_dtype)
+    buffer = torch.zeros(num_classes, dim, device="cuda")
+    margin = dict(margin_type="cosface", scale=32.0, margin=0.3) if margin_type == "cosface" else {}
+    out = []
+    for step in range(steps):
+        f = torch.randn(num_rows, dim, device="cuda", generator=gen).bfloat16().requires_grad_()
+        labels = torch.randint(0, num_classes, (num_rows,), device="cuda", generator=gen)
+        labels[::9] = -100
+        update = SGDUpdate(
+            0.5 / (step + 1), 0.9, 5e-4, buffer, step=step, seed=3, rounding="stochastic" if fp8 else "nearest"
+        )
+        checks = MergeChecks()
+        loss = triton_sharded_cross_entropy(
+            f, weight, labels, 0, update=update, checks=checks, graphs=graphs, exact_kernels="gemm", **margin
+        )
+        (loss * 2.0).backward()
+        checks.raise_if_failed(checks.values(loss.device).tolist())
+        out.append((loss.detach(), f.grad))
+    torch.cuda.synchronize()
+    return out, weight, buffer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "num_rows, weight_dtype, margin_type",
+    [
+        (256, torch.bfloat16, "none"),
+        (1000, torch.bfloat16, "none"),
+        (256, torch.bfloat16, "cosface"),
+        (512, torch.float8_e4m3fn, "none"),
+    ],
+    ids=["bf16-256", "bf16-1000", "cosface-256", "fp8-512"],
+)
+def test_cuda_graph_steps_equal_the_eager_ones(num_rows, weight_dtype, margin_type, monkeypatch):
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "8")  # several chunks, each its own launches
+    graphs = HeadStepGraphs()
+    replayed, w_replayed, b_replayed = _gpu_steps(graphs, num_rows, weight_dtype, margin_type)
+    eager, w_eager, b_eager = _gpu_steps(None, num_rows, weight_dtype, margin_type)
+    assert (graphs.captures, graphs.replays) == (1, 4)
+    for step, ((loss, grad), (loss_e, grad_e)) in enumerate(zip(replayed, eager)):
+        assert torch.equal(loss, loss_e), step
+        assert torch.equal(grad, grad_e), step
+    assert torch.equal(w_replayed.float(), w_eager.float()) and torch.equal(b_replayed, b_eager)
+
+
+@pytest.mark.gpu
+def test_trainer_with_cuda_graph_follows_the_eager_run(tmp_path):
+    from launcher import launch, train_losses
+
+    common = ["dist.backend=nccl", "head.impl=triton", "train.global_batch=64"]
+    launch(tmp_path / "eager", 1, *common)
+    launch(tmp_path / "graph", 1, *common, "head.cuda_graph=true")
+    want, got = train_losses(tmp_path / "eager"), train_losses(tmp_path / "graph")
+    assert len(got) == len(want) >= 5
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), f"step {step}"
