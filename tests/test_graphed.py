@@ -211,6 +211,30 @@ def test_a_label_no_shard_owns_fails_the_checks_of_a_replayed_step():
         checks.raise_if_failed(values)
 
 
+@pytest.mark.parametrize("failing", ["_forward_body", "_backward_body"])
+def test_a_capture_that_fails_leaves_the_step_and_the_key_to_the_eager_path(failing):
+    """The step whose capture fails still lands once (eager forward, or the backward's body
+    run eagerly), with a warning; the key then stays eager."""
+
+    class Failing(Recorded):
+        @staticmethod
+        def _capture(graph, pool, body, entry) -> None:
+            if body.__name__ == failing:
+                raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED")
+            Recorded._capture(graph, pool, body, entry)
+
+    batches = [_batch(seed) for seed in range(4)]
+    graphs = Failing()
+    with pytest.warns(RuntimeWarning, match="run eagerly from now on"):
+        failed, w_failed, b_failed = _steps(graphs, batches, MARGINS["none"])
+    eager, w_eager, b_eager = _steps(None, batches, MARGINS["none"])
+    for (loss, grad, values), (loss_e, grad_e, values_e) in zip(failed, eager):
+        assert torch.equal(loss, loss_e) and torch.equal(grad, grad_e) and values == values_e
+    assert torch.equal(w_failed, w_eager) and torch.equal(b_failed, b_eager)
+    assert len(graphs.failed) == 1 and "CUBLAS" in next(iter(graphs.failed.values()))
+    assert graphs.replays == (0 if failing == "_forward_body" else 1)  # the failed key replays no more
+
+
 def test_refusals_name_what_is_missing():
     graphs = HeadStepGraphs()
     features = torch.randn(4, DIM, requires_grad=True)

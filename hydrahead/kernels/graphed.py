@@ -8,9 +8,10 @@ replays them:
 
     first call of a key   eager, its learning rate and step read from device scalars, so
                           that every kernel the graphs will hold is compiled and tuned
-    second call           captures the forward and the backward (the backward against a
-                          fixed incoming-gradient buffer), then replays the forward; its
-                          backward replays the backward graph: the step lands once
+    second call           captures the forward and replays it; its backward captures the
+                          backward (against a fixed incoming-gradient buffer, in autograd's
+                          thread, where the warm-up's backward made its library handles)
+                          and replays it: the step lands once
     later calls           copy the features and labels into the graphs' inputs, fill the
                           learning rate and step, replay
 
@@ -34,6 +35,7 @@ the next replay.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections import OrderedDict
 
@@ -90,6 +92,7 @@ class _Entry:
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
         self.grad = torch.zeros((), dtype=torch.float32, device=device)
         self.forward_graph = self.backward_graph = None
+        self.backward_captured = False
         self.pool = None
         self.pending = None  # a weak reference to the autograd context of a forward awaiting its backward
         # Set by the captured forward, read by the backward and the callers (static: each replay rewrites them)
@@ -109,6 +112,7 @@ class HeadStepGraphs:
         self._seen: _Call | None = None  # the last key that ran eagerly: its second call captures
         self.captures = 0  # keys captured so far
         self.replays = 0  # forwards replayed (the capturing call's included)
+        self.failed: dict[_Call, str] = {}  # keys whose capture failed (they run eagerly), and why
 
     # -- what qualifies -------------------------------------------------------------------
 
@@ -152,16 +156,31 @@ class HeadStepGraphs:
             _update_key(update),
         )
         entry = self._entries.get(call)
-        if entry is None and self._seen != call:  # first sight: eager, on device scalars as captured
-            self._seen = call
-            return eager(_with_device_scalars(update, features.device))
-        if entry is not None and entry.busy:  # its graphs' outputs still wait for their backward
+        first_sight = entry is None and self._seen != call
+        if first_sight or call in self.failed or (entry is not None and entry.busy):
+            # eager: a warm-up on device scalars as captured, a key whose capture failed, or
+            # a key whose graphs' outputs still wait for their backward
+            self._seen = call if first_sight else self._seen
             return eager(_with_device_scalars(update, features.device))
         if entry is None:
             entry = self._new_entry(call, weight, update, features.device)
         else:
             self._entries.move_to_end(call)
-        return _ReplayedLoss.apply(features, labels, self, entry, update, checks)
+        try:
+            return _ReplayedLoss.apply(features, labels, self, entry, update, checks)
+        except _CaptureFailed:  # nothing ran: this step eagerly, and the key from now on
+            return eager(_with_device_scalars(update, features.device))
+
+    def _give_up(self, entry: _Entry, error: BaseException, where: str) -> None:
+        """A capture that failed: the key runs eagerly from now on, with a warning."""
+        self._entries.pop(entry.call, None)
+        self.failed[entry.call] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"head.cuda_graph: capturing the head's {where} failed ({type(error).__name__}: {error}); "
+            f"steps of batch shape {entry.call.features_shape} run eagerly from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _new_entry(self, call, weight, update, device) -> _Entry:
         while len(self._entries) >= MAX_KEYS:  # the oldest key's graphs and pool go
@@ -191,7 +210,9 @@ class HeadStepGraphs:
 
     @staticmethod
     def _capture(graph, pool, body, entry) -> None:
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: a trainer's other threads (NCCL's watchdog, pinned-memory copies) may
+        # make CUDA calls meanwhile; only this thread's must be capturable
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             body(entry)
 
     def run_forward(self, entry: _Entry, features: torch.Tensor, labels: torch.Tensor, update: SGDUpdate) -> None:
@@ -202,14 +223,28 @@ class HeadStepGraphs:
         if entry.forward_graph is None:
             entry.pool = self._pool()
             entry.forward_graph, entry.backward_graph = self._new_graph(), self._new_graph()
-            self._capture(entry.forward_graph, entry.pool, _forward_body, entry)
-            self._capture(entry.backward_graph, entry.pool, _backward_body, entry)
+            try:
+                self._capture(entry.forward_graph, entry.pool, _forward_body, entry)
+            except Exception as error:  # noqa: BLE001 - any failure: the eager step instead
+                self._give_up(entry, error, "forward")
+                raise _CaptureFailed from error
             self.captures += 1
         entry.forward_graph.replay()
         self.replays += 1
 
     def run_backward(self, entry: _Entry, grad_loss: torch.Tensor) -> None:
         entry.grad.copy_(grad_loss.reshape(()))
+        if not entry.backward_captured:
+            # Captured here, in the thread autograd runs backwards in, as the eager warm-up's
+            # was: the library handles it made (cuBLAS's) belong to that thread, and creating
+            # one during a capture fails.
+            try:
+                self._capture(entry.backward_graph, entry.pool, _backward_body, entry)
+            except Exception as error:  # noqa: BLE001 - the forward's state is intact: run the body eagerly
+                self._give_up(entry, error, "backward")
+                _backward_body(entry)
+                return
+            entry.backward_captured = True
         entry.backward_graph.replay()
 
 
@@ -277,6 +312,10 @@ def _backward_body(entry: _Entry) -> None:
     if local_pass.feat_unit is not None:
         grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
     entry.grad_features = grad_feat_op.to(entry.call.features_dtype)
+
+
+class _CaptureFailed(Exception):
+    """A forward's capture failed before anything ran: the caller takes the eager step."""
 
 
 class _Token:
