@@ -191,6 +191,15 @@ def test_second_forward_before_the_backward_runs_eagerly_and_a_new_shape_waits_o
     assert (graphs.captures, graphs.replays) == (1, 4)
     loss_of(7, BATCH + 3).backward()
     assert (graphs.captures, graphs.replays) == (2, 5)
+    held = loss_of(8)  # the first shape busy; a third shape evicts the second, the oldest idle one
+    loss_of(9, BATCH + 5).backward()
+    loss_of(10, BATCH + 5).backward()
+    assert (
+        graphs.captures == 3
+        and len(graphs._entries) == 2
+        and not any(call.features_shape[0] == BATCH + 3 for call in graphs._entries)
+    )
+    held.backward()
 
 
 def test_a_label_no_shard_owns_fails_the_checks_of_a_replayed_step():
@@ -233,6 +242,79 @@ def test_a_capture_that_fails_leaves_the_step_and_the_key_to_the_eager_path(fail
     assert torch.equal(w_failed, w_eager) and torch.equal(b_failed, b_eager)
     assert len(graphs.failed) == 1 and "CUBLAS" in next(iter(graphs.failed.values()))
     assert graphs.replays == (0 if failing == "_forward_body" else 1)  # the failed key replays no more
+
+
+def test_a_warm_up_whose_backward_never_ran_is_taken_again():
+    """Capture waits for a warm-up whose backward finished (its kernels compiled)."""
+    graphs = Recorded()
+    weight, buffer = _head()
+    loss = _loss(graphs, weight, buffer, *_batch(0), checks=MergeChecks())
+    del loss  # skipped, as a trainer skips the backward of a non-finite loss
+    _loss(graphs, weight, buffer, *_batch(1), checks=MergeChecks()).backward()  # warm-up again
+    assert graphs.captures == 0
+    _loss(graphs, weight, buffer, *_batch(2), checks=MergeChecks()).backward()
+    assert (graphs.captures, graphs.replays) == (1, 1)
+
+
+def test_a_second_backward_of_a_replayed_loss_is_refused():
+    graphs = Recorded()
+    weight, buffer = _head()
+    _loss(graphs, weight, buffer, *_batch(0), checks=MergeChecks()).backward()
+    loss = _loss(graphs, weight, buffer, *_batch(1), checks=MergeChecks())
+    loss.backward(retain_graph=True)
+    rows = weight.clone()
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+    assert torch.equal(weight, rows)  # no second step
+
+
+def test_a_bad_shard_runs_eagerly_and_fails_the_checks():
+    graphs = Recorded()
+    weight, buffer = _head()
+    for seed in range(3):
+        features, labels = _batch(seed)
+        checks = MergeChecks()
+        update = SGDUpdate(0.1, 0.9, 0.0, buffer)
+        f = features.requires_grad_()
+        loss = triton_sharded_cross_entropy(  # the shard reaches past num_classes: a local error
+            f, weight, labels, 5, num_classes=NUM_CLASSES, update=update, checks=checks, graphs=graphs
+        )
+        loss.backward()
+        with pytest.raises(ValueError, match="sharded_cross_entropy"):
+            checks.raise_if_failed(checks.values(loss.device).tolist())
+    assert graphs.captures == 0
+
+
+def _own_group_worker(rank, world_size):
+    """Each rank a head of its own (a one-rank group): replayed steps equal its eager ones,
+    with no statistics from the other rank."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([r]) for r in range(world_size)]
+    results = []
+    for graphs in (Recorded(), None):
+        weight, buffer = _head()
+        losses = []
+        for step in range(3):
+            features, labels = _batch(10 * rank + step)
+            checks = MergeChecks()
+            f = features.requires_grad_()
+            update = SGDUpdate(0.1, 0.9, 0.0, buffer)
+            loss = triton_sharded_cross_entropy(
+                f, weight, labels, 0, group=groups[rank], update=update, checks=checks, graphs=graphs
+            )
+            loss.backward()
+            losses.append(float(loss))
+        results.append((losses, weight, graphs.replays if graphs else None))
+    (replayed, w_replayed, replays), (eager, w_eager, _) = results
+    return replays, replayed == eager and torch.equal(w_replayed, w_eager)
+
+
+def test_a_head_group_of_one_rank_among_several_keeps_its_statistics_to_itself():
+    from dist_harness import run_ranks
+
+    for replays, equal in run_ranks(_own_group_worker, 2):
+        assert replays == 2 and equal
 
 
 def test_refusals_name_what_is_missing():

@@ -411,8 +411,8 @@ def triton_sharded_cross_entropy(
             is None
         ):
             return graphs.loss(
-                features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index,
-                update, checks, eager,
+                features, weight_shard, labels, group, class_start, num_classes, scale, margin, margin_type,
+                ignore_index, update, checks, eager,
             )  # fmt: skip
         return eager(update)
 

@@ -7,7 +7,8 @@ the loss's forward and its backward (the SGD step on the rows included) once per
 replays them:
 
     first call of a key   eager, its learning rate and step read from device scalars, so
-                          that every kernel the graphs will hold is compiled and tuned
+                          that every kernel the graphs will hold is compiled and tuned (until
+                          such a call's backward has run, the key's calls stay eager)
     second call           captures the forward and replays it; its backward captures the
                           backward (against a fixed incoming-gradient buffer, in autograd's
                           thread, where the warm-up's backward made its library handles)
@@ -18,18 +19,21 @@ replays them:
 The key holds everything the kernels take as a fixed value: shapes, dtypes, the rows', buffer's
 and compensation's addresses, the class range, the logit settings and the update's momentum,
 weight decay, rounding, seed and salt. The learning rate and the step are read on the device
-(``SGDUpdate``'s tensor form), so a schedule needs no new capture. At most ``MAX_KEYS`` keys
-keep graphs; each holds its step's temporaries (the P chunk, dF: up to about 0.6 GiB) in
-its own memory pool.
+(``SGDUpdate``'s tensor form), so a schedule needs no new capture. What the kernels read
+from the environment (``HYDRAHEAD_EXACT_CHUNK_MIB``, the tile and pass switches) is read
+once, at capture. At most ``MAX_KEYS`` keys keep graphs (the oldest idle one goes first);
+each holds its step's temporaries (the P chunk, dF: up to about 0.6 GiB) in its own pool.
 
 What it takes (``refusal`` names what is missing): CUDA tensors, the exact gemm path (no
 gradient filter, no logit offsets), an SGD update, the checks left to the caller (a
 ``MergeChecks``, read after the step as the trainer does), a head group of one rank (the
 merge's all-reduces are not captured), and features that need a gradient under grad mode.
-A call that does not qualify runs eagerly, as without graphs; so does a second forward of a
-key whose first has not had its backward yet. The loss and dF handed out are copies, and
-the checks' values are copied at the forward, so nothing a caller holds is overwritten by
-the next replay.
+A call that does not qualify runs eagerly, as without graphs; so do a shard that fails the
+local checks (the eager path reports it), a second forward of a key whose first has not had
+its backward yet, and every call of a key whose capture failed (with a warning). A loss
+replayed from the graphs takes one backward: a second (``retain_graph``) raises. The loss
+and dF handed out are copies, and the checks' values are copied at the forward, so nothing
+a caller holds is overwritten by the next replay.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 from hydrahead.distributed.collectives import group_world_size
 from hydrahead.distributed.sharded_softmax import (
     MergeChecks,
+    local_error_code,
     mean_loss_after_merge,
     normalize_rows_backward,
     per_valid_label,
@@ -84,8 +89,8 @@ def _update_key(update: SGDUpdate) -> tuple:
 class _Entry:
     """The graphs of one key, their inputs and what the forward leaves for the backward."""
 
-    def __init__(self, call: _Call, weight: torch.Tensor, update: SGDUpdate, device: torch.device):
-        self.call, self.weight, self.update = call, weight, update
+    def __init__(self, call: _Call, weight: torch.Tensor, group, update: SGDUpdate, device: torch.device):
+        self.call, self.weight, self.group, self.update = call, weight, group, update
         self.features = torch.empty(call.features_shape, dtype=call.features_dtype, device=device)
         self.labels = torch.empty(call.features_shape[0], dtype=call.labels_dtype, device=device)
         self.lr = torch.zeros(1, dtype=torch.float32, device=device)
@@ -109,7 +114,9 @@ class HeadStepGraphs:
 
     def __init__(self):
         self._entries: OrderedDict[_Call, _Entry] = OrderedDict()
-        self._seen: _Call | None = None  # the last key that ran eagerly: its second call captures
+        # keys whose eager warm-up finished its backward (so every kernel of both graphs is
+        # compiled, in the threads that will capture them), most recent last
+        self._warmed: OrderedDict[_Call, None] = OrderedDict()
         self.captures = 0  # keys captured so far
         self.replays = 0  # forwards replayed (the capturing call's included)
         self.failed: dict[_Call, str] = {}  # keys whose capture failed (they run eagerly), and why
@@ -138,10 +145,12 @@ class HeadStepGraphs:
 
     # -- the loss -------------------------------------------------------------------------
 
-    def loss(self, features, weight, labels, class_start, num_classes, scale, margin, margin_type, ignore_index,
-             update: SGDUpdate, checks: MergeChecks, eager) -> torch.Tensor:  # fmt: skip
+    def loss(self, features, weight, labels, group, class_start, num_classes, scale, margin, margin_type,
+             ignore_index, update: SGDUpdate, checks: MergeChecks, eager) -> torch.Tensor:  # fmt: skip
         """The loss of a call that ``refusal`` accepted. ``eager(update)`` runs the eager loss
         with the given update (its warm-up and fallback)."""
+        if local_error_code(features, weight, class_start, num_classes):  # a bad shard: the eager path reports it
+            return eager(update)
         call = _Call(
             tuple(features.shape),
             features.dtype,
@@ -156,14 +165,15 @@ class HeadStepGraphs:
             _update_key(update),
         )
         entry = self._entries.get(call)
-        first_sight = entry is None and self._seen != call
-        if first_sight or call in self.failed or (entry is not None and entry.busy):
-            # eager: a warm-up on device scalars as captured, a key whose capture failed, or
-            # a key whose graphs' outputs still wait for their backward
-            self._seen = call if first_sight else self._seen
+        if entry is None and call not in self._warmed:  # a warm-up, on device scalars as captured
+            loss = eager(_with_device_scalars(update, features.device))
+            loss.grad_fn.register_hook(lambda *_: self._warm(call))  # after its backward ran
+            return loss
+        if call in self.failed or (entry is not None and entry.busy):
+            # eager: a key whose capture failed, or whose graphs' outputs still wait for their backward
             return eager(_with_device_scalars(update, features.device))
         if entry is None:
-            entry = self._new_entry(call, weight, update, features.device)
+            entry = self._new_entry(call, weight, group, update, features.device)
         else:
             self._entries.move_to_end(call)
         try:
@@ -182,13 +192,17 @@ class HeadStepGraphs:
             stacklevel=3,
         )
 
-    def _new_entry(self, call, weight, update, device) -> _Entry:
-        while len(self._entries) >= MAX_KEYS:  # the oldest key's graphs and pool go
-            _, dropped = self._entries.popitem(last=False)
-            if dropped.busy:  # pragma: no cover - MAX_KEYS forwards in flight at once
-                self._entries[dropped.call] = dropped
-                break
-        entry = _Entry(call, weight, dataclasses.replace(update), device)
+    def _warm(self, call: _Call) -> None:
+        self._warmed[call] = None
+        self._warmed.move_to_end(call)
+        while len(self._warmed) > 4 * MAX_KEYS:
+            self._warmed.popitem(last=False)
+
+    def _new_entry(self, call, weight, group, update, device) -> _Entry:
+        idle = [key for key, entry in self._entries.items() if not entry.busy]  # oldest first
+        for key in idle[: max(0, len(self._entries) - MAX_KEYS + 1)]:  # their graphs and pools go
+            del self._entries[key]
+        entry = _Entry(call, weight, group, dataclasses.replace(update), device)
         self._entries[call] = entry
         return entry
 
@@ -283,7 +297,7 @@ def _forward_body(entry: _Entry) -> None:
         call.ignore_index,
         True,
     )
-    lse, target_logit, owned_total, error = local_pass.merge(None)
+    lse, target_logit, owned_total, error = local_pass.merge(entry.group)  # one rank: no collective
     checks = MergeChecks()
     entry.loss, entry.num_valid = mean_loss_after_merge(
         lse, target_logit, owned_total, error, entry.labels, local_pass.valid, call.ignore_index, checks
@@ -336,6 +350,11 @@ class _ReplayedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.token is None:  # its step landed already; the entry may hold a later forward's state
+            raise RuntimeError(
+                "the head step's backward ran already (it applied the SGD step): with head.cuda_graph a loss "
+                "takes one backward (no retain_graph)"
+            )
         entry = ctx.entry
         ctx.graphs.run_backward(entry, grad_loss)
         grad_features = entry.grad_features.clone()
