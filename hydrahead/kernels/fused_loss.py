@@ -150,6 +150,52 @@ def _local_pass(
     return out
 
 
+def merged_pass(
+    features, weight_shard, labels, class_start, group, num_classes, scale, margin, margin_type, ignore_index,
+    lse_only, checks, logit_offset=None,
+):  # fmt: skip
+    """The local pass and the ranks' merge: (local pass, lse, target logit, loss, valid count,
+    lse with +inf on ignored rows, where P must be 0)."""
+    local_pass = _local_pass(
+        features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, lse_only,
+        logit_offset=logit_offset,
+    )  # fmt: skip
+    lse, target_logit, owned_total, error = local_pass.merge(group)
+    loss, num_valid = mean_loss_after_merge(
+        lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks
+    )
+    lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
+    return local_pass, lse, target_logit, loss, num_valid, lse_valid
+
+
+def gradient_scale(grad_loss, scale, num_valid):
+    """The logits' gradient scale: the incoming gradient times the logit scale over the valid
+    labels (a device tensor: the kernels read it from memory, so no host read)."""
+    return grad_loss.float() * scale / per_valid_label(num_valid)
+
+
+def gemm_backward(local_pass, lse_valid, grad_scale, update, want_features: bool, want_weight: bool):
+    """The exact gemm path's (dF of the kernels' operand, dW or None) from the forward's pass."""
+    return exact_backward(
+        *local_pass.kernel_args,
+        lse_valid,
+        grad_scale=grad_scale,
+        update=update,
+        want_features=want_features,
+        want_weight=want_weight,
+        logit_offset=local_pass.logit_offset,
+        target_logit=local_pass.target_logit,
+        **local_pass.kernel_options,
+    )
+
+
+def features_gradient(local_pass, grad_feat_op, dtype):
+    """dF of the features as given (through the normalisation for cosine logits), in their dtype."""
+    if local_pass.feat_unit is not None:
+        grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
+    return grad_feat_op.to(dtype)
+
+
 def _filtered_gradients(local_pass, lse_valid, target_logit, grad_filter, row_scale, grad_scale):
     """dF and the sparse dW (touched classes, their rows) from the entries with |softmax - onehot|
     >= grad_filter; (exact dF, None) when far more entries qualify than a filter is for."""
@@ -227,25 +273,22 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
         filtered = grad_filter > 0
         gemm = not filtered and exact_kernels == "gemm"
         _check_offsets_run_on_gemm(logit_offset, gemm, grad_filter, exact_kernels)
-        local_pass = _local_pass(
+        local_pass, lse, target_logit, loss, num_valid, ctx.lse_valid = merged_pass(
             features,
             weight_shard,
             labels,
             class_start,
+            group,
             num_classes,
             scale,
             margin,
             margin_type,
             ignore_index,
             filtered or gemm,
-            logit_offset=logit_offset,
-        )
-        lse, target_logit, owned_total, error = local_pass.merge(group)
-        loss, num_valid = mean_loss_after_merge(
-            lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks
+            checks,
+            logit_offset,
         )
         ctx.local_pass, ctx.target_logit = local_pass, target_logit
-        ctx.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()  # +inf: ignored rows get p = 0
         ctx.grad_feat_op = None
         ctx.features_meta = (features.shape, features.dtype, features.device)
         if (
@@ -280,21 +323,13 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             grad_features = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
             return grad_features, *(None,) * 14
         grad = grad_loss.float()
-        grad_scale = grad * ctx.scale / per_valid_label(ctx.num_valid)
+        grad_scale = gradient_scale(grad_loss, ctx.scale, ctx.num_valid)
         want_weight = ctx.update is not None or ctx.needs_input_grad[1]
         sparse = None
         grad_weight = None
         if ctx.gemm:
-            grad_feat_op, grad_weight = exact_backward(
-                *local_pass.kernel_args,
-                ctx.lse_valid,
-                grad_scale=grad_scale,
-                update=ctx.update,
-                want_features=ctx.needs_input_grad[0],
-                want_weight=want_weight,
-                logit_offset=local_pass.logit_offset,
-                target_logit=local_pass.target_logit,
-                **local_pass.kernel_options,
+            grad_feat_op, grad_weight = gemm_backward(
+                local_pass, ctx.lse_valid, grad_scale, ctx.update, ctx.needs_input_grad[0], want_weight
             )
         elif ctx.grad_filter > 0:
             row_scale = torch.where(local_pass.valid, grad_scale, 0.0)
@@ -325,9 +360,7 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             )
         grad_features = None
         if ctx.needs_input_grad[0]:
-            if local_pass.feat_unit is not None:
-                grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
-            grad_features = grad_feat_op.to(ctx.features_dtype)
+            grad_features = features_gradient(local_pass, grad_feat_op, ctx.features_dtype)
         del ctx.grad_feat_op, ctx.local_pass
         return grad_features, grad_weight, *(None,) * 13
 

@@ -46,13 +46,7 @@ from collections import OrderedDict
 import torch
 
 from hydrahead.distributed.collectives import group_world_size
-from hydrahead.distributed.sharded_softmax import (
-    MergeChecks,
-    local_error_code,
-    mean_loss_after_merge,
-    normalize_rows_backward,
-    per_valid_label,
-)
+from hydrahead.distributed.sharded_softmax import MergeChecks, local_error_code
 from hydrahead.kernels.shard_ce import SGDUpdate
 
 MAX_KEYS = 2
@@ -282,50 +276,35 @@ def _with_device_scalars(update: SGDUpdate, device) -> SGDUpdate:
 
 def _forward_body(entry: _Entry) -> None:
     """The forward as the eager gemm path runs it, on the entry's inputs."""
-    from hydrahead.kernels.fused_loss import _local_pass
+    from hydrahead.kernels.fused_loss import merged_pass
 
     call = entry.call
-    local_pass = _local_pass(
+    checks = MergeChecks()
+    entry.local_pass, _, _, entry.loss, entry.num_valid, entry.lse_valid = merged_pass(
         entry.features,
         entry.weight,
         entry.labels,
         call.class_start,
+        entry.group,  # one rank: no collective
         call.num_classes,
         call.scale,
         call.margin,
         call.margin_type,
         call.ignore_index,
         True,
-    )
-    lse, target_logit, owned_total, error = local_pass.merge(entry.group)  # one rank: no collective
-    checks = MergeChecks()
-    entry.loss, entry.num_valid = mean_loss_after_merge(
-        lse, target_logit, owned_total, error, entry.labels, local_pass.valid, call.ignore_index, checks
+        checks,
     )
     entry.check_values = checks.values(entry.features.device)
-    entry.lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
-    entry.local_pass = local_pass
 
 
 def _backward_body(entry: _Entry) -> None:
     """The backward as the eager gemm path runs it: dF, and the SGD step on the rows."""
-    from hydrahead.kernels.exact_gemm import exact_backward
+    from hydrahead.kernels.fused_loss import features_gradient, gemm_backward, gradient_scale
 
-    local_pass = entry.local_pass
-    grad_scale = entry.grad.float() * entry.call.scale / per_valid_label(entry.num_valid)
-    grad_feat_op, _ = exact_backward(
-        *local_pass.kernel_args,
-        entry.lse_valid,
-        grad_scale=grad_scale,
-        update=dataclasses.replace(entry.update, lr=entry.lr, step=entry.step),
-        want_features=True,
-        want_weight=True,
-        target_logit=local_pass.target_logit,
-        **local_pass.kernel_options,
-    )
-    if local_pass.feat_unit is not None:
-        grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
-    entry.grad_features = grad_feat_op.to(entry.call.features_dtype)
+    update = dataclasses.replace(entry.update, lr=entry.lr, step=entry.step)
+    grad_scale = gradient_scale(entry.grad, entry.call.scale, entry.num_valid)
+    grad_feat_op, _ = gemm_backward(entry.local_pass, entry.lse_valid, grad_scale, update, True, True)
+    entry.grad_features = features_gradient(entry.local_pass, grad_feat_op, entry.call.features_dtype)
 
 
 class _CaptureFailed(Exception):
