@@ -390,7 +390,7 @@ def test_config_refuses_what_the_graphs_cannot_replay(overrides, words):
         validate(cfg)
 
 
-def test_config_takes_one_rank_only_and_trainer_a_gpu_only():
+def test_config_takes_one_rank_only_and_the_head_the_fused_kernels_only():
     cfg = load_config(None, ["head.impl=triton", "head.cuda_graph=true"])
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="one rank"):
@@ -400,6 +400,15 @@ def test_config_takes_one_rank_only_and_trainer_a_gpu_only():
     with pytest.raises(ValueError, match="impl='triton'"):
         ShardedClassifier(10, 8, impl="reference", cuda_graph=True)
     assert isinstance(ShardedClassifier(10, 8, impl="triton", cuda_graph=True).step_graphs, HeadStepGraphs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a CPU run")
+def test_trainer_refuses_cuda_graph_on_a_cpu_run(tmp_path):
+    from launcher import launch
+
+    proc = launch(tmp_path / "run", 1, "head.impl=triton", "head.cuda_graph=true", check=False)
+    assert proc.returncode != 0
+    assert "head.cuda_graph replays CUDA graphs: it needs a CUDA device" in proc.stdout + proc.stderr
 
 
 # ----------------------------------------------------------------------------------------
