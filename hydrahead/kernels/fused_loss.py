@@ -575,16 +575,7 @@ class FusedMicroBatches:
                 else:
                     self._sparse.append(sparse)
             elif self.gemm:
-                grad_feat_op, _ = exact_backward(
-                    *local_pass.kernel_args,
-                    lse_valid,
-                    grad_scale=self.grad_scale,
-                    update=None,
-                    want_weight=False,
-                    logit_offset=self.logit_offset,
-                    target_logit=local_pass.target_logit,
-                    **local_pass.kernel_options,
-                )
+                grad_feat_op, _ = gemm_backward(local_pass, lse_valid, self.grad_scale, None, True, False)
             else:
                 _, weight, inv_norm, _ = local_pass.kernel_args
                 grad_feat_op = _exact_feature_grad(
@@ -597,10 +588,8 @@ class FusedMicroBatches:
                     local_pass.local,
                     row_scale,
                 )
-            if local_pass.feat_unit is not None:
-                grad_feat_op = normalize_rows_backward(grad_feat_op, local_pass.feat_unit, local_pass.feat_norm)
         self._rows.append((rows, features.detach(), lse_valid))
-        return loss_sum, grad_feat_op.to(features.dtype)
+        return loss_sum, features_gradient(local_pass, grad_feat_op, features.dtype)
 
     def check(self, checks: MergeChecks | None = None) -> None:
         """Raise what the chunks' collectives revealed (a bad shard, labels no shard owns), or
