@@ -19,6 +19,10 @@ pass, the LSE pass, its launch wrapper and the kernel's dispatch, and the first 
 launch; then what one small torch launch costs first after a host sync and next. Needs a
 CUDA GPU.
 
+``--method ours-cg`` runs ``host``, ``timeline`` and ``step`` on the steps replayed by
+``head.cuda_graph`` (``host`` then marks the graphs' loss, the forward's replay and the
+backward's), ``--method ours-graph`` on the benchmark's whole-step capture.
+
 ``timeline`` profiles three eager steps (``torch.profiler``, host and GPU) and prints, for
 the middle one, every stretch of at least ``--min-gap-us`` in which the GPU ran none of the
 step's kernels, with the host ops that started during it: where a small step waits, and on
@@ -50,17 +54,17 @@ def run_dw_update(shape: tuple[int, int, int], launches: int) -> None:
         fused_dw_update(probs, feats, rows, buffer, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def run_step(shape: tuple[int, int, int], launches: int) -> None:
-    step = _head_step(shape)
+def run_step(shape: tuple[int, int, int], launches: int, method: str = "ours") -> None:
+    step = _head_step(shape, method)
     for _ in range(launches):
         step()
 
 
-def run_host(shape: tuple[int, int, int], steps: int) -> None:
+def run_host(shape: tuple[int, int, int], steps: int, method: str = "ours") -> None:
     import statistics
     import time
 
-    from hydrahead.kernels import filtered, fused_loss, pingpong
+    from hydrahead.kernels import filtered, fused_loss, graphed, pingpong
 
     marks: dict[str, float] = {}
 
@@ -75,13 +79,19 @@ def run_host(shape: tuple[int, int, int], steps: int) -> None:
 
         setattr(owner, name, wrapper)
 
-    timed(fused_loss, "_local_pass", "local pass (labels, then the LSE)")
-    timed(filtered, "shard_lse", "LSE pass")
-    timed(pingpong, "split_stats", "its launch wrapper")
-    if pingpong.GLUON:
-        timed(pingpong._pingpong_lse_kernel, "run", "the kernel's dispatch")
-    timed(pingpong, "write_probs", "first P chunk's launch")
-    step = _head_step(shape)
+    if method == "ours-cg":  # the library's graphs: the host's way to each replay and between them
+        timed(graphed.HeadStepGraphs, "loss", "graphs' loss (key, inputs' copies, replay)")
+        timed(graphed.HeadStepGraphs, "run_forward", "the forward's copies and replay")
+        timed(graphed._ReplayedLoss, "backward", "autograd's backward (grad copy, replay, dF's copy)")
+        timed(graphed.HeadStepGraphs, "run_backward", "the backward's replay")
+    else:
+        timed(fused_loss, "_local_pass", "local pass (labels, then the LSE)")
+        timed(filtered, "shard_lse", "LSE pass")
+        timed(pingpong, "split_stats", "its launch wrapper")
+        if pingpong.GLUON:
+            timed(pingpong._pingpong_lse_kernel, "run", "the kernel's dispatch")
+        timed(pingpong, "write_probs", "first P chunk's launch")
+    step = _head_step(shape, method)
     for _ in range(3):
         step()
     samples = []
@@ -89,8 +99,9 @@ def run_host(shape: tuple[int, int, int], steps: int) -> None:
         marks.clear()
         start = time.perf_counter()
         step()  # ends with the host's read of the checks: the next one starts on an idle GPU
+        marks["step's end (its read done)"] = time.perf_counter()
         samples.append({tag: (at - start) * 1e6 for tag, at in marks.items()})
-    print(f"host time of the eager step at {'x'.join(map(str, shape))}, median of {steps} steps, us from its start:")
+    print(f"host time of the {method} step at {'x'.join(map(str, shape))}, median of {steps} steps, us from its start:")
     for tag in samples[0]:
         print(f"  {tag:34s} {statistics.median(s[tag] for s in samples if tag in s):8.1f}")
     small = torch.zeros(16, device="cuda")
@@ -126,10 +137,10 @@ def idle_stretches(kernels, host_ops, min_gap: float, since: float | None = None
 STEP_RANGE = "head step"  # each profiled step's record_function range, numbered
 
 
-def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
+def run_timeline(shape: tuple[int, int, int], min_gap_us: float, method: str = "ours") -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    step = _head_step(shape)
+    step = _head_step(shape, method)
     for _ in range(4):
         step()
     torch.cuda.synchronize()
@@ -161,7 +172,7 @@ def run_timeline(shape: tuple[int, int, int], min_gap_us: float) -> None:
     ]
     busy = sum(end - start for start, end, _ in kernels)
     print(
-        f"eager step at {'x'.join(map(str, shape))} (profiled): host {t1 - t0:.0f} us, {len(kernels)} kernels "
+        f"{method} step at {'x'.join(map(str, shape))} (profiled): host {t1 - t0:.0f} us, {len(kernels)} kernels "
         f"busy {busy:.0f} us; GPU idle stretches of {min_gap_us:g} us or more:"
     )
     for gap in idle_stretches(kernels, host, min_gap_us, since=0.0):
@@ -182,7 +193,10 @@ def kernel_totals(kernels) -> list[tuple[str, tuple[int, float]]]:
     return sorted(((name, (c, t)) for name, (c, t) in totals.items()), key=lambda item: -item[1][1])
 
 
-def _head_step(shape: tuple[int, int, int]):
+METHODS = ("ours", "ours-cg", "ours-graph")  # eager, the library's graphs, the benchmark's whole-step capture
+
+
+def _head_step(shape: tuple[int, int, int], method: str = "ours"):
     args = argparse.Namespace(
         seed=0,
         target_prob=0.25,
@@ -192,7 +206,9 @@ def _head_step(shape: tuple[int, int, int]):
         grad_filter=head_kernels.CCE_BF16_FILTER,
     )
     problem = head_kernels.make_problem(shape, "peaked", torch.device("cuda"), args)
-    return head_kernels.build_step("ours", problem, args)
+    if method in head_kernels.GRAPHED:
+        return head_kernels.captured(method, problem, args)
+    return head_kernels.build_step(method, problem, args)
 
 
 def main(argv=None) -> None:
@@ -203,6 +219,13 @@ def main(argv=None) -> None:
         help="the fused dW kernel alone, whole head steps, the host time of eager steps, or where the GPU idles",
     )
     parser.add_argument("--shape", default="1024x512x1048576", help="GxDxC_r (default 1024x512x1048576)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="ours",
+        help="step, host and timeline: the eager step, head.cuda_graph's replays, or the whole step captured "
+        "(default ours)",
+    )
     parser.add_argument(
         "--launches", type=int, default=None, help="kernel launches or steps (default 2; host: 40 timed steps)"
     )
@@ -218,13 +241,16 @@ def main(argv=None) -> None:
         raise SystemExit("profile_kernels.py runs the GPU kernels: no CUDA device here")
     shape = head_kernels.parse_shape(args.shape)
     if args.what == "host":
-        run_host(shape, 40 if args.launches is None else args.launches)
+        run_host(shape, 40 if args.launches is None else args.launches, args.method)
         return
     if args.what == "timeline":
-        run_timeline(shape, args.min_gap_us)
+        run_timeline(shape, args.min_gap_us, args.method)
         return
     launches = 2 if args.launches is None else args.launches
-    (run_dw_update if args.what == "dw-update" else run_step)(shape, launches)
+    if args.what == "dw-update":
+        run_dw_update(shape, launches)
+    else:
+        run_step(shape, launches, args.method)
     torch.cuda.synchronize()
     print(f"{args.what} at {args.shape}: {launches} launches done")
 

@@ -203,6 +203,9 @@ def test_the_profiling_helper_takes_only_its_targets_and_refuses_to_run_without_
     with pytest.raises(SystemExit):
         profile_kernels.main(["timeline", "--min-gap-us", "0"])
     assert "positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the steps it can run: eager, head.cuda_graph, the whole step captured
+        profile_kernels.main(["host", "--method", "ours-fp8"])
+    assert "invalid choice" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
     for what in ("step", "host", "timeline"):
         with pytest.raises(SystemExit) as refused:
