@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hydrahead.distributed.collectives import group_world_size
 from hydrahead.distributed.sharded_softmax import (
     MergeChecks,
     check_global_inputs,
     check_label_range,
     check_logit_offset,
     local_error_code,
-    mean_loss_after_merge,
     merge_across_shards,
     normalize_rows,
     normalize_rows_backward,
@@ -44,6 +44,7 @@ from hydrahead.distributed.sharded_softmax import (
 from hydrahead.kernels import filtered as filtered_kernels
 from hydrahead.kernels.exact_gemm import exact_backward, resolve_exact_kernels
 from hydrahead.kernels.graphed import HeadStepGraphs
+from hydrahead.kernels.row_ops import label_rows, loss_rows
 from hydrahead.kernels.shard_ce import (
     FP8,
     SGDUpdate,
@@ -117,13 +118,14 @@ def _local_pass(
     stationary exact kernels; ``lse_only``: the filtered path and the gemm backward).
     ``logit_offset``: one constant per class added to its logits (the LSE pass only)."""
     local_error = local_error_code(features, weight_shard, class_start, num_classes)
-    valid = labels != ignore_index
     if local_error:  # this rank raises after the collectives, with the others: statistics that merge as none
         num_rows, device = features.shape[0], features.device
         running_max = torch.full((num_rows,), float("-inf"), device=device)
         zeros = [torch.zeros(num_rows, device=device), torch.zeros(num_rows, device=device)]
-        return _LocalPass(local_error, valid, running_max, *zeros, torch.zeros((), device=device))
-    out = _LocalPass(local_error, valid, None, None, None, None)  # the kernels below fill the statistics
+        return _LocalPass(local_error, labels != ignore_index, running_max, *zeros, torch.zeros((), device=device))
+    # the labels' masks and local ids in one launch (row_ops)
+    valid, local, owned, local_label, owned_count = label_rows(labels, ignore_index, class_start, weight_shard.shape[0])
+    out = _LocalPass(local_error, valid, None, None, None, owned_count, local=local, owned=owned)
     cosine = margin_type == "cosface"
     weight_shard = weight_shard.detach()
     if cosine:
@@ -132,9 +134,6 @@ def _local_pass(
         inv_norm = inverse_row_norms(weight_shard) if inv_norm is None else inv_norm
     else:
         feat_op = feature_operand(features.detach(), weight_shard.dtype)
-    out.local = labels - class_start
-    out.owned = valid & (out.local >= 0) & (out.local < weight_shard.shape[0])
-    local_label = torch.where(out.owned, out.local, -1).contiguous()
     out.kernel_args = (feat_op, weight_shard, inv_norm, local_label)
     out.kernel_options = dict(scale=scale, target_shift=target_shift_for(margin_type, scale, margin), cosine=cosine)
     if lse_only:  # logits only: the backward recomputes them
@@ -146,7 +145,6 @@ def _local_pass(
         out.running_max, out.running_sum, out.target_logit, out.accumulated = shard_forward(
             *out.kernel_args, **out.kernel_options
         )
-    out.owned_count = out.owned.sum().float()
     return out
 
 
@@ -160,11 +158,19 @@ def merged_pass(
         features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, lse_only,
         logit_offset=logit_offset,
     )  # fmt: skip
-    lse, target_logit, owned_total, error = local_pass.merge(group)
-    loss, num_valid = mean_loss_after_merge(
-        lse, target_logit, owned_total, error, labels, local_pass.valid, ignore_index, checks
+    if group_world_size(group) == 1 and not local_pass.local_error:  # the rank's statistics are the batch's
+        row_max, row_sum, lse = local_pass.running_max, local_pass.running_sum, None
+        target_logit, owned_total, error = local_pass.target_logit, local_pass.owned_count, 0
+    else:
+        row_max = row_sum = None
+        lse, target_logit, owned_total, error = local_pass.merge(group)
+    lse, loss, num_valid, lse_valid, check_values = loss_rows(
+        row_max, row_sum, lse, target_logit, local_pass.valid, owned_total, error
     )
-    lse_valid = torch.where(local_pass.valid, lse, float("inf")).contiguous()
+    if checks is None:  # raised here, with one host read; the count as a number then
+        num_valid = raise_merge_errors(*check_values, labels, local_pass.valid, ignore_index)
+    else:
+        checks.add(*check_values, labels, local_pass.valid, ignore_index)
     return local_pass, lse, target_logit, loss, num_valid, lse_valid
 
 
