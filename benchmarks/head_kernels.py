@@ -432,7 +432,10 @@ def build_step(key: str, p: Problem, args):
                     graphs=graphs,
                     **{"scale": scale, **margin},  # cosface: its own scale (unit rows: the storage scale cancels)
                 )
-                loss.backward()  # applies the SGD step to p.weight in place
+                # applies the SGD step to p.weight in place (head.cuda_graph: as the trainer runs
+                # a replayed step's backward, without autograd's engine)
+                if graphs is None or not graphs.backward(loss, p.features):
+                    loss.backward()
                 state["step"] += 1
                 if capture:
                     return loss.detach(), checks, checks.values(loss.device), state["device_step"]

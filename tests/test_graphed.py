@@ -268,6 +268,88 @@ def test_a_second_backward_of_a_replayed_loss_is_refused():
     assert torch.equal(weight, rows)  # no second step
 
 
+def _direct_steps(direct: bool, batches):
+    """Plain steps (lr and step changing) backed by ``HeadStepGraphs.backward`` where it takes
+    the loss (``direct``) or by autograd: losses, dF, whether each ran directly, W, buffer."""
+    graphs = Recorded()
+    weight, buffer = _head()
+    out = []
+    for step, (features, labels) in enumerate(batches):
+        f = features.clone().requires_grad_()
+        checks = MergeChecks()
+        update = SGDUpdate(0.1 / (step + 1), 0.9, 5e-4, buffer, step=step)
+        loss = triton_sharded_cross_entropy(f, weight, labels, 0, update=update, checks=checks, graphs=graphs)
+        ran = direct and graphs.backward(loss, f)
+        if not ran:
+            loss.backward()
+        out.append((loss.detach(), f.grad, ran))
+    return out, weight, buffer, graphs
+
+
+def test_the_direct_backward_of_a_replayed_loss_equals_autograds():
+    """``HeadStepGraphs.backward`` takes the replayed losses only (not the eager warm-up), and
+    gives autograd's dF, rows and buffer bit for bit."""
+    batches = [_batch(seed) for seed in range(4)]
+    direct, w_direct, b_direct, graphs = _direct_steps(True, batches)
+    through_autograd, w_autograd, b_autograd, _ = _direct_steps(False, batches)
+    assert [ran for *_, ran in direct] == [False, True, True, True] and graphs.replays == 3
+    for (loss, grad, _), (loss_a, grad_a, _) in zip(direct, through_autograd):
+        assert torch.equal(loss, loss_a) and torch.equal(grad, grad_a)
+    assert torch.equal(w_direct, w_autograd) and torch.equal(b_direct, b_autograd)
+
+
+def test_the_direct_backward_refuses_other_losses_and_features_and_runs_once():
+    graphs, other = Recorded(), Recorded()
+    weight, buffer = _head()
+    _loss(graphs, weight, buffer, *_batch(0), checks=MergeChecks()).backward()  # the warm-up
+    features, labels = _batch(1)
+    loss = _loss(graphs, weight, buffer, features, labels, checks=MergeChecks())
+    rows = weight.clone()
+    assert not other.backward(loss, features)  # another head's graphs
+    assert not graphs.backward(loss * 2, features)  # not the replayed loss itself
+    with pytest.raises(ValueError, match="not the ones"):
+        graphs.backward(loss, features.detach().clone().requires_grad_())
+    assert torch.equal(weight, rows) and features.grad is None  # nothing ran
+    assert graphs.backward(loss, features) and features.grad is not None
+    assert not torch.equal(weight, rows)
+    stepped = weight.clone()
+    assert not graphs.backward(loss, features)  # its step landed: no second one
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+    assert torch.equal(weight, stepped)
+
+
+def test_the_head_backs_a_replayed_loss_directly_and_others_through_autograd():
+    """``ShardedClassifier.backward``: dF in the features' .grad either way, the same rows."""
+    from hydrahead.head.classifier import ShardedClassifier
+
+    results = []
+    for direct in (True, False):
+        head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, init_std=0.3, impl="triton", momentum=0.9)
+        head.set_lr(0.1)
+        head.step_graphs = graphs = Recorded()
+        taken = []  # what the head's graphs answered: whether they ran the backward
+        graphs.backward = lambda loss, f, answer=graphs.backward: taken.append(answer(loss, f)) or taken[-1]
+        initial = head.weight.detach().clone()
+        grads = []
+        for step in range(3):
+            features, labels = _batch(step)
+            f = features.requires_grad_()
+            loss = head.loss(f, labels, checks=MergeChecks())
+            if direct:
+                head.backward(loss, f)
+            else:
+                loss.backward()
+            head.finish_step()
+            grads.append(f.grad)
+        assert not torch.equal(head.weight.detach(), initial)  # the rows moved
+        assert taken == ([False, True, True] if direct else [])
+        results.append((grads, head.weight.detach().clone(), head.step_graphs.replays))
+    (grads, weight, replays), (grads_a, weight_a, _) = results
+    assert replays == 2 and all(torch.equal(g, g_a) for g, g_a in zip(grads, grads_a))
+    assert torch.equal(weight, weight_a)
+
+
 def test_a_bad_shard_runs_eagerly_and_fails_the_checks():
     graphs = Recorded()
     weight, buffer = _head()

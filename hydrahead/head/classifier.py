@@ -549,6 +549,14 @@ class ShardedClassifier(nn.Module):
                 **self._loss_options(num_classes, None, checks=checks, logit_offset=logit_offset),
             )
 
+    def backward(self, loss: torch.Tensor, global_features: torch.Tensor) -> None:
+        """``loss.backward()`` for a loss of ``loss`` whose features were ``global_features``: a
+        step replayed from this head's CUDA graphs runs its backward directly (no pass
+        through autograd's engine: ``HeadStepGraphs.backward``), any other through autograd.
+        dF lands in ``global_features.grad`` either way."""
+        if self.step_graphs is None or not self.step_graphs.backward(loss, global_features):
+            loss.backward()
+
     def micro_batches(
         self,
         global_labels: torch.Tensor,

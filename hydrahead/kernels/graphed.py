@@ -31,7 +31,9 @@ merge's all-reduces are not captured), and features that need a gradient under g
 A call that does not qualify runs eagerly, as without graphs; so do a shard that fails the
 local checks (the eager path reports it), a second forward of a key whose first has not had
 its backward yet, and every call of a key whose capture failed (with a warning). A loss
-replayed from the graphs takes one backward: a second (``retain_graph``) raises. The loss
+replayed from the graphs takes one backward: a second (``retain_graph``) raises.
+``backward(loss, features)`` runs that backward without autograd's engine, which spends
+about 0.1 ms handing a CUDA backward to its device thread (the trainer's way). The loss
 and dF handed out are copies, and the checks' values are copied at the forward, so nothing
 a caller holds is overwritten by the next replay.
 """
@@ -240,8 +242,30 @@ class HeadStepGraphs:
         entry.forward_graph.replay()
         self.replays += 1
 
-    def run_backward(self, entry: _Entry, grad_loss: torch.Tensor) -> None:
-        entry.grad.copy_(grad_loss.reshape(()))
+    def backward(self, loss: torch.Tensor, features: torch.Tensor) -> bool:
+        """``loss.backward()`` run directly, without autograd's engine, where ``loss`` is a
+        replayed loss awaiting its backward and ``features`` the features it was called
+        with: its backward graph replays for an incoming gradient of 1 (the SGD step lands)
+        and dF is added to ``features.grad``, as autograd would. Returns whether it ran;
+        False (nothing ran) for any other loss, which the caller backs through autograd.
+
+        The engine hands a CUDA backward to its device thread and waits for it, about 0.1 ms
+        in which a small replayed step's GPU idles (docs/kernels.md); a replayed loss has
+        one input that needs a gradient, so the engine has nothing else to do."""
+        ctx = loss.grad_fn
+        if not isinstance(ctx, _ReplayedLoss._backward_cls) or ctx.graphs is not self or ctx.token is None:
+            return False
+        if ctx.features() is not features:
+            raise ValueError("HeadStepGraphs.backward: features are not the ones this loss was computed from")
+        grad_features = _replayed_backward(ctx, 1.0)
+        if features.grad is None:
+            features.grad = grad_features
+        else:
+            features.grad += grad_features
+        return True
+
+    def run_backward(self, entry: _Entry, grad_loss: torch.Tensor | float) -> None:
+        _fill(entry.grad, grad_loss)
         if not entry.backward_captured:
             # Captured here, in the thread autograd runs backwards in, as the eager warm-up's
             # was: the library handles it made (cuBLAS's) belong to that thread, and creating
@@ -259,7 +283,7 @@ class HeadStepGraphs:
 def _fill(target: torch.Tensor, value) -> None:
     """A device scalar set from a number (a fill: no host sync) or from a tensor."""
     if isinstance(value, torch.Tensor):
-        target.copy_(value.detach().reshape(1))
+        target.copy_(value.detach().reshape(target.shape))
     else:
         target.fill_(value)
 
@@ -324,18 +348,23 @@ class _ReplayedLoss(torch.autograd.Function):
         checks.add(values[0], values[1], values[2], labels, labels != ignore_index, ignore_index)
         ctx.token = _Token()
         entry.pending = weakref.ref(ctx.token)
-        ctx.graphs, ctx.entry = graphs, entry
+        ctx.graphs, ctx.entry, ctx.features = graphs, entry, weakref.ref(features)
         return entry.loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.token is None:  # its step landed already; the entry may hold a later forward's state
-            raise RuntimeError(
-                "the head step's backward ran already (it applied the SGD step): with head.cuda_graph a loss "
-                "takes one backward (no retain_graph)"
-            )
-        entry = ctx.entry
-        ctx.graphs.run_backward(entry, grad_loss)
-        grad_features = entry.grad_features.clone()
-        entry.pending = ctx.token = None
-        return grad_features, None, None, None, None, None
+        return _replayed_backward(ctx, grad_loss), None, None, None, None, None
+
+
+def _replayed_backward(ctx, grad_loss: torch.Tensor | float) -> torch.Tensor:
+    """dF of a replayed loss (a copy), its backward graph replayed for ``grad_loss``."""
+    if ctx.token is None:  # its step landed already; the entry may hold a later forward's state
+        raise RuntimeError(
+            "the head step's backward ran already (it applied the SGD step): with head.cuda_graph a loss "
+            "takes one backward (no retain_graph)"
+        )
+    entry = ctx.entry
+    ctx.graphs.run_backward(entry, grad_loss)
+    grad_features = entry.grad_features.clone()
+    entry.pending = ctx.token = None
+    return grad_features

@@ -775,7 +775,7 @@ class Trainer:
             finite = True  # or not: read with the step's flags, and the step dropped then
         if finite:
             with record_function("hydrahead::head_backward"):
-                loss.backward()
+                self.head.backward(loss, head_input)
             rank = group_rank(head_group)
             local_grad = self.clock.start(
                 "grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)
