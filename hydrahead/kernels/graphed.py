@@ -247,13 +247,16 @@ class HeadStepGraphs:
         replayed loss awaiting its backward and ``features`` the features it was called
         with: its backward graph replays for an incoming gradient of 1 (the SGD step lands)
         and dF is added to ``features.grad``, as autograd would. Returns whether it ran;
-        False (nothing ran) for any other loss, which the caller backs through autograd.
+        False (nothing ran) for any other loss, and for the call that captures the backward
+        graph, which the caller backs through autograd.
 
         The engine hands a CUDA backward to its device thread and waits for it, about 0.1 ms
         in which a small replayed step's GPU idles (docs/kernels.md); a replayed loss has
         one input that needs a gradient, so the engine has nothing else to do."""
         ctx = loss.grad_fn
         if not isinstance(ctx, _ReplayedLoss._backward_cls) or ctx.graphs is not self or ctx.token is None:
+            return False
+        if not ctx.entry.backward_captured:  # captured in autograd's thread, where its library handles are
             return False
         if ctx.features() is not features:
             raise ValueError("HeadStepGraphs.backward: features are not the ones this loss was computed from")
