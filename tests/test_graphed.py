@@ -321,6 +321,52 @@ def test_the_direct_backward_refuses_other_losses_and_features_and_runs_once():
     assert torch.equal(weight, stepped)
 
 
+def test_the_direct_backward_leaves_non_leaf_and_hooked_features_to_autograd_and_adds_to_a_grad():
+    """Features whose gradient flows on, or that a hook watches, are autograd's: the direct
+    backward runs nothing for them. Into a leaf's existing .grad it adds, as autograd does."""
+    graphs = Recorded()
+    weight, buffer = _head()
+    for seed in range(2):  # the warm-up, then the capture
+        _loss(graphs, weight, buffer, *_batch(seed), checks=MergeChecks()).backward()
+
+    base = _batch(2)[0].requires_grad_()
+    features = base * 1.0  # not a leaf: dF must reach base
+    loss = _loss(graphs, weight, buffer, features, _batch(2)[1], checks=MergeChecks())
+    assert not graphs.backward(loss, features)
+    loss.backward()
+    assert base.grad is not None
+
+    seen = []
+    hooked = _batch(3)[0].requires_grad_()
+    hooked.register_hook(seen.append)
+    loss = _loss(graphs, weight, buffer, hooked, _batch(3)[1], checks=MergeChecks())
+    assert not graphs.backward(loss, hooked)
+    loss.backward()
+    assert len(seen) == 1
+    after_hooks = graphs.replays
+
+    features, labels = _batch(4)
+    features.requires_grad_()
+    features.grad = torch.ones_like(features)
+    loss = _loss(graphs, weight, buffer, features, labels, checks=MergeChecks())
+    assert graphs.backward(loss, features) and graphs.replays == after_hooks + 1
+    grad_features = next(iter(graphs._entries.values())).grad_features  # this replay's dF
+    assert torch.equal(features.grad, torch.ones_like(features) + grad_features)
+    assert float(grad_features.abs().sum()) > 0
+
+
+def test_the_direct_backward_checks_the_features_on_the_capturing_call_too():
+    graphs = Recorded()
+    weight, buffer = _head()
+    _loss(graphs, weight, buffer, *_batch(0), checks=MergeChecks()).backward()  # the warm-up
+    features, labels = _batch(1)
+    loss = _loss(graphs, weight, buffer, features, labels, checks=MergeChecks())  # the capturing call
+    with pytest.raises(ValueError, match="not the ones"):
+        graphs.backward(loss, features.detach().clone().requires_grad_())
+    assert not graphs.backward(loss, features)  # the capture: autograd's
+    loss.backward()
+
+
 def test_the_head_backs_a_replayed_loss_directly_and_others_through_autograd():
     """``ShardedClassifier.backward``: dF in the features' .grad either way, the same rows."""
     from hydrahead.head.classifier import ShardedClassifier

@@ -664,7 +664,8 @@ def preflight(
     logit_offsets: bool = False,
 ) -> None:
     """Compile and run once, on a few rows, every kernel that a head step with these
-    settings launches, so that a width or dtype the GPU cannot hold fails before training
+    settings launches and whose tiles depend on them (not ``row_ops``' two, which take any
+    width), so that a width or dtype the GPU cannot hold fails before training
     (``TilesDoNotFit``) instead of in its first step; the tiles found are kept for the run.
     No collective: the kernels are called directly, as one shard. ``logit_offsets``: the
     gemm path's variants that add per-class offsets too (head.fill_correction)."""

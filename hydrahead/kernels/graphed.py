@@ -247,8 +247,9 @@ class HeadStepGraphs:
         replayed loss awaiting its backward and ``features`` the features it was called
         with: its backward graph replays for an incoming gradient of 1 (the SGD step lands)
         and dF is added to ``features.grad``, as autograd would. Returns whether it ran;
-        False (nothing ran) for any other loss, and for the call that captures the backward
-        graph, which the caller backs through autograd.
+        False (nothing ran) for any other loss, for the call that captures the backward
+        graph, and for features that are not a leaf free of hooks (their gradient flows on,
+        or a hook awaits it): the caller backs those through autograd.
 
         The engine hands a CUDA backward to its device thread and waits for it, about 0.1 ms
         in which a small replayed step's GPU idles (docs/kernels.md); a replayed loss has
@@ -256,10 +257,14 @@ class HeadStepGraphs:
         ctx = loss.grad_fn
         if not isinstance(ctx, _ReplayedLoss._backward_cls) or ctx.graphs is not self or ctx.token is None:
             return False
-        if not ctx.entry.backward_captured:  # captured in autograd's thread, where its library handles are
-            return False
         if ctx.features() is not features:
             raise ValueError("HeadStepGraphs.backward: features are not the ones this loss was computed from")
+        if not ctx.entry.backward_captured:  # captured in autograd's thread, where its library handles are
+            return False
+        # Only autograd carries dF past a non-leaf or runs a tensor's hooks (torch keeps them
+        # on these two attributes; a leaf without hooks has them empty or None).
+        if not features.is_leaf or features._backward_hooks or getattr(features, "_post_accumulate_grad_hooks", None):
+            return False
         grad_features = _replayed_backward(ctx, 1.0)
         if features.grad is None:
             features.grad = grad_features

@@ -155,8 +155,8 @@ def loss_rows(row_max, row_sum, lse, target_logit, valid, owned_total, error):
     checks = torch.empty(3, dtype=torch.float64, device=device)
     error_on_device = isinstance(error, torch.Tensor)
     _loss_rows_kernel[(1,)](
-        row_max if from_sums else lse_out,
-        row_sum if from_sums else lse_out,
+        row_max.contiguous() if from_sums else lse_out,
+        row_sum.contiguous() if from_sums else lse_out,
         lse_out,
         target_logit.contiguous(),
         valid,
