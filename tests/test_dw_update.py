@@ -71,12 +71,16 @@ def test_the_fused_kernel_compiles_for_hopper_within_its_registers_and_shared_me
     assert ("wide" in compiled["name"]) == (chosen[4] == 0), (compiled["name"], chosen)
 
 
-def _emulated_kernel(calls, lrs=None):
-    def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay, features_grad=False):
+def _emulated_kernel(calls, lrs=None, skips=None):
+    def fused(probs, feats, rows, buffer, *, lr, momentum, weight_decay, features_grad=False, skip=None):
         calls.append(rows.shape[0])
         if lrs is not None:
             lrs.append(lr)
+        if skips is not None:
+            skips.append(skip)
         grad_feat = probs.double().mm(rows.double()).float() if features_grad else None  # the rows before the step
+        if skip is not None and int(skip):  # the loss's verdict: no row written
+            return grad_feat
         buffer.mul_(momentum).add_(probs.double().t().mm(feats.double()).to(buffer.dtype) + weight_decay * rows)
         rows.sub_(lr * buffer)
         return grad_feat
@@ -91,11 +95,11 @@ def _emulated_kernel(calls, lrs=None):
 def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(
     margin_type, lr_kind, kernel_df, monkeypatch
 ):
-    calls, lrs = [], []
+    calls, lrs, skips = [], [], []
     monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
     monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
     monkeypatch.setattr(dw_update, "takes_features_grad", lambda *args: kernel_df)
-    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, lrs))
+    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, lrs, skips))
     products = []
     matmul = exact_gemm.matmul_fp32
     monkeypatch.setattr(exact_gemm, "matmul_fp32", lambda *args: products.append(1) or matmul(*args))
@@ -130,6 +134,8 @@ def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(
     if calls:  # one float32 lr on the device, made once for the step's chunks
         assert all(got is lrs[0] for got in lrs)
         assert lrs[0].dtype == torch.float32 and lrs[0].shape == (1,) and float(lrs[0]) == lr
+        # the loss's verdict, on the device, the same tensor for every chunk: this step lands
+        assert all(got is skips[0] for got in skips) and skips[0].dtype == torch.int32 and int(skips[0]) == 0
     assert _rel_err(f.grad, f64.grad) < 1e-5, "dF from the rows before the update"
     assert _rel_err(buf, ref_buf) < 1e-5
     assert _rel_err(w - weight, ref_w - weight.double()) < 1e-5, "the update itself, not just the rows"
@@ -137,6 +143,30 @@ def test_the_gemm_path_hands_each_chunk_to_the_fused_kernel_where_it_applies(
 
 def _rel_err(a, b):
     return float((a.double() - b).norm() / b.norm())
+
+
+def test_the_fused_kernel_is_handed_the_verdict_of_a_nan_loss(monkeypatch):
+    """A NaN feature: every chunk's launch gets the loss's skip flag set (the kernel itself is
+    held to it on a GPU: test_kernels_gpu.py), so an emulated kernel that honours it leaves
+    the rows and buffer as they were."""
+    calls, skips = [], []
+    monkeypatch.setattr(exact_gemm, "FUSED_DW_UPDATE", True)
+    monkeypatch.setattr(dw_update, "fused_update_applies", lambda *args: True)
+    monkeypatch.setattr(dw_update, "fused_dw_update", _emulated_kernel(calls, skips=skips))
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "0.001")
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(29, 24, generator=gen)
+    features[3, 3] = float("nan")
+    weight = torch.randn(600, 24, generator=gen) * 0.3
+    buffer = torch.randn_like(weight) * 0.01
+    w, buf = weight.clone(), buffer.clone()
+    labels = torch.randint(0, 600, (29,), generator=gen)
+    update = SGDUpdate(lr=0.5, momentum=0.9, weight_decay=5e-4, momentum_buffer=buf)
+    loss = triton_sharded_cross_entropy(features.requires_grad_(), w, labels, 0, update=update, exact_kernels="gemm")
+    loss.backward()
+    assert torch.isnan(loss) and calls == [256, 256, 88]
+    assert all(got is skips[0] for got in skips) and int(skips[0]) == 1
+    assert torch.equal(w, weight) and torch.equal(buf, buffer)
 
 
 def test_the_fused_kernel_takes_only_the_step_it_implements():
@@ -258,7 +288,8 @@ def test_the_wide_variant_refuses_rows_it_cannot_index(monkeypatch):
         (rows.float(), buffer),
     ):
         with pytest.raises(ValueError, match="wide variant takes"):
-            dw_update._launch_wide(probs, feats, *wrong, (128, 128, 64, 6, 0, 0), 0.1, 0.9, 0.0, programs=1)
+            no_skip = torch.zeros((), dtype=torch.int32)
+            dw_update._launch_wide(probs, feats, *wrong, (128, 128, 64, 6, 0, 0), 0.1, no_skip, 0.9, 0.0, programs=1)
 
 
 @pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False"), ("1", "True")])

@@ -546,9 +546,10 @@ def test_trainer_refuses_cuda_graph_on_a_cpu_run(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5):
+def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5, nan_at=None):
     """``steps`` head steps (G x 512 x 40,000, several P chunks) on fresh batches, lr and
-    step changing each time: losses, dF, then the rows and buffer."""
+    step changing each time: losses, dF, then the rows and buffer. ``nan_at``: that step's
+    batch has a NaN in a valid row, and the rows must come out of it as they went in."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     num_classes, dim = 40_000, 512
     fp8 = weight_dtype == torch.float8_e4m3fn
@@ -557,7 +558,11 @@ def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5):
     margin = dict(margin_type="cosface", scale=32.0, margin=0.3) if margin_type == "cosface" else {}
     out = []
     for step in range(steps):
-        f = torch.randn(num_rows, dim, device="cuda", generator=gen).bfloat16().requires_grad_()
+        f = torch.randn(num_rows, dim, device="cuda", generator=gen).bfloat16()
+        if step == nan_at:
+            f[1, 2] = float("nan")  # rows 0, 9, ... are ignored
+            before = weight.clone(), buffer.clone()
+        f.requires_grad_()
         labels = torch.randint(0, num_classes, (num_rows,), device="cuda", generator=gen)
         labels[::9] = -100
         update = SGDUpdate(
@@ -570,6 +575,10 @@ def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5):
         (loss * 2.0).backward()
         checks.raise_if_failed(checks.values(loss.device).tolist())
         out.append((loss.detach(), f.grad))
+        if step == nan_at:
+            assert bool(torch.isnan(loss)), "the NaN reached the loss"
+            assert torch.equal(weight.view(torch.uint8), before[0].view(torch.uint8)), "rows moved on a NaN loss"
+            assert torch.equal(buffer, before[1]), "the buffer moved on a NaN loss"
     torch.cuda.synchronize()
     return out, weight, buffer
 
@@ -594,6 +603,22 @@ def test_cuda_graph_steps_equal_the_eager_ones(num_rows, weight_dtype, margin_ty
     for step, ((loss, grad), (loss_e, grad_e)) in enumerate(zip(replayed, eager)):
         assert torch.equal(loss, loss_e), step
         assert torch.equal(grad, grad_e), step
+    assert torch.equal(w_replayed.float(), w_eager.float()) and torch.equal(b_replayed, b_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "num_rows, weight_dtype", [(256, torch.bfloat16), (700, torch.bfloat16), (512, torch.float8_e4m3fn)]
+)
+def test_a_nan_step_is_held_back_eager_and_replayed(num_rows, weight_dtype, monkeypatch):
+    """The fourth step's loss is NaN (a replay with graphs): on the real kernels (the fused
+    dW kernel with dF at 256 rows, its wide variant at 700, the fp8 update pass) neither the
+    eager nor the replayed step moves the rows, and the runs stay equal bit for bit."""
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "8")
+    graphs = HeadStepGraphs()
+    _, w_replayed, b_replayed = _gpu_steps(graphs, num_rows, weight_dtype, "none", nan_at=3)
+    _, w_eager, b_eager = _gpu_steps(None, num_rows, weight_dtype, "none", nan_at=3)
+    assert graphs.replays == 4
     assert torch.equal(w_replayed.float(), w_eager.float()) and torch.equal(b_replayed, b_eager)
 
 

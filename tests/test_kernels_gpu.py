@@ -732,6 +732,46 @@ def test_the_fused_dw_update_reads_an_lr_on_the_device_as_it_takes_a_number(num_
 
 
 @pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
+@pytest.mark.parametrize("num_rows", [200, 300, 700])  # dF in the kernel; F held with slots; the wide variant
+def test_the_fused_dw_update_held_back_writes_nothing(num_rows):
+    """skip = 1 (a bad loss's verdict): rows and buffer keep every bit, even with a NaN in P,
+    and the kernel's dF is the one a landing step gives; skip = 0: the step without a flag."""
+    from hydrahead.kernels import dw_update
+    from hydrahead.kernels.dw_update import fused_dw_update
+
+    gen = torch.Generator().manual_seed(num_rows + 1)
+    probs = (torch.randn(num_rows, 1000, generator=gen) * 1e-3).bfloat16().cuda()
+    feats = torch.randn(num_rows, 320, generator=gen).bfloat16().cuda()
+    rows = (torch.randn(1000, 320, generator=gen) * 0.02).bfloat16().cuda()
+    buffer = (torch.randn(1000, 320, generator=gen) * 1e-3).cuda()
+    features_grad = dw_update.takes_features_grad(num_rows)
+    options = dict(lr=torch.tensor([0.1], device="cuda"), momentum=0.9, weight_decay=5e-4, features_grad=features_grad)
+    outs = {}
+    for name, skip, nan in (("held", 1, True), ("held", 1, False), ("landed", 0, False), ("plain", None, False)):
+        p = probs.clone()
+        if nan:
+            p[5, 7] = float("nan")
+        new_rows, new_buf = rows.clone(), buffer.clone()
+        flag = None if skip is None else torch.full((), skip, dtype=torch.int32, device="cuda")
+        grad = fused_dw_update(p, feats, new_rows, new_buf, skip=flag, **options)
+        if name == "held":
+            assert torch.equal(new_rows.view(torch.int16), rows.view(torch.int16)), (num_rows, nan)
+            assert torch.equal(new_buf.view(torch.int32), buffer.view(torch.int32)), (num_rows, nan)
+        outs.setdefault(name, (grad, new_rows, new_buf))
+    df_held = outs["held"][0]
+    (df_landed, rows_landed, buf_landed), (df_plain, rows_plain, buf_plain) = outs["landed"], outs["plain"]
+    assert torch.equal(rows_landed.view(torch.int16), rows_plain.view(torch.int16))
+    assert torch.equal(buf_landed, buf_plain)
+    assert float((rows_landed != rows).float().mean()) > 0.5
+    if features_grad:  # the rows before the step, either way
+        assert torch.equal(df_landed, df_plain)
+        assert rel_err(df_landed, probs.double() @ rows.double()) < 1e-5
+        assert df_held is not None and bool(torch.isnan(df_held).any())  # the NaN run came first
+    else:
+        assert df_held is df_landed is df_plain is None
+
+
+@pytest.mark.skipif(not _hopper_with_gluon(), reason="the fused dW + update kernel runs on sm_90 with Gluon")
 @pytest.mark.parametrize(
     "num_rows, num_classes, dim, programs, tiles",
     [

@@ -1,6 +1,7 @@
 """The per-row kernels around the head's passes (``hydrahead.kernels.row_ops``) against their
 torch forms, on fresh random batches: odd sizes, batches longer than one loop step, ignored
-labels, labels of other shards, no valid row at all."""
+labels, labels of other shards, no valid row at all; and the step's verdict (the loss not finite,
+or its checks failed) that the update kernels read."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_loss_rows_equal_float64_torch(num_rows, from_sums, error_on_device):
     got = row_ops.loss_rows(
         *(on_device(x) for x in inputs), on_device(target), valid.to(DEVICE), on_device(owned), on_device(error)
     )
-    lse, loss, num_valid, lse_valid, checks = (x.cpu() for x in got)
+    lse, loss, num_valid, lse_valid, checks, skip = (x.cpu() for x in got)
     assert lse.dtype == lse_valid.dtype == loss.dtype == torch.float32
     torch.testing.assert_close(lse.double(), want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss.double(), want[1], rtol=1e-5, atol=1e-6)
@@ -79,14 +80,65 @@ def test_loss_rows_equal_float64_torch(num_rows, from_sums, error_on_device):
     assert torch.equal(torch.isinf(lse_valid), ~valid)
     torch.testing.assert_close(lse_valid[valid].double(), want[3][valid], rtol=1e-6, atol=1e-6)
     assert checks.dtype == torch.float64 and checks.tolist() == want[4].tolist()
+    assert skip.dtype == torch.int32 and int(skip) == int(want[5]) == 1  # the error code fails the checks
 
 
 def test_loss_rows_with_no_valid_row_give_a_zero_loss():
     row_max, row_sum, target, _ = _sums(50, seed=1)
     valid = torch.zeros(50, dtype=torch.bool)
     args = [x.float().to(DEVICE) for x in (row_max, row_sum)]
-    _, loss, num_valid, lse_valid, checks = row_ops.loss_rows(
+    _, loss, num_valid, lse_valid, checks, skip = row_ops.loss_rows(
         *args, None, target.float().to(DEVICE), valid.to(DEVICE), torch.zeros((), device=DEVICE), 0
     )
     assert float(loss) == 0.0 and int(num_valid) == 0
     assert bool(torch.isinf(lse_valid).all()) and checks.tolist() == [0.0, 0.0, 0.0]
+    assert int(skip) == 0  # nothing to learn from, but nothing wrong: the step lands
+
+
+@pytest.mark.parametrize("from_sums", [True, False])
+@pytest.mark.parametrize(
+    "case, want_skip",
+    [
+        ("sound", 0),
+        ("error on the host", 1),
+        ("error on the device", 1),
+        ("a label no shard owns", 1),
+        ("owned off by less than a half", 0),
+        ("a NaN row", 1),
+        ("an infinite lse", 1),
+        ("a NaN row that is ignored", 0),
+    ],
+)
+def test_loss_rows_verdict_follows_the_checks_and_the_loss(from_sums, case, want_skip):
+    """skip = 1 exactly where MergeChecks would raise or the loss is not finite; the kernel
+    and its torch form agree on each case."""
+    num_rows = 70
+    row_max, row_sum, target, valid = _sums(num_rows, seed=11)
+    valid[:6] = True
+    num_valid = int(valid.sum())
+    owned, error = torch.tensor(float(num_valid)), 0
+    if case == "error on the host":
+        error = 3
+    elif case == "error on the device":
+        error = torch.tensor(4.0)
+    elif case == "a label no shard owns":
+        owned = owned - 1
+    elif case == "owned off by less than a half":  # a float32 sum of counts, read as MergeChecks rounds it
+        owned = owned + 0.25
+    elif case == "a NaN row":
+        row_max[1] = float("nan")
+    elif case == "an infinite lse":
+        row_sum[2] = float("inf")
+    elif case == "a NaN row that is ignored":
+        row_max[5], valid[5], owned = float("nan"), False, owned - 1
+    lse64 = row_max + torch.log(row_sum)
+    inputs = (row_max, row_sum, None) if from_sums else (None, None, lse64)
+    want = row_ops.loss_rows_reference(*inputs, target, valid, owned.double(), error)
+
+    def on_device(x):
+        return x.to(DEVICE, torch.float32) if isinstance(x, torch.Tensor) else x
+
+    got = row_ops.loss_rows(
+        *(on_device(x) for x in inputs), on_device(target), valid.to(DEVICE), on_device(owned), on_device(error)
+    )
+    assert int(got[5]) == int(want[5]) == want_skip, case

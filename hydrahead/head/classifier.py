@@ -172,6 +172,7 @@ class ShardedClassifier(nn.Module):
         if impl != "reference" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float8_e4m3fn):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
         self._active: ActiveCopies | None = None  # a loss over active rows, until finish_step
+        self._judged_on_device = False  # the last loss's in-place step waits on its own verdict (triton)
         self.inactive_rows = inactive_rows
         if settle_every is not None and not 1 <= settle_every <= MAX_LAG:
             raise ValueError(f"settle_every must be in [1, {MAX_LAG}], got {settle_every}")
@@ -431,6 +432,14 @@ class ShardedClassifier(nn.Module):
         Not so when the fused kernels stepped the whole shard in place in the backward."""
         return self.impl == "reference" or self._active is not None
 
+    @property
+    def step_judged_on_device(self) -> bool:
+        """Whether the last loss's in-place step lands only if that loss is finite and its
+        checks pass, judged on the device (the fused gemm and filtered paths: ``SGDUpdate.skip``).
+        A caller may then leave both to its step's one read, as for a discardable step; what
+        it cannot do is drop the step for another reason after the backward."""
+        return self.impl == "triton" and self._active is None and self._judged_on_device
+
     def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor, check_rows: bool):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
         from hydrahead.head.selection import remap_labels
@@ -530,7 +539,11 @@ class ShardedClassifier(nn.Module):
         with self._no_step_pending_on_error():
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy
+                from hydrahead.kernels.fused_loss import step_gated
 
+                self._judged_on_device = step_gated(
+                    weight, global_features.shape[0], self.grad_filter, self.exact_kernels
+                )
                 # graphs for the whole shard only: active rows are copies, new every step
                 graphs = self.step_graphs if self._active is None else None
                 return triton_sharded_cross_entropy(

@@ -309,6 +309,7 @@ if GLUON:
         tiles_d,
         k_steps,
         lr,
+        hold,
         momentum,
         weight_decay,
         NUM_WARPS: gl.constexpr,
@@ -346,8 +347,9 @@ if GLUON:
                 b_bufs.index(slot).store(buf)
                 w_bufs.index(slot).store((w - lr * buf).to(gl.bfloat16))
                 fence_async_shared()  # the stores above, before the copy engine reads them
-                _tma_store(b_desc, [c0, d0], b_bufs.index(slot))
-                _tma_store(w_desc, [c0, d0], w_bufs.index(slot))
+                if hold == 0:  # the loss's verdict: a held-back step writes nothing back
+                    _tma_store(b_desc, [c0, d0], b_bufs.index(slot))
+                    _tma_store(w_desc, [c0, d0], w_bufs.index(slot))
                 if slots == 2:  # a slot each: given back once its copies have left it
                     tma.store_wait(0)
                     mbarrier.arrive(epi_empty.index(slot), count=1)
@@ -363,22 +365,26 @@ if GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _first_consumer(w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay):
-        _consumer(0, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
+    def _first_consumer(
+        w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, hold, momentum, weight_decay
+    ):
+        _consumer(
+            0, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, hold, momentum, weight_decay, 4
+        )
 
     @gluon.jit
     def _second_consumer(args):  # each worker partition takes the same tuple (worker_args in the kernel)
-        _, _, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, _ = args
-        _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay, 4)
+        _, _, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, hold, momentum, decay, _ = args
+        _consumer(1, w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, hold, momentum, decay, 4)
 
     @gluon.jit
     def _ring_partition(args):
-        p_desc, f_desc, _, _, rings, _, bars, num_tiles, tiles_d, k_steps, _, _, _, _ = args
+        p_desc, f_desc, _, _, rings, _, bars, num_tiles, tiles_d, k_steps, _, _, _, _, _ = args
         _ring_loader(p_desc, f_desc, rings, bars, num_tiles, tiles_d, k_steps)
 
     @gluon.jit
     def _epilogue_partition(args):
-        _, _, w_desc, b_desc, _, epilogue, bars, num_tiles, tiles_d, _, _, _, _, _ = args
+        _, _, w_desc, b_desc, _, epilogue, bars, num_tiles, tiles_d, _, _, _, _, _, _ = args
         _epilogue_loader(w_desc, b_desc, epilogue, bars, num_tiles, tiles_d)
 
     @gluon.jit
@@ -421,12 +427,12 @@ if GLUON:
 
     @gluon.jit
     def _features_grad_first(args):
-        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, df_ptr = args
+        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, _, df_ptr = args
         _features_grad(0, rings, epilogue, bars, num_tiles, df_ptr)
 
     @gluon.jit
     def _features_grad_second(args):
-        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, df_ptr = args
+        _, _, _, _, rings, epilogue, bars, num_tiles, _, _, _, _, _, _, df_ptr = args
         _features_grad(1, rings, epilogue, bars, num_tiles, df_ptr)
 
     @gluon.jit
@@ -439,6 +445,7 @@ if GLUON:
         C,
         D,
         lr_ptr,
+        skip_ptr,
         momentum,
         weight_decay,
         df_ptr,
@@ -454,6 +461,7 @@ if GLUON:
         block_c: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         lr = gl.load(lr_ptr)  # on the device: a captured step reads the lr of each replay
+        hold = gl.load(skip_ptr)  # the loss's verdict, also on the device: nonzero, no row is written
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, block_c], p_desc.layout)
         # F's slices ride the ring beside P's, or (HELD > 0: a batch of HELD slices, a grid
         # that keeps each program on one D column) are loaded once and held
@@ -501,11 +509,13 @@ if GLUON:
             tiles_d,
             k_steps,
             lr,
+            hold,
             momentum,
             weight_decay,
             df_ptr,
         )
-        consumer_args = (w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, momentum, weight_decay)
+        consumer_args = (w_desc, b_desc, rings, epilogue, bars, num_tiles, tiles_d, k_steps, lr, hold, momentum)
+        consumer_args += (weight_decay,)
         if FEATURES_GRAD == 2:
             gl.warp_specialize(
                 [
@@ -590,6 +600,7 @@ if GLUON:
         tiles_d,
         k_steps,
         lr,
+        hold,
         momentum,
         weight_decay,
         NUM_WARPS: gl.constexpr,
@@ -608,6 +619,7 @@ if GLUON:
             classes = (tile // tiles_d) * (2 * half) + which * half + offs_c
             dims = (tile % tiles_d) * block_d + offs_d
             inside = (classes < C)[:, None] & (dims < D)[None, :]
+            written = inside & (hold == 0)  # the loss's verdict: a held-back step stores nothing
             at = classes.to(gl.int64)[:, None]
             row_ptrs = rows_ptr + at * stride_rows + dims[None, :]
             buf_ptrs = buf_ptr + at * stride_buf + dims[None, :]
@@ -621,8 +633,8 @@ if GLUON:
             acc = gl.convert_layout(acc, epi_layout)
             w = gl.load(row_ptrs, mask=inside, other=0.0).to(gl.float32)
             buf = momentum * buf + (acc + weight_decay * w)
-            gl.store(buf_ptrs, buf, mask=inside)
-            gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=inside)
+            gl.store(buf_ptrs, buf, mask=written)
+            gl.store(row_ptrs, (w - lr * buf).to(gl.bfloat16), mask=written)
 
     @gluon.jit
     def _wide_first(
@@ -640,6 +652,7 @@ if GLUON:
         tiles_d,
         k_steps,
         lr,
+        hold,
         momentum,
         weight_decay,
     ):
@@ -659,6 +672,7 @@ if GLUON:
             tiles_d,
             k_steps,
             lr,
+            hold,
             momentum,
             weight_decay,
             4,
@@ -680,6 +694,7 @@ if GLUON:
         tiles_d,
         k_steps,
         lr,
+        hold,
         momentum,
         weight_decay,
     ):
@@ -699,6 +714,7 @@ if GLUON:
             tiles_d,
             k_steps,
             lr,
+            hold,
             momentum,
             weight_decay,
             4,
@@ -720,6 +736,7 @@ if GLUON:
         tiles_d,
         k_steps,
         lr,
+        hold,
         momentum,
         weight_decay,
     ):
@@ -737,6 +754,7 @@ if GLUON:
         stride_rows,
         stride_buf,
         lr_ptr,
+        skip_ptr,
         momentum,
         weight_decay,
         STAGES: gl.constexpr,
@@ -747,6 +765,7 @@ if GLUON:
         half: gl.constexpr = p_desc.block_type.shape[1]
         block_d: gl.constexpr = f_desc.block_type.shape[1]
         lr = gl.load(lr_ptr)
+        hold = gl.load(skip_ptr)
         p_lo = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
         p_hi = gl.allocate_shared_memory(p_desc.dtype, [STAGES, block_k, half], p_desc.layout)
         f_bufs = gl.allocate_shared_memory(f_desc.dtype, [STAGES, block_k, block_d], f_desc.layout)
@@ -773,6 +792,7 @@ if GLUON:
             tiles_d,
             k_steps,
             lr,
+            hold,
             momentum,
             weight_decay,
         )
@@ -854,13 +874,16 @@ def fused_dw_update(
     weight_decay: float,
     programs: int | None = None,
     features_grad: bool = False,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """rows -= lr · (buffer = momentum · buffer + P^T F + weight_decay · rows), in place, with
     P^T F never stored (P: G x C, the gradient's scale folded in; F: G x D; rows, buffer: C x D).
     ``lr``: a number, or a one-element tensor the kernel reads on the device (no host read).
     ``programs``: the persistent grid (one program an SM by default; fewer give each more tiles).
     ``features_grad``: also return P W_c (G x D, float32) from the rows before the step, where
-    ``takes_features_grad`` says the batch allows it (ValueError elsewhere)."""
+    ``takes_features_grad`` says the batch allows it (ValueError elsewhere). ``skip``: a
+    one-element int32 device tensor (``SGDUpdate.skip``, the loss's verdict); where it holds
+    a nonzero value the kernel writes no row and no buffer back (dF is still returned)."""
     if feats.shape[0] == 0 or rows.shape[0] == 0:
         raise ValueError("fused_dw_update needs at least one row of the batch and one class")
     batch, classes = probs.shape
@@ -886,8 +909,12 @@ def fused_dw_update(
         )
     programs = programs or torch.cuda.get_device_properties(rows.device).multi_processor_count
     lr = _device_scalar(lr, rows.device, "lr")
+    if skip is None:
+        skip = torch.zeros((), dtype=torch.int32, device=rows.device)
+    elif skip.numel() != 1 or skip.dtype != torch.int32 or skip.device != rows.device:
+        raise ValueError(f"skip must be one int32 value on the rows' device, got {tuple(skip.shape)} {skip.dtype}")
     if tiles[4] == 0:
-        _launch_wide(probs, feats, rows, buffer, tiles, lr, float(momentum), float(weight_decay), programs)
+        _launch_wide(probs, feats, rows, buffer, tiles, lr, skip, float(momentum), float(weight_decay), programs)
         return None
     p_desc, f_desc, w_desc, b_desc = descriptors(probs, feats, rows, buffer, tiles)
     block_c, block_d, block_k = tiles[:3]
@@ -906,6 +933,7 @@ def fused_dw_update(
         rows.shape[0],
         rows.shape[1],
         lr,
+        skip,
         float(momentum),
         float(weight_decay),
         partial,
@@ -924,7 +952,7 @@ def fused_dw_update(
     return columns[: rows.shape[1], : feats.shape[0]].t().contiguous()
 
 
-def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, programs) -> None:
+def _launch_wide(probs, feats, rows, buffer, tiles, lr, skip, momentum, weight_decay, programs) -> None:
     # no descriptors for the rows and buffer here to check them: their pointers are indexed
     # as bf16 and float32 rows with unit steps along D
     if rows.dtype != torch.bfloat16 or buffer.dtype != torch.float32 or rows.stride(1) != 1 or buffer.stride(1) != 1:
@@ -945,6 +973,7 @@ def _launch_wide(probs, feats, rows, buffer, tiles, lr, momentum, weight_decay, 
         rows.stride(0),
         buffer.stride(0),
         lr,
+        skip,
         momentum,
         weight_decay,
         stages,
@@ -975,7 +1004,8 @@ def compile_for(arch: int = 90, dim: int = 512, num_rows: int = 256):
     names = _dw_update_kernel.arg_names
     descs = descriptors(probs, feats, rows, buffer, tiles)
     signature = {name: mangle_type(desc) for name, desc in zip(names, descs)}
-    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", momentum="fp32", weight_decay="fp32", df_ptr="*fp32")
+    signature.update(G="i32", C="i32", D="i32", lr_ptr="*fp32", skip_ptr="*i32", momentum="fp32", weight_decay="fp32")
+    signature.update(df_ptr="*fp32")
     parts = features_parts(num_rows, tiles)
     regs = partition_registers(parts)
     constants = dict(
@@ -1009,7 +1039,7 @@ def _compile_wide(arch, probs, feats, tiles):
         buf_ptr="*fp32",
     )
     signature.update(G="i32", C="i32", D="i32", stride_rows="i32", stride_buf="i32")
-    signature.update(lr_ptr="*fp32", momentum="fp32", weight_decay="fp32")
+    signature.update(lr_ptr="*fp32", skip_ptr="*i32", momentum="fp32", weight_decay="fp32")
     constants = dict(STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS, LOADER_REGS=_LOADER_REGS)
     signature.update({name: "constexpr" for name in constants})
     # as a launch at D = 512 specialises: pointers 16-byte aligned, D and the strides multiples of 16

@@ -626,6 +626,7 @@ def exact_backward(
                     momentum=update.momentum,
                     weight_decay=update.weight_decay,
                     features_grad=kernel_df,
+                    skip=update.skip,
                 )
                 if kernel_df:
                     grad_feat = product if grad_feat is None else grad_feat.add_(product)

@@ -407,6 +407,7 @@ def _sgd_kernel(
     INV_NORM,
     LR,
     KEYS,
+    SKIP,
     C,
     D,
     stride_w,
@@ -424,6 +425,7 @@ def _sgd_kernel(
     SCALE_GRAD: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     KEYS_ON_DEVICE: tl.constexpr,
+    SKIP_ON_DEVICE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     EXACT_CAST: tl.constexpr,
     MANT_BITS: tl.constexpr,
@@ -442,7 +444,8 @@ def _sgd_kernel(
     u = w / ||w|| (INV_NORM: 1 / ||w|| per row), already times 1 / ||w|| unless SCALE_GRAD,
     and is taken through the normalisation here, g - u (u . g), from the rows already loaded.
     LR_ON_DEVICE, KEYS_ON_DEVICE: the learning rate (float32) and the rounding keys (two int32)
-    are read from LR and KEYS, not taken from the arguments (a step in a CUDA graph)."""
+    are read from LR and KEYS, not taken from the arguments (a step in a CUDA graph).
+    SKIP_ON_DEVICE: where SKIP (int32) is nonzero nothing is stored (the loss's verdict)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
@@ -473,6 +476,9 @@ def _sgd_kernel(
     if KEYS_ON_DEVICE:
         key1 = tl.load(KEYS)
         key2 = tl.load(KEYS + 1)
+    if SKIP_ON_DEVICE:  # every load and store below is masked: a held-back step moves no byte more
+        # (read once a row: the interpreter takes no scalar in a mask)
+        tile_ok = tile_ok & (tl.load(SKIP + rows * 0) == 0)[:, None]
     sgd_store(
         W,
         BUF,
@@ -875,6 +881,7 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         inv_norm if inv_norm is not None else grad,
         update.lr if lr_on_device else grad,
         plan.keys if plan.keys is not None else grad,
+        update.skip if update.skip is not None else grad,
         num_classes,
         dim,
         weight.stride(0),
@@ -892,6 +899,7 @@ def _launch_sgd(weight, update, class_ids, grad, touched, bounds, **buffers) -> 
         SCALE_GRAD=bool(buffers.get("scale_grad", False)),
         LR_ON_DEVICE=lr_on_device,
         KEYS_ON_DEVICE=plan.keys is not None,
+        SKIP_ON_DEVICE=update.skip is not None,
         **plan.constants,
         BLOCK_R=_SGD_ROWS,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),

@@ -22,6 +22,7 @@ log-sum-exp, and the backward recomputes the logits once to list the entries wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ class _LocalPass:
     logit_offset: torch.Tensor | None = None  # per class, float32: the LSE pass's and the gemm backward's
     feat_unit: torch.Tensor | None = None
     feat_norm: torch.Tensor | None = None
+    skip: torch.Tensor | None = None  # int32, set by the merge: 1 where the step must not land (``loss_rows``)
 
     def merge(self, group):
         """(lse, target logit, owned labels over all ranks, error code) after the two all-reduces."""
@@ -153,7 +155,8 @@ def merged_pass(
     lse_only, checks, logit_offset=None,
 ):  # fmt: skip
     """The local pass and the ranks' merge: (local pass, lse, target logit, loss, valid count,
-    lse with +inf on ignored rows, where P must be 0)."""
+    lse with +inf on ignored rows, where P must be 0). The pass's ``skip`` holds the step's
+    verdict (the loss not finite, or the checks failed), the same on every rank."""
     local_pass = _local_pass(
         features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, lse_only,
         logit_offset=logit_offset,
@@ -164,7 +167,7 @@ def merged_pass(
     else:
         row_max = row_sum = None
         lse, target_logit, owned_total, error = local_pass.merge(group)
-    lse, loss, num_valid, lse_valid, check_values = loss_rows(
+    lse, loss, num_valid, lse_valid, check_values, local_pass.skip = loss_rows(
         row_max, row_sum, lse, target_logit, local_pass.valid, owned_total, error
     )
     if checks is None:  # raised here, with one host read; the count as a number then
@@ -315,6 +318,8 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
             local_pass.accumulated = None
         ctx.grad_filter, ctx.scale, ctx.gemm = grad_filter, scale, gemm
         ctx.exact_gemm = exact_kernels == "gemm"  # the weight pass of a filter that falls back to exact
+        if update is not None and (filtered or gemm):  # their update reads the verdict: no step on a bad loss
+            update = dataclasses.replace(update, skip=local_pass.skip)
         ctx.num_valid, ctx.update, ctx.features_dtype = num_valid, update, features.dtype
         return loss
 
@@ -357,13 +362,19 @@ class _FusedShardedCrossEntropy(torch.autograd.Function):
                 **local_pass.kernel_options,
             )
         elif want_weight and not ctx.gemm:
-            grad_weight = shard_weight_backward(
-                *local_pass.kernel_args,
-                ctx.lse_valid,
-                grad_scale=grad_scale,
-                update=ctx.update,
-                **local_pass.kernel_options,
-            )
+            update, held_back = ctx.update, False
+            if update is not None and update.skip is not None:
+                # the filter fell back to the stationary kernels, which cannot read the verdict:
+                # read here (the fallback has waited for its entry count already)
+                held_back, update = bool(update.skip), dataclasses.replace(update, skip=None)
+            if not held_back:
+                grad_weight = shard_weight_backward(
+                    *local_pass.kernel_args,
+                    ctx.lse_valid,
+                    grad_scale=grad_scale,
+                    update=update,
+                    **local_pass.kernel_options,
+                )
         grad_features = None
         if ctx.needs_input_grad[0]:
             grad_features = features_gradient(local_pass, grad_feat_op, ctx.features_dtype)
@@ -394,7 +405,9 @@ def triton_sharded_cross_entropy(
 
     With ``update``, the backward applies the SGD step to ``weight_shard`` (and its momentum
     buffer) in place and produces no weight gradient; without it, ``weight_shard.grad``
-    receives dW. ``grad_filter > 0`` drops every entry of softmax - onehot whose magnitude
+    receives dW. The gemm and filtered paths hold that step back on the device when the loss
+    is not finite or its checks fail (``step_gated``), so a bad loss's backward leaves the
+    rows as they were. ``grad_filter > 0`` drops every entry of softmax - onehot whose magnitude
     is below it, in dF and dW alike (much faster at many classes, but those small updates
     are lost). ``checks``: as for ``sharded_cross_entropy``; with it the loss makes no host
     read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
@@ -415,6 +428,8 @@ def triton_sharded_cross_entropy(
         )
     if not (grad_filter >= 0):
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
+    if update is not None and update.skip is not None:
+        raise ValueError("SGDUpdate.skip is the loss's own verdict, set in its forward: pass it as None")
     exact_kernels = resolve_exact_kernels(
         exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, features.shape[0]
     )
@@ -454,6 +469,18 @@ def triton_sharded_cross_entropy(
                 ignore_index, update, checks, eager,
             )  # fmt: skip
         return eager(update)
+
+
+def step_gated(weight_shard: torch.Tensor, num_rows: int, grad_filter: float, exact_kernels: str) -> bool:
+    """Whether ``triton_sharded_cross_entropy``'s in-place step on these rows is held back on
+    the device when its loss is not finite or its checks fail (the gemm and filtered paths;
+    the stationary exact kernels take no device flag)."""
+    if grad_filter > 0:
+        return True
+    resolved = resolve_exact_kernels(
+        exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, num_rows
+    )
+    return resolved == "gemm"
 
 
 def _check_offsets_run_on_gemm(logit_offset, gemm: bool, grad_filter: float, exact_kernels: str) -> None:

@@ -333,7 +333,9 @@ def _backward_body(entry: _Entry) -> None:
     """The backward as the eager gemm path runs it: dF, and the SGD step on the rows."""
     from hydrahead.kernels.fused_loss import features_gradient, gemm_backward, gradient_scale
 
-    update = dataclasses.replace(entry.update, lr=entry.lr, step=entry.step)
+    # the forward's verdict held on the device: a replay whose loss is not finite, or whose
+    # checks fail, leaves the rows as they were
+    update = dataclasses.replace(entry.update, lr=entry.lr, step=entry.step, skip=entry.local_pass.skip)
     grad_scale = gradient_scale(entry.grad, entry.call.scale, entry.num_valid)
     grad_feat_op, _ = gemm_backward(entry.local_pass, entry.lse_valid, grad_scale, update, True, True)
     entry.grad_features = features_gradient(entry.local_pass, grad_feat_op, entry.call.features_dtype)

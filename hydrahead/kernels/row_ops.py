@@ -12,7 +12,9 @@ every call.
     label_rows   labels -> valid, local label, owned, the kernels' label (-1 where not
                  owned), owned count
     loss_rows    (max, sum of exp) or lse, target logit, valid -> lse, loss, valid count,
-                 lse with +inf on ignored rows, the checks' (error, owned, valid) values
+                 lse with +inf on ignored rows, the checks' (error, owned, valid) values,
+                 and the step's verdict: 1 where the loss is not finite or the checks fail
+                 (the update kernels read it and leave the rows as they are)
 
 Each has its torch form beside it (``*_reference``), which the tests hold it to.
 """
@@ -104,6 +106,7 @@ def _loss_rows_kernel(
     NUM_VALID,
     LSE_VALID,
     CHECKS,
+    SKIP,
     num_rows,
     error,
     FROM_SUMS: tl.constexpr,
@@ -128,23 +131,32 @@ def _loss_rows_kernel(
         valid_count += valid.to(tl.int32)
         tl.store(LSE_VALID + rows, tl.where(valid, lse, float("inf")), mask=in_batch)
     num_valid = tl.sum(valid_count, axis=0)
-    tl.store(LOSS, tl.sum(loss_sum, axis=0) / tl.maximum(num_valid, 1).to(tl.float32))
+    loss = tl.sum(loss_sum, axis=0) / tl.maximum(num_valid, 1).to(tl.float32)
+    tl.store(LOSS, loss)
     tl.store(NUM_VALID, num_valid.to(tl.int64))
     if ERROR_ON_DEVICE:
-        tl.store(CHECKS, tl.load(ERROR_IN).to(tl.float64))
+        error = tl.load(ERROR_IN).to(tl.float64)
     else:
-        tl.store(CHECKS, error)  # stored as float64
-    tl.store(CHECKS + 1, tl.load(OWNED_TOTAL).to(tl.float64))
+        error = tl.cast(error, tl.float64)
+    owned_total = tl.load(OWNED_TOTAL).to(tl.float64)
+    tl.store(CHECKS, error)
+    tl.store(CHECKS + 1, owned_total)
     tl.store(CHECKS + 2, num_valid.to(tl.float64))
+    # the checks as MergeChecks judges them (an error code, a label no shard owns), and a loss
+    # that is not finite (NaN fails the comparison too): the step must not land
+    failed = (error != 0.0) | (tl.abs(owned_total - num_valid.to(tl.float64)) > 0.5) | ~(tl.abs(loss) < float("inf"))
+    tl.store(SKIP, failed.to(tl.int32))
 
 
 def loss_rows(row_max, row_sum, lse, target_logit, valid, owned_total, error):
-    """(lse, mean loss, valid count, lse_valid, checks) from one rank's ``row_max`` and
+    """(lse, mean loss, valid count, lse_valid, checks, skip) from one rank's ``row_max`` and
     ``row_sum`` (``lse`` None) or the merged ``lse`` (the sums None): loss = the mean of lse -
     target over the valid rows (0 with none), the count int64 and 0-dim, lse_valid = lse
     with +inf on ignored rows, checks = float64 (error, owned_total, valid count), the
-    ``MergeChecks`` values of this loss. ``owned_total`` a 0-dim device tensor, ``error`` a
-    number or a 0-dim device tensor."""
+    ``MergeChecks`` values of this loss, skip = int32 0-dim, 1 where the loss is not finite
+    or the checks fail (an error code; owned_total, rounded, not the valid count) and 0
+    elsewhere: the verdict the update kernels read (``SGDUpdate.skip``). ``owned_total`` a
+    0-dim device tensor, ``error`` a number or a 0-dim device tensor."""
     from_sums = lse is None
     num_rows = target_logit.shape[0]
     device = target_logit.device
@@ -153,6 +165,7 @@ def loss_rows(row_max, row_sum, lse, target_logit, valid, owned_total, error):
     loss = torch.empty((), dtype=torch.float32, device=device)
     num_valid = torch.empty((), dtype=torch.int64, device=device)
     checks = torch.empty(3, dtype=torch.float64, device=device)
+    skip = torch.empty((), dtype=torch.int32, device=device)
     error_on_device = isinstance(error, torch.Tensor)
     _loss_rows_kernel[(1,)](
         row_max.contiguous() if from_sums else lse_out,
@@ -166,13 +179,14 @@ def loss_rows(row_max, row_sum, lse, target_logit, valid, owned_total, error):
         num_valid,
         lse_valid,
         checks,
+        skip,
         num_rows,
         0.0 if error_on_device else float(error),
         FROM_SUMS=from_sums,
         ERROR_ON_DEVICE=error_on_device,
         BLOCK=BLOCK_ROWS,
     )
-    return lse_out, loss, num_valid, lse_valid, checks
+    return lse_out, loss, num_valid, lse_valid, checks, skip
 
 
 def loss_rows_reference(row_max, row_sum, lse, target_logit, valid, owned_total, error):
@@ -184,4 +198,5 @@ def loss_rows_reference(row_max, row_sum, lse, target_logit, valid, owned_total,
     lse_valid = torch.where(valid, lse, float("inf"))
     error = torch.as_tensor(error, dtype=torch.float64, device=lse.device).reshape(())
     checks = torch.stack([error, owned_total.double(), num_valid.double()])
-    return lse, loss, num_valid, lse_valid, checks
+    failed = (error != 0) | ((checks[1] - checks[2]).abs() > 0.5) | ~torch.isfinite(loss)
+    return lse, loss, num_valid, lse_valid, checks, failed.to(torch.int32)

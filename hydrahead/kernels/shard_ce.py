@@ -41,7 +41,14 @@ class SGDUpdate:
     the gemm and filtered paths' update pass then reads them there, so a step captured in a
     CUDA graph follows a schedule that changes them in place between replays (stochastic
     rounding draws fresh keys from the step each replay). The stationary kernels take
-    Python numbers only."""
+    Python numbers only.
+
+    ``skip``: a one-element int32 tensor on the weights' device that the gemm and filtered
+    paths' update reads there: where it holds a nonzero value, the rows, their buffer and
+    compensation stay as they were. The fused loss sets it to its own verdict (a loss that
+    is not finite, or merge checks that fail: ``row_ops.loss_rows``), so its in-place step
+    never lands on a bad loss, and a caller may leave the judging to its step's one read;
+    a caller does not set it."""
 
     lr: float | torch.Tensor
     momentum: float = 0.0
@@ -54,6 +61,7 @@ class SGDUpdate:
     salt: int = 0
     class_ids: torch.Tensor | int = 0  # the rows' global class ids, or the first row's (then consecutive)
     compensation: torch.Tensor | None = None  # Kahan buffer shaped like the weight (bf16 or e5m2), updated in place
+    skip: torch.Tensor | None = None  # the loss's verdict on the device: nonzero, the step does not land
 
 
 # ----------------------------------------------------------------------------------------
@@ -596,7 +604,8 @@ def shard_forward(feat_op, weight, inv_norm, local_label, *, scale: float, targe
 def check_update(weight: torch.Tensor, update: SGDUpdate | None, *, device_scalars: bool = False) -> tuple[bool, bool]:
     """(has a momentum buffer, names its rows by listed class ids) for ``update`` on ``weight``;
     a ValueError for buffers or ids that do not match the rows, and for an lr or step held in
-    a tensor where the kernel takes numbers (``device_scalars`` False) or of the wrong kind."""
+    a tensor (or a skip flag) where the kernel takes numbers (``device_scalars`` False) or of
+    the wrong kind."""
     if update is None:
         return False, False
     for name, dtype in (("lr", torch.float32), ("step", torch.int64)):
@@ -613,6 +622,20 @@ def check_update(weight: torch.Tensor, update: SGDUpdate | None, *, device_scala
             raise ValueError(
                 f"SGDUpdate.{name} as a tensor must hold one {dtype} value on the weights' device "
                 f"({weight.device}), got {tuple(value.shape)} {value.dtype} on {value.device}"
+            )
+    if update.skip is not None:
+        if not device_scalars:
+            raise ValueError(
+                "SGDUpdate.skip is read on the device by the gemm and filtered paths' update pass only; "
+                "the stationary kernels cannot hold a step back"
+            )
+        skip = update.skip
+        if not isinstance(skip, torch.Tensor):
+            raise ValueError(f"SGDUpdate.skip must be one int32 value on the weights' device, got {skip!r}")
+        if skip.numel() != 1 or skip.dtype != torch.int32 or skip.device != weight.device:
+            raise ValueError(
+                f"SGDUpdate.skip must be one int32 value on the weights' device ({weight.device}), got "
+                f"{tuple(skip.shape)} {skip.dtype} on {skip.device}"
             )
     has_buf = update.momentum != 0
     if has_buf and (update.momentum_buffer is None or update.momentum_buffer.shape != weight.shape):

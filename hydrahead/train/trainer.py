@@ -677,7 +677,8 @@ class Trainer:
         small all-reduce that also carries the preemption flag, and that all-reduce's read
         is the step's one host read: the loss (the same number on every rank) and its
         checks are read with it, unless the head steps its shard in place in the backward
-        (fused kernels with no active rows), which must know them before the backward.
+        with kernels that cannot hold that step back on the device (the stationary exact
+        kernels with no active rows), which must know them before the backward.
         ``prefetch`` (say, the data stream's) is called before that read, so the next
         batch's device work is queued while the GPU still has this step's.
         """
@@ -766,8 +767,8 @@ class Trainer:
             )
         local_grad = None
         if not (
-            self.head.step_discardable and self.backward_undoable
-        ):  # the backward cannot be undone: judge the loss first
+            (self.head.step_discardable or self.head.step_judged_on_device) and self.backward_undoable
+        ):  # the backward cannot be undone, nor held back on the device: judge the loss first
             values = torch.cat([torch.isfinite(loss).double().reshape(1), unjudged.values(self.device)]).tolist()
             unjudged.raise_if_failed(values[1:])
             finite, unjudged = bool(values[0]), None
