@@ -24,9 +24,12 @@ GPU idle while the host launches the backward.
   ours-graph       ours captured once as a CUDA graph and replayed each step (GPU only): the
                    same kernels without the host's launches, the loss's checks read after
                    each replay; against ours, the time the host adds to the step
-  ours-cg          ours with head.cuda_graph (``hydrahead.kernels.graphed``): the library
-                   captures the loss's forward and backward at the second step and replays them
-                   (the first step, which the loss error is measured on, runs eagerly)
+  ours-cg          ours with head.cuda_graph (``hydrahead.kernels.graphed``), as the trainer runs
+                   it: the loss and its backward in one call, which the library captures as one
+                   graph at the second step and replays (the first step, which the loss error
+                   is measured on, runs eagerly)
+  ours-cg-split    head.cuda_graph for a caller that takes the loss and then its backward: two
+                   graphs, the forward's and the backward's (run without autograd's engine)
   ours-fp8         the gemm path with W stored in fp8 e4m3 (unit-scaled: W / 0.02, logits times
                    0.02): both logit passes on FP8 tensor cores, P written in e5m2 (and
                    transposed), dF and dW by torch._scaled_mm, the update stochastically rounded
@@ -159,6 +162,11 @@ METHODS = {
     "ours-cg": Method(
         "hydrahead-triton gemm path, head.cuda_graph (SGD in the backward)", "fused", ("hydrahead.kernels",)
     ),
+    "ours-cg-split": Method(
+        "hydrahead-triton gemm path, head.cuda_graph, loss then backward (SGD in the backward)",
+        "fused",
+        ("hydrahead.kernels",),
+    ),
     "ours-fp8-cg": Method(
         "hydrahead-triton fp8 e4m3 W gemm backward, head.cuda_graph (SGD, stochastic rounding)",
         "fused",
@@ -184,6 +192,7 @@ OURS = (
     "ours-filtered",
     "ours-dw",
     "ours-cg",
+    "ours-cg-split",
     "ours-fp8",
     "ours-fp8-cg",
     "ours-fp8-stationary",
@@ -402,7 +411,8 @@ def build_step(key: str, p: Problem, args):
             # fresh stochastic-rounding draws every step; in a CUDA graph the counter is a device tensor
             state = {"step": 0, "device_step": torch.zeros(1, dtype=torch.int64, device=p.weight.device)}
             graphs = None
-            if key.endswith("-cg"):  # the library's own graphs, as train.py runs with head.cuda_graph=true
+            at_once = key.endswith("-cg")  # loss and backward in one call, as train.py runs head.cuda_graph=true
+            if at_once or key.endswith("-cg-split"):  # the library's own graphs
                 from hydrahead.kernels.graphed import HeadStepGraphs
 
                 graphs = HeadStepGraphs()
@@ -430,11 +440,11 @@ def build_step(key: str, p: Problem, args):
                     exact_kernels=exact_kernels,
                     checks=checks,
                     graphs=graphs,
+                    backward=at_once,  # the backward (the SGD step on p.weight) inside the call
                     **{"scale": scale, **margin},  # cosface: its own scale (unit rows: the storage scale cancels)
                 )
-                # applies the SGD step to p.weight in place (head.cuda_graph: as the trainer runs
-                # a replayed step's backward, without autograd's engine)
-                if graphs is None or not graphs.backward(loss, p.features):
+                # else the SGD step lands here (a replayed step's backward without autograd's engine)
+                if not at_once and (graphs is None or not graphs.backward(loss, p.features)):
                     loss.backward()
                 state["step"] += 1
                 if capture:

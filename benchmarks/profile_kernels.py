@@ -20,8 +20,10 @@ launch; then what one small torch launch costs first after a host sync and next.
 CUDA GPU.
 
 ``--method ours-cg`` runs ``host``, ``timeline`` and ``step`` on the steps replayed by
-``head.cuda_graph`` (``host`` then marks the graphs' loss, the forward's replay and the
-backward's), ``--method ours-graph`` on the benchmark's whole-step capture.
+``head.cuda_graph`` as the trainer takes them, loss and backward in one graph (``host``
+then marks the graphs' step, the inputs' copies and the replay); ``ours-cg-split`` on the
+two graphs of a loss and then its backward (``host`` marks the graphs' loss, the forward's
+replay and the backward's); ``--method ours-graph`` on the benchmark's whole-step capture.
 
 ``timeline`` profiles three eager steps (``torch.profiler``, host and GPU) and prints, for
 the middle one, every stretch of at least ``--min-gap-us`` in which the GPU ran none of the
@@ -79,7 +81,11 @@ def run_host(shape: tuple[int, int, int], steps: int, method: str = "ours") -> N
 
         setattr(owner, name, wrapper)
 
-    if method == "ours-cg":  # the library's graphs: the host's way to each replay and between them
+    if method == "ours-cg":  # the library's one graph: the host's way to its replay
+        timed(graphed.HeadStepGraphs, "step", "graphs' step (key, copies, replay, outputs)")
+        timed(graphed.HeadStepGraphs, "_copy_inputs", "the inputs' copies")
+        timed(torch.cuda.CUDAGraph, "replay", "the graph's replay")
+    elif method == "ours-cg-split":  # the library's two graphs: the host's way to each replay and between them
         timed(graphed.HeadStepGraphs, "loss", "graphs' loss (key, inputs' copies, replay)")
         timed(graphed.HeadStepGraphs, "run_forward", "the forward's copies and replay")
         timed(graphed._ReplayedLoss, "backward", "autograd's backward (grad copy, replay, dF's copy)")
@@ -193,7 +199,8 @@ def kernel_totals(kernels) -> list[tuple[str, tuple[int, float]]]:
     return sorted(((name, (c, t)) for name, (c, t) in totals.items()), key=lambda item: -item[1][1])
 
 
-METHODS = ("ours", "ours-cg", "ours-graph")  # eager, the library's graphs, the benchmark's whole-step capture
+# eager; the library's one graph, its two graphs; the benchmark's whole-step capture
+METHODS = ("ours", "ours-cg", "ours-cg-split", "ours-graph")
 
 
 def _head_step(shape: tuple[int, int, int], method: str = "ours"):

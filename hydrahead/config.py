@@ -163,7 +163,7 @@ class HeadConfig:
     cuda_graph: bool = _key(
         False,
         "triton, exact gemm step, one GPU: replay the head's forward and backward (its SGD step included) from "
-        "CUDA graphs captured at the second step of each batch shape, so the host's launches leave the step "
+        "one CUDA graph captured at the second step of each batch shape, so the host's launches leave the step "
         "(small global batches wait on them); the same results as without",
     )
     selection: str = _key(

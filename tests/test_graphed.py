@@ -542,14 +542,178 @@ def test_trainer_refuses_cuda_graph_on_a_cpu_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# The loss and its backward as one graph (``HeadStepGraphs.step``)
+# ----------------------------------------------------------------------------------------
+
+
+def _whole_steps(graphs, batches, margin, *, fp8=False, hook=False):
+    """``_steps`` with ``backward=True``: each step's loss and backward in one call (incoming
+    gradient 1); with ``graphs`` None, the eager loss and ``loss.backward()`` instead.
+    ``hook``: features watched by a hook (the step then runs eagerly)."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen) * (1.0 if fp8 else 0.3)
+    weight = weight.to(torch.float8_e4m3fn) if fp8 else weight
+    buffer = torch.zeros(weight.shape)
+    out = []
+    for step, (features, labels) in enumerate(batches):
+        f = features.clone().requires_grad_()
+        if hook:
+            f.register_hook(lambda grad: grad)
+        checks = MergeChecks()
+        update = SGDUpdate(
+            0.1 / (step + 1), 0.9, 5e-4, buffer, step=step, rounding="stochastic" if fp8 else "nearest", seed=7
+        )
+        options = dict(num_classes=NUM_CLASSES, update=update, checks=checks, exact_kernels="gemm", **margin)
+        if graphs is None:
+            loss = triton_sharded_cross_entropy(f, weight, labels, 0, **options)
+            loss.backward()
+            loss = loss.detach()
+        else:
+            loss = triton_sharded_cross_entropy(f, weight, labels, 0, graphs=graphs, backward=True, **options)
+        values = checks.values(loss.device).tolist()
+        checks.raise_if_failed(values)
+        out.append((loss, f.grad, values))
+    return out, weight, buffer
+
+
+@pytest.mark.parametrize("margin_type, fp8", [("none", False), ("cosface", False), ("none", True)])
+def test_one_graph_steps_equal_the_eager_ones(margin_type, fp8):
+    """Four steps (the first runs the bodies eagerly, the second captures, two replays; lr,
+    step and batch change every step): the eager loss and backward's losses, dF, checks,
+    rows and buffer, bit for bit, and each loss handed out detached."""
+    batches = [_batch(seed) for seed in range(4)]
+    graphs = Recorded()
+    whole, w_whole, b_whole = _whole_steps(graphs, batches, MARGINS[margin_type], fp8=fp8)
+    eager, w_eager, b_eager = _whole_steps(None, batches, MARGINS[margin_type], fp8=fp8)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    assert [call.whole for call in graphs._entries] == [True]
+    for (loss, grad, values), (loss_e, grad_e, values_e) in zip(whole, eager):
+        assert loss.grad_fn is None and not loss.requires_grad
+        assert torch.equal(loss, loss_e) and torch.equal(grad, grad_e) and values == values_e
+    assert torch.equal(w_whole.float(), w_eager.float()) and torch.equal(b_whole, b_eager)
+    assert len({float(loss) for loss, *_ in whole}) == 4  # each step's own loss, not a stale copy
+
+
+def test_one_graph_steps_leave_hooked_features_and_bad_shards_to_the_eager_path():
+    batches = [_batch(seed) for seed in range(3)]
+    graphs = Recorded()
+    hooked, w_hooked, _ = _whole_steps(graphs, batches, MARGINS["none"], hook=True)
+    eager, w_eager, _ = _whole_steps(None, batches, MARGINS["none"])
+    assert graphs.replays == 0 and not graphs._entries
+    assert all(torch.equal(g, g_e) for (_, g, _), (_, g_e, _) in zip(hooked, eager))
+    assert torch.equal(w_hooked, w_eager)
+
+
+def test_one_graph_step_adds_to_an_existing_grad_and_hands_out_copies():
+    graphs = Recorded()
+    weight, buffer = _head()
+    kept = []
+    for step in range(4):
+        features, labels = _batch(step)
+        labels[: step + 1] = -100  # each step's own valid count
+        f = features.requires_grad_()
+        f.grad = torch.ones_like(f)
+        checks = MergeChecks()
+        loss = triton_sharded_cross_entropy(
+            f, weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer), checks=checks, graphs=graphs, backward=True
+        )
+        kept.append((loss, loss.clone(), f.grad, f.grad.clone(), checks, checks.values(loss.device)))
+    assert graphs.replays == 3
+    grad_features = next(iter(graphs._entries.values())).grad_features  # the last replay's dF
+    assert torch.equal(kept[-1][2], torch.ones_like(grad_features) + grad_features)
+    for loss, loss_then, grad, grad_then, checks, values_then in kept:
+        assert torch.equal(loss, loss_then) and torch.equal(grad, grad_then)
+        assert torch.equal(checks.values(loss.device), values_then)
+    assert len({float(values[2]) for *_, values in kept}) == 4
+
+
+def test_a_one_graph_capture_that_fails_leaves_the_step_and_the_key_eager():
+    class Failing(Recorded):
+        @staticmethod
+        def _capture(graph, pool, body, entry) -> None:
+            raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED")
+
+    batches = [_batch(seed) for seed in range(4)]
+    graphs = Failing()
+    with pytest.warns(RuntimeWarning, match="capturing the head's step failed"):
+        failed, w_failed, b_failed = _whole_steps(graphs, batches, MARGINS["none"])
+    eager, w_eager, b_eager = _whole_steps(None, batches, MARGINS["none"])
+    for (loss, grad, values), (loss_e, grad_e, values_e) in zip(failed, eager):
+        assert torch.equal(loss, loss_e) and torch.equal(grad, grad_e) and values == values_e
+    assert torch.equal(w_failed, w_eager) and torch.equal(b_failed, b_eager)
+    assert graphs.replays == 0 and len(graphs.failed) == 1 and not graphs._entries
+
+
+def test_one_graph_and_two_graph_keys_are_kept_apart():
+    graphs = Recorded()
+    weight, buffer = _head()
+    for seed in range(3):
+        _loss(graphs, weight, buffer, *_batch(seed), checks=MergeChecks()).backward()
+        features, labels = _batch(10 + seed)
+        triton_sharded_cross_entropy(
+            features.requires_grad_(), weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer),
+            checks=MergeChecks(), graphs=graphs, backward=True,
+        )  # fmt: skip
+    assert sorted(call.whole for call in graphs._entries) == [False, True]
+    assert (graphs.captures, graphs.replays) == (2, 4)  # two replays each
+
+
+def test_backward_true_needs_features_that_need_a_gradient():
+    weight, buffer = _head()
+    features, labels = _batch(0)
+    with pytest.raises(ValueError, match="backward=True"):
+        triton_sharded_cross_entropy(
+            features, weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer), backward=True
+        )
+
+
+def test_the_head_takes_loss_and_backward_at_once_only_where_the_device_judges_the_step():
+    """``ShardedClassifier.loss_and_backward``: the gemm head's one graph equals its loss and
+    backward; a head on the stationary kernels is refused before anything runs."""
+    from hydrahead.head.classifier import ShardedClassifier
+
+    results = []
+    for at_once in (True, False):
+        head = ShardedClassifier(NUM_CLASSES, DIM, seed=3, init_std=0.3, impl="triton", momentum=0.9)
+        head.set_lr(0.1)
+        head.step_graphs = Recorded()
+        grads = []
+        for step in range(4):
+            features, labels = _batch(step)
+            f = features.requires_grad_()
+            checks = MergeChecks()
+            if at_once:
+                loss = head.loss_and_backward(f, labels, checks=checks)
+            else:
+                loss = head.loss(f, labels, checks=checks)
+                loss.backward()
+            checks.raise_if_failed(checks.values(loss.device).tolist())
+            head.finish_step()
+            grads.append(f.grad)
+        results.append((grads, head.weight.detach().clone(), head.step_graphs.replays))
+    (grads, weight, replays), (grads_a, weight_a, replays_a) = results
+    assert (replays, replays_a) == (3, 3)
+    assert all(torch.equal(g, g_a) for g, g_a in zip(grads, grads_a)) and torch.equal(weight, weight_a)
+
+    stationary = ShardedClassifier(NUM_CLASSES, DIM, seed=3, impl="triton", momentum=0.9, exact_kernels="stationary")
+    rows = stationary.weight.detach().clone()
+    assert not stationary.step_judged_on_device(BATCH)
+    with pytest.raises(ValueError, match="loss\\(\\), then backward\\(\\)"):
+        stationary.loss_and_backward(_batch(0)[0].requires_grad_(), _batch(0)[1], checks=MergeChecks())
+    assert torch.equal(stationary.weight.detach(), rows)
+
+
+# ----------------------------------------------------------------------------------------
 # On a GPU: real graphs
 # ----------------------------------------------------------------------------------------
 
 
-def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5, nan_at=None):
+def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5, nan_at=None, at_once=False, incoming=2.0):
     """``steps`` head steps (G x 512 x 40,000, several P chunks) on fresh batches, lr and
     step changing each time: losses, dF, then the rows and buffer. ``nan_at``: that step's
-    batch has a NaN in a valid row, and the rows must come out of it as they went in."""
+    batch has a NaN in a valid row, and the rows must come out of it as they went in.
+    ``at_once``: loss and backward in one call (``backward=True``, an incoming gradient of 1);
+    else the loss, then its backward for ``incoming``."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     num_classes, dim = 40_000, 512
     fp8 = weight_dtype == torch.float8_e4m3fn
@@ -569,10 +733,12 @@ def _gpu_steps(graphs, num_rows, weight_dtype, margin_type, steps=5, nan_at=None
             0.5 / (step + 1), 0.9, 5e-4, buffer, step=step, seed=3, rounding="stochastic" if fp8 else "nearest"
         )
         checks = MergeChecks()
-        loss = triton_sharded_cross_entropy(
-            f, weight, labels, 0, update=update, checks=checks, graphs=graphs, exact_kernels="gemm", **margin
-        )
-        (loss * 2.0).backward()
+        options = dict(update=update, checks=checks, graphs=graphs, exact_kernels="gemm", **margin)
+        if at_once:
+            loss = triton_sharded_cross_entropy(f, weight, labels, 0, backward=True, **options)
+        else:
+            loss = triton_sharded_cross_entropy(f, weight, labels, 0, **options)
+            (loss * incoming).backward()
         checks.raise_if_failed(checks.values(loss.device).tolist())
         out.append((loss.detach(), f.grad))
         if step == nan_at:
@@ -610,16 +776,39 @@ def test_cuda_graph_steps_equal_the_eager_ones(num_rows, weight_dtype, margin_ty
 @pytest.mark.parametrize(
     "num_rows, weight_dtype", [(256, torch.bfloat16), (700, torch.bfloat16), (512, torch.float8_e4m3fn)]
 )
-def test_a_nan_step_is_held_back_eager_and_replayed(num_rows, weight_dtype, monkeypatch):
+@pytest.mark.parametrize("at_once", [False, True], ids=["two graphs", "one graph"])
+def test_a_nan_step_is_held_back_eager_and_replayed(num_rows, weight_dtype, at_once, monkeypatch):
     """The fourth step's loss is NaN (a replay with graphs): on the real kernels (the fused
     dW kernel with dF at 256 rows, its wide variant at 700, the fp8 update pass) neither the
     eager nor the replayed step moves the rows, and the runs stay equal bit for bit."""
     monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "8")
     graphs = HeadStepGraphs()
-    _, w_replayed, b_replayed = _gpu_steps(graphs, num_rows, weight_dtype, "none", nan_at=3)
-    _, w_eager, b_eager = _gpu_steps(None, num_rows, weight_dtype, "none", nan_at=3)
+    incoming = 1.0 if at_once else 2.0
+    _, w_replayed, b_replayed = _gpu_steps(graphs, num_rows, weight_dtype, "none", nan_at=3, at_once=at_once)
+    _, w_eager, b_eager = _gpu_steps(None, num_rows, weight_dtype, "none", nan_at=3, incoming=incoming)
     assert graphs.replays == 4
     assert torch.equal(w_replayed.float(), w_eager.float()) and torch.equal(b_replayed, b_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "num_rows, weight_dtype, margin_type",
+    [(256, torch.bfloat16, "none"), (1000, torch.bfloat16, "none"), (256, torch.bfloat16, "cosface")]
+    + [(512, torch.float8_e4m3fn, "none")],
+    ids=["bf16-256", "bf16-1000", "cosface-256", "fp8-512"],
+)
+def test_one_cuda_graph_steps_equal_the_eager_ones(num_rows, weight_dtype, margin_type, monkeypatch):
+    """The loss and its backward captured as one graph (the first call's bodies run eagerly
+    in this thread, so the capture finds its cuBLAS handle): the eager steps bit for bit."""
+    monkeypatch.setenv("HYDRAHEAD_EXACT_CHUNK_MIB", "8")
+    graphs = HeadStepGraphs()
+    whole, w_whole, b_whole = _gpu_steps(graphs, num_rows, weight_dtype, margin_type, at_once=True)
+    eager, w_eager, b_eager = _gpu_steps(None, num_rows, weight_dtype, margin_type, incoming=1.0)
+    assert (graphs.captures, graphs.replays) == (1, 4)
+    for step, ((loss, grad), (loss_e, grad_e)) in enumerate(zip(whole, eager)):
+        assert torch.equal(loss, loss_e), step
+        assert torch.equal(grad, grad_e), step
+    assert torch.equal(w_whole.float(), w_eager.float()) and torch.equal(b_whole, b_eager)
 
 
 @pytest.mark.gpu

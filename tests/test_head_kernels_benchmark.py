@@ -77,6 +77,18 @@ def test_the_fp8_replays_take_the_plain_steps_and_their_draws():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("key", ["ours-cg", "ours-cg-split"])
+def test_the_library_graph_rows_take_the_plain_steps(key):
+    """head.cuda_graph's rows (one graph over loss and backward, or two) from the same rows:
+    four steps (an eager one, the capture, two replays) leave W where the plain steps do."""
+    (plain, problem), (replayed, graphed) = _steps("ours", 4), _steps(key, 4)
+    assert replayed == pytest.approx(plain, rel=1e-5)
+    torch.testing.assert_close(graphed.weight.detach().float(), problem.weight.detach().float())
+    torch.testing.assert_close(graphed.momentum_buffer.float(), problem.momentum_buffer.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_time_is_the_kernels_share_of_the_timed_span():
     """A chain of products queued at once keeps the GPU busy: its kernel time is most of the
     span. The same products with the host sleeping between them leave the GPU idle: their

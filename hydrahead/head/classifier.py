@@ -172,7 +172,6 @@ class ShardedClassifier(nn.Module):
         if impl != "reference" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float8_e4m3fn):
             raise ValueError(f"the fused kernels store float32, bfloat16 or float8_e4m3fn weights, not {dtype}")
         self._active: ActiveCopies | None = None  # a loss over active rows, until finish_step
-        self._judged_on_device = False  # the last loss's in-place step waits on its own verdict (triton)
         self.inactive_rows = inactive_rows
         if settle_every is not None and not 1 <= settle_every <= MAX_LAG:
             raise ValueError(f"settle_every must be in [1, {MAX_LAG}], got {settle_every}")
@@ -432,13 +431,16 @@ class ShardedClassifier(nn.Module):
         Not so when the fused kernels stepped the whole shard in place in the backward."""
         return self.impl == "reference" or self._active is not None
 
-    @property
-    def step_judged_on_device(self) -> bool:
-        """Whether the last loss's in-place step lands only if that loss is finite and its
-        checks pass, judged on the device (the fused gemm and filtered paths: ``SGDUpdate.skip``).
-        A caller may then leave both to its step's one read, as for a discardable step; what
-        it cannot do is drop the step for another reason after the backward."""
-        return self.impl == "triton" and self._active is None and self._judged_on_device
+    def step_judged_on_device(self, num_rows: int) -> bool:
+        """Whether a loss over the whole shard (no active rows) of a global batch of
+        ``num_rows`` steps the rows in place and lands that step only if the loss is finite
+        and its checks pass, judged on the device (the fused gemm and filtered kernels:
+        ``SGDUpdate.skip``). A caller may then leave both to its step's one read, with the
+        backward right after the loss (``loss_and_backward``); what it cannot do is drop the
+        step for another reason once the backward has run."""
+        from hydrahead.kernels.fused_loss import step_gated
+
+        return self.impl == "triton" and step_gated(self.weight, num_rows, self.grad_filter, self.exact_kernels)
 
     def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor, check_rows: bool):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
@@ -539,11 +541,7 @@ class ShardedClassifier(nn.Module):
         with self._no_step_pending_on_error():
             if self.impl == "triton":
                 from hydrahead.kernels import triton_sharded_cross_entropy
-                from hydrahead.kernels.fused_loss import step_gated
 
-                self._judged_on_device = step_gated(
-                    weight, global_features.shape[0], self.grad_filter, self.exact_kernels
-                )
                 # graphs for the whole shard only: active rows are copies, new every step
                 graphs = self.step_graphs if self._active is None else None
                 return triton_sharded_cross_entropy(
@@ -560,6 +558,41 @@ class ShardedClassifier(nn.Module):
                 labels,
                 class_start,
                 **self._loss_options(num_classes, None, checks=checks, logit_offset=logit_offset),
+            )
+
+    def loss_and_backward(
+        self,
+        global_features: torch.Tensor,
+        global_labels: torch.Tensor,
+        *,
+        checks: MergeChecks,
+        logit_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``loss`` over the whole shard and its backward for an incoming gradient of 1, with
+        nothing read between them: dF lands in ``global_features.grad`` (a leaf that needs a
+        gradient) and the SGD step is applied in place, held back on the device if the loss
+        is not finite or ``checks`` fail (so only where ``step_judged_on_device``; the
+        caller reads ``checks`` afterwards). With head.cuda_graph one CUDA graph holds both
+        (``HeadStepGraphs.step``). Returns the loss, detached."""
+        num_rows = global_features.shape[0]
+        if not self.step_judged_on_device(num_rows):
+            raise ValueError(
+                "loss_and_backward needs a step held back on the device (head.impl=triton on the exact gemm "
+                f"or filtered kernels); this head ({self.impl}, exact_kernels={self.exact_kernels}) at {num_rows} "
+                "rows must have its loss read before the backward: loss(), then backward()"
+            )
+        weight, labels, class_start, num_classes, update = self._prepare(global_labels, None)
+        with self._no_step_pending_on_error():
+            from hydrahead.kernels import triton_sharded_cross_entropy
+
+            return triton_sharded_cross_entropy(
+                global_features,
+                weight,
+                labels,
+                class_start,
+                graphs=self.step_graphs,
+                backward=True,
+                **self._loss_options(num_classes, update, checks=checks, logit_offset=logit_offset),
             )
 
     def backward(self, loss: torch.Tensor, global_features: torch.Tensor) -> None:

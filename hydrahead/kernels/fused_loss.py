@@ -400,6 +400,7 @@ def triton_sharded_cross_entropy(
     exact_kernels: str = "auto",
     logit_offset: torch.Tensor | None = None,
     graphs: HeadStepGraphs | None = None,
+    backward: bool = False,
 ) -> torch.Tensor:
     """``sharded_cross_entropy`` on the fused kernels (margin types none and cosface).
 
@@ -417,7 +418,10 @@ def triton_sharded_cross_entropy(
     (C_r,): a constant added to every logit of each class, after the margin, as for
     ``sharded_cross_entropy`` (the exact gemm kernels only). ``graphs``: a ``HeadStepGraphs``
     that replays the step from CUDA graphs where it qualifies (``hydrahead.kernels.graphed``;
-    the same results, without the host's launches), eagerly elsewhere.
+    the same results, without the host's launches), eagerly elsewhere. ``backward``: also
+    run the loss's backward for an incoming gradient of 1 (dF added to ``features.grad``, the
+    step applied) and return the loss detached; with ``graphs`` one CUDA graph then holds
+    both, with no host work between them (``HeadStepGraphs.step``).
     Logits never reach global memory whole: the stationary kernels need O(G x D) extra
     memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """
@@ -430,6 +434,8 @@ def triton_sharded_cross_entropy(
         raise ValueError(f"grad_filter must be >= 0, got {grad_filter}")
     if update is not None and update.skip is not None:
         raise ValueError("SGDUpdate.skip is the loss's own verdict, set in its forward: pass it as None")
+    if backward and not (torch.is_grad_enabled() and features.requires_grad):
+        raise ValueError("backward=True runs the loss's backward: the features must need a gradient, in grad mode")
     exact_kernels = resolve_exact_kernels(
         exact_kernels, weight_shard.dtype, weight_shard.shape[1], weight_shard.device.type, features.shape[0]
     )
@@ -464,11 +470,16 @@ def triton_sharded_cross_entropy(
             graphs.refusal(features, weight_shard, group, update, grad_filter, exact_kernels, checks, logit_offset)
             is None
         ):
-            return graphs.loss(
+            replay = graphs.step if backward else graphs.loss
+            return replay(
                 features, weight_shard, labels, group, class_start, num_classes, scale, margin, margin_type,
                 ignore_index, update, checks, eager,
             )  # fmt: skip
-        return eager(update)
+        loss = eager(update)
+        if backward:
+            loss.backward()
+            return loss.detach()
+        return loss
 
 
 def step_gated(weight_shard: torch.Tensor, num_rows: int, grad_filter: float, exact_kernels: str) -> bool:

@@ -16,6 +16,17 @@ replays them:
     later calls           copy the features and labels into the graphs' inputs, fill the
                           learning rate and step, replay
 
+A caller that runs the backward right after the loss, for an incoming gradient of 1, with
+nothing to read in between (the trainer, where the loss holds a bad step back on the
+device: ``SGDUpdate.skip``), takes ``step`` instead (``backward=True`` of the loss): one
+graph over the forward and the backward, so no host work falls between them:
+
+    first call of a key   the forward's and backward's bodies, eagerly, in this thread, on
+                          the key's inputs (kernels compiled, this thread's cuBLAS handle made)
+    second call           captures both bodies as one graph and replays it
+    later calls           copy, fill, replay; the loss, dF (added to features.grad) and the
+                          checks' values handed out as copies
+
 The key holds everything the kernels take as a fixed value: shapes, dtypes, the rows', buffer's
 and compensation's addresses, the class range, the logit settings and the update's momentum,
 weight decay, rounding, seed and salt. The learning rate and the step are read on the device
@@ -69,12 +80,33 @@ class _Call:
     margin_type: str
     ignore_index: int
     update: tuple  # SGDUpdate's fields other than lr and step, tensors by address
+    whole: bool = False  # one graph over the loss and its backward (``HeadStepGraphs.step``)
 
 
 def _tensor_key(tensor: torch.Tensor | None):
     if tensor is None:
         return None
     return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _call_of(features, labels, weight, settings, update: SGDUpdate, whole: bool) -> _Call:
+    """The key of a call: ``settings`` = (class_start, num_classes, scale, margin,
+    margin_type, ignore_index)."""
+    class_start, num_classes, scale, margin, margin_type, ignore_index = settings
+    return _Call(
+        tuple(features.shape),
+        features.dtype,
+        labels.dtype,
+        _tensor_key(weight),
+        int(class_start),
+        num_classes,
+        float(scale),
+        float(margin),
+        margin_type,
+        int(ignore_index),
+        _update_key(update),
+        whole,
+    )
 
 
 def _update_key(update: SGDUpdate) -> tuple:
@@ -94,6 +126,8 @@ class _Entry:
         self.grad = torch.zeros((), dtype=torch.float32, device=device)
         self.forward_graph = self.backward_graph = None
         self.backward_captured = False
+        self.whole_graph = None  # ``step``'s one graph, captured at the key's second call
+        self.warmed = False  # ``step``: the key's first call ran the bodies eagerly
         self.pool = None
         self.pending = None  # a weak reference to the autograd context of a forward awaiting its backward
         # Set by the captured forward, read by the backward and the callers (static: each replay rewrites them)
@@ -147,19 +181,8 @@ class HeadStepGraphs:
         with the given update (its warm-up and fallback)."""
         if local_error_code(features, weight, class_start, num_classes):  # a bad shard: the eager path reports it
             return eager(update)
-        call = _Call(
-            tuple(features.shape),
-            features.dtype,
-            labels.dtype,
-            _tensor_key(weight),
-            int(class_start),
-            num_classes,
-            float(scale),
-            float(margin),
-            margin_type,
-            int(ignore_index),
-            _update_key(update),
-        )
+        settings = (class_start, num_classes, scale, margin, margin_type, ignore_index)
+        call = _call_of(features, labels, weight, settings, update, whole=False)
         entry = self._entries.get(call)
         if entry is None and call not in self._warmed:  # a warm-up, on device scalars as captured
             loss = eager(_with_device_scalars(update, features.device))
@@ -176,6 +199,60 @@ class HeadStepGraphs:
             return _ReplayedLoss.apply(features, labels, self, entry, update, checks)
         except _CaptureFailed:  # nothing ran: this step eagerly, and the key from now on
             return eager(_with_device_scalars(update, features.device))
+
+    def step(self, features, weight, labels, group, class_start, num_classes, scale, margin, margin_type,
+             ignore_index, update: SGDUpdate, checks: MergeChecks, eager) -> torch.Tensor:  # fmt: skip
+        """The loss of a call that ``refusal`` accepted and its backward for an incoming
+        gradient of 1, as one graph: dF is added to ``features.grad`` and the SGD step lands
+        (held back on the device on a bad loss: ``SGDUpdate.skip``). Returns the loss,
+        detached. No host work runs between the forward and the backward, which the two
+        graphs of ``loss`` cannot avoid (docs/kernels.md).
+
+        A key's first call runs the two bodies eagerly in this thread, on the key's inputs:
+        every kernel compiles, and the library handles the capture will use (cuBLAS's) are
+        made in the thread that captures. Its second call captures them as one graph and
+        replays it; later calls replay. Features that are not a leaf free of hooks, a bad
+        shard, and a key whose capture failed take ``eager(update)`` and its backward."""
+
+        def eager_step(step_update):
+            loss = eager(step_update)
+            loss.backward()
+            return loss.detach()
+
+        if local_error_code(features, weight, class_start, num_classes) or not _plain_leaf(features):
+            return eager_step(update)
+        settings = (class_start, num_classes, scale, margin, margin_type, ignore_index)
+        call = _call_of(features, labels, weight, settings, update, whole=True)
+        if call in self.failed:
+            return eager_step(_with_device_scalars(update, features.device))
+        entry = self._entries.get(call)
+        if entry is None:
+            entry = self._new_entry(call, weight, group, update, features.device)
+            entry.grad.fill_(1.0)  # the incoming gradient, fixed
+        else:
+            self._entries.move_to_end(call)
+        self._copy_inputs(entry, features, labels, update)
+        if not entry.warmed:
+            _whole_body(entry)
+            entry.warmed = True
+        else:
+            if entry.whole_graph is None:
+                entry.pool, entry.whole_graph = self._pool(), self._new_graph()
+                try:
+                    self._capture(entry.whole_graph, entry.pool, _whole_body, entry)
+                except Exception as error:  # noqa: BLE001 - nothing ran: this step eagerly, and the key from now on
+                    self._give_up(entry, error, "step")
+                    return eager_step(_with_device_scalars(update, features.device))
+                self.captures += 1
+            entry.whole_graph.replay()
+            self.replays += 1
+        values = entry.check_values.clone()
+        checks.add(values[0], values[1], values[2], labels, labels != entry.call.ignore_index, entry.call.ignore_index)
+        if features.grad is None:
+            features.grad = entry.grad_features.clone()
+        else:
+            features.grad += entry.grad_features
+        return entry.loss.clone()
 
     def _give_up(self, entry: _Entry, error: BaseException, where: str) -> None:
         """A capture that failed: the key runs eagerly from now on, with a warning."""
@@ -225,11 +302,15 @@ class HeadStepGraphs:
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             body(entry)
 
-    def run_forward(self, entry: _Entry, features: torch.Tensor, labels: torch.Tensor, update: SGDUpdate) -> None:
+    @staticmethod
+    def _copy_inputs(entry: _Entry, features: torch.Tensor, labels: torch.Tensor, update: SGDUpdate) -> None:
         entry.features.copy_(features.detach())
         entry.labels.copy_(labels)
         _fill(entry.lr, update.lr)
         _fill(entry.step, update.step)
+
+    def run_forward(self, entry: _Entry, features: torch.Tensor, labels: torch.Tensor, update: SGDUpdate) -> None:
+        self._copy_inputs(entry, features, labels, update)
         if entry.forward_graph is None:
             entry.pool = self._pool()
             entry.forward_graph, entry.backward_graph = self._new_graph(), self._new_graph()
@@ -261,9 +342,7 @@ class HeadStepGraphs:
             raise ValueError("HeadStepGraphs.backward: features are not the ones this loss was computed from")
         if not ctx.entry.backward_captured:  # captured in autograd's thread, where its library handles are
             return False
-        # Only autograd carries dF past a non-leaf or runs a tensor's hooks (torch keeps them
-        # on these two attributes; a leaf without hooks has them empty or None).
-        if not features.is_leaf or features._backward_hooks or getattr(features, "_post_accumulate_grad_hooks", None):
+        if not _plain_leaf(features):
             return False
         grad_features = _replayed_backward(ctx, 1.0)
         if features.grad is None:
@@ -286,6 +365,15 @@ class HeadStepGraphs:
                 return
             entry.backward_captured = True
         entry.backward_graph.replay()
+
+
+def _plain_leaf(features: torch.Tensor) -> bool:
+    """Whether dF may be added to ``features.grad`` directly: only autograd carries it past a
+    non-leaf or runs a tensor's hooks (torch keeps them on these two attributes; a leaf
+    without hooks has them empty or None)."""
+    return (
+        features.is_leaf and not features._backward_hooks and not getattr(features, "_post_accumulate_grad_hooks", None)
+    )
 
 
 def _fill(target: torch.Tensor, value) -> None:
@@ -339,6 +427,12 @@ def _backward_body(entry: _Entry) -> None:
     grad_scale = gradient_scale(entry.grad, entry.call.scale, entry.num_valid)
     grad_feat_op, _ = gemm_backward(entry.local_pass, entry.lse_valid, grad_scale, update, True, True)
     entry.grad_features = features_gradient(entry.local_pass, grad_feat_op, entry.call.features_dtype)
+
+
+def _whole_body(entry: _Entry) -> None:
+    """The forward and, for the entry's fixed incoming gradient, the backward (``step``)."""
+    _forward_body(entry)
+    _backward_body(entry)
 
 
 class _CaptureFailed(Exception):

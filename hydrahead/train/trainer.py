@@ -756,27 +756,37 @@ class Trainer:
         with record_function("hydrahead::select"):
             active_rows, logit_offset = self._select(step, head_input, global_labels)
         unjudged = MergeChecks()
+        # the whole shard's step held back on the device on a bad loss: loss and backward at
+        # once (one CUDA graph with head.cuda_graph), judged at the step's one read
+        at_once = (
+            active_rows is None and self.backward_undoable and self.head.step_judged_on_device(head_input.shape[0])
+        )
         with record_function("hydrahead::head_loss"):
-            loss = self.head.loss(
-                head_input,
-                global_labels,
-                active_rows,
-                check_rows=False,
-                checks=unjudged,
-                logit_offset=logit_offset,
-            )
+            if at_once:
+                loss = self.head.loss_and_backward(
+                    head_input, global_labels, checks=unjudged, logit_offset=logit_offset
+                )
+            else:
+                loss = self.head.loss(
+                    head_input,
+                    global_labels,
+                    active_rows,
+                    check_rows=False,
+                    checks=unjudged,
+                    logit_offset=logit_offset,
+                )
         local_grad = None
-        if not (
-            (self.head.step_discardable or self.head.step_judged_on_device) and self.backward_undoable
-        ):  # the backward cannot be undone, nor held back on the device: judge the loss first
+        if not (at_once or (self.head.step_discardable and self.backward_undoable)):
+            # the backward cannot be undone, nor held back on the device: judge the loss first
             values = torch.cat([torch.isfinite(loss).double().reshape(1), unjudged.values(self.device)]).tolist()
             unjudged.raise_if_failed(values[1:])
             finite, unjudged = bool(values[0]), None
         else:
             finite = True  # or not: read with the step's flags, and the step dropped then
         if finite:
-            with record_function("hydrahead::head_backward"):
-                self.head.backward(loss, head_input)
+            if not at_once:
+                with record_function("hydrahead::head_backward"):
+                    self.head.backward(loss, head_input)
             rank = group_rank(head_group)
             local_grad = self.clock.start(
                 "grad_scatter", lambda: start_sum_own_rows(head_input.grad, sizes, rank, head_group)
