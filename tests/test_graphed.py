@@ -594,7 +594,7 @@ def test_one_graph_steps_equal_the_eager_ones(margin_type, fp8):
     assert len({float(loss) for loss, *_ in whole}) == 4  # each step's own loss, not a stale copy
 
 
-def test_one_graph_steps_leave_hooked_features_and_bad_shards_to_the_eager_path():
+def test_one_graph_steps_leave_hooked_features_to_the_eager_path():
     batches = [_batch(seed) for seed in range(3)]
     graphs = Recorded()
     hooked, w_hooked, _ = _whole_steps(graphs, batches, MARGINS["none"], hook=True)
@@ -642,6 +642,25 @@ def test_a_one_graph_capture_that_fails_leaves_the_step_and_the_key_eager():
         assert torch.equal(loss, loss_e) and torch.equal(grad, grad_e) and values == values_e
     assert torch.equal(w_failed, w_eager) and torch.equal(b_failed, b_eager)
     assert graphs.replays == 0 and len(graphs.failed) == 1 and not graphs._entries
+
+
+def test_more_one_graph_shapes_than_keys_still_reach_their_capture():
+    """Three batch shapes in turn, two keys kept: the warm-ups are remembered apart from the
+    kept graphs, so each shape's second call captures (and, evicted, captures again)."""
+    from hydrahead.kernels.graphed import MAX_KEYS
+
+    graphs = Recorded()
+    weight, buffer = _head()
+    shapes = [BATCH + extra for extra in range(MAX_KEYS + 1)]
+    for round_ in range(3):
+        for num_rows in shapes:
+            features, labels = _batch(round_, num_rows)
+            triton_sharded_cross_entropy(
+                features.requires_grad_(), weight, labels, 0, update=SGDUpdate(0.1, 0.9, 0.0, buffer),
+                checks=MergeChecks(), graphs=graphs, backward=True,
+            )  # fmt: skip
+    assert (graphs.captures, graphs.replays) == (2 * len(shapes), 2 * len(shapes))
+    assert len(graphs._entries) == MAX_KEYS
 
 
 def test_one_graph_and_two_graph_keys_are_kept_apart():

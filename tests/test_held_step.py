@@ -9,7 +9,6 @@ step, several ranks, the head and the trainer's one read.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
@@ -54,7 +53,7 @@ def test_the_update_pass_writes_nothing_when_held_back(storage, dense):
     weight, buffer = _rows(torch.bfloat16 if low else torch.float32)
     compensation = torch.zeros_like(weight) if low else None
     grad = torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(1))
-    grad[3, 5] = float("nan")
+    grad[13, 5] = float("nan")  # a row both the dense (10 to 60) and the sparse step take
 
     def step(skip):
         w, b = weight.clone(), buffer.clone()
@@ -66,7 +65,7 @@ def test_the_update_pass_writes_nothing_when_held_back(storage, dense):
         if dense:
             apply_sgd_rows(w, grad[10:60], update, 10)
         else:
-            touched = torch.tensor([2, 3, 40, 299])
+            touched = torch.tensor([2, 13, 40, 299])
             apply_sgd(w, touched, grad[touched], update)
         return w, b, comp
 
@@ -78,7 +77,8 @@ def test_the_update_pass_writes_nothing_when_held_back(storage, dense):
     for a, b in zip(landed, plain):
         if a is not None:
             assert torch.equal(_bits(a), _bits(b))
-    assert not torch.equal(landed[1], buffer)  # the step moved the buffer (a NaN row among them)
+    assert not torch.equal(landed[1], buffer)  # the step moved the buffer
+    assert bool(torch.isnan(landed[1]).any())  # and took the NaN: only the flag kept it out
 
 
 def test_a_skip_flag_of_the_wrong_kind_is_refused():
@@ -155,6 +155,19 @@ def test_a_nan_loss_leaves_the_rows_as_they_were(path, monkeypatch):
     assert any("ran the exact kernels instead" in text for text in said) == ("falls back" in path), said
     assert torch.equal(weight, fresh_weight) and torch.equal(buffer, fresh_buffer)
     assert not torch.equal(weight, _rows()[0])  # the sound step moved the rows
+
+
+@pytest.mark.parametrize("path", ["gemm", "gemm, cosface", "filtered"])
+def test_a_nan_in_an_ignored_row_holds_the_step_too(path):
+    """An ignored row adds nothing to the loss, which stays finite, but a NaN there would
+    still make its P, and through it all of dW, NaN: the verdict holds the step."""
+    weight, buffer = _rows()
+    features, labels = _batch(2)
+    assert int(labels[0]) == -100
+    features[0, 3] = float("nan")
+    loss, grad, _ = _step(weight, buffer, features, labels, PATHS[path])
+    assert torch.isfinite(loss)
+    assert torch.equal(weight, _rows()[0]) and torch.equal(buffer, _rows()[1])
 
 
 @pytest.mark.parametrize("path", ["gemm", "filtered"])
@@ -257,7 +270,6 @@ def test_dataclass_replace_keeps_the_verdict_out_of_the_caller_update():
         f = features.requires_grad_()
         triton_sharded_cross_entropy(f, weight, labels, 0, update=update, exact_kernels="gemm").backward()
         assert update.skip is None
-    assert dataclasses.replace(update).skip is None
 
 
 # ----------------------------------------------------------------------------------------

@@ -641,3 +641,22 @@ def test_offsets_that_the_kernels_cannot_read_are_refused():
     for offset in (wide, torch.zeros(NUM_CLASSES, dtype=torch.float64), torch.zeros(NUM_CLASSES - 1)):
         with pytest.raises(ValueError, match="logit_offset must be a contiguous float32"):
             shard_lse(features, weight, None, labels, scale=1.0, target_shift=0.0, cosine=False, logit_offset=offset)
+
+
+@pytest.mark.parametrize("grad_filter", [0.0, 1e-3])
+def test_preflight_compiles_the_update_with_and_without_the_loss_verdict(grad_filter, monkeypatch):
+    """The loss's gated update (SGDUpdate.skip, every step of the gemm and filtered paths) and
+    the plain one (micro-batches) are different kernel variants: preflight runs both."""
+    from hydrahead.kernels import filtered, fused_loss
+
+    seen = []
+    launch = filtered._launch_sgd
+
+    def recording(weight, update, *args, **kwargs):
+        seen.append(update.skip is not None)
+        return launch(weight, update, *args, **kwargs)
+
+    monkeypatch.setattr(filtered, "_launch_sgd", recording)
+    options = dict(cosine=False, momentum_dtype=torch.float32, compensation_dtype=None, exact_kernels="gemm")
+    fused_loss.preflight(torch.float32, 16, torch.device("cpu"), grad_filter=grad_filter, **options)
+    assert True in seen and False in seen

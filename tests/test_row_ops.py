@@ -106,7 +106,8 @@ def test_loss_rows_with_no_valid_row_give_a_zero_loss():
         ("owned off by less than a half", 0),
         ("a NaN row", 1),
         ("an infinite lse", 1),
-        ("a NaN row that is ignored", 0),
+        ("a NaN row that is ignored", 1),  # its P would be NaN, and dW with it
+        ("owned is NaN", 1),
     ],
 )
 def test_loss_rows_verdict_follows_the_checks_and_the_loss(from_sums, case, want_skip):
@@ -129,6 +130,8 @@ def test_loss_rows_verdict_follows_the_checks_and_the_loss(from_sums, case, want
         row_max[1] = float("nan")
     elif case == "an infinite lse":
         row_sum[2] = float("inf")
+    elif case == "owned is NaN":  # what the host's round() would refuse
+        owned = owned * float("nan")
     elif case == "a NaN row that is ignored":
         row_max[5], valid[5], owned = float("nan"), False, owned - 1
     lse64 = row_max + torch.log(row_sum)

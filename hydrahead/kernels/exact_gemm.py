@@ -575,7 +575,7 @@ def exact_backward(
     chunk = chunk_classes(num_rows, weight.dtype, num_classes, dim if want_weight else 0, project_apart)
     plan = rounding_plan(weight, update) if update is not None else None  # once: the chunks share it
     fused = FUSED_DW_UPDATE and update is not None and num_rows > 0
-    fused_lr = None  # the lr on the device, made once for the chunks the fused kernel takes
+    fused_lr = fused_skip = None  # the lr and the verdict on the device, made once for the fused chunks
     for c_lo in range(0, num_classes, chunk):
         c_hi = min(num_classes, c_lo + chunk)
         rows = weight[c_lo:c_hi]
@@ -617,6 +617,9 @@ def exact_backward(
             if fused_here:
                 if fused_lr is None:
                     fused_lr = _device_scalar(update.lr, feats.device, "lr")
+                    fused_skip = update.skip  # none given (a caller's own update): the step lands
+                    if fused_skip is None:
+                        fused_skip = torch.zeros((), dtype=torch.int32, device=feats.device)
                 product = dw_update.fused_dw_update(
                     probs,
                     feats,
@@ -626,7 +629,7 @@ def exact_backward(
                     momentum=update.momentum,
                     weight_decay=update.weight_decay,
                     features_grad=kernel_df,
-                    skip=update.skip,
+                    skip=fused_skip,
                 )
                 if kernel_df:
                     grad_feat = product if grad_feat is None else grad_feat.add_(product)

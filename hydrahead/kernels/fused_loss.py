@@ -717,6 +717,7 @@ def preflight(
     feat_op = feature_operand(features, weight_dtype)
     inv_norm = inverse_row_norms(weight) if cosine else None
     options = dict(scale=4.0, target_shift=0.4 if cosine else 0.0, cosine=cosine)
+    lands = torch.zeros((), dtype=torch.int32, device=device)  # the loss's verdict, as the gated kernels read it
     # Both ways of naming the rows: consecutive (the whole shard) and listed (active rows).
     for class_ids in (0, torch.arange(num_classes, device=device)):
         update = SGDUpdate(
@@ -737,7 +738,9 @@ def preflight(
                 capacity=filtered_kernels.initial_capacity(num_rows),
             )  # fmt: skip
             touched = torch.arange(3, device=device)
-            filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), update)
+            for gate in (None, lands):  # micro-batches' update, and the loss's gated one
+                gated = dataclasses.replace(update, skip=gate)
+                filtered_kernels.apply_sgd(weight, touched, torch.zeros(3, dim, device=device), gated)
         # The stationary kernels run in every mode: the filtered path falls back on them.
         row_max, row_sum, _, _ = shard_forward(feat_op, weight, inv_norm, labels, **options)
         lse = (row_max + torch.log(row_sum)).contiguous()
@@ -747,16 +750,17 @@ def preflight(
             for offset in (None, torch.zeros(num_classes, device=device)) if logit_offsets else (None,):
                 stats = filtered_kernels.shard_lse(feat_op, weight, inv_norm, labels, **options, logit_offset=offset)
                 lse = (stats[0] + torch.log(stats[1])).contiguous()
-                exact_backward(
-                    feat_op,
-                    weight,
-                    inv_norm,
-                    labels,
-                    lse,
-                    grad_scale=0.1,
-                    update=update,
-                    logit_offset=offset,
-                    **options,
-                )
+                for gate in (None, lands):
+                    exact_backward(
+                        feat_op,
+                        weight,
+                        inv_norm,
+                        labels,
+                        lse,
+                        grad_scale=0.1,
+                        update=dataclasses.replace(update, skip=gate),
+                        logit_offset=offset,
+                        **options,
+                    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a fault in a kernel surfaces here, not in the first step

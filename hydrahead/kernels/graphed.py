@@ -127,7 +127,6 @@ class _Entry:
         self.forward_graph = self.backward_graph = None
         self.backward_captured = False
         self.whole_graph = None  # ``step``'s one graph, captured at the key's second call
-        self.warmed = False  # ``step``: the key's first call ran the bodies eagerly
         self.pool = None
         self.pending = None  # a weak reference to the autograd context of a forward awaiting its backward
         # Set by the captured forward, read by the backward and the callers (static: each replay rewrites them)
@@ -226,16 +225,21 @@ class HeadStepGraphs:
         if call in self.failed:
             return eager_step(_with_device_scalars(update, features.device))
         entry = self._entries.get(call)
-        if entry is None:
-            entry = self._new_entry(call, weight, group, update, features.device)
+        if entry is None and call not in self._warmed:
+            # the warm-up: the bodies eagerly, in this thread, on inputs of their own (no
+            # graphs kept, so that more shapes than MAX_KEYS still reach their capture)
+            entry = _Entry(call, weight, group, dataclasses.replace(update), features.device)
             entry.grad.fill_(1.0)  # the incoming gradient, fixed
-        else:
-            self._entries.move_to_end(call)
-        self._copy_inputs(entry, features, labels, update)
-        if not entry.warmed:
+            self._copy_inputs(entry, features, labels, update)
             _whole_body(entry)
-            entry.warmed = True
+            self._warm(call)
         else:
+            if entry is None:
+                entry = self._new_entry(call, weight, group, update, features.device)
+                entry.grad.fill_(1.0)
+            else:
+                self._entries.move_to_end(call)
+            self._copy_inputs(entry, features, labels, update)
             if entry.whole_graph is None:
                 entry.pool, entry.whole_graph = self._pool(), self._new_graph()
                 try:

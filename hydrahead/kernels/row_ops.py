@@ -13,8 +13,8 @@ every call.
                  owned), owned count
     loss_rows    (max, sum of exp) or lse, target logit, valid -> lse, loss, valid count,
                  lse with +inf on ignored rows, the checks' (error, owned, valid) values,
-                 and the step's verdict: 1 where the loss is not finite or the checks fail
-                 (the update kernels read it and leave the rows as they are)
+                 and the step's verdict: 1 where the loss or a row's lse is not finite or
+                 the checks fail (the update kernels read it and leave the rows as they are)
 
 Each has its torch form beside it (``*_reference``), which the tests hold it to.
 """
@@ -115,6 +115,7 @@ def _loss_rows_kernel(
 ):
     loss_sum = tl.zeros([BLOCK], tl.float32)
     valid_count = tl.zeros([BLOCK], tl.int32)
+    bad_rows = tl.zeros([BLOCK], tl.int32)  # rows whose lse is not finite, ignored ones too
     for start in range(0, num_rows, BLOCK):
         rows = start + tl.arange(0, BLOCK)
         in_batch = rows < num_rows
@@ -129,6 +130,7 @@ def _loss_rows_kernel(
         target = tl.load(TARGET + rows, mask=in_batch, other=0.0)
         loss_sum += tl.where(valid, lse - target, 0.0)
         valid_count += valid.to(tl.int32)
+        bad_rows += (in_batch & ~(tl.abs(lse) < float("inf"))).to(tl.int32)
         tl.store(LSE_VALID + rows, tl.where(valid, lse, float("inf")), mask=in_batch)
     num_valid = tl.sum(valid_count, axis=0)
     loss = tl.sum(loss_sum, axis=0) / tl.maximum(num_valid, 1).to(tl.float32)
@@ -142,9 +144,11 @@ def _loss_rows_kernel(
     tl.store(CHECKS, error)
     tl.store(CHECKS + 1, owned_total)
     tl.store(CHECKS + 2, num_valid.to(tl.float64))
-    # the checks as MergeChecks judges them (an error code, a label no shard owns), and a loss
-    # that is not finite (NaN fails the comparison too): the step must not land
-    failed = (error != 0.0) | (tl.abs(owned_total - num_valid.to(tl.float64)) > 0.5) | ~(tl.abs(loss) < float("inf"))
+    # the checks as MergeChecks judges them (an error code, a label no shard owns), a loss
+    # that is not finite, and a row whose lse is not: an ignored row's P would be NaN and
+    # reach dW all the same (NaN fails each comparison, so it fails the step)
+    owned_ok = tl.abs(owned_total - num_valid.to(tl.float64)) <= 0.5
+    failed = (error != 0.0) | ~owned_ok | ~(tl.abs(loss) < float("inf")) | (tl.sum(bad_rows, axis=0) > 0)
     tl.store(SKIP, failed.to(tl.int32))
 
 
@@ -154,7 +158,8 @@ def loss_rows(row_max, row_sum, lse, target_logit, valid, owned_total, error):
     target over the valid rows (0 with none), the count int64 and 0-dim, lse_valid = lse
     with +inf on ignored rows, checks = float64 (error, owned_total, valid count), the
     ``MergeChecks`` values of this loss, skip = int32 0-dim, 1 where the loss is not finite
-    or the checks fail (an error code; owned_total, rounded, not the valid count) and 0
+    or the checks fail (an error code; owned_total, rounded, not the valid count) or any
+    row's lse is not finite (an ignored row's too: its P would carry the NaN into dW) and 0
     elsewhere: the verdict the update kernels read (``SGDUpdate.skip``). ``owned_total`` a
     0-dim device tensor, ``error`` a number or a 0-dim device tensor."""
     from_sums = lse is None
@@ -198,5 +203,5 @@ def loss_rows_reference(row_max, row_sum, lse, target_logit, valid, owned_total,
     lse_valid = torch.where(valid, lse, float("inf"))
     error = torch.as_tensor(error, dtype=torch.float64, device=lse.device).reshape(())
     checks = torch.stack([error, owned_total.double(), num_valid.double()])
-    failed = (error != 0) | ((checks[1] - checks[2]).abs() > 0.5) | ~torch.isfinite(loss)
+    failed = (error != 0) | ~((checks[1] - checks[2]).abs() <= 0.5) | ~torch.isfinite(loss) | ~torch.isfinite(lse).all()
     return lse, loss, num_valid, lse_valid, checks, failed.to(torch.int32)

@@ -761,7 +761,7 @@ class Trainer:
         at_once = (
             active_rows is None and self.backward_undoable and self.head.step_judged_on_device(head_input.shape[0])
         )
-        with record_function("hydrahead::head_loss"):
+        with record_function("hydrahead::head_loss_and_backward" if at_once else "hydrahead::head_loss"):
             if at_once:
                 loss = self.head.loss_and_backward(
                     head_input, global_labels, checks=unjudged, logit_offset=logit_offset
