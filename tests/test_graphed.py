@@ -832,7 +832,9 @@ def test_one_cuda_graph_steps_equal_the_eager_ones(num_rows, weight_dtype, margi
 
 @pytest.mark.gpu
 def test_trainer_with_cuda_graph_follows_the_eager_run(tmp_path):
-    from launcher import launch, train_losses
+    """The trainer's head steps replay from one graph (its metrics say so: captured once, a
+    replay every step after the first two) and follow the eager run's losses."""
+    from launcher import launch, metrics, train_losses
 
     common = ["dist.backend=nccl", "head.impl=triton", "train.global_batch=64"]
     launch(tmp_path / "eager", 1, *common)
@@ -841,3 +843,7 @@ def test_trainer_with_cuda_graph_follows_the_eager_run(tmp_path):
     assert len(got) == len(want) >= 5
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), f"step {step}"
+    last = [row for row in metrics(tmp_path / "graph") if "loss" in row][-1]
+    assert (last["head_graph_captures"], last["head_graph_failed"]) == (1, 0)
+    assert last["head_graph_replays"] == last["step"] - 1  # the first step warms up, the second captures
+    assert "head_graph_replays" not in metrics(tmp_path / "eager")[-1]

@@ -1012,6 +1012,10 @@ class Trainer:
         }
         if self.topk_workers:
             row["topk_density"] = next(iter(self.topk_workers.values())).current_density()
+        graphs = self.head.step_graphs
+        if graphs is not None:  # head.cuda_graph: whether its steps replay, or run eagerly and why
+            row.update(head_graph_captures=graphs.captures, head_graph_replays=graphs.replays)
+            row["head_graph_failed"] = len(graphs.failed)
         row.update(self._selection_metrics())
         if cfg.data.on_bad_sample == "skip":
             row["bad_samples_skipped"] = self._sum_over_ranks(data.bad_samples_skipped)
