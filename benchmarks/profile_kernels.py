@@ -63,6 +63,7 @@ def run_step(shape: tuple[int, int, int], launches: int, method: str = "ours") -
 
 
 def run_host(shape: tuple[int, int, int], steps: int, method: str = "ours") -> None:
+    import inspect
     import statistics
     import time
 
@@ -79,7 +80,8 @@ def run_host(shape: tuple[int, int, int], steps: int, method: str = "ours") -> N
             marks.setdefault(f"{tag} left", time.perf_counter())
             return out
 
-        setattr(owner, name, wrapper)
+        static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
     if method == "ours-cg":  # the library's one graph: the host's way to its replay
         timed(graphed.HeadStepGraphs, "step", "graphs' step (key, copies, replay, outputs)")
