@@ -128,12 +128,35 @@ def test_ruff_passes(check):
     assert proc.returncode == 0, f"ruff {' '.join(check)} found problems (ruff format . fixes the layout):\n{found}"
 
 
-def test_training_on_cpu_needs_no_triton():
+def test_training_on_cpu_needs_no_triton(tmp_path):
     """The README's first command installs no triton (it is a test extra): the trainer and
-    launcher must import without it."""
+    launcher must import without it, and a CPU training step (the reference head) must run."""
     import subprocess
     import sys
 
     code = "import sys; sys.modules['triton'] = None; import hydrahead.train.trainer, hydrahead.comm.compression"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    from spawn_ranks import next_port
+
+    step = f"""
+import os, sys
+sys.modules["triton"] = None  # importing it raises
+sys.path.insert(0, {str(REPO / "tests")!r})
+import torch, torch.distributed as dist
+from launcher import TINY
+from hydrahead.config import load_config
+from hydrahead.data.build import batches
+from hydrahead.train.trainer import DistEnv, Trainer
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{next_port()}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = load_config(None, ["run.dir={tmp_path}", *TINY])
+trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo", None, None))
+assert trainer.head.impl == "reference", trainer.head.impl
+data = batches(trainer.train_data, start_step=0, global_batch=cfg.train.global_batch, rank=0, world_size=1)
+print("loss", float(trainer.train_step(*next(data), timed=False)["loss"]))
+data.close()
+trainer.selector.close()
+"""
+    done = subprocess.run([sys.executable, "-c", step], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0 and "loss" in done.stdout, done.stderr[-3000:]

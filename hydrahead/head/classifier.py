@@ -438,9 +438,11 @@ class ShardedClassifier(nn.Module):
         ``SGDUpdate.skip``). A caller may then leave both to its step's one read, with the
         backward right after the loss (``loss_and_backward``); what it cannot do is drop the
         step for another reason once the backward has run."""
+        if self.impl != "triton":  # and no import of the kernels: a CPU install has no triton
+            return False
         from hydrahead.kernels.fused_loss import step_gated
 
-        return self.impl == "triton" and step_gated(self.weight, num_rows, self.grad_filter, self.exact_kernels)
+        return step_gated(self.weight, num_rows, self.grad_filter, self.exact_kernels)
 
     def _active_problem(self, global_labels: torch.Tensor, active_rows: torch.Tensor, check_rows: bool):
         """Copies of the active rows (weight, momentum) and the labels in their frame."""
