@@ -156,7 +156,8 @@ def merged_pass(
 ):  # fmt: skip
     """The local pass and the ranks' merge: (local pass, lse, target logit, loss, valid count,
     lse with +inf on ignored rows, where P must be 0). The pass's ``skip`` holds the step's
-    verdict (the loss not finite, or the checks failed), the same on every rank."""
+    verdict (``row_ops.loss_rows``: the loss or a row's lse not finite, or the checks
+    failed), the same on every rank."""
     local_pass = _local_pass(
         features, weight_shard, labels, class_start, num_classes, scale, margin, margin_type, ignore_index, lse_only,
         logit_offset=logit_offset,
@@ -407,21 +408,23 @@ def triton_sharded_cross_entropy(
     With ``update``, the backward applies the SGD step to ``weight_shard`` (and its momentum
     buffer) in place and produces no weight gradient; without it, ``weight_shard.grad``
     receives dW. The gemm and filtered paths hold that step back on the device when the loss
-    is not finite or its checks fail (``step_gated``), so a bad loss's backward leaves the
-    rows as they were. ``grad_filter > 0`` drops every entry of softmax - onehot whose magnitude
-    is below it, in dF and dW alike (much faster at many classes, but those small updates
-    are lost). ``checks``: as for ``sharded_cross_entropy``; with it the loss makes no host
-    read (the incoming gradient, too, stays on the device). ``exact_kernels``: how the exact
-    step runs (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and
-    library GEMMs), stationary (two kernels that hold blocks of rows), or auto (gemm; fp8
-    rows below a global batch of ``FP8_GEMM_MIN_ROWS`` take stationary). ``logit_offset``
-    (C_r,): a constant added to every logit of each class, after the margin, as for
-    ``sharded_cross_entropy`` (the exact gemm kernels only). ``graphs``: a ``HeadStepGraphs``
-    that replays the step from CUDA graphs where it qualifies (``hydrahead.kernels.graphed``;
-    the same results, without the host's launches), eagerly elsewhere. ``backward``: also
-    run the loss's backward for an incoming gradient of 1 (dF added to ``features.grad``, the
-    step applied) and return the loss detached; with ``graphs`` one CUDA graph then holds
-    both, with no host work between them (``HeadStepGraphs.step``).
+    or a row's log-sum-exp is not finite or its checks fail (``step_gated``), so a bad
+    loss's backward leaves the rows as they were. ``grad_filter > 0`` drops every entry of
+    softmax - onehot whose magnitude is below it, in dF and dW alike (much faster at many
+    classes, but those small updates are lost). ``checks``: as for
+    ``sharded_cross_entropy``; with it the loss makes no host read (the incoming gradient,
+    too, stays on the device). ``exact_kernels``: how the exact step runs
+    (``hydrahead.kernels.exact_gemm``): gemm (an LSE pass, then P chunks and library GEMMs),
+    stationary (two kernels that hold blocks of rows), or auto (gemm; fp8 rows below a
+    global batch of ``FP8_GEMM_MIN_ROWS`` take stationary). ``logit_offset`` (C_r,): a
+    constant added to every logit of each class, after the margin, as for
+    ``sharded_cross_entropy`` (the exact gemm kernels only). ``graphs``: a
+    ``HeadStepGraphs`` that replays the step from CUDA graphs where it qualifies
+    (``hydrahead.kernels.graphed``; the same results, without the host's launches), eagerly
+    elsewhere. ``backward``: also run the loss's backward for an incoming gradient of 1 (dF
+    added to ``features.grad``, the step applied) and return the loss detached; with
+    ``graphs`` one CUDA graph then holds both, with no host work between them
+    (``HeadStepGraphs.step``).
     Logits never reach global memory whole: the stationary kernels need O(G x D) extra
     memory, the gemm path a G x chunk block of P besides (256 MiB at most).
     """

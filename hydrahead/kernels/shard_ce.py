@@ -45,10 +45,10 @@ class SGDUpdate:
 
     ``skip``: a one-element int32 tensor on the weights' device that the gemm and filtered
     paths' update reads there: where it holds a nonzero value, the rows, their buffer and
-    compensation stay as they were. The fused loss sets it to its own verdict (a loss that
-    is not finite, or merge checks that fail: ``row_ops.loss_rows``), so its in-place step
-    never lands on a bad loss, and a caller may leave the judging to its step's one read;
-    a caller does not set it."""
+    compensation stay as they were. The fused loss sets it to its own verdict (a loss or a
+    row's log-sum-exp that is not finite, or merge checks that fail: ``row_ops.loss_rows``),
+    so its in-place step never lands on a bad loss, and a caller may leave the judging to
+    its step's one read; a caller does not set it."""
 
     lr: float | torch.Tensor
     momentum: float = 0.0
