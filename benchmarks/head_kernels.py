@@ -452,6 +452,7 @@ def build_step(key: str, p: Problem, args):
                 checks.raise_if_failed(checks.values(loss.device).tolist())
                 return loss.detach()
 
+            fused_step.graphs = graphs  # what a caller may ask of head.cuda_graph's rows: replays, failures
             return fused_step
     elif key in ("cce", "cce-nofilter"):
         from cut_cross_entropy import linear_cross_entropy

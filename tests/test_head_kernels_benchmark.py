@@ -37,8 +37,9 @@ def test_a_graph_row_counts_the_floor_of_the_step_it_captures():
         )
 
 
-def _steps(key: str, count: int):
-    """(losses of ``count`` steps of ``key`` on the seeded GPU problem, the problem after them)."""
+def _steps(key: str, count: int, graphs_out: list | None = None):
+    """(losses of ``count`` steps of ``key`` on the seeded GPU problem, the problem after them);
+    ``graphs_out`` receives the step's head.cuda_graph graphs, if it has them."""
     from benchmarks import head_kernels
 
     args = argparse.Namespace(
@@ -46,6 +47,8 @@ def _steps(key: str, count: int):
     )
     problem = head_kernels.make_problem((96, 128, 20_000), "peaked", torch.device("cuda"), args)
     step = head_kernels.build_step(key, problem, args)
+    if graphs_out is not None:
+        graphs_out.append(step.graphs)
     losses = [float(step()) for _ in range(count)]
     torch.cuda.synchronize()
     return losses, problem
@@ -81,7 +84,9 @@ def test_the_fp8_replays_take_the_plain_steps_and_their_draws():
 def test_the_library_graph_rows_take_the_plain_steps(key):
     """head.cuda_graph's rows (one graph over loss and backward, or two) from the same rows:
     four steps (an eager one, the capture, two replays) leave W where the plain steps do."""
-    (plain, problem), (replayed, graphed) = _steps("ours", 4), _steps(key, 4)
+    graphs = []
+    (plain, problem), (replayed, graphed) = _steps("ours", 4), _steps(key, 4, graphs)
+    assert (graphs[0].captures, graphs[0].replays, graphs[0].failed) == (1, 3, {})  # not an eager fallback
     assert replayed == pytest.approx(plain, rel=1e-5)
     torch.testing.assert_close(graphed.weight.detach().float(), problem.weight.detach().float())
     torch.testing.assert_close(graphed.momentum_buffer.float(), problem.momentum_buffer.float())
